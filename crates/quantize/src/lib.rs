@@ -1,0 +1,1 @@
+//! The conversion pipeline: source resolution, tensor planning, quantizers, writers, verification.

@@ -1,0 +1,1 @@
+//! A checkpoint folder: config.json and single or sharded safetensors, memory-mapped.

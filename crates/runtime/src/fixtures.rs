@@ -1,0 +1,1 @@
+//! Tiny random checkpoints in the genuine layout of each supported architecture.
