@@ -1,1 +1,2 @@
 //! The conversion pipeline: source resolution, tensor planning, quantizers, writers, verification.
+pub mod hub;
