@@ -1,0 +1,378 @@
+// FP4 (NVFP4 / MXFP4) weight x BF16 activation kernels for Hopper, compiled at run time by NVRTC.
+//
+// No CUDA headers are included: bf16 values travel as raw 16-bit patterns and the few
+// instructions we need (mma.sync, fma.bf16x2, cvt.rn.bf16.f32) are written as inline PTX, so
+// NVRTC needs no include path.
+//
+// Layouts (see docs/DESIGN.md, `Fp4Matrix`):
+//   packed  [E][N][K/2] u8, element 2i in the LOW nibble of byte i, 2i+1 in the HIGH nibble
+//   scales  [E][N][K/B] u8, B = 16 (NVFP4, E4M3) or 32 (MXFP4, E8M0)
+//   gscale  [E] f32 (NVFP4: w = fp4 * e4m3(scale) / gscale; MXFP4: 1.0)
+//   x       [rows][K] bf16, y [rows][N] bf16, row-major.
+// K must be a multiple of 32 (16-byte aligned weight rows); N and M are arbitrary.
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned char u8;
+
+#define FMT_NVFP4 0
+#define FMT_MXFP4 1
+
+// ---------------------------------------------------------------------------------------------
+// Small helpers
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
+
+__device__ __forceinline__ u16 f32_to_bf16(float f) {
+    u16 r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
+    return r;
+}
+
+// a * b on two packed bf16 lanes (fma with -0 keeps the sign of an exact zero product).
+__device__ __forceinline__ u32 bf16x2_mul(u32 a, u32 b) {
+    u32 d;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(0x80008000u));
+    return d;
+}
+
+// Magnitudes of E2M1 codes 0..7 as bf16 (0, .5, 1, 1.5, 2, 3, 4, 6), split into low and high
+// bytes so that two PRMT instructions act as an 8-entry lookup table for four nibbles at once.
+#define E2M1_LO_A 0xC0800000u  // low bytes of codes 3,2,1,0
+#define E2M1_LO_B 0xC0804000u  // low bytes of codes 7,6,5,4
+#define E2M1_HI_A 0x3F3F3F00u  // high bytes of codes 3,2,1,0
+#define E2M1_HI_B 0x40404040u  // high bytes of codes 7,6,5,4
+
+// Four E2M1 nibbles (bits 0..15 of h, nibble i = element i) -> two bf16x2 words:
+// v01 = (e0, e1), v23 = (e2, e3), exact.
+__device__ __forceinline__ void e2m1x4_to_bf16(u32 h, u32& v01, u32& v23) {
+    u32 sel = h & 0x7777u;
+    u32 lo = __byte_perm(E2M1_LO_A, E2M1_LO_B, sel);
+    u32 hi = __byte_perm(E2M1_HI_A, E2M1_HI_B, sel);
+    v01 = __byte_perm(lo, hi, 0x5140);
+    v23 = __byte_perm(lo, hi, 0x7362);
+    // sign of nibble i is bit 4i+3 of h; bf16 sign bits are 15 and 31.
+    v01 |= ((h << 12) & 0x00008000u) | ((h << 24) & 0x80000000u);
+    v23 |= ((h << 4) & 0x00008000u) | ((h << 16) & 0x80000000u);
+}
+
+__device__ __forceinline__ void mma_bf16_16816(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3,
+                                               u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint4 ldg_stream(const void* p) {
+    // Weights are read exactly once: keep them out of L1.
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode / small-M kernel: tensor-core FP4 dequant-GEMM.
+//
+// Block = S warps (blockDim.x = 32*S) computing rows [row0, row0 + 16*MT) for up to 8*TN tokens.
+// The K dimension is cut into chunks of 128 elements (64 bytes of each weight row); warp w
+// takes chunks w, w+S, ... (split-K inside the block), partial sums are reduced in shared
+// memory in a fixed order, so the result is deterministic.
+//
+// Within a chunk, lane (g = lane/4, t = lane%4) loads 16 bytes (32 elements, k in
+// [kc + 32t, kc + 32t + 32)) of rows g and g+8 of each m16 tile. mma.sync m16n8k16 only needs
+// the A and B k-indices to agree, so logical k-slots {2t, 2t+1, 2t+8, 2t+9} of step
+// (q, half) are mapped to physical elements kc + 32t + 8q + 4*half + {0,1,2,3}; the activation
+// fragment of token g is then 8 contiguous bytes of x.
+// ---------------------------------------------------------------------------------------------
+
+struct TokenMap {
+    int in_row[64];   // activation row of each token slot (-1: empty slot)
+    int out_row[64];  // output row of each token slot
+};
+
+template <int FMT, int MT, int TN>
+__device__ __forceinline__ void fp4_tile(const u8* __restrict__ wp, const u8* __restrict__ ws,
+                                         float gscale, const u16* __restrict__ x,
+                                         u16* __restrict__ y, int n, int k, int row0,
+                                         const TokenMap& tm, const u16* lut, float* red) {
+    const int S = blockDim.x >> 5;
+    const int warp = threadIdx.x >> 5;
+    const int lane = threadIdx.x & 31;
+    const int g = lane >> 2;
+    const int t = lane & 3;
+    const int kb = k >> 1;                     // bytes per weight row
+    const int bpr = FMT == FMT_NVFP4 ? (k >> 4) : (k >> 5);  // scale bytes per row
+    const int nchunks = (k + 127) >> 7;
+
+    float acc[MT][TN][4];
+#pragma unroll
+    for (int i = 0; i < MT; i++)
+#pragma unroll
+        for (int j = 0; j < TN; j++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) acc[i][j][c] = 0.f;
+
+    int xrow[TN];
+#pragma unroll
+    for (int j = 0; j < TN; j++) xrow[j] = tm.in_row[j * 8 + g];
+
+    for (int ch = warp; ch < nchunks; ch += S) {
+        const int k0 = (ch << 7) + (t << 5);  // first element of this lane's 32-element piece
+        const bool kval = k0 < k;
+        uint4 w[MT][2];
+        u32 sc[MT][2];
+#pragma unroll
+        for (int i = 0; i < MT; i++) {
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int r = row0 + i * 16 + g + h * 8;
+                if (kval && r < n) {
+                    w[i][h] = ldg_stream(wp + (size_t)r * kb + (k0 >> 1));
+                    if (FMT == FMT_NVFP4) {
+                        sc[i][h] = __ldg((const u16*)(ws + (size_t)r * bpr + (k0 >> 4)));
+                    } else {
+                        sc[i][h] = __ldg(ws + (size_t)r * bpr + (k0 >> 5));
+                    }
+                } else {
+                    w[i][h] = make_uint4(0, 0, 0, 0);
+                    sc[i][h] = 0;
+                }
+            }
+        }
+        uint4 xv[TN][4];
+#pragma unroll
+        for (int j = 0; j < TN; j++) {
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+                if (kval && xrow[j] >= 0) {
+                    xv[j][q] = __ldg((const uint4*)(x + (size_t)xrow[j] * k + k0 + 8 * q));
+                } else {
+                    xv[j][q] = make_uint4(0, 0, 0, 0);
+                }
+            }
+        }
+        // Block scales as bf16x2 (both lanes equal); NVFP4 pieces hold two 16-element blocks.
+        u32 s2[MT][2][2];
+#pragma unroll
+        for (int i = 0; i < MT; i++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                if (FMT == FMT_NVFP4) {
+                    u32 a = lut[sc[i][h] & 0xFF], b = lut[(sc[i][h] >> 8) & 0xFF];
+                    s2[i][h][0] = a | (a << 16);
+                    s2[i][h][1] = b | (b << 16);
+                } else {
+                    u32 a = lut[sc[i][h] & 0xFF];
+                    s2[i][h][0] = a | (a << 16);
+                    s2[i][h][1] = s2[i][h][0];
+                }
+            }
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+#pragma unroll
+            for (int half = 0; half < 2; half++) {
+                u32 a[MT][4];
+#pragma unroll
+                for (int i = 0; i < MT; i++) {
+#pragma unroll
+                    for (int h = 0; h < 2; h++) {
+                        const u32 word = q == 0 ? w[i][h].x : q == 1 ? w[i][h].y : q == 2 ? w[i][h].z : w[i][h].w;
+                        u32 v01, v23;
+                        e2m1x4_to_bf16(half ? (word >> 16) : word, v01, v23);
+                        const u32 s = s2[i][h][q >> 1];
+                        a[i][h] = bf16x2_mul(v01, s);      // reg 0 / 1: row g / g+8, slots 2t,2t+1
+                        a[i][2 + h] = bf16x2_mul(v23, s);  // reg 2 / 3: slots 2t+8, 2t+9
+                    }
+                }
+#pragma unroll
+                for (int j = 0; j < TN; j++) {
+                    const uint4 xq = xv[j][q];
+                    const u32 b0 = half ? xq.z : xq.x;
+                    const u32 b1 = half ? xq.w : xq.y;
+#pragma unroll
+                    for (int i = 0; i < MT; i++) {
+                        mma_bf16_16816(acc[i][j], a[i][0], a[i][1], a[i][2], a[i][3], b0, b1);
+                    }
+                }
+            }
+        }
+    }
+
+    // Split-K reduction: red[warp][row 0..16MT)[token 0..8TN)
+    const int ROWS = 16 * MT, TOK = 8 * TN;
+    float* mine = red + warp * ROWS * TOK;
+#pragma unroll
+    for (int i = 0; i < MT; i++)
+#pragma unroll
+        for (int j = 0; j < TN; j++) {
+            const int r = i * 16 + g;
+            const int c = j * 8 + 2 * t;
+            mine[r * TOK + c] = acc[i][j][0];
+            mine[r * TOK + c + 1] = acc[i][j][1];
+            mine[(r + 8) * TOK + c] = acc[i][j][2];
+            mine[(r + 8) * TOK + c + 1] = acc[i][j][3];
+        }
+    __syncthreads();
+    const float inv_scale = 1.0f / gscale;
+    for (int e = threadIdx.x; e < ROWS * TOK; e += blockDim.x) {
+        // Consecutive threads take consecutive rows of one token: coalesced stores to y.
+        const int tok = e / ROWS;
+        const int r = e - tok * ROWS;
+        const int orow = tm.out_row[tok];
+        const int col = row0 + r;
+        if (orow < 0 || col >= n) continue;
+        float sum = 0.f;
+        for (int s = 0; s < S; s++) sum += red[(s * ROWS + r) * TOK + tok];
+        y[(size_t)orow * n + col] = f32_to_bf16(sum * inv_scale);
+    }
+}
+
+template <int FMT, int MT, int TN>
+__device__ __forceinline__ void fp4_dense_body(const u8* __restrict__ wp, const u8* __restrict__ ws,
+                                               const float* __restrict__ gscale,
+                                               const u16* __restrict__ scale_lut,
+                                               const u16* __restrict__ x, u16* __restrict__ y,
+                                               int m, int n, int k) {
+    extern __shared__ float red[];
+    __shared__ TokenMap tm;
+    __shared__ u16 lut[256];
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) lut[i] = scale_lut[i];
+    const int tok0 = blockIdx.z * 8 * TN;
+    for (int i = threadIdx.x; i < 8 * TN; i += blockDim.x) {
+        const int r = tok0 + i;
+        tm.in_row[i] = r < m ? r : -1;
+        tm.out_row[i] = r < m ? r : -1;
+    }
+    __syncthreads();
+    fp4_tile<FMT, MT, TN>(wp, ws, gscale[0], x, y, n, k, blockIdx.x * 16 * MT, tm, lut, red);
+}
+
+// Grouped MoE variant: blockIdx.y indexes the list of active experts built by moe_route on the
+// device; the block gathers the (token, expert) pairs of its expert in groups of 8*TN.
+// in_div: activation row of pair p is p / in_div (top_k for the first projection, whose input
+// is the token; 1 for the second, whose input is the pair's own intermediate row).
+template <int FMT, int MT, int TN>
+__device__ __forceinline__ void fp4_moe_body(const u8* __restrict__ wp, const u8* __restrict__ ws,
+                                             const float* __restrict__ gscale,
+                                             const u16* __restrict__ scale_lut,
+                                             const u16* __restrict__ x, u16* __restrict__ y, int n,
+                                             int k, const int* __restrict__ active_count,
+                                             const int* __restrict__ active_expert,
+                                             const int* __restrict__ offsets,
+                                             const int* __restrict__ pair_list, int in_div) {
+    extern __shared__ float red[];
+    __shared__ TokenMap tm;
+    __shared__ u16 lut[256];
+    const int slot = blockIdx.y;
+    if (slot >= active_count[0]) return;
+    const int e = active_expert[slot];
+    const int p0 = offsets[slot], p1 = offsets[slot + 1];
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) lut[i] = scale_lut[i];
+    const size_t wbytes = (size_t)n * (k >> 1);
+    const size_t sbytes = (size_t)n * (FMT == FMT_NVFP4 ? (k >> 4) : (k >> 5));
+    for (int base = p0; base < p1; base += 8 * TN) {
+        __syncthreads();  // previous group's reduction is done with tm / red
+        for (int i = threadIdx.x; i < 8 * TN; i += blockDim.x) {
+            const int q = base + i;
+            const int p = q < p1 ? pair_list[q] : -1;
+            tm.in_row[i] = p >= 0 ? p / in_div : -1;
+            tm.out_row[i] = p;
+        }
+        __syncthreads();
+        fp4_tile<FMT, MT, TN>(wp + (size_t)e * wbytes, ws + (size_t)e * sbytes, gscale[e], x, y, n,
+                              k, blockIdx.x * 16 * MT, tm, lut, red);
+    }
+}
+
+#define DENSE_KERNEL(NAME, FMT, MT, TN)                                                        \
+    extern "C" __global__ void __launch_bounds__(256) NAME(                                    \
+        const u8* wp, const u8* ws, const float* gs, const u16* lut, const u16* x, u16* y, int m, \
+        int n, int k) {                                                                          \
+        fp4_dense_body<FMT, MT, TN>(wp, ws, gs, lut, x, y, m, n, k);                             \
+    }
+
+#define MOE_KERNEL(NAME, FMT, MT, TN)                                                           \
+    extern "C" __global__ void __launch_bounds__(256) NAME(                                     \
+        const u8* wp, const u8* ws, const float* gs, const u16* lut, const u16* x, u16* y, int n, \
+        int k, const int* cnt, const int* act, const int* off, const int* pairs, int in_div) {    \
+        fp4_moe_body<FMT, MT, TN>(wp, ws, gs, lut, x, y, n, k, cnt, act, off, pairs, in_div);     \
+    }
+
+DENSE_KERNEL(fp4_gemm_nv_m1_t1, FMT_NVFP4, 1, 1)
+DENSE_KERNEL(fp4_gemm_nv_m1_t2, FMT_NVFP4, 1, 2)
+DENSE_KERNEL(fp4_gemm_nv_m1_t4, FMT_NVFP4, 1, 4)
+DENSE_KERNEL(fp4_gemm_nv_m2_t1, FMT_NVFP4, 2, 1)
+DENSE_KERNEL(fp4_gemm_nv_m2_t2, FMT_NVFP4, 2, 2)
+DENSE_KERNEL(fp4_gemm_nv_m2_t4, FMT_NVFP4, 2, 4)
+DENSE_KERNEL(fp4_gemm_mx_m1_t1, FMT_MXFP4, 1, 1)
+DENSE_KERNEL(fp4_gemm_mx_m1_t2, FMT_MXFP4, 1, 2)
+DENSE_KERNEL(fp4_gemm_mx_m1_t4, FMT_MXFP4, 1, 4)
+DENSE_KERNEL(fp4_gemm_mx_m2_t1, FMT_MXFP4, 2, 1)
+DENSE_KERNEL(fp4_gemm_mx_m2_t2, FMT_MXFP4, 2, 2)
+DENSE_KERNEL(fp4_gemm_mx_m2_t4, FMT_MXFP4, 2, 4)
+MOE_KERNEL(fp4_moe_nv_m1_t2, FMT_NVFP4, 1, 2)
+MOE_KERNEL(fp4_moe_mx_m1_t2, FMT_MXFP4, 1, 2)
+
+// ---------------------------------------------------------------------------------------------
+// Dequantize to a dense bf16 [N][K] matrix (prefill path through cuBLAS). One thread per
+// 32 elements (16 packed bytes). Value = e2m1 * scale / gscale computed in f32 (the CPU
+// reference order: multiplier = scale / gscale first), rounded to bf16.
+// ---------------------------------------------------------------------------------------------
+template <int FMT>
+__device__ __forceinline__ void dequant_body(const u8* __restrict__ wp, const u8* __restrict__ ws,
+                                             const float* __restrict__ gscale,
+                                             const u16* __restrict__ scale_lut, u16* __restrict__ out,
+                                             int n, int k) {
+    const size_t pieces = (size_t)n * (k >> 5);
+    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= pieces) return;
+    const size_t row = idx / (k >> 5);
+    const int pk = (int)(idx - row * (k >> 5)) * 32;
+    const uint4 w = ldg_stream(wp + row * (k >> 1) + (pk >> 1));
+    const u32 words[4] = {w.x, w.y, w.z, w.w};
+    const float gs = gscale[0];
+    float mult[2];
+    if (FMT == FMT_NVFP4) {
+        const u8* s = ws + row * (k >> 4) + (pk >> 4);
+        mult[0] = bf16_to_f32(scale_lut[s[0]]) / gs;
+        mult[1] = bf16_to_f32(scale_lut[s[1]]) / gs;
+    } else {
+        mult[0] = bf16_to_f32(scale_lut[ws[row * (k >> 5) + (pk >> 5)]]);
+        mult[1] = mult[0];
+    }
+    u32 o[16];
+#pragma unroll
+    for (int q = 0; q < 4; q++) {
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            u32 v01, v23;
+            e2m1x4_to_bf16(half ? (words[q] >> 16) : words[q], v01, v23);
+            const float mlt = mult[q >> 1];
+            // e2m1 values are exact in bf16; widen, scale in f32, round once.
+            const float e0 = __uint_as_float(v01 << 16), e1 = __uint_as_float(v01 & 0xFFFF0000u);
+            const float e2 = __uint_as_float(v23 << 16), e3 = __uint_as_float(v23 & 0xFFFF0000u);
+            o[q * 4 + half * 2] = (u32)f32_to_bf16(e0 * mlt) | ((u32)f32_to_bf16(e1 * mlt) << 16);
+            o[q * 4 + half * 2 + 1] =
+                (u32)f32_to_bf16(e2 * mlt) | ((u32)f32_to_bf16(e3 * mlt) << 16);
+        }
+    }
+    uint4* dst = (uint4*)(out + row * k + pk);
+    dst[0] = make_uint4(o[0], o[1], o[2], o[3]);
+    dst[1] = make_uint4(o[4], o[5], o[6], o[7]);
+    dst[2] = make_uint4(o[8], o[9], o[10], o[11]);
+    dst[3] = make_uint4(o[12], o[13], o[14], o[15]);
+}
+
+extern "C" __global__ void fp4_dequant_nv(const u8* wp, const u8* ws, const float* gs,
+                                          const u16* lut, u16* out, int n, int k) {
+    dequant_body<FMT_NVFP4>(wp, ws, gs, lut, out, n, k);
+}
+extern "C" __global__ void fp4_dequant_mx(const u8* wp, const u8* ws, const float* gs,
+                                          const u16* lut, u16* out, int n, int k) {
+    dequant_body<FMT_MXFP4>(wp, ws, gs, lut, out, n, k);
+}
