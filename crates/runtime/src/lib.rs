@@ -1,5 +1,12 @@
 //! Checkpoint reading, model architectures, CPU and CUDA backends, generation and evaluation.
 
+pub mod arch;
 pub mod checkpoint;
+pub mod config;
+pub mod cpu;
 pub mod fixtures;
 pub mod format;
+pub mod fp4_weights;
+pub mod linear;
+pub mod model;
+pub mod weights;

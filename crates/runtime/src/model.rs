@@ -1,0 +1,457 @@
+//! The decoder (dense and MoE) on the CPU backend: embeddings, pre-norm attention with RoPE and
+//! a KV cache, SwiGLU MLP or a routed mixture of experts, final norm and lm_head.
+
+use std::path::Path;
+
+use crate::arch::Names;
+use crate::checkpoint::Checkpoint;
+use crate::config::{ModelConfig, MoeConfig};
+use crate::cpu::{attention, rms_norm, softmax, swiglu, AttnShape, Rope};
+use crate::linear::Linear;
+use crate::weights::{LoadError, Loader};
+
+/// Errors of a forward pass (bad input, not bad weights).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ForwardError {
+    /// The tokens do not fit in the context left in the KV cache.
+    #[error(
+        "context overflow: {cached} cached + {new} new tokens exceed the context length {max}"
+    )]
+    ContextOverflow {
+        /// tokens already in the cache
+        cached: usize,
+        /// tokens passed
+        new: usize,
+        /// cache capacity
+        max: usize,
+    },
+    /// A token id is outside the vocabulary.
+    #[error("token id {token} at position {index} is outside the vocabulary of {vocab}")]
+    TokenOutOfRange {
+        /// the id
+        token: u32,
+        /// index in the input
+        index: usize,
+        /// vocab size
+        vocab: usize,
+    },
+    /// No tokens were given.
+    #[error("empty input: at least one token is needed")]
+    Empty,
+}
+
+/// A dense SwiGLU MLP.
+#[derive(Debug)]
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+impl Mlp {
+    fn forward(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let mut g = self.gate.apply(x, m);
+        let u = self.up.apply(x, m);
+        swiglu(&mut g, &u);
+        self.down.apply(&g, m)
+    }
+
+    fn bytes(&self) -> usize {
+        self.gate.weight_bytes() + self.up.weight_bytes() + self.down.weight_bytes()
+    }
+}
+
+/// A routed mixture of experts, with an optional sigmoid-gated shared expert.
+#[derive(Debug)]
+struct Moe {
+    router: Linear,
+    experts: Vec<Mlp>,
+    shared: Option<(Mlp, Linear)>,
+    cfg: MoeConfig,
+}
+
+impl Moe {
+    /// Per token: softmax over all experts in f32, top-k (ties to the lower index), optional
+    /// renormalization; expert outputs are summed in expert-index order as transformers does.
+    fn forward(&self, x: &[f32], m: usize, hidden: usize) -> Vec<f32> {
+        let e = self.cfg.num_experts;
+        let logits = self.router.apply(x, m);
+        // assignments[expert] = [(token, weight)]
+        let mut assignments: Vec<Vec<(usize, f32)>> = vec![Vec::new(); e];
+        for t in 0..m {
+            let mut p = logits[t * e..(t + 1) * e].to_vec();
+            softmax(&mut p);
+            let mut idx: Vec<usize> = (0..e).collect();
+            idx.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+            idx.truncate(self.cfg.top_k);
+            let sum: f32 = idx.iter().map(|&i| p[i]).sum();
+            for &i in &idx {
+                let w = if self.cfg.norm_topk_prob {
+                    p[i] / sum
+                } else {
+                    p[i]
+                };
+                assignments[i].push((t, w));
+            }
+        }
+        let mut out = vec![0.0f32; m * hidden];
+        for (ei, toks) in assignments.iter().enumerate() {
+            if toks.is_empty() {
+                continue;
+            }
+            let mut xe = Vec::with_capacity(toks.len() * hidden);
+            for &(t, _) in toks {
+                xe.extend_from_slice(&x[t * hidden..(t + 1) * hidden]);
+            }
+            let ye = self.experts[ei].forward(&xe, toks.len());
+            for (r, &(t, w)) in toks.iter().enumerate() {
+                for (o, y) in out[t * hidden..(t + 1) * hidden]
+                    .iter_mut()
+                    .zip(&ye[r * hidden..(r + 1) * hidden])
+                {
+                    *o += w * y;
+                }
+            }
+        }
+        if let Some((mlp, gate)) = &self.shared {
+            let ys = mlp.forward(x, m);
+            let g = gate.apply(x, m);
+            for t in 0..m {
+                let s = 1.0 / (1.0 + (-g[t]).exp());
+                for (o, y) in out[t * hidden..(t + 1) * hidden]
+                    .iter_mut()
+                    .zip(&ys[t * hidden..(t + 1) * hidden])
+                {
+                    *o += s * y;
+                }
+            }
+        }
+        out
+    }
+
+    fn bytes(&self) -> usize {
+        self.router.weight_bytes()
+            + self.experts.iter().map(Mlp::bytes).sum::<usize>()
+            + self
+                .shared
+                .as_ref()
+                .map_or(0, |(m, g)| m.bytes() + g.weight_bytes())
+    }
+}
+
+#[derive(Debug)]
+enum Ffn {
+    Dense(Mlp),
+    Moe(Moe),
+}
+
+#[derive(Debug)]
+struct Layer {
+    input_norm: Vec<f32>,
+    post_norm: Vec<f32>,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
+    window: Option<usize>,
+    ffn: Ffn,
+}
+
+/// Keys and values of every layer for the tokens seen so far, f32 `[len, kv_heads, head_dim]`.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+    len: usize,
+    capacity: usize,
+}
+
+impl KvCache {
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True if nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Maximum number of positions.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Forgets every position (keeps the allocation).
+    pub fn clear(&mut self) {
+        self.len = 0;
+        for k in &mut self.keys {
+            k.clear();
+        }
+        for v in &mut self.values {
+            v.clear();
+        }
+    }
+}
+
+/// Which rows of logits a forward pass returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last position: `[vocab]`.
+    Last,
+    /// Every new position: `[m, vocab]`.
+    All,
+}
+
+/// A loaded decoder-only model.
+#[derive(Debug)]
+pub struct Model {
+    /// Its configuration.
+    pub config: ModelConfig,
+    embed: Linear,
+    layers: Vec<Layer>,
+    norm: Vec<f32>,
+    lm_head: Option<Linear>,
+    rope: Rope,
+}
+
+impl Model {
+    /// Opens a checkpoint folder and loads the model.
+    pub fn load(dir: &Path) -> Result<Model, LoadError> {
+        let ck = Checkpoint::open(dir)?;
+        Model::from_checkpoint(&ck)
+    }
+
+    /// Loads the model from an opened checkpoint, checking every tensor's shape against the
+    /// config.
+    pub fn from_checkpoint(ck: &Checkpoint) -> Result<Model, LoadError> {
+        let config = ModelConfig::from_json(ck.config(), &ck.root().join("config.json"))?;
+        let c = &config;
+        let names = Names::new(c.arch);
+        let ld = Loader { ck };
+        let (hd, d) = (c.hidden_size, c.head_dim);
+        let embed = ld.linear(&names.embed(), c.vocab_size, hd, false)?;
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(ld.linear(&names.lm_head(), c.vocab_size, hd, false)?)
+        };
+        let norm = ld.vector(&names.final_norm(), hd)?;
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for l in 0..c.num_layers {
+            let att = |p: &str| names.attn(l, p);
+            let (qn, kvn) = (c.num_heads * d, c.num_kv_heads * d);
+            let (q_norm, k_norm) = if c.qk_norm {
+                (
+                    Some(ld.vector(&format!("{}.weight", att("q_norm")), d)?),
+                    Some(ld.vector(&format!("{}.weight", att("k_norm")), d)?),
+                )
+            } else {
+                (None, None)
+            };
+            let ffn = if c.moe_layers[l] {
+                let mc = c.moe.clone().ok_or_else(|| {
+                    LoadError::Config(crate::config::ConfigError::Invalid {
+                        file: ck.root().join("config.json"),
+                        key: "num_experts".into(),
+                        reason: "MoE layer without MoE parameters".into(),
+                    })
+                })?;
+                let ei = mc.expert_intermediate_size;
+                let experts = (0..mc.num_experts)
+                    .map(|e| {
+                        let [g, u, dn] = names.expert(l, e);
+                        Ok(Mlp {
+                            gate: ld.linear(&g, ei, hd, false)?,
+                            up: ld.linear(&u, ei, hd, false)?,
+                            down: ld.linear(&dn, hd, ei, false)?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, LoadError>>()?;
+                let shared = match mc.shared_expert_intermediate_size {
+                    Some(si) => {
+                        let [g, u, dn] = names.shared_expert(l);
+                        let mlp = Mlp {
+                            gate: ld.linear(&g, si, hd, false)?,
+                            up: ld.linear(&u, si, hd, false)?,
+                            down: ld.linear(&dn, hd, si, false)?,
+                        };
+                        Some((mlp, ld.linear(&names.shared_expert_gate(l), 1, hd, false)?))
+                    }
+                    None => None,
+                };
+                let router = ld.linear(&names.router(l), mc.num_experts, hd, false)?;
+                Ffn::Moe(Moe {
+                    router,
+                    experts,
+                    shared,
+                    cfg: mc,
+                })
+            } else {
+                let [g, u, dn] = names.mlp(l);
+                let i = c.intermediate_size;
+                Ffn::Dense(Mlp {
+                    gate: ld.linear(&g, i, hd, c.mlp_bias)?,
+                    up: ld.linear(&u, i, hd, c.mlp_bias)?,
+                    down: ld.linear(&dn, hd, i, c.mlp_bias)?,
+                })
+            };
+            layers.push(Layer {
+                input_norm: ld.vector(&names.input_norm(l), hd)?,
+                post_norm: ld.vector(&names.post_attention_norm(l), hd)?,
+                q: ld.linear(&att("q_proj"), qn, hd, c.qkv_bias)?,
+                k: ld.linear(&att("k_proj"), kvn, hd, c.qkv_bias)?,
+                v: ld.linear(&att("v_proj"), kvn, hd, c.qkv_bias)?,
+                o: ld.linear(&att("o_proj"), hd, qn, c.o_bias)?,
+                q_norm,
+                k_norm,
+                window: c.sliding_window[l],
+                ffn,
+            });
+        }
+        let rope = Rope::new(&c.rope);
+        Ok(Model {
+            config,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope,
+        })
+    }
+
+    /// Bytes of all weights as held in memory.
+    pub fn weight_bytes(&self) -> usize {
+        let mut b =
+            self.embed.weight_bytes() + self.lm_head.as_ref().map_or(0, Linear::weight_bytes);
+        for l in &self.layers {
+            b += l.q.weight_bytes() + l.k.weight_bytes() + l.v.weight_bytes() + l.o.weight_bytes();
+            b += match &l.ffn {
+                Ffn::Dense(m) => m.bytes(),
+                Ffn::Moe(m) => m.bytes(),
+            };
+        }
+        b
+    }
+
+    /// An empty KV cache for up to `capacity` positions (capped at the model's maximum).
+    pub fn new_cache(&self, capacity: usize) -> KvCache {
+        let n = self.layers.len();
+        KvCache {
+            keys: vec![Vec::new(); n],
+            values: vec![Vec::new(); n],
+            len: 0,
+            capacity: capacity.min(self.config.max_position_embeddings),
+        }
+    }
+
+    /// Runs `tokens` after the cached positions, appends them to the cache and returns logits.
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        which: Logits,
+    ) -> Result<Vec<f32>, ForwardError> {
+        let c = &self.config;
+        let m = tokens.len();
+        if m == 0 {
+            return Err(ForwardError::Empty);
+        }
+        if cache.len + m > cache.capacity {
+            return Err(ForwardError::ContextOverflow {
+                cached: cache.len,
+                new: m,
+                max: cache.capacity,
+            });
+        }
+        let hd = c.hidden_size;
+        let mut x = vec![0.0f32; m * hd];
+        for (i, &t) in tokens.iter().enumerate() {
+            if t as usize >= c.vocab_size {
+                return Err(ForwardError::TokenOutOfRange {
+                    token: t,
+                    index: i,
+                    vocab: c.vocab_size,
+                });
+            }
+            self.embed
+                .row_into(t as usize, &mut x[i * hd..(i + 1) * hd]);
+        }
+        let start = cache.len;
+        for (li, layer) in self.layers.iter().enumerate() {
+            let mut h = x.clone();
+            rms_norm(&mut h, &layer.input_norm, c.rms_norm_eps);
+            let attn = self.attention(
+                layer,
+                &h,
+                m,
+                start,
+                &mut cache.keys[li],
+                &mut cache.values[li],
+            );
+            for (a, b) in x.iter_mut().zip(&attn) {
+                *a += b;
+            }
+            let mut h = x.clone();
+            rms_norm(&mut h, &layer.post_norm, c.rms_norm_eps);
+            let y = match &layer.ffn {
+                Ffn::Dense(mlp) => mlp.forward(&h, m),
+                Ffn::Moe(moe) => moe.forward(&h, m, hd),
+            };
+            for (a, b) in x.iter_mut().zip(&y) {
+                *a += b;
+            }
+        }
+        cache.len += m;
+        let (rows, n) = match which {
+            Logits::Last => (x[(m - 1) * hd..].to_vec(), 1),
+            Logits::All => (x, m),
+        };
+        let mut rows = rows;
+        rms_norm(&mut rows, &self.norm, c.rms_norm_eps);
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        Ok(head.apply(&rows, n))
+    }
+
+    fn attention(
+        &self,
+        l: &Layer,
+        h: &[f32],
+        m: usize,
+        start: usize,
+        kc: &mut Vec<f32>,
+        vc: &mut Vec<f32>,
+    ) -> Vec<f32> {
+        let c = &self.config;
+        let d = c.head_dim;
+        let mut q = l.q.apply(h, m);
+        let mut k = l.k.apply(h, m);
+        let v = l.v.apply(h, m);
+        if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
+            rms_norm(&mut q, qn, c.rms_norm_eps);
+            rms_norm(&mut k, kn, c.rms_norm_eps);
+        }
+        for (i, row) in q.chunks_exact_mut(c.num_heads * d).enumerate() {
+            for head in row.chunks_exact_mut(d) {
+                self.rope.apply(head, start + i);
+            }
+        }
+        for (i, row) in k.chunks_exact_mut(c.num_kv_heads * d).enumerate() {
+            for head in row.chunks_exact_mut(d) {
+                self.rope.apply(head, start + i);
+            }
+        }
+        kc.extend_from_slice(&k);
+        vc.extend_from_slice(&v);
+        let shape = AttnShape {
+            num_heads: c.num_heads,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: d,
+            window: l.window,
+        };
+        let a = attention(&q, kc, vc, start, m, shape);
+        l.o.apply(&a, m)
+    }
+}
