@@ -1,1 +1,46 @@
 //! CUDA kernels compiled at run time with NVRTC, and their launchers.
+//!
+//! The kernel sources (`crates/kernels/cuda/*.cu`) are embedded in the binary and compiled on
+//! first use for the GPU's architecture (cached per process). Without a driver or GPU,
+//! [`GpuContext::new`] returns [`CudaError::NoDevice`] and nothing else is touched.
+//!
+//! Paths:
+//! - [`fp4_gemm`]: FP4 weights dequantized in registers and fed to bf16 `mma.sync`
+//!   (decode and small M, up to 32 tokens per pass over the weights).
+//! - [`fp4_gemm_dequant_cublas`]: FP4 -> bf16 then cuBLAS (large M).
+//! - [`moe_layer`]: grouped MoE layer from the router's device output.
+
+mod blas;
+mod context;
+mod error;
+mod gemm;
+mod moe;
+mod weights;
+
+pub use blas::{bf16_gemm, cublas, fp4_gemm_dequant_cublas};
+pub use context::{compile_source, nvrtc_available, scale_lut, GpuContext};
+pub use error::CudaError;
+pub use gemm::{fp4_dequantize, fp4_gemm, fp4_gemm_with, token_tiles, Fp4GemmConfig, K_CHUNK};
+pub use moe::{moe_layer, MoeWeights, MoeWorkspace};
+pub use weights::GpuFp4Weight;
+
+/// The embedded kernel sources, (file name, text), for tools that compile them ahead.
+pub fn kernel_sources() -> [(&'static str, &'static str); 2] {
+    [context::FP4_GEMM_SRC, context::MOE_SRC]
+}
+
+/// Opens GPU 0 for a test, or explains why not. With `MIMO_REQUIRE_GPU=1` a missing GPU is an
+/// error; otherwise the caller prints the reason and skips.
+pub fn gpu_for_tests() -> Result<Option<GpuContext>, CudaError> {
+    match GpuContext::new(0) {
+        Ok(g) => Ok(Some(g)),
+        Err(e) => {
+            if std::env::var("MIMO_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                Err(e)
+            } else {
+                eprintln!("skipping GPU test: {e}");
+                Ok(None)
+            }
+        }
+    }
+}

@@ -1,0 +1,685 @@
+//! mimo-bench-kernels: times the FP4 CUDA kernels and cuBLAS BF16 on the same shapes, in one
+//! process, and writes a JSON report.
+//!
+//! Method: CUDA events around CUDA-graph replays (each graph holds `reps` launches that rotate
+//! through enough weight copies that no launch finds its weights in the 50 MB L2), warm-up
+//! first, the median of `samples` replays. Eager launches are used where capture fails (the
+//! row says so).
+//!
+//! Usage: mimo-bench-kernels [--out FILE.json] [--quick] [--no-sweep]
+
+use std::error::Error;
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaSlice, CudaStream};
+use half::bf16;
+use mimo_kernels::cuda::{
+    bf16_gemm, cublas, fp4_gemm, fp4_gemm_dequant_cublas, fp4_gemm_with, moe_layer, CudaError,
+    Fp4GemmConfig, GpuContext, GpuFp4Weight, MoeWeights, MoeWorkspace,
+};
+use mimo_kernels::Fp4Format;
+
+type Res<T> = Result<T, Box<dyn Error>>;
+
+/// Weight bytes that must stream through the rotation before a copy comes back (> 2x L2).
+const ROTATE_BYTES: usize = 256 << 20;
+
+struct Args {
+    out: Option<String>,
+    quick: bool,
+    sweep: bool,
+}
+
+fn parse_args() -> Res<Args> {
+    let mut a = Args {
+        out: None,
+        quick: false,
+        sweep: true,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(s) = it.next() {
+        match s.as_str() {
+            "--out" => a.out = Some(it.next().ok_or("--out needs a file name")?),
+            "--quick" => a.quick = true,
+            "--no-sweep" => a.sweep = false,
+            "-h" | "--help" => {
+                println!("mimo-bench-kernels [--out FILE.json] [--quick] [--no-sweep]");
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument {other}").into()),
+        }
+    }
+    Ok(a)
+}
+
+/// splitmix64: benchmark data only needs to be varied, not reproducible across tools.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn unit(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32
+    }
+    fn bytes(&mut self, len: usize) -> Vec<u8> {
+        let mut v = Vec::with_capacity(len + 8);
+        while v.len() < len {
+            v.extend_from_slice(&self.next().to_le_bytes());
+        }
+        v.truncate(len);
+        v
+    }
+    fn bf16s(&mut self, len: usize, scale: f32) -> Vec<bf16> {
+        (0..len)
+            .map(|_| bf16::from_f32((self.unit() - 0.5) * 2.0 * scale))
+            .collect()
+    }
+}
+
+/// Random but valid FP4 buffers: every E2M1 code, block scales in a trained model's range.
+fn fp4_parts(
+    rng: &mut Rng,
+    format: Fp4Format,
+    n: usize,
+    k: usize,
+    experts: usize,
+) -> (Vec<u8>, Vec<u8>, Vec<f32>) {
+    let packed = rng.bytes(n * k / 2 * experts);
+    let scales: Vec<u8> = (0..n * (k / format.block_size()) * experts)
+        .map(|_| match format {
+            // E4M3 codes 0x30..0x5F: 0.5 .. 60
+            Fp4Format::Nvfp4 => 0x30 + (rng.next() % 0x30) as u8,
+            // E8M0 2^-10 .. 2^-4
+            Fp4Format::Mxfp4 => 117 + (rng.next() % 7) as u8,
+        })
+        .collect();
+    let gs = vec![
+        match format {
+            Fp4Format::Nvfp4 => 2688.0 / 0.1,
+            Fp4Format::Mxfp4 => 1.0,
+        };
+        experts
+    ];
+    (packed, scales, gs)
+}
+
+#[derive(Clone, Copy)]
+struct Timing {
+    us: f64,
+    spread: f64,
+    graph: bool,
+}
+
+/// Times `op(i)` (i = launch index, for rotating copies): warm-up, then `samples` replays of a
+/// graph of `reps` launches; median per-launch microseconds and (max-min)/median of samples.
+fn time_op(
+    gpu: &GpuContext,
+    reps: usize,
+    samples: usize,
+    op: &mut dyn FnMut(usize) -> Result<(), CudaError>,
+) -> Res<Timing> {
+    let s: &Arc<CudaStream> = gpu.stream();
+    for i in 0..reps.max(3) {
+        op(i)?;
+    }
+    gpu.synchronize()?;
+    let ctx = gpu.context();
+    let ev0 = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+    let ev1 = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+    let mut graph = None;
+    if s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+        .is_ok()
+    {
+        let mut ok = true;
+        for i in 0..reps {
+            if op(i).is_err() {
+                ok = false;
+                break;
+            }
+        }
+        let g = s.end_capture(CUgraphInstantiate_flags(0));
+        if ok {
+            if let Ok(Some(g)) = g {
+                graph = Some(g);
+            }
+        }
+        // A failed capture can leave a sticky error on the context's record; clear it.
+        let _ = ctx.check_err();
+    }
+    let mut times = Vec::with_capacity(samples);
+    if let Some(g) = &graph {
+        g.launch()?;
+        g.launch()?;
+        gpu.synchronize()?;
+        for _ in 0..samples {
+            ev0.record(s)?;
+            g.launch()?;
+            ev1.record(s)?;
+            ev1.synchronize()?;
+            times.push(ev0.elapsed_ms(&ev1)? as f64 * 1000.0 / reps as f64);
+        }
+    } else {
+        for _ in 0..samples {
+            ev0.record(s)?;
+            for i in 0..reps {
+                op(i)?;
+            }
+            ev1.record(s)?;
+            ev1.synchronize()?;
+            times.push(ev0.elapsed_ms(&ev1)? as f64 * 1000.0 / reps as f64);
+        }
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    let med = times[times.len() / 2];
+    Ok(Timing {
+        us: med,
+        spread: (times[times.len() - 1] - times[0]) / med,
+        graph: graph.is_some(),
+    })
+}
+
+fn copy_bandwidth(gpu: &GpuContext) -> Res<f64> {
+    let bytes = 1usize << 30;
+    let s = gpu.stream();
+    let src = s.alloc_zeros::<u8>(bytes)?;
+    let mut dst = s.alloc_zeros::<u8>(bytes)?;
+    let t = time_op(gpu, 10, 7, &mut |_| {
+        s.memcpy_dtod(&src, &mut dst)
+            .map_err(|source| CudaError::Driver {
+                what: "copy",
+                source,
+            })
+    })?;
+    Ok(2.0 * bytes as f64 / (t.us * 1e-6) / 1e12)
+}
+
+#[derive(Clone)]
+struct Row {
+    group: &'static str,
+    kernel: String,
+    format: &'static str,
+    k: usize,
+    n: usize,
+    m: usize,
+    us: f64,
+    spread: f64,
+    graph: bool,
+    weight_bytes: usize,
+    flops: f64,
+    speedup: Option<f64>,
+    note: String,
+}
+
+fn rotation(bytes_per_copy: usize, max_copies: usize) -> usize {
+    ROTATE_BYTES.div_ceil(bytes_per_copy).clamp(2, max_copies)
+}
+
+fn reps_for(copies: usize, est_us: f64) -> usize {
+    // about 20 launches, at least one full rotation, at most ~50 ms per graph
+    let mut r = copies.max(20).div_ceil(copies) * copies;
+    while r > copies && est_us * r as f64 > 50_000.0 {
+        r -= copies;
+    }
+    r
+}
+
+#[allow(clippy::too_many_arguments)]
+fn dense_shape(
+    gpu: &GpuContext,
+    blas: &cudarc::cublas::CudaBlas,
+    rng: &mut Rng,
+    k: usize,
+    n: usize,
+    ms: &[usize],
+    sweep: bool,
+    samples: usize,
+    rows: &mut Vec<Row>,
+    checks: &mut Vec<String>,
+) -> Res<()> {
+    let s = gpu.stream().clone();
+    let mmax = *ms.iter().max().unwrap_or(&1);
+    // activations and outputs, rotated too (small)
+    let x = s.clone_htod(&rng.bf16s(mmax * k, 1.0))?;
+    let mut y = s.alloc_zeros::<bf16>(mmax * n)?;
+    // cuBLAS BF16 weights
+    let bf_bytes = n * k * 2;
+    let bf_copies = rotation(bf_bytes, 8);
+    let host_bf = rng.bf16s(n * k, 0.05);
+    let wbf: Vec<CudaSlice<bf16>> = (0..bf_copies)
+        .map(|_| s.clone_htod(&host_bf))
+        .collect::<Result<_, _>>()?;
+    drop(host_bf);
+    let mut scratch = s.alloc_zeros::<bf16>(n * k)?;
+    let mut cublas_us = vec![0.0f64; ms.len()];
+    for (mi, &m) in ms.iter().enumerate() {
+        let xs = x.slice(0..m * k);
+        let est = (bf_bytes as f64 / 2.5e6).max(2.0 * m as f64 * n as f64 * k as f64 / 6e8);
+        let reps = reps_for(bf_copies, est);
+        let t = time_op(gpu, reps, samples, &mut |i| {
+            let mut ys = y.slice_mut(0..m * n);
+            bf16_gemm_view(blas, &wbf[i % bf_copies], &xs, m, n, k, &mut ys)
+        })?;
+        cublas_us[mi] = t.us;
+        rows.push(Row {
+            group: "dense",
+            kernel: "cublas_bf16".into(),
+            format: "bf16",
+            k,
+            n,
+            m,
+            us: t.us,
+            spread: t.spread,
+            graph: t.graph,
+            weight_bytes: bf_bytes,
+            flops: 2.0 * (m * n * k) as f64,
+            speedup: Some(1.0),
+            note: format!("{bf_copies} weight copies"),
+        });
+        eprintln!("  cublas k={k} n={n} m={m}: {:.2} us", t.us);
+    }
+    drop(wbf);
+    for format in [Fp4Format::Nvfp4, Fp4Format::Mxfp4] {
+        let (p, sc, gs) = fp4_parts(rng, format, n, k, 1);
+        let w0 = GpuFp4Weight::from_parts(gpu, format, n, k, 1, &p, &sc, &gs)?;
+        let fp_bytes = w0.bytes_per_matrix();
+        let copies = rotation(fp_bytes, 16);
+        let mut ws = vec![w0];
+        for _ in 1..copies {
+            ws.push(GpuFp4Weight::from_parts(
+                gpu, format, n, k, 1, &p, &sc, &gs,
+            )?);
+        }
+        let fname = format.name();
+        // correctness spot check at full size: fused kernel vs dequantize + cuBLAS
+        {
+            let m = 1;
+            let xs = s.clone_htod(&rng.bf16s(m * k, 1.0))?;
+            let mut y1 = s.clone_htod(&vec![bf16::NAN; m * n])?;
+            let mut y2 = s.clone_htod(&vec![bf16::NAN; m * n])?;
+            fp4_gemm(gpu, &ws[0], &xs, m, &mut y1)?;
+            fp4_gemm_dequant_cublas(gpu, blas, &ws[0], &xs, m, &mut scratch, &mut y2)?;
+            let a = s.clone_dtoh(&y1)?;
+            let b = s.clone_dtoh(&y2)?;
+            let (mut num, mut den, mut bad) = (0.0f64, 0.0f64, 0usize);
+            for (u, v) in a.iter().zip(&b) {
+                let (u, v) = (u.to_f64(), v.to_f64());
+                if !u.is_finite() {
+                    bad += 1;
+                }
+                num += (u - v) * (u - v);
+                den += v * v;
+            }
+            let rel = (num / den.max(1e-30)).sqrt();
+            checks.push(format!(
+                "{{\"format\": \"{fname}\", \"k\": {k}, \"n\": {n}, \"m\": 1, \"rel_err_fused_vs_dequant_cublas\": {rel:.3e}, \"non_finite\": {bad}}}"
+            ));
+            eprintln!("  check {fname} k={k} n={n}: rel err {rel:.2e}, non-finite {bad}");
+        }
+        for (mi, &m) in ms.iter().enumerate() {
+            let xs = x.slice(0..m * k);
+            let xo = s.clone_htod(&s.clone_dtoh(&xs)?)?; // owned copy: launchers take &CudaSlice
+            let est = fp_bytes as f64 / 2.5e6 * m.div_ceil(32) as f64;
+            let reps = reps_for(copies, est);
+            let push = |rows: &mut Vec<Row>, kernel: String, t: Timing, note: String| {
+                rows.push(Row {
+                    group: "dense",
+                    kernel,
+                    format: fname,
+                    k,
+                    n,
+                    m,
+                    us: t.us,
+                    spread: t.spread,
+                    graph: t.graph,
+                    weight_bytes: fp_bytes,
+                    flops: 2.0 * (m * n * k) as f64,
+                    speedup: Some(cublas_us[mi] / t.us),
+                    note,
+                });
+            };
+            if m <= 256 {
+                let cfg = Fp4GemmConfig::auto(m, n, k, gpu.sm_count());
+                let mut ys = s.alloc_zeros::<bf16>(m * n)?;
+                let t = time_op(gpu, reps, samples, &mut |i| {
+                    fp4_gemm(gpu, &ws[i % copies], &xo, m, &mut ys)
+                })?;
+                eprintln!("  fused {fname} k={k} n={n} m={m} {cfg:?}: {:.2} us", t.us);
+                push(
+                    rows,
+                    "fp4_fused".into(),
+                    t,
+                    format!("auto {cfg:?}; {copies} weight copies"),
+                );
+                if sweep && (m == 1 || m == 16) {
+                    for m_tiles in [1u32, 2] {
+                        for warps in [2u32, 4, 8] {
+                            let c = Fp4GemmConfig { m_tiles, warps };
+                            if c == cfg {
+                                continue;
+                            }
+                            let t = time_op(gpu, reps, samples, &mut |i| {
+                                fp4_gemm_with(gpu, &ws[i % copies], &xo, m, &mut ys, c)
+                            })?;
+                            push(
+                                rows,
+                                format!("fp4_fused_mt{m_tiles}_w{warps}"),
+                                t,
+                                "sweep".into(),
+                            );
+                        }
+                    }
+                }
+            }
+            if m >= 16 {
+                let est2 =
+                    est.max(2.0 * (m * n * k) as f64 / 6e8) + n as f64 * k as f64 * 2.0 / 2.5e6;
+                let reps2 = reps_for(copies, est2);
+                let mut ys = s.alloc_zeros::<bf16>(m * n)?;
+                let t = time_op(gpu, reps2, samples, &mut |i| {
+                    fp4_gemm_dequant_cublas(
+                        gpu,
+                        blas,
+                        &ws[i % copies],
+                        &xo,
+                        m,
+                        &mut scratch,
+                        &mut ys,
+                    )
+                })?;
+                eprintln!("  dequant+cublas {fname} k={k} n={n} m={m}: {:.2} us", t.us);
+                push(
+                    rows,
+                    "fp4_dequant_cublas".into(),
+                    t,
+                    format!("{copies} weight copies"),
+                );
+            }
+        }
+        let _ = &mut y;
+    }
+    Ok(())
+}
+
+/// cuBLAS on views (the benchmark slices one activation buffer for every M).
+fn bf16_gemm_view(
+    blas: &cudarc::cublas::CudaBlas,
+    w: &CudaSlice<bf16>,
+    x: &cudarc::driver::CudaView<bf16>,
+    m: usize,
+    n: usize,
+    k: usize,
+    y: &mut cudarc::driver::CudaViewMut<bf16>,
+) -> Result<(), CudaError> {
+    use cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
+    let cfg = GemmConfig {
+        transa: cublasOperation_t::CUBLAS_OP_T,
+        transb: cublasOperation_t::CUBLAS_OP_N,
+        m: n as i32,
+        n: m as i32,
+        k: k as i32,
+        alpha: bf16::ONE,
+        lda: k as i32,
+        ldb: k as i32,
+        beta: bf16::ZERO,
+        ldc: n as i32,
+    };
+    let _ = bf16_gemm; // the library entry point does the same on whole slices
+                       // SAFETY: w is n*k, x m*k and y m*n elements (sliced by the caller).
+    unsafe { blas.gemm(cfg, w, x, y) }.map_err(|source| CudaError::Cublas {
+        what: "bf16 gemm",
+        source,
+    })
+}
+
+fn moe_bench(
+    gpu: &GpuContext,
+    rng: &mut Rng,
+    format: Fp4Format,
+    tokens_list: &[usize],
+    samples: usize,
+    rows: &mut Vec<Row>,
+) -> Res<()> {
+    // Qwen3-30B-A3B: 128 experts, top-8, hidden 2048, expert width 768.
+    let (experts, hidden, inter, top_k) = (128usize, 2048usize, 768usize, 8usize);
+    let s = gpu.stream().clone();
+    let (p, sc, gs) = fp4_parts(rng, format, 2 * inter, hidden, experts);
+    let gate_up = GpuFp4Weight::from_parts(gpu, format, 2 * inter, hidden, experts, &p, &sc, &gs)?;
+    let (p, sc, gs) = fp4_parts(rng, format, hidden, inter, experts);
+    let down = GpuFp4Weight::from_parts(gpu, format, hidden, inter, experts, &p, &sc, &gs)?;
+    let per_expert = gate_up.bytes_per_matrix() + down.bytes_per_matrix();
+    let w = MoeWeights { gate_up, down };
+    for &tokens in tokens_list {
+        let mut ws = MoeWorkspace::new(gpu, &w, tokens, top_k)?;
+        let x = s.clone_htod(&rng.bf16s(tokens * hidden, 1.0))?;
+        let mut out = s.alloc_zeros::<bf16>(tokens * hidden)?;
+        // 32 different routings, rotated, so that the used experts change every call
+        let nr = 32;
+        let mut ids_d = Vec::new();
+        let mut w_d = Vec::new();
+        let mut used_total = 0usize;
+        for _ in 0..nr {
+            let mut ids = Vec::new();
+            for _ in 0..tokens {
+                let mut chosen: Vec<i32> = Vec::new();
+                while chosen.len() < top_k {
+                    let e = (rng.next() % experts as u64) as i32;
+                    if !chosen.contains(&e) {
+                        chosen.push(e);
+                    }
+                }
+                ids.extend(chosen);
+            }
+            let mut distinct = ids.clone();
+            distinct.sort_unstable();
+            distinct.dedup();
+            used_total += distinct.len();
+            let wts: Vec<f32> = (0..tokens * top_k)
+                .map(|_| rng.unit() / top_k as f32)
+                .collect();
+            ids_d.push(s.clone_htod(&ids)?);
+            w_d.push(s.clone_htod(&wts)?);
+        }
+        let bytes = used_total as f64 / nr as f64 * per_expert as f64;
+        let t = time_op(gpu, nr, samples, &mut |i| {
+            moe_layer(
+                gpu,
+                &w,
+                &x,
+                &ids_d[i % nr],
+                &w_d[i % nr],
+                tokens,
+                top_k,
+                &mut ws,
+                &mut out,
+            )
+        })?;
+        eprintln!("  moe {} tokens={tokens}: {:.2} us", format.name(), t.us);
+        rows.push(Row {
+            group: "moe",
+            kernel: "fp4_moe_layer".into(),
+            format: format.name(),
+            k: hidden,
+            n: inter,
+            m: tokens,
+            us: t.us,
+            spread: t.spread,
+            graph: t.graph,
+            weight_bytes: bytes.round() as usize,
+            flops: 2.0 * (tokens * top_k) as f64 * (3 * hidden * inter) as f64,
+            speedup: None,
+            note: format!(
+                "Qwen3-30B-A3B layer: 128 experts, top-8, hidden 2048, inter 768; {:.1} distinct experts per call; route+gate_up+silu+down+combine",
+                used_total as f64 / nr as f64
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn utc_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
+    // civil-from-days (H. Hinnant)
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(mo <= 2);
+    format!(
+        "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn json_str(s: &str) -> String {
+    let mut o = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(o, "\\u{:04x}", c as u32);
+            }
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+    o
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Res<()> {
+    let args = parse_args()?;
+    let gpu = GpuContext::new(0)?;
+    let blas = cublas(&gpu)?;
+    let samples = if args.quick { 5 } else { 15 };
+    eprintln!("device: {} ({} SMs)", gpu.device_name(), gpu.sm_count());
+    let copy_tbps = copy_bandwidth(&gpu)?;
+    eprintln!("device copy: {copy_tbps:.3} TB/s (read + write)");
+    let mut rng = Rng(0x5EED_0FF4_u64);
+    let shapes: &[(usize, usize)] = if args.quick {
+        &[(4096, 14336), (768, 2048)]
+    } else {
+        &[
+            (4096, 14336),
+            (14336, 4096),
+            (4096, 4096),
+            (2048, 1536),
+            (768, 2048),
+            (2048, 151936),
+        ]
+    };
+    let ms: &[usize] = if args.quick {
+        &[1, 16, 2048]
+    } else {
+        &[1, 4, 16, 64, 256, 2048]
+    };
+    let mut rows = Vec::new();
+    let mut checks = Vec::new();
+    for &(k, n) in shapes {
+        eprintln!("shape k={k} n={n}");
+        dense_shape(
+            &gpu,
+            &blas,
+            &mut rng,
+            k,
+            n,
+            ms,
+            args.sweep,
+            samples,
+            &mut rows,
+            &mut checks,
+        )?;
+    }
+    for format in [Fp4Format::Nvfp4, Fp4Format::Mxfp4] {
+        moe_bench(&gpu, &mut rng, format, &[1, 16], samples, &mut rows)?;
+    }
+
+    // report
+    let commit = std::env::var("MIMO_COMMIT").unwrap_or_else(|_| "unknown".into());
+    let cmd: Vec<String> = std::env::args().collect();
+    let mut j = String::new();
+    let _ = writeln!(j, "{{");
+    let _ = writeln!(
+        j,
+        "  \"machine\": {{\"device\": {}, \"sms\": {}, \"copy_tbps\": {copy_tbps:.4}}},",
+        json_str(gpu.device_name()),
+        gpu.sm_count()
+    );
+    let _ = writeln!(j, "  \"date\": {},", json_str(&utc_now()));
+    let _ = writeln!(j, "  \"commit\": {},", json_str(&commit));
+    let _ = writeln!(j, "  \"command\": {},", json_str(&cmd.join(" ")));
+    let _ = writeln!(j, "  \"method\": \"CUDA events around CUDA-graph replays; median of {samples} replays; warm-up first; weights rotated through copies totalling >= 256 MB\",");
+    let _ = writeln!(j, "  \"checks\": [{}],", checks.join(", "));
+    let _ = writeln!(j, "  \"rows\": [");
+    for (i, r) in rows.iter().enumerate() {
+        let tbps = r.weight_bytes as f64 / (r.us * 1e-6) / 1e12;
+        let _ = write!(
+            j,
+            "    {{\"group\": \"{}\", \"kernel\": {}, \"format\": \"{}\", \"k\": {}, \"n\": {}, \"m\": {}, \"us\": {:.3}, \"spread\": {:.3}, \"graph\": {}, \"weight_bytes\": {}, \"weight_tbps\": {:.4}, \"copy_share\": {:.4}, \"tflops\": {:.2}, \"speedup_vs_cublas\": {}, \"note\": {}}}",
+            r.group,
+            json_str(&r.kernel),
+            r.format,
+            r.k,
+            r.n,
+            r.m,
+            r.us,
+            r.spread,
+            r.graph,
+            r.weight_bytes,
+            tbps,
+            tbps / copy_tbps,
+            r.flops / (r.us * 1e-6) / 1e12,
+            r.speedup.map(|s| format!("{s:.3}")).unwrap_or_else(|| "null".into()),
+            json_str(&r.note)
+        );
+        let _ = writeln!(j, "{}", if i + 1 < rows.len() { "," } else { "" });
+    }
+    let _ = writeln!(j, "  ]\n}}");
+    if let Some(p) = &args.out {
+        std::fs::write(p, &j).map_err(|e| format!("writing {p}: {e}"))?;
+    }
+    // table
+    println!("| kernel | fmt | K | N | M | us | weight TB/s | % copy | TFLOP/s | x cuBLAS |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for r in rows.iter().filter(|r| !r.note.starts_with("sweep")) {
+        let tbps = r.weight_bytes as f64 / (r.us * 1e-6) / 1e12;
+        println!(
+            "| {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.0}% | {:.1} | {} |",
+            r.kernel,
+            r.format,
+            r.k,
+            r.n,
+            r.m,
+            r.us,
+            tbps,
+            100.0 * tbps / copy_tbps,
+            r.flops / (r.us * 1e-6) / 1e12,
+            r.speedup
+                .map(|s| format!("{s:.2}"))
+                .unwrap_or_else(|| "-".into())
+        );
+    }
+    Ok(())
+}

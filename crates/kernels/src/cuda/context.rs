@@ -1,0 +1,206 @@
+//! The GPU context: device, one capture-safe stream, and the kernel modules compiled by NVRTC.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream};
+use cudarc::nvrtc::{CompileOptions, Ptx};
+use half::bf16;
+
+use super::error::{drv, CudaError};
+use crate::fp4::Fp4Format;
+
+/// Kernel sources embedded in the binary: (file name, text).
+pub(crate) const FP4_GEMM_SRC: (&str, &str) =
+    ("fp4_gemm.cu", include_str!("../../cuda/fp4_gemm.cu"));
+/// MoE routing / activation / combine kernels.
+pub(crate) const MOE_SRC: (&str, &str) = ("moe.cu", include_str!("../../cuda/moe.cu"));
+
+/// PTX per (file, architecture), compiled once per process.
+fn ptx_cache() -> &'static Mutex<HashMap<(&'static str, String), String>> {
+    static CACHE: OnceLock<Mutex<HashMap<(&'static str, String), String>>> = OnceLock::new();
+    CACHE.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// Whether the NVRTC library can be loaded (it is looked up at run time).
+pub fn nvrtc_available() -> bool {
+    // SAFETY: only tries to dlopen the library; no symbol is called.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// Compiles one embedded source for `arch` (e.g. "sm_90a") with NVRTC, or returns the PTX
+/// compiled earlier in this process.
+pub fn compile_source(file: &'static str, src: &str, arch: &str) -> Result<String, CudaError> {
+    let key = (file, arch.to_string());
+    if let Some(p) = ptx_cache().lock().ok().and_then(|c| c.get(&key).cloned()) {
+        return Ok(p);
+    }
+    if !nvrtc_available() {
+        return Err(CudaError::NoDevice(
+            "the NVRTC library (libnvrtc) was not found".into(),
+        ));
+    }
+    let opts = CompileOptions {
+        options: vec![format!("--gpu-architecture={arch}"), "-std=c++17".into()],
+        name: Some(file.to_string()),
+        ..Default::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(src, opts).map_err(|e| CudaError::Compile {
+        file,
+        log: compile_log(&e),
+    })?;
+    let text = ptx.to_src();
+    if let Ok(mut c) = ptx_cache().lock() {
+        c.insert(key, text.clone());
+    }
+    Ok(text)
+}
+
+fn compile_log(e: &cudarc::nvrtc::CompileError) -> String {
+    match e {
+        cudarc::nvrtc::CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// One GPU with its own stream (cross-stream event tracking off, so work on it can be
+/// captured into CUDA graphs) and the loaded kernel modules.
+pub struct GpuContext {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    gemm: Arc<CudaModule>,
+    moe: Arc<CudaModule>,
+    functions: Mutex<HashMap<&'static str, CudaFunction>>,
+    sm_count: u32,
+    name: String,
+    nvfp4_lut: CudaSlice<u16>,
+    mxfp4_lut: CudaSlice<u16>,
+}
+
+impl GpuContext {
+    /// Opens GPU `ordinal`, compiles (first use in the process) and loads the kernels.
+    /// Fails with [`CudaError::NoDevice`] where there is no driver, no GPU, or a GPU older than
+    /// compute capability 8.0 (the kernels use bf16 `mma.sync`).
+    pub fn new(ordinal: usize) -> Result<Self, CudaError> {
+        // SAFETY: only tries to dlopen the driver library.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(CudaError::NoDevice(
+                "the CUDA driver library (libcuda) was not found".into(),
+            ));
+        }
+        let count = CudaContext::device_count().map_err(|e| CudaError::NoDevice(e.to_string()))?;
+        if ordinal as i64 >= count as i64 {
+            return Err(CudaError::NoDevice(format!(
+                "device {ordinal} asked for, {count} present"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| CudaError::NoDevice(e.to_string()))?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(drv("compute capability"))?;
+        if major < 8 {
+            return Err(CudaError::NoDevice(format!(
+                "compute capability {major}.{minor} is below 8.0"
+            )));
+        }
+        // Graph capture needs a stream of our own without cudarc's cross-stream events.
+        // SAFETY: every buffer of this context is used on `stream` only.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(drv("new stream"))?;
+        let arch = if major == 9 && minor == 0 {
+            "sm_90a".to_string()
+        } else {
+            format!("sm_{major}{minor}")
+        };
+        let load = |(file, src): (&'static str, &str)| -> Result<Arc<CudaModule>, CudaError> {
+            let ptx = compile_source(file, src, &arch)?;
+            ctx.load_module(Ptx::from_src(ptx))
+                .map_err(drv("load module"))
+        };
+        let gemm = load(FP4_GEMM_SRC)?;
+        let moe = load(MOE_SRC)?;
+        let sm_count = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(drv("multiprocessor count"))? as u32;
+        let name = ctx.name().map_err(drv("device name"))?;
+        let nvfp4_lut = stream
+            .clone_htod(&scale_lut(Fp4Format::Nvfp4))
+            .map_err(drv("upload scale table"))?;
+        let mxfp4_lut = stream
+            .clone_htod(&scale_lut(Fp4Format::Mxfp4))
+            .map_err(drv("upload scale table"))?;
+        Ok(GpuContext {
+            ctx,
+            stream,
+            gemm,
+            moe,
+            functions: Mutex::new(HashMap::new()),
+            sm_count,
+            name,
+            nvfp4_lut,
+            mxfp4_lut,
+        })
+    }
+
+    /// The cudarc context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The stream every launch of this context goes to.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Number of streaming multiprocessors.
+    pub fn sm_count(&self) -> u32 {
+        self.sm_count
+    }
+
+    /// Device name as the driver reports it.
+    pub fn device_name(&self) -> &str {
+        &self.name
+    }
+
+    /// Waits for all work queued on the stream.
+    pub fn synchronize(&self) -> Result<(), CudaError> {
+        self.stream.synchronize().map_err(drv("synchronize"))
+    }
+
+    /// Device table mapping a scale byte to its value as bf16 bits.
+    pub(crate) fn scale_lut(&self, format: Fp4Format) -> &CudaSlice<u16> {
+        match format {
+            Fp4Format::Nvfp4 => &self.nvfp4_lut,
+            Fp4Format::Mxfp4 => &self.mxfp4_lut,
+        }
+    }
+
+    /// A kernel of fp4_gemm.cu or moe.cu by name (looked up once, then cached).
+    pub(crate) fn function(&self, name: &'static str) -> Result<CudaFunction, CudaError> {
+        let mut map = self
+            .functions
+            .lock()
+            .map_err(|_| CudaError::NoDevice("kernel table lock poisoned".into()))?;
+        if let Some(f) = map.get(name) {
+            return Ok(f.clone());
+        }
+        let module = if name.starts_with("moe_") {
+            &self.moe
+        } else {
+            &self.gemm
+        };
+        let f = module.load_function(name).map_err(drv("load function"))?;
+        map.insert(name, f.clone());
+        Ok(f)
+    }
+}
+
+/// bf16 bit pattern of every scale byte's value. E4M3 (4 significant bits) and E8M0 (powers of
+/// two, 2^-127 as a bf16 subnormal) are exact in bf16; NaN codes map to a bf16 NaN.
+pub fn scale_lut(format: Fp4Format) -> Vec<u16> {
+    (0..=255u8)
+        .map(|c| bf16::from_f32(format.decode_scale(c)).to_bits())
+        .collect()
+}

@@ -1,0 +1,321 @@
+//! GPU kernels against the CPU reference (`fp4::dequantize` + f64 matmul) on fresh random data.
+//! Skipped with a message where there is no GPU; `MIMO_REQUIRE_GPU=1` turns the skip into a
+//! failure. Outputs are poisoned with NaN before every launch, so an unwritten element fails.
+
+use cudarc::driver::CudaSlice;
+use half::bf16;
+use mimo_kernels::cuda::{
+    self, fp4_dequantize, fp4_gemm, fp4_gemm_with, moe_layer, Fp4GemmConfig, GpuContext,
+    GpuFp4Weight, MoeWeights, MoeWorkspace,
+};
+use mimo_kernels::fp4::{amax, dequantize, nvfp4_global_scale, quantize_mxfp4, quantize_nvfp4};
+use mimo_kernels::{Fp4Format, Fp4Matrix};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn gpu() -> Option<GpuContext> {
+    match cuda::gpu_for_tests() {
+        Ok(g) => g,
+        Err(e) => panic!("MIMO_REQUIRE_GPU=1 but no GPU: {e}"),
+    }
+}
+
+/// A fresh seed per run (printed so that a failure can be replayed with MIMO_TEST_SEED).
+fn rng(tag: &str) -> ChaCha8Rng {
+    let seed = std::env::var("MIMO_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        });
+    eprintln!("{tag}: seed {seed}");
+    ChaCha8Rng::seed_from_u64(seed)
+}
+
+/// Roughly Gaussian values with a few outliers per row, like trained weights.
+fn random_matrix(rng: &mut ChaCha8Rng, len: usize, scale: f32) -> Vec<f32> {
+    (0..len)
+        .map(|_| {
+            let g: f32 = (0..4).map(|_| rng.random::<f32>() - 0.5).sum::<f32>() * scale;
+            if rng.random::<f32>() < 0.01 {
+                g * 8.0
+            } else {
+                g
+            }
+        })
+        .collect()
+}
+
+fn quantize(format: Fp4Format, w: &[f32], n: usize, k: usize) -> Fp4Matrix {
+    match format {
+        Fp4Format::Nvfp4 => quantize_nvfp4(w, n, k, nvfp4_global_scale(amax(w))).unwrap(),
+        Fp4Format::Mxfp4 => quantize_mxfp4(w, n, k).unwrap(),
+    }
+}
+
+fn to_bf16(v: &[f32]) -> Vec<bf16> {
+    v.iter().map(|&x| bf16::from_f32(x)).collect()
+}
+
+fn poisoned(gpu: &GpuContext, len: usize) -> CudaSlice<bf16> {
+    gpu.stream().clone_htod(&vec![bf16::NAN; len]).unwrap()
+}
+
+/// y[t][r] = sum_k w[r][k] x[t][k] in f64.
+fn matmul_ref(w: &[f32], x: &[f32], m: usize, n: usize, k: usize) -> Vec<f64> {
+    let mut y = vec![0.0f64; m * n];
+    for t in 0..m {
+        for r in 0..n {
+            y[t * n + r] = (0..k)
+                .map(|i| w[r * k + i] as f64 * x[t * k + i] as f64)
+                .sum();
+        }
+    }
+    y
+}
+
+/// Fails unless every element is finite, the norm-wise relative error is below `rel` and no
+/// element is off by more than `elem` times the largest reference magnitude.
+fn check_close(what: &str, got: &[bf16], want: &[f64], rel: f64, elem: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let maxref = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let g = g.to_f64();
+        assert!(
+            g.is_finite(),
+            "{what}: element {i} is {g} (unwritten or overflow), want {w}"
+        );
+        let d = g - w;
+        assert!(
+            d.abs() <= elem * maxref + 1e-6,
+            "{what}: element {i} = {g}, want {w} (max |ref| {maxref})"
+        );
+        num += d * d;
+        den += w * w;
+    }
+    let err = (num / den.max(1e-30)).sqrt();
+    eprintln!("{what}: relative error {err:.2e}");
+    assert!(err < rel, "{what}: relative error {err:.3e} >= {rel:.1e}");
+}
+
+const FORMATS: [Fp4Format; 2] = [Fp4Format::Nvfp4, Fp4Format::Mxfp4];
+
+#[test]
+fn kernels_compile_with_nvrtc() {
+    if !cuda::nvrtc_available() {
+        if std::env::var("MIMO_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+            panic!("MIMO_REQUIRE_GPU=1 but libnvrtc was not found");
+        }
+        eprintln!("skipping NVRTC compile test: libnvrtc not found");
+        return;
+    }
+    for (file, src) in cuda::kernel_sources() {
+        let ptx = cuda::compile_source(file, src, "sm_90a").unwrap();
+        assert!(ptx.contains(".entry"), "{file}: no kernel entry in the PTX");
+    }
+    let gemm = cuda::compile_source("fp4_gemm.cu", cuda::kernel_sources()[0].1, "sm_90a").unwrap();
+    assert!(gemm.contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"));
+}
+
+#[test]
+fn fp4_gemm_matches_cpu_reference() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = rng("fp4_gemm");
+    // (m, n, k): n and k off the tile sizes (16/32 rows, 128-element chunks), m across the
+    // 8/16/32-token passes.
+    let shapes = [
+        (1, 200, 544),
+        (3, 77, 96),
+        (8, 64, 4096),
+        (16, 333, 1056),
+        (13, 50, 32),
+        (40, 129, 160),
+        (70, 48, 2080),
+    ];
+    for format in FORMATS {
+        for &(m, n, k) in &shapes {
+            let wf = random_matrix(&mut rng, n * k, 0.02);
+            let q = quantize(format, &wf, n, k);
+            let wd = dequantize(&q).unwrap();
+            let xb = to_bf16(&random_matrix(&mut rng, m * k, 1.0));
+            let xf: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
+            let want = matmul_ref(&wd, &xf, m, n, k);
+            let w = GpuFp4Weight::upload(&gpu, "w", &q).unwrap();
+            let x = gpu.stream().clone_htod(&xb).unwrap();
+            let mut configs = vec![None];
+            for m_tiles in [1, 2] {
+                for warps in [1, 3, 8] {
+                    configs.push(Some(Fp4GemmConfig { m_tiles, warps }));
+                }
+            }
+            for cfg in configs {
+                let mut y = poisoned(&gpu, m * n);
+                match cfg {
+                    None => fp4_gemm(&gpu, &w, &x, m, &mut y).unwrap(),
+                    Some(c) => fp4_gemm_with(&gpu, &w, &x, m, &mut y, c).unwrap(),
+                }
+                let got = gpu.stream().clone_dtoh(&y).unwrap();
+                let what = format!("{format} m={m} n={n} k={k} {cfg:?}");
+                check_close(&what, &got, &want, 8e-3, 2e-2);
+            }
+        }
+    }
+}
+
+#[test]
+fn fp4_dequantize_is_bit_exact() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = rng("fp4_dequantize");
+    for format in FORMATS {
+        for &(n, k) in &[(37, 96), (5, 2048), (130, 544)] {
+            let wf = random_matrix(&mut rng, n * k, 0.05);
+            let q = quantize(format, &wf, n, k);
+            let want: Vec<bf16> = to_bf16(&dequantize(&q).unwrap());
+            let w = GpuFp4Weight::upload(&gpu, "w", &q).unwrap();
+            let mut out = poisoned(&gpu, n * k);
+            fp4_dequantize(&gpu, &w, &mut out).unwrap();
+            let got = gpu.stream().clone_dtoh(&out).unwrap();
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(
+                    g.to_bits(),
+                    w.to_bits(),
+                    "{format} [{n}, {k}] element {i}: got {g}, want {w}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn gpu_rejects_bad_shapes() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = rng("bad shapes");
+    // k = 48 is a valid NVFP4 matrix but not 16-byte aligned per row: refused with an error.
+    let q = quantize(
+        Fp4Format::Nvfp4,
+        &random_matrix(&mut rng, 4 * 48, 0.1),
+        4,
+        48,
+    );
+    assert!(GpuFp4Weight::upload(&gpu, "odd", &q).is_err());
+    let q = quantize(
+        Fp4Format::Nvfp4,
+        &random_matrix(&mut rng, 4 * 64, 0.1),
+        4,
+        64,
+    );
+    let w = GpuFp4Weight::upload(&gpu, "w", &q).unwrap();
+    let x = gpu.stream().clone_htod(&vec![bf16::ONE; 2 * 64]).unwrap();
+    let mut y = poisoned(&gpu, 3 * 4);
+    assert!(
+        fp4_gemm(&gpu, &w, &x, 3, &mut y).is_err(),
+        "x too short must be refused"
+    );
+}
+
+fn silu(v: f64) -> f64 {
+    v / (1.0 + (-v).exp())
+}
+
+#[test]
+fn moe_layer_matches_cpu_reference() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = rng("moe");
+    let (experts, hidden, inter, top_k) = (12usize, 160usize, 96usize, 3usize);
+    for format in FORMATS {
+        let mut gu_q = Vec::new();
+        let mut d_q = Vec::new();
+        for _ in 0..experts {
+            gu_q.push(quantize(
+                format,
+                &random_matrix(&mut rng, 2 * inter * hidden, 0.1),
+                2 * inter,
+                hidden,
+            ));
+            d_q.push(quantize(
+                format,
+                &random_matrix(&mut rng, hidden * inter, 0.1),
+                hidden,
+                inter,
+            ));
+        }
+        let gu_f: Vec<Vec<f32>> = gu_q.iter().map(|q| dequantize(q).unwrap()).collect();
+        let d_f: Vec<Vec<f32>> = d_q.iter().map(|q| dequantize(q).unwrap()).collect();
+        let w = MoeWeights {
+            gate_up: GpuFp4Weight::upload_experts(&gpu, "gate_up", &gu_q).unwrap(),
+            down: GpuFp4Weight::upload_experts(&gpu, "down", &d_q).unwrap(),
+        };
+        let mut ws = MoeWorkspace::new(&gpu, &w, 20, top_k).unwrap();
+        // 20 tokens: some experts get more than 16 pairs (several passes per expert).
+        for tokens in [1usize, 5, 20] {
+            let xb = to_bf16(&random_matrix(&mut rng, tokens * hidden, 1.0));
+            let xf: Vec<f64> = xb.iter().map(|v| v.to_f64()).collect();
+            let mut ids = Vec::new();
+            let mut wts = Vec::new();
+            for _ in 0..tokens {
+                let mut chosen: Vec<i32> = Vec::new();
+                while chosen.len() < top_k {
+                    // skew towards low ids so that experts collect many pairs
+                    let e = (rng.random::<f32>().powi(2) * experts as f32) as i32;
+                    if !chosen.contains(&e) {
+                        chosen.push(e);
+                    }
+                }
+                ids.extend(&chosen);
+                wts.extend((0..top_k).map(|_| rng.random::<f32>()));
+            }
+            // reference
+            let mut want = vec![0.0f64; tokens * hidden];
+            for t in 0..tokens {
+                for j in 0..top_k {
+                    let e = ids[t * top_k + j] as usize;
+                    let x = &xf[t * hidden..(t + 1) * hidden];
+                    let gu: Vec<f64> = (0..2 * inter)
+                        .map(|r| {
+                            (0..hidden)
+                                .map(|i| gu_f[e][r * hidden + i] as f64 * x[i])
+                                .sum()
+                        })
+                        .collect();
+                    let act: Vec<f64> = (0..inter).map(|i| silu(gu[i]) * gu[inter + i]).collect();
+                    for h in 0..hidden {
+                        let y: f64 = (0..inter)
+                            .map(|i| d_f[e][h * inter + i] as f64 * act[i])
+                            .sum();
+                        want[t * hidden + h] += wts[t * top_k + j] as f64 * y;
+                    }
+                }
+            }
+            let s = gpu.stream();
+            let x = s.clone_htod(&xb).unwrap();
+            let idd = s.clone_htod(&ids).unwrap();
+            let wd = s.clone_htod(&wts).unwrap();
+            let mut out = poisoned(&gpu, tokens * hidden);
+            moe_layer(&gpu, &w, &x, &idd, &wd, tokens, top_k, &mut ws, &mut out).unwrap();
+            let got = s.clone_dtoh(&out).unwrap();
+            assert_eq!(ws.invalid_ids(&gpu).unwrap(), 0);
+            // bf16 intermediates (gate/up, activation, down outputs) as in every engine.
+            check_close(
+                &format!("moe {format} tokens={tokens}"),
+                &got,
+                &want,
+                2e-2,
+                6e-2,
+            );
+        }
+        // An out-of-range router id is counted and its pair left out.
+        let x = gpu.stream().clone_htod(&vec![bf16::ONE; hidden]).unwrap();
+        let ids: Vec<i32> = vec![0, experts as i32 + 5, 1];
+        let idd = gpu.stream().clone_htod(&ids).unwrap();
+        let wd = gpu.stream().clone_htod(&[0.5f32, 0.25, 0.25]).unwrap();
+        let mut out = poisoned(&gpu, hidden);
+        moe_layer(&gpu, &w, &x, &idd, &wd, 1, top_k, &mut ws, &mut out).unwrap();
+        assert_eq!(ws.invalid_ids(&gpu).unwrap(), 1);
+        let got = gpu.stream().clone_dtoh(&out).unwrap();
+        assert!(got.iter().all(|v| v.is_finite()));
+    }
+}
