@@ -1,7 +1,8 @@
 //! A stand-in for huggingface.co on 127.0.0.1, for the hub tests: the endpoints and headers the
 //! real hub and huggingface_hub / hf-hub use, over fixture repos.
 //!
-//! - `GET /api/{models|datasets}/{repo}/revision/{rev}`: `{"sha", "siblings": [{"rfilename"}]}`
+//! - `GET /api/{models|datasets}/{repo}/revision/{rev}`: `{"sha", "siblings": [{"rfilename"}]}`;
+//!   `.../tree/{rev}` lists files (`type`, `path`, `size`, `oid`, `lfs`) for Python's huggingface_hub
 //! - `HEAD|GET /[datasets/]{repo}/resolve/{rev}/{file}`: `X-Repo-Commit`, `ETag`; small files
 //!   served directly (with `Content-Length`, `Accept-Ranges`, `Range` -> 206); LFS files answered
 //!   `302` to `/cdn/{sha256}` with `X-Linked-Etag` and `X-Linked-Size`.
@@ -407,10 +408,12 @@ fn route(req: &Request, state: &Mutex<State>, cdn_url: &str) -> Reply {
 
     if let Some(rest) = path.strip_prefix("/api/") {
         // {models|datasets}/{org}/{name}/revision/{rev}
+        // (newer huggingface_hub lists files with {...}/tree/{rev}?recursive=true instead)
         let parts: Vec<&str> = rest.splitn(5, '/').collect();
-        if parts.len() != 5 || parts[3] != "revision" {
+        if parts.len() != 5 || !(parts[3] == "revision" || parts[3] == "tree") {
             return Reply::error(404, "NotFound", "unknown API route");
         }
+        let tree = parts[3] == "tree";
         let (kind, id, rev) = (
             parts[0],
             format!("{}/{}", parts[1], parts[2]),
@@ -429,6 +432,31 @@ fn route(req: &Request, state: &Mutex<State>, cdn_url: &str) -> Reply {
         let Some(commit) = resolve_rev(repo, &rev) else {
             return Reply::error(404, "RevisionNotFound", "Invalid rev id");
         };
+        if tree {
+            let entries: Vec<serde_json::Value> = commit
+                .files
+                .iter()
+                .map(|(path, bytes)| {
+                    let mut e = serde_json::json!({
+                        "type": "file",
+                        "oid": git_etag(bytes),
+                        "size": bytes.len(),
+                        "path": path,
+                    });
+                    if bytes.len() > LFS_THRESHOLD {
+                        e["lfs"] = serde_json::json!({
+                            "oid": lfs_oid(bytes),
+                            "size": bytes.len(),
+                            "pointerSize": 134,
+                        });
+                    }
+                    e
+                })
+                .collect();
+            let mut r = Reply::new(200).header("Content-Type", "application/json");
+            r.body = serde_json::Value::Array(entries).to_string().into_bytes();
+            return r;
+        }
         let siblings: Vec<serde_json::Value> = commit
             .files
             .keys()
