@@ -78,10 +78,11 @@ __device__ __forceinline__ uint4 ldg_stream(const void* p) {
 // ---------------------------------------------------------------------------------------------
 // Decode / small-M kernel: tensor-core FP4 dequant-GEMM.
 //
-// Block = S warps (blockDim.x = 32*S) computing rows [row0, row0 + 16*MT) for up to 8*TN tokens.
+// Block = S warps (blockDim.x = 32*S, S <= 16) computing rows [row0, row0 + 16*MT) for up to 8*TN tokens.
 // The K dimension is cut into chunks of 128 elements (64 bytes of each weight row); warp w
-// takes chunks w, w+S, ... (split-K inside the block), partial sums are reduced in shared
-// memory in a fixed order, so the result is deterministic.
+// takes chunks [wG, wG+G), [wG+SG, ...), ... (split-K inside the block), partial sums are reduced in shared
+// memory in a fixed order, so the result is deterministic. G consecutive chunks are loaded
+// together (G*2*MT 16-byte loads per lane in flight before the first use).
 //
 // Within a chunk, lane (g = lane/4, t = lane%4) loads 16 bytes (32 elements, k in
 // [kc + 32t, kc + 32t + 32)) of rows g and g+8 of each m16 tile. mma.sync m16n8k16 only needs
@@ -95,7 +96,32 @@ struct TokenMap {
     int out_row[64];  // output row of each token slot
 };
 
-template <int FMT, int MT, int TN>
+// XMODE_PLAIN: x is [rows][k] bf16. XMODE_SWIGLU: x is a gate/up output [rows][2k] bf16 and the
+// activation row is silu(gate) * up, computed while loading (rounded to bf16 as if stored).
+#define XMODE_PLAIN 0
+#define XMODE_SWIGLU 1
+
+__device__ __forceinline__ u32 swiglu_bf16x2(u32 g, u32 u) {
+    const float g0 = __uint_as_float(g << 16), g1 = __uint_as_float(g & 0xFFFF0000u);
+    const float u0 = __uint_as_float(u << 16), u1 = __uint_as_float(u & 0xFFFF0000u);
+    const float a0 = g0 / (1.0f + __expf(-g0)) * u0;
+    const float a1 = g1 / (1.0f + __expf(-g1)) * u1;
+    return (u32)f32_to_bf16(a0) | ((u32)f32_to_bf16(a1) << 16);
+}
+
+template <int XMODE>
+__device__ __forceinline__ uint4 load_x8(const u16* __restrict__ x, int row, int k, int col) {
+    if (XMODE == XMODE_PLAIN) {
+        return __ldg((const uint4*)(x + (size_t)row * k + col));
+    } else {
+        const uint4 g = __ldg((const uint4*)(x + (size_t)row * 2 * k + col));
+        const uint4 u = __ldg((const uint4*)(x + (size_t)row * 2 * k + k + col));
+        return make_uint4(swiglu_bf16x2(g.x, u.x), swiglu_bf16x2(g.y, u.y),
+                          swiglu_bf16x2(g.z, u.z), swiglu_bf16x2(g.w, u.w));
+    }
+}
+
+template <int FMT, int MT, int TN, int G, int XMODE>
 __device__ __forceinline__ void fp4_tile(const u8* __restrict__ wp, const u8* __restrict__ ws,
                                          float gscale, const u16* __restrict__ x,
                                          u16* __restrict__ y, int n, int k, int row0,
@@ -121,82 +147,96 @@ __device__ __forceinline__ void fp4_tile(const u8* __restrict__ wp, const u8* __
 #pragma unroll
     for (int j = 0; j < TN; j++) xrow[j] = tm.in_row[j * 8 + g];
 
-    for (int ch = warp; ch < nchunks; ch += S) {
-        const int k0 = (ch << 7) + (t << 5);  // first element of this lane's 32-element piece
-        const bool kval = k0 < k;
-        uint4 w[MT][2];
-        u32 sc[MT][2];
+    // Each warp takes G consecutive chunks per iteration: all their loads are issued before
+    // the first use, so G * 16 rows * 64 bytes per warp are in flight.
+    for (int c0 = warp * G; c0 < nchunks; c0 += S * G) {
+        uint4 w[G][MT][2];
+        u32 sc[G][MT][2];
 #pragma unroll
-        for (int i = 0; i < MT; i++) {
+        for (int u = 0; u < G; u++) {
+            const int k0 = ((c0 + u) << 7) + (t << 5);  // first element of this lane's piece
+            const bool kval = k0 < k;
 #pragma unroll
-            for (int h = 0; h < 2; h++) {
-                const int r = row0 + i * 16 + g + h * 8;
-                if (kval && r < n) {
-                    w[i][h] = ldg_stream(wp + (size_t)r * kb + (k0 >> 1));
-                    if (FMT == FMT_NVFP4) {
-                        sc[i][h] = __ldg((const u16*)(ws + (size_t)r * bpr + (k0 >> 4)));
+            for (int i = 0; i < MT; i++) {
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    const int r = row0 + i * 16 + g + h * 8;
+                    if (kval && r < n) {
+                        w[u][i][h] = ldg_stream(wp + (size_t)r * kb + (k0 >> 1));
+                        if (FMT == FMT_NVFP4) {
+                            sc[u][i][h] = __ldg((const u16*)(ws + (size_t)r * bpr + (k0 >> 4)));
+                        } else {
+                            sc[u][i][h] = __ldg(ws + (size_t)r * bpr + (k0 >> 5));
+                        }
                     } else {
-                        sc[i][h] = __ldg(ws + (size_t)r * bpr + (k0 >> 5));
+                        w[u][i][h] = make_uint4(0, 0, 0, 0);
+                        sc[u][i][h] = 0;
                     }
-                } else {
-                    w[i][h] = make_uint4(0, 0, 0, 0);
-                    sc[i][h] = 0;
                 }
             }
         }
-        uint4 xv[TN][4];
+        uint4 xv[G][TN][4];
 #pragma unroll
-        for (int j = 0; j < TN; j++) {
+        for (int u = 0; u < G; u++) {
+            const int k0 = ((c0 + u) << 7) + (t << 5);
+            const bool kval = k0 < k;
+#pragma unroll
+            for (int j = 0; j < TN; j++) {
+#pragma unroll
+                for (int q = 0; q < 4; q++) {
+                    if (kval && xrow[j] >= 0) {
+                        xv[u][j][q] = load_x8<XMODE>(x, xrow[j], k, k0 + 8 * q);
+                    } else {
+                        xv[u][j][q] = make_uint4(0, 0, 0, 0);
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < G; u++) {
+            // Block scales as bf16x2 (both lanes equal); NVFP4 pieces hold two 16-element blocks.
+            u32 s2[MT][2][2];
+#pragma unroll
+            for (int i = 0; i < MT; i++)
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    if (FMT == FMT_NVFP4) {
+                        u32 a = lut[sc[u][i][h] & 0xFF], b = lut[(sc[u][i][h] >> 8) & 0xFF];
+                        s2[i][h][0] = a | (a << 16);
+                        s2[i][h][1] = b | (b << 16);
+                    } else {
+                        u32 a = lut[sc[u][i][h] & 0xFF];
+                        s2[i][h][0] = a | (a << 16);
+                        s2[i][h][1] = s2[i][h][0];
+                    }
+                }
 #pragma unroll
             for (int q = 0; q < 4; q++) {
-                if (kval && xrow[j] >= 0) {
-                    xv[j][q] = __ldg((const uint4*)(x + (size_t)xrow[j] * k + k0 + 8 * q));
-                } else {
-                    xv[j][q] = make_uint4(0, 0, 0, 0);
-                }
-            }
-        }
-        // Block scales as bf16x2 (both lanes equal); NVFP4 pieces hold two 16-element blocks.
-        u32 s2[MT][2][2];
 #pragma unroll
-        for (int i = 0; i < MT; i++)
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                if (FMT == FMT_NVFP4) {
-                    u32 a = lut[sc[i][h] & 0xFF], b = lut[(sc[i][h] >> 8) & 0xFF];
-                    s2[i][h][0] = a | (a << 16);
-                    s2[i][h][1] = b | (b << 16);
-                } else {
-                    u32 a = lut[sc[i][h] & 0xFF];
-                    s2[i][h][0] = a | (a << 16);
-                    s2[i][h][1] = s2[i][h][0];
-                }
-            }
-#pragma unroll
-        for (int q = 0; q < 4; q++) {
-#pragma unroll
-            for (int half = 0; half < 2; half++) {
-                u32 a[MT][4];
-#pragma unroll
-                for (int i = 0; i < MT; i++) {
-#pragma unroll
-                    for (int h = 0; h < 2; h++) {
-                        const u32 word = q == 0 ? w[i][h].x : q == 1 ? w[i][h].y : q == 2 ? w[i][h].z : w[i][h].w;
-                        u32 v01, v23;
-                        e2m1x4_to_bf16(half ? (word >> 16) : word, v01, v23);
-                        const u32 s = s2[i][h][q >> 1];
-                        a[i][h] = bf16x2_mul(v01, s);      // reg 0 / 1: row g / g+8, slots 2t,2t+1
-                        a[i][2 + h] = bf16x2_mul(v23, s);  // reg 2 / 3: slots 2t+8, 2t+9
-                    }
-                }
-#pragma unroll
-                for (int j = 0; j < TN; j++) {
-                    const uint4 xq = xv[j][q];
-                    const u32 b0 = half ? xq.z : xq.x;
-                    const u32 b1 = half ? xq.w : xq.y;
+                for (int half = 0; half < 2; half++) {
+                    u32 a[MT][4];
 #pragma unroll
                     for (int i = 0; i < MT; i++) {
-                        mma_bf16_16816(acc[i][j], a[i][0], a[i][1], a[i][2], a[i][3], b0, b1);
+#pragma unroll
+                        for (int h = 0; h < 2; h++) {
+                            const uint4 wv = w[u][i][h];
+                            const u32 word = q == 0 ? wv.x : q == 1 ? wv.y : q == 2 ? wv.z : wv.w;
+                            u32 v01, v23;
+                            e2m1x4_to_bf16(half ? (word >> 16) : word, v01, v23);
+                            const u32 s = s2[i][h][q >> 1];
+                            a[i][h] = bf16x2_mul(v01, s);      // reg 0/1: row g/g+8, slots 2t,2t+1
+                            a[i][2 + h] = bf16x2_mul(v23, s);  // reg 2/3: slots 2t+8, 2t+9
+                        }
+                    }
+#pragma unroll
+                    for (int j = 0; j < TN; j++) {
+                        const uint4 xq = xv[u][j][q];
+                        const u32 b0 = half ? xq.z : xq.x;
+                        const u32 b1 = half ? xq.w : xq.y;
+#pragma unroll
+                        for (int i = 0; i < MT; i++) {
+                            mma_bf16_16816(acc[i][j], a[i][0], a[i][1], a[i][2], a[i][3], b0, b1);
+                        }
                     }
                 }
             }
@@ -232,7 +272,7 @@ __device__ __forceinline__ void fp4_tile(const u8* __restrict__ wp, const u8* __
     }
 }
 
-template <int FMT, int MT, int TN>
+template <int FMT, int MT, int TN, int G>
 __device__ __forceinline__ void fp4_dense_body(const u8* __restrict__ wp, const u8* __restrict__ ws,
                                                const float* __restrict__ gscale,
                                                const u16* __restrict__ scale_lut,
@@ -249,74 +289,149 @@ __device__ __forceinline__ void fp4_dense_body(const u8* __restrict__ wp, const 
         tm.out_row[i] = r < m ? r : -1;
     }
     __syncthreads();
-    fp4_tile<FMT, MT, TN>(wp, ws, gscale[0], x, y, n, k, blockIdx.x * 16 * MT, tm, lut, red);
+    fp4_tile<FMT, MT, TN, G, XMODE_PLAIN>(wp, ws, gscale[0], x, y, n, k, blockIdx.x * 16 * MT, tm, lut, red);
 }
 
-// Grouped MoE variant: blockIdx.y indexes the list of active experts built by moe_route on the
-// device; the block gathers the (token, expert) pairs of its expert in groups of 8*TN.
+// Grouped MoE variant: one launch covers every (token, expert) pair of a layer, straight from
+// the router's top-k ids on the device. blockIdx.y = slot: the block serves the slot-th expert
+// (in increasing id order) that has at least one pair, found by the block itself; blocks whose
+// slot is past the number of active experts exit. The block then walks the ids in order and
+// takes its expert's pairs 8*TN at a time (deterministic order). blockIdx.x = row tile.
 // in_div: activation row of pair p is p / in_div (top_k for the first projection, whose input
 // is the token; 1 for the second, whose input is the pair's own intermediate row).
-template <int FMT, int MT, int TN>
+#define MOE_MAX_EXPERTS 1024
+
+template <int FMT, int MT, int TN, int G, int XMODE>
 __device__ __forceinline__ void fp4_moe_body(const u8* __restrict__ wp, const u8* __restrict__ ws,
                                              const float* __restrict__ gscale,
                                              const u16* __restrict__ scale_lut,
                                              const u16* __restrict__ x, u16* __restrict__ y, int n,
-                                             int k, const int* __restrict__ active_count,
-                                             const int* __restrict__ active_expert,
-                                             const int* __restrict__ offsets,
-                                             const int* __restrict__ pair_list, int in_div) {
+                                             int k, const int* __restrict__ ids, int P, int E,
+                                             int in_div, int* __restrict__ bad) {
     extern __shared__ float red[];
     __shared__ TokenMap tm;
     __shared__ u16 lut[256];
-    const int slot = blockIdx.y;
-    if (slot >= active_count[0]) return;
-    const int e = active_expert[slot];
-    const int p0 = offsets[slot], p1 = offsets[slot + 1];
+    __shared__ unsigned char present[MOE_MAX_EXPERTS];
+    __shared__ int s_expert, s_pos, s_fill;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) present[e] = 0;
     for (int i = threadIdx.x; i < 256; i += blockDim.x) lut[i] = scale_lut[i];
+    __syncthreads();
+    for (int p = threadIdx.x; p < P; p += blockDim.x) {
+        const int e = ids[p];
+        if (e >= 0 && e < E) present[e] = 1;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        int want = blockIdx.y, found = -1;
+        for (int base = 0; base < E && found < 0; base += 32) {
+            unsigned m = __ballot_sync(0xffffffffu, base + lane < E && present[base + lane]);
+            const int c = __popc(m);
+            if (want < c) {
+                for (int i = 0; i < want; i++) m &= m - 1;
+                found = base + __ffs(m) - 1;
+            } else {
+                want -= c;
+            }
+        }
+        if (lane == 0) {
+            s_expert = found;
+            s_pos = 0;
+        }
+        if (bad != 0 && blockIdx.x == 0 && blockIdx.y == 0) {
+            int nb = 0;
+            for (int base = 0; base < P; base += 32) {
+                const int p = base + lane;
+                const int e = p < P ? ids[p] : 0;
+                nb += __popc(__ballot_sync(0xffffffffu, p < P && (e < 0 || e >= E)));
+            }
+            if (lane == 0) bad[0] = nb;
+        }
+    }
+    __syncthreads();
+    const int e = s_expert;
+    if (e < 0) return;
     const size_t wbytes = (size_t)n * (k >> 1);
     const size_t sbytes = (size_t)n * (FMT == FMT_NVFP4 ? (k >> 4) : (k >> 5));
-    for (int base = p0; base < p1; base += 8 * TN) {
-        __syncthreads();  // previous group's reduction is done with tm / red
-        for (int i = threadIdx.x; i < 8 * TN; i += blockDim.x) {
-            const int q = base + i;
-            const int p = q < p1 ? pair_list[q] : -1;
-            tm.in_row[i] = p >= 0 ? p / in_div : -1;
-            tm.out_row[i] = p;
+    while (true) {
+        if (warp == 0) {
+            // Collect up to 8*TN pairs of expert e, resuming at s_pos.
+            int pos = s_pos, fill = 0;
+            while (pos < P && fill < 8 * TN) {
+                const int p = pos + lane;
+                const bool hit = p < P && ids[p] == e;
+                const unsigned m = __ballot_sync(0xffffffffu, hit);
+                const int c = __popc(m);
+                const int take = min(c, 8 * TN - fill);
+                const int before = __popc(m & ((1u << lane) - 1u));
+                if (hit && before < take) {
+                    tm.in_row[fill + before] = p / in_div;
+                    tm.out_row[fill + before] = p;
+                }
+                fill += take;
+                if (take < c) {
+                    unsigned mm = m;
+                    for (int i = 0; i < take; i++) mm &= mm - 1;
+                    pos += __ffs(mm) - 1;  // first hit not taken
+                    break;
+                }
+                pos += 32;
+            }
+            for (int i = fill + lane; i < 8 * TN; i += 32) {
+                tm.in_row[i] = -1;
+                tm.out_row[i] = -1;
+            }
+            if (lane == 0) {
+                s_pos = pos;
+                s_fill = fill;
+            }
         }
         __syncthreads();
-        fp4_tile<FMT, MT, TN>(wp + (size_t)e * wbytes, ws + (size_t)e * sbytes, gscale[e], x, y, n,
-                              k, blockIdx.x * 16 * MT, tm, lut, red);
+        if (s_fill == 0) break;
+        fp4_tile<FMT, MT, TN, G, XMODE>(wp + (size_t)e * wbytes, ws + (size_t)e * sbytes, gscale[e],
+                                        x, y, n, k, blockIdx.x * 16 * MT, tm, lut, red);
+        __syncthreads();  // the reduction is done with tm and red before the next group
     }
 }
 
-#define DENSE_KERNEL(NAME, FMT, MT, TN)                                                        \
-    extern "C" __global__ void __launch_bounds__(256) NAME(                                    \
+#define DENSE_KERNEL(NAME, FMT, MT, TN, G)                                                     \
+    extern "C" __global__ void __launch_bounds__(512) NAME(                                    \
         const u8* wp, const u8* ws, const float* gs, const u16* lut, const u16* x, u16* y, int m, \
         int n, int k) {                                                                          \
-        fp4_dense_body<FMT, MT, TN>(wp, ws, gs, lut, x, y, m, n, k);                             \
+        fp4_dense_body<FMT, MT, TN, G>(wp, ws, gs, lut, x, y, m, n, k);                          \
     }
 
-#define MOE_KERNEL(NAME, FMT, MT, TN)                                                           \
-    extern "C" __global__ void __launch_bounds__(256) NAME(                                     \
+#define MOE_KERNEL(NAME, FMT, G, XMODE)                                                          \
+    extern "C" __global__ void __launch_bounds__(512) NAME(                                     \
         const u8* wp, const u8* ws, const float* gs, const u16* lut, const u16* x, u16* y, int n, \
-        int k, const int* cnt, const int* act, const int* off, const int* pairs, int in_div) {    \
-        fp4_moe_body<FMT, MT, TN>(wp, ws, gs, lut, x, y, n, k, cnt, act, off, pairs, in_div);     \
+        int k, const int* ids, int P, int E, int in_div, int* bad) {                              \
+        fp4_moe_body<FMT, 1, 2, G, XMODE>(wp, ws, gs, lut, x, y, n, k, ids, P, E, in_div, bad);   \
     }
 
-DENSE_KERNEL(fp4_gemm_nv_m1_t1, FMT_NVFP4, 1, 1)
-DENSE_KERNEL(fp4_gemm_nv_m1_t2, FMT_NVFP4, 1, 2)
-DENSE_KERNEL(fp4_gemm_nv_m1_t4, FMT_NVFP4, 1, 4)
-DENSE_KERNEL(fp4_gemm_nv_m2_t1, FMT_NVFP4, 2, 1)
-DENSE_KERNEL(fp4_gemm_nv_m2_t2, FMT_NVFP4, 2, 2)
-DENSE_KERNEL(fp4_gemm_nv_m2_t4, FMT_NVFP4, 2, 4)
-DENSE_KERNEL(fp4_gemm_mx_m1_t1, FMT_MXFP4, 1, 1)
-DENSE_KERNEL(fp4_gemm_mx_m1_t2, FMT_MXFP4, 1, 2)
-DENSE_KERNEL(fp4_gemm_mx_m1_t4, FMT_MXFP4, 1, 4)
-DENSE_KERNEL(fp4_gemm_mx_m2_t1, FMT_MXFP4, 2, 1)
-DENSE_KERNEL(fp4_gemm_mx_m2_t2, FMT_MXFP4, 2, 2)
-DENSE_KERNEL(fp4_gemm_mx_m2_t4, FMT_MXFP4, 2, 4)
-MOE_KERNEL(fp4_moe_nv_m1_t2, FMT_NVFP4, 1, 2)
-MOE_KERNEL(fp4_moe_mx_m1_t2, FMT_MXFP4, 1, 2)
+// Variants: fp4_gemm_{nv,mx}_m{MT}_t{TN}_g{G} (see gemm.rs for the dispatcher).
+#define DENSE_VARIANTS(FMTNAME, FMT)                     \
+    DENSE_KERNEL(fp4_gemm_##FMTNAME##_m1_t1_g1, FMT, 1, 1, 1) \
+    DENSE_KERNEL(fp4_gemm_##FMTNAME##_m1_t1_g2, FMT, 1, 1, 2) \
+    DENSE_KERNEL(fp4_gemm_##FMTNAME##_m1_t1_g4, FMT, 1, 1, 4) \
+    DENSE_KERNEL(fp4_gemm_##FMTNAME##_m2_t1_g1, FMT, 2, 1, 1) \
+    DENSE_KERNEL(fp4_gemm_##FMTNAME##_m2_t1_g2, FMT, 2, 1, 2) \
+    DENSE_KERNEL(fp4_gemm_##FMTNAME##_m1_t2_g1, FMT, 1, 2, 1) \
+    DENSE_KERNEL(fp4_gemm_##FMTNAME##_m1_t2_g2, FMT, 1, 2, 2) \
+    DENSE_KERNEL(fp4_gemm_##FMTNAME##_m2_t2_g1, FMT, 2, 2, 1) \
+    DENSE_KERNEL(fp4_gemm_##FMTNAME##_m2_t2_g2, FMT, 2, 2, 2) \
+    DENSE_KERNEL(fp4_gemm_##FMTNAME##_m1_t4_g1, FMT, 1, 4, 1) \
+    DENSE_KERNEL(fp4_gemm_##FMTNAME##_m2_t4_g1, FMT, 2, 4, 1)
+
+DENSE_VARIANTS(nv, FMT_NVFP4)
+DENSE_VARIANTS(mx, FMT_MXFP4)
+MOE_KERNEL(fp4_moe_nv_g1, FMT_NVFP4, 1, XMODE_PLAIN)
+MOE_KERNEL(fp4_moe_nv_g2, FMT_NVFP4, 2, XMODE_PLAIN)
+MOE_KERNEL(fp4_moe_nv_g1_swiglu, FMT_NVFP4, 1, XMODE_SWIGLU)
+MOE_KERNEL(fp4_moe_nv_g2_swiglu, FMT_NVFP4, 2, XMODE_SWIGLU)
+MOE_KERNEL(fp4_moe_mx_g1, FMT_MXFP4, 1, XMODE_PLAIN)
+MOE_KERNEL(fp4_moe_mx_g2, FMT_MXFP4, 2, XMODE_PLAIN)
+MOE_KERNEL(fp4_moe_mx_g1_swiglu, FMT_MXFP4, 1, XMODE_SWIGLU)
+MOE_KERNEL(fp4_moe_mx_g2_swiglu, FMT_MXFP4, 2, XMODE_SWIGLU)
 
 // ---------------------------------------------------------------------------------------------
 // Dequantize to a dense bf16 [N][K] matrix (prefill path through cuBLAS). One thread per
@@ -375,4 +490,12 @@ extern "C" __global__ void fp4_dequant_nv(const u8* wp, const u8* ws, const floa
 extern "C" __global__ void fp4_dequant_mx(const u8* wp, const u8* ws, const float* gs,
                                           const u16* lut, u16* out, int n, int k) {
     dequant_body<FMT_MXFP4>(wp, ws, gs, lut, out, n, k);
+}
+
+// Plain 16-byte-per-thread grid-stride copy: measures the copy bandwidth the kernels are held to.
+extern "C" __global__ void util_copy_u4(const uint4* __restrict__ src, uint4* __restrict__ dst,
+                                        unsigned long long n) {
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (unsigned long long)gridDim.x * blockDim.x)
+        dst[i] = src[i];
 }

@@ -5,8 +5,8 @@
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use mimo_kernels::cuda::{
-    self, fp4_dequantize, fp4_gemm, fp4_gemm_with, moe_layer, Fp4GemmConfig, GpuContext,
-    GpuFp4Weight, MoeWeights, MoeWorkspace,
+    self, fp4_dequantize, fp4_gemm, fp4_gemm_with, moe_layer, variant_exists, Fp4GemmConfig,
+    GpuContext, GpuFp4Weight, MoeWeights, MoeWorkspace,
 };
 use mimo_kernels::fp4::{amax, dequantize, nvfp4_global_scale, quantize_mxfp4, quantize_nvfp4};
 use mimo_kernels::{Fp4Format, Fp4Matrix};
@@ -148,10 +148,23 @@ fn fp4_gemm_matches_cpu_reference() {
             let x = gpu.stream().clone_htod(&xb).unwrap();
             let mut configs = vec![None];
             for m_tiles in [1, 2] {
-                for warps in [1, 3, 8] {
-                    configs.push(Some(Fp4GemmConfig { m_tiles, warps }));
+                for group in [1, 2, 4] {
+                    for warps in [1, 3, 16] {
+                        let c = Fp4GemmConfig {
+                            m_tiles,
+                            warps,
+                            group,
+                        };
+                        if variant_exists(c, m) {
+                            configs.push(Some(c));
+                        }
+                    }
                 }
             }
+            assert!(
+                configs.len() >= 4,
+                "m={m}: too few kernel variants under test"
+            );
             for cfg in configs {
                 let mut y = poisoned(&gpu, m * n);
                 match cfg {

@@ -57,7 +57,9 @@ pub enum CudaError {
         reason: String,
     },
     /// A kernel variant that was not compiled into the module was asked for.
-    #[error("no {format} kernel with {m_tiles} row tiles and {token_tiles} token tiles")]
+    #[error(
+        "no {format} kernel with {m_tiles} row tiles, {token_tiles} token tiles, group {group}"
+    )]
     NoVariant {
         /// weight format
         format: Fp4Format,
@@ -65,6 +67,8 @@ pub enum CudaError {
         m_tiles: u32,
         /// n8 token tiles per block
         token_tiles: u32,
+        /// K chunks loaded together per warp
+        group: u32,
     },
 }
 

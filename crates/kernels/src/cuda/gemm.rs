@@ -17,34 +17,50 @@ pub const K_CHUNK: usize = 128;
 pub struct Fp4GemmConfig {
     /// m16 row tiles per block (1 or 2): 16 or 32 output features.
     pub m_tiles: u32,
-    /// Warps per block (1..=8); they split K between them and reduce in shared memory.
+    /// Warps per block (1..=16); they split K between them and reduce in shared memory.
     pub warps: u32,
+    /// Consecutive K chunks each warp loads before using the first (1, 2 or 4): the number of
+    /// 16-byte weight loads per lane in flight is `2 * m_tiles * group`.
+    pub group: u32,
 }
+
+/// Largest dynamic shared memory a block may ask for without opting in (48 KiB).
+const SMEM_LIMIT: u32 = 48 * 1024;
 
 impl Fp4GemmConfig {
     /// The shape chosen for an `[m, k] x [n, k]^T` product on a GPU with `sm_count` SMs.
-    /// Measured on H100 (docs/kernels-notes.md): one row tile, 8 warps of split-K.
+    /// From the H100 sweep in docs/kernels-notes.md: one row tile, as many K chunks in flight
+    /// per warp as the variant allows, and enough warps to cover K.
     pub fn auto(m: usize, n: usize, k: usize, sm_count: u32) -> Self {
+        let _ = (n, sm_count);
         let chunks = k.div_ceil(K_CHUNK) as u32;
-        let warps = chunks.clamp(1, 8);
-        // Two row tiles per block halve the activation traffic per weight byte; worth it only
-        // where there are still several blocks per SM.
-        let tiles32 = n.div_ceil(32) * m.div_ceil(8 * token_tiles(m) as usize);
-        let m_tiles = if m > 8 && tiles32 >= 4 * sm_count as usize {
-            2
-        } else {
-            1
+        let tn = token_tiles(m);
+        let group = match tn {
+            1 if chunks >= 32 => 4,
+            1 | 2 if chunks >= 8 => 2,
+            _ => 1,
         };
-        Fp4GemmConfig { m_tiles, warps }
+        let warps = (chunks / group).clamp(1, 16);
+        Fp4GemmConfig {
+            m_tiles: 1,
+            warps,
+            group,
+        }
     }
 
-    fn check(&self) -> Result<(), CudaError> {
-        if !(1..=2).contains(&self.m_tiles) || !(1..=8).contains(&self.warps) {
+    fn check(&self, tn: u32) -> Result<(), CudaError> {
+        if !(1..=2).contains(&self.m_tiles)
+            || !(1..=16).contains(&self.warps)
+            || reduction_smem(*self, tn) > SMEM_LIMIT
+        {
             return Err(CudaError::Shape {
                 what: "Fp4GemmConfig".into(),
                 reason: format!(
-                    "m_tiles {} (1..=2), warps {} (1..=8)",
-                    self.m_tiles, self.warps
+                    "m_tiles {} (1..=2), warps {} (1..=16), {} token tiles: {} bytes of shared memory",
+                    self.m_tiles,
+                    self.warps,
+                    tn,
+                    reduction_smem(*self, tn)
                 ),
             });
         }
@@ -61,33 +77,44 @@ pub fn token_tiles(m: usize) -> u32 {
     }
 }
 
+/// Kernel name of a variant; the set compiled is listed in fp4_gemm.cu (DENSE_VARIANTS).
 pub(crate) fn gemm_kernel_name(
     format: Fp4Format,
-    mt: u32,
+    cfg: Fp4GemmConfig,
     tn: u32,
 ) -> Result<&'static str, CudaError> {
-    use Fp4Format::*;
-    Ok(match (format, mt, tn) {
-        (Nvfp4, 1, 1) => "fp4_gemm_nv_m1_t1",
-        (Nvfp4, 1, 2) => "fp4_gemm_nv_m1_t2",
-        (Nvfp4, 1, 4) => "fp4_gemm_nv_m1_t4",
-        (Nvfp4, 2, 1) => "fp4_gemm_nv_m2_t1",
-        (Nvfp4, 2, 2) => "fp4_gemm_nv_m2_t2",
-        (Nvfp4, 2, 4) => "fp4_gemm_nv_m2_t4",
-        (Mxfp4, 1, 1) => "fp4_gemm_mx_m1_t1",
-        (Mxfp4, 1, 2) => "fp4_gemm_mx_m1_t2",
-        (Mxfp4, 1, 4) => "fp4_gemm_mx_m1_t4",
-        (Mxfp4, 2, 1) => "fp4_gemm_mx_m2_t1",
-        (Mxfp4, 2, 2) => "fp4_gemm_mx_m2_t2",
-        (Mxfp4, 2, 4) => "fp4_gemm_mx_m2_t4",
-        _ => {
-            return Err(CudaError::NoVariant {
-                format,
-                m_tiles: mt,
-                token_tiles: tn,
-            })
-        }
-    })
+    const NAMES: [(u32, u32, u32, &str, &str); 11] = [
+        (1, 1, 1, "fp4_gemm_nv_m1_t1_g1", "fp4_gemm_mx_m1_t1_g1"),
+        (1, 1, 2, "fp4_gemm_nv_m1_t1_g2", "fp4_gemm_mx_m1_t1_g2"),
+        (1, 1, 4, "fp4_gemm_nv_m1_t1_g4", "fp4_gemm_mx_m1_t1_g4"),
+        (2, 1, 1, "fp4_gemm_nv_m2_t1_g1", "fp4_gemm_mx_m2_t1_g1"),
+        (2, 1, 2, "fp4_gemm_nv_m2_t1_g2", "fp4_gemm_mx_m2_t1_g2"),
+        (1, 2, 1, "fp4_gemm_nv_m1_t2_g1", "fp4_gemm_mx_m1_t2_g1"),
+        (1, 2, 2, "fp4_gemm_nv_m1_t2_g2", "fp4_gemm_mx_m1_t2_g2"),
+        (2, 2, 1, "fp4_gemm_nv_m2_t2_g1", "fp4_gemm_mx_m2_t2_g1"),
+        (2, 2, 2, "fp4_gemm_nv_m2_t2_g2", "fp4_gemm_mx_m2_t2_g2"),
+        (1, 4, 1, "fp4_gemm_nv_m1_t4_g1", "fp4_gemm_mx_m1_t4_g1"),
+        (2, 4, 1, "fp4_gemm_nv_m2_t4_g1", "fp4_gemm_mx_m2_t4_g1"),
+    ];
+    NAMES
+        .iter()
+        .find(|v| (v.0, v.1, v.2) == (cfg.m_tiles, tn, cfg.group))
+        .map(|v| match format {
+            Fp4Format::Nvfp4 => v.3,
+            Fp4Format::Mxfp4 => v.4,
+        })
+        .ok_or(CudaError::NoVariant {
+            format,
+            m_tiles: cfg.m_tiles,
+            token_tiles: tn,
+            group: cfg.group,
+        })
+}
+
+/// Whether a kernel variant exists for this block shape and `m` tokens.
+pub fn variant_exists(cfg: Fp4GemmConfig, m: usize) -> bool {
+    let tn = token_tiles(m);
+    cfg.check(tn).is_ok() && gemm_kernel_name(Fp4Format::Nvfp4, cfg, tn).is_ok()
 }
 
 /// Dynamic shared memory of one block: split-K partial sums, f32.
@@ -117,7 +144,8 @@ pub fn fp4_gemm_with(
     y: &mut CudaSlice<bf16>,
     cfg: Fp4GemmConfig,
 ) -> Result<(), CudaError> {
-    cfg.check()?;
+    let tn = token_tiles(m);
+    cfg.check(tn)?;
     if w.experts != 1 {
         return Err(CudaError::Mismatch {
             what: "fp4_gemm",
@@ -136,8 +164,7 @@ pub fn fp4_gemm_with(
         what: "fp4_gemm: x".into(),
         reason: format!("m = {m} is too large"),
     })?;
-    let tn = token_tiles(m);
-    let f = gpu.function(gemm_kernel_name(w.format, cfg.m_tiles, tn)?)?;
+    let f = gpu.function(gemm_kernel_name(w.format, cfg, tn)?)?;
     let launch = LaunchConfig {
         grid_dim: (
             w.n.div_ceil(16 * cfg.m_tiles as usize) as u32,
@@ -202,6 +229,35 @@ pub fn fp4_dequantize(
         .arg(&k_i);
     // SAFETY: types match the kernel; out holds n*k elements; one thread per 32 elements.
     unsafe { b.launch(launch) }.map_err(drv("launch fp4_dequantize"))?;
+    Ok(())
+}
+
+/// Copies `src` to `dst` (equal lengths, a multiple of 16 bytes) with a 16-byte-per-thread
+/// kernel: the benchmark's measure of achievable copy bandwidth.
+pub fn device_copy(
+    gpu: &GpuContext,
+    src: &CudaSlice<u8>,
+    dst: &mut CudaSlice<u8>,
+) -> Result<(), CudaError> {
+    check_len("device_copy: dst", dst.len(), src.len())?;
+    if src.len() % 16 != 0 {
+        return Err(CudaError::Shape {
+            what: "device_copy".into(),
+            reason: format!("{} bytes is not a multiple of 16", src.len()),
+        });
+    }
+    let n = (src.len() / 16) as u64;
+    let f = gpu.function("util_copy_u4")?;
+    let blocks = (gpu.sm_count() * 8).min(n.div_ceil(256).max(1) as u32);
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(src).arg(dst).arg(&n);
+    let cfg = LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: both buffers hold n 16-byte words (cudaMalloc alignment is 256 bytes).
+    unsafe { b.launch(cfg) }.map_err(drv("launch copy"))?;
     Ok(())
 }
 

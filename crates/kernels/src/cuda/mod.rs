@@ -20,8 +20,11 @@ mod weights;
 pub use blas::{bf16_gemm, cublas, fp4_gemm_dequant_cublas};
 pub use context::{compile_source, nvrtc_available, scale_lut, GpuContext};
 pub use error::CudaError;
-pub use gemm::{fp4_dequantize, fp4_gemm, fp4_gemm_with, token_tiles, Fp4GemmConfig, K_CHUNK};
-pub use moe::{moe_layer, MoeWeights, MoeWorkspace};
+pub use gemm::{
+    device_copy, fp4_dequantize, fp4_gemm, fp4_gemm_with, token_tiles, variant_exists,
+    Fp4GemmConfig, K_CHUNK,
+};
+pub use moe::{moe_layer, MoeWeights, MoeWorkspace, MOE_MAX_EXPERTS};
 pub use weights::GpuFp4Weight;
 
 /// The embedded kernel sources, (file name, text), for tools that compile them ahead.

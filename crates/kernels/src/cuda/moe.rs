@@ -39,15 +39,13 @@ impl MoeWeights {
 /// Device scratch of one MoE layer call for up to `max_tokens` tokens.
 pub struct MoeWorkspace {
     max_pairs: usize,
-    active_count: CudaSlice<i32>,
-    active_expert: CudaSlice<i32>,
-    offsets: CudaSlice<i32>,
-    pair_list: CudaSlice<i32>,
     bad: CudaSlice<i32>,
     gate_up_out: CudaSlice<bf16>,
-    act: CudaSlice<bf16>,
     down_out: CudaSlice<bf16>,
 }
+
+/// Most experts the grouped kernel handles (its shared-memory presence table).
+pub const MOE_MAX_EXPERTS: usize = 1024;
 
 impl MoeWorkspace {
     /// Allocates scratch for `max_tokens` tokens routed to `top_k` experts each.
@@ -57,26 +55,17 @@ impl MoeWorkspace {
         max_tokens: usize,
         top_k: usize,
     ) -> Result<Self, CudaError> {
-        let (e, hidden, inter) = w.dims()?;
+        let (_, hidden, inter) = w.dims()?;
         let p = max_tokens * top_k;
         let s = gpu.stream();
-        let z = |len: usize| {
-            s.alloc_zeros::<i32>(len.max(1))
-                .map_err(drv("alloc MoE table"))
-        };
         let zb = |len: usize| {
             s.alloc_zeros::<bf16>(len.max(1))
                 .map_err(drv("alloc MoE scratch"))
         };
         Ok(MoeWorkspace {
             max_pairs: p,
-            active_count: z(1)?,
-            active_expert: z(e)?,
-            offsets: z(e + 1)?,
-            pair_list: z(p)?,
-            bad: z(1)?,
+            bad: s.alloc_zeros::<i32>(1).map_err(drv("alloc MoE status"))?,
             gate_up_out: zb(p * 2 * inter)?,
-            act: zb(p * inter)?,
             down_out: zb(p * hidden)?,
         })
     }
@@ -93,7 +82,8 @@ impl MoeWorkspace {
 }
 
 /// One MoE layer: `out[t] = sum_j w[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t))` over the
-/// `top_k` experts `e = topk_ids[t, j]`. Five launches, no host synchronization; results are
+/// `top_k` experts `e = topk_ids[t, j]`. Three launches (grouped gate/up, grouped down with
+/// SwiGLU applied while loading, weighted combine), no host synchronization; results are
 /// deterministic (fixed summation orders, no float atomics).
 #[allow(clippy::too_many_arguments)]
 pub fn moe_layer(
@@ -107,7 +97,7 @@ pub fn moe_layer(
     ws: &mut MoeWorkspace,
     out: &mut CudaSlice<bf16>,
 ) -> Result<(), CudaError> {
-    let (experts, hidden, inter) = w.dims()?;
+    let (experts, hidden, _inter) = w.dims()?;
     let p = tokens * top_k;
     if p > ws.max_pairs {
         return Err(CudaError::Mismatch {
@@ -118,10 +108,10 @@ pub fn moe_layer(
             ),
         });
     }
-    if experts > 16 * 1024 || p > i32::MAX as usize {
+    if experts > MOE_MAX_EXPERTS || p > i32::MAX as usize {
         return Err(CudaError::Shape {
             what: "moe_layer".into(),
-            reason: format!("{experts} experts, {p} pairs"),
+            reason: format!("{experts} experts (at most {MOE_MAX_EXPERTS}), {p} pairs"),
         });
     }
     check_len("moe_layer: x", x.len(), tokens * hidden)?;
@@ -131,61 +121,38 @@ pub fn moe_layer(
     if p == 0 {
         return Ok(());
     }
-    let s = gpu.stream();
-    let (p_i, e_i) = (p as i32, experts as i32);
-
-    // 1. routing table
-    let f = gpu.function("moe_route")?;
-    let mut b = s.launch_builder(&f);
-    b.arg(topk_ids)
-        .arg(&p_i)
-        .arg(&e_i)
-        .arg(&mut ws.active_count)
-        .arg(&mut ws.active_expert)
-        .arg(&mut ws.offsets)
-        .arg(&mut ws.pair_list)
-        .arg(&mut ws.bad);
-    let cfg = LaunchConfig {
-        grid_dim: (1, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: (2 * experts * 4) as u32,
+    let route = Route {
+        ids: topk_ids,
+        pairs: p as i32,
+        experts: experts as i32,
+        slots: experts.min(p) as u32,
     };
-    // SAFETY: argument list matches moe_route; tables sized for `experts` and `p` pairs.
-    unsafe { b.launch(cfg) }.map_err(drv("launch moe_route"))?;
-
-    // 2. grouped gate/up: input row of pair q is token q / top_k
-    let slots = experts.min(p);
-    let tables = ws_tables(ws);
+    // 1. grouped gate/up: input row of pair q is token q / top_k; also counts invalid ids
     grouped(
         gpu,
         &w.gate_up,
         x,
         &mut ws.gate_up_out,
-        slots,
+        &route,
         top_k as i32,
-        tables,
+        false,
+        Some(&mut ws.bad),
     )?;
-
-    // 3. SwiGLU
-    let f = gpu.function("moe_silu_mul")?;
-    let inter_i = inter as i32;
-    let mut b = s.launch_builder(&f);
-    b.arg(&ws.gate_up_out)
-        .arg(&mut ws.act)
-        .arg(&p_i)
-        .arg(&inter_i);
-    // SAFETY: gate_up_out holds p*2*inter and act p*inter elements (workspace sized for them).
-    unsafe { b.launch(LaunchConfig::for_num_elems((p * inter) as u32)) }
-        .map_err(drv("launch moe_silu_mul"))?;
-
-    // 4. grouped down: input row of pair q is q itself
-    let tables = ws_tables(ws);
-    grouped(gpu, &w.down, &ws.act, &mut ws.down_out, slots, 1, tables)?;
-
-    // 5. weighted combine
+    // 2. grouped down on silu(gate) * up: input row of pair q is q itself
+    grouped(
+        gpu,
+        &w.down,
+        &ws.gate_up_out,
+        &mut ws.down_out,
+        &route,
+        1,
+        true,
+        None,
+    )?;
+    // 3. weighted combine
     let f = gpu.function("moe_combine")?;
-    let (t_i, k_i, h_i) = (tokens as i32, top_k as i32, hidden as i32);
-    let mut b = s.launch_builder(&f);
+    let (t_i, k_i, h_i, e_i) = (tokens as i32, top_k as i32, hidden as i32, experts as i32);
+    let mut b = gpu.stream().launch_builder(&f);
     b.arg(&ws.down_out)
         .arg(topk_weights)
         .arg(topk_ids)
@@ -200,56 +167,53 @@ pub fn moe_layer(
     Ok(())
 }
 
-/// Raw device pointers of the routing tables (the grouped kernel only reads them).
-struct Tables {
-    count: u64,
-    active: u64,
-    offsets: u64,
-    pairs: u64,
+struct Route<'a> {
+    ids: &'a CudaSlice<i32>,
+    pairs: i32,
+    experts: i32,
+    slots: u32,
 }
 
-fn ws_tables(ws: &MoeWorkspace) -> Tables {
-    use cudarc::driver::DevicePtr;
-    let s = ws.active_count.stream().clone();
-    let (count, _a) = ws.active_count.device_ptr(&s);
-    let (active, _b) = ws.active_expert.device_ptr(&s);
-    let (offsets, _c) = ws.offsets.device_ptr(&s);
-    let (pairs, _d) = ws.pair_list.device_ptr(&s);
-    Tables {
-        count,
-        active,
-        offsets,
-        pairs,
-    }
-}
-
+#[allow(clippy::too_many_arguments)]
 fn grouped(
     gpu: &GpuContext,
     w: &GpuFp4Weight,
     x: &CudaSlice<bf16>,
     y: &mut CudaSlice<bf16>,
-    slots: usize,
+    r: &Route,
     in_div: i32,
-    t: Tables,
+    swiglu: bool,
+    bad: Option<&mut CudaSlice<i32>>,
 ) -> Result<(), CudaError> {
     // Up to 16 pairs per pass over an expert's weights: at batch 16 no expert has more.
     let tn = 2u32;
+    let chunks = w.k.div_ceil(K_CHUNK) as u32;
+    let group = if chunks >= 16 { 2 } else { 1 };
     let cfg = Fp4GemmConfig {
         m_tiles: 1,
-        warps: (w.k.div_ceil(K_CHUNK) as u32).clamp(1, 8),
+        warps: (chunks / group).clamp(1, 16),
+        group,
     };
-    let name = match w.format {
-        Fp4Format::Nvfp4 => "fp4_moe_nv_m1_t2",
-        Fp4Format::Mxfp4 => "fp4_moe_mx_m1_t2",
+    let name = match (w.format, group, swiglu) {
+        (Fp4Format::Nvfp4, 1, false) => "fp4_moe_nv_g1",
+        (Fp4Format::Nvfp4, _, false) => "fp4_moe_nv_g2",
+        (Fp4Format::Nvfp4, 1, true) => "fp4_moe_nv_g1_swiglu",
+        (Fp4Format::Nvfp4, _, true) => "fp4_moe_nv_g2_swiglu",
+        (Fp4Format::Mxfp4, 1, false) => "fp4_moe_mx_g1",
+        (Fp4Format::Mxfp4, _, false) => "fp4_moe_mx_g2",
+        (Fp4Format::Mxfp4, 1, true) => "fp4_moe_mx_g1_swiglu",
+        (Fp4Format::Mxfp4, _, true) => "fp4_moe_mx_g2_swiglu",
     };
     let f = gpu.function(name)?;
     let launch = LaunchConfig {
-        grid_dim: (w.n.div_ceil(16) as u32, slots as u32, 1),
+        grid_dim: (w.n.div_ceil(16) as u32, r.slots, 1),
         block_dim: (32 * cfg.warps, 1, 1),
         shared_mem_bytes: reduction_smem(cfg, tn),
     };
     let (n_i, k_i) = (w.n as i32, w.k as i32);
     let lut = gpu.scale_lut(w.format);
+    // A null pointer tells the kernel not to count invalid ids.
+    let null: u64 = 0;
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(&w.packed)
         .arg(&w.scales)
@@ -259,13 +223,16 @@ fn grouped(
         .arg(y)
         .arg(&n_i)
         .arg(&k_i)
-        .arg(&t.count)
-        .arg(&t.active)
-        .arg(&t.offsets)
-        .arg(&t.pairs)
+        .arg(r.ids)
+        .arg(&r.pairs)
+        .arg(&r.experts)
         .arg(&in_div);
-    // SAFETY: matches fp4_moe_*; x rows are < pairs / in_div, y has one row per pair, the
-    // tables come from moe_route on the same stream.
+    match bad {
+        Some(bad) => b.arg(bad),
+        None => b.arg(&null),
+    };
+    // SAFETY: matches fp4_moe_*; x has P / in_div rows (of 2k elements with SwiGLU), y one
+    // row of n per pair; ids holds P entries.
     unsafe { b.launch(launch) }.map_err(drv("launch grouped FP4 GEMM"))?;
     Ok(())
 }
