@@ -10,3 +10,6 @@ pub mod fp4_weights;
 pub mod linear;
 pub mod model;
 pub mod weights;
+pub mod eval;
+pub mod generate;
+pub mod tokenizer;

@@ -1,0 +1,256 @@
+//! Perplexity over a token stream with a context length and stride (the Hugging Face
+//! sliding-window recipe), and the comparison of a candidate model with a reference model on the
+//! same windows: both perplexities, mean KL(reference || candidate), top-1 agreement and the
+//! positions where they disagree most.
+
+use crate::cpu::log_softmax;
+use crate::generate::argmax;
+use crate::model::{ForwardError, Logits, Model};
+
+/// Errors of evaluation.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    /// Too few tokens to score anything.
+    #[error("the text has {0} tokens; at least 2 are needed to measure perplexity")]
+    TooShort(usize),
+    /// Invalid context/stride.
+    #[error("invalid window: ctx {ctx}, stride {stride} (need 2 <= ctx, 1 <= stride <= ctx)")]
+    Window {
+        /// context
+        ctx: usize,
+        /// stride
+        stride: usize,
+    },
+    /// The two models have different vocabularies.
+    #[error("reference and candidate vocabularies differ ({0} vs {1})")]
+    VocabMismatch(usize, usize),
+    /// A forward pass failed.
+    #[error(transparent)]
+    Forward(#[from] ForwardError),
+}
+
+/// One evaluation window: run tokens `[begin, end)`, score the targets `[score_from, end)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// First token fed.
+    pub begin: usize,
+    /// One past the last token fed.
+    pub end: usize,
+    /// First token scored (each scored token is predicted from the logits before it).
+    pub score_from: usize,
+}
+
+/// Windows of at most `ctx` tokens every `stride` tokens; each token is scored at most once, with
+/// as much left context as its window gives it (all tokens from 1 on when stride < ctx).
+pub fn windows(len: usize, ctx: usize, stride: usize) -> Result<Vec<Window>, EvalError> {
+    if ctx < 2 || stride == 0 || stride > ctx {
+        return Err(EvalError::Window { ctx, stride });
+    }
+    if len < 2 {
+        return Err(EvalError::TooShort(len));
+    }
+    let mut out = Vec::new();
+    let mut prev_end = 0;
+    let mut begin = 0;
+    loop {
+        let end = (begin + ctx).min(len);
+        out.push(Window {
+            begin,
+            end,
+            score_from: prev_end.max(begin + 1),
+        });
+        prev_end = end;
+        if end == len {
+            break;
+        }
+        begin += stride;
+    }
+    Ok(out)
+}
+
+/// Result of a perplexity run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Perplexity {
+    /// exp(mean negative log-likelihood).
+    pub ppl: f64,
+    /// Mean negative log-likelihood (nats).
+    pub mean_nll: f64,
+    /// Scored tokens.
+    pub tokens: usize,
+    /// Windows run.
+    pub windows: usize,
+}
+
+/// Log-probabilities of each scored target of window `w`, row by row:
+/// calls `f(position, log_softmax row)` for each predicted position.
+fn for_each_scored(
+    model: &Model,
+    tokens: &[u32],
+    w: Window,
+    mut f: impl FnMut(usize, &[f32]),
+) -> Result<(), EvalError> {
+    let mut cache = model.new_cache(w.end - w.begin);
+    let logits = model.forward(&tokens[w.begin..w.end], &mut cache, Logits::All)?;
+    let v = model.config.vocab_size;
+    for pos in w.score_from..w.end {
+        // Token `pos` is predicted by the logits of position pos - 1.
+        let r = pos - 1 - w.begin;
+        let lp = log_softmax(&logits[r * v..(r + 1) * v]);
+        f(pos, &lp);
+    }
+    Ok(())
+}
+
+/// Perplexity of `model` on `tokens`.
+pub fn perplexity(
+    model: &Model,
+    tokens: &[u32],
+    ctx: usize,
+    stride: usize,
+) -> Result<Perplexity, EvalError> {
+    let ws = windows(
+        tokens.len(),
+        ctx.min(model.config.max_position_embeddings),
+        stride,
+    )?;
+    let mut nll = 0.0f64;
+    let mut n = 0usize;
+    for &w in &ws {
+        for_each_scored(model, tokens, w, |pos, lp| {
+            nll -= lp[tokens[pos] as usize] as f64;
+            n += 1;
+        })?;
+    }
+    let mean = nll / n as f64;
+    Ok(Perplexity {
+        ppl: mean.exp(),
+        mean_nll: mean,
+        tokens: n,
+        windows: ws.len(),
+    })
+}
+
+/// A position where the candidate departs most from the reference.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Divergence {
+    /// Index of the predicted token in the text.
+    pub position: usize,
+    /// The actual token there.
+    pub token: u32,
+    /// KL(reference || candidate) of the next-token distributions (nats).
+    pub kl: f64,
+    /// Reference's most likely token.
+    pub reference_top1: u32,
+    /// Candidate's most likely token.
+    pub candidate_top1: u32,
+}
+
+/// Result of comparing a candidate model with a reference.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Comparison {
+    /// Reference perplexity.
+    pub reference: Perplexity,
+    /// Candidate perplexity.
+    pub candidate: Perplexity,
+    /// Mean KL(reference || candidate) over scored positions (nats).
+    pub mean_kl: f64,
+    /// Fraction of positions where both models' argmax agree.
+    pub top1_agreement: f64,
+    /// Positions with the largest KL, largest first.
+    pub worst: Vec<Divergence>,
+}
+
+/// Compares `candidate` with `reference` on the same windows of `tokens`.
+pub fn compare(
+    reference: &Model,
+    candidate: &Model,
+    tokens: &[u32],
+    ctx: usize,
+    stride: usize,
+    worst_n: usize,
+) -> Result<Comparison, EvalError> {
+    let (vr, vc) = (reference.config.vocab_size, candidate.config.vocab_size);
+    if vr != vc {
+        return Err(EvalError::VocabMismatch(vr, vc));
+    }
+    let max_ctx = reference
+        .config
+        .max_position_embeddings
+        .min(candidate.config.max_position_embeddings);
+    let ws = windows(tokens.len(), ctx.min(max_ctx), stride)?;
+    let (mut nll_r, mut nll_c, mut kl_sum) = (0.0f64, 0.0f64, 0.0f64);
+    let (mut n, mut agree) = (0usize, 0usize);
+    let mut all: Vec<Divergence> = Vec::new();
+    for &w in &ws {
+        // Reference rows first (one model's logits at a time bounds memory to one window).
+        let mut ref_rows: Vec<Vec<f32>> = Vec::new();
+        for_each_scored(reference, tokens, w, |_, lp| ref_rows.push(lp.to_vec()))?;
+        let mut i = 0;
+        for_each_scored(candidate, tokens, w, |pos, lc| {
+            let lr = &ref_rows[i];
+            i += 1;
+            let t = tokens[pos] as usize;
+            nll_r -= lr[t] as f64;
+            nll_c -= lc[t] as f64;
+            let kl: f64 = lr
+                .iter()
+                .zip(lc)
+                .map(|(a, b)| (*a as f64).exp() * (*a as f64 - *b as f64))
+                .sum();
+            let kl = kl.max(0.0);
+            kl_sum += kl;
+            let (tr, tc) = (argmax(lr) as u32, argmax(lc) as u32);
+            agree += usize::from(tr == tc);
+            n += 1;
+            all.push(Divergence {
+                position: pos,
+                token: t as u32,
+                kl,
+                reference_top1: tr,
+                candidate_top1: tc,
+            });
+        })?;
+    }
+    all.sort_by(|a, b| b.kl.total_cmp(&a.kl).then(a.position.cmp(&b.position)));
+    all.truncate(worst_n);
+    let mk = |nll: f64| Perplexity {
+        ppl: (nll / n as f64).exp(),
+        mean_nll: nll / n as f64,
+        tokens: n,
+        windows: ws.len(),
+    };
+    Ok(Comparison {
+        reference: mk(nll_r),
+        candidate: mk(nll_c),
+        mean_kl: kl_sum / n as f64,
+        top1_agreement: agree as f64 / n as f64,
+        worst: all,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_score_every_token_once() {
+        for (len, ctx, stride) in [(10, 4, 2), (10, 4, 4), (3, 8, 8), (17, 5, 3), (2, 2, 1)] {
+            let ws = windows(len, ctx, stride).unwrap();
+            let mut scored = vec![0; len];
+            for w in &ws {
+                assert!(w.end - w.begin <= ctx && w.score_from > w.begin);
+                for s in &mut scored[w.score_from..w.end] {
+                    *s += 1;
+                }
+            }
+            assert_eq!(scored[0], 0);
+            // With stride == ctx, windows do not overlap and each window's first token has no
+            // context to be predicted from; otherwise every token from 1 on is scored once.
+            let expect = |i: usize| usize::from(if stride == ctx { i % ctx != 0 } else { i > 0 });
+            let want: Vec<usize> = (0..len).map(expect).collect();
+            assert_eq!(scored, want, "{len} {ctx} {stride}");
+        }
+        assert!(windows(10, 4, 5).is_err());
+        assert!(windows(1, 4, 2).is_err());
+    }
+}
