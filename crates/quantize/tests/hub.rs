@@ -634,3 +634,24 @@ fn repo_ids_versus_local_folders() {
     assert!(Path::new(cwd_rel).exists());
     assert!(!looks_like_repo_id(cwd_rel));
 }
+
+/// A full disk while writing a blob is reported as such, naming the file and what is left.
+#[cfg(target_os = "linux")]
+#[test]
+fn full_disk_is_reported() {
+    let srv = server();
+    let tmp = tempfile::tempdir().unwrap();
+    let fixture = model_repo("org/model", None);
+    let oid = lfs_oid(&fixture_file(&fixture, C2, SHARD1));
+    let blobs = repo_dir(tmp.path()).join("blobs");
+    std::fs::create_dir_all(&blobs).unwrap();
+    // The partial file of one blob points at /dev/full, where every write fails with ENOSPC.
+    std::os::unix::fs::symlink("/dev/full", blobs.join(format!("{oid}.incomplete"))).unwrap();
+    let err = fetch_model("org/model", &opts(&srv.url, tmp.path())).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, HubError::DiskFull { .. }), "{msg}");
+    assert!(
+        msg.contains("disk full") && msg.contains(&oid) && msg.contains(SHARD1),
+        "{msg}"
+    );
+}

@@ -10,6 +10,10 @@ use super::cache::RepoCache;
 use super::error::{is_disk_full, HubError};
 use super::http::{Client, Ctx, Failure, FileMeta, RepoRef};
 
+/// The download bar: repo, current file, bytes done / total, rate, ETA.
+const BAR_TEMPLATE: &str =
+    "{prefix} {msg:30!} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}";
+
 /// Read buffer of a transfer.
 const CHUNK: usize = 1 << 20;
 
@@ -70,9 +74,7 @@ fn make_bar(total: u64, progress: bool, repo: &str) -> ProgressBar {
         ProgressDrawTarget::hidden()
     };
     let bar = ProgressBar::with_draw_target(Some(total), target);
-    if let Ok(style) = ProgressStyle::with_template(
-        "{prefix} {msg:30!} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
-    ) {
+    if let Ok(style) = ProgressStyle::with_template(BAR_TEMPLATE) {
         bar.set_style(style.progress_chars("=> "));
     }
     bar.set_prefix(repo.to_string());
@@ -227,6 +229,11 @@ pub(crate) fn human_bytes(n: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn bar_template_is_valid() {
+        assert!(indicatif::ProgressStyle::with_template(super::BAR_TEMPLATE).is_ok());
+    }
+
     #[test]
     fn human_bytes() {
         assert_eq!(super::human_bytes(512), "512 B");

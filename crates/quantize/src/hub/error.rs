@@ -179,3 +179,27 @@ pub(crate) fn is_disk_full(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::StorageFull
         || e.raw_os_error().is_some_and(|c| codes.contains(&c))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn enospc_is_disk_full() {
+        use std::io::Write;
+        // /dev/full fails every write with ENOSPC.
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let e = f
+            .write_all(&[0u8; 4096])
+            .and_then(|_| f.flush())
+            .unwrap_err();
+        assert!(is_disk_full(&e));
+        assert!(matches!(HubError::io("/x", e), HubError::DiskFull { .. }));
+        let other = std::io::Error::new(std::io::ErrorKind::PermissionDenied, "no");
+        assert!(matches!(HubError::io("/x", other), HubError::Io { .. }));
+    }
+}
