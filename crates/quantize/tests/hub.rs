@@ -655,3 +655,32 @@ fn full_disk_is_reported() {
         "{msg}"
     );
 }
+
+/// A renamed repo: the hub answers the old id with relative 307 redirects, which are followed
+/// (huggingface_hub follows relative redirects only); the cache keeps the id asked for.
+#[test]
+fn renamed_repo_redirects_are_followed() {
+    let srv = server();
+    srv.rename("org/old-name", "org/model");
+    let tmp = tempfile::tempdir().unwrap();
+    let got = fetch_model("org/old-name", &opts(&srv.url, tmp.path())).unwrap();
+    assert_eq!(got.commit, C2);
+    assert_eq!(got.files, MAIN_FILES);
+    assert_eq!(
+        got.snapshot_dir,
+        tmp.path().join("models--org--old-name/snapshots").join(C2)
+    );
+    let log = srv.log();
+    assert!(log
+        .iter()
+        .any(|s| s.method == "HEAD" && s.status == 307 && s.path.contains("/org/old-name/")));
+    assert!(log
+        .iter()
+        .any(|s| s.method == "HEAD" && s.status == 302 && s.path.contains("/org/model/")));
+
+    // A renamed gated repo: the token follows the redirect on the hub's own host.
+    srv.rename("org/old-gated", "org/gated");
+    let mut o = opts(&srv.url, tmp.path());
+    o.token = Some("hf_secret".into());
+    assert_eq!(fetch_model("org/old-gated", &o).unwrap().commit, C2);
+}

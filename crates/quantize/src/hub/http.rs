@@ -77,7 +77,7 @@ pub(crate) struct Ctx<'a> {
 pub(crate) struct Client {
     /// Never follows redirects (metadata, API).
     no_redirect: ureq::Agent,
-    /// Follows redirects, dropping `Authorization` on a host change (ureq's default).
+    /// Follows redirects, dropping `Authorization` on a host change.
     follow: ureq::Agent,
     endpoint: String,
     token: Option<String>,
@@ -99,6 +99,9 @@ impl Client {
                 .timeout_connect(opts.timeout)
                 .timeout_read(opts.timeout)
                 .redirects(redirects)
+                // Keep the token across a redirect on the hub itself (a renamed private repo),
+                // drop it when the host changes (as hf-hub does).
+                .redirect_auth_headers(ureq::RedirectAuthHeaders::SameHost)
                 .try_proxy_from_env(true)
                 .build()
         };

@@ -11,7 +11,7 @@
 //! - errors as the hub words them: `X-Error-Code` RepoNotFound (404), RevisionNotFound (404),
 //!   EntryNotFound (404), GatedRepo (401 without the right token).
 //!
-//! Test hooks: a log of every request, a one-shot "cut the connection mid-body" per path, and
+//! Test hooks: renamed repos (relative 307 redirects), a log of every request, a one-shot "cut the connection mid-body" per path, and
 //! queued error statuses. The server stops when the value is dropped.
 
 #![allow(dead_code)]
@@ -69,6 +69,8 @@ struct State {
     cut_once: Vec<String>,
     /// (path prefix, status) answered once, in order.
     fail_once: Vec<(String, u16)>,
+    /// Renamed repos: (old id, new id); old paths get a relative 307 to the new ones.
+    renamed: Vec<(String, String)>,
 }
 
 /// The running server.
@@ -158,6 +160,16 @@ impl HubServer {
     /// The next GET of `path` sends half of its body then closes the connection.
     pub fn cut_once(&self, path: &str) {
         self.state.lock().unwrap().cut_once.push(path.to_string());
+    }
+
+    /// Requests for repo `old` are redirected (307, relative `Location`) to repo `new`, as the hub
+    /// does for a renamed repo.
+    pub fn rename(&self, old: &str, new: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .renamed
+            .push((old.to_string(), new.to_string()));
     }
 
     /// The next request whose path starts with `prefix` gets `status`.
@@ -380,6 +392,14 @@ fn route(req: &Request, state: &Mutex<State>, cdn_url: &str) -> Reply {
         return Reply::error(status, "Injected", "injected failure");
     }
     let path = req.path.split('?').next().unwrap_or_default().to_string();
+    for (old, new) in &st.renamed {
+        for prefix in ["/api/models/", "/api/datasets/", "/datasets/", "/"] {
+            let from = format!("{prefix}{old}/");
+            if let Some(rest) = path.strip_prefix(&from) {
+                return Reply::new(307).header("Location", format!("{prefix}{new}/{rest}"));
+            }
+        }
+    }
 
     if let Some(oid) = path.strip_prefix("/cdn/") {
         let bytes = st
