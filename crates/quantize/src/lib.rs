@@ -1,2 +1,12 @@
 //! The conversion pipeline: source resolution, tensor planning, quantizers, writers, verification.
+
+pub mod arch;
+pub mod cli;
+pub mod convert;
 pub mod hub;
+pub mod inspect;
+pub mod manifest;
+pub mod plan;
+pub mod quantizer;
+pub mod verify;
+pub mod writer;

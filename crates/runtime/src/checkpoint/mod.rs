@@ -230,6 +230,21 @@ impl Checkpoint {
         self.files.iter().map(|f| f.path.as_path())
     }
 
+    /// Drops the resident pages of tensor `name` from this process (MADV_DONTNEED on the
+    /// read-only mapping), so streaming a checkpoint larger than memory keeps resident memory
+    /// bounded; the bytes are read from the file again if the tensor is used later. Unknown
+    /// names and advice failures are ignored: this only affects memory use.
+    pub fn release(&self, name: &str) {
+        if let Some((fi, e)) = self.tensors.get(name) {
+            let mmap = &self.files[*fi].mmap;
+            // SAFETY: the mapping is private and read-only, so no page holds data that is not in
+            // the file; dropping pages only forces a re-read on the next access.
+            let _ = unsafe {
+                mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, e.start, e.end - e.start)
+            };
+        }
+    }
+
     /// One tensor's view into the memory map.
     pub fn tensor(&self, name: &str) -> Result<TensorView<'_>, CheckpointError> {
         let (key, (fi, e)) =

@@ -1,0 +1,345 @@
+//! The per-tensor plan: quantize to which layout or keep dense and why, bytes before and after.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use mimo_runtime::checkpoint::{Checkpoint, DType, HeaderEntry};
+use mimo_runtime::format::{detect, Detected, Layout};
+
+use crate::arch::{classify, default_keep_reason, family, fused_group, Family, Verdict};
+
+/// Options that change the plan.
+#[derive(Debug, Clone)]
+pub struct PlanOptions {
+    /// Output layout.
+    pub layout: Layout,
+    /// Glob patterns (matched against tensor and module names) of tensors kept dense.
+    pub ignore: Vec<String>,
+    /// Quantize lm_head too.
+    pub quantize_lm_head: bool,
+}
+
+/// Why a plan cannot be made.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    /// The input checkpoint is already quantized.
+    #[error("{dir}: input is already quantized ({what}); convert from the BF16/FP16/F32 original")]
+    AlreadyQuantized { dir: PathBuf, what: String },
+    /// A Linear weight to quantize has a dtype we cannot read.
+    #[error("{file}: tensor '{tensor}' has dtype {dtype}; only BF16, F16 and F32 weights can be quantized")]
+    UnsupportedDType {
+        file: PathBuf,
+        tensor: String,
+        dtype: DType,
+    },
+    /// An --ignore pattern is not a valid glob.
+    #[error("--ignore '{pattern}': {reason}")]
+    BadIgnore { pattern: String, reason: String },
+}
+
+/// What happens to one tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Quantize the Linear `module` ([n, k]); `group` is its fused set (shared global scale).
+    Quantize {
+        module: String,
+        n: usize,
+        k: usize,
+        group: Option<String>,
+    },
+    /// Copy unchanged.
+    Keep { reason: String },
+}
+
+/// One source tensor's decision.
+#[derive(Debug, Clone)]
+pub struct PlanEntry {
+    /// Source tensor name.
+    pub name: String,
+    /// Source dtype.
+    pub dtype: DType,
+    /// Source shape.
+    pub shape: Vec<usize>,
+    /// The decision.
+    pub action: Action,
+}
+
+impl PlanEntry {
+    /// Bytes in the source.
+    pub fn bytes_in(&self) -> u64 {
+        let numel: u64 = self.shape.iter().map(|&d| d as u64).product();
+        self.dtype.byte_len(numel).unwrap_or(0)
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> u64 {
+        self.shape.iter().map(|&d| d as u64).product()
+    }
+}
+
+/// The whole plan.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Architecture name from config.json.
+    pub arch: String,
+    /// Rule family used.
+    pub family: Family,
+    /// Output layout.
+    pub layout: Layout,
+    /// One entry per source tensor, in sorted name order.
+    pub entries: Vec<PlanEntry>,
+    /// Warnings to show the user.
+    pub warnings: Vec<String>,
+}
+
+impl Plan {
+    /// Decides every tensor of `ck`.
+    pub fn build(ck: &Checkpoint, opts: &PlanOptions) -> Result<Plan, PlanError> {
+        match detect(ck) {
+            Detected::Dense => {}
+            Detected::Fp4(l) => {
+                return Err(PlanError::AlreadyQuantized {
+                    dir: ck.root().into(),
+                    what: l.name().into(),
+                })
+            }
+            Detected::GptOssMxfp4 => {
+                return Err(PlanError::AlreadyQuantized {
+                    dir: ck.root().into(),
+                    what: "gpt-oss mxfp4".into(),
+                })
+            }
+            Detected::Other(w) => {
+                return Err(PlanError::AlreadyQuantized {
+                    dir: ck.root().into(),
+                    what: w,
+                })
+            }
+        }
+        let patterns = opts
+            .ignore
+            .iter()
+            .map(|p| {
+                glob::Pattern::new(p).map_err(|e| PlanError::BadIgnore {
+                    pattern: p.clone(),
+                    reason: e.to_string(),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let (fam, arch) = family(ck.config());
+        let mut warnings = Vec::new();
+        if fam == Family::Unknown {
+            warnings.push(format!(
+                "unknown architecture '{arch}': generic rule (every 2-D Linear weight except embeddings, lm_head, norms and routers is quantized); check the plan"
+            ));
+        }
+        let block = opts.layout.format().block_size();
+        let mut entries = Vec::new();
+        for name in ck.tensor_names() {
+            let Ok(t) = ck.tensor(name) else { continue };
+            let module = name.strip_suffix(".weight").unwrap_or(name).to_string();
+            let keep = |reason: String| Action::Keep { reason };
+            let action = if let Some(p) = patterns
+                .iter()
+                .find(|p| p.matches(name) || p.matches(&module))
+            {
+                keep(format!("--ignore {}", p.as_str()))
+            } else if t.shape.len() != 2 || !name.ends_with(".weight") {
+                keep(if t.shape.len() == 1 {
+                    "1-D".into()
+                } else {
+                    "not a 2-D .weight".into()
+                })
+            } else if let Some(r) =
+                default_keep_reason(name).filter(|r| !(opts.quantize_lm_head && *r == "lm_head"))
+            {
+                keep(r.into())
+            } else {
+                match classify(fam, name) {
+                    Verdict::Keep(r) => {
+                        if fam != Family::Unknown && !r.starts_with("MTP") {
+                            warnings.push(format!(
+                                "{name}: unrecognised 2-D weight for {arch}, kept {}",
+                                t.dtype
+                            ));
+                        }
+                        keep(r)
+                    }
+                    Verdict::Linear => {
+                        if !t.dtype.is_dense_float() {
+                            return Err(PlanError::UnsupportedDType {
+                                file: t.file.to_path_buf(),
+                                tensor: name.into(),
+                                dtype: t.dtype,
+                            });
+                        }
+                        let (n, k) = (t.shape[0], t.shape[1]);
+                        if k % block != 0 || n == 0 {
+                            warnings.push(format!(
+                                "{name}: in-features {k} not divisible by the {} block size {block}, kept {}",
+                                opts.layout.format(),
+                                t.dtype
+                            ));
+                            keep(format!("k={k} not divisible by {block}"))
+                        } else {
+                            Action::Quantize {
+                                module: module.clone(),
+                                n,
+                                k,
+                                group: fused_group(&module),
+                            }
+                        }
+                    }
+                }
+            };
+            entries.push(PlanEntry {
+                name: name.into(),
+                dtype: t.dtype,
+                shape: t.shape.to_vec(),
+                action,
+            });
+        }
+        // A fused set only matters when two or more members are quantized.
+        let mut count: BTreeMap<String, usize> = BTreeMap::new();
+        for e in &entries {
+            if let Action::Quantize { group: Some(g), .. } = &e.action {
+                *count.entry(g.clone()).or_default() += 1;
+            }
+        }
+        for e in &mut entries {
+            if let Action::Quantize { group, .. } = &mut e.action {
+                if group
+                    .as_ref()
+                    .is_some_and(|g| count.get(g).copied().unwrap_or(0) < 2)
+                {
+                    *group = None;
+                }
+            }
+        }
+        Ok(Plan {
+            arch,
+            family: fam,
+            layout: opts.layout,
+            entries,
+            warnings,
+        })
+    }
+
+    /// Output header entries of source entry `i`.
+    pub fn outputs(&self, i: usize) -> Vec<HeaderEntry> {
+        let e = &self.entries[i];
+        match &e.action {
+            Action::Quantize { module, n, k, .. } => self.layout.tensor_entries(module, *n, *k),
+            Action::Keep { .. } => vec![HeaderEntry {
+                name: e.name.clone(),
+                dtype: e.dtype,
+                shape: e.shape.clone(),
+            }],
+        }
+    }
+
+    /// Output bytes of source entry `i`.
+    pub fn bytes_out(&self, i: usize) -> u64 {
+        self.outputs(i).iter().map(|h| h.byte_len()).sum()
+    }
+
+    /// Modules kept dense that are 2-D `.weight`s (the config's `ignore` list), sorted.
+    pub fn ignored_modules(&self) -> Vec<String> {
+        self.entries
+            .iter()
+            .filter(|e| {
+                matches!(e.action, Action::Keep { .. })
+                    && e.shape.len() == 2
+                    && e.name.ends_with(".weight")
+            })
+            .filter(|e| !e.name.contains("embed_tokens") && !e.name.contains("word_embeddings"))
+            .map(|e| e.name.trim_end_matches(".weight").to_string())
+            .collect()
+    }
+
+    /// Totals: (tensors quantized, tensors kept, bytes in, bytes out, quantized elements).
+    pub fn totals(&self) -> PlanTotals {
+        let mut t = PlanTotals::default();
+        for (i, e) in self.entries.iter().enumerate() {
+            t.bytes_in += e.bytes_in();
+            t.bytes_out += self.bytes_out(i);
+            t.params += e.numel();
+            match e.action {
+                Action::Quantize { .. } => {
+                    t.quantized += 1;
+                    t.quantized_params += e.numel();
+                }
+                Action::Keep { .. } => t.kept += 1,
+            }
+        }
+        t
+    }
+
+    /// A human-readable table of the plan.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "architecture: {} ({:?} rules), output: {}",
+            self.arch, self.family, self.layout
+        );
+        for (i, e) in self.entries.iter().enumerate() {
+            let what = match &e.action {
+                Action::Quantize { group: Some(g), .. } => {
+                    format!("{} (shares global scale: {g})", self.layout.format())
+                }
+                Action::Quantize { .. } => self.layout.format().to_string(),
+                Action::Keep { reason } => format!("keep {} ({reason})", e.dtype),
+            };
+            let _ = writeln!(
+                s,
+                "  {:<64} {:>14} -> {:>12}  {}",
+                e.name,
+                fmt_shape(&e.shape),
+                self.bytes_out(i),
+                what
+            );
+        }
+        let t = self.totals();
+        let _ = writeln!(
+            s,
+            "{} quantized, {} kept; {} -> {} bytes ({:.2}x); {:.3} bits per weight overall",
+            t.quantized,
+            t.kept,
+            t.bytes_in,
+            t.bytes_out,
+            t.bytes_in as f64 / t.bytes_out.max(1) as f64,
+            t.bits_per_weight()
+        );
+        s
+    }
+}
+
+fn fmt_shape(s: &[usize]) -> String {
+    format!("{s:?}")
+}
+
+/// Plan totals.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct PlanTotals {
+    /// Tensors quantized.
+    pub quantized: usize,
+    /// Tensors kept.
+    pub kept: usize,
+    /// Source bytes.
+    pub bytes_in: u64,
+    /// Output bytes.
+    pub bytes_out: u64,
+    /// All elements.
+    pub params: u64,
+    /// Elements quantized.
+    pub quantized_params: u64,
+}
+
+impl PlanTotals {
+    /// Output bits per source element.
+    pub fn bits_per_weight(&self) -> f64 {
+        self.bytes_out as f64 * 8.0 / self.params.max(1) as f64
+    }
+}

@@ -1,0 +1,261 @@
+//! RTN quantization of one source tensor, streamed row by row out of the memory map, through the
+//! kernels' per-row entry points, with the error of every quantized tensor (SQNR, max abs error).
+//!
+//! Global scales: compressed-tensors NVFP4 uses `nvfp4_global_scale_in(amax, dtype)` (computed
+//! in the weight's dtype as llm-compressor's observer does); a fused set takes the MINIMUM of its
+//! members' global scales, as llm-compressor's `update_fused_layer_weight_global_scales`
+//! (src/llmcompressor/modifiers/utils/helpers.py) does for q/k/v and gate/up. ModelOpt's
+//! `weight_scale_2` is the reciprocal convention, so the same sharing is the MAXIMUM (vLLM's
+//! modelopt.py takes `weight_scale_2.max()` over fused shards). MXFP4 has no global scale.
+
+use std::path::PathBuf;
+
+use half::bf16;
+use mimo_kernels::dtype::{convert_row, SrcDType};
+use mimo_kernels::fp4::{
+    dequantize_row, modelopt_weight_scale_2, nvfp4_global_scale, nvfp4_global_scale_in,
+    quantize_row_mxfp4, quantize_row_nvfp4_in, quantize_row_nvfp4_modelopt, Fp4Matrix,
+};
+use mimo_runtime::checkpoint::{DType, HeaderEntry, TensorView};
+use mimo_runtime::format::Layout;
+
+/// Why a tensor cannot be quantized.
+#[derive(Debug, thiserror::Error)]
+pub enum QuantError {
+    /// The tensor holds NaN or an infinity.
+    #[error("{file}: tensor '{tensor}' holds a non-finite value ({value}) at element {index}")]
+    NonFinite {
+        file: PathBuf,
+        tensor: String,
+        index: usize,
+        value: f32,
+    },
+    /// The dtype cannot be quantized.
+    #[error("{file}: tensor '{tensor}' has dtype {dtype}; only BF16, F16 and F32 weights can be quantized")]
+    UnsupportedDType {
+        file: PathBuf,
+        tensor: String,
+        dtype: DType,
+    },
+    /// The raw bytes could not be converted to f32.
+    #[error("{file}: tensor '{tensor}': {reason}")]
+    Convert {
+        file: PathBuf,
+        tensor: String,
+        reason: String,
+    },
+    /// The kernels refused the data (shape or scale problem).
+    #[error("{file}: tensor '{tensor}': {source}")]
+    Kernel {
+        file: PathBuf,
+        tensor: String,
+        source: mimo_kernels::fp4::Fp4Error,
+    },
+}
+
+/// Quantization error of one tensor against its source.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ErrorStats {
+    /// 10 log10(sum x^2 / sum (x - q)^2); infinite (written as null) when exact.
+    pub sqnr_db: f64,
+    /// Largest |x - q|.
+    pub max_abs_err: f32,
+}
+
+/// Accumulates signal and noise energy.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ErrorAcc {
+    signal: f64,
+    noise: f64,
+    max_abs: f32,
+}
+
+impl ErrorAcc {
+    /// Adds one row of source values `x` and their reconstruction `q`.
+    pub fn add(&mut self, x: &[f32], q: &[f32]) {
+        let (mut s, mut n) = (0.0f64, 0.0f64);
+        for (&a, &b) in x.iter().zip(q) {
+            let d = a - b;
+            s += (a as f64) * (a as f64);
+            n += (d as f64) * (d as f64);
+            self.max_abs = self.max_abs.max(d.abs());
+        }
+        self.signal += s;
+        self.noise += n;
+    }
+
+    /// The final statistics.
+    pub fn finish(&self) -> ErrorStats {
+        let sqnr_db = if self.noise == 0.0 {
+            f64::INFINITY
+        } else {
+            10.0 * (self.signal / self.noise).log10()
+        };
+        ErrorStats {
+            sqnr_db,
+            max_abs_err: self.max_abs,
+        }
+    }
+}
+
+/// The kernels' dtype of a dense float tensor.
+pub fn src_dtype(t: &TensorView<'_>) -> Result<SrcDType, QuantError> {
+    match t.dtype {
+        DType::BF16 => Ok(SrcDType::BF16),
+        DType::F16 => Ok(SrcDType::F16),
+        DType::F32 => Ok(SrcDType::F32),
+        d => Err(QuantError::UnsupportedDType {
+            file: t.file.to_path_buf(),
+            tensor: t.name.to_string(),
+            dtype: d,
+        }),
+    }
+}
+
+/// Largest |x| of the tensor; errors on NaN/Inf (naming file, tensor and element).
+pub fn amax(t: &TensorView<'_>) -> Result<f32, QuantError> {
+    let dt = src_dtype(t)?;
+    let non_finite = |index: usize, value: f32| QuantError::NonFinite {
+        file: t.file.to_path_buf(),
+        tensor: t.name.to_string(),
+        index,
+        value,
+    };
+    if dt == SrcDType::BF16 {
+        // On the raw bits: |x| orders like its bits with the sign cleared; >= 0x7F80 is Inf/NaN.
+        let mut m = 0u16;
+        for (i, c) in t.data.chunks_exact(2).enumerate() {
+            let b = u16::from_le_bytes([c[0], c[1]]) & 0x7FFF;
+            if b >= 0x7F80 {
+                return Err(non_finite(
+                    i,
+                    bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32(),
+                ));
+            }
+            m = m.max(b);
+        }
+        return Ok(bf16::from_bits(m).to_f32());
+    }
+    let size = dt.size();
+    let mut buf = vec![0f32; 4096];
+    let mut m = 0f32;
+    for (ci, chunk) in t.data.chunks(4096 * size).enumerate() {
+        let n = chunk.len() / size;
+        let out = &mut buf[..n];
+        convert_row(dt, chunk, out).map_err(|_| non_finite(ci * 4096, f32::NAN))?;
+        for (i, v) in out.iter().enumerate() {
+            if !v.is_finite() {
+                return Err(non_finite(ci * 4096 + i, *v));
+            }
+            m = m.max(v.abs());
+        }
+    }
+    Ok(m)
+}
+
+/// The per-tensor scale a tensor alone would get in `layout` (compressed-tensors global scale or
+/// ModelOpt weight_scale_2); `None` for MXFP4.
+pub fn own_scale(layout: Layout, amax: f32, dtype: SrcDType) -> Option<f32> {
+    match layout {
+        Layout::CtNvfp4 => Some(
+            nvfp4_global_scale_in(amax, dtype)
+                // An F16 weight with a tiny amax overflows F16 arithmetic: use f32 then.
+                .unwrap_or_else(|_| nvfp4_global_scale(amax)),
+        ),
+        Layout::ModelOptNvfp4 => Some(modelopt_weight_scale_2(amax)),
+        Layout::CtMxfp4 => None,
+    }
+}
+
+/// The scale a fused set shares: min of global scales (compressed-tensors) or max of
+/// weight_scale_2 (ModelOpt).
+pub fn shared_scale(layout: Layout, scales: impl Iterator<Item = f32>) -> Option<f32> {
+    match layout {
+        Layout::CtNvfp4 => scales.reduce(f32::min),
+        Layout::ModelOptNvfp4 => scales.reduce(f32::max),
+        Layout::CtMxfp4 => None,
+    }
+}
+
+/// A quantized tensor ready to write.
+#[derive(Debug)]
+pub struct Quantized {
+    /// Output tensors in layout order.
+    pub tensors: Vec<(HeaderEntry, Vec<u8>)>,
+    /// Error against the source.
+    pub stats: ErrorStats,
+}
+
+/// Quantizes source tensor `t` ([n, k]) as Linear `module` in `layout`, with per-tensor `scale`
+/// from [`own_scale`]/[`shared_scale`] (ignored for MXFP4). Streams rows from the mapping; output
+/// depends only on the inputs, so results are the same on any thread count.
+pub fn quantize(
+    t: &TensorView<'_>,
+    module: &str,
+    layout: Layout,
+    scale: Option<f32>,
+) -> Result<Quantized, QuantError> {
+    let dt = src_dtype(t)?;
+    let kerr = |source| QuantError::Kernel {
+        file: t.file.to_path_buf(),
+        tensor: t.name.to_string(),
+        source,
+    };
+    let (n, k) = (t.shape[0], t.shape[1]);
+    let format = layout.format();
+    let bpr = k / format.block_size();
+    let global_scale = match layout {
+        Layout::CtNvfp4 => scale.unwrap_or(1.0),
+        Layout::ModelOptNvfp4 => 1.0 / scale.unwrap_or(1.0),
+        Layout::CtMxfp4 => 1.0,
+    };
+    let mut m = Fp4Matrix {
+        format,
+        n,
+        k,
+        packed: vec![0u8; n * k / 2],
+        scales: vec![0u8; n * bpr],
+        global_scale,
+    };
+    let mut row = vec![0f32; k];
+    let mut deq = vec![0f32; k];
+    let mut acc = ErrorAcc::default();
+    let row_bytes = k * dt.size();
+    for r in 0..n {
+        let src = &t.data[r * row_bytes..(r + 1) * row_bytes];
+        convert_row(dt, src, &mut row).map_err(|e| QuantError::Convert {
+            file: t.file.to_path_buf(),
+            tensor: t.name.to_string(),
+            reason: e.to_string(),
+        })?;
+        let p = &mut m.packed[r * k / 2..(r + 1) * k / 2];
+        let s = &mut m.scales[r * bpr..(r + 1) * bpr];
+        let res = match layout {
+            Layout::CtNvfp4 => quantize_row_nvfp4_in(&row, global_scale, dt, p, s),
+            Layout::CtMxfp4 => quantize_row_mxfp4(&row, p, s),
+            Layout::ModelOptNvfp4 => quantize_row_nvfp4_modelopt(&row, scale.unwrap_or(1.0), p, s),
+        };
+        res.map_err(|e| match e {
+            mimo_kernels::fp4::Fp4Error::NonFinite { index, value } => QuantError::NonFinite {
+                file: t.file.to_path_buf(),
+                tensor: t.name.to_string(),
+                index: r * k + index,
+                value,
+            },
+            other => kerr(other),
+        })?;
+        // For ModelOpt the matrix's global scale is 1 / weight_scale_2 rounded to f32: the
+        // reconstruction may differ from ModelOpt's in the last bit, irrelevant for the error.
+        dequantize_row(&m, r, &mut deq).map_err(kerr)?;
+        acc.add(&row, &deq);
+    }
+    let tensors = layout.encode(
+        module,
+        &m,
+        scale.filter(|_| layout == Layout::ModelOptNvfp4),
+    );
+    Ok(Quantized {
+        tensors,
+        stats: acc.finish(),
+    })
+}

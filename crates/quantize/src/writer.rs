@@ -1,0 +1,319 @@
+//! Writing the output folder: shard planning, safetensors shards with a running sha256, the
+//! index, side files (tokenizer, generation config, remote code), and atomicity (everything goes
+//! into a temporary sibling folder renamed into place at the end; dropped unfinished, it is
+//! deleted).
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use mimo_runtime::checkpoint::{header_bytes, HeaderEntry, INDEX_FILE, SINGLE_FILE};
+use sha2::{Digest, Sha256};
+
+use crate::manifest::FileHash;
+
+/// Why the output cannot be written.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The output exists and --force was not given.
+    #[error("{0}: output already exists (use --force to replace it)")]
+    Exists(PathBuf),
+    /// The output path has no parent folder or file name.
+    #[error("{0}: not a usable output folder path")]
+    BadPath(PathBuf),
+    /// A file operation failed.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Data handed to a shard does not match its header entry (a bug, reported instead of writing a corrupt file).
+    #[error("{path}: tensor '{tensor}' has {actual} bytes, its header entry says {expected}")]
+    SizeMismatch {
+        path: PathBuf,
+        tensor: String,
+        expected: u64,
+        actual: u64,
+    },
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> WriteError + '_ {
+    move |source| WriteError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A temporary sibling of the final output folder, removed on drop unless committed.
+#[derive(Debug)]
+pub struct TempOutput {
+    tmp: PathBuf,
+    target: PathBuf,
+    force: bool,
+    done: bool,
+}
+
+impl TempOutput {
+    /// Creates `.<name>.mimo-quant-tmp-<pid>` next to `target`; refuses an existing `target`
+    /// unless `force`.
+    pub fn create(target: &Path, force: bool) -> Result<TempOutput, WriteError> {
+        if target.exists() && !force {
+            return Err(WriteError::Exists(target.to_path_buf()));
+        }
+        let name = target
+            .file_name()
+            .ok_or_else(|| WriteError::BadPath(target.to_path_buf()))?;
+        let parent = match target.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        std::fs::create_dir_all(&parent).map_err(io(&parent))?;
+        let tmp = parent.join(format!(
+            ".{}.mimo-quant-tmp-{}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+        }
+        std::fs::create_dir(&tmp).map_err(io(&tmp))?;
+        Ok(TempOutput {
+            tmp,
+            target: target.to_path_buf(),
+            force,
+            done: false,
+        })
+    }
+
+    /// The temporary folder to write into.
+    pub fn path(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// Renames the temporary folder to the target (replacing an existing one with --force).
+    pub fn commit(mut self) -> Result<(), WriteError> {
+        if self.target.exists() {
+            if !self.force {
+                return Err(WriteError::Exists(self.target.clone()));
+            }
+            // Move the old output aside first so the final rename is a single step.
+            let old = self.tmp.with_extension("old");
+            std::fs::rename(&self.target, &old).map_err(io(&self.target))?;
+            std::fs::rename(&self.tmp, &self.target).map_err(io(&self.tmp))?;
+            let _ = std::fs::remove_dir_all(&old);
+        } else {
+            std::fs::rename(&self.tmp, &self.target).map_err(io(&self.tmp))?;
+        }
+        self.done = true;
+        Ok(())
+    }
+}
+
+impl Drop for TempOutput {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_dir_all(&self.tmp);
+        }
+    }
+}
+
+/// Splits items of the given byte sizes, in order, into shards of at most `max` bytes (an item
+/// larger than `max` gets a shard of its own). Returns index ranges.
+pub fn plan_shards(sizes: &[u64], max: u64) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let (mut start, mut cur) = (0usize, 0u64);
+    for (i, &s) in sizes.iter().enumerate() {
+        if i > start && cur + s > max {
+            out.push(start..i);
+            start = i;
+            cur = 0;
+        }
+        cur += s;
+    }
+    if start < sizes.len() || out.is_empty() {
+        out.push(start..sizes.len());
+    }
+    out
+}
+
+/// File name of shard `i` (0-based) of `n`.
+pub fn shard_name(i: usize, n: usize) -> String {
+    if n == 1 {
+        SINGLE_FILE.to_string()
+    } else {
+        format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
+    }
+}
+
+/// A safetensors file being written: header first, then each tensor's bytes in header order.
+pub struct ShardWriter {
+    path: PathBuf,
+    out: BufWriter<File>,
+    hash: Sha256,
+    bytes: u64,
+    entries: Vec<HeaderEntry>,
+    next: usize,
+}
+
+impl ShardWriter {
+    /// Creates `path` and writes the header for `entries`.
+    pub fn create(path: &Path, entries: Vec<HeaderEntry>) -> Result<ShardWriter, WriteError> {
+        let f = File::create(path).map_err(io(path))?;
+        let mut w = ShardWriter {
+            path: path.to_path_buf(),
+            out: BufWriter::with_capacity(8 << 20, f),
+            hash: Sha256::new(),
+            bytes: 0,
+            entries,
+            next: 0,
+        };
+        let header = header_bytes(&w.entries, &[("format".into(), "pt".into())]);
+        w.put(&header)?;
+        Ok(w)
+    }
+
+    fn put(&mut self, data: &[u8]) -> Result<(), WriteError> {
+        self.out.write_all(data).map_err(io(&self.path))?;
+        self.hash.update(data);
+        self.bytes += data.len() as u64;
+        Ok(())
+    }
+
+    /// Writes the next tensor's bytes (must match the next header entry).
+    pub fn write_tensor(&mut self, name: &str, data: &[u8]) -> Result<(), WriteError> {
+        let e = self.entries.get(self.next).cloned();
+        match e {
+            Some(e) if e.name == name && e.byte_len() == data.len() as u64 => {}
+            e => {
+                return Err(WriteError::SizeMismatch {
+                    path: self.path.clone(),
+                    tensor: name.to_string(),
+                    expected: e.map(|e| e.byte_len()).unwrap_or(0),
+                    actual: data.len() as u64,
+                })
+            }
+        }
+        self.next += 1;
+        self.put(data)
+    }
+
+    /// Flushes, syncs and returns the file's hash.
+    pub fn finish(mut self) -> Result<FileHash, WriteError> {
+        if self.next != self.entries.len() {
+            let missing = self.entries[self.next].clone();
+            return Err(WriteError::SizeMismatch {
+                path: self.path.clone(),
+                expected: missing.byte_len(),
+                tensor: missing.name,
+                actual: 0,
+            });
+        }
+        self.out.flush().map_err(io(&self.path))?;
+        self.out.get_ref().sync_all().map_err(io(&self.path))?;
+        let name = self
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Ok(FileHash {
+            name,
+            bytes: self.bytes,
+            sha256: hex::encode(self.hash.finalize()),
+        })
+    }
+}
+
+/// Writes `model.safetensors.index.json` for the given shards.
+pub fn write_index(dir: &Path, shards: &[(String, Vec<HeaderEntry>)]) -> Result<(), WriteError> {
+    let mut map = serde_json::Map::new();
+    let mut total = 0u64;
+    for (file, entries) in shards {
+        for e in entries {
+            total += e.byte_len();
+            map.insert(e.name.clone(), serde_json::Value::String(file.clone()));
+        }
+    }
+    let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": map});
+    write_json(&dir.join(INDEX_FILE), &index)
+}
+
+/// Writes pretty JSON with a trailing newline.
+pub fn write_json(path: &Path, v: &serde_json::Value) -> Result<(), WriteError> {
+    let mut text = serde_json::to_string_pretty(v).unwrap_or_default();
+    text.push('\n');
+    std::fs::write(path, text).map_err(io(path))
+}
+
+/// Side files copied as they are: tokenizer, generation config, chat template, remote code.
+pub fn is_side_file(name: &str) -> bool {
+    const NAMES: &[&str] = &[
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "tokenizer.model",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "vocab.json",
+        "merges.txt",
+        "generation_config.json",
+        "chat_template.jinja",
+        "chat_template.json",
+        "preprocessor_config.json",
+        "LICENSE",
+        "README.md",
+    ];
+    NAMES.contains(&name) || name.ends_with(".py") || name.ends_with(".tiktoken")
+}
+
+/// Copies the side files of `src` into `dst`; returns their names, sorted.
+pub fn copy_side_files(src: &Path, dst: &Path) -> Result<Vec<String>, WriteError> {
+    let mut names = Vec::new();
+    for ent in std::fs::read_dir(src).map_err(io(src))? {
+        let ent = ent.map_err(io(src))?;
+        let name = ent.file_name().to_string_lossy().into_owned();
+        if ent.path().is_file() && is_side_file(&name) {
+            std::fs::copy(ent.path(), dst.join(&name)).map_err(io(&ent.path()))?;
+            names.push(name);
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_split_in_order() {
+        assert_eq!(plan_shards(&[3, 3, 3], 6), vec![0..2, 2..3]);
+        assert_eq!(plan_shards(&[10, 1], 5), vec![0..1, 1..2]);
+        assert_eq!(plan_shards(&[1, 1], 100), vec![0..2]);
+        assert_eq!(plan_shards(&[], 100), vec![0..0]);
+        assert_eq!(shard_name(0, 1), "model.safetensors");
+        assert_eq!(shard_name(1, 3), "model-00002-of-00003.safetensors");
+    }
+
+    #[test]
+    fn temp_output_is_removed_unless_committed() {
+        let d = tempfile::tempdir().unwrap();
+        let target = d.path().join("out");
+        let t = TempOutput::create(&target, false).unwrap();
+        let tmp = t.path().to_path_buf();
+        std::fs::write(tmp.join("x"), "1").unwrap();
+        drop(t);
+        assert!(!tmp.exists() && !target.exists());
+        let t = TempOutput::create(&target, false).unwrap();
+        std::fs::write(t.path().join("x"), "1").unwrap();
+        t.commit().unwrap();
+        assert!(target.join("x").exists());
+        assert!(matches!(
+            TempOutput::create(&target, false),
+            Err(WriteError::Exists(_))
+        ));
+        let t = TempOutput::create(&target, true).unwrap();
+        std::fs::write(t.path().join("y"), "2").unwrap();
+        t.commit().unwrap();
+        assert!(target.join("y").exists() && !target.join("x").exists());
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+}
