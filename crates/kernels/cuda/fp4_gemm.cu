@@ -96,42 +96,40 @@ struct TokenMap {
     int out_row[64];  // output row of each token slot
 };
 
-// XMODE_PLAIN: x is [rows][k] bf16. XMODE_SWIGLU: x is a gate/up output [rows][2k] bf16 and the
-// activation row is silu(gate) * up, computed while loading (rounded to bf16 as if stored).
-#define XMODE_PLAIN 0
-#define XMODE_SWIGLU 1
+// Token slots of a dense product: slot i of block z is token z*8*TN + i (if < m).
+struct DenseTokens {
+    int tok0, m;
+    __device__ __forceinline__ int in_row(int i) const { return tok0 + i < m ? tok0 + i : -1; }
+    __device__ __forceinline__ int out_row(int i) const { return in_row(i); }
+};
 
-__device__ __forceinline__ u32 swiglu_bf16x2(u32 g, u32 u) {
-    const float g0 = __uint_as_float(g << 16), g1 = __uint_as_float(g & 0xFFFF0000u);
-    const float u0 = __uint_as_float(u << 16), u1 = __uint_as_float(u & 0xFFFF0000u);
-    const float a0 = g0 / (1.0f + __expf(-g0)) * u0;
-    const float a1 = g1 / (1.0f + __expf(-g1)) * u1;
-    return (u32)f32_to_bf16(a0) | ((u32)f32_to_bf16(a1) << 16);
-}
+// Token slots gathered in shared memory (grouped MoE).
+struct SharedTokens {
+    const TokenMap* tm;
+    __device__ __forceinline__ int in_row(int i) const { return tm->in_row[i]; }
+    __device__ __forceinline__ int out_row(int i) const { return tm->out_row[i]; }
+};
 
-template <int XMODE>
-__device__ __forceinline__ uint4 load_x8(const u16* __restrict__ x, int row, int k, int col) {
-    if (XMODE == XMODE_PLAIN) {
-        return __ldg((const uint4*)(x + (size_t)row * k + col));
-    } else {
-        const uint4 g = __ldg((const uint4*)(x + (size_t)row * 2 * k + col));
-        const uint4 u = __ldg((const uint4*)(x + (size_t)row * 2 * k + k + col));
-        return make_uint4(swiglu_bf16x2(g.x, u.x), swiglu_bf16x2(g.y, u.y),
-                          swiglu_bf16x2(g.z, u.z), swiglu_bf16x2(g.w, u.w));
-    }
-}
+// Epilogues. EPI_STORE: y[out_row][row] = bf16(acc / gscale), y has n columns.
+// EPI_SWIGLU (MT == 2): tile 0 holds gate rows r, tile 1 the matching up rows r + lim;
+// y[out_row][r] = bf16(silu(gate) * up), y has lim columns (the expert's intermediate width).
+#define EPI_STORE 0
+#define EPI_SWIGLU 1
 
-template <int FMT, int MT, int TN, int G, int XMODE>
+// Rows: tile i, local row l (0..15) is weight row row0 + i*tstride + l, used where
+// row0 + l < lim and the row is < n. Dense: tstride 16, lim n. Gated: tstride = lim = inter.
+template <int FMT, int MT, int TN, int G, int EPI, class Tokens>
 __device__ __forceinline__ void fp4_tile(const u8* __restrict__ wp, const u8* __restrict__ ws,
-                                         float gscale, const u16* __restrict__ x,
-                                         u16* __restrict__ y, int n, int k, int row0,
-                                         const TokenMap& tm, const u16* lut, float* red) {
+                                         float gscale, const u16* __restrict__ lut,
+                                         const u16* __restrict__ x, u16* __restrict__ y, int n,
+                                         int k, int row0, int tstride, int lim,
+                                         const Tokens& tok, float* red) {
     const int S = blockDim.x >> 5;
     const int warp = threadIdx.x >> 5;
     const int lane = threadIdx.x & 31;
     const int g = lane >> 2;
     const int t = lane & 3;
-    const int kb = k >> 1;                     // bytes per weight row
+    const int kb = k >> 1;                                   // bytes per weight row
     const int bpr = FMT == FMT_NVFP4 ? (k >> 4) : (k >> 5);  // scale bytes per row
     const int nchunks = (k + 127) >> 7;
 
@@ -145,10 +143,10 @@ __device__ __forceinline__ void fp4_tile(const u8* __restrict__ wp, const u8* __
 
     int xrow[TN];
 #pragma unroll
-    for (int j = 0; j < TN; j++) xrow[j] = tm.in_row[j * 8 + g];
+    for (int j = 0; j < TN; j++) xrow[j] = tok.in_row(j * 8 + g);
 
     // Each warp takes G consecutive chunks per iteration: all their loads are issued before
-    // the first use, so G * 16 rows * 64 bytes per warp are in flight.
+    // the first use, so G * 16 * MT rows * 64 bytes per warp are in flight.
     for (int c0 = warp * G; c0 < nchunks; c0 += S * G) {
         uint4 w[G][MT][2];
         u32 sc[G][MT][2];
@@ -160,8 +158,9 @@ __device__ __forceinline__ void fp4_tile(const u8* __restrict__ wp, const u8* __
             for (int i = 0; i < MT; i++) {
 #pragma unroll
                 for (int h = 0; h < 2; h++) {
-                    const int r = row0 + i * 16 + g + h * 8;
-                    if (kval && r < n) {
+                    const int l = g + h * 8;
+                    const int r = row0 + i * tstride + l;
+                    if (kval && row0 + l < lim && r < n) {
                         w[u][i][h] = ldg_stream(wp + (size_t)r * kb + (k0 >> 1));
                         if (FMT == FMT_NVFP4) {
                             sc[u][i][h] = __ldg((const u16*)(ws + (size_t)r * bpr + (k0 >> 4)));
@@ -185,7 +184,7 @@ __device__ __forceinline__ void fp4_tile(const u8* __restrict__ wp, const u8* __
 #pragma unroll
                 for (int q = 0; q < 4; q++) {
                     if (kval && xrow[j] >= 0) {
-                        xv[u][j][q] = load_x8<XMODE>(x, xrow[j], k, k0 + 8 * q);
+                        xv[u][j][q] = __ldg((const uint4*)(x + (size_t)xrow[j] * k + k0 + 8 * q));
                     } else {
                         xv[u][j][q] = make_uint4(0, 0, 0, 0);
                     }
@@ -195,17 +194,19 @@ __device__ __forceinline__ void fp4_tile(const u8* __restrict__ wp, const u8* __
 #pragma unroll
         for (int u = 0; u < G; u++) {
             // Block scales as bf16x2 (both lanes equal); NVFP4 pieces hold two 16-element blocks.
+            // The 512-byte table is read through L1 (no shared-memory prologue before the loads).
             u32 s2[MT][2][2];
 #pragma unroll
             for (int i = 0; i < MT; i++)
 #pragma unroll
                 for (int h = 0; h < 2; h++) {
                     if (FMT == FMT_NVFP4) {
-                        u32 a = lut[sc[u][i][h] & 0xFF], b = lut[(sc[u][i][h] >> 8) & 0xFF];
+                        const u32 a = __ldg(lut + (sc[u][i][h] & 0xFF));
+                        const u32 b = __ldg(lut + ((sc[u][i][h] >> 8) & 0xFF));
                         s2[i][h][0] = a | (a << 16);
                         s2[i][h][1] = b | (b << 16);
                     } else {
-                        u32 a = lut[sc[u][i][h] & 0xFF];
+                        const u32 a = __ldg(lut + (sc[u][i][h] & 0xFF));
                         s2[i][h][0] = a | (a << 16);
                         s2[i][h][1] = s2[i][h][0];
                     }
@@ -259,37 +260,47 @@ __device__ __forceinline__ void fp4_tile(const u8* __restrict__ wp, const u8* __
         }
     __syncthreads();
     const float inv_scale = 1.0f / gscale;
-    for (int e = threadIdx.x; e < ROWS * TOK; e += blockDim.x) {
-        // Consecutive threads take consecutive rows of one token: coalesced stores to y.
-        const int tok = e / ROWS;
-        const int r = e - tok * ROWS;
-        const int orow = tm.out_row[tok];
-        const int col = row0 + r;
-        if (orow < 0 || col >= n) continue;
-        float sum = 0.f;
-        for (int s = 0; s < S; s++) sum += red[(s * ROWS + r) * TOK + tok];
-        y[(size_t)orow * n + col] = f32_to_bf16(sum * inv_scale);
+    if (EPI == EPI_STORE) {
+        for (int e = threadIdx.x; e < ROWS * TOK; e += blockDim.x) {
+            // Consecutive threads take consecutive rows of one token: coalesced stores to y.
+            const int tk = e / ROWS;
+            const int r = e - tk * ROWS;
+            const int orow = tok.out_row(tk);
+            const int col = row0 + r;
+            if (orow < 0 || col >= n) continue;
+            float sum = 0.f;
+            for (int s = 0; s < S; s++) sum += red[(s * ROWS + r) * TOK + tk];
+            y[(size_t)orow * n + col] = f32_to_bf16(sum * inv_scale);
+        }
+    } else {
+        for (int e = threadIdx.x; e < 16 * TOK; e += blockDim.x) {
+            const int tk = e / 16;
+            const int r = e - tk * 16;
+            const int orow = tok.out_row(tk);
+            const int col = row0 + r;
+            if (orow < 0 || col >= lim) continue;
+            float gate = 0.f, up = 0.f;
+            for (int s = 0; s < S; s++) {
+                gate += red[(s * ROWS + r) * TOK + tk];
+                up += red[(s * ROWS + 16 + r) * TOK + tk];
+            }
+            gate *= inv_scale;
+            up *= inv_scale;
+            y[(size_t)orow * lim + col] = f32_to_bf16(gate / (1.0f + __expf(-gate)) * up);
+        }
     }
 }
 
 template <int FMT, int MT, int TN, int G>
 __device__ __forceinline__ void fp4_dense_body(const u8* __restrict__ wp, const u8* __restrict__ ws,
                                                const float* __restrict__ gscale,
-                                               const u16* __restrict__ scale_lut,
+                                               const u16* __restrict__ lut,
                                                const u16* __restrict__ x, u16* __restrict__ y,
                                                int m, int n, int k) {
     extern __shared__ float red[];
-    __shared__ TokenMap tm;
-    __shared__ u16 lut[256];
-    for (int i = threadIdx.x; i < 256; i += blockDim.x) lut[i] = scale_lut[i];
-    const int tok0 = blockIdx.z * 8 * TN;
-    for (int i = threadIdx.x; i < 8 * TN; i += blockDim.x) {
-        const int r = tok0 + i;
-        tm.in_row[i] = r < m ? r : -1;
-        tm.out_row[i] = r < m ? r : -1;
-    }
-    __syncthreads();
-    fp4_tile<FMT, MT, TN, G, XMODE_PLAIN>(wp, ws, gscale[0], x, y, n, k, blockIdx.x * 16 * MT, tm, lut, red);
+    const DenseTokens tok{(int)blockIdx.z * 8 * TN, m};
+    fp4_tile<FMT, MT, TN, G, EPI_STORE>(wp, ws, gscale[0], lut, x, y, n, k, blockIdx.x * 16 * MT,
+                                        16, n, tok, red);
 }
 
 // Grouped MoE variant: one launch covers every (token, expert) pair of a layer, straight from
@@ -299,23 +310,23 @@ __device__ __forceinline__ void fp4_dense_body(const u8* __restrict__ wp, const 
 // takes its expert's pairs 8*TN at a time (deterministic order). blockIdx.x = row tile.
 // in_div: activation row of pair p is p / in_div (top_k for the first projection, whose input
 // is the token; 1 for the second, whose input is the pair's own intermediate row).
+// EPI_SWIGLU: the weight is [2*inter, k] (gate rows, then up rows); tile 0 takes gate rows
+// [16x, 16x+16), tile 1 the matching up rows, and y gets silu(gate) * up, [P][inter].
 #define MOE_MAX_EXPERTS 1024
 
-template <int FMT, int MT, int TN, int G, int XMODE>
+template <int FMT, int MT, int TN, int G, int EPI>
 __device__ __forceinline__ void fp4_moe_body(const u8* __restrict__ wp, const u8* __restrict__ ws,
                                              const float* __restrict__ gscale,
-                                             const u16* __restrict__ scale_lut,
+                                             const u16* __restrict__ lut,
                                              const u16* __restrict__ x, u16* __restrict__ y, int n,
                                              int k, const int* __restrict__ ids, int P, int E,
                                              int in_div, int* __restrict__ bad) {
     extern __shared__ float red[];
     __shared__ TokenMap tm;
-    __shared__ u16 lut[256];
     __shared__ unsigned char present[MOE_MAX_EXPERTS];
     __shared__ int s_expert, s_pos, s_fill;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     for (int e = threadIdx.x; e < E; e += blockDim.x) present[e] = 0;
-    for (int i = threadIdx.x; i < 256; i += blockDim.x) lut[i] = scale_lut[i];
     __syncthreads();
     for (int p = threadIdx.x; p < P; p += blockDim.x) {
         const int e = ids[p];
@@ -353,6 +364,11 @@ __device__ __forceinline__ void fp4_moe_body(const u8* __restrict__ wp, const u8
     if (e < 0) return;
     const size_t wbytes = (size_t)n * (k >> 1);
     const size_t sbytes = (size_t)n * (FMT == FMT_NVFP4 ? (k >> 4) : (k >> 5));
+    const int inter = n / 2;
+    const int row0 = EPI == EPI_SWIGLU ? blockIdx.x * 16 : blockIdx.x * 16 * MT;
+    const int tstride = EPI == EPI_SWIGLU ? inter : 16;
+    const int lim = EPI == EPI_SWIGLU ? inter : n;
+    const SharedTokens tok{&tm};
     while (true) {
         if (warp == 0) {
             // Collect up to 8*TN pairs of expert e, resuming at s_pos.
@@ -388,8 +404,8 @@ __device__ __forceinline__ void fp4_moe_body(const u8* __restrict__ wp, const u8
         }
         __syncthreads();
         if (s_fill == 0) break;
-        fp4_tile<FMT, MT, TN, G, XMODE>(wp + (size_t)e * wbytes, ws + (size_t)e * sbytes, gscale[e],
-                                        x, y, n, k, blockIdx.x * 16 * MT, tm, lut, red);
+        fp4_tile<FMT, MT, TN, G, EPI>(wp + (size_t)e * wbytes, ws + (size_t)e * sbytes, gscale[e],
+                                      lut, x, y, n, k, row0, tstride, lim, tok, red);
         __syncthreads();  // the reduction is done with tm and red before the next group
     }
 }
@@ -401,11 +417,11 @@ __device__ __forceinline__ void fp4_moe_body(const u8* __restrict__ wp, const u8
         fp4_dense_body<FMT, MT, TN, G>(wp, ws, gs, lut, x, y, m, n, k);                          \
     }
 
-#define MOE_KERNEL(NAME, FMT, G, XMODE)                                                          \
+#define MOE_KERNEL(NAME, FMT, MT, G, EPI)                                                       \
     extern "C" __global__ void __launch_bounds__(512) NAME(                                     \
         const u8* wp, const u8* ws, const float* gs, const u16* lut, const u16* x, u16* y, int n, \
         int k, const int* ids, int P, int E, int in_div, int* bad) {                              \
-        fp4_moe_body<FMT, 1, 2, G, XMODE>(wp, ws, gs, lut, x, y, n, k, ids, P, E, in_div, bad);   \
+        fp4_moe_body<FMT, MT, 2, G, EPI>(wp, ws, gs, lut, x, y, n, k, ids, P, E, in_div, bad);    \
     }
 
 // Variants: fp4_gemm_{nv,mx}_m{MT}_t{TN}_g{G} (see gemm.rs for the dispatcher).
@@ -424,14 +440,16 @@ __device__ __forceinline__ void fp4_moe_body(const u8* __restrict__ wp, const u8
 
 DENSE_VARIANTS(nv, FMT_NVFP4)
 DENSE_VARIANTS(mx, FMT_MXFP4)
-MOE_KERNEL(fp4_moe_nv_g1, FMT_NVFP4, 1, XMODE_PLAIN)
-MOE_KERNEL(fp4_moe_nv_g2, FMT_NVFP4, 2, XMODE_PLAIN)
-MOE_KERNEL(fp4_moe_nv_g1_swiglu, FMT_NVFP4, 1, XMODE_SWIGLU)
-MOE_KERNEL(fp4_moe_nv_g2_swiglu, FMT_NVFP4, 2, XMODE_SWIGLU)
-MOE_KERNEL(fp4_moe_mx_g1, FMT_MXFP4, 1, XMODE_PLAIN)
-MOE_KERNEL(fp4_moe_mx_g2, FMT_MXFP4, 2, XMODE_PLAIN)
-MOE_KERNEL(fp4_moe_mx_g1_swiglu, FMT_MXFP4, 1, XMODE_SWIGLU)
-MOE_KERNEL(fp4_moe_mx_g2_swiglu, FMT_MXFP4, 2, XMODE_SWIGLU)
+// fp4_moe_{nv,mx}_g{G}: plain grouped product (down projection);
+// fp4_moe_{nv,mx}_g{G}_swiglu: gate/up projection with SwiGLU in the epilogue.
+MOE_KERNEL(fp4_moe_nv_g1, FMT_NVFP4, 1, 1, EPI_STORE)
+MOE_KERNEL(fp4_moe_nv_g2, FMT_NVFP4, 1, 2, EPI_STORE)
+MOE_KERNEL(fp4_moe_nv_g1_swiglu, FMT_NVFP4, 2, 1, EPI_SWIGLU)
+MOE_KERNEL(fp4_moe_nv_g2_swiglu, FMT_NVFP4, 2, 2, EPI_SWIGLU)
+MOE_KERNEL(fp4_moe_mx_g1, FMT_MXFP4, 1, 1, EPI_STORE)
+MOE_KERNEL(fp4_moe_mx_g2, FMT_MXFP4, 1, 2, EPI_STORE)
+MOE_KERNEL(fp4_moe_mx_g1_swiglu, FMT_MXFP4, 2, 1, EPI_SWIGLU)
+MOE_KERNEL(fp4_moe_mx_g2_swiglu, FMT_MXFP4, 2, 2, EPI_SWIGLU)
 
 // ---------------------------------------------------------------------------------------------
 // Dequantize to a dense bf16 [N][K] matrix (prefill path through cuBLAS). One thread per

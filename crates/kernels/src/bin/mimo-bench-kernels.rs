@@ -360,6 +360,7 @@ fn dense_shape(
                     t,
                     format!("auto {cfg:?}; {copies} weight copies"),
                 );
+                let mut best = (t, format!("{cfg:?}"));
                 if sweep && (m == 1 || m == 16) {
                     for m_tiles in [1u32, 2] {
                         for group in [1u32, 2, 4] {
@@ -381,9 +382,18 @@ fn dense_shape(
                                     t,
                                     "sweep".into(),
                                 );
+                                if t.us < best.0.us {
+                                    best = (t, format!("{c:?}"));
+                                }
                             }
                         }
                     }
+                    push(
+                        rows,
+                        "fp4_fused_tuned".into(),
+                        best.0,
+                        format!("best of the sweep in this run: {}", best.1),
+                    );
                 }
             }
             if m >= 16 {

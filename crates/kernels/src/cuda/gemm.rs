@@ -28,21 +28,30 @@ pub struct Fp4GemmConfig {
 const SMEM_LIMIT: u32 = 48 * 1024;
 
 impl Fp4GemmConfig {
-    /// The shape chosen for an `[m, k] x [n, k]^T` product on a GPU with `sm_count` SMs.
-    /// From the H100 sweep in docs/kernels-notes.md: one row tile, as many K chunks in flight
-    /// per warp as the variant allows, and enough warps to cover K.
+    /// The shape chosen for an `[m, k] x [n, k]^T` product on a GPU with `sm_count` SMs,
+    /// from the H100 sweeps in docs/kernels-notes.md: two K chunks in flight per warp (one
+    /// where K has fewer than 16 chunks), enough warps to cover K, fewer warps (and two row
+    /// tiles at 9..=16 tokens) where the grid alone has several blocks per SM.
     pub fn auto(m: usize, n: usize, k: usize, sm_count: u32) -> Self {
-        let _ = (n, sm_count);
         let chunks = k.div_ceil(K_CHUNK) as u32;
         let tn = token_tiles(m);
-        let group = match tn {
-            1 if chunks >= 32 => 4,
-            1 | 2 if chunks >= 8 => 2,
-            _ => 1,
+        let group = if chunks >= 16 { 2 } else { 1 };
+        let blocks = n.div_ceil(16) as u32;
+        let sms = sm_count.max(1);
+        let mut warps = (chunks / group).clamp(1, 16);
+        if blocks >= 16 * sms {
+            warps = warps.min(4);
+        } else if blocks >= 4 * sms {
+            warps = warps.min(8);
+        }
+        let m_tiles = if tn == 2 && blocks >= 4 * sms { 2 } else { 1 };
+        let group = if m_tiles == 2 && tn == 2 && blocks < 16 * sms {
+            1
+        } else {
+            group
         };
-        let warps = (chunks / group).clamp(1, 16);
         Fp4GemmConfig {
-            m_tiles: 1,
+            m_tiles,
             warps,
             group,
         }

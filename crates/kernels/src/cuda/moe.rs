@@ -40,7 +40,7 @@ impl MoeWeights {
 pub struct MoeWorkspace {
     max_pairs: usize,
     bad: CudaSlice<i32>,
-    gate_up_out: CudaSlice<bf16>,
+    act: CudaSlice<bf16>,
     down_out: CudaSlice<bf16>,
 }
 
@@ -65,7 +65,7 @@ impl MoeWorkspace {
         Ok(MoeWorkspace {
             max_pairs: p,
             bad: s.alloc_zeros::<i32>(1).map_err(drv("alloc MoE status"))?,
-            gate_up_out: zb(p * 2 * inter)?,
+            act: zb(p * inter)?,
             down_out: zb(p * hidden)?,
         })
     }
@@ -82,8 +82,8 @@ impl MoeWorkspace {
 }
 
 /// One MoE layer: `out[t] = sum_j w[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t))` over the
-/// `top_k` experts `e = topk_ids[t, j]`. Three launches (grouped gate/up, grouped down with
-/// SwiGLU applied while loading, weighted combine), no host synchronization; results are
+/// `top_k` experts `e = topk_ids[t, j]`. Three launches (grouped gate/up with SwiGLU in its
+/// epilogue, grouped down, weighted combine), no host synchronization; results are
 /// deterministic (fixed summation orders, no float atomics).
 #[allow(clippy::too_many_arguments)]
 pub fn moe_layer(
@@ -127,26 +127,27 @@ pub fn moe_layer(
         experts: experts as i32,
         slots: experts.min(p) as u32,
     };
-    // 1. grouped gate/up: input row of pair q is token q / top_k; also counts invalid ids
+    // 1. grouped gate/up + SwiGLU: input row of pair q is token q / top_k; counts invalid ids
+    let bad = Some(&mut ws.bad);
     grouped(
         gpu,
         &w.gate_up,
         x,
-        &mut ws.gate_up_out,
+        &mut ws.act,
         &route,
         top_k as i32,
-        false,
-        Some(&mut ws.bad),
+        true,
+        bad,
     )?;
-    // 2. grouped down on silu(gate) * up: input row of pair q is q itself
+    // 2. grouped down: input row of pair q is q itself
     grouped(
         gpu,
         &w.down,
-        &ws.gate_up_out,
+        &ws.act,
         &mut ws.down_out,
         &route,
         1,
-        true,
+        false,
         None,
     )?;
     // 3. weighted combine
@@ -189,11 +190,13 @@ fn grouped(
     let tn = 2u32;
     let chunks = w.k.div_ceil(K_CHUNK) as u32;
     let group = if chunks >= 16 { 2 } else { 1 };
+    // SwiGLU: two row tiles per block, gate rows and the matching up rows.
     let cfg = Fp4GemmConfig {
-        m_tiles: 1,
+        m_tiles: if swiglu { 2 } else { 1 },
         warps: (chunks / group).clamp(1, 16),
         group,
     };
+    let rows = if swiglu { w.n / 2 } else { w.n };
     let name = match (w.format, group, swiglu) {
         (Fp4Format::Nvfp4, 1, false) => "fp4_moe_nv_g1",
         (Fp4Format::Nvfp4, _, false) => "fp4_moe_nv_g2",
@@ -206,7 +209,7 @@ fn grouped(
     };
     let f = gpu.function(name)?;
     let launch = LaunchConfig {
-        grid_dim: (w.n.div_ceil(16) as u32, r.slots, 1),
+        grid_dim: (rows.div_ceil(16) as u32, r.slots, 1),
         block_dim: (32 * cfg.warps, 1, 1),
         shared_mem_bytes: reduction_smem(cfg, tn),
     };
@@ -231,8 +234,8 @@ fn grouped(
         Some(bad) => b.arg(bad),
         None => b.arg(&null),
     };
-    // SAFETY: matches fp4_moe_*; x has P / in_div rows (of 2k elements with SwiGLU), y one
-    // row of n per pair; ids holds P entries.
+    // SAFETY: matches fp4_moe_*; x has P / in_div rows of k elements, y one row per pair (of
+    // n / 2 elements with SwiGLU, else n); ids holds P entries.
     unsafe { b.launch(launch) }.map_err(drv("launch grouped FP4 GEMM"))?;
     Ok(())
 }
