@@ -154,9 +154,30 @@ fn tree8(a: [f32; 8]) -> f32 {
     ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
 }
 
-/// Dot product with eight interleaved partial sums (element t goes to lane t % 8).
+/// True when the AVX2 paths can run. They compute exactly the same operations in the same order
+/// as the portable code (no FMA), so the choice never changes a result.
 #[inline]
-fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+fn use_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Dot product with eight interleaved partial sums (element t goes to lane t % 8, lanes
+/// combined by [`tree8`]). This order defines every fast kernel's result.
+#[inline]
+fn dot_f32(a: &[f32], b: &[f32], avx2: bool) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        // SAFETY: AVX2 support was checked at run time by the caller.
+        return unsafe { simd::dot_f32(a, b) };
+    }
+    let _ = avx2;
     let mut acc = [0.0f32; 8];
     let ca = a.chunks_exact(8);
     let cb = b.chunks_exact(8);
@@ -173,9 +194,15 @@ fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// [`dot_f32`] with bf16 `b` (bf16 -> f32 is exact, so the result is the same as converting
-/// first).
+/// first and calling [`dot_f32`]).
 #[inline]
-fn dot_bf16(a: &[f32], b: &[bf16]) -> f32 {
+fn dot_bf16(a: &[f32], b: &[bf16], avx2: bool) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        // SAFETY: AVX2 support was checked at run time by the caller.
+        return unsafe { simd::dot_bf16(a, b) };
+    }
+    let _ = avx2;
     let mut acc = [0.0f32; 8];
     let ca = a.chunks_exact(8);
     let cb = b.chunks_exact(8);
@@ -196,31 +223,24 @@ fn bf16_to_f32(v: bf16) -> f32 {
     f32::from_bits((v.to_bits() as u32) << 16)
 }
 
-/// Runs `row_fn(j, out_j)` for every weight row j in parallel, where `out_j` holds the m outputs
-/// of feature j, then scatters the [n, m] result into `out` [m, n].
-fn par_rows(m: usize, n: usize, out: &mut [f32], row_fn: impl Fn(usize, &mut [f32]) + Sync) {
+/// Runs `rows_fn(j0, out)` over groups of weight rows in parallel: `out` holds the m outputs of
+/// features j0, j0+1, ... (feature-major, `ROWS_PER_TASK` features at most), then scatters the
+/// [n, m] result into `out` [m, n].
+fn par_rows(m: usize, n: usize, out: &mut [f32], rows_fn: impl Fn(usize, &mut [f32]) + Sync) {
     if m == 0 || n == 0 {
         return;
     }
     if m == 1 {
-        // out is already [n] for one input row: write in place.
+        // out is already feature-major for one input row: write in place.
         out.par_chunks_mut(ROWS_PER_TASK)
             .enumerate()
-            .for_each(|(t, o)| {
-                for (r, v) in o.iter_mut().enumerate() {
-                    row_fn(t * ROWS_PER_TASK + r, std::slice::from_mut(v));
-                }
-            });
+            .for_each(|(t, o)| rows_fn(t * ROWS_PER_TASK, o));
         return;
     }
     let mut tr = vec![0.0f32; n * m];
     tr.par_chunks_mut(ROWS_PER_TASK * m)
         .enumerate()
-        .for_each(|(t, o)| {
-            for (r, v) in o.chunks_exact_mut(m).enumerate() {
-                row_fn(t * ROWS_PER_TASK + r, v);
-            }
-        });
+        .for_each(|(t, o)| rows_fn(t * ROWS_PER_TASK, o));
     for (j, col) in tr.chunks_exact(m).enumerate() {
         for (i, &v) in col.iter().enumerate() {
             out[i * n + j] = v;
@@ -237,16 +257,20 @@ pub fn matmul_f32(
     out: &mut [f32],
 ) -> Result<(), MatmulError> {
     let m = dims(x.len(), k, w.len(), n, out.len())?;
-    par_rows(m, n, out, |j, o| {
-        let wr = &w[j * k..(j + 1) * k];
-        for (i, v) in o.iter_mut().enumerate() {
-            *v = dot_f32(&x[i * k..(i + 1) * k], wr);
+    let avx2 = use_avx2();
+    par_rows(m, n, out, |j0, o| {
+        for (r, oj) in o.chunks_exact_mut(m).enumerate() {
+            let wr = &w[(j0 + r) * k..(j0 + r + 1) * k];
+            for (i, v) in oj.iter_mut().enumerate() {
+                *v = dot_f32(&x[i * k..(i + 1) * k], wr, avx2);
+            }
         }
     });
     Ok(())
 }
 
-/// Fast bf16-weight matmul: `out[m, n] = x[m, k] · w[n, k]^T`, parallel over n.
+/// Fast bf16-weight matmul: `out[m, n] = x[m, k] · w[n, k]^T`, parallel over n. Bit-identical
+/// to [`matmul_f32`] on the widened weights.
 pub fn matmul_bf16(
     x: &[f32],
     w: &[bf16],
@@ -255,56 +279,344 @@ pub fn matmul_bf16(
     out: &mut [f32],
 ) -> Result<(), MatmulError> {
     let m = dims(x.len(), k, w.len(), n, out.len())?;
-    par_rows(m, n, out, |j, o| {
-        let wr = &w[j * k..(j + 1) * k];
-        for (i, v) in o.iter_mut().enumerate() {
-            *v = dot_bf16(&x[i * k..(i + 1) * k], wr);
+    let avx2 = use_avx2();
+    par_rows(m, n, out, |j0, o| {
+        for (r, oj) in o.chunks_exact_mut(m).enumerate() {
+            let wr = &w[(j0 + r) * k..(j0 + r + 1) * k];
+            for (i, v) in oj.iter_mut().enumerate() {
+                *v = dot_bf16(&x[i * k..(i + 1) * k], wr, avx2);
+            }
         }
     });
     Ok(())
 }
 
-/// Partial dot of one FP4 block: E2M1 values (unscaled) times x, eight interleaved lanes over the
-/// block's elements, fixed tree. `bytes` holds block/2 packed bytes, `x` block elements.
-#[inline]
-fn fp4_block_dot(bytes: &[u8], x: &[f32]) -> f32 {
+/// Multiplier of every possible scale byte for this matrix (the same f32 values as
+/// [`block_multiplier`], computed once per call instead of once per block).
+fn multiplier_table(w: &Fp4Matrix) -> [f32; 256] {
+    let mut t = [0.0f32; 256];
+    for (c, v) in t.iter_mut().enumerate() {
+        *v = block_multiplier(w.format, c as u8, w.global_scale);
+    }
+    t
+}
+
+/// Decodes one packed row into f32 weights: `e2m1 * multiplier` (exactly the values of
+/// [`crate::fp4::dequantize_row`]).
+fn decode_row(packed: &[u8], scales: &[u8], block: usize, mults: &[f32; 256], out: &mut [f32]) {
+    for ((o, bytes), &code) in out
+        .chunks_exact_mut(block)
+        .zip(packed.chunks_exact(block / 2))
+        .zip(scales)
+    {
+        let mult = mults[code as usize];
+        for (pair, &b) in o.chunks_exact_mut(2).zip(bytes) {
+            let [lo, hi] = BYTE_LUT[b as usize];
+            pair[0] = lo * mult;
+            pair[1] = hi * mult;
+        }
+    }
+}
+
+/// Dot of x with one FP4 row, portable version: element t contributes
+/// `(e2m1_t * multiplier) * x_t` to lane t % 8, so the result equals [`dot_f32`] of x with the
+/// dequantized row, bit for bit.
+fn fp4_row_dot_portable(
+    packed: &[u8],
+    scales: &[u8],
+    block: usize,
+    mults: &[f32; 256],
+    x: &[f32],
+) -> f32 {
     let mut acc = [0.0f32; 8];
-    // Four bytes = eight elements per step: element 2q -> lane (2q) % 8, 2q+1 -> lane (2q+1) % 8.
-    for (b4, x8) in bytes.chunks_exact(4).zip(x.chunks_exact(8)) {
-        for q in 0..4 {
-            let [lo, hi] = BYTE_LUT[b4[q] as usize];
-            acc[2 * q] += lo * x8[2 * q];
-            acc[2 * q + 1] += hi * x8[2 * q + 1];
+    for ((bytes, xb), &code) in packed
+        .chunks_exact(block / 2)
+        .zip(x.chunks_exact(block))
+        .zip(scales)
+    {
+        let mult = mults[code as usize];
+        for (b4, x8) in bytes.chunks_exact(4).zip(xb.chunks_exact(8)) {
+            for q in 0..4 {
+                let [lo, hi] = BYTE_LUT[b4[q] as usize];
+                acc[2 * q] += (lo * mult) * x8[2 * q];
+                acc[2 * q + 1] += (hi * mult) * x8[2 * q + 1];
+            }
         }
     }
     tree8(acc)
 }
 
-/// Fast FP4 matmul: `out[m, n] = x[m, k] · dequant(w)^T`, parallel over n. Per output element:
-/// for each block in order, `acc += multiplier * Σ e2m1 * x` (the block sum as in
-/// [`fp4_block_dot`]), so scales are applied once per block rather than per element.
+/// Fast FP4 matmul: `out[m, n] = x[m, k] · dequant(w)^T`, parallel over n, weights decoded
+/// block by block inside the kernel. For m = 1 each row is decoded and multiplied in one pass
+/// (two rows at a time with AVX2, sharing the loads of x); for m > 1 each weight row is
+/// decoded once into a k-element buffer and reused for all m inputs. Either way the result is
+/// bit-identical to [`matmul_f32`] on `dequantize(w)`.
+///
+/// Only the shape is checked per call ([`Fp4Matrix::validate_shape`]); a NaN block scale gives
+/// NaN outputs. Run [`Fp4Matrix::validate`] once when the matrix is loaded to reject those.
 pub fn matmul_fp4(x: &[f32], w: &Fp4Matrix, out: &mut [f32]) -> Result<(), MatmulError> {
-    w.validate()?;
+    w.validate_shape()?;
     let (n, k) = (w.n, w.k);
     let m = dims(x.len(), k, n * k, n, out.len())?;
     let block = w.format.block_size();
     let bpr = k / block;
-    par_rows(m, n, out, |j, o| {
-        let packed = &w.packed[j * k / 2..(j + 1) * k / 2];
-        let scales = &w.scales[j * bpr..(j + 1) * bpr];
-        for (i, v) in o.iter_mut().enumerate() {
-            let xr = &x[i * k..(i + 1) * k];
-            let mut acc = 0.0f32;
-            for (b, &code) in scales.iter().enumerate() {
-                let mult = block_multiplier(w.format, code, w.global_scale);
-                let p = fp4_block_dot(
-                    &packed[b * block / 2..(b + 1) * block / 2],
-                    &xr[b * block..(b + 1) * block],
-                );
-                acc += mult * p;
+    let mults = multiplier_table(w);
+    let avx2 = use_avx2();
+    let row = |j: usize| {
+        (
+            &w.packed[j * k / 2..(j + 1) * k / 2],
+            &w.scales[j * bpr..(j + 1) * bpr],
+        )
+    };
+    if m == 1 {
+        par_rows(1, n, out, |j0, o| {
+            let mut r = 0;
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                while r + 2 <= o.len() {
+                    let (p0, s0) = row(j0 + r);
+                    let (p1, s1) = row(j0 + r + 1);
+                    // SAFETY: AVX2 checked at run time; slices have k/2 bytes, k/block scales
+                    // and x has k elements (shapes validated above).
+                    let (a, b) = unsafe { simd::fp4_dot2(p0, s0, p1, s1, block, &mults, x) };
+                    o[r] = a;
+                    o[r + 1] = b;
+                    r += 2;
+                }
             }
-            *v = acc;
+            while r < o.len() {
+                let (p, s) = row(j0 + r);
+                o[r] = fp4_row_dot_portable(p, s, block, &mults, x);
+                r += 1;
+            }
+        });
+        return Ok(());
+    }
+    par_rows(m, n, out, |j0, o| {
+        let mut buf = vec![0.0f32; k];
+        for (r, oj) in o.chunks_exact_mut(m).enumerate() {
+            let (p, s) = row(j0 + r);
+            decode_row(p, s, block, &mults, &mut buf);
+            for (i, v) in oj.iter_mut().enumerate() {
+                *v = dot_f32(&x[i * k..(i + 1) * k], &buf, avx2);
+            }
         }
     });
     Ok(())
+}
+
+/// AVX2 versions of the dot products. Same lanes, same operations (separate multiply and add,
+/// no FMA) and the same final [`tree8`] as the portable code, hence the same bits.
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::arch::x86_64::*;
+
+    use half::bf16;
+
+    use super::tree8;
+
+    /// How far ahead of the current block the FP4 loop prefetches packed weights.
+    const PREFETCH_BYTES: usize = 512;
+
+    /// Twice the E2M1 value of each code, as i8 (the -0 code gives 0, which cannot change a sum
+    /// that starts at +0).
+    const LUT2: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
+
+    #[inline(always)]
+    unsafe fn hsum(acc: __m256) -> f32 {
+        let mut a = [0.0f32; 8];
+        _mm256_storeu_ps(a.as_mut_ptr(), acc);
+        tree8(a)
+    }
+
+    /// Portable `dot_f32` semantics with 8-wide vectors.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+        let len = a.len().min(b.len());
+        let main = len / 8 * 8;
+        let mut acc = _mm256_setzero_ps();
+        let mut t = 0;
+        while t < main {
+            let va = _mm256_loadu_ps(a.as_ptr().add(t));
+            let vb = _mm256_loadu_ps(b.as_ptr().add(t));
+            acc = _mm256_add_ps(acc, _mm256_mul_ps(va, vb));
+            t += 8;
+        }
+        let mut lanes = [0.0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+        for l in 0..len - main {
+            lanes[l] += a[main + l] * b[main + l];
+        }
+        tree8(lanes)
+    }
+
+    /// Portable `dot_bf16` semantics with 8-wide vectors.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn dot_bf16(a: &[f32], b: &[bf16]) -> f32 {
+        let len = a.len().min(b.len());
+        let main = len / 8 * 8;
+        let mut acc = _mm256_setzero_ps();
+        let mut t = 0;
+        let bp = b.as_ptr() as *const u16;
+        while t < main {
+            let va = _mm256_loadu_ps(a.as_ptr().add(t));
+            let h = _mm_loadu_si128(bp.add(t) as *const __m128i);
+            let wide = _mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16);
+            let vb = _mm256_castsi256_ps(wide);
+            acc = _mm256_add_ps(acc, _mm256_mul_ps(va, vb));
+            t += 8;
+        }
+        let mut lanes = [0.0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+        for l in 0..len - main {
+            lanes[l] += a[main + l] * f32::from_bits((b[main + l].to_bits() as u32) << 16);
+        }
+        tree8(lanes)
+    }
+
+    /// Decodes 8 packed bytes (16 elements, in element order) to two vectors of E2M1 values.
+    #[inline(always)]
+    unsafe fn decode16(p: *const u8, lut: __m128i, mask: __m128i) -> (__m256, __m256) {
+        let b = _mm_loadl_epi64(p as *const __m128i);
+        let lo = _mm_and_si128(b, mask);
+        let hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+        // Element 2i is the low nibble of byte i: interleave low and high nibbles.
+        let idx = _mm_unpacklo_epi8(lo, hi);
+        let v = _mm_shuffle_epi8(lut, idx);
+        let half = _mm256_set1_ps(0.5);
+        // Integer * 0.5 is exact: these are the E2M1 values themselves.
+        let w0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), half);
+        let w1 = _mm256_mul_ps(
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8))),
+            half,
+        );
+        (w0, w1)
+    }
+
+    /// Dots of x with two FP4 rows at once (x loaded once for both). Per element:
+    /// `acc[t % 8] += (e2m1 * mult) * x`, as the portable `fp4_row_dot_portable`.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn fp4_dot2(
+        p0: &[u8],
+        s0: &[u8],
+        p1: &[u8],
+        s1: &[u8],
+        block: usize,
+        mults: &[f32; 256],
+        x: &[f32],
+    ) -> (f32, f32) {
+        // The group count per block is a constant in each instance, so the inner loop unrolls.
+        if block == 16 {
+            fp4_dot2_g::<1>(p0, s0, p1, s1, mults, x)
+        } else {
+            fp4_dot2_g::<2>(p0, s0, p1, s1, mults, x)
+        }
+    }
+
+    #[target_feature(enable = "avx2")]
+    unsafe fn fp4_dot2_g<const G: usize>(
+        p0: &[u8],
+        s0: &[u8],
+        p1: &[u8],
+        s1: &[u8],
+        mults: &[f32; 256],
+        x: &[f32],
+    ) -> (f32, f32) {
+        let lut = _mm_loadu_si128(super::simd::LUT2.as_ptr() as *const __m128i);
+        let mask = _mm_set1_epi8(0x0F);
+        let groups_per_block = G;
+        let blocks = (p0.len().min(p1.len()).min(x.len() / 2)) / (8 * groups_per_block);
+        let mut a0 = _mm256_setzero_ps();
+        let mut a1 = _mm256_setzero_ps();
+        for b in 0..blocks.min(s0.len()).min(s1.len()) {
+            let m0 = _mm256_set1_ps(mults[s0[b] as usize]);
+            let m1 = _mm256_set1_ps(mults[s1[b] as usize]);
+            // Software prefetch a few cache lines ahead in both rows: each row pair starts new
+            // streams that the hardware prefetcher only picks up after a few misses. Prefetching
+            // past a row's end touches the next rows, which are processed next; it never faults.
+            let ahead = b * groups_per_block * 8 + PREFETCH_BYTES;
+            _mm_prefetch(p0.as_ptr().wrapping_add(ahead) as *const i8, _MM_HINT_T0);
+            _mm_prefetch(p1.as_ptr().wrapping_add(ahead) as *const i8, _MM_HINT_T0);
+            for gi in 0..groups_per_block {
+                let g = b * groups_per_block + gi;
+                let xp = x.as_ptr().add(g * 16);
+                let x0 = _mm256_loadu_ps(xp);
+                let x1 = _mm256_loadu_ps(xp.add(8));
+                let (w0, w1) = decode16(p0.as_ptr().add(g * 8), lut, mask);
+                a0 = _mm256_add_ps(a0, _mm256_mul_ps(_mm256_mul_ps(w0, m0), x0));
+                a0 = _mm256_add_ps(a0, _mm256_mul_ps(_mm256_mul_ps(w1, m0), x1));
+                let (v0, v1) = decode16(p1.as_ptr().add(g * 8), lut, mask);
+                a1 = _mm256_add_ps(a1, _mm256_mul_ps(_mm256_mul_ps(v0, m1), x0));
+                a1 = _mm256_add_ps(a1, _mm256_mul_ps(_mm256_mul_ps(v1, m1), x1));
+            }
+        }
+        (hsum(a0), hsum(a1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    fn rand_vec(rng: &mut ChaCha8Rng, len: usize) -> Vec<f32> {
+        (0..len).map(|_| rng.random_range(-2.0f32..2.0)).collect()
+    }
+
+    /// The AVX2 paths give the same bits as the portable code (when AVX2 is present).
+    #[test]
+    fn simd_and_portable_paths_agree_bitwise() {
+        if !use_avx2() {
+            eprintln!("skip: no AVX2 on this CPU");
+            return;
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        for len in [1usize, 7, 8, 9, 31, 64, 77, 1000] {
+            let a = rand_vec(&mut rng, len);
+            let b = rand_vec(&mut rng, len);
+            let bb: Vec<bf16> = b.iter().map(|&v| bf16::from_f32(v)).collect();
+            assert_eq!(
+                dot_f32(&a, &b, true).to_bits(),
+                dot_f32(&a, &b, false).to_bits()
+            );
+            assert_eq!(
+                dot_bf16(&a, &bb, true).to_bits(),
+                dot_bf16(&a, &bb, false).to_bits()
+            );
+        }
+        for (fmt_nv, k) in [(true, 16usize), (true, 160), (false, 32), (false, 320)] {
+            let w = rand_vec(&mut rng, 2 * k);
+            let x = rand_vec(&mut rng, k);
+            let m = if fmt_nv {
+                let gs = crate::fp4::nvfp4_global_scale(crate::fp4::amax(&w) * 3.0);
+                crate::fp4::quantize_nvfp4(&w, 2, k, gs).unwrap()
+            } else {
+                crate::fp4::quantize_mxfp4(&w, 2, k).unwrap()
+            };
+            let block = m.format.block_size();
+            let mults = multiplier_table(&m);
+            let (a, b) = unsafe {
+                simd::fp4_dot2(
+                    m.row_packed(0),
+                    m.row_scales(0),
+                    m.row_packed(1),
+                    m.row_scales(1),
+                    block,
+                    &mults,
+                    &x,
+                )
+            };
+            let pa = fp4_row_dot_portable(m.row_packed(0), m.row_scales(0), block, &mults, &x);
+            let pb = fp4_row_dot_portable(m.row_packed(1), m.row_scales(1), block, &mults, &x);
+            assert_eq!(
+                (a.to_bits(), b.to_bits()),
+                (pa.to_bits(), pb.to_bits()),
+                "k {k}"
+            );
+            // And both equal the f32 dot with the dequantized row.
+            let d = crate::fp4::dequantize(&m).unwrap();
+            assert_eq!(pa.to_bits(), dot_f32(&x, &d[..k], false).to_bits());
+        }
+    }
 }

@@ -188,9 +188,9 @@ impl Fp4Matrix {
         self.k / self.format.block_size()
     }
 
-    /// Checks that the buffers agree with the shape, the global scale is usable and no block
-    /// scale is a NaN code.
-    pub fn validate(&self) -> Result<(), Fp4Error> {
+    /// Checks that the buffers agree with the shape and the global scale is finite and positive
+    /// (O(1); what the matmul kernels check on every call).
+    pub fn validate_shape(&self) -> Result<(), Fp4Error> {
         let block = self.format.block_size();
         if self.k % block != 0 {
             return Err(Fp4Error::NotBlockMultiple {
@@ -208,15 +208,22 @@ impl Fp4Matrix {
         if !(self.global_scale.is_finite() && self.global_scale > 0.0) {
             return Err(Fp4Error::BadGlobalScale(self.global_scale));
         }
-        let nan = match self.format {
-            Fp4Format::Nvfp4 => e4m3::is_nan_code,
-            Fp4Format::Mxfp4 => |c: u8| c == e8m0::NAN_CODE,
+        Ok(())
+    }
+
+    /// [`Fp4Matrix::validate_shape`] plus a scan of every block scale for NaN codes (O(n k /
+    /// block)): run once when a matrix is loaded from disk.
+    pub fn validate(&self) -> Result<(), Fp4Error> {
+        self.validate_shape()?;
+        let bpr = self.blocks_per_row().max(1);
+        let bad = match self.format {
+            Fp4Format::Nvfp4 => self.scales.iter().position(|&c| c & 0x7F == 0x7F),
+            Fp4Format::Mxfp4 => self.scales.iter().position(|&c| c == e8m0::NAN_CODE),
         };
-        let bpr = self.k / block;
-        if let Some(i) = self.scales.iter().position(|&c| nan(c)) {
+        if let Some(i) = bad {
             return Err(Fp4Error::NanScale {
-                row: i / bpr.max(1),
-                block: i % bpr.max(1),
+                row: i / bpr,
+                block: i % bpr,
                 code: self.scales[i],
             });
         }
