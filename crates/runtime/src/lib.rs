@@ -6,7 +6,6 @@ pub mod config;
 pub mod cpu;
 pub mod fixtures;
 pub mod format;
-pub mod fp4_weights;
 pub mod linear;
 pub mod model;
 pub mod weights;

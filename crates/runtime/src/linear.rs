@@ -1,39 +1,90 @@
-//! Linear layers with weights kept as stored (dense BF16/F16/F32 or packed FP4) and their
-//! matmul: `out[m, n] = x[m, k] @ W[n, k]^T (+ bias)`.
-//!
-//! Weights are decoded one row at a time inside the matmul, never expanded for a whole matrix.
-//! Work is split over output rows (each row's dot products are computed by one thread in a
-//! fixed order), so results are identical on any thread count.
+//! Linear layers with weights kept as stored (BF16, F32 or packed FP4) and their matmul,
+//! `out[m, n] = x[m, k] @ W[n, k]^T (+ bias)`, through the CPU kernels of `mimo_kernels::cpu`:
+//! FP4 weights are dequantized block by block inside the kernel, never expanded for a whole
+//! matrix. The kernels split work over output rows with a fixed summation order, so results are
+//! identical on any thread count.
 
+use half::bf16;
+use mimo_kernels::cpu::{matmul_bf16, matmul_f32, matmul_fp4, MatmulError};
 use mimo_kernels::{Fp4Error, Fp4Matrix, SrcDType};
-use rayon::prelude::*;
 
-/// A dense weight matrix `[n, k]` holding the checkpoint's raw little-endian bytes.
+/// A dense weight matrix `[n, k]`.
 #[derive(Debug, Clone)]
-pub struct DenseMatrix {
-    /// Element type of `data`.
-    pub dtype: SrcDType,
-    /// Rows (output features).
-    pub n: usize,
-    /// Columns (input features).
-    pub k: usize,
-    /// `n * k * dtype.size()` bytes, row-major.
-    pub data: Vec<u8>,
+pub enum DenseMatrix {
+    /// BF16 weights, as stored in the checkpoint.
+    Bf16 {
+        /// rows (output features)
+        n: usize,
+        /// columns (input features)
+        k: usize,
+        /// n * k values, row-major
+        data: Vec<bf16>,
+    },
+    /// F32 weights (F32 checkpoints, and F16 ones widened at load: the kernels have no F16 path).
+    F32 {
+        /// rows (output features)
+        n: usize,
+        /// columns (input features)
+        k: usize,
+        /// n * k values, row-major
+        data: Vec<f32>,
+    },
 }
 
 impl DenseMatrix {
-    /// Decodes row `r` into `out` (length k).
-    pub fn row_into(&self, r: usize, out: &mut [f32]) {
-        let w = self.k * self.dtype.size();
-        // Lengths are checked at construction, so this conversion cannot fail.
-        let _ = mimo_kernels::dtype::convert_row(self.dtype, &self.data[r * w..(r + 1) * w], out);
+    /// Builds a matrix from raw little-endian checkpoint bytes.
+    pub fn from_bytes(
+        dtype: SrcDType,
+        n: usize,
+        k: usize,
+        bytes: &[u8],
+    ) -> Result<DenseMatrix, LinearError> {
+        let expected = n * k * dtype.size();
+        if bytes.len() != expected {
+            return Err(LinearError::DenseLength {
+                n,
+                k,
+                dtype,
+                expected,
+                got: bytes.len(),
+            });
+        }
+        Ok(match dtype {
+            SrcDType::BF16 => DenseMatrix::Bf16 {
+                n,
+                k,
+                data: bytes
+                    .chunks_exact(2)
+                    .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])))
+                    .collect(),
+            },
+            SrcDType::F32 | SrcDType::F16 => {
+                let mut data = vec![0.0f32; n * k];
+                mimo_kernels::dtype::convert_row(dtype, bytes, &mut data).map_err(|_| {
+                    LinearError::DenseLength {
+                        n,
+                        k,
+                        dtype,
+                        expected,
+                        got: bytes.len(),
+                    }
+                })?;
+                DenseMatrix::F32 { n, k, data }
+            }
+        })
+    }
+
+    fn shape(&self) -> (usize, usize) {
+        match self {
+            DenseMatrix::Bf16 { n, k, .. } | DenseMatrix::F32 { n, k, .. } => (*n, *k),
+        }
     }
 }
 
 /// The stored form of a Linear weight.
 #[derive(Debug, Clone)]
 pub enum Weight {
-    /// Dense BF16/F16/F32.
+    /// Dense BF16/F32.
     Dense(DenseMatrix),
     /// Packed FP4 (NVFP4 or MXFP4), dequantized block by block in the kernel.
     Fp4(Fp4Matrix),
@@ -79,18 +130,8 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// Builds a dense Linear, checking the byte length.
+    /// Builds a dense Linear.
     pub fn dense(m: DenseMatrix, bias: Option<Vec<f32>>) -> Result<Linear, LinearError> {
-        let expected = m.n * m.k * m.dtype.size();
-        if m.data.len() != expected {
-            return Err(LinearError::DenseLength {
-                n: m.n,
-                k: m.k,
-                dtype: m.dtype,
-                expected,
-                got: m.data.len(),
-            });
-        }
         Linear::with_bias(Weight::Dense(m), bias)
     }
 
@@ -117,7 +158,7 @@ impl Linear {
     /// Output features.
     pub fn n(&self) -> usize {
         match &self.weight {
-            Weight::Dense(d) => d.n,
+            Weight::Dense(d) => d.shape().0,
             Weight::Fp4(f) => f.n,
         }
     }
@@ -125,23 +166,37 @@ impl Linear {
     /// Input features.
     pub fn k(&self) -> usize {
         match &self.weight {
-            Weight::Dense(d) => d.k,
+            Weight::Dense(d) => d.shape().1,
             Weight::Fp4(f) => f.k,
         }
+    }
+
+    /// Whether the weight is packed FP4.
+    pub fn is_fp4(&self) -> bool {
+        matches!(self.weight, Weight::Fp4(_))
     }
 
     /// Bytes the weight occupies in memory.
     pub fn weight_bytes(&self) -> usize {
         match &self.weight {
-            Weight::Dense(d) => d.data.len(),
+            Weight::Dense(DenseMatrix::Bf16 { data, .. }) => data.len() * 2,
+            Weight::Dense(DenseMatrix::F32 { data, .. }) => data.len() * 4,
             Weight::Fp4(f) => f.packed.len() + f.scales.len() + 4,
         }
     }
 
-    /// Decodes weight row `r` into `out` (length k).
+    /// Decodes weight row `r` into `out` (length k): embedding lookups.
     pub fn row_into(&self, r: usize, out: &mut [f32]) {
+        let k = self.k();
         match &self.weight {
-            Weight::Dense(d) => d.row_into(r, out),
+            Weight::Dense(DenseMatrix::Bf16 { data, .. }) => {
+                for (o, w) in out.iter_mut().zip(&data[r * k..(r + 1) * k]) {
+                    *o = w.to_f32();
+                }
+            }
+            Weight::Dense(DenseMatrix::F32 { data, .. }) => {
+                out.copy_from_slice(&data[r * k..(r + 1) * k])
+            }
             // Validated at construction, so dequantization cannot fail.
             Weight::Fp4(f) => {
                 let _ = mimo_kernels::dequantize_row(f, r, out);
@@ -149,15 +204,19 @@ impl Linear {
         }
     }
 
-    /// `out[m, n] = x[m, k] @ W^T + bias`. Panics if the slice lengths disagree with m, n, k
-    /// (an internal invariant of the decoder, not user input).
-    pub fn forward(&self, x: &[f32], m: usize, out: &mut [f32]) {
-        let (n, k) = (self.n(), self.k());
-        assert_eq!(x.len(), m * k, "Linear input length");
-        assert_eq!(out.len(), m * n, "Linear output length");
-        matmul_rows(self, x, m, out);
+    /// `out[m, n] = x[m, k] @ W^T + bias`. The shapes are the decoder's own invariants (the
+    /// weights were checked against the config at load), so a mismatch is a bug and panics.
+    pub fn forward(&self, x: &[f32], out: &mut [f32]) {
+        let r: Result<(), MatmulError> = match &self.weight {
+            Weight::Dense(DenseMatrix::Bf16 { n, k, data }) => matmul_bf16(x, data, *n, *k, out),
+            Weight::Dense(DenseMatrix::F32 { n, k, data }) => matmul_f32(x, data, *n, *k, out),
+            Weight::Fp4(f) => matmul_fp4(x, f, out),
+        };
+        if let Err(e) = r {
+            panic!("Linear [{}, {}]: {e}", self.n(), self.k());
+        }
         if let Some(b) = &self.bias {
-            for row in out.chunks_exact_mut(n) {
+            for row in out.chunks_exact_mut(b.len()) {
                 for (o, bv) in row.iter_mut().zip(b) {
                     *o += bv;
                 }
@@ -165,42 +224,11 @@ impl Linear {
         }
     }
 
-    /// Allocating form of [`Linear::forward`].
+    /// Allocating form of [`Linear::forward`] for `m` input rows.
     pub fn apply(&self, x: &[f32], m: usize) -> Vec<f32> {
         let mut out = vec![0.0f32; m * self.n()];
-        self.forward(x, m, &mut out);
+        self.forward(x, &mut out);
         out
-    }
-}
-
-/// Output rows handled per rayon task: enough work per task to amortize scheduling.
-const ROWS_PER_TASK: usize = 16;
-
-/// Row-parallel matmul: each task decodes `ROWS_PER_TASK` weight rows once and multiplies them
-/// with every input row. The result is written transposed per task and scattered in order.
-fn matmul_rows(l: &Linear, x: &[f32], m: usize, out: &mut [f32]) {
-    let (n, k) = (l.n(), l.k());
-    if n == 0 || m == 0 {
-        return;
-    }
-    // outT[n, m]: task t owns rows t*ROWS_PER_TASK.. of W, i.e. a contiguous slice of outT.
-    let mut out_t = vec![0.0f32; n * m];
-    out_t
-        .par_chunks_mut(ROWS_PER_TASK * m)
-        .enumerate()
-        .for_each(|(t, chunk)| {
-            let mut wrow = vec![0.0f32; k];
-            for (j, orow) in chunk.chunks_exact_mut(m).enumerate() {
-                l.row_into(t * ROWS_PER_TASK + j, &mut wrow);
-                for (i, o) in orow.iter_mut().enumerate() {
-                    *o = dot(&x[i * k..(i + 1) * k], &wrow);
-                }
-            }
-        });
-    for (j, col) in out_t.chunks_exact(m).enumerate() {
-        for (i, v) in col.iter().enumerate() {
-            out[i * n + j] = *v;
-        }
     }
 }
 
@@ -269,16 +297,8 @@ mod tests {
             .collect();
         let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-2.0..2.0)).collect();
         let bias: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
-        let l = Linear::dense(
-            DenseMatrix {
-                dtype: SrcDType::BF16,
-                n,
-                k,
-                data: wb,
-            },
-            Some(bias.clone()),
-        )
-        .unwrap();
+        let d = DenseMatrix::from_bytes(SrcDType::BF16, n, k, &wb).unwrap();
+        let l = Linear::dense(d, Some(bias.clone())).unwrap();
         let got = l.apply(&x, m);
         let want = reference(&wr, Some(&bias), &x, m, n, k);
         for (g, w) in got.iter().zip(&want) {
@@ -305,22 +325,11 @@ mod tests {
 
     #[test]
     fn bad_lengths_are_errors() {
-        let d = DenseMatrix {
-            dtype: SrcDType::BF16,
-            n: 2,
-            k: 4,
-            data: vec![0; 15],
-        };
         assert!(matches!(
-            Linear::dense(d, None),
+            DenseMatrix::from_bytes(SrcDType::BF16, 2, 4, &[0; 15]),
             Err(LinearError::DenseLength { .. })
         ));
-        let d = DenseMatrix {
-            dtype: SrcDType::F32,
-            n: 2,
-            k: 4,
-            data: vec![0; 32],
-        };
+        let d = DenseMatrix::from_bytes(SrcDType::F32, 2, 4, &[0; 32]).unwrap();
         assert!(matches!(
             Linear::dense(d, Some(vec![0.0; 3])),
             Err(LinearError::BiasLength { .. })

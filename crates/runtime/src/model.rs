@@ -230,7 +230,7 @@ impl Model {
         let config = ModelConfig::from_json(ck.config(), &ck.root().join("config.json"))?;
         let c = &config;
         let names = Names::new(c.arch);
-        let ld = Loader { ck };
+        let ld = Loader::new(ck)?;
         let (hd, d) = (c.hidden_size, c.head_dim);
         let embed = ld.linear(&names.embed(), c.vocab_size, hd, false)?;
         let lm_head = if c.tie_word_embeddings {

@@ -7,6 +7,7 @@ use mimo_kernels::SrcDType;
 
 use crate::checkpoint::{Checkpoint, CheckpointError, DType, TensorView};
 use crate::config::ConfigError;
+use crate::format::{Detected, Layout};
 use crate::linear::{DenseMatrix, Linear, LinearError};
 
 /// Errors loading a model.
@@ -52,9 +53,20 @@ pub enum LoadError {
         /// the cause
         source: LinearError,
     },
-    /// The FP4 layout of a quantized tensor could not be read.
+    /// An FP4 tensor could not be read in its layout.
+    #[error(transparent)]
+    Format(#[from] crate::format::FormatError),
+    /// The checkpoint uses a quantization the runtime does not read.
+    #[error("{dir}: unsupported quantization ({what}); mimo-run reads dense BF16/F16/F32 and the compressed-tensors NVFP4/MXFP4 and ModelOpt NVFP4 layouts")]
+    UnsupportedQuantization {
+        /// checkpoint folder
+        dir: PathBuf,
+        /// what was detected
+        what: String,
+    },
+    /// A tensor's bytes could not be converted.
     #[error("{file}: tensor '{tensor}': {reason}")]
-    Fp4Layout {
+    Data {
         /// safetensors file (or the folder)
         file: PathBuf,
         /// tensor name
@@ -96,55 +108,93 @@ pub fn check_shape(t: &TensorView<'_>, expected: &[usize]) -> Result<(), LoadErr
 pub struct Loader<'a> {
     /// The checkpoint.
     pub ck: &'a Checkpoint,
+    /// Its FP4 layout, if quantized.
+    pub layout: Option<Layout>,
 }
 
 impl<'a> Loader<'a> {
+    /// A loader for `ck`; detects its FP4 layout and rejects quantizations it cannot read.
+    pub fn new(ck: &'a Checkpoint) -> Result<Loader<'a>, LoadError> {
+        let unsupported = |what: String| LoadError::UnsupportedQuantization {
+            dir: ck.root().to_path_buf(),
+            what,
+        };
+        let layout = match crate::format::detect(ck) {
+            Detected::Dense => None,
+            Detected::Fp4(l) => Some(l),
+            Detected::GptOssMxfp4 => return Err(unsupported("gpt-oss MXFP4 experts".into())),
+            Detected::Other(what) => return Err(unsupported(what)),
+        };
+        Ok(Loader { ck, layout })
+    }
+
     /// A 1-D tensor of length `len` as f32 (norm weights, biases).
     pub fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, LoadError> {
         let t = self.ck.tensor(name)?;
         check_shape(&t, &[len])?;
         let dt = dense_dtype(&t)?;
-        mimo_kernels::dtype::convert_to_vec(dt, t.data).map_err(|e| LoadError::Fp4Layout {
+        mimo_kernels::dtype::convert_to_vec(dt, t.data).map_err(|e| LoadError::Data {
             file: t.file.to_path_buf(),
             tensor: name.to_string(),
             reason: e.to_string(),
         })
     }
 
-    /// A dense `[n, k]` matrix kept in its stored dtype.
+    /// A dense `[n, k]` matrix kept in its stored dtype (F16 widened to F32).
     pub fn dense(&self, name: &str, n: usize, k: usize) -> Result<DenseMatrix, LoadError> {
         let t = self.ck.tensor(name)?;
         check_shape(&t, &[n, k])?;
         let dtype = dense_dtype(&t)?;
-        Ok(DenseMatrix {
-            dtype,
-            n,
-            k,
-            data: t.data.to_vec(),
+        DenseMatrix::from_bytes(dtype, n, k, t.data).map_err(|source| LoadError::Linear {
+            file: t.file.to_path_buf(),
+            tensor: name.to_string(),
+            source,
         })
     }
 
     /// The Linear layer `base` (`<base>.weight` and optionally `<base>.bias`) of shape `[n, k]`,
-    /// dense or in any FP4 layout `format` recognizes.
+    /// dense or packed FP4 in the checkpoint's layout.
     pub fn linear(&self, base: &str, n: usize, k: usize, bias: bool) -> Result<Linear, LoadError> {
         let bias = if bias {
             Some(self.vector(&format!("{base}.bias"), n)?)
         } else {
             None
         };
-        let wname = format!("{base}.weight");
-        let wrap = |file: PathBuf, source: LinearError| LoadError::Linear {
-            file,
-            tensor: wname.clone(),
-            source,
-        };
-        if let Some(m) = crate::fp4_weights::load_fp4(self.ck, base, n, k)? {
-            let file = self.file_of(&wname);
-            return Linear::fp4(m, bias).map_err(|e| wrap(file, e));
+        if let Some(layout) = self.layout {
+            let names = layout.tensor_names(base);
+            let quantized = match layout {
+                Layout::CtNvfp4 | Layout::CtMxfp4 => self.ck.contains(&names.packed),
+                Layout::ModelOptNvfp4 => {
+                    names.global.as_deref().is_some_and(|g| self.ck.contains(g))
+                }
+            };
+            if quantized {
+                let m = crate::format::load_linear(self.ck, layout, base)?;
+                if (m.n, m.k) != (n, k) {
+                    let t = self.ck.tensor(&names.packed)?;
+                    return Err(LoadError::Shape {
+                        file: t.file.to_path_buf(),
+                        tensor: names.packed,
+                        expected: vec![n, k / 2],
+                        found: t.shape.to_vec(),
+                    });
+                }
+                let file = self.file_of(&names.scale);
+                return Linear::fp4(m, bias).map_err(|source| LoadError::Linear {
+                    file,
+                    tensor: names.scale,
+                    source,
+                });
+            }
         }
+        let wname = format!("{base}.weight");
         let d = self.dense(&wname, n, k)?;
         let file = self.file_of(&wname);
-        Linear::dense(d, bias).map_err(|e| wrap(file, e))
+        Linear::dense(d, bias).map_err(|source| LoadError::Linear {
+            file,
+            tensor: wname,
+            source,
+        })
     }
 
     /// The file holding `name`, or the folder if it is absent (for error messages).
