@@ -156,7 +156,12 @@ impl Plan {
             {
                 keep(r.into())
             } else {
-                match classify(fam, name) {
+                let lm_head = default_keep_reason(name) == Some("lm_head");
+                match if lm_head {
+                    Verdict::Linear
+                } else {
+                    classify(fam, name)
+                } {
                     Verdict::Keep(r) => {
                         if fam != Family::Unknown && !r.starts_with("MTP") {
                             warnings.push(format!(

@@ -240,7 +240,11 @@ impl Checkpoint {
             // SAFETY: the mapping is private and read-only, so no page holds data that is not in
             // the file; dropping pages only forces a re-read on the next access.
             let _ = unsafe {
-                mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, e.start, e.end - e.start)
+                mmap.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    e.start,
+                    e.end - e.start,
+                )
             };
         }
     }
