@@ -1,0 +1,302 @@
+//! The `mimo-run` binary end to end on a fixture checkpoint with a small word-level tokenizer:
+//! generate (greedy and seeded sampling, thread-count independence), --chat, ppl, compare, bench,
+//! and its error messages.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use mimo_runtime::fixtures::{self, Arch as FixArch};
+use serde_json::{json, Value};
+
+/// A word-level tokenizer over the fixtures' 256 ids: "<unk>" 0, "<eos>" 2, "wN" for the others,
+/// chat markers 200 and 201.
+fn write_tokenizer(dir: &Path) {
+    let mut vocab = serde_json::Map::new();
+    vocab.insert("<eos>".into(), json!(2));
+    vocab.insert("<unk>".into(), json!(0));
+    for i in 3..200 {
+        vocab.insert(format!("w{i}"), json!(i));
+    }
+    // Every id of the fixtures' 256-token vocabulary decodes to something.
+    for i in 202..256 {
+        vocab.insert(format!("w{i}"), json!(i));
+    }
+    vocab.insert("<|user|>".into(), json!(200));
+    vocab.insert("<|assistant|>".into(), json!(201));
+    let tj = json!({
+        "version": "1.0",
+        "added_tokens": [
+            {"id": 2, "content": "<eos>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
+            {"id": 200, "content": "<|user|>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
+            {"id": 201, "content": "<|assistant|>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}
+        ],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+    });
+    std::fs::write(dir.join("tokenizer.json"), tj.to_string()).unwrap();
+    let cfg = json!({
+        "eos_token": "<eos>",
+        "chat_template": "{% for m in messages %}<|{{ m.role }}|> {{ m.content }} {% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    });
+    std::fs::write(dir.join("tokenizer_config.json"), cfg.to_string()).unwrap();
+}
+
+fn model_dir(arch: FixArch) -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    fixtures::write_fixture(d.path(), arch, 21).unwrap();
+    write_tokenizer(d.path());
+    d
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mimo-run"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn run_json(args: &[&str]) -> Value {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+const PROMPT: &str = "w5 w17 w42 w99 w7";
+
+#[test]
+fn generate_is_deterministic_across_threads_and_seeded() {
+    let d = model_dir(FixArch::Qwen3Moe);
+    let m = d.path().to_str().unwrap();
+    let g1 = run(&[
+        "--threads",
+        "1",
+        "--json",
+        "generate",
+        "-m",
+        m,
+        PROMPT,
+        "--max-tokens",
+        "12",
+    ]);
+    let g2 = run(&[
+        "--threads",
+        "2",
+        "--json",
+        "generate",
+        "-m",
+        m,
+        PROMPT,
+        "--max-tokens",
+        "12",
+    ]);
+    assert!(
+        g1.status.success(),
+        "{}",
+        String::from_utf8_lossy(&g1.stderr)
+    );
+    let (v1, v2): (Value, Value) = (
+        serde_json::from_slice(&g1.stdout).unwrap(),
+        serde_json::from_slice(&g2.stdout).unwrap(),
+    );
+    assert_eq!(
+        v1["tokens"], v2["tokens"],
+        "greedy output depends on the thread count"
+    );
+    assert_eq!(v1["prompt_tokens"], json!(5));
+    let n = v1["tokens"].as_array().unwrap().len();
+    assert!(n == 12 || v1["stats"]["stopped_at_eos"] == json!(true));
+
+    let s = |seed: &str| {
+        run_json(&[
+            "--json",
+            "generate",
+            "-m",
+            m,
+            PROMPT,
+            "--max-tokens",
+            "16",
+            "--temperature",
+            "1.5",
+            "--top-p",
+            "0.95",
+            "--seed",
+            seed,
+        ])["tokens"]
+            .clone()
+    };
+    assert_eq!(s("7"), s("7"), "same seed, different samples");
+    assert_ne!(
+        s("7"),
+        s("8"),
+        "different seeds gave identical 16-token samples"
+    );
+}
+
+#[test]
+fn generate_streams_text_and_reports_speed() {
+    let d = model_dir(FixArch::Llama);
+    let m = d.path().to_str().unwrap();
+    let out = run(&[
+        "generate",
+        "-m",
+        m,
+        PROMPT,
+        "--max-tokens",
+        "6",
+        "--device",
+        "cuda",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("not yet supported, using cpu"), "{stderr}");
+    assert!(stderr.contains("tok/s decode"), "{stderr}");
+    assert!(!String::from_utf8_lossy(&out.stdout).trim().is_empty());
+    // --chat renders the template: prompt = <|user|> + 5 words + <|assistant|>.
+    let v = run_json(&[
+        "--json",
+        "generate",
+        "-m",
+        m,
+        PROMPT,
+        "--max-tokens",
+        "2",
+        "--chat",
+    ]);
+    assert_eq!(v["prompt_tokens"], json!(7));
+}
+
+#[test]
+fn ppl_and_compare() {
+    let d = model_dir(FixArch::Mixtral);
+    let m = d.path().to_str().unwrap();
+    let text: String = (0..120)
+        .map(|i| format!("w{} ", 3 + (i * 37) % 190))
+        .collect();
+    let file = d.path().join("text.txt");
+    std::fs::write(&file, text).unwrap();
+    let f = file.to_str().unwrap();
+    let p = run_json(&["--json", "ppl", "-m", m, f, "--ctx", "32", "--stride", "16"]);
+    let ppl = p["result"]["ppl"].as_f64().unwrap();
+    assert_eq!(p["result"]["tokens"], json!(119));
+    // Random tiny weights: close to uniform over the 256-token vocabulary.
+    assert!(ppl > 100.0 && ppl < 600.0, "ppl {ppl}");
+
+    // A model compared with itself: zero KL, full agreement, same perplexity.
+    let c = run_json(&[
+        "--json",
+        "compare",
+        "--reference",
+        m,
+        "--candidate",
+        m,
+        f,
+        "--ctx",
+        "32",
+        "--stride",
+        "16",
+    ]);
+    let r = &c["result"];
+    assert!(r["mean_kl"].as_f64().unwrap().abs() < 1e-9);
+    assert_eq!(r["top1_agreement"], json!(1.0));
+    assert!((r["reference"]["ppl"].as_f64().unwrap() - ppl).abs() < 1e-9);
+
+    // A different model (other seed): positive KL, worst positions listed largest first.
+    let d2 = tempfile::tempdir().unwrap();
+    fixtures::write_fixture(d2.path(), FixArch::Mixtral, 22).unwrap();
+    let c = run_json(&[
+        "--json",
+        "compare",
+        "--reference",
+        m,
+        "--candidate",
+        d2.path().to_str().unwrap(),
+        f,
+        "--ctx",
+        "32",
+        "--stride",
+        "16",
+        "--worst",
+        "3",
+    ]);
+    let r = &c["result"];
+    assert!(r["mean_kl"].as_f64().unwrap() > 1e-4);
+    let worst = r["worst"].as_array().unwrap();
+    assert_eq!(worst.len(), 3);
+    assert!(worst[0]["kl"].as_f64() >= worst[2]["kl"].as_f64());
+}
+
+#[test]
+fn bench_reports_prefill_and_decode() {
+    let d = model_dir(FixArch::Qwen2);
+    let v = run_json(&[
+        "--json",
+        "bench",
+        "-m",
+        d.path().to_str().unwrap(),
+        "--prompt-tokens",
+        "16",
+        "--decode-tokens",
+        "8",
+        "--runs",
+        "1",
+    ]);
+    assert!(
+        v["prefill_tok_s"].as_f64().unwrap() > 0.0 && v["decode_tok_s"].as_f64().unwrap() > 0.0
+    );
+    assert_eq!(v["architecture"], json!("qwen2"));
+}
+
+#[test]
+fn cli_errors_are_clear() {
+    // No tokenizer.json.
+    let d = tempfile::tempdir().unwrap();
+    fixtures::write_fixture(d.path(), FixArch::Llama, 1).unwrap();
+    let out = run(&["generate", "-m", d.path().to_str().unwrap(), "hello"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("tokenizer.json") && !err.contains("panicked"),
+        "{err}"
+    );
+
+    // Prompt longer than the context.
+    let d = model_dir(FixArch::Llama);
+    let long: String = (0..40).map(|i| format!("w{} ", 3 + i)).collect();
+    let out = run(&[
+        "generate",
+        "-m",
+        d.path().to_str().unwrap(),
+        &long,
+        "--ctx",
+        "16",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("40 tokens") && err.contains("context is 16") && !err.contains("panicked"),
+        "{err}"
+    );
+
+    // Not a checkpoint.
+    let empty = tempfile::tempdir().unwrap();
+    write_tokenizer(empty.path());
+    let out = run(&["bench", "-m", empty.path().to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("config.json") && !err.contains("panicked"),
+        "{err}"
+    );
+}
