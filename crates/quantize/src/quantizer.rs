@@ -18,6 +18,7 @@ use mimo_kernels::fp4::{
 };
 use mimo_runtime::checkpoint::{DType, HeaderEntry, TensorView};
 use mimo_runtime::format::Layout;
+use rayon::prelude::*;
 
 /// Why a tensor cannot be quantized.
 #[derive(Debug, thiserror::Error)]
@@ -71,17 +72,36 @@ pub struct ErrorAcc {
 }
 
 impl ErrorAcc {
-    /// Adds one row of source values `x` and their reconstruction `q`.
+    /// Adds one row of source values `x` and their reconstruction `q`. Eight independent f32
+    /// lanes per row (so the loop vectorizes), summed into f64 per row.
     pub fn add(&mut self, x: &[f32], q: &[f32]) {
-        let (mut s, mut n) = (0.0f64, 0.0f64);
-        for (&a, &b) in x.iter().zip(q) {
-            let d = a - b;
-            s += (a as f64) * (a as f64);
-            n += (d as f64) * (d as f64);
-            self.max_abs = self.max_abs.max(d.abs());
+        let (mut s, mut n, mut m) = ([0f32; 8], [0f32; 8], [0f32; 8]);
+        let mut xc = x.chunks_exact(8);
+        let mut qc = q.chunks_exact(8);
+        for (a, b) in (&mut xc).zip(&mut qc) {
+            for l in 0..8 {
+                let d = a[l] - b[l];
+                s[l] += a[l] * a[l];
+                n[l] += d * d;
+                m[l] = m[l].max(d.abs());
+            }
         }
-        self.signal += s;
-        self.noise += n;
+        for (&a, &b) in xc.remainder().iter().zip(qc.remainder()) {
+            let d = a - b;
+            s[0] += a * a;
+            n[0] += d * d;
+            m[0] = m[0].max(d.abs());
+        }
+        self.signal += s.iter().map(|&v| v as f64).sum::<f64>();
+        self.noise += n.iter().map(|&v| v as f64).sum::<f64>();
+        self.max_abs = m.iter().fold(self.max_abs, |a, &v| a.max(v));
+    }
+
+    /// Adds another accumulator's sums.
+    pub fn merge(&mut self, o: &ErrorAcc) {
+        self.signal += o.signal;
+        self.noise += o.noise;
+        self.max_abs = self.max_abs.max(o.max_abs);
     }
 
     /// The final statistics.
@@ -217,37 +237,71 @@ pub fn quantize(
         scales: vec![0u8; n * bpr],
         global_scale,
     };
-    let mut row = vec![0f32; k];
-    let mut deq = vec![0f32; k];
-    let mut acc = ErrorAcc::default();
     let row_bytes = k * dt.size();
-    for r in 0..n {
-        let src = &t.data[r * row_bytes..(r + 1) * row_bytes];
-        convert_row(dt, src, &mut row).map_err(|e| QuantError::Convert {
-            file: t.file.to_path_buf(),
-            tensor: t.name.to_string(),
-            reason: e.to_string(),
-        })?;
-        let p = &mut m.packed[r * k / 2..(r + 1) * k / 2];
-        let s = &mut m.scales[r * bpr..(r + 1) * bpr];
-        let res = match layout {
-            Layout::CtNvfp4 => quantize_row_nvfp4_in(&row, global_scale, dt, p, s),
-            Layout::CtMxfp4 => quantize_row_mxfp4(&row, p, s),
-            Layout::ModelOptNvfp4 => quantize_row_nvfp4_modelopt(&row, scale.unwrap_or(1.0), p, s),
-        };
-        res.map_err(|e| match e {
-            mimo_kernels::fp4::Fp4Error::NonFinite { index, value } => QuantError::NonFinite {
-                file: t.file.to_path_buf(),
-                tensor: t.name.to_string(),
-                index: r * k + index,
-                value,
-            },
-            other => kerr(other),
-        })?;
-        // For ModelOpt the matrix's global scale is 1 / weight_scale_2 rounded to f32: the
-        // reconstruction may differ from ModelOpt's in the last bit, irrelevant for the error.
-        dequantize_row(&m, r, &mut deq).map_err(kerr)?;
-        acc.add(&row, &deq);
+    // Fixed chunks of rows, quantized in parallel; the error sums are combined in chunk order,
+    // so the result does not depend on the thread count.
+    const ROWS: usize = 32;
+    let geometry = Fp4Matrix {
+        packed: Vec::new(),
+        scales: Vec::new(),
+        ..m
+    };
+    let accs: Vec<ErrorAcc> = m
+        .packed
+        .par_chunks_mut((ROWS * k / 2).max(1))
+        .zip(m.scales.par_chunks_mut((ROWS * bpr).max(1)))
+        .enumerate()
+        .map(|(ci, (packed, scales))| {
+            let mut row = vec![0f32; k];
+            let mut deq = vec![0f32; k];
+            let mut acc = ErrorAcc::default();
+            let rows = packed.len() / (k / 2).max(1);
+            for j in 0..rows {
+                let r = ci * ROWS + j;
+                let src = &t.data[r * row_bytes..(r + 1) * row_bytes];
+                convert_row(dt, src, &mut row).map_err(|e| QuantError::Convert {
+                    file: t.file.to_path_buf(),
+                    tensor: t.name.to_string(),
+                    reason: e.to_string(),
+                })?;
+                let p = &mut packed[j * k / 2..(j + 1) * k / 2];
+                let s = &mut scales[j * bpr..(j + 1) * bpr];
+                let res = match layout {
+                    Layout::CtNvfp4 => quantize_row_nvfp4_in(&row, global_scale, dt, p, s),
+                    Layout::CtMxfp4 => quantize_row_mxfp4(&row, p, s),
+                    Layout::ModelOptNvfp4 => {
+                        quantize_row_nvfp4_modelopt(&row, scale.unwrap_or(1.0), p, s)
+                    }
+                };
+                res.map_err(|e| match e {
+                    mimo_kernels::fp4::Fp4Error::NonFinite { index, value } => {
+                        QuantError::NonFinite {
+                            file: t.file.to_path_buf(),
+                            tensor: t.name.to_string(),
+                            index: r * k + index,
+                            value,
+                        }
+                    }
+                    other => kerr(other),
+                })?;
+                // Reconstruct this row through a one-row view of the matrix. For ModelOpt the
+                // matrix's global scale is 1 / weight_scale_2 rounded to f32: the reconstruction
+                // may differ from ModelOpt's in the last bit, irrelevant for the error.
+                let one = Fp4Matrix {
+                    n: 1,
+                    packed: p.to_vec(),
+                    scales: s.to_vec(),
+                    ..geometry.clone()
+                };
+                dequantize_row(&one, 0, &mut deq).map_err(kerr)?;
+                acc.add(&row, &deq);
+            }
+            Ok(acc)
+        })
+        .collect::<Result<_, QuantError>>()?;
+    let mut acc = ErrorAcc::default();
+    for a in &accs {
+        acc.merge(a);
     }
     let tensors = layout.encode(
         module,
