@@ -25,13 +25,14 @@ echo "== sass"
 {
   nvcc -cubin -gencode arch=compute_90a,code=sm_90a -Xptxas -v -o /tmp/fp4.cubin crates/kernels/cuda/fp4_gemm.cu 2>&1 | grep -E "Compiling|Used|spill"
   cuobjdump -sass /tmp/fp4.cubin > /tmp/fp4.sass
-  for f in fp4_gemm_nv_m1_t1 fp4_gemm_nv_m1_t2 fp4_moe_nv_m1_t2; do
+  for f in fp4_gemm_nv_m1_t1_g2 fp4_gemm_mx_m1_t1_g2 fp4_gemm_nv_m1_t2_g1 fp4_gemm_nv_m2_t2_g1 fp4_moe_nv_g1_swiglu fp4_moe_nv_g2; do
     awk "/Function : $f\$/{p=1;next} /Function :/{p=0} p" /tmp/fp4.sass > /tmp/one.sass
     echo "$f: $(wc -l < /tmp/one.sass) lines; LDG.128: $(grep -c 'LDG.E.*128' /tmp/one.sass)," \
       "HMMA: $(grep -c HMMA /tmp/one.sass), PRMT: $(grep -c PRMT /tmp/one.sass)," \
       "HFMA2.BF16: $(grep -c 'HFMA2.*BF16' /tmp/one.sass), LDL/STL: $(grep -cE 'LDL|STL' /tmp/one.sass)"
   done
-  awk '/Function : fp4_gemm_nv_m1_t1$/{p=1} /Function : fp4_gemm_nv_m1_t2$/{p=0} p' /tmp/fp4.sass | head -n 400
+  awk '/Function : fp4_gemm_nv_m1_t1_g2$/{p=1;next} /Function :/{p=0} p' /tmp/fp4.sass | grep -E '^ +/\*[0-9a-f]{4}\*/' | awk '{print $2}' | sed 's/\..*//' | sort | uniq -c | sort -rn
+  awk '/Function : fp4_gemm_nv_m1_t1_g2$/{p=1;next} /Function :/{p=0} p' /tmp/fp4.sass | head -n 700
 } > "$OUT/sass.txt" 2>&1
 head -n 8 "$OUT/sass.txt"
 

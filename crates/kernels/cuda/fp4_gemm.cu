@@ -116,6 +116,39 @@ struct SharedTokens {
 #define EPI_STORE 0
 #define EPI_SWIGLU 1
 
+// Loads the packed weights and scale bytes of chunks [c0, c0 + G) for this lane (rows g and
+// g+8 of each tile); chunks past the end of K and rows outside the tile read as zero.
+template <int FMT, int MT, int G>
+__device__ __forceinline__ void load_weights(const u8* __restrict__ wp, const u8* __restrict__ ws,
+                                             int n, int k, int kb, int bpr, int row0, int tstride,
+                                             int lim, int c0, int g, int t, uint4 (&w)[G][MT][2],
+                                             u32 (&sc)[G][MT][2]) {
+#pragma unroll
+    for (int u = 0; u < G; u++) {
+        const int k0 = ((c0 + u) << 7) + (t << 5);  // first element of this lane's piece
+        const bool kval = k0 < k;
+#pragma unroll
+        for (int i = 0; i < MT; i++) {
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int l = g + h * 8;
+                const int r = row0 + i * tstride + l;
+                if (kval && row0 + l < lim && r < n) {
+                    w[u][i][h] = ldg_stream(wp + (size_t)r * kb + (k0 >> 1));
+                    if (FMT == FMT_NVFP4) {
+                        sc[u][i][h] = __ldg((const u16*)(ws + (size_t)r * bpr + (k0 >> 4)));
+                    } else {
+                        sc[u][i][h] = __ldg(ws + (size_t)r * bpr + (k0 >> 5));
+                    }
+                } else {
+                    w[u][i][h] = make_uint4(0, 0, 0, 0);
+                    sc[u][i][h] = 0;
+                }
+            }
+        }
+    }
+}
+
 // Rows: tile i, local row l (0..15) is weight row row0 + i*tstride + l, used where
 // row0 + l < lim and the row is < n. Dense: tstride 16, lim n. Gated: tstride = lim = inter.
 template <int FMT, int MT, int TN, int G, int EPI, class Tokens>
@@ -145,35 +178,18 @@ __device__ __forceinline__ void fp4_tile(const u8* __restrict__ wp, const u8* __
 #pragma unroll
     for (int j = 0; j < TN; j++) xrow[j] = tok.in_row(j * 8 + g);
 
-    // Each warp takes G consecutive chunks per iteration: all their loads are issued before
-    // the first use, so G * 16 * MT rows * 64 bytes per warp are in flight.
-    for (int c0 = warp * G; c0 < nchunks; c0 += S * G) {
-        uint4 w[G][MT][2];
-        u32 sc[G][MT][2];
-#pragma unroll
-        for (int u = 0; u < G; u++) {
-            const int k0 = ((c0 + u) << 7) + (t << 5);  // first element of this lane's piece
-            const bool kval = k0 < k;
-#pragma unroll
-            for (int i = 0; i < MT; i++) {
-#pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    const int l = g + h * 8;
-                    const int r = row0 + i * tstride + l;
-                    if (kval && row0 + l < lim && r < n) {
-                        w[u][i][h] = ldg_stream(wp + (size_t)r * kb + (k0 >> 1));
-                        if (FMT == FMT_NVFP4) {
-                            sc[u][i][h] = __ldg((const u16*)(ws + (size_t)r * bpr + (k0 >> 4)));
-                        } else {
-                            sc[u][i][h] = __ldg(ws + (size_t)r * bpr + (k0 >> 5));
-                        }
-                    } else {
-                        w[u][i][h] = make_uint4(0, 0, 0, 0);
-                        sc[u][i][h] = 0;
-                    }
-                }
-            }
-        }
+    // Each warp takes G consecutive chunks per iteration (G * 16 * MT rows * 64 bytes of
+    // weights). The weights of the next iteration are requested before the current one is
+    // computed (register double buffering), so loads stay in flight during the arithmetic.
+    uint4 w[G][MT][2];
+    u32 sc[G][MT][2];
+    const int c_first = warp * G;
+    load_weights<FMT, MT, G>(wp, ws, n, k, kb, bpr, row0, tstride, lim, c_first, g, t, w, sc);
+    for (int c0 = c_first; c0 < nchunks; c0 += S * G) {
+        uint4 wn[G][MT][2];
+        u32 scn[G][MT][2];
+        load_weights<FMT, MT, G>(wp, ws, n, k, kb, bpr, row0, tstride, lim, c0 + S * G, g, t, wn,
+                                 scn);
         uint4 xv[G][TN][4];
 #pragma unroll
         for (int u = 0; u < G; u++) {
@@ -242,6 +258,15 @@ __device__ __forceinline__ void fp4_tile(const u8* __restrict__ wp, const u8* __
                 }
             }
         }
+#pragma unroll
+        for (int u = 0; u < G; u++)
+#pragma unroll
+            for (int i = 0; i < MT; i++)
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    w[u][i][h] = wn[u][i][h];
+                    sc[u][i][h] = scn[u][i][h];
+                }
     }
 
     // Split-K reduction: red[warp][row 0..16MT)[token 0..8TN)

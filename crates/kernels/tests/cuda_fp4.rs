@@ -332,3 +332,29 @@ fn moe_layer_matches_cpu_reference() {
         assert!(got.iter().all(|v| v.is_finite()));
     }
 }
+
+#[test]
+fn auto_config_always_has_a_kernel() {
+    // CPU-only: every shape the dispatcher can see maps to a compiled variant.
+    for m in [1usize, 2, 4, 8, 9, 16, 17, 32, 64, 256, 2048] {
+        for &(k, n) in &[
+            (4096usize, 14336usize),
+            (14336, 4096),
+            (4096, 4096),
+            (2048, 1536),
+            (768, 2048),
+            (2048, 151936),
+            (32, 1),
+            (96, 77),
+        ] {
+            let c = Fp4GemmConfig::auto(m, n, k, 132);
+            assert!(
+                variant_exists(c, m),
+                "m={m} k={k} n={n}: {c:?} has no kernel"
+            );
+            if m == 1 || m == 16 {
+                eprintln!("m={m} k={k} n={n}: {c:?}");
+            }
+        }
+    }
+}

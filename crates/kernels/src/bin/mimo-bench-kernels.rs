@@ -364,7 +364,7 @@ fn dense_shape(
                 if sweep && (m == 1 || m == 16) {
                     for m_tiles in [1u32, 2] {
                         for group in [1u32, 2, 4] {
-                            for warps in [4u32, 8, 16] {
+                            for warps in [2u32, 4, 8, 16] {
                                 let c = Fp4GemmConfig {
                                     m_tiles,
                                     warps,

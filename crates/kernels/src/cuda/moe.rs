@@ -189,7 +189,9 @@ fn grouped(
     // Up to 16 pairs per pass over an expert's weights: at batch 16 no expert has more.
     let tn = 2u32;
     let chunks = w.k.div_ceil(K_CHUNK) as u32;
-    let group = if chunks >= 16 { 2 } else { 1 };
+    // Two chunks per group for the plain kernel where K allows; the SwiGLU kernel (two row
+    // tiles) spills registers with two.
+    let group = if chunks >= 16 && !swiglu { 2 } else { 1 };
     // SwiGLU: two row tiles per block, gate rows and the matching up rows.
     let cfg = Fp4GemmConfig {
         m_tiles: if swiglu { 2 } else { 1 },
