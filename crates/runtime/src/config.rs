@@ -686,7 +686,7 @@ fn parse_sliding_window(
         }
         Arch::Llama => vec![None; num_layers],
     };
-    if per_layer.iter().any(|w| *w == Some(0)) {
+    if per_layer.contains(&Some(0)) {
         return Err(f.invalid("sliding_window", "must be > 0"));
     }
     Ok(per_layer)

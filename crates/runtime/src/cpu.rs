@@ -66,7 +66,8 @@ impl Rope {
                         } else {
                             f as f64
                         };
-                        let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                        // Frequencies are finite, so "neither short nor long" is the closed interval.
+                        let medium = (high_wavelen..=low_wavelen).contains(&wavelen);
                         if medium {
                             let smooth = (old / wavelen - lo) / (hi - lo);
                             ((1.0 - smooth) * scaled / factor + smooth * scaled) as f32

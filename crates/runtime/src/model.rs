@@ -141,8 +141,8 @@ impl Moe {
 
 #[derive(Debug)]
 enum Ffn {
-    Dense(Mlp),
-    Moe(Moe),
+    Dense(Box<Mlp>),
+    Moe(Box<Moe>),
 }
 
 #[derive(Debug)]
@@ -283,20 +283,20 @@ impl Model {
                     None => None,
                 };
                 let router = ld.linear(&names.router(l), mc.num_experts, hd, false)?;
-                Ffn::Moe(Moe {
+                Ffn::Moe(Box::new(Moe {
                     router,
                     experts,
                     shared,
                     cfg: mc,
-                })
+                }))
             } else {
                 let [g, u, dn] = names.mlp(l);
                 let i = c.intermediate_size;
-                Ffn::Dense(Mlp {
+                Ffn::Dense(Box::new(Mlp {
                     gate: ld.linear(&g, i, hd, c.mlp_bias)?,
                     up: ld.linear(&u, i, hd, c.mlp_bias)?,
                     down: ld.linear(&dn, hd, i, c.mlp_bias)?,
-                })
+                }))
             };
             layers.push(Layer {
                 input_norm: ld.vector(&names.input_norm(l), hd)?,
