@@ -4,7 +4,9 @@
 //!
 //! NVFP4, compressed-tensors convention (vllm-project/compressed-tensors):
 //! - global scale, `generate_gparam` (src/compressed_tensors/quantization/utils/helpers.py):
-//!   `448 * 6 / clamp(amax, min=finfo(float32).tiny)`, in the dtype of `amax`, then `.to(float32)`.
+//!   `448 * 6 / clamp(amax, min=finfo.tiny)`, in the dtype of `amax`, evaluated by PyTorch as
+//!   `amax.reciprocal() * 2688` (two roundings; checked against 0.20.0 output), non-finite
+//!   results replaced by 1.0, then `.to(float32)`.
 //! - block scale, `calculate_qparams` (same file): `scales = max_val_pos / 6.0` (in the dtype
 //!   of the observed min/max), then `scales = global_scale * scales` (f32), then
 //!   `round_to_quantized_type_dtype(.., float8_e4m3fn)` = clamp to +-448 and cast (RNE); then
@@ -17,7 +19,8 @@
 //!   main (src/compressed_tensors/quantization/utils/fp4_utils.py) first converts to bfloat16
 //!   (round to nearest even) and then applies the E2M1 thresholds (see [`crate::e2m1`]). Older
 //!   releases (`FP4_E2M1_DATA._cast_to_fp4` in quant_args.py) applied the thresholds to the f32
-//!   value directly; [`CT_ROUND_THROUGH_BF16`] selects the current behaviour.
+//!   value directly, as does the released 0.20.0 (checked bit for bit by tests/ct_golden.rs);
+//!   [`CT_ROUND_THROUGH_BF16`] is off accordingly.
 //! - dequantize, `_dequantize`: `scale = scale / global_scale; x_q * scale`.
 //! - llm-compressor's MinMax observer (vllm-project/llm-compressor,
 //!   src/llmcompressor/observers/min_max.py) takes amin/amax in the weight's own dtype, so for a
@@ -49,10 +52,10 @@ use rayon::prelude::*;
 use crate::dtype::SrcDType;
 use crate::{e2m1, e4m3, e8m0};
 
-/// compressed-tensors main converts the scaled value to bfloat16 before the E2M1 thresholds
-/// (`cast_to_fp4` in fp4_utils.py); older releases did not. Kept as one switch so an interop
-/// test against a given compressed-tensors version can flip it.
-pub const CT_ROUND_THROUGH_BF16: bool = true;
+/// One revision of compressed-tensors main converted the scaled value to bfloat16 before the
+/// E2M1 thresholds (`cast_to_fp4` in fp4_utils.py); the released 0.20.0 (CPU and Triton paths)
+/// does not, and tests/ct_golden.rs checks us bit for bit against 0.20.0. Kept as one switch.
+pub const CT_ROUND_THROUGH_BF16: bool = false;
 
 /// E2M1 max times E4M3 max: the numerator of the NVFP4 global scale.
 pub const NVFP4_SCALE_NUMERATOR: f32 = 448.0 * 6.0;
@@ -303,20 +306,35 @@ pub fn amax(values: &[f32]) -> f32 {
 }
 
 /// NVFP4 global scale (compressed-tensors `generate_gparam`, f32 arithmetic):
-/// `448 * 6 / max(amax, f32::MIN_POSITIVE)`.
+/// `448 * 6 / max(amax, f32::MIN_POSITIVE)`, with an infinite result replaced by 1.0 (0.20.0
+/// applies `nan_to_num(nan=1, posinf=1)`: amax below ~2688 / f32::MAX).
 pub fn nvfp4_global_scale(amax: f32) -> f32 {
-    NVFP4_SCALE_NUMERATOR / amax.max(f32::MIN_POSITIVE)
+    ct_global_scale(amax, SrcDType::F32)
 }
 
-/// NVFP4 global scale computed in the weight's dtype as llm-compressor does (the division result
-/// is rounded to `arith`, then widened to f32). Errors when the result is not finite and
-/// positive (e.g. an F16 overflow for amax < 2688 / 65504).
+/// NVFP4 global scale computed in the weight's dtype as llm-compressor feeds it to
+/// compressed-tensors: the division is rounded to `arith` (amin/amax are taken in the weight
+/// dtype), non-finite results become 1.0, then the value is widened to f32. Always `Ok` since
+/// compressed-tensors 0.20.0 maps overflow to 1.0; the `Result` is kept for callers written
+/// against the earlier signature.
 pub fn nvfp4_global_scale_in(amax: f32, arith: SrcDType) -> Result<f32, Fp4Error> {
-    let gs = arith.round(nvfp4_global_scale(amax));
-    if gs.is_finite() && gs > 0.0 {
-        Ok(gs)
+    Ok(ct_global_scale(amax, arith))
+}
+
+fn ct_global_scale(amax: f32, arith: SrcDType) -> f32 {
+    let tiny = match arith {
+        SrcDType::F16 => 6.1035156e-5, // finfo(float16).tiny
+        SrcDType::F32 | SrcDType::BF16 => f32::MIN_POSITIVE,
+    };
+    // `scale_data.max * quant_data.max / max_val_pos` is a Python float divided by a tensor,
+    // which PyTorch evaluates as `tensor.reciprocal() * 2688` (`Tensor.__rtruediv__`): two
+    // roundings in the tensor's dtype, not one division.
+    let recip = arith.round(1.0 / arith.round(amax).max(tiny));
+    let gs = arith.round(recip * NVFP4_SCALE_NUMERATOR);
+    if gs.is_finite() {
+        gs
     } else {
-        Err(Fp4Error::BadGlobalScale(gs))
+        1.0
     }
 }
 
