@@ -4,6 +4,7 @@ pub mod arch;
 pub mod checkpoint;
 pub mod config;
 pub mod cpu;
+pub mod cuda;
 pub mod fixtures;
 pub mod format;
 pub mod linear;

@@ -1,0 +1,661 @@
+// Non-GEMM operations of the GPU decoder (mimo_runtime::cuda), compiled at run time by NVRTC.
+//
+// No CUDA headers: bf16 values travel as raw 16-bit patterns (u16) and are widened to f32 by a
+// shift; f32 -> bf16 rounds to nearest even with cvt.rn.bf16.f32. Everything is computed in f32.
+//
+// Layouts (row-major):
+//   residual x   [tokens][hidden] f32
+//   activations  [tokens][width] bf16
+//   KV cache     [seq][layer][kv_head][capacity][head_dim] bf16, keys and values in two buffers
+//   positions    pos[t] = position of token t in its sequence, seq[t] = its sequence index
+//
+// Kernels that finish a reduction across blocks (attention splits, router, argmax) use the
+// "last block combines" pattern: each block writes its partial result, fences, and bumps a
+// per-row counter; the block that sees count - 1 combines the partials in a fixed order
+// (deterministic) and resets the counter to 0 for the next launch (CUDA graph replays).
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned char u8;
+typedef unsigned long long u64;
+
+#define NEG_INF (-__int_as_float(0x7f800000))
+
+__device__ __forceinline__ float bf(u16 h) { return __uint_as_float(((u32)h) << 16); }
+
+__device__ __forceinline__ u16 to_bf(float f) {
+    u16 r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
+    return r;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024). `sh` holds 32 floats.
+__device__ float block_sum(float v, float* sh) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    __syncthreads();
+    if (lane == 0) sh[warp] = v;
+    __syncthreads();
+    float s = 0.f;
+    for (int i = 0; i < nw; i++) s += sh[i];  // same order in every thread
+    return s;
+}
+
+__device__ float block_max(float v, float* sh) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    __syncthreads();
+    if (lane == 0) sh[warp] = v;
+    __syncthreads();
+    float s = sh[0];
+    for (int i = 1; i < nw; i++) s = fmaxf(s, sh[i]);
+    return s;
+}
+
+// (value, index) max with ties to the lower index. NaN counts as -inf.
+__device__ __forceinline__ void argmax_merge(float& v, int& i, float v2, int i2) {
+    if (v2 > v || (v2 == v && i2 < i)) {
+        v = v2;
+        i = i2;
+    }
+}
+
+__device__ void block_argmax(float& v, int& i, float* shv, int* shi) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float v2 = __shfl_xor_sync(0xffffffffu, v, o);
+        const int i2 = __shfl_xor_sync(0xffffffffu, i, o);
+        argmax_merge(v, i, v2, i2);
+    }
+    __syncthreads();
+    if (lane == 0) {
+        shv[warp] = v;
+        shi[warp] = i;
+    }
+    __syncthreads();
+    v = shv[0];
+    i = shi[0];
+    for (int w = 1; w < nw; w++) argmax_merge(v, i, shv[w], shi[w]);
+}
+
+// Returns true in every thread of the block that arrives last at `counter` (expected arrivals:
+// `total`); that block resets the counter. Partial results must be written before the call.
+__device__ bool last_block(int* counter, int total, int* flag) {
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const int prev = atomicAdd(counter, 1);
+        *flag = prev == total - 1;
+        if (*flag) *counter = 0;
+    }
+    __syncthreads();
+    const bool last = *flag != 0;
+    if (last) __threadfence();
+    return last;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Embedding gather: x[t] = E[tok[t]] (f32). Ids outside the vocabulary give a zero row and are
+// counted in bad[0].
+// ---------------------------------------------------------------------------------------------
+extern "C" __global__ void embed_gather(const u16* __restrict__ emb, const int* __restrict__ tok,
+                                        float* __restrict__ x, int hidden, int vocab,
+                                        int* __restrict__ bad) {
+    const int t = blockIdx.x;
+    const int id = tok[t];
+    const bool ok = id >= 0 && id < vocab;
+    if (!ok && threadIdx.x == 0) atomicAdd(bad, 1);
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x)
+        x[(size_t)t * hidden + i] = ok ? bf(emb[(size_t)id * hidden + i]) : 0.f;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Residual add + RMSNorm. Per row t:
+//   x[t] += d1[t]                                  (d1: bf16 [m][h], optional)
+//         + sum_j pw[t,j] * pairs[t*k+j]            (MoE combine over top-k pairs, optional)
+//         + sigmoid(g2[t]) * d2[t]                  (shared expert, gate optional, optional)
+//   out[t - row_begin] = bf16(w * (x[t] * rsqrt(mean(x[t]^2) + eps)))   for t >= row_begin
+// ---------------------------------------------------------------------------------------------
+extern "C" __global__ void add_rmsnorm(float* __restrict__ x, const u16* __restrict__ d1,
+                                       const u16* __restrict__ pairs, const float* __restrict__ pw,
+                                       const int* __restrict__ pids, int top_k, int n_experts,
+                                       const u16* __restrict__ d2, const u16* __restrict__ g2,
+                                       const float* __restrict__ w, u16* __restrict__ out,
+                                       int hidden, float eps, int row_begin) {
+    __shared__ float sh[32];
+    const int t = blockIdx.x;
+    float* xr = x + (size_t)t * hidden;
+    float g = 1.f;
+    if (g2 != 0) {
+        const float gv = bf(g2[t]);
+        g = 1.f / (1.f + expf(-gv));
+    }
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        float v = xr[i];
+        if (d1 != 0) v += bf(d1[(size_t)t * hidden + i]);
+        if (pairs != 0) {
+            float s = 0.f;
+            for (int j = 0; j < top_k; j++) {
+                const size_t p = (size_t)t * top_k + j;
+                const int e = pids[p];
+                if (e < 0 || e >= n_experts) continue;
+                s += pw[p] * bf(pairs[p * hidden + i]);
+            }
+            v += s;
+        }
+        if (d2 != 0) v += g * bf(d2[(size_t)t * hidden + i]);
+        xr[i] = v;
+        ss += v * v;
+    }
+    ss = block_sum(ss, sh);
+    if (t < row_begin) return;
+    const float inv = 1.0f / sqrtf(ss / (float)hidden + eps);
+    u16* o = out + (size_t)(t - row_begin) * hidden;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) o[i] = to_bf(w[i] * (xr[i] * inv));
+}
+
+// ---------------------------------------------------------------------------------------------
+// One attention head vector prepared in shared memory: src (+ bias), optional per-head RMSNorm,
+// rotate-half RoPE over the first rot_dim elements at `pos`. Called by the whole block.
+// ---------------------------------------------------------------------------------------------
+__device__ void head_prep(const u16* __restrict__ src, const float* __restrict__ bias,
+                          const float* __restrict__ normw, float eps,
+                          const float* __restrict__ inv_freq, float attn_factor, int rot_dim,
+                          int pos, int d, float* out, float* sh) {
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float v = bf(src[i]);
+        if (bias != 0) v += bias[i];
+        out[i] = v;
+        ss += v * v;
+    }
+    ss = block_sum(ss, sh);  // also a barrier: out[] is complete
+    if (normw != 0) {
+        const float inv = 1.0f / sqrtf(ss / (float)d + eps);
+        for (int i = threadIdx.x; i < d; i += blockDim.x) out[i] = normw[i] * (out[i] * inv);
+        __syncthreads();
+    }
+    const int half = rot_dim >> 1;
+    float a = 0.f, b = 0.f, c = 0.f, s = 0.f;
+    const bool mine = threadIdx.x < half;
+    if (mine) {
+        const float ang = (float)pos * inv_freq[threadIdx.x];
+        float sn, cs;
+        sincosf(ang, &sn, &cs);
+        c = cs * attn_factor;
+        s = sn * attn_factor;
+        a = out[threadIdx.x];
+        b = out[threadIdx.x + half];
+    }
+    __syncthreads();
+    if (mine) {
+        out[threadIdx.x] = a * c - b * s;
+        out[threadIdx.x + half] = b * c + a * s;
+    }
+    __syncthreads();
+}
+
+struct AttnArgs {
+    int n_heads, n_kv, d, rot_dim, capacity, layers, layer, window, split_len, max_splits,
+        fused_new;
+    float eps, attn_factor, scale;
+};
+
+// K/V of new tokens into the cache (prefill path; the decode path does it inside attention).
+// grid (m, n_kv), block >= rot_dim / 2 threads (multiple of 32).
+extern "C" __global__ void kv_write(const u16* __restrict__ k_src, int k_off, int k_stride,
+                                    const u16* __restrict__ v_src, int v_off, int v_stride,
+                                    const float* __restrict__ k_bias,
+                                    const float* __restrict__ v_bias,
+                                    const float* __restrict__ k_norm,
+                                    const float* __restrict__ inv_freq,
+                                    const int* __restrict__ pos, const int* __restrict__ seq,
+                                    u16* __restrict__ kc, u16* __restrict__ vc, AttnArgs a) {
+    extern __shared__ float smem[];
+    __shared__ float sh[32];
+    const int t = blockIdx.x, kv = blockIdx.y, d = a.d;
+    const int p = pos[t], s = seq[t];
+    float* kf = smem;
+    head_prep(k_src + (size_t)t * k_stride + k_off + kv * d, k_bias ? k_bias + kv * d : 0, k_norm,
+              a.eps, inv_freq, a.attn_factor, a.rot_dim, p, d, kf, sh);
+    const size_t base = ((((size_t)s * a.layers + a.layer) * a.n_kv + kv) * a.capacity + p) * d;
+    const u16* vs = v_src + (size_t)t * v_stride + v_off + kv * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        kc[base + i] = to_bf(kf[i]);
+        float v = bf(vs[i]);
+        if (v_bias != 0) v += v_bias[kv * d + i];
+        vc[base + i] = to_bf(v);
+    }
+}
+
+// Causal GQA attention, flash-decoding style. grid (m tokens, n_heads, max_splits), 128 threads.
+// Split z covers key positions [z*L, z*L+L) of [lo, pos]; the last split block to finish
+// combines the partial (max, sum, out) of all splits in split order. With fused_new, the new
+// token's key and value are prepared here (bias, k-norm, RoPE) and written to the cache by the
+// block of the split holding `pos` (decode: no separate kv_write launch).
+// Shared memory: d (q) + d (k new) + d (v new) + split_len (scores) floats.
+extern "C" __global__ void __launch_bounds__(128)
+attention(const u16* __restrict__ q_src, int q_off, int q_stride, const u16* __restrict__ k_src,
+          int k_off, int k_stride, const u16* __restrict__ v_src, int v_off, int v_stride,
+          const float* __restrict__ q_bias, const float* __restrict__ k_bias,
+          const float* __restrict__ v_bias, const float* __restrict__ q_norm,
+          const float* __restrict__ k_norm, const float* __restrict__ inv_freq,
+          const int* __restrict__ pos, const int* __restrict__ seq, u16* __restrict__ kc,
+          u16* __restrict__ vc, float* __restrict__ part_ml, float* __restrict__ part_o,
+          int* __restrict__ counters, u16* __restrict__ out, AttnArgs a) {
+    extern __shared__ float smem[];
+    __shared__ float sh[32];
+    __shared__ int flag;
+    const int t = blockIdx.x, h = blockIdx.y, z = blockIdx.z, d = a.d;
+    const int group = a.n_heads / a.n_kv, kv = h / group;
+    const int p = pos[t], s = seq[t];
+    const int nsplit = p / a.split_len + 1;
+    if (z >= nsplit) return;
+    const int lo = a.window > 0 ? max(0, p + 1 - a.window) : 0;
+    const int j0 = max(lo, z * a.split_len), j1 = min(p, z * a.split_len + a.split_len - 1);
+    float* qf = smem;
+    float* kn = smem + d;
+    float* vn = smem + 2 * d;
+    float* sc = smem + 3 * d;
+    head_prep(q_src + (size_t)t * q_stride + q_off + h * d, q_bias ? q_bias + h * d : 0, q_norm,
+              a.eps, inv_freq, a.attn_factor, a.rot_dim, p, d, qf, sh);
+    const size_t cbase = (((size_t)s * a.layers + a.layer) * a.n_kv + kv) * a.capacity;
+    const bool has_new = a.fused_new && j0 <= p && p <= j1;
+    if (has_new) {
+        head_prep(k_src + (size_t)t * k_stride + k_off + kv * d, k_bias ? k_bias + kv * d : 0,
+                  k_norm, a.eps, inv_freq, a.attn_factor, a.rot_dim, p, d, kn, sh);
+        const u16* vs = v_src + (size_t)t * v_stride + v_off + kv * d;
+        for (int i = threadIdx.x; i < d; i += blockDim.x) {
+            float v = bf(vs[i]);
+            if (v_bias != 0) v += v_bias[kv * d + i];
+            // Stored as bf16 and used rounded, exactly as later tokens will read it.
+            const u16 kb = to_bf(kn[i]), vb = to_bf(v);
+            kn[i] = bf(kb);
+            vn[i] = bf(vb);
+            if (h % group == 0) {
+                kc[(cbase + p) * d + i] = kb;
+                vc[(cbase + p) * d + i] = vb;
+            }
+        }
+        __syncthreads();
+    }
+    // Scores: one warp per key, lanes over the head dimension.
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    const int nk = j1 - j0 + 1;  // may be <= 0 (split entirely before the window)
+    for (int jj = warp; jj < nk; jj += nw) {
+        const int j = j0 + jj;
+        float acc = 0.f;
+        if (has_new && j == p) {
+            for (int i = lane; i < d; i += 32) acc += qf[i] * kn[i];
+        } else {
+            const u16* kr = kc + (cbase + j) * d;
+            for (int i = lane; i < d; i += 32) acc += qf[i] * bf(kr[i]);
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+        if (lane == 0) sc[jj] = acc * a.scale;
+    }
+    __syncthreads();
+    float mx = NEG_INF;
+    for (int jj = threadIdx.x; jj < nk; jj += blockDim.x) mx = fmaxf(mx, sc[jj]);
+    mx = block_max(mx, sh);
+    float l = 0.f;
+    for (int jj = threadIdx.x; jj < nk; jj += blockDim.x) {
+        const float e = expf(sc[jj] - mx);
+        sc[jj] = e;
+        l += e;
+    }
+    l = block_sum(l, sh);  // barrier: sc[] holds the weights
+    const size_t row = (size_t)t * a.n_heads + h;
+    if (nsplit == 1) {
+        for (int i = threadIdx.x; i < d; i += blockDim.x) {
+            float o = 0.f;
+            for (int jj = 0; jj < nk; jj++) {
+                const int j = j0 + jj;
+                const float v = (has_new && j == p) ? vn[i] : bf(vc[(cbase + j) * d + i]);
+                o += sc[jj] * v;
+            }
+            out[row * d + i] = to_bf(o / l);
+        }
+        return;
+    }
+    float* po = part_o + (row * a.max_splits + z) * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float o = 0.f;
+        for (int jj = 0; jj < nk; jj++) {
+            const int j = j0 + jj;
+            const float v = (has_new && j == p) ? vn[i] : bf(vc[(cbase + j) * d + i]);
+            o += sc[jj] * v;
+        }
+        po[i] = o;
+    }
+    if (threadIdx.x == 0) {
+        part_ml[(row * a.max_splits + z) * 2] = nk > 0 ? mx : NEG_INF;
+        part_ml[(row * a.max_splits + z) * 2 + 1] = l;
+    }
+    if (!last_block(counters + row, nsplit, &flag)) return;
+    float m_all = NEG_INF;
+    for (int zz = 0; zz < nsplit; zz++) m_all = fmaxf(m_all, __ldcg(part_ml + (row * a.max_splits + zz) * 2));
+    float l_all = 0.f;
+    for (int zz = 0; zz < nsplit; zz++) {
+        const float mz = __ldcg(part_ml + (row * a.max_splits + zz) * 2);
+        if (mz != NEG_INF) l_all += __ldcg(part_ml + (row * a.max_splits + zz) * 2 + 1) * expf(mz - m_all);
+    }
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float o = 0.f;
+        for (int zz = 0; zz < nsplit; zz++) {
+            const float mz = __ldcg(part_ml + (row * a.max_splits + zz) * 2);
+            if (mz != NEG_INF) o += __ldcg(part_o + (row * a.max_splits + zz) * d + i) * expf(mz - m_all);
+        }
+        out[row * d + i] = to_bf(o / l_all);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU: out[t][i] = silu(g[t][i]) * u[t][i], rows of g and u `stride` elements apart (a fused
+// gate/up output passes the same buffer twice, u offset by `inter`, stride 2 * inter).
+// ---------------------------------------------------------------------------------------------
+extern "C" __global__ void swiglu(const u16* __restrict__ g, const u16* __restrict__ u, int stride,
+                                  u16* __restrict__ out, int m, int inter) {
+    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)m * inter) return;
+    const size_t t = idx / inter, i = idx - t * inter;
+    const float gv = bf(g[t * stride + i]);
+    const float uv = bf(u[t * stride + i]);
+    out[idx] = to_bf(gv / (1.f + expf(-gv)) * uv);
+}
+
+// y[t][n] += bias[n] (bf16 in place).
+extern "C" __global__ void add_bias(u16* __restrict__ y, const float* __restrict__ b, int m, int n) {
+    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)m * n) return;
+    y[idx] = to_bf(bf(y[idx]) + b[idx % n]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Router: logits = x[t] . W[e] in f32 (one warp per expert, 8 experts per block), then the last
+// block of token t: softmax over all experts, top-k (ties to the lower index), optional
+// renormalisation. grid (ceil(E / 8), m), 256 threads; E <= 1024.
+// ---------------------------------------------------------------------------------------------
+extern "C" __global__ void __launch_bounds__(256)
+router_topk(const u16* __restrict__ x, const u16* __restrict__ w, float* __restrict__ logits,
+            int* __restrict__ counters, int* __restrict__ ids, float* __restrict__ weights,
+            int hidden, int n_experts, int top_k, int renorm) {
+    __shared__ float prob[1024];
+    __shared__ float shv[32];
+    __shared__ int shi[32];
+    __shared__ int flag;
+    const int t = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int e = blockIdx.x * 8 + warp;
+    if (e < n_experts) {
+        const u16* xr = x + (size_t)t * hidden;
+        const u16* wr = w + (size_t)e * hidden;
+        float acc = 0.f;
+        if ((hidden & 7) == 0) {
+            for (int c = lane * 8; c < hidden; c += 256) {
+                const uint4 xv = *(const uint4*)(xr + c);
+                const uint4 wv = *(const uint4*)(wr + c);
+                const u32 xs[4] = {xv.x, xv.y, xv.z, xv.w}, ws[4] = {wv.x, wv.y, wv.z, wv.w};
+#pragma unroll
+                for (int q = 0; q < 4; q++) {
+                    acc += __uint_as_float(xs[q] << 16) * __uint_as_float(ws[q] << 16);
+                    acc += __uint_as_float(xs[q] & 0xFFFF0000u) * __uint_as_float(ws[q] & 0xFFFF0000u);
+                }
+            }
+        } else {
+            for (int c = lane; c < hidden; c += 32) acc += bf(xr[c]) * bf(wr[c]);
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+        if (lane == 0) logits[(size_t)t * n_experts + e] = acc;
+    }
+    if (!last_block(counters + t, gridDim.x, &flag)) return;
+    float mx = NEG_INF;
+    for (int i = threadIdx.x; i < n_experts; i += blockDim.x) {
+        const float v = __ldcg(logits + (size_t)t * n_experts + i);
+        prob[i] = v;
+        mx = fmaxf(mx, v);
+    }
+    mx = block_max(mx, shv);
+    float sum = 0.f;
+    for (int i = threadIdx.x; i < n_experts; i += blockDim.x) {
+        const float v = expf(prob[i] - mx);
+        prob[i] = v;
+        sum += v;
+    }
+    sum = block_sum(sum, shv);
+    for (int i = threadIdx.x; i < n_experts; i += blockDim.x) prob[i] = prob[i] / sum;
+    __syncthreads();
+    float sel_sum = 0.f;
+    for (int j = 0; j < top_k; j++) {
+        float v = -1.f;
+        int bi = 0x7fffffff;
+        for (int i = threadIdx.x; i < n_experts; i += blockDim.x) argmax_merge(v, bi, prob[i], i);
+        block_argmax(v, bi, shv, shi);
+        if (threadIdx.x == 0) {
+            ids[(size_t)t * top_k + j] = bi;
+            weights[(size_t)t * top_k + j] = v;
+            prob[bi] = -1.f;
+        }
+        sel_sum += v;
+        __syncthreads();
+    }
+    if (renorm && threadIdx.x < top_k) weights[(size_t)t * top_k + threadIdx.x] /= sel_sum;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Grouped BF16 expert GEMV (the BF16 baseline of the MoE layer). blockIdx.y = slot: the block
+// serves the slot-th expert present in ids; 8 warps x 2 rows = 16 output rows per block
+// (blockIdx.x); the expert's pairs are taken 8 at a time in pair order. Input row of pair q is
+// q / in_div; with swiglu the input row is [2k] (gate, up) and silu(gate) * up is formed while
+// loading (rounded to bf16 as if stored). k must be a multiple of 8. y: [P][n].
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ u32 swiglu2(u32 g, u32 u) {
+    const float g0 = __uint_as_float(g << 16), g1 = __uint_as_float(g & 0xFFFF0000u);
+    const float u0 = __uint_as_float(u << 16), u1 = __uint_as_float(u & 0xFFFF0000u);
+    return (u32)to_bf(g0 / (1.f + expf(-g0)) * u0) | ((u32)to_bf(g1 / (1.f + expf(-g1)) * u1) << 16);
+}
+
+__device__ __forceinline__ float dot8(uint4 a, uint4 b) {
+    const u32 as[4] = {a.x, a.y, a.z, a.w}, bs[4] = {b.x, b.y, b.z, b.w};
+    float s = 0.f;
+#pragma unroll
+    for (int q = 0; q < 4; q++) {
+        s += __uint_as_float(as[q] << 16) * __uint_as_float(bs[q] << 16);
+        s += __uint_as_float(as[q] & 0xFFFF0000u) * __uint_as_float(bs[q] & 0xFFFF0000u);
+    }
+    return s;
+}
+
+__device__ __forceinline__ uint4 ld_stream(const void* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+moe_bf16(const u16* __restrict__ w, const u16* __restrict__ x, u16* __restrict__ y, int n, int k,
+         const int* __restrict__ ids, int P, int E, int in_div, int swiglu_in) {
+    __shared__ unsigned char present[1024];
+    __shared__ int s_expert, s_pos, s_fill;
+    __shared__ int in_row[8], out_row[8];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) present[e] = 0;
+    __syncthreads();
+    for (int p = threadIdx.x; p < P; p += blockDim.x) {
+        const int e = ids[p];
+        if (e >= 0 && e < E) present[e] = 1;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        int want = blockIdx.y, found = -1;
+        for (int base = 0; base < E && found < 0; base += 32) {
+            unsigned mk = __ballot_sync(0xffffffffu, base + lane < E && present[base + lane]);
+            const int c = __popc(mk);
+            if (want < c) {
+                for (int i = 0; i < want; i++) mk &= mk - 1;
+                found = base + __ffs(mk) - 1;
+            } else {
+                want -= c;
+            }
+        }
+        if (lane == 0) {
+            s_expert = found;
+            s_pos = 0;
+        }
+    }
+    __syncthreads();
+    const int e = s_expert;
+    if (e < 0) return;
+    const u16* we = w + (size_t)e * n * k;
+    const int r0 = blockIdx.x * 16 + warp * 2;
+    while (true) {
+        if (warp == 0) {
+            int pos = s_pos, fill = 0;
+            while (pos < P && fill < 8) {
+                const int p = pos + lane;
+                const bool hit = p < P && ids[p] == e;
+                const unsigned mk = __ballot_sync(0xffffffffu, hit);
+                const int c = __popc(mk);
+                const int take = min(c, 8 - fill);
+                const int before = __popc(mk & ((1u << lane) - 1u));
+                if (hit && before < take) {
+                    in_row[fill + before] = p / in_div;
+                    out_row[fill + before] = p;
+                }
+                fill += take;
+                if (take < c) {
+                    unsigned mm = mk;
+                    for (int i = 0; i < take; i++) mm &= mm - 1;
+                    pos += __ffs(mm) - 1;
+                    break;
+                }
+                pos += 32;
+            }
+            if (lane == 0) {
+                s_pos = pos;
+                s_fill = fill;
+            }
+        }
+        __syncthreads();
+        const int fill = s_fill;
+        if (fill == 0) break;
+        float acc[8][2];
+#pragma unroll
+        for (int q = 0; q < 8; q++) acc[q][0] = acc[q][1] = 0.f;
+        for (int c = lane * 8; c < k; c += 256) {
+            uint4 wv[2];
+#pragma unroll
+            for (int r = 0; r < 2; r++)
+                wv[r] = (r0 + r < n) ? ld_stream(we + (size_t)(r0 + r) * k + c) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+            for (int q = 0; q < 8; q++) {
+                if (q < fill) {
+                    uint4 xv;
+                    if (swiglu_in) {
+                        const u16* xr = x + (size_t)in_row[q] * 2 * k;
+                        const uint4 g = *(const uint4*)(xr + c), u = *(const uint4*)(xr + k + c);
+                        xv = make_uint4(swiglu2(g.x, u.x), swiglu2(g.y, u.y), swiglu2(g.z, u.z),
+                                        swiglu2(g.w, u.w));
+                    } else {
+                        xv = *(const uint4*)(x + (size_t)in_row[q] * k + c);
+                    }
+                    acc[q][0] += dot8(wv[0], xv);
+                    acc[q][1] += dot8(wv[1], xv);
+                }
+            }
+        }
+#pragma unroll
+        for (int q = 0; q < 8; q++) {
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                float v = acc[q][r];
+#pragma unroll
+                for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+                if (lane == 0 && q < fill && r0 + r < n) y[(size_t)out_row[q] * n + r0 + r] = to_bf(v);
+            }
+        }
+        __syncthreads();  // in_row/out_row are rewritten by the next group
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Greedy sampling on the GPU: argmax of logits row b (bf16 [B][V]; ties to the lower index),
+// then, in the last block of the row: tok[b] = id, pos[b] += 1, hist[b][pos[b]] = id.
+// grid (ceil(V / chunk), B), 256 threads; part_v/part_i hold gridDim.x entries per row.
+// ---------------------------------------------------------------------------------------------
+extern "C" __global__ void __launch_bounds__(256)
+argmax_next(const u16* __restrict__ logits, int vocab, int chunk, float* __restrict__ part_v,
+            int* __restrict__ part_i, int* __restrict__ counters, int* __restrict__ tok,
+            int* __restrict__ pos, int* __restrict__ hist, int hist_cap) {
+    __shared__ float shv[32];
+    __shared__ int shi[32];
+    __shared__ int flag;
+    const int b = blockIdx.y;
+    const int c0 = blockIdx.x * chunk, c1 = min(vocab, c0 + chunk);
+    float v = NEG_INF;
+    int bi = 0x7fffffff;
+    for (int i = c0 + threadIdx.x; i < c1; i += blockDim.x) {
+        const float x = bf(logits[(size_t)b * vocab + i]);
+        argmax_merge(v, bi, x == x ? x : NEG_INF, i);
+    }
+    block_argmax(v, bi, shv, shi);
+    if (threadIdx.x == 0) {
+        part_v[(size_t)b * gridDim.x + blockIdx.x] = v;
+        part_i[(size_t)b * gridDim.x + blockIdx.x] = bi;
+    }
+    if (!last_block(counters + b, gridDim.x, &flag)) return;
+    if (threadIdx.x == 0) {
+        float bv = NEG_INF;
+        int best = 0x7fffffff;
+        for (int c = 0; c < (int)gridDim.x; c++)
+            argmax_merge(bv, best, __ldcg(part_v + (size_t)b * gridDim.x + c),
+                         __ldcg(part_i + (size_t)b * gridDim.x + c));
+        if (best == 0x7fffffff) best = 0;  // every logit NaN / -inf
+        const int np = pos[b] + 1;
+        tok[b] = best;
+        pos[b] = np;
+        if (np < hist_cap) hist[(size_t)b * hist_cap + np] = best;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Random weights generated on the device (benchmarks): uniform in [-amp, amp) from a hash of
+// (seed, index), so the values do not depend on the launch shape.
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ u32 hash32(u64 x) {
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdULL;
+    x ^= x >> 33;
+    x *= 0xc4ceb9fe1a85ec53ULL;
+    x ^= x >> 33;
+    return (u32)x;
+}
+
+extern "C" __global__ void fill_bf16(u16* __restrict__ p, u64 n, u64 seed, float amp) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        const u32 h = hash32(seed * 0x9E3779B97F4A7C15ULL + i);
+        const float u = (float)(h >> 8) * (1.0f / 16777216.0f);  // [0, 1)
+        p[i] = to_bf((2.f * u - 1.f) * amp);
+    }
+}
+
+extern "C" __global__ void fill_f32(float* __restrict__ p, u64 n, u64 seed, float center, float amp) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        const u32 h = hash32(seed * 0x9E3779B97F4A7C15ULL + i);
+        const float u = (float)(h >> 8) * (1.0f / 16777216.0f);
+        p[i] = center + (2.f * u - 1.f) * amp;
+    }
+}
+
+// Every element of a small int buffer set to `v` (positions before a decode benchmark).
+extern "C" __global__ void fill_i32(int* __restrict__ p, int n, int v, int step) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) p[i] = v + step * i;
+}

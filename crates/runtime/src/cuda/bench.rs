@@ -1,0 +1,294 @@
+//! `bench --config config.json --random-weights`: decode and prefill throughput of a real
+//! architecture's shape with random weights built on the GPU, BF16 and FP4 in one run.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use mimo_kernels::Fp4Format;
+use serde::Serialize;
+
+use super::error::{drv, GpuError};
+use super::model::GpuModel;
+use super::random::{random_head, WeightKind};
+use super::weights::Gpu;
+use crate::config::ModelConfig;
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Name of the shape (file stem of the config).
+    pub name: String,
+    /// The architecture and sizes.
+    pub config: ModelConfig,
+    /// Keep only the first N layers (quick runs); None = all.
+    pub layers: Option<usize>,
+    /// Prompt length before decoding (the KV cache holds this many positions when decoding).
+    pub prompt: usize,
+    /// Timed decode steps per batch size.
+    pub steps: usize,
+    /// Decode batch sizes.
+    pub batches: Vec<usize>,
+    /// Weight formats to build, one model after the other (BF16 first).
+    pub kinds: Vec<WeightKind>,
+    /// For FP4 kinds, also time decoding with an FP4 lm_head (BF16 otherwise).
+    pub fp4_head_too: bool,
+    /// Capture decode steps as CUDA graphs.
+    pub graphs: bool,
+    /// Seed of the random weights and prompt.
+    pub seed: u64,
+}
+
+/// Decode throughput at one batch size.
+#[derive(Debug, Clone, Serialize)]
+pub struct DecodeResult {
+    /// Sequences decoded together.
+    pub batch: usize,
+    /// lm_head format of this measurement ("bf16" or the FP4 format).
+    pub lm_head: String,
+    /// Generated tokens per second, all sequences together.
+    pub tokens_per_s: f64,
+    /// Milliseconds per decode step (one token of every sequence).
+    pub ms_per_step: f64,
+    /// Whether the step ran as a captured CUDA graph.
+    pub cuda_graph: bool,
+    /// Bytes of weights one step reads (batch 1 counting: touched experts only).
+    pub weight_bytes_per_step: u64,
+    /// Bytes of K/V one step reads.
+    pub kv_bytes_per_step: u64,
+    /// Tokens/s if every step moved its bytes at the measured copy bandwidth (batch 1 only).
+    pub bandwidth_limit_tokens_per_s: Option<f64>,
+    /// tokens_per_s / bandwidth_limit_tokens_per_s.
+    pub share_of_bandwidth_limit: Option<f64>,
+}
+
+/// One weight format.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchRun {
+    /// "bf16", "nvfp4" or "mxfp4".
+    pub weights: String,
+    /// GiB of weights on the device.
+    pub weight_gib: f64,
+    /// Seconds to build the random model.
+    pub build_s: f64,
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Prefill tokens per second (one pass over the prompt, batch 1).
+    pub prefill_tokens_per_s: f64,
+    /// Decode results.
+    pub decode: Vec<DecodeResult>,
+}
+
+/// The report `bench --random-weights` prints and saves.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// Always "random weights": no quality number comes from this mode.
+    pub mode: String,
+    /// Device name.
+    pub device: String,
+    /// Shape name.
+    pub shape: String,
+    /// model_type.
+    pub arch: String,
+    /// Layers built.
+    pub layers: usize,
+    /// hidden_size.
+    pub hidden: usize,
+    /// vocab_size.
+    pub vocab: usize,
+    /// Measured device copy bandwidth, TB/s (bytes read + written).
+    pub copy_tb_per_s: f64,
+    /// One entry per weight format.
+    pub runs: Vec<BenchRun>,
+    /// decode tokens/s at batch 1: FP4 over BF16 (same lm_head as the FP4 run's first entry).
+    pub fp4_over_bf16_batch1: Option<f64>,
+}
+
+fn kind_name(k: WeightKind) -> String {
+    match k {
+        WeightKind::Bf16 => "bf16".into(),
+        WeightKind::Fp4(Fp4Format::Nvfp4) => "nvfp4".into(),
+        WeightKind::Fp4(Fp4Format::Mxfp4) => "mxfp4".into(),
+    }
+}
+
+/// Device copy bandwidth in TB/s (read + write), 1 GiB buffers, median of 10.
+fn copy_bandwidth(gpu: &Gpu) -> Result<f64, GpuError> {
+    let len = 1usize << 30;
+    let s = gpu.ctx.stream();
+    let src = s.alloc_zeros::<u8>(len).map_err(drv("alloc copy buffer"))?;
+    let mut dst = s.alloc_zeros::<u8>(len).map_err(drv("alloc copy buffer"))?;
+    mimo_kernels::cuda::device_copy(&gpu.ctx, &src, &mut dst)?;
+    gpu.ctx.synchronize()?;
+    let mut t = Vec::new();
+    for _ in 0..10 {
+        let t0 = Instant::now();
+        mimo_kernels::cuda::device_copy(&gpu.ctx, &src, &mut dst)?;
+        gpu.ctx.synchronize()?;
+        t.push(t0.elapsed().as_secs_f64());
+    }
+    t.sort_by(f64::total_cmp);
+    Ok(2.0 * len as f64 / t[t.len() / 2] / 1e12)
+}
+
+/// Runs the benchmark; progress lines go to stderr.
+pub fn bench_random_weights(gpu: Arc<Gpu>, opts: &BenchOptions) -> Result<BenchReport, GpuError> {
+    let mut c = opts.config.clone();
+    if let Some(n) = opts.layers {
+        let n = n.clamp(1, c.num_layers);
+        c.num_layers = n;
+        c.sliding_window.truncate(n);
+        c.moe_layers.truncate(n);
+    }
+    eprintln!(
+        "random weights: {} ({}), {} layers, on {}",
+        opts.name,
+        c.arch.model_type(),
+        c.num_layers,
+        gpu.ctx.device_name()
+    );
+    let copy = copy_bandwidth(&gpu)?;
+    eprintln!("device copy bandwidth {copy:.2} TB/s");
+    let max_batch = opts.batches.iter().copied().max().unwrap_or(1).max(1);
+    let capacity = opts.prompt + opts.steps + 16;
+    let mut runs = Vec::new();
+    for &kind in &opts.kinds {
+        let t0 = Instant::now();
+        let mut model = GpuModel::random(gpu.clone(), c.clone(), kind, false, opts.seed)?;
+        let build_s = t0.elapsed().as_secs_f64();
+        let weight_gib = model.weight_bytes() as f64 / (1u64 << 30) as f64;
+        eprintln!(
+            "{}: {weight_gib:.2} GiB of weights built in {build_s:.1} s",
+            kind_name(kind)
+        );
+        model.alloc_cache(max_batch, capacity)?;
+        let vocab = c.vocab_size as u64;
+        let prompt: Vec<u32> = (0..opts.prompt as u64)
+            .map(|i| ((i.wrapping_mul(2654435761).wrapping_add(opts.seed)) % vocab) as u32)
+            .collect();
+        // Prefill: once to warm up (compilation, cuBLAS), once timed.
+        let logits = model.forward(&prompt, 0, 0, false)?;
+        let t0 = Instant::now();
+        let logits2 = model.forward(&prompt, 0, 0, false)?;
+        let prefill_s = t0.elapsed().as_secs_f64();
+        if logits
+            .iter()
+            .zip(&logits2)
+            .any(|(a, b)| a.to_bits() != b.to_bits())
+        {
+            eprintln!("warning: two prefills of the same prompt gave different logits");
+        }
+        let first = crate::generate::argmax(&logits2) as u32;
+        let prefill = opts.prompt as f64 / prefill_s;
+        eprintln!("  prefill {} tokens: {prefill:.0} tokens/s", opts.prompt);
+        let mut decode = Vec::new();
+        let heads: Vec<(String, bool)> = match kind {
+            WeightKind::Fp4(_) if opts.fp4_head_too => {
+                vec![("bf16".into(), false), (kind_name(kind), true)]
+            }
+            _ => vec![("bf16".into(), false)],
+        };
+        for (head_name, fp4_head) in heads {
+            if fp4_head {
+                let h = random_head(&gpu, &c, kind, opts.seed ^ 0x5EED)?;
+                model.set_lm_head(Some(h));
+            }
+            for &b in &opts.batches {
+                let r = time_decode(&mut model, b, first, opts, copy, &head_name)?;
+                eprintln!(
+                    "  decode batch {b:>2} (lm_head {head_name}): {:.0} tokens/s, {:.3} ms/step{}",
+                    r.tokens_per_s,
+                    r.ms_per_step,
+                    r.share_of_bandwidth_limit
+                        .map_or(String::new(), |s| format!(
+                            ", {:.0}% of the bandwidth limit",
+                            s * 100.0
+                        ))
+                );
+                decode.push(r);
+            }
+        }
+        runs.push(BenchRun {
+            weights: kind_name(kind),
+            weight_gib,
+            build_s,
+            prompt_tokens: opts.prompt,
+            prefill_tokens_per_s: prefill,
+            decode,
+        });
+        drop(model);
+        gpu.ctx.synchronize()?;
+    }
+    let b1 = |r: &BenchRun| {
+        r.decode
+            .iter()
+            .find(|d| d.batch == 1 && d.lm_head == "bf16")
+            .map(|d| d.tokens_per_s)
+    };
+    let bf = runs.iter().find(|r| r.weights == "bf16").and_then(b1);
+    let fp = runs.iter().find(|r| r.weights != "bf16").and_then(b1);
+    Ok(BenchReport {
+        mode: "random weights".into(),
+        device: gpu.ctx.device_name().to_string(),
+        shape: opts.name.clone(),
+        arch: c.arch.model_type().into(),
+        layers: c.num_layers,
+        hidden: c.hidden_size,
+        vocab: c.vocab_size,
+        copy_tb_per_s: copy,
+        runs,
+        fp4_over_bf16_batch1: match (fp, bf) {
+            (Some(f), Some(b)) => Some(f / b),
+            _ => None,
+        },
+    })
+}
+
+fn time_decode(
+    model: &mut GpuModel,
+    batch: usize,
+    first: u32,
+    opts: &BenchOptions,
+    copy_tb_s: f64,
+    head: &str,
+) -> Result<DecodeResult, GpuError> {
+    let vocab = model.config.vocab_size as u32;
+    let tokens: Vec<u32> = (0..batch as u32)
+        .map(|b| (first + 7919 * b) % vocab)
+        .collect();
+    // Every sequence decodes after `prompt` cached positions (sequence 0 holds the prefilled
+    // prompt; the others' cache rows are zeros: attention reads them all the same).
+    let positions = vec![opts.prompt; batch];
+    let graph = model.decode_start(&tokens, &positions, opts.graphs)?;
+    let warm = 4.min(opts.steps);
+    model.decode_steps(batch, warm)?;
+    model.synchronize()?;
+    model.decode_start(&tokens, &positions, opts.graphs)?;
+    model.synchronize()?;
+    let t0 = Instant::now();
+    model.decode_steps(batch, opts.steps)?;
+    model.synchronize()?;
+    let dt = t0.elapsed().as_secs_f64();
+    let bad = model.bad_token_count()?;
+    if bad != 0 {
+        return Err(GpuError::DeviceCheck(format!(
+            "{bad} sampled token ids were outside the vocabulary"
+        )));
+    }
+    let steps = opts.steps.max(1) as f64;
+    let ms = dt * 1e3 / steps;
+    let wbytes = model.decode_weight_bytes() as u64;
+    let kv = (model.kv_bytes_per_token(opts.prompt + opts.steps / 2) * batch) as u64;
+    let limit = (batch == 1).then(|| copy_tb_s * 1e12 / (wbytes + kv) as f64);
+    let tps = batch as f64 * steps / dt;
+    Ok(DecodeResult {
+        batch,
+        lm_head: head.to_string(),
+        tokens_per_s: tps,
+        ms_per_step: ms,
+        cuda_graph: graph,
+        weight_bytes_per_step: wbytes,
+        kv_bytes_per_step: kv,
+        bandwidth_limit_tokens_per_s: limit,
+        share_of_bandwidth_limit: limit.map(|l| tps / l),
+    })
+}

@@ -1,0 +1,1305 @@
+//! The decoder on the GPU: weights resident (FP4 packed or BF16), KV cache on the device,
+//! prefill as one pass over the prompt, decode as a CUDA graph replayed per token with greedy
+//! sampling on the device (no host synchronisation inside a token).
+//!
+//! Launches per layer at decode: residual+RMSNorm, QKV GEMM, attention (q/k-norm, RoPE and the
+//! KV-cache write fused in), o_proj, residual+RMSNorm, then either gate/up GEMM, SwiGLU, down
+//! GEMM (dense) or router+top-k (one kernel) and the grouped MoE (three launches of the kernels
+//! crate for FP4; two grouped GEMVs for BF16 whose combine is fused into the next RMSNorm).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use cudarc::driver::{sys, CudaGraph, CudaSlice};
+use half::bf16;
+use mimo_kernels::cuda::{moe_layer, GpuFp4Weight, MoeWeights, MoeWorkspace};
+use mimo_kernels::Fp4Matrix;
+
+use super::error::{drv, GpuError};
+use super::ops::{AttnArgs, Rows, ARGMAX_CHUNK, MAX_EXPERTS, MAX_HEAD_DIM, SPLIT_LEN};
+use super::weights::{linear_to_bf16, Gpu, GpuLinear};
+use crate::arch::Names;
+use crate::checkpoint::Checkpoint;
+use crate::config::ModelConfig;
+use crate::cpu::Rope;
+use crate::linear::{Linear, Weight};
+use crate::model::ForwardError;
+use crate::weights::Loader;
+
+/// Gate and up projections: one fused weight `[2 * inter, k]` or two.
+pub(crate) enum GateUp {
+    Fused(GpuLinear),
+    Split(GpuLinear, GpuLinear),
+}
+
+/// A SwiGLU MLP on the device.
+pub(crate) struct Mlp {
+    pub gate_up: GateUp,
+    pub down: GpuLinear,
+    pub inter: usize,
+}
+
+impl Mlp {
+    fn bytes(&self) -> usize {
+        self.down.bytes()
+            + match &self.gate_up {
+                GateUp::Fused(l) => l.bytes(),
+                GateUp::Split(g, u) => g.bytes() + u.bytes(),
+            }
+    }
+
+    /// `out = down(silu(gate(x)) * up(x))`.
+    fn forward(
+        &self,
+        gpu: &Gpu,
+        x: &CudaSlice<bf16>,
+        m: usize,
+        b: &mut MlpBufs,
+        out: &mut CudaSlice<bf16>,
+    ) -> Result<(), GpuError> {
+        let i = self.inter;
+        match (&self.gate_up, &mut b.up) {
+            (GateUp::Fused(l), _) => {
+                l.forward(gpu, x, m, &mut b.gate)?;
+                gpu.ops.swiglu(
+                    &gpu.ctx,
+                    &b.gate.slice(..),
+                    &b.gate.slice(i..),
+                    2 * i,
+                    &mut b.act,
+                    m,
+                    i,
+                )?;
+            }
+            (GateUp::Split(g, u), Some(ub)) => {
+                g.forward(gpu, x, m, &mut b.gate)?;
+                u.forward(gpu, x, m, ub)?;
+                gpu.ops.swiglu(
+                    &gpu.ctx,
+                    &b.gate.slice(..),
+                    &ub.slice(..),
+                    i,
+                    &mut b.act,
+                    m,
+                    i,
+                )?;
+            }
+            (GateUp::Split(..), None) => {
+                return Err(GpuError::Unsupported(
+                    "MLP buffers without an up buffer".into(),
+                ))
+            }
+        }
+        self.down.forward(gpu, &b.act, m, out)
+    }
+}
+
+/// Scratch of one MLP for `m` tokens.
+pub(crate) struct MlpBufs {
+    gate: CudaSlice<bf16>,
+    up: Option<CudaSlice<bf16>>,
+    act: CudaSlice<bf16>,
+}
+
+impl MlpBufs {
+    fn new(gpu: &Gpu, mlp: &Mlp, m: usize) -> Result<MlpBufs, GpuError> {
+        let i = mlp.inter;
+        let (gate, up) = match &mlp.gate_up {
+            GateUp::Fused(_) => (zeros::<bf16>(gpu, m * 2 * i)?, None),
+            GateUp::Split(..) => (zeros(gpu, m * i)?, Some(zeros(gpu, m * i)?)),
+        };
+        Ok(MlpBufs {
+            gate,
+            up,
+            act: zeros(gpu, m * i)?,
+        })
+    }
+}
+
+/// Routed experts on the device.
+pub(crate) enum Experts {
+    /// Packed FP4 stacks, computed by the kernels crate's grouped MoE.
+    Fp4(MoeWeights),
+    /// BF16 stacks `[E][2I][h]` (gate rows, then up rows) and `[E][h][I]`.
+    Bf16 {
+        gate_up: CudaSlice<bf16>,
+        down: CudaSlice<bf16>,
+    },
+}
+
+/// A mixture-of-experts block.
+pub(crate) struct Moe {
+    pub router: CudaSlice<bf16>,
+    pub experts: Experts,
+    pub shared: Option<(Mlp, GpuLinear)>,
+    pub n_experts: usize,
+    pub top_k: usize,
+    pub renorm: bool,
+    pub inter: usize,
+}
+
+pub(crate) enum Ffn {
+    Dense(Mlp),
+    Moe(Moe),
+}
+
+pub(crate) enum Qkv {
+    Fused(GpuLinear),
+    Split(GpuLinear, GpuLinear, GpuLinear),
+}
+
+/// One decoder layer.
+pub(crate) struct Layer {
+    pub in_norm: CudaSlice<f32>,
+    pub post_norm: CudaSlice<f32>,
+    pub qkv: Qkv,
+    pub biases: [Option<CudaSlice<f32>>; 3],
+    pub q_norm: Option<CudaSlice<f32>>,
+    pub k_norm: Option<CudaSlice<f32>>,
+    pub o: GpuLinear,
+    pub window: usize,
+    pub ffn: Ffn,
+}
+
+/// Keys and values of every layer on the device, `[seq][layer][kv_head][capacity][head_dim]`.
+pub struct GpuKvCache {
+    k: CudaSlice<bf16>,
+    v: CudaSlice<bf16>,
+    seqs: usize,
+    capacity: usize,
+}
+
+impl GpuKvCache {
+    /// Number of sequences.
+    pub fn seqs(&self) -> usize {
+        self.seqs
+    }
+    /// Positions per sequence.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+}
+
+enum QkvBufs {
+    Fused(CudaSlice<bf16>),
+    Split(CudaSlice<bf16>, CudaSlice<bf16>, CudaSlice<bf16>),
+}
+
+struct MoeBufs {
+    logits: CudaSlice<f32>,
+    counters: CudaSlice<i32>,
+    ids: CudaSlice<i32>,
+    weights: CudaSlice<f32>,
+    fp4: Option<MoeWorkspace>,
+    pair_gu: Option<CudaSlice<bf16>>,
+    pair_dn: Option<CudaSlice<bf16>>,
+    shared: Option<(MlpBufs, CudaSlice<bf16>, CudaSlice<bf16>)>,
+}
+
+/// Device buffers of one forward pass over `m` token rows (the kernels check exact lengths,
+/// so there is one workspace per row count).
+struct Ws {
+    m: usize,
+    rows_out: usize,
+    tok: CudaSlice<i32>,
+    pos: CudaSlice<i32>,
+    seq: CudaSlice<i32>,
+    bad: CudaSlice<i32>,
+    x: CudaSlice<f32>,
+    h: CudaSlice<bf16>,
+    qkv: QkvBufs,
+    attn: CudaSlice<bf16>,
+    delta: CudaSlice<bf16>,
+    part_ml: CudaSlice<f32>,
+    part_o: CudaSlice<f32>,
+    attn_cnt: CudaSlice<i32>,
+    dense: Option<MlpBufs>,
+    moe: Option<MoeBufs>,
+    head_in: CudaSlice<bf16>,
+    logits: CudaSlice<bf16>,
+    am_v: CudaSlice<f32>,
+    am_i: CudaSlice<i32>,
+    am_cnt: CudaSlice<i32>,
+    hist: CudaSlice<i32>,
+    hist_cap: usize,
+}
+
+/// A decode step for a batch, captured as a CUDA graph (or run eagerly where capture failed).
+struct DecodeSession {
+    ws: Ws,
+    graph: Option<CudaGraph>,
+}
+
+/// What the residual stream still has to add before the next norm.
+#[derive(Clone, Copy, Default)]
+struct Pend {
+    delta: bool,
+    pairs: bool,
+    shared: bool,
+}
+
+fn zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+    gpu: &Gpu,
+    len: usize,
+) -> Result<CudaSlice<T>, GpuError> {
+    gpu.ctx
+        .stream()
+        .alloc_zeros::<T>(len.max(1))
+        .map_err(drv("alloc workspace"))
+}
+
+/// A decoder resident on the GPU.
+pub struct GpuModel {
+    /// Its configuration.
+    pub config: ModelConfig,
+    pub(crate) gpu: Arc<Gpu>,
+    pub(crate) embed: CudaSlice<bf16>,
+    pub(crate) lm_head: Option<GpuLinear>,
+    pub(crate) final_norm: CudaSlice<f32>,
+    pub(crate) layers: Vec<Layer>,
+    pub(crate) inv_freq: CudaSlice<f32>,
+    pub(crate) attn_factor: f32,
+    pub(crate) rot_dim: usize,
+    cache: Option<GpuKvCache>,
+    workspaces: HashMap<(usize, usize), Ws>,
+    sessions: HashMap<usize, DecodeSession>,
+}
+
+/// Checks the shapes the kernels handle.
+pub(crate) fn check_config(c: &ModelConfig) -> Result<(), GpuError> {
+    let bad = |s: String| Err(GpuError::Unsupported(s));
+    if c.head_dim > MAX_HEAD_DIM || c.head_dim == 0 {
+        return bad(format!("head_dim {} (1..={MAX_HEAD_DIM})", c.head_dim));
+    }
+    if c.rope.rotary_dim > c.head_dim || c.rope.rotary_dim % 2 != 0 {
+        return bad(format!("rotary dim {}", c.rope.rotary_dim));
+    }
+    if c.num_kv_heads == 0 || c.num_heads % c.num_kv_heads != 0 {
+        return bad(format!(
+            "{} heads over {} kv heads",
+            c.num_heads, c.num_kv_heads
+        ));
+    }
+    if let Some(m) = &c.moe {
+        if m.num_experts > MAX_EXPERTS || m.top_k == 0 || m.top_k > m.num_experts.min(256) {
+            return bad(format!(
+                "{} experts top-{} (at most {MAX_EXPERTS} experts, top-k <= 256)",
+                m.num_experts, m.top_k
+            ));
+        }
+        if m.expert_intermediate_size % 8 != 0 || c.hidden_size % 8 != 0 {
+            return bad("expert and hidden sizes must be multiples of 8".into());
+        }
+    }
+    Ok(())
+}
+
+impl GpuModel {
+    pub(crate) fn assemble(
+        config: ModelConfig,
+        gpu: Arc<Gpu>,
+        embed: CudaSlice<bf16>,
+        lm_head: Option<GpuLinear>,
+        final_norm: CudaSlice<f32>,
+        layers: Vec<Layer>,
+    ) -> Result<GpuModel, GpuError> {
+        let rope = Rope::new(&config.rope);
+        let inv_freq = gpu.upload(&rope.inv_freq, "upload rope frequencies")?;
+        Ok(GpuModel {
+            rot_dim: rope.rotary_dim,
+            attn_factor: rope.attention_factor,
+            config,
+            gpu,
+            embed,
+            lm_head,
+            final_norm,
+            layers,
+            inv_freq,
+            cache: None,
+            workspaces: HashMap::new(),
+            sessions: HashMap::new(),
+        })
+    }
+
+    /// Loads a checkpoint folder onto the GPU.
+    pub fn load(gpu: Arc<Gpu>, dir: &Path) -> Result<GpuModel, GpuError> {
+        let ck = Checkpoint::open(dir).map_err(crate::weights::LoadError::from)?;
+        GpuModel::from_checkpoint(gpu, &ck)
+    }
+
+    /// Loads an opened checkpoint onto the GPU, refusing before any upload if the weights do
+    /// not fit in the free device memory.
+    pub fn from_checkpoint(gpu: Arc<Gpu>, ck: &Checkpoint) -> Result<GpuModel, GpuError> {
+        let c = ModelConfig::from_json(ck.config(), &ck.root().join("config.json"))?;
+        check_config(&c)?;
+        let names = Names::new(c.arch);
+        let ld = Loader::new(ck)?;
+        let fp4 = ld.layout.map(|l| l.format());
+        let need = super::estimate::weight_bytes(&c, fp4, fp4.is_some());
+        super::estimate::check_fits(&gpu, &format!("{}", ck.root().display()), need)?;
+        let (hd, d) = (c.hidden_size, c.head_dim);
+        let embed_l = ld.linear(&names.embed(), c.vocab_size, hd, false)?;
+        let embed = gpu.upload(&linear_to_bf16(&embed_l), "upload embedding")?;
+        drop(embed_l);
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            let l = ld.linear(&names.lm_head(), c.vocab_size, hd, false)?;
+            Some(GpuLinear::upload(&gpu, "lm_head", &l)?)
+        };
+        let final_norm = gpu.upload(&ld.vector(&names.final_norm(), hd)?, "upload norm")?;
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for l in 0..c.num_layers {
+            let att = |p: &str| names.attn(l, p);
+            let (qn, kvn) = (c.num_heads * d, c.num_kv_heads * d);
+            let q = ld.linear(&att("q_proj"), qn, hd, c.qkv_bias)?;
+            let k = ld.linear(&att("k_proj"), kvn, hd, c.qkv_bias)?;
+            let v = ld.linear(&att("v_proj"), kvn, hd, c.qkv_bias)?;
+            let o = ld.linear(&att("o_proj"), hd, qn, c.o_bias)?;
+            let qkv = match GpuLinear::fuse(&gpu, &att("qkv"), &[&q, &k, &v], false)? {
+                Some(f) => Qkv::Fused(f),
+                None => Qkv::Split(
+                    single(&gpu, &att("q_proj"), &q, false)?,
+                    single(&gpu, &att("k_proj"), &k, false)?,
+                    single(&gpu, &att("v_proj"), &v, false)?,
+                ),
+            };
+            let up_bias = |lin: &Linear| -> Result<Option<CudaSlice<f32>>, GpuError> {
+                lin.bias
+                    .as_ref()
+                    .map(|b| gpu.upload(b, "upload bias"))
+                    .transpose()
+            };
+            let biases = [up_bias(&q)?, up_bias(&k)?, up_bias(&v)?];
+            let (q_norm, k_norm) = if c.qk_norm {
+                (
+                    Some(gpu.upload(
+                        &ld.vector(&format!("{}.weight", att("q_norm")), d)?,
+                        "upload q_norm",
+                    )?),
+                    Some(gpu.upload(
+                        &ld.vector(&format!("{}.weight", att("k_norm")), d)?,
+                        "upload k_norm",
+                    )?),
+                )
+            } else {
+                (None, None)
+            };
+            let ffn = if c.moe_layers[l] {
+                let mc = c.moe.clone().ok_or_else(|| {
+                    GpuError::Unsupported(format!("layer {l}: MoE layer without MoE parameters"))
+                })?;
+                let ei = mc.expert_intermediate_size;
+                let mut experts = Vec::with_capacity(mc.num_experts);
+                for e in 0..mc.num_experts {
+                    let [g, u, dn] = names.expert(l, e);
+                    experts.push([
+                        ld.linear(&g, ei, hd, false)?,
+                        ld.linear(&u, ei, hd, false)?,
+                        ld.linear(&dn, hd, ei, false)?,
+                    ]);
+                }
+                let experts = upload_experts(&gpu, &format!("layer {l} experts"), &experts)?;
+                let shared = match mc.shared_expert_intermediate_size {
+                    Some(si) => {
+                        let [g, u, dn] = names.shared_expert(l);
+                        let (g, u, dn) = (
+                            ld.linear(&g, si, hd, false)?,
+                            ld.linear(&u, si, hd, false)?,
+                            ld.linear(&dn, hd, si, false)?,
+                        );
+                        let gate = ld.linear(&names.shared_expert_gate(l), 1, hd, false)?;
+                        Some((
+                            mlp(&gpu, &format!("layer {l} shared expert"), &g, &u, &dn, si)?,
+                            GpuLinear::Bf16 {
+                                w: gpu.upload(&linear_to_bf16(&gate), "upload shared gate")?,
+                                n: 1,
+                                k: hd,
+                                bias: None,
+                            },
+                        ))
+                    }
+                    None => None,
+                };
+                let router = ld.linear(&names.router(l), mc.num_experts, hd, false)?;
+                Ffn::Moe(Moe {
+                    router: gpu.upload(&linear_to_bf16(&router), "upload router")?,
+                    experts,
+                    shared,
+                    n_experts: mc.num_experts,
+                    top_k: mc.top_k,
+                    renorm: mc.norm_topk_prob,
+                    inter: ei,
+                })
+            } else {
+                let [g, u, dn] = names.mlp(l);
+                let i = c.intermediate_size;
+                let (g, u, dn) = (
+                    ld.linear(&g, i, hd, c.mlp_bias)?,
+                    ld.linear(&u, i, hd, c.mlp_bias)?,
+                    ld.linear(&dn, hd, i, c.mlp_bias)?,
+                );
+                Ffn::Dense(mlp(&gpu, &format!("layer {l} mlp"), &g, &u, &dn, i)?)
+            };
+            layers.push(Layer {
+                in_norm: gpu.upload(&ld.vector(&names.input_norm(l), hd)?, "upload norm")?,
+                post_norm: gpu.upload(
+                    &ld.vector(&names.post_attention_norm(l), hd)?,
+                    "upload norm",
+                )?,
+                qkv,
+                biases,
+                q_norm,
+                k_norm,
+                o: GpuLinear::upload(&gpu, &att("o_proj"), &o)?,
+                window: c.sliding_window[l].unwrap_or(0),
+                ffn,
+            });
+        }
+        GpuModel::assemble(c, gpu, embed, lm_head, final_norm, layers)
+    }
+
+    /// The device.
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+
+    /// Bytes of all weights on the device.
+    pub fn weight_bytes(&self) -> usize {
+        let mut b = self.embed.len() * 2 + self.lm_head.as_ref().map_or(0, GpuLinear::bytes);
+        for l in &self.layers {
+            b += self.attn_bytes(l);
+            b += match &l.ffn {
+                Ffn::Dense(m) => m.bytes(),
+                Ffn::Moe(m) => {
+                    let e = match &m.experts {
+                        Experts::Fp4(w) => {
+                            w.gate_up.bytes_per_matrix() * w.gate_up.experts
+                                + w.down.bytes_per_matrix() * w.down.experts
+                        }
+                        Experts::Bf16 { gate_up, down } => (gate_up.len() + down.len()) * 2,
+                    };
+                    e + m.router.len() * 2
+                        + m.shared.as_ref().map_or(0, |s| s.0.bytes() + s.1.bytes())
+                }
+            };
+        }
+        b
+    }
+
+    fn attn_bytes(&self, l: &Layer) -> usize {
+        l.o.bytes()
+            + match &l.qkv {
+                Qkv::Fused(f) => f.bytes(),
+                Qkv::Split(a, b, c) => a.bytes() + b.bytes() + c.bytes(),
+            }
+    }
+
+    /// Weight bytes one decode token reads at batch 1 (each MoE layer reads its router and
+    /// `top_k` experts; the lm_head is read whole, the embedding one row).
+    pub fn decode_weight_bytes(&self) -> usize {
+        let mut b = self.config.hidden_size * 2
+            + match &self.lm_head {
+                Some(h) => h.bytes(),
+                None => self.embed.len() * 2,
+            };
+        for l in &self.layers {
+            b += self.attn_bytes(l);
+            b += match &l.ffn {
+                Ffn::Dense(m) => m.bytes(),
+                Ffn::Moe(m) => {
+                    let per = match &m.experts {
+                        Experts::Fp4(w) => w.gate_up.bytes_per_matrix() + w.down.bytes_per_matrix(),
+                        Experts::Bf16 { gate_up, down } => {
+                            (gate_up.len() + down.len()) * 2 / m.n_experts
+                        }
+                    };
+                    per * m.top_k
+                        + m.router.len() * 2
+                        + m.shared.as_ref().map_or(0, |s| s.0.bytes() + s.1.bytes())
+                }
+            };
+        }
+        b
+    }
+
+    /// Bytes of K and V one decode token reads at context length `ctx`.
+    pub fn kv_bytes_per_token(&self, ctx: usize) -> usize {
+        let c = &self.config;
+        self.layers.len() * c.num_kv_heads * c.head_dim * 2 * 2 * ctx
+    }
+
+    /// (Re)allocates the KV cache for `seqs` sequences of `capacity` positions; captured decode
+    /// graphs are dropped (they point at the old cache).
+    pub fn alloc_cache(&mut self, seqs: usize, capacity: usize) -> Result<(), GpuError> {
+        self.sessions.clear();
+        self.workspaces.clear();
+        self.cache = None;
+        let c = &self.config;
+        let capacity = capacity.min(c.max_position_embeddings).max(1);
+        let len = seqs * self.layers.len() * c.num_kv_heads * capacity * c.head_dim;
+        super::estimate::check_fits(&self.gpu, "the KV cache", len * 4)?;
+        self.cache = Some(GpuKvCache {
+            k: zeros(&self.gpu, len)?,
+            v: zeros(&self.gpu, len)?,
+            seqs,
+            capacity,
+        });
+        Ok(())
+    }
+
+    /// The KV cache, if allocated.
+    pub fn cache(&self) -> Option<&GpuKvCache> {
+        self.cache.as_ref()
+    }
+
+    fn new_ws(&self, m: usize, rows_out: usize) -> Result<Ws, GpuError> {
+        let c = &self.config;
+        let g = &*self.gpu;
+        let (hd, d, h, kv) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads);
+        let cap = self.cache.as_ref().map_or(1, |k| k.capacity);
+        let splits = cap.div_ceil(SPLIT_LEN);
+        let qkv = match self.layers.first().map(|l| &l.qkv) {
+            Some(Qkv::Split(..)) => QkvBufs::Split(
+                zeros(g, m * h * d)?,
+                zeros(g, m * kv * d)?,
+                zeros(g, m * kv * d)?,
+            ),
+            _ => QkvBufs::Fused(zeros(g, m * (h + 2 * kv) * d)?),
+        };
+        let dense = match self.layers.iter().find_map(|l| match &l.ffn {
+            Ffn::Dense(mlp) => Some(mlp),
+            Ffn::Moe(_) => None,
+        }) {
+            Some(mlp) => Some(MlpBufs::new(g, mlp, m)?),
+            None => None,
+        };
+        let moe = match self.layers.iter().find_map(|l| match &l.ffn {
+            Ffn::Moe(moe) => Some(moe),
+            Ffn::Dense(_) => None,
+        }) {
+            Some(moe) => {
+                let p = m * moe.top_k;
+                let (fp4, pair_gu, pair_dn) = match &moe.experts {
+                    Experts::Fp4(w) => (
+                        Some(MoeWorkspace::new(&g.ctx, w, m, moe.top_k)?),
+                        None,
+                        None,
+                    ),
+                    Experts::Bf16 { .. } => (
+                        None,
+                        Some(zeros(g, p * 2 * moe.inter)?),
+                        Some(zeros(g, p * hd)?),
+                    ),
+                };
+                let shared = match &moe.shared {
+                    Some((mlp, _)) => {
+                        Some((MlpBufs::new(g, mlp, m)?, zeros(g, m * hd)?, zeros(g, m)?))
+                    }
+                    None => None,
+                };
+                Some(MoeBufs {
+                    logits: zeros(g, m * moe.n_experts)?,
+                    counters: zeros(g, m)?,
+                    ids: zeros(g, p)?,
+                    weights: zeros(g, p)?,
+                    fp4,
+                    pair_gu,
+                    pair_dn,
+                    shared,
+                })
+            }
+            None => None,
+        };
+        let chunks = c.vocab_size.div_ceil(ARGMAX_CHUNK);
+        let hist_cap = cap + 1;
+        Ok(Ws {
+            m,
+            rows_out,
+            tok: zeros(g, m)?,
+            pos: zeros(g, m)?,
+            seq: zeros(g, m)?,
+            bad: zeros(g, 1)?,
+            x: zeros(g, m * hd)?,
+            h: zeros(g, m * hd)?,
+            qkv,
+            attn: zeros(g, m * h * d)?,
+            delta: zeros(g, m * hd)?,
+            part_ml: zeros(g, m * h * splits * 2)?,
+            part_o: zeros(g, m * h * splits * d)?,
+            attn_cnt: zeros(g, m * h)?,
+            dense,
+            moe,
+            head_in: zeros(g, rows_out * hd)?,
+            logits: zeros(g, rows_out * c.vocab_size)?,
+            am_v: zeros(g, rows_out * chunks)?,
+            am_i: zeros(g, rows_out * chunks)?,
+            am_cnt: zeros(g, rows_out)?,
+            hist: zeros(g, rows_out * hist_cap)?,
+            hist_cap,
+        })
+    }
+
+    /// Queues one forward pass over `ws.m` token rows whose ids, positions and sequences are
+    /// already in `ws`. `decode`: every row is a different sequence with one new token (the
+    /// attention kernel then writes the new keys itself) and greedy sampling advances the
+    /// token and position buffers.
+    fn run(&self, ws: &mut Ws, decode: bool) -> Result<(), GpuError> {
+        let c = &self.config;
+        let gpu = &*self.gpu;
+        let g = &gpu.ctx;
+        let ops = &gpu.ops;
+        let cache = self
+            .cache
+            .as_ref()
+            .ok_or_else(|| GpuError::Unsupported("no KV cache allocated".into()))?;
+        let (hd, d, nh, nkv) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads);
+        let m = ws.m;
+        let eps = c.rms_norm_eps as f32;
+        ops.embed_gather(
+            g,
+            &self.embed,
+            &ws.tok,
+            &mut ws.x,
+            m,
+            hd,
+            c.vocab_size,
+            &mut ws.bad,
+        )?;
+        let mut pend = Pend::default();
+        let splits = cache.capacity.div_ceil(SPLIT_LEN);
+        for (li, layer) in self.layers.iter().enumerate() {
+            self.add_norm(ws, pend, &layer.in_norm, false)?;
+            // Attention.
+            match (&layer.qkv, &mut ws.qkv) {
+                (Qkv::Fused(l), QkvBufs::Fused(buf)) => l.forward(gpu, &ws.h, m, buf)?,
+                (Qkv::Split(lq, lk, lv), QkvBufs::Split(bq, bk, bv)) => {
+                    lq.forward(gpu, &ws.h, m, bq)?;
+                    lk.forward(gpu, &ws.h, m, bk)?;
+                    lv.forward(gpu, &ws.h, m, bv)?;
+                }
+                _ => {
+                    return Err(GpuError::Unsupported(
+                        "mixed fused/split q,k,v layers".into(),
+                    ))
+                }
+            }
+            let a = AttnArgs {
+                n_heads: nh as i32,
+                n_kv: nkv as i32,
+                d: d as i32,
+                rot_dim: self.rot_dim as i32,
+                capacity: cache.capacity as i32,
+                layers: self.layers.len() as i32,
+                layer: li as i32,
+                window: layer.window as i32,
+                split_len: SPLIT_LEN as i32,
+                max_splits: splits as i32,
+                fused_new: i32::from(decode),
+                eps,
+                attn_factor: self.attn_factor,
+                scale: 1.0 / (d as f32).sqrt(),
+            };
+            let w = ((nh + 2 * nkv) * d) as i32;
+            let (q, k, v) = match &ws.qkv {
+                QkvBufs::Fused(b) => (
+                    Rows {
+                        buf: b,
+                        off: 0,
+                        stride: w,
+                    },
+                    Rows {
+                        buf: b,
+                        off: (nh * d) as i32,
+                        stride: w,
+                    },
+                    Rows {
+                        buf: b,
+                        off: ((nh + nkv) * d) as i32,
+                        stride: w,
+                    },
+                ),
+                QkvBufs::Split(bq, bk, bv) => (
+                    Rows {
+                        buf: bq,
+                        off: 0,
+                        stride: (nh * d) as i32,
+                    },
+                    Rows {
+                        buf: bk,
+                        off: 0,
+                        stride: (nkv * d) as i32,
+                    },
+                    Rows {
+                        buf: bv,
+                        off: 0,
+                        stride: (nkv * d) as i32,
+                    },
+                ),
+            };
+            let [qb, kb, vb] = &layer.biases;
+            if !decode {
+                ops.kv_write(
+                    g,
+                    &k,
+                    &v,
+                    kb.as_ref(),
+                    vb.as_ref(),
+                    layer.k_norm.as_ref(),
+                    &self.inv_freq,
+                    &ws.pos,
+                    &ws.seq,
+                    &cache.k,
+                    &cache.v,
+                    a,
+                    m,
+                )?;
+            }
+            ops.attention(
+                g,
+                &q,
+                &k,
+                &v,
+                [qb.as_ref(), kb.as_ref(), vb.as_ref()],
+                layer.q_norm.as_ref(),
+                layer.k_norm.as_ref(),
+                &self.inv_freq,
+                &ws.pos,
+                &ws.seq,
+                &cache.k,
+                &cache.v,
+                &mut ws.part_ml,
+                &mut ws.part_o,
+                &mut ws.attn_cnt,
+                &mut ws.attn,
+                a,
+                m,
+            )?;
+            layer.o.forward(gpu, &ws.attn, m, &mut ws.delta)?;
+            self.add_norm(
+                ws,
+                Pend {
+                    delta: true,
+                    ..Pend::default()
+                },
+                &layer.post_norm,
+                false,
+            )?;
+            // Feed-forward.
+            pend = match &layer.ffn {
+                Ffn::Dense(mlp) => {
+                    let bufs = ws
+                        .dense
+                        .as_mut()
+                        .ok_or_else(|| GpuError::Unsupported("dense buffers".into()))?;
+                    mlp.forward(gpu, &ws.h, m, bufs, &mut ws.delta)?;
+                    Pend {
+                        delta: true,
+                        ..Pend::default()
+                    }
+                }
+                Ffn::Moe(moe) => {
+                    let mb = ws
+                        .moe
+                        .as_mut()
+                        .ok_or_else(|| GpuError::Unsupported("MoE buffers".into()))?;
+                    ops.router_topk(
+                        g,
+                        &ws.h,
+                        &moe.router,
+                        &mut mb.logits,
+                        &mut mb.counters,
+                        &mut mb.ids,
+                        &mut mb.weights,
+                        m,
+                        hd,
+                        moe.n_experts,
+                        moe.top_k,
+                        moe.renorm,
+                    )?;
+                    let p = m * moe.top_k;
+                    let mut out = Pend::default();
+                    match (&moe.experts, &mut mb.fp4, &mut mb.pair_gu, &mut mb.pair_dn) {
+                        (Experts::Fp4(w), Some(fws), _, _) => {
+                            moe_layer(
+                                g,
+                                w,
+                                &ws.h,
+                                &mb.ids,
+                                &mb.weights,
+                                m,
+                                moe.top_k,
+                                fws,
+                                &mut ws.delta,
+                            )?;
+                            out.delta = true;
+                        }
+                        (Experts::Bf16 { gate_up, down }, _, Some(pgu), Some(pdn)) => {
+                            ops.moe_bf16(
+                                g,
+                                gate_up,
+                                &ws.h,
+                                pgu,
+                                2 * moe.inter,
+                                hd,
+                                &mb.ids,
+                                p,
+                                moe.n_experts,
+                                moe.top_k,
+                                false,
+                            )?;
+                            ops.moe_bf16(
+                                g,
+                                down,
+                                pgu,
+                                pdn,
+                                hd,
+                                moe.inter,
+                                &mb.ids,
+                                p,
+                                moe.n_experts,
+                                1,
+                                true,
+                            )?;
+                            out.pairs = true;
+                        }
+                        _ => return Err(GpuError::Unsupported("MoE buffers".into())),
+                    }
+                    if let (Some((mlp, gate)), Some((sb, sout, sgate))) =
+                        (&moe.shared, &mut mb.shared)
+                    {
+                        mlp.forward(gpu, &ws.h, m, sb, sout)?;
+                        gate.forward(gpu, &ws.h, m, sgate)?;
+                        out.shared = true;
+                    }
+                    out
+                }
+            };
+        }
+        self.add_norm(ws, pend, &self.final_norm, true)?;
+        let rows = ws.rows_out;
+        match &self.lm_head {
+            Some(h) => h.forward(gpu, &ws.head_in, rows, &mut ws.logits)?,
+            None => mimo_kernels::cuda::bf16_gemm(
+                &gpu.blas,
+                &self.embed,
+                &ws.head_in,
+                rows,
+                c.vocab_size,
+                hd,
+                &mut ws.logits,
+            )?,
+        }
+        if decode {
+            ops.argmax_next(
+                g,
+                &ws.logits,
+                rows,
+                c.vocab_size,
+                &mut ws.am_v,
+                &mut ws.am_i,
+                &mut ws.am_cnt,
+                &mut ws.tok,
+                &mut ws.pos,
+                &mut ws.hist,
+                ws.hist_cap,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn take_ws(&mut self, m: usize, rows_out: usize) -> Result<Ws, GpuError> {
+        match self.workspaces.remove(&(m, rows_out)) {
+            Some(ws) => Ok(ws),
+            None => self.new_ws(m, rows_out),
+        }
+    }
+
+    fn cache_dims(&self) -> Result<(usize, usize), GpuError> {
+        self.cache
+            .as_ref()
+            .map(|c| (c.seqs, c.capacity))
+            .ok_or_else(|| GpuError::Unsupported("no KV cache allocated (alloc_cache)".into()))
+    }
+
+    /// Runs `tokens` of sequence `seq` at positions `start..` (writing their keys and values to
+    /// the cache) and returns the logits of the last token (`all_rows`: of every token,
+    /// `[m, vocab]`). Synchronises once, to read the logits back.
+    pub fn forward(
+        &mut self,
+        tokens: &[u32],
+        seq: usize,
+        start: usize,
+        all_rows: bool,
+    ) -> Result<Vec<f32>, GpuError> {
+        check_tokens(tokens, self.config.vocab_size)?;
+        let (seqs, cap) = self.cache_dims()?;
+        let m = tokens.len();
+        if start + m > cap {
+            return Err(ForwardError::ContextOverflow {
+                cached: start,
+                new: m,
+                max: cap,
+            }
+            .into());
+        }
+        if seq >= seqs {
+            return Err(GpuError::Unsupported(format!(
+                "sequence {seq} of a cache for {seqs}"
+            )));
+        }
+        let rows_out = if all_rows { m } else { 1 };
+        let mut ws = self.take_ws(m, rows_out)?;
+        let r = self.forward_in(&mut ws, tokens, seq, start);
+        self.workspaces.insert((m, rows_out), ws);
+        r
+    }
+
+    fn forward_in(
+        &self,
+        ws: &mut Ws,
+        tokens: &[u32],
+        seq: usize,
+        start: usize,
+    ) -> Result<Vec<f32>, GpuError> {
+        let s = self.gpu.ctx.stream();
+        let tok: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+        let pos: Vec<i32> = (0..tokens.len()).map(|i| (start + i) as i32).collect();
+        s.memcpy_htod(&tok, &mut ws.tok)
+            .map_err(drv("upload tokens"))?;
+        s.memcpy_htod(&pos, &mut ws.pos)
+            .map_err(drv("upload positions"))?;
+        s.memcpy_htod(&vec![seq as i32; tokens.len()], &mut ws.seq)
+            .map_err(drv("upload sequence ids"))?;
+        self.run(ws, false)?;
+        let logits = s.clone_dtoh(&ws.logits).map_err(drv("read logits"))?;
+        Ok(logits.iter().map(|v| v.to_f32()).collect())
+    }
+
+    /// Prepares batched decoding of `tokens.len()` sequences (sequence b holds `tokens[b]` at
+    /// position `positions[b]`): the step is captured as a CUDA graph on first use for this
+    /// batch size (`use_graph`; where capture fails the step runs eagerly), and the token and
+    /// position buffers are set. Returns whether a graph is used.
+    pub fn decode_start(
+        &mut self,
+        tokens: &[u32],
+        positions: &[usize],
+        use_graph: bool,
+    ) -> Result<bool, GpuError> {
+        check_tokens(tokens, self.config.vocab_size)?;
+        let b = tokens.len();
+        let (seqs, cap) = self.cache_dims()?;
+        if positions.len() != b || b > seqs {
+            return Err(GpuError::Unsupported(format!(
+                "{b} tokens, {} positions, a cache for {seqs} sequences",
+                positions.len()
+            )));
+        }
+        if let Some(&p) = positions.iter().find(|&&p| p >= cap) {
+            return Err(ForwardError::ContextOverflow {
+                cached: p,
+                new: 1,
+                max: cap,
+            }
+            .into());
+        }
+        if !self.sessions.contains_key(&b) {
+            let mut ws = self.take_ws(b, b)?;
+            let s = self.gpu.ctx.stream().clone();
+            let seq: Vec<i32> = (0..b as i32).collect();
+            s.memcpy_htod(&seq, &mut ws.seq)
+                .map_err(drv("upload sequence ids"))?;
+            self.upload_step(&mut ws, tokens, positions)?;
+            // One eager step first: lazy module loading and cuBLAS set-up happen outside the
+            // capture. It writes the cache at `positions`, which the real steps overwrite.
+            self.run(&mut ws, true)?;
+            s.synchronize().map_err(drv("synchronize"))?;
+            let graph = if use_graph {
+                self.capture(&mut ws)?
+            } else {
+                None
+            };
+            self.sessions.insert(b, DecodeSession { ws, graph });
+        }
+        let mut sess = self
+            .sessions
+            .remove(&b)
+            .ok_or_else(|| GpuError::Unsupported("decode session".into()))?;
+        let r = self.upload_step(&mut sess.ws, tokens, positions);
+        let graph = sess.graph.is_some();
+        self.sessions.insert(b, sess);
+        r.map(|_| graph)
+    }
+
+    fn upload_step(
+        &self,
+        ws: &mut Ws,
+        tokens: &[u32],
+        positions: &[usize],
+    ) -> Result<(), GpuError> {
+        let s = self.gpu.ctx.stream();
+        let tok: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+        let pos: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
+        s.memcpy_htod(&tok, &mut ws.tok)
+            .map_err(drv("upload tokens"))?;
+        s.memcpy_htod(&pos, &mut ws.pos)
+            .map_err(drv("upload positions"))?;
+        Ok(())
+    }
+
+    /// Captures one decode step; None (eager fallback, reported to stderr) where the driver
+    /// refuses the capture.
+    fn capture(&self, ws: &mut Ws) -> Result<Option<CudaGraph>, GpuError> {
+        let s = self.gpu.ctx.stream().clone();
+        s.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+            .map_err(drv("begin graph capture"))?;
+        let queued = self.run(ws, true);
+        let ended = s.end_capture(sys::CUgraphInstantiate_flags(0));
+        match (queued, ended) {
+            (Ok(()), Ok(Some(g))) => {
+                g.upload().map_err(drv("upload graph"))?;
+                Ok(Some(g))
+            }
+            (Err(e), _) => Err(e),
+            (Ok(()), Ok(None)) => {
+                eprintln!("CUDA graph capture returned no graph; decoding without a graph");
+                Ok(None)
+            }
+            (Ok(()), Err(e)) => {
+                eprintln!("CUDA graph capture failed ({e}); decoding without a graph");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Queues `n` decode steps of the batch set up by [`GpuModel::decode_start`] (graph
+    /// replays; no host synchronisation).
+    pub fn decode_steps(&mut self, batch: usize, n: usize) -> Result<(), GpuError> {
+        let mut sess = self
+            .sessions
+            .remove(&batch)
+            .ok_or_else(|| GpuError::Unsupported(format!("no decode session for batch {batch}")))?;
+        let mut r = Ok(());
+        for _ in 0..n {
+            r = match &sess.graph {
+                Some(g) => g.launch().map_err(drv("launch graph")),
+                None => self.run(&mut sess.ws, true),
+            };
+            if r.is_err() {
+                break;
+            }
+        }
+        self.sessions.insert(batch, sess);
+        r
+    }
+
+    /// Tokens generated so far by the decode session of `batch`: for each sequence, those at
+    /// positions `from..to` (synchronises).
+    pub fn decode_tokens(
+        &self,
+        batch: usize,
+        from: usize,
+        to: usize,
+    ) -> Result<Vec<Vec<u32>>, GpuError> {
+        let sess = self
+            .sessions
+            .get(&batch)
+            .ok_or_else(|| GpuError::Unsupported(format!("no decode session for batch {batch}")))?;
+        let ws = &sess.ws;
+        let hist = self
+            .gpu
+            .ctx
+            .stream()
+            .clone_dtoh(&ws.hist)
+            .map_err(drv("read tokens"))?;
+        let to = to.min(ws.hist_cap);
+        Ok((0..batch)
+            .map(|b| {
+                (from.min(to)..to)
+                    .map(|p| hist[b * ws.hist_cap + p].max(0) as u32)
+                    .collect()
+            })
+            .collect())
+    }
+
+    /// Logits of the last decode step of `batch`, `[batch, vocab]` (synchronises).
+    pub fn decode_logits(&self, batch: usize) -> Result<Vec<f32>, GpuError> {
+        let sess = self
+            .sessions
+            .get(&batch)
+            .ok_or_else(|| GpuError::Unsupported(format!("no decode session for batch {batch}")))?;
+        let l = self
+            .gpu
+            .ctx
+            .stream()
+            .clone_dtoh(&sess.ws.logits)
+            .map_err(drv("read logits"))?;
+        Ok(l.iter().map(|v| v.to_f32()).collect())
+    }
+
+    /// Token ids outside the vocabulary seen by the embedding kernel so far (synchronises).
+    pub fn bad_token_count(&self) -> Result<i32, GpuError> {
+        let mut n = 0;
+        let s = self.gpu.ctx.stream();
+        for ws in self
+            .workspaces
+            .values()
+            .chain(self.sessions.values().map(|x| &x.ws))
+        {
+            n += s.clone_dtoh(&ws.bad).map_err(drv("read status"))?[0];
+        }
+        Ok(n)
+    }
+
+    /// Waits for all queued work.
+    pub fn synchronize(&self) -> Result<(), GpuError> {
+        self.gpu.ctx.synchronize().map_err(GpuError::from)
+    }
+
+    /// Replaces the lm_head (benchmarks); captured graphs are dropped.
+    pub(crate) fn set_lm_head(&mut self, head: Option<GpuLinear>) {
+        self.sessions.clear();
+        self.workspaces.clear();
+        self.lm_head = head;
+    }
+
+    /// Adds what is pending to the residual stream and normalises it into `ws.h` (or, for the
+    /// final norm, the last `rows_out` rows into `ws.head_in`).
+    fn add_norm(
+        &self,
+        ws: &mut Ws,
+        pend: Pend,
+        w: &CudaSlice<f32>,
+        last: bool,
+    ) -> Result<(), GpuError> {
+        let c = &self.config;
+        let gpu = &*self.gpu;
+        let m = ws.m;
+        let moe = ws.moe.as_ref();
+        let top_k_e = self.layers.iter().find_map(|l| match &l.ffn {
+            Ffn::Moe(moe) => Some((moe.top_k, moe.n_experts)),
+            Ffn::Dense(_) => None,
+        });
+        let pairs = match (pend.pairs, moe, top_k_e) {
+            (true, Some(mb), Some((k, e))) => mb
+                .pair_dn
+                .as_ref()
+                .map(|pdn| (pdn, &mb.weights, &mb.ids, k, e)),
+            _ => None,
+        };
+        let (d2, g2) = match (pend.shared, moe.and_then(|mb| mb.shared.as_ref())) {
+            (true, Some((_, sout, sgate))) => (Some(sout), Some(sgate)),
+            _ => (None, None),
+        };
+        let d1 = pend.delta.then_some(&ws.delta);
+        let (out, row_begin) = if last {
+            (&mut ws.head_in, m - ws.rows_out)
+        } else {
+            (&mut ws.h, 0)
+        };
+        gpu.ops.add_rmsnorm(
+            &gpu.ctx,
+            &mut ws.x,
+            d1,
+            pairs,
+            d2,
+            g2,
+            w,
+            out,
+            m,
+            c.hidden_size,
+            c.rms_norm_eps as f32,
+            row_begin,
+        )
+    }
+}
+
+/// One Linear uploaded alone (biases optional).
+fn single(gpu: &Gpu, name: &str, l: &Linear, with_bias: bool) -> Result<GpuLinear, GpuError> {
+    GpuLinear::fuse(gpu, name, &[l], with_bias)?
+        .ok_or_else(|| GpuError::Unsupported(format!("{name}: cannot upload")))
+}
+
+fn mlp(
+    gpu: &Gpu,
+    name: &str,
+    g: &Linear,
+    u: &Linear,
+    d: &Linear,
+    inter: usize,
+) -> Result<Mlp, GpuError> {
+    let gate_up = match GpuLinear::fuse(gpu, name, &[g, u], true)? {
+        Some(f) => GateUp::Fused(f),
+        None => GateUp::Split(single(gpu, name, g, true)?, single(gpu, name, u, true)?),
+    };
+    Ok(Mlp {
+        gate_up,
+        down: single(gpu, name, d, true)?,
+        inter,
+    })
+}
+
+/// Stacks the experts of one layer: FP4 where every expert's gate and up share a format and a
+/// global scale (so that one matrix holds both), BF16 otherwise (FP4 dequantized).
+fn upload_experts(gpu: &Gpu, name: &str, experts: &[[Linear; 3]]) -> Result<Experts, GpuError> {
+    let fp4: Option<Vec<(Fp4Matrix, &Fp4Matrix)>> = experts
+        .iter()
+        .map(|[g, u, d]| match (&g.weight, &u.weight, &d.weight) {
+            (Weight::Fp4(g), Weight::Fp4(u), Weight::Fp4(d))
+                if g.format == u.format && g.global_scale == u.global_scale =>
+            {
+                Some((
+                    Fp4Matrix {
+                        format: g.format,
+                        n: g.n + u.n,
+                        k: g.k,
+                        packed: [g.packed.as_slice(), u.packed.as_slice()].concat(),
+                        scales: [g.scales.as_slice(), u.scales.as_slice()].concat(),
+                        global_scale: g.global_scale,
+                    },
+                    d,
+                ))
+            }
+            _ => None,
+        })
+        .collect();
+    if let Some(v) = fp4 {
+        let gu: Vec<Fp4Matrix> = v.iter().map(|p| p.0.clone()).collect();
+        let dn: Vec<Fp4Matrix> = v.iter().map(|p| p.1.clone()).collect();
+        let w = MoeWeights {
+            gate_up: GpuFp4Weight::upload_experts(&gpu.ctx, &format!("{name} gate_up"), &gu)?,
+            down: GpuFp4Weight::upload_experts(&gpu.ctx, &format!("{name} down"), &dn)?,
+        };
+        w.dims()?;
+        return Ok(Experts::Fp4(w));
+    }
+    let mut gu: Vec<bf16> = Vec::new();
+    let mut dn: Vec<bf16> = Vec::new();
+    for [g, u, d] in experts {
+        gu.extend(linear_to_bf16(g));
+        gu.extend(linear_to_bf16(u));
+        dn.extend(linear_to_bf16(d));
+    }
+    Ok(Experts::Bf16 {
+        gate_up: gpu.upload(&gu, "upload experts")?,
+        down: gpu.upload(&dn, "upload experts")?,
+    })
+}
+
+/// Checks a forward pass's input on the host.
+pub(crate) fn check_tokens(tokens: &[u32], vocab: usize) -> Result<(), ForwardError> {
+    if tokens.is_empty() {
+        return Err(ForwardError::Empty);
+    }
+    for (i, &t) in tokens.iter().enumerate() {
+        if t as usize >= vocab {
+            return Err(ForwardError::TokenOutOfRange {
+                token: t,
+                index: i,
+                vocab,
+            });
+        }
+    }
+    Ok(())
+}

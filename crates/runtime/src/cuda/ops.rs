@@ -1,0 +1,515 @@
+//! The runtime's own kernels (crates/runtime/cuda/ops.cu: embedding, residual + RMSNorm,
+//! attention, SwiGLU, router top-k, BF16 grouped experts, greedy sampling, random fills) and
+//! their launchers. Every launcher only queues work on the context's stream.
+
+use std::sync::Arc;
+
+use cudarc::driver::{
+    CudaFunction, CudaModule, CudaSlice, CudaView, DeviceRepr, LaunchArgs, LaunchConfig,
+    PushKernelArg,
+};
+use cudarc::nvrtc::Ptx;
+use half::bf16;
+use mimo_kernels::cuda::{compile_source, GpuContext};
+
+use super::error::{drv, GpuError};
+
+/// The embedded kernel source.
+pub const OPS_SRC: (&str, &str) = ("ops.cu", include_str!("../../cuda/ops.cu"));
+
+/// Keys per attention split (flash-decoding): a block scores at most this many keys.
+pub const SPLIT_LEN: usize = 64;
+/// Threads of an attention block; RoPE uses one thread per rotated pair, so head_dim <= 256.
+pub const ATTN_THREADS: u32 = 128;
+/// Largest head dimension the attention kernel takes.
+pub const MAX_HEAD_DIM: usize = 256;
+/// Most experts the router and the BF16 expert kernel take (shared-memory tables).
+pub const MAX_EXPERTS: usize = 1024;
+/// Logits per argmax block.
+pub const ARGMAX_CHUNK: usize = 4096;
+
+/// Scalar arguments of the attention kernels (mirrors `AttnArgs` in ops.cu).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct AttnArgs {
+    pub n_heads: i32,
+    pub n_kv: i32,
+    pub d: i32,
+    pub rot_dim: i32,
+    pub capacity: i32,
+    pub layers: i32,
+    pub layer: i32,
+    pub window: i32,
+    pub split_len: i32,
+    pub max_splits: i32,
+    pub fused_new: i32,
+    pub eps: f32,
+    pub attn_factor: f32,
+    pub scale: f32,
+}
+
+// SAFETY: plain-old-data, #[repr(C)], the same field order and types as the CUDA struct.
+unsafe impl DeviceRepr for AttnArgs {}
+
+/// A head-major activation buffer: element (t, i) of a view at `ptr[t * stride + off + i]`.
+pub struct Rows<'a> {
+    pub buf: &'a CudaSlice<bf16>,
+    pub off: i32,
+    pub stride: i32,
+}
+
+/// Loaded runtime kernels.
+///
+/// The KV cache is passed to the attention kernels by shared reference although they write
+/// it: it is device memory the host never reads while kernels run, and every launch is
+/// ordered on the one stream.
+pub struct Ops {
+    _module: Arc<CudaModule>,
+    embed_gather: CudaFunction,
+    add_rmsnorm: CudaFunction,
+    kv_write: CudaFunction,
+    attention: CudaFunction,
+    swiglu: CudaFunction,
+    add_bias: CudaFunction,
+    router_topk: CudaFunction,
+    moe_bf16: CudaFunction,
+    argmax_next: CudaFunction,
+    fill_bf16: CudaFunction,
+    fill_f32: CudaFunction,
+    fill_i32: CudaFunction,
+}
+
+/// The architecture name NVRTC is asked to compile for.
+pub fn arch_of(gpu: &GpuContext) -> Result<String, GpuError> {
+    let (major, minor) = gpu
+        .context()
+        .compute_capability()
+        .map_err(drv("compute capability"))?;
+    Ok(if (major, minor) == (9, 0) {
+        "sm_90a".to_string()
+    } else {
+        format!("sm_{major}{minor}")
+    })
+}
+
+/// A null device pointer for optional kernel arguments.
+static NULL: u64 = 0;
+
+fn opt<'a, T>(b: &mut LaunchArgs<'a>, s: Option<&'a CudaSlice<T>>) {
+    match s {
+        Some(s) => {
+            b.arg(s);
+        }
+        None => {
+            b.arg(&NULL);
+        }
+    }
+}
+
+fn grid1(blocks: u32, threads: u32, smem: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks.max(1), 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: smem,
+    }
+}
+
+impl Ops {
+    /// Compiles (once per process) and loads ops.cu.
+    pub fn load(gpu: &GpuContext) -> Result<Ops, GpuError> {
+        let arch = arch_of(gpu)?;
+        let ptx = compile_source(OPS_SRC.0, OPS_SRC.1, &arch)?;
+        let module = gpu
+            .context()
+            .load_module(Ptx::from_src(ptx))
+            .map_err(drv("load ops module"))?;
+        let f = |name: &str| module.load_function(name).map_err(drv("load ops function"));
+        Ok(Ops {
+            embed_gather: f("embed_gather")?,
+            add_rmsnorm: f("add_rmsnorm")?,
+            kv_write: f("kv_write")?,
+            attention: f("attention")?,
+            swiglu: f("swiglu")?,
+            add_bias: f("add_bias")?,
+            router_topk: f("router_topk")?,
+            moe_bf16: f("moe_bf16")?,
+            argmax_next: f("argmax_next")?,
+            fill_bf16: f("fill_bf16")?,
+            fill_f32: f("fill_f32")?,
+            fill_i32: f("fill_i32")?,
+            _module: module,
+        })
+    }
+
+    /// `x[t] = emb[tok[t]]` for `m` tokens; out-of-range ids are counted in `bad[0]`.
+    pub fn embed_gather(
+        &self,
+        gpu: &GpuContext,
+        emb: &CudaSlice<bf16>,
+        tok: &CudaSlice<i32>,
+        x: &mut CudaSlice<f32>,
+        m: usize,
+        hidden: usize,
+        vocab: usize,
+        bad: &mut CudaSlice<i32>,
+    ) -> Result<(), GpuError> {
+        let (h, v) = (hidden as i32, vocab as i32);
+        let mut b = gpu.stream().launch_builder(&self.embed_gather);
+        b.arg(emb).arg(tok).arg(x).arg(&h).arg(&v).arg(bad);
+        // SAFETY: emb is [vocab, hidden], tok holds m ids, x m * hidden.
+        unsafe { b.launch(grid1(m as u32, 256, 0)) }.map_err(drv("launch embed_gather"))?;
+        Ok(())
+    }
+
+    /// Residual add (plain delta, MoE pairs combine, gated shared expert) and RMSNorm of rows
+    /// `row_begin..m` into `out`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_rmsnorm(
+        &self,
+        gpu: &GpuContext,
+        x: &mut CudaSlice<f32>,
+        d1: Option<&CudaSlice<bf16>>,
+        pairs: Option<(
+            &CudaSlice<bf16>,
+            &CudaSlice<f32>,
+            &CudaSlice<i32>,
+            usize,
+            usize,
+        )>,
+        d2: Option<&CudaSlice<bf16>>,
+        g2: Option<&CudaSlice<bf16>>,
+        w: &CudaSlice<f32>,
+        out: &mut CudaSlice<bf16>,
+        m: usize,
+        hidden: usize,
+        eps: f32,
+        row_begin: usize,
+    ) -> Result<(), GpuError> {
+        let (top_k, n_exp) = pairs.map_or((0i32, 0i32), |p| (p.3 as i32, p.4 as i32));
+        let (h, rb) = (hidden as i32, row_begin as i32);
+        let mut b = gpu.stream().launch_builder(&self.add_rmsnorm);
+        b.arg(x);
+        opt(&mut b, d1);
+        opt(&mut b, pairs.map(|p| p.0));
+        opt(&mut b, pairs.map(|p| p.1));
+        opt(&mut b, pairs.map(|p| p.2));
+        b.arg(&top_k).arg(&n_exp);
+        opt(&mut b, d2);
+        opt(&mut b, g2);
+        b.arg(w).arg(out).arg(&h).arg(&eps).arg(&rb);
+        // SAFETY: x, d1, d2 are [m, hidden]; pairs [m * top_k, hidden] with m * top_k weights
+        // and ids; g2 [m]; out holds (m - row_begin) rows.
+        unsafe { b.launch(grid1(m as u32, 256, 0)) }.map_err(drv("launch add_rmsnorm"))?;
+        Ok(())
+    }
+
+    /// Writes the keys (bias, k-norm, RoPE) and values of `m` new tokens into the cache.
+    #[allow(clippy::too_many_arguments)]
+    pub fn kv_write(
+        &self,
+        gpu: &GpuContext,
+        k: &Rows<'_>,
+        v: &Rows<'_>,
+        k_bias: Option<&CudaSlice<f32>>,
+        v_bias: Option<&CudaSlice<f32>>,
+        k_norm: Option<&CudaSlice<f32>>,
+        inv_freq: &CudaSlice<f32>,
+        pos: &CudaSlice<i32>,
+        seq: &CudaSlice<i32>,
+        kc: &CudaSlice<bf16>,
+        vc: &CudaSlice<bf16>,
+        a: AttnArgs,
+        m: usize,
+    ) -> Result<(), GpuError> {
+        let mut b = gpu.stream().launch_builder(&self.kv_write);
+        b.arg(k.buf).arg(&k.off).arg(&k.stride);
+        b.arg(v.buf).arg(&v.off).arg(&v.stride);
+        opt(&mut b, k_bias);
+        opt(&mut b, v_bias);
+        opt(&mut b, k_norm);
+        b.arg(inv_freq).arg(pos).arg(seq).arg(kc).arg(vc).arg(&a);
+        let cfg = LaunchConfig {
+            grid_dim: (m as u32, a.n_kv as u32, 1),
+            block_dim: (ATTN_THREADS, 1, 1),
+            shared_mem_bytes: (a.d as u32) * 4,
+        };
+        // SAFETY: rows hold m tokens of the widths implied by the offsets; the cache holds
+        // every (seq, layer, head, position) addressed (positions checked by the caller).
+        unsafe { b.launch(cfg) }.map_err(drv("launch kv_write"))?;
+        Ok(())
+    }
+
+    /// Causal attention of `m` tokens; see ops.cu `attention`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention(
+        &self,
+        gpu: &GpuContext,
+        q: &Rows<'_>,
+        k: &Rows<'_>,
+        v: &Rows<'_>,
+        biases: [Option<&CudaSlice<f32>>; 3],
+        q_norm: Option<&CudaSlice<f32>>,
+        k_norm: Option<&CudaSlice<f32>>,
+        inv_freq: &CudaSlice<f32>,
+        pos: &CudaSlice<i32>,
+        seq: &CudaSlice<i32>,
+        kc: &CudaSlice<bf16>,
+        vc: &CudaSlice<bf16>,
+        part_ml: &mut CudaSlice<f32>,
+        part_o: &mut CudaSlice<f32>,
+        counters: &mut CudaSlice<i32>,
+        out: &mut CudaSlice<bf16>,
+        a: AttnArgs,
+        m: usize,
+    ) -> Result<(), GpuError> {
+        let mut b = gpu.stream().launch_builder(&self.attention);
+        b.arg(q.buf).arg(&q.off).arg(&q.stride);
+        b.arg(k.buf).arg(&k.off).arg(&k.stride);
+        b.arg(v.buf).arg(&v.off).arg(&v.stride);
+        for bias in biases {
+            opt(&mut b, bias);
+        }
+        opt(&mut b, q_norm);
+        opt(&mut b, k_norm);
+        b.arg(inv_freq)
+            .arg(pos)
+            .arg(seq)
+            .arg(kc)
+            .arg(vc)
+            .arg(part_ml)
+            .arg(part_o)
+            .arg(counters)
+            .arg(out)
+            .arg(&a);
+        let cfg = LaunchConfig {
+            grid_dim: (m as u32, a.n_heads as u32, a.max_splits as u32),
+            block_dim: (ATTN_THREADS, 1, 1),
+            shared_mem_bytes: (3 * a.d as u32 + a.split_len as u32) * 4,
+        };
+        // SAFETY: as kv_write; part_ml/part_o/counters hold m * heads * max_splits entries.
+        unsafe { b.launch(cfg) }.map_err(drv("launch attention"))?;
+        Ok(())
+    }
+
+    /// `out = silu(g) * u` over `m` rows of `inter`, input rows `stride` apart.
+    #[allow(clippy::too_many_arguments)]
+    pub fn swiglu(
+        &self,
+        gpu: &GpuContext,
+        g: &CudaView<'_, bf16>,
+        u: &CudaView<'_, bf16>,
+        stride: usize,
+        out: &mut CudaSlice<bf16>,
+        m: usize,
+        inter: usize,
+    ) -> Result<(), GpuError> {
+        let (s, m_i, i_i) = (stride as i32, m as i32, inter as i32);
+        let mut b = gpu.stream().launch_builder(&self.swiglu);
+        b.arg(g).arg(u).arg(&s).arg(out).arg(&m_i).arg(&i_i);
+        let n = (m * inter) as u32;
+        // SAFETY: g and u views hold m rows of `stride`, out m * inter.
+        unsafe { b.launch(grid1(n.div_ceil(256), 256, 0)) }.map_err(drv("launch swiglu"))?;
+        Ok(())
+    }
+
+    /// `y[t] += bias` (bf16 in place).
+    pub fn add_bias(
+        &self,
+        gpu: &GpuContext,
+        y: &mut CudaSlice<bf16>,
+        bias: &CudaSlice<f32>,
+        m: usize,
+        n: usize,
+    ) -> Result<(), GpuError> {
+        let (m_i, n_i) = (m as i32, n as i32);
+        let mut b = gpu.stream().launch_builder(&self.add_bias);
+        b.arg(y).arg(bias).arg(&m_i).arg(&n_i);
+        let total = (m * n) as u32;
+        // SAFETY: y is [m, n], bias [n].
+        unsafe { b.launch(grid1(total.div_ceil(256), 256, 0)) }.map_err(drv("launch add_bias"))?;
+        Ok(())
+    }
+
+    /// Router logits (f32), softmax, top-k and optional renormalisation for `m` tokens.
+    #[allow(clippy::too_many_arguments)]
+    pub fn router_topk(
+        &self,
+        gpu: &GpuContext,
+        x: &CudaSlice<bf16>,
+        w: &CudaSlice<bf16>,
+        logits: &mut CudaSlice<f32>,
+        counters: &mut CudaSlice<i32>,
+        ids: &mut CudaSlice<i32>,
+        weights: &mut CudaSlice<f32>,
+        m: usize,
+        hidden: usize,
+        n_experts: usize,
+        top_k: usize,
+        renorm: bool,
+    ) -> Result<(), GpuError> {
+        let (h, e, k, r) = (
+            hidden as i32,
+            n_experts as i32,
+            top_k as i32,
+            i32::from(renorm),
+        );
+        let mut b = gpu.stream().launch_builder(&self.router_topk);
+        b.arg(x)
+            .arg(w)
+            .arg(logits)
+            .arg(counters)
+            .arg(ids)
+            .arg(weights)
+            .arg(&h)
+            .arg(&e)
+            .arg(&k)
+            .arg(&r);
+        let cfg = LaunchConfig {
+            grid_dim: (n_experts.div_ceil(8) as u32, m as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: x [m, hidden], w [experts, hidden], logits [m, experts], counters [m],
+        // ids/weights [m, top_k]; experts <= 1024 and top_k <= 256 checked at load.
+        unsafe { b.launch(cfg) }.map_err(drv("launch router_topk"))?;
+        Ok(())
+    }
+
+    /// Grouped BF16 expert GEMV: `y[p] = W[ids[p]] · x[p / in_div]` (SwiGLU on the input with
+    /// `swiglu_in`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn moe_bf16(
+        &self,
+        gpu: &GpuContext,
+        w: &CudaSlice<bf16>,
+        x: &CudaSlice<bf16>,
+        y: &mut CudaSlice<bf16>,
+        n: usize,
+        k: usize,
+        ids: &CudaSlice<i32>,
+        pairs: usize,
+        experts: usize,
+        in_div: usize,
+        swiglu_in: bool,
+    ) -> Result<(), GpuError> {
+        let (n_i, k_i, p_i, e_i, d_i, s_i) = (
+            n as i32,
+            k as i32,
+            pairs as i32,
+            experts as i32,
+            in_div as i32,
+            i32::from(swiglu_in),
+        );
+        let mut b = gpu.stream().launch_builder(&self.moe_bf16);
+        b.arg(w)
+            .arg(x)
+            .arg(y)
+            .arg(&n_i)
+            .arg(&k_i)
+            .arg(ids)
+            .arg(&p_i)
+            .arg(&e_i)
+            .arg(&d_i)
+            .arg(&s_i);
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(16) as u32, experts.min(pairs).max(1) as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: w [experts, n, k], x [pairs / in_div, k or 2k], y [pairs, n], ids [pairs];
+        // k % 8 == 0 checked at load.
+        unsafe { b.launch(cfg) }.map_err(drv("launch moe_bf16"))?;
+        Ok(())
+    }
+
+    /// Greedy next token of each of `rows` logit rows; advances `tok`, `pos` and `hist`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn argmax_next(
+        &self,
+        gpu: &GpuContext,
+        logits: &CudaSlice<bf16>,
+        rows: usize,
+        vocab: usize,
+        part_v: &mut CudaSlice<f32>,
+        part_i: &mut CudaSlice<i32>,
+        counters: &mut CudaSlice<i32>,
+        tok: &mut CudaSlice<i32>,
+        pos: &mut CudaSlice<i32>,
+        hist: &mut CudaSlice<i32>,
+        hist_cap: usize,
+    ) -> Result<(), GpuError> {
+        let (v_i, c_i, h_i) = (vocab as i32, ARGMAX_CHUNK as i32, hist_cap as i32);
+        let mut b = gpu.stream().launch_builder(&self.argmax_next);
+        b.arg(logits)
+            .arg(&v_i)
+            .arg(&c_i)
+            .arg(part_v)
+            .arg(part_i)
+            .arg(counters)
+            .arg(tok)
+            .arg(pos)
+            .arg(hist)
+            .arg(&h_i);
+        let cfg = LaunchConfig {
+            grid_dim: (vocab.div_ceil(ARGMAX_CHUNK) as u32, rows as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: logits [rows, vocab]; part_* hold rows * ceil(vocab / chunk); counters, tok,
+        // pos [rows]; hist [rows, hist_cap] (index checked in the kernel).
+        unsafe { b.launch(cfg) }.map_err(drv("launch argmax_next"))?;
+        Ok(())
+    }
+
+    /// Uniform random bf16 in [-amp, amp).
+    pub fn fill_bf16(
+        &self,
+        gpu: &GpuContext,
+        p: &mut CudaSlice<bf16>,
+        seed: u64,
+        amp: f32,
+    ) -> Result<(), GpuError> {
+        let n = p.len() as u64;
+        let mut b = gpu.stream().launch_builder(&self.fill_bf16);
+        b.arg(p).arg(&n).arg(&seed).arg(&amp);
+        let blocks = (gpu.sm_count() * 16).min(n.div_ceil(256) as u32);
+        // SAFETY: grid-stride loop over n elements.
+        unsafe { b.launch(grid1(blocks, 256, 0)) }.map_err(drv("launch fill_bf16"))?;
+        Ok(())
+    }
+
+    /// Uniform random f32 in [center - amp, center + amp).
+    pub fn fill_f32(
+        &self,
+        gpu: &GpuContext,
+        p: &mut CudaSlice<f32>,
+        seed: u64,
+        center: f32,
+        amp: f32,
+    ) -> Result<(), GpuError> {
+        let n = p.len() as u64;
+        let mut b = gpu.stream().launch_builder(&self.fill_f32);
+        b.arg(p).arg(&n).arg(&seed).arg(&center).arg(&amp);
+        let blocks = (gpu.sm_count() * 16).min(n.div_ceil(256) as u32);
+        // SAFETY: grid-stride loop over n elements.
+        unsafe { b.launch(grid1(blocks, 256, 0)) }.map_err(drv("launch fill_f32"))?;
+        Ok(())
+    }
+
+    /// `p[i] = v + step * i`.
+    pub fn fill_i32(
+        &self,
+        gpu: &GpuContext,
+        p: &mut CudaSlice<i32>,
+        v: i32,
+        step: i32,
+    ) -> Result<(), GpuError> {
+        let n = p.len() as i32;
+        let mut b = gpu.stream().launch_builder(&self.fill_i32);
+        b.arg(p).arg(&n).arg(&v).arg(&step);
+        // SAFETY: one thread per element.
+        unsafe { b.launch(grid1((n as u32).div_ceil(256), 256, 0)) }
+            .map_err(drv("launch fill_i32"))?;
+        Ok(())
+    }
+}

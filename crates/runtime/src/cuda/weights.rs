@@ -1,0 +1,265 @@
+//! Linear layers resident on the GPU: BF16 (cuBLAS) or packed FP4 (the kernels crate's fused
+//! dequant-GEMM), and the fusion of several layers that read the same input (q/k/v, gate/up)
+//! into one matrix so that one launch serves them.
+
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::CudaSlice;
+use half::bf16;
+use mimo_kernels::cuda::{bf16_gemm, fp4_gemm, GpuContext, GpuFp4Weight};
+use mimo_kernels::Fp4Matrix;
+
+use super::error::{drv, GpuError};
+use super::ops::Ops;
+use crate::linear::{DenseMatrix, Linear, Weight};
+
+/// The device, its cuBLAS handle and the runtime kernels.
+pub struct Gpu {
+    /// Device, stream and the kernels crate's modules.
+    pub ctx: GpuContext,
+    /// cuBLAS on the same stream.
+    pub blas: CudaBlas,
+    /// The runtime's own kernels.
+    pub ops: Ops,
+    _blas_workspace: CudaSlice<u8>,
+}
+
+/// cuBLAS workspace given explicitly, so that GEMMs captured into a CUDA graph never allocate.
+const BLAS_WORKSPACE: usize = 32 << 20;
+
+impl Gpu {
+    /// Opens GPU `ordinal` and loads every kernel.
+    pub fn new(ordinal: usize) -> Result<Gpu, GpuError> {
+        let ctx = GpuContext::new(ordinal)?;
+        Gpu::from_context(ctx)
+    }
+
+    /// Wraps an opened context.
+    pub fn from_context(ctx: GpuContext) -> Result<Gpu, GpuError> {
+        let blas = mimo_kernels::cuda::cublas(&ctx)?;
+        let ws = ctx
+            .stream()
+            .alloc_zeros::<u8>(BLAS_WORKSPACE)
+            .map_err(drv("alloc cuBLAS workspace"))?;
+        {
+            use cudarc::driver::DevicePtr;
+            let (ptr, _sync) = ws.device_ptr(ctx.stream());
+            // SAFETY: the workspace lives as long as the handle (both owned by Gpu, the
+            // handle is dropped first: fields drop in declaration order).
+            let status = unsafe {
+                cudarc::cublas::sys::cublasSetWorkspace_v2(
+                    *blas.handle(),
+                    ptr as *mut std::ffi::c_void,
+                    BLAS_WORKSPACE,
+                )
+            };
+            if status != cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                return Err(GpuError::Cublas {
+                    what: "set workspace",
+                    source: cudarc::cublas::result::CublasError(status),
+                });
+            }
+        }
+        let ops = Ops::load(&ctx)?;
+        Ok(Gpu {
+            ctx,
+            blas,
+            ops,
+            _blas_workspace: ws,
+        })
+    }
+
+    /// (free, total) bytes of device memory.
+    pub fn mem_info(&self) -> Result<(usize, usize), GpuError> {
+        self.ctx
+            .context()
+            .mem_get_info()
+            .map_err(drv("memory info"))
+    }
+
+    /// Uploads a host slice.
+    pub fn upload<T: cudarc::driver::DeviceRepr>(
+        &self,
+        v: &[T],
+        what: &'static str,
+    ) -> Result<CudaSlice<T>, GpuError> {
+        self.ctx.stream().clone_htod(v).map_err(drv(what))
+    }
+}
+
+/// A Linear weight on the device, `[n, k]`, with an optional f32 bias.
+pub enum GpuLinear {
+    /// BF16 weights (F32/F16 checkpoints are rounded to BF16), multiplied by cuBLAS.
+    Bf16 {
+        /// row-major [n, k]
+        w: CudaSlice<bf16>,
+        /// output features
+        n: usize,
+        /// input features
+        k: usize,
+        /// optional bias
+        bias: Option<CudaSlice<f32>>,
+    },
+    /// Packed FP4 weights, dequantized inside the GEMM kernel.
+    Fp4 {
+        /// the packed weight
+        w: GpuFp4Weight,
+        /// optional bias
+        bias: Option<CudaSlice<f32>>,
+    },
+}
+
+impl GpuLinear {
+    /// Output features.
+    pub fn n(&self) -> usize {
+        match self {
+            GpuLinear::Bf16 { n, .. } => *n,
+            GpuLinear::Fp4 { w, .. } => w.n,
+        }
+    }
+
+    /// Input features.
+    pub fn k(&self) -> usize {
+        match self {
+            GpuLinear::Bf16 { k, .. } => *k,
+            GpuLinear::Fp4 { w, .. } => w.k,
+        }
+    }
+
+    /// Bytes one pass over the weight reads.
+    pub fn bytes(&self) -> usize {
+        match self {
+            GpuLinear::Bf16 { n, k, .. } => n * k * 2,
+            GpuLinear::Fp4 { w, .. } => w.bytes_per_matrix() * w.experts,
+        }
+    }
+
+    /// `y[m, n] = x[m, k] · W^T (+ bias)`; queues the launches.
+    pub fn forward(
+        &self,
+        gpu: &Gpu,
+        x: &CudaSlice<bf16>,
+        m: usize,
+        y: &mut CudaSlice<bf16>,
+    ) -> Result<(), GpuError> {
+        let bias = match self {
+            GpuLinear::Bf16 { w, n, k, bias } => {
+                bf16_gemm(&gpu.blas, w, x, m, *n, *k, y)?;
+                bias
+            }
+            GpuLinear::Fp4 { w, bias } => {
+                fp4_gemm(&gpu.ctx, w, x, m, y)?;
+                bias
+            }
+        };
+        if let Some(b) = bias {
+            gpu.ops.add_bias(&gpu.ctx, y, b, m, self.n())?;
+        }
+        Ok(())
+    }
+
+    /// Uploads a CPU Linear (bias included).
+    pub fn upload(gpu: &Gpu, name: &str, l: &Linear) -> Result<GpuLinear, GpuError> {
+        GpuLinear::fuse(gpu, name, &[l], true)
+            .and_then(|o| o.ok_or_else(|| GpuError::Unsupported(format!("{name}: upload"))))
+    }
+
+    /// One weight holding the rows of every part in order (q/k/v, gate/up), or None where the
+    /// parts cannot share one matrix (mixed dense/FP4, FP4 formats or NVFP4 global scales that
+    /// differ). With `with_bias` false the biases are left out (the caller applies them).
+    pub fn fuse(
+        gpu: &Gpu,
+        name: &str,
+        parts: &[&Linear],
+        with_bias: bool,
+    ) -> Result<Option<GpuLinear>, GpuError> {
+        let k = parts.first().map_or(0, |l| l.k());
+        if parts.is_empty() || parts.iter().any(|l| l.k() != k) {
+            return Ok(None);
+        }
+        let n: usize = parts.iter().map(|l| l.n()).sum();
+        let bias = if with_bias && parts.iter().any(|l| l.bias.is_some()) {
+            let mut b = Vec::with_capacity(n);
+            for l in parts {
+                match &l.bias {
+                    Some(v) => b.extend_from_slice(v),
+                    None => b.extend(std::iter::repeat_n(0.0f32, l.n())),
+                }
+            }
+            Some(gpu.upload(&b, "upload bias")?)
+        } else {
+            None
+        };
+        if parts.iter().all(|l| !l.is_fp4()) {
+            let mut w: Vec<bf16> = Vec::with_capacity(n * k);
+            for l in parts {
+                dense_bf16_into(l, &mut w);
+            }
+            return Ok(Some(GpuLinear::Bf16 {
+                w: gpu.upload(&w, "upload bf16 weight")?,
+                n,
+                k,
+                bias,
+            }));
+        }
+        let mats: Vec<&Fp4Matrix> = parts
+            .iter()
+            .filter_map(|l| match &l.weight {
+                Weight::Fp4(f) => Some(f),
+                Weight::Dense(_) => None,
+            })
+            .collect();
+        if mats.len() != parts.len() {
+            return Ok(None);
+        }
+        let first = mats[0];
+        if mats
+            .iter()
+            .any(|f| f.format != first.format || f.global_scale != first.global_scale)
+        {
+            return Ok(None);
+        }
+        let fused = Fp4Matrix {
+            format: first.format,
+            n,
+            k,
+            packed: mats.iter().flat_map(|f| f.packed.iter().copied()).collect(),
+            scales: mats.iter().flat_map(|f| f.scales.iter().copied()).collect(),
+            global_scale: first.global_scale,
+        };
+        let w = GpuFp4Weight::upload(&gpu.ctx, name, &fused)?;
+        Ok(Some(GpuLinear::Fp4 { w, bias }))
+    }
+}
+
+/// Appends the weight of a dense Linear as bf16 (F32 rounded to nearest even).
+fn dense_bf16_into(l: &Linear, out: &mut Vec<bf16>) {
+    match &l.weight {
+        Weight::Dense(DenseMatrix::Bf16 { data, .. }) => out.extend_from_slice(data),
+        Weight::Dense(DenseMatrix::F32 { data, .. }) => {
+            out.extend(data.iter().map(|&v| bf16::from_f32(v)))
+        }
+        Weight::Fp4(_) => {}
+    }
+}
+
+/// The weight of any Linear as dense bf16 `[n, k]` (FP4 dequantized: embeddings, routers and
+/// experts that cannot be stacked).
+pub fn linear_to_bf16(l: &Linear) -> Vec<bf16> {
+    match &l.weight {
+        Weight::Fp4(f) => {
+            let mut row = vec![0.0f32; f.k];
+            let mut out = Vec::with_capacity(f.n * f.k);
+            for r in 0..f.n {
+                // Validated when the Linear was built, so decoding cannot fail.
+                let _ = mimo_kernels::dequantize_row(f, r, &mut row);
+                out.extend(row.iter().map(|&v| bf16::from_f32(v)));
+            }
+            out
+        }
+        _ => {
+            let mut out = Vec::with_capacity(l.n() * l.k());
+            dense_bf16_into(l, &mut out);
+            out
+        }
+    }
+}

@@ -1,0 +1,339 @@
+//! The CUDA backend against the CPU runtime: logits of every fixture architecture (BF16 and
+//! the two FP4 layouts) within tolerance, prefill and graph-replayed decode, greedy tokens of
+//! the embedded model equal to the CPU's, random-weight benchmark smoke run, refusal of a
+//! model too large for the GPU. Skipped with a message where there is no GPU;
+//! `MIMO_REQUIRE_GPU=1` turns the skip into a failure.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use mimo_kernels::fp4::{amax, nvfp4_global_scale, quantize_mxfp4, quantize_nvfp4};
+use mimo_kernels::{Fp4Format, SrcDType};
+use mimo_runtime::checkpoint::{
+    write_safetensors, Checkpoint, HeaderEntry, CONFIG_FILE, SINGLE_FILE,
+};
+use mimo_runtime::config::ModelConfig;
+use mimo_runtime::cuda::{self, BenchOptions, Gpu, GpuError, GpuModel, WeightKind};
+use mimo_runtime::fixtures::{self, Arch};
+use mimo_runtime::format::{quantization_config, Layout};
+use mimo_runtime::generate::argmax;
+use mimo_runtime::model::{Logits, Model};
+
+fn gpu() -> Option<Arc<Gpu>> {
+    match cuda::gpu_for_tests() {
+        Ok(g) => g,
+        Err(e) => panic!("MIMO_REQUIRE_GPU=1 but no usable GPU: {e}"),
+    }
+}
+
+#[test]
+fn ops_compile_with_nvrtc() {
+    if !mimo_kernels::cuda::nvrtc_available() {
+        if std::env::var("MIMO_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+            panic!("MIMO_REQUIRE_GPU=1 but libnvrtc was not found");
+        }
+        eprintln!("skipping NVRTC compile test: libnvrtc not found");
+        return;
+    }
+    let (file, src) = cuda::OPS_SRC;
+    let ptx = mimo_kernels::cuda::compile_source(file, src, "sm_90a").unwrap();
+    for k in [
+        "attention",
+        "router_topk",
+        "moe_bf16",
+        "argmax_next",
+        "add_rmsnorm",
+    ] {
+        assert!(
+            ptx.contains(&format!(".entry {k}")),
+            "{k} missing from the PTX"
+        );
+    }
+}
+
+/// Norm-wise relative error and largest element error over the largest reference magnitude.
+fn errors(got: &[f32], want: &[f32]) -> (f64, f64) {
+    assert_eq!(got.len(), want.len());
+    let maxref = want.iter().fold(0.0f64, |m, v| m.max(v.abs() as f64));
+    let (mut num, mut den, mut worst) = (0.0f64, 0.0f64, 0.0f64);
+    for (g, w) in got.iter().zip(want) {
+        assert!(g.is_finite(), "non-finite GPU logit {g}");
+        let d = (*g - *w) as f64;
+        num += d * d;
+        den += (*w as f64) * (*w as f64);
+        worst = worst.max(d.abs());
+    }
+    ((num / den.max(1e-30)).sqrt(), worst / maxref.max(1e-30))
+}
+
+fn check_close(what: &str, got: &[f32], want: &[f32]) {
+    let (rel, elem) = errors(got, want);
+    eprintln!("{what}: relative error {rel:.2e}, worst element {elem:.2e} of max |logit|");
+    // bf16 activations on the GPU against f32 on the CPU: ~1e-2 at most on these models.
+    assert!(rel < 3e-2, "{what}: relative error {rel:.3e}");
+    assert!(
+        elem < 6e-2,
+        "{what}: worst element error {elem:.3e} of max |logit|"
+    );
+}
+
+/// Writes a compressed-tensors FP4 copy of a BF16 checkpoint: every projection (attention,
+/// MLP, experts) quantized with one global scale for the whole model (as llm-compressor ties
+/// q/k/v and gate/up), embeddings, norms, routers and lm_head kept.
+fn quantize_checkpoint(src: &Path, dst: &Path, layout: Layout) {
+    let ck = Checkpoint::open(src).unwrap();
+    let is_proj = |n: &str| {
+        n.ends_with("_proj.weight")
+            || n.ends_with(".w1.weight")
+            || n.ends_with(".w2.weight")
+            || n.ends_with(".w3.weight")
+    };
+    let names: Vec<String> = ck.tensor_names().map(str::to_string).collect();
+    let mut global_amax = 0.0f32;
+    for n in names.iter().filter(|n| is_proj(n)) {
+        let t = ck.tensor(n).unwrap();
+        let w = mimo_kernels::dtype::convert_to_vec(SrcDType::BF16, t.data).unwrap();
+        global_amax = global_amax.max(amax(&w));
+    }
+    let gs = nvfp4_global_scale(global_amax);
+    let mut out = Vec::new();
+    for n in &names {
+        let t = ck.tensor(n).unwrap();
+        if is_proj(n) && t.shape.len() == 2 {
+            let (rows, k) = (t.shape[0], t.shape[1]);
+            let w = mimo_kernels::dtype::convert_to_vec(SrcDType::BF16, t.data).unwrap();
+            let m = match layout.format() {
+                Fp4Format::Nvfp4 => quantize_nvfp4(&w, rows, k, gs).unwrap(),
+                Fp4Format::Mxfp4 => quantize_mxfp4(&w, rows, k).unwrap(),
+            };
+            out.extend(layout.encode(n.trim_end_matches(".weight"), &m, None));
+        } else {
+            out.push((
+                HeaderEntry {
+                    name: n.clone(),
+                    dtype: t.dtype,
+                    shape: t.shape.to_vec(),
+                },
+                t.data.to_vec(),
+            ));
+        }
+    }
+    std::fs::create_dir_all(dst).unwrap();
+    write_safetensors(&dst.join(SINGLE_FILE), &out, &[]).unwrap();
+    let mut cfg = ck.config().clone();
+    let ignore = vec!["lm_head".to_string()];
+    cfg["quantization_config"] = quantization_config(layout, &ignore, "test");
+    std::fs::write(
+        dst.join(CONFIG_FILE),
+        serde_json::to_vec_pretty(&cfg).unwrap(),
+    )
+    .unwrap();
+}
+
+/// Prefill logits and three graph-replayed decode steps of the GPU against the CPU.
+fn compare_model(gpu: &Arc<Gpu>, dir: &Path, what: &str) {
+    let cpu = Model::load(dir).unwrap();
+    let mut g = GpuModel::load(gpu.clone(), dir).unwrap();
+    let vocab = cpu.config.vocab_size as u32;
+    let prompt: Vec<u32> = (0..11u32).map(|i| (i * 37 + 5) % vocab).collect();
+    let mut cache = cpu.new_cache(64);
+    let want = cpu.forward(&prompt, &mut cache, Logits::Last).unwrap();
+    g.alloc_cache(1, 64).unwrap();
+    let got = g.forward(&prompt, 0, 0, false).unwrap();
+    check_close(&format!("{what} prefill"), &got, &want);
+    // All rows of the prompt at once.
+    let mut cache_all = cpu.new_cache(64);
+    let want_all = cpu.forward(&prompt, &mut cache_all, Logits::All).unwrap();
+    let got_all = g.forward(&prompt, 0, 0, true).unwrap();
+    check_close(&format!("{what} prefill, every row"), &got_all, &want_all);
+    // Decode: the GPU picks the next token itself (argmax on the device); the CPU is fed the
+    // same token so both see the same history.
+    let mut tok = argmax(&got) as u32;
+    let mut pos = prompt.len();
+    assert!(
+        g.decode_start(&[tok], &[pos], true).unwrap(),
+        "{what}: no CUDA graph"
+    );
+    for step in 0..3 {
+        g.decode_steps(1, 1).unwrap();
+        let got = g.decode_logits(1).unwrap();
+        let want = cpu.forward(&[tok], &mut cache, Logits::Last).unwrap();
+        check_close(&format!("{what} decode step {step}"), &got, &want);
+        let next = g.decode_tokens(1, pos + 1, pos + 2).unwrap()[0][0];
+        assert_eq!(next as usize, argmax(&got), "{what}: device argmax");
+        tok = next;
+        pos += 1;
+    }
+    assert_eq!(g.bad_token_count().unwrap(), 0);
+}
+
+const ARCHS: [Arch; 8] = [
+    Arch::Llama,
+    Arch::Mistral,
+    Arch::Qwen2,
+    Arch::Qwen3,
+    Arch::Mimo,
+    Arch::Mixtral,
+    Arch::Qwen2Moe,
+    Arch::Qwen3Moe,
+];
+
+#[test]
+fn gpu_logits_match_cpu_on_bf16_fixtures() {
+    let Some(gpu) = gpu() else { return };
+    for arch in ARCHS {
+        let d = tempfile::tempdir().unwrap();
+        fixtures::write_fixture(d.path(), arch, 11).unwrap();
+        compare_model(&gpu, d.path(), &format!("{arch:?} bf16"));
+    }
+}
+
+#[test]
+fn gpu_logits_match_cpu_on_fp4_fixtures() {
+    let Some(gpu) = gpu() else { return };
+    for layout in [Layout::CtNvfp4, Layout::CtMxfp4] {
+        for arch in ARCHS {
+            let d = tempfile::tempdir().unwrap();
+            fixtures::write_fixture(d.path(), arch, 12).unwrap();
+            let q = d.path().join("fp4");
+            quantize_checkpoint(d.path(), &q, layout);
+            compare_model(&gpu, &q, &format!("{arch:?} {layout}"));
+        }
+    }
+}
+
+fn embedded_model() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/mimo-tiny-moe")
+}
+
+/// Greedy generation of 32 tokens on the embedded model: the GPU (prefill, then decode graph
+/// replays with sampling on the device, and the same without a graph) gives the CPU's tokens.
+#[test]
+fn greedy_tokens_equal_cpu_on_embedded_model() {
+    let Some(gpu) = gpu() else { return };
+    let dir = embedded_model();
+    let cpu = Model::load(&dir).unwrap();
+    let prompt: Vec<u32> = vec![
+        1, 345, 27, 1024, 88, 4012, 19, 730, 6, 2048, 512, 77, 3001, 15,
+    ];
+    let n = 32;
+    let mut cache = cpu.new_cache(256);
+    let mut logits = cpu.forward(&prompt, &mut cache, Logits::Last).unwrap();
+    let mut want = Vec::new();
+    for _ in 0..n {
+        let t = argmax(&logits) as u32;
+        want.push(t);
+        logits = cpu.forward(&[t], &mut cache, Logits::Last).unwrap();
+    }
+    let mut g = GpuModel::load(gpu, &dir).unwrap();
+    for use_graph in [true, false] {
+        g.alloc_cache(1, 256).unwrap();
+        let l = g.forward(&prompt, 0, 0, false).unwrap();
+        let first = argmax(&l) as u32;
+        let len = prompt.len();
+        let graph = g.decode_start(&[first], &[len], use_graph).unwrap();
+        assert_eq!(graph, use_graph);
+        g.decode_steps(1, n - 1).unwrap();
+        let mut got = vec![first];
+        got.extend(&g.decode_tokens(1, len + 1, len + n).unwrap()[0]);
+        eprintln!("cpu {want:?}\ngpu {got:?} (graph {use_graph})");
+        assert_eq!(got, want, "greedy tokens (graph {use_graph})");
+    }
+}
+
+/// Batched decode: every sequence of a batch gives the tokens it gives alone.
+#[test]
+fn batched_decode_equals_single() {
+    let Some(gpu) = gpu() else { return };
+    let dir = embedded_model();
+    let mut g = GpuModel::load(gpu, &dir).unwrap();
+    let prompts: [Vec<u32>; 3] = [vec![5, 900, 31, 4], vec![77, 1, 2, 3000, 12], vec![640]];
+    let n = 12;
+    g.alloc_cache(3, 64).unwrap();
+    let mut firsts = Vec::new();
+    for (s, p) in prompts.iter().enumerate() {
+        let l = g.forward(p, s, 0, false).unwrap();
+        firsts.push(argmax(&l) as u32);
+    }
+    let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+    g.decode_start(&firsts, &lens, true).unwrap();
+    g.decode_steps(3, n).unwrap();
+    let batched: Vec<Vec<u32>> = (0..3)
+        .map(|s| g.decode_tokens(3, lens[s] + 1, lens[s] + 1 + n).unwrap()[s].clone())
+        .collect();
+    for (s, p) in prompts.iter().enumerate() {
+        g.alloc_cache(1, 64).unwrap();
+        let l = g.forward(p, 0, 0, false).unwrap();
+        let first = argmax(&l) as u32;
+        assert_eq!(first, firsts[s]);
+        g.decode_start(&[first], &[p.len()], true).unwrap();
+        g.decode_steps(1, n).unwrap();
+        let single = g.decode_tokens(1, p.len() + 1, p.len() + 1 + n).unwrap()[0].clone();
+        assert_eq!(batched[s], single, "sequence {s}");
+    }
+}
+
+fn tiny_moe_config() -> ModelConfig {
+    let d = tempfile::tempdir().unwrap();
+    fixtures::write_fixture(d.path(), Arch::Qwen3Moe, 3).unwrap();
+    ModelConfig::from_dir(d.path()).unwrap()
+}
+
+#[test]
+fn random_weight_bench_runs_every_format() {
+    let Some(gpu) = gpu() else { return };
+    let opts = BenchOptions {
+        name: "tiny-qwen3-moe".into(),
+        config: tiny_moe_config(),
+        layers: Some(2),
+        prompt: 40,
+        steps: 8,
+        batches: vec![1, 4],
+        kinds: vec![
+            WeightKind::Bf16,
+            WeightKind::Fp4(Fp4Format::Nvfp4),
+            WeightKind::Fp4(Fp4Format::Mxfp4),
+        ],
+        fp4_head_too: true,
+        graphs: true,
+        seed: 5,
+    };
+    let r = cuda::bench_random_weights(gpu, &opts).unwrap();
+    assert_eq!(r.mode, "random weights");
+    assert_eq!(r.runs.len(), 3);
+    for run in &r.runs {
+        assert!(run.prefill_tokens_per_s > 0.0 && run.prefill_tokens_per_s.is_finite());
+        for d in &run.decode {
+            assert!(d.tokens_per_s > 0.0 && d.tokens_per_s.is_finite(), "{d:?}");
+            assert!(d.cuda_graph);
+        }
+    }
+    assert_eq!(r.runs[1].decode.len(), 4);
+}
+
+#[test]
+fn model_too_large_is_refused_before_loading() {
+    let Some(gpu) = gpu() else { return };
+    let mut c = tiny_moe_config();
+    c.hidden_size = 8192;
+    c.head_dim = 128;
+    c.num_heads = 64;
+    c.num_kv_heads = 8;
+    c.num_layers = 400;
+    c.sliding_window = vec![None; 400];
+    c.moe_layers = vec![true; 400];
+    if let Some(m) = c.moe.as_mut() {
+        m.num_experts = 256;
+        m.expert_intermediate_size = 2048;
+    }
+    match GpuModel::random(gpu, c, WeightKind::Bf16, false, 1) {
+        Err(GpuError::OutOfMemory {
+            need_gib, free_gib, ..
+        }) => {
+            eprintln!("refused: needs {need_gib:.0} GiB, {free_gib:.1} GiB free");
+            assert!(need_gib > free_gib);
+        }
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("a 4 TB model was accepted"),
+    }
+}
