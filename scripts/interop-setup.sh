@@ -21,7 +21,7 @@ skip() { echo "$1"; exit 3; }
 log() { echo "interop-setup: $*" >&2; }
 
 command -v "$PY" >/dev/null 2>&1 || skip "no $PY on this machine"
-pyver=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+pyver=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) || skip "$PY does not run"
 "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
   skip "$PY is $pyver; compressed-tensors 0.20.0 needs Python >= 3.11"
 "$PY" -c 'import venv, ensurepip' 2>/dev/null || skip "$PY has no venv/ensurepip module"
@@ -44,8 +44,26 @@ rm -rf "$VENV"
 log "creating $VENV (Python $pyver)"
 "$PY" -m venv "$VENV" >&2 || skip "$PY -m venv failed"
 t0=$(date +%s)
-if ! "$VENV/bin/python" -m pip install --disable-pip-version-check --no-cache-dir --no-deps \
-  --only-binary=:all: -r "$LOCK" >&2; then
+# Three pip processes side by side (torch; the nvidia libraries; the rest): with --no-deps their
+# package sets are disjoint, and downloading one while another unpacks saves about a third of
+# the cold time on a 2-core machine.
+parts=$(mktemp -d)
+grep -E '^torch==' "$LOCK" >"$parts/a.txt"
+grep -E '^nvidia-' "$LOCK" >"$parts/b.txt"
+grep -vE '^(torch==|nvidia-|#|$)' "$LOCK" >"$parts/c.txt"
+pids=()
+for p in a b c; do
+  "$VENV/bin/python" -m pip install --disable-pip-version-check --no-cache-dir --no-deps \
+    --only-binary=:all: -r "$parts/$p.txt" >"$parts/$p.log" 2>&1 &
+  pids+=($!)
+done
+failed=0
+for i in 0 1 2; do
+  wait "${pids[$i]}" || failed=1
+done
+if [ $failed -ne 0 ]; then
+  tail -n 5 "$parts"/*.log >&2
+  rm -rf "$parts"
   # Tell "PyPI cannot be reached" (skip) from "the lock asks for something PyPI lacks" (fail).
   probe=$(mktemp -d)
   if ! "$VENV/bin/python" -m pip download --disable-pip-version-check --no-cache-dir --no-deps \
@@ -57,6 +75,7 @@ if ! "$VENV/bin/python" -m pip install --disable-pip-version-check --no-cache-di
   log "pip install failed although PyPI answers: the pinned set is wrong for this machine"
   exit 1
 fi
+rm -rf "$parts"
 "$VENV/bin/python" -c 'import torch, transformers, compressed_tensors, safetensors, numpy, pytest' >&2 || {
   log "the environment was installed but does not import"
   exit 1

@@ -23,9 +23,12 @@ def metrics(request):
 def pytest_runtest_logreport(report):
     if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
         props = dict(report.user_properties)
+        outcome = report.outcome
+        if hasattr(report, "wasxfail"):  # pytest reports an expected failure as "skipped"
+            outcome = "xpassed" if report.passed else "xfailed"
         _results.append({
             "test": report.nodeid,
-            "outcome": report.outcome,
+            "outcome": outcome,
             "seconds": round(report.duration, 3),
             "metrics": props.get("metrics", {}),
             "failure": str(report.longrepr)[-4000:] if report.failed else None,
@@ -46,6 +49,8 @@ def pytest_sessionfinish(session, exitstatus):
         "passed": sum(r["outcome"] == "passed" for r in _results),
         "failed": sum(r["outcome"] == "failed" for r in _results),
         "skipped": sum(r["outcome"] == "skipped" for r in _results),
+        "xfailed": sum(r["outcome"] == "xfailed" for r in _results),
+        "xpassed": sum(r["outcome"] == "xpassed" for r in _results),
         "tests": _results,
     }
     Path(path).write_text(json.dumps(summary, indent=2, default=str) + "\n")

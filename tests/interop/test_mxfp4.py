@@ -63,19 +63,28 @@ def test_mxfp4_rtn_matches_compressed_tensors(metrics):
     t = load_all(CT_MXFP4)
     src = load_all(SOURCE)
     mods = modules_with(t, ".weight_packed")
+    # MXFP4 has no per-tensor scale, so quantization is per 32-element group of a row: modules
+    # with the same K are stacked and go through compressed-tensors in one call (same result,
+    # a fraction of the per-call overhead), then split back per module.
+    by_k = {}
+    for m in mods:
+        by_k.setdefault(src[f"{m}.weight"].shape[1], []).append(m)
     counts = {"weight_scale": 0, "weight_packed": 0}
     first = []
-    for m in mods:
-        w = src[f"{m}.weight"]
-        n, k = w.shape
-        g = w.reshape(n, k // 32, 32)
+    for k, group in by_k.items():
+        w = torch.cat([src[f"{m}.weight"] for m in group], 0)
+        g = w.reshape(w.shape[0], k // 32, 32)
         scale, _ = calculate_qparams(g.amin(-1), g.amax(-1), scheme.weights)
         ref = comp.compress({"weight": w, "weight_scale": scale}, scheme)
-        for name in counts:
-            d = bit_diff(f"{m}.{name}", ref[name], t[f"{m}.{name}"])
-            if d:
-                counts[name] += d["differing"]
-                first.append(d)
+        row = 0
+        for m in group:
+            n = src[f"{m}.weight"].shape[0]
+            for name in counts:
+                d = bit_diff(f"{m}.{name}", ref[name][row:row + n], t[f"{m}.{name}"])
+                if d:
+                    counts[name] += d["differing"]
+                    first.append(d)
+            row += n
     metrics.update(modules=len(mods), bytes_differing=counts, first=first[:3])
     assert not first, f"bytes differing: {counts}; first: {first[:3]}"
 

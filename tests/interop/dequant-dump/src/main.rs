@@ -21,13 +21,17 @@ fn main() -> Result<()> {
     let ck = Checkpoint::open(&dir).with_context(|| format!("opening {}", dir.display()))?;
     let layout = match detect(&ck) {
         Detected::Fp4(l) => l,
-        other => bail!("{}: not an FP4 checkpoint this tool reads ({other:?})", dir.display()),
+        other => bail!(
+            "{}: not an FP4 checkpoint this tool reads ({other:?})",
+            dir.display()
+        ),
     };
     let mut bytes: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     let mut global: HashMap<String, f32> = HashMap::new();
     for module in quantized_modules(&ck, layout) {
         let m = load_linear(&ck, layout, &module).with_context(|| format!("loading {module}"))?;
-        let w = mimo_kernels::fp4::dequantize(&m).with_context(|| format!("dequantizing {module}"))?;
+        let w =
+            mimo_kernels::fp4::dequantize(&m).with_context(|| format!("dequantizing {module}"))?;
         let raw: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
         global.insert(module.clone(), m.global_scale);
         bytes.push((format!("{module}.weight"), vec![m.n, m.k], raw));
@@ -36,7 +40,8 @@ fn main() -> Result<()> {
         .iter()
         .map(|(n, s, b)| Ok((n.clone(), TensorView::new(Dtype::F32, s.clone(), b)?)))
         .collect::<Result<_>>()?;
-    safetensors::serialize_to_file(views, None, &out).with_context(|| format!("writing {}", out.display()))?;
+    safetensors::serialize_to_file(views, None, &out)
+        .with_context(|| format!("writing {}", out.display()))?;
     let summary = serde_json::json!({
         "layout": layout.name(),
         "modules": bytes.len(),
