@@ -6,6 +6,7 @@ pub mod convert;
 pub mod hub;
 pub mod inspect;
 pub mod manifest;
+pub mod methods;
 pub mod plan;
 pub mod quantizer;
 pub mod verify;
