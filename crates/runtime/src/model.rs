@@ -40,6 +40,52 @@ pub enum ForwardError {
     Empty,
 }
 
+/// Which Linear layers consume an input seen by a [`LinearObserver`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Site {
+    /// Input of q_proj, k_proj and v_proj of a layer.
+    Qkv(usize),
+    /// Input of o_proj of a layer.
+    O(usize),
+    /// Input of the dense MLP's gate_proj and up_proj.
+    GateUp(usize),
+    /// Input of the dense MLP's down_proj.
+    Down(usize),
+    /// Input of a MoE block (every token reaching it): the router's input.
+    MoeInput(usize),
+    /// Input of expert `.1`'s gate_proj and up_proj: only the tokens routed to it.
+    ExpertGateUp(usize, usize),
+    /// Input of expert `.1`'s down_proj: only the tokens routed to it.
+    ExpertDown(usize, usize),
+    /// Input expert `.1`'s down_proj would get if every token of the MoE input were routed to
+    /// it (measurement only, when [`LinearObserver::all_token_experts`] asks for it; the
+    /// forward pass keeps the real routing).
+    ExpertDownAllTokens(usize, usize),
+    /// Input of the shared expert's gate_proj and up_proj (and its sigmoid gate).
+    SharedGateUp(usize),
+    /// Input of the shared expert's down_proj.
+    SharedDown(usize),
+}
+
+/// Sees the input `x` (`[m, k]`, f32) of every Linear during [`Model::forward_observed`]
+/// (calibration statistics). Calls come in a fixed order: layer by layer, in execution order.
+pub trait LinearObserver {
+    /// Called with the input of the Linear layers at `site`.
+    fn observe(&mut self, site: Site, x: &[f32], m: usize);
+    /// If true, every expert of every MoE layer is also run on all tokens of the MoE input (for
+    /// [`Site::ExpertDownAllTokens`] only; the output is unchanged).
+    fn all_token_experts(&self) -> bool {
+        false
+    }
+}
+
+/// An observer that ignores everything (plain forward passes).
+struct NoObserver;
+
+impl LinearObserver for NoObserver {
+    fn observe(&mut self, _: Site, _: &[f32], _: usize) {}
+}
+
 /// A dense SwiGLU MLP.
 #[derive(Debug)]
 struct Mlp {
@@ -49,10 +95,18 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, x: &[f32], m: usize) -> Vec<f32> {
+    fn forward(
+        &self,
+        x: &[f32],
+        m: usize,
+        obs: &mut dyn LinearObserver,
+        sites: [Site; 2],
+    ) -> Vec<f32> {
+        obs.observe(sites[0], x, m);
         let mut g = self.gate.apply(x, m);
         let u = self.up.apply(x, m);
         swiglu(&mut g, &u);
+        obs.observe(sites[1], &g, m);
         self.down.apply(&g, m)
     }
 
@@ -73,8 +127,24 @@ struct Moe {
 impl Moe {
     /// Per token: softmax over all experts in f32, top-k (ties to the lower index), optional
     /// renormalization; expert outputs are summed in expert-index order as transformers does.
-    fn forward(&self, x: &[f32], m: usize, hidden: usize) -> Vec<f32> {
+    fn forward(
+        &self,
+        x: &[f32],
+        m: usize,
+        hidden: usize,
+        layer: usize,
+        obs: &mut dyn LinearObserver,
+    ) -> Vec<f32> {
         let e = self.cfg.num_experts;
+        obs.observe(Site::MoeInput(layer), x, m);
+        if obs.all_token_experts() {
+            for (ei, ex) in self.experts.iter().enumerate() {
+                let mut g = ex.gate.apply(x, m);
+                let u = ex.up.apply(x, m);
+                swiglu(&mut g, &u);
+                obs.observe(Site::ExpertDownAllTokens(layer, ei), &g, m);
+            }
+        }
         let logits = self.router.apply(x, m);
         // assignments[expert] = [(token, weight)]
         let mut assignments: Vec<Vec<(usize, f32)>> = vec![Vec::new(); e];
@@ -103,7 +173,8 @@ impl Moe {
             for &(t, _) in toks {
                 xe.extend_from_slice(&x[t * hidden..(t + 1) * hidden]);
             }
-            let ye = self.experts[ei].forward(&xe, toks.len());
+            let sites = [Site::ExpertGateUp(layer, ei), Site::ExpertDown(layer, ei)];
+            let ye = self.experts[ei].forward(&xe, toks.len(), obs, sites);
             for (r, &(t, w)) in toks.iter().enumerate() {
                 for (o, y) in out[t * hidden..(t + 1) * hidden]
                     .iter_mut()
@@ -114,7 +185,12 @@ impl Moe {
             }
         }
         if let Some((mlp, gate)) = &self.shared {
-            let ys = mlp.forward(x, m);
+            let ys = mlp.forward(
+                x,
+                m,
+                obs,
+                [Site::SharedGateUp(layer), Site::SharedDown(layer)],
+            );
             let g = gate.apply(x, m);
             for t in 0..m {
                 let s = 1.0 / (1.0 + (-g[t]).exp());
@@ -354,6 +430,17 @@ impl Model {
         cache: &mut KvCache,
         which: Logits,
     ) -> Result<Vec<f32>, ForwardError> {
+        self.forward_observed(tokens, cache, which, &mut NoObserver)
+    }
+
+    /// [`Model::forward`] that shows the input of every Linear layer to `obs` (calibration).
+    pub fn forward_observed(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        which: Logits,
+        obs: &mut dyn LinearObserver,
+    ) -> Result<Vec<f32>, ForwardError> {
         let c = &self.config;
         let m = tokens.len();
         if m == 0 {
@@ -384,6 +471,8 @@ impl Model {
             let mut h = x.clone();
             rms_norm(&mut h, &layer.input_norm, c.rms_norm_eps);
             let attn = self.attention(
+                li,
+                obs,
                 layer,
                 &h,
                 m,
@@ -397,8 +486,8 @@ impl Model {
             let mut h = x.clone();
             rms_norm(&mut h, &layer.post_norm, c.rms_norm_eps);
             let y = match &layer.ffn {
-                Ffn::Dense(mlp) => mlp.forward(&h, m),
-                Ffn::Moe(moe) => moe.forward(&h, m, hd),
+                Ffn::Dense(mlp) => mlp.forward(&h, m, obs, [Site::GateUp(li), Site::Down(li)]),
+                Ffn::Moe(moe) => moe.forward(&h, m, hd, li, obs),
             };
             for (a, b) in x.iter_mut().zip(&y) {
                 *a += b;
@@ -415,8 +504,11 @@ impl Model {
         Ok(head.apply(&rows, n))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
+        li: usize,
+        obs: &mut dyn LinearObserver,
         l: &Layer,
         h: &[f32],
         m: usize,
@@ -426,6 +518,7 @@ impl Model {
     ) -> Vec<f32> {
         let c = &self.config;
         let d = c.head_dim;
+        obs.observe(Site::Qkv(li), h, m);
         let mut q = l.q.apply(h, m);
         let mut k = l.k.apply(h, m);
         let v = l.v.apply(h, m);
@@ -452,6 +545,7 @@ impl Model {
             window: l.window,
         };
         let a = attention(&q, kc, vc, start, m, shape);
+        obs.observe(Site::O(li), &a, m);
         l.o.apply(&a, m)
     }
 }
