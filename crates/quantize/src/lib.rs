@@ -1,6 +1,7 @@
 //! The conversion pipeline: source resolution, tensor planning, quantizers, writers, verification.
 
 pub mod arch;
+pub mod calib;
 pub mod cli;
 pub mod convert;
 pub mod hub;

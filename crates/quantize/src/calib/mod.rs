@@ -1,0 +1,11 @@
+//! Calibration: our calibration set and recipes ([`data`]), the per-Linear input statistics
+//! gathered by running the BF16 model through the runtime ([`stats`]), and the report of how
+//! many tokens each MoE expert received ([`coverage`]).
+
+pub mod coverage;
+pub mod data;
+pub mod stats;
+
+pub use coverage::{Coverage, ExpertCoverage};
+pub use data::{load_sequences, CalibData, DataError, Recipe};
+pub use stats::{collect, CalibStats, CollectOptions, LinearStats, StatsError};

@@ -1,0 +1,334 @@
+//! Calibration statistics: the BF16 model runs through the runtime's CPU decoder on the
+//! calibration sequences while a [`LinearObserver`] accumulates, per Linear input site (q/k/v,
+//! o, MLP gate/up and down, each routed expert's gate/up and down, shared experts): the token
+//! count, the per-channel second moment `E[x_j^2]`, the activation amax and, for GPTQ, the
+//! Hessian `X^T X` ([k, k], f64).
+//!
+//! Memory: the runtime offers whole-model forward passes (with a per-Linear observer hook), not
+//! a layer-at-a-time API, so the statistics of every layer are accumulated together: sum over
+//! sites of k (+ k^2 with Hessians) f64 values (about 60 MB for mimo-tiny-moe with Hessians),
+//! plus the model itself. Activations are those of one sequence at a time.
+//!
+//! Determinism: sequences run in order; within a call each Hessian row is accumulated by one
+//! task over tokens in order, so the sums do not depend on the thread count.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use mimo_runtime::arch::Names;
+use mimo_runtime::model::{ForwardError, LinearObserver, Logits, Model, Site};
+use rayon::prelude::*;
+
+use super::coverage::{Coverage, ExpertCoverage};
+use super::data::CalibData;
+
+/// Errors of statistics collection.
+#[derive(Debug, thiserror::Error)]
+pub enum StatsError {
+    /// The forward pass refused a calibration sequence.
+    #[error("calibration forward pass, sequence {index}: {source}")]
+    Forward {
+        /// sequence index
+        index: usize,
+        /// the runtime's error
+        source: ForwardError,
+    },
+    /// There were no calibration sequences.
+    #[error("no calibration sequences")]
+    Empty,
+}
+
+/// What to collect.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CollectOptions {
+    /// Accumulate `X^T X` (GPTQ).
+    pub hessian: bool,
+    /// Experts with fewer routed tokens use statistics over all tokens of their MoE input.
+    pub min_expert_tokens: u64,
+}
+
+impl Default for CollectOptions {
+    fn default() -> Self {
+        CollectOptions {
+            hessian: false,
+            min_expert_tokens: 64,
+        }
+    }
+}
+
+/// Statistics of the input of one Linear (shared by Linears with the same input).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LinearStats {
+    /// Where they were measured (e.g. "Qkv(3)", "MoeInput(2) [all-token fallback]").
+    pub site: String,
+    /// Tokens seen.
+    pub tokens: u64,
+    /// Per input channel: mean of x_j^2 (length k).
+    pub second_moment: Vec<f64>,
+    /// Largest |x| seen.
+    pub amax: f32,
+    /// `sum_t x_t x_t^T`, [k, k] row-major, when collected.
+    pub hessian: Option<Vec<f64>>,
+}
+
+/// Accumulator of one site.
+#[derive(Debug, Clone)]
+struct SiteAcc {
+    k: usize,
+    tokens: u64,
+    sum_sq: Vec<f64>,
+    amax: f32,
+    hessian: Option<Vec<f64>>,
+}
+
+impl SiteAcc {
+    fn new(k: usize, hessian: bool) -> SiteAcc {
+        SiteAcc {
+            k,
+            tokens: 0,
+            sum_sq: vec![0.0; k],
+            amax: 0.0,
+            hessian: hessian.then(|| vec![0.0; k * k]),
+        }
+    }
+
+    fn add(&mut self, x: &[f32], m: usize) {
+        let k = self.k;
+        self.tokens += m as u64;
+        for row in x.chunks_exact(k) {
+            for ((s, &v), _) in self.sum_sq.iter_mut().zip(row).zip(0..k) {
+                *s += v as f64 * v as f64;
+                self.amax = self.amax.max(v.abs());
+            }
+        }
+        if let Some(h) = &mut self.hessian {
+            let xd: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+            // Upper triangle, row i owned by one task; mirrored in `finish`.
+            h.par_chunks_mut(k).enumerate().for_each(|(i, hrow)| {
+                for t in 0..m {
+                    let xr = &xd[t * k..(t + 1) * k];
+                    let xi = xr[i];
+                    if xi == 0.0 {
+                        continue;
+                    }
+                    for (hj, &xj) in hrow[i..].iter_mut().zip(&xr[i..]) {
+                        *hj += xi * xj;
+                    }
+                }
+            });
+        }
+    }
+
+    fn finish(&self, site: String) -> LinearStats {
+        let n = self.tokens.max(1) as f64;
+        let k = self.k;
+        let hessian = self.hessian.as_ref().map(|h| {
+            let mut full = h.clone();
+            for i in 0..k {
+                for j in 0..i {
+                    full[i * k + j] = full[j * k + i];
+                }
+            }
+            full
+        });
+        LinearStats {
+            site,
+            tokens: self.tokens,
+            second_moment: self.sum_sq.iter().map(|s| s / n).collect(),
+            amax: self.amax,
+            hessian,
+        }
+    }
+}
+
+struct Collector {
+    hessian: bool,
+    all_tokens: bool,
+    sites: BTreeMap<Site, SiteAcc>,
+}
+
+impl LinearObserver for Collector {
+    fn observe(&mut self, site: Site, x: &[f32], m: usize) {
+        if m == 0 || x.is_empty() {
+            return;
+        }
+        let k = x.len() / m;
+        let h = self.hessian;
+        self.sites
+            .entry(site)
+            .or_insert_with(|| SiteAcc::new(k, h))
+            .add(x, m);
+    }
+
+    fn all_token_experts(&self) -> bool {
+        self.all_tokens
+    }
+}
+
+/// Statistics of a calibration run, by Linear module name.
+#[derive(Debug, Clone)]
+pub struct CalibStats {
+    /// Module name (e.g. "model.layers.0.self_attn.q_proj") -> its input statistics.
+    pub by_module: BTreeMap<String, Arc<LinearStats>>,
+    /// Expert coverage (empty for dense models).
+    pub coverage: Coverage,
+    /// Calibration tokens.
+    pub tokens: usize,
+    /// Calibration sequences.
+    pub sequences: usize,
+    /// Bytes of statistics held (all sites).
+    pub stats_bytes: usize,
+}
+
+impl CalibStats {
+    /// The statistics of `module`, if it was observed.
+    pub fn get(&self, module: &str) -> Option<&LinearStats> {
+        self.by_module.get(module).map(|a| a.as_ref())
+    }
+}
+
+/// Runs `model` over `data` and gathers the statistics; `progress` is called after each sequence
+/// with (done, total).
+pub fn collect(
+    model: &Model,
+    data: &CalibData,
+    opts: CollectOptions,
+    progress: &dyn Fn(usize, usize),
+) -> Result<CalibStats, StatsError> {
+    if data.sequences.is_empty() {
+        return Err(StatsError::Empty);
+    }
+    let c = &model.config;
+    let mut col = Collector {
+        hessian: opts.hessian,
+        all_tokens: c.moe.is_some() && opts.min_expert_tokens > 0,
+        sites: BTreeMap::new(),
+    };
+    let cap = c.max_position_embeddings.max(1);
+    let mut tokens = 0usize;
+    let total = data.sequences.len();
+    for (index, seq) in data.sequences.iter().enumerate() {
+        for piece in seq.chunks(cap) {
+            let mut cache = model.new_cache(piece.len());
+            model
+                .forward_observed(piece, &mut cache, Logits::Last, &mut col)
+                .map_err(|source| StatsError::Forward { index, source })?;
+            tokens += piece.len();
+        }
+        progress(index + 1, total);
+    }
+    let stats_bytes = col
+        .sites
+        .values()
+        .map(|a| 8 * (a.k + a.hessian.as_ref().map_or(0, Vec::len)))
+        .sum();
+
+    let names = Names::new(c.arch);
+    let mut finished: BTreeMap<(Site, bool), Arc<LinearStats>> = BTreeMap::new();
+    let mut by_module = BTreeMap::new();
+    let mut get = |site: Site, fallback: bool| -> Option<Arc<LinearStats>> {
+        let acc = col.sites.get(&site)?;
+        Some(
+            finished
+                .entry((site, fallback))
+                .or_insert_with(|| {
+                    let label = if fallback {
+                        format!("{site:?} [all-token fallback]")
+                    } else {
+                        format!("{site:?}")
+                    };
+                    Arc::new(acc.finish(label))
+                })
+                .clone(),
+        )
+    };
+    let mut experts = Vec::new();
+    let mut tokens_per_layer = 0u64;
+    let mut experts_per_layer = 0usize;
+    for l in 0..c.num_layers {
+        for p in ["q_proj", "k_proj", "v_proj"] {
+            if let Some(s) = get(Site::Qkv(l), false) {
+                by_module.insert(names.attn(l, p), s);
+            }
+        }
+        if let Some(s) = get(Site::O(l), false) {
+            by_module.insert(names.attn(l, "o_proj"), s);
+        }
+        let moe = c
+            .moe
+            .as_ref()
+            .filter(|_| c.moe_layers.get(l) == Some(&true));
+        match moe {
+            Some(mc) => {
+                experts_per_layer = mc.num_experts;
+                if let Some(s) = get(Site::MoeInput(l), false) {
+                    tokens_per_layer = s.tokens;
+                    by_module.insert(names.router(l), s.clone());
+                    by_module.insert(names.shared_expert_gate(l), s);
+                }
+                for e in 0..mc.num_experts {
+                    let routed = col
+                        .sites
+                        .get(&Site::ExpertGateUp(l, e))
+                        .map_or(0, |a| a.tokens);
+                    let fallback = routed < opts.min_expert_tokens;
+                    let [g, u, d] = names.expert(l, e);
+                    let (gu, dn) = if fallback {
+                        (
+                            get(Site::MoeInput(l), true),
+                            get(Site::ExpertDownAllTokens(l, e), true),
+                        )
+                    } else {
+                        (
+                            get(Site::ExpertGateUp(l, e), false),
+                            get(Site::ExpertDown(l, e), false),
+                        )
+                    };
+                    if let Some(s) = gu {
+                        by_module.insert(g, s.clone());
+                        by_module.insert(u, s);
+                    }
+                    if let Some(s) = dn {
+                        by_module.insert(d, s);
+                    }
+                    experts.push(ExpertCoverage {
+                        layer: l,
+                        expert: e,
+                        tokens: routed,
+                        all_token_fallback: fallback,
+                    });
+                }
+                let [g, u, d] = names.shared_expert(l);
+                if let Some(s) = get(Site::SharedGateUp(l), false) {
+                    by_module.insert(g, s.clone());
+                    by_module.insert(u, s);
+                }
+                if let Some(s) = get(Site::SharedDown(l), false) {
+                    by_module.insert(d, s);
+                }
+            }
+            None => {
+                let [g, u, d] = names.mlp(l);
+                if let Some(s) = get(Site::GateUp(l), false) {
+                    by_module.insert(g, s.clone());
+                    by_module.insert(u, s);
+                }
+                if let Some(s) = get(Site::Down(l), false) {
+                    by_module.insert(d, s);
+                }
+            }
+        }
+    }
+    Ok(CalibStats {
+        by_module,
+        coverage: Coverage {
+            min_tokens: opts.min_expert_tokens,
+            tokens_per_layer,
+            experts_per_layer,
+            experts,
+        },
+        tokens,
+        sequences: total,
+        stats_bytes,
+    })
+}
