@@ -28,34 +28,27 @@ pub struct Fp4GemmConfig {
 const SMEM_LIMIT: u32 = 48 * 1024;
 
 impl Fp4GemmConfig {
-    /// The shape chosen for an `[m, k] x [n, k]^T` product on a GPU with `sm_count` SMs
-    /// (docs/kernels-notes.md): about 8 warps per SM over the whole grid, each warp streaming
-    /// several K groups through the double-buffered loop; two K chunks per group where K is
-    /// long enough to keep every warp busy; two row tiles at 9..=16 tokens on wide layers.
+    /// The shape chosen for an `[m, k] x [n, k]^T` product on a GPU with `sm_count` SMs.
+    /// From the H100 sweep of the double-buffered kernel (docs/kernels-notes.md, run of
+    /// commit 8efb678): one K chunk per group (the double buffering already keeps loads in
+    /// flight) and 8 warps of split-K (16 for K >= 8192 at up to 8 tokens); on very wide
+    /// layers (>= 16 blocks of 16 rows per SM) two row tiles and 2 warps.
     pub fn auto(m: usize, n: usize, k: usize, sm_count: u32) -> Self {
         let chunks = k.div_ceil(K_CHUNK) as u32;
         let tn = token_tiles(m);
         let token_groups = m.div_ceil(8 * tn as usize).max(1) as u32;
         let blocks16 = n.div_ceil(16) as u32 * token_groups;
-        let sms = sm_count.max(1);
-        let m_tiles = if tn == 2 && blocks16 >= 4 * sms { 2 } else { 1 };
-        let blocks = n.div_ceil(16 * m_tiles as usize) as u32 * token_groups;
-        let want = (8 * sms).div_ceil(blocks).clamp(2, 16);
-        // Two chunks per group only where that still leaves `want` groups to share out, and
-        // not with two row tiles and two token tiles (register spills).
-        let mut group = if chunks >= 2 * want && !(m_tiles == 2 && tn >= 2) {
-            2
+        let (m_tiles, warps) = if blocks16 >= 16 * sm_count.max(1) {
+            (2, 2)
+        } else if k >= 8192 && tn == 1 {
+            (1, 16)
         } else {
-            1
+            (1, 8)
         };
-        if tn >= 4 {
-            group = 1;
-        }
-        let warps = want.min(chunks.div_ceil(group)).max(1);
         Fp4GemmConfig {
             m_tiles,
-            warps,
-            group,
+            warps: warps.min(chunks).max(1),
+            group: 1,
         }
     }
 
