@@ -25,7 +25,12 @@ for gb in $SIZES; do
   out="$WORK/out-${gb}gb"
   rm -rf "$out"
   cmd="$BIN convert $src -o $out --format nvfp4 --json --quiet"
+  load_before=$(cut -d' ' -f1 /proc/loadavg)
   /usr/bin/time -v $cmd > "$WORK/summary-${gb}gb.json" 2> "$WORK/time-${gb}gb.txt"
+  user=$(awk -F': ' '/User time/ {print $2}' "$WORK/time-${gb}gb.txt")
+  sys=$(awk -F': ' '/System time/ {print $2}' "$WORK/time-${gb}gb.txt")
+  cpu_s=$(awk -v u="$user" -v s="$sys" 'BEGIN { printf "%.2f", u + s }')
+  load=$(cut -d' ' -f1 /proc/loadavg)
   rss_kb=$(awk -F': ' '/Maximum resident set size/ {print $2}' "$WORK/time-${gb}gb.txt")
   wall=$(awk -F': ' '/Elapsed \(wall clock\)/ {print $2}' "$WORK/time-${gb}gb.txt")
   bytes_in=$(grep -m1 '"bytes_in"' "$WORK/summary-${gb}gb.json" | tr -dc '0-9')
@@ -33,8 +38,9 @@ for gb in $SIZES; do
   secs=$(grep -m1 '"seconds"' "$WORK/summary-${gb}gb.json" | sed 's/.*: *//; s/,//')
   gbps=$(awk -v b="$bytes_in" -v s="$secs" 'BEGIN { printf "%.3f", b / 1e9 / s }')
   rss_mb=$(awk -v k="$rss_kb" 'BEGIN { printf "%.1f", k / 1024 }')
-  echo "size ~${gb} GB: ${bytes_in} bytes in, ${bytes_out} out, ${secs} s, ${gbps} GB/s, peak RSS ${rss_mb} MiB (wall ${wall})"
-  rows+=("    {\"target_gb\": $gb, \"bytes_in\": $bytes_in, \"bytes_out\": $bytes_out, \"seconds\": $secs, \"input_gb_per_s\": $gbps, \"peak_rss_mib\": $rss_mb, \"command\": \"$cmd\"}")
+  gb_per_cpu_s=$(awk -v b="$bytes_in" -v c="$cpu_s" 'BEGIN { printf "%.3f", b / 1e9 / c }')
+  echo "size ~${gb} GB: ${bytes_in} bytes in, ${bytes_out} out, ${secs} s, ${gbps} GB/s, ${cpu_s} CPU s (${gb_per_cpu_s} GB per CPU-second), peak RSS ${rss_mb} MiB (wall ${wall}, load ${load_before} -> ${load})"
+  rows+=("    {\"target_gb\": $gb, \"bytes_in\": $bytes_in, \"bytes_out\": $bytes_out, \"seconds\": $secs, \"input_gb_per_s\": $gbps, \"cpu_seconds\": $cpu_s, \"input_gb_per_cpu_second\": $gb_per_cpu_s, \"peak_rss_mib\": $rss_mb, \"loadavg_1min_before_after\": [$load_before, $load], \"command\": \"$cmd\"}")
   rm -rf "$out"
 done
 cpu=$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)

@@ -11,12 +11,11 @@ use mimo_runtime::format::{hf_quant_config, quantization_config, HF_QUANT_CONFIG
 use rayon::prelude::*;
 
 use crate::manifest::{
-    sha256_file, FileHash, Manifest, OptionsInfo, SourceInfo, TensorRecord, ToolInfo, MANIFEST_FILE,
+    sha256_file, sha256_file_until, FileHash, Manifest, OptionsInfo, SourceInfo, TensorRecord,
+    ToolInfo, MANIFEST_FILE,
 };
 use crate::plan::{Action, Plan, PlanError, PlanOptions, PlanTotals};
-use crate::quantizer::{
-    amax, own_scale, quantize, shared_scale, src_dtype, ErrorStats, QuantError,
-};
+use crate::quantizer::{amax, own_scale, quantize, shared_scale, src_dtype, QuantError, Quantized};
 use crate::writer::{
     copy_side_files, plan_shards, shard_name, write_index, write_json, ShardWriter, TempOutput,
     WriteError,
@@ -134,14 +133,18 @@ pub fn convert(
         }
     };
 
+    // Stops the input hashing early when the conversion fails or is interrupted.
+    let failed = AtomicBool::new(false);
+    let stop_hashing = || failed.load(Ordering::Relaxed) || cancel.load(Ordering::Relaxed);
     let (result, input_hashes) = std::thread::scope(|s| {
         // Input hashes on their own thread, reading through the page cache.
         let files = source_files(&ck);
+        let stop_hashing = &stop_hashing;
         let hasher = s.spawn(move || {
             files
                 .iter()
                 .map(|p| {
-                    sha256_file(p).map_err(|source| ConvertError::Hash {
+                    sha256_file_until(p, stop_hashing).map_err(|source| ConvertError::Hash {
                         path: p.clone(),
                         source,
                     })
@@ -149,6 +152,9 @@ pub fn convert(
                 .collect::<Result<Vec<FileHash>, ConvertError>>()
         });
         let r = write_all(&ck, &plan, cfg, tmp.path(), cancel, progress);
+        if r.is_err() {
+            failed.store(true, Ordering::Relaxed);
+        }
         (r, hasher.join())
     });
     let (records, shard_hashes) = result?;
@@ -314,7 +320,7 @@ fn write_all(
             if cancel.load(Ordering::Relaxed) {
                 return Err(ConvertError::Interrupted);
             }
-            let results: Vec<Option<(Vec<(HeaderEntry, Vec<u8>)>, ErrorStats)>> = chunk
+            let results: Vec<Option<Quantized>> = chunk
                 .par_iter()
                 .map(|&i| {
                     let e = &plan.entries[i];
@@ -323,7 +329,7 @@ fn write_all(
                             let t = ck.tensor(&e.name)?;
                             let q = quantize(&t, module, layout, scale[i])?;
                             ck.release(t.name);
-                            Ok(Some((q.tensors, q.stats)))
+                            Ok(Some(q))
                         }
                         Action::Keep { .. } => Ok(None),
                     }
@@ -342,7 +348,7 @@ fn write_all(
                     max_abs_err: None,
                 };
                 match (&e.action, res) {
-                    (Action::Quantize { group, .. }, Some((tensors, stats))) => {
+                    (Action::Quantize { group, .. }, Some(Quantized { tensors, stats })) => {
                         for (h, data) in &tensors {
                             w.write_tensor(&h.name, data)?;
                         }

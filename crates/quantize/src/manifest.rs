@@ -118,11 +118,19 @@ impl Manifest {
 
 /// sha256 of a file, read in 1 MiB chunks (page cache, not our resident memory).
 pub fn sha256_file(path: &Path) -> std::io::Result<FileHash> {
+    sha256_file_until(path, &|| false)
+}
+
+/// [`sha256_file`] that gives up with `ErrorKind::Interrupted` once `stop()` returns true.
+pub fn sha256_file_until(path: &Path, stop: &dyn Fn() -> bool) -> std::io::Result<FileHash> {
     let mut f = std::fs::File::open(path)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut bytes = 0u64;
     loop {
+        if stop() {
+            return Err(std::io::ErrorKind::Interrupted.into());
+        }
         let n = f.read(&mut buf)?;
         if n == 0 {
             break;
