@@ -421,6 +421,9 @@ fn custom(d: &Path, dtype: DType, shape: [usize; 2], value: impl Fn(usize) -> f3
             .flat_map(|i| bf16::from_f32(value(i)).to_le_bytes())
             .collect(),
         DType::F32 => (0..n).flat_map(|i| value(i).to_le_bytes()).collect(),
+        DType::F16 => (0..n)
+            .flat_map(|i| half::f16::from_f32(value(i)).to_le_bytes())
+            .collect(),
         DType::F64 => (0..n)
             .flat_map(|i| (value(i) as f64).to_le_bytes())
             .collect(),
@@ -455,6 +458,29 @@ fn custom(d: &Path, dtype: DType, shape: [usize; 2], value: impl Fn(usize) -> f3
     )
     .unwrap();
     src
+}
+
+#[test]
+fn f16_and_f32_sources_are_quantized() {
+    for dtype in [DType::F16, DType::F32] {
+        let d = tempfile::tempdir().unwrap();
+        let src = custom(d.path(), dtype, [64, 64], |i| {
+            ((i * 7919) % 101) as f32 * 0.001 - 0.05
+        });
+        for layout in Layout::ALL {
+            let out = d.path().join(layout.name());
+            let s = run(&cfg(&src, &out, layout)).unwrap();
+            assert_eq!(s.totals.quantized, 2, "{dtype} {layout}");
+            let r = mimo_quant::verify::verify(&out, Some(&src)).unwrap();
+            assert!(r.ok, "{dtype} {layout}: {:?}", r.problems);
+            let e = r
+                .errors
+                .iter()
+                .find(|e| e.0 == "model.layers.0.mlp.up_proj")
+                .unwrap();
+            assert!(e.1.sqnr_db > 12.0, "{dtype} {layout}: {:?}", e.1);
+        }
+    }
 }
 
 #[test]
