@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use mimo_runtime::checkpoint::Checkpoint;
 use mimo_runtime::format::Layout;
 
-use crate::convert::{convert, ConvertConfig, Progress};
+use crate::convert::{convert_with, ConvertConfig, Progress};
 use crate::plan::{Plan, PlanOptions};
 
 /// Convert BF16/FP16 checkpoints to NVFP4 and MXFP4.
@@ -30,6 +30,8 @@ pub enum Command {
     Convert(ConvertArgs),
     /// Dry run: what would be quantized, bytes before/after, bits per weight.
     Plan(PlanArgs),
+    /// Run the BF16 model on calibration data: statistics cost and expert coverage report.
+    Calibrate(crate::calib::cli::CalibrateArgs),
     /// Summarise any checkpoint folder.
     Inspect {
         /// Checkpoint folder.
@@ -133,6 +135,9 @@ pub struct ConvertArgs {
     /// Worker threads (default: all cores; RAYON_NUM_THREADS also works).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Quantization method and calibration.
+    #[command(flatten)]
+    pub calib: crate::calib::cli::CalibArgs,
 }
 
 /// Parses sizes like `5GB`, `500MB`, `2GiB`, `1000`.
@@ -229,6 +234,7 @@ pub fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Convert(a) => run_convert(a),
+        Command::Calibrate(a) => crate::calib::cli::run_calibrate(a),
         Command::Inspect { dir, json } => {
             let i = crate::inspect::inspect(&dir)?;
             if json {
@@ -295,6 +301,7 @@ fn run_convert(a: ConvertArgs) -> Result<i32> {
         force: a.force,
     };
     let quiet = a.plan.quiet;
+    let quant = crate::calib::cli::quant_options(&a.calib, &cfg.source, quiet)?;
     let cancel = Arc::new(AtomicBool::new(false));
     {
         let c = cancel.clone();
@@ -345,8 +352,8 @@ fn run_convert(a: ConvertArgs) -> Result<i32> {
         Some(n) => rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build()?
-            .install(|| convert(&cfg, &cancel, &progress)),
-        None => convert(&cfg, &cancel, &progress),
+            .install(|| convert_with(&cfg, &quant, &cancel, &progress)),
+        None => convert_with(&cfg, &quant, &cancel, &progress),
     };
     bar.finish_and_clear();
     let summary = result?;

@@ -15,7 +15,7 @@ use crate::manifest::{
     ToolInfo, MANIFEST_FILE,
 };
 use crate::plan::{Action, Plan, PlanError, PlanOptions, PlanTotals};
-use crate::quantizer::{amax, own_scale, quantize, shared_scale, src_dtype, QuantError, Quantized};
+use crate::quantizer::{amax, own_scale, shared_scale, src_dtype, QuantError, Quantized};
 use crate::writer::{
     copy_side_files, plan_shards, shard_name, write_index, write_json, ShardWriter, TempOutput,
     WriteError,
@@ -59,6 +59,9 @@ pub enum ConvertError {
     /// Writing failed.
     #[error(transparent)]
     Write(#[from] WriteError),
+    /// The MSE or GPTQ quantizer failed on a tensor.
+    #[error(transparent)]
+    Method(#[from] crate::methods::ApplyError),
     /// Hashing a source file failed.
     #[error("{path}: hashing failed: {source}")]
     Hash {
@@ -121,6 +124,21 @@ pub fn convert(
     cancel: &AtomicBool,
     progress: &(dyn Fn(Progress<'_>) + Sync),
 ) -> Result<ConvertSummary, ConvertError> {
+    convert_with(
+        cfg,
+        &crate::methods::QuantOptions::default(),
+        cancel,
+        progress,
+    )
+}
+
+/// [`convert`] with a quantization method (RTN, MSE, GPTQ) and its calibration statistics.
+pub fn convert_with(
+    cfg: &ConvertConfig,
+    quant: &crate::methods::QuantOptions,
+    cancel: &AtomicBool,
+    progress: &(dyn Fn(Progress<'_>) + Sync),
+) -> Result<ConvertSummary, ConvertError> {
     let ck = Checkpoint::open(&cfg.source)?;
     let plan = Plan::build(&ck, &cfg.plan)?;
     let tmp = TempOutput::create(&cfg.output, cfg.force)?;
@@ -151,7 +169,7 @@ pub fn convert(
                 })
                 .collect::<Result<Vec<FileHash>, ConvertError>>()
         });
-        let r = write_all(&ck, &plan, cfg, tmp.path(), cancel, progress);
+        let r = write_all(&ck, &plan, cfg, quant, tmp.path(), cancel, progress);
         if r.is_err() {
             failed.store(true, Ordering::Relaxed);
         }
@@ -223,7 +241,7 @@ pub fn convert(
         options: OptionsInfo {
             format: layout.format().to_string(),
             layout: layout.name().into(),
-            method: "rtn".into(),
+            method: quant.method.name().into(),
             ignore: cfg.plan.ignore.clone(),
             quantize_lm_head: cfg.plan.quantize_lm_head,
             max_shard_size: cfg.max_shard_size,
@@ -232,7 +250,10 @@ pub fn convert(
         tensors: records,
         files: files.clone(),
     };
-    let mv = serde_json::to_value(&manifest).unwrap_or_default();
+    let mut mv = serde_json::to_value(&manifest).unwrap_or_default();
+    if let (Some(o), Some(info)) = (mv.as_object_mut(), &quant.manifest_info) {
+        o.insert("calibration".into(), info.clone());
+    }
     write_json(&tmp.path().join(MANIFEST_FILE), &mv)?;
     check_cancel()?;
     tmp.commit()?;
@@ -255,6 +276,7 @@ fn write_all(
     ck: &Checkpoint,
     plan: &Plan,
     cfg: &ConvertConfig,
+    quant: &crate::methods::QuantOptions,
     dir: &Path,
     cancel: &AtomicBool,
     progress: &(dyn Fn(Progress<'_>) + Sync),
@@ -327,7 +349,9 @@ fn write_all(
                     match &e.action {
                         Action::Quantize { module, .. } => {
                             let t = ck.tensor(&e.name)?;
-                            let q = quantize(&t, module, layout, scale[i])?;
+                            let q = crate::methods::quantize_tensor(
+                                &t, module, layout, scale[i], quant,
+                            )?;
                             ck.release(t.name);
                             Ok(Some(q))
                         }

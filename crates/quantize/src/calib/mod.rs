@@ -2,10 +2,13 @@
 //! gathered by running the BF16 model through the runtime ([`stats`]), and the report of how
 //! many tokens each MoE expert received ([`coverage`]).
 
+pub mod cli;
 pub mod coverage;
 pub mod data;
+pub mod run;
 pub mod stats;
 
 pub use coverage::{Coverage, ExpertCoverage};
 pub use data::{load_sequences, CalibData, DataError, Recipe};
+pub use run::{calibrate, CalibError, CalibRun};
 pub use stats::{collect, CalibStats, CollectOptions, LinearStats, StatsError};

@@ -4,8 +4,11 @@
 //! Both produce a [`mimo_kernels::fp4::Fp4Matrix`] in the same convention as the RTN path, so the
 //! layouts encode them unchanged.
 
+pub mod apply;
 pub mod gptq;
 pub mod mse;
+
+pub use apply::{quantize_tensor, ApplyError, QuantOptions};
 
 use mimo_kernels::fp4::{ct_round_e2m1, Fp4Error, Fp4Format};
 

@@ -1,0 +1,142 @@
+//! Command-line pieces of calibration: `--method/--calib/--damp/--min-expert-tokens` for
+//! `convert`, and the `calibrate` subcommand (statistics and expert coverage without writing a
+//! checkpoint).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Result};
+use clap::Args;
+
+use super::run::{calibrate, CalibRun};
+use super::stats::CollectOptions;
+use crate::methods::gptq::DEFAULT_DAMP;
+use crate::methods::{Method, QuantOptions};
+
+/// Quantization method and calibration options (flattened into `convert`).
+#[derive(Debug, Clone, Args)]
+pub struct CalibArgs {
+    /// Quantizer: rtn (round to nearest), mse (per-block scale search weighted by the input's
+    /// second moment), gptq (error feedback through the Hessian).
+    #[arg(long, default_value = "rtn")]
+    pub method: Method,
+    /// Calibration data: "default" (the embedded set and recipe), a recipe .json, or a .txt /
+    /// .jsonl file. mse and gptq use "default" when not given; rtn ignores it unless given.
+    #[arg(long, value_name = "FILE|default")]
+    pub calib: Option<String>,
+    /// GPTQ damping, as a fraction of the mean Hessian diagonal.
+    #[arg(long, default_value_t = DEFAULT_DAMP)]
+    pub damp: f64,
+    /// Experts with fewer routed calibration tokens get statistics from all tokens of their
+    /// layer's MoE input (measurement only).
+    #[arg(long, default_value_t = 64)]
+    pub min_expert_tokens: u64,
+}
+
+impl clap::ValueEnum for Method {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[Method::Rtn, Method::Mse, Method::Gptq]
+    }
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.name()))
+    }
+}
+
+/// `mimo-quant calibrate` arguments.
+#[derive(Debug, Args)]
+pub struct CalibrateArgs {
+    /// BF16 model folder.
+    pub source: PathBuf,
+    /// Calibration data: "default", a recipe .json, or a .txt / .jsonl file.
+    #[arg(long, default_value = "default")]
+    pub calib: String,
+    /// Also accumulate the Hessians X^T X (what gptq needs), to measure their cost.
+    #[arg(long)]
+    pub hessian: bool,
+    /// Expert coverage threshold (see convert --min-expert-tokens).
+    #[arg(long, default_value_t = 64)]
+    pub min_expert_tokens: u64,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress on stderr.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+fn run(source: &Path, spec: &str, opts: CollectOptions, quiet: bool) -> Result<CalibRun> {
+    let progress = |done: usize, total: usize| {
+        if !quiet {
+            eprint!("\rcalibrating: sequence {done}/{total}");
+            if done == total {
+                eprintln!();
+            }
+        }
+    };
+    Ok(calibrate(source, spec, opts, &progress)?)
+}
+
+fn print_summary(r: &CalibRun) {
+    eprintln!(
+        "calibration: {} ({} sequences, {} tokens; sets {:?}), {:.1} s, peak RSS {:.0} MB, statistics {:.1} MB",
+        r.data.source,
+        r.stats.sequences,
+        r.stats.tokens,
+        r.data.samples_per_set,
+        r.seconds,
+        r.peak_rss_bytes.unwrap_or(0) as f64 / 1e6,
+        r.stats.stats_bytes as f64 / 1e6
+    );
+    eprint!("{}", r.stats.coverage.render());
+}
+
+/// Builds the quantizer options of a conversion, calibrating when the method needs it or
+/// `--calib` is given.
+pub fn quant_options(a: &CalibArgs, source: &Path, quiet: bool) -> Result<QuantOptions> {
+    if !(a.damp.is_finite() && a.damp >= 0.0) {
+        bail!("--damp {} must be finite and >= 0", a.damp);
+    }
+    let spec = match (&a.calib, a.method) {
+        (Some(s), _) => Some(s.clone()),
+        (None, Method::Rtn) => None,
+        (None, _) => Some("default".to_string()),
+    };
+    let mut q = QuantOptions {
+        method: a.method,
+        damp: a.damp,
+        ..QuantOptions::default()
+    };
+    if let Some(spec) = spec {
+        let opts = CollectOptions {
+            hessian: a.method == Method::Gptq,
+            min_expert_tokens: a.min_expert_tokens,
+        };
+        let r = run(source, &spec, opts, quiet)?;
+        if !quiet {
+            print_summary(&r);
+        }
+        let mut info = r.summary_json();
+        info["method"] = serde_json::json!(a.method.name());
+        if a.method == Method::Gptq {
+            info["damp"] = serde_json::json!(a.damp);
+        }
+        q.manifest_info = Some(info);
+        q.stats = Some(Arc::new(r.stats));
+    }
+    Ok(q)
+}
+
+/// Runs `mimo-quant calibrate`.
+pub fn run_calibrate(a: CalibrateArgs) -> Result<i32> {
+    let opts = CollectOptions {
+        hessian: a.hessian,
+        min_expert_tokens: a.min_expert_tokens,
+    };
+    let r = run(&a.source, &a.calib, opts, a.quiet || a.json)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r.summary_json())?);
+    } else {
+        print_summary(&r);
+    }
+    Ok(0)
+}

@@ -1,0 +1,149 @@
+//! Applies the chosen method to one source tensor of a conversion: RTN goes through
+//! [`crate::quantizer::quantize`] unchanged; MSE and GPTQ read the whole tensor as f32, look up
+//! the calibration statistics of its module, and produce the same [`Quantized`] output.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use mimo_kernels::dtype::convert_row;
+use mimo_kernels::fp4::{dequantize_row, Fp4Matrix};
+use mimo_runtime::checkpoint::TensorView;
+use mimo_runtime::format::Layout;
+
+use super::gptq::{quantize_gptq, DEFAULT_DAMP};
+use super::mse::quantize_mse;
+use super::{Method, MethodError};
+use crate::calib::CalibStats;
+use crate::quantizer::{quantize, src_dtype, ErrorAcc, QuantError, Quantized};
+
+/// Method, damping and calibration statistics of a conversion.
+#[derive(Debug, Clone)]
+pub struct QuantOptions {
+    /// The quantizer.
+    pub method: Method,
+    /// GPTQ relative damping.
+    pub damp: f64,
+    /// Calibration statistics (None: MSE uses uniform weights; GPTQ needs them).
+    pub stats: Option<Arc<CalibStats>>,
+    /// A JSON summary of the calibration for the manifest (source, recipe, coverage, timing).
+    pub manifest_info: Option<serde_json::Value>,
+}
+
+impl Default for QuantOptions {
+    fn default() -> Self {
+        QuantOptions {
+            method: Method::Rtn,
+            damp: DEFAULT_DAMP,
+            stats: None,
+            manifest_info: None,
+        }
+    }
+}
+
+/// Why a tensor could not be quantized by the chosen method.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// Reading or RTN quantization failed.
+    #[error(transparent)]
+    Quant(#[from] QuantError),
+    /// The MSE or GPTQ quantizer failed.
+    #[error("{file}: tensor '{tensor}': {method}: {source}")]
+    Method {
+        /// source file
+        file: PathBuf,
+        /// tensor name
+        tensor: String,
+        /// method name
+        method: &'static str,
+        /// the error
+        source: MethodError,
+    },
+    /// GPTQ was asked for but the module has no Hessian.
+    #[error("{file}: tensor '{tensor}': gptq needs calibration statistics with a Hessian for module '{module}' (run with --calib)")]
+    NoHessian {
+        /// source file
+        file: PathBuf,
+        /// tensor name
+        tensor: String,
+        /// module name
+        module: String,
+    },
+}
+
+/// Quantizes source tensor `t` ([n, k]) as Linear `module` with `opts.method`; `scale` as for
+/// [`crate::quantizer::quantize`].
+pub fn quantize_tensor(
+    t: &TensorView<'_>,
+    module: &str,
+    layout: Layout,
+    scale: Option<f32>,
+    opts: &QuantOptions,
+) -> Result<Quantized, ApplyError> {
+    if opts.method == Method::Rtn {
+        return Ok(quantize(t, module, layout, scale)?);
+    }
+    let dt = src_dtype(t)?;
+    let (n, k) = (t.shape[0], t.shape[1]);
+    let mut w = vec![0f32; n * k];
+    convert_row(dt, t.data, &mut w).map_err(|e| QuantError::Convert {
+        file: t.file.to_path_buf(),
+        tensor: t.name.to_string(),
+        reason: e.to_string(),
+    })?;
+    if let Some(index) = w.iter().position(|v| !v.is_finite()) {
+        return Err(QuantError::NonFinite {
+            file: t.file.to_path_buf(),
+            tensor: t.name.to_string(),
+            index,
+            value: w[index],
+        }
+        .into());
+    }
+    let format = layout.format();
+    let gs = match layout {
+        Layout::CtNvfp4 => scale.unwrap_or(1.0),
+        Layout::ModelOptNvfp4 => 1.0 / scale.unwrap_or(1.0),
+        Layout::CtMxfp4 => 1.0,
+    };
+    let stats = opts.stats.as_ref().and_then(|s| s.get(module));
+    let merr = |source| ApplyError::Method {
+        file: t.file.to_path_buf(),
+        tensor: t.name.to_string(),
+        method: opts.method.name(),
+        source,
+    };
+    let m: Fp4Matrix = match opts.method {
+        Method::Mse | Method::Rtn => {
+            let d = stats
+                .map(|s| s.second_moment.as_slice())
+                .filter(|d| d.len() == k);
+            quantize_mse(&w, n, k, format, gs, d).map_err(merr)?
+        }
+        Method::Gptq => {
+            let h = stats
+                .and_then(|s| s.hessian.as_deref())
+                .filter(|h| h.len() == k * k)
+                .ok_or_else(|| ApplyError::NoHessian {
+                    file: t.file.to_path_buf(),
+                    tensor: t.name.to_string(),
+                    module: module.to_string(),
+                })?;
+            quantize_gptq(&w, n, k, format, gs, h, opts.damp).map_err(merr)?
+        }
+    };
+    let mut acc = ErrorAcc::default();
+    let mut deq = vec![0f32; k];
+    for r in 0..n {
+        dequantize_row(&m, r, &mut deq).map_err(|e| merr(MethodError::Fp4(e)))?;
+        acc.add(&w[r * k..(r + 1) * k], &deq);
+    }
+    let tensors = layout.encode(
+        module,
+        &m,
+        scale.filter(|_| layout == Layout::ModelOptNvfp4),
+    );
+    Ok(Quantized {
+        tensors,
+        stats: acc.finish(),
+    })
+}

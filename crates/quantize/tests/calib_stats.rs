@@ -1,0 +1,364 @@
+//! Calibration: data loading and recipes, statistics through the runtime's observer hook (the
+//! hook leaves the logits unchanged; sums agree with each other; expert coverage adds up), and
+//! conversions with --method mse / gptq on MoE fixtures (deterministic, manifest records it).
+
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use mimo_quant::calib::data::{parse_jsonl, parse_recipe, select, Sample, EMBEDDED_SET};
+use mimo_quant::calib::{collect, CalibData, CollectOptions, DataError, Recipe};
+use mimo_quant::convert::{convert_with, ConvertConfig, DEFAULT_MAX_SHARD};
+use mimo_quant::methods::{Method, QuantOptions};
+use mimo_quant::plan::PlanOptions;
+use mimo_runtime::fixtures::{write_fixture, Arch};
+use mimo_runtime::format::Layout;
+use mimo_runtime::model::{LinearObserver, Logits, Model, Site};
+
+#[test]
+fn embedded_set_is_large_and_varied() {
+    let s = parse_jsonl(EMBEDDED_SET, Path::new("embedded")).unwrap();
+    assert!(s.len() >= 300, "{} samples", s.len());
+    let sets: std::collections::BTreeSet<&str> = s.iter().map(|x| x.set.as_str()).collect();
+    for want in [
+        "prose",
+        "dialogue",
+        "code",
+        "math",
+        "structured",
+        "multilingual",
+    ] {
+        assert!(sets.contains(want), "missing set {want}");
+    }
+    // Several human languages and programming languages.
+    for tag in ["[fr]", "[de]", "[es]", "fn ", "def ", "SELECT", "#include"] {
+        assert!(
+            s.iter().any(|x| x.text.contains(tag)),
+            "no sample contains {tag:?}"
+        );
+    }
+}
+
+#[test]
+fn bad_data_errors_name_the_file_and_line() {
+    let e = parse_jsonl(
+        "{\"text\": \"ok\"}\n\n{\"txt\": 1}\n",
+        Path::new("my.jsonl"),
+    )
+    .unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, DataError::BadLine { line: 3, .. }), "{msg}");
+    assert!(msg.contains("my.jsonl:3"), "{msg}");
+    let e = parse_recipe(
+        r#"{"data": "x.jsonl", "samples": 4, "seq_len": 0}"#,
+        Path::new("r.json"),
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("r.json") && e.to_string().contains("seq_len"),
+        "{e}"
+    );
+    let e = parse_recipe(
+        r#"{"data": "x.jsonl", "samples": 4, "seq_len": 64, "sed": 1}"#,
+        Path::new("r.json"),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("sed"), "{e}");
+}
+
+#[test]
+fn heldout_text_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let held = dir.path().join("heldout");
+    std::fs::create_dir(&held).unwrap();
+    let f = held.join("valid.txt");
+    std::fs::write(&f, "some evaluation text").unwrap();
+    let tok_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/mimo-tiny-moe");
+    let tok = mimo_runtime::tokenizer::TextTokenizer::from_dir(&tok_dir).unwrap();
+    let e = mimo_quant::calib::load_sequences(f.to_str().unwrap(), &tok).unwrap_err();
+    assert!(matches!(e, DataError::HeldOut { .. }), "{e}");
+    // A .txt elsewhere is accepted and cut into sequences.
+    let ok = dir.path().join("mine.txt");
+    std::fs::write(&ok, "hello world, this is calibration text. ".repeat(100)).unwrap();
+    let d = mimo_quant::calib::load_sequences(ok.to_str().unwrap(), &tok).unwrap();
+    assert!(d.tokens > 256 && d.sequences.iter().all(|s| s.len() <= 256));
+    // The default recipe draws from every set.
+    let d = mimo_quant::calib::load_sequences("default", &tok).unwrap();
+    assert_eq!(d.samples_per_set.len(), 6);
+    assert!(d.samples_per_set.values().sum::<usize>() >= 300);
+}
+
+#[test]
+fn selection_is_seeded_and_round_robin() {
+    let samples: Vec<Sample> = (0..30)
+        .map(|i| Sample {
+            set: ["a", "b", "c"][i % 3].to_string(),
+            text: format!("t{i}"),
+        })
+        .collect();
+    let r = Recipe {
+        data: "x".into(),
+        sets: vec!["a".into(), "c".into()],
+        samples: 6,
+        seq_len: 64,
+        seed: 5,
+    };
+    let s1 = select(samples.clone(), &r);
+    assert_eq!(s1, select(samples.clone(), &r));
+    assert_eq!(s1.len(), 6);
+    assert_eq!(s1.iter().filter(|s| s.set == "a").count(), 3);
+    assert!(s1.iter().all(|s| s.set != "b"));
+    let other = select(samples, &Recipe { seed: 6, ..r });
+    assert_ne!(s1, other, "the seed changes the draw");
+}
+
+struct Logged(Vec<(Site, usize)>);
+impl LinearObserver for Logged {
+    fn observe(&mut self, site: Site, _x: &[f32], m: usize) {
+        self.0.push((site, m));
+    }
+    fn all_token_experts(&self) -> bool {
+        true
+    }
+}
+
+fn random_tokens(vocab: usize, n: usize, seed: u64) -> Vec<u32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 33) % vocab as u64) as u32
+        })
+        .collect()
+}
+
+#[test]
+fn observer_sees_every_linear_and_leaves_logits_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    write_fixture(dir.path(), Arch::Qwen2Moe, 1).unwrap();
+    let model = Model::load(dir.path()).unwrap();
+    let toks = random_tokens(model.config.vocab_size, 12, 3);
+    let mut c1 = model.new_cache(64);
+    let plain = model.forward(&toks, &mut c1, Logits::All).unwrap();
+    let mut c2 = model.new_cache(64);
+    let mut log = Logged(Vec::new());
+    let seen = model
+        .forward_observed(&toks, &mut c2, Logits::All, &mut log)
+        .unwrap();
+    assert_eq!(plain, seen);
+    let l0: Vec<Site> = log
+        .0
+        .iter()
+        .map(|x| x.0)
+        .filter(|s| {
+            matches!(
+                s,
+                Site::Qkv(0)
+                    | Site::O(0)
+                    | Site::MoeInput(0)
+                    | Site::SharedGateUp(0)
+                    | Site::SharedDown(0)
+            )
+        })
+        .collect();
+    assert_eq!(
+        l0,
+        vec![
+            Site::Qkv(0),
+            Site::O(0),
+            Site::MoeInput(0),
+            Site::SharedGateUp(0),
+            Site::SharedDown(0)
+        ]
+    );
+    let routed: usize = log
+        .0
+        .iter()
+        .filter(|(s, _)| matches!(s, Site::ExpertGateUp(0, _)))
+        .map(|x| x.1)
+        .sum();
+    let moe = model.config.moe.clone().unwrap();
+    assert_eq!(routed, moe.top_k * toks.len());
+    let all: Vec<usize> = log
+        .0
+        .iter()
+        .filter(|(s, _)| matches!(s, Site::ExpertDownAllTokens(0, _)))
+        .map(|x| x.1)
+        .collect();
+    assert_eq!(all, vec![toks.len(); moe.num_experts]);
+}
+
+fn calib_data(model: &Model, seqs: usize, len: usize) -> CalibData {
+    let sequences: Vec<Vec<u32>> = (0..seqs)
+        .map(|i| random_tokens(model.config.vocab_size, len, 100 + i as u64))
+        .collect();
+    CalibData {
+        source: "test".into(),
+        recipe: Recipe {
+            data: "random".into(),
+            sets: vec![],
+            samples: seqs,
+            seq_len: len,
+            seed: 0,
+        },
+        samples_per_set: Default::default(),
+        tokens: seqs * len,
+        sequences,
+    }
+}
+
+#[test]
+fn statistics_are_consistent_and_coverage_adds_up() {
+    let dir = tempfile::tempdir().unwrap();
+    write_fixture(dir.path(), Arch::Qwen3Moe, 2).unwrap();
+    let model = Model::load(dir.path()).unwrap();
+    let data = calib_data(&model, 3, 20);
+    let opts = CollectOptions {
+        hessian: true,
+        min_expert_tokens: 12,
+    };
+    let st = collect(&model, &data, opts, &|_, _| {}).unwrap();
+    assert_eq!(st.tokens, 60);
+    let q = st.get("model.layers.0.self_attn.q_proj").unwrap();
+    let k = st.get("model.layers.0.self_attn.k_proj").unwrap();
+    assert!(std::ptr::eq(q, k), "q/k/v share one input");
+    assert_eq!(q.tokens, 60);
+    let h = q.hessian.as_ref().unwrap();
+    let n = q.second_moment.len();
+    for j in 0..n {
+        let want = h[j * n + j] / 60.0;
+        assert!(
+            (q.second_moment[j] - want).abs() <= 1e-9 * want.max(1e-30),
+            "channel {j}"
+        );
+        for i in 0..j {
+            assert_eq!(h[i * n + j], h[j * n + i]);
+        }
+    }
+    assert!(q.amax > 0.0);
+    let moe = model.config.moe.clone().unwrap();
+    let cov = &st.coverage;
+    assert_eq!(cov.experts.len(), model.config.num_layers * moe.num_experts);
+    assert_eq!(cov.tokens_per_layer, 60);
+    for l in 0..model.config.num_layers {
+        let sum: u64 = cov
+            .experts
+            .iter()
+            .filter(|e| e.layer == l)
+            .map(|e| e.tokens)
+            .sum();
+        assert_eq!(sum, (moe.top_k * 60) as u64, "layer {l}");
+    }
+    // Every expert's Linears have statistics; fallbacks are measured on all tokens.
+    for e in &cov.experts {
+        let p = format!("model.layers.{}.mlp.experts.{}", e.layer, e.expert);
+        let g = st.get(&format!("{p}.gate_proj")).unwrap();
+        let d = st.get(&format!("{p}.down_proj")).unwrap();
+        if e.all_token_fallback {
+            assert!(e.tokens < 12);
+            assert_eq!((g.tokens, d.tokens), (60, 60));
+            assert!(g.site.contains("fallback"));
+        } else {
+            assert_eq!((g.tokens, d.tokens), (e.tokens, e.tokens));
+        }
+    }
+    let table = cov.render();
+    assert!(table.contains("threshold 12"), "{table}");
+}
+
+fn convert_method(
+    src: &Path,
+    out: &Path,
+    layout: Layout,
+    method: Method,
+    threads: usize,
+) -> serde_json::Value {
+    let model = Model::load(src).unwrap();
+    let data = calib_data(&model, 2, 24);
+    let st = collect(
+        &model,
+        &data,
+        CollectOptions {
+            hessian: method == Method::Gptq,
+            min_expert_tokens: 8,
+        },
+        &|_, _| {},
+    )
+    .unwrap();
+    let quant = QuantOptions {
+        method,
+        stats: Some(Arc::new(st.clone())),
+        manifest_info: Some(serde_json::json!({"expert_coverage": st.coverage})),
+        ..QuantOptions::default()
+    };
+    let cfg = ConvertConfig {
+        source: src.to_path_buf(),
+        source_repo: None,
+        output: out.to_path_buf(),
+        plan: PlanOptions {
+            layout,
+            ignore: vec![],
+            quantize_lm_head: false,
+        },
+        max_shard_size: DEFAULT_MAX_SHARD,
+        force: true,
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap();
+    pool.install(|| convert_with(&cfg, &quant, &AtomicBool::new(false), &|_| {}))
+        .unwrap();
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("mimo-quant.json")).unwrap()).unwrap();
+    m
+}
+
+#[test]
+fn mse_and_gptq_conversions_load_and_are_deterministic() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    write_fixture(&src, Arch::Qwen3Moe, 4).unwrap();
+    for (layout, method) in [
+        (Layout::CtNvfp4, Method::Gptq),
+        (Layout::CtMxfp4, Method::Mse),
+        (Layout::ModelOptNvfp4, Method::Gptq),
+    ] {
+        let a = dir.path().join("a");
+        let b = dir.path().join("b");
+        let ma = convert_method(&src, &a, layout, method, 1);
+        let mb = convert_method(&src, &b, layout, method, 3);
+        assert_eq!(ma["options"]["method"], method.name());
+        assert!(
+            ma["calibration"]["expert_coverage"]["experts"]
+                .as_array()
+                .unwrap()
+                .len()
+                > 0
+        );
+        let files = |d: &Path| {
+            let mut v: Vec<_> = std::fs::read_dir(d)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+                .collect();
+            v.sort();
+            v
+        };
+        for (fa, fb) in files(&a).iter().zip(files(&b)) {
+            assert_eq!(
+                std::fs::read(fa).unwrap(),
+                std::fs::read(&fb).unwrap(),
+                "{layout:?} {method:?}"
+            );
+        }
+        // The output runs through the runtime.
+        let q = Model::load(&a).unwrap();
+        let mut c = q.new_cache(8);
+        let logits = q.forward(&[1, 2, 3], &mut c, Logits::Last).unwrap();
+        assert!(logits.iter().all(|v| v.is_finite()));
+        let _ = (ma, mb);
+    }
+}
