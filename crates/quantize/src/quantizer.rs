@@ -81,9 +81,11 @@ impl ErrorAcc {
         for (a, b) in (&mut xc).zip(&mut qc) {
             for l in 0..8 {
                 let d = a[l] - b[l];
+                let ad = d.abs();
                 s[l] += a[l] * a[l];
                 n[l] += d * d;
-                m[l] = m[l].max(d.abs());
+                // A select, not f32::max (whose NaN rule blocks vectorization); inputs are finite.
+                m[l] = if ad > m[l] { ad } else { m[l] };
             }
         }
         for (&a, &b) in xc.remainder().iter().zip(qc.remainder()) {
@@ -143,16 +145,22 @@ pub fn amax(t: &TensorView<'_>) -> Result<f32, QuantError> {
     };
     if dt == SrcDType::BF16 {
         // On the raw bits: |x| orders like its bits with the sign cleared; >= 0x7F80 is Inf/NaN.
+        // Blocks without an early exit so the max vectorizes; a bad block is rescanned.
         let mut m = 0u16;
-        for (i, c) in t.data.chunks_exact(2).enumerate() {
-            let b = u16::from_le_bytes([c[0], c[1]]) & 0x7FFF;
-            if b >= 0x7F80 {
-                return Err(non_finite(
-                    i,
-                    bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32(),
-                ));
+        for (bi, block) in t.data.chunks(8192).enumerate() {
+            let bm = block
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7FFF)
+                .fold(0u16, |a, b| if b > a { b } else { a });
+            if bm >= 0x7F80 {
+                for (i, c) in block.chunks_exact(2).enumerate() {
+                    let bits = u16::from_le_bytes([c[0], c[1]]);
+                    if bits & 0x7FFF >= 0x7F80 {
+                        return Err(non_finite(bi * 4096 + i, bf16::from_bits(bits).to_f32()));
+                    }
+                }
             }
-            m = m.max(b);
+            m = m.max(bm);
         }
         return Ok(bf16::from_bits(m).to_f32());
     }
