@@ -263,6 +263,8 @@ fn run_generate(
             print!("{}", &text[printed.len()..]);
         }
         println!();
+        // Stats go to stderr; flush the text first so the two never interleave.
+        let _ = std::io::stdout().flush();
         eprintln!(
             "[{} prompt tokens: {:.1} tok/s prefill | {} generated: {:.2} tok/s decode{}]",
             stats.prompt_tokens,
@@ -388,6 +390,7 @@ fn run_bench(
         .collect();
     let ctx = prompt_tokens + decode_tokens + 1;
     let (mut best_prefill, mut best_decode) = (f64::INFINITY, f64::INFINITY);
+    let mut best_decode_cpu = f64::INFINITY;
     for _ in 0..runs.max(1) {
         let mut cache = model.new_cache(ctx);
         if cache.capacity() < ctx {
@@ -400,12 +403,21 @@ fn run_bench(
         let mut logits = model.forward(&prompt, &mut cache, Logits::Last)?;
         best_prefill = best_prefill.min(t.elapsed().as_secs_f64());
         let t = Instant::now();
+        let cpu0 = process_cpu_seconds();
         for _ in 0..decode_tokens {
             let next = mimo_runtime::generate::argmax(&logits) as u32;
             logits = model.forward(&[next], &mut cache, Logits::Last)?;
         }
         best_decode = best_decode.min(t.elapsed().as_secs_f64());
+        if let (Some(a), Some(b)) = (cpu0, process_cpu_seconds()) {
+            best_decode_cpu = best_decode_cpu.min(b - a);
+        }
     }
+    // CPU seconds per decoded token (all threads, stalls on memory included): on a shared,
+    // loaded machine this is steadier than wall time. Only meaningful with --threads 1, since
+    // idle rayon workers spin for a while before they sleep.
+    let decode_cpu_s_per_token = (decode_tokens > 0 && best_decode_cpu.is_finite())
+        .then(|| best_decode_cpu / decode_tokens as f64);
     let prefill_tok_s = prompt_tokens as f64 / best_prefill;
     let decode_tok_s = if decode_tokens > 0 {
         decode_tokens as f64 / best_decode
@@ -418,6 +430,7 @@ fn run_bench(
             "model": dir, "architecture": model.config.arch.model_type(), "weight_bytes": model.weight_bytes(),
             "threads": threads, "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens, "runs": runs,
             "load_s": load_s, "prefill_tok_s": prefill_tok_s, "decode_tok_s": decode_tok_s,
+            "decode_cpu_s_per_token": decode_cpu_s_per_token,
         });
         println!("{}", serde_json::to_string_pretty(&j)?);
     } else {
@@ -435,4 +448,15 @@ fn run_bench(
         );
     }
     Ok(())
+}
+
+/// User + system CPU time of this process in seconds (Linux /proc; `None` elsewhere).
+fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // USER_HZ is 100 on every Linux target we build for.
+    Some(ticks / 100.0)
 }
