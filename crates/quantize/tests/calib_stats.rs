@@ -331,13 +331,10 @@ fn mse_and_gptq_conversions_load_and_are_deterministic() {
         let ma = convert_method(&src, &a, layout, method, 1);
         let mb = convert_method(&src, &b, layout, method, 3);
         assert_eq!(ma["options"]["method"], method.name());
-        assert!(
-            ma["calibration"]["expert_coverage"]["experts"]
-                .as_array()
-                .unwrap()
-                .len()
-                > 0
-        );
+        assert!(!ma["calibration"]["expert_coverage"]["experts"]
+            .as_array()
+            .unwrap()
+            .is_empty());
         let files = |d: &Path| {
             let mut v: Vec<_> = std::fs::read_dir(d)
                 .unwrap()

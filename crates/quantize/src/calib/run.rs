@@ -19,8 +19,8 @@ pub enum CalibError {
     Load {
         /// model folder
         dir: PathBuf,
-        /// the runtime's error
-        source: LoadError,
+        /// the runtime's error (boxed: it is large)
+        source: Box<LoadError>,
     },
     /// The tokenizer could not be loaded.
     #[error("{dir}: loading the tokenizer for calibration: {source}")]
@@ -93,7 +93,7 @@ pub fn calibrate(
     let data = load_sequences(spec, &tok)?;
     let model = Model::load(dir).map_err(|source| CalibError::Load {
         dir: dir.to_path_buf(),
-        source,
+        source: Box::new(source),
     })?;
     let stats = collect(&model, &data, opts, progress)?;
     Ok(CalibRun {

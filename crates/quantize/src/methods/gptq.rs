@@ -161,7 +161,7 @@ pub fn quantize_gptq(
             let mut r: Vec<f64> = row.iter().map(|&v| v as f64).collect();
             let mut xb = vec![0f32; block];
             let ones = vec![1.0f64; block];
-            for bi in 0..bpr {
+            for (bi, scale) in s.iter_mut().enumerate() {
                 let c0 = bi * block;
                 for (x, &v) in xb.iter_mut().zip(&r[c0..c0 + block]) {
                     *x = v as f32;
@@ -173,7 +173,7 @@ pub fn quantize_gptq(
                     db
                 };
                 let (code, _) = search_block(&xb, db, format, gs);
-                s[bi] = code;
+                *scale = code;
                 let mult = block_multiplier(format, code, gs);
                 let mut codes = [0u8; 32];
                 for j in c0..c0 + block {
