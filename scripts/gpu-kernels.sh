@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Device-machine run of the CUDA kernels (issue 7): GPU tests, compute-sanitizer memcheck once,
-# the benchmark, and a SASS summary. Binaries are built on the dev machine and carried:
+# Device-machine run of the CUDA kernels (issue 7): GPU tests, the benchmark, compute-sanitizer
+# memcheck once (time-limited: MEMCHECK_TIMEOUT, default 200 s), and a SASS summary. Binaries are built on the dev machine and carried:
 #   cargo build --release -p mimo-kernels --bins
 #   cargo test --release -p mimo-kernels --no-run      # prints target/release/deps/cuda_fp4-*
 # Usage (device): OUT=dir MIMO_COMMIT=<sha> bash scripts/gpu-kernels.sh [bench args...]
@@ -17,8 +17,12 @@ echo "== tests"
 "$TEST" --test-threads=1 > "$OUT/tests.log" 2>&1
 echo "tests rc $?"; grep -E "^test |test result|panicked|relative error" "$OUT/tests.log" | tail -n 30
 
+echo "== bench"
+"$BENCH" --out "$OUT/kernels-h100.json" "$@" > "$OUT/bench.md" 2> "$OUT/bench.err"
+echo "bench rc $?"; tail -n 5 "$OUT/bench.err"; cat "$OUT/bench.md"
+
 echo "== memcheck"
-compute-sanitizer --tool memcheck --error-exitcode 99 "$TEST" --test-threads=1 > "$OUT/memcheck.log" 2>&1
+timeout ${MEMCHECK_TIMEOUT:-200} compute-sanitizer --tool memcheck --error-exitcode 99 "$TEST" --test-threads=1 > "$OUT/memcheck.log" 2>&1
 echo "memcheck rc $?"; grep -E "ERROR SUMMARY|test result" "$OUT/memcheck.log"
 
 echo "== sass"
@@ -36,6 +40,3 @@ echo "== sass"
 } > "$OUT/sass.txt" 2>&1
 head -n 8 "$OUT/sass.txt"
 
-echo "== bench"
-"$BENCH" --out "$OUT/kernels-h100.json" "$@" > "$OUT/bench.md" 2> "$OUT/bench.err"
-echo "bench rc $?"; tail -n 5 "$OUT/bench.err"; cat "$OUT/bench.md"

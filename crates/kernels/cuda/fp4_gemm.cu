@@ -5,9 +5,12 @@
 // NVRTC needs no include path.
 //
 // Layouts (see docs/DESIGN.md, `Fp4Matrix`):
-//   packed  [E][N][K/2] u8, element 2i in the LOW nibble of byte i, 2i+1 in the HIGH nibble
+//   packed  [E][N][K/2] u8 in 32-bit words of 8 elements each; inside a word the bits are
+//           re-packed at upload for a cheap decode (see e2m1x8_to_bf16 / weights.rs)
 //   scales  [E][N][K/B] u8, B = 16 (NVFP4, E4M3) or 32 (MXFP4, E8M0)
 //   gscale  [E] f32 (NVFP4: w = fp4 * e4m3(scale) / gscale; MXFP4: 1.0)
+//   lut     GEMM kernels: bf16 of scale * 2^(126 - A) per scale byte, post = 2^A (weights.rs);
+//           dequantization kernel: bf16 of the scale itself
 //   x       [rows][K] bf16, y [rows][N] bf16, row-major.
 // K must be a multiple of 32 (16-byte aligned weight rows); N and M are arbitrary.
 
@@ -37,24 +40,28 @@ __device__ __forceinline__ u32 bf16x2_mul(u32 a, u32 b) {
     return d;
 }
 
-// Magnitudes of E2M1 codes 0..7 as bf16 (0, .5, 1, 1.5, 2, 3, 4, 6), split into low and high
-// bytes so that two PRMT instructions act as an 8-entry lookup table for four nibbles at once.
-#define E2M1_LO_A 0xC0800000u  // low bytes of codes 3,2,1,0
-#define E2M1_LO_B 0xC0804000u  // low bytes of codes 7,6,5,4
-#define E2M1_HI_A 0x3F3F3F00u  // high bytes of codes 3,2,1,0
-#define E2M1_HI_B 0x40404040u  // high bytes of codes 7,6,5,4
-
-// Four E2M1 nibbles (bits 0..15 of h, nibble i = element i) -> two bf16x2 words:
-// v01 = (e0, e1), v23 = (e2, e3), exact.
-__device__ __forceinline__ void e2m1x4_to_bf16(u32 h, u32& v01, u32& v23) {
-    u32 sel = h & 0x7777u;
-    u32 lo = __byte_perm(E2M1_LO_A, E2M1_LO_B, sel);
-    u32 hi = __byte_perm(E2M1_HI_A, E2M1_HI_B, sel);
-    v01 = __byte_perm(lo, hi, 0x5140);
-    v23 = __byte_perm(lo, hi, 0x7362);
-    // sign of nibble i is bit 4i+3 of h; bf16 sign bits are 15 and 31.
-    v01 |= ((h << 12) & 0x00008000u) | ((h << 24) & 0x80000000u);
-    v23 |= ((h << 4) & 0x00008000u) | ((h << 16) & 0x80000000u);
+// E2M1 decode on the upload layout (GpuFp4Weight::from_parts re-packs the bits of every 32-bit
+// word of 8 elements e0..e7, see `repack_word` in weights.rs). Pair p = (e[2p], e[2p+1]) becomes
+// one bf16x2 word; e[2p] sits in bits 0..15 and e[2p+1] in the same bits + 16, so one shift and
+// one mask move a whole pair. In each half, with m0..m2 the magnitude bits (m0 = mantissa) and
+// S the sign of an E2M1 code:
+//   P0: m at 6..8,   S at 15  -> q & 0x81C081C0
+//   P1: m at 0..2,   S at 9   -> (q << 6) & 0x81C081C0
+//   P2: m at 3..5,   S at 13  -> ((q << 3) & 0x01C001C0) | ((q << 2) & 0x80008000)
+//   P3: m at 10..12, S at 14  -> ((q >> 4) & 0x01C001C0) | ((q << 1) & 0x80008000)
+// The result has S at bit 15 and the magnitude in bits 6..8 (bf16 exponent bits 7..8, mantissa
+// bit 6): that bf16 is exactly e2m1 * 2^-126 (bf16 subnormals at exponent 0 match E2M1's
+// subnormal 0 / 0.5). The 2^126 is folded into the block-scale multiplier (weights.rs), so the
+// product that reaches the tensor cores is a normal bf16. 11 instructions per 8 values instead
+// of ~24 for the byte-table decode of round 1.
+#define PAIR_MASK 0x81C081C0u
+#define MAG_MASK 0x01C001C0u
+#define SIGN_MASK 0x80008000u
+__device__ __forceinline__ void e2m1x8_to_bf16(u32 q, u32& p0, u32& p1, u32& p2, u32& p3) {
+    p0 = q & PAIR_MASK;
+    p1 = (q << 6) & PAIR_MASK;
+    p2 = ((q << 3) & MAG_MASK) | ((q << 2) & SIGN_MASK);
+    p3 = ((q >> 4) & MAG_MASK) | ((q << 1) & SIGN_MASK);
 }
 
 __device__ __forceinline__ void mma_bf16_16816(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3,
@@ -116,33 +123,135 @@ struct SharedTokens {
 #define EPI_STORE 0
 #define EPI_SWIGLU 1
 
-// Loads the packed weights and scale bytes of chunks [c0, c0 + G) for this lane (rows g and
-// g+8 of each tile); chunks past the end of K and rows outside the tile read as zero.
+// Weight registers of one iteration of a warp: G chunks x MT row tiles x rows (g, g+8).
+template <int MT, int G>
+struct WeightRegs {
+    uint4 w[G][MT][2];
+    u32 sc[G][MT][2];
+};
+
+// Loads the packed weights and scale bytes of G consecutive chunks for this lane from the
+// lane's row pointers (which point at the first chunk); pieces past the end of K read as zero.
+// Rows outside the tile were clamped to a valid row when the pointers were made: their sums
+// land in accumulator rows the epilogue never stores.
 template <int FMT, int MT, int G>
-__device__ __forceinline__ void load_weights(const u8* __restrict__ wp, const u8* __restrict__ ws,
-                                             int n, int k, int kb, int bpr, int row0, int tstride,
-                                             int lim, int c0, int g, int t, uint4 (&w)[G][MT][2],
-                                             u32 (&sc)[G][MT][2]) {
+__device__ __forceinline__ void load_weights(const u8* const (&wptr)[MT][2],
+                                             const u8* const (&sptr)[MT][2], int kpiece, int k,
+                                             WeightRegs<MT, G>& r) {
 #pragma unroll
     for (int u = 0; u < G; u++) {
-        const int k0 = ((c0 + u) << 7) + (t << 5);  // first element of this lane's piece
-        const bool kval = k0 < k;
+        const bool kval = kpiece + u * 128 < k;  // first element of this lane's piece
 #pragma unroll
         for (int i = 0; i < MT; i++) {
 #pragma unroll
             for (int h = 0; h < 2; h++) {
-                const int l = g + h * 8;
-                const int r = row0 + i * tstride + l;
-                if (kval && row0 + l < lim && r < n) {
-                    w[u][i][h] = ldg_stream(wp + (size_t)r * kb + (k0 >> 1));
+                if (kval) {
+                    r.w[u][i][h] = ldg_stream(wptr[i][h] + u * 64);
                     if (FMT == FMT_NVFP4) {
-                        sc[u][i][h] = __ldg((const u16*)(ws + (size_t)r * bpr + (k0 >> 4)));
+                        r.sc[u][i][h] = __ldg((const u16*)(sptr[i][h] + u * 8));
                     } else {
-                        sc[u][i][h] = __ldg(ws + (size_t)r * bpr + (k0 >> 5));
+                        r.sc[u][i][h] = __ldg(sptr[i][h] + u * 4);
                     }
                 } else {
-                    w[u][i][h] = make_uint4(0, 0, 0, 0);
-                    sc[u][i][h] = 0;
+                    r.w[u][i][h] = make_uint4(0, 0, 0, 0);
+                    r.sc[u][i][h] = 0;
+                }
+            }
+        }
+    }
+}
+
+// One iteration's arithmetic: G chunks starting at element kpiece0 - 32t of every row.
+template <int FMT, int MT, int TN, int G>
+__device__ __forceinline__ void compute_chunks(const WeightRegs<MT, G>& r,
+                                               const u16* const (&xptr)[TN], int kpiece, int k,
+                                               const u16* __restrict__ lut,
+                                               float (&acc)[MT][TN][4]) {
+    // Activations: loaded for the whole iteration up front where registers allow; the wide
+    // variants (TN * MT >= 4) load them per word step instead (they spilled otherwise).
+    constexpr bool X_UPFRONT = TN * MT < 4;
+    constexpr int XG = X_UPFRONT ? G : 1;
+    uint4 xv[XG][TN][4];
+    if (X_UPFRONT) {
+#pragma unroll
+        for (int u = 0; u < XG; u++) {
+            const bool kval = kpiece + u * 128 < k;
+#pragma unroll
+            for (int j = 0; j < TN; j++) {
+#pragma unroll
+                for (int q = 0; q < 4; q++) {
+                    xv[u][j][q] = kval ? __ldg((const uint4*)(xptr[j] + kpiece + u * 128 + 8 * q))
+                                       : make_uint4(0, 0, 0, 0);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int u = 0; u < G; u++) {
+        // Block scale multipliers as bf16x2 (both lanes equal); NVFP4 pieces hold two
+        // 16-element blocks. The 512-byte table is read through L1.
+        u32 s2[MT][2][2];
+#pragma unroll
+        for (int i = 0; i < MT; i++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                if (FMT == FMT_NVFP4) {
+                    const u32 a = __ldg(lut + (r.sc[u][i][h] & 0xFF));
+                    const u32 b = __ldg(lut + ((r.sc[u][i][h] >> 8) & 0xFF));
+                    s2[i][h][0] = a | (a << 16);
+                    s2[i][h][1] = b | (b << 16);
+                } else {
+                    const u32 a = __ldg(lut + (r.sc[u][i][h] & 0xFF));
+                    s2[i][h][0] = a | (a << 16);
+                    s2[i][h][1] = s2[i][h][0];
+                }
+            }
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            // All 8 elements of word q of both rows, decoded once for the two mma steps.
+            u32 pr[MT][2][4];
+#pragma unroll
+            for (int i = 0; i < MT; i++)
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    const uint4 wv = r.w[u][i][h];
+                    const u32 word = q == 0 ? wv.x : q == 1 ? wv.y : q == 2 ? wv.z : wv.w;
+                    e2m1x8_to_bf16(word, pr[i][h][0], pr[i][h][1], pr[i][h][2], pr[i][h][3]);
+                }
+            uint4 xj[TN];
+#pragma unroll
+            for (int j = 0; j < TN; j++) {
+                if (X_UPFRONT) {
+                    xj[j] = xv[X_UPFRONT ? u : 0][j][q];
+                } else {
+                    const bool kval = kpiece + u * 128 < k;
+                    xj[j] = kval ? __ldg((const uint4*)(xptr[j] + kpiece + u * 128 + 8 * q))
+                                 : make_uint4(0, 0, 0, 0);
+                }
+            }
+#pragma unroll
+            for (int half = 0; half < 2; half++) {
+                u32 a[MT][4];
+#pragma unroll
+                for (int i = 0; i < MT; i++) {
+#pragma unroll
+                    for (int h = 0; h < 2; h++) {
+                        const u32 s = s2[i][h][q >> 1];
+                        // reg 0/1: row g/g+8, slots 2t,2t+1 = elements (4half, 4half+1);
+                        // reg 2/3: slots 2t+8, 2t+9 = elements (4half+2, 4half+3).
+                        a[i][h] = bf16x2_mul(pr[i][h][2 * half], s);
+                        a[i][2 + h] = bf16x2_mul(pr[i][h][2 * half + 1], s);
+                    }
+                }
+#pragma unroll
+                for (int j = 0; j < TN; j++) {
+                    const uint4 xq = xj[j];
+                    const u32 b0 = half ? xq.z : xq.x;
+                    const u32 b1 = half ? xq.w : xq.y;
+#pragma unroll
+                    for (int i = 0; i < MT; i++) {
+                        mma_bf16_16816(acc[i][j], a[i][0], a[i][1], a[i][2], a[i][3], b0, b1);
+                    }
                 }
             }
         }
@@ -153,7 +262,8 @@ __device__ __forceinline__ void load_weights(const u8* __restrict__ wp, const u8
 // row0 + l < lim and the row is < n. Dense: tstride 16, lim n. Gated: tstride = lim = inter.
 template <int FMT, int MT, int TN, int G, int EPI, class Tokens>
 __device__ __forceinline__ void fp4_tile(const u8* __restrict__ wp, const u8* __restrict__ ws,
-                                         float gscale, const u16* __restrict__ lut,
+                                         float gscale, float post,
+                                         const u16* __restrict__ lut,
                                          const u16* __restrict__ x, u16* __restrict__ y, int n,
                                          int k, int row0, int tstride, int lim,
                                          const Tokens& tok, float* red) {
@@ -174,99 +284,64 @@ __device__ __forceinline__ void fp4_tile(const u8* __restrict__ wp, const u8* __
 #pragma unroll
             for (int c = 0; c < 4; c++) acc[i][j][c] = 0.f;
 
-    int xrow[TN];
+    // Activation rows of this lane's tokens; empty slots read token row 0 instead (their
+    // output columns are never stored), so the loop needs no token checks.
+    const u16* xptr[TN];
 #pragma unroll
-    for (int j = 0; j < TN; j++) xrow[j] = tok.in_row(j * 8 + g);
+    for (int j = 0; j < TN; j++) {
+        const int xr = tok.in_row(j * 8 + g);
+        xptr[j] = x + (size_t)(xr < 0 ? 0 : xr) * k + (t << 5);
+    }
 
     // Each warp takes G consecutive chunks per iteration (G * 16 * MT rows * 64 bytes of
-    // weights). The weights of the next iteration are requested before the current one is
-    // computed (register double buffering), so loads stay in flight during the arithmetic.
-    uint4 w[G][MT][2];
-    u32 sc[G][MT][2];
+    // weights), then skips S*G chunks. Pointers advance by a constant per iteration (no
+    // per-load address arithmetic); rows outside the tile are clamped to the tile's first row.
     const int c_first = warp * G;
-    load_weights<FMT, MT, G>(wp, ws, n, k, kb, bpr, row0, tstride, lim, c_first, g, t, w, sc);
-    for (int c0 = c_first; c0 < nchunks; c0 += S * G) {
-        uint4 wn[G][MT][2];
-        u32 scn[G][MT][2];
-        load_weights<FMT, MT, G>(wp, ws, n, k, kb, bpr, row0, tstride, lim, c0 + S * G, g, t, wn,
-                                 scn);
-        uint4 xv[G][TN][4];
+    const u8* wptr[MT][2];
+    const u8* sptr[MT][2];
 #pragma unroll
-        for (int u = 0; u < G; u++) {
-            const int k0 = ((c0 + u) << 7) + (t << 5);
-            const bool kval = k0 < k;
+    for (int i = 0; i < MT; i++)
 #pragma unroll
-            for (int j = 0; j < TN; j++) {
-#pragma unroll
-                for (int q = 0; q < 4; q++) {
-                    if (kval && xrow[j] >= 0) {
-                        xv[u][j][q] = __ldg((const uint4*)(x + (size_t)xrow[j] * k + k0 + 8 * q));
-                    } else {
-                        xv[u][j][q] = make_uint4(0, 0, 0, 0);
-                    }
-                }
-            }
+        for (int h = 0; h < 2; h++) {
+            const int l = g + h * 8;
+            int r = row0 + i * tstride + l;
+            if (!(row0 + l < lim && r < n)) r = row0 + i * tstride;
+            wptr[i][h] = wp + (size_t)r * kb + c_first * 64 + t * 16;
+            sptr[i][h] = ws + (size_t)r * bpr + (FMT == FMT_NVFP4 ? c_first * 8 + t * 2
+                                                                  : c_first * 4 + t);
         }
+    const int wstep = S * G * 64;
+    const int sstep = S * G * (FMT == FMT_NVFP4 ? 8 : 4);
+    const int kstep = S * G * 128;
+
+    // Register double buffering, unrolled by two (no register moves): the weights of the next
+    // iteration are requested before the current one is computed.
+    WeightRegs<MT, G> ra, rb;
+    int kp = c_first * 128 + (t << 5);  // first element of this lane's piece
+    load_weights<FMT, MT, G>(wptr, sptr, kp, k, ra);
+    const int kend = nchunks << 7;
+    while (kp - (t << 5) < kend) {
 #pragma unroll
-        for (int u = 0; u < G; u++) {
-            // Block scales as bf16x2 (both lanes equal); NVFP4 pieces hold two 16-element blocks.
-            // The 512-byte table is read through L1 (no shared-memory prologue before the loads).
-            u32 s2[MT][2][2];
+        for (int i = 0; i < MT; i++)
 #pragma unroll
-            for (int i = 0; i < MT; i++)
-#pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    if (FMT == FMT_NVFP4) {
-                        const u32 a = __ldg(lut + (sc[u][i][h] & 0xFF));
-                        const u32 b = __ldg(lut + ((sc[u][i][h] >> 8) & 0xFF));
-                        s2[i][h][0] = a | (a << 16);
-                        s2[i][h][1] = b | (b << 16);
-                    } else {
-                        const u32 a = __ldg(lut + (sc[u][i][h] & 0xFF));
-                        s2[i][h][0] = a | (a << 16);
-                        s2[i][h][1] = s2[i][h][0];
-                    }
-                }
-#pragma unroll
-            for (int q = 0; q < 4; q++) {
-#pragma unroll
-                for (int half = 0; half < 2; half++) {
-                    u32 a[MT][4];
-#pragma unroll
-                    for (int i = 0; i < MT; i++) {
-#pragma unroll
-                        for (int h = 0; h < 2; h++) {
-                            const uint4 wv = w[u][i][h];
-                            const u32 word = q == 0 ? wv.x : q == 1 ? wv.y : q == 2 ? wv.z : wv.w;
-                            u32 v01, v23;
-                            e2m1x4_to_bf16(half ? (word >> 16) : word, v01, v23);
-                            const u32 s = s2[i][h][q >> 1];
-                            a[i][h] = bf16x2_mul(v01, s);      // reg 0/1: row g/g+8, slots 2t,2t+1
-                            a[i][2 + h] = bf16x2_mul(v23, s);  // reg 2/3: slots 2t+8, 2t+9
-                        }
-                    }
-#pragma unroll
-                    for (int j = 0; j < TN; j++) {
-                        const uint4 xq = xv[u][j][q];
-                        const u32 b0 = half ? xq.z : xq.x;
-                        const u32 b1 = half ? xq.w : xq.y;
-#pragma unroll
-                        for (int i = 0; i < MT; i++) {
-                            mma_bf16_16816(acc[i][j], a[i][0], a[i][1], a[i][2], a[i][3], b0, b1);
-                        }
-                    }
-                }
+            for (int h = 0; h < 2; h++) {
+                wptr[i][h] += wstep;
+                sptr[i][h] += sstep;
             }
-        }
+        load_weights<FMT, MT, G>(wptr, sptr, kp + kstep, k, rb);
+        compute_chunks<FMT, MT, TN, G>(ra, xptr, kp, k, lut, acc);
+        kp += kstep;
+        if (kp - (t << 5) >= kend) break;
 #pragma unroll
-        for (int u = 0; u < G; u++)
+        for (int i = 0; i < MT; i++)
 #pragma unroll
-            for (int i = 0; i < MT; i++)
-#pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    w[u][i][h] = wn[u][i][h];
-                    sc[u][i][h] = scn[u][i][h];
-                }
+            for (int h = 0; h < 2; h++) {
+                wptr[i][h] += wstep;
+                sptr[i][h] += sstep;
+            }
+        load_weights<FMT, MT, G>(wptr, sptr, kp + kstep, k, ra);
+        compute_chunks<FMT, MT, TN, G>(rb, xptr, kp, k, lut, acc);
+        kp += kstep;
     }
 
     // Split-K reduction: red[warp][row 0..16MT)[token 0..8TN)
@@ -284,7 +359,8 @@ __device__ __forceinline__ void fp4_tile(const u8* __restrict__ wp, const u8* __
             mine[(r + 8) * TOK + c + 1] = acc[i][j][3];
         }
     __syncthreads();
-    const float inv_scale = 1.0f / gscale;
+    // post = 2^A undoes the 2^-A left in the scale multipliers (weights.rs): exact.
+    const float inv_scale = (1.0f / gscale) * post;
     if (EPI == EPI_STORE) {
         for (int e = threadIdx.x; e < ROWS * TOK; e += blockDim.x) {
             // Consecutive threads take consecutive rows of one token: coalesced stores to y.
@@ -321,10 +397,11 @@ __device__ __forceinline__ void fp4_dense_body(const u8* __restrict__ wp, const 
                                                const float* __restrict__ gscale,
                                                const u16* __restrict__ lut,
                                                const u16* __restrict__ x, u16* __restrict__ y,
-                                               int m, int n, int k) {
+                                               int m, int n, int k, float post) {
     extern __shared__ float red[];
     const DenseTokens tok{(int)blockIdx.z * 8 * TN, m};
-    fp4_tile<FMT, MT, TN, G, EPI_STORE>(wp, ws, gscale[0], lut, x, y, n, k, blockIdx.x * 16 * MT,
+    fp4_tile<FMT, MT, TN, G, EPI_STORE>(wp, ws, gscale[0], post, lut, x, y, n, k,
+                                        blockIdx.x * 16 * MT,
                                         16, n, tok, red);
 }
 
@@ -345,7 +422,7 @@ __device__ __forceinline__ void fp4_moe_body(const u8* __restrict__ wp, const u8
                                              const u16* __restrict__ lut,
                                              const u16* __restrict__ x, u16* __restrict__ y, int n,
                                              int k, const int* __restrict__ ids, int P, int E,
-                                             int in_div, int* __restrict__ bad) {
+                                             int in_div, int* __restrict__ bad, float post) {
     extern __shared__ float red[];
     __shared__ TokenMap tm;
     __shared__ unsigned char present[MOE_MAX_EXPERTS];
@@ -430,7 +507,7 @@ __device__ __forceinline__ void fp4_moe_body(const u8* __restrict__ wp, const u8
         __syncthreads();
         if (s_fill == 0) break;
         fp4_tile<FMT, MT, TN, G, EPI>(wp + (size_t)e * wbytes, ws + (size_t)e * sbytes, gscale[e],
-                                      lut, x, y, n, k, row0, tstride, lim, tok, red);
+                                      post, lut, x, y, n, k, row0, tstride, lim, tok, red);
         __syncthreads();  // the reduction is done with tm and red before the next group
     }
 }
@@ -438,15 +515,15 @@ __device__ __forceinline__ void fp4_moe_body(const u8* __restrict__ wp, const u8
 #define DENSE_KERNEL(NAME, FMT, MT, TN, G)                                                     \
     extern "C" __global__ void __launch_bounds__(512) NAME(                                    \
         const u8* wp, const u8* ws, const float* gs, const u16* lut, const u16* x, u16* y, int m, \
-        int n, int k) {                                                                          \
-        fp4_dense_body<FMT, MT, TN, G>(wp, ws, gs, lut, x, y, m, n, k);                          \
+        int n, int k, float post) {                                                              \
+        fp4_dense_body<FMT, MT, TN, G>(wp, ws, gs, lut, x, y, m, n, k, post);                    \
     }
 
 #define MOE_KERNEL(NAME, FMT, MT, G, EPI)                                                       \
     extern "C" __global__ void __launch_bounds__(512) NAME(                                     \
         const u8* wp, const u8* ws, const float* gs, const u16* lut, const u16* x, u16* y, int n, \
-        int k, const int* ids, int P, int E, int in_div, int* bad) {                              \
-        fp4_moe_body<FMT, MT, 2, G, EPI>(wp, ws, gs, lut, x, y, n, k, ids, P, E, in_div, bad);    \
+        int k, const int* ids, int P, int E, int in_div, int* bad, float post) {                  \
+        fp4_moe_body<FMT, MT, 2, G, EPI>(wp, ws, gs, lut, x, y, n, k, ids, P, E, in_div, bad, post); \
     }
 
 // Variants: fp4_gemm_{nv,mx}_m{MT}_t{TN}_g{G} (see gemm.rs for the dispatcher).
@@ -506,17 +583,16 @@ __device__ __forceinline__ void dequant_body(const u8* __restrict__ wp, const u8
     u32 o[16];
 #pragma unroll
     for (int q = 0; q < 4; q++) {
+        u32 pr[4];
+        e2m1x8_to_bf16(words[q], pr[0], pr[1], pr[2], pr[3]);
+        const float mlt = mult[q >> 1];
 #pragma unroll
-        for (int half = 0; half < 2; half++) {
-            u32 v01, v23;
-            e2m1x4_to_bf16(half ? (words[q] >> 16) : words[q], v01, v23);
-            const float mlt = mult[q >> 1];
-            // e2m1 values are exact in bf16; widen, scale in f32, round once.
-            const float e0 = __uint_as_float(v01 << 16), e1 = __uint_as_float(v01 & 0xFFFF0000u);
-            const float e2 = __uint_as_float(v23 << 16), e3 = __uint_as_float(v23 & 0xFFFF0000u);
-            o[q * 4 + half * 2] = (u32)f32_to_bf16(e0 * mlt) | ((u32)f32_to_bf16(e1 * mlt) << 16);
-            o[q * 4 + half * 2 + 1] =
-                (u32)f32_to_bf16(e2 * mlt) | ((u32)f32_to_bf16(e3 * mlt) << 16);
+        for (int p = 0; p < 4; p++) {
+            // pr[p] holds e2m1 * 2^-126 as bf16 (subnormal); widen to f32 and multiply by
+            // 2^126 (exact: no flush-to-zero), then scale in f32 and round once as the CPU does.
+            const float e0 = __uint_as_float(pr[p] << 16) * 0x1p126f;
+            const float e1 = __uint_as_float(pr[p] & 0xFFFF0000u) * 0x1p126f;
+            o[q * 4 + p] = (u32)f32_to_bf16(e0 * mlt) | ((u32)f32_to_bf16(e1 * mlt) << 16);
         }
     }
     uint4* dst = (uint4*)(out + row * k + pk);

@@ -5,8 +5,8 @@
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use mimo_kernels::cuda::{
-    self, fp4_dequantize, fp4_gemm, fp4_gemm_with, moe_layer, variant_exists, Fp4GemmConfig,
-    GpuContext, GpuFp4Weight, MoeWeights, MoeWorkspace,
+    self, fp4_dequantize, fp4_gemm, fp4_gemm_with, moe_layer, moe_layer_with, variant_exists,
+    Fp4GemmConfig, GpuContext, GpuFp4Weight, MoeConfig, MoeWeights, MoeWorkspace,
 };
 use mimo_kernels::fp4::{amax, dequantize, nvfp4_global_scale, quantize_mxfp4, quantize_nvfp4};
 use mimo_kernels::{Fp4Format, Fp4Matrix};
@@ -136,9 +136,12 @@ fn fp4_gemm_matches_cpu_reference() {
         (40, 129, 160),
         (70, 48, 2080),
     ];
+    // Weight magnitudes: 3e4 puts MXFP4 block scales above 2^9, where the kernels' scale
+    // multipliers need a larger shift (weights.rs, scale_shift); 1e-3 puts them low.
+    let magnitudes = [0.02f32, 3e4, 0.02, 1e-3, 0.02, 0.02, 0.02];
     for format in FORMATS {
-        for &(m, n, k) in &shapes {
-            let wf = random_matrix(&mut rng, n * k, 0.02);
+        for (&(m, n, k), &mag) in shapes.iter().zip(&magnitudes) {
+            let wf = random_matrix(&mut rng, n * k, mag);
             let q = quantize(format, &wf, n, k);
             let wd = dequantize(&q).unwrap();
             let xb = to_bf16(&random_matrix(&mut rng, m * k, 1.0));
@@ -319,6 +322,26 @@ fn moe_layer_matches_cpu_reference() {
                 2e-2,
                 6e-2,
             );
+            // Explicit block sizes (split-K over 1, 3 or 16 warps) give the same layer.
+            for (gu, d) in [(1u32, 1u32), (3, 2), (16, 16)] {
+                let cfg = MoeConfig {
+                    gate_up_warps: gu,
+                    down_warps: d,
+                };
+                let mut out = poisoned(&gpu, tokens * hidden);
+                moe_layer_with(
+                    &gpu, &w, &x, &idd, &wd, tokens, top_k, &mut ws, &mut out, cfg,
+                )
+                .unwrap();
+                let got = s.clone_dtoh(&out).unwrap();
+                check_close(
+                    &format!("moe {format} tokens={tokens} {cfg:?}"),
+                    &got,
+                    &want,
+                    2e-2,
+                    6e-2,
+                );
+            }
         }
         // An out-of-range router id is counted and its pair left out.
         let x = gpu.stream().clone_htod(&vec![bf16::ONE; hidden]).unwrap();

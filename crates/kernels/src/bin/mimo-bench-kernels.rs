@@ -16,8 +16,9 @@ use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptu
 use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
 use mimo_kernels::cuda::{
-    bf16_gemm, cublas, device_copy, fp4_gemm, fp4_gemm_dequant_cublas, fp4_gemm_with, moe_layer,
-    variant_exists, CudaError, Fp4GemmConfig, GpuContext, GpuFp4Weight, MoeWeights, MoeWorkspace,
+    bf16_gemm, cublas, device_copy, fp4_gemm, fp4_gemm_dequant_cublas, fp4_gemm_with,
+    moe_layer_with, variant_exists, CudaError, Fp4GemmConfig, GpuContext, GpuFp4Weight, MoeConfig,
+    MoeWeights, MoeWorkspace,
 };
 use mimo_kernels::Fp4Format;
 
@@ -463,6 +464,7 @@ fn moe_bench(
     format: Fp4Format,
     tokens_list: &[usize],
     samples: usize,
+    sweep: bool,
     rows: &mut Vec<Row>,
 ) -> Res<()> {
     // Qwen3-30B-A3B: 128 experts, top-8, hidden 2048, expert width 768.
@@ -506,23 +508,50 @@ fn moe_bench(
             w_d.push(s.clone_htod(&wts)?);
         }
         let bytes = used_total as f64 / nr as f64 * per_expert as f64;
-        let t = time_op(gpu, nr, samples, &mut |i| {
-            moe_layer(
-                gpu,
-                &w,
-                &x,
-                &ids_d[i % nr],
-                &w_d[i % nr],
-                tokens,
-                top_k,
-                &mut ws,
-                &mut out,
-            )
-        })?;
-        eprintln!("  moe {} tokens={tokens}: {:.2} us", format.name(), t.us);
-        rows.push(Row {
+        let auto = MoeConfig::auto(hidden, inter);
+        let mut configs = vec![auto];
+        if sweep {
+            for (gu, d) in [(16, 6), (8, 3), (8, 2), (4, 2), (4, 1), (2, 2), (2, 1)] {
+                let c = MoeConfig {
+                    gate_up_warps: gu,
+                    down_warps: d,
+                };
+                if c != auto {
+                    configs.push(c);
+                }
+            }
+        }
+        for (ci, cfg) in configs.into_iter().enumerate() {
+            let t = time_op(gpu, nr, samples, &mut |i| {
+                moe_layer_with(
+                    gpu,
+                    &w,
+                    &x,
+                    &ids_d[i % nr],
+                    &w_d[i % nr],
+                    tokens,
+                    top_k,
+                    &mut ws,
+                    &mut out,
+                    cfg,
+                )
+            })?;
+            eprintln!(
+                "  moe {} tokens={tokens} {cfg:?}: {:.2} us",
+                format.name(),
+                t.us
+            );
+            let (kernel, note) = if ci == 0 {
+                ("fp4_moe_layer".to_string(), format!("auto {cfg:?}; "))
+            } else {
+                (
+                    format!("fp4_moe_layer_gu{}_d{}", cfg.gate_up_warps, cfg.down_warps),
+                    "sweep; ".to_string(),
+                )
+            };
+            rows.push(Row {
             group: "moe",
-            kernel: "fp4_moe_layer".into(),
+            kernel,
             format: format.name(),
             k: hidden,
             n: inter,
@@ -534,10 +563,11 @@ fn moe_bench(
             flops: 2.0 * (tokens * top_k) as f64 * (3 * hidden * inter) as f64,
             speedup: None,
             note: format!(
-                "Qwen3-30B-A3B layer: 128 experts, top-8, hidden 2048, inter 768; {:.1} distinct experts per call; route+gate_up+silu+down+combine",
+                "{note}Qwen3-30B-A3B layer: 128 experts, top-8, hidden 2048, inter 768; {:.1} distinct experts per call; route+gate_up+silu+down+combine",
                 used_total as f64 / nr as f64
             ),
         });
+        }
     }
     Ok(())
 }
@@ -635,7 +665,15 @@ fn run() -> Res<()> {
         )?;
     }
     for format in [Fp4Format::Nvfp4, Fp4Format::Mxfp4] {
-        moe_bench(&gpu, &mut rng, format, &[1, 16], samples, &mut rows)?;
+        moe_bench(
+            &gpu,
+            &mut rng,
+            format,
+            &[1, 16],
+            samples,
+            args.sweep,
+            &mut rows,
+        )?;
     }
 
     // report

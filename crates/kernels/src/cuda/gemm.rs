@@ -179,17 +179,17 @@ pub fn fp4_gemm_with(
         shared_mem_bytes: reduction_smem(cfg, tn),
     };
     let (n_i, k_i) = (w.n as i32, w.k as i32);
-    let lut = gpu.scale_lut(w.format);
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(&w.packed)
         .arg(&w.scales)
         .arg(&w.global_scales)
-        .arg(lut)
+        .arg(&w.mult_lut)
         .arg(x)
         .arg(y)
         .arg(&m_i)
         .arg(&n_i)
-        .arg(&k_i);
+        .arg(&k_i)
+        .arg(&w.post);
     // SAFETY: argument types and order match the kernel; every buffer length was checked
     // against (m, n, k) above, and the kernel guards rows, tokens and k chunks.
     unsafe { b.launch(launch) }.map_err(drv("launch fp4_gemm"))?;

@@ -24,7 +24,7 @@ pub use gemm::{
     device_copy, fp4_dequantize, fp4_gemm, fp4_gemm_with, token_tiles, variant_exists,
     Fp4GemmConfig, K_CHUNK,
 };
-pub use moe::{moe_layer, MoeWeights, MoeWorkspace, MOE_MAX_EXPERTS};
+pub use moe::{moe_layer, moe_layer_with, MoeConfig, MoeWeights, MoeWorkspace, MOE_MAX_EXPERTS};
 pub use weights::GpuFp4Weight;
 
 /// The embedded kernel sources, (file name, text), for tools that compile them ahead.

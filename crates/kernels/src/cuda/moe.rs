@@ -81,6 +81,30 @@ impl MoeWorkspace {
     }
 }
 
+/// Warps per block of the two grouped launches of [`moe_layer_with`] (1..=16 each; they
+/// split K inside the block).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MoeConfig {
+    /// Warps of the gate/up + SwiGLU launch.
+    pub gate_up_warps: u32,
+    /// Warps of the down launch.
+    pub down_warps: u32,
+}
+
+impl MoeConfig {
+    /// Few warps per block (4 for gate/up, 2 for down, at most one K chunk each): the grouped
+    /// kernels hold up to 128 registers per thread, so a 16-warp block fills an SM alone and
+    /// every wave of blocks repeats the routing prologue before its first weight load; small
+    /// blocks let several per SM run at once, one block's prologue overlapping another's loads.
+    pub fn auto(hidden: usize, inter: usize) -> Self {
+        let chunks = |k: usize| k.div_ceil(K_CHUNK) as u32;
+        MoeConfig {
+            gate_up_warps: chunks(hidden).clamp(1, 4),
+            down_warps: chunks(inter).clamp(1, 2),
+        }
+    }
+}
+
 /// One MoE layer: `out[t] = sum_j w[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t))` over the
 /// `top_k` experts `e = topk_ids[t, j]`. Three launches (grouped gate/up with SwiGLU in its
 /// epilogue, grouped down, weighted combine), no host synchronization; results are
@@ -97,7 +121,44 @@ pub fn moe_layer(
     ws: &mut MoeWorkspace,
     out: &mut CudaSlice<bf16>,
 ) -> Result<(), CudaError> {
+    let (_, hidden, inter) = w.dims()?;
+    let cfg = MoeConfig::auto(hidden, inter);
+    moe_layer_with(
+        gpu,
+        w,
+        x,
+        topk_ids,
+        topk_weights,
+        tokens,
+        top_k,
+        ws,
+        out,
+        cfg,
+    )
+}
+
+/// [`moe_layer`] with explicit block sizes.
+#[allow(clippy::too_many_arguments)]
+pub fn moe_layer_with(
+    gpu: &GpuContext,
+    w: &MoeWeights,
+    x: &CudaSlice<bf16>,
+    topk_ids: &CudaSlice<i32>,
+    topk_weights: &CudaSlice<f32>,
+    tokens: usize,
+    top_k: usize,
+    ws: &mut MoeWorkspace,
+    out: &mut CudaSlice<bf16>,
+    cfg: MoeConfig,
+) -> Result<(), CudaError> {
     let (experts, hidden, _inter) = w.dims()?;
+    let ok = |v: u32| (1..=16).contains(&v);
+    if !ok(cfg.gate_up_warps) || !ok(cfg.down_warps) {
+        return Err(CudaError::Shape {
+            what: "MoeConfig".into(),
+            reason: format!("{cfg:?}: warps must be 1..=16"),
+        });
+    }
     let p = tokens * top_k;
     if p > ws.max_pairs {
         return Err(CudaError::Mismatch {
@@ -137,6 +198,7 @@ pub fn moe_layer(
         &route,
         top_k as i32,
         true,
+        cfg.gate_up_warps,
         bad,
     )?;
     // 2. grouped down: input row of pair q is q itself
@@ -148,6 +210,7 @@ pub fn moe_layer(
         &route,
         1,
         false,
+        cfg.down_warps,
         None,
     )?;
     // 3. weighted combine
@@ -184,6 +247,7 @@ fn grouped(
     r: &Route,
     in_div: i32,
     swiglu: bool,
+    warps: u32,
     bad: Option<&mut CudaSlice<i32>>,
 ) -> Result<(), CudaError> {
     // Up to 16 pairs per pass over an expert's weights: at batch 16 no expert has more.
@@ -195,7 +259,7 @@ fn grouped(
     // SwiGLU: two row tiles per block, gate rows and the matching up rows.
     let cfg = Fp4GemmConfig {
         m_tiles: if swiglu { 2 } else { 1 },
-        warps: (chunks / group).clamp(1, 16),
+        warps: warps.min(chunks / group).max(1),
         group,
     };
     let rows = if swiglu { w.n / 2 } else { w.n };
@@ -216,14 +280,13 @@ fn grouped(
         shared_mem_bytes: reduction_smem(cfg, tn),
     };
     let (n_i, k_i) = (w.n as i32, w.k as i32);
-    let lut = gpu.scale_lut(w.format);
     // A null pointer tells the kernel not to count invalid ids.
     let null: u64 = 0;
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(&w.packed)
         .arg(&w.scales)
         .arg(&w.global_scales)
-        .arg(lut)
+        .arg(&w.mult_lut)
         .arg(x)
         .arg(y)
         .arg(&n_i)
@@ -236,6 +299,7 @@ fn grouped(
         Some(bad) => b.arg(bad),
         None => b.arg(&null),
     };
+    b.arg(&w.post);
     // SAFETY: matches fp4_moe_*; x has P / in_div rows of k elements, y one row per pair (of
     // n / 2 elements with SwiGLU, else n); ids holds P entries.
     unsafe { b.launch(launch) }.map_err(drv("launch grouped FP4 GEMM"))?;
