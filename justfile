@@ -23,3 +23,8 @@ lint:
 # Release binaries (mimo-quant, mimo-run).
 build:
     cargo build --release --bins
+
+# Fuzz the safetensors/index/config readers and the FP4 checkpoint reader, 60 s per target
+# (cargo-fuzz; RUSTC_BOOTSTRAP=1 on stable). CI runs the short smoke: ./scripts/fuzz-smoke.sh.
+fuzz seconds="60":
+    FUZZ_SECONDS={{seconds}} ./scripts/fuzz-smoke.sh
