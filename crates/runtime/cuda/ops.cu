@@ -134,6 +134,7 @@ extern "C" __global__ void add_rmsnorm(float* __restrict__ x, const u16* __restr
         g = 1.f / (1.f + expf(-gv));
     }
     float ss = 0.f;
+#pragma unroll 4
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
         float v = xr[i];
         if (d1 != 0) v += bf(d1[(size_t)t * hidden + i]);
@@ -155,6 +156,7 @@ extern "C" __global__ void add_rmsnorm(float* __restrict__ x, const u16* __restr
     if (t < row_begin) return;
     const float inv = 1.0f / sqrtf(ss / (float)hidden + eps);
     u16* o = out + (size_t)(t - row_begin) * hidden;
+#pragma unroll 4
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) o[i] = to_bf(w[i] * (xr[i] * inv));
 }
 
@@ -219,6 +221,7 @@ extern "C" __global__ void kv_write(const u16* __restrict__ k_src, int k_off, in
     __shared__ float sh[32];
     const int t = blockIdx.x, kv = blockIdx.y, d = a.d;
     const int p = pos[t], s = seq[t];
+    if (p < 0 || p >= a.capacity) return;
     float* kf = smem;
     head_prep(k_src + (size_t)t * k_stride + k_off + kv * d, k_bias ? k_bias + kv * d : 0, k_norm,
               a.eps, inv_freq, a.attn_factor, a.rot_dim, p, d, kf, sh);
@@ -237,7 +240,8 @@ extern "C" __global__ void kv_write(const u16* __restrict__ k_src, int k_off, in
 // combines the partial (max, sum, out) of all splits in split order. With fused_new, the new
 // token's key and value are prepared here (bias, k-norm, RoPE) and written to the cache by the
 // block of the split holding `pos` (decode: no separate kv_write launch).
-// Shared memory: d (q) + d (k new) + d (v new) + split_len (scores) floats.
+// Shared memory: d (q) + d (k new) + d (v new) + split_len (scores) + 8 * blockDim (P.V
+// partial sums) floats. head_dim must be a multiple of 8.
 extern "C" __global__ void __launch_bounds__(128)
 attention(const u16* __restrict__ q_src, int q_off, int q_stride, const u16* __restrict__ k_src,
           int k_off, int k_stride, const u16* __restrict__ v_src, int v_off, int v_stride,
@@ -253,6 +257,7 @@ attention(const u16* __restrict__ q_src, int q_off, int q_stride, const u16* __r
     const int t = blockIdx.x, h = blockIdx.y, z = blockIdx.z, d = a.d;
     const int group = a.n_heads / a.n_kv, kv = h / group;
     const int p = pos[t], s = seq[t];
+    if (p < 0 || p >= a.capacity) return;  // the host refuses such steps; never write outside
     const int nsplit = p / a.split_len + 1;
     if (z >= nsplit) return;
     const int lo = a.window > 0 ? max(0, p + 1 - a.window) : 0;
@@ -283,21 +288,26 @@ attention(const u16* __restrict__ q_src, int q_off, int q_stride, const u16* __r
         }
         __syncthreads();
     }
-    // Scores: one warp per key, lanes over the head dimension.
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    // Scores: one thread per key, 16-byte loads (head_dim % 8 == 0), q broadcast from smem.
     const int nk = j1 - j0 + 1;  // may be <= 0 (split entirely before the window)
-    for (int jj = warp; jj < nk; jj += nw) {
+    for (int jj = threadIdx.x; jj < nk; jj += blockDim.x) {
         const int j = j0 + jj;
         float acc = 0.f;
         if (has_new && j == p) {
-            for (int i = lane; i < d; i += 32) acc += qf[i] * kn[i];
+            for (int i = 0; i < d; i++) acc += qf[i] * kn[i];
         } else {
-            const u16* kr = kc + (cbase + j) * d;
-            for (int i = lane; i < d; i += 32) acc += qf[i] * bf(kr[i]);
+            const uint4* kr = (const uint4*)(kc + (cbase + j) * d);
+#pragma unroll 8
+            for (int c = 0; c < (d >> 3); c++) {
+                const uint4 kv4 = kr[c];
+                const float* qc = qf + c * 8;
+                acc += qc[0] * __uint_as_float(kv4.x << 16) + qc[1] * __uint_as_float(kv4.x & 0xFFFF0000u);
+                acc += qc[2] * __uint_as_float(kv4.y << 16) + qc[3] * __uint_as_float(kv4.y & 0xFFFF0000u);
+                acc += qc[4] * __uint_as_float(kv4.z << 16) + qc[5] * __uint_as_float(kv4.z & 0xFFFF0000u);
+                acc += qc[6] * __uint_as_float(kv4.w << 16) + qc[7] * __uint_as_float(kv4.w & 0xFFFF0000u);
+            }
         }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-        if (lane == 0) sc[jj] = acc * a.scale;
+        sc[jj] = acc * a.scale;
     }
     __syncthreads();
     float mx = NEG_INF;
@@ -310,47 +320,73 @@ attention(const u16* __restrict__ q_src, int q_off, int q_stride, const u16* __r
         l += e;
     }
     l = block_sum(l, sh);  // barrier: sc[] holds the weights
-    const size_t row = (size_t)t * a.n_heads + h;
-    if (nsplit == 1) {
-        for (int i = threadIdx.x; i < d; i += blockDim.x) {
-            float o = 0.f;
-            for (int jj = 0; jj < nk; jj++) {
-                const int j = j0 + jj;
-                const float v = (has_new && j == p) ? vn[i] : bf(vc[(cbase + j) * d + i]);
-                o += sc[jj] * v;
+    // P.V: thread = (8-element chunk of the head, key group); groups reduced in smem in order.
+    const int nch = d >> 3, groups = blockDim.x / nch;
+    const int ch = threadIdx.x % nch, grp = threadIdx.x / nch;
+    float o8[8];
+#pragma unroll
+    for (int i = 0; i < 8; i++) o8[i] = 0.f;
+    if (grp < groups) {
+#pragma unroll 4
+        for (int jj = grp; jj < nk; jj += groups) {
+            const int j = j0 + jj;
+            const float w = sc[jj];
+            if (has_new && j == p) {
+#pragma unroll
+                for (int i = 0; i < 8; i++) o8[i] += w * vn[ch * 8 + i];
+            } else {
+                const uint4 v4 = *(const uint4*)(vc + (cbase + j) * d + ch * 8);
+                const u32 vs[4] = {v4.x, v4.y, v4.z, v4.w};
+#pragma unroll
+                for (int q = 0; q < 4; q++) {
+                    o8[2 * q] += w * __uint_as_float(vs[q] << 16);
+                    o8[2 * q + 1] += w * __uint_as_float(vs[q] & 0xFFFF0000u);
+                }
             }
-            out[row * d + i] = to_bf(o / l);
         }
-        return;
     }
+    float* red = sc + a.split_len;  // [groups][d]
+    if (grp < groups) {
+#pragma unroll
+        for (int i = 0; i < 8; i++) red[grp * d + ch * 8 + i] = o8[i];
+    }
+    __syncthreads();
+    const size_t row = (size_t)t * a.n_heads + h;
     float* po = part_o + (row * a.max_splits + z) * d;
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
         float o = 0.f;
-        for (int jj = 0; jj < nk; jj++) {
-            const int j = j0 + jj;
-            const float v = (has_new && j == p) ? vn[i] : bf(vc[(cbase + j) * d + i]);
-            o += sc[jj] * v;
+        for (int gi = 0; gi < groups; gi++) o += red[gi * d + i];
+        if (nsplit == 1) {
+            out[row * d + i] = to_bf(o / l);
+        } else {
+            po[i] = o;
         }
-        po[i] = o;
     }
+    if (nsplit == 1) return;
     if (threadIdx.x == 0) {
         part_ml[(row * a.max_splits + z) * 2] = nk > 0 ? mx : NEG_INF;
         part_ml[(row * a.max_splits + z) * 2 + 1] = l;
     }
     if (!last_block(counters + row, nsplit, &flag)) return;
-    float m_all = NEG_INF;
-    for (int zz = 0; zz < nsplit; zz++) m_all = fmaxf(m_all, __ldcg(part_ml + (row * a.max_splits + zz) * 2));
-    float l_all = 0.f;
-    for (int zz = 0; zz < nsplit; zz++) {
-        const float mz = __ldcg(part_ml + (row * a.max_splits + zz) * 2);
-        if (mz != NEG_INF) l_all += __ldcg(part_ml + (row * a.max_splits + zz) * 2 + 1) * expf(mz - m_all);
+    // Combine: per-split factors exp(m_z - M) in shared memory (nsplit <= 8 * blockDim, checked
+    // on the host), loads issued in parallel (serial L2 round trips dominated this step).
+    const float* pm = part_ml + row * a.max_splits * 2;
+    float mloc = NEG_INF;
+    for (int zz = threadIdx.x; zz < nsplit; zz += blockDim.x) mloc = fmaxf(mloc, __ldcg(pm + 2 * zz));
+    const float m_all = block_max(mloc, sh);
+    float lloc = 0.f;
+    for (int zz = threadIdx.x; zz < nsplit; zz += blockDim.x) {
+        const float mz = __ldcg(pm + 2 * zz);
+        const float f = mz == NEG_INF ? 0.f : expf(mz - m_all);
+        red[zz] = f;
+        lloc += f * __ldcg(pm + 2 * zz + 1);
     }
+    const float l_all = block_sum(lloc, sh);  // barrier: red[] holds the factors
+    const float* pob = part_o + row * a.max_splits * d;
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
         float o = 0.f;
-        for (int zz = 0; zz < nsplit; zz++) {
-            const float mz = __ldcg(part_ml + (row * a.max_splits + zz) * 2);
-            if (mz != NEG_INF) o += __ldcg(part_o + (row * a.max_splits + zz) * d + i) * expf(mz - m_all);
-        }
+#pragma unroll 8
+        for (int zz = 0; zz < nsplit; zz++) o += red[zz] * __ldcg(pob + (size_t)zz * d + i);
         out[row * d + i] = to_bf(o / l_all);
     }
 }
@@ -387,7 +423,6 @@ router_topk(const u16* __restrict__ x, const u16* __restrict__ w, float* __restr
             int hidden, int n_experts, int top_k, int renorm) {
     __shared__ float prob[1024];
     __shared__ float shv[32];
-    __shared__ int shi[32];
     __shared__ int flag;
     const int t = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int e = blockIdx.x * 8 + warp;
@@ -396,6 +431,7 @@ router_topk(const u16* __restrict__ x, const u16* __restrict__ w, float* __restr
         const u16* wr = w + (size_t)e * hidden;
         float acc = 0.f;
         if ((hidden & 7) == 0) {
+#pragma unroll 4
             for (int c = lane * 8; c < hidden; c += 256) {
                 const uint4 xv = *(const uint4*)(xr + c);
                 const uint4 wv = *(const uint4*)(wr + c);
@@ -430,21 +466,30 @@ router_topk(const u16* __restrict__ x, const u16* __restrict__ w, float* __restr
     sum = block_sum(sum, shv);
     for (int i = threadIdx.x; i < n_experts; i += blockDim.x) prob[i] = prob[i] / sum;
     __syncthreads();
+    // Top-k by warp 0 alone: each round one warp-wide argmax (shuffles, no block barriers).
+    if (warp != 0) return;
     float sel_sum = 0.f;
     for (int j = 0; j < top_k; j++) {
         float v = -1.f;
         int bi = 0x7fffffff;
-        for (int i = threadIdx.x; i < n_experts; i += blockDim.x) argmax_merge(v, bi, prob[i], i);
-        block_argmax(v, bi, shv, shi);
-        if (threadIdx.x == 0) {
+        for (int i = lane; i < n_experts; i += 32) argmax_merge(v, bi, prob[i], i);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float v2 = __shfl_xor_sync(0xffffffffu, v, o);
+            const int i2 = __shfl_xor_sync(0xffffffffu, bi, o);
+            argmax_merge(v, bi, v2, i2);
+        }
+        if (lane == 0) {
             ids[(size_t)t * top_k + j] = bi;
             weights[(size_t)t * top_k + j] = v;
-            prob[bi] = -1.f;
         }
+        if ((bi & 31) == lane) prob[bi] = -1.f;  // the lane that owns entry bi removes it
         sel_sum += v;
-        __syncthreads();
+        __syncwarp();
     }
-    if (renorm && threadIdx.x < top_k) weights[(size_t)t * top_k + threadIdx.x] /= sel_sum;
+    if (renorm) {
+        for (int j = lane; j < top_k; j += 32) weights[(size_t)t * top_k + j] /= sel_sum;
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -549,6 +594,7 @@ moe_bf16(const u16* __restrict__ w, const u16* __restrict__ x, u16* __restrict__
         float acc[8][2];
 #pragma unroll
         for (int q = 0; q < 8; q++) acc[q][0] = acc[q][1] = 0.f;
+#pragma unroll 2
         for (int c = lane * 8; c < k; c += 256) {
             uint4 wv[2];
 #pragma unroll
@@ -601,6 +647,7 @@ argmax_next(const u16* __restrict__ logits, int vocab, int chunk, float* __restr
     const int c0 = blockIdx.x * chunk, c1 = min(vocab, c0 + chunk);
     float v = NEG_INF;
     int bi = 0x7fffffff;
+#pragma unroll 8
     for (int i = c0 + threadIdx.x; i < c1; i += blockDim.x) {
         const float x = bf(logits[(size_t)b * vocab + i]);
         argmax_merge(v, bi, x == x ? x : NEG_INF, i);
@@ -611,12 +658,13 @@ argmax_next(const u16* __restrict__ logits, int vocab, int chunk, float* __restr
         part_i[(size_t)b * gridDim.x + blockIdx.x] = bi;
     }
     if (!last_block(counters + b, gridDim.x, &flag)) return;
+    float bv = NEG_INF;
+    int best = 0x7fffffff;
+    for (int c = threadIdx.x; c < (int)gridDim.x; c += blockDim.x)
+        argmax_merge(bv, best, __ldcg(part_v + (size_t)b * gridDim.x + c),
+                     __ldcg(part_i + (size_t)b * gridDim.x + c));
+    block_argmax(bv, best, shv, shi);
     if (threadIdx.x == 0) {
-        float bv = NEG_INF;
-        int best = 0x7fffffff;
-        for (int c = 0; c < (int)gridDim.x; c++)
-            argmax_merge(bv, best, __ldcg(part_v + (size_t)b * gridDim.x + c),
-                         __ldcg(part_i + (size_t)b * gridDim.x + c));
         if (best == 0x7fffffff) best = 0;  // every logit NaN / -inf
         const int np = pos[b] + 1;
         tok[b] = best;

@@ -78,9 +78,11 @@ fn check_close(what: &str, got: &[f32], want: &[f32]) {
 }
 
 /// Writes a compressed-tensors FP4 copy of a BF16 checkpoint: every projection (attention,
-/// MLP, experts) quantized with one global scale for the whole model (as llm-compressor ties
-/// q/k/v and gate/up), embeddings, norms, routers and lm_head kept.
-fn quantize_checkpoint(src: &Path, dst: &Path, layout: Layout) {
+/// MLP, experts) quantized; embeddings, norms, routers and lm_head kept. With `tie`, one NVFP4
+/// global scale for the whole model (as llm-compressor ties q/k/v and gate/up: the GPU then
+/// fuses them); without, one per tensor (the GPU keeps q/k/v and gate/up apart and falls back
+/// to BF16 experts).
+fn quantize_checkpoint(src: &Path, dst: &Path, layout: Layout, tie: bool) {
     let ck = Checkpoint::open(src).unwrap();
     let is_proj = |n: &str| {
         n.ends_with("_proj.weight")
@@ -102,8 +104,13 @@ fn quantize_checkpoint(src: &Path, dst: &Path, layout: Layout) {
         if is_proj(n) && t.shape.len() == 2 {
             let (rows, k) = (t.shape[0], t.shape[1]);
             let w = mimo_kernels::dtype::convert_to_vec(SrcDType::BF16, t.data).unwrap();
+            let g = if tie {
+                gs
+            } else {
+                nvfp4_global_scale(amax(&w))
+            };
             let m = match layout.format() {
-                Fp4Format::Nvfp4 => quantize_nvfp4(&w, rows, k, gs).unwrap(),
+                Fp4Format::Nvfp4 => quantize_nvfp4(&w, rows, k, g).unwrap(),
                 Fp4Format::Mxfp4 => quantize_mxfp4(&w, rows, k).unwrap(),
             };
             out.extend(layout.encode(n.trim_end_matches(".weight"), &m, None));
@@ -135,26 +142,35 @@ fn compare_model(gpu: &Arc<Gpu>, dir: &Path, what: &str) {
     let cpu = Model::load(dir).unwrap();
     let mut g = GpuModel::load(gpu.clone(), dir).unwrap();
     let vocab = cpu.config.vocab_size as u32;
-    let prompt: Vec<u32> = (0..11u32).map(|i| (i * 37 + 5) % vocab).collect();
-    let mut cache = cpu.new_cache(64);
+    let prompt11: Vec<u32> = (0..11u32).map(|i| (i * 37 + 5) % vocab).collect();
+    let prompt = prompt11.clone();
+    let mut cache = cpu.new_cache(128);
     let want = cpu.forward(&prompt, &mut cache, Logits::Last).unwrap();
-    g.alloc_cache(1, 64).unwrap();
+    g.alloc_cache(1, 128).unwrap();
     let got = g.forward(&prompt, 0, 0, false).unwrap();
     check_close(&format!("{what} prefill"), &got, &want);
-    // All rows of the prompt at once.
-    let mut cache_all = cpu.new_cache(64);
+    // All rows of a prompt long enough for the prefill GEMM path (FP4: dequantize + cuBLAS).
+    let prompt: Vec<u32> = (0..70u32).map(|i| (i * 53 + 2) % vocab).collect();
+    let mut cache_all = cpu.new_cache(128);
     let want_all = cpu.forward(&prompt, &mut cache_all, Logits::All).unwrap();
     let got_all = g.forward(&prompt, 0, 0, true).unwrap();
-    check_close(&format!("{what} prefill, every row"), &got_all, &want_all);
+    check_close(
+        &format!("{what} prefill of 70, every row"),
+        &got_all,
+        &want_all,
+    );
+    // Back to the short prompt's cache for the decode steps below.
+    g.forward(&prompt11, 0, 0, false).unwrap();
     // Decode: the GPU picks the next token itself (argmax on the device); the CPU is fed the
     // same token so both see the same history.
     let mut tok = argmax(&got) as u32;
-    let mut pos = prompt.len();
+    let start = prompt11.len();
     assert!(
-        g.decode_start(&[tok], &[pos], true).unwrap(),
+        g.decode_start(&[tok], &[start], true).unwrap(),
         "{what}: no CUDA graph"
     );
     for step in 0..3 {
+        let pos = start + step;
         g.decode_steps(1, 1).unwrap();
         let got = g.decode_logits(1).unwrap();
         let want = cpu.forward(&[tok], &mut cache, Logits::Last).unwrap();
@@ -162,7 +178,6 @@ fn compare_model(gpu: &Arc<Gpu>, dir: &Path, what: &str) {
         let next = g.decode_tokens(1, pos + 1, pos + 2).unwrap()[0][0];
         assert_eq!(next as usize, argmax(&got), "{what}: device argmax");
         tok = next;
-        pos += 1;
     }
     assert_eq!(g.bad_token_count().unwrap(), 0);
 }
@@ -191,18 +206,28 @@ fn gpu_logits_match_cpu_on_bf16_fixtures() {
 #[test]
 fn gpu_logits_match_cpu_on_fp4_fixtures() {
     let Some(gpu) = gpu() else { return };
-    for layout in [Layout::CtNvfp4, Layout::CtMxfp4] {
+    for (layout, tie) in [
+        (Layout::CtNvfp4, true),
+        (Layout::CtMxfp4, true),
+        (Layout::CtNvfp4, false),
+    ] {
         for arch in ARCHS {
             let d = tempfile::tempdir().unwrap();
             fixtures::write_fixture(d.path(), arch, 12).unwrap();
             let q = d.path().join("fp4");
-            quantize_checkpoint(d.path(), &q, layout);
-            compare_model(&gpu, &q, &format!("{arch:?} {layout}"));
+            quantize_checkpoint(d.path(), &q, layout, tie);
+            compare_model(&gpu, &q, &format!("{arch:?} {layout} tied {tie}"));
         }
     }
 }
 
+/// models/mimo-tiny-moe, found from the working directory (a test binary run elsewhere, e.g.
+/// on the device machine from the repository root) or from the crate's source folder.
 fn embedded_model() -> PathBuf {
+    let here = Path::new("models/mimo-tiny-moe");
+    if here.join("config.json").exists() {
+        return here.to_path_buf();
+    }
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/mimo-tiny-moe")
 }
 

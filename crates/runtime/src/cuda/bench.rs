@@ -59,6 +59,9 @@ pub struct DecodeResult {
     pub bandwidth_limit_tokens_per_s: Option<f64>,
     /// tokens_per_s / bandwidth_limit_tokens_per_s.
     pub share_of_bandwidth_limit: Option<f64>,
+    /// Batch 1: milliseconds per op kind of one eagerly launched, event-timed step (host
+    /// launch gaps included; the graph removes most of them), summed over layers.
+    pub eager_step_profile_ms: Option<Vec<(String, f64)>>,
 }
 
 /// One weight format.
@@ -149,7 +152,7 @@ pub fn bench_random_weights(gpu: Arc<Gpu>, opts: &BenchOptions) -> Result<BenchR
     let copy = copy_bandwidth(&gpu)?;
     eprintln!("device copy bandwidth {copy:.2} TB/s");
     let max_batch = opts.batches.iter().copied().max().unwrap_or(1).max(1);
-    let capacity = opts.prompt + opts.steps + 16;
+    let capacity = opts.prompt + opts.steps + 32;
     let mut runs = Vec::new();
     for &kind in &opts.kinds {
         let t0 = Instant::now();
@@ -204,6 +207,12 @@ pub fn bench_random_weights(gpu: Arc<Gpu>, opts: &BenchOptions) -> Result<BenchR
                             s * 100.0
                         ))
                 );
+                if let Some(p) = &r.eager_step_profile_ms {
+                    let total: f64 = p.iter().map(|x| x.1).sum();
+                    let parts: Vec<String> =
+                        p.iter().map(|(n, ms)| format!("{n} {ms:.3}")).collect();
+                    eprintln!("    eager step {total:.3} ms: {}", parts.join(", "));
+                }
                 decode.push(r);
             }
         }
@@ -268,6 +277,11 @@ fn time_decode(
     model.decode_steps(batch, opts.steps)?;
     model.synchronize()?;
     let dt = t0.elapsed().as_secs_f64();
+    let profile = if batch == 1 {
+        Some(model.profile_decode_step(batch)?)
+    } else {
+        None
+    };
     let bad = model.bad_token_count()?;
     if bad != 0 {
         return Err(GpuError::DeviceCheck(format!(
@@ -290,5 +304,6 @@ fn time_decode(
         kv_bytes_per_step: kv,
         bandwidth_limit_tokens_per_s: limit,
         share_of_bandwidth_limit: limit.map(|l| tps / l),
+        eager_step_profile_ms: profile,
     })
 }

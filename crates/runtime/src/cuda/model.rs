@@ -7,11 +7,16 @@
 //! GEMM (dense) or router+top-k (one kernel) and the grouped MoE (three launches of the kernels
 //! crate for FP4; two grouped GEMVs for BF16 whose combine is fused into the next RMSNorm).
 
+// A model holds a few dozen of these enums, built once: boxing the larger variants would buy
+// nothing.
+#![allow(clippy::large_enum_variant)]
+
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use cudarc::driver::{sys, CudaGraph, CudaSlice};
+use cudarc::driver::{sys, CudaEvent, CudaGraph, CudaSlice};
 use half::bf16;
 use mimo_kernels::cuda::{moe_layer, GpuFp4Weight, MoeWeights, MoeWorkspace};
 use mimo_kernels::Fp4Matrix;
@@ -229,6 +234,8 @@ struct Ws {
 struct DecodeSession {
     ws: Ws,
     graph: Option<CudaGraph>,
+    /// Largest position the next step writes (steps past the cache are refused).
+    next_pos: usize,
 }
 
 /// What the residual stream still has to add before the next norm.
@@ -264,13 +271,18 @@ pub struct GpuModel {
     cache: Option<GpuKvCache>,
     workspaces: HashMap<(usize, usize), Ws>,
     sessions: HashMap<usize, DecodeSession>,
+    /// Events recorded after each op while profiling an eager step.
+    prof: RefCell<Option<Vec<(&'static str, CudaEvent)>>>,
 }
 
 /// Checks the shapes the kernels handle.
 pub(crate) fn check_config(c: &ModelConfig) -> Result<(), GpuError> {
     let bad = |s: String| Err(GpuError::Unsupported(s));
-    if c.head_dim > MAX_HEAD_DIM || c.head_dim == 0 {
-        return bad(format!("head_dim {} (1..={MAX_HEAD_DIM})", c.head_dim));
+    if c.head_dim > MAX_HEAD_DIM || c.head_dim == 0 || c.head_dim % 8 != 0 {
+        return bad(format!(
+            "head_dim {} (a multiple of 8 up to {MAX_HEAD_DIM})",
+            c.head_dim
+        ));
     }
     if c.rope.rotary_dim > c.head_dim || c.rope.rotary_dim % 2 != 0 {
         return bad(format!("rotary dim {}", c.rope.rotary_dim));
@@ -319,6 +331,7 @@ impl GpuModel {
             cache: None,
             workspaces: HashMap::new(),
             sessions: HashMap::new(),
+            prof: RefCell::new(None),
         })
     }
 
@@ -538,6 +551,13 @@ impl GpuModel {
         self.cache = None;
         let c = &self.config;
         let capacity = capacity.min(c.max_position_embeddings).max(1);
+        // The attention combine keeps one factor per split in shared memory (8 per thread).
+        let max_cap = SPLIT_LEN * 8 * super::ops::ATTN_THREADS as usize;
+        if capacity > max_cap {
+            return Err(GpuError::Unsupported(format!(
+                "a context of {capacity} positions (the attention kernel takes {max_cap})"
+            )));
+        }
         let len = seqs * self.layers.len() * c.num_kv_heads * capacity * c.head_dim;
         super::estimate::check_fits(&self.gpu, "the KV cache", len * 4)?;
         self.cache = Some(GpuKvCache {
@@ -657,6 +677,7 @@ impl GpuModel {
         let (hd, d, nh, nkv) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads);
         let m = ws.m;
         let eps = c.rms_norm_eps as f32;
+        self.mark("start")?;
         ops.embed_gather(
             g,
             &self.embed,
@@ -667,10 +688,12 @@ impl GpuModel {
             c.vocab_size,
             &mut ws.bad,
         )?;
+        self.mark("embedding")?;
         let mut pend = Pend::default();
         let splits = cache.capacity.div_ceil(SPLIT_LEN);
         for (li, layer) in self.layers.iter().enumerate() {
             self.add_norm(ws, pend, &layer.in_norm, false)?;
+            self.mark("norm")?;
             // Attention.
             match (&layer.qkv, &mut ws.qkv) {
                 (Qkv::Fused(l), QkvBufs::Fused(buf)) => l.forward(gpu, &ws.h, m, buf)?,
@@ -701,6 +724,7 @@ impl GpuModel {
                 attn_factor: self.attn_factor,
                 scale: 1.0 / (d as f32).sqrt(),
             };
+            self.mark("qkv")?;
             let w = ((nh + 2 * nkv) * d) as i32;
             let (q, k, v) = match &ws.qkv {
                 QkvBufs::Fused(b) => (
@@ -755,6 +779,7 @@ impl GpuModel {
                     a,
                     m,
                 )?;
+                self.mark("kv_write")?;
             }
             ops.attention(
                 g,
@@ -776,7 +801,9 @@ impl GpuModel {
                 a,
                 m,
             )?;
+            self.mark("attention")?;
             layer.o.forward(gpu, &ws.attn, m, &mut ws.delta)?;
+            self.mark("o_proj")?;
             self.add_norm(
                 ws,
                 Pend {
@@ -786,6 +813,7 @@ impl GpuModel {
                 &layer.post_norm,
                 false,
             )?;
+            self.mark("norm")?;
             // Feed-forward.
             pend = match &layer.ffn {
                 Ffn::Dense(mlp) => {
@@ -794,6 +822,7 @@ impl GpuModel {
                         .as_mut()
                         .ok_or_else(|| GpuError::Unsupported("dense buffers".into()))?;
                     mlp.forward(gpu, &ws.h, m, bufs, &mut ws.delta)?;
+                    self.mark("mlp")?;
                     Pend {
                         delta: true,
                         ..Pend::default()
@@ -818,6 +847,7 @@ impl GpuModel {
                         moe.top_k,
                         moe.renorm,
                     )?;
+                    self.mark("router")?;
                     let p = m * moe.top_k;
                     let mut out = Pend::default();
                     match (&moe.experts, &mut mb.fp4, &mut mb.pair_gu, &mut mb.pair_dn) {
@@ -833,6 +863,7 @@ impl GpuModel {
                                 fws,
                                 &mut ws.delta,
                             )?;
+                            self.mark("experts")?;
                             out.delta = true;
                         }
                         (Experts::Bf16 { gate_up, down }, _, Some(pgu), Some(pdn)) => {
@@ -849,6 +880,7 @@ impl GpuModel {
                                 moe.top_k,
                                 false,
                             )?;
+                            self.mark("experts")?;
                             ops.moe_bf16(
                                 g,
                                 down,
@@ -862,6 +894,7 @@ impl GpuModel {
                                 1,
                                 true,
                             )?;
+                            self.mark("experts")?;
                             out.pairs = true;
                         }
                         _ => return Err(GpuError::Unsupported("MoE buffers".into())),
@@ -870,7 +903,9 @@ impl GpuModel {
                         (&moe.shared, &mut mb.shared)
                     {
                         mlp.forward(gpu, &ws.h, m, sb, sout)?;
+                        self.mark("shared_expert")?;
                         gate.forward(gpu, &ws.h, m, sgate)?;
+                        self.mark("shared_expert")?;
                         out.shared = true;
                     }
                     out
@@ -878,6 +913,7 @@ impl GpuModel {
             };
         }
         self.add_norm(ws, pend, &self.final_norm, true)?;
+        self.mark("final_norm")?;
         let rows = ws.rows_out;
         match &self.lm_head {
             Some(h) => h.forward(gpu, &ws.head_in, rows, &mut ws.logits)?,
@@ -891,6 +927,7 @@ impl GpuModel {
                 &mut ws.logits,
             )?,
         }
+        self.mark("lm_head")?;
         if decode {
             ops.argmax_next(
                 g,
@@ -905,6 +942,7 @@ impl GpuModel {
                 &mut ws.hist,
                 ws.hist_cap,
             )?;
+            self.mark("argmax")?;
         }
         Ok(())
     }
@@ -1020,12 +1058,20 @@ impl GpuModel {
             } else {
                 None
             };
-            self.sessions.insert(b, DecodeSession { ws, graph });
+            self.sessions.insert(
+                b,
+                DecodeSession {
+                    ws,
+                    graph,
+                    next_pos: 0,
+                },
+            );
         }
         let mut sess = self
             .sessions
             .remove(&b)
             .ok_or_else(|| GpuError::Unsupported("decode session".into()))?;
+        sess.next_pos = positions.iter().copied().max().unwrap_or(0);
         let r = self.upload_step(&mut sess.ws, tokens, positions);
         let graph = sess.graph.is_some();
         self.sessions.insert(b, sess);
@@ -1080,6 +1126,18 @@ impl GpuModel {
             .sessions
             .remove(&batch)
             .ok_or_else(|| GpuError::Unsupported(format!("no decode session for batch {batch}")))?;
+        let cap = self.cache.as_ref().map_or(0, |c| c.capacity);
+        if sess.next_pos + n > cap {
+            let cached = sess.next_pos;
+            self.sessions.insert(batch, sess);
+            return Err(ForwardError::ContextOverflow {
+                cached,
+                new: n,
+                max: cap,
+            }
+            .into());
+        }
+        sess.next_pos += n;
         let mut r = Ok(());
         for _ in 0..n {
             r = match &sess.graph {
@@ -1162,6 +1220,55 @@ impl GpuModel {
         self.sessions.clear();
         self.workspaces.clear();
         self.lm_head = head;
+    }
+
+    /// Records an event after an op while an eager step is profiled.
+    fn mark(&self, name: &'static str) -> Result<(), GpuError> {
+        if let Some(v) = self.prof.borrow_mut().as_mut() {
+            let e = self
+                .gpu
+                .ctx
+                .context()
+                .new_event(None)
+                .map_err(drv("create event"))?;
+            e.record(self.gpu.ctx.stream())
+                .map_err(drv("record event"))?;
+            v.push((name, e));
+        }
+        Ok(())
+    }
+
+    /// Runs one decode step of `batch` eagerly with an event after every op and returns the
+    /// milliseconds spent per op kind (summed over layers; includes the host launch gaps of
+    /// eager execution, which the graph removes). Advances the session by one token.
+    pub fn profile_decode_step(&mut self, batch: usize) -> Result<Vec<(String, f64)>, GpuError> {
+        let cap = self.cache.as_ref().map_or(0, |c| c.capacity);
+        let mut sess = self
+            .sessions
+            .remove(&batch)
+            .ok_or_else(|| GpuError::Unsupported(format!("no decode session for batch {batch}")))?;
+        if sess.next_pos + 1 > cap {
+            self.sessions.insert(batch, sess);
+            return Err(GpuError::Unsupported(
+                "no room in the cache to profile a step".into(),
+            ));
+        }
+        sess.next_pos += 1;
+        *self.prof.borrow_mut() = Some(Vec::new());
+        let r = self.run(&mut sess.ws, true);
+        let events = self.prof.borrow_mut().take().unwrap_or_default();
+        self.sessions.insert(batch, sess);
+        r?;
+        self.synchronize()?;
+        let mut out: Vec<(String, f64)> = Vec::new();
+        for w in events.windows(2) {
+            let ms = w[0].1.elapsed_ms(&w[1].1).map_err(drv("event time"))? as f64;
+            match out.iter_mut().find(|(n, _)| n == w[1].0) {
+                Some(e) => e.1 += ms,
+                None => out.push((w[1].0.to_string(), ms)),
+            }
+        }
+        Ok(out)
     }
 
     /// Adds what is pending to the residual stream and normalises it into `ws.h` (or, for the

@@ -58,6 +58,16 @@ pub struct Rows<'a> {
     pub stride: i32,
 }
 
+/// MoE pairs to combine: per-pair outputs `[m * top_k, hidden]`, their weights and expert ids
+/// (`[m * top_k]`), top_k, number of experts.
+pub type PairsArg<'a> = (
+    &'a CudaSlice<bf16>,
+    &'a CudaSlice<f32>,
+    &'a CudaSlice<i32>,
+    usize,
+    usize,
+);
+
 /// Loaded runtime kernels.
 ///
 /// The KV cache is passed to the attention kernels by shared reference although they write
@@ -142,6 +152,7 @@ impl Ops {
     }
 
     /// `x[t] = emb[tok[t]]` for `m` tokens; out-of-range ids are counted in `bad[0]`.
+    #[allow(clippy::too_many_arguments)]
     pub fn embed_gather(
         &self,
         gpu: &GpuContext,
@@ -169,13 +180,7 @@ impl Ops {
         gpu: &GpuContext,
         x: &mut CudaSlice<f32>,
         d1: Option<&CudaSlice<bf16>>,
-        pairs: Option<(
-            &CudaSlice<bf16>,
-            &CudaSlice<f32>,
-            &CudaSlice<i32>,
-            usize,
-            usize,
-        )>,
+        pairs: Option<PairsArg<'_>>,
         d2: Option<&CudaSlice<bf16>>,
         g2: Option<&CudaSlice<bf16>>,
         w: &CudaSlice<f32>,
@@ -197,9 +202,12 @@ impl Ops {
         opt(&mut b, d2);
         opt(&mut b, g2);
         b.arg(w).arg(out).arg(&h).arg(&eps).arg(&rb);
+        // One block per row: few rows (decode) get wide blocks so that each thread has only a
+        // few elements (the row is latency-bound, not bandwidth-bound).
+        let threads = if m <= 64 { 1024 } else { 256 };
         // SAFETY: x, d1, d2 are [m, hidden]; pairs [m * top_k, hidden] with m * top_k weights
         // and ids; g2 [m]; out holds (m - row_begin) rows.
-        unsafe { b.launch(grid1(m as u32, 256, 0)) }.map_err(drv("launch add_rmsnorm"))?;
+        unsafe { b.launch(grid1(m as u32, threads, 0)) }.map_err(drv("launch add_rmsnorm"))?;
         Ok(())
     }
 
@@ -284,7 +292,7 @@ impl Ops {
         let cfg = LaunchConfig {
             grid_dim: (m as u32, a.n_heads as u32, a.max_splits as u32),
             block_dim: (ATTN_THREADS, 1, 1),
-            shared_mem_bytes: (3 * a.d as u32 + a.split_len as u32) * 4,
+            shared_mem_bytes: (3 * a.d as u32 + a.split_len as u32 + 8 * ATTN_THREADS) * 4,
         };
         // SAFETY: as kv_write; part_ml/part_o/counters hold m * heads * max_splits entries.
         unsafe { b.launch(cfg) }.map_err(drv("launch attention"))?;

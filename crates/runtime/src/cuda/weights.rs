@@ -2,10 +2,13 @@
 //! dequant-GEMM), and the fusion of several layers that read the same input (q/k/v, gate/up)
 //! into one matrix so that one launch serves them.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::CudaSlice;
 use half::bf16;
-use mimo_kernels::cuda::{bf16_gemm, fp4_gemm, GpuContext, GpuFp4Weight};
+use mimo_kernels::cuda::{bf16_gemm, fp4_gemm, fp4_gemm_dequant_cublas, GpuContext, GpuFp4Weight};
 use mimo_kernels::Fp4Matrix;
 
 use super::error::{drv, GpuError};
@@ -20,8 +23,14 @@ pub struct Gpu {
     pub blas: CudaBlas,
     /// The runtime's own kernels.
     pub ops: Ops,
+    /// bf16 scratch per FP4 weight shape for the prefill path (dequantize, then cuBLAS).
+    scratch: Mutex<HashMap<(usize, usize), CudaSlice<bf16>>>,
     _blas_workspace: CudaSlice<u8>,
 }
+
+/// From this many token rows on, an FP4 GEMM dequantizes the weight to bf16 and uses cuBLAS
+/// (the fused kernel re-reads the weight once per 32 rows).
+pub const PREFILL_DEQUANT_ROWS: usize = 64;
 
 /// cuBLAS workspace given explicitly, so that GEMMs captured into a CUDA graph never allocate.
 const BLAS_WORKSPACE: usize = 32 << 20;
@@ -64,6 +73,7 @@ impl Gpu {
             ctx,
             blas,
             ops,
+            scratch: Mutex::new(HashMap::new()),
             _blas_workspace: ws,
         })
     }
@@ -144,6 +154,23 @@ impl GpuLinear {
         let bias = match self {
             GpuLinear::Bf16 { w, n, k, bias } => {
                 bf16_gemm(&gpu.blas, w, x, m, *n, *k, y)?;
+                bias
+            }
+            GpuLinear::Fp4 { w, bias } if m >= PREFILL_DEQUANT_ROWS => {
+                let mut map = gpu
+                    .scratch
+                    .lock()
+                    .map_err(|_| GpuError::Unsupported("scratch lock poisoned".into()))?;
+                let sc = match map.entry((w.n, w.k)) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => e.insert(
+                        gpu.ctx
+                            .stream()
+                            .alloc_zeros::<bf16>(w.n * w.k)
+                            .map_err(drv("alloc dequantization scratch"))?,
+                    ),
+                };
+                fp4_gemm_dequant_cublas(&gpu.ctx, &gpu.blas, w, x, m, sc, y)?;
                 bias
             }
             GpuLinear::Fp4 { w, bias } => {
