@@ -43,8 +43,44 @@ pub fn decode(code: u8) -> f32 {
 
 /// Magnitude code (0..=7) of |x| with round-to-nearest, ties to even mantissa; values above 6
 /// saturate to 6. `a` must be non-negative (NaN maps to 0).
-#[inline]
+///
+/// Branch-free: the code is the number of thresholds `a` lies above, counted on the f32 bit
+/// patterns (non-negative floats order like their bits as integers). A `<=` threshold t of the
+/// reference chain becomes `bits > bits(t)`, a `<` threshold becomes `bits > bits(t) - 1`, so the
+/// ties land exactly where [`encode_magnitude_reference`] puts them; NaN has bits above every
+/// threshold only with its sign cleared, so it is tested explicitly.
+#[inline(always)]
 pub fn encode_magnitude(a: f32) -> u8 {
+    let b = a.to_bits();
+    let mut code = 0u32;
+    for t in MAGNITUDE_THRESHOLD_BITS {
+        code += (b > t) as u32;
+    }
+    // NaN (any sign) and negative inputs: the reference chain gives 0 for NaN; a negative `a`
+    // breaks the precondition, but its bits exceed every threshold, so clamp it to 0 as well.
+    if b > 0x7F80_0000 {
+        0
+    } else {
+        code as u8
+    }
+}
+
+/// Bit patterns `t` such that `bits(a) > t` is exactly the reference chain's test for each
+/// E2M1 magnitude step: `a > 0.25`, `a >= 0.75`, `a > 1.25`, `a >= 1.75`, `a > 2.5`, `a >= 3.5`,
+/// `a > 5`.
+pub const MAGNITUDE_THRESHOLD_BITS: [u32; 7] = [
+    0x3E80_0000,     // 0.25: > (tie 0.25 -> 0, even)
+    0x3F40_0000 - 1, // 0.75: >= (tie 0.75 -> 1.0, even)
+    0x3FA0_0000,     // 1.25: > (tie -> 1.0)
+    0x3FE0_0000 - 1, // 1.75: >= (tie -> 2.0)
+    0x4020_0000,     // 2.5: > (tie -> 2.0)
+    0x4060_0000 - 1, // 3.5: >= (tie -> 4.0)
+    0x40A0_0000,     // 5.0: > (tie -> 4.0)
+];
+
+/// Scalar reference of [`encode_magnitude`]: the threshold chain of compressed-tensors
+/// `_cast_to_fp4`, written as the reference code reads. Tests check the fast encoder against it.
+pub fn encode_magnitude_reference(a: f32) -> u8 {
     // Thresholds exactly as compressed-tensors `_cast_to_fp4` (see module docs).
     if a <= 0.25 || a.is_nan() {
         0
@@ -69,14 +105,9 @@ pub fn encode_magnitude(a: f32) -> u8 {
 /// saturating at +-6. The sign bit is set for every `x < 0`, so a small negative value that
 /// rounds to zero gives code 8 (-0), as in compressed-tensors and ModelOpt; -0.0 itself gives
 /// code 0 (both tools take the sign from `x < 0` / `torch.sign`, which is 0 for -0.0).
-#[inline]
+#[inline(always)]
 pub fn encode(x: f32) -> u8 {
-    let mag = encode_magnitude(x.abs());
-    if x < 0.0 {
-        mag | SIGN_BIT
-    } else {
-        mag
-    }
+    encode_magnitude(x.abs()) | (((x < 0.0) as u8) << 3)
 }
 
 /// Packs two codes into one byte: `lo` (element 2i) in the low nibble, `hi` (element 2i+1) in

@@ -50,6 +50,7 @@
 use rayon::prelude::*;
 
 use crate::dtype::SrcDType;
+use crate::rowquant::{self, RowQuant};
 use crate::{e2m1, e4m3, e8m0};
 
 /// One revision of compressed-tensors main converted the scaled value to bfloat16 before the
@@ -276,7 +277,7 @@ fn check_len(what: &'static str, expected: usize, got: usize) -> Result<(), Fp4E
     Ok(())
 }
 
-fn check_row_buffers(
+pub(crate) fn check_row_buffers(
     format: Fp4Format,
     k: usize,
     packed_len: usize,
@@ -376,8 +377,54 @@ pub fn quantize_row_nvfp4(
 
 /// Quantizes one row (length k, a multiple of 16) to NVFP4 exactly as compressed-tensors does,
 /// with the block `amax / 6` rounded to `arith` (the dtype llm-compressor's observer works in).
-/// Writes k/2 packed bytes and k/16 E4M3 scale bytes.
+/// Writes k/2 packed bytes and k/16 E4M3 scale bytes. Runs the fused kernel of
+/// [`crate::rowquant`]; bit-identical to [`quantize_row_nvfp4_in_reference`].
 pub fn quantize_row_nvfp4_in(
+    row: &[f32],
+    global_scale: f32,
+    arith: SrcDType,
+    packed_out: &mut [u8],
+    scales_out: &mut [u8],
+) -> Result<(), Fp4Error> {
+    let q = RowQuant::Nvfp4Ct {
+        global_scale,
+        arith,
+    };
+    rowquant::quantize_row(q, row, packed_out, scales_out)
+}
+
+/// Quantizes one row (length k, a multiple of 32) to MXFP4 as compressed-tensors does. Writes
+/// k/2 packed bytes and k/32 E8M0 scale bytes. Runs the fused kernel of [`crate::rowquant`];
+/// bit-identical to [`quantize_row_mxfp4_reference`].
+pub fn quantize_row_mxfp4(
+    row: &[f32],
+    packed_out: &mut [u8],
+    scales_out: &mut [u8],
+) -> Result<(), Fp4Error> {
+    rowquant::quantize_row(RowQuant::Mxfp4, row, packed_out, scales_out)
+}
+
+/// Quantizes one row to NVFP4 exactly as ModelOpt does (`NVFP4QTensor.quantize`), given its
+/// per-tensor `weight_scale_2` (see [`modelopt_weight_scale_2`]). Writes k/2 packed bytes and
+/// k/16 E4M3 scale bytes; dequantize with `fp4 * e4m3(scale) * weight_scale_2`. Runs the fused
+/// kernel of [`crate::rowquant`]; bit-identical to [`quantize_row_nvfp4_modelopt_reference`].
+pub fn quantize_row_nvfp4_modelopt(
+    row: &[f32],
+    weight_scale_2: f32,
+    packed_out: &mut [u8],
+    scales_out: &mut [u8],
+) -> Result<(), Fp4Error> {
+    let q = RowQuant::Nvfp4ModelOpt { weight_scale_2 };
+    rowquant::quantize_row(q, row, packed_out, scales_out)
+}
+
+/// Scalar reference (slow, written as the reference tools read; tests check the fast row
+/// kernel against it).
+///
+/// Quantizes one row (length k, a multiple of 16) to NVFP4 exactly as compressed-tensors does,
+/// with the block `amax / 6` rounded to `arith` (the dtype llm-compressor's observer works in).
+/// Writes k/2 packed bytes and k/16 E4M3 scale bytes.
+pub fn quantize_row_nvfp4_in_reference(
     row: &[f32],
     global_scale: f32,
     arith: SrcDType,
@@ -400,11 +447,17 @@ pub fn quantize_row_nvfp4_in(
         .zip(packed_out.chunks_exact_mut(block / 2))
         .zip(scales_out.iter_mut())
     {
-        let code = nvfp4_block_scale_code(amax(x), global_scale, arith);
+        let local = arith.round(amax(x) / e2m1::E2M1_MAX);
+        let code = e4m3::encode_reference(global_scale * local);
+        let code = if e4m3::decode(code) == 0.0 {
+            e4m3::encode_reference(CT_ZERO_SCALE_EPS)
+        } else {
+            code
+        };
         *scale = code;
         // compressed-tensors `_quantize`: scale / global_scale, then x / that.
         let eff = e4m3::decode(code) / global_scale;
-        encode_block(x, packed, |v| ct_round_e2m1(v / eff));
+        encode_block(x, packed, |v| ct_round_e2m1_reference(v / eff));
     }
     Ok(())
 }
@@ -428,9 +481,12 @@ pub fn mxfp4_scale_code(block_amax: f32) -> u8 {
     (field - 2).clamp(0, 254) as u8
 }
 
+/// Scalar reference (slow, written as the reference tools read; tests check the fast row
+/// kernel against it).
+///
 /// Quantizes one row (length k, a multiple of 32) to MXFP4 as compressed-tensors does. Writes
 /// k/2 packed bytes and k/32 E8M0 scale bytes.
-pub fn quantize_row_mxfp4(
+pub fn quantize_row_mxfp4_reference(
     row: &[f32],
     packed_out: &mut [u8],
     scales_out: &mut [u8],
@@ -451,7 +507,7 @@ pub fn quantize_row_mxfp4(
         let code = mxfp4_scale_code(amax(x));
         *scale = code;
         let s = e8m0::decode(code);
-        encode_block(x, packed, |v| ct_round_e2m1(v / s));
+        encode_block(x, packed, |v| ct_round_e2m1_reference(v / s));
     }
     Ok(())
 }
@@ -470,10 +526,13 @@ pub fn modelopt_block_scale_code(block_amax: f32, weight_scale_2: f32) -> u8 {
     e4m3::encode(if s == 0.0 { 1.0 } else { s })
 }
 
+/// Scalar reference (slow, written as the reference tools read; tests check the fast row
+/// kernel against it).
+///
 /// Quantizes one row to NVFP4 exactly as ModelOpt does (`NVFP4QTensor.quantize`), given its
 /// per-tensor `weight_scale_2` (see [`modelopt_weight_scale_2`]). Writes k/2 packed bytes and
 /// k/16 E4M3 scale bytes; dequantize with `fp4 * e4m3(scale) * weight_scale_2`.
-pub fn quantize_row_nvfp4_modelopt(
+pub fn quantize_row_nvfp4_modelopt_reference(
     row: &[f32],
     weight_scale_2: f32,
     packed_out: &mut [u8],
@@ -495,13 +554,35 @@ pub fn quantize_row_nvfp4_modelopt(
         .zip(packed_out.chunks_exact_mut(block / 2))
         .zip(scales_out.iter_mut())
     {
-        let code = modelopt_block_scale_code(amax(x), weight_scale_2);
+        let s = amax(x) / (e2m1::E2M1_MAX * weight_scale_2);
+        let code = e4m3::encode_reference(if s == 0.0 { 1.0 } else { s });
         *scale = code;
         let eff = e4m3::decode(code) * weight_scale_2;
         // `_cast_fp4`: f32 thresholds, no clamp needed (anything above 5 is code 7).
-        encode_block(x, packed, |v| e2m1::encode(v / eff));
+        encode_block(x, packed, |v| e2m1_encode_reference(v / eff));
     }
     Ok(())
+}
+
+/// [`e2m1::encode`] through the reference threshold chain.
+fn e2m1_encode_reference(x: f32) -> u8 {
+    let mag = e2m1::encode_magnitude_reference(x.abs());
+    if x < 0.0 {
+        mag | e2m1::SIGN_BIT
+    } else {
+        mag
+    }
+}
+
+/// [`ct_round_e2m1`] through the reference threshold chain.
+fn ct_round_e2m1_reference(q: f32) -> u8 {
+    let c = q.clamp(-e2m1::E2M1_MAX, e2m1::E2M1_MAX);
+    let c = if CT_ROUND_THROUGH_BF16 {
+        SrcDType::BF16.round(c)
+    } else {
+        c
+    };
+    e2m1_encode_reference(c)
 }
 
 #[inline]

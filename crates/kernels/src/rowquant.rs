@@ -1,0 +1,599 @@
+//! Fast per-row FP4 quantizers: one pass per block (amax + finiteness check, scale, E2M1 codes,
+//! nibble packing, and optionally the dequantized value and the error sums), branch-free per
+//! element, reading f32 rows or raw BF16/F16/F32 bytes. Every result is bit-identical to the
+//! reference op order documented in [`crate::fp4`] (compressed-tensors / ModelOpt / MXFP4), which
+//! the tests check against the scalar reference encoders ([`crate::e2m1::encode_magnitude_reference`],
+//! [`crate::e4m3::encode_reference`]) and the compressed-tensors golden files.
+//!
+//! Why it is exact:
+//! - E2M1: the code is the count of thresholds that `|x / scale|` lies above, compared on the f32
+//!   bits ([`crate::e2m1::MAGNITUDE_THRESHOLD_BITS`]), with the reference's `<=` / `<` ties; the
+//!   clamp to +-6 of compressed-tensors never changes a code (everything above 5 is code 7). A
+//!   NaN quotient (0 / 0, only possible for ModelOpt when a tiny block's E4M3 scale rounds to 0)
+//!   is code 0 and an infinite one code 7, as in the reference chain.
+//! - The divisions stay divisions (x / eff with eff = e4m3 / global_scale, as compressed-tensors
+//!   does); only MXFP4 multiplies by `1 / 2^e`, which is exact (2^-e is an f32 for every E8M0
+//!   code, and x * 2^-e and x / 2^e are the same real number rounded once).
+//! - Block amax is the maximum of the sign-cleared bit patterns (non-negative floats order like
+//!   their bits); a pattern at or above 0x7F80_0000 is the non-finite check.
+//! - The dequantized value of a code is the sum of the E2M1 steps crossed (0.5, 0.5, 0.5, 0.5, 1,
+//!   1, 2: exact) with the code's sign, times the block multiplier: the same product as
+//!   [`crate::fp4::dequantize_row`].
+//!
+//! The AVX2 build of the same code is chosen at run time; it performs the same operations in the
+//! same order (no FMA), so the choice never changes a result.
+
+use half::f16;
+
+use crate::dtype::SrcDType;
+use crate::e2m1::MAGNITUDE_THRESHOLD_BITS;
+use crate::fp4::{
+    check_row_buffers, mxfp4_scale_code, Fp4Error, Fp4Format, CT_ROUND_THROUGH_BF16,
+    CT_ZERO_SCALE_EPS,
+};
+use crate::{e2m1, e4m3, e8m0};
+
+/// Value added to the dequantized magnitude by each threshold of
+/// [`MAGNITUDE_THRESHOLD_BITS`] that is crossed (0 -> 0.5 -> 1 -> 1.5 -> 2 -> 3 -> 4 -> 6).
+const MAGNITUDE_STEPS: [f32; 7] = [0.5, 0.5, 0.5, 0.5, 1.0, 1.0, 2.0];
+
+/// Which quantizer a row goes through.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RowQuant {
+    /// NVFP4, compressed-tensors op order ([`crate::fp4::quantize_row_nvfp4_in`]): global scale,
+    /// and the dtype the block `amax / 6` is rounded to.
+    Nvfp4Ct {
+        /// compressed-tensors global scale (finite, > 0)
+        global_scale: f32,
+        /// dtype of the observer's arithmetic
+        arith: SrcDType,
+    },
+    /// NVFP4, ModelOpt op order ([`crate::fp4::quantize_row_nvfp4_modelopt`]). The error
+    /// statistics reconstruct with `e4m3 / (1 / weight_scale_2)`, what [`crate::fp4::dequantize`]
+    /// gives for the matrix whose global scale is `1 / weight_scale_2`.
+    Nvfp4ModelOpt {
+        /// ModelOpt per-tensor scale (finite, > 0)
+        weight_scale_2: f32,
+    },
+    /// MXFP4, compressed-tensors op order ([`crate::fp4::quantize_row_mxfp4`]).
+    Mxfp4,
+}
+
+impl RowQuant {
+    /// NVFP4 or MXFP4.
+    pub fn format(self) -> Fp4Format {
+        match self {
+            RowQuant::Mxfp4 => Fp4Format::Mxfp4,
+            _ => Fp4Format::Nvfp4,
+        }
+    }
+}
+
+/// Error statistics of one row against its reconstruction, summed exactly as the converter's
+/// 8-lane accumulator does: element i goes to f32 lane i % 8, in row order, and the lanes are
+/// summed in f64 in lane order at the end of the row.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct RowError {
+    /// Sum of x^2.
+    pub signal: f64,
+    /// Sum of (x - dequant(q))^2.
+    pub noise: f64,
+    /// Largest |x - dequant(q)|.
+    pub max_abs: f32,
+}
+
+/// Per-lane f32 accumulators of [`RowError`].
+#[derive(Default)]
+struct Lanes {
+    s: [f32; 8],
+    n: [f32; 8],
+    m: [f32; 8],
+}
+
+impl Lanes {
+    fn finish(&self) -> RowError {
+        RowError {
+            signal: self.s.iter().map(|&v| v as f64).sum::<f64>(),
+            noise: self.n.iter().map(|&v| v as f64).sum::<f64>(),
+            max_abs: self.m.iter().fold(0.0f32, |a, &v| a.max(v)),
+        }
+    }
+}
+
+/// A source of 16-element chunks of one row as f32.
+trait Source {
+    /// Number of elements.
+    fn len(&self) -> usize;
+    /// Elements 16 j .. 16 j + 16.
+    fn chunk(&self, j: usize) -> [f32; 16];
+}
+
+struct F32Row<'a>(&'a [f32]);
+struct F32Bytes<'a>(&'a [u8]);
+struct Bf16Bytes<'a>(&'a [u8]);
+struct F16Bytes<'a>(&'a [u8]);
+
+impl Source for F32Row<'_> {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    #[inline(always)]
+    fn chunk(&self, j: usize) -> [f32; 16] {
+        let mut x = [0.0f32; 16];
+        x.copy_from_slice(&self.0[16 * j..16 * j + 16]);
+        x
+    }
+}
+
+impl Source for F32Bytes<'_> {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.0.len() / 4
+    }
+    #[inline(always)]
+    fn chunk(&self, j: usize) -> [f32; 16] {
+        let b = &self.0[64 * j..64 * j + 64];
+        let mut x = [0.0f32; 16];
+        for (i, v) in x.iter_mut().enumerate() {
+            *v = f32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]);
+        }
+        x
+    }
+}
+
+impl Source for Bf16Bytes<'_> {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.0.len() / 2
+    }
+    #[inline(always)]
+    fn chunk(&self, j: usize) -> [f32; 16] {
+        let b = &self.0[32 * j..32 * j + 32];
+        let mut x = [0.0f32; 16];
+        for (i, v) in x.iter_mut().enumerate() {
+            // bf16 -> f32 is a 16-bit shift; exact.
+            *v = f32::from_bits((u16::from_le_bytes([b[2 * i], b[2 * i + 1]]) as u32) << 16);
+        }
+        x
+    }
+}
+
+impl Source for F16Bytes<'_> {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.0.len() / 2
+    }
+    #[inline(always)]
+    fn chunk(&self, j: usize) -> [f32; 16] {
+        let b = &self.0[32 * j..32 * j + 32];
+        let mut x = [0.0f32; 16];
+        for (i, v) in x.iter_mut().enumerate() {
+            *v = f16::from_bits(u16::from_le_bytes([b[2 * i], b[2 * i + 1]])).to_f32();
+        }
+        x
+    }
+}
+
+/// Sign-cleared bit pattern of the largest |x| of a chunk (>= 0x7F80_0000 when one is non-finite).
+#[inline(always)]
+fn amax_bits(x: &[f32; 16]) -> u32 {
+    let mut m = 0u32;
+    for v in x {
+        m = m.max(v.to_bits() & 0x7FFF_FFFF);
+    }
+    m
+}
+
+/// The NonFinite error for chunk `j` (called only when [`amax_bits`] found one).
+#[cold]
+fn non_finite(x: &[f32; 16], j: usize) -> Fp4Error {
+    let i = x.iter().position(|v| !v.is_finite()).unwrap_or(0);
+    Fp4Error::NonFinite {
+        index: 16 * j + i,
+        value: x[i],
+    }
+}
+
+/// bf16 round-to-nearest-even of a non-NaN f32, and back (what `half::bf16::from_f32` does).
+#[inline(always)]
+fn round_bf16(x: f32) -> f32 {
+    let b = x.to_bits();
+    f32::from_bits((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF_0000)
+}
+
+#[inline(always)]
+fn round_arith(x: f32, arith: SrcDType) -> f32 {
+    match arith {
+        SrcDType::BF16 => round_bf16(x),
+        other => other.round(x),
+    }
+}
+
+/// Codes of the 16 scaled values `x[i] / s` (`x[i] * s` with `MUL`), packed into `out` (8 bytes, element 2i in the
+/// low nibble); with `ERR`, also the error of `code value * mult` against `x` into `lanes`.
+#[inline(always)]
+fn encode16<const ERR: bool, const MUL: bool>(
+    x: &[f32; 16],
+    s: f32,
+    mult: f32,
+    out: &mut [u8],
+    lanes: &mut Lanes,
+) {
+    let mut codes = [0u32; 16];
+    let mut deq = [0.0f32; 16];
+    for i in 0..16 {
+        let q = ct_post(if MUL { x[i] * s } else { x[i] / s });
+        let b = q.to_bits() & 0x7FFF_FFFF;
+        // NaN (0 / 0: ModelOpt's zero E4M3 scale of a tiny block) is code 0, as in the reference.
+        let b = if b > 0x7F80_0000 { 0 } else { b };
+        let mut c = 0u32;
+        let mut v = 0.0f32;
+        for t in 0..7 {
+            let above = b > MAGNITUDE_THRESHOLD_BITS[t];
+            c += above as u32;
+            if ERR {
+                v += if above { MAGNITUDE_STEPS[t] } else { 0.0 };
+            }
+        }
+        let neg = (q < 0.0) as u32;
+        codes[i] = c | (neg << 3);
+        if ERR {
+            deq[i] = f32::from_bits(v.to_bits() | (neg << 31)) * mult;
+        }
+    }
+    for (j, o) in out[..8].iter_mut().enumerate() {
+        *o = (codes[2 * j] | (codes[2 * j + 1] << 4)) as u8;
+    }
+    if ERR {
+        for i in 0..16 {
+            let l = i % 8;
+            let d = x[i] - deq[i];
+            lanes.s[l] += x[i] * x[i];
+            lanes.n[l] += d * d;
+            lanes.m[l] = lanes.m[l].max(d.abs());
+        }
+    }
+}
+
+/// [`encode16`], or its AVX2 twin when `AVX` (only inside [`row_avx2`]).
+#[inline(always)]
+fn encode16_dispatch<const ERR: bool, const MUL: bool, const AVX: bool>(
+    x: &[f32; 16],
+    s: f32,
+    mult: f32,
+    out: &mut [u8],
+    lanes: &mut Lanes,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if AVX && !CT_ROUND_THROUGH_BF16 {
+        // SAFETY: AVX is true only in code reached through `row_avx2`, which runs after the
+        // run-time AVX2 check.
+        unsafe { avx2::encode16::<ERR, MUL>(x, s, mult, out, lanes) };
+        return;
+    }
+    encode16::<ERR, MUL>(x, s, mult, out, lanes)
+}
+
+/// AVX2 version of [`encode16`]: the same operations in the same order, 8 lanes at a time.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::Lanes;
+    use crate::e2m1::E2M1_LUT;
+
+    /// Codes (i32 lanes, 0..=15) of 8 scaled values, and with ERR their dequantized values.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn codes8<const ERR: bool>(q: __m256, mult: __m256) -> (__m256i, __m256) {
+        // Float compares of |q| with the thresholds (`>` for ties to the lower code, `>=` for ties
+        // to the upper one): the same tests as the bit compares of the portable build. Ordered
+        // predicates are false for NaN, so a NaN quotient gets code 0 as there. (Integer compares
+        // of the sign-cleared bits would be rewritten by LLVM into unsigned max + equal pairs.)
+        let a = _mm256_and_ps(q, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF)));
+        let masks = [
+            _mm256_cmp_ps::<_CMP_GT_OQ>(a, _mm256_set1_ps(0.25)),
+            _mm256_cmp_ps::<_CMP_GE_OQ>(a, _mm256_set1_ps(0.75)),
+            _mm256_cmp_ps::<_CMP_GT_OQ>(a, _mm256_set1_ps(1.25)),
+            _mm256_cmp_ps::<_CMP_GE_OQ>(a, _mm256_set1_ps(1.75)),
+            _mm256_cmp_ps::<_CMP_GT_OQ>(a, _mm256_set1_ps(2.5)),
+            _mm256_cmp_ps::<_CMP_GE_OQ>(a, _mm256_set1_ps(3.5)),
+            _mm256_cmp_ps::<_CMP_GT_OQ>(a, _mm256_set1_ps(5.0)),
+        ];
+        let mut c = _mm256_setzero_si256();
+        for above in masks {
+            c = _mm256_sub_epi32(c, _mm256_castps_si256(above));
+        }
+        let neg = _mm256_cmp_ps::<_CMP_LT_OQ>(q, _mm256_setzero_ps());
+        let deq = if ERR {
+            // Magnitude of the code by a lane permute of the 8 E2M1 magnitudes: the same values
+            // as the portable build's sum of crossed steps.
+            // SAFETY: E2M1_LUT has 16 f32; the first 8 are the magnitudes.
+            let lut = unsafe { _mm256_loadu_ps(E2M1_LUT.as_ptr()) };
+            let v = _mm256_permutevar8x32_ps(lut, c);
+            let sign = _mm256_and_ps(neg, _mm256_set1_ps(-0.0));
+            _mm256_mul_ps(_mm256_or_ps(v, sign), mult)
+        } else {
+            _mm256_setzero_ps()
+        };
+        c = _mm256_or_si256(
+            c,
+            _mm256_and_si256(_mm256_castps_si256(neg), _mm256_set1_epi32(8)),
+        );
+        (c, deq)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(super) fn encode16<const ERR: bool, const MUL: bool>(
+        x: &[f32; 16],
+        s: f32,
+        mult: f32,
+        out: &mut [u8],
+        lanes: &mut Lanes,
+    ) {
+        let out: &mut [u8; 8] = (&mut out[..8]).try_into().expect("8 bytes");
+        // SAFETY: x has 16 f32 and the stores below write exactly 8 bytes of `out`.
+        unsafe {
+            let x0 = _mm256_loadu_ps(x.as_ptr());
+            let x1 = _mm256_loadu_ps(x.as_ptr().add(8));
+            let sv = _mm256_set1_ps(s);
+            let (q0, q1) = if MUL {
+                (_mm256_mul_ps(x0, sv), _mm256_mul_ps(x1, sv))
+            } else {
+                (_mm256_div_ps(x0, sv), _mm256_div_ps(x1, sv))
+            };
+            let mv = _mm256_set1_ps(mult);
+            let (c0, d0) = codes8::<ERR>(q0, mv);
+            let (c1, d1) = codes8::<ERR>(q1, mv);
+            // i16 lanes [c0 0-3, c1 0-3 | c0 4-7, c1 4-7] -> elements 0..15 in order.
+            let p = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(c0, c1));
+            // 32-bit lane j = e(2j) | e(2j+1) << 16; fold e(2j+1) down to bits 4..7.
+            let p = _mm256_or_si256(p, _mm256_srli_epi32::<12>(p));
+            // Low byte of every 32-bit lane, gathered into the low 8 bytes.
+            let idx = _mm256_setr_epi8(
+                0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 4, 8, 12, -1, -1,
+                -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+            );
+            let p = _mm256_shuffle_epi8(p, idx);
+            let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 1, 1, 1, 1, 1));
+            _mm_storel_epi64(out.as_mut_ptr() as *mut __m128i, _mm256_castsi256_si128(p));
+            if ERR {
+                let mut sa = _mm256_loadu_ps(lanes.s.as_ptr());
+                let mut na = _mm256_loadu_ps(lanes.n.as_ptr());
+                let mut ma = _mm256_loadu_ps(lanes.m.as_ptr());
+                let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+                for (xv, dv) in [(x0, d0), (x1, d1)] {
+                    let d = _mm256_sub_ps(xv, dv);
+                    sa = _mm256_add_ps(sa, _mm256_mul_ps(xv, xv));
+                    na = _mm256_add_ps(na, _mm256_mul_ps(d, d));
+                    ma = _mm256_max_ps(ma, _mm256_and_ps(d, abs));
+                }
+                _mm256_storeu_ps(lanes.s.as_mut_ptr(), sa);
+                _mm256_storeu_ps(lanes.n.as_mut_ptr(), na);
+                _mm256_storeu_ps(lanes.m.as_mut_ptr(), ma);
+            }
+        }
+    }
+}
+
+/// compressed-tensors' scaled value before the E2M1 thresholds: the optional bf16 step of
+/// [`CT_ROUND_THROUGH_BF16`] (the clamp to +-6 never changes a code and is left out otherwise;
+/// ModelOpt has neither, and the step is off for both).
+#[inline(always)]
+fn ct_post(q: f32) -> f32 {
+    if CT_ROUND_THROUGH_BF16 {
+        round_bf16(q.clamp(-e2m1::E2M1_MAX, e2m1::E2M1_MAX))
+    } else {
+        q
+    }
+}
+
+/// The whole row: blocks in order, one pass each.
+#[inline(always)]
+fn row_kernel<const ERR: bool, const AVX: bool, S: Source>(
+    q: RowQuant,
+    src: &S,
+    packed: &mut [u8],
+    scales: &mut [u8],
+) -> Result<Lanes, Fp4Error> {
+    let mut lanes = Lanes::default();
+    let chunks = src.len() / 16;
+    match q {
+        RowQuant::Nvfp4Ct {
+            global_scale: gs,
+            arith,
+        } => {
+            let zero_code = e4m3::encode(CT_ZERO_SCALE_EPS);
+            for (j, (out, sc)) in packed
+                .chunks_exact_mut(8)
+                .zip(scales.iter_mut())
+                .enumerate()
+                .take(chunks)
+            {
+                let x = src.chunk(j);
+                let mb = amax_bits(&x);
+                if mb >= 0x7F80_0000 {
+                    return Err(non_finite(&x, j));
+                }
+                let local = round_arith(f32::from_bits(mb) / e2m1::E2M1_MAX, arith);
+                let code = e4m3::encode(gs * local);
+                let code = if code & 0x7F == 0 { zero_code } else { code };
+                *sc = code;
+                let eff = e4m3::DECODE_LUT[code as usize] / gs;
+                encode16_dispatch::<ERR, false, AVX>(&x, eff, eff, out, &mut lanes);
+            }
+        }
+        RowQuant::Nvfp4ModelOpt {
+            weight_scale_2: ws2,
+        } => {
+            let gs_err = 1.0 / ws2;
+            for (j, (out, sc)) in packed
+                .chunks_exact_mut(8)
+                .zip(scales.iter_mut())
+                .enumerate()
+                .take(chunks)
+            {
+                let x = src.chunk(j);
+                let mb = amax_bits(&x);
+                if mb >= 0x7F80_0000 {
+                    return Err(non_finite(&x, j));
+                }
+                let s = f32::from_bits(mb) / (e2m1::E2M1_MAX * ws2);
+                let code = e4m3::encode(if s == 0.0 { 1.0 } else { s });
+                *sc = code;
+                let dec = e4m3::DECODE_LUT[code as usize];
+                let eff = dec * ws2;
+                let mult = if ERR { dec / gs_err } else { 0.0 };
+                encode16_dispatch::<ERR, false, AVX>(&x, eff, mult, out, &mut lanes);
+            }
+        }
+        RowQuant::Mxfp4 => {
+            for (b, (out, sc)) in packed
+                .chunks_exact_mut(16)
+                .zip(scales.iter_mut())
+                .enumerate()
+                .take(chunks / 2)
+            {
+                let x0 = src.chunk(2 * b);
+                let x1 = src.chunk(2 * b + 1);
+                let (m0, m1) = (amax_bits(&x0), amax_bits(&x1));
+                if m0 >= 0x7F80_0000 {
+                    return Err(non_finite(&x0, 2 * b));
+                }
+                if m1 >= 0x7F80_0000 {
+                    return Err(non_finite(&x1, 2 * b + 1));
+                }
+                let code = mxfp4_scale_code(f32::from_bits(m0.max(m1)));
+                *sc = code;
+                let s = e8m0::DECODE_LUT[code as usize];
+                // Exact: 1 / 2^e is an f32 for every code 0..=254 (see module docs).
+                let inv = 1.0 / s;
+                let (lo, hi) = out.split_at_mut(8);
+                encode16_dispatch::<ERR, true, AVX>(&x0, inv, s, lo, &mut lanes);
+                encode16_dispatch::<ERR, true, AVX>(&x1, inv, s, hi, &mut lanes);
+            }
+        }
+    }
+    Ok(lanes)
+}
+
+/// True when the AVX2 build can run on this CPU.
+#[inline]
+fn use_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn row_avx2<const ERR: bool, S: Source>(
+    q: RowQuant,
+    src: &S,
+    packed: &mut [u8],
+    scales: &mut [u8],
+) -> Result<Lanes, Fp4Error> {
+    row_kernel::<ERR, true, S>(q, src, packed, scales)
+}
+
+fn row_dispatch<const ERR: bool, S: Source>(
+    q: RowQuant,
+    src: &S,
+    packed: &mut [u8],
+    scales: &mut [u8],
+) -> Result<Lanes, Fp4Error> {
+    #[cfg(target_arch = "x86_64")]
+    if use_avx2() {
+        // SAFETY: AVX2 is present (checked at run time just above).
+        return unsafe { row_avx2::<ERR, S>(q, src, packed, scales) };
+    }
+    row_kernel::<ERR, false, S>(q, src, packed, scales)
+}
+
+fn check_scale(q: RowQuant) -> Result<(), Fp4Error> {
+    let s = match q {
+        RowQuant::Nvfp4Ct { global_scale, .. } => global_scale,
+        RowQuant::Nvfp4ModelOpt { weight_scale_2 } => weight_scale_2,
+        RowQuant::Mxfp4 => return Ok(()),
+    };
+    if s.is_finite() && s > 0.0 {
+        Ok(())
+    } else {
+        Err(Fp4Error::BadGlobalScale(s))
+    }
+}
+
+/// Quantizes one f32 row (length k, a multiple of the block size) with `q`. Writes k/2 packed
+/// bytes and k/block scale bytes. The output is that of the matching `crate::fp4` row function;
+/// on a non-finite value the error names its index in the row and the buffers hold partial data.
+pub fn quantize_row(
+    q: RowQuant,
+    row: &[f32],
+    packed_out: &mut [u8],
+    scales_out: &mut [u8],
+) -> Result<(), Fp4Error> {
+    check_row_buffers(q.format(), row.len(), packed_out.len(), scales_out.len())?;
+    check_scale(q)?;
+    row_dispatch::<false, _>(q, &F32Row(row), packed_out, scales_out).map(|_| ())
+}
+
+/// [`quantize_row`] through the portable build only (no SIMD dispatch): lets tests compare the
+/// two builds on a machine that has AVX2.
+pub fn quantize_row_portable(
+    q: RowQuant,
+    row: &[f32],
+    packed_out: &mut [u8],
+    scales_out: &mut [u8],
+) -> Result<RowError, Fp4Error> {
+    check_row_buffers(q.format(), row.len(), packed_out.len(), scales_out.len())?;
+    check_scale(q)?;
+    row_kernel::<true, false, _>(q, &F32Row(row), packed_out, scales_out).map(|l| l.finish())
+}
+
+/// Quantizes one row given as raw little-endian bytes of `dtype` (k elements, k = 2 *
+/// `packed_out.len()`), without an intermediate f32 row, and returns the row's error statistics
+/// against the dequantized result (see [`RowError`]; the reconstruction is bit-identical to
+/// [`crate::fp4::dequantize_row`] of the output). Same outputs and errors as [`quantize_row`].
+pub fn quantize_row_bytes_with_error(
+    q: RowQuant,
+    dtype: SrcDType,
+    bytes: &[u8],
+    packed_out: &mut [u8],
+    scales_out: &mut [u8],
+) -> Result<RowError, Fp4Error> {
+    let k = packed_out.len() * 2;
+    if bytes.len() != k * dtype.size() {
+        return Err(Fp4Error::Length {
+            what: "row bytes",
+            expected: k * dtype.size(),
+            got: bytes.len(),
+        });
+    }
+    check_row_buffers(q.format(), k, packed_out.len(), scales_out.len())?;
+    check_scale(q)?;
+    let lanes = match dtype {
+        SrcDType::BF16 => row_dispatch::<true, _>(q, &Bf16Bytes(bytes), packed_out, scales_out),
+        SrcDType::F16 => row_dispatch::<true, _>(q, &F16Bytes(bytes), packed_out, scales_out),
+        SrcDType::F32 => row_dispatch::<true, _>(q, &F32Bytes(bytes), packed_out, scales_out),
+    }?;
+    Ok(lanes.finish())
+}
+
+/// [`quantize_row_bytes_with_error`] for an f32 row.
+pub fn quantize_row_with_error(
+    q: RowQuant,
+    row: &[f32],
+    packed_out: &mut [u8],
+    scales_out: &mut [u8],
+) -> Result<RowError, Fp4Error> {
+    check_row_buffers(q.format(), row.len(), packed_out.len(), scales_out.len())?;
+    check_scale(q)?;
+    row_dispatch::<true, _>(q, &F32Row(row), packed_out, scales_out).map(|l| l.finish())
+}
