@@ -79,6 +79,8 @@ pub struct Perplexity {
     pub tokens: usize,
     /// Windows run.
     pub windows: usize,
+    /// Context length used (the requested one, capped at the model's maximum).
+    pub ctx: usize,
 }
 
 /// Log-probabilities of each scored target of window `w`, row by row:
@@ -108,11 +110,8 @@ pub fn perplexity(
     ctx: usize,
     stride: usize,
 ) -> Result<Perplexity, EvalError> {
-    let ws = windows(
-        tokens.len(),
-        ctx.min(model.config.max_position_embeddings),
-        stride,
-    )?;
+    let (ctx, stride) = cap_window(ctx, stride, model.config.max_position_embeddings);
+    let ws = windows(tokens.len(), ctx, stride)?;
     let mut nll = 0.0f64;
     let mut n = 0usize;
     for &w in &ws {
@@ -127,7 +126,18 @@ pub fn perplexity(
         mean_nll: mean,
         tokens: n,
         windows: ws.len(),
+        ctx,
     })
+}
+
+/// Caps the context at the model's maximum; a stride that fit the requested context is capped
+/// with it (a stride larger than the requested context stays an error).
+fn cap_window(ctx: usize, stride: usize, max: usize) -> (usize, usize) {
+    if ctx > max {
+        (max, stride.min(max))
+    } else {
+        (ctx, stride)
+    }
 }
 
 /// A position where the candidate departs most from the reference.
@@ -177,7 +187,8 @@ pub fn compare(
         .config
         .max_position_embeddings
         .min(candidate.config.max_position_embeddings);
-    let ws = windows(tokens.len(), ctx.min(max_ctx), stride)?;
+    let (ctx, stride) = cap_window(ctx, stride, max_ctx);
+    let ws = windows(tokens.len(), ctx, stride)?;
     let (mut nll_r, mut nll_c, mut kl_sum) = (0.0f64, 0.0f64, 0.0f64);
     let (mut n, mut agree) = (0usize, 0usize);
     let mut all: Vec<Divergence> = Vec::new();
@@ -218,6 +229,7 @@ pub fn compare(
         mean_nll: nll / n as f64,
         tokens: n,
         windows: ws.len(),
+        ctx,
     };
     Ok(Comparison {
         reference: mk(nll_r),
@@ -252,5 +264,15 @@ mod tests {
         }
         assert!(windows(10, 4, 5).is_err());
         assert!(windows(1, 4, 2).is_err());
+    }
+
+    #[test]
+    fn context_is_capped_at_the_model_maximum() {
+        assert_eq!(cap_window(512, 256, 1024), (512, 256));
+        assert_eq!(cap_window(1200, 600, 1024), (1024, 600));
+        assert_eq!(cap_window(2000, 1500, 1024), (1024, 1024));
+        // A stride beyond the requested context is still rejected by `windows`.
+        let (c, s) = cap_window(100, 200, 1024);
+        assert!(windows(1000, c, s).is_err());
     }
 }

@@ -313,12 +313,18 @@ fn run_ppl(
     let p = eval::perplexity(&model, &ids, ctx, stride)?;
     let secs = t0.elapsed().as_secs_f64();
     if json_out {
-        let v = json!({"model": dir, "file": file, "ctx": ctx, "stride": stride, "result": p, "seconds": secs});
+        let v = json!({"model": dir, "file": file, "ctx": p.ctx, "stride": stride.min(p.ctx), "result": p, "seconds": secs});
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!(
             "perplexity {:.4} (mean NLL {:.4} nats) over {} tokens, {} windows of {} (stride {}), {:.1}s",
-            p.ppl, p.mean_nll, p.tokens, p.windows, ctx, stride, secs
+            p.ppl,
+            p.mean_nll,
+            p.tokens,
+            p.windows,
+            p.ctx,
+            stride.min(p.ctx),
+            secs
         );
     }
     Ok(())
@@ -341,7 +347,7 @@ fn run_compare(
     let ids = read_tokens(&tok, file, max_tokens)?;
     let cmp = eval::compare(&r, &c, &ids, ctx, stride, worst)?;
     if json_out {
-        let v = json!({"reference": reference, "candidate": candidate, "file": file, "ctx": ctx, "stride": stride,
+        let v = json!({"reference": reference, "candidate": candidate, "file": file, "ctx": cmp.reference.ctx, "stride": stride.min(cmp.reference.ctx),
             "result": cmp});
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
