@@ -290,7 +290,7 @@ __device__ __forceinline__ void fp4_tile(const u8* __restrict__ wp, const u8* __
 #pragma unroll
     for (int j = 0; j < TN; j++) {
         const int xr = tok.in_row(j * 8 + g);
-        xptr[j] = x + (size_t)(xr < 0 ? 0 : xr) * k + (t << 5);
+        xptr[j] = x + (size_t)(xr < 0 ? 0 : xr) * k;  // + kpiece (which includes 32t)
     }
 
     // Each warp takes G consecutive chunks per iteration (G * 16 * MT rows * 64 bytes of

@@ -508,7 +508,7 @@ fn moe_bench(
             w_d.push(s.clone_htod(&wts)?);
         }
         let bytes = used_total as f64 / nr as f64 * per_expert as f64;
-        let auto = MoeConfig::auto(hidden, inter);
+        let auto = MoeConfig::auto(hidden, inter, tokens);
         let mut configs = vec![auto];
         if sweep {
             for (gu, d) in [(16, 6), (8, 3), (8, 2), (4, 2), (4, 1), (2, 2), (2, 1)] {

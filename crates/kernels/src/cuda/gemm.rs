@@ -29,26 +29,27 @@ const SMEM_LIMIT: u32 = 48 * 1024;
 
 impl Fp4GemmConfig {
     /// The shape chosen for an `[m, k] x [n, k]^T` product on a GPU with `sm_count` SMs.
-    /// From the H100 sweep of the double-buffered kernel (docs/kernels-notes.md, run of
-    /// commit 8efb678): one K chunk per group (the double buffering already keeps loads in
-    /// flight) and 8 warps of split-K (16 for K >= 8192 at up to 8 tokens); on very wide
-    /// layers (>= 16 blocks of 16 rows per SM) two row tiles and 2 warps.
+    /// From the H100 sweep of the v5 kernel (docs/kernels-notes.md, round 2): two row tiles
+    /// (32 rows per block) from n >= 4096 at up to 16 tokens; warps of split-K so that about
+    /// 16 warps per SM are resident in the first wave (4..=16, at most one K chunk each); two
+    /// chunks per load group at <= 8 tokens where every warp runs >= 4 chunks.
     pub fn auto(m: usize, n: usize, k: usize, sm_count: u32) -> Self {
         let chunks = k.div_ceil(K_CHUNK) as u32;
         let tn = token_tiles(m);
         let token_groups = m.div_ceil(8 * tn as usize).max(1) as u32;
-        let blocks16 = n.div_ceil(16) as u32 * token_groups;
-        let (m_tiles, warps) = if blocks16 >= 16 * sm_count.max(1) {
-            (2, 2)
-        } else if k >= 8192 && tn == 1 {
-            (1, 16)
-        } else {
-            (1, 8)
-        };
+        let m_tiles = if n >= 4096 && tn <= 2 { 2 } else { 1 };
+        let blocks = (n.div_ceil(16 * m_tiles as usize) as u32 * token_groups).max(1);
+        let target = 16 * sm_count.max(1);
+        let mut warps = 16;
+        while warps > 4 && blocks * warps > target {
+            warps /= 2;
+        }
+        let warps = warps.min(chunks).max(1);
+        let group = if tn == 1 && chunks >= 4 * warps { 2 } else { 1 };
         Fp4GemmConfig {
             m_tiles,
-            warps: warps.min(chunks).max(1),
-            group: 1,
+            warps,
+            group,
         }
     }
 

@@ -96,11 +96,13 @@ impl MoeConfig {
     /// kernels hold up to 128 registers per thread, so a 16-warp block fills an SM alone and
     /// every wave of blocks repeats the routing prologue before its first weight load; small
     /// blocks let several per SM run at once, one block's prologue overlapping another's loads.
-    pub fn auto(hidden: usize, inter: usize) -> Self {
+    /// From the H100 sweep (round 2): 4 and 2 warps at batch 1, 2 and 1 from 8 tokens on.
+    pub fn auto(hidden: usize, inter: usize, tokens: usize) -> Self {
         let chunks = |k: usize| k.div_ceil(K_CHUNK) as u32;
+        let (gu, d) = if tokens < 8 { (4, 2) } else { (2, 1) };
         MoeConfig {
-            gate_up_warps: chunks(hidden).clamp(1, 4),
-            down_warps: chunks(inter).clamp(1, 2),
+            gate_up_warps: chunks(hidden).clamp(1, gu),
+            down_warps: chunks(inter).clamp(1, d),
         }
     }
 }
@@ -122,7 +124,7 @@ pub fn moe_layer(
     out: &mut CudaSlice<bf16>,
 ) -> Result<(), CudaError> {
     let (_, hidden, inter) = w.dims()?;
-    let cfg = MoeConfig::auto(hidden, inter);
+    let cfg = MoeConfig::auto(hidden, inter, tokens);
     moe_layer_with(
         gpu,
         w,
