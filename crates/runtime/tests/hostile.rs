@@ -210,3 +210,67 @@ fn config_huge_layer_count_is_an_error_not_an_abort() {
     assert_eq!(o.code, Some(1), "{}", o.text);
     assert!(o.text.contains("model.layers.1."), "{}", o.text);
 }
+
+#[path = "../../../fuzz/fuzz_targets/common.rs"]
+mod fuzz_common;
+
+/// Files under fuzz/regressions/<target>/ (inputs a fuzz target once crashed on).
+fn regressions(target: &str) -> Vec<std::path::PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fuzz/regressions")
+        .join(target);
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// The fuzz targets' checks, in-process, on every corpus safetensors file and on every fuzz
+/// regression input: no panic, accepted ranges inside the buffer with the right length.
+#[test]
+fn fuzz_regressions_and_corpus_files_never_panic() {
+    let mut files: Vec<std::path::PathBuf> = Vec::new();
+    for group in ["good", "source", "fp4"] {
+        for case in std::fs::read_dir(corpus_root().join(group)).unwrap() {
+            for f in std::fs::read_dir(case.unwrap().path()).unwrap() {
+                let p = f.unwrap().path();
+                if p.extension().is_some_and(|e| e == "safetensors") {
+                    files.push(p);
+                }
+            }
+        }
+    }
+    assert!(files.len() > 40, "{} corpus shards", files.len());
+    files.extend(regressions("safetensors_header"));
+    for f in &files {
+        let data = std::fs::read(f).unwrap();
+        if let Ok((tensors, _)) = mimo_runtime::checkpoint::parse_header(f, &data) {
+            for e in tensors.values() {
+                assert!(e.start <= e.end && e.end <= data.len(), "{}", f.display());
+            }
+        }
+    }
+    for f in regressions("model_config") {
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&std::fs::read(&f).unwrap()) {
+            let _ = mimo_runtime::config::ModelConfig::from_json(&v, Path::new("config.json"));
+        }
+    }
+    let ct_nvfp4 = r#"{"model_type":"llama","quantization_config":{"quant_method":"compressed-tensors","format":"nvfp4-pack-quantized"}}"#;
+    for (target, prefix) in [
+        ("checkpoint_folder", None),
+        ("fp4_checkpoint", Some(ct_nvfp4)),
+    ] {
+        for f in regressions(target) {
+            let dir = fuzz_common::write_folder(&std::fs::read(&f).unwrap(), prefix);
+            if let Ok(ck) = Checkpoint::open(&dir) {
+                if let Detected::Fp4(layout) = detect(&ck) {
+                    for m in quantized_modules(&ck, layout) {
+                        let _ = load_linear(&ck, layout, &m);
+                    }
+                }
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+}
