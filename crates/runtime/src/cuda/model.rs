@@ -1225,11 +1225,12 @@ impl GpuModel {
     /// Records an event after an op while an eager step is profiled.
     fn mark(&self, name: &'static str) -> Result<(), GpuError> {
         if let Some(v) = self.prof.borrow_mut().as_mut() {
+            // Timing events (cudarc's default disables timing).
             let e = self
                 .gpu
                 .ctx
                 .context()
-                .new_event(None)
+                .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
                 .map_err(drv("create event"))?;
             e.record(self.gpu.ctx.stream())
                 .map_err(drv("record event"))?;
