@@ -28,3 +28,7 @@ build:
 # (cargo-fuzz; RUSTC_BOOTSTRAP=1 on stable). CI runs the short smoke: ./scripts/fuzz-smoke.sh.
 fuzz seconds="60":
     FUZZ_SECONDS={{seconds}} ./scripts/fuzz-smoke.sh
+
+# Conversion throughput and peak RSS on ~2 GB and ~8 GB synthetic checkpoints (bench/results/convert-cpu.json).
+bench-convert:
+    ./bench/convert.sh
