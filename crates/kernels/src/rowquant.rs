@@ -133,10 +133,12 @@ impl Source for F32Bytes<'_> {
     }
     #[inline(always)]
     fn chunk(&self, j: usize) -> [f32; 16] {
-        let b = &self.0[64 * j..64 * j + 64];
+        let b: &[u8; 64] = self.0[64 * j..64 * j + 64]
+            .try_into()
+            .expect("64-byte chunk");
         let mut x = [0.0f32; 16];
-        for (i, v) in x.iter_mut().enumerate() {
-            *v = f32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]);
+        for (v, c) in x.iter_mut().zip(b.chunks_exact(4)) {
+            *v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
         }
         x
     }
@@ -149,13 +151,15 @@ impl Source for Bf16Bytes<'_> {
     }
     #[inline(always)]
     fn chunk(&self, j: usize) -> [f32; 16] {
-        let b = &self.0[32 * j..32 * j + 32];
-        let mut x = [0.0f32; 16];
-        for (i, v) in x.iter_mut().enumerate() {
-            // bf16 -> f32 is a 16-bit shift; exact.
-            *v = f32::from_bits((u16::from_le_bytes([b[2 * i], b[2 * i + 1]]) as u32) << 16);
+        let b: &[u8; 32] = self.0[32 * j..32 * j + 32]
+            .try_into()
+            .expect("32-byte chunk");
+        let mut h = [0u16; 16];
+        for (v, c) in h.iter_mut().zip(b.chunks_exact(2)) {
+            *v = u16::from_le_bytes([c[0], c[1]]);
         }
-        x
+        // bf16 -> f32 is a 16-bit shift; exact.
+        h.map(|v| f32::from_bits((v as u32) << 16))
     }
 }
 
@@ -390,7 +394,22 @@ fn ct_post(q: f32) -> f32 {
     }
 }
 
-/// The whole row: blocks in order, one pass each.
+/// Blocks whose scales are computed before their elements are encoded (see [`row_kernel`]).
+const GROUP: usize = 32;
+
+/// Per-block values the element pass needs: the divisor (or MXFP4 multiplier) of the elements
+/// and the dequantization multiplier of the error statistics.
+#[derive(Clone, Copy, Default)]
+struct BlockScale {
+    s: f32,
+    mult: f32,
+}
+
+/// The whole row, in groups of [`GROUP`] blocks: first every block scale of the group (amax,
+/// finiteness, scale code, divisor), then every block's elements. The scale of one block is a
+/// long chain of dependent operations (reduction, divisions, rounding, table look-up); computed
+/// back to back for independent blocks they overlap, where interleaved with the element work
+/// they would stall it. Same operations, same order per block, so the same bits.
 #[inline(always)]
 fn row_kernel<const ERR: bool, const AVX: bool, S: Source>(
     q: RowQuant,
@@ -400,83 +419,98 @@ fn row_kernel<const ERR: bool, const AVX: bool, S: Source>(
 ) -> Result<Lanes, Fp4Error> {
     let mut lanes = Lanes::default();
     let chunks = src.len() / 16;
+    let per_block = q.format().block_size() / 16;
+    let blocks = (chunks / per_block).min(scales.len());
+    let mut bs = [BlockScale::default(); GROUP];
+    for g0 in (0..blocks).step_by(GROUP) {
+        let g1 = (g0 + GROUP).min(blocks);
+        for (b, (sc, slot)) in scales[g0..g1].iter_mut().zip(bs.iter_mut()).enumerate() {
+            let b = g0 + b;
+            let (code, v) = block_scale::<ERR, S>(q, src, b)?;
+            *sc = code;
+            *slot = v;
+        }
+        for (b, v) in (g0..g1).zip(bs) {
+            let out = &mut packed[b * 8 * per_block..(b + 1) * 8 * per_block];
+            if per_block == 1 {
+                let x = src.chunk(b);
+                encode16_dispatch::<ERR, false, AVX>(&x, v.s, v.mult, out, &mut lanes);
+            } else {
+                let (lo, hi) = out.split_at_mut(8);
+                let (x0, x1) = (src.chunk(2 * b), src.chunk(2 * b + 1));
+                encode16_dispatch::<ERR, true, AVX>(&x0, v.s, v.mult, lo, &mut lanes);
+                encode16_dispatch::<ERR, true, AVX>(&x1, v.s, v.mult, hi, &mut lanes);
+            }
+        }
+    }
+    Ok(lanes)
+}
+
+/// Scale code and element divisor of block `b` (with `ERR`, also its dequantization multiplier).
+#[inline(always)]
+fn block_scale<const ERR: bool, S: Source>(
+    q: RowQuant,
+    src: &S,
+    b: usize,
+) -> Result<(u8, BlockScale), Fp4Error> {
     match q {
         RowQuant::Nvfp4Ct {
             global_scale: gs,
             arith,
         } => {
-            let zero_code = e4m3::encode(CT_ZERO_SCALE_EPS);
-            for (j, (out, sc)) in packed
-                .chunks_exact_mut(8)
-                .zip(scales.iter_mut())
-                .enumerate()
-                .take(chunks)
-            {
-                let x = src.chunk(j);
-                let mb = amax_bits(&x);
-                if mb >= 0x7F80_0000 {
-                    return Err(non_finite(&x, j));
-                }
-                let local = round_arith(f32::from_bits(mb) / e2m1::E2M1_MAX, arith);
-                let code = e4m3::encode(gs * local);
-                let code = if code & 0x7F == 0 { zero_code } else { code };
-                *sc = code;
-                let eff = e4m3::DECODE_LUT[code as usize] / gs;
-                encode16_dispatch::<ERR, false, AVX>(&x, eff, eff, out, &mut lanes);
+            let x = src.chunk(b);
+            let mb = amax_bits(&x);
+            if mb >= 0x7F80_0000 {
+                return Err(non_finite(&x, b));
             }
+            let local = round_arith(f32::from_bits(mb) / e2m1::E2M1_MAX, arith);
+            let code = e4m3::encode(gs * local);
+            let code = if code & 0x7F == 0 {
+                e4m3::encode(CT_ZERO_SCALE_EPS)
+            } else {
+                code
+            };
+            // compressed-tensors `_quantize`: scale / global_scale, then x / that; the
+            // dequantization multiplier is the same quotient.
+            let eff = e4m3::DECODE_LUT[code as usize] / gs;
+            Ok((code, BlockScale { s: eff, mult: eff }))
         }
         RowQuant::Nvfp4ModelOpt {
             weight_scale_2: ws2,
         } => {
-            let gs_err = 1.0 / ws2;
-            for (j, (out, sc)) in packed
-                .chunks_exact_mut(8)
-                .zip(scales.iter_mut())
-                .enumerate()
-                .take(chunks)
-            {
-                let x = src.chunk(j);
-                let mb = amax_bits(&x);
-                if mb >= 0x7F80_0000 {
-                    return Err(non_finite(&x, j));
-                }
-                let s = f32::from_bits(mb) / (e2m1::E2M1_MAX * ws2);
-                let code = e4m3::encode(if s == 0.0 { 1.0 } else { s });
-                *sc = code;
-                let dec = e4m3::DECODE_LUT[code as usize];
-                let eff = dec * ws2;
-                let mult = if ERR { dec / gs_err } else { 0.0 };
-                encode16_dispatch::<ERR, false, AVX>(&x, eff, mult, out, &mut lanes);
+            let x = src.chunk(b);
+            let mb = amax_bits(&x);
+            if mb >= 0x7F80_0000 {
+                return Err(non_finite(&x, b));
             }
+            let s = f32::from_bits(mb) / (e2m1::E2M1_MAX * ws2);
+            let code = e4m3::encode(if s == 0.0 { 1.0 } else { s });
+            let dec = e4m3::DECODE_LUT[code as usize];
+            // The error reconstructs through the matrix's global scale 1 / weight_scale_2.
+            let mult = if ERR { dec / (1.0 / ws2) } else { 0.0 };
+            Ok((code, BlockScale { s: dec * ws2, mult }))
         }
         RowQuant::Mxfp4 => {
-            for (b, (out, sc)) in packed
-                .chunks_exact_mut(16)
-                .zip(scales.iter_mut())
-                .enumerate()
-                .take(chunks / 2)
-            {
-                let x0 = src.chunk(2 * b);
-                let x1 = src.chunk(2 * b + 1);
-                let (m0, m1) = (amax_bits(&x0), amax_bits(&x1));
-                if m0 >= 0x7F80_0000 {
-                    return Err(non_finite(&x0, 2 * b));
-                }
-                if m1 >= 0x7F80_0000 {
-                    return Err(non_finite(&x1, 2 * b + 1));
-                }
-                let code = mxfp4_scale_code(f32::from_bits(m0.max(m1)));
-                *sc = code;
-                let s = e8m0::DECODE_LUT[code as usize];
-                // Exact: 1 / 2^e is an f32 for every code 0..=254 (see module docs).
-                let inv = 1.0 / s;
-                let (lo, hi) = out.split_at_mut(8);
-                encode16_dispatch::<ERR, true, AVX>(&x0, inv, s, lo, &mut lanes);
-                encode16_dispatch::<ERR, true, AVX>(&x1, inv, s, hi, &mut lanes);
+            let (x0, x1) = (src.chunk(2 * b), src.chunk(2 * b + 1));
+            let (m0, m1) = (amax_bits(&x0), amax_bits(&x1));
+            if m0 >= 0x7F80_0000 {
+                return Err(non_finite(&x0, 2 * b));
             }
+            if m1 >= 0x7F80_0000 {
+                return Err(non_finite(&x1, 2 * b + 1));
+            }
+            let code = mxfp4_scale_code(f32::from_bits(m0.max(m1)));
+            let s = e8m0::DECODE_LUT[code as usize];
+            // Exact: 1 / 2^e is an f32 for every code 0..=254 (see module docs).
+            Ok((
+                code,
+                BlockScale {
+                    s: 1.0 / s,
+                    mult: s,
+                },
+            ))
         }
     }
-    Ok(lanes)
 }
 
 /// True when the AVX2 build can run on this CPU.
