@@ -295,7 +295,7 @@ __device__ __forceinline__ void fp4_tile(const u8* __restrict__ wp, const u8* __
 
     // Each warp takes G consecutive chunks per iteration (G * 16 * MT rows * 64 bytes of
     // weights), then skips S*G chunks. Pointers advance by a constant per iteration (no
-    // per-load address arithmetic); rows outside the tile are clamped to the tile's first row.
+    // per-load address arithmetic); rows outside the tile are clamped to an existing row.
     const int c_first = warp * G;
     const u8* wptr[MT][2];
     const u8* sptr[MT][2];
@@ -305,7 +305,10 @@ __device__ __forceinline__ void fp4_tile(const u8* __restrict__ wp, const u8* __
         for (int h = 0; h < 2; h++) {
             const int l = g + h * 8;
             int r = row0 + i * tstride + l;
-            if (!(row0 + l < lim && r < n)) r = row0 + i * tstride;
+            // Clamp to a row that exists: tile i's first row where it is < n (gated: the up
+            // row matching row0), else the block's first row (dense: the second tile of the
+            // last block can lie wholly past n).
+            if (!(row0 + l < lim && r < n)) r = row0 + i * tstride < n ? row0 + i * tstride : row0;
             wptr[i][h] = wp + (size_t)r * kb + c_first * 64 + t * 16;
             sptr[i][h] = ws + (size_t)r * bpr + (FMT == FMT_NVFP4 ? c_first * 8 + t * 2
                                                                   : c_first * 4 + t);
