@@ -27,9 +27,7 @@ t_setup=$(($(date +%s) - t0))
 
 WORK=${MIMO_INTEROP_WORK:-$ROOT/target/interop}
 SOURCE=$ROOT/models/mimo-tiny-moe
-cargo build -q -p mimo-quant -p mimo-runtime --bins
-# The dump tool is its own cargo workspace; the shared target/ reuses the workspace's builds.
-CARGO_TARGET_DIR=$ROOT/target cargo build -q --manifest-path tests/interop/dequant-dump/Cargo.toml
+cargo build -q -p mimo-quant -p mimo-runtime -p mimo-interop-dequant-dump --bins
 BIN=$ROOT/target/debug
 
 rm -rf "$WORK"
