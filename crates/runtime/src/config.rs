@@ -7,6 +7,16 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
+/// Largest accepted size of one model dimension (vocab, hidden, intermediate, head count, head
+/// dim, expert count, and the q/kv projection widths heads * head_dim). Real models stay well
+/// below (vocab ~2^18, hidden ~2^14); the bound keeps every product of two dimensions far from
+/// usize overflow and turns absurd values into an error instead of a huge allocation.
+pub const MAX_DIM: usize = 1 << 24;
+
+/// Largest accepted `num_hidden_layers` (real models have at most a few hundred); per-layer
+/// tables are allocated from it.
+pub const MAX_LAYERS: usize = 4096;
+
 /// Errors reading config.json into a [`ModelConfig`].
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -321,6 +331,38 @@ impl<'a> Fields<'a> {
         Ok(n)
     }
 
+    /// `n` if it is at most `max`, else an error naming the key.
+    fn at_most(&self, key: &str, n: usize, max: usize) -> Result<usize, ConfigError> {
+        if n > max {
+            return Err(self.invalid(key, format!("{n} exceeds the limit {max}")));
+        }
+        Ok(n)
+    }
+
+    /// A required dimension: > 0 and at most [`MAX_DIM`].
+    fn dim(&self, key: &str) -> Result<usize, ConfigError> {
+        let n = self.positive(key)?;
+        self.at_most(key, n, MAX_DIM)
+    }
+
+    /// An optional size, at most [`MAX_DIM`] when present.
+    fn opt_dim(&self, key: &str) -> Result<Option<usize>, ConfigError> {
+        self.opt_usize(key)?
+            .map(|n| self.at_most(key, n, MAX_DIM))
+            .transpose()
+    }
+
+    /// `a * b` (the width `what`), if it neither overflows nor exceeds [`MAX_DIM`].
+    fn product(&self, key: &str, a: usize, b: usize, what: &str) -> Result<usize, ConfigError> {
+        match a.checked_mul(b) {
+            Some(p) if p <= MAX_DIM => Ok(p),
+            _ => Err(self.invalid(
+                key,
+                format!("{what} = {a} * {b} exceeds the limit {MAX_DIM}"),
+            )),
+        }
+    }
+
     fn opt_f64(&self, key: &str) -> Result<Option<f64>, ConfigError> {
         match self.get(key) {
             None => Ok(None),
@@ -440,36 +482,20 @@ impl ModelConfig {
             prefix: String::new(),
         };
 
-        let arch = match f.opt_str("model_type")? {
-            Some(mt) => Arch::from_model_type(mt).ok_or_else(|| ConfigError::Unsupported {
-                file: file.to_path_buf(),
-                model_type: mt.to_string(),
-            })?,
-            None => {
-                let class = f
-                    .get("architectures")
-                    .and_then(|a| a.as_array())
-                    .and_then(|a| a.first())
-                    .and_then(|c| c.as_str())
-                    .ok_or_else(|| f.missing("model_type"))?;
-                Arch::from_class_name(class).ok_or_else(|| ConfigError::Unsupported {
-                    file: file.to_path_buf(),
-                    model_type: class.to_string(),
-                })?
-            }
-        };
+        let arch = parse_arch(&f)?;
 
-        let hidden_size = f.positive("hidden_size")?;
+        let hidden_size = f.dim("hidden_size")?;
         let num_layers = f.positive("num_hidden_layers")?;
-        let num_heads = f.positive("num_attention_heads")?;
-        let num_kv_heads = f.opt_usize("num_key_value_heads")?.unwrap_or(num_heads);
+        let num_layers = f.at_most("num_hidden_layers", num_layers, MAX_LAYERS)?;
+        let num_heads = f.dim("num_attention_heads")?;
+        let num_kv_heads = f.opt_dim("num_key_value_heads")?.unwrap_or(num_heads);
         if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
             return Err(f.invalid(
                 "num_key_value_heads",
                 format!("{num_kv_heads} does not divide num_attention_heads = {num_heads}"),
             ));
         }
-        let head_dim = match f.opt_usize("head_dim")? {
+        let head_dim = match f.opt_dim("head_dim")? {
             Some(d) => d,
             None => {
                 if hidden_size % num_heads != 0 {
@@ -484,7 +510,20 @@ impl ModelConfig {
         if head_dim == 0 || head_dim % 2 != 0 {
             return Err(f.invalid("head_dim", format!("{head_dim} must be even and > 0")));
         }
-        let vocab_size = f.positive("vocab_size")?;
+        // The q and k/v projection widths; the decoder multiplies these without checks.
+        f.product(
+            "num_attention_heads",
+            num_heads,
+            head_dim,
+            "num_attention_heads * head_dim",
+        )?;
+        f.product(
+            "num_key_value_heads",
+            num_kv_heads,
+            head_dim,
+            "num_key_value_heads * head_dim",
+        )?;
+        let vocab_size = f.dim("vocab_size")?;
         let rms_norm_eps = f.opt_f64("rms_norm_eps")?.unwrap_or(1e-6);
         if let Some(act) = f.opt_str("hidden_act")? {
             if act != "silu" && act != "swish" {
@@ -517,7 +556,7 @@ impl ModelConfig {
         let sliding_window = parse_sliding_window(&f, arch, num_layers)?;
 
         let (moe, moe_layers) = parse_moe(&f, arch, num_layers)?;
-        let intermediate_size = match (&moe, f.opt_usize("intermediate_size")?) {
+        let intermediate_size = match (&moe, f.opt_dim("intermediate_size")?) {
             (_, Some(n)) => n,
             // A model whose every layer is MoE needs no dense size.
             (Some(_), None) if moe_layers.iter().all(|&m| m) => 0,
@@ -552,10 +591,47 @@ impl ModelConfig {
         })
     }
 
+    /// The architecture and `num_hidden_layers` as config.json declares them, without building
+    /// per-layer tables or bounding the layer count: a loader checks the declared layers'
+    /// tensors exist first, so an absurd count is reported as the first missing layer tensor.
+    pub fn declared_layers(json: &Value, file: &Path) -> Result<(Arch, usize), ConfigError> {
+        let obj = json.as_object().ok_or_else(|| ConfigError::NotObject {
+            file: file.to_path_buf(),
+        })?;
+        let f = Fields {
+            file,
+            obj,
+            prefix: String::new(),
+        };
+        Ok((parse_arch(&f)?, f.positive("num_hidden_layers")?))
+    }
+
     /// Query heads per key/value head.
     pub fn gqa_group(&self) -> usize {
         self.num_heads / self.num_kv_heads
     }
+}
+
+/// The architecture from `model_type`, or `architectures[0]` when model_type is absent.
+fn parse_arch(f: &Fields<'_>) -> Result<Arch, ConfigError> {
+    Ok(match f.opt_str("model_type")? {
+        Some(mt) => Arch::from_model_type(mt).ok_or_else(|| ConfigError::Unsupported {
+            file: f.file.to_path_buf(),
+            model_type: mt.to_string(),
+        })?,
+        None => {
+            let class = f
+                .get("architectures")
+                .and_then(|a| a.as_array())
+                .and_then(|a| a.first())
+                .and_then(|c| c.as_str())
+                .ok_or_else(|| f.missing("model_type"))?;
+            Arch::from_class_name(class).ok_or_else(|| ConfigError::Unsupported {
+                file: f.file.to_path_buf(),
+                model_type: class.to_string(),
+            })?
+        }
+    })
 }
 
 /// RoPE from `rope_theta` + `rope_scaling` (transformers 4.x) or `rope_parameters` (5.x).
@@ -700,9 +776,9 @@ fn parse_moe(
 ) -> Result<(Option<MoeConfig>, Vec<bool>), ConfigError> {
     match arch {
         Arch::Mixtral => {
-            let num_experts = f.positive("num_local_experts")?;
+            let num_experts = f.dim("num_local_experts")?;
             let top_k = f.positive("num_experts_per_tok")?;
-            let expert_intermediate_size = f.positive("intermediate_size")?;
+            let expert_intermediate_size = f.dim("intermediate_size")?;
             check_top_k(f, top_k, num_experts)?;
             // Mixtral always renormalizes the top-k weights.
             let moe = MoeConfig {
@@ -715,17 +791,17 @@ fn parse_moe(
             Ok((Some(moe), vec![true; num_layers]))
         }
         Arch::Qwen2Moe | Arch::Qwen3Moe => {
-            let num_experts = f.positive("num_experts")?;
+            let num_experts = f.dim("num_experts")?;
             let top_k = f.positive("num_experts_per_tok")?;
             check_top_k(f, top_k, num_experts)?;
-            let expert_intermediate_size = f.positive("moe_intermediate_size")?;
+            let expert_intermediate_size = f.dim("moe_intermediate_size")?;
             let norm_topk_prob = f
                 .opt_bool("norm_topk_prob")?
                 .unwrap_or(arch == Arch::Qwen3Moe);
             let step = f.opt_usize("decoder_sparse_step")?.unwrap_or(1);
             let mlp_only = f.usize_list("mlp_only_layers")?;
             let shared_expert_intermediate_size = if arch == Arch::Qwen2Moe {
-                match f.opt_usize("shared_expert_intermediate_size")? {
+                match f.opt_dim("shared_expert_intermediate_size")? {
                     Some(0) | None => None,
                     Some(n) => Some(n),
                 }
@@ -898,5 +974,67 @@ mod tests {
         v["rope_scaling"] = json!({"rope_type": "llama3", "factor": 8.0});
         let e = parse(v).unwrap_err().to_string();
         assert!(e.contains("rope_scaling.low_freq_factor"), "{e}");
+    }
+    /// Absurd dimensions and products are errors naming the key (F7, F8), never an overflow
+    /// panic or a huge allocation; the largest accepted values still parse.
+    #[test]
+    fn absurd_dimensions_are_errors_naming_the_key() {
+        let huge = json!(4611686018427387904u64);
+        for key in [
+            "hidden_size",
+            "intermediate_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "vocab_size",
+            "num_hidden_layers",
+        ] {
+            let mut v = llama();
+            v[key] = huge.clone();
+            let e = parse(v).unwrap_err();
+            assert!(matches!(e, ConfigError::Invalid { .. }), "{key}: {e}");
+            let e = e.to_string();
+            assert!(
+                e.contains("/m/config.json") && e.contains(key),
+                "{key}: {e}"
+            );
+        }
+        // Each factor in range, the product not: heads * head_dim = 2^12 * 2^14 > 2^24.
+        let mut v = llama();
+        v["num_attention_heads"] = json!(4096);
+        v["num_key_value_heads"] = json!(1);
+        v["head_dim"] = json!(16384);
+        let e = parse(v).unwrap_err().to_string();
+        assert!(
+            e.contains("'num_attention_heads'") && e.contains("exceeds the limit"),
+            "{e}"
+        );
+        let mut v = llama();
+        v["num_hidden_layers"] = json!(MAX_LAYERS + 1);
+        let e = parse(v).unwrap_err().to_string();
+        assert!(e.contains("'num_hidden_layers'"), "{e}");
+        // The limits themselves are accepted.
+        let mut v = llama();
+        v["num_hidden_layers"] = json!(MAX_LAYERS);
+        v["vocab_size"] = json!(MAX_DIM);
+        v["num_attention_heads"] = json!(4096);
+        v["num_key_value_heads"] = json!(4096);
+        v["head_dim"] = json!(4096);
+        let c = parse(v).unwrap();
+        assert_eq!(
+            (c.num_layers, c.sliding_window.len()),
+            (MAX_LAYERS, MAX_LAYERS)
+        );
+        // declared_layers does not bound the count (the loader checks tensors first).
+        let mut v = llama();
+        v["num_hidden_layers"] = json!(100_000_000_000u64);
+        let d = ModelConfig::declared_layers(&v, Path::new("/m/config.json")).unwrap();
+        assert_eq!(d, (Arch::Llama, 100_000_000_000));
+        let mut v = llama();
+        v["model_type"] = json!("mixtral");
+        v["num_local_experts"] = huge.clone();
+        v["num_experts_per_tok"] = json!(2);
+        let e = parse(v).unwrap_err().to_string();
+        assert!(e.contains("'num_local_experts'"), "{e}");
     }
 }

@@ -281,6 +281,29 @@ pub enum Logits {
     All,
 }
 
+/// Checks that every layer config.json declares has its input norm tensor, before the config's
+/// per-layer tables are built: an absurd `num_hidden_layers` (1e11) is reported as the first
+/// missing layer tensor instead of aborting on a huge allocation. Stops at the first missing
+/// layer, so the work is bounded by the number of tensors.
+fn check_declared_layers(ck: &Checkpoint, config_file: &Path) -> Result<(), LoadError> {
+    let (arch, declared) = ModelConfig::declared_layers(ck.config(), config_file)?;
+    let names = Names::new(arch);
+    for l in 0..declared {
+        let tensor = names.input_norm(l);
+        if !ck.contains(&tensor) {
+            return Err(LoadError::Data {
+                file: ck.root().to_path_buf(),
+                tensor,
+                reason: format!(
+                    "not found, but config.json num_hidden_layers = {declared} declares layers 0..{}",
+                    declared - 1
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// A loaded decoder-only model.
 #[derive(Debug)]
 pub struct Model {
@@ -303,7 +326,9 @@ impl Model {
     /// Loads the model from an opened checkpoint, checking every tensor's shape against the
     /// config.
     pub fn from_checkpoint(ck: &Checkpoint) -> Result<Model, LoadError> {
-        let config = ModelConfig::from_json(ck.config(), &ck.root().join("config.json"))?;
+        let config_file = ck.root().join("config.json");
+        check_declared_layers(ck, &config_file)?;
+        let config = ModelConfig::from_json(ck.config(), &config_file)?;
         let c = &config;
         let names = Names::new(c.arch);
         let ld = Loader::new(ck)?;
