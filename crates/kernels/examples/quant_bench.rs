@@ -205,6 +205,28 @@ fn converter_fused(d: &mut Data) -> f64 {
     sig + noise + mx as f64
 }
 
+/// The portable (non-SIMD) build of the fused kernel on f32 rows, with error statistics: what a
+/// CPU without AVX2 runs.
+fn portable_fused_f32(d: &mut Data) -> f64 {
+    let k = d.k;
+    let q = RowQuant::Nvfp4Ct {
+        global_scale: d.gs,
+        arith: SrcDType::BF16,
+    };
+    let mut sig = 0f64;
+    for r in rows_of(d) {
+        let e = rowquant::quantize_row_portable(
+            q,
+            &d.w[r * k..(r + 1) * k],
+            &mut d.packed,
+            &mut d.scales,
+        )
+        .expect("quantize");
+        sig += e.signal;
+    }
+    sig
+}
+
 const CASES: &[(&str, Case)] = &[
     ("nvfp4_ct_bf16", nvfp4_ct_bf16),
     ("nvfp4_ct_f32", nvfp4_ct_f32),
@@ -213,6 +235,7 @@ const CASES: &[(&str, Case)] = &[
     ("dequant_nvfp4", dequant_nvfp4),
     ("converter_row_path", converter_row_path),
     ("converter_fused", converter_fused),
+    ("portable_fused_f32", portable_fused_f32),
 ];
 
 fn main() {

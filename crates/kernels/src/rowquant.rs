@@ -6,8 +6,9 @@
 //! [`crate::e4m3::encode_reference`]) and the compressed-tensors golden files.
 //!
 //! Why it is exact:
-//! - E2M1: the code is the count of thresholds that `|x / scale|` lies above, compared on the f32
-//!   bits ([`crate::e2m1::MAGNITUDE_THRESHOLD_BITS`]), with the reference's `<=` / `<` ties; the
+//! - E2M1: the code is the count of thresholds that `|x / scale|` lies above (float compares,
+//!   `>` or `>=` as [`crate::e2m1::MAGNITUDE_THRESHOLD_BITS`] documents), with the reference's
+//!   `<=` / `<` ties; the
 //!   clamp to +-6 of compressed-tensors never changes a code (everything above 5 is code 7). A
 //!   NaN quotient (0 / 0, only possible for ModelOpt when a tiny block's E4M3 scale rounds to 0)
 //!   is code 0 and an infinite one code 7, as in the reference chain.
@@ -26,7 +27,6 @@
 use half::f16;
 
 use crate::dtype::SrcDType;
-use crate::e2m1::MAGNITUDE_THRESHOLD_BITS;
 use crate::fp4::{
     check_row_buffers, mxfp4_scale_code, Fp4Error, Fp4Format, CT_ROUND_THROUGH_BF16,
     CT_ZERO_SCALE_EPS,
@@ -34,8 +34,11 @@ use crate::fp4::{
 use crate::{e2m1, e4m3, e8m0};
 
 /// Value added to the dequantized magnitude by each threshold of
-/// [`MAGNITUDE_THRESHOLD_BITS`] that is crossed (0 -> 0.5 -> 1 -> 1.5 -> 2 -> 3 -> 4 -> 6).
+/// [`MAGNITUDE_THRESHOLDS`] that is crossed (0 -> 0.5 -> 1 -> 1.5 -> 2 -> 3 -> 4 -> 6).
 const MAGNITUDE_STEPS: [f32; 7] = [0.5, 0.5, 0.5, 0.5, 1.0, 1.0, 2.0];
+
+/// The E2M1 rounding thresholds (the values of [`crate::e2m1::MAGNITUDE_THRESHOLD_BITS`]).
+const MAGNITUDE_THRESHOLDS: [f32; 7] = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0];
 
 /// Which quantizer a row goes through.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -209,8 +212,9 @@ fn round_bf16(x: f32) -> f32 {
 #[inline(always)]
 fn round_arith(x: f32, arith: SrcDType) -> f32 {
     match arith {
+        SrcDType::F32 => x,
         SrcDType::BF16 => round_bf16(x),
-        other => other.round(x),
+        SrcDType::F16 => SrcDType::F16.round(x),
     }
 }
 
@@ -228,16 +232,27 @@ fn encode16<const ERR: bool, const MUL: bool>(
     let mut deq = [0.0f32; 16];
     for i in 0..16 {
         let q = ct_post(if MUL { x[i] * s } else { x[i] / s });
-        let b = q.to_bits() & 0x7FFF_FFFF;
-        // NaN (0 / 0: ModelOpt's zero E4M3 scale of a tiny block) is code 0, as in the reference.
-        let b = if b > 0x7F80_0000 { 0 } else { b };
+        // Float compares of |q| with the thresholds, `>` where the tie goes to the lower code and
+        // `>=` where it goes to the upper one (the reference chain's `<=` / `<`); every compare
+        // is false for NaN (0 / 0: ModelOpt's zero E4M3 scale of a tiny block), which gets code
+        // 0 as in the reference. Integer compares of the bits would need unsigned compares,
+        // which SSE2 lacks.
+        let a = q.abs();
+        let above = [
+            a > MAGNITUDE_THRESHOLDS[0],
+            a >= MAGNITUDE_THRESHOLDS[1],
+            a > MAGNITUDE_THRESHOLDS[2],
+            a >= MAGNITUDE_THRESHOLDS[3],
+            a > MAGNITUDE_THRESHOLDS[4],
+            a >= MAGNITUDE_THRESHOLDS[5],
+            a > MAGNITUDE_THRESHOLDS[6],
+        ];
         let mut c = 0u32;
         let mut v = 0.0f32;
         for t in 0..7 {
-            let above = b > MAGNITUDE_THRESHOLD_BITS[t];
-            c += above as u32;
+            c += above[t] as u32;
             if ERR {
-                v += if above { MAGNITUDE_STEPS[t] } else { 0.0 };
+                v += if above[t] { MAGNITUDE_STEPS[t] } else { 0.0 };
             }
         }
         let neg = (q < 0.0) as u32;
