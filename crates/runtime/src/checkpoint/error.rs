@@ -9,7 +9,7 @@ pub enum CheckpointError {
     #[error("{dir}: no config.json in the checkpoint folder")]
     MissingConfig { dir: PathBuf },
     /// A file could not be opened, read or memory-mapped.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         path: PathBuf,
         source: std::io::Error,

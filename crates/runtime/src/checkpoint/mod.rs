@@ -269,8 +269,10 @@ impl Checkpoint {
     }
 }
 
-/// True for a relative path without `..`, root or prefix components.
-fn is_plain_relative(p: &str) -> bool {
+/// True for a relative path without `..`, root or prefix components: the rule for any file
+/// name read from a checkpoint's own metadata (shard index, mimo-quant.json), so that such a
+/// name can only point inside the checkpoint folder.
+pub fn is_plain_relative(p: &str) -> bool {
     let path = Path::new(p);
     !p.is_empty()
         && path

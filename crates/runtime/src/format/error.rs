@@ -42,6 +42,27 @@ pub enum FormatError {
         tensor: String,
         value: f32,
     },
+    /// A per-tensor scale so small (or, for ModelOpt, so large) that the largest FP4 weight it
+    /// can dequantize to, `max`, is not a finite f32.
+    #[error(
+        "{file}: tensor '{tensor}' holds global scale {value}, which makes the largest dequantized weight {max} (not finite)"
+    )]
+    GlobalScaleOverflow {
+        file: PathBuf,
+        tensor: String,
+        value: f32,
+        max: f32,
+    },
+    /// An MXFP4 block scale code whose largest weight, 6 * 2^(code - 127), overflows f32.
+    #[error(
+        "{file}: tensor '{tensor}': block scale {index} has code {code}, which makes 6 * 2^({code} - 127) overflow f32"
+    )]
+    ScaleCodeOverflow {
+        file: PathBuf,
+        tensor: String,
+        index: usize,
+        code: u8,
+    },
     /// The layout's JSON config (quantization_config or hf_quant_config.json) is malformed.
     #[error("{file}: {reason}")]
     BadConfig { file: PathBuf, reason: String },

@@ -62,8 +62,31 @@ pub fn read_global_scale(
             value: v,
         });
     }
+    // The largest weight a block can hold is 6 * 448 (FP4 max times E4M3 max) divided by a
+    // compressed-tensors global scale, or times a ModelOpt weight_scale_2; a scale that makes it
+    // inf would turn every non-zero weight of the layer into inf and the logits into NaN.
+    let max = match layout {
+        Layout::ModelOptNvfp4 => FP4_E4M3_MAX * v,
+        _ => FP4_E4M3_MAX / v,
+    };
+    let inverse_ok = layout != Layout::ModelOptNvfp4 || (1.0 / v).is_finite();
+    if !max.is_finite() || !inverse_ok {
+        return Err(FormatError::GlobalScaleOverflow {
+            file: t.file.to_path_buf(),
+            tensor: name,
+            value: v,
+            max,
+        });
+    }
     Ok(Some(v))
 }
+
+/// Largest FP4 value (6) times the largest E4M3 block scale (448).
+const FP4_E4M3_MAX: f32 = 6.0 * 448.0;
+
+/// First E8M0 code (253) for which the largest MXFP4 weight, 6 * 2^(code - 127), is not a finite
+/// f32; 255 is NaN and left to the callers' NaN checks.
+const E8M0_FIRST_OVERFLOW: u8 = 253;
 
 /// Loads the quantized Linear `module` (e.g. `model.layers.0.mlp.up_proj`) stored in `layout`.
 /// The matrix's `global_scale` is in the compressed-tensors convention (`w = fp4 * scale /
@@ -91,6 +114,20 @@ pub fn load_linear(
     want_dtype(&scale, scale_dtypes)?;
     if k % block != 0 || scale.shape != [n, k / block] {
         return Err(wrong_shape(&scale, format!("[{n}, {k}/{block}]")));
+    }
+    if layout == Layout::CtMxfp4 {
+        if let Some(index) = scale
+            .data
+            .iter()
+            .position(|&c| (E8M0_FIRST_OVERFLOW..u8::MAX).contains(&c))
+        {
+            return Err(FormatError::ScaleCodeOverflow {
+                file: scale.file.to_path_buf(),
+                tensor: names.scale.clone(),
+                index,
+                code: scale.data[index],
+            });
+        }
     }
     let global_scale = match (layout, read_global_scale(ck, layout, module)?) {
         (Layout::ModelOptNvfp4, Some(s2)) => 1.0 / s2,
