@@ -8,10 +8,10 @@ use mimo_kernels::dtype::convert_to_vec;
 use mimo_kernels::e4m3;
 use mimo_kernels::e8m0;
 use mimo_kernels::fp4::{dequantize, Fp4Format};
-use mimo_runtime::checkpoint::{Checkpoint, CheckpointError};
+use mimo_runtime::checkpoint::{is_plain_relative, Checkpoint, CheckpointError};
 use mimo_runtime::format::{detect, load_linear, quantized_modules, Detected};
 
-use crate::manifest::{sha256_file, Manifest};
+use crate::manifest::{sha256_file, Manifest, MANIFEST_FILE};
 use crate::quantizer::{src_dtype, ErrorAcc, ErrorStats};
 
 /// Outcome of `verify`.
@@ -29,29 +29,89 @@ pub struct VerifyReport {
     pub kept_compared: usize,
     /// Problems found, each naming the file or tensor.
     pub problems: Vec<String>,
+    /// Things not checked (e.g. no manifest), which do not fail verification.
+    pub warnings: Vec<String>,
     /// Per module error against the source (with --source).
     pub errors: Vec<(String, ErrorStats)>,
+}
+
+/// Checks every file the manifest lists against its sha256 and size. A manifest that exists but
+/// cannot be read is a problem (a tampered checkpoint must not pass by breaking it); a missing
+/// one is a warning. Names must be plain relative paths inside `dir` (the shard index's rule)
+/// and only regular files are hashed, so a manifest cannot make us read `/dev/zero` or files
+/// outside the folder.
+fn check_manifest(dir: &Path, r: &mut VerifyReport) {
+    let path = dir.join(MANIFEST_FILE);
+    let m = match Manifest::read(dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            r.warnings.push(format!(
+                "{}: not found: file hashes not checked",
+                path.display()
+            ));
+            return;
+        }
+        Err(e) => {
+            r.problems
+                .push(format!("{}: cannot read the manifest: {e}", path.display()));
+            return;
+        }
+    };
+    for f in &m.files {
+        if !is_plain_relative(&f.name) {
+            r.problems.push(format!(
+                "{}: file name '{}' is not a plain file name inside the checkpoint folder",
+                path.display(),
+                f.name
+            ));
+            continue;
+        }
+        let p = dir.join(&f.name);
+        // metadata follows symlinks: a hub snapshot's links to blobs/ are regular files.
+        match std::fs::metadata(&p) {
+            Ok(md) if md.is_file() => {}
+            Ok(_) => {
+                r.problems.push(format!(
+                    "{}: file '{}' is not a regular file",
+                    path.display(),
+                    f.name
+                ));
+                continue;
+            }
+            Err(e) => {
+                r.problems.push(format!("{}: {e}", p.display()));
+                continue;
+            }
+        }
+        match sha256_file(&p) {
+            Ok(h) if h.sha256 == f.sha256 && h.bytes == f.bytes => {}
+            Ok(h) => r.problems.push(format!(
+                "{}: sha256 {} does not match the manifest ({})",
+                p.display(),
+                h.sha256,
+                f.sha256
+            )),
+            Err(e) => r.problems.push(format!("{}: {e}", p.display())),
+        }
+        r.files_checked += 1;
+    }
+}
+
+/// An error's message followed by its causes (`a: b: c`), as anyhow's `{:#}` prints it.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let _ = write!(s, ": {c}");
+        cause = c.source();
+    }
+    s
 }
 
 /// Verifies `dir`, and against `source` when given.
 pub fn verify(dir: &Path, source: Option<&Path>) -> Result<VerifyReport, CheckpointError> {
     let mut r = VerifyReport::default();
-    if let Ok(m) = Manifest::read(dir) {
-        for f in &m.files {
-            let p = dir.join(&f.name);
-            match sha256_file(&p) {
-                Ok(h) if h.sha256 == f.sha256 && h.bytes == f.bytes => {}
-                Ok(h) => r.problems.push(format!(
-                    "{}: sha256 {} does not match the manifest ({})",
-                    p.display(),
-                    h.sha256,
-                    f.sha256
-                )),
-                Err(e) => r.problems.push(format!("{}: {e}", p.display())),
-            }
-            r.files_checked += 1;
-        }
-    }
+    check_manifest(dir, &mut r);
     let ck = Checkpoint::open(dir)?;
     let layout = match detect(&ck) {
         Detected::Fp4(l) => l,
@@ -71,7 +131,7 @@ pub fn verify(dir: &Path, source: Option<&Path>) -> Result<VerifyReport, Checkpo
         let m = match load_linear(&ck, layout, &module) {
             Ok(m) => m,
             Err(e) => {
-                r.problems.push(e.to_string());
+                r.problems.push(with_causes(&e));
                 continue;
             }
         };
@@ -91,7 +151,7 @@ pub fn verify(dir: &Path, source: Option<&Path>) -> Result<VerifyReport, Checkpo
         let t = match src.tensor(&name) {
             Ok(t) => t,
             Err(e) => {
-                r.problems.push(e.to_string());
+                r.problems.push(with_causes(&e));
                 continue;
             }
         };
@@ -161,6 +221,9 @@ impl VerifyReport {
                 s,
                 "  against source: min SQNR {min:.2} dB, max abs error {max_err:.3e}"
             );
+        }
+        for w in &self.warnings {
+            let _ = writeln!(s, "  warning: {w}");
         }
         for p in &self.problems {
             let _ = writeln!(s, "  problem: {p}");
