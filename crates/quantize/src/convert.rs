@@ -63,7 +63,7 @@ pub enum ConvertError {
     #[error(transparent)]
     Method(#[from] crate::methods::ApplyError),
     /// Hashing a source file failed.
-    #[error("{path}: hashing failed: {source}")]
+    #[error("{path}: hashing failed")]
     Hash {
         path: PathBuf,
         source: std::io::Error,
@@ -195,7 +195,7 @@ pub fn convert_with(
     if let Some(h) = hf_quant_config(layout, &ignore, VERSION) {
         write_json(&tmp.path().join(HF_QUANT_CONFIG_FILE), &h)?;
     }
-    copy_side_files(&cfg.source, tmp.path())?;
+    let (_, side_warnings) = copy_side_files(&cfg.source, tmp.path())?;
 
     // Hash every output file (shards from the writer, the rest now).
     let mut files = shard_hashes;
@@ -256,6 +256,7 @@ pub fn convert_with(
     }
     write_json(&tmp.path().join(MANIFEST_FILE), &mv)?;
     check_cancel()?;
+    let removed_leftovers = tmp.removed_leftovers().to_vec();
     tmp.commit()?;
     Ok(ConvertSummary {
         output: cfg.output.clone(),
@@ -263,7 +264,13 @@ pub fn convert_with(
         architecture: plan.arch.clone(),
         totals: plan.totals(),
         files,
-        warnings: plan.warnings.clone(),
+        warnings: plan
+            .warnings
+            .iter()
+            .chain(&removed_leftovers)
+            .chain(&side_warnings)
+            .cloned()
+            .collect(),
         min_sqnr_db: stats.iter().copied().reduce(f64::min),
         mean_sqnr_db: (!stats.is_empty()).then(|| stats.iter().sum::<f64>() / stats.len() as f64),
     })

@@ -46,7 +46,7 @@ pub enum QuantError {
         reason: String,
     },
     /// The kernels refused the data (shape or scale problem).
-    #[error("{file}: tensor '{tensor}': {source}")]
+    #[error("{file}: tensor '{tensor}'")]
     Kernel {
         file: PathBuf,
         tensor: String,

@@ -21,8 +21,8 @@ pub enum WriteError {
     /// The output path has no parent folder or file name.
     #[error("{0}: not a usable output folder path")]
     BadPath(PathBuf),
-    /// A file operation failed.
-    #[error("{path}: {source}")]
+    /// A file operation failed (the OS error is the source, printed once by `{:#}`).
+    #[error("{path}")]
     Io {
         path: PathBuf,
         source: std::io::Error,
@@ -51,6 +51,54 @@ pub struct TempOutput {
     target: PathBuf,
     force: bool,
     done: bool,
+    removed: Vec<String>,
+}
+
+/// True when `pid` is a live process; without /proc (not Linux) every pid counts as live, so
+/// nothing is removed.
+fn pid_alive(pid: u32) -> bool {
+    let proc = Path::new("/proc");
+    !proc.is_dir() || proc.join(pid.to_string()).exists()
+}
+
+/// Removes `.<name>.mimo-quant-tmp-<pid>` folders in `parent` whose pid is not a live process
+/// (left by a run killed with SIGKILL) and a `.<name>.old` (left by a kill between the two
+/// renames of `commit`). Best effort: a folder that cannot be removed is reported and kept.
+fn remove_stale(parent: &Path, name: &str) -> Vec<String> {
+    let prefix = format!(".{name}.mimo-quant-tmp-");
+    let old = format!(".{name}.old");
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return Vec::new();
+    };
+    let mut notes = Vec::new();
+    let mut stale: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            let dead_tmp = n
+                .strip_prefix(&prefix)
+                .and_then(|pid| pid.parse::<u32>().ok())
+                .is_some_and(|pid| pid != std::process::id() && !pid_alive(pid));
+            // symlink_metadata: only real folders, never a link's target.
+            let is_dir = e.file_type().map(|t| t.is_dir()).unwrap_or(false);
+            is_dir && (dead_tmp || n == old)
+        })
+        .map(|e| e.path())
+        .collect();
+    stale.sort();
+    for p in stale {
+        match std::fs::remove_dir_all(&p) {
+            Ok(()) => notes.push(format!(
+                "removed {} (left by an interrupted run)",
+                p.display()
+            )),
+            Err(e) => notes.push(format!(
+                "cannot remove {} (left by an interrupted run): {e}",
+                p.display()
+            )),
+        }
+    }
+    notes
 }
 
 impl TempOutput {
@@ -68,11 +116,9 @@ impl TempOutput {
             _ => PathBuf::from("."),
         };
         std::fs::create_dir_all(&parent).map_err(io(&parent))?;
-        let tmp = parent.join(format!(
-            ".{}.mimo-quant-tmp-{}",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
+        let name = name.to_string_lossy();
+        let removed = remove_stale(&parent, &name);
+        let tmp = parent.join(format!(".{}.mimo-quant-tmp-{}", name, std::process::id()));
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
         }
@@ -82,7 +128,14 @@ impl TempOutput {
             target: target.to_path_buf(),
             force,
             done: false,
+            removed,
         })
+    }
+
+    /// Leftovers of killed runs removed by [`TempOutput::create`], each with a note, for the
+    /// caller to report.
+    pub fn removed_leftovers(&self) -> &[String] {
+        &self.removed
     }
 
     /// The temporary folder to write into.
@@ -264,19 +317,59 @@ pub fn is_side_file(name: &str) -> bool {
     NAMES.contains(&name) || name.ends_with(".py") || name.ends_with(".tiktoken")
 }
 
-/// Copies the side files of `src` into `dst`; returns their names, sorted.
-pub fn copy_side_files(src: &Path, dst: &Path) -> Result<Vec<String>, WriteError> {
+/// Copies the side files of `src` into `dst`; returns their names, sorted, and a warning for
+/// each one skipped. Only regular files are copied, and a symlink only when it resolves inside
+/// `src` or into a hub cache's `blobs/` folder (a snapshot is made of such links): a link to a
+/// file elsewhere (a key, a token) must not end up in an output that gets published.
+pub fn copy_side_files(src: &Path, dst: &Path) -> Result<(Vec<String>, Vec<String>), WriteError> {
     let mut names = Vec::new();
+    let mut warnings = Vec::new();
+    let src_real = std::fs::canonicalize(src).map_err(io(src))?;
     for ent in std::fs::read_dir(src).map_err(io(src))? {
         let ent = ent.map_err(io(src))?;
         let name = ent.file_name().to_string_lossy().into_owned();
-        if ent.path().is_file() && is_side_file(&name) {
-            std::fs::copy(ent.path(), dst.join(&name)).map_err(io(&ent.path()))?;
-            names.push(name);
+        if !is_side_file(&name) {
+            continue;
         }
+        let path = ent.path();
+        let kind = ent.file_type().map_err(io(&path))?;
+        if kind.is_symlink() {
+            let resolved = std::fs::canonicalize(&path).ok();
+            let allowed = resolved.as_ref().is_some_and(|r| {
+                r.is_file() && (r.starts_with(&src_real) || in_hub_blobs(&src_real, r))
+            });
+            if !allowed {
+                warnings.push(format!(
+                    "{}: not copied: a symlink to {}, outside the source folder",
+                    path.display(),
+                    resolved
+                        .map(|r| r.display().to_string())
+                        .unwrap_or_else(|| "nothing".into())
+                ));
+                continue;
+            }
+        } else if !kind.is_file() {
+            continue;
+        }
+        let to = dst.join(&name);
+        std::fs::copy(&path, &to).map_err(io(&to))?;
+        names.push(name);
     }
     names.sort();
-    Ok(names)
+    warnings.sort();
+    Ok((names, warnings))
+}
+
+/// True when `src` is a hub snapshot (`<repo>/snapshots/<commit>`) and `target` lies in that
+/// repo's `blobs/` folder.
+fn in_hub_blobs(src: &Path, target: &Path) -> bool {
+    let snapshots = src.parent();
+    match snapshots.and_then(|s| s.parent()) {
+        Some(repo) if snapshots.and_then(|s| s.file_name()) == Some("snapshots".as_ref()) => {
+            target.starts_with(repo.join("blobs"))
+        }
+        _ => false,
+    }
 }
 
 #[cfg(test)]
