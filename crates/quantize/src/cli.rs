@@ -109,6 +109,12 @@ pub struct PlanArgs {
     /// Hub revision (with a repo id).
     #[arg(long)]
     pub revision: Option<String>,
+    /// Hub token (with a repo id); else HF_TOKEN, else the token file under HF_HOME.
+    #[arg(long)]
+    pub token: Option<String>,
+    /// Use only the hub cache, never the network (also HF_HUB_OFFLINE=1).
+    #[arg(long)]
+    pub offline: bool,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -183,7 +189,8 @@ fn resolve_source(a: &PlanArgs) -> Result<(PathBuf, Option<(String, String)>)> {
     if p.exists() || !crate::hub::looks_like_repo_id(&a.source) {
         return Ok((p.to_path_buf(), None));
     }
-    let opts = crate::hub::HubOptions::from_env(None, a.revision.as_deref(), false);
+    let opts =
+        crate::hub::HubOptions::from_env(a.token.as_deref(), a.revision.as_deref(), a.offline);
     let f = crate::hub::fetch_model(&a.source, &opts)?;
     Ok((f.snapshot_dir, Some((f.repo_id, f.commit))))
 }
@@ -308,9 +315,11 @@ fn run_convert(a: ConvertArgs) -> Result<i32> {
         // A second Ctrl-C would kill us mid-cleanup; the flag makes the first one clean up.
         let _ = ctrlc::set_handler(move || c.store(true, Ordering::Relaxed));
     }
+    let mut plan_warnings = Vec::new();
     if !quiet {
         let ck = Checkpoint::open(&cfg.source)?;
         let plan = Plan::build(&ck, &cfg.plan)?;
+        plan_warnings.clone_from(&plan.warnings);
         for w in &plan.warnings {
             eprintln!("warning: {w}");
         }
@@ -358,6 +367,16 @@ fn run_convert(a: ConvertArgs) -> Result<i32> {
     bar.finish_and_clear();
     let summary = result?;
     let secs = start.elapsed().as_secs_f64();
+    if !quiet {
+        // Warnings found while converting (skipped side files, removed leftovers).
+        for w in summary
+            .warnings
+            .iter()
+            .filter(|w| !plan_warnings.contains(w))
+        {
+            eprintln!("warning: {w}");
+        }
+    }
     if a.plan.json {
         let mut v = serde_json::to_value(&summary)?;
         v["seconds"] = serde_json::json!(secs);
