@@ -113,16 +113,7 @@ CASES = []
 
 # Cases that fail today, with the finding (docs/hostile-findings.md); the tests run them in an
 # #[ignore]d test until the owner fixes the code, then the entry is removed here.
-KNOWN_ISSUES = {
-    ("fp4/manifest-names-dev-zero", "mimo-quant"):
-        "F1: verify hashes any path the manifest names; /dev/zero never ends",
-    ("fp4/manifest-invalid", "mimo-quant"):
-        "F2: verify skips hash checks silently when mimo-quant.json is unreadable and reports OK",
-    ("fp4/global-scale-denormal", "mimo-quant"):
-        "F3: a global scale that makes dequantized weights inf passes verify",
-    ("fp4/global-scale-denormal", "mimo-run"):
-        "F3: a global scale that makes dequantized weights inf is loaded by mimo-run",
-}
+KNOWN_ISSUES = {}
 
 
 def case(group, name, tool, command, expect, what):
