@@ -1,6 +1,6 @@
 //! The `mimo-run` binary end to end on a fixture checkpoint with a small word-level tokenizer:
 //! generate (greedy and seeded sampling, thread-count independence), --chat, ppl, compare, bench,
-//! and its error messages.
+//! the CUDA device choice (fallback to the CPU without a GPU) and its error messages.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -160,7 +160,6 @@ fn generate_streams_text_and_reports_speed() {
         String::from_utf8_lossy(&out.stderr)
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("not yet supported, using cpu"), "{stderr}");
     assert!(stderr.contains("tok/s decode"), "{stderr}");
     assert!(!String::from_utf8_lossy(&out.stdout).trim().is_empty());
     // --chat renders the template: prompt = <|user|> + 5 words + <|assistant|>.
@@ -299,4 +298,166 @@ fn cli_errors_are_clear() {
         err.contains("config.json") && !err.contains("panicked"),
         "{err}"
     );
+}
+
+/// Whether this machine has a usable GPU (the tests below check the no-GPU behaviour there).
+fn has_gpu() -> bool {
+    mimo_runtime::cuda::Gpu::new(0).is_ok()
+}
+
+#[test]
+fn device_cuda_generate_falls_back_to_the_cpu_without_a_gpu() {
+    let d = model_dir(FixArch::Qwen3Moe);
+    let m = d.path().to_str().unwrap();
+    let args = |dev: &'static str| {
+        vec![
+            "--device",
+            dev,
+            "--json",
+            "generate",
+            "-m",
+            m,
+            PROMPT,
+            "--max-tokens",
+            "12",
+        ]
+    };
+    let cpu = run(&args("cpu"));
+    assert!(
+        cpu.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cpu.stderr)
+    );
+    let cpu_stderr = String::from_utf8_lossy(&cpu.stderr);
+    assert!(!cpu_stderr.contains("falling back"), "{cpu_stderr}");
+    let cuda = run(&args("cuda"));
+    assert!(
+        cuda.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cuda.stderr)
+    );
+    let cv: Value = serde_json::from_slice(&cpu.stdout).unwrap();
+    let gv: Value = serde_json::from_slice(&cuda.stdout).unwrap();
+    assert_eq!(cv["tokens"].as_array().unwrap().len(), 12);
+    // Greedy: the GPU gives the CPU's tokens too (where there is one).
+    assert_eq!(gv["tokens"], cv["tokens"]);
+    assert_eq!(gv["text"], cv["text"]);
+    let stderr = String::from_utf8_lossy(&cuda.stderr);
+    if has_gpu() {
+        eprintln!("a GPU is present: the fallback message is not checked");
+    } else {
+        assert!(
+            stderr.contains("falling back to the CPU") && stderr.contains("CUDA"),
+            "{stderr}"
+        );
+        // The default device is the CPU here, silently.
+        let def = run(&args("cpu")[2..]);
+        assert!(def.status.success());
+        let dv: Value = serde_json::from_slice(&def.stdout).unwrap();
+        assert_eq!(dv["tokens"], cv["tokens"]);
+        assert!(!String::from_utf8_lossy(&def.stderr).contains("falling back"));
+    }
+}
+
+#[test]
+fn bench_random_weights_needs_a_gpu_and_a_config() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = d.path().join("tiny.json");
+    std::fs::write(
+        &cfg,
+        json!({
+            "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "vocab_size": 256, "max_position_embeddings": 256, "rms_norm_eps": 1e-5
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let c = cfg.to_str().unwrap();
+    // --device cpu is refused whatever the machine.
+    let out = run(&[
+        "--device",
+        "cpu",
+        "bench",
+        "--config",
+        c,
+        "--random-weights",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--random-weights")
+            && err.contains("no CPU mode")
+            && !err.contains("panicked"),
+        "{err}"
+    );
+    // --config without --random-weights, and --random-weights without --config: usage errors.
+    let out = run(&["bench", "--config", c]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--random-weights"));
+    let out = run(&["bench", "--random-weights"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--config"));
+    if has_gpu() {
+        eprintln!("a GPU is present: the no-GPU error is not checked");
+        return;
+    }
+    let out = run(&[
+        "bench",
+        "--config",
+        c,
+        "--random-weights",
+        "--layers",
+        "1",
+        "--steps",
+        "4",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no CPU mode")
+            && err.contains("no usable CUDA GPU")
+            && !err.contains("panicked"),
+        "{err}"
+    );
+}
+
+#[test]
+fn commands_not_on_cuda_yet_run_on_the_cpu_by_default() {
+    // ppl and checkpoint bench default to the CPU even where a GPU is present.
+    let d = model_dir(FixArch::Llama);
+    let v = run_json(&[
+        "--json",
+        "bench",
+        "-m",
+        d.path().to_str().unwrap(),
+        "--prompt-tokens",
+        "8",
+        "--decode-tokens",
+        "4",
+        "--runs",
+        "1",
+    ]);
+    assert!(v["decode_tok_s"].as_f64().unwrap() > 0.0);
+    let out = run(&[
+        "--device",
+        "cuda",
+        "bench",
+        "-m",
+        d.path().to_str().unwrap(),
+        "--prompt-tokens",
+        "8",
+        "--decode-tokens",
+        "4",
+        "--runs",
+        "1",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    if has_gpu() {
+        assert!(!out.status.success());
+        assert!(err.contains("not yet on the CUDA backend"), "{err}");
+    } else {
+        assert!(out.status.success(), "{err}");
+        assert!(err.contains("falling back to the CPU"), "{err}");
+    }
 }

@@ -1,5 +1,6 @@
 //! `mimo-run`: generate text, measure perplexity, compare a candidate checkpoint with a reference
-//! and benchmark prefill/decode speed, on BF16/F16 and FP4 checkpoints.
+//! and benchmark prefill/decode speed, on BF16/F16 and FP4 checkpoints, on the CPU or (with
+//! `--device cuda`, the default where a GPU is found) on one CUDA GPU.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -8,7 +9,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use mimo_runtime::eval;
-use mimo_runtime::generate::{generate, SamplingParams};
+use mimo_runtime::generate::{generate, GenerationStats, SamplingParams};
 use mimo_runtime::model::{Logits, Model};
 use mimo_runtime::tokenizer::{Message, TextTokenizer};
 use serde_json::json;
@@ -23,12 +24,13 @@ enum Device {
 #[command(
     name = "mimo-run",
     version,
-    about = "Run BF16 and FP4 checkpoints on the CPU"
+    about = "Run BF16 and FP4 checkpoints on the CPU or a CUDA GPU"
 )]
 struct Cli {
-    /// Backend.
-    #[arg(long, value_enum, default_value_t = Device::Cpu, global = true)]
-    device: Device,
+    /// Backend: cuda where a usable GPU is found, else cpu. An explicit `cuda` without a
+    /// usable GPU falls back to the CPU with a message.
+    #[arg(long, value_enum, global = true)]
+    device: Option<Device>,
     /// Worker threads (default: all cores). Results do not depend on it.
     #[arg(long, global = true)]
     threads: Option<usize>,
@@ -110,12 +112,46 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         worst: usize,
     },
-    /// Prefill and decode speed on synthetic tokens.
+    /// Prefill and decode speed on synthetic tokens: of a checkpoint (`--model`), or of a
+    /// config's shape with random weights built on the GPU (`--config FILE --random-weights`).
     Bench {
         /// Checkpoint folder.
-        #[arg(long, short)]
-        model: PathBuf,
-        /// Prompt length for the prefill measurement.
+        #[arg(long, short, required_unless_present = "random_weights")]
+        model: Option<PathBuf>,
+        /// config.json of the architecture (HF format), with --random-weights.
+        #[arg(long, requires = "random_weights", conflicts_with = "model")]
+        config: Option<PathBuf>,
+        /// Build random weights on the GPU (GPU only; throughput numbers only, never quality).
+        #[arg(long, requires = "config")]
+        random_weights: bool,
+        /// Random weights: keep only the first N layers.
+        #[arg(long, requires = "random_weights")]
+        layers: Option<usize>,
+        /// Random weights: prompt tokens before decoding.
+        #[arg(long, default_value_t = 512)]
+        prompt: usize,
+        /// Random weights: timed decode steps per batch size.
+        #[arg(long, default_value_t = 128)]
+        steps: usize,
+        /// Random weights: decode batch sizes, comma separated.
+        #[arg(long, default_value = "1,8,32")]
+        batches: String,
+        /// Random weights: weight formats, comma separated (bf16, nvfp4, mxfp4).
+        #[arg(long, default_value = "bf16,nvfp4")]
+        formats: String,
+        /// Random weights: also time FP4 runs with an FP4 lm_head.
+        #[arg(long)]
+        fp4_head: bool,
+        /// Random weights: decode without CUDA graphs (eager launches).
+        #[arg(long)]
+        no_graph: bool,
+        /// Random weights: also write the JSON report to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Random weights: seed of the weights and prompt.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Checkpoint: prompt length for the prefill measurement.
         #[arg(long, default_value_t = 128)]
         prompt_tokens: usize,
         /// Tokens decoded one at a time after the prompt.
@@ -129,9 +165,6 @@ enum Cmd {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    if cli.device == Device::Cuda {
-        eprintln!("mimo-run: the CUDA backend is not yet supported, using cpu");
-    }
     if let Some(n) = cli.threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
@@ -155,8 +188,10 @@ fn main() -> Result<()> {
                 top_p,
                 seed,
             };
+            // Generation is the one command whose default is the GPU where one is found.
+            let backend = gpu::Backend::resolve(cli.device, true);
             run_generate(
-                &model, &prompt, max_tokens, params, chat, system, ctx, cli.json,
+                &backend, &model, &prompt, max_tokens, params, chat, system, ctx, cli.json,
             )
         }
         Cmd::Ppl {
@@ -165,7 +200,10 @@ fn main() -> Result<()> {
             ctx,
             stride,
             max_tokens,
-        } => run_ppl(&model, &file, ctx, stride, max_tokens, cli.json),
+        } => {
+            gpu::cpu_only(cli.device, "ppl")?;
+            run_ppl(&model, &file, ctx, stride, max_tokens, cli.json)
+        }
         Cmd::Compare {
             reference,
             candidate,
@@ -174,15 +212,50 @@ fn main() -> Result<()> {
             stride,
             max_tokens,
             worst,
-        } => run_compare(
-            &reference, &candidate, &file, ctx, stride, max_tokens, worst, cli.json,
-        ),
+        } => {
+            gpu::cpu_only(cli.device, "compare")?;
+            run_compare(
+                &reference, &candidate, &file, ctx, stride, max_tokens, worst, cli.json,
+            )
+        }
         Cmd::Bench {
             model,
+            config,
+            random_weights,
+            layers,
+            prompt,
+            steps,
+            batches,
+            formats,
+            fp4_head,
+            no_graph,
+            out,
+            seed,
             prompt_tokens,
             decode_tokens,
             runs,
-        } => run_bench(&model, prompt_tokens, decode_tokens, runs, cli.json),
+        } => {
+            if random_weights {
+                let config = config.context("--random-weights needs --config FILE")?;
+                let args = gpu::RandomBenchArgs {
+                    config,
+                    layers,
+                    prompt,
+                    steps,
+                    batches,
+                    formats,
+                    fp4_head,
+                    graphs: !no_graph,
+                    out,
+                    seed,
+                };
+                return gpu::run_random_bench(cli.device, &args, cli.json);
+            }
+            let model =
+                model.context("bench needs --model DIR (or --config FILE --random-weights)")?;
+            gpu::cpu_only(cli.device, "bench of a checkpoint")?;
+            run_bench(&model, prompt_tokens, decode_tokens, runs, cli.json)
+        }
     }
 }
 
@@ -196,6 +269,7 @@ fn load_tokenizer(dir: &Path) -> Result<TextTokenizer> {
 
 #[allow(clippy::too_many_arguments)]
 fn run_generate(
+    backend: &gpu::Backend,
     dir: &Path,
     prompt: &str,
     max_tokens: usize,
@@ -206,7 +280,17 @@ fn run_generate(
     json_out: bool,
 ) -> Result<()> {
     let tok = load_tokenizer(dir)?;
-    let model = load_model(dir)?;
+    // Loaded only on the CPU path; the GPU path reads the checkpoint straight to the device.
+    let (cpu_model, mut gpu_model) = match backend {
+        gpu::Backend::Cpu => (Some(load_model(dir)?), None),
+        gpu::Backend::Cuda(g) => (None, Some(gpu::load_model(g, dir)?)),
+    };
+    let config = match (&cpu_model, &gpu_model) {
+        (Some(m), _) => &m.config,
+        (_, Some(m)) => &m.config,
+        _ => bail!("no model loaded"),
+    }
+    .clone();
     let ids = if chat {
         let mut msgs = Vec::new();
         if let Some(s) = system {
@@ -225,7 +309,7 @@ fn run_generate(
     } else {
         tok.encode(prompt, true)?
     };
-    let mut eos: Vec<u32> = model.config.eos_token_ids.clone();
+    let mut eos: Vec<u32> = config.eos_token_ids.clone();
     eos.extend(tok.eos_id());
     if chat {
         // Chat models end a turn with these even when eos_token says otherwise.
@@ -236,7 +320,7 @@ fn run_generate(
     let mut generated: Vec<u32> = Vec::new();
     let mut printed = String::new();
     let mut stdout = std::io::stdout();
-    let (out, stats) = generate(&model, &ids, max_tokens, ctx, params, &eos, |t| {
+    let on_token = |t: u32| {
         generated.push(t);
         if json_out {
             return;
@@ -253,7 +337,12 @@ fn run_generate(
                 printed = text;
             }
         }
-    })?;
+    };
+    let (out, stats): (Vec<u32>, GenerationStats) = match (&cpu_model, &mut gpu_model) {
+        (Some(m), _) => generate(m, &ids, max_tokens, ctx, params, &eos, on_token)?,
+        (_, Some(m)) => gpu::generate(m, &ids, max_tokens, ctx, params, &eos, on_token)?,
+        _ => bail!("no model loaded"),
+    };
     let text = tok.decode(&out)?;
     if json_out {
         let v = json!({"prompt_tokens": ids.len(), "tokens": out, "text": text, "stats": stats});
@@ -465,4 +554,289 @@ fn process_cpu_seconds() -> Option<f64> {
     let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
     // USER_HZ is 100 on every Linux target we build for.
     Some(ticks / 100.0)
+}
+
+/// The CUDA backend of the commands: choosing the device, GPU generation and the random-weight
+/// benchmark.
+mod gpu {
+    use std::path::{Path, PathBuf};
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    use anyhow::{bail, Context, Result};
+    use mimo_kernels::cuda::CudaError;
+    use mimo_kernels::Fp4Format;
+    use mimo_runtime::config::ModelConfig;
+    use mimo_runtime::cuda::{
+        bench_random_weights, BenchOptions, BenchReport, Gpu, GpuError, GpuModel, WeightKind,
+    };
+    use mimo_runtime::generate::{GenerateError, GenerationStats, Sampler, SamplingParams};
+
+    use super::Device;
+
+    /// Where a command runs.
+    pub enum Backend {
+        /// The CPU runtime.
+        Cpu,
+        /// GPU 0, opened and with its kernels loaded.
+        Cuda(Arc<Gpu>),
+    }
+
+    impl Backend {
+        /// The backend for `device`; `None` means cuda where a usable GPU is found. A GPU that
+        /// cannot be opened falls back to the CPU, with a message where cuda was asked for (or
+        /// where a GPU seems present but failed for another reason than its absence).
+        pub fn resolve(device: Option<Device>, default_gpu: bool) -> Backend {
+            let explicit = match device {
+                Some(Device::Cpu) => return Backend::Cpu,
+                Some(Device::Cuda) => true,
+                None if default_gpu => false,
+                None => return Backend::Cpu,
+            };
+            match Gpu::new(0) {
+                Ok(g) => Backend::Cuda(Arc::new(g)),
+                Err(e) => {
+                    let absent = matches!(e, GpuError::Cuda(CudaError::NoDevice(_)));
+                    if explicit || !absent {
+                        eprintln!("mimo-run: the CUDA backend is unavailable ({e}); falling back to the CPU");
+                    }
+                    Backend::Cpu
+                }
+            }
+        }
+    }
+
+    /// For commands the CUDA backend does not run yet: the CPU unless cuda was asked for and
+    /// a GPU is there (an error then; without a GPU the usual fallback message).
+    pub fn cpu_only(device: Option<Device>, what: &str) -> Result<()> {
+        match Backend::resolve(device, false) {
+            Backend::Cpu => Ok(()),
+            Backend::Cuda(_) => {
+                bail!("{what} is not yet on the CUDA backend; use --device cpu")
+            }
+        }
+    }
+
+    /// Loads a checkpoint onto the GPU (refused before any upload if it does not fit).
+    pub fn load_model(gpu: &Arc<Gpu>, dir: &Path) -> Result<GpuModel> {
+        GpuModel::load(gpu.clone(), dir)
+            .with_context(|| format!("loading the model from {} onto the GPU", dir.display()))
+    }
+
+    /// Same contract as `mimo_runtime::generate::generate`, on the GPU. Greedy decoding runs
+    /// as replays of the captured decode graph with the argmax on the device, read back in
+    /// growing chunks (the tokens after an end-of-sequence token in a chunk are dropped);
+    /// sampling with a temperature reads the logits back after every token and samples on
+    /// the host with the CPU runtime's sampler.
+    pub fn generate(
+        model: &mut GpuModel,
+        prompt: &[u32],
+        max_tokens: usize,
+        ctx: usize,
+        params: SamplingParams,
+        eos: &[u32],
+        mut on_token: impl FnMut(u32),
+    ) -> Result<(Vec<u32>, GenerationStats)> {
+        let context = ctx.min(model.config.max_position_embeddings);
+        if prompt.is_empty() {
+            return Err(GenerateError::EmptyPrompt.into());
+        }
+        if prompt.len() >= context {
+            return Err(GenerateError::PromptTooLong {
+                prompt: prompt.len(),
+                context,
+            }
+            .into());
+        }
+        let greedy = params.temperature <= 0.0;
+        let mut sampler = Sampler::new(params)?;
+        model.alloc_cache(1, context)?;
+        let cap = model.cache().map_or(context, |c| c.capacity());
+        let p = prompt.len();
+        let t0 = Instant::now();
+        let logits = model.forward(prompt, 0, 0, false)?;
+        let prefill_s = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let mut out = Vec::new();
+        let mut stopped_at_eos = false;
+        let first = sampler.sample(&logits);
+        out.push(first);
+        on_token(first);
+        if eos.contains(&first) {
+            stopped_at_eos = true;
+        } else if greedy {
+            // Step i runs the token at position p + i - 1 and writes its successor to the
+            // history at p + i; the cache holds positions < cap.
+            model.decode_start(&[first], &[p], true)?;
+            let mut done = 0usize;
+            let mut chunk = 1usize;
+            'outer: while out.len() < max_tokens {
+                let n = chunk.min(max_tokens - out.len()).min(cap - p - done);
+                if n == 0 {
+                    break;
+                }
+                model.decode_steps(1, n)?;
+                let toks = model.decode_tokens(1, p + 1 + done, p + 1 + done + n)?;
+                done += n;
+                chunk = (chunk * 2).min(32);
+                for &t in toks.first().map_or(&[][..], |v| &v[..]) {
+                    out.push(t);
+                    on_token(t);
+                    if eos.contains(&t) {
+                        stopped_at_eos = true;
+                        break 'outer;
+                    }
+                }
+            }
+        } else {
+            let mut pos = p;
+            while out.len() < max_tokens && pos < cap {
+                let last = out[out.len() - 1];
+                let logits = model.forward(&[last], 0, pos, false)?;
+                pos += 1;
+                let next = sampler.sample(&logits);
+                out.push(next);
+                on_token(next);
+                if eos.contains(&next) {
+                    stopped_at_eos = true;
+                    break;
+                }
+            }
+        }
+        let bad = model.bad_token_count()?;
+        if bad != 0 {
+            bail!("the GPU saw {bad} token ids outside the vocabulary");
+        }
+        let decode_s = t1.elapsed().as_secs_f64();
+        let steps = out.len().saturating_sub(1);
+        let stats = GenerationStats {
+            prompt_tokens: p,
+            generated_tokens: out.len(),
+            prefill_s,
+            decode_s,
+            prefill_tok_s: p as f64 / prefill_s.max(1e-9),
+            decode_tok_s: if steps > 0 {
+                steps as f64 / decode_s.max(1e-9)
+            } else {
+                0.0
+            },
+            stopped_at_eos,
+        };
+        Ok((out, stats))
+    }
+
+    /// Arguments of `bench --config FILE --random-weights`.
+    pub struct RandomBenchArgs {
+        pub config: PathBuf,
+        pub layers: Option<usize>,
+        pub prompt: usize,
+        pub steps: usize,
+        pub batches: String,
+        pub formats: String,
+        pub fp4_head: bool,
+        pub graphs: bool,
+        pub out: Option<PathBuf>,
+        pub seed: u64,
+    }
+
+    /// `bench --config FILE --random-weights`: builds the config's shape with random weights
+    /// on the GPU and prints the throughput report (text, or the JSON with `--json`).
+    pub fn run_random_bench(
+        device: Option<Device>,
+        a: &RandomBenchArgs,
+        json_out: bool,
+    ) -> Result<()> {
+        if device == Some(Device::Cpu) {
+            bail!("--random-weights builds the model on the GPU and has no CPU mode; drop --device cpu");
+        }
+        let text = std::fs::read_to_string(&a.config)
+            .with_context(|| format!("reading {}", a.config.display()))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("parsing {}", a.config.display()))?;
+        let config = ModelConfig::from_json(&json, &a.config)?;
+        let batches = a
+            .batches
+            .split(',')
+            .map(|s| s.trim().parse::<usize>())
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(|| format!("--batches {:?}: comma-separated integers", a.batches))?;
+        if batches.contains(&0) {
+            bail!("--batches: batch sizes must be at least 1");
+        }
+        if a.prompt == 0 {
+            bail!("--prompt must be at least 1");
+        }
+        let kinds = a
+            .formats
+            .split(',')
+            .map(|s| match s.trim() {
+                "bf16" => Ok(WeightKind::Bf16),
+                "nvfp4" => Ok(WeightKind::Fp4(Fp4Format::Nvfp4)),
+                "mxfp4" => Ok(WeightKind::Fp4(Fp4Format::Mxfp4)),
+                other => bail!("--formats: unknown format '{other}' (bf16, nvfp4, mxfp4)"),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let gpu = Gpu::new(0).map_err(|e| {
+            anyhow::anyhow!("--random-weights builds the model on the GPU and has no CPU mode: {e}")
+        })?;
+        let name = a
+            .config
+            .file_stem()
+            .map_or("model".into(), |s| s.to_string_lossy().into_owned());
+        let opts = BenchOptions {
+            name,
+            config,
+            layers: a.layers,
+            prompt: a.prompt,
+            steps: a.steps,
+            batches,
+            kinds,
+            fp4_head_too: a.fp4_head,
+            graphs: a.graphs,
+            seed: a.seed,
+        };
+        let report = bench_random_weights(Arc::new(gpu), &opts)?;
+        let js = serde_json::to_string_pretty(&report)?;
+        if let Some(p) = &a.out {
+            std::fs::write(p, js.clone() + "\n")
+                .with_context(|| format!("writing {}", p.display()))?;
+        }
+        if json_out {
+            println!("{js}");
+        } else {
+            print_report(&report);
+        }
+        Ok(())
+    }
+
+    fn print_report(r: &BenchReport) {
+        println!(
+            "{}: {} ({}, {} layers, hidden {}, vocab {}) on {}, copy bandwidth {:.2} TB/s",
+            r.mode, r.shape, r.arch, r.layers, r.hidden, r.vocab, r.device, r.copy_tb_per_s
+        );
+        println!("throughput only: no quality number comes from random weights");
+        for run in &r.runs {
+            println!(
+                "{}: {:.2} GiB of weights | prefill {} tokens: {:.0} tok/s",
+                run.weights, run.weight_gib, run.prompt_tokens, run.prefill_tokens_per_s
+            );
+            for d in &run.decode {
+                let share = d.share_of_bandwidth_limit.map_or(String::new(), |s| {
+                    format!(", {:.0}% of the bandwidth limit", 100.0 * s)
+                });
+                println!(
+                    "  decode batch {:>3}, lm_head {}: {:.0} tok/s, {:.3} ms/step{}{}",
+                    d.batch,
+                    d.lm_head,
+                    d.tokens_per_s,
+                    d.ms_per_step,
+                    if d.cuda_graph { ", CUDA graph" } else { "" },
+                    share
+                );
+            }
+        }
+        if let Some(x) = r.fp4_over_bf16_batch1 {
+            println!("FP4 / BF16 decode at batch 1: {x:.2}x");
+        }
+    }
 }
