@@ -13,7 +13,10 @@ fuzz_target!(|data: &[u8]| {
     };
     let mut ranges: Vec<(usize, usize)> = Vec::new();
     for e in tensors.values() {
-        assert!(e.start <= e.end && e.end <= data.len(), "range outside the buffer");
+        assert!(
+            e.start <= e.end && e.end <= data.len(),
+            "range outside the buffer"
+        );
         let numel: u64 = e.shape.iter().map(|&d| d as u64).product();
         assert_eq!(e.dtype.byte_len(numel), Some((e.end - e.start) as u64));
         // Touch the bytes the reader would hand out.
