@@ -409,4 +409,33 @@ mod tests {
         assert!(target.join("y").exists() && !target.join("x").exists());
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
     }
+
+    /// Leftovers of killed runs (issue 10, F5): a temp folder of a dead pid and `.out.old` are
+    /// removed; a live pid's folder (our parent's) and other names are kept.
+    #[test]
+    fn stale_leftovers_are_removed_live_ones_kept() {
+        let d = tempfile::tempdir().unwrap();
+        // Pid 0 is never a /proc entry; the parent's pid is alive while we run.
+        let dead = d.path().join(".out.mimo-quant-tmp-0");
+        let live = d.path().join(format!(
+            ".out.mimo-quant-tmp-{}",
+            std::os::unix::process::parent_id()
+        ));
+        let old = d.path().join(".out.old");
+        let other = d.path().join(".other.mimo-quant-tmp-0");
+        for p in [&dead, &live, &old, &other] {
+            std::fs::create_dir(p).unwrap();
+            std::fs::write(p.join("x"), "1").unwrap();
+        }
+        let t = TempOutput::create(&d.path().join("out"), false).unwrap();
+        assert_eq!(
+            t.removed_leftovers().len(),
+            2,
+            "{:?}",
+            t.removed_leftovers()
+        );
+        assert!(t.removed_leftovers()[0].contains(".out.mimo-quant-tmp-0"));
+        assert!(!dead.exists() && !old.exists());
+        assert!(live.exists() && other.exists());
+    }
 }

@@ -311,3 +311,50 @@ fn load_errors_name_tensor() {
         Err(FormatError::BadGlobalScale { .. })
     ));
 }
+
+/// Scales that are finite and positive but make the largest dequantized weight inf (issue 10,
+/// F3) are refused naming the tensor; the largest legal ones still load.
+#[test]
+fn overflowing_scales_are_refused() {
+    let w = random_rows(2, 32, 7);
+    let load = |layout: Layout, m: &Fp4Matrix, s2: Option<f32>| {
+        let d = tempfile::tempdir().unwrap();
+        write_layout(d.path(), layout, &[("a", m, s2)], true);
+        let ck = Checkpoint::open(d.path()).unwrap();
+        load_linear(&ck, layout, "a")
+    };
+    // compressed-tensors: 2688 / 1e-45 = inf; 2688 / 1e-35 is finite.
+    let mut m = quantize_nvfp4(&w, 2, 32, 100.0).unwrap();
+    m.global_scale = 1e-45;
+    let e = load(Layout::CtNvfp4, &m, None).unwrap_err();
+    assert!(
+        matches!(&e, FormatError::GlobalScaleOverflow { tensor, .. } if tensor == "a.weight_global_scale"),
+        "{e}"
+    );
+    m.global_scale = 1e-35;
+    assert!(load(Layout::CtNvfp4, &m, None).is_ok());
+    // ModelOpt: 2688 * 1e36 = inf; a denormal weight_scale_2 makes its inverse inf.
+    let (mo, _) = quantize_nvfp4_modelopt(&w, 2, 32).unwrap();
+    for s2 in [1e36f32, 1e-45] {
+        let e = load(Layout::ModelOptNvfp4, &mo, Some(s2)).unwrap_err();
+        assert!(
+            matches!(&e, FormatError::GlobalScaleOverflow { tensor, .. } if tensor == "a.weight_scale_2"),
+            "{s2}: {e}"
+        );
+    }
+    assert!(load(Layout::ModelOptNvfp4, &mo, Some(1e30)).is_ok());
+    // MXFP4: codes 253 and 254 overflow 6 * 2^(e-127); 252 does not.
+    let mut mx = quantize_mxfp4(&w, 2, 32).unwrap();
+    for code in [253u8, 254] {
+        mx.scales[1] = code;
+        let e = load(Layout::CtMxfp4, &mx, None).unwrap_err();
+        assert!(
+            matches!(&e, FormatError::ScaleCodeOverflow { tensor, index: 1, .. } if tensor == "a.weight_scale"),
+            "{code}: {e}"
+        );
+    }
+    mx.scales[1] = 252;
+    assert!(load(Layout::CtMxfp4, &mx, None).is_ok());
+    assert!((6.0f32 * 2f32.powi(252 - 127)).is_finite());
+    assert!(!(6.0f32 * 2f32.powi(253 - 127)).is_finite());
+}
