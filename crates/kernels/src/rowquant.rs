@@ -507,14 +507,20 @@ fn block_scale<const ERR: bool, S: Source>(
         }
         RowQuant::Mxfp4 => {
             let (x0, x1) = (src.chunk(2 * b), src.chunk(2 * b + 1));
-            let (m0, m1) = (amax_bits(&x0), amax_bits(&x1));
-            if m0 >= 0x7F80_0000 {
-                return Err(non_finite(&x0, 2 * b));
+            // One reduction over both halves (element-wise max first).
+            let mut both = x0;
+            for (a, &b) in both.iter_mut().zip(&x1) {
+                *a = f32::from_bits((a.to_bits() & 0x7FFF_FFFF).max(b.to_bits() & 0x7FFF_FFFF));
             }
-            if m1 >= 0x7F80_0000 {
-                return Err(non_finite(&x1, 2 * b + 1));
+            let m = amax_bits(&both);
+            if m >= 0x7F80_0000 {
+                return Err(if amax_bits(&x0) >= 0x7F80_0000 {
+                    non_finite(&x0, 2 * b)
+                } else {
+                    non_finite(&x1, 2 * b + 1)
+                });
             }
-            let code = mxfp4_scale_code(f32::from_bits(m0.max(m1)));
+            let code = mxfp4_scale_code(f32::from_bits(m));
             let s = e8m0::DECODE_LUT[code as usize];
             // Exact: 1 / 2^e is an f32 for every code 0..=254 (see module docs).
             Ok((
