@@ -17,12 +17,12 @@ ROWS=()
 for fmt in nvfp4 mxfp4; do
   for method in rtn mse gptq; do
     out=$WORK/$fmt-$method
-    /usr/bin/time -v "$Q" convert "$M" -o "$out" --format "$fmt" --method "$method" --force -q \
-      2> "$WORK/$fmt-$method.time"
+    /usr/bin/time -v "$Q" convert "$M" -o "$out" --format "$fmt" --method "$method" --force -q --json \
+      > "$WORK/$fmt-$method.convert.json" 2> "$WORK/$fmt-$method.time"
     rss_kb=$(awk -F: '/Maximum resident set size/ {gsub(/ /,"",$2); print $2}' "$WORK/$fmt-$method.time")
     wall=$(awk '/Elapsed \(wall clock\)/ {print $NF}' "$WORK/$fmt-$method.time")
     "$R" compare --reference "$M" --candidate "$out" "$SLICE" --json > "$WORK/$fmt-$method.cmp.json"
-    ROWS+=("$(python3 - "$fmt" "$method" "$out/mimo-quant.json" "$WORK/$fmt-$method.cmp.json" "$rss_kb" "$wall" <<'PY'
+    ROWS+=("$(python3 - "$fmt" "$method" "$WORK/$fmt-$method.convert.json" "$WORK/$fmt-$method.cmp.json" "$rss_kb" "$wall" <<'PY'
 import json, sys
 fmt, method, man, cmp, rss_kb, wall = sys.argv[1:]
 m = json.load(open(man)); c = json.load(open(cmp))["result"]

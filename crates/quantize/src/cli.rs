@@ -380,6 +380,9 @@ fn run_convert(a: ConvertArgs) -> Result<i32> {
     if a.plan.json {
         let mut v = serde_json::to_value(&summary)?;
         v["seconds"] = serde_json::json!(secs);
+        if let Some(info) = &quant.report_info {
+            v["calibration"] = info.clone();
+        }
         v["input_gb_per_s"] =
             serde_json::json!(summary.totals.bytes_in as f64 / 1e9 / secs.max(1e-9));
         println!("{}", serde_json::to_string_pretty(&v)?);

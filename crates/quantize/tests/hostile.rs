@@ -455,7 +455,6 @@ fn output_is_byte_identical_across_threads_and_runs() {
 /// Calibrated methods (mse, gptq) on the embedded tiny MoE with a small calibration text: the
 /// whole output folder, mimo-quant.json included, is byte-identical on 1 and 2 threads.
 #[test]
-#[ignore = "issue 10: F9 mimo-quant.json of calibrated conversions holds wall-clock seconds and peak RSS"]
 fn calibrated_output_is_byte_identical_across_threads() {
     let d = tempfile::tempdir().unwrap();
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/mimo-tiny-moe");

@@ -115,12 +115,16 @@ pub fn quant_options(a: &CalibArgs, source: &Path, quiet: bool) -> Result<QuantO
         if !quiet {
             print_summary(&r);
         }
-        let mut info = r.summary_json();
+        let mut info = r.manifest_json();
         info["method"] = serde_json::json!(a.method.name());
         if a.method == Method::Gptq {
             info["damp"] = serde_json::json!(a.damp);
         }
+        let mut report = info.clone();
+        report["seconds"] = serde_json::json!(r.seconds);
+        report["peak_rss_bytes"] = serde_json::json!(r.peak_rss_bytes);
         q.manifest_info = Some(info);
+        q.report_info = Some(report);
         q.stats = Some(Arc::new(r.stats));
     }
     Ok(q)

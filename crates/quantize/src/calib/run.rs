@@ -52,8 +52,10 @@ pub struct CalibRun {
 }
 
 impl CalibRun {
-    /// Summary for the manifest and `--json`: source, recipe, sets, tokens, coverage, timing.
-    pub fn summary_json(&self) -> serde_json::Value {
+    /// The deterministic part of the summary, written into the manifest: source, recipe, sets,
+    /// tokens, coverage. Timing and memory stay out of it so that the same input and options give
+    /// byte-identical output files on every run and thread count.
+    pub fn manifest_json(&self) -> serde_json::Value {
         serde_json::json!({
             "source": self.data.source,
             "recipe": self.data.recipe,
@@ -62,10 +64,16 @@ impl CalibRun {
             "tokens": self.stats.tokens,
             "backend": "cpu",
             "statistics_bytes": self.stats.stats_bytes,
-            "seconds": self.seconds,
-            "peak_rss_bytes": self.peak_rss_bytes,
             "expert_coverage": self.stats.coverage,
         })
+    }
+
+    /// Summary for `--json` and the terminal: the manifest part plus wall-clock seconds and peak RSS.
+    pub fn summary_json(&self) -> serde_json::Value {
+        let mut v = self.manifest_json();
+        v["seconds"] = serde_json::json!(self.seconds);
+        v["peak_rss_bytes"] = serde_json::json!(self.peak_rss_bytes);
+        v
     }
 }
 

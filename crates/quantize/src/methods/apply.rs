@@ -25,8 +25,11 @@ pub struct QuantOptions {
     pub damp: f64,
     /// Calibration statistics (None: MSE uses uniform weights; GPTQ needs them).
     pub stats: Option<Arc<CalibStats>>,
-    /// A JSON summary of the calibration for the manifest (source, recipe, coverage, timing).
+    /// A JSON summary of the calibration for the manifest (source, recipe, coverage): nothing that
+    /// changes between runs, so the output stays byte-identical.
     pub manifest_info: Option<serde_json::Value>,
+    /// The same summary plus wall-clock seconds and peak RSS, for the `--json` report only.
+    pub report_info: Option<serde_json::Value>,
 }
 
 impl Default for QuantOptions {
@@ -36,6 +39,7 @@ impl Default for QuantOptions {
             damp: DEFAULT_DAMP,
             stats: None,
             manifest_info: None,
+            report_info: None,
         }
     }
 }
