@@ -13,9 +13,9 @@ use std::path::PathBuf;
 use half::bf16;
 use mimo_kernels::dtype::{convert_row, SrcDType};
 use mimo_kernels::fp4::{
-    dequantize_row, modelopt_weight_scale_2, nvfp4_global_scale, nvfp4_global_scale_in,
-    quantize_row_mxfp4, quantize_row_nvfp4_in, quantize_row_nvfp4_modelopt, Fp4Matrix,
+    modelopt_weight_scale_2, nvfp4_global_scale, nvfp4_global_scale_in, Fp4Matrix,
 };
+use mimo_kernels::rowquant::{quantize_row_bytes_with_error, RowError, RowQuant};
 use mimo_runtime::checkpoint::{DType, HeaderEntry, TensorView};
 use mimo_runtime::format::Layout;
 use rayon::prelude::*;
@@ -97,6 +97,14 @@ impl ErrorAcc {
         self.signal += s.iter().map(|&v| v as f64).sum::<f64>();
         self.noise += n.iter().map(|&v| v as f64).sum::<f64>();
         self.max_abs = m.iter().fold(self.max_abs, |a, &v| a.max(v));
+    }
+
+    /// Adds one row's statistics from the kernels' fused quantizer: the same sums as [`ErrorAcc::add`]
+    /// of that row and its reconstruction, bit for bit.
+    pub fn add_row(&mut self, e: &RowError) {
+        self.signal += e.signal;
+        self.noise += e.noise;
+        self.max_abs = self.max_abs.max(e.max_abs);
     }
 
     /// Adds another accumulator's sums.
@@ -249,10 +257,15 @@ pub fn quantize(
     // Fixed chunks of rows, quantized in parallel; the error sums are combined in chunk order,
     // so the result does not depend on the thread count.
     const ROWS: usize = 32;
-    let geometry = Fp4Matrix {
-        packed: Vec::new(),
-        scales: Vec::new(),
-        ..m
+    let rq = match layout {
+        Layout::CtNvfp4 => RowQuant::Nvfp4Ct {
+            global_scale,
+            arith: dt,
+        },
+        Layout::CtMxfp4 => RowQuant::Mxfp4,
+        Layout::ModelOptNvfp4 => RowQuant::Nvfp4ModelOpt {
+            weight_scale_2: scale.unwrap_or(1.0),
+        },
     };
     let accs: Vec<ErrorAcc> = m
         .packed
@@ -260,28 +273,17 @@ pub fn quantize(
         .zip(m.scales.par_chunks_mut((ROWS * bpr).max(1)))
         .enumerate()
         .map(|(ci, (packed, scales))| {
-            let mut row = vec![0f32; k];
-            let mut deq = vec![0f32; k];
             let mut acc = ErrorAcc::default();
             let rows = packed.len() / (k / 2).max(1);
             for j in 0..rows {
                 let r = ci * ROWS + j;
                 let src = &t.data[r * row_bytes..(r + 1) * row_bytes];
-                convert_row(dt, src, &mut row).map_err(|e| QuantError::Convert {
-                    file: t.file.to_path_buf(),
-                    tensor: t.name.to_string(),
-                    reason: e.to_string(),
-                })?;
                 let p = &mut packed[j * k / 2..(j + 1) * k / 2];
                 let s = &mut scales[j * bpr..(j + 1) * bpr];
-                let res = match layout {
-                    Layout::CtNvfp4 => quantize_row_nvfp4_in(&row, global_scale, dt, p, s),
-                    Layout::CtMxfp4 => quantize_row_mxfp4(&row, p, s),
-                    Layout::ModelOptNvfp4 => {
-                        quantize_row_nvfp4_modelopt(&row, scale.unwrap_or(1.0), p, s)
-                    }
-                };
-                res.map_err(|e| match e {
+                // One pass from the source bytes: codes, scales and the error against the
+                // reconstruction (for ModelOpt through the matrix's global scale
+                // 1 / weight_scale_2, as `dequantize` of the written matrix gives).
+                let e = quantize_row_bytes_with_error(rq, dt, src, p, s).map_err(|e| match e {
                     mimo_kernels::fp4::Fp4Error::NonFinite { index, value } => {
                         QuantError::NonFinite {
                             file: t.file.to_path_buf(),
@@ -292,17 +294,7 @@ pub fn quantize(
                     }
                     other => kerr(other),
                 })?;
-                // Reconstruct this row through a one-row view of the matrix. For ModelOpt the
-                // matrix's global scale is 1 / weight_scale_2 rounded to f32: the reconstruction
-                // may differ from ModelOpt's in the last bit, irrelevant for the error.
-                let one = Fp4Matrix {
-                    n: 1,
-                    packed: p.to_vec(),
-                    scales: s.to_vec(),
-                    ..geometry.clone()
-                };
-                dequantize_row(&one, 0, &mut deq).map_err(kerr)?;
-                acc.add(&row, &deq);
+                acc.add_row(&e);
             }
             Ok(acc)
         })
