@@ -248,6 +248,29 @@ fn par_rows(m: usize, n: usize, out: &mut [f32], rows_fn: impl Fn(usize, &mut [f
     }
 }
 
+/// The dense matmul of [`matmul_f32`] and [`matmul_bf16`], over any weight element type with a
+/// matching dot product: parallel over output rows, each element summed in one fixed order.
+fn matmul_dense<T: Sync>(
+    x: &[f32],
+    w: &[T],
+    n: usize,
+    k: usize,
+    out: &mut [f32],
+    dot: fn(&[f32], &[T], bool) -> f32,
+) -> Result<(), MatmulError> {
+    let m = dims(x.len(), k, w.len(), n, out.len())?;
+    let avx2 = use_avx2();
+    par_rows(m, n, out, |j0, o| {
+        for (r, oj) in o.chunks_exact_mut(m).enumerate() {
+            let wr = &w[(j0 + r) * k..(j0 + r + 1) * k];
+            for (i, v) in oj.iter_mut().enumerate() {
+                *v = dot(&x[i * k..(i + 1) * k], wr, avx2);
+            }
+        }
+    });
+    Ok(())
+}
+
 /// Fast f32 matmul: `out[m, n] = x[m, k] · w[n, k]^T`, parallel over n.
 pub fn matmul_f32(
     x: &[f32],
@@ -256,17 +279,7 @@ pub fn matmul_f32(
     k: usize,
     out: &mut [f32],
 ) -> Result<(), MatmulError> {
-    let m = dims(x.len(), k, w.len(), n, out.len())?;
-    let avx2 = use_avx2();
-    par_rows(m, n, out, |j0, o| {
-        for (r, oj) in o.chunks_exact_mut(m).enumerate() {
-            let wr = &w[(j0 + r) * k..(j0 + r + 1) * k];
-            for (i, v) in oj.iter_mut().enumerate() {
-                *v = dot_f32(&x[i * k..(i + 1) * k], wr, avx2);
-            }
-        }
-    });
-    Ok(())
+    matmul_dense(x, w, n, k, out, dot_f32)
 }
 
 /// Fast bf16-weight matmul: `out[m, n] = x[m, k] · w[n, k]^T`, parallel over n. Bit-identical
@@ -278,17 +291,7 @@ pub fn matmul_bf16(
     k: usize,
     out: &mut [f32],
 ) -> Result<(), MatmulError> {
-    let m = dims(x.len(), k, w.len(), n, out.len())?;
-    let avx2 = use_avx2();
-    par_rows(m, n, out, |j0, o| {
-        for (r, oj) in o.chunks_exact_mut(m).enumerate() {
-            let wr = &w[(j0 + r) * k..(j0 + r + 1) * k];
-            for (i, v) in oj.iter_mut().enumerate() {
-                *v = dot_bf16(&x[i * k..(i + 1) * k], wr, avx2);
-            }
-        }
-    });
-    Ok(())
+    matmul_dense(x, w, n, k, out, dot_bf16)
 }
 
 /// Multiplier of every possible scale byte for this matrix (the same f32 values as
