@@ -418,6 +418,26 @@ pub fn quantize_row_nvfp4_modelopt(
     rowquant::quantize_row(q, row, packed_out, scales_out)
 }
 
+/// Input checks shared by the NVFP4 reference quantizers: buffer lengths for the row, a finite
+/// positive tensor scale (either convention), finite elements.
+fn check_nvfp4_row(
+    row: &[f32],
+    tensor_scale: f32,
+    packed_out: &[u8],
+    scales_out: &[u8],
+) -> Result<(), Fp4Error> {
+    check_row_buffers(
+        Fp4Format::Nvfp4,
+        row.len(),
+        packed_out.len(),
+        scales_out.len(),
+    )?;
+    if !(tensor_scale.is_finite() && tensor_scale > 0.0) {
+        return Err(Fp4Error::BadGlobalScale(tensor_scale));
+    }
+    check_finite(row, 0)
+}
+
 /// Scalar reference (slow, written as the reference tools read; tests check the fast row
 /// kernel against it).
 ///
@@ -431,16 +451,7 @@ pub fn quantize_row_nvfp4_in_reference(
     packed_out: &mut [u8],
     scales_out: &mut [u8],
 ) -> Result<(), Fp4Error> {
-    check_row_buffers(
-        Fp4Format::Nvfp4,
-        row.len(),
-        packed_out.len(),
-        scales_out.len(),
-    )?;
-    if !(global_scale.is_finite() && global_scale > 0.0) {
-        return Err(Fp4Error::BadGlobalScale(global_scale));
-    }
-    check_finite(row, 0)?;
+    check_nvfp4_row(row, global_scale, packed_out, scales_out)?;
     let block = Fp4Format::Nvfp4.block_size();
     for ((x, packed), scale) in row
         .chunks_exact(block)
@@ -538,16 +549,7 @@ pub fn quantize_row_nvfp4_modelopt_reference(
     packed_out: &mut [u8],
     scales_out: &mut [u8],
 ) -> Result<(), Fp4Error> {
-    check_row_buffers(
-        Fp4Format::Nvfp4,
-        row.len(),
-        packed_out.len(),
-        scales_out.len(),
-    )?;
-    if !(weight_scale_2.is_finite() && weight_scale_2 > 0.0) {
-        return Err(Fp4Error::BadGlobalScale(weight_scale_2));
-    }
-    check_finite(row, 0)?;
+    check_nvfp4_row(row, weight_scale_2, packed_out, scales_out)?;
     let block = Fp4Format::Nvfp4.block_size();
     for ((x, packed), scale) in row
         .chunks_exact(block)
