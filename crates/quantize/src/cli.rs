@@ -32,6 +32,8 @@ pub enum Command {
     Plan(PlanArgs),
     /// Run the BF16 model on calibration data: statistics cost and expert coverage report.
     Calibrate(crate::calib::cli::CalibrateArgs),
+    /// Picture (report.svg) and summary of per-layer and per-expert quantization error.
+    Report(crate::report::ReportArgs),
     /// Summarise any checkpoint folder.
     Inspect {
         /// Checkpoint folder.
@@ -242,6 +244,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         }
         Command::Convert(a) => run_convert(a),
         Command::Calibrate(a) => crate::calib::cli::run_calibrate(a),
+        Command::Report(a) => crate::report::run_report(a),
         Command::Inspect { dir, json } => {
             let i = crate::inspect::inspect(&dir)?;
             if json {

@@ -196,6 +196,7 @@ pub fn convert_with(
         write_json(&tmp.path().join(HF_QUANT_CONFIG_FILE), &h)?;
     }
     let (_, side_warnings) = copy_side_files(&cfg.source, tmp.path())?;
+    crate::report::write_svg(tmp.path(), cfg, layout, quant.method, &plan.arch, &records)?;
 
     // Hash every output file (shards from the writer, the rest now).
     let mut files = shard_hashes;

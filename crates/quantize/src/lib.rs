@@ -10,5 +10,6 @@ pub mod manifest;
 pub mod methods;
 pub mod plan;
 pub mod quantizer;
+pub mod report;
 pub mod verify;
 pub mod writer;
