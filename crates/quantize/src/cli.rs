@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use mimo_runtime::checkpoint::Checkpoint;
 use mimo_runtime::format::Layout;
 
-use crate::convert::{convert_with, ConvertConfig, Progress};
+use crate::convert::{convert_resumable, ConvertConfig, Progress};
 use crate::plan::{Plan, PlanOptions};
 
 /// Convert BF16/FP16 checkpoints to NVFP4 and MXFP4.
@@ -140,6 +140,12 @@ pub struct ConvertArgs {
     /// Replace an existing output folder.
     #[arg(long)]
     pub force: bool,
+    /// Continue a run that was killed (kill -9, OOM, power loss): reuse the shards it finished,
+    /// after checking each one's sha256 against the record written when it was completed and
+    /// that source, options and tool build are the same; everything else is redone. Without a
+    /// killed run's temporary folder this is a normal conversion.
+    #[arg(long)]
+    pub resume: bool,
     /// Worker threads (default: all cores; RAYON_NUM_THREADS also works).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -364,13 +370,16 @@ fn run_convert(a: ConvertArgs) -> Result<i32> {
         Some(n) => rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build()?
-            .install(|| convert_with(&cfg, &quant, &cancel, &progress)),
-        None => convert_with(&cfg, &quant, &cancel, &progress),
+            .install(|| convert_resumable(&cfg, &quant, a.resume, &cancel, &progress)),
+        None => convert_resumable(&cfg, &quant, a.resume, &cancel, &progress),
     };
     bar.finish_and_clear();
     let summary = result?;
     let secs = start.elapsed().as_secs_f64();
     if !quiet {
+        for n in &summary.notes {
+            eprintln!("note: {n}");
+        }
         // Warnings found while converting (skipped side files, removed leftovers).
         for w in summary
             .warnings

@@ -1,15 +1,20 @@
 //! The conversion pipeline: open, plan, measure (amax pass), share fused global scales,
 //! quantize in parallel and write shard by shard in a fixed order, then config, side files,
-//! manifest, and the atomic rename.
+//! manifest, and the atomic rename. With `--resume`, the finished shards of a killed run are
+//! checked and reused (see [`resume`]).
+
+pub mod resume;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 
 use mimo_runtime::checkpoint::{Checkpoint, CheckpointError, HeaderEntry, CONFIG_FILE, INDEX_FILE};
 use mimo_runtime::format::{hf_quant_config, quantization_config, HF_QUANT_CONFIG_FILE};
 use rayon::prelude::*;
 
+use self::resume::{PlannedShard, ShardRecord};
 use crate::manifest::{
     sha256_file, sha256_file_until, FileHash, Manifest, OptionsInfo, SourceInfo, TensorRecord,
     ToolInfo, MANIFEST_FILE,
@@ -103,6 +108,10 @@ pub struct ConvertSummary {
     pub min_sqnr_db: Option<f64>,
     /// Mean SQNR over quantized tensors (dB).
     pub mean_sqnr_db: Option<f64>,
+    /// Shards taken over from a killed run (`--resume`) after checking their hashes.
+    pub resumed_shards: usize,
+    /// What `--resume` found: each shard reused or redone, and why.
+    pub notes: Vec<String>,
 }
 
 /// Source files to hash: config, index and weights, sorted by name.
@@ -139,9 +148,62 @@ pub fn convert_with(
     cancel: &AtomicBool,
     progress: &(dyn Fn(Progress<'_>) + Sync),
 ) -> Result<ConvertSummary, ConvertError> {
+    convert_resumable(cfg, quant, false, cancel, progress)
+}
+
+/// Hashes the source files, giving up when `stop()` says so.
+fn hash_sources(
+    ck: &Checkpoint,
+    stop: &(dyn Fn() -> bool + Sync),
+) -> Result<Vec<FileHash>, ConvertError> {
+    source_files(ck)
+        .iter()
+        .map(|p| {
+            sha256_file_until(p, stop).map_err(|source| ConvertError::Hash {
+                path: p.clone(),
+                source,
+            })
+        })
+        .collect()
+}
+
+/// The output tensors of every plan entry and the shards (ranges of entries) they go into.
+struct ShardPlan {
+    outputs: Vec<Vec<HeaderEntry>>,
+    shards: Vec<std::ops::Range<usize>>,
+}
+
+impl ShardPlan {
+    fn new(plan: &Plan, max_shard_size: u64) -> ShardPlan {
+        let outputs: Vec<Vec<HeaderEntry>> =
+            (0..plan.entries.len()).map(|i| plan.outputs(i)).collect();
+        let sizes: Vec<u64> = outputs
+            .iter()
+            .map(|o| o.iter().map(|h| h.byte_len()).sum())
+            .collect();
+        let shards = plan_shards(&sizes, max_shard_size);
+        ShardPlan { outputs, shards }
+    }
+
+    fn name(&self, si: usize) -> String {
+        shard_name(si, self.shards.len())
+    }
+}
+
+/// [`convert_with`]; with `resume`, the newest temporary folder of a killed run of the same
+/// output is taken over and its finished shards are reused when their completion records match
+/// this run (same tool build, source hashes, options, calibration) and their recomputed sha256
+/// matches the record. The output is byte-identical to an uninterrupted run either way.
+pub fn convert_resumable(
+    cfg: &ConvertConfig,
+    quant: &crate::methods::QuantOptions,
+    resume: bool,
+    cancel: &AtomicBool,
+    progress: &(dyn Fn(Progress<'_>) + Sync),
+) -> Result<ConvertSummary, ConvertError> {
     let ck = Checkpoint::open(&cfg.source)?;
     let plan = Plan::build(&ck, &cfg.plan)?;
-    let tmp = TempOutput::create(&cfg.output, cfg.force)?;
+    let tmp = TempOutput::create_or_adopt(&cfg.output, cfg.force, resume)?;
     let layout = plan.layout;
     let check_cancel = || {
         if cancel.load(Ordering::Relaxed) {
@@ -150,37 +212,99 @@ pub fn convert_with(
             Ok(())
         }
     };
+    let options = OptionsInfo {
+        format: layout.format().to_string(),
+        layout: layout.name().into(),
+        method: quant.method.name().into(),
+        ignore: cfg.plan.ignore.clone(),
+        quantize_lm_head: cfg.plan.quantize_lm_head,
+        max_shard_size: cfg.max_shard_size,
+    };
+    let shard_plan = ShardPlan::new(&plan, cfg.max_shard_size);
+
+    // The run's fingerprint, known once the source is hashed; completion records of finished
+    // shards are written only from then on.
+    let fingerprint: OnceLock<String> = OnceLock::new();
+    let mut notes = Vec::new();
+    let mut known_hashes = None;
+    let mut reuse = BTreeMap::new();
+    if resume {
+        match tmp.adopted() {
+            Some(from) => {
+                let stop = || cancel.load(Ordering::Relaxed);
+                let hashes = hash_sources(&ck, &stop)?;
+                let fp = resume::fingerprint(VERSION, &hashes, &options, quant);
+                let names: Vec<String> = (0..shard_plan.shards.len())
+                    .map(|si| shard_plan.name(si))
+                    .collect();
+                let planned: Vec<PlannedShard<'_>> = shard_plan
+                    .shards
+                    .iter()
+                    .zip(&names)
+                    .map(|(r, name)| PlannedShard {
+                        name,
+                        tensors: r.clone().map(|i| plan.entries[i].name.as_str()).collect(),
+                    })
+                    .collect();
+                notes.push(format!(
+                    "resume: taking over {} (left by a killed run)",
+                    from.display()
+                ));
+                let (r, n) = resume::check_finished(tmp.path(), &planned, &fp)?;
+                reuse = r;
+                notes.extend(n);
+                let _ = fingerprint.set(fp);
+                known_hashes = Some(hashes);
+            }
+            None => notes.push(format!(
+                "resume: no interrupted run of {} found; converting from the start",
+                cfg.output.display()
+            )),
+        }
+    }
 
     // Stops the input hashing early when the conversion fails or is interrupted.
     let failed = AtomicBool::new(false);
     let stop_hashing = || failed.load(Ordering::Relaxed) || cancel.load(Ordering::Relaxed);
     let (result, input_hashes) = std::thread::scope(|s| {
         // Input hashes on their own thread, reading through the page cache.
-        let files = source_files(&ck);
-        let stop_hashing = &stop_hashing;
-        let hasher = s.spawn(move || {
-            files
-                .iter()
-                .map(|p| {
-                    sha256_file_until(p, stop_hashing).map_err(|source| ConvertError::Hash {
-                        path: p.clone(),
-                        source,
-                    })
-                })
-                .collect::<Result<Vec<FileHash>, ConvertError>>()
+        let hasher = known_hashes.is_none().then(|| {
+            let (stop_hashing, fingerprint, options) = (&stop_hashing, &fingerprint, &options);
+            let ck = &ck;
+            s.spawn(move || {
+                let h = hash_sources(ck, stop_hashing)?;
+                let _ = fingerprint.set(resume::fingerprint(VERSION, &h, options, quant));
+                Ok::<_, ConvertError>(h)
+            })
         });
-        let r = write_all(&ck, &plan, cfg, quant, tmp.path(), cancel, progress);
+        let r = write_all(
+            &ck,
+            &plan,
+            &shard_plan,
+            &reuse,
+            &fingerprint,
+            quant,
+            tmp.path(),
+            cancel,
+            progress,
+        );
         if r.is_err() {
             failed.store(true, Ordering::Relaxed);
         }
-        (r, hasher.join())
+        (r, hasher.map(|h| h.join()))
     });
     let (records, shard_hashes) = result?;
     check_cancel()?;
-    let input_hashes = match input_hashes {
-        Ok(h) => h?,
-        Err(_) => return Err(ConvertError::Interrupted),
+    let input_hashes = match (input_hashes, known_hashes) {
+        (Some(Ok(h)), _) => h?,
+        (Some(Err(_)), _) | (None, None) => return Err(ConvertError::Interrupted),
+        (None, Some(h)) => h,
     };
+    // The records are for an interrupted run only; the output never holds them.
+    let rdir = tmp.path().join(resume::RESUME_DIR);
+    if rdir.exists() {
+        std::fs::remove_dir_all(&rdir).map_err(|source| WriteError::Io { path: rdir, source })?;
+    }
 
     // config.json with the quantization config; ModelOpt's hf_quant_config.json; side files.
     let ignore = plan.ignored_modules();
@@ -239,14 +363,7 @@ pub fn convert_with(
             revision: cfg.source_repo.as_ref().map(|r| r.1.clone()),
             files: input_hashes,
         },
-        options: OptionsInfo {
-            format: layout.format().to_string(),
-            layout: layout.name().into(),
-            method: quant.method.name().into(),
-            ignore: cfg.plan.ignore.clone(),
-            quantize_lm_head: cfg.plan.quantize_lm_head,
-            max_shard_size: cfg.max_shard_size,
-        },
+        options,
         architecture: plan.arch.clone(),
         tensors: records,
         files: files.clone(),
@@ -274,16 +391,23 @@ pub fn convert_with(
             .collect(),
         min_sqnr_db: stats.iter().copied().reduce(f64::min),
         mean_sqnr_db: (!stats.is_empty()).then(|| stats.iter().sum::<f64>() / stats.len() as f64),
+        resumed_shards: reuse.len(),
+        notes,
     })
 }
 
 type Records = BTreeMap<String, TensorRecord>;
 
-/// Measures, quantizes and writes every shard into `dir`.
+/// Measures, quantizes and writes every shard into `dir`, except those in `reuse` (finished by
+/// a killed run and checked), whose records are taken from their completion records. Once the
+/// `fingerprint` is known, each finished shard gets its completion record.
+#[allow(clippy::too_many_arguments)]
 fn write_all(
     ck: &Checkpoint,
     plan: &Plan,
-    cfg: &ConvertConfig,
+    sp: &ShardPlan,
+    reuse: &BTreeMap<usize, ShardRecord>,
+    fingerprint: &OnceLock<String>,
     quant: &crate::methods::QuantOptions,
     dir: &Path,
     cancel: &AtomicBool,
@@ -295,14 +419,39 @@ fn write_all(
         tensors: n,
         bytes: plan.entries.iter().map(|e| e.bytes_in()).sum(),
     });
+    let mut reused = vec![false; n];
+    for si in reuse.keys() {
+        for i in sp.shards[*si].clone() {
+            reused[i] = true;
+        }
+    }
 
-    // Pass 1: amax (and the NaN/Inf check) of every tensor to quantize.
-    progress(Progress::Phase("measuring"));
+    // Fused sets share one per-tensor scale.
     let quant_idx: Vec<usize> = (0..n)
         .filter(|&i| matches!(plan.entries[i].action, Action::Quantize { .. }))
         .collect();
+    let mut groups: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for &i in &quant_idx {
+        if let Action::Quantize { group: Some(g), .. } = &plan.entries[i].action {
+            groups.entry(g.as_str()).or_default().push(i);
+        }
+    }
+    // A tensor needs its amax when it is quantized now, or when it shares a fused scale with one
+    // that is (a fused set can span shards).
+    let mut measure: Vec<bool> = (0..n).map(|i| !reused[i]).collect();
+    for members in groups.values() {
+        if members.iter().any(|&i| !reused[i]) {
+            for &i in members {
+                measure[i] = true;
+            }
+        }
+    }
+
+    // Pass 1: amax (and the NaN/Inf check) of every tensor to quantize.
+    progress(Progress::Phase("measuring"));
     let amaxes: Vec<(usize, f32)> = quant_idx
         .par_iter()
+        .filter(|&&i| measure[i])
         .map(|&i| {
             let t = ck.tensor(&plan.entries[i].name)?;
             let a = amax(&t)?;
@@ -315,37 +464,43 @@ fn write_all(
         let t = ck.tensor(&plan.entries[i].name)?;
         scale[i] = own_scale(layout, a, src_dtype(&t)?);
     }
-    // Fused sets share one per-tensor scale.
-    let mut groups: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
-    for &i in &quant_idx {
-        if let Action::Quantize { group: Some(g), .. } = &plan.entries[i].action {
-            groups.entry(g.as_str()).or_default().push(i);
-        }
-    }
     for members in groups.values() {
-        let shared = shared_scale(layout, members.iter().filter_map(|&i| scale[i]));
-        for &i in members {
-            scale[i] = shared;
+        if members.iter().all(|&i| measure[i]) {
+            let shared = shared_scale(layout, members.iter().filter_map(|&i| scale[i]));
+            for &i in members {
+                scale[i] = shared;
+            }
         }
     }
 
     // Pass 2: shards in order; within a shard, batches quantized in parallel, written in order.
     progress(Progress::Phase("writing"));
-    let outputs: Vec<Vec<HeaderEntry>> = (0..n).map(|i| plan.outputs(i)).collect();
-    let sizes: Vec<u64> = outputs
-        .iter()
-        .map(|o| o.iter().map(|h| h.byte_len()).sum())
-        .collect();
-    let shards = plan_shards(&sizes, cfg.max_shard_size);
+    let outputs = &sp.outputs;
     let batch = (rayon::current_num_threads() * 2).max(2);
     let mut records = Records::new();
     let mut hashes = Vec::new();
     let mut index_shards = Vec::new();
-    for (si, range) in shards.iter().enumerate() {
-        let name = shard_name(si, shards.len());
+    // Finished shards waiting for the fingerprint before their completion records are written.
+    let mut pending: Vec<ShardRecord> = Vec::new();
+    for (si, range) in sp.shards.iter().enumerate() {
+        let name = sp.name(si);
         let entries: Vec<HeaderEntry> = range.clone().flat_map(|i| outputs[i].clone()).collect();
+        if let Some(done) = reuse.get(&si) {
+            records.extend(done.tensors.iter().map(|(k, v)| (k.clone(), v.exact())));
+            hashes.push(done.file.clone());
+            index_shards.push((name, entries));
+            for i in range.clone() {
+                let e = &plan.entries[i];
+                progress(Progress::Tensor {
+                    name: &e.name,
+                    bytes: e.bytes_in(),
+                });
+            }
+            continue;
+        }
         let mut w = ShardWriter::create(&dir.join(&name), entries.clone())?;
         let idx: Vec<usize> = range.clone().collect();
+        let mut shard_records = Records::new();
         for chunk in idx.chunks(batch) {
             if cancel.load(Ordering::Relaxed) {
                 return Err(ConvertError::Interrupted);
@@ -397,17 +552,36 @@ fn write_all(
                         rec.reason = reason_of(&e.action);
                     }
                 }
-                records.insert(e.name.clone(), rec);
+                shard_records.insert(e.name.clone(), rec);
                 progress(Progress::Tensor {
                     name: &e.name,
                     bytes: e.bytes_in(),
                 });
             }
         }
-        hashes.push(w.finish()?);
+        let file = w.finish()?;
+        resume::sync_dir(dir)?;
+        pending.push(ShardRecord {
+            version: 0,
+            fingerprint: String::new(),
+            file: file.clone(),
+            tensors: shard_records
+                .iter()
+                .map(|(k, v)| (k.clone(), resume::StoredRecord::new(v.clone())))
+                .collect(),
+        });
+        if let Some(fp) = fingerprint.get() {
+            for mut rec in pending.drain(..) {
+                rec.version = resume::RECORD_VERSION;
+                rec.fingerprint.clone_from(fp);
+                resume::write_record(dir, &rec)?;
+            }
+        }
+        records.extend(shard_records);
+        hashes.push(file);
         index_shards.push((name, entries));
     }
-    if shards.len() > 1 {
+    if sp.shards.len() > 1 {
         write_index(dir, &index_shards)?;
     }
     Ok((records, hashes))

@@ -52,6 +52,7 @@ pub struct TempOutput {
     force: bool,
     done: bool,
     removed: Vec<String>,
+    adopted: Option<PathBuf>,
 }
 
 /// True when `pid` is a live process; without /proc (not Linux) every pid counts as live, so
@@ -63,30 +64,46 @@ fn pid_alive(pid: u32) -> bool {
 
 /// Removes `.<name>.mimo-quant-tmp-<pid>` folders in `parent` whose pid is not a live process
 /// (left by a run killed with SIGKILL) and a `.<name>.old` (left by a kill between the two
-/// renames of `commit`). Best effort: a folder that cannot be removed is reported and kept.
-fn remove_stale(parent: &Path, name: &str) -> Vec<String> {
+/// renames of `commit`). With `adopt`, the most recently modified dead temporary folder is kept
+/// and returned instead (for `convert --resume`). Best effort: a folder that cannot be removed
+/// is reported and kept.
+fn remove_stale(parent: &Path, name: &str, adopt: bool) -> (Vec<String>, Option<PathBuf>) {
     let prefix = format!(".{name}.mimo-quant-tmp-");
     let old = format!(".{name}.old");
     let Ok(entries) = std::fs::read_dir(parent) else {
-        return Vec::new();
+        return (Vec::new(), None);
     };
     let mut notes = Vec::new();
-    let mut stale: Vec<PathBuf> = entries
+    // (is a dead temp folder, path)
+    let mut stale: Vec<(bool, PathBuf)> = entries
         .filter_map(|e| e.ok())
-        .filter(|e| {
+        .filter_map(|e| {
             let n = e.file_name().to_string_lossy().into_owned();
             let dead_tmp = n
                 .strip_prefix(&prefix)
                 .and_then(|pid| pid.parse::<u32>().ok())
                 .is_some_and(|pid| pid != std::process::id() && !pid_alive(pid));
-            // symlink_metadata: only real folders, never a link's target.
+            // file_type does not follow links: only real folders, never a link's target.
             let is_dir = e.file_type().map(|t| t.is_dir()).unwrap_or(false);
-            is_dir && (dead_tmp || n == old)
+            (is_dir && (dead_tmp || n == old)).then(|| (dead_tmp, e.path()))
         })
-        .map(|e| e.path())
         .collect();
-    stale.sort();
-    for p in stale {
+    stale.sort_by(|a, b| a.1.cmp(&b.1));
+    let mut adopted = None;
+    if adopt {
+        let newest = stale
+            .iter()
+            .enumerate()
+            .filter(|(_, (dead_tmp, _))| *dead_tmp)
+            .max_by_key(|(_, (_, p))| {
+                std::fs::metadata(p)
+                    .and_then(|m| m.modified())
+                    .unwrap_or(std::time::SystemTime::UNIX_EPOCH)
+            })
+            .map(|(i, _)| i);
+        adopted = newest.map(|i| stale.remove(i).1);
+    }
+    for (_, p) in stale {
         match std::fs::remove_dir_all(&p) {
             Ok(()) => notes.push(format!(
                 "removed {} (left by an interrupted run)",
@@ -98,13 +115,25 @@ fn remove_stale(parent: &Path, name: &str) -> Vec<String> {
             )),
         }
     }
-    notes
+    (notes, adopted)
 }
 
 impl TempOutput {
     /// Creates `.<name>.mimo-quant-tmp-<pid>` next to `target`; refuses an existing `target`
-    /// unless `force`.
+    /// unless `force`. Temporary folders of killed runs are removed.
     pub fn create(target: &Path, force: bool) -> Result<TempOutput, WriteError> {
+        Self::create_or_adopt(target, force, false)
+    }
+
+    /// [`TempOutput::create`], but with `adopt` the newest temporary folder of a killed run (if
+    /// any) is renamed to this run's name and kept with its content, for `convert --resume`;
+    /// [`TempOutput::adopted`] then says where it came from. The caller decides what in it may
+    /// be reused.
+    pub fn create_or_adopt(
+        target: &Path,
+        force: bool,
+        adopt: bool,
+    ) -> Result<TempOutput, WriteError> {
         if target.exists() && !force {
             return Err(WriteError::Exists(target.to_path_buf()));
         }
@@ -117,19 +146,28 @@ impl TempOutput {
         };
         std::fs::create_dir_all(&parent).map_err(io(&parent))?;
         let name = name.to_string_lossy();
-        let removed = remove_stale(&parent, &name);
+        let (removed, adopted) = remove_stale(&parent, &name, adopt);
         let tmp = parent.join(format!(".{}.mimo-quant-tmp-{}", name, std::process::id()));
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
         }
-        std::fs::create_dir(&tmp).map_err(io(&tmp))?;
+        match &adopted {
+            Some(from) => std::fs::rename(from, &tmp).map_err(io(from))?,
+            None => std::fs::create_dir(&tmp).map_err(io(&tmp))?,
+        }
         Ok(TempOutput {
             tmp,
             target: target.to_path_buf(),
             force,
             done: false,
             removed,
+            adopted,
         })
+    }
+
+    /// The killed run's temporary folder that [`TempOutput::create_or_adopt`] took over, if any.
+    pub fn adopted(&self) -> Option<&Path> {
+        self.adopted.as_deref()
     }
 
     /// Leftovers of killed runs removed by [`TempOutput::create`], each with a note, for the
@@ -199,8 +237,11 @@ pub fn shard_name(i: usize, n: usize) -> String {
 }
 
 /// A safetensors file being written: header first, then each tensor's bytes in header order.
+/// It is written as `.<name>.partial` and renamed to its name only once complete and synced, so a
+/// file under a shard's name is never a partial one.
 pub struct ShardWriter {
     path: PathBuf,
+    partial: PathBuf,
     out: BufWriter<File>,
     hash: Sha256,
     bytes: u64,
@@ -211,9 +252,14 @@ pub struct ShardWriter {
 impl ShardWriter {
     /// Creates `path` and writes the header for `entries`.
     pub fn create(path: &Path, entries: Vec<HeaderEntry>) -> Result<ShardWriter, WriteError> {
-        let f = File::create(path).map_err(io(path))?;
+        let name = path
+            .file_name()
+            .ok_or_else(|| WriteError::BadPath(path.to_path_buf()))?;
+        let partial = path.with_file_name(format!(".{}.partial", name.to_string_lossy()));
+        let f = File::create(&partial).map_err(io(&partial))?;
         let mut w = ShardWriter {
             path: path.to_path_buf(),
+            partial,
             out: BufWriter::with_capacity(8 << 20, f),
             hash: Sha256::new(),
             bytes: 0,
@@ -226,7 +272,7 @@ impl ShardWriter {
     }
 
     fn put(&mut self, data: &[u8]) -> Result<(), WriteError> {
-        self.out.write_all(data).map_err(io(&self.path))?;
+        self.out.write_all(data).map_err(io(&self.partial))?;
         self.hash.update(data);
         self.bytes += data.len() as u64;
         Ok(())
@@ -250,7 +296,7 @@ impl ShardWriter {
         self.put(data)
     }
 
-    /// Flushes, syncs and returns the file's hash.
+    /// Flushes, syncs, renames the file to its name and returns its hash.
     pub fn finish(mut self) -> Result<FileHash, WriteError> {
         if self.next != self.entries.len() {
             let missing = self.entries[self.next].clone();
@@ -261,8 +307,9 @@ impl ShardWriter {
                 actual: 0,
             });
         }
-        self.out.flush().map_err(io(&self.path))?;
-        self.out.get_ref().sync_all().map_err(io(&self.path))?;
+        self.out.flush().map_err(io(&self.partial))?;
+        self.out.get_ref().sync_all().map_err(io(&self.partial))?;
+        std::fs::rename(&self.partial, &self.path).map_err(io(&self.path))?;
         let name = self
             .path
             .file_name()
@@ -437,5 +484,56 @@ mod tests {
         assert!(t.removed_leftovers()[0].contains(".out.mimo-quant-tmp-0"));
         assert!(!dead.exists() && !old.exists());
         assert!(live.exists() && other.exists());
+    }
+
+    /// `--resume`: the newest dead temp folder is renamed to this run's and keeps its content;
+    /// older ones and `.out.old` are removed.
+    #[test]
+    fn adopt_takes_over_the_newest_dead_temp_folder() {
+        let d = tempfile::tempdir().unwrap();
+        let older = d.path().join(".out.mimo-quant-tmp-0");
+        std::fs::create_dir(&older).unwrap();
+        std::fs::write(older.join("a"), "old").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        // A pid far above pid_max is never alive.
+        let newer = d.path().join(".out.mimo-quant-tmp-4294967295");
+        std::fs::create_dir(&newer).unwrap();
+        std::fs::write(newer.join("a"), "new").unwrap();
+        let t = TempOutput::create_or_adopt(&d.path().join("out"), false, true).unwrap();
+        assert_eq!(t.adopted(), Some(newer.as_path()));
+        assert_eq!(std::fs::read_to_string(t.path().join("a")).unwrap(), "new");
+        assert!(!older.exists() && !newer.exists());
+        assert_eq!(
+            t.removed_leftovers().len(),
+            1,
+            "{:?}",
+            t.removed_leftovers()
+        );
+        drop(t);
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);
+        // Nothing to adopt: a fresh empty folder.
+        let t = TempOutput::create_or_adopt(&d.path().join("out"), false, true).unwrap();
+        assert!(t.adopted().is_none());
+        assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 0);
+    }
+
+    /// A shard is written under a hidden `.partial` name and appears under its own name only
+    /// when finished.
+    #[test]
+    fn shard_appears_under_its_name_only_when_finished() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("model.safetensors");
+        let e = HeaderEntry {
+            name: "t".into(),
+            dtype: mimo_runtime::checkpoint::DType::BF16,
+            shape: vec![2],
+        };
+        let mut w = ShardWriter::create(&path, vec![e]).unwrap();
+        w.write_tensor("t", &[1, 2, 3, 4]).unwrap();
+        assert!(!path.exists());
+        assert!(d.path().join(".model.safetensors.partial").exists());
+        let h = w.finish().unwrap();
+        assert!(path.exists() && !d.path().join(".model.safetensors.partial").exists());
+        assert_eq!(h, crate::manifest::sha256_file(&path).unwrap());
     }
 }

@@ -1,0 +1,325 @@
+//! `convert --resume` after `kill -9` (issue 10): finished shards of the killed run are reused
+//! only after their hashes and the run's fingerprint are checked; the output is byte-identical
+//! to an uninterrupted run.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use mimo_runtime::checkpoint::{write_safetensors, DType, HeaderEntry};
+
+#[path = "../../../tests/bad-inputs/harness.rs"]
+mod harness;
+
+use harness::{corpus_root, run_limited};
+
+const RECORDS: &str = ".mimo-quant-resume";
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_mimo-quant"))
+}
+
+/// A dense source of `count` BF16 [1024, 2048] tensors (4 MiB each) of random values.
+fn source(dir: &Path, count: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::copy(
+        corpus_root().join("good/dense/config.json"),
+        dir.join("config.json"),
+    )
+    .unwrap();
+    let (n, k) = (1024usize, 2048usize);
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let tensors: Vec<(HeaderEntry, Vec<u8>)> = (0..count)
+        .map(|i| {
+            let mut data = Vec::with_capacity(n * k * 2);
+            for _ in 0..n * k {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let x = ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2;
+                data.extend_from_slice(&half::bf16::from_f32(x).to_le_bytes());
+            }
+            (
+                HeaderEntry {
+                    name: format!("model.layers.{i}.mlp.down_proj.weight"),
+                    dtype: DType::BF16,
+                    shape: vec![n, k],
+                },
+                data,
+            )
+        })
+        .collect();
+    write_safetensors(&dir.join("model.safetensors"), &tensors, &[]).unwrap();
+}
+
+/// Every file of a folder, by name.
+fn read_tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn assert_same_tree(a: &Path, b: &Path) {
+    let (ta, tb) = (read_tree(a), read_tree(b));
+    assert_eq!(
+        ta.keys().collect::<Vec<_>>(),
+        tb.keys().collect::<Vec<_>>(),
+        "{} and {} hold different files",
+        a.display(),
+        b.display()
+    );
+    for (name, bytes) in &ta {
+        if bytes != &tb[name] && name.ends_with(".json") {
+            let (x, y) = (
+                String::from_utf8_lossy(bytes),
+                String::from_utf8_lossy(&tb[name]),
+            );
+            for (l1, l2) in x.lines().zip(y.lines()) {
+                if l1 != l2 {
+                    eprintln!("{name}: {l1} != {l2}");
+                }
+            }
+        }
+        assert!(
+            bytes == &tb[name],
+            "{name} differs between {} and {}",
+            a.display(),
+            b.display()
+        );
+    }
+}
+
+/// Runs `convert SRC -o OUT --json -q ARGS` to the end; returns the JSON summary.
+fn convert(src: &Path, out: &Path, args: &[&str]) -> serde_json::Value {
+    let mut c = bin();
+    c.arg("convert")
+        .arg(src)
+        .arg("-o")
+        .arg(out)
+        .args(["--json", "-q"])
+        .args(args);
+    let o = run_limited(c, Duration::from_secs(300));
+    assert_eq!(o.code, Some(0), "{}", o.text);
+    let at = o.text.find('{').unwrap_or(0);
+    serde_json::from_str(&o.text[at..]).unwrap_or_else(|e| panic!("{e}: {}", o.text))
+}
+
+/// Starts `convert SRC -o OUT ARGS`, waits until at least one shard is recorded as finished in
+/// its temporary folder, then kills it with SIGKILL. Returns the killed run's temporary folder
+/// and the number of finished shards in it at that moment.
+fn kill_after_first_shard(src: &Path, out: &Path, args: &[&str]) -> (PathBuf, usize) {
+    let mut child = bin()
+        .arg("convert")
+        .arg(src)
+        .arg("-o")
+        .arg(out)
+        .arg("-q")
+        .args(args)
+        .spawn()
+        .unwrap();
+    let parent = out.parent().unwrap();
+    let name = out.file_name().unwrap().to_string_lossy();
+    let tmp = parent.join(format!(".{name}.mimo-quant-tmp-{}", child.id()));
+    let records = tmp.join(RECORDS);
+    let start = Instant::now();
+    let count = |p: &Path| {
+        std::fs::read_dir(p)
+            .map(|d| {
+                d.filter(|e| {
+                    e.as_ref().is_ok_and(|e| {
+                        e.file_name()
+                            .to_string_lossy()
+                            .ends_with(".safetensors.json")
+                    })
+                })
+                .count()
+            })
+            .unwrap_or(0)
+    };
+    while count(&records) == 0 {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the conversion ended before a shard was recorded"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no shard recorded in 120 s"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!out.exists(), "the run finished before the kill");
+    (tmp.clone(), count(&records))
+}
+
+fn leftovers(parent: &Path) -> Vec<String> {
+    std::fs::read_dir(parent)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect()
+}
+
+const ARGS: &[&str] = &["--max-shard-size", "2MB", "--threads", "1"];
+
+#[test]
+fn resume_after_kill_9_reuses_finished_shards_and_matches_a_clean_run() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src");
+    source(&src, 10);
+    let clean = d.path().join("clean");
+    let s = convert(&src, &clean, ARGS);
+    assert_eq!(s["resumed_shards"], 0);
+    assert!(
+        read_tree(&clean).len() > 10,
+        "expected one shard per tensor"
+    );
+
+    let parent = d.path().join("outputs");
+    std::fs::create_dir(&parent).unwrap();
+    let out = parent.join("out");
+    let (tmp, finished) = kill_after_first_shard(&src, &out, ARGS);
+    assert!(finished >= 1 && tmp.is_dir());
+    let mut args = ARGS.to_vec();
+    args.push("--resume");
+    let s = convert(&src, &out, &args);
+    let resumed = s["resumed_shards"].as_u64().unwrap();
+    assert!(
+        resumed as usize >= finished,
+        "{finished} shard(s) were recorded as finished, {resumed} reused: {s}"
+    );
+    let notes = s["notes"].to_string();
+    assert!(notes.contains("sha256 checked"), "{notes}");
+    assert_same_tree(&out, &clean);
+    assert!(leftovers(&parent).is_empty(), "{:?}", leftovers(&parent));
+    let o = run_limited(
+        {
+            let mut c = bin();
+            c.arg("verify").arg(&out).arg("--source").arg(&src);
+            c
+        },
+        Duration::from_secs(120),
+    );
+    assert_eq!(o.code, Some(0), "{}", o.text);
+}
+
+#[test]
+fn resume_redoes_a_tampered_shard_and_discards_everything_on_changed_options() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src");
+    source(&src, 10);
+    let clean = d.path().join("clean");
+    convert(&src, &clean, ARGS);
+    let parent = d.path().join("outputs");
+    std::fs::create_dir(&parent).unwrap();
+    let out = parent.join("out");
+    let mut resume = ARGS.to_vec();
+    resume.push("--resume");
+
+    // Tampered: flip one byte in the data of the first finished shard.
+    let (tmp, finished) = kill_after_first_shard(&src, &out, ARGS);
+    let first = tmp.join("model-00001-of-00010.safetensors");
+    let mut bytes = std::fs::read(&first).unwrap();
+    let at = bytes.len() - 100;
+    bytes[at] ^= 0x10;
+    std::fs::write(&first, &bytes).unwrap();
+    let s = convert(&src, &out, &resume);
+    let notes = s["notes"].to_string();
+    assert!(
+        notes.contains("redoing model-00001-of-00010.safetensors") && notes.contains("sha256"),
+        "{notes}"
+    );
+    assert_eq!(
+        s["resumed_shards"].as_u64().unwrap() as usize,
+        finished - 1,
+        "{notes}"
+    );
+    assert_same_tree(&out, &clean);
+
+    // Truncated: cut the first finished shard short.
+    std::fs::remove_dir_all(&out).unwrap();
+    let (tmp, _) = kill_after_first_shard(&src, &out, ARGS);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(tmp.join("model-00001-of-00010.safetensors"))
+        .unwrap();
+    f.set_len(1000).unwrap();
+    let s = convert(&src, &out, &resume);
+    assert!(
+        s["notes"].to_string().contains("truncated"),
+        "{}",
+        s["notes"]
+    );
+    assert_same_tree(&out, &clean);
+
+    // Changed options (MXFP4 instead of NVFP4, same shard names): nothing is reused.
+    std::fs::remove_dir_all(&out).unwrap();
+    kill_after_first_shard(&src, &out, ARGS);
+    let mut mx = resume.clone();
+    mx.extend(["--format", "mxfp4"]);
+    let s = convert(&src, &out, &mx);
+    assert_eq!(s["resumed_shards"], 0, "{s}");
+    assert!(
+        s["notes"]
+            .to_string()
+            .contains("different source, with different options"),
+        "{}",
+        s["notes"]
+    );
+    let mx_clean = d.path().join("mx-clean");
+    let mut mx_args = ARGS.to_vec();
+    mx_args.extend(["--format", "mxfp4"]);
+    convert(&src, &mx_clean, &mx_args);
+    assert_same_tree(&out, &mx_clean);
+
+    // Changed source (one tensor's bytes): nothing is reused.
+    std::fs::remove_dir_all(&out).unwrap();
+    kill_after_first_shard(&src, &out, ARGS);
+    let model = src.join("model.safetensors");
+    let mut bytes = std::fs::read(&model).unwrap();
+    let at = bytes.len() - 2;
+    bytes[at] ^= 0x01;
+    std::fs::write(&model, &bytes).unwrap();
+    let s = convert(&src, &out, &resume);
+    assert_eq!(s["resumed_shards"], 0, "{s}");
+    assert!(leftovers(&parent).is_empty(), "{:?}", leftovers(&parent));
+}
+
+/// Without --resume a killed run's folder is removed, not reused; --resume without one converts.
+#[test]
+fn without_resume_nothing_is_reused_and_resume_alone_just_converts() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src");
+    source(&src, 4);
+    let parent = d.path().join("outputs");
+    std::fs::create_dir(&parent).unwrap();
+    let out = parent.join("out");
+    let (tmp, _) = kill_after_first_shard(&src, &out, ARGS);
+    let s = convert(&src, &out, ARGS);
+    assert_eq!(s["resumed_shards"], 0);
+    assert!(!tmp.exists());
+    assert!(
+        s["warnings"]
+            .to_string()
+            .contains("left by an interrupted run"),
+        "{s}"
+    );
+
+    let out2 = parent.join("out2");
+    let mut resume = ARGS.to_vec();
+    resume.push("--resume");
+    let s = convert(&src, &out2, &resume);
+    assert_eq!(s["resumed_shards"], 0);
+    assert!(s["notes"].to_string().contains("no interrupted run"), "{s}");
+    assert_same_tree(&out, &out2);
+    assert!(leftovers(&parent).is_empty(), "{:?}", leftovers(&parent));
+}
