@@ -73,6 +73,33 @@ __device__ __forceinline__ void mma_bf16_16816(float (&c)[4], u32 a0, u32 a1, u3
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// Programmatic dependent launch (sm_90). In a decode graph whose kernel edges are programmatic
+// (PdlGraph, graph.rs) a kernel may start while the previous one finishes: `griddepcontrol.wait`
+// blocks until every prerequisite grid has completed and its memory is visible, so each kernel
+// calls pdl_enter before its first read of data another kernel wrote and before its first
+// global write; `launch_dependents` (after the wait: at most one grid runs ahead) lets the next
+// kernel's blocks be scheduled. Outside such a graph both are no-ops.
+__device__ __forceinline__ void pdl_enter() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Asks L2 to fetch the 16-byte-aligned part of [p, p + bytes) in pieces of at most 64 KiB
+// (never past the range, so never outside the allocation).
+__device__ __forceinline__ void prefetch_l2_range(const u8* p, size_t bytes) {
+    size_t a = ((size_t)p + 15) & ~(size_t)15;
+    const size_t end = ((size_t)p + bytes) & ~(size_t)15;
+    while (a < end) {
+        const u32 len = (u32)min(end - a, (size_t)65536);
+#if __CUDA_ARCH__ >= 900
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(a), "r"(len) : "memory");
+#endif
+        a += len;
+    }
+}
+
 __device__ __forceinline__ uint4 ldg_stream(const void* p) {
     // Weights are read exactly once: keep them out of L1.
     uint4 v;
@@ -122,6 +149,9 @@ struct SharedTokens {
 // y[out_row][r] = bf16(silu(gate) * up), y has lim columns (the expert's intermediate width).
 #define EPI_STORE 0
 #define EPI_SWIGLU 1
+
+// Dense kernel flags (gemm.rs): bit 0 = prefetch the block's weights into L2 before pdl_enter.
+#define FLAG_PREFETCH 1
 
 // Weight registers of one iteration of a warp: G chunks x MT row tiles x rows (g, g+8).
 template <int MT, int G>
@@ -260,29 +290,22 @@ __device__ __forceinline__ void compute_chunks(const WeightRegs<MT, G>& r,
 
 // Rows: tile i, local row l (0..15) is weight row row0 + i*tstride + l, used where
 // row0 + l < lim and the row is < n. Dense: tstride 16, lim n. Gated: tstride = lim = inter.
-template <int FMT, int MT, int TN, int G, int EPI, class Tokens>
-__device__ __forceinline__ void fp4_tile(const u8* __restrict__ wp, const u8* __restrict__ ws,
-                                         float gscale, float post,
-                                         const u16* __restrict__ lut,
-                                         const u16* __restrict__ x, u16* __restrict__ y, int n,
-                                         int k, int row0, int tstride, int lim,
-                                         const Tokens& tok, float* red) {
-    const int S = blockDim.x >> 5;
-    const int warp = threadIdx.x >> 5;
+// The main loop: adds to acc the products of this warp's K chunks (c_first, then every
+// `stride` chunks, G at a time) of rows [row0, ...) (see fp4_tile) with the tokens' activations.
+template <int FMT, int MT, int TN, int G, class Tokens>
+__device__ __forceinline__ void fp4_accumulate(const u8* __restrict__ wp,
+                                               const u8* __restrict__ ws,
+                                               const u16* __restrict__ lut,
+                                               const u16* __restrict__ x, int n, int k, int row0,
+                                               int tstride, int lim, const Tokens& tok,
+                                               int c_first, int stride,
+                                               float (&acc)[MT][TN][4]) {
     const int lane = threadIdx.x & 31;
     const int g = lane >> 2;
     const int t = lane & 3;
     const int kb = k >> 1;                                   // bytes per weight row
     const int bpr = FMT == FMT_NVFP4 ? (k >> 4) : (k >> 5);  // scale bytes per row
     const int nchunks = (k + 127) >> 7;
-
-    float acc[MT][TN][4];
-#pragma unroll
-    for (int i = 0; i < MT; i++)
-#pragma unroll
-        for (int j = 0; j < TN; j++)
-#pragma unroll
-            for (int c = 0; c < 4; c++) acc[i][j][c] = 0.f;
 
     // Activation rows of this lane's tokens; empty slots read token row 0 instead (their
     // output columns are never stored), so the loop needs no token checks.
@@ -294,9 +317,8 @@ __device__ __forceinline__ void fp4_tile(const u8* __restrict__ wp, const u8* __
     }
 
     // Each warp takes G consecutive chunks per iteration (G * 16 * MT rows * 64 bytes of
-    // weights), then skips S*G chunks. Pointers advance by a constant per iteration (no
+    // weights), then skips `stride` chunks. Pointers advance by a constant per iteration (no
     // per-load address arithmetic); rows outside the tile are clamped to an existing row.
-    const int c_first = warp * G;
     const u8* wptr[MT][2];
     const u8* sptr[MT][2];
 #pragma unroll
@@ -313,9 +335,9 @@ __device__ __forceinline__ void fp4_tile(const u8* __restrict__ wp, const u8* __
             sptr[i][h] = ws + (size_t)r * bpr + (FMT == FMT_NVFP4 ? c_first * 8 + t * 2
                                                                   : c_first * 4 + t);
         }
-    const int wstep = S * G * 64;
-    const int sstep = S * G * (FMT == FMT_NVFP4 ? 8 : 4);
-    const int kstep = S * G * 128;
+    const int wstep = stride * 64;
+    const int sstep = stride * (FMT == FMT_NVFP4 ? 8 : 4);
+    const int kstep = stride * 128;
 
     // Register double buffering, unrolled by two (no register moves): the weights of the next
     // iteration are requested before the current one is computed.
@@ -346,6 +368,29 @@ __device__ __forceinline__ void fp4_tile(const u8* __restrict__ wp, const u8* __
         compute_chunks<FMT, MT, TN, G>(rb, xptr, kp, k, lut, acc);
         kp += kstep;
     }
+}
+
+template <int FMT, int MT, int TN, int G, int EPI, class Tokens>
+__device__ __forceinline__ void fp4_tile(const u8* __restrict__ wp, const u8* __restrict__ ws,
+                                         float gscale, float post,
+                                         const u16* __restrict__ lut,
+                                         const u16* __restrict__ x, u16* __restrict__ y, int n,
+                                         int k, int row0, int tstride, int lim,
+                                         const Tokens& tok, float* red) {
+    const int S = blockDim.x >> 5;
+    const int warp = threadIdx.x >> 5;
+    const int lane = threadIdx.x & 31;
+    const int g = lane >> 2;
+    const int t = lane & 3;
+    float acc[MT][TN][4];
+#pragma unroll
+    for (int i = 0; i < MT; i++)
+#pragma unroll
+        for (int j = 0; j < TN; j++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) acc[i][j][c] = 0.f;
+    fp4_accumulate<FMT, MT, TN, G>(wp, ws, lut, x, n, k, row0, tstride, lim, tok, warp * G,
+                                   S * G, acc);
 
     // Split-K reduction: red[warp][row 0..16MT)[token 0..8TN)
     const int ROWS = 16 * MT, TOK = 8 * TN;
@@ -400,9 +445,19 @@ __device__ __forceinline__ void fp4_dense_body(const u8* __restrict__ wp, const 
                                                const float* __restrict__ gscale,
                                                const u16* __restrict__ lut,
                                                const u16* __restrict__ x, u16* __restrict__ y,
-                                               int m, int n, int k, float post) {
+                                               int m, int n, int k, float post, int flags) {
     extern __shared__ float red[];
     const DenseTokens tok{(int)blockIdx.z * 8 * TN, m};
+    // The block's weight rows (one contiguous range: the MT tiles are adjacent) and their scale
+    // bytes do not depend on the previous kernel: have L2 fetch them before waiting on it.
+    if ((flags & FLAG_PREFETCH) && threadIdx.x == 0 && blockIdx.z == 0) {
+        const int row0 = blockIdx.x * 16 * MT;
+        const int rows = min(16 * MT, n - row0);
+        const size_t bpr = FMT == FMT_NVFP4 ? (size_t)(k >> 4) : (size_t)(k >> 5);
+        prefetch_l2_range(wp + (size_t)row0 * (k >> 1), (size_t)rows * (k >> 1));
+        prefetch_l2_range(ws + (size_t)row0 * bpr, (size_t)rows * bpr);
+    }
+    pdl_enter();
     fp4_tile<FMT, MT, TN, G, EPI_STORE>(wp, ws, gscale[0], post, lut, x, y, n, k,
                                         blockIdx.x * 16 * MT,
                                         16, n, tok, red);
@@ -419,7 +474,23 @@ __device__ __forceinline__ void fp4_dense_body(const u8* __restrict__ wp, const 
 // [16x, 16x+16), tile 1 the matching up rows, and y gets silu(gate) * up, [P][inter].
 #define MOE_MAX_EXPERTS 1024
 
-template <int FMT, int MT, int TN, int G, int EPI>
+// Warp-wide: bad[0] = number of ids outside [0, E) (called by one warp of one block).
+__device__ __forceinline__ void count_bad_ids(const int* __restrict__ ids, int P, int E,
+                                              int* __restrict__ bad) {
+    const int lane = threadIdx.x & 31;
+    int nb = 0;
+    for (int base = 0; base < P; base += 32) {
+        const int p = base + lane;
+        const int e = p < P ? ids[p] : 0;
+        nb += __popc(__ballot_sync(0xffffffffu, p < P && (e < 0 || e >= E)));
+    }
+    if (lane == 0) bad[0] = nb;
+}
+
+// DIRECT (one token, moe.rs): blockIdx.y is a pair, not an expert slot; the block computes that
+// pair alone, with no routing scan (a token's top-k experts are distinct, so no weight read is
+// shared anyway).
+template <int FMT, int MT, int TN, int G, int EPI, bool DIRECT>
 __device__ __forceinline__ void fp4_moe_body(const u8* __restrict__ wp, const u8* __restrict__ ws,
                                              const float* __restrict__ gscale,
                                              const u16* __restrict__ lut,
@@ -428,9 +499,40 @@ __device__ __forceinline__ void fp4_moe_body(const u8* __restrict__ wp, const u8
                                              int in_div, int* __restrict__ bad, float post) {
     extern __shared__ float red[];
     __shared__ TokenMap tm;
-    __shared__ unsigned char present[MOE_MAX_EXPERTS];
+    __shared__ unsigned char present[DIRECT ? 1 : MOE_MAX_EXPERTS];
     __shared__ int s_expert, s_pos, s_fill;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    pdl_enter();
+    const size_t wbytes = (size_t)n * (k >> 1);
+    const size_t sbytes = (size_t)n * (FMT == FMT_NVFP4 ? (k >> 4) : (k >> 5));
+    const int inter = n / 2;
+    const int row0 = EPI == EPI_SWIGLU ? blockIdx.x * 16 : blockIdx.x * 16 * MT;
+    const int tstride = EPI == EPI_SWIGLU ? inter : 16;
+    const int lim = EPI == EPI_SWIGLU ? inter : n;
+    const SharedTokens tok{&tm};
+    if (DIRECT) {
+        if (warp == 0) {
+            for (int i = lane; i < 8 * TN; i += 32) {
+                tm.in_row[i] = -1;
+                tm.out_row[i] = -1;
+            }
+            __syncwarp();
+            if (lane == 0) {
+                const int p = blockIdx.y;
+                const int e = ids[p];
+                s_expert = e >= 0 && e < E ? e : -1;
+                tm.in_row[0] = p / in_div;
+                tm.out_row[0] = p;
+            }
+            if (bad != 0 && blockIdx.x == 0 && blockIdx.y == 0) count_bad_ids(ids, P, E, bad);
+        }
+        __syncthreads();
+        const int e = s_expert;
+        if (e < 0) return;
+        fp4_tile<FMT, MT, TN, G, EPI>(wp + (size_t)e * wbytes, ws + (size_t)e * sbytes, gscale[e],
+                                      post, lut, x, y, n, k, row0, tstride, lim, tok, red);
+        return;
+    }
     for (int e = threadIdx.x; e < E; e += blockDim.x) present[e] = 0;
     __syncthreads();
     for (int p = threadIdx.x; p < P; p += blockDim.x) {
@@ -454,26 +556,11 @@ __device__ __forceinline__ void fp4_moe_body(const u8* __restrict__ wp, const u8
             s_expert = found;
             s_pos = 0;
         }
-        if (bad != 0 && blockIdx.x == 0 && blockIdx.y == 0) {
-            int nb = 0;
-            for (int base = 0; base < P; base += 32) {
-                const int p = base + lane;
-                const int e = p < P ? ids[p] : 0;
-                nb += __popc(__ballot_sync(0xffffffffu, p < P && (e < 0 || e >= E)));
-            }
-            if (lane == 0) bad[0] = nb;
-        }
+        if (bad != 0 && blockIdx.x == 0 && blockIdx.y == 0) count_bad_ids(ids, P, E, bad);
     }
     __syncthreads();
     const int e = s_expert;
     if (e < 0) return;
-    const size_t wbytes = (size_t)n * (k >> 1);
-    const size_t sbytes = (size_t)n * (FMT == FMT_NVFP4 ? (k >> 4) : (k >> 5));
-    const int inter = n / 2;
-    const int row0 = EPI == EPI_SWIGLU ? blockIdx.x * 16 : blockIdx.x * 16 * MT;
-    const int tstride = EPI == EPI_SWIGLU ? inter : 16;
-    const int lim = EPI == EPI_SWIGLU ? inter : n;
-    const SharedTokens tok{&tm};
     while (true) {
         if (warp == 0) {
             // Collect up to 8*TN pairs of expert e, resuming at s_pos.
@@ -515,18 +602,74 @@ __device__ __forceinline__ void fp4_moe_body(const u8* __restrict__ wp, const u8
     }
 }
 
+
+// One token's down projection with the weighted top-k combine fused in (moe.rs, tokens == 1):
+//   out[r] = bf16( sum_j w[j] * (W[ids[j]] row r . act[j]) * post / gscale[ids[j]] ), j in order
+// (pairs with an invalid id contribute nothing). Block = S warps and 16 output rows; warp s
+// walks the whole K of pairs s, s + S, ... so each pair's own scale multiplies its own
+// accumulator; the warps' sums are added in warp order: deterministic, no atomics.
+struct OneToken {
+    int row;
+    __device__ __forceinline__ int in_row(int i) const { return i == 0 ? row : -1; }
+    __device__ __forceinline__ int out_row(int i) const { return in_row(i); }
+};
+
+template <int FMT, int G>
+__device__ __forceinline__ void fp4_moe_down_t1_body(
+    const u8* __restrict__ wp, const u8* __restrict__ ws, const float* __restrict__ gscale,
+    const u16* __restrict__ lut, const u16* __restrict__ act, const float* __restrict__ topw,
+    const int* __restrict__ ids, u16* __restrict__ out, int n, int k, int P, int E, float post) {
+    extern __shared__ float red[];  // [S][16]
+    pdl_enter();
+    const int S = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int row0 = blockIdx.x * 16;
+    const size_t wbytes = (size_t)n * (k >> 1);
+    const size_t sbytes = (size_t)n * (FMT == FMT_NVFP4 ? (k >> 4) : (k >> 5));
+    float tot_lo = 0.f, tot_hi = 0.f;  // rows g and g + 8 of token column 0 (lanes t == 0)
+    for (int p = warp; p < P; p += S) {
+        const int e = ids[p];
+        if (e < 0 || e >= E) continue;
+        float acc[1][1][4] = {{{0.f, 0.f, 0.f, 0.f}}};
+        const OneToken tok{p};
+        fp4_accumulate<FMT, 1, 1, G>(wp + (size_t)e * wbytes, ws + (size_t)e * sbytes, lut, act, n,
+                                     k, row0, 16, n, tok, 0, G, acc);
+        const float f = topw[p] * ((1.0f / gscale[e]) * post);
+        tot_lo += f * acc[0][0][0];
+        tot_hi += f * acc[0][0][2];
+    }
+    if (t == 0) {
+        red[warp * 16 + g] = tot_lo;
+        red[warp * 16 + g + 8] = tot_hi;
+    }
+    __syncthreads();
+    if (threadIdx.x < 16 && row0 + (int)threadIdx.x < n) {
+        float sum = 0.f;
+        for (int s = 0; s < S; s++) sum += red[s * 16 + threadIdx.x];
+        out[row0 + threadIdx.x] = f32_to_bf16(sum);
+    }
+}
+
 #define DENSE_KERNEL(NAME, FMT, MT, TN, G)                                                     \
     extern "C" __global__ void __launch_bounds__(512) NAME(                                    \
         const u8* wp, const u8* ws, const float* gs, const u16* lut, const u16* x, u16* y, int m, \
-        int n, int k, float post) {                                                              \
-        fp4_dense_body<FMT, MT, TN, G>(wp, ws, gs, lut, x, y, m, n, k, post);                    \
+        int n, int k, float post, int flags) {                                                   \
+        fp4_dense_body<FMT, MT, TN, G>(wp, ws, gs, lut, x, y, m, n, k, post, flags);             \
     }
 
-#define MOE_KERNEL(NAME, FMT, MT, G, EPI)                                                       \
+#define MOE_KERNEL(NAME, FMT, MT, G, EPI, DIRECT)                                               \
     extern "C" __global__ void __launch_bounds__(512) NAME(                                     \
         const u8* wp, const u8* ws, const float* gs, const u16* lut, const u16* x, u16* y, int n, \
         int k, const int* ids, int P, int E, int in_div, int* bad, float post) {                  \
-        fp4_moe_body<FMT, MT, 2, G, EPI>(wp, ws, gs, lut, x, y, n, k, ids, P, E, in_div, bad, post); \
+        fp4_moe_body<FMT, MT, DIRECT ? 1 : 2, G, EPI, DIRECT>(wp, ws, gs, lut, x, y, n, k, ids, P, \
+                                                             E, in_div, bad, post);               \
+    }
+
+#define MOE_DOWN_T1_KERNEL(NAME, FMT, G)                                                        \
+    extern "C" __global__ void __launch_bounds__(512) NAME(                                     \
+        const u8* wp, const u8* ws, const float* gs, const u16* lut, const u16* act,             \
+        const float* topw, const int* ids, u16* out, int n, int k, int P, int E, float post) {   \
+        fp4_moe_down_t1_body<FMT, G>(wp, ws, gs, lut, act, topw, ids, out, n, k, P, E, post);     \
     }
 
 // Variants: fp4_gemm_{nv,mx}_m{MT}_t{TN}_g{G} (see gemm.rs for the dispatcher).
@@ -547,14 +690,19 @@ DENSE_VARIANTS(nv, FMT_NVFP4)
 DENSE_VARIANTS(mx, FMT_MXFP4)
 // fp4_moe_{nv,mx}_g{G}: plain grouped product (down projection);
 // fp4_moe_{nv,mx}_g{G}_swiglu: gate/up projection with SwiGLU in the epilogue.
-MOE_KERNEL(fp4_moe_nv_g1, FMT_NVFP4, 1, 1, EPI_STORE)
-MOE_KERNEL(fp4_moe_nv_g2, FMT_NVFP4, 1, 2, EPI_STORE)
-MOE_KERNEL(fp4_moe_nv_g1_swiglu, FMT_NVFP4, 2, 1, EPI_SWIGLU)
-MOE_KERNEL(fp4_moe_nv_g2_swiglu, FMT_NVFP4, 2, 2, EPI_SWIGLU)
-MOE_KERNEL(fp4_moe_mx_g1, FMT_MXFP4, 1, 1, EPI_STORE)
-MOE_KERNEL(fp4_moe_mx_g2, FMT_MXFP4, 1, 2, EPI_STORE)
-MOE_KERNEL(fp4_moe_mx_g1_swiglu, FMT_MXFP4, 2, 1, EPI_SWIGLU)
-MOE_KERNEL(fp4_moe_mx_g2_swiglu, FMT_MXFP4, 2, 2, EPI_SWIGLU)
+MOE_KERNEL(fp4_moe_nv_g1, FMT_NVFP4, 1, 1, EPI_STORE, false)
+MOE_KERNEL(fp4_moe_nv_g2, FMT_NVFP4, 1, 2, EPI_STORE, false)
+MOE_KERNEL(fp4_moe_nv_g1_swiglu, FMT_NVFP4, 2, 1, EPI_SWIGLU, false)
+MOE_KERNEL(fp4_moe_nv_g2_swiglu, FMT_NVFP4, 2, 2, EPI_SWIGLU, false)
+MOE_KERNEL(fp4_moe_mx_g1, FMT_MXFP4, 1, 1, EPI_STORE, false)
+MOE_KERNEL(fp4_moe_mx_g2, FMT_MXFP4, 1, 2, EPI_STORE, false)
+MOE_KERNEL(fp4_moe_mx_g1_swiglu, FMT_MXFP4, 2, 1, EPI_SWIGLU, false)
+MOE_KERNEL(fp4_moe_mx_g2_swiglu, FMT_MXFP4, 2, 2, EPI_SWIGLU, false)
+// One token (moe.rs): direct gate/up + SwiGLU per pair, then down with the combine fused.
+MOE_KERNEL(fp4_moe_nv_g1_swiglu_t1, FMT_NVFP4, 2, 1, EPI_SWIGLU, true)
+MOE_KERNEL(fp4_moe_mx_g1_swiglu_t1, FMT_MXFP4, 2, 1, EPI_SWIGLU, true)
+MOE_DOWN_T1_KERNEL(fp4_moe_down_t1_nv, FMT_NVFP4, 2)
+MOE_DOWN_T1_KERNEL(fp4_moe_down_t1_mx, FMT_MXFP4, 2)
 
 // ---------------------------------------------------------------------------------------------
 // Dequantize to a dense bf16 [N][K] matrix (prefill path through cuBLAS). One thread per
@@ -566,6 +714,7 @@ __device__ __forceinline__ void dequant_body(const u8* __restrict__ wp, const u8
                                              const float* __restrict__ gscale,
                                              const u16* __restrict__ scale_lut, u16* __restrict__ out,
                                              int n, int k) {
+    pdl_enter();
     const size_t pieces = (size_t)n * (k >> 5);
     const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= pieces) return;
@@ -617,6 +766,7 @@ extern "C" __global__ void fp4_dequant_mx(const u8* wp, const u8* ws, const floa
 // Plain 16-byte-per-thread grid-stride copy: measures the copy bandwidth the kernels are held to.
 extern "C" __global__ void util_copy_u4(const uint4* __restrict__ src, uint4* __restrict__ dst,
                                         unsigned long long n) {
+    pdl_enter();
     for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (unsigned long long)gridDim.x * blockDim.x)
         dst[i] = src[i];

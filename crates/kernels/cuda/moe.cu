@@ -5,6 +5,14 @@
 typedef unsigned int u32;
 typedef unsigned short u16;
 
+// See pdl_enter in fp4_gemm.cu (programmatic dependent launch in decode graphs).
+__device__ __forceinline__ void pdl_enter() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
 
 __device__ __forceinline__ u16 f32_to_bf16(float f) {
@@ -18,6 +26,7 @@ __device__ __forceinline__ u16 f32_to_bf16(float f) {
 extern "C" __global__ void moe_combine(const u16* __restrict__ yd, const float* __restrict__ w,
                                        const int* __restrict__ topk_ids, u16* __restrict__ out,
                                        int T, int top_k, int hidden, int E) {
+    pdl_enter();
     const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (size_t)T * hidden) return;
     const size_t t = idx / hidden;

@@ -5,7 +5,7 @@
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use mimo_kernels::cuda::{
-    self, fp4_dequantize, fp4_gemm, fp4_gemm_with, moe_layer, moe_layer_with, variant_exists,
+    self, fp4_dequantize, fp4_gemm, fp4_gemm_with, moe_layer, moe_layer_with, variant_exists, Tuning,
     Fp4GemmConfig, GpuContext, GpuFp4Weight, MoeConfig, MoeWeights, MoeWorkspace,
 };
 use mimo_kernels::fp4::{amax, dequantize, nvfp4_global_scale, quantize_mxfp4, quantize_nvfp4};
@@ -336,6 +336,26 @@ fn moe_layer_matches_cpu_reference() {
                 let got = s.clone_dtoh(&out).unwrap();
                 check_close(
                     &format!("moe {format} tokens={tokens} {cfg:?}"),
+                    &got,
+                    &want,
+                    2e-2,
+                    6e-2,
+                );
+            }
+            // One token takes the direct two-launch path by default; the grouped path must
+            // give the same layer.
+            if tokens == 1 {
+                let on = gpu.tuning();
+                gpu.set_tuning(Tuning {
+                    moe_direct: false,
+                    ..on
+                });
+                let mut out = poisoned(&gpu, tokens * hidden);
+                moe_layer(&gpu, &w, &x, &idd, &wd, tokens, top_k, &mut ws, &mut out).unwrap();
+                gpu.set_tuning(on);
+                let got = s.clone_dtoh(&out).unwrap();
+                check_close(
+                    &format!("moe {format} tokens=1 grouped path"),
                     &got,
                     &want,
                     2e-2,

@@ -19,6 +19,28 @@ typedef unsigned short u16;
 typedef unsigned char u8;
 typedef unsigned long long u64;
 
+// Programmatic dependent launch (sm_90): in a decode graph whose kernel edges are programmatic
+// (mimo_kernels::cuda::PdlGraph), a kernel may start while the previous one finishes.
+// `griddepcontrol.wait` blocks until every prerequisite grid has completed and its memory is
+// visible, so every kernel here calls it before its first global read of data another kernel
+// wrote and before its first global write; `launch_dependents` then lets the next kernel's
+// blocks be scheduled (after the wait, so at most one grid runs ahead). Outside such a graph
+// both are no-ops.
+__device__ __forceinline__ void pdl_enter() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Asks L2 to fetch [p, p + bytes) (p and bytes multiples of 16): weights that do not depend on
+// the previous kernel are requested before pdl_enter, while that kernel still runs.
+__device__ __forceinline__ void prefetch_l2(const void* p, u32 bytes) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#endif
+}
+
 #define NEG_INF (-__int_as_float(0x7f800000))
 
 __device__ __forceinline__ float bf(u16 h) { return __uint_as_float(((u32)h) << 16); }
@@ -104,6 +126,7 @@ __device__ bool last_block(int* counter, int total, int* flag) {
 extern "C" __global__ void embed_gather(const u16* __restrict__ emb, const int* __restrict__ tok,
                                         float* __restrict__ x, int hidden, int vocab,
                                         int* __restrict__ bad) {
+    pdl_enter();
     const int t = blockIdx.x;
     const int id = tok[t];
     const bool ok = id >= 0 && id < vocab;
@@ -125,6 +148,7 @@ extern "C" __global__ void add_rmsnorm(float* __restrict__ x, const u16* __restr
                                        const u16* __restrict__ d2, const u16* __restrict__ g2,
                                        const float* __restrict__ w, u16* __restrict__ out,
                                        int hidden, float eps, int row_begin) {
+    pdl_enter();
     __shared__ float sh[32];
     const int t = blockIdx.x;
     float* xr = x + (size_t)t * hidden;
@@ -217,6 +241,7 @@ extern "C" __global__ void kv_write(const u16* __restrict__ k_src, int k_off, in
                                     const float* __restrict__ inv_freq,
                                     const int* __restrict__ pos, const int* __restrict__ seq,
                                     u16* __restrict__ kc, u16* __restrict__ vc, AttnArgs a) {
+    pdl_enter();
     extern __shared__ float smem[];
     __shared__ float sh[32];
     const int t = blockIdx.x, kv = blockIdx.y, d = a.d;
@@ -251,6 +276,7 @@ attention(const u16* __restrict__ q_src, int q_off, int q_stride, const u16* __r
           const int* __restrict__ pos, const int* __restrict__ seq, u16* __restrict__ kc,
           u16* __restrict__ vc, float* __restrict__ part_ml, float* __restrict__ part_o,
           int* __restrict__ counters, u16* __restrict__ out, AttnArgs a) {
+    pdl_enter();
     extern __shared__ float smem[];
     __shared__ float sh[32];
     __shared__ int flag;
@@ -397,6 +423,7 @@ attention(const u16* __restrict__ q_src, int q_off, int q_stride, const u16* __r
 // ---------------------------------------------------------------------------------------------
 extern "C" __global__ void swiglu(const u16* __restrict__ g, const u16* __restrict__ u, int stride,
                                   u16* __restrict__ out, int m, int inter) {
+    pdl_enter();
     const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (size_t)m * inter) return;
     const size_t t = idx / inter, i = idx - t * inter;
@@ -407,6 +434,7 @@ extern "C" __global__ void swiglu(const u16* __restrict__ g, const u16* __restri
 
 // y[t][n] += bias[n] (bf16 in place).
 extern "C" __global__ void add_bias(u16* __restrict__ y, const float* __restrict__ b, int m, int n) {
+    pdl_enter();
     const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (size_t)m * n) return;
     y[idx] = to_bf(bf(y[idx]) + b[idx % n]);
@@ -421,6 +449,12 @@ extern "C" __global__ void __launch_bounds__(256)
 router_topk(const u16* __restrict__ x, const u16* __restrict__ w, float* __restrict__ logits,
             int* __restrict__ counters, int* __restrict__ ids, float* __restrict__ weights,
             int hidden, int n_experts, int top_k, int renorm) {
+    // The block's 8 router rows do not depend on the previous kernel: ask for them first.
+    if (threadIdx.x == 0 && blockIdx.y == 0 && (hidden & 7) == 0) {
+        const int e0 = blockIdx.x * 8, ne = min(8, n_experts - e0);
+        if (ne > 0) prefetch_l2(w + (size_t)e0 * hidden, (u32)(ne * hidden * 2));
+    }
+    pdl_enter();
     __shared__ float prob[1024];
     __shared__ float shv[32];
     __shared__ int flag;
@@ -527,6 +561,7 @@ __device__ __forceinline__ uint4 ld_stream(const void* p) {
 extern "C" __global__ void __launch_bounds__(256)
 moe_bf16(const u16* __restrict__ w, const u16* __restrict__ x, u16* __restrict__ y, int n, int k,
          const int* __restrict__ ids, int P, int E, int in_div, int swiglu_in) {
+    pdl_enter();
     __shared__ unsigned char present[1024];
     __shared__ int s_expert, s_pos, s_fill;
     __shared__ int in_row[8], out_row[8];
@@ -640,6 +675,7 @@ extern "C" __global__ void __launch_bounds__(256)
 argmax_next(const u16* __restrict__ logits, int vocab, int chunk, float* __restrict__ part_v,
             int* __restrict__ part_i, int* __restrict__ counters, int* __restrict__ tok,
             int* __restrict__ pos, int* __restrict__ hist, int hist_cap) {
+    pdl_enter();
     __shared__ float shv[32];
     __shared__ int shi[32];
     __shared__ int flag;
@@ -687,6 +723,7 @@ __device__ __forceinline__ u32 hash32(u64 x) {
 }
 
 extern "C" __global__ void fill_bf16(u16* __restrict__ p, u64 n, u64 seed, float amp) {
+    pdl_enter();
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
         const u32 h = hash32(seed * 0x9E3779B97F4A7C15ULL + i);
         const float u = (float)(h >> 8) * (1.0f / 16777216.0f);  // [0, 1)
@@ -695,6 +732,7 @@ extern "C" __global__ void fill_bf16(u16* __restrict__ p, u64 n, u64 seed, float
 }
 
 extern "C" __global__ void fill_f32(float* __restrict__ p, u64 n, u64 seed, float center, float amp) {
+    pdl_enter();
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
         const u32 h = hash32(seed * 0x9E3779B97F4A7C15ULL + i);
         const float u = (float)(h >> 8) * (1.0f / 16777216.0f);
@@ -704,6 +742,7 @@ extern "C" __global__ void fill_f32(float* __restrict__ p, u64 n, u64 seed, floa
 
 // Every element of a small int buffer set to `v` (positions before a decode benchmark).
 extern "C" __global__ void fill_i32(int* __restrict__ p, int n, int v, int step) {
+    pdl_enter();
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) p[i] = v + step * i;
 }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use mimo_kernels::fp4::{amax, nvfp4_global_scale, quantize_mxfp4, quantize_nvfp4};
+use mimo_kernels::cuda::Tuning;
 use mimo_kernels::{Fp4Format, SrcDType};
 use mimo_runtime::checkpoint::{
     write_safetensors, Checkpoint, HeaderEntry, CONFIG_FILE, SINGLE_FILE,
@@ -169,6 +170,12 @@ fn compare_model(gpu: &Arc<Gpu>, dir: &Path, what: &str) {
         g.decode_start(&[tok], &[start], true).unwrap(),
         "{what}: no CUDA graph"
     );
+    if g.gpu().ctx.tuning().pdl {
+        // Every edge between two of our kernels became programmatic (cuBLAS ones stay plain).
+        let (kernel_edges, pdl_edges) = g.decode_graph_edges(1).unwrap();
+        eprintln!("{what}: {pdl_edges} of {kernel_edges} kernel edges programmatic");
+        assert!(pdl_edges > 0 && pdl_edges <= kernel_edges, "{what}: no programmatic edge");
+    }
     for step in 0..3 {
         let pos = start + step;
         g.decode_steps(1, 1).unwrap();
@@ -251,7 +258,10 @@ fn greedy_tokens_equal_cpu_on_embedded_model() {
         logits = cpu.forward(&[t], &mut cache, Logits::Last).unwrap();
     }
     let mut g = GpuModel::load(gpu, &dir).unwrap();
-    for use_graph in [true, false] {
+    let base = g.gpu().ctx.tuning();
+    // Graph with programmatic launches, graph without, no graph.
+    for (use_graph, pdl) in [(true, true), (true, false), (false, true)] {
+        g.gpu().ctx.set_tuning(Tuning { pdl, ..base });
         g.alloc_cache(1, 256).unwrap();
         let l = g.forward(&prompt, 0, 0, false).unwrap();
         let first = argmax(&l) as u32;
@@ -261,9 +271,10 @@ fn greedy_tokens_equal_cpu_on_embedded_model() {
         g.decode_steps(1, n - 1).unwrap();
         let mut got = vec![first];
         got.extend(&g.decode_tokens(1, len + 1, len + n).unwrap()[0]);
-        eprintln!("cpu {want:?}\ngpu {got:?} (graph {use_graph})");
-        assert_eq!(got, want, "greedy tokens (graph {use_graph})");
+        eprintln!("cpu {want:?}\ngpu {got:?} (graph {use_graph}, pdl {pdl})");
+        assert_eq!(got, want, "greedy tokens (graph {use_graph}, pdl {pdl})");
     }
+    g.gpu().ctx.set_tuning(base);
 }
 
 /// Batched decode: every sequence of a batch gives the tokens it gives alone.

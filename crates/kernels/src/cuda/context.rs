@@ -1,6 +1,7 @@
 //! The GPU context: device, one capture-safe stream, and the kernel modules compiled by NVRTC.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream};
@@ -63,6 +64,34 @@ fn compile_log(e: &cudarc::nvrtc::CompileError) -> String {
     }
 }
 
+/// Latency features of the decode path, each on by default and switchable (for A/B
+/// measurements) through the environment at context creation (`MIMO_PDL=0`,
+/// `MIMO_L2_PREFETCH=0`, `MIMO_MOE_DIRECT=0`) or later through the setters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tuning {
+    /// Programmatic dependent launch: captured decode graphs get programmatic edges between
+    /// our kernels ([`super::PdlGraph`]), so a kernel's launch and weight prefetch overlap the
+    /// previous kernel.
+    pub pdl: bool,
+    /// Dense FP4 kernels ask L2 for their block's weights before waiting on the previous kernel.
+    pub l2_prefetch: bool,
+    /// One-token MoE layers take the direct path: gate/up per pair without the routing scan,
+    /// then down with the weighted combine fused (two launches instead of three).
+    pub moe_direct: bool,
+}
+
+impl Tuning {
+    /// Every feature on unless its variable is set to `0`.
+    pub fn from_env() -> Self {
+        let on = |k: &str| std::env::var(k).map_or(true, |v| v != "0");
+        Tuning {
+            pdl: on("MIMO_PDL"),
+            l2_prefetch: on("MIMO_L2_PREFETCH"),
+            moe_direct: on("MIMO_MOE_DIRECT"),
+        }
+    }
+}
+
 /// One GPU with its own stream (cross-stream event tracking off, so work on it can be
 /// captured into CUDA graphs) and the loaded kernel modules.
 pub struct GpuContext {
@@ -75,6 +104,9 @@ pub struct GpuContext {
     name: String,
     nvfp4_lut: CudaSlice<u16>,
     mxfp4_lut: CudaSlice<u16>,
+    pdl: AtomicBool,
+    l2_prefetch: AtomicBool,
+    moe_direct: AtomicBool,
 }
 
 impl GpuContext {
@@ -125,6 +157,7 @@ impl GpuContext {
             )
             .map_err(drv("multiprocessor count"))? as u32;
         let name = ctx.name().map_err(drv("device name"))?;
+        let tuning = Tuning::from_env();
         let nvfp4_lut = stream
             .clone_htod(&scale_lut(Fp4Format::Nvfp4))
             .map_err(drv("upload scale table"))?;
@@ -141,7 +174,35 @@ impl GpuContext {
             name,
             nvfp4_lut,
             mxfp4_lut,
+            pdl: AtomicBool::new(tuning.pdl),
+            l2_prefetch: AtomicBool::new(tuning.l2_prefetch),
+            moe_direct: AtomicBool::new(tuning.moe_direct),
         })
+    }
+
+    /// The latency features in force.
+    pub fn tuning(&self) -> Tuning {
+        Tuning {
+            pdl: self.pdl.load(Ordering::Relaxed),
+            l2_prefetch: self.l2_prefetch.load(Ordering::Relaxed),
+            moe_direct: self.moe_direct.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Switches the latency features for launches and captures queued from now on.
+    pub fn set_tuning(&self, t: Tuning) {
+        self.pdl.store(t.pdl, Ordering::Relaxed);
+        self.l2_prefetch.store(t.l2_prefetch, Ordering::Relaxed);
+        self.moe_direct.store(t.moe_direct, Ordering::Relaxed);
+    }
+
+    /// Driver handles of every kernel of this context loaded so far: all of them wait on their
+    /// predecessor (`pdl_enter`), so [`super::PdlGraph`] may give them programmatic edges.
+    pub fn pdl_kernels(&self) -> Vec<usize> {
+        self.functions
+            .lock()
+            .map(|m| m.values().map(|f| f.cu_function() as usize).collect())
+            .unwrap_or_default()
     }
 
     /// The cudarc context.

@@ -180,6 +180,8 @@ pub fn fp4_gemm_with(
         shared_mem_bytes: reduction_smem(cfg, tn),
     };
     let (n_i, k_i) = (w.n as i32, w.k as i32);
+    // FLAG_PREFETCH of fp4_gemm.cu
+    let flags = i32::from(gpu.tuning().l2_prefetch);
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(&w.packed)
         .arg(&w.scales)
@@ -190,7 +192,8 @@ pub fn fp4_gemm_with(
         .arg(&m_i)
         .arg(&n_i)
         .arg(&k_i)
-        .arg(&w.post);
+        .arg(&w.post)
+        .arg(&flags);
     // SAFETY: argument types and order match the kernel; every buffer length was checked
     // against (m, n, k) above, and the kernel guards rows, tokens and k chunks.
     unsafe { b.launch(launch) }.map_err(drv("launch fp4_gemm"))?;

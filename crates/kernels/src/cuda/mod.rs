@@ -14,16 +14,18 @@ mod blas;
 mod context;
 mod error;
 mod gemm;
+mod graph;
 mod moe;
 mod weights;
 
 pub use blas::{bf16_gemm, cublas, fp4_gemm_dequant_cublas};
-pub use context::{compile_source, nvrtc_available, scale_lut, GpuContext};
+pub use context::{compile_source, nvrtc_available, scale_lut, GpuContext, Tuning};
 pub use error::CudaError;
 pub use gemm::{
     device_copy, fp4_dequantize, fp4_gemm, fp4_gemm_with, token_tiles, variant_exists,
     Fp4GemmConfig, K_CHUNK,
 };
+pub use graph::PdlGraph;
 pub use moe::{moe_layer, moe_layer_with, MoeConfig, MoeWeights, MoeWorkspace, MOE_MAX_EXPERTS};
 pub use weights::GpuFp4Weight;
 

@@ -109,8 +109,9 @@ impl MoeConfig {
 
 /// One MoE layer: `out[t] = sum_j w[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t))` over the
 /// `top_k` experts `e = topk_ids[t, j]`. Three launches (grouped gate/up with SwiGLU in its
-/// epilogue, grouped down, weighted combine), no host synchronization; results are
-/// deterministic (fixed summation orders, no float atomics).
+/// epilogue, grouped down, weighted combine), two for one token (see `moe_layer_one_token`;
+/// `Tuning::moe_direct`), no host synchronization; results are deterministic (fixed summation
+/// orders, no float atomics).
 #[allow(clippy::too_many_arguments)]
 pub fn moe_layer(
     gpu: &GpuContext,
@@ -184,6 +185,9 @@ pub fn moe_layer_with(
     if p == 0 {
         return Ok(());
     }
+    if tokens == 1 && gpu.tuning().moe_direct {
+        return moe_layer_one_token(gpu, w, x, topk_ids, topk_weights, top_k, ws, out, cfg);
+    }
     let route = Route {
         ids: topk_ids,
         pairs: p as i32,
@@ -230,6 +234,106 @@ pub fn moe_layer_with(
     // SAFETY: down_out holds p*hidden, out tokens*hidden elements.
     unsafe { b.launch(LaunchConfig::for_num_elems((tokens * hidden) as u32)) }
         .map_err(drv("launch moe_combine"))?;
+    Ok(())
+}
+
+/// The one-token path of [`moe_layer_with`] (two launches): gate/up + SwiGLU with one block
+/// row per pair and no routing scan (a token's top-k experts are distinct, so the grouped
+/// kernel's gathering would share nothing), then the down projection of all pairs with the
+/// weighted combine fused (`fp4_moe_down_t1_*`: one warp per pair, warps summed in pair order).
+#[allow(clippy::too_many_arguments)]
+fn moe_layer_one_token(
+    gpu: &GpuContext,
+    w: &MoeWeights,
+    x: &CudaSlice<bf16>,
+    topk_ids: &CudaSlice<i32>,
+    topk_weights: &CudaSlice<f32>,
+    top_k: usize,
+    ws: &mut MoeWorkspace,
+    out: &mut CudaSlice<bf16>,
+    cfg: MoeConfig,
+) -> Result<(), CudaError> {
+    let (experts, hidden, inter) = w.dims()?;
+    if top_k > 16 {
+        return Err(CudaError::Shape {
+            what: "moe_layer".into(),
+            reason: format!("top_k {top_k}: the one-token kernel takes at most 16"),
+        });
+    }
+    // 1. gate/up + SwiGLU: grid.y = pairs, one token slot per block.
+    let gu = &w.gate_up;
+    let chunks = gu.k.div_ceil(K_CHUNK) as u32;
+    let gcfg = Fp4GemmConfig {
+        m_tiles: 2,
+        warps: cfg.gate_up_warps.min(chunks).max(1),
+        group: 1,
+    };
+    let name = match gu.format {
+        Fp4Format::Nvfp4 => "fp4_moe_nv_g1_swiglu_t1",
+        Fp4Format::Mxfp4 => "fp4_moe_mx_g1_swiglu_t1",
+    };
+    let f = gpu.function(name)?;
+    let launch = LaunchConfig {
+        grid_dim: (inter.div_ceil(16) as u32, top_k as u32, 1),
+        block_dim: (32 * gcfg.warps, 1, 1),
+        shared_mem_bytes: reduction_smem(gcfg, 1),
+    };
+    let (n_i, k_i, p_i, e_i, in_div) = (
+        gu.n as i32,
+        gu.k as i32,
+        top_k as i32,
+        experts as i32,
+        top_k as i32,
+    );
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(&gu.packed)
+        .arg(&gu.scales)
+        .arg(&gu.global_scales)
+        .arg(&gu.mult_lut)
+        .arg(x)
+        .arg(&mut ws.act)
+        .arg(&n_i)
+        .arg(&k_i)
+        .arg(topk_ids)
+        .arg(&p_i)
+        .arg(&e_i)
+        .arg(&in_div)
+        .arg(&mut ws.bad)
+        .arg(&gu.post);
+    // SAFETY: matches fp4_moe_*_swiglu_t1; x holds one row of `hidden`, act top_k rows of
+    // `inter` (the workspace holds at least top_k pairs, checked by the caller), ids top_k.
+    unsafe { b.launch(launch) }.map_err(drv("launch one-token gate/up"))?;
+    // 2. down + combine: one warp per pair, 16 output rows per block.
+    let d = &w.down;
+    let name = match d.format {
+        Fp4Format::Nvfp4 => "fp4_moe_down_t1_nv",
+        Fp4Format::Mxfp4 => "fp4_moe_down_t1_mx",
+    };
+    let f = gpu.function(name)?;
+    let warps = top_k.max(1) as u32;
+    let launch = LaunchConfig {
+        grid_dim: (hidden.div_ceil(16) as u32, 1, 1),
+        block_dim: (32 * warps, 1, 1),
+        shared_mem_bytes: warps * 16 * 4,
+    };
+    let (n_i, k_i) = (d.n as i32, d.k as i32);
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(&d.packed)
+        .arg(&d.scales)
+        .arg(&d.global_scales)
+        .arg(&d.mult_lut)
+        .arg(&ws.act)
+        .arg(topk_weights)
+        .arg(topk_ids)
+        .arg(out)
+        .arg(&n_i)
+        .arg(&k_i)
+        .arg(&p_i)
+        .arg(&e_i)
+        .arg(&d.post);
+    // SAFETY: matches fp4_moe_down_t1_*; act holds top_k rows of `inter`, weights and ids
+    // top_k entries, out `hidden` elements (checked by the caller).
+    unsafe { b.launch(launch) }.map_err(drv("launch one-token down + combine"))?;
     Ok(())
 }
 

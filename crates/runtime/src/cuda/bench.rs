@@ -4,6 +4,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use mimo_kernels::cuda::Tuning;
+
 use mimo_kernels::Fp4Format;
 use serde::Serialize;
 
@@ -62,6 +64,13 @@ pub struct DecodeResult {
     /// Batch 1: milliseconds per op kind of one eagerly launched, event-timed step (host
     /// launch gaps included; the graph removes most of them), summed over layers.
     pub eager_step_profile_ms: Option<Vec<(String, f64)>>,
+    /// Latency features in force for `tokens_per_s` (mimo_kernels::cuda::Tuning).
+    pub tuning: String,
+    /// Kernel -> kernel edges of the decode graph and how many of them are programmatic.
+    pub graph_edges: Option<(usize, usize)>,
+    /// Batch 1: tokens/s with each latency feature switched off in turn, then all off, in the
+    /// same process (the graph captured again for each).
+    pub tuning_ablation: Option<Vec<(String, f64)>>,
 }
 
 /// One weight format.
@@ -289,6 +298,13 @@ fn time_decode(
     } else {
         None
     };
+    let edges = model.decode_graph_edges(batch);
+    let tuning = model.gpu().ctx.tuning();
+    let ablation = if batch == 1 && opts.graphs {
+        Some(tuning_ablation(model, &tokens, &positions, opts)?)
+    } else {
+        None
+    };
     let bad = model.bad_token_count()?;
     if bad != 0 {
         return Err(GpuError::DeviceCheck(format!(
@@ -312,5 +328,75 @@ fn time_decode(
         bandwidth_limit_tokens_per_s: limit,
         share_of_bandwidth_limit: limit.map(|l| tps / l),
         eager_step_profile_ms: profile,
+        tuning: format!("{tuning:?}"),
+        graph_edges: edges,
+        tuning_ablation: ablation,
     })
+}
+
+/// Batch-1 decode tokens/s with each latency feature off in turn, then all off; the features
+/// in force before the call are restored (and the decode graph captured again) at the end.
+fn tuning_ablation(
+    model: &mut GpuModel,
+    tokens: &[u32],
+    positions: &[usize],
+    opts: &BenchOptions,
+) -> Result<Vec<(String, f64)>, GpuError> {
+    let base = model.gpu().ctx.tuning();
+    let variants = [
+        (
+            "no_pdl",
+            Tuning {
+                pdl: false,
+                ..base
+            },
+        ),
+        (
+            "no_l2_prefetch",
+            Tuning {
+                l2_prefetch: false,
+                ..base
+            },
+        ),
+        (
+            "no_moe_direct",
+            Tuning {
+                moe_direct: false,
+                ..base
+            },
+        ),
+        (
+            "all_off",
+            Tuning {
+                pdl: false,
+                l2_prefetch: false,
+                moe_direct: false,
+            },
+        ),
+    ];
+    let mut out = Vec::new();
+    let run = |model: &mut GpuModel, t: Tuning| -> Result<f64, GpuError> {
+        model.gpu().ctx.set_tuning(t);
+        model.reset_decode_sessions();
+        model.decode_start(tokens, positions, true)?;
+        model.decode_steps(1, 4.min(opts.steps))?;
+        model.synchronize()?;
+        model.decode_start(tokens, positions, true)?;
+        model.synchronize()?;
+        let t0 = Instant::now();
+        model.decode_steps(1, opts.steps)?;
+        model.synchronize()?;
+        Ok(opts.steps.max(1) as f64 / t0.elapsed().as_secs_f64())
+    };
+    for (name, t) in variants {
+        if t == base {
+            continue;
+        }
+        let tps = run(model, t)?;
+        eprintln!("    batch 1 with {name}: {tps:.1} tok/s");
+        out.push((name.to_string(), tps));
+    }
+    model.gpu().ctx.set_tuning(base);
+    model.reset_decode_sessions();
+    Ok(out)
 }

@@ -16,9 +16,9 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use cudarc::driver::{sys, CudaEvent, CudaGraph, CudaSlice};
+use cudarc::driver::{sys, CudaEvent, CudaSlice};
 use half::bf16;
-use mimo_kernels::cuda::{moe_layer, GpuFp4Weight, MoeWeights, MoeWorkspace};
+use mimo_kernels::cuda::{moe_layer, GpuFp4Weight, MoeWeights, MoeWorkspace, PdlGraph};
 use mimo_kernels::Fp4Matrix;
 
 use super::error::{drv, GpuError};
@@ -233,7 +233,7 @@ struct Ws {
 /// A decode step for a batch, captured as a CUDA graph (or run eagerly where capture failed).
 struct DecodeSession {
     ws: Ws,
-    graph: Option<CudaGraph>,
+    graph: Option<PdlGraph>,
     /// Largest position the next step writes (steps past the cache are refused).
     next_pos: usize,
 }
@@ -1095,16 +1095,21 @@ impl GpuModel {
     }
 
     /// Captures one decode step; None (eager fallback, reported to stderr) where the driver
-    /// refuses the capture.
-    fn capture(&self, ws: &mut Ws) -> Result<Option<CudaGraph>, GpuError> {
+    /// refuses the capture. With `Tuning::pdl` the edges into our own kernels are made
+    /// programmatic (mimo_kernels::cuda::PdlGraph): each kernel's launch and weight prefetch
+    /// overlap the previous kernel's tail.
+    fn capture(&self, ws: &mut Ws) -> Result<Option<PdlGraph>, GpuError> {
         let s = self.gpu.ctx.stream().clone();
         s.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
             .map_err(drv("begin graph capture"))?;
         let queued = self.run(ws, true);
-        let ended = s.end_capture(sys::CUgraphInstantiate_flags(0));
+        let mut aware: std::collections::HashSet<usize> =
+            self.gpu.ctx.pdl_kernels().into_iter().collect();
+        aware.extend(self.gpu.ops.pdl_kernels());
+        let ended = PdlGraph::end_capture(&s, &aware, self.gpu.ctx.tuning().pdl);
         match (queued, ended) {
             (Ok(()), Ok(Some(g))) => {
-                g.upload().map_err(drv("upload graph"))?;
+                g.upload()?;
                 Ok(Some(g))
             }
             (Err(e), _) => Err(e),
@@ -1117,6 +1122,21 @@ impl GpuModel {
                 Ok(None)
             }
         }
+    }
+
+    /// (kernel -> kernel edges, of them programmatic) of the decode graph of `batch`, if one
+    /// was captured.
+    pub fn decode_graph_edges(&self, batch: usize) -> Option<(usize, usize)> {
+        self.sessions
+            .get(&batch)
+            .and_then(|s| s.graph.as_ref())
+            .map(|g| (g.kernel_edges, g.programmatic_edges))
+    }
+
+    /// Drops every decode session (and its graph): the next `decode_start` captures again,
+    /// under the `Tuning` then in force.
+    pub fn reset_decode_sessions(&mut self) {
+        self.sessions.clear();
     }
 
     /// Queues `n` decode steps of the batch set up by [`GpuModel::decode_start`] (graph
@@ -1141,7 +1161,7 @@ impl GpuModel {
         let mut r = Ok(());
         for _ in 0..n {
             r = match &sess.graph {
-                Some(g) => g.launch().map_err(drv("launch graph")),
+                Some(g) => g.launch().map_err(GpuError::from),
                 None => self.run(&mut sess.ws, true),
             };
             if r.is_err() {

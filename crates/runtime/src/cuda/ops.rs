@@ -151,6 +151,28 @@ impl Ops {
         })
     }
 
+    /// Driver handles of this module's kernels: each begins with `pdl_enter`, so a decode
+    /// graph may give them programmatic edges (mimo_kernels::cuda::PdlGraph).
+    pub fn pdl_kernels(&self) -> Vec<usize> {
+        [
+            &self.embed_gather,
+            &self.add_rmsnorm,
+            &self.kv_write,
+            &self.attention,
+            &self.swiglu,
+            &self.add_bias,
+            &self.router_topk,
+            &self.moe_bf16,
+            &self.argmax_next,
+            &self.fill_bf16,
+            &self.fill_f32,
+            &self.fill_i32,
+        ]
+        .iter()
+        .map(|f| f.cu_function() as usize)
+        .collect()
+    }
+
     /// `x[t] = emb[tok[t]]` for `m` tokens; out-of-range ids are counted in `bad[0]`.
     #[allow(clippy::too_many_arguments)]
     pub fn embed_gather(
