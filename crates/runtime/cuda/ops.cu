@@ -33,14 +33,6 @@ __device__ __forceinline__ void pdl_enter() {
 #endif
 }
 
-// Asks L2 to fetch [p, p + bytes) (p and bytes multiples of 16): weights that do not depend on
-// the previous kernel are requested before pdl_enter, while that kernel still runs.
-__device__ __forceinline__ void prefetch_l2(const void* p, u32 bytes) {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-#endif
-}
-
 #define NEG_INF (-__int_as_float(0x7f800000))
 
 __device__ __forceinline__ float bf(u16 h) { return __uint_as_float(((u32)h) << 16); }
@@ -444,22 +436,44 @@ extern "C" __global__ void add_bias(u16* __restrict__ y, const float* __restrict
 // Router: logits = x[t] . W[e] in f32 (one warp per expert, 8 experts per block), then the last
 // block of token t: softmax over all experts, top-k (ties to the lower index), optional
 // renormalisation. grid (ceil(E / 8), m), 256 threads; E <= 1024.
+// Fused mode (xres != 0; decode graphs of MoE layers without a shared expert): x is not read;
+// every block forms the row itself from the residual, v = xres[t] + d1[t] (the attention
+// output, which the next add_rmsnorm adds to the residual), h = bf16(normw * v * rsqrt(mean(v^2)
+// + eps)), in dynamic shared memory (hidden floats); blocks with blockIdx.x == 0 also store h
+// (the experts' input). One launch less per MoE layer than add_rmsnorm + router.
 // ---------------------------------------------------------------------------------------------
 extern "C" __global__ void __launch_bounds__(256)
 router_topk(const u16* __restrict__ x, const u16* __restrict__ w, float* __restrict__ logits,
             int* __restrict__ counters, int* __restrict__ ids, float* __restrict__ weights,
-            int hidden, int n_experts, int top_k, int renorm) {
-    // The block's 8 router rows do not depend on the previous kernel: ask for them first.
-    if (threadIdx.x == 0 && blockIdx.y == 0 && (hidden & 7) == 0) {
-        const int e0 = blockIdx.x * 8, ne = min(8, n_experts - e0);
-        if (ne > 0) prefetch_l2(w + (size_t)e0 * hidden, (u32)(ne * hidden * 2));
-    }
+            int hidden, int n_experts, int top_k, int renorm, const float* __restrict__ xres,
+            const u16* __restrict__ d1, const float* __restrict__ normw, float eps,
+            u16* __restrict__ h_out) {
     pdl_enter();
+    extern __shared__ float hs[];
     __shared__ float prob[1024];
     __shared__ float shv[32];
     __shared__ int flag;
     const int t = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int e = blockIdx.x * 8 + warp;
+    const bool fused = xres != 0;
+    if (fused) {
+        const float* xr = xres + (size_t)t * hidden;
+        float ss = 0.f;
+        for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+            float v = xr[i];
+            if (d1 != 0) v += bf(d1[(size_t)t * hidden + i]);
+            hs[i] = v;
+            ss += v * v;
+        }
+        ss = block_sum(ss, shv);
+        const float inv = 1.0f / sqrtf(ss / (float)hidden + eps);
+        for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+            const u16 hb = to_bf(normw[i] * (hs[i] * inv));
+            hs[i] = bf(hb);
+            if (blockIdx.x == 0) h_out[(size_t)t * hidden + i] = hb;
+        }
+        __syncthreads();
+    }
     if (e < n_experts) {
         const u16* xr = x + (size_t)t * hidden;
         const u16* wr = w + (size_t)e * hidden;
@@ -467,17 +481,29 @@ router_topk(const u16* __restrict__ x, const u16* __restrict__ w, float* __restr
         if ((hidden & 7) == 0) {
 #pragma unroll 4
             for (int c = lane * 8; c < hidden; c += 256) {
-                const uint4 xv = *(const uint4*)(xr + c);
                 const uint4 wv = *(const uint4*)(wr + c);
-                const u32 xs[4] = {xv.x, xv.y, xv.z, xv.w}, ws[4] = {wv.x, wv.y, wv.z, wv.w};
+                const u32 ws[4] = {wv.x, wv.y, wv.z, wv.w};
+                float xf[8];
+                if (fused) {
+#pragma unroll
+                    for (int q = 0; q < 8; q++) xf[q] = hs[c + q];
+                } else {
+                    const uint4 xv = *(const uint4*)(xr + c);
+                    const u32 xs[4] = {xv.x, xv.y, xv.z, xv.w};
+#pragma unroll
+                    for (int q = 0; q < 4; q++) {
+                        xf[2 * q] = __uint_as_float(xs[q] << 16);
+                        xf[2 * q + 1] = __uint_as_float(xs[q] & 0xFFFF0000u);
+                    }
+                }
 #pragma unroll
                 for (int q = 0; q < 4; q++) {
-                    acc += __uint_as_float(xs[q] << 16) * __uint_as_float(ws[q] << 16);
-                    acc += __uint_as_float(xs[q] & 0xFFFF0000u) * __uint_as_float(ws[q] & 0xFFFF0000u);
+                    acc += xf[2 * q] * __uint_as_float(ws[q] << 16);
+                    acc += xf[2 * q + 1] * __uint_as_float(ws[q] & 0xFFFF0000u);
                 }
             }
         } else {
-            for (int c = lane; c < hidden; c += 32) acc += bf(xr[c]) * bf(wr[c]);
+            for (int c = lane; c < hidden; c += 32) acc += (fused ? hs[c] : bf(xr[c])) * bf(wr[c]);
         }
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);

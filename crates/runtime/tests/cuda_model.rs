@@ -259,9 +259,17 @@ fn greedy_tokens_equal_cpu_on_embedded_model() {
     }
     let mut g = GpuModel::load(gpu, &dir).unwrap();
     let base = g.gpu().ctx.tuning();
-    // Graph with programmatic launches, graph without, no graph.
-    for (use_graph, pdl) in [(true, true), (true, false), (false, true)] {
-        g.gpu().ctx.set_tuning(Tuning { pdl, ..base });
+    // Graph with programmatic launches, graph without them and without the fused
+    // norm + router kernel, no graph.
+    let pdl_on = Tuning { pdl: true, ..base };
+    let plain = Tuning {
+        pdl: false,
+        norm_router: false,
+        ..base
+    };
+    for (use_graph, t) in [(true, pdl_on), (true, plain), (false, base)] {
+        let pdl = t.pdl;
+        g.gpu().ctx.set_tuning(t);
         g.alloc_cache(1, 256).unwrap();
         let l = g.forward(&prompt, 0, 0, false).unwrap();
         let first = argmax(&l) as u32;
@@ -271,8 +279,8 @@ fn greedy_tokens_equal_cpu_on_embedded_model() {
         g.decode_steps(1, n - 1).unwrap();
         let mut got = vec![first];
         got.extend(&g.decode_tokens(1, len + 1, len + n).unwrap()[0]);
-        eprintln!("cpu {want:?}\ngpu {got:?} (graph {use_graph}, pdl {pdl})");
-        assert_eq!(got, want, "greedy tokens (graph {use_graph}, pdl {pdl})");
+        eprintln!("cpu {want:?}\ngpu {got:?} (graph {use_graph}, {t:?})");
+        assert_eq!(got, want, "greedy tokens (graph {use_graph}, pdl {pdl}, {t:?})");
     }
     g.gpu().ctx.set_tuning(base);
 }

@@ -64,30 +64,49 @@ fn compile_log(e: &cudarc::nvrtc::CompileError) -> String {
     }
 }
 
-/// Latency features of the decode path, each on by default and switchable (for A/B
-/// measurements) through the environment at context creation (`MIMO_PDL=0`,
-/// `MIMO_L2_PREFETCH=0`, `MIMO_MOE_DIRECT=0`) or later through the setters.
+/// Latency features of the decode path, switchable for A/B measurements through the
+/// environment at context creation (`MIMO_PDL`, `MIMO_L2_PREFETCH`, `MIMO_MOE_DIRECT`,
+/// `MIMO_NORM_ROUTER`: `1` on, `0` off) or later through [`GpuContext::set_tuning`]. The defaults
+/// follow the H100 measurements of docs/kernels-notes.md (round 3): the two that did not pay
+/// there are off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tuning {
     /// Programmatic dependent launch: captured decode graphs get programmatic edges between
-    /// our kernels ([`super::PdlGraph`]), so a kernel's launch and weight prefetch overlap the
-    /// previous kernel.
+    /// our kernels ([`super::PdlGraph`]), so a kernel's launch overlaps the previous kernel's
+    /// tail. Off by default: no gain measured (kernel-internal latency dominates, not launch).
     pub pdl: bool,
-    /// Dense FP4 kernels ask L2 for their block's weights before waiting on the previous kernel.
+    /// Dense FP4 kernels ask L2 for their block's weights before waiting on the previous
+    /// kernel. Off by default: it slowed the M = 1 kernels (16.2 -> 19.7 us on 4096 x 14336).
     pub l2_prefetch: bool,
     /// One-token MoE layers take the direct path: gate/up per pair without the routing scan,
     /// then down with the weighted combine fused (two launches instead of three).
     pub moe_direct: bool,
+    /// MoE layers without a shared expert fold the post-attention residual add + RMSNorm into
+    /// the router kernel (the runtime's; one launch less per layer).
+    pub norm_router: bool,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            pdl: false,
+            l2_prefetch: false,
+            moe_direct: true,
+            norm_router: true,
+        }
+    }
 }
 
 impl Tuning {
-    /// Every feature on unless its variable is set to `0`.
+    /// The defaults, each overridden by its environment variable where set (`0` off, else on).
     pub fn from_env() -> Self {
-        let on = |k: &str| std::env::var(k).map_or(true, |v| v != "0");
+        let d = Tuning::default();
+        let flag = |k: &str, dflt: bool| std::env::var(k).map_or(dflt, |v| v != "0");
         Tuning {
-            pdl: on("MIMO_PDL"),
-            l2_prefetch: on("MIMO_L2_PREFETCH"),
-            moe_direct: on("MIMO_MOE_DIRECT"),
+            pdl: flag("MIMO_PDL", d.pdl),
+            l2_prefetch: flag("MIMO_L2_PREFETCH", d.l2_prefetch),
+            moe_direct: flag("MIMO_MOE_DIRECT", d.moe_direct),
+            norm_router: flag("MIMO_NORM_ROUTER", d.norm_router),
         }
     }
 }
@@ -107,6 +126,7 @@ pub struct GpuContext {
     pdl: AtomicBool,
     l2_prefetch: AtomicBool,
     moe_direct: AtomicBool,
+    norm_router: AtomicBool,
 }
 
 impl GpuContext {
@@ -177,6 +197,7 @@ impl GpuContext {
             pdl: AtomicBool::new(tuning.pdl),
             l2_prefetch: AtomicBool::new(tuning.l2_prefetch),
             moe_direct: AtomicBool::new(tuning.moe_direct),
+            norm_router: AtomicBool::new(tuning.norm_router),
         })
     }
 
@@ -186,6 +207,7 @@ impl GpuContext {
             pdl: self.pdl.load(Ordering::Relaxed),
             l2_prefetch: self.l2_prefetch.load(Ordering::Relaxed),
             moe_direct: self.moe_direct.load(Ordering::Relaxed),
+            norm_router: self.norm_router.load(Ordering::Relaxed),
         }
     }
 
@@ -194,6 +216,7 @@ impl GpuContext {
         self.pdl.store(t.pdl, Ordering::Relaxed);
         self.l2_prefetch.store(t.l2_prefetch, Ordering::Relaxed);
         self.moe_direct.store(t.moe_direct, Ordering::Relaxed);
+        self.norm_router.store(t.norm_router, Ordering::Relaxed);
     }
 
     /// Driver handles of every kernel of this context loaded so far: all of them wait on their

@@ -68,8 +68,8 @@ pub struct DecodeResult {
     pub tuning: String,
     /// Kernel -> kernel edges of the decode graph and how many of them are programmatic.
     pub graph_edges: Option<(usize, usize)>,
-    /// Batch 1: tokens/s with each latency feature switched off in turn, then all off, in the
-    /// same process (the graph captured again for each).
+    /// Batch 1: tokens/s with each latency feature flipped in turn, then all off, in the same
+    /// process (the graph captured again for each).
     pub tuning_ablation: Option<Vec<(String, f64)>>,
 }
 
@@ -334,7 +334,7 @@ fn time_decode(
     })
 }
 
-/// Batch-1 decode tokens/s with each latency feature off in turn, then all off; the features
+/// Batch-1 decode tokens/s with each latency feature flipped in turn, then all off; the features
 /// in force before the call are restored (and the decode graph captured again) at the end.
 fn tuning_ablation(
     model: &mut GpuModel,
@@ -343,34 +343,25 @@ fn tuning_ablation(
     opts: &BenchOptions,
 ) -> Result<Vec<(String, f64)>, GpuError> {
     let base = model.gpu().ctx.tuning();
+    // Each feature flipped from the state in force, then everything off.
+    let flip = |f: fn(&mut Tuning) -> &mut bool, name: &str| {
+        let mut t = base;
+        let v = f(&mut t);
+        *v = !*v;
+        (format!("{name}={}", if *v { "on" } else { "off" }), t)
+    };
     let variants = [
+        flip(|t| &mut t.pdl, "pdl"),
+        flip(|t| &mut t.l2_prefetch, "l2_prefetch"),
+        flip(|t| &mut t.moe_direct, "moe_direct"),
+        flip(|t| &mut t.norm_router, "norm_router"),
         (
-            "no_pdl",
-            Tuning {
-                pdl: false,
-                ..base
-            },
-        ),
-        (
-            "no_l2_prefetch",
-            Tuning {
-                l2_prefetch: false,
-                ..base
-            },
-        ),
-        (
-            "no_moe_direct",
-            Tuning {
-                moe_direct: false,
-                ..base
-            },
-        ),
-        (
-            "all_off",
+            "all_off".to_string(),
             Tuning {
                 pdl: false,
                 l2_prefetch: false,
                 moe_direct: false,
+                norm_router: false,
             },
         ),
     ];
@@ -394,7 +385,7 @@ fn tuning_ablation(
         }
         let tps = run(model, t)?;
         eprintln!("    batch 1 with {name}: {tps:.1} tok/s");
-        out.push((name.to_string(), tps));
+        out.push((name, tps));
     }
     model.gpu().ctx.set_tuning(base);
     model.reset_decode_sessions();

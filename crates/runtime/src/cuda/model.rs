@@ -22,7 +22,10 @@ use mimo_kernels::cuda::{moe_layer, GpuFp4Weight, MoeWeights, MoeWorkspace, PdlG
 use mimo_kernels::Fp4Matrix;
 
 use super::error::{drv, GpuError};
-use super::ops::{AttnArgs, Rows, ARGMAX_CHUNK, MAX_EXPERTS, MAX_HEAD_DIM, SPLIT_LEN};
+use super::ops::{
+    AttnArgs, RouterIn, Rows, ARGMAX_CHUNK, MAX_EXPERTS, MAX_FUSED_ROUTER_HIDDEN, MAX_HEAD_DIM,
+    SPLIT_LEN,
+};
 use super::weights::{linear_to_bf16, Gpu, GpuLinear};
 use crate::arch::Names;
 use crate::checkpoint::Checkpoint;
@@ -216,6 +219,8 @@ struct Ws {
     qkv: QkvBufs,
     attn: CudaSlice<bf16>,
     delta: CudaSlice<bf16>,
+    /// Attention output left pending for the next add_rmsnorm (fused norm + router layers).
+    attn_delta: CudaSlice<bf16>,
     part_ml: CudaSlice<f32>,
     part_o: CudaSlice<f32>,
     attn_cnt: CudaSlice<i32>,
@@ -244,6 +249,9 @@ struct Pend {
     delta: bool,
     pairs: bool,
     shared: bool,
+    /// `attn_delta` (a fused norm + router layer's attention output) is still to be added,
+    /// before the FFN output.
+    attn: bool,
 }
 
 fn zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
@@ -646,6 +654,7 @@ impl GpuModel {
             qkv,
             attn: zeros(g, m * h * d)?,
             delta: zeros(g, m * hd)?,
+            attn_delta: zeros(g, m * hd)?,
             part_ml: zeros(g, m * h * splits * 2)?,
             part_o: zeros(g, m * h * splits * d)?,
             attn_cnt: zeros(g, m * h)?,
@@ -802,18 +811,28 @@ impl GpuModel {
                 m,
             )?;
             self.mark("attention")?;
-            layer.o.forward(gpu, &ws.attn, m, &mut ws.delta)?;
-            self.mark("o_proj")?;
-            self.add_norm(
-                ws,
-                Pend {
-                    delta: true,
-                    ..Pend::default()
-                },
-                &layer.post_norm,
-                false,
-            )?;
-            self.mark("norm")?;
+            // MoE layers without a shared expert: the post-attention add + RMSNorm runs inside
+            // the router kernel, and the attention output waits in attn_delta for the next norm.
+            let fuse = gpu.ctx.tuning().norm_router
+                && hd <= MAX_FUSED_ROUTER_HIDDEN
+                && matches!(&layer.ffn, Ffn::Moe(moe) if moe.shared.is_none());
+            if fuse {
+                layer.o.forward(gpu, &ws.attn, m, &mut ws.attn_delta)?;
+                self.mark("o_proj")?;
+            } else {
+                layer.o.forward(gpu, &ws.attn, m, &mut ws.delta)?;
+                self.mark("o_proj")?;
+                self.add_norm(
+                    ws,
+                    Pend {
+                        delta: true,
+                        ..Pend::default()
+                    },
+                    &layer.post_norm,
+                    false,
+                )?;
+                self.mark("norm")?;
+            }
             // Feed-forward.
             pend = match &layer.ffn {
                 Ffn::Dense(mlp) => {
@@ -833,9 +852,20 @@ impl GpuModel {
                         .moe
                         .as_mut()
                         .ok_or_else(|| GpuError::Unsupported("MoE buffers".into()))?;
+                    let input = if fuse {
+                        RouterIn::Fused {
+                            x: &ws.x,
+                            d1: Some(&ws.attn_delta),
+                            norm: &layer.post_norm,
+                            eps,
+                            h: &mut ws.h,
+                        }
+                    } else {
+                        RouterIn::Rows(&ws.h)
+                    };
                     ops.router_topk(
                         g,
-                        &ws.h,
+                        input,
                         &moe.router,
                         &mut mb.logits,
                         &mut mb.counters,
@@ -849,7 +879,10 @@ impl GpuModel {
                     )?;
                     self.mark("router")?;
                     let p = m * moe.top_k;
-                    let mut out = Pend::default();
+                    let mut out = Pend {
+                        attn: fuse,
+                        ..Pend::default()
+                    };
                     match (&moe.experts, &mut mb.fp4, &mut mb.pair_gu, &mut mb.pair_dn) {
                         (Experts::Fp4(w), Some(fws), _, _) => {
                             moe_layer(
@@ -1320,7 +1353,14 @@ impl GpuModel {
             (true, Some((_, sout, sgate))) => (Some(sout), Some(sgate)),
             _ => (None, None),
         };
-        let d1 = pend.delta.then_some(&ws.delta);
+        // A fused norm + router layer (never one with a shared expert) leaves its attention
+        // output pending: it goes first (d1), the FFN output second (d2, gate 1), the order in
+        // which the unfused path adds them.
+        let (d1, d2, g2) = if pend.attn {
+            (Some(&ws.attn_delta), pend.delta.then_some(&ws.delta), None)
+        } else {
+            (pend.delta.then_some(&ws.delta), d2, g2)
+        };
         let (out, row_begin) = if last {
             (&mut ws.head_in, m - ws.rows_out)
         } else {

@@ -68,6 +68,30 @@ pub type PairsArg<'a> = (
     usize,
 );
 
+/// Largest hidden size of the fused residual + RMSNorm + router kernel (its row sits in 48 KiB
+/// of shared memory next to the 4 KiB probability table).
+pub const MAX_FUSED_ROUTER_HIDDEN: usize = 10240;
+
+/// The router's input: rows already normalized, or (fused) the residual stream and the
+/// attention output, normalized inside the router kernel, which also stores the rows in `h`.
+pub enum RouterIn<'a> {
+    /// `[m, hidden]` bf16 rows.
+    Rows(&'a CudaSlice<bf16>),
+    /// Residual `x` `[m, hidden]` f32 plus `d1` (bf16, optional), RMSNorm weight `norm`.
+    Fused {
+        /// residual stream (read only: the next add_rmsnorm adds d1 to it)
+        x: &'a CudaSlice<f32>,
+        /// pending attention output
+        d1: Option<&'a CudaSlice<bf16>>,
+        /// RMSNorm weight
+        norm: &'a CudaSlice<f32>,
+        /// RMSNorm epsilon
+        eps: f32,
+        /// normalized rows out
+        h: &'a mut CudaSlice<bf16>,
+    },
+}
+
 /// Loaded runtime kernels.
 ///
 /// The KV cache is passed to the attention kernels by shared reference although they write
@@ -365,7 +389,7 @@ impl Ops {
     pub fn router_topk(
         &self,
         gpu: &GpuContext,
-        x: &CudaSlice<bf16>,
+        input: RouterIn<'_>,
         w: &CudaSlice<bf16>,
         logits: &mut CudaSlice<f32>,
         counters: &mut CudaSlice<i32>,
@@ -383,9 +407,31 @@ impl Ops {
             top_k as i32,
             i32::from(renorm),
         );
+        let mut smem = 0u32;
         let mut b = gpu.stream().launch_builder(&self.router_topk);
-        b.arg(x)
-            .arg(w)
+        let tail = match input {
+            RouterIn::Rows(x) => {
+                b.arg(x);
+                None
+            }
+            RouterIn::Fused {
+                x,
+                d1,
+                norm,
+                eps,
+                h,
+            } => {
+                if hidden > MAX_FUSED_ROUTER_HIDDEN {
+                    return Err(GpuError::Unsupported(format!(
+                        "fused router: hidden {hidden} > {MAX_FUSED_ROUTER_HIDDEN}"
+                    )));
+                }
+                smem = (hidden * 4) as u32;
+                b.arg(&NULL);
+                Some((x, d1, norm, eps, h))
+            }
+        };
+        b.arg(w)
             .arg(logits)
             .arg(counters)
             .arg(ids)
@@ -394,13 +440,26 @@ impl Ops {
             .arg(&e)
             .arg(&k)
             .arg(&r);
+        let zero = 0f32;
+        match &tail {
+            Some((x, d1, norm, eps, hout)) => {
+                b.arg(*x);
+                opt(&mut b, *d1);
+                b.arg(*norm).arg(eps).arg(&**hout);
+            }
+            None => {
+                b.arg(&NULL).arg(&NULL).arg(&NULL).arg(&zero).arg(&NULL);
+            }
+        }
         let cfg = LaunchConfig {
             grid_dim: (n_experts.div_ceil(8) as u32, m as u32, 1),
             block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: smem,
         };
-        // SAFETY: x [m, hidden], w [experts, hidden], logits [m, experts], counters [m],
-        // ids/weights [m, top_k]; experts <= 1024 and top_k <= 256 checked at load.
+        // SAFETY: x [m, hidden] (or null with the fused inputs: residual f32 and d1 [m, hidden],
+        // norm [hidden], h [m, hidden]), w [experts, hidden], logits [m, experts], counters [m],
+        // ids/weights [m, top_k]; experts <= 1024 and top_k <= 256 checked at load; the dynamic
+        // shared memory holds `hidden` floats (<= MAX_FUSED_ROUTER_HIDDEN).
         unsafe { b.launch(cfg) }.map_err(drv("launch router_topk"))?;
         Ok(())
     }
