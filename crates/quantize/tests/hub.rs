@@ -684,3 +684,74 @@ fn renamed_repo_redirects_are_followed() {
     o.token = Some("hf_secret".into());
     assert_eq!(fetch_model("org/old-gated", &o).unwrap().commit, C2);
 }
+
+/// A partial download whose bytes are not a prefix of the blob (a power loss can leave zeroed
+/// blocks in it; a kill -9 cannot, but the cache has no way to tell): the finished blob's
+/// sha256 is checked against the LFS oid, so the wrong bytes are never linked into the snapshot
+/// as complete; the blob is fetched again from the start (issue 10, F10).
+#[test]
+fn corrupt_partial_download_is_detected_and_fetched_again() {
+    let srv = server();
+    let tmp = tempfile::tempdir().unwrap();
+    let fixture = model_repo("org/model", None);
+    let shard = fixture_file(&fixture, C2, SHARD1);
+    let oid = lfs_oid(&shard);
+    let blobs = repo_dir(tmp.path()).join("blobs");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let mut prefix = shard[..shard.len() / 3].to_vec();
+    prefix[100] ^= 0xFF;
+    std::fs::write(blobs.join(format!("{oid}.incomplete")), &prefix).unwrap();
+
+    let got = fetch_model("org/model", &opts(&srv.url, tmp.path())).unwrap();
+    assert!(
+        std::fs::read(got.snapshot_dir.join(SHARD1)).unwrap() == shard,
+        "the snapshot links a blob with the wrong content"
+    );
+    let gets: Vec<_> = srv
+        .log()
+        .into_iter()
+        .filter(|s| s.method == "GET" && s.path == format!("/cdn/{oid}"))
+        .collect();
+    assert_eq!(gets.len(), 2, "{gets:?}");
+    assert!(
+        gets[0].range.is_some() && gets[1].range.is_none(),
+        "{gets:?}"
+    );
+
+    // A wrong partial one byte short of the blob: only that byte is fetched, the check catches it.
+    let tmp2 = tempfile::tempdir().unwrap();
+    let blobs2 = repo_dir(tmp2.path()).join("blobs");
+    std::fs::create_dir_all(&blobs2).unwrap();
+    let mut wrong = shard.clone();
+    wrong[7] ^= 1;
+    std::fs::write(
+        blobs2.join(format!("{oid}.incomplete")),
+        &wrong[..wrong.len() - 1],
+    )
+    .unwrap();
+    let got = fetch_model("org/model", &opts(&srv.url, tmp2.path())).unwrap();
+    assert!(std::fs::read(got.snapshot_dir.join(SHARD1)).unwrap() == shard);
+
+    // The server sends a wrong byte in a fresh download: an error naming the file and both
+    // hashes; neither a blob nor a partial file nor a snapshot link is kept; the next run works.
+    let tmp3 = tempfile::tempdir().unwrap();
+    srv.corrupt_once(&format!("/cdn/{oid}"));
+    let err = fetch_model("org/model", &opts(&srv.url, tmp3.path())).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, HubError::BadResponse { .. }), "{msg}");
+    assert!(msg.contains(SHARD1) && msg.contains(&oid), "{msg}");
+    let blobs3 = repo_dir(tmp3.path()).join("blobs");
+    let left: Vec<String> = std::fs::read_dir(&blobs3)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&oid))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    assert!(!repo_dir(tmp3.path())
+        .join("snapshots")
+        .join(C2)
+        .join(SHARD1)
+        .exists());
+    let got = fetch_model("org/model", &opts(&srv.url, tmp3.path())).unwrap();
+    assert!(std::fs::read(got.snapshot_dir.join(SHARD1)).unwrap() == shard);
+}

@@ -5,6 +5,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use sha2::{Digest, Sha256};
 
 use super::cache::RepoCache;
 use super::error::{is_disk_full, HubError};
@@ -81,8 +82,36 @@ fn make_bar(total: u64, progress: bool, repo: &str) -> ProgressBar {
     bar
 }
 
+/// True for an LFS etag: the blob's sha256 in lower-case hex (a git etag is 40 hex digits).
+fn is_sha256_etag(etag: &str) -> bool {
+    etag.len() == 64
+        && etag
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// sha256 state of the first `len` bytes of `path` (the partial file being resumed).
+fn hash_prefix(path: &std::path::Path, len: u64) -> std::io::Result<Sha256> {
+    let mut h = Sha256::new();
+    let f = std::fs::File::open(path)?;
+    let mut r = f.take(len);
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h)
+}
+
 /// Downloads one blob, resuming from `blobs/<etag>.incomplete` and retrying transient failures
-/// (the count restarts whenever an attempt moved forward). Returns the bytes transferred.
+/// (the count restarts whenever an attempt moved forward). An LFS blob (sha256 etag) is hashed
+/// as it arrives, its resumed prefix included, and renamed into `blobs/` only when the hash
+/// matches: a partial file that is not a prefix of the blob (a power loss can leave zeroed
+/// blocks) is discarded and the blob fetched again from the start (issue 10, F10). Returns the
+/// bytes transferred.
 fn download_blob(
     client: &Client,
     cache: &RepoCache,
@@ -92,6 +121,47 @@ fn download_blob(
     meta: &FileMeta,
     bar: &ProgressBar,
 ) -> Result<u64, HubError> {
+    let part = cache.incomplete_path(&meta.etag);
+    let (sent, mismatch) = fetch_blob(client, cache, repo, commit, file, meta, bar)?;
+    let Some((resumed, got)) = mismatch else {
+        return Ok(sent);
+    };
+    let discard = std::fs::remove_file(&part).map_err(|e| HubError::io(&part, e));
+    if resumed {
+        // The resumed prefix was bad: once more from the first byte.
+        discard?;
+        bar.inc_length(meta.size);
+        let (again, mismatch) = fetch_blob(client, cache, repo, commit, file, meta, bar)?;
+        if mismatch.is_none() {
+            return Ok(sent + again);
+        }
+        let _ = std::fs::remove_file(&part);
+    }
+    Err(HubError::BadResponse {
+        url: meta.location.clone(),
+        detail: format!(
+            "{file}: the downloaded bytes have sha256 {got}, the hub announced {}; nothing was kept",
+            meta.etag
+        ),
+    })
+}
+
+/// Bytes transferred, and on a sha256 mismatch (whether a partial file was resumed, the hash).
+type Fetched = (u64, Option<(bool, String)>);
+
+/// One download of a blob into its partial file and, when its sha256 checks (or it has no
+/// sha256 etag), the rename into `blobs/`. Returns the bytes transferred and, on a hash
+/// mismatch, (whether a partial file was resumed, the sha256 found); the partial file is then
+/// left for the caller.
+fn fetch_blob(
+    client: &Client,
+    cache: &RepoCache,
+    repo: &RepoRef,
+    commit: &str,
+    file: &str,
+    meta: &FileMeta,
+    bar: &ProgressBar,
+) -> Result<Fetched, HubError> {
     let part = cache.incomplete_path(&meta.etag);
     if let Some(dir) = part.parent() {
         std::fs::create_dir_all(dir).map_err(|e| HubError::io(dir, e))?;
@@ -108,6 +178,12 @@ fn download_blob(
         out.set_len(0).map_err(|e| HubError::io(&part, e))?;
         have = 0;
     }
+    let check = is_sha256_etag(&meta.etag);
+    let mut hasher = if check && have > 0 {
+        hash_prefix(&part, have).map_err(|e| HubError::io(&part, e))?
+    } else {
+        Sha256::new()
+    };
     let ctx = Ctx {
         repo,
         file: Some(file),
@@ -143,6 +219,7 @@ fn download_blob(
                     .map_err(|e| Failure::Fatal(write_err(e, 0)))?;
                 bar.inc_length(have);
                 have = 0;
+                hasher = Sha256::new();
                 return Err(Failure::Transient(HubError::BadResponse {
                     url: meta.location.clone(),
                     detail: "range not satisfiable; restarting the file".into(),
@@ -156,6 +233,7 @@ fn download_blob(
                 .map_err(|e| Failure::Fatal(write_err(e, 0)))?;
             bar.inc_length(have);
             have = 0;
+            hasher = Sha256::new();
         }
         out.seek(SeekFrom::Start(have))
             .map_err(|e| Failure::Fatal(write_err(e, have)))?;
@@ -187,6 +265,9 @@ fn download_blob(
             }
             out.write_all(&buf[..n])
                 .map_err(|e| Failure::Fatal(write_err(e, have)))?;
+            if check {
+                hasher.update(&buf[..n]);
+            }
             have += n as u64;
             *made_progress = true;
             bar.inc(n as u64);
@@ -206,9 +287,16 @@ fn download_blob(
 
     out.sync_all().map_err(|e| write_err(e, have))?;
     drop(out);
+    let sent = meta.size - start_have;
+    if check {
+        let got = hex::encode(hasher.finalize());
+        if got != meta.etag {
+            return Ok((sent, Some((start_have > 0, got))));
+        }
+    }
     let blob: PathBuf = cache.blob_path(&meta.etag);
     std::fs::rename(&part, &blob).map_err(|e| HubError::io(&blob, e))?;
-    Ok(meta.size - start_have)
+    Ok((sent, None))
 }
 
 /// `1.5 GiB`-style sizes for messages.

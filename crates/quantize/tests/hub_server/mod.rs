@@ -11,8 +11,8 @@
 //! - errors as the hub words them: `X-Error-Code` RepoNotFound (404), RevisionNotFound (404),
 //!   EntryNotFound (404), GatedRepo (401 without the right token).
 //!
-//! Test hooks: renamed repos (relative 307 redirects), a log of every request, a one-shot "cut the connection mid-body" per path, and
-//! queued error statuses. The server stops when the value is dropped.
+//! Test hooks: renamed repos (relative 307 redirects), a log of every request, a one-shot "cut the connection mid-body" per path,
+//! queued error statuses, and a slow link (bodies sent in paced pieces). The server stops when the value is dropped.
 
 #![allow(dead_code)]
 
@@ -71,6 +71,10 @@ struct State {
     fail_once: Vec<(String, u16)>,
     /// Renamed repos: (old id, new id); old paths get a relative 307 to the new ones.
     renamed: Vec<(String, String)>,
+    /// Paths whose next GET body has one byte flipped.
+    corrupt_once: Vec<String>,
+    /// Bodies are sent in pieces of this many bytes with this pause after each (a slow link).
+    slow: Option<(usize, Duration)>,
 }
 
 /// The running server.
@@ -170,6 +174,21 @@ impl HubServer {
             .unwrap()
             .renamed
             .push((old.to_string(), new.to_string()));
+    }
+
+    /// The next GET of `path` sends its body with one byte flipped (same length and headers).
+    pub fn corrupt_once(&self, path: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .corrupt_once
+            .push(path.to_string());
+    }
+
+    /// Send bodies `chunk` bytes at a time with `pause` after each (None: at full speed), so a
+    /// test can kill a client mid-download.
+    pub fn slow(&self, pace: Option<(usize, Duration)>) {
+        self.state.lock().unwrap().slow = pace;
     }
 
     /// The next request whose path starts with `prefix` gets `status`.
@@ -310,7 +329,17 @@ fn handle(mut conn: TcpStream, state: &Mutex<State>, cdn_url: &str) -> std::io::
         body_bytes: n as u64,
     });
     conn.write_all(head.as_bytes())?;
-    conn.write_all(&reply.body[..n])?;
+    let slow = state.lock().unwrap().slow;
+    match slow {
+        Some((chunk, pause)) => {
+            for piece in reply.body[..n].chunks(chunk.max(1)) {
+                conn.write_all(piece)?;
+                conn.flush()?;
+                std::thread::sleep(pause);
+            }
+        }
+        None => conn.write_all(&reply.body[..n])?,
+    }
     conn.flush()?;
     // Drain nothing more: closing (also after a cut) ends the exchange.
     let _ = conn.shutdown(Shutdown::Both);
@@ -421,6 +450,13 @@ fn route(req: &Request, state: &Mutex<State>, cdn_url: &str) -> Reply {
             if let Some(i) = st.cut_once.iter().position(|p| *p == path) {
                 st.cut_once.remove(i);
                 reply.cut_at = Some(reply.body.len() / 2);
+            }
+            if let Some(i) = st.corrupt_once.iter().position(|p| *p == path) {
+                st.corrupt_once.remove(i);
+                let mid = reply.body.len() / 2;
+                if let Some(b) = reply.body.get_mut(mid) {
+                    *b ^= 0x5A;
+                }
             }
         }
         return reply;
