@@ -317,7 +317,7 @@ fn run_convert(a: ConvertArgs) -> Result<i32> {
         force: a.force,
     };
     let quiet = a.plan.quiet;
-    let quant = crate::calib::cli::quant_options(&a.calib, &cfg.source, quiet)?;
+    let quant = crate::calib::cli::quant_options(&a.calib, &cfg.source, &cfg.plan, quiet)?;
     let cancel = Arc::new(AtomicBool::new(false));
     {
         let c = cancel.clone();

@@ -38,6 +38,36 @@ pub enum ForwardError {
     /// No tokens were given.
     #[error("empty input: at least one token is needed")]
     Empty,
+    /// A layer-at-a-time call named a missing layer or passed a buffer that is not `[m, hidden]`.
+    #[error("layer {layer} of {layers}: hidden states of {len} values are not [m, {hidden}]")]
+    BadLayerInput {
+        /// the layer asked for
+        layer: usize,
+        /// layers in the model
+        layers: usize,
+        /// values passed
+        len: usize,
+        /// hidden size
+        hidden: usize,
+    },
+}
+
+/// Why [`Model::replace_linear_weight`] refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplaceError {
+    /// No Linear of a decoder layer has this module name.
+    #[error("no Linear named '{0}' in the decoder layers")]
+    Unknown(String),
+    /// The new weight's shape differs from the old one.
+    #[error("'{module}': new weight is {got:?}, the layer has {expected:?}")]
+    Shape {
+        /// module name
+        module: String,
+        /// [n, k] of the layer
+        expected: [usize; 2],
+        /// [n, k] given
+        got: [usize; 2],
+    },
 }
 
 /// Which Linear layers consume an input seen by a [`LinearObserver`].
@@ -458,6 +488,133 @@ impl Model {
         self.forward_observed(tokens, cache, which, &mut NoObserver)
     }
 
+    /// Number of decoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// The embedding rows of `tokens`: hidden states `[m, hidden]` entering layer 0.
+    pub fn embed_tokens(&self, tokens: &[u32]) -> Result<Vec<f32>, ForwardError> {
+        let c = &self.config;
+        let hd = c.hidden_size;
+        let mut x = vec![0.0f32; tokens.len() * hd];
+        for (i, &t) in tokens.iter().enumerate() {
+            if t as usize >= c.vocab_size {
+                return Err(ForwardError::TokenOutOfRange {
+                    token: t,
+                    index: i,
+                    vocab: c.vocab_size,
+                });
+            }
+            self.embed
+                .row_into(t as usize, &mut x[i * hd..(i + 1) * hd]);
+        }
+        Ok(x)
+    }
+
+    /// Layer-at-a-time execution (calibration): runs decoder layer `layer` on the hidden states
+    /// `x` (`[m, hidden]`, one sequence at positions `0..m`, as [`Model::embed_tokens`] or the
+    /// previous layer left them) in place, showing its Linear inputs to `obs`. Only this layer's
+    /// keys and values are held, for the duration of the call. Running every layer in order on
+    /// [`Model::embed_tokens`]'s output gives bit-identical hidden states to [`Model::forward`].
+    pub fn forward_layer_observed(
+        &self,
+        layer: usize,
+        x: &mut [f32],
+        obs: &mut dyn LinearObserver,
+    ) -> Result<(), ForwardError> {
+        let hd = self.config.hidden_size;
+        let m = x.len() / hd.max(1);
+        if m == 0 {
+            return Err(ForwardError::Empty);
+        }
+        if layer >= self.layers.len() || x.len() != m * hd {
+            return Err(ForwardError::BadLayerInput {
+                layer,
+                layers: self.layers.len(),
+                len: x.len(),
+                hidden: hd,
+            });
+        }
+        if m > self.config.max_position_embeddings {
+            return Err(ForwardError::ContextOverflow {
+                cached: 0,
+                new: m,
+                max: self.config.max_position_embeddings,
+            });
+        }
+        let (mut kc, mut vc) = (Vec::new(), Vec::new());
+        self.layer_step(layer, x, m, 0, &mut kc, &mut vc, obs);
+        Ok(())
+    }
+
+    /// Replaces the weight of Linear `module` (checkpoint module name, e.g.
+    /// `model.layers.3.mlp.experts.5.down_proj`) of a decoder layer with `weight` (same shape),
+    /// e.g. its quantized version, so that later layers see the quantized layer's outputs
+    /// (sequential calibration). The bias is kept.
+    pub fn replace_linear_weight(
+        &mut self,
+        module: &str,
+        weight: crate::linear::Weight,
+    ) -> Result<(), ReplaceError> {
+        let names = Names::new(self.config.arch);
+        // The layer whose tensor prefix ("model.layers.{l}.") the module name starts with.
+        let li = (0..self.layers.len())
+            .find(|&l| {
+                let norm = names.input_norm(l);
+                module.starts_with(norm.trim_end_matches("input_layernorm.weight"))
+            })
+            .ok_or_else(|| ReplaceError::Unknown(module.to_string()))?;
+        let layer = &mut self.layers[li];
+        let mut slots: Vec<(String, &mut Linear)> = vec![
+            (names.attn(li, "q_proj"), &mut layer.q),
+            (names.attn(li, "k_proj"), &mut layer.k),
+            (names.attn(li, "v_proj"), &mut layer.v),
+            (names.attn(li, "o_proj"), &mut layer.o),
+        ];
+        match &mut layer.ffn {
+            Ffn::Dense(mlp) => {
+                let [g, u, d] = names.mlp(li);
+                slots.push((g, &mut mlp.gate));
+                slots.push((u, &mut mlp.up));
+                slots.push((d, &mut mlp.down));
+            }
+            Ffn::Moe(moe) => {
+                slots.push((names.router(li), &mut moe.router));
+                for (e, ex) in moe.experts.iter_mut().enumerate() {
+                    let [g, u, d] = names.expert(li, e);
+                    slots.push((g, &mut ex.gate));
+                    slots.push((u, &mut ex.up));
+                    slots.push((d, &mut ex.down));
+                }
+                if let Some((mlp, gate)) = &mut moe.shared {
+                    let [g, u, d] = names.shared_expert(li);
+                    slots.push((g, &mut mlp.gate));
+                    slots.push((u, &mut mlp.up));
+                    slots.push((d, &mut mlp.down));
+                    slots.push((names.shared_expert_gate(li), gate));
+                }
+            }
+        }
+        let (_, slot) = slots
+            .into_iter()
+            .find(|(n, _)| n == module)
+            .ok_or_else(|| ReplaceError::Unknown(module.to_string()))?;
+        let new = Linear {
+            weight,
+            bias: slot.bias.clone(),
+        };
+        if (new.n(), new.k()) != (slot.n(), slot.k()) {
+            return Err(ReplaceError::Shape {
+                module: module.to_string(),
+                expected: [slot.n(), slot.k()],
+                got: [new.n(), new.k()],
+            });
+        }
+        *slot = new;
+        Ok(())
+    }
+
     /// [`Model::forward`] that shows the input of every Linear layer to `obs` (calibration).
     pub fn forward_observed(
         &self,
@@ -479,44 +636,11 @@ impl Model {
             });
         }
         let hd = c.hidden_size;
-        let mut x = vec![0.0f32; m * hd];
-        for (i, &t) in tokens.iter().enumerate() {
-            if t as usize >= c.vocab_size {
-                return Err(ForwardError::TokenOutOfRange {
-                    token: t,
-                    index: i,
-                    vocab: c.vocab_size,
-                });
-            }
-            self.embed
-                .row_into(t as usize, &mut x[i * hd..(i + 1) * hd]);
-        }
+        let mut x = self.embed_tokens(tokens)?;
         let start = cache.len;
-        for (li, layer) in self.layers.iter().enumerate() {
-            let mut h = x.clone();
-            rms_norm(&mut h, &layer.input_norm, c.rms_norm_eps);
-            let attn = self.attention(
-                li,
-                obs,
-                layer,
-                &h,
-                m,
-                start,
-                &mut cache.keys[li],
-                &mut cache.values[li],
-            );
-            for (a, b) in x.iter_mut().zip(&attn) {
-                *a += b;
-            }
-            let mut h = x.clone();
-            rms_norm(&mut h, &layer.post_norm, c.rms_norm_eps);
-            let y = match &layer.ffn {
-                Ffn::Dense(mlp) => mlp.forward(&h, m, obs, [Site::GateUp(li), Site::Down(li)]),
-                Ffn::Moe(moe) => moe.forward(&h, m, hd, li, obs),
-            };
-            for (a, b) in x.iter_mut().zip(&y) {
-                *a += b;
-            }
+        for li in 0..self.layers.len() {
+            let (kc, vc) = (&mut cache.keys[li], &mut cache.values[li]);
+            self.layer_step(li, &mut x, m, start, kc, vc, obs);
         }
         cache.len += m;
         let (rows, n) = match which {
@@ -527,6 +651,39 @@ impl Model {
         rms_norm(&mut rows, &self.norm, c.rms_norm_eps);
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         Ok(head.apply(&rows, n))
+    }
+
+    /// Decoder layer `li` on the hidden states `x` (`[m, hidden]`, positions `start..start+m`),
+    /// in place, appending its keys and values to `kc` / `vc`.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_step(
+        &self,
+        li: usize,
+        x: &mut [f32],
+        m: usize,
+        start: usize,
+        kc: &mut Vec<f32>,
+        vc: &mut Vec<f32>,
+        obs: &mut dyn LinearObserver,
+    ) {
+        let c = &self.config;
+        let hd = c.hidden_size;
+        let layer = &self.layers[li];
+        let mut h = x.to_vec();
+        rms_norm(&mut h, &layer.input_norm, c.rms_norm_eps);
+        let attn = self.attention(li, obs, layer, &h, m, start, kc, vc);
+        for (a, b) in x.iter_mut().zip(&attn) {
+            *a += b;
+        }
+        let mut h = x.to_vec();
+        rms_norm(&mut h, &layer.post_norm, c.rms_norm_eps);
+        let y = match &layer.ffn {
+            Ffn::Dense(mlp) => mlp.forward(&h, m, obs, [Site::GateUp(li), Site::Down(li)]),
+            Ffn::Moe(moe) => moe.forward(&h, m, hd, li, obs),
+        };
+        for (a, b) in x.iter_mut().zip(&y) {
+            *a += b;
+        }
     }
 
     #[allow(clippy::too_many_arguments)]

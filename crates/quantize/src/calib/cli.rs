@@ -8,7 +8,8 @@ use std::sync::Arc;
 use anyhow::{bail, Result};
 use clap::Args;
 
-use super::run::{calibrate, CalibRun};
+use super::run::{calibrate, calibrate_and_quantize, CalibRun};
+use crate::plan::PlanOptions;
 use super::stats::CollectOptions;
 use crate::methods::gptq::DEFAULT_DAMP;
 use crate::methods::{Method, QuantOptions};
@@ -64,35 +65,46 @@ pub struct CalibrateArgs {
     pub quiet: bool,
 }
 
-fn run(source: &Path, spec: &str, opts: CollectOptions, quiet: bool) -> Result<CalibRun> {
-    let progress = |done: usize, total: usize| {
+/// Progress on stderr: decoder layers done.
+fn progress(quiet: bool) -> impl Fn(usize, usize) {
+    move |done: usize, total: usize| {
         if !quiet {
-            eprint!("\rcalibrating: sequence {done}/{total}");
+            eprint!("\rcalibrating: layer {done}/{total}");
             if done == total {
                 eprintln!();
             }
         }
-    };
-    Ok(calibrate(source, spec, opts, &progress)?)
+    }
+}
+
+fn run(source: &Path, spec: &str, opts: CollectOptions, quiet: bool) -> Result<CalibRun> {
+    Ok(calibrate(source, spec, opts, &progress(quiet))?)
 }
 
 fn print_summary(r: &CalibRun) {
     eprintln!(
-        "calibration: {} ({} sequences, {} tokens; sets {:?}), {:.1} s, peak RSS {:.0} MB, statistics {:.1} MB",
+        "calibration (layer at a time): {} ({} sequences, {} tokens; sets {:?}), {:.1} s, peak RSS {:.0} MB, statistics {:.1} MB per layer, hidden states {:.1} MB",
         r.data.source,
         r.stats.sequences,
         r.stats.tokens,
         r.data.samples_per_set,
         r.seconds,
         r.peak_rss_bytes.unwrap_or(0) as f64 / 1e6,
-        r.stats.stats_bytes as f64 / 1e6
+        r.stats.stats_bytes as f64 / 1e6,
+        r.activation_bytes as f64 / 1e6
     );
     eprint!("{}", r.stats.coverage.render());
 }
 
 /// Builds the quantizer options of a conversion, calibrating when the method needs it or
-/// `--calib` is given.
-pub fn quant_options(a: &CalibArgs, source: &Path, quiet: bool) -> Result<QuantOptions> {
+/// `--calib` is given. mse and gptq quantize the decoder layers during calibration (one layer
+/// at a time, each calibrated on the quantized layers' outputs), for the tensors `plan` selects.
+pub fn quant_options(
+    a: &CalibArgs,
+    source: &Path,
+    plan: &PlanOptions,
+    quiet: bool,
+) -> Result<QuantOptions> {
     if !(a.damp.is_finite() && a.damp >= 0.0) {
         bail!("--damp {} must be finite and >= 0", a.damp);
     }
@@ -107,11 +119,25 @@ pub fn quant_options(a: &CalibArgs, source: &Path, quiet: bool) -> Result<QuantO
         ..QuantOptions::default()
     };
     if let Some(spec) = spec {
-        let opts = CollectOptions {
-            hessian: a.method == Method::Gptq,
-            min_expert_tokens: a.min_expert_tokens,
+        let r = if a.method == Method::Rtn {
+            let opts = CollectOptions {
+                hessian: false,
+                min_expert_tokens: a.min_expert_tokens,
+            };
+            run(source, &spec, opts, quiet)?
+        } else {
+            let (r, weights) = calibrate_and_quantize(
+                source,
+                &spec,
+                plan,
+                a.method,
+                a.damp,
+                a.min_expert_tokens,
+                &progress(quiet),
+            )?;
+            q.precomputed = Some(Arc::new(weights));
+            r
         };
-        let r = run(source, &spec, opts, quiet)?;
         if !quiet {
             print_summary(&r);
         }
@@ -125,7 +151,6 @@ pub fn quant_options(a: &CalibArgs, source: &Path, quiet: bool) -> Result<QuantO
         report["peak_rss_bytes"] = serde_json::json!(r.peak_rss_bytes);
         q.manifest_info = Some(info);
         q.report_info = Some(report);
-        q.stats = Some(Arc::new(r.stats));
     }
     Ok(q)
 }

@@ -6,9 +6,11 @@ pub mod cli;
 pub mod coverage;
 pub mod data;
 pub mod run;
+pub mod sequential;
 pub mod stats;
 
 pub use coverage::{Coverage, ExpertCoverage};
 pub use data::{load_sequences, CalibData, DataError, Recipe};
 pub use run::{calibrate, CalibError, CalibRun};
+pub use sequential::{run_sequential, SequentialError, SequentialRun};
 pub use stats::{collect, CalibStats, CollectOptions, LinearStats, StatsError};

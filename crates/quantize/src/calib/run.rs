@@ -1,15 +1,22 @@
 //! One calibration run: load the BF16 model into the runtime, tokenize the calibration data,
-//! collect statistics, and measure time and peak memory.
+//! walk the model one decoder layer at a time ([`super::sequential`]) gathering statistics (and,
+//! for a conversion, quantizing each layer as it goes), and measure time and peak memory.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use mimo_kernels::fp4::Fp4Matrix;
+use mimo_runtime::checkpoint::{Checkpoint, CheckpointError};
 use mimo_runtime::model::Model;
 use mimo_runtime::tokenizer::{TextTokenizer, TokenizerError};
 use mimo_runtime::weights::LoadError;
 
 use super::data::{load_sequences, CalibData, DataError};
-use super::stats::{collect, CalibStats, CollectOptions, StatsError};
+use super::sequential::{run_sequential, SequentialError, SequentialRun};
+use super::stats::{CalibStats, CollectOptions, StatsError};
+use crate::methods::Method;
+use crate::plan::{Plan, PlanError, PlanOptions};
 
 /// Errors of a calibration run.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +43,15 @@ pub enum CalibError {
     /// Collecting statistics failed.
     #[error(transparent)]
     Stats(#[from] StatsError),
+    /// Layer-at-a-time calibration (or quantization inside it) failed.
+    #[error(transparent)]
+    Sequential(#[from] SequentialError),
+    /// The source checkpoint could not be read.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// Planning which tensors to quantize failed.
+    #[error(transparent)]
+    Plan(#[from] PlanError),
 }
 
 /// A finished calibration run.
@@ -43,8 +59,11 @@ pub enum CalibError {
 pub struct CalibRun {
     /// The data used.
     pub data: CalibData,
-    /// The statistics.
+    /// Tokens, sequences, coverage and statistics size (the per-module statistics themselves
+    /// are dropped layer by layer: `by_module` is empty).
     pub stats: CalibStats,
+    /// Hidden states of all sequences at one layer boundary, bytes.
+    pub activation_bytes: usize,
     /// Wall-clock seconds (load, tokenize, forward passes, statistics).
     pub seconds: f64,
     /// Peak resident memory of the process so far (VmHWM), bytes; None where unavailable.
@@ -63,7 +82,9 @@ impl CalibRun {
             "sequences": self.stats.sequences,
             "tokens": self.stats.tokens,
             "backend": "cpu",
+            "mode": "layer at a time",
             "statistics_bytes": self.stats.stats_bytes,
+            "activation_bytes": self.activation_bytes,
             "expert_coverage": self.stats.coverage,
         })
     }
@@ -85,15 +106,8 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// Calibrates the model in `dir` on `spec` (see [`load_sequences`]). The CPU runtime is used
-/// (the CUDA backend has no observer hook yet).
-pub fn calibrate(
-    dir: &Path,
-    spec: &str,
-    opts: CollectOptions,
-    progress: &dyn Fn(usize, usize),
-) -> Result<CalibRun, CalibError> {
-    let start = Instant::now();
+/// Tokenizer, data and model of a calibration run.
+fn load(dir: &Path, spec: &str) -> Result<(CalibData, Model), CalibError> {
     let tok = TextTokenizer::from_dir(dir).map_err(|source| CalibError::Tokenizer {
         dir: dir.to_path_buf(),
         source,
@@ -103,11 +117,66 @@ pub fn calibrate(
         dir: dir.to_path_buf(),
         source: Box::new(source),
     })?;
-    let stats = collect(&model, &data, opts, progress)?;
-    Ok(CalibRun {
+    Ok((data, model))
+}
+
+fn finish(data: CalibData, run: SequentialRun, start: Instant) -> CalibRun {
+    CalibRun {
         data,
-        stats,
+        stats: CalibStats {
+            by_module: BTreeMap::new(),
+            coverage: run.coverage,
+            tokens: run.tokens,
+            sequences: run.sequences,
+            stats_bytes: run.stats_bytes,
+        },
+        activation_bytes: run.activation_bytes,
         seconds: start.elapsed().as_secs_f64(),
         peak_rss_bytes: peak_rss_bytes(),
-    })
+    }
+}
+
+/// Calibrates the BF16 model in `dir` on `spec` (see [`load_sequences`]) one layer at a time,
+/// without quantizing: coverage and the cost of the statistics. The CPU runtime is used (the
+/// CUDA backend has no observer hook yet). `progress(layer, layers)`.
+pub fn calibrate(
+    dir: &Path,
+    spec: &str,
+    opts: CollectOptions,
+    progress: &dyn Fn(usize, usize),
+) -> Result<CalibRun, CalibError> {
+    let start = Instant::now();
+    let (data, mut model) = load(dir, spec)?;
+    let run = run_sequential(&mut model, &data, opts, None, progress)?;
+    Ok(finish(data, run, start))
+}
+
+/// Calibrates the model in `dir` one layer at a time with `method` (mse or gptq) in the loop:
+/// each layer's Linears that `plan` quantizes are quantized from statistics gathered on the
+/// outputs of the quantized layers before it. Returns the run and the quantized weights by
+/// module name (for [`crate::methods::QuantOptions::precomputed`]).
+pub fn calibrate_and_quantize(
+    dir: &Path,
+    spec: &str,
+    plan: &PlanOptions,
+    method: Method,
+    damp: f64,
+    min_expert_tokens: u64,
+    progress: &dyn Fn(usize, usize),
+) -> Result<(CalibRun, BTreeMap<String, Fp4Matrix>), CalibError> {
+    let start = Instant::now();
+    let (data, mut model) = load(dir, spec)?;
+    let ck = Checkpoint::open(dir)?;
+    let plan = Plan::build(&ck, plan)?;
+    let (run, weights) = crate::methods::sequential::quantize_sequential(
+        &ck,
+        &plan,
+        &mut model,
+        &data,
+        method,
+        damp,
+        min_expert_tokens,
+        progress,
+    )?;
+    Ok((finish(data, run, start), weights))
 }

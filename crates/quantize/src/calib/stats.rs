@@ -141,10 +141,42 @@ impl SiteAcc {
     }
 }
 
-struct Collector {
+/// Accumulates the statistics of every site it is shown.
+pub(crate) struct Collector {
     hessian: bool,
     all_tokens: bool,
     sites: BTreeMap<Site, SiteAcc>,
+}
+
+impl Collector {
+    /// An empty collector for `model` with `opts`.
+    pub(crate) fn new(model: &Model, opts: CollectOptions) -> Collector {
+        Collector {
+            hessian: opts.hessian,
+            all_tokens: model.config.moe.is_some() && opts.min_expert_tokens > 0,
+            sites: BTreeMap::new(),
+        }
+    }
+
+    /// Bytes of statistics held.
+    pub(crate) fn bytes(&self) -> usize {
+        self.sites
+            .values()
+            .map(|a| 8 * (a.k + a.hessian.as_ref().map_or(0, Vec::len)))
+            .sum()
+    }
+}
+
+/// Statistics of some layers, by module name, with those layers' expert coverage.
+pub(crate) struct Assigned {
+    /// Module name -> input statistics.
+    pub by_module: BTreeMap<String, Arc<LinearStats>>,
+    /// Coverage of the experts of these layers.
+    pub experts: Vec<ExpertCoverage>,
+    /// Tokens that reached a MoE layer (0 if none among these layers).
+    pub tokens_per_layer: u64,
+    /// Experts per MoE layer (0 if none).
+    pub experts_per_layer: usize,
 }
 
 impl LinearObserver for Collector {
@@ -199,11 +231,7 @@ pub fn collect(
         return Err(StatsError::Empty);
     }
     let c = &model.config;
-    let mut col = Collector {
-        hessian: opts.hessian,
-        all_tokens: c.moe.is_some() && opts.min_expert_tokens > 0,
-        sites: BTreeMap::new(),
-    };
+    let mut col = Collector::new(model, opts);
     let cap = c.max_position_embeddings.max(1);
     let mut tokens = 0usize;
     let total = data.sequences.len();
@@ -217,12 +245,31 @@ pub fn collect(
         }
         progress(index + 1, total);
     }
-    let stats_bytes = col
-        .sites
-        .values()
-        .map(|a| 8 * (a.k + a.hessian.as_ref().map_or(0, Vec::len)))
-        .sum();
+    let stats_bytes = col.bytes();
+    let a = assign(model, &col, opts, 0..c.num_layers);
+    Ok(CalibStats {
+        by_module: a.by_module,
+        coverage: Coverage {
+            min_tokens: opts.min_expert_tokens,
+            tokens_per_layer: a.tokens_per_layer,
+            experts_per_layer: a.experts_per_layer,
+            experts: a.experts,
+        },
+        tokens,
+        sequences: total,
+        stats_bytes,
+    })
+}
 
+/// Turns the accumulated sites of `layers` into statistics per module name (fused inputs share
+/// one `Arc`), applying the expert coverage threshold.
+pub(crate) fn assign(
+    model: &Model,
+    col: &Collector,
+    opts: CollectOptions,
+    layers: std::ops::Range<usize>,
+) -> Assigned {
+    let c = &model.config;
     let names = Names::new(c.arch);
     let mut finished: BTreeMap<(Site, bool), Arc<LinearStats>> = BTreeMap::new();
     let mut by_module = BTreeMap::new();
@@ -245,7 +292,7 @@ pub fn collect(
     let mut experts = Vec::new();
     let mut tokens_per_layer = 0u64;
     let mut experts_per_layer = 0usize;
-    for l in 0..c.num_layers {
+    for l in layers {
         for p in ["q_proj", "k_proj", "v_proj"] {
             if let Some(s) = get(Site::Qkv(l), false) {
                 by_module.insert(names.attn(l, p), s);
@@ -319,16 +366,10 @@ pub fn collect(
             }
         }
     }
-    Ok(CalibStats {
+    Assigned {
         by_module,
-        coverage: Coverage {
-            min_tokens: opts.min_expert_tokens,
-            tokens_per_layer,
-            experts_per_layer,
-            experts,
-        },
-        tokens,
-        sequences: total,
-        stats_bytes,
-    })
+        experts,
+        tokens_per_layer,
+        experts_per_layer,
+    }
 }

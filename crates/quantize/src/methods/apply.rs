@@ -2,18 +2,19 @@
 //! [`crate::quantizer::quantize`] unchanged; MSE and GPTQ read the whole tensor as f32, look up
 //! the calibration statistics of its module, and produce the same [`Quantized`] output.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use mimo_kernels::dtype::convert_row;
-use mimo_kernels::fp4::{dequantize_row, Fp4Matrix};
+use mimo_kernels::fp4::{dequantize_row, Fp4Format, Fp4Matrix};
 use mimo_runtime::checkpoint::TensorView;
 use mimo_runtime::format::Layout;
 
 use super::gptq::{quantize_gptq, DEFAULT_DAMP};
 use super::mse::quantize_mse;
 use super::{Method, MethodError};
-use crate::calib::CalibStats;
+use crate::calib::{CalibStats, LinearStats};
 use crate::quantizer::{quantize, src_dtype, ErrorAcc, QuantError, Quantized};
 
 /// Method, damping and calibration statistics of a conversion.
@@ -30,6 +31,9 @@ pub struct QuantOptions {
     pub manifest_info: Option<serde_json::Value>,
     /// The same summary plus wall-clock seconds and peak RSS, for the `--json` report only.
     pub report_info: Option<serde_json::Value>,
+    /// Weights already quantized by sequential calibration ([`super::sequential`]), by module
+    /// name; used instead of `stats` for the modules they hold.
+    pub precomputed: Option<Arc<BTreeMap<String, Fp4Matrix>>>,
 }
 
 impl Default for QuantOptions {
@@ -40,6 +44,7 @@ impl Default for QuantOptions {
             stats: None,
             manifest_info: None,
             report_info: None,
+            precomputed: None,
         }
     }
 }
@@ -61,6 +66,19 @@ pub enum ApplyError {
         method: &'static str,
         /// the error
         source: MethodError,
+    },
+    /// A weight quantized during sequential calibration used another global scale than the
+    /// converter (a bug: both derive it from the same rules).
+    #[error("{file}: tensor '{tensor}': quantized during calibration with global scale {calibrated}, but the converter uses {convert}")]
+    ScaleMismatch {
+        /// source file
+        file: PathBuf,
+        /// tensor name
+        tensor: String,
+        /// global scale used during calibration
+        calibrated: f32,
+        /// global scale of the conversion
+        convert: f32,
     },
     /// GPTQ was asked for but the module has no Hessian.
     #[error("{file}: tensor '{tensor}': gptq needs calibration statistics with a Hessian for module '{module}' (run with --calib)")]
@@ -86,53 +104,38 @@ pub fn quantize_tensor(
     if opts.method == Method::Rtn {
         return Ok(quantize(t, module, layout, scale)?);
     }
-    let dt = src_dtype(t)?;
     let (n, k) = (t.shape[0], t.shape[1]);
-    let mut w = vec![0f32; n * k];
-    convert_row(dt, t.data, &mut w).map_err(|e| QuantError::Convert {
-        file: t.file.to_path_buf(),
-        tensor: t.name.to_string(),
-        reason: e.to_string(),
-    })?;
-    if let Some(index) = w.iter().position(|v| !v.is_finite()) {
-        return Err(QuantError::NonFinite {
-            file: t.file.to_path_buf(),
-            tensor: t.name.to_string(),
-            index,
-            value: w[index],
-        }
-        .into());
-    }
-    let format = layout.format();
-    let gs = match layout {
-        Layout::CtNvfp4 => scale.unwrap_or(1.0),
-        Layout::ModelOptNvfp4 => 1.0 / scale.unwrap_or(1.0),
-        Layout::CtMxfp4 => 1.0,
-    };
-    let stats = opts.stats.as_ref().and_then(|s| s.get(module));
+    let w = read_weight(t)?;
+    let gs = kernel_global_scale(layout, scale);
     let merr = |source| ApplyError::Method {
         file: t.file.to_path_buf(),
         tensor: t.name.to_string(),
         method: opts.method.name(),
         source,
     };
-    let m: Fp4Matrix = match opts.method {
-        Method::Mse | Method::Rtn => {
-            let d = stats
-                .map(|s| s.second_moment.as_slice())
-                .filter(|d| d.len() == k);
-            quantize_mse(&w, n, k, format, gs, d).map_err(merr)?
-        }
-        Method::Gptq => {
-            let h = stats
-                .and_then(|s| s.hessian.as_deref())
-                .filter(|h| h.len() == k * k)
-                .ok_or_else(|| ApplyError::NoHessian {
+    let pre = opts.precomputed.as_ref().and_then(|p| p.get(module));
+    let m: Fp4Matrix = match pre {
+        Some(m) => {
+            if layout.format() == Fp4Format::Nvfp4 && m.global_scale.to_bits() != gs.to_bits() {
+                return Err(ApplyError::ScaleMismatch {
                     file: t.file.to_path_buf(),
                     tensor: t.name.to_string(),
-                    module: module.to_string(),
-                })?;
-            quantize_gptq(&w, n, k, format, gs, h, opts.damp).map_err(merr)?
+                    calibrated: m.global_scale,
+                    convert: gs,
+                });
+            }
+            if (m.n, m.k) != (n, k) {
+                return Err(merr(MethodError::Length {
+                    what: "precomputed weight",
+                    expected: n * k,
+                    got: m.n * m.k,
+                }));
+            }
+            m.clone()
+        }
+        None => {
+            let stats = opts.stats.as_ref().and_then(|s| s.get(module));
+            quantize_with_stats(t, module, &w, layout, gs, opts.method, opts.damp, stats)?
         }
     };
     let mut acc = ErrorAcc::default();
@@ -150,4 +153,77 @@ pub fn quantize_tensor(
         tensors,
         stats: acc.finish(),
     })
+}
+
+/// The source tensor as f32, refusing NaN and infinities.
+pub fn read_weight(t: &TensorView<'_>) -> Result<Vec<f32>, ApplyError> {
+    let dt = src_dtype(t)?;
+    let (n, k) = (t.shape[0], t.shape[1]);
+    let mut w = vec![0f32; n * k];
+    convert_row(dt, t.data, &mut w).map_err(|e| QuantError::Convert {
+        file: t.file.to_path_buf(),
+        tensor: t.name.to_string(),
+        reason: e.to_string(),
+    })?;
+    if let Some(index) = w.iter().position(|v| !v.is_finite()) {
+        return Err(QuantError::NonFinite {
+            file: t.file.to_path_buf(),
+            tensor: t.name.to_string(),
+            index,
+            value: w[index],
+        }
+        .into());
+    }
+    Ok(w)
+}
+
+/// The global scale the FP4 kernels use for the converter's per-tensor `scale` in `layout`
+/// (compressed-tensors stores it as is, ModelOpt its reciprocal; MXFP4 has none).
+pub fn kernel_global_scale(layout: Layout, scale: Option<f32>) -> f32 {
+    match layout {
+        Layout::CtNvfp4 => scale.unwrap_or(1.0),
+        Layout::ModelOptNvfp4 => 1.0 / scale.unwrap_or(1.0),
+        Layout::CtMxfp4 => 1.0,
+    }
+}
+
+/// MSE or GPTQ on the f32 weight `w` of tensor `t` (module `module`) with its statistics.
+#[allow(clippy::too_many_arguments)]
+pub fn quantize_with_stats(
+    t: &TensorView<'_>,
+    module: &str,
+    w: &[f32],
+    layout: Layout,
+    gs: f32,
+    method: Method,
+    damp: f64,
+    stats: Option<&LinearStats>,
+) -> Result<Fp4Matrix, ApplyError> {
+    let (n, k) = (t.shape[0], t.shape[1]);
+    let format = layout.format();
+    let merr = |source| ApplyError::Method {
+        file: t.file.to_path_buf(),
+        tensor: t.name.to_string(),
+        method: method.name(),
+        source,
+    };
+    match method {
+        Method::Mse | Method::Rtn => {
+            let d = stats
+                .map(|s| s.second_moment.as_slice())
+                .filter(|d| d.len() == k);
+            quantize_mse(w, n, k, format, gs, d).map_err(merr)
+        }
+        Method::Gptq => {
+            let h = stats
+                .and_then(|s| s.hessian.as_deref())
+                .filter(|h| h.len() == k * k)
+                .ok_or_else(|| ApplyError::NoHessian {
+                    file: t.file.to_path_buf(),
+                    tensor: t.name.to_string(),
+                    module: module.to_string(),
+                })?;
+            quantize_gptq(w, n, k, format, gs, h, damp).map_err(merr)
+        }
+    }
 }

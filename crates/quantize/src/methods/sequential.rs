@@ -1,0 +1,126 @@
+//! MSE / GPTQ with sequential calibration: every decoder-layer Linear the plan quantizes is
+//! quantized while calibration walks the model one layer at a time
+//! ([`crate::calib::sequential`]), from statistics gathered on the outputs of the already
+//! quantized layers before it; the results are handed to the converter through
+//! [`super::QuantOptions::precomputed`].
+//!
+//! The per-tensor global scales are those the converter uses: the same plan, the same amax pass
+//! and the same sharing within fused sets ([`crate::quantizer::own_scale`],
+//! [`crate::quantizer::shared_scale`]); the converter checks that they agree
+//! ([`super::ApplyError::ScaleMismatch`]).
+//!
+//! Memory: besides one layer's statistics and the hidden states, the quantized weights of the
+//! layers done so far are held (the size of the FP4 output).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use mimo_kernels::fp4::Fp4Matrix;
+use mimo_runtime::checkpoint::Checkpoint;
+use mimo_runtime::linear::Weight;
+use mimo_runtime::model::Model;
+use rayon::prelude::*;
+
+use super::apply::{kernel_global_scale, quantize_with_stats, read_weight};
+use super::{ApplyError, Method, MethodError};
+use crate::calib::data::CalibData;
+use crate::calib::sequential::{run_sequential, SequentialError, SequentialRun};
+use crate::calib::stats::{CollectOptions, LinearStats};
+use crate::plan::{Action, Plan};
+use crate::quantizer::{amax, own_scale, shared_scale, src_dtype};
+
+/// One Linear to quantize: its source tensor and the converter's per-tensor scale.
+#[derive(Debug, Clone)]
+struct Target {
+    tensor: String,
+    scale: Option<f32>,
+}
+
+/// The converter's per-tensor scale of every tensor the plan quantizes, by module name.
+fn targets(ck: &Checkpoint, plan: &Plan) -> Result<BTreeMap<String, Target>, SequentialError> {
+    let layout = plan.layout;
+    let mut out: BTreeMap<String, Target> = BTreeMap::new();
+    let mut groups: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for e in &plan.entries {
+        if let Action::Quantize { module, group, .. } = &e.action {
+            let t = ck.tensor(&e.name)?;
+            let a = amax(&t).map_err(ApplyError::from)?;
+            let scale = own_scale(layout, a, src_dtype(&t).map_err(ApplyError::from)?);
+            ck.release(&e.name);
+            out.insert(
+                module.clone(),
+                Target {
+                    tensor: e.name.clone(),
+                    scale,
+                },
+            );
+            if let Some(g) = group {
+                groups.entry(g.clone()).or_default().push(module.clone());
+            }
+        }
+    }
+    for members in groups.values() {
+        let shared = shared_scale(layout, members.iter().filter_map(|m| out[m].scale));
+        for m in members {
+            if let Some(t) = out.get_mut(m) {
+                t.scale = shared;
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+/// Sequential calibration with `method` (mse or gptq) in the loop: returns the run's summary and
+/// the quantized weight of every decoder-layer Linear the plan quantizes.
+pub fn quantize_sequential(
+    ck: &Checkpoint,
+    plan: &Plan,
+    model: &mut Model,
+    data: &CalibData,
+    method: Method,
+    damp: f64,
+    min_expert_tokens: u64,
+    progress: &dyn Fn(usize, usize),
+) -> Result<(SequentialRun, BTreeMap<String, Fp4Matrix>), SequentialError> {
+    let layout = plan.layout;
+    let targets = targets(ck, plan)?;
+    let mut done: BTreeMap<String, Fp4Matrix> = BTreeMap::new();
+    let opts = CollectOptions {
+        hessian: method == Method::Gptq,
+        min_expert_tokens,
+    };
+    let mut per_layer = |_l: usize,
+                         stats: &BTreeMap<String, Arc<LinearStats>>|
+     -> Result<Vec<(String, Weight)>, SequentialError> {
+        let work: Vec<(&String, &Target, &Arc<LinearStats>)> = stats
+            .iter()
+            .filter_map(|(m, s)| targets.get(m).map(|t| (m, t, s)))
+            .collect();
+        let results: Vec<(String, Fp4Matrix)> = work
+            .par_iter()
+            .map(|(module, target, s)| {
+                let t = ck.tensor(&target.tensor)?;
+                let w = read_weight(&t)?;
+                let gs = kernel_global_scale(layout, target.scale);
+                let m = quantize_with_stats(&t, module, &w, layout, gs, method, damp, Some(s))?;
+                m.validate().map_err(|e| ApplyError::Method {
+                    file: t.file.to_path_buf(),
+                    tensor: t.name.to_string(),
+                    method: method.name(),
+                    source: MethodError::Fp4(e),
+                })?;
+                ck.release(&target.tensor);
+                Ok(((*module).clone(), m))
+            })
+            .collect::<Result<_, SequentialError>>()?;
+        let mut new = Vec::with_capacity(results.len());
+        for (module, m) in results {
+            new.push((module.clone(), Weight::Fp4(m.clone())));
+            done.insert(module, m);
+        }
+        Ok(new)
+    };
+    let run = run_sequential(model, data, opts, Some(&mut per_layer), progress)?;
+    Ok((run, done))
+}

@@ -1,0 +1,357 @@
+//! Layer-at-a-time calibration: with BF16 propagation it gathers exactly the statistics of the
+//! whole-model pass; with a quantizer, layer L+1 is calibrated on the outputs of the quantized
+//! layers before it; conversions with sequential mse/gptq are byte-identical on 1 and 2 threads;
+//! a precomputed weight with another global scale is refused; the runtime's weight replacement
+//! checks names and shapes.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use mimo_kernels::fp4::{Fp4Format, Fp4Matrix};
+use mimo_quant::calib::{
+    collect, run_sequential, CalibData, CollectOptions, LinearStats, Recipe, SequentialError,
+};
+use mimo_quant::convert::{convert_with, ConvertConfig, ConvertError, DEFAULT_MAX_SHARD};
+use mimo_quant::methods::apply::read_weight;
+use mimo_quant::methods::mse::quantize_mse;
+use mimo_quant::methods::sequential::quantize_sequential;
+use mimo_quant::methods::{ApplyError, Method, QuantOptions};
+use mimo_quant::plan::{Plan, PlanOptions};
+use mimo_runtime::checkpoint::Checkpoint;
+use mimo_runtime::fixtures::{write_fixture, Arch};
+use mimo_runtime::format::Layout;
+use mimo_runtime::linear::Weight;
+use mimo_runtime::model::{Logits, Model, ReplaceError};
+
+fn random_tokens(vocab: usize, n: usize, seed: u64) -> Vec<u32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 33) % vocab as u64) as u32
+        })
+        .collect()
+}
+
+fn calib_data(model: &Model, seqs: usize, len: usize) -> CalibData {
+    let sequences: Vec<Vec<u32>> = (0..seqs)
+        .map(|i| random_tokens(model.config.vocab_size, len, 300 + i as u64))
+        .collect();
+    CalibData {
+        source: "test".into(),
+        recipe: Recipe {
+            data: "random".into(),
+            sets: vec![],
+            samples: seqs,
+            seq_len: len,
+            seed: 0,
+        },
+        samples_per_set: Default::default(),
+        tokens: seqs * len,
+        sequences,
+    }
+}
+
+type Recorded = BTreeMap<String, Arc<LinearStats>>;
+
+#[test]
+fn bf16_layer_at_a_time_equals_the_whole_model_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    write_fixture(dir.path(), Arch::Qwen3Moe, 11).unwrap();
+    let mut model = Model::load(dir.path()).unwrap();
+    let data = calib_data(&model, 3, 20);
+    let opts = CollectOptions {
+        hessian: true,
+        min_expert_tokens: 12,
+    };
+    let whole = collect(&model, &data, opts, &|_, _| {}).unwrap();
+    // A quantizer that only records what it is shown (no replacement): BF16 propagation.
+    let mut seen: Recorded = BTreeMap::new();
+    let mut layers_seen = Vec::new();
+    let mut rec = |l: usize, s: &Recorded| -> Result<Vec<(String, Weight)>, SequentialError> {
+        layers_seen.push(l);
+        for (k, v) in s {
+            seen.insert(k.clone(), v.clone());
+        }
+        Ok(Vec::new())
+    };
+    let run = run_sequential(&mut model, &data, opts, Some(&mut rec), &|_, _| {}).unwrap();
+    assert_eq!(
+        layers_seen,
+        (0..model.config.num_layers).collect::<Vec<_>>()
+    );
+    assert_eq!(seen.len(), whole.by_module.len());
+    for (name, s) in &whole.by_module {
+        assert_eq!(
+            seen.get(name).map(|a| a.as_ref()),
+            Some(s.as_ref()),
+            "{name}"
+        );
+    }
+    assert_eq!(run.coverage, whole.coverage);
+    assert_eq!((run.tokens, run.sequences), (60, 3));
+    // One layer's statistics at a time: a fraction of the whole model's.
+    assert!(run.stats_bytes * model.config.num_layers <= whole.stats_bytes + 8);
+    assert_eq!(run.activation_bytes, 60 * model.config.hidden_size * 4);
+    // Without a quantizer: the same coverage, one pass per layer.
+    let mut m2 = Model::load(dir.path()).unwrap();
+    let run2 = run_sequential(&mut m2, &data, opts, None, &|_, _| {}).unwrap();
+    assert_eq!(run2.coverage, whole.coverage);
+}
+
+/// MXFP4 of a module's source weight (MSE search with uniform weights: deterministic).
+fn mxfp4_of(ck: &Checkpoint, module: &str) -> Fp4Matrix {
+    let t = ck.tensor(&format!("{module}.weight")).unwrap();
+    let w = read_weight(&t).unwrap();
+    quantize_mse(&w, t.shape[0], t.shape[1], Fp4Format::Mxfp4, 1.0, None).unwrap()
+}
+
+#[test]
+fn each_layer_is_calibrated_on_the_quantized_layers_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    write_fixture(dir.path(), Arch::Qwen3Moe, 12).unwrap();
+    let ck = Checkpoint::open(dir.path()).unwrap();
+    let mut model = Model::load(dir.path()).unwrap();
+    let data = calib_data(&model, 2, 24);
+    let opts = CollectOptions {
+        hessian: true,
+        min_expert_tokens: 4,
+    };
+    let mut seen: Vec<Recorded> = Vec::new();
+    let mut layer0: Vec<(String, Fp4Matrix)> = Vec::new();
+    let mut quant = |l: usize, s: &Recorded| -> Result<Vec<(String, Weight)>, SequentialError> {
+        seen.push(s.clone());
+        let mut out = Vec::new();
+        for module in s.keys().filter(|m| m.ends_with("_proj")) {
+            let m = mxfp4_of(&ck, module);
+            if l == 0 {
+                layer0.push((module.clone(), m.clone()));
+            }
+            out.push((module.clone(), Weight::Fp4(m)));
+        }
+        Ok(out)
+    };
+    run_sequential(&mut model, &data, opts, Some(&mut quant), &|_, _| {}).unwrap();
+    assert!(!layer0.is_empty());
+
+    // Reference: the whole-model pass over a model whose layer 0 alone is quantized gives the
+    // inputs of layer 1 after a quantized layer 0.
+    let mut q0 = Model::load(dir.path()).unwrap();
+    for (module, m) in &layer0 {
+        q0.replace_linear_weight(module, Weight::Fp4(m.clone()))
+            .unwrap();
+    }
+    let after_q0 = collect(&q0, &data, opts, &|_, _| {}).unwrap();
+    let bf16 = collect(&Model::load(dir.path()).unwrap(), &data, opts, &|_, _| {}).unwrap();
+    let mut differs = 0;
+    for (name, s) in &seen[1] {
+        assert_eq!(
+            s.as_ref(),
+            after_q0.get(name).unwrap(),
+            "{name}: layer 1 must see the quantized layer 0"
+        );
+        if bf16.get(name).unwrap() != s.as_ref() {
+            differs += 1;
+        }
+    }
+    assert!(
+        differs > 0,
+        "quantizing layer 0 changed none of layer 1's statistics"
+    );
+    // Layer 0 itself was calibrated on the BF16 embeddings.
+    for (name, s) in &seen[0] {
+        assert_eq!(s.as_ref(), bf16.get(name).unwrap(), "{name}");
+    }
+}
+
+fn read_tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Sequential calibration with `method` and a conversion using its weights, in a pool of
+/// `threads` threads.
+fn convert_sequential(
+    src: &Path,
+    out: &Path,
+    layout: Layout,
+    method: Method,
+    threads: usize,
+) -> (Result<(), ConvertError>, usize) {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap();
+    pool.install(|| {
+        let ck = Checkpoint::open(src).unwrap();
+        let popts = PlanOptions {
+            layout,
+            ignore: vec![],
+            quantize_lm_head: false,
+        };
+        let plan = Plan::build(&ck, &popts).unwrap();
+        let mut model = Model::load(src).unwrap();
+        let data = calib_data(&model, 2, 24);
+        let (run, weights) =
+            quantize_sequential(&ck, &plan, &mut model, &data, method, 0.01, 8, &|_, _| {})
+                .unwrap();
+        let n = weights.len();
+        let quant = QuantOptions {
+            method,
+            precomputed: Some(Arc::new(weights)),
+            manifest_info: Some(serde_json::json!({"expert_coverage": run.coverage})),
+            ..QuantOptions::default()
+        };
+        let cfg = ConvertConfig {
+            source: src.to_path_buf(),
+            source_repo: None,
+            output: out.to_path_buf(),
+            plan: popts,
+            max_shard_size: DEFAULT_MAX_SHARD,
+            force: true,
+        };
+        let r = convert_with(&cfg, &quant, &AtomicBool::new(false), &|_| {}).map(|_| ());
+        (r, n)
+    })
+}
+
+#[test]
+fn sequential_conversions_are_identical_on_one_and_two_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    write_fixture(&src, Arch::Qwen3Moe, 13).unwrap();
+    let ck = Checkpoint::open(&src).unwrap();
+    for (layout, method) in [
+        (Layout::CtNvfp4, Method::Gptq),
+        (Layout::CtNvfp4, Method::Mse),
+        (Layout::CtMxfp4, Method::Gptq),
+        (Layout::ModelOptNvfp4, Method::Gptq),
+    ] {
+        let a = dir.path().join("a");
+        let b = dir.path().join("b");
+        let (ra, n) = convert_sequential(&src, &a, layout, method, 1);
+        ra.unwrap();
+        let (rb, _) = convert_sequential(&src, &b, layout, method, 2);
+        rb.unwrap();
+        // Every quantized Linear of the decoder layers came from the sequential pass.
+        let plan = Plan::build(
+            &ck,
+            &PlanOptions {
+                layout,
+                ignore: vec![],
+                quantize_lm_head: false,
+            },
+        )
+        .unwrap();
+        assert_eq!(n, plan.totals().quantized, "{layout:?} {method:?}");
+        let (ta, tb) = (read_tree(&a), read_tree(&b));
+        assert_eq!(ta.keys().collect::<Vec<_>>(), tb.keys().collect::<Vec<_>>());
+        for (name, bytes) in &ta {
+            assert!(tb[name] == *bytes, "{layout:?} {method:?}: {name} differs");
+        }
+        // It loads and runs.
+        let q = Model::load(&a).unwrap();
+        let mut c = q.new_cache(8);
+        let logits = q.forward(&[1, 2, 3], &mut c, Logits::Last).unwrap();
+        assert!(logits.iter().all(|v| v.is_finite()));
+    }
+}
+
+#[test]
+fn a_precomputed_weight_with_another_global_scale_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    write_fixture(&src, Arch::Llama, 14).unwrap();
+    let ck = Checkpoint::open(&src).unwrap();
+    let module = "model.layers.0.self_attn.o_proj";
+    let t = ck.tensor(&format!("{module}.weight")).unwrap();
+    let w = read_weight(&t).unwrap();
+    let m = quantize_mse(&w, t.shape[0], t.shape[1], Fp4Format::Nvfp4, 1234.5, None).unwrap();
+    let mut pre = BTreeMap::new();
+    pre.insert(module.to_string(), m);
+    let quant = QuantOptions {
+        method: Method::Mse,
+        precomputed: Some(Arc::new(pre)),
+        ..QuantOptions::default()
+    };
+    let cfg = ConvertConfig {
+        source: src.clone(),
+        source_repo: None,
+        output: dir.path().join("out"),
+        plan: PlanOptions {
+            layout: Layout::CtNvfp4,
+            ignore: vec![],
+            quantize_lm_head: false,
+        },
+        max_shard_size: DEFAULT_MAX_SHARD,
+        force: true,
+    };
+    let e = convert_with(&cfg, &quant, &AtomicBool::new(false), &|_| {}).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        matches!(e, ConvertError::Method(ApplyError::ScaleMismatch { .. })),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("model.layers.0.self_attn.o_proj.weight") && msg.contains("1234.5"),
+        "{msg}"
+    );
+    assert!(!dir.path().join("out").exists());
+}
+
+#[test]
+fn weight_replacement_checks_names_and_shapes() {
+    let dir = tempfile::tempdir().unwrap();
+    write_fixture(dir.path(), Arch::Qwen3Moe, 15).unwrap();
+    let ck = Checkpoint::open(dir.path()).unwrap();
+    let mut model = Model::load(dir.path()).unwrap();
+    let q = mxfp4_of(&ck, "model.layers.0.self_attn.q_proj");
+    let e = model
+        .replace_linear_weight("model.layers.0.self_attn.nope", Weight::Fp4(q.clone()))
+        .unwrap_err();
+    assert!(matches!(e, ReplaceError::Unknown(_)), "{e}");
+    let e = model
+        .replace_linear_weight("lm_head", Weight::Fp4(q.clone()))
+        .unwrap_err();
+    assert!(matches!(e, ReplaceError::Unknown(_)), "{e}");
+    let odd: Vec<f32> = (0..3 * 32).map(|i| (i as f32 * 0.37).sin()).collect();
+    let odd = quantize_mse(&odd, 3, 32, Fp4Format::Mxfp4, 1.0, None).unwrap();
+    let e = model
+        .replace_linear_weight("model.layers.1.mlp.experts.0.down_proj", Weight::Fp4(odd))
+        .unwrap_err();
+    assert!(matches!(e, ReplaceError::Shape { .. }), "{e}");
+    assert!(e.to_string().contains("experts.0.down_proj"), "{e}");
+    // The right shape is taken, and changes the output.
+    let mut c = model.new_cache(8);
+    let before = model.forward(&[1, 2, 3], &mut c, Logits::Last).unwrap();
+    model
+        .replace_linear_weight("model.layers.0.self_attn.q_proj", Weight::Fp4(q))
+        .unwrap();
+    let mut c = model.new_cache(8);
+    let after = model.forward(&[1, 2, 3], &mut c, Logits::Last).unwrap();
+    assert_ne!(before, after);
+    // A layer-at-a-time call on a bad buffer is an error, not a panic.
+    let mut x = vec![0f32; 7];
+    assert!(model.forward_layer_observed(0, &mut x, &mut NoObs).is_err());
+    let mut x = vec![0f32; model.config.hidden_size];
+    assert!(model
+        .forward_layer_observed(99, &mut x, &mut NoObs)
+        .is_err());
+}
+
+struct NoObs;
+impl mimo_runtime::model::LinearObserver for NoObs {
+    fn observe(&mut self, _: mimo_runtime::model::Site, _: &[f32], _: usize) {}
+}
