@@ -5,8 +5,8 @@
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use mimo_kernels::cuda::{
-    self, fp4_dequantize, fp4_gemm, fp4_gemm_with, moe_layer, moe_layer_with, variant_exists, Tuning,
-    Fp4GemmConfig, GpuContext, GpuFp4Weight, MoeConfig, MoeWeights, MoeWorkspace,
+    self, fp4_dequantize, fp4_gemm, fp4_gemm_with, moe_layer, moe_layer_with, variant_exists,
+    Fp4GemmConfig, GpuContext, GpuFp4Weight, MoeConfig, MoeWeights, MoeWorkspace, Tuning,
 };
 use mimo_kernels::fp4::{amax, dequantize, nvfp4_global_scale, quantize_mxfp4, quantize_nvfp4};
 use mimo_kernels::{Fp4Format, Fp4Matrix};
@@ -169,14 +169,28 @@ fn fp4_gemm_matches_cpu_reference() {
                 "m={m}: too few kernel variants under test"
             );
             for cfg in configs {
-                let mut y = poisoned(&gpu, m * n);
-                match cfg {
-                    None => fp4_gemm(&gpu, &w, &x, m, &mut y).unwrap(),
-                    Some(c) => fp4_gemm_with(&gpu, &w, &x, m, &mut y, c).unwrap(),
+                // The automatic shape also runs with the L2 prefetch prologue (Tuning).
+                let prefetch = if cfg.is_none() {
+                    vec![false, true]
+                } else {
+                    vec![false]
+                };
+                for pf in prefetch {
+                    let base = gpu.tuning();
+                    gpu.set_tuning(Tuning {
+                        l2_prefetch: pf,
+                        ..base
+                    });
+                    let mut y = poisoned(&gpu, m * n);
+                    match cfg {
+                        None => fp4_gemm(&gpu, &w, &x, m, &mut y).unwrap(),
+                        Some(c) => fp4_gemm_with(&gpu, &w, &x, m, &mut y, c).unwrap(),
+                    }
+                    gpu.set_tuning(base);
+                    let got = gpu.stream().clone_dtoh(&y).unwrap();
+                    let what = format!("{format} m={m} n={n} k={k} {cfg:?} prefetch {pf}");
+                    check_close(&what, &got, &want, 8e-3, 2e-2);
                 }
-                let got = gpu.stream().clone_dtoh(&y).unwrap();
-                let what = format!("{format} m={m} n={n} k={k} {cfg:?}");
-                check_close(&what, &got, &want, 8e-3, 2e-2);
             }
         }
     }

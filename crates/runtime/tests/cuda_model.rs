@@ -7,8 +7,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use mimo_kernels::fp4::{amax, nvfp4_global_scale, quantize_mxfp4, quantize_nvfp4};
 use mimo_kernels::cuda::Tuning;
+use mimo_kernels::fp4::{amax, nvfp4_global_scale, quantize_mxfp4, quantize_nvfp4};
 use mimo_kernels::{Fp4Format, SrcDType};
 use mimo_runtime::checkpoint::{
     write_safetensors, Checkpoint, HeaderEntry, CONFIG_FILE, SINGLE_FILE,
@@ -174,7 +174,10 @@ fn compare_model(gpu: &Arc<Gpu>, dir: &Path, what: &str) {
         // Every edge between two of our kernels became programmatic (cuBLAS ones stay plain).
         let (kernel_edges, pdl_edges) = g.decode_graph_edges(1).unwrap();
         eprintln!("{what}: {pdl_edges} of {kernel_edges} kernel edges programmatic");
-        assert!(pdl_edges > 0 && pdl_edges <= kernel_edges, "{what}: no programmatic edge");
+        assert!(
+            pdl_edges > 0 && pdl_edges <= kernel_edges,
+            "{what}: no programmatic edge"
+        );
     }
     for step in 0..3 {
         let pos = start + step;
@@ -261,7 +264,11 @@ fn greedy_tokens_equal_cpu_on_embedded_model() {
     let base = g.gpu().ctx.tuning();
     // Graph with programmatic launches, graph without them and without the fused
     // norm + router kernel, no graph.
-    let pdl_on = Tuning { pdl: true, ..base };
+    let pdl_on = Tuning {
+        pdl: true,
+        norm_router: true,
+        ..base
+    };
     let plain = Tuning {
         pdl: false,
         norm_router: false,
@@ -280,7 +287,10 @@ fn greedy_tokens_equal_cpu_on_embedded_model() {
         let mut got = vec![first];
         got.extend(&g.decode_tokens(1, len + 1, len + n).unwrap()[0]);
         eprintln!("cpu {want:?}\ngpu {got:?} (graph {use_graph}, {t:?})");
-        assert_eq!(got, want, "greedy tokens (graph {use_graph}, pdl {pdl}, {t:?})");
+        assert_eq!(
+            got, want,
+            "greedy tokens (graph {use_graph}, pdl {pdl}, {t:?})"
+        );
     }
     g.gpu().ctx.set_tuning(base);
 }

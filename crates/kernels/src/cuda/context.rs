@@ -67,7 +67,7 @@ fn compile_log(e: &cudarc::nvrtc::CompileError) -> String {
 /// Latency features of the decode path, switchable for A/B measurements through the
 /// environment at context creation (`MIMO_PDL`, `MIMO_L2_PREFETCH`, `MIMO_MOE_DIRECT`,
 /// `MIMO_NORM_ROUTER`: `1` on, `0` off) or later through [`GpuContext::set_tuning`]. The defaults
-/// follow the H100 measurements of docs/kernels-notes.md (round 3): the two that did not pay
+/// follow the H100 ablation of docs/kernels-notes.md (round 3): the three that did not pay
 /// there are off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tuning {
@@ -82,7 +82,10 @@ pub struct Tuning {
     /// then down with the weighted combine fused (two launches instead of three).
     pub moe_direct: bool,
     /// MoE layers without a shared expert fold the post-attention residual add + RMSNorm into
-    /// the router kernel (the runtime's; one launch less per layer).
+    /// the router kernel (the runtime's; one launch less per layer). Off by default: slower on
+    /// the H100 (337 vs 349 tokens/s on the Qwen3-30B-A3B shape): each of the router's 16
+    /// blocks recomputes the 2048-wide norm with 256 threads, which costs more than the
+    /// separate 1024-thread norm launch it saves.
     pub norm_router: bool,
 }
 
@@ -92,7 +95,7 @@ impl Default for Tuning {
             pdl: false,
             l2_prefetch: false,
             moe_direct: true,
-            norm_router: true,
+            norm_router: false,
         }
     }
 }

@@ -114,7 +114,9 @@ impl PdlGraph {
         let is_kernel = |node: sys::CUgraphNode| -> Result<bool, CudaError> {
             let mut t = sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_EMPTY;
             // SAFETY: node comes from this graph's edge list.
-            check("graph node type", unsafe { sys::cuGraphNodeGetType(node, &mut t) })?;
+            check("graph node type", unsafe {
+                sys::cuGraphNodeGetType(node, &mut t)
+            })?;
             Ok(t == sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_KERNEL)
         };
         let programmatic = sys::CUgraphEdgeData {
