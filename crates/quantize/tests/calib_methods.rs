@@ -297,3 +297,60 @@ fn bad_input_gives_typed_errors() {
         quantize_mse(&w, 4, 32, Fp4Format::Mxfp4, 1.0, None).unwrap()
     );
 }
+
+#[test]
+fn gptq_act_order_and_loss_scales_stay_well_below_rtn_and_are_deterministic() {
+    use mimo_quant::methods::gptq::{quantize_gptq_with, BlockScale, GptqOptions};
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    let (n, k, m) = (32, 128, 512);
+    let x = correlated_x(&mut rng, m, k);
+    let h = hessian(&x, m, k);
+    for f in [Fp4Format::Nvfp4, Fp4Format::Mxfp4] {
+        let w = weights(&mut rng, n, k);
+        let gs = gs_of(&w);
+        let er = output_err(&x, m, &w, &rtn(&w, n, k, f, gs));
+        let plain = quantize_gptq(&w, n, k, f, gs, &h, DEFAULT_DAMP).unwrap();
+        // The default options are plain GPTQ, bit for bit.
+        let same = quantize_gptq_with(
+            &w,
+            n,
+            k,
+            f,
+            gs,
+            &h,
+            &GptqOptions {
+                damp: DEFAULT_DAMP,
+                ..GptqOptions::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(plain, same);
+        let ep = output_err(&x, m, &w, &plain);
+        for (act_order, block_scale) in [
+            (true, BlockScale::Diag),
+            (false, BlockScale::Loss),
+            (true, BlockScale::Loss),
+        ] {
+            let o = GptqOptions {
+                damp: DEFAULT_DAMP,
+                act_order,
+                block_scale,
+            };
+            let run = |threads: usize| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap()
+                    .install(|| quantize_gptq_with(&w, n, k, f, gs, &h, &o).unwrap())
+            };
+            let g = run(1);
+            assert_eq!(g, run(2), "{f} {o:?}: thread count changed the output");
+            g.validate().unwrap();
+            assert_ne!(g, plain, "{f} {o:?}: option had no effect");
+            let eg = output_err(&x, m, &w, &g);
+            eprintln!("{f} {o:?}: ||X(W-Q)^T|| rtn {er:.4} gptq {ep:.4} variant {eg:.4}");
+            assert!(eg < 0.85 * er, "{f} {o:?}: {eg} not clearly below rtn {er}");
+            assert!(eg < 1.1 * ep, "{f} {o:?}: {eg} much worse than plain gptq {ep}");
+        }
+    }
+}

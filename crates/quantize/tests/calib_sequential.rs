@@ -15,6 +15,7 @@ use mimo_quant::calib::{
 };
 use mimo_quant::convert::{convert_with, ConvertConfig, ConvertError, DEFAULT_MAX_SHARD};
 use mimo_quant::methods::apply::read_weight;
+use mimo_quant::methods::gptq::{BlockScale, GptqOptions};
 use mimo_quant::methods::mse::quantize_mse;
 use mimo_quant::methods::sequential::quantize_sequential;
 use mimo_quant::methods::{ApplyError, Method, QuantOptions};
@@ -188,6 +189,7 @@ fn convert_sequential(
     out: &Path,
     layout: Layout,
     method: Method,
+    gptq: GptqOptions,
     threads: usize,
 ) -> (Result<(), ConvertError>, usize) {
     let pool = rayon::ThreadPoolBuilder::new()
@@ -205,7 +207,7 @@ fn convert_sequential(
         let mut model = Model::load(src).unwrap();
         let data = calib_data(&model, 2, 24);
         let (run, weights) =
-            quantize_sequential(&ck, &plan, &mut model, &data, method, 0.01, 8, &|_, _| {})
+            quantize_sequential(&ck, &plan, &mut model, &data, method, &gptq, 8, &|_, _| {})
                 .unwrap();
         let n = weights.len();
         let quant = QuantOptions {
@@ -233,17 +235,28 @@ fn sequential_conversions_are_identical_on_one_and_two_threads() {
     let src = dir.path().join("src");
     write_fixture(&src, Arch::Qwen3Moe, 13).unwrap();
     let ck = Checkpoint::open(&src).unwrap();
-    for (layout, method) in [
-        (Layout::CtNvfp4, Method::Gptq),
-        (Layout::CtNvfp4, Method::Mse),
-        (Layout::CtMxfp4, Method::Gptq),
-        (Layout::ModelOptNvfp4, Method::Gptq),
+    let plain = GptqOptions {
+        damp: 0.01,
+        ..GptqOptions::default()
+    };
+    let ordered = GptqOptions {
+        damp: 0.01,
+        act_order: true,
+        block_scale: BlockScale::Loss,
+    };
+    for (layout, method, gptq) in [
+        (Layout::CtNvfp4, Method::Gptq, plain),
+        (Layout::CtNvfp4, Method::Mse, plain),
+        (Layout::CtMxfp4, Method::Gptq, plain),
+        (Layout::ModelOptNvfp4, Method::Gptq, plain),
+        (Layout::CtNvfp4, Method::Gptq, ordered),
+        (Layout::CtMxfp4, Method::Gptq, ordered),
     ] {
         let a = dir.path().join("a");
         let b = dir.path().join("b");
-        let (ra, n) = convert_sequential(&src, &a, layout, method, 1);
+        let (ra, n) = convert_sequential(&src, &a, layout, method, gptq, 1);
         ra.unwrap();
-        let (rb, _) = convert_sequential(&src, &b, layout, method, 2);
+        let (rb, _) = convert_sequential(&src, &b, layout, method, gptq, 2);
         rb.unwrap();
         // Every quantized Linear of the decoder layers came from the sequential pass.
         let plan = Plan::build(

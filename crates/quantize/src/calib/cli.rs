@@ -11,7 +11,7 @@ use clap::Args;
 use super::run::{calibrate, calibrate_and_quantize, CalibRun};
 use crate::plan::PlanOptions;
 use super::stats::CollectOptions;
-use crate::methods::gptq::DEFAULT_DAMP;
+use crate::methods::gptq::{BlockScale, DEFAULT_DAMP};
 use crate::methods::{Method, QuantOptions};
 
 /// Quantization method and calibration options (flattened into `convert`).
@@ -28,10 +28,30 @@ pub struct CalibArgs {
     /// GPTQ damping, as a fraction of the mean Hessian diagonal.
     #[arg(long, default_value_t = DEFAULT_DAMP)]
     pub damp: f64,
+    /// GPTQ activation order: scale blocks in decreasing order of their input energy
+    /// (sum of diag H), columns inside a block likewise; blocks stay whole.
+    #[arg(long)]
+    pub act_order: bool,
+    /// How GPTQ picks a block's scale when it reaches it: diag (diag(H)-weighted squared error)
+    /// or loss (the GPTQ loss with the feedback inside the block, per candidate).
+    #[arg(long, default_value = "diag")]
+    pub gptq_block_scale: BlockScale,
     /// Experts with fewer routed calibration tokens get statistics from all tokens of their
     /// layer's MoE input (measurement only).
     #[arg(long, default_value_t = 64)]
     pub min_expert_tokens: u64,
+}
+
+impl clap::ValueEnum for BlockScale {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[BlockScale::Diag, BlockScale::Loss]
+    }
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(match self {
+            BlockScale::Diag => "diag",
+            BlockScale::Loss => "loss",
+        }))
+    }
 }
 
 impl clap::ValueEnum for Method {
@@ -116,6 +136,8 @@ pub fn quant_options(
     let mut q = QuantOptions {
         method: a.method,
         damp: a.damp,
+        act_order: a.act_order,
+        block_scale: a.gptq_block_scale,
         ..QuantOptions::default()
     };
     if let Some(spec) = spec {
@@ -131,7 +153,7 @@ pub fn quant_options(
                 &spec,
                 plan,
                 a.method,
-                a.damp,
+                &q.gptq(),
                 a.min_expert_tokens,
                 &progress(quiet),
             )?;
@@ -145,6 +167,8 @@ pub fn quant_options(
         info["method"] = serde_json::json!(a.method.name());
         if a.method == Method::Gptq {
             info["damp"] = serde_json::json!(a.damp);
+            info["act_order"] = serde_json::json!(a.act_order);
+            info["gptq_block_scale"] = serde_json::json!(a.gptq_block_scale);
         }
         let mut report = info.clone();
         report["seconds"] = serde_json::json!(r.seconds);

@@ -15,6 +15,7 @@ use mimo_runtime::weights::LoadError;
 use super::data::{load_sequences, CalibData, DataError};
 use super::sequential::{run_sequential, SequentialError, SequentialRun};
 use super::stats::{CalibStats, CollectOptions, StatsError};
+use crate::methods::gptq::GptqOptions;
 use crate::methods::Method;
 use crate::plan::{Plan, PlanError, PlanOptions};
 
@@ -160,7 +161,7 @@ pub fn calibrate_and_quantize(
     spec: &str,
     plan: &PlanOptions,
     method: Method,
-    damp: f64,
+    gptq: &GptqOptions,
     min_expert_tokens: u64,
     progress: &dyn Fn(usize, usize),
 ) -> Result<(CalibRun, BTreeMap<String, Fp4Matrix>), CalibError> {
@@ -174,7 +175,7 @@ pub fn calibrate_and_quantize(
         &mut model,
         &data,
         method,
-        damp,
+        gptq,
         min_expert_tokens,
         progress,
     )?;

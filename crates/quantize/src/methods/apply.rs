@@ -11,7 +11,7 @@ use mimo_kernels::fp4::{dequantize_row, Fp4Format, Fp4Matrix};
 use mimo_runtime::checkpoint::TensorView;
 use mimo_runtime::format::Layout;
 
-use super::gptq::{quantize_gptq, DEFAULT_DAMP};
+use super::gptq::{quantize_gptq_with, BlockScale, GptqOptions, DEFAULT_DAMP};
 use super::mse::quantize_mse;
 use super::{Method, MethodError};
 use crate::calib::{CalibStats, LinearStats};
@@ -24,6 +24,10 @@ pub struct QuantOptions {
     pub method: Method,
     /// GPTQ relative damping.
     pub damp: f64,
+    /// GPTQ activation order (by whole blocks).
+    pub act_order: bool,
+    /// GPTQ's choice of each block's scale.
+    pub block_scale: BlockScale,
     /// Calibration statistics (None: MSE uses uniform weights; GPTQ needs them).
     pub stats: Option<Arc<CalibStats>>,
     /// A JSON summary of the calibration for the manifest (source, recipe, coverage): nothing that
@@ -41,10 +45,23 @@ impl Default for QuantOptions {
         QuantOptions {
             method: Method::Rtn,
             damp: DEFAULT_DAMP,
+            act_order: false,
+            block_scale: BlockScale::Diag,
             stats: None,
             manifest_info: None,
             report_info: None,
             precomputed: None,
+        }
+    }
+}
+
+impl QuantOptions {
+    /// The GPTQ options.
+    pub fn gptq(&self) -> GptqOptions {
+        GptqOptions {
+            damp: self.damp,
+            act_order: self.act_order,
+            block_scale: self.block_scale,
         }
     }
 }
@@ -135,7 +152,7 @@ pub fn quantize_tensor(
         }
         None => {
             let stats = opts.stats.as_ref().and_then(|s| s.get(module));
-            quantize_with_stats(t, module, &w, layout, gs, opts.method, opts.damp, stats)?
+            quantize_with_stats(t, module, &w, layout, gs, opts.method, &opts.gptq(), stats)?
         }
     };
     let mut acc = ErrorAcc::default();
@@ -196,7 +213,7 @@ pub fn quantize_with_stats(
     layout: Layout,
     gs: f32,
     method: Method,
-    damp: f64,
+    gptq: &GptqOptions,
     stats: Option<&LinearStats>,
 ) -> Result<Fp4Matrix, ApplyError> {
     let (n, k) = (t.shape[0], t.shape[1]);
@@ -223,7 +240,7 @@ pub fn quantize_with_stats(
                     tensor: t.name.to_string(),
                     module: module.to_string(),
                 })?;
-            quantize_gptq(w, n, k, format, gs, h, damp).map_err(merr)
+            quantize_gptq_with(w, n, k, format, gs, h, gptq).map_err(merr)
         }
     }
 }

@@ -17,7 +17,7 @@ use mimo_kernels::e2m1;
 use mimo_kernels::fp4::{block_multiplier, Fp4Format, Fp4Matrix};
 use rayon::prelude::*;
 
-use super::mse::search_block;
+use super::mse::{candidates, search_block};
 use super::{check_finite_f32, check_finite_f64, check_len, check_shape, encode_elem, MethodError};
 
 /// Default relative damping (fraction of the mean Hessian diagonal).
@@ -128,6 +128,33 @@ pub fn inverse_hessian_factor(
     })
 }
 
+/// How GPTQ picks each block's scale when it reaches the block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BlockScale {
+    /// The candidate with the smallest `diag(H)`-weighted squared error on the block's current
+    /// weights (the MSE search of [`super::mse`]), ignoring the feedback inside the block.
+    #[default]
+    Diag,
+    /// The candidate with the smallest GPTQ loss over the block, `sum_j ((w_j - q_j) / U_jj)^2`,
+    /// with the error feedback between the block's own columns simulated for every candidate.
+    Loss,
+}
+
+/// GPTQ options beyond the damping.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct GptqOptions {
+    /// Relative damping (fraction of the mean Hessian diagonal).
+    pub damp: f64,
+    /// Activation order: blocks in decreasing `sum diag(H)` over the block (and columns inside
+    /// a block in decreasing `diag(H)`), so that the columns that matter most are quantized
+    /// first and the later ones absorb their error. Blocks stay whole, so every block's scale
+    /// is still fixed once, when the block is reached.
+    pub act_order: bool,
+    /// Scale choice per block.
+    pub block_scale: BlockScale,
+}
+
 /// Quantizes `w` ([n, k], row-major) with GPTQ given `hessian = sum x x^T` ([k, k], f64) and the
 /// relative damping `damp`. `global_scale` is the NVFP4 tensor scale (ignored for MXFP4).
 pub fn quantize_gptq(
@@ -139,17 +166,83 @@ pub fn quantize_gptq(
     hessian: &[f64],
     damp: f64,
 ) -> Result<Fp4Matrix, MethodError> {
+    let opts = GptqOptions {
+        damp,
+        ..GptqOptions::default()
+    };
+    quantize_gptq_with(w, n, k, format, global_scale, hessian, &opts)
+}
+
+/// The column order: identity, or act order by whole blocks.
+fn column_order(diag: &[f64], block: usize, act_order: bool) -> Vec<usize> {
+    let k = diag.len();
+    if !act_order {
+        return (0..k).collect();
+    }
+    let mut blocks: Vec<usize> = (0..k / block).collect();
+    let weight = |b: usize| diag[b * block..(b + 1) * block].iter().sum::<f64>();
+    // Ties keep the lower index: deterministic.
+    blocks.sort_by(|&a, &b| weight(b).total_cmp(&weight(a)).then(a.cmp(&b)));
+    let mut order = Vec::with_capacity(k);
+    for b in blocks {
+        let mut cols: Vec<usize> = (b * block..(b + 1) * block).collect();
+        cols.sort_by(|&i, &j| diag[j].total_cmp(&diag[i]).then(i.cmp(&j)));
+        order.extend(cols);
+    }
+    order
+}
+
+/// GPTQ loss of quantizing `xb` (a block's current weights, in processing order) with scale
+/// `mult`, feeding each column's error to the block's later columns through `u` (the permuted
+/// inverse factor, [k, k]; the block starts at column `c0`).
+fn block_loss(xb: &[f64], mult: f32, u: &[f64], k: usize, c0: usize, tmp: &mut [f64]) -> f64 {
+    let b = xb.len();
+    tmp[..b].copy_from_slice(xb);
+    let mut loss = 0.0;
+    for j in 0..b {
+        let q = (e2m1::decode(encode_elem(tmp[j] as f32, mult)) * mult) as f64;
+        let row = (c0 + j) * k + c0;
+        let e = (tmp[j] - q) / u[row + j];
+        loss += e * e;
+        let urow = &u[row..row + b];
+        for t in j + 1..b {
+            tmp[t] -= e * urow[t];
+        }
+    }
+    loss
+}
+
+/// [`quantize_gptq`] with act order and the choice of block scale.
+pub fn quantize_gptq_with(
+    w: &[f32],
+    n: usize,
+    k: usize,
+    format: Fp4Format,
+    global_scale: f32,
+    hessian: &[f64],
+    opts: &GptqOptions,
+) -> Result<Fp4Matrix, MethodError> {
     check_shape(format, n, k, global_scale)?;
     check_len("weight", n * k, w.len())?;
     check_finite_f32("weight", w)?;
-    let (u, _) = inverse_hessian_factor(hessian, k, damp)?;
-    let diag: Vec<f64> = (0..k).map(|j| hessian[j * k + j].max(0.0)).collect();
+    check_len("hessian", k * k, hessian.len())?;
+    let block = format.block_size();
+    let diag_all: Vec<f64> = (0..k).map(|j| hessian[j * k + j].max(0.0)).collect();
+    let order = column_order(&diag_all, block, opts.act_order);
+    // The Hessian in processing order.
+    let mut hp = vec![0.0f64; k * k];
+    for (i, &oi) in order.iter().enumerate() {
+        for (j, &oj) in order.iter().enumerate() {
+            hp[i * k + j] = hessian[oi * k + oj];
+        }
+    }
+    let (u, _) = inverse_hessian_factor(&hp, k, opts.damp)?;
+    let diag: Vec<f64> = order.iter().map(|&o| diag_all[o]).collect();
     // A block no token touched would have all weights 0 in the scale search: use uniform ones.
     let gs = match format {
         Fp4Format::Nvfp4 => global_scale,
         Fp4Format::Mxfp4 => 1.0,
     };
-    let block = format.block_size();
     let bpr = k / block;
     let mut packed = vec![0u8; n * k / 2];
     let mut scales = vec![0u8; n * bpr];
@@ -158,11 +251,18 @@ pub fn quantize_gptq(
         .zip(scales.par_chunks_mut(bpr))
         .zip(w.par_chunks(k))
         .for_each(|((p, s), row)| {
-            let mut r: Vec<f64> = row.iter().map(|&v| v as f64).collect();
+            // The row in processing order.
+            let mut r: Vec<f64> = order.iter().map(|&o| row[o] as f64).collect();
+            let mut codes = vec![0u8; k];
             let mut xb = vec![0f32; block];
+            let mut xbd = vec![0f64; block];
+            let mut tmp = vec![0f64; block];
+            let mut cands = Vec::with_capacity(24);
             let ones = vec![1.0f64; block];
-            for (bi, scale) in s.iter_mut().enumerate() {
-                let c0 = bi * block;
+            for pb in 0..bpr {
+                let c0 = pb * block;
+                // The original block this processing block holds (blocks stay whole).
+                let ob = order[c0] / block;
                 for (x, &v) in xb.iter_mut().zip(&r[c0..c0 + block]) {
                     *x = v as f32;
                 }
@@ -172,13 +272,27 @@ pub fn quantize_gptq(
                 } else {
                     db
                 };
-                let (code, _) = search_block(&xb, db, format, gs);
-                *scale = code;
+                let code = match opts.block_scale {
+                    BlockScale::Diag => search_block(&xb, db, format, gs).0,
+                    BlockScale::Loss => {
+                        candidates(&xb, format, gs, &mut cands);
+                        xbd.copy_from_slice(&r[c0..c0 + block]);
+                        let mut best = (cands[0], f64::INFINITY);
+                        for &c in cands.iter() {
+                            let mult = block_multiplier(format, c, gs);
+                            let l = block_loss(&xbd, mult, &u, k, c0, &mut tmp);
+                            if l < best.1 {
+                                best = (c, l);
+                            }
+                        }
+                        best.0
+                    }
+                };
+                s[ob] = code;
                 let mult = block_multiplier(format, code, gs);
-                let mut codes = [0u8; 32];
                 for j in c0..c0 + block {
                     let c = encode_elem(r[j] as f32, mult);
-                    codes[j - c0] = c;
+                    codes[order[j]] = c;
                     let q = (e2m1::decode(c) * mult) as f64;
                     let e = (r[j] - q) / u[j * k + j];
                     let urow = &u[j * k..(j + 1) * k];
@@ -186,9 +300,9 @@ pub fn quantize_gptq(
                         r[t] -= e * urow[t];
                     }
                 }
-                for (i, pb) in p[c0 / 2..(c0 + block) / 2].iter_mut().enumerate() {
-                    *pb = e2m1::pack(codes[2 * i], codes[2 * i + 1]);
-                }
+            }
+            for (i, pb) in p.iter_mut().enumerate() {
+                *pb = e2m1::pack(codes[2 * i], codes[2 * i + 1]);
             }
         });
     Ok(Fp4Matrix {
@@ -199,4 +313,40 @@ pub fn quantize_gptq(
         scales,
         global_scale: gs,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn act_order_keeps_blocks_whole_and_sorts_them() {
+        let block = 4;
+        let diag = [1.0, 5.0, 2.0, 0.0, 9.0, 9.0, 9.0, 9.0, 3.0, 0.5, 0.5, 0.5];
+        assert_eq!(
+            column_order(&diag, block, false),
+            (0..12).collect::<Vec<_>>()
+        );
+        // Block sums 8, 36, 4.5: block 1, then 0, then 2; inside, decreasing diag, ties by index.
+        assert_eq!(
+            column_order(&diag, block, true),
+            vec![4, 5, 6, 7, 1, 2, 0, 3, 8, 9, 10, 11]
+        );
+    }
+
+    #[test]
+    fn block_loss_with_an_identity_factor_is_the_plain_squared_error() {
+        let k = 8;
+        let mut u = vec![0.0f64; k * k];
+        for j in 0..k {
+            u[j * k + j] = 1.0;
+        }
+        let x = [0.3f64, -1.2, 2.6, 5.1];
+        let mult = 1.0f32;
+        let mut tmp = [0.0f64; 4];
+        let l = block_loss(&x, mult, &u, k, 4, &mut tmp);
+        // E2M1 nearest: 0.3 -> 0.5, -1.2 -> -1.0, 2.6 -> 3.0, 5.1 -> 6.0 (ties not involved).
+        let want = 0.2f64.powi(2) + 0.2f64.powi(2) + 0.4f64.powi(2) + 0.9f64.powi(2);
+        assert!((l - want).abs() < 1e-6, "{l} vs {want}");
+    }
 }

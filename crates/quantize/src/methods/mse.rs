@@ -39,7 +39,7 @@ fn block_error(x: &[f32], d: &[f64], format: Fp4Format, code: u8, gs: f32) -> f6
 }
 
 /// Candidate scale codes of one block, RTN's first.
-fn candidates(x: &[f32], format: Fp4Format, gs: f32, out: &mut Vec<u8>) {
+pub(crate) fn candidates(x: &[f32], format: Fp4Format, gs: f32, out: &mut Vec<u8>) {
     out.clear();
     let a = amax(x);
     match format {

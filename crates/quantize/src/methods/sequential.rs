@@ -22,6 +22,7 @@ use mimo_runtime::model::Model;
 use rayon::prelude::*;
 
 use super::apply::{kernel_global_scale, quantize_with_stats, read_weight};
+use super::gptq::GptqOptions;
 use super::{ApplyError, Method, MethodError};
 use crate::calib::data::CalibData;
 use crate::calib::sequential::{run_sequential, SequentialError, SequentialRun};
@@ -79,7 +80,7 @@ pub fn quantize_sequential(
     model: &mut Model,
     data: &CalibData,
     method: Method,
-    damp: f64,
+    gptq: &GptqOptions,
     min_expert_tokens: u64,
     progress: &dyn Fn(usize, usize),
 ) -> Result<(SequentialRun, BTreeMap<String, Fp4Matrix>), SequentialError> {
@@ -103,7 +104,7 @@ pub fn quantize_sequential(
                 let t = ck.tensor(&target.tensor)?;
                 let w = read_weight(&t)?;
                 let gs = kernel_global_scale(layout, target.scale);
-                let m = quantize_with_stats(&t, module, &w, layout, gs, method, damp, Some(s))?;
+                let m = quantize_with_stats(&t, module, &w, layout, gs, method, gptq, Some(s))?;
                 m.validate().map_err(|e| ApplyError::Method {
                     file: t.file.to_path_buf(),
                     tensor: t.name.to_string(),
