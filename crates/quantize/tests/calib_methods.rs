@@ -350,7 +350,10 @@ fn gptq_act_order_and_loss_scales_stay_well_below_rtn_and_are_deterministic() {
             let eg = output_err(&x, m, &w, &g);
             eprintln!("{f} {o:?}: ||X(W-Q)^T|| rtn {er:.4} gptq {ep:.4} variant {eg:.4}");
             assert!(eg < 0.85 * er, "{f} {o:?}: {eg} not clearly below rtn {er}");
-            assert!(eg < 1.1 * ep, "{f} {o:?}: {eg} much worse than plain gptq {ep}");
+            assert!(
+                eg < 1.1 * ep,
+                "{f} {o:?}: {eg} much worse than plain gptq {ep}"
+            );
         }
     }
 }

@@ -9,10 +9,10 @@ use anyhow::{bail, Result};
 use clap::Args;
 
 use super::run::{calibrate, calibrate_and_quantize, CalibRun};
-use crate::plan::PlanOptions;
 use super::stats::CollectOptions;
 use crate::methods::gptq::{BlockScale, DEFAULT_DAMP};
 use crate::methods::{Method, QuantOptions};
+use crate::plan::PlanOptions;
 
 /// Quantization method and calibration options (flattened into `convert`).
 #[derive(Debug, Clone, Args)]

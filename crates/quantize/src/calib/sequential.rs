@@ -68,7 +68,10 @@ pub struct SequentialRun {
 
 /// The per-layer quantizer: given a layer index and its statistics by module name, returns the
 /// new weights of that layer's Linears (empty: the layer stays as it is).
-pub type LayerQuantizer<'a> = dyn FnMut(usize, &BTreeMap<String, Arc<LinearStats>>) -> Result<Vec<(String, Weight)>, SequentialError>
+pub type LayerQuantizer<'a> = dyn FnMut(
+        usize,
+        &BTreeMap<String, Arc<LinearStats>>,
+    ) -> Result<Vec<(String, Weight)>, SequentialError>
     + 'a;
 
 /// Sees nothing (the propagation pass).
