@@ -110,6 +110,28 @@ fn build_id() -> String {
     }
 }
 
+/// Hashes the weights already quantized by sequential calibration (module name, shape, format,
+/// packed codes, scales, global scale).
+fn hash_precomputed(h: &mut Sha256, q: &QuantOptions) {
+    let Some(pre) = &q.precomputed else {
+        h.update(b"no-precomputed");
+        return;
+    };
+    h.update((pre.len() as u64).to_le_bytes());
+    for (name, m) in pre.iter() {
+        h.update((name.len() as u64).to_le_bytes());
+        h.update(name.as_bytes());
+        h.update(format!("{:?}", m.format).as_bytes());
+        h.update((m.n as u64).to_le_bytes());
+        h.update((m.k as u64).to_le_bytes());
+        h.update(m.global_scale.to_bits().to_le_bytes());
+        h.update((m.packed.len() as u64).to_le_bytes());
+        h.update(&m.packed);
+        h.update((m.scales.len() as u64).to_le_bytes());
+        h.update(&m.scales);
+    }
+}
+
 /// Hashes the calibration statistics (every module's site, token count, second moments, amax
 /// and Hessian), so that a changed calibration text invalidates the shards of a calibrated run.
 fn hash_stats(h: &mut Sha256, q: &QuantOptions) {
@@ -141,8 +163,9 @@ fn hash_stats(h: &mut Sha256, q: &QuantOptions) {
     }
 }
 
-/// The fingerprint of a run: tool version and build, source file hashes, options, method and
-/// its calibration. Two runs with equal fingerprints write byte-identical shards.
+/// The fingerprint of a run: tool version and build, source file hashes, options, method (with
+/// damping, activation order, block-scale rule) and its calibration (statistics and the weights
+/// sequential calibration already quantized). Two runs with equal fingerprints write byte-identical shards.
 pub fn fingerprint(
     version: &str,
     sources: &[FileHash],
@@ -157,10 +180,13 @@ pub fn fingerprint(
         "sources": sources,
         "options": options,
         "damp": quant.damp,
+        "act_order": quant.act_order,
+        "block_scale": format!("{:?}", quant.block_scale),
         "calibration": quant.manifest_info,
     });
     h.update(head.to_string().as_bytes());
     hash_stats(&mut h, quant);
+    hash_precomputed(&mut h, quant);
     hex::encode(h.finalize())
 }
 
@@ -347,6 +373,32 @@ mod tests {
             ..QuantOptions::default()
         };
         assert_ne!(base, fingerprint("0.1.0", &src(), &opts(), &q2));
+        let q3 = QuantOptions {
+            act_order: true,
+            ..QuantOptions::default()
+        };
+        assert_ne!(base, fingerprint("0.1.0", &src(), &opts(), &q3));
+        let m = mimo_kernels::fp4::Fp4Matrix {
+            format: mimo_kernels::fp4::Fp4Format::Nvfp4,
+            n: 1,
+            k: 16,
+            packed: vec![0x21; 8],
+            scales: vec![0x38],
+            global_scale: 1.0,
+        };
+        let pre = |m: &mimo_kernels::fp4::Fp4Matrix| QuantOptions {
+            precomputed: Some(std::sync::Arc::new(
+                [("model.layers.0.mlp.down_proj".to_string(), m.clone())]
+                    .into_iter()
+                    .collect(),
+            )),
+            ..QuantOptions::default()
+        };
+        let with_m = fingerprint("0.1.0", &src(), &opts(), &pre(&m));
+        assert_ne!(base, with_m);
+        let mut m2 = m.clone();
+        m2.packed[3] = 0x12;
+        assert_ne!(with_m, fingerprint("0.1.0", &src(), &opts(), &pre(&m2)));
     }
 
     /// A recorded shard is reused; a tampered, truncated, unrecorded or foreign one is not, and
