@@ -262,8 +262,8 @@ fn greedy_tokens_equal_cpu_on_embedded_model() {
     }
     let mut g = GpuModel::load(gpu, &dir).unwrap();
     let base = g.gpu().ctx.tuning();
-    // Graph with programmatic launches and the fused norm + router kernel; graph with neither
-    // and with the thread-per-key attention kernel; no graph.
+    // Graph with programmatic launches, graph without them and without the fused
+    // norm + router kernel, no graph.
     let pdl_on = Tuning {
         pdl: true,
         norm_router: true,
@@ -272,7 +272,6 @@ fn greedy_tokens_equal_cpu_on_embedded_model() {
     let plain = Tuning {
         pdl: false,
         norm_router: false,
-        warp_attention: false,
         ..base
     };
     for (use_graph, t) in [(true, pdl_on), (true, plain), (false, base)] {
@@ -292,45 +291,6 @@ fn greedy_tokens_equal_cpu_on_embedded_model() {
             got, want,
             "greedy tokens (graph {use_graph}, pdl {pdl}, {t:?})"
         );
-    }
-    g.gpu().ctx.set_tuning(base);
-}
-
-/// Both attention kernels on a context of several 64-key splits (head_dim 64 of the embedded
-/// model takes the warp kernel): a 150-token prefill (every row) and 6 graph-replayed decode
-/// steps, whose new keys fall in split 2, against the CPU.
-#[test]
-fn attention_kernels_match_cpu_over_several_splits() {
-    let Some(gpu) = gpu() else { return };
-    let dir = embedded_model();
-    let cpu = Model::load(&dir).unwrap();
-    let vocab = cpu.config.vocab_size as u32;
-    let prompt: Vec<u32> = (0..150u32).map(|i| (i * 97 + 11) % vocab).collect();
-    let mut g = GpuModel::load(gpu, &dir).unwrap();
-    let base = g.gpu().ctx.tuning();
-    for warp in [true, false] {
-        g.gpu().ctx.set_tuning(Tuning {
-            warp_attention: warp,
-            ..base
-        });
-        let what = format!("warp_attention {warp}");
-        let mut cache = cpu.new_cache(256);
-        let want = cpu.forward(&prompt, &mut cache, Logits::All).unwrap();
-        g.alloc_cache(1, 256).unwrap();
-        let got = g.forward(&prompt, 0, 0, true).unwrap();
-        check_close(&format!("{what}: prefill of 150, every row"), &got, &want);
-        let v = vocab as usize;
-        let mut tok = argmax(&got[got.len() - v..]) as u32;
-        let start = prompt.len();
-        g.decode_start(&[tok], &[start], true).unwrap();
-        for step in 0..6 {
-            let pos = start + step;
-            g.decode_steps(1, 1).unwrap();
-            let got = g.decode_logits(1).unwrap();
-            let want = cpu.forward(&[tok], &mut cache, Logits::Last).unwrap();
-            check_close(&format!("{what}: decode step {step}"), &got, &want);
-            tok = g.decode_tokens(1, pos + 1, pos + 2).unwrap()[0][0];
-        }
     }
     g.gpu().ctx.set_tuning(base);
 }
