@@ -1,9 +1,11 @@
-//! The conversion pipeline: open, plan, measure (amax pass), share fused global scales,
-//! quantize in parallel and write shard by shard in a fixed order, then config, side files,
-//! manifest, and the atomic rename. With `--resume`, the finished shards of a killed run are
+//! The conversion pipeline: open, plan, one scan of the source (sha256 of every file and the
+//! amax of every tensor to quantize, see [`scan`]) overlapped with quantizing in parallel and
+//! writing shard by shard in a fixed order (each tensor waits for its own and its fused set's
+//! amax), then config, side files, manifest, and the atomic rename. With `--resume`, the finished shards of a killed run are
 //! checked and reused (see [`resume`]).
 
 pub mod resume;
+pub mod scan;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -15,12 +17,12 @@ use mimo_runtime::format::{hf_quant_config, quantization_config, HF_QUANT_CONFIG
 use rayon::prelude::*;
 
 use self::resume::{PlannedShard, ShardRecord};
+use self::scan::AmaxBoard;
 use crate::manifest::{
-    sha256_file, sha256_file_until, FileHash, Manifest, OptionsInfo, SourceInfo, TensorRecord,
-    ToolInfo, MANIFEST_FILE,
+    sha256_file, FileHash, Manifest, OptionsInfo, SourceInfo, TensorRecord, ToolInfo, MANIFEST_FILE,
 };
 use crate::plan::{Action, Plan, PlanError, PlanOptions, PlanTotals};
-use crate::quantizer::{amax, own_scale, shared_scale, src_dtype, QuantError, Quantized};
+use crate::quantizer::{own_scale, shared_scale, src_dtype, QuantError, Quantized};
 use crate::writer::{
     copy_side_files, plan_shards, shard_name, write_index, write_json, ShardWriter, TempOutput,
     WriteError,
@@ -151,22 +153,6 @@ pub fn convert_with(
     convert_resumable(cfg, quant, false, cancel, progress)
 }
 
-/// Hashes the source files, giving up when `stop()` says so.
-fn hash_sources(
-    ck: &Checkpoint,
-    stop: &(dyn Fn() -> bool + Sync),
-) -> Result<Vec<FileHash>, ConvertError> {
-    source_files(ck)
-        .iter()
-        .map(|p| {
-            sha256_file_until(p, stop).map_err(|source| ConvertError::Hash {
-                path: p.clone(),
-                source,
-            })
-        })
-        .collect()
-}
-
 /// The output tensors of every plan entry and the shards (ranges of entries) they go into.
 struct ShardPlan {
     outputs: Vec<Vec<HeaderEntry>>,
@@ -228,11 +214,14 @@ pub fn convert_resumable(
     let mut notes = Vec::new();
     let mut known_hashes = None;
     let mut reuse = BTreeMap::new();
+    let board = AmaxBoard::new(plan.entries.len());
     if resume {
         match tmp.adopted() {
             Some(from) => {
+                // The fingerprint needs the source hashes before any shard can be judged, so
+                // the scan runs to its end first here.
                 let stop = || cancel.load(Ordering::Relaxed);
-                let hashes = hash_sources(&ck, &stop)?;
+                let hashes = scan::scan_sources(&ck, &plan, &board, &stop)?;
                 let fp = resume::fingerprint(VERSION, &hashes, &options, quant);
                 let names: Vec<String> = (0..shard_plan.shards.len())
                     .map(|si| shard_plan.name(si))
@@ -263,16 +252,17 @@ pub fn convert_resumable(
         }
     }
 
-    // Stops the input hashing early when the conversion fails or is interrupted.
+    // Stops the source scan early when the conversion fails or is interrupted.
     let failed = AtomicBool::new(false);
     let stop_hashing = || failed.load(Ordering::Relaxed) || cancel.load(Ordering::Relaxed);
     let (result, input_hashes) = std::thread::scope(|s| {
-        // Input hashes on their own thread, reading through the page cache.
+        // The source scan on its own thread, reading through the page cache; the quantizer
+        // waits on the board for the amaxes it needs.
         let hasher = known_hashes.is_none().then(|| {
             let (stop_hashing, fingerprint, options) = (&stop_hashing, &fingerprint, &options);
-            let ck = &ck;
+            let (ck, plan, board) = (&ck, &plan, &board);
             s.spawn(move || {
-                let h = hash_sources(ck, stop_hashing)?;
+                let h = scan::scan_sources(ck, plan, board, stop_hashing)?;
                 let _ = fingerprint.set(resume::fingerprint(VERSION, &h, options, quant));
                 Ok::<_, ConvertError>(h)
             })
@@ -282,6 +272,7 @@ pub fn convert_resumable(
             &plan,
             &shard_plan,
             &reuse,
+            &board,
             &fingerprint,
             quant,
             tmp.path(),
@@ -293,6 +284,17 @@ pub fn convert_resumable(
         }
         (r, hasher.map(|h| h.join()))
     });
+    // A scan failure stops the quantizer with `Interrupted`: the scan's own error is the one
+    // to report (a cancel is reported as the interruption it is).
+    let (result, input_hashes) = match (result, input_hashes) {
+        (Err(ConvertError::Interrupted), Some(Ok(Err(e))))
+            if !cancel.load(Ordering::Relaxed)
+                && !matches!(&e, ConvertError::Hash { source, .. } if source.kind() == std::io::ErrorKind::Interrupted) =>
+        {
+            return Err(e)
+        }
+        other => other,
+    };
     let (records, shard_hashes) = result?;
     check_cancel()?;
     let input_hashes = match (input_hashes, known_hashes) {
@@ -407,6 +409,7 @@ fn write_all(
     plan: &Plan,
     sp: &ShardPlan,
     reuse: &BTreeMap<usize, ShardRecord>,
+    board: &AmaxBoard,
     fingerprint: &OnceLock<String>,
     quant: &crate::methods::QuantOptions,
     dir: &Path,
@@ -419,59 +422,45 @@ fn write_all(
         tensors: n,
         bytes: plan.entries.iter().map(|e| e.bytes_in()).sum(),
     });
-    let mut reused = vec![false; n];
-    for si in reuse.keys() {
-        for i in sp.shards[*si].clone() {
-            reused[i] = true;
-        }
-    }
-
     // Fused sets share one per-tensor scale.
-    let quant_idx: Vec<usize> = (0..n)
-        .filter(|&i| matches!(plan.entries[i].action, Action::Quantize { .. }))
-        .collect();
     let mut groups: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
-    for &i in &quant_idx {
-        if let Action::Quantize { group: Some(g), .. } = &plan.entries[i].action {
+    for (i, e) in plan.entries.iter().enumerate() {
+        if let Action::Quantize { group: Some(g), .. } = &e.action {
             groups.entry(g.as_str()).or_default().push(i);
         }
     }
-    // A tensor needs its amax when it is quantized now, or when it shares a fused scale with one
-    // that is (a fused set can span shards).
-    let mut measure: Vec<bool> = (0..n).map(|i| !reused[i]).collect();
-    for members in groups.values() {
-        if members.iter().any(|&i| !reused[i]) {
-            for &i in members {
-                measure[i] = true;
+    // The amax of entry `m` from the source scan (waiting for it), as the tensor's own scale.
+    let own = |m: usize| -> Result<Option<f32>, ConvertError> {
+        let t = ck.tensor(&plan.entries[m].name)?;
+        let dt = src_dtype(&t)?;
+        match board.wait(m) {
+            scan::Slot::Ready(a) => Ok(own_scale(layout, a, dt)),
+            scan::Slot::NonFinite(index, value) => Err(QuantError::NonFinite {
+                file: t.file.to_path_buf(),
+                tensor: t.name.to_string(),
+                index,
+                value,
             }
+            .into()),
+            // Unsupported dtypes were refused by src_dtype above; Closed: the scan stopped
+            // and its error is reported by the caller.
+            _ => Err(ConvertError::Interrupted),
         }
-    }
-
-    // Pass 1: amax (and the NaN/Inf check) of every tensor to quantize.
-    progress(Progress::Phase("measuring"));
-    let amaxes: Vec<(usize, f32)> = quant_idx
-        .par_iter()
-        .filter(|&&i| measure[i])
-        .map(|&i| {
-            let t = ck.tensor(&plan.entries[i].name)?;
-            let a = amax(&t)?;
-            ck.release(t.name);
-            Ok((i, a))
-        })
-        .collect::<Result<_, ConvertError>>()?;
-    let mut scale: Vec<Option<f32>> = vec![None; n];
-    for &(i, a) in &amaxes {
-        let t = ck.tensor(&plan.entries[i].name)?;
-        scale[i] = own_scale(layout, a, src_dtype(&t)?);
-    }
-    for members in groups.values() {
-        if members.iter().all(|&i| measure[i]) {
-            let shared = shared_scale(layout, members.iter().filter_map(|&i| scale[i]));
-            for &i in members {
-                scale[i] = shared;
+    };
+    // The per-tensor scale of entry `i`: its own, or the shared one of its fused set.
+    let scale_of = |i: usize| -> Result<Option<f32>, ConvertError> {
+        match &plan.entries[i].action {
+            Action::Quantize { group: Some(g), .. } => {
+                let members = groups.get(g.as_str()).map(Vec::as_slice).unwrap_or(&[]);
+                let scales = members
+                    .iter()
+                    .map(|&m| own(m))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(shared_scale(layout, scales.into_iter().flatten()))
             }
+            _ => own(i),
         }
-    }
+    };
 
     // Pass 2: shards in order; within a shard, batches quantized in parallel, written in order.
     progress(Progress::Phase("writing"));
@@ -505,18 +494,18 @@ fn write_all(
             if cancel.load(Ordering::Relaxed) {
                 return Err(ConvertError::Interrupted);
             }
-            let results: Vec<Option<Quantized>> = chunk
+            let results: Vec<Option<(Quantized, Option<f32>)>> = chunk
                 .par_iter()
                 .map(|&i| {
                     let e = &plan.entries[i];
                     match &e.action {
                         Action::Quantize { module, .. } => {
+                            let scale = scale_of(i)?;
                             let t = ck.tensor(&e.name)?;
-                            let q = crate::methods::quantize_tensor(
-                                &t, module, layout, scale[i], quant,
-                            )?;
+                            let q =
+                                crate::methods::quantize_tensor(&t, module, layout, scale, quant)?;
                             ck.release(t.name);
-                            Ok(Some(q))
+                            Ok(Some((q, scale)))
                         }
                         Action::Keep { .. } => Ok(None),
                     }
@@ -535,13 +524,16 @@ fn write_all(
                     max_abs_err: None,
                 };
                 match (&e.action, res) {
-                    (Action::Quantize { group, .. }, Some(Quantized { tensors, stats })) => {
+                    (
+                        Action::Quantize { group, .. },
+                        Some((Quantized { tensors, stats }, scale)),
+                    ) => {
                         for (h, data) in &tensors {
                             w.write_tensor(&h.name, data)?;
                         }
                         rec.action = "quantized".into();
                         rec.fused_group = group.clone();
-                        rec.global_scale = scale[i];
+                        rec.global_scale = scale;
                         rec.sqnr_db = stats.sqnr_db.is_finite().then_some(stats.sqnr_db);
                         rec.max_abs_err = Some(stats.max_abs_err);
                     }

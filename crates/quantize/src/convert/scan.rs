@@ -1,0 +1,256 @@
+//! One pass over the source files: the sha256 of every file (for the manifest) and, on the same
+//! bytes while they are in cache, the amax and NaN/Inf check of every tensor to quantize. Each
+//! tensor's result is published on an [`AmaxBoard`] as soon as the scan has passed its last
+//! byte; the quantizer waits there only for the tensors (and fused-set members) it is about to
+//! quantize, so scanning and quantizing overlap and the source is read from memory once for the
+//! scan and once for the quantizer (there is no separate amax pass over the memory map).
+//!
+//! The scan reads with `pread` into its own buffer rather than through the memory map, so the
+//! pages it reads ahead of the quantizer are not counted in this process's resident memory.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex};
+
+use mimo_runtime::checkpoint::{parse_header, Checkpoint, TensorEntry};
+use sha2::{Digest, Sha256};
+
+use super::ConvertError;
+use crate::manifest::FileHash;
+use crate::plan::{Action, Plan};
+use crate::quantizer::AmaxAcc;
+
+/// Read size of the scan (a multiple of every element size, so pieces hold whole elements).
+const PIECE: usize = 1 << 20;
+
+/// One tensor's scan result.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Slot {
+    /// Not scanned yet.
+    Pending,
+    /// Largest |x|.
+    Ready(f32),
+    /// The first NaN/Inf: (element index, value).
+    NonFinite(usize, f32),
+    /// Not a BF16/F16/F32 tensor (the quantizer reports it).
+    Unsupported,
+    /// The scan stopped (failed or interrupted) before reaching the tensor.
+    Closed,
+}
+
+/// Scan results by plan entry index, awaited by the quantizer.
+pub struct AmaxBoard {
+    state: Mutex<(Vec<Slot>, bool)>,
+    cv: Condvar,
+}
+
+impl AmaxBoard {
+    /// A board for `n` plan entries, all pending.
+    pub fn new(n: usize) -> AmaxBoard {
+        AmaxBoard {
+            state: Mutex::new((vec![Slot::Pending; n], false)),
+            cv: Condvar::new(),
+        }
+    }
+
+    fn publish(&self, i: usize, s: Slot) {
+        let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = g.0.get_mut(i) {
+            *slot = s;
+        }
+        drop(g);
+        self.cv.notify_all();
+    }
+
+    /// No more results will come: waiters on pending entries get [`Slot::Closed`].
+    pub fn close(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
+        self.cv.notify_all();
+    }
+
+    /// Blocks until entry `i` is scanned or the scan stopped.
+    pub fn wait(&self, i: usize) -> Slot {
+        let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            match g.0.get(i).copied() {
+                None => return Slot::Closed,
+                Some(Slot::Pending) if g.1 => return Slot::Closed,
+                Some(Slot::Pending) => {
+                    g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+                }
+                Some(s) => return s,
+            }
+        }
+    }
+}
+
+/// Closes the board however the scan ends.
+struct CloseOnDrop<'a>(&'a AmaxBoard);
+
+impl Drop for CloseOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+/// A byte range of a file whose amax is wanted: (start, end, plan index, accumulator).
+struct Wanted {
+    start: usize,
+    end: usize,
+    index: usize,
+    acc: Option<AmaxAcc>,
+}
+
+/// The tensors of safetensors file `path` that the plan quantizes, by file offset.
+fn wanted_in(
+    path: &Path,
+    file: &File,
+    by_name: &HashMap<&str, usize>,
+    board: &AmaxBoard,
+) -> Result<Vec<Wanted>, std::io::Error> {
+    // SAFETY: read-only mapping, used only to parse the (already validated) header; only its
+    // first pages are touched.
+    let map = unsafe { memmap2::Mmap::map(file)? };
+    let (tensors, _) = parse_header(path, &map)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+    let mut wanted: Vec<Wanted> = Vec::new();
+    for (name, e) in &tensors {
+        let Some(&index) = by_name.get(name.as_str()) else {
+            continue;
+        };
+        let acc = dtype_of(e).map(AmaxAcc::new);
+        if acc.is_none() {
+            board.publish(index, Slot::Unsupported);
+            continue;
+        }
+        wanted.push(Wanted {
+            start: e.start,
+            end: e.end,
+            index,
+            acc,
+        });
+    }
+    wanted.sort_by_key(|w| w.start);
+    Ok(wanted)
+}
+
+fn dtype_of(e: &TensorEntry) -> Option<mimo_kernels::dtype::SrcDType> {
+    use mimo_kernels::dtype::SrcDType;
+    use mimo_runtime::checkpoint::DType;
+    match e.dtype {
+        DType::BF16 => Some(SrcDType::BF16),
+        DType::F16 => Some(SrcDType::F16),
+        DType::F32 => Some(SrcDType::F32),
+        _ => None,
+    }
+}
+
+/// Hashes every source file (config, index, weights, sorted by path) and publishes the amax of
+/// every tensor the plan quantizes on `board`. Gives up (an `Interrupted` hash error) once
+/// `stop()` returns true; the board is closed in every case.
+pub fn scan_sources(
+    ck: &Checkpoint,
+    plan: &Plan,
+    board: &AmaxBoard,
+    stop: &(dyn Fn() -> bool + Sync),
+) -> Result<Vec<FileHash>, ConvertError> {
+    let _close = CloseOnDrop(board);
+    let by_name: HashMap<&str, usize> = plan
+        .entries
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| matches!(e.action, Action::Quantize { .. }))
+        .map(|(i, e)| (e.name.as_str(), i))
+        .collect();
+    let weights: Vec<PathBuf> = ck.files().map(Path::to_path_buf).collect();
+    super::source_files(ck)
+        .iter()
+        .map(|p| {
+            let is_weights = weights.contains(p);
+            scan_file(p, is_weights, &by_name, board, stop).map_err(|source| ConvertError::Hash {
+                path: p.clone(),
+                source,
+            })
+        })
+        .collect()
+}
+
+/// sha256 of one file; for a weights file also the amax of its wanted tensors.
+fn scan_file(
+    path: &Path,
+    is_weights: bool,
+    by_name: &HashMap<&str, usize>,
+    board: &AmaxBoard,
+    stop: &(dyn Fn() -> bool + Sync),
+) -> std::io::Result<FileHash> {
+    let file = File::open(path)?;
+    let len = file.metadata()?.len() as usize;
+    let mut wanted = if is_weights {
+        wanted_in(path, &file, by_name, board)?
+    } else {
+        Vec::new()
+    };
+    // Piece boundaries: every wanted tensor's start and end, so a piece lies inside one tensor
+    // or outside all, and starts at a whole element.
+    let mut cuts: Vec<usize> = wanted.iter().flat_map(|w| [w.start, w.end]).collect();
+    cuts.push(len);
+    cuts.sort_unstable();
+    cuts.dedup();
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; PIECE];
+    let (mut pos, mut cut, mut wi) = (0usize, 0usize, 0usize);
+    while pos < len {
+        if stop() {
+            return Err(std::io::ErrorKind::Interrupted.into());
+        }
+        while cuts[cut] <= pos {
+            cut += 1;
+        }
+        let end = cuts[cut].min(pos + PIECE);
+        let piece = &mut buf[..end - pos];
+        file.read_exact_at(piece, pos as u64)?;
+        h.update(&*piece);
+        // The wanted tensor this piece belongs to, if any (wanted is sorted by start and the
+        // tensors do not overlap).
+        while wi < wanted.len() && wanted[wi].end <= pos {
+            wi += 1;
+        }
+        if let Some(w) = wanted.get_mut(wi) {
+            if w.start <= pos && end <= w.end {
+                if let Some(acc) = &mut w.acc {
+                    acc.update(piece);
+                }
+                if end == w.end {
+                    let slot = match w.acc.take().map(|a| a.finish()) {
+                        Some(Ok(a)) => Slot::Ready(a),
+                        Some(Err((i, v))) => Slot::NonFinite(i, v),
+                        None => Slot::Closed,
+                    };
+                    board.publish(w.index, slot);
+                }
+            }
+        }
+        pos = end;
+    }
+    // Empty tensors (no piece reached them).
+    for w in wanted.iter_mut().filter(|w| w.acc.is_some()) {
+        if let Some(acc) = w.acc.take() {
+            let slot = match acc.finish() {
+                Ok(a) => Slot::Ready(a),
+                Err((i, v)) => Slot::NonFinite(i, v),
+            };
+            board.publish(w.index, slot);
+        }
+    }
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(FileHash {
+        name,
+        bytes: pos as u64,
+        sha256: hex::encode(h.finalize()),
+    })
+}
