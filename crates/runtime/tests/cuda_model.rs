@@ -295,6 +295,40 @@ fn greedy_tokens_equal_cpu_on_embedded_model() {
     g.gpu().ctx.set_tuning(base);
 }
 
+/// Attention over several 64-key splits on the embedded (trained) model: a 150-token prefill
+/// (every row) and 6 graph-replayed decode steps, whose new keys fall in split 2, against the
+/// CPU.
+#[test]
+fn attention_over_several_splits_matches_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let dir = embedded_model();
+    let cpu = Model::load(&dir).unwrap();
+    let vocab = cpu.config.vocab_size as u32;
+    let prompt: Vec<u32> = (0..150u32).map(|i| (i * 97 + 11) % vocab).collect();
+    let mut g = GpuModel::load(gpu, &dir).unwrap();
+    let mut cache = cpu.new_cache(256);
+    let want = cpu.forward(&prompt, &mut cache, Logits::All).unwrap();
+    g.alloc_cache(1, 256).unwrap();
+    let got = g.forward(&prompt, 0, 0, true).unwrap();
+    check_close("prefill of 150, every row", &got, &want);
+    let v = vocab as usize;
+    let mut tok = argmax(&got[got.len() - v..]) as u32;
+    let start = prompt.len();
+    g.decode_start(&[tok], &[start], true).unwrap();
+    for step in 0..6 {
+        let pos = start + step;
+        g.decode_steps(1, 1).unwrap();
+        let got = g.decode_logits(1).unwrap();
+        let want = cpu.forward(&[tok], &mut cache, Logits::Last).unwrap();
+        check_close(
+            &format!("150-token context, decode step {step}"),
+            &got,
+            &want,
+        );
+        tok = g.decode_tokens(1, pos + 1, pos + 2).unwrap()[0][0];
+    }
+}
+
 /// Batched decode: every sequence of a batch gives the tokens it gives alone.
 #[test]
 fn batched_decode_equals_single() {
