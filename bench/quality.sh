@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Quality table for calibrated quantization (issue 9): NVFP4 and MXFP4 x rtn/mse/gptq on
-# models/mimo-tiny-moe, compared with the BF16 model on a fixed held-out slice (the first
-# SLICE_BYTES bytes of calibration/heldout/valid.txt, never used for calibration).
-# Calibration: the embedded default recipe (calibration/default.json). Writes
-# bench/results/quality.json. Needs: cargo build --release --bin mimo-quant --bin mimo-run.
+# Quality table for calibrated quantization (issue 9): NVFP4 and MXFP4 x rtn/mse/gptq (and GPTQ
+# variants) on models/mimo-tiny-moe, compared with the BF16 model on two fixed held-out slices of
+# calibration/heldout/valid.txt (never used for calibration: the loader refuses files in a
+# `heldout` folder): slice 1 = the first SLICE_BYTES bytes, slice 2 = SLICE_BYTES bytes from
+# byte 40961. Calibration: the embedded default recipe (calibration/default.json), one decoder
+# layer at a time. Writes bench/results/quality.json.
+# Needs: cargo build --release --bin mimo-quant --bin mimo-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 Q=target/release/mimo-quant
@@ -11,44 +13,74 @@ R=target/release/mimo-run
 M=${MODEL:-models/mimo-tiny-moe}
 SLICE_BYTES=${SLICE_BYTES:-20480}
 WORK=${WORK:-$(mktemp -d)}
-SLICE=$WORK/heldout-slice.txt
-head -c "$SLICE_BYTES" calibration/heldout/valid.txt > "$SLICE"
+head -c "$SLICE_BYTES" calibration/heldout/valid.txt > "$WORK/slice1.txt"
+tail -c +40961 calibration/heldout/valid.txt | head -c "$SLICE_BYTES" > "$WORK/slice2.txt"
+# name | format | convert arguments
+VARIANTS=(
+  "nvfp4-rtn|nvfp4|--method rtn"
+  "nvfp4-mse|nvfp4|--method mse"
+  "nvfp4-gptq|nvfp4|--method gptq"
+  "nvfp4-gptq-ao|nvfp4|--method gptq --act-order --gptq-block-scale loss"
+  "mxfp4-rtn|mxfp4|--method rtn"
+  "mxfp4-mse|mxfp4|--method mse"
+  "mxfp4-gptq|mxfp4|--method gptq"
+  "mxfp4-gptq-ao|mxfp4|--method gptq --act-order --gptq-block-scale loss"
+)
+if [ -n "${ONLY:-}" ]; then
+  mapfile -t VARIANTS < <(printf '%s\n' "${VARIANTS[@]}" | grep -E "^(${ONLY})\|")
+fi
 ROWS=()
-for fmt in nvfp4 mxfp4; do
-  for method in rtn mse gptq; do
-    out=$WORK/$fmt-$method
-    /usr/bin/time -v "$Q" convert "$M" -o "$out" --format "$fmt" --method "$method" --force -q --json \
-      > "$WORK/$fmt-$method.convert.json" 2> "$WORK/$fmt-$method.time"
-    rss_kb=$(awk -F: '/Maximum resident set size/ {gsub(/ /,"",$2); print $2}' "$WORK/$fmt-$method.time")
-    wall=$(awk '/Elapsed \(wall clock\)/ {print $NF}' "$WORK/$fmt-$method.time")
-    "$R" compare --reference "$M" --candidate "$out" "$SLICE" --json > "$WORK/$fmt-$method.cmp.json"
-    ROWS+=("$(python3 - "$fmt" "$method" "$WORK/$fmt-$method.convert.json" "$WORK/$fmt-$method.cmp.json" "$rss_kb" "$wall" <<'PY'
+for v in "${VARIANTS[@]}"; do
+  IFS='|' read -r name fmt args <<< "$v"
+  out=$WORK/$name
+  # shellcheck disable=SC2086
+  /usr/bin/time -v "$Q" convert "$M" -o "$out" --format "$fmt" $args --force -q --json \
+    > "$WORK/$name.convert.json" 2> "$WORK/$name.time"
+  rss_kb=$(awk -F: '/Maximum resident set size/ {gsub(/ /,"",$2); print $2}' "$WORK/$name.time")
+  wall=$(awk '/Elapsed \(wall clock\)/ {print $NF}' "$WORK/$name.time")
+  for s in 1 2; do
+    "$R" compare --reference "$M" --candidate "$out" "$WORK/slice$s.txt" --json > "$WORK/$name.cmp$s.json"
+  done
+  ROWS+=("$(python3 - "$name" "$fmt" "$args" "$WORK/$name.convert.json" "$WORK/$name.cmp1.json" "$WORK/$name.cmp2.json" "$rss_kb" "$wall" <<'PY'
 import json, sys
-fmt, method, man, cmp, rss_kb, wall = sys.argv[1:]
-m = json.load(open(man)); c = json.load(open(cmp))["result"]
+name, fmt, args, conv, c1, c2, rss_kb, wall = sys.argv[1:]
+m = json.load(open(conv))
 cal = m.get("calibration") or {}
 cov = cal.get("expert_coverage") or {}
+def slice_of(path):
+    c = json.load(open(path))["result"]
+    return {"ppl_bf16": c["reference"]["ppl"], "ppl": c["candidate"]["ppl"],
+            "ppl_rise": c["candidate"]["ppl"] - c["reference"]["ppl"],
+            "mean_kl": c["mean_kl"], "top1_agreement": c["top1_agreement"]}
+mins, secs = wall.split(":")[-2:]
 print(json.dumps({
-  "format": fmt, "method": method,
-  "ppl_bf16": c["reference"]["ppl"], "ppl": c["candidate"]["ppl"],
-  "mean_kl": c["mean_kl"], "top1_agreement": c["top1_agreement"],
+  "name": name, "format": fmt, "args": args,
+  "slice1": slice_of(c1), "slice2": slice_of(c2),
   "calibration_seconds": cal.get("seconds"), "calibration_tokens": cal.get("tokens"),
-  "convert_wall": wall, "convert_peak_rss_mb": int(rss_kb) / 1024,
+  "calibration_mode": cal.get("mode"),
+  "statistics_bytes_per_layer": cal.get("statistics_bytes"),
+  "activation_bytes": cal.get("activation_bytes"),
+  "calibration_peak_rss_bytes": cal.get("peak_rss_bytes"),
+  "convert_wall_s": int(mins) * 60 + float(secs), "convert_peak_rss_mb": int(rss_kb) / 1024,
   "experts_under_threshold": sum(1 for e in cov.get("experts", []) if e["all_token_fallback"]),
   "peak_gpu_memory": None,
 }))
 PY
 )")
-    echo "${ROWS[-1]}"
-  done
+  echo "${ROWS[-1]}"
 done
-python3 - "$SLICE_BYTES" "${ROWS[@]}" > bench/results/quality.json <<'PY'
+python3 - "$SLICE_BYTES" "$M" "${ROWS[@]}" > bench/results/quality.json <<'PY'
 import json, sys
-rows = [json.loads(r) for r in sys.argv[2:]]
+rows = [json.loads(r) for r in sys.argv[3:]]
+n = int(sys.argv[1])
 print(json.dumps({
-  "model": "models/mimo-tiny-moe",
-  "heldout": f"first {sys.argv[1]} bytes of calibration/heldout/valid.txt (not used for calibration)",
-  "calibration": "embedded default recipe (calibration/default.json: 315 samples, seq_len 256, seed 1234)",
+  "model": sys.argv[2],
+  "heldout": {
+    "slice1": f"first {n} bytes of calibration/heldout/valid.txt",
+    "slice2": f"bytes 40961-{40960 + n} of calibration/heldout/valid.txt",
+    "note": "never used for calibration",
+  },
+  "calibration": "embedded default recipe (calibration/default.json: 315 samples, seq_len 256, seed 1234), one decoder layer at a time",
   "backend": "cpu (2 cores); no GPU used, peak_gpu_memory null",
   "rows": rows,
 }, indent=2))

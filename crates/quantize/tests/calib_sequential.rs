@@ -11,7 +11,8 @@ use std::sync::Arc;
 
 use mimo_kernels::fp4::{Fp4Format, Fp4Matrix};
 use mimo_quant::calib::{
-    collect, run_sequential, CalibData, CollectOptions, LinearStats, Recipe, SequentialError,
+    collect, run_sequential, run_sequential_with, CalibData, CollectOptions, LinearStats, Recipe,
+    SequentialError,
 };
 use mimo_quant::convert::{convert_with, ConvertConfig, ConvertError, DEFAULT_MAX_SHARD};
 use mimo_quant::methods::apply::read_weight;
@@ -190,6 +191,7 @@ fn convert_sequential(
     layout: Layout,
     method: Method,
     gptq: GptqOptions,
+    asymmetric: Option<f64>,
     threads: usize,
 ) -> (Result<(), ConvertError>, usize) {
     let pool = rayon::ThreadPoolBuilder::new()
@@ -206,9 +208,18 @@ fn convert_sequential(
         let plan = Plan::build(&ck, &popts).unwrap();
         let mut model = Model::load(src).unwrap();
         let data = calib_data(&model, 2, 24);
-        let (run, weights) =
-            quantize_sequential(&ck, &plan, &mut model, &data, method, &gptq, 8, &|_, _| {})
-                .unwrap();
+        let (run, weights) = quantize_sequential(
+            &ck,
+            &plan,
+            &mut model,
+            &data,
+            method,
+            &gptq,
+            8,
+            asymmetric,
+            &|_, _| {},
+        )
+        .unwrap();
         let n = weights.len();
         let quant = QuantOptions {
             method,
@@ -244,19 +255,21 @@ fn sequential_conversions_are_identical_on_one_and_two_threads() {
         act_order: true,
         block_scale: BlockScale::Loss,
     };
-    for (layout, method, gptq) in [
-        (Layout::CtNvfp4, Method::Gptq, plain),
-        (Layout::CtNvfp4, Method::Mse, plain),
-        (Layout::CtMxfp4, Method::Gptq, plain),
-        (Layout::ModelOptNvfp4, Method::Gptq, plain),
-        (Layout::CtNvfp4, Method::Gptq, ordered),
-        (Layout::CtMxfp4, Method::Gptq, ordered),
+    for (layout, method, gptq, asym) in [
+        (Layout::CtNvfp4, Method::Gptq, plain, None),
+        (Layout::CtNvfp4, Method::Mse, plain, None),
+        (Layout::CtMxfp4, Method::Gptq, plain, None),
+        (Layout::ModelOptNvfp4, Method::Gptq, plain, None),
+        (Layout::CtNvfp4, Method::Gptq, ordered, None),
+        (Layout::CtMxfp4, Method::Gptq, ordered, None),
+        (Layout::CtNvfp4, Method::Gptq, ordered, Some(0.25)),
+        (Layout::CtMxfp4, Method::Mse, plain, Some(1.0)),
     ] {
         let a = dir.path().join("a");
         let b = dir.path().join("b");
-        let (ra, n) = convert_sequential(&src, &a, layout, method, gptq, 1);
+        let (ra, n) = convert_sequential(&src, &a, layout, method, gptq, asym, 1);
         ra.unwrap();
-        let (rb, _) = convert_sequential(&src, &b, layout, method, gptq, 2);
+        let (rb, _) = convert_sequential(&src, &b, layout, method, gptq, asym, 2);
         rb.unwrap();
         // Every quantized Linear of the decoder layers came from the sequential pass.
         let plan = Plan::build(
@@ -367,4 +380,134 @@ fn weight_replacement_checks_names_and_shapes() {
 struct NoObs;
 impl mimo_runtime::model::LinearObserver for NoObs {
     fn observe(&mut self, _: mimo_runtime::model::Site, _: &[f32], _: usize) {}
+}
+
+#[test]
+fn asymmetric_calibration_pairs_the_streams_and_keeps_the_plain_statistics() {
+    let dir = tempfile::tempdir().unwrap();
+    write_fixture(dir.path(), Arch::Qwen3Moe, 16).unwrap();
+    let ck = Checkpoint::open(dir.path()).unwrap();
+    let opts = CollectOptions {
+        hessian: true,
+        min_expert_tokens: 4,
+    };
+    let run = |asymmetric: bool| -> Vec<Recorded> {
+        let mut model = Model::load(dir.path()).unwrap();
+        let data = calib_data(&model, 2, 24);
+        let mut seen: Vec<Recorded> = Vec::new();
+        let mut quant =
+            |_l: usize, s: &Recorded| -> Result<Vec<(String, Weight)>, SequentialError> {
+                seen.push(s.clone());
+                Ok(s.keys()
+                    .filter(|m| m.ends_with("_proj"))
+                    .map(|m| (m.clone(), Weight::Fp4(mxfp4_of(&ck, m))))
+                    .collect())
+            };
+        run_sequential_with(
+            &mut model,
+            &data,
+            opts,
+            asymmetric,
+            Some(&mut quant),
+            &|_, _| {},
+        )
+        .unwrap();
+        seen
+    };
+    let plain = run(false);
+    let asym = run(true);
+    assert_eq!(plain.len(), asym.len());
+    for (l, (p, a)) in plain.iter().zip(&asym).enumerate() {
+        assert_eq!(p.keys().collect::<Vec<_>>(), a.keys().collect::<Vec<_>>());
+        for (name, sp) in p {
+            let sa = &a[name];
+            // The quantized stream's statistics are those of the plain run.
+            assert_eq!(sp.hessian, sa.hessian, "{name}");
+            assert_eq!(sp.second_moment, sa.second_moment, "{name}");
+            assert_eq!((sp.tokens, sp.amax), (sa.tokens, sa.amax), "{name}");
+            assert!(sp.cross.is_none());
+            let c = sa
+                .cross
+                .as_ref()
+                .unwrap_or_else(|| panic!("{name}: no cross term"));
+            let nonzero = c.iter().filter(|v| **v != 0.0).count();
+            if l == 0 {
+                // Nothing is quantized before layer 0: both streams are the same.
+                assert_eq!(nonzero, 0, "{name}");
+            } else if !name.contains(".experts.") || sa.tokens > 0 {
+                assert!(nonzero > 0, "layer {l} {name}: the streams should differ");
+            }
+        }
+    }
+}
+
+/// Least squares: `W'` from [`asymmetric_target`] (no damping) zeroes the gradient of
+/// `||W Xf - W' X||^2` and beats `W` itself on it.
+#[test]
+fn asymmetric_target_is_the_least_squares_weight() {
+    use mimo_quant::methods::gptq::asymmetric_target;
+    let (n, k, m) = (6, 16, 200);
+    let mut s = 7u64;
+    let mut rnd = || {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((s >> 40) as f64 / (1u64 << 24) as f64) - 0.5
+    };
+    let xf: Vec<f64> = (0..m * k).map(|_| rnd()).collect();
+    let x: Vec<f64> = xf.iter().map(|v| v + 0.2 * rnd()).collect();
+    let w: Vec<f32> = (0..n * k).map(|_| rnd() as f32).collect();
+    let mut h = vec![0f64; k * k];
+    let mut c = vec![0f64; k * k];
+    for t in 0..m {
+        for i in 0..k {
+            for j in 0..k {
+                h[i * k + j] += x[t * k + i] * x[t * k + j];
+                c[i * k + j] += (xf[t * k + i] - x[t * k + i]) * x[t * k + j];
+            }
+        }
+    }
+    let wp = asymmetric_target(&w, n, k, &h, &c, 0.0, 1.0).unwrap();
+    let loss = |v: &[f32]| -> f64 {
+        let mut e = 0.0;
+        for t in 0..m {
+            for r in 0..n {
+                let mut d = 0.0;
+                for j in 0..k {
+                    d += w[r * k + j] as f64 * xf[t * k + j] - v[r * k + j] as f64 * x[t * k + j];
+                }
+                e += d * d;
+            }
+        }
+        e
+    };
+    assert!(loss(&wp) < 0.9 * loss(&w), "{} vs {}", loss(&wp), loss(&w));
+    // Gradient (W' X - W Xf) X^T = 0, relative to its size at W.
+    let grad = |v: &[f32]| -> f64 {
+        let mut g = 0.0;
+        for r in 0..n {
+            for j in 0..k {
+                let mut s = 0.0;
+                for t in 0..m {
+                    let mut d = 0.0;
+                    for p in 0..k {
+                        d += v[r * k + p] as f64 * x[t * k + p]
+                            - w[r * k + p] as f64 * xf[t * k + p];
+                    }
+                    s += d * x[t * k + j];
+                }
+                g += s * s;
+            }
+        }
+        g.sqrt()
+    };
+    assert!(grad(&wp) < 1e-3 * grad(&w), "{} vs {}", grad(&wp), grad(&w));
+    // A zero cross term leaves the weight unchanged.
+    let same = asymmetric_target(&w, n, k, &h, &vec![0.0; k * k], 0.01, 1.0).unwrap();
+    assert_eq!(same, w);
+    // alpha scales the correction: half of it lies half-way.
+    let half = asymmetric_target(&w, n, k, &h, &c, 0.0, 0.5).unwrap();
+    for ((h, p), w) in half.iter().zip(&wp).zip(&w) {
+        assert!((h - (w + 0.5 * (p - w))).abs() < 1e-5, "{h} {p} {w}");
+    }
 }

@@ -107,6 +107,9 @@ pub trait LinearObserver {
     fn all_token_experts(&self) -> bool {
         false
     }
+    /// Called before expert `expert` of MoE layer `layer` runs, with the rows (token indices
+    /// into the MoE input) the router sent to it, in the order its inputs are observed.
+    fn routed(&mut self, _layer: usize, _expert: usize, _tokens: &[usize]) {}
 }
 
 /// An observer that ignores everything (plain forward passes).
@@ -203,6 +206,8 @@ impl Moe {
             for &(t, _) in toks {
                 xe.extend_from_slice(&x[t * hidden..(t + 1) * hidden]);
             }
+            let rows: Vec<usize> = toks.iter().map(|&(t, _)| t).collect();
+            obs.routed(layer, ei, &rows);
             let sites = [Site::ExpertGateUp(layer, ei), Site::ExpertDown(layer, ei)];
             let ye = self.experts[ei].forward(&xe, toks.len(), obs, sites);
             for (r, &(t, w)) in toks.iter().enumerate() {

@@ -36,6 +36,13 @@ pub struct CalibArgs {
     /// or loss (the GPTQ loss with the feedback inside the block, per candidate).
     #[arg(long, default_value = "diag")]
     pub gptq_block_scale: BlockScale,
+    /// Asymmetric calibration (mse, gptq): also run the unquantized model alongside and make
+    /// each layer's quantized weights reproduce the unquantized outputs from the drifted inputs.
+    #[arg(long)]
+    pub asymmetric: bool,
+    /// Strength of the asymmetric correction (1: the least-squares target; GPTAQ uses 0.25).
+    #[arg(long, default_value_t = 0.25)]
+    pub asymmetric_alpha: f64,
     /// Experts with fewer routed calibration tokens get statistics from all tokens of their
     /// layer's MoE input (measurement only).
     #[arg(long, default_value_t = 64)]
@@ -128,6 +135,9 @@ pub fn quant_options(
     if !(a.damp.is_finite() && a.damp >= 0.0) {
         bail!("--damp {} must be finite and >= 0", a.damp);
     }
+    if !a.asymmetric_alpha.is_finite() {
+        bail!("--asymmetric-alpha {} must be finite", a.asymmetric_alpha);
+    }
     let spec = match (&a.calib, a.method) {
         (Some(s), _) => Some(s.clone()),
         (None, Method::Rtn) => None,
@@ -155,6 +165,7 @@ pub fn quant_options(
                 a.method,
                 &q.gptq(),
                 a.min_expert_tokens,
+                a.asymmetric.then_some(a.asymmetric_alpha),
                 &progress(quiet),
             )?;
             q.precomputed = Some(Arc::new(weights));
@@ -165,6 +176,9 @@ pub fn quant_options(
         }
         let mut info = r.manifest_json();
         info["method"] = serde_json::json!(a.method.name());
+        if a.method != Method::Rtn {
+            info["asymmetric"] = serde_json::json!(a.asymmetric.then_some(a.asymmetric_alpha));
+        }
         if a.method == Method::Gptq {
             info["damp"] = serde_json::json!(a.damp);
             info["act_order"] = serde_json::json!(a.act_order);

@@ -156,6 +156,7 @@ pub fn calibrate(
 /// each layer's Linears that `plan` quantizes are quantized from statistics gathered on the
 /// outputs of the quantized layers before it. Returns the run and the quantized weights by
 /// module name (for [`crate::methods::QuantOptions::precomputed`]).
+#[allow(clippy::too_many_arguments)]
 pub fn calibrate_and_quantize(
     dir: &Path,
     spec: &str,
@@ -163,6 +164,7 @@ pub fn calibrate_and_quantize(
     method: Method,
     gptq: &GptqOptions,
     min_expert_tokens: u64,
+    asymmetric: Option<f64>,
     progress: &dyn Fn(usize, usize),
 ) -> Result<(CalibRun, BTreeMap<String, Fp4Matrix>), CalibError> {
     let start = Instant::now();
@@ -177,6 +179,7 @@ pub fn calibrate_and_quantize(
         method,
         gptq,
         min_expert_tokens,
+        asymmetric,
         progress,
     )?;
     Ok((finish(data, run, start), weights))

@@ -13,6 +13,14 @@
 //! that layer's unquantized weights (statistics are gathered in one pass before the layer is
 //! quantized).
 //!
+//! Asymmetric calibration (`asymmetric = true`, after GPTAQ: Li et al., "GPTAQ: Efficient
+//! Finetuning-Free Quantization for Asymmetric Calibration", 2025): a second stream of hidden
+//! states runs through the unquantized layers, and every site also accumulates the cross term
+//! `sum_t (xf_t - x_t) x_t^T` between the unquantized input `xf_t` and the input `x_t` seen
+//! after the quantized layers, for the same token (routed experts: the tokens the quantized
+//! stream routes to the expert, with their unquantized-stream inputs). The quantizer can then
+//! aim at the unquantized layer's outputs instead of the outputs on the drifted inputs.
+//!
 //! Memory: one layer's statistics (with Hessians, `sum k^2` f64 over that layer's sites) and the
 //! hidden states of all sequences at one layer boundary (`tokens * hidden` f32), instead of the
 //! statistics of every layer. Determinism: sequences and layers run in a fixed order, and the
@@ -74,6 +82,68 @@ pub type LayerQuantizer<'a> = dyn FnMut(
     ) -> Result<Vec<(String, Weight)>, SequentialError>
     + 'a;
 
+/// Everything one layer shows for one sequence: each site's input and the rows routed to each
+/// expert (all-token expert inputs included).
+#[derive(Default)]
+struct Capture {
+    sites: Vec<(Site, Vec<f32>, usize)>,
+    routed: BTreeMap<usize, Vec<usize>>,
+}
+
+impl LinearObserver for Capture {
+    fn observe(&mut self, site: Site, x: &[f32], m: usize) {
+        self.sites.push((site, x.to_vec(), m));
+    }
+    fn all_token_experts(&self) -> bool {
+        true
+    }
+    fn routed(&mut self, _layer: usize, expert: usize, tokens: &[usize]) {
+        self.routed.insert(expert, tokens.to_vec());
+    }
+}
+
+/// Rows `rows` of the row-major `x` with rows of `k` values.
+fn gather(x: &[f32], k: usize, rows: &[usize]) -> Option<Vec<f32>> {
+    let mut out = Vec::with_capacity(rows.len() * k);
+    for &r in rows {
+        out.extend_from_slice(x.get(r * k..(r + 1) * k)?);
+    }
+    Some(out)
+}
+
+/// Feeds the quantized stream's capture `q` to `col` as the plain collector would see it, plus
+/// the cross terms against the unquantized stream's capture `f` of the same sequence.
+fn add_pair(col: &mut Collector, q: &Capture, f: &Capture) {
+    let fsite: BTreeMap<Site, (&[f32], usize)> = f
+        .sites
+        .iter()
+        .map(|(s, x, m)| (*s, (x.as_slice(), *m)))
+        .collect();
+    let wants_all = col.all_token_experts();
+    let rows_of = |site: Site, e: usize| -> Option<Vec<f32>> {
+        let (x, mm) = fsite.get(&site).copied()?;
+        let rows = q.routed.get(&e)?;
+        gather(x, x.len() / mm.max(1), rows)
+    };
+    for (site, xq, m) in &q.sites {
+        if matches!(site, Site::ExpertDownAllTokens(..)) && !wants_all {
+            continue;
+        }
+        col.observe(*site, xq, *m);
+        let xf: Option<Vec<f32>> = match *site {
+            Site::ExpertGateUp(l, e) => rows_of(Site::MoeInput(l), e),
+            Site::ExpertDown(l, e) => rows_of(Site::ExpertDownAllTokens(l, e), e),
+            other => fsite
+                .get(&other)
+                .filter(|(x, mm)| *mm == *m && x.len() == xq.len())
+                .map(|(x, _)| x.to_vec()),
+        };
+        if let Some(xf) = xf.filter(|v| v.len() == xq.len()) {
+            col.observe_cross(*site, xq, &xf, *m);
+        }
+    }
+}
+
 /// Sees nothing (the propagation pass).
 struct Quiet;
 
@@ -89,6 +159,19 @@ pub fn run_sequential(
     model: &mut Model,
     data: &CalibData,
     opts: CollectOptions,
+    quantize: Option<&mut LayerQuantizer<'_>>,
+    progress: &dyn Fn(usize, usize),
+) -> Result<SequentialRun, SequentialError> {
+    run_sequential_with(model, data, opts, false, quantize, progress)
+}
+
+/// [`run_sequential`], with asymmetric calibration when `asymmetric` (see the module docs;
+/// meaningful with a quantizer).
+pub fn run_sequential_with(
+    model: &mut Model,
+    data: &CalibData,
+    opts: CollectOptions,
+    asymmetric: bool,
     mut quantize: Option<&mut LayerQuantizer<'_>>,
     progress: &dyn Fn(usize, usize),
 ) -> Result<SequentialRun, SequentialError> {
@@ -109,7 +192,14 @@ pub fn run_sequential(
             tokens += piece.len();
         }
     }
-    let activation_bytes = hidden.iter().map(|(_, x)| 4 * x.len()).sum();
+    // The unquantized stream (asymmetric calibration only).
+    let mut hidden_f: Vec<Vec<f32>> = if asymmetric {
+        hidden.iter().map(|(_, x)| x.clone()).collect()
+    } else {
+        Vec::new()
+    };
+    let activation_bytes = hidden.iter().map(|(_, x)| 4 * x.len()).sum::<usize>()
+        + hidden_f.iter().map(|x| 4 * x.len()).sum::<usize>();
     let layers = model.num_layers();
     let mut coverage = Coverage {
         min_tokens: opts.min_expert_tokens,
@@ -120,8 +210,26 @@ pub fn run_sequential(
     let mut stats_bytes = 0usize;
     for l in 0..layers {
         let mut col = Collector::new(model, opts);
-        let propagate_now = quantize.is_none();
-        for (index, x) in hidden.iter_mut() {
+        let propagate_now = quantize.is_none() && !asymmetric;
+        for (p, (index, x)) in hidden.iter_mut().enumerate() {
+            if asymmetric {
+                let fwd = |source| StatsError::Forward {
+                    index: *index,
+                    source,
+                };
+                // Both streams through the (still unquantized) layer; the unquantized stream
+                // moves on now, the quantized one after the layer is quantized.
+                let (mut cf, mut cq) = (Capture::default(), Capture::default());
+                model
+                    .forward_layer_observed(l, &mut hidden_f[p], &mut cf)
+                    .map_err(fwd)?;
+                let mut scratch = x.clone();
+                model
+                    .forward_layer_observed(l, &mut scratch, &mut cq)
+                    .map_err(fwd)?;
+                add_pair(&mut col, &cq, &cf);
+                continue;
+            }
             // Without a quantizer this pass is also the propagation; with one, the outputs of
             // the unquantized layer are thrown away.
             let mut scratch;
@@ -146,8 +254,11 @@ pub fn run_sequential(
             coverage.experts_per_layer = a.experts_per_layer;
             coverage.tokens_per_layer = a.tokens_per_layer;
         }
-        if let Some(q) = quantize.as_mut() {
-            let new = q(l, &a.by_module)?;
+        if quantize.is_some() || asymmetric {
+            let new = match quantize.as_mut() {
+                Some(q) => q(l, &a.by_module)?,
+                None => Vec::new(),
+            };
             // This layer's statistics are not needed any more.
             drop(a.by_module);
             for (module, w) in new {

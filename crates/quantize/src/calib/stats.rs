@@ -69,6 +69,10 @@ pub struct LinearStats {
     pub amax: f32,
     /// `sum_t x_t x_t^T`, [k, k] row-major, when collected.
     pub hessian: Option<Vec<f64>>,
+    /// Asymmetric calibration: `sum_t (xf_t - x_t) x_t^T`, [k, k] row-major, where `xf_t` is
+    /// the same token's input in the unquantized model and `x_t` in the model whose earlier
+    /// layers are quantized (see [`super::sequential`]).
+    pub cross: Option<Vec<f64>>,
 }
 
 /// Accumulator of one site.
@@ -79,6 +83,7 @@ struct SiteAcc {
     sum_sq: Vec<f64>,
     amax: f32,
     hessian: Option<Vec<f64>>,
+    cross: Option<Vec<f64>>,
 }
 
 impl SiteAcc {
@@ -89,7 +94,32 @@ impl SiteAcc {
             sum_sq: vec![0.0; k],
             amax: 0.0,
             hessian: hessian.then(|| vec![0.0; k * k]),
+            cross: None,
         }
+    }
+
+    /// Adds `sum_t (xf_t - x_t) x_t^T` over the `m` paired rows; row i of the sum is owned by
+    /// one task and tokens are added in order, so the result does not depend on the threads.
+    fn add_cross(&mut self, x: &[f32], xf: &[f32], m: usize) {
+        let k = self.k;
+        let c = self.cross.get_or_insert_with(|| vec![0.0; k * k]);
+        let xd: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+        let dd: Vec<f64> = xf
+            .iter()
+            .zip(x)
+            .map(|(&f, &q)| f as f64 - q as f64)
+            .collect();
+        c.par_chunks_mut(k).enumerate().for_each(|(i, crow)| {
+            for t in 0..m {
+                let di = dd[t * k + i];
+                if di == 0.0 {
+                    continue;
+                }
+                for (cj, &xj) in crow.iter_mut().zip(&xd[t * k..(t + 1) * k]) {
+                    *cj += di * xj;
+                }
+            }
+        });
     }
 
     fn add(&mut self, x: &[f32], m: usize) {
@@ -137,6 +167,7 @@ impl SiteAcc {
             second_moment: self.sum_sq.iter().map(|s| s / n).collect(),
             amax: self.amax,
             hessian,
+            cross: self.cross.clone(),
         }
     }
 }
@@ -162,8 +193,25 @@ impl Collector {
     pub(crate) fn bytes(&self) -> usize {
         self.sites
             .values()
-            .map(|a| 8 * (a.k + a.hessian.as_ref().map_or(0, Vec::len)))
+            .map(|a| {
+                8 * (a.k
+                    + a.hessian.as_ref().map_or(0, Vec::len)
+                    + a.cross.as_ref().map_or(0, Vec::len))
+            })
             .sum()
+    }
+
+    /// Adds the cross term of `site` from paired rows (`x` as observed, `xf` unquantized).
+    pub(crate) fn observe_cross(&mut self, site: Site, x: &[f32], xf: &[f32], m: usize) {
+        if m == 0 || x.is_empty() || x.len() != xf.len() {
+            return;
+        }
+        let k = x.len() / m;
+        let h = self.hessian;
+        self.sites
+            .entry(site)
+            .or_insert_with(|| SiteAcc::new(k, h))
+            .add_cross(x, xf, m);
     }
 }
 

@@ -128,6 +128,55 @@ pub fn inverse_hessian_factor(
     })
 }
 
+/// Asymmetric calibration's target: the weight `W'` whose outputs on the drifted inputs `x`
+/// best match the unquantized outputs `W xf` in least squares,
+/// `W' = W (H + C) (H + λI)^-1 = W + W C (H + λI)^-1`, with `H = sum x x^T`,
+/// `C = sum (xf - x) x^T` ([k, k], row-major) and the same damping as GPTQ. Quantizing `W'` with
+/// GPTQ on `H` minimises `||W xf - Q x||^2` (the squared error splits into `||(W' - Q) x||^2`
+/// plus a term without Q). `alpha` scales the correction (`W + alpha W C (H + λI)^-1`; 1 is the
+/// least-squares weight; GPTAQ's reference code scales its correction by 0.25). f64, rows
+/// independent.
+pub fn asymmetric_target(
+    w: &[f32],
+    n: usize,
+    k: usize,
+    hessian: &[f64],
+    cross: &[f64],
+    damp: f64,
+    alpha: f64,
+) -> Result<Vec<f32>, MethodError> {
+    check_len("weight", n * k, w.len())?;
+    check_len("cross term", k * k, cross.len())?;
+    check_finite_f64("cross term", cross)?;
+    let (u, _) = inverse_hessian_factor(hessian, k, damp)?;
+    let mut out = vec![0f32; n * k];
+    out.par_chunks_mut(k)
+        .zip(w.par_chunks(k))
+        .for_each(|(o, row)| {
+            // a = w C; b = a U^T; w' = w + b U  (H^-1 = U^T U).
+            let mut a = vec![0f64; k];
+            for (i, &wi) in row.iter().enumerate() {
+                if wi == 0.0 {
+                    continue;
+                }
+                for (aj, &c) in a.iter_mut().zip(&cross[i * k..(i + 1) * k]) {
+                    *aj += alpha * wi as f64 * c;
+                }
+            }
+            let b: Vec<f64> = (0..k)
+                .map(|i| (i..k).map(|j| a[j] * u[i * k + j]).sum())
+                .collect();
+            for (c, oc) in o.iter_mut().enumerate() {
+                let mut s = row[c] as f64;
+                for (i, &bi) in b.iter().enumerate().take(c + 1) {
+                    s += bi * u[i * k + c];
+                }
+                *oc = s as f32;
+            }
+        });
+    Ok(out)
+}
+
 /// How GPTQ picks each block's scale when it reaches the block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -22,10 +22,10 @@ use mimo_runtime::model::Model;
 use rayon::prelude::*;
 
 use super::apply::{kernel_global_scale, quantize_with_stats, read_weight};
-use super::gptq::GptqOptions;
+use super::gptq::{asymmetric_target, GptqOptions};
 use super::{ApplyError, Method, MethodError};
 use crate::calib::data::CalibData;
-use crate::calib::sequential::{run_sequential, SequentialError, SequentialRun};
+use crate::calib::sequential::{run_sequential_with, SequentialError, SequentialRun};
 use crate::calib::stats::{CollectOptions, LinearStats};
 use crate::plan::{Action, Plan};
 use crate::quantizer::{amax, own_scale, shared_scale, src_dtype};
@@ -82,13 +82,15 @@ pub fn quantize_sequential(
     method: Method,
     gptq: &GptqOptions,
     min_expert_tokens: u64,
+    asymmetric: Option<f64>,
     progress: &dyn Fn(usize, usize),
 ) -> Result<(SequentialRun, BTreeMap<String, Fp4Matrix>), SequentialError> {
     let layout = plan.layout;
     let targets = targets(ck, plan)?;
     let mut done: BTreeMap<String, Fp4Matrix> = BTreeMap::new();
     let opts = CollectOptions {
-        hessian: method == Method::Gptq,
+        // The asymmetric target needs H for every method.
+        hessian: method == Method::Gptq || asymmetric.is_some(),
         min_expert_tokens,
     };
     let mut per_layer = |_l: usize,
@@ -102,7 +104,18 @@ pub fn quantize_sequential(
             .par_iter()
             .map(|(module, target, s)| {
                 let t = ck.tensor(&target.tensor)?;
-                let w = read_weight(&t)?;
+                let mut w = read_weight(&t)?;
+                if let (Some(c), Some(h), Some(alpha)) = (&s.cross, &s.hessian, asymmetric) {
+                    let (n, k) = (t.shape[0], t.shape[1]);
+                    w = asymmetric_target(&w, n, k, h, c, gptq.damp, alpha).map_err(|source| {
+                        ApplyError::Method {
+                            file: t.file.to_path_buf(),
+                            tensor: t.name.to_string(),
+                            method: method.name(),
+                            source,
+                        }
+                    })?;
+                }
                 let gs = kernel_global_scale(layout, target.scale);
                 let m = quantize_with_stats(&t, module, &w, layout, gs, method, gptq, Some(s))?;
                 m.validate().map_err(|e| ApplyError::Method {
@@ -122,6 +135,13 @@ pub fn quantize_sequential(
         }
         Ok(new)
     };
-    let run = run_sequential(model, data, opts, Some(&mut per_layer), progress)?;
+    let run = run_sequential_with(
+        model,
+        data,
+        opts,
+        asymmetric.is_some(),
+        Some(&mut per_layer),
+        progress,
+    )?;
     Ok((run, done))
 }
