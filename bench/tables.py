@@ -1,0 +1,84 @@
+#!/usr/bin/env python3
+"""Markdown tables of bench/README.md from the committed GPU results.
+
+    python3 bench/tables.py kernels bench/results/kernels-h100.json
+    python3 bench/tables.py e2e bench/results/e2e-h100.json
+"""
+import json
+import sys
+
+PATHS = {"fp4_fused": "fused", "fp4_fused_tuned": "fused, tuned", "fp4_dequant_cublas": "dequant+cuBLAS"}
+
+
+def kernels(path):
+    d = json.load(open(path))
+    rows = d["rows"]
+    dense = [r for r in rows if r.get("group") == "dense"]
+    keys = []
+    for r in dense:
+        key = (r["k"], r["n"], r["m"])
+        if key not in keys:
+            keys.append(key)
+    print("| K x N | M | cuBLAS BF16 us | NVFP4 us | path | weight TB/s | % copy | x cuBLAS "
+          "| MXFP4 us | path | % copy | x cuBLAS |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for k, n, m in keys:
+        same = [r for r in dense if (r["k"], r["n"], r["m"]) == (k, n, m)]
+        cub = [r for r in same if r["kernel"] == "cublas_bf16"]
+        cells = [f"{k} x {n}", str(m), f"{cub[0]['us']:.1f}" if cub else "-"]
+        for fmt in ("nvfp4", "mxfp4"):
+            cand = [r for r in same if r["format"] == fmt and r["kernel"] in PATHS]
+            if not cand:
+                cells += ["-"] * (5 if fmt == "nvfp4" else 4)
+                continue
+            b = min(cand, key=lambda r: r["us"])
+            x = f"{b['speedup_vs_cublas']:.2f}" if b.get("speedup_vs_cublas") else "-"
+            if fmt == "nvfp4":
+                cells += [f"{b['us']:.1f}", PATHS[b["kernel"]], f"{b['weight_tbps']:.2f}",
+                          f"{100 * b['copy_share']:.0f}%", x]
+            else:
+                cells += [f"{b['us']:.1f}", PATHS[b["kernel"]], f"{100 * b['copy_share']:.0f}%", x]
+        print("| " + " | ".join(cells) + " |")
+    print()
+    print("| MoE layer (Qwen3-30B-A3B: 128 experts, top-8, hidden 2048, width 768) | tokens | config "
+          "| us | expert bytes read | weight TB/s | % copy |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        if r.get("group") == "moe" and r["kernel"] == "fp4_moe_layer":
+            print(f"| {r['format']} | {r['m']} | auto | {r['us']:.1f} | {r['weight_bytes'] / 1e6:.1f} MB "
+                  f"| {r['weight_tbps']:.2f} | {100 * r['copy_share']:.0f}% |")
+
+
+def e2e(path):
+    d = json.load(open(path))
+    print("| shape | weights (lm_head) | GiB | prefill tok/s | decode b1 tok/s | ms/step "
+          "| share of b1 bandwidth limit | b8 tok/s | b32 tok/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    abl = []
+    for name, s in d["shapes"].items():
+        for run in s["runs"]:
+            heads = sorted({x["lm_head"] for x in run["decode"]}, key=lambda h: h != "bf16")
+            for head in heads:
+                dec = {x["batch"]: x for x in run["decode"] if x["lm_head"] == head}
+                b1 = dec.get(1)
+                label = run["weights"] if run["weights"] == "bf16" else f"{run['weights']} ({head} head)"
+                pre = f"{run['prefill_tokens_per_s']:,.0f}" if head == "bf16" else ""
+                share = f"{100 * b1['share_of_bandwidth_limit']:.0f}%" if b1 and b1.get("share_of_bandwidth_limit") else "-"
+                cells = [name, label, f"{run['weight_gib']:.1f}", pre,
+                         f"{b1['tokens_per_s']:,.0f}" if b1 else "-", f"{b1['ms_per_step']:.2f}" if b1 else "-",
+                         share,
+                         f"{dec[8]['tokens_per_s']:,.0f}" if 8 in dec else "-",
+                         f"{dec[32]['tokens_per_s']:,.0f}" if 32 in dec else "-"]
+                print("| " + " | ".join(cells) + " |")
+                if b1 and b1.get("tuning_ablation"):
+                    abl.append((name, label, b1["tokens_per_s"], b1["tuning_ablation"]))
+    print()
+    names = [n for n, _ in abl[0][3]] if abl else []
+    print("| shape | weights (lm_head) | defaults tok/s | " + " | ".join(names) + " |")
+    print("|---|---|---|" + "---|" * len(names))
+    for name, label, base, rows in abl:
+        print(f"| {name} | {label} | {base:.0f} | " + " | ".join(f"{v:.0f}" for _, v in rows) + " |")
+
+
+if __name__ == "__main__":
+    {"kernels": kernels, "e2e": e2e}[sys.argv[1]](sys.argv[2])
