@@ -27,6 +27,38 @@ pub enum EvalError {
     /// A forward pass failed.
     #[error(transparent)]
     Forward(#[from] ForwardError),
+    /// The backend running the windows failed (e.g. the GPU).
+    #[error(transparent)]
+    Backend(Box<dyn std::error::Error + Send + Sync + 'static>),
+}
+
+/// A model the evaluation can run, on whatever backend: the next-token logits of every position
+/// of one window of tokens, each window a fresh context.
+pub trait WindowModel {
+    /// Vocabulary size (logit row length).
+    fn vocab(&self) -> usize;
+    /// Longest context the model takes.
+    fn max_context(&self) -> usize;
+    /// Row-major `[tokens.len(), vocab]` logits, position i predicting token i + 1.
+    fn window_logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>, EvalError>;
+}
+
+/// The CPU runtime as a [`WindowModel`].
+pub struct CpuWindows<'a>(pub &'a Model);
+
+impl WindowModel for CpuWindows<'_> {
+    fn vocab(&self) -> usize {
+        self.0.config.vocab_size
+    }
+
+    fn max_context(&self) -> usize {
+        self.0.config.max_position_embeddings
+    }
+
+    fn window_logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>, EvalError> {
+        let mut cache = self.0.new_cache(tokens.len());
+        Ok(self.0.forward(tokens, &mut cache, Logits::All)?)
+    }
 }
 
 /// One evaluation window: run tokens `[begin, end)`, score the targets `[score_from, end)`.
@@ -86,14 +118,13 @@ pub struct Perplexity {
 /// Log-probabilities of each scored target of window `w`, row by row:
 /// calls `f(position, log_softmax row)` for each predicted position.
 fn for_each_scored(
-    model: &Model,
+    model: &mut dyn WindowModel,
     tokens: &[u32],
     w: Window,
     mut f: impl FnMut(usize, &[f32]),
 ) -> Result<(), EvalError> {
-    let mut cache = model.new_cache(w.end - w.begin);
-    let logits = model.forward(&tokens[w.begin..w.end], &mut cache, Logits::All)?;
-    let v = model.config.vocab_size;
+    let logits = model.window_logits(&tokens[w.begin..w.end])?;
+    let v = model.vocab();
     for pos in w.score_from..w.end {
         // Token `pos` is predicted by the logits of position pos - 1.
         let r = pos - 1 - w.begin;
@@ -103,14 +134,24 @@ fn for_each_scored(
     Ok(())
 }
 
-/// Perplexity of `model` on `tokens`.
+/// Perplexity of `model` (CPU runtime) on `tokens`.
 pub fn perplexity(
     model: &Model,
     tokens: &[u32],
     ctx: usize,
     stride: usize,
 ) -> Result<Perplexity, EvalError> {
-    let (ctx, stride) = cap_window(ctx, stride, model.config.max_position_embeddings);
+    perplexity_on(&mut CpuWindows(model), tokens, ctx, stride)
+}
+
+/// Perplexity of any [`WindowModel`] on `tokens`.
+pub fn perplexity_on(
+    model: &mut dyn WindowModel,
+    tokens: &[u32],
+    ctx: usize,
+    stride: usize,
+) -> Result<Perplexity, EvalError> {
+    let (ctx, stride) = cap_window(ctx, stride, model.max_context());
     let ws = windows(tokens.len(), ctx, stride)?;
     let mut nll = 0.0f64;
     let mut n = 0usize;
@@ -170,7 +211,7 @@ pub struct Comparison {
     pub worst: Vec<Divergence>,
 }
 
-/// Compares `candidate` with `reference` on the same windows of `tokens`.
+/// Compares `candidate` with `reference` (CPU runtime) on the same windows of `tokens`.
 pub fn compare(
     reference: &Model,
     candidate: &Model,
@@ -179,14 +220,30 @@ pub fn compare(
     stride: usize,
     worst_n: usize,
 ) -> Result<Comparison, EvalError> {
-    let (vr, vc) = (reference.config.vocab_size, candidate.config.vocab_size);
+    compare_on(
+        &mut CpuWindows(reference),
+        &mut CpuWindows(candidate),
+        tokens,
+        ctx,
+        stride,
+        worst_n,
+    )
+}
+
+/// Compares two [`WindowModel`]s on the same windows of `tokens`.
+pub fn compare_on(
+    reference: &mut dyn WindowModel,
+    candidate: &mut dyn WindowModel,
+    tokens: &[u32],
+    ctx: usize,
+    stride: usize,
+    worst_n: usize,
+) -> Result<Comparison, EvalError> {
+    let (vr, vc) = (reference.vocab(), candidate.vocab());
     if vr != vc {
         return Err(EvalError::VocabMismatch(vr, vc));
     }
-    let max_ctx = reference
-        .config
-        .max_position_embeddings
-        .min(candidate.config.max_position_embeddings);
+    let max_ctx = reference.max_context().min(candidate.max_context());
     let (ctx, stride) = cap_window(ctx, stride, max_ctx);
     let ws = windows(tokens.len(), ctx, stride)?;
     let (mut nll_r, mut nll_c, mut kl_sum) = (0.0f64, 0.0f64, 0.0f64);

@@ -15,6 +15,7 @@ use mimo_runtime::checkpoint::{
 };
 use mimo_runtime::config::ModelConfig;
 use mimo_runtime::cuda::{self, BenchOptions, Gpu, GpuError, GpuModel, WeightKind};
+use mimo_runtime::eval::{compare, compare_on, perplexity, perplexity_on};
 use mimo_runtime::fixtures::{self, Arch};
 use mimo_runtime::format::{quantization_config, Layout};
 use mimo_runtime::generate::argmax;
@@ -315,7 +316,10 @@ fn attention_over_several_splits_matches_cpu() {
     // with either attention kernel tried on the H100); the last row gets the full check.
     let (rel, elem) = errors(&got, &want);
     eprintln!("prefill of 150, every row: relative error {rel:.2e}, worst element {elem:.2e}");
-    assert!(rel < 3e-2, "prefill of 150, every row: relative error {rel:.3e}");
+    assert!(
+        rel < 3e-2,
+        "prefill of 150, every row: relative error {rel:.3e}"
+    );
     let v = vocab as usize;
     check_close(
         "prefill of 150, last row",
@@ -337,6 +341,42 @@ fn attention_over_several_splits_matches_cpu() {
         );
         tok = g.decode_tokens(1, pos + 1, pos + 2).unwrap()[0][0];
     }
+}
+
+/// `ppl` and `compare` on the GPU (eval::WindowModel for GpuModel) against the CPU on the
+/// embedded model and its NVFP4 copy: several windows with overlap, every row scored.
+#[test]
+fn gpu_perplexity_and_compare_match_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let dir = embedded_model();
+    let tmp = tempfile::tempdir().unwrap();
+    let q = tmp.path().join("nvfp4");
+    quantize_checkpoint(&dir, &q, Layout::CtNvfp4, true);
+    let cpu_r = Model::load(&dir).unwrap();
+    let cpu_c = Model::load(&q).unwrap();
+    let vocab = cpu_r.config.vocab_size as u32;
+    let tokens: Vec<u32> = (0..300u32).map(|i| (i * 131 + 17) % vocab).collect();
+    let (ctx, stride) = (128, 64);
+    let want = perplexity(&cpu_r, &tokens, ctx, stride).unwrap();
+    let mut g_r = GpuModel::load(gpu.clone(), &dir).unwrap();
+    let got = perplexity_on(&mut g_r, &tokens, ctx, stride).unwrap();
+    eprintln!("ppl cpu {:.4} gpu {:.4}", want.ppl, got.ppl);
+    assert_eq!((got.tokens, got.windows), (want.tokens, want.windows));
+    assert!((got.mean_nll - want.mean_nll).abs() < 1e-2 * want.mean_nll.abs().max(1.0));
+    let want = compare(&cpu_r, &cpu_c, &tokens, ctx, stride, 3).unwrap();
+    let mut g_c = GpuModel::load(gpu, &q).unwrap();
+    let got = compare_on(&mut g_r, &mut g_c, &tokens, ctx, stride, 3).unwrap();
+    eprintln!(
+        "compare cpu: KL {:.5} top-1 {:.4}; gpu: KL {:.5} top-1 {:.4}",
+        want.mean_kl, want.top1_agreement, got.mean_kl, got.top1_agreement
+    );
+    assert_eq!(got.reference.tokens, want.reference.tokens);
+    assert!((got.mean_kl - want.mean_kl).abs() < 0.2 * want.mean_kl + 2e-3);
+    assert!((got.top1_agreement - want.top1_agreement).abs() < 0.03);
+    assert!(
+        (got.candidate.mean_nll - want.candidate.mean_nll).abs()
+            < 1e-2 * want.candidate.mean_nll.abs().max(1.0)
+    );
 }
 
 /// Batched decode: every sequence of a batch gives the tokens it gives alone.

@@ -201,8 +201,8 @@ fn main() -> Result<()> {
             stride,
             max_tokens,
         } => {
-            gpu::cpu_only(cli.device, "ppl")?;
-            run_ppl(&model, &file, ctx, stride, max_tokens, cli.json)
+            let backend = gpu::Backend::resolve(cli.device, true);
+            run_ppl(&backend, &model, &file, ctx, stride, max_tokens, cli.json)
         }
         Cmd::Compare {
             reference,
@@ -213,9 +213,9 @@ fn main() -> Result<()> {
             max_tokens,
             worst,
         } => {
-            gpu::cpu_only(cli.device, "compare")?;
+            let backend = gpu::Backend::resolve(cli.device, true);
             run_compare(
-                &reference, &candidate, &file, ctx, stride, max_tokens, worst, cli.json,
+                &backend, &reference, &candidate, &file, ctx, stride, max_tokens, worst, cli.json,
             )
         }
         Cmd::Bench {
@@ -388,6 +388,7 @@ fn read_tokens(tok: &TextTokenizer, file: &Path, max_tokens: usize) -> Result<Ve
 }
 
 fn run_ppl(
+    backend: &gpu::Backend,
     dir: &Path,
     file: &Path,
     ctx: usize,
@@ -396,13 +397,18 @@ fn run_ppl(
     json_out: bool,
 ) -> Result<()> {
     let tok = load_tokenizer(dir)?;
-    let model = load_model(dir)?;
     let ids = read_tokens(&tok, file, max_tokens)?;
     let t0 = Instant::now();
-    let p = eval::perplexity(&model, &ids, ctx, stride)?;
+    let p = match backend {
+        gpu::Backend::Cpu => eval::perplexity(&load_model(dir)?, &ids, ctx, stride)?,
+        gpu::Backend::Cuda(g) => {
+            let mut m = gpu::load_model(g, dir)?;
+            eval::perplexity_on(&mut m, &ids, ctx, stride)?
+        }
+    };
     let secs = t0.elapsed().as_secs_f64();
     if json_out {
-        let v = json!({"model": dir, "file": file, "ctx": p.ctx, "stride": stride.min(p.ctx), "result": p, "seconds": secs});
+        let v = json!({"model": dir, "file": file, "device": backend.name(), "ctx": p.ctx, "stride": stride.min(p.ctx), "result": p, "seconds": secs});
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!(
@@ -421,6 +427,7 @@ fn run_ppl(
 
 #[allow(clippy::too_many_arguments)]
 fn run_compare(
+    backend: &gpu::Backend,
     reference: &Path,
     candidate: &Path,
     file: &Path,
@@ -431,12 +438,21 @@ fn run_compare(
     json_out: bool,
 ) -> Result<()> {
     let tok = load_tokenizer(reference)?;
-    let r = load_model(reference)?;
-    let c = load_model(candidate)?;
     let ids = read_tokens(&tok, file, max_tokens)?;
-    let cmp = eval::compare(&r, &c, &ids, ctx, stride, worst)?;
+    let cmp = match backend {
+        gpu::Backend::Cpu => {
+            let (r, c) = (load_model(reference)?, load_model(candidate)?);
+            eval::compare(&r, &c, &ids, ctx, stride, worst)?
+        }
+        gpu::Backend::Cuda(g) => {
+            // Both models resident (each refused before loading if it does not fit).
+            let mut r = gpu::load_model(g, reference)?;
+            let mut c = gpu::load_model(g, candidate)?;
+            eval::compare_on(&mut r, &mut c, &ids, ctx, stride, worst)?
+        }
+    };
     if json_out {
-        let v = json!({"reference": reference, "candidate": candidate, "file": file, "ctx": cmp.reference.ctx, "stride": stride.min(cmp.reference.ctx),
+        let v = json!({"reference": reference, "candidate": candidate, "file": file, "device": backend.name(), "ctx": cmp.reference.ctx, "stride": stride.min(cmp.reference.ctx),
             "result": cmp});
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -583,6 +599,14 @@ mod gpu {
     }
 
     impl Backend {
+        /// "cpu" or "cuda" (reports).
+        pub fn name(&self) -> &'static str {
+            match self {
+                Backend::Cpu => "cpu",
+                Backend::Cuda(_) => "cuda",
+            }
+        }
+
         /// The backend for `device`; `None` means cuda where a usable GPU is found. A GPU that
         /// cannot be opened falls back to the CPU, with a message where cuda was asked for (or
         /// where a GPU seems present but failed for another reason than its absence).

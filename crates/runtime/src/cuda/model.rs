@@ -1471,3 +1471,27 @@ pub(crate) fn check_tokens(tokens: &[u32], vocab: usize) -> Result<(), ForwardEr
     }
     Ok(())
 }
+
+/// The GPU model as an evaluation backend (`mimo-run ppl/compare --device cuda`): each window is
+/// one prefill over a fresh cache of one sequence, every row's logits read back.
+impl crate::eval::WindowModel for GpuModel {
+    fn vocab(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    fn max_context(&self) -> usize {
+        // The attention combine keeps one factor per split in shared memory (alloc_cache).
+        self.config
+            .max_position_embeddings
+            .min(SPLIT_LEN * 8 * super::ops::ATTN_THREADS as usize)
+    }
+
+    fn window_logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>, crate::eval::EvalError> {
+        let boxed = |e: GpuError| crate::eval::EvalError::Backend(Box::new(e));
+        let fits = matches!(self.cache_dims(), Ok((s, cap)) if s >= 1 && cap >= tokens.len());
+        if !fits {
+            self.alloc_cache(1, tokens.len()).map_err(boxed)?;
+        }
+        self.forward(tokens, 0, 0, true).map_err(boxed)
+    }
+}
