@@ -244,8 +244,9 @@ fn layer_label(layer: &LayerKey) -> String {
     }
 }
 
-/// Column order: attention before MLP, then q, k, v, o, gate, up, down; then by name.
-fn column_key(name: &str, c: &str) -> (u8, u8, String) {
+/// Column order: attention before MLP, a module's own projections before a sub-module's (the
+/// shared expert), then q, k, v, o, gate, up, down; then by name.
+fn column_key(name: &str, c: &str) -> ColumnKey {
     let attn = u8::from(!(name.contains("attn") || name.contains("attention")));
     let leaf = c.rsplit('.').next().unwrap_or(c);
     let rank = match leaf {
@@ -260,8 +261,12 @@ fn column_key(name: &str, c: &str) -> (u8, u8, String) {
         "down_proj" | "w2" => 8,
         _ => 9,
     };
-    (attn, rank, c.to_string())
+    let holder = c.rsplit_once('.').map_or("", |(h, _)| h).to_string();
+    (attn, holder, rank, c.to_string())
 }
+
+/// See [`column_key`].
+type ColumnKey = (u8, String, u8, String);
 
 /// The hub repo, else the last component of the source path as the manifest records it.
 fn model_name(repo: Option<&str>, path: &str) -> String {
@@ -565,8 +570,8 @@ fn svg(
     let rows = layer_keys.len();
 
     // Panel 1: each layer's own projections; then one panel per routed-expert projection.
-    let mut dense_cols: BTreeMap<(u8, u8, String), ()> = BTreeMap::new();
-    let mut expert_cols: BTreeMap<(u8, u8, String), BTreeSet<usize>> = BTreeMap::new();
+    let mut dense_cols: BTreeMap<ColumnKey, ()> = BTreeMap::new();
+    let mut expert_cols: BTreeMap<ColumnKey, BTreeSet<usize>> = BTreeMap::new();
     for (n, _, p) in quantized {
         let key = column_key(n, &p.column);
         match p.expert {
@@ -580,7 +585,7 @@ fn svg(
     }
     let mut panels = Vec::new();
     if !dense_cols.is_empty() {
-        let columns: Vec<String> = dense_cols.keys().map(|k| k.2.clone()).collect();
+        let columns: Vec<String> = dense_cols.keys().map(|k| k.3.clone()).collect();
         let mut cells = BTreeMap::new();
         for (n, r, p) in quantized.iter().filter(|q| q.2.expert.is_none()) {
             if let Some(c) = columns.iter().position(|c| *c == p.column) {
@@ -600,14 +605,14 @@ fn svg(
         let mut cells = BTreeMap::new();
         for (n, r, p) in quantized
             .iter()
-            .filter(|q| q.2.expert.is_some() && q.2.column == key.2)
+            .filter(|q| q.2.expert.is_some() && q.2.column == key.3)
         {
             if let Some(e) = p.expert {
                 cells.insert((row_of[&p.layer], e), ((*n).clone(), (*r).clone()));
             }
         }
         panels.push(Panel {
-            title: format!("experts: {}", key.2),
+            title: format!("experts: {}", key.3),
             columns: (0..n_exp).map(|e| e.to_string()).collect(),
             cells,
             cell_w: (320 / n_exp.max(1)).clamp(3, 22),
@@ -646,7 +651,8 @@ fn svg(
     let label_every = |n: usize, w: usize| (n * 14).div_ceil(w.max(1) * n.max(1)).max(1);
     let mut widths = Vec::new();
     for p in &panels {
-        widths.push(p.columns.len() * p.cell_w);
+        // At least as wide as the panel's title (bold 11 px: about 7 px a character).
+        widths.push((p.columns.len() * p.cell_w).max(p.title.chars().count() * 7));
     }
     let grid_w: usize = widths.iter().sum::<usize>() + gap * panels.len().saturating_sub(1);
     let grid_h = rows * cell_h;
@@ -746,7 +752,8 @@ fn svg(
         // Background for missing cells, then the cells.
         let _ = writeln!(
             o,
-            r##"<rect x="{x0}" y="{top}" width="{w}" height="{grid_h}" fill="{EMPTY}" stroke="#999999" stroke-width="0.5"/>"##
+            r##"<rect x="{x0}" y="{top}" width="{}" height="{grid_h}" fill="{EMPTY}" stroke="#999999" stroke-width="0.5"/>"##,
+            p.columns.len() * p.cell_w
         );
         for ((row, col), (name, r)) in &p.cells {
             let _ = writeln!(
