@@ -22,7 +22,7 @@ use crate::manifest::{
     sha256_file, FileHash, Manifest, OptionsInfo, SourceInfo, TensorRecord, ToolInfo, MANIFEST_FILE,
 };
 use crate::plan::{Action, Plan, PlanError, PlanOptions, PlanTotals};
-use crate::quantizer::{own_scale, shared_scale, src_dtype, QuantError, Quantized};
+use crate::quantizer::{own_scale, shared_scale, src_dtype, AmaxAcc, QuantError, Quantized};
 use crate::writer::{
     copy_side_files, plan_shards, shard_name, write_index, write_json, ShardWriter, TempOutput,
     WriteError,
@@ -284,17 +284,6 @@ pub fn convert_resumable(
         }
         (r, hasher.map(|h| h.join()))
     });
-    // A scan failure stops the quantizer with `Interrupted`: the scan's own error is the one
-    // to report (a cancel is reported as the interruption it is).
-    let (result, input_hashes) = match (result, input_hashes) {
-        (Err(ConvertError::Interrupted), Some(Ok(Err(e))))
-            if !cancel.load(Ordering::Relaxed)
-                && !matches!(&e, ConvertError::Hash { source, .. } if source.kind() == std::io::ErrorKind::Interrupted) =>
-        {
-            return Err(e)
-        }
-        other => other,
-    };
     let (records, shard_hashes) = result?;
     check_cancel()?;
     let input_hashes = match (input_hashes, known_hashes) {
@@ -429,11 +418,22 @@ fn write_all(
             groups.entry(g.as_str()).or_default().push(i);
         }
     }
-    // The amax of entry `m` from the source scan (waiting for it), as the tensor's own scale.
+    // The amax of entry `m` as the tensor's own scale: from the source scan when it got there
+    // first, else measured here from the memory map (and published for the fused set).
     let own = |m: usize| -> Result<Option<f32>, ConvertError> {
         let t = ck.tensor(&plan.entries[m].name)?;
         let dt = src_dtype(&t)?;
-        match board.wait(m) {
+        let slot = match board.get(m) {
+            Some(s) => s,
+            None => {
+                let mut acc = AmaxAcc::new(dt);
+                acc.update(t.data);
+                let s = scan::slot_of(&acc);
+                board.publish(m, s);
+                s
+            }
+        };
+        match slot {
             scan::Slot::Ready(a) => Ok(own_scale(layout, a, dt)),
             scan::Slot::NonFinite(index, value) => Err(QuantError::NonFinite {
                 file: t.file.to_path_buf(),
@@ -442,9 +442,13 @@ fn write_all(
                 value,
             }
             .into()),
-            // Unsupported dtypes were refused by src_dtype above; Closed: the scan stopped
-            // and its error is reported by the caller.
-            _ => Err(ConvertError::Interrupted),
+            // Unsupported dtypes were refused by src_dtype above.
+            scan::Slot::Unsupported | scan::Slot::Pending => Err(QuantError::UnsupportedDType {
+                file: t.file.to_path_buf(),
+                tensor: t.name.to_string(),
+                dtype: t.dtype,
+            }
+            .into()),
         }
     };
     // The per-tensor scale of entry `i`: its own, or the shared one of its fused set.
@@ -528,8 +532,9 @@ fn write_all(
                         Action::Quantize { group, .. },
                         Some((Quantized { tensors, stats }, scale)),
                     ) => {
-                        for (h, data) in &tensors {
-                            w.write_tensor(&h.name, data)?;
+                        for (h, data) in tensors {
+                            w.write_tensor(&h.name, &data)?;
+                            crate::quantizer::recycle(data);
                         }
                         rec.action = "quantized".into();
                         rec.fused_group = group.clone();

@@ -142,6 +142,55 @@ pub fn src_dtype(t: &TensorView<'_>) -> Result<SrcDType, QuantError> {
     }
 }
 
+/// Output buffers given back after their bytes were written ([`recycle`]), reused by the next
+/// tensors: a fresh multi-megabyte allocation costs a page fault and a kernel zero-fill per 4 KiB
+/// page, every tensor. At most [`POOL_MAX`] buffers are kept.
+static POOL: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+
+/// Most buffers kept in [`POOL`] (a few tensors in flight, each with codes and scales).
+const POOL_MAX: usize = 16;
+
+/// A zeroed buffer of `len` bytes, reusing a recycled one when one is large enough.
+fn take_buffer(len: usize) -> Vec<u8> {
+    let reused = {
+        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+        // The smallest buffer that fits, so big ones stay for big tensors.
+        let best = pool
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.capacity() >= len)
+            .min_by_key(|(_, b)| b.capacity())
+            .map(|(i, _)| i);
+        best.map(|i| pool.swap_remove(i))
+    };
+    match reused {
+        Some(mut b) => {
+            b.clear();
+            b.resize(len, 0);
+            b
+        }
+        None => vec![0u8; len],
+    }
+}
+
+/// Gives an output buffer back for reuse by later tensors (see [`POOL`]).
+pub fn recycle(buf: Vec<u8>) {
+    if buf.capacity() < 4096 {
+        return;
+    }
+    let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    if pool.len() < POOL_MAX {
+        pool.push(buf);
+    } else if let Some((i, _)) = pool
+        .iter()
+        .enumerate()
+        .min_by_key(|(_, b)| b.capacity())
+        .filter(|(_, b)| b.capacity() < buf.capacity())
+    {
+        pool[i] = buf;
+    }
+}
+
 /// Largest |x| of the tensor; errors on NaN/Inf (naming file, tensor and element).
 pub fn amax(t: &TensorView<'_>) -> Result<f32, QuantError> {
     let mut acc = AmaxAcc::new(src_dtype(t)?);
@@ -353,8 +402,8 @@ pub fn quantize(
         format,
         n,
         k,
-        packed: vec![0u8; n * k / 2],
-        scales: vec![0u8; n * bpr],
+        packed: take_buffer(n * k / 2),
+        scales: take_buffer(n * bpr),
         global_scale,
     };
     let row_bytes = k * dt.size();
@@ -407,11 +456,15 @@ pub fn quantize(
     for a in &accs {
         acc.merge(a);
     }
-    let tensors = layout.encode(
-        module,
-        &m,
-        scale.filter(|_| layout == Layout::ModelOptNvfp4),
-    );
+    // `Layout::encode` without its copies: the packed codes and scales move into the result
+    // (the same entries and bytes; a copy of the whole output less).
+    let entries = layout.tensor_entries(module, n, k);
+    let global = layout.stored_global(&m, scale.filter(|_| layout == Layout::ModelOptNvfp4));
+    let mut data = vec![m.packed, m.scales];
+    if let Some(g) = global {
+        data.push(g.to_le_bytes().to_vec());
+    }
+    let tensors = entries.into_iter().zip(data).collect();
     Ok(Quantized {
         tensors,
         stats: acc.finish(),
@@ -489,6 +542,19 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// A recycled buffer comes back zeroed and of the asked length, never shorter.
+    #[test]
+    fn recycled_buffers_come_back_zeroed() {
+        recycle(vec![0xAB; 100_000]);
+        recycle(vec![0xCD; 10_000]);
+        for len in [5_000usize, 50_000, 200_000, 0] {
+            let b = take_buffer(len);
+            assert_eq!(b.len(), len);
+            assert!(b.iter().all(|&x| x == 0), "{len}");
+            recycle(b);
         }
     }
 

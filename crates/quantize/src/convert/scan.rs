@@ -1,9 +1,11 @@
 //! One pass over the source files: the sha256 of every file (for the manifest) and, on the same
-//! bytes while they are in cache, the amax and NaN/Inf check of every tensor to quantize. Each
-//! tensor's result is published on an [`AmaxBoard`] as soon as the scan has passed its last
-//! byte; the quantizer waits there only for the tensors (and fused-set members) it is about to
-//! quantize, so scanning and quantizing overlap and the source is read from memory once for the
-//! scan and once for the quantizer (there is no separate amax pass over the memory map).
+//! bytes while they are in cache, the amax and NaN/Inf check of every tensor to quantize, each
+//! published on an [`AmaxBoard`] once the scan has passed the tensor's last byte. The quantizer
+//! never waits for the scan: a tensor (or fused-set member) not on the board yet is measured by
+//! the quantizer itself from the memory map, just before it quantizes it (its pages are read
+//! once for both), and published. The scan goes in file order, the output in plan order, so
+//! which of the two measures a tensor varies; the value does not (same bytes, same
+//! arithmetic). There is no separate amax pass over the whole source any more.
 //!
 //! The scan reads with `pread` into its own buffer rather than through the memory map, so the
 //! pages it reads ahead of the quantizer are not counted in this process's resident memory.
@@ -12,7 +14,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Condvar, Mutex};
+use std::sync::Mutex;
 
 use mimo_runtime::checkpoint::{parse_header, Checkpoint, TensorEntry};
 use sha2::{Digest, Sha256};
@@ -36,62 +38,33 @@ pub enum Slot {
     NonFinite(usize, f32),
     /// Not a BF16/F16/F32 tensor (the quantizer reports it).
     Unsupported,
-    /// The scan stopped (failed or interrupted) before reaching the tensor.
-    Closed,
 }
 
-/// Scan results by plan entry index, awaited by the quantizer.
+/// Amax results by plan entry index, from the scan or the quantizer, whichever came first.
 pub struct AmaxBoard {
-    state: Mutex<(Vec<Slot>, bool)>,
-    cv: Condvar,
+    slots: Mutex<Vec<Slot>>,
 }
 
 impl AmaxBoard {
     /// A board for `n` plan entries, all pending.
     pub fn new(n: usize) -> AmaxBoard {
         AmaxBoard {
-            state: Mutex::new((vec![Slot::Pending; n], false)),
-            cv: Condvar::new(),
+            slots: Mutex::new(vec![Slot::Pending; n]),
         }
     }
 
-    fn publish(&self, i: usize, s: Slot) {
-        let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(slot) = g.0.get_mut(i) {
+    /// Records entry `i`'s result.
+    pub fn publish(&self, i: usize, s: Slot) {
+        let mut g = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = g.get_mut(i) {
             *slot = s;
         }
-        drop(g);
-        self.cv.notify_all();
     }
 
-    /// No more results will come: waiters on pending entries get [`Slot::Closed`].
-    pub fn close(&self) {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
-        self.cv.notify_all();
-    }
-
-    /// Blocks until entry `i` is scanned or the scan stopped.
-    pub fn wait(&self, i: usize) -> Slot {
-        let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
-            match g.0.get(i).copied() {
-                None => return Slot::Closed,
-                Some(Slot::Pending) if g.1 => return Slot::Closed,
-                Some(Slot::Pending) => {
-                    g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
-                }
-                Some(s) => return s,
-            }
-        }
-    }
-}
-
-/// Closes the board however the scan ends.
-struct CloseOnDrop<'a>(&'a AmaxBoard);
-
-impl Drop for CloseOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.close();
+    /// Entry `i`'s result, if measured already.
+    pub fn get(&self, i: usize) -> Option<Slot> {
+        let g = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        g.get(i).copied().filter(|s| *s != Slot::Pending)
     }
 }
 
@@ -136,6 +109,14 @@ fn wanted_in(
     Ok(wanted)
 }
 
+/// The board slot of a finished accumulator.
+pub fn slot_of(acc: &AmaxAcc) -> Slot {
+    match acc.finish() {
+        Ok(a) => Slot::Ready(a),
+        Err((i, v)) => Slot::NonFinite(i, v),
+    }
+}
+
 fn dtype_of(e: &TensorEntry) -> Option<mimo_kernels::dtype::SrcDType> {
     use mimo_kernels::dtype::SrcDType;
     use mimo_runtime::checkpoint::DType;
@@ -148,15 +129,14 @@ fn dtype_of(e: &TensorEntry) -> Option<mimo_kernels::dtype::SrcDType> {
 }
 
 /// Hashes every source file (config, index, weights, sorted by path) and publishes the amax of
-/// every tensor the plan quantizes on `board`. Gives up (an `Interrupted` hash error) once
-/// `stop()` returns true; the board is closed in every case.
+/// every tensor the plan quantizes on `board` (those not measured yet). Gives up (an
+/// `Interrupted` hash error) once `stop()` returns true.
 pub fn scan_sources(
     ck: &Checkpoint,
     plan: &Plan,
     board: &AmaxBoard,
     stop: &(dyn Fn() -> bool + Sync),
 ) -> Result<Vec<FileHash>, ConvertError> {
-    let _close = CloseOnDrop(board);
     let by_name: HashMap<&str, usize> = plan
         .entries
         .iter()
@@ -218,17 +198,18 @@ fn scan_file(
             wi += 1;
         }
         if let Some(w) = wanted.get_mut(wi) {
+            if w.start == pos && board.get(w.index).is_some() {
+                // The quantizer got there first.
+                w.acc = None;
+            }
             if w.start <= pos && end <= w.end {
                 if let Some(acc) = &mut w.acc {
                     acc.update(piece);
                 }
                 if end == w.end {
-                    let slot = match w.acc.take().map(|a| a.finish()) {
-                        Some(Ok(a)) => Slot::Ready(a),
-                        Some(Err((i, v))) => Slot::NonFinite(i, v),
-                        None => Slot::Closed,
-                    };
-                    board.publish(w.index, slot);
+                    if let Some(a) = w.acc.take() {
+                        board.publish(w.index, slot_of(&a));
+                    }
                 }
             }
         }
@@ -237,11 +218,7 @@ fn scan_file(
     // Empty tensors (no piece reached them).
     for w in wanted.iter_mut().filter(|w| w.acc.is_some()) {
         if let Some(acc) = w.acc.take() {
-            let slot = match acc.finish() {
-                Ok(a) => Slot::Ready(a),
-                Err((i, v)) => Slot::NonFinite(i, v),
-            };
-            board.publish(w.index, slot);
+            board.publish(w.index, slot_of(&acc));
         }
     }
     let name = path
