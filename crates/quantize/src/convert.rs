@@ -389,6 +389,9 @@ pub fn convert_resumable(
 
 type Records = BTreeMap<String, TensorRecord>;
 
+/// A quantized batch: plan index, and for a quantized tensor its output and per-tensor scale.
+type Batch = Vec<(usize, Option<(Quantized, Option<f32>)>)>;
+
 /// Measures, quantizes and writes every shard into `dir`, except those in `reuse` (finished by
 /// a killed run and checked), whose records are taken from their completion records. Once the
 /// `fingerprint` is known, each finished shard gets its completion record.
@@ -494,11 +497,9 @@ fn write_all(
         let mut w = ShardWriter::create(&dir.join(&name), entries.clone())?;
         let idx: Vec<usize> = range.clone().collect();
         let mut shard_records = Records::new();
-        for chunk in idx.chunks(batch) {
-            if cancel.load(Ordering::Relaxed) {
-                return Err(ConvertError::Interrupted);
-            }
-            let results: Vec<Option<(Quantized, Option<f32>)>> = chunk
+        // Quantizes one batch, tensors in parallel.
+        let quantize_batch = |chunk: &[usize]| -> Result<Batch, ConvertError> {
+            chunk
                 .par_iter()
                 .map(|&i| {
                     let e = &plan.entries[i];
@@ -509,13 +510,19 @@ fn write_all(
                             let q =
                                 crate::methods::quantize_tensor(&t, module, layout, scale, quant)?;
                             ck.release(t.name);
-                            Ok(Some((q, scale)))
+                            Ok((i, Some((q, scale))))
                         }
-                        Action::Keep { .. } => Ok(None),
+                        Action::Keep { .. } => Ok((i, None)),
                     }
                 })
-                .collect::<Result<_, ConvertError>>()?;
-            for (&i, res) in chunk.iter().zip(results) {
+                .collect()
+        };
+        // Writes one quantized batch in plan order and records each tensor.
+        let write_batch = |w: &mut ShardWriter,
+                           shard_records: &mut Records,
+                           batch: Batch|
+         -> Result<(), ConvertError> {
+            for (i, res) in batch {
                 let e = &plan.entries[i];
                 let mut rec = TensorRecord {
                     action: "kept".into(),
@@ -555,6 +562,28 @@ fn write_all(
                     bytes: e.bytes_in(),
                 });
             }
+            Ok(())
+        };
+        // A two-stage pipeline: batch k is written (and its bytes hashed) on one thread while
+        // batch k + 1 is quantized on the others. The write order is unchanged.
+        let mut ready: Option<Batch> = None;
+        for chunk in idx.chunks(batch) {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(ConvertError::Interrupted);
+            }
+            let to_write = ready.take();
+            let (quantized, written) = rayon::join(
+                || quantize_batch(chunk),
+                || match to_write {
+                    Some(b) => write_batch(&mut w, &mut shard_records, b),
+                    None => Ok(()),
+                },
+            );
+            written?;
+            ready = Some(quantized?);
+        }
+        if let Some(b) = ready.take() {
+            write_batch(&mut w, &mut shard_records, b)?;
         }
         let file = w.finish()?;
         resume::sync_dir(dir)?;
