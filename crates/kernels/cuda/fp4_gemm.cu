@@ -657,15 +657,6 @@ __device__ __forceinline__ void fp4_moe_down_t1_body(
         fp4_dense_body<FMT, MT, TN, G>(wp, ws, gs, lut, x, y, m, n, k, post, flags);             \
     }
 
-// Four row tiles (64 rows per block: activations reused over twice the rows of MT = 2) hold
-// twice the weight registers: at most 8 warps so that ptxas may give each thread 255 registers.
-#define DENSE_KERNEL_256(NAME, FMT, MT, TN, G)                                                 \
-    extern "C" __global__ void __launch_bounds__(256) NAME(                                    \
-        const u8* wp, const u8* ws, const float* gs, const u16* lut, const u16* x, u16* y, int m, \
-        int n, int k, float post, int flags) {                                                   \
-        fp4_dense_body<FMT, MT, TN, G>(wp, ws, gs, lut, x, y, m, n, k, post, flags);             \
-    }
-
 #define MOE_KERNEL(NAME, FMT, MT, G, EPI, DIRECT)                                               \
     extern "C" __global__ void __launch_bounds__(512) NAME(                                     \
         const u8* wp, const u8* ws, const float* gs, const u16* lut, const u16* x, u16* y, int n, \
@@ -693,9 +684,7 @@ __device__ __forceinline__ void fp4_moe_down_t1_body(
     DENSE_KERNEL(fp4_gemm_##FMTNAME##_m2_t2_g1, FMT, 2, 2, 1) \
     DENSE_KERNEL(fp4_gemm_##FMTNAME##_m2_t2_g2, FMT, 2, 2, 2) \
     DENSE_KERNEL(fp4_gemm_##FMTNAME##_m1_t4_g1, FMT, 1, 4, 1) \
-    DENSE_KERNEL(fp4_gemm_##FMTNAME##_m2_t4_g1, FMT, 2, 4, 1) \
-    DENSE_KERNEL_256(fp4_gemm_##FMTNAME##_m4_t1_g1, FMT, 4, 1, 1) \
-    DENSE_KERNEL_256(fp4_gemm_##FMTNAME##_m4_t2_g1, FMT, 4, 2, 1)
+    DENSE_KERNEL(fp4_gemm_##FMTNAME##_m2_t4_g1, FMT, 2, 4, 1)
 
 DENSE_VARIANTS(nv, FMT_NVFP4)
 DENSE_VARIANTS(mx, FMT_MXFP4)

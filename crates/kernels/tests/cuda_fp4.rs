@@ -150,9 +150,9 @@ fn fp4_gemm_matches_cpu_reference() {
             let w = GpuFp4Weight::upload(&gpu, "w", &q).unwrap();
             let x = gpu.stream().clone_htod(&xb).unwrap();
             let mut configs = vec![None];
-            for m_tiles in [1, 2, 4] {
+            for m_tiles in [1, 2] {
                 for group in [1, 2, 4] {
-                    for warps in [1, 3, 8, 16] {
+                    for warps in [1, 3, 16] {
                         let c = Fp4GemmConfig {
                             m_tiles,
                             warps,

@@ -363,7 +363,7 @@ fn dense_shape(
                 );
                 let mut best = (t, format!("{cfg:?}"));
                 if sweep && (m == 1 || m == 16) {
-                    for m_tiles in [1u32, 2, 4] {
+                    for m_tiles in [1u32, 2] {
                         for group in [1u32, 2, 4] {
                             for warps in [2u32, 4, 8, 16] {
                                 let c = Fp4GemmConfig {

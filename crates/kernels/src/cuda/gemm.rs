@@ -15,7 +15,7 @@ pub const K_CHUNK: usize = 128;
 /// Block shape of the FP4 GEMM kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fp4GemmConfig {
-    /// m16 row tiles per block (1, 2 or 4): 16, 32 or 64 output features.
+    /// m16 row tiles per block (1 or 2): 16 or 32 output features.
     pub m_tiles: u32,
     /// Warps per block (1..=16); they split K between them and reduce in shared memory.
     pub warps: u32,
@@ -54,16 +54,14 @@ impl Fp4GemmConfig {
     }
 
     fn check(&self, tn: u32) -> Result<(), CudaError> {
-        // Four row tiles come as 256-thread kernels (launch bounds: registers).
-        let max_warps = if self.m_tiles == 4 { 8 } else { 16 };
-        if ![1, 2, 4].contains(&self.m_tiles)
-            || !(1..=max_warps).contains(&self.warps)
+        if !(1..=2).contains(&self.m_tiles)
+            || !(1..=16).contains(&self.warps)
             || reduction_smem(*self, tn) > SMEM_LIMIT
         {
             return Err(CudaError::Shape {
                 what: "Fp4GemmConfig".into(),
                 reason: format!(
-                    "m_tiles {} (1, 2 or 4), warps {} (1..=16, 1..=8 with 4 tiles), {} token tiles: {} bytes of shared memory",
+                    "m_tiles {} (1..=2), warps {} (1..=16), {} token tiles: {} bytes of shared memory",
                     self.m_tiles,
                     self.warps,
                     tn,
@@ -90,7 +88,7 @@ pub(crate) fn gemm_kernel_name(
     cfg: Fp4GemmConfig,
     tn: u32,
 ) -> Result<&'static str, CudaError> {
-    const NAMES: [(u32, u32, u32, &str, &str); 13] = [
+    const NAMES: [(u32, u32, u32, &str, &str); 11] = [
         (1, 1, 1, "fp4_gemm_nv_m1_t1_g1", "fp4_gemm_mx_m1_t1_g1"),
         (1, 1, 2, "fp4_gemm_nv_m1_t1_g2", "fp4_gemm_mx_m1_t1_g2"),
         (1, 1, 4, "fp4_gemm_nv_m1_t1_g4", "fp4_gemm_mx_m1_t1_g4"),
@@ -102,8 +100,6 @@ pub(crate) fn gemm_kernel_name(
         (2, 2, 2, "fp4_gemm_nv_m2_t2_g2", "fp4_gemm_mx_m2_t2_g2"),
         (1, 4, 1, "fp4_gemm_nv_m1_t4_g1", "fp4_gemm_mx_m1_t4_g1"),
         (2, 4, 1, "fp4_gemm_nv_m2_t4_g1", "fp4_gemm_mx_m2_t4_g1"),
-        (4, 1, 1, "fp4_gemm_nv_m4_t1_g1", "fp4_gemm_mx_m4_t1_g1"),
-        (4, 2, 1, "fp4_gemm_nv_m4_t2_g1", "fp4_gemm_mx_m4_t2_g1"),
     ];
     NAMES
         .iter()
