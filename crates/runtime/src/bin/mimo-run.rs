@@ -253,8 +253,19 @@ fn main() -> Result<()> {
             }
             let model =
                 model.context("bench needs --model DIR (or --config FILE --random-weights)")?;
-            gpu::cpu_only(cli.device, "bench of a checkpoint")?;
-            run_bench(&model, prompt_tokens, decode_tokens, runs, cli.json)
+            match gpu::Backend::resolve(cli.device, true) {
+                gpu::Backend::Cpu => {
+                    run_bench(&model, prompt_tokens, decode_tokens, runs, cli.json)
+                }
+                gpu::Backend::Cuda(g) => gpu::run_checkpoint_bench(
+                    &g,
+                    &model,
+                    prompt_tokens,
+                    decode_tokens,
+                    runs,
+                    cli.json,
+                ),
+            }
         }
     }
 }
@@ -630,18 +641,84 @@ mod gpu {
         }
     }
 
-    /// For commands the CUDA backend does not run yet: the CPU unless cuda was asked for and
-    /// a GPU is there (an error then; without a GPU the usual fallback message).
-    pub fn cpu_only(device: Option<Device>, what: &str) -> Result<()> {
-        match Backend::resolve(device, false) {
-            Backend::Cpu => Ok(()),
-            Backend::Cuda(_) => {
-                bail!("{what} is not yet on the CUDA backend; use --device cpu")
+    /// Loads a checkpoint onto the GPU (refused before any upload if it does not fit).
+    /// `bench -m DIR` on the GPU: prefill of a fixed pseudo-random prompt (after one warm-up
+    /// pass), then greedy decode of `decode_tokens` as replays of the captured decode graph;
+    /// best of `runs`.
+    pub fn run_checkpoint_bench(
+        gpu: &Arc<Gpu>,
+        dir: &Path,
+        prompt_tokens: usize,
+        decode_tokens: usize,
+        runs: usize,
+        json_out: bool,
+    ) -> Result<()> {
+        if prompt_tokens == 0 {
+            bail!("--prompt-tokens must be at least 1");
+        }
+        let t0 = Instant::now();
+        let mut model = load_model(gpu, dir)?;
+        let load_s = t0.elapsed().as_secs_f64();
+        let v = model.config.vocab_size;
+        let prompt: Vec<u32> = (0..prompt_tokens)
+            .map(|i| ((i * 7919 + 13) % v) as u32)
+            .collect();
+        let ctx = prompt_tokens + decode_tokens + 1;
+        model.alloc_cache(1, ctx)?;
+        let (mut best_prefill, mut best_decode) = (f64::INFINITY, f64::INFINITY);
+        // Warm-up: compilation, cuBLAS set-up, graph capture.
+        let logits = model.forward(&prompt, 0, 0, false)?;
+        let first = mimo_runtime::generate::argmax(&logits) as u32;
+        let mut graph = false;
+        for _ in 0..runs.max(1) {
+            let t = Instant::now();
+            let logits = model.forward(&prompt, 0, 0, false)?;
+            best_prefill = best_prefill.min(t.elapsed().as_secs_f64());
+            let next = mimo_runtime::generate::argmax(&logits) as u32;
+            if next != first {
+                eprintln!("warning: two prefills of the same prompt chose different tokens");
+            }
+            if decode_tokens > 0 {
+                graph = model.decode_start(&[next], &[prompt_tokens], true)?;
+                model.synchronize()?;
+                let t = Instant::now();
+                model.decode_steps(1, decode_tokens)?;
+                model.synchronize()?;
+                best_decode = best_decode.min(t.elapsed().as_secs_f64());
             }
         }
+        let prefill_tok_s = prompt_tokens as f64 / best_prefill;
+        let decode_tok_s = if decode_tokens > 0 {
+            decode_tokens as f64 / best_decode
+        } else {
+            0.0
+        };
+        let device = gpu.ctx.device_name().to_string();
+        if json_out {
+            let j = serde_json::json!({
+                "model": dir, "architecture": model.config.arch.model_type(), "device": device,
+                "weight_bytes": model.weight_bytes(), "prompt_tokens": prompt_tokens,
+                "decode_tokens": decode_tokens, "runs": runs, "load_s": load_s,
+                "prefill_tok_s": prefill_tok_s, "decode_tok_s": decode_tok_s, "cuda_graph": graph,
+            });
+            println!("{}", serde_json::to_string_pretty(&j)?);
+        } else {
+            println!(
+                "{}: {} weights {:.1} MiB on {device} | prefill {} tokens: {:.1} tok/s | decode {} tokens: {:.2} tok/s{} (best of {})",
+                dir.display(),
+                model.config.arch.model_type(),
+                model.weight_bytes() as f64 / (1 << 20) as f64,
+                prompt_tokens,
+                prefill_tok_s,
+                decode_tokens,
+                decode_tok_s,
+                if graph { ", CUDA graph" } else { "" },
+                runs.max(1)
+            );
+        }
+        Ok(())
     }
 
-    /// Loads a checkpoint onto the GPU (refused before any upload if it does not fit).
     pub fn load_model(gpu: &Arc<Gpu>, dir: &Path) -> Result<GpuModel> {
         GpuModel::load(gpu.clone(), dir)
             .with_context(|| format!("loading the model from {} onto the GPU", dir.display()))
