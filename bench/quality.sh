@@ -8,23 +8,24 @@
 # Needs: cargo build --release --bin mimo-quant --bin mimo-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-Q=target/release/mimo-quant
-R=target/release/mimo-run
+Q=${Q:-target/release/mimo-quant}
+R=${R:-target/release/mimo-run}
 M=${MODEL:-models/mimo-tiny-moe}
 SLICE_BYTES=${SLICE_BYTES:-20480}
 WORK=${WORK:-$(mktemp -d)}
 head -c "$SLICE_BYTES" calibration/heldout/valid.txt > "$WORK/slice1.txt"
-tail -c +40961 calibration/heldout/valid.txt | head -c "$SLICE_BYTES" > "$WORK/slice2.txt"
+head -c $((40960 + SLICE_BYTES)) calibration/heldout/valid.txt | tail -c "$SLICE_BYTES" > "$WORK/slice2.txt"
 # name | format | convert arguments
 VARIANTS=(
   "nvfp4-rtn|nvfp4|--method rtn"
   "nvfp4-mse|nvfp4|--method mse"
   "nvfp4-gptq|nvfp4|--method gptq"
-  "nvfp4-gptq-ao|nvfp4|--method gptq --act-order --gptq-block-scale loss"
+  "nvfp4-gptq-ao|nvfp4|--method gptq --act-order --damp 0.1"
+  "nvfp4-gptq-ao-asym|nvfp4|--method gptq --act-order --damp 0.1 --asymmetric"
   "mxfp4-rtn|mxfp4|--method rtn"
   "mxfp4-mse|mxfp4|--method mse"
   "mxfp4-gptq|mxfp4|--method gptq"
-  "mxfp4-gptq-ao|mxfp4|--method gptq --act-order --gptq-block-scale loss"
+  "mxfp4-gptq-ao|mxfp4|--method gptq --act-order --damp 0.1"
 )
 if [ -n "${ONLY:-}" ]; then
   mapfile -t VARIANTS < <(printf '%s\n' "${VARIANTS[@]}" | grep -E "^(${ONLY})\|")
