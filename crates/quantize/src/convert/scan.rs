@@ -7,12 +7,12 @@
 //! which of the two measures a tensor varies; the value does not (same bytes, same
 //! arithmetic). There is no separate amax pass over the whole source any more.
 //!
-//! The scan reads each file through its own read-only mapping (no copy into a buffer, which
-//! cost more than the page-table work) and drops each piece's pages from that mapping once read
-//! (`MADV_DONTNEED`), so scanning ahead of the quantizer does not grow resident memory.
+//! The scan reads with `pread` into its own buffer rather than through the memory map, so the
+//! pages it reads ahead of the quantizer are not counted in this process's resident memory.
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -24,7 +24,7 @@ use crate::manifest::FileHash;
 use crate::plan::{Action, Plan};
 use crate::quantizer::AmaxAcc;
 
-/// Piece size of the scan (a multiple of every element size, so pieces hold whole elements).
+/// Read size of the scan (a multiple of every element size, so pieces hold whole elements).
 const PIECE: usize = 1 << 20;
 
 /// One tensor's scan result.
@@ -179,14 +179,7 @@ fn scan_file(
     cuts.sort_unstable();
     cuts.dedup();
     let mut h = Sha256::new();
-    // SAFETY: read-only mapping; like every reader of the checkpoint we rely on the file not
-    // being truncated while mapped (SECURITY.md). An empty file cannot be mapped.
-    let map = if len > 0 {
-        Some(unsafe { memmap2::Mmap::map(&file)? })
-    } else {
-        None
-    };
-    let data: &[u8] = map.as_deref().unwrap_or(&[]);
+    let mut buf = vec![0u8; PIECE];
     let (mut pos, mut cut, mut wi) = (0usize, 0usize, 0usize);
     while pos < len {
         if stop() {
@@ -196,13 +189,9 @@ fn scan_file(
             cut += 1;
         }
         let end = cuts[cut].min(pos + PIECE);
-        let piece = data.get(pos..end).ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "file shorter than its size",
-            )
-        })?;
-        h.update(piece);
+        let piece = &mut buf[..end - pos];
+        file.read_exact_at(piece, pos as u64)?;
+        h.update(&*piece);
         // The wanted tensor this piece belongs to, if any (wanted is sorted by start and the
         // tensors do not overlap).
         while wi < wanted.len() && wanted[wi].end <= pos {
@@ -223,15 +212,6 @@ fn scan_file(
                     }
                 }
             }
-        }
-        if let Some(m) = &map {
-            // Our mapping's pages are dropped once read, so scanning ahead of the quantizer
-            // does not grow resident memory (the page cache keeps the data).
-            // SAFETY: a private read-only mapping of the file: dropping pages only forces a
-            // re-read from the page cache; `piece` is not used after this.
-            let _ = unsafe {
-                m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, pos, end - pos)
-            };
         }
         pos = end;
     }
