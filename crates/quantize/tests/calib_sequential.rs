@@ -12,7 +12,7 @@ use std::sync::Arc;
 use mimo_kernels::fp4::{Fp4Format, Fp4Matrix};
 use mimo_quant::calib::{
     collect, run_sequential, run_sequential_with, CalibData, CollectOptions, LinearStats, Recipe,
-    SequentialError,
+    SequentialError, SequentialModes,
 };
 use mimo_quant::convert::{convert_with, ConvertConfig, ConvertError, DEFAULT_MAX_SHARD};
 use mimo_quant::methods::apply::read_weight;
@@ -185,6 +185,7 @@ fn read_tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 
 /// Sequential calibration with `method` and a conversion using its weights, in a pool of
 /// `threads` threads.
+#[allow(clippy::too_many_arguments)]
 fn convert_sequential(
     src: &Path,
     out: &Path,
@@ -192,6 +193,7 @@ fn convert_sequential(
     method: Method,
     gptq: GptqOptions,
     asymmetric: Option<f64>,
+    within_layer: bool,
     threads: usize,
 ) -> (Result<(), ConvertError>, usize) {
     let pool = rayon::ThreadPoolBuilder::new()
@@ -217,6 +219,7 @@ fn convert_sequential(
             &gptq,
             8,
             asymmetric,
+            within_layer,
             &|_, _| {},
         )
         .unwrap();
@@ -255,21 +258,23 @@ fn sequential_conversions_are_identical_on_one_and_two_threads() {
         act_order: true,
         block_scale: BlockScale::Loss,
     };
-    for (layout, method, gptq, asym) in [
-        (Layout::CtNvfp4, Method::Gptq, plain, None),
-        (Layout::CtNvfp4, Method::Mse, plain, None),
-        (Layout::CtMxfp4, Method::Gptq, plain, None),
-        (Layout::ModelOptNvfp4, Method::Gptq, plain, None),
-        (Layout::CtNvfp4, Method::Gptq, ordered, None),
-        (Layout::CtMxfp4, Method::Gptq, ordered, None),
-        (Layout::CtNvfp4, Method::Gptq, ordered, Some(0.25)),
-        (Layout::CtMxfp4, Method::Mse, plain, Some(1.0)),
+    for (layout, method, gptq, asym, within) in [
+        (Layout::CtNvfp4, Method::Gptq, plain, None, false),
+        (Layout::CtNvfp4, Method::Mse, plain, None, false),
+        (Layout::CtMxfp4, Method::Gptq, plain, None, false),
+        (Layout::ModelOptNvfp4, Method::Gptq, plain, None, false),
+        (Layout::CtNvfp4, Method::Gptq, ordered, None, false),
+        (Layout::CtMxfp4, Method::Gptq, ordered, None, false),
+        (Layout::CtNvfp4, Method::Gptq, ordered, Some(0.25), false),
+        (Layout::CtMxfp4, Method::Mse, plain, Some(1.0), false),
+        (Layout::CtNvfp4, Method::Gptq, ordered, None, true),
+        (Layout::CtNvfp4, Method::Gptq, plain, Some(0.25), true),
     ] {
         let a = dir.path().join("a");
         let b = dir.path().join("b");
-        let (ra, n) = convert_sequential(&src, &a, layout, method, gptq, asym, 1);
+        let (ra, n) = convert_sequential(&src, &a, layout, method, gptq, asym, within, 1);
         ra.unwrap();
-        let (rb, _) = convert_sequential(&src, &b, layout, method, gptq, asym, 2);
+        let (rb, _) = convert_sequential(&src, &b, layout, method, gptq, asym, within, 2);
         rb.unwrap();
         // Every quantized Linear of the decoder layers came from the sequential pass.
         let plan = Plan::build(
@@ -407,7 +412,10 @@ fn asymmetric_calibration_pairs_the_streams_and_keeps_the_plain_statistics() {
             &mut model,
             &data,
             opts,
-            asymmetric,
+            SequentialModes {
+                asymmetric,
+                within_layer: false,
+            },
             Some(&mut quant),
             &|_, _| {},
         )
@@ -510,4 +518,52 @@ fn asymmetric_target_is_the_least_squares_weight() {
     for ((h, p), w) in half.iter().zip(&wp).zip(&w) {
         assert!((h - (w + 0.5 * (p - w))).abs() < 1e-5, "{h} {p} {w}");
     }
+}
+
+#[test]
+fn within_layer_each_stage_sees_the_quantized_stages_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    write_fixture(dir.path(), Arch::Qwen3Moe, 17).unwrap();
+    let ck = Checkpoint::open(dir.path()).unwrap();
+    let opts = CollectOptions {
+        hessian: true,
+        min_expert_tokens: 4,
+    };
+    let mut model = Model::load(dir.path()).unwrap();
+    let data = calib_data(&model, 2, 24);
+    let mut calls: Vec<(usize, Recorded)> = Vec::new();
+    let mut quant = |l: usize, s: &Recorded| -> Result<Vec<(String, Weight)>, SequentialError> {
+        calls.push((l, s.clone()));
+        Ok(s.keys()
+            .filter(|m| m.ends_with("_proj"))
+            .map(|m| (m.clone(), Weight::Fp4(mxfp4_of(&ck, m))))
+            .collect())
+    };
+    let modes = SequentialModes {
+        asymmetric: false,
+        within_layer: true,
+    };
+    let run =
+        run_sequential_with(&mut model, &data, opts, modes, Some(&mut quant), &|_, _| {}).unwrap();
+    let layers = model.config.num_layers;
+    assert_eq!(calls.len(), 4 * layers, "four stages per layer");
+    for (i, (l, s)) in calls.iter().enumerate() {
+        assert_eq!(*l, i / 4);
+        assert!(s.values().all(|v| v.stage as usize == i % 4), "call {i}");
+    }
+    // Coverage is recorded once per layer.
+    let moe = model.config.moe.clone().unwrap();
+    assert_eq!(run.coverage.experts.len(), layers * moe.num_experts);
+    // Layer 0, stage 1 (o_proj): calibrated with layer 0's q/k/v quantized and nothing else.
+    let mut reference = Model::load(dir.path()).unwrap();
+    for module in calls[0].1.keys().filter(|m| m.ends_with("_proj")) {
+        reference
+            .replace_linear_weight(module, Weight::Fp4(mxfp4_of(&ck, module)))
+            .unwrap();
+    }
+    let whole = collect(&reference, &data, opts, &|_, _| {}).unwrap();
+    let bf16 = collect(&Model::load(dir.path()).unwrap(), &data, opts, &|_, _| {}).unwrap();
+    let o = "model.layers.0.self_attn.o_proj";
+    assert_eq!(calls[1].1[o].as_ref(), whole.get(o).unwrap());
+    assert_ne!(calls[1].1[o].as_ref(), bf16.get(o).unwrap());
 }

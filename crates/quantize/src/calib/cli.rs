@@ -43,6 +43,10 @@ pub struct CalibArgs {
     /// Strength of the asymmetric correction (1: the least-squares target; GPTAQ uses 0.25).
     #[arg(long, default_value_t = 0.25)]
     pub asymmetric_alpha: f64,
+    /// Sequential inside each decoder layer too (mse, gptq): q/k/v, o, gate/up, down are
+    /// quantized in that order, each calibrated on the quantized ones before it.
+    #[arg(long)]
+    pub within_layer: bool,
     /// Experts with fewer routed calibration tokens get statistics from all tokens of their
     /// layer's MoE input (measurement only).
     #[arg(long, default_value_t = 64)]
@@ -166,6 +170,7 @@ pub fn quant_options(
                 &q.gptq(),
                 a.min_expert_tokens,
                 a.asymmetric.then_some(a.asymmetric_alpha),
+                a.within_layer,
                 &progress(quiet),
             )?;
             q.precomputed = Some(Arc::new(weights));
@@ -178,6 +183,7 @@ pub fn quant_options(
         info["method"] = serde_json::json!(a.method.name());
         if a.method != Method::Rtn {
             info["asymmetric"] = serde_json::json!(a.asymmetric.then_some(a.asymmetric_alpha));
+            info["within_layer"] = serde_json::json!(a.within_layer);
         }
         if a.method == Method::Gptq {
             info["damp"] = serde_json::json!(a.damp);

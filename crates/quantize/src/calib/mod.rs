@@ -12,5 +12,7 @@ pub mod stats;
 pub use coverage::{Coverage, ExpertCoverage};
 pub use data::{load_sequences, CalibData, DataError, Recipe};
 pub use run::{calibrate, CalibError, CalibRun};
-pub use sequential::{run_sequential, run_sequential_with, SequentialError, SequentialRun};
+pub use sequential::{
+    run_sequential, run_sequential_with, SequentialError, SequentialModes, SequentialRun,
+};
 pub use stats::{collect, CalibStats, CollectOptions, LinearStats, StatsError};

@@ -165,6 +165,7 @@ pub fn calibrate_and_quantize(
     gptq: &GptqOptions,
     min_expert_tokens: u64,
     asymmetric: Option<f64>,
+    within_layer: bool,
     progress: &dyn Fn(usize, usize),
 ) -> Result<(CalibRun, BTreeMap<String, Fp4Matrix>), CalibError> {
     let start = Instant::now();
@@ -180,6 +181,7 @@ pub fn calibrate_and_quantize(
         gptq,
         min_expert_tokens,
         asymmetric,
+        within_layer,
         progress,
     )?;
     Ok((finish(data, run, start), weights))

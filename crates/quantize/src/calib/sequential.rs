@@ -162,19 +162,38 @@ pub fn run_sequential(
     quantize: Option<&mut LayerQuantizer<'_>>,
     progress: &dyn Fn(usize, usize),
 ) -> Result<SequentialRun, SequentialError> {
-    run_sequential_with(model, data, opts, false, quantize, progress)
+    let modes = SequentialModes::default();
+    run_sequential_with(model, data, opts, modes, quantize, progress)
 }
 
-/// [`run_sequential`], with asymmetric calibration when `asymmetric` (see the module docs;
-/// meaningful with a quantizer).
+/// Variants of the layer-at-a-time walk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SequentialModes {
+    /// Asymmetric calibration (see the module docs).
+    pub asymmetric: bool,
+    /// Inside each layer too: q/k/v, then o, then gate/up (experts, router input), then down
+    /// are each quantized before the next stage's statistics are gathered, so every Linear is
+    /// calibrated on the outputs of the quantized Linears before it in the layer (GPTQ's
+    /// "true sequential"); costs four calibration passes per layer instead of one.
+    pub within_layer: bool,
+}
+
+/// [`run_sequential`] with [`SequentialModes`] (meaningful with a quantizer).
 pub fn run_sequential_with(
     model: &mut Model,
     data: &CalibData,
     opts: CollectOptions,
-    asymmetric: bool,
+    modes: SequentialModes,
     mut quantize: Option<&mut LayerQuantizer<'_>>,
     progress: &dyn Fn(usize, usize),
 ) -> Result<SequentialRun, SequentialError> {
+    let asymmetric = modes.asymmetric;
+    // Stages quantized one after the other inside a layer (None: all at once).
+    let stages: Vec<Option<u8>> = if modes.within_layer && quantize.is_some() {
+        vec![Some(0), Some(1), Some(2), Some(3)]
+    } else {
+        vec![None]
+    };
     if data.sequences.is_empty() {
         return Err(StatsError::Empty.into());
     }
@@ -209,63 +228,78 @@ pub fn run_sequential_with(
     };
     let mut stats_bytes = 0usize;
     for l in 0..layers {
-        let mut col = Collector::new(model, opts);
-        let propagate_now = quantize.is_none() && !asymmetric;
-        for (p, (index, x)) in hidden.iter_mut().enumerate() {
-            if asymmetric {
-                let fwd = |source| StatsError::Forward {
-                    index: *index,
-                    source,
+        for (si, stage) in stages.iter().enumerate() {
+            let last_stage = si + 1 == stages.len();
+            let mut col = Collector::new(model, opts);
+            let propagate_now = quantize.is_none() && !asymmetric;
+            for (p, (index, x)) in hidden.iter_mut().enumerate() {
+                if asymmetric {
+                    let fwd = |source| StatsError::Forward {
+                        index: *index,
+                        source,
+                    };
+                    // Both streams through the (still unquantized) layer; the unquantized stream
+                    // moves on now, the quantized one after the layer is quantized.
+                    let (mut cf, mut cq) = (Capture::default(), Capture::default());
+                    let mut sf = hidden_f[p].clone();
+                    model
+                        .forward_layer_observed(l, &mut sf, &mut cf)
+                        .map_err(fwd)?;
+                    if last_stage {
+                        hidden_f[p] = sf;
+                    }
+                    let mut scratch = x.clone();
+                    model
+                        .forward_layer_observed(l, &mut scratch, &mut cq)
+                        .map_err(fwd)?;
+                    add_pair(&mut col, &cq, &cf);
+                    continue;
+                }
+                // Without a quantizer this pass is also the propagation; with one, the outputs of
+                // the unquantized layer are thrown away.
+                let mut scratch;
+                let buf: &mut [f32] = if propagate_now {
+                    x
+                } else {
+                    scratch = x.clone();
+                    &mut scratch
                 };
-                // Both streams through the (still unquantized) layer; the unquantized stream
-                // moves on now, the quantized one after the layer is quantized.
-                let (mut cf, mut cq) = (Capture::default(), Capture::default());
                 model
-                    .forward_layer_observed(l, &mut hidden_f[p], &mut cf)
-                    .map_err(fwd)?;
-                let mut scratch = x.clone();
-                model
-                    .forward_layer_observed(l, &mut scratch, &mut cq)
-                    .map_err(fwd)?;
-                add_pair(&mut col, &cq, &cf);
-                continue;
+                    .forward_layer_observed(l, buf, &mut col)
+                    .map_err(|source| StatsError::Forward {
+                        index: *index,
+                        source,
+                    })?;
             }
-            // Without a quantizer this pass is also the propagation; with one, the outputs of
-            // the unquantized layer are thrown away.
-            let mut scratch;
-            let buf: &mut [f32] = if propagate_now {
-                x
-            } else {
-                scratch = x.clone();
-                &mut scratch
-            };
-            model
-                .forward_layer_observed(l, buf, &mut col)
-                .map_err(|source| StatsError::Forward {
-                    index: *index,
-                    source,
-                })?;
-        }
-        stats_bytes = stats_bytes.max(col.bytes());
-        let a = assign(model, &col, opts, l..l + 1);
-        drop(col);
-        coverage.experts.extend(a.experts);
-        if a.experts_per_layer > 0 {
-            coverage.experts_per_layer = a.experts_per_layer;
-            coverage.tokens_per_layer = a.tokens_per_layer;
+            stats_bytes = stats_bytes.max(col.bytes());
+            let mut a = assign(model, &col, opts, l..l + 1);
+            drop(col);
+            // Coverage as the experts' own statistics saw the routing.
+            if matches!(stage, None | Some(2)) {
+                coverage.experts.extend(std::mem::take(&mut a.experts));
+                if a.experts_per_layer > 0 {
+                    coverage.experts_per_layer = a.experts_per_layer;
+                    coverage.tokens_per_layer = a.tokens_per_layer;
+                }
+            }
+            if let Some(st) = stage {
+                a.by_module.retain(|_, s| s.stage == *st);
+            }
+            if quantize.is_some() || asymmetric {
+                let new = match quantize.as_mut() {
+                    Some(q) => q(l, &a.by_module)?,
+                    None => Vec::new(),
+                };
+                // This stage's statistics are not needed any more.
+                drop(a.by_module);
+                for (module, w) in new {
+                    model
+                        .replace_linear_weight(&module, w)
+                        .map_err(|source| SequentialError::Replace { layer: l, source })?;
+                }
+            }
         }
         if quantize.is_some() || asymmetric {
-            let new = match quantize.as_mut() {
-                Some(q) => q(l, &a.by_module)?,
-                None => Vec::new(),
-            };
-            // This layer's statistics are not needed any more.
-            drop(a.by_module);
-            for (module, w) in new {
-                model
-                    .replace_linear_weight(&module, w)
-                    .map_err(|source| SequentialError::Replace { layer: l, source })?;
-            }
             for (index, x) in hidden.iter_mut() {
                 model
                     .forward_layer_observed(l, x, &mut Quiet)

@@ -61,6 +61,9 @@ impl Default for CollectOptions {
 pub struct LinearStats {
     /// Where they were measured (e.g. "Qkv(3)", "MoeInput(2) [all-token fallback]").
     pub site: String,
+    /// Position of the site in its layer: 0 q/k/v, 1 o, 2 MLP/expert gate/up (and the router
+    /// input), 3 MLP/expert down ([`stage_of`]).
+    pub stage: u8,
     /// Tokens seen.
     pub tokens: u64,
     /// Per input channel: mean of x_j^2 (length k).
@@ -149,7 +152,7 @@ impl SiteAcc {
         }
     }
 
-    fn finish(&self, site: String) -> LinearStats {
+    fn finish(&self, site: String, stage: u8) -> LinearStats {
         let n = self.tokens.max(1) as f64;
         let k = self.k;
         let hessian = self.hessian.as_ref().map(|h| {
@@ -163,6 +166,7 @@ impl SiteAcc {
         });
         LinearStats {
             site,
+            stage,
             tokens: self.tokens,
             second_moment: self.sum_sq.iter().map(|s| s / n).collect(),
             amax: self.amax,
@@ -212,6 +216,20 @@ impl Collector {
             .entry(site)
             .or_insert_with(|| SiteAcc::new(k, h))
             .add_cross(x, xf, m);
+    }
+}
+
+/// The stage of a site inside its decoder layer (see [`LinearStats::stage`]): a Linear's input
+/// depends only on the weights of earlier stages of the same layer.
+pub fn stage_of(site: Site) -> u8 {
+    match site {
+        Site::Qkv(_) => 0,
+        Site::O(_) => 1,
+        Site::GateUp(_) | Site::MoeInput(_) | Site::ExpertGateUp(..) | Site::SharedGateUp(_) => 2,
+        Site::Down(_)
+        | Site::ExpertDown(..)
+        | Site::ExpertDownAllTokens(..)
+        | Site::SharedDown(_) => 3,
     }
 }
 
@@ -332,7 +350,7 @@ pub(crate) fn assign(
                     } else {
                         format!("{site:?}")
                     };
-                    Arc::new(acc.finish(label))
+                    Arc::new(acc.finish(label, stage_of(site)))
                 })
                 .clone(),
         )

@@ -25,7 +25,9 @@ use super::apply::{kernel_global_scale, quantize_with_stats, read_weight};
 use super::gptq::{asymmetric_target, GptqOptions};
 use super::{ApplyError, Method, MethodError};
 use crate::calib::data::CalibData;
-use crate::calib::sequential::{run_sequential_with, SequentialError, SequentialRun};
+use crate::calib::sequential::{
+    run_sequential_with, SequentialError, SequentialModes, SequentialRun,
+};
 use crate::calib::stats::{CollectOptions, LinearStats};
 use crate::plan::{Action, Plan};
 use crate::quantizer::{amax, own_scale, shared_scale, src_dtype};
@@ -83,6 +85,7 @@ pub fn quantize_sequential(
     gptq: &GptqOptions,
     min_expert_tokens: u64,
     asymmetric: Option<f64>,
+    within_layer: bool,
     progress: &dyn Fn(usize, usize),
 ) -> Result<(SequentialRun, BTreeMap<String, Fp4Matrix>), SequentialError> {
     let layout = plan.layout;
@@ -139,7 +142,10 @@ pub fn quantize_sequential(
         model,
         data,
         opts,
-        asymmetric.is_some(),
+        SequentialModes {
+            asymmetric: asymmetric.is_some(),
+            within_layer,
+        },
         Some(&mut per_layer),
         progress,
     )?;
