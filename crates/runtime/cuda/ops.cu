@@ -252,6 +252,38 @@ extern "C" __global__ void kv_write(const u16* __restrict__ k_src, int k_off, in
     }
 }
 
+// The last of the `nsplit` split blocks of attention row `row` to arrive merges the partial
+// (max, sum, out) of all splits in split order (deterministic) and writes out[row]. Partial
+// results must be written before the call. `red` holds at least nsplit floats (the host checks
+// nsplit against the kernels' scratch), `sh` 32.
+__device__ void combine_splits(const float* __restrict__ part_ml, const float* __restrict__ part_o,
+                               int* __restrict__ counters, u16* __restrict__ out, size_t row,
+                               int nsplit, int max_splits, int d, float* red, float* sh,
+                               int* flag) {
+    if (!last_block(counters + row, nsplit, flag)) return;
+    // Per-split factors exp(m_z - M) in shared memory, loads issued in parallel (serial L2
+    // round trips dominated this step).
+    const float* pm = part_ml + row * max_splits * 2;
+    float mloc = NEG_INF;
+    for (int zz = threadIdx.x; zz < nsplit; zz += blockDim.x) mloc = fmaxf(mloc, __ldcg(pm + 2 * zz));
+    const float m_all = block_max(mloc, sh);
+    float lloc = 0.f;
+    for (int zz = threadIdx.x; zz < nsplit; zz += blockDim.x) {
+        const float mz = __ldcg(pm + 2 * zz);
+        const float f = mz == NEG_INF ? 0.f : expf(mz - m_all);
+        red[zz] = f;
+        lloc += f * __ldcg(pm + 2 * zz + 1);
+    }
+    const float l_all = block_sum(lloc, sh);  // barrier: red[] holds the factors
+    const float* pob = part_o + row * max_splits * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float o = 0.f;
+#pragma unroll 8
+        for (int zz = 0; zz < nsplit; zz++) o += red[zz] * __ldcg(pob + (size_t)zz * d + i);
+        out[row * d + i] = to_bf(o / l_all);
+    }
+}
+
 // Causal GQA attention, flash-decoding style. grid (m tokens, n_heads, max_splits), 128 threads.
 // Split z covers key positions [z*L, z*L+L) of [lo, pos]; the last split block to finish
 // combines the partial (max, sum, out) of all splits in split order. With fused_new, the new
@@ -385,28 +417,220 @@ attention(const u16* __restrict__ q_src, int q_off, int q_stride, const u16* __r
         part_ml[(row * a.max_splits + z) * 2] = nk > 0 ? mx : NEG_INF;
         part_ml[(row * a.max_splits + z) * 2 + 1] = l;
     }
-    if (!last_block(counters + row, nsplit, &flag)) return;
-    // Combine: per-split factors exp(m_z - M) in shared memory (nsplit <= 8 * blockDim, checked
-    // on the host), loads issued in parallel (serial L2 round trips dominated this step).
-    const float* pm = part_ml + row * a.max_splits * 2;
-    float mloc = NEG_INF;
-    for (int zz = threadIdx.x; zz < nsplit; zz += blockDim.x) mloc = fmaxf(mloc, __ldcg(pm + 2 * zz));
-    const float m_all = block_max(mloc, sh);
-    float lloc = 0.f;
-    for (int zz = threadIdx.x; zz < nsplit; zz += blockDim.x) {
-        const float mz = __ldcg(pm + 2 * zz);
-        const float f = mz == NEG_INF ? 0.f : expf(mz - m_all);
-        red[zz] = f;
-        lloc += f * __ldcg(pm + 2 * zz + 1);
+    combine_splits(part_ml, part_o, counters, out, row, nsplit, a.max_splits, d, red, sh, &flag);
+}
+
+// Warp-level head preparation (the attention_w kernel): src (+ bias), optional RMSNorm over the
+// head, rotate-half RoPE over the first rot_dim elements at `pos`, into out[0..d). One warp, no
+// block barrier; each RoPE pair (i, i + rot_dim/2) belongs to one lane.
+__device__ void warp_head_prep(const u16* __restrict__ src, const float* __restrict__ bias,
+                               const float* __restrict__ normw, float eps,
+                               const float* __restrict__ inv_freq, float attn_factor, int rot_dim,
+                               int pos, int d, float* out) {
+    const int lane = threadIdx.x & 31;
+    float ss = 0.f;
+    for (int i = lane; i < d; i += 32) {
+        float v = bf(src[i]);
+        if (bias != 0) v += bias[i];
+        out[i] = v;
+        ss += v * v;
     }
-    const float l_all = block_sum(lloc, sh);  // barrier: red[] holds the factors
-    const float* pob = part_o + row * a.max_splits * d;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    __syncwarp();
+    if (normw != 0) {
+        const float inv = 1.0f / sqrtf(ss / (float)d + eps);
+        for (int i = lane; i < d; i += 32) out[i] = normw[i] * (out[i] * inv);
+        __syncwarp();
+    }
+    const int half = rot_dim >> 1;
+    for (int i = lane; i < half; i += 32) {
+        float sn, cs;
+        sincosf((float)pos * inv_freq[i], &sn, &cs);
+        const float c = cs * attn_factor, sv = sn * attn_factor;
+        const float x0 = out[i], x1 = out[i + half];
+        out[i] = x0 * c - x1 * sv;
+        out[i + half] = x1 * c + x0 * sv;
+    }
+    __syncwarp();
+}
+
+__device__ __forceinline__ float bf_lo(u32 w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float bf_hi(u32 w) { return __uint_as_float(w & 0xFFFF0000u); }
+
+// Causal GQA attention for head_dim in {32, 64, 96, 128} and 64-key splits (decode steps):
+// same arguments, grid and results as `attention` (flash-decoding, last split block combines),
+// with a shorter chain of dependent steps. 128 threads = 4 warps x 16 keys (two passes of 8);
+// lane (g = lane / 4, sub = lane % 4) holds elements [sub * d/4, (sub + 1) * d/4) of key g of
+// each pass. Every K and V load of the block is issued first, while warps 0 and 1 prepare q
+// and the new key/value (bias, norm, RoPE) with warp shuffles only; one block barrier later each
+// warp scores its 16 keys (two shuffle steps), runs its own softmax and P.V (three shuffle
+// steps), and the 4 warps' (max, sum, out) are merged in warp order.
+#define AW_WARPS 4
+extern "C" __global__ void __launch_bounds__(128)
+attention_w(const u16* __restrict__ q_src, int q_off, int q_stride, const u16* __restrict__ k_src,
+            int k_off, int k_stride, const u16* __restrict__ v_src, int v_off, int v_stride,
+            const float* __restrict__ q_bias, const float* __restrict__ k_bias,
+            const float* __restrict__ v_bias, const float* __restrict__ q_norm,
+            const float* __restrict__ k_norm, const float* __restrict__ inv_freq,
+            const int* __restrict__ pos, const int* __restrict__ seq, u16* __restrict__ kc,
+            u16* __restrict__ vc, float* __restrict__ part_ml, float* __restrict__ part_o,
+            int* __restrict__ counters, u16* __restrict__ out, AttnArgs a) {
+    pdl_enter();
+    __shared__ float qf[128], kn[128], vn[128];
+    // Per-warp partial outputs; reused as the split combine's scratch (>= 1024 floats).
+    __shared__ float wo[1024];
+    __shared__ float wm[AW_WARPS], wl[AW_WARPS];
+    __shared__ float sh[32];
+    __shared__ int flag;
+    const int t = blockIdx.x, h = blockIdx.y, z = blockIdx.z, d = a.d;
+    const int group = a.n_heads / a.n_kv, kv = h / group;
+    const int p = pos[t], s = seq[t];
+    if (p < 0 || p >= a.capacity) return;  // the host refuses such steps; never write outside
+    const int nsplit = p / a.split_len + 1;
+    if (z >= nsplit) return;
+    const int lo = a.window > 0 ? max(0, p + 1 - a.window) : 0;
+    const int j0 = max(lo, z * a.split_len), j1 = min(p, z * a.split_len + a.split_len - 1);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, sub = lane & 3;
+    const size_t cbase = (((size_t)s * a.layers + a.layer) * a.n_kv + kv) * a.capacity;
+    const bool has_new = a.fused_new && j0 <= p && p <= j1;
+    const int nc = d >> 5;          // 16-byte chunks per lane (<= 4)
+    const int e0 = sub * (d >> 2);  // first element of this lane
+    int jk[2];
+    bool valid[2], use_new[2];
+    uint4 kr[2][4], vr[2][4];
+#pragma unroll
+    for (int ps = 0; ps < 2; ps++) {
+        const int j = z * a.split_len + warp * 16 + ps * 8 + g;
+        jk[ps] = j;
+        valid[ps] = j >= j0 && j <= j1;
+        use_new[ps] = has_new && j == p;
+        const bool from_cache = valid[ps] && !use_new[ps];
+        const size_t row = (cbase + (from_cache ? j : 0)) * d + e0;
+        const uint4* kp = (const uint4*)(kc + row);
+        const uint4* vp = (const uint4*)(vc + row);
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+            const bool ld = from_cache && c < nc;
+            kr[ps][c] = ld ? kp[c] : make_uint4(0, 0, 0, 0);
+            vr[ps][c] = ld ? vp[c] : make_uint4(0, 0, 0, 0);
+        }
+    }
+    if (warp == 0) {
+        warp_head_prep(q_src + (size_t)t * q_stride + q_off + h * d, q_bias ? q_bias + h * d : 0,
+                       q_norm, a.eps, inv_freq, a.attn_factor, a.rot_dim, p, d, qf);
+    } else if (warp == 1 && has_new) {
+        warp_head_prep(k_src + (size_t)t * k_stride + k_off + kv * d, k_bias ? k_bias + kv * d : 0,
+                       k_norm, a.eps, inv_freq, a.attn_factor, a.rot_dim, p, d, kn);
+        const u16* vs = v_src + (size_t)t * v_stride + v_off + kv * d;
+        for (int i = lane; i < d; i += 32) {
+            float v = bf(vs[i]);
+            if (v_bias != 0) v += v_bias[kv * d + i];
+            // Stored as bf16 and used rounded, exactly as later tokens will read it.
+            const u16 kb = to_bf(kn[i]), vb = to_bf(v);
+            kn[i] = bf(kb);
+            vn[i] = bf(vb);
+            if (h % group == 0) {
+                kc[(cbase + p) * d + i] = kb;
+                vc[(cbase + p) * d + i] = vb;
+            }
+        }
+    }
+    __syncthreads();
+    // Scores of this lane's two keys: its d/4 elements, then the 4 lanes of each key.
+    float score[2];
+#pragma unroll
+    for (int ps = 0; ps < 2; ps++) {
+        float acc = 0.f;
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+            if (c >= nc) break;
+            const u32 w4[4] = {kr[ps][c].x, kr[ps][c].y, kr[ps][c].z, kr[ps][c].w};
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+                const int e = e0 + 8 * c + 2 * q;
+                const float k0 = use_new[ps] ? kn[e] : bf_lo(w4[q]);
+                const float k1 = use_new[ps] ? kn[e + 1] : bf_hi(w4[q]);
+                acc += qf[e] * k0 + qf[e + 1] * k1;
+            }
+        }
+        acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+        acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+        score[ps] = valid[ps] ? acc * a.scale : NEG_INF;
+    }
+    // The warp's softmax over its 16 keys.
+    float mw = fmaxf(score[0], score[1]);
+#pragma unroll
+    for (int o = 4; o < 32; o <<= 1) mw = fmaxf(mw, __shfl_xor_sync(0xffffffffu, mw, o));
+    float pg[2];
+#pragma unroll
+    for (int ps = 0; ps < 2; ps++) pg[ps] = valid[ps] ? expf(score[ps] - mw) : 0.f;
+    float lw = pg[0] + pg[1];
+#pragma unroll
+    for (int o = 4; o < 32; o <<= 1) lw += __shfl_xor_sync(0xffffffffu, lw, o);
+    // P.V on this lane's elements, summed over the warp's 16 keys.
+#pragma unroll
+    for (int c = 0; c < 4; c++) {
+        if (c >= nc) break;
+        float o8[8];
+#pragma unroll
+        for (int i = 0; i < 8; i++) o8[i] = 0.f;
+#pragma unroll
+        for (int ps = 0; ps < 2; ps++) {
+            const u32 w4[4] = {vr[ps][c].x, vr[ps][c].y, vr[ps][c].z, vr[ps][c].w};
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+                const int e = e0 + 8 * c + 2 * q;
+                o8[2 * q] += pg[ps] * (use_new[ps] ? vn[e] : bf_lo(w4[q]));
+                o8[2 * q + 1] += pg[ps] * (use_new[ps] ? vn[e + 1] : bf_hi(w4[q]));
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+#pragma unroll
+            for (int o = 4; o < 32; o <<= 1) o8[i] += __shfl_xor_sync(0xffffffffu, o8[i], o);
+        }
+        if (g == 0) {
+#pragma unroll
+            for (int i = 0; i < 8; i++) wo[warp * 128 + e0 + 8 * c + i] = o8[i];
+        }
+    }
+    if (lane == 0) {
+        wm[warp] = mw;
+        wl[warp] = lw;
+    }
+    __syncthreads();
+    // Merge the warps in order.
+    float m_all = NEG_INF;
+#pragma unroll
+    for (int w = 0; w < AW_WARPS; w++) m_all = fmaxf(m_all, wm[w]);
+    float f[AW_WARPS];
+    float l = 0.f;
+#pragma unroll
+    for (int w = 0; w < AW_WARPS; w++) {
+        f[w] = wm[w] == NEG_INF ? 0.f : expf(wm[w] - m_all);
+        l += f[w] * wl[w];
+    }
+    const size_t row = (size_t)t * a.n_heads + h;
+    float* po = part_o + (row * a.max_splits + z) * d;
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
         float o = 0.f;
-#pragma unroll 8
-        for (int zz = 0; zz < nsplit; zz++) o += red[zz] * __ldcg(pob + (size_t)zz * d + i);
-        out[row * d + i] = to_bf(o / l_all);
+#pragma unroll
+        for (int w = 0; w < AW_WARPS; w++) o += f[w] * wo[w * 128 + i];
+        if (nsplit == 1) {
+            out[row * d + i] = to_bf(o / l);
+        } else {
+            po[i] = o;
+        }
     }
+    if (nsplit == 1) return;
+    if (threadIdx.x == 0) {
+        part_ml[(row * a.max_splits + z) * 2] = m_all;
+        part_ml[(row * a.max_splits + z) * 2 + 1] = l;
+    }
+    // wo becomes the combine's scratch: last_block's barrier orders it after the reads above.
+    combine_splits(part_ml, part_o, counters, out, row, nsplit, a.max_splits, d, wo, sh, &flag);
 }
 
 // ---------------------------------------------------------------------------------------------

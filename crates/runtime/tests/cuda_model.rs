@@ -273,6 +273,7 @@ fn greedy_tokens_equal_cpu_on_embedded_model() {
     let plain = Tuning {
         pdl: false,
         norm_router: false,
+        warp_attention: false,
         ..base
     };
     for (use_graph, t) in [(true, pdl_on), (true, plain), (false, base)] {
@@ -326,21 +327,32 @@ fn attention_over_several_splits_matches_cpu() {
         &got[got.len() - v..],
         &want[want.len() - v..],
     );
-    let mut tok = argmax(&got[got.len() - v..]) as u32;
+    let first = argmax(&got[got.len() - v..]) as u32;
     let start = prompt.len();
-    g.decode_start(&[tok], &[start], true).unwrap();
-    for step in 0..6 {
-        let pos = start + step;
-        g.decode_steps(1, 1).unwrap();
-        let got = g.decode_logits(1).unwrap();
-        let want = cpu.forward(&[tok], &mut cache, Logits::Last).unwrap();
-        check_close(
-            &format!("150-token context, decode step {step}"),
-            &got,
-            &want,
-        );
-        tok = g.decode_tokens(1, pos + 1, pos + 2).unwrap()[0][0];
+    // Decode steps through both attention kernels (head_dim 64 takes the warp kernel).
+    let base = g.gpu().ctx.tuning();
+    let after_prompt = cache.clone();
+    for warp in [true, false] {
+        g.gpu().ctx.set_tuning(Tuning {
+            warp_attention: warp,
+            ..base
+        });
+        let mut cache = after_prompt.clone();
+        g.alloc_cache(1, 256).unwrap();
+        g.forward(&prompt, 0, 0, false).unwrap();
+        let mut tok = first;
+        g.decode_start(&[tok], &[start], true).unwrap();
+        for step in 0..6 {
+            let pos = start + step;
+            g.decode_steps(1, 1).unwrap();
+            let got = g.decode_logits(1).unwrap();
+            let want = cpu.forward(&[tok], &mut cache, Logits::Last).unwrap();
+            let what = format!("150-token context, warp_attention {warp}, decode step {step}");
+            check_close(&what, &got, &want);
+            tok = g.decode_tokens(1, pos + 1, pos + 2).unwrap()[0][0];
+        }
     }
+    g.gpu().ctx.set_tuning(base);
 }
 
 /// `ppl` and `compare` on the GPU (eval::WindowModel for GpuModel) against the CPU on the

@@ -66,7 +66,7 @@ fn compile_log(e: &cudarc::nvrtc::CompileError) -> String {
 
 /// Latency features of the decode path, switchable for A/B measurements through the
 /// environment at context creation (`MIMO_PDL`, `MIMO_L2_PREFETCH`, `MIMO_MOE_DIRECT`,
-/// `MIMO_NORM_ROUTER`: `1` on, `0` off) or later through [`GpuContext::set_tuning`]. The defaults
+/// `MIMO_NORM_ROUTER`, `MIMO_WARP_ATTENTION`: `1` on, `0` off) or later through [`GpuContext::set_tuning`]. The defaults
 /// follow the H100 ablation of docs/kernels-notes.md (round 3): the three that did not pay
 /// there are off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +87,9 @@ pub struct Tuning {
     /// blocks recomputes the 2048-wide norm with 256 threads, which costs more than the
     /// separate 1024-thread norm launch it saves.
     pub norm_router: bool,
+    /// Decode-step attention through the runtime's warp kernel (`attention_w`: 4 warps x 16
+    /// keys, head_dim 32..=128 in steps of 32) instead of the thread-per-key one.
+    pub warp_attention: bool,
 }
 
 impl Default for Tuning {
@@ -96,6 +99,7 @@ impl Default for Tuning {
             l2_prefetch: false,
             moe_direct: true,
             norm_router: false,
+            warp_attention: true,
         }
     }
 }
@@ -110,6 +114,7 @@ impl Tuning {
             l2_prefetch: flag("MIMO_L2_PREFETCH", d.l2_prefetch),
             moe_direct: flag("MIMO_MOE_DIRECT", d.moe_direct),
             norm_router: flag("MIMO_NORM_ROUTER", d.norm_router),
+            warp_attention: flag("MIMO_WARP_ATTENTION", d.warp_attention),
         }
     }
 }
@@ -130,6 +135,7 @@ pub struct GpuContext {
     l2_prefetch: AtomicBool,
     moe_direct: AtomicBool,
     norm_router: AtomicBool,
+    warp_attention: AtomicBool,
 }
 
 impl GpuContext {
@@ -201,6 +207,7 @@ impl GpuContext {
             l2_prefetch: AtomicBool::new(tuning.l2_prefetch),
             moe_direct: AtomicBool::new(tuning.moe_direct),
             norm_router: AtomicBool::new(tuning.norm_router),
+            warp_attention: AtomicBool::new(tuning.warp_attention),
         })
     }
 
@@ -211,6 +218,7 @@ impl GpuContext {
             l2_prefetch: self.l2_prefetch.load(Ordering::Relaxed),
             moe_direct: self.moe_direct.load(Ordering::Relaxed),
             norm_router: self.norm_router.load(Ordering::Relaxed),
+            warp_attention: self.warp_attention.load(Ordering::Relaxed),
         }
     }
 
@@ -220,6 +228,8 @@ impl GpuContext {
         self.l2_prefetch.store(t.l2_prefetch, Ordering::Relaxed);
         self.moe_direct.store(t.moe_direct, Ordering::Relaxed);
         self.norm_router.store(t.norm_router, Ordering::Relaxed);
+        self.warp_attention
+            .store(t.warp_attention, Ordering::Relaxed);
     }
 
     /// Driver handles of every kernel of this context loaded so far: all of them wait on their

@@ -355,6 +355,7 @@ fn tuning_ablation(
         flip(|t| &mut t.l2_prefetch, "l2_prefetch"),
         flip(|t| &mut t.moe_direct, "moe_direct"),
         flip(|t| &mut t.norm_router, "norm_router"),
+        flip(|t| &mut t.warp_attention, "warp_attention"),
         (
             "all_off".to_string(),
             Tuning {
@@ -362,6 +363,7 @@ fn tuning_ablation(
                 l2_prefetch: false,
                 moe_direct: false,
                 norm_router: false,
+                warp_attention: false,
             },
         ),
     ];

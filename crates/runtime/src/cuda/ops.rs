@@ -103,6 +103,7 @@ pub struct Ops {
     add_rmsnorm: CudaFunction,
     kv_write: CudaFunction,
     attention: CudaFunction,
+    attention_w: CudaFunction,
     swiglu: CudaFunction,
     add_bias: CudaFunction,
     router_topk: CudaFunction,
@@ -163,6 +164,7 @@ impl Ops {
             add_rmsnorm: f("add_rmsnorm")?,
             kv_write: f("kv_write")?,
             attention: f("attention")?,
+            attention_w: f("attention_w")?,
             swiglu: f("swiglu")?,
             add_bias: f("add_bias")?,
             router_topk: f("router_topk")?,
@@ -183,6 +185,7 @@ impl Ops {
             &self.add_rmsnorm,
             &self.kv_write,
             &self.attention,
+            &self.attention_w,
             &self.swiglu,
             &self.add_bias,
             &self.router_topk,
@@ -316,7 +319,21 @@ impl Ops {
         a: AttnArgs,
         m: usize,
     ) -> Result<(), GpuError> {
-        let mut b = gpu.stream().launch_builder(&self.attention);
+        // The warp kernel for decode steps where the head fits its lane layout (d / 4 elements
+        // per lane in 16-byte pieces, at most 128) and splits are its 64 keys; prefill keeps the
+        // thread-per-key kernel. The combine scratch (1024 floats) bounds the splits: checked
+        // by alloc_cache (at most 8 * ATTN_THREADS = 1024 splits).
+        let warp_kernel = gpu.tuning().warp_attention
+            && a.fused_new != 0
+            && a.d % 32 == 0
+            && a.d <= 128
+            && a.split_len == 64;
+        let f = if warp_kernel {
+            &self.attention_w
+        } else {
+            &self.attention
+        };
+        let mut b = gpu.stream().launch_builder(f);
         b.arg(q.buf).arg(&q.off).arg(&q.stride);
         b.arg(k.buf).arg(&k.off).arg(&k.stride);
         b.arg(v.buf).arg(&v.off).arg(&v.stride);
@@ -335,10 +352,19 @@ impl Ops {
             .arg(counters)
             .arg(out)
             .arg(&a);
-        let cfg = LaunchConfig {
-            grid_dim: (m as u32, a.n_heads as u32, a.max_splits as u32),
-            block_dim: (ATTN_THREADS, 1, 1),
-            shared_mem_bytes: (3 * a.d as u32 + a.split_len as u32 + 8 * ATTN_THREADS) * 4,
+        let cfg = if warp_kernel {
+            // 4 warps x 16 keys; shared memory is static.
+            LaunchConfig {
+                grid_dim: (m as u32, a.n_heads as u32, a.max_splits as u32),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            }
+        } else {
+            LaunchConfig {
+                grid_dim: (m as u32, a.n_heads as u32, a.max_splits as u32),
+                block_dim: (ATTN_THREADS, 1, 1),
+                shared_mem_bytes: (3 * a.d as u32 + a.split_len as u32 + 8 * ATTN_THREADS) * 4,
+            }
         };
         // SAFETY: as kv_write; part_ml/part_o/counters hold m * heads * max_splits entries.
         unsafe { b.launch(cfg) }.map_err(drv("launch attention"))?;
