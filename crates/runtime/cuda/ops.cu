@@ -51,8 +51,10 @@ __device__ float block_sum(float v, float* sh) {
     __syncthreads();
     if (lane == 0) sh[warp] = v;
     __syncthreads();
-    float s = 0.f;
-    for (int i = 0; i < nw; i++) s += sh[i];  // same order in every thread
+    // Every warp reduces the nw partials with the same shuffle tree: one result, fixed order.
+    float s = lane < nw ? sh[lane] : 0.f;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
     return s;
 }
 
@@ -63,8 +65,9 @@ __device__ float block_max(float v, float* sh) {
     __syncthreads();
     if (lane == 0) sh[warp] = v;
     __syncthreads();
-    float s = sh[0];
-    for (int i = 1; i < nw; i++) s = fmaxf(s, sh[i]);
+    float s = lane < nw ? sh[lane] : NEG_INF;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s = fmaxf(s, __shfl_xor_sync(0xffffffffu, s, o));
     return s;
 }
 
@@ -703,7 +706,7 @@ router_topk(const u16* __restrict__ x, const u16* __restrict__ w, float* __restr
         const u16* wr = w + (size_t)e * hidden;
         float acc = 0.f;
         if ((hidden & 7) == 0) {
-#pragma unroll 4
+#pragma unroll 8
             for (int c = lane * 8; c < hidden; c += 256) {
                 const uint4 wv = *(const uint4*)(wr + c);
                 const u32 ws[4] = {wv.x, wv.y, wv.z, wv.w};
@@ -734,24 +737,29 @@ router_topk(const u16* __restrict__ x, const u16* __restrict__ w, float* __restr
         if (lane == 0) logits[(size_t)t * n_experts + e] = acc;
     }
     if (!last_block(counters + t, gridDim.x, &flag)) return;
+    // Softmax and top-k by warp 0 alone (shuffles, no block barriers): the logits are loaded
+    // all at once, max and sum are warp reductions in a fixed order.
+    if (warp != 0) return;
     float mx = NEG_INF;
-    for (int i = threadIdx.x; i < n_experts; i += blockDim.x) {
+    for (int i = lane; i < n_experts; i += 32) {
         const float v = __ldcg(logits + (size_t)t * n_experts + i);
         prob[i] = v;
         mx = fmaxf(mx, v);
     }
-    mx = block_max(mx, shv);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
     float sum = 0.f;
-    for (int i = threadIdx.x; i < n_experts; i += blockDim.x) {
+    for (int i = lane; i < n_experts; i += 32) {
         const float v = expf(prob[i] - mx);
         prob[i] = v;
         sum += v;
     }
-    sum = block_sum(sum, shv);
-    for (int i = threadIdx.x; i < n_experts; i += blockDim.x) prob[i] = prob[i] / sum;
-    __syncthreads();
-    // Top-k by warp 0 alone: each round one warp-wide argmax (shuffles, no block barriers).
-    if (warp != 0) return;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    // Each lane scales the entries it owns (i % 32 == lane), the ones it reads below.
+    for (int i = lane; i < n_experts; i += 32) prob[i] = prob[i] / sum;
+    __syncwarp();
+    // Top-k: each round one warp-wide argmax.
     float sel_sum = 0.f;
     for (int j = 0; j < top_k; j++) {
         float v = -1.f;
