@@ -26,7 +26,11 @@ VARIANTS=(
   "mxfp4-mse|mxfp4|--method mse"
   "mxfp4-gptq|mxfp4|--method gptq"
   "mxfp4-gptq-ao|mxfp4|--method gptq --act-order --damp 0.1"
+  "nvfp4-gptq-ao-wl|nvfp4|--method gptq --act-order --damp 0.1 --within-layer"
+  "mxfp4-gptq-ao-wl|mxfp4|--method gptq --act-order --damp 0.1 --within-layer"
 )
+# ONLY=regex (e.g. ONLY='nvfp4-gptq-ao-wl|mxfp4-gptq-ao-wl') reruns some variants and replaces
+# their rows in the existing bench/results/quality.json.
 if [ -n "${ONLY:-}" ]; then
   mapfile -t VARIANTS < <(printf '%s\n' "${VARIANTS[@]}" | grep -E "^(${ONLY})\|")
 fi
@@ -70,9 +74,14 @@ PY
 )")
   echo "${ROWS[-1]}"
 done
-python3 - "$SLICE_BYTES" "$M" "${ROWS[@]}" > bench/results/quality.json <<'PY'
+python3 - "$SLICE_BYTES" "$M" "${ONLY:-}" "${ROWS[@]}" > "$WORK/quality.json" <<'PY'
 import json, sys
-rows = [json.loads(r) for r in sys.argv[3:]]
+rows = [json.loads(r) for r in sys.argv[4:]]
+if sys.argv[3]:
+    # Merge: keep the other variants' rows from the previous run.
+    old = json.load(open("bench/results/quality.json"))["rows"]
+    new = {r["name"]: r for r in rows}
+    rows = [new.pop(r.get("name"), r) for r in old] + list(new.values())
 n = int(sys.argv[1])
 print(json.dumps({
   "model": sys.argv[2],
@@ -86,4 +95,5 @@ print(json.dumps({
   "rows": rows,
 }, indent=2))
 PY
+cp "$WORK/quality.json" bench/results/quality.json
 echo "wrote bench/results/quality.json"
