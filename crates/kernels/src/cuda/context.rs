@@ -87,8 +87,8 @@ pub struct Tuning {
     /// blocks recomputes the 2048-wide norm with 256 threads, which costs more than the
     /// separate 1024-thread norm launch it saves.
     pub norm_router: bool,
-    /// Decode-step attention through the runtime's warp kernel (`attention_w`: 4 warps x 16
-    /// keys, head_dim 32..=128 in steps of 32) instead of the thread-per-key one.
+    /// One-sequence decode steps' attention through the runtime's warp kernel (`attention_w`:
+    /// 4 warps x 16 keys, head_dim 32..=128 in steps of 32) instead of the thread-per-key one.
     pub warp_attention: bool,
 }
 

@@ -319,12 +319,15 @@ impl Ops {
         a: AttnArgs,
         m: usize,
     ) -> Result<(), GpuError> {
-        // The warp kernel for decode steps where the head fits its lane layout (d / 4 elements
-        // per lane in 16-byte pieces, at most 128) and splits are its 64 keys; prefill keeps the
-        // thread-per-key kernel. The combine scratch (1024 floats) bounds the splits: checked
-        // by alloc_cache (at most 8 * ATTN_THREADS = 1024 splits).
+        // The warp kernel for one-sequence decode steps where the head fits its lane layout
+        // (d / 4 elements per lane in 16-byte pieces, at most 128) and splits are its 64 keys.
+        // Prefill and batched decode keep the thread-per-key kernel: with many blocks in flight
+        // its lighter blocks win (H100: batch 8 / 32 decode 7 % / 13 % slower with the warp
+        // kernel, batch 1 5 % faster). The combine scratch (1024 floats) bounds the splits:
+        // checked by alloc_cache (at most 8 * ATTN_THREADS = 1024 splits).
         let warp_kernel = gpu.tuning().warp_attention
             && a.fused_new != 0
+            && m == 1
             && a.d % 32 == 0
             && a.d <= 128
             && a.split_len == 64;
