@@ -17,7 +17,7 @@ use std::sync::Arc;
 use cudarc::driver::sys;
 use cudarc::driver::CudaStream;
 
-use super::error::CudaError;
+use super::error::{drv, CudaError};
 
 /// An instantiated graph (owned: destroyed on drop) and what the PDL pass did to it.
 pub struct PdlGraph {
@@ -31,14 +31,7 @@ pub struct PdlGraph {
 }
 
 fn check(what: &'static str, r: sys::CUresult) -> Result<(), CudaError> {
-    if r == sys::CUresult::CUDA_SUCCESS {
-        Ok(())
-    } else {
-        Err(CudaError::Driver {
-            what,
-            source: cudarc::driver::DriverError(r),
-        })
-    }
+    r.result().map_err(drv(what))
 }
 
 impl PdlGraph {
@@ -54,7 +47,7 @@ impl PdlGraph {
         stream
             .context()
             .bind_to_thread()
-            .map_err(super::error::drv("bind context"))?;
+            .map_err(drv("bind context"))?;
         let mut graph: sys::CUgraph = std::ptr::null_mut();
         // SAFETY: the stream is capturing (the caller began it); graph receives the result.
         check("end graph capture", unsafe {
@@ -173,7 +166,7 @@ impl PdlGraph {
         self.stream
             .context()
             .bind_to_thread()
-            .map_err(super::error::drv("bind context"))?;
+            .map_err(drv("bind context"))?;
         // SAFETY: exec and the stream are valid for self's lifetime.
         check("launch graph", unsafe {
             sys::cuGraphLaunch(self.exec, self.stream.cu_stream())
