@@ -1,7 +1,6 @@
 //! The GPU context: device, one capture-safe stream, and the kernel modules compiled by NVRTC.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream};
@@ -131,11 +130,8 @@ pub struct GpuContext {
     name: String,
     nvfp4_lut: CudaSlice<u16>,
     mxfp4_lut: CudaSlice<u16>,
-    pdl: AtomicBool,
-    l2_prefetch: AtomicBool,
-    moe_direct: AtomicBool,
-    norm_router: AtomicBool,
-    warp_attention: AtomicBool,
+    /// Copied out at each launch or capture that depends on it; set through `set_tuning`.
+    tuning: Mutex<Tuning>,
 }
 
 impl GpuContext {
@@ -203,33 +199,19 @@ impl GpuContext {
             name,
             nvfp4_lut,
             mxfp4_lut,
-            pdl: AtomicBool::new(tuning.pdl),
-            l2_prefetch: AtomicBool::new(tuning.l2_prefetch),
-            moe_direct: AtomicBool::new(tuning.moe_direct),
-            norm_router: AtomicBool::new(tuning.norm_router),
-            warp_attention: AtomicBool::new(tuning.warp_attention),
+            tuning: Mutex::new(tuning),
         })
     }
 
     /// The latency features in force.
     pub fn tuning(&self) -> Tuning {
-        Tuning {
-            pdl: self.pdl.load(Ordering::Relaxed),
-            l2_prefetch: self.l2_prefetch.load(Ordering::Relaxed),
-            moe_direct: self.moe_direct.load(Ordering::Relaxed),
-            norm_router: self.norm_router.load(Ordering::Relaxed),
-            warp_attention: self.warp_attention.load(Ordering::Relaxed),
-        }
+        // A poisoned lock still holds a whole Tuning (a plain Copy value).
+        *self.tuning.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Switches the latency features for launches and captures queued from now on.
     pub fn set_tuning(&self, t: Tuning) {
-        self.pdl.store(t.pdl, Ordering::Relaxed);
-        self.l2_prefetch.store(t.l2_prefetch, Ordering::Relaxed);
-        self.moe_direct.store(t.moe_direct, Ordering::Relaxed);
-        self.norm_router.store(t.norm_router, Ordering::Relaxed);
-        self.warp_attention
-            .store(t.warp_attention, Ordering::Relaxed);
+        *self.tuning.lock().unwrap_or_else(|e| e.into_inner()) = t;
     }
 
     /// Driver handles of every kernel of this context loaded so far: all of them wait on their
