@@ -23,8 +23,8 @@ use mimo_kernels::Fp4Matrix;
 
 use super::error::{drv, GpuError};
 use super::ops::{
-    AttnArgs, RouterIn, Rows, ARGMAX_CHUNK, MAX_EXPERTS, MAX_FUSED_ROUTER_HIDDEN, MAX_HEAD_DIM,
-    SPLIT_LEN,
+    AttnArgs, RouterIn, Rows, ARGMAX_CHUNK, MAX_CONTEXT, MAX_EXPERTS, MAX_FUSED_ROUTER_HIDDEN,
+    MAX_HEAD_DIM, SPLIT_LEN,
 };
 use super::weights::{linear_to_bf16, Gpu, GpuLinear};
 use crate::arch::Names;
@@ -559,11 +559,9 @@ impl GpuModel {
         self.cache = None;
         let c = &self.config;
         let capacity = capacity.min(c.max_position_embeddings).max(1);
-        // The attention combine keeps one factor per split in shared memory (8 per thread).
-        let max_cap = SPLIT_LEN * 8 * super::ops::ATTN_THREADS as usize;
-        if capacity > max_cap {
+        if capacity > MAX_CONTEXT {
             return Err(GpuError::Unsupported(format!(
-                "a context of {capacity} positions (the attention kernel takes {max_cap})"
+                "a context of {capacity} positions (the attention kernel takes {MAX_CONTEXT})"
             )));
         }
         let len = seqs * self.layers.len() * c.num_kv_heads * capacity * c.head_dim;
@@ -1480,10 +1478,7 @@ impl crate::eval::WindowModel for GpuModel {
     }
 
     fn max_context(&self) -> usize {
-        // The attention combine keeps one factor per split in shared memory (alloc_cache).
-        self.config
-            .max_position_embeddings
-            .min(SPLIT_LEN * 8 * super::ops::ATTN_THREADS as usize)
+        self.config.max_position_embeddings.min(MAX_CONTEXT)
     }
 
     fn window_logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>, crate::eval::EvalError> {

@@ -21,6 +21,9 @@ pub const OPS_SRC: (&str, &str) = ("ops.cu", include_str!("../../cuda/ops.cu"));
 pub const SPLIT_LEN: usize = 64;
 /// Threads of an attention block; RoPE uses one thread per rotated pair, so head_dim <= 256.
 pub const ATTN_THREADS: u32 = 128;
+/// Longest context the attention kernels take: their split combine keeps one factor per split
+/// in shared memory, 8 per thread of a block (and `attention_w`'s 1024-float scratch).
+pub const MAX_CONTEXT: usize = SPLIT_LEN * 8 * ATTN_THREADS as usize;
 /// Largest head dimension the attention kernel takes.
 pub const MAX_HEAD_DIM: usize = 256;
 /// Most experts the router and the BF16 expert kernel take (shared-memory tables).
@@ -324,7 +327,7 @@ impl Ops {
         // Prefill and batched decode keep the thread-per-key kernel: with many blocks in flight
         // its lighter blocks win (H100: batch 8 / 32 decode 7 % / 13 % slower with the warp
         // kernel, batch 1 5 % faster). The combine scratch (1024 floats) bounds the splits:
-        // checked by alloc_cache (at most 8 * ATTN_THREADS = 1024 splits).
+        // checked by alloc_cache against MAX_CONTEXT (at most 1024 splits).
         let warp_kernel = gpu.tuning().warp_attention
             && a.fused_new != 0
             && m == 1
