@@ -502,14 +502,7 @@ fn run_bench(
     let t0 = Instant::now();
     let model = load_model(dir)?;
     let load_s = t0.elapsed().as_secs_f64();
-    let v = model.config.vocab_size;
-    if prompt_tokens == 0 {
-        bail!("--prompt-tokens must be at least 1");
-    }
-    // Fixed pseudo-random prompt: benchmark numbers do not depend on a tokenizer.
-    let prompt: Vec<u32> = (0..prompt_tokens)
-        .map(|i| ((i * 7919 + 13) % v) as u32)
-        .collect();
+    let prompt = bench_prompt(prompt_tokens, model.config.vocab_size)?;
     let ctx = prompt_tokens + decode_tokens + 1;
     let (mut best_prefill, mut best_decode) = (f64::INFINITY, f64::INFINITY);
     let mut best_decode_cpu = f64::INFINITY;
@@ -570,6 +563,17 @@ fn run_bench(
         );
     }
     Ok(())
+}
+
+/// The fixed pseudo-random prompt of `bench -m` (CPU and GPU): benchmark numbers do not depend
+/// on a tokenizer.
+fn bench_prompt(prompt_tokens: usize, vocab: usize) -> Result<Vec<u32>> {
+    if prompt_tokens == 0 {
+        bail!("--prompt-tokens must be at least 1");
+    }
+    Ok((0..prompt_tokens)
+        .map(|i| ((i * 7919 + 13) % vocab) as u32)
+        .collect())
 }
 
 /// User + system CPU time of this process in seconds (Linux /proc; `None` elsewhere).
@@ -653,16 +657,10 @@ mod gpu {
         runs: usize,
         json_out: bool,
     ) -> Result<()> {
-        if prompt_tokens == 0 {
-            bail!("--prompt-tokens must be at least 1");
-        }
         let t0 = Instant::now();
         let mut model = load_model(gpu, dir)?;
         let load_s = t0.elapsed().as_secs_f64();
-        let v = model.config.vocab_size;
-        let prompt: Vec<u32> = (0..prompt_tokens)
-            .map(|i| ((i * 7919 + 13) % v) as u32)
-            .collect();
+        let prompt = super::bench_prompt(prompt_tokens, model.config.vocab_size)?;
         let ctx = prompt_tokens + decode_tokens + 1;
         model.alloc_cache(1, ctx)?;
         let (mut best_prefill, mut best_decode) = (f64::INFINITY, f64::INFINITY);
