@@ -276,16 +276,7 @@ fn time_decode(
     // Every sequence decodes after `prompt` cached positions (sequence 0 holds the prefilled
     // prompt; the others' cache rows are zeros: attention reads them all the same).
     let positions = vec![opts.prompt; batch];
-    let graph = model.decode_start(&tokens, &positions, opts.graphs)?;
-    let warm = 4.min(opts.steps);
-    model.decode_steps(batch, warm)?;
-    model.synchronize()?;
-    model.decode_start(&tokens, &positions, opts.graphs)?;
-    model.synchronize()?;
-    let t0 = Instant::now();
-    model.decode_steps(batch, opts.steps)?;
-    model.synchronize()?;
-    let dt = t0.elapsed().as_secs_f64();
+    let (graph, dt) = timed_steps(model, &tokens, &positions, opts)?;
     // The profile is a diagnostic: its failure does not void the measurement.
     let profile = if batch == 1 {
         match model.profile_decode_step(batch) {
@@ -334,6 +325,27 @@ fn time_decode(
     })
 }
 
+/// Decodes `tokens` (one per sequence) from `positions`: starts (capturing the step's graph on
+/// first use with `opts.graphs`), runs up to 4 warm-up steps, starts again at the same positions
+/// and times `opts.steps` steps. Returns whether a graph ran and the seconds of the timed steps.
+fn timed_steps(
+    model: &mut GpuModel,
+    tokens: &[u32],
+    positions: &[usize],
+    opts: &BenchOptions,
+) -> Result<(bool, f64), GpuError> {
+    let batch = tokens.len();
+    let graph = model.decode_start(tokens, positions, opts.graphs)?;
+    model.decode_steps(batch, 4.min(opts.steps))?;
+    model.synchronize()?;
+    model.decode_start(tokens, positions, opts.graphs)?;
+    model.synchronize()?;
+    let t0 = Instant::now();
+    model.decode_steps(batch, opts.steps)?;
+    model.synchronize()?;
+    Ok((graph, t0.elapsed().as_secs_f64()))
+}
+
 /// Batch-1 decode tokens/s with each latency feature flipped in turn, then all off; the features
 /// in force before the call are restored (and the decode graph captured again) at the end.
 fn tuning_ablation(
@@ -371,15 +383,8 @@ fn tuning_ablation(
     let run = |model: &mut GpuModel, t: Tuning| -> Result<f64, GpuError> {
         model.gpu().ctx.set_tuning(t);
         model.reset_decode_sessions();
-        model.decode_start(tokens, positions, true)?;
-        model.decode_steps(1, 4.min(opts.steps))?;
-        model.synchronize()?;
-        model.decode_start(tokens, positions, true)?;
-        model.synchronize()?;
-        let t0 = Instant::now();
-        model.decode_steps(1, opts.steps)?;
-        model.synchronize()?;
-        Ok(opts.steps.max(1) as f64 / t0.elapsed().as_secs_f64())
+        let (_, dt) = timed_steps(model, tokens, positions, opts)?;
+        Ok(opts.steps.max(1) as f64 / dt)
     };
     for (name, t) in variants {
         if t == base {
