@@ -12,7 +12,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 echo "== kernel tests"; timeout 200 "$KTEST" --test-threads=1 > "$OUT/ktests.log" 2>&1; echo "rc $?"; grep -E "test result|FAILED|panicked" "$OUT/ktests.log"
 echo "== runtime GPU tests"; timeout 200 "$RTEST" --test-threads=1 --nocapture > "$OUT/rtests.log" 2>&1; echo "rc $?"; grep -E "test result|FAILED|panicked|programmatic" "$OUT/rtests.log" | head -20
 if [ "${SKIP_KBENCH:-0}" != 1 ]; then
-  echo "== kernel bench"; timeout 240 target/release/mimo-bench-kernels --out "$OUT/kernels.json" > "$OUT/kbench.md" 2> "$OUT/kbench.err"
+  echo "== kernel bench"; timeout 240 target/release/mimo-bench-kernels ${KBENCH_ARGS:-} --out "$OUT/kernels.json" > "$OUT/kbench.md" 2> "$OUT/kbench.err"
   echo "rc $?"; tail -n 3 "$OUT/kbench.err"; grep -E "^\| (4096 x 14336|2048 x 151936|nvfp4|mxfp4) " "$OUT/kbench.md" | head -20
 fi
 for cfg in ${CONFIGS:-qwen3-30b-a3b mimo-7b}; do

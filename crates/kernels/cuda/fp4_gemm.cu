@@ -763,6 +763,144 @@ extern "C" __global__ void fp4_dequant_mx(const u8* wp, const u8* ws, const floa
     dequant_body<FMT_MXFP4>(wp, ws, gs, lut, out, n, k);
 }
 
+// ---------------------------------------------------------------------------------------------
+// FP8 prefill path (fp8.rs; CPU reference: src/fp8_rows.rs, same f32 operations in the same
+// order, compared bit-exactly by the tests). Weights: one warp per row finds the row's largest
+// block scale, picks the power-of-two shift p that puts 6 * max(s) * 2^-p in (224, 448], and
+// writes e4m3(e2m1 * (s * 2^-p)) with the row scale 2^p / gscale (MXFP4: 2^p). Activations: one
+// block per token row writes e4m3(x * (448 / amax)) with the row scale amax / 448. cuBLASLt then
+// multiplies the E4M3 operands with both scale vectors applied in its epilogue.
+// ---------------------------------------------------------------------------------------------
+
+// Two f32 -> two E4M3 (round to nearest even, saturating to +-448): `lo` in the low byte.
+__device__ __forceinline__ u16 f32x2_to_e4m3x2(float lo, float hi) {
+#if __CUDA_ARCH__ >= 890
+    u16 r;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+    return r;
+#else
+    // The FP8 path is only selected on sm_89 and newer (fp8.rs checks the compute capability).
+    __trap();
+    return 0;
+#endif
+}
+
+// Smallest p with 6 * smax * 2^-p <= 448 (weight_row_shift in fp8_rows.rs).
+__device__ __forceinline__ int e4m3_row_shift(float smax) {
+    if (!(smax > 0.f && smax <= 3.402823466e38f)) return 0; // zero, NaN or inf rows: no shift
+    int e;
+    const float f = frexpf(smax, &e);
+    return (6.f * f * 128.f <= 448.f) ? e - 7 : e - 6;
+}
+
+template <int FMT>
+__device__ __forceinline__ void fp4_to_e4m3_body(const u8* __restrict__ wp,
+                                                 const u8* __restrict__ ws,
+                                                 const float* __restrict__ gscale,
+                                                 const u16* __restrict__ scale_lut,
+                                                 u8* __restrict__ out, float* __restrict__ row_scale,
+                                                 int n, int k) {
+    pdl_enter();
+    const int lane = threadIdx.x & 31;
+    const size_t row = (size_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= (size_t)n) return;
+    const int bs = FMT == FMT_NVFP4 ? 16 : 32;
+    const int blocks = k / bs;
+    const u8* srow = ws + row * blocks;
+    float smax = 0.f;
+    for (int b = lane; b < blocks; b += 32) smax = fmaxf(smax, bf16_to_f32(scale_lut[srow[b]]));
+#pragma unroll
+    for (int o = 16; o; o >>= 1) smax = fmaxf(smax, __shfl_xor_sync(0xffffffffu, smax, o));
+    const int p = e4m3_row_shift(smax);
+    if (lane == 0)
+        row_scale[row] = FMT == FMT_NVFP4 ? ldexpf(1.f, p) / gscale[0] : ldexpf(1.f, p);
+    const u8* prow = wp + row * (size_t)(k >> 1);
+    u8* orow = out + row * (size_t)k;
+    for (int pk = lane * 32; pk < k; pk += 32 * 32) {
+        const uint4 w = ldg_stream(prow + (pk >> 1));
+        const u32 words[4] = {w.x, w.y, w.z, w.w};
+        float mult[2];
+        if (FMT == FMT_NVFP4) {
+            mult[0] = ldexpf(bf16_to_f32(scale_lut[srow[pk >> 4]]), -p);
+            mult[1] = ldexpf(bf16_to_f32(scale_lut[srow[(pk >> 4) + 1]]), -p);
+        } else {
+            mult[0] = ldexpf(bf16_to_f32(scale_lut[srow[pk >> 5]]), -p);
+            mult[1] = mult[0];
+        }
+        u32 o[8];
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            u32 pr[4];
+            e2m1x8_to_bf16(words[q], pr[0], pr[1], pr[2], pr[3]);
+            const float mlt = mult[q >> 1];
+            u32 h[4];
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                // e2m1 * 2^-126 as a bf16 subnormal, widened and scaled back exactly (as in
+                // dequant_body), then times the shifted block scale: exact in f32.
+                const float e0 = __uint_as_float(pr[j] << 16) * 0x1p126f;
+                const float e1 = __uint_as_float(pr[j] & 0xFFFF0000u) * 0x1p126f;
+                h[j] = f32x2_to_e4m3x2(e0 * mlt, e1 * mlt);
+            }
+            o[q * 2] = h[0] | (h[1] << 16);
+            o[q * 2 + 1] = h[2] | (h[3] << 16);
+        }
+        uint4* dst = (uint4*)(orow + pk);
+        dst[0] = make_uint4(o[0], o[1], o[2], o[3]);
+        dst[1] = make_uint4(o[4], o[5], o[6], o[7]);
+    }
+}
+
+extern "C" __global__ void fp4_to_e4m3_rows_nv(const u8* wp, const u8* ws, const float* gs,
+                                               const u16* lut, u8* out, float* row_scale, int n,
+                                               int k) {
+    fp4_to_e4m3_body<FMT_NVFP4>(wp, ws, gs, lut, out, row_scale, n, k);
+}
+extern "C" __global__ void fp4_to_e4m3_rows_mx(const u8* wp, const u8* ws, const float* gs,
+                                               const u16* lut, u8* out, float* row_scale, int n,
+                                               int k) {
+    fp4_to_e4m3_body<FMT_MXFP4>(wp, ws, gs, lut, out, row_scale, n, k);
+}
+
+// One block of 256 threads per token row; k a multiple of 16 (16-byte rows of E4M3).
+extern "C" __global__ void bf16_rows_to_e4m3(const u16* __restrict__ x, u8* __restrict__ q,
+                                             float* __restrict__ row_scale, int k) {
+    pdl_enter();
+    __shared__ float red[8];
+    const size_t row = blockIdx.x;
+    const uint4* xr = (const uint4*)(x + row * (size_t)k);
+    const int chunks = k >> 3; // 8 bf16 per 16-byte load
+    float amax = 0.f;
+    for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
+        const uint4 v = xr[c];
+        const u32 wv[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            amax = fmaxf(amax, fabsf(__uint_as_float(wv[j] << 16)));
+            amax = fmaxf(amax, fabsf(__uint_as_float(wv[j] & 0xFFFF0000u)));
+        }
+    }
+#pragma unroll
+    for (int o = 16; o; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = amax;
+    __syncthreads();
+    amax = red[0];
+    for (int w = 1; w < (int)(blockDim.x >> 5); w++) amax = fmaxf(amax, red[w]);
+    const float inv = amax > 0.f ? 448.f / amax : 1.f;
+    if (threadIdx.x == 0) row_scale[row] = amax > 0.f ? amax / 448.f : 1.f;
+    uint2* qr = (uint2*)(q + row * (size_t)k);
+    for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
+        const uint4 v = xr[c];
+        const u32 wv[4] = {v.x, v.y, v.z, v.w};
+        u32 h[4];
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+            h[j] = f32x2_to_e4m3x2(__uint_as_float(wv[j] << 16) * inv,
+                                   __uint_as_float(wv[j] & 0xFFFF0000u) * inv);
+        qr[c] = make_uint2(h[0] | (h[1] << 16), h[2] | (h[3] << 16));
+    }
+}
+
 // Plain 16-byte-per-thread grid-stride copy: measures the copy bandwidth the kernels are held to.
 extern "C" __global__ void util_copy_u4(const uint4* __restrict__ src, uint4* __restrict__ dst,
                                         unsigned long long n) {

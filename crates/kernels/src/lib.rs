@@ -7,6 +7,7 @@ pub mod e2m1;
 pub mod e4m3;
 pub mod e8m0;
 pub mod fp4;
+pub mod fp8_rows;
 pub mod rowquant;
 
 pub use dtype::{DTypeError, SrcDType};

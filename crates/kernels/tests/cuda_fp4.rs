@@ -5,10 +5,12 @@
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use mimo_kernels::cuda::{
-    self, fp4_dequantize, fp4_gemm, fp4_gemm_with, moe_layer, moe_layer_with, variant_exists,
-    Fp4GemmConfig, GpuContext, GpuFp4Weight, MoeConfig, MoeWeights, MoeWorkspace, Tuning,
+    self, bf16_to_e4m3_rows, fp4_dequantize, fp4_gemm, fp4_gemm_fp8, fp4_gemm_with,
+    fp4_to_e4m3_rows, moe_layer, moe_layer_with, variant_exists, E4m3Rows, Fp4GemmConfig, Fp8Gemm,
+    Fp8Scratch, GpuContext, GpuFp4Weight, MoeConfig, MoeWeights, MoeWorkspace, Tuning,
 };
 use mimo_kernels::fp4::{amax, dequantize, nvfp4_global_scale, quantize_mxfp4, quantize_nvfp4};
+use mimo_kernels::fp8_rows;
 use mimo_kernels::{Fp4Format, Fp4Matrix};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -119,6 +121,109 @@ fn kernels_compile_with_nvrtc() {
     }
     let gemm = cuda::compile_source("fp4_gemm.cu", cuda::kernel_sources()[0].1, "sm_90a").unwrap();
     assert!(gemm.contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"));
+    assert!(gemm.contains("cvt.rn.satfinite.e4m3x2.f32"));
+    // Ampere has no E4M3 conversion: the FP8 kernels compile to a trap there (never selected).
+    let ampere = cuda::compile_source("fp4_gemm.cu", cuda::kernel_sources()[0].1, "sm_80").unwrap();
+    assert!(!ampere.contains("e4m3x2"));
+}
+
+/// The FP8 prefill path: conversions bit-exact against `fp8_rows`, the cuBLASLt GEMM against
+/// an f64 product of the same E4M3 operands, and the whole path against the FP4 reference.
+#[test]
+fn fp8_prefill_matches_cpu_reference() {
+    let Some(gpu) = gpu() else { return };
+    let lt = match Fp8Gemm::new(&gpu, false).unwrap() {
+        Ok(lt) => lt,
+        Err(reason) => {
+            assert!(
+                std::env::var("MIMO_REQUIRE_FP8").map_or(true, |v| v != "1"),
+                "MIMO_REQUIRE_FP8=1 but {reason}"
+            );
+            eprintln!("skipping the FP8 path: {reason}");
+            return;
+        }
+    };
+    let mut rng = rng("fp8 prefill");
+    let s = gpu.stream();
+    for format in FORMATS {
+        for &(n, k, m) in &[
+            (208usize, 320usize, 70usize),
+            (64, 2048, 5),
+            (1040, 544, 129),
+        ] {
+            let what = format!("{format} [{m}, {k}] x [{n}, {k}]");
+            let wf = random_matrix(&mut rng, n * k, 0.05);
+            let q = quantize(format, &wf, n, k);
+            let w = GpuFp4Weight::upload(&gpu, "w", &q).unwrap();
+            let xb = to_bf16(&random_matrix(&mut rng, m * k, 1.0));
+            let x = s.clone_htod(&xb).unwrap();
+            let poison = |rows: usize, len: usize| E4m3Rows {
+                q: s.clone_htod(&vec![0x7Fu8; len]).unwrap(),
+                scale: s.clone_htod(&vec![f32::NAN; rows]).unwrap(),
+            };
+            let (wq, ws) = fp8_rows::fp4_to_e4m3_rows(&q);
+            let mut wr = poison(n, n * k);
+            fp4_to_e4m3_rows(&gpu, &w, &mut wr).unwrap();
+            let got_q = s.clone_dtoh(&wr.q).unwrap();
+            let got_s = s.clone_dtoh(&wr.scale).unwrap();
+            if let Some(i) = (0..n * k).find(|&i| got_q[i] != wq[i]) {
+                panic!(
+                    "{what}: weight code {i}: got {:#04x}, want {:#04x}",
+                    got_q[i], wq[i]
+                );
+            }
+            for r in 0..n {
+                assert_eq!(
+                    got_s[r].to_bits(),
+                    ws[r].to_bits(),
+                    "{what}: weight row scale {r}"
+                );
+            }
+            let (xq, xs) = fp8_rows::bf16_rows_to_e4m3(&xb, m, k);
+            let mut xr = poison(m, m * k);
+            bf16_to_e4m3_rows(&gpu, &x, m, k, &mut xr).unwrap();
+            let got_q = s.clone_dtoh(&xr.q).unwrap();
+            let got_s = s.clone_dtoh(&xr.scale).unwrap();
+            if let Some(i) = (0..m * k).find(|&i| got_q[i] != xq[i]) {
+                panic!(
+                    "{what}: activation code {i}: got {:#04x}, want {:#04x}",
+                    got_q[i], xq[i]
+                );
+            }
+            for r in 0..m {
+                assert_eq!(
+                    got_s[r].to_bits(),
+                    xs[r].to_bits(),
+                    "{what}: activation row scale {r}"
+                );
+            }
+            // The GEMM alone: the same E4M3 operands multiplied in f64.
+            let want = fp8_rows::e4m3_gemm_reference(&xq, &xs, &wq, &ws, m, n, k);
+            let mut y = poisoned(&gpu, m * n);
+            lt.gemm(&gpu, &wr, &xr, m, n, k, &mut y).unwrap();
+            check_close(
+                &format!("fp8 gemm {what}"),
+                &s.clone_dtoh(&y).unwrap(),
+                &want,
+                5e-3,
+                1e-2,
+            );
+            // The whole path from fresh buffers against the FP4 weight times the bf16 input.
+            let wd = dequantize(&q).unwrap();
+            let xf: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
+            let want = matmul_ref(&wd, &xf, m, n, k);
+            let mut scratch = Fp8Scratch::new(&gpu).unwrap();
+            let mut y = poisoned(&gpu, m * n);
+            fp4_gemm_fp8(&gpu, &lt, &w, &x, m, &mut scratch, &mut y).unwrap();
+            check_close(
+                &format!("fp8 path {what}"),
+                &s.clone_dtoh(&y).unwrap(),
+                &want,
+                6e-2,
+                0.25,
+            );
+        }
+    }
 }
 
 #[test]

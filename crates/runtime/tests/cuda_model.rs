@@ -155,12 +155,32 @@ fn compare_model(gpu: &Arc<Gpu>, dir: &Path, what: &str) {
     let prompt: Vec<u32> = (0..70u32).map(|i| (i * 53 + 2) % vocab).collect();
     let mut cache_all = cpu.new_cache(128);
     let want_all = cpu.forward(&prompt, &mut cache_all, Logits::All).unwrap();
-    let got_all = g.forward(&prompt, 0, 0, true).unwrap();
-    check_close(
-        &format!("{what} prefill of 70, every row"),
-        &got_all,
-        &want_all,
-    );
+    let base = g.gpu().ctx.tuning();
+    for fp8 in [false, true] {
+        g.gpu().ctx.set_tuning(Tuning {
+            fp8_prefill: fp8,
+            ..base
+        });
+        let before = g.gpu().fp8_calls();
+        let got_all = g.forward(&prompt, 0, 0, true).unwrap();
+        if !fp8 {
+            check_close(
+                &format!("{what} prefill of 70, every row"),
+                &got_all,
+                &want_all,
+            );
+            continue;
+        }
+        // FP8 prefill (FP4 weights only): E4M3 activations cost a few % of every GEMM's
+        // output; the kernel tests hold the exact comparison, this one the integration.
+        let (rel, elem) = errors(&got_all, &want_all);
+        let calls = g.gpu().fp8_calls() - before;
+        eprintln!(
+            "{what} prefill of 70 with fp8_prefill ({calls} FP8 GEMMs): relative error {rel:.2e}, worst element {elem:.2e}"
+        );
+        assert!(rel < 0.1, "{what} FP8 prefill: relative error {rel:.3e}");
+    }
+    g.gpu().ctx.set_tuning(base);
     // Back to the short prompt's cache for the decode steps below.
     g.forward(&prompt11, 0, 0, false).unwrap();
     // Decode: the GPU picks the next token itself (argmax on the device); the CPU is fed the
@@ -376,8 +396,15 @@ fn gpu_perplexity_and_compare_match_cpu() {
     assert_eq!((got.tokens, got.windows), (want.tokens, want.windows));
     assert!((got.mean_nll - want.mean_nll).abs() < 1e-2 * want.mean_nll.abs().max(1.0));
     let want = compare(&cpu_r, &cpu_c, &tokens, ctx, stride, 3).unwrap();
-    let mut g_c = GpuModel::load(gpu, &q).unwrap();
+    let mut g_c = GpuModel::load(gpu.clone(), &q).unwrap();
+    // The windows are prefills of 128 rows: the exact-path tolerances hold with bf16 prefill.
+    let base = gpu.ctx.tuning();
+    gpu.ctx.set_tuning(Tuning {
+        fp8_prefill: false,
+        ..base
+    });
     let got = compare_on(&mut g_r, &mut g_c, &tokens, ctx, stride, 3).unwrap();
+    gpu.ctx.set_tuning(base);
     eprintln!(
         "compare cpu: KL {:.5} top-1 {:.4}; gpu: KL {:.5} top-1 {:.4}",
         want.mean_kl, want.top1_agreement, got.mean_kl, got.top1_agreement
@@ -389,6 +416,20 @@ fn gpu_perplexity_and_compare_match_cpu() {
         (got.candidate.mean_nll - want.candidate.mean_nll).abs()
             < 1e-2 * want.candidate.mean_nll.abs().max(1.0)
     );
+    // The same with the FP8 prefill path (FP4 attention projections of 128-row windows on the
+    // FP8 tensor cores): what it costs in agreement with BF16, printed and bounded.
+    let before = gpu.fp8_calls();
+    let fp8 = compare_on(&mut g_r, &mut g_c, &tokens, ctx, stride, 3).unwrap();
+    let calls = gpu.fp8_calls() - before;
+    eprintln!(
+        "compare gpu with fp8_prefill ({calls} FP8 GEMMs): KL {:.5} top-1 {:.4} ppl {:.4} (bf16 prefill: KL {:.5} top-1 {:.4} ppl {:.4})",
+        fp8.mean_kl, fp8.top1_agreement, fp8.candidate.ppl, got.mean_kl, got.top1_agreement, got.candidate.ppl
+    );
+    if gpu.ctx.tuning().fp8_prefill && gpu.has_fp8() {
+        assert!(calls > 0, "the FP8 prefill path did not run");
+    }
+    assert!(fp8.mean_kl < 2.0 * got.mean_kl + 5e-3, "FP8 prefill KL {}", fp8.mean_kl);
+    assert!(fp8.top1_agreement > got.top1_agreement - 0.03);
 }
 
 /// Batched decode: every sequence of a batch gives the tokens it gives alone.

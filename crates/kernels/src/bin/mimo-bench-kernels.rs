@@ -16,8 +16,9 @@ use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptu
 use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
 use mimo_kernels::cuda::{
-    bf16_gemm, cublas, device_copy, fp4_gemm, fp4_gemm_dequant_cublas, fp4_gemm_with,
-    moe_layer_with, variant_exists, CudaError, Fp4GemmConfig, GpuContext, GpuFp4Weight, MoeConfig,
+    bf16_gemm, bf16_to_e4m3_rows, cublas, device_copy, fp4_gemm, fp4_gemm_dequant_cublas,
+    fp4_gemm_fp8, fp4_gemm_with, fp4_to_e4m3_rows, fp8_shape_ok, moe_layer_with, variant_exists,
+    CudaError, E4m3Rows, Fp4GemmConfig, Fp8Gemm, Fp8Scratch, GpuContext, GpuFp4Weight, MoeConfig,
     MoeWeights, MoeWorkspace,
 };
 use mimo_kernels::Fp4Format;
@@ -238,6 +239,7 @@ fn reps_for(copies: usize, est_us: f64) -> usize {
 fn dense_shape(
     gpu: &GpuContext,
     blas: &cudarc::cublas::CudaBlas,
+    fp8: &[(&'static str, Fp8Gemm)],
     rng: &mut Rng,
     k: usize,
     n: usize,
@@ -301,6 +303,7 @@ fn dense_shape(
             )?);
         }
         let fname = format.name();
+        let mut fp8s = Fp8Scratch::new(gpu)?;
         // correctness spot check at full size: fused kernel vs dequantize + cuBLAS
         {
             let m = 1;
@@ -309,18 +312,7 @@ fn dense_shape(
             let mut y2 = s.clone_htod(&vec![bf16::NAN; m * n])?;
             fp4_gemm(gpu, &ws[0], &xs, m, &mut y1)?;
             fp4_gemm_dequant_cublas(gpu, blas, &ws[0], &xs, m, &mut scratch, &mut y2)?;
-            let a = s.clone_dtoh(&y1)?;
-            let b = s.clone_dtoh(&y2)?;
-            let (mut num, mut den, mut bad) = (0.0f64, 0.0f64, 0usize);
-            for (u, v) in a.iter().zip(&b) {
-                let (u, v) = (u.to_f64(), v.to_f64());
-                if !u.is_finite() {
-                    bad += 1;
-                }
-                num += (u - v) * (u - v);
-                den += v * v;
-            }
-            let rel = (num / den.max(1e-30)).sqrt();
+            let (rel, bad) = rel_err(&s.clone_dtoh(&y1)?, &s.clone_dtoh(&y2)?);
             checks.push(format!(
                 "{{\"format\": \"{fname}\", \"k\": {k}, \"n\": {n}, \"m\": 1, \"rel_err_fused_vs_dequant_cublas\": {rel:.3e}, \"non_finite\": {bad}}}"
             ));
@@ -420,11 +412,81 @@ fn dense_shape(
                     t,
                     format!("{copies} weight copies"),
                 );
+                if m >= 64 && fp8_shape_ok(n, k) {
+                    for (label, lt) in fp8 {
+                        // Whole path per call: weight and activations to E4M3, then the GEMM.
+                        let t = time_op(gpu, reps2, samples, &mut |i| {
+                            fp4_gemm_fp8(gpu, lt, &ws[i % copies], &xo, m, &mut fp8s, &mut ys)
+                        })?;
+                        eprintln!("  {label} {fname} k={k} n={n} m={m}: {:.2} us", t.us);
+                        push(
+                            rows,
+                            label.to_string(),
+                            t,
+                            format!("{copies} weight copies; converts the weight every call"),
+                        );
+                    }
+                    if let Some((_, lt)) = fp8.first() {
+                        // The GEMM alone, weights already E4M3 (what resident FP8 copies would cost).
+                        let wcopies = rotation(n * k, 4);
+                        let mut w8 = Vec::new();
+                        for c in 0..wcopies {
+                            let mut r = E4m3Rows::alloc(gpu, n, k)?;
+                            fp4_to_e4m3_rows(gpu, &ws[c % copies], &mut r)?;
+                            w8.push(r);
+                        }
+                        bf16_to_e4m3_rows(gpu, &xo, m, k, &mut fp8s.x)?;
+                        let t = time_op(gpu, reps_for(wcopies, est2), samples, &mut |i| {
+                            lt.gemm(gpu, &w8[i % wcopies], &fp8s.x, m, n, k, &mut ys)
+                        })?;
+                        eprintln!("  fp8 gemm only {fname} k={k} n={n} m={m}: {:.2} us", t.us);
+                        push(
+                            rows,
+                            "fp8_cublaslt_gemm_only".into(),
+                            t,
+                            format!("{wcopies} E4M3 weight copies; activations already E4M3"),
+                        );
+                        if m == *ms.iter().max().unwrap_or(&m) {
+                            // Numerics at full size: FP8 path vs dequantize + cuBLAS BF16.
+                            let mut y1 = s.clone_htod(&vec![bf16::NAN; m * n])?;
+                            let mut y2 = s.clone_htod(&vec![bf16::NAN; m * n])?;
+                            fp4_gemm_fp8(gpu, lt, &ws[0], &xo, m, &mut fp8s, &mut y1)?;
+                            fp4_gemm_dequant_cublas(
+                                gpu,
+                                blas,
+                                &ws[0],
+                                &xo,
+                                m,
+                                &mut scratch,
+                                &mut y2,
+                            )?;
+                            let (rel, bad) = rel_err(&s.clone_dtoh(&y1)?, &s.clone_dtoh(&y2)?);
+                            checks.push(format!(
+                                "{{\"format\": \"{fname}\", \"k\": {k}, \"n\": {n}, \"m\": {m}, \"rel_err_fp8_vs_dequant_cublas\": {rel:.3e}, \"non_finite\": {bad}}}"
+                            ));
+                            eprintln!("  check fp8 {fname} k={k} n={n} m={m}: rel err {rel:.2e}, non-finite {bad}");
+                        }
+                    }
+                }
             }
         }
         let _ = &mut y;
     }
     Ok(())
+}
+
+/// Norm-wise relative error of `a` against `b`, and the number of non-finite values in `a`.
+fn rel_err(a: &[bf16], b: &[bf16]) -> (f64, usize) {
+    let (mut num, mut den, mut bad) = (0.0f64, 0.0f64, 0usize);
+    for (u, v) in a.iter().zip(b) {
+        let (u, v) = (u.to_f64(), v.to_f64());
+        if !u.is_finite() {
+            bad += 1;
+        }
+        num += (u - v) * (u - v);
+        den += v * v;
+    }
+    ((num / den.max(1e-30)).sqrt(), bad)
 }
 
 /// cuBLAS on views (the benchmark slices one activation buffer for every M).
@@ -623,6 +685,17 @@ fn run() -> Res<()> {
     let args = parse_args()?;
     let gpu = GpuContext::new(0)?;
     let blas = cublas(&gpu)?;
+    // FP8 prefill path, with cuBLASLt's default (accurate) and fast FP8 accumulation.
+    let mut fp8 = Vec::new();
+    for (label, fast) in [
+        ("fp4_fp8_cublaslt", false),
+        ("fp4_fp8_cublaslt_fastacc", true),
+    ] {
+        match Fp8Gemm::new(&gpu, fast)? {
+            Ok(lt) => fp8.push((label, lt)),
+            Err(reason) => eprintln!("no FP8 rows: {reason}"),
+        }
+    }
     let samples = if args.quick { 5 } else { 15 };
     eprintln!("device: {} ({} SMs)", gpu.device_name(), gpu.sm_count());
     let (memcpy_tbps, kernel_tbps) = copy_bandwidth(&gpu)?;
@@ -654,6 +727,7 @@ fn run() -> Res<()> {
         dense_shape(
             &gpu,
             &blas,
+            &fp8,
             &mut rng,
             k,
             n,

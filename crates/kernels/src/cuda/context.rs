@@ -65,7 +65,7 @@ fn compile_log(e: &cudarc::nvrtc::CompileError) -> String {
 
 /// Latency features of the decode path, switchable for A/B measurements through the
 /// environment at context creation (`MIMO_PDL`, `MIMO_L2_PREFETCH`, `MIMO_MOE_DIRECT`,
-/// `MIMO_NORM_ROUTER`, `MIMO_WARP_ATTENTION`: `1` on, `0` off) or later through [`GpuContext::set_tuning`]. The defaults
+/// `MIMO_NORM_ROUTER`, `MIMO_WARP_ATTENTION`, `MIMO_FP8_PREFILL`: `1` on, `0` off) or later through [`GpuContext::set_tuning`]. The defaults
 /// follow the H100 ablation of docs/kernels-notes.md (round 3): the three that did not pay
 /// there are off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +89,11 @@ pub struct Tuning {
     /// One-sequence decode steps' attention through the runtime's warp kernel (`attention_w`:
     /// 4 warps x 16 keys, head_dim 32..=128 in steps of 32) instead of the thread-per-key one.
     pub warp_attention: bool,
+    /// Prefill GEMMs of FP4 weights (M >= the runtime's dequantization threshold) run on the
+    /// FP8 tensor cores ([`super::fp4_gemm_fp8`]: weights and activations as E4M3 rows with
+    /// per-row scales) instead of dequantizing to bf16 for cuBLAS. Where the GPU has no FP8
+    /// (below sm_89) or a shape does not suit cuBLASLt, the bf16 path runs regardless.
+    pub fp8_prefill: bool,
 }
 
 impl Default for Tuning {
@@ -99,6 +104,7 @@ impl Default for Tuning {
             moe_direct: true,
             norm_router: false,
             warp_attention: true,
+            fp8_prefill: true,
         }
     }
 }
@@ -114,6 +120,7 @@ impl Tuning {
             moe_direct: flag("MIMO_MOE_DIRECT", d.moe_direct),
             norm_router: flag("MIMO_NORM_ROUTER", d.norm_router),
             warp_attention: flag("MIMO_WARP_ATTENTION", d.warp_attention),
+            fp8_prefill: flag("MIMO_FP8_PREFILL", d.fp8_prefill),
         }
     }
 }

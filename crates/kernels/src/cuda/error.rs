@@ -32,6 +32,14 @@ pub enum CudaError {
         /// cuBLAS status
         source: cudarc::cublas::result::CublasError,
     },
+    /// A cuBLASLt call failed (FP8 prefill path).
+    #[error("cuBLASLt error in {what}: {source}")]
+    CublasLt {
+        /// the operation that failed
+        what: &'static str,
+        /// cuBLASLt status
+        source: cudarc::cublaslt::result::CublasError,
+    },
     /// The FP4 matrix handed to the GPU is inconsistent.
     #[error("invalid FP4 matrix {name}: {source}")]
     Fp4 {

@@ -8,11 +8,14 @@
 //! - [`fp4_gemm`]: FP4 weights dequantized in registers and fed to bf16 `mma.sync`
 //!   (decode and small M, up to 32 tokens per pass over the weights).
 //! - [`fp4_gemm_dequant_cublas`]: FP4 -> bf16 then cuBLAS (large M).
+//! - [`fp4_gemm_fp8`]: FP4 weights and bf16 activations -> E4M3 rows, then cuBLASLt's FP8
+//!   GEMM with per-row scales (large M on sm_89+).
 //! - [`moe_layer`]: grouped MoE layer from the router's device output.
 
 mod blas;
 mod context;
 mod error;
+mod fp8;
 mod gemm;
 mod graph;
 mod moe;
@@ -21,6 +24,9 @@ mod weights;
 pub use blas::{bf16_gemm, cublas, fp4_gemm_dequant_cublas};
 pub use context::{compile_source, nvrtc_available, scale_lut, GpuContext, Tuning};
 pub use error::CudaError;
+pub use fp8::{
+    bf16_to_e4m3_rows, fp4_gemm_fp8, fp4_to_e4m3_rows, fp8_shape_ok, E4m3Rows, Fp8Gemm, Fp8Scratch,
+};
 pub use gemm::{
     device_copy, fp4_dequantize, fp4_gemm, fp4_gemm_with, token_tiles, variant_exists,
     Fp4GemmConfig, K_CHUNK,

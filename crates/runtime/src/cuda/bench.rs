@@ -86,6 +86,10 @@ pub struct BenchRun {
     pub prompt_tokens: usize,
     /// Prefill tokens per second (one pass over the prompt, batch 1).
     pub prefill_tokens_per_s: f64,
+    /// GEMMs of that timed prefill that ran on the FP8 tensor cores (Tuning::fp8_prefill).
+    pub prefill_fp8_gemms: usize,
+    /// FP4 weights: prefill tokens/s with `fp8_prefill` flipped, in the same process.
+    pub prefill_ablation: Option<(String, f64)>,
     /// Decode results.
     pub decode: Vec<DecodeResult>,
 }
@@ -179,6 +183,7 @@ pub fn bench_random_weights(gpu: Arc<Gpu>, opts: &BenchOptions) -> Result<BenchR
             .collect();
         // Prefill: once to warm up (compilation, cuBLAS), once timed.
         let logits = model.forward(&prompt, 0, 0, false)?;
+        let fp8_before = gpu.fp8_calls();
         let t0 = Instant::now();
         let logits2 = model.forward(&prompt, 0, 0, false)?;
         let prefill_s = t0.elapsed().as_secs_f64();
@@ -191,7 +196,33 @@ pub fn bench_random_weights(gpu: Arc<Gpu>, opts: &BenchOptions) -> Result<BenchR
         }
         let first = crate::generate::argmax(&logits2) as u32;
         let prefill = opts.prompt as f64 / prefill_s;
-        eprintln!("  prefill {} tokens: {prefill:.0} tokens/s", opts.prompt);
+        let fp8_gemms = gpu.fp8_calls() - fp8_before;
+        eprintln!(
+            "  prefill {} tokens: {prefill:.0} tokens/s ({fp8_gemms} FP8 GEMMs)",
+            opts.prompt
+        );
+        let prefill_ablation = match kind {
+            WeightKind::Fp4(_) => {
+                let base = gpu.ctx.tuning();
+                let flipped = Tuning {
+                    fp8_prefill: !base.fp8_prefill,
+                    ..base
+                };
+                gpu.ctx.set_tuning(flipped);
+                model.forward(&prompt, 0, 0, false)?;
+                let t0 = Instant::now();
+                model.forward(&prompt, 0, 0, false)?;
+                let tps = opts.prompt as f64 / t0.elapsed().as_secs_f64();
+                gpu.ctx.set_tuning(base);
+                let name = format!(
+                    "fp8_prefill={}",
+                    if flipped.fp8_prefill { "on" } else { "off" }
+                );
+                eprintln!("  prefill with {name}: {tps:.0} tokens/s");
+                Some((name, tps))
+            }
+            _ => None,
+        };
         let mut decode = Vec::new();
         let heads: Vec<(String, bool)> = match kind {
             WeightKind::Fp4(_) if opts.fp4_head_too => {
@@ -231,6 +262,8 @@ pub fn bench_random_weights(gpu: Arc<Gpu>, opts: &BenchOptions) -> Result<BenchR
             build_s,
             prompt_tokens: opts.prompt,
             prefill_tokens_per_s: prefill,
+            prefill_fp8_gemms: fp8_gemms,
+            prefill_ablation,
             decode,
         });
         drop(model);
@@ -376,6 +409,7 @@ fn tuning_ablation(
                 moe_direct: false,
                 norm_router: false,
                 warp_attention: false,
+                fp8_prefill: base.fp8_prefill,
             },
         ),
     ];

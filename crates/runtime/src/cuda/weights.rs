@@ -3,12 +3,16 @@
 //! into one matrix so that one launch serves them.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::CudaSlice;
 use half::bf16;
-use mimo_kernels::cuda::{bf16_gemm, fp4_gemm, fp4_gemm_dequant_cublas, GpuContext, GpuFp4Weight};
+use mimo_kernels::cuda::{
+    bf16_gemm, fp4_gemm, fp4_gemm_dequant_cublas, fp4_gemm_fp8, fp8_shape_ok, Fp8Gemm, Fp8Scratch,
+    GpuContext, GpuFp4Weight,
+};
 use mimo_kernels::Fp4Matrix;
 
 use super::error::{drv, GpuError};
@@ -25,6 +29,13 @@ pub struct Gpu {
     pub ops: Ops,
     /// bf16 scratch per FP4 weight shape for the prefill path (dequantize, then cuBLAS).
     scratch: Mutex<HashMap<(usize, usize), CudaSlice<bf16>>>,
+    /// cuBLASLt for the FP8 prefill path; `None` where the GPU has no FP8 tensor cores.
+    fp8: Option<Fp8Gemm>,
+    /// E4M3 buffers of the FP8 prefill path (one set, grown to the largest weight: the
+    /// stream runs one GEMM at a time).
+    fp8_scratch: Mutex<Option<Fp8Scratch>>,
+    /// Prefill GEMMs that took the FP8 path so far (tests and benches check the path ran).
+    fp8_calls: AtomicUsize,
     _blas_workspace: CudaSlice<u8>,
 }
 
@@ -69,13 +80,42 @@ impl Gpu {
             }
         }
         let ops = Ops::load(&ctx)?;
+        let fp8 = match Fp8Gemm::new(&ctx, false)? {
+            Ok(lt) => Some(lt),
+            Err(reason) => {
+                eprintln!("note: prefill stays on bf16: {reason}");
+                None
+            }
+        };
         Ok(Gpu {
             ctx,
             blas,
             ops,
             scratch: Mutex::new(HashMap::new()),
+            fp8,
+            fp8_scratch: Mutex::new(None),
+            fp8_calls: AtomicUsize::new(0),
             _blas_workspace: ws,
         })
+    }
+
+    /// Whether FP8 GEMMs are available here (sm_89+ and cuBLASLt).
+    pub fn has_fp8(&self) -> bool {
+        self.fp8.is_some()
+    }
+
+    /// Prefill GEMMs run on the FP8 path so far in this process.
+    pub fn fp8_calls(&self) -> usize {
+        self.fp8_calls.load(Ordering::Relaxed)
+    }
+
+    /// Whether an FP4 GEMM of `m` rows on `w` takes the FP8 path now.
+    fn fp8_for(&self, w: &GpuFp4Weight, m: usize) -> Option<&Fp8Gemm> {
+        let on = m >= PREFILL_DEQUANT_ROWS
+            && w.experts == 1
+            && fp8_shape_ok(w.n, w.k)
+            && self.ctx.tuning().fp8_prefill;
+        self.fp8.as_ref().filter(|_| on)
     }
 
     /// (free, total) bytes of device memory.
@@ -154,6 +194,22 @@ impl GpuLinear {
         let bias = match self {
             GpuLinear::Bf16 { w, n, k, bias } => {
                 bf16_gemm(&gpu.blas, w, x, m, *n, *k, y)?;
+                bias
+            }
+            GpuLinear::Fp4 { w, bias } if gpu.fp8_for(w, m).is_some() => {
+                let lt = gpu
+                    .fp8_for(w, m)
+                    .ok_or_else(|| GpuError::Unsupported("FP8 path".into()))?;
+                let mut guard = gpu
+                    .fp8_scratch
+                    .lock()
+                    .map_err(|_| GpuError::Unsupported("FP8 scratch lock poisoned".into()))?;
+                let sc = match guard.as_mut() {
+                    Some(sc) => sc,
+                    None => guard.insert(Fp8Scratch::new(&gpu.ctx)?),
+                };
+                fp4_gemm_fp8(&gpu.ctx, lt, w, x, m, sc, y)?;
+                gpu.fp8_calls.fetch_add(1, Ordering::Relaxed);
                 bias
             }
             GpuLinear::Fp4 { w, bias } if m >= PREFILL_DEQUANT_ROWS => {
