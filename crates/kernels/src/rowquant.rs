@@ -303,26 +303,48 @@ mod avx2 {
     use crate::e2m1::E2M1_LUT;
 
     /// Codes (i32 lanes, 0..=15) of 8 scaled values, and with ERR their dequantized values.
+    /// With `NO_NAN` (the caller guarantees no lane of `q` is NaN) the thresholds are compared
+    /// as integers, which the CPU runs on more ports than float compares.
     #[inline]
     #[target_feature(enable = "avx2")]
-    fn codes8<const ERR: bool>(q: __m256, mult: __m256) -> (__m256i, __m256) {
+    fn codes8<const ERR: bool, const NO_NAN: bool>(q: __m256, mult: __m256) -> (__m256i, __m256) {
         // Float compares of |q| with the thresholds (`>` for ties to the lower code, `>=` for ties
         // to the upper one): the same tests as the bit compares of the portable build. Ordered
-        // predicates are false for NaN, so a NaN quotient gets code 0 as there. (Integer compares
-        // of the sign-cleared bits would be rewritten by LLVM into unsigned max + equal pairs.)
-        let a = _mm256_and_ps(q, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF)));
-        let masks = [
-            _mm256_cmp_ps::<_CMP_GT_OQ>(a, _mm256_set1_ps(0.25)),
-            _mm256_cmp_ps::<_CMP_GE_OQ>(a, _mm256_set1_ps(0.75)),
-            _mm256_cmp_ps::<_CMP_GT_OQ>(a, _mm256_set1_ps(1.25)),
-            _mm256_cmp_ps::<_CMP_GE_OQ>(a, _mm256_set1_ps(1.75)),
-            _mm256_cmp_ps::<_CMP_GT_OQ>(a, _mm256_set1_ps(2.5)),
-            _mm256_cmp_ps::<_CMP_GE_OQ>(a, _mm256_set1_ps(3.5)),
-            _mm256_cmp_ps::<_CMP_GT_OQ>(a, _mm256_set1_ps(5.0)),
-        ];
+        // predicates are false for NaN, so a NaN quotient gets code 0 as there.
+        let masks = if NO_NAN {
+            // Non-negative non-NaN floats order like their bit patterns as signed integers:
+            // `a > t` is `bits(a) > bits(t)` and `a >= t` is `bits(a) > bits(t) - 1`. The
+            // sign-cleared bits are taken as the unsigned min of the bits with and without the
+            // sign flipped (not an `and`): LLVM then cannot see that they are non-negative, so it
+            // keeps the one-instruction signed compare instead of an unsigned max + equal pair.
+            let b = _mm256_castps_si256(q);
+            let a = _mm256_min_epu32(b, _mm256_xor_si256(b, _mm256_set1_epi32(i32::MIN)));
+            let gt = |t: f32| _mm256_cmpgt_epi32(a, _mm256_set1_epi32(t.to_bits() as i32));
+            let ge = |t: f32| _mm256_cmpgt_epi32(a, _mm256_set1_epi32(t.to_bits() as i32 - 1));
+            [
+                gt(0.25),
+                ge(0.75),
+                gt(1.25),
+                ge(1.75),
+                gt(2.5),
+                ge(3.5),
+                gt(5.0),
+            ]
+        } else {
+            let a = _mm256_and_ps(q, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF)));
+            [
+                _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(a, _mm256_set1_ps(0.25))),
+                _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GE_OQ>(a, _mm256_set1_ps(0.75))),
+                _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(a, _mm256_set1_ps(1.25))),
+                _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GE_OQ>(a, _mm256_set1_ps(1.75))),
+                _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(a, _mm256_set1_ps(2.5))),
+                _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GE_OQ>(a, _mm256_set1_ps(3.5))),
+                _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(a, _mm256_set1_ps(5.0))),
+            ]
+        };
         let mut c = _mm256_setzero_si256();
         for above in masks {
-            c = _mm256_sub_epi32(c, _mm256_castps_si256(above));
+            c = _mm256_sub_epi32(c, above);
         }
         let neg = _mm256_cmp_ps::<_CMP_LT_OQ>(q, _mm256_setzero_ps());
         let deq = if ERR {
@@ -343,6 +365,39 @@ mod avx2 {
         (c, deq)
     }
 
+    /// The error accumulators of [`Lanes`] held in registers (signal, noise, max).
+    pub(super) struct Acc {
+        pub(super) s: __m256,
+        pub(super) n: __m256,
+        pub(super) m: __m256,
+    }
+
+    impl Acc {
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        pub(super) fn load(l: &Lanes) -> Acc {
+            // SAFETY: each array holds 8 f32.
+            unsafe {
+                Acc {
+                    s: _mm256_loadu_ps(l.s.as_ptr()),
+                    n: _mm256_loadu_ps(l.n.as_ptr()),
+                    m: _mm256_loadu_ps(l.m.as_ptr()),
+                }
+            }
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        pub(super) fn store(&self, l: &mut Lanes) {
+            // SAFETY: each array holds 8 f32.
+            unsafe {
+                _mm256_storeu_ps(l.s.as_mut_ptr(), self.s);
+                _mm256_storeu_ps(l.n.as_mut_ptr(), self.n);
+                _mm256_storeu_ps(l.m.as_mut_ptr(), self.m);
+            }
+        }
+    }
+
     #[inline]
     #[target_feature(enable = "avx2")]
     pub(super) fn encode16<const ERR: bool, const MUL: bool>(
@@ -353,10 +408,34 @@ mod avx2 {
         lanes: &mut Lanes,
     ) {
         let out: &mut [u8; 8] = (&mut out[..8]).try_into().expect("8 bytes");
-        // SAFETY: x has 16 f32 and the stores below write exactly 8 bytes of `out`.
+        // SAFETY: x has 16 f32.
+        let (x0, x1) = unsafe {
+            (
+                _mm256_loadu_ps(x.as_ptr()),
+                _mm256_loadu_ps(x.as_ptr().add(8)),
+            )
+        };
+        let mut acc = Acc::load(lanes);
+        encode16_regs::<ERR, MUL, false>(x0, x1, s, mult, out, &mut acc);
+        if ERR {
+            acc.store(lanes);
+        }
+    }
+
+    /// [`encode16`] on elements already in two registers (0..8 and 8..16), with the error
+    /// accumulators in registers: the same operations in the same order.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(super) fn encode16_regs<const ERR: bool, const MUL: bool, const NO_NAN: bool>(
+        x0: __m256,
+        x1: __m256,
+        s: f32,
+        mult: f32,
+        out: &mut [u8; 8],
+        acc: &mut Acc,
+    ) {
+        // SAFETY: the store below writes exactly the 8 bytes of `out`.
         unsafe {
-            let x0 = _mm256_loadu_ps(x.as_ptr());
-            let x1 = _mm256_loadu_ps(x.as_ptr().add(8));
             let sv = _mm256_set1_ps(s);
             let (q0, q1) = if MUL {
                 (_mm256_mul_ps(x0, sv), _mm256_mul_ps(x1, sv))
@@ -364,36 +443,194 @@ mod avx2 {
                 (_mm256_div_ps(x0, sv), _mm256_div_ps(x1, sv))
             };
             let mv = _mm256_set1_ps(mult);
-            let (c0, d0) = codes8::<ERR>(q0, mv);
-            let (c1, d1) = codes8::<ERR>(q1, mv);
+            let (c0, d0) = codes8::<ERR, NO_NAN>(q0, mv);
+            let (c1, d1) = codes8::<ERR, NO_NAN>(q1, mv);
             // i16 lanes [c0 0-3, c1 0-3 | c0 4-7, c1 4-7] -> elements 0..15 in order.
             let p = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(c0, c1));
             // 32-bit lane j = e(2j) | e(2j+1) << 16; fold e(2j+1) down to bits 4..7.
             let p = _mm256_or_si256(p, _mm256_srli_epi32::<12>(p));
-            // Low byte of every 32-bit lane, gathered into the low 8 bytes.
-            let idx = _mm256_setr_epi8(
-                0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 4, 8, 12, -1, -1,
-                -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
-            );
-            let p = _mm256_shuffle_epi8(p, idx);
-            let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 1, 1, 1, 1, 1));
-            _mm_storel_epi64(out.as_mut_ptr() as *mut __m128i, _mm256_castsi256_si128(p));
+            _mm_storel_epi64(out.as_mut_ptr() as *mut __m128i, low_bytes(p));
             if ERR {
-                let mut sa = _mm256_loadu_ps(lanes.s.as_ptr());
-                let mut na = _mm256_loadu_ps(lanes.n.as_ptr());
-                let mut ma = _mm256_loadu_ps(lanes.m.as_ptr());
                 let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
                 for (xv, dv) in [(x0, d0), (x1, d1)] {
                     let d = _mm256_sub_ps(xv, dv);
-                    sa = _mm256_add_ps(sa, _mm256_mul_ps(xv, xv));
-                    na = _mm256_add_ps(na, _mm256_mul_ps(d, d));
-                    ma = _mm256_max_ps(ma, _mm256_and_ps(d, abs));
+                    acc.s = _mm256_add_ps(acc.s, _mm256_mul_ps(xv, xv));
+                    acc.n = _mm256_add_ps(acc.n, _mm256_mul_ps(d, d));
+                    acc.m = _mm256_max_ps(acc.m, _mm256_and_ps(d, abs));
                 }
-                _mm256_storeu_ps(lanes.s.as_mut_ptr(), sa);
-                _mm256_storeu_ps(lanes.n.as_mut_ptr(), na);
-                _mm256_storeu_ps(lanes.m.as_mut_ptr(), ma);
             }
         }
+    }
+
+    /// The low byte of each 32-bit lane of `p`, in lane order, in the low 8 bytes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn low_bytes(p: __m256i) -> __m128i {
+        let idx = _mm256_setr_epi8(
+            0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 4, 8, 12, -1, -1, -1,
+            -1, -1, -1, -1, -1, -1, -1, -1, -1,
+        );
+        let p = _mm256_shuffle_epi8(p, idx);
+        let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 1, 1, 1, 1, 1));
+        _mm256_castsi256_si128(p)
+    }
+
+    /// The NVFP4 compressed-tensors row of BF16 bytes with BF16 scale arithmetic (the
+    /// converter's usual case), with error statistics: the block scales of 8 blocks at a time in
+    /// vector registers instead of one after the other in scalar code, then the elements of
+    /// those 8 blocks through [`encode16_regs`]. Per block the operations are those of
+    /// `block_scale` (amax, `/ 6`, bf16 rounding, `* global_scale`, E4M3 encoding, the zero-scale
+    /// substitute, `decode / global_scale`), each an IEEE operation on the same operands, so every
+    /// bit is the same. Blocks after the last full group of 8 go through `block_scale` itself.
+    /// Returns `None` when a block holds NaN or Inf (the caller reruns the row through the
+    /// general kernel, which reports the first one).
+    ///
+    /// `bytes` holds `16 * scales.len()` BF16 values and `packed` `8 * scales.len()` bytes.
+    #[target_feature(enable = "avx2")]
+    pub(super) fn row_ct_bf16(
+        gs: f32,
+        bytes: &[u8],
+        packed: &mut [u8],
+        scales: &mut [u8],
+    ) -> Option<Lanes> {
+        use super::{e2m1, e4m3, Bf16Bytes, RowQuant, Source, CT_ZERO_SCALE_EPS};
+        let blocks = scales.len();
+        if bytes.len() != 32 * blocks || packed.len() != 8 * blocks {
+            return None;
+        }
+        let mut acc = Acc::load(&Lanes::default());
+        let eps_code = e4m3::encode(CT_ZERO_SCALE_EPS) as i32;
+        let full = blocks / 8 * 8;
+        // SAFETY: every pointer below stays inside `bytes` (32 bytes per block), `scales` (one
+        // byte per block) or `packed` (8 bytes per block), whose lengths were checked above;
+        // the gather reads DECODE_LUT at codes 0..=0x7E.
+        unsafe {
+            let gsv = _mm256_set1_ps(gs);
+            for g in (0..full).step_by(8) {
+                let src = bytes.as_ptr().add(32 * g) as *const __m256i;
+                // Block amax on the sign-cleared BF16 bits (they order like the values, and
+                // widen exactly to the f32 bits the general kernel compares).
+                let absmask = _mm256_set1_epi16(0x7FFF);
+                let mut a = [_mm256_setzero_si256(); 8];
+                for (j, r) in a.iter_mut().enumerate() {
+                    *r = _mm256_and_si256(_mm256_loadu_si256(src.add(j)), absmask);
+                }
+                let m = transpose_max8(&a);
+                // A block amax at or above 0x7F80 (Inf, NaN): the general kernel reports it.
+                if _mm_movemask_epi8(_mm_cmpgt_epi16(m, _mm_set1_epi16(0x7F7F))) != 0 {
+                    return None;
+                }
+                let amax = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(m)));
+                let local = _mm256_div_ps(amax, _mm256_set1_ps(e2m1::E2M1_MAX));
+                // bf16 round-to-nearest-even (`round_bf16`; the values are finite).
+                let b = _mm256_castps_si256(local);
+                let odd = _mm256_and_si256(_mm256_srli_epi32::<16>(b), _mm256_set1_epi32(1));
+                let b = _mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7FFF)), odd);
+                let local = _mm256_castsi256_ps(_mm256_and_si256(b, _mm256_set1_epi32(-65536)));
+                let code = e4m3_encode_nonneg(_mm256_mul_ps(gsv, local));
+                let zero = _mm256_cmpeq_epi32(
+                    _mm256_and_si256(code, _mm256_set1_epi32(0x7F)),
+                    _mm256_setzero_si256(),
+                );
+                let code = _mm256_blendv_epi8(code, _mm256_set1_epi32(eps_code), zero);
+                let dec = _mm256_i32gather_ps::<4>(e4m3::DECODE_LUT.as_ptr(), code);
+                let mut eff = [0f32; 8];
+                _mm256_storeu_ps(eff.as_mut_ptr(), _mm256_div_ps(dec, gsv));
+                _mm_storel_epi64(scales.as_mut_ptr().add(g) as *mut __m128i, low_bytes(code));
+                for (j, &e) in eff.iter().enumerate() {
+                    let v = _mm256_loadu_si256(src.add(j));
+                    let x0 = bf16_to_f32(_mm256_castsi256_si128(v));
+                    let x1 = bf16_to_f32(_mm256_extracti128_si256::<1>(v));
+                    let out = &mut *(packed.as_mut_ptr().add(8 * (g + j)) as *mut [u8; 8]);
+                    encode16_regs::<true, false, true>(x0, x1, e, e, out, &mut acc);
+                }
+            }
+        }
+        let q = RowQuant::Nvfp4Ct {
+            global_scale: gs,
+            arith: crate::dtype::SrcDType::BF16,
+        };
+        let src = Bf16Bytes(bytes);
+        for b in full..blocks {
+            let (code, v) = super::block_scale::<true, _>(q, &src, b).ok()?;
+            scales[b] = code;
+            let x = src.chunk(b);
+            // SAFETY: x has 16 f32.
+            let (x0, x1) = unsafe {
+                (
+                    _mm256_loadu_ps(x.as_ptr()),
+                    _mm256_loadu_ps(x.as_ptr().add(8)),
+                )
+            };
+            let out: &mut [u8; 8] = (&mut packed[8 * b..8 * b + 8]).try_into().ok()?;
+            encode16_regs::<true, false, true>(x0, x1, v.s, v.mult, out, &mut acc);
+        }
+        let mut lanes = Lanes::default();
+        acc.store(&mut lanes);
+        Some(lanes)
+    }
+
+    /// 8 BF16 values widened to f32 (a 16-bit shift; exact).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn bf16_to_f32(h: __m128i) -> __m256 {
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+    }
+
+    /// The largest of the 16 non-negative i16 lanes of each of `a[0..8]`, as 8 i16 lanes in
+    /// order: pairs of registers are interleaved and reduced level by level (a transpose whose
+    /// every step is also a max).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn transpose_max8(a: &[__m256i; 8]) -> __m128i {
+        let m01 = max_pairs16(a[0], a[1]);
+        let m23 = max_pairs16(a[2], a[3]);
+        let m45 = max_pairs16(a[4], a[5]);
+        let m67 = max_pairs16(a[6], a[7]);
+        let m0123 = _mm256_max_epi16(
+            _mm256_unpacklo_epi32(m01, m23),
+            _mm256_unpackhi_epi32(m01, m23),
+        );
+        let m4567 = _mm256_max_epi16(
+            _mm256_unpacklo_epi32(m45, m67),
+            _mm256_unpackhi_epi32(m45, m67),
+        );
+        let m = _mm256_max_epi16(
+            _mm256_unpacklo_epi64(m0123, m4567),
+            _mm256_unpackhi_epi64(m0123, m4567),
+        );
+        _mm_max_epi16(_mm256_castsi256_si128(m), _mm256_extracti128_si256::<1>(m))
+    }
+
+    /// First step of [`transpose_max8`]: in each 128-bit half, lanes alternate x and y, each the
+    /// max of two of that register's lanes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn max_pairs16(x: __m256i, y: __m256i) -> __m256i {
+        _mm256_max_epi16(_mm256_unpacklo_epi16(x, y), _mm256_unpackhi_epi16(x, y))
+    }
+
+    /// [`crate::e4m3::encode`] of 8 non-negative, non-NaN values (`+Inf` included), as i32
+    /// codes: the same integer and float operations lane by lane (the sign is 0).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn e4m3_encode_nonneg(x: __m256) -> __m256i {
+        let a = _mm256_min_ps(x, _mm256_set1_ps(crate::e4m3::E4M3_MAX));
+        let bits = _mm256_castps_si256(a);
+        let odd = _mm256_and_si256(_mm256_srli_epi32::<20>(bits), _mm256_set1_epi32(1));
+        let normal = _mm256_srli_epi32::<20>(_mm256_add_epi32(
+            _mm256_add_epi32(bits, _mm256_set1_epi32(0x7_FFFF)),
+            odd,
+        ));
+        let normal = _mm256_sub_epi32(normal, _mm256_set1_epi32(120 << 3));
+        let sub = _mm256_add_ps(
+            _mm256_mul_ps(a, _mm256_set1_ps(512.0)),
+            _mm256_set1_ps(8_388_608.0),
+        );
+        let sub = _mm256_sub_epi32(_mm256_castps_si256(sub), _mm256_set1_epi32(0x4B00_0000));
+        let is_normal = _mm256_cmpgt_epi32(bits, _mm256_set1_epi32(0x3C7F_FFFF));
+        let code = _mm256_blendv_epi8(sub, normal, is_normal);
+        _mm256_and_si256(code, _mm256_set1_epi32(0xFF))
     }
 }
 
@@ -633,6 +870,25 @@ pub fn quantize_row_bytes_with_error(
     }
     check_row_buffers(q.format(), k, packed_out.len(), scales_out.len())?;
     check_scale(q)?;
+    #[cfg(target_arch = "x86_64")]
+    if let (
+        SrcDType::BF16,
+        RowQuant::Nvfp4Ct {
+            global_scale,
+            arith: SrcDType::BF16,
+        },
+    ) = (dtype, q)
+    {
+        if !CT_ROUND_THROUGH_BF16 && use_avx2() {
+            // SAFETY: AVX2 is present (checked at run time just above).
+            if let Some(l) =
+                unsafe { avx2::row_ct_bf16(global_scale, bytes, packed_out, scales_out) }
+            {
+                return Ok(l.finish());
+            }
+            // A NaN or Inf: the general kernel below finds the first one and reports it.
+        }
+    }
     let lanes = match dtype {
         SrcDType::BF16 => row_dispatch::<true, _>(q, &Bf16Bytes(bytes), packed_out, scales_out),
         SrcDType::F16 => row_dispatch::<true, _>(q, &F16Bytes(bytes), packed_out, scales_out),
@@ -651,4 +907,186 @@ pub fn quantize_row_with_error(
     check_row_buffers(q.format(), row.len(), packed_out.len(), scales_out.len())?;
     check_scale(q)?;
     row_dispatch::<true, _>(q, &F32Row(row), packed_out, scales_out).map(|l| l.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small deterministic generator (the test needs no statistical quality, only variety).
+    struct Lcg(u64);
+
+    impl Lcg {
+        fn next(&mut self) -> u32 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (self.0 >> 32) as u32
+        }
+        fn below(&mut self, n: u32) -> u32 {
+            self.next() % n
+        }
+    }
+
+    /// BF16 bytes of `blocks` blocks of 16: per block one of several kinds (random values at a
+    /// random magnitude, zeros, E2M1 grid values that hit the ties, BF16 subnormals, single
+    /// outliers, random bit patterns that are finite).
+    fn random_bf16_row(rng: &mut Lcg, blocks: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(32 * blocks);
+        for _ in 0..blocks {
+            let kind = rng.below(7);
+            let e = rng.below(120) as i32 - 60;
+            let mag = 2f32.powi(e);
+            for i in 0..16 {
+                let v = match kind {
+                    0 => 0.0,
+                    1 | 2 => (rng.next() as f32 / u32::MAX as f32 - 0.5) * 4.0 * mag,
+                    3 if i == 0 => 6.0 * mag,
+                    3 => (rng.below(49) as i32 - 24) as f32 * 0.25 * mag,
+                    4 => f32::from_bits((rng.below(0x7F) << 16) | ((rng.below(2)) << 31)),
+                    5 if i == 7 => 1e4 * mag,
+                    5 => (rng.next() as f32 / u32::MAX as f32 - 0.5) * mag,
+                    _ => {
+                        // Any finite BF16 pattern.
+                        let b = rng.next() >> 16;
+                        let b = if b & 0x7F80 == 0x7F80 { b & 0x807F } else { b };
+                        f32::from_bits(b << 16)
+                    }
+                };
+                let h = half::bf16::from_f32(v).to_bits();
+                out.extend_from_slice(&h.to_le_bytes());
+            }
+        }
+        out
+    }
+
+    fn general(gs: f32, bytes: &[u8]) -> (Result<RowError, Fp4Error>, Vec<u8>, Vec<u8>) {
+        let blocks = bytes.len() / 32;
+        let (mut p, mut s) = (vec![0xAAu8; 8 * blocks], vec![0xAAu8; blocks]);
+        let q = RowQuant::Nvfp4Ct {
+            global_scale: gs,
+            arith: SrcDType::BF16,
+        };
+        let r =
+            row_kernel::<true, false, _>(q, &Bf16Bytes(bytes), &mut p, &mut s).map(|l| l.finish());
+        (r, p, s)
+    }
+
+    fn public(gs: f32, bytes: &[u8]) -> (Result<RowError, Fp4Error>, Vec<u8>, Vec<u8>) {
+        let blocks = bytes.len() / 32;
+        let (mut p, mut s) = (vec![0x55u8; 8 * blocks], vec![0x55u8; blocks]);
+        let q = RowQuant::Nvfp4Ct {
+            global_scale: gs,
+            arith: SrcDType::BF16,
+        };
+        let r = quantize_row_bytes_with_error(q, SrcDType::BF16, bytes, &mut p, &mut s);
+        (r, p, s)
+    }
+
+    const SCALES: [f32; 11] = [
+        1.0, 448.0, 2688.0, 3.0e-3, 1.0e12, 1.0e-30, 3.0e30, 17.25, 6.1e5, 1.0e38, 3.0e38,
+    ];
+
+    /// The vector block-scale path of BF16 NVFP4 rows (8 blocks at a time) gives the general
+    /// portable kernel's codes, scales and error sums bit for bit, for every row length from 1
+    /// to 41 blocks (full groups and every tail) and global scales from tiny (every block scale
+    /// substituted) to huge (every one saturated).
+    #[test]
+    fn bf16_ct_fast_path_matches_the_general_kernel() {
+        let mut rng = Lcg(0x5eed);
+        let mut checked = 0usize;
+        for blocks in 1..=41usize {
+            for rep in 0..6 {
+                let bytes = random_bf16_row(&mut rng, blocks);
+                for gs in SCALES {
+                    let what = format!("{blocks} blocks, rep {rep}, gs {gs:e}");
+                    let (r0, p0, s0) = general(gs, &bytes);
+                    let e0 = r0.expect("finite row");
+                    let (r1, p1, s1) = public(gs, &bytes);
+                    let e1 = r1.expect("finite row");
+                    assert_eq!(s1, s0, "{what}: scales");
+                    assert_eq!(p1, p0, "{what}: packed");
+                    assert_eq!(e1.signal.to_bits(), e0.signal.to_bits(), "{what}: signal");
+                    assert_eq!(e1.noise.to_bits(), e0.noise.to_bits(), "{what}: noise");
+                    assert_eq!(e1.max_abs.to_bits(), e0.max_abs.to_bits(), "{what}: max");
+                    checked += blocks;
+                    #[cfg(target_arch = "x86_64")]
+                    if use_avx2() {
+                        // The fast path itself (the public entry could fall back silently).
+                        let (mut p, mut s) = (vec![0u8; 8 * blocks], vec![0u8; blocks]);
+                        // SAFETY: AVX2 checked just above.
+                        let l = unsafe { avx2::row_ct_bf16(gs, &bytes, &mut p, &mut s) }
+                            .expect("fast path on a finite row");
+                        assert_eq!((&p, &s), (&p0, &s0), "{what}: fast path");
+                        assert_eq!(l.finish(), e0, "{what}: fast path error");
+                    }
+                }
+            }
+        }
+        assert!(checked > 10_000, "{checked}");
+        // The substituted and saturated scale codes really occurred.
+        let bytes = random_bf16_row(&mut Lcg(3), 64);
+        let (_, _, tiny) = general(1.0e-30, &bytes);
+        let (_, _, huge) = general(3.0e30, &bytes);
+        assert!(tiny.contains(&e4m3::encode(CT_ZERO_SCALE_EPS)));
+        assert!(huge.contains(&0x7E));
+    }
+
+    /// Every finite BF16 block amax (each block holds one pattern, with both signs across the
+    /// row, next to smaller values) under every global scale gives the general kernel's scale
+    /// code, codes and error sums: the vector `/ 6`, bf16 rounding (its ties occur only for
+    /// subnormal amaxes), E4M3 encoding and zero-scale substitution cover their whole domain.
+    #[test]
+    fn bf16_ct_fast_path_matches_for_every_block_amax() {
+        let mut rng = Lcg(7);
+        let mut bytes = Vec::with_capacity(32 * 0x7F80);
+        for m in 0..0x7F80u32 {
+            for i in 0..16u32 {
+                let v = match i {
+                    0 => m | ((m & 1) << 15),
+                    _ => rng.below(m + 1),
+                };
+                bytes.extend_from_slice(&(v as u16).to_le_bytes());
+            }
+        }
+        for gs in SCALES {
+            let (r0, p0, s0) = general(gs, &bytes);
+            let (r1, p1, s1) = public(gs, &bytes);
+            assert_eq!(s1, s0, "gs {gs:e}: scales");
+            assert_eq!(p1, p0, "gs {gs:e}: packed");
+            assert_eq!(r1.expect("finite"), r0.expect("finite"), "gs {gs:e}: error");
+        }
+    }
+
+    /// A NaN or Inf anywhere (also in the tail after the last full group, and with a later one
+    /// present) is reported as the general kernel reports it.
+    #[test]
+    fn bf16_ct_fast_path_reports_non_finite_values_like_the_general_kernel() {
+        let mut rng = Lcg(99);
+        for blocks in [1usize, 7, 8, 9, 16, 19] {
+            for at in [0usize, 5, 16 * blocks / 2, 16 * blocks - 1] {
+                for bad in [0x7FC0u16, 0x7F80, 0xFF80, 0xFFC1] {
+                    let mut bytes = random_bf16_row(&mut rng, blocks);
+                    bytes[2 * at..2 * at + 2].copy_from_slice(&bad.to_le_bytes());
+                    if at + 3 < 16 * blocks {
+                        let later = 16 * blocks - 1;
+                        bytes[2 * later..2 * later + 2].copy_from_slice(&0x7FC0u16.to_le_bytes());
+                    }
+                    let (r0, _, _) = general(448.0, &bytes);
+                    let (r1, _, _) = public(448.0, &bytes);
+                    let (e0, e1) = (r0.unwrap_err(), r1.unwrap_err());
+                    assert_eq!(
+                        format!("{e1:?}"),
+                        format!("{e0:?}"),
+                        "{blocks} blocks, at {at}"
+                    );
+                    assert!(
+                        matches!(e0, Fp4Error::NonFinite { index, .. } if index == at),
+                        "{e0:?} at {at}"
+                    );
+                }
+            }
+        }
+    }
 }
