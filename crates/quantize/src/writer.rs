@@ -236,6 +236,47 @@ pub fn shard_name(i: usize, n: usize) -> String {
     }
 }
 
+/// Bytes written between two requests to start writing the shard back to disk.
+const WRITEBACK_EVERY: u64 = 32 << 20;
+
+/// Starts the disk write of a shard while it is still being written: a thread that calls
+/// `fdatasync` on the file whenever the writer has added [`WRITEBACK_EVERY`] bytes. Without it
+/// the kernel keeps the whole shard as dirty pages (its background threshold is a share of RAM)
+/// and the final `fsync` waits for the disk to take all of it (measured: 1.9 s of a 4.1 s
+/// conversion of a 2 GB source here); with it the disk works while the converter computes, and
+/// the final `fsync` only waits for the last part. The final `fsync` is unchanged, so what is
+/// guaranteed on disk at the rename is unchanged.
+struct Writeback {
+    wake: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<std::io::Result<()>>,
+}
+
+impl Writeback {
+    fn start(file: &File) -> std::io::Result<Writeback> {
+        let file = file.try_clone()?;
+        let (wake, rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("shard-writeback".into())
+            .spawn(move || {
+                while rx.recv().is_ok() {
+                    // Requests that came while the last sync ran are covered by this one.
+                    while rx.try_recv().is_ok() {}
+                    file.sync_data()?;
+                }
+                Ok(())
+            })?;
+        Ok(Writeback { wake, thread })
+    }
+
+    /// Stops the thread; the first error of its syncs, if any.
+    fn stop(self) -> std::io::Result<()> {
+        drop(self.wake);
+        self.thread
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("writeback thread panicked")))
+    }
+}
+
 /// A safetensors file being written: header first, then each tensor's bytes in header order.
 /// It is written as `.<name>.partial` and renamed to its name only once complete and synced, so a
 /// file under a shard's name is never a partial one.
@@ -247,6 +288,9 @@ pub struct ShardWriter {
     bytes: u64,
     entries: Vec<HeaderEntry>,
     next: usize,
+    writeback: Option<Writeback>,
+    /// `bytes` when the last writeback was requested.
+    requested_at: u64,
 }
 
 impl ShardWriter {
@@ -257,6 +301,9 @@ impl ShardWriter {
             .ok_or_else(|| WriteError::BadPath(path.to_path_buf()))?;
         let partial = path.with_file_name(format!(".{}.partial", name.to_string_lossy()));
         let f = File::create(&partial).map_err(io(&partial))?;
+        // Early writeback is an optimisation: without a second handle or a thread the shard is
+        // still written and synced at the end.
+        let writeback = Writeback::start(&f).ok();
         let mut w = ShardWriter {
             path: path.to_path_buf(),
             partial,
@@ -265,6 +312,8 @@ impl ShardWriter {
             bytes: 0,
             entries,
             next: 0,
+            writeback,
+            requested_at: 0,
         };
         let header = header_bytes(&w.entries, &[("format".into(), "pt".into())]);
         w.put(&header)?;
@@ -275,6 +324,13 @@ impl ShardWriter {
         self.out.write_all(data).map_err(io(&self.partial))?;
         self.hash.update(data);
         self.bytes += data.len() as u64;
+        if self.bytes - self.requested_at >= WRITEBACK_EVERY {
+            if let Some(wb) = &self.writeback {
+                // A closed channel means the thread stopped on an error; `finish` reports it.
+                let _ = wb.wake.send(());
+            }
+            self.requested_at = self.bytes;
+        }
         Ok(())
     }
 
@@ -308,6 +364,9 @@ impl ShardWriter {
             });
         }
         self.out.flush().map_err(io(&self.partial))?;
+        if let Some(wb) = self.writeback.take() {
+            wb.stop().map_err(io(&self.partial))?;
+        }
         self.out.get_ref().sync_all().map_err(io(&self.partial))?;
         std::fs::rename(&self.partial, &self.path).map_err(io(&self.path))?;
         let name = self
@@ -515,6 +574,48 @@ mod tests {
         let t = TempOutput::create_or_adopt(&d.path().join("out"), false, true).unwrap();
         assert!(t.adopted().is_none());
         assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 0);
+    }
+
+    /// A shard larger than the writeback interval: the early writeback runs while it is
+    /// written (requests were made) and the file on disk is exactly the bytes written, with the
+    /// hash the writer reports.
+    #[test]
+    fn shard_with_early_writeback_has_the_written_bytes() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("model.safetensors");
+        let n = (WRITEBACK_EVERY as usize * 5) / 2 + 4096;
+        let entries: Vec<HeaderEntry> = (0..3)
+            .map(|i| HeaderEntry {
+                name: format!("t{i}"),
+                dtype: mimo_runtime::checkpoint::DType::U8,
+                shape: vec![n],
+            })
+            .collect();
+        let mut w = ShardWriter::create(&path, entries).unwrap();
+        assert!(w.writeback.is_some());
+        let mut state = 1u32;
+        let data: Vec<Vec<u8>> = (0..3)
+            .map(|_| {
+                (0..n)
+                    .map(|_| {
+                        state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                        (state >> 24) as u8
+                    })
+                    .collect()
+            })
+            .collect();
+        for (i, t) in data.iter().enumerate() {
+            w.write_tensor(&format!("t{i}"), t).unwrap();
+        }
+        assert!(w.requested_at >= 7 * WRITEBACK_EVERY, "{}", w.requested_at);
+        let h = w.finish().unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let body = &bytes[bytes.len() - 3 * n..];
+        for (i, t) in data.iter().enumerate() {
+            assert!(body[i * n..(i + 1) * n] == t[..], "tensor {i}");
+        }
+        assert_eq!(h, crate::manifest::sha256_file(&path).unwrap());
+        assert_eq!(h.bytes, bytes.len() as u64);
     }
 
     /// A shard is written under a hidden `.partial` name and appears under its own name only
