@@ -207,6 +207,18 @@ pub fn convert_resumable(
         max_shard_size: cfg.max_shard_size,
     };
     let shard_plan = ShardPlan::new(&plan, cfg.max_shard_size);
+    // A hub download's weights are LFS blobs named by their sha256, checked on arrival: the
+    // manifest takes those hashes instead of reading 2 GB per 2 GB again. A local folder is
+    // always hashed.
+    let known_blobs: BTreeMap<PathBuf, String> = match cfg.source_repo {
+        Some(_) => ck
+            .files()
+            .filter_map(|p| {
+                crate::hub::lfs_blob_sha256(&cfg.source, p).map(|h| (p.to_path_buf(), h))
+            })
+            .collect(),
+        None => BTreeMap::new(),
+    };
 
     // The run's fingerprint, known once the source is hashed; completion records of finished
     // shards are written only from then on.
@@ -221,7 +233,7 @@ pub fn convert_resumable(
                 // The fingerprint needs the source hashes before any shard can be judged, so
                 // the scan runs to its end first here.
                 let stop = || cancel.load(Ordering::Relaxed);
-                let hashes = scan::scan_sources(&ck, &plan, &board, &stop)?;
+                let hashes = scan::scan_sources(&ck, &plan, &board, &known_blobs, &stop)?;
                 let fp = resume::fingerprint(VERSION, &hashes, &options, quant);
                 let names: Vec<String> = (0..shard_plan.shards.len())
                     .map(|si| shard_plan.name(si))
@@ -260,9 +272,9 @@ pub fn convert_resumable(
         // waits on the board for the amaxes it needs.
         let hasher = known_hashes.is_none().then(|| {
             let (stop_hashing, fingerprint, options) = (&stop_hashing, &fingerprint, &options);
-            let (ck, plan, board) = (&ck, &plan, &board);
+            let (ck, plan, board, known) = (&ck, &plan, &board, &known_blobs);
             s.spawn(move || {
-                let h = scan::scan_sources(ck, plan, board, stop_hashing)?;
+                let h = scan::scan_sources(ck, plan, board, known, stop_hashing)?;
                 let _ = fingerprint.set(resume::fingerprint(VERSION, &h, options, quant));
                 Ok::<_, ConvertError>(h)
             })
@@ -617,5 +629,98 @@ fn reason_of(a: &Action) -> Option<String> {
     match a {
         Action::Keep { reason } => Some(reason.clone()),
         Action::Quantize { .. } => None,
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+    use mimo_runtime::fixtures::{write_fixture, Arch};
+
+    fn manifest_source(dir: &Path) -> SourceInfo {
+        let text = std::fs::read_to_string(dir.join(MANIFEST_FILE)).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        serde_json::from_value(v["source"].clone()).unwrap()
+    }
+
+    fn run(source: &Path, repo: Option<(String, String)>, output: PathBuf) -> ConvertSummary {
+        let cfg = ConvertConfig {
+            source: source.to_path_buf(),
+            source_repo: repo,
+            output,
+            plan: PlanOptions {
+                layout: mimo_runtime::format::Layout::CtNvfp4,
+                ignore: Vec::new(),
+                quantize_lm_head: false,
+            },
+            max_shard_size: DEFAULT_MAX_SHARD,
+            force: false,
+        };
+        convert(&cfg, &AtomicBool::new(false), &|_| {}).unwrap()
+    }
+
+    /// A hub snapshot's LFS weights take their blob's name as sha256 without being read again
+    /// (the blob here is deliberately named by a hash that is not its content's, so that a
+    /// re-hash would show); a git blob (config.json) and the same folder converted as a local
+    /// path are hashed from their bytes. The quantized output is the same either way (the
+    /// quantizer measures the amaxes the scan did not).
+    #[test]
+    fn hub_lfs_blobs_keep_their_hash_local_folders_are_hashed() {
+        let d = tempfile::tempdir().unwrap();
+        let plain = d.path().join("plain");
+        write_fixture(&plain, Arch::Llama, 5).unwrap();
+        let repo = d.path().join("hub/models--o--n");
+        let commit = "0123456789abcdef0123456789abcdef01234567";
+        let snap = repo.join("snapshots").join(commit);
+        std::fs::create_dir_all(repo.join("blobs")).unwrap();
+        std::fs::create_dir_all(&snap).unwrap();
+        let fake = "ab".repeat(32);
+        let mut names: Vec<String> = std::fs::read_dir(&plain)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        let mut true_hash = String::new();
+        for (i, name) in names.iter().enumerate() {
+            let etag = if name.ends_with(".safetensors") {
+                true_hash = crate::manifest::sha256_file(&plain.join(name))
+                    .unwrap()
+                    .sha256;
+                fake.clone()
+            } else {
+                format!("{i:040x}")
+            };
+            std::fs::copy(plain.join(name), repo.join("blobs").join(&etag)).unwrap();
+            std::os::unix::fs::symlink(Path::new("../../blobs").join(&etag), snap.join(name))
+                .unwrap();
+        }
+        assert!(names.iter().any(|n| n == "model.safetensors"));
+        assert_ne!(true_hash, fake);
+
+        let hub_out = d.path().join("hub-out");
+        run(&snap, Some(("o/n".into(), commit.into())), hub_out.clone());
+        let local_out = d.path().join("local-out");
+        run(&snap, None, local_out.clone());
+
+        let hub = manifest_source(&hub_out);
+        let local = manifest_source(&local_out);
+        let weights = |s: &SourceInfo| {
+            s.files
+                .iter()
+                .find(|f| f.name == "model.safetensors")
+                .cloned()
+                .unwrap()
+        };
+        assert_eq!(weights(&hub).sha256, fake);
+        assert_eq!(weights(&local).sha256, true_hash);
+        assert_eq!(weights(&hub).bytes, weights(&local).bytes);
+        // Non-LFS files are hashed in both.
+        let config = |s: &SourceInfo| s.files.iter().find(|f| f.name == CONFIG_FILE).cloned();
+        assert_eq!(config(&hub), config(&local));
+        assert!(config(&hub).is_some());
+        assert_eq!(
+            std::fs::read(hub_out.join("model.safetensors")).unwrap(),
+            std::fs::read(local_out.join("model.safetensors")).unwrap()
+        );
     }
 }

@@ -10,7 +10,7 @@
 //! The scan reads with `pread` into its own buffer rather than through the memory map, so the
 //! pages it reads ahead of the quantizer are not counted in this process's resident memory.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -129,12 +129,15 @@ fn dtype_of(e: &TensorEntry) -> Option<mimo_kernels::dtype::SrcDType> {
 }
 
 /// Hashes every source file (config, index, weights, sorted by path) and publishes the amax of
-/// every tensor the plan quantizes on `board` (those not measured yet). Gives up (an
+/// every tensor the plan quantizes on `board` (those not measured yet). A weights file whose
+/// sha256 is in `known` (an LFS blob of a hub snapshot, hashed when it was downloaded) is not
+/// read at all: it gets that hash, and the quantizer measures its tensors itself. Gives up (an
 /// `Interrupted` hash error) once `stop()` returns true.
 pub fn scan_sources(
     ck: &Checkpoint,
     plan: &Plan,
     board: &AmaxBoard,
+    known: &BTreeMap<PathBuf, String>,
     stop: &(dyn Fn() -> bool + Sync),
 ) -> Result<Vec<FileHash>, ConvertError> {
     let by_name: HashMap<&str, usize> = plan
@@ -149,12 +152,26 @@ pub fn scan_sources(
         .iter()
         .map(|p| {
             let is_weights = weights.contains(p);
-            scan_file(p, is_weights, &by_name, board, stop).map_err(|source| ConvertError::Hash {
+            let r = match known.get(p).filter(|_| is_weights) {
+                Some(sha256) => std::fs::metadata(p).map(|m| FileHash {
+                    name: file_name(p),
+                    bytes: m.len(),
+                    sha256: sha256.clone(),
+                }),
+                None => scan_file(p, is_weights, &by_name, board, stop),
+            };
+            r.map_err(|source| ConvertError::Hash {
                 path: p.clone(),
                 source,
             })
         })
         .collect()
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// sha256 of one file; for a weights file also the amax of its wanted tensors.
@@ -221,12 +238,8 @@ fn scan_file(
             board.publish(w.index, slot_of(&acc));
         }
     }
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
     Ok(FileHash {
-        name,
+        name: file_name(path),
         bytes: pos as u64,
         sha256: hex::encode(h.finalize()),
     })

@@ -19,6 +19,36 @@ pub(crate) fn is_commit_hash(s: &str) -> bool {
     s.len() == 40 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
+/// True for an LFS etag: the blob's sha256 in lower-case hex (a git etag is 40 hex digits).
+pub(crate) fn is_sha256_etag(etag: &str) -> bool {
+    etag.len() == 64
+        && etag
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// The sha256 of `file`, a file of the hub snapshot folder `snapshot_dir`
+/// (`<repo>/snapshots/<commit>`), when it is a symlink to an LFS blob of the same repo
+/// (`<repo>/blobs/<sha256>`): the blob's name. Blobs named by a sha256 enter `blobs/` only after
+/// the downloaded bytes hashed to that name (see `download.rs`), so the converter need not read
+/// them again to hash them. `None` for anything else: a plain file, a git blob (named by its
+/// sha1), a link that leads elsewhere, a folder that is not a snapshot.
+pub fn lfs_blob_sha256(snapshot_dir: &Path, file: &Path) -> Option<String> {
+    let meta = std::fs::symlink_metadata(file).ok()?;
+    if !meta.file_type().is_symlink() {
+        return None;
+    }
+    let snapshots = snapshot_dir.parent()?;
+    if snapshots.file_name()? != "snapshots" {
+        return None;
+    }
+    let blobs = std::fs::canonicalize(snapshots.parent()?.join("blobs")).ok()?;
+    let target = std::fs::canonicalize(file).ok()?;
+    let name = target.file_name()?.to_str()?;
+    (target.parent()? == blobs && is_sha256_etag(name) && target.is_file())
+        .then(|| name.to_string())
+}
+
 /// One repo's folder inside the hub cache.
 #[derive(Debug, Clone)]
 pub(crate) struct RepoCache {
@@ -182,6 +212,44 @@ fn make_link(_relative_target: &Path, blob: &Path, pointer: &Path) -> Result<(),
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only a snapshot link into the same repo's `blobs/` with a sha256 name gives a hash.
+    #[cfg(unix)]
+    #[test]
+    fn lfs_blob_hash_only_for_snapshot_links_to_sha256_blobs() {
+        use std::os::unix::fs::symlink;
+        let tmp = tempfile::tempdir().unwrap();
+        let repo = tmp.path().join("models--o--n");
+        let snap = repo.join("snapshots/c0");
+        std::fs::create_dir_all(&snap).unwrap();
+        std::fs::create_dir_all(repo.join("blobs")).unwrap();
+        let sha = "0f".repeat(32);
+        let sha1 = "1e".repeat(20);
+        for name in [&sha, &sha1] {
+            std::fs::write(repo.join("blobs").join(name), b"x").unwrap();
+        }
+        std::fs::write(tmp.path().join(&sha), b"x").unwrap();
+        symlink(
+            Path::new("../../blobs").join(&sha),
+            snap.join("a.safetensors"),
+        )
+        .unwrap();
+        symlink(Path::new("../../blobs").join(&sha1), snap.join("b.json")).unwrap();
+        symlink(tmp.path().join(&sha), snap.join("c.safetensors")).unwrap();
+        std::fs::write(snap.join("d.safetensors"), b"x").unwrap();
+        assert_eq!(
+            lfs_blob_sha256(&snap, &snap.join("a.safetensors")),
+            Some(sha.clone())
+        );
+        assert_eq!(lfs_blob_sha256(&snap, &snap.join("b.json")), None);
+        assert_eq!(lfs_blob_sha256(&snap, &snap.join("c.safetensors")), None);
+        assert_eq!(lfs_blob_sha256(&snap, &snap.join("d.safetensors")), None);
+        // The same link in a folder that is not `snapshots/<commit>`.
+        let other = tmp.path().join("x/y");
+        std::fs::create_dir_all(&other).unwrap();
+        symlink(repo.join("blobs").join(&sha), other.join("a.safetensors")).unwrap();
+        assert_eq!(lfs_blob_sha256(&other, &other.join("a.safetensors")), None);
+    }
 
     #[test]
     fn layout_names_match_huggingface_hub() {

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use sha2::{Digest, Sha256};
 
-use super::cache::RepoCache;
+use super::cache::{is_sha256_etag, RepoCache};
 use super::error::{is_disk_full, HubError};
 use super::http::{Client, Ctx, Failure, FileMeta, RepoRef};
 
@@ -80,14 +80,6 @@ fn make_bar(total: u64, progress: bool, repo: &str) -> ProgressBar {
     }
     bar.set_prefix(repo.to_string());
     bar
-}
-
-/// True for an LFS etag: the blob's sha256 in lower-case hex (a git etag is 40 hex digits).
-fn is_sha256_etag(etag: &str) -> bool {
-    etag.len() == 64
-        && etag
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// sha256 state of the first `len` bytes of `path` (the partial file being resumed).

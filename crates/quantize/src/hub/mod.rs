@@ -23,6 +23,7 @@ mod select;
 
 use std::path::PathBuf;
 
+pub use cache::lfs_blob_sha256;
 pub use error::HubError;
 pub use options::{HubOptions, DEFAULT_ENDPOINT, DEFAULT_REVISION};
 
