@@ -27,7 +27,7 @@ echo "memcheck rc $?"; grep -E "ERROR SUMMARY|test result" "$OUT/memcheck.log"
 
 echo "== sass"
 {
-  nvcc -cubin -gencode arch=compute_90a,code=sm_90a -Xptxas -v -o /tmp/fp4.cubin crates/kernels/cuda/fp4_gemm.cu 2>&1 | grep -E "Compiling|Used|spill"
+  cat crates/kernels/cuda/common.cuh crates/kernels/cuda/fp4_gemm.cu > /tmp/fp4_full.cu; nvcc -cubin -gencode arch=compute_90a,code=sm_90a -Xptxas -v -o /tmp/fp4.cubin /tmp/fp4_full.cu 2>&1 | grep -E "Compiling|Used|spill"
   cuobjdump -sass /tmp/fp4.cubin > /tmp/fp4.sass
   for f in fp4_gemm_nv_m1_t1_g2 fp4_gemm_mx_m1_t1_g2 fp4_gemm_nv_m1_t2_g1 fp4_gemm_nv_m2_t2_g1 fp4_moe_nv_g1_swiglu fp4_moe_nv_g2; do
     awk "/Function : $f\$/{p=1;next} /Function :/{p=0} p" /tmp/fp4.sass > /tmp/one.sass

@@ -1,8 +1,7 @@
 // FP4 (NVFP4 / MXFP4) weight x BF16 activation kernels for Hopper, compiled at run time by NVRTC.
 //
-// No CUDA headers are included: bf16 values travel as raw 16-bit patterns and the few
-// instructions we need (mma.sync, fma.bf16x2, cvt.rn.bf16.f32) are written as inline PTX, so
-// NVRTC needs no include path.
+// Compiled after common.cuh (typedefs, bf16 conversions, mma_bf16_16816, pdl_enter); no CUDA
+// headers.
 //
 // Layouts (see docs/DESIGN.md, `Fp4Matrix`):
 //   packed  [E][N][K/2] u8 in 32-bit words of 8 elements each; inside a word the bits are
@@ -14,24 +13,12 @@
 //   x       [rows][K] bf16, y [rows][N] bf16, row-major.
 // K must be a multiple of 32 (16-byte aligned weight rows); N and M are arbitrary.
 
-typedef unsigned int u32;
-typedef unsigned short u16;
-typedef unsigned char u8;
-
 #define FMT_NVFP4 0
 #define FMT_MXFP4 1
 
 // ---------------------------------------------------------------------------------------------
 // Small helpers
 // ---------------------------------------------------------------------------------------------
-
-__device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
-
-__device__ __forceinline__ u16 f32_to_bf16(float f) {
-    u16 r;
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
-    return r;
-}
 
 // a * b on two packed bf16 lanes (fma with -0 keeps the sign of an exact zero product).
 __device__ __forceinline__ u32 bf16x2_mul(u32 a, u32 b) {
@@ -64,27 +51,7 @@ __device__ __forceinline__ void e2m1x8_to_bf16(u32 q, u32& p0, u32& p1, u32& p2,
     p3 = ((q >> 4) & MAG_MASK) | ((q << 1) & SIGN_MASK);
 }
 
-__device__ __forceinline__ void mma_bf16_16816(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3,
-                                               u32 b0, u32 b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
 
-// Programmatic dependent launch (sm_90). In a decode graph whose kernel edges are programmatic
-// (PdlGraph, graph.rs) a kernel may start while the previous one finishes: `griddepcontrol.wait`
-// blocks until every prerequisite grid has completed and its memory is visible, so each kernel
-// calls pdl_enter before its first read of data another kernel wrote and before its first
-// global write; `launch_dependents` (after the wait: at most one grid runs ahead) lets the next
-// kernel's blocks be scheduled. Outside such a graph both are no-ops.
-__device__ __forceinline__ void pdl_enter() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
 
 // Asks L2 to fetch the 16-byte-aligned part of [p, p + bytes) in pieces of at most 64 KiB
 // (never past the range, so never outside the allocation).
@@ -100,14 +67,6 @@ __device__ __forceinline__ void prefetch_l2_range(const u8* p, size_t bytes) {
     }
 }
 
-__device__ __forceinline__ uint4 ldg_stream(const void* p) {
-    // Weights are read exactly once: keep them out of L1.
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
-    return v;
-}
 
 // ---------------------------------------------------------------------------------------------
 // Decode / small-M kernel: tensor-core FP4 dequant-GEMM.
@@ -500,7 +459,7 @@ __device__ __forceinline__ void fp4_moe_body(const u8* __restrict__ wp, const u8
     extern __shared__ float red[];
     __shared__ TokenMap tm;
     __shared__ unsigned char present[DIRECT ? 1 : MOE_MAX_EXPERTS];
-    __shared__ int s_expert, s_pos, s_fill;
+    __shared__ int s_expert, s_fill;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     pdl_enter();
     const size_t wbytes = (size_t)n * (k >> 1);
@@ -533,66 +492,18 @@ __device__ __forceinline__ void fp4_moe_body(const u8* __restrict__ wp, const u8
                                       post, lut, x, y, n, k, row0, tstride, lim, tok, red);
         return;
     }
-    for (int e = threadIdx.x; e < E; e += blockDim.x) present[e] = 0;
-    __syncthreads();
-    for (int p = threadIdx.x; p < P; p += blockDim.x) {
-        const int e = ids[p];
-        if (e >= 0 && e < E) present[e] = 1;
-    }
-    __syncthreads();
-    if (warp == 0) {
-        int want = blockIdx.y, found = -1;
-        for (int base = 0; base < E && found < 0; base += 32) {
-            unsigned m = __ballot_sync(0xffffffffu, base + lane < E && present[base + lane]);
-            const int c = __popc(m);
-            if (want < c) {
-                for (int i = 0; i < want; i++) m &= m - 1;
-                found = base + __ffs(m) - 1;
-            } else {
-                want -= c;
-            }
-        }
-        if (lane == 0) {
-            s_expert = found;
-            s_pos = 0;
-        }
-        if (bad != 0 && blockIdx.x == 0 && blockIdx.y == 0) count_bad_ids(ids, P, E, bad);
-    }
-    __syncthreads();
-    const int e = s_expert;
+    const int e = moe_slot_expert(ids, P, E, blockIdx.y, present, &s_expert);
+    if (warp == 0 && bad != 0 && blockIdx.x == 0 && blockIdx.y == 0) count_bad_ids(ids, P, E, bad);
     if (e < 0) return;
+    int pos = 0;  // warp 0's cursor in ids
     while (true) {
         if (warp == 0) {
-            // Collect up to 8*TN pairs of expert e, resuming at s_pos.
-            int pos = s_pos, fill = 0;
-            while (pos < P && fill < 8 * TN) {
-                const int p = pos + lane;
-                const bool hit = p < P && ids[p] == e;
-                const unsigned m = __ballot_sync(0xffffffffu, hit);
-                const int c = __popc(m);
-                const int take = min(c, 8 * TN - fill);
-                const int before = __popc(m & ((1u << lane) - 1u));
-                if (hit && before < take) {
-                    tm.in_row[fill + before] = p / in_div;
-                    tm.out_row[fill + before] = p;
-                }
-                fill += take;
-                if (take < c) {
-                    unsigned mm = m;
-                    for (int i = 0; i < take; i++) mm &= mm - 1;
-                    pos += __ffs(mm) - 1;  // first hit not taken
-                    break;
-                }
-                pos += 32;
-            }
+            const int fill = moe_collect_pairs(ids, P, e, in_div, 8 * TN, tm.in_row, tm.out_row, pos);
             for (int i = fill + lane; i < 8 * TN; i += 32) {
                 tm.in_row[i] = -1;
                 tm.out_row[i] = -1;
             }
-            if (lane == 0) {
-                s_pos = pos;
-                s_fill = fill;
-            }
+            if (lane == 0) s_fill = fill;
         }
         __syncthreads();
         if (s_fill == 0) break;

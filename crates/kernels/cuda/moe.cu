@@ -2,24 +2,7 @@
 // themselves from the top-k ids and apply SwiGLU while loading) it computes one MoE layer from
 // the router's top-k output on the device, without a host round trip.
 
-typedef unsigned int u32;
-typedef unsigned short u16;
-
-// See pdl_enter in fp4_gemm.cu (programmatic dependent launch in decode graphs).
-__device__ __forceinline__ void pdl_enter() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
-
-__device__ __forceinline__ u16 f32_to_bf16(float f) {
-    u16 r;
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
-    return r;
-}
+// Compiled after common.cuh (typedefs, bf16 conversions, pdl_enter).
 
 // out[t][h] = sum_{j < top_k} w[t][j] * yd[t*top_k + j][h], summed in j order in f32.
 // Pairs whose expert id was invalid contribute nothing.

@@ -14,34 +14,12 @@
 // per-row counter; the block that sees count - 1 combines the partials in a fixed order
 // (deterministic) and resets the counter to 0 for the next launch (CUDA graph replays).
 
-typedef unsigned int u32;
-typedef unsigned short u16;
-typedef unsigned char u8;
-typedef unsigned long long u64;
+// Compiled after mimo_kernels' common.cuh (typedefs, NEG_INF, bf16 conversions,
+// mma_bf16_16816, pdl_enter).
 
-// Programmatic dependent launch (sm_90): in a decode graph whose kernel edges are programmatic
-// (mimo_kernels::cuda::PdlGraph), a kernel may start while the previous one finishes.
-// `griddepcontrol.wait` blocks until every prerequisite grid has completed and its memory is
-// visible, so every kernel here calls it before its first global read of data another kernel
-// wrote and before its first global write; `launch_dependents` then lets the next kernel's
-// blocks be scheduled (after the wait, so at most one grid runs ahead). Outside such a graph
-// both are no-ops.
-__device__ __forceinline__ void pdl_enter() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-
-#define NEG_INF (-__int_as_float(0x7f800000))
-
-__device__ __forceinline__ float bf(u16 h) { return __uint_as_float(((u32)h) << 16); }
-
-__device__ __forceinline__ u16 to_bf(float f) {
-    u16 r;
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
-    return r;
-}
+// Short names for common.cuh's conversions (used on nearly every line here).
+__device__ __forceinline__ float bf(u16 h) { return bf16_to_f32(h); }
+__device__ __forceinline__ u16 to_bf(float f) { return f32_to_bf16(f); }
 
 // Sum over the block (blockDim.x a multiple of 32, at most 1024). `sh` holds 32 floats.
 __device__ float block_sum(float v, float* sh) {
@@ -220,6 +198,27 @@ __device__ void head_prep(const u16* __restrict__ src, const float* __restrict__
     __syncthreads();
 }
 
+// The new token of a decode step (attention, attention_w): its value (+ bias) and its prepared
+// key `kn`, both rounded to bf16 and kept rounded in kn / vn (used exactly as later tokens will
+// read them from the cache), written to the cache rows by the first head of the KV group
+// (`write`). Elements first, first + step, ... (the block's threads or one warp's lanes).
+__device__ __forceinline__ void new_kv(const u16* __restrict__ vs, const float* __restrict__ v_bias,
+                                       float* kn, float* vn, u16* __restrict__ kc_row,
+                                       u16* __restrict__ vc_row, bool write, int d, int first,
+                                       int step) {
+    for (int i = first; i < d; i += step) {
+        float v = bf(vs[i]);
+        if (v_bias != 0) v += v_bias[i];
+        const u16 kb = to_bf(kn[i]), vb = to_bf(v);
+        kn[i] = bf(kb);
+        vn[i] = bf(vb);
+        if (write) {
+            kc_row[i] = kb;
+            vc_row[i] = vb;
+        }
+    }
+}
+
 struct AttnArgs {
     int n_heads, n_kv, d, rot_dim, capacity, layers, layer, window, split_len, max_splits,
         fused_new;
@@ -326,19 +325,9 @@ attention(const u16* __restrict__ q_src, int q_off, int q_stride, const u16* __r
     if (has_new) {
         head_prep(k_src + (size_t)t * k_stride + k_off + kv * d, k_bias ? k_bias + kv * d : 0,
                   k_norm, a.eps, inv_freq, a.attn_factor, a.rot_dim, p, d, kn, sh);
-        const u16* vs = v_src + (size_t)t * v_stride + v_off + kv * d;
-        for (int i = threadIdx.x; i < d; i += blockDim.x) {
-            float v = bf(vs[i]);
-            if (v_bias != 0) v += v_bias[kv * d + i];
-            // Stored as bf16 and used rounded, exactly as later tokens will read it.
-            const u16 kb = to_bf(kn[i]), vb = to_bf(v);
-            kn[i] = bf(kb);
-            vn[i] = bf(vb);
-            if (h % group == 0) {
-                kc[(cbase + p) * d + i] = kb;
-                vc[(cbase + p) * d + i] = vb;
-            }
-        }
+        new_kv(v_src + (size_t)t * v_stride + v_off + kv * d, v_bias ? v_bias + kv * d : 0, kn, vn,
+               kc + (cbase + p) * d, vc + (cbase + p) * d, h % group == 0, d, threadIdx.x,
+               blockDim.x);
         __syncthreads();
     }
     // Scores: one thread per key, 16-byte loads (head_dim % 8 == 0), q broadcast from smem.
@@ -461,6 +450,184 @@ __device__ void warp_head_prep(const u16* __restrict__ src, const float* __restr
 __device__ __forceinline__ float bf_lo(u32 w) { return __uint_as_float(w << 16); }
 __device__ __forceinline__ float bf_hi(u32 w) { return __uint_as_float(w & 0xFFFF0000u); }
 
+// ---------------------------------------------------------------------------------------------
+// Prefill attention on the tensor cores (FlashAttention-2 style) for head_dim 64 or 128.
+// grid (ceil(m / 64), n_heads), 128 threads = 4 warps x 16 queries. The new tokens' keys and
+// values are already in the cache (kv_write) and all m tokens belong to one sequence at
+// increasing positions (GpuModel::forward). q is prepared in f32 (bias, norm, RoPE: the same
+// warp_head_prep as attention_w), rounded to bf16 and held as mma A fragments; 64-key tiles of K
+// (row-major) and V (transposed) pass through shared memory; S = Q K^T and O += P V are
+// m16n8k16 bf16 mma with f32 accumulators and an online softmax in registers (P rounded to bf16,
+// and the row sums taken over the rounded P, so the weights used are the weights normalised).
+// ---------------------------------------------------------------------------------------------
+#define PF_Q 64
+#define PF_K 64
+
+__device__ __forceinline__ int window_lo(int p, int window) {
+    return window > 0 ? max(0, p + 1 - window) : 0;
+}
+
+template <int D>
+__device__ __forceinline__ void attention_prefill_body(
+    const u16* __restrict__ q_src, int q_off, int q_stride, const float* __restrict__ q_bias,
+    const float* __restrict__ q_norm, const float* __restrict__ inv_freq,
+    const int* __restrict__ pos, const int* __restrict__ seq, const u16* __restrict__ kc,
+    const u16* __restrict__ vc, u16* __restrict__ out, AttnArgs a, int m) {
+    pdl_enter();
+    constexpr int KS = D + 8;     // K tile row stride (bf16): fragment reads hit 32 banks
+    constexpr int VS = PF_K + 8;  // transposed V tile row stride
+    __shared__ __align__(16) u16 ks[PF_K * KS];  // holds the bf16 q tile first
+    __shared__ __align__(16) u16 vt[D * VS];
+    __shared__ float qtmp[4][D];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    const int h = blockIdx.y, kvh = h / (a.n_heads / a.n_kv);
+    const int t0 = blockIdx.x * PF_Q;
+    for (int i = 0; i < 16; i++) {
+        const int r = warp * 16 + i, t = t0 + r;
+        if (t < m) {
+            warp_head_prep(q_src + (size_t)t * q_stride + q_off + h * D,
+                           q_bias ? q_bias + h * D : 0, q_norm, a.eps, inv_freq, a.attn_factor,
+                           a.rot_dim, pos[t], D, qtmp[warp]);
+            for (int c = lane; c < D; c += 32) ks[r * KS + c] = to_bf(qtmp[warp][c]);
+        } else {
+            for (int c = lane; c < D; c += 32) ks[r * KS + c] = 0;
+        }
+        __syncwarp();
+    }
+    u32 qa[D / 16][4];
+    {
+        const u16* q0 = ks + (warp * 16 + g) * KS;
+        const u16* q1 = q0 + 8 * KS;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            qa[kk][0] = *(const u32*)(q0 + kk * 16 + 2 * tq);
+            qa[kk][1] = *(const u32*)(q1 + kk * 16 + 2 * tq);
+            qa[kk][2] = *(const u32*)(q0 + kk * 16 + 2 * tq + 8);
+            qa[kk][3] = *(const u32*)(q1 + kk * 16 + 2 * tq + 8);
+        }
+    }
+    // This thread's two query rows (g and g + 8 of the warp's 16); rows past m see no key.
+    const int r0 = t0 + warp * 16 + g, r1 = r0 + 8;
+    const int p0 = r0 < m ? pos[r0] : -1, p1 = r1 < m ? pos[r1] : -1;
+    const int lo0 = window_lo(p0, a.window), lo1 = window_lo(p1, a.window);
+    const int khi = pos[min(m, t0 + PF_Q) - 1];
+    const int klo = window_lo(pos[t0], a.window);
+    const size_t cbase = (((size_t)seq[t0] * a.layers + a.layer) * a.n_kv + kvh) * a.capacity;
+    const float sl2 = a.scale * 1.4426950408889634f;  // scores in log2 units: exp2f below
+    float o[D / 8][4];
+#pragma unroll
+    for (int dt = 0; dt < D / 8; dt++) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
+    float mr[2] = {NEG_INF, NEG_INF}, lr[2] = {0.f, 0.f};
+    for (int kt = klo / PF_K * PF_K; kt <= khi; kt += PF_K) {
+        __syncthreads();  // every warp is done with the previous tile (or the q tile)
+        for (int idx = threadIdx.x; idx < PF_K * (D / 8); idx += blockDim.x) {
+            const int r = idx / (D / 8), c = (idx % (D / 8)) * 8, j = kt + r;
+            uint4 k4 = make_uint4(0, 0, 0, 0), v4 = make_uint4(0, 0, 0, 0);
+            if (j <= khi) {  // zeros past the last key: masked scores must not meet NaN values
+                k4 = *(const uint4*)(kc + (cbase + j) * D + c);
+                v4 = *(const uint4*)(vc + (cbase + j) * D + c);
+            }
+            *(uint4*)(ks + r * KS + c) = k4;
+            const u32 vw[4] = {v4.x, v4.y, v4.z, v4.w};
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                vt[(c + 2 * e) * VS + r] = (u16)(vw[e] & 0xFFFFu);
+                vt[(c + 2 * e + 1) * VS + r] = (u16)(vw[e] >> 16);
+            }
+        }
+        __syncthreads();
+        float sc[PF_K / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < PF_K / 8; nt++) {
+            sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
+            const u16* kr = ks + (nt * 8 + g) * KS + 2 * tq;
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk++)
+                mma_bf16_16816(sc[nt], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3],
+                               *(const u32*)(kr + kk * 16), *(const u32*)(kr + kk * 16 + 8));
+        }
+        float mx0 = NEG_INF, mx1 = NEG_INF;
+#pragma unroll
+        for (int nt = 0; nt < PF_K / 8; nt++) {
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int j = kt + nt * 8 + 2 * tq + e;
+                const float v0 = (j > p0 || j < lo0) ? NEG_INF : sc[nt][e] * sl2;
+                const float v1 = (j > p1 || j < lo1) ? NEG_INF : sc[nt][2 + e] * sl2;
+                sc[nt][e] = v0;
+                sc[nt][2 + e] = v1;
+                mx0 = fmaxf(mx0, v0);
+                mx1 = fmaxf(mx1, v1);
+            }
+        }
+#pragma unroll
+        for (int off = 1; off <= 2; off <<= 1) {
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+        }
+        const float mn0 = fmaxf(mr[0], mx0), mn1 = fmaxf(mr[1], mx1);
+        // A row that has seen no key yet keeps max -inf: subtract 0 so exp2f gives 0, not NaN.
+        const float mu0 = mn0 == NEG_INF ? 0.f : mn0, mu1 = mn1 == NEG_INF ? 0.f : mn1;
+        const float c0 = exp2f(mr[0] - mu0), c1 = exp2f(mr[1] - mu1);
+        mr[0] = mn0;
+        mr[1] = mn1;
+        lr[0] *= c0;
+        lr[1] *= c1;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; dt++) {
+            o[dt][0] *= c0;
+            o[dt][1] *= c0;
+            o[dt][2] *= c1;
+            o[dt][3] *= c1;
+        }
+        u32 pa[PF_K / 16][4];
+#pragma unroll
+        for (int nt = 0; nt < PF_K / 8; nt++) {
+            const u32 w0 = f32x2_to_bf16x2(exp2f(sc[nt][0] - mu0), exp2f(sc[nt][1] - mu0));
+            const u32 w1 = f32x2_to_bf16x2(exp2f(sc[nt][2] - mu1), exp2f(sc[nt][3] - mu1));
+            lr[0] += __uint_as_float(w0 << 16) + __uint_as_float(w0 & 0xFFFF0000u);
+            lr[1] += __uint_as_float(w1 << 16) + __uint_as_float(w1 & 0xFFFF0000u);
+            pa[nt >> 1][(nt & 1) * 2] = w0;
+            pa[nt >> 1][(nt & 1) * 2 + 1] = w1;
+        }
+#pragma unroll
+        for (int dt = 0; dt < D / 8; dt++) {
+            const u16* vr = vt + (dt * 8 + g) * VS + 2 * tq;
+#pragma unroll
+            for (int kk = 0; kk < PF_K / 16; kk++)
+                mma_bf16_16816(o[dt], pa[kk][0], pa[kk][1], pa[kk][2], pa[kk][3],
+                               *(const u32*)(vr + kk * 16), *(const u32*)(vr + kk * 16 + 8));
+        }
+    }
+#pragma unroll
+    for (int off = 1; off <= 2; off <<= 1) {
+        lr[0] += __shfl_xor_sync(0xffffffffu, lr[0], off);
+        lr[1] += __shfl_xor_sync(0xffffffffu, lr[1], off);
+    }
+    const float i0 = lr[0] > 0.f ? 1.f / lr[0] : 0.f, i1 = lr[1] > 0.f ? 1.f / lr[1] : 0.f;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; dt++) {
+        const int c = dt * 8 + 2 * tq;
+        if (r0 < m)
+            *(u32*)(out + ((size_t)r0 * a.n_heads + h) * D + c) =
+                f32x2_to_bf16x2(o[dt][0] * i0, o[dt][1] * i0);
+        if (r1 < m)
+            *(u32*)(out + ((size_t)r1 * a.n_heads + h) * D + c) =
+                f32x2_to_bf16x2(o[dt][2] * i1, o[dt][3] * i1);
+    }
+}
+
+#define ATTENTION_PREFILL(NAME, D)                                                              \
+    extern "C" __global__ void __launch_bounds__(128)                                           \
+        NAME(const u16* q_src, int q_off, int q_stride, const float* q_bias,                   \
+             const float* q_norm, const float* inv_freq, const int* pos, const int* seq,        \
+             const u16* kc, const u16* vc, u16* out, AttnArgs a, int m) {                       \
+        attention_prefill_body<D>(q_src, q_off, q_stride, q_bias, q_norm, inv_freq, pos, seq, \
+                                  kc, vc, out, a, m);                                           \
+    }
+ATTENTION_PREFILL(attention_prefill_d64, 64)
+ATTENTION_PREFILL(attention_prefill_d128, 128)
+
 // Causal GQA attention for head_dim in {32, 64, 96, 128} and 64-key splits (decode steps):
 // same arguments, grid and results as `attention` (flash-decoding, last split block combines),
 // with a shorter chain of dependent steps. 128 threads = 4 warps x 16 keys (two passes of 8);
@@ -526,19 +693,8 @@ attention_w(const u16* __restrict__ q_src, int q_off, int q_stride, const u16* _
     } else if (warp == 1 && has_new) {
         warp_head_prep(k_src + (size_t)t * k_stride + k_off + kv * d, k_bias ? k_bias + kv * d : 0,
                        k_norm, a.eps, inv_freq, a.attn_factor, a.rot_dim, p, d, kn);
-        const u16* vs = v_src + (size_t)t * v_stride + v_off + kv * d;
-        for (int i = lane; i < d; i += 32) {
-            float v = bf(vs[i]);
-            if (v_bias != 0) v += v_bias[kv * d + i];
-            // Stored as bf16 and used rounded, exactly as later tokens will read it.
-            const u16 kb = to_bf(kn[i]), vb = to_bf(v);
-            kn[i] = bf(kb);
-            vn[i] = bf(vb);
-            if (h % group == 0) {
-                kc[(cbase + p) * d + i] = kb;
-                vc[(cbase + p) * d + i] = vb;
-            }
-        }
+        new_kv(v_src + (size_t)t * v_stride + v_off + kv * d, v_bias ? v_bias + kv * d : 0, kn, vn,
+               kc + (cbase + p) * d, vc + (cbase + p) * d, h % group == 0, d, lane, 32);
     }
     __syncthreads();
     // Scores of this lane's two keys: its d/4 elements, then the 4 lanes of each key.
@@ -808,78 +964,24 @@ __device__ __forceinline__ float dot8(uint4 a, uint4 b) {
     return s;
 }
 
-__device__ __forceinline__ uint4 ld_stream(const void* p) {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
-    return v;
-}
 
 extern "C" __global__ void __launch_bounds__(256)
 moe_bf16(const u16* __restrict__ w, const u16* __restrict__ x, u16* __restrict__ y, int n, int k,
          const int* __restrict__ ids, int P, int E, int in_div, int swiglu_in) {
     pdl_enter();
     __shared__ unsigned char present[1024];
-    __shared__ int s_expert, s_pos, s_fill;
+    __shared__ int s_expert, s_fill;
     __shared__ int in_row[8], out_row[8];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    for (int e = threadIdx.x; e < E; e += blockDim.x) present[e] = 0;
-    __syncthreads();
-    for (int p = threadIdx.x; p < P; p += blockDim.x) {
-        const int e = ids[p];
-        if (e >= 0 && e < E) present[e] = 1;
-    }
-    __syncthreads();
-    if (warp == 0) {
-        int want = blockIdx.y, found = -1;
-        for (int base = 0; base < E && found < 0; base += 32) {
-            unsigned mk = __ballot_sync(0xffffffffu, base + lane < E && present[base + lane]);
-            const int c = __popc(mk);
-            if (want < c) {
-                for (int i = 0; i < want; i++) mk &= mk - 1;
-                found = base + __ffs(mk) - 1;
-            } else {
-                want -= c;
-            }
-        }
-        if (lane == 0) {
-            s_expert = found;
-            s_pos = 0;
-        }
-    }
-    __syncthreads();
-    const int e = s_expert;
+    const int e = moe_slot_expert(ids, P, E, blockIdx.y, present, &s_expert);
     if (e < 0) return;
     const u16* we = w + (size_t)e * n * k;
     const int r0 = blockIdx.x * 16 + warp * 2;
+    int pos = 0;  // warp 0's cursor in ids
     while (true) {
         if (warp == 0) {
-            int pos = s_pos, fill = 0;
-            while (pos < P && fill < 8) {
-                const int p = pos + lane;
-                const bool hit = p < P && ids[p] == e;
-                const unsigned mk = __ballot_sync(0xffffffffu, hit);
-                const int c = __popc(mk);
-                const int take = min(c, 8 - fill);
-                const int before = __popc(mk & ((1u << lane) - 1u));
-                if (hit && before < take) {
-                    in_row[fill + before] = p / in_div;
-                    out_row[fill + before] = p;
-                }
-                fill += take;
-                if (take < c) {
-                    unsigned mm = mk;
-                    for (int i = 0; i < take; i++) mm &= mm - 1;
-                    pos += __ffs(mm) - 1;
-                    break;
-                }
-                pos += 32;
-            }
-            if (lane == 0) {
-                s_pos = pos;
-                s_fill = fill;
-            }
+            const int fill = moe_collect_pairs(ids, P, e, in_div, 8, in_row, out_row, pos);
+            if (lane == 0) s_fill = fill;
         }
         __syncthreads();
         const int fill = s_fill;
@@ -892,7 +994,7 @@ moe_bf16(const u16* __restrict__ w, const u16* __restrict__ x, u16* __restrict__
             uint4 wv[2];
 #pragma unroll
             for (int r = 0; r < 2; r++)
-                wv[r] = (r0 + r < n) ? ld_stream(we + (size_t)(r0 + r) * k + c) : make_uint4(0, 0, 0, 0);
+                wv[r] = (r0 + r < n) ? ldg_stream(we + (size_t)(r0 + r) * k + c) : make_uint4(0, 0, 0, 0);
 #pragma unroll
             for (int q = 0; q < 8; q++) {
                 if (q < fill) {

@@ -428,7 +428,11 @@ fn gpu_perplexity_and_compare_match_cpu() {
     if gpu.ctx.tuning().fp8_prefill && gpu.has_fp8() {
         assert!(calls > 0, "the FP8 prefill path did not run");
     }
-    assert!(fp8.mean_kl < 2.0 * got.mean_kl + 5e-3, "FP8 prefill KL {}", fp8.mean_kl);
+    assert!(
+        fp8.mean_kl < 2.0 * got.mean_kl + 5e-3,
+        "FP8 prefill KL {}",
+        fp8.mean_kl
+    );
     assert!(fp8.top1_agreement > got.top1_agreement - 0.03);
 }
 
@@ -461,6 +465,43 @@ fn batched_decode_equals_single() {
         g.decode_steps(1, n).unwrap();
         let single = g.decode_tokens(1, p.len() + 1, p.len() + 1 + n).unwrap()[0].clone();
         assert_eq!(batched[s], single, "sequence {s}");
+    }
+}
+
+/// The tensor-core prefill attention against the thread-per-key kernel on every logit row of a
+/// 200-token prefill (four 64-query tiles, the last one partial; several 64-key tiles), for
+/// head_dim 64 and 128, full and sliding-window attention, GQA.
+#[test]
+fn prefill_attention_kernels_agree() {
+    let Some(gpu) = gpu() else { return };
+    let mut c = tiny_moe_config();
+    c.max_position_embeddings = 512;
+    for (hd, window) in [(64usize, None), (128, None), (128, Some(77usize))] {
+        c.head_dim = hd;
+        c.sliding_window = vec![window; c.num_layers];
+        let mut g = GpuModel::random(gpu.clone(), c.clone(), WeightKind::Bf16, false, 11).unwrap();
+        g.alloc_cache(1, 256).unwrap();
+        let vocab = c.vocab_size as u32;
+        let prompt: Vec<u32> = (0..200u32).map(|i| (i * 7 + 3) % vocab).collect();
+        let base = gpu.ctx.tuning();
+        let mut rows = Vec::new();
+        for mma in [false, true] {
+            gpu.ctx.set_tuning(Tuning {
+                prefill_attention_mma: mma,
+                ..base
+            });
+            rows.push(g.forward(&prompt, 0, 0, true).unwrap());
+        }
+        gpu.ctx.set_tuning(base);
+        let (rel, elem) = errors(&rows[1], &rows[0]);
+        eprintln!(
+            "prefill attention head_dim {hd} window {window:?} (heads {} / kv {}): mma vs thread-per-key relative {rel:.2e}, worst element {elem:.2e}",
+            c.num_heads, c.num_kv_heads
+        );
+        assert!(
+            rel < 2e-2,
+            "head_dim {hd} window {window:?}: relative error {rel:.3e}"
+        );
     }
 }
 

@@ -13,6 +13,9 @@ use crate::fp4::Fp4Format;
 /// Kernel sources embedded in the binary: (file name, text).
 pub(crate) const FP4_GEMM_SRC: (&str, &str) =
     ("fp4_gemm.cu", include_str!("../../cuda/fp4_gemm.cu"));
+/// Definitions every source shares (typedefs, bf16 conversions, mma, pdl_enter): put in front
+/// of each source by [`compile_source`].
+pub const COMMON_HEADER: &str = include_str!("../../cuda/common.cuh");
 /// MoE routing / activation / combine kernels.
 pub(crate) const MOE_SRC: (&str, &str) = ("moe.cu", include_str!("../../cuda/moe.cu"));
 
@@ -28,8 +31,8 @@ pub fn nvrtc_available() -> bool {
     unsafe { cudarc::nvrtc::sys::is_culib_present() }
 }
 
-/// Compiles one embedded source for `arch` (e.g. "sm_90a") with NVRTC, or returns the PTX
-/// compiled earlier in this process.
+/// Compiles one embedded source for `arch` (e.g. "sm_90a") with NVRTC, [`COMMON_HEADER`] in
+/// front of it, or returns the PTX compiled earlier in this process.
 pub fn compile_source(file: &'static str, src: &str, arch: &str) -> Result<String, CudaError> {
     let key = (file, arch.to_string());
     if let Some(p) = ptx_cache().lock().ok().and_then(|c| c.get(&key).cloned()) {
@@ -45,7 +48,9 @@ pub fn compile_source(file: &'static str, src: &str, arch: &str) -> Result<Strin
         name: Some(file.to_string()),
         ..Default::default()
     };
-    let ptx = cudarc::nvrtc::compile_ptx_with_opts(src, opts).map_err(|e| CudaError::Compile {
+    // `#line` keeps the compiler's messages pointing at the source file's own lines.
+    let full = format!("{COMMON_HEADER}\n#line 1 \"{file}\"\n{src}");
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(full, opts).map_err(|e| CudaError::Compile {
         file,
         log: compile_log(&e),
     })?;
@@ -65,7 +70,7 @@ fn compile_log(e: &cudarc::nvrtc::CompileError) -> String {
 
 /// Latency features of the decode path, switchable for A/B measurements through the
 /// environment at context creation (`MIMO_PDL`, `MIMO_L2_PREFETCH`, `MIMO_MOE_DIRECT`,
-/// `MIMO_NORM_ROUTER`, `MIMO_WARP_ATTENTION`, `MIMO_FP8_PREFILL`: `1` on, `0` off) or later through [`GpuContext::set_tuning`]. The defaults
+/// `MIMO_NORM_ROUTER`, `MIMO_WARP_ATTENTION`, `MIMO_FP8_PREFILL`, `MIMO_PREFILL_ATTENTION_MMA`: `1` on, `0` off) or later through [`GpuContext::set_tuning`]. The defaults
 /// follow the H100 ablation of docs/kernels-notes.md (round 3): the three that did not pay
 /// there are off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,6 +99,10 @@ pub struct Tuning {
     /// per-row scales) instead of dequantizing to bf16 for cuBLAS. Where the GPU has no FP8
     /// (below sm_89) or a shape does not suit cuBLASLt, the bf16 path runs regardless.
     pub fp8_prefill: bool,
+    /// Prefill attention (head_dim 64 or 128) through the runtime's tensor-core kernel
+    /// (`attention_prefill_*`: 64 queries per block, 64-key tiles in shared memory, mma for
+    /// Q K^T and P V) instead of the thread-per-key kernel, which re-reads every key per query.
+    pub prefill_attention_mma: bool,
 }
 
 impl Default for Tuning {
@@ -105,6 +114,7 @@ impl Default for Tuning {
             norm_router: false,
             warp_attention: true,
             fp8_prefill: true,
+            prefill_attention_mma: true,
         }
     }
 }
@@ -121,6 +131,7 @@ impl Tuning {
             norm_router: flag("MIMO_NORM_ROUTER", d.norm_router),
             warp_attention: flag("MIMO_WARP_ATTENTION", d.warp_attention),
             fp8_prefill: flag("MIMO_FP8_PREFILL", d.fp8_prefill),
+            prefill_attention_mma: flag("MIMO_PREFILL_ATTENTION_MMA", d.prefill_attention_mma),
         }
     }
 }

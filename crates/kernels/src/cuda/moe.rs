@@ -278,31 +278,27 @@ fn moe_layer_one_token(
         block_dim: (32 * gcfg.warps, 1, 1),
         shared_mem_bytes: reduction_smem(gcfg, 1),
     };
-    let (n_i, k_i, p_i, e_i, in_div) = (
-        gu.n as i32,
-        gu.k as i32,
-        top_k as i32,
-        experts as i32,
-        top_k as i32,
-    );
-    let mut b = gpu.stream().launch_builder(&f);
-    b.arg(&gu.packed)
-        .arg(&gu.scales)
-        .arg(&gu.global_scales)
-        .arg(&gu.mult_lut)
-        .arg(x)
-        .arg(&mut ws.act)
-        .arg(&n_i)
-        .arg(&k_i)
-        .arg(topk_ids)
-        .arg(&p_i)
-        .arg(&e_i)
-        .arg(&in_div)
-        .arg(&mut ws.bad)
-        .arg(&gu.post);
-    // SAFETY: matches fp4_moe_*_swiglu_t1; x holds one row of `hidden`, act top_k rows of
-    // `inter` (the workspace holds at least top_k pairs, checked by the caller), ids top_k.
-    unsafe { b.launch(launch) }.map_err(drv("launch one-token gate/up"))?;
+    let (p_i, e_i) = (top_k as i32, experts as i32);
+    let r = Route {
+        ids: topk_ids,
+        pairs: p_i,
+        experts: e_i,
+        slots: top_k as u32,
+    };
+    // SAFETY (of the call): x holds one row of `hidden`, act top_k rows of `inter` (the
+    // workspace holds at least top_k pairs, checked by the caller), ids top_k entries.
+    launch_moe_kernel(
+        gpu,
+        &f,
+        launch,
+        gu,
+        x,
+        &mut ws.act,
+        &r,
+        p_i,
+        Some(&mut ws.bad),
+        "launch one-token gate/up",
+    )?;
     // 2. down + combine: one warp per pair, 16 output rows per block.
     let d = &w.down;
     let name = match d.format {
@@ -385,10 +381,41 @@ fn grouped(
         block_dim: (32 * cfg.warps, 1, 1),
         shared_mem_bytes: reduction_smem(cfg, tn),
     };
+    // x has P / in_div rows of k elements, y one row per pair (of n / 2 elements with SwiGLU,
+    // else n); ids holds P entries.
+    launch_moe_kernel(
+        gpu,
+        &f,
+        launch,
+        w,
+        x,
+        y,
+        r,
+        in_div,
+        bad,
+        "launch grouped FP4 GEMM",
+    )
+}
+
+/// Launches one of fp4_gemm.cu's `fp4_moe_*` kernels (grouped or one-token direct: the same
+/// arguments). The caller guarantees the buffer sizes its comment states.
+#[allow(clippy::too_many_arguments)]
+fn launch_moe_kernel(
+    gpu: &GpuContext,
+    f: &cudarc::driver::CudaFunction,
+    launch: LaunchConfig,
+    w: &GpuFp4Weight,
+    x: &CudaSlice<bf16>,
+    y: &mut CudaSlice<bf16>,
+    r: &Route,
+    in_div: i32,
+    bad: Option<&mut CudaSlice<i32>>,
+    what: &'static str,
+) -> Result<(), CudaError> {
     let (n_i, k_i) = (w.n as i32, w.k as i32);
     // A null pointer tells the kernel not to count invalid ids.
     let null: u64 = 0;
-    let mut b = gpu.stream().launch_builder(&f);
+    let mut b = gpu.stream().launch_builder(f);
     b.arg(&w.packed)
         .arg(&w.scales)
         .arg(&w.global_scales)
@@ -406,8 +433,8 @@ fn grouped(
         None => b.arg(&null),
     };
     b.arg(&w.post);
-    // SAFETY: matches fp4_moe_*; x has P / in_div rows of k elements, y one row per pair (of
-    // n / 2 elements with SwiGLU, else n); ids holds P entries.
-    unsafe { b.launch(launch) }.map_err(drv("launch grouped FP4 GEMM"))?;
+    // SAFETY: argument types and order match fp4_moe_* (grouped and *_t1); the buffer sizes
+    // are the caller's guarantee.
+    unsafe { b.launch(launch) }.map_err(drv(what))?;
     Ok(())
 }

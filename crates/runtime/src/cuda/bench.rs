@@ -88,8 +88,9 @@ pub struct BenchRun {
     pub prefill_tokens_per_s: f64,
     /// GEMMs of that timed prefill that ran on the FP8 tensor cores (Tuning::fp8_prefill).
     pub prefill_fp8_gemms: usize,
-    /// FP4 weights: prefill tokens/s with `fp8_prefill` flipped, in the same process.
-    pub prefill_ablation: Option<(String, f64)>,
+    /// Prefill tokens/s with one prefill switch flipped (`prefill_attention_mma`; FP4 weights
+    /// also `fp8_prefill`), in the same process.
+    pub prefill_ablation: Vec<(String, f64)>,
     /// Decode results.
     pub decode: Vec<DecodeResult>,
 }
@@ -201,28 +202,42 @@ pub fn bench_random_weights(gpu: Arc<Gpu>, opts: &BenchOptions) -> Result<BenchR
             "  prefill {} tokens: {prefill:.0} tokens/s ({fp8_gemms} FP8 GEMMs)",
             opts.prompt
         );
-        let prefill_ablation = match kind {
-            WeightKind::Fp4(_) => {
-                let base = gpu.ctx.tuning();
-                let flipped = Tuning {
+        // Prefill switches flipped one at a time, same process: FP8 GEMMs (FP4 weights only)
+        // and the tensor-core attention.
+        let mut prefill_ablation = Vec::new();
+        let base = gpu.ctx.tuning();
+        let mut flips: Vec<(&str, Tuning)> = vec![(
+            "prefill_attention_mma",
+            Tuning {
+                prefill_attention_mma: !base.prefill_attention_mma,
+                ..base
+            },
+        )];
+        if matches!(kind, WeightKind::Fp4(_)) {
+            flips.push((
+                "fp8_prefill",
+                Tuning {
                     fp8_prefill: !base.fp8_prefill,
                     ..base
-                };
-                gpu.ctx.set_tuning(flipped);
-                model.forward(&prompt, 0, 0, false)?;
-                let t0 = Instant::now();
-                model.forward(&prompt, 0, 0, false)?;
-                let tps = opts.prompt as f64 / t0.elapsed().as_secs_f64();
-                gpu.ctx.set_tuning(base);
-                let name = format!(
-                    "fp8_prefill={}",
-                    if flipped.fp8_prefill { "on" } else { "off" }
-                );
-                eprintln!("  prefill with {name}: {tps:.0} tokens/s");
-                Some((name, tps))
-            }
-            _ => None,
-        };
+                },
+            ));
+        }
+        for (name, t) in flips {
+            gpu.ctx.set_tuning(t);
+            model.forward(&prompt, 0, 0, false)?;
+            let t0 = Instant::now();
+            model.forward(&prompt, 0, 0, false)?;
+            let tps = opts.prompt as f64 / t0.elapsed().as_secs_f64();
+            let on = if name == "fp8_prefill" {
+                t.fp8_prefill
+            } else {
+                t.prefill_attention_mma
+            };
+            let label = format!("{name}={}", if on { "on" } else { "off" });
+            eprintln!("  prefill with {label}: {tps:.0} tokens/s");
+            prefill_ablation.push((label, tps));
+        }
+        gpu.ctx.set_tuning(base);
         let mut decode = Vec::new();
         let heads: Vec<(String, bool)> = match kind {
             WeightKind::Fp4(_) if opts.fp4_head_too => {
@@ -410,6 +425,7 @@ fn tuning_ablation(
                 norm_router: false,
                 warp_attention: false,
                 fp8_prefill: base.fp8_prefill,
+                prefill_attention_mma: base.prefill_attention_mma,
             },
         ),
     ];

@@ -107,6 +107,8 @@ pub struct Ops {
     kv_write: CudaFunction,
     attention: CudaFunction,
     attention_w: CudaFunction,
+    /// Tensor-core prefill attention for head_dim 64 and 128.
+    attention_prefill: [CudaFunction; 2],
     swiglu: CudaFunction,
     add_bias: CudaFunction,
     router_topk: CudaFunction,
@@ -168,6 +170,7 @@ impl Ops {
             kv_write: f("kv_write")?,
             attention: f("attention")?,
             attention_w: f("attention_w")?,
+            attention_prefill: [f("attention_prefill_d64")?, f("attention_prefill_d128")?],
             swiglu: f("swiglu")?,
             add_bias: f("add_bias")?,
             router_topk: f("router_topk")?,
@@ -189,6 +192,8 @@ impl Ops {
             &self.kv_write,
             &self.attention,
             &self.attention_w,
+            &self.attention_prefill[0],
+            &self.attention_prefill[1],
             &self.swiglu,
             &self.add_bias,
             &self.router_topk,
@@ -328,6 +333,38 @@ impl Ops {
         // its lighter blocks win (H100: batch 8 / 32 decode 7 % / 13 % slower with the warp
         // kernel, batch 1 5 % faster). The combine scratch (1024 floats) bounds the splits:
         // checked by alloc_cache against MAX_CONTEXT (at most 1024 splits).
+        // Prefill (keys and values already in the cache, one sequence at increasing positions:
+        // GpuModel::forward) on the tensor cores where the head size has a kernel.
+        let prefill_kernel = match a.d {
+            64 => Some(&self.attention_prefill[0]),
+            128 => Some(&self.attention_prefill[1]),
+            _ => None,
+        }
+        .filter(|_| a.fused_new == 0 && gpu.tuning().prefill_attention_mma);
+        if let Some(f) = prefill_kernel {
+            let m_i = m as i32;
+            let mut b = gpu.stream().launch_builder(f);
+            b.arg(q.buf).arg(&q.off).arg(&q.stride);
+            opt(&mut b, biases[0]);
+            opt(&mut b, q_norm);
+            b.arg(inv_freq)
+                .arg(pos)
+                .arg(seq)
+                .arg(kc)
+                .arg(vc)
+                .arg(out)
+                .arg(&a)
+                .arg(&m_i);
+            let cfg = LaunchConfig {
+                grid_dim: (m.div_ceil(64) as u32, a.n_heads as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: as kv_write; the m tokens are one sequence whose positions the caller
+            // checked against the cache; shared memory is static (< 48 KiB for d <= 128).
+            unsafe { b.launch(cfg) }.map_err(drv("launch attention_prefill"))?;
+            return Ok(());
+        }
         let warp_kernel = gpu.tuning().warp_attention
             && a.fused_new != 0
             && m == 1

@@ -1,0 +1,132 @@
+// Definitions shared by every NVRTC source of mimo-quant (fp4_gemm.cu, moe.cu and the runtime's
+// ops.cu): `compile_source` (crates/kernels/src/cuda/context.rs) puts this text in front of each
+// source before compiling it, so each concept is written once.
+//
+// No CUDA headers are included: bf16 values travel as raw 16-bit patterns and the few
+// instructions needed (mma.sync, cvt.rn.bf16.f32, griddepcontrol) are inline PTX, so NVRTC
+// needs no include path.
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned char u8;
+typedef unsigned long long u64;
+
+#define NEG_INF (-__int_as_float(0x7f800000))
+
+// bf16 bits -> f32 (exact).
+__device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
+
+// f32 -> bf16 bits, round to nearest even.
+__device__ __forceinline__ u16 f32_to_bf16(float f) {
+    u16 r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
+    return r;
+}
+
+// Two f32 -> one bf16x2 word (`lo` in the low half), round to nearest even.
+__device__ __forceinline__ u32 f32x2_to_bf16x2(float lo, float hi) {
+    return (u32)f32_to_bf16(lo) | ((u32)f32_to_bf16(hi) << 16);
+}
+
+// D += A (16x16, row) * B (16x8, col), bf16 inputs, f32 accumulators. Fragments (g = lane / 4,
+// t = lane % 4): a0 = A[g][2t..], a1 = A[g+8][2t..], a2 = A[g][2t+8..], a3 = A[g+8][2t+8..];
+// b0 = B[2t..][g], b1 = B[2t+8..][g]; c0,c1 = C[g][2t..], c2,c3 = C[g+8][2t..].
+__device__ __forceinline__ void mma_bf16_16816(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3,
+                                               u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Programmatic dependent launch (sm_90). In a decode graph whose kernel edges are programmatic
+// (PdlGraph, graph.rs) a kernel may start while the previous one finishes: `griddepcontrol.wait`
+// blocks until every prerequisite grid has completed and its memory is visible, so each kernel
+// calls pdl_enter before its first read of data another kernel wrote and before its first
+// global write; `launch_dependents` (after the wait: at most one grid runs ahead) lets the next
+// kernel's blocks be scheduled. Outside such a graph both are no-ops.
+__device__ __forceinline__ void pdl_enter() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Streaming 16-byte load for data read exactly once (weights): kept out of L1.
+__device__ __forceinline__ uint4 ldg_stream(const void* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Grouped MoE routing, shared by fp4_gemm.cu's fp4_moe_* and ops.cu's moe_bf16: a block serves
+// one expert, found from the router's top-k ids on the device, and takes that expert's
+// (token, expert) pairs in id order, a few at a time (deterministic order, no host round trip).
+// ---------------------------------------------------------------------------------------------
+
+// Whole block: the id of the `slot`-th expert (in increasing id order) that has at least one of
+// the P pairs of `ids` (ids outside [0, E) are ignored), or -1 where fewer are active.
+// `present`: E bytes of shared memory; `s_expert`: a shared int. Ends with a barrier.
+__device__ __forceinline__ int moe_slot_expert(const int* __restrict__ ids, int P, int E, int slot,
+                                               unsigned char* present, int* s_expert) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) present[e] = 0;
+    __syncthreads();
+    for (int p = threadIdx.x; p < P; p += blockDim.x) {
+        const int e = ids[p];
+        if (e >= 0 && e < E) present[e] = 1;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        int want = slot, found = -1;
+        for (int base = 0; base < E && found < 0; base += 32) {
+            unsigned m = __ballot_sync(0xffffffffu, base + lane < E && present[base + lane]);
+            const int c = __popc(m);
+            if (want < c) {
+                for (int i = 0; i < want; i++) m &= m - 1;
+                found = base + __ffs(m) - 1;
+            } else {
+                want -= c;
+            }
+        }
+        if (lane == 0) *s_expert = found;
+    }
+    __syncthreads();
+    return *s_expert;
+}
+
+// One warp: the next pairs p of expert e in id order from `pos` on, at most `cap`, into
+// in_row[i] = p / in_div (the activation row: the token for a first projection, the pair's own
+// row for a second) and out_row[i] = p. Returns how many were taken; `pos` moves to the first
+// pair not taken (the same value in every lane).
+__device__ __forceinline__ int moe_collect_pairs(const int* __restrict__ ids, int P, int e,
+                                                 int in_div, int cap, int* in_row, int* out_row,
+                                                 int& pos) {
+    const int lane = threadIdx.x & 31;
+    int fill = 0;
+    while (pos < P && fill < cap) {
+        const int p = pos + lane;
+        const bool hit = p < P && ids[p] == e;
+        const unsigned m = __ballot_sync(0xffffffffu, hit);
+        const int c = __popc(m);
+        const int take = min(c, cap - fill);
+        const int before = __popc(m & ((1u << lane) - 1u));
+        if (hit && before < take) {
+            in_row[fill + before] = p / in_div;
+            out_row[fill + before] = p;
+        }
+        fill += take;
+        if (take < c) {
+            unsigned mm = m;
+            for (int i = 0; i < take; i++) mm &= mm - 1;
+            pos += __ffs(mm) - 1;  // the first hit not taken
+            break;
+        }
+        pos += 32;
+    }
+    return fill;
+}
