@@ -7,7 +7,8 @@
 import json
 import sys
 
-PATHS = {"fp4_fused": "fused", "fp4_fused_tuned": "fused, tuned", "fp4_dequant_cublas": "dequant+cuBLAS"}
+PATHS = {"fp4_fused": "fused", "fp4_fused_tuned": "fused, tuned", "fp4_dequant_cublas": "dequant+cuBLAS",
+         "fp4_fp8_cublaslt": "FP8 cuBLASLt"}
 
 
 def kernels(path):
@@ -40,6 +41,24 @@ def kernels(path):
                 cells += [f"{b['us']:.1f}", PATHS[b["kernel"]], f"{100 * b['copy_share']:.0f}%", x]
         print("| " + " | ".join(cells) + " |")
     print()
+    fp8 = [r for r in dense if r["kernel"] in ("fp4_dequant_cublas", "fp4_fp8_cublaslt", "fp4_fp8_cublaslt_fastacc",
+                                               "fp8_cublaslt_gemm_only") and r["m"] >= 64]
+    if fp8:
+        print("| K x N | M | format | dequant+cuBLAS us | FP8 path us (x cuBLAS) | FP8 fast-accum us (x cuBLAS) "
+              "| FP8 GEMM only us (x cuBLAS) | FP8 TFLOP/s |")
+        print("|---|---|---|---|---|---|---|---|")
+        for k, n, m in keys:
+            for fmt in ("nvfp4", "mxfp4"):
+                by = {r["kernel"]: r for r in fp8 if (r["k"], r["n"], r["m"], r["format"]) == (k, n, m, fmt)}
+                if "fp4_fp8_cublaslt" not in by:
+                    continue
+                c = lambda kn: f"{by[kn]['us']:.1f} ({by[kn]['speedup_vs_cublas']:.2f})" if kn in by else "-"
+                dq = by.get("fp4_dequant_cublas")
+                print(f"| {k} x {n} | {m} | {fmt} | {dq['us']:.1f} | " if dq else f"| {k} x {n} | {m} | {fmt} | - | ",
+                      end="")
+                print(f"{c('fp4_fp8_cublaslt')} | {c('fp4_fp8_cublaslt_fastacc')} | {c('fp8_cublaslt_gemm_only')} "
+                      f"| {by['fp4_fp8_cublaslt']['tflops']:.0f} |")
+        print()
     print("| MoE layer (Qwen3-30B-A3B: 128 experts, top-8, hidden 2048, width 768) | tokens | config "
           "| us | expert bytes read | weight TB/s | % copy |")
     print("|---|---|---|---|---|---|---|")
@@ -73,6 +92,16 @@ def e2e(path):
                 if b1 and b1.get("tuning_ablation"):
                     abl.append((name, label, b1["tokens_per_s"], b1["tuning_ablation"]))
     print()
+    pre = [(name, run) for name, s in d["shapes"].items() for run in s["runs"] if run.get("prefill_ablation")]
+    if pre:
+        print("| shape | weights | prefill tok/s (defaults) | " + " | ".join(
+            "flipped: " + n for n, _ in pre[-1][1]["prefill_ablation"]) + " |")
+        print("|---|---|---|" + "---|" * len(pre[-1][1]["prefill_ablation"]))
+        for name, run in pre:
+            vals = {n: v for n, v in run["prefill_ablation"]}
+            cells = [f"{vals[n]:,.0f}" if n in vals else "-" for n, _ in pre[-1][1]["prefill_ablation"]]
+            print(f"| {name} | {run['weights']} | {run['prefill_tokens_per_s']:,.0f} | " + " | ".join(cells) + " |")
+        print()
     names = [n for n, _ in abl[0][3]] if abl else []
     print("| shape | weights (lm_head) | defaults tok/s | " + " | ".join(names) + " |")
     print("|---|---|---|" + "---|" * len(names))
