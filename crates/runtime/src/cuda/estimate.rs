@@ -40,6 +40,49 @@ pub fn weight_bytes(c: &ModelConfig, fp4: Option<Fp4Format>, fp4_head: bool) -> 
     total
 }
 
+/// Scratch of the prefill GEMMs of FP4 weights (allocated on the first prefill, kept): the FP8
+/// path holds one E4M3 copy of the largest dense FP4 weight (`n * k` bytes); without FP8 the
+/// bf16 path holds a dequantized copy per weight shape (`2 * n * k` bytes each). BF16 models
+/// need none.
+pub fn prefill_scratch_bytes(
+    c: &ModelConfig,
+    fp4: Option<Fp4Format>,
+    fp4_head: bool,
+    fp8: bool,
+) -> usize {
+    if fp4.is_none() {
+        return 0;
+    }
+    let (h, d) = (c.hidden_size, c.head_dim);
+    let mut shapes = vec![
+        ((c.num_heads + 2 * c.num_kv_heads) * d, h),
+        (h, c.num_heads * d),
+    ];
+    let dense = (0..c.num_layers).any(|l| !c.moe_layers.get(l).copied().unwrap_or(false));
+    if dense || c.moe.is_none() {
+        shapes.push((2 * c.intermediate_size, h));
+        shapes.push((h, c.intermediate_size));
+    }
+    if let Some(si) = c
+        .moe
+        .as_ref()
+        .and_then(|m| m.shared_expert_intermediate_size)
+    {
+        shapes.push((2 * si, h));
+        shapes.push((h, si));
+    }
+    if fp4_head && !c.tie_word_embeddings {
+        shapes.push((c.vocab_size, h));
+    }
+    shapes.sort_unstable();
+    shapes.dedup();
+    if fp8 {
+        shapes.iter().map(|(n, k)| n * k).max().unwrap_or(0)
+    } else {
+        shapes.iter().map(|(n, k)| 2 * n * k).sum()
+    }
+}
+
 /// Refuses with [`GpuError::OutOfMemory`] where `need` bytes (plus a 512 MiB margin for
 /// workspaces) exceed the free device memory.
 pub fn check_fits(gpu: &Gpu, what: &str, need: usize) -> Result<(), GpuError> {
@@ -56,4 +99,37 @@ pub fn check_fits(gpu: &Gpu, what: &str, need: usize) -> Result<(), GpuError> {
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::{write_fixture, Arch};
+
+    #[test]
+    fn prefill_scratch_is_the_largest_fp8_weight_or_every_bf16_shape() {
+        let d = tempfile::tempdir().unwrap();
+        write_fixture(d.path(), Arch::Llama, 1).unwrap();
+        let c = ModelConfig::from_dir(d.path()).unwrap();
+        assert!(!c.tie_word_embeddings);
+        let (h, i, hd) = (c.hidden_size, c.intermediate_size, c.head_dim);
+        let dense = [
+            (c.num_heads + 2 * c.num_kv_heads) * hd * h,
+            h * c.num_heads * hd,
+            2 * i * h,
+            h * i,
+        ];
+        let head = c.vocab_size * h;
+        let f = Some(Fp4Format::Nvfp4);
+        assert_eq!(prefill_scratch_bytes(&c, None, true, true), 0);
+        let max = dense.iter().copied().max().unwrap();
+        assert_eq!(prefill_scratch_bytes(&c, f, false, true), max);
+        assert_eq!(prefill_scratch_bytes(&c, f, true, true), max.max(head));
+        let sum: usize = dense.iter().map(|b| 2 * b).sum();
+        assert_eq!(prefill_scratch_bytes(&c, f, false, false), sum);
+        // The fixture's lm_head [256, 64] has gate_up's shape: the bf16 path shares one scratch
+        // per shape (Gpu keys them by (n, k)), so the head adds nothing here.
+        assert_eq!((c.vocab_size, h), (2 * i, h));
+        assert_eq!(prefill_scratch_bytes(&c, f, true, false), sum);
+    }
 }

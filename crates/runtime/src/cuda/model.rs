@@ -349,15 +349,16 @@ impl GpuModel {
         GpuModel::from_checkpoint(gpu, &ck)
     }
 
-    /// Loads an opened checkpoint onto the GPU, refusing before any upload if the weights do
-    /// not fit in the free device memory.
+    /// Loads an opened checkpoint onto the GPU, refusing before any upload if the weights and
+    /// the prefill scratch do not fit in the free device memory.
     pub fn from_checkpoint(gpu: Arc<Gpu>, ck: &Checkpoint) -> Result<GpuModel, GpuError> {
         let c = ModelConfig::from_json(ck.config(), &ck.root().join("config.json"))?;
         check_config(&c)?;
         let names = Names::new(c.arch);
         let ld = Loader::new(ck)?;
         let fp4 = ld.layout.map(|l| l.format());
-        let need = super::estimate::weight_bytes(&c, fp4, fp4.is_some());
+        let need = super::estimate::weight_bytes(&c, fp4, fp4.is_some())
+            + super::estimate::prefill_scratch_bytes(&c, fp4, fp4.is_some(), gpu.has_fp8());
         super::estimate::check_fits(&gpu, &format!("{}", ck.root().display()), need)?;
         let (hd, d) = (c.hidden_size, c.head_dim);
         let embed_l = ld.linear(&names.embed(), c.vocab_size, hd, false)?;

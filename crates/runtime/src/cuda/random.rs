@@ -197,7 +197,8 @@ impl GpuModel {
         estimate::check_fits(
             &gpu,
             &format!("random {} model ({kind:?})", c.arch.model_type()),
-            estimate::weight_bytes(&c, fp4, fp4_head),
+            estimate::weight_bytes(&c, fp4, fp4_head)
+                + estimate::prefill_scratch_bytes(&c, fp4, fp4_head, gpu.has_fp8()),
         )?;
         let mut b = Builder {
             gpu: &gpu,
