@@ -24,8 +24,10 @@ use crate::manifest::FileHash;
 use crate::plan::{Action, Plan};
 use crate::quantizer::AmaxAcc;
 
-/// Read size of the scan (a multiple of every element size, so pieces hold whole elements).
-const PIECE: usize = 1 << 20;
+/// Read size of the scan (a multiple of every element size, so pieces hold whole elements);
+/// small enough that the copy, the hash and the amax of a piece stay in the L2 cache (1 MiB
+/// pieces: `_copy_to_iter` 6.4-7.0 % of the cycles of a 2 GB conversion, 256 KiB: 6.0-6.3 %).
+const PIECE: usize = 256 << 10;
 
 /// One tensor's scan result.
 #[derive(Debug, Clone, Copy, PartialEq)]
