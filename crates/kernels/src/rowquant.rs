@@ -534,15 +534,30 @@ mod avx2 {
                 );
                 let code = _mm256_blendv_epi8(code, _mm256_set1_epi32(eps_code), zero);
                 let dec = _mm256_i32gather_ps::<4>(e4m3::DECODE_LUT.as_ptr(), code);
+                let effv = _mm256_div_ps(dec, gsv);
                 let mut eff = [0f32; 8];
-                _mm256_storeu_ps(eff.as_mut_ptr(), _mm256_div_ps(dec, gsv));
+                _mm256_storeu_ps(eff.as_mut_ptr(), effv);
                 _mm_storel_epi64(scales.as_mut_ptr().add(g) as *mut __m128i, low_bytes(code));
-                for (j, &e) in eff.iter().enumerate() {
-                    let v = _mm256_loadu_si256(src.add(j));
-                    let x0 = bf16_to_f32(_mm256_castsi256_si128(v));
-                    let x1 = bf16_to_f32(_mm256_extracti128_si256::<1>(v));
-                    let out = &mut *(packed.as_mut_ptr().add(8 * (g + j)) as *mut [u8; 8]);
-                    encode16_regs::<true, false, true>(x0, x1, e, e, out, &mut acc);
+                // Below 2^16 a nonzero BF16 value (>= 2^-133) divided by the block's divisor is
+                // at least 2^-149, so no quotient rounds to zero: the element codes then follow
+                // from the BF16 bits alone (see `thresholds`). Larger divisors (tiny global
+                // scales) take the division per element.
+                let small = _mm256_cmp_ps::<_CMP_LT_OQ>(effv, _mm256_set1_ps(65536.0));
+                if _mm256_movemask_ps(small) == 0xFF {
+                    let k = thresholds(effv);
+                    for (j, &e) in eff.iter().enumerate() {
+                        let v = _mm256_loadu_si256(src.add(j));
+                        let out = &mut *(packed.as_mut_ptr().add(8 * (g + j)) as *mut [u8; 8]);
+                        encode16_bf16(v, &k, j, e, out, &mut acc);
+                    }
+                } else {
+                    for (j, &e) in eff.iter().enumerate() {
+                        let v = _mm256_loadu_si256(src.add(j));
+                        let x0 = bf16_to_f32(_mm256_castsi256_si128(v));
+                        let x1 = bf16_to_f32(_mm256_extracti128_si256::<1>(v));
+                        let out = &mut *(packed.as_mut_ptr().add(8 * (g + j)) as *mut [u8; 8]);
+                        encode16_regs::<true, false, true>(x0, x1, e, e, out, &mut acc);
+                    }
                 }
             }
         }
@@ -568,6 +583,120 @@ mod avx2 {
         let mut lanes = Lanes::default();
         acc.store(&mut lanes);
         Some(lanes)
+    }
+
+    /// The E2M1 thresholds of [`codes8`] as (value, `>=` rather than `>`).
+    const THRESHOLDS: [(f32, bool); 7] = [
+        (0.25, false),
+        (0.75, true),
+        (1.25, false),
+        (1.75, true),
+        (2.5, false),
+        (3.5, true),
+        (5.0, false),
+    ];
+
+    /// For 8 blocks (divisors `eff`, finite and > 0): for each E2M1 threshold `t` the smallest
+    /// BF16 magnitude pattern `K` whose quotient crosses it (`fl(f32(K) / eff) > t`, or `>=`),
+    /// minus one, as `k[threshold][block]`: an element's magnitude code is then the number of
+    /// thresholds with `|x| bits > k`. The quotient is monotone in the pattern, so `K` exists
+    /// (0x7F80, +Inf, when no finite value crosses). `K` is `b0`, the smallest BF16 pattern at
+    /// or above `fl(t * eff)`, when `b0` crosses, else `b0 + 1`: BF16 patterns are at least 2^-9
+    /// apart relatively (2^-133 absolutely below 2^-126), the roundings of `t * eff` and of the
+    /// quotient only 2^-24 relatively (2^-150 absolutely), so the quotient of `b0 - 1` stays
+    /// below `t` and that of `b0 + 1` above it. The one test is the same division as the
+    /// general kernel's.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(super) fn thresholds(eff: __m256) -> [[i16; 8]; 7] {
+        let mut k = [[0i16; 8]; 7];
+        for (out, &(t, ge)) in k.iter_mut().zip(&THRESHOLDS) {
+            let tv = _mm256_set1_ps(t);
+            let y = _mm256_castps_si256(_mm256_mul_ps(tv, eff));
+            let b0 = _mm256_srli_epi32::<16>(_mm256_add_epi32(y, _mm256_set1_epi32(0xFFFF)));
+            let q = _mm256_div_ps(_mm256_castsi256_ps(_mm256_slli_epi32::<16>(b0)), eff);
+            let crosses = if ge {
+                _mm256_cmp_ps::<_CMP_GE_OQ>(q, tv)
+            } else {
+                _mm256_cmp_ps::<_CMP_GT_OQ>(q, tv)
+            };
+            let one = _mm256_set1_epi32(1);
+            let kv =
+                _mm256_blendv_epi8(_mm256_add_epi32(b0, one), b0, _mm256_castps_si256(crosses));
+            let kv = _mm256_min_epi32(kv, _mm256_set1_epi32(0x7F80));
+            let km1 = _mm256_sub_epi32(kv, one);
+            // i32 lanes -1..=0x7F7F to i16, in lane order.
+            let p = _mm256_permute4x64_epi64::<0b10_00>(_mm256_packs_epi32(km1, km1));
+            // SAFETY: `out` holds 8 i16 (16 bytes).
+            unsafe {
+                _mm_storeu_si128(out.as_mut_ptr() as *mut __m128i, _mm256_castsi256_si128(p))
+            };
+        }
+        k
+    }
+
+    /// [`encode16_regs`] (division, no NaN) for one block of 16 BF16 values `v` whose
+    /// thresholds are `k[..][j]` (from [`thresholds`]) and divisor `eff` (below 2^16): the codes
+    /// come from 16-bit compares of the magnitude bits with the thresholds, the same codes as
+    /// the compares of the quotients; a negative value gets the sign (its quotient is negative:
+    /// nonzero, see the caller); the error sums are those of `encode16_regs`, same operations
+    /// in the same order.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn encode16_bf16(
+        v: __m256i,
+        k: &[[i16; 8]; 7],
+        j: usize,
+        eff: f32,
+        out: &mut [u8; 8],
+        acc: &mut Acc,
+    ) {
+        // |x| bits as the unsigned min of the bits with and without the sign (not an `and`, so
+        // that LLVM keeps the signed 16-bit compares; see `codes8`).
+        let a = _mm256_min_epu16(v, _mm256_xor_si256(v, _mm256_set1_epi16(i16::MIN)));
+        let mut c = _mm256_setzero_si256();
+        for kt in k {
+            c = _mm256_sub_epi16(c, _mm256_cmpgt_epi16(a, _mm256_set1_epi16(kt[j])));
+        }
+        let neg = _mm256_andnot_si256(
+            _mm256_cmpeq_epi16(a, _mm256_setzero_si256()),
+            _mm256_srai_epi16::<15>(v),
+        );
+        let codes = _mm256_or_si256(c, _mm256_and_si256(neg, _mm256_set1_epi16(8)));
+        // 32-bit lane j = e(2j) | e(2j+1) << 16; fold e(2j+1) down to bits 4..7.
+        let p = _mm256_or_si256(codes, _mm256_srli_epi32::<12>(codes));
+        // SAFETY: the store writes exactly the 8 bytes of `out`; E2M1_LUT has 16 f32.
+        unsafe {
+            _mm_storel_epi64(out.as_mut_ptr() as *mut __m128i, low_bytes(p));
+            let lut = _mm256_loadu_ps(E2M1_LUT.as_ptr());
+            let mv = _mm256_set1_ps(eff);
+            let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+            let halves = [
+                (
+                    _mm256_castsi256_si128(v),
+                    _mm256_castsi256_si128(c),
+                    _mm256_castsi256_si128(neg),
+                ),
+                (
+                    _mm256_extracti128_si256::<1>(v),
+                    _mm256_extracti128_si256::<1>(c),
+                    _mm256_extracti128_si256::<1>(neg),
+                ),
+            ];
+            for (xh, ch, nh) in halves {
+                let xv = bf16_to_f32(xh);
+                let mag = _mm256_permutevar8x32_ps(lut, _mm256_cvtepu16_epi32(ch));
+                let sign = _mm256_and_ps(
+                    _mm256_castsi256_ps(_mm256_cvtepi16_epi32(nh)),
+                    _mm256_set1_ps(-0.0),
+                );
+                let dv = _mm256_mul_ps(_mm256_or_ps(mag, sign), mv);
+                let d = _mm256_sub_ps(xv, dv);
+                acc.s = _mm256_add_ps(acc.s, _mm256_mul_ps(xv, xv));
+                acc.n = _mm256_add_ps(acc.n, _mm256_mul_ps(d, d));
+                acc.m = _mm256_max_ps(acc.m, _mm256_and_ps(d, abs));
+            }
+        }
     }
 
     /// 8 BF16 values widened to f32 (a 16-bit shift; exact).
@@ -1057,6 +1186,71 @@ mod tests {
             assert_eq!(p1, p0, "gs {gs:e}: packed");
             assert_eq!(r1.expect("finite"), r0.expect("finite"), "gs {gs:e}: error");
         }
+    }
+
+    /// The per-block thresholds of the 16-bit element compares: for divisors across their
+    /// whole range (subnormal to just below 2^16, random bit patterns and edge values), each
+    /// threshold is the first BF16 magnitude pattern whose quotient crosses, found here by a
+    /// binary search with the general kernel's division and compare.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn bf16_thresholds_are_the_first_crossing_patterns() {
+        if !use_avx2() {
+            eprintln!("SKIP: no AVX2");
+            return;
+        }
+        use std::arch::x86_64::_mm256_loadu_ps;
+        let mut rng = Lcg(21);
+        let top = 65536f32.to_bits();
+        // Edge values first (divisors with few significant bits make `t * eff` exact, where
+        // the first pattern at or above it may not cross), then random bit patterns.
+        let mut effs: Vec<f32> = vec![
+            f32::from_bits(1),
+            f32::MIN_POSITIVE,
+            1.0,
+            1.0 / 448.0,
+            f32::from_bits(top - 1),
+            0.75,
+            3.0,
+            448.0,
+        ];
+        effs.extend((0..64).map(|e| 2f32.powi(e - 140)));
+        effs.extend((0..4000).map(|_| f32::from_bits(1 + rng.next() % (top - 1))));
+        effs.truncate(effs.len() / 8 * 8);
+        let mut checked = 0;
+        for e8 in effs.chunks_exact(8) {
+            // SAFETY: AVX2 checked above; e8 has 8 f32.
+            let k = unsafe { avx2::thresholds(_mm256_loadu_ps(e8.as_ptr())) };
+            for (i, (&t, ge)) in MAGNITUDE_THRESHOLDS
+                .iter()
+                .zip([false, true].iter().cycle())
+                .enumerate()
+            {
+                for (j, &eff) in e8.iter().enumerate() {
+                    let crosses = |b: u32| {
+                        let q = f32::from_bits(b << 16) / eff;
+                        if *ge {
+                            q >= t
+                        } else {
+                            q > t
+                        }
+                    };
+                    // First pattern in 0..=0x7F80 that crosses (0x7F80, +Inf, always does).
+                    let (mut lo, mut hi) = (0u32, 0x7F80u32);
+                    while lo < hi {
+                        let mid = (lo + hi) / 2;
+                        if crosses(mid) {
+                            hi = mid;
+                        } else {
+                            lo = mid + 1;
+                        }
+                    }
+                    assert_eq!(k[i][j] as i32, lo as i32 - 1, "eff {eff:e}, threshold {t}");
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked > 25_000, "{checked}");
     }
 
     /// A NaN or Inf anywhere (also in the tail after the last full group, and with a later one
