@@ -88,6 +88,12 @@ enum Cmd {
         /// Score at most this many tokens of the file (0 = all).
         #[arg(long, default_value_t = 0)]
         max_tokens: usize,
+        /// GPU: run the prefill GEMMs of FP4 weights on the FP8 tensor cores (E4M3 activations,
+        /// as generation does by default). Off by default: ppl and compare measure the checkpoint
+        /// with bf16 activations, as engines serving FP4 weights on Hopper do. Also on with
+        /// MIMO_FP8_PREFILL=1.
+        #[arg(long)]
+        fp8_prefill: bool,
     },
     /// Compare a candidate checkpoint with a reference on a text file.
     Compare {
@@ -111,6 +117,12 @@ enum Cmd {
         /// How many worst positions to list.
         #[arg(long, default_value_t = 10)]
         worst: usize,
+        /// GPU: run the prefill GEMMs of FP4 weights on the FP8 tensor cores (E4M3 activations,
+        /// as generation does by default). Off by default: ppl and compare measure the checkpoint
+        /// with bf16 activations, as engines serving FP4 weights on Hopper do. Also on with
+        /// MIMO_FP8_PREFILL=1.
+        #[arg(long)]
+        fp8_prefill: bool,
     },
     /// Prefill and decode speed on synthetic tokens: of a checkpoint (`--model`), or of a
     /// config's shape with random weights built on the GPU (`--config FILE --random-weights`).
@@ -200,8 +212,10 @@ fn main() -> Result<()> {
             ctx,
             stride,
             max_tokens,
+            fp8_prefill,
         } => {
             let backend = gpu::Backend::resolve(cli.device, true);
+            backend.eval_prefill(fp8_prefill);
             run_ppl(&backend, &model, &file, ctx, stride, max_tokens, cli.json)
         }
         Cmd::Compare {
@@ -212,8 +226,10 @@ fn main() -> Result<()> {
             stride,
             max_tokens,
             worst,
+            fp8_prefill,
         } => {
             let backend = gpu::Backend::resolve(cli.device, true);
+            backend.eval_prefill(fp8_prefill);
             run_compare(
                 &backend, &reference, &candidate, &file, ctx, stride, max_tokens, worst, cli.json,
             )
@@ -419,7 +435,7 @@ fn run_ppl(
     };
     let secs = t0.elapsed().as_secs_f64();
     if json_out {
-        let v = json!({"model": dir, "file": file, "device": backend.name(), "ctx": p.ctx, "stride": stride.min(p.ctx), "result": p, "seconds": secs});
+        let v = json!({"model": dir, "file": file, "device": backend.name(), "prefill_gemm": backend.prefill_gemm(), "ctx": p.ctx, "stride": stride.min(p.ctx), "result": p, "seconds": secs});
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!(
@@ -463,7 +479,7 @@ fn run_compare(
         }
     };
     if json_out {
-        let v = json!({"reference": reference, "candidate": candidate, "file": file, "device": backend.name(), "ctx": cmp.reference.ctx, "stride": stride.min(cmp.reference.ctx),
+        let v = json!({"reference": reference, "candidate": candidate, "file": file, "device": backend.name(), "prefill_gemm": backend.prefill_gemm(), "ctx": cmp.reference.ctx, "stride": stride.min(cmp.reference.ctx),
             "result": cmp});
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -619,6 +635,33 @@ mod gpu {
             match self {
                 Backend::Cpu => "cpu",
                 Backend::Cuda(_) => "cuda",
+            }
+        }
+
+        /// Evaluation (ppl, compare): the FP8 prefill path only where asked for (`--fp8-prefill`
+        /// or MIMO_FP8_PREFILL=1), so that quality numbers describe the checkpoint with bf16
+        /// activations; generation and bench keep the context's default (FP8 where available).
+        pub fn eval_prefill(&self, fp8: bool) {
+            if let Backend::Cuda(g) = self {
+                let on = fp8 || std::env::var("MIMO_FP8_PREFILL").is_ok_and(|v| v == "1");
+                let t = g.ctx.tuning();
+                g.ctx.set_tuning(mimo_kernels::cuda::Tuning {
+                    fp8_prefill: on,
+                    ..t
+                });
+            }
+        }
+
+        /// How the GPU's prefill GEMMs of FP4 weights run now ("fp8" or "bf16"; null on the
+        /// CPU), for reports.
+        pub fn prefill_gemm(&self) -> Option<&'static str> {
+            match self {
+                Backend::Cpu => None,
+                Backend::Cuda(g) => Some(if g.ctx.tuning().fp8_prefill && g.has_fp8() {
+                    "fp8"
+                } else {
+                    "bf16"
+                }),
             }
         }
 
