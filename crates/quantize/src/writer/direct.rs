@@ -38,6 +38,12 @@ const BLOCK: usize = 8 << 20;
 /// Blocks in flight at most (one filling, the others queued or being written).
 const BLOCKS: usize = 3;
 
+/// Bytes written between two `fdatasync`s of the I/O thread. A direct write can still sit in a
+/// volatile disk cache (on the development machine's virtual disk, the host's); syncing as the
+/// shard grows, off the computing threads, leaves only the last part to the final `fsync`
+/// (measured: the final `fsync` of a 0.74 GB shard took 0.41 s without these).
+const SYNC_EVERY: u64 = 64 << 20;
+
 /// A block's storage: a vector with room to start at an [`ALIGN`]ed address.
 struct Block {
     vec: Vec<u8>,
@@ -191,6 +197,7 @@ fn io_thread(
     jobs: mpsc::Receiver<Job>,
     back: mpsc::Sender<Block>,
 ) -> io::Result<File> {
+    let mut unsynced = 0u64;
     while let Ok((block, len, offset)) = jobs.recv() {
         let data = &block.bytes()[..len];
         match file.write_all_at(data, offset) {
@@ -202,6 +209,11 @@ fn io_thread(
         }
         // The writer may have finished with its blocks already.
         let _ = back.send(block);
+        unsynced += len as u64;
+        if unsynced >= SYNC_EVERY {
+            file.sync_data()?;
+            unsynced = 0;
+        }
     }
     Ok(file)
 }
