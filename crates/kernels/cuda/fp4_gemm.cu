@@ -568,14 +568,12 @@ __device__ __forceinline__ void fp4_moe_down_t1_body(
         fp4_dense_body<FMT, MT, TN, G>(wp, ws, gs, lut, x, y, m, n, k, post, flags);             \
     }
 
-// TN n8 token tiles: 8 * TN pairs of one expert per pass over its weights (2: decode batches;
-// 4: prefill, where experts collect many pairs; 1: the one-token direct path).
-#define MOE_KERNEL(NAME, FMT, MT, G, EPI, DIRECT, TN)                                           \
+#define MOE_KERNEL(NAME, FMT, MT, G, EPI, DIRECT)                                               \
     extern "C" __global__ void __launch_bounds__(512) NAME(                                     \
         const u8* wp, const u8* ws, const float* gs, const u16* lut, const u16* x, u16* y, int n, \
         int k, const int* ids, int P, int E, int in_div, int* bad, float post) {                  \
-        fp4_moe_body<FMT, MT, TN, G, EPI, DIRECT>(wp, ws, gs, lut, x, y, n, k, ids, P, E, in_div, \
-                                                  bad, post);                                     \
+        fp4_moe_body<FMT, MT, DIRECT ? 1 : 2, G, EPI, DIRECT>(wp, ws, gs, lut, x, y, n, k, ids, P, \
+                                                             E, in_div, bad, post);               \
     }
 
 #define MOE_DOWN_T1_KERNEL(NAME, FMT, G)                                                        \
@@ -603,24 +601,17 @@ DENSE_VARIANTS(nv, FMT_NVFP4)
 DENSE_VARIANTS(mx, FMT_MXFP4)
 // fp4_moe_{nv,mx}_g{G}: plain grouped product (down projection);
 // fp4_moe_{nv,mx}_g{G}_swiglu: gate/up projection with SwiGLU in the epilogue.
-MOE_KERNEL(fp4_moe_nv_g1, FMT_NVFP4, 1, 1, EPI_STORE, false, 2)
-MOE_KERNEL(fp4_moe_nv_g2, FMT_NVFP4, 1, 2, EPI_STORE, false, 2)
-MOE_KERNEL(fp4_moe_nv_g1_swiglu, FMT_NVFP4, 2, 1, EPI_SWIGLU, false, 2)
-MOE_KERNEL(fp4_moe_nv_g2_swiglu, FMT_NVFP4, 2, 2, EPI_SWIGLU, false, 2)
-MOE_KERNEL(fp4_moe_mx_g1, FMT_MXFP4, 1, 1, EPI_STORE, false, 2)
-MOE_KERNEL(fp4_moe_mx_g2, FMT_MXFP4, 1, 2, EPI_STORE, false, 2)
-MOE_KERNEL(fp4_moe_mx_g1_swiglu, FMT_MXFP4, 2, 1, EPI_SWIGLU, false, 2)
-MOE_KERNEL(fp4_moe_mx_g2_swiglu, FMT_MXFP4, 2, 2, EPI_SWIGLU, false, 2)
-// 32 pairs per pass (MoeConfig::pairs_per_pass = 32: prefill-sized batches).
-MOE_KERNEL(fp4_moe_nv_g1_t4, FMT_NVFP4, 1, 1, EPI_STORE, false, 4)
-MOE_KERNEL(fp4_moe_nv_g2_t4, FMT_NVFP4, 1, 2, EPI_STORE, false, 4)
-MOE_KERNEL(fp4_moe_nv_g1_swiglu_t4, FMT_NVFP4, 2, 1, EPI_SWIGLU, false, 4)
-MOE_KERNEL(fp4_moe_mx_g1_t4, FMT_MXFP4, 1, 1, EPI_STORE, false, 4)
-MOE_KERNEL(fp4_moe_mx_g2_t4, FMT_MXFP4, 1, 2, EPI_STORE, false, 4)
-MOE_KERNEL(fp4_moe_mx_g1_swiglu_t4, FMT_MXFP4, 2, 1, EPI_SWIGLU, false, 4)
+MOE_KERNEL(fp4_moe_nv_g1, FMT_NVFP4, 1, 1, EPI_STORE, false)
+MOE_KERNEL(fp4_moe_nv_g2, FMT_NVFP4, 1, 2, EPI_STORE, false)
+MOE_KERNEL(fp4_moe_nv_g1_swiglu, FMT_NVFP4, 2, 1, EPI_SWIGLU, false)
+MOE_KERNEL(fp4_moe_nv_g2_swiglu, FMT_NVFP4, 2, 2, EPI_SWIGLU, false)
+MOE_KERNEL(fp4_moe_mx_g1, FMT_MXFP4, 1, 1, EPI_STORE, false)
+MOE_KERNEL(fp4_moe_mx_g2, FMT_MXFP4, 1, 2, EPI_STORE, false)
+MOE_KERNEL(fp4_moe_mx_g1_swiglu, FMT_MXFP4, 2, 1, EPI_SWIGLU, false)
+MOE_KERNEL(fp4_moe_mx_g2_swiglu, FMT_MXFP4, 2, 2, EPI_SWIGLU, false)
 // One token (moe.rs): direct gate/up + SwiGLU per pair, then down with the combine fused.
-MOE_KERNEL(fp4_moe_nv_g1_swiglu_t1, FMT_NVFP4, 2, 1, EPI_SWIGLU, true, 1)
-MOE_KERNEL(fp4_moe_mx_g1_swiglu_t1, FMT_MXFP4, 2, 1, EPI_SWIGLU, true, 1)
+MOE_KERNEL(fp4_moe_nv_g1_swiglu_t1, FMT_NVFP4, 2, 1, EPI_SWIGLU, true)
+MOE_KERNEL(fp4_moe_mx_g1_swiglu_t1, FMT_MXFP4, 2, 1, EPI_SWIGLU, true)
 MOE_DOWN_T1_KERNEL(fp4_moe_down_t1_nv, FMT_NVFP4, 2)
 MOE_DOWN_T1_KERNEL(fp4_moe_down_t1_mx, FMT_MXFP4, 2)
 

@@ -570,26 +570,18 @@ fn moe_bench(
             w_d.push(s.clone_htod(&wts)?);
         }
         let bytes = used_total as f64 / nr as f64 * per_expert as f64;
-        let auto = MoeConfig::auto(hidden, inter, tokens, top_k, experts);
+        let auto = MoeConfig::auto(hidden, inter, tokens);
         let mut configs = vec![auto];
         if sweep {
             for (gu, d) in [(16, 6), (8, 3), (8, 2), (4, 2), (4, 1), (2, 2), (2, 1)] {
                 let c = MoeConfig {
                     gate_up_warps: gu,
                     down_warps: d,
-                    ..auto
                 };
                 if c != auto {
                     configs.push(c);
                 }
             }
-        }
-        if tokens >= 64 {
-            // The other pass size, always (the prefill choice is what this row checks).
-            configs.push(MoeConfig {
-                pairs_per_pass: if auto.pairs_per_pass == 32 { 16 } else { 32 },
-                ..auto
-            });
         }
         for (ci, cfg) in configs.into_iter().enumerate() {
             let t = time_op(gpu, nr, samples, &mut |i| {
@@ -615,10 +607,7 @@ fn moe_bench(
                 ("fp4_moe_layer".to_string(), format!("auto {cfg:?}; "))
             } else {
                 (
-                    format!(
-                        "fp4_moe_layer_gu{}_d{}_p{}",
-                        cfg.gate_up_warps, cfg.down_warps, cfg.pairs_per_pass
-                    ),
+                    format!("fp4_moe_layer_gu{}_d{}", cfg.gate_up_warps, cfg.down_warps),
                     "sweep; ".to_string(),
                 )
             };
@@ -754,7 +743,7 @@ fn run() -> Res<()> {
             &gpu,
             &mut rng,
             format,
-            &[1, 16, 512],
+            &[1, 16],
             samples,
             args.sweep,
             &mut rows,

@@ -89,10 +89,6 @@ pub struct MoeConfig {
     pub gate_up_warps: u32,
     /// Warps of the down launch.
     pub down_warps: u32,
-    /// Pairs of one expert taken per pass over its weights by the grouped kernels: 16 or 32
-    /// (more pairs per pass read each expert's weights fewer times, but compute empty token
-    /// slots where an expert has few pairs).
-    pub pairs_per_pass: u32,
 }
 
 impl MoeConfig {
@@ -101,20 +97,12 @@ impl MoeConfig {
     /// every wave of blocks repeats the routing prologue before its first weight load; small
     /// blocks let several per SM run at once, one block's prologue overlapping another's loads.
     /// From the H100 sweep (round 2): 4 and 2 warps at batch 1, 2 and 1 from 8 tokens on.
-    /// 32 pairs per pass where the experts average at least 24 pairs (prefill-sized batches),
-    /// else 16.
-    pub fn auto(hidden: usize, inter: usize, tokens: usize, top_k: usize, experts: usize) -> Self {
+    pub fn auto(hidden: usize, inter: usize, tokens: usize) -> Self {
         let chunks = |k: usize| k.div_ceil(K_CHUNK) as u32;
         let (gu, d) = if tokens < 8 { (4, 2) } else { (2, 1) };
-        let pairs_per_pass = if tokens * top_k >= 24 * experts.max(1) {
-            32
-        } else {
-            16
-        };
         MoeConfig {
             gate_up_warps: chunks(hidden).clamp(1, gu),
             down_warps: chunks(inter).clamp(1, d),
-            pairs_per_pass,
         }
     }
 }
@@ -137,7 +125,7 @@ pub fn moe_layer(
     out: &mut CudaSlice<bf16>,
 ) -> Result<(), CudaError> {
     let (_, hidden, inter) = w.dims()?;
-    let cfg = MoeConfig::auto(hidden, inter, tokens, top_k, w.gate_up.experts);
+    let cfg = MoeConfig::auto(hidden, inter, tokens);
     moe_layer_with(
         gpu,
         w,
@@ -168,10 +156,10 @@ pub fn moe_layer_with(
 ) -> Result<(), CudaError> {
     let (experts, hidden, _inter) = w.dims()?;
     let ok = |v: u32| (1..=16).contains(&v);
-    if !ok(cfg.gate_up_warps) || !ok(cfg.down_warps) || ![16, 32].contains(&cfg.pairs_per_pass) {
+    if !ok(cfg.gate_up_warps) || !ok(cfg.down_warps) {
         return Err(CudaError::Shape {
             what: "MoeConfig".into(),
-            reason: format!("{cfg:?}: warps must be 1..=16, pairs_per_pass 16 or 32"),
+            reason: format!("{cfg:?}: warps must be 1..=16"),
         });
     }
     let p = tokens * top_k;
@@ -217,7 +205,6 @@ pub fn moe_layer_with(
         top_k as i32,
         true,
         cfg.gate_up_warps,
-        cfg.pairs_per_pass,
         bad,
     )?;
     // 2. grouped down: input row of pair q is q itself
@@ -230,7 +217,6 @@ pub fn moe_layer_with(
         1,
         false,
         cfg.down_warps,
-        cfg.pairs_per_pass,
         None,
     )?;
     // 3. weighted combine
@@ -364,11 +350,10 @@ fn grouped(
     in_div: i32,
     swiglu: bool,
     warps: u32,
-    pairs_per_pass: u32,
     bad: Option<&mut CudaSlice<i32>>,
 ) -> Result<(), CudaError> {
-    // 8 pairs per n8 token tile: 16 pairs per pass (decode batches), 32 (prefill).
-    let tn = if pairs_per_pass >= 32 { 4u32 } else { 2 };
+    // Up to 16 pairs per pass over an expert's weights: at batch 16 no expert has more.
+    let tn = 2u32;
     let chunks = w.k.div_ceil(K_CHUNK) as u32;
     // Two chunks per group for the plain kernel where K allows; the SwiGLU kernel (two row
     // tiles) spills registers with two.
@@ -380,22 +365,15 @@ fn grouped(
         group,
     };
     let rows = if swiglu { w.n / 2 } else { w.n };
-    let name = match (w.format, group, swiglu, tn) {
-        (Fp4Format::Nvfp4, 1, false, 2) => "fp4_moe_nv_g1",
-        (Fp4Format::Nvfp4, _, false, 2) => "fp4_moe_nv_g2",
-        (Fp4Format::Nvfp4, 1, true, 2) => "fp4_moe_nv_g1_swiglu",
-        (Fp4Format::Nvfp4, _, true, 2) => "fp4_moe_nv_g2_swiglu",
-        (Fp4Format::Mxfp4, 1, false, 2) => "fp4_moe_mx_g1",
-        (Fp4Format::Mxfp4, _, false, 2) => "fp4_moe_mx_g2",
-        (Fp4Format::Mxfp4, 1, true, 2) => "fp4_moe_mx_g1_swiglu",
-        (Fp4Format::Mxfp4, _, true, 2) => "fp4_moe_mx_g2_swiglu",
-        // 32 pairs per pass: the SwiGLU kernel is compiled with group 1 only (registers).
-        (Fp4Format::Nvfp4, 1, false, _) => "fp4_moe_nv_g1_t4",
-        (Fp4Format::Nvfp4, _, false, _) => "fp4_moe_nv_g2_t4",
-        (Fp4Format::Nvfp4, _, true, _) => "fp4_moe_nv_g1_swiglu_t4",
-        (Fp4Format::Mxfp4, 1, false, _) => "fp4_moe_mx_g1_t4",
-        (Fp4Format::Mxfp4, _, false, _) => "fp4_moe_mx_g2_t4",
-        (Fp4Format::Mxfp4, _, true, _) => "fp4_moe_mx_g1_swiglu_t4",
+    let name = match (w.format, group, swiglu) {
+        (Fp4Format::Nvfp4, 1, false) => "fp4_moe_nv_g1",
+        (Fp4Format::Nvfp4, _, false) => "fp4_moe_nv_g2",
+        (Fp4Format::Nvfp4, 1, true) => "fp4_moe_nv_g1_swiglu",
+        (Fp4Format::Nvfp4, _, true) => "fp4_moe_nv_g2_swiglu",
+        (Fp4Format::Mxfp4, 1, false) => "fp4_moe_mx_g1",
+        (Fp4Format::Mxfp4, _, false) => "fp4_moe_mx_g2",
+        (Fp4Format::Mxfp4, 1, true) => "fp4_moe_mx_g1_swiglu",
+        (Fp4Format::Mxfp4, _, true) => "fp4_moe_mx_g2_swiglu",
     };
     let f = gpu.function(name)?;
     let launch = LaunchConfig {
