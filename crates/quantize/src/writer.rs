@@ -1,7 +1,8 @@
-//! Writing the output folder: shard planning, safetensors shards with a running sha256, the
-//! index, side files (tokenizer, generation config, remote code), and atomicity (everything goes
-//! into a temporary sibling folder renamed into place at the end; dropped unfinished, it is
-//! deleted).
+//! Writing the output folder: shard planning, safetensors shards with a running sha256 (written
+//! with `O_DIRECT` where the filesystem allows it, module `direct`, else buffered with early
+//! writeback), the index, side files (tokenizer, generation config, remote code), and atomicity
+//! (everything goes into a temporary sibling folder renamed into place at the end; dropped
+//! unfinished, it is deleted).
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
