@@ -509,6 +509,47 @@ fn prefill_attention_kernels_agree() {
     }
 }
 
+/// Resident E4M3 weights (`Tuning::fp8_resident`) give bit-identical prefill logits: the same
+/// conversion kernel once instead of per call, the same GEMM.
+#[test]
+fn fp8_resident_weights_give_identical_prefill() {
+    let Some(gpu) = gpu() else { return };
+    if !gpu.has_fp8() {
+        eprintln!("skipping: no FP8 on this GPU");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let q = tmp.path().join("nvfp4");
+    quantize_checkpoint(&embedded_model(), &q, Layout::CtNvfp4, true);
+    let mut g = GpuModel::load(gpu.clone(), &q).unwrap();
+    g.alloc_cache(1, 256).unwrap();
+    let vocab = g.config.vocab_size as u32;
+    let prompt: Vec<u32> = (0..130u32).map(|i| (i * 61 + 9) % vocab).collect();
+    let base = gpu.ctx.tuning();
+    let mut rows = Vec::new();
+    for resident in [false, true, true] {
+        gpu.ctx.set_tuning(Tuning {
+            fp8_prefill: true,
+            fp8_resident: resident,
+            ..base
+        });
+        let before = gpu.fp8_calls();
+        rows.push(g.forward(&prompt, 0, 0, true).unwrap());
+        assert!(gpu.fp8_calls() > before, "the FP8 path did not run");
+    }
+    gpu.ctx.set_tuning(base);
+    for (i, r) in rows.iter().enumerate().skip(1) {
+        let same = r
+            .iter()
+            .zip(&rows[0])
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(
+            same,
+            "run {i} (resident) differs from the per-call conversion"
+        );
+    }
+}
+
 /// Norm-wise relative error of each 64-row tile of `[rows, vocab]` logits.
 fn tile_errors(got: &[f32], want: &[f32], vocab: usize) -> Vec<String> {
     got.chunks(64 * vocab)

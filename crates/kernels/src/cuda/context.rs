@@ -70,7 +70,7 @@ fn compile_log(e: &cudarc::nvrtc::CompileError) -> String {
 
 /// Latency features of the decode path, switchable for A/B measurements through the
 /// environment at context creation (`MIMO_PDL`, `MIMO_L2_PREFETCH`, `MIMO_MOE_DIRECT`,
-/// `MIMO_NORM_ROUTER`, `MIMO_WARP_ATTENTION`, `MIMO_FP8_PREFILL`, `MIMO_PREFILL_ATTENTION_MMA`: `1` on, `0` off) or later through [`GpuContext::set_tuning`]. The defaults
+/// `MIMO_NORM_ROUTER`, `MIMO_WARP_ATTENTION`, `MIMO_FP8_PREFILL`, `MIMO_PREFILL_ATTENTION_MMA`, `MIMO_FP8_RESIDENT`: `1` on, `0` off) or later through [`GpuContext::set_tuning`]. The defaults
 /// follow the H100 ablation of docs/kernels-notes.md (round 3): the three that did not pay
 /// there are off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +103,10 @@ pub struct Tuning {
     /// (`attention_prefill_*`: 64 queries per block, 64-key tiles in shared memory, mma for
     /// Q K^T and P V) instead of the thread-per-key kernel, which re-reads every key per query.
     pub prefill_attention_mma: bool,
+    /// With `fp8_prefill`: each dense FP4 weight keeps its E4M3 rows after its first prefill
+    /// (one byte per weight more device memory, still under BF16's two), so later prefill
+    /// GEMMs skip the per-call weight conversion. Off by default (memory).
+    pub fp8_resident: bool,
 }
 
 impl Default for Tuning {
@@ -115,6 +119,7 @@ impl Default for Tuning {
             warp_attention: true,
             fp8_prefill: true,
             prefill_attention_mma: true,
+            fp8_resident: false,
         }
     }
 }
@@ -132,6 +137,7 @@ impl Tuning {
             warp_attention: flag("MIMO_WARP_ATTENTION", d.warp_attention),
             fp8_prefill: flag("MIMO_FP8_PREFILL", d.fp8_prefill),
             prefill_attention_mma: flag("MIMO_PREFILL_ATTENTION_MMA", d.prefill_attention_mma),
+            fp8_resident: flag("MIMO_FP8_RESIDENT", d.fp8_resident),
         }
     }
 }

@@ -89,7 +89,7 @@ pub struct BenchRun {
     /// GEMMs of that timed prefill that ran on the FP8 tensor cores (Tuning::fp8_prefill).
     pub prefill_fp8_gemms: usize,
     /// Prefill tokens/s with one prefill switch flipped (`prefill_attention_mma`; FP4 weights
-    /// also `fp8_prefill`), in the same process.
+    /// also `fp8_prefill` and `fp8_resident`), in the same process.
     pub prefill_ablation: Vec<(String, f64)>,
     /// Decode results.
     pub decode: Vec<DecodeResult>,
@@ -221,6 +221,14 @@ pub fn bench_random_weights(gpu: Arc<Gpu>, opts: &BenchOptions) -> Result<BenchR
                     ..base
                 },
             ));
+            // Last: turning it on leaves the E4M3 copies allocated.
+            flips.push((
+                "fp8_resident",
+                Tuning {
+                    fp8_resident: !base.fp8_resident,
+                    ..base
+                },
+            ));
         }
         for (name, t) in flips {
             gpu.ctx.set_tuning(t);
@@ -228,10 +236,10 @@ pub fn bench_random_weights(gpu: Arc<Gpu>, opts: &BenchOptions) -> Result<BenchR
             let t0 = Instant::now();
             model.forward(&prompt, 0, 0, false)?;
             let tps = opts.prompt as f64 / t0.elapsed().as_secs_f64();
-            let on = if name == "fp8_prefill" {
-                t.fp8_prefill
-            } else {
-                t.prefill_attention_mma
+            let on = match name {
+                "fp8_prefill" => t.fp8_prefill,
+                "fp8_resident" => t.fp8_resident,
+                _ => t.prefill_attention_mma,
             };
             let label = format!("{name}={}", if on { "on" } else { "off" });
             eprintln!("  prefill with {label}: {tps:.0} tokens/s");
@@ -426,6 +434,7 @@ fn tuning_ablation(
                 warp_attention: false,
                 fp8_prefill: base.fp8_prefill,
                 prefill_attention_mma: base.prefill_attention_mma,
+                fp8_resident: base.fp8_resident,
             },
         ),
     ];

@@ -83,6 +83,30 @@ pub fn prefill_scratch_bytes(
     }
 }
 
+/// E4M3 copies that `Tuning::fp8_resident` keeps after the first prefill: one byte per weight
+/// of every dense FP4 Linear (attention, dense and shared-expert MLPs, the lm_head with
+/// `fp4_head`; routed experts use the grouped FP4 kernels and keep none).
+pub fn resident_fp8_bytes(c: &ModelConfig, fp4: Option<Fp4Format>, fp4_head: bool) -> usize {
+    if fp4.is_none() {
+        return 0;
+    }
+    let (h, d) = (c.hidden_size, c.head_dim);
+    let attn = (c.num_heads + 2 * c.num_kv_heads) * d * h + h * c.num_heads * d;
+    let mut total = 0;
+    for l in 0..c.num_layers {
+        total += attn;
+        let moe_layer = c.moe.is_some() && c.moe_layers.get(l).copied().unwrap_or(false);
+        total += match (&c.moe, moe_layer) {
+            (Some(m), true) => m.shared_expert_intermediate_size.map_or(0, |si| 3 * si * h),
+            _ => 3 * c.intermediate_size * h,
+        };
+    }
+    if fp4_head && !c.tie_word_embeddings {
+        total += c.vocab_size * h;
+    }
+    total
+}
+
 /// Refuses with [`GpuError::OutOfMemory`] where `need` bytes (plus a 512 MiB margin for
 /// workspaces) exceed the free device memory.
 pub fn check_fits(gpu: &Gpu, what: &str, need: usize) -> Result<(), GpuError> {
@@ -131,5 +155,12 @@ mod tests {
         // per shape (Gpu keys them by (n, k)), so the head adds nothing here.
         assert_eq!((c.vocab_size, h), (2 * i, h));
         assert_eq!(prefill_scratch_bytes(&c, f, true, false), sum);
+        // Resident E4M3 copies: every layer's dense weights (and the head), one byte each.
+        let per_layer: usize = dense.iter().sum();
+        assert_eq!(resident_fp8_bytes(&c, None, true), 0);
+        assert_eq!(
+            resident_fp8_bytes(&c, f, true),
+            c.num_layers * per_layer + head
+        );
     }
 }

@@ -358,7 +358,12 @@ impl GpuModel {
         let ld = Loader::new(ck)?;
         let fp4 = ld.layout.map(|l| l.format());
         let need = super::estimate::weight_bytes(&c, fp4, fp4.is_some())
-            + super::estimate::prefill_scratch_bytes(&c, fp4, fp4.is_some(), gpu.has_fp8());
+            + super::estimate::prefill_scratch_bytes(&c, fp4, fp4.is_some(), gpu.has_fp8())
+            + if gpu.has_fp8() && gpu.ctx.tuning().fp8_resident {
+                super::estimate::resident_fp8_bytes(&c, fp4, fp4.is_some())
+            } else {
+                0
+            };
         super::estimate::check_fits(&gpu, &format!("{}", ck.root().display()), need)?;
         let (hd, d) = (c.hidden_size, c.head_dim);
         let embed_l = ld.linear(&names.embed(), c.vocab_size, hd, false)?;

@@ -6,7 +6,7 @@
 //! from one host pool of random packed bytes (every nibble value, so every E2M1 code occurs)
 //! with random block scales around 1 and a global scale that gives the weights variance ~1/k.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::CudaSlice;
 use half::bf16;
@@ -143,6 +143,7 @@ impl Builder<'_> {
             WeightKind::Fp4(f) => GpuLinear::Fp4 {
                 w: self.fp4(f, n, k, 1)?,
                 bias: None,
+                fp8: Mutex::new(None),
             },
         })
     }
@@ -198,7 +199,12 @@ impl GpuModel {
             &gpu,
             &format!("random {} model ({kind:?})", c.arch.model_type()),
             estimate::weight_bytes(&c, fp4, fp4_head)
-                + estimate::prefill_scratch_bytes(&c, fp4, fp4_head, gpu.has_fp8()),
+                + estimate::prefill_scratch_bytes(&c, fp4, fp4_head, gpu.has_fp8())
+                + if gpu.has_fp8() && gpu.ctx.tuning().fp8_resident {
+                    estimate::resident_fp8_bytes(&c, fp4, fp4_head)
+                } else {
+                    0
+                },
         )?;
         let mut b = Builder {
             gpu: &gpu,

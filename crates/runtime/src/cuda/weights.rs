@@ -10,8 +10,8 @@ use cudarc::cublas::CudaBlas;
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use mimo_kernels::cuda::{
-    bf16_gemm, fp4_gemm, fp4_gemm_dequant_cublas, fp4_gemm_fp8, fp8_shape_ok, Fp8Gemm, Fp8Scratch,
-    GpuContext, GpuFp4Weight,
+    bf16_gemm, bf16_to_e4m3_rows, fp4_gemm, fp4_gemm_dequant_cublas, fp4_gemm_fp8,
+    fp4_to_e4m3_rows, fp8_shape_ok, E4m3Rows, Fp8Gemm, Fp8Scratch, GpuContext, GpuFp4Weight,
 };
 use mimo_kernels::Fp4Matrix;
 
@@ -155,6 +155,8 @@ pub enum GpuLinear {
         w: GpuFp4Weight,
         /// optional bias
         bias: Option<CudaSlice<f32>>,
+        /// E4M3 rows of `w`, kept after the first FP8 prefill where `Tuning::fp8_resident`.
+        fp8: Mutex<Option<Box<E4m3Rows>>>,
     },
 }
 
@@ -196,23 +198,40 @@ impl GpuLinear {
                 bf16_gemm(&gpu.blas, w, x, m, *n, *k, y)?;
                 bias
             }
-            GpuLinear::Fp4 { w, bias } if gpu.fp8_for(w, m).is_some() => {
+            GpuLinear::Fp4 { w, bias, fp8 } if gpu.fp8_for(w, m).is_some() => {
                 let lt = gpu
                     .fp8_for(w, m)
                     .ok_or_else(|| GpuError::Unsupported("FP8 path".into()))?;
+                let poisoned = |what: &str| GpuError::Unsupported(format!("{what} lock poisoned"));
                 let mut guard = gpu
                     .fp8_scratch
                     .lock()
-                    .map_err(|_| GpuError::Unsupported("FP8 scratch lock poisoned".into()))?;
+                    .map_err(|_| poisoned("FP8 scratch"))?;
                 let sc = match guard.as_mut() {
                     Some(sc) => sc,
                     None => guard.insert(Fp8Scratch::new(&gpu.ctx)?),
                 };
-                fp4_gemm_fp8(&gpu.ctx, lt, w, x, m, sc, y)?;
+                if gpu.ctx.tuning().fp8_resident {
+                    // The weight's own E4M3 rows, converted once (same kernel, same bytes as
+                    // the per-call conversion), then only the activations per call.
+                    let mut slot = fp8.lock().map_err(|_| poisoned("resident E4M3"))?;
+                    let rows = match slot.as_mut() {
+                        Some(r) => r,
+                        None => {
+                            let mut r = Box::new(E4m3Rows::alloc(&gpu.ctx, w.n, w.k)?);
+                            fp4_to_e4m3_rows(&gpu.ctx, w, &mut r)?;
+                            slot.insert(r)
+                        }
+                    };
+                    bf16_to_e4m3_rows(&gpu.ctx, x, m, w.k, &mut sc.x)?;
+                    lt.gemm(&gpu.ctx, rows, &sc.x, m, w.n, w.k, y)?;
+                } else {
+                    fp4_gemm_fp8(&gpu.ctx, lt, w, x, m, sc, y)?;
+                }
                 gpu.fp8_calls.fetch_add(1, Ordering::Relaxed);
                 bias
             }
-            GpuLinear::Fp4 { w, bias } if m >= PREFILL_DEQUANT_ROWS => {
+            GpuLinear::Fp4 { w, bias, .. } if m >= PREFILL_DEQUANT_ROWS => {
                 let mut map = gpu
                     .scratch
                     .lock()
@@ -229,7 +248,7 @@ impl GpuLinear {
                 fp4_gemm_dequant_cublas(&gpu.ctx, &gpu.blas, w, x, m, sc, y)?;
                 bias
             }
-            GpuLinear::Fp4 { w, bias } => {
+            GpuLinear::Fp4 { w, bias, .. } => {
                 fp4_gemm(&gpu.ctx, w, x, m, y)?;
                 bias
             }
@@ -310,7 +329,11 @@ impl GpuLinear {
             global_scale: first.global_scale,
         };
         let w = GpuFp4Weight::upload(&gpu.ctx, name, &fused)?;
-        Ok(Some(GpuLinear::Fp4 { w, bias }))
+        Ok(Some(GpuLinear::Fp4 {
+            w,
+            bias,
+            fp8: Mutex::new(None),
+        }))
     }
 }
 
