@@ -237,14 +237,14 @@ pub fn run(cli: Cli) -> Result<i32> {
                     "architecture": plan.arch, "layout": plan.layout.name(), "warnings": plan.warnings,
                     "totals": t, "bits_per_weight": t.bits_per_weight(), "tensors": entries
                 });
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                mimo_runtime::outln!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 if !a.quiet {
                     for w in &plan.warnings {
                         eprintln!("warning: {w}");
                     }
                 }
-                print!("{}", plan.render());
+                mimo_runtime::out!("{}", plan.render());
             }
             Ok(0)
         }
@@ -254,9 +254,9 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Inspect { dir, json } => {
             let i = crate::inspect::inspect(&dir)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&i)?);
+                mimo_runtime::outln!("{}", serde_json::to_string_pretty(&i)?);
             } else {
-                print!("{}", i.render());
+                mimo_runtime::out!("{}", i.render());
             }
             Ok(0)
         }
@@ -284,7 +284,7 @@ pub fn run(cli: Cli) -> Result<i32> {
                     max_shard_bytes,
                 },
             )?;
-            println!(
+            mimo_runtime::outln!(
                 "{}: {} tensors, {} bytes",
                 dir.display(),
                 spec.tensors.len(),
@@ -295,9 +295,9 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Verify { dir, source, json } => {
             let r = crate::verify::verify(&dir, source.as_deref())?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
+                mimo_runtime::outln!("{}", serde_json::to_string_pretty(&r)?);
             } else {
-                print!("{}", r.render());
+                mimo_runtime::out!("{}", r.render());
             }
             Ok(if r.ok { 0 } else { 1 })
         }
@@ -397,10 +397,10 @@ fn run_convert(a: ConvertArgs) -> Result<i32> {
         }
         v["input_gb_per_s"] =
             serde_json::json!(summary.totals.bytes_in as f64 / 1e9 / secs.max(1e-9));
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        mimo_runtime::outln!("{}", serde_json::to_string_pretty(&v)?);
     } else if !quiet {
         let t = &summary.totals;
-        println!(
+        mimo_runtime::outln!(
             "{} -> {} ({}): {} quantized, {} kept, {} -> {} bytes, {:.3} bits/weight, min SQNR {:.2} dB, {:.1} s ({:.2} GB/s)",
             cfg.source.display(),
             summary.output.display(),

@@ -439,7 +439,7 @@ pub fn run_report(a: ReportArgs) -> anyhow::Result<i32> {
         v["svg"] = serde_json::json!(out.display().to_string());
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        print!("{}", render_text(&r.summary));
+        mimo_runtime::out!("{}", render_text(&r.summary));
         println!("wrote {}", out.display());
     }
     Ok(0)

@@ -717,3 +717,26 @@ fn cli_fixture_plan_convert_inspect_verify() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("NVFP4 only"));
 }
+
+/// A reader that closes the pipe early (`| head`) ends the output quietly: status 0, no panic.
+#[test]
+fn cli_output_into_a_closed_pipe_is_not_a_panic() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("llama");
+    write_fixture(&src, Arch::Llama, 4).unwrap();
+    for args in [vec!["plan"], vec!["inspect"]] {
+        let mut child = bin()
+            .args(&args)
+            .arg(&src)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Close the read end before the tool has written anything.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert!(out.status.success(), "{args:?}: {:?} {err}", out.status);
+    }
+}

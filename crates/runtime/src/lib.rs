@@ -11,5 +11,6 @@ pub mod format;
 pub mod generate;
 pub mod linear;
 pub mod model;
+pub mod stdout;
 pub mod tokenizer;
 pub mod weights;

@@ -346,7 +346,6 @@ fn run_generate(
     }
     let mut generated: Vec<u32> = Vec::new();
     let mut printed = String::new();
-    let mut stdout = std::io::stdout();
     let on_token = |t: u32| {
         generated.push(t);
         if json_out {
@@ -359,8 +358,7 @@ fn run_generate(
                 && text.len() > printed.len()
                 && text.starts_with(&printed)
             {
-                let _ = write!(stdout, "{}", &text[printed.len()..]);
-                let _ = stdout.flush();
+                mimo_runtime::out!("{}", &text[printed.len()..]);
                 printed = text;
             }
         }
@@ -373,12 +371,12 @@ fn run_generate(
     let text = tok.decode(&out)?;
     if json_out {
         let v = json!({"prompt_tokens": ids.len(), "tokens": out, "text": text, "stats": stats});
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        mimo_runtime::outln!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         if text.len() > printed.len() && text.starts_with(&printed) {
-            print!("{}", &text[printed.len()..]);
+            mimo_runtime::out!("{}", &text[printed.len()..]);
         }
-        println!();
+        mimo_runtime::outln!();
         // Stats go to stderr; flush the text first so the two never interleave.
         let _ = std::io::stdout().flush();
         eprintln!(
@@ -436,9 +434,9 @@ fn run_ppl(
     let secs = t0.elapsed().as_secs_f64();
     if json_out {
         let v = json!({"model": dir, "file": file, "device": backend.name(), "prefill_gemm": backend.prefill_gemm(), "ctx": p.ctx, "stride": stride.min(p.ctx), "result": p, "seconds": secs});
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        mimo_runtime::outln!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        println!(
+        mimo_runtime::outln!(
             "perplexity {:.4} (mean NLL {:.4} nats) over {} tokens, {} windows of {} (stride {}), {:.1}s",
             p.ppl,
             p.mean_nll,
@@ -481,22 +479,22 @@ fn run_compare(
     if json_out {
         let v = json!({"reference": reference, "candidate": candidate, "file": file, "device": backend.name(), "prefill_gemm": backend.prefill_gemm(), "ctx": cmp.reference.ctx, "stride": stride.min(cmp.reference.ctx),
             "result": cmp});
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        mimo_runtime::outln!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    println!("tokens scored      {}", cmp.reference.tokens);
-    println!("reference ppl      {:.4}", cmp.reference.ppl);
-    println!(
+    mimo_runtime::outln!("tokens scored      {}", cmp.reference.tokens);
+    mimo_runtime::outln!("reference ppl      {:.4}", cmp.reference.ppl);
+    mimo_runtime::outln!(
         "candidate ppl      {:.4}  ({:+.2}%)",
         cmp.candidate.ppl,
         100.0 * (cmp.candidate.ppl / cmp.reference.ppl - 1.0)
     );
-    println!("mean KL(ref||cand) {:.6} nats", cmp.mean_kl);
-    println!("top-1 agreement    {:.2}%", 100.0 * cmp.top1_agreement);
-    println!("worst positions:");
+    mimo_runtime::outln!("mean KL(ref||cand) {:.6} nats", cmp.mean_kl);
+    mimo_runtime::outln!("top-1 agreement    {:.2}%", 100.0 * cmp.top1_agreement);
+    mimo_runtime::outln!("worst positions:");
     for d in &cmp.worst {
         let show = |t: u32| tok.decode(&[t]).unwrap_or_default().replace('\n', "\\n");
-        println!(
+        mimo_runtime::outln!(
             "  pos {:6}  KL {:.4}  token {:?}  ref top-1 {:?}  cand top-1 {:?}",
             d.position,
             d.kl,
@@ -563,9 +561,9 @@ fn run_bench(
             "load_s": load_s, "prefill_tok_s": prefill_tok_s, "decode_tok_s": decode_tok_s,
             "decode_cpu_s_per_token": decode_cpu_s_per_token,
         });
-        println!("{}", serde_json::to_string_pretty(&j)?);
+        mimo_runtime::outln!("{}", serde_json::to_string_pretty(&j)?);
     } else {
-        println!(
+        mimo_runtime::outln!(
             "{}: {} weights {:.1} MiB, {} threads | prefill {} tokens: {:.1} tok/s | decode {} tokens: {:.2} tok/s (best of {})",
             dir.display(),
             model.config.arch.model_type(),
@@ -742,9 +740,9 @@ mod gpu {
                 "decode_tokens": decode_tokens, "runs": runs, "load_s": load_s,
                 "prefill_tok_s": prefill_tok_s, "decode_tok_s": decode_tok_s, "cuda_graph": graph,
             });
-            println!("{}", serde_json::to_string_pretty(&j)?);
+            mimo_runtime::outln!("{}", serde_json::to_string_pretty(&j)?);
         } else {
-            println!(
+            mimo_runtime::outln!(
                 "{}: {} weights {:.1} MiB on {device} | prefill {} tokens: {:.1} tok/s | decode {} tokens: {:.2} tok/s{} (best of {})",
                 dir.display(),
                 model.config.arch.model_type(),
@@ -944,7 +942,7 @@ mod gpu {
                 .with_context(|| format!("writing {}", p.display()))?;
         }
         if json_out {
-            println!("{js}");
+            mimo_runtime::outln!("{js}");
         } else {
             print_report(&report);
         }
@@ -952,21 +950,31 @@ mod gpu {
     }
 
     fn print_report(r: &BenchReport) {
-        println!(
+        mimo_runtime::outln!(
             "{}: {} ({}, {} layers, hidden {}, vocab {}) on {}, copy bandwidth {:.2} TB/s",
-            r.mode, r.shape, r.arch, r.layers, r.hidden, r.vocab, r.device, r.copy_tb_per_s
+            r.mode,
+            r.shape,
+            r.arch,
+            r.layers,
+            r.hidden,
+            r.vocab,
+            r.device,
+            r.copy_tb_per_s
         );
-        println!("throughput only: no quality number comes from random weights");
+        mimo_runtime::outln!("throughput only: no quality number comes from random weights");
         for run in &r.runs {
-            println!(
+            mimo_runtime::outln!(
                 "{}: {:.2} GiB of weights | prefill {} tokens: {:.0} tok/s",
-                run.weights, run.weight_gib, run.prompt_tokens, run.prefill_tokens_per_s
+                run.weights,
+                run.weight_gib,
+                run.prompt_tokens,
+                run.prefill_tokens_per_s
             );
             for d in &run.decode {
                 let share = d.share_of_bandwidth_limit.map_or(String::new(), |s| {
                     format!(", {:.0}% of the bandwidth limit", 100.0 * s)
                 });
-                println!(
+                mimo_runtime::outln!(
                     "  decode batch {:>3}, lm_head {}: {:.0} tok/s, {:.3} ms/step{}{}",
                     d.batch,
                     d.lm_head,
@@ -978,7 +986,7 @@ mod gpu {
             }
         }
         if let Some(x) = r.fp4_over_bf16_batch1 {
-            println!("FP4 / BF16 decode at batch 1: {x:.2}x");
+            mimo_runtime::outln!("FP4 / BF16 decode at batch 1: {x:.2}x");
         }
     }
 }
