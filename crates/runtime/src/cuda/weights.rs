@@ -80,10 +80,15 @@ impl Gpu {
             }
         }
         let ops = Ops::load(&ctx)?;
-        let fp8 = match Fp8Gemm::new(&ctx, false)? {
-            Ok(lt) => Some(lt),
-            Err(reason) => {
+        // FP8 prefill is an acceleration: where it cannot start, the GPU backend still runs.
+        let fp8 = match Fp8Gemm::new(&ctx, false) {
+            Ok(Ok(lt)) => Some(lt),
+            Ok(Err(reason)) => {
                 eprintln!("note: prefill stays on bf16: {reason}");
+                None
+            }
+            Err(e) => {
+                eprintln!("note: prefill stays on bf16: {e}");
                 None
             }
         };
