@@ -78,39 +78,86 @@ impl Sampler {
     }
 
     /// The next token for one row of logits.
+    ///
+    /// With temperature `T > 0`: `p_i = exp((l_i - max) / T)` in f64 and `S = sum p_i` (in id
+    /// order); tokens ranked by `p` descending, ties to the lower id; the nucleus is the shortest
+    /// prefix of that ranking whose running sum of `p / S` reaches top_p (all tokens where it
+    /// never does, and for top_p = 1); `r = u * K` with one uniform draw `u` and `K` the nucleus's mass (its running sum
+    /// in rank order, or `S` for all tokens); the token is where `r` falls walking the nucleus in
+    /// rank order. Only as much of the ranking is sorted as the walk needs (a few hundred
+    /// tokens for peaked distributions, instead of sorting the whole vocabulary per token).
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        if self.params.temperature == 0.0 {
+        if self.params.temperature == 0.0 || logits.is_empty() {
             return argmax(logits) as u32;
         }
         let t = self.params.temperature;
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut probs: Vec<(usize, f64)> = logits
+        let p: Vec<f64> = logits
             .iter()
-            .enumerate()
-            .map(|(i, &l)| (i, (((l - max) / t) as f64).exp()))
+            .map(|&l| (((l - max) / t) as f64).exp())
             .collect();
-        // Sort by probability, ties to the lower id, so the order is fully determined.
-        probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        let total: f64 = probs.iter().map(|p| p.1).sum();
-        let mut keep = probs.len();
+        let total: f64 = p.iter().sum();
+        let mut rank = Ranking::new(&p);
+        let n = p.len();
+        let top_p = self.params.top_p as f64;
+        let mut keep = n;
         let mut acc = 0.0;
-        for (i, p) in probs.iter().enumerate() {
-            acc += p.1 / total;
-            if acc >= self.params.top_p as f64 {
+        let mut mass = 0.0;
+        // top_p = 1 keeps every token without ranking them all.
+        for i in 0..if top_p < 1.0 { n } else { 0 } {
+            let pi = p[rank.at(i)];
+            acc += pi / total;
+            mass += pi;
+            if acc >= top_p {
                 keep = i + 1;
                 break;
             }
         }
-        probs.truncate(keep);
-        let kept: f64 = probs.iter().map(|p| p.1).sum();
+        let kept = if keep < n { mass } else { total };
         let mut r = self.rng.random::<f64>() * kept;
-        for (id, p) in &probs {
-            if r < *p {
-                return *id as u32;
+        for i in 0..keep {
+            let id = rank.at(i);
+            if r < p[id] {
+                return id as u32;
             }
-            r -= p;
+            r -= p[id];
         }
-        probs.last().map_or(0, |p| p.0 as u32)
+        rank.at(keep - 1) as u32
+    }
+}
+
+/// Token ids ranked by probability (descending, ties to the lower id), sorted lazily: the
+/// first `sorted` entries are final; asking for a later rank selects and sorts a larger prefix.
+struct Ranking<'a> {
+    p: &'a [f64],
+    ids: Vec<usize>,
+    sorted: usize,
+}
+
+impl<'a> Ranking<'a> {
+    fn new(p: &'a [f64]) -> Self {
+        Ranking {
+            p,
+            ids: (0..p.len()).collect(),
+            sorted: 0,
+        }
+    }
+
+    /// The id at rank `i` (< len).
+    fn at(&mut self, i: usize) -> usize {
+        if i >= self.sorted {
+            let n = self.ids.len();
+            let want = (i + 1).max(4 * self.sorted).max(256).min(n);
+            let p = self.p;
+            let order = |a: &usize, b: &usize| p[*b].total_cmp(&p[*a]).then(a.cmp(b));
+            let rest = &mut self.ids[self.sorted..];
+            if want < n {
+                rest.select_nth_unstable_by(want - self.sorted - 1, order);
+            }
+            rest[..want - self.sorted].sort_unstable_by(order);
+            self.sorted = want;
+        }
+        self.ids[i]
     }
 }
 
@@ -235,6 +282,77 @@ mod tests {
         // top_p small enough keeps only the best token.
         let mut c = Sampler::new(SamplingParams { top_p: 0.1, ..p }).unwrap();
         assert!((0..50).all(|_| c.sample(&logits) == 0));
+    }
+
+    /// The definition of `Sampler::sample`, with the whole vocabulary sorted up front.
+    fn sample_reference(params: SamplingParams, rng: &mut ChaCha8Rng, logits: &[f32]) -> u32 {
+        let t = params.temperature;
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let p: Vec<f64> = logits
+            .iter()
+            .map(|&l| (((l - max) / t) as f64).exp())
+            .collect();
+        let total: f64 = p.iter().sum();
+        let mut ids: Vec<usize> = (0..p.len()).collect();
+        ids.sort_by(|a, b| p[*b].total_cmp(&p[*a]).then(a.cmp(b)));
+        let (mut keep, mut acc, mut mass) = (ids.len(), 0.0, 0.0);
+        let walk = if params.top_p < 1.0 { ids.len() } else { 0 };
+        for (i, &id) in ids.iter().enumerate().take(walk) {
+            acc += p[id] / total;
+            mass += p[id];
+            if acc >= params.top_p as f64 {
+                keep = i + 1;
+                break;
+            }
+        }
+        let kept = if keep < ids.len() { mass } else { total };
+        let mut r = rng.random::<f64>() * kept;
+        for &id in &ids[..keep] {
+            if r < p[id] {
+                return id as u32;
+            }
+            r -= p[id];
+        }
+        ids[keep - 1] as u32
+    }
+
+    /// The lazy ranking gives exactly the tokens of the fully sorted definition: peaked and flat
+    /// distributions (the flat ones walk past the first sorted block), ties, every top_p.
+    #[test]
+    fn lazy_ranking_samples_like_the_full_sort() {
+        let mut g = ChaCha8Rng::seed_from_u64(3);
+        for case in 0..24 {
+            let v = [7usize, 300, 5000, 20000][case % 4];
+            let spread = [0.5f32, 4.0, 12.0][case % 3];
+            let logits: Vec<f32> = (0..v)
+                .map(|i| {
+                    // a few repeated values make ties
+                    let x: f32 = g.random::<f32>() * spread;
+                    if i % 17 == 0 {
+                        1.0
+                    } else {
+                        x
+                    }
+                })
+                .collect();
+            for (temperature, top_p) in [(1.0f32, 1.0f32), (0.7, 0.95), (1.5, 0.5), (1.0, 0.1)] {
+                let params = SamplingParams {
+                    temperature,
+                    top_p,
+                    seed: case as u64,
+                };
+                let mut s = Sampler::new(params).unwrap();
+                let mut rng = ChaCha8Rng::seed_from_u64(case as u64);
+                for _ in 0..20 {
+                    let want = sample_reference(params, &mut rng, &logits);
+                    assert_eq!(
+                        s.sample(&logits),
+                        want,
+                        "case {case} T {temperature} top_p {top_p}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
