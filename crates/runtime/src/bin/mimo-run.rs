@@ -829,10 +829,15 @@ mod gpu {
                 }
             }
         } else {
+            // Sampled: each step replays the captured decode graph for the chosen token, reads
+            // the logits back and samples on the host (the graph's own argmax is overwritten
+            // by the next decode_start).
             let mut pos = p;
             while out.len() < max_tokens && pos < cap {
                 let last = out[out.len() - 1];
-                let logits = model.forward(&[last], 0, pos, false)?;
+                model.decode_start(&[last], &[pos], true)?;
+                model.decode_steps(1, 1)?;
+                let logits = model.decode_logits(1)?;
                 pos += 1;
                 let next = sampler.sample(&logits);
                 out.push(next);
