@@ -1026,26 +1026,52 @@ moe_bf16(const u16* __restrict__ w, const u16* __restrict__ x, u16* __restrict__
     }
 }
 
+// 32-bit hash of a 64-bit counter (murmur3 finaliser): device random numbers that depend only
+// on their key (random weights, sampling noise).
+__device__ __forceinline__ u32 hash32(u64 x) {
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdULL;
+    x ^= x >> 33;
+    x *= 0xc4ceb9fe1a85ec53ULL;
+    x ^= x >> 33;
+    return (u32)x;
+}
+
+// Standard Gumbel noise -log(-log(u)) for token i under `key`, u in (0, 1) from 24 hash bits.
+__device__ __forceinline__ float gumbel_noise(u64 key, int i) {
+    const u32 h = hash32(key * 0x9E3779B97F4A7C15ULL + (u64)i);
+    const float u = ((float)(h >> 8) + 0.5f) * (1.0f / 16777216.0f);
+    return -logf(-logf(u));
+}
+
 // ---------------------------------------------------------------------------------------------
-// Greedy sampling on the GPU: argmax of logits row b (bf16 [B][V]; ties to the lower index),
+// Sampling on the GPU: argmax of logits row b (bf16 [B][V]; ties to the lower index; with a
+// temperature in samp, of logits / T plus Gumbel noise),
 // then, in the last block of the row: tok[b] = id, pos[b] += 1, hist[b][pos[b]] = id.
 // grid (ceil(V / chunk), B), 256 threads; part_v/part_i hold gridDim.x entries per row.
 // ---------------------------------------------------------------------------------------------
 extern "C" __global__ void __launch_bounds__(256)
 argmax_next(const u16* __restrict__ logits, int vocab, int chunk, float* __restrict__ part_v,
             int* __restrict__ part_i, int* __restrict__ counters, int* __restrict__ tok,
-            int* __restrict__ pos, int* __restrict__ hist, int hist_cap) {
+            int* __restrict__ pos, int* __restrict__ hist, int hist_cap,
+            const u32* __restrict__ samp) {
     pdl_enter();
     __shared__ float shv[32];
     __shared__ int shi[32];
     __shared__ int flag;
     const int b = blockIdx.y;
     const int c0 = blockIdx.x * chunk, c1 = min(vocab, c0 + chunk);
+    // Temperature sampling by the Gumbel-max trick: argmax_i (l_i / T + g_i) with g_i standard
+    // Gumbel noise is a sample of softmax(l / T). The noise is a hash of (seed, row, position,
+    // token id), so a seed gives the same tokens on every launch shape. inv_t == 0: greedy.
+    const float inv_t = __uint_as_float(samp[0]);
+    const u64 key = (((u64)samp[2] << 32) | samp[1]) ^ ((u64)b << 40) ^ ((u64)pos[b] << 1);
     float v = NEG_INF;
     int bi = 0x7fffffff;
 #pragma unroll 8
     for (int i = c0 + threadIdx.x; i < c1; i += blockDim.x) {
-        const float x = bf(logits[(size_t)b * vocab + i]);
+        float x = bf(logits[(size_t)b * vocab + i]);
+        if (inv_t > 0.f) x = x * inv_t + gumbel_noise(key, i);
         argmax_merge(v, bi, x == x ? x : NEG_INF, i);
     }
     block_argmax(v, bi, shv, shi);
@@ -1073,14 +1099,6 @@ argmax_next(const u16* __restrict__ logits, int vocab, int chunk, float* __restr
 // Random weights generated on the device (benchmarks): uniform in [-amp, amp) from a hash of
 // (seed, index), so the values do not depend on the launch shape.
 // ---------------------------------------------------------------------------------------------
-__device__ __forceinline__ u32 hash32(u64 x) {
-    x ^= x >> 33;
-    x *= 0xff51afd7ed558ccdULL;
-    x ^= x >> 33;
-    x *= 0xc4ceb9fe1a85ec53ULL;
-    x ^= x >> 33;
-    return (u32)x;
-}
 
 extern "C" __global__ void fill_bf16(u16* __restrict__ p, u64 n, u64 seed, float amp) {
     pdl_enter();

@@ -550,6 +550,66 @@ fn fp8_resident_weights_give_identical_prefill() {
     }
 }
 
+/// Temperature sampling on the device (the decode steps' next-token kernel with Gumbel noise):
+/// over 4000 draws the frequencies match softmax(l / T) (chi-square, 4 degrees of freedom), a
+/// seed repeats its draws, another seed does not, and temperature 0 is the argmax.
+#[test]
+fn device_sampling_follows_softmax() {
+    let Some(gpu) = gpu() else { return };
+    let s = gpu.ctx.stream();
+    let logits = [2.0f32, 1.0, 0.5, 0.0, -1.0];
+    let v = logits.len();
+    let lb: Vec<half::bf16> = logits.iter().map(|&x| half::bf16::from_f32(x)).collect();
+    let l = s.clone_htod(&lb).unwrap();
+    let n = 4000usize;
+    let draw = |t: f32, seed: u64| -> Vec<i32> {
+        let samp = s.clone_htod(&cuda::sampling_words(t, seed)).unwrap();
+        let parts = v.div_ceil(cuda::ARGMAX_CHUNK);
+        let mut part_v = s.alloc_zeros::<f32>(parts).unwrap();
+        let mut part_i = s.alloc_zeros::<i32>(parts).unwrap();
+        let mut cnt = s.alloc_zeros::<i32>(1).unwrap();
+        let mut tok = s.alloc_zeros::<i32>(1).unwrap();
+        let mut pos = s.alloc_zeros::<i32>(1).unwrap();
+        let mut hist = s.alloc_zeros::<i32>(n + 1).unwrap();
+        for _ in 0..n {
+            gpu.ops
+                .argmax_next(
+                    &gpu.ctx,
+                    &l,
+                    1,
+                    v,
+                    &mut part_v,
+                    &mut part_i,
+                    &mut cnt,
+                    &mut tok,
+                    &mut pos,
+                    &mut hist,
+                    n + 1,
+                    &samp,
+                )
+                .unwrap();
+        }
+        s.clone_dtoh(&hist).unwrap()[1..].to_vec()
+    };
+    let t = 0.8f32;
+    let a = draw(t, 11);
+    let z: f64 = logits.iter().map(|&x| (x as f64 / t as f64).exp()).sum();
+    let mut chi2 = 0.0;
+    for (i, &x) in logits.iter().enumerate() {
+        let expect = n as f64 * (x as f64 / t as f64).exp() / z;
+        let got = a.iter().filter(|&&k| k == i as i32).count() as f64;
+        chi2 += (got - expect) * (got - expect) / expect;
+    }
+    eprintln!("device sampling at T {t}: chi-square {chi2:.2} over {n} draws (4 dof)");
+    assert!(chi2 < 25.0, "chi-square {chi2}");
+    assert_eq!(draw(t, 11), a, "the same seed must repeat");
+    assert_ne!(draw(t, 12), a, "another seed gave the same 4000 draws");
+    assert!(
+        draw(0.0, 11).iter().all(|&k| k == 0),
+        "temperature 0 must be greedy"
+    );
+}
+
 /// Norm-wise relative error of each 64-row tile of `[rows, vocab]` logits.
 fn tile_errors(got: &[f32], want: &[f32], vocab: usize) -> Vec<String> {
     got.chunks(64 * vocab)

@@ -788,8 +788,14 @@ mod gpu {
             }
             .into());
         }
-        let greedy = params.temperature <= 0.0;
+        // Greedy and plain temperature sampling run inside the decode graph (the next token is
+        // picked on the device); nucleus (top-p < 1) sampling reads the logits back per token.
+        let on_device = params.temperature <= 0.0 || params.top_p >= 1.0;
         let mut sampler = Sampler::new(params)?;
+        model.set_sampling(
+            if on_device { params.temperature } else { 0.0 },
+            params.seed,
+        )?;
         model.alloc_cache(1, context)?;
         let cap = model.cache().map_or(context, |c| c.capacity());
         let p = prompt.len();
@@ -804,7 +810,7 @@ mod gpu {
         on_token(first);
         if eos.contains(&first) {
             stopped_at_eos = true;
-        } else if greedy {
+        } else if on_device {
             // Step i runs the token at position p + i - 1 and writes its successor to the
             // history at p + i; the cache holds positions < cap.
             model.decode_start(&[first], &[p], true)?;
@@ -848,6 +854,8 @@ mod gpu {
                 }
             }
         }
+        // Later decode steps of this model are greedy again unless asked otherwise.
+        model.set_sampling(0.0, 0)?;
         let bad = model.bad_token_count()?;
         if bad != 0 {
             bail!("the GPU saw {bad} token ids outside the vocabulary");

@@ -25,7 +25,7 @@ pub use bench::{bench_random_weights, BenchOptions, BenchReport, BenchRun, Decod
 pub use error::GpuError;
 pub use estimate::weight_bytes as estimate_weight_bytes;
 pub use model::{GpuKvCache, GpuModel};
-pub use ops::OPS_SRC;
+pub use ops::{sampling_words, ARGMAX_CHUNK, OPS_SRC};
 pub use random::WeightKind;
 pub use weights::{Gpu, GpuLinear};
 

@@ -279,6 +279,8 @@ pub struct GpuModel {
     cache: Option<GpuKvCache>,
     workspaces: HashMap<(usize, usize), Ws>,
     sessions: HashMap<usize, DecodeSession>,
+    /// `ops::sampling_words` of the decode steps' next-token kernel (zeros: greedy).
+    samp: CudaSlice<u32>,
     /// Events recorded after each op while profiling an eager step.
     prof: RefCell<Option<Vec<(&'static str, CudaEvent)>>>,
 }
@@ -326,6 +328,7 @@ impl GpuModel {
     ) -> Result<GpuModel, GpuError> {
         let rope = Rope::new(&config.rope);
         let inv_freq = gpu.upload(&rope.inv_freq, "upload rope frequencies")?;
+        let samp = gpu.upload(&[0u32; 3], "upload sampling parameters")?;
         Ok(GpuModel {
             rot_dim: rope.rotary_dim,
             attn_factor: rope.attention_factor,
@@ -339,6 +342,7 @@ impl GpuModel {
             cache: None,
             workspaces: HashMap::new(),
             sessions: HashMap::new(),
+            samp,
             prof: RefCell::new(None),
         })
     }
@@ -978,6 +982,7 @@ impl GpuModel {
                 &mut ws.pos,
                 &mut ws.hist,
                 ws.hist_cap,
+                &self.samp,
             )?;
             self.mark("argmax")?;
         }
@@ -1236,6 +1241,24 @@ impl GpuModel {
                     .collect()
             })
             .collect())
+    }
+
+    /// How decode steps pick the next token from now on: greedy (`temperature` 0) or a sample of
+    /// `softmax(logits / temperature)` drawn on the device (Gumbel-max with noise hashed from
+    /// `seed`, the sequence's row and its position: the same seed gives the same tokens). No
+    /// nucleus (top-p) truncation: that stays on the host (`generate::Sampler`).
+    pub fn set_sampling(&mut self, temperature: f32, seed: u64) -> Result<(), GpuError> {
+        if !(temperature.is_finite() && temperature >= 0.0) {
+            return Err(GpuError::Unsupported(format!(
+                "temperature {temperature} must be finite and >= 0"
+            )));
+        }
+        let words = super::ops::sampling_words(temperature, seed);
+        self.gpu
+            .ctx
+            .stream()
+            .memcpy_htod(&words, &mut self.samp)
+            .map_err(drv("upload sampling parameters"))
     }
 
     /// Logits of the last decode step of `batch`, `[batch, vocab]` (synchronises).

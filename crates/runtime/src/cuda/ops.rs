@@ -132,6 +132,17 @@ pub fn arch_of(gpu: &GpuContext) -> Result<String, GpuError> {
     })
 }
 
+/// The three words of the device sampling buffer read by `argmax_next`: the bits of `1 / T`
+/// (0: greedy) and the seed's low and high halves.
+pub fn sampling_words(temperature: f32, seed: u64) -> [u32; 3] {
+    let inv_t = if temperature > 0.0 {
+        1.0 / temperature
+    } else {
+        0.0
+    };
+    [inv_t.to_bits(), seed as u32, (seed >> 32) as u32]
+}
+
 /// A null device pointer for optional kernel arguments.
 static NULL: u64 = 0;
 
@@ -580,7 +591,8 @@ impl Ops {
         Ok(())
     }
 
-    /// Greedy next token of each of `rows` logit rows; advances `tok`, `pos` and `hist`.
+    /// Next token of each of `rows` logit rows, greedy or sampled at a temperature as `samp`
+    /// says (see [`sampling_words`]); advances `tok`, `pos` and `hist`.
     #[allow(clippy::too_many_arguments)]
     pub fn argmax_next(
         &self,
@@ -595,6 +607,7 @@ impl Ops {
         pos: &mut CudaSlice<i32>,
         hist: &mut CudaSlice<i32>,
         hist_cap: usize,
+        samp: &CudaSlice<u32>,
     ) -> Result<(), GpuError> {
         let (v_i, c_i, h_i) = (vocab as i32, ARGMAX_CHUNK as i32, hist_cap as i32);
         let mut b = gpu.stream().launch_builder(&self.argmax_next);
@@ -607,14 +620,16 @@ impl Ops {
             .arg(tok)
             .arg(pos)
             .arg(hist)
-            .arg(&h_i);
+            .arg(&h_i)
+            .arg(samp);
         let cfg = LaunchConfig {
             grid_dim: (vocab.div_ceil(ARGMAX_CHUNK) as u32, rows as u32, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: logits [rows, vocab]; part_* hold rows * ceil(vocab / chunk); counters, tok,
-        // pos [rows]; hist [rows, hist_cap] (index checked in the kernel).
+        // pos [rows]; hist [rows, hist_cap] (index checked in the kernel); samp [3]
+        // (SamplingBuf).
         unsafe { b.launch(cfg) }.map_err(drv("launch argmax_next"))?;
         Ok(())
     }
