@@ -153,7 +153,7 @@ pub fn bf16_to_e4m3_rows(
 }
 
 /// A cuBLASLt handle with its workspace, for FP8 GEMMs with per-row scales on the context's
-/// stream. `None` from [`Fp8Gemm::new`] means this GPU or library cannot run the path.
+/// stream. [`Fp8Gemm::new`] gives `Ok(Err(reason))` where this GPU or library cannot run the path.
 pub struct Fp8Gemm {
     handle: sys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
@@ -220,7 +220,7 @@ fn set_desc<T>(
 }
 
 impl Fp8Gemm {
-    /// A handle on `gpu`'s stream, or `None` (with the reason) where FP8 GEMMs are not
+    /// A handle on `gpu`'s stream, or `Ok(Err(reason))` where FP8 GEMMs are not
     /// available: compute capability below 8.9 or no cuBLASLt library.
     pub fn new(gpu: &GpuContext, fast_accum: bool) -> Result<Result<Fp8Gemm, String>, CudaError> {
         let (major, minor) = gpu
