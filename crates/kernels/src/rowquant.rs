@@ -396,6 +396,18 @@ mod avx2 {
                 _mm256_storeu_ps(l.m.as_mut_ptr(), self.m);
             }
         }
+
+        /// Adds 8 source values `xv` and their dequantized values `dv`: sum of x^2, sum of
+        /// (x - dq)^2, max |x - dq|.
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        pub(super) fn add(&mut self, xv: __m256, dv: __m256) {
+            let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+            let d = _mm256_sub_ps(xv, dv);
+            self.s = _mm256_add_ps(self.s, _mm256_mul_ps(xv, xv));
+            self.n = _mm256_add_ps(self.n, _mm256_mul_ps(d, d));
+            self.m = _mm256_max_ps(self.m, _mm256_and_ps(d, abs));
+        }
     }
 
     #[inline]
@@ -451,13 +463,8 @@ mod avx2 {
             let p = _mm256_or_si256(p, _mm256_srli_epi32::<12>(p));
             _mm_storel_epi64(out.as_mut_ptr() as *mut __m128i, low_bytes(p));
             if ERR {
-                let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
-                for (xv, dv) in [(x0, d0), (x1, d1)] {
-                    let d = _mm256_sub_ps(xv, dv);
-                    acc.s = _mm256_add_ps(acc.s, _mm256_mul_ps(xv, xv));
-                    acc.n = _mm256_add_ps(acc.n, _mm256_mul_ps(d, d));
-                    acc.m = _mm256_max_ps(acc.m, _mm256_and_ps(d, abs));
-                }
+                acc.add(x0, d0);
+                acc.add(x1, d1);
             }
         }
     }
@@ -670,7 +677,6 @@ mod avx2 {
             _mm_storel_epi64(out.as_mut_ptr() as *mut __m128i, low_bytes(p));
             let lut = _mm256_loadu_ps(E2M1_LUT.as_ptr());
             let mv = _mm256_set1_ps(eff);
-            let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
             let halves = [
                 (
                     _mm256_castsi256_si128(v),
@@ -690,11 +696,7 @@ mod avx2 {
                     _mm256_castsi256_ps(_mm256_cvtepi16_epi32(nh)),
                     _mm256_set1_ps(-0.0),
                 );
-                let dv = _mm256_mul_ps(_mm256_or_ps(mag, sign), mv);
-                let d = _mm256_sub_ps(xv, dv);
-                acc.s = _mm256_add_ps(acc.s, _mm256_mul_ps(xv, xv));
-                acc.n = _mm256_add_ps(acc.n, _mm256_mul_ps(d, d));
-                acc.m = _mm256_max_ps(acc.m, _mm256_and_ps(d, abs));
+                acc.add(xv, _mm256_mul_ps(_mm256_or_ps(mag, sign), mv));
             }
         }
     }
