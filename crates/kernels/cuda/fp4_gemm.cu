@@ -616,6 +616,43 @@ MOE_DOWN_T1_KERNEL(fp4_moe_down_t1_nv, FMT_NVFP4, 2)
 MOE_DOWN_T1_KERNEL(fp4_moe_down_t1_mx, FMT_MXFP4, 2)
 
 // ---------------------------------------------------------------------------------------------
+// One 16-byte piece (32 elements) of a weight row, for the dequantization and E4M3 conversion
+// kernels below.
+// ---------------------------------------------------------------------------------------------
+
+// The block-scale values (the bf16 table as f32) of the piece starting at element pk of a row
+// whose scale bytes start at srow: NVFP4 two 16-element blocks, MXFP4 one 32-element block.
+template <int FMT>
+__device__ __forceinline__ void piece_scales(const u8* __restrict__ srow,
+                                             const u16* __restrict__ scale_lut, int pk,
+                                             float (&s)[2]) {
+    if (FMT == FMT_NVFP4) {
+        s[0] = bf16_to_f32(scale_lut[srow[pk >> 4]]);
+        s[1] = bf16_to_f32(scale_lut[srow[(pk >> 4) + 1]]);
+    } else {
+        s[0] = bf16_to_f32(scale_lut[srow[pk >> 5]]);
+        s[1] = s[0];
+    }
+}
+
+// The piece's 32 elements in order as f32 e2m1 * mult[element / 16]: e2m1x8_to_bf16 gives
+// e2m1 * 2^-126 as bf16 subnormals, widened and multiplied by 2^126 (exact: no flush to zero),
+// then by the multiplier once in f32 (the CPU reference's single rounding).
+__device__ __forceinline__ void piece_values(uint4 w, const float (&mult)[2], float (&v)[32]) {
+    const u32 words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+    for (int q = 0; q < 4; q++) {
+        u32 pr[4];
+        e2m1x8_to_bf16(words[q], pr[0], pr[1], pr[2], pr[3]);
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            v[q * 8 + 2 * j] = __uint_as_float(pr[j] << 16) * 0x1p126f * mult[q >> 1];
+            v[q * 8 + 2 * j + 1] = __uint_as_float(pr[j] & 0xFFFF0000u) * 0x1p126f * mult[q >> 1];
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Dequantize to a dense bf16 [N][K] matrix (prefill path through cuBLAS). One thread per
 // 32 elements (16 packed bytes). Value = e2m1 * scale / gscale computed in f32 (the CPU
 // reference order: multiplier = scale / gscale first), rounded to bf16.
@@ -631,33 +668,18 @@ __device__ __forceinline__ void dequant_body(const u8* __restrict__ wp, const u8
     if (idx >= pieces) return;
     const size_t row = idx / (k >> 5);
     const int pk = (int)(idx - row * (k >> 5)) * 32;
-    const uint4 w = ldg_stream(wp + row * (k >> 1) + (pk >> 1));
-    const u32 words[4] = {w.x, w.y, w.z, w.w};
-    const float gs = gscale[0];
     float mult[2];
+    piece_scales<FMT>(ws + row * (FMT == FMT_NVFP4 ? (k >> 4) : (k >> 5)), scale_lut, pk, mult);
     if (FMT == FMT_NVFP4) {
-        const u8* s = ws + row * (k >> 4) + (pk >> 4);
-        mult[0] = bf16_to_f32(scale_lut[s[0]]) / gs;
-        mult[1] = bf16_to_f32(scale_lut[s[1]]) / gs;
-    } else {
-        mult[0] = bf16_to_f32(scale_lut[ws[row * (k >> 5) + (pk >> 5)]]);
-        mult[1] = mult[0];
+        // The CPU reference's order: multiplier = scale / gscale first.
+        mult[0] /= gscale[0];
+        mult[1] /= gscale[0];
     }
+    float v[32];
+    piece_values(ldg_stream(wp + row * (k >> 1) + (pk >> 1)), mult, v);
     u32 o[16];
 #pragma unroll
-    for (int q = 0; q < 4; q++) {
-        u32 pr[4];
-        e2m1x8_to_bf16(words[q], pr[0], pr[1], pr[2], pr[3]);
-        const float mlt = mult[q >> 1];
-#pragma unroll
-        for (int p = 0; p < 4; p++) {
-            // pr[p] holds e2m1 * 2^-126 as bf16 (subnormal); widen to f32 and multiply by
-            // 2^126 (exact: no flush-to-zero), then scale in f32 and round once as the CPU does.
-            const float e0 = __uint_as_float(pr[p] << 16) * 0x1p126f;
-            const float e1 = __uint_as_float(pr[p] & 0xFFFF0000u) * 0x1p126f;
-            o[q * 4 + p] = (u32)f32_to_bf16(e0 * mlt) | ((u32)f32_to_bf16(e1 * mlt) << 16);
-        }
-    }
+    for (int i = 0; i < 16; i++) o[i] = f32x2_to_bf16x2(v[2 * i], v[2 * i + 1]);
     uint4* dst = (uint4*)(out + row * k + pk);
     dst[0] = make_uint4(o[0], o[1], o[2], o[3]);
     dst[1] = make_uint4(o[4], o[5], o[6], o[7]);
@@ -728,34 +750,18 @@ __device__ __forceinline__ void fp4_to_e4m3_body(const u8* __restrict__ wp,
     const u8* prow = wp + row * (size_t)(k >> 1);
     u8* orow = out + row * (size_t)k;
     for (int pk = lane * 32; pk < k; pk += 32 * 32) {
-        const uint4 w = ldg_stream(prow + (pk >> 1));
-        const u32 words[4] = {w.x, w.y, w.z, w.w};
+        // The shifted block scales times e2m1: exact in f32, then rounded once to E4M3.
         float mult[2];
-        if (FMT == FMT_NVFP4) {
-            mult[0] = ldexpf(bf16_to_f32(scale_lut[srow[pk >> 4]]), -p);
-            mult[1] = ldexpf(bf16_to_f32(scale_lut[srow[(pk >> 4) + 1]]), -p);
-        } else {
-            mult[0] = ldexpf(bf16_to_f32(scale_lut[srow[pk >> 5]]), -p);
-            mult[1] = mult[0];
-        }
+        piece_scales<FMT>(srow, scale_lut, pk, mult);
+        mult[0] = ldexpf(mult[0], -p);
+        mult[1] = ldexpf(mult[1], -p);
+        float v[32];
+        piece_values(ldg_stream(prow + (pk >> 1)), mult, v);
         u32 o[8];
 #pragma unroll
-        for (int q = 0; q < 4; q++) {
-            u32 pr[4];
-            e2m1x8_to_bf16(words[q], pr[0], pr[1], pr[2], pr[3]);
-            const float mlt = mult[q >> 1];
-            u32 h[4];
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                // e2m1 * 2^-126 as a bf16 subnormal, widened and scaled back exactly (as in
-                // dequant_body), then times the shifted block scale: exact in f32.
-                const float e0 = __uint_as_float(pr[j] << 16) * 0x1p126f;
-                const float e1 = __uint_as_float(pr[j] & 0xFFFF0000u) * 0x1p126f;
-                h[j] = f32x2_to_e4m3x2(e0 * mlt, e1 * mlt);
-            }
-            o[q * 2] = h[0] | (h[1] << 16);
-            o[q * 2 + 1] = h[2] | (h[3] << 16);
-        }
+        for (int i = 0; i < 8; i++)
+            o[i] = (u32)f32x2_to_e4m3x2(v[4 * i], v[4 * i + 1]) |
+                   ((u32)f32x2_to_e4m3x2(v[4 * i + 2], v[4 * i + 3]) << 16);
         uint4* dst = (uint4*)(orow + pk);
         dst[0] = make_uint4(o[0], o[1], o[2], o[3]);
         dst[1] = make_uint4(o[4], o[5], o[6], o[7]);
