@@ -219,6 +219,11 @@ __device__ __forceinline__ void new_kv(const u16* __restrict__ vs, const float* 
     }
 }
 
+// First key position a token at position p attends to (sliding window, or 0).
+__device__ __forceinline__ int window_lo(int p, int window) {
+    return window > 0 ? max(0, p + 1 - window) : 0;
+}
+
 struct AttnArgs {
     int n_heads, n_kv, d, rot_dim, capacity, layers, layer, window, split_len, max_splits,
         fused_new;
@@ -312,7 +317,7 @@ attention(const u16* __restrict__ q_src, int q_off, int q_stride, const u16* __r
     if (p < 0 || p >= a.capacity) return;  // the host refuses such steps; never write outside
     const int nsplit = p / a.split_len + 1;
     if (z >= nsplit) return;
-    const int lo = a.window > 0 ? max(0, p + 1 - a.window) : 0;
+    const int lo = window_lo(p, a.window);
     const int j0 = max(lo, z * a.split_len), j1 = min(p, z * a.split_len + a.split_len - 1);
     float* qf = smem;
     float* kn = smem + d;
@@ -462,10 +467,6 @@ __device__ __forceinline__ float bf_hi(u32 w) { return __uint_as_float(w & 0xFFF
 // ---------------------------------------------------------------------------------------------
 #define PF_Q 64
 #define PF_K 64
-
-__device__ __forceinline__ int window_lo(int p, int window) {
-    return window > 0 ? max(0, p + 1 - window) : 0;
-}
 
 template <int D>
 __device__ __forceinline__ void attention_prefill_body(
@@ -659,7 +660,7 @@ attention_w(const u16* __restrict__ q_src, int q_off, int q_stride, const u16* _
     if (p < 0 || p >= a.capacity) return;  // the host refuses such steps; never write outside
     const int nsplit = p / a.split_len + 1;
     if (z >= nsplit) return;
-    const int lo = a.window > 0 ? max(0, p + 1 - a.window) : 0;
+    const int lo = window_lo(p, a.window);
     const int j0 = max(lo, z * a.split_len), j1 = min(p, z * a.split_len + a.split_len - 1);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, sub = lane & 3;
