@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use mimo_kernels::fp4::{Fp4Format, Fp4Matrix};
 use mimo_quant::calib::{
-    collect, run_sequential, run_sequential_with, CalibData, CollectOptions, LinearStats, Recipe,
-    SequentialError, SequentialModes,
+    collect, run_sequential, run_sequential_with, CollectOptions, LinearStats, SequentialError,
+    SequentialModes,
 };
 use mimo_quant::convert::{convert_with, ConvertConfig, ConvertError, DEFAULT_MAX_SHARD};
 use mimo_quant::methods::apply::read_weight;
@@ -27,36 +27,8 @@ use mimo_runtime::format::Layout;
 use mimo_runtime::linear::Weight;
 use mimo_runtime::model::{Logits, Model, ReplaceError};
 
-fn random_tokens(vocab: usize, n: usize, seed: u64) -> Vec<u32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 33) % vocab as u64) as u32
-        })
-        .collect()
-}
-
-fn calib_data(model: &Model, seqs: usize, len: usize) -> CalibData {
-    let sequences: Vec<Vec<u32>> = (0..seqs)
-        .map(|i| random_tokens(model.config.vocab_size, len, 300 + i as u64))
-        .collect();
-    CalibData {
-        source: "test".into(),
-        recipe: Recipe {
-            data: "random".into(),
-            sets: vec![],
-            samples: seqs,
-            seq_len: len,
-            seed: 0,
-        },
-        samples_per_set: Default::default(),
-        tokens: seqs * len,
-        sequences,
-    }
-}
+mod common;
+use common::{calib_data, read_tree};
 
 type Recorded = BTreeMap<String, Arc<LinearStats>>;
 
@@ -65,7 +37,7 @@ fn bf16_layer_at_a_time_equals_the_whole_model_pass() {
     let dir = tempfile::tempdir().unwrap();
     write_fixture(dir.path(), Arch::Qwen3Moe, 11).unwrap();
     let mut model = Model::load(dir.path()).unwrap();
-    let data = calib_data(&model, 3, 20);
+    let data = calib_data(&model, 3, 20, 300);
     let opts = CollectOptions {
         hessian: true,
         min_expert_tokens: 12,
@@ -118,7 +90,7 @@ fn each_layer_is_calibrated_on_the_quantized_layers_before_it() {
     write_fixture(dir.path(), Arch::Qwen3Moe, 12).unwrap();
     let ck = Checkpoint::open(dir.path()).unwrap();
     let mut model = Model::load(dir.path()).unwrap();
-    let data = calib_data(&model, 2, 24);
+    let data = calib_data(&model, 2, 24, 300);
     let opts = CollectOptions {
         hessian: true,
         min_expert_tokens: 4,
@@ -170,19 +142,6 @@ fn each_layer_is_calibrated_on_the_quantized_layers_before_it() {
     }
 }
 
-fn read_tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| {
-            let e = e.unwrap();
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                std::fs::read(e.path()).unwrap(),
-            )
-        })
-        .collect()
-}
-
 /// Sequential calibration with `method` and a conversion using its weights, in a pool of
 /// `threads` threads.
 #[allow(clippy::too_many_arguments)]
@@ -209,7 +168,7 @@ fn convert_sequential(
         };
         let plan = Plan::build(&ck, &popts).unwrap();
         let mut model = Model::load(src).unwrap();
-        let data = calib_data(&model, 2, 24);
+        let data = calib_data(&model, 2, 24, 300);
         let (run, weights) = quantize_sequential(
             &ck,
             &plan,
@@ -398,7 +357,7 @@ fn asymmetric_calibration_pairs_the_streams_and_keeps_the_plain_statistics() {
     };
     let run = |asymmetric: bool| -> Vec<Recorded> {
         let mut model = Model::load(dir.path()).unwrap();
-        let data = calib_data(&model, 2, 24);
+        let data = calib_data(&model, 2, 24, 300);
         let mut seen: Vec<Recorded> = Vec::new();
         let mut quant =
             |_l: usize, s: &Recorded| -> Result<Vec<(String, Weight)>, SequentialError> {
@@ -530,7 +489,7 @@ fn within_layer_each_stage_sees_the_quantized_stages_before_it() {
         min_expert_tokens: 4,
     };
     let mut model = Model::load(dir.path()).unwrap();
-    let data = calib_data(&model, 2, 24);
+    let data = calib_data(&model, 2, 24, 300);
     let mut calls: Vec<(usize, Recorded)> = Vec::new();
     let mut quant = |l: usize, s: &Recorded| -> Result<Vec<(String, Weight)>, SequentialError> {
         calls.push((l, s.clone()));

@@ -7,13 +7,16 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use mimo_quant::calib::data::{parse_jsonl, parse_recipe, select, Sample, EMBEDDED_SET};
-use mimo_quant::calib::{collect, CalibData, CollectOptions, DataError, Recipe};
+use mimo_quant::calib::{collect, CollectOptions, DataError, Recipe};
 use mimo_quant::convert::{convert_with, ConvertConfig, DEFAULT_MAX_SHARD};
 use mimo_quant::methods::{Method, QuantOptions};
 use mimo_quant::plan::PlanOptions;
 use mimo_runtime::fixtures::{write_fixture, Arch};
 use mimo_runtime::format::Layout;
 use mimo_runtime::model::{LinearObserver, Logits, Model, Site};
+
+mod common;
+use common::{calib_data, random_tokens};
 
 #[test]
 fn embedded_set_is_large_and_varied() {
@@ -122,18 +125,6 @@ impl LinearObserver for Logged {
     }
 }
 
-fn random_tokens(vocab: usize, n: usize, seed: u64) -> Vec<u32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 33) % vocab as u64) as u32
-        })
-        .collect()
-}
-
 #[test]
 fn observer_sees_every_linear_and_leaves_logits_unchanged() {
     let dir = tempfile::tempdir().unwrap();
@@ -190,31 +181,12 @@ fn observer_sees_every_linear_and_leaves_logits_unchanged() {
     assert_eq!(all, vec![toks.len(); moe.num_experts]);
 }
 
-fn calib_data(model: &Model, seqs: usize, len: usize) -> CalibData {
-    let sequences: Vec<Vec<u32>> = (0..seqs)
-        .map(|i| random_tokens(model.config.vocab_size, len, 100 + i as u64))
-        .collect();
-    CalibData {
-        source: "test".into(),
-        recipe: Recipe {
-            data: "random".into(),
-            sets: vec![],
-            samples: seqs,
-            seq_len: len,
-            seed: 0,
-        },
-        samples_per_set: Default::default(),
-        tokens: seqs * len,
-        sequences,
-    }
-}
-
 #[test]
 fn statistics_are_consistent_and_coverage_adds_up() {
     let dir = tempfile::tempdir().unwrap();
     write_fixture(dir.path(), Arch::Qwen3Moe, 2).unwrap();
     let model = Model::load(dir.path()).unwrap();
-    let data = calib_data(&model, 3, 20);
+    let data = calib_data(&model, 3, 20, 100);
     let opts = CollectOptions {
         hessian: true,
         min_expert_tokens: 12,
@@ -276,7 +248,7 @@ fn convert_method(
     threads: usize,
 ) -> serde_json::Value {
     let model = Model::load(src).unwrap();
-    let data = calib_data(&model, 2, 24);
+    let data = calib_data(&model, 2, 24, 100);
     let st = collect(
         &model,
         &data,

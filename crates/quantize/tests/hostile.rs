@@ -3,17 +3,20 @@
 //! (cases.json, written by generate.py). Tests marked `#[ignore = "issue 10: ..."]` fail today;
 //! each is a finding in docs/hostile-findings.md.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-use mimo_runtime::checkpoint::{write_safetensors, DType, HeaderEntry};
 
 #[path = "../../../tests/bad-inputs/harness.rs"]
 mod harness;
 
 use harness::{corpus_root, run_corpus, run_limited};
+
+mod common;
+use common::{read_tree, write_dense_source};
+
+/// Seed of the dense source (8 x 4 MiB BF16) that makes a conversion take long enough to kill.
+const SLOW_SOURCE_SEED: u64 = 0x9E37_79B9_7F4A_7C15;
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_mimo-quant"))
@@ -101,20 +104,6 @@ fn copy_dir(src: &Path, dst: &Path) {
     }
 }
 
-/// Every file of a folder, by name.
-fn read_tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| {
-            let e = e.unwrap();
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                std::fs::read(e.path()).unwrap(),
-            )
-        })
-        .collect()
-}
-
 fn temp_leftovers(parent: &Path) -> Vec<String> {
     std::fs::read_dir(parent)
         .unwrap()
@@ -185,46 +174,13 @@ fn index_shard_names_cannot_leave_the_folder() {
     assert_eq!(o.code, Some(0), "{}", o.text);
 }
 
-/// A dense Llama-shaped source big enough (8 x 4 MiB BF16) that a conversion takes a while.
-fn slow_source(dir: &Path) {
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::copy(
-        corpus_root().join("good/dense/config.json"),
-        dir.join("config.json"),
-    )
-    .unwrap();
-    let (n, k) = (1024usize, 2048usize);
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    let tensors: Vec<(HeaderEntry, Vec<u8>)> = (0..8)
-        .map(|i| {
-            let mut data = Vec::with_capacity(n * k * 2);
-            for _ in 0..n * k {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                let x = ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2;
-                data.extend_from_slice(&half::bf16::from_f32(x).to_le_bytes());
-            }
-            (
-                HeaderEntry {
-                    name: format!("model.layers.{i}.mlp.down_proj.weight"),
-                    dtype: DType::BF16,
-                    shape: vec![n, k],
-                },
-                data,
-            )
-        })
-        .collect();
-    write_safetensors(&dir.join("model.safetensors"), &tensors, &[]).unwrap();
-}
-
 /// kill -9 at several points of a sharded conversion: each time the output is absent or
 /// complete (verify passes), and the next run succeeds.
 #[test]
 fn kill_9_during_convert_leaves_no_partial_output_and_the_next_run_succeeds() {
     let d = tempfile::tempdir().unwrap();
     let src = d.path().join("src");
-    slow_source(&src);
+    write_dense_source(&src, 8, 1024, 2048, SLOW_SOURCE_SEED);
     let parent = d.path().join("outputs");
     std::fs::create_dir(&parent).unwrap();
     let out = parent.join("out");
@@ -287,7 +243,7 @@ fn kill_9_during_convert_leaves_no_partial_output_and_the_next_run_succeeds() {
 fn kill_9_leftover_temp_folder_is_removed_by_the_next_run() {
     let d = tempfile::tempdir().unwrap();
     let src = d.path().join("src");
-    slow_source(&src);
+    write_dense_source(&src, 8, 1024, 2048, SLOW_SOURCE_SEED);
     let parent = d.path().join("outputs");
     std::fs::create_dir(&parent).unwrap();
     let out = parent.join("out");

@@ -7,13 +7,15 @@ mod hub_server;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hub_server::{lfs_oid, Commit, HubServer, Repo};
-use mimo_runtime::checkpoint::{write_safetensors, DType, HeaderEntry};
 use sha2::{Digest, Sha256};
+
+mod common;
+use common::{read_tree, write_dense_source};
 
 const COMMIT: &str = "3333333333333333333333333333333333333333";
 
@@ -21,44 +23,11 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_mimo-quant"))
 }
 
-fn corpus_dense() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/bad-inputs/good/dense")
-}
-
 /// config.json and a model.safetensors of `count` BF16 [512, 1024] tensors (1 MiB each).
 fn checkpoint_files(count: usize) -> BTreeMap<String, Vec<u8>> {
     let d = tempfile::tempdir().unwrap();
-    let (n, k) = (512usize, 1024usize);
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    let tensors: Vec<(HeaderEntry, Vec<u8>)> = (0..count)
-        .map(|i| {
-            let mut data = Vec::with_capacity(n * k * 2);
-            for _ in 0..n * k {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                let x = ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2;
-                data.extend_from_slice(&half::bf16::from_f32(x).to_le_bytes());
-            }
-            (
-                HeaderEntry {
-                    name: format!("model.layers.{i}.mlp.down_proj.weight"),
-                    dtype: DType::BF16,
-                    shape: vec![n, k],
-                },
-                data,
-            )
-        })
-        .collect();
-    let st = d.path().join("model.safetensors");
-    write_safetensors(&st, &tensors, &[]).unwrap();
-    BTreeMap::from([
-        (
-            "config.json".to_string(),
-            std::fs::read(corpus_dense().join("config.json")).unwrap(),
-        ),
-        ("model.safetensors".to_string(), std::fs::read(&st).unwrap()),
-    ])
+    write_dense_source(d.path(), count, 512, 1024, 0x9E37_79B9_7F4A_7C15);
+    read_tree(d.path())
 }
 
 /// `mimo-quant ARGS` with the hub at `endpoint` and the cache in `cache`, nothing else from

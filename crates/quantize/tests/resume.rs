@@ -2,69 +2,22 @@
 //! only after their hashes and the run's fingerprint are checked; the output is byte-identical
 //! to an uninterrupted run.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use mimo_runtime::checkpoint::{write_safetensors, DType, HeaderEntry};
-
 #[path = "../../../tests/bad-inputs/harness.rs"]
 mod harness;
 
-use harness::{corpus_root, run_limited};
+use harness::run_limited;
+
+mod common;
+use common::{read_tree, write_dense_source};
 
 const RECORDS: &str = ".mimo-quant-resume";
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_mimo-quant"))
-}
-
-/// A dense source of `count` BF16 [1024, 2048] tensors (4 MiB each) of random values.
-fn source(dir: &Path, count: usize) {
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::copy(
-        corpus_root().join("good/dense/config.json"),
-        dir.join("config.json"),
-    )
-    .unwrap();
-    let (n, k) = (1024usize, 2048usize);
-    let mut state = 0x2545_F491_4F6C_DD1Du64;
-    let tensors: Vec<(HeaderEntry, Vec<u8>)> = (0..count)
-        .map(|i| {
-            let mut data = Vec::with_capacity(n * k * 2);
-            for _ in 0..n * k {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                let x = ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2;
-                data.extend_from_slice(&half::bf16::from_f32(x).to_le_bytes());
-            }
-            (
-                HeaderEntry {
-                    name: format!("model.layers.{i}.mlp.down_proj.weight"),
-                    dtype: DType::BF16,
-                    shape: vec![n, k],
-                },
-                data,
-            )
-        })
-        .collect();
-    write_safetensors(&dir.join("model.safetensors"), &tensors, &[]).unwrap();
-}
-
-/// Every file of a folder, by name.
-fn read_tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| {
-            let e = e.unwrap();
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                std::fs::read(e.path()).unwrap(),
-            )
-        })
-        .collect()
 }
 
 fn assert_same_tree(a: &Path, b: &Path) {
@@ -175,7 +128,7 @@ const ARGS: &[&str] = &["--max-shard-size", "2MB", "--threads", "1"];
 fn resume_after_kill_9_reuses_finished_shards_and_matches_a_clean_run() {
     let d = tempfile::tempdir().unwrap();
     let src = d.path().join("src");
-    source(&src, 10);
+    write_dense_source(&src, 10, 1024, 2048, 0x2545_F491_4F6C_DD1D);
     let clean = d.path().join("clean");
     let s = convert(&src, &clean, ARGS);
     assert_eq!(s["resumed_shards"], 0);
@@ -216,7 +169,7 @@ fn resume_after_kill_9_reuses_finished_shards_and_matches_a_clean_run() {
 fn resume_redoes_a_tampered_shard_and_discards_everything_on_changed_options() {
     let d = tempfile::tempdir().unwrap();
     let src = d.path().join("src");
-    source(&src, 10);
+    write_dense_source(&src, 10, 1024, 2048, 0x2545_F491_4F6C_DD1D);
     let clean = d.path().join("clean");
     convert(&src, &clean, ARGS);
     let parent = d.path().join("outputs");
@@ -299,7 +252,7 @@ fn resume_redoes_a_tampered_shard_and_discards_everything_on_changed_options() {
 fn without_resume_nothing_is_reused_and_resume_alone_just_converts() {
     let d = tempfile::tempdir().unwrap();
     let src = d.path().join("src");
-    source(&src, 4);
+    write_dense_source(&src, 4, 1024, 2048, 0x2545_F491_4F6C_DD1D);
     let parent = d.path().join("outputs");
     std::fs::create_dir(&parent).unwrap();
     let out = parent.join("out");
