@@ -210,12 +210,13 @@ impl Collector {
         if m == 0 || x.is_empty() || x.len() != xf.len() {
             return;
         }
-        let k = x.len() / m;
+        self.site_acc(site, x.len() / m).add_cross(x, xf, m);
+    }
+
+    /// The accumulator of `site`, created for inputs of `k` features on first use.
+    fn site_acc(&mut self, site: Site, k: usize) -> &mut SiteAcc {
         let h = self.hessian;
-        self.sites
-            .entry(site)
-            .or_insert_with(|| SiteAcc::new(k, h))
-            .add_cross(x, xf, m);
+        self.sites.entry(site).or_insert_with(|| SiteAcc::new(k, h))
     }
 }
 
@@ -250,12 +251,7 @@ impl LinearObserver for Collector {
         if m == 0 || x.is_empty() {
             return;
         }
-        let k = x.len() / m;
-        let h = self.hessian;
-        self.sites
-            .entry(site)
-            .or_insert_with(|| SiteAcc::new(k, h))
-            .add(x, m);
+        self.site_acc(site, x.len() / m).add(x, m);
     }
 
     fn all_token_experts(&self) -> bool {
