@@ -28,7 +28,7 @@ use mimo_runtime::linear::Weight;
 use mimo_runtime::model::{Logits, Model, ReplaceError};
 
 mod common;
-use common::{calib_data, read_tree};
+use common::{calib_data, convert_config, read_tree};
 
 type Recorded = BTreeMap<String, Arc<LinearStats>>;
 
@@ -277,16 +277,8 @@ fn a_precomputed_weight_with_another_global_scale_is_refused() {
         ..QuantOptions::default()
     };
     let cfg = ConvertConfig {
-        source: src.clone(),
-        source_repo: None,
-        output: dir.path().join("out"),
-        plan: PlanOptions {
-            layout: Layout::CtNvfp4,
-            ignore: vec![],
-            quantize_lm_head: false,
-        },
-        max_shard_size: DEFAULT_MAX_SHARD,
         force: true,
+        ..convert_config(&src, &dir.path().join("out"), Layout::CtNvfp4)
     };
     let e = convert_with(&cfg, &quant, &AtomicBool::new(false), &|_| {}).unwrap_err();
     let msg = e.to_string();

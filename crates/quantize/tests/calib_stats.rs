@@ -8,15 +8,14 @@ use std::sync::Arc;
 
 use mimo_quant::calib::data::{parse_jsonl, parse_recipe, select, Sample, EMBEDDED_SET};
 use mimo_quant::calib::{collect, CollectOptions, DataError, Recipe};
-use mimo_quant::convert::{convert_with, ConvertConfig, DEFAULT_MAX_SHARD};
+use mimo_quant::convert::{convert_with, ConvertConfig};
 use mimo_quant::methods::{Method, QuantOptions};
-use mimo_quant::plan::PlanOptions;
 use mimo_runtime::fixtures::{write_fixture, Arch};
 use mimo_runtime::format::Layout;
 use mimo_runtime::model::{LinearObserver, Logits, Model, Site};
 
 mod common;
-use common::{calib_data, random_tokens};
+use common::{calib_data, convert_config, random_tokens};
 
 #[test]
 fn embedded_set_is_large_and_varied() {
@@ -266,16 +265,8 @@ fn convert_method(
         ..QuantOptions::default()
     };
     let cfg = ConvertConfig {
-        source: src.to_path_buf(),
-        source_repo: None,
-        output: out.to_path_buf(),
-        plan: PlanOptions {
-            layout,
-            ignore: vec![],
-            quantize_lm_head: false,
-        },
-        max_shard_size: DEFAULT_MAX_SHARD,
         force: true,
+        ..convert_config(src, out, layout)
     };
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)

@@ -10,11 +10,9 @@ use std::sync::atomic::AtomicBool;
 use half::bf16;
 use mimo_kernels::dtype::{convert_to_vec, SrcDType};
 use mimo_kernels::fp4::dequantize;
-use mimo_quant::convert::{
-    convert, ConvertConfig, ConvertError, ConvertSummary, DEFAULT_MAX_SHARD,
-};
+use mimo_quant::convert::{convert, ConvertConfig, ConvertError, ConvertSummary};
 use mimo_quant::manifest::Manifest;
-use mimo_quant::plan::{PlanError, PlanOptions};
+use mimo_quant::plan::PlanError;
 use mimo_quant::quantizer::QuantError;
 use mimo_runtime::checkpoint::{
     write_safetensors, Checkpoint, CheckpointError, DType, HeaderEntry, CONFIG_FILE, SINGLE_FILE,
@@ -24,20 +22,8 @@ use mimo_runtime::format::{
     detect, load_linear, quantized_modules, read_global_scale, Detected, Layout,
 };
 
-fn cfg(src: &Path, out: &Path, layout: Layout) -> ConvertConfig {
-    ConvertConfig {
-        source: src.to_path_buf(),
-        source_repo: None,
-        output: out.to_path_buf(),
-        plan: PlanOptions {
-            layout,
-            ignore: vec![],
-            quantize_lm_head: false,
-        },
-        max_shard_size: DEFAULT_MAX_SHARD,
-        force: false,
-    }
-}
+mod common;
+use common::convert_config as cfg;
 
 fn run(c: &ConvertConfig) -> Result<ConvertSummary, ConvertError> {
     convert(c, &AtomicBool::new(false), &|_| {})

@@ -10,12 +10,14 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
-use mimo_quant::convert::{convert, ConvertConfig, DEFAULT_MAX_SHARD};
-use mimo_quant::plan::PlanOptions;
+use mimo_quant::convert::convert;
 use mimo_runtime::eval::compare;
 use mimo_runtime::format::Layout;
 use mimo_runtime::model::Model;
 use mimo_runtime::tokenizer::TextTokenizer;
+
+mod common;
+use common::convert_config;
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -46,18 +48,7 @@ fn check(layout: Layout, bounds: Bounds) {
     let source = repo_root().join("models/mimo-tiny-moe");
     let tmp = tempfile::tempdir().expect("temp dir");
     let out = tmp.path().join("fp4");
-    let cfg = ConvertConfig {
-        source: source.clone(),
-        source_repo: None,
-        output: out.clone(),
-        plan: PlanOptions {
-            layout,
-            ignore: vec![],
-            quantize_lm_head: false,
-        },
-        max_shard_size: DEFAULT_MAX_SHARD,
-        force: false,
-    };
+    let cfg = convert_config(&source, &out, layout);
     convert(&cfg, &AtomicBool::new(false), &|_| {}).expect("conversion succeeds");
 
     let reference = Model::load(&source).expect("BF16 model loads");

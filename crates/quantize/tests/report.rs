@@ -7,13 +7,15 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
-use mimo_quant::convert::{convert_with, ConvertConfig, DEFAULT_MAX_SHARD};
+use mimo_quant::convert::{convert_with, ConvertConfig};
 use mimo_quant::manifest::{Manifest, TensorRecord};
 use mimo_quant::methods::QuantOptions;
-use mimo_quant::plan::PlanOptions;
 use mimo_quant::report::{build, report_dir, ReportError, ReportInput, REPORT_FILE};
 use mimo_runtime::fixtures::{write_fixture, Arch};
 use mimo_runtime::format::Layout;
+
+mod common;
+use common::convert_config;
 
 /// A minimal XML well-formedness check: one root, every start tag closed in order, attribute
 /// values quoted, only the five predefined entities or character references, no `<` in text.
@@ -151,16 +153,8 @@ fn the_xml_check_can_fail() {
 
 fn convert_moe(src: &Path, out: &Path) {
     let cfg = ConvertConfig {
-        source: src.to_path_buf(),
-        source_repo: None,
-        output: out.to_path_buf(),
-        plan: PlanOptions {
-            layout: Layout::CtNvfp4,
-            ignore: vec![],
-            quantize_lm_head: false,
-        },
-        max_shard_size: DEFAULT_MAX_SHARD,
         force: true,
+        ..convert_config(src, out, Layout::CtNvfp4)
     };
     convert_with(
         &cfg,

@@ -6,7 +6,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use mimo_quant::calib::{CalibData, Recipe};
+use mimo_quant::convert::{ConvertConfig, DEFAULT_MAX_SHARD};
+use mimo_quant::plan::PlanOptions;
 use mimo_runtime::checkpoint::{write_safetensors, DType, HeaderEntry};
+use mimo_runtime::format::Layout;
 use mimo_runtime::model::Model;
 
 /// The dense source of the bad-input corpus (tests/bad-inputs/good/dense).
@@ -88,5 +91,22 @@ pub fn calib_data(model: &Model, seqs: usize, len: usize, seed: u64) -> CalibDat
         samples_per_set: Default::default(),
         tokens: seqs * len,
         sequences,
+    }
+}
+
+/// A conversion of `src` into `out` in `layout` with the default plan and shard size, refusing
+/// an existing output (`force: false`; set it with struct update syntax).
+pub fn convert_config(src: &Path, out: &Path, layout: Layout) -> ConvertConfig {
+    ConvertConfig {
+        source: src.to_path_buf(),
+        source_repo: None,
+        output: out.to_path_buf(),
+        plan: PlanOptions {
+            layout,
+            ignore: vec![],
+            quantize_lm_head: false,
+        },
+        max_shard_size: DEFAULT_MAX_SHARD,
+        force: false,
     }
 }
