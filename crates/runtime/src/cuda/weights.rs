@@ -165,6 +165,75 @@ pub enum GpuLinear {
     },
 }
 
+/// A prefill GEMM of an FP4 weight on the FP8 tensor cores: the weight's E4M3 rows (kept in
+/// `resident` where `Tuning::fp8_resident`, else converted into the shared scratch), the
+/// activations converted per call, then cuBLASLt.
+#[allow(clippy::too_many_arguments)]
+fn fp8_prefill(
+    gpu: &Gpu,
+    lt: &Fp8Gemm,
+    w: &GpuFp4Weight,
+    resident: &Mutex<Option<Box<E4m3Rows>>>,
+    x: &CudaSlice<bf16>,
+    m: usize,
+    y: &mut CudaSlice<bf16>,
+) -> Result<(), GpuError> {
+    let poisoned = |what: &str| GpuError::Unsupported(format!("{what} lock poisoned"));
+    let mut guard = gpu
+        .fp8_scratch
+        .lock()
+        .map_err(|_| poisoned("FP8 scratch"))?;
+    let sc = match guard.as_mut() {
+        Some(sc) => sc,
+        None => guard.insert(Fp8Scratch::new(&gpu.ctx)?),
+    };
+    if gpu.ctx.tuning().fp8_resident {
+        // The weight's own E4M3 rows, converted once (same kernel, same bytes as the per-call
+        // conversion), then only the activations per call.
+        let mut slot = resident.lock().map_err(|_| poisoned("resident E4M3"))?;
+        let rows = match slot.as_mut() {
+            Some(r) => r,
+            None => {
+                let mut r = Box::new(E4m3Rows::alloc(&gpu.ctx, w.n, w.k)?);
+                fp4_to_e4m3_rows(&gpu.ctx, w, &mut r)?;
+                slot.insert(r)
+            }
+        };
+        bf16_to_e4m3_rows(&gpu.ctx, x, m, w.k, &mut sc.x)?;
+        lt.gemm(&gpu.ctx, rows, &sc.x, m, w.n, w.k, y)?;
+    } else {
+        fp4_gemm_fp8(&gpu.ctx, lt, w, x, m, sc, y)?;
+    }
+    gpu.fp8_calls.fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}
+
+/// A prefill GEMM of an FP4 weight without FP8: dequantized into a bf16 scratch of its shape,
+/// then cuBLAS.
+fn dequant_prefill(
+    gpu: &Gpu,
+    w: &GpuFp4Weight,
+    x: &CudaSlice<bf16>,
+    m: usize,
+    y: &mut CudaSlice<bf16>,
+) -> Result<(), GpuError> {
+    let mut map = gpu
+        .scratch
+        .lock()
+        .map_err(|_| GpuError::Unsupported("scratch lock poisoned".into()))?;
+    let sc = match map.entry((w.n, w.k)) {
+        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::hash_map::Entry::Vacant(e) => e.insert(
+            gpu.ctx
+                .stream()
+                .alloc_zeros::<bf16>(w.n * w.k)
+                .map_err(drv("alloc dequantization scratch"))?,
+        ),
+    };
+    fp4_gemm_dequant_cublas(&gpu.ctx, &gpu.blas, w, x, m, sc, y)?;
+    Ok(())
+}
+
 impl GpuLinear {
     /// Output features.
     pub fn n(&self) -> usize {
@@ -203,58 +272,14 @@ impl GpuLinear {
                 bf16_gemm(&gpu.blas, w, x, m, *n, *k, y)?;
                 bias
             }
-            GpuLinear::Fp4 { w, bias, fp8 } if gpu.fp8_for(w, m).is_some() => {
-                let lt = gpu
-                    .fp8_for(w, m)
-                    .ok_or_else(|| GpuError::Unsupported("FP8 path".into()))?;
-                let poisoned = |what: &str| GpuError::Unsupported(format!("{what} lock poisoned"));
-                let mut guard = gpu
-                    .fp8_scratch
-                    .lock()
-                    .map_err(|_| poisoned("FP8 scratch"))?;
-                let sc = match guard.as_mut() {
-                    Some(sc) => sc,
-                    None => guard.insert(Fp8Scratch::new(&gpu.ctx)?),
-                };
-                if gpu.ctx.tuning().fp8_resident {
-                    // The weight's own E4M3 rows, converted once (same kernel, same bytes as
-                    // the per-call conversion), then only the activations per call.
-                    let mut slot = fp8.lock().map_err(|_| poisoned("resident E4M3"))?;
-                    let rows = match slot.as_mut() {
-                        Some(r) => r,
-                        None => {
-                            let mut r = Box::new(E4m3Rows::alloc(&gpu.ctx, w.n, w.k)?);
-                            fp4_to_e4m3_rows(&gpu.ctx, w, &mut r)?;
-                            slot.insert(r)
-                        }
-                    };
-                    bf16_to_e4m3_rows(&gpu.ctx, x, m, w.k, &mut sc.x)?;
-                    lt.gemm(&gpu.ctx, rows, &sc.x, m, w.n, w.k, y)?;
+            GpuLinear::Fp4 { w, bias, fp8 } => {
+                if let Some(lt) = gpu.fp8_for(w, m) {
+                    fp8_prefill(gpu, lt, w, fp8, x, m, y)?;
+                } else if m >= PREFILL_DEQUANT_ROWS {
+                    dequant_prefill(gpu, w, x, m, y)?;
                 } else {
-                    fp4_gemm_fp8(&gpu.ctx, lt, w, x, m, sc, y)?;
+                    fp4_gemm(&gpu.ctx, w, x, m, y)?;
                 }
-                gpu.fp8_calls.fetch_add(1, Ordering::Relaxed);
-                bias
-            }
-            GpuLinear::Fp4 { w, bias, .. } if m >= PREFILL_DEQUANT_ROWS => {
-                let mut map = gpu
-                    .scratch
-                    .lock()
-                    .map_err(|_| GpuError::Unsupported("scratch lock poisoned".into()))?;
-                let sc = match map.entry((w.n, w.k)) {
-                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                    std::collections::hash_map::Entry::Vacant(e) => e.insert(
-                        gpu.ctx
-                            .stream()
-                            .alloc_zeros::<bf16>(w.n * w.k)
-                            .map_err(drv("alloc dequantization scratch"))?,
-                    ),
-                };
-                fp4_gemm_dequant_cublas(&gpu.ctx, &gpu.blas, w, x, m, sc, y)?;
-                bias
-            }
-            GpuLinear::Fp4 { w, bias, .. } => {
-                fp4_gemm(&gpu.ctx, w, x, m, y)?;
                 bias
             }
         };
