@@ -1046,8 +1046,182 @@ __device__ __forceinline__ float gumbel_noise(u64 key, int i) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Nucleus (top-p) threshold on the GPU. The rule and its CPU reference are in
+// crates/runtime/src/generate/nucleus.rs (the GPU tests compare bit for bit):
+//   key(logit): order-preserving 16-bit key of the bf16 bits (NaN -> -inf, -0 -> +0);
+//   mass(key) = count * floor(exp((value(key) - vmax) * inv_t) * 2^32) as an integer (exp
+//     from correctly rounded f64 operations only, so the CPU gets the same bits);
+//   threshold = the highest key whose running mass from the top reaches top_p * S.
+// Integer masses make every summation order give the same sum: integer atomics and any
+// reduction tree are deterministic. Tokens of equal logit value are all in or all out.
+// Per row: hist[TOPP_KEYS] u32 counts and kmax (highest key present), both zero between steps:
+// topp_histogram fills them, topp_threshold resets kmax, argmax_next zeroes hist.
+// ---------------------------------------------------------------------------------------------
+#define TOPP_KEYS 65536
+#define TOPP_SPAN 1024  // keys per topp_threshold block: 256 threads x 4
+
+__device__ __forceinline__ u32 logit_key(u16 h) {
+    if ((h & 0x7FFFu) > 0x7F80u) h = 0xFF80u;  // NaN -> -inf
+    if (h == 0x8000u) h = 0;                   // -0 -> +0
+    return (h & 0x8000u) ? (u32)(~h & 0xFFFFu) : (u32)(h | 0x8000u);
+}
+
+__device__ __forceinline__ float key_value(u32 key) {
+    return bf((u16)((key & 0x8000u) ? (key & 0x7FFFu) : (~key & 0xFFFFu)));
+}
+
+// exp(x) for x in [-23, 0]: Cody-Waite reduction, degree-12 Taylor series in Horner form, times
+// 2^n. Only correctly rounded operations (explicit _rn intrinsics and fma, no contraction), the
+// same sequence as nucleus::det_exp.
+__device__ __forceinline__ double det_exp(double x) {
+    const double n = rint(__dmul_rn(x, __longlong_as_double(0x3FF71547652B82FELL)));
+    double r = fma(-n, __longlong_as_double(0x3FE62E42FEE00000LL), x);
+    r = fma(-n, __longlong_as_double(0x3DEA39EF35793C76LL), r);
+    double p = 1.0;
+#pragma unroll
+    for (int k = 12; k >= 1; k--) p = fma(__ddiv_rn(r, (double)k), p, 1.0);
+    return __dmul_rn(p, __longlong_as_double((long long)(1023 + (int)n) << 52));
+}
+
+__device__ __forceinline__ u64 topp_mass(u32 key, u32 count, u32 kmax, double inv_t) {
+    if (count == 0) return 0;
+    if (key == kmax) return (u64)count << 32;
+    const double d = __dmul_rn(__dsub_rn((double)key_value(key), (double)key_value(kmax)), inv_t);
+    if (!(d >= -23.0)) return 0;
+    return (u64)count * (u64)__dmul_rn(det_exp(d), 4294967296.0);
+}
+
+// Integer sum over the block (any order gives the same result). `sh` holds 32 entries.
+__device__ u64 block_sum_u64(u64 v, u64* sh) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    __syncthreads();
+    if (lane == 0) sh[warp] = v;
+    __syncthreads();
+    u64 s = 0;
+    for (int w = 0; w < nw; w++) s += sh[w];
+    return s;
+}
+
+// Sum of v over the threads above this one (threadIdx.x + 1 ..). `sh` holds 32 entries.
+__device__ u64 block_sum_above(u64 v, u64* sh) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    u64 incl = v;  // becomes the sum over lanes lane..31
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const u64 y = __shfl_down_sync(0xffffffffu, incl, o);
+        if (lane + o < 32) incl += y;
+    }
+    __syncthreads();
+    if (lane == 0) sh[warp] = incl;
+    __syncthreads();
+    u64 hi = 0;
+    for (int w = warp + 1; w < nw; w++) hi += sh[w];
+    return incl - v + hi;
+}
+
+// hist[b][key(l)] += 1 for every logit of row b, kmax[b] = max key. grid (ceil(V / chunk), B),
+// 256 threads.
+extern "C" __global__ void __launch_bounds__(256)
+topp_histogram(const u16* __restrict__ logits, int vocab, int chunk, u32* __restrict__ hist,
+               u32* __restrict__ kmax) {
+    pdl_enter();
+    const int b = blockIdx.y;
+    const int c0 = blockIdx.x * chunk, c1 = min(vocab, c0 + chunk);
+    u32* h = hist + (size_t)b * TOPP_KEYS;
+    u32 km = 0;
+#pragma unroll 4
+    for (int i = c0 + threadIdx.x; i < c1; i += blockDim.x) {
+        const u32 k = logit_key(logits[(size_t)b * vocab + i]);
+        atomicAdd(h + k, 1u);
+        km = max(km, k);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) km = max(km, __shfl_xor_sync(0xffffffffu, km, o));
+    if ((threadIdx.x & 31) == 0 && km != 0) atomicMax(kmax + b, km);
+}
+
+// thr[b] = the nucleus threshold key of row b (0: keep every token) from hist and kmax, with
+// inv_t = samp[0] and top_p = samp[3] (see sampling_words). grid (TOPP_KEYS / TOPP_SPAN, B),
+// 256 threads: each block sums the masses of its 1024 keys into part[b][block]; the last block
+// of the row finds the block where the running mass from the top crosses top_p * S, rescans
+// it, and resets kmax[b] to 0 for the next step.
+extern "C" __global__ void __launch_bounds__(256)
+topp_threshold(const u32* __restrict__ hist, u32* __restrict__ kmax, u64* __restrict__ part,
+               int* __restrict__ counters, u32* __restrict__ thr, const u32* __restrict__ samp) {
+    pdl_enter();
+    __shared__ u64 sh[32];
+    __shared__ int flag, s_blk;
+    __shared__ u64 s_above;
+    __shared__ double s_target;
+    __shared__ u32 s_thr;
+    const int b = blockIdx.y, nb = gridDim.x;
+    const u32 km = kmax[b];
+    const float inv_t_f = __uint_as_float(samp[0]), top_p = __uint_as_float(samp[3]);
+    const double inv_t = (double)inv_t_f;
+    const u32* h = hist + (size_t)b * TOPP_KEYS;
+    const u32 k0 = blockIdx.x * TOPP_SPAN + threadIdx.x * 4;
+    {
+        const uint4 c = *(const uint4*)(h + k0);
+        const u64 s = topp_mass(k0, c.x, km, inv_t) + topp_mass(k0 + 1, c.y, km, inv_t) +
+                      topp_mass(k0 + 2, c.z, km, inv_t) + topp_mass(k0 + 3, c.w, km, inv_t);
+        const u64 tot = block_sum_u64(s, sh);
+        if (threadIdx.x == 0) part[(size_t)b * nb + blockIdx.x] = tot;
+    }
+    if (!last_block(counters + b, nb, &flag)) return;
+    const bool active = top_p < 1.f && inv_t_f > 0.f && km != 0 && key_value(km) != NEG_INF;
+    if (threadIdx.x == 0) {
+        s_thr = 0;
+        s_blk = -1;
+        if (active) {
+            u64 total = 0;
+            for (int i = 0; i < nb; i++) total += __ldcg(part + (size_t)b * nb + i);
+            const double target = __dmul_rn((double)total, (double)top_p);
+            u64 above = 0;
+            for (int i = nb - 1; i >= 0; i--) {
+                const u64 p = __ldcg(part + (size_t)b * nb + i);
+                if ((double)(above + p) >= target) {
+                    s_blk = i;
+                    break;
+                }
+                above += p;
+            }
+            s_above = above;
+            s_target = target;
+        }
+    }
+    __syncthreads();
+    if (s_blk >= 0) {
+        const u32 j0 = s_blk * TOPP_SPAN + threadIdx.x * 4;
+        const uint4 c = *(const uint4*)(h + j0);
+        u64 m[4] = {topp_mass(j0, c.x, km, inv_t), topp_mass(j0 + 1, c.y, km, inv_t),
+                    topp_mass(j0 + 2, c.z, km, inv_t), topp_mass(j0 + 3, c.w, km, inv_t)};
+        const u64 mine = m[0] + m[1] + m[2] + m[3];
+        u64 run = s_above + block_sum_above(mine, sh);
+        const double target = s_target;
+        // Exactly one key has running (it included) >= target > running (it excluded).
+#pragma unroll
+        for (int q = 3; q >= 0; q--) {
+            const u64 before = run;
+            run += m[q];
+            if ((double)run >= target) {
+                if ((double)before < target) s_thr = j0 + q;
+                break;
+            }
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        thr[b] = s_thr;
+        kmax[b] = 0;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Sampling on the GPU: argmax of logits row b (bf16 [B][V]; ties to the lower index; with a
-// temperature in samp, of logits / T plus Gumbel noise),
+// temperature in samp, of logits / T plus Gumbel noise; with topp_thr, over the tokens whose
+// key reaches thr[b] only: Gumbel-max over the nucleus samples the renormalised nucleus),
 // then, in the last block of the row: tok[b] = id, pos[b] += 1, hist[b][pos[b]] = id.
 // grid (ceil(V / chunk), B), 256 threads; part_v/part_i hold gridDim.x entries per row.
 // ---------------------------------------------------------------------------------------------
@@ -1055,13 +1229,24 @@ extern "C" __global__ void __launch_bounds__(256)
 argmax_next(const u16* __restrict__ logits, int vocab, int chunk, float* __restrict__ part_v,
             int* __restrict__ part_i, int* __restrict__ counters, int* __restrict__ tok,
             int* __restrict__ pos, int* __restrict__ hist, int hist_cap,
-            const u32* __restrict__ samp) {
+            const u32* __restrict__ samp, const u32* __restrict__ topp_thr,
+            u32* __restrict__ topp_hist) {
     pdl_enter();
     __shared__ float shv[32];
     __shared__ int shi[32];
     __shared__ int flag;
     const int b = blockIdx.y;
     const int c0 = blockIdx.x * chunk, c1 = min(vocab, c0 + chunk);
+    // Nucleus sampling: only tokens whose key reaches the row's threshold take part (0: all).
+    // The row's histogram (read by topp_threshold, which ran before) is zeroed here for the
+    // next step, each block a slice.
+    const u32 min_key = topp_thr ? topp_thr[b] : 0u;
+    if (topp_hist) {
+        const int span = ((TOPP_KEYS / 4 + gridDim.x - 1) / gridDim.x) * 4;
+        uint4* hz = (uint4*)(topp_hist + (size_t)b * TOPP_KEYS);
+        const int z0 = blockIdx.x * span, z1 = min(TOPP_KEYS, z0 + span);
+        for (int i = z0 / 4 + threadIdx.x; i < z1 / 4; i += blockDim.x) hz[i] = make_uint4(0, 0, 0, 0);
+    }
     // Temperature sampling by the Gumbel-max trick: argmax_i (l_i / T + g_i) with g_i standard
     // Gumbel noise is a sample of softmax(l / T). The noise is a hash of (seed, row, position,
     // token id), so a seed gives the same tokens on every launch shape. inv_t == 0: greedy.
@@ -1071,7 +1256,9 @@ argmax_next(const u16* __restrict__ logits, int vocab, int chunk, float* __restr
     int bi = 0x7fffffff;
 #pragma unroll 8
     for (int i = c0 + threadIdx.x; i < c1; i += blockDim.x) {
-        float x = bf(logits[(size_t)b * vocab + i]);
+        const u16 raw = logits[(size_t)b * vocab + i];
+        if (min_key != 0u && logit_key(raw) < min_key) continue;
+        float x = bf(raw);
         if (inv_t > 0.f) x = x * inv_t + gumbel_noise(key, i);
         argmax_merge(v, bi, x == x ? x : NEG_INF, i);
     }

@@ -6,6 +6,8 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::model::{ForwardError, Logits, Model};
 
+pub mod nucleus;
+
 /// How the next token is chosen.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SamplingParams {

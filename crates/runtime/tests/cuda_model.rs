@@ -19,7 +19,10 @@ use mimo_runtime::eval::{compare, compare_on, perplexity, perplexity_on};
 use mimo_runtime::fixtures::{self, Arch};
 use mimo_runtime::format::{quantization_config, Layout};
 use mimo_runtime::generate::argmax;
+use mimo_runtime::generate::nucleus::{in_nucleus, threshold_key};
 use mimo_runtime::model::{Logits, Model};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
 fn gpu() -> Option<Arc<Gpu>> {
     match cuda::gpu_for_tests() {
@@ -44,6 +47,8 @@ fn ops_compile_with_nvrtc() {
         "router_topk",
         "moe_bf16",
         "argmax_next",
+        "topp_histogram",
+        "topp_threshold",
         "add_rmsnorm",
     ] {
         assert!(
@@ -563,7 +568,7 @@ fn device_sampling_follows_softmax() {
     let l = s.clone_htod(&lb).unwrap();
     let n = 4000usize;
     let draw = |t: f32, seed: u64| -> Vec<i32> {
-        let samp = s.clone_htod(&cuda::sampling_words(t, seed)).unwrap();
+        let samp = s.clone_htod(&cuda::sampling_words(t, 1.0, seed)).unwrap();
         let parts = v.div_ceil(cuda::ARGMAX_CHUNK);
         let mut part_v = s.alloc_zeros::<f32>(parts).unwrap();
         let mut part_i = s.alloc_zeros::<i32>(parts).unwrap();
@@ -586,6 +591,7 @@ fn device_sampling_follows_softmax() {
                     &mut hist,
                     n + 1,
                     &samp,
+                    None,
                 )
                 .unwrap();
         }
@@ -608,6 +614,272 @@ fn device_sampling_follows_softmax() {
         draw(0.0, 11).iter().all(|&k| k == 0),
         "temperature 0 must be greedy"
     );
+}
+
+/// Nucleus sampling on the device, the kernels alone: `rows` rows of `vocab` bf16 logits (bits),
+/// `steps` draws (top-p threshold, then the next-token kernel), each row's tokens and the
+/// threshold keys of the last step. Also checks that the step leaves the histogram and the
+/// maximum keys zeroed (the state a CUDA graph replays from).
+#[allow(clippy::too_many_arguments)]
+fn device_nucleus_draws(
+    gpu: &Gpu,
+    logits: &[u16],
+    rows: usize,
+    vocab: usize,
+    t: f32,
+    top_p: f32,
+    seed: u64,
+    steps: usize,
+) -> (Vec<Vec<i32>>, Vec<u32>) {
+    let s = gpu.ctx.stream();
+    let lb: Vec<half::bf16> = logits.iter().map(|&b| half::bf16::from_bits(b)).collect();
+    let l = s.clone_htod(&lb).unwrap();
+    let samp = s.clone_htod(&cuda::sampling_words(t, top_p, seed)).unwrap();
+    let parts = rows * vocab.div_ceil(cuda::ARGMAX_CHUNK);
+    let mut part_v = s.alloc_zeros::<f32>(parts).unwrap();
+    let mut part_i = s.alloc_zeros::<i32>(parts).unwrap();
+    let mut cnt = s.alloc_zeros::<i32>(rows).unwrap();
+    let mut tok = s.alloc_zeros::<i32>(rows).unwrap();
+    let mut pos = s.alloc_zeros::<i32>(rows).unwrap();
+    let cap = steps + 1;
+    let mut hist = s.alloc_zeros::<i32>(rows * cap).unwrap();
+    let mut bufs = gpu.ops.top_p_bufs(&gpu.ctx, rows).unwrap();
+    for _ in 0..steps {
+        gpu.ops
+            .top_p_threshold(&gpu.ctx, &l, rows, vocab, &mut bufs, &samp)
+            .unwrap();
+        gpu.ops
+            .argmax_next(
+                &gpu.ctx,
+                &l,
+                rows,
+                vocab,
+                &mut part_v,
+                &mut part_i,
+                &mut cnt,
+                &mut tok,
+                &mut pos,
+                &mut hist,
+                cap,
+                &samp,
+                Some(&mut bufs),
+            )
+            .unwrap();
+    }
+    let thr = s.clone_dtoh(&bufs.thr).unwrap();
+    let h = s.clone_dtoh(&bufs.hist).unwrap();
+    assert!(
+        h.iter().all(|&c| c == 0),
+        "histogram not zeroed after a step"
+    );
+    let km = s.clone_dtoh(&bufs.kmax).unwrap();
+    assert!(
+        km.iter().all(|&k| k == 0),
+        "max keys not reset after a step"
+    );
+    let hist = s.clone_dtoh(&hist).unwrap();
+    let toks = (0..rows)
+        .map(|r| hist[r * cap + 1..(r + 1) * cap].to_vec())
+        .collect();
+    (toks, thr)
+}
+
+/// bf16 bits of a bell-shaped random row (sum of four uniforms) of scale `spread`, with every
+/// 50th logit repeated (ties) and, where `odd`, some -inf and NaN logits.
+fn random_logit_row(g: &mut ChaCha8Rng, vocab: usize, spread: f32, odd: bool) -> Vec<u16> {
+    (0..vocab)
+        .map(|i| {
+            if odd && i % 997 == 3 {
+                return if i % 2 == 0 { 0xFF80 } else { 0x7FC0 };
+            }
+            if i % 50 == 0 {
+                return half::bf16::from_f32(spread * 0.5).to_bits();
+            }
+            let u: f32 = (0..4).map(|_| g.random::<f32>()).sum::<f32>() - 2.0;
+            half::bf16::from_f32(u * spread).to_bits()
+        })
+        .collect()
+}
+
+/// (a) The device's top-p threshold keys equal the CPU reference (generate::nucleus) bit for bit
+/// on random bf16 rows of vocab 151,936, 1,000 and 7, three rows per launch, several
+/// temperatures and top_p; every sampled token lies in its row's nucleus.
+#[test]
+fn device_top_p_threshold_equals_cpu_reference() {
+    let Some(gpu) = gpu() else { return };
+    let mut g = ChaCha8Rng::seed_from_u64(21);
+    let mut checked = 0;
+    for vocab in [151_936usize, 1000, 7] {
+        let rows = 3;
+        let mut logits = Vec::new();
+        for (r, spread) in [1.0f32, 3.0, 8.0].into_iter().enumerate() {
+            logits.extend(random_logit_row(&mut g, vocab, spread, r == 1));
+        }
+        for (t, top_p) in [
+            (0.6f32, 0.9f32),
+            (1.0, 0.95),
+            (1.3, 0.5),
+            (0.8, 0.05),
+            (1.0, 0.999),
+            (0.25, 0.7),
+        ] {
+            let steps = 6;
+            let (toks, thr) = device_nucleus_draws(&gpu, &logits, rows, vocab, t, top_p, 99, steps);
+            for r in 0..rows {
+                let row = &logits[r * vocab..(r + 1) * vocab];
+                let want = threshold_key(row, t, top_p).unwrap();
+                let size = (0..vocab).filter(|&i| in_nucleus(row, i, want)).count();
+                assert_eq!(
+                    thr[r], want as u32,
+                    "vocab {vocab} row {r} T {t} top_p {top_p}: device threshold {:#x}, CPU \
+                     {want:#x} (nucleus of {size})",
+                    thr[r]
+                );
+                for &k in &toks[r] {
+                    assert!(
+                        in_nucleus(row, k as usize, want),
+                        "vocab {vocab} row {r} T {t} top_p {top_p}: token {k} outside the \
+                         nucleus"
+                    );
+                }
+                checked += 1;
+            }
+        }
+    }
+    eprintln!("{checked} device thresholds equal to the CPU reference");
+}
+
+/// (b) Tokens sampled with top-p follow the renormalised nucleus distribution (chi-square over
+/// 4000 draws per row, two rows in one batch), never leave the nucleus; (c) the same seed
+/// repeats and another seed differs.
+#[test]
+fn device_nucleus_sampling_follows_renormalised_softmax() {
+    let Some(gpu) = gpu() else { return };
+    let rows_f: [[f32; 10]; 2] = [
+        [2.0, 1.5, 1.0, 1.0, 0.5, 0.0, -1.0, -2.0, -3.0, -4.0],
+        [-1.0, 3.0, 0.25, 2.5, 2.5, -0.5, 1.0, 2.0, -6.0, 0.75],
+    ];
+    let vocab = 10;
+    let logits: Vec<u16> = rows_f
+        .iter()
+        .flatten()
+        .map(|&x| half::bf16::from_f32(x).to_bits())
+        .collect();
+    let (t, top_p, n) = (0.8f32, 0.8f32, 4000usize);
+    let (draws, _) = device_nucleus_draws(&gpu, &logits, 2, vocab, t, top_p, 11, n);
+    for (r, row_f) in rows_f.iter().enumerate() {
+        let row = &logits[r * vocab..(r + 1) * vocab];
+        let thr = threshold_key(row, t, top_p).unwrap();
+        let kept: Vec<usize> = (0..vocab).filter(|&i| in_nucleus(row, i, thr)).collect();
+        assert!(
+            kept.len() > 2 && kept.len() < vocab,
+            "row {r}: the case should truncate ({} kept)",
+            kept.len()
+        );
+        let z: f64 = kept
+            .iter()
+            .map(|&i| (row_f[i] as f64 / t as f64).exp())
+            .sum();
+        let mut chi2 = 0.0;
+        for &i in &kept {
+            let expect = n as f64 * (row_f[i] as f64 / t as f64).exp() / z;
+            let got = draws[r].iter().filter(|&&k| k == i as i32).count() as f64;
+            chi2 += (got - expect) * (got - expect) / expect;
+        }
+        let outside = draws[r]
+            .iter()
+            .filter(|&&k| !kept.contains(&(k as usize)))
+            .count();
+        let dof = (kept.len() - 1) as f64;
+        let bound = dof + 8.0 * (2.0 * dof).sqrt();
+        eprintln!(
+            "row {r}: nucleus {kept:?}, chi-square {chi2:.2} over {n} draws ({dof} dof, bound \
+             {bound:.1}), {outside} outside"
+        );
+        assert_eq!(outside, 0, "row {r}: draws outside the nucleus");
+        assert!(chi2 < bound, "row {r}: chi-square {chi2:.2} >= {bound:.1}");
+    }
+    let (again, _) = device_nucleus_draws(&gpu, &logits, 2, vocab, t, top_p, 11, n);
+    assert_eq!(again, draws, "the same seed must repeat");
+    let (other, _) = device_nucleus_draws(&gpu, &logits, 2, vocab, t, top_p, 12, n);
+    assert_ne!(other, draws, "another seed gave the same draws");
+    // A tiny top_p keeps only the top key: always the arg max.
+    let (tiny, _) = device_nucleus_draws(&gpu, &logits, 2, vocab, t, 1e-4, 11, 50);
+    assert!(tiny[0].iter().all(|&k| k == 0));
+    assert!(tiny[1].iter().all(|&k| k == 1));
+}
+
+/// (d) Nucleus sampling inside the decode graph of the embedded model, batch 2: replaying the
+/// graph 24 times with no read-back gives the same tokens as eager steps that read the logits
+/// after each step, and each of those tokens lies in the nucleus (CPU reference threshold) of
+/// the logits it was drawn from. Switching back to greedy needs a new decode_start, whose
+/// graph is greedy again.
+#[test]
+fn nucleus_sampling_runs_in_the_decode_graph() {
+    let Some(gpu) = gpu() else { return };
+    let dir = embedded_model();
+    let mut g = GpuModel::load(gpu, &dir).unwrap();
+    let vocab = g.config.vocab_size;
+    let prompts: [Vec<u32>; 2] = [vec![5, 900, 31, 4, 17], vec![77, 1, 2, 3000, 12]];
+    let len = prompts[0].len();
+    let n = 24;
+    let (t, top_p) = (1.0f32, 0.9f32);
+    g.alloc_cache(2, 128).unwrap();
+    let mut firsts = Vec::new();
+    for (s, p) in prompts.iter().enumerate() {
+        let l = g.forward(p, s, 0, false).unwrap();
+        firsts.push(argmax(&l) as u32);
+    }
+    g.set_sampling(t, top_p, 5).unwrap();
+    assert!(g.decode_start(&firsts, &[len, len], true).unwrap());
+    assert!(g.decode_graph_edges(2).is_some());
+    g.decode_steps(2, n).unwrap();
+    let graph = g.decode_tokens(2, len + 1, len + 1 + n).unwrap();
+    g.reset_decode_sessions();
+    assert!(!g.decode_start(&firsts, &[len, len], false).unwrap());
+    let mut eager = vec![Vec::new(); 2];
+    let mut sizes = Vec::new();
+    for step in 0..n {
+        g.decode_steps(2, 1).unwrap();
+        let logits = g.decode_logits(2).unwrap();
+        let toks = g.decode_tokens(2, len + 1 + step, len + 2 + step).unwrap();
+        for s in 0..2 {
+            let row: Vec<u16> = logits[s * vocab..(s + 1) * vocab]
+                .iter()
+                .map(|&x| half::bf16::from_f32(x).to_bits())
+                .collect();
+            let thr = threshold_key(&row, t, top_p).unwrap();
+            let k = toks[s][0] as usize;
+            sizes.push((0..vocab).filter(|&i| in_nucleus(&row, i, thr)).count());
+            assert!(
+                in_nucleus(&row, k, thr),
+                "sequence {s} step {step}: token {k} outside the nucleus"
+            );
+            eager[s].push(toks[s][0]);
+        }
+    }
+    eprintln!("graph {graph:?}\neager {eager:?}\nnucleus sizes {sizes:?}");
+    assert_eq!(graph, eager, "graph replays and eager steps differ");
+    assert!(
+        sizes.iter().any(|&z| z > 1 && z < vocab),
+        "no step truncated the vocabulary"
+    );
+    // Back to greedy: the nucleus session is refused until decode_start captures again.
+    g.set_sampling(0.0, 1.0, 0).unwrap();
+    assert!(g.decode_steps(2, 1).is_err());
+    let lasts: Vec<u32> = eager.iter().map(|e| e[n - 1]).collect();
+    assert!(g.decode_start(&lasts, &[len + n, len + n], true).unwrap());
+    g.decode_steps(2, 1).unwrap();
+    let logits = g.decode_logits(2).unwrap();
+    let toks = g.decode_tokens(2, len + n + 1, len + n + 2).unwrap();
+    for s in 0..2 {
+        assert_eq!(
+            toks[s][0] as usize,
+            argmax(&logits[s * vocab..(s + 1) * vocab]),
+            "sequence {s}: greedy after nucleus"
+        );
+    }
+    assert_eq!(g.bad_token_count().unwrap(), 0);
 }
 
 /// Norm-wise relative error of each 64-row tile of `[rows, vocab]` logits.

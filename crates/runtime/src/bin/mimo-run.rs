@@ -763,11 +763,13 @@ mod gpu {
             .with_context(|| format!("loading the model from {} onto the GPU", dir.display()))
     }
 
-    /// Same contract as `mimo_runtime::generate::generate`, on the GPU. Greedy decoding runs
-    /// as replays of the captured decode graph with the argmax on the device, read back in
-    /// growing chunks (the tokens after an end-of-sequence token in a chunk are dropped);
-    /// sampling with a temperature reads the logits back after every token and samples on
-    /// the host with the CPU runtime's sampler.
+    /// Same contract as `mimo_runtime::generate::generate`, on the GPU. The first token comes
+    /// from the prefill's logits (read back once) through the CPU runtime's sampler; every
+    /// later one is drawn on the device inside the replayed decode graph (greedy, temperature
+    /// and nucleus sampling alike: `GpuModel::set_sampling`), read back in growing chunks (the
+    /// tokens after an end-of-sequence token in a chunk are dropped). Nucleus ties at the
+    /// boundary are all kept on the device (see `generate::nucleus`); the samples differ from
+    /// the CPU's for the same seed (different random streams).
     pub fn generate(
         model: &mut GpuModel,
         prompt: &[u32],
@@ -788,14 +790,10 @@ mod gpu {
             }
             .into());
         }
-        // Greedy and plain temperature sampling run inside the decode graph (the next token is
-        // picked on the device); nucleus (top-p < 1) sampling reads the logits back per token.
-        let on_device = params.temperature <= 0.0 || params.top_p >= 1.0;
+        // Greedy, temperature and nucleus sampling all run inside the decode graph: the next
+        // token is picked on the device, with no per-token read-back.
         let mut sampler = Sampler::new(params)?;
-        model.set_sampling(
-            if on_device { params.temperature } else { 0.0 },
-            params.seed,
-        )?;
+        model.set_sampling(params.temperature, params.top_p, params.seed)?;
         model.alloc_cache(1, context)?;
         let cap = model.cache().map_or(context, |c| c.capacity());
         let p = prompt.len();
@@ -810,7 +808,7 @@ mod gpu {
         on_token(first);
         if eos.contains(&first) {
             stopped_at_eos = true;
-        } else if on_device {
+        } else {
             // Step i runs the token at position p + i - 1 and writes its successor to the
             // history at p + i; the cache holds positions < cap.
             model.decode_start(&[first], &[p], true)?;
@@ -834,28 +832,9 @@ mod gpu {
                     }
                 }
             }
-        } else {
-            // Sampled: each step replays the captured decode graph for the chosen token, reads
-            // the logits back and samples on the host (the graph's own argmax is overwritten
-            // by the next decode_start).
-            let mut pos = p;
-            while out.len() < max_tokens && pos < cap {
-                let last = out[out.len() - 1];
-                model.decode_start(&[last], &[pos], true)?;
-                model.decode_steps(1, 1)?;
-                let logits = model.decode_logits(1)?;
-                pos += 1;
-                let next = sampler.sample(&logits);
-                out.push(next);
-                on_token(next);
-                if eos.contains(&next) {
-                    stopped_at_eos = true;
-                    break;
-                }
-            }
         }
         // Later decode steps of this model are greedy again unless asked otherwise.
-        model.set_sampling(0.0, 0)?;
+        model.set_sampling(0.0, 1.0, 0)?;
         let bad = model.bad_token_count()?;
         if bad != 0 {
             bail!("the GPU saw {bad} token ids outside the vocabulary");

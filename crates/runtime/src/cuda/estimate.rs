@@ -107,6 +107,14 @@ pub fn resident_fp8_bytes(c: &ModelConfig, fp4: Option<Fp4Format>, fp4_head: boo
     total
 }
 
+/// Buffers of nucleus (top-p) sampling for a decode batch of `batch` sequences, allocated on the
+/// first nucleus-sampled `decode_start` of that batch size and kept: a 65,536-bin histogram per
+/// row (256 KiB) plus a few words. Checked against the free memory before allocating (batch 32
+/// is about 8 MiB).
+pub fn nucleus_bytes(batch: usize) -> usize {
+    super::ops::TopPBufs::bytes(batch)
+}
+
 /// Refuses with [`GpuError::OutOfMemory`] where `need` bytes (plus a 512 MiB margin for
 /// workspaces) exceed the free device memory.
 pub fn check_fits(gpu: &Gpu, what: &str, need: usize) -> Result<(), GpuError> {
@@ -129,6 +137,14 @@ pub fn check_fits(gpu: &Gpu, what: &str, need: usize) -> Result<(), GpuError> {
 mod tests {
     use super::*;
     use crate::fixtures::{write_fixture, Arch};
+
+    #[test]
+    fn nucleus_buffers_are_a_histogram_per_row() {
+        // 65,536 u32 bins, max key, threshold, counter, 64 u64 block sums per row.
+        assert_eq!(nucleus_bytes(1), 65536 * 4 + 3 * 4 + 64 * 8);
+        assert_eq!(nucleus_bytes(32), 32 * nucleus_bytes(1));
+        assert!(nucleus_bytes(32) < 9 << 20);
+    }
 
     #[test]
     fn prefill_scratch_is_the_largest_fp8_weight_or_every_bf16_shape() {

@@ -1,6 +1,6 @@
 //! The decoder on the GPU: weights resident (FP4 packed or BF16), KV cache on the device,
-//! prefill as one pass over the prompt, decode as a CUDA graph replayed per token with greedy
-//! sampling on the device (no host synchronisation inside a token).
+//! prefill as one pass over the prompt, decode as a CUDA graph replayed per token with sampling
+//! on the device (greedy, temperature, nucleus; no host synchronisation inside a token).
 //!
 //! Launches per layer at decode: residual+RMSNorm, QKV GEMM, attention (q/k-norm, RoPE and the
 //! KV-cache write fused in), o_proj, residual+RMSNorm, then either gate/up GEMM, SwiGLU, down
@@ -22,6 +22,7 @@ use mimo_kernels::cuda::{moe_layer, GpuFp4Weight, MoeWeights, MoeWorkspace, PdlG
 use mimo_kernels::Fp4Matrix;
 
 use super::error::{drv, GpuError};
+use super::ops::TopPBufs;
 use super::ops::{
     AttnArgs, RouterIn, Rows, ARGMAX_CHUNK, MAX_CONTEXT, MAX_EXPERTS, MAX_FUSED_ROUTER_HIDDEN,
     MAX_HEAD_DIM, SPLIT_LEN,
@@ -31,6 +32,7 @@ use crate::arch::Names;
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::cpu::Rope;
+use crate::generate::nucleus;
 use crate::linear::{Linear, Weight};
 use crate::model::ForwardError;
 use crate::weights::Loader;
@@ -233,6 +235,9 @@ struct Ws {
     am_cnt: CudaSlice<i32>,
     hist: CudaSlice<i32>,
     hist_cap: usize,
+    /// Nucleus sampling buffers, allocated on the first nucleus-sampled decode of this
+    /// workspace (decode workspaces only: 256 KiB per row).
+    topp: Option<TopPBufs>,
 }
 
 /// A decode step for a batch, captured as a CUDA graph (or run eagerly where capture failed).
@@ -241,6 +246,8 @@ struct DecodeSession {
     graph: Option<PdlGraph>,
     /// Largest position the next step writes (steps past the cache are refused).
     next_pos: usize,
+    /// Whether the step (and its graph) includes the nucleus kernels.
+    nucleus: bool,
 }
 
 /// What the residual stream still has to add before the next norm.
@@ -281,6 +288,9 @@ pub struct GpuModel {
     sessions: HashMap<usize, DecodeSession>,
     /// `ops::sampling_words` of the decode steps' next-token kernel (zeros: greedy).
     samp: CudaSlice<u32>,
+    /// Whether decode steps sample from a nucleus (temperature > 0 and top_p < 1): the step
+    /// then runs the top-p kernels before the next-token kernel.
+    nucleus: bool,
     /// Events recorded after each op while profiling an eager step.
     prof: RefCell<Option<Vec<(&'static str, CudaEvent)>>>,
 }
@@ -328,7 +338,7 @@ impl GpuModel {
     ) -> Result<GpuModel, GpuError> {
         let rope = Rope::new(&config.rope);
         let inv_freq = gpu.upload(&rope.inv_freq, "upload rope frequencies")?;
-        let samp = gpu.upload(&[0u32; 3], "upload sampling parameters")?;
+        let samp = gpu.upload(&[0u32; 4], "upload sampling parameters")?;
         Ok(GpuModel {
             rot_dim: rope.rotary_dim,
             attn_factor: rope.attention_factor,
@@ -343,6 +353,7 @@ impl GpuModel {
             workspaces: HashMap::new(),
             sessions: HashMap::new(),
             samp,
+            nucleus: false,
             prof: RefCell::new(None),
         })
     }
@@ -675,13 +686,15 @@ impl GpuModel {
             am_cnt: zeros(g, rows_out)?,
             hist: zeros(g, rows_out * hist_cap)?,
             hist_cap,
+            topp: None,
         })
     }
 
     /// Queues one forward pass over `ws.m` token rows whose ids, positions and sequences are
     /// already in `ws`. `decode`: every row is a different sequence with one new token (the
-    /// attention kernel then writes the new keys itself) and greedy sampling advances the
-    /// token and position buffers.
+    /// attention kernel then writes the new keys itself) and sampling on the device (greedy,
+    /// temperature, or with `self.nucleus` the top-p kernels first) advances the token and
+    /// position buffers.
     fn run(&self, ws: &mut Ws, decode: bool) -> Result<(), GpuError> {
         let c = &self.config;
         let gpu = &*self.gpu;
@@ -970,6 +983,16 @@ impl GpuModel {
         }
         self.mark("lm_head")?;
         if decode {
+            let nucleus = if self.nucleus {
+                let bufs = ws.topp.as_mut().ok_or_else(|| {
+                    GpuError::Unsupported("nucleus sampling buffers not allocated".into())
+                })?;
+                ops.top_p_threshold(g, &ws.logits, rows, c.vocab_size, bufs, &self.samp)?;
+                self.mark("top_p")?;
+                Some(bufs)
+            } else {
+                None
+            };
             ops.argmax_next(
                 g,
                 &ws.logits,
@@ -983,6 +1006,7 @@ impl GpuModel {
                 &mut ws.hist,
                 ws.hist_cap,
                 &self.samp,
+                nucleus,
             )?;
             self.mark("argmax")?;
         }
@@ -1084,8 +1108,25 @@ impl GpuModel {
             }
             .into());
         }
-        if !self.sessions.contains_key(&b) {
-            let mut ws = self.take_ws(b, b)?;
+        // A session is (re)built for a new batch size, and where the sampling mode changed
+        // since its graph was captured (the nucleus kernels are in the graph only when used).
+        let stale = self
+            .sessions
+            .get(&b)
+            .is_some_and(|sess| sess.nucleus != self.nucleus);
+        if stale || !self.sessions.contains_key(&b) {
+            let mut ws = match self.sessions.remove(&b) {
+                Some(old) => old.ws,
+                None => self.take_ws(b, b)?,
+            };
+            if self.nucleus && ws.topp.as_ref().is_none_or(|t| t.rows < b) {
+                super::estimate::check_fits(
+                    &self.gpu,
+                    "the nucleus sampling buffers",
+                    super::estimate::nucleus_bytes(b),
+                )?;
+                ws.topp = Some(TopPBufs::new(&self.gpu.ctx, b)?);
+            }
             let s = self.gpu.ctx.stream().clone();
             let seq: Vec<i32> = (0..b as i32).collect();
             s.memcpy_htod(&seq, &mut ws.seq)
@@ -1106,6 +1147,7 @@ impl GpuModel {
                     ws,
                     graph,
                     next_pos: 0,
+                    nucleus: self.nucleus,
                 },
             );
         }
@@ -1188,6 +1230,14 @@ impl GpuModel {
             .sessions
             .remove(&batch)
             .ok_or_else(|| GpuError::Unsupported(format!("no decode session for batch {batch}")))?;
+        if sess.nucleus != self.nucleus {
+            self.sessions.insert(batch, sess);
+            return Err(GpuError::Unsupported(
+                "the sampling mode changed (set_sampling) since decode_start; call decode_start \
+                 again"
+                    .into(),
+            ));
+        }
         let cap = self.cache.as_ref().map_or(0, |c| c.capacity);
         if sess.next_pos + n > cap {
             let cached = sess.next_pos;
@@ -1243,22 +1293,50 @@ impl GpuModel {
             .collect())
     }
 
-    /// How decode steps pick the next token from now on: greedy (`temperature` 0) or a sample of
-    /// `softmax(logits / temperature)` drawn on the device (Gumbel-max with noise hashed from
-    /// `seed`, the sequence's row and its position: the same seed gives the same tokens). No
-    /// nucleus (top-p) truncation: that stays on the host (`generate::Sampler`).
-    pub fn set_sampling(&mut self, temperature: f32, seed: u64) -> Result<(), GpuError> {
+    /// How decode steps pick the next token from now on, drawn on the device inside the decode
+    /// step: greedy (`temperature` 0), a sample of `softmax(logits / temperature)` (Gumbel-max
+    /// with noise hashed from `seed`, the sequence's row and its position: the same seed gives
+    /// the same tokens), and with `top_p < 1` (and a temperature) the same over the nucleus
+    /// only: the tokens whose logits reach the top-p threshold of
+    /// `generate::nucleus` (ties at the boundary all in; Gumbel-max over the nucleus samples
+    /// the renormalised nucleus distribution exactly).
+    ///
+    /// Switching nucleus sampling on or off changes the decode step: the next `decode_start`
+    /// captures the graph again (a `decode_steps` before it is refused). Changing only the
+    /// temperature, top_p or seed within a mode keeps the graph (they are read from a device
+    /// buffer).
+    pub fn set_sampling(
+        &mut self,
+        temperature: f32,
+        top_p: f32,
+        seed: u64,
+    ) -> Result<(), GpuError> {
         if !(temperature.is_finite() && temperature >= 0.0) {
             return Err(GpuError::Unsupported(format!(
                 "temperature {temperature} must be finite and >= 0"
             )));
         }
-        let words = super::ops::sampling_words(temperature, seed);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(GpuError::Unsupported(format!(
+                "top_p {top_p} must be in (0, 1]"
+            )));
+        }
+        let nucleus = temperature > 0.0 && top_p < 1.0;
+        if nucleus && self.config.vocab_size > nucleus::MAX_VOCAB {
+            return Err(GpuError::Unsupported(format!(
+                "nucleus sampling over a vocabulary of {} (at most {})",
+                self.config.vocab_size,
+                nucleus::MAX_VOCAB
+            )));
+        }
+        let words = super::ops::sampling_words(temperature, top_p, seed);
         self.gpu
             .ctx
             .stream()
             .memcpy_htod(&words, &mut self.samp)
-            .map_err(drv("upload sampling parameters"))
+            .map_err(drv("upload sampling parameters"))?;
+        self.nucleus = nucleus;
+        Ok(())
     }
 
     /// Logits of the last decode step of `batch`, `[batch, vocab]` (synchronises).

@@ -1,5 +1,6 @@
 //! The runtime's own kernels (crates/runtime/cuda/ops.cu: embedding, residual + RMSNorm,
-//! attention, SwiGLU, router top-k, BF16 grouped experts, greedy sampling, random fills) and
+//! attention, SwiGLU, router top-k, BF16 grouped experts, sampling (greedy, temperature, nucleus),
+//! random fills) and
 //! their launchers. Every launcher only queues work on the context's stream.
 
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use half::bf16;
 use mimo_kernels::cuda::{compile_source, GpuContext};
 
 use super::error::{drv, GpuError};
+use crate::generate::nucleus::{KEYS, MAX_VOCAB};
 
 /// The embedded kernel source.
 pub const OPS_SRC: (&str, &str) = ("ops.cu", include_str!("../../cuda/ops.cu"));
@@ -30,6 +32,8 @@ pub const MAX_HEAD_DIM: usize = 256;
 pub const MAX_EXPERTS: usize = 1024;
 /// Logits per argmax block.
 pub const ARGMAX_CHUNK: usize = 4096;
+/// Keys per `topp_threshold` block (`TOPP_SPAN` in ops.cu).
+const TOPP_SPAN: usize = 1024;
 
 /// Scalar arguments of the attention kernels (mirrors `AttnArgs` in ops.cu).
 #[repr(C)]
@@ -114,6 +118,8 @@ pub struct Ops {
     router_topk: CudaFunction,
     moe_bf16: CudaFunction,
     argmax_next: CudaFunction,
+    topp_histogram: CudaFunction,
+    topp_threshold: CudaFunction,
     fill_bf16: CudaFunction,
     fill_f32: CudaFunction,
     fill_i32: CudaFunction,
@@ -132,15 +138,58 @@ pub fn arch_of(gpu: &GpuContext) -> Result<String, GpuError> {
     })
 }
 
-/// The three words of the device sampling buffer read by `argmax_next`: the bits of `1 / T`
-/// (0: greedy) and the seed's low and high halves.
-pub fn sampling_words(temperature: f32, seed: u64) -> [u32; 3] {
-    let inv_t = if temperature > 0.0 {
-        1.0 / temperature
-    } else {
-        0.0
-    };
-    [inv_t.to_bits(), seed as u32, (seed >> 32) as u32]
+/// The four words of the device sampling buffer read by `argmax_next` and `topp_threshold`:
+/// the bits of `1 / T` (0: greedy), the seed's low and high halves, and the bits of top_p
+/// (used only where the nucleus kernels run, see [`Ops::top_p_threshold`]).
+pub fn sampling_words(temperature: f32, top_p: f32, seed: u64) -> [u32; 4] {
+    let inv_t = crate::generate::nucleus::inverse_temperature(temperature);
+    [
+        inv_t.to_bits(),
+        seed as u32,
+        (seed >> 32) as u32,
+        top_p.to_bits(),
+    ]
+}
+
+/// Device buffers of nucleus (top-p) sampling for `rows` logit rows: a 65,536-bin key histogram
+/// per row (256 KiB) and the per-row maximum key, both left zeroed after each step (so a CUDA
+/// graph replays them as they are), the threshold blocks' partial sums and arrival counters,
+/// and the threshold key per row. See crates/runtime/src/generate/nucleus.rs for the rule.
+pub struct TopPBufs {
+    /// `[rows, 65536]` token counts per logit key.
+    pub hist: CudaSlice<u32>,
+    /// `[rows]` highest key present (reset by `topp_threshold`).
+    pub kmax: CudaSlice<u32>,
+    /// `[rows, 64]` mass of each threshold block.
+    pub part: CudaSlice<u64>,
+    /// `[rows]` last-block counters of `topp_threshold`.
+    pub counters: CudaSlice<i32>,
+    /// `[rows]` threshold key of each row (tokens with a smaller key are excluded).
+    pub thr: CudaSlice<u32>,
+    /// Rows the buffers hold.
+    pub rows: usize,
+}
+
+impl TopPBufs {
+    /// Zeroed buffers for `rows` rows.
+    pub fn new(gpu: &GpuContext, rows: usize) -> Result<TopPBufs, GpuError> {
+        let s = gpu.stream();
+        let n = rows.max(1);
+        let z = "alloc top-p buffers";
+        Ok(TopPBufs {
+            hist: s.alloc_zeros(n * KEYS).map_err(drv(z))?,
+            kmax: s.alloc_zeros(n).map_err(drv(z))?,
+            part: s.alloc_zeros(n * (KEYS / TOPP_SPAN)).map_err(drv(z))?,
+            counters: s.alloc_zeros(n).map_err(drv(z))?,
+            thr: s.alloc_zeros(n).map_err(drv(z))?,
+            rows,
+        })
+    }
+
+    /// Device bytes of the buffers for `rows` rows.
+    pub fn bytes(rows: usize) -> usize {
+        rows.max(1) * (KEYS * 4 + 4 + (KEYS / TOPP_SPAN) * 8 + 4 + 4)
+    }
 }
 
 /// A null device pointer for optional kernel arguments.
@@ -187,6 +236,8 @@ impl Ops {
             router_topk: f("router_topk")?,
             moe_bf16: f("moe_bf16")?,
             argmax_next: f("argmax_next")?,
+            topp_histogram: f("topp_histogram")?,
+            topp_threshold: f("topp_threshold")?,
             fill_bf16: f("fill_bf16")?,
             fill_f32: f("fill_f32")?,
             fill_i32: f("fill_i32")?,
@@ -210,6 +261,8 @@ impl Ops {
             &self.router_topk,
             &self.moe_bf16,
             &self.argmax_next,
+            &self.topp_histogram,
+            &self.topp_threshold,
             &self.fill_bf16,
             &self.fill_f32,
             &self.fill_i32,
@@ -591,8 +644,70 @@ impl Ops {
         Ok(())
     }
 
+    /// Zeroed nucleus buffers for `rows` logit rows (as [`TopPBufs::new`]; callers outside
+    /// this module cannot name the type).
+    pub fn top_p_bufs(&self, gpu: &GpuContext, rows: usize) -> Result<TopPBufs, GpuError> {
+        TopPBufs::new(gpu, rows)
+    }
+
+    /// The nucleus threshold key of each of `rows` logit rows into `bufs.thr`, at the
+    /// temperature and top_p of `samp` (see [`sampling_words`]; threshold 0, every token, for
+    /// temperature 0, top_p >= 1 or a row of only -inf/NaN). Two kernels: the key histogram
+    /// and the threshold. The histogram is left filled for [`Ops::argmax_next`], which must
+    /// follow with the same `bufs` (it zeroes it for the next step).
+    #[allow(clippy::too_many_arguments)]
+    pub fn top_p_threshold(
+        &self,
+        gpu: &GpuContext,
+        logits: &CudaSlice<bf16>,
+        rows: usize,
+        vocab: usize,
+        bufs: &mut TopPBufs,
+        samp: &CudaSlice<u32>,
+    ) -> Result<(), GpuError> {
+        if rows > bufs.rows || vocab > MAX_VOCAB || logits.len() < rows * vocab {
+            return Err(GpuError::Unsupported(format!(
+                "top-p over {rows} rows of {vocab} logits (buffers for {} rows, at most \
+                 {MAX_VOCAB} logits a row)",
+                bufs.rows
+            )));
+        }
+        let (v_i, c_i) = (vocab as i32, ARGMAX_CHUNK as i32);
+        let mut b = gpu.stream().launch_builder(&self.topp_histogram);
+        b.arg(logits)
+            .arg(&v_i)
+            .arg(&c_i)
+            .arg(&mut bufs.hist)
+            .arg(&mut bufs.kmax);
+        let cfg = LaunchConfig {
+            grid_dim: (vocab.div_ceil(ARGMAX_CHUNK) as u32, rows as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: logits [rows, vocab] (checked); hist [rows, KEYS], kmax [rows].
+        unsafe { b.launch(cfg) }.map_err(drv("launch topp_histogram"))?;
+        let mut b = gpu.stream().launch_builder(&self.topp_threshold);
+        b.arg(&bufs.hist)
+            .arg(&mut bufs.kmax)
+            .arg(&mut bufs.part)
+            .arg(&mut bufs.counters)
+            .arg(&mut bufs.thr)
+            .arg(samp);
+        let cfg = LaunchConfig {
+            grid_dim: ((KEYS / TOPP_SPAN) as u32, rows as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: hist [rows, KEYS]; part [rows, KEYS / TOPP_SPAN]; kmax, counters, thr [rows];
+        // samp [4].
+        unsafe { b.launch(cfg) }.map_err(drv("launch topp_threshold"))?;
+        Ok(())
+    }
+
     /// Next token of each of `rows` logit rows, greedy or sampled at a temperature as `samp`
-    /// says (see [`sampling_words`]); advances `tok`, `pos` and `hist`.
+    /// says (see [`sampling_words`]); advances `tok`, `pos` and `hist`. With `nucleus` (after
+    /// [`Ops::top_p_threshold`] on the same rows), only tokens whose key reaches the row's
+    /// threshold are candidates, and the nucleus histogram is zeroed for the next step.
     #[allow(clippy::too_many_arguments)]
     pub fn argmax_next(
         &self,
@@ -608,7 +723,16 @@ impl Ops {
         hist: &mut CudaSlice<i32>,
         hist_cap: usize,
         samp: &CudaSlice<u32>,
+        nucleus: Option<&mut TopPBufs>,
     ) -> Result<(), GpuError> {
+        if let Some(n) = &nucleus {
+            if rows > n.rows {
+                return Err(GpuError::Unsupported(format!(
+                    "top-p buffers for {} rows, {rows} rows sampled",
+                    n.rows
+                )));
+            }
+        }
         let (v_i, c_i, h_i) = (vocab as i32, ARGMAX_CHUNK as i32, hist_cap as i32);
         let mut b = gpu.stream().launch_builder(&self.argmax_next);
         b.arg(logits)
@@ -622,14 +746,22 @@ impl Ops {
             .arg(hist)
             .arg(&h_i)
             .arg(samp);
+        match nucleus {
+            Some(n) => {
+                b.arg(&n.thr).arg(&mut n.hist);
+            }
+            None => {
+                b.arg(&NULL).arg(&NULL);
+            }
+        }
         let cfg = LaunchConfig {
             grid_dim: (vocab.div_ceil(ARGMAX_CHUNK) as u32, rows as u32, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: logits [rows, vocab]; part_* hold rows * ceil(vocab / chunk); counters, tok,
-        // pos [rows]; hist [rows, hist_cap] (index checked in the kernel); samp [3]
-        // (SamplingBuf).
+        // pos [rows]; hist [rows, hist_cap] (index checked in the kernel); samp [4]
+        // (sampling_words); nucleus thr [rows] and hist [rows, KEYS] (rows checked) or null.
         unsafe { b.launch(cfg) }.map_err(drv("launch argmax_next"))?;
         Ok(())
     }
