@@ -747,6 +747,28 @@ fn device_top_p_threshold_equals_cpu_reference() {
         }
     }
     eprintln!("{checked} device thresholds equal to the CPU reference");
+    // Cost per step at vocab 151,936 (eager launches, so launch overhead included; printed
+    // for the notes, not asserted).
+    for rows in [1usize, 8] {
+        let vocab = 151_936;
+        let logits: Vec<u16> = (0..rows)
+            .flat_map(|_| random_logit_row(&mut g, vocab, 3.0, false))
+            .collect();
+        let time = |top_p: f32| {
+            device_nucleus_draws(&gpu, &logits, rows, vocab, 0.7, top_p, 1, 5);
+            let t0 = std::time::Instant::now();
+            device_nucleus_draws(&gpu, &logits, rows, vocab, 0.7, top_p, 1, 205);
+            let t1 = t0.elapsed().as_secs_f64();
+            let t0 = std::time::Instant::now();
+            device_nucleus_draws(&gpu, &logits, rows, vocab, 0.7, top_p, 1, 5);
+            (t1 - t0.elapsed().as_secs_f64()) / 200.0 * 1e6
+        };
+        eprintln!(
+            "vocab {vocab}, {rows} rows: top-p 0.95 threshold + sampling {:.1} us per step \
+             (eager launches, set-up subtracted)",
+            time(0.95)
+        );
+    }
 }
 
 /// (b) Tokens sampled with top-p follow the renormalised nucleus distribution (chi-square over

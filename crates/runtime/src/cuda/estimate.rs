@@ -109,8 +109,8 @@ pub fn resident_fp8_bytes(c: &ModelConfig, fp4: Option<Fp4Format>, fp4_head: boo
 
 /// Buffers of nucleus (top-p) sampling for a decode batch of `batch` sequences, allocated on the
 /// first nucleus-sampled `decode_start` of that batch size and kept: a 65,536-bin histogram per
-/// row (256 KiB) plus a few words. Checked against the free memory before allocating (batch 32
-/// is about 8 MiB).
+/// row (256 KiB) plus a few words. Checked against the free memory (no margin) before
+/// allocating; batch 32 needs about 8 MiB.
 pub fn nucleus_bytes(batch: usize) -> usize {
     super::ops::TopPBufs::bytes(batch)
 }
@@ -118,8 +118,18 @@ pub fn nucleus_bytes(batch: usize) -> usize {
 /// Refuses with [`GpuError::OutOfMemory`] where `need` bytes (plus a 512 MiB margin for
 /// workspaces) exceed the free device memory.
 pub fn check_fits(gpu: &Gpu, what: &str, need: usize) -> Result<(), GpuError> {
+    check_fits_with_margin(gpu, what, need, 512 << 20)
+}
+
+/// [`check_fits`] with another margin: small buffers allocated after the model and cache (the
+/// nucleus buffers: margin 0) must not be refused for the margin those reserved.
+pub fn check_fits_with_margin(
+    gpu: &Gpu,
+    what: &str,
+    need: usize,
+    margin: usize,
+) -> Result<(), GpuError> {
     let (free, total) = gpu.mem_info()?;
-    let margin = 512usize << 20;
     if need + margin > free {
         let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
         return Err(GpuError::OutOfMemory {

@@ -1120,10 +1120,11 @@ impl GpuModel {
                 None => self.take_ws(b, b)?,
             };
             if self.nucleus && ws.topp.as_ref().is_none_or(|t| t.rows < b) {
-                super::estimate::check_fits(
+                super::estimate::check_fits_with_margin(
                     &self.gpu,
                     "the nucleus sampling buffers",
                     super::estimate::nucleus_bytes(b),
+                    0,
                 )?;
                 ws.topp = Some(TopPBufs::new(&self.gpu.ctx, b)?);
             }
