@@ -1130,16 +1130,23 @@ topp_histogram(const u16* __restrict__ logits, int vocab, int chunk, u32* __rest
     const int b = blockIdx.y;
     const int c0 = blockIdx.x * chunk, c1 = min(vocab, c0 + chunk);
     u32* h = hist + (size_t)b * TOPP_KEYS;
+    const int lane = threadIdx.x & 31;
     u32 km = 0;
-#pragma unroll 4
-    for (int i = c0 + threadIdx.x; i < c1; i += blockDim.x) {
-        const u32 k = logit_key(logits[(size_t)b * vocab + i]);
-        atomicAdd(h + k, 1u);
-        km = max(km, k);
+    // Lanes of a warp with the same key add once (logits cluster in few bins, and a row of
+    // equal logits would otherwise serialize the whole vocabulary on one address). The loop
+    // bounds are uniform over the block, so every lane takes part in each match.
+    for (int base = c0; base < c1; base += blockDim.x) {
+        const int i = base + threadIdx.x;
+        const u32 k = i < c1 ? logit_key(logits[(size_t)b * vocab + i]) : 0xFFFFFFFFu;
+        const u32 peers = __match_any_sync(0xffffffffu, k);
+        if (k != 0xFFFFFFFFu) {
+            if (lane == __ffs(peers) - 1) atomicAdd(h + k, (u32)__popc(peers));
+            km = max(km, k);
+        }
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) km = max(km, __shfl_xor_sync(0xffffffffu, km, o));
-    if ((threadIdx.x & 31) == 0 && km != 0) atomicMax(kmax + b, km);
+    if (lane == 0 && km != 0) atomicMax(kmax + b, km);
 }
 
 // thr[b] = the nucleus threshold key of row b (0: keep every token) from hist and kmax, with
