@@ -746,6 +746,27 @@ fn device_top_p_threshold_equals_cpu_reference() {
             }
         }
     }
+    // Degenerate rows at vocab 151,936: all equal (every lane of every warp on one bin), only
+    // -inf and NaN (threshold 0: nothing to truncate), NaN and 1.0 alternating.
+    let vocab = 151_936;
+    let one = half::bf16::from_f32(1.0).to_bits();
+    let mut logits = vec![half::bf16::from_f32(0.5).to_bits(); vocab];
+    logits.extend((0..vocab).map(|i| if i % 2 == 0 { 0xFF80u16 } else { 0x7FC0 }));
+    logits.extend((0..vocab).map(|i| if i % 3 == 0 { 0x7FC0u16 } else { one }));
+    let (toks, thr) = device_nucleus_draws(&gpu, &logits, 3, vocab, 1.0, 0.9, 5, 4);
+    for r in 0..3 {
+        let row = &logits[r * vocab..(r + 1) * vocab];
+        let want = threshold_key(row, 1.0, 0.9).unwrap();
+        assert_eq!(thr[r], want as u32, "degenerate row {r}");
+        assert!(
+            toks[r].iter().all(|&k| in_nucleus(row, k as usize, want)),
+            "degenerate row {r}: {:?}",
+            toks[r]
+        );
+        checked += 1;
+    }
+    assert_eq!(thr[1], 0);
+    assert!(toks[2].iter().all(|&k| k % 3 != 0), "a NaN token was drawn");
     eprintln!("{checked} device thresholds equal to the CPU reference");
     // Cost per step at vocab 151,936 (eager launches, so launch overhead included; printed
     // for the notes, not asserted).
