@@ -326,15 +326,18 @@ fn gptq_act_order_and_loss_scales_stay_well_below_rtn_and_are_deterministic() {
         .unwrap();
         assert_eq!(plain, same);
         let ep = output_err(&x, m, &w, &plain);
-        for (act_order, block_scale) in [
-            (true, BlockScale::Diag),
-            (false, BlockScale::Loss),
-            (true, BlockScale::Loss),
+        for (act_order, block_scale, refine) in [
+            (true, BlockScale::Diag, 0),
+            (false, BlockScale::Loss, 0),
+            (true, BlockScale::Loss, 0),
+            (false, BlockScale::Diag, 3),
+            (true, BlockScale::Diag, 3),
         ] {
             let o = GptqOptions {
                 damp: DEFAULT_DAMP,
                 act_order,
                 block_scale,
+                refine,
             };
             let run = |threads: usize| {
                 rayon::ThreadPoolBuilder::new()

@@ -216,6 +216,12 @@ fn sequential_conversions_are_identical_on_one_and_two_threads() {
         damp: 0.01,
         act_order: true,
         block_scale: BlockScale::Loss,
+        refine: 0,
+    };
+    let refined = GptqOptions {
+        refine: 3,
+        act_order: true,
+        ..plain
     };
     for (layout, method, gptq, asym, within) in [
         (Layout::CtNvfp4, Method::Gptq, plain, None, false),
@@ -228,6 +234,8 @@ fn sequential_conversions_are_identical_on_one_and_two_threads() {
         (Layout::CtMxfp4, Method::Mse, plain, Some(1.0), false),
         (Layout::CtNvfp4, Method::Gptq, ordered, None, true),
         (Layout::CtNvfp4, Method::Gptq, plain, Some(0.25), true),
+        (Layout::CtNvfp4, Method::Gptq, refined, Some(0.25), false),
+        (Layout::CtMxfp4, Method::Gptq, refined, None, false),
     ] {
         let a = dir.path().join("a");
         let b = dir.path().join("b");

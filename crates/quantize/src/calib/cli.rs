@@ -36,6 +36,11 @@ pub struct CalibArgs {
     /// or loss (the GPTQ loss with the feedback inside the block, per candidate).
     #[arg(long, default_value = "diag")]
     pub gptq_block_scale: BlockScale,
+    /// GPTQ refinement: after GPTQ, up to N passes of coordinate descent on the same loss
+    /// (each element to a neighbouring FP4 value, each block scale one code up or down, taken
+    /// only where the loss falls); 0 turns it off.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub gptq_refine: usize,
     /// Asymmetric calibration (mse, gptq): also run the unquantized model alongside and make
     /// each layer's quantized weights reproduce the unquantized outputs from the drifted inputs.
     #[arg(long)]
@@ -152,6 +157,7 @@ pub fn quant_options(
         damp: a.damp,
         act_order: a.act_order,
         block_scale: a.gptq_block_scale,
+        refine: a.gptq_refine,
         ..QuantOptions::default()
     };
     if let Some(spec) = spec {
@@ -189,6 +195,7 @@ pub fn quant_options(
             info["damp"] = serde_json::json!(a.damp);
             info["act_order"] = serde_json::json!(a.act_order);
             info["gptq_block_scale"] = serde_json::json!(a.gptq_block_scale);
+            info["gptq_refine"] = serde_json::json!(a.gptq_refine);
         }
         let mut report = info.clone();
         report["seconds"] = serde_json::json!(r.seconds);

@@ -182,6 +182,7 @@ pub fn fingerprint(
         "damp": quant.damp,
         "act_order": quant.act_order,
         "block_scale": format!("{:?}", quant.block_scale),
+        "refine": quant.refine,
         "calibration": quant.manifest_info,
     });
     h.update(head.to_string().as_bytes());

@@ -28,6 +28,8 @@ pub struct QuantOptions {
     pub act_order: bool,
     /// GPTQ's choice of each block's scale.
     pub block_scale: BlockScale,
+    /// Coordinate-descent passes after GPTQ (0 = none).
+    pub refine: usize,
     /// Calibration statistics (None: MSE uses uniform weights; GPTQ needs them).
     pub stats: Option<Arc<CalibStats>>,
     /// A JSON summary of the calibration for the manifest (source, recipe, coverage): nothing that
@@ -47,6 +49,7 @@ impl Default for QuantOptions {
             damp: DEFAULT_DAMP,
             act_order: false,
             block_scale: BlockScale::Diag,
+            refine: 0,
             stats: None,
             manifest_info: None,
             report_info: None,
@@ -62,6 +65,7 @@ impl QuantOptions {
             damp: self.damp,
             act_order: self.act_order,
             block_scale: self.block_scale,
+            refine: self.refine,
         }
     }
 }

@@ -7,6 +7,7 @@
 pub mod apply;
 pub mod gptq;
 pub mod mse;
+pub(crate) mod refine;
 pub mod sequential;
 
 pub use apply::{quantize_tensor, ApplyError, QuantOptions};

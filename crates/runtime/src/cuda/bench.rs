@@ -71,6 +71,10 @@ pub struct DecodeResult {
     /// Batch 1: tokens/s with each latency feature flipped in turn, then all off, in the same
     /// process (the graph captured again for each).
     pub tuning_ablation: Option<Vec<(String, f64)>>,
+    /// Batch 1: tokens/s of the same graph-replayed decode when the next token is sampled on the
+    /// device instead of taken greedily ("T=1" temperature; "T=0.6 top_p=0.95" nucleus, the
+    /// sampling of Qwen3's generation_config), in the same process.
+    pub sampling: Option<Vec<(String, f64)>>,
 }
 
 /// One weight format.
@@ -352,6 +356,11 @@ fn time_decode(
     } else {
         None
     };
+    let sampling = if batch == 1 && opts.graphs {
+        Some(sampling_speed(model, &tokens, &positions, opts)?)
+    } else {
+        None
+    };
     let bad = model.bad_token_count()?;
     if bad != 0 {
         return Err(GpuError::DeviceCheck(format!(
@@ -378,6 +387,7 @@ fn time_decode(
         tuning: format!("{tuning:?}"),
         graph_edges: edges,
         tuning_ablation: ablation,
+        sampling,
     })
 }
 
@@ -400,6 +410,28 @@ fn timed_steps(
     model.decode_steps(batch, opts.steps)?;
     model.synchronize()?;
     Ok((graph, t0.elapsed().as_secs_f64()))
+}
+
+/// Batch-1 decode tokens/s with device sampling (temperature; temperature + nucleus), greedy
+/// restored at the end. Random weights give flat logits, so the nucleus holds a large share of
+/// the vocabulary: the nucleus kernels' costly case.
+fn sampling_speed(
+    model: &mut GpuModel,
+    tokens: &[u32],
+    positions: &[usize],
+    opts: &BenchOptions,
+) -> Result<Vec<(String, f64)>, GpuError> {
+    let mut out = Vec::new();
+    for (name, t, p) in [("T=1", 1.0f32, 1.0f32), ("T=0.6 top_p=0.95", 0.6, 0.95)] {
+        model.set_sampling(t, p, opts.seed)?;
+        let (_, dt) = timed_steps(model, tokens, positions, opts)?;
+        let tps = opts.steps.max(1) as f64 / dt;
+        eprintln!("    batch 1 sampling {name}: {tps:.1} tok/s");
+        out.push((name.to_string(), tps));
+    }
+    model.set_sampling(0.0, 1.0, 0)?;
+    model.reset_decode_sessions();
+    Ok(out)
 }
 
 /// Batch-1 decode tokens/s with each latency feature flipped in turn, then all off; the features
