@@ -28,6 +28,9 @@ VARIANTS=(
   "mxfp4-gptq-ao|mxfp4|--method gptq --act-order --damp 0.1"
   "nvfp4-gptq-ao-wl|nvfp4|--method gptq --act-order --damp 0.1 --within-layer"
   "mxfp4-gptq-ao-wl|mxfp4|--method gptq --act-order --damp 0.1 --within-layer"
+  "nvfp4-gptq-ao-r5|nvfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5"
+  "nvfp4-gptq-ao-asym-r5|nvfp4|--method gptq --act-order --damp 0.1 --asymmetric --gptq-refine 5"
+  "mxfp4-gptq-ao-r5|mxfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5"
 )
 # ONLY=regex (e.g. ONLY='nvfp4-gptq-ao-wl|mxfp4-gptq-ao-wl') reruns some variants and replaces
 # their rows in the existing bench/results/quality.json.
@@ -47,7 +50,7 @@ for v in "${VARIANTS[@]}"; do
     "$R" compare --reference "$M" --candidate "$out" "$WORK/slice$s.txt" --json > "$WORK/$name.cmp$s.json"
   done
   ROWS+=("$(python3 - "$name" "$fmt" "$args" "$WORK/$name.convert.json" "$WORK/$name.cmp1.json" "$WORK/$name.cmp2.json" "$rss_kb" "$wall" <<'PY'
-import json, sys
+import datetime, json, subprocess, sys
 name, fmt, args, conv, c1, c2, rss_kb, wall = sys.argv[1:]
 m = json.load(open(conv))
 cal = m.get("calibration") or {}
@@ -69,6 +72,8 @@ print(json.dumps({
   "convert_wall_s": int(mins) * 60 + float(secs), "convert_peak_rss_mb": int(rss_kb) / 1024,
   "experts_under_threshold": sum(1 for e in cov.get("experts", []) if e["all_token_fallback"]),
   "peak_gpu_memory": None,
+  "measured": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
+  "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
 }))
 PY
 )")
