@@ -6,8 +6,8 @@
 //! - the KV cache lives on the device (`[seq][layer][kv_head][position][head_dim]`, BF16).
 //! - prefill runs the prompt as one batch; decode is captured once per batch size as a CUDA
 //!   graph on the context's own stream (cudarc's event tracking off) and replayed per token,
-//!   with greedy sampling on the device feeding the next replay: no host synchronisation
-//!   inside a token.
+//!   with sampling on the device (greedy, temperature, nucleus) feeding the next replay: no
+//!   host synchronisation inside a token.
 //! - `bench_random_weights` builds a model of a real architecture's shape with random weights
 //!   on the GPU and measures decode and prefill throughput ("random weights").
 //!
