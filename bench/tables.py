@@ -41,6 +41,17 @@ def kernels(path):
                 cells += [f"{b['us']:.1f}", PATHS[b["kernel"]], f"{100 * b['copy_share']:.0f}%", x]
         print("| " + " | ".join(cells) + " |")
     print()
+    pdl = [r for r in dense if r["kernel"] == "fp4_fused_pdl"]
+    if pdl:
+        print("| K x N | M | format | fused us (% copy, x cuBLAS) | fused, PDL chain us (% copy, x cuBLAS) |")
+        print("|---|---|---|---|---|")
+        for r in pdl:
+            f = [q for q in dense if q["kernel"] == "fp4_fused" and
+                 (q["k"], q["n"], q["m"], q["format"]) == (r["k"], r["n"], r["m"], r["format"])]
+            c = lambda q: (f"{q['us']:.1f} ({100 * q['copy_share']:.0f}%, {q['speedup_vs_cublas']:.2f}x)"
+                           if q.get("speedup_vs_cublas") else f"{q['us']:.1f}")
+            print(f"| {r['k']} x {r['n']} | {r['m']} | {r['format']} | {c(f[0]) if f else '-'} | {c(r)} |")
+        print()
     fp8 = [r for r in dense if r["kernel"] in ("fp4_dequant_cublas", "fp4_fp8_cublaslt", "fp4_fp8_cublaslt_fastacc",
                                                "fp8_cublaslt_gemm_only") and r["m"] >= 64]
     if fp8:

@@ -303,6 +303,10 @@ __device__ __forceinline__ void fp4_accumulate(const u8* __restrict__ wp,
     WeightRegs<MT, G> ra, rb;
     int kp = c_first * 128 + (t << 5);  // first element of this lane's piece
     load_weights<FMT, MT, G>(wptr, sptr, kp, k, ra);
+    // Weights are never written by another kernel: in a PDL chain the first loads above go out
+    // while the previous kernel finishes; activations (and every store) come after the wait.
+    // Callers that read routing data first have waited already (a second wait returns at once).
+    pdl_enter();
     const int kend = nchunks << 7;
     while (kp - (t << 5) < kend) {
 #pragma unroll
@@ -416,7 +420,7 @@ __device__ __forceinline__ void fp4_dense_body(const u8* __restrict__ wp, const 
         prefetch_l2_range(wp + (size_t)row0 * (k >> 1), (size_t)rows * (k >> 1));
         prefetch_l2_range(ws + (size_t)row0 * bpr, (size_t)rows * bpr);
     }
-    pdl_enter();
+    // pdl_enter: inside fp4_accumulate, after the first weight loads.
     fp4_tile<FMT, MT, TN, G, EPI_STORE>(wp, ws, gscale[0], post, lut, x, y, n, k,
                                         blockIdx.x * 16 * MT,
                                         16, n, tok, red);

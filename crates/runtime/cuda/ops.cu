@@ -826,13 +826,38 @@ extern "C" __global__ void add_bias(u16* __restrict__ y, const float* __restrict
 // + eps)), in dynamic shared memory (hidden floats); blocks with blockIdx.x == 0 also store h
 // (the experts' input). One launch less per MoE layer than add_rmsnorm + router.
 // ---------------------------------------------------------------------------------------------
+#define ROUTER_PRE 8
+
+// acc += 8 router weights (bf16, one 16-byte piece) times the row's elements c..c+8, from
+// shared memory (fused mode, f32) or the bf16 input row, added in element order.
+__device__ __forceinline__ void router_dot8(float& acc, uint4 wv, bool fused, const float* hs,
+                                            const u16* __restrict__ xr, int c) {
+    const u32 ws[4] = {wv.x, wv.y, wv.z, wv.w};
+    float xf[8];
+    if (fused) {
+#pragma unroll
+        for (int q = 0; q < 8; q++) xf[q] = hs[c + q];
+    } else {
+        const uint4 xv = *(const uint4*)(xr + c);
+        const u32 xs[4] = {xv.x, xv.y, xv.z, xv.w};
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            xf[2 * q] = __uint_as_float(xs[q] << 16);
+            xf[2 * q + 1] = __uint_as_float(xs[q] & 0xFFFF0000u);
+        }
+    }
+#pragma unroll
+    for (int q = 0; q < 4; q++) {
+        acc += xf[2 * q] * __uint_as_float(ws[q] << 16);
+        acc += xf[2 * q + 1] * __uint_as_float(ws[q] & 0xFFFF0000u);
+    }
+}
 extern "C" __global__ void __launch_bounds__(256)
 router_topk(const u16* __restrict__ x, const u16* __restrict__ w, float* __restrict__ logits,
             int* __restrict__ counters, int* __restrict__ ids, float* __restrict__ weights,
             int hidden, int n_experts, int top_k, int renorm, const float* __restrict__ xres,
             const u16* __restrict__ d1, const float* __restrict__ normw, float eps,
             u16* __restrict__ h_out) {
-    pdl_enter();
     extern __shared__ float hs[];
     __shared__ float prob[1024];
     __shared__ float shv[32];
@@ -840,6 +865,20 @@ router_topk(const u16* __restrict__ x, const u16* __restrict__ w, float* __restr
     const int t = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int e = blockIdx.x * 8 + warp;
     const bool fused = xres != 0;
+    // The router weights are never written by another kernel: the warp's first ROUTER_PRE
+    // 16-byte pieces per lane (hidden <= 2048 entirely) are requested before pdl_enter, so in
+    // a PDL chain they arrive while the previous kernel finishes.
+    uint4 wpre[ROUTER_PRE];
+    const bool vec = (hidden & 7) == 0;
+    if (e < n_experts && vec) {
+        const u16* wr = w + (size_t)e * hidden;
+#pragma unroll
+        for (int i = 0; i < ROUTER_PRE; i++) {
+            const int c = lane * 8 + i * 256;
+            wpre[i] = c < hidden ? *(const uint4*)(wr + c) : make_uint4(0, 0, 0, 0);
+        }
+    }
+    pdl_enter();
     if (fused) {
         const float* xr = xres + (size_t)t * hidden;
         float ss = 0.f;
@@ -862,30 +901,16 @@ router_topk(const u16* __restrict__ x, const u16* __restrict__ w, float* __restr
         const u16* xr = x + (size_t)t * hidden;
         const u16* wr = w + (size_t)e * hidden;
         float acc = 0.f;
-        if ((hidden & 7) == 0) {
-#pragma unroll 8
-            for (int c = lane * 8; c < hidden; c += 256) {
-                const uint4 wv = *(const uint4*)(wr + c);
-                const u32 ws[4] = {wv.x, wv.y, wv.z, wv.w};
-                float xf[8];
-                if (fused) {
+        if (vec) {
+            // Same order as one loop over c = lane * 8, + 256, ...: the preloaded pieces first,
+            // then (hidden > 256 * ROUTER_PRE) the rest loaded here.
 #pragma unroll
-                    for (int q = 0; q < 8; q++) xf[q] = hs[c + q];
-                } else {
-                    const uint4 xv = *(const uint4*)(xr + c);
-                    const u32 xs[4] = {xv.x, xv.y, xv.z, xv.w};
-#pragma unroll
-                    for (int q = 0; q < 4; q++) {
-                        xf[2 * q] = __uint_as_float(xs[q] << 16);
-                        xf[2 * q + 1] = __uint_as_float(xs[q] & 0xFFFF0000u);
-                    }
-                }
-#pragma unroll
-                for (int q = 0; q < 4; q++) {
-                    acc += xf[2 * q] * __uint_as_float(ws[q] << 16);
-                    acc += xf[2 * q + 1] * __uint_as_float(ws[q] & 0xFFFF0000u);
-                }
+            for (int i = 0; i < ROUTER_PRE; i++) {
+                const int c = lane * 8 + i * 256;
+                if (c < hidden) router_dot8(acc, wpre[i], fused, hs, xr, c);
             }
+            for (int c = lane * 8 + ROUTER_PRE * 256; c < hidden; c += 256)
+                router_dot8(acc, *(const uint4*)(wr + c), fused, hs, xr, c);
         } else {
             for (int c = lane; c < hidden; c += 32) acc += (fused ? hs[c] : bf(xr[c])) * bf(wr[c]);
         }

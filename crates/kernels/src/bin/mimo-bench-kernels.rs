@@ -8,6 +8,7 @@
 //!
 //! Usage: mimo-bench-kernels [--out FILE.json] [--quick] [--no-sweep]
 
+use std::collections::HashSet;
 use std::error::Error;
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -19,7 +20,7 @@ use mimo_kernels::cuda::{
     bf16_gemm, bf16_to_e4m3_rows, cublas, device_copy, fp4_gemm, fp4_gemm_dequant_cublas,
     fp4_gemm_fp8, fp4_gemm_with, fp4_to_e4m3_rows, fp8_shape_ok, moe_layer_with, variant_exists,
     CudaError, E4m3Rows, Fp4GemmConfig, Fp8Gemm, Fp8Scratch, GpuContext, GpuFp4Weight, MoeConfig,
-    MoeWeights, MoeWorkspace,
+    MoeWeights, MoeWorkspace, PdlGraph,
 };
 use mimo_kernels::Fp4Format;
 
@@ -126,7 +127,67 @@ fn time_op(
     samples: usize,
     op: &mut dyn FnMut(usize) -> Result<(), CudaError>,
 ) -> Res<Timing> {
+    time_op_graph(gpu, reps, samples, false, op)
+}
+
+/// [`time_op`]; with `pdl`, consecutive launches of the graph are joined by programmatic edges
+/// (`PdlGraph`), as in the runtime's decode graphs with `Tuning::pdl`: each launch may start
+/// (and issue its weight loads) while the previous one finishes. Returns an error rather than
+/// falling back to eager launches, so a PDL row is always a PDL measurement.
+fn time_op_graph(
+    gpu: &GpuContext,
+    reps: usize,
+    samples: usize,
+    pdl: bool,
+    op: &mut dyn FnMut(usize) -> Result<(), CudaError>,
+) -> Res<Timing> {
     let s: &Arc<CudaStream> = gpu.stream();
+    if pdl {
+        for i in 0..reps.max(3) {
+            op(i)?;
+        }
+        gpu.synchronize()?;
+        s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)?;
+        let mut res = Ok(());
+        for i in 0..reps {
+            res = op(i);
+            if res.is_err() {
+                break;
+            }
+        }
+        let aware: HashSet<usize> = gpu.pdl_kernels().into_iter().collect();
+        let g = PdlGraph::end_capture(s, &aware, true)?;
+        res?;
+        let g = g.ok_or("PDL capture produced no graph")?;
+        if g.programmatic_edges + 1 < reps {
+            return Err(format!(
+                "only {} of {} edges became programmatic",
+                g.programmatic_edges, g.kernel_edges
+            )
+            .into());
+        }
+        let ctx = gpu.context();
+        let ev0 = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        let ev1 = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        g.launch()?;
+        g.launch()?;
+        gpu.synchronize()?;
+        let mut times = Vec::with_capacity(samples);
+        for _ in 0..samples {
+            ev0.record(s)?;
+            g.launch()?;
+            ev1.record(s)?;
+            ev1.synchronize()?;
+            times.push(ev0.elapsed_ms(&ev1)? as f64 * 1000.0 / reps as f64);
+        }
+        times.sort_by(|a, b| a.total_cmp(b));
+        let med = times[times.len() / 2];
+        return Ok(Timing {
+            us: med,
+            spread: (times[times.len() - 1] - times[0]) / med,
+            graph: true,
+        });
+    }
     for i in 0..reps.max(3) {
         op(i)?;
     }
@@ -353,6 +414,21 @@ fn dense_shape(
                     t,
                     format!("auto {cfg:?}; {copies} weight copies"),
                 );
+                if m <= 16 {
+                    let t = time_op_graph(gpu, reps, samples, true, &mut |i| {
+                        fp4_gemm(gpu, &ws[i % copies], &xo, m, &mut ys)
+                    })?;
+                    eprintln!("  fused+PDL {fname} k={k} n={n} m={m}: {:.2} us", t.us);
+                    push(
+                        rows,
+                        "fp4_fused_pdl".into(),
+                        t,
+                        format!(
+                            "auto {cfg:?}; {copies} weight copies; launches chained by PDL: \
+                             each one's first weight loads before griddepcontrol.wait"
+                        ),
+                    );
+                }
                 let mut best = (t, format!("{cfg:?}"));
                 if sweep && (m == 1 || m == 16) {
                     for m_tiles in [1u32, 2] {
