@@ -21,8 +21,10 @@
 __device__ __forceinline__ float bf(u16 h) { return bf16_to_f32(h); }
 __device__ __forceinline__ u16 to_bf(float f) { return f32_to_bf16(f); }
 
-// Sum over the block (blockDim.x a multiple of 32, at most 1024). `sh` holds 32 floats.
-__device__ float block_sum(float v, float* sh) {
+// Sum over the block (blockDim.x a multiple of 32, at most 1024). `sh` holds 32 entries.
+// f32 (fixed shuffle order) or u64 (integer: any order gives the same result).
+template <class T>
+__device__ T block_sum(T v, T* sh) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -30,7 +32,7 @@ __device__ float block_sum(float v, float* sh) {
     if (lane == 0) sh[warp] = v;
     __syncthreads();
     // Every warp reduces the nw partials with the same shuffle tree: one result, fixed order.
-    float s = lane < nw ? sh[lane] : 0.f;
+    T s = lane < nw ? sh[lane] : T(0);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
     return s;
@@ -1116,19 +1118,6 @@ __device__ __forceinline__ u64 topp_mass(u32 key, u32 count, u32 kmax, double in
     return (u64)count * (u64)__dmul_rn(det_exp(d), 4294967296.0);
 }
 
-// Integer sum over the block (any order gives the same result). `sh` holds 32 entries.
-__device__ u64 block_sum_u64(u64 v, u64* sh) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    __syncthreads();
-    if (lane == 0) sh[warp] = v;
-    __syncthreads();
-    u64 s = 0;
-    for (int w = 0; w < nw; w++) s += sh[w];
-    return s;
-}
-
 // Sum of v over the threads above this one (threadIdx.x + 1 ..). `sh` holds 32 entries.
 __device__ u64 block_sum_above(u64 v, u64* sh) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
@@ -1198,7 +1187,7 @@ topp_threshold(const u32* __restrict__ hist, u32* __restrict__ kmax, u64* __rest
         const uint4 c = *(const uint4*)(h + k0);
         const u64 s = topp_mass(k0, c.x, km, inv_t) + topp_mass(k0 + 1, c.y, km, inv_t) +
                       topp_mass(k0 + 2, c.z, km, inv_t) + topp_mass(k0 + 3, c.w, km, inv_t);
-        const u64 tot = block_sum_u64(s, sh);
+        const u64 tot = block_sum(s, sh);
         if (threadIdx.x == 0) part[(size_t)b * nb + blockIdx.x] = tot;
     }
     if (!last_block(counters + b, nb, &flag)) return;

@@ -142,11 +142,11 @@ fn time_op_graph(
     op: &mut dyn FnMut(usize) -> Result<(), CudaError>,
 ) -> Res<Timing> {
     let s: &Arc<CudaStream> = gpu.stream();
+    for i in 0..reps.max(3) {
+        op(i)?;
+    }
+    gpu.synchronize()?;
     if pdl {
-        for i in 0..reps.max(3) {
-            op(i)?;
-        }
-        gpu.synchronize()?;
         s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)?;
         let mut res = Ok(());
         for i in 0..reps {
@@ -166,35 +166,11 @@ fn time_op_graph(
             )
             .into());
         }
-        let ctx = gpu.context();
-        let ev0 = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-        let ev1 = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
         g.launch()?;
         g.launch()?;
         gpu.synchronize()?;
-        let mut times = Vec::with_capacity(samples);
-        for _ in 0..samples {
-            ev0.record(s)?;
-            g.launch()?;
-            ev1.record(s)?;
-            ev1.synchronize()?;
-            times.push(ev0.elapsed_ms(&ev1)? as f64 * 1000.0 / reps as f64);
-        }
-        times.sort_by(|a, b| a.total_cmp(b));
-        let med = times[times.len() / 2];
-        return Ok(Timing {
-            us: med,
-            spread: (times[times.len() - 1] - times[0]) / med,
-            graph: true,
-        });
+        return sample_runs(gpu, reps, samples, true, &mut || Ok(g.launch()?));
     }
-    for i in 0..reps.max(3) {
-        op(i)?;
-    }
-    gpu.synchronize()?;
-    let ctx = gpu.context();
-    let ev0 = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-    let ev1 = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
     let mut graph = None;
     if s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
         .is_ok()
@@ -213,37 +189,51 @@ fn time_op_graph(
             }
         }
         // A failed capture can leave a sticky error on the context's record; clear it.
-        let _ = ctx.check_err();
+        let _ = gpu.context().check_err();
     }
-    let mut times = Vec::with_capacity(samples);
-    if let Some(g) = &graph {
-        g.launch()?;
-        g.launch()?;
-        gpu.synchronize()?;
-        for _ in 0..samples {
-            ev0.record(s)?;
+    match &graph {
+        Some(g) => {
             g.launch()?;
-            ev1.record(s)?;
-            ev1.synchronize()?;
-            times.push(ev0.elapsed_ms(&ev1)? as f64 * 1000.0 / reps as f64);
+            g.launch()?;
+            gpu.synchronize()?;
+            sample_runs(gpu, reps, samples, true, &mut || Ok(g.launch()?))
         }
-    } else {
-        for _ in 0..samples {
-            ev0.record(s)?;
+        None => sample_runs(gpu, reps, samples, false, &mut || {
             for i in 0..reps {
                 op(i)?;
             }
-            ev1.record(s)?;
-            ev1.synchronize()?;
-            times.push(ev0.elapsed_ms(&ev1)? as f64 * 1000.0 / reps as f64);
-        }
+            Ok(())
+        }),
+    }
+}
+
+/// `samples` timings of `run` (which queues `reps` launches) between two events: the median per
+/// launch in microseconds and the spread (max - min) / median.
+fn sample_runs(
+    gpu: &GpuContext,
+    reps: usize,
+    samples: usize,
+    graph: bool,
+    run: &mut dyn FnMut() -> Res<()>,
+) -> Res<Timing> {
+    let s = gpu.stream();
+    let ctx = gpu.context();
+    let ev0 = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+    let ev1 = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+    let mut times = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        ev0.record(s)?;
+        run()?;
+        ev1.record(s)?;
+        ev1.synchronize()?;
+        times.push(ev0.elapsed_ms(&ev1)? as f64 * 1000.0 / reps as f64);
     }
     times.sort_by(|a, b| a.total_cmp(b));
     let med = times[times.len() / 2];
     Ok(Timing {
         us: med,
         spread: (times[times.len() - 1] - times[0]) / med,
-        graph: graph.is_some(),
+        graph,
     })
 }
 
