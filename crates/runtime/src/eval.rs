@@ -196,6 +196,51 @@ pub struct Divergence {
     pub candidate_top1: u32,
 }
 
+/// Upper edges (nats) of the reference-margin bins of [`Comparison::top1_by_margin`]; the last
+/// bin is open.
+pub const MARGIN_EDGES: [f64; 4] = [0.1, 0.5, 1.0, 2.0];
+
+/// Top-1 agreement over the positions whose reference margin (log-probability of the
+/// reference's most likely token minus that of its second) falls in `[lo, hi)`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct MarginBin {
+    /// Lower edge of the margin (nats).
+    pub lo: f64,
+    /// Upper edge (nats); None for the open last bin.
+    pub hi: Option<f64>,
+    /// Scored positions in the bin.
+    pub positions: usize,
+    /// Of those, positions where both models' argmax agree.
+    pub agree: usize,
+}
+
+/// The bin index of a reference margin.
+fn margin_bin(margin: f64) -> usize {
+    MARGIN_EDGES
+        .iter()
+        .position(|&e| margin < e)
+        .unwrap_or(MARGIN_EDGES.len())
+}
+
+/// Log-probability gap between the largest and the second largest entry of `lp` (0 for fewer
+/// than two entries; NaN entries are ignored).
+fn top2_margin(lp: &[f32]) -> f64 {
+    let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+    for &v in lp {
+        if v > a {
+            b = a;
+            a = v;
+        } else if v > b {
+            b = v;
+        }
+    }
+    if b == f32::NEG_INFINITY {
+        0.0
+    } else {
+        (a - b) as f64
+    }
+}
+
 /// Result of comparing a candidate model with a reference.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Comparison {
@@ -207,6 +252,10 @@ pub struct Comparison {
     pub mean_kl: f64,
     /// Fraction of positions where both models' argmax agree.
     pub top1_agreement: f64,
+    /// Top-1 agreement by the reference's own margin between its first and second choice
+    /// ([`MARGIN_EDGES`]): shows whether the candidate's different choices are near-ties of the
+    /// reference or confident predictions it overturned.
+    pub top1_by_margin: Vec<MarginBin>,
     /// Positions with the largest KL, largest first.
     pub worst: Vec<Divergence>,
 }
@@ -249,6 +298,14 @@ pub fn compare_on(
     let (mut nll_r, mut nll_c, mut kl_sum) = (0.0f64, 0.0f64, 0.0f64);
     let (mut n, mut agree) = (0usize, 0usize);
     let mut all: Vec<Divergence> = Vec::new();
+    let mut bins: Vec<MarginBin> = (0..=MARGIN_EDGES.len())
+        .map(|i| MarginBin {
+            lo: if i == 0 { 0.0 } else { MARGIN_EDGES[i - 1] },
+            hi: MARGIN_EDGES.get(i).copied(),
+            positions: 0,
+            agree: 0,
+        })
+        .collect();
     for &w in &ws {
         // Reference rows first (one model's logits at a time bounds memory to one window).
         let mut ref_rows: Vec<Vec<f32>> = Vec::new();
@@ -269,6 +326,9 @@ pub fn compare_on(
             kl_sum += kl;
             let (tr, tc) = (argmax(lr) as u32, argmax(lc) as u32);
             agree += usize::from(tr == tc);
+            let bin = &mut bins[margin_bin(top2_margin(lr))];
+            bin.positions += 1;
+            bin.agree += usize::from(tr == tc);
             n += 1;
             all.push(Divergence {
                 position: pos,
@@ -293,6 +353,7 @@ pub fn compare_on(
         candidate: mk(nll_c),
         mean_kl: kl_sum / n as f64,
         top1_agreement: agree as f64 / n as f64,
+        top1_by_margin: bins,
         worst: all,
     })
 }
@@ -300,6 +361,20 @@ pub fn compare_on(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn margins_and_bins() {
+        assert_eq!(top2_margin(&[-1.0, -3.0, -0.5]), 0.5);
+        assert_eq!(top2_margin(&[-2.0, -2.0]), 0.0);
+        assert_eq!(top2_margin(&[-1.0]), 0.0);
+        assert_eq!(top2_margin(&[f32::NAN, -1.0, -1.25]), 0.25);
+        assert_eq!(margin_bin(0.0), 0);
+        assert_eq!(margin_bin(0.0999), 0);
+        assert_eq!(margin_bin(0.1), 1);
+        assert_eq!(margin_bin(1.5), 3);
+        assert_eq!(margin_bin(2.0), 4);
+        assert_eq!(margin_bin(50.0), 4);
+    }
 
     #[test]
     fn windows_score_every_token_once() {

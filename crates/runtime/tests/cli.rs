@@ -231,6 +231,12 @@ fn ppl_and_compare() {
     ]);
     let r = &c["result"];
     assert!(r["mean_kl"].as_f64().unwrap() > 1e-4);
+    // The margin bins partition the scored positions and their agreements.
+    let bins = r["top1_by_margin"].as_array().unwrap();
+    let sum = |k: &str| bins.iter().map(|b| b[k].as_u64().unwrap()).sum::<u64>();
+    assert_eq!(sum("positions"), r["reference"]["tokens"].as_u64().unwrap());
+    let agree = r["top1_agreement"].as_f64().unwrap() * sum("positions") as f64;
+    assert!((sum("agree") as f64 - agree).abs() < 1e-6);
     let worst = r["worst"].as_array().unwrap();
     assert_eq!(worst.len(), 3);
     assert!(worst[0]["kl"].as_f64() >= worst[2]["kl"].as_f64());

@@ -491,6 +491,22 @@ fn run_compare(
     );
     mimo_runtime::outln!("mean KL(ref||cand) {:.6} nats", cmp.mean_kl);
     mimo_runtime::outln!("top-1 agreement    {:.2}%", 100.0 * cmp.top1_agreement);
+    mimo_runtime::outln!("  by the reference's margin between its first and second choice:");
+    for b in &cmp.top1_by_margin {
+        let range = match b.hi {
+            Some(hi) => format!("[{:.1}, {:.1})", b.lo, hi),
+            None => format!(">= {:.1}", b.lo),
+        };
+        let share = if b.positions > 0 {
+            format!("{:.2}%", 100.0 * b.agree as f64 / b.positions as f64)
+        } else {
+            "-".to_string()
+        };
+        mimo_runtime::outln!(
+            "  margin {range:>11} nats: {:6} positions, agreement {share}",
+            b.positions
+        );
+    }
     mimo_runtime::outln!("worst positions:");
     for d in &cmp.worst {
         let show = |t: u32| tok.decode(&[t]).unwrap_or_default().replace('\n', "\\n");
