@@ -31,6 +31,7 @@ VARIANTS=(
   "nvfp4-gptq-ao-r5|nvfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5"
   "nvfp4-gptq-ao-asym-r5|nvfp4|--method gptq --act-order --damp 0.1 --asymmetric --gptq-refine 5"
   "mxfp4-gptq-ao-r5|mxfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5"
+  "nvfp4-gptq-ao-wl-r5|nvfp4|--method gptq --act-order --damp 0.1 --within-layer --gptq-refine 5"
 )
 # ONLY=regex (e.g. ONLY='nvfp4-gptq-ao-wl|mxfp4-gptq-ao-wl') reruns some variants and replaces
 # their rows in the existing bench/results/quality.json.
