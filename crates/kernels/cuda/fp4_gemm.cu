@@ -535,7 +535,10 @@ __device__ __forceinline__ void fp4_moe_down_t1_body(
     const u16* __restrict__ lut, const u16* __restrict__ act, const float* __restrict__ topw,
     const int* __restrict__ ids, u16* __restrict__ out, int n, int k, int P, int E, float post) {
     extern __shared__ float red[];  // [S][16]
-    pdl_enter();
+    // No pdl_enter here: fp4_accumulate waits after its first weight loads. The ids come from
+    // the router, the kernel before the previous one (the gate/up projection), which has
+    // finished before this grid can start; they are read through L2 (__ldcg). The activations
+    // (the gate/up output) and topw are read after the wait.
     const int S = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
     const int row0 = blockIdx.x * 16;
@@ -543,7 +546,7 @@ __device__ __forceinline__ void fp4_moe_down_t1_body(
     const size_t sbytes = (size_t)n * (FMT == FMT_NVFP4 ? (k >> 4) : (k >> 5));
     float tot_lo = 0.f, tot_hi = 0.f;  // rows g and g + 8 of token column 0 (lanes t == 0)
     for (int p = warp; p < P; p += S) {
-        const int e = ids[p];
+        const int e = __ldcg(ids + p);
         if (e < 0 || e >= E) continue;
         float acc[1][1][4] = {{{0.f, 0.f, 0.f, 0.f}}};
         const OneToken tok{p};
@@ -553,6 +556,7 @@ __device__ __forceinline__ void fp4_moe_down_t1_body(
         tot_lo += f * acc[0][0][0];
         tot_hi += f * acc[0][0][2];
     }
+    pdl_enter();  // a warp whose pairs were all invalid has not waited yet: before any store
     if (t == 0) {
         red[warp * 16 + g] = tot_lo;
         red[warp * 16 + g + 8] = tot_hi;

@@ -649,7 +649,12 @@ attention_w(const u16* __restrict__ q_src, int q_off, int q_stride, const u16* _
             const int* __restrict__ pos, const int* __restrict__ seq, u16* __restrict__ kc,
             u16* __restrict__ vc, float* __restrict__ part_ml, float* __restrict__ part_o,
             int* __restrict__ counters, u16* __restrict__ out, AttnArgs a) {
-    pdl_enter();
+    // With the new token's K/V prepared here (fused_new), nothing this block reads before the
+    // second pdl_enter below was written by the previous kernel: positions and cached keys and
+    // values of earlier tokens come from earlier steps. So in a PDL chain those loads (through
+    // L2, __ldcg) go out while the previous kernel (the QKV projection) finishes. Otherwise a
+    // separate kv_write may just have written row p: wait first.
+    if (!a.fused_new) pdl_enter();
     __shared__ float qf[128], kn[128], vn[128];
     // Per-warp partial outputs; reused as the split combine's scratch (>= 1024 floats).
     __shared__ float wo[1024];
@@ -658,7 +663,7 @@ attention_w(const u16* __restrict__ q_src, int q_off, int q_stride, const u16* _
     __shared__ int flag;
     const int t = blockIdx.x, h = blockIdx.y, z = blockIdx.z, d = a.d;
     const int group = a.n_heads / a.n_kv, kv = h / group;
-    const int p = pos[t], s = seq[t];
+    const int p = __ldcg(pos + t), s = __ldcg(seq + t);
     if (p < 0 || p >= a.capacity) return;  // the host refuses such steps; never write outside
     const int nsplit = p / a.split_len + 1;
     if (z >= nsplit) return;
@@ -686,10 +691,11 @@ attention_w(const u16* __restrict__ q_src, int q_off, int q_stride, const u16* _
 #pragma unroll
         for (int c = 0; c < 4; c++) {
             const bool ld = from_cache && c < nc;
-            kr[ps][c] = ld ? kp[c] : make_uint4(0, 0, 0, 0);
-            vr[ps][c] = ld ? vp[c] : make_uint4(0, 0, 0, 0);
+            kr[ps][c] = ld ? __ldcg(kp + c) : make_uint4(0, 0, 0, 0);
+            vr[ps][c] = ld ? __ldcg(vp + c) : make_uint4(0, 0, 0, 0);
         }
     }
+    pdl_enter();  // q, the new token's k/v and every store come from / go after here
     if (warp == 0) {
         warp_head_prep(q_src + (size_t)t * q_stride + q_off + h * d, q_bias ? q_bias + h * d : 0,
                        q_norm, a.eps, inv_freq, a.attn_factor, a.rot_dim, p, d, qf);

@@ -288,11 +288,18 @@ fn greedy_tokens_equal_cpu_on_embedded_model() {
     }
     let mut g = GpuModel::load(gpu, &dir).unwrap();
     let base = g.gpu().ctx.tuning();
-    // Graph with programmatic launches, graph without them and without the fused
-    // norm + router kernel, no graph.
+    // Graph with programmatic launches (with and without the fused norm + router kernel),
+    // graph without them and without the fused norm + router kernel, no graph.
     let pdl_on = Tuning {
         pdl: true,
         norm_router: true,
+        ..base
+    };
+    // PDL with the separate router (the kernels that load weights or cached K/V before their
+    // wait: GEMVs, router, one-token attention and MoE down projection).
+    let pdl_router = Tuning {
+        pdl: true,
+        norm_router: false,
         ..base
     };
     let plain = Tuning {
@@ -301,7 +308,12 @@ fn greedy_tokens_equal_cpu_on_embedded_model() {
         warp_attention: false,
         ..base
     };
-    for (use_graph, t) in [(true, pdl_on), (true, plain), (false, base)] {
+    for (use_graph, t) in [
+        (true, pdl_on),
+        (true, pdl_router),
+        (true, plain),
+        (false, base),
+    ] {
         let pdl = t.pdl;
         g.gpu().ctx.set_tuning(t);
         g.alloc_cache(1, 256).unwrap();
