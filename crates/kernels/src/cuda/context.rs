@@ -71,13 +71,16 @@ fn compile_log(e: &cudarc::nvrtc::CompileError) -> String {
 /// Latency features of the decode path, switchable for A/B measurements through the
 /// environment at context creation (`MIMO_PDL`, `MIMO_L2_PREFETCH`, `MIMO_MOE_DIRECT`,
 /// `MIMO_NORM_ROUTER`, `MIMO_WARP_ATTENTION`, `MIMO_FP8_PREFILL`, `MIMO_PREFILL_ATTENTION_MMA`, `MIMO_FP8_RESIDENT`: `1` on, `0` off) or later through [`GpuContext::set_tuning`]. The defaults
-/// follow the H100 ablation of docs/kernels-notes.md (round 3): the three that did not pay
+/// follow the H100 ablations of docs/kernels-notes.md (rounds 3-5): the ones that did not pay
 /// there are off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tuning {
     /// Programmatic dependent launch: captured decode graphs get programmatic edges between
-    /// our kernels ([`super::PdlGraph`]), so a kernel's launch overlaps the previous kernel's
-    /// tail. Off by default: no gain measured (kernel-internal latency dominates, not launch).
+    /// our kernels ([`super::PdlGraph`]), so a kernel starts during the previous kernel's tail;
+    /// the FP4 GEMVs, the router, the one-token attention and MoE down projection issue their
+    /// first weight / cached K/V loads before waiting on it (docs/kernels-notes.md round 5). On
+    /// by default since that preamble: +3-6 % FP4 decode at batch 1 on the H100 (round 3,
+    /// without it: no gain).
     pub pdl: bool,
     /// Dense FP4 kernels ask L2 for their block's weights before waiting on the previous
     /// kernel. Off by default: it slowed the M = 1 kernels (16.2 -> 19.7 us on 4096 x 14336).
@@ -112,7 +115,7 @@ pub struct Tuning {
 impl Default for Tuning {
     fn default() -> Self {
         Tuning {
-            pdl: false,
+            pdl: true,
             l2_prefetch: false,
             moe_direct: true,
             norm_router: false,
