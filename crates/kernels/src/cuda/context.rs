@@ -128,10 +128,16 @@ impl Default for Tuning {
 }
 
 impl Tuning {
+    /// A switch's environment variable: None where unset, else on unless it is `0` (the one
+    /// rule for every `MIMO_*` switch, here and in the tools).
+    pub fn env_flag(key: &str) -> Option<bool> {
+        std::env::var(key).ok().map(|v| v != "0")
+    }
+
     /// The defaults, each overridden by its environment variable where set (`0` off, else on).
     pub fn from_env() -> Self {
         let d = Tuning::default();
-        let flag = |k: &str, dflt: bool| std::env::var(k).map_or(dflt, |v| v != "0");
+        let flag = |k: &str, dflt: bool| Tuning::env_flag(k).unwrap_or(dflt);
         Tuning {
             pdl: flag("MIMO_PDL", d.pdl),
             l2_prefetch: flag("MIMO_L2_PREFETCH", d.l2_prefetch),

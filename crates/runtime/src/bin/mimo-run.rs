@@ -653,11 +653,12 @@ mod gpu {
         }
 
         /// Evaluation (ppl, compare): the FP8 prefill path only where asked for (`--fp8-prefill`
-        /// or MIMO_FP8_PREFILL=1), so that quality numbers describe the checkpoint with bf16
+        /// or MIMO_FP8_PREFILL set and not 0), so that quality numbers describe the checkpoint with bf16
         /// activations; generation and bench keep the context's default (FP8 where available).
         pub fn eval_prefill(&self, fp8: bool) {
             if let Backend::Cuda(g) = self {
-                let on = fp8 || std::env::var("MIMO_FP8_PREFILL").is_ok_and(|v| v == "1");
+                let on =
+                    fp8 || mimo_kernels::cuda::Tuning::env_flag("MIMO_FP8_PREFILL") == Some(true);
                 let t = g.ctx.tuning();
                 g.ctx.set_tuning(mimo_kernels::cuda::Tuning {
                     fp8_prefill: on,
