@@ -86,6 +86,34 @@ fn dims(
     Ok(m)
 }
 
+/// Sequential dot product of the scalar references: `sum a[t] * widen(b[t])`, t in order.
+fn dot_ref<T: Copy>(a: &[f32], b: &[T], widen: impl Fn(T) -> f32) -> f32 {
+    let mut s = 0.0f32;
+    for (&x, &y) in a.iter().zip(b) {
+        s += x * widen(y);
+    }
+    s
+}
+
+/// The scalar reference of [`matmul_f32_ref`] and [`matmul_bf16_ref`], over any weight element
+/// type widened to f32 by `widen`.
+fn matmul_dense_ref<T: Copy>(
+    x: &[f32],
+    w: &[T],
+    n: usize,
+    k: usize,
+    out: &mut [f32],
+    widen: impl Fn(T) -> f32 + Copy,
+) -> Result<(), MatmulError> {
+    let m = dims(x.len(), k, w.len(), n, out.len())?;
+    for i in 0..m {
+        for j in 0..n {
+            out[i * n + j] = dot_ref(&x[i * k..(i + 1) * k], &w[j * k..(j + 1) * k], widen);
+        }
+    }
+    Ok(())
+}
+
 /// Scalar reference: f32 weights `w` [n, k].
 pub fn matmul_f32_ref(
     x: &[f32],
@@ -94,17 +122,7 @@ pub fn matmul_f32_ref(
     k: usize,
     out: &mut [f32],
 ) -> Result<(), MatmulError> {
-    let m = dims(x.len(), k, w.len(), n, out.len())?;
-    for i in 0..m {
-        for j in 0..n {
-            let mut s = 0.0f32;
-            for t in 0..k {
-                s += x[i * k + t] * w[j * k + t];
-            }
-            out[i * n + j] = s;
-        }
-    }
-    Ok(())
+    matmul_dense_ref(x, w, n, k, out, |v| v)
 }
 
 /// Scalar reference: bf16 weights `w` [n, k].
@@ -115,17 +133,7 @@ pub fn matmul_bf16_ref(
     k: usize,
     out: &mut [f32],
 ) -> Result<(), MatmulError> {
-    let m = dims(x.len(), k, w.len(), n, out.len())?;
-    for i in 0..m {
-        for j in 0..n {
-            let mut s = 0.0f32;
-            for t in 0..k {
-                s += x[i * k + t] * w[j * k + t].to_f32();
-            }
-            out[i * n + j] = s;
-        }
-    }
-    Ok(())
+    matmul_dense_ref(x, w, n, k, out, bf16::to_f32)
 }
 
 /// Scalar reference: FP4 weights. Each weight row is dequantized (block multiplier times E2M1
@@ -138,11 +146,7 @@ pub fn matmul_fp4_ref(x: &[f32], w: &Fp4Matrix, out: &mut [f32]) -> Result<(), M
     for j in 0..n {
         crate::fp4::dequantize_row(w, j, &mut row)?;
         for i in 0..m {
-            let mut s = 0.0f32;
-            for t in 0..k {
-                s += x[i * k + t] * row[t];
-            }
-            out[i * n + j] = s;
+            out[i * n + j] = dot_ref(&x[i * k..(i + 1) * k], &row, |v| v);
         }
     }
     Ok(())
@@ -168,14 +172,58 @@ fn use_avx2() -> bool {
     }
 }
 
+/// A weight element type of the dense fast kernels: widened to f32 exactly, 8 at a time with
+/// AVX2.
+trait DenseWeight: Copy + Sync {
+    /// The f32 value (exact).
+    fn widen(self) -> f32;
+
+    /// Loads 8 consecutive weights from `p` and widens them to f32 lanes.
+    ///
+    /// # Safety
+    /// AVX2 is present and `p` points to 8 readable elements.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl DenseWeight for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+}
+
+impl DenseWeight for bf16 {
+    /// bf16 -> f32 is a 16-bit shift; exact.
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const bf16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        let h = _mm_loadu_si128(p as *const __m128i);
+        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+    }
+}
+
 /// Dot product with eight interleaved partial sums (element t goes to lane t % 8, lanes
-/// combined by [`tree8`]). This order defines every fast kernel's result.
+/// combined by [`tree8`]). This order defines every fast kernel's result. bf16 -> f32 is exact,
+/// so a bf16 `b` gives the same result as converting it first.
 #[inline]
-fn dot_f32(a: &[f32], b: &[f32], avx2: bool) -> f32 {
+fn dot<T: DenseWeight>(a: &[f32], b: &[T], avx2: bool) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if avx2 {
         // SAFETY: AVX2 support was checked at run time by the caller.
-        return unsafe { simd::dot_f32(a, b) };
+        return unsafe { simd::dot(a, b) };
     }
     let _ = avx2;
     let mut acc = [0.0f32; 8];
@@ -184,43 +232,13 @@ fn dot_f32(a: &[f32], b: &[f32], avx2: bool) -> f32 {
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
         for l in 0..8 {
-            acc[l] += x[l] * y[l];
+            acc[l] += x[l] * y[l].widen();
         }
     }
     for (l, (x, y)) in ra.iter().zip(rb).enumerate() {
-        acc[l] += x * y;
+        acc[l] += x * y.widen();
     }
     tree8(acc)
-}
-
-/// [`dot_f32`] with bf16 `b` (bf16 -> f32 is exact, so the result is the same as converting
-/// first and calling [`dot_f32`]).
-#[inline]
-fn dot_bf16(a: &[f32], b: &[bf16], avx2: bool) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if avx2 {
-        // SAFETY: AVX2 support was checked at run time by the caller.
-        return unsafe { simd::dot_bf16(a, b) };
-    }
-    let _ = avx2;
-    let mut acc = [0.0f32; 8];
-    let ca = a.chunks_exact(8);
-    let cb = b.chunks_exact(8);
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] += x[l] * bf16_to_f32(y[l]);
-        }
-    }
-    for (l, (x, y)) in ra.iter().zip(rb).enumerate() {
-        acc[l] += x * bf16_to_f32(*y);
-    }
-    tree8(acc)
-}
-
-#[inline(always)]
-fn bf16_to_f32(v: bf16) -> f32 {
-    f32::from_bits((v.to_bits() as u32) << 16)
 }
 
 /// Runs `rows_fn(j0, out)` over groups of weight rows in parallel: `out` holds the m outputs of
@@ -248,15 +266,14 @@ fn par_rows(m: usize, n: usize, out: &mut [f32], rows_fn: impl Fn(usize, &mut [f
     }
 }
 
-/// The dense matmul of [`matmul_f32`] and [`matmul_bf16`], over any weight element type with a
-/// matching dot product: parallel over output rows, each element summed in one fixed order.
-fn matmul_dense<T: Sync>(
+/// The dense matmul of [`matmul_f32`] and [`matmul_bf16`], over either weight element type:
+/// parallel over output rows, each element summed in one fixed order ([`dot`]).
+fn matmul_dense<T: DenseWeight>(
     x: &[f32],
     w: &[T],
     n: usize,
     k: usize,
     out: &mut [f32],
-    dot: fn(&[f32], &[T], bool) -> f32,
 ) -> Result<(), MatmulError> {
     let m = dims(x.len(), k, w.len(), n, out.len())?;
     let avx2 = use_avx2();
@@ -279,7 +296,7 @@ pub fn matmul_f32(
     k: usize,
     out: &mut [f32],
 ) -> Result<(), MatmulError> {
-    matmul_dense(x, w, n, k, out, dot_f32)
+    matmul_dense(x, w, n, k, out)
 }
 
 /// Fast bf16-weight matmul: `out[m, n] = x[m, k] · w[n, k]^T`, parallel over n. Bit-identical
@@ -291,7 +308,7 @@ pub fn matmul_bf16(
     k: usize,
     out: &mut [f32],
 ) -> Result<(), MatmulError> {
-    matmul_dense(x, w, n, k, out, dot_bf16)
+    matmul_dense(x, w, n, k, out)
 }
 
 /// Multiplier of every possible scale byte for this matrix (the same f32 values as
@@ -322,7 +339,7 @@ fn decode_row(packed: &[u8], scales: &[u8], block: usize, mults: &[f32; 256], ou
 }
 
 /// Dot of x with one FP4 row, portable version: element t contributes
-/// `(e2m1_t * multiplier) * x_t` to lane t % 8, so the result equals [`dot_f32`] of x with the
+/// `(e2m1_t * multiplier) * x_t` to lane t % 8, so the result equals [`dot`] of x with the
 /// dequantized row, bit for bit.
 fn fp4_row_dot_portable(
     packed: &[u8],
@@ -401,7 +418,7 @@ pub fn matmul_fp4(x: &[f32], w: &Fp4Matrix, out: &mut [f32]) -> Result<(), Matmu
             let (p, s) = row(j0 + r);
             decode_row(p, s, block, &mults, &mut buf);
             for (i, v) in oj.iter_mut().enumerate() {
-                *v = dot_f32(&x[i * k..(i + 1) * k], &buf, avx2);
+                *v = dot(&x[i * k..(i + 1) * k], &buf, avx2);
             }
         }
     });
@@ -414,9 +431,7 @@ pub fn matmul_fp4(x: &[f32], w: &Fp4Matrix, out: &mut [f32]) -> Result<(), Matmu
 mod simd {
     use std::arch::x86_64::*;
 
-    use half::bf16;
-
-    use super::tree8;
+    use super::{tree8, DenseWeight};
 
     /// How far ahead of the current block the FP4 loop prefetches packed weights.
     const PREFETCH_BYTES: usize = 512;
@@ -432,47 +447,23 @@ mod simd {
         tree8(a)
     }
 
-    /// Portable `dot_f32` semantics with 8-wide vectors.
+    /// Portable `dot` semantics with 8-wide vectors.
     #[target_feature(enable = "avx2")]
-    pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    pub unsafe fn dot<T: DenseWeight>(a: &[f32], b: &[T]) -> f32 {
         let len = a.len().min(b.len());
         let main = len / 8 * 8;
         let mut acc = _mm256_setzero_ps();
         let mut t = 0;
         while t < main {
             let va = _mm256_loadu_ps(a.as_ptr().add(t));
-            let vb = _mm256_loadu_ps(b.as_ptr().add(t));
+            let vb = T::load8(b.as_ptr().add(t));
             acc = _mm256_add_ps(acc, _mm256_mul_ps(va, vb));
             t += 8;
         }
         let mut lanes = [0.0f32; 8];
         _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
         for l in 0..len - main {
-            lanes[l] += a[main + l] * b[main + l];
-        }
-        tree8(lanes)
-    }
-
-    /// Portable `dot_bf16` semantics with 8-wide vectors.
-    #[target_feature(enable = "avx2")]
-    pub unsafe fn dot_bf16(a: &[f32], b: &[bf16]) -> f32 {
-        let len = a.len().min(b.len());
-        let main = len / 8 * 8;
-        let mut acc = _mm256_setzero_ps();
-        let mut t = 0;
-        let bp = b.as_ptr() as *const u16;
-        while t < main {
-            let va = _mm256_loadu_ps(a.as_ptr().add(t));
-            let h = _mm_loadu_si128(bp.add(t) as *const __m128i);
-            let wide = _mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16);
-            let vb = _mm256_castsi256_ps(wide);
-            acc = _mm256_add_ps(acc, _mm256_mul_ps(va, vb));
-            t += 8;
-        }
-        let mut lanes = [0.0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
-        for l in 0..len - main {
-            lanes[l] += a[main + l] * f32::from_bits((b[main + l].to_bits() as u32) << 16);
+            lanes[l] += a[main + l] * b[main + l].widen();
         }
         tree8(lanes)
     }
@@ -579,14 +570,8 @@ mod tests {
             let a = rand_vec(&mut rng, len);
             let b = rand_vec(&mut rng, len);
             let bb: Vec<bf16> = b.iter().map(|&v| bf16::from_f32(v)).collect();
-            assert_eq!(
-                dot_f32(&a, &b, true).to_bits(),
-                dot_f32(&a, &b, false).to_bits()
-            );
-            assert_eq!(
-                dot_bf16(&a, &bb, true).to_bits(),
-                dot_bf16(&a, &bb, false).to_bits()
-            );
+            assert_eq!(dot(&a, &b, true).to_bits(), dot(&a, &b, false).to_bits());
+            assert_eq!(dot(&a, &bb, true).to_bits(), dot(&a, &bb, false).to_bits());
         }
         for (fmt_nv, k) in [(true, 16usize), (true, 160), (false, 32), (false, 320)] {
             let w = rand_vec(&mut rng, 2 * k);
@@ -619,7 +604,7 @@ mod tests {
             );
             // And both equal the f32 dot with the dequantized row.
             let d = crate::fp4::dequantize(&m).unwrap();
-            assert_eq!(pa.to_bits(), dot_f32(&x, &d[..k], false).to_bits());
+            assert_eq!(pa.to_bits(), dot(&x, &d[..k], false).to_bits());
         }
     }
 }
