@@ -1009,6 +1009,68 @@ fn prefill_and_decode_match_cpu_at_head_dim_128() {
     }
 }
 
+/// Decode over a context longer than one `attention_w` split (16 tiles of 64 keys): 1,100
+/// cached tokens, so the warp kernel walks two splits (16 tiles and 2) and its last block
+/// combines them; the thread-per-key kernel (64-key splits) runs the same steps. Against the
+/// CPU at head_dim 64.
+#[test]
+fn decode_over_two_warp_splits_matches_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let spec = fixtures::SyntheticSpec {
+        hidden: 256,
+        intermediate: 256,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        vocab: 256,
+    }
+    .spec();
+    fixtures::write_spec(
+        d.path(),
+        &spec,
+        fixtures::WriteOptions {
+            seed: 11,
+            max_shard_bytes: None,
+        },
+    )
+    .unwrap();
+    let cpu = Model::load(d.path()).unwrap();
+    assert_eq!(cpu.config.head_dim, 64);
+    let vocab = cpu.config.vocab_size;
+    let prompt: Vec<u32> = (0..1100u32).map(|i| (i * 31 + 5) % vocab as u32).collect();
+    let cap = 1300;
+    let mut cache0 = cpu.new_cache(cap);
+    let want = cpu.forward(&prompt, &mut cache0, Logits::Last).unwrap();
+    let mut g = GpuModel::load(gpu.clone(), d.path()).unwrap();
+    let base = gpu.ctx.tuning();
+    for warp in [true, false] {
+        gpu.ctx.set_tuning(Tuning {
+            warp_attention: warp,
+            ..base
+        });
+        g.alloc_cache(1, cap).unwrap();
+        let got = g.forward(&prompt, 0, 0, false).unwrap();
+        check_close(&format!("prefill of 1100 (warp {warp})"), &got, &want);
+        let mut cache = cache0.clone();
+        let mut tok = argmax(&want) as u32;
+        g.decode_start(&[tok], &[prompt.len()], true).unwrap();
+        for step in 0..4 {
+            let p = prompt.len() + step;
+            g.decode_steps(1, 1).unwrap();
+            let got = g.decode_logits(1).unwrap();
+            let want = cpu.forward(&[tok], &mut cache, Logits::Last).unwrap();
+            check_close(
+                &format!("1100-token context, warp_attention {warp}, decode step {step}"),
+                &got,
+                &want,
+            );
+            tok = g.decode_tokens(1, p + 1, p + 2).unwrap()[0][0];
+        }
+    }
+    gpu.ctx.set_tuning(base);
+}
+
 fn tiny_moe_config() -> ModelConfig {
     let d = tempfile::tempdir().unwrap();
     fixtures::write_fixture(d.path(), Arch::Qwen3Moe, 3).unwrap();
