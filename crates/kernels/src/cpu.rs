@@ -12,7 +12,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use crate::e2m1::BYTE_LUT;
-use crate::fp4::{block_multiplier, Fp4Error, Fp4Matrix};
+use crate::fp4::{block_multiplier, decode_block, Fp4Error, Fp4Matrix};
 
 /// Weight rows handled by one parallel task (output features).
 const ROWS_PER_TASK: usize = 16;
@@ -329,12 +329,7 @@ fn decode_row(packed: &[u8], scales: &[u8], block: usize, mults: &[f32; 256], ou
         .zip(packed.chunks_exact(block / 2))
         .zip(scales)
     {
-        let mult = mults[code as usize];
-        for (pair, &b) in o.chunks_exact_mut(2).zip(bytes) {
-            let [lo, hi] = BYTE_LUT[b as usize];
-            pair[0] = lo * mult;
-            pair[1] = hi * mult;
-        }
+        decode_block(bytes, mults[code as usize], o);
     }
 }
 

@@ -90,6 +90,19 @@ impl Fp4Format {
         }
     }
 
+    /// The block size, or [`Fp4Error::NotBlockMultiple`] when `k` is not a multiple of it.
+    fn check_k(self, k: usize) -> Result<usize, Fp4Error> {
+        let block = self.block_size();
+        if k % block != 0 {
+            return Err(Fp4Error::NotBlockMultiple {
+                format: self,
+                k,
+                block,
+            });
+        }
+        Ok(block)
+    }
+
     /// Value of one scale byte in this format (E4M3 or E8M0).
     #[inline]
     pub fn decode_scale(self, code: u8) -> f32 {
@@ -195,14 +208,7 @@ impl Fp4Matrix {
     /// Checks that the buffers agree with the shape and the global scale is finite and positive
     /// (O(1); what the matmul kernels check on every call).
     pub fn validate_shape(&self) -> Result<(), Fp4Error> {
-        let block = self.format.block_size();
-        if self.k % block != 0 {
-            return Err(Fp4Error::NotBlockMultiple {
-                format: self.format,
-                k: self.k,
-                block,
-            });
-        }
+        let block = self.format.check_k(self.k)?;
         let elems = self.n.checked_mul(self.k).ok_or(Fp4Error::BadShape {
             n: self.n,
             k: self.k,
@@ -283,10 +289,7 @@ pub(crate) fn check_row_buffers(
     packed_len: usize,
     scales_len: usize,
 ) -> Result<(), Fp4Error> {
-    let block = format.block_size();
-    if k % block != 0 {
-        return Err(Fp4Error::NotBlockMultiple { format, k, block });
-    }
+    let block = format.check_k(k)?;
     check_len("packed_out", k / 2, packed_len)?;
     check_len("scales_out", k / block, scales_len)
 }
@@ -343,23 +346,40 @@ fn ct_global_scale(amax: f32, arith: SrcDType) -> f32 {
 /// bfloat16 rounding ([`CT_ROUND_THROUGH_BF16`]), then the ties-to-even thresholds.
 #[inline]
 pub fn ct_round_e2m1(q: f32) -> u8 {
+    e2m1::encode(ct_clamp(q))
+}
+
+/// compressed-tensors' scaled value before the E2M1 thresholds: clamped to +-6, then rounded
+/// to bfloat16 when [`CT_ROUND_THROUGH_BF16`] is on.
+#[inline]
+fn ct_clamp(q: f32) -> f32 {
     let c = q.clamp(-e2m1::E2M1_MAX, e2m1::E2M1_MAX);
-    let c = if CT_ROUND_THROUGH_BF16 {
+    if CT_ROUND_THROUGH_BF16 {
         SrcDType::BF16.round(c)
     } else {
         c
-    };
-    e2m1::encode(c)
+    }
 }
 
 /// E4M3 code of one NVFP4 block scale, compressed-tensors op order:
 /// `e4m3(global_scale * round_arith(block_amax / 6))`, with a zero result replaced by 0.125.
 #[inline]
 pub fn nvfp4_block_scale_code(block_amax: f32, global_scale: f32, arith: SrcDType) -> u8 {
+    ct_block_scale_code_with(block_amax, global_scale, arith, e4m3::encode)
+}
+
+/// [`nvfp4_block_scale_code`] with the E4M3 encoder `encode` (the fast one or the reference).
+#[inline]
+fn ct_block_scale_code_with(
+    block_amax: f32,
+    global_scale: f32,
+    arith: SrcDType,
+    encode: fn(f32) -> u8,
+) -> u8 {
     let local = arith.round(block_amax / e2m1::E2M1_MAX);
-    let code = e4m3::encode(global_scale * local);
+    let code = encode(global_scale * local);
     if e4m3::decode(code) == 0.0 {
-        e4m3::encode(CT_ZERO_SCALE_EPS)
+        encode(CT_ZERO_SCALE_EPS)
     } else {
         code
     }
@@ -418,24 +438,38 @@ pub fn quantize_row_nvfp4_modelopt(
     rowquant::quantize_row(q, row, packed_out, scales_out)
 }
 
-/// Input checks shared by the NVFP4 reference quantizers: buffer lengths for the row, a finite
-/// positive tensor scale (either convention), finite elements.
-fn check_nvfp4_row(
+/// The scalar reference quantizers' common part: checks the buffer lengths for the row, the
+/// tensor scale when the format has one (finite and > 0, either NVFP4 convention) and that
+/// every element is finite; then for each block `x` of the row, `block_fn(x)` gives the
+/// block's scale code and the E2M1 encoder of its elements.
+fn quantize_blocks_reference<E: Fn(f32) -> u8>(
+    format: Fp4Format,
+    tensor_scale: Option<f32>,
     row: &[f32],
-    tensor_scale: f32,
-    packed_out: &[u8],
-    scales_out: &[u8],
+    packed_out: &mut [u8],
+    scales_out: &mut [u8],
+    block_fn: impl Fn(&[f32]) -> (u8, E),
 ) -> Result<(), Fp4Error> {
-    check_row_buffers(
-        Fp4Format::Nvfp4,
-        row.len(),
-        packed_out.len(),
-        scales_out.len(),
-    )?;
-    if !(tensor_scale.is_finite() && tensor_scale > 0.0) {
-        return Err(Fp4Error::BadGlobalScale(tensor_scale));
+    check_row_buffers(format, row.len(), packed_out.len(), scales_out.len())?;
+    if let Some(s) = tensor_scale {
+        if !(s.is_finite() && s > 0.0) {
+            return Err(Fp4Error::BadGlobalScale(s));
+        }
     }
-    check_finite(row, 0)
+    check_finite(row, 0)?;
+    let block = format.block_size();
+    for ((x, packed), scale) in row
+        .chunks_exact(block)
+        .zip(packed_out.chunks_exact_mut(block / 2))
+        .zip(scales_out.iter_mut())
+    {
+        let (code, enc) = block_fn(x);
+        *scale = code;
+        for (pair, byte) in x.chunks_exact(2).zip(packed.iter_mut()) {
+            *byte = e2m1::pack(enc(pair[0]), enc(pair[1]));
+        }
+    }
+    Ok(())
 }
 
 /// Scalar reference (slow, written as the reference tools read; tests check the fast row
@@ -451,26 +485,13 @@ pub fn quantize_row_nvfp4_in_reference(
     packed_out: &mut [u8],
     scales_out: &mut [u8],
 ) -> Result<(), Fp4Error> {
-    check_nvfp4_row(row, global_scale, packed_out, scales_out)?;
-    let block = Fp4Format::Nvfp4.block_size();
-    for ((x, packed), scale) in row
-        .chunks_exact(block)
-        .zip(packed_out.chunks_exact_mut(block / 2))
-        .zip(scales_out.iter_mut())
-    {
-        let local = arith.round(amax(x) / e2m1::E2M1_MAX);
-        let code = e4m3::encode_reference(global_scale * local);
-        let code = if e4m3::decode(code) == 0.0 {
-            e4m3::encode_reference(CT_ZERO_SCALE_EPS)
-        } else {
-            code
-        };
-        *scale = code;
+    let (p, s) = (packed_out, scales_out);
+    quantize_blocks_reference(Fp4Format::Nvfp4, Some(global_scale), row, p, s, |x| {
+        let code = ct_block_scale_code_with(amax(x), global_scale, arith, e4m3::encode_reference);
         // compressed-tensors `_quantize`: scale / global_scale, then x / that.
         let eff = e4m3::decode(code) / global_scale;
-        encode_block(x, packed, |v| ct_round_e2m1_reference(v / eff));
-    }
-    Ok(())
+        (code, move |v| ct_round_e2m1_reference(v / eff))
+    })
 }
 
 /// E8M0 code of one MXFP4 block scale as compressed-tensors computes it (see module docs).
@@ -502,25 +523,11 @@ pub fn quantize_row_mxfp4_reference(
     packed_out: &mut [u8],
     scales_out: &mut [u8],
 ) -> Result<(), Fp4Error> {
-    check_row_buffers(
-        Fp4Format::Mxfp4,
-        row.len(),
-        packed_out.len(),
-        scales_out.len(),
-    )?;
-    check_finite(row, 0)?;
-    let block = Fp4Format::Mxfp4.block_size();
-    for ((x, packed), scale) in row
-        .chunks_exact(block)
-        .zip(packed_out.chunks_exact_mut(block / 2))
-        .zip(scales_out.iter_mut())
-    {
+    quantize_blocks_reference(Fp4Format::Mxfp4, None, row, packed_out, scales_out, |x| {
         let code = mxfp4_scale_code(amax(x));
-        *scale = code;
         let s = e8m0::decode(code);
-        encode_block(x, packed, |v| ct_round_e2m1_reference(v / s));
-    }
-    Ok(())
+        (code, move |v| ct_round_e2m1_reference(v / s))
+    })
 }
 
 /// ModelOpt per-tensor scale `weight_scale_2 = amax / (6 * 448)`, with amax clamped to the
@@ -533,8 +540,19 @@ pub fn modelopt_weight_scale_2(amax: f32) -> f32 {
 /// `e4m3(block_amax / (6 * weight_scale_2))`, with a zero scale replaced by 1.0.
 #[inline]
 pub fn modelopt_block_scale_code(block_amax: f32, weight_scale_2: f32) -> u8 {
+    modelopt_block_scale_code_with(block_amax, weight_scale_2, e4m3::encode)
+}
+
+/// [`modelopt_block_scale_code`] with the E4M3 encoder `encode` (the fast one or the
+/// reference).
+#[inline]
+fn modelopt_block_scale_code_with(
+    block_amax: f32,
+    weight_scale_2: f32,
+    encode: fn(f32) -> u8,
+) -> u8 {
     let s = block_amax / (e2m1::E2M1_MAX * weight_scale_2);
-    e4m3::encode(if s == 0.0 { 1.0 } else { s })
+    encode(if s == 0.0 { 1.0 } else { s })
 }
 
 /// Scalar reference (slow, written as the reference tools read; tests check the fast row
@@ -549,21 +567,13 @@ pub fn quantize_row_nvfp4_modelopt_reference(
     packed_out: &mut [u8],
     scales_out: &mut [u8],
 ) -> Result<(), Fp4Error> {
-    check_nvfp4_row(row, weight_scale_2, packed_out, scales_out)?;
-    let block = Fp4Format::Nvfp4.block_size();
-    for ((x, packed), scale) in row
-        .chunks_exact(block)
-        .zip(packed_out.chunks_exact_mut(block / 2))
-        .zip(scales_out.iter_mut())
-    {
-        let s = amax(x) / (e2m1::E2M1_MAX * weight_scale_2);
-        let code = e4m3::encode_reference(if s == 0.0 { 1.0 } else { s });
-        *scale = code;
+    let (p, s) = (packed_out, scales_out);
+    quantize_blocks_reference(Fp4Format::Nvfp4, Some(weight_scale_2), row, p, s, |x| {
+        let code = modelopt_block_scale_code_with(amax(x), weight_scale_2, e4m3::encode_reference);
         let eff = e4m3::decode(code) * weight_scale_2;
         // `_cast_fp4`: f32 thresholds, no clamp needed (anything above 5 is code 7).
-        encode_block(x, packed, |v| e2m1_encode_reference(v / eff));
-    }
-    Ok(())
+        (code, move |v| e2m1_encode_reference(v / eff))
+    })
 }
 
 /// [`e2m1::encode`] through the reference threshold chain.
@@ -578,27 +588,11 @@ fn e2m1_encode_reference(x: f32) -> u8 {
 
 /// [`ct_round_e2m1`] through the reference threshold chain.
 fn ct_round_e2m1_reference(q: f32) -> u8 {
-    let c = q.clamp(-e2m1::E2M1_MAX, e2m1::E2M1_MAX);
-    let c = if CT_ROUND_THROUGH_BF16 {
-        SrcDType::BF16.round(c)
-    } else {
-        c
-    };
-    e2m1_encode_reference(c)
-}
-
-#[inline]
-fn encode_block(x: &[f32], packed: &mut [u8], enc: impl Fn(f32) -> u8) {
-    for (pair, byte) in x.chunks_exact(2).zip(packed.iter_mut()) {
-        *byte = e2m1::pack(enc(pair[0]), enc(pair[1]));
-    }
+    e2m1_encode_reference(ct_clamp(q))
 }
 
 fn check_matrix_input(format: Fp4Format, w: &[f32], n: usize, k: usize) -> Result<(), Fp4Error> {
-    let block = format.block_size();
-    if k % block != 0 {
-        return Err(Fp4Error::NotBlockMultiple { format, k, block });
-    }
+    format.check_k(k)?;
     let elems = n.checked_mul(k).ok_or(Fp4Error::BadShape { n, k })?;
     check_len("w", elems, w.len())?;
     check_finite(w, 0)
@@ -707,13 +701,20 @@ pub fn dequantize_row(m: &Fp4Matrix, row: usize, out: &mut [f32]) -> Result<(), 
                 code,
             });
         }
-        for (pair, &byte) in o.chunks_exact_mut(2).zip(bytes) {
-            let [lo, hi] = e2m1::BYTE_LUT[byte as usize];
-            pair[0] = lo * mult;
-            pair[1] = hi * mult;
-        }
+        decode_block(bytes, mult, o);
     }
     Ok(())
+}
+
+/// Dequantizes one block: element `2i` / `2i + 1` of `out` is the low / high nibble of
+/// `bytes[i]` as an E2M1 value, times `mult`.
+#[inline]
+pub(crate) fn decode_block(bytes: &[u8], mult: f32, out: &mut [f32]) {
+    for (pair, &byte) in out.chunks_exact_mut(2).zip(bytes) {
+        let [lo, hi] = e2m1::BYTE_LUT[byte as usize];
+        pair[0] = lo * mult;
+        pair[1] = hi * mult;
+    }
 }
 
 /// Dequantizes the whole matrix into a new row-major [n, k] f32 vector (validates first).
