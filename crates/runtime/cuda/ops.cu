@@ -631,110 +631,15 @@ __device__ __forceinline__ void attention_prefill_body(
 ATTENTION_PREFILL(attention_prefill_d64, 64)
 ATTENTION_PREFILL(attention_prefill_d128, 128)
 
-// Causal GQA attention for head_dim in {32, 64, 96, 128} (decode steps): same arguments, grid
-// and results as `attention` (flash-decoding, last split block combines), with a shorter chain
-// of dependent steps. The split length is any multiple of 64 (the host picks it so that short
-// contexts need one split, hence no combine): the block walks its split in 64-key tiles. 128
-// threads = 4 warps x 16 keys of a tile (two passes of 8); lane (g = lane / 4, sub = lane % 4)
-// holds elements [sub * d/4, (sub + 1) * d/4) of key g of each pass. The first tile's K and V
-// loads are issued before anything else, while warps 0 and 1 prepare q and the new key/value
-// (bias, norm, RoPE) with warp shuffles only; each later tile's loads are issued before the
-// tile before it is computed (two register buffers). Each warp keeps an online softmax over
-// its keys (its running max; per-lane partial sums and P.V, rescaled as the max grows and
-// reduced over the warp once at the end), and the 4 warps' (max, sum, out) are merged in warp
-// order.
+// Causal GQA attention for head_dim in {32, 64, 96, 128} and 64-key splits (decode steps):
+// same arguments, grid and results as `attention` (flash-decoding, last split block combines),
+// with a shorter chain of dependent steps. 128 threads = 4 warps x 16 keys (two passes of 8);
+// lane (g = lane / 4, sub = lane % 4) holds elements [sub * d/4, (sub + 1) * d/4) of key g of
+// each pass. Every K and V load of the block is issued first, while warps 0 and 1 prepare q
+// and the new key/value (bias, norm, RoPE) with warp shuffles only; one block barrier later each
+// warp scores its 16 keys (two shuffle steps), runs its own softmax and P.V (three shuffle
+// steps), and the 4 warps' (max, sum, out) are merged in warp order.
 #define AW_WARPS 4
-#define AW_TILE 64
-
-// One lane's K and V of tile `tile` (keys tile * 64 + warp * 16 + ps * 8 + g of the split):
-// loaded through L2 from the cache where the key is in [j0, j1] and is not the new token.
-__device__ __forceinline__ void aw_load(uint4 (&kr)[2][4], uint4 (&vr)[2][4],
-                                        const u16* __restrict__ kc, const u16* __restrict__ vc,
-                                        size_t cbase, int base, int j0, int j1, int p,
-                                        bool has_new, int d, int nc, int e0) {
-    const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2;
-#pragma unroll
-    for (int ps = 0; ps < 2; ps++) {
-        const int j = base + warp * 16 + ps * 8 + g;
-        const bool from_cache = j >= j0 && j <= j1 && !(has_new && j == p);
-        const size_t row = (cbase + (from_cache ? j : 0)) * d + e0;
-        const uint4* kp = (const uint4*)(kc + row);
-        const uint4* vp = (const uint4*)(vc + row);
-#pragma unroll
-        for (int c = 0; c < 4; c++) {
-            const bool ld = from_cache && c < nc;
-            kr[ps][c] = ld ? __ldcg(kp + c) : make_uint4(0, 0, 0, 0);
-            vr[ps][c] = ld ? __ldcg(vp + c) : make_uint4(0, 0, 0, 0);
-        }
-    }
-}
-
-// Online-softmax running state of one lane: the warp's max `m` (equal in every lane), this
-// lane's share of the exp-sum and of P.V over its keys (elements e0 + 8c + i).
-struct AwState {
-    float m, l;
-    float o[4][8];
-};
-
-// Folds one tile (this lane's two keys) into the state.
-__device__ __forceinline__ void aw_step(const uint4 (&kr)[2][4], const uint4 (&vr)[2][4],
-                                        AwState& st, int base, int j0, int j1, int p,
-                                        bool has_new, int nc, int e0, const float* qf,
-                                        const float* kn, const float* vn, float scale) {
-    const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2;
-    float score[2];
-    bool valid[2], use_new[2];
-#pragma unroll
-    for (int ps = 0; ps < 2; ps++) {
-        const int j = base + warp * 16 + ps * 8 + g;
-        valid[ps] = j >= j0 && j <= j1;
-        use_new[ps] = has_new && j == p;
-        float acc = 0.f;
-#pragma unroll
-        for (int c = 0; c < 4; c++) {
-            if (c >= nc) break;
-            const u32 w4[4] = {kr[ps][c].x, kr[ps][c].y, kr[ps][c].z, kr[ps][c].w};
-#pragma unroll
-            for (int q = 0; q < 4; q++) {
-                const int e = e0 + 8 * c + 2 * q;
-                const float k0 = use_new[ps] ? kn[e] : bf_lo(w4[q]);
-                const float k1 = use_new[ps] ? kn[e + 1] : bf_hi(w4[q]);
-                acc += qf[e] * k0 + qf[e + 1] * k1;
-            }
-        }
-        acc += __shfl_xor_sync(0xffffffffu, acc, 1);
-        acc += __shfl_xor_sync(0xffffffffu, acc, 2);
-        score[ps] = valid[ps] ? acc * scale : NEG_INF;
-    }
-    float mt = fmaxf(score[0], score[1]);
-#pragma unroll
-    for (int o = 4; o < 32; o <<= 1) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, o));
-    const float mn = fmaxf(st.m, mt);
-    if (mn == NEG_INF) return;  // no key of the warp so far (uniform across the warp)
-    const float f = st.m == NEG_INF ? 0.f : expf(st.m - mn);
-    float pg[2];
-#pragma unroll
-    for (int ps = 0; ps < 2; ps++) pg[ps] = valid[ps] ? expf(score[ps] - mn) : 0.f;
-    st.m = mn;
-    st.l = st.l * f + pg[0] + pg[1];
-#pragma unroll
-    for (int c = 0; c < 4; c++) {
-        if (c >= nc) break;
-#pragma unroll
-        for (int i = 0; i < 8; i++) st.o[c][i] *= f;
-#pragma unroll
-        for (int ps = 0; ps < 2; ps++) {
-            const u32 w4[4] = {vr[ps][c].x, vr[ps][c].y, vr[ps][c].z, vr[ps][c].w};
-#pragma unroll
-            for (int q = 0; q < 4; q++) {
-                const int e = e0 + 8 * c + 2 * q;
-                st.o[c][2 * q] += pg[ps] * (use_new[ps] ? vn[e] : bf_lo(w4[q]));
-                st.o[c][2 * q + 1] += pg[ps] * (use_new[ps] ? vn[e + 1] : bf_hi(w4[q]));
-            }
-        }
-    }
-}
-
 extern "C" __global__ void __launch_bounds__(128)
 attention_w(const u16* __restrict__ q_src, int q_off, int q_stride, const u16* __restrict__ k_src,
             int k_off, int k_stride, const u16* __restrict__ v_src, int v_off, int v_stride,
@@ -760,23 +665,36 @@ attention_w(const u16* __restrict__ q_src, int q_off, int q_stride, const u16* _
     const int group = a.n_heads / a.n_kv, kv = h / group;
     const int p = __ldcg(pos + t), s = __ldcg(seq + t);
     if (p < 0 || p >= a.capacity) return;  // the host refuses such steps; never write outside
-    const int L = a.split_len;
-    const int nsplit = p / L + 1;
+    const int nsplit = p / a.split_len + 1;
     if (z >= nsplit) return;
     const int lo = window_lo(p, a.window);
-    const int j0 = max(lo, z * L), j1 = min(p, z * L + L - 1);
+    const int j0 = max(lo, z * a.split_len), j1 = min(p, z * a.split_len + a.split_len - 1);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, sub = lane & 3;
     const size_t cbase = (((size_t)s * a.layers + a.layer) * a.n_kv + kv) * a.capacity;
     const bool has_new = a.fused_new && j0 <= p && p <= j1;
     const int nc = d >> 5;          // 16-byte chunks per lane (<= 4)
     const int e0 = sub * (d >> 2);  // first element of this lane
-    // The split's tiles that hold keys in [j0, j1] (none where the window ends before it).
-    const int t_lo = j0 <= j1 ? (j0 - z * L) / AW_TILE : 0;
-    const int t_hi = j0 <= j1 ? (j1 - z * L) / AW_TILE : -1;
-    uint4 ka[2][4], va[2][4], kb[2][4], vb[2][4];
-    if (t_lo <= t_hi)
-        aw_load(ka, va, kc, vc, cbase, z * L + t_lo * AW_TILE, j0, j1, p, has_new, d, nc, e0);
+    int jk[2];
+    bool valid[2], use_new[2];
+    uint4 kr[2][4], vr[2][4];
+#pragma unroll
+    for (int ps = 0; ps < 2; ps++) {
+        const int j = z * a.split_len + warp * 16 + ps * 8 + g;
+        jk[ps] = j;
+        valid[ps] = j >= j0 && j <= j1;
+        use_new[ps] = has_new && j == p;
+        const bool from_cache = valid[ps] && !use_new[ps];
+        const size_t row = (cbase + (from_cache ? j : 0)) * d + e0;
+        const uint4* kp = (const uint4*)(kc + row);
+        const uint4* vp = (const uint4*)(vc + row);
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+            const bool ld = from_cache && c < nc;
+            kr[ps][c] = ld ? __ldcg(kp + c) : make_uint4(0, 0, 0, 0);
+            vr[ps][c] = ld ? __ldcg(vp + c) : make_uint4(0, 0, 0, 0);
+        }
+    }
     pdl_enter();  // q, the new token's k/v and every store come from / go after here
     if (warp == 0) {
         warp_head_prep(q_src + (size_t)t * q_stride + q_off + h * d, q_bias ? q_bias + h * d : 0,
@@ -788,41 +706,62 @@ attention_w(const u16* __restrict__ q_src, int q_off, int q_stride, const u16* _
                kc + (cbase + p) * d, vc + (cbase + p) * d, h % group == 0, d, lane, 32);
     }
     __syncthreads();
-    AwState st;
-    st.m = NEG_INF;
-    st.l = 0.f;
+    // Scores of this lane's two keys: its d/4 elements, then the 4 lanes of each key.
+    float score[2];
 #pragma unroll
-    for (int c = 0; c < 4; c++)
+    for (int ps = 0; ps < 2; ps++) {
+        float acc = 0.f;
 #pragma unroll
-        for (int i = 0; i < 8; i++) st.o[c][i] = 0.f;
-    // Two register buffers, the loop unrolled by two (no copies between them).
-    for (int ti = t_lo; ti <= t_hi; ti += 2) {
-        if (ti + 1 <= t_hi)
-            aw_load(kb, vb, kc, vc, cbase, z * L + (ti + 1) * AW_TILE, j0, j1, p, has_new, d, nc,
-                    e0);
-        aw_step(ka, va, st, z * L + ti * AW_TILE, j0, j1, p, has_new, nc, e0, qf, kn, vn,
-                a.scale);
-        if (ti + 1 > t_hi) break;
-        if (ti + 2 <= t_hi)
-            aw_load(ka, va, kc, vc, cbase, z * L + (ti + 2) * AW_TILE, j0, j1, p, has_new, d, nc,
-                    e0);
-        aw_step(kb, vb, st, z * L + (ti + 1) * AW_TILE, j0, j1, p, has_new, nc, e0, qf, kn, vn,
-                a.scale);
+        for (int c = 0; c < 4; c++) {
+            if (c >= nc) break;
+            const u32 w4[4] = {kr[ps][c].x, kr[ps][c].y, kr[ps][c].z, kr[ps][c].w};
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+                const int e = e0 + 8 * c + 2 * q;
+                const float k0 = use_new[ps] ? kn[e] : bf_lo(w4[q]);
+                const float k1 = use_new[ps] ? kn[e + 1] : bf_hi(w4[q]);
+                acc += qf[e] * k0 + qf[e + 1] * k1;
+            }
+        }
+        acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+        acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+        score[ps] = valid[ps] ? acc * a.scale : NEG_INF;
     }
-    // The warp's sums over its keys: lanes with the same `sub` hold the same elements.
-    const float mw = st.m;
-    float lw = st.l;
+    // The warp's softmax over its 16 keys.
+    float mw = fmaxf(score[0], score[1]);
+#pragma unroll
+    for (int o = 4; o < 32; o <<= 1) mw = fmaxf(mw, __shfl_xor_sync(0xffffffffu, mw, o));
+    float pg[2];
+#pragma unroll
+    for (int ps = 0; ps < 2; ps++) pg[ps] = valid[ps] ? expf(score[ps] - mw) : 0.f;
+    float lw = pg[0] + pg[1];
 #pragma unroll
     for (int o = 4; o < 32; o <<= 1) lw += __shfl_xor_sync(0xffffffffu, lw, o);
+    // P.V on this lane's elements, summed over the warp's 16 keys.
 #pragma unroll
     for (int c = 0; c < 4; c++) {
         if (c >= nc) break;
+        float o8[8];
+#pragma unroll
+        for (int i = 0; i < 8; i++) o8[i] = 0.f;
+#pragma unroll
+        for (int ps = 0; ps < 2; ps++) {
+            const u32 w4[4] = {vr[ps][c].x, vr[ps][c].y, vr[ps][c].z, vr[ps][c].w};
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+                const int e = e0 + 8 * c + 2 * q;
+                o8[2 * q] += pg[ps] * (use_new[ps] ? vn[e] : bf_lo(w4[q]));
+                o8[2 * q + 1] += pg[ps] * (use_new[ps] ? vn[e + 1] : bf_hi(w4[q]));
+            }
+        }
 #pragma unroll
         for (int i = 0; i < 8; i++) {
-            float v = st.o[c][i];
 #pragma unroll
-            for (int o = 4; o < 32; o <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-            if (g == 0) wo[warp * 128 + e0 + 8 * c + i] = v;
+            for (int o = 4; o < 32; o <<= 1) o8[i] += __shfl_xor_sync(0xffffffffu, o8[i], o);
+        }
+        if (g == 0) {
+#pragma unroll
+            for (int i = 0; i < 8; i++) wo[warp * 128 + e0 + 8 * c + i] = o8[i];
         }
     }
     if (lane == 0) {

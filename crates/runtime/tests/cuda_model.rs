@@ -1009,12 +1009,10 @@ fn prefill_and_decode_match_cpu_at_head_dim_128() {
     }
 }
 
-/// Decode over a context longer than one `attention_w` split (16 tiles of 64 keys): 1,100
-/// cached tokens, so the warp kernel walks two splits (16 tiles and 2) and its last block
-/// combines them; the thread-per-key kernel (64-key splits) runs the same steps. Against the
-/// CPU at head_dim 64.
+/// Decode over a long context: 1,100 cached tokens, 18 splits of 64 keys combined by the last
+/// block, through both decode attention kernels. Against the CPU at head_dim 64.
 #[test]
-fn decode_over_two_warp_splits_matches_cpu() {
+fn decode_over_a_long_context_matches_cpu() {
     let Some(gpu) = gpu() else { return };
     let d = tempfile::tempdir().unwrap();
     let spec = fixtures::SyntheticSpec {

@@ -21,8 +21,6 @@ pub const OPS_SRC: (&str, &str) = ("ops.cu", include_str!("../../cuda/ops.cu"));
 
 /// Keys per attention split (flash-decoding): a block scores at most this many keys.
 pub const SPLIT_LEN: usize = 64;
-/// Most 64-key tiles one `attention_w` block walks (its split length in tiles).
-pub const WARP_SPLIT_TILES: usize = 16;
 /// Threads of an attention block; RoPE uses one thread per rotated pair, so head_dim <= 256.
 pub const ATTN_THREADS: u32 = 128;
 /// Longest context the attention kernels take: their split combine keeps one factor per split
@@ -394,7 +392,7 @@ impl Ops {
         m: usize,
     ) -> Result<(), GpuError> {
         // The warp kernel for one-sequence decode steps where the head fits its lane layout
-        // (d / 4 elements per lane in 16-byte pieces, at most 128); it sets its own split length.
+        // (d / 4 elements per lane in 16-byte pieces, at most 128) and splits are its 64 keys.
         // Prefill and batched decode keep the thread-per-key kernel: with many blocks in flight
         // its lighter blocks win (H100: batch 8 / 32 decode 7 % / 13 % slower with the warp
         // kernel, batch 1 5 % faster). The combine scratch (1024 floats) bounds the splits:
@@ -436,21 +434,7 @@ impl Ops {
             && m == 1
             && a.d % 32 == 0
             && a.d <= 128
-            && a.split_len as usize % SPLIT_LEN == 0;
-        // The warp kernel walks its split in 64-key tiles: up to WARP_SPLIT_TILES of them per
-        // block, so that a context of up to 1024 keys needs one split and no cross-block
-        // combine (fewer splits than the part buffers were sized for, never more).
-        let a = if warp_kernel {
-            let cap = a.capacity.max(1) as usize;
-            let split = SPLIT_LEN * cap.div_ceil(SPLIT_LEN).clamp(1, WARP_SPLIT_TILES);
-            AttnArgs {
-                split_len: split as i32,
-                max_splits: cap.div_ceil(split) as i32,
-                ..a
-            }
-        } else {
-            a
-        };
+            && a.split_len == 64;
         let f = if warp_kernel {
             &self.attention_w
         } else {
