@@ -158,10 +158,11 @@ fn tree8(a: [f32; 8]) -> f32 {
     ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
 }
 
-/// True when the AVX2 paths can run. They compute exactly the same operations in the same order
-/// as the portable code (no FMA), so the choice never changes a result.
+/// True when the AVX2 paths (here and in [`crate::rowquant`]) can run on this CPU. They compute
+/// exactly the same operations in the same order as the portable code (no FMA), so the choice
+/// never changes a result.
 #[inline]
-fn use_avx2() -> bool {
+pub(crate) fn use_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::is_x86_feature_detected!("avx2")

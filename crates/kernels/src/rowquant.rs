@@ -24,8 +24,11 @@
 //! The AVX2 build of the same code is chosen at run time; it performs the same operations in the
 //! same order (no FMA), so the choice never changes a result.
 
-use half::f16;
+use std::marker::PhantomData;
 
+use half::{bf16, f16};
+
+use crate::cpu::use_avx2;
 use crate::dtype::SrcDType;
 use crate::fp4::{
     check_row_buffers, mxfp4_scale_code, Fp4Error, Fp4Format, CT_ROUND_THROUGH_BF16,
@@ -37,8 +40,18 @@ use crate::{e2m1, e4m3, e8m0};
 /// [`MAGNITUDE_THRESHOLDS`] that is crossed (0 -> 0.5 -> 1 -> 1.5 -> 2 -> 3 -> 4 -> 6).
 const MAGNITUDE_STEPS: [f32; 7] = [0.5, 0.5, 0.5, 0.5, 1.0, 1.0, 2.0];
 
-/// The E2M1 rounding thresholds (the values of [`crate::e2m1::MAGNITUDE_THRESHOLD_BITS`]).
-const MAGNITUDE_THRESHOLDS: [f32; 7] = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0];
+/// The E2M1 rounding thresholds (the values of [`crate::e2m1::MAGNITUDE_THRESHOLD_BITS`]), each
+/// with whether a tie goes to the upper code (`>=`) rather than the lower one (`>`): the
+/// reference chain's `<` / `<=`.
+const MAGNITUDE_THRESHOLDS: [(f32, bool); 7] = [
+    (0.25, false),
+    (0.75, true),
+    (1.25, false),
+    (1.75, true),
+    (2.5, false),
+    (3.5, true),
+    (5.0, false),
+];
 
 /// Which quantizer a row goes through.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -112,9 +125,6 @@ trait Source {
 }
 
 struct F32Row<'a>(&'a [f32]);
-struct F32Bytes<'a>(&'a [u8]);
-struct Bf16Bytes<'a>(&'a [u8]);
-struct F16Bytes<'a>(&'a [u8]);
 
 impl Source for F32Row<'_> {
     #[inline(always)]
@@ -129,54 +139,59 @@ impl Source for F32Row<'_> {
     }
 }
 
-impl Source for F32Bytes<'_> {
+/// An element type of raw little-endian row bytes.
+trait LeElement {
+    /// Bytes per element.
+    const WIDTH: usize;
+    /// The f32 value of one element's `WIDTH` bytes (an exact widening).
+    fn widen(b: &[u8]) -> f32;
+}
+
+impl LeElement for f32 {
+    const WIDTH: usize = 4;
     #[inline(always)]
-    fn len(&self) -> usize {
-        self.0.len() / 4
-    }
-    #[inline(always)]
-    fn chunk(&self, j: usize) -> [f32; 16] {
-        let b: &[u8; 64] = self.0[64 * j..64 * j + 64]
-            .try_into()
-            .expect("64-byte chunk");
-        let mut x = [0.0f32; 16];
-        for (v, c) in x.iter_mut().zip(b.chunks_exact(4)) {
-            *v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-        }
-        x
+    fn widen(b: &[u8]) -> f32 {
+        f32::from_le_bytes([b[0], b[1], b[2], b[3]])
     }
 }
 
-impl Source for Bf16Bytes<'_> {
+impl LeElement for bf16 {
+    const WIDTH: usize = 2;
+    /// bf16 -> f32 is a 16-bit shift; exact.
     #[inline(always)]
-    fn len(&self) -> usize {
-        self.0.len() / 2
-    }
-    #[inline(always)]
-    fn chunk(&self, j: usize) -> [f32; 16] {
-        let b: &[u8; 32] = self.0[32 * j..32 * j + 32]
-            .try_into()
-            .expect("32-byte chunk");
-        let mut h = [0u16; 16];
-        for (v, c) in h.iter_mut().zip(b.chunks_exact(2)) {
-            *v = u16::from_le_bytes([c[0], c[1]]);
-        }
-        // bf16 -> f32 is a 16-bit shift; exact.
-        h.map(|v| f32::from_bits((v as u32) << 16))
+    fn widen(b: &[u8]) -> f32 {
+        f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)
     }
 }
 
-impl Source for F16Bytes<'_> {
+impl LeElement for f16 {
+    const WIDTH: usize = 2;
+    #[inline(always)]
+    fn widen(b: &[u8]) -> f32 {
+        f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()
+    }
+}
+
+/// A row given as raw little-endian bytes of element type `E`.
+struct LeBytes<'a, E>(&'a [u8], PhantomData<E>);
+
+impl<'a, E: LeElement> LeBytes<'a, E> {
+    fn new(bytes: &'a [u8]) -> Self {
+        LeBytes(bytes, PhantomData)
+    }
+}
+
+impl<E: LeElement> Source for LeBytes<'_, E> {
     #[inline(always)]
     fn len(&self) -> usize {
-        self.0.len() / 2
+        self.0.len() / E::WIDTH
     }
     #[inline(always)]
     fn chunk(&self, j: usize) -> [f32; 16] {
-        let b = &self.0[32 * j..32 * j + 32];
+        let b = &self.0[16 * E::WIDTH * j..16 * E::WIDTH * (j + 1)];
         let mut x = [0.0f32; 16];
-        for (i, v) in x.iter_mut().enumerate() {
-            *v = f16::from_bits(u16::from_le_bytes([b[2 * i], b[2 * i + 1]])).to_f32();
+        for (v, c) in x.iter_mut().zip(b.chunks_exact(E::WIDTH)) {
+            *v = E::widen(c);
         }
         x
     }
@@ -238,15 +253,10 @@ fn encode16<const ERR: bool, const MUL: bool>(
         // 0 as in the reference. Integer compares of the bits would need unsigned compares,
         // which SSE2 lacks.
         let a = q.abs();
-        let above = [
-            a > MAGNITUDE_THRESHOLDS[0],
-            a >= MAGNITUDE_THRESHOLDS[1],
-            a > MAGNITUDE_THRESHOLDS[2],
-            a >= MAGNITUDE_THRESHOLDS[3],
-            a > MAGNITUDE_THRESHOLDS[4],
-            a >= MAGNITUDE_THRESHOLDS[5],
-            a > MAGNITUDE_THRESHOLDS[6],
-        ];
+        let mut above = [false; 7];
+        for (x, &(t, ge)) in above.iter_mut().zip(&MAGNITUDE_THRESHOLDS) {
+            *x = if ge { a >= t } else { a > t };
+        }
         let mut c = 0u32;
         let mut v = 0.0f32;
         for t in 0..7 {
@@ -299,7 +309,7 @@ fn encode16_dispatch<const ERR: bool, const MUL: bool, const AVX: bool>(
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::Lanes;
+    use super::{Lanes, MAGNITUDE_THRESHOLDS};
     use crate::e2m1::E2M1_LUT;
 
     /// Codes (i32 lanes, 0..=15) of 8 scaled values, and with ERR their dequantized values.
@@ -500,7 +510,7 @@ mod avx2 {
         packed: &mut [u8],
         scales: &mut [u8],
     ) -> Option<Lanes> {
-        use super::{e2m1, e4m3, Bf16Bytes, RowQuant, Source, CT_ZERO_SCALE_EPS};
+        use super::{bf16, e2m1, e4m3, LeBytes, RowQuant, Source, CT_ZERO_SCALE_EPS};
         let blocks = scales.len();
         if bytes.len() != 32 * blocks || packed.len() != 8 * blocks {
             return None;
@@ -572,7 +582,7 @@ mod avx2 {
             global_scale: gs,
             arith: crate::dtype::SrcDType::BF16,
         };
-        let src = Bf16Bytes(bytes);
+        let src = LeBytes::<bf16>::new(bytes);
         for b in full..blocks {
             let (code, v) = super::block_scale::<true, _>(q, &src, b).ok()?;
             scales[b] = code;
@@ -592,17 +602,6 @@ mod avx2 {
         Some(lanes)
     }
 
-    /// The E2M1 thresholds of [`codes8`] as (value, `>=` rather than `>`).
-    const THRESHOLDS: [(f32, bool); 7] = [
-        (0.25, false),
-        (0.75, true),
-        (1.25, false),
-        (1.75, true),
-        (2.5, false),
-        (3.5, true),
-        (5.0, false),
-    ];
-
     /// For 8 blocks (divisors `eff`, finite and > 0): for each E2M1 threshold `t` the smallest
     /// BF16 magnitude pattern `K` whose quotient crosses it (`fl(f32(K) / eff) > t`, or `>=`),
     /// minus one, as `k[threshold][block]`: an element's magnitude code is then the number of
@@ -617,7 +616,7 @@ mod avx2 {
     #[target_feature(enable = "avx2")]
     pub(super) fn thresholds(eff: __m256) -> [[i16; 8]; 7] {
         let mut k = [[0i16; 8]; 7];
-        for (out, &(t, ge)) in k.iter_mut().zip(&THRESHOLDS) {
+        for (out, &(t, ge)) in k.iter_mut().zip(&MAGNITUDE_THRESHOLDS) {
             let tv = _mm256_set1_ps(t);
             let y = _mm256_castps_si256(_mm256_mul_ps(tv, eff));
             let b0 = _mm256_srli_epi32::<16>(_mm256_add_epi32(y, _mm256_set1_epi32(0xFFFF)));
@@ -902,19 +901,6 @@ fn block_scale<const ERR: bool, S: Source>(
     }
 }
 
-/// True when the AVX2 build can run on this CPU.
-#[inline]
-fn use_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn row_avx2<const ERR: bool, S: Source>(
@@ -940,6 +926,15 @@ fn row_dispatch<const ERR: bool, S: Source>(
     row_kernel::<ERR, false, S>(q, src, packed, scales)
 }
 
+/// The argument checks of every public entry: buffer lengths for a row of `k` elements, then a
+/// finite positive tensor scale.
+#[inline]
+fn check_row_args(q: RowQuant, k: usize, packed: &[u8], scales: &[u8]) -> Result<(), Fp4Error> {
+    check_row_buffers(q.format(), k, packed.len(), scales.len())?;
+    check_scale(q)
+}
+
+/// The tensor scale of `q` (none for MXFP4) is finite and > 0.
 fn check_scale(q: RowQuant) -> Result<(), Fp4Error> {
     let s = match q {
         RowQuant::Nvfp4Ct { global_scale, .. } => global_scale,
@@ -962,8 +957,7 @@ pub fn quantize_row(
     packed_out: &mut [u8],
     scales_out: &mut [u8],
 ) -> Result<(), Fp4Error> {
-    check_row_buffers(q.format(), row.len(), packed_out.len(), scales_out.len())?;
-    check_scale(q)?;
+    check_row_args(q, row.len(), packed_out, scales_out)?;
     row_dispatch::<false, _>(q, &F32Row(row), packed_out, scales_out).map(|_| ())
 }
 
@@ -975,8 +969,7 @@ pub fn quantize_row_portable(
     packed_out: &mut [u8],
     scales_out: &mut [u8],
 ) -> Result<RowError, Fp4Error> {
-    check_row_buffers(q.format(), row.len(), packed_out.len(), scales_out.len())?;
-    check_scale(q)?;
+    check_row_args(q, row.len(), packed_out, scales_out)?;
     row_kernel::<true, false, _>(q, &F32Row(row), packed_out, scales_out).map(|l| l.finish())
 }
 
@@ -999,8 +992,7 @@ pub fn quantize_row_bytes_with_error(
             got: bytes.len(),
         });
     }
-    check_row_buffers(q.format(), k, packed_out.len(), scales_out.len())?;
-    check_scale(q)?;
+    check_row_args(q, k, packed_out, scales_out)?;
     #[cfg(target_arch = "x86_64")]
     if let (
         SrcDType::BF16,
@@ -1021,9 +1013,15 @@ pub fn quantize_row_bytes_with_error(
         }
     }
     let lanes = match dtype {
-        SrcDType::BF16 => row_dispatch::<true, _>(q, &Bf16Bytes(bytes), packed_out, scales_out),
-        SrcDType::F16 => row_dispatch::<true, _>(q, &F16Bytes(bytes), packed_out, scales_out),
-        SrcDType::F32 => row_dispatch::<true, _>(q, &F32Bytes(bytes), packed_out, scales_out),
+        SrcDType::BF16 => {
+            row_dispatch::<true, _>(q, &LeBytes::<bf16>::new(bytes), packed_out, scales_out)
+        }
+        SrcDType::F16 => {
+            row_dispatch::<true, _>(q, &LeBytes::<f16>::new(bytes), packed_out, scales_out)
+        }
+        SrcDType::F32 => {
+            row_dispatch::<true, _>(q, &LeBytes::<f32>::new(bytes), packed_out, scales_out)
+        }
     }?;
     Ok(lanes.finish())
 }
@@ -1035,8 +1033,7 @@ pub fn quantize_row_with_error(
     packed_out: &mut [u8],
     scales_out: &mut [u8],
 ) -> Result<RowError, Fp4Error> {
-    check_row_buffers(q.format(), row.len(), packed_out.len(), scales_out.len())?;
-    check_scale(q)?;
+    check_row_args(q, row.len(), packed_out, scales_out)?;
     row_dispatch::<true, _>(q, &F32Row(row), packed_out, scales_out).map(|l| l.finish())
 }
 
@@ -1099,8 +1096,8 @@ mod tests {
             global_scale: gs,
             arith: SrcDType::BF16,
         };
-        let r =
-            row_kernel::<true, false, _>(q, &Bf16Bytes(bytes), &mut p, &mut s).map(|l| l.finish());
+        let r = row_kernel::<true, false, _>(q, &LeBytes::<bf16>::new(bytes), &mut p, &mut s)
+            .map(|l| l.finish());
         (r, p, s)
     }
 
@@ -1223,15 +1220,11 @@ mod tests {
         for e8 in effs.chunks_exact(8) {
             // SAFETY: AVX2 checked above; e8 has 8 f32.
             let k = unsafe { avx2::thresholds(_mm256_loadu_ps(e8.as_ptr())) };
-            for (i, (&t, ge)) in MAGNITUDE_THRESHOLDS
-                .iter()
-                .zip([false, true].iter().cycle())
-                .enumerate()
-            {
+            for (i, &(t, ge)) in MAGNITUDE_THRESHOLDS.iter().enumerate() {
                 for (j, &eff) in e8.iter().enumerate() {
                     let crosses = |b: u32| {
                         let q = f32::from_bits(b << 16) / eff;
-                        if *ge {
+                        if ge {
                             q >= t
                         } else {
                             q > t
