@@ -74,8 +74,9 @@ def kernels(path):
           "| us | expert bytes read | weight TB/s | % copy |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        if r.get("group") == "moe" and r["kernel"] == "fp4_moe_layer":
-            print(f"| {r['format']} | {r['m']} | auto | {r['us']:.1f} | {r['weight_bytes'] / 1e6:.1f} MB "
+        if r.get("group") == "moe" and r["kernel"] in ("fp4_moe_layer", "fp4_moe_layer_pdl"):
+            cfg = "auto" if r["kernel"] == "fp4_moe_layer" else "auto, PDL chain"
+            print(f"| {r['format']} | {r['m']} | {cfg} | {r['us']:.1f} | {r['weight_bytes'] / 1e6:.1f} MB "
                   f"| {r['weight_tbps']:.2f} | {100 * r['copy_share']:.0f}% |")
 
 

@@ -649,52 +649,67 @@ fn moe_bench(
                 }
             }
         }
-        for (ci, cfg) in configs.into_iter().enumerate() {
-            let t = time_op(gpu, nr, samples, &mut |i| {
-                moe_layer_with(
-                    gpu,
-                    &w,
-                    &x,
-                    &ids_d[i % nr],
-                    &w_d[i % nr],
-                    tokens,
-                    top_k,
-                    &mut ws,
-                    &mut out,
-                    cfg,
-                )
-            })?;
-            eprintln!(
-                "  moe {} tokens={tokens} {cfg:?}: {:.2} us",
-                format.name(),
-                t.us
-            );
-            let (kernel, note) = if ci == 0 {
-                ("fp4_moe_layer".to_string(), format!("auto {cfg:?}; "))
-            } else {
-                (
-                    format!("fp4_moe_layer_gu{}_d{}", cfg.gate_up_warps, cfg.down_warps),
-                    "sweep; ".to_string(),
-                )
-            };
+        let distinct_per_call = used_total as f64 / nr as f64;
+        let mut push = |kernel: String, note: String, t: Timing| {
             rows.push(Row {
-            group: "moe",
-            kernel,
-            format: format.name(),
-            k: hidden,
-            n: inter,
-            m: tokens,
-            us: t.us,
-            spread: t.spread,
-            graph: t.graph,
-            weight_bytes: bytes.round() as usize,
-            flops: 2.0 * (tokens * top_k) as f64 * (3 * hidden * inter) as f64,
-            speedup: None,
-            note: format!(
-                "{note}Qwen3-30B-A3B layer: 128 experts, top-8, hidden 2048, inter 768; {:.1} distinct experts per call; route+gate_up+silu+down+combine",
-                used_total as f64 / nr as f64
-            ),
-        });
+                group: "moe",
+                kernel,
+                format: format.name(),
+                k: hidden,
+                n: inter,
+                m: tokens,
+                us: t.us,
+                spread: t.spread,
+                graph: t.graph,
+                weight_bytes: bytes.round() as usize,
+                flops: 2.0 * (tokens * top_k) as f64 * (3 * hidden * inter) as f64,
+                speedup: None,
+                note: format!(
+                    "{note}Qwen3-30B-A3B layer: 128 experts, top-8, hidden 2048, inter 768; {distinct_per_call:.1} distinct experts per call; route+gate_up+silu+down+combine"
+                ),
+            });
+        };
+        for (ci, cfg) in configs.into_iter().enumerate() {
+            // The auto configuration also as a PDL chain at one token (as decode runs it).
+            let modes: &[bool] = if ci == 0 && tokens == 1 {
+                &[false, true]
+            } else {
+                &[false]
+            };
+            for &pdl in modes {
+                let t = time_op_graph(gpu, nr, samples, pdl, &mut |i| {
+                    moe_layer_with(
+                        gpu,
+                        &w,
+                        &x,
+                        &ids_d[i % nr],
+                        &w_d[i % nr],
+                        tokens,
+                        top_k,
+                        &mut ws,
+                        &mut out,
+                        cfg,
+                    )
+                })?;
+                eprintln!(
+                    "  moe {} tokens={tokens} {cfg:?}{}: {:.2} us",
+                    format.name(),
+                    if pdl { " PDL chain" } else { "" },
+                    t.us
+                );
+                let (kernel, note) = match (ci, pdl) {
+                    (0, false) => ("fp4_moe_layer".to_string(), format!("auto {cfg:?}; ")),
+                    (0, true) => (
+                        "fp4_moe_layer_pdl".to_string(),
+                        format!("auto {cfg:?}; launches chained by PDL; "),
+                    ),
+                    _ => (
+                        format!("fp4_moe_layer_gu{}_d{}", cfg.gate_up_warps, cfg.down_warps),
+                        "sweep; ".to_string(),
+                    ),
+                };
+                push(kernel, note, t);
+            }
         }
     }
     Ok(())
