@@ -274,6 +274,18 @@ fn short(v: &Value) -> String {
 }
 
 impl<'a> Fields<'a> {
+    /// The top-level object of config.json `json`, or [`ConfigError::NotObject`].
+    fn root(json: &'a Value, file: &'a Path) -> Result<Fields<'a>, ConfigError> {
+        let obj = json.as_object().ok_or_else(|| ConfigError::NotObject {
+            file: file.to_path_buf(),
+        })?;
+        Ok(Fields {
+            file,
+            obj,
+            prefix: String::new(),
+        })
+    }
+
     fn key(&self, key: &str) -> String {
         format!("{}{}", self.prefix, key)
     }
@@ -307,16 +319,26 @@ impl<'a> Fields<'a> {
         self.obj.get(key).filter(|v| !v.is_null())
     }
 
-    fn opt_usize(&self, key: &str) -> Result<Option<usize>, ConfigError> {
+    /// The value at `key` converted by `conv`: `None` when absent, a [`ConfigError::WrongType`]
+    /// saying `expected` when `conv` rejects it.
+    fn opt<T>(
+        &self,
+        key: &str,
+        expected: &'static str,
+        conv: impl FnOnce(&'a Value) -> Option<T>,
+    ) -> Result<Option<T>, ConfigError> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => match v.as_u64() {
-                Some(n) => usize::try_from(n)
-                    .map(Some)
-                    .map_err(|_| self.wrong(key, "a non-negative integer", v)),
-                None => Err(self.wrong(key, "a non-negative integer", v)),
-            },
+            Some(v) => conv(v)
+                .map(Some)
+                .ok_or_else(|| self.wrong(key, expected, v)),
         }
+    }
+
+    fn opt_usize(&self, key: &str) -> Result<Option<usize>, ConfigError> {
+        self.opt(key, "a non-negative integer", |v| {
+            v.as_u64().and_then(|n| usize::try_from(n).ok())
+        })
     }
 
     fn usize(&self, key: &str) -> Result<usize, ConfigError> {
@@ -364,43 +386,24 @@ impl<'a> Fields<'a> {
     }
 
     fn opt_f64(&self, key: &str) -> Result<Option<f64>, ConfigError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| self.wrong(key, "a number", v)),
-        }
+        self.opt(key, "a number", Value::as_f64)
+    }
+
+    /// A required number.
+    fn f64(&self, key: &str) -> Result<f64, ConfigError> {
+        self.opt_f64(key)?.ok_or_else(|| self.missing(key))
     }
 
     fn opt_bool(&self, key: &str) -> Result<Option<bool>, ConfigError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_bool()
-                .map(Some)
-                .ok_or_else(|| self.wrong(key, "true or false", v)),
-        }
+        self.opt(key, "true or false", Value::as_bool)
     }
 
     fn opt_str(&self, key: &str) -> Result<Option<&'a str>, ConfigError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_str()
-                .map(Some)
-                .ok_or_else(|| self.wrong(key, "a string", v)),
-        }
+        self.opt(key, "a string", Value::as_str)
     }
 
     fn opt_object(&self, key: &str) -> Result<Option<&'a Map<String, Value>>, ConfigError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_object()
-                .map(Some)
-                .ok_or_else(|| self.wrong(key, "an object", v)),
-        }
+        self.opt(key, "an object", Value::as_object)
     }
 
     fn nested(&self, key: &str, obj: &'a Map<String, Value>) -> Fields<'a> {
@@ -458,29 +461,21 @@ impl ModelConfig {
     /// Reads and parses `<dir>/config.json`.
     pub fn from_dir(dir: &Path) -> Result<ModelConfig, ConfigError> {
         let file = dir.join("config.json");
-        let text = std::fs::read_to_string(&file).map_err(|e| ConfigError::Invalid {
+        let whole_file = |reason: String| ConfigError::Invalid {
             file: file.clone(),
             key: String::new(),
-            reason: format!("cannot read: {e}"),
-        })?;
-        let json: Value = serde_json::from_str(&text).map_err(|e| ConfigError::Invalid {
-            file: file.clone(),
-            key: String::new(),
-            reason: format!("invalid JSON: {e}"),
-        })?;
+            reason,
+        };
+        let text =
+            std::fs::read_to_string(&file).map_err(|e| whole_file(format!("cannot read: {e}")))?;
+        let json: Value =
+            serde_json::from_str(&text).map_err(|e| whole_file(format!("invalid JSON: {e}")))?;
         ModelConfig::from_json(&json, &file)
     }
 
     /// Parses a config.json value; `file` is used in error messages.
     pub fn from_json(json: &Value, file: &Path) -> Result<ModelConfig, ConfigError> {
-        let obj = json.as_object().ok_or_else(|| ConfigError::NotObject {
-            file: file.to_path_buf(),
-        })?;
-        let f = Fields {
-            file,
-            obj,
-            prefix: String::new(),
-        };
+        let f = Fields::root(json, file)?;
 
         let arch = parse_arch(&f)?;
 
@@ -595,14 +590,7 @@ impl ModelConfig {
     /// per-layer tables or bounding the layer count: a loader checks the declared layers'
     /// tensors exist first, so an absurd count is reported as the first missing layer tensor.
     pub fn declared_layers(json: &Value, file: &Path) -> Result<(Arch, usize), ConfigError> {
-        let obj = json.as_object().ok_or_else(|| ConfigError::NotObject {
-            file: file.to_path_buf(),
-        })?;
-        let f = Fields {
-            file,
-            obj,
-            prefix: String::new(),
-        };
+        let f = Fields::root(json, file)?;
         Ok((parse_arch(&f)?, f.positive("num_hidden_layers")?))
     }
 
@@ -614,11 +602,12 @@ impl ModelConfig {
 
 /// The architecture from `model_type`, or `architectures[0]` when model_type is absent.
 fn parse_arch(f: &Fields<'_>) -> Result<Arch, ConfigError> {
+    let unsupported = |name: &str| ConfigError::Unsupported {
+        file: f.file.to_path_buf(),
+        model_type: name.to_string(),
+    };
     Ok(match f.opt_str("model_type")? {
-        Some(mt) => Arch::from_model_type(mt).ok_or_else(|| ConfigError::Unsupported {
-            file: f.file.to_path_buf(),
-            model_type: mt.to_string(),
-        })?,
+        Some(mt) => Arch::from_model_type(mt).ok_or_else(|| unsupported(mt))?,
         None => {
             let class = f
                 .get("architectures")
@@ -626,10 +615,7 @@ fn parse_arch(f: &Fields<'_>) -> Result<Arch, ConfigError> {
                 .and_then(|a| a.first())
                 .and_then(|c| c.as_str())
                 .ok_or_else(|| f.missing("model_type"))?;
-            Arch::from_class_name(class).ok_or_else(|| ConfigError::Unsupported {
-                file: f.file.to_path_buf(),
-                model_type: class.to_string(),
-            })?
+            Arch::from_class_name(class).ok_or_else(|| unsupported(class))?
         }
     })
 }
@@ -672,7 +658,7 @@ fn parse_rope(f: &Fields<'_>, head_dim: usize, max_pos: usize) -> Result<RopeCon
                 None => s.opt_str("type")?.unwrap_or("default"),
             };
             let factor = || -> Result<f64, ConfigError> {
-                let v = s.opt_f64("factor")?.ok_or_else(|| s.missing("factor"))?;
+                let v = s.f64("factor")?;
                 if !(v.is_finite() && v > 0.0) {
                     return Err(s.invalid("factor", format!("{v} must be > 0")));
                 }
@@ -683,15 +669,9 @@ fn parse_rope(f: &Fields<'_>, head_dim: usize, max_pos: usize) -> Result<RopeCon
                 "linear" => RopeScaling::Linear { factor: factor()? },
                 "llama3" => RopeScaling::Llama3 {
                     factor: factor()?,
-                    low_freq_factor: s
-                        .opt_f64("low_freq_factor")?
-                        .ok_or_else(|| s.missing("low_freq_factor"))?,
-                    high_freq_factor: s
-                        .opt_f64("high_freq_factor")?
-                        .ok_or_else(|| s.missing("high_freq_factor"))?,
-                    original_max_position_embeddings: s
-                        .opt_f64("original_max_position_embeddings")?
-                        .ok_or_else(|| s.missing("original_max_position_embeddings"))?,
+                    low_freq_factor: s.f64("low_freq_factor")?,
+                    high_freq_factor: s.f64("high_freq_factor")?,
+                    original_max_position_embeddings: s.f64("original_max_position_embeddings")?,
                 },
                 "yarn" => RopeScaling::Yarn {
                     factor: factor()?,
