@@ -219,7 +219,9 @@ impl DenseWeight for bf16 {
 /// Dot product with eight interleaved partial sums (element t goes to lane t % 8, lanes
 /// combined by [`tree8`]). This order defines every fast kernel's result. bf16 -> f32 is exact,
 /// so a bf16 `b` gives the same result as converting it first.
-#[inline]
+// Not inlined: inlined into the matmul closures it cost about 40 more instructions per call
+// (callgrind, gemv_bench).
+#[inline(never)]
 fn dot<T: DenseWeight>(a: &[f32], b: &[T], avx2: bool) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if avx2 {
