@@ -88,12 +88,9 @@ enum Cmd {
         /// Score at most this many tokens of the file (0 = all).
         #[arg(long, default_value_t = 0)]
         max_tokens: usize,
-        /// GPU: run the prefill GEMMs of FP4 weights on the FP8 tensor cores (E4M3 activations,
-        /// as generation does by default). Off by default: ppl and compare measure the checkpoint
-        /// with bf16 activations, as engines serving FP4 weights on Hopper do. Also on with
-        /// MIMO_FP8_PREFILL=1.
-        #[arg(long)]
-        fp8_prefill: bool,
+        // --fp8-prefill
+        #[command(flatten)]
+        prefill: EvalPrefill,
     },
     /// Compare a candidate checkpoint with a reference on a text file.
     Compare {
@@ -117,12 +114,9 @@ enum Cmd {
         /// How many worst positions to list.
         #[arg(long, default_value_t = 10)]
         worst: usize,
-        /// GPU: run the prefill GEMMs of FP4 weights on the FP8 tensor cores (E4M3 activations,
-        /// as generation does by default). Off by default: ppl and compare measure the checkpoint
-        /// with bf16 activations, as engines serving FP4 weights on Hopper do. Also on with
-        /// MIMO_FP8_PREFILL=1.
-        #[arg(long)]
-        fp8_prefill: bool,
+        // --fp8-prefill
+        #[command(flatten)]
+        prefill: EvalPrefill,
     },
     /// Prefill and decode speed on synthetic tokens: of a checkpoint (`--model`), or of a
     /// config's shape with random weights built on the GPU (`--config FILE --random-weights`).
@@ -175,6 +169,27 @@ enum Cmd {
     },
 }
 
+/// The prefill option of the evaluation commands (ppl, compare).
+#[derive(clap::Args, Debug)]
+struct EvalPrefill {
+    /// GPU: run the prefill GEMMs of FP4 weights on the FP8 tensor cores (E4M3 activations,
+    /// as generation does by default). Off by default: ppl and compare measure the checkpoint
+    /// with bf16 activations, as engines serving FP4 weights on Hopper do. Also on with
+    /// MIMO_FP8_PREFILL=1.
+    #[arg(long)]
+    fp8_prefill: bool,
+}
+
+impl EvalPrefill {
+    /// The backend of an evaluation command (cuda where a usable GPU is found), with the GPU's
+    /// prefill GEMMs set by `--fp8-prefill` / MIMO_FP8_PREFILL.
+    fn backend(&self, device: Option<Device>) -> gpu::Backend {
+        let backend = gpu::Backend::resolve(device, true);
+        backend.eval_prefill(self.fp8_prefill);
+        backend
+    }
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     if let Some(n) = cli.threads {
@@ -212,10 +227,9 @@ fn main() -> Result<()> {
             ctx,
             stride,
             max_tokens,
-            fp8_prefill,
+            prefill,
         } => {
-            let backend = gpu::Backend::resolve(cli.device, true);
-            backend.eval_prefill(fp8_prefill);
+            let backend = prefill.backend(cli.device);
             run_ppl(&backend, &model, &file, ctx, stride, max_tokens, cli.json)
         }
         Cmd::Compare {
@@ -226,10 +240,9 @@ fn main() -> Result<()> {
             stride,
             max_tokens,
             worst,
-            fp8_prefill,
+            prefill,
         } => {
-            let backend = gpu::Backend::resolve(cli.device, true);
-            backend.eval_prefill(fp8_prefill);
+            let backend = prefill.backend(cli.device);
             run_compare(
                 &backend, &reference, &candidate, &file, ctx, stride, max_tokens, worst, cli.json,
             )
@@ -563,12 +576,14 @@ fn run_bench(
     // idle rayon workers spin for a while before they sleep.
     let decode_cpu_s_per_token = (decode_tokens > 0 && best_decode_cpu.is_finite())
         .then(|| best_decode_cpu / decode_tokens as f64);
-    let prefill_tok_s = prompt_tokens as f64 / best_prefill;
-    let decode_tok_s = if decode_tokens > 0 {
-        decode_tokens as f64 / best_decode
-    } else {
-        0.0
+    let speeds = BenchSpeeds {
+        prompt_tokens,
+        decode_tokens,
+        runs,
+        best_prefill,
+        best_decode,
     };
+    let (prefill_tok_s, decode_tok_s) = (speeds.prefill_tok_s(), speeds.decode_tok_s());
     let threads = rayon::current_num_threads();
     if json_out {
         let j = json!({
@@ -579,20 +594,62 @@ fn run_bench(
         });
         mimo_runtime::outln!("{}", serde_json::to_string_pretty(&j)?);
     } else {
-        mimo_runtime::outln!(
-            "{}: {} weights {:.1} MiB, {} threads | prefill {} tokens: {:.1} tok/s | decode {} tokens: {:.2} tok/s (best of {})",
-            dir.display(),
-            model.config.arch.model_type(),
-            model.weight_bytes() as f64 / (1 << 20) as f64,
-            threads,
-            prompt_tokens,
-            prefill_tok_s,
-            decode_tokens,
-            decode_tok_s,
-            runs.max(1)
-        );
+        let arch = model.config.arch.model_type();
+        let place = format!(", {threads} threads");
+        let line = speeds.line(dir, arch, model.weight_bytes(), &place, "");
+        mimo_runtime::outln!("{line}");
     }
     Ok(())
+}
+
+/// What `bench -m` measured (best of `runs`), reported alike by the CPU and the GPU backend.
+struct BenchSpeeds {
+    prompt_tokens: usize,
+    decode_tokens: usize,
+    runs: usize,
+    /// Best prefill wall time, seconds.
+    best_prefill: f64,
+    /// Best decode wall time, seconds.
+    best_decode: f64,
+}
+
+impl BenchSpeeds {
+    /// Prefill tokens per second.
+    fn prefill_tok_s(&self) -> f64 {
+        self.prompt_tokens as f64 / self.best_prefill
+    }
+
+    /// Decode tokens per second (0 when no token is decoded).
+    fn decode_tok_s(&self) -> f64 {
+        if self.decode_tokens > 0 {
+            self.decode_tokens as f64 / self.best_decode
+        } else {
+            0.0
+        }
+    }
+
+    /// The one-line text report: `place` follows the weight size (", N threads" or
+    /// " on DEVICE"), `decode_note` the decode speed.
+    fn line(
+        &self,
+        dir: &Path,
+        arch: &str,
+        weight_bytes: usize,
+        place: &str,
+        decode_note: &str,
+    ) -> String {
+        format!(
+            "{}: {} weights {:.1} MiB{place} | prefill {} tokens: {:.1} tok/s | decode {} tokens: {:.2} tok/s{decode_note} (best of {})",
+            dir.display(),
+            arch,
+            weight_bytes as f64 / (1 << 20) as f64,
+            self.prompt_tokens,
+            self.prefill_tok_s(),
+            self.decode_tokens,
+            self.decode_tok_s(),
+            self.runs.max(1)
+        )
+    }
 }
 
 /// The fixed pseudo-random prompt of `bench -m` (CPU and GPU): benchmark numbers do not depend
@@ -743,12 +800,14 @@ mod gpu {
                 best_decode = best_decode.min(t.elapsed().as_secs_f64());
             }
         }
-        let prefill_tok_s = prompt_tokens as f64 / best_prefill;
-        let decode_tok_s = if decode_tokens > 0 {
-            decode_tokens as f64 / best_decode
-        } else {
-            0.0
+        let speeds = super::BenchSpeeds {
+            prompt_tokens,
+            decode_tokens,
+            runs,
+            best_prefill,
+            best_decode,
         };
+        let (prefill_tok_s, decode_tok_s) = (speeds.prefill_tok_s(), speeds.decode_tok_s());
         let device = gpu.ctx.device_name().to_string();
         if json_out {
             let j = serde_json::json!({
@@ -759,18 +818,11 @@ mod gpu {
             });
             mimo_runtime::outln!("{}", serde_json::to_string_pretty(&j)?);
         } else {
-            mimo_runtime::outln!(
-                "{}: {} weights {:.1} MiB on {device} | prefill {} tokens: {:.1} tok/s | decode {} tokens: {:.2} tok/s{} (best of {})",
-                dir.display(),
-                model.config.arch.model_type(),
-                model.weight_bytes() as f64 / (1 << 20) as f64,
-                prompt_tokens,
-                prefill_tok_s,
-                decode_tokens,
-                decode_tok_s,
-                if graph { ", CUDA graph" } else { "" },
-                runs.max(1)
-            );
+            let arch = model.config.arch.model_type();
+            let note = if graph { ", CUDA graph" } else { "" };
+            let place = format!(" on {device}");
+            let line = speeds.line(dir, arch, model.weight_bytes(), &place, note);
+            mimo_runtime::outln!("{line}");
         }
         Ok(())
     }
