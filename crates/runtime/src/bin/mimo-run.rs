@@ -547,7 +547,7 @@ fn run_bench(
     let load_s = t0.elapsed().as_secs_f64();
     let prompt = bench_prompt(prompt_tokens, model.config.vocab_size)?;
     let ctx = prompt_tokens + decode_tokens + 1;
-    let (mut best_prefill, mut best_decode) = (f64::INFINITY, f64::INFINITY);
+    let mut speeds = BenchSpeeds::new(prompt_tokens, decode_tokens, runs);
     let mut best_decode_cpu = f64::INFINITY;
     for _ in 0..runs.max(1) {
         let mut cache = model.new_cache(ctx);
@@ -559,14 +559,14 @@ fn run_bench(
         }
         let t = Instant::now();
         let mut logits = model.forward(&prompt, &mut cache, Logits::Last)?;
-        best_prefill = best_prefill.min(t.elapsed().as_secs_f64());
+        speeds.prefill_took(t.elapsed().as_secs_f64());
         let t = Instant::now();
         let cpu0 = process_cpu_seconds();
         for _ in 0..decode_tokens {
             let next = mimo_runtime::generate::argmax(&logits) as u32;
             logits = model.forward(&[next], &mut cache, Logits::Last)?;
         }
-        best_decode = best_decode.min(t.elapsed().as_secs_f64());
+        speeds.decode_took(t.elapsed().as_secs_f64());
         if let (Some(a), Some(b)) = (cpu0, process_cpu_seconds()) {
             best_decode_cpu = best_decode_cpu.min(b - a);
         }
@@ -576,13 +576,6 @@ fn run_bench(
     // idle rayon workers spin for a while before they sleep.
     let decode_cpu_s_per_token = (decode_tokens > 0 && best_decode_cpu.is_finite())
         .then(|| best_decode_cpu / decode_tokens as f64);
-    let speeds = BenchSpeeds {
-        prompt_tokens,
-        decode_tokens,
-        runs,
-        best_prefill,
-        best_decode,
-    };
     let (prefill_tok_s, decode_tok_s) = (speeds.prefill_tok_s(), speeds.decode_tok_s());
     let threads = rayon::current_num_threads();
     if json_out {
@@ -614,6 +607,27 @@ struct BenchSpeeds {
 }
 
 impl BenchSpeeds {
+    /// No run timed yet (best times infinite).
+    fn new(prompt_tokens: usize, decode_tokens: usize, runs: usize) -> BenchSpeeds {
+        BenchSpeeds {
+            prompt_tokens,
+            decode_tokens,
+            runs,
+            best_prefill: f64::INFINITY,
+            best_decode: f64::INFINITY,
+        }
+    }
+
+    /// Records one prefill's wall time (seconds).
+    fn prefill_took(&mut self, s: f64) {
+        self.best_prefill = self.best_prefill.min(s);
+    }
+
+    /// Records one decode's wall time (seconds).
+    fn decode_took(&mut self, s: f64) {
+        self.best_decode = self.best_decode.min(s);
+    }
+
     /// Prefill tokens per second.
     fn prefill_tok_s(&self) -> f64 {
         self.prompt_tokens as f64 / self.best_prefill
@@ -778,7 +792,7 @@ mod gpu {
         let prompt = super::bench_prompt(prompt_tokens, model.config.vocab_size)?;
         let ctx = prompt_tokens + decode_tokens + 1;
         model.alloc_cache(1, ctx)?;
-        let (mut best_prefill, mut best_decode) = (f64::INFINITY, f64::INFINITY);
+        let mut speeds = super::BenchSpeeds::new(prompt_tokens, decode_tokens, runs);
         // Warm-up: compilation, cuBLAS set-up, graph capture.
         let logits = model.forward(&prompt, 0, 0, false)?;
         let first = mimo_runtime::generate::argmax(&logits) as u32;
@@ -786,7 +800,7 @@ mod gpu {
         for _ in 0..runs.max(1) {
             let t = Instant::now();
             let logits = model.forward(&prompt, 0, 0, false)?;
-            best_prefill = best_prefill.min(t.elapsed().as_secs_f64());
+            speeds.prefill_took(t.elapsed().as_secs_f64());
             let next = mimo_runtime::generate::argmax(&logits) as u32;
             if next != first {
                 eprintln!("warning: two prefills of the same prompt chose different tokens");
@@ -797,16 +811,9 @@ mod gpu {
                 let t = Instant::now();
                 model.decode_steps(1, decode_tokens)?;
                 model.synchronize()?;
-                best_decode = best_decode.min(t.elapsed().as_secs_f64());
+                speeds.decode_took(t.elapsed().as_secs_f64());
             }
         }
-        let speeds = super::BenchSpeeds {
-            prompt_tokens,
-            decode_tokens,
-            runs,
-            best_prefill,
-            best_decode,
-        };
         let (prefill_tok_s, decode_tok_s) = (speeds.prefill_tok_s(), speeds.decode_tok_s());
         let device = gpu.ctx.device_name().to_string();
         if json_out {
