@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Shared steps of the device-call scripts (sourced, not run): GPU test binaries built on the dev
+# machine with `cargo test --release -p mimo-kernels --test cuda_fp4 --no-run` and `-p
+# mimo-runtime --test cuda_model --no-run` (their hashed names below; override KT / RT), the
+# release binaries under target/release, and one function per step. Each step logs to $OUT and
+# prints its exit status and the lines that matter.
+set -uo pipefail
+OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
+export MIMO_REQUIRE_GPU=1 MIMO_REQUIRE_FP8=${MIMO_REQUIRE_FP8:-1} PATH=$PATH:/usr/local/cuda/bin
+KT=${KT:-target/release/deps/cuda_fp4-8cc1857849cbce18}
+RT=${RT:-target/release/deps/cuda_model-9475c9e045f5deaa}
+
+# Kernel GPU tests.
+gpu_ktests() {
+  echo "== kernel tests"; timeout 150 "$KT" --test-threads=1 > "$OUT/ktests.log" 2>&1; echo "rc $?"
+  grep -E "test result|FAILED|panicked" "$OUT/ktests.log"
+}
+
+# Runtime GPU tests; $1: an extra pattern of output lines to show.
+gpu_rtests() {
+  echo "== runtime GPU tests"; timeout 200 "$RT" --test-threads=1 --nocapture > "$OUT/rtests.log" 2>&1
+  echo "rc $?"; grep -E "test result|FAILED|panicked${1:+|$1}" "$OUT/rtests.log" | head -20
+}
+
+# compute-sanitizer memcheck of the runtime tests matching the arguments.
+gpu_rmemcheck() {
+  echo "== memcheck (runtime: $*)"
+  timeout 150 compute-sanitizer --tool memcheck --error-exitcode 99 "$RT" --test-threads=1 "$@" \
+    > "$OUT/rmemcheck.log" 2>&1
+  echo "rc $?"; grep -E "ERROR SUMMARY|test result" "$OUT/rmemcheck.log"
+}
+
+# The kernel benchmark; arguments go to mimo-bench-kernels (e.g. --no-sweep).
+gpu_kbench() {
+  echo "== kernel bench"
+  timeout 330 target/release/mimo-bench-kernels "$@" --out "$OUT/kernels.json" > "$OUT/kbench.md" \
+    2> "$OUT/kbench.err"
+  echo "rc $?"; tail -n 2 "$OUT/kbench.err"
+  grep -E "fused\+PDL|moe .* tokens=1|  fused (nvfp4|mxfp4) k=4096 n=14336 m=1 " "$OUT/kbench.err" | head -20
+}
+
+# The end-to-end random-weight benchmark of each shape in $CONFIGS.
+gpu_e2e() {
+  for cfg in ${CONFIGS:-qwen3-30b-a3b mimo-7b}; do
+    echo "== bench $cfg"
+    timeout 270 target/release/mimo-run bench --device cuda --config "bench/configs/$cfg.json" \
+      --random-weights --fp4-head --steps 128 --out "$OUT/e2e-$cfg.json" > "$OUT/bench-$cfg.txt" 2>&1
+    echo "rc $?"; grep -E "batch 1 with|sampling|decode batch|prefill 512" "$OUT/bench-$cfg.txt" | head -30
+  done
+}
