@@ -945,15 +945,12 @@ fn tile_errors(got: &[f32], want: &[f32], vocab: usize) -> Vec<String> {
         .collect()
 }
 
-/// A Llama of head_dim 128 (hidden 512, 4 heads, 2 KV heads): every row of a 150-token prefill
-/// with each prefill attention kernel, then decode steps (the warp decode kernel), against the
-/// CPU runtime. The other CPU comparisons use head_dim 16 (fixtures) and 64 (embedded model).
-#[test]
-fn prefill_and_decode_match_cpu_at_head_dim_128() {
-    let Some(gpu) = gpu() else { return };
+/// A random 2-layer Llama (4 heads, 2 KV heads, intermediate 256, vocab 256; head_dim =
+/// hidden / 4) written to a temporary folder, and its CPU model.
+fn small_llama(hidden: usize, seed: u64) -> (tempfile::TempDir, Model) {
     let d = tempfile::tempdir().unwrap();
     let spec = fixtures::SyntheticSpec {
-        hidden: 512,
+        hidden,
         intermediate: 256,
         layers: 2,
         heads: 4,
@@ -961,16 +958,22 @@ fn prefill_and_decode_match_cpu_at_head_dim_128() {
         vocab: 256,
     }
     .spec();
-    fixtures::write_spec(
-        d.path(),
-        &spec,
-        fixtures::WriteOptions {
-            seed: 7,
-            max_shard_bytes: None,
-        },
-    )
-    .unwrap();
+    let opts = fixtures::WriteOptions {
+        seed,
+        max_shard_bytes: None,
+    };
+    fixtures::write_spec(d.path(), &spec, opts).unwrap();
     let cpu = Model::load(d.path()).unwrap();
+    (d, cpu)
+}
+
+/// A Llama of head_dim 128 (hidden 512, 4 heads, 2 KV heads): every row of a 150-token prefill
+/// with each prefill attention kernel, then decode steps (the warp decode kernel), against the
+/// CPU runtime. The other CPU comparisons use head_dim 16 (fixtures) and 64 (embedded model).
+#[test]
+fn prefill_and_decode_match_cpu_at_head_dim_128() {
+    let Some(gpu) = gpu() else { return };
+    let (d, cpu) = small_llama(512, 7);
     assert_eq!(cpu.config.head_dim, 128);
     let vocab = cpu.config.vocab_size;
     let prompt: Vec<u32> = (0..150u32).map(|i| (i * 29 + 3) % vocab as u32).collect();
@@ -1014,26 +1017,7 @@ fn prefill_and_decode_match_cpu_at_head_dim_128() {
 #[test]
 fn decode_over_a_long_context_matches_cpu() {
     let Some(gpu) = gpu() else { return };
-    let d = tempfile::tempdir().unwrap();
-    let spec = fixtures::SyntheticSpec {
-        hidden: 256,
-        intermediate: 256,
-        layers: 2,
-        heads: 4,
-        kv_heads: 2,
-        vocab: 256,
-    }
-    .spec();
-    fixtures::write_spec(
-        d.path(),
-        &spec,
-        fixtures::WriteOptions {
-            seed: 11,
-            max_shard_bytes: None,
-        },
-    )
-    .unwrap();
-    let cpu = Model::load(d.path()).unwrap();
+    let (d, cpu) = small_llama(256, 11);
     assert_eq!(cpu.config.head_dim, 64);
     let vocab = cpu.config.vocab_size;
     let prompt: Vec<u32> = (0..1100u32).map(|i| (i * 31 + 5) % vocab as u32).collect();
