@@ -129,6 +129,10 @@ pub(crate) fn reduction_smem(cfg: Fp4GemmConfig, tn: u32) -> u32 {
 
 /// `y[m, n] = x[m, k] · W[n, k]^T` with FP4 `W` (dequantized in the kernel), bf16 `x` and `y`,
 /// f32 accumulation. Launches one kernel on the context's stream (no synchronization).
+///
+/// In a graph with programmatic edges ([`super::PdlGraph`]) the kernel reads its first weights
+/// before waiting on the kernel before it, so `W` must not be written by that kernel (`x`
+/// may be); in stream order or an ordinary graph there is no such condition.
 pub fn fp4_gemm(
     gpu: &GpuContext,
     w: &GpuFp4Weight,

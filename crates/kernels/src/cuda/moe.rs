@@ -111,7 +111,10 @@ impl MoeConfig {
 /// `top_k` experts `e = topk_ids[t, j]`. Three launches (grouped gate/up with SwiGLU in its
 /// epilogue, grouped down, weighted combine), two for one token (see `moe_layer_one_token`;
 /// `Tuning::moe_direct`), no host synchronization; results are deterministic (fixed summation
-/// orders, no float atomics).
+/// orders, no float atomics). In a graph with programmatic edges ([`super::PdlGraph`]) the
+/// one-token down projection reads `topk_ids` and its first weights before waiting on the
+/// gate/up kernel before it, so the weights and ids must come from earlier kernels than this
+/// call's own (as the runtime's router does) or from the host.
 #[allow(clippy::too_many_arguments)]
 pub fn moe_layer(
     gpu: &GpuContext,
