@@ -301,20 +301,17 @@ pub fn quantize_gptq_with(
     } else {
         Vec::new()
     };
-    let problem = RowProblem {
-        h: &hd,
-        k,
-        format,
-        gs: match format {
-            Fp4Format::Nvfp4 => global_scale,
-            Fp4Format::Mxfp4 => 1.0,
-        },
-    };
     let diag: Vec<f64> = order.iter().map(|&o| diag_all[o]).collect();
     // A block no token touched would have all weights 0 in the scale search: use uniform ones.
     let gs = match format {
         Fp4Format::Nvfp4 => global_scale,
         Fp4Format::Mxfp4 => 1.0,
+    };
+    let problem = RowProblem {
+        h: &hd,
+        k,
+        format,
+        gs,
     };
     let bpr = k / block;
     let mut packed = vec![0u8; n * k / 2];

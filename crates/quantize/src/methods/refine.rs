@@ -74,7 +74,8 @@ fn value(code: u8, mult: f32) -> f64 {
     (e2m1::decode(code) * mult) as f64
 }
 
-/// `(q - w)^T H (q - w)` computed directly (tests and the outcome's `before`).
+/// `(q - w)^T H (q - w)` computed directly, for the tests to check the tracked loss against.
+#[cfg(test)]
 pub(crate) fn row_loss(p: &RowProblem<'_>, w: &[f32], q: &[f64]) -> f64 {
     let k = p.k;
     let e: Vec<f64> = q.iter().zip(w).map(|(&qi, &wi)| qi - wi as f64).collect();
@@ -99,6 +100,13 @@ pub(crate) fn row_values(p: &RowProblem<'_>, codes: &[u8], scales: &[u8]) -> Vec
         .collect()
 }
 
+/// `g += d * row` (one column of the symmetric H changes the gradient by that row).
+fn add_scaled_row(g: &mut [f64], d: f64, row: &[f64]) {
+    for (gi, &hv) in g.iter_mut().zip(row) {
+        *gi += d * hv;
+    }
+}
+
 /// Refines one row in place: `codes` (one E2M1 code per element, original order) and `scales`
 /// (one code per block) of target row `w`, at most `passes` passes.
 pub(crate) fn refine_row(
@@ -111,16 +119,17 @@ pub(crate) fn refine_row(
     let k = p.k;
     let block = p.format.block_size();
     let mut q = row_values(p, codes, scales);
-    let before = row_loss(p, w, &q);
-    // g = H (q - w).
+    // g = H (q - w), and the loss (q - w) . g from it.
     let mut g = vec![0.0f64; k];
+    let mut before = 0.0;
     for j in 0..k {
         let e = q[j] - w[j] as f64;
         if e != 0.0 {
-            for (gi, &hv) in g.iter_mut().zip(&p.h[j * k..(j + 1) * k]) {
-                *gi += e * hv;
-            }
+            add_scaled_row(&mut g, e, &p.h[j * k..(j + 1) * k]);
         }
+    }
+    for j in 0..k {
+        before += (q[j] - w[j] as f64) * g[j];
     }
     let mut loss = before;
     let mut moves = 0usize;
@@ -143,9 +152,7 @@ pub(crate) fn refine_row(
                 if let Some((c, d, cost)) = best {
                     codes[j] = c;
                     q[j] += d;
-                    for (gi, &hv) in g.iter_mut().zip(&p.h[j * k..(j + 1) * k]) {
-                        *gi += d * hv;
-                    }
+                    add_scaled_row(&mut g, d, &p.h[j * k..(j + 1) * k]);
                     loss += cost;
                     moves += 1;
                     improved = true;
@@ -180,9 +187,7 @@ pub(crate) fn refine_row(
                     let d = value(codes[j], m2) - q[j];
                     if d != 0.0 {
                         q[j] += d;
-                        for (gi, &hv) in g.iter_mut().zip(&p.h[j * k..(j + 1) * k]) {
-                            *gi += d * hv;
-                        }
+                        add_scaled_row(&mut g, d, &p.h[j * k..(j + 1) * k]);
                     }
                 }
                 loss += cost;
@@ -207,7 +212,9 @@ mod tests {
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
-    /// A random symmetric positive-definite matrix `A A^T / m + λ I` with correlated columns.
+    /// A random symmetric positive-definite matrix `A A^T / m + 0.05 I` (A: k x m uniform in
+    /// [-1, 1), m = k + 8): off-diagonal entries of order 1/sqrt(m), so moves interact through H
+    /// as they do with real activations.
     fn random_spd(rng: &mut ChaCha8Rng, k: usize) -> Vec<f64> {
         let m = k + 8;
         let a: Vec<f64> = (0..k * m)
@@ -220,7 +227,6 @@ mod tests {
                 for t in 0..m {
                     s += a[i * m + t] * a[j * m + t];
                 }
-                // A shared component makes neighbouring columns correlate, as activations do.
                 h[i * k + j] = s / m as f64 + if i == j { 0.05 } else { 0.0 };
             }
         }
