@@ -58,21 +58,22 @@ pub struct Sampler {
     rng: ChaCha8Rng,
 }
 
+/// Checks a temperature and a top_p (the host sampler's and the GPU's common rules); the
+/// message names the offending value.
+pub fn check_sampling(temperature: f32, top_p: f32) -> Result<(), String> {
+    if !(temperature.is_finite() && temperature >= 0.0) {
+        return Err(format!("temperature {temperature} must be finite and >= 0"));
+    }
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(format!("top_p {top_p} must be in (0, 1]"));
+    }
+    Ok(())
+}
+
 impl Sampler {
     /// A sampler; checks the parameters.
     pub fn new(params: SamplingParams) -> Result<Sampler, GenerateError> {
-        if !(params.temperature.is_finite() && params.temperature >= 0.0) {
-            return Err(GenerateError::Params(format!(
-                "temperature {} must be >= 0",
-                params.temperature
-            )));
-        }
-        if !(params.top_p > 0.0 && params.top_p <= 1.0) {
-            return Err(GenerateError::Params(format!(
-                "top_p {} must be in (0, 1]",
-                params.top_p
-            )));
-        }
+        check_sampling(params.temperature, params.top_p).map_err(GenerateError::Params)?;
         Ok(Sampler {
             params,
             rng: ChaCha8Rng::seed_from_u64(params.seed),

@@ -1312,16 +1312,7 @@ impl GpuModel {
         top_p: f32,
         seed: u64,
     ) -> Result<(), GpuError> {
-        if !(temperature.is_finite() && temperature >= 0.0) {
-            return Err(GpuError::Unsupported(format!(
-                "temperature {temperature} must be finite and >= 0"
-            )));
-        }
-        if !(top_p > 0.0 && top_p <= 1.0) {
-            return Err(GpuError::Unsupported(format!(
-                "top_p {top_p} must be in (0, 1]"
-            )));
-        }
+        crate::generate::check_sampling(temperature, top_p).map_err(GpuError::Unsupported)?;
         let nucleus = temperature > 0.0 && top_p < 1.0;
         if nucleus && self.config.vocab_size > nucleus::MAX_VOCAB {
             return Err(GpuError::Unsupported(format!(
