@@ -73,6 +73,35 @@ fn errors(got: &[f32], want: &[f32]) -> (f64, f64) {
     ((num / den.max(1e-30)).sqrt(), worst / maxref.max(1e-30))
 }
 
+/// `steps` decode steps of one sequence whose decode session starts with `tok` at position
+/// `start` (already begun by `decode_start`): each step's logits against the CPU model fed the
+/// same token (`cache` holds its history), the next token taken from the device's pick; with
+/// `device_argmax`, that pick must be the argmax of the logits read back.
+#[allow(clippy::too_many_arguments)]
+fn decode_steps_match_cpu(
+    g: &mut GpuModel,
+    cpu: &Model,
+    cache: &mut mimo_runtime::model::KvCache,
+    mut tok: u32,
+    start: usize,
+    steps: usize,
+    what: &str,
+    device_argmax: bool,
+) {
+    for step in 0..steps {
+        let pos = start + step;
+        g.decode_steps(1, 1).unwrap();
+        let got = g.decode_logits(1).unwrap();
+        let want = cpu.forward(&[tok], cache, Logits::Last).unwrap();
+        check_close(&format!("{what} decode step {step}"), &got, &want);
+        let next = g.decode_tokens(1, pos + 1, pos + 2).unwrap()[0][0];
+        if device_argmax {
+            assert_eq!(next as usize, argmax(&got), "{what}: device argmax");
+        }
+        tok = next;
+    }
+}
+
 fn check_close(what: &str, got: &[f32], want: &[f32]) {
     let (rel, elem) = errors(got, want);
     eprintln!("{what}: relative error {rel:.2e}, worst element {elem:.2e} of max |logit|");
@@ -190,7 +219,7 @@ fn compare_model(gpu: &Arc<Gpu>, dir: &Path, what: &str) {
     g.forward(&prompt11, 0, 0, false).unwrap();
     // Decode: the GPU picks the next token itself (argmax on the device); the CPU is fed the
     // same token so both see the same history.
-    let mut tok = argmax(&got) as u32;
+    let tok = argmax(&got) as u32;
     let start = prompt11.len();
     assert!(
         g.decode_start(&[tok], &[start], true).unwrap(),
@@ -205,16 +234,7 @@ fn compare_model(gpu: &Arc<Gpu>, dir: &Path, what: &str) {
             "{what}: no programmatic edge"
         );
     }
-    for step in 0..3 {
-        let pos = start + step;
-        g.decode_steps(1, 1).unwrap();
-        let got = g.decode_logits(1).unwrap();
-        let want = cpu.forward(&[tok], &mut cache, Logits::Last).unwrap();
-        check_close(&format!("{what} decode step {step}"), &got, &want);
-        let next = g.decode_tokens(1, pos + 1, pos + 2).unwrap()[0][0];
-        assert_eq!(next as usize, argmax(&got), "{what}: device argmax");
-        tok = next;
-    }
+    decode_steps_match_cpu(&mut g, &cpu, &mut cache, tok, start, 3, what, true);
     assert_eq!(g.bad_token_count().unwrap(), 0);
 }
 
@@ -377,17 +397,10 @@ fn attention_over_several_splits_matches_cpu() {
         let mut cache = after_prompt.clone();
         g.alloc_cache(1, 256).unwrap();
         g.forward(&prompt, 0, 0, false).unwrap();
-        let mut tok = first;
+        let tok = first;
         g.decode_start(&[tok], &[start], true).unwrap();
-        for step in 0..6 {
-            let pos = start + step;
-            g.decode_steps(1, 1).unwrap();
-            let got = g.decode_logits(1).unwrap();
-            let want = cpu.forward(&[tok], &mut cache, Logits::Last).unwrap();
-            let what = format!("150-token context, warp_attention {warp}, decode step {step}");
-            check_close(&what, &got, &want);
-            tok = g.decode_tokens(1, pos + 1, pos + 2).unwrap()[0][0];
-        }
+        let what = format!("150-token context, warp_attention {warp},");
+        decode_steps_match_cpu(&mut g, &cpu, &mut cache, tok, start, 6, &what, false);
     }
     g.gpu().ctx.set_tuning(base);
 }
@@ -1000,16 +1013,19 @@ fn prefill_and_decode_match_cpu_at_head_dim_128() {
     assert!(errs[0] < 3e-2 && errs[1] < 3e-2, "prefill errors {errs:?}");
     // Decode steps after the (mma) prefill.
     let last = &want[want.len() - vocab..];
-    let mut tok = argmax(last) as u32;
+    let tok = argmax(last) as u32;
     g.decode_start(&[tok], &[prompt.len()], true).unwrap();
-    for step in 0..3 {
-        let p = prompt.len() + step;
-        g.decode_steps(1, 1).unwrap();
-        let got = g.decode_logits(1).unwrap();
-        let want = cpu.forward(&[tok], &mut cache, Logits::Last).unwrap();
-        check_close(&format!("head_dim 128 decode step {step}"), &got, &want);
-        tok = g.decode_tokens(1, p + 1, p + 2).unwrap()[0][0];
-    }
+    let start = prompt.len();
+    decode_steps_match_cpu(
+        &mut g,
+        &cpu,
+        &mut cache,
+        tok,
+        start,
+        3,
+        "head_dim 128",
+        false,
+    );
 }
 
 /// Decode over a long context: 1,100 cached tokens, 18 splits of 64 keys combined by the last
@@ -1035,20 +1051,10 @@ fn decode_over_a_long_context_matches_cpu() {
         let got = g.forward(&prompt, 0, 0, false).unwrap();
         check_close(&format!("prefill of 1100 (warp {warp})"), &got, &want);
         let mut cache = cache0.clone();
-        let mut tok = argmax(&want) as u32;
+        let tok = argmax(&want) as u32;
         g.decode_start(&[tok], &[prompt.len()], true).unwrap();
-        for step in 0..4 {
-            let p = prompt.len() + step;
-            g.decode_steps(1, 1).unwrap();
-            let got = g.decode_logits(1).unwrap();
-            let want = cpu.forward(&[tok], &mut cache, Logits::Last).unwrap();
-            check_close(
-                &format!("1100-token context, warp_attention {warp}, decode step {step}"),
-                &got,
-                &want,
-            );
-            tok = g.decode_tokens(1, p + 1, p + 2).unwrap()[0][0];
-        }
+        let what = format!("1100-token context, warp_attention {warp},");
+        decode_steps_match_cpu(&mut g, &cpu, &mut cache, tok, prompt.len(), 4, &what, false);
     }
     gpu.ctx.set_tuning(base);
 }
