@@ -142,19 +142,11 @@ fn time_op_graph(
     op: &mut dyn FnMut(usize) -> Result<(), CudaError>,
 ) -> Res<Timing> {
     let s: &Arc<CudaStream> = gpu.stream();
-    for i in 0..reps.max(3) {
-        op(i)?;
-    }
+    run_ops(reps.max(3), op)?;
     gpu.synchronize()?;
     if pdl {
         s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)?;
-        let mut res = Ok(());
-        for i in 0..reps {
-            res = op(i);
-            if res.is_err() {
-                break;
-            }
-        }
+        let res = run_ops(reps, op);
         let aware: HashSet<usize> = gpu.pdl_kernels().into_iter().collect();
         let g = PdlGraph::end_capture(s, &aware, true)?;
         res?;
@@ -175,13 +167,7 @@ fn time_op_graph(
     if s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
         .is_ok()
     {
-        let mut ok = true;
-        for i in 0..reps {
-            if op(i).is_err() {
-                ok = false;
-                break;
-            }
-        }
+        let ok = run_ops(reps, op).is_ok();
         let g = s.end_capture(CUgraphInstantiate_flags(0));
         if ok {
             if let Ok(Some(g)) = g {
@@ -198,13 +184,13 @@ fn time_op_graph(
             gpu.synchronize()?;
             sample_runs(gpu, reps, samples, true, &mut || Ok(g.launch()?))
         }
-        None => sample_runs(gpu, reps, samples, false, &mut || {
-            for i in 0..reps {
-                op(i)?;
-            }
-            Ok(())
-        }),
+        None => sample_runs(gpu, reps, samples, false, &mut || Ok(run_ops(reps, op)?)),
     }
+}
+
+/// Queues `op(0)`, ..., `op(n - 1)`, stopping at the first error.
+fn run_ops(n: usize, op: &mut dyn FnMut(usize) -> Result<(), CudaError>) -> Result<(), CudaError> {
+    (0..n).try_for_each(op)
 }
 
 /// `samples` timings of `run` (which queues `reps` launches) between two events: the median per
