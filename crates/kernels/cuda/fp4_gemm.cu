@@ -426,26 +426,6 @@ __device__ __forceinline__ void fp4_dense_body(const u8* __restrict__ wp, const 
                                         16, n, tok, red);
 }
 
-// Dense gate/up with SwiGLU in the epilogue: the weight is [2 * inter, k] (gate rows, then up
-// rows, one global scale); block x takes gate rows [16x, 16x + 16) and the matching up rows, and
-// y[t][r] = bf16(silu(gate) * up) over `inter` columns, the MoE kernels' EPI_SWIGLU epilogue. It
-// replaces a gate/up launch, its [m, 2 * inter] store and a separate SwiGLU launch.
-template <int FMT, int TN, int G>
-__device__ __forceinline__ void fp4_dense_swiglu_body(const u8* __restrict__ wp,
-                                                      const u8* __restrict__ ws,
-                                                      const float* __restrict__ gscale,
-                                                      const u16* __restrict__ lut,
-                                                      const u16* __restrict__ x,
-                                                      u16* __restrict__ y, int m, int n, int k,
-                                                      float post) {
-    extern __shared__ float red[];
-    const DenseTokens tok{(int)blockIdx.z * 8 * TN, m};
-    const int inter = n >> 1;
-    // pdl_enter: inside fp4_accumulate, after the first weight loads.
-    fp4_tile<FMT, 2, TN, G, EPI_SWIGLU>(wp, ws, gscale[0], post, lut, x, y, n, k,
-                                        blockIdx.x * 16, inter, inter, tok, red);
-}
-
 // Grouped MoE variant: one launch covers every (token, expert) pair of a layer, straight from
 // the router's top-k ids on the device. blockIdx.y = slot: the block serves the slot-th expert
 // (in increasing id order) that has at least one pair, found by the block itself; blocks whose
@@ -596,13 +576,6 @@ __device__ __forceinline__ void fp4_moe_down_t1_body(
         fp4_dense_body<FMT, MT, TN, G>(wp, ws, gs, lut, x, y, m, n, k, post, flags);             \
     }
 
-#define DENSE_SWIGLU_KERNEL(NAME, FMT, TN, G)                                                   \
-    extern "C" __global__ void __launch_bounds__(512) NAME(                                     \
-        const u8* wp, const u8* ws, const float* gs, const u16* lut, const u16* x, u16* y, int m, \
-        int n, int k, float post) {                                                               \
-        fp4_dense_swiglu_body<FMT, TN, G>(wp, ws, gs, lut, x, y, m, n, k, post);                  \
-    }
-
 #define MOE_KERNEL(NAME, FMT, MT, G, EPI, DIRECT)                                               \
     extern "C" __global__ void __launch_bounds__(512) NAME(                                     \
         const u8* wp, const u8* ws, const float* gs, const u16* lut, const u16* x, u16* y, int n, \
@@ -634,15 +607,6 @@ __device__ __forceinline__ void fp4_moe_down_t1_body(
 
 DENSE_VARIANTS(nv, FMT_NVFP4)
 DENSE_VARIANTS(mx, FMT_MXFP4)
-// fp4_gemm_{nv,mx}_swiglu_t{TN}_g{G}: dense gate/up + SwiGLU (see gemm.rs fp4_gemm_swiglu).
-DENSE_SWIGLU_KERNEL(fp4_gemm_nv_swiglu_t1_g1, FMT_NVFP4, 1, 1)
-DENSE_SWIGLU_KERNEL(fp4_gemm_nv_swiglu_t1_g2, FMT_NVFP4, 1, 2)
-DENSE_SWIGLU_KERNEL(fp4_gemm_nv_swiglu_t2_g1, FMT_NVFP4, 2, 1)
-DENSE_SWIGLU_KERNEL(fp4_gemm_nv_swiglu_t4_g1, FMT_NVFP4, 4, 1)
-DENSE_SWIGLU_KERNEL(fp4_gemm_mx_swiglu_t1_g1, FMT_MXFP4, 1, 1)
-DENSE_SWIGLU_KERNEL(fp4_gemm_mx_swiglu_t1_g2, FMT_MXFP4, 1, 2)
-DENSE_SWIGLU_KERNEL(fp4_gemm_mx_swiglu_t2_g1, FMT_MXFP4, 2, 1)
-DENSE_SWIGLU_KERNEL(fp4_gemm_mx_swiglu_t4_g1, FMT_MXFP4, 4, 1)
 // fp4_moe_{nv,mx}_g{G}: plain grouped product (down projection);
 // fp4_moe_{nv,mx}_g{G}_swiglu: gate/up projection with SwiGLU in the epilogue.
 MOE_KERNEL(fp4_moe_nv_g1, FMT_NVFP4, 1, 1, EPI_STORE, false)

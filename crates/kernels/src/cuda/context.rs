@@ -110,10 +110,6 @@ pub struct Tuning {
     /// (one byte per weight more device memory, still under BF16's two), so later prefill
     /// GEMMs skip the per-call weight conversion. Off by default (memory).
     pub fp8_resident: bool,
-    /// Dense SwiGLU MLPs with one fused FP4 gate/up weight run it through
-    /// [`super::fp4_gemm_swiglu`] at decode-sized batches: SwiGLU in the GEMV's epilogue, one
-    /// launch and one `[m, 2 * inter]` round trip less per layer.
-    pub dense_swiglu: bool,
 }
 
 impl Default for Tuning {
@@ -127,7 +123,6 @@ impl Default for Tuning {
             fp8_prefill: true,
             prefill_attention_mma: true,
             fp8_resident: false,
-            dense_swiglu: true,
         }
     }
 }
@@ -152,7 +147,6 @@ impl Tuning {
             fp8_prefill: flag("MIMO_FP8_PREFILL", d.fp8_prefill),
             prefill_attention_mma: flag("MIMO_PREFILL_ATTENTION_MMA", d.prefill_attention_mma),
             fp8_resident: flag("MIMO_FP8_RESIDENT", d.fp8_resident),
-            dense_swiglu: flag("MIMO_DENSE_SWIGLU", d.dense_swiglu),
         }
     }
 }

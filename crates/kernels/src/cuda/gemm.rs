@@ -39,13 +39,6 @@ impl Fp4GemmConfig {
         let token_groups = m.div_ceil(8 * tn as usize).max(1) as u32;
         let m_tiles = if n >= 4096 && tn <= 2 { 2 } else { 1 };
         let blocks = (n.div_ceil(16 * m_tiles as usize) as u32 * token_groups).max(1);
-        Self::split_k(m_tiles, blocks, chunks, tn, sm_count)
-    }
-
-    /// Warps and load group for `blocks` blocks over `chunks` K chunks (the rule of [`auto`]).
-    ///
-    /// [`auto`]: Fp4GemmConfig::auto
-    fn split_k(m_tiles: u32, blocks: u32, chunks: u32, tn: u32, sm_count: u32) -> Self {
         let target = 16 * sm_count.max(1);
         let mut warps = 16;
         while warps > 4 && blocks * warps > target {
@@ -211,119 +204,6 @@ pub fn fp4_gemm_with(
     Ok(())
 }
 
-/// Block shape of [`fp4_gemm_swiglu`] for `m` tokens over a `[n = 2 * inter, k]` weight: two
-/// row tiles (16 gate rows and the matching 16 up rows per block), warps and load group by the
-/// rule of [`Fp4GemmConfig::auto`] for that many blocks (two-chunk groups at one token tile only,
-/// as in the plain kernels).
-pub fn swiglu_config(m: usize, n: usize, k: usize, sm_count: u32) -> Fp4GemmConfig {
-    let tn = token_tiles(m);
-    let chunks = k.div_ceil(K_CHUNK) as u32;
-    let token_groups = m.div_ceil(8 * tn as usize).max(1) as u32;
-    let blocks = ((n / 2).div_ceil(16) as u32 * token_groups).max(1);
-    Fp4GemmConfig::split_k(2, blocks, chunks, tn, sm_count)
-}
-
-/// Kernel name of a dense SwiGLU variant (fp4_gemm.cu, `DENSE_SWIGLU_KERNEL`).
-fn swiglu_kernel_name(
-    format: Fp4Format,
-    cfg: Fp4GemmConfig,
-    tn: u32,
-) -> Result<&'static str, CudaError> {
-    const NAMES: [(u32, u32, &str, &str); 4] = [
-        (1, 1, "fp4_gemm_nv_swiglu_t1_g1", "fp4_gemm_mx_swiglu_t1_g1"),
-        (1, 2, "fp4_gemm_nv_swiglu_t1_g2", "fp4_gemm_mx_swiglu_t1_g2"),
-        (2, 1, "fp4_gemm_nv_swiglu_t2_g1", "fp4_gemm_mx_swiglu_t2_g1"),
-        (4, 1, "fp4_gemm_nv_swiglu_t4_g1", "fp4_gemm_mx_swiglu_t4_g1"),
-    ];
-    NAMES
-        .iter()
-        .find(|v| (v.0, v.1) == (tn, cfg.group) && cfg.m_tiles == 2)
-        .map(|v| match format {
-            Fp4Format::Nvfp4 => v.2,
-            Fp4Format::Mxfp4 => v.3,
-        })
-        .ok_or(CudaError::NoVariant {
-            format,
-            m_tiles: cfg.m_tiles,
-            token_tiles: tn,
-            group: cfg.group,
-        })
-}
-
-/// `y[m, inter] = silu(x · G^T) * (x · U^T)` for a weight `W = [G; U]` of `[2 * inter, k]`
-/// (gate rows first, then up rows, one global scale): the gate/up projection of a dense SwiGLU
-/// MLP with the activation in the epilogue, from the f32 sums (no bf16 rounding of gate and up
-/// in between, as in the MoE kernels). One launch on the context's stream; the PDL condition
-/// of [`fp4_gemm`] applies.
-pub fn fp4_gemm_swiglu(
-    gpu: &GpuContext,
-    w: &GpuFp4Weight,
-    x: &CudaSlice<bf16>,
-    m: usize,
-    y: &mut CudaSlice<bf16>,
-) -> Result<(), CudaError> {
-    let cfg = swiglu_config(m, w.n, w.k, gpu.sm_count());
-    fp4_gemm_swiglu_with(gpu, w, x, m, y, cfg)
-}
-
-/// [`fp4_gemm_swiglu`] with an explicit block shape (`m_tiles` must be 2).
-pub fn fp4_gemm_swiglu_with(
-    gpu: &GpuContext,
-    w: &GpuFp4Weight,
-    x: &CudaSlice<bf16>,
-    m: usize,
-    y: &mut CudaSlice<bf16>,
-    cfg: Fp4GemmConfig,
-) -> Result<(), CudaError> {
-    let tn = token_tiles(m);
-    cfg.check(tn)?;
-    if w.experts != 1 || w.n % 2 != 0 {
-        return Err(CudaError::Mismatch {
-            what: "fp4_gemm_swiglu",
-            reason: format!(
-                "weight of {} expert(s) x [{}, {}]: needs one matrix with an even row count",
-                w.experts, w.n, w.k
-            ),
-        });
-    }
-    let inter = w.n / 2;
-    check_len("fp4_gemm_swiglu: x", x.len(), m * w.k)?;
-    check_len("fp4_gemm_swiglu: y", y.len(), m * inter)?;
-    if m == 0 || inter == 0 {
-        return Ok(());
-    }
-    let m_i = i32::try_from(m).map_err(|_| CudaError::Shape {
-        what: "fp4_gemm_swiglu: x".into(),
-        reason: format!("m = {m} is too large"),
-    })?;
-    let f = gpu.function(swiglu_kernel_name(w.format, cfg, tn)?)?;
-    let launch = LaunchConfig {
-        grid_dim: (
-            inter.div_ceil(16) as u32,
-            1,
-            m.div_ceil(8 * tn as usize) as u32,
-        ),
-        block_dim: (32 * cfg.warps, 1, 1),
-        shared_mem_bytes: reduction_smem(cfg, tn),
-    };
-    let (n_i, k_i) = (w.n as i32, w.k as i32);
-    let mut b = gpu.stream().launch_builder(&f);
-    b.arg(&w.packed)
-        .arg(&w.scales)
-        .arg(&w.global_scales)
-        .arg(&w.mult_lut)
-        .arg(x)
-        .arg(y)
-        .arg(&m_i)
-        .arg(&n_i)
-        .arg(&k_i)
-        .arg(&w.post);
-    // SAFETY: argument types and order match fp4_gemm_*_swiglu_*; x holds m rows of k, y m
-    // rows of inter (checked above); the kernel guards rows, tokens and k chunks.
-    unsafe { b.launch(launch) }.map_err(drv("launch fp4_gemm_swiglu"))?;
-    Ok(())
-}
-
 /// Dequantizes the FP4 weight to a dense row-major bf16 `[n, k]` matrix:
 /// `bf16(e2m1 * (scale / global_scale))`, the CPU reference's operation order.
 pub fn fp4_dequantize(
@@ -401,28 +281,4 @@ pub(crate) fn check_len(what: &'static str, got: usize, want: usize) -> Result<(
         });
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn swiglu_config_always_names_a_compiled_variant() {
-        // CPU-only: each name is compiled (the NVRTC test checks the entries in the PTX).
-        for m in [1usize, 2, 8, 9, 16, 17, 32] {
-            for &(n, k) in &[
-                (22016usize, 4096usize),
-                (2 * 768, 2048),
-                (2, 32),
-                (400, 544),
-            ] {
-                let c = swiglu_config(m, n, k, 132);
-                for f in [Fp4Format::Nvfp4, Fp4Format::Mxfp4] {
-                    let name = swiglu_kernel_name(f, c, token_tiles(m));
-                    assert!(name.is_ok(), "m={m} n={n} k={k}: {c:?} has no kernel");
-                }
-            }
-        }
-    }
 }

@@ -456,7 +456,6 @@ fn tuning_ablation(
         flip(|t| &mut t.moe_direct, "moe_direct"),
         flip(|t| &mut t.norm_router, "norm_router"),
         flip(|t| &mut t.warp_attention, "warp_attention"),
-        flip(|t| &mut t.dense_swiglu, "dense_swiglu"),
         (
             "all_off".to_string(),
             Tuning {
@@ -465,7 +464,6 @@ fn tuning_ablation(
                 moe_direct: false,
                 norm_router: false,
                 warp_attention: false,
-                dense_swiglu: false,
                 fp8_prefill: base.fp8_prefill,
                 prefill_attention_mma: base.prefill_attention_mma,
                 fp8_resident: base.fp8_resident,

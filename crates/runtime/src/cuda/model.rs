@@ -71,9 +71,6 @@ impl Mlp {
         let i = self.inter;
         match (&self.gate_up, &mut b.up) {
             (GateUp::Fused(l), _) => {
-                if l.forward_swiglu(gpu, x, m, &mut b.act)? {
-                    return self.down.forward(gpu, &b.act, m, out);
-                }
                 l.forward(gpu, x, m, &mut b.gate)?;
                 gpu.ops.swiglu(
                     &gpu.ctx,

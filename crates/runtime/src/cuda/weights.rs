@@ -10,7 +10,7 @@ use cudarc::cublas::CudaBlas;
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use mimo_kernels::cuda::{
-    bf16_gemm, bf16_to_e4m3_rows, fp4_gemm, fp4_gemm_dequant_cublas, fp4_gemm_fp8, fp4_gemm_swiglu,
+    bf16_gemm, bf16_to_e4m3_rows, fp4_gemm, fp4_gemm_dequant_cublas, fp4_gemm_fp8,
     fp4_to_e4m3_rows, fp8_shape_ok, E4m3Rows, Fp8Gemm, Fp8Scratch, GpuContext, GpuFp4Weight,
 };
 use mimo_kernels::Fp4Matrix;
@@ -287,30 +287,6 @@ impl GpuLinear {
             gpu.ops.add_bias(&gpu.ctx, y, b, m, self.n())?;
         }
         Ok(())
-    }
-
-    /// `act[m, inter] = silu(x · G^T) * (x · U^T)` through one launch (SwiGLU in the FP4
-    /// GEMV's epilogue) where this is a fused `[G; U]` FP4 weight without bias, `m` is a
-    /// decode-sized batch (the path [`GpuLinear::forward`] would give to `fp4_gemm`) and
-    /// `Tuning::dense_swiglu` is on. Returns false, having queued nothing, otherwise.
-    pub fn forward_swiglu(
-        &self,
-        gpu: &Gpu,
-        x: &CudaSlice<bf16>,
-        m: usize,
-        act: &mut CudaSlice<bf16>,
-    ) -> Result<bool, GpuError> {
-        match self {
-            GpuLinear::Fp4 { w, bias: None, .. }
-                if gpu.ctx.tuning().dense_swiglu
-                    && m < PREFILL_DEQUANT_ROWS
-                    && gpu.fp8_for(w, m).is_none() =>
-            {
-                fp4_gemm_swiglu(&gpu.ctx, w, x, m, act)?;
-                Ok(true)
-            }
-            _ => Ok(false),
-        }
     }
 
     /// Uploads a CPU Linear (bias included).
