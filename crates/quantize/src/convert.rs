@@ -524,7 +524,16 @@ fn write_all(
                             ck.release(t.name);
                             Ok((i, Some((q, scale))))
                         }
-                        Action::Keep { .. } => Ok((i, None)),
+                        Action::Keep { .. } => {
+                            // Kept tensors are copied byte for byte: a NaN or an infinity in a
+                            // float one (a norm weight, the embeddings) is refused as in the
+                            // weights that are quantized, naming the file, tensor and element.
+                            let t = ck.tensor(&e.name)?;
+                            if src_dtype(&t).is_ok() {
+                                crate::quantizer::amax(&t)?;
+                            }
+                            Ok((i, None))
+                        }
                     }
                 })
                 .collect()

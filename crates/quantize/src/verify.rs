@@ -1,5 +1,6 @@
 //! Checking a converted checkpoint: file hashes against the manifest, headers, layout tensors'
-//! dtypes and shapes, finite scales; with a source, the dequantized weights against the original.
+//! dtypes and shapes, finite scales and float tensors; with a source, the dequantized weights
+//! against the original.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -12,7 +13,7 @@ use mimo_runtime::checkpoint::{is_plain_relative, Checkpoint, CheckpointError};
 use mimo_runtime::format::{detect, load_linear, quantized_modules, Detected};
 
 use crate::manifest::{sha256_file, Manifest, MANIFEST_FILE};
-use crate::quantizer::{src_dtype, ErrorAcc, ErrorStats};
+use crate::quantizer::{amax, src_dtype, ErrorAcc, ErrorStats};
 
 /// Outcome of `verify`.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -173,6 +174,16 @@ pub fn verify(dir: &Path, source: Option<&Path>) -> Result<VerifyReport, Checkpo
         let mut acc = ErrorAcc::default();
         acc.add(&orig, &deq);
         r.errors.push((module.clone(), acc.finish()));
+    }
+    // Every float tensor (kept weights, norms, biases, global scales) must be finite: a NaN
+    // norm weight loads fine and turns every logit into NaN.
+    for name in ck.tensor_names() {
+        let t = ck.tensor(name)?;
+        if src_dtype(&t).is_ok() {
+            if let Err(e) = amax(&t) {
+                r.problems.push(e.to_string());
+            }
+        }
     }
     if let Some(src) = &src {
         // Tensors kept dense must be byte-identical to the source.

@@ -508,6 +508,64 @@ fn nan_and_inf_weights() {
 }
 
 #[test]
+fn nan_and_inf_in_kept_tensors() {
+    // A tensor kept in BF16 (here by --ignore) is copied, not quantized: a non-finite value in
+    // it is refused just the same, not passed on to the output.
+    for (bad, dtype) in [(f32::NAN, DType::BF16), (f32::INFINITY, DType::F32)] {
+        let d = tempfile::tempdir().unwrap();
+        let src = custom(
+            d.path(),
+            dtype,
+            [64, 64],
+            |i| if i == 9 { bad } else { 0.01 },
+        );
+        let out = d.path().join("out");
+        let mut c = cfg(&src, &out, Layout::CtNvfp4);
+        c.plan.ignore = vec!["model.layers.0.mlp.up_proj".into()];
+        let e = run(&c).unwrap_err();
+        assert!(
+            matches!(&e, ConvertError::Quant(QuantError::NonFinite { tensor, index: 9, .. }) if tensor == "model.layers.0.mlp.up_proj.weight"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("model.safetensors"), "{e}");
+        assert!(!out.exists());
+        // The same source converts once the tensor is finite.
+        custom(d.path(), dtype, [64, 64], |_| 0.01);
+        run(&c).unwrap();
+    }
+}
+
+#[test]
+fn verify_finds_a_non_finite_kept_tensor() {
+    // Written by another tool (or altered afterwards): verify reads every float tensor.
+    let d = tempfile::tempdir().unwrap();
+    let src = custom(d.path(), DType::BF16, [64, 64], |_| 0.01);
+    let out = d.path().join("out");
+    let mut c = cfg(&src, &out, Layout::CtNvfp4);
+    c.plan.ignore = vec!["model.layers.0.mlp.up_proj".into()];
+    run(&c).unwrap();
+    assert!(mimo_quant::verify::verify(&out, None).unwrap().ok);
+    let shard = out.join(SINGLE_FILE);
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let hlen = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + hlen]).unwrap();
+    let name = "model.layers.0.mlp.up_proj.weight";
+    let at = 8 + hlen + header[name]["data_offsets"][0].as_u64().unwrap() as usize + 2 * 5;
+    bytes[at..at + 2].copy_from_slice(&bf16::NAN.to_le_bytes());
+    std::fs::write(&shard, &bytes).unwrap();
+    std::fs::remove_file(out.join("mimo-quant.json")).unwrap();
+    let r = mimo_quant::verify::verify(&out, None).unwrap();
+    assert!(!r.ok);
+    assert!(
+        r.problems
+            .iter()
+            .any(|p| p.contains(name) && p.contains("non-finite") && p.contains("element 5")),
+        "{:?}",
+        r.problems
+    );
+}
+
+#[test]
 fn dimension_not_divisible_is_kept_with_a_warning() {
     let d = tempfile::tempdir().unwrap();
     let src = custom(d.path(), DType::BF16, [64, 48], |i| (i % 13) as f32 * 0.01);
