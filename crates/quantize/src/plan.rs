@@ -36,6 +36,9 @@ pub enum PlanError {
     /// An --ignore pattern is not a valid glob.
     #[error("--ignore '{pattern}': {reason}")]
     BadIgnore { pattern: String, reason: String },
+    /// The checkpoint holds no tensor at all: there is nothing to convert.
+    #[error("{dir}: the checkpoint holds no tensors")]
+    NoTensors { dir: PathBuf },
 }
 
 /// What happens to one tensor.
@@ -96,6 +99,11 @@ pub struct Plan {
 impl Plan {
     /// Decides every tensor of `ck`.
     pub fn build(ck: &Checkpoint, opts: &PlanOptions) -> Result<Plan, PlanError> {
+        if ck.tensor_names().next().is_none() {
+            return Err(PlanError::NoTensors {
+                dir: ck.root().into(),
+            });
+        }
         match detect(ck) {
             Detected::Dense => {}
             Detected::Fp4(l) => {

@@ -536,6 +536,25 @@ fn nan_and_inf_in_kept_tensors() {
 }
 
 #[test]
+fn a_checkpoint_without_tensors_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(
+        src.join(CONFIG_FILE),
+        r#"{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}"#,
+    )
+    .unwrap();
+    write_safetensors(&src.join(SINGLE_FILE), &[], &[]).unwrap();
+    let e = fails(&src, d.path());
+    assert!(
+        matches!(&e, ConvertError::Plan(PlanError::NoTensors { .. })),
+        "{e}"
+    );
+    assert!(e.to_string().contains("no tensors"), "{e}");
+}
+
+#[test]
 fn verify_finds_a_non_finite_kept_tensor() {
     // Written by another tool (or altered afterwards): verify reads every float tensor.
     let d = tempfile::tempdir().unwrap();

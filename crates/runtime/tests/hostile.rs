@@ -81,13 +81,27 @@ fn every_truncation_of_an_fp4_checkpoint_is_refused() {
             }
         }
     }
-    // The binary on a few cuts: exit 1 with the file named, no panic.
+    // The binary on a few cuts: exit 1 with the file named, no panic; one line of error, with
+    // no backtrace even under RUST_BACKTRACE=1 (a report of bad input, not a crash).
     for len in [0, 7, 100, full.len() / 2, full.len() - 1] {
         std::fs::write(&shard, &full[..len]).unwrap();
-        let o = run_bench(&ck_dir);
+        let mut cmd = bench(&ck_dir);
+        cmd.env("RUST_BACKTRACE", "1");
+        let o = run_limited(cmd, Duration::from_secs(60));
         assert_eq!(o.code, Some(1), "cut {len}: {}", o.text);
         assert!(
             o.text.contains("model.safetensors"),
+            "cut {len}: {}",
+            o.text
+        );
+        let errors: Vec<&str> = o
+            .text
+            .lines()
+            .filter(|l| l.starts_with("error: "))
+            .collect();
+        assert_eq!(errors.len(), 1, "cut {len}: {}", o.text);
+        assert!(
+            !o.text.contains("backtrace") && !o.text.contains("Caused by"),
             "cut {len}: {}",
             o.text
         );

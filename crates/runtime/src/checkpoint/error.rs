@@ -79,8 +79,10 @@ pub enum CheckpointError {
         tensor: String,
         dtype: String,
     },
-    /// A tensor's offsets are reversed or reach past the data section.
-    #[error("{file}: tensor '{tensor}': data offsets [{begin}, {end}] out of range (data section is {data_len} bytes)")]
+    /// A tensor's offsets are reversed or reach past the data section. `data_len` is 0 for
+    /// reversed offsets (refused while the header is parsed, before the data section's size is
+    /// looked at); the message says which case it is.
+    #[error("{file}: tensor '{tensor}': data offsets [{begin}, {end}] out of range ({})", range_note(*begin, *end, *data_len))]
     OffsetsOutOfRange {
         file: PathBuf,
         tensor: String,
@@ -115,4 +117,13 @@ pub enum CheckpointError {
     /// A tensor was asked for that the checkpoint does not hold.
     #[error("{dir}: no tensor named '{tensor}'")]
     TensorNotFound { dir: PathBuf, tensor: String },
+}
+
+/// The parenthesis of [`CheckpointError::OffsetsOutOfRange`]'s message.
+fn range_note(begin: u64, end: u64, data_len: u64) -> String {
+    if begin > end {
+        "the first offset is after the second".to_string()
+    } else {
+        format!("data section is {data_len} bytes")
+    }
 }

@@ -291,8 +291,15 @@ fn out_of_range_offsets() {
         r#"{"a": {"dtype": "U8", "shape": [0], "data_offsets": [3, 2]}}"#,
         &[0; 4],
     );
+    let e = r.err().expect("reversed offsets were accepted");
     assert!(
-        matches!(r, Err(CheckpointError::OffsetsOutOfRange { ref tensor, .. }) if tensor == "a")
+        matches!(&e, CheckpointError::OffsetsOutOfRange { tensor, .. } if tensor == "a"),
+        "{e}"
+    );
+    assert!(
+        e.to_string()
+            .contains("[3, 2] out of range (the first offset is after the second)"),
+        "{e}"
     );
 }
 
