@@ -291,7 +291,7 @@ fn out_of_range_offsets() {
         r#"{"a": {"dtype": "U8", "shape": [0], "data_offsets": [3, 2]}}"#,
         &[0; 4],
     );
-    let e = r.err().expect("reversed offsets were accepted");
+    let e = r.expect_err("reversed offsets were accepted");
     assert!(
         matches!(&e, CheckpointError::OffsetsOutOfRange { tensor, .. } if tensor == "a"),
         "{e}"
