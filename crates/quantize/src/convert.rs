@@ -524,16 +524,7 @@ fn write_all(
                             ck.release(t.name);
                             Ok((i, Some((q, scale))))
                         }
-                        Action::Keep { .. } => {
-                            // Kept tensors are copied byte for byte: a NaN or an infinity in a
-                            // float one (a norm weight, the embeddings) is refused as in the
-                            // weights that are quantized, naming the file, tensor and element.
-                            let t = ck.tensor(&e.name)?;
-                            if src_dtype(&t).is_ok() {
-                                crate::quantizer::amax(&t)?;
-                            }
-                            Ok((i, None))
-                        }
+                        Action::Keep { .. } => Ok((i, None)),
                     }
                 })
                 .collect()
@@ -572,6 +563,13 @@ fn write_all(
                     }
                     _ => {
                         let t = ck.tensor(&e.name)?;
+                        // Kept tensors are copied byte for byte: a NaN or an infinity in a float
+                        // one (a norm weight, the embeddings) is refused as in the weights that
+                        // are quantized. Checked here, on the pages the copy reads next, so they
+                        // are not held resident for longer than the copy holds them.
+                        if src_dtype(&t).is_ok() {
+                            crate::quantizer::amax(&t)?;
+                        }
                         w.write_tensor(&e.name, t.data)?;
                         ck.release(&e.name);
                         rec.reason = reason_of(&e.action);
