@@ -495,6 +495,75 @@ fn moe_layer_matches_cpu_reference() {
     }
 }
 
+/// The one-token down projection with its weight tile staged in shared memory
+/// (`Tuning::moe_stage_down`) gives the plain kernel's output bit for bit (same arithmetic and
+/// order), on shapes where it applies: rows off the 16-row tile, row lengths with and without
+/// padding, top-8, an invalid router id.
+#[test]
+fn moe_staged_down_is_bit_identical() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = rng("moe_staged");
+    for format in FORMATS {
+        for &(experts, hidden, inter, top_k) in
+            &[(10usize, 200usize, 128usize, 8usize), (6, 96, 384, 4)]
+        {
+            let mk = |rng: &mut ChaCha8Rng, n: usize, k: usize| -> Vec<Fp4Matrix> {
+                (0..experts)
+                    .map(|_| quantize(format, &random_matrix(rng, n * k, 0.1), n, k))
+                    .collect()
+            };
+            let gu_q = mk(&mut rng, 2 * inter, hidden);
+            let d_q = mk(&mut rng, hidden, inter);
+            let w = MoeWeights {
+                gate_up: GpuFp4Weight::upload_experts(&gpu, "gate_up", &gu_q).unwrap(),
+                down: GpuFp4Weight::upload_experts(&gpu, "down", &d_q).unwrap(),
+            };
+            let mut ws = MoeWorkspace::new(&gpu, &w, 1, top_k).unwrap();
+            let s = gpu.stream();
+            let x = s
+                .clone_htod(&to_bf16(&random_matrix(&mut rng, hidden, 1.0)))
+                .unwrap();
+            let wd = s
+                .clone_htod(&(0..top_k).map(|_| rng.random::<f32>()).collect::<Vec<_>>())
+                .unwrap();
+            let mut ids: Vec<i32> = (0..top_k as i32).rev().collect();
+            for invalid in [false, true] {
+                if invalid {
+                    ids[1] = experts as i32 + 5;
+                }
+                let idd = s.clone_htod(&ids).unwrap();
+                let base = gpu.tuning();
+                let mut outs = Vec::new();
+                for staged in [false, true] {
+                    gpu.set_tuning(Tuning {
+                        moe_direct: true,
+                        moe_stage_down: staged,
+                        ..base
+                    });
+                    let mut out = poisoned(&gpu, hidden);
+                    moe_layer(&gpu, &w, &x, &idd, &wd, 1, top_k, &mut ws, &mut out).unwrap();
+                    outs.push(s.clone_dtoh(&out).unwrap());
+                }
+                gpu.set_tuning(base);
+                let what = format!(
+                    "{format} hidden={hidden} inter={inter} top_k={top_k} invalid={invalid}"
+                );
+                assert!(
+                    outs[1].iter().all(|v| v.is_finite()),
+                    "{what}: unwritten output"
+                );
+                let same = outs[0]
+                    .iter()
+                    .zip(&outs[1])
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{what}: staged and plain down kernels differ");
+                let nonzero = outs[1].iter().filter(|v| v.to_f32() != 0.0).count();
+                assert!(nonzero > hidden / 2, "{what}: {nonzero} non-zero outputs");
+            }
+        }
+    }
+}
+
 #[test]
 fn auto_config_always_has_a_kernel() {
     // CPU-only: every shape the dispatcher can see maps to a compiled variant.
