@@ -276,6 +276,17 @@ fn moe_layer_one_token(
         Fp4Format::Mxfp4 => "fp4_moe_mx_g1_swiglu_t1",
     };
     let f = gpu.function(name)?;
+    let d = &w.down;
+    let staged = down_t1s_smem(d.format, d.k, top_k).filter(|_| gpu.tuning().moe_stage_down);
+    // With the staged down kernel after it, both ask for the largest shared-memory carveout:
+    // an SM whose L1/shared split differs from what the next kernel needs cannot take that
+    // kernel's blocks while this one's still run there.
+    let carveout = if staged.is_some() { 100 } else { -1 };
+    f.set_attribute(
+        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+        carveout,
+    )
+    .map_err(drv("set the gate/up kernel's shared-memory carveout"))?;
     let launch = LaunchConfig {
         grid_dim: (inter.div_ceil(16) as u32, top_k as u32, 1),
         block_dim: (32 * gcfg.warps, 1, 1),
@@ -304,9 +315,7 @@ fn moe_layer_one_token(
     )?;
     // 2. down + combine: one warp per pair, 16 output rows per block; with the block's weight
     // tile staged in shared memory before the PDL wait where it fits (`Tuning::moe_stage_down`).
-    let d = &w.down;
     let warps = top_k.max(1) as u32;
-    let staged = down_t1s_smem(d.format, d.k, top_k).filter(|_| gpu.tuning().moe_stage_down);
     let name = match (d.format, staged.is_some()) {
         (Fp4Format::Nvfp4, false) => "fp4_moe_down_t1_nv",
         (Fp4Format::Mxfp4, false) => "fp4_moe_down_t1_mx",
@@ -321,6 +330,11 @@ fn moe_layer_one_token(
                 bytes as i32,
             )
             .map_err(drv("allow the staged down kernel its shared memory"))?;
+            f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+                100,
+            )
+            .map_err(drv("set the staged down kernel's shared-memory carveout"))?;
             bytes
         }
         None => warps * 16 * 4,
