@@ -123,9 +123,7 @@ struct WeightRegs {
 // lane's row pointers (which point at the first chunk); pieces past the end of K read as zero.
 // Rows outside the tile were clamped to a valid row when the pointers were made: their sums
 // land in accumulator rows the epilogue never stores.
-// SMEM: the pointers are into a tile staged in shared memory (plain loads) instead of global
-// memory (streaming loads that bypass L1).
-template <int FMT, int MT, int G, bool SMEM = false>
+template <int FMT, int MT, int G>
 __device__ __forceinline__ void load_weights(const u8* const (&wptr)[MT][2],
                                              const u8* const (&sptr)[MT][2], int kpiece, int k,
                                              WeightRegs<MT, G>& r) {
@@ -136,14 +134,7 @@ __device__ __forceinline__ void load_weights(const u8* const (&wptr)[MT][2],
         for (int i = 0; i < MT; i++) {
 #pragma unroll
             for (int h = 0; h < 2; h++) {
-                if (kval && SMEM) {
-                    r.w[u][i][h] = *(const uint4*)(wptr[i][h] + u * 64);
-                    if (FMT == FMT_NVFP4) {
-                        r.sc[u][i][h] = *(const u16*)(sptr[i][h] + u * 8);
-                    } else {
-                        r.sc[u][i][h] = sptr[i][h][u * 4];
-                    }
-                } else if (kval) {
+                if (kval) {
                     r.w[u][i][h] = ldg_stream(wptr[i][h] + u * 64);
                     if (FMT == FMT_NVFP4) {
                         r.sc[u][i][h] = __ldg((const u16*)(sptr[i][h] + u * 8));
@@ -260,23 +251,19 @@ __device__ __forceinline__ void compute_chunks(const WeightRegs<MT, G>& r,
 // row0 + l < lim and the row is < n. Dense: tstride 16, lim n. Gated: tstride = lim = inter.
 // The main loop: adds to acc the products of this warp's K chunks (c_first, then every
 // `stride` chunks, G at a time) of rows [row0, ...) (see fp4_tile) with the tokens' activations.
-// SMEM: wp / ws point at a tile staged in shared memory whose rows are `wrow` / `srow` bytes
-// apart (padded against bank conflicts), and the caller has waited on the previous kernel.
-template <int FMT, int MT, int TN, int G, class Tokens, bool SMEM = false>
+template <int FMT, int MT, int TN, int G, class Tokens>
 __device__ __forceinline__ void fp4_accumulate(const u8* __restrict__ wp,
                                                const u8* __restrict__ ws,
                                                const u16* __restrict__ lut,
                                                const u16* __restrict__ x, int n, int k, int row0,
                                                int tstride, int lim, const Tokens& tok,
                                                int c_first, int stride,
-                                               float (&acc)[MT][TN][4], int wrow = 0,
-                                               int srow = 0) {
+                                               float (&acc)[MT][TN][4]) {
     const int lane = threadIdx.x & 31;
     const int g = lane >> 2;
     const int t = lane & 3;
-    // Bytes per weight row and scale bytes per row (global layout unless SMEM).
-    const int kb = SMEM ? wrow : (k >> 1);
-    const int bpr = SMEM ? srow : (FMT == FMT_NVFP4 ? (k >> 4) : (k >> 5));
+    const int kb = k >> 1;                                   // bytes per weight row
+    const int bpr = FMT == FMT_NVFP4 ? (k >> 4) : (k >> 5);  // scale bytes per row
     const int nchunks = (k + 127) >> 7;
 
     // Activation rows of this lane's tokens; empty slots read token row 0 instead (their
@@ -315,11 +302,11 @@ __device__ __forceinline__ void fp4_accumulate(const u8* __restrict__ wp,
     // iteration are requested before the current one is computed.
     WeightRegs<MT, G> ra, rb;
     int kp = c_first * 128 + (t << 5);  // first element of this lane's piece
-    load_weights<FMT, MT, G, SMEM>(wptr, sptr, kp, k, ra);
+    load_weights<FMT, MT, G>(wptr, sptr, kp, k, ra);
     // Weights are never written by another kernel: in a PDL chain the first loads above go out
     // while the previous kernel finishes; activations (and every store) come after the wait.
     // Callers that read routing data first have waited already (a second wait returns at once).
-    if (!SMEM) pdl_enter();
+    pdl_enter();
     const int kend = nchunks << 7;
     while (kp - (t << 5) < kend) {
 #pragma unroll
@@ -329,7 +316,7 @@ __device__ __forceinline__ void fp4_accumulate(const u8* __restrict__ wp,
                 wptr[i][h] += wstep;
                 sptr[i][h] += sstep;
             }
-        load_weights<FMT, MT, G, SMEM>(wptr, sptr, kp + kstep, k, rb);
+        load_weights<FMT, MT, G>(wptr, sptr, kp + kstep, k, rb);
         compute_chunks<FMT, MT, TN, G>(ra, xptr, kp, k, lut, acc);
         kp += kstep;
         if (kp - (t << 5) >= kend) break;
@@ -340,7 +327,7 @@ __device__ __forceinline__ void fp4_accumulate(const u8* __restrict__ wp,
                 wptr[i][h] += wstep;
                 sptr[i][h] += sstep;
             }
-        load_weights<FMT, MT, G, SMEM>(wptr, sptr, kp + kstep, k, ra);
+        load_weights<FMT, MT, G>(wptr, sptr, kp + kstep, k, ra);
         compute_chunks<FMT, MT, TN, G>(rb, xptr, kp, k, lut, acc);
         kp += kstep;
     }
@@ -582,98 +569,6 @@ __device__ __forceinline__ void fp4_moe_down_t1_body(
     }
 }
 
-// Shared-memory address of a generic pointer into shared memory (for cp.async).
-__device__ __forceinline__ u32 smem_u32(const void* p) {
-    u32 a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
-}
-__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_u32(dst)), "l"(src)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async4(void* dst, const void* src) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(smem_u32(dst)), "l"(src)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async_wait_all() {
-    asm volatile("cp.async.wait_all;" ::: "memory");
-}
-
-// Padded shared-memory row stride of a staged weight tile (moe.rs `down_t1s_smem` computes the
-// same): rows of `kb` bytes start 64 bytes apart modulo 128, so the 16-byte loads of lanes
-// (g, t) and (g + 1, t) of one quarter-warp fall in different banks.
-__device__ __forceinline__ int staged_row_bytes(int kb) { return kb + ((64 - kb % 128) + 128) % 128; }
-
-// fp4_moe_down_t1 with the block's whole weight tile staged in shared memory before the wait:
-// every pair's 16 rows (packed and scales) are copied with cp.async, which needs no registers
-// and no thread to wait for it, so in a PDL chain the down projection's weight traffic overlaps
-// the gate/up kernel before it instead of following it; after the wait only the activations
-// (the gate/up output) are read from global memory. The ids come from the router, the kernel
-// before the previous one, which has finished before this grid can start (read through L2).
-// Same arithmetic and summation order as fp4_moe_down_t1 (one warp per pair, group of 2 chunks,
-// warps added in order), so the results are bit-identical. Needs k / 2 % 16 == 0 and scale rows
-// of a multiple of 4 bytes (moe.rs checks); dynamic shared memory: see down_t1s_smem.
-template <int FMT>
-__device__ __forceinline__ void fp4_moe_down_t1s_body(
-    const u8* __restrict__ wp, const u8* __restrict__ ws, const float* __restrict__ gscale,
-    const u16* __restrict__ lut, const u16* __restrict__ act, const float* __restrict__ topw,
-    const int* __restrict__ ids, u16* __restrict__ out, int n, int k, int P, int E, float post) {
-    extern __shared__ __align__(16) u8 sm[];
-    const int S = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int g = lane >> 2, t = lane & 3;
-    const int row0 = blockIdx.x * 16;
-    const int rows = min(16, n - row0);
-    const int kb = k >> 1, bpr = FMT == FMT_NVFP4 ? (k >> 4) : (k >> 5);
-    const int rs = staged_row_bytes(kb), ss = (bpr + 15) & ~15;
-    u8* wsm = sm;                                          // [P][16][rs]
-    u8* ssm = sm + (size_t)P * 16 * rs;                    // [P][16][ss]
-    float* red = (float*)(ssm + (size_t)P * 16 * ss);      // [S][16]
-    const size_t wbytes = (size_t)n * kb, sbytes = (size_t)n * bpr;
-    const int wp16 = kb >> 4, sp4 = bpr >> 2;  // 16-byte / 4-byte pieces per row
-    for (int p = 0; p < P; p++) {
-        const int e = __ldcg(ids + p);
-        if (e < 0 || e >= E) continue;
-        const u8* wg = wp + (size_t)e * wbytes + (size_t)row0 * kb;
-        const u8* sg = ws + (size_t)e * sbytes + (size_t)row0 * bpr;
-        for (int i = threadIdx.x; i < rows * wp16; i += blockDim.x) {
-            const int r = i / wp16, c = i - r * wp16;
-            cp_async16(wsm + (size_t)(p * 16 + r) * rs + c * 16, wg + (size_t)r * kb + c * 16);
-        }
-        for (int i = threadIdx.x; i < rows * sp4; i += blockDim.x) {
-            const int r = i / sp4, c = i - r * sp4;
-            cp_async4(ssm + (size_t)(p * 16 + r) * ss + c * 4, sg + (size_t)r * bpr + c * 4);
-        }
-    }
-    asm volatile("cp.async.commit_group;" ::: "memory");
-    pdl_enter();  // the activations and topw are read, and every store made, after this
-    cp_async_wait_all();
-    __syncthreads();
-    float tot_lo = 0.f, tot_hi = 0.f;  // rows g and g + 8 of token column 0 (lanes t == 0)
-    for (int p = warp; p < P; p += S) {
-        const int e = __ldcg(ids + p);
-        if (e < 0 || e >= E) continue;
-        float acc[1][1][4] = {{{0.f, 0.f, 0.f, 0.f}}};
-        const OneToken tok{p};
-        fp4_accumulate<FMT, 1, 1, 2, OneToken, true>(wsm + (size_t)p * 16 * rs,
-                                                     ssm + (size_t)p * 16 * ss, lut, act, rows, k,
-                                                     0, 16, rows, tok, 0, 2, acc, rs, ss);
-        const float f = topw[p] * ((1.0f / gscale[e]) * post);
-        tot_lo += f * acc[0][0][0];
-        tot_hi += f * acc[0][0][2];
-    }
-    if (t == 0) {
-        red[warp * 16 + g] = tot_lo;
-        red[warp * 16 + g + 8] = tot_hi;
-    }
-    __syncthreads();
-    if (threadIdx.x < 16 && row0 + (int)threadIdx.x < n) {
-        float sum = 0.f;
-        for (int s = 0; s < S; s++) sum += red[s * 16 + threadIdx.x];
-        out[row0 + threadIdx.x] = f32_to_bf16(sum);
-    }
-}
-
 #define DENSE_KERNEL(NAME, FMT, MT, TN, G)                                                     \
     extern "C" __global__ void __launch_bounds__(512) NAME(                                    \
         const u8* wp, const u8* ws, const float* gs, const u16* lut, const u16* x, u16* y, int m, \
@@ -694,13 +589,6 @@ __device__ __forceinline__ void fp4_moe_down_t1s_body(
         const u8* wp, const u8* ws, const float* gs, const u16* lut, const u16* act,             \
         const float* topw, const int* ids, u16* out, int n, int k, int P, int E, float post) {   \
         fp4_moe_down_t1_body<FMT, G>(wp, ws, gs, lut, act, topw, ids, out, n, k, P, E, post);     \
-    }
-
-#define MOE_DOWN_T1S_KERNEL(NAME, FMT)                                                          \
-    extern "C" __global__ void __launch_bounds__(512) NAME(                                     \
-        const u8* wp, const u8* ws, const float* gs, const u16* lut, const u16* act,             \
-        const float* topw, const int* ids, u16* out, int n, int k, int P, int E, float post) {   \
-        fp4_moe_down_t1s_body<FMT>(wp, ws, gs, lut, act, topw, ids, out, n, k, P, E, post);       \
     }
 
 // Variants: fp4_gemm_{nv,mx}_m{MT}_t{TN}_g{G} (see gemm.rs for the dispatcher).
@@ -734,8 +622,6 @@ MOE_KERNEL(fp4_moe_nv_g1_swiglu_t1, FMT_NVFP4, 2, 1, EPI_SWIGLU, true)
 MOE_KERNEL(fp4_moe_mx_g1_swiglu_t1, FMT_MXFP4, 2, 1, EPI_SWIGLU, true)
 MOE_DOWN_T1_KERNEL(fp4_moe_down_t1_nv, FMT_NVFP4, 2)
 MOE_DOWN_T1_KERNEL(fp4_moe_down_t1_mx, FMT_MXFP4, 2)
-MOE_DOWN_T1S_KERNEL(fp4_moe_down_t1s_nv, FMT_NVFP4)
-MOE_DOWN_T1S_KERNEL(fp4_moe_down_t1s_mx, FMT_MXFP4)
 
 // ---------------------------------------------------------------------------------------------
 // One 16-byte piece (32 elements) of a weight row, for the dequantization and E4M3 conversion

@@ -20,7 +20,7 @@ use mimo_kernels::cuda::{
     bf16_gemm, bf16_to_e4m3_rows, cublas, device_copy, fp4_gemm, fp4_gemm_dequant_cublas,
     fp4_gemm_fp8, fp4_gemm_with, fp4_to_e4m3_rows, fp8_shape_ok, moe_layer_with, variant_exists,
     CudaError, E4m3Rows, Fp4GemmConfig, Fp8Gemm, Fp8Scratch, GpuContext, GpuFp4Weight, MoeConfig,
-    MoeWeights, MoeWorkspace, PdlGraph, Tuning,
+    MoeWeights, MoeWorkspace, PdlGraph,
 };
 use mimo_kernels::Fp4Format;
 
@@ -656,20 +656,13 @@ fn moe_bench(
             });
         };
         for (ci, cfg) in configs.into_iter().enumerate() {
-            // The auto configuration also as a PDL chain at one token (as decode runs it), and
-            // both with the down projection's weight tile staged in shared memory (the default,
-            // `Tuning::moe_stage_down`) and without.
-            let modes: &[(bool, bool)] = if ci == 0 && tokens == 1 {
-                &[(false, true), (true, true), (false, false), (true, false)]
+            // The auto configuration also as a PDL chain at one token (as decode runs it).
+            let modes: &[bool] = if ci == 0 && tokens == 1 {
+                &[false, true]
             } else {
-                &[(false, true)]
+                &[false]
             };
-            let base = gpu.tuning();
-            for &(pdl, staged) in modes {
-                gpu.set_tuning(Tuning {
-                    moe_stage_down: staged,
-                    ..base
-                });
+            for &pdl in modes {
                 let t = time_op_graph(gpu, nr, samples, pdl, &mut |i| {
                     moe_layer_with(
                         gpu,
@@ -683,29 +676,18 @@ fn moe_bench(
                         &mut out,
                         cfg,
                     )
-                });
-                gpu.set_tuning(base);
-                let t = t?;
+                })?;
                 eprintln!(
-                    "  moe {} tokens={tokens} {cfg:?}{}{}: {:.2} us",
+                    "  moe {} tokens={tokens} {cfg:?}{}: {:.2} us",
                     format.name(),
                     if pdl { " PDL chain" } else { "" },
-                    if staged { "" } else { " unstaged down" },
                     t.us
                 );
-                let (kernel, note) = match (ci, pdl, staged) {
-                    (0, false, true) => ("fp4_moe_layer".to_string(), format!("auto {cfg:?}; ")),
-                    (0, true, true) => (
+                let (kernel, note) = match (ci, pdl) {
+                    (0, false) => ("fp4_moe_layer".to_string(), format!("auto {cfg:?}; ")),
+                    (0, true) => (
                         "fp4_moe_layer_pdl".to_string(),
                         format!("auto {cfg:?}; launches chained by PDL; "),
-                    ),
-                    (0, false, false) => (
-                        "fp4_moe_layer_unstaged".to_string(),
-                        format!("auto {cfg:?}; moe_stage_down off; "),
-                    ),
-                    (0, true, false) => (
-                        "fp4_moe_layer_pdl_unstaged".to_string(),
-                        format!("auto {cfg:?}; launches chained by PDL; moe_stage_down off; "),
                     ),
                     _ => (
                         format!("fp4_moe_layer_gu{}_d{}", cfg.gate_up_warps, cfg.down_warps),

@@ -110,10 +110,6 @@ pub struct Tuning {
     /// (one byte per weight more device memory, still under BF16's two), so later prefill
     /// GEMMs skip the per-call weight conversion. Off by default (memory).
     pub fp8_resident: bool,
-    /// One-token MoE layers stage each down-projection block's weight tile in shared memory
-    /// with `cp.async` before the PDL wait (`fp4_moe_down_t1s_*`), so its weight traffic
-    /// overlaps the gate/up kernel instead of following it (where the tile fits; same results).
-    pub moe_stage_down: bool,
 }
 
 impl Default for Tuning {
@@ -127,7 +123,6 @@ impl Default for Tuning {
             fp8_prefill: true,
             prefill_attention_mma: true,
             fp8_resident: false,
-            moe_stage_down: true,
         }
     }
 }
@@ -152,7 +147,6 @@ impl Tuning {
             fp8_prefill: flag("MIMO_FP8_PREFILL", d.fp8_prefill),
             prefill_attention_mma: flag("MIMO_PREFILL_ATTENTION_MMA", d.prefill_attention_mma),
             fp8_resident: flag("MIMO_FP8_RESIDENT", d.fp8_resident),
-            moe_stage_down: flag("MIMO_MOE_STAGE_DOWN", d.moe_stage_down),
         }
     }
 }

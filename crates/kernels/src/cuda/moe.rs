@@ -276,17 +276,6 @@ fn moe_layer_one_token(
         Fp4Format::Mxfp4 => "fp4_moe_mx_g1_swiglu_t1",
     };
     let f = gpu.function(name)?;
-    let d = &w.down;
-    let staged = down_t1s_smem(d.format, d.k, top_k).filter(|_| gpu.tuning().moe_stage_down);
-    // With the staged down kernel after it, both ask for the largest shared-memory carveout:
-    // an SM whose L1/shared split differs from what the next kernel needs cannot take that
-    // kernel's blocks while this one's still run there.
-    let carveout = if staged.is_some() { 100 } else { -1 };
-    f.set_attribute(
-        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
-        carveout,
-    )
-    .map_err(drv("set the gate/up kernel's shared-memory carveout"))?;
     let launch = LaunchConfig {
         grid_dim: (inter.div_ceil(16) as u32, top_k as u32, 1),
         block_dim: (32 * gcfg.warps, 1, 1),
@@ -313,36 +302,18 @@ fn moe_layer_one_token(
         Some(&mut ws.bad),
         "launch one-token gate/up",
     )?;
-    // 2. down + combine: one warp per pair, 16 output rows per block; with the block's weight
-    // tile staged in shared memory before the PDL wait where it fits (`Tuning::moe_stage_down`).
-    let warps = top_k.max(1) as u32;
-    let name = match (d.format, staged.is_some()) {
-        (Fp4Format::Nvfp4, false) => "fp4_moe_down_t1_nv",
-        (Fp4Format::Mxfp4, false) => "fp4_moe_down_t1_mx",
-        (Fp4Format::Nvfp4, true) => "fp4_moe_down_t1s_nv",
-        (Fp4Format::Mxfp4, true) => "fp4_moe_down_t1s_mx",
+    // 2. down + combine: one warp per pair, 16 output rows per block.
+    let d = &w.down;
+    let name = match d.format {
+        Fp4Format::Nvfp4 => "fp4_moe_down_t1_nv",
+        Fp4Format::Mxfp4 => "fp4_moe_down_t1_mx",
     };
     let f = gpu.function(name)?;
-    let smem = match staged {
-        Some(bytes) => {
-            f.set_attribute(
-                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                bytes as i32,
-            )
-            .map_err(drv("allow the staged down kernel its shared memory"))?;
-            f.set_attribute(
-                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
-                100,
-            )
-            .map_err(drv("set the staged down kernel's shared-memory carveout"))?;
-            bytes
-        }
-        None => warps * 16 * 4,
-    };
+    let warps = top_k.max(1) as u32;
     let launch = LaunchConfig {
         grid_dim: (hidden.div_ceil(16) as u32, 1, 1),
         block_dim: (32 * warps, 1, 1),
-        shared_mem_bytes: smem,
+        shared_mem_bytes: warps * 16 * 4,
     };
     let (n_i, k_i) = (d.n as i32, d.k as i32);
     let mut b = gpu.stream().launch_builder(&f);
@@ -363,30 +334,6 @@ fn moe_layer_one_token(
     // top_k entries, out `hidden` elements (checked by the caller).
     unsafe { b.launch(launch) }.map_err(drv("launch one-token down + combine"))?;
     Ok(())
-}
-
-/// Most dynamic shared memory the staged one-token down kernel may take: one block of it and
-/// the gate/up kernel's blocks before it share an SM in a PDL chain (H100: 228 KiB per SM).
-const STAGED_DOWN_MAX_SMEM: usize = 100 * 1024;
-
-/// Dynamic shared memory of `fp4_moe_down_t1s_*` for a down weight with `k` inputs and `top_k`
-/// pairs (one warp each): every pair's 16-row tile, packed rows padded as fp4_gemm.cu's
-/// `staged_row_bytes`, scale rows rounded up to 16 bytes, and the warps' partial sums. None
-/// where the kernel does not apply (row bytes not in 16-byte pieces, scale rows not in 4-byte
-/// pieces, or more shared memory than [`STAGED_DOWN_MAX_SMEM`]).
-pub(crate) fn down_t1s_smem(format: Fp4Format, k: usize, top_k: usize) -> Option<u32> {
-    let kb = k / 2;
-    let bpr = match format {
-        Fp4Format::Nvfp4 => k / 16,
-        Fp4Format::Mxfp4 => k / 32,
-    };
-    if k % 32 != 0 || kb % 16 != 0 || bpr % 4 != 0 || top_k == 0 {
-        return None;
-    }
-    let rs = kb + (64 + 128 - kb % 128) % 128;
-    let ss = bpr.div_ceil(16) * 16;
-    let bytes = top_k * 16 * (rs + ss) + top_k * 16 * 4;
-    (bytes <= STAGED_DOWN_MAX_SMEM).then_some(bytes as u32)
 }
 
 struct Route<'a> {
@@ -493,35 +440,4 @@ fn launch_moe_kernel(
     // are the caller's guarantee.
     unsafe { b.launch(launch) }.map_err(drv(what))?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn staged_down_tile_sizes() {
-        // Qwen3-30B-A3B: inter 768, top-8: rows of 384 bytes padded to 448, scales 48 bytes.
-        assert_eq!(
-            down_t1s_smem(Fp4Format::Nvfp4, 768, 8),
-            Some(8 * 16 * (448 + 48) + 8 * 16 * 4)
-        );
-        // MXFP4: 24 scale bytes per row, rounded up to 32.
-        assert_eq!(
-            down_t1s_smem(Fp4Format::Mxfp4, 768, 8),
-            Some(8 * 16 * (448 + 32) + 8 * 16 * 4)
-        );
-        // Padding keeps rows 64 bytes apart modulo 128 whatever the row length.
-        for k in [32usize, 96, 256, 544, 1056, 2048] {
-            let kb = k / 2;
-            if let Some(b) = down_t1s_smem(Fp4Format::Mxfp4, k, 1) {
-                let rs = (b as usize - 16 * 4) / 16 - (k / 32).div_ceil(16) * 16;
-                assert_eq!(rs % 128, 64, "k={k}");
-                assert!(rs >= kb && rs < kb + 128, "k={k}");
-            }
-        }
-        // Too large (Mixtral's 14336-wide down) or scale rows off 4 bytes: the plain kernel.
-        assert_eq!(down_t1s_smem(Fp4Format::Nvfp4, 14336, 2), None);
-        assert_eq!(down_t1s_smem(Fp4Format::Nvfp4, 800, 8), None);
-    }
 }

@@ -456,7 +456,6 @@ fn tuning_ablation(
         flip(|t| &mut t.moe_direct, "moe_direct"),
         flip(|t| &mut t.norm_router, "norm_router"),
         flip(|t| &mut t.warp_attention, "warp_attention"),
-        flip(|t| &mut t.moe_stage_down, "moe_stage_down"),
         (
             "all_off".to_string(),
             Tuning {
@@ -465,7 +464,6 @@ fn tuning_ablation(
                 moe_direct: false,
                 norm_router: false,
                 warp_attention: false,
-                moe_stage_down: false,
                 fp8_prefill: base.fp8_prefill,
                 prefill_attention_mma: base.prefill_attention_mma,
                 fp8_resident: base.fp8_resident,
