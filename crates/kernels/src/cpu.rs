@@ -290,26 +290,8 @@ fn matmul_dense<T: DenseWeight>(
             // summed exactly as `dot` does, so the result is bit-identical to the loop below.
             while r + 4 <= rows {
                 let wr = |q: usize| &w[(j0 + r + q) * k..(j0 + r + q + 1) * k];
-                let ws = [wr(0), wr(1), wr(2), wr(3)];
-                let mut i = 0;
-                while i + 2 <= m {
-                    let xs = [&x[i * k..(i + 1) * k], &x[(i + 1) * k..(i + 2) * k]];
-                    // SAFETY: AVX2 was checked at run time; all slices hold k elements.
-                    let d = unsafe { simd::dot_tile::<T, 4, 2>(xs, ws) };
-                    for (c, dc) in d.iter().enumerate() {
-                        for (q, &v) in dc.iter().enumerate() {
-                            o[(r + q) * m + i + c] = v;
-                        }
-                    }
-                    i += 2;
-                }
-                if i < m {
-                    // SAFETY: as above.
-                    let d = unsafe { simd::dot_tile::<T, 4, 1>([&x[i * k..(i + 1) * k]], ws) };
-                    for (q, &v) in d[0].iter().enumerate() {
-                        o[(r + q) * m + i] = v;
-                    }
-                }
+                // SAFETY: AVX2 was checked at run time.
+                unsafe { four_rows_avx2(x, m, k, [wr(0), wr(1), wr(2), wr(3)], &mut o[r * m..]) };
                 r += 4;
             }
         }
@@ -321,6 +303,38 @@ fn matmul_dense<T: DenseWeight>(
         }
     });
     Ok(())
+}
+
+/// Outputs of four weight rows for all `m` tokens into `o` (feature-major: `o[q * m + i]`),
+/// in 4 x 2 tiles of [`simd::dot_tile`]: each element bit-identical to [`dot`].
+///
+/// # Safety
+/// AVX2 is present; `x` holds `m` rows of `k`, each of `ws` `k` elements, `o` at least `4 * m`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn four_rows_avx2<T: DenseWeight>(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    ws: [&[T]; 4],
+    o: &mut [f32],
+) {
+    let mut i = 0;
+    while i + 2 <= m {
+        let xs = [&x[i * k..(i + 1) * k], &x[(i + 1) * k..(i + 2) * k]];
+        let d = simd::dot_tile::<T, 4, 2>(xs, ws);
+        for (c, dc) in d.iter().enumerate() {
+            for (q, &v) in dc.iter().enumerate() {
+                o[q * m + i + c] = v;
+            }
+        }
+        i += 2;
+    }
+    if i < m {
+        let d = simd::dot_tile::<T, 4, 1>([&x[i * k..(i + 1) * k]], ws);
+        for (q, &v) in d[0].iter().enumerate() {
+            o[q * m + i] = v;
+        }
+    }
 }
 
 /// Fast f32 matmul: `out[m, n] = x[m, k] · w[n, k]^T`, parallel over n.
@@ -443,12 +457,32 @@ pub fn matmul_fp4(x: &[f32], w: &Fp4Matrix, out: &mut [f32]) -> Result<(), Matmu
         return Ok(());
     }
     par_rows(m, n, out, |j0, o| {
-        let mut buf = vec![0.0f32; k];
-        for (r, oj) in o.chunks_exact_mut(m).enumerate() {
-            let (p, s) = row(j0 + r);
-            decode_row(p, s, block, &mults, &mut buf);
+        // Each row decoded once (exactly `dequantize`'s values, so a dot with the decoded row
+        // equals the FP4 dot bit for bit), then the dense kernel's 4 x 2 tiles over the tokens.
+        let rows = o.len() / m;
+        let mut buf = vec![0.0f32; 4 * k];
+        let mut r = 0;
+        #[cfg(target_arch = "x86_64")]
+        if avx2 {
+            while r + 4 <= rows {
+                for (q, b) in buf.chunks_exact_mut(k).enumerate() {
+                    let (p, s) = row(j0 + r + q);
+                    decode_row(p, s, block, &mults, b);
+                }
+                let (b0, rest) = buf.split_at(k);
+                let (b1, rest) = rest.split_at(k);
+                let (b2, b3) = rest.split_at(k);
+                // SAFETY: AVX2 was checked at run time; shapes validated above.
+                unsafe { four_rows_avx2(x, m, k, [b0, b1, b2, b3], &mut o[r * m..]) };
+                r += 4;
+            }
+        }
+        let b = &mut buf[..k];
+        for (rr, oj) in o.chunks_exact_mut(m).enumerate().skip(r) {
+            let (p, s) = row(j0 + rr);
+            decode_row(p, s, block, &mults, b);
             for (i, v) in oj.iter_mut().enumerate() {
-                *v = dot(&x[i * k..(i + 1) * k], &buf, avx2);
+                *v = dot(&x[i * k..(i + 1) * k], b, avx2);
             }
         }
     });
@@ -663,6 +697,42 @@ mod tests {
                         wantb.to_bits(),
                         "bf16 m={m} n={n} k={k} ({i}, {j})"
                     );
+                }
+            }
+        }
+    }
+
+    /// The FP4 matmul over several tokens (rows decoded once, then the dense tiles) gives each
+    /// element the bits of the f32 `dot` with the dequantized row, both formats.
+    #[test]
+    fn fp4_matmul_tokens_match_dot_bitwise() {
+        let mut rng = ChaCha8Rng::seed_from_u64(12);
+        for &(m, n, k) in &[(2usize, 7usize, 64usize), (3, 18, 160), (5, 33, 320)] {
+            let w = rand_vec(&mut rng, n * k);
+            let x = rand_vec(&mut rng, m * k);
+            for q in [
+                crate::fp4::quantize_nvfp4(
+                    &w,
+                    n,
+                    k,
+                    crate::fp4::nvfp4_global_scale(crate::fp4::amax(&w)),
+                )
+                .unwrap(),
+                crate::fp4::quantize_mxfp4(&w, n, k).unwrap(),
+            ] {
+                let d = crate::fp4::dequantize(&q).unwrap();
+                let mut o = vec![f32::NAN; m * n];
+                matmul_fp4(&x, &q, &mut o).unwrap();
+                for i in 0..m {
+                    for j in 0..n {
+                        let want = dot(&x[i * k..(i + 1) * k], &d[j * k..(j + 1) * k], false);
+                        assert_eq!(
+                            o[i * n + j].to_bits(),
+                            want.to_bits(),
+                            "{:?} m={m} n={n} k={k} ({i}, {j})",
+                            q.format
+                        );
+                    }
                 }
             }
         }
