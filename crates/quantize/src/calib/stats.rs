@@ -112,8 +112,22 @@ impl SiteAcc {
             .zip(x)
             .map(|(&f, &q)| f as f64 - q as f64)
             .collect();
+        // Four tokens per pass, as the Hessian in `add` (same per-element order).
         c.par_chunks_mut(k).enumerate().for_each(|(i, crow)| {
-            for t in 0..m {
+            let mut t = 0;
+            while t + 4 <= m {
+                let r = |q: usize| &xd[(t + q) * k..(t + q + 1) * k];
+                let (r0, r1, r2, r3) = (r(0), r(1), r(2), r(3));
+                let d = |q: usize| dd[(t + q) * k + i];
+                let (a0, a1, a2, a3) = (d(0), d(1), d(2), d(3));
+                if a0 != 0.0 || a1 != 0.0 || a2 != 0.0 || a3 != 0.0 {
+                    for (j, cj) in crow.iter_mut().enumerate() {
+                        *cj = *cj + a0 * r0[j] + a1 * r1[j] + a2 * r2[j] + a3 * r3[j];
+                    }
+                }
+                t += 4;
+            }
+            for t in t..m {
                 let di = dd[t * k + i];
                 if di == 0.0 {
                     continue;
@@ -137,8 +151,23 @@ impl SiteAcc {
         if let Some(h) = &mut self.hessian {
             let xd: Vec<f64> = x.iter().map(|&v| v as f64).collect();
             // Upper triangle, row i owned by one task; mirrored in `finish`.
+            // Four tokens per pass over the row: each element still adds its tokens' products
+            // one at a time in token order (a zero product adds exactly nothing to a finite
+            // sum, so adding it equals skipping it), with a quarter of the row loads and stores.
             h.par_chunks_mut(k).enumerate().for_each(|(i, hrow)| {
-                for t in 0..m {
+                let mut t = 0;
+                while t + 4 <= m {
+                    let r = |q: usize| &xd[(t + q) * k + i..(t + q + 1) * k];
+                    let (r0, r1, r2, r3) = (r(0), r(1), r(2), r(3));
+                    let (a0, a1, a2, a3) = (r0[0], r1[0], r2[0], r3[0]);
+                    if a0 != 0.0 || a1 != 0.0 || a2 != 0.0 || a3 != 0.0 {
+                        for (j, hj) in hrow[i..].iter_mut().enumerate() {
+                            *hj = *hj + a0 * r0[j] + a1 * r1[j] + a2 * r2[j] + a3 * r3[j];
+                        }
+                    }
+                    t += 4;
+                }
+                for t in t..m {
                     let xr = &xd[t * k..(t + 1) * k];
                     let xi = xr[i];
                     if xi == 0.0 {
@@ -433,5 +462,55 @@ pub(crate) fn assign(
         experts,
         tokens_per_layer,
         experts_per_layer,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rows with zeros (skipped terms) and a token count off the 4-token pass.
+    fn rows(m: usize, k: usize) -> Vec<f32> {
+        (0..m * k)
+            .map(|e| {
+                let v = ((e * 7919 + 13) % 1000) as f32 / 250.0 - 2.0;
+                if e % 5 == 0 {
+                    0.0
+                } else {
+                    v
+                }
+            })
+            .collect()
+    }
+
+    /// The Hessian and cross term equal plain token-by-token f64 sums bit for bit.
+    #[test]
+    fn hessian_and_cross_match_sequential_sums() {
+        let (m, k) = (11, 9);
+        let x = rows(m, k);
+        let xf: Vec<f32> = x.iter().map(|v| v * 1.25 + 0.5).collect();
+        let mut acc = SiteAcc::new(k, true);
+        acc.add(&x[..5 * k], 5);
+        acc.add(&x[5 * k..], m - 5);
+        acc.add_cross(&x, &xf, m);
+        let s = acc.finish("site".into(), 0);
+        let h = s.hessian.unwrap();
+        let c = s.cross.unwrap();
+        for i in 0..k {
+            for j in 0..k {
+                let (a, b) = (i.min(j), i.max(j));
+                let mut want = 0.0f64;
+                for t in 0..m {
+                    want += x[t * k + a] as f64 * x[t * k + b] as f64;
+                }
+                assert_eq!(h[i * k + j].to_bits(), want.to_bits(), "H ({i}, {j})");
+                let mut want = 0.0f64;
+                for t in 0..m {
+                    want += (xf[t * k + i] as f64 - x[t * k + i] as f64) * x[t * k + j] as f64;
+                }
+                assert_eq!(c[i * k + j].to_bits(), want.to_bits(), "cross ({i}, {j})");
+            }
+        }
+        assert_eq!(s.tokens, m as u64);
     }
 }
