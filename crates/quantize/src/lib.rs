@@ -4,6 +4,7 @@ pub mod arch;
 pub mod calib;
 pub mod cli;
 pub mod convert;
+pub mod f64ops;
 pub mod hub;
 pub mod inspect;
 pub mod manifest;

@@ -121,9 +121,7 @@ impl SiteAcc {
                 let d = |q: usize| dd[(t + q) * k + i];
                 let (a0, a1, a2, a3) = (d(0), d(1), d(2), d(3));
                 if a0 != 0.0 || a1 != 0.0 || a2 != 0.0 || a3 != 0.0 {
-                    for (j, cj) in crow.iter_mut().enumerate() {
-                        *cj = *cj + a0 * r0[j] + a1 * r1[j] + a2 * r2[j] + a3 * r3[j];
-                    }
+                    crate::f64ops::add_scaled4(crow, [a0, a1, a2, a3], [r0, r1, r2, r3]);
                 }
                 t += 4;
             }
@@ -132,9 +130,7 @@ impl SiteAcc {
                 if di == 0.0 {
                     continue;
                 }
-                for (cj, &xj) in crow.iter_mut().zip(&xd[t * k..(t + 1) * k]) {
-                    *cj += di * xj;
-                }
+                crate::f64ops::add_scaled(crow, di, &xd[t * k..(t + 1) * k]);
             }
         });
     }
@@ -161,9 +157,11 @@ impl SiteAcc {
                     let (r0, r1, r2, r3) = (r(0), r(1), r(2), r(3));
                     let (a0, a1, a2, a3) = (r0[0], r1[0], r2[0], r3[0]);
                     if a0 != 0.0 || a1 != 0.0 || a2 != 0.0 || a3 != 0.0 {
-                        for (j, hj) in hrow[i..].iter_mut().enumerate() {
-                            *hj = *hj + a0 * r0[j] + a1 * r1[j] + a2 * r2[j] + a3 * r3[j];
-                        }
+                        crate::f64ops::add_scaled4(
+                            &mut hrow[i..],
+                            [a0, a1, a2, a3],
+                            [r0, r1, r2, r3],
+                        );
                     }
                     t += 4;
                 }
@@ -173,9 +171,7 @@ impl SiteAcc {
                     if xi == 0.0 {
                         continue;
                     }
-                    for (hj, &xj) in hrow[i..].iter_mut().zip(&xr[i..]) {
-                        *hj += xi * xj;
-                    }
+                    crate::f64ops::add_scaled(&mut hrow[i..], xi, &xr[i..]);
                 }
             });
         }

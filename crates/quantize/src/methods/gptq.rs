@@ -262,10 +262,7 @@ fn block_loss(xb: &[f64], mult: f32, u: &[f64], k: usize, c0: usize, tmp: &mut [
         let row = (c0 + j) * k + c0;
         let e = (tmp[j] - q) / u[row + j];
         loss += e * e;
-        let urow = &u[row..row + b];
-        for t in j + 1..b {
-            tmp[t] -= e * urow[t];
-        }
+        crate::f64ops::sub_scaled(&mut tmp[j + 1..b], e, &u[row + j + 1..row + b]);
     }
     loss
 }
@@ -365,10 +362,7 @@ pub fn quantize_gptq_with(
                     codes[order[j]] = c;
                     let q = (e2m1::decode(c) * mult) as f64;
                     let e = (r[j] - q) / u[j * k + j];
-                    let urow = &u[j * k..(j + 1) * k];
-                    for t in j + 1..k {
-                        r[t] -= e * urow[t];
-                    }
+                    crate::f64ops::sub_scaled(&mut r[j + 1..k], e, &u[j * k + j + 1..(j + 1) * k]);
                 }
             }
             if opts.refine > 0 {

@@ -102,9 +102,7 @@ pub(crate) fn row_values(p: &RowProblem<'_>, codes: &[u8], scales: &[u8]) -> Vec
 
 /// `g += d * row` (one column of the symmetric H changes the gradient by that row).
 fn add_scaled_row(g: &mut [f64], d: f64, row: &[f64]) {
-    for (gi, &hv) in g.iter_mut().zip(row) {
-        *gi += d * hv;
-    }
+    crate::f64ops::add_scaled(g, d, row);
 }
 
 /// Refines one row in place: `codes` (one E2M1 code per element, original order) and `scales`
