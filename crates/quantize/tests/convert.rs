@@ -481,6 +481,11 @@ fn unsupported_dtype() {
     assert!(e.to_string().contains("model.safetensors"), "{e}");
 }
 
+/// A source whose up_proj holds `bad` at element `at` (dtype `dtype`).
+fn with_bad_value(d: &Path, dtype: DType, at: usize, bad: f32) -> PathBuf {
+    custom(d, dtype, [64, 64], |i| if i == at { bad } else { 0.01 })
+}
+
 #[test]
 fn nan_and_inf_weights() {
     for (bad, dtype) in [
@@ -489,12 +494,7 @@ fn nan_and_inf_weights() {
         (f32::NEG_INFINITY, DType::F32),
     ] {
         let d = tempfile::tempdir().unwrap();
-        let src = custom(
-            d.path(),
-            dtype,
-            [64, 64],
-            |i| if i == 100 { bad } else { 0.01 },
-        );
+        let src = with_bad_value(d.path(), dtype, 100, bad);
         let e = fails(&src, d.path());
         assert!(
             matches!(&e, ConvertError::Quant(QuantError::NonFinite { tensor, index: 100, .. }) if tensor == "model.layers.0.mlp.up_proj.weight"),
@@ -513,12 +513,7 @@ fn nan_and_inf_in_kept_tensors() {
     // it is refused just the same, not passed on to the output.
     for (bad, dtype) in [(f32::NAN, DType::BF16), (f32::INFINITY, DType::F32)] {
         let d = tempfile::tempdir().unwrap();
-        let src = custom(
-            d.path(),
-            dtype,
-            [64, 64],
-            |i| if i == 9 { bad } else { 0.01 },
-        );
+        let src = with_bad_value(d.path(), dtype, 9, bad);
         let out = d.path().join("out");
         let mut c = cfg(&src, &out, Layout::CtNvfp4);
         c.plan.ignore = vec!["model.layers.0.mlp.up_proj".into()];
