@@ -406,6 +406,14 @@ fn dense_shape(
                     );
                 }
                 let mut best = (t, format!("{cfg:?}"));
+                // The PDL chain (decode graphs) of the auto shape, to compare the sweep's PDL rows with.
+                let mut best_pdl: Option<(Timing, String)> = None;
+                if sweep && m == 1 {
+                    let t = time_op_graph(gpu, reps, samples, true, &mut |i| {
+                        fp4_gemm(gpu, &ws[i % copies], &xo, m, &mut ys)
+                    })?;
+                    best_pdl = Some((t, format!("{cfg:?}")));
+                }
                 if sweep && (m == 1 || m == 16) {
                     for m_tiles in [1u32, 2] {
                         for group in [1u32, 2, 4] {
@@ -430,6 +438,21 @@ fn dense_shape(
                                 if t.us < best.0.us {
                                     best = (t, format!("{c:?}"));
                                 }
+                                // At one token also as a PDL chain, as decode graphs run it.
+                                if let Some(bp) = best_pdl.as_mut() {
+                                    let t = time_op_graph(gpu, reps, samples, true, &mut |i| {
+                                        fp4_gemm_with(gpu, &ws[i % copies], &xo, m, &mut ys, c)
+                                    })?;
+                                    push(
+                                        rows,
+                                        format!("fp4_fused_pdl_mt{m_tiles}_g{group}_w{warps}"),
+                                        t,
+                                        "sweep; launches chained by PDL".into(),
+                                    );
+                                    if t.us < bp.0.us {
+                                        *bp = (t, format!("{c:?}"));
+                                    }
+                                }
                             }
                         }
                     }
@@ -439,6 +462,18 @@ fn dense_shape(
                         best.0,
                         format!("best of the sweep in this run: {}", best.1),
                     );
+                    if let Some((t, c)) = best_pdl {
+                        eprintln!(
+                            "  best PDL chain {fname} k={k} n={n} m={m}: {c} {:.2} us",
+                            t.us
+                        );
+                        push(
+                            rows,
+                            "fp4_fused_pdl_tuned".into(),
+                            t,
+                            format!("best of the PDL-chain sweep in this run: {c}"),
+                        );
+                    }
                 }
             }
             if m >= 16 {
