@@ -16,18 +16,19 @@ macro_rules! dispatch {
     }};
 }
 
-/// `y[t] -= a * x[t]`.
+/// `y[t] -= a * x[t]` (`x` at least as long as `y`).
 pub fn sub_scaled(y: &mut [f64], a: f64, x: &[f64]) {
     dispatch!(sub_scaled_body(y, a, x))
 }
 
-/// `y[t] += a * x[t]`.
+/// `y[t] += a * x[t]` (`x` at least as long as `y`).
 pub fn add_scaled(y: &mut [f64], a: f64, x: &[f64]) {
     dispatch!(add_scaled_body(y, a, x))
 }
 
 /// `y[t] = y[t] + a[0] * x[0][t] + a[1] * x[1][t] + a[2] * x[2][t] + a[3] * x[3][t]`, the terms
-/// added left to right (four rank-one updates in order, one pass over `y`).
+/// added left to right (four rank-one updates in order, one pass over `y`; each `x[q]` at least as
+/// long as `y`).
 pub fn add_scaled4(y: &mut [f64], a: [f64; 4], x: [&[f64]; 4]) {
     dispatch!(add_scaled4_body(y, a, x))
 }
