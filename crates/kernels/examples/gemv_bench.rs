@@ -1,7 +1,7 @@
-//! Micro benchmark of the CPU decode-shaped matmul (m = 1) on a 4096 x 4096 weight: prints the
-//! median and best time per call and the weight bytes streamed per second, for f32, bf16, NVFP4 and MXFP4.
-//! No assertions; numbers depend on the machine. Run with
-//! `cargo run -p mimo-kernels --release --example gemv_bench [-- N K ITERS]`.
+//! Micro benchmark of the CPU matmul, decode-shaped (m = 1) by default, on a 4096 x 4096 weight:
+//! prints the median and best time per call and the weight bytes streamed per second (and, from
+//! m > 1, GFLOP/s), for f32, bf16, NVFP4 and MXFP4. No assertions; numbers depend on the
+//! machine. Run with `cargo run -p mimo-kernels --release --example gemv_bench [-- N K ITERS M]`.
 
 use std::time::Instant;
 
@@ -34,26 +34,27 @@ fn arg(i: usize, default: usize) -> usize {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let (n, k, iters) = (arg(1, 4096), arg(2, 4096), arg(3, 50));
+    let (n, k, iters, m) = (arg(1, 4096), arg(2, 4096), arg(3, 50), arg(4, 1).max(1));
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let w: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-    let x: Vec<f32> = (0..k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
     let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
     let nv = fp4::quantize_nvfp4(&w, n, k, fp4::nvfp4_global_scale(fp4::amax(&w)))?;
     let mx = fp4::quantize_mxfp4(&w, n, k)?;
-    let mut out = vec![0.0f32; n];
+    let mut out = vec![0.0f32; m * n];
     println!(
-        "m=1 n={n} k={k} threads={} iters={iters}",
+        "m={m} n={n} k={k} threads={} iters={iters}",
         rayon::current_num_threads()
     );
     let report = |name: &str, bytes: usize, (med, min): (f64, f64)| {
         println!(
-            "{name:>6}: median {:7.3} ms {:6.2} GB/s | best {:7.3} ms {:6.2} GB/s  ({} weight bytes)",
+            "{name:>6}: median {:7.3} ms {:6.2} GB/s | best {:7.3} ms {:6.2} GB/s  ({} weight bytes; {:.1} GFLOP/s at the median)",
             med * 1e3,
             bytes as f64 / med / 1e9,
             min * 1e3,
             bytes as f64 / min / 1e9,
-            bytes
+            bytes,
+            2.0 * (m * n * k) as f64 / med / 1e9
         );
     };
     let s = time_calls(iters, || {
