@@ -128,16 +128,24 @@ impl<'a> Loader<'a> {
         Ok(Loader { ck, layout })
     }
 
-    /// A 1-D tensor of length `len` as f32 (norm weights, biases).
+    /// A 1-D tensor of length `len` as f32 (norm weights, biases). A NaN or infinity in it is
+    /// refused: it would load without a word and turn every logit into NaN.
     pub fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, LoadError> {
         let t = self.ck.tensor(name)?;
         check_shape(&t, &[len])?;
         let dt = dense_dtype(&t)?;
-        mimo_kernels::dtype::convert_to_vec(dt, t.data).map_err(|e| LoadError::Data {
+        let data = |reason: String| LoadError::Data {
             file: t.file.to_path_buf(),
             tensor: name.to_string(),
-            reason: e.to_string(),
-        })
+            reason,
+        };
+        let v = mimo_kernels::dtype::convert_to_vec(dt, t.data).map_err(|e| data(e.to_string()))?;
+        if let Some((i, x)) = v.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+            return Err(data(format!(
+                "holds a non-finite value ({x}) at element {i}"
+            )));
+        }
+        Ok(v)
     }
 
     /// A dense `[n, k]` matrix kept in its stored dtype (F16 widened to F32).

@@ -119,6 +119,31 @@ fn every_truncation_of_an_fp4_checkpoint_is_refused() {
     }
 }
 
+/// A NaN in a norm weight of an FP4 checkpoint is refused at load (exit 1, file and tensor
+/// named), not turned into NaN logits.
+#[test]
+fn nan_norm_weight_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let ck_dir = d.path().join("ck");
+    copy_dir(&corpus_root().join("good/fp4"), &ck_dir);
+    // The manifest's hash would name the shard as altered; mimo-run does not read it.
+    let shard = ck_dir.join("model.safetensors");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let name = "model.layers.0.input_layernorm.weight";
+    let at = 8 + n + header[name]["data_offsets"][0].as_u64().unwrap() as usize + 2 * 3;
+    bytes[at..at + 2].copy_from_slice(&half::bf16::NAN.to_le_bytes());
+    std::fs::write(&shard, &bytes).unwrap();
+    let o = run_bench(&ck_dir);
+    assert_eq!(o.code, Some(1), "{}", o.text);
+    assert!(
+        o.text.contains(name) && o.text.contains("non-finite") && o.text.contains("element 3"),
+        "{}",
+        o.text
+    );
+}
+
 /// Every single-byte change in the header of the FP4 shard either fails with a typed error or
 /// yields a checkpoint whose tensors all lie inside the file; the loader never panics.
 #[test]
