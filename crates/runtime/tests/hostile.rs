@@ -3,7 +3,7 @@
 //! an error, never a panic or an abort. The corpus lives in tests/bad-inputs/ (cases.json).
 //! Tests marked `#[ignore = "issue 10: ..."]` fail today (docs/hostile-findings.md).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -58,14 +58,21 @@ fn copy_dir(src: &Path, dst: &Path) {
     }
 }
 
-/// Every truncation of the FP4 shard (each 7th length, and the last 64) is refused by the
-/// reader with the file named, and what it does accept never reads past the mapping.
-#[test]
-fn every_truncation_of_an_fp4_checkpoint_is_refused() {
+/// A copy of the corpus's good FP4 checkpoint: (its temporary folder, the checkpoint folder,
+/// its shard).
+fn fp4_copy() -> (tempfile::TempDir, PathBuf, PathBuf) {
     let d = tempfile::tempdir().unwrap();
     let ck_dir = d.path().join("ck");
     copy_dir(&corpus_root().join("good/fp4"), &ck_dir);
     let shard = ck_dir.join("model.safetensors");
+    (d, ck_dir, shard)
+}
+
+/// Every truncation of the FP4 shard (each 7th length, and the last 64) is refused by the
+/// reader with the file named, and what it does accept never reads past the mapping.
+#[test]
+fn every_truncation_of_an_fp4_checkpoint_is_refused() {
+    let (_d, ck_dir, shard) = fp4_copy();
     let full = std::fs::read(&shard).unwrap();
     let lens: Vec<usize> = (0..full.len())
         .step_by(7)
@@ -123,11 +130,8 @@ fn every_truncation_of_an_fp4_checkpoint_is_refused() {
 /// named), not turned into NaN logits.
 #[test]
 fn nan_norm_weight_is_refused() {
-    let d = tempfile::tempdir().unwrap();
-    let ck_dir = d.path().join("ck");
-    copy_dir(&corpus_root().join("good/fp4"), &ck_dir);
     // The manifest's hash would name the shard as altered; mimo-run does not read it.
-    let shard = ck_dir.join("model.safetensors");
+    let (_d, ck_dir, shard) = fp4_copy();
     let mut bytes = std::fs::read(&shard).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
@@ -148,10 +152,7 @@ fn nan_norm_weight_is_refused() {
 /// yields a checkpoint whose tensors all lie inside the file; the loader never panics.
 #[test]
 fn header_byte_flips_never_panic() {
-    let d = tempfile::tempdir().unwrap();
-    let ck_dir = d.path().join("ck");
-    copy_dir(&corpus_root().join("good/fp4"), &ck_dir);
-    let shard = ck_dir.join("model.safetensors");
+    let (_d, ck_dir, shard) = fp4_copy();
     let full = std::fs::read(&shard).unwrap();
     let n = u64::from_le_bytes(full[..8].try_into().unwrap()) as usize;
     let mut accepted = 0;
