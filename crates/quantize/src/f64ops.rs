@@ -33,6 +33,32 @@ pub fn add_scaled4(y: &mut [f64], a: [f64; 4], x: [&[f64]; 4]) {
     dispatch!(add_scaled4_body(y, a, x))
 }
 
+/// `y += sum_t a(t) * x(t)` over `t = 0..m`, the tokens' terms added one at a time in token
+/// order, four tokens per pass over `y` ([`add_scaled4`], a quarter of the loads and stores of
+/// `y`), the rest one at a time. Tokens with `a(t) == 0` may be skipped or added: a zero term
+/// adds exactly nothing to a finite sum. Each `x(t)` at least as long as `y`.
+pub fn add_scaled_rows<'a>(
+    y: &mut [f64],
+    m: usize,
+    a: impl Fn(usize) -> f64,
+    x: impl Fn(usize) -> &'a [f64],
+) {
+    let mut t = 0;
+    while t + 4 <= m {
+        let c = [a(t), a(t + 1), a(t + 2), a(t + 3)];
+        if c.iter().any(|&v| v != 0.0) {
+            add_scaled4(y, c, [x(t), x(t + 1), x(t + 2), x(t + 3)]);
+        }
+        t += 4;
+    }
+    for t in t..m {
+        let c = a(t);
+        if c != 0.0 {
+            add_scaled(y, c, x(t));
+        }
+    }
+}
+
 #[inline(always)]
 fn sub_scaled_body(y: &mut [f64], a: f64, x: &[f64]) {
     let x = &x[..y.len()];
@@ -112,6 +138,30 @@ mod tests {
                 add_scaled(&mut f, c[q], xs[q]);
             }
             assert_eq!(bits(&s), bits(&f), "add4 order n={n}");
+        }
+    }
+
+    /// add_scaled_rows equals one add_scaled per token in order, zero coefficients included,
+    /// for token counts on and off the four-token pass.
+    #[test]
+    fn scaled_rows_equal_token_by_token_updates() {
+        for m in [0usize, 1, 4, 6, 9] {
+            let n = 13;
+            let rows: Vec<Vec<f64>> = (0..m).map(|t| vals(n, t as u64 + 20)).collect();
+            let coef = |t: usize| {
+                if t % 3 == 1 {
+                    0.0
+                } else {
+                    t as f64 * 0.7 - 1.3
+                }
+            };
+            let mut a = vals(n, 5);
+            let mut b = a.clone();
+            add_scaled_rows(&mut a, m, coef, |t| &rows[t]);
+            for (t, r) in rows.iter().enumerate() {
+                add_scaled(&mut b, coef(t), r);
+            }
+            assert_eq!(bits(&a), bits(&b), "m={m}");
         }
     }
 

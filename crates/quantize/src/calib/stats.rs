@@ -112,26 +112,9 @@ impl SiteAcc {
             .zip(x)
             .map(|(&f, &q)| f as f64 - q as f64)
             .collect();
-        // Four tokens per pass, as the Hessian in `add` (same per-element order).
         c.par_chunks_mut(k).enumerate().for_each(|(i, crow)| {
-            let mut t = 0;
-            while t + 4 <= m {
-                let r = |q: usize| &xd[(t + q) * k..(t + q + 1) * k];
-                let (r0, r1, r2, r3) = (r(0), r(1), r(2), r(3));
-                let d = |q: usize| dd[(t + q) * k + i];
-                let (a0, a1, a2, a3) = (d(0), d(1), d(2), d(3));
-                if a0 != 0.0 || a1 != 0.0 || a2 != 0.0 || a3 != 0.0 {
-                    crate::f64ops::add_scaled4(crow, [a0, a1, a2, a3], [r0, r1, r2, r3]);
-                }
-                t += 4;
-            }
-            for t in t..m {
-                let di = dd[t * k + i];
-                if di == 0.0 {
-                    continue;
-                }
-                crate::f64ops::add_scaled(crow, di, &xd[t * k..(t + 1) * k]);
-            }
+            let (dd, xd) = (&dd, &xd);
+            crate::f64ops::add_scaled_rows(crow, m, |t| dd[t * k + i], |t| &xd[t * k..(t + 1) * k]);
         });
     }
 
@@ -146,33 +129,16 @@ impl SiteAcc {
         }
         if let Some(h) = &mut self.hessian {
             let xd: Vec<f64> = x.iter().map(|&v| v as f64).collect();
-            // Upper triangle, row i owned by one task; mirrored in `finish`.
-            // Four tokens per pass over the row: each element still adds its tokens' products
-            // one at a time in token order (a zero product adds exactly nothing to a finite
-            // sum, so adding it equals skipping it), with a quarter of the row loads and stores.
+            // Upper triangle, row i owned by one task (tokens in order, four per pass over the
+            // row: `f64ops::add_scaled_rows`); mirrored in `finish`.
             h.par_chunks_mut(k).enumerate().for_each(|(i, hrow)| {
-                let mut t = 0;
-                while t + 4 <= m {
-                    let r = |q: usize| &xd[(t + q) * k + i..(t + q + 1) * k];
-                    let (r0, r1, r2, r3) = (r(0), r(1), r(2), r(3));
-                    let (a0, a1, a2, a3) = (r0[0], r1[0], r2[0], r3[0]);
-                    if a0 != 0.0 || a1 != 0.0 || a2 != 0.0 || a3 != 0.0 {
-                        crate::f64ops::add_scaled4(
-                            &mut hrow[i..],
-                            [a0, a1, a2, a3],
-                            [r0, r1, r2, r3],
-                        );
-                    }
-                    t += 4;
-                }
-                for t in t..m {
-                    let xr = &xd[t * k..(t + 1) * k];
-                    let xi = xr[i];
-                    if xi == 0.0 {
-                        continue;
-                    }
-                    crate::f64ops::add_scaled(&mut hrow[i..], xi, &xr[i..]);
-                }
+                let xd = &xd;
+                crate::f64ops::add_scaled_rows(
+                    &mut hrow[i..],
+                    m,
+                    |t| xd[t * k + i],
+                    |t| &xd[t * k + i..(t + 1) * k],
+                );
             });
         }
     }
