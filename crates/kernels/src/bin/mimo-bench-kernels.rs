@@ -390,6 +390,9 @@ fn dense_shape(
                     t,
                     format!("auto {cfg:?}; {copies} weight copies"),
                 );
+                // The auto shape as a PDL chain (decode graphs); at one token with the sweep it is
+                // also where the sweep's PDL rows start from.
+                let mut best_pdl: Option<(Timing, String)> = None;
                 if m <= 16 {
                     let t = time_op_graph(gpu, reps, samples, true, &mut |i| {
                         fp4_gemm(gpu, &ws[i % copies], &xo, m, &mut ys)
@@ -404,16 +407,11 @@ fn dense_shape(
                              each one's first weight loads before griddepcontrol.wait"
                         ),
                     );
+                    if sweep && m == 1 {
+                        best_pdl = Some((t, format!("{cfg:?}")));
+                    }
                 }
                 let mut best = (t, format!("{cfg:?}"));
-                // The PDL chain (decode graphs) of the auto shape, to compare the sweep's PDL rows with.
-                let mut best_pdl: Option<(Timing, String)> = None;
-                if sweep && m == 1 {
-                    let t = time_op_graph(gpu, reps, samples, true, &mut |i| {
-                        fp4_gemm(gpu, &ws[i % copies], &xo, m, &mut ys)
-                    })?;
-                    best_pdl = Some((t, format!("{cfg:?}")));
-                }
                 if sweep && (m == 1 || m == 16) {
                     for m_tiles in [1u32, 2] {
                         for group in [1u32, 2, 4] {
