@@ -567,9 +567,7 @@ fn write_all(
                         // one (a norm weight, the embeddings) is refused as in the weights that
                         // are quantized. Checked here, on the pages the copy reads next, so they
                         // are not held resident for longer than the copy holds them.
-                        if src_dtype(&t).is_ok() {
-                            crate::quantizer::amax(&t)?;
-                        }
+                        crate::quantizer::check_finite(&t)?;
                         w.write_tensor(&e.name, t.data)?;
                         ck.release(&e.name);
                         rec.reason = reason_of(&e.action);

@@ -191,6 +191,15 @@ pub fn recycle(buf: Vec<u8>) {
     }
 }
 
+/// Refuses a NaN or an infinity in a float (BF16, F16, F32) tensor, naming file, tensor and
+/// element; tensors of other dtypes pass.
+pub fn check_finite(t: &TensorView<'_>) -> Result<(), QuantError> {
+    if src_dtype(t).is_ok() {
+        amax(t)?;
+    }
+    Ok(())
+}
+
 /// Largest |x| of the tensor; errors on NaN/Inf (naming file, tensor and element).
 pub fn amax(t: &TensorView<'_>) -> Result<f32, QuantError> {
     let mut acc = AmaxAcc::new(src_dtype(t)?);

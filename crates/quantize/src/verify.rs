@@ -13,7 +13,7 @@ use mimo_runtime::checkpoint::{is_plain_relative, Checkpoint, CheckpointError};
 use mimo_runtime::format::{detect, load_linear, quantized_modules, Detected};
 
 use crate::manifest::{sha256_file, Manifest, MANIFEST_FILE};
-use crate::quantizer::{amax, src_dtype, ErrorAcc, ErrorStats};
+use crate::quantizer::{check_finite, src_dtype, ErrorAcc, ErrorStats};
 
 /// Outcome of `verify`.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -178,11 +178,8 @@ pub fn verify(dir: &Path, source: Option<&Path>) -> Result<VerifyReport, Checkpo
     // Every float tensor (kept weights, norms, biases, global scales) must be finite: a NaN
     // norm weight loads fine and turns every logit into NaN.
     for name in ck.tensor_names() {
-        let t = ck.tensor(name)?;
-        if src_dtype(&t).is_ok() {
-            if let Err(e) = amax(&t) {
-                r.problems.push(e.to_string());
-            }
+        if let Err(e) = check_finite(&ck.tensor(name)?) {
+            r.problems.push(e.to_string());
         }
     }
     if let Some(src) = &src {
