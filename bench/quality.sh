@@ -5,6 +5,9 @@
 # `heldout` folder): slice 1 = the first SLICE_BYTES bytes, slice 2 = SLICE_BYTES bytes from
 # byte 40961. Calibration: the embedded default recipe (calibration/default.json), one decoder
 # layer at a time. Writes bench/results/quality.json.
+# Rows without --calib-device cuda calibrate on the CPU (--calib-device cpu is added), and every
+# comparison runs on the CPU runtime, so that rows measured on different machines compare.
+# RESULTS (default bench/results/quality.json) is the file read for merging and written.
 # Needs: cargo build --release --bin mimo-quant --bin mimo-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +35,13 @@ VARIANTS=(
   "nvfp4-gptq-ao-asym-r5|nvfp4|--method gptq --act-order --damp 0.1 --asymmetric --gptq-refine 5"
   "mxfp4-gptq-ao-r5|mxfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5"
   "nvfp4-gptq-ao-wl-r5|nvfp4|--method gptq --act-order --damp 0.1 --within-layer --gptq-refine 5"
+  # Calibrated on the GPU (the CUDA runtime walks the layers; quantizers on the CPU as above).
+  "nvfp4-mse-gpu|nvfp4|--method mse --calib-device cuda"
+  "nvfp4-gptq-gpu|nvfp4|--method gptq --calib-device cuda"
+  "nvfp4-gptq-ao-gpu|nvfp4|--method gptq --act-order --damp 0.1 --calib-device cuda"
+  "nvfp4-gptq-ao-asym-gpu|nvfp4|--method gptq --act-order --damp 0.1 --asymmetric --calib-device cuda"
+  "nvfp4-gptq-ao-wl-gpu|nvfp4|--method gptq --act-order --damp 0.1 --within-layer --calib-device cuda"
+  "mxfp4-gptq-ao-gpu|mxfp4|--method gptq --act-order --damp 0.1 --calib-device cuda"
 )
 # ONLY=regex (e.g. ONLY='nvfp4-gptq-ao-wl|mxfp4-gptq-ao-wl') reruns some variants and replaces
 # their rows in the existing bench/results/quality.json.
@@ -41,6 +51,7 @@ fi
 ROWS=()
 for v in "${VARIANTS[@]}"; do
   IFS='|' read -r name fmt args <<< "$v"
+  case "$args" in *--calib-device*) ;; *) args="$args --calib-device cpu" ;; esac
   out=$WORK/$name
   # shellcheck disable=SC2086
   /usr/bin/time -v "$Q" convert "$M" -o "$out" --format "$fmt" $args --force -q --json \
@@ -48,7 +59,7 @@ for v in "${VARIANTS[@]}"; do
   rss_kb=$(awk -F: '/Maximum resident set size/ {gsub(/ /,"",$2); print $2}' "$WORK/$name.time")
   wall=$(awk '/Elapsed \(wall clock\)/ {print $NF}' "$WORK/$name.time")
   for s in 1 2; do
-    "$R" compare --reference "$M" --candidate "$out" "$WORK/slice$s.txt" --json > "$WORK/$name.cmp$s.json"
+    "$R" --device cpu compare --reference "$M" --candidate "$out" "$WORK/slice$s.txt" --json > "$WORK/$name.cmp$s.json"
   done
   ROWS+=("$(python3 - "$name" "$fmt" "$args" "$WORK/$name.convert.json" "$WORK/$name.cmp1.json" "$WORK/$name.cmp2.json" "$rss_kb" "$wall" <<'PY'
 import datetime, json, subprocess, sys
@@ -72,7 +83,8 @@ print(json.dumps({
   "calibration_peak_rss_bytes": cal.get("peak_rss_bytes"),
   "convert_wall_s": int(mins) * 60 + float(secs), "convert_peak_rss_mb": int(rss_kb) / 1024,
   "experts_under_threshold": sum(1 for e in cov.get("experts", []) if e["all_token_fallback"]),
-  "peak_gpu_memory": None,
+  "calibration_device": cal.get("device"), "calibration_backend": cal.get("backend"),
+  "peak_gpu_memory": cal.get("gpu_memory_bytes"),
   "measured": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
   "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
 }))
@@ -80,12 +92,13 @@ PY
 )")
   echo "${ROWS[-1]}"
 done
-python3 - "$SLICE_BYTES" "$M" "${ONLY:-}" "${ROWS[@]}" > "$WORK/quality.json" <<'PY'
+RESULTS=${RESULTS:-bench/results/quality.json}
+python3 - "$SLICE_BYTES" "$M" "${ONLY:-}" "$RESULTS" "${ROWS[@]}" > "$WORK/quality.json" <<'PY'
 import json, sys
-rows = [json.loads(r) for r in sys.argv[4:]]
+rows = [json.loads(r) for r in sys.argv[5:]]
 if sys.argv[3]:
     # Merge: keep the other variants' rows from the previous run.
-    old = json.load(open("bench/results/quality.json"))["rows"]
+    old = json.load(open(sys.argv[4]))["rows"]
     new = {r["name"]: r for r in rows}
     rows = [new.pop(r.get("name"), r) for r in old] + list(new.values())
 n = int(sys.argv[1])
@@ -97,9 +110,9 @@ print(json.dumps({
     "note": "never used for calibration",
   },
   "calibration": "embedded default recipe (calibration/default.json: 315 samples, seq_len 256, seed 1234), one decoder layer at a time",
-  "backend": "cpu (2 cores); no GPU used, peak_gpu_memory null",
+  "backend": "each row's calibration_backend / calibration_device (rows without them: cpu, the 2-core development machine); comparisons on the CPU runtime; peak_gpu_memory: device memory in use at the end of the GPU walk, null on the CPU",
   "rows": rows,
 }, indent=2))
 PY
-cp "$WORK/quality.json" bench/results/quality.json
-echo "wrote bench/results/quality.json"
+cp "$WORK/quality.json" "$RESULTS"
+echo "wrote $RESULTS"

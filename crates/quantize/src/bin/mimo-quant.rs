@@ -7,7 +7,10 @@ fn main() {
     match mimo_quant::cli::run(cli) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!(
+                "error: {}",
+                mimo_runtime::error_text::error_text(e.as_ref())
+            );
             std::process::exit(2);
         }
     }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{bail, Result};
 use clap::Args;
 
-use super::run::{calibrate, calibrate_and_quantize, CalibRun};
+use super::run::{calibrate, calibrate_and_quantize, CalibDevice, CalibRun};
 use super::stats::CollectOptions;
 use crate::methods::gptq::{BlockScale, DEFAULT_DAMP};
 use crate::methods::{Method, QuantOptions};
@@ -56,6 +56,11 @@ pub struct CalibArgs {
     /// layer's MoE input (measurement only).
     #[arg(long, default_value_t = 64)]
     pub min_expert_tokens: u64,
+    /// Where calibration runs the model: auto (the GPU where one is usable, else the CPU), cpu,
+    /// cuda. The two backends give slightly different statistics (the GPU's activations are
+    /// BF16), so use cpu for output that is byte-identical on every machine.
+    #[arg(long, value_enum, default_value_t = CalibDevice::Auto)]
+    pub calib_device: CalibDevice,
 }
 
 impl clap::ValueEnum for BlockScale {
@@ -93,6 +98,9 @@ pub struct CalibrateArgs {
     /// Expert coverage threshold (see convert --min-expert-tokens).
     #[arg(long, default_value_t = 64)]
     pub min_expert_tokens: u64,
+    /// Where the model runs: auto (the GPU where one is usable, else the CPU), cpu, cuda.
+    #[arg(long, value_enum, default_value_t = CalibDevice::Auto)]
+    pub device: CalibDevice,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -113,13 +121,28 @@ fn progress(quiet: bool) -> impl Fn(usize, usize) {
     }
 }
 
-fn run(source: &Path, spec: &str, opts: CollectOptions, quiet: bool) -> Result<CalibRun> {
-    Ok(calibrate(source, spec, opts, &progress(quiet))?)
+fn run(
+    source: &Path,
+    spec: &str,
+    opts: CollectOptions,
+    device: CalibDevice,
+    quiet: bool,
+) -> Result<CalibRun> {
+    Ok(calibrate(source, spec, opts, device, &progress(quiet))?)
 }
 
 fn print_summary(r: &CalibRun) {
+    if let Some(why) = &r.fallback {
+        eprintln!("note: calibrating on the CPU: {why}");
+    }
+    let gpu = r
+        .gpu_memory_bytes
+        .map(|b| format!(", GPU memory in use {:.0} MB", b as f64 / 1e6))
+        .unwrap_or_default();
     eprintln!(
-        "calibration (layer at a time): {} ({} sequences, {} tokens; sets {:?}), {:.1} s, peak RSS {:.0} MB, statistics {:.1} MB per layer, hidden states {:.1} MB",
+        "calibration (layer at a time, {} on {}): {} ({} sequences, {} tokens; sets {:?}), {:.1} s, peak RSS {:.0} MB{gpu}, statistics {:.1} MB per layer, hidden states {:.1} MB",
+        r.backend,
+        r.device_name,
         r.data.source,
         r.stats.sequences,
         r.stats.tokens,
@@ -166,7 +189,7 @@ pub fn quant_options(
                 hessian: false,
                 min_expert_tokens: a.min_expert_tokens,
             };
-            run(source, &spec, opts, quiet)?
+            run(source, &spec, opts, a.calib_device, quiet)?
         } else {
             let (r, weights) = calibrate_and_quantize(
                 source,
@@ -177,6 +200,7 @@ pub fn quant_options(
                 a.min_expert_tokens,
                 a.asymmetric.then_some(a.asymmetric_alpha),
                 a.within_layer,
+                a.calib_device,
                 &progress(quiet),
             )?;
             q.precomputed = Some(Arc::new(weights));
@@ -200,6 +224,8 @@ pub fn quant_options(
         let mut report = info.clone();
         report["seconds"] = serde_json::json!(r.seconds);
         report["peak_rss_bytes"] = serde_json::json!(r.peak_rss_bytes);
+        report["device"] = serde_json::json!(r.device_name);
+        report["gpu_memory_bytes"] = serde_json::json!(r.gpu_memory_bytes);
         q.manifest_info = Some(info);
         q.report_info = Some(report);
     }
@@ -212,7 +238,7 @@ pub fn run_calibrate(a: CalibrateArgs) -> Result<i32> {
         hessian: a.hessian,
         min_expert_tokens: a.min_expert_tokens,
     };
-    let r = run(&a.source, &a.calib, opts, a.quiet || a.json)?;
+    let r = run(&a.source, &a.calib, opts, a.device, a.quiet || a.json)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r.summary_json())?);
     } else {

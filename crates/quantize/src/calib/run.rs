@@ -4,12 +4,15 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use mimo_kernels::fp4::Fp4Matrix;
 use mimo_runtime::checkpoint::{Checkpoint, CheckpointError};
+use mimo_runtime::cuda::{Gpu, GpuError, GpuModel};
 use mimo_runtime::model::Model;
 use mimo_runtime::tokenizer::{TextTokenizer, TokenizerError};
+use mimo_runtime::walk::LayerWalk;
 use mimo_runtime::weights::LoadError;
 
 use super::data::{load_sequences, CalibData, DataError};
@@ -29,6 +32,14 @@ pub enum CalibError {
         dir: PathBuf,
         /// the runtime's error (boxed: it is large)
         source: Box<LoadError>,
+    },
+    /// The model could not be loaded onto the GPU (or `--device cuda` found no usable GPU).
+    #[error("{dir}: loading the model onto the GPU for calibration: {source}")]
+    GpuLoad {
+        /// model folder
+        dir: PathBuf,
+        /// the CUDA backend's error (boxed: it is large)
+        source: Box<GpuError>,
     },
     /// The tokenizer could not be loaded.
     #[error("{dir}: loading the tokenizer for calibration: {source}")]
@@ -69,6 +80,27 @@ pub struct CalibRun {
     pub seconds: f64,
     /// Peak resident memory of the process so far (VmHWM), bytes; None where unavailable.
     pub peak_rss_bytes: Option<u64>,
+    /// Where the layers ran: "cpu" or "cuda".
+    pub backend: &'static str,
+    /// The device's name ("cpu", or the GPU's).
+    pub device_name: String,
+    /// GPU memory in use (all of the device's, total minus free) at the end of the walk, bytes;
+    /// None on the CPU.
+    pub gpu_memory_bytes: Option<u64>,
+    /// Why `--device auto` ran on the CPU although a GPU seemed present (shown to the user).
+    pub fallback: Option<String>,
+}
+
+/// Where calibration runs the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum CalibDevice {
+    /// The GPU where one is usable, else the CPU.
+    #[default]
+    Auto,
+    /// The CPU runtime (f32 activations; output reproducible on any machine).
+    Cpu,
+    /// The CUDA runtime (an error if no GPU is usable).
+    Cuda,
 }
 
 impl CalibRun {
@@ -82,7 +114,7 @@ impl CalibRun {
             "samples_per_set": self.data.samples_per_set,
             "sequences": self.stats.sequences,
             "tokens": self.stats.tokens,
-            "backend": "cpu",
+            "backend": self.backend,
             "mode": "layer at a time",
             "statistics_bytes": self.stats.stats_bytes,
             "activation_bytes": self.activation_bytes,
@@ -95,6 +127,8 @@ impl CalibRun {
         let mut v = self.manifest_json();
         v["seconds"] = serde_json::json!(self.seconds);
         v["peak_rss_bytes"] = serde_json::json!(self.peak_rss_bytes);
+        v["device"] = serde_json::json!(self.device_name);
+        v["gpu_memory_bytes"] = serde_json::json!(self.gpu_memory_bytes);
         v
     }
 }
@@ -107,22 +141,64 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// The model of a calibration run, and why `auto` fell back to the CPU where a GPU seemed
+/// present but could not be used.
+type Opened = (Box<dyn LayerWalk>, Option<String>);
+
+/// The model of a calibration run on `device`.
+fn open_model(dir: &Path, device: CalibDevice) -> Result<Opened, CalibError> {
+    let cpu = || -> Result<Box<dyn LayerWalk>, CalibError> {
+        let model = Model::load(dir).map_err(|source| CalibError::Load {
+            dir: dir.to_path_buf(),
+            source: Box::new(source),
+        })?;
+        Ok(Box::new(model))
+    };
+    let gpu_err = |source: GpuError| CalibError::GpuLoad {
+        dir: dir.to_path_buf(),
+        source: Box::new(source),
+    };
+    if device == CalibDevice::Cpu {
+        return Ok((cpu()?, None));
+    }
+    let gpu = match Gpu::new(0) {
+        Ok(g) => Arc::new(g),
+        Err(e) if device == CalibDevice::Cuda => return Err(gpu_err(e)),
+        Err(e) => {
+            let absent = matches!(
+                e,
+                GpuError::Cuda(mimo_kernels::cuda::CudaError::NoDevice(_))
+            );
+            let note = (!absent).then(|| format!("the CUDA backend is unavailable ({e})"));
+            return Ok((cpu()?, note));
+        }
+    };
+    let model = GpuModel::load(gpu, dir).map_err(gpu_err)?;
+    Ok((Box::new(model), None))
+}
+
 /// Tokenizer, data and model of a calibration run.
-fn load(dir: &Path, spec: &str) -> Result<(CalibData, Model), CalibError> {
+fn load(dir: &Path, spec: &str, device: CalibDevice) -> Result<(CalibData, Opened), CalibError> {
     let tok = TextTokenizer::from_dir(dir).map_err(|source| CalibError::Tokenizer {
         dir: dir.to_path_buf(),
         source,
     })?;
     let data = load_sequences(spec, &tok)?;
-    let model = Model::load(dir).map_err(|source| CalibError::Load {
-        dir: dir.to_path_buf(),
-        source: Box::new(source),
-    })?;
-    Ok((data, model))
+    Ok((data, open_model(dir, device)?))
 }
 
-fn finish(data: CalibData, run: SequentialRun, start: Instant) -> CalibRun {
+fn finish(
+    data: CalibData,
+    run: SequentialRun,
+    start: Instant,
+    model: &dyn LayerWalk,
+    fallback: Option<String>,
+) -> CalibRun {
     CalibRun {
+        backend: model.backend(),
+        device_name: model.device_name(),
+        gpu_memory_bytes: model.device_memory_used(),
+        fallback,
         data,
         stats: CalibStats {
             by_module: BTreeMap::new(),
@@ -138,18 +214,19 @@ fn finish(data: CalibData, run: SequentialRun, start: Instant) -> CalibRun {
 }
 
 /// Calibrates the BF16 model in `dir` on `spec` (see [`load_sequences`]) one layer at a time,
-/// without quantizing: coverage and the cost of the statistics. The CPU runtime is used (the
-/// CUDA backend has no observer hook yet). `progress(layer, layers)`.
+/// without quantizing: coverage and the cost of the statistics, on `device`.
+/// `progress(layer, layers)`.
 pub fn calibrate(
     dir: &Path,
     spec: &str,
     opts: CollectOptions,
+    device: CalibDevice,
     progress: &dyn Fn(usize, usize),
 ) -> Result<CalibRun, CalibError> {
     let start = Instant::now();
-    let (data, mut model) = load(dir, spec)?;
-    let run = run_sequential(&mut model, &data, opts, None, progress)?;
-    Ok(finish(data, run, start))
+    let (data, (mut model, fallback)) = load(dir, spec, device)?;
+    let run = run_sequential(model.as_mut(), &data, opts, None, progress)?;
+    Ok(finish(data, run, start, model.as_ref(), fallback))
 }
 
 /// Calibrates the model in `dir` one layer at a time with `method` (mse or gptq) in the loop:
@@ -166,16 +243,17 @@ pub fn calibrate_and_quantize(
     min_expert_tokens: u64,
     asymmetric: Option<f64>,
     within_layer: bool,
+    device: CalibDevice,
     progress: &dyn Fn(usize, usize),
 ) -> Result<(CalibRun, BTreeMap<String, Fp4Matrix>), CalibError> {
     let start = Instant::now();
-    let (data, mut model) = load(dir, spec)?;
+    let (data, (mut model, fallback)) = load(dir, spec, device)?;
     let ck = Checkpoint::open(dir)?;
     let plan = Plan::build(&ck, plan)?;
     let (run, weights) = crate::methods::sequential::quantize_sequential(
         &ck,
         &plan,
-        &mut model,
+        model.as_mut(),
         &data,
         method,
         gptq,
@@ -184,5 +262,5 @@ pub fn calibrate_and_quantize(
         within_layer,
         progress,
     )?;
-    Ok((finish(data, run, start), weights))
+    Ok((finish(data, run, start, model.as_ref(), fallback), weights))
 }

@@ -30,7 +30,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use mimo_runtime::linear::Weight;
-use mimo_runtime::model::{LinearObserver, Model, ReplaceError, Site};
+use mimo_runtime::model::{LinearObserver, Site};
+use mimo_runtime::walk::{LayerWalk, WalkError};
 
 use super::coverage::Coverage;
 use super::data::CalibData;
@@ -55,7 +56,7 @@ pub enum SequentialError {
         /// the layer
         layer: usize,
         /// the runtime's error
-        source: ReplaceError,
+        source: WalkError,
     },
 }
 
@@ -156,7 +157,7 @@ impl LinearObserver for Quiet {
 /// each layer runs twice (calibration, then propagation through the replaced weights).
 /// `progress(done, total)` is called after each layer.
 pub fn run_sequential(
-    model: &mut Model,
+    model: &mut dyn LayerWalk,
     data: &CalibData,
     opts: CollectOptions,
     quantize: Option<&mut LayerQuantizer<'_>>,
@@ -180,7 +181,7 @@ pub struct SequentialModes {
 
 /// [`run_sequential`] with [`SequentialModes`] (meaningful with a quantizer).
 pub fn run_sequential_with(
-    model: &mut Model,
+    model: &mut dyn LayerWalk,
     data: &CalibData,
     opts: CollectOptions,
     modes: SequentialModes,
@@ -197,7 +198,7 @@ pub fn run_sequential_with(
     if data.sequences.is_empty() {
         return Err(StatsError::Empty.into());
     }
-    let cap = model.config.max_position_embeddings.max(1);
+    let cap = model.config().max_position_embeddings.max(1);
     // Hidden states per piece (a sequence longer than the context runs as independent pieces,
     // as in the whole-model collection).
     let mut hidden: Vec<(usize, Vec<f32>)> = Vec::new();
@@ -219,7 +220,7 @@ pub fn run_sequential_with(
     };
     let activation_bytes = hidden.iter().map(|(_, x)| 4 * x.len()).sum::<usize>()
         + hidden_f.iter().map(|x| 4 * x.len()).sum::<usize>();
-    let layers = model.num_layers();
+    let layers = model.config().num_layers;
     let mut coverage = Coverage {
         min_tokens: opts.min_expert_tokens,
         tokens_per_layer: 0,
@@ -230,7 +231,7 @@ pub fn run_sequential_with(
     for l in 0..layers {
         for (si, stage) in stages.iter().enumerate() {
             let last_stage = si + 1 == stages.len();
-            let mut col = Collector::new(model, opts);
+            let mut col = Collector::new(model.config(), opts);
             let propagate_now = quantize.is_none() && !asymmetric;
             for (p, (index, x)) in hidden.iter_mut().enumerate() {
                 if asymmetric {
@@ -272,7 +273,7 @@ pub fn run_sequential_with(
                     })?;
             }
             stats_bytes = stats_bytes.max(col.bytes());
-            let mut a = assign(model, &col, opts, l..l + 1);
+            let mut a = assign(model.config(), &col, opts, l..l + 1);
             drop(col);
             // Coverage as the experts' own statistics saw the routing.
             if matches!(stage, None | Some(2)) {

@@ -16,7 +16,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use mimo_runtime::arch::Names;
-use mimo_runtime::model::{ForwardError, LinearObserver, Logits, Model, Site};
+use mimo_runtime::config::ModelConfig;
+use mimo_runtime::model::{LinearObserver, Logits, Model, Site};
+use mimo_runtime::walk::WalkError;
 use rayon::prelude::*;
 
 use super::coverage::{Coverage, ExpertCoverage};
@@ -30,8 +32,8 @@ pub enum StatsError {
     Forward {
         /// sequence index
         index: usize,
-        /// the runtime's error
-        source: ForwardError,
+        /// the runtime's error (either backend)
+        source: WalkError,
     },
     /// There were no calibration sequences.
     #[error("no calibration sequences")]
@@ -175,11 +177,11 @@ pub(crate) struct Collector {
 }
 
 impl Collector {
-    /// An empty collector for `model` with `opts`.
-    pub(crate) fn new(model: &Model, opts: CollectOptions) -> Collector {
+    /// An empty collector for a model of configuration `config` with `opts`.
+    pub(crate) fn new(config: &ModelConfig, opts: CollectOptions) -> Collector {
         Collector {
             hessian: opts.hessian,
-            all_tokens: model.config.moe.is_some() && opts.min_expert_tokens > 0,
+            all_tokens: config.moe.is_some() && opts.min_expert_tokens > 0,
             sites: BTreeMap::new(),
         }
     }
@@ -284,7 +286,7 @@ pub fn collect(
         return Err(StatsError::Empty);
     }
     let c = &model.config;
-    let mut col = Collector::new(model, opts);
+    let mut col = Collector::new(&model.config, opts);
     let cap = c.max_position_embeddings.max(1);
     let mut tokens = 0usize;
     let total = data.sequences.len();
@@ -293,13 +295,16 @@ pub fn collect(
             let mut cache = model.new_cache(piece.len());
             model
                 .forward_observed(piece, &mut cache, Logits::Last, &mut col)
-                .map_err(|source| StatsError::Forward { index, source })?;
+                .map_err(|source| StatsError::Forward {
+                    index,
+                    source: source.into(),
+                })?;
             tokens += piece.len();
         }
         progress(index + 1, total);
     }
     let stats_bytes = col.bytes();
-    let a = assign(model, &col, opts, 0..c.num_layers);
+    let a = assign(&model.config, &col, opts, 0..c.num_layers);
     Ok(CalibStats {
         by_module: a.by_module,
         coverage: Coverage {
@@ -317,12 +322,11 @@ pub fn collect(
 /// Turns the accumulated sites of `layers` into statistics per module name (fused inputs share
 /// one `Arc`), applying the expert coverage threshold.
 pub(crate) fn assign(
-    model: &Model,
+    c: &ModelConfig,
     col: &Collector,
     opts: CollectOptions,
     layers: std::ops::Range<usize>,
 ) -> Assigned {
-    let c = &model.config;
     let names = Names::new(c.arch);
     let mut finished: BTreeMap<(Site, bool), Arc<LinearStats>> = BTreeMap::new();
     let mut by_module = BTreeMap::new();

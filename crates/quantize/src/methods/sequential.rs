@@ -18,7 +18,7 @@ use std::sync::Arc;
 use mimo_kernels::fp4::Fp4Matrix;
 use mimo_runtime::checkpoint::Checkpoint;
 use mimo_runtime::linear::Weight;
-use mimo_runtime::model::Model;
+use mimo_runtime::walk::LayerWalk;
 use rayon::prelude::*;
 
 use super::apply::{kernel_global_scale, quantize_with_stats, read_weight};
@@ -79,7 +79,7 @@ fn targets(ck: &Checkpoint, plan: &Plan) -> Result<BTreeMap<String, Target>, Seq
 pub fn quantize_sequential(
     ck: &Checkpoint,
     plan: &Plan,
-    model: &mut Model,
+    model: &mut dyn LayerWalk,
     data: &CalibData,
     method: Method,
     gptq: &GptqOptions,

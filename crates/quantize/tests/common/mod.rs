@@ -110,3 +110,13 @@ pub fn convert_config(src: &Path, out: &Path, layout: Layout) -> ConvertConfig {
         force: false,
     }
 }
+
+/// models/mimo-tiny-moe, found from the working directory first (a test binary run on another
+/// machine, e.g. the GPU one, from the repository root), else from this crate's folder.
+pub fn embedded_model() -> PathBuf {
+    let here = Path::new("models/mimo-tiny-moe");
+    if here.join("config.json").is_file() {
+        return here.to_path_buf();
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/mimo-tiny-moe")
+}

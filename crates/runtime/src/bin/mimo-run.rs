@@ -198,24 +198,8 @@ fn main() {
     }
 }
 
-/// The error and its causes on one line, leaving out a cause whose text the message before it
-/// already holds (the library errors name their source in their own message). No backtrace,
-/// whatever RUST_BACKTRACE says: these are reports of bad input, not crashes.
 fn error_text(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    let mut last = String::new();
-    for cause in e.chain() {
-        let t = cause.to_string();
-        if last.contains(&t) {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push_str(": ");
-        }
-        out.push_str(&t);
-        last = t;
-    }
-    out
+    mimo_runtime::error_text::error_text(e.as_ref())
 }
 
 fn run(cli: Cli) -> Result<()> {

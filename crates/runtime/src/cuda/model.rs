@@ -34,8 +34,10 @@ use crate::config::ModelConfig;
 use crate::cpu::Rope;
 use crate::generate::nucleus;
 use crate::linear::{Linear, Weight};
-use crate::model::ForwardError;
+use crate::model::{ForwardError, LinearObserver, Site};
 use crate::weights::Loader;
+
+mod walk;
 
 /// Gate and up projections: one fused weight `[2 * inter, k]` or two.
 pub(crate) enum GateUp {
@@ -700,13 +702,11 @@ impl GpuModel {
         let gpu = &*self.gpu;
         let g = &gpu.ctx;
         let ops = &gpu.ops;
-        let cache = self
-            .cache
-            .as_ref()
-            .ok_or_else(|| GpuError::Unsupported("no KV cache allocated".into()))?;
-        let (hd, d, nh, nkv) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads);
+        if self.cache.is_none() {
+            return Err(GpuError::Unsupported("no KV cache allocated".into()));
+        }
+        let hd = c.hidden_size;
         let m = ws.m;
-        let eps = c.rms_norm_eps as f32;
         self.mark("start")?;
         ops.embed_gather(
             g,
@@ -720,251 +720,10 @@ impl GpuModel {
         )?;
         self.mark("embedding")?;
         let mut pend = Pend::default();
-        let splits = cache.capacity.div_ceil(SPLIT_LEN);
         for (li, layer) in self.layers.iter().enumerate() {
             self.add_norm(ws, pend, &layer.in_norm, false)?;
             self.mark("norm")?;
-            // Attention.
-            match (&layer.qkv, &mut ws.qkv) {
-                (Qkv::Fused(l), QkvBufs::Fused(buf)) => l.forward(gpu, &ws.h, m, buf)?,
-                (Qkv::Split(lq, lk, lv), QkvBufs::Split(bq, bk, bv)) => {
-                    lq.forward(gpu, &ws.h, m, bq)?;
-                    lk.forward(gpu, &ws.h, m, bk)?;
-                    lv.forward(gpu, &ws.h, m, bv)?;
-                }
-                _ => {
-                    return Err(GpuError::Unsupported(
-                        "mixed fused/split q,k,v layers".into(),
-                    ))
-                }
-            }
-            let a = AttnArgs {
-                n_heads: nh as i32,
-                n_kv: nkv as i32,
-                d: d as i32,
-                rot_dim: self.rot_dim as i32,
-                capacity: cache.capacity as i32,
-                layers: self.layers.len() as i32,
-                layer: li as i32,
-                window: layer.window as i32,
-                split_len: SPLIT_LEN as i32,
-                max_splits: splits as i32,
-                fused_new: i32::from(decode),
-                eps,
-                attn_factor: self.attn_factor,
-                scale: 1.0 / (d as f32).sqrt(),
-            };
-            self.mark("qkv")?;
-            let w = ((nh + 2 * nkv) * d) as i32;
-            let (q, k, v) = match &ws.qkv {
-                QkvBufs::Fused(b) => (
-                    Rows {
-                        buf: b,
-                        off: 0,
-                        stride: w,
-                    },
-                    Rows {
-                        buf: b,
-                        off: (nh * d) as i32,
-                        stride: w,
-                    },
-                    Rows {
-                        buf: b,
-                        off: ((nh + nkv) * d) as i32,
-                        stride: w,
-                    },
-                ),
-                QkvBufs::Split(bq, bk, bv) => (
-                    Rows {
-                        buf: bq,
-                        off: 0,
-                        stride: (nh * d) as i32,
-                    },
-                    Rows {
-                        buf: bk,
-                        off: 0,
-                        stride: (nkv * d) as i32,
-                    },
-                    Rows {
-                        buf: bv,
-                        off: 0,
-                        stride: (nkv * d) as i32,
-                    },
-                ),
-            };
-            let [qb, kb, vb] = &layer.biases;
-            if !decode {
-                ops.kv_write(
-                    g,
-                    &k,
-                    &v,
-                    kb.as_ref(),
-                    vb.as_ref(),
-                    layer.k_norm.as_ref(),
-                    &self.inv_freq,
-                    &ws.pos,
-                    &ws.seq,
-                    &cache.k,
-                    &cache.v,
-                    a,
-                    m,
-                )?;
-                self.mark("kv_write")?;
-            }
-            ops.attention(
-                g,
-                &q,
-                &k,
-                &v,
-                [qb.as_ref(), kb.as_ref(), vb.as_ref()],
-                layer.q_norm.as_ref(),
-                layer.k_norm.as_ref(),
-                &self.inv_freq,
-                &ws.pos,
-                &ws.seq,
-                &cache.k,
-                &cache.v,
-                &mut ws.part_ml,
-                &mut ws.part_o,
-                &mut ws.attn_cnt,
-                &mut ws.attn,
-                a,
-                m,
-            )?;
-            self.mark("attention")?;
-            // MoE layers without a shared expert: the post-attention add + RMSNorm runs inside
-            // the router kernel, and the attention output waits in attn_delta for the next norm.
-            let fuse = gpu.ctx.tuning().norm_router
-                && hd <= MAX_FUSED_ROUTER_HIDDEN
-                && matches!(&layer.ffn, Ffn::Moe(moe) if moe.shared.is_none());
-            if fuse {
-                layer.o.forward(gpu, &ws.attn, m, &mut ws.attn_delta)?;
-                self.mark("o_proj")?;
-            } else {
-                layer.o.forward(gpu, &ws.attn, m, &mut ws.delta)?;
-                self.mark("o_proj")?;
-                self.add_norm(
-                    ws,
-                    Pend {
-                        delta: true,
-                        ..Pend::default()
-                    },
-                    &layer.post_norm,
-                    false,
-                )?;
-                self.mark("norm")?;
-            }
-            // Feed-forward.
-            pend = match &layer.ffn {
-                Ffn::Dense(mlp) => {
-                    let bufs = ws
-                        .dense
-                        .as_mut()
-                        .ok_or_else(|| GpuError::Unsupported("dense buffers".into()))?;
-                    mlp.forward(gpu, &ws.h, m, bufs, &mut ws.delta)?;
-                    self.mark("mlp")?;
-                    Pend {
-                        delta: true,
-                        ..Pend::default()
-                    }
-                }
-                Ffn::Moe(moe) => {
-                    let mb = ws
-                        .moe
-                        .as_mut()
-                        .ok_or_else(|| GpuError::Unsupported("MoE buffers".into()))?;
-                    let input = if fuse {
-                        RouterIn::Fused {
-                            x: &ws.x,
-                            d1: Some(&ws.attn_delta),
-                            norm: &layer.post_norm,
-                            eps,
-                            h: &mut ws.h,
-                        }
-                    } else {
-                        RouterIn::Rows(&ws.h)
-                    };
-                    ops.router_topk(
-                        g,
-                        input,
-                        &moe.router,
-                        &mut mb.logits,
-                        &mut mb.counters,
-                        &mut mb.ids,
-                        &mut mb.weights,
-                        m,
-                        hd,
-                        moe.n_experts,
-                        moe.top_k,
-                        moe.renorm,
-                    )?;
-                    self.mark("router")?;
-                    let p = m * moe.top_k;
-                    let mut out = Pend {
-                        attn: fuse,
-                        ..Pend::default()
-                    };
-                    match (&moe.experts, &mut mb.fp4, &mut mb.pair_gu, &mut mb.pair_dn) {
-                        (Experts::Fp4(w), Some(fws), _, _) => {
-                            moe_layer(
-                                g,
-                                w,
-                                &ws.h,
-                                &mb.ids,
-                                &mb.weights,
-                                m,
-                                moe.top_k,
-                                fws,
-                                &mut ws.delta,
-                            )?;
-                            self.mark("experts")?;
-                            out.delta = true;
-                        }
-                        (Experts::Bf16 { gate_up, down }, _, Some(pgu), Some(pdn)) => {
-                            ops.moe_bf16(
-                                g,
-                                gate_up,
-                                &ws.h,
-                                pgu,
-                                2 * moe.inter,
-                                hd,
-                                &mb.ids,
-                                p,
-                                moe.n_experts,
-                                moe.top_k,
-                                false,
-                            )?;
-                            self.mark("experts")?;
-                            ops.moe_bf16(
-                                g,
-                                down,
-                                pgu,
-                                pdn,
-                                hd,
-                                moe.inter,
-                                &mb.ids,
-                                p,
-                                moe.n_experts,
-                                1,
-                                true,
-                            )?;
-                            self.mark("experts")?;
-                            out.pairs = true;
-                        }
-                        _ => return Err(GpuError::Unsupported("MoE buffers".into())),
-                    }
-                    if let (Some((mlp, gate)), Some((sb, sout, sgate))) =
-                        (&moe.shared, &mut mb.shared)
-                    {
-                        mlp.forward(gpu, &ws.h, m, sb, sout)?;
-                        self.mark("shared_expert")?;
-                        gate.forward(gpu, &ws.h, m, sgate)?;
-                        self.mark("shared_expert")?;
-                        out.shared = true;
-                    }
-                    out
-                }
-            };
+            pend = self.layer_pass(ws, li, decode, None)?;
         }
         self.add_norm(ws, pend, &self.final_norm, true)?;
         self.mark("final_norm")?;
@@ -1011,6 +770,299 @@ impl GpuModel {
             self.mark("argmax")?;
         }
         Ok(())
+    }
+
+    /// Queues decoder layer `li` over the rows of `ws`, whose normalized input is in `ws.h`
+    /// (the residual stream in `ws.x`); returns what the residual stream still has to add.
+    /// `obs` (calibration, never inside a graph) sees every Linear's input, read back after a
+    /// synchronisation.
+    fn layer_pass(
+        &self,
+        ws: &mut Ws,
+        li: usize,
+        decode: bool,
+        mut obs: Option<&mut dyn LinearObserver>,
+    ) -> Result<Pend, GpuError> {
+        let c = &self.config;
+        let gpu = &*self.gpu;
+        let g = &gpu.ctx;
+        let ops = &gpu.ops;
+        let cache = self
+            .cache
+            .as_ref()
+            .ok_or_else(|| GpuError::Unsupported("no KV cache allocated".into()))?;
+        let (hd, d, nh, nkv) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads);
+        let m = ws.m;
+        let eps = c.rms_norm_eps as f32;
+        let splits = cache.capacity.div_ceil(SPLIT_LEN);
+        let layer = &self.layers[li];
+        if let Some(o) = obs.as_deref_mut() {
+            self.observe(o, Site::Qkv(li), &ws.h, m, hd)?;
+        }
+        // Attention.
+        match (&layer.qkv, &mut ws.qkv) {
+            (Qkv::Fused(l), QkvBufs::Fused(buf)) => l.forward(gpu, &ws.h, m, buf)?,
+            (Qkv::Split(lq, lk, lv), QkvBufs::Split(bq, bk, bv)) => {
+                lq.forward(gpu, &ws.h, m, bq)?;
+                lk.forward(gpu, &ws.h, m, bk)?;
+                lv.forward(gpu, &ws.h, m, bv)?;
+            }
+            _ => {
+                return Err(GpuError::Unsupported(
+                    "mixed fused/split q,k,v layers".into(),
+                ))
+            }
+        }
+        let a = AttnArgs {
+            n_heads: nh as i32,
+            n_kv: nkv as i32,
+            d: d as i32,
+            rot_dim: self.rot_dim as i32,
+            capacity: cache.capacity as i32,
+            layers: self.layers.len() as i32,
+            layer: li as i32,
+            window: layer.window as i32,
+            split_len: SPLIT_LEN as i32,
+            max_splits: splits as i32,
+            fused_new: i32::from(decode),
+            eps,
+            attn_factor: self.attn_factor,
+            scale: 1.0 / (d as f32).sqrt(),
+        };
+        self.mark("qkv")?;
+        let w = ((nh + 2 * nkv) * d) as i32;
+        let (q, k, v) = match &ws.qkv {
+            QkvBufs::Fused(b) => (
+                Rows {
+                    buf: b,
+                    off: 0,
+                    stride: w,
+                },
+                Rows {
+                    buf: b,
+                    off: (nh * d) as i32,
+                    stride: w,
+                },
+                Rows {
+                    buf: b,
+                    off: ((nh + nkv) * d) as i32,
+                    stride: w,
+                },
+            ),
+            QkvBufs::Split(bq, bk, bv) => (
+                Rows {
+                    buf: bq,
+                    off: 0,
+                    stride: (nh * d) as i32,
+                },
+                Rows {
+                    buf: bk,
+                    off: 0,
+                    stride: (nkv * d) as i32,
+                },
+                Rows {
+                    buf: bv,
+                    off: 0,
+                    stride: (nkv * d) as i32,
+                },
+            ),
+        };
+        let [qb, kb, vb] = &layer.biases;
+        if !decode {
+            ops.kv_write(
+                g,
+                &k,
+                &v,
+                kb.as_ref(),
+                vb.as_ref(),
+                layer.k_norm.as_ref(),
+                &self.inv_freq,
+                &ws.pos,
+                &ws.seq,
+                &cache.k,
+                &cache.v,
+                a,
+                m,
+            )?;
+            self.mark("kv_write")?;
+        }
+        ops.attention(
+            g,
+            &q,
+            &k,
+            &v,
+            [qb.as_ref(), kb.as_ref(), vb.as_ref()],
+            layer.q_norm.as_ref(),
+            layer.k_norm.as_ref(),
+            &self.inv_freq,
+            &ws.pos,
+            &ws.seq,
+            &cache.k,
+            &cache.v,
+            &mut ws.part_ml,
+            &mut ws.part_o,
+            &mut ws.attn_cnt,
+            &mut ws.attn,
+            a,
+            m,
+        )?;
+        self.mark("attention")?;
+        if let Some(o) = obs.as_deref_mut() {
+            self.observe(o, Site::O(li), &ws.attn, m, nh * d)?;
+        }
+        // MoE layers without a shared expert: the post-attention add + RMSNorm runs inside
+        // the router kernel, and the attention output waits in attn_delta for the next norm.
+        let fuse = obs.is_none()
+            && gpu.ctx.tuning().norm_router
+            && hd <= MAX_FUSED_ROUTER_HIDDEN
+            && matches!(&layer.ffn, Ffn::Moe(moe) if moe.shared.is_none());
+        if fuse {
+            layer.o.forward(gpu, &ws.attn, m, &mut ws.attn_delta)?;
+            self.mark("o_proj")?;
+        } else {
+            layer.o.forward(gpu, &ws.attn, m, &mut ws.delta)?;
+            self.mark("o_proj")?;
+            self.add_norm(
+                ws,
+                Pend {
+                    delta: true,
+                    ..Pend::default()
+                },
+                &layer.post_norm,
+                false,
+            )?;
+            self.mark("norm")?;
+        }
+        // Feed-forward.
+        let pend = match &layer.ffn {
+            Ffn::Dense(mlp) => {
+                let bufs = ws
+                    .dense
+                    .as_mut()
+                    .ok_or_else(|| GpuError::Unsupported("dense buffers".into()))?;
+                mlp.forward(gpu, &ws.h, m, bufs, &mut ws.delta)?;
+                self.mark("mlp")?;
+                if let Some(o) = obs.as_deref_mut() {
+                    self.observe(o, Site::GateUp(li), &ws.h, m, hd)?;
+                    self.observe(o, Site::Down(li), &bufs.act, m, mlp.inter)?;
+                }
+                Pend {
+                    delta: true,
+                    ..Pend::default()
+                }
+            }
+            Ffn::Moe(moe) => {
+                let mb = ws
+                    .moe
+                    .as_mut()
+                    .ok_or_else(|| GpuError::Unsupported("MoE buffers".into()))?;
+                let input = if fuse {
+                    RouterIn::Fused {
+                        x: &ws.x,
+                        d1: Some(&ws.attn_delta),
+                        norm: &layer.post_norm,
+                        eps,
+                        h: &mut ws.h,
+                    }
+                } else {
+                    RouterIn::Rows(&ws.h)
+                };
+                ops.router_topk(
+                    g,
+                    input,
+                    &moe.router,
+                    &mut mb.logits,
+                    &mut mb.counters,
+                    &mut mb.ids,
+                    &mut mb.weights,
+                    m,
+                    hd,
+                    moe.n_experts,
+                    moe.top_k,
+                    moe.renorm,
+                )?;
+                self.mark("router")?;
+                if let Some(o) = obs.as_deref_mut() {
+                    self.observe(o, Site::MoeInput(li), &ws.h, m, hd)?;
+                }
+                let p = m * moe.top_k;
+                let mut out = Pend {
+                    attn: fuse,
+                    ..Pend::default()
+                };
+                match (&moe.experts, &mut mb.fp4, &mut mb.pair_gu, &mut mb.pair_dn) {
+                    (Experts::Fp4(w), Some(fws), _, _) => {
+                        if obs.is_some() {
+                            return Err(GpuError::Unsupported(
+                                "observing FP4 experts (calibration needs a BF16 model)".into(),
+                            ));
+                        }
+                        moe_layer(
+                            g,
+                            w,
+                            &ws.h,
+                            &mb.ids,
+                            &mb.weights,
+                            m,
+                            moe.top_k,
+                            fws,
+                            &mut ws.delta,
+                        )?;
+                        self.mark("experts")?;
+                        out.delta = true;
+                    }
+                    (Experts::Bf16 { gate_up, down }, _, Some(pgu), Some(pdn)) => {
+                        ops.moe_bf16(
+                            g,
+                            gate_up,
+                            &ws.h,
+                            pgu,
+                            2 * moe.inter,
+                            hd,
+                            &mb.ids,
+                            p,
+                            moe.n_experts,
+                            moe.top_k,
+                            false,
+                        )?;
+                        self.mark("experts")?;
+                        ops.moe_bf16(
+                            g,
+                            down,
+                            pgu,
+                            pdn,
+                            hd,
+                            moe.inter,
+                            &mb.ids,
+                            p,
+                            moe.n_experts,
+                            1,
+                            true,
+                        )?;
+                        self.mark("experts")?;
+                        out.pairs = true;
+                        if let Some(o) = obs.as_deref_mut() {
+                            walk::observe_experts(self, o, li, moe, &ws.h, &mb.ids, pgu, m)?;
+                        }
+                    }
+                    _ => return Err(GpuError::Unsupported("MoE buffers".into())),
+                }
+                if let (Some((mlp, gate)), Some((sb, sout, sgate))) = (&moe.shared, &mut mb.shared)
+                {
+                    mlp.forward(gpu, &ws.h, m, sb, sout)?;
+                    self.mark("shared_expert")?;
+                    if let Some(o) = obs {
+                        self.observe(o, Site::SharedGateUp(li), &ws.h, m, hd)?;
+                        self.observe(o, Site::SharedDown(li), &sb.act, m, mlp.inter)?;
+                    }
+                    gate.forward(gpu, &ws.h, m, sgate)?;
+                    self.mark("shared_expert")?;
+                    out.shared = true;
+                }
+                out
+            }
+        };
+        Ok(pend)
     }
 
     fn take_ws(&mut self, m: usize, rows_out: usize) -> Result<Ws, GpuError> {

@@ -1,0 +1,115 @@
+//! Layer-at-a-time execution for calibration: one trait that the CPU [`Model`] and the CUDA
+//! [`GpuModel`] both implement, so that the quantizer's sequential walk (embed, run one decoder
+//! layer with every Linear's input shown to an observer, replace that layer's weights by their
+//! quantized versions, run it again) does not depend on the backend.
+
+use crate::config::ModelConfig;
+use crate::cuda::{GpuError, GpuModel};
+use crate::linear::Weight;
+use crate::model::{ForwardError, LinearObserver, Model, ReplaceError};
+
+/// Why a step of a layer-at-a-time walk failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WalkError {
+    /// Bad input for the forward pass (token out of range, wrong hidden-state length).
+    #[error(transparent)]
+    Forward(#[from] ForwardError),
+    /// The new weight does not fit the layer, or no Linear has that name.
+    #[error(transparent)]
+    Replace(#[from] ReplaceError),
+    /// The GPU backend failed (boxed: the error is large).
+    #[error(transparent)]
+    Gpu(Box<GpuError>),
+}
+
+impl From<GpuError> for WalkError {
+    fn from(e: GpuError) -> WalkError {
+        match e {
+            GpuError::Forward(f) => WalkError::Forward(f),
+            other => WalkError::Gpu(Box::new(other)),
+        }
+    }
+}
+
+/// A decoder that runs one layer at a time over one sequence's hidden states.
+pub trait LayerWalk {
+    /// The model's configuration.
+    fn config(&self) -> &ModelConfig;
+    /// Where the layers run, for reports: "cpu" or "cuda".
+    fn backend(&self) -> &'static str;
+    /// The device's name for reports (the GPU's name; "cpu").
+    fn device_name(&self) -> String;
+    /// Device memory in use (total minus free, every process's), bytes; None on the CPU.
+    fn device_memory_used(&self) -> Option<u64> {
+        None
+    }
+    /// Hidden states `[m, hidden]` (f32) entering layer 0 for `tokens`.
+    fn embed_tokens(&mut self, tokens: &[u32]) -> Result<Vec<f32>, WalkError>;
+    /// Runs decoder layer `layer` in place on `x` (`[m, hidden]`, one sequence at positions
+    /// `0..m`), showing every Linear's input to `obs`.
+    fn forward_layer_observed(
+        &mut self,
+        layer: usize,
+        x: &mut [f32],
+        obs: &mut dyn LinearObserver,
+    ) -> Result<(), WalkError>;
+    /// Replaces the weight of the decoder-layer Linear `module` (checkpoint module name) with
+    /// `weight` of the same shape (its quantized version), keeping the bias.
+    fn replace_linear_weight(&mut self, module: &str, weight: Weight) -> Result<(), WalkError>;
+}
+
+impl LayerWalk for Model {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+    fn backend(&self) -> &'static str {
+        "cpu"
+    }
+    fn device_name(&self) -> String {
+        "cpu".into()
+    }
+    fn embed_tokens(&mut self, tokens: &[u32]) -> Result<Vec<f32>, WalkError> {
+        Ok(Model::embed_tokens(self, tokens)?)
+    }
+    fn forward_layer_observed(
+        &mut self,
+        layer: usize,
+        x: &mut [f32],
+        obs: &mut dyn LinearObserver,
+    ) -> Result<(), WalkError> {
+        Ok(Model::forward_layer_observed(self, layer, x, obs)?)
+    }
+    fn replace_linear_weight(&mut self, module: &str, weight: Weight) -> Result<(), WalkError> {
+        Ok(Model::replace_linear_weight(self, module, weight)?)
+    }
+}
+
+impl LayerWalk for GpuModel {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+    fn backend(&self) -> &'static str {
+        "cuda"
+    }
+    fn device_name(&self) -> String {
+        self.gpu().ctx.device_name().to_string()
+    }
+    fn device_memory_used(&self) -> Option<u64> {
+        let (free, total) = self.gpu().mem_info().ok()?;
+        Some(total.saturating_sub(free) as u64)
+    }
+    fn embed_tokens(&mut self, tokens: &[u32]) -> Result<Vec<f32>, WalkError> {
+        Ok(GpuModel::embed_rows(self, tokens)?)
+    }
+    fn forward_layer_observed(
+        &mut self,
+        layer: usize,
+        x: &mut [f32],
+        obs: &mut dyn LinearObserver,
+    ) -> Result<(), WalkError> {
+        Ok(GpuModel::forward_layer_observed(self, layer, x, obs)?)
+    }
+    fn replace_linear_weight(&mut self, module: &str, weight: Weight) -> Result<(), WalkError> {
+        GpuModel::replace_linear_weight(self, module, weight)
+    }
+}

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Device call for calibration on the GPU (issue 9): the runtime GPU tests (the decoder layer's
+# launches moved into `layer_pass`, shared by the forward pass and the calibration walk), the
+# GPU calibration tests (crates/quantize/tests/calib_gpu.rs), `mimo-quant calibrate --hessian`
+# timed on the GPU and on this machine's CPU, and the quality rows of the GPU-calibrated
+# conversions (bench/quality.sh, comparisons on the CPU runtime as in the committed table).
+# Binaries: cargo build --release --bin mimo-quant --bin mimo-run, and the two test binaries
+# (`cargo test --release -p mimo-quant --test calib_gpu --no-run`; RT as in gpu-lib.sh).
+source scripts/gpu-lib.sh
+CT=${CT:-target/release/deps/calib_gpu-fd49abe85922894d}
+Q=target/release/mimo-quant
+M=models/mimo-tiny-moe
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+nproc | tee "$OUT/nproc.txt"
+gpu_rtests
+echo "== calibration GPU tests"
+timeout 240 "$CT" --test-threads=1 > "$OUT/ctests.log" 2>&1; echo "rc $?"
+grep -E "test result|FAILED|panicked|differ|went to" "$OUT/ctests.log" | head -30
+for dev in cuda cpu; do
+  echo "== calibrate --hessian on $dev"
+  /usr/bin/time -v timeout 120 "$Q" calibrate "$M" --hessian --device "$dev" --json \
+    > "$OUT/calibrate-$dev.json" 2> "$OUT/calibrate-$dev.time"; echo "rc $?"
+  grep -E '"(backend|device|seconds|peak_rss_bytes|gpu_memory_bytes|tokens)"' "$OUT/calibrate-$dev.json"
+  grep -E "Elapsed|Maximum resident" "$OUT/calibrate-$dev.time"
+done
+echo "== quality rows (GPU calibration)"
+cp bench/results/quality.json "$OUT/quality.json"
+ONLY=${ONLY:-'nvfp4-mse-gpu|nvfp4-gptq-gpu|nvfp4-gptq-ao-gpu|nvfp4-gptq-ao-asym-gpu|nvfp4-gptq-ao-wl-gpu|mxfp4-gptq-ao-gpu'} \
+  RESULTS="$OUT/quality.json" timeout 300 bash bench/quality.sh > "$OUT/quality.log" 2>&1; echo "rc $?"
+tail -n 3 "$OUT/quality.log"
