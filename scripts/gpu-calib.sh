@@ -23,6 +23,22 @@ for dev in cuda cpu; do
   grep -E '"(backend|device|seconds|peak_rss_bytes|gpu_memory_bytes|tokens)"' "$OUT/calibrate-$dev.json"
   grep -E "Elapsed|Maximum resident" "$OUT/calibrate-$dev.time"
 done
+echo "== synthetic Llama-shaped checkpoint of about 2 GB (random weights): bench/calib-small.json"
+S=${SYNTH:-/tmp/synth-2gb}
+"$Q" fixture --synthetic-gb 2 "$S" > /dev/null && cp "$M"/tokenizer.json "$M"/tokenizer_config.json "$S"/
+for dev in cuda cpu; do
+  echo "== synthetic: calibrate --hessian on $dev"
+  /usr/bin/time -v timeout 150 "$Q" calibrate "$S" --calib bench/calib-small.json --hessian \
+    --device "$dev" --json > "$OUT/synth-calibrate-$dev.json" 2> "$OUT/synth-calibrate-$dev.time"
+  echo "rc $?"
+  grep -E '"(backend|seconds|peak_rss_bytes|gpu_memory_bytes|tokens|sequences)"' "$OUT/synth-calibrate-$dev.json" | head -8
+  grep -E "Elapsed|Maximum resident" "$OUT/synth-calibrate-$dev.time"
+done
+echo "== synthetic: convert --method gptq, calibration on cuda"
+/usr/bin/time -v timeout 200 "$Q" convert "$S" -o /tmp/synth-gptq --method gptq --calib bench/calib-small.json \
+  --calib-device cuda --force -q --json > "$OUT/synth-gptq-cuda.json" 2> "$OUT/synth-gptq-cuda.time"
+echo "rc $?"; grep -E "Elapsed|Maximum resident" "$OUT/synth-gptq-cuda.time"
+python3 -c "import json,sys; c=json.load(open(sys.argv[1])).get('calibration',{}); print({k: c.get(k) for k in ('backend','seconds','tokens','gpu_memory_bytes','peak_rss_bytes')})" "$OUT/synth-gptq-cuda.json"
 echo "== quality rows (GPU calibration)"
 cp bench/results/quality.json "$OUT/quality.json"
 ONLY=${ONLY:-'nvfp4-mse-gpu|nvfp4-gptq-gpu|nvfp4-gptq-ao-gpu|nvfp4-gptq-ao-asym-gpu|nvfp4-gptq-ao-wl-gpu|mxfp4-gptq-ao-gpu'} \

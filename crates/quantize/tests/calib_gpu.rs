@@ -78,6 +78,35 @@ fn rel64(a: &[f64], b: &[f64]) -> f64 {
     rel(&a32, &b32)
 }
 
+/// Per site: rows, the full Gram matrix in f64 and the largest |x| (the host observer's view).
+#[derive(Default)]
+struct Grams {
+    all_tokens: bool,
+    sites: BTreeMap<Site, (u64, Vec<f64>, f32)>,
+}
+
+impl LinearObserver for Grams {
+    fn observe(&mut self, site: Site, x: &[f32], m: usize) {
+        let k = x.len() / m;
+        let e = self
+            .sites
+            .entry(site)
+            .or_insert_with(|| (0, vec![0.0; k * k], 0.0));
+        e.0 += m as u64;
+        for row in x.chunks(k) {
+            for i in 0..k {
+                e.2 = e.2.max(row[i].abs());
+                for j in 0..k {
+                    e.1[i * k + j] += f64::from(row[i]) * f64::from(row[j]);
+                }
+            }
+        }
+    }
+    fn all_token_experts(&self) -> bool {
+        self.all_tokens
+    }
+}
+
 /// Architectures whose layers the GPU runs: dense, biases, routed experts, shared experts.
 const ARCHS: [Arch; 5] = [
     Arch::Llama,
@@ -192,6 +221,56 @@ fn gpu_layer_walk_matches_the_cpu_walk_on_the_embedded_model() {
     let tok = mimo_runtime::tokenizer::TextTokenizer::from_dir(&dir).unwrap();
     let data = mimo_quant::calib::load_sequences("default", &tok).unwrap();
     walk_both(&g, &dir, &data.sequences[..6], "mimo-tiny-moe");
+}
+
+#[test]
+fn device_sums_equal_the_host_observer_sums() {
+    let Some(g) = gpu() else { return };
+    for (i, arch) in ARCHS.into_iter().enumerate() {
+        let what = format!("{arch:?}");
+        let dir = tempfile::tempdir().unwrap();
+        write_fixture(dir.path(), arch, 80 + i as u64).unwrap();
+        let mut gpu = GpuModel::load(g.clone(), dir.path()).unwrap();
+        let vocab = gpu.config.vocab_size;
+        let layers = gpu.config.num_layers;
+        let seqs = [random_tokens(vocab, 37, 1), random_tokens(vocab, 90, 2)];
+        let mut host = Grams {
+            all_tokens: true,
+            sites: BTreeMap::new(),
+        };
+        let walk = |gpu: &mut GpuModel, obs: &mut dyn LinearObserver| {
+            for toks in &seqs {
+                let mut x = LayerWalk::embed_tokens(gpu, toks).unwrap();
+                for l in 0..layers {
+                    LayerWalk::forward_layer_observed(gpu, l, &mut x, obs).unwrap();
+                }
+            }
+        };
+        walk(&mut gpu, &mut host);
+        assert!(LayerWalk::begin_device_sums(&mut gpu, true).unwrap());
+        let mut silent = Grams::default();
+        walk(&mut gpu, &mut silent);
+        assert!(silent.sites.is_empty(), "{what}: the observer saw rows");
+        let sums = LayerWalk::take_device_sums(&mut gpu).unwrap();
+        assert_eq!(
+            sums.iter().map(|s| s.site).collect::<Vec<_>>(),
+            host.sites.keys().copied().collect::<Vec<_>>(),
+            "{what}: sites"
+        );
+        for s in &sums {
+            let (rows, gram, amax) = &host.sites[&s.site];
+            assert_eq!(s.rows, *rows, "{what} {:?}: rows", s.site);
+            assert_eq!(s.amax, *amax, "{what} {:?}: amax", s.site);
+            let e = rel64(gram, &s.gram);
+            assert!(
+                e < 1e-4,
+                "{what} {:?}: Gram matrices differ by {e:.2e}",
+                s.site
+            );
+        }
+        // Nothing is left summing.
+        assert!(LayerWalk::take_device_sums(&mut gpu).unwrap().is_empty());
+    }
 }
 
 /// The decoder-layer Linears of layer `l` with their shapes, by checkpoint module name.

@@ -816,6 +816,42 @@ extern "C" __global__ void swiglu(const u16* __restrict__ g, const u16* __restri
     out[idx] = to_bf(gv / (1.f + expf(-gv)) * uv);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Calibration statistics on the device (crates/runtime/src/cuda/model/walk.rs).
+// calib_gather: dst[r][j] = src[idx[r] * stride + off + j] for j < width, or with `swiglu` the
+// down projection's input silu(g) * u of a [gate | up] row (g at off + j, u at off + width + j),
+// rounded to bf16 exactly as swiglu2 forms it for the grouped down kernel.
+// ---------------------------------------------------------------------------------------------
+extern "C" __global__ void calib_gather(const u16* __restrict__ src, const int* __restrict__ idx,
+                                        int n, int width, int stride, int off, int swiglu,
+                                        u16* __restrict__ dst) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)n * width) return;
+    const size_t r = i / width, j = i - r * width;
+    const u16* row = src + (size_t)idx[r] * stride + off;
+    if (swiglu) {
+        const float g = bf(row[j]), u = bf(row[width + j]);
+        dst[i] = to_bf(g / (1.f + expf(-g)) * u);
+    } else {
+        dst[i] = row[j];
+    }
+}
+
+// calib_amax: *out = max(*out, max |x[i]|) over n bf16 values, as the bits of a non-negative
+// float (their order is the unsigned order; a NaN input wins, as it should be seen).
+extern "C" __global__ void calib_amax(const u16* __restrict__ x, unsigned long long n,
+                                      unsigned* __restrict__ out) {
+    float m = 0.f;
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (unsigned long long)gridDim.x * blockDim.x) {
+        const float v = fabsf(bf(x[i]));
+        m = (v > m || v != v) ? v : m;
+    }
+    unsigned b = __float_as_uint(m);
+    for (int o = 16; o > 0; o >>= 1) b = max(b, __shfl_xor_sync(0xffffffffu, b, o));
+    if ((threadIdx.x & 31) == 0) atomicMax(out, b);
+}
+
 // y[t][n] += bias[n] (bf16 in place).
 extern "C" __global__ void add_bias(u16* __restrict__ y, const float* __restrict__ b, int m, int n) {
     pdl_enter();

@@ -6,7 +6,7 @@
 use crate::config::ModelConfig;
 use crate::cuda::{GpuError, GpuModel};
 use crate::linear::Weight;
-use crate::model::{ForwardError, LinearObserver, Model, ReplaceError};
+use crate::model::{ForwardError, LinearObserver, Model, ReplaceError, Site};
 
 /// Why a step of a layer-at-a-time walk failed.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +56,33 @@ pub trait LayerWalk {
     /// Replaces the weight of the decoder-layer Linear `module` (checkpoint module name) with
     /// `weight` of the same shape (its quantized version), keeping the bias.
     fn replace_linear_weight(&mut self, module: &str, weight: Weight) -> Result<(), WalkError>;
+    /// Asks the backend to sum every site's statistics itself (on the device) during the
+    /// following [`LayerWalk::forward_layer_observed`] calls instead of showing each input to
+    /// the observer; `all_token_experts` as [`LinearObserver::all_token_experts`]. Returns
+    /// false where the backend cannot (the CPU): the observer then sees every input as usual.
+    fn begin_device_sums(&mut self, _all_token_experts: bool) -> Result<bool, WalkError> {
+        Ok(false)
+    }
+    /// Ends the summing started by [`LayerWalk::begin_device_sums`]: every site's sums, in site
+    /// order (empty where none was started).
+    fn take_device_sums(&mut self) -> Result<Vec<SiteSums>, WalkError> {
+        Ok(Vec::new())
+    }
+}
+
+/// The statistics of one site's inputs summed by a backend over a layer's calibration pass.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SiteSums {
+    /// The site.
+    pub site: Site,
+    /// Input features.
+    pub k: usize,
+    /// Input rows summed (tokens; routed tokens for an expert).
+    pub rows: u64,
+    /// Largest |x|.
+    pub amax: f32,
+    /// `sum_t x_t x_t^T`, `[k, k]` row-major (its diagonal is the per-feature sum of squares).
+    pub gram: Vec<f64>,
 }
 
 impl LayerWalk for Model {
@@ -111,5 +138,12 @@ impl LayerWalk for GpuModel {
     }
     fn replace_linear_weight(&mut self, module: &str, weight: Weight) -> Result<(), WalkError> {
         GpuModel::replace_linear_weight(self, module, weight)
+    }
+    fn begin_device_sums(&mut self, all_token_experts: bool) -> Result<bool, WalkError> {
+        GpuModel::begin_device_sums(self, all_token_experts);
+        Ok(true)
+    }
+    fn take_device_sums(&mut self) -> Result<Vec<SiteSums>, WalkError> {
+        Ok(GpuModel::take_device_sums(self)?)
     }
 }

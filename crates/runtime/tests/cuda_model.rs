@@ -50,6 +50,8 @@ fn ops_compile_with_nvrtc() {
         "topp_histogram",
         "topp_threshold",
         "add_rmsnorm",
+        "calib_gather",
+        "calib_amax",
     ] {
         assert!(
             ptx.contains(&format!(".entry {k}")),

@@ -78,3 +78,64 @@ pub fn fp4_gemm_dequant_cublas(
     fp4_dequantize(gpu, w, scratch)?;
     bf16_gemm(blas, scratch, x, m, w.n, w.k, y)
 }
+
+/// `h[k, k] += x[m, k]^T · x[m, k]` with `x` bf16 row-major (the first `m` rows of the view)
+/// and `h` f32, f32 accumulation (cublasGemmEx): the Gram matrix (Hessian) of calibration
+/// inputs, summed on the device. Symmetric up to rounding; cuBLAS gives the same bits on every
+/// run on the same GPU.
+pub fn bf16_gram_accumulate(
+    gpu: &GpuContext,
+    blas: &CudaBlas,
+    x: &cudarc::driver::CudaView<'_, bf16>,
+    m: usize,
+    k: usize,
+    h: &mut CudaSlice<f32>,
+) -> Result<(), CudaError> {
+    use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType};
+    use cudarc::driver::{DevicePtr, DevicePtrMut};
+    check_len("bf16_gram_accumulate: x", x.len(), m * k)?;
+    check_len("bf16_gram_accumulate: h", h.len(), k * k)?;
+    if m == 0 {
+        return Ok(());
+    }
+    if m > i32::MAX as usize || k > i32::MAX as usize {
+        return Err(CudaError::Shape {
+            what: "bf16_gram_accumulate".into(),
+            reason: format!("[{m}, {k}]"),
+        });
+    }
+    let stream = gpu.stream().clone();
+    let (xp, _rx) = x.device_ptr(&stream);
+    let (hp, _rh) = h.device_ptr_mut(&stream);
+    let (alpha, beta) = (1.0f32, 1.0f32);
+    // Column-major view: x is X^T (k x m), so h = X^T (k x m) * X (m x k) = A * A^T with
+    // A = x (k x m, lda k).
+    // SAFETY: x holds m * k bf16, h k * k f32 (checked above); both live on blas's stream.
+    unsafe {
+        cudarc::cublas::result::gemm_ex(
+            *blas.handle(),
+            cublasOperation_t::CUBLAS_OP_N,
+            cublasOperation_t::CUBLAS_OP_T,
+            k as i32,
+            k as i32,
+            m as i32,
+            &alpha as *const f32 as *const _,
+            xp as *const _,
+            cudaDataType::CUDA_R_16BF,
+            k as i32,
+            xp as *const _,
+            cudaDataType::CUDA_R_16BF,
+            k as i32,
+            &beta as *const f32 as *const _,
+            hp as *mut _,
+            cudaDataType::CUDA_R_32F,
+            k as i32,
+            cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .map_err(|source| CudaError::Cublas {
+        what: "bf16 gram gemm",
+        source,
+    })
+}

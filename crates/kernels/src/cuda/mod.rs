@@ -21,7 +21,7 @@ mod graph;
 mod moe;
 mod weights;
 
-pub use blas::{bf16_gemm, cublas, fp4_gemm_dequant_cublas};
+pub use blas::{bf16_gemm, bf16_gram_accumulate, cublas, fp4_gemm_dequant_cublas};
 pub use context::{compile_source, nvrtc_available, scale_lut, GpuContext, Tuning, COMMON_HEADER};
 pub use error::CudaError;
 pub use fp8::{

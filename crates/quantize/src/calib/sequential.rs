@@ -50,6 +50,14 @@ pub enum SequentialError {
     /// Quantizing a layer's Linear failed.
     #[error(transparent)]
     Quantize(#[from] ApplyError),
+    /// The backend failed to start or finish summing a layer's statistics.
+    #[error("decoder layer {layer}: {source}")]
+    Walk {
+        /// the layer
+        layer: usize,
+        /// the runtime's error
+        source: WalkError,
+    },
     /// The quantized weight did not fit the model's layer.
     #[error("decoder layer {layer}: {source}")]
     Replace {
@@ -233,6 +241,12 @@ pub fn run_sequential_with(
             let last_stage = si + 1 == stages.len();
             let mut col = Collector::new(model.config(), opts);
             let propagate_now = quantize.is_none() && !asymmetric;
+            // The GPU sums the statistics itself (asymmetric calibration pairs two streams'
+            // rows on the host instead).
+            let device_sums = !asymmetric
+                && model
+                    .begin_device_sums(col.all_token_experts())
+                    .map_err(|source| SequentialError::Walk { layer: l, source })?;
             for (p, (index, x)) in hidden.iter_mut().enumerate() {
                 if asymmetric {
                     let fwd = |source| StatsError::Forward {
@@ -271,6 +285,14 @@ pub fn run_sequential_with(
                         index: *index,
                         source,
                     })?;
+            }
+            if device_sums {
+                let sums = model
+                    .take_device_sums()
+                    .map_err(|source| SequentialError::Walk { layer: l, source })?;
+                for s in &sums {
+                    col.add_sums(s)?;
+                }
             }
             stats_bytes = stats_bytes.max(col.bytes());
             let mut a = assign(model.config(), &col, opts, l..l + 1);

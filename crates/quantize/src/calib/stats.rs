@@ -18,7 +18,7 @@ use std::sync::Arc;
 use mimo_runtime::arch::Names;
 use mimo_runtime::config::ModelConfig;
 use mimo_runtime::model::{LinearObserver, Logits, Model, Site};
-use mimo_runtime::walk::WalkError;
+use mimo_runtime::walk::{SiteSums, WalkError};
 use rayon::prelude::*;
 
 use super::coverage::{Coverage, ExpertCoverage};
@@ -38,6 +38,16 @@ pub enum StatsError {
     /// There were no calibration sequences.
     #[error("no calibration sequences")]
     Empty,
+    /// A backend's sums for a site did not have the site's shape.
+    #[error("calibration sums of {site}: {len} values for inputs of {k} features")]
+    Sums {
+        /// the site
+        site: String,
+        /// values given
+        len: usize,
+        /// input features
+        k: usize,
+    },
 }
 
 /// What to collect.
@@ -196,6 +206,42 @@ impl Collector {
                     + a.cross.as_ref().map_or(0, Vec::len))
             })
             .sum()
+    }
+
+    /// Adds sums a backend accumulated itself (the GPU: [`LayerWalk::begin_device_sums`]).
+    ///
+    /// [`LayerWalk::begin_device_sums`]: mimo_runtime::walk::LayerWalk::begin_device_sums
+    pub(crate) fn add_sums(&mut self, s: &SiteSums) -> Result<(), StatsError> {
+        if s.gram.len() != s.k * s.k {
+            return Err(StatsError::Sums {
+                site: format!("{:?}", s.site),
+                len: s.gram.len(),
+                k: s.k,
+            });
+        }
+        if s.rows == 0 {
+            return Ok(());
+        }
+        let acc = self.site_acc(s.site, s.k);
+        if acc.k != s.k {
+            return Err(StatsError::Sums {
+                site: format!("{:?}", s.site),
+                len: s.gram.len(),
+                k: acc.k,
+            });
+        }
+        acc.tokens += s.rows;
+        acc.amax = acc.amax.max(s.amax);
+        for (i, v) in acc.sum_sq.iter_mut().enumerate() {
+            *v += s.gram[i * s.k + i];
+        }
+        if let Some(h) = &mut acc.hessian {
+            // The whole matrix; `finish` keeps the upper triangle, mirrored.
+            for (a, b) in h.iter_mut().zip(&s.gram) {
+                *a += b;
+            }
+        }
+        Ok(())
     }
 
     /// Adds the cross term of `site` from paired rows (`x` as observed, `xf` unquantized).

@@ -34,7 +34,7 @@ use crate::config::ModelConfig;
 use crate::cpu::Rope;
 use crate::generate::nucleus;
 use crate::linear::{Linear, Weight};
-use crate::model::{ForwardError, LinearObserver, Site};
+use crate::model::{ForwardError, Site};
 use crate::weights::Loader;
 
 mod walk;
@@ -295,6 +295,9 @@ pub struct GpuModel {
     nucleus: bool,
     /// Events recorded after each op while profiling an eager step.
     prof: RefCell<Option<Vec<(&'static str, CudaEvent)>>>,
+    /// Calibration statistics summed on the device (between `begin_device_sums` and
+    /// `take_device_sums`).
+    device_sums: Option<walk::DeviceSums>,
 }
 
 /// Checks the shapes the kernels handle.
@@ -357,6 +360,7 @@ impl GpuModel {
             samp,
             nucleus: false,
             prof: RefCell::new(None),
+            device_sums: None,
         })
     }
 
@@ -774,14 +778,14 @@ impl GpuModel {
 
     /// Queues decoder layer `li` over the rows of `ws`, whose normalized input is in `ws.h`
     /// (the residual stream in `ws.x`); returns what the residual stream still has to add.
-    /// `obs` (calibration, never inside a graph) sees every Linear's input, read back after a
-    /// synchronisation.
+    /// `tap` (calibration, never inside a graph) sees every Linear's input: read back for a host
+    /// observer, or summed on the device.
     fn layer_pass(
         &self,
         ws: &mut Ws,
         li: usize,
         decode: bool,
-        mut obs: Option<&mut dyn LinearObserver>,
+        mut tap: Option<&mut walk::Tap<'_>>,
     ) -> Result<Pend, GpuError> {
         let c = &self.config;
         let gpu = &*self.gpu;
@@ -796,8 +800,8 @@ impl GpuModel {
         let eps = c.rms_norm_eps as f32;
         let splits = cache.capacity.div_ceil(SPLIT_LEN);
         let layer = &self.layers[li];
-        if let Some(o) = obs.as_deref_mut() {
-            self.observe(o, Site::Qkv(li), &ws.h, m, hd)?;
+        if let Some(t) = tap.as_deref_mut() {
+            t.site(self, Site::Qkv(li), &ws.h, m, hd)?;
         }
         // Attention.
         match (&layer.qkv, &mut ws.qkv) {
@@ -907,12 +911,12 @@ impl GpuModel {
             m,
         )?;
         self.mark("attention")?;
-        if let Some(o) = obs.as_deref_mut() {
-            self.observe(o, Site::O(li), &ws.attn, m, nh * d)?;
+        if let Some(t) = tap.as_deref_mut() {
+            t.site(self, Site::O(li), &ws.attn, m, nh * d)?;
         }
         // MoE layers without a shared expert: the post-attention add + RMSNorm runs inside
         // the router kernel, and the attention output waits in attn_delta for the next norm.
-        let fuse = obs.is_none()
+        let fuse = tap.is_none()
             && gpu.ctx.tuning().norm_router
             && hd <= MAX_FUSED_ROUTER_HIDDEN
             && matches!(&layer.ffn, Ffn::Moe(moe) if moe.shared.is_none());
@@ -942,9 +946,9 @@ impl GpuModel {
                     .ok_or_else(|| GpuError::Unsupported("dense buffers".into()))?;
                 mlp.forward(gpu, &ws.h, m, bufs, &mut ws.delta)?;
                 self.mark("mlp")?;
-                if let Some(o) = obs.as_deref_mut() {
-                    self.observe(o, Site::GateUp(li), &ws.h, m, hd)?;
-                    self.observe(o, Site::Down(li), &bufs.act, m, mlp.inter)?;
+                if let Some(t) = tap.as_deref_mut() {
+                    t.site(self, Site::GateUp(li), &ws.h, m, hd)?;
+                    t.site(self, Site::Down(li), &bufs.act, m, mlp.inter)?;
                 }
                 Pend {
                     delta: true,
@@ -982,8 +986,8 @@ impl GpuModel {
                     moe.renorm,
                 )?;
                 self.mark("router")?;
-                if let Some(o) = obs.as_deref_mut() {
-                    self.observe(o, Site::MoeInput(li), &ws.h, m, hd)?;
+                if let Some(t) = tap.as_deref_mut() {
+                    t.site(self, Site::MoeInput(li), &ws.h, m, hd)?;
                 }
                 let p = m * moe.top_k;
                 let mut out = Pend {
@@ -992,7 +996,7 @@ impl GpuModel {
                 };
                 match (&moe.experts, &mut mb.fp4, &mut mb.pair_gu, &mut mb.pair_dn) {
                     (Experts::Fp4(w), Some(fws), _, _) => {
-                        if obs.is_some() {
+                        if tap.is_some() {
                             return Err(GpuError::Unsupported(
                                 "observing FP4 experts (calibration needs a BF16 model)".into(),
                             ));
@@ -1041,8 +1045,8 @@ impl GpuModel {
                         )?;
                         self.mark("experts")?;
                         out.pairs = true;
-                        if let Some(o) = obs.as_deref_mut() {
-                            walk::observe_experts(self, o, li, moe, &ws.h, &mb.ids, pgu, m)?;
+                        if let Some(t) = tap.as_deref_mut() {
+                            t.experts(self, li, moe, &ws.h, &mb.ids, pgu, m)?;
                         }
                     }
                     _ => return Err(GpuError::Unsupported("MoE buffers".into())),
@@ -1051,9 +1055,9 @@ impl GpuModel {
                 {
                     mlp.forward(gpu, &ws.h, m, sb, sout)?;
                     self.mark("shared_expert")?;
-                    if let Some(o) = obs {
-                        self.observe(o, Site::SharedGateUp(li), &ws.h, m, hd)?;
-                        self.observe(o, Site::SharedDown(li), &sb.act, m, mlp.inter)?;
+                    if let Some(t) = tap {
+                        t.site(self, Site::SharedGateUp(li), &ws.h, m, hd)?;
+                        t.site(self, Site::SharedDown(li), &sb.act, m, mlp.inter)?;
                     }
                     gate.forward(gpu, &ws.h, m, sgate)?;
                     self.mark("shared_expert")?;

@@ -123,6 +123,8 @@ pub struct Ops {
     fill_bf16: CudaFunction,
     fill_f32: CudaFunction,
     fill_i32: CudaFunction,
+    calib_gather: CudaFunction,
+    calib_amax: CudaFunction,
 }
 
 /// The architecture name NVRTC is asked to compile for.
@@ -241,6 +243,8 @@ impl Ops {
             fill_bf16: f("fill_bf16")?,
             fill_f32: f("fill_f32")?,
             fill_i32: f("fill_i32")?,
+            calib_gather: f("calib_gather")?,
+            calib_amax: f("calib_amax")?,
             _module: module,
         })
     }
@@ -496,6 +500,70 @@ impl Ops {
         let n = (m * inter) as u32;
         // SAFETY: g and u views hold m rows of `stride`, out m * inter.
         unsafe { b.launch(grid1(n.div_ceil(256), 256, 0)) }.map_err(drv("launch swiglu"))?;
+        Ok(())
+    }
+
+    /// Calibration: `dst[r] = src[idx[r] * stride + off ..][..width]` for `n` rows, or with
+    /// `swiglu` the SwiGLU of a `[gate | up]` row (`width` each) as the grouped down kernel
+    /// forms its input.
+    #[allow(clippy::too_many_arguments)]
+    pub fn calib_gather(
+        &self,
+        gpu: &GpuContext,
+        src: &CudaSlice<bf16>,
+        idx: &CudaView<'_, i32>,
+        n: usize,
+        width: usize,
+        stride: usize,
+        off: usize,
+        swiglu: bool,
+        dst: &mut CudaSlice<bf16>,
+    ) -> Result<(), GpuError> {
+        let need = off + if swiglu { 2 * width } else { width };
+        if idx.len() < n || dst.len() < n * width || need > stride {
+            return Err(GpuError::Unsupported(format!(
+                "calib_gather: {n} rows of {width} from rows of {stride} at {off}"
+            )));
+        }
+        let [n_i, w_i, s_i, o_i, g_i] =
+            [n, width, stride, off, usize::from(swiglu)].map(|v| v as i32);
+        let mut b = gpu.stream().launch_builder(&self.calib_gather);
+        b.arg(src)
+            .arg(idx)
+            .arg(&n_i)
+            .arg(&w_i)
+            .arg(&s_i)
+            .arg(&o_i)
+            .arg(&g_i)
+            .arg(dst);
+        let total = (n * width) as u32;
+        // SAFETY: dst holds n * width, idx n rows; every idx[r] names a row of src (the caller
+        // builds them from the routing of src's own rows).
+        unsafe { b.launch(grid1(total.div_ceil(256), 256, 0)) }
+            .map_err(drv("launch calib_gather"))?;
+        Ok(())
+    }
+
+    /// Calibration: `out = max(out, max |x|)` over the first `n` values of `x` (f32 bits).
+    pub fn calib_amax(
+        &self,
+        gpu: &GpuContext,
+        x: &CudaSlice<bf16>,
+        n: usize,
+        out: &mut CudaSlice<u32>,
+    ) -> Result<(), GpuError> {
+        if n > x.len() || out.is_empty() {
+            return Err(GpuError::Unsupported(format!(
+                "calib_amax: {n} values of a buffer of {}",
+                x.len()
+            )));
+        }
+        let n_u = n as u64;
+        let mut b = gpu.stream().launch_builder(&self.calib_amax);
+        b.arg(x).arg(&n_u).arg(out);
+        let blocks = (n.div_ceil(256) as u32).min(1024);
+        // SAFETY: x holds at least n values, out one.
+        unsafe { b.launch(grid1(blocks, 256, 0)) }.map_err(drv("launch calib_amax"))?;
         Ok(())
     }
 

@@ -1,7 +1,9 @@
 //! Layer-at-a-time execution on the GPU for calibration ([`crate::walk::LayerWalk`]): the
 //! hidden states of one sequence go up, one decoder layer runs over them as a prefill (its keys
 //! and values in a one-sequence cache), every Linear's input is read back and shown to the
-//! observer, and the residual stream comes back down. Quantized weights replace a layer's BF16
+//! observer (or, between `begin_device_sums` and `take_device_sums`, summed on the device: Gram
+//! matrices by cuBLAS, routed experts' rows gathered on the device), and the residual stream
+//! comes back down. Quantized weights replace a layer's BF16
 //! rows in place (dequantized and rounded to BF16), so that the next layer is calibrated on the
 //! quantized layer's outputs.
 //!
@@ -20,7 +22,7 @@ use crate::cuda::ops::MAX_CONTEXT;
 use crate::cuda::weights::{linear_to_bf16, GpuLinear};
 use crate::linear::{Linear, Weight};
 use crate::model::{ForwardError, LinearObserver, ReplaceError, Site};
-use crate::walk::WalkError;
+use crate::walk::{SiteSums, WalkError};
 
 /// Reads the first `len` values of `buf` back to the host (synchronises the stream).
 fn read<T: cudarc::driver::DeviceRepr>(
@@ -53,81 +55,294 @@ fn swiglu_row(row: &[bf16], inter: usize, out: &mut Vec<f32>) {
     }));
 }
 
-/// Shows one MoE layer's expert inputs to `obs`, from the device state after the BF16 grouped
-/// experts ran: `h` the MoE input `[m, hidden]`, `ids` the router's choices `[m, top_k]`, `pgu`
-/// each pair's gate/up output `[m * top_k, 2 * inter]`. Experts are visited in index order with
-/// their tokens ascending, as the CPU forward does.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn observe_experts(
+/// Per expert of a MoE layer, from the router's choices `ids` (`[m, top_k]`): the tokens routed
+/// to it (ascending, as the CPU forward visits them) and their pair indices.
+fn routing(ids: &[i32], m: usize, top_k: usize, experts: usize) -> Vec<(Vec<usize>, Vec<usize>)> {
+    let mut per = vec![(Vec::new(), Vec::new()); experts];
+    for t in 0..m {
+        for j in 0..top_k {
+            if let Some(e) = usize::try_from(ids[t * top_k + j])
+                .ok()
+                .filter(|&e| e < experts)
+            {
+                per[e].0.push(t);
+                per[e].1.push(t * top_k + j);
+            }
+        }
+    }
+    per
+}
+
+/// Every expert's gate/up outputs on every token `[m, E * 2I]` (one GEMM over the stacked BF16
+/// experts), for the all-token down inputs.
+fn all_token_gate_up(
     model: &GpuModel,
-    obs: &mut dyn LinearObserver,
-    li: usize,
     moe: &Moe,
     h: &CudaSlice<bf16>,
-    ids: &CudaSlice<i32>,
-    pgu: &CudaSlice<bf16>,
     m: usize,
-) -> Result<(), GpuError> {
+) -> Result<CudaSlice<bf16>, GpuError> {
+    let Experts::Bf16 { gate_up, .. } = &moe.experts else {
+        return Err(GpuError::Unsupported(
+            "calibration on the GPU needs BF16 experts".into(),
+        ));
+    };
+    let n = moe.n_experts * 2 * moe.inter;
     let hd = model.config.hidden_size;
-    let (ne, k, inter) = (moe.n_experts, moe.top_k, moe.inter);
-    let x: Vec<f32> = read(model, h, m * hd, "read the MoE input")?
-        .iter()
-        .map(|v| v.to_f32())
-        .collect();
-    let ids = read(model, ids, m * k, "read the routing")?;
-    let pairs = read(
-        model,
-        pgu,
-        m * k * 2 * inter,
-        "read the expert gate/up outputs",
-    )?;
-    if obs.all_token_experts() {
-        // Every expert's gate/up on every token: one GEMM over the stacked [E * 2I, hidden].
-        let Experts::Bf16 { gate_up, .. } = &moe.experts else {
-            return Err(GpuError::Unsupported(
-                "calibration on the GPU needs BF16 experts".into(),
-            ));
+    let mut all = model
+        .gpu
+        .ctx
+        .stream()
+        .alloc_zeros::<bf16>(m * n)
+        .map_err(drv("alloc all-token expert outputs"))?;
+    mimo_kernels::cuda::bf16_gemm(&model.gpu.blas, gate_up, h, m, n, hd, &mut all)?;
+    Ok(all)
+}
+
+/// What a calibration pass does with each Linear's input.
+pub(super) enum Tap<'a> {
+    /// Reads it back and shows it to a host observer.
+    Host(&'a mut dyn LinearObserver),
+    /// Adds it to sums kept on the device.
+    Device(&'a mut DeviceSums),
+}
+
+/// One site's sums on the device.
+struct DevAcc {
+    k: usize,
+    rows: u64,
+    /// `sum x x^T`, `[k, k]` f32.
+    gram: CudaSlice<f32>,
+    /// Bits of the largest |x|.
+    amax: CudaSlice<u32>,
+}
+
+/// Statistics summed on the device over a layer's calibration pass: per site the Gram matrix
+/// (cuBLAS, bf16 inputs, f32 sums: the Hessian, and on its diagonal the second moments), the
+/// largest |x| and the row count. Routed experts' rows are gathered on the device from the
+/// routing (read back: `m * top_k` ids per sequence).
+pub(crate) struct DeviceSums {
+    all_token_experts: bool,
+    sites: std::collections::BTreeMap<Site, DevAcc>,
+}
+
+impl DeviceSums {
+    /// Adds the first `m` rows of `x` (`k` wide) to `site`'s sums.
+    fn add(
+        &mut self,
+        model: &GpuModel,
+        site: Site,
+        x: &CudaSlice<bf16>,
+        m: usize,
+        k: usize,
+    ) -> Result<(), GpuError> {
+        if m == 0 {
+            return Ok(());
+        }
+        let s = model.gpu.ctx.stream();
+        let acc = match self.sites.entry(site) {
+            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::btree_map::Entry::Vacant(v) => v.insert(DevAcc {
+                k,
+                rows: 0,
+                gram: s
+                    .alloc_zeros::<f32>(k * k)
+                    .map_err(drv("alloc calibration sums"))?,
+                amax: s
+                    .alloc_zeros::<u32>(1)
+                    .map_err(drv("alloc calibration sums"))?,
+            }),
         };
-        let n = ne * 2 * inter;
-        let mut all = model
-            .gpu
-            .ctx
-            .stream()
-            .alloc_zeros::<bf16>(m * n)
-            .map_err(drv("alloc all-token expert outputs"))?;
-        mimo_kernels::cuda::bf16_gemm(&model.gpu.blas, gate_up, h, m, n, hd, &mut all)?;
-        let all = read(model, &all, m * n, "read all-token expert outputs")?;
-        for e in 0..ne {
-            let mut act = Vec::with_capacity(m * inter);
-            for t in 0..m {
-                let row = &all[t * n + e * 2 * inter..t * n + (e + 1) * 2 * inter];
-                swiglu_row(row, inter, &mut act);
+        if acc.k != k {
+            return Err(GpuError::Unsupported(format!(
+                "{site:?}: inputs of {k} features after {}",
+                acc.k
+            )));
+        }
+        if m * k > x.len() {
+            return Err(GpuError::Unsupported(format!(
+                "{site:?}: {m} rows of {k} from a buffer of {}",
+                x.len()
+            )));
+        }
+        let g = &model.gpu;
+        mimo_kernels::cuda::bf16_gram_accumulate(
+            &g.ctx,
+            &g.blas,
+            &x.slice(0..m * k),
+            m,
+            k,
+            &mut acc.gram,
+        )?;
+        g.ops.calib_amax(&g.ctx, x, m * k, &mut acc.amax)?;
+        acc.rows += m as u64;
+        Ok(())
+    }
+
+    /// Routed experts' inputs: per expert its tokens' rows of `h` (gate/up) and the SwiGLU of
+    /// its pairs' rows of `pgu` (down), gathered on the device; with all-token experts also
+    /// every expert's down input on every token.
+    #[allow(clippy::too_many_arguments)]
+    fn experts(
+        &mut self,
+        model: &GpuModel,
+        li: usize,
+        moe: &Moe,
+        h: &CudaSlice<bf16>,
+        ids: &CudaSlice<i32>,
+        pgu: &CudaSlice<bf16>,
+        m: usize,
+    ) -> Result<(), GpuError> {
+        let hd = model.config.hidden_size;
+        let (ne, k, inter) = (moe.n_experts, moe.top_k, moe.inter);
+        let (g, s) = (&model.gpu, model.gpu.ctx.stream());
+        let mut scratch = s
+            .alloc_zeros::<bf16>(m * hd.max(inter))
+            .map_err(drv("alloc calibration scratch"))?;
+        if self.all_token_experts {
+            let all = all_token_gate_up(model, moe, h, m)?;
+            let rows: Vec<i32> = (0..m as i32).collect();
+            let idx = s.clone_htod(&rows).map_err(drv("upload rows"))?;
+            let n = ne * 2 * inter;
+            for e in 0..ne {
+                g.ops.calib_gather(
+                    &g.ctx,
+                    &all,
+                    &idx.slice(0..m),
+                    m,
+                    inter,
+                    n,
+                    e * 2 * inter,
+                    true,
+                    &mut scratch,
+                )?;
+                self.add(model, Site::ExpertDownAllTokens(li, e), &scratch, m, inter)?;
             }
-            obs.observe(Site::ExpertDownAllTokens(li, e), &act, m);
+        }
+        let ids = read(model, ids, m * k, "read the routing")?;
+        let per = routing(&ids, m, k, ne);
+        // One upload of every expert's token and pair rows.
+        let mut flat: Vec<i32> = Vec::with_capacity(4 * m * k);
+        let mut spans = Vec::with_capacity(ne);
+        for (toks, pairs) in &per {
+            let at = flat.len();
+            flat.extend(toks.iter().map(|&t| t as i32));
+            flat.extend(pairs.iter().map(|&p| p as i32));
+            spans.push((at, toks.len()));
+        }
+        if flat.is_empty() {
+            return Ok(());
+        }
+        let idx = s.clone_htod(&flat).map_err(drv("upload routed rows"))?;
+        for (e, &(at, n)) in spans.iter().enumerate() {
+            if n == 0 {
+                continue;
+            }
+            let toks = idx.slice(at..at + n);
+            g.ops
+                .calib_gather(&g.ctx, h, &toks, n, hd, hd, 0, false, &mut scratch)?;
+            self.add(model, Site::ExpertGateUp(li, e), &scratch, n, hd)?;
+            let pairs = idx.slice(at + n..at + 2 * n);
+            g.ops.calib_gather(
+                &g.ctx,
+                pgu,
+                &pairs,
+                n,
+                inter,
+                2 * inter,
+                0,
+                true,
+                &mut scratch,
+            )?;
+            self.add(model, Site::ExpertDown(li, e), &scratch, n, inter)?;
+        }
+        Ok(())
+    }
+}
+
+impl Tap<'_> {
+    /// `site`'s input: the first `m` rows of `buf`, `k` wide.
+    pub(super) fn site(
+        &mut self,
+        model: &GpuModel,
+        site: Site,
+        buf: &CudaSlice<bf16>,
+        m: usize,
+        k: usize,
+    ) -> Result<(), GpuError> {
+        match self {
+            Tap::Host(obs) => {
+                let x: Vec<f32> = read(model, buf, m * k, "read a Linear's input")?
+                    .iter()
+                    .map(|v| v.to_f32())
+                    .collect();
+                obs.observe(site, &x, m);
+                Ok(())
+            }
+            Tap::Device(sums) => sums.add(model, site, buf, m, k),
         }
     }
-    for e in 0..ne {
-        let mut rows = Vec::new();
-        let mut xe = Vec::new();
-        let mut act = Vec::new();
-        for t in 0..m {
-            for j in 0..k {
-                if ids[t * k + j] == e as i32 {
-                    rows.push(t);
-                    xe.extend_from_slice(&x[t * hd..(t + 1) * hd]);
-                    let p = t * k + j;
-                    swiglu_row(&pairs[p * 2 * inter..(p + 1) * 2 * inter], inter, &mut act);
+
+    /// One MoE layer's expert inputs, from the device state after the BF16 grouped experts
+    /// ran: `h` the MoE input `[m, hidden]`, `ids` the router's choices `[m, top_k]`, `pgu`
+    /// each pair's gate/up output `[m * top_k, 2 * inter]`. Experts are visited in index order
+    /// with their tokens ascending, as the CPU forward does.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn experts(
+        &mut self,
+        model: &GpuModel,
+        li: usize,
+        moe: &Moe,
+        h: &CudaSlice<bf16>,
+        ids: &CudaSlice<i32>,
+        pgu: &CudaSlice<bf16>,
+        m: usize,
+    ) -> Result<(), GpuError> {
+        let obs = match self {
+            Tap::Device(sums) => return sums.experts(model, li, moe, h, ids, pgu, m),
+            Tap::Host(obs) => obs,
+        };
+        let hd = model.config.hidden_size;
+        let (ne, k, inter) = (moe.n_experts, moe.top_k, moe.inter);
+        let x: Vec<f32> = read(model, h, m * hd, "read the MoE input")?
+            .iter()
+            .map(|v| v.to_f32())
+            .collect();
+        let ids = read(model, ids, m * k, "read the routing")?;
+        let pairs = read(
+            model,
+            pgu,
+            m * k * 2 * inter,
+            "read the expert gate/up outputs",
+        )?;
+        if obs.all_token_experts() {
+            let n = ne * 2 * inter;
+            let all = all_token_gate_up(model, moe, h, m)?;
+            let all = read(model, &all, m * n, "read all-token expert outputs")?;
+            for e in 0..ne {
+                let mut act = Vec::with_capacity(m * inter);
+                for t in 0..m {
+                    let row = &all[t * n + e * 2 * inter..t * n + (e + 1) * 2 * inter];
+                    swiglu_row(row, inter, &mut act);
                 }
+                obs.observe(Site::ExpertDownAllTokens(li, e), &act, m);
             }
         }
-        if rows.is_empty() {
-            continue;
+        for (e, (toks, pair_rows)) in routing(&ids, m, k, ne).into_iter().enumerate() {
+            if toks.is_empty() {
+                continue;
+            }
+            let mut xe = Vec::with_capacity(toks.len() * hd);
+            let mut act = Vec::with_capacity(toks.len() * inter);
+            for (&t, &p) in toks.iter().zip(&pair_rows) {
+                xe.extend_from_slice(&x[t * hd..(t + 1) * hd]);
+                swiglu_row(&pairs[p * 2 * inter..(p + 1) * 2 * inter], inter, &mut act);
+            }
+            obs.routed(li, e, &toks);
+            obs.observe(Site::ExpertGateUp(li, e), &xe, toks.len());
+            obs.observe(Site::ExpertDown(li, e), &act, toks.len());
         }
-        obs.routed(li, e, &rows);
-        obs.observe(Site::ExpertGateUp(li, e), &xe, rows.len());
-        obs.observe(Site::ExpertDown(li, e), &act, rows.len());
+        Ok(())
     }
-    Ok(())
 }
 
 /// Where the rows of one Linear live on the device.
@@ -160,21 +375,34 @@ fn bf16_of<'a>(l: &'a mut GpuLinear, what: &str) -> Result<&'a mut CudaSlice<bf1
 }
 
 impl GpuModel {
-    /// Reads `m` rows of `k` bf16 values of `buf` back and shows them to `obs` as `site`'s input.
-    pub(super) fn observe(
-        &self,
-        obs: &mut dyn LinearObserver,
-        site: Site,
-        buf: &CudaSlice<bf16>,
-        m: usize,
-        k: usize,
-    ) -> Result<(), GpuError> {
-        let x: Vec<f32> = read(self, buf, m * k, "read a Linear's input")?
-            .iter()
-            .map(|v| v.to_f32())
-            .collect();
-        obs.observe(site, &x, m);
-        Ok(())
+    /// From now on, [`GpuModel::forward_layer_observed`] sums every site's statistics on the
+    /// device (the observer sees nothing) until [`GpuModel::take_device_sums`].
+    pub fn begin_device_sums(&mut self, all_token_experts: bool) {
+        self.device_sums = Some(DeviceSums {
+            all_token_experts,
+            sites: std::collections::BTreeMap::new(),
+        });
+    }
+
+    /// Ends device summing: every site's sums (Gram matrix in f64, largest |x|, rows), in site
+    /// order, and frees them on the device.
+    pub fn take_device_sums(&mut self) -> Result<Vec<SiteSums>, GpuError> {
+        let Some(sums) = self.device_sums.take() else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::with_capacity(sums.sites.len());
+        for (site, acc) in sums.sites {
+            let gram = read(self, &acc.gram, acc.k * acc.k, "read calibration sums")?;
+            let amax = read(self, &acc.amax, 1, "read calibration sums")?;
+            out.push(SiteSums {
+                site,
+                k: acc.k,
+                rows: acc.rows,
+                amax: f32::from_bits(amax[0]),
+                gram: gram.iter().map(|&v| f64::from(v)).collect(),
+            });
+        }
+        Ok(out)
     }
 
     /// Makes sure there is a one-sequence cache of at least `m` positions.
@@ -252,7 +480,13 @@ impl GpuModel {
         }
         self.walk_cache(m)?;
         let mut ws = self.take_ws(m, 1)?;
-        let r = self.layer_in(&mut ws, layer, x, obs);
+        let mut sums = self.device_sums.take();
+        let mut tap = match sums.as_mut() {
+            Some(d) => Tap::Device(d),
+            None => Tap::Host(obs),
+        };
+        let r = self.layer_in(&mut ws, layer, x, &mut tap);
+        self.device_sums = sums;
         self.workspaces.insert((m, 1), ws);
         r
     }
@@ -262,7 +496,7 @@ impl GpuModel {
         ws: &mut Ws,
         li: usize,
         x: &mut [f32],
-        obs: &mut dyn LinearObserver,
+        tap: &mut Tap<'_>,
     ) -> Result<(), GpuError> {
         let s = self.gpu.ctx.stream();
         let m = ws.m;
@@ -275,7 +509,7 @@ impl GpuModel {
             .map_err(drv("upload sequence ids"))?;
         let layer = &self.layers[li];
         self.add_norm(ws, Pend::default(), &layer.in_norm, false)?;
-        let pend = self.layer_pass(ws, li, false, Some(obs))?;
+        let pend = self.layer_pass(ws, li, false, Some(tap))?;
         // Folds the layer's outputs into the residual stream (the norm it also computes is not
         // used).
         self.add_norm(ws, pend, &layer.in_norm, false)?;
