@@ -15,6 +15,7 @@ macro_rules! dispatch {
         $f($($arg),*)
     }};
 }
+pub(crate) use dispatch;
 
 /// `y[t] -= a * x[t]` (`x` at least as long as `y`).
 pub fn sub_scaled(y: &mut [f64], a: f64, x: &[f64]) {

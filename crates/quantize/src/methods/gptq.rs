@@ -17,36 +17,13 @@ use mimo_kernels::e2m1;
 use mimo_kernels::fp4::{block_multiplier, Fp4Format, Fp4Matrix};
 use rayon::prelude::*;
 
+use super::factor::{cholesky_lower, gram_of_inverse, lower_inverse};
 use super::mse::{candidates, search_block};
 use super::refine::{refine_row, RowProblem};
 use super::{check_finite_f32, check_finite_f64, check_len, check_shape, encode_elem, MethodError};
 
 /// Default relative damping (fraction of the mean Hessian diagonal).
 pub const DEFAULT_DAMP: f64 = 0.01;
-
-/// Lower Cholesky factor of the symmetric `a` ([k, k]) in place (upper part left as is); the
-/// failing column and pivot on a non-positive pivot.
-fn cholesky_lower(a: &mut [f64], k: usize) -> Result<(), (usize, f64)> {
-    for j in 0..k {
-        let mut s = a[j * k + j];
-        for p in 0..j {
-            s -= a[j * k + p] * a[j * k + p];
-        }
-        if !(s > 0.0 && s.is_finite()) {
-            return Err((j, s));
-        }
-        let l = s.sqrt();
-        a[j * k + j] = l;
-        for i in j + 1..k {
-            let mut t = a[i * k + j];
-            for p in 0..j {
-                t -= a[i * k + p] * a[j * k + p];
-            }
-            a[i * k + j] = t / l;
-        }
-    }
-    Ok(())
-}
 
 /// The Hessian GPTQ factorizes: columns no token touched (`H[j][j] <= 0`) get `H[j][j] = 1`,
 /// then `rel * mean(diag)` is added to the diagonal.
@@ -82,30 +59,10 @@ pub fn inverse_hessian_factor(
         let mut a = damped_hessian(h, k, rel);
         match cholesky_lower(&mut a, k) {
             Ok(()) => {
-                // H^-1 = L^-T L^-1. Invert L (lower) by forward substitution, column by column.
-                let mut linv = vec![0.0f64; k * k];
-                for c in 0..k {
-                    linv[c * k + c] = 1.0 / a[c * k + c];
-                    for i in c + 1..k {
-                        let mut s = 0.0;
-                        for p in c..i {
-                            s += a[i * k + p] * linv[p * k + c];
-                        }
-                        linv[i * k + c] = -s / a[i * k + i];
-                    }
-                }
-                // hinv[i][j] = sum_p linv[p][i] linv[p][j], p >= max(i, j).
-                let mut hinv = vec![0.0f64; k * k];
-                for i in 0..k {
-                    for j in 0..=i {
-                        let mut s = 0.0;
-                        for p in i..k {
-                            s += linv[p * k + i] * linv[p * k + j];
-                        }
-                        hinv[i * k + j] = s;
-                        hinv[j * k + i] = s;
-                    }
-                }
+                // H^-1 = L^-T L^-1 (methods::factor: the plain loops' arithmetic, in parallel).
+                let linv = lower_inverse(&a, k);
+                let mut hinv = gram_of_inverse(&linv, k);
+                drop(linv);
                 cholesky_lower(&mut hinv, k).map_err(|(column, pivot)| {
                     MethodError::NotPositiveDefinite {
                         column,
@@ -267,21 +224,36 @@ fn block_loss(xb: &[f64], mult: f32, u: &[f64], k: usize, c0: usize, tmp: &mut [
     loss
 }
 
-/// [`quantize_gptq`] with act order and the choice of block scale.
-pub fn quantize_gptq_with(
-    w: &[f32],
-    n: usize,
+/// What GPTQ derives from a Hessian alone, so that the Linears reading the same input (q/k/v,
+/// gate/up) share one factorization: the column order, the upper inverse factor in that order,
+/// the damping actually used, the diagonal in that order and, for the refinement, the damped
+/// Hessian in the original order.
+#[derive(Debug, Clone)]
+pub struct GptqFactor {
     k: usize,
     format: Fp4Format,
-    global_scale: f32,
+    order: Vec<usize>,
+    u: Vec<f64>,
+    hd: Vec<f64>,
+    diag: Vec<f64>,
+}
+
+/// Factors `hessian` (`[k, k]`, f64) for [`quantize_gptq_factored`] with `opts` (its damping,
+/// act order and refinement) and `format`'s block size.
+pub fn gptq_factor(
     hessian: &[f64],
+    k: usize,
+    format: Fp4Format,
     opts: &GptqOptions,
-) -> Result<Fp4Matrix, MethodError> {
-    check_shape(format, n, k, global_scale)?;
-    check_len("weight", n * k, w.len())?;
-    check_finite_f32("weight", w)?;
+) -> Result<GptqFactor, MethodError> {
     check_len("hessian", k * k, hessian.len())?;
     let block = format.block_size();
+    if k == 0 {
+        return Err(mimo_kernels::fp4::Fp4Error::BadShape { n: 1, k }.into());
+    }
+    if k % block != 0 {
+        return Err(mimo_kernels::fp4::Fp4Error::NotBlockMultiple { format, k, block }.into());
+    }
     let diag_all: Vec<f64> = (0..k).map(|j| hessian[j * k + j].max(0.0)).collect();
     let order = column_order(&diag_all, block, opts.act_order);
     // The Hessian in processing order.
@@ -299,13 +271,57 @@ pub fn quantize_gptq_with(
         Vec::new()
     };
     let diag: Vec<f64> = order.iter().map(|&o| diag_all[o]).collect();
+    Ok(GptqFactor {
+        k,
+        format,
+        order,
+        u,
+        hd,
+        diag,
+    })
+}
+
+/// [`quantize_gptq`] with act order and the choice of block scale.
+pub fn quantize_gptq_with(
+    w: &[f32],
+    n: usize,
+    k: usize,
+    format: Fp4Format,
+    global_scale: f32,
+    hessian: &[f64],
+    opts: &GptqOptions,
+) -> Result<Fp4Matrix, MethodError> {
+    check_shape(format, n, k, global_scale)?;
+    check_len("weight", n * k, w.len())?;
+    check_finite_f32("weight", w)?;
+    let f = gptq_factor(hessian, k, format, opts)?;
+    quantize_gptq_factored(w, n, k, global_scale, &f, opts)
+}
+
+/// GPTQ of `w` (`[n, k]`, row-major) with a factor from [`gptq_factor`] (made with the same
+/// `opts`); `global_scale` is the NVFP4 tensor scale (ignored for MXFP4).
+pub fn quantize_gptq_factored(
+    w: &[f32],
+    n: usize,
+    k: usize,
+    global_scale: f32,
+    f: &GptqFactor,
+    opts: &GptqOptions,
+) -> Result<Fp4Matrix, MethodError> {
+    let format = f.format;
+    check_shape(format, n, k, global_scale)?;
+    check_len("weight", n * k, w.len())?;
+    check_len("factor", f.k, k)?;
+    check_finite_f32("weight", w)?;
+    let block = format.block_size();
+    let (order, u, hd, diag) = (&f.order, &f.u, &f.hd, &f.diag);
     // A block no token touched would have all weights 0 in the scale search: use uniform ones.
     let gs = match format {
         Fp4Format::Nvfp4 => global_scale,
         Fp4Format::Mxfp4 => 1.0,
     };
     let problem = RowProblem {
-        h: &hd,
+        h: hd,
         k,
         format,
         gs,
@@ -347,7 +363,7 @@ pub fn quantize_gptq_with(
                         let mut best = (cands[0], f64::INFINITY);
                         for &c in cands.iter() {
                             let mult = block_multiplier(format, c, gs);
-                            let l = block_loss(&xbd, mult, &u, k, c0, &mut tmp);
+                            let l = block_loss(&xbd, mult, u, k, c0, &mut tmp);
                             if l < best.1 {
                                 best = (c, l);
                             }

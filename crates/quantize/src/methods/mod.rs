@@ -5,6 +5,7 @@
 //! layouts encode them unchanged.
 
 pub mod apply;
+mod factor;
 pub mod gptq;
 pub mod mse;
 pub(crate) mod refine;

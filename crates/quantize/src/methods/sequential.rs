@@ -22,7 +22,9 @@ use mimo_runtime::walk::LayerWalk;
 use rayon::prelude::*;
 
 use super::apply::{kernel_global_scale, quantize_with_stats, read_weight};
-use super::gptq::{asymmetric_target, GptqOptions};
+use super::gptq::{
+    asymmetric_target, gptq_factor, quantize_gptq_factored, GptqFactor, GptqOptions,
+};
 use super::{ApplyError, Method, MethodError};
 use crate::calib::data::CalibData;
 use crate::calib::sequential::{
@@ -73,6 +75,42 @@ fn targets(ck: &Checkpoint, plan: &Plan) -> Result<BTreeMap<String, Target>, Seq
     Ok(out)
 }
 
+/// Quantizes one Linear (`module`, source tensor and scale in `target`) from its statistics;
+/// GPTQ uses `factor` (its group's) where given.
+#[allow(clippy::too_many_arguments)]
+fn quantize_target(
+    ck: &Checkpoint,
+    module: &str,
+    target: &Target,
+    s: &LinearStats,
+    factor: Option<&GptqFactor>,
+    layout: mimo_runtime::format::Layout,
+    method: Method,
+    gptq: &GptqOptions,
+    asymmetric: Option<f64>,
+) -> Result<(String, Fp4Matrix), SequentialError> {
+    let t = ck.tensor(&target.tensor)?;
+    let merr = |source| ApplyError::Method {
+        file: t.file.to_path_buf(),
+        tensor: t.name.to_string(),
+        method: method.name(),
+        source,
+    };
+    let mut w = read_weight(&t)?;
+    let (n, k) = (t.shape[0], t.shape[1]);
+    if let (Some(c), Some(h), Some(alpha)) = (&s.cross, &s.hessian, asymmetric) {
+        w = asymmetric_target(&w, n, k, h, c, gptq.damp, alpha).map_err(merr)?;
+    }
+    let gs = kernel_global_scale(layout, target.scale);
+    let m = match (method, factor) {
+        (Method::Gptq, Some(f)) => quantize_gptq_factored(&w, n, k, gs, f, gptq).map_err(merr)?,
+        _ => quantize_with_stats(&t, module, &w, layout, gs, method, gptq, Some(s))?,
+    };
+    m.validate().map_err(|e| merr(MethodError::Fp4(e)))?;
+    ck.release(&target.tensor);
+    Ok((module.to_string(), m))
+}
+
 #[allow(clippy::too_many_arguments)]
 /// Sequential calibration with `method` (mse or gptq) in the loop: returns the run's summary and
 /// the quantized weight of every decoder-layer Linear the plan quantizes.
@@ -99,38 +137,55 @@ pub fn quantize_sequential(
     let mut per_layer = |_l: usize,
                          stats: &BTreeMap<String, Arc<LinearStats>>|
      -> Result<Vec<(String, Weight)>, SequentialError> {
-        let work: Vec<(&String, &Target, &Arc<LinearStats>)> = stats
-            .iter()
-            .filter_map(|(m, s)| targets.get(m).map(|t| (m, t, s)))
-            .collect();
-        let results: Vec<(String, Fp4Matrix)> = work
+        // Modules grouped by the statistics they share (q/k/v; an expert's gate and up), in
+        // module order: GPTQ factors each group's Hessian once, and a group's factor lives only
+        // while its modules are quantized (memory: one factor per thread).
+        let mut groups: Vec<Vec<(&String, &Target, &Arc<LinearStats>)>> = Vec::new();
+        let mut group_of: BTreeMap<*const LinearStats, usize> = BTreeMap::new();
+        for (m, s) in stats {
+            if let Some(t) = targets.get(m) {
+                let g = *group_of.entry(Arc::as_ptr(s)).or_insert_with(|| {
+                    groups.push(Vec::new());
+                    groups.len() - 1
+                });
+                groups[g].push((m, t, s));
+            }
+        }
+        let results: Vec<(String, Fp4Matrix)> = groups
             .par_iter()
-            .map(|(module, target, s)| {
-                let t = ck.tensor(&target.tensor)?;
-                let mut w = read_weight(&t)?;
-                if let (Some(c), Some(h), Some(alpha)) = (&s.cross, &s.hessian, asymmetric) {
-                    let (n, k) = (t.shape[0], t.shape[1]);
-                    w = asymmetric_target(&w, n, k, h, c, gptq.damp, alpha).map_err(|source| {
-                        ApplyError::Method {
-                            file: t.file.to_path_buf(),
-                            tensor: t.name.to_string(),
-                            method: method.name(),
-                            source,
+            .map(
+                |group| -> Result<Vec<(String, Fp4Matrix)>, SequentialError> {
+                    // A factorization that fails is left to each module's own call, which reports
+                    // the error with its file and tensor.
+                    let factor = match (method, group[0].2.hessian.as_deref()) {
+                        (Method::Gptq, Some(h)) => {
+                            let k = group[0].2.second_moment.len();
+                            gptq_factor(h, k, layout.format(), gptq).ok()
                         }
-                    })?;
-                }
-                let gs = kernel_global_scale(layout, target.scale);
-                let m = quantize_with_stats(&t, module, &w, layout, gs, method, gptq, Some(s))?;
-                m.validate().map_err(|e| ApplyError::Method {
-                    file: t.file.to_path_buf(),
-                    tensor: t.name.to_string(),
-                    method: method.name(),
-                    source: MethodError::Fp4(e),
-                })?;
-                ck.release(&target.tensor);
-                Ok(((*module).clone(), m))
-            })
-            .collect::<Result<_, SequentialError>>()?;
+                        _ => None,
+                    };
+                    group
+                        .iter()
+                        .map(|(module, target, s)| {
+                            quantize_target(
+                                ck,
+                                module,
+                                target,
+                                s,
+                                factor.as_ref(),
+                                layout,
+                                method,
+                                gptq,
+                                asymmetric,
+                            )
+                        })
+                        .collect()
+                },
+            )
+            .collect::<Result<Vec<_>, SequentialError>>()?
+            .into_iter()
+            .flatten()
+            .collect();
         let mut new = Vec::with_capacity(results.len());
         for (module, m) in results {
             new.push((module.clone(), Weight::Fp4(m.clone())));
