@@ -9,14 +9,14 @@ OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
 Q=target/release/mimo-quant
 M=models/mimo-tiny-moe
 nvidia-smi --query-gpu=name --format=csv,noheader; nproc
-for k in 2048 4096 8192; do
-  timeout 150 target/release/examples/factor_bench "$k" | tee -a "$OUT/factor.txt"
+for kn in "2048 8192" "4096 2048" "8192 2048"; do
+  timeout 150 target/release/examples/factor_bench $kn | tee -a "$OUT/factor.txt"
 done
 S=/tmp/synth-2gb
 "$Q" fixture --synthetic-gb 2 "$S" > /dev/null && cp "$M"/tokenizer.json "$M"/tokenizer_config.json "$S"/
 for dev in cuda cpu; do
   echo "== synthetic: convert --method gptq, calibration on $dev"
-  /usr/bin/time -v timeout 240 "$Q" convert "$S" -o "/tmp/synth-gptq-$dev" --method gptq \
+  /usr/bin/time -v timeout 200 "$Q" convert "$S" -o "/tmp/synth-gptq-$dev" --method gptq \
     --calib bench/calib-small.json --calib-device "$dev" --force -q --json \
     > "$OUT/synth-gptq-$dev.json" 2> "$OUT/synth-gptq-$dev.time"
   echo "rc $?"; grep -E "Elapsed|Maximum resident" "$OUT/synth-gptq-$dev.time"

@@ -1,7 +1,8 @@
 //! GPTQ's inverse-Hessian factor: the upper triangular `U` with `U^T U = (H + λI)^-1`, computed
 //! as GPTQ's reference code does (Cholesky `L` of the damped Hessian, `L^-1` by forward
 //! substitution, `H^-1 = L^-T L^-1`, Cholesky of `H^-1`), with the loops arranged for threads and
-//! caches: Cholesky columns update four rows per pass, rows in parallel; `L^-1` is solved in
+//! caches: Cholesky in panels of 32 columns (right-looking, the trailing rows in parallel, 16
+//! columns side by side); `L^-1` is solved in
 //! blocks of eight columns (one pass over `L` per block, the eight sums side by side), blocks in
 //! parallel; `H^-1` is formed row by row as ordered rank-one updates, rows in parallel. Every
 //! element still gets the same separately rounded multiplies and adds in the same order as the
@@ -16,64 +17,163 @@ const PAR_WORK: usize = 1 << 16;
 /// Columns of `L^-1` solved together.
 const LANES: usize = 8;
 
+/// Panel width of the blocked Cholesky.
+const PANEL: usize = 32;
+
+/// Trailing-update columns computed side by side (four AVX2 vectors).
+const TRAIL: usize = 16;
+
+/// Rows per parallel task.
+const ROWS: usize = 8;
+
+/// Rows per trailing-update task.
+const TRAIL_ROWS: usize = 64;
+
 /// Lower Cholesky factor of the symmetric `a` (`[k, k]`, row-major; only the lower triangle is
 /// read) in place, the upper part left as is; the failing column and pivot on a non-positive or
 /// non-finite pivot.
+///
+/// Blocked by panels of `PANEL` columns, right-looking: a panel is factored, then the rows
+/// below subtract the panel's terms from their later columns. Each element still subtracts
+/// `a[i][p] a[j][p]` for `p = 0, 1, ..` one at a time, in order (stored between panels as the
+/// same f64), so the factor equals the plain column-by-column loops bit for bit.
 pub(crate) fn cholesky_lower(a: &mut [f64], k: usize) -> Result<(), (usize, f64)> {
-    for j in 0..k {
-        let (head, tail) = a.split_at_mut((j + 1) * k);
-        let rowj = &mut head[j * k..(j + 1) * k];
-        let mut s = rowj[j];
-        for v in &rowj[..j] {
-            s -= v * v;
+    let mut pan_t = vec![0.0f64; PANEL * k.div_ceil(TRAIL) * TRAIL];
+    for p0 in (0..k).step_by(PANEL) {
+        let p1 = (p0 + PANEL).min(k);
+        let b = p1 - p0;
+        // The panel's diagonal block (rows p0..p1), column by column.
+        for j in p0..p1 {
+            let (head, tail) = a.split_at_mut((j + 1) * k);
+            let rowj = &mut head[j * k..(j + 1) * k];
+            let mut s = rowj[j];
+            for v in &rowj[p0..j] {
+                s -= v * v;
+            }
+            if !(s > 0.0 && s.is_finite()) {
+                return Err((j, s));
+            }
+            let l = s.sqrt();
+            rowj[j] = l;
+            let rowj = &rowj[p0..j];
+            for r in tail.chunks_mut(k).take(p1 - j - 1) {
+                let mut t = r[j];
+                for (x, y) in r[p0..j].iter().zip(rowj) {
+                    t -= x * y;
+                }
+                r[j] = t / l;
+            }
         }
-        if !(s > 0.0 && s.is_finite()) {
-            return Err((j, s));
+        if p1 == k {
+            break;
         }
-        let l = s.sqrt();
-        rowj[j] = l;
-        let rowj = &rowj[..j];
-        // Rows below: a[i][j] = (a[i][j] - sum_p a[i][p] a[j][p]) / l, p ascending.
-        let update = |rows: &mut [f64]| column_update(rows, k, j, rowj, l);
-        if (k - j - 1) * j >= PAR_WORK {
-            tail.par_chunks_mut(4 * k).for_each(update);
+        let (head, tail) = a.split_at_mut(p1 * k);
+        let blk = &head[p0 * k..];
+        let below = k - p1;
+        // Rows below the block: the panel's columns, with the panel's own terms.
+        let panel_rows = |rows: &mut [f64]| {
+            for r in rows.chunks_mut(k) {
+                for j in p0..p1 {
+                    let rj = &blk[(j - p0) * k..(j - p0 + 1) * k];
+                    let mut t = r[j];
+                    for (x, y) in r[p0..j].iter().zip(&rj[p0..j]) {
+                        t -= x * y;
+                    }
+                    r[j] = t / rj[j];
+                }
+            }
+        };
+        if below * b * b / 2 >= PAR_WORK {
+            tail.par_chunks_mut(ROWS * k).for_each(panel_rows);
         } else {
-            tail.chunks_mut(4 * k).for_each(update);
+            tail.chunks_mut(ROWS * k).for_each(panel_rows);
+        }
+        // The panel transposed in chunks of TRAIL columns (chunk c holds a[j][p0 + q] for
+        // j = p1 + c * TRAIL + l at (c * PANEL + q) * TRAIL + l: one chunk is one contiguous
+        // 4 KB, where rows k apart would fall into the same cache set), then every row's later
+        // columns minus the panel's terms.
+        for (jj, r) in tail.chunks(k).enumerate() {
+            let (c, l) = (jj / TRAIL, jj % TRAIL);
+            for q in 0..b {
+                pan_t[(c * PANEL + q) * TRAIL + l] = r[p0 + q];
+            }
+        }
+        let pan_t = &pan_t;
+        let trailing = |(c, rows): (usize, &mut [f64])| {
+            trailing_rows(rows, k, p1 + c * TRAIL_ROWS, p0, b, p1, pan_t)
+        };
+        if below * below * b / 2 >= PAR_WORK {
+            tail.par_chunks_mut(TRAIL_ROWS * k)
+                .enumerate()
+                .for_each(trailing);
+        } else {
+            tail.chunks_mut(TRAIL_ROWS * k)
+                .enumerate()
+                .for_each(trailing);
         }
     }
     Ok(())
 }
 
-// Indexed loops: five slices walk together.
-#[allow(clippy::needless_range_loop)]
-/// Column `j` of up to four whole rows (`rows`, `k` each) of a Cholesky in progress: four
-/// independent sums side by side (one load of `rowj` serves all four).
-fn column_update(rows: &mut [f64], k: usize, j: usize, rowj: &[f64], l: f64) {
-    if rows.len() == 4 * k {
-        let (r0, rest) = rows.split_at_mut(k);
-        let (r1, rest) = rest.split_at_mut(k);
-        let (r2, r3) = rest.split_at_mut(k);
-        let (mut t0, mut t1, mut t2, mut t3) = (r0[j], r1[j], r2[j], r3[j]);
-        let (x0, x1, x2, x3) = (&r0[..j], &r1[..j], &r2[..j], &r3[..j]);
-        for p in 0..j {
-            let b = rowj[p];
-            t0 -= x0[p] * b;
-            t1 -= x1[p] * b;
-            t2 -= x2[p] * b;
-            t3 -= x3[p] * b;
-        }
-        r0[j] = t0 / l;
-        r1[j] = t1 / l;
-        r2[j] = t2 / l;
-        r3[j] = t3 / l;
-    } else {
-        for r in rows.chunks_mut(k) {
-            let mut t = r[j];
-            for (x, b) in r[..j].iter().zip(rowj) {
-                t -= x * b;
+/// Rows `i0..` (`rows`, `k` each) of a blocked Cholesky: for every column `j` in `p1..=i`,
+/// `a[i][j] -= a[i][p] a[j][p]` for the panel's `p = p0..p0 + b` in order (`pan_t` holds the
+/// panel transposed, in chunks of `TRAIL` columns), `TRAIL` columns side by side.
+fn trailing_rows(
+    rows: &mut [f64],
+    k: usize,
+    i0: usize,
+    p0: usize,
+    b: usize,
+    p1: usize,
+    pan_t: &[f64],
+) {
+    crate::f64ops::dispatch!(trailing_rows_body(rows, k, i0, p0, b, p1, pan_t))
+}
+
+#[inline(always)]
+fn trailing_rows_body(
+    rows: &mut [f64],
+    k: usize,
+    i0: usize,
+    p0: usize,
+    b: usize,
+    p1: usize,
+    pan_t: &[f64],
+) {
+    let last = i0 + rows.len() / k - 1;
+    // Column chunks outside, rows inside: a chunk's slice of the panel (b x TRAIL) stays in
+    // the L1 cache for all the task's rows.
+    let mut j = p1;
+    while j <= last {
+        for (ii, r) in rows.chunks_mut(k).enumerate() {
+            let i = i0 + ii;
+            if i < j {
+                continue;
             }
-            r[j] = t / l;
+            let (ai, rest) = r.split_at_mut(j);
+            let ai = &ai[p0..p0 + b];
+            let w = TRAIL.min(i + 1 - j);
+            let chunk = &pan_t[(j - p1) / TRAIL * PANEL * TRAIL..][..PANEL * TRAIL];
+            if w == TRAIL {
+                let mut t = [0.0f64; TRAIL];
+                t.copy_from_slice(&rest[..TRAIL]);
+                for (&x, pv) in ai.iter().zip(chunk.chunks_exact(TRAIL)) {
+                    for l in 0..TRAIL {
+                        t[l] -= x * pv[l];
+                    }
+                }
+                rest[..TRAIL].copy_from_slice(&t);
+            } else {
+                for (l, v) in rest[..w].iter_mut().enumerate() {
+                    let mut t = *v;
+                    for (q, &x) in ai.iter().enumerate() {
+                        t -= x * chunk[q * TRAIL + l];
+                    }
+                    *v = t;
+                }
+            }
         }
+        j += TRAIL;
     }
 }
 
@@ -139,27 +239,50 @@ fn inverse_columns_body(l: &[f64], k: usize, c0: usize, rows: &mut [f64]) {
 
 /// The lower triangle of `L^-T L^-1` from `inv = L^-1` (`[k, k]`, lower triangular):
 /// `h[i][j] = sum_{p=i}^{k-1} inv[p][i] inv[p][j]` for `j <= i`, the terms added in `p` order
-/// (row `i` as ordered rank-one updates by the rows of `inv`); zeros above the diagonal.
+/// (row `i` as ordered rank-one updates by the rows of `inv`); zeros above the diagonal. Rows
+/// go in blocks of `ROWS`, so that each row of `inv` is read once per block; a zero term is
+/// skipped (it adds exactly nothing: the sums start at +0 and never become -0).
 pub(crate) fn gram_of_inverse(inv: &[f64], k: usize) -> Vec<f64> {
     let mut h = vec![0.0f64; k * k];
-    let row = |(i, hrow): (usize, &mut [f64])| {
-        crate::f64ops::add_scaled_rows(
-            &mut hrow[..=i],
-            k - i,
-            |t| inv[(i + t) * k + i],
-            |t| &inv[(i + t) * k..(i + t) * k + i + 1],
-        );
+    let block = |(b, rows): (usize, &mut [f64])| {
+        let i0 = b * ROWS;
+        for p in i0..k {
+            let ip = &inv[p * k..(p + 1) * k];
+            for (r, hrow) in rows.chunks_mut(k).enumerate() {
+                let i = i0 + r;
+                if i > p {
+                    break;
+                }
+                let c = ip[i];
+                if c != 0.0 {
+                    crate::f64ops::add_scaled(&mut hrow[..=i], c, ip);
+                }
+            }
+        }
     };
     if k * k * k / 6 >= PAR_WORK {
-        h.par_chunks_mut(k).enumerate().for_each(row);
+        h.par_chunks_mut(ROWS * k).enumerate().for_each(block);
     } else {
-        h.chunks_mut(k).enumerate().for_each(row);
+        h.chunks_mut(ROWS * k).enumerate().for_each(block);
     }
     h
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn trailing_rows_body(
+        rows: &mut [f64],
+        k: usize,
+        i0: usize,
+        p0: usize,
+        b: usize,
+        p1: usize,
+        pan_t: &[f64],
+    ) {
+        super::trailing_rows_body(rows, k, i0, p0, b, p1, pan_t)
+    }
+
     #[target_feature(enable = "avx2")]
     pub unsafe fn inverse_columns_body(l: &[f64], k: usize, c0: usize, rows: &mut [f64]) {
         super::inverse_columns_body(l, k, c0, rows)
@@ -293,17 +416,21 @@ mod tests {
 
     #[test]
     fn a_non_positive_pivot_names_its_column() {
-        let k = 6;
-        let mut a = spd(k, 3);
-        // Row/column 4 a copy of row/column 2: singular at column 4.
-        for j in 0..k {
-            a[4 * k + j] = a[2 * k + j];
-            a[j * k + 4] = a[j * k + 2];
+        // In the first panel and in a later one.
+        for (k, dup, of) in [(6, 4, 2), (70, 45, 3)] {
+            let mut a = spd(k, 3);
+            // Row/column `dup` a copy of row/column `of` with half its diagonal: the pivot of
+            // column `dup` is negative.
+            for j in 0..k {
+                a[dup * k + j] = a[of * k + j];
+                a[j * k + dup] = a[j * k + of];
+            }
+            a[dup * k + dup] = 0.5 * a[of * k + of];
+            let (mut x, mut y) = (a.clone(), a.clone());
+            let e = cholesky_lower(&mut x, k).unwrap_err();
+            assert_eq!(e.0, dup, "k={k}");
+            let p = cholesky_plain(&mut y, k).unwrap_err();
+            assert_eq!((p.0, p.1.to_bits()), (e.0, e.1.to_bits()), "k={k}");
         }
-        a[4 * k + 4] = a[2 * k + 2];
-        let (mut x, mut y) = (a.clone(), a.clone());
-        let e = cholesky_lower(&mut x, k).unwrap_err();
-        assert_eq!(e.0, 4);
-        assert_eq!(cholesky_plain(&mut y, k).unwrap_err().0, e.0);
     }
 }
