@@ -129,6 +129,7 @@ impl CalibRun {
         v["peak_rss_bytes"] = serde_json::json!(self.peak_rss_bytes);
         v["device"] = serde_json::json!(self.device_name);
         v["gpu_memory_bytes"] = serde_json::json!(self.gpu_memory_bytes);
+        v["cpu_fallback"] = serde_json::json!(self.fallback);
         v
     }
 }
@@ -173,8 +174,15 @@ fn open_model(dir: &Path, device: CalibDevice) -> Result<Opened, CalibError> {
             return Ok((cpu()?, note));
         }
     };
-    let model = GpuModel::load(gpu, dir).map_err(gpu_err)?;
-    Ok((Box::new(model), None))
+    match GpuModel::load(gpu, dir) {
+        Ok(model) => Ok((Box::new(model), None)),
+        Err(e) if device == CalibDevice::Cuda => Err(gpu_err(e)),
+        // `auto`: a model the GPU backend cannot take (its shapes, its size) runs on the CPU.
+        Err(e) => Ok((
+            cpu()?,
+            Some(format!("the model does not run on the GPU ({e})")),
+        )),
+    }
 }
 
 /// Tokenizer, data and model of a calibration run.
