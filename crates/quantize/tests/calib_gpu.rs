@@ -361,47 +361,33 @@ fn gpu_weight_replacement_matches_the_cpu() {
 }
 
 fn gptq_on(dir: &Path, device: CalibDevice) -> mimo_quant::calib::CalibRun {
-    let (run, weights) = calibrate_and_quantize(
-        dir,
-        "default",
-        &PlanOptions {
-            layout: Layout::CtNvfp4,
-            ignore: vec![],
-            quantize_lm_head: false,
-        },
-        Method::Gptq,
-        &GptqOptions::default(),
-        64,
-        None,
-        false,
-        device,
-        &|_, _| {},
-    )
-    .unwrap();
+    let run = || {
+        calibrate_and_quantize(
+            dir,
+            "default",
+            &PlanOptions {
+                layout: Layout::CtNvfp4,
+                ignore: vec![],
+                quantize_lm_head: false,
+            },
+            Method::Gptq,
+            &GptqOptions::default(),
+            64,
+            None,
+            false,
+            device,
+            &|_, _| {},
+        )
+        .unwrap()
+    };
+    let (first, weights) = run();
     assert!(!weights.is_empty());
-    let again = calibrate_and_quantize(
-        dir,
-        "default",
-        &PlanOptions {
-            layout: Layout::CtNvfp4,
-            ignore: vec![],
-            quantize_lm_head: false,
-        },
-        Method::Gptq,
-        &GptqOptions::default(),
-        64,
-        None,
-        false,
-        device,
-        &|_, _| {},
-    )
-    .unwrap()
-    .1;
+    let again = run().1;
     assert!(
         weights == again,
         "{device:?}: two runs gave different weights"
     );
-    run
+    first
 }
 
 #[test]

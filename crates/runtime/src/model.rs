@@ -112,6 +112,37 @@ pub trait LinearObserver {
     fn routed(&mut self, _layer: usize, _expert: usize, _tokens: &[usize]) {}
 }
 
+/// The rows of a layer-at-a-time call's hidden states (`len` values for `layer`), or why they
+/// are refused: none, not `[m, hidden]`, no such layer, longer than the context (both backends'
+/// `forward_layer_observed`).
+pub(crate) fn layer_input_rows(
+    c: &ModelConfig,
+    layer: usize,
+    len: usize,
+) -> Result<usize, ForwardError> {
+    let hd = c.hidden_size;
+    let m = len / hd.max(1);
+    if m == 0 {
+        return Err(ForwardError::Empty);
+    }
+    if layer >= c.num_layers || len != m * hd {
+        return Err(ForwardError::BadLayerInput {
+            layer,
+            layers: c.num_layers,
+            len,
+            hidden: hd,
+        });
+    }
+    if m > c.max_position_embeddings {
+        return Err(ForwardError::ContextOverflow {
+            cached: 0,
+            new: m,
+            max: c.max_position_embeddings,
+        });
+    }
+    Ok(m)
+}
+
 /// An observer that ignores everything (plain forward passes).
 struct NoObserver;
 
@@ -528,26 +559,7 @@ impl Model {
         x: &mut [f32],
         obs: &mut dyn LinearObserver,
     ) -> Result<(), ForwardError> {
-        let hd = self.config.hidden_size;
-        let m = x.len() / hd.max(1);
-        if m == 0 {
-            return Err(ForwardError::Empty);
-        }
-        if layer >= self.layers.len() || x.len() != m * hd {
-            return Err(ForwardError::BadLayerInput {
-                layer,
-                layers: self.layers.len(),
-                len: x.len(),
-                hidden: hd,
-            });
-        }
-        if m > self.config.max_position_embeddings {
-            return Err(ForwardError::ContextOverflow {
-                cached: 0,
-                new: m,
-                max: self.config.max_position_embeddings,
-            });
-        }
+        let m = layer_input_rows(&self.config, layer, x.len())?;
         let (mut kc, mut vc) = (Vec::new(), Vec::new());
         self.layer_step(layer, x, m, 0, &mut kc, &mut vc, obs);
         Ok(())

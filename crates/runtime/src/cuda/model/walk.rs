@@ -21,7 +21,7 @@ use crate::cuda::error::{drv, GpuError};
 use crate::cuda::ops::MAX_CONTEXT;
 use crate::cuda::weights::{linear_to_bf16, GpuLinear};
 use crate::linear::{Linear, Weight};
-use crate::model::{ForwardError, LinearObserver, ReplaceError, Site};
+use crate::model::{LinearObserver, ReplaceError, Site};
 use crate::walk::{SiteSums, WalkError};
 
 /// Reads the first `len` values of `buf` back to the host (synchronises the stream).
@@ -456,28 +456,7 @@ impl GpuModel {
         x: &mut [f32],
         obs: &mut dyn LinearObserver,
     ) -> Result<(), GpuError> {
-        let hd = self.config.hidden_size;
-        let m = x.len() / hd.max(1);
-        if m == 0 {
-            return Err(ForwardError::Empty.into());
-        }
-        if layer >= self.layers.len() || x.len() != m * hd {
-            return Err(ForwardError::BadLayerInput {
-                layer,
-                layers: self.layers.len(),
-                len: x.len(),
-                hidden: hd,
-            }
-            .into());
-        }
-        if m > self.config.max_position_embeddings {
-            return Err(ForwardError::ContextOverflow {
-                cached: 0,
-                new: m,
-                max: self.config.max_position_embeddings,
-            }
-            .into());
-        }
+        let m = crate::model::layer_input_rows(&self.config, layer, x.len())?;
         self.walk_cache(m)?;
         let mut ws = self.take_ws(m, 1)?;
         let mut sums = self.device_sums.take();
