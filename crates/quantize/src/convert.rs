@@ -517,7 +517,7 @@ fn write_all(
                     let e = &plan.entries[i];
                     match &e.action {
                         Action::Quantize { module, .. } => {
-                            let scale = scale_of(i)?;
+                            let scale = quant.scale_for(module, scale_of(i)?);
                             let t = ck.tensor(&e.name)?;
                             let q =
                                 crate::methods::quantize_tensor(&t, module, layout, scale, quant)?;

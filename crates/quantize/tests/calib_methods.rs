@@ -338,6 +338,7 @@ fn gptq_act_order_and_loss_scales_stay_well_below_rtn_and_are_deterministic() {
                 act_order,
                 block_scale,
                 refine,
+                mse_scale_search: false,
             };
             let run = |threads: usize| {
                 rayon::ThreadPoolBuilder::new()

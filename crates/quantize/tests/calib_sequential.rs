@@ -182,10 +182,11 @@ fn convert_sequential(
             &|_, _| {},
         )
         .unwrap();
-        let n = weights.len();
+        let n = weights.weights.len();
         let quant = QuantOptions {
             method,
-            precomputed: Some(Arc::new(weights)),
+            precomputed: Some(Arc::new(weights.weights)),
+            precomputed_scales: Some(Arc::new(weights.scales)),
             manifest_info: Some(serde_json::json!({"expert_coverage": run.coverage})),
             ..QuantOptions::default()
         };
@@ -217,6 +218,11 @@ fn sequential_conversions_are_identical_on_one_and_two_threads() {
         act_order: true,
         block_scale: BlockScale::Loss,
         refine: 0,
+        mse_scale_search: false,
+    };
+    let searched = GptqOptions {
+        mse_scale_search: true,
+        ..plain
     };
     let refined = GptqOptions {
         refine: 3,
@@ -226,6 +232,8 @@ fn sequential_conversions_are_identical_on_one_and_two_threads() {
     for (layout, method, gptq, asym, within) in [
         (Layout::CtNvfp4, Method::Gptq, plain, None, false),
         (Layout::CtNvfp4, Method::Mse, plain, None, false),
+        (Layout::CtNvfp4, Method::Mse, searched, None, false),
+        (Layout::ModelOptNvfp4, Method::Mse, searched, None, false),
         (Layout::CtMxfp4, Method::Gptq, plain, None, false),
         (Layout::ModelOptNvfp4, Method::Gptq, plain, None, false),
         (Layout::CtNvfp4, Method::Gptq, ordered, None, false),

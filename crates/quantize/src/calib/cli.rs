@@ -41,6 +41,10 @@ pub struct CalibArgs {
     /// only where the loss falls); 0 turns it off.
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub gptq_refine: usize,
+    /// mse on NVFP4: also search each fused set's tensor (global) scale, over one octave below
+    /// the converter's, for the smallest activation-weighted error.
+    #[arg(long)]
+    pub mse_scale_search: bool,
     /// Asymmetric calibration (mse, gptq): also run the unquantized model alongside and make
     /// each layer's quantized weights reproduce the unquantized outputs from the drifted inputs.
     #[arg(long)]
@@ -181,6 +185,7 @@ pub fn quant_options(
         act_order: a.act_order,
         block_scale: a.gptq_block_scale,
         refine: a.gptq_refine,
+        mse_scale_search: a.mse_scale_search,
         ..QuantOptions::default()
     };
     if let Some(spec) = spec {
@@ -203,7 +208,8 @@ pub fn quant_options(
                 a.calib_device,
                 &progress(quiet),
             )?;
-            q.precomputed = Some(Arc::new(weights));
+            q.precomputed = Some(Arc::new(weights.weights));
+            q.precomputed_scales = Some(Arc::new(weights.scales));
             r
         };
         if !quiet {
@@ -214,6 +220,9 @@ pub fn quant_options(
         if a.method != Method::Rtn {
             info["asymmetric"] = serde_json::json!(a.asymmetric.then_some(a.asymmetric_alpha));
             info["within_layer"] = serde_json::json!(a.within_layer);
+            if a.method == Method::Mse && a.mse_scale_search {
+                info["mse_scale_search"] = serde_json::json!(true);
+            }
         }
         if a.method == Method::Gptq {
             info["damp"] = serde_json::json!(a.damp);

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use mimo_kernels::fp4::Fp4Matrix;
 use mimo_runtime::checkpoint::{Checkpoint, CheckpointError};
 use mimo_runtime::cuda::{Gpu, GpuError, GpuModel};
 use mimo_runtime::model::Model;
@@ -240,7 +239,8 @@ pub fn calibrate(
 /// Calibrates the model in `dir` one layer at a time with `method` (mse or gptq) in the loop:
 /// each layer's Linears that `plan` quantizes are quantized from statistics gathered on the
 /// outputs of the quantized layers before it. Returns the run and the quantized weights by
-/// module name (for [`crate::methods::QuantOptions::precomputed`]).
+/// module name with the searched tensor scales (for [`crate::methods::QuantOptions::precomputed`]
+/// and [`crate::methods::QuantOptions::precomputed_scales`]).
 #[allow(clippy::too_many_arguments)]
 pub fn calibrate_and_quantize(
     dir: &Path,
@@ -253,7 +253,7 @@ pub fn calibrate_and_quantize(
     within_layer: bool,
     device: CalibDevice,
     progress: &dyn Fn(usize, usize),
-) -> Result<(CalibRun, BTreeMap<String, Fp4Matrix>), CalibError> {
+) -> Result<(CalibRun, crate::methods::sequential::Precomputed), CalibError> {
     let start = Instant::now();
     let (data, (mut model, fallback)) = load(dir, spec, device)?;
     let ck = Checkpoint::open(dir)?;

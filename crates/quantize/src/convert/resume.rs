@@ -130,6 +130,17 @@ fn hash_precomputed(h: &mut Sha256, q: &QuantOptions) {
         h.update((m.scales.len() as u64).to_le_bytes());
         h.update(&m.scales);
     }
+    match &q.precomputed_scales {
+        None => h.update(b"no-precomputed-scales"),
+        Some(sc) => {
+            h.update((sc.len() as u64).to_le_bytes());
+            for (name, v) in sc.iter() {
+                h.update((name.len() as u64).to_le_bytes());
+                h.update(name.as_bytes());
+                h.update(v.to_bits().to_le_bytes());
+            }
+        }
+    }
 }
 
 /// Hashes the calibration statistics (every module's site, token count, second moments, amax

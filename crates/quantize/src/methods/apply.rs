@@ -30,6 +30,8 @@ pub struct QuantOptions {
     pub block_scale: BlockScale,
     /// Coordinate-descent passes after GPTQ (0 = none).
     pub refine: usize,
+    /// NVFP4 `mse`: also search the tensor scale of each fused set.
+    pub mse_scale_search: bool,
     /// Calibration statistics (None: MSE uses uniform weights; GPTQ needs them).
     pub stats: Option<Arc<CalibStats>>,
     /// A JSON summary of the calibration for the manifest (source, recipe, coverage): nothing that
@@ -40,6 +42,21 @@ pub struct QuantOptions {
     /// Weights already quantized by sequential calibration ([`super::sequential`]), by module
     /// name; used instead of `stats` for the modules they hold.
     pub precomputed: Option<Arc<BTreeMap<String, Fp4Matrix>>>,
+    /// Tensor scales (the layout's stored value) chosen for precomputed weights by the NVFP4
+    /// `mse` search, by module name; they replace the converter's own for those modules.
+    pub precomputed_scales: Option<Arc<BTreeMap<String, f32>>>,
+}
+
+impl QuantOptions {
+    /// The tensor scale of `module`: the one sequential `mse` searched for it, else the
+    /// converter's `scale`.
+    pub fn scale_for(&self, module: &str, scale: Option<f32>) -> Option<f32> {
+        self.precomputed_scales
+            .as_ref()
+            .and_then(|s| s.get(module))
+            .copied()
+            .or(scale)
+    }
 }
 
 impl Default for QuantOptions {
@@ -50,10 +67,12 @@ impl Default for QuantOptions {
             act_order: false,
             block_scale: BlockScale::Diag,
             refine: 0,
+            mse_scale_search: false,
             stats: None,
             manifest_info: None,
             report_info: None,
             precomputed: None,
+            precomputed_scales: None,
         }
     }
 }
@@ -66,6 +85,7 @@ impl QuantOptions {
             act_order: self.act_order,
             block_scale: self.block_scale,
             refine: self.refine,
+            mse_scale_search: self.mse_scale_search,
         }
     }
 }
@@ -127,6 +147,7 @@ pub fn quantize_tensor(
     }
     let (n, k) = (t.shape[0], t.shape[1]);
     let w = read_weight(t)?;
+    let scale = opts.scale_for(module, scale);
     let gs = kernel_global_scale(layout, scale);
     let merr = |source| ApplyError::Method {
         file: t.file.to_path_buf(),

@@ -171,6 +171,9 @@ pub struct GptqOptions {
     pub block_scale: BlockScale,
     /// Passes of coordinate-descent refinement after GPTQ ([`super::refine`]); 0 = none.
     pub refine: usize,
+    /// `mse` with sequential calibration on NVFP4: also search each fused set's tensor scale
+    /// ([`super::mse::search_global_scale`]).
+    pub mse_scale_search: bool,
 }
 
 /// Quantizes `w` ([n, k], row-major) with GPTQ given `hessian = sum x x^T` ([k, k], f64) and the

@@ -90,6 +90,9 @@ pub enum MethodError {
     /// The damping factor is not a finite non-negative number.
     #[error("invalid damping {0} (must be finite and >= 0)")]
     BadDamping(f64),
+    /// The tensor-scale search was asked of a layout without a tensor scale (MXFP4).
+    #[error("the tensor scale search applies to NVFP4 layouts only")]
+    NoTensorScale,
     /// The FP4 kernels refused the shape or global scale.
     #[error(transparent)]
     Fp4(#[from] Fp4Error),

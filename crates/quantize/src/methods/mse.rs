@@ -157,3 +157,138 @@ pub fn quantize_mse(
         global_scale: gs,
     })
 }
+
+/// One weight of a set searched together: `[n, k]` values and its input's second moments.
+pub type ScaleMember<'a> = (&'a [f32], usize, usize, Option<&'a [f64]>);
+
+/// Candidates of the NVFP4 tensor scale search: the stored scale moved by `2^(i/8)`,
+/// `i = 0..GLOBAL_STEPS`, the way that lowers the kernel's global scale (so the largest blocks
+/// never need an E4M3 scale past 448). Eight steps cover one octave: every alignment of the E4M3
+/// grid (three mantissa bits) against the blocks' maxima.
+pub const GLOBAL_STEPS: usize = 8;
+
+/// The NVFP4 tensor (global) scale search of `mse`: for each candidate stored scale (see
+/// [`GLOBAL_STEPS`]; `stored` is the converter's, in `layout`'s convention) every member of a
+/// set that must share the scale (`members`: weight `[n, k]` and its input's second moments) is
+/// quantized by [`quantize_mse`], and the candidate with the smallest summed
+/// `sum_j d_j (w_j - q_j)^2` is kept (ties: the smaller move; the unmoved scale is a candidate,
+/// so the result is never worse than without the search). Returns the stored scale chosen and
+/// the members' matrices. Deterministic: rows' errors are summed in row order.
+pub fn search_global_scale(
+    members: &[ScaleMember<'_>],
+    layout: mimo_runtime::format::Layout,
+    stored: f32,
+) -> Result<(f32, Vec<Fp4Matrix>), MethodError> {
+    use mimo_runtime::format::Layout;
+    let mut best: Option<(f64, f32, Vec<Fp4Matrix>)> = None;
+    for i in 0..GLOBAL_STEPS {
+        let f = 2f64.powf(i as f64 / GLOBAL_STEPS as f64);
+        let cand = match layout {
+            Layout::CtNvfp4 => (stored as f64 / f) as f32,
+            Layout::ModelOptNvfp4 => (stored as f64 * f) as f32,
+            Layout::CtMxfp4 => return Err(MethodError::NoTensorScale),
+        };
+        let gs = super::apply::kernel_global_scale(layout, Some(cand));
+        let mut total = 0.0f64;
+        let mut mats = Vec::with_capacity(members.len());
+        for &(w, n, k, d) in members {
+            let m = quantize_mse(w, n, k, Fp4Format::Nvfp4, gs, d)?;
+            let errs: Vec<f64> = (0..n)
+                .into_par_iter()
+                .map(|r| {
+                    let mut row = vec![0f32; k];
+                    // The matrix was just built from valid inputs: decoding cannot fail.
+                    let _ = mimo_kernels::dequantize_row(&m, r, &mut row);
+                    w[r * k..(r + 1) * k]
+                        .iter()
+                        .zip(&row)
+                        .enumerate()
+                        .map(|(j, (&a, &b))| {
+                            let e = a as f64 - b as f64;
+                            d.map_or(1.0, |d| d[j]) * e * e
+                        })
+                        .sum::<f64>()
+                })
+                .collect();
+            total += errs.iter().sum::<f64>();
+            mats.push(m);
+        }
+        if best.as_ref().is_none_or(|b| total < b.0) {
+            best = Some((total, cand, mats));
+        }
+    }
+    let (_, s, mats) = best.ok_or(MethodError::NoTensorScale)?;
+    Ok((s, mats))
+}
+
+#[cfg(test)]
+mod global_scale_tests {
+    use super::*;
+    use mimo_runtime::format::Layout;
+
+    fn vals(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (((s >> 11) as f64 / (1u64 << 53) as f64) - 0.5) as f32
+            })
+            .collect()
+    }
+
+    fn weighted_err(w: &[f32], m: &Fp4Matrix, d: &[f64]) -> f64 {
+        let k = m.k;
+        let mut row = vec![0f32; k];
+        let mut e = 0.0;
+        for r in 0..m.n {
+            mimo_kernels::dequantize_row(m, r, &mut row).unwrap();
+            for j in 0..k {
+                let x = w[r * k + j] as f64 - row[j] as f64;
+                e += d[j] * x * x;
+            }
+        }
+        e
+    }
+
+    #[test]
+    fn the_searched_scale_is_never_worse_and_shared_by_the_set() {
+        let (n, k) = (24, 64);
+        let w1 = vals(n * k, 1);
+        let w2: Vec<f32> = vals(n * k, 2).iter().map(|v| v * 3.0).collect();
+        let d: Vec<f64> = vals(k, 3)
+            .iter()
+            .map(|v| (*v as f64 + 0.6).powi(2))
+            .collect();
+        let amax = w1.iter().chain(&w2).fold(0f32, |a, v| a.max(v.abs()));
+        for layout in [Layout::CtNvfp4, Layout::ModelOptNvfp4] {
+            let stored = match layout {
+                Layout::CtNvfp4 => 448.0 * 6.0 / amax,
+                _ => amax / (448.0 * 6.0),
+            };
+            let members = [(&w1[..], n, k, Some(&d[..])), (&w2[..], n, k, Some(&d[..]))];
+            let (chosen, mats) = search_global_scale(&members, layout, stored).unwrap();
+            let gs = super::super::apply::kernel_global_scale(layout, Some(chosen));
+            assert!(mats
+                .iter()
+                .all(|m| m.global_scale.to_bits() == gs.to_bits()));
+            let base_gs = super::super::apply::kernel_global_scale(layout, Some(stored));
+            let base: f64 = [&w1, &w2]
+                .iter()
+                .map(|w| {
+                    let m = quantize_mse(w, n, k, Fp4Format::Nvfp4, base_gs, Some(&d)).unwrap();
+                    weighted_err(w, &m, &d)
+                })
+                .sum();
+            let got: f64 = [&w1, &w2]
+                .iter()
+                .zip(&mats)
+                .map(|(w, m)| weighted_err(w, m, &d))
+                .sum();
+            assert!(got <= base, "{layout:?}: {got} > {base}");
+        }
+        let r = search_global_scale(&[(&w1[..], n, k, None)], Layout::CtMxfp4, 1.0);
+        assert!(matches!(r, Err(MethodError::NoTensorScale)));
+    }
+}

@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use mimo_kernels::fp4::Fp4Matrix;
+use mimo_kernels::fp4::{Fp4Format, Fp4Matrix};
 use mimo_runtime::checkpoint::Checkpoint;
 use mimo_runtime::linear::Weight;
 use mimo_runtime::walk::LayerWalk;
@@ -25,6 +25,7 @@ use super::apply::{kernel_global_scale, quantize_with_stats, read_weight};
 use super::gptq::{
     asymmetric_target, gptq_factor, quantize_gptq_factored, GptqFactor, GptqOptions,
 };
+use super::mse::{search_global_scale, ScaleMember};
 use super::{ApplyError, Method, MethodError};
 use crate::calib::data::CalibData;
 use crate::calib::sequential::{
@@ -111,9 +112,95 @@ fn quantize_target(
     Ok((module.to_string(), m))
 }
 
+/// What sequential calibration quantized: every decoder-layer Linear's weight, and the tensor
+/// scales (the layout's stored value) that the NVFP4 `mse` search moved from the converter's.
+#[derive(Debug, Clone, Default)]
+pub struct Precomputed {
+    /// Quantized weights by module name.
+    pub weights: BTreeMap<String, Fp4Matrix>,
+    /// Searched tensor scales by module name (members of a fused set share theirs).
+    pub scales: BTreeMap<String, f32>,
+}
+
+/// NVFP4 `mse` on one group of Linears sharing their input statistics: members that share a
+/// tensor scale (a fused set: q/k/v, gate/up) get one searched scale
+/// ([`super::mse::search_global_scale`]); a member with a scale of its own is searched alone.
+fn mse_group(
+    ck: &Checkpoint,
+    group: &[(&String, &Target, &Arc<LinearStats>)],
+    layout: mimo_runtime::format::Layout,
+    gptq: &GptqOptions,
+    asymmetric: Option<f64>,
+) -> Result<Vec<(String, Fp4Matrix, Option<f32>)>, SequentialError> {
+    let mut by_scale: Vec<(f32, Vec<usize>)> = Vec::new();
+    for (i, (_, t, _)) in group.iter().enumerate() {
+        let Some(sc) = t.scale else {
+            return Err(SequentialError::Quantize(ApplyError::Method {
+                file: std::path::PathBuf::new(),
+                tensor: t.tensor.clone(),
+                method: Method::Mse.name(),
+                source: MethodError::NoTensorScale,
+            }));
+        };
+        match by_scale
+            .iter_mut()
+            .find(|(s, _)| s.to_bits() == sc.to_bits())
+        {
+            Some((_, v)) => v.push(i),
+            None => by_scale.push((sc, vec![i])),
+        }
+    }
+    let mut out = Vec::with_capacity(group.len());
+    for (stored, idx) in by_scale {
+        let mut ws = Vec::with_capacity(idx.len());
+        let mut first = None;
+        for &i in &idx {
+            let (_, target, s) = group[i];
+            let t = ck.tensor(&target.tensor)?;
+            first.get_or_insert_with(|| (t.file.to_path_buf(), t.name.to_string()));
+            let (n, k) = (t.shape[0], t.shape[1]);
+            let mut w = read_weight(&t)?;
+            if let (Some(c), Some(h), Some(alpha)) = (&s.cross, &s.hessian, asymmetric) {
+                w = asymmetric_target(&w, n, k, h, c, gptq.damp, alpha).map_err(|source| {
+                    ApplyError::Method {
+                        file: t.file.to_path_buf(),
+                        tensor: t.name.to_string(),
+                        method: Method::Mse.name(),
+                        source,
+                    }
+                })?;
+            }
+            ck.release(&target.tensor);
+            ws.push((w, n, k));
+        }
+        let members: Vec<ScaleMember<'_>> = idx
+            .iter()
+            .zip(&ws)
+            .map(|(&i, (w, n, k))| {
+                let d = Some(group[i].2.second_moment.as_slice()).filter(|d| d.len() == *k);
+                (w.as_slice(), *n, *k, d)
+            })
+            .collect();
+        let (file, tensor) = first.unwrap_or_default();
+        let merr = |source| ApplyError::Method {
+            file: file.clone(),
+            tensor: tensor.clone(),
+            method: Method::Mse.name(),
+            source,
+        };
+        let (chosen, mats) = search_global_scale(&members, layout, stored).map_err(merr)?;
+        for (&i, m) in idx.iter().zip(mats) {
+            m.validate().map_err(|e| merr(MethodError::Fp4(e)))?;
+            out.push((group[i].0.clone(), m, Some(chosen)));
+        }
+    }
+    Ok(out)
+}
+
 #[allow(clippy::too_many_arguments)]
 /// Sequential calibration with `method` (mse or gptq) in the loop: returns the run's summary and
-/// the quantized weight of every decoder-layer Linear the plan quantizes.
+/// the quantized weight of every decoder-layer Linear the plan quantizes (with the tensor scales
+/// the NVFP4 `mse` search chose).
 pub fn quantize_sequential(
     ck: &Checkpoint,
     plan: &Plan,
@@ -125,10 +212,11 @@ pub fn quantize_sequential(
     asymmetric: Option<f64>,
     within_layer: bool,
     progress: &dyn Fn(usize, usize),
-) -> Result<(SequentialRun, BTreeMap<String, Fp4Matrix>), SequentialError> {
+) -> Result<(SequentialRun, Precomputed), SequentialError> {
     let layout = plan.layout;
     let targets = targets(ck, plan)?;
     let mut done: BTreeMap<String, Fp4Matrix> = BTreeMap::new();
+    let mut scales: BTreeMap<String, f32> = BTreeMap::new();
     let opts = CollectOptions {
         // The asymmetric target needs H for every method.
         hessian: method == Method::Gptq || asymmetric.is_some(),
@@ -151,10 +239,16 @@ pub fn quantize_sequential(
                 groups[g].push((m, t, s));
             }
         }
-        let results: Vec<(String, Fp4Matrix)> = groups
+        let results: Vec<(String, Fp4Matrix, Option<f32>)> = groups
             .par_iter()
             .map(
-                |group| -> Result<Vec<(String, Fp4Matrix)>, SequentialError> {
+                |group| -> Result<Vec<(String, Fp4Matrix, Option<f32>)>, SequentialError> {
+                    if method == Method::Mse
+                        && gptq.mse_scale_search
+                        && layout.format() == Fp4Format::Nvfp4
+                    {
+                        return mse_group(ck, group, layout, gptq, asymmetric);
+                    }
                     // A factorization that fails is left to each module's own call, which reports
                     // the error with its file and tensor.
                     let factor = match (method, group[0].2.hessian.as_deref()) {
@@ -178,6 +272,7 @@ pub fn quantize_sequential(
                                 gptq,
                                 asymmetric,
                             )
+                            .map(|(m, q)| (m, q, None))
                         })
                         .collect()
                 },
@@ -187,8 +282,11 @@ pub fn quantize_sequential(
             .flatten()
             .collect();
         let mut new = Vec::with_capacity(results.len());
-        for (module, m) in results {
+        for (module, m, scale) in results {
             new.push((module.clone(), Weight::Fp4(m.clone())));
+            if let Some(sc) = scale {
+                scales.insert(module.clone(), sc);
+            }
             done.insert(module, m);
         }
         Ok(new)
@@ -204,5 +302,11 @@ pub fn quantize_sequential(
         Some(&mut per_layer),
         progress,
     )?;
-    Ok((run, done))
+    Ok((
+        run,
+        Precomputed {
+            weights: done,
+            scales,
+        },
+    ))
 }
