@@ -107,6 +107,19 @@ pub fn quantize_mse(
     global_scale: f32,
     second_moment: Option<&[f64]>,
 ) -> Result<Fp4Matrix, MethodError> {
+    quantize_mse_error(w, n, k, format, global_scale, second_moment).map(|(m, _)| m)
+}
+
+/// [`quantize_mse`] and its weighted error `sum d_j (w_j - q_j)^2` over the whole matrix (the
+/// chosen blocks' errors from the search, rows summed in order).
+fn quantize_mse_error(
+    w: &[f32],
+    n: usize,
+    k: usize,
+    format: Fp4Format,
+    global_scale: f32,
+    second_moment: Option<&[f64]>,
+) -> Result<(Fp4Matrix, f64), MethodError> {
     check_shape(format, n, k, global_scale)?;
     check_len("weight", n * k, w.len())?;
     check_finite_f32("weight", w)?;
@@ -130,14 +143,16 @@ pub fn quantize_mse(
     let bpr = k / block;
     let mut packed = vec![0u8; n * k / 2];
     let mut scales = vec![0u8; n * bpr];
-    packed
+    let row_errors: Vec<f64> = packed
         .par_chunks_mut(k / 2)
         .zip(scales.par_chunks_mut(bpr))
         .zip(w.par_chunks(k))
-        .for_each(|((p, s), row)| {
+        .map(|((p, s), row)| {
+            let mut err = 0.0f64;
             for (bi, x) in row.chunks_exact(block).enumerate() {
                 let db = &d[bi * block..(bi + 1) * block];
-                let (code, _) = search_block(x, db, format, gs);
+                let (code, e) = search_block(x, db, format, gs);
+                err += e;
                 s[bi] = code;
                 encode_block(
                     x,
@@ -147,15 +162,18 @@ pub fn quantize_mse(
                     &mut p[bi * block / 2..(bi + 1) * block / 2],
                 );
             }
-        });
-    Ok(Fp4Matrix {
+            err
+        })
+        .collect();
+    let m = Fp4Matrix {
         format,
         n,
         k,
         packed,
         scales,
         global_scale: gs,
-    })
+    };
+    Ok((m, row_errors.iter().sum()))
 }
 
 /// One weight of a set searched together: `[n, k]` values and its input's second moments.
@@ -171,9 +189,10 @@ pub const GLOBAL_STEPS: usize = 8;
 /// [`GLOBAL_STEPS`]; `stored` is the converter's, in `layout`'s convention) every member of a
 /// set that must share the scale (`members`: weight `[n, k]` and its input's second moments) is
 /// quantized by [`quantize_mse`], and the candidate with the smallest summed
-/// `sum_j d_j (w_j - q_j)^2` is kept (ties: the smaller move; the unmoved scale is a candidate,
-/// so the result is never worse than without the search). Returns the stored scale chosen and
-/// the members' matrices. Deterministic: rows' errors are summed in row order.
+/// `sum_j d_j (w_j - q_j)^2` (the block search's own errors) is kept (ties: the smaller move;
+/// the unmoved scale is a candidate, so the result is never worse than without the search).
+/// Returns the stored scale chosen and the members' matrices. Deterministic: rows' errors are
+/// summed in row order.
 pub fn search_global_scale(
     members: &[ScaleMember<'_>],
     layout: mimo_runtime::format::Layout,
@@ -192,25 +211,8 @@ pub fn search_global_scale(
         let mut total = 0.0f64;
         let mut mats = Vec::with_capacity(members.len());
         for &(w, n, k, d) in members {
-            let m = quantize_mse(w, n, k, Fp4Format::Nvfp4, gs, d)?;
-            let errs: Vec<f64> = (0..n)
-                .into_par_iter()
-                .map(|r| {
-                    let mut row = vec![0f32; k];
-                    // The matrix was just built from valid inputs: decoding cannot fail.
-                    let _ = mimo_kernels::dequantize_row(&m, r, &mut row);
-                    w[r * k..(r + 1) * k]
-                        .iter()
-                        .zip(&row)
-                        .enumerate()
-                        .map(|(j, (&a, &b))| {
-                            let e = a as f64 - b as f64;
-                            d.map_or(1.0, |d| d[j]) * e * e
-                        })
-                        .sum::<f64>()
-                })
-                .collect();
-            total += errs.iter().sum::<f64>();
+            let (m, err) = quantize_mse_error(w, n, k, Fp4Format::Nvfp4, gs, d)?;
+            total += err;
             mats.push(m);
         }
         if best.as_ref().is_none_or(|b| total < b.0) {
