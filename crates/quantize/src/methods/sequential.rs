@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use mimo_kernels::fp4::{Fp4Format, Fp4Matrix};
-use mimo_runtime::checkpoint::Checkpoint;
+use mimo_runtime::checkpoint::{Checkpoint, TensorView};
 use mimo_runtime::linear::Weight;
 use mimo_runtime::walk::LayerWalk;
 use rayon::prelude::*;
@@ -76,6 +76,31 @@ fn targets(ck: &Checkpoint, plan: &Plan) -> Result<BTreeMap<String, Target>, Seq
     Ok(out)
 }
 
+/// The f32 weight of source tensor `t` that `method` quantizes for a Linear with statistics
+/// `s`: the source itself, or with asymmetric calibration its least-squares target.
+fn source_weight(
+    t: &TensorView<'_>,
+    s: &LinearStats,
+    method: Method,
+    gptq: &GptqOptions,
+    asymmetric: Option<f64>,
+) -> Result<Vec<f32>, SequentialError> {
+    let w = read_weight(t)?;
+    let (Some(c), Some(h), Some(alpha)) = (&s.cross, &s.hessian, asymmetric) else {
+        return Ok(w);
+    };
+    let (n, k) = (t.shape[0], t.shape[1]);
+    asymmetric_target(&w, n, k, h, c, gptq.damp, alpha).map_err(|source| {
+        ApplyError::Method {
+            file: t.file.to_path_buf(),
+            tensor: t.name.to_string(),
+            method: method.name(),
+            source,
+        }
+        .into()
+    })
+}
+
 /// Quantizes one Linear (`module`, source tensor and scale in `target`) from its statistics;
 /// GPTQ uses `factor` (its group's) where given.
 #[allow(clippy::too_many_arguments)]
@@ -97,11 +122,8 @@ fn quantize_target(
         method: method.name(),
         source,
     };
-    let mut w = read_weight(&t)?;
+    let w = source_weight(&t, s, method, gptq, asymmetric)?;
     let (n, k) = (t.shape[0], t.shape[1]);
-    if let (Some(c), Some(h), Some(alpha)) = (&s.cross, &s.hessian, asymmetric) {
-        w = asymmetric_target(&w, n, k, h, c, gptq.damp, alpha).map_err(merr)?;
-    }
     let gs = kernel_global_scale(layout, target.scale);
     let m = match (method, factor) {
         (Method::Gptq, Some(f)) => quantize_gptq_factored(&w, n, k, gs, f, gptq).map_err(merr)?,
@@ -159,17 +181,7 @@ fn mse_group(
             let t = ck.tensor(&target.tensor)?;
             first.get_or_insert_with(|| (t.file.to_path_buf(), t.name.to_string()));
             let (n, k) = (t.shape[0], t.shape[1]);
-            let mut w = read_weight(&t)?;
-            if let (Some(c), Some(h), Some(alpha)) = (&s.cross, &s.hessian, asymmetric) {
-                w = asymmetric_target(&w, n, k, h, c, gptq.damp, alpha).map_err(|source| {
-                    ApplyError::Method {
-                        file: t.file.to_path_buf(),
-                        tensor: t.name.to_string(),
-                        method: Method::Mse.name(),
-                        source,
-                    }
-                })?;
-            }
+            let w = source_weight(&t, s, Method::Mse, gptq, asymmetric)?;
             ck.release(&target.tensor);
             ws.push((w, n, k));
         }
