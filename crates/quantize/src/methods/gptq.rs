@@ -301,7 +301,7 @@ pub fn quantize_gptq_with(
     check_len("weight", n * k, w.len())?;
     check_finite_f32("weight", w)?;
     let f = gptq_factor(hessian, k, format, opts)?;
-    quantize_gptq_factored(w, n, k, global_scale, &f, opts)
+    Ok(gptq_rows(w, n, k, global_scale, &f, opts))
 }
 
 /// GPTQ of `w` (`[n, k]`, row-major) with a factor from [`gptq_factor`] (made with the same
@@ -314,11 +314,23 @@ pub fn quantize_gptq_factored(
     f: &GptqFactor,
     opts: &GptqOptions,
 ) -> Result<Fp4Matrix, MethodError> {
-    let format = f.format;
-    check_shape(format, n, k, global_scale)?;
+    check_shape(f.format, n, k, global_scale)?;
     check_len("weight", n * k, w.len())?;
     check_len("factor", f.k, k)?;
     check_finite_f32("weight", w)?;
+    Ok(gptq_rows(w, n, k, global_scale, f, opts))
+}
+
+/// The GPTQ column walk of checked inputs (see [`quantize_gptq_factored`]).
+fn gptq_rows(
+    w: &[f32],
+    n: usize,
+    k: usize,
+    global_scale: f32,
+    f: &GptqFactor,
+    opts: &GptqOptions,
+) -> Fp4Matrix {
+    let format = f.format;
     let block = format.block_size();
     let (order, u, hd, diag) = (&f.order, &f.u, &f.hd, &f.diag);
     // A block no token touched would have all weights 0 in the scale search: use uniform ones.
@@ -410,14 +422,14 @@ pub fn quantize_gptq_factored(
                 }
             }
         });
-    Ok(Fp4Matrix {
+    Fp4Matrix {
         format,
         n,
         k,
         packed,
         scales,
         global_scale: gs,
-    })
+    }
 }
 
 #[cfg(test)]
