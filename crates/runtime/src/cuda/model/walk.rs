@@ -45,6 +45,19 @@ fn read<T: cudarc::driver::DeviceRepr>(
         .map_err(drv(what))
 }
 
+/// [`read`] of bf16 values, as f32.
+fn read_f32(
+    model: &GpuModel,
+    buf: &CudaSlice<bf16>,
+    len: usize,
+    what: &'static str,
+) -> Result<Vec<f32>, GpuError> {
+    Ok(read(model, buf, len, what)?
+        .iter()
+        .map(|v| v.to_f32())
+        .collect())
+}
+
 /// SiLU(gate) * up of one pair row (`[gate | up]`, `inter` each), rounded to BF16 as the grouped
 /// down kernel forms its input (`swiglu2` in ops.cu).
 fn swiglu_row(row: &[bf16], inter: usize, out: &mut Vec<f32>) {
@@ -271,10 +284,7 @@ impl Tap<'_> {
     ) -> Result<(), GpuError> {
         match self {
             Tap::Host(obs) => {
-                let x: Vec<f32> = read(model, buf, m * k, "read a Linear's input")?
-                    .iter()
-                    .map(|v| v.to_f32())
-                    .collect();
+                let x = read_f32(model, buf, m * k, "read a Linear's input")?;
                 obs.observe(site, &x, m);
                 Ok(())
             }
@@ -303,10 +313,7 @@ impl Tap<'_> {
         };
         let hd = model.config.hidden_size;
         let (ne, k, inter) = (moe.n_experts, moe.top_k, moe.inter);
-        let x: Vec<f32> = read(model, h, m * hd, "read the MoE input")?
-            .iter()
-            .map(|v| v.to_f32())
-            .collect();
+        let x = read_f32(model, h, m * hd, "read the MoE input")?;
         let ids = read(model, ids, m * k, "read the routing")?;
         let pairs = read(
             model,
