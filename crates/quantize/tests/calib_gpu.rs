@@ -247,7 +247,7 @@ fn device_sums_equal_the_host_observer_sums() {
             }
         };
         walk(&mut gpu, &mut host);
-        assert!(LayerWalk::begin_device_sums(&mut gpu, true).unwrap());
+        assert!(LayerWalk::begin_device_sums(&mut gpu, true, true).unwrap());
         let mut silent = Grams::default();
         walk(&mut gpu, &mut silent);
         assert!(silent.sites.is_empty(), "{what}: the observer saw rows");
@@ -261,7 +261,10 @@ fn device_sums_equal_the_host_observer_sums() {
             let (rows, gram, amax) = &host.sites[&s.site];
             assert_eq!(s.rows, *rows, "{what} {:?}: rows", s.site);
             assert_eq!(s.amax, *amax, "{what} {:?}: amax", s.site);
-            let e = rel64(gram, &s.gram);
+            let sg = s.gram.as_ref().expect("Gram matrix asked for");
+            let diag: Vec<f64> = (0..s.k).map(|i| sg[i * s.k + i]).collect();
+            assert_eq!(s.sum_sq, diag, "{what} {:?}: sums of squares", s.site);
+            let e = rel64(gram, sg);
             assert!(
                 e < 1e-4,
                 "{what} {:?}: Gram matrices differ by {e:.2e}",
@@ -270,6 +273,20 @@ fn device_sums_equal_the_host_observer_sums() {
         }
         // Nothing is left summing.
         assert!(LayerWalk::take_device_sums(&mut gpu).unwrap().is_empty());
+        // Without Hessians only the diagonals come back, the same ones.
+        assert!(LayerWalk::begin_device_sums(&mut gpu, true, false).unwrap());
+        walk(&mut gpu, &mut silent);
+        let diags = LayerWalk::take_device_sums(&mut gpu).unwrap();
+        assert_eq!(diags.len(), sums.len(), "{what}: sites without Hessians");
+        for (d, s) in diags.iter().zip(&sums) {
+            assert!(
+                d.gram.is_none(),
+                "{what} {:?}: a Gram matrix came back",
+                d.site
+            );
+            assert_eq!((d.site, d.rows), (s.site, s.rows), "{what}");
+            assert_eq!(d.sum_sq, s.sum_sq, "{what} {:?}: sums of squares", d.site);
+        }
     }
 }
 

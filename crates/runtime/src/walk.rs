@@ -58,9 +58,14 @@ pub trait LayerWalk {
     fn replace_linear_weight(&mut self, module: &str, weight: Weight) -> Result<(), WalkError>;
     /// Asks the backend to sum every site's statistics itself (on the device) during the
     /// following [`LayerWalk::forward_layer_observed`] calls instead of showing each input to
-    /// the observer; `all_token_experts` as [`LinearObserver::all_token_experts`]. Returns
-    /// false where the backend cannot (the CPU): the observer then sees every input as usual.
-    fn begin_device_sums(&mut self, _all_token_experts: bool) -> Result<bool, WalkError> {
+    /// the observer; `all_token_experts` as [`LinearObserver::all_token_experts`], `hessian`:
+    /// whether the whole `sum x x^T` comes back or only its diagonal. Returns false where the
+    /// backend cannot (the CPU): the observer then sees every input as usual.
+    fn begin_device_sums(
+        &mut self,
+        _all_token_experts: bool,
+        _hessian: bool,
+    ) -> Result<bool, WalkError> {
         Ok(false)
     }
     /// Ends the summing started by [`LayerWalk::begin_device_sums`]: every site's sums, in site
@@ -81,8 +86,10 @@ pub struct SiteSums {
     pub rows: u64,
     /// Largest |x|.
     pub amax: f32,
-    /// `sum_t x_t x_t^T`, `[k, k]` row-major (its diagonal is the per-feature sum of squares).
-    pub gram: Vec<f64>,
+    /// Per feature, `sum_t x_t^2` (`[k]`, the diagonal of `gram`).
+    pub sum_sq: Vec<f64>,
+    /// `sum_t x_t x_t^T`, `[k, k]` row-major, where the summing was begun with `hessian`.
+    pub gram: Option<Vec<f64>>,
 }
 
 impl LayerWalk for Model {
@@ -139,8 +146,12 @@ impl LayerWalk for GpuModel {
     fn replace_linear_weight(&mut self, module: &str, weight: Weight) -> Result<(), WalkError> {
         GpuModel::replace_linear_weight(self, module, weight)
     }
-    fn begin_device_sums(&mut self, all_token_experts: bool) -> Result<bool, WalkError> {
-        GpuModel::begin_device_sums(self, all_token_experts);
+    fn begin_device_sums(
+        &mut self,
+        all_token_experts: bool,
+        hessian: bool,
+    ) -> Result<bool, WalkError> {
+        GpuModel::begin_device_sums(self, all_token_experts, hessian);
         Ok(true)
     }
     fn take_device_sums(&mut self) -> Result<Vec<SiteSums>, WalkError> {

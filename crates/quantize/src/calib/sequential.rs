@@ -245,7 +245,7 @@ pub fn run_sequential_with(
             // rows on the host instead).
             let device_sums = !asymmetric
                 && model
-                    .begin_device_sums(col.all_token_experts())
+                    .begin_device_sums(col.all_token_experts(), opts.hessian)
                     .map_err(|source| SequentialError::Walk { layer: l, source })?;
             for (p, (index, x)) in hidden.iter_mut().enumerate() {
                 if asymmetric {

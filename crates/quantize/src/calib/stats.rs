@@ -212,34 +212,35 @@ impl Collector {
     ///
     /// [`LayerWalk::begin_device_sums`]: mimo_runtime::walk::LayerWalk::begin_device_sums
     pub(crate) fn add_sums(&mut self, s: &SiteSums) -> Result<(), StatsError> {
-        if s.gram.len() != s.k * s.k {
-            return Err(StatsError::Sums {
-                site: format!("{:?}", s.site),
-                len: s.gram.len(),
-                k: s.k,
-            });
+        let bad = |len: usize, k: usize| StatsError::Sums {
+            site: format!("{:?}", s.site),
+            len,
+            k,
+        };
+        if s.sum_sq.len() != s.k {
+            return Err(bad(s.sum_sq.len(), s.k));
+        }
+        if let Some(g) = s.gram.as_ref().filter(|g| g.len() != s.k * s.k) {
+            return Err(bad(g.len(), s.k));
         }
         if s.rows == 0 {
             return Ok(());
         }
         let acc = self.site_acc(s.site, s.k);
         if acc.k != s.k {
-            return Err(StatsError::Sums {
-                site: format!("{:?}", s.site),
-                len: s.gram.len(),
-                k: acc.k,
-            });
-        }
-        acc.tokens += s.rows;
-        acc.amax = acc.amax.max(s.amax);
-        for (i, v) in acc.sum_sq.iter_mut().enumerate() {
-            *v += s.gram[i * s.k + i];
+            return Err(bad(s.sum_sq.len(), acc.k));
         }
         if let Some(h) = &mut acc.hessian {
             // The whole matrix; `finish` keeps the upper triangle, mirrored.
-            for (a, b) in h.iter_mut().zip(&s.gram) {
+            let g = s.gram.as_ref().ok_or_else(|| bad(0, s.k * s.k))?;
+            for (a, b) in h.iter_mut().zip(g) {
                 *a += b;
             }
+        }
+        acc.tokens += s.rows;
+        acc.amax = acc.amax.max(s.amax);
+        for (v, d) in acc.sum_sq.iter_mut().zip(&s.sum_sq) {
+            *v += d;
         }
         Ok(())
     }

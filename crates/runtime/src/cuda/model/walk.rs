@@ -135,6 +135,8 @@ struct DevAcc {
 /// routing (read back: `m * top_k` ids per sequence).
 pub(crate) struct DeviceSums {
     all_token_experts: bool,
+    /// Whether the whole Gram matrices go back to the host (else only their diagonals).
+    hessian: bool,
     sites: std::collections::BTreeMap<Site, DevAcc>,
 }
 
@@ -383,16 +385,18 @@ fn bf16_of<'a>(l: &'a mut GpuLinear, what: &str) -> Result<&'a mut CudaSlice<bf1
 
 impl GpuModel {
     /// From now on, [`GpuModel::forward_layer_observed`] sums every site's statistics on the
-    /// device (the observer sees nothing) until [`GpuModel::take_device_sums`].
-    pub fn begin_device_sums(&mut self, all_token_experts: bool) {
+    /// device (the observer sees nothing) until [`GpuModel::take_device_sums`], which returns
+    /// the whole Gram matrices where `hessian`, else only their diagonals.
+    pub fn begin_device_sums(&mut self, all_token_experts: bool, hessian: bool) {
         self.device_sums = Some(DeviceSums {
             all_token_experts,
+            hessian,
             sites: std::collections::BTreeMap::new(),
         });
     }
 
-    /// Ends device summing: every site's sums (Gram matrix in f64, largest |x|, rows), in site
-    /// order, and frees them on the device.
+    /// Ends device summing: every site's sums (per-feature sums of squares, the Gram matrix in
+    /// f64 where asked for, largest |x|, rows), in site order, and frees them on the device.
     pub fn take_device_sums(&mut self) -> Result<Vec<SiteSums>, GpuError> {
         let Some(sums) = self.device_sums.take() else {
             return Ok(Vec::new());
@@ -406,7 +410,10 @@ impl GpuModel {
                 k: acc.k,
                 rows: acc.rows,
                 amax: f32::from_bits(amax[0]),
-                gram: gram.iter().map(|&v| f64::from(v)).collect(),
+                sum_sq: (0..acc.k).map(|i| f64::from(gram[i * acc.k + i])).collect(),
+                gram: sums
+                    .hessian
+                    .then(|| gram.iter().map(|&v| f64::from(v)).collect()),
             });
         }
         Ok(out)
