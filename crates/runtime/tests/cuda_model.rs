@@ -275,6 +275,20 @@ fn gpu_logits_match_cpu_on_fp4_fixtures() {
             let q = d.path().join("fp4");
             quantize_checkpoint(d.path(), &q, layout, tie);
             compare_model(&gpu, &q, &format!("{arch:?} {layout} tied {tie}"));
+            if matches!(arch, Arch::Mixtral | Arch::Qwen2Moe | Arch::Qwen3Moe) {
+                // The one-launch MoE kernel in the decode graph, both ticket orders.
+                let base = gpu.ctx.tuning();
+                for down_first in [true, false] {
+                    gpu.ctx.set_tuning(Tuning {
+                        moe_fused: true,
+                        moe_down_first: down_first,
+                        ..base
+                    });
+                    let what = format!("{arch:?} {layout} tied {tie} fused MoE {down_first}");
+                    compare_model(&gpu, &q, &what);
+                }
+                gpu.ctx.set_tuning(base);
+            }
         }
     }
 }
@@ -1085,6 +1099,7 @@ fn random_weight_bench_runs_every_format() {
         fp4_head_too: true,
         graphs: true,
         seed: 5,
+        stage_costs: true,
     };
     let r = cuda::bench_random_weights(gpu, &opts).unwrap();
     assert_eq!(r.mode, "random weights");
@@ -1094,6 +1109,9 @@ fn random_weight_bench_runs_every_format() {
         for d in &run.decode {
             assert!(d.tokens_per_s > 0.0 && d.tokens_per_s.is_finite(), "{d:?}");
             assert!(d.cuda_graph);
+            // Batch 1 leaves out each of the 7 stages in turn.
+            let costs = d.stage_costs.as_ref().map_or(0, |c| c.len());
+            assert_eq!(costs, if d.batch == 1 { 7 } else { 0 }, "{d:?}");
         }
     }
     assert_eq!(r.runs[1].decode.len(), 4);

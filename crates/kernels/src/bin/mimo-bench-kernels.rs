@@ -6,7 +6,7 @@
 //! first, the median of `samples` replays. Eager launches are used where capture fails (the
 //! row says so).
 //!
-//! Usage: mimo-bench-kernels [--out FILE.json] [--quick] [--no-sweep]
+//! Usage: mimo-bench-kernels [--out FILE.json] [--quick] [--no-sweep] [--moe-only]
 
 use std::collections::HashSet;
 use std::error::Error;
@@ -18,9 +18,9 @@ use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
 use mimo_kernels::cuda::{
     bf16_gemm, bf16_to_e4m3_rows, cublas, device_copy, fp4_gemm, fp4_gemm_dequant_cublas,
-    fp4_gemm_fp8, fp4_gemm_with, fp4_to_e4m3_rows, fp8_shape_ok, moe_layer_with, variant_exists,
-    CudaError, E4m3Rows, Fp4GemmConfig, Fp8Gemm, Fp8Scratch, GpuContext, GpuFp4Weight, MoeConfig,
-    MoeWeights, MoeWorkspace, PdlGraph,
+    fp4_gemm_fp8, fp4_gemm_with, fp4_to_e4m3_rows, fp8_shape_ok, moe_layer, moe_layer_with,
+    variant_exists, CudaError, E4m3Rows, Fp4GemmConfig, Fp8Gemm, Fp8Scratch, GpuContext,
+    GpuFp4Weight, MoeConfig, MoeWeights, MoeWorkspace, PdlGraph, Tuning,
 };
 use mimo_kernels::Fp4Format;
 
@@ -33,6 +33,7 @@ struct Args {
     out: Option<String>,
     quick: bool,
     sweep: bool,
+    moe_only: bool,
 }
 
 fn parse_args() -> Res<Args> {
@@ -40,6 +41,7 @@ fn parse_args() -> Res<Args> {
         out: None,
         quick: false,
         sweep: true,
+        moe_only: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(s) = it.next() {
@@ -47,6 +49,7 @@ fn parse_args() -> Res<Args> {
             "--out" => a.out = Some(it.next().ok_or("--out needs a file name")?),
             "--quick" => a.quick = true,
             "--no-sweep" => a.sweep = false,
+            "--moe-only" => a.moe_only = true,
             "-h" | "--help" => {
                 println!("mimo-bench-kernels [--out FILE.json] [--quick] [--no-sweep]");
                 std::process::exit(0);
@@ -730,6 +733,48 @@ fn moe_bench(
                 push(kernel, note, t);
             }
         }
+        // The one-launch fused layer (Tuning::moe_fused), both ticket orders, as a PDL chain.
+        if tokens == 1 {
+            let base = gpu.tuning();
+            for down_first in [true, false] {
+                gpu.set_tuning(Tuning {
+                    moe_direct: true,
+                    moe_fused: true,
+                    moe_down_first: down_first,
+                    ..base
+                });
+                let t = time_op_graph(gpu, nr, samples, true, &mut |i| {
+                    moe_layer(
+                        gpu,
+                        &w,
+                        &x,
+                        &ids_d[i % nr],
+                        &w_d[i % nr],
+                        tokens,
+                        top_k,
+                        &mut ws,
+                        &mut out,
+                    )
+                });
+                gpu.set_tuning(base);
+                let t = t?;
+                let order = if down_first {
+                    "down_first"
+                } else {
+                    "down_last"
+                };
+                eprintln!(
+                    "  moe {} tokens=1 fused {order} PDL chain: {:.2} us",
+                    format.name(),
+                    t.us
+                );
+                push(
+                    format!("fp4_moe_layer_fused_{order}_pdl"),
+                    format!("one launch, down tiles' tickets {order}; launches chained by PDL; "),
+                    t,
+                );
+            }
+        }
     }
     Ok(())
 }
@@ -803,7 +848,9 @@ fn run() -> Res<()> {
     let copy_tbps = memcpy_tbps.max(kernel_tbps);
     eprintln!("device copy: memcpy {memcpy_tbps:.3} TB/s, copy kernel {kernel_tbps:.3} TB/s (read + write)");
     let mut rng = Rng(0x5EED_0FF4_u64);
-    let shapes: &[(usize, usize)] = if args.quick {
+    let shapes: &[(usize, usize)] = if args.moe_only {
+        &[]
+    } else if args.quick {
         &[(4096, 14336), (768, 2048)]
     } else {
         &[

@@ -157,6 +157,10 @@ enum Cmd {
         /// Random weights: seed of the weights and prompt.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Random weights: also time batch-1 decode with each layer stage left out in turn
+        /// (what each stage adds to the graph-replayed step; timings only).
+        #[arg(long)]
+        stage_costs: bool,
         /// Checkpoint: prompt length for the prefill measurement.
         #[arg(long, default_value_t = 128)]
         prompt_tokens: usize,
@@ -271,6 +275,7 @@ fn run(cli: Cli) -> Result<()> {
             no_graph,
             out,
             seed,
+            stage_costs,
             prompt_tokens,
             decode_tokens,
             runs,
@@ -288,6 +293,7 @@ fn run(cli: Cli) -> Result<()> {
                     graphs: !no_graph,
                     out,
                     seed,
+                    stage_costs,
                 };
                 return gpu::run_random_bench(cli.device, &args, cli.json);
             }
@@ -956,6 +962,7 @@ mod gpu {
         pub graphs: bool,
         pub out: Option<PathBuf>,
         pub seed: u64,
+        pub stage_costs: bool,
     }
 
     /// `bench --config FILE --random-weights`: builds the config's shape with random weights
@@ -1013,6 +1020,7 @@ mod gpu {
             fp4_head_too: a.fp4_head,
             graphs: a.graphs,
             seed: a.seed,
+            stage_costs: a.stage_costs,
         };
         let report = bench_random_weights(Arc::new(gpu), &opts)?;
         let js = serde_json::to_string_pretty(&report)?;

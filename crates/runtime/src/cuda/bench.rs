@@ -10,7 +10,7 @@ use mimo_kernels::Fp4Format;
 use serde::Serialize;
 
 use super::error::{drv, GpuError};
-use super::model::GpuModel;
+use super::model::{GpuModel, Stage};
 use super::random::{random_head, WeightKind};
 use super::weights::Gpu;
 use crate::config::ModelConfig;
@@ -38,6 +38,20 @@ pub struct BenchOptions {
     pub graphs: bool,
     /// Seed of the random weights and prompt.
     pub seed: u64,
+    /// Batch 1 with graphs: also time the decode with each layer stage left out in turn.
+    pub stage_costs: bool,
+}
+
+/// What one layer stage adds to a graph-replayed batch-1 decode step: the step timed with the
+/// stage left out of every layer (`GpuModel::set_skipped_stage`), against the full step.
+#[derive(Debug, Clone, Serialize)]
+pub struct StageCost {
+    /// The stage left out (`Stage::name`).
+    pub stage: String,
+    /// Tokens/s without it (the outputs are then wrong: a timing only).
+    pub tokens_per_s_without: f64,
+    /// Microseconds per layer the stage adds: (full step - step without it) / layers.
+    pub us_per_layer: f64,
 }
 
 /// Decode throughput at one batch size.
@@ -75,6 +89,8 @@ pub struct DecodeResult {
     /// device instead of taken greedily ("T=1" temperature; "T=0.6 top_p=0.95" nucleus, the
     /// sampling of Qwen3's generation_config), in the same process.
     pub sampling: Option<Vec<(String, f64)>>,
+    /// Batch 1 with `--stage-costs`: what each layer stage adds to the step, same process.
+    pub stage_costs: Option<Vec<StageCost>>,
 }
 
 /// One weight format.
@@ -361,6 +377,11 @@ fn time_decode(
     } else {
         None
     };
+    let stage_costs = if batch == 1 && opts.graphs && opts.stage_costs {
+        Some(stage_costs(model, &tokens, &positions, opts, dt)?)
+    } else {
+        None
+    };
     let bad = model.bad_token_count()?;
     if bad != 0 {
         return Err(GpuError::DeviceCheck(format!(
@@ -388,6 +409,7 @@ fn time_decode(
         graph_edges: edges,
         tuning_ablation: ablation,
         sampling,
+        stage_costs,
     })
 }
 
@@ -410,6 +432,38 @@ fn timed_steps(
     model.decode_steps(batch, opts.steps)?;
     model.synchronize()?;
     Ok((graph, t0.elapsed().as_secs_f64()))
+}
+
+/// Batch-1 decode with each layer stage left out in turn (`full_s`: the full step's timed
+/// seconds), the full model restored at the end.
+fn stage_costs(
+    model: &mut GpuModel,
+    tokens: &[u32],
+    positions: &[usize],
+    opts: &BenchOptions,
+    full_s: f64,
+) -> Result<Vec<StageCost>, GpuError> {
+    let steps = opts.steps.max(1) as f64;
+    let layers = model.config.num_layers.max(1) as f64;
+    let mut out = Vec::new();
+    for stage in Stage::ALL {
+        model.set_skipped_stage(Some(stage));
+        let r = timed_steps(model, tokens, positions, opts);
+        model.set_skipped_stage(None);
+        let (_, dt) = r?;
+        let us = (full_s - dt) / steps / layers * 1e6;
+        eprintln!(
+            "    batch 1 without {}: {:.1} tok/s ({us:.2} us per layer)",
+            stage.name(),
+            steps / dt
+        );
+        out.push(StageCost {
+            stage: stage.name().to_string(),
+            tokens_per_s_without: steps / dt,
+            us_per_layer: us,
+        });
+    }
+    Ok(out)
 }
 
 /// Batch-1 decode tokens/s with device sampling (temperature; temperature + nucleus), greedy
@@ -454,6 +508,21 @@ fn tuning_ablation(
         flip(|t| &mut t.pdl, "pdl"),
         flip(|t| &mut t.l2_prefetch, "l2_prefetch"),
         flip(|t| &mut t.moe_direct, "moe_direct"),
+        flip(|t| &mut t.moe_fused, "moe_fused"),
+        {
+            // The fused path flipped together with its ticket order.
+            let mut t = base;
+            t.moe_fused = !t.moe_fused;
+            t.moe_down_first = !t.moe_down_first;
+            (
+                format!(
+                    "moe_fused={},moe_down_first={}",
+                    if t.moe_fused { "on" } else { "off" },
+                    if t.moe_down_first { "on" } else { "off" }
+                ),
+                t,
+            )
+        },
         flip(|t| &mut t.norm_router, "norm_router"),
         flip(|t| &mut t.warp_attention, "warp_attention"),
         (
@@ -462,6 +531,8 @@ fn tuning_ablation(
                 pdl: false,
                 l2_prefetch: false,
                 moe_direct: false,
+                moe_fused: false,
+                moe_down_first: base.moe_down_first,
                 norm_router: false,
                 warp_attention: false,
                 fp8_prefill: base.fp8_prefill,

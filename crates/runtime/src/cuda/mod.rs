@@ -24,7 +24,7 @@ mod weights;
 pub use bench::{bench_random_weights, BenchOptions, BenchReport, BenchRun, DecodeResult};
 pub use error::GpuError;
 pub use estimate::weight_bytes as estimate_weight_bytes;
-pub use model::{GpuKvCache, GpuModel};
+pub use model::{GpuKvCache, GpuModel, Stage};
 pub use ops::{sampling_words, ARGMAX_CHUNK, OPS_SRC};
 pub use random::WeightKind;
 pub use weights::{Gpu, GpuLinear};

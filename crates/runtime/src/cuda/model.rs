@@ -11,7 +11,7 @@
 // nothing.
 #![allow(clippy::large_enum_variant)]
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -298,6 +298,55 @@ pub struct GpuModel {
     /// Calibration statistics summed on the device (between `begin_device_sums` and
     /// `take_device_sums`).
     device_sums: Option<walk::DeviceSums>,
+    /// A stage every layer leaves out (`bench --stage-costs`; timing only).
+    skipped: Cell<Option<Stage>>,
+}
+
+/// The parts of a decoder layer that `bench --stage-costs` leaves out one at a time, to
+/// measure what each adds to a graph-replayed decode step. With a stage left out the step's
+/// output is wrong: the numbers are timings only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// The residual add + RMSNorm before attention.
+    InNorm,
+    /// The q/k/v projection.
+    Qkv,
+    /// Attention (q/k norm, RoPE, KV write, scores, combine).
+    Attention,
+    /// The output projection.
+    OProj,
+    /// The residual add + RMSNorm after attention.
+    PostNorm,
+    /// MoE layers: the router and its top-k.
+    Router,
+    /// The feed-forward block (dense MLP, or the experts and any shared expert).
+    Ffn,
+}
+
+impl Stage {
+    /// Every stage, in layer order.
+    pub const ALL: [Stage; 7] = [
+        Stage::InNorm,
+        Stage::Qkv,
+        Stage::Attention,
+        Stage::OProj,
+        Stage::PostNorm,
+        Stage::Router,
+        Stage::Ffn,
+    ];
+
+    /// Its name in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::InNorm => "in_norm",
+            Stage::Qkv => "qkv",
+            Stage::Attention => "attention",
+            Stage::OProj => "o_proj",
+            Stage::PostNorm => "post_norm",
+            Stage::Router => "router",
+            Stage::Ffn => "ffn",
+        }
+    }
 }
 
 /// Checks the shapes the kernels handle.
@@ -361,6 +410,7 @@ impl GpuModel {
             nucleus: false,
             prof: RefCell::new(None),
             device_sums: None,
+            skipped: Cell::new(None),
         })
     }
 
@@ -725,7 +775,9 @@ impl GpuModel {
         self.mark("embedding")?;
         let mut pend = Pend::default();
         for (li, layer) in self.layers.iter().enumerate() {
-            self.add_norm(ws, pend, &layer.in_norm, false)?;
+            if self.runs(Stage::InNorm) {
+                self.add_norm(ws, pend, &layer.in_norm, false)?;
+            }
             self.mark("norm")?;
             pend = self.layer_pass(ws, li, decode, None)?;
         }
@@ -805,6 +857,7 @@ impl GpuModel {
         }
         // Attention.
         match (&layer.qkv, &mut ws.qkv) {
+            _ if !self.runs(Stage::Qkv) => {}
             (Qkv::Fused(l), QkvBufs::Fused(buf)) => l.forward(gpu, &ws.h, m, buf)?,
             (Qkv::Split(lq, lk, lv), QkvBufs::Split(bq, bk, bv)) => {
                 lq.forward(gpu, &ws.h, m, bq)?;
@@ -890,26 +943,28 @@ impl GpuModel {
             )?;
             self.mark("kv_write")?;
         }
-        ops.attention(
-            g,
-            &q,
-            &k,
-            &v,
-            [qb.as_ref(), kb.as_ref(), vb.as_ref()],
-            layer.q_norm.as_ref(),
-            layer.k_norm.as_ref(),
-            &self.inv_freq,
-            &ws.pos,
-            &ws.seq,
-            &cache.k,
-            &cache.v,
-            &mut ws.part_ml,
-            &mut ws.part_o,
-            &mut ws.attn_cnt,
-            &mut ws.attn,
-            a,
-            m,
-        )?;
+        if self.runs(Stage::Attention) {
+            ops.attention(
+                g,
+                &q,
+                &k,
+                &v,
+                [qb.as_ref(), kb.as_ref(), vb.as_ref()],
+                layer.q_norm.as_ref(),
+                layer.k_norm.as_ref(),
+                &self.inv_freq,
+                &ws.pos,
+                &ws.seq,
+                &cache.k,
+                &cache.v,
+                &mut ws.part_ml,
+                &mut ws.part_o,
+                &mut ws.attn_cnt,
+                &mut ws.attn,
+                a,
+                m,
+            )?;
+        }
         self.mark("attention")?;
         if let Some(t) = tap.as_deref_mut() {
             t.site(self, Site::O(li), &ws.attn, m, nh * d)?;
@@ -921,24 +976,31 @@ impl GpuModel {
             && hd <= MAX_FUSED_ROUTER_HIDDEN
             && matches!(&layer.ffn, Ffn::Moe(moe) if moe.shared.is_none());
         if fuse {
-            layer.o.forward(gpu, &ws.attn, m, &mut ws.attn_delta)?;
+            if self.runs(Stage::OProj) {
+                layer.o.forward(gpu, &ws.attn, m, &mut ws.attn_delta)?;
+            }
             self.mark("o_proj")?;
         } else {
-            layer.o.forward(gpu, &ws.attn, m, &mut ws.delta)?;
+            if self.runs(Stage::OProj) {
+                layer.o.forward(gpu, &ws.attn, m, &mut ws.delta)?;
+            }
             self.mark("o_proj")?;
-            self.add_norm(
-                ws,
-                Pend {
-                    delta: true,
-                    ..Pend::default()
-                },
-                &layer.post_norm,
-                false,
-            )?;
+            if self.runs(Stage::PostNorm) {
+                self.add_norm(
+                    ws,
+                    Pend {
+                        delta: true,
+                        ..Pend::default()
+                    },
+                    &layer.post_norm,
+                    false,
+                )?;
+            }
             self.mark("norm")?;
         }
         // Feed-forward.
         let pend = match &layer.ffn {
+            _ if !self.runs(Stage::Ffn) => Pend::default(),
             Ffn::Dense(mlp) => {
                 let bufs = ws
                     .dense
@@ -971,20 +1033,22 @@ impl GpuModel {
                 } else {
                     RouterIn::Rows(&ws.h)
                 };
-                ops.router_topk(
-                    g,
-                    input,
-                    &moe.router,
-                    &mut mb.logits,
-                    &mut mb.counters,
-                    &mut mb.ids,
-                    &mut mb.weights,
-                    m,
-                    hd,
-                    moe.n_experts,
-                    moe.top_k,
-                    moe.renorm,
-                )?;
+                if self.runs(Stage::Router) {
+                    ops.router_topk(
+                        g,
+                        input,
+                        &moe.router,
+                        &mut mb.logits,
+                        &mut mb.counters,
+                        &mut mb.ids,
+                        &mut mb.weights,
+                        m,
+                        hd,
+                        moe.n_experts,
+                        moe.top_k,
+                        moe.renorm,
+                    )?;
+                }
                 self.mark("router")?;
                 if let Some(t) = tap.as_deref_mut() {
                     t.site(self, Site::MoeInput(li), &ws.h, m, hd)?;
@@ -1278,6 +1342,18 @@ impl GpuModel {
     /// under the `Tuning` then in force.
     pub fn reset_decode_sessions(&mut self) {
         self.sessions.clear();
+    }
+
+    /// Leaves `stage` out of every layer from the next capture on (None: the whole layer), for
+    /// `bench --stage-costs`. The model's outputs are wrong while a stage is left out.
+    pub fn set_skipped_stage(&mut self, stage: Option<Stage>) {
+        self.skipped.set(stage);
+        self.reset_decode_sessions();
+    }
+
+    /// Whether `stage` runs (see [`GpuModel::set_skipped_stage`]).
+    fn runs(&self, stage: Stage) -> bool {
+        self.skipped.get() != Some(stage)
     }
 
     /// Queues `n` decode steps of the batch set up by [`GpuModel::decode_start`] (graph
