@@ -151,22 +151,14 @@ __device__ __forceinline__ void load_weights(const u8* const (&wptr)[MT][2],
 }
 
 // One iteration's arithmetic: G chunks starting at element kpiece0 - 32t of every row.
-// XCG: activations read through L2 only (ld.global.cg), for activations that another block of
-// the same grid wrote (the fused MoE kernel); otherwise through the read-only path.
-template <bool XCG>
-__device__ __forceinline__ uint4 load_x16(const u16* p) {
-    return XCG ? __ldcg((const uint4*)p) : __ldg((const uint4*)p);
-}
-
-template <int FMT, int MT, int TN, int G, bool XCG = false>
+template <int FMT, int MT, int TN, int G>
 __device__ __forceinline__ void compute_chunks(const WeightRegs<MT, G>& r,
                                                const u16* const (&xptr)[TN], int kpiece, int k,
                                                const u16* __restrict__ lut,
                                                float (&acc)[MT][TN][4]) {
     // Activations: loaded for the whole iteration up front where registers allow; the wide
     // variants (TN * MT >= 4) load them per word step instead (they spilled otherwise).
-    // Long groups (G > 2) load them per word step too.
-    constexpr bool X_UPFRONT = TN * MT < 4 && G <= 2;
+    constexpr bool X_UPFRONT = TN * MT < 4;
     constexpr int XG = X_UPFRONT ? G : 1;
     uint4 xv[XG][TN][4];
     if (X_UPFRONT) {
@@ -177,7 +169,7 @@ __device__ __forceinline__ void compute_chunks(const WeightRegs<MT, G>& r,
             for (int j = 0; j < TN; j++) {
 #pragma unroll
                 for (int q = 0; q < 4; q++) {
-                    xv[u][j][q] = kval ? load_x16<XCG>(xptr[j] + kpiece + u * 128 + 8 * q)
+                    xv[u][j][q] = kval ? __ldg((const uint4*)(xptr[j] + kpiece + u * 128 + 8 * q))
                                        : make_uint4(0, 0, 0, 0);
                 }
             }
@@ -222,7 +214,7 @@ __device__ __forceinline__ void compute_chunks(const WeightRegs<MT, G>& r,
                     xj[j] = xv[X_UPFRONT ? u : 0][j][q];
                 } else {
                     const bool kval = kpiece + u * 128 < k;
-                    xj[j] = kval ? load_x16<XCG>(xptr[j] + kpiece + u * 128 + 8 * q)
+                    xj[j] = kval ? __ldg((const uint4*)(xptr[j] + kpiece + u * 128 + 8 * q))
                                  : make_uint4(0, 0, 0, 0);
                 }
             }
@@ -259,7 +251,7 @@ __device__ __forceinline__ void compute_chunks(const WeightRegs<MT, G>& r,
 // row0 + l < lim and the row is < n. Dense: tstride 16, lim n. Gated: tstride = lim = inter.
 // The main loop: adds to acc the products of this warp's K chunks (c_first, then every
 // `stride` chunks, G at a time) of rows [row0, ...) (see fp4_tile) with the tokens' activations.
-template <int FMT, int MT, int TN, int G, class Tokens, bool XCG = false>
+template <int FMT, int MT, int TN, int G, class Tokens>
 __device__ __forceinline__ void fp4_accumulate(const u8* __restrict__ wp,
                                                const u8* __restrict__ ws,
                                                const u16* __restrict__ lut,
@@ -325,7 +317,7 @@ __device__ __forceinline__ void fp4_accumulate(const u8* __restrict__ wp,
                 sptr[i][h] += sstep;
             }
         load_weights<FMT, MT, G>(wptr, sptr, kp + kstep, k, rb);
-        compute_chunks<FMT, MT, TN, G, XCG>(ra, xptr, kp, k, lut, acc);
+        compute_chunks<FMT, MT, TN, G>(ra, xptr, kp, k, lut, acc);
         kp += kstep;
         if (kp - (t << 5) >= kend) break;
 #pragma unroll
@@ -336,7 +328,7 @@ __device__ __forceinline__ void fp4_accumulate(const u8* __restrict__ wp,
                 sptr[i][h] += sstep;
             }
         load_weights<FMT, MT, G>(wptr, sptr, kp + kstep, k, ra);
-        compute_chunks<FMT, MT, TN, G, XCG>(rb, xptr, kp, k, lut, acc);
+        compute_chunks<FMT, MT, TN, G>(rb, xptr, kp, k, lut, acc);
         kp += kstep;
     }
 }
@@ -577,160 +569,6 @@ __device__ __forceinline__ void fp4_moe_down_t1_body(
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// One token's whole MoE layer in one launch (moe.rs, Tuning::moe_fused): the gate/up + SwiGLU
-// tiles of every pair and the down projection with the weighted combine, so that the down
-// weights stream while the gate/up tiles are still being computed instead of after a kernel
-// boundary. Each block takes a ticket (an atomic counter) and does the ticket's work:
-//   down tickets    row tile of 16 output rows, warp w takes pairs w, w + S, ... (as
-//                   fp4_moe_down_t1): loads its first pair's first FUSED_DOWN_CHUNKS chunks of
-//                   weights into registers, then waits until every gate/up tile of that pair
-//                   has been counted, then reads the pair's activation row through L2;
-//   gate/up tickets (pair, 16-row tile) in pair order, as fp4_moe_*_swiglu_t1; after its stores
-//                   the block counts the tile for its pair.
-// Tickets (not blockIdx) decide the work so that a block only ever waits on blocks that hold
-// smaller tickets, i.e. blocks that are already running: no dependence on the hardware's block
-// order. down_first != 0 gives the down tickets first (their weight loads overlap the gate/up
-// tiles, but their blocks hold SM slots while they wait); 0 gives them last.
-// sync: [0] ticket counter, [1] blocks finished, [2 + p] gate/up tiles finished for pair p;
-// zero before the first launch, set back to zero by the last block to finish.
-// ---------------------------------------------------------------------------------------------
-#define FUSED_DOWN_CHUNKS 6
-
-__device__ __forceinline__ int ld_acquire_gpu(const int* p) {
-    int v;
-    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-    return v;
-}
-
-// Whole warp: returns once *p >= want (written by other blocks of this grid with a release
-// pattern: stores, __threadfence, atomicAdd).
-__device__ __forceinline__ void warp_wait_count(const int* p, int want) {
-    while (true) {
-        const int v = ld_acquire_gpu(p);
-        if (__all_sync(0xffffffffu, v >= want)) return;
-        asm volatile("nanosleep.u32 32;");
-    }
-}
-
-// The activation row of pair p and the pair's output row (one token: the token is row 0).
-struct PairToken {
-    int in, out;
-    __device__ __forceinline__ int in_row(int i) const { return i == 0 ? in : -1; }
-    __device__ __forceinline__ int out_row(int i) const { return i == 0 ? out : -1; }
-};
-
-template <int FMT>
-__device__ __forceinline__ void fp4_moe_fused_t1_body(
-    const u8* __restrict__ gwp, const u8* __restrict__ gws, const float* __restrict__ ggs,
-    const u16* __restrict__ glut, float gpost, const u8* __restrict__ dwp,
-    const u8* __restrict__ dws, const float* __restrict__ dgs, const u16* __restrict__ dlut,
-    float dpost, const u16* __restrict__ x, u16* act, const float* __restrict__ topw,
-    const int* __restrict__ ids, u16* __restrict__ out, int hidden, int inter, int P, int E,
-    int* __restrict__ bad, int* sync, int down_first) {
-    extern __shared__ float red[];
-    __shared__ int s_ticket;
-    const int S = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int g = lane >> 2, t = lane & 3;
-    pdl_enter();  // the ids, weights and x come from the kernels before
-    if (threadIdx.x == 0) s_ticket = atomicAdd(sync, 1);
-    __syncthreads();
-    const int ticket = s_ticket;
-    const int n_down = (hidden + 15) >> 4;
-    const int n_tiles = (inter + 15) >> 4;
-    const int total = n_down + n_tiles * P;
-    // More tickets than blocks: the counters were not zero at launch (a workspace shared by
-    // two streams, or memory overwritten). Stop rather than index past the pairs.
-    if (ticket >= total) __trap();
-    const bool is_down = down_first ? ticket < n_down : ticket >= n_tiles * P;
-    if (is_down) {
-        const int row0 = (down_first ? ticket : ticket - n_tiles * P) * 16;
-        const size_t wbytes = (size_t)hidden * (inter >> 1);
-        const int bpr = FMT == FMT_NVFP4 ? (inter >> 4) : (inter >> 5);
-        const size_t sbytes = (size_t)hidden * bpr;
-        float tot_lo = 0.f, tot_hi = 0.f;  // rows g and g + 8 (lanes t == 0)
-        for (int p = warp; p < P; p += S) {
-            const int e = ids[p];
-            if (e < 0 || e >= E) continue;
-            const u8* wp = dwp + (size_t)e * wbytes;
-            const u8* ws = dws + (size_t)e * sbytes;
-            const u8* wptr[1][2];
-            const u8* sptr[1][2];
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                int r = row0 + g + 8 * h;
-                if (r >= hidden) r = row0;
-                wptr[0][h] = wp + (size_t)r * (inter >> 1) + t * 16;
-                sptr[0][h] = ws + (size_t)r * bpr + (FMT == FMT_NVFP4 ? t * 2 : t);
-            }
-            WeightRegs<1, FUSED_DOWN_CHUNKS> wr;
-            load_weights<FMT, 1, FUSED_DOWN_CHUNKS>(wptr, sptr, t << 5, inter, wr);
-            warp_wait_count(sync + 2 + p, n_tiles);
-            float acc[1][1][4] = {{{0.f, 0.f, 0.f, 0.f}}};
-            const u16* xptr[1] = {act + (size_t)p * inter};
-            compute_chunks<FMT, 1, 1, FUSED_DOWN_CHUNKS, true>(wr, xptr, t << 5, inter, dlut, acc);
-            if (inter > FUSED_DOWN_CHUNKS * 128) {
-                const OneToken tok{p};
-                fp4_accumulate<FMT, 1, 1, 2, OneToken, true>(wp, ws, dlut, act, hidden, inter, row0,
-                                                             16, hidden, tok, FUSED_DOWN_CHUNKS, 2,
-                                                             acc);
-            }
-            const float f = topw[p] * ((1.0f / dgs[e]) * dpost);
-            tot_lo += f * acc[0][0][0];
-            tot_hi += f * acc[0][0][2];
-        }
-        if (t == 0) {
-            red[warp * 16 + g] = tot_lo;
-            red[warp * 16 + g + 8] = tot_hi;
-        }
-        __syncthreads();
-        if (threadIdx.x < 16 && row0 + (int)threadIdx.x < hidden) {
-            float sum = 0.f;
-            for (int s = 0; s < S; s++) sum += red[s * 16 + threadIdx.x];
-            out[row0 + threadIdx.x] = f32_to_bf16(sum);
-        }
-    } else {
-        const int u = down_first ? ticket - n_down : ticket;
-        const int p = u / n_tiles;
-        const int tile = u - p * n_tiles;
-        const int e = ids[p];
-        if (bad != 0 && u == 0 && warp == 0) count_bad_ids(ids, P, E, bad);
-        if (e >= 0 && e < E) {
-            const size_t wbytes = (size_t)(2 * inter) * (hidden >> 1);
-            const size_t sbytes =
-                (size_t)(2 * inter) * (FMT == FMT_NVFP4 ? (hidden >> 4) : (hidden >> 5));
-            const PairToken tok{0, p};
-            fp4_tile<FMT, 2, 1, 1, EPI_SWIGLU>(gwp + (size_t)e * wbytes, gws + (size_t)e * sbytes,
-                                               ggs[e], gpost, glut, x, act, 2 * inter, hidden,
-                                               tile * 16, inter, inter, tok, red);
-        }
-        // Release: every thread's act stores, then one count per tile.
-        __threadfence();
-        __syncthreads();
-        if (threadIdx.x == 0) atomicAdd(sync + 2 + p, 1);
-    }
-    // The last block to finish sets the counters back to zero for the next launch (every block
-    // has taken its ticket and every down warp has finished waiting by then).
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        __threadfence();
-        if (atomicAdd(sync + 1, 1) == total - 1) {
-            for (int i = 0; i < 2 + P; i++) sync[i] = 0;
-            __threadfence();
-        }
-    }
-}
-
-#define MOE_FUSED_T1_KERNEL(NAME, FMT)                                                           \
-    extern "C" __global__ void __launch_bounds__(512) NAME(                                      \
-        const u8* gwp, const u8* gws, const float* ggs, const u16* glut, float gpost,             \
-        const u8* dwp, const u8* dws, const float* dgs, const u16* dlut, float dpost,             \
-        const u16* x, u16* act, const float* topw, const int* ids, u16* out, int hidden,          \
-        int inter, int P, int E, int* bad, int* sync, int down_first) {                           \
-        fp4_moe_fused_t1_body<FMT>(gwp, gws, ggs, glut, gpost, dwp, dws, dgs, dlut, dpost, x, act, \
-                                   topw, ids, out, hidden, inter, P, E, bad, sync, down_first);   \
-    }
-
 #define DENSE_KERNEL(NAME, FMT, MT, TN, G)                                                     \
     extern "C" __global__ void __launch_bounds__(512) NAME(                                    \
         const u8* wp, const u8* ws, const float* gs, const u16* lut, const u16* x, u16* y, int m, \
@@ -784,8 +622,6 @@ MOE_KERNEL(fp4_moe_nv_g1_swiglu_t1, FMT_NVFP4, 2, 1, EPI_SWIGLU, true)
 MOE_KERNEL(fp4_moe_mx_g1_swiglu_t1, FMT_MXFP4, 2, 1, EPI_SWIGLU, true)
 MOE_DOWN_T1_KERNEL(fp4_moe_down_t1_nv, FMT_NVFP4, 2)
 MOE_DOWN_T1_KERNEL(fp4_moe_down_t1_mx, FMT_MXFP4, 2)
-MOE_FUSED_T1_KERNEL(fp4_moe_fused_t1_nv, FMT_NVFP4)
-MOE_FUSED_T1_KERNEL(fp4_moe_fused_t1_mx, FMT_MXFP4)
 
 // ---------------------------------------------------------------------------------------------
 // One 16-byte piece (32 elements) of a weight row, for the dequantization and E4M3 conversion

@@ -18,9 +18,9 @@ use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
 use mimo_kernels::cuda::{
     bf16_gemm, bf16_to_e4m3_rows, cublas, device_copy, fp4_gemm, fp4_gemm_dequant_cublas,
-    fp4_gemm_fp8, fp4_gemm_with, fp4_to_e4m3_rows, fp8_shape_ok, moe_layer, moe_layer_with,
-    variant_exists, CudaError, E4m3Rows, Fp4GemmConfig, Fp8Gemm, Fp8Scratch, GpuContext,
-    GpuFp4Weight, MoeConfig, MoeWeights, MoeWorkspace, PdlGraph, Tuning,
+    fp4_gemm_fp8, fp4_gemm_with, fp4_to_e4m3_rows, fp8_shape_ok, moe_layer_with, variant_exists,
+    CudaError, E4m3Rows, Fp4GemmConfig, Fp8Gemm, Fp8Scratch, GpuContext, GpuFp4Weight, MoeConfig,
+    MoeWeights, MoeWorkspace, PdlGraph,
 };
 use mimo_kernels::Fp4Format;
 
@@ -731,48 +731,6 @@ fn moe_bench(
                     ),
                 };
                 push(kernel, note, t);
-            }
-        }
-        // The one-launch fused layer (Tuning::moe_fused), both ticket orders, as a PDL chain.
-        if tokens == 1 {
-            let base = gpu.tuning();
-            for down_first in [true, false] {
-                gpu.set_tuning(Tuning {
-                    moe_direct: true,
-                    moe_fused: true,
-                    moe_down_first: down_first,
-                    ..base
-                });
-                let t = time_op_graph(gpu, nr, samples, true, &mut |i| {
-                    moe_layer(
-                        gpu,
-                        &w,
-                        &x,
-                        &ids_d[i % nr],
-                        &w_d[i % nr],
-                        tokens,
-                        top_k,
-                        &mut ws,
-                        &mut out,
-                    )
-                });
-                gpu.set_tuning(base);
-                let t = t?;
-                let order = if down_first {
-                    "down_first"
-                } else {
-                    "down_last"
-                };
-                eprintln!(
-                    "  moe {} tokens=1 fused {order} PDL chain: {:.2} us",
-                    format.name(),
-                    t.us
-                );
-                push(
-                    format!("fp4_moe_layer_fused_{order}_pdl"),
-                    format!("one launch, down tiles' tickets {order}; launches chained by PDL; "),
-                    t,
-                );
             }
         }
     }

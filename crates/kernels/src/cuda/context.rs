@@ -70,7 +70,7 @@ fn compile_log(e: &cudarc::nvrtc::CompileError) -> String {
 
 /// Latency features of the decode path, switchable for A/B measurements through the
 /// environment at context creation (`MIMO_PDL`, `MIMO_L2_PREFETCH`, `MIMO_MOE_DIRECT`,
-/// `MIMO_MOE_FUSED`, `MIMO_MOE_DOWN_FIRST`, `MIMO_NORM_ROUTER`, `MIMO_WARP_ATTENTION`, `MIMO_FP8_PREFILL`, `MIMO_PREFILL_ATTENTION_MMA`, `MIMO_FP8_RESIDENT`: `1` on, `0` off) or later through [`GpuContext::set_tuning`]. The defaults
+/// `MIMO_NORM_ROUTER`, `MIMO_WARP_ATTENTION`, `MIMO_FP8_PREFILL`, `MIMO_PREFILL_ATTENTION_MMA`, `MIMO_FP8_RESIDENT`: `1` on, `0` off) or later through [`GpuContext::set_tuning`]. The defaults
 /// follow the H100 ablations of docs/kernels-notes.md (rounds 3-5): the ones that did not pay
 /// there are off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,14 +88,6 @@ pub struct Tuning {
     /// One-token MoE layers take the direct path: gate/up per pair without the routing scan,
     /// then down with the weighted combine fused (two launches instead of three).
     pub moe_direct: bool,
-    /// With `moe_direct`: the one-token MoE layer in one launch (`fp4_moe_fused_t1_*`: gate/up
-    /// tiles and the down projection in one grid, ordered by tickets, each down warp waiting on
-    /// a per-pair count of finished gate/up tiles), so that the down weights stream while the
-    /// gate/up tiles are computed.
-    pub moe_fused: bool,
-    /// With `moe_fused`: the down tiles take the first tickets (their weight loads start with
-    /// the gate/up tiles', their blocks hold SM slots while they wait) instead of the last.
-    pub moe_down_first: bool,
     /// MoE layers without a shared expert fold the post-attention residual add + RMSNorm into
     /// the router kernel (the runtime's; one launch less per layer). Off by default: slower on
     /// the H100 (337 vs 349 tokens/s on the Qwen3-30B-A3B shape): each of the router's 16
@@ -126,8 +118,6 @@ impl Default for Tuning {
             pdl: true,
             l2_prefetch: false,
             moe_direct: true,
-            moe_fused: false,
-            moe_down_first: true,
             norm_router: false,
             warp_attention: true,
             fp8_prefill: true,
@@ -152,8 +142,6 @@ impl Tuning {
             pdl: flag("MIMO_PDL", d.pdl),
             l2_prefetch: flag("MIMO_L2_PREFETCH", d.l2_prefetch),
             moe_direct: flag("MIMO_MOE_DIRECT", d.moe_direct),
-            moe_fused: flag("MIMO_MOE_FUSED", d.moe_fused),
-            moe_down_first: flag("MIMO_MOE_DOWN_FIRST", d.moe_down_first),
             norm_router: flag("MIMO_NORM_ROUTER", d.norm_router),
             warp_attention: flag("MIMO_WARP_ATTENTION", d.warp_attention),
             fp8_prefill: flag("MIMO_FP8_PREFILL", d.fp8_prefill),

@@ -42,9 +42,6 @@ pub struct MoeWorkspace {
     bad: CudaSlice<i32>,
     act: CudaSlice<bf16>,
     down_out: CudaSlice<bf16>,
-    /// The fused one-token kernel's counters (ticket, finished blocks, one per pair): zero
-    /// between calls (the kernel's last block sets them back).
-    sync: CudaSlice<i32>,
 }
 
 /// Most experts the grouped kernel handles (its shared-memory presence table).
@@ -70,9 +67,6 @@ impl MoeWorkspace {
             bad: s.alloc_zeros::<i32>(1).map_err(drv("alloc MoE status"))?,
             act: zb(p * inter)?,
             down_out: zb(p * hidden)?,
-            sync: s
-                .alloc_zeros::<i32>(2 + top_k.max(1))
-                .map_err(drv("alloc MoE counters"))?,
         })
     }
 
@@ -195,9 +189,6 @@ pub fn moe_layer_with(
         return Ok(());
     }
     if tokens == 1 && gpu.tuning().moe_direct {
-        if gpu.tuning().moe_fused {
-            return moe_layer_fused_one_token(gpu, w, x, topk_ids, topk_weights, top_k, ws, out);
-        }
         return moe_layer_one_token(gpu, w, x, topk_ids, topk_weights, top_k, ws, out, cfg);
     }
     let route = Route {
@@ -342,90 +333,6 @@ fn moe_layer_one_token(
     // SAFETY: matches fp4_moe_down_t1_*; act holds top_k rows of `inter`, weights and ids
     // top_k entries, out `hidden` elements (checked by the caller).
     unsafe { b.launch(launch) }.map_err(drv("launch one-token down + combine"))?;
-    Ok(())
-}
-
-/// The one-token MoE layer in one launch (`Tuning::moe_fused`, `fp4_moe_fused_t1_*`): the
-/// gate/up + SwiGLU tiles of every pair and the down projection with the combine fused, in one
-/// grid whose blocks take their work by ticket; each down warp loads its first weights, then
-/// waits for its pair's gate/up tiles to be counted (see the kernel's comment).
-#[allow(clippy::too_many_arguments)]
-fn moe_layer_fused_one_token(
-    gpu: &GpuContext,
-    w: &MoeWeights,
-    x: &CudaSlice<bf16>,
-    topk_ids: &CudaSlice<i32>,
-    topk_weights: &CudaSlice<f32>,
-    top_k: usize,
-    ws: &mut MoeWorkspace,
-    out: &mut CudaSlice<bf16>,
-) -> Result<(), CudaError> {
-    let (experts, hidden, inter) = w.dims()?;
-    if top_k > 16 || ws.sync.len() < 2 + top_k {
-        return Err(CudaError::Shape {
-            what: "moe_layer".into(),
-            reason: format!(
-                "top_k {top_k}: the fused one-token kernel takes at most 16 and the workspace's"
-            ) + &format!(" counters hold {}", ws.sync.len().saturating_sub(2)),
-        });
-    }
-    let (gu, d) = (&w.gate_up, &w.down);
-    if gu.format != d.format {
-        return Err(CudaError::Mismatch {
-            what: "moe_layer",
-            reason: format!(
-                "gate_up {:?} and down {:?} formats differ",
-                gu.format, d.format
-            ),
-        });
-    }
-    let name = match gu.format {
-        Fp4Format::Nvfp4 => "fp4_moe_fused_t1_nv",
-        Fp4Format::Mxfp4 => "fp4_moe_fused_t1_mx",
-    };
-    let f = gpu.function(name)?;
-    // One warp per pair in the down tiles (8 at least: the gate/up tiles split K over them).
-    let warps = top_k.max(8) as u32;
-    let blocks = hidden.div_ceil(16) + inter.div_ceil(16) * top_k;
-    let gcfg = Fp4GemmConfig {
-        m_tiles: 2,
-        warps,
-        group: 1,
-    };
-    let launch = LaunchConfig {
-        grid_dim: (blocks as u32, 1, 1),
-        block_dim: (32 * warps, 1, 1),
-        shared_mem_bytes: reduction_smem(gcfg, 1).max(warps * 16 * 4),
-    };
-    let (h_i, i_i, p_i, e_i) = (hidden as i32, inter as i32, top_k as i32, experts as i32);
-    let down_first = i32::from(gpu.tuning().moe_down_first);
-    let mut b = gpu.stream().launch_builder(&f);
-    b.arg(&gu.packed)
-        .arg(&gu.scales)
-        .arg(&gu.global_scales)
-        .arg(&gu.mult_lut)
-        .arg(&gu.post)
-        .arg(&d.packed)
-        .arg(&d.scales)
-        .arg(&d.global_scales)
-        .arg(&d.mult_lut)
-        .arg(&d.post)
-        .arg(x)
-        .arg(&mut ws.act)
-        .arg(topk_weights)
-        .arg(topk_ids)
-        .arg(out)
-        .arg(&h_i)
-        .arg(&i_i)
-        .arg(&p_i)
-        .arg(&e_i)
-        .arg(&mut ws.bad)
-        .arg(&mut ws.sync)
-        .arg(&down_first);
-    // SAFETY: matches fp4_moe_fused_t1_*: x holds one row of `hidden`, act top_k rows of
-    // `inter` and ids / weights top_k entries (checked by the caller), out `hidden` elements,
-    // sync 2 + top_k counters at zero (the kernel leaves them at zero).
-    unsafe { b.launch(launch) }.map_err(drv("launch fused one-token MoE"))?;
     Ok(())
 }
 

@@ -508,21 +508,6 @@ fn tuning_ablation(
         flip(|t| &mut t.pdl, "pdl"),
         flip(|t| &mut t.l2_prefetch, "l2_prefetch"),
         flip(|t| &mut t.moe_direct, "moe_direct"),
-        flip(|t| &mut t.moe_fused, "moe_fused"),
-        {
-            // The fused path flipped together with its ticket order.
-            let mut t = base;
-            t.moe_fused = !t.moe_fused;
-            t.moe_down_first = !t.moe_down_first;
-            (
-                format!(
-                    "moe_fused={},moe_down_first={}",
-                    if t.moe_fused { "on" } else { "off" },
-                    if t.moe_down_first { "on" } else { "off" }
-                ),
-                t,
-            )
-        },
         flip(|t| &mut t.norm_router, "norm_router"),
         flip(|t| &mut t.warp_attention, "warp_attention"),
         (
@@ -531,8 +516,6 @@ fn tuning_ablation(
                 pdl: false,
                 l2_prefetch: false,
                 moe_direct: false,
-                moe_fused: false,
-                moe_down_first: base.moe_down_first,
                 norm_router: false,
                 warp_attention: false,
                 fp8_prefill: base.fp8_prefill,
