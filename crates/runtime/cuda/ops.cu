@@ -117,12 +117,23 @@ extern "C" __global__ void embed_gather(const u16* __restrict__ emb, const int* 
 //         + sigmoid(g2[t]) * d2[t]                  (shared expert, gate optional, optional)
 //   out[t - row_begin] = bf16(w * (x[t] * rsqrt(mean(x[t]^2) + eps)))   for t >= row_begin
 // ---------------------------------------------------------------------------------------------
+// Elements per thread of add_rmsnorm held in registers between its two passes (2048-wide rows
+// at 256 threads; more are re-read from x).
+#define NORM_REG 8
 extern "C" __global__ void add_rmsnorm(float* __restrict__ x, const u16* __restrict__ d1,
                                        const u16* __restrict__ pairs, const float* __restrict__ pw,
                                        const int* __restrict__ pids, int top_k, int n_experts,
                                        const u16* __restrict__ d2, const u16* __restrict__ g2,
                                        const float* __restrict__ w, u16* __restrict__ out,
                                        int hidden, float eps, int row_begin) {
+    // The norm weights are never written by another kernel: in a PDL chain they load while the
+    // previous kernel finishes, and the second pass needs no load after the reduction.
+    float wv[NORM_REG];
+#pragma unroll
+    for (int r = 0; r < NORM_REG; r++) {
+        const int i = threadIdx.x + r * blockDim.x;
+        wv[r] = i < hidden ? w[i] : 0.f;
+    }
     pdl_enter();
     __shared__ float sh[32];
     const int t = blockIdx.x;
@@ -132,9 +143,8 @@ extern "C" __global__ void add_rmsnorm(float* __restrict__ x, const u16* __restr
         const float gv = bf(g2[t]);
         g = 1.f / (1.f + expf(-gv));
     }
-    float ss = 0.f;
-#pragma unroll 4
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+    // x[t][i] + the pending terms, in the order of the comment above.
+    auto sum_at = [&](int i) {
         float v = xr[i];
         if (d1 != 0) v += bf(d1[(size_t)t * hidden + i]);
         if (pairs != 0) {
@@ -148,6 +158,27 @@ extern "C" __global__ void add_rmsnorm(float* __restrict__ x, const u16* __restr
             v += s;
         }
         if (d2 != 0) v += g * bf(d2[(size_t)t * hidden + i]);
+        return v;
+    };
+    // Elements threadIdx.x + r * blockDim.x in increasing order (the squares summed in that
+    // order); the first NORM_REG stay in registers.
+    float vv[NORM_REG];
+    float ss = 0.f;
+#pragma unroll
+    for (int r = 0; r < NORM_REG; r++) {
+        const int i = threadIdx.x + r * blockDim.x;
+        vv[r] = i < hidden ? sum_at(i) : 0.f;
+    }
+#pragma unroll
+    for (int r = 0; r < NORM_REG; r++) {
+        const int i = threadIdx.x + r * blockDim.x;
+        if (i < hidden) {
+            xr[i] = vv[r];
+            ss += vv[r] * vv[r];
+        }
+    }
+    for (int i = threadIdx.x + NORM_REG * blockDim.x; i < hidden; i += blockDim.x) {
+        const float v = sum_at(i);
         xr[i] = v;
         ss += v * v;
     }
@@ -155,8 +186,13 @@ extern "C" __global__ void add_rmsnorm(float* __restrict__ x, const u16* __restr
     if (t < row_begin) return;
     const float inv = 1.0f / sqrtf(ss / (float)hidden + eps);
     u16* o = out + (size_t)(t - row_begin) * hidden;
-#pragma unroll 4
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) o[i] = to_bf(w[i] * (xr[i] * inv));
+#pragma unroll
+    for (int r = 0; r < NORM_REG; r++) {
+        const int i = threadIdx.x + r * blockDim.x;
+        if (i < hidden) o[i] = to_bf(wv[r] * (vv[r] * inv));
+    }
+    for (int i = threadIdx.x + NORM_REG * blockDim.x; i < hidden; i += blockDim.x)
+        o[i] = to_bf(w[i] * (xr[i] * inv));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -265,30 +301,51 @@ extern "C" __global__ void kv_write(const u16* __restrict__ k_src, int k_off, in
 // (max, sum, out) of all splits in split order (deterministic) and writes out[row]. Partial
 // results must be written before the call. `red` holds at least nsplit floats (the host checks
 // nsplit against the kernels' scratch), `sh` 32.
+#define COMBINE_REG 16
 __device__ void combine_splits(const float* __restrict__ part_ml, const float* __restrict__ part_o,
                                int* __restrict__ counters, u16* __restrict__ out, size_t row,
                                int nsplit, int max_splits, int d, float* red, float* sh,
                                int* flag) {
     if (!last_block(counters + row, nsplit, flag)) return;
-    // Per-split factors exp(m_z - M) in shared memory, loads issued in parallel (serial L2
-    // round trips dominated this step).
+    // Every load goes out before the first reduction (serial L2 round trips dominated this
+    // step): this thread's split (m, l) and, for its first element, the first COMBINE_REG
+    // splits' partial outputs; further splits and elements are read where they are used.
     const float* pm = part_ml + row * max_splits * 2;
-    float mloc = NEG_INF;
-    for (int zz = threadIdx.x; zz < nsplit; zz += blockDim.x) mloc = fmaxf(mloc, __ldcg(pm + 2 * zz));
+    const float* pob = part_o + row * max_splits * d;
+    const int z0 = threadIdx.x, i0 = threadIdx.x;
+    float po[COMBINE_REG];
+#pragma unroll
+    for (int zz = 0; zz < COMBINE_REG; zz++)
+        po[zz] = i0 < d && zz < nsplit ? __ldcg(pob + (size_t)zz * d + i0) : 0.f;
+    const float m0 = z0 < nsplit ? __ldcg(pm + 2 * z0) : NEG_INF;
+    const float l0 = z0 < nsplit ? __ldcg(pm + 2 * z0 + 1) : 0.f;
+    // Per-split factors exp(m_z - M) in shared memory.
+    float mloc = fmaxf(NEG_INF, m0);
+    for (int zz = z0 + blockDim.x; zz < nsplit; zz += blockDim.x) mloc = fmaxf(mloc, __ldcg(pm + 2 * zz));
     const float m_all = block_max(mloc, sh);
     float lloc = 0.f;
-    for (int zz = threadIdx.x; zz < nsplit; zz += blockDim.x) {
+    if (z0 < nsplit) {
+        const float f = m0 == NEG_INF ? 0.f : expf(m0 - m_all);
+        red[z0] = f;
+        lloc += f * l0;
+    }
+    for (int zz = z0 + blockDim.x; zz < nsplit; zz += blockDim.x) {
         const float mz = __ldcg(pm + 2 * zz);
         const float f = mz == NEG_INF ? 0.f : expf(mz - m_all);
         red[zz] = f;
         lloc += f * __ldcg(pm + 2 * zz + 1);
     }
     const float l_all = block_sum(lloc, sh);  // barrier: red[] holds the factors
-    const float* pob = part_o + row * max_splits * d;
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
         float o = 0.f;
-#pragma unroll 8
-        for (int zz = 0; zz < nsplit; zz++) o += red[zz] * __ldcg(pob + (size_t)zz * d + i);
+        int zz = 0;
+        if (i == i0) {
+#pragma unroll
+            for (int r = 0; r < COMBINE_REG; r++)
+                if (r < nsplit) o += red[r] * po[r];
+            zz = COMBINE_REG;
+        }
+        for (; zz < nsplit; zz++) o += red[zz] * __ldcg(pob + (size_t)zz * d + i);
         out[row * d + i] = to_bf(o / l_all);
     }
 }
@@ -419,39 +476,88 @@ attention(const u16* __restrict__ q_src, int q_off, int q_stride, const u16* __r
     combine_splits(part_ml, part_o, counters, out, row, nsplit, a.max_splits, d, red, sh, &flag);
 }
 
-// Warp-level head preparation (the attention_w kernel): src (+ bias), optional RMSNorm over the
-// head, rotate-half RoPE over the first rot_dim elements at `pos`, into out[0..d). One warp, no
-// block barrier; each RoPE pair (i, i + rot_dim/2) belongs to one lane.
-__device__ void warp_head_prep(const u16* __restrict__ src, const float* __restrict__ bias,
-                               const float* __restrict__ normw, float eps,
-                               const float* __restrict__ inv_freq, float attn_factor, int rot_dim,
-                               int pos, int d, float* out) {
+// The constants of one head's preparation for one lane (head_dim <= 128): bias and norm weight
+// of elements lane + 32 j, inverse frequencies of RoPE pairs lane + 32 j. They never come from
+// another kernel, so attention_w loads them before its PDL wait.
+struct HeadConsts {
+    float bias[4], normw[4], freq[2];
+    bool has_bias, has_norm;
+};
+
+__device__ __forceinline__ void load_head_consts(const float* __restrict__ bias,
+                                                 const float* __restrict__ normw,
+                                                 const float* __restrict__ inv_freq, int rot_dim,
+                                                 int d, HeadConsts& c) {
+    const int lane = threadIdx.x & 31;
+    c.has_bias = bias != 0;
+    c.has_norm = normw != 0;
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const int i = lane + 32 * j;
+        c.bias[j] = bias != 0 && i < d ? bias[i] : 0.f;
+        c.normw[j] = normw != 0 && i < d ? normw[i] : 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+        const int i = lane + 32 * j;
+        c.freq[j] = i < (rot_dim >> 1) ? inv_freq[i] : 0.f;
+    }
+}
+
+// warp_head_prep with the constants already loaded (head_dim <= 128).
+__device__ void warp_head_prep_c(const u16* __restrict__ src, const HeadConsts& c, float eps,
+                                 float attn_factor, int rot_dim, int pos, int d, float* out) {
     const int lane = threadIdx.x & 31;
     float ss = 0.f;
-    for (int i = lane; i < d; i += 32) {
-        float v = bf(src[i]);
-        if (bias != 0) v += bias[i];
-        out[i] = v;
-        ss += v * v;
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const int i = lane + 32 * j;
+        if (i < d) {
+            float v = bf(src[i]);
+            if (c.has_bias) v += c.bias[j];
+            out[i] = v;
+            ss += v * v;
+        }
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
     __syncwarp();
-    if (normw != 0) {
+    if (c.has_norm) {
         const float inv = 1.0f / sqrtf(ss / (float)d + eps);
-        for (int i = lane; i < d; i += 32) out[i] = normw[i] * (out[i] * inv);
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int i = lane + 32 * j;
+            if (i < d) out[i] = c.normw[j] * (out[i] * inv);
+        }
         __syncwarp();
     }
     const int half = rot_dim >> 1;
-    for (int i = lane; i < half; i += 32) {
-        float sn, cs;
-        sincosf((float)pos * inv_freq[i], &sn, &cs);
-        const float c = cs * attn_factor, sv = sn * attn_factor;
-        const float x0 = out[i], x1 = out[i + half];
-        out[i] = x0 * c - x1 * sv;
-        out[i + half] = x1 * c + x0 * sv;
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+        const int i = lane + 32 * j;
+        if (i < half) {
+            float sn, cs;
+            sincosf((float)pos * c.freq[j], &sn, &cs);
+            const float cc = cs * attn_factor, sv = sn * attn_factor;
+            const float x0 = out[i], x1 = out[i + half];
+            out[i] = x0 * cc - x1 * sv;
+            out[i + half] = x1 * cc + x0 * sv;
+        }
     }
     __syncwarp();
+}
+
+// Warp-level head preparation (the attention_w and prefill kernels): src (+ bias), optional
+// RMSNorm over the head, rotate-half RoPE over the first rot_dim elements at `pos`, into
+// out[0..d). One warp, no block barrier; each RoPE pair (i, i + rot_dim/2) belongs to one lane.
+// head_dim <= 128 (the kernels that call it).
+__device__ void warp_head_prep(const u16* __restrict__ src, const float* __restrict__ bias,
+                               const float* __restrict__ normw, float eps,
+                               const float* __restrict__ inv_freq, float attn_factor, int rot_dim,
+                               int pos, int d, float* out) {
+    HeadConsts c;
+    load_head_consts(bias, normw, inv_freq, rot_dim, d, c);
+    warp_head_prep_c(src, c, eps, attn_factor, rot_dim, pos, d, out);
 }
 
 __device__ __forceinline__ float bf_lo(u32 w) { return __uint_as_float(w << 16); }
@@ -695,13 +801,20 @@ attention_w(const u16* __restrict__ q_src, int q_off, int q_stride, const u16* _
             vr[ps][c] = ld ? __ldcg(vp + c) : make_uint4(0, 0, 0, 0);
         }
     }
+    // The head constants (biases, norm weights, RoPE frequencies) too.
+    HeadConsts hc;
+    if (warp == 0) {
+        load_head_consts(q_bias ? q_bias + h * d : 0, q_norm, inv_freq, a.rot_dim, d, hc);
+    } else if (warp == 1 && has_new) {
+        load_head_consts(k_bias ? k_bias + kv * d : 0, k_norm, inv_freq, a.rot_dim, d, hc);
+    }
     pdl_enter();  // q, the new token's k/v and every store come from / go after here
     if (warp == 0) {
-        warp_head_prep(q_src + (size_t)t * q_stride + q_off + h * d, q_bias ? q_bias + h * d : 0,
-                       q_norm, a.eps, inv_freq, a.attn_factor, a.rot_dim, p, d, qf);
+        warp_head_prep_c(q_src + (size_t)t * q_stride + q_off + h * d, hc, a.eps, a.attn_factor,
+                         a.rot_dim, p, d, qf);
     } else if (warp == 1 && has_new) {
-        warp_head_prep(k_src + (size_t)t * k_stride + k_off + kv * d, k_bias ? k_bias + kv * d : 0,
-                       k_norm, a.eps, inv_freq, a.attn_factor, a.rot_dim, p, d, kn);
+        warp_head_prep_c(k_src + (size_t)t * k_stride + k_off + kv * d, hc, a.eps, a.attn_factor,
+                         a.rot_dim, p, d, kn);
         new_kv(v_src + (size_t)t * v_stride + v_off + kv * d, v_bias ? v_bias + kv * d : 0, kn, vn,
                kc + (cbase + p) * d, vc + (cbase + p) * d, h % group == 0, d, lane, 32);
     }
@@ -905,6 +1018,8 @@ router_topk(const u16* __restrict__ x, const u16* __restrict__ w, float* __restr
     extern __shared__ float hs[];
     __shared__ float prob[1024];
     __shared__ float shv[32];
+    __shared__ float sel_p[256];  // top_k <= 256 (checked at load)
+    __shared__ int sel_id[256];
     __shared__ int flag;
     const int t = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int e = blockIdx.x * 8 + warp;
@@ -963,50 +1078,75 @@ router_topk(const u16* __restrict__ x, const u16* __restrict__ w, float* __restr
         if (lane == 0) logits[(size_t)t * n_experts + e] = acc;
     }
     if (!last_block(counters + t, gridDim.x, &flag)) return;
-    // Softmax and top-k by warp 0 alone (shuffles, no block barriers): the logits are loaded
-    // all at once, max and sum are warp reductions in a fixed order.
-    if (warp != 0) return;
-    float mx = NEG_INF;
-    for (int i = lane; i < n_experts; i += 32) {
-        const float v = __ldcg(logits + (size_t)t * n_experts + i);
-        prob[i] = v;
-        mx = fmaxf(mx, v);
-    }
+    // Softmax by warp 0 (shuffles, no block barriers): the logits are loaded all at once (the
+    // first 256 in registers), max and sum are warp reductions in a fixed order.
+    if (warp == 0) {
+        const float* lg = logits + (size_t)t * n_experts;
+        float lv[8];
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-    float sum = 0.f;
-    for (int i = lane; i < n_experts; i += 32) {
-        const float v = expf(prob[i] - mx);
-        prob[i] = v;
-        sum += v;
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-    // Each lane scales the entries it owns (i % 32 == lane), the ones it reads below.
-    for (int i = lane; i < n_experts; i += 32) prob[i] = prob[i] / sum;
-    __syncwarp();
-    // Top-k: each round one warp-wide argmax.
-    float sel_sum = 0.f;
-    for (int j = 0; j < top_k; j++) {
-        float v = -1.f;
-        int bi = 0x7fffffff;
-        for (int i = lane; i < n_experts; i += 32) argmax_merge(v, bi, prob[i], i);
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            const float v2 = __shfl_xor_sync(0xffffffffu, v, o);
-            const int i2 = __shfl_xor_sync(0xffffffffu, bi, o);
-            argmax_merge(v, bi, v2, i2);
+        for (int r = 0; r < 8; r++) {
+            const int i = lane + 32 * r;
+            lv[r] = i < n_experts ? __ldcg(lg + i) : NEG_INF;
         }
-        if (lane == 0) {
-            ids[(size_t)t * top_k + j] = bi;
-            weights[(size_t)t * top_k + j] = v;
+        float mx = NEG_INF;
+#pragma unroll
+        for (int r = 0; r < 8; r++) {
+            const int i = lane + 32 * r;
+            if (i < n_experts) {
+                prob[i] = lv[r];
+                mx = fmaxf(mx, lv[r]);
+            }
         }
-        if ((bi & 31) == lane) prob[bi] = -1.f;  // the lane that owns entry bi removes it
-        sel_sum += v;
-        __syncwarp();
+        for (int i = lane + 256; i < n_experts; i += 32) {
+            const float v = __ldcg(lg + i);
+            prob[i] = v;
+            mx = fmaxf(mx, v);
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        float sum = 0.f;
+        for (int i = lane; i < n_experts; i += 32) {
+            const float v = expf(prob[i] - mx);
+            prob[i] = v;
+            sum += v;
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+        for (int i = lane; i < n_experts; i += 32) prob[i] = prob[i] / sum;
+        // Slots no expert fills (NaN probabilities are never chosen) keep an invalid id.
+        for (int j = lane; j < top_k; j += 32) {
+            sel_id[j] = 0x7fffffff;
+            sel_p[j] = -1.f;
+        }
     }
-    if (renorm) {
-        for (int j = lane; j < top_k; j += 32) weights[(size_t)t * top_k + j] /= sel_sum;
+    __syncthreads();
+    // Top-k by rank: expert i is the r-th choice where r experts come before it (a larger
+    // probability, or an equal one at a lower index): the order of k rounds of argmax with ties
+    // to the lower index, computed by every thread at once instead of round after round.
+    for (int i = threadIdx.x; i < n_experts; i += blockDim.x) {
+        const float pi = prob[i];
+        if (pi != pi) continue;
+        int rank = 0;
+        for (int j = 0; j < n_experts; j++) {
+            const float pj = prob[j];
+            rank += (pj > pi) || (pj == pi && j < i);
+        }
+        if (rank < top_k) {
+            sel_id[rank] = i;
+            sel_p[rank] = pi;
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x < top_k) {
+        const int j = threadIdx.x;
+        float w = sel_p[j];
+        if (renorm) {
+            float sel_sum = 0.f;  // in rank order
+            for (int q = 0; q < top_k; q++) sel_sum += sel_p[q];
+            w /= sel_sum;
+        }
+        ids[(size_t)t * top_k + j] = sel_id[j];
+        weights[(size_t)t * top_k + j] = w;
     }
 }
 
