@@ -1037,19 +1037,54 @@ router_topk(const u16* __restrict__ x, const u16* __restrict__ w, float* __restr
             wpre[i] = c < hidden ? *(const uint4*)(wr + c) : make_uint4(0, 0, 0, 0);
         }
     }
+    // Fused mode: the norm weights too (elements threadIdx.x + r * 256).
+    float nw[NORM_REG];
+#pragma unroll
+    for (int r = 0; r < NORM_REG; r++) {
+        const int i = threadIdx.x + r * blockDim.x;
+        nw[r] = fused && i < hidden ? normw[i] : 0.f;
+    }
     pdl_enter();
     if (fused) {
+        // As add_rmsnorm: the row's loads all issued at once, the first NORM_REG elements per
+        // thread kept in registers between the passes.
         const float* xr = xres + (size_t)t * hidden;
+        const u16* dr = d1 != 0 ? d1 + (size_t)t * hidden : 0;
+        float vv[NORM_REG];
+#pragma unroll
+        for (int r = 0; r < NORM_REG; r++) {
+            const int i = threadIdx.x + r * blockDim.x;
+            float v = 0.f;
+            if (i < hidden) {
+                v = xr[i];
+                if (dr != 0) v += bf(dr[i]);
+            }
+            vv[r] = v;
+        }
         float ss = 0.f;
-        for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+#pragma unroll
+        for (int r = 0; r < NORM_REG; r++) {
+            const int i = threadIdx.x + r * blockDim.x;
+            if (i < hidden) ss += vv[r] * vv[r];
+        }
+        for (int i = threadIdx.x + NORM_REG * blockDim.x; i < hidden; i += blockDim.x) {
             float v = xr[i];
-            if (d1 != 0) v += bf(d1[(size_t)t * hidden + i]);
+            if (dr != 0) v += bf(dr[i]);
             hs[i] = v;
             ss += v * v;
         }
         ss = block_sum(ss, shv);
         const float inv = 1.0f / sqrtf(ss / (float)hidden + eps);
-        for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+#pragma unroll
+        for (int r = 0; r < NORM_REG; r++) {
+            const int i = threadIdx.x + r * blockDim.x;
+            if (i < hidden) {
+                const u16 hb = to_bf(nw[r] * (vv[r] * inv));
+                hs[i] = bf(hb);
+                if (blockIdx.x == 0) h_out[(size_t)t * hidden + i] = hb;
+            }
+        }
+        for (int i = threadIdx.x + NORM_REG * blockDim.x; i < hidden; i += blockDim.x) {
             const u16 hb = to_bf(normw[i] * (hs[i] * inv));
             hs[i] = bf(hb);
             if (blockIdx.x == 0) h_out[(size_t)t * hidden + i] = hb;

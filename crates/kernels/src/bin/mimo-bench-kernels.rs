@@ -20,7 +20,7 @@ use mimo_kernels::cuda::{
     bf16_gemm, bf16_to_e4m3_rows, cublas, device_copy, fp4_gemm, fp4_gemm_dequant_cublas,
     fp4_gemm_fp8, fp4_gemm_with, fp4_to_e4m3_rows, fp8_shape_ok, moe_layer_with, variant_exists,
     CudaError, E4m3Rows, Fp4GemmConfig, Fp8Gemm, Fp8Scratch, GpuContext, GpuFp4Weight, MoeConfig,
-    MoeWeights, MoeWorkspace, PdlGraph,
+    MoeWeights, MoeWorkspace, PdlGraph, Tuning,
 };
 use mimo_kernels::Fp4Format;
 
@@ -732,6 +732,41 @@ fn moe_bench(
                 };
                 push(kernel, note, t);
             }
+        }
+        // The one-token path without the down-weight prefetch (Tuning::expert_prefetch), as a
+        // PDL chain: the A/B of that switch in the same process.
+        if tokens == 1 && gpu.tuning().expert_prefetch {
+            let base = gpu.tuning();
+            gpu.set_tuning(Tuning {
+                expert_prefetch: false,
+                ..base
+            });
+            let t = time_op_graph(gpu, nr, samples, true, &mut |i| {
+                moe_layer_with(
+                    gpu,
+                    &w,
+                    &x,
+                    &ids_d[i % nr],
+                    &w_d[i % nr],
+                    tokens,
+                    top_k,
+                    &mut ws,
+                    &mut out,
+                    auto,
+                )
+            });
+            gpu.set_tuning(base);
+            let t = t?;
+            eprintln!(
+                "  moe {} tokens=1 {auto:?} PDL chain, expert_prefetch off: {:.2} us",
+                format.name(),
+                t.us
+            );
+            push(
+                "fp4_moe_layer_pdl_no_prefetch".to_string(),
+                format!("auto {auto:?}; launches chained by PDL; expert_prefetch off; "),
+                t,
+            );
         }
     }
     Ok(())

@@ -68,8 +68,14 @@ fn compile_log(e: &cudarc::nvrtc::CompileError) -> String {
     }
 }
 
+/// Largest dense FP4 weight (packed + scales) that `Tuning::l2_prefetch_small` prefetches:
+/// well under the H100's 50 MB of L2, above the attention projections of MoE models
+/// (Qwen3-30B-A3B: 5.9 and 4.7 MB), below the dense 7B model's (9.4 MB and up).
+pub const L2_PREFETCH_SMALL_BYTES: usize = 8 << 20;
+
 /// Latency features of the decode path, switchable for A/B measurements through the
-/// environment at context creation (`MIMO_PDL`, `MIMO_L2_PREFETCH`, `MIMO_MOE_DIRECT`,
+/// environment at context creation (`MIMO_PDL`, `MIMO_L2_PREFETCH`, `MIMO_L2_PREFETCH_SMALL`,
+/// `MIMO_EXPERT_PREFETCH`, `MIMO_MOE_DIRECT`,
 /// `MIMO_NORM_ROUTER`, `MIMO_WARP_ATTENTION`, `MIMO_FP8_PREFILL`, `MIMO_PREFILL_ATTENTION_MMA`, `MIMO_FP8_RESIDENT`: `1` on, `0` off) or later through [`GpuContext::set_tuning`]. The defaults
 /// follow the H100 ablations of docs/kernels-notes.md (rounds 3-5): the ones that did not pay
 /// there are off.
@@ -85,14 +91,24 @@ pub struct Tuning {
     /// Dense FP4 kernels ask L2 for their block's weights before waiting on the previous
     /// kernel. Off by default: it slowed the M = 1 kernels (16.2 -> 19.7 us on 4096 x 14336).
     pub l2_prefetch: bool,
+    /// Dense FP4 kernels of weights up to [`L2_PREFETCH_SMALL_BYTES`] ask L2 for their block's
+    /// weights before waiting on the previous kernel (the l2_prefetch of every size slowed the
+    /// large layers, which stream at full bandwidth anyway; the small ones of a MoE model's
+    /// attention then load while the latency-bound kernel before them finishes).
+    pub l2_prefetch_small: bool,
+    /// One-token MoE layers: each block of the gate/up kernel asks L2 for a slice of its
+    /// pair's down-projection weights, so that they stream while the gate/up tiles are computed
+    /// instead of after them. Off by default: slower on the H100 (MoE layer at one token 16.6
+    /// vs 16.0 us; asking from the router's last block, which alone knows the chosen experts
+    /// earlier, was 2.5x slower still: one SM's copy engine took ~90 us for 21 MB).
+    pub expert_prefetch: bool,
     /// One-token MoE layers take the direct path: gate/up per pair without the routing scan,
     /// then down with the weighted combine fused (two launches instead of three).
     pub moe_direct: bool,
     /// MoE layers without a shared expert fold the post-attention residual add + RMSNorm into
-    /// the router kernel (the runtime's; one launch less per layer). Off by default: slower on
-    /// the H100 (337 vs 349 tokens/s on the Qwen3-30B-A3B shape): each of the router's 16
-    /// blocks recomputes the 2048-wide norm with 256 threads, which costs more than the
-    /// separate 1024-thread norm launch it saves.
+    /// the router kernel (the runtime's; one launch less per layer). On by default since its
+    /// prologue issues every load at once (H100, Qwen3-30B-A3B NVFP4 decode: 415 vs 401
+    /// tokens/s; the first version, whose loads went one loop step at a time, lost 337 vs 349).
     pub norm_router: bool,
     /// One-sequence decode steps' attention through the runtime's warp kernel (`attention_w`:
     /// 4 warps x 16 keys, head_dim 32..=128 in steps of 32) instead of the thread-per-key one.
@@ -117,8 +133,10 @@ impl Default for Tuning {
         Tuning {
             pdl: true,
             l2_prefetch: false,
+            l2_prefetch_small: true,
+            expert_prefetch: false,
             moe_direct: true,
-            norm_router: false,
+            norm_router: true,
             warp_attention: true,
             fp8_prefill: true,
             prefill_attention_mma: true,
@@ -141,6 +159,8 @@ impl Tuning {
         Tuning {
             pdl: flag("MIMO_PDL", d.pdl),
             l2_prefetch: flag("MIMO_L2_PREFETCH", d.l2_prefetch),
+            l2_prefetch_small: flag("MIMO_L2_PREFETCH_SMALL", d.l2_prefetch_small),
+            expert_prefetch: flag("MIMO_EXPERT_PREFETCH", d.expert_prefetch),
             moe_direct: flag("MIMO_MOE_DIRECT", d.moe_direct),
             norm_router: flag("MIMO_NORM_ROUTER", d.norm_router),
             warp_attention: flag("MIMO_WARP_ATTENTION", d.warp_attention),

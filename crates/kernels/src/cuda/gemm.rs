@@ -185,7 +185,9 @@ pub fn fp4_gemm_with(
     };
     let (n_i, k_i) = (w.n as i32, w.k as i32);
     // FLAG_PREFETCH of fp4_gemm.cu
-    let flags = i32::from(gpu.tuning().l2_prefetch);
+    let t = gpu.tuning();
+    let small = w.bytes_per_matrix() <= super::context::L2_PREFETCH_SMALL_BYTES;
+    let flags = i32::from(t.l2_prefetch || (t.l2_prefetch_small && small));
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(&w.packed)
         .arg(&w.scales)

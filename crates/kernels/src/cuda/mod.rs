@@ -22,7 +22,10 @@ mod moe;
 mod weights;
 
 pub use blas::{bf16_gemm, bf16_gram_accumulate, cublas, fp4_gemm_dequant_cublas};
-pub use context::{compile_source, nvrtc_available, scale_lut, GpuContext, Tuning, COMMON_HEADER};
+pub use context::{
+    compile_source, nvrtc_available, scale_lut, GpuContext, Tuning, COMMON_HEADER,
+    L2_PREFETCH_SMALL_BYTES,
+};
 pub use error::CudaError;
 pub use fp8::{
     bf16_to_e4m3_rows, fp4_gemm_fp8, fp4_to_e4m3_rows, fp8_shape_ok, E4m3Rows, Fp8Gemm, Fp8Scratch,

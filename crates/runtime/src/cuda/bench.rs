@@ -507,6 +507,8 @@ fn tuning_ablation(
     let variants = [
         flip(|t| &mut t.pdl, "pdl"),
         flip(|t| &mut t.l2_prefetch, "l2_prefetch"),
+        flip(|t| &mut t.l2_prefetch_small, "l2_prefetch_small"),
+        flip(|t| &mut t.expert_prefetch, "expert_prefetch"),
         flip(|t| &mut t.moe_direct, "moe_direct"),
         flip(|t| &mut t.norm_router, "norm_router"),
         flip(|t| &mut t.warp_attention, "warp_attention"),
@@ -515,6 +517,8 @@ fn tuning_ablation(
             Tuning {
                 pdl: false,
                 l2_prefetch: false,
+                l2_prefetch_small: false,
+                expert_prefetch: false,
                 moe_direct: false,
                 norm_router: false,
                 warp_attention: false,
