@@ -80,18 +80,24 @@ __device__ void block_argmax(float& v, int& i, float* shv, int* shi) {
 
 // Returns true in every thread of the block that arrives last at `counter` (expected arrivals:
 // `total`); that block resets the counter. Partial results must be written before the call.
+// Ordering (CUTLASS's semaphore pattern): the barrier orders every thread's partial writes
+// before thread 0's acq_rel atomic at gpu scope, whose release half publishes them (release is
+// cumulative) and whose acquire half, in the last block, makes every other block's published
+// writes visible to the reads after the second barrier (which bypass L1: __ldcg). One atomic
+// instead of a gpu-scope fence in every thread before it and another after it.
 __device__ bool last_block(int* counter, int total, int* flag) {
-    __threadfence();
     __syncthreads();
     if (threadIdx.x == 0) {
-        const int prev = atomicAdd(counter, 1);
+        int prev;
+        asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;"
+                     : "=r"(prev)
+                     : "l"(counter)
+                     : "memory");
         *flag = prev == total - 1;
         if (*flag) *counter = 0;
     }
     __syncthreads();
-    const bool last = *flag != 0;
-    if (last) __threadfence();
-    return last;
+    return *flag != 0;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -982,6 +988,8 @@ extern "C" __global__ void add_bias(u16* __restrict__ y, const float* __restrict
 // output, which the next add_rmsnorm adds to the residual), h = bf16(normw * v * rsqrt(mean(v^2)
 // + eps)), in dynamic shared memory (hidden floats); blocks with blockIdx.x == 0 also store h
 // (the experts' input). One launch less per MoE layer than add_rmsnorm + router.
+// (A cluster version, 8 blocks whose logits block 0 read over DSMEM, was slower on the H100:
+// bench/results/e2e-h100-cluster-router-experiment.json.)
 // ---------------------------------------------------------------------------------------------
 #define ROUTER_PRE 8
 
@@ -1009,134 +1017,109 @@ __device__ __forceinline__ void router_dot8(float& acc, uint4 wv, bool fused, co
         acc += xf[2 * q + 1] * __uint_as_float(ws[q] & 0xFFFF0000u);
     }
 }
-extern "C" __global__ void __launch_bounds__(256)
-router_topk(const u16* __restrict__ x, const u16* __restrict__ w, float* __restrict__ logits,
-            int* __restrict__ counters, int* __restrict__ ids, float* __restrict__ weights,
-            int hidden, int n_experts, int top_k, int renorm, const float* __restrict__ xres,
-            const u16* __restrict__ d1, const float* __restrict__ normw, float eps,
-            u16* __restrict__ h_out) {
-    extern __shared__ float hs[];
-    __shared__ float prob[1024];
-    __shared__ float shv[32];
-    __shared__ float sel_p[256];  // top_k <= 256 (checked at load)
-    __shared__ int sel_id[256];
-    __shared__ int flag;
-    const int t = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int e = blockIdx.x * 8 + warp;
-    const bool fused = xres != 0;
-    // The router weights are never written by another kernel: the warp's first ROUTER_PRE
-    // 16-byte pieces per lane (hidden <= 2048 entirely) are requested before pdl_enter, so in
-    // a PDL chain they arrive while the previous kernel finishes.
-    uint4 wpre[ROUTER_PRE];
-    const bool vec = (hidden & 7) == 0;
-    if (e < n_experts && vec) {
-        const u16* wr = w + (size_t)e * hidden;
+
+// The warp's first ROUTER_PRE 16-byte pieces per lane of expert row wr (hidden <= 2048
+// entirely). The router weights are never written by another kernel: requested before
+// pdl_enter, they arrive while the previous kernel finishes.
+__device__ __forceinline__ void router_prefetch(const u16* __restrict__ wr, int hidden, bool vec,
+                                                uint4 (&wpre)[ROUTER_PRE]) {
+    const int lane = threadIdx.x & 31;
 #pragma unroll
-        for (int i = 0; i < ROUTER_PRE; i++) {
-            const int c = lane * 8 + i * 256;
-            wpre[i] = c < hidden ? *(const uint4*)(wr + c) : make_uint4(0, 0, 0, 0);
-        }
+    for (int i = 0; i < ROUTER_PRE; i++) {
+        const int c = lane * 8 + i * 256;
+        wpre[i] = wr != 0 && vec && c < hidden ? *(const uint4*)(wr + c) : make_uint4(0, 0, 0, 0);
     }
-    // Fused mode: the norm weights too (elements threadIdx.x + r * 256).
-    float nw[NORM_REG];
+}
+
+// Fused mode's normalized row into hs (whole block, after pdl_enter). nw: this thread's norm
+// weights for elements threadIdx.x + r * blockDim.x (loaded before the wait). As add_rmsnorm:
+// the row's loads all issued at once, the first NORM_REG elements per thread kept in registers.
+__device__ __forceinline__ void router_norm_row(const float* __restrict__ xres,
+                                                const u16* __restrict__ d1,
+                                                const float* __restrict__ normw, float eps,
+                                                u16* __restrict__ h_out, int t, int hidden,
+                                                const float (&nw)[NORM_REG], float* hs,
+                                                float* shv) {
+    const float* xr = xres + (size_t)t * hidden;
+    const u16* dr = d1 != 0 ? d1 + (size_t)t * hidden : 0;
+    float vv[NORM_REG];
 #pragma unroll
     for (int r = 0; r < NORM_REG; r++) {
         const int i = threadIdx.x + r * blockDim.x;
-        nw[r] = fused && i < hidden ? normw[i] : 0.f;
-    }
-    pdl_enter();
-    if (fused) {
-        // As add_rmsnorm: the row's loads all issued at once, the first NORM_REG elements per
-        // thread kept in registers between the passes.
-        const float* xr = xres + (size_t)t * hidden;
-        const u16* dr = d1 != 0 ? d1 + (size_t)t * hidden : 0;
-        float vv[NORM_REG];
-#pragma unroll
-        for (int r = 0; r < NORM_REG; r++) {
-            const int i = threadIdx.x + r * blockDim.x;
-            float v = 0.f;
-            if (i < hidden) {
-                v = xr[i];
-                if (dr != 0) v += bf(dr[i]);
-            }
-            vv[r] = v;
-        }
-        float ss = 0.f;
-#pragma unroll
-        for (int r = 0; r < NORM_REG; r++) {
-            const int i = threadIdx.x + r * blockDim.x;
-            if (i < hidden) ss += vv[r] * vv[r];
-        }
-        for (int i = threadIdx.x + NORM_REG * blockDim.x; i < hidden; i += blockDim.x) {
-            float v = xr[i];
+        float v = 0.f;
+        if (i < hidden) {
+            v = xr[i];
             if (dr != 0) v += bf(dr[i]);
-            hs[i] = v;
-            ss += v * v;
         }
-        ss = block_sum(ss, shv);
-        const float inv = 1.0f / sqrtf(ss / (float)hidden + eps);
+        vv[r] = v;
+    }
+    float ss = 0.f;
 #pragma unroll
-        for (int r = 0; r < NORM_REG; r++) {
-            const int i = threadIdx.x + r * blockDim.x;
-            if (i < hidden) {
-                const u16 hb = to_bf(nw[r] * (vv[r] * inv));
-                hs[i] = bf(hb);
-                if (blockIdx.x == 0) h_out[(size_t)t * hidden + i] = hb;
-            }
-        }
-        for (int i = threadIdx.x + NORM_REG * blockDim.x; i < hidden; i += blockDim.x) {
-            const u16 hb = to_bf(normw[i] * (hs[i] * inv));
+    for (int r = 0; r < NORM_REG; r++) {
+        const int i = threadIdx.x + r * blockDim.x;
+        if (i < hidden) ss += vv[r] * vv[r];
+    }
+    for (int i = threadIdx.x + NORM_REG * blockDim.x; i < hidden; i += blockDim.x) {
+        float v = xr[i];
+        if (dr != 0) v += bf(dr[i]);
+        hs[i] = v;
+        ss += v * v;
+    }
+    ss = block_sum(ss, shv);
+    const float inv = 1.0f / sqrtf(ss / (float)hidden + eps);
+#pragma unroll
+    for (int r = 0; r < NORM_REG; r++) {
+        const int i = threadIdx.x + r * blockDim.x;
+        if (i < hidden) {
+            const u16 hb = to_bf(nw[r] * (vv[r] * inv));
             hs[i] = bf(hb);
             if (blockIdx.x == 0) h_out[(size_t)t * hidden + i] = hb;
         }
-        __syncthreads();
     }
-    if (e < n_experts) {
-        const u16* xr = x + (size_t)t * hidden;
-        const u16* wr = w + (size_t)e * hidden;
-        float acc = 0.f;
-        if (vec) {
-            // Same order as one loop over c = lane * 8, + 256, ...: the preloaded pieces first,
-            // then (hidden > 256 * ROUTER_PRE) the rest loaded here.
+    for (int i = threadIdx.x + NORM_REG * blockDim.x; i < hidden; i += blockDim.x) {
+        const u16 hb = to_bf(normw[i] * (hs[i] * inv));
+        hs[i] = bf(hb);
+        if (blockIdx.x == 0) h_out[(size_t)t * hidden + i] = hb;
+    }
+    __syncthreads();
+}
+
+// One warp: expert row wr . the input row (wpre: its first pieces, already loaded), reduced
+// over the warp (every lane gets the sum).
+__device__ __forceinline__ float router_expert_dot(const u16* __restrict__ wr,
+                                                   const uint4 (&wpre)[ROUTER_PRE], bool vec,
+                                                   bool fused, const float* hs,
+                                                   const u16* __restrict__ xr, int hidden) {
+    const int lane = threadIdx.x & 31;
+    float acc = 0.f;
+    if (vec) {
+        // Same order as one loop over c = lane * 8, + 256, ...: the preloaded pieces first,
+        // then (hidden > 256 * ROUTER_PRE) the rest loaded here.
 #pragma unroll
-            for (int i = 0; i < ROUTER_PRE; i++) {
-                const int c = lane * 8 + i * 256;
-                if (c < hidden) router_dot8(acc, wpre[i], fused, hs, xr, c);
-            }
-            for (int c = lane * 8 + ROUTER_PRE * 256; c < hidden; c += 256)
-                router_dot8(acc, *(const uint4*)(wr + c), fused, hs, xr, c);
-        } else {
-            for (int c = lane; c < hidden; c += 32) acc += (fused ? hs[c] : bf(xr[c])) * bf(wr[c]);
+        for (int i = 0; i < ROUTER_PRE; i++) {
+            const int c = lane * 8 + i * 256;
+            if (c < hidden) router_dot8(acc, wpre[i], fused, hs, xr, c);
         }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-        if (lane == 0) logits[(size_t)t * n_experts + e] = acc;
+        for (int c = lane * 8 + ROUTER_PRE * 256; c < hidden; c += 256)
+            router_dot8(acc, *(const uint4*)(wr + c), fused, hs, xr, c);
+    } else {
+        for (int c = lane; c < hidden; c += 32) acc += (fused ? hs[c] : bf(xr[c])) * bf(wr[c]);
     }
-    if (!last_block(counters + t, gridDim.x, &flag)) return;
-    // Softmax by warp 0 (shuffles, no block barriers): the logits are loaded all at once (the
-    // first 256 in registers), max and sum are warp reductions in a fixed order.
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    return acc;
+}
+
+// Whole block, with token t's logits in prob[0..E) (written by warp 0 before this call's
+// barrier): softmax by warp 0, then top-k by rank, then ids/weights of token t.
+__device__ void router_select(float* prob, float* sel_p, int* sel_id, int* __restrict__ ids,
+                              float* __restrict__ weights, int t, int n_experts, int top_k,
+                              int renorm) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if (warp == 0) {
-        const float* lg = logits + (size_t)t * n_experts;
-        float lv[8];
-#pragma unroll
-        for (int r = 0; r < 8; r++) {
-            const int i = lane + 32 * r;
-            lv[r] = i < n_experts ? __ldcg(lg + i) : NEG_INF;
-        }
+        // Max and sum are warp reductions in a fixed order.
         float mx = NEG_INF;
-#pragma unroll
-        for (int r = 0; r < 8; r++) {
-            const int i = lane + 32 * r;
-            if (i < n_experts) {
-                prob[i] = lv[r];
-                mx = fmaxf(mx, lv[r]);
-            }
-        }
-        for (int i = lane + 256; i < n_experts; i += 32) {
-            const float v = __ldcg(lg + i);
-            prob[i] = v;
-            mx = fmaxf(mx, v);
-        }
+        for (int i = lane; i < n_experts; i += 32) mx = fmaxf(mx, prob[i]);
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
         float sum = 0.f;
@@ -1172,8 +1155,7 @@ router_topk(const u16* __restrict__ x, const u16* __restrict__ w, float* __restr
         }
     }
     __syncthreads();
-    if (threadIdx.x < top_k) {
-        const int j = threadIdx.x;
+    for (int j = threadIdx.x; j < top_k; j += blockDim.x) {
         float w = sel_p[j];
         if (renorm) {
             float sel_sum = 0.f;  // in rank order
@@ -1183,6 +1165,60 @@ router_topk(const u16* __restrict__ x, const u16* __restrict__ w, float* __restr
         ids[(size_t)t * top_k + j] = sel_id[j];
         weights[(size_t)t * top_k + j] = w;
     }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+router_topk(const u16* __restrict__ x, const u16* __restrict__ w, float* __restrict__ logits,
+            int* __restrict__ counters, int* __restrict__ ids, float* __restrict__ weights,
+            int hidden, int n_experts, int top_k, int renorm, const float* __restrict__ xres,
+            const u16* __restrict__ d1, const float* __restrict__ normw, float eps,
+            u16* __restrict__ h_out) {
+    extern __shared__ float hs[];
+    __shared__ float prob[1024];
+    __shared__ float shv[32];
+    __shared__ float sel_p[256];  // top_k <= 256 (checked at load)
+    __shared__ int sel_id[256];
+    __shared__ int flag;
+    const int t = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int e = blockIdx.x * 8 + warp;
+    const bool fused = xres != 0;
+    const bool vec = (hidden & 7) == 0;
+    const u16* wr = e < n_experts ? w + (size_t)e * hidden : 0;
+    uint4 wpre[ROUTER_PRE];
+    router_prefetch(wr, hidden, vec, wpre);
+    // Fused mode: the norm weights too (elements threadIdx.x + r * blockDim.x).
+    float nw[NORM_REG];
+#pragma unroll
+    for (int r = 0; r < NORM_REG; r++) {
+        const int i = threadIdx.x + r * blockDim.x;
+        nw[r] = fused && i < hidden ? normw[i] : 0.f;
+    }
+    pdl_enter();
+    if (fused) router_norm_row(xres, d1, normw, eps, h_out, t, hidden, nw, hs, shv);
+    if (e < n_experts) {
+        const float acc =
+            router_expert_dot(wr, wpre, vec, fused, hs, x + (size_t)t * hidden, hidden);
+        if (lane == 0) logits[(size_t)t * n_experts + e] = acc;
+    }
+    if (!last_block(counters + t, gridDim.x, &flag)) return;
+    // The logits loaded all at once (the first 256 in registers).
+    if (warp == 0) {
+        const float* lg = logits + (size_t)t * n_experts;
+        float lv[8];
+#pragma unroll
+        for (int r = 0; r < 8; r++) {
+            const int i = lane + 32 * r;
+            lv[r] = i < n_experts ? __ldcg(lg + i) : NEG_INF;
+        }
+#pragma unroll
+        for (int r = 0; r < 8; r++) {
+            const int i = lane + 32 * r;
+            if (i < n_experts) prob[i] = lv[r];
+        }
+        for (int i = lane + 256; i < n_experts; i += 32) prob[i] = __ldcg(lg + i);
+        __syncwarp();
+    }
+    router_select(prob, sel_p, sel_id, ids, weights, t, n_experts, top_k, renorm);
 }
 
 // ---------------------------------------------------------------------------------------------
