@@ -114,6 +114,19 @@ def e2e(path):
             cells = [f"{vals[n]:,.0f}" if n in vals else "-" for n, _ in pre[-1][1]["prefill_ablation"]]
             print(f"| {name} | {run['weights']} | {run['prefill_tokens_per_s']:,.0f} | " + " | ".join(cells) + " |")
         print()
+    stages = [(name, run["weights"], x) for name, s in d["shapes"].items() for run in s["runs"]
+              for x in run["decode"] if x.get("stage_costs")]
+    if stages:
+        cols = [c["stage"] for c in stages[0][2]["stage_costs"]]
+        print("| shape | weights (lm_head) | step us per layer | " + " | ".join(cols) + " |")
+        print("|---|---|---|" + "---|" * len(cols))
+        for name, w, x in stages:
+            layers = d["shapes"][name]["layers"]
+            per = 1e3 * x["ms_per_step"] / layers
+            label = w if w == "bf16" else f"{w} ({x['lm_head']} head)"
+            print(f"| {name} | {label} | {per:.1f} | " + " | ".join(
+                f"{c['us_per_layer']:.1f}" for c in x["stage_costs"]) + " |")
+        print()
     names = [n for n, _ in abl[0][3]] if abl else []
     print("| shape | weights (lm_head) | defaults tok/s | " + " | ".join(names) + " |")
     print("|---|---|---|" + "---|" * len(names))
