@@ -143,7 +143,8 @@ __device__ __forceinline__ void compute_chunks(const WeightRegs<MT, G>& r,
                                                float (&acc)[MT][TN][4]) {
     // Activations: loaded for the whole iteration up front where registers allow; the wide
     // variants (TN * MT >= 4) load them per word step instead (they spilled otherwise).
-    constexpr bool X_UPFRONT = TN * MT < 4;
+    // Groups of more than two chunks load them per word step too (registers).
+    constexpr bool X_UPFRONT = TN * MT < 4 && G <= 2;
     constexpr int XG = X_UPFRONT ? G : 1;
     uint4 xv[XG][TN][4];
     if (X_UPFRONT) {
