@@ -12,7 +12,6 @@ OUT=/tmp/mimo-gpu-out
 STEPS=${STEPS:-tests e2e kbench memcheck}
 source "$(dirname "$0")/gpu-lib.sh"
 CT=${CT:-target/release/deps/calib_gpu-fd49abe85922894d}
-pack() { mkdir -p "$RES"; cp "$OUT"/*.json "$RES"/ 2>/dev/null; tar czf "$RES/logs.tgz" -C "$OUT" .; }
 has() { [[ " $STEPS " == *" $1 "* ]]; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 if has tests; then

@@ -48,3 +48,20 @@ gpu_e2e() {
     echo "rc $?"; grep -E "batch 1 with|sampling|decode batch|prefill 512" "$OUT/bench-$cfg.txt" | head -30
   done
 }
+
+# Copies the JSON reports under $OUT to $RES and packs every log of $OUT into $RES/logs.tgz
+# (what comes back from the device: a few files, not every log).
+pack() {
+  mkdir -p "$RES"; cp "$OUT"/*.json "$RES"/ 2>/dev/null; tar czf "$RES/logs.tgz" -C "$OUT" .
+}
+
+# Batch-1 NVFP4 decode of shape $1 (bench/configs/$1.json), BF16 and FP4 heads, with the tuning
+# ablation and --stage-costs; further arguments go to mimo-run bench.
+gpu_e2e_b1() {
+  local cfg=$1; shift
+  echo "== bench $cfg (batch 1)"
+  timeout 200 target/release/mimo-run bench --device cuda --config "bench/configs/$cfg.json" \
+    --random-weights --fp4-head --formats nvfp4 --batches 1 --steps 128 --stage-costs "$@" \
+    --out "$OUT/e2e-$cfg.json" > "$OUT/bench-$cfg.txt" 2>&1
+  echo "rc $?"; grep -E "batch 1 with|without|decode batch" "$OUT/bench-$cfg.txt" | head -40
+}

@@ -691,6 +691,23 @@ fn moe_bench(
                 ),
             });
         };
+        // One timed graph of the layer with `cfg` (pdl: launches chained by PDL).
+        let mut time = |pdl: bool, cfg: MoeConfig| {
+            time_op_graph(gpu, nr, samples, pdl, &mut |i| {
+                moe_layer_with(
+                    gpu,
+                    &w,
+                    &x,
+                    &ids_d[i % nr],
+                    &w_d[i % nr],
+                    tokens,
+                    top_k,
+                    &mut ws,
+                    &mut out,
+                    cfg,
+                )
+            })
+        };
         for (ci, cfg) in configs.into_iter().enumerate() {
             // The auto configuration also as a PDL chain at one token (as decode runs it).
             let modes: &[bool] = if ci == 0 && tokens == 1 {
@@ -699,20 +716,7 @@ fn moe_bench(
                 &[false]
             };
             for &pdl in modes {
-                let t = time_op_graph(gpu, nr, samples, pdl, &mut |i| {
-                    moe_layer_with(
-                        gpu,
-                        &w,
-                        &x,
-                        &ids_d[i % nr],
-                        &w_d[i % nr],
-                        tokens,
-                        top_k,
-                        &mut ws,
-                        &mut out,
-                        cfg,
-                    )
-                })?;
+                let t = time(pdl, cfg)?;
                 eprintln!(
                     "  moe {} tokens={tokens} {cfg:?}{}: {:.2} us",
                     format.name(),
@@ -733,38 +737,27 @@ fn moe_bench(
                 push(kernel, note, t);
             }
         }
-        // The one-token path without the down-weight prefetch (Tuning::expert_prefetch), as a
-        // PDL chain: the A/B of that switch in the same process.
-        if tokens == 1 && gpu.tuning().expert_prefetch {
+        // The one-token path with Tuning::expert_prefetch flipped, as a PDL chain: the A/B of
+        // that switch in the same process.
+        if tokens == 1 {
             let base = gpu.tuning();
+            let flipped = !base.expert_prefetch;
             gpu.set_tuning(Tuning {
-                expert_prefetch: false,
+                expert_prefetch: flipped,
                 ..base
             });
-            let t = time_op_graph(gpu, nr, samples, true, &mut |i| {
-                moe_layer_with(
-                    gpu,
-                    &w,
-                    &x,
-                    &ids_d[i % nr],
-                    &w_d[i % nr],
-                    tokens,
-                    top_k,
-                    &mut ws,
-                    &mut out,
-                    auto,
-                )
-            });
+            let t = time(true, auto);
             gpu.set_tuning(base);
             let t = t?;
+            let state = if flipped { "on" } else { "off" };
             eprintln!(
-                "  moe {} tokens=1 {auto:?} PDL chain, expert_prefetch off: {:.2} us",
+                "  moe {} tokens=1 {auto:?} PDL chain, expert_prefetch {state}: {:.2} us",
                 format.name(),
                 t.us
             );
             push(
-                "fp4_moe_layer_pdl_no_prefetch".to_string(),
-                format!("auto {auto:?}; launches chained by PDL; expert_prefetch off; "),
+                format!("fp4_moe_layer_pdl_expert_prefetch_{state}"),
+                format!("auto {auto:?}; launches chained by PDL; expert_prefetch {state}; "),
                 t,
             );
         }
