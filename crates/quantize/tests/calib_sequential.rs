@@ -234,6 +234,7 @@ fn sequential_conversions_are_identical_on_one_and_two_threads() {
         (Layout::CtNvfp4, Method::Mse, plain, None, false),
         (Layout::CtNvfp4, Method::Mse, searched, None, false),
         (Layout::ModelOptNvfp4, Method::Mse, searched, None, false),
+        (Layout::CtNvfp4, Method::Gptq, searched, None, false),
         (Layout::CtMxfp4, Method::Gptq, plain, None, false),
         (Layout::ModelOptNvfp4, Method::Gptq, plain, None, false),
         (Layout::CtNvfp4, Method::Gptq, ordered, None, false),

@@ -41,8 +41,9 @@ pub struct CalibArgs {
     /// only where the loss falls); 0 turns it off.
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub gptq_refine: usize,
-    /// mse on NVFP4: also search each fused set's tensor (global) scale, over one octave below
-    /// the converter's, for the smallest activation-weighted error.
+    /// NVFP4 with mse or gptq: search each fused set's tensor (global) scale, over one octave
+    /// below the converter's, for the smallest activation-weighted error of the block search
+    /// (gptq then quantizes with the chosen scale).
     #[arg(long)]
     pub mse_scale_search: bool,
     /// Asymmetric calibration (mse, gptq): also run the unquantized model alongside and make
@@ -220,7 +221,7 @@ pub fn quant_options(
         if a.method != Method::Rtn {
             info["asymmetric"] = serde_json::json!(a.asymmetric.then_some(a.asymmetric_alpha));
             info["within_layer"] = serde_json::json!(a.within_layer);
-            if a.method == Method::Mse && a.mse_scale_search {
+            if a.mse_scale_search {
                 info["mse_scale_search"] = serde_json::json!(true);
             }
         }

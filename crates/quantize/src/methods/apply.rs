@@ -30,7 +30,7 @@ pub struct QuantOptions {
     pub block_scale: BlockScale,
     /// Coordinate-descent passes after GPTQ (0 = none).
     pub refine: usize,
-    /// NVFP4 `mse`: also search the tensor scale of each fused set.
+    /// NVFP4 `mse` or `gptq`: search the tensor scale of each fused set.
     pub mse_scale_search: bool,
     /// Calibration statistics (None: MSE uses uniform weights; GPTQ needs them).
     pub stats: Option<Arc<CalibStats>>,

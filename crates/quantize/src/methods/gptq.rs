@@ -171,8 +171,8 @@ pub struct GptqOptions {
     pub block_scale: BlockScale,
     /// Passes of coordinate-descent refinement after GPTQ ([`super::refine`]); 0 = none.
     pub refine: usize,
-    /// `mse` with sequential calibration on NVFP4: also search each fused set's tensor scale
-    /// ([`super::mse::search_global_scale`]).
+    /// NVFP4 with sequential calibration, `mse` or `gptq`: search each fused set's tensor scale
+    /// ([`super::mse::search_global_scale`]); gptq then quantizes with the chosen scale.
     pub mse_scale_search: bool,
 }
 

@@ -144,13 +144,17 @@ pub struct Precomputed {
     pub scales: BTreeMap<String, f32>,
 }
 
-/// NVFP4 `mse` on one group of Linears sharing their input statistics: members that share a
-/// tensor scale (a fused set: q/k/v, gate/up) get one searched scale
+/// NVFP4 with `--mse-scale-search` on one group of Linears sharing their input statistics:
+/// members that share a tensor scale (a fused set: q/k/v, gate/up) get one searched scale
 /// ([`super::mse::search_global_scale`]); a member with a scale of its own is searched alone.
-fn mse_group(
+/// `mse` keeps the search's own blocks; `gptq` (with the group's `factor`) quantizes each member
+/// with the chosen scale.
+fn searched_group(
     ck: &Checkpoint,
     group: &[(&String, &Target, &Arc<LinearStats>)],
     layout: mimo_runtime::format::Layout,
+    method: Method,
+    factor: Option<&GptqFactor>,
     gptq: &GptqOptions,
     asymmetric: Option<f64>,
 ) -> Result<Vec<(String, Fp4Matrix, Option<f32>)>, SequentialError> {
@@ -160,7 +164,7 @@ fn mse_group(
             return Err(SequentialError::Quantize(ApplyError::Method {
                 file: std::path::PathBuf::new(),
                 tensor: t.tensor.clone(),
-                method: Method::Mse.name(),
+                method: method.name(),
                 source: MethodError::NoTensorScale,
             }));
         };
@@ -181,7 +185,7 @@ fn mse_group(
             let t = ck.tensor(&target.tensor)?;
             first.get_or_insert_with(|| (t.file.to_path_buf(), t.name.to_string()));
             let (n, k) = (t.shape[0], t.shape[1]);
-            let w = source_weight(&t, s, Method::Mse, gptq, asymmetric)?;
+            let w = source_weight(&t, s, method, gptq, asymmetric)?;
             ck.release(&target.tensor);
             ws.push((w, n, k));
         }
@@ -197,10 +201,20 @@ fn mse_group(
         let merr = |source| ApplyError::Method {
             file: file.clone(),
             tensor: tensor.clone(),
-            method: Method::Mse.name(),
+            method: method.name(),
             source,
         };
         let (chosen, mats) = search_global_scale(&members, layout, stored).map_err(merr)?;
+        let mats = match factor {
+            Some(f) => {
+                let gs = kernel_global_scale(layout, Some(chosen));
+                ws.iter()
+                    .map(|(w, n, k)| quantize_gptq_factored(w, *n, *k, gs, f, gptq))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(merr)?
+            }
+            None => mats,
+        };
         for (&i, m) in idx.iter().zip(mats) {
             m.validate().map_err(|e| merr(MethodError::Fp4(e)))?;
             out.push((group[i].0.clone(), m, Some(chosen)));
@@ -255,12 +269,6 @@ pub fn quantize_sequential(
             .par_iter()
             .map(
                 |group| -> Result<Vec<(String, Fp4Matrix, Option<f32>)>, SequentialError> {
-                    if method == Method::Mse
-                        && gptq.mse_scale_search
-                        && layout.format() == Fp4Format::Nvfp4
-                    {
-                        return mse_group(ck, group, layout, gptq, asymmetric);
-                    }
                     // A factorization that fails is left to each module's own call, which reports
                     // the error with its file and tensor.
                     let factor = match (method, group[0].2.hessian.as_deref()) {
@@ -270,6 +278,18 @@ pub fn quantize_sequential(
                         }
                         _ => None,
                     };
+                    let searchable = method == Method::Mse || factor.is_some();
+                    if gptq.mse_scale_search && layout.format() == Fp4Format::Nvfp4 && searchable {
+                        return searched_group(
+                            ck,
+                            group,
+                            layout,
+                            method,
+                            factor.as_ref(),
+                            gptq,
+                            asymmetric,
+                        );
+                    }
                     group
                         .iter()
                         .map(|(module, target, s)| {
