@@ -7,6 +7,7 @@
 //! row says so).
 //!
 //! Usage: mimo-bench-kernels [--out FILE.json] [--quick] [--no-sweep] [--moe-only]
+//! [--shapes K:N,...] (`--shapes`: only those dense shapes, no MoE layer)
 
 use std::collections::HashSet;
 use std::error::Error;
@@ -34,6 +35,8 @@ struct Args {
     quick: bool,
     sweep: bool,
     moe_only: bool,
+    /// Dense (K, N) shapes instead of the list (`--shapes K:N,K:N`).
+    shapes: Option<Vec<(usize, usize)>>,
 }
 
 fn parse_args() -> Res<Args> {
@@ -42,6 +45,7 @@ fn parse_args() -> Res<Args> {
         quick: false,
         sweep: true,
         moe_only: false,
+        shapes: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(s) = it.next() {
@@ -50,8 +54,22 @@ fn parse_args() -> Res<Args> {
             "--quick" => a.quick = true,
             "--no-sweep" => a.sweep = false,
             "--moe-only" => a.moe_only = true,
+            "--shapes" => {
+                let v = it.next().ok_or("--shapes needs K:N[,K:N...]")?;
+                let parse = |p: &str| -> Option<(usize, usize)> {
+                    let (k, n) = p.split_once(':')?;
+                    Some((k.trim().parse().ok()?, n.trim().parse().ok()?))
+                };
+                let list = v
+                    .split(',')
+                    .map(|p| parse(p).ok_or(format!("--shapes: '{p}' is not K:N")))
+                    .collect::<Result<Vec<_>, _>>()?;
+                a.shapes = Some(list);
+            }
             "-h" | "--help" => {
-                println!("mimo-bench-kernels [--out FILE.json] [--quick] [--no-sweep]");
+                println!(
+                    "mimo-bench-kernels [--out FILE.json] [--quick] [--no-sweep] [--moe-only] [--shapes K:N,...]"
+                );
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other}").into()),
@@ -836,6 +854,8 @@ fn run() -> Res<()> {
     let mut rng = Rng(0x5EED_0FF4_u64);
     let shapes: &[(usize, usize)] = if args.moe_only {
         &[]
+    } else if let Some(list) = &args.shapes {
+        list
     } else if args.quick {
         &[(4096, 14336), (768, 2048)]
     } else {
@@ -871,7 +891,13 @@ fn run() -> Res<()> {
             &mut checks,
         )?;
     }
-    for format in [Fp4Format::Nvfp4, Fp4Format::Mxfp4] {
+    // `--shapes` times just those dense shapes.
+    let moe_formats: &[Fp4Format] = if args.shapes.is_some() {
+        &[]
+    } else {
+        &[Fp4Format::Nvfp4, Fp4Format::Mxfp4]
+    };
+    for &format in moe_formats {
         moe_bench(
             &gpu,
             &mut rng,

@@ -32,7 +32,10 @@ impl Fp4GemmConfig {
     /// From the H100 sweep of the v5 kernel (docs/kernels-notes.md, round 2): two row tiles
     /// (32 rows per block) from n >= 4096 at up to 16 tokens; warps of split-K so that about
     /// 16 warps per SM are resident in the first wave (4..=16, at most one K chunk each); two
-    /// chunks per load group at <= 8 tokens where every warp runs >= 4 chunks.
+    /// chunks per load group at <= 8 tokens where every warp runs a whole group (the PDL-chain
+    /// sweep of 2026-11-26, bench/results/kernels-h100-attn-proj-sweep.json: the attention
+    /// projections of Qwen3-30B-A3B and MiMo-7B 7-17 % faster than with the earlier
+    /// ">= 4 chunks per warp" rule, which left their warps two dependent load rounds).
     pub fn auto(m: usize, n: usize, k: usize, sm_count: u32) -> Self {
         let chunks = k.div_ceil(K_CHUNK) as u32;
         let tn = token_tiles(m);
@@ -45,7 +48,7 @@ impl Fp4GemmConfig {
             warps /= 2;
         }
         let warps = warps.min(chunks).max(1);
-        let group = if tn == 1 && chunks >= 4 * warps { 2 } else { 1 };
+        let group = if tn == 1 && chunks >= 2 * warps { 2 } else { 1 };
         Fp4GemmConfig {
             m_tiles,
             warps,
