@@ -53,6 +53,21 @@ __device__ __forceinline__ void e2m1x8_to_bf16(u32 q, u32& p0, u32& p1, u32& p2,
 
 
 
+// Asks L2 to fetch the 16-byte-aligned part of [p, p + bytes) in pieces of at most 64 KiB
+// (never past the range, so never outside the allocation).
+__device__ __forceinline__ void prefetch_l2_range(const u8* p, size_t bytes) {
+    size_t a = ((size_t)p + 15) & ~(size_t)15;
+    const size_t end = ((size_t)p + bytes) & ~(size_t)15;
+    while (a < end) {
+        const u32 len = (u32)min(end - a, (size_t)65536);
+#if __CUDA_ARCH__ >= 900
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(a), "r"(len) : "memory");
+#endif
+        a += len;
+    }
+}
+
+
 // ---------------------------------------------------------------------------------------------
 // Decode / small-M kernel: tensor-core FP4 dequant-GEMM.
 //
@@ -445,10 +460,7 @@ __device__ __forceinline__ void fp4_moe_body(const u8* __restrict__ wp, const u8
                                              const u16* __restrict__ lut,
                                              const u16* __restrict__ x, u16* __restrict__ y, int n,
                                              int k, const int* __restrict__ ids, int P, int E,
-                                             int in_div, int* __restrict__ bad, float post,
-                                             const u8* __restrict__ pfp,
-                                             const u8* __restrict__ pfs, long long pbp,
-                                             long long pbs) {
+                                             int in_div, int* __restrict__ bad, float post) {
     extern __shared__ float red[];
     __shared__ TokenMap tm;
     __shared__ unsigned char present[DIRECT ? 1 : MOE_MAX_EXPERTS];
@@ -481,19 +493,6 @@ __device__ __forceinline__ void fp4_moe_body(const u8* __restrict__ wp, const u8
         __syncthreads();
         const int e = s_expert;
         if (e < 0) return;
-        // Tuning::expert_prefetch: the pair's expert's down weights (packed, then scales), one
-        // slice per row tile of this grid, asked of L2 now, so that they stream while the
-        // gate/up tiles are computed instead of after them (one instruction per block: every
-        // SM's copy engine takes a small part).
-        if (pfp != 0 && threadIdx.x == 0) {
-            const size_t per_p = (((size_t)pbp + gridDim.x - 1) / gridDim.x + 15) & ~(size_t)15;
-            const size_t per_s = (((size_t)pbs + gridDim.x - 1) / gridDim.x + 15) & ~(size_t)15;
-            const size_t op = (size_t)blockIdx.x * per_p, os = (size_t)blockIdx.x * per_s;
-            if (op < (size_t)pbp)
-                prefetch_l2_range(pfp + (size_t)e * pbp + op, min(per_p, (size_t)pbp - op));
-            if (os < (size_t)pbs)
-                prefetch_l2_range(pfs + (size_t)e * pbs + os, min(per_s, (size_t)pbs - os));
-        }
         fp4_tile<FMT, MT, TN, G, EPI>(wp + (size_t)e * wbytes, ws + (size_t)e * sbytes, gscale[e],
                                       post, lut, x, y, n, k, row0, tstride, lim, tok, red);
         return;
@@ -581,11 +580,9 @@ __device__ __forceinline__ void fp4_moe_down_t1_body(
 #define MOE_KERNEL(NAME, FMT, MT, G, EPI, DIRECT)                                               \
     extern "C" __global__ void __launch_bounds__(512) NAME(                                     \
         const u8* wp, const u8* ws, const float* gs, const u16* lut, const u16* x, u16* y, int n, \
-        int k, const int* ids, int P, int E, int in_div, int* bad, float post, const u8* pfp,     \
-        const u8* pfs, long long pbp, long long pbs) {                                             \
+        int k, const int* ids, int P, int E, int in_div, int* bad, float post) {                  \
         fp4_moe_body<FMT, MT, DIRECT ? 1 : 2, G, EPI, DIRECT>(wp, ws, gs, lut, x, y, n, k, ids, P, \
-                                                             E, in_div, bad, post, pfp, pfs, pbp,  \
-                                                             pbs);                                 \
+                                                             E, in_div, bad, post);               \
     }
 
 #define MOE_DOWN_T1_KERNEL(NAME, FMT, G)                                                        \

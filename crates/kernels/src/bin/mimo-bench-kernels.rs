@@ -21,7 +21,7 @@ use mimo_kernels::cuda::{
     bf16_gemm, bf16_to_e4m3_rows, cublas, device_copy, fp4_gemm, fp4_gemm_dequant_cublas,
     fp4_gemm_fp8, fp4_gemm_with, fp4_to_e4m3_rows, fp8_shape_ok, moe_layer_with, variant_exists,
     CudaError, E4m3Rows, Fp4GemmConfig, Fp8Gemm, Fp8Scratch, GpuContext, GpuFp4Weight, MoeConfig,
-    MoeWeights, MoeWorkspace, PdlGraph, Tuning,
+    MoeWeights, MoeWorkspace, PdlGraph,
 };
 use mimo_kernels::Fp4Format;
 
@@ -709,23 +709,6 @@ fn moe_bench(
                 ),
             });
         };
-        // One timed graph of the layer with `cfg` (pdl: launches chained by PDL).
-        let mut time = |pdl: bool, cfg: MoeConfig| {
-            time_op_graph(gpu, nr, samples, pdl, &mut |i| {
-                moe_layer_with(
-                    gpu,
-                    &w,
-                    &x,
-                    &ids_d[i % nr],
-                    &w_d[i % nr],
-                    tokens,
-                    top_k,
-                    &mut ws,
-                    &mut out,
-                    cfg,
-                )
-            })
-        };
         for (ci, cfg) in configs.into_iter().enumerate() {
             // The auto configuration also as a PDL chain at one token (as decode runs it).
             let modes: &[bool] = if ci == 0 && tokens == 1 {
@@ -734,7 +717,20 @@ fn moe_bench(
                 &[false]
             };
             for &pdl in modes {
-                let t = time(pdl, cfg)?;
+                let t = time_op_graph(gpu, nr, samples, pdl, &mut |i| {
+                    moe_layer_with(
+                        gpu,
+                        &w,
+                        &x,
+                        &ids_d[i % nr],
+                        &w_d[i % nr],
+                        tokens,
+                        top_k,
+                        &mut ws,
+                        &mut out,
+                        cfg,
+                    )
+                })?;
                 eprintln!(
                     "  moe {} tokens={tokens} {cfg:?}{}: {:.2} us",
                     format.name(),
@@ -754,30 +750,6 @@ fn moe_bench(
                 };
                 push(kernel, note, t);
             }
-        }
-        // The one-token path with Tuning::expert_prefetch flipped, as a PDL chain: the A/B of
-        // that switch in the same process.
-        if tokens == 1 {
-            let base = gpu.tuning();
-            let flipped = !base.expert_prefetch;
-            gpu.set_tuning(Tuning {
-                expert_prefetch: flipped,
-                ..base
-            });
-            let t = time(true, auto);
-            gpu.set_tuning(base);
-            let t = t?;
-            let state = if flipped { "on" } else { "off" };
-            eprintln!(
-                "  moe {} tokens=1 {auto:?} PDL chain, expert_prefetch {state}: {:.2} us",
-                format.name(),
-                t.us
-            );
-            push(
-                format!("fp4_moe_layer_pdl_expert_prefetch_{state}"),
-                format!("auto {auto:?}; launches chained by PDL; expert_prefetch {state}; "),
-                t,
-            );
         }
     }
     Ok(())

@@ -75,7 +75,7 @@ pub const L2_PREFETCH_SMALL_BYTES: usize = 8 << 20;
 
 /// Latency features of the decode path, switchable for A/B measurements through the
 /// environment at context creation (`MIMO_PDL`, `MIMO_L2_PREFETCH`, `MIMO_L2_PREFETCH_SMALL`,
-/// `MIMO_EXPERT_PREFETCH`, `MIMO_MOE_DIRECT`,
+/// `MIMO_MOE_DIRECT`,
 /// `MIMO_NORM_ROUTER`, `MIMO_WARP_ATTENTION`, `MIMO_FP8_PREFILL`, `MIMO_PREFILL_ATTENTION_MMA`, `MIMO_FP8_RESIDENT`: `1` on, `0` off) or later through [`GpuContext::set_tuning`]. The defaults
 /// follow the H100 ablations of docs/kernels-notes.md (rounds 3-5): the ones that did not pay
 /// there are off.
@@ -96,12 +96,6 @@ pub struct Tuning {
     /// large layers, which stream at full bandwidth anyway; the small ones of a MoE model's
     /// attention then load while the latency-bound kernel before them finishes).
     pub l2_prefetch_small: bool,
-    /// One-token MoE layers: each block of the gate/up kernel asks L2 for a slice of its
-    /// pair's down-projection weights, so that they stream while the gate/up tiles are computed
-    /// instead of after them. Off by default: slower on the H100 (MoE layer at one token 16.6
-    /// vs 16.0 us; asking from the router's last block, which alone knows the chosen experts
-    /// earlier, was 2.5x slower still: one SM's copy engine took ~90 us for 21 MB).
-    pub expert_prefetch: bool,
     /// One-token MoE layers take the direct path: gate/up per pair without the routing scan,
     /// then down with the weighted combine fused (two launches instead of three).
     pub moe_direct: bool,
@@ -134,7 +128,6 @@ impl Default for Tuning {
             pdl: true,
             l2_prefetch: false,
             l2_prefetch_small: true,
-            expert_prefetch: false,
             moe_direct: true,
             norm_router: true,
             warp_attention: true,
@@ -160,7 +153,6 @@ impl Tuning {
             pdl: flag("MIMO_PDL", d.pdl),
             l2_prefetch: flag("MIMO_L2_PREFETCH", d.l2_prefetch),
             l2_prefetch_small: flag("MIMO_L2_PREFETCH_SMALL", d.l2_prefetch_small),
-            expert_prefetch: flag("MIMO_EXPERT_PREFETCH", d.expert_prefetch),
             moe_direct: flag("MIMO_MOE_DIRECT", d.moe_direct),
             norm_router: flag("MIMO_NORM_ROUTER", d.norm_router),
             warp_attention: flag("MIMO_WARP_ATTENTION", d.warp_attention),

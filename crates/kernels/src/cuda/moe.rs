@@ -300,7 +300,6 @@ fn moe_layer_one_token(
         &r,
         p_i,
         Some(&mut ws.bad),
-        gpu.tuning().expert_prefetch.then_some(&w.down),
         "launch one-token gate/up",
     )?;
     // 2. down + combine: one warp per pair, 16 output rows per block.
@@ -397,7 +396,6 @@ fn grouped(
         r,
         in_div,
         bad,
-        None,
         "launch grouped FP4 GEMM",
     )
 }
@@ -415,7 +413,6 @@ fn launch_moe_kernel(
     r: &Route,
     in_div: i32,
     bad: Option<&mut CudaSlice<i32>>,
-    prefetch: Option<&GpuFp4Weight>,
     what: &'static str,
 ) -> Result<(), CudaError> {
     let (n_i, k_i) = (w.n as i32, w.k as i32);
@@ -439,21 +436,8 @@ fn launch_moe_kernel(
         None => b.arg(&null),
     };
     b.arg(&w.post);
-    // Prefetch regions (null: none): the other projection's packed weights and scales, with
-    // the bytes of one expert's part of each.
-    let (pb, sb) = prefetch.map_or((0i64, 0i64), |p| {
-        (
-            (p.n * p.k / 2) as i64,
-            (p.n * (p.k / p.format.block_size())) as i64,
-        )
-    });
-    match prefetch {
-        Some(p) => b.arg(&p.packed).arg(&p.scales),
-        None => b.arg(&null).arg(&null),
-    };
-    b.arg(&pb).arg(&sb);
     // SAFETY: argument types and order match fp4_moe_* (grouped and *_t1); the buffer sizes
-    // are the caller's guarantee (the prefetch weight holds as many experts as `w`).
+    // are the caller's guarantee.
     unsafe { b.launch(launch) }.map_err(drv(what))?;
     Ok(())
 }
