@@ -11,7 +11,7 @@
 // nothing.
 #![allow(clippy::large_enum_variant)]
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -299,7 +299,7 @@ pub struct GpuModel {
     /// `take_device_sums`).
     device_sums: Option<walk::DeviceSums>,
     /// A stage every layer leaves out (`bench --stage-costs`; timing only).
-    skipped: Cell<Option<Stage>>,
+    skipped: Option<Stage>,
 }
 
 /// The parts of a decoder layer that `bench --stage-costs` leaves out one at a time, to
@@ -410,7 +410,7 @@ impl GpuModel {
             nucleus: false,
             prof: RefCell::new(None),
             device_sums: None,
-            skipped: Cell::new(None),
+            skipped: None,
         })
     }
 
@@ -975,16 +975,16 @@ impl GpuModel {
             && gpu.ctx.tuning().norm_router
             && hd <= MAX_FUSED_ROUTER_HIDDEN
             && matches!(&layer.ffn, Ffn::Moe(moe) if moe.shared.is_none());
-        if fuse {
-            if self.runs(Stage::OProj) {
-                layer.o.forward(gpu, &ws.attn, m, &mut ws.attn_delta)?;
-            }
-            self.mark("o_proj")?;
-        } else {
-            if self.runs(Stage::OProj) {
-                layer.o.forward(gpu, &ws.attn, m, &mut ws.delta)?;
-            }
-            self.mark("o_proj")?;
+        if self.runs(Stage::OProj) {
+            let o_out = if fuse {
+                &mut ws.attn_delta
+            } else {
+                &mut ws.delta
+            };
+            layer.o.forward(gpu, &ws.attn, m, o_out)?;
+        }
+        self.mark("o_proj")?;
+        if !fuse {
             if self.runs(Stage::PostNorm) {
                 self.add_norm(
                     ws,
@@ -1344,16 +1344,16 @@ impl GpuModel {
         self.sessions.clear();
     }
 
-    /// Leaves `stage` out of every layer from the next capture on (None: the whole layer), for
+    /// Leaves `stage` out of every layer from the next capture on (None: every stage runs), for
     /// `bench --stage-costs`. The model's outputs are wrong while a stage is left out.
     pub fn set_skipped_stage(&mut self, stage: Option<Stage>) {
-        self.skipped.set(stage);
+        self.skipped = stage;
         self.reset_decode_sessions();
     }
 
     /// Whether `stage` runs (see [`GpuModel::set_skipped_stage`]).
     fn runs(&self, stage: Stage) -> bool {
-        self.skipped.get() != Some(stage)
+        self.skipped != Some(stage)
     }
 
     /// Queues `n` decode steps of the batch set up by [`GpuModel::decode_start`] (graph
