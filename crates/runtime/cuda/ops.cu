@@ -123,23 +123,70 @@ extern "C" __global__ void embed_gather(const u16* __restrict__ emb, const int* 
 //         + sigmoid(g2[t]) * d2[t]                  (shared expert, gate optional, optional)
 //   out[t - row_begin] = bf16(w * (x[t] * rsqrt(mean(x[t]^2) + eps)))   for t >= row_begin
 // ---------------------------------------------------------------------------------------------
-// Elements per thread of add_rmsnorm held in registers between its two passes (2048-wide rows
-// at 256 threads; more are re-read from x).
+// Elements per thread of a row RMSNorm held in registers between its two passes (2048-wide rows
+// at 256 threads; more are kept elsewhere and read back).
 #define NORM_REG 8
+
+// This thread's norm weights for its first NORM_REG elements (threadIdx.x + r * blockDim.x);
+// zeros where !on. Norm weights are never written by another kernel, so callers load them before
+// their PDL wait.
+__device__ __forceinline__ void load_norm_weights(const float* __restrict__ w, int hidden, bool on,
+                                                  float (&wv)[NORM_REG]) {
+#pragma unroll
+    for (int r = 0; r < NORM_REG; r++) {
+        const int i = threadIdx.x + r * blockDim.x;
+        wv[r] = on && i < hidden ? w[i] : 0.f;
+    }
+}
+
+// One row's RMSNorm by the whole block, its loads issued at once. Pass 1: v = value(i) for this
+// thread's elements in increasing i (the squares summed in that order), keep(i, v) for each;
+// the first NORM_REG stay in registers. Then the block sum, and where `emit`, pass 2:
+// out(i, bf16(w_i * (v_i * inv))) with v_i from registers or, beyond them, kept(i).
+template <class Value, class Keep, class Kept, class Out>
+__device__ __forceinline__ void rmsnorm_row(int hidden, float eps, const float* __restrict__ w,
+                                            const float (&wv)[NORM_REG], bool emit, float* sh,
+                                            Value value, Keep keep, Kept kept, Out out) {
+    float vv[NORM_REG];
+#pragma unroll
+    for (int r = 0; r < NORM_REG; r++) {
+        const int i = threadIdx.x + r * blockDim.x;
+        vv[r] = i < hidden ? value(i) : 0.f;
+    }
+    float ss = 0.f;
+#pragma unroll
+    for (int r = 0; r < NORM_REG; r++) {
+        const int i = threadIdx.x + r * blockDim.x;
+        if (i < hidden) {
+            keep(i, vv[r]);
+            ss += vv[r] * vv[r];
+        }
+    }
+    for (int i = threadIdx.x + NORM_REG * blockDim.x; i < hidden; i += blockDim.x) {
+        const float v = value(i);
+        keep(i, v);
+        ss += v * v;
+    }
+    ss = block_sum(ss, sh);
+    if (!emit) return;
+    const float inv = 1.0f / sqrtf(ss / (float)hidden + eps);
+#pragma unroll
+    for (int r = 0; r < NORM_REG; r++) {
+        const int i = threadIdx.x + r * blockDim.x;
+        if (i < hidden) out(i, to_bf(wv[r] * (vv[r] * inv)));
+    }
+    for (int i = threadIdx.x + NORM_REG * blockDim.x; i < hidden; i += blockDim.x)
+        out(i, to_bf(w[i] * (kept(i) * inv)));
+}
 extern "C" __global__ void add_rmsnorm(float* __restrict__ x, const u16* __restrict__ d1,
                                        const u16* __restrict__ pairs, const float* __restrict__ pw,
                                        const int* __restrict__ pids, int top_k, int n_experts,
                                        const u16* __restrict__ d2, const u16* __restrict__ g2,
                                        const float* __restrict__ w, u16* __restrict__ out,
                                        int hidden, float eps, int row_begin) {
-    // The norm weights are never written by another kernel: in a PDL chain they load while the
-    // previous kernel finishes, and the second pass needs no load after the reduction.
+    // The norm weights load while the previous kernel of a PDL chain finishes.
     float wv[NORM_REG];
-#pragma unroll
-    for (int r = 0; r < NORM_REG; r++) {
-        const int i = threadIdx.x + r * blockDim.x;
-        wv[r] = i < hidden ? w[i] : 0.f;
-    }
+    load_norm_weights(w, hidden, true, wv);
     pdl_enter();
     __shared__ float sh[32];
     const int t = blockIdx.x;
@@ -166,39 +213,11 @@ extern "C" __global__ void add_rmsnorm(float* __restrict__ x, const u16* __restr
         if (d2 != 0) v += g * bf(d2[(size_t)t * hidden + i]);
         return v;
     };
-    // Elements threadIdx.x + r * blockDim.x in increasing order (the squares summed in that
-    // order); the first NORM_REG stay in registers.
-    float vv[NORM_REG];
-    float ss = 0.f;
-#pragma unroll
-    for (int r = 0; r < NORM_REG; r++) {
-        const int i = threadIdx.x + r * blockDim.x;
-        vv[r] = i < hidden ? sum_at(i) : 0.f;
-    }
-#pragma unroll
-    for (int r = 0; r < NORM_REG; r++) {
-        const int i = threadIdx.x + r * blockDim.x;
-        if (i < hidden) {
-            xr[i] = vv[r];
-            ss += vv[r] * vv[r];
-        }
-    }
-    for (int i = threadIdx.x + NORM_REG * blockDim.x; i < hidden; i += blockDim.x) {
-        const float v = sum_at(i);
-        xr[i] = v;
-        ss += v * v;
-    }
-    ss = block_sum(ss, sh);
-    if (t < row_begin) return;
-    const float inv = 1.0f / sqrtf(ss / (float)hidden + eps);
-    u16* o = out + (size_t)(t - row_begin) * hidden;
-#pragma unroll
-    for (int r = 0; r < NORM_REG; r++) {
-        const int i = threadIdx.x + r * blockDim.x;
-        if (i < hidden) o[i] = to_bf(wv[r] * (vv[r] * inv));
-    }
-    for (int i = threadIdx.x + NORM_REG * blockDim.x; i < hidden; i += blockDim.x)
-        o[i] = to_bf(w[i] * (xr[i] * inv));
+    // Rows before row_begin only update the residual (no normalized output).
+    rmsnorm_row(
+        hidden, eps, w, wv, t >= row_begin, sh, sum_at, [&](int i, float v) { xr[i] = v; },
+        [&](int i) { return xr[i]; },
+        [&](int i, u16 hb) { out[(size_t)(t - row_begin) * hidden + i] = hb; });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1031,9 +1050,8 @@ __device__ __forceinline__ void router_prefetch(const u16* __restrict__ wr, int 
     }
 }
 
-// Fused mode's normalized row into hs (whole block, after pdl_enter). nw: this thread's norm
-// weights for elements threadIdx.x + r * blockDim.x (loaded before the wait). As add_rmsnorm:
-// the row's loads all issued at once, the first NORM_REG elements per thread kept in registers.
+// Fused mode's normalized row into hs (whole block, after pdl_enter), block 0 also storing it
+// to h_out. nw: this thread's norm weights (load_norm_weights, before the wait).
 __device__ __forceinline__ void router_norm_row(const float* __restrict__ xres,
                                                 const u16* __restrict__ d1,
                                                 const float* __restrict__ normw, float eps,
@@ -1042,45 +1060,18 @@ __device__ __forceinline__ void router_norm_row(const float* __restrict__ xres,
                                                 float* shv) {
     const float* xr = xres + (size_t)t * hidden;
     const u16* dr = d1 != 0 ? d1 + (size_t)t * hidden : 0;
-    float vv[NORM_REG];
-#pragma unroll
-    for (int r = 0; r < NORM_REG; r++) {
-        const int i = threadIdx.x + r * blockDim.x;
-        float v = 0.f;
-        if (i < hidden) {
-            v = xr[i];
+    rmsnorm_row(
+        hidden, eps, normw, nw, true, shv,
+        [&](int i) {
+            float v = xr[i];
             if (dr != 0) v += bf(dr[i]);
-        }
-        vv[r] = v;
-    }
-    float ss = 0.f;
-#pragma unroll
-    for (int r = 0; r < NORM_REG; r++) {
-        const int i = threadIdx.x + r * blockDim.x;
-        if (i < hidden) ss += vv[r] * vv[r];
-    }
-    for (int i = threadIdx.x + NORM_REG * blockDim.x; i < hidden; i += blockDim.x) {
-        float v = xr[i];
-        if (dr != 0) v += bf(dr[i]);
-        hs[i] = v;
-        ss += v * v;
-    }
-    ss = block_sum(ss, shv);
-    const float inv = 1.0f / sqrtf(ss / (float)hidden + eps);
-#pragma unroll
-    for (int r = 0; r < NORM_REG; r++) {
-        const int i = threadIdx.x + r * blockDim.x;
-        if (i < hidden) {
-            const u16 hb = to_bf(nw[r] * (vv[r] * inv));
+            return v;
+        },
+        [&](int i, float v) { hs[i] = v; }, [&](int i) { return hs[i]; },
+        [&](int i, u16 hb) {
             hs[i] = bf(hb);
             if (blockIdx.x == 0) h_out[(size_t)t * hidden + i] = hb;
-        }
-    }
-    for (int i = threadIdx.x + NORM_REG * blockDim.x; i < hidden; i += blockDim.x) {
-        const u16 hb = to_bf(normw[i] * (hs[i] * inv));
-        hs[i] = bf(hb);
-        if (blockIdx.x == 0) h_out[(size_t)t * hidden + i] = hb;
-    }
+        });
     __syncthreads();
 }
 
@@ -1186,13 +1177,9 @@ router_topk(const u16* __restrict__ x, const u16* __restrict__ w, float* __restr
     const u16* wr = e < n_experts ? w + (size_t)e * hidden : 0;
     uint4 wpre[ROUTER_PRE];
     router_prefetch(wr, hidden, vec, wpre);
-    // Fused mode: the norm weights too (elements threadIdx.x + r * blockDim.x).
+    // Fused mode: the norm weights too.
     float nw[NORM_REG];
-#pragma unroll
-    for (int r = 0; r < NORM_REG; r++) {
-        const int i = threadIdx.x + r * blockDim.x;
-        nw[r] = fused && i < hidden ? normw[i] : 0.f;
-    }
+    load_norm_weights(normw, hidden, fused, nw);
     pdl_enter();
     if (fused) router_norm_row(xres, d1, normw, eps, h_out, t, hidden, nw, hs, shv);
     if (e < n_experts) {
