@@ -158,15 +158,7 @@ pub fn fp4_gemm_with(
 ) -> Result<(), CudaError> {
     let tn = token_tiles(m);
     cfg.check(tn)?;
-    if w.experts != 1 {
-        return Err(CudaError::Mismatch {
-            what: "fp4_gemm",
-            reason: format!(
-                "weight holds {} experts; use the MoE entry point",
-                w.experts
-            ),
-        });
-    }
+    dense_only(w, "fp4_gemm")?;
     check_len("fp4_gemm: x", x.len(), m * w.k)?;
     check_len("fp4_gemm: y", y.len(), m * w.n)?;
     if m == 0 {
@@ -187,10 +179,7 @@ pub fn fp4_gemm_with(
         shared_mem_bytes: reduction_smem(cfg, tn),
     };
     let (n_i, k_i) = (w.n as i32, w.k as i32);
-    // FLAG_PREFETCH of fp4_gemm.cu
-    let t = gpu.tuning();
-    let small = w.bytes_per_matrix() <= super::context::L2_PREFETCH_SMALL_BYTES;
-    let flags = i32::from(t.l2_prefetch || (t.l2_prefetch_small && small));
+    let flags = prefetch_flags(gpu, w);
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(&w.packed)
         .arg(&w.scales)
@@ -206,6 +195,289 @@ pub fn fp4_gemm_with(
     // SAFETY: argument types and order match the kernel; every buffer length was checked
     // against (m, n, k) above, and the kernel guards rows, tokens and k chunks.
     unsafe { b.launch(launch) }.map_err(drv("launch fp4_gemm"))?;
+    Ok(())
+}
+
+/// `FLAG_PREFETCH` of fp4_gemm.cu for a launch over `w`.
+fn prefetch_flags(gpu: &GpuContext, w: &GpuFp4Weight) -> i32 {
+    let t = gpu.tuning();
+    let small = w.bytes_per_matrix() <= super::context::L2_PREFETCH_SMALL_BYTES;
+    i32::from(t.l2_prefetch || (t.l2_prefetch_small && small))
+}
+
+fn dense_only(w: &GpuFp4Weight, what: &'static str) -> Result<(), CudaError> {
+    if w.experts != 1 {
+        return Err(CudaError::Mismatch {
+            what,
+            reason: format!(
+                "weight holds {} experts; use the MoE entry point",
+                w.experts
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The block shape of the gated products: `fp4_gemm`'s for the whole `[gate | up]` matrix
+/// (so the same warps split K in the same way: bit-identical sums), with two row tiles (a
+/// gate tile and its up tile).
+fn gated_config(m: usize, n: usize, k: usize, sm_count: u32) -> Fp4GemmConfig {
+    Fp4GemmConfig {
+        m_tiles: 2,
+        ..Fp4GemmConfig::auto(m, n, k, sm_count)
+    }
+}
+
+fn swiglu_kernel_name(format: Fp4Format, tn: u32, group: u32) -> Option<&'static str> {
+    let nv = format == Fp4Format::Nvfp4;
+    Some(match (tn, group, nv) {
+        (1, 1, true) => "fp4_gemm_sw_nv_t1_g1",
+        (1, 2, true) => "fp4_gemm_sw_nv_t1_g2",
+        (2, 1, true) => "fp4_gemm_sw_nv_t2_g1",
+        (4, 1, true) => "fp4_gemm_sw_nv_t4_g1",
+        (1, 1, false) => "fp4_gemm_sw_mx_t1_g1",
+        (1, 2, false) => "fp4_gemm_sw_mx_t1_g2",
+        (2, 1, false) => "fp4_gemm_sw_mx_t2_g1",
+        (4, 1, false) => "fp4_gemm_sw_mx_t4_g1",
+        _ => return None,
+    })
+}
+
+/// Whether [`fp4_gemm_swiglu`] has a kernel for `w` at `m` tokens.
+pub fn fp4_gemm_swiglu_supported(w: &GpuFp4Weight, m: usize, sm_count: u32) -> bool {
+    let cfg = gated_config(m, w.n, w.k, sm_count);
+    let tn = token_tiles(m);
+    w.experts == 1
+        && w.n % 2 == 0
+        && cfg.check(tn).is_ok()
+        && swiglu_kernel_name(w.format, tn, cfg.group).is_some()
+}
+
+/// `y[m, n/2] = silu(x·G^T) * (x·U^T)` for an FP4 `[gate | up]` weight (`G` its first `n/2`
+/// rows, `U` the rest): bit for bit what [`fp4_gemm`] into `[m, n]` followed by the runtime's
+/// SwiGLU kernel gives (each product rounded to bf16, then `silu` with `expf`), in one launch.
+pub fn fp4_gemm_swiglu(
+    gpu: &GpuContext,
+    w: &GpuFp4Weight,
+    x: &CudaSlice<bf16>,
+    m: usize,
+    y: &mut CudaSlice<bf16>,
+) -> Result<(), CudaError> {
+    dense_only(w, "fp4_gemm_swiglu")?;
+    let inter = w.n / 2;
+    let tn = token_tiles(m);
+    let cfg = gated_config(m, w.n, w.k, gpu.sm_count());
+    cfg.check(tn)?;
+    let name = match swiglu_kernel_name(w.format, tn, cfg.group) {
+        Some(n) if w.n % 2 == 0 => n,
+        _ => {
+            return Err(CudaError::NoVariant {
+                format: w.format,
+                m_tiles: 2,
+                token_tiles: tn,
+                group: cfg.group,
+            })
+        }
+    };
+    check_len("fp4_gemm_swiglu: x", x.len(), m * w.k)?;
+    check_len("fp4_gemm_swiglu: y", y.len(), m * inter)?;
+    if m == 0 {
+        return Ok(());
+    }
+    let m_i = i32::try_from(m).map_err(|_| CudaError::Shape {
+        what: "fp4_gemm_swiglu: x".into(),
+        reason: format!("m = {m} is too large"),
+    })?;
+    let f = gpu.function(name)?;
+    let launch = LaunchConfig {
+        grid_dim: (
+            inter.div_ceil(16) as u32,
+            1,
+            m.div_ceil(8 * tn as usize) as u32,
+        ),
+        block_dim: (32 * cfg.warps, 1, 1),
+        shared_mem_bytes: reduction_smem(cfg, tn),
+    };
+    let (n_i, k_i) = (w.n as i32, w.k as i32);
+    let flags = prefetch_flags(gpu, w);
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(&w.packed)
+        .arg(&w.scales)
+        .arg(&w.global_scales)
+        .arg(&w.mult_lut)
+        .arg(x)
+        .arg(y)
+        .arg(&m_i)
+        .arg(&n_i)
+        .arg(&k_i)
+        .arg(&w.post)
+        .arg(&flags);
+    // SAFETY: argument types and order match the kernel; x holds m rows of k, y m rows of
+    // n / 2 (checked above); the kernel guards rows, tokens and k chunks.
+    unsafe { b.launch(launch) }.map_err(drv("launch fp4_gemm_swiglu"))?;
+    Ok(())
+}
+
+/// The residual add + RMSNorm that [`fp4_gemm_norm`] runs before its product.
+pub struct NormPrologue<'a> {
+    /// The residual row, f32 (its first `k` elements are used).
+    pub res: &'a CudaSlice<f32>,
+    /// A pending bf16 delta added to the residual first (its first `k` elements), if any.
+    pub d1: Option<&'a CudaSlice<bf16>>,
+    /// A second pending bf16 delta, added after `d1`, if any.
+    pub d2: Option<&'a CudaSlice<bf16>>,
+    /// The norm weight, f32, `k` elements.
+    pub weight: &'a CudaSlice<f32>,
+    /// Added to the mean square before the square root.
+    pub eps: f32,
+}
+
+/// The one-token kernel of [`fp4_gemm_norm`], its block shape and its dynamic shared memory,
+/// or None where there is none for `w` (K split over a number of warps that does not divide
+/// 1024 threads, more than 32 row elements per thread, or a row too long for 48 KiB of shared
+/// memory).
+fn norm_variant(
+    w: &GpuFp4Weight,
+    swiglu: bool,
+    sm_count: u32,
+) -> Option<(&'static str, Fp4GemmConfig, u32)> {
+    if w.experts != 1 || (swiglu && w.n % 2 != 0) {
+        return None;
+    }
+    let cfg = if swiglu {
+        gated_config(1, w.n, w.k, sm_count)
+    } else {
+        Fp4GemmConfig::auto(1, w.n, w.k, sm_count)
+    };
+    // The prologue plays the 1024 threads of add_rmsnorm's sum with 32 * warps real ones, each
+    // holding at most 32 elements of the row (NORM_Q groups of 4 in fp4_gemm.cu).
+    let threads = 32 * cfg.warps as usize;
+    if 1024 % threads != 0 || w.k > 32 * threads {
+        return None;
+    }
+    // Split-K partials, the row in f32 (then in bf16), the norm weight in f32.
+    let smem = reduction_smem(cfg, 1) + (w.k * 8) as u32;
+    if smem > SMEM_LIMIT {
+        return None;
+    }
+    let nv = w.format == Fp4Format::Nvfp4;
+    let name = match (cfg.m_tiles, cfg.group, swiglu, nv) {
+        (1, 1, false, true) => "fp4_gemm_norm_nv_m1_g1",
+        (1, 2, false, true) => "fp4_gemm_norm_nv_m1_g2",
+        (2, 1, false, true) => "fp4_gemm_norm_nv_m2_g1",
+        (2, 2, false, true) => "fp4_gemm_norm_nv_m2_g2",
+        (2, 1, true, true) => "fp4_gemm_norm_nv_m2_g1_sw",
+        (2, 2, true, true) => "fp4_gemm_norm_nv_m2_g2_sw",
+        (1, 1, false, false) => "fp4_gemm_norm_mx_m1_g1",
+        (1, 2, false, false) => "fp4_gemm_norm_mx_m1_g2",
+        (2, 1, false, false) => "fp4_gemm_norm_mx_m2_g1",
+        (2, 2, false, false) => "fp4_gemm_norm_mx_m2_g2",
+        (2, 1, true, false) => "fp4_gemm_norm_mx_m2_g1_sw",
+        (2, 2, true, false) => "fp4_gemm_norm_mx_m2_g2_sw",
+        _ => return None,
+    };
+    Some((name, cfg, smem))
+}
+
+/// Whether [`fp4_gemm_norm`] has a kernel for `w` (with or without the SwiGLU epilogue).
+pub fn fp4_gemm_norm_supported(w: &GpuFp4Weight, swiglu: bool, sm_count: u32) -> bool {
+    norm_variant(w, swiglu, sm_count).is_some()
+}
+
+/// One token through a residual add + RMSNorm and then `w`, in one launch:
+/// `v = res + d1 + d2` (f32, each delta optional), `h = bf16(weight * (v / sqrt(mean(v^2) +
+/// eps)))`, `y = h · W^T` (with `swiglu`, `y[n/2] = silu(h·G^T) * (h·U^T)` as in
+/// [`fp4_gemm_swiglu`]); `v` is stored to `res_out` (which must not be `res`: the kernel's other
+/// blocks are still reading it). Bit-identical to the runtime's `add_rmsnorm` of one row (which
+/// stores `v` in place and `h`) followed by [`fp4_gemm`] (and the SwiGLU kernel): the sum of
+/// squares is taken in that kernel's order.
+pub fn fp4_gemm_norm(
+    gpu: &GpuContext,
+    w: &GpuFp4Weight,
+    norm: &NormPrologue<'_>,
+    res_out: &mut CudaSlice<f32>,
+    y: &mut CudaSlice<bf16>,
+    swiglu: bool,
+) -> Result<(), CudaError> {
+    dense_only(w, "fp4_gemm_norm")?;
+    let (name, cfg, smem) =
+        norm_variant(w, swiglu, gpu.sm_count()).ok_or_else(|| CudaError::Shape {
+            what: "fp4_gemm_norm".into(),
+            reason: format!(
+                "no one-token norm kernel for a {} x {} weight (swiglu {swiglu})",
+                w.n, w.k
+            ),
+        })?;
+    let k = w.k;
+    let at_least = |what: &'static str, got: usize| {
+        if got < k {
+            Err(CudaError::Mismatch {
+                what,
+                reason: format!("buffer holds {got} elements, the row needs {k}"),
+            })
+        } else {
+            Ok(())
+        }
+    };
+    at_least("fp4_gemm_norm: res", norm.res.len())?;
+    at_least("fp4_gemm_norm: res_out", res_out.len())?;
+    if let Some(d) = norm.d1 {
+        at_least("fp4_gemm_norm: d1", d.len())?;
+    }
+    if let Some(d) = norm.d2 {
+        at_least("fp4_gemm_norm: d2", d.len())?;
+    }
+    check_len("fp4_gemm_norm: weight", norm.weight.len(), k)?;
+    let (rows, blocks) = if swiglu {
+        (w.n / 2, (w.n / 2).div_ceil(16))
+    } else {
+        (w.n, w.n.div_ceil(16 * cfg.m_tiles as usize))
+    };
+    at_least_rows(y.len(), rows)?;
+    let f = gpu.function(name)?;
+    let launch = LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (32 * cfg.warps, 1, 1),
+        shared_mem_bytes: smem,
+    };
+    let (n_i, k_i) = (w.n as i32, k as i32);
+    let flags = prefetch_flags(gpu, w);
+    let null: u64 = 0;
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(&w.packed)
+        .arg(&w.scales)
+        .arg(&w.global_scales)
+        .arg(&w.mult_lut)
+        .arg(norm.res);
+    match norm.d1 {
+        Some(d) => b.arg(d),
+        None => b.arg(&null),
+    };
+    match norm.d2 {
+        Some(d) => b.arg(d),
+        None => b.arg(&null),
+    };
+    b.arg(norm.weight)
+        .arg(res_out)
+        .arg(&norm.eps)
+        .arg(y)
+        .arg(&n_i)
+        .arg(&k_i)
+        .arg(&w.post)
+        .arg(&flags);
+    // SAFETY: argument types and order match NORM_KERNEL (null pointers for absent deltas);
+    // res, res_out, d1, d2 hold at least k elements, weight k, y the output row (checked above).
+    unsafe { b.launch(launch) }.map_err(drv("launch fp4_gemm_norm"))?;
+    Ok(())
+}
+
+fn at_least_rows(got: usize, want: usize) -> Result<(), CudaError> {
+    if got < want {
+        return Err(CudaError::Mismatch {
+            what: "fp4_gemm_norm: y",
+            reason: format!("buffer holds {got} elements, the output row needs {want}"),
+        });
+    }
     Ok(())
 }
 
