@@ -154,22 +154,8 @@ __device__ __forceinline__ void load_weights(const u8* const (&wptr)[MT][2],
     }
 }
 
-// An activation piece: from global memory through the read-only path, or (XS) from a row the
-// kernel staged in shared memory itself (fp4_gemm_norm's normalised input).
-template <bool XS>
-__device__ __forceinline__ uint4 load_x(const u16* p) {
-    if (XS) return *(const uint4*)p;
-    return __ldg((const uint4*)p);
-}
-
-// What fp4_accumulate runs right after its PDL wait (the whole block): nothing, or a prologue
-// that may read what the previous kernel wrote (fp4_gemm_norm's residual add + RMSNorm).
-struct NoHook {
-    __device__ __forceinline__ void operator()() const {}
-};
-
 // One iteration's arithmetic: G chunks starting at element kpiece0 - 32t of every row.
-template <int FMT, int MT, int TN, int G, bool XS>
+template <int FMT, int MT, int TN, int G>
 __device__ __forceinline__ void compute_chunks(const WeightRegs<MT, G>& r,
                                                const u16* const (&xptr)[TN], int kpiece, int k,
                                                const u16* __restrict__ lut,
@@ -188,7 +174,7 @@ __device__ __forceinline__ void compute_chunks(const WeightRegs<MT, G>& r,
             for (int j = 0; j < TN; j++) {
 #pragma unroll
                 for (int q = 0; q < 4; q++) {
-                    xv[u][j][q] = kval ? load_x<XS>(xptr[j] + kpiece + u * 128 + 8 * q)
+                    xv[u][j][q] = kval ? __ldg((const uint4*)(xptr[j] + kpiece + u * 128 + 8 * q))
                                        : make_uint4(0, 0, 0, 0);
                 }
             }
@@ -233,7 +219,7 @@ __device__ __forceinline__ void compute_chunks(const WeightRegs<MT, G>& r,
                     xj[j] = xv[X_UPFRONT ? u : 0][j][q];
                 } else {
                     const bool kval = kpiece + u * 128 < k;
-                    xj[j] = kval ? load_x<XS>(xptr[j] + kpiece + u * 128 + 8 * q)
+                    xj[j] = kval ? __ldg((const uint4*)(xptr[j] + kpiece + u * 128 + 8 * q))
                                  : make_uint4(0, 0, 0, 0);
                 }
             }
@@ -270,16 +256,14 @@ __device__ __forceinline__ void compute_chunks(const WeightRegs<MT, G>& r,
 // row0 + l < lim and the row is < n. Dense: tstride 16, lim n. Gated: tstride = lim = inter.
 // The main loop: adds to acc the products of this warp's K chunks (c_first, then every
 // `stride` chunks, G at a time) of rows [row0, ...) (see fp4_tile) with the tokens' activations.
-template <int FMT, int MT, int TN, int G, bool XS = false, class Tokens,
-          class AfterWait = NoHook>
+template <int FMT, int MT, int TN, int G, class Tokens>
 __device__ __forceinline__ void fp4_accumulate(const u8* __restrict__ wp,
                                                const u8* __restrict__ ws,
                                                const u16* __restrict__ lut,
                                                const u16* __restrict__ x, int n, int k, int row0,
                                                int tstride, int lim, const Tokens& tok,
                                                int c_first, int stride,
-                                               float (&acc)[MT][TN][4],
-                                               const AfterWait& after_wait = AfterWait()) {
+                                               float (&acc)[MT][TN][4]) {
     const int lane = threadIdx.x & 31;
     const int g = lane >> 2;
     const int t = lane & 3;
@@ -328,7 +312,6 @@ __device__ __forceinline__ void fp4_accumulate(const u8* __restrict__ wp,
     // while the previous kernel finishes; activations (and every store) come after the wait.
     // Callers that read routing data first have waited already (a second wait returns at once).
     pdl_enter();
-    after_wait();
     const int kend = nchunks << 7;
     while (kp - (t << 5) < kend) {
 #pragma unroll
@@ -339,7 +322,7 @@ __device__ __forceinline__ void fp4_accumulate(const u8* __restrict__ wp,
                 sptr[i][h] += sstep;
             }
         load_weights<FMT, MT, G>(wptr, sptr, kp + kstep, k, rb);
-        compute_chunks<FMT, MT, TN, G, XS>(ra, xptr, kp, k, lut, acc);
+        compute_chunks<FMT, MT, TN, G>(ra, xptr, kp, k, lut, acc);
         kp += kstep;
         if (kp - (t << 5) >= kend) break;
 #pragma unroll
@@ -350,20 +333,18 @@ __device__ __forceinline__ void fp4_accumulate(const u8* __restrict__ wp,
                 sptr[i][h] += sstep;
             }
         load_weights<FMT, MT, G>(wptr, sptr, kp + kstep, k, ra);
-        compute_chunks<FMT, MT, TN, G, XS>(rb, xptr, kp, k, lut, acc);
+        compute_chunks<FMT, MT, TN, G>(rb, xptr, kp, k, lut, acc);
         kp += kstep;
     }
 }
 
-template <int FMT, int MT, int TN, int G, int EPI, bool XS = false, class Tokens,
-          class AfterWait = NoHook>
+template <int FMT, int MT, int TN, int G, int EPI, class Tokens>
 __device__ __forceinline__ void fp4_tile(const u8* __restrict__ wp, const u8* __restrict__ ws,
                                          float gscale, float post,
                                          const u16* __restrict__ lut,
                                          const u16* __restrict__ x, u16* __restrict__ y, int n,
                                          int k, int row0, int tstride, int lim,
-                                         const Tokens& tok, float* red,
-                                         const AfterWait& after_wait = AfterWait()) {
+                                         const Tokens& tok, float* red) {
     const int S = blockDim.x >> 5;
     const int warp = threadIdx.x >> 5;
     const int lane = threadIdx.x & 31;
@@ -376,8 +357,8 @@ __device__ __forceinline__ void fp4_tile(const u8* __restrict__ wp, const u8* __
         for (int j = 0; j < TN; j++)
 #pragma unroll
             for (int c = 0; c < 4; c++) acc[i][j][c] = 0.f;
-    fp4_accumulate<FMT, MT, TN, G, XS>(wp, ws, lut, x, n, k, row0, tstride, lim, tok, warp * G,
-                                       S * G, acc, after_wait);
+    fp4_accumulate<FMT, MT, TN, G>(wp, ws, lut, x, n, k, row0, tstride, lim, tok, warp * G,
+                                   S * G, acc);
 
     // Split-K reduction: red[warp][row 0..16MT)[token 0..8TN)
     const int ROWS = 16 * MT, TOK = 8 * TN;
@@ -447,7 +428,7 @@ __device__ __forceinline__ void prefetch_rows(const u8* __restrict__ wp, const u
 
 // The rows of a dense block: EPI_STORE takes MT adjacent tiles from row blockIdx.x * 16 * MT;
 // the gated epilogues (MT == 2) gate rows [16x, 16x + 16) and the matching up rows n / 2 on.
-template <int FMT, int MT, int EPI>
+template <int MT, int EPI>
 __device__ __forceinline__ void dense_rows(int n, int& row0, int& tstride, int& lim) {
     if (EPI == EPI_STORE) {
         row0 = blockIdx.x * 16 * MT;
@@ -482,177 +463,12 @@ __device__ __forceinline__ void fp4_dense_body(const u8* __restrict__ wp, const 
     extern __shared__ float red[];
     const DenseTokens tok{(int)blockIdx.z * 8 * TN, m};
     int row0, tstride, lim;
-    dense_rows<FMT, MT, EPI>(n, row0, tstride, lim);
+    dense_rows<MT, EPI>(n, row0, tstride, lim);
     if ((flags & FLAG_PREFETCH) && threadIdx.x == 0 && blockIdx.z == 0)
         dense_prefetch<FMT, MT, EPI>(wp, ws, n, k, row0, tstride, lim);
     // pdl_enter: inside fp4_accumulate, after the first weight loads.
     fp4_tile<FMT, MT, TN, G, EPI>(wp, ws, gscale[0], post, lut, x, y, n, k, row0, tstride, lim,
                                   tok, red);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Residual add + RMSNorm in the prologue of a one-token product (fp4_gemm_norm, gemm.rs). After
-// its PDL wait the block forms v = res + d1 + d2 (each delta optional, added in that order),
-// normalises v into a bf16 row in shared memory that its product then reads instead of x, and
-// block 0 stores v to res_out (another buffer than res: the other blocks are still reading
-// res). One launch and one round trip of the normalised row fewer than the runtime's add_rmsnorm
-// followed by fp4_gemm, and bit-identical to that pair: the sum of squares is taken in
-// add_rmsnorm's order for one row at NORM_VT = 1024 threads (ops.cu): virtual thread j sums the
-// squares of its elements j, j + 1024, ... in turn, the 1024 sums go through the shuffle tree in
-// warps of 32, and the 32 warp sums through the same tree. A block of R = 32 * S threads (R
-// divides 1024, checked by the launcher) plays virtual threads tid, tid + R, ...
-// ---------------------------------------------------------------------------------------------
-#define NORM_VT 1024
-// Each thread holds at most NORM_Q groups of 4 elements of the row (k <= 4 * NORM_Q * R,
-// checked by the launcher): every load of the prologue is issued at once.
-#define NORM_Q 8
-
-struct NormArgs {
-    const float* res;  // [k] f32 residual row
-    const u16* d1;     // [k] bf16 or null
-    const u16* d2;     // [k] bf16 or null
-    const float* w;    // [k] f32 norm weight
-    float* res_out;    // [k] f32: res + d1 + d2 (block 0)
-    float eps;
-};
-
-__device__ __forceinline__ float warp_sum_tree(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
-// Four bf16 (8 bytes) -> f32 added to v.
-__device__ __forceinline__ void add_bf16x4(float4& v, uint2 d) {
-    v.x += bf16_to_f32((u16)(d.x & 0xFFFF));
-    v.y += bf16_to_f32((u16)(d.x >> 16));
-    v.z += bf16_to_f32((u16)(d.y & 0xFFFF));
-    v.w += bf16_to_f32((u16)(d.y >> 16));
-}
-
-// Before the PDL wait (norm weights are never written by another kernel): this thread's groups
-// of 4 weights (group g = tid + q * R holds elements 4g..4g+3) into shared memory wsm, where
-// pass 2 reads them back (the same thread: no barrier needed).
-__device__ __forceinline__ void norm_weights_to_shared(const float* __restrict__ w, int k,
-                                                       float* wsm) {
-    float4 wv[NORM_Q];
-#pragma unroll
-    for (int q = 0; q < NORM_Q; q++) {
-        const int g = threadIdx.x + q * blockDim.x;
-        wv[q] = 4 * g < k ? *(const float4*)(w + 4 * g) : make_float4(0.f, 0.f, 0.f, 0.f);
-    }
-#pragma unroll
-    for (int q = 0; q < NORM_Q; q++) {
-        const int g = threadIdx.x + q * blockDim.x;
-        if (4 * g < k) *(float4*)(wsm + 4 * g) = wv[q];
-    }
-}
-
-// The block's part of the sum of squares of xv in add_rmsnorm's order (above), J = 1024 / R
-// virtual threads per thread: virtual thread tid + j * R (virtual warp warp + j * S, this lane)
-// owns elements tid + q * R for q = j, j + J, ... (i = its index + r * 1024, r increasing), so
-// one pass over the thread's strided elements feeds part[q % J]. Writes the 32 virtual warp
-// sums to sh.
-template <int J>
-__device__ __forceinline__ void norm_sum_squares(const float* xv, int k, float* sh) {
-    const int R = blockDim.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    float part[J];
-#pragma unroll
-    for (int j = 0; j < J; j++) part[j] = 0.f;
-    // k <= 4 * NORM_Q * R: at most 4 * NORM_Q elements per thread.
-#pragma unroll
-    for (int q = 0; q < 4 * NORM_Q; q++) {
-        const int i = tid + q * R;
-        // fmaf spelled out: add_rmsnorm's `ss += v * v` is contracted to it too.
-        if (i < k) part[q % J] = fmaf(xv[i], xv[i], part[q % J]);
-    }
-#pragma unroll
-    for (int j = 0; j < J; j++) {
-        const float ss = warp_sum_tree(part[j]);
-        if (lane == 0) sh[warp + j * (R >> 5)] = ss;
-    }
-}
-
-// Whole block, after the PDL wait: v into registers (every load at once) and xv; the sum of
-// squares in add_rmsnorm's order from xv; then xs (aliasing xv, dead by then) =
-// bf16(w * (v * inv)), and block 0 stores v to res_out. sh: 32 floats.
-template <bool D1, bool D2>
-__device__ __forceinline__ void norm_row_to_shared(const NormArgs& a, int k, float* xv,
-                                                   const float* wsm, u16* xs, float* sh) {
-    const int R = blockDim.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    float4 v[NORM_Q];
-    uint2 e1[NORM_Q], e2[NORM_Q];
-#pragma unroll
-    for (int q = 0; q < NORM_Q; q++) {
-        const int g = tid + q * R;
-        const bool in = 4 * g < k;
-        v[q] = in ? __ldcg((const float4*)(a.res + 4 * g)) : make_float4(0.f, 0.f, 0.f, 0.f);
-        if (D1) e1[q] = in ? __ldcg((const uint2*)(a.d1 + 4 * g)) : make_uint2(0, 0);
-        if (D2) e2[q] = in ? __ldcg((const uint2*)(a.d2 + 4 * g)) : make_uint2(0, 0);
-    }
-#pragma unroll
-    for (int q = 0; q < NORM_Q; q++) {
-        const int g = tid + q * R;
-        if (D1) add_bf16x4(v[q], e1[q]);  // res + d1, then + d2: add_rmsnorm's order
-        if (D2) add_bf16x4(v[q], e2[q]);
-        if (4 * g < k) *(float4*)(xv + 4 * g) = v[q];
-    }
-    __syncthreads();
-    switch (R) {
-        case 32: norm_sum_squares<32>(xv, k, sh); break;
-        case 64: norm_sum_squares<16>(xv, k, sh); break;
-        case 128: norm_sum_squares<8>(xv, k, sh); break;
-        case 256: norm_sum_squares<4>(xv, k, sh); break;
-        default: norm_sum_squares<2>(xv, k, sh); break;  // 512 (the launcher allows no other)
-    }
-    __syncthreads();
-    const float inv = 1.0f / sqrtf(warp_sum_tree(sh[lane]) / (float)k + a.eps);
-    // Pass 2: bf16(w * (v * inv)), add_rmsnorm's expression.
-    const bool store = blockIdx.x == 0 && a.res_out != 0;
-#pragma unroll
-    for (int q = 0; q < NORM_Q; q++) {
-        const int g = tid + q * R;
-        if (4 * g < k) {
-            const float4 w = *(const float4*)(wsm + 4 * g);
-            const u32 lo = f32x2_to_bf16x2(w.x * (v[q].x * inv), w.y * (v[q].y * inv));
-            const u32 hi = f32x2_to_bf16x2(w.z * (v[q].z * inv), w.w * (v[q].w * inv));
-            *(uint2*)(xs + 4 * g) = make_uint2(lo, hi);
-            if (store) *(float4*)(a.res_out + 4 * g) = v[q];
-        }
-    }
-    __syncthreads();  // the row is complete before any warp's product reads it
-}
-
-// One token. Dynamic shared memory: the split-K partials, then xv (k f32; xs, the bf16 row,
-// reuses it), then wsm (k f32).
-template <int FMT, int MT, int G, int EPI>
-__device__ __forceinline__ void fp4_norm_body(const u8* __restrict__ wp, const u8* __restrict__ ws,
-                                              const float* __restrict__ gscale,
-                                              const u16* __restrict__ lut, const NormArgs& a,
-                                              u16* __restrict__ y, int n, int k, float post,
-                                              int flags) {
-    extern __shared__ float red[];
-    __shared__ float sh[32];
-    const int S = blockDim.x >> 5;
-    float* xv = red + S * 16 * MT * 8;
-    float* wsm = xv + k;
-    u16* xs = (u16*)xv;
-    int row0, tstride, lim;
-    dense_rows<FMT, MT, EPI>(n, row0, tstride, lim);
-    if ((flags & FLAG_PREFETCH) && threadIdx.x == 0)
-        dense_prefetch<FMT, MT, EPI>(wp, ws, n, k, row0, tstride, lim);
-    norm_weights_to_shared(a.w, k, wsm);
-    const DenseTokens tok{0, 1};
-    const auto norm = [&]() {
-        if (a.d1 != 0 && a.d2 != 0)
-            norm_row_to_shared<true, true>(a, k, xv, wsm, xs, sh);
-        else if (a.d1 != 0)
-            norm_row_to_shared<true, false>(a, k, xv, wsm, xs, sh);
-        else
-            norm_row_to_shared<false, false>(a, k, xv, wsm, xs, sh);
-    };
-    fp4_tile<FMT, MT, 1, G, EPI, true>(wp, ws, gscale[0], post, lut, xs, y, n, k, row0, tstride,
-                                       lim, tok, red, norm);
 }
 
 // Grouped MoE variant: one launch covers every (token, expert) pair of a layer, straight from
@@ -806,15 +622,6 @@ __device__ __forceinline__ void fp4_moe_down_t1_body(
     }
 #define DENSE_KERNEL(NAME, FMT, MT, TN, G) DENSE_KERNEL_EPI(NAME, FMT, MT, TN, G, EPI_STORE)
 
-#define NORM_KERNEL(NAME, FMT, MT, G, EPI)                                                      \
-    extern "C" __global__ void __launch_bounds__(512) NAME(                                     \
-        const u8* wp, const u8* ws, const float* gs, const u16* lut, const float* res,           \
-        const u16* d1, const u16* d2, const float* nw, float* res_out, float eps, u16* y, int n, \
-        int k, float post, int flags) {                                                          \
-        const NormArgs a{res, d1, d2, nw, res_out, eps};                                         \
-        fp4_norm_body<FMT, MT, G, EPI>(wp, ws, gs, lut, a, y, n, k, post, flags);                \
-    }
-
 #define MOE_KERNEL(NAME, FMT, MT, G, EPI, DIRECT)                                               \
     extern "C" __global__ void __launch_bounds__(512) NAME(                                     \
         const u8* wp, const u8* ws, const float* gs, const u16* lut, const u16* x, u16* y, int n, \
@@ -848,22 +655,16 @@ DENSE_VARIANTS(nv, FMT_NVFP4)
 DENSE_VARIANTS(mx, FMT_MXFP4)
 
 // fp4_gemm_sw_{nv,mx}_t{TN}_g{G}: dense [gate | up] product with the SwiGLU epilogue
-// (EPI_SWIGLU_BF16, two row tiles); fp4_gemm_norm_{nv,mx}_m{MT}_g{G}[_sw]: one token with the
-// residual add + RMSNorm prologue (gemm.rs: fp4_gemm_swiglu, fp4_gemm_norm).
-#define GATED_NORM_VARIANTS(FMTNAME, FMT)                                                 \
+// (EPI_SWIGLU_BF16, two row tiles; gemm.rs: fp4_gemm_swiglu).
+#define GATED_VARIANTS(FMTNAME, FMT)                                                      \
     DENSE_KERNEL_EPI(fp4_gemm_sw_##FMTNAME##_t1_g1, FMT, 2, 1, 1, EPI_SWIGLU_BF16)         \
     DENSE_KERNEL_EPI(fp4_gemm_sw_##FMTNAME##_t1_g2, FMT, 2, 1, 2, EPI_SWIGLU_BF16)         \
     DENSE_KERNEL_EPI(fp4_gemm_sw_##FMTNAME##_t2_g1, FMT, 2, 2, 1, EPI_SWIGLU_BF16)         \
-    DENSE_KERNEL_EPI(fp4_gemm_sw_##FMTNAME##_t4_g1, FMT, 2, 4, 1, EPI_SWIGLU_BF16)         \
-    NORM_KERNEL(fp4_gemm_norm_##FMTNAME##_m1_g1, FMT, 1, 1, EPI_STORE)                     \
-    NORM_KERNEL(fp4_gemm_norm_##FMTNAME##_m1_g2, FMT, 1, 2, EPI_STORE)                     \
-    NORM_KERNEL(fp4_gemm_norm_##FMTNAME##_m2_g1, FMT, 2, 1, EPI_STORE)                     \
-    NORM_KERNEL(fp4_gemm_norm_##FMTNAME##_m2_g2, FMT, 2, 2, EPI_STORE)                     \
-    NORM_KERNEL(fp4_gemm_norm_##FMTNAME##_m2_g1_sw, FMT, 2, 1, EPI_SWIGLU_BF16)             \
-    NORM_KERNEL(fp4_gemm_norm_##FMTNAME##_m2_g2_sw, FMT, 2, 2, EPI_SWIGLU_BF16)
+    DENSE_KERNEL_EPI(fp4_gemm_sw_##FMTNAME##_t4_g1, FMT, 2, 4, 1, EPI_SWIGLU_BF16)
 
-GATED_NORM_VARIANTS(nv, FMT_NVFP4)
-GATED_NORM_VARIANTS(mx, FMT_MXFP4)
+GATED_VARIANTS(nv, FMT_NVFP4)
+GATED_VARIANTS(mx, FMT_MXFP4)
+
 // fp4_moe_{nv,mx}_g{G}: plain grouped product (down projection);
 // fp4_moe_{nv,mx}_g{G}_swiglu: gate/up projection with SwiGLU in the epilogue.
 MOE_KERNEL(fp4_moe_nv_g1, FMT_NVFP4, 1, 1, EPI_STORE, false)

@@ -5,11 +5,10 @@
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use mimo_kernels::cuda::{
-    self, bf16_to_e4m3_rows, fp4_dequantize, fp4_gemm, fp4_gemm_fp8, fp4_gemm_norm,
-    fp4_gemm_norm_supported, fp4_gemm_swiglu, fp4_gemm_swiglu_supported, fp4_gemm_with,
-    fp4_to_e4m3_rows, moe_layer, moe_layer_with, variant_exists, E4m3Rows, Fp4GemmConfig, Fp8Gemm,
-    Fp8Scratch, GpuContext, GpuFp4Weight, MoeConfig, MoeWeights, MoeWorkspace, NormPrologue,
-    Tuning,
+    self, bf16_to_e4m3_rows, fp4_dequantize, fp4_gemm, fp4_gemm_fp8, fp4_gemm_swiglu,
+    fp4_gemm_swiglu_supported, fp4_gemm_with, fp4_to_e4m3_rows, moe_layer, moe_layer_with,
+    variant_exists, E4m3Rows, Fp4GemmConfig, Fp8Gemm, Fp8Scratch, GpuContext, GpuFp4Weight,
+    MoeConfig, MoeWeights, MoeWorkspace, Tuning,
 };
 use mimo_kernels::fp4::{amax, dequantize, nvfp4_global_scale, quantize_mxfp4, quantize_nvfp4};
 use mimo_kernels::fp8_rows;
@@ -301,156 +300,6 @@ fn fp4_gemm_matches_cpu_reference() {
             }
         }
     }
-}
-
-/// The residual row and normalised bf16 row of one token in the order of the runtime's
-/// add_rmsnorm at 1024 threads (ops.cu), which fp4_gemm_norm's prologue plays: v = res + d1 +
-/// d2; virtual thread j sums fma(v_i, v_i, s) over i = j, j + 1024, ...; the 1024 sums go
-/// through the warp shuffle tree (lane l adds lane l ^ o, o = 16 .. 1) in warps of 32, the 32
-/// warp sums through the same tree; h = bf16(w * (v * (1 / sqrt(ss / k + eps)))).
-fn norm_row_reference(
-    res: &[f32],
-    d1: Option<&[bf16]>,
-    d2: Option<&[bf16]>,
-    w: &[f32],
-    eps: f32,
-) -> (Vec<f32>, Vec<bf16>) {
-    let k = res.len();
-    let v: Vec<f32> = (0..k)
-        .map(|i| {
-            let mut v = res[i];
-            if let Some(d) = d1 {
-                v += d[i].to_f32();
-            }
-            if let Some(d) = d2 {
-                v += d[i].to_f32();
-            }
-            v
-        })
-        .collect();
-    let tree = |a: &[f32]| -> f32 {
-        let mut a = a.to_vec();
-        let mut o = 16;
-        while o > 0 {
-            a = (0..32).map(|l| a[l] + a[l ^ o]).collect();
-            o >>= 1;
-        }
-        a[0]
-    };
-    let part: Vec<f32> = (0..1024)
-        .map(|j| {
-            (j..k)
-                .step_by(1024)
-                .fold(0.0f32, |s, i| v[i].mul_add(v[i], s))
-        })
-        .collect();
-    let warps: Vec<f32> = part.chunks(32).map(tree).collect();
-    let ss = tree(&warps);
-    let inv = 1.0f32 / (ss / k as f32 + eps).sqrt();
-    let h = (0..k)
-        .map(|i| bf16::from_f32(w[i] * (v[i] * inv)))
-        .collect();
-    (v, h)
-}
-
-/// The fused residual add + RMSNorm prologue: the normalised row bit-identical to the
-/// reference order above, proved through the product (bit-identical to fp4_gemm of the CPU's
-/// row) and the stored residual (bit-identical to the CPU's v); with the SwiGLU epilogue,
-/// bit-identical to fp4_gemm_swiglu of that row.
-#[test]
-fn fp4_gemm_norm_is_add_rmsnorm_then_fp4_gemm() {
-    let Some(gpu) = gpu() else { return };
-    let mut rng = rng("fp4_gemm_norm");
-    let sm = gpu.sm_count();
-    // (n, k, swiglu): 1, 2, 4, 8 and 16 warps (1024 / R = 32 .. 2 virtual threads each), one
-    // and two row tiles, rows and K off the tile sizes where the kernel allows it.
-    let shapes = [
-        (77, 32, false),
-        (200, 256, false),
-        (77, 1024, false),
-        (4160, 1024, false),
-        (96, 2048, false),
-        (300, 4096, false),
-        (400, 1024, true),
-        (4160, 2048, true),
-    ];
-    let mut tested = 0;
-    for format in FORMATS {
-        for (si, &(n, k, swiglu)) in shapes.iter().enumerate() {
-            let wf = random_matrix(&mut rng, n * k, 0.02);
-            let q = quantize(format, &wf, n, k);
-            let w = GpuFp4Weight::upload(&gpu, "w", &q).unwrap();
-            assert!(
-                fp4_gemm_norm_supported(&w, swiglu, sm),
-                "{format} [{n}, {k}] swiglu {swiglu}: no norm kernel"
-            );
-            let res: Vec<f32> = random_matrix(&mut rng, k, 3.0);
-            let d1 = to_bf16(&random_matrix(&mut rng, k, 1.0));
-            let d2 = to_bf16(&random_matrix(&mut rng, k, 0.5));
-            let nw: Vec<f32> = (0..k).map(|_| 0.5 + rng.random::<f32>()).collect();
-            let eps = 1e-6f32;
-            // Deltas: both, the first only, none (by shape, so every kernel sees one mode).
-            let (use1, use2) = [(true, true), (true, false), (false, false)][si % 3];
-            let (v, h) = norm_row_reference(
-                &res,
-                use1.then_some(&d1[..]),
-                use2.then_some(&d2[..]),
-                &nw,
-                eps,
-            );
-            let st = gpu.stream();
-            let res_d = st.clone_htod(&res).unwrap();
-            let d1_d = st.clone_htod(&d1).unwrap();
-            let d2_d = st.clone_htod(&d2).unwrap();
-            let nw_d = st.clone_htod(&nw).unwrap();
-            let h_d = st.clone_htod(&h).unwrap();
-            let mut res_out = st.clone_htod(&vec![f32::NAN; k]).unwrap();
-            let rows = if swiglu { n / 2 } else { n };
-            let mut y = poisoned(&gpu, rows);
-            let norm = NormPrologue {
-                res: &res_d,
-                d1: use1.then_some(&d1_d),
-                d2: use2.then_some(&d2_d),
-                weight: &nw_d,
-                eps,
-            };
-            fp4_gemm_norm(&gpu, &w, &norm, &mut res_out, &mut y, swiglu).unwrap();
-            let mut want = poisoned(&gpu, rows);
-            if swiglu {
-                fp4_gemm_swiglu(&gpu, &w, &h_d, 1, &mut want).unwrap();
-            } else {
-                fp4_gemm(&gpu, &w, &h_d, 1, &mut want).unwrap();
-            }
-            let got = st.clone_dtoh(&y).unwrap();
-            let want = st.clone_dtoh(&want).unwrap();
-            let what = format!("{format} [{n}, {k}] swiglu {swiglu} d1 {use1} d2 {use2}");
-            for (i, (g, e)) in got.iter().zip(&want).enumerate() {
-                assert_eq!(g.to_bits(), e.to_bits(), "{what}: output {i}: {g} vs {e}");
-            }
-            let got_res = st.clone_dtoh(&res_out).unwrap();
-            for (i, (g, e)) in got_res.iter().zip(&v).enumerate() {
-                assert_eq!(g.to_bits(), e.to_bits(), "{what}: residual {i}: {g} vs {e}");
-            }
-            // And the product is the product of that row (not two equal wrong answers).
-            if !swiglu {
-                let hf: Vec<f32> = h.iter().map(|x| x.to_f32()).collect();
-                let wd = dequantize(&q).unwrap();
-                check_close(&what, &got, &matmul_ref(&wd, &hf, 1, n, k), 8e-3, 2e-2);
-            }
-            tested += 1;
-        }
-    }
-    assert_eq!(tested, 2 * shapes.len());
-    // K split over 5 warps (a 544-wide row): 160 threads do not divide add_rmsnorm's 1024, so
-    // there is no kernel and the caller keeps the two launches.
-    let q = quantize(
-        Fp4Format::Nvfp4,
-        &random_matrix(&mut rng, 200 * 544, 0.02),
-        200,
-        544,
-    );
-    let w = GpuFp4Weight::upload(&gpu, "w", &q).unwrap();
-    assert!(!fp4_gemm_norm_supported(&w, false, sm));
 }
 
 /// The dense SwiGLU epilogue against fp4_gemm's [gate | up] output and silu on the CPU (the

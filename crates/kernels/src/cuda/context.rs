@@ -104,13 +104,9 @@ pub struct Tuning {
     /// prologue issues every load at once (H100, Qwen3-30B-A3B NVFP4 decode: 415 vs 401
     /// tokens/s; the first version, whose loads went one loop step at a time, lost 337 vs 349).
     pub norm_router: bool,
-    /// One-token passes fold the residual add + RMSNorm before an FP4 q/k/v projection (and,
-    /// in dense layers, before the FP4 gate/up projection) into that GEMV's prologue
-    /// ([`super::fp4_gemm_norm`]): one launch and one round trip of the normalised row fewer
-    /// per norm, bit-identical output.
-    pub norm_gemv: bool,
     /// Dense FP4 gate/up projections apply SwiGLU in their epilogue
-    /// ([`super::fp4_gemm_swiglu`]) instead of a separate kernel: bit-identical output.
+    /// ([`super::fp4_gemm_swiglu`]) instead of a separate kernel: bit-identical output. On by
+    /// default (H100, MiMo-7B NVFP4 decode: +2.3 % at batch 1, +3 % at 8, +8.5 % at 32).
     pub dense_swiglu: bool,
     /// One-sequence decode steps' attention through the runtime's warp kernel (`attention_w`:
     /// 4 warps x 16 keys, head_dim 32..=128 in steps of 32) instead of the thread-per-key one.
@@ -138,7 +134,6 @@ impl Default for Tuning {
             l2_prefetch_small: true,
             moe_direct: true,
             norm_router: true,
-            norm_gemv: false,
             dense_swiglu: true,
             warp_attention: true,
             fp8_prefill: true,
@@ -165,7 +160,6 @@ impl Tuning {
             l2_prefetch_small: flag("MIMO_L2_PREFETCH_SMALL", d.l2_prefetch_small),
             moe_direct: flag("MIMO_MOE_DIRECT", d.moe_direct),
             norm_router: flag("MIMO_NORM_ROUTER", d.norm_router),
-            norm_gemv: flag("MIMO_NORM_GEMV", d.norm_gemv),
             dense_swiglu: flag("MIMO_DENSE_SWIGLU", d.dense_swiglu),
             warp_attention: flag("MIMO_WARP_ATTENTION", d.warp_attention),
             fp8_prefill: flag("MIMO_FP8_PREFILL", d.fp8_prefill),

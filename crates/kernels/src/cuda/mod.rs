@@ -31,9 +31,8 @@ pub use fp8::{
     bf16_to_e4m3_rows, fp4_gemm_fp8, fp4_to_e4m3_rows, fp8_shape_ok, E4m3Rows, Fp8Gemm, Fp8Scratch,
 };
 pub use gemm::{
-    device_copy, fp4_dequantize, fp4_gemm, fp4_gemm_norm, fp4_gemm_norm_supported, fp4_gemm_swiglu,
-    fp4_gemm_swiglu_supported, fp4_gemm_with, token_tiles, variant_exists, Fp4GemmConfig,
-    NormPrologue, K_CHUNK,
+    device_copy, fp4_dequantize, fp4_gemm, fp4_gemm_swiglu, fp4_gemm_swiglu_supported,
+    fp4_gemm_with, token_tiles, variant_exists, Fp4GemmConfig, K_CHUNK,
 };
 pub use graph::PdlGraph;
 pub use moe::{moe_layer, moe_layer_with, MoeConfig, MoeWeights, MoeWorkspace, MOE_MAX_EXPERTS};

@@ -510,7 +510,6 @@ fn tuning_ablation(
         flip(|t| &mut t.l2_prefetch_small, "l2_prefetch_small"),
         flip(|t| &mut t.moe_direct, "moe_direct"),
         flip(|t| &mut t.norm_router, "norm_router"),
-        flip(|t| &mut t.norm_gemv, "norm_gemv"),
         flip(|t| &mut t.dense_swiglu, "dense_swiglu"),
         flip(|t| &mut t.warp_attention, "warp_attention"),
         (
@@ -521,7 +520,6 @@ fn tuning_ablation(
                 l2_prefetch_small: false,
                 moe_direct: false,
                 norm_router: false,
-                norm_gemv: false,
                 dense_swiglu: false,
                 warp_attention: false,
                 fp8_prefill: base.fp8_prefill,

@@ -18,9 +18,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{sys, CudaEvent, CudaSlice};
 use half::bf16;
-use mimo_kernels::cuda::{
-    moe_layer, GpuFp4Weight, MoeWeights, MoeWorkspace, NormPrologue, PdlGraph,
-};
+use mimo_kernels::cuda::{moe_layer, GpuFp4Weight, MoeWeights, MoeWorkspace, PdlGraph};
 use mimo_kernels::Fp4Matrix;
 
 use super::error::{drv, GpuError};
@@ -72,21 +70,10 @@ impl Mlp {
         b: &mut MlpBufs,
         out: &mut CudaSlice<bf16>,
     ) -> Result<(), GpuError> {
-        self.act(gpu, x, m, b)?;
-        self.down.forward(gpu, &b.act, m, out)
-    }
-
-    /// `b.act = silu(gate(x)) * up(x)`: one launch where the fused FP4 gate/up applies SwiGLU
-    /// in its epilogue (`Tuning::dense_swiglu`), else the product(s) and the SwiGLU kernel.
-    fn act(
-        &self,
-        gpu: &Gpu,
-        x: &CudaSlice<bf16>,
-        m: usize,
-        b: &mut MlpBufs,
-    ) -> Result<(), GpuError> {
         let i = self.inter;
         match (&self.gate_up, &mut b.up) {
+            // One launch where the fused FP4 gate/up applies SwiGLU in its epilogue
+            // (`Tuning::dense_swiglu`), else the product and the SwiGLU kernel.
             (GateUp::Fused(l), _) => {
                 if !l.forward_swiglu(gpu, x, m, &mut b.act)? {
                     l.forward(gpu, x, m, &mut b.gate)?;
@@ -120,42 +107,7 @@ impl Mlp {
                 ))
             }
         }
-        Ok(())
-    }
-
-    /// Whether one token's norm before this MLP can run in its gate/up kernel's prologue.
-    fn norm_fusable(&self, gpu: &Gpu) -> bool {
-        matches!(&self.gate_up, GateUp::Fused(l) if l.norm_fusable(gpu, false))
-    }
-
-    /// [`Mlp::act`] of one token whose residual add + RMSNorm (`norm`, the residual row stored
-    /// to `res_out`) runs in the gate/up kernel's prologue; where [`Mlp::norm_fusable`].
-    fn act_norm(
-        &self,
-        gpu: &Gpu,
-        norm: &NormPrologue<'_>,
-        res_out: &mut CudaSlice<f32>,
-        b: &mut MlpBufs,
-    ) -> Result<(), GpuError> {
-        let GateUp::Fused(l) = &self.gate_up else {
-            return Err(GpuError::Unsupported(
-                "fused norm: gate and up are separate Linears".into(),
-            ));
-        };
-        if gpu.ctx.tuning().dense_swiglu && l.norm_fusable(gpu, true) {
-            return l.forward_norm(gpu, norm, res_out, &mut b.act, true);
-        }
-        l.forward_norm(gpu, norm, res_out, &mut b.gate, false)?;
-        let i = self.inter;
-        gpu.ops.swiglu(
-            &gpu.ctx,
-            &b.gate.slice(..),
-            &b.gate.slice(i..),
-            2 * i,
-            &mut b.act,
-            1,
-            i,
-        )
+        self.down.forward(gpu, &b.act, m, out)
     }
 }
 
@@ -271,9 +223,6 @@ struct Ws {
     seq: CudaSlice<i32>,
     bad: CudaSlice<i32>,
     x: CudaSlice<f32>,
-    /// Where a norm fused into the next GEMV (`Tuning::norm_gemv`) writes the residual stream
-    /// (its other blocks still read `x`); the two are then swapped.
-    x_alt: CudaSlice<f32>,
     h: CudaSlice<bf16>,
     qkv: QkvBufs,
     attn: CudaSlice<bf16>,
@@ -316,27 +265,6 @@ struct Pend {
     /// `attn_delta` (a fused norm + router layer's attention output) is still to be added,
     /// before the FFN output.
     attn: bool,
-}
-
-impl Pend {
-    /// Whether a norm fused into a GEMV can add what is pending (at most two bf16 deltas: no
-    /// MoE pairs, no gated shared expert).
-    fn fusable(self) -> bool {
-        !self.pairs && !self.shared
-    }
-
-    /// The pending deltas in add_norm's order, for a fused norm (see [`Pend::fusable`]).
-    fn deltas<'a>(
-        self,
-        attn_delta: &'a CudaSlice<bf16>,
-        delta: &'a CudaSlice<bf16>,
-    ) -> (Option<&'a CudaSlice<bf16>>, Option<&'a CudaSlice<bf16>>) {
-        if self.attn {
-            (Some(attn_delta), self.delta.then_some(delta))
-        } else {
-            (self.delta.then_some(delta), None)
-        }
-    }
 }
 
 fn zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
@@ -801,7 +729,6 @@ impl GpuModel {
             seq: zeros(g, m)?,
             bad: zeros(g, 1)?,
             x: zeros(g, m * hd)?,
-            x_alt: zeros(g, m * hd)?,
             h: zeros(g, m * hd)?,
             qkv,
             attn: zeros(g, m * h * d)?,
@@ -852,17 +779,11 @@ impl GpuModel {
         self.mark("embedding")?;
         let mut pend = Pend::default();
         for (li, layer) in self.layers.iter().enumerate() {
-            // One token: the norm runs in the q/k/v GEMV's prologue where it can.
-            let fuse_in = m == 1
-                && self.runs(Stage::InNorm)
-                && self.runs(Stage::Qkv)
-                && pend.fusable()
-                && matches!(&layer.qkv, Qkv::Fused(l) if l.norm_fusable(gpu, false));
-            if self.runs(Stage::InNorm) && !fuse_in {
+            if self.runs(Stage::InNorm) {
                 self.add_norm(ws, pend, &layer.in_norm, false)?;
             }
             self.mark("norm")?;
-            pend = self.layer_pass(ws, li, decode, fuse_in.then_some(pend), None)?;
+            pend = self.layer_pass(ws, li, decode, None)?;
         }
         self.add_norm(ws, pend, &self.final_norm, true)?;
         self.mark("final_norm")?;
@@ -920,7 +841,6 @@ impl GpuModel {
         ws: &mut Ws,
         li: usize,
         decode: bool,
-        in_norm: Option<Pend>,
         mut tap: Option<&mut walk::Tap<'_>>,
     ) -> Result<Pend, GpuError> {
         let c = &self.config;
@@ -942,26 +862,7 @@ impl GpuModel {
         // Attention.
         match (&layer.qkv, &mut ws.qkv) {
             _ if !self.runs(Stage::Qkv) => {}
-            (Qkv::Fused(l), QkvBufs::Fused(buf)) => match in_norm {
-                Some(p) if p.fusable() => {
-                    let (d1, d2) = p.deltas(&ws.attn_delta, &ws.delta);
-                    let norm = NormPrologue {
-                        res: &ws.x,
-                        d1,
-                        d2,
-                        weight: &layer.in_norm,
-                        eps,
-                    };
-                    l.forward_norm(gpu, &norm, &mut ws.x_alt, buf, false)?;
-                    std::mem::swap(&mut ws.x, &mut ws.x_alt);
-                }
-                Some(_) => {
-                    return Err(GpuError::Unsupported(
-                        "fused norm with MoE pairs or a shared expert pending".into(),
-                    ))
-                }
-                None => l.forward(gpu, &ws.h, m, buf)?,
-            },
+            (Qkv::Fused(l), QkvBufs::Fused(buf)) => l.forward(gpu, &ws.h, m, buf)?,
             (Qkv::Split(lq, lk, lv), QkvBufs::Split(bq, bk, bv)) => {
                 lq.forward(gpu, &ws.h, m, bq)?;
                 lk.forward(gpu, &ws.h, m, bk)?;
@@ -1087,15 +988,7 @@ impl GpuModel {
             layer.o.forward(gpu, &ws.attn, m, o_out)?;
         }
         self.mark("o_proj")?;
-        // One token of a dense layer: the post-attention norm runs in the gate/up GEMV's
-        // prologue where it can.
-        let fuse_post = !fuse
-            && tap.is_none()
-            && m == 1
-            && self.runs(Stage::PostNorm)
-            && self.runs(Stage::Ffn)
-            && matches!(&layer.ffn, Ffn::Dense(mlp) if mlp.norm_fusable(gpu));
-        if !fuse && !fuse_post {
+        if !fuse {
             if self.runs(Stage::PostNorm) {
                 self.add_norm(
                     ws,
@@ -1117,20 +1010,7 @@ impl GpuModel {
                     .dense
                     .as_mut()
                     .ok_or_else(|| GpuError::Unsupported("dense buffers".into()))?;
-                if fuse_post {
-                    let norm = NormPrologue {
-                        res: &ws.x,
-                        d1: Some(&ws.delta),
-                        d2: None,
-                        weight: &layer.post_norm,
-                        eps,
-                    };
-                    mlp.act_norm(gpu, &norm, &mut ws.x_alt, bufs)?;
-                    std::mem::swap(&mut ws.x, &mut ws.x_alt);
-                    mlp.down.forward(gpu, &bufs.act, m, &mut ws.delta)?;
-                } else {
-                    mlp.forward(gpu, &ws.h, m, bufs, &mut ws.delta)?;
-                }
+                mlp.forward(gpu, &ws.h, m, bufs, &mut ws.delta)?;
                 self.mark("mlp")?;
                 if let Some(t) = tap.as_deref_mut() {
                     t.site(self, Site::GateUp(li), &ws.h, m, hd)?;

@@ -10,9 +10,9 @@ use cudarc::cublas::CudaBlas;
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use mimo_kernels::cuda::{
-    bf16_gemm, bf16_to_e4m3_rows, fp4_gemm, fp4_gemm_dequant_cublas, fp4_gemm_fp8, fp4_gemm_norm,
-    fp4_gemm_norm_supported, fp4_gemm_swiglu, fp4_gemm_swiglu_supported, fp4_to_e4m3_rows,
-    fp8_shape_ok, E4m3Rows, Fp8Gemm, Fp8Scratch, GpuContext, GpuFp4Weight, NormPrologue,
+    bf16_gemm, bf16_to_e4m3_rows, fp4_gemm, fp4_gemm_dequant_cublas, fp4_gemm_fp8, fp4_gemm_swiglu,
+    fp4_gemm_swiglu_supported, fp4_to_e4m3_rows, fp8_shape_ok, E4m3Rows, Fp8Gemm, Fp8Scratch,
+    GpuContext, GpuFp4Weight,
 };
 use mimo_kernels::Fp4Matrix;
 
@@ -290,41 +290,13 @@ impl GpuLinear {
         Ok(())
     }
 
-    /// The packed weight of an FP4 Linear without a bias (the fused kernels below have no bias
+    /// The packed weight of an FP4 Linear without a bias (the fused kernel below has no bias
     /// epilogue).
     fn fp4_plain(&self) -> Option<&GpuFp4Weight> {
         match self {
             GpuLinear::Fp4 { w, bias: None, .. } => Some(w),
             _ => None,
         }
-    }
-
-    /// Whether [`GpuLinear::forward_norm`] can run this Linear (`Tuning::norm_gemv` on, FP4
-    /// without a bias, a one-token norm kernel for its shape).
-    pub fn norm_fusable(&self, gpu: &Gpu, swiglu: bool) -> bool {
-        gpu.ctx.tuning().norm_gemv
-            && self
-                .fp4_plain()
-                .is_some_and(|w| fp4_gemm_norm_supported(w, swiglu, gpu.ctx.sm_count()))
-    }
-
-    /// One token through `norm` (residual add + RMSNorm, the residual row stored to `res_out`)
-    /// and this Linear in one launch; with `swiglu` (a `[gate | up]` weight) `y` gets
-    /// `silu(gate) * up`. Bit-identical to the runtime's add_rmsnorm followed by
-    /// [`GpuLinear::forward`] (and the SwiGLU kernel). Only where [`GpuLinear::norm_fusable`].
-    pub fn forward_norm(
-        &self,
-        gpu: &Gpu,
-        norm: &NormPrologue<'_>,
-        res_out: &mut CudaSlice<f32>,
-        y: &mut CudaSlice<bf16>,
-        swiglu: bool,
-    ) -> Result<(), GpuError> {
-        let w = self.fp4_plain().ok_or_else(|| {
-            GpuError::Unsupported("fused norm: not an FP4 Linear without bias".into())
-        })?;
-        fp4_gemm_norm(&gpu.ctx, w, norm, res_out, y, swiglu)?;
-        Ok(())
     }
 
     /// `act[m, n/2] = silu(x·G^T) * (x·U^T)` of a `[gate | up]` FP4 Linear in one launch,

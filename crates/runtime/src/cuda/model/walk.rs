@@ -502,7 +502,7 @@ impl GpuModel {
             .map_err(drv("upload sequence ids"))?;
         let layer = &self.layers[li];
         self.add_norm(ws, Pend::default(), &layer.in_norm, false)?;
-        let pend = self.layer_pass(ws, li, false, None, Some(tap))?;
+        let pend = self.layer_pass(ws, li, false, Some(tap))?;
         // Folds the layer's outputs into the residual stream (the norm it also computes is not
         // used).
         self.add_norm(ws, pend, &layer.in_norm, false)?;
