@@ -154,16 +154,75 @@ __device__ __forceinline__ void load_weights(const u8* const (&wptr)[MT][2],
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Activation staging (the _xs kernels, 16 and 32 tokens; gemm.rs: Tuning::x_stage). Loaded straight from global memory, the
+// activation fragments of one mma step are 16 bytes per lane at a 64-byte stride (lane t reads
+// elements 32t + 8q of its token at step q): each warp request touches two 128-byte lines per
+// token for 16 bytes of each sector used, and at 16 tokens the L1 moved ~4 bytes of activations
+// per weight byte (ncu: L1/TEX 78 % busy, 70 % hit rate, on 4096 x 14336). Staged, each warp
+// copies the activations of its own next chunks into its own shared-memory buffer with
+// coalesced 16-byte cp.async (256 contiguous bytes per token and chunk), one iteration ahead,
+// and reads fragments back conflict-free: no block barrier, the copy overlaps the compute.
+// Layout of one chunk: slot s (token) x 2 lines of 64 elements; 16-byte piece c of the slot's
+// 128 elements goes to line c >> 3, unit (c & 7) ^ ((c >> 3) << 1) ^ (s & 1): the 8 lanes of a
+// quarter warp (two slots, t = 0..3 at one step q) then hit 8 distinct bank groups.
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    u64 a;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
+    return (u32)a;
+}
+
+// 16 bytes global -> shared, zero-filled where !valid (src-size 0: nothing is read).
+__device__ __forceinline__ void cp_async16(u16* dst, const u16* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src),
+                 "r"(valid ? 16 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+// Waits until at most one committed group of this thread is still in flight.
+__device__ __forceinline__ void cp_async_wait1() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
+
+// Element offset of piece c (8 elements) of slot s inside a staged chunk.
+__device__ __forceinline__ int xstage_off(int s, int c) {
+    return s * 128 + (c >> 3) * 64 + (((c & 7) ^ ((c >> 3) << 1) ^ (s & 1)) << 3);
+}
+
+// One warp: the activations of G chunks from element kc on into buf (lane takes pieces lane +
+// 32i: slot (lane >> 4) + 2i, piece lane & 15; empty slots copy token row 0, as the direct
+// path reads it).
+template <int TN, int G, class Tokens>
+__device__ __forceinline__ void stage_x(u16* buf, const u16* __restrict__ x, const Tokens& tok,
+                                        int kc, int k) {
+    const int lane = threadIdx.x & 31, c = lane & 15;
+#pragma unroll
+    for (int u = 0; u < G; u++) {
+        const int e = kc + u * 128 + 8 * c;
+        const bool valid = e < k;
+#pragma unroll
+        for (int i = 0; i < 4 * TN; i++) {
+            const int slot = (lane >> 4) + 2 * i;
+            const int xr = tok.in_row(slot);
+            cp_async16(buf + u * (8 * TN * 128) + xstage_off(slot, c),
+                       x + (size_t)(xr < 0 ? 0 : xr) * k + (valid ? e : 0), valid);
+        }
+    }
+}
+
 // One iteration's arithmetic: G chunks starting at element kpiece0 - 32t of every row.
-template <int FMT, int MT, int TN, int G>
+template <int FMT, int MT, int TN, int G, bool XST = false>
 __device__ __forceinline__ void compute_chunks(const WeightRegs<MT, G>& r,
                                                const u16* const (&xptr)[TN], int kpiece, int k,
                                                const u16* __restrict__ lut,
-                                               float (&acc)[MT][TN][4]) {
+                                               float (&acc)[MT][TN][4],
+                                               const u16* xs = 0) {
     // Activations: loaded for the whole iteration up front where registers allow; the wide
     // variants (TN * MT >= 4) load them per word step instead (they spilled otherwise).
     // Groups of more than two chunks load them per word step too (registers).
-    constexpr bool X_UPFRONT = TN * MT < 4 && G <= 2;
+    // Staged activations (XST: xs is this warp's buffer) are read per word step from shared
+    // memory.
+    constexpr bool X_UPFRONT = !XST && TN * MT < 4 && G <= 2;
     constexpr int XG = X_UPFRONT ? G : 1;
     uint4 xv[XG][TN][4];
     if (X_UPFRONT) {
@@ -215,7 +274,10 @@ __device__ __forceinline__ void compute_chunks(const WeightRegs<MT, G>& r,
             uint4 xj[TN];
 #pragma unroll
             for (int j = 0; j < TN; j++) {
-                if (X_UPFRONT) {
+                if (XST) {
+                    const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+                    xj[j] = *(const uint4*)(xs + (u * TN + j) * (8 * 128) + xstage_off(g, 4 * t + q));
+                } else if (X_UPFRONT) {
                     xj[j] = xv[X_UPFRONT ? u : 0][j][q];
                 } else {
                     const bool kval = kpiece + u * 128 < k;
@@ -256,14 +318,14 @@ __device__ __forceinline__ void compute_chunks(const WeightRegs<MT, G>& r,
 // row0 + l < lim and the row is < n. Dense: tstride 16, lim n. Gated: tstride = lim = inter.
 // The main loop: adds to acc the products of this warp's K chunks (c_first, then every
 // `stride` chunks, G at a time) of rows [row0, ...) (see fp4_tile) with the tokens' activations.
-template <int FMT, int MT, int TN, int G, class Tokens>
+template <int FMT, int MT, int TN, int G, class Tokens, bool XST = false>
 __device__ __forceinline__ void fp4_accumulate(const u8* __restrict__ wp,
                                                const u8* __restrict__ ws,
                                                const u16* __restrict__ lut,
                                                const u16* __restrict__ x, int n, int k, int row0,
                                                int tstride, int lim, const Tokens& tok,
                                                int c_first, int stride,
-                                               float (&acc)[MT][TN][4]) {
+                                               float (&acc)[MT][TN][4], u16* xsw = 0) {
     const int lane = threadIdx.x & 31;
     const int g = lane >> 2;
     const int t = lane & 3;
@@ -313,6 +375,49 @@ __device__ __forceinline__ void fp4_accumulate(const u8* __restrict__ wp,
     // Callers that read routing data first have waited already (a second wait returns at once).
     pdl_enter();
     const int kend = nchunks << 7;
+    if (XST) {
+        // Two staging buffers of G chunks: the next iteration's activations are copied while
+        // this one's are used (see stage_x).
+        u16* xa = xsw;
+        u16* xb = xsw + G * 8 * TN * 128;
+        stage_x<TN, G>(xa, x, tok, kp - (t << 5), k);
+        cp_async_commit();
+        while (true) {
+#pragma unroll
+            for (int i = 0; i < MT; i++)
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    wptr[i][h] += wstep;
+                    sptr[i][h] += sstep;
+                }
+            load_weights<FMT, MT, G>(wptr, sptr, kp + kstep, k, rb);
+            if (kp + kstep - (t << 5) < kend) stage_x<TN, G>(xb, x, tok, kp + kstep - (t << 5), k);
+            cp_async_commit();
+            cp_async_wait1();
+            __syncwarp();
+            compute_chunks<FMT, MT, TN, G, true>(ra, xptr, kp, k, lut, acc, xa);
+            __syncwarp();  // every lane is done with xa before it is staged again
+            kp += kstep;
+            if (kp - (t << 5) >= kend) break;
+#pragma unroll
+            for (int i = 0; i < MT; i++)
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    wptr[i][h] += wstep;
+                    sptr[i][h] += sstep;
+                }
+            load_weights<FMT, MT, G>(wptr, sptr, kp + kstep, k, ra);
+            if (kp + kstep - (t << 5) < kend) stage_x<TN, G>(xa, x, tok, kp + kstep - (t << 5), k);
+            cp_async_commit();
+            cp_async_wait1();
+            __syncwarp();
+            compute_chunks<FMT, MT, TN, G, true>(rb, xptr, kp, k, lut, acc, xb);
+            __syncwarp();
+            kp += kstep;
+            if (kp - (t << 5) >= kend) break;
+        }
+        return;
+    }
     while (kp - (t << 5) < kend) {
 #pragma unroll
         for (int i = 0; i < MT; i++)
@@ -338,7 +443,7 @@ __device__ __forceinline__ void fp4_accumulate(const u8* __restrict__ wp,
     }
 }
 
-template <int FMT, int MT, int TN, int G, int EPI, class Tokens>
+template <int FMT, int MT, int TN, int G, int EPI, class Tokens, bool XST = false>
 __device__ __forceinline__ void fp4_tile(const u8* __restrict__ wp, const u8* __restrict__ ws,
                                          float gscale, float post,
                                          const u16* __restrict__ lut,
@@ -357,8 +462,10 @@ __device__ __forceinline__ void fp4_tile(const u8* __restrict__ wp, const u8* __
         for (int j = 0; j < TN; j++)
 #pragma unroll
             for (int c = 0; c < 4; c++) acc[i][j][c] = 0.f;
-    fp4_accumulate<FMT, MT, TN, G>(wp, ws, lut, x, n, k, row0, tstride, lim, tok, warp * G,
-                                   S * G, acc);
+    // XST: this warp's two staging buffers follow the split-K partials in dynamic shared memory.
+    u16* xsw = XST ? (u16*)(red + S * 16 * MT * 8 * TN) + warp * (2 * G * 8 * TN * 128) : 0;
+    fp4_accumulate<FMT, MT, TN, G, Tokens, XST>(wp, ws, lut, x, n, k, row0, tstride, lim, tok,
+                                                warp * G, S * G, acc, xsw);
 
     // Split-K reduction: red[warp][row 0..16MT)[token 0..8TN)
     const int ROWS = 16 * MT, TOK = 8 * TN;
@@ -454,7 +561,7 @@ __device__ __forceinline__ void dense_prefetch(const u8* __restrict__ wp, const 
     }
 }
 
-template <int FMT, int MT, int TN, int G, int EPI>
+template <int FMT, int MT, int TN, int G, int EPI, bool XST = false>
 __device__ __forceinline__ void fp4_dense_body(const u8* __restrict__ wp, const u8* __restrict__ ws,
                                                const float* __restrict__ gscale,
                                                const u16* __restrict__ lut,
@@ -467,8 +574,8 @@ __device__ __forceinline__ void fp4_dense_body(const u8* __restrict__ wp, const 
     if ((flags & FLAG_PREFETCH) && threadIdx.x == 0 && blockIdx.z == 0)
         dense_prefetch<FMT, MT, EPI>(wp, ws, n, k, row0, tstride, lim);
     // pdl_enter: inside fp4_accumulate, after the first weight loads.
-    fp4_tile<FMT, MT, TN, G, EPI>(wp, ws, gscale[0], post, lut, x, y, n, k, row0, tstride, lim,
-                                  tok, red);
+    fp4_tile<FMT, MT, TN, G, EPI, DenseTokens, XST>(wp, ws, gscale[0], post, lut, x, y, n, k, row0,
+                                                    tstride, lim, tok, red);
 }
 
 // Grouped MoE variant: one launch covers every (token, expert) pair of a layer, straight from
@@ -621,6 +728,14 @@ __device__ __forceinline__ void fp4_moe_down_t1_body(
         fp4_dense_body<FMT, MT, TN, G, EPI>(wp, ws, gs, lut, x, y, m, n, k, post, flags);        \
     }
 #define DENSE_KERNEL(NAME, FMT, MT, TN, G) DENSE_KERNEL_EPI(NAME, FMT, MT, TN, G, EPI_STORE)
+// Activation-staged dense kernels (see stage_x; gemm.rs: Tuning::x_stage).
+#define DENSE_KERNEL_XS(NAME, FMT, MT, TN, G)                                                   \
+    extern "C" __global__ void __launch_bounds__(512) NAME(                                    \
+        const u8* wp, const u8* ws, const float* gs, const u16* lut, const u16* x, u16* y, int m, \
+        int n, int k, float post, int flags) {                                                   \
+        fp4_dense_body<FMT, MT, TN, G, EPI_STORE, true>(wp, ws, gs, lut, x, y, m, n, k, post,    \
+                                                        flags);                                  \
+    }
 
 #define MOE_KERNEL(NAME, FMT, MT, G, EPI, DIRECT)                                               \
     extern "C" __global__ void __launch_bounds__(512) NAME(                                     \
@@ -664,6 +779,18 @@ DENSE_VARIANTS(mx, FMT_MXFP4)
 
 GATED_VARIANTS(nv, FMT_NVFP4)
 GATED_VARIANTS(mx, FMT_MXFP4)
+
+// fp4_gemm_{nv,mx}_m{MT}_t{TN}_g{G}_xs: the 16- and 32-token variants with staged activations.
+#define XS_VARIANTS(FMTNAME, FMT)                                \
+    DENSE_KERNEL_XS(fp4_gemm_##FMTNAME##_m1_t2_g1_xs, FMT, 1, 2, 1) \
+    DENSE_KERNEL_XS(fp4_gemm_##FMTNAME##_m1_t2_g2_xs, FMT, 1, 2, 2) \
+    DENSE_KERNEL_XS(fp4_gemm_##FMTNAME##_m2_t2_g1_xs, FMT, 2, 2, 1) \
+    DENSE_KERNEL_XS(fp4_gemm_##FMTNAME##_m2_t2_g2_xs, FMT, 2, 2, 2) \
+    DENSE_KERNEL_XS(fp4_gemm_##FMTNAME##_m1_t4_g1_xs, FMT, 1, 4, 1) \
+    DENSE_KERNEL_XS(fp4_gemm_##FMTNAME##_m2_t4_g1_xs, FMT, 2, 4, 1)
+
+XS_VARIANTS(nv, FMT_NVFP4)
+XS_VARIANTS(mx, FMT_MXFP4)
 
 // fp4_moe_{nv,mx}_g{G}: plain grouped product (down projection);
 // fp4_moe_{nv,mx}_g{G}_swiglu: gate/up projection with SwiGLU in the epilogue.

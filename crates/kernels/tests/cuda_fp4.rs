@@ -275,16 +275,20 @@ fn fp4_gemm_matches_cpu_reference() {
                 "m={m}: too few kernel variants under test"
             );
             for cfg in configs {
-                // The automatic shape also runs with the L2 prefetch prologue (Tuning).
-                let prefetch = if cfg.is_none() {
-                    vec![false, true]
-                } else {
-                    vec![false]
-                };
-                for pf in prefetch {
+                // The automatic shape also runs with the L2 prefetch prologue (Tuning); from 9
+                // tokens every shape also runs with staged activations (Tuning::x_stage).
+                let mut modes = vec![(false, false)];
+                if cfg.is_none() {
+                    modes.push((true, false));
+                }
+                if m > 8 {
+                    modes.push((false, true));
+                }
+                for (pf, xs) in modes {
                     let base = gpu.tuning();
                     gpu.set_tuning(Tuning {
                         l2_prefetch: pf,
+                        x_stage: xs,
                         ..base
                     });
                     let mut y = poisoned(&gpu, m * n);
@@ -294,7 +298,8 @@ fn fp4_gemm_matches_cpu_reference() {
                     }
                     gpu.set_tuning(base);
                     let got = gpu.stream().clone_dtoh(&y).unwrap();
-                    let what = format!("{format} m={m} n={n} k={k} {cfg:?} prefetch {pf}");
+                    let what =
+                        format!("{format} m={m} n={n} k={k} {cfg:?} prefetch {pf} x_stage {xs}");
                     check_close(&what, &got, &want, 8e-3, 2e-2);
                 }
             }

@@ -7,7 +7,8 @@
 //! row says so).
 //!
 //! Usage: mimo-bench-kernels [--out FILE.json] [--quick] [--no-sweep] [--moe-only]
-//! [--shapes K:N,...] (`--shapes`: only those dense shapes, no MoE layer)
+//! [--shapes K:N,...] [--ms M,...] (`--shapes`: only those dense shapes, no MoE layer; `--ms`:
+//! only those token counts)
 
 use std::collections::HashSet;
 use std::error::Error;
@@ -37,6 +38,8 @@ struct Args {
     moe_only: bool,
     /// Dense (K, N) shapes instead of the list (`--shapes K:N,K:N`).
     shapes: Option<Vec<(usize, usize)>>,
+    /// Token counts instead of the default list (`--ms 16,32`).
+    ms: Option<Vec<usize>>,
 }
 
 fn parse_args() -> Res<Args> {
@@ -46,12 +49,24 @@ fn parse_args() -> Res<Args> {
         sweep: true,
         moe_only: false,
         shapes: None,
+        ms: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(s) = it.next() {
         match s.as_str() {
             "--out" => a.out = Some(it.next().ok_or("--out needs a file name")?),
             "--quick" => a.quick = true,
+            "--ms" => {
+                let v = it.next().ok_or("--ms needs M[,M...]")?;
+                let list = v
+                    .split(',')
+                    .map(|p| {
+                        p.parse::<usize>()
+                            .map_err(|_| format!("--ms: '{p}' is not a count"))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                a.ms = Some(list);
+            }
             "--no-sweep" => a.sweep = false,
             "--moe-only" => a.moe_only = true,
             "--shapes" => {
@@ -68,7 +83,7 @@ fn parse_args() -> Res<Args> {
             }
             "-h" | "--help" => {
                 println!(
-                    "mimo-bench-kernels [--out FILE.json] [--quick] [--no-sweep] [--moe-only] [--shapes K:N,...]"
+                    "mimo-bench-kernels [--out FILE.json] [--quick] [--no-sweep] [--moe-only] [--shapes K:N,...] [--ms M,...]"
                 );
                 std::process::exit(0);
             }
@@ -840,7 +855,9 @@ fn run() -> Res<()> {
             (2048, 151936),
         ]
     };
-    let ms: &[usize] = if args.quick {
+    let ms: &[usize] = if let Some(list) = &args.ms {
+        list
+    } else if args.quick {
         &[1, 16, 2048]
     } else {
         &[1, 4, 16, 64, 256, 2048]

@@ -119,10 +119,72 @@ pub(crate) fn gemm_kernel_name(
         })
 }
 
+/// The activation-staged variant (`Tuning::x_stage`, fp4_gemm.cu `_xs`) of a block shape, where
+/// there is one (16 and 32 tokens).
+fn xs_kernel_name(format: Fp4Format, cfg: Fp4GemmConfig, tn: u32) -> Option<&'static str> {
+    const NAMES: [(u32, u32, u32, &str, &str); 6] = [
+        (
+            1,
+            2,
+            1,
+            "fp4_gemm_nv_m1_t2_g1_xs",
+            "fp4_gemm_mx_m1_t2_g1_xs",
+        ),
+        (
+            1,
+            2,
+            2,
+            "fp4_gemm_nv_m1_t2_g2_xs",
+            "fp4_gemm_mx_m1_t2_g2_xs",
+        ),
+        (
+            2,
+            2,
+            1,
+            "fp4_gemm_nv_m2_t2_g1_xs",
+            "fp4_gemm_mx_m2_t2_g1_xs",
+        ),
+        (
+            2,
+            2,
+            2,
+            "fp4_gemm_nv_m2_t2_g2_xs",
+            "fp4_gemm_mx_m2_t2_g2_xs",
+        ),
+        (
+            1,
+            4,
+            1,
+            "fp4_gemm_nv_m1_t4_g1_xs",
+            "fp4_gemm_mx_m1_t4_g1_xs",
+        ),
+        (
+            2,
+            4,
+            1,
+            "fp4_gemm_nv_m2_t4_g1_xs",
+            "fp4_gemm_mx_m2_t4_g1_xs",
+        ),
+    ];
+    NAMES
+        .iter()
+        .find(|v| (v.0, v.1, v.2) == (cfg.m_tiles, tn, cfg.group))
+        .map(|v| match format {
+            Fp4Format::Nvfp4 => v.3,
+            Fp4Format::Mxfp4 => v.4,
+        })
+}
+
 /// Whether a kernel variant exists for this block shape and `m` tokens.
 pub fn variant_exists(cfg: Fp4GemmConfig, m: usize) -> bool {
     let tn = token_tiles(m);
     cfg.check(tn).is_ok() && gemm_kernel_name(Fp4Format::Nvfp4, cfg, tn).is_ok()
+}
+
+/// Activation staging buffers of one block (`Tuning::x_stage`): two per warp, each `group`
+/// chunks of 128 bf16 elements for 8 * `tn` token slots.
+fn x_stage_smem(cfg: Fp4GemmConfig, tn: u32) -> u32 {
+    cfg.warps * 2 * cfg.group * 8 * tn * 128 * 2
 }
 
 /// Dynamic shared memory of one block: split-K partial sums, f32.
@@ -168,7 +230,21 @@ pub fn fp4_gemm_with(
         what: "fp4_gemm: x".into(),
         reason: format!("m = {m} is too large"),
     })?;
-    let f = gpu.function(gemm_kernel_name(w.format, cfg, tn)?)?;
+    let flags = prefetch_flags(gpu, w);
+    let mut smem = reduction_smem(cfg, tn);
+    let staged = smem + x_stage_smem(cfg, tn);
+    // Staged only within the default 48 KiB: staged launches that needed more (32 tokens, or 8
+    // and more warps at 16) made the Qwen3-30B-A3B batch-32 decode step 9 % slower on the H100
+    // although each kernel alone was faster (docs/kernels-notes.md, round 7).
+    let xs_name =
+        xs_kernel_name(w.format, cfg, tn).filter(|_| gpu.tuning().x_stage && staged <= SMEM_LIMIT);
+    let f = match xs_name {
+        Some(name) => {
+            smem = staged;
+            gpu.function(name)?
+        }
+        None => gpu.function(gemm_kernel_name(w.format, cfg, tn)?)?,
+    };
     let launch = LaunchConfig {
         grid_dim: (
             w.n.div_ceil(16 * cfg.m_tiles as usize) as u32,
@@ -176,10 +252,9 @@ pub fn fp4_gemm_with(
             m.div_ceil(8 * tn as usize) as u32,
         ),
         block_dim: (32 * cfg.warps, 1, 1),
-        shared_mem_bytes: reduction_smem(cfg, tn),
+        shared_mem_bytes: smem,
     };
     let (n_i, k_i) = (w.n as i32, w.k as i32);
-    let flags = prefetch_flags(gpu, w);
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(&w.packed)
         .arg(&w.scales)

@@ -521,6 +521,7 @@ fn tuning_ablation(
                 moe_direct: false,
                 norm_router: false,
                 dense_swiglu: false,
+                x_stage: base.x_stage,
                 warp_attention: false,
                 fp8_prefill: base.fp8_prefill,
                 prefill_attention_mma: base.prefill_attention_mma,
