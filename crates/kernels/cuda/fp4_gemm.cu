@@ -155,14 +155,16 @@ __device__ __forceinline__ void load_weights(const u8* const (&wptr)[MT][2],
 }
 
 // ---------------------------------------------------------------------------------------------
-// Activation staging (the _xs kernels, 16 and 32 tokens; gemm.rs: Tuning::x_stage). Loaded straight from global memory, the
-// activation fragments of one mma step are 16 bytes per lane at a 64-byte stride (lane t reads
-// elements 32t + 8q of its token at step q): each warp request touches two 128-byte lines per
-// token for 16 bytes of each sector used, and at 16 tokens the L1 moved ~4 bytes of activations
-// per weight byte (ncu: L1/TEX 78 % busy, 70 % hit rate, on 4096 x 14336). Staged, each warp
-// copies the activations of its own next chunks into its own shared-memory buffer with
-// coalesced 16-byte cp.async (256 contiguous bytes per token and chunk), one iteration ahead,
-// and reads fragments back conflict-free: no block barrier, the copy overlaps the compute.
+// Activation staging (the _xs kernels, 16 tokens; gemm.rs: Tuning::x_stage). Loaded straight
+// from global memory, the activation fragments of one mma step are 16 bytes per lane at a
+// 64-byte stride (lane t reads elements 32t + 8q of its token at step q): each warp request
+// touches two 128-byte lines per token for 16 bytes of each sector used, and at 16 tokens the
+// L1 moved ~4 bytes of activations per weight byte (ncu: L1/TEX 78 % busy, 70 % hit rate, on
+// 4096 x 14336). Staged, each warp copies the activations of its own next chunks into its own
+// shared-memory buffer with coalesced 16-byte cp.async (256 contiguous bytes per token and
+// chunk), one iteration ahead, and reads fragments back conflict-free: no block barrier, the
+// copy overlaps the compute. (The grouped MoE kernels, whose experts see few tokens each, were
+// slower staged: bench/results/kernels-h100-xstage-experiment.json.)
 // Layout of one chunk: slot s (token) x 2 lines of 64 elements; 16-byte piece c of the slot's
 // 128 elements goes to line c >> 3, unit (c & 7) ^ ((c >> 3) << 1) ^ (s & 1): the 8 lanes of a
 // quarter warp (two slots, t = 0..3 at one step q) then hit 8 distinct bank groups.
@@ -190,8 +192,8 @@ __device__ __forceinline__ int xstage_off(int s, int c) {
 }
 
 // One warp: the activations of G chunks from element kc on into buf (lane takes pieces lane +
-// 32i: slot (lane >> 4) + 2i, piece lane & 15; empty slots copy token row 0, as the direct
-// path reads it).
+// 32i: slot (lane >> 4) + 2i, piece lane & 15). Empty slots (a partly filled token tile, an
+// expert with few pairs) read nothing and hold zeros: their outputs are never stored.
 template <int TN, int G, class Tokens>
 __device__ __forceinline__ void stage_x(u16* buf, const u16* __restrict__ x, const Tokens& tok,
                                         int kc, int k) {
@@ -205,7 +207,7 @@ __device__ __forceinline__ void stage_x(u16* buf, const u16* __restrict__ x, con
             const int slot = (lane >> 4) + 2 * i;
             const int xr = tok.in_row(slot);
             cp_async16(buf + u * (8 * TN * 128) + xstage_off(slot, c),
-                       x + (size_t)(xr < 0 ? 0 : xr) * k + (valid ? e : 0), valid);
+                       x + (size_t)(xr < 0 ? 0 : xr) * k + (valid ? e : 0), valid && xr >= 0);
         }
     }
 }
