@@ -377,72 +377,42 @@ __device__ __forceinline__ void fp4_accumulate(const u8* __restrict__ wp,
     // Callers that read routing data first have waited already (a second wait returns at once).
     pdl_enter();
     const int kend = nchunks << 7;
+    // XST: two staging buffers of G chunks; the next iteration's activations are copied while
+    // this one's are used (see stage_x).
+    u16* xa = xsw;
+    u16* xb = XST ? xsw + G * 8 * TN * 128 : 0;
     if (XST) {
-        // Two staging buffers of G chunks: the next iteration's activations are copied while
-        // this one's are used (see stage_x).
-        u16* xa = xsw;
-        u16* xb = xsw + G * 8 * TN * 128;
         stage_x<TN, G>(xa, x, tok, kp - (t << 5), k);
         cp_async_commit();
-        while (true) {
+    }
+    // One iteration: request the next one's weights into `next` (and its activations into
+    // xnext), compute this one from `cur` (xcur); false once K is done.
+    const auto step = [&](WeightRegs<MT, G>& next, const WeightRegs<MT, G>& cur, u16* xnext,
+                          const u16* xcur) {
 #pragma unroll
-            for (int i = 0; i < MT; i++)
+        for (int i = 0; i < MT; i++)
 #pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    wptr[i][h] += wstep;
-                    sptr[i][h] += sstep;
-                }
-            load_weights<FMT, MT, G>(wptr, sptr, kp + kstep, k, rb);
-            if (kp + kstep - (t << 5) < kend) stage_x<TN, G>(xb, x, tok, kp + kstep - (t << 5), k);
+            for (int h = 0; h < 2; h++) {
+                wptr[i][h] += wstep;
+                sptr[i][h] += sstep;
+            }
+        load_weights<FMT, MT, G>(wptr, sptr, kp + kstep, k, next);
+        if (XST) {
+            if (kp + kstep - (t << 5) < kend)
+                stage_x<TN, G>(xnext, x, tok, kp + kstep - (t << 5), k);
             cp_async_commit();
             cp_async_wait1();
             __syncwarp();
-            compute_chunks<FMT, MT, TN, G, true>(ra, xptr, kp, k, lut, acc, xa);
-            __syncwarp();  // every lane is done with xa before it is staged again
-            kp += kstep;
-            if (kp - (t << 5) >= kend) break;
-#pragma unroll
-            for (int i = 0; i < MT; i++)
-#pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    wptr[i][h] += wstep;
-                    sptr[i][h] += sstep;
-                }
-            load_weights<FMT, MT, G>(wptr, sptr, kp + kstep, k, ra);
-            if (kp + kstep - (t << 5) < kend) stage_x<TN, G>(xa, x, tok, kp + kstep - (t << 5), k);
-            cp_async_commit();
-            cp_async_wait1();
-            __syncwarp();
-            compute_chunks<FMT, MT, TN, G, true>(rb, xptr, kp, k, lut, acc, xb);
-            __syncwarp();
-            kp += kstep;
-            if (kp - (t << 5) >= kend) break;
         }
-        return;
-    }
-    while (kp - (t << 5) < kend) {
-#pragma unroll
-        for (int i = 0; i < MT; i++)
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                wptr[i][h] += wstep;
-                sptr[i][h] += sstep;
-            }
-        load_weights<FMT, MT, G>(wptr, sptr, kp + kstep, k, rb);
-        compute_chunks<FMT, MT, TN, G>(ra, xptr, kp, k, lut, acc);
+        compute_chunks<FMT, MT, TN, G, XST>(cur, xptr, kp, k, lut, acc, xcur);
+        if (XST) __syncwarp();  // every lane is done with xcur before it is staged again
         kp += kstep;
-        if (kp - (t << 5) >= kend) break;
-#pragma unroll
-        for (int i = 0; i < MT; i++)
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                wptr[i][h] += wstep;
-                sptr[i][h] += sstep;
-            }
-        load_weights<FMT, MT, G>(wptr, sptr, kp + kstep, k, ra);
-        compute_chunks<FMT, MT, TN, G>(rb, xptr, kp, k, lut, acc);
-        kp += kstep;
-    }
+        return kp - (t << 5) < kend;
+    };
+    // Unrolled by two, so the two register sets swap roles without moves.
+    if (kp - (t << 5) < kend)
+        while (step(rb, ra, xb, xa) && step(ra, rb, xa, xb)) {
+        }
 }
 
 template <int FMT, int MT, int TN, int G, int EPI, class Tokens, bool XST = false>

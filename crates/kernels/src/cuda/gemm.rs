@@ -254,22 +254,42 @@ pub fn fp4_gemm_with(
         block_dim: (32 * cfg.warps, 1, 1),
         shared_mem_bytes: smem,
     };
+    // SAFETY (launch_dense): every buffer length was checked against (m, n, k) above.
+    unsafe { launch_dense(gpu, &f, launch, w, x, y, m_i, flags, "launch fp4_gemm") }
+}
+
+/// Launches a DENSE_KERNEL of fp4_gemm.cu (plain or SwiGLU epilogue: the same arguments).
+///
+/// # Safety
+/// `x` must hold `m` rows of `w.k` elements and `y` the kernel's output rows (`w.n`, or
+/// `w.n / 2` for the SwiGLU epilogue) for `m` tokens; the kernel guards rows, tokens and K.
+#[allow(clippy::too_many_arguments)]
+unsafe fn launch_dense(
+    gpu: &GpuContext,
+    f: &cudarc::driver::CudaFunction,
+    launch: LaunchConfig,
+    w: &GpuFp4Weight,
+    x: &CudaSlice<bf16>,
+    y: &mut CudaSlice<bf16>,
+    m: i32,
+    flags: i32,
+    what: &'static str,
+) -> Result<(), CudaError> {
     let (n_i, k_i) = (w.n as i32, w.k as i32);
-    let mut b = gpu.stream().launch_builder(&f);
+    let mut b = gpu.stream().launch_builder(f);
     b.arg(&w.packed)
         .arg(&w.scales)
         .arg(&w.global_scales)
         .arg(&w.mult_lut)
         .arg(x)
         .arg(y)
-        .arg(&m_i)
+        .arg(&m)
         .arg(&n_i)
         .arg(&k_i)
         .arg(&w.post)
         .arg(&flags);
-    // SAFETY: argument types and order match the kernel; every buffer length was checked
-    // against (m, n, k) above, and the kernel guards rows, tokens and k chunks.
-    unsafe { b.launch(launch) }.map_err(drv("launch fp4_gemm"))?;
+    // SAFETY: argument types and order match DENSE_KERNEL_EPI; sizes are the caller's promise.
+    unsafe { b.launch(launch) }.map_err(drv(what))?;
     Ok(())
 }
 
@@ -373,24 +393,21 @@ pub fn fp4_gemm_swiglu(
         block_dim: (32 * cfg.warps, 1, 1),
         shared_mem_bytes: reduction_smem(cfg, tn),
     };
-    let (n_i, k_i) = (w.n as i32, w.k as i32);
     let flags = prefetch_flags(gpu, w);
-    let mut b = gpu.stream().launch_builder(&f);
-    b.arg(&w.packed)
-        .arg(&w.scales)
-        .arg(&w.global_scales)
-        .arg(&w.mult_lut)
-        .arg(x)
-        .arg(y)
-        .arg(&m_i)
-        .arg(&n_i)
-        .arg(&k_i)
-        .arg(&w.post)
-        .arg(&flags);
-    // SAFETY: argument types and order match the kernel; x holds m rows of k, y m rows of
-    // n / 2 (checked above); the kernel guards rows, tokens and k chunks.
-    unsafe { b.launch(launch) }.map_err(drv("launch fp4_gemm_swiglu"))?;
-    Ok(())
+    // SAFETY (launch_dense): x holds m rows of k, y m rows of n / 2 (checked above).
+    unsafe {
+        launch_dense(
+            gpu,
+            &f,
+            launch,
+            w,
+            x,
+            y,
+            m_i,
+            flags,
+            "launch fp4_gemm_swiglu",
+        )
+    }
 }
 
 /// Dequantizes the FP4 weight to a dense row-major bf16 `[n, k]` matrix:
