@@ -120,59 +120,24 @@ pub(crate) fn gemm_kernel_name(
 }
 
 /// The activation-staged variant (`Tuning::x_stage`, fp4_gemm.cu `_xs`) of a block shape, where
-/// there is one (16 and 32 tokens).
+/// there is one (16 and 32 tokens; the launcher also needs its buffers to fit 48 KiB).
 fn xs_kernel_name(format: Fp4Format, cfg: Fp4GemmConfig, tn: u32) -> Option<&'static str> {
-    const NAMES: [(u32, u32, u32, &str, &str); 6] = [
-        (
-            1,
-            2,
-            1,
-            "fp4_gemm_nv_m1_t2_g1_xs",
-            "fp4_gemm_mx_m1_t2_g1_xs",
-        ),
-        (
-            1,
-            2,
-            2,
-            "fp4_gemm_nv_m1_t2_g2_xs",
-            "fp4_gemm_mx_m1_t2_g2_xs",
-        ),
-        (
-            2,
-            2,
-            1,
-            "fp4_gemm_nv_m2_t2_g1_xs",
-            "fp4_gemm_mx_m2_t2_g1_xs",
-        ),
-        (
-            2,
-            2,
-            2,
-            "fp4_gemm_nv_m2_t2_g2_xs",
-            "fp4_gemm_mx_m2_t2_g2_xs",
-        ),
-        (
-            1,
-            4,
-            1,
-            "fp4_gemm_nv_m1_t4_g1_xs",
-            "fp4_gemm_mx_m1_t4_g1_xs",
-        ),
-        (
-            2,
-            4,
-            1,
-            "fp4_gemm_nv_m2_t4_g1_xs",
-            "fp4_gemm_mx_m2_t4_g1_xs",
-        ),
-    ];
-    NAMES
-        .iter()
-        .find(|v| (v.0, v.1, v.2) == (cfg.m_tiles, tn, cfg.group))
-        .map(|v| match format {
-            Fp4Format::Nvfp4 => v.3,
-            Fp4Format::Mxfp4 => v.4,
-        })
+    let nv = format == Fp4Format::Nvfp4;
+    Some(match (cfg.m_tiles, tn, cfg.group, nv) {
+        (1, 2, 1, true) => "fp4_gemm_nv_m1_t2_g1_xs",
+        (1, 2, 2, true) => "fp4_gemm_nv_m1_t2_g2_xs",
+        (2, 2, 1, true) => "fp4_gemm_nv_m2_t2_g1_xs",
+        (2, 2, 2, true) => "fp4_gemm_nv_m2_t2_g2_xs",
+        (1, 4, 1, true) => "fp4_gemm_nv_m1_t4_g1_xs",
+        (2, 4, 1, true) => "fp4_gemm_nv_m2_t4_g1_xs",
+        (1, 2, 1, false) => "fp4_gemm_mx_m1_t2_g1_xs",
+        (1, 2, 2, false) => "fp4_gemm_mx_m1_t2_g2_xs",
+        (2, 2, 1, false) => "fp4_gemm_mx_m2_t2_g1_xs",
+        (2, 2, 2, false) => "fp4_gemm_mx_m2_t2_g2_xs",
+        (1, 4, 1, false) => "fp4_gemm_mx_m1_t4_g1_xs",
+        (2, 4, 1, false) => "fp4_gemm_mx_m2_t4_g1_xs",
+        _ => return None,
+    })
 }
 
 /// Whether a kernel variant exists for this block shape and `m` tokens.
