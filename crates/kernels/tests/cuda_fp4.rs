@@ -233,6 +233,7 @@ fn fp4_gemm_matches_cpu_reference() {
     let mut rng = rng("fp4_gemm");
     // (m, n, k): n and k off the tile sizes (16/32 rows, 128-element chunks), m across the
     // 8/16/32-token passes.
+    // (16, 4352, 288): a wide 16-token product (272 row tiles).
     let shapes = [
         (1, 200, 544),
         (3, 77, 96),
@@ -241,10 +242,11 @@ fn fp4_gemm_matches_cpu_reference() {
         (13, 50, 32),
         (40, 129, 160),
         (70, 48, 2080),
+        (16, 4352, 288),
     ];
     // Weight magnitudes: 3e4 puts MXFP4 block scales above 2^9, where the kernels' scale
     // multipliers need a larger shift (weights.rs, scale_shift); 1e-3 puts them low.
-    let magnitudes = [0.02f32, 3e4, 0.02, 1e-3, 0.02, 0.02, 0.02];
+    let magnitudes = [0.02f32, 3e4, 0.02, 1e-3, 0.02, 0.02, 0.02, 0.02];
     for format in FORMATS {
         for (&(m, n, k), &mag) in shapes.iter().zip(&magnitudes) {
             let wf = random_matrix(&mut rng, n * k, mag);
