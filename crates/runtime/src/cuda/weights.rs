@@ -20,6 +20,14 @@ use super::error::{drv, GpuError};
 use super::ops::Ops;
 use crate::linear::{DenseMatrix, Linear, Weight};
 
+/// How an FP4 GEMM runs ([`Gpu::fp4_path`]): the fused dequant-GEMV kernels below
+/// [`PREFILL_DEQUANT_ROWS`] rows, else the FP8 tensor cores or dequantization + cuBLAS.
+enum Fp4Path<'a> {
+    Gemv,
+    Fp8(&'a Fp8Gemm),
+    Dequant,
+}
+
 /// The device, its cuBLAS handle and the runtime kernels.
 pub struct Gpu {
     /// Device, stream and the kernels crate's modules.
@@ -115,13 +123,16 @@ impl Gpu {
         self.fp8_calls.load(Ordering::Relaxed)
     }
 
-    /// Whether an FP4 GEMM of `m` rows on `w` takes the FP8 path now.
-    fn fp8_for(&self, w: &GpuFp4Weight, m: usize) -> Option<&Fp8Gemm> {
-        let on = m >= PREFILL_DEQUANT_ROWS
-            && w.experts == 1
-            && fp8_shape_ok(w.n, w.k)
-            && self.ctx.tuning().fp8_prefill;
-        self.fp8.as_ref().filter(|_| on)
+    /// The path an FP4 GEMM of `m` rows on `w` takes now.
+    fn fp4_path(&self, w: &GpuFp4Weight, m: usize) -> Fp4Path<'_> {
+        if m < PREFILL_DEQUANT_ROWS {
+            return Fp4Path::Gemv;
+        }
+        let fp8 = w.experts == 1 && fp8_shape_ok(w.n, w.k) && self.ctx.tuning().fp8_prefill;
+        match self.fp8.as_ref().filter(|_| fp8) {
+            Some(lt) => Fp4Path::Fp8(lt),
+            None => Fp4Path::Dequant,
+        }
     }
 
     /// (free, total) bytes of device memory.
@@ -274,12 +285,10 @@ impl GpuLinear {
                 bias
             }
             GpuLinear::Fp4 { w, bias, fp8 } => {
-                if let Some(lt) = gpu.fp8_for(w, m) {
-                    fp8_prefill(gpu, lt, w, fp8, x, m, y)?;
-                } else if m >= PREFILL_DEQUANT_ROWS {
-                    dequant_prefill(gpu, w, x, m, y)?;
-                } else {
-                    fp4_gemm(&gpu.ctx, w, x, m, y)?;
+                match gpu.fp4_path(w, m) {
+                    Fp4Path::Fp8(lt) => fp8_prefill(gpu, lt, w, fp8, x, m, y)?,
+                    Fp4Path::Dequant => dequant_prefill(gpu, w, x, m, y)?,
+                    Fp4Path::Gemv => fp4_gemm(&gpu.ctx, w, x, m, y)?,
                 }
                 bias
             }
@@ -313,9 +322,8 @@ impl GpuLinear {
         let Some(w) = self.fp4_plain() else {
             return Ok(false);
         };
-        let gemv = gpu.fp8_for(w, m).is_none() && m < PREFILL_DEQUANT_ROWS;
         if !(gpu.ctx.tuning().dense_swiglu
-            && gemv
+            && matches!(gpu.fp4_path(w, m), Fp4Path::Gemv)
             && fp4_gemm_swiglu_supported(w, m, gpu.ctx.sm_count()))
         {
             return Ok(false);
