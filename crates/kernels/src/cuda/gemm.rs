@@ -303,14 +303,30 @@ fn swiglu_kernel_name(format: Fp4Format, tn: u32, group: u32) -> Option<&'static
     })
 }
 
+/// The kernel of [`fp4_gemm_swiglu`] for `w` at `m` tokens, its block shape and token tiles.
+fn swiglu_variant(
+    w: &GpuFp4Weight,
+    m: usize,
+    sm_count: u32,
+) -> Result<(&'static str, Fp4GemmConfig, u32), CudaError> {
+    dense_only(w, "fp4_gemm_swiglu")?;
+    let tn = token_tiles(m);
+    let cfg = gated_config(m, w.n, w.k, sm_count);
+    cfg.check(tn)?;
+    match swiglu_kernel_name(w.format, tn, cfg.group) {
+        Some(name) if w.n % 2 == 0 => Ok((name, cfg, tn)),
+        _ => Err(CudaError::NoVariant {
+            format: w.format,
+            m_tiles: 2,
+            token_tiles: tn,
+            group: cfg.group,
+        }),
+    }
+}
+
 /// Whether [`fp4_gemm_swiglu`] has a kernel for `w` at `m` tokens.
 pub fn fp4_gemm_swiglu_supported(w: &GpuFp4Weight, m: usize, sm_count: u32) -> bool {
-    let cfg = gated_config(m, w.n, w.k, sm_count);
-    let tn = token_tiles(m);
-    w.experts == 1
-        && w.n % 2 == 0
-        && cfg.check(tn).is_ok()
-        && swiglu_kernel_name(w.format, tn, cfg.group).is_some()
+    swiglu_variant(w, m, sm_count).is_ok()
 }
 
 /// `y[m, n/2] = silu(x·G^T) * (x·U^T)` for an FP4 `[gate | up]` weight (`G` its first `n/2`
@@ -323,22 +339,8 @@ pub fn fp4_gemm_swiglu(
     m: usize,
     y: &mut CudaSlice<bf16>,
 ) -> Result<(), CudaError> {
-    dense_only(w, "fp4_gemm_swiglu")?;
+    let (name, cfg, tn) = swiglu_variant(w, m, gpu.sm_count())?;
     let inter = w.n / 2;
-    let tn = token_tiles(m);
-    let cfg = gated_config(m, w.n, w.k, gpu.sm_count());
-    cfg.check(tn)?;
-    let name = match swiglu_kernel_name(w.format, tn, cfg.group) {
-        Some(n) if w.n % 2 == 0 => n,
-        _ => {
-            return Err(CudaError::NoVariant {
-                format: w.format,
-                m_tiles: 2,
-                token_tiles: tn,
-                group: cfg.group,
-            })
-        }
-    };
     check_len("fp4_gemm_swiglu: x", x.len(), m * w.k)?;
     check_len("fp4_gemm_swiglu: y", y.len(), m * inter)?;
     if m == 0 {
