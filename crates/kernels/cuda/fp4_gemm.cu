@@ -693,21 +693,15 @@ __device__ __forceinline__ void fp4_moe_down_t1_body(
     }
 }
 
-#define DENSE_KERNEL_EPI(NAME, FMT, MT, TN, G, EPI)                                            \
+// XST: activations staged in shared memory (see stage_x; gemm.rs: Tuning::x_stage).
+#define DENSE_KERNEL_EPI(NAME, FMT, MT, TN, G, EPI, XST)                                       \
     extern "C" __global__ void __launch_bounds__(512) NAME(                                    \
         const u8* wp, const u8* ws, const float* gs, const u16* lut, const u16* x, u16* y, int m, \
         int n, int k, float post, int flags) {                                                   \
-        fp4_dense_body<FMT, MT, TN, G, EPI>(wp, ws, gs, lut, x, y, m, n, k, post, flags);        \
+        fp4_dense_body<FMT, MT, TN, G, EPI, XST>(wp, ws, gs, lut, x, y, m, n, k, post, flags);   \
     }
-#define DENSE_KERNEL(NAME, FMT, MT, TN, G) DENSE_KERNEL_EPI(NAME, FMT, MT, TN, G, EPI_STORE)
-// Activation-staged dense kernels (see stage_x; gemm.rs: Tuning::x_stage).
-#define DENSE_KERNEL_XS(NAME, FMT, MT, TN, G)                                                   \
-    extern "C" __global__ void __launch_bounds__(512) NAME(                                    \
-        const u8* wp, const u8* ws, const float* gs, const u16* lut, const u16* x, u16* y, int m, \
-        int n, int k, float post, int flags) {                                                   \
-        fp4_dense_body<FMT, MT, TN, G, EPI_STORE, true>(wp, ws, gs, lut, x, y, m, n, k, post,    \
-                                                        flags);                                  \
-    }
+#define DENSE_KERNEL(NAME, FMT, MT, TN, G) DENSE_KERNEL_EPI(NAME, FMT, MT, TN, G, EPI_STORE, false)
+#define DENSE_KERNEL_XS(NAME, FMT, MT, TN, G) DENSE_KERNEL_EPI(NAME, FMT, MT, TN, G, EPI_STORE, true)
 
 #define MOE_KERNEL(NAME, FMT, MT, G, EPI, DIRECT)                                               \
     extern "C" __global__ void __launch_bounds__(512) NAME(                                     \
@@ -744,10 +738,10 @@ DENSE_VARIANTS(mx, FMT_MXFP4)
 // fp4_gemm_sw_{nv,mx}_t{TN}_g{G}: dense [gate | up] product with the SwiGLU epilogue
 // (EPI_SWIGLU_BF16, two row tiles; gemm.rs: fp4_gemm_swiglu).
 #define GATED_VARIANTS(FMTNAME, FMT)                                                      \
-    DENSE_KERNEL_EPI(fp4_gemm_sw_##FMTNAME##_t1_g1, FMT, 2, 1, 1, EPI_SWIGLU_BF16)         \
-    DENSE_KERNEL_EPI(fp4_gemm_sw_##FMTNAME##_t1_g2, FMT, 2, 1, 2, EPI_SWIGLU_BF16)         \
-    DENSE_KERNEL_EPI(fp4_gemm_sw_##FMTNAME##_t2_g1, FMT, 2, 2, 1, EPI_SWIGLU_BF16)         \
-    DENSE_KERNEL_EPI(fp4_gemm_sw_##FMTNAME##_t4_g1, FMT, 2, 4, 1, EPI_SWIGLU_BF16)
+    DENSE_KERNEL_EPI(fp4_gemm_sw_##FMTNAME##_t1_g1, FMT, 2, 1, 1, EPI_SWIGLU_BF16, false) \
+    DENSE_KERNEL_EPI(fp4_gemm_sw_##FMTNAME##_t1_g2, FMT, 2, 1, 2, EPI_SWIGLU_BF16, false) \
+    DENSE_KERNEL_EPI(fp4_gemm_sw_##FMTNAME##_t2_g1, FMT, 2, 2, 1, EPI_SWIGLU_BF16, false) \
+    DENSE_KERNEL_EPI(fp4_gemm_sw_##FMTNAME##_t4_g1, FMT, 2, 4, 1, EPI_SWIGLU_BF16, false)
 
 GATED_VARIANTS(nv, FMT_NVFP4)
 GATED_VARIANTS(mx, FMT_MXFP4)
