@@ -1,5 +1,5 @@
-// Definitions shared by every NVRTC source of mimo-quant (fp4_gemm.cu, moe.cu and the runtime's
-// ops.cu): `compile_source` (crates/kernels/src/cuda/context.rs) puts this text in front of each
+// Definitions shared by every NVRTC source of mimo-quant (fp4_gemm.cu, moe.cu, bf16_gemv.cu and
+// the runtime's ops.cu): `compile_source` (crates/kernels/src/cuda/context.rs) puts this text in front of each
 // source before compiling it, so each concept is written once.
 //
 // No CUDA headers are included: bf16 values travel as raw 16-bit patterns and the few
@@ -60,6 +60,27 @@ __device__ __forceinline__ uint4 ldg_stream(const void* p) {
                  : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                  : "l"(p));
     return v;
+}
+
+// silu(g) * u of two bf16 pairs (one 32-bit word each), each product rounded to bf16 as if
+// stored: the SwiGLU that the BF16 expert kernels form while loading their input.
+__device__ __forceinline__ u32 swiglu2(u32 g, u32 u) {
+    const float g0 = __uint_as_float(g << 16), g1 = __uint_as_float(g & 0xFFFF0000u);
+    const float u0 = __uint_as_float(u << 16), u1 = __uint_as_float(u & 0xFFFF0000u);
+    return (u32)f32_to_bf16(g0 / (1.f + expf(-g0)) * u0) |
+           ((u32)f32_to_bf16(g1 / (1.f + expf(-g1)) * u1) << 16);
+}
+
+// Dot product of 8 bf16 pairs (16 bytes each) in f32, element order.
+__device__ __forceinline__ float dot8(uint4 a, uint4 b) {
+    const u32 as[4] = {a.x, a.y, a.z, a.w}, bs[4] = {b.x, b.y, b.z, b.w};
+    float s = 0.f;
+#pragma unroll
+    for (int q = 0; q < 4; q++) {
+        s += __uint_as_float(as[q] << 16) * __uint_as_float(bs[q] << 16);
+        s += __uint_as_float(as[q] & 0xFFFF0000u) * __uint_as_float(bs[q] & 0xFFFF0000u);
+    }
+    return s;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1213,25 +1213,9 @@ router_topk(const u16* __restrict__ x, const u16* __restrict__ w, float* __restr
 // serves the slot-th expert present in ids; 8 warps x 2 rows = 16 output rows per block
 // (blockIdx.x); the expert's pairs are taken 8 at a time in pair order. Input row of pair q is
 // q / in_div; with swiglu the input row is [2k] (gate, up) and silu(gate) * up is formed while
-// loading (rounded to bf16 as if stored). k must be a multiple of 8. y: [P][n].
+// loading (rounded to bf16 as if stored; swiglu2, common.cuh). k must be a multiple of 8. y:
+// [P][n]. One-token layers take the kernels crate's bf16_gemv_pairs instead (Tuning::bf16_gemv).
 // ---------------------------------------------------------------------------------------------
-__device__ __forceinline__ u32 swiglu2(u32 g, u32 u) {
-    const float g0 = __uint_as_float(g << 16), g1 = __uint_as_float(g & 0xFFFF0000u);
-    const float u0 = __uint_as_float(u << 16), u1 = __uint_as_float(u & 0xFFFF0000u);
-    return (u32)to_bf(g0 / (1.f + expf(-g0)) * u0) | ((u32)to_bf(g1 / (1.f + expf(-g1)) * u1) << 16);
-}
-
-__device__ __forceinline__ float dot8(uint4 a, uint4 b) {
-    const u32 as[4] = {a.x, a.y, a.z, a.w}, bs[4] = {b.x, b.y, b.z, b.w};
-    float s = 0.f;
-#pragma unroll
-    for (int q = 0; q < 4; q++) {
-        s += __uint_as_float(as[q] << 16) * __uint_as_float(bs[q] << 16);
-        s += __uint_as_float(as[q] & 0xFFFF0000u) * __uint_as_float(bs[q] & 0xFFFF0000u);
-    }
-    return s;
-}
-
 
 extern "C" __global__ void __launch_bounds__(256)
 moe_bf16(const u16* __restrict__ w, const u16* __restrict__ x, u16* __restrict__ y, int n, int k,

@@ -18,7 +18,10 @@ use std::sync::Arc;
 
 use cudarc::driver::{sys, CudaEvent, CudaSlice};
 use half::bf16;
-use mimo_kernels::cuda::{moe_layer, GpuFp4Weight, MoeWeights, MoeWorkspace, PdlGraph};
+use mimo_kernels::cuda::{
+    bf16_gemv_pairs, bf16_gemv_supported, moe_layer, GpuFp4Weight, MoeWeights, MoeWorkspace,
+    PdlGraph,
+};
 use mimo_kernels::Fp4Matrix;
 
 use super::error::{drv, GpuError};
@@ -1082,6 +1085,46 @@ impl GpuModel {
                         )?;
                         self.mark("experts")?;
                         out.delta = true;
+                    }
+                    (Experts::Bf16 { gate_up, down }, _, Some(pgu), Some(pdn))
+                        if m == 1
+                            && g.tuning().bf16_gemv
+                            && bf16_gemv_supported(1, 2 * moe.inter, hd)
+                            && bf16_gemv_supported(1, hd, moe.inter) =>
+                    {
+                        // One token: every pair has its own expert, so one pass per pair.
+                        bf16_gemv_pairs(
+                            g,
+                            gate_up,
+                            &ws.h,
+                            pgu,
+                            2 * moe.inter,
+                            hd,
+                            &mb.ids,
+                            p,
+                            moe.n_experts,
+                            moe.top_k,
+                            false,
+                        )?;
+                        self.mark("experts")?;
+                        bf16_gemv_pairs(
+                            g,
+                            down,
+                            pgu,
+                            pdn,
+                            hd,
+                            moe.inter,
+                            &mb.ids,
+                            p,
+                            moe.n_experts,
+                            1,
+                            true,
+                        )?;
+                        self.mark("experts")?;
+                        out.pairs = true;
+                        if let Some(t) = tap.as_deref_mut() {
+                            t.experts(self, li, moe, &ws.h, &mb.ids, pgu, m)?;
+                        }
                     }
                     (Experts::Bf16 { gate_up, down }, _, Some(pgu), Some(pdn)) => {
                         ops.moe_bf16(
