@@ -52,26 +52,6 @@ def kernels(path):
                            if q.get("speedup_vs_cublas") else f"{q['us']:.1f}")
             print(f"| {r['k']} x {r['n']} | {r['m']} | {r['format']} | {c(f[0]) if f else '-'} | {c(r)} |")
         print()
-    gv = [r for r in dense if r["kernel"] == "bf16_gemv"]
-    if gv:
-        print("| K x N | M | cuBLAS BF16 us | our BF16 GEMV us (% copy, x cuBLAS) | same, PDL chain us "
-              "(% copy, x cuBLAS) | best rows/block, PDL chain |")
-        print("|---|---|---|---|---|---|")
-        c = lambda q: f"{q['us']:.1f} ({100 * q['copy_share']:.0f}%, {q['speedup_vs_cublas']:.2f}x)"
-        for r in gv:
-            key = (r["k"], r["n"], r["m"])
-            same = [q for q in dense if (q["k"], q["n"], q["m"]) == key]
-            cub = [q for q in same if q["kernel"] == "cublas_bf16"]
-            pdl = [q for q in same if q["kernel"] == "bf16_gemv_pdl"]
-            sweep = [q for q in same if q["kernel"].startswith("bf16_gemv_rb")] + pdl
-            best = min(sweep, key=lambda q: q["us"]) if sweep else None
-            bcell = "-"
-            if best:
-                rb = best["note"].split(" rows per block")[0]
-                bcell = f"{rb}: {best['us']:.1f} us"
-            print(f"| {r['k']} x {r['n']} | {r['m']} | {cub[0]['us']:.1f} | {c(r)} | "
-                  f"{c(pdl[0]) if pdl else '-'} | {bcell} |")
-        print()
     fp8 = [r for r in dense if r["kernel"] in ("fp4_dequant_cublas", "fp4_fp8_cublaslt", "fp4_fp8_cublaslt_fastacc",
                                                "fp8_cublaslt_gemm_only") and r["m"] >= 64]
     if fp8:

@@ -1,8 +1,9 @@
 // Mixture-of-experts combine. With the grouped FP4 kernels of fp4_gemm.cu (which route
 // themselves from the top-k ids and apply SwiGLU while loading) it computes one MoE layer from
-// the router's top-k output on the device, without a host round trip.
+// the router's top-k output on the device, without a host round trip. Also the one-token BF16
+// expert kernels (moe_bf16_pairs*).
 
-// Compiled after common.cuh (typedefs, bf16 conversions, pdl_enter).
+// Compiled after common.cuh (typedefs, bf16 conversions, pdl_enter, ldg_stream, dot8, swiglu2).
 
 // out[t][h] = sum_{j < top_k} w[t][j] * yd[t*top_k + j][h], summed in j order in f32.
 // Pairs whose expert id was invalid contribute nothing.
@@ -22,4 +23,117 @@ extern "C" __global__ void moe_combine(const u16* __restrict__ yd, const float* 
         s += w[p] * bf16_to_f32(yd[p * hidden + h]);
     }
     out[idx] = f32_to_bf16(s);
+}
+
+// ---------------------------------------------------------------------------------------------
+// One-token BF16 experts (the BF16 baseline's direct path, Tuning::moe_direct): with one token
+// every (token, expert) pair has its own expert, so a block row serves one pair instead of
+// scanning the ids for an expert's pairs. y[p] = W[ids[p]] . x[p / in_div] for the P pairs
+// (blockIdx.y = p); with SW the input row is [gate | up] of 2k and silu(gate) * up (rounded to
+// bf16, swiglu2) is formed once per block into shared memory, not once per weight element. A
+// pair whose id is outside [0, E) leaves its output row unwritten (the combine skips it).
+//
+// A block owns rb consecutive rows of its expert, cut into 256-element chunks (512 bytes: one
+// 16-byte piece per lane; a row's last chunk is partial where k is not a multiple of 256). Warp
+// w takes chunks w, w + 8, w + 16, ... in groups of MP_PPT, the next group requested before the
+// current one is used. A chunk lies in one row and a warp's chunks only move forward through the
+// rows, so each warp keeps the sum of its current row and, when the row changes, reduces it over
+// the warp into one partial per (row, warp) in shared memory; the block adds each row's 8
+// partials in warp order (deterministic, no atomics). grid (ceil(n / rb), P), 256 threads.
+// ---------------------------------------------------------------------------------------------
+#define MP_WARPS 8
+#define MP_PPT 4
+#define MP_MAX_RB 32
+#define MP_MAX_SW_K 4096
+
+// This lane's 16-byte piece of chunk ch of the slab wb (rows of k, cpr chunks each), zeros past
+// the slab or the row.
+__device__ __forceinline__ uint4 mp_load(const u16* __restrict__ wb, int k, int cpr, int total,
+                                         int ch) {
+    const int row = ch / cpr, c = (ch - row * cpr) * 256 + (threadIdx.x & 31) * 8;
+    return ch < total && c < k ? ldg_stream(wb + (size_t)row * k + c) : make_uint4(0, 0, 0, 0);
+}
+
+template <bool SW>
+__device__ __forceinline__ void moe_bf16_pairs_body(const u16* __restrict__ w,
+                                                    const u16* __restrict__ x,
+                                                    u16* __restrict__ y, int n, int k, int rb,
+                                                    const int* __restrict__ ids, int E,
+                                                    int in_div) {
+    __shared__ float red[MP_MAX_RB * MP_WARPS];
+    __shared__ __align__(16) u16 act[SW ? MP_MAX_SW_K : 8];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    pdl_enter();
+    const int p = blockIdx.y, e = ids[p];
+    if (e < 0 || e >= E) return;  // the whole block
+    const int row0 = blockIdx.x * rb, rows = min(rb, n - row0);
+    const int cpr = (k + 255) >> 8, total = rows * cpr;
+    const u16* wb = w + ((size_t)e * n + row0) * k;
+    uint4 wv[MP_PPT];
+#pragma unroll
+    for (int i = 0; i < MP_PPT; i++) wv[i] = mp_load(wb, k, cpr, total, warp + i * MP_WARPS);
+    const u16* xr = x + (size_t)(p / in_div) * (SW ? 2 : 1) * k;
+    if (SW) {
+        for (int c = threadIdx.x * 8; c < k; c += blockDim.x * 8) {
+            const uint4 g = *(const uint4*)(xr + c), u = *(const uint4*)(xr + k + c);
+            *(uint4*)(act + c) = make_uint4(swiglu2(g.x, u.x), swiglu2(g.y, u.y),
+                                            swiglu2(g.z, u.z), swiglu2(g.w, u.w));
+        }
+        xr = act;
+    }
+    for (int i = threadIdx.x; i < rows * MP_WARPS; i += blockDim.x) red[i] = 0.f;
+    __syncthreads();
+    float acc = 0.f;
+    int cur = -1;
+    for (int j0 = warp; j0 < total; j0 += MP_WARPS * MP_PPT) {
+        uint4 nx[MP_PPT];
+#pragma unroll
+        for (int i = 0; i < MP_PPT; i++)
+            nx[i] = mp_load(wb, k, cpr, total, j0 + (MP_PPT + i) * MP_WARPS);
+#pragma unroll
+        for (int i = 0; i < MP_PPT; i++) {
+            const int ch = j0 + i * MP_WARPS;
+            if (ch < total) {
+                const int row = ch / cpr;  // warp-uniform
+                if (row != cur) {
+                    if (cur >= 0) {
+                        float v = acc;
+#pragma unroll
+                        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+                        if (lane == 0) red[cur * MP_WARPS + warp] = v;
+                        acc = 0.f;
+                    }
+                    cur = row;
+                }
+                const int c = (ch - row * cpr) * 256 + lane * 8;
+                if (c < k) acc += dot8(wv[i], *(const uint4*)(xr + c));
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < MP_PPT; i++) wv[i] = nx[i];
+    }
+    if (cur >= 0) {
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+        if (lane == 0) red[cur * MP_WARPS + warp] = acc;
+    }
+    __syncthreads();
+    for (int r = threadIdx.x; r < rows; r += blockDim.x) {
+        float s = 0.f;
+#pragma unroll
+        for (int q = 0; q < MP_WARPS; q++) s += red[r * MP_WARPS + q];
+        y[(size_t)p * n + row0 + r] = f32_to_bf16(s);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+moe_bf16_pairs(const u16* __restrict__ w, const u16* __restrict__ x, u16* __restrict__ y, int n,
+               int k, int rb, const int* __restrict__ ids, int E, int in_div) {
+    moe_bf16_pairs_body<false>(w, x, y, n, k, rb, ids, E, in_div);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+moe_bf16_pairs_sw(const u16* __restrict__ w, const u16* __restrict__ x, u16* __restrict__ y,
+                  int n, int k, int rb, const int* __restrict__ ids, int E, int in_div) {
+    moe_bf16_pairs_body<true>(w, x, y, n, k, rb, ids, E, in_div);
 }

@@ -1,4 +1,4 @@
-//! GPU kernels (FP4 GEMMs, MoE, BF16 GEMVs) against the CPU reference (`fp4::dequantize` + f64
+//! GPU kernels (FP4 GEMMs, MoE) against the CPU reference (`fp4::dequantize` + f64
 //! matmul) on fresh random data.
 //! Skipped with a message where there is no GPU; `MIMO_REQUIRE_GPU=1` turns the skip into a
 //! failure. Outputs are poisoned with NaN before every launch, so an unwritten element fails.
@@ -597,144 +597,77 @@ fn bf16_pair(v: &[f32]) -> (Vec<bf16>, Vec<f32>) {
     (b, f)
 }
 
-/// The BF16 decode GEMV against an f64 product of the same bf16 operands, on shapes off the
-/// block sizes (k off the 256-element chunk too), every token count, several rows-per-block choices; and each token's output
-/// bit-identical whatever the number of tokens launched with it.
+/// The one-token BF16 expert kernels (gate/up, then down with SwiGLU on its input) against an
+/// f64 reference, on shapes with several rows per block and k off the 256-element chunk; a pair
+/// with an out-of-range expert id keeps its poisoned output rows; bad shapes refused.
 #[test]
-fn bf16_gemv_matches_cpu_reference() {
+fn moe_bf16_pairs_matches_cpu_reference() {
     let Some(gpu) = gpu() else { return };
-    let mut rng = rng("bf16 gemv");
-    let shapes = [
-        (77usize, 256usize),
-        (200, 768),
-        (333, 2048),
-        (50, 4352),
-        (129, 11008),
-    ];
-    for (n, k) in shapes {
-        let (wb, wf) = bf16_pair(&random_matrix(&mut rng, n * k, 0.1));
-        let (xb, xf) = bf16_pair(&random_matrix(&mut rng, 8 * k, 1.0));
-        let w = gpu.stream().clone_htod(&wb).unwrap();
-        let x = gpu.stream().clone_htod(&xb).unwrap();
-        let want = matmul_ref(&wf, &xf, 8, n, k);
-        let mut alone: Vec<Vec<bf16>> = Vec::new();
-        for m in 1..=8usize {
-            let mut y = poisoned(&gpu, m * n);
-            cuda::bf16_gemv(&gpu, &w, &x, m, n, k, &mut y).unwrap();
-            let got = gpu.stream().clone_dtoh(&y).unwrap();
-            check_close(
-                &format!("bf16_gemv {n}x{k} m={m}"),
-                &got,
-                &want[..m * n],
-                5e-3,
-                1e-2,
-            );
-            if m == 1 {
-                alone.push(got.clone());
-            }
-            // Token 0's row must be the same bits as when launched alone.
-            let same = got[..n]
-                .iter()
-                .zip(&alone[0])
-                .all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(
-                same,
-                "bf16_gemv {n}x{k}: token 0 differs between m=1 and m={m}"
-            );
-        }
-        for rb in [1usize, 3, 32] {
-            let mut y = poisoned(&gpu, 3 * n);
-            cuda::bf16_gemv_with(&gpu, &w, &x, 3, n, k, rb, &mut y).unwrap();
-            let got = gpu.stream().clone_dtoh(&y).unwrap();
-            check_close(
-                &format!("bf16_gemv {n}x{k} m=3 rows/block {rb}"),
-                &got,
-                &want[..3 * n],
-                5e-3,
-                1e-2,
-            );
-        }
-    }
-    // Refused: k not a multiple of 8, too many tokens, x too short.
-    let w = gpu.stream().clone_htod(&vec![bf16::ONE; 4 * 512]).unwrap();
-    let x = gpu.stream().clone_htod(&vec![bf16::ONE; 9 * 512]).unwrap();
-    let mut y = poisoned(&gpu, 9 * 4);
-    assert!(cuda::bf16_gemv(&gpu, &w, &x, 9, 4, 512, &mut y).is_err());
-    assert!(cuda::bf16_gemv(&gpu, &w, &x, 2, 8, 256, &mut y).is_ok());
-    assert!(cuda::bf16_gemv(&gpu, &w, &x, 1, 2, 1024, &mut y).is_ok());
-    assert!(cuda::bf16_gemv(&gpu, &w, &x, 1, 4, 12, &mut y).is_err());
-    let short = gpu.stream().clone_htod(&vec![bf16::ONE; 512]).unwrap();
-    assert!(cuda::bf16_gemv(&gpu, &w, &short, 2, 4, 512, &mut y).is_err());
-}
-
-/// The one-token MoE pair kernels (gate/up, then down with SwiGLU on its input) against an f64
-/// reference; a pair with an out-of-range expert id keeps its poisoned output row.
-#[test]
-fn bf16_gemv_pairs_matches_cpu_reference() {
-    let Some(gpu) = gpu() else { return };
-    let mut rng = rng("bf16 gemv pairs");
-    let (experts, hidden, inter, top_k) = (6usize, 512usize, 200usize, 4usize);
-    let (gub, guf) = bf16_pair(&random_matrix(&mut rng, experts * 2 * inter * hidden, 0.1));
-    let (dnb, dnf) = bf16_pair(&random_matrix(&mut rng, experts * hidden * inter, 0.1));
-    let (xb, xf) = bf16_pair(&random_matrix(&mut rng, hidden, 1.0));
-    let ids: Vec<i32> = vec![4, 0, experts as i32, 2];
-    let gu = gpu.stream().clone_htod(&gub).unwrap();
-    let dn = gpu.stream().clone_htod(&dnb).unwrap();
-    let x = gpu.stream().clone_htod(&xb).unwrap();
-    let ids_d = gpu.stream().clone_htod(&ids).unwrap();
-    let mut act = poisoned(&gpu, top_k * 2 * inter);
-    cuda::bf16_gemv_pairs(
-        &gpu,
-        &gu,
-        &x,
-        &mut act,
-        2 * inter,
-        hidden,
-        &ids_d,
-        top_k,
-        experts,
-        top_k,
-        false,
-    )
-    .unwrap();
-    let mut y = poisoned(&gpu, top_k * hidden);
-    cuda::bf16_gemv_pairs(
-        &gpu, &dn, &act, &mut y, hidden, inter, &ids_d, top_k, experts, 1, true,
-    )
-    .unwrap();
-    let act_h = gpu.stream().clone_dtoh(&act).unwrap();
-    let y_h = gpu.stream().clone_dtoh(&y).unwrap();
-    for (p, &e) in ids.iter().enumerate() {
+    let mut rng = rng("moe bf16 pairs");
+    for (experts, hidden, inter, top_k) in [
+        (6usize, 512usize, 200usize, 4usize),
+        (5, 2048, 768, 4),
+        (3, 136, 64, 2),
+    ] {
         let rows = 2 * inter;
-        let got_gu = &act_h[p * rows..(p + 1) * rows];
-        let got_y = &y_h[p * hidden..(p + 1) * hidden];
-        if e < 0 || e as usize >= experts {
-            assert!(
-                got_gu.iter().chain(got_y).all(|v| v.is_nan()),
-                "pair {p}: written"
-            );
-            continue;
+        let (gub, guf) = bf16_pair(&random_matrix(&mut rng, experts * rows * hidden, 0.1));
+        let (dnb, dnf) = bf16_pair(&random_matrix(&mut rng, experts * hidden * inter, 0.1));
+        let (xb, xf) = bf16_pair(&random_matrix(&mut rng, hidden, 1.0));
+        let mut ids: Vec<i32> = (0..top_k).map(|j| ((j * 2 + 1) % experts) as i32).collect();
+        ids[top_k - 1] = experts as i32;
+        let gu = gpu.stream().clone_htod(&gub).unwrap();
+        let dn = gpu.stream().clone_htod(&dnb).unwrap();
+        let x = gpu.stream().clone_htod(&xb).unwrap();
+        let ids_d = gpu.stream().clone_htod(&ids).unwrap();
+        let mut act = poisoned(&gpu, top_k * rows);
+        cuda::moe_bf16_pairs(
+            &gpu, &gu, &x, &mut act, rows, hidden, &ids_d, top_k, experts, top_k, false,
+        )
+        .unwrap();
+        let mut y = poisoned(&gpu, top_k * hidden);
+        cuda::moe_bf16_pairs(
+            &gpu, &dn, &act, &mut y, hidden, inter, &ids_d, top_k, experts, 1, true,
+        )
+        .unwrap();
+        let act_h = gpu.stream().clone_dtoh(&act).unwrap();
+        let y_h = gpu.stream().clone_dtoh(&y).unwrap();
+        for (p, &e) in ids.iter().enumerate() {
+            let got_gu = &act_h[p * rows..(p + 1) * rows];
+            let got_y = &y_h[p * hidden..(p + 1) * hidden];
+            let what = format!("{experts}x[{rows}, {hidden}] pair {p}");
+            if e < 0 || e as usize >= experts {
+                assert!(
+                    got_gu.iter().chain(got_y).all(|v| v.is_nan()),
+                    "{what}: written"
+                );
+                continue;
+            }
+            let e = e as usize;
+            let w_gu = &guf[e * rows * hidden..(e + 1) * rows * hidden];
+            let want_gu = matmul_ref(w_gu, &xf, 1, rows, hidden);
+            check_close(&format!("{what} gate/up"), got_gu, &want_gu, 5e-3, 1e-2);
+            // SwiGLU of the device's bf16 gate/up outputs, rounded to bf16 as the kernel does.
+            let a: Vec<f32> = (0..inter)
+                .map(|i| {
+                    let g = got_gu[i].to_f64();
+                    let u = got_gu[inter + i].to_f64();
+                    bf16::from_f64(silu(g) * u).to_f32()
+                })
+                .collect();
+            let w_dn = &dnf[e * hidden * inter..(e + 1) * hidden * inter];
+            let want_y = matmul_ref(w_dn, &a, 1, hidden, inter);
+            check_close(&format!("{what} down"), got_y, &want_y, 5e-3, 1e-2);
         }
-        let e = e as usize;
-        let w_gu = &guf[e * rows * hidden..(e + 1) * rows * hidden];
-        let want_gu = matmul_ref(w_gu, &xf, 1, rows, hidden);
-        check_close(
-            &format!("pairs gate/up p={p}"),
-            got_gu,
-            &want_gu,
-            5e-3,
-            1e-2,
-        );
-        // SwiGLU of the device's bf16 gate/up outputs, rounded to bf16 as the kernel does.
-        let a: Vec<f32> = (0..inter)
-            .map(|i| {
-                let g = got_gu[i].to_f64();
-                let u = got_gu[inter + i].to_f64();
-                bf16::from_f64(silu(g) * u).to_f32()
-            })
-            .collect();
-        let w_dn = &dnf[e * hidden * inter..(e + 1) * hidden * inter];
-        let want_y = matmul_ref(w_dn, &a, 1, hidden, inter);
-        check_close(&format!("pairs down p={p}"), got_y, &want_y, 5e-3, 1e-2);
     }
+    // Refused: k not a multiple of 8, a SwiGLU row over the staged limit, x too short.
+    let w = gpu.stream().clone_htod(&vec![bf16::ONE; 2 * 8200]).unwrap();
+    let x = gpu.stream().clone_htod(&vec![bf16::ONE; 2 * 8200]).unwrap();
+    let ids = gpu.stream().clone_htod(&[0i32]).unwrap();
+    let mut y = poisoned(&gpu, 8);
+    let big = cuda::MOE_BF16_PAIRS_MAX_SWIGLU_K + 8;
+    assert!(cuda::moe_bf16_pairs(&gpu, &w, &x, &mut y, 1, 12, &ids, 1, 1, 1, false).is_err());
+    assert!(cuda::moe_bf16_pairs(&gpu, &w, &x, &mut y, 1, big, &ids, 1, 1, 1, true).is_err());
+    assert!(cuda::moe_bf16_pairs(&gpu, &w, &x, &mut y, 2, 8200, &ids, 1, 1, 1, false).is_ok());
+    let short = gpu.stream().clone_htod(&vec![bf16::ONE; 100]).unwrap();
+    assert!(cuda::moe_bf16_pairs(&gpu, &w, &short, &mut y, 2, 8200, &ids, 1, 1, 1, false).is_err());
 }

@@ -1213,14 +1213,17 @@ router_topk(const u16* __restrict__ x, const u16* __restrict__ w, float* __restr
 // serves the slot-th expert present in ids; 8 warps x 2 rows = 16 output rows per block
 // (blockIdx.x); the expert's pairs are taken 8 at a time in pair order. Input row of pair q is
 // q / in_div; with swiglu the input row is [2k] (gate, up) and silu(gate) * up is formed while
-// loading (rounded to bf16 as if stored; swiglu2, common.cuh). k must be a multiple of 8. y:
-// [P][n]. One-token layers take the kernels crate's bf16_gemv_pairs instead (Tuning::bf16_gemv).
+// loading (rounded to bf16 as if stored; swiglu2, common.cuh): with `stage` (dynamic shared
+// memory of 8 * k bf16) once per group of pairs into shared memory, else per pair of weight rows.
+// k must be a multiple of 8. y: [P][n]. One-token layers take the kernels crate's moe_bf16_pairs
+// instead (Tuning::moe_direct).
 // ---------------------------------------------------------------------------------------------
 
 extern "C" __global__ void __launch_bounds__(256)
 moe_bf16(const u16* __restrict__ w, const u16* __restrict__ x, u16* __restrict__ y, int n, int k,
-         const int* __restrict__ ids, int P, int E, int in_div, int swiglu_in) {
+         const int* __restrict__ ids, int P, int E, int in_div, int swiglu_in, int stage) {
     pdl_enter();
+    extern __shared__ __align__(16) u16 acts[];  // stage: [8][k], silu(gate) * up of the group
     __shared__ unsigned char present[1024];
     __shared__ int s_expert, s_fill;
     __shared__ int in_row[8], out_row[8];
@@ -1238,6 +1241,17 @@ moe_bf16(const u16* __restrict__ w, const u16* __restrict__ x, u16* __restrict__
         __syncthreads();
         const int fill = s_fill;
         if (fill == 0) break;
+        if (stage) {
+            // The group's SwiGLU rows once per block, not once per pair of weight rows.
+            for (int i = threadIdx.x * 8; i < fill * k; i += blockDim.x * 8) {
+                const int q = i / k, c = i - q * k;
+                const u16* xr = x + (size_t)in_row[q] * 2 * k;
+                const uint4 g = *(const uint4*)(xr + c), u = *(const uint4*)(xr + k + c);
+                *(uint4*)(acts + i) = make_uint4(swiglu2(g.x, u.x), swiglu2(g.y, u.y),
+                                                 swiglu2(g.z, u.z), swiglu2(g.w, u.w));
+            }
+            __syncthreads();
+        }
         float acc[8][2];
 #pragma unroll
         for (int q = 0; q < 8; q++) acc[q][0] = acc[q][1] = 0.f;
@@ -1251,7 +1265,9 @@ moe_bf16(const u16* __restrict__ w, const u16* __restrict__ x, u16* __restrict__
             for (int q = 0; q < 8; q++) {
                 if (q < fill) {
                     uint4 xv;
-                    if (swiglu_in) {
+                    if (stage) {
+                        xv = *(const uint4*)(acts + q * k + c);
+                    } else if (swiglu_in) {
                         const u16* xr = x + (size_t)in_row[q] * 2 * k;
                         const uint4 g = *(const uint4*)(xr + c), u = *(const uint4*)(xr + k + c);
                         xv = make_uint4(swiglu2(g.x, u.x), swiglu2(g.y, u.y), swiglu2(g.z, u.z),

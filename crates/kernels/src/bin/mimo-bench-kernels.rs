@@ -19,11 +19,10 @@ use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptu
 use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
 use mimo_kernels::cuda::{
-    bf16_gemm, bf16_gemv_rows_per_block, bf16_gemv_supported, bf16_gemv_with, bf16_to_e4m3_rows,
-    cublas, device_copy, fp4_gemm, fp4_gemm_dequant_cublas, fp4_gemm_fp8, fp4_gemm_with,
-    fp4_to_e4m3_rows, fp8_shape_ok, moe_layer_with, variant_exists, CudaError, E4m3Rows,
-    Fp4GemmConfig, Fp8Gemm, Fp8Scratch, GpuContext, GpuFp4Weight, MoeConfig, MoeWeights,
-    MoeWorkspace, PdlGraph,
+    bf16_gemm, bf16_to_e4m3_rows, cublas, device_copy, fp4_gemm, fp4_gemm_dequant_cublas,
+    fp4_gemm_fp8, fp4_gemm_with, fp4_to_e4m3_rows, fp8_shape_ok, moe_layer_with, variant_exists,
+    CudaError, E4m3Rows, Fp4GemmConfig, Fp8Gemm, Fp8Scratch, GpuContext, GpuFp4Weight, MoeConfig,
+    MoeWeights, MoeWorkspace, PdlGraph,
 };
 use mimo_kernels::Fp4Format;
 
@@ -309,77 +308,6 @@ fn reps_for(copies: usize, est_us: f64) -> usize {
     r
 }
 
-/// Our BF16 decode GEMV (`bf16_gemv`) on the cuBLAS rows' weights, for the token counts it
-/// takes: the automatic rows per block as a plain graph and as a PDL chain (how the runtime's
-/// decode graphs run it), and at one token every rows-per-block choice as a PDL chain.
-#[allow(clippy::too_many_arguments)]
-fn bf16_gemv_rows(
-    gpu: &GpuContext,
-    wbf: &[CudaSlice<bf16>],
-    x: &CudaSlice<bf16>,
-    k: usize,
-    n: usize,
-    ms: &[usize],
-    cublas_us: &[f64],
-    samples: usize,
-    rows: &mut Vec<Row>,
-) -> Res<()> {
-    let s = gpu.stream().clone();
-    let copies = wbf.len();
-    let bf_bytes = n * k * 2;
-    for (mi, &m) in ms.iter().enumerate() {
-        if !bf16_gemv_supported(m, n, k) {
-            continue;
-        }
-        let xo = s.clone_htod(&s.clone_dtoh(&x.slice(0..m * k))?)?;
-        let mut ys = s.alloc_zeros::<bf16>(m * n)?;
-        let reps = reps_for(copies, bf_bytes as f64 / 2.5e6);
-        let auto = bf16_gemv_rows_per_block(n, 1, gpu.sm_count());
-        let mut rbs = vec![auto];
-        if m == 1 {
-            rbs.extend([1usize, 2, 4, 8, 16, 32].into_iter().filter(|&r| r != auto));
-        }
-        for rb in rbs {
-            for pdl in [false, true] {
-                if rb != auto && !pdl {
-                    continue;
-                }
-                let t = time_op_graph(gpu, reps, samples, pdl, &mut |i| {
-                    bf16_gemv_with(gpu, &wbf[i % copies], &xo, m, n, k, rb, &mut ys)
-                })?;
-                let kernel = match (rb == auto, pdl) {
-                    (true, false) => "bf16_gemv".to_string(),
-                    (true, true) => "bf16_gemv_pdl".to_string(),
-                    _ => format!("bf16_gemv_rb{rb}_pdl"),
-                };
-                eprintln!(
-                    "  {kernel} k={k} n={n} m={m} rows/block {rb}: {:.2} us",
-                    t.us
-                );
-                rows.push(Row {
-                    group: "dense",
-                    kernel,
-                    format: "bf16",
-                    k,
-                    n,
-                    m,
-                    us: t.us,
-                    spread: t.spread,
-                    graph: t.graph,
-                    weight_bytes: bf_bytes,
-                    flops: 2.0 * (m * n * k) as f64,
-                    speedup: Some(cublas_us[mi] / t.us),
-                    note: format!(
-                        "{rb} rows per block (auto {auto}); {copies} weight copies{}",
-                        if pdl { "; launches chained by PDL" } else { "" }
-                    ),
-                });
-            }
-        }
-    }
-    Ok(())
-}
-
 #[allow(clippy::too_many_arguments)]
 fn dense_shape(
     gpu: &GpuContext,
@@ -435,7 +363,6 @@ fn dense_shape(
         });
         eprintln!("  cublas k={k} n={n} m={m}: {:.2} us", t.us);
     }
-    bf16_gemv_rows(gpu, &wbf, &x, k, n, ms, &cublas_us, samples, rows)?;
     drop(wbf);
     for format in [Fp4Format::Nvfp4, Fp4Format::Mxfp4] {
         let (p, sc, gs) = fp4_parts(rng, format, n, k, 1);

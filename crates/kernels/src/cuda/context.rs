@@ -18,9 +18,6 @@ pub(crate) const FP4_GEMM_SRC: (&str, &str) =
 pub const COMMON_HEADER: &str = include_str!("../../cuda/common.cuh");
 /// MoE routing / activation / combine kernels.
 pub(crate) const MOE_SRC: (&str, &str) = ("moe.cu", include_str!("../../cuda/moe.cu"));
-/// BF16 decode GEMVs (dense and one-token MoE pairs).
-pub(crate) const BF16_GEMV_SRC: (&str, &str) =
-    ("bf16_gemv.cu", include_str!("../../cuda/bf16_gemv.cu"));
 
 /// PTX per (file, architecture), compiled once per process.
 fn ptx_cache() -> &'static Mutex<HashMap<(&'static str, String), String>> {
@@ -78,10 +75,9 @@ pub const L2_PREFETCH_SMALL_BYTES: usize = 8 << 20;
 
 /// Latency features of the decode path, switchable for A/B measurements through the
 /// environment at context creation (`MIMO_PDL`, `MIMO_L2_PREFETCH`, `MIMO_L2_PREFETCH_SMALL`,
-/// `MIMO_MOE_DIRECT`, `MIMO_NORM_ROUTER`, `MIMO_DENSE_SWIGLU`, `MIMO_X_STAGE`,
-/// `MIMO_BF16_GEMV`, `MIMO_WARP_ATTENTION`, `MIMO_FP8_PREFILL`, `MIMO_PREFILL_ATTENTION_MMA`,
-/// `MIMO_FP8_RESIDENT`: `1` on, `0` off) or later through [`GpuContext::set_tuning`]. The
-/// defaults follow the H100 ablations of docs/kernels-notes.md: the ones that did not pay
+/// `MIMO_MOE_DIRECT`,
+/// `MIMO_NORM_ROUTER`, `MIMO_WARP_ATTENTION`, `MIMO_FP8_PREFILL`, `MIMO_PREFILL_ATTENTION_MMA`, `MIMO_FP8_RESIDENT`: `1` on, `0` off) or later through [`GpuContext::set_tuning`]. The defaults
+/// follow the H100 ablations of docs/kernels-notes.md (rounds 3-5): the ones that did not pay
 /// there are off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tuning {
@@ -101,7 +97,9 @@ pub struct Tuning {
     /// attention then load while the latency-bound kernel before them finishes).
     pub l2_prefetch_small: bool,
     /// One-token MoE layers take the direct path: gate/up per pair without the routing scan,
-    /// then down with the weighted combine fused (two launches instead of three).
+    /// then down with the weighted combine fused (two launches instead of three); BF16 experts
+    /// go through [`super::moe_bf16_pairs`] (one block row per pair, SwiGLU formed once per
+    /// block) instead of the runtime's grouped kernel.
     pub moe_direct: bool,
     /// MoE layers without a shared expert fold the post-attention residual add + RMSNorm into
     /// the router kernel (the runtime's; one launch less per layer). On by default since its
@@ -118,12 +116,6 @@ pub struct Tuning {
     /// default (H100, 16 tokens: 4096 x 14336 22.5 -> 20.9 us, 2048 x 151936 113.6 -> 94.4 us;
     /// end to end neutral).
     pub x_stage: bool,
-    /// BF16 Linear products of 1 to 8 tokens (k a multiple of 8) through our own GEMV
-    /// ([`super::bf16_gemv`]: programmatic launch, the first weights requested before the wait)
-    /// instead of cuBLAS, and one-token BF16 MoE layers through its pair kernel
-    /// ([`super::bf16_gemv_pairs`]) instead of the grouped `moe_bf16`: the BF16 baseline's
-    /// decode.
-    pub bf16_gemv: bool,
     /// One-sequence decode steps' attention through the runtime's warp kernel (`attention_w`:
     /// 4 warps x 16 keys, head_dim 32..=128 in steps of 32) instead of the thread-per-key one.
     pub warp_attention: bool,
@@ -152,7 +144,6 @@ impl Default for Tuning {
             norm_router: true,
             dense_swiglu: true,
             x_stage: true,
-            bf16_gemv: true,
             warp_attention: true,
             fp8_prefill: true,
             prefill_attention_mma: true,
@@ -180,7 +171,6 @@ impl Tuning {
             norm_router: flag("MIMO_NORM_ROUTER", d.norm_router),
             dense_swiglu: flag("MIMO_DENSE_SWIGLU", d.dense_swiglu),
             x_stage: flag("MIMO_X_STAGE", d.x_stage),
-            bf16_gemv: flag("MIMO_BF16_GEMV", d.bf16_gemv),
             warp_attention: flag("MIMO_WARP_ATTENTION", d.warp_attention),
             fp8_prefill: flag("MIMO_FP8_PREFILL", d.fp8_prefill),
             prefill_attention_mma: flag("MIMO_PREFILL_ATTENTION_MMA", d.prefill_attention_mma),
@@ -196,7 +186,6 @@ pub struct GpuContext {
     stream: Arc<CudaStream>,
     gemm: Arc<CudaModule>,
     moe: Arc<CudaModule>,
-    gemv: Arc<CudaModule>,
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
     sm_count: u32,
     name: String,
@@ -248,7 +237,6 @@ impl GpuContext {
         };
         let gemm = load(FP4_GEMM_SRC)?;
         let moe = load(MOE_SRC)?;
-        let gemv = load(BF16_GEMV_SRC)?;
         let sm_count = ctx
             .attribute(
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
@@ -267,7 +255,6 @@ impl GpuContext {
             stream,
             gemm,
             moe,
-            gemv,
             functions: Mutex::new(HashMap::new()),
             sm_count,
             name,
@@ -330,7 +317,7 @@ impl GpuContext {
         }
     }
 
-    /// A kernel of fp4_gemm.cu, moe.cu or bf16_gemv.cu by name (looked up once, then cached).
+    /// A kernel of fp4_gemm.cu or moe.cu by name (looked up once, then cached).
     pub(crate) fn function(&self, name: &'static str) -> Result<CudaFunction, CudaError> {
         let mut map = self
             .functions
@@ -341,8 +328,6 @@ impl GpuContext {
         }
         let module = if name.starts_with("moe_") {
             &self.moe
-        } else if name.starts_with("bf16_gemv") {
-            &self.gemv
         } else {
             &self.gemm
         };

@@ -11,15 +11,13 @@
 //! - [`fp4_gemm_fp8`]: FP4 weights and bf16 activations -> E4M3 rows, then cuBLASLt's FP8
 //!   GEMM with per-row scales (large M on sm_89+).
 //! - [`moe_layer`]: grouped MoE layer from the router's device output.
-//! - [`bf16_gemv`] / [`bf16_gemv_pairs`]: BF16 weights at decode (the BF16 baseline's own
-//!   GEMV, launched programmatically instead of through cuBLAS).
+//! - [`moe_bf16_pairs`]: one-token BF16 experts (the BF16 baseline's direct MoE path).
 
 mod blas;
 mod context;
 mod error;
 mod fp8;
 mod gemm;
-mod gemv;
 mod graph;
 mod moe;
 mod weights;
@@ -37,21 +35,16 @@ pub use gemm::{
     device_copy, fp4_dequantize, fp4_gemm, fp4_gemm_swiglu, fp4_gemm_swiglu_supported,
     fp4_gemm_with, token_tiles, variant_exists, Fp4GemmConfig, K_CHUNK,
 };
-pub use gemv::{
-    bf16_gemv, bf16_gemv_pairs, bf16_gemv_rows_per_block, bf16_gemv_supported, bf16_gemv_with,
-    BF16_GEMV_K_STEP, BF16_GEMV_MAX_TOKENS,
-};
 pub use graph::PdlGraph;
-pub use moe::{moe_layer, moe_layer_with, MoeConfig, MoeWeights, MoeWorkspace, MOE_MAX_EXPERTS};
+pub use moe::{
+    moe_bf16_pairs, moe_bf16_pairs_supported, moe_layer, moe_layer_with, MoeConfig, MoeWeights,
+    MoeWorkspace, MOE_BF16_PAIRS_MAX_SWIGLU_K, MOE_MAX_EXPERTS,
+};
 pub use weights::GpuFp4Weight;
 
 /// The embedded kernel sources, (file name, text), for tools that compile them ahead.
-pub fn kernel_sources() -> [(&'static str, &'static str); 3] {
-    [
-        context::FP4_GEMM_SRC,
-        context::MOE_SRC,
-        context::BF16_GEMV_SRC,
-    ]
+pub fn kernel_sources() -> [(&'static str, &'static str); 2] {
+    [context::FP4_GEMM_SRC, context::MOE_SRC]
 }
 
 /// Opens GPU 0 for a test, or explains why not. With `MIMO_REQUIRE_GPU=1` a missing GPU is an

@@ -511,7 +511,6 @@ fn tuning_ablation(
         flip(|t| &mut t.moe_direct, "moe_direct"),
         flip(|t| &mut t.norm_router, "norm_router"),
         flip(|t| &mut t.dense_swiglu, "dense_swiglu"),
-        flip(|t| &mut t.bf16_gemv, "bf16_gemv"),
         flip(|t| &mut t.warp_attention, "warp_attention"),
         (
             "all_off".to_string(),
@@ -523,7 +522,6 @@ fn tuning_ablation(
                 norm_router: false,
                 dense_swiglu: false,
                 x_stage: base.x_stage,
-                bf16_gemv: false,
                 warp_attention: false,
                 fp8_prefill: base.fp8_prefill,
                 prefill_attention_mma: base.prefill_attention_mma,

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use cudarc::driver::{sys, CudaEvent, CudaSlice};
 use half::bf16;
 use mimo_kernels::cuda::{
-    bf16_gemv_pairs, bf16_gemv_supported, moe_layer, GpuFp4Weight, MoeWeights, MoeWorkspace,
+    moe_bf16_pairs, moe_bf16_pairs_supported, moe_layer, GpuFp4Weight, MoeWeights, MoeWorkspace,
     PdlGraph,
 };
 use mimo_kernels::Fp4Matrix;
@@ -1088,12 +1088,12 @@ impl GpuModel {
                     }
                     (Experts::Bf16 { gate_up, down }, _, Some(pgu), Some(pdn))
                         if m == 1
-                            && g.tuning().bf16_gemv
-                            && bf16_gemv_supported(1, 2 * moe.inter, hd)
-                            && bf16_gemv_supported(1, hd, moe.inter) =>
+                            && g.tuning().moe_direct
+                            && moe_bf16_pairs_supported(2 * moe.inter, hd, false)
+                            && moe_bf16_pairs_supported(hd, moe.inter, true) =>
                     {
                         // One token: every pair has its own expert, so one pass per pair.
-                        bf16_gemv_pairs(
+                        moe_bf16_pairs(
                             g,
                             gate_up,
                             &ws.h,
@@ -1107,7 +1107,7 @@ impl GpuModel {
                             false,
                         )?;
                         self.mark("experts")?;
-                        bf16_gemv_pairs(
+                        moe_bf16_pairs(
                             g,
                             down,
                             pgu,

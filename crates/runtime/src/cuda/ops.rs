@@ -34,6 +34,9 @@ pub const MAX_EXPERTS: usize = 1024;
 pub const ARGMAX_CHUNK: usize = 4096;
 /// Keys per `topp_threshold` block (`TOPP_SPAN` in ops.cu).
 const TOPP_SPAN: usize = 1024;
+/// Largest expert width whose SwiGLU rows `moe_bf16` stages in shared memory (8 rows of bf16:
+/// 32 KiB, under the 48 KiB a block gets without opting in).
+const MOE_BF16_STAGE_K: usize = 2048;
 
 /// Scalar arguments of the attention kernels (mirrors `AttnArgs` in ops.cu).
 #[repr(C)]
@@ -682,13 +685,16 @@ impl Ops {
         in_div: usize,
         swiglu_in: bool,
     ) -> Result<(), GpuError> {
-        let (n_i, k_i, p_i, e_i, d_i, s_i) = (
+        // The SwiGLU rows of a group of 8 pairs staged in shared memory where they fit.
+        let stage = swiglu_in && k <= MOE_BF16_STAGE_K;
+        let (n_i, k_i, p_i, e_i, d_i, s_i, st_i) = (
             n as i32,
             k as i32,
             pairs as i32,
             experts as i32,
             in_div as i32,
             i32::from(swiglu_in),
+            i32::from(stage),
         );
         let mut b = gpu.stream().launch_builder(&self.moe_bf16);
         b.arg(w)
@@ -700,11 +706,12 @@ impl Ops {
             .arg(&p_i)
             .arg(&e_i)
             .arg(&d_i)
-            .arg(&s_i);
+            .arg(&s_i)
+            .arg(&st_i);
         let cfg = LaunchConfig {
             grid_dim: (n.div_ceil(16) as u32, experts.min(pairs).max(1) as u32, 1),
             block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: if stage { (8 * k * 2) as u32 } else { 0 },
         };
         // SAFETY: w [experts, n, k], x [pairs / in_div, k or 2k], y [pairs, n], ids [pairs];
         // k % 8 == 0 checked at load.

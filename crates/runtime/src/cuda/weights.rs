@@ -1,4 +1,4 @@
-//! Linear layers resident on the GPU: BF16 (our GEMV at decode, else cuBLAS) or packed FP4 (the kernels crate's fused
+//! Linear layers resident on the GPU: BF16 (cuBLAS) or packed FP4 (the kernels crate's fused
 //! dequant-GEMM), and the fusion of several layers that read the same input (q/k/v, gate/up)
 //! into one matrix so that one launch serves them.
 
@@ -10,9 +10,9 @@ use cudarc::cublas::CudaBlas;
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use mimo_kernels::cuda::{
-    bf16_gemm, bf16_gemv, bf16_gemv_supported, bf16_to_e4m3_rows, fp4_gemm,
-    fp4_gemm_dequant_cublas, fp4_gemm_fp8, fp4_gemm_swiglu, fp4_gemm_swiglu_supported,
-    fp4_to_e4m3_rows, fp8_shape_ok, E4m3Rows, Fp8Gemm, Fp8Scratch, GpuContext, GpuFp4Weight,
+    bf16_gemm, bf16_to_e4m3_rows, fp4_gemm, fp4_gemm_dequant_cublas, fp4_gemm_fp8, fp4_gemm_swiglu,
+    fp4_gemm_swiglu_supported, fp4_to_e4m3_rows, fp8_shape_ok, E4m3Rows, Fp8Gemm, Fp8Scratch,
+    GpuContext, GpuFp4Weight,
 };
 use mimo_kernels::Fp4Matrix;
 
@@ -155,8 +155,7 @@ impl Gpu {
 
 /// A Linear weight on the device, `[n, k]`, with an optional f32 bias.
 pub enum GpuLinear {
-    /// BF16 weights (F32/F16 checkpoints are rounded to BF16), multiplied by our GEMV at decode
-    /// (`Tuning::bf16_gemv`) and by cuBLAS otherwise.
+    /// BF16 weights (F32/F16 checkpoints are rounded to BF16), multiplied by cuBLAS.
     Bf16 {
         /// row-major [n, k]
         w: CudaSlice<bf16>,
@@ -282,11 +281,7 @@ impl GpuLinear {
     ) -> Result<(), GpuError> {
         let bias = match self {
             GpuLinear::Bf16 { w, n, k, bias } => {
-                if gpu.ctx.tuning().bf16_gemv && bf16_gemv_supported(m, *n, *k) {
-                    bf16_gemv(&gpu.ctx, w, x, m, *n, *k, y)?;
-                } else {
-                    bf16_gemm(&gpu.blas, w, x, m, *n, *k, y)?;
-                }
+                bf16_gemm(&gpu.blas, w, x, m, *n, *k, y)?;
                 bias
             }
             GpuLinear::Fp4 { w, bias, fp8 } => {
