@@ -593,7 +593,10 @@ __device__ __forceinline__ void fp4_moe_body(const u8* __restrict__ wp, const u8
     const size_t wbytes = (size_t)n * (k >> 1);
     const size_t sbytes = (size_t)n * (FMT == FMT_NVFP4 ? (k >> 4) : (k >> 5));
     const int inter = n / 2;
-    const int row0 = EPI == EPI_SWIGLU ? blockIdx.x * 16 : blockIdx.x * 16 * MT;
+    // Row tiles: grouped blocks loop over tiles blockIdx.x, + gridDim.x, ... of their expert
+    // (one routing prologue for several tiles); direct blocks take one.
+    const int row_step = EPI == EPI_SWIGLU ? 16 : 16 * MT;
+    const int row0 = blockIdx.x * row_step;
     const int tstride = EPI == EPI_SWIGLU ? inter : 16;
     const int lim = EPI == EPI_SWIGLU ? inter : n;
     const SharedTokens tok{&tm};
@@ -635,9 +638,12 @@ __device__ __forceinline__ void fp4_moe_body(const u8* __restrict__ wp, const u8
         }
         __syncthreads();
         if (s_fill == 0) break;
-        fp4_tile<FMT, MT, TN, G, EPI>(wp + (size_t)e * wbytes, ws + (size_t)e * sbytes, gscale[e],
-                                      post, lut, x, y, n, k, row0, tstride, lim, tok, red);
-        __syncthreads();  // the reduction is done with tm and red before the next group
+        for (int r0 = row0; r0 < lim; r0 += gridDim.x * row_step) {
+            fp4_tile<FMT, MT, TN, G, EPI>(wp + (size_t)e * wbytes, ws + (size_t)e * sbytes,
+                                          gscale[e], post, lut, x, y, n, k, r0, tstride, lim, tok,
+                                          red);
+            __syncthreads();  // the reduction is done with red (and tm) before the next use
+        }
     }
 }
 
@@ -703,13 +709,17 @@ __device__ __forceinline__ void fp4_moe_down_t1_body(
 #define DENSE_KERNEL(NAME, FMT, MT, TN, G) DENSE_KERNEL_EPI(NAME, FMT, MT, TN, G, EPI_STORE, false)
 #define DENSE_KERNEL_XS(NAME, FMT, MT, TN, G) DENSE_KERNEL_EPI(NAME, FMT, MT, TN, G, EPI_STORE, true)
 
-#define MOE_KERNEL(NAME, FMT, MT, G, EPI, DIRECT)                                               \
+// TN: token tiles per pass (8 pairs each): 2 for the grouped kernels, 1 for the direct ones and
+// the grouped *_p8 ones (fewer registers where experts see few pairs each).
+#define MOE_KERNEL_TN(NAME, FMT, MT, TN, G, EPI, DIRECT)                                        \
     extern "C" __global__ void __launch_bounds__(512) NAME(                                     \
         const u8* wp, const u8* ws, const float* gs, const u16* lut, const u16* x, u16* y, int n, \
         int k, const int* ids, int P, int E, int in_div, int* bad, float post) {                  \
-        fp4_moe_body<FMT, MT, DIRECT ? 1 : 2, G, EPI, DIRECT>(wp, ws, gs, lut, x, y, n, k, ids, P, \
+        fp4_moe_body<FMT, MT, TN, G, EPI, DIRECT>(wp, ws, gs, lut, x, y, n, k, ids, P,         \
                                                              E, in_div, bad, post);               \
     }
+#define MOE_KERNEL(NAME, FMT, MT, G, EPI, DIRECT) \
+    MOE_KERNEL_TN(NAME, FMT, MT, DIRECT ? 1 : 2, G, EPI, DIRECT)
 
 #define MOE_DOWN_T1_KERNEL(NAME, FMT, G)                                                        \
     extern "C" __global__ void __launch_bounds__(512) NAME(                                     \
@@ -768,6 +778,15 @@ MOE_KERNEL(fp4_moe_mx_g1, FMT_MXFP4, 1, 1, EPI_STORE, false)
 MOE_KERNEL(fp4_moe_mx_g2, FMT_MXFP4, 1, 2, EPI_STORE, false)
 MOE_KERNEL(fp4_moe_mx_g1_swiglu, FMT_MXFP4, 2, 1, EPI_SWIGLU, false)
 MOE_KERNEL(fp4_moe_mx_g2_swiglu, FMT_MXFP4, 2, 2, EPI_SWIGLU, false)
+// The same with 8 pairs per pass over an expert (*_p8).
+MOE_KERNEL_TN(fp4_moe_nv_g1_p8, FMT_NVFP4, 1, 1, 1, EPI_STORE, false)
+MOE_KERNEL_TN(fp4_moe_nv_g2_p8, FMT_NVFP4, 1, 1, 2, EPI_STORE, false)
+MOE_KERNEL_TN(fp4_moe_nv_g1_swiglu_p8, FMT_NVFP4, 2, 1, 1, EPI_SWIGLU, false)
+MOE_KERNEL_TN(fp4_moe_nv_g2_swiglu_p8, FMT_NVFP4, 2, 1, 2, EPI_SWIGLU, false)
+MOE_KERNEL_TN(fp4_moe_mx_g1_p8, FMT_MXFP4, 1, 1, 1, EPI_STORE, false)
+MOE_KERNEL_TN(fp4_moe_mx_g2_p8, FMT_MXFP4, 1, 1, 2, EPI_STORE, false)
+MOE_KERNEL_TN(fp4_moe_mx_g1_swiglu_p8, FMT_MXFP4, 2, 1, 1, EPI_SWIGLU, false)
+MOE_KERNEL_TN(fp4_moe_mx_g2_swiglu_p8, FMT_MXFP4, 2, 1, 2, EPI_SWIGLU, false)
 // One token (moe.rs): direct gate/up + SwiGLU per pair, then down with the combine fused.
 MOE_KERNEL(fp4_moe_nv_g1_swiglu_t1, FMT_NVFP4, 2, 1, EPI_SWIGLU, true)
 MOE_KERNEL(fp4_moe_mx_g1_swiglu_t1, FMT_MXFP4, 2, 1, EPI_SWIGLU, true)

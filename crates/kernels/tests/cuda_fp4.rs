@@ -429,7 +429,7 @@ fn silu(v: f64) -> f64 {
 fn moe_layer_matches_cpu_reference() {
     let Some(gpu) = gpu() else { return };
     let mut rng = rng("moe");
-    let (experts, hidden, inter, top_k) = (12usize, 160usize, 96usize, 3usize);
+    let (experts, hidden, inter, top_k) = (12usize, 160usize, 288usize, 3usize);
     for format in FORMATS {
         let mut gu_q = Vec::new();
         let mut d_q = Vec::new();
@@ -510,11 +510,23 @@ fn moe_layer_matches_cpu_reference() {
                 2e-2,
                 6e-2,
             );
-            // Explicit block sizes (split-K over 1, 3 or 16 warps) give the same layer.
-            for (gu, d) in [(1u32, 1u32), (3, 2), (16, 16)] {
+            // Explicit block shapes (split-K over 1, 3 or 16 warps; several row tiles per block
+            // in turn; two-chunk load groups in the down launch) give the same layer.
+            for (gu, d, gt, dt, dg, pp) in [
+                (1u32, 1u32, 1u32, 1u32, 1u32, 16u32),
+                (3, 2, 1, 1, 1, 16),
+                (16, 16, 1, 1, 1, 16),
+                (2, 1, 3, 5, 2, 16),
+                (4, 2, 64, 2, 2, 8),
+                (2, 1, 1, 1, 1, 8),
+            ] {
                 let cfg = MoeConfig {
                     gate_up_warps: gu,
                     down_warps: d,
+                    gate_up_row_tiles: gt,
+                    down_row_tiles: dt,
+                    down_group: dg,
+                    pairs_per_pass: pp,
                 };
                 let mut out = poisoned(&gpu, tokens * hidden);
                 moe_layer_with(

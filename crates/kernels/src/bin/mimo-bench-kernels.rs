@@ -40,6 +40,22 @@ struct Args {
     shapes: Option<Vec<(usize, usize)>>,
     /// Token counts instead of the default list (`--ms 16,32`).
     ms: Option<Vec<usize>>,
+    /// MoE token counts instead of 1 and 16 (`--moe-tokens 8,16,32`).
+    moe_tokens: Option<Vec<usize>>,
+    /// The MoE block-shape sweep from 8 tokens (row tiles, down load groups) even with
+    /// `--no-sweep` (`--moe-sweep`).
+    moe_sweep: bool,
+}
+
+/// A comma-separated list of counts given to `flag`.
+fn counts(flag: &str, v: Option<String>) -> Res<Vec<usize>> {
+    let v = v.ok_or(format!("{flag} needs N[,N...]"))?;
+    Ok(v.split(',')
+        .map(|p| {
+            p.parse::<usize>()
+                .map_err(|_| format!("{flag}: '{p}' is not a count"))
+        })
+        .collect::<Result<Vec<_>, _>>()?)
 }
 
 fn parse_args() -> Res<Args> {
@@ -50,23 +66,17 @@ fn parse_args() -> Res<Args> {
         moe_only: false,
         shapes: None,
         ms: None,
+        moe_tokens: None,
+        moe_sweep: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(s) = it.next() {
         match s.as_str() {
             "--out" => a.out = Some(it.next().ok_or("--out needs a file name")?),
             "--quick" => a.quick = true,
-            "--ms" => {
-                let v = it.next().ok_or("--ms needs M[,M...]")?;
-                let list = v
-                    .split(',')
-                    .map(|p| {
-                        p.parse::<usize>()
-                            .map_err(|_| format!("--ms: '{p}' is not a count"))
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                a.ms = Some(list);
-            }
+            "--ms" => a.ms = Some(counts("--ms", it.next())?),
+            "--moe-tokens" => a.moe_tokens = Some(counts("--moe-tokens", it.next())?),
+            "--moe-sweep" => a.moe_sweep = true,
             "--no-sweep" => a.sweep = false,
             "--moe-only" => a.moe_only = true,
             "--shapes" => {
@@ -83,7 +93,7 @@ fn parse_args() -> Res<Args> {
             }
             "-h" | "--help" => {
                 println!(
-                    "mimo-bench-kernels [--out FILE.json] [--quick] [--no-sweep] [--moe-only] [--shapes K:N,...] [--ms M,...]"
+                    "mimo-bench-kernels [--out FILE.json] [--quick] [--no-sweep] [--moe-only] [--shapes K:N,...] [--ms M,...] [--moe-tokens T,...] [--moe-sweep]"
                 );
                 std::process::exit(0);
             }
@@ -647,7 +657,7 @@ fn moe_bench(
     format: Fp4Format,
     tokens_list: &[usize],
     samples: usize,
-    sweep: bool,
+    (sweep, moe_shape_sweep): (bool, bool),
     rows: &mut Vec<Row>,
 ) -> Res<()> {
     // Qwen3-30B-A3B: 128 experts, top-8, hidden 2048, expert width 768.
@@ -698,8 +708,39 @@ fn moe_bench(
                 let c = MoeConfig {
                     gate_up_warps: gu,
                     down_warps: d,
+                    ..auto
                 };
                 if c != auto {
+                    configs.push(c);
+                }
+            }
+        }
+        // From 8 tokens: row tiles per block (one routing prologue for several tiles) and the
+        // down launch's load groups, around the automatic shape.
+        if tokens >= 8 && (sweep || moe_shape_sweep) {
+            for (gt, dt, dg, dw, pp) in [
+                (1, 1, 2, 1, 16),
+                (1, 1, 2, 2, 16),
+                (1, 1, 1, 2, 16),
+                (2, 2, 1, 1, 16),
+                (4, 4, 1, 1, 16),
+                (2, 4, 2, 1, 16),
+                (4, 8, 2, 1, 16),
+                (1, 1, 1, 1, 8),
+                (1, 1, 2, 1, 8),
+                (2, 4, 2, 1, 8),
+                (4, 8, 2, 1, 8),
+                (4, 8, 2, 2, 8),
+            ] {
+                let c = MoeConfig {
+                    gate_up_row_tiles: gt,
+                    down_row_tiles: dt,
+                    down_group: dg,
+                    down_warps: dw,
+                    pairs_per_pass: pp,
+                    ..auto
+                };
+                if !configs.contains(&c) {
                     configs.push(c);
                 }
             }
@@ -759,8 +800,16 @@ fn moe_bench(
                         format!("auto {cfg:?}; launches chained by PDL; "),
                     ),
                     _ => (
-                        format!("fp4_moe_layer_gu{}_d{}", cfg.gate_up_warps, cfg.down_warps),
-                        "sweep; ".to_string(),
+                        format!(
+                            "fp4_moe_layer_gu{}_d{}_gt{}_dt{}_dg{}_p{}",
+                            cfg.gate_up_warps,
+                            cfg.down_warps,
+                            cfg.gate_up_row_tiles,
+                            cfg.down_row_tiles,
+                            cfg.down_group,
+                            cfg.pairs_per_pass
+                        ),
+                        format!("sweep {cfg:?}; "),
                     ),
                 };
                 push(kernel, note, t);
@@ -891,9 +940,9 @@ fn run() -> Res<()> {
             &gpu,
             &mut rng,
             format,
-            &[1, 16],
+            args.moe_tokens.as_deref().unwrap_or(&[1, 16]),
             samples,
-            args.sweep,
+            (args.sweep, args.moe_sweep),
             &mut rows,
         )?;
     }

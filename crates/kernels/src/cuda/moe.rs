@@ -81,14 +81,23 @@ impl MoeWorkspace {
     }
 }
 
-/// Warps per block of the two grouped launches of [`moe_layer_with`] (1..=16 each; they
-/// split K inside the block).
+/// Block shape of the two grouped launches of [`moe_layer_with`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MoeConfig {
-    /// Warps of the gate/up + SwiGLU launch.
+    /// Warps of the gate/up + SwiGLU launch (1..=16; they split K inside the block).
     pub gate_up_warps: u32,
-    /// Warps of the down launch.
+    /// Warps of the down launch (1..=16).
     pub down_warps: u32,
+    /// 16-row tiles each gate/up block computes in turn (1..=64), after one routing prologue.
+    pub gate_up_row_tiles: u32,
+    /// 16-row tiles each down block computes in turn (1..=64).
+    pub down_row_tiles: u32,
+    /// K chunks each down warp loads before using the first (1 or 2; 2 needs >= 2 chunks per
+    /// warp).
+    pub down_group: u32,
+    /// (token, expert) pairs per pass over an expert's weights in both launches (8 or 16):
+    /// 8 needs fewer registers where experts see few pairs each.
+    pub pairs_per_pass: u32,
 }
 
 impl MoeConfig {
@@ -97,12 +106,22 @@ impl MoeConfig {
     /// every wave of blocks repeats the routing prologue before its first weight load; small
     /// blocks let several per SM run at once, one block's prologue overlapping another's loads.
     /// From the H100 sweep (round 2): 4 and 2 warps at batch 1, 2 and 1 from 8 tokens on.
+    /// From 8 to 32 tokens (a few pairs per expert; H100 sweep of 2026-11-26,
+    /// bench/results/kernels-h100-moe-shape-sweep.json): 8 pairs per pass (the gate/up kernel
+    /// then fits its registers without spilling), 2 gate/up and 4 down row tiles per block
+    /// after one routing prologue, two-chunk load groups in the down launch: 16-32 tokens
+    /// 19 % faster than one tile of 16 pairs.
     pub fn auto(hidden: usize, inter: usize, tokens: usize) -> Self {
         let chunks = |k: usize| k.div_ceil(K_CHUNK) as u32;
         let (gu, d) = if tokens < 8 { (4, 2) } else { (2, 1) };
+        let few = (8..=32).contains(&tokens);
         MoeConfig {
             gate_up_warps: chunks(hidden).clamp(1, gu),
             down_warps: chunks(inter).clamp(1, d),
+            gate_up_row_tiles: if few { 2 } else { 1 },
+            down_row_tiles: if few { 4 } else { 1 },
+            down_group: if few || chunks(inter) >= 16 { 2 } else { 1 },
+            pairs_per_pass: if few { 8 } else { 16 },
         }
     }
 }
@@ -159,10 +178,19 @@ pub fn moe_layer_with(
 ) -> Result<(), CudaError> {
     let (experts, hidden, _inter) = w.dims()?;
     let ok = |v: u32| (1..=16).contains(&v);
-    if !ok(cfg.gate_up_warps) || !ok(cfg.down_warps) {
+    let tiles_ok = |v: u32| (1..=64).contains(&v);
+    if !ok(cfg.gate_up_warps)
+        || !ok(cfg.down_warps)
+        || !tiles_ok(cfg.gate_up_row_tiles)
+        || !tiles_ok(cfg.down_row_tiles)
+        || !(1..=2).contains(&cfg.down_group)
+        || !matches!(cfg.pairs_per_pass, 8 | 16)
+    {
         return Err(CudaError::Shape {
             what: "MoeConfig".into(),
-            reason: format!("{cfg:?}: warps must be 1..=16"),
+            reason: format!(
+                "{cfg:?}: warps 1..=16, row tiles 1..=64, down group 1 or 2, 8 or 16 pairs per pass"
+            ),
         });
     }
     let p = tokens * top_k;
@@ -207,7 +235,12 @@ pub fn moe_layer_with(
         &route,
         top_k as i32,
         true,
-        cfg.gate_up_warps,
+        (
+            cfg.gate_up_warps,
+            cfg.gate_up_row_tiles,
+            1,
+            cfg.pairs_per_pass,
+        ),
         bad,
     )?;
     // 2. grouped down: input row of pair q is q itself
@@ -219,7 +252,12 @@ pub fn moe_layer_with(
         &route,
         1,
         false,
-        cfg.down_warps,
+        (
+            cfg.down_warps,
+            cfg.down_row_tiles,
+            cfg.down_group,
+            cfg.pairs_per_pass,
+        ),
         None,
     )?;
     // 3. weighted combine
@@ -352,15 +390,15 @@ fn grouped(
     r: &Route,
     in_div: i32,
     swiglu: bool,
-    warps: u32,
+    (warps, row_tiles, group, pairs_per_pass): (u32, u32, u32, u32),
     bad: Option<&mut CudaSlice<i32>>,
 ) -> Result<(), CudaError> {
-    // Up to 16 pairs per pass over an expert's weights: at batch 16 no expert has more.
-    let tn = 2u32;
+    // 16 (or 8) pairs per pass over an expert's weights: two (one) 8-token mma tiles.
+    let tn = if pairs_per_pass == 8 { 1u32 } else { 2 };
     let chunks = w.k.div_ceil(K_CHUNK) as u32;
-    // Two chunks per group for the plain kernel where K allows; the SwiGLU kernel (two row
-    // tiles) spills registers with two.
-    let group = if chunks >= 16 && !swiglu { 2 } else { 1 };
+    // The SwiGLU kernel (two row tiles) spills registers with two chunks per group; a group
+    // needs at least its own number of chunks.
+    let group = if swiglu || chunks < 2 { 1 } else { group };
     // SwiGLU: two row tiles per block, gate rows and the matching up rows.
     let cfg = Fp4GemmConfig {
         m_tiles: if swiglu { 2 } else { 1 },
@@ -368,19 +406,28 @@ fn grouped(
         group,
     };
     let rows = if swiglu { w.n / 2 } else { w.n };
-    let name = match (w.format, group, swiglu) {
-        (Fp4Format::Nvfp4, 1, false) => "fp4_moe_nv_g1",
-        (Fp4Format::Nvfp4, _, false) => "fp4_moe_nv_g2",
-        (Fp4Format::Nvfp4, 1, true) => "fp4_moe_nv_g1_swiglu",
-        (Fp4Format::Nvfp4, _, true) => "fp4_moe_nv_g2_swiglu",
-        (Fp4Format::Mxfp4, 1, false) => "fp4_moe_mx_g1",
-        (Fp4Format::Mxfp4, _, false) => "fp4_moe_mx_g2",
-        (Fp4Format::Mxfp4, 1, true) => "fp4_moe_mx_g1_swiglu",
-        (Fp4Format::Mxfp4, _, true) => "fp4_moe_mx_g2_swiglu",
+    let name = match (w.format, group, swiglu, tn) {
+        (Fp4Format::Nvfp4, 1, false, 2) => "fp4_moe_nv_g1",
+        (Fp4Format::Nvfp4, _, false, 2) => "fp4_moe_nv_g2",
+        (Fp4Format::Nvfp4, 1, true, 2) => "fp4_moe_nv_g1_swiglu",
+        (Fp4Format::Nvfp4, _, true, 2) => "fp4_moe_nv_g2_swiglu",
+        (Fp4Format::Mxfp4, 1, false, 2) => "fp4_moe_mx_g1",
+        (Fp4Format::Mxfp4, _, false, 2) => "fp4_moe_mx_g2",
+        (Fp4Format::Mxfp4, 1, true, 2) => "fp4_moe_mx_g1_swiglu",
+        (Fp4Format::Mxfp4, _, true, 2) => "fp4_moe_mx_g2_swiglu",
+        (Fp4Format::Nvfp4, 1, false, _) => "fp4_moe_nv_g1_p8",
+        (Fp4Format::Nvfp4, _, false, _) => "fp4_moe_nv_g2_p8",
+        (Fp4Format::Nvfp4, 1, true, _) => "fp4_moe_nv_g1_swiglu_p8",
+        (Fp4Format::Nvfp4, _, true, _) => "fp4_moe_nv_g2_swiglu_p8",
+        (Fp4Format::Mxfp4, 1, false, _) => "fp4_moe_mx_g1_p8",
+        (Fp4Format::Mxfp4, _, false, _) => "fp4_moe_mx_g2_p8",
+        (Fp4Format::Mxfp4, 1, true, _) => "fp4_moe_mx_g1_swiglu_p8",
+        (Fp4Format::Mxfp4, _, true, _) => "fp4_moe_mx_g2_swiglu_p8",
     };
     let f = gpu.function(name)?;
+    let tiles = rows.div_ceil(16) as u32;
     let launch = LaunchConfig {
-        grid_dim: (rows.div_ceil(16) as u32, r.slots, 1),
+        grid_dim: (tiles.div_ceil(row_tiles.max(1)), r.slots, 1),
         block_dim: (32 * cfg.warps, 1, 1),
         shared_mem_bytes: reduction_smem(cfg, tn),
     };
