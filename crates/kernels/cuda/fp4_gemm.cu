@@ -700,12 +700,17 @@ __device__ __forceinline__ void fp4_moe_down_t1_body(
 }
 
 // XST: activations staged in shared memory (see stage_x; gemm.rs: Tuning::x_stage).
-#define DENSE_KERNEL_EPI(NAME, FMT, MT, TN, G, EPI, XST)                                       \
-    extern "C" __global__ void __launch_bounds__(512) NAME(                                    \
+// LB: the most threads a block of the kernel may have (512; 64 for the staged 32-token kernels,
+// which only fit the default shared memory with at most two warps, so they may hold more
+// registers instead of spilling).
+#define DENSE_KERNEL_EPI_LB(NAME, FMT, MT, TN, G, EPI, XST, LB)                                \
+    extern "C" __global__ void __launch_bounds__(LB) NAME(                                     \
         const u8* wp, const u8* ws, const float* gs, const u16* lut, const u16* x, u16* y, int m, \
         int n, int k, float post, int flags) {                                                   \
         fp4_dense_body<FMT, MT, TN, G, EPI, XST>(wp, ws, gs, lut, x, y, m, n, k, post, flags);   \
     }
+#define DENSE_KERNEL_EPI(NAME, FMT, MT, TN, G, EPI, XST) \
+    DENSE_KERNEL_EPI_LB(NAME, FMT, MT, TN, G, EPI, XST, 512)
 #define DENSE_KERNEL(NAME, FMT, MT, TN, G) DENSE_KERNEL_EPI(NAME, FMT, MT, TN, G, EPI_STORE, false)
 #define DENSE_KERNEL_XS(NAME, FMT, MT, TN, G) DENSE_KERNEL_EPI(NAME, FMT, MT, TN, G, EPI_STORE, true)
 
@@ -756,14 +761,22 @@ DENSE_VARIANTS(mx, FMT_MXFP4)
 GATED_VARIANTS(nv, FMT_NVFP4)
 GATED_VARIANTS(mx, FMT_MXFP4)
 
+// fp4_gemm_sw_{nv,mx}_t{TN}_g1_xs: the gated 16- and 32-token variants with staged activations.
+#define GATED_XS_VARIANTS(FMTNAME, FMT)                                                      \
+    DENSE_KERNEL_EPI(fp4_gemm_sw_##FMTNAME##_t2_g1_xs, FMT, 2, 2, 1, EPI_SWIGLU_BF16, true) \
+    DENSE_KERNEL_EPI_LB(fp4_gemm_sw_##FMTNAME##_t4_g1_xs, FMT, 2, 4, 1, EPI_SWIGLU_BF16, true, 64)
+
+GATED_XS_VARIANTS(nv, FMT_NVFP4)
+GATED_XS_VARIANTS(mx, FMT_MXFP4)
+
 // fp4_gemm_{nv,mx}_m{MT}_t{TN}_g{G}_xs: the 16- and 32-token variants with staged activations.
 #define XS_VARIANTS(FMTNAME, FMT)                                \
     DENSE_KERNEL_XS(fp4_gemm_##FMTNAME##_m1_t2_g1_xs, FMT, 1, 2, 1) \
     DENSE_KERNEL_XS(fp4_gemm_##FMTNAME##_m1_t2_g2_xs, FMT, 1, 2, 2) \
     DENSE_KERNEL_XS(fp4_gemm_##FMTNAME##_m2_t2_g1_xs, FMT, 2, 2, 1) \
     DENSE_KERNEL_XS(fp4_gemm_##FMTNAME##_m2_t2_g2_xs, FMT, 2, 2, 2) \
-    DENSE_KERNEL_XS(fp4_gemm_##FMTNAME##_m1_t4_g1_xs, FMT, 1, 4, 1) \
-    DENSE_KERNEL_XS(fp4_gemm_##FMTNAME##_m2_t4_g1_xs, FMT, 2, 4, 1)
+    DENSE_KERNEL_EPI_LB(fp4_gemm_##FMTNAME##_m1_t4_g1_xs, FMT, 1, 4, 1, EPI_STORE, true, 64) \
+    DENSE_KERNEL_EPI_LB(fp4_gemm_##FMTNAME##_m2_t4_g1_xs, FMT, 2, 4, 1, EPI_STORE, true, 64)
 
 XS_VARIANTS(nv, FMT_NVFP4)
 XS_VARIANTS(mx, FMT_MXFP4)

@@ -327,7 +327,6 @@ fn fp4_gemm_matches_cpu_reference() {
 fn fp4_gemm_swiglu_matches_gemm_then_silu() {
     let Some(gpu) = gpu() else { return };
     let mut rng = rng("fp4_gemm_swiglu");
-    let sm = gpu.sm_count();
     for format in FORMATS {
         for &(m, n, k) in &[
             (1, 400, 544),
@@ -335,12 +334,16 @@ fn fp4_gemm_swiglu_matches_gemm_then_silu() {
             (5, 200, 256),
             (16, 96, 2048),
             (40, 130, 160),
+            (32, 8448, 256),
+            (20, 8480, 160),
+            // 16 tokens with few enough warps that the staged kernel (_xs) runs.
+            (16, 8704, 256),
         ] {
             let wf = random_matrix(&mut rng, n * k, 0.02);
             let q = quantize(format, &wf, n, k);
             let w = GpuFp4Weight::upload(&gpu, "w", &q).unwrap();
             assert!(
-                fp4_gemm_swiglu_supported(&w, m, sm),
+                fp4_gemm_swiglu_supported(&gpu, &w, m),
                 "{format} m={m} [{n}, {k}]"
             );
             let xb = to_bf16(&random_matrix(&mut rng, m * k, 1.0));

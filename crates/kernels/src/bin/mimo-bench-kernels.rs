@@ -458,10 +458,16 @@ fn dense_shape(
                     }
                 }
                 let mut best = (t, format!("{cfg:?}"));
-                if sweep && (m == 1 || m == 16) {
+                if sweep && (m == 1 || m == 16 || m == 32) {
+                    // At 32 tokens one and two warps stage their activations (48 KiB).
+                    let warp_list: &[u32] = if m == 32 {
+                        &[1, 2, 4, 8, 16]
+                    } else {
+                        &[2, 4, 8, 16]
+                    };
                     for m_tiles in [1u32, 2] {
                         for group in [1u32, 2, 4] {
-                            for warps in [2u32, 4, 8, 16] {
+                            for &warps in warp_list {
                                 let c = Fp4GemmConfig {
                                     m_tiles,
                                     warps,

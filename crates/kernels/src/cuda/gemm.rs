@@ -119,10 +119,20 @@ pub(crate) fn gemm_kernel_name(
         })
 }
 
+/// Most warps of a staged 32-token block: its buffers (16 KiB per warp) fit the default 48 KiB
+/// with two, and fp4_gemm.cu builds those kernels for 64 threads (more registers, no spill).
+/// The automatic shape never stages 32 tokens (it takes 4 or more warps there: a two-warp
+/// staged rule made MiMo-7B's batch-32 decode 6 % slower on the H100 although most of its
+/// kernels were faster alone, docs/kernels-notes.md round 8); explicit shapes may.
+const XS_T4_MAX_WARPS: u32 = 2;
+
 /// The activation-staged variant (`Tuning::x_stage`, fp4_gemm.cu `_xs`) of a block shape, where
 /// there is one (16 and 32 tokens; the launcher also needs its buffers to fit 48 KiB).
 fn xs_kernel_name(format: Fp4Format, cfg: Fp4GemmConfig, tn: u32) -> Option<&'static str> {
     let nv = format == Fp4Format::Nvfp4;
+    if tn == 4 && cfg.warps > XS_T4_MAX_WARPS {
+        return None;
+    }
     Some(match (cfg.m_tiles, tn, cfg.group, nv) {
         (1, 2, 1, true) => "fp4_gemm_nv_m1_t2_g1_xs",
         (1, 2, 2, true) => "fp4_gemm_nv_m1_t2_g2_xs",
@@ -288,6 +298,21 @@ fn gated_config(m: usize, n: usize, k: usize, sm_count: u32) -> Fp4GemmConfig {
     }
 }
 
+/// The staged variant of a gated kernel (16 and 32 tokens, one chunk per group).
+fn swiglu_xs_kernel_name(format: Fp4Format, tn: u32, cfg: Fp4GemmConfig) -> Option<&'static str> {
+    if cfg.group != 1 || (tn == 4 && cfg.warps > XS_T4_MAX_WARPS) {
+        return None;
+    }
+    let nv = format == Fp4Format::Nvfp4;
+    Some(match (tn, nv) {
+        (2, true) => "fp4_gemm_sw_nv_t2_g1_xs",
+        (4, true) => "fp4_gemm_sw_nv_t4_g1_xs",
+        (2, false) => "fp4_gemm_sw_mx_t2_g1_xs",
+        (4, false) => "fp4_gemm_sw_mx_t4_g1_xs",
+        _ => return None,
+    })
+}
+
 fn swiglu_kernel_name(format: Fp4Format, tn: u32, group: u32) -> Option<&'static str> {
     let nv = format == Fp4Format::Nvfp4;
     Some(match (tn, group, nv) {
@@ -305,13 +330,13 @@ fn swiglu_kernel_name(format: Fp4Format, tn: u32, group: u32) -> Option<&'static
 
 /// The kernel of [`fp4_gemm_swiglu`] for `w` at `m` tokens, its block shape and token tiles.
 fn swiglu_variant(
+    gpu: &GpuContext,
     w: &GpuFp4Weight,
     m: usize,
-    sm_count: u32,
 ) -> Result<(&'static str, Fp4GemmConfig, u32), CudaError> {
     dense_only(w, "fp4_gemm_swiglu")?;
     let tn = token_tiles(m);
-    let cfg = gated_config(m, w.n, w.k, sm_count);
+    let cfg = gated_config(m, w.n, w.k, gpu.sm_count());
     cfg.check(tn)?;
     match swiglu_kernel_name(w.format, tn, cfg.group) {
         Some(name) if w.n % 2 == 0 => Ok((name, cfg, tn)),
@@ -325,8 +350,8 @@ fn swiglu_variant(
 }
 
 /// Whether [`fp4_gemm_swiglu`] has a kernel for `w` at `m` tokens.
-pub fn fp4_gemm_swiglu_supported(w: &GpuFp4Weight, m: usize, sm_count: u32) -> bool {
-    swiglu_variant(w, m, sm_count).is_ok()
+pub fn fp4_gemm_swiglu_supported(gpu: &GpuContext, w: &GpuFp4Weight, m: usize) -> bool {
+    swiglu_variant(gpu, w, m).is_ok()
 }
 
 /// `y[m, n/2] = silu(x·G^T) * (x·U^T)` for an FP4 `[gate | up]` weight (`G` its first `n/2`
@@ -339,7 +364,7 @@ pub fn fp4_gemm_swiglu(
     m: usize,
     y: &mut CudaSlice<bf16>,
 ) -> Result<(), CudaError> {
-    let (name, cfg, tn) = swiglu_variant(w, m, gpu.sm_count())?;
+    let (name, cfg, tn) = swiglu_variant(gpu, w, m)?;
     let inter = w.n / 2;
     check_len("fp4_gemm_swiglu: x", x.len(), m * w.k)?;
     check_len("fp4_gemm_swiglu: y", y.len(), m * inter)?;
@@ -350,7 +375,18 @@ pub fn fp4_gemm_swiglu(
         what: "fp4_gemm_swiglu: x".into(),
         reason: format!("m = {m} is too large"),
     })?;
-    let f = gpu.function(name)?;
+    // Staged where the buffers fit 48 KiB, as in fp4_gemm_with (bit-identical either way).
+    let mut smem = reduction_smem(cfg, tn);
+    let staged = smem + x_stage_smem(cfg, tn);
+    let f = match swiglu_xs_kernel_name(w.format, tn, cfg)
+        .filter(|_| gpu.tuning().x_stage && staged <= SMEM_LIMIT)
+    {
+        Some(xs) => {
+            smem = staged;
+            gpu.function(xs)?
+        }
+        None => gpu.function(name)?,
+    };
     let launch = LaunchConfig {
         grid_dim: (
             inter.div_ceil(16) as u32,
@@ -358,7 +394,7 @@ pub fn fp4_gemm_swiglu(
             m.div_ceil(8 * tn as usize) as u32,
         ),
         block_dim: (32 * cfg.warps, 1, 1),
-        shared_mem_bytes: reduction_smem(cfg, tn),
+        shared_mem_bytes: smem,
     };
     let flags = prefetch_flags(gpu, w);
     // SAFETY (launch_dense): x holds m rows of k, y m rows of n / 2 (checked above).
