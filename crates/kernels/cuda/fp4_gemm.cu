@@ -761,13 +761,10 @@ DENSE_VARIANTS(mx, FMT_MXFP4)
 GATED_VARIANTS(nv, FMT_NVFP4)
 GATED_VARIANTS(mx, FMT_MXFP4)
 
-// fp4_gemm_sw_{nv,mx}_t{TN}_g1_xs: the gated 16- and 32-token variants with staged activations.
-#define GATED_XS_VARIANTS(FMTNAME, FMT)                                                      \
-    DENSE_KERNEL_EPI(fp4_gemm_sw_##FMTNAME##_t2_g1_xs, FMT, 2, 2, 1, EPI_SWIGLU_BF16, true) \
-    DENSE_KERNEL_EPI_LB(fp4_gemm_sw_##FMTNAME##_t4_g1_xs, FMT, 2, 4, 1, EPI_SWIGLU_BF16, true, 64)
-
-GATED_XS_VARIANTS(nv, FMT_NVFP4)
-GATED_XS_VARIANTS(mx, FMT_MXFP4)
+// fp4_gemm_sw_{nv,mx}_t2_g1_xs: the gated 16-token variant with staged activations (the
+// automatic shape never stages 32 tokens).
+DENSE_KERNEL_EPI(fp4_gemm_sw_nv_t2_g1_xs, FMT_NVFP4, 2, 2, 1, EPI_SWIGLU_BF16, true)
+DENSE_KERNEL_EPI(fp4_gemm_sw_mx_t2_g1_xs, FMT_MXFP4, 2, 2, 1, EPI_SWIGLU_BF16, true)
 
 // fp4_gemm_{nv,mx}_m{MT}_t{TN}_g{G}_xs: the 16- and 32-token variants with staged activations.
 #define XS_VARIANTS(FMTNAME, FMT)                                \
@@ -782,24 +779,21 @@ XS_VARIANTS(nv, FMT_NVFP4)
 XS_VARIANTS(mx, FMT_MXFP4)
 
 // fp4_moe_{nv,mx}_g{G}: plain grouped product (down projection);
-// fp4_moe_{nv,mx}_g{G}_swiglu: gate/up projection with SwiGLU in the epilogue.
+// fp4_moe_{nv,mx}_g1_swiglu: gate/up projection with SwiGLU in the epilogue (one chunk per
+// group: two spill registers).
 MOE_KERNEL(fp4_moe_nv_g1, FMT_NVFP4, 1, 1, EPI_STORE, false)
 MOE_KERNEL(fp4_moe_nv_g2, FMT_NVFP4, 1, 2, EPI_STORE, false)
 MOE_KERNEL(fp4_moe_nv_g1_swiglu, FMT_NVFP4, 2, 1, EPI_SWIGLU, false)
-MOE_KERNEL(fp4_moe_nv_g2_swiglu, FMT_NVFP4, 2, 2, EPI_SWIGLU, false)
 MOE_KERNEL(fp4_moe_mx_g1, FMT_MXFP4, 1, 1, EPI_STORE, false)
 MOE_KERNEL(fp4_moe_mx_g2, FMT_MXFP4, 1, 2, EPI_STORE, false)
 MOE_KERNEL(fp4_moe_mx_g1_swiglu, FMT_MXFP4, 2, 1, EPI_SWIGLU, false)
-MOE_KERNEL(fp4_moe_mx_g2_swiglu, FMT_MXFP4, 2, 2, EPI_SWIGLU, false)
 // The same with 8 pairs per pass over an expert (*_p8).
 MOE_KERNEL_TN(fp4_moe_nv_g1_p8, FMT_NVFP4, 1, 1, 1, EPI_STORE, false)
 MOE_KERNEL_TN(fp4_moe_nv_g2_p8, FMT_NVFP4, 1, 1, 2, EPI_STORE, false)
 MOE_KERNEL_TN(fp4_moe_nv_g1_swiglu_p8, FMT_NVFP4, 2, 1, 1, EPI_SWIGLU, false)
-MOE_KERNEL_TN(fp4_moe_nv_g2_swiglu_p8, FMT_NVFP4, 2, 1, 2, EPI_SWIGLU, false)
 MOE_KERNEL_TN(fp4_moe_mx_g1_p8, FMT_MXFP4, 1, 1, 1, EPI_STORE, false)
 MOE_KERNEL_TN(fp4_moe_mx_g2_p8, FMT_MXFP4, 1, 1, 2, EPI_STORE, false)
 MOE_KERNEL_TN(fp4_moe_mx_g1_swiglu_p8, FMT_MXFP4, 2, 1, 1, EPI_SWIGLU, false)
-MOE_KERNEL_TN(fp4_moe_mx_g2_swiglu_p8, FMT_MXFP4, 2, 1, 2, EPI_SWIGLU, false)
 // One token (moe.rs): direct gate/up + SwiGLU per pair, then down with the combine fused.
 MOE_KERNEL(fp4_moe_nv_g1_swiglu_t1, FMT_NVFP4, 2, 1, EPI_SWIGLU, true)
 MOE_KERNEL(fp4_moe_mx_g1_swiglu_t1, FMT_MXFP4, 2, 1, EPI_SWIGLU, true)

@@ -298,19 +298,13 @@ fn gated_config(m: usize, n: usize, k: usize, sm_count: u32) -> Fp4GemmConfig {
     }
 }
 
-/// The staged variant of a gated kernel (16 and 32 tokens, one chunk per group).
+/// The staged variant of a gated kernel (16 tokens, one chunk per group).
 fn swiglu_xs_kernel_name(format: Fp4Format, tn: u32, cfg: Fp4GemmConfig) -> Option<&'static str> {
-    if cfg.group != 1 || (tn == 4 && cfg.warps > XS_T4_MAX_WARPS) {
-        return None;
+    match (tn, cfg.group, format) {
+        (2, 1, Fp4Format::Nvfp4) => Some("fp4_gemm_sw_nv_t2_g1_xs"),
+        (2, 1, Fp4Format::Mxfp4) => Some("fp4_gemm_sw_mx_t2_g1_xs"),
+        _ => None,
     }
-    let nv = format == Fp4Format::Nvfp4;
-    Some(match (tn, nv) {
-        (2, true) => "fp4_gemm_sw_nv_t2_g1_xs",
-        (4, true) => "fp4_gemm_sw_nv_t4_g1_xs",
-        (2, false) => "fp4_gemm_sw_mx_t2_g1_xs",
-        (4, false) => "fp4_gemm_sw_mx_t4_g1_xs",
-        _ => return None,
-    })
 }
 
 fn swiglu_kernel_name(format: Fp4Format, tn: u32, group: u32) -> Option<&'static str> {

@@ -396,8 +396,7 @@ fn grouped(
     // 16 (or 8) pairs per pass over an expert's weights: two (one) 8-token mma tiles.
     let tn = if pairs_per_pass == 8 { 1u32 } else { 2 };
     let chunks = w.k.div_ceil(K_CHUNK) as u32;
-    // The SwiGLU kernel (two row tiles) spills registers with two chunks per group; a group
-    // needs at least its own number of chunks.
+    // A group needs at least its own number of chunks.
     let group = if swiglu || chunks < 2 { 1 } else { group };
     // SwiGLU: two row tiles per block, gate rows and the matching up rows.
     let cfg = Fp4GemmConfig {
@@ -406,23 +405,21 @@ fn grouped(
         group,
     };
     let rows = if swiglu { w.n / 2 } else { w.n };
-    let name = match (w.format, group, swiglu, tn) {
-        (Fp4Format::Nvfp4, 1, false, 2) => "fp4_moe_nv_g1",
-        (Fp4Format::Nvfp4, _, false, 2) => "fp4_moe_nv_g2",
-        (Fp4Format::Nvfp4, 1, true, 2) => "fp4_moe_nv_g1_swiglu",
-        (Fp4Format::Nvfp4, _, true, 2) => "fp4_moe_nv_g2_swiglu",
-        (Fp4Format::Mxfp4, 1, false, 2) => "fp4_moe_mx_g1",
-        (Fp4Format::Mxfp4, _, false, 2) => "fp4_moe_mx_g2",
-        (Fp4Format::Mxfp4, 1, true, 2) => "fp4_moe_mx_g1_swiglu",
-        (Fp4Format::Mxfp4, _, true, 2) => "fp4_moe_mx_g2_swiglu",
-        (Fp4Format::Nvfp4, 1, false, _) => "fp4_moe_nv_g1_p8",
-        (Fp4Format::Nvfp4, _, false, _) => "fp4_moe_nv_g2_p8",
-        (Fp4Format::Nvfp4, 1, true, _) => "fp4_moe_nv_g1_swiglu_p8",
-        (Fp4Format::Nvfp4, _, true, _) => "fp4_moe_nv_g2_swiglu_p8",
-        (Fp4Format::Mxfp4, 1, false, _) => "fp4_moe_mx_g1_p8",
-        (Fp4Format::Mxfp4, _, false, _) => "fp4_moe_mx_g2_p8",
-        (Fp4Format::Mxfp4, 1, true, _) => "fp4_moe_mx_g1_swiglu_p8",
-        (Fp4Format::Mxfp4, _, true, _) => "fp4_moe_mx_g2_swiglu_p8",
+    // The SwiGLU kernels run one chunk per group (two spill registers), so only the plain
+    // kernels come in two group sizes.
+    let name = match (w.format, swiglu, group, tn) {
+        (Fp4Format::Nvfp4, false, 1, 2) => "fp4_moe_nv_g1",
+        (Fp4Format::Nvfp4, false, _, 2) => "fp4_moe_nv_g2",
+        (Fp4Format::Nvfp4, false, 1, _) => "fp4_moe_nv_g1_p8",
+        (Fp4Format::Nvfp4, false, _, _) => "fp4_moe_nv_g2_p8",
+        (Fp4Format::Nvfp4, true, _, 2) => "fp4_moe_nv_g1_swiglu",
+        (Fp4Format::Nvfp4, true, _, _) => "fp4_moe_nv_g1_swiglu_p8",
+        (Fp4Format::Mxfp4, false, 1, 2) => "fp4_moe_mx_g1",
+        (Fp4Format::Mxfp4, false, _, 2) => "fp4_moe_mx_g2",
+        (Fp4Format::Mxfp4, false, 1, _) => "fp4_moe_mx_g1_p8",
+        (Fp4Format::Mxfp4, false, _, _) => "fp4_moe_mx_g2_p8",
+        (Fp4Format::Mxfp4, true, _, 2) => "fp4_moe_mx_g1_swiglu",
+        (Fp4Format::Mxfp4, true, _, _) => "fp4_moe_mx_g1_swiglu_p8",
     };
     let f = gpu.function(name)?;
     let tiles = rows.div_ceil(16) as u32;
