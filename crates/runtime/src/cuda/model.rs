@@ -1086,74 +1086,54 @@ impl GpuModel {
                         self.mark("experts")?;
                         out.delta = true;
                     }
-                    (Experts::Bf16 { gate_up, down }, _, Some(pgu), Some(pdn))
-                        if m == 1
+                    (Experts::Bf16 { gate_up, down }, _, Some(pgu), Some(pdn)) => {
+                        // One token: every pair has its own expert, so one pass per pair
+                        // (moe_bf16_pairs); else the grouped kernel, which reads each expert
+                        // once for all its pairs.
+                        let direct = m == 1
                             && g.tuning().moe_direct
                             && moe_bf16_pairs_supported(2 * moe.inter, hd, false)
-                            && moe_bf16_pairs_supported(hd, moe.inter, true) =>
-                    {
-                        // One token: every pair has its own expert, so one pass per pair.
-                        moe_bf16_pairs(
-                            g,
-                            gate_up,
-                            &ws.h,
-                            pgu,
-                            2 * moe.inter,
-                            hd,
-                            &mb.ids,
-                            p,
-                            moe.n_experts,
-                            moe.top_k,
-                            false,
-                        )?;
+                            && moe_bf16_pairs_supported(hd, moe.inter, true);
+                        let ids = &mb.ids;
+                        let experts = |w: &CudaSlice<bf16>,
+                                       x: &CudaSlice<bf16>,
+                                       y: &mut CudaSlice<bf16>,
+                                       (n, k, in_div, swiglu): (usize, usize, usize, bool)|
+                         -> Result<(), GpuError> {
+                            if direct {
+                                moe_bf16_pairs(
+                                    g,
+                                    w,
+                                    x,
+                                    y,
+                                    n,
+                                    k,
+                                    ids,
+                                    p,
+                                    moe.n_experts,
+                                    in_div,
+                                    swiglu,
+                                )?;
+                                Ok(())
+                            } else {
+                                ops.moe_bf16(
+                                    g,
+                                    w,
+                                    x,
+                                    y,
+                                    n,
+                                    k,
+                                    ids,
+                                    p,
+                                    moe.n_experts,
+                                    in_div,
+                                    swiglu,
+                                )
+                            }
+                        };
+                        experts(gate_up, &ws.h, pgu, (2 * moe.inter, hd, moe.top_k, false))?;
                         self.mark("experts")?;
-                        moe_bf16_pairs(
-                            g,
-                            down,
-                            pgu,
-                            pdn,
-                            hd,
-                            moe.inter,
-                            &mb.ids,
-                            p,
-                            moe.n_experts,
-                            1,
-                            true,
-                        )?;
-                        self.mark("experts")?;
-                        out.pairs = true;
-                        if let Some(t) = tap.as_deref_mut() {
-                            t.experts(self, li, moe, &ws.h, &mb.ids, pgu, m)?;
-                        }
-                    }
-                    (Experts::Bf16 { gate_up, down }, _, Some(pgu), Some(pdn)) => {
-                        ops.moe_bf16(
-                            g,
-                            gate_up,
-                            &ws.h,
-                            pgu,
-                            2 * moe.inter,
-                            hd,
-                            &mb.ids,
-                            p,
-                            moe.n_experts,
-                            moe.top_k,
-                            false,
-                        )?;
-                        self.mark("experts")?;
-                        ops.moe_bf16(
-                            g,
-                            down,
-                            pgu,
-                            pdn,
-                            hd,
-                            moe.inter,
-                            &mb.ids,
-                            p,
-                            moe.n_experts,
-                            1,
-                            true,
-                        )?;
+                        experts(down, pgu, pdn, (hd, moe.inter, 1, true))?;
                         self.mark("experts")?;
                         out.pairs = true;
                         if let Some(t) = tap.as_deref_mut() {
