@@ -324,13 +324,13 @@ fn swiglu_kernel_name(format: Fp4Format, tn: u32, group: u32) -> Option<&'static
 
 /// The kernel of [`fp4_gemm_swiglu`] for `w` at `m` tokens, its block shape and token tiles.
 fn swiglu_variant(
-    gpu: &GpuContext,
     w: &GpuFp4Weight,
     m: usize,
+    sm_count: u32,
 ) -> Result<(&'static str, Fp4GemmConfig, u32), CudaError> {
     dense_only(w, "fp4_gemm_swiglu")?;
     let tn = token_tiles(m);
-    let cfg = gated_config(m, w.n, w.k, gpu.sm_count());
+    let cfg = gated_config(m, w.n, w.k, sm_count);
     cfg.check(tn)?;
     match swiglu_kernel_name(w.format, tn, cfg.group) {
         Some(name) if w.n % 2 == 0 => Ok((name, cfg, tn)),
@@ -344,8 +344,8 @@ fn swiglu_variant(
 }
 
 /// Whether [`fp4_gemm_swiglu`] has a kernel for `w` at `m` tokens.
-pub fn fp4_gemm_swiglu_supported(gpu: &GpuContext, w: &GpuFp4Weight, m: usize) -> bool {
-    swiglu_variant(gpu, w, m).is_ok()
+pub fn fp4_gemm_swiglu_supported(w: &GpuFp4Weight, m: usize, sm_count: u32) -> bool {
+    swiglu_variant(w, m, sm_count).is_ok()
 }
 
 /// `y[m, n/2] = silu(x·G^T) * (x·U^T)` for an FP4 `[gate | up]` weight (`G` its first `n/2`
@@ -358,7 +358,7 @@ pub fn fp4_gemm_swiglu(
     m: usize,
     y: &mut CudaSlice<bf16>,
 ) -> Result<(), CudaError> {
-    let (name, cfg, tn) = swiglu_variant(gpu, w, m)?;
+    let (name, cfg, tn) = swiglu_variant(w, m, gpu.sm_count())?;
     let inter = w.n / 2;
     check_len("fp4_gemm_swiglu: x", x.len(), m * w.k)?;
     check_len("fp4_gemm_swiglu: y", y.len(), m * inter)?;

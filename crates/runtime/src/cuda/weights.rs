@@ -324,7 +324,7 @@ impl GpuLinear {
         };
         if !(gpu.ctx.tuning().dense_swiglu
             && matches!(gpu.fp4_path(w, m), Fp4Path::Gemv)
-            && fp4_gemm_swiglu_supported(&gpu.ctx, w, m))
+            && fp4_gemm_swiglu_supported(w, m, gpu.ctx.sm_count()))
         {
             return Ok(false);
         }
