@@ -780,7 +780,7 @@ XS_VARIANTS(mx, FMT_MXFP4)
 
 // fp4_moe_{nv,mx}_g{G}: plain grouped product (down projection);
 // fp4_moe_{nv,mx}_g1_swiglu: gate/up projection with SwiGLU in the epilogue (one chunk per
-// group: two spill registers).
+// group: with two it spills registers).
 MOE_KERNEL(fp4_moe_nv_g1, FMT_NVFP4, 1, 1, EPI_STORE, false)
 MOE_KERNEL(fp4_moe_nv_g2, FMT_NVFP4, 1, 2, EPI_STORE, false)
 MOE_KERNEL(fp4_moe_nv_g1_swiglu, FMT_NVFP4, 2, 1, EPI_SWIGLU, false)

@@ -405,7 +405,7 @@ fn grouped(
         group,
     };
     let rows = if swiglu { w.n / 2 } else { w.n };
-    // The SwiGLU kernels run one chunk per group (two spill registers), so only the plain
+    // The SwiGLU kernels run one chunk per group (with two they spill registers), so only the plain
     // kernels come in two group sizes.
     let name = match (w.format, swiglu, group, tn) {
         (Fp4Format::Nvfp4, false, 1, 2) => "fp4_moe_nv_g1",
