@@ -405,8 +405,8 @@ fn grouped(
         group,
     };
     let rows = if swiglu { w.n / 2 } else { w.n };
-    // The SwiGLU kernels run one chunk per group (with two they spill registers), so only the plain
-    // kernels come in two group sizes.
+    // The SwiGLU kernels run one chunk per group (with two they spill registers), so only the
+    // plain kernels come in two group sizes.
     let name = match (w.format, swiglu, group, tn) {
         (Fp4Format::Nvfp4, false, 1, 2) => "fp4_moe_nv_g1",
         (Fp4Format::Nvfp4, false, _, 2) => "fp4_moe_nv_g2",
