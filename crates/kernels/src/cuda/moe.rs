@@ -381,6 +381,26 @@ struct Route<'a> {
     slots: u32,
 }
 
+/// The grouped kernel of fp4_gemm.cu for a format, epilogue, load group and token tiles per pass.
+/// The SwiGLU kernels run one chunk per group (with two they spill registers), so only the
+/// plain kernels come in two group sizes.
+fn grouped_kernel_name(format: Fp4Format, swiglu: bool, group: u32, tn: u32) -> &'static str {
+    match (format, swiglu, group, tn) {
+        (Fp4Format::Nvfp4, false, 1, 2) => "fp4_moe_nv_g1",
+        (Fp4Format::Nvfp4, false, _, 2) => "fp4_moe_nv_g2",
+        (Fp4Format::Nvfp4, false, 1, _) => "fp4_moe_nv_g1_p8",
+        (Fp4Format::Nvfp4, false, _, _) => "fp4_moe_nv_g2_p8",
+        (Fp4Format::Nvfp4, true, _, 2) => "fp4_moe_nv_g1_swiglu",
+        (Fp4Format::Nvfp4, true, _, _) => "fp4_moe_nv_g1_swiglu_p8",
+        (Fp4Format::Mxfp4, false, 1, 2) => "fp4_moe_mx_g1",
+        (Fp4Format::Mxfp4, false, _, 2) => "fp4_moe_mx_g2",
+        (Fp4Format::Mxfp4, false, 1, _) => "fp4_moe_mx_g1_p8",
+        (Fp4Format::Mxfp4, false, _, _) => "fp4_moe_mx_g2_p8",
+        (Fp4Format::Mxfp4, true, _, 2) => "fp4_moe_mx_g1_swiglu",
+        (Fp4Format::Mxfp4, true, _, _) => "fp4_moe_mx_g1_swiglu_p8",
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn grouped(
     gpu: &GpuContext,
@@ -405,22 +425,7 @@ fn grouped(
         group,
     };
     let rows = if swiglu { w.n / 2 } else { w.n };
-    // The SwiGLU kernels run one chunk per group (with two they spill registers), so only the
-    // plain kernels come in two group sizes.
-    let name = match (w.format, swiglu, group, tn) {
-        (Fp4Format::Nvfp4, false, 1, 2) => "fp4_moe_nv_g1",
-        (Fp4Format::Nvfp4, false, _, 2) => "fp4_moe_nv_g2",
-        (Fp4Format::Nvfp4, false, 1, _) => "fp4_moe_nv_g1_p8",
-        (Fp4Format::Nvfp4, false, _, _) => "fp4_moe_nv_g2_p8",
-        (Fp4Format::Nvfp4, true, _, 2) => "fp4_moe_nv_g1_swiglu",
-        (Fp4Format::Nvfp4, true, _, _) => "fp4_moe_nv_g1_swiglu_p8",
-        (Fp4Format::Mxfp4, false, 1, 2) => "fp4_moe_mx_g1",
-        (Fp4Format::Mxfp4, false, _, 2) => "fp4_moe_mx_g2",
-        (Fp4Format::Mxfp4, false, 1, _) => "fp4_moe_mx_g1_p8",
-        (Fp4Format::Mxfp4, false, _, _) => "fp4_moe_mx_g2_p8",
-        (Fp4Format::Mxfp4, true, _, 2) => "fp4_moe_mx_g1_swiglu",
-        (Fp4Format::Mxfp4, true, _, _) => "fp4_moe_mx_g1_swiglu_p8",
-    };
+    let name = grouped_kernel_name(w.format, swiglu, group, tn);
     let f = gpu.function(name)?;
     let tiles = rows.div_ceil(16) as u32;
     let launch = LaunchConfig {
@@ -579,4 +584,47 @@ pub fn moe_bf16_pairs(
     // ids within [0, pairs) and skips ids outside [0, experts).
     unsafe { b.launch(cfg) }.map_err(drv("launch moe_bf16_pairs"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every grouped kernel the launcher can name is instantiated in fp4_gemm.cu (a name that is
+    /// not would only fail at launch, on a GPU).
+    #[test]
+    fn grouped_kernel_names_are_instantiated() {
+        let src = super::super::context::FP4_GEMM_SRC.1;
+        for format in [Fp4Format::Nvfp4, Fp4Format::Mxfp4] {
+            for swiglu in [false, true] {
+                for group in [1, 2] {
+                    for tn in [1, 2] {
+                        let name = grouped_kernel_name(format, swiglu, group, tn);
+                        assert!(
+                            src.contains(&format!("({name}, ")),
+                            "{name} is not instantiated"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The automatic shape: 8 pairs per pass and several row tiles only from 8 to 32 tokens,
+    /// and always within the launcher's limits.
+    #[test]
+    fn auto_config_is_valid() {
+        for tokens in [1usize, 2, 7, 8, 16, 32, 33, 512] {
+            for (hidden, inter) in [(2048usize, 768usize), (4096, 1408), (160, 96)] {
+                let c = MoeConfig::auto(hidden, inter, tokens);
+                assert!((1..=16).contains(&c.gate_up_warps) && (1..=16).contains(&c.down_warps));
+                assert!((1..=64).contains(&c.gate_up_row_tiles));
+                assert!((1..=64).contains(&c.down_row_tiles));
+                assert!((1..=2).contains(&c.down_group));
+                let few = (8..=32).contains(&tokens);
+                assert_eq!(c.pairs_per_pass == 8, few, "{tokens} tokens: {c:?}");
+                assert_eq!(c.down_row_tiles > 1, few, "{tokens} tokens: {c:?}");
+            }
+        }
+    }
 }
