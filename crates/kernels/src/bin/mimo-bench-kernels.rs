@@ -40,7 +40,7 @@ struct Args {
     shapes: Option<Vec<(usize, usize)>>,
     /// Token counts instead of the default list (`--ms 16,32`).
     ms: Option<Vec<usize>>,
-    /// MoE token counts instead of 1 and 16 (`--moe-tokens 8,16,32`).
+    /// MoE token counts instead of 1, 8, 16 and 32 (1 and 16 with `--quick`; `--moe-tokens 8,16`).
     moe_tokens: Option<Vec<usize>>,
     /// The MoE block-shape sweep from 8 tokens (row tiles, down load groups) even with
     /// `--no-sweep` (`--moe-sweep`).
@@ -946,7 +946,11 @@ fn run() -> Res<()> {
             &gpu,
             &mut rng,
             format,
-            args.moe_tokens.as_deref().unwrap_or(&[1, 16]),
+            args.moe_tokens.as_deref().unwrap_or(if args.quick {
+                &[1, 16]
+            } else {
+                &[1, 8, 16, 32]
+            }),
             samples,
             (args.sweep, args.moe_sweep),
             &mut rows,
