@@ -201,25 +201,15 @@ pub fn fp4_gemm_with(
     if m == 0 {
         return Ok(());
     }
-    let m_i = i32::try_from(m).map_err(|_| CudaError::Shape {
-        what: "fp4_gemm: x".into(),
-        reason: format!("m = {m} is too large"),
-    })?;
+    let m_i = tokens_i32(m, "fp4_gemm: x")?;
     let flags = prefetch_flags(gpu, w);
-    let mut smem = reduction_smem(cfg, tn);
-    let staged = smem + x_stage_smem(cfg, tn);
-    // Staged only within the default 48 KiB: staged launches that needed more (32 tokens, or 8
-    // and more warps at 16) made the Qwen3-30B-A3B batch-32 decode step 9 % slower on the H100
-    // although each kernel alone was faster (docs/kernels-notes.md, round 7).
-    let xs_name =
-        xs_kernel_name(w.format, cfg, tn).filter(|_| gpu.tuning().x_stage && staged <= SMEM_LIMIT);
-    let f = match xs_name {
-        Some(name) => {
-            smem = staged;
-            gpu.function(name)?
-        }
-        None => gpu.function(gemm_kernel_name(w.format, cfg, tn)?)?,
-    };
+    let (f, smem) = staged_or_plain(
+        gpu,
+        xs_kernel_name(w.format, cfg, tn),
+        gemm_kernel_name(w.format, cfg, tn)?,
+        cfg,
+        tn,
+    )?;
     let launch = LaunchConfig {
         grid_dim: (
             w.n.div_ceil(16 * cfg.m_tiles as usize) as u32,
@@ -231,6 +221,34 @@ pub fn fp4_gemm_with(
     };
     // SAFETY (launch_dense): every buffer length was checked against (m, n, k) above.
     unsafe { launch_dense(gpu, &f, launch, w, x, y, m_i, flags, "launch fp4_gemm") }
+}
+
+/// `m` as the kernels' `int` token count.
+fn tokens_i32(m: usize, what: &str) -> Result<i32, CudaError> {
+    i32::try_from(m).map_err(|_| CudaError::Shape {
+        what: what.into(),
+        reason: format!("m = {m} is too large"),
+    })
+}
+
+/// The kernel of a dense launch and its dynamic shared memory: the activation-staged variant
+/// `staged` (`Tuning::x_stage`; bit-identical to `plain`) where there is one and its buffers
+/// fit the default 48 KiB, else `plain`. Staged launches that needed more (32 tokens, or 8 and
+/// more warps at 16) made the Qwen3-30B-A3B batch-32 decode step 9 % slower on the H100 although
+/// each kernel alone was faster (docs/kernels-notes.md, round 7).
+fn staged_or_plain(
+    gpu: &GpuContext,
+    staged: Option<&'static str>,
+    plain: &'static str,
+    cfg: Fp4GemmConfig,
+    tn: u32,
+) -> Result<(cudarc::driver::CudaFunction, u32), CudaError> {
+    let smem = reduction_smem(cfg, tn);
+    let staged_smem = smem + x_stage_smem(cfg, tn);
+    match staged.filter(|_| gpu.tuning().x_stage && staged_smem <= SMEM_LIMIT) {
+        Some(name) => Ok((gpu.function(name)?, staged_smem)),
+        None => Ok((gpu.function(plain)?, smem)),
+    }
 }
 
 /// Launches a DENSE_KERNEL of fp4_gemm.cu (plain or SwiGLU epilogue: the same arguments).
@@ -365,22 +383,8 @@ pub fn fp4_gemm_swiglu(
     if m == 0 {
         return Ok(());
     }
-    let m_i = i32::try_from(m).map_err(|_| CudaError::Shape {
-        what: "fp4_gemm_swiglu: x".into(),
-        reason: format!("m = {m} is too large"),
-    })?;
-    // Staged where the buffers fit 48 KiB, as in fp4_gemm_with (bit-identical either way).
-    let mut smem = reduction_smem(cfg, tn);
-    let staged = smem + x_stage_smem(cfg, tn);
-    let f = match swiglu_xs_kernel_name(w.format, tn, cfg)
-        .filter(|_| gpu.tuning().x_stage && staged <= SMEM_LIMIT)
-    {
-        Some(xs) => {
-            smem = staged;
-            gpu.function(xs)?
-        }
-        None => gpu.function(name)?,
-    };
+    let m_i = tokens_i32(m, "fp4_gemm_swiglu: x")?;
+    let (f, smem) = staged_or_plain(gpu, swiglu_xs_kernel_name(w.format, tn, cfg), name, cfg, tn)?;
     let launch = LaunchConfig {
         grid_dim: (
             inter.div_ceil(16) as u32,
