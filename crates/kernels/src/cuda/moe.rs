@@ -101,6 +101,29 @@ pub struct MoeConfig {
 }
 
 impl MoeConfig {
+    /// Refuses shapes the launches cannot take: warps 1..=16, row tiles 1..=64, down group 1
+    /// or 2, 8 or 16 pairs per pass.
+    pub fn check(&self) -> Result<(), CudaError> {
+        let ok = |v: u32| (1..=16).contains(&v);
+        let tiles_ok = |v: u32| (1..=64).contains(&v);
+        if !ok(self.gate_up_warps)
+            || !ok(self.down_warps)
+            || !tiles_ok(self.gate_up_row_tiles)
+            || !tiles_ok(self.down_row_tiles)
+            || !(1..=2).contains(&self.down_group)
+            || !matches!(self.pairs_per_pass, 8 | 16)
+        {
+            return Err(CudaError::Shape {
+                what: "MoeConfig".into(),
+                reason: format!(
+                    "{self:?}: warps 1..=16, row tiles 1..=64, down group 1 or 2, 8 or 16 pairs \
+                     per pass"
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// Few warps per block (4 for gate/up, 2 for down, at most one K chunk each): the grouped
     /// kernels hold up to 128 registers per thread, so a 16-warp block fills an SM alone and
     /// every wave of blocks repeats the routing prologue before its first weight load; small
@@ -177,22 +200,7 @@ pub fn moe_layer_with(
     cfg: MoeConfig,
 ) -> Result<(), CudaError> {
     let (experts, hidden, _inter) = w.dims()?;
-    let ok = |v: u32| (1..=16).contains(&v);
-    let tiles_ok = |v: u32| (1..=64).contains(&v);
-    if !ok(cfg.gate_up_warps)
-        || !ok(cfg.down_warps)
-        || !tiles_ok(cfg.gate_up_row_tiles)
-        || !tiles_ok(cfg.down_row_tiles)
-        || !(1..=2).contains(&cfg.down_group)
-        || !matches!(cfg.pairs_per_pass, 8 | 16)
-    {
-        return Err(CudaError::Shape {
-            what: "MoeConfig".into(),
-            reason: format!(
-                "{cfg:?}: warps 1..=16, row tiles 1..=64, down group 1 or 2, 8 or 16 pairs per pass"
-            ),
-        });
-    }
+    cfg.check()?;
     let p = tokens * top_k;
     if p > ws.max_pairs {
         return Err(CudaError::Mismatch {
@@ -617,10 +625,7 @@ mod tests {
         for tokens in [1usize, 2, 7, 8, 16, 32, 33, 512] {
             for (hidden, inter) in [(2048usize, 768usize), (4096, 1408), (160, 96)] {
                 let c = MoeConfig::auto(hidden, inter, tokens);
-                assert!((1..=16).contains(&c.gate_up_warps) && (1..=16).contains(&c.down_warps));
-                assert!((1..=64).contains(&c.gate_up_row_tiles));
-                assert!((1..=64).contains(&c.down_row_tiles));
-                assert!((1..=2).contains(&c.down_group));
+                assert!(c.check().is_ok(), "{tokens} tokens: {c:?}");
                 let few = (8..=32).contains(&tokens);
                 assert_eq!(c.pairs_per_pass == 8, few, "{tokens} tokens: {c:?}");
                 assert_eq!(c.down_row_tiles > 1, few, "{tokens} tokens: {c:?}");
