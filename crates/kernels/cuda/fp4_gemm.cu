@@ -116,6 +116,28 @@ struct SharedTokens {
 // Dense kernel flags (gemm.rs): bit 0 = prefetch the block's weights into L2 before pdl_enter.
 #define FLAG_PREFETCH 1
 
+// An RMSNorm folded into one-token dense products (gemm.rs: NormIn / NormOut; the batch-1
+// decode of dense FP4 layers). RMSNorm(v) . W^T = (bf16(w * v) . W^T) / rms(v): the norm's only
+// cross-row step is one scalar per token, so a producer writes the unnormalised row and the
+// partial sums of v^2 of its blocks, and the consumer scales its products by 1 / rms.
+// Consumer (in_parts != 0): x holds bf16(w * v); the sum of v^2 comes as in_n partial sums,
+// added by warp 0 in a fixed order; the products are multiplied by 1 / sqrt(sum / in_len +
+// in_eps) (add_rmsnorm's formula) before the epilogue. One float of dynamic shared memory past
+// the partials and staging buffers carries that factor to the block.
+// Producer (resid != 0, EPI_STORE, one token): y is not written; instead v = resid[col] +
+// bf16(product) (what add_rmsnorm adds for a stored delta), resid[col] = v, out_h[col] =
+// bf16(out_w[col] * v), and out_parts[block] = the sum of v^2 over the block's columns in
+// column order.
+struct Fold {
+    const float* in_parts = 0;
+    int in_n = 0, in_len = 0;
+    float in_eps = 0.f;
+    float* resid = 0;
+    const float* out_w = 0;
+    u16* out_h = 0;
+    float* out_parts = 0;
+};
+
 // Weight registers of one iteration of a warp: G chunks x MT row tiles x rows (g, g+8).
 template <int MT, int G>
 struct WeightRegs {
@@ -421,7 +443,8 @@ __device__ __forceinline__ void fp4_tile(const u8* __restrict__ wp, const u8* __
                                          const u16* __restrict__ lut,
                                          const u16* __restrict__ x, u16* __restrict__ y, int n,
                                          int k, int row0, int tstride, int lim,
-                                         const Tokens& tok, float* red) {
+                                         const Tokens& tok, float* red,
+                                         const Fold& fo = Fold()) {
     const int S = blockDim.x >> 5;
     const int warp = threadIdx.x >> 5;
     const int lane = threadIdx.x & 31;
@@ -438,9 +461,28 @@ __device__ __forceinline__ void fp4_tile(const u8* __restrict__ wp, const u8* __
     u16* xsw = XST ? (u16*)(red + S * 16 * MT * 8 * TN) + warp * (2 * G * 8 * TN * 128) : 0;
     fp4_accumulate<FMT, MT, TN, G, Tokens, XST>(wp, ws, lut, x, n, k, row0, tstride, lim, tok,
                                                 warp * G, S * G, acc, xsw);
+    const int ROWS = 16 * MT, TOK = 8 * TN;
+    // Fold consumer: warp 0 sums the partial sums in index order (lane 0's result is used)
+    // and leaves 1 / rms in shared memory for after the barrier below. They are read here, after
+    // the main loop: requested before it (cp.async after the PDL wait), they cost the loop of the
+    // largest shapes its registers (spills).
+    float* pre = red + S * ROWS * TOK + (XST ? S * G * 8 * TN * 128 : 0);
+    if (fo.in_parts != 0 && warp == 0) {
+        float s = 0.f;
+        for (int i = lane; i < fo.in_n; i += 32) s += __ldcg(fo.in_parts + i);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        if (lane == 0) pre[0] = 1.0f / sqrtf(s / (float)fo.in_len + fo.in_eps);
+    }
+    // Fold producer (one token, columns row0 + lane of warp 0): the residual and norm weight,
+    // requested before the reduction below so that they arrive under it.
+    float rv = 0.f, nw = 0.f;
+    if (EPI == EPI_STORE && fo.resid != 0 && warp == 0 && lane < ROWS && row0 + lane < n) {
+        rv = fo.resid[row0 + lane];
+        nw = fo.out_w[row0 + lane];
+    }
 
     // Split-K reduction: red[warp][row 0..16MT)[token 0..8TN)
-    const int ROWS = 16 * MT, TOK = 8 * TN;
     float* mine = red + warp * ROWS * TOK;
 #pragma unroll
     for (int i = 0; i < MT; i++)
@@ -455,8 +497,23 @@ __device__ __forceinline__ void fp4_tile(const u8* __restrict__ wp, const u8* __
         }
     __syncthreads();
     // post = 2^A undoes the 2^-A left in the scale multipliers (weights.rs): exact.
-    const float inv_scale = (1.0f / gscale) * post;
-    if (EPI == EPI_STORE) {
+    const float inv_scale = (1.0f / gscale) * post * (fo.in_parts != 0 ? pre[0] : 1.f);
+    if (EPI == EPI_STORE && fo.resid != 0) {
+        if (warp != 0) return;
+        const int col = row0 + lane;
+        float sq = 0.f;
+        if (lane < ROWS && col < n) {
+            float sum = 0.f;
+            for (int s = 0; s < S; s++) sum += red[(s * ROWS + lane) * TOK];
+            const float v = rv + bf16_to_f32(f32_to_bf16(sum * inv_scale));
+            fo.resid[col] = v;
+            fo.out_h[col] = f32_to_bf16(nw * v);
+            sq = v * v;
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, o);
+        if (lane == 0) fo.out_parts[blockIdx.x] = sq;
+    } else if (EPI == EPI_STORE) {
         for (int e = threadIdx.x; e < ROWS * TOK; e += blockDim.x) {
             // Consecutive threads take consecutive rows of one token: coalesced stores to y.
             const int tk = e / ROWS;
@@ -538,7 +595,8 @@ __device__ __forceinline__ void fp4_dense_body(const u8* __restrict__ wp, const 
                                                const float* __restrict__ gscale,
                                                const u16* __restrict__ lut,
                                                const u16* __restrict__ x, u16* __restrict__ y,
-                                               int m, int n, int k, float post, int flags) {
+                                               int m, int n, int k, float post, int flags,
+                                               const Fold& fo) {
     extern __shared__ float red[];
     const DenseTokens tok{(int)blockIdx.z * 8 * TN, m};
     int row0, tstride, lim;
@@ -547,7 +605,7 @@ __device__ __forceinline__ void fp4_dense_body(const u8* __restrict__ wp, const 
         dense_prefetch<FMT, MT, EPI>(wp, ws, n, k, row0, tstride, lim);
     // pdl_enter: inside fp4_accumulate, after the first weight loads.
     fp4_tile<FMT, MT, TN, G, EPI, DenseTokens, XST>(wp, ws, gscale[0], post, lut, x, y, n, k, row0,
-                                                    tstride, lim, tok, red);
+                                                    tstride, lim, tok, red, fo);
 }
 
 // Grouped MoE variant: one launch covers every (token, expert) pair of a layer, straight from
@@ -703,11 +761,22 @@ __device__ __forceinline__ void fp4_moe_down_t1_body(
 // LB: the most threads a block of the kernel may have (512; 64 for the staged 32-token kernels,
 // which only fit the default shared memory with at most two warps, so they may hold more
 // registers instead of spilling).
+// The trailing arguments are a Fold's fields (null pointers: no fold).
 #define DENSE_KERNEL_EPI_LB(NAME, FMT, MT, TN, G, EPI, XST, LB)                                \
     extern "C" __global__ void __launch_bounds__(LB) NAME(                                     \
         const u8* wp, const u8* ws, const float* gs, const u16* lut, const u16* x, u16* y, int m, \
-        int n, int k, float post, int flags) {                                                   \
-        fp4_dense_body<FMT, MT, TN, G, EPI, XST>(wp, ws, gs, lut, x, y, m, n, k, post, flags);   \
+        int n, int k, float post, int flags, const float* in_parts, int in_n, int in_len,        \
+        float in_eps, float* resid, const float* out_w, u16* out_h, float* out_parts) {          \
+        Fold fo;                                                                                 \
+        fo.in_parts = in_parts;                                                                  \
+        fo.in_n = in_n;                                                                          \
+        fo.in_len = in_len;                                                                      \
+        fo.in_eps = in_eps;                                                                      \
+        fo.resid = resid;                                                                        \
+        fo.out_w = out_w;                                                                        \
+        fo.out_h = out_h;                                                                        \
+        fo.out_parts = out_parts;                                                                \
+        fp4_dense_body<FMT, MT, TN, G, EPI, XST>(wp, ws, gs, lut, x, y, m, n, k, post, flags, fo); \
     }
 #define DENSE_KERNEL_EPI(NAME, FMT, MT, TN, G, EPI, XST) \
     DENSE_KERNEL_EPI_LB(NAME, FMT, MT, TN, G, EPI, XST, 512)

@@ -687,3 +687,124 @@ fn moe_bf16_pairs_matches_cpu_reference() {
     let short = gpu.stream().clone_htod(&vec![bf16::ONE; 100]).unwrap();
     assert!(cuda::moe_bf16_pairs(&gpu, &w, &short, &mut y, 2, 8200, &ids, 1, 1, 1, false).is_err());
 }
+
+/// The folded norm (fold.rs): a one-token producer adds its product to the residual row and
+/// writes `bf16(w ⊙ v)` with its partial sums of `v²`; the consumers (plain and SwiGLU) scale by
+/// `1 / rms(v)`. Against the unfolded computation in f64: `v = v0 + bf16(x · Wo^T)`, then
+/// `RMSNorm(v) · Wc^T` and `silu(RMSNorm(v) · Wg^T) * (RMSNorm(v) · Wu^T)`, with the norm not
+/// rounded to bf16 (the two GPU paths round at different places).
+#[test]
+fn folded_norm_matches_cpu_reference() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = rng("folded_norm");
+    let eps = 1e-5f32;
+    // (hidden, producer K, consumer N, SwiGLU width): K and hidden off the 128-element chunks
+    // (FP4 weights need K % 32 == 0), consumer widths off the 16/32-row tiles.
+    for &(hd, ko, nc, inter) in &[
+        (416, 544, 300, 272),
+        (4096, 1024, 1040, 96),
+        (1056, 160, 64, 200),
+    ] {
+        for format in FORMATS {
+            let what = format!("{format} hidden {hd}");
+            let wo = quantize(format, &random_matrix(&mut rng, hd * ko, 0.02), hd, ko);
+            let wc = quantize(format, &random_matrix(&mut rng, nc * hd, 0.02), nc, hd);
+            let wgu = quantize(
+                format,
+                &random_matrix(&mut rng, 2 * inter * hd, 0.02),
+                2 * inter,
+                hd,
+            );
+            let xb = to_bf16(&random_matrix(&mut rng, ko, 1.0));
+            let xf: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
+            let v0 = random_matrix(&mut rng, hd, 4.0);
+            let nw: Vec<f32> = (0..hd).map(|_| 0.5 + rng.random::<f32>()).collect();
+            // The reference.
+            let yo = matmul_ref(&dequantize(&wo).unwrap(), &xf, 1, hd, ko);
+            let v: Vec<f32> = v0
+                .iter()
+                .zip(&yo)
+                .map(|(a, y)| a + bf16::from_f64(*y).to_f32())
+                .collect();
+            let ms = v.iter().map(|&a| a as f64 * a as f64).sum::<f64>() / hd as f64;
+            let inv = 1.0 / (ms + eps as f64).sqrt();
+            let h: Vec<f32> = v
+                .iter()
+                .zip(&nw)
+                .map(|(&a, &w)| (w as f64 * a as f64 * inv) as f32)
+                .collect();
+            let want_c = matmul_ref(&dequantize(&wc).unwrap(), &h, 1, nc, hd);
+            let gu = matmul_ref(&dequantize(&wgu).unwrap(), &h, 1, 2 * inter, hd);
+            let want_act: Vec<f64> = (0..inter).map(|i| silu(gu[i]) * gu[inter + i]).collect();
+            // The GPU.
+            let s = gpu.stream();
+            let (gwo, gwc, gwgu) = (
+                GpuFp4Weight::upload(&gpu, "wo", &wo).unwrap(),
+                GpuFp4Weight::upload(&gpu, "wc", &wc).unwrap(),
+                GpuFp4Weight::upload(&gpu, "wgu", &wgu).unwrap(),
+            );
+            let x = s.clone_htod(&xb).unwrap();
+            let mut resid = s.clone_htod(&v0).unwrap();
+            let normw = s.clone_htod(&nw).unwrap();
+            let mut hout = poisoned(&gpu, hd);
+            let mut parts = s.clone_htod(&vec![f32::NAN; 2 * hd]).unwrap();
+            let nparts = cuda::fp4_gemm_norm_out(
+                &gpu,
+                &gwo,
+                &x,
+                cuda::NormOut {
+                    resid: &mut resid,
+                    weight: &normw,
+                    h: &mut hout,
+                    parts: &mut parts,
+                },
+            )
+            .unwrap();
+            assert_eq!(nparts, cuda::fold_parts(&gpu, &gwo), "{what}");
+            let input = cuda::NormIn {
+                parts: &parts,
+                nparts,
+                len: hd,
+                eps,
+            };
+            let mut yc = poisoned(&gpu, nc);
+            cuda::fp4_gemm_norm_in(&gpu, &gwc, &hout, input, &mut yc).unwrap();
+            let mut act = poisoned(&gpu, inter);
+            cuda::fp4_gemm_swiglu_norm_in(&gpu, &gwgu, &hout, input, &mut act).unwrap();
+            // The residual row: v, up to the bf16 rounding of the product (its f32 sum may
+            // round to the neighbouring bf16 value).
+            let got_v = s.clone_dtoh(&resid).unwrap();
+            for i in 0..hd {
+                let tol = (yo[i].abs() as f32) * 2f32.powi(-7) + 1e-6;
+                assert!(
+                    (got_v[i] - v[i]).abs() <= tol,
+                    "{what}: residual {i} = {}, want {}",
+                    got_v[i],
+                    v[i]
+                );
+            }
+            let want_h: Vec<f64> = v.iter().zip(&nw).map(|(&a, &w)| (w * a) as f64).collect();
+            check_close(
+                &format!("{what}: h"),
+                &s.clone_dtoh(&hout).unwrap(),
+                &want_h,
+                8e-3,
+                2e-2,
+            );
+            check_close(
+                &format!("{what}: consumer"),
+                &s.clone_dtoh(&yc).unwrap(),
+                &want_c,
+                8e-3,
+                2e-2,
+            );
+            check_close(
+                &format!("{what}: SwiGLU consumer"),
+                &s.clone_dtoh(&act).unwrap(),
+                &want_act,
+                1.5e-2,
+                3e-2,
+            );
+        }
+    }
+}

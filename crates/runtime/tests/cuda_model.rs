@@ -297,8 +297,10 @@ fn dense_swiglu_epilogue_gives_identical_logits() {
         let mut runs = Vec::new();
         let mut edges = Vec::new();
         for on in [true, false] {
+            // Folded norms take the SwiGLU epilogue at batch 1 either way.
             g.gpu().ctx.set_tuning(Tuning {
                 dense_swiglu: on,
+                norm_fold: false,
                 ..base
             });
             g.reset_decode_sessions();
@@ -332,6 +334,73 @@ fn dense_swiglu_epilogue_gives_identical_logits() {
             edges[0] < edges[2] && edges[1] < edges[3],
             "{arch:?}: no SwiGLU launch was saved"
         );
+    }
+}
+
+/// Folded norms (`Tuning::norm_fold`): a one-sequence decode step of dense FP4 fixtures (q/k/v
+/// bias, q/k norms, both formats) gives the unfolded step's logits within bf16 rounding, with
+/// fewer kernels in the decode graph (the fold ran); batches of 3 are not folded and stay
+/// bit-identical. `compare_model` holds the folded steps against the CPU.
+#[test]
+fn folded_norms_match_unfolded_decode() {
+    let Some(gpu) = gpu() else { return };
+    for (arch, layout) in [
+        (Arch::Llama, Layout::CtNvfp4),
+        (Arch::Qwen2, Layout::CtMxfp4),
+        (Arch::Qwen3, Layout::CtNvfp4),
+        (Arch::Mimo, Layout::CtNvfp4),
+    ] {
+        let d = tempfile::tempdir().unwrap();
+        fixtures::write_fixture(d.path(), arch, 14).unwrap();
+        let q = d.path().join("fp4");
+        quantize_checkpoint(d.path(), &q, layout, true);
+        let mut g = GpuModel::load(gpu.clone(), &q).unwrap();
+        let base = g.gpu().ctx.tuning();
+        let prompt: Vec<u32> = (0..9u32).map(|i| i * 31 + 7).collect();
+        let mut runs = Vec::new();
+        let mut edges = Vec::new();
+        for on in [true, false] {
+            g.gpu().ctx.set_tuning(Tuning {
+                norm_fold: on,
+                ..base
+            });
+            g.reset_decode_sessions();
+            let mut per_batch = Vec::new();
+            for batch in [1usize, 3] {
+                g.alloc_cache(batch, 64).unwrap();
+                let mut firsts = Vec::new();
+                for s in 0..batch {
+                    firsts.push(argmax(&g.forward(&prompt, s, 0, false).unwrap()) as u32);
+                }
+                let lens = vec![prompt.len(); batch];
+                assert!(g.decode_start(&firsts, &lens, true).unwrap());
+                let mut all = Vec::new();
+                for _ in 0..6 {
+                    g.decode_steps(batch, 1).unwrap();
+                    all.extend(g.decode_logits(batch).unwrap());
+                }
+                per_batch.push(all);
+                edges.push(g.decode_graph_edges(batch).unwrap().0);
+            }
+            runs.push(per_batch);
+        }
+        g.gpu().ctx.set_tuning(base);
+        g.reset_decode_sessions();
+        let what = format!("{arch:?} {layout}");
+        // The first step only: later ones may take another token where the two are near a tie
+        // (compare_model feeds the GPU's own tokens to the CPU instead).
+        let v = g.config.vocab_size;
+        check_close(
+            &format!("{what}: folded decode step"),
+            &runs[0][0][..v],
+            &runs[1][0][..v],
+        );
+        for (i, (a, b)) in runs[0][1].iter().zip(&runs[1][1]).enumerate() {
+            assert_eq!(a.to_bits(), b.to_bits(), "{what} batch 3: logit {i}");
+        }
+        eprintln!("{what}: decode graph kernel edges (batch 1, 3) {edges:?} (on, then off)");
+        assert!(edges[0] < edges[2], "{what}: no norm was folded");
+        assert_eq!(edges[1], edges[3], "{what}: batch 3 changed");
     }
 }
 

@@ -110,6 +110,11 @@ pub struct Tuning {
     /// ([`super::fp4_gemm_swiglu`]) instead of a separate kernel: bit-identical output. On by
     /// default (H100, MiMo-7B NVFP4 decode: +2.3 % at batch 1, +3 % at 8, +8.5 % at 32).
     pub dense_swiglu: bool,
+    /// Batch-1 decode steps of dense FP4 layers fold their RMSNorms into the products around
+    /// them ([`super::fp4_gemm_norm_out`] / [`super::fp4_gemm_norm_in`]): the attention output
+    /// and down projections update the residual and write the next norm's unnormalised input,
+    /// q/k/v and gate/up scale by `1 / rms`; two `add_rmsnorm` launches per layer fewer.
+    pub norm_fold: bool,
     /// FP4 GEMVs of 9 to 32 tokens stage their activations in shared memory (each warp its own
     /// next chunks, by cp.async, one iteration ahead) instead of reading fragments through L1
     /// (fp4_gemm.cu `stage_x`), where the buffers fit the default 48 KiB of a block; the dense
@@ -144,6 +149,7 @@ impl Default for Tuning {
             moe_direct: true,
             norm_router: true,
             dense_swiglu: true,
+            norm_fold: true,
             x_stage: true,
             warp_attention: true,
             fp8_prefill: true,
@@ -171,6 +177,7 @@ impl Tuning {
             moe_direct: flag("MIMO_MOE_DIRECT", d.moe_direct),
             norm_router: flag("MIMO_NORM_ROUTER", d.norm_router),
             dense_swiglu: flag("MIMO_DENSE_SWIGLU", d.dense_swiglu),
+            norm_fold: flag("MIMO_NORM_FOLD", d.norm_fold),
             x_stage: flag("MIMO_X_STAGE", d.x_stage),
             warp_attention: flag("MIMO_WARP_ATTENTION", d.warp_attention),
             fp8_prefill: flag("MIMO_FP8_PREFILL", d.fp8_prefill),

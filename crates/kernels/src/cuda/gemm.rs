@@ -6,6 +6,7 @@ use half::bf16;
 
 use super::context::GpuContext;
 use super::error::{drv, CudaError};
+use super::fold::{Fold, NULL_PTR};
 use super::weights::GpuFp4Weight;
 use crate::fp4::Fp4Format;
 
@@ -46,6 +47,14 @@ impl Fp4GemmConfig {
         let mut warps = 16;
         while warps > 4 && blocks * warps > target {
             warps /= 2;
+        }
+        // Where 4 warps per block still overfill that first wave and 2 fit it (one-token
+        // products about 17-34 K rows wide, such as MiMo-7B's 4096 x 22016 gate/up), 2: the
+        // 128-register kernels hold 16 warps per SM, so the fifth block of an SM waited for a
+        // second, partial wave (H100 PDL-chain sweep, bench/results/kernels-h100-mimo-ffn-sweep.json:
+        // NVFP4 26.5 -> 22.7 us, MXFP4 25.3 -> 24.0).
+        if tn == 1 && blocks * warps > target && blocks * 2 <= target {
+            warps = 2;
         }
         let warps = warps.min(chunks).max(1);
         let group = if tn == 1 && chunks >= 2 * warps { 2 } else { 1 };
@@ -193,11 +202,26 @@ pub fn fp4_gemm_with(
     y: &mut CudaSlice<bf16>,
     cfg: Fp4GemmConfig,
 ) -> Result<(), CudaError> {
+    check_len("fp4_gemm: y", y.len(), m * w.n)?;
+    dense_product(gpu, w, x, m, Some(y), cfg, &Fold::default())
+}
+
+/// The launch behind [`fp4_gemm_with`] and the folded-norm products (fold.rs): `y` may be
+/// `None` only where `fold` has an output (the kernel then never stores `y`); its length is
+/// the caller's to check.
+pub(crate) fn dense_product(
+    gpu: &GpuContext,
+    w: &GpuFp4Weight,
+    x: &CudaSlice<bf16>,
+    m: usize,
+    y: Option<&mut CudaSlice<bf16>>,
+    cfg: Fp4GemmConfig,
+    fold: &Fold<'_>,
+) -> Result<(), CudaError> {
     let tn = token_tiles(m);
     cfg.check(tn)?;
     dense_only(w, "fp4_gemm")?;
     check_len("fp4_gemm: x", x.len(), m * w.k)?;
-    check_len("fp4_gemm: y", y.len(), m * w.n)?;
     if m == 0 {
         return Ok(());
     }
@@ -209,6 +233,7 @@ pub fn fp4_gemm_with(
         gemm_kernel_name(w.format, cfg, tn)?,
         cfg,
         tn,
+        fold.smem(),
     )?;
     let launch = LaunchConfig {
         grid_dim: (
@@ -219,8 +244,22 @@ pub fn fp4_gemm_with(
         block_dim: (32 * cfg.warps, 1, 1),
         shared_mem_bytes: smem,
     };
-    // SAFETY (launch_dense): every buffer length was checked against (m, n, k) above.
-    unsafe { launch_dense(gpu, &f, launch, w, x, y, m_i, flags, "launch fp4_gemm") }
+    // SAFETY (launch_dense): x was checked against (m, k) above, y and the fold's buffers by
+    // the callers.
+    unsafe {
+        launch_dense(
+            gpu,
+            &f,
+            launch,
+            w,
+            x,
+            y,
+            m_i,
+            flags,
+            fold,
+            "launch fp4_gemm",
+        )
+    }
 }
 
 /// `m` as the kernels' `int` token count.
@@ -242,8 +281,9 @@ fn staged_or_plain(
     plain: &'static str,
     cfg: Fp4GemmConfig,
     tn: u32,
+    fold_smem: u32,
 ) -> Result<(cudarc::driver::CudaFunction, u32), CudaError> {
-    let smem = reduction_smem(cfg, tn);
+    let smem = reduction_smem(cfg, tn) + fold_smem;
     let staged_smem = smem + x_stage_smem(cfg, tn);
     match staged.filter(|_| gpu.tuning().x_stage && staged_smem <= SMEM_LIMIT) {
         Some(name) => Ok((gpu.function(name)?, staged_smem)),
@@ -255,7 +295,9 @@ fn staged_or_plain(
 ///
 /// # Safety
 /// `x` must hold `m` rows of `w.k` elements and `y` the kernel's output rows (`w.n`, or
-/// `w.n / 2` for the SwiGLU epilogue) for `m` tokens; the kernel guards rows, tokens and K.
+/// `w.n / 2` for the SwiGLU epilogue) for `m` tokens (`None`: only with a fold output, which
+/// stores no `y`); a fold's buffers must have the sizes its launcher (fold.rs) checks; the
+/// kernel guards rows, tokens and K.
 #[allow(clippy::too_many_arguments)]
 unsafe fn launch_dense(
     gpu: &GpuContext,
@@ -263,9 +305,10 @@ unsafe fn launch_dense(
     launch: LaunchConfig,
     w: &GpuFp4Weight,
     x: &CudaSlice<bf16>,
-    y: &mut CudaSlice<bf16>,
+    y: Option<&mut CudaSlice<bf16>>,
     m: i32,
     flags: i32,
+    fold: &Fold<'_>,
     what: &'static str,
 ) -> Result<(), CudaError> {
     let (n_i, k_i) = (w.n as i32, w.k as i32);
@@ -274,13 +317,13 @@ unsafe fn launch_dense(
         .arg(&w.scales)
         .arg(&w.global_scales)
         .arg(&w.mult_lut)
-        .arg(x)
-        .arg(y)
-        .arg(&m)
-        .arg(&n_i)
-        .arg(&k_i)
-        .arg(&w.post)
-        .arg(&flags);
+        .arg(x);
+    match y {
+        Some(y) => b.arg(y),
+        None => b.arg(&NULL_PTR),
+    };
+    b.arg(&m).arg(&n_i).arg(&k_i).arg(&w.post).arg(&flags);
+    fold.push_args(&mut b);
     // SAFETY: argument types and order match DENSE_KERNEL_EPI; sizes are the caller's promise.
     unsafe { b.launch(launch) }.map_err(drv(what))?;
     Ok(())
@@ -376,6 +419,18 @@ pub fn fp4_gemm_swiglu(
     m: usize,
     y: &mut CudaSlice<bf16>,
 ) -> Result<(), CudaError> {
+    swiglu_product(gpu, w, x, m, y, &Fold::default())
+}
+
+/// The launch behind [`fp4_gemm_swiglu`] and its folded-norm form (fold.rs).
+pub(crate) fn swiglu_product(
+    gpu: &GpuContext,
+    w: &GpuFp4Weight,
+    x: &CudaSlice<bf16>,
+    m: usize,
+    y: &mut CudaSlice<bf16>,
+    fold: &Fold<'_>,
+) -> Result<(), CudaError> {
     let (name, cfg, tn) = swiglu_variant(w, m, gpu.sm_count())?;
     let inter = w.n / 2;
     check_len("fp4_gemm_swiglu: x", x.len(), m * w.k)?;
@@ -384,7 +439,14 @@ pub fn fp4_gemm_swiglu(
         return Ok(());
     }
     let m_i = tokens_i32(m, "fp4_gemm_swiglu: x")?;
-    let (f, smem) = staged_or_plain(gpu, swiglu_xs_kernel_name(w.format, tn, cfg), name, cfg, tn)?;
+    let (f, smem) = staged_or_plain(
+        gpu,
+        swiglu_xs_kernel_name(w.format, tn, cfg),
+        name,
+        cfg,
+        tn,
+        fold.smem(),
+    )?;
     let launch = LaunchConfig {
         grid_dim: (
             inter.div_ceil(16) as u32,
@@ -403,9 +465,10 @@ pub fn fp4_gemm_swiglu(
             launch,
             w,
             x,
-            y,
+            Some(y),
             m_i,
             flags,
+            fold,
             "launch fp4_gemm_swiglu",
         )
     }
@@ -488,4 +551,31 @@ pub(crate) fn check_len(what: &'static str, got: usize, want: usize) -> Result<(
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Fp4GemmConfig;
+
+    fn cfg(m_tiles: u32, warps: u32, group: u32) -> Fp4GemmConfig {
+        Fp4GemmConfig {
+            m_tiles,
+            warps,
+            group,
+        }
+    }
+
+    /// The one-wave rule on a 132-SM H100: two warps only where four overfill the first wave
+    /// of 16 warps per SM and two fit it, and only for one token tile.
+    #[test]
+    fn auto_takes_two_warps_only_where_they_make_one_wave() {
+        // MiMo-7B gate/up: 688 blocks; 4 warps = 2,752 > 2,112, 2 warps = 1,376.
+        assert_eq!(Fp4GemmConfig::auto(1, 22016, 4096, 132), cfg(2, 2, 2));
+        // 448 blocks: 4 warps fit one wave.
+        assert_eq!(Fp4GemmConfig::auto(1, 14336, 4096, 132), cfg(2, 4, 2));
+        // The lm_head: 4,748 blocks overfill it at any width.
+        assert_eq!(Fp4GemmConfig::auto(1, 151936, 2048, 132).warps, 4);
+        // Two token tiles keep the earlier rule.
+        assert_eq!(Fp4GemmConfig::auto(16, 22016, 4096, 132).warps, 4);
+    }
 }

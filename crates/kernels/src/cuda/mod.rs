@@ -16,6 +16,7 @@
 mod blas;
 mod context;
 mod error;
+mod fold;
 mod fp8;
 mod gemm;
 mod graph;
@@ -28,6 +29,9 @@ pub use context::{
     L2_PREFETCH_SMALL_BYTES,
 };
 pub use error::CudaError;
+pub use fold::{
+    fold_parts, fp4_gemm_norm_in, fp4_gemm_norm_out, fp4_gemm_swiglu_norm_in, NormIn, NormOut,
+};
 pub use fp8::{
     bf16_to_e4m3_rows, fp4_gemm_fp8, fp4_to_e4m3_rows, fp8_shape_ok, E4m3Rows, Fp8Gemm, Fp8Scratch,
 };

@@ -39,7 +39,9 @@ use crate::generate::nucleus;
 use crate::linear::{Linear, Weight};
 use crate::model::{ForwardError, Site};
 use crate::weights::Loader;
+use mimo_kernels::cuda::NormOut;
 
+mod fold;
 mod walk;
 
 /// Gate and up projections: one fused weight `[2 * inter, k]` or two.
@@ -232,6 +234,8 @@ struct Ws {
     delta: CudaSlice<bf16>,
     /// Attention output left pending for the next add_rmsnorm (fused norm + router layers).
     attn_delta: CudaSlice<bf16>,
+    /// Partial sums of squares of a folded norm (fold.rs), one per producer block.
+    fold_parts: CudaSlice<f32>,
     part_ml: CudaSlice<f32>,
     part_o: CudaSlice<f32>,
     attn_cnt: CudaSlice<i32>,
@@ -289,6 +293,8 @@ pub struct GpuModel {
     pub(crate) lm_head: Option<GpuLinear>,
     pub(crate) final_norm: CudaSlice<f32>,
     pub(crate) layers: Vec<Layer>,
+    /// Whether the layers can fold their norms at batch 1 (fold.rs).
+    fold: bool,
     pub(crate) inv_freq: CudaSlice<f32>,
     pub(crate) attn_factor: f32,
     pub(crate) rot_dim: usize,
@@ -400,7 +406,9 @@ impl GpuModel {
         let rope = Rope::new(&config.rope);
         let inv_freq = gpu.upload(&rope.inv_freq, "upload rope frequencies")?;
         let samp = gpu.upload(&[0u32; 4], "upload sampling parameters")?;
+        let fold = fold::fold_capable(&layers, gpu.ctx.sm_count());
         Ok(GpuModel {
+            fold,
             rot_dim: rope.rotary_dim,
             attn_factor: rope.attention_factor,
             config,
@@ -737,6 +745,8 @@ impl GpuModel {
             attn: zeros(g, m * h * d)?,
             delta: zeros(g, m * hd)?,
             attn_delta: zeros(g, m * hd)?,
+            // A producer's blocks hold 16 or 32 of its hidden-size outputs.
+            fold_parts: zeros(g, hd.div_ceil(16))?,
             part_ml: zeros(g, m * h * splits * 2)?,
             part_o: zeros(g, m * h * splits * d)?,
             attn_cnt: zeros(g, m * h)?,
@@ -781,8 +791,11 @@ impl GpuModel {
         )?;
         self.mark("embedding")?;
         let mut pend = Pend::default();
+        // With folded norms every layer after the first finds its input normalised already
+        // (up to 1 / rms) by the previous layer's down projection.
+        let fold = self.folds(m);
         for (li, layer) in self.layers.iter().enumerate() {
-            if self.runs(Stage::InNorm) {
+            if self.runs(Stage::InNorm) && !(fold && li > 0) {
                 self.add_norm(ws, pend, &layer.in_norm, false)?;
             }
             self.mark("norm")?;
@@ -862,11 +875,25 @@ impl GpuModel {
         if let Some(t) = tap.as_deref_mut() {
             t.site(self, Site::Qkv(li), &ws.h, m, hd)?;
         }
-        // Attention.
-        match (&layer.qkv, &mut ws.qkv) {
+        // Attention. Folded norms: after the first layer the input is the previous down
+        // projection's unnormalised row, scaled here.
+        let fold = tap.is_none() && self.folds(m);
+        let fold_in = match li.checked_sub(1).map(|p| &self.layers[p].ffn) {
+            Some(Ffn::Dense(prev)) if fold => Some(self.fold_input(&ws.fold_parts, &prev.down)?),
+            _ => None,
+        };
+        match (&layer.qkv, &mut ws.qkv, fold_in) {
             _ if !self.runs(Stage::Qkv) => {}
-            (Qkv::Fused(l), QkvBufs::Fused(buf)) => l.forward(gpu, &ws.h, m, buf)?,
-            (Qkv::Split(lq, lk, lv), QkvBufs::Split(bq, bk, bv)) => {
+            (Qkv::Fused(l), QkvBufs::Fused(buf), Some(input)) => {
+                l.forward_norm_in(gpu, &ws.h, input, buf)?
+            }
+            (Qkv::Split(lq, lk, lv), QkvBufs::Split(bq, bk, bv), Some(input)) => {
+                lq.forward_norm_in(gpu, &ws.h, input, bq)?;
+                lk.forward_norm_in(gpu, &ws.h, input, bk)?;
+                lv.forward_norm_in(gpu, &ws.h, input, bv)?;
+            }
+            (Qkv::Fused(l), QkvBufs::Fused(buf), None) => l.forward(gpu, &ws.h, m, buf)?,
+            (Qkv::Split(lq, lk, lv), QkvBufs::Split(bq, bk, bv), None) => {
                 lq.forward(gpu, &ws.h, m, bq)?;
                 lk.forward(gpu, &ws.h, m, bk)?;
                 lv.forward(gpu, &ws.h, m, bv)?;
@@ -983,15 +1010,25 @@ impl GpuModel {
             && hd <= MAX_FUSED_ROUTER_HIDDEN
             && matches!(&layer.ffn, Ffn::Moe(moe) if moe.shared.is_none());
         if self.runs(Stage::OProj) {
-            let o_out = if fuse {
-                &mut ws.attn_delta
+            if fold {
+                let out = NormOut {
+                    resid: &mut ws.x,
+                    weight: &layer.post_norm,
+                    h: &mut ws.h,
+                    parts: &mut ws.fold_parts,
+                };
+                layer.o.forward_norm_out(gpu, &ws.attn, out)?;
             } else {
-                &mut ws.delta
-            };
-            layer.o.forward(gpu, &ws.attn, m, o_out)?;
+                let o_out = if fuse {
+                    &mut ws.attn_delta
+                } else {
+                    &mut ws.delta
+                };
+                layer.o.forward(gpu, &ws.attn, m, o_out)?;
+            }
         }
         self.mark("o_proj")?;
-        if !fuse {
+        if !fuse && !fold {
             if self.runs(Stage::PostNorm) {
                 self.add_norm(
                     ws,
@@ -1008,6 +1045,39 @@ impl GpuModel {
         // Feed-forward.
         let pend = match &layer.ffn {
             _ if !self.runs(Stage::Ffn) => Pend::default(),
+            Ffn::Dense(mlp) if fold => {
+                let bufs = ws
+                    .dense
+                    .as_mut()
+                    .ok_or_else(|| GpuError::Unsupported("dense buffers".into()))?;
+                let GateUp::Fused(gu) = &mlp.gate_up else {
+                    return Err(GpuError::Unsupported("folded norm: split gate/up".into()));
+                };
+                let input = self.fold_input(&ws.fold_parts, &layer.o)?;
+                gu.forward_swiglu_norm_in(gpu, &ws.h, input, &mut bufs.act)?;
+                self.mark("mlp")?;
+                // The down projection folds the next layer's input norm; the last layer's
+                // output goes to the final norm as usual.
+                match self.layers.get(li + 1) {
+                    Some(next) => {
+                        let out = NormOut {
+                            resid: &mut ws.x,
+                            weight: &next.in_norm,
+                            h: &mut ws.h,
+                            parts: &mut ws.fold_parts,
+                        };
+                        mlp.down.forward_norm_out(gpu, &bufs.act, out)?;
+                        Pend::default()
+                    }
+                    None => {
+                        mlp.down.forward(gpu, &bufs.act, m, &mut ws.delta)?;
+                        Pend {
+                            delta: true,
+                            ..Pend::default()
+                        }
+                    }
+                }
+            }
             Ffn::Dense(mlp) => {
                 let bufs = ws
                     .dense

@@ -10,9 +10,10 @@ use cudarc::cublas::CudaBlas;
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use mimo_kernels::cuda::{
-    bf16_gemm, bf16_to_e4m3_rows, fp4_gemm, fp4_gemm_dequant_cublas, fp4_gemm_fp8, fp4_gemm_swiglu,
+    bf16_gemm, bf16_to_e4m3_rows, fp4_gemm, fp4_gemm_dequant_cublas, fp4_gemm_fp8,
+    fp4_gemm_norm_in, fp4_gemm_norm_out, fp4_gemm_swiglu, fp4_gemm_swiglu_norm_in,
     fp4_gemm_swiglu_supported, fp4_to_e4m3_rows, fp8_shape_ok, E4m3Rows, Fp8Gemm, Fp8Scratch,
-    GpuContext, GpuFp4Weight,
+    GpuContext, GpuFp4Weight, NormIn, NormOut,
 };
 use mimo_kernels::Fp4Matrix;
 
@@ -299,9 +300,9 @@ impl GpuLinear {
         Ok(())
     }
 
-    /// The packed weight of an FP4 Linear without a bias (the fused kernel below has no bias
+    /// The packed weight of an FP4 Linear without a bias (the fused kernels below have no bias
     /// epilogue).
-    fn fp4_plain(&self) -> Option<&GpuFp4Weight> {
+    pub(crate) fn fp4_plain(&self) -> Option<&GpuFp4Weight> {
         match self {
             GpuLinear::Fp4 { w, bias: None, .. } => Some(w),
             _ => None,
@@ -330,6 +331,57 @@ impl GpuLinear {
         }
         fp4_gemm_swiglu(&gpu.ctx, w, x, m, act)?;
         Ok(true)
+    }
+
+    /// One token through a bias-free FP4 Linear with the output side of a folded norm
+    /// (`Tuning::norm_fold`): the residual row, the next product's input and its partial sums
+    /// are written instead of an output row. Returns the number of partial sums.
+    pub fn forward_norm_out(
+        &self,
+        gpu: &Gpu,
+        x: &CudaSlice<bf16>,
+        out: NormOut<'_>,
+    ) -> Result<usize, GpuError> {
+        let w = self.fp4_plain().ok_or_else(|| {
+            GpuError::Unsupported("a folded norm needs a bias-free FP4 product before it".into())
+        })?;
+        Ok(fp4_gemm_norm_out(&gpu.ctx, w, x, out)?)
+    }
+
+    /// One token through an FP4 Linear whose input is the output side of a folded norm (the
+    /// bias, if any, added after the scaling).
+    pub fn forward_norm_in(
+        &self,
+        gpu: &Gpu,
+        x: &CudaSlice<bf16>,
+        input: NormIn<'_>,
+        y: &mut CudaSlice<bf16>,
+    ) -> Result<(), GpuError> {
+        let GpuLinear::Fp4 { w, bias, .. } = self else {
+            return Err(GpuError::Unsupported(
+                "a folded norm needs an FP4 product after it".into(),
+            ));
+        };
+        fp4_gemm_norm_in(&gpu.ctx, w, x, input, y)?;
+        if let Some(b) = bias {
+            gpu.ops.add_bias(&gpu.ctx, y, b, 1, self.n())?;
+        }
+        Ok(())
+    }
+
+    /// [`GpuLinear::forward_swiglu`] of one token whose input is the output side of a folded
+    /// norm.
+    pub fn forward_swiglu_norm_in(
+        &self,
+        gpu: &Gpu,
+        x: &CudaSlice<bf16>,
+        input: NormIn<'_>,
+        act: &mut CudaSlice<bf16>,
+    ) -> Result<(), GpuError> {
+        let w = self.fp4_plain().ok_or_else(|| {
+            GpuError::Unsupported("a folded norm needs a bias-free FP4 gate/up".into())
+        })?;
+        Ok(fp4_gemm_swiglu_norm_in(&gpu.ctx, w, x, input, act)?)
     }
 
     /// Uploads a CPU Linear (bias included).

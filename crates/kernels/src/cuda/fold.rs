@@ -1,0 +1,187 @@
+//! RMSNorm folded into one-token dense FP4 products (fp4_gemm.cu `Fold`), for the batch-1
+//! decode of dense layers, where each separate norm launch is a latency-bound step of the chain.
+//!
+//! `RMSNorm(v) · W^T = (bf16(w ⊙ v) · W^T) / rms(v)`: the norm's only step across the row is
+//! one scalar per token. So the product *before* the norm (the attention output or down
+//! projection) adds its result to the residual row `v` itself, writes `bf16(w ⊙ v)` and one
+//! partial sum of `v²` per block ([`NormOut`]); the product *after* it (q/k/v, gate/up) reads
+//! that row and scales its sums by `1 / sqrt(Σv² / len + eps)` ([`NormIn`]). The separate
+//! `add_rmsnorm` launch goes away. Numerically the folded input rounds `w ⊙ v` to bf16 where
+//! the unfolded one rounds `w ⊙ v / rms(v)`: the same relative rounding, not the same bits.
+
+use cudarc::driver::{CudaSlice, LaunchArgs, PushKernelArg};
+use half::bf16;
+
+use super::context::GpuContext;
+use super::error::CudaError;
+use super::gemm::{check_len, dense_product, swiglu_product, Fp4GemmConfig};
+use super::weights::GpuFp4Weight;
+
+/// A null device pointer argument.
+pub(crate) static NULL_PTR: u64 = 0;
+
+/// The input side of a folded norm: the product's input rows hold `bf16(w ⊙ v)` of a residual
+/// row `v` that is not normalised yet, and `parts` the partial sums of `v²` a [`NormOut`]
+/// product wrote.
+#[derive(Clone, Copy)]
+pub struct NormIn<'a> {
+    /// The partial sums.
+    pub parts: &'a CudaSlice<f32>,
+    /// Entries of `parts` to add: [`fold_parts`] of the producing weight.
+    pub nparts: usize,
+    /// Width of the normalised row (the norm's `hidden`).
+    pub len: usize,
+    /// The norm's epsilon.
+    pub eps: f32,
+}
+
+/// The output side of a folded norm: instead of storing its product `y` (one token), the kernel
+/// adds `bf16(y)` to the residual row, writes `h = bf16(weight ⊙ resid)` and one partial sum of
+/// `resid²` per block into `parts` (the next product's [`NormIn`]).
+pub struct NormOut<'a> {
+    /// The residual row (f32, `n` elements), updated in place.
+    pub resid: &'a mut CudaSlice<f32>,
+    /// The next norm's weight (`n` elements).
+    pub weight: &'a CudaSlice<f32>,
+    /// The unnormalised, weighted row for the next product (`n` elements).
+    pub h: &'a mut CudaSlice<bf16>,
+    /// Partial sums, at least [`fold_parts`] entries.
+    pub parts: &'a mut CudaSlice<f32>,
+}
+
+/// The fold arguments of one dense launch (both absent: an ordinary product).
+#[derive(Default)]
+pub(crate) struct Fold<'a> {
+    input: Option<NormIn<'a>>,
+    output: Option<NormOut<'a>>,
+    /// The input's scalars as the kernel takes them (`int`, `int`, `float`).
+    in_n: i32,
+    in_len: i32,
+    in_eps: f32,
+}
+
+impl<'a> Fold<'a> {
+    fn new(input: Option<NormIn<'a>>, output: Option<NormOut<'a>>) -> Self {
+        let (in_n, in_len, in_eps) =
+            input.map_or((0, 0, 0.0), |i| (i.nparts as i32, i.len as i32, i.eps));
+        Fold {
+            input,
+            output,
+            in_n,
+            in_len,
+            in_eps,
+        }
+    }
+
+    /// Extra dynamic shared memory of the launch: the input's `1 / rms` (one float, 16 bytes
+    /// kept for alignment).
+    pub(crate) fn smem(&self) -> u32 {
+        if self.input.is_some() {
+            16
+        } else {
+            0
+        }
+    }
+
+    /// Pushes the kernel's trailing arguments (DENSE_KERNEL_EPI_LB) in order.
+    pub(crate) fn push_args(&'a self, b: &mut LaunchArgs<'a>) {
+        match &self.input {
+            Some(i) => b.arg(i.parts),
+            None => b.arg(&NULL_PTR),
+        };
+        b.arg(&self.in_n).arg(&self.in_len).arg(&self.in_eps);
+        match &self.output {
+            Some(o) => b.arg(&*o.resid).arg(o.weight).arg(&*o.h).arg(&*o.parts),
+            None => b
+                .arg(&NULL_PTR)
+                .arg(&NULL_PTR)
+                .arg(&NULL_PTR)
+                .arg(&NULL_PTR),
+        };
+    }
+}
+
+/// The shape of one-token dense products over `w` (the automatic one: a folded product runs the
+/// same kernel as an ordinary one).
+fn one_token_config(gpu: &GpuContext, w: &GpuFp4Weight) -> Fp4GemmConfig {
+    Fp4GemmConfig::auto(1, w.n, w.k, gpu.sm_count())
+}
+
+/// Partial sums a [`NormOut`] product over `w` writes: one per block of `16 * m_tiles` output
+/// rows.
+pub fn fold_parts(gpu: &GpuContext, w: &GpuFp4Weight) -> usize {
+    let cfg = one_token_config(gpu, w);
+    w.n.div_ceil(16 * cfg.m_tiles as usize)
+}
+
+fn check_input(what: &'static str, input: &NormIn<'_>, k: usize) -> Result<(), CudaError> {
+    let bad = |reason: String| CudaError::Shape {
+        what: what.into(),
+        reason,
+    };
+    if input.nparts == 0 {
+        return Err(bad("no partial sums".into()));
+    }
+    if input.parts.len() < input.nparts {
+        return Err(bad(format!(
+            "{} partial sums in a buffer of {}",
+            input.nparts,
+            input.parts.len()
+        )));
+    }
+    if input.len != k {
+        return Err(bad(format!("norm width {} for K = {k}", input.len)));
+    }
+    Ok(())
+}
+
+/// One token through `w` with the output side of a folded norm: the residual row, the next
+/// product's input and the partial sums are written instead of `y`. Returns the number of
+/// partial sums for the next [`NormIn`].
+pub fn fp4_gemm_norm_out(
+    gpu: &GpuContext,
+    w: &GpuFp4Weight,
+    x: &CudaSlice<bf16>,
+    output: NormOut<'_>,
+) -> Result<usize, CudaError> {
+    let parts = fold_parts(gpu, w);
+    check_len("fp4_gemm_norm_out: resid", output.resid.len(), w.n)?;
+    check_len("fp4_gemm_norm_out: weight", output.weight.len(), w.n)?;
+    check_len("fp4_gemm_norm_out: h", output.h.len(), w.n)?;
+    if output.parts.len() < parts {
+        return Err(CudaError::Shape {
+            what: "fp4_gemm_norm_out: parts".into(),
+            reason: format!("{} entries, {parts} needed", output.parts.len()),
+        });
+    }
+    let cfg = one_token_config(gpu, w);
+    dense_product(gpu, w, x, 1, None, cfg, &Fold::new(None, Some(output)))?;
+    Ok(parts)
+}
+
+/// One token through `w` whose input is the output side of a folded norm: `y = x · W^T / rms`.
+pub fn fp4_gemm_norm_in(
+    gpu: &GpuContext,
+    w: &GpuFp4Weight,
+    x: &CudaSlice<bf16>,
+    input: NormIn<'_>,
+    y: &mut CudaSlice<bf16>,
+) -> Result<(), CudaError> {
+    check_input("fp4_gemm_norm_in", &input, w.k)?;
+    check_len("fp4_gemm: y", y.len(), w.n)?;
+    let cfg = one_token_config(gpu, w);
+    dense_product(gpu, w, x, 1, Some(y), cfg, &Fold::new(Some(input), None))
+}
+
+/// [`super::fp4_gemm_swiglu`] of one token whose input is the output side of a folded norm
+/// (gate and up scaled by `1 / rms` before their bf16 rounding and SwiGLU).
+pub fn fp4_gemm_swiglu_norm_in(
+    gpu: &GpuContext,
+    w: &GpuFp4Weight,
+    x: &CudaSlice<bf16>,
+    input: NormIn<'_>,
+    act: &mut CudaSlice<bf16>,
+) -> Result<(), CudaError> {
+    check_input("fp4_gemm_swiglu_norm_in", &input, w.k)?;
+    swiglu_product(gpu, w, x, 1, act, &Fold::new(Some(input), None))
+}

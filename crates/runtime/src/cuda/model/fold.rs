@@ -1,0 +1,62 @@
+//! RMSNorms folded into the products around them at batch 1 (`Tuning::norm_fold`, the kernels
+//! crate's fold.rs): in a dense FP4 decoder the attention output projection and the down
+//! projection add their row to the residual stream themselves and write the next norm's
+//! unnormalised input with one partial sum of squares per block; q/k/v and gate/up scale by
+//! `1 / rms`. A one-token step then runs no `add_rmsnorm` but the first layer's and the final
+//! one.
+
+use cudarc::driver::CudaSlice;
+use mimo_kernels::cuda::{fold_parts, fp4_gemm_swiglu_supported, NormIn};
+
+use super::{Ffn, GateUp, GpuModel, Layer, Qkv};
+use crate::cuda::error::GpuError;
+use crate::cuda::weights::GpuLinear;
+
+/// Whether every layer can fold its norms: dense FFN, bias-free FP4 output and down projections
+/// (the producers), FP4 q/k/v and a fused bias-free FP4 gate/up with a one-token SwiGLU kernel
+/// (the consumers).
+pub(super) fn fold_capable(layers: &[Layer], sm_count: u32) -> bool {
+    let fp4 = |l: &GpuLinear| matches!(l, GpuLinear::Fp4 { .. });
+    !layers.is_empty()
+        && layers.iter().all(|l| {
+            let qkv = match &l.qkv {
+                Qkv::Fused(q) => fp4(q),
+                Qkv::Split(q, k, v) => fp4(q) && fp4(k) && fp4(v),
+            };
+            let Ffn::Dense(mlp) = &l.ffn else {
+                return false;
+            };
+            let GateUp::Fused(gu) = &mlp.gate_up else {
+                return false;
+            };
+            qkv && l.o.fp4_plain().is_some()
+                && mlp.down.fp4_plain().is_some()
+                && gu
+                    .fp4_plain()
+                    .is_some_and(|w| fp4_gemm_swiglu_supported(w, 1, sm_count))
+        })
+}
+
+impl GpuModel {
+    /// Whether a pass over `m` token rows (no observer) folds its norms.
+    pub(super) fn folds(&self, m: usize) -> bool {
+        self.fold && m == 1 && self.gpu.ctx.tuning().norm_fold
+    }
+
+    /// The input side of a fold whose output side was `producer` (its partial sums in `parts`).
+    pub(super) fn fold_input<'a>(
+        &self,
+        parts: &'a CudaSlice<f32>,
+        producer: &GpuLinear,
+    ) -> Result<NormIn<'a>, GpuError> {
+        let w = producer
+            .fp4_plain()
+            .ok_or_else(|| GpuError::Unsupported("folded norm: producer is not FP4".into()))?;
+        Ok(NormIn {
+            parts,
+            nparts: fold_parts(&self.gpu.ctx, w),
+            len: self.config.hidden_size,
+            eps: self.config.rms_norm_eps as f32,
+        })
+    }
+}
