@@ -437,7 +437,8 @@ __device__ __forceinline__ void fp4_accumulate(const u8* __restrict__ wp,
         }
 }
 
-template <int FMT, int MT, int TN, int G, int EPI, class Tokens, bool XST = false>
+template <int FMT, int MT, int TN, int G, int EPI, class Tokens, bool XST = false,
+          bool FOLD = false>
 __device__ __forceinline__ void fp4_tile(const u8* __restrict__ wp, const u8* __restrict__ ws,
                                          float gscale, float post,
                                          const u16* __restrict__ lut,
@@ -467,7 +468,7 @@ __device__ __forceinline__ void fp4_tile(const u8* __restrict__ wp, const u8* __
     // the main loop: requested before it (cp.async after the PDL wait), they cost the loop of the
     // largest shapes its registers (spills).
     float* pre = red + S * ROWS * TOK + (XST ? S * G * 8 * TN * 128 : 0);
-    if (fo.in_parts != 0 && warp == 0) {
+    if (FOLD && fo.in_parts != 0 && warp == 0) {
         float s = 0.f;
         for (int i = lane; i < fo.in_n; i += 32) s += __ldcg(fo.in_parts + i);
 #pragma unroll
@@ -477,7 +478,7 @@ __device__ __forceinline__ void fp4_tile(const u8* __restrict__ wp, const u8* __
     // Fold producer (one token, columns row0 + lane of warp 0): the residual and norm weight,
     // requested before the reduction below so that they arrive under it.
     float rv = 0.f, nw = 0.f;
-    if (EPI == EPI_STORE && fo.resid != 0 && warp == 0 && lane < ROWS && row0 + lane < n) {
+    if (FOLD && EPI == EPI_STORE && fo.resid != 0 && warp == 0 && lane < ROWS && row0 + lane < n) {
         rv = fo.resid[row0 + lane];
         nw = fo.out_w[row0 + lane];
     }
@@ -497,8 +498,9 @@ __device__ __forceinline__ void fp4_tile(const u8* __restrict__ wp, const u8* __
         }
     __syncthreads();
     // post = 2^A undoes the 2^-A left in the scale multipliers (weights.rs): exact.
-    const float inv_scale = (1.0f / gscale) * post * (fo.in_parts != 0 ? pre[0] : 1.f);
-    if (EPI == EPI_STORE && fo.resid != 0) {
+    const float inv_scale = FOLD && fo.in_parts != 0 ? (1.0f / gscale) * post * pre[0]
+                                                     : (1.0f / gscale) * post;
+    if (FOLD && EPI == EPI_STORE && fo.resid != 0) {
         if (warp != 0) return;
         const int col = row0 + lane;
         float sq = 0.f;
@@ -590,13 +592,13 @@ __device__ __forceinline__ void dense_prefetch(const u8* __restrict__ wp, const 
     }
 }
 
-template <int FMT, int MT, int TN, int G, int EPI, bool XST = false>
+template <int FMT, int MT, int TN, int G, int EPI, bool XST = false, bool FOLD = false>
 __device__ __forceinline__ void fp4_dense_body(const u8* __restrict__ wp, const u8* __restrict__ ws,
                                                const float* __restrict__ gscale,
                                                const u16* __restrict__ lut,
                                                const u16* __restrict__ x, u16* __restrict__ y,
                                                int m, int n, int k, float post, int flags,
-                                               const Fold& fo) {
+                                               const Fold& fo = Fold()) {
     extern __shared__ float red[];
     const DenseTokens tok{(int)blockIdx.z * 8 * TN, m};
     int row0, tstride, lim;
@@ -604,8 +606,8 @@ __device__ __forceinline__ void fp4_dense_body(const u8* __restrict__ wp, const 
     if ((flags & FLAG_PREFETCH) && threadIdx.x == 0 && blockIdx.z == 0)
         dense_prefetch<FMT, MT, EPI>(wp, ws, n, k, row0, tstride, lim);
     // pdl_enter: inside fp4_accumulate, after the first weight loads.
-    fp4_tile<FMT, MT, TN, G, EPI, DenseTokens, XST>(wp, ws, gscale[0], post, lut, x, y, n, k, row0,
-                                                    tstride, lim, tok, red, fo);
+    fp4_tile<FMT, MT, TN, G, EPI, DenseTokens, XST, FOLD>(wp, ws, gscale[0], post, lut, x, y, n, k,
+                                                          row0, tstride, lim, tok, red, fo);
 }
 
 // Grouped MoE variant: one launch covers every (token, expert) pair of a layer, straight from
@@ -761,9 +763,16 @@ __device__ __forceinline__ void fp4_moe_down_t1_body(
 // LB: the most threads a block of the kernel may have (512; 64 for the staged 32-token kernels,
 // which only fit the default shared memory with at most two warps, so they may hold more
 // registers instead of spilling).
-// The trailing arguments are a Fold's fields (null pointers: no fold).
 #define DENSE_KERNEL_EPI_LB(NAME, FMT, MT, TN, G, EPI, XST, LB)                                \
     extern "C" __global__ void __launch_bounds__(LB) NAME(                                     \
+        const u8* wp, const u8* ws, const float* gs, const u16* lut, const u16* x, u16* y, int m, \
+        int n, int k, float post, int flags) {                                                   \
+        fp4_dense_body<FMT, MT, TN, G, EPI, XST>(wp, ws, gs, lut, x, y, m, n, k, post, flags);   \
+    }
+// One-token kernels with a folded norm (Fold; fold.rs): the same body, compiled apart so that
+// the kernels without one keep their code; the trailing arguments are the Fold's fields.
+#define DENSE_FOLD_KERNEL(NAME, FMT, MT, G, EPI)                                                \
+    extern "C" __global__ void __launch_bounds__(512) NAME(                                    \
         const u8* wp, const u8* ws, const float* gs, const u16* lut, const u16* x, u16* y, int m, \
         int n, int k, float post, int flags, const float* in_parts, int in_n, int in_len,        \
         float in_eps, float* resid, const float* out_w, u16* out_h, float* out_parts) {          \
@@ -776,7 +785,8 @@ __device__ __forceinline__ void fp4_moe_down_t1_body(
         fo.out_w = out_w;                                                                        \
         fo.out_h = out_h;                                                                        \
         fo.out_parts = out_parts;                                                                \
-        fp4_dense_body<FMT, MT, TN, G, EPI, XST>(wp, ws, gs, lut, x, y, m, n, k, post, flags, fo); \
+        fp4_dense_body<FMT, MT, 1, G, EPI, false, true>(wp, ws, gs, lut, x, y, m, n, k, post,    \
+                                                        flags, fo);                              \
     }
 #define DENSE_KERNEL_EPI(NAME, FMT, MT, TN, G, EPI, XST) \
     DENSE_KERNEL_EPI_LB(NAME, FMT, MT, TN, G, EPI, XST, 512)
@@ -829,6 +839,19 @@ DENSE_VARIANTS(mx, FMT_MXFP4)
 
 GATED_VARIANTS(nv, FMT_NVFP4)
 GATED_VARIANTS(mx, FMT_MXFP4)
+
+// fp4_gemm_{nv,mx}_m{MT}_t1_g{G}_fold and fp4_gemm_sw_{nv,mx}_t1_g{G}_fold: the one-token shapes
+// with a folded norm (gemm.rs: fold_kernel_name).
+#define FOLD_VARIANTS(FMTNAME, FMT)                                                   \
+    DENSE_FOLD_KERNEL(fp4_gemm_##FMTNAME##_m1_t1_g1_fold, FMT, 1, 1, EPI_STORE)       \
+    DENSE_FOLD_KERNEL(fp4_gemm_##FMTNAME##_m1_t1_g2_fold, FMT, 1, 2, EPI_STORE)       \
+    DENSE_FOLD_KERNEL(fp4_gemm_##FMTNAME##_m2_t1_g1_fold, FMT, 2, 1, EPI_STORE)       \
+    DENSE_FOLD_KERNEL(fp4_gemm_##FMTNAME##_m2_t1_g2_fold, FMT, 2, 2, EPI_STORE)       \
+    DENSE_FOLD_KERNEL(fp4_gemm_sw_##FMTNAME##_t1_g1_fold, FMT, 2, 1, EPI_SWIGLU_BF16) \
+    DENSE_FOLD_KERNEL(fp4_gemm_sw_##FMTNAME##_t1_g2_fold, FMT, 2, 2, EPI_SWIGLU_BF16)
+
+FOLD_VARIANTS(nv, FMT_NVFP4)
+FOLD_VARIANTS(mx, FMT_MXFP4)
 
 // fp4_gemm_sw_{nv,mx}_t2_g1_xs: the gated 16-token variant with staged activations (the
 // automatic shape never stages 32 tokens).

@@ -73,6 +73,11 @@ impl<'a> Fold<'a> {
         }
     }
 
+    /// Whether the launch folds a norm (and so runs a `_fold` kernel).
+    pub(crate) fn active(&self) -> bool {
+        self.input.is_some() || self.output.is_some()
+    }
+
     /// Extra dynamic shared memory of the launch: the input's `1 / rms` (one float, 16 bytes
     /// kept for alignment).
     pub(crate) fn smem(&self) -> u32 {

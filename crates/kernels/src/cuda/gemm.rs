@@ -227,14 +227,17 @@ pub(crate) fn dense_product(
     }
     let m_i = tokens_i32(m, "fp4_gemm: x")?;
     let flags = prefetch_flags(gpu, w);
-    let (f, smem) = staged_or_plain(
-        gpu,
-        xs_kernel_name(w.format, cfg, tn),
-        gemm_kernel_name(w.format, cfg, tn)?,
-        cfg,
-        tn,
-        fold.smem(),
-    )?;
+    let (f, smem) = if fold.active() {
+        fold_kernel(gpu, w.format, cfg, tn, fold, false)?
+    } else {
+        staged_or_plain(
+            gpu,
+            xs_kernel_name(w.format, cfg, tn),
+            gemm_kernel_name(w.format, cfg, tn)?,
+            cfg,
+            tn,
+        )?
+    };
     let launch = LaunchConfig {
         grid_dim: (
             w.n.div_ceil(16 * cfg.m_tiles as usize) as u32,
@@ -281,14 +284,60 @@ fn staged_or_plain(
     plain: &'static str,
     cfg: Fp4GemmConfig,
     tn: u32,
-    fold_smem: u32,
 ) -> Result<(cudarc::driver::CudaFunction, u32), CudaError> {
-    let smem = reduction_smem(cfg, tn) + fold_smem;
+    let smem = reduction_smem(cfg, tn);
     let staged_smem = smem + x_stage_smem(cfg, tn);
     match staged.filter(|_| gpu.tuning().x_stage && staged_smem <= SMEM_LIMIT) {
         Some(name) => Ok((gpu.function(name)?, staged_smem)),
         None => Ok((gpu.function(plain)?, smem)),
     }
+}
+
+/// The one-token kernel with a folded norm (fp4_gemm.cu `FOLD_VARIANTS`) of a block shape, and
+/// its dynamic shared memory.
+fn fold_kernel(
+    gpu: &GpuContext,
+    format: Fp4Format,
+    cfg: Fp4GemmConfig,
+    tn: u32,
+    fold: &Fold<'_>,
+    swiglu: bool,
+) -> Result<(cudarc::driver::CudaFunction, u32), CudaError> {
+    let name = fold_kernel_name(format, cfg, tn, swiglu).ok_or(CudaError::NoVariant {
+        format,
+        m_tiles: cfg.m_tiles,
+        token_tiles: tn,
+        group: cfg.group,
+    })?;
+    Ok((gpu.function(name)?, reduction_smem(cfg, tn) + fold.smem()))
+}
+
+/// The name of a folded-norm kernel: one token tile; the SwiGLU ones have two row tiles.
+pub(crate) fn fold_kernel_name(
+    format: Fp4Format,
+    cfg: Fp4GemmConfig,
+    tn: u32,
+    swiglu: bool,
+) -> Option<&'static str> {
+    if tn != 1 {
+        return None;
+    }
+    let nv = format == Fp4Format::Nvfp4;
+    Some(match (swiglu, cfg.m_tiles, cfg.group, nv) {
+        (false, 1, 1, true) => "fp4_gemm_nv_m1_t1_g1_fold",
+        (false, 1, 2, true) => "fp4_gemm_nv_m1_t1_g2_fold",
+        (false, 2, 1, true) => "fp4_gemm_nv_m2_t1_g1_fold",
+        (false, 2, 2, true) => "fp4_gemm_nv_m2_t1_g2_fold",
+        (true, 2, 1, true) => "fp4_gemm_sw_nv_t1_g1_fold",
+        (true, 2, 2, true) => "fp4_gemm_sw_nv_t1_g2_fold",
+        (false, 1, 1, false) => "fp4_gemm_mx_m1_t1_g1_fold",
+        (false, 1, 2, false) => "fp4_gemm_mx_m1_t1_g2_fold",
+        (false, 2, 1, false) => "fp4_gemm_mx_m2_t1_g1_fold",
+        (false, 2, 2, false) => "fp4_gemm_mx_m2_t1_g2_fold",
+        (true, 2, 1, false) => "fp4_gemm_sw_mx_t1_g1_fold",
+        (true, 2, 2, false) => "fp4_gemm_sw_mx_t1_g2_fold",
+        _ => return None,
+    })
 }
 
 /// Launches a DENSE_KERNEL of fp4_gemm.cu (plain or SwiGLU epilogue: the same arguments).
@@ -323,7 +372,10 @@ unsafe fn launch_dense(
         None => b.arg(&NULL_PTR),
     };
     b.arg(&m).arg(&n_i).arg(&k_i).arg(&w.post).arg(&flags);
-    fold.push_args(&mut b);
+    // Only the folded-norm kernels (DENSE_FOLD_KERNEL) take the fold's arguments.
+    if fold.active() {
+        fold.push_args(&mut b);
+    }
     // SAFETY: argument types and order match DENSE_KERNEL_EPI; sizes are the caller's promise.
     unsafe { b.launch(launch) }.map_err(drv(what))?;
     Ok(())
@@ -439,14 +491,11 @@ pub(crate) fn swiglu_product(
         return Ok(());
     }
     let m_i = tokens_i32(m, "fp4_gemm_swiglu: x")?;
-    let (f, smem) = staged_or_plain(
-        gpu,
-        swiglu_xs_kernel_name(w.format, tn, cfg),
-        name,
-        cfg,
-        tn,
-        fold.smem(),
-    )?;
+    let (f, smem) = if fold.active() {
+        fold_kernel(gpu, w.format, cfg, tn, fold, true)?
+    } else {
+        staged_or_plain(gpu, swiglu_xs_kernel_name(w.format, tn, cfg), name, cfg, tn)?
+    };
     let launch = LaunchConfig {
         grid_dim: (
             inter.div_ceil(16) as u32,
@@ -555,7 +604,35 @@ pub(crate) fn check_len(what: &'static str, got: usize, want: usize) -> Result<(
 
 #[cfg(test)]
 mod tests {
-    use super::Fp4GemmConfig;
+    use super::{fold_kernel_name, gated_config, Fp4GemmConfig};
+    use crate::fp4::Fp4Format;
+
+    /// Every one-token shape the automatic rule picks has a folded-norm kernel, plain and
+    /// SwiGLU, and each name is instantiated in fp4_gemm.cu (FOLD_VARIANTS, names formed by
+    /// token pasting), so that a missing one fails here and not at launch on a GPU.
+    #[test]
+    fn fold_kernels_cover_the_one_token_shapes() {
+        let src = super::super::context::FP4_GEMM_SRC.1;
+        for n in [64usize, 300, 2048, 4096, 5120, 14336, 22016, 151936] {
+            for k in [256usize, 2048, 4096, 11008] {
+                for format in [Fp4Format::Nvfp4, Fp4Format::Mxfp4] {
+                    for (cfg, swiglu) in [
+                        (Fp4GemmConfig::auto(1, n, k, 132), false),
+                        (gated_config(1, n, k, 132), true),
+                    ] {
+                        let name = fold_kernel_name(format, cfg, 1, swiglu)
+                            .unwrap_or_else(|| panic!("no fold kernel for {cfg:?} {swiglu}"));
+                        let pasted = name.replacen("_nv_", "_##FMTNAME##_", 1).replacen(
+                            "_mx_",
+                            "_##FMTNAME##_",
+                            1,
+                        );
+                        assert!(src.contains(&pasted), "{name} is not instantiated");
+                    }
+                }
+            }
+        }
+    }
 
     fn cfg(m_tiles: u32, warps: u32, group: u32) -> Fp4GemmConfig {
         Fp4GemmConfig {
