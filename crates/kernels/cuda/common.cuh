@@ -84,7 +84,7 @@ __device__ __forceinline__ float dot8(uint4 a, uint4 b) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Grouped MoE routing, shared by fp4_gemm.cu's fp4_moe_* and ops.cu's moe_bf16: a block serves
+// Grouped MoE routing, shared by fp4_gemm.cu's fp4_moe_* and moe.cu's moe_bf16: a block serves
 // one expert, found from the router's top-k ids on the device, and takes that expert's
 // (token, expert) pairs in id order, a few at a time (deterministic order, no host round trip).
 // ---------------------------------------------------------------------------------------------

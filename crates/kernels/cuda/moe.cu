@@ -1,7 +1,7 @@
 // Mixture-of-experts combine. With the grouped FP4 kernels of fp4_gemm.cu (which route
 // themselves from the top-k ids and apply SwiGLU while loading) it computes one MoE layer from
-// the router's top-k output on the device, without a host round trip. Also the one-token BF16
-// expert kernels (moe_bf16_pairs*).
+// the router's top-k output on the device, without a host round trip. Also the BF16 expert
+// kernels of the BF16 baseline: grouped (moe_bf16) and one-token (moe_bf16_pairs*).
 
 // Compiled after common.cuh (typedefs, bf16 conversions, pdl_enter, ldg_stream, dot8, swiglu2).
 
@@ -23,6 +23,92 @@ extern "C" __global__ void moe_combine(const u16* __restrict__ yd, const float* 
         s += w[p] * bf16_to_f32(yd[p * hidden + h]);
     }
     out[idx] = f32_to_bf16(s);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Grouped BF16 expert GEMV (the BF16 baseline of the MoE layer). blockIdx.y = slot: the block
+// serves the slot-th expert present in ids; 8 warps x 2 rows = 16 output rows per block
+// (blockIdx.x); the expert's pairs are taken 8 at a time in pair order. Input row of pair q is
+// q / in_div; with swiglu the input row is [2k] (gate, up) and silu(gate) * up is formed while
+// loading (rounded to bf16 as if stored; swiglu2, common.cuh): with `stage` (dynamic shared
+// memory of 8 * k bf16) once per group of pairs into shared memory, else per pair of weight rows.
+// k must be a multiple of 8. y: [P][n]. One-token layers take moe_bf16_pairs below instead
+// (Tuning::moe_direct).
+// ---------------------------------------------------------------------------------------------
+
+extern "C" __global__ void __launch_bounds__(256)
+moe_bf16(const u16* __restrict__ w, const u16* __restrict__ x, u16* __restrict__ y, int n, int k,
+         const int* __restrict__ ids, int P, int E, int in_div, int swiglu_in, int stage) {
+    pdl_enter();
+    extern __shared__ __align__(16) u16 acts[];  // stage: [8][k], silu(gate) * up of the group
+    __shared__ unsigned char present[1024];
+    __shared__ int s_expert, s_fill;
+    __shared__ int in_row[8], out_row[8];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int e = moe_slot_expert(ids, P, E, blockIdx.y, present, &s_expert);
+    if (e < 0) return;
+    const u16* we = w + (size_t)e * n * k;
+    const int r0 = blockIdx.x * 16 + warp * 2;
+    int pos = 0;  // warp 0's cursor in ids
+    while (true) {
+        if (warp == 0) {
+            const int fill = moe_collect_pairs(ids, P, e, in_div, 8, in_row, out_row, pos);
+            if (lane == 0) s_fill = fill;
+        }
+        __syncthreads();
+        const int fill = s_fill;
+        if (fill == 0) break;
+        if (stage) {
+            // The group's SwiGLU rows once per block, not once per pair of weight rows.
+            for (int i = threadIdx.x * 8; i < fill * k; i += blockDim.x * 8) {
+                const int q = i / k, c = i - q * k;
+                const u16* xr = x + (size_t)in_row[q] * 2 * k;
+                const uint4 g = *(const uint4*)(xr + c), u = *(const uint4*)(xr + k + c);
+                *(uint4*)(acts + i) = make_uint4(swiglu2(g.x, u.x), swiglu2(g.y, u.y),
+                                                 swiglu2(g.z, u.z), swiglu2(g.w, u.w));
+            }
+            __syncthreads();
+        }
+        float acc[8][2];
+#pragma unroll
+        for (int q = 0; q < 8; q++) acc[q][0] = acc[q][1] = 0.f;
+#pragma unroll 2
+        for (int c = lane * 8; c < k; c += 256) {
+            uint4 wv[2];
+#pragma unroll
+            for (int r = 0; r < 2; r++)
+                wv[r] = (r0 + r < n) ? ldg_stream(we + (size_t)(r0 + r) * k + c) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+            for (int q = 0; q < 8; q++) {
+                if (q < fill) {
+                    uint4 xv;
+                    if (stage) {
+                        xv = *(const uint4*)(acts + q * k + c);
+                    } else if (swiglu_in) {
+                        const u16* xr = x + (size_t)in_row[q] * 2 * k;
+                        const uint4 g = *(const uint4*)(xr + c), u = *(const uint4*)(xr + k + c);
+                        xv = make_uint4(swiglu2(g.x, u.x), swiglu2(g.y, u.y), swiglu2(g.z, u.z),
+                                        swiglu2(g.w, u.w));
+                    } else {
+                        xv = *(const uint4*)(x + (size_t)in_row[q] * k + c);
+                    }
+                    acc[q][0] += dot8(wv[0], xv);
+                    acc[q][1] += dot8(wv[1], xv);
+                }
+            }
+        }
+#pragma unroll
+        for (int q = 0; q < 8; q++) {
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                float v = acc[q][r];
+#pragma unroll
+                for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+                if (lane == 0 && q < fill && r0 + r < n) y[(size_t)out_row[q] * n + r0 + r] = f32_to_bf16(v);
+            }
+        }
+        __syncthreads();  // in_row/out_row are rewritten by the next group
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -808,3 +808,95 @@ fn folded_norm_matches_cpu_reference() {
         }
     }
 }
+
+/// The grouped BF16 expert kernel (batches and prefill of the BF16 baseline) against an f64
+/// reference: several tokens whose pairs share experts (one expert with more than one group of 8
+/// pairs), an out-of-range id whose rows stay poisoned, SwiGLU inputs staged in shared memory
+/// (width <= 2048) and formed per weight row (wider); bad shapes refused.
+#[test]
+fn moe_bf16_grouped_matches_cpu_reference() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = rng("moe bf16 grouped");
+    for (experts, hidden, inter, tokens, top_k) in [
+        (4usize, 512usize, 200usize, 7usize, 3usize),
+        (3, 64, 2056, 5, 2),
+    ] {
+        let rows = 2 * inter;
+        let pairs = tokens * top_k;
+        let (gub, guf) = bf16_pair(&random_matrix(&mut rng, experts * rows * hidden, 0.1));
+        let (dnb, dnf) = bf16_pair(&random_matrix(&mut rng, experts * hidden * inter, 0.1));
+        let (xb, xf) = bf16_pair(&random_matrix(&mut rng, tokens * hidden, 1.0));
+        // Expert 0 in every token's first slot (more than 8 pairs in the first case), the rest
+        // at random, and one id out of range.
+        let mut ids: Vec<i32> = (0..pairs)
+            .map(|p| {
+                if p % top_k == 0 {
+                    0
+                } else {
+                    rng.random_range(0..experts as i32)
+                }
+            })
+            .collect();
+        ids[pairs - 1] = experts as i32;
+        let s = gpu.stream();
+        let (gu, dn, x, ids_d) = (
+            s.clone_htod(&gub).unwrap(),
+            s.clone_htod(&dnb).unwrap(),
+            s.clone_htod(&xb).unwrap(),
+            s.clone_htod(&ids).unwrap(),
+        );
+        let mut act = poisoned(&gpu, pairs * rows);
+        cuda::moe_bf16_grouped(
+            &gpu, &gu, &x, &mut act, rows, hidden, &ids_d, pairs, experts, top_k, false,
+        )
+        .unwrap();
+        let mut y = poisoned(&gpu, pairs * hidden);
+        cuda::moe_bf16_grouped(
+            &gpu, &dn, &act, &mut y, hidden, inter, &ids_d, pairs, experts, 1, true,
+        )
+        .unwrap();
+        let act_h = s.clone_dtoh(&act).unwrap();
+        let y_h = s.clone_dtoh(&y).unwrap();
+        for (p, &e) in ids.iter().enumerate() {
+            let got_gu = &act_h[p * rows..(p + 1) * rows];
+            let got_y = &y_h[p * hidden..(p + 1) * hidden];
+            let what = format!("{experts}x[{rows}, {hidden}] pair {p}");
+            if e as usize >= experts {
+                assert!(
+                    got_gu.iter().chain(got_y).all(|v| v.is_nan()),
+                    "{what}: written"
+                );
+                continue;
+            }
+            let e = e as usize;
+            let t = p / top_k;
+            let want_gu = matmul_ref(
+                &guf[e * rows * hidden..(e + 1) * rows * hidden],
+                &xf[t * hidden..(t + 1) * hidden],
+                1,
+                rows,
+                hidden,
+            );
+            check_close(&format!("{what} gate/up"), got_gu, &want_gu, 5e-3, 1e-2);
+            let a: Vec<f32> = (0..inter)
+                .map(|i| {
+                    let g = got_gu[i].to_f64();
+                    let u = got_gu[inter + i].to_f64();
+                    bf16::from_f64(silu(g) * u).to_f32()
+                })
+                .collect();
+            let w_dn = &dnf[e * hidden * inter..(e + 1) * hidden * inter];
+            let want_y = matmul_ref(w_dn, &a, 1, hidden, inter);
+            check_close(&format!("{what} down"), got_y, &want_y, 5e-3, 1e-2);
+        }
+    }
+    // Refused: k not a multiple of 8, no experts, x too short.
+    let w = gpu.stream().clone_htod(&vec![bf16::ONE; 64]).unwrap();
+    let x = gpu.stream().clone_htod(&vec![bf16::ONE; 16]).unwrap();
+    let ids = gpu.stream().clone_htod(&[0i32]).unwrap();
+    let mut y = poisoned(&gpu, 8);
+    assert!(cuda::moe_bf16_grouped(&gpu, &w, &x, &mut y, 1, 12, &ids, 1, 1, 1, false).is_err());
+    assert!(cuda::moe_bf16_grouped(&gpu, &w, &x, &mut y, 1, 8, &ids, 1, 0, 1, false).is_err());
+    assert!(cuda::moe_bf16_grouped(&gpu, &w, &x, &mut y, 2, 16, &ids, 1, 1, 1, false).is_ok());
+    assert!(cuda::moe_bf16_grouped(&gpu, &w, &x, &mut y, 2, 32, &ids, 1, 1, 1, false).is_err());
+}

@@ -21,6 +21,7 @@ mod fp8;
 mod gemm;
 mod graph;
 mod moe;
+mod moe_bf16;
 mod weights;
 
 pub use blas::{bf16_gemm, bf16_gram_accumulate, cublas, fp4_gemm_dequant_cublas};
@@ -40,9 +41,9 @@ pub use gemm::{
     fp4_gemm_with, token_tiles, variant_exists, Fp4GemmConfig, K_CHUNK,
 };
 pub use graph::PdlGraph;
-pub use moe::{
-    moe_bf16_pairs, moe_bf16_pairs_supported, moe_layer, moe_layer_with, MoeConfig, MoeWeights,
-    MoeWorkspace, MOE_BF16_PAIRS_MAX_SWIGLU_K, MOE_MAX_EXPERTS,
+pub use moe::{moe_layer, moe_layer_with, MoeConfig, MoeWeights, MoeWorkspace, MOE_MAX_EXPERTS};
+pub use moe_bf16::{
+    moe_bf16_grouped, moe_bf16_pairs, moe_bf16_pairs_supported, MOE_BF16_PAIRS_MAX_SWIGLU_K,
 };
 pub use weights::GpuFp4Weight;
 

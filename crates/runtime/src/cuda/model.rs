@@ -19,8 +19,8 @@ use std::sync::Arc;
 use cudarc::driver::{sys, CudaEvent, CudaSlice};
 use half::bf16;
 use mimo_kernels::cuda::{
-    moe_bf16_pairs, moe_bf16_pairs_supported, moe_layer, GpuFp4Weight, MoeWeights, MoeWorkspace,
-    PdlGraph,
+    moe_bf16_grouped, moe_bf16_pairs, moe_bf16_pairs_supported, moe_layer, GpuFp4Weight,
+    MoeWeights, MoeWorkspace, PdlGraph,
 };
 use mimo_kernels::Fp4Matrix;
 
@@ -1186,7 +1186,7 @@ impl GpuModel {
                                 )?;
                                 Ok(())
                             } else {
-                                ops.moe_bf16(
+                                moe_bf16_grouped(
                                     g,
                                     w,
                                     x,
@@ -1198,7 +1198,8 @@ impl GpuModel {
                                     moe.n_experts,
                                     in_div,
                                     swiglu,
-                                )
+                                )?;
+                                Ok(())
                             }
                         };
                         experts(gate_up, &ws.h, pgu, (2 * moe.inter, hd, moe.top_k, false))?;

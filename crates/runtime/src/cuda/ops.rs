@@ -34,9 +34,6 @@ pub const MAX_EXPERTS: usize = 1024;
 pub const ARGMAX_CHUNK: usize = 4096;
 /// Keys per `topp_threshold` block (`TOPP_SPAN` in ops.cu).
 const TOPP_SPAN: usize = 1024;
-/// Largest expert width whose SwiGLU rows `moe_bf16` stages in shared memory (8 rows of bf16:
-/// 32 KiB, under the 48 KiB a block gets without opting in).
-const MOE_BF16_STAGE_K: usize = 2048;
 
 /// Scalar arguments of the attention kernels (mirrors `AttnArgs` in ops.cu).
 #[repr(C)]
@@ -119,7 +116,6 @@ pub struct Ops {
     swiglu: CudaFunction,
     add_bias: CudaFunction,
     router_topk: CudaFunction,
-    moe_bf16: CudaFunction,
     argmax_next: CudaFunction,
     topp_histogram: CudaFunction,
     topp_threshold: CudaFunction,
@@ -239,7 +235,6 @@ impl Ops {
             swiglu: f("swiglu")?,
             add_bias: f("add_bias")?,
             router_topk: f("router_topk")?,
-            moe_bf16: f("moe_bf16")?,
             argmax_next: f("argmax_next")?,
             topp_histogram: f("topp_histogram")?,
             topp_threshold: f("topp_threshold")?,
@@ -266,7 +261,6 @@ impl Ops {
             &self.swiglu,
             &self.add_bias,
             &self.router_topk,
-            &self.moe_bf16,
             &self.argmax_next,
             &self.topp_histogram,
             &self.topp_threshold,
@@ -665,57 +659,6 @@ impl Ops {
         // ids/weights [m, top_k]; experts <= 1024 and top_k <= 256 checked at load; the dynamic
         // shared memory holds `hidden` floats (<= MAX_FUSED_ROUTER_HIDDEN).
         unsafe { b.launch(cfg) }.map_err(drv("launch router_topk"))?;
-        Ok(())
-    }
-
-    /// Grouped BF16 expert GEMV: `y[p] = W[ids[p]] · x[p / in_div]` (SwiGLU on the input with
-    /// `swiglu_in`).
-    #[allow(clippy::too_many_arguments)]
-    pub fn moe_bf16(
-        &self,
-        gpu: &GpuContext,
-        w: &CudaSlice<bf16>,
-        x: &CudaSlice<bf16>,
-        y: &mut CudaSlice<bf16>,
-        n: usize,
-        k: usize,
-        ids: &CudaSlice<i32>,
-        pairs: usize,
-        experts: usize,
-        in_div: usize,
-        swiglu_in: bool,
-    ) -> Result<(), GpuError> {
-        // The SwiGLU rows of a group of 8 pairs staged in shared memory where they fit.
-        let stage = swiglu_in && k <= MOE_BF16_STAGE_K;
-        let (n_i, k_i, p_i, e_i, d_i, s_i, st_i) = (
-            n as i32,
-            k as i32,
-            pairs as i32,
-            experts as i32,
-            in_div as i32,
-            i32::from(swiglu_in),
-            i32::from(stage),
-        );
-        let mut b = gpu.stream().launch_builder(&self.moe_bf16);
-        b.arg(w)
-            .arg(x)
-            .arg(y)
-            .arg(&n_i)
-            .arg(&k_i)
-            .arg(ids)
-            .arg(&p_i)
-            .arg(&e_i)
-            .arg(&d_i)
-            .arg(&s_i)
-            .arg(&st_i);
-        let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(16) as u32, experts.min(pairs).max(1) as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: if stage { (8 * k * 2) as u32 } else { 0 },
-        };
-        // SAFETY: w [experts, n, k], x [pairs / in_div, k or 2k], y [pairs, n], ids [pairs];
-        // k % 8 == 0 checked at load.
-        unsafe { b.launch(cfg) }.map_err(drv("launch moe_bf16"))?;
         Ok(())
     }
 

@@ -1,0 +1,200 @@
+//! The BF16 expert kernels of the MoE baseline (moe.cu): the grouped GEMV, which reads each
+//! present expert once for all its (token, expert) pairs, and the one-token kernel, where every
+//! pair has an expert of its own. Both route themselves from the router's top-k ids on the
+//! device.
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use half::bf16;
+
+use super::context::GpuContext;
+use super::error::{drv, CudaError};
+use super::gemm::check_len;
+use super::moe::MOE_MAX_EXPERTS;
+
+/// Largest expert width whose SwiGLU rows [`moe_bf16_grouped`] stages in shared memory (8 rows
+/// of bf16: 32 KiB at 2048, within the default 48 KiB); wider experts form SwiGLU per pair of
+/// weight rows.
+const GROUPED_STAGE_K: usize = 2048;
+
+/// Grouped BF16 expert GEMV: `y[p] = w[ids[p]] · x[p / in_div]` for every pair `p < pairs`, with
+/// `w` the experts' stacked `[experts, n, k]` BF16 weights and f32 accumulation; with
+/// `swiglu_in` each input row is a `[gate | up]` row of `2k` and `silu(gate) * up` (rounded to
+/// bf16) is its input. One block row per present expert takes that expert's pairs 8 at a time,
+/// so each expert is read once for all of them (batches, prefill). A pair whose id is outside
+/// `[0, experts)` leaves its output row unwritten.
+#[allow(clippy::too_many_arguments)]
+pub fn moe_bf16_grouped(
+    gpu: &GpuContext,
+    w: &CudaSlice<bf16>,
+    x: &CudaSlice<bf16>,
+    y: &mut CudaSlice<bf16>,
+    n: usize,
+    k: usize,
+    ids: &CudaSlice<i32>,
+    pairs: usize,
+    experts: usize,
+    in_div: usize,
+    swiglu_in: bool,
+) -> Result<(), CudaError> {
+    if n == 0
+        || k == 0
+        || k % 8 != 0
+        || in_div == 0
+        || pairs == 0
+        || experts == 0
+        || experts > MOE_MAX_EXPERTS
+        || n.div_ceil(16) > 65_535
+        || experts
+            .checked_mul(n)
+            .and_then(|v| v.checked_mul(k))
+            .is_none()
+        || pairs > i32::MAX as usize
+    {
+        return Err(CudaError::Shape {
+            what: "moe_bf16_grouped".into(),
+            reason: format!(
+                "{pairs} pairs of {experts} [{n}, {k}] experts (input row p / {in_div}; k a \
+                 multiple of 8, at most {MOE_MAX_EXPERTS} experts)"
+            ),
+        });
+    }
+    let in_w = if swiglu_in { 2 * k } else { k };
+    let in_rows = pairs.div_ceil(in_div);
+    check_len("moe_bf16_grouped: w", w.len(), experts * n * k)?;
+    check_len(
+        "moe_bf16_grouped: x",
+        x.len().min(in_rows * in_w),
+        in_rows * in_w,
+    )?;
+    check_len("moe_bf16_grouped: y", y.len().min(pairs * n), pairs * n)?;
+    check_len("moe_bf16_grouped: ids", ids.len().min(pairs), pairs)?;
+    // The SwiGLU rows of a group of 8 pairs staged in shared memory where they fit.
+    let stage = swiglu_in && k <= GROUPED_STAGE_K;
+    let (n_i, k_i, p_i, e_i, d_i, s_i, st_i) = (
+        n as i32,
+        k as i32,
+        pairs as i32,
+        experts as i32,
+        in_div as i32,
+        i32::from(swiglu_in),
+        i32::from(stage),
+    );
+    let f = gpu.function("moe_bf16")?;
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(w)
+        .arg(x)
+        .arg(y)
+        .arg(&n_i)
+        .arg(&k_i)
+        .arg(ids)
+        .arg(&p_i)
+        .arg(&e_i)
+        .arg(&d_i)
+        .arg(&s_i)
+        .arg(&st_i);
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(16) as u32, experts.min(pairs) as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: if stage { (8 * k * 2) as u32 } else { 0 },
+    };
+    // SAFETY: w holds experts * n * k, x the input rows of every pair, y pairs * n, ids pairs
+    // (checked above); k is a multiple of 8; the kernel reads ids within [0, pairs), skips ids
+    // outside [0, experts) and its present-expert table holds MOE_MAX_EXPERTS.
+    unsafe { b.launch(cfg) }.map_err(drv("launch moe_bf16"))?;
+    Ok(())
+}
+
+/// Most input features `moe_bf16_pairs` takes with `swiglu_in` (its SwiGLU row is staged in
+/// shared memory).
+pub const MOE_BF16_PAIRS_MAX_SWIGLU_K: usize = 4096;
+/// Most rows one block of `moe_bf16_pairs` owns (its shared-memory partials).
+const PAIRS_MAX_ROWS: usize = 32;
+
+/// Whether [`moe_bf16_pairs`] takes `[n, k]` experts (`swiglu_in`: a `[gate | up]` input of `2k`).
+pub fn moe_bf16_pairs_supported(n: usize, k: usize, swiglu_in: bool) -> bool {
+    n > 0
+        && k > 0
+        && k % 8 == 0
+        && (!swiglu_in || k <= MOE_BF16_PAIRS_MAX_SWIGLU_K)
+        && n.checked_mul(k).is_some_and(|v| v <= i32::MAX as usize)
+}
+
+/// One-token BF16 experts: `y[p] = w[ids[p]] · x[p / in_div]` for every pair `p < pairs`, with
+/// `w` the experts' stacked `[experts, n, k]` BF16 weights, f32 accumulation; with `swiglu_in`
+/// each input row is a `[gate | up]` row of `2k` and `silu(gate) * up` (rounded to bf16) is
+/// formed once per block. A pair whose id is outside `[0, experts)` leaves its output row
+/// unwritten. One pass over each pair's expert, so meant for one token, where every pair has an
+/// expert of its own (batches take the grouped kernel that reads each expert once).
+#[allow(clippy::too_many_arguments)]
+pub fn moe_bf16_pairs(
+    gpu: &GpuContext,
+    w: &CudaSlice<bf16>,
+    x: &CudaSlice<bf16>,
+    y: &mut CudaSlice<bf16>,
+    n: usize,
+    k: usize,
+    ids: &CudaSlice<i32>,
+    pairs: usize,
+    experts: usize,
+    in_div: usize,
+    swiglu_in: bool,
+) -> Result<(), CudaError> {
+    if !moe_bf16_pairs_supported(n, k, swiglu_in)
+        || in_div == 0
+        || pairs == 0
+        || pairs > 65_535
+        || experts > i32::MAX as usize
+    {
+        return Err(CudaError::Shape {
+            what: "moe_bf16_pairs".into(),
+            reason: format!(
+                "{pairs} pairs of {experts} [{n}, {k}] experts (input row p / {in_div}; k a \
+                 multiple of 8{})",
+                if swiglu_in {
+                    format!(", at most {MOE_BF16_PAIRS_MAX_SWIGLU_K} with SwiGLU")
+                } else {
+                    String::new()
+                }
+            ),
+        });
+    }
+    let in_w = if swiglu_in { 2 * k } else { k };
+    let in_rows = pairs.div_ceil(in_div);
+    check_len("moe_bf16_pairs: w", w.len(), experts * n * k)?;
+    check_len(
+        "moe_bf16_pairs: x",
+        x.len().min(in_rows * in_w),
+        in_rows * in_w,
+    )?;
+    check_len("moe_bf16_pairs: y", y.len().min(pairs * n), pairs * n)?;
+    check_len("moe_bf16_pairs: ids", ids.len().min(pairs), pairs)?;
+    // About four 8-warp blocks per SM over all pairs, in one wave.
+    let target = (4 * gpu.sm_count() as usize / pairs).max(1);
+    let rb = n.div_ceil(target).clamp(1, PAIRS_MAX_ROWS);
+    let f = gpu.function(if swiglu_in {
+        "moe_bf16_pairs_sw"
+    } else {
+        "moe_bf16_pairs"
+    })?;
+    let (n_i, k_i, rb_i, e_i, d_i) = (n as i32, k as i32, rb as i32, experts as i32, in_div as i32);
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(rb) as u32, pairs as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(w)
+        .arg(x)
+        .arg(y)
+        .arg(&n_i)
+        .arg(&k_i)
+        .arg(&rb_i)
+        .arg(ids)
+        .arg(&e_i)
+        .arg(&d_i);
+    // SAFETY: w holds experts * n * k, x the input rows of every pair, y pairs * n, ids pairs
+    // (checked above); k is a multiple of 8 (and within the staged SwiGLU row); the kernel reads
+    // ids within [0, pairs) and skips ids outside [0, experts).
+    unsafe { b.launch(cfg) }.map_err(drv("launch moe_bf16_pairs"))?;
+    Ok(())
+}
