@@ -897,6 +897,6 @@ fn moe_bf16_grouped_matches_cpu_reference() {
     let mut y = poisoned(&gpu, 8);
     assert!(cuda::moe_bf16_grouped(&gpu, &w, &x, &mut y, 1, 12, &ids, 1, 1, 1, false).is_err());
     assert!(cuda::moe_bf16_grouped(&gpu, &w, &x, &mut y, 1, 8, &ids, 1, 0, 1, false).is_err());
-    assert!(cuda::moe_bf16_grouped(&gpu, &w, &x, &mut y, 2, 16, &ids, 1, 1, 1, false).is_ok());
+    assert!(cuda::moe_bf16_grouped(&gpu, &w, &x, &mut y, 4, 16, &ids, 1, 1, 1, false).is_ok());
     assert!(cuda::moe_bf16_grouped(&gpu, &w, &x, &mut y, 2, 32, &ids, 1, 1, 1, false).is_err());
 }

@@ -45,7 +45,6 @@ fn ops_compile_with_nvrtc() {
     for k in [
         "attention",
         "router_topk",
-        "moe_bf16",
         "argmax_next",
         "topp_histogram",
         "topp_threshold",
