@@ -613,6 +613,47 @@ fn bf16_pair(v: &[f32]) -> (Vec<bf16>, Vec<f32>) {
     (b, f)
 }
 
+/// One (token, expert) pair of the BF16 expert kernels: its gate/up and down output rows and
+/// its input row.
+#[derive(Clone, Copy)]
+struct BF16Pair<'a> {
+    gu: &'a [bf16],
+    y: &'a [bf16],
+    x: &'a [f32],
+}
+
+/// A pair's outputs against f64: gate/up from expert `e`'s rows (`guf`, `[experts, 2 inter,
+/// hidden]`) and the input row; down (`dnf`) from the SwiGLU of the device's own gate/up
+/// outputs, rounded to bf16 as the kernels round it.
+fn check_bf16_pair(
+    what: &str,
+    pair: BF16Pair<'_>,
+    guf: &[f32],
+    dnf: &[f32],
+    e: usize,
+    (hidden, inter): (usize, usize),
+) {
+    let rows = 2 * inter;
+    let want_gu = matmul_ref(
+        &guf[e * rows * hidden..(e + 1) * rows * hidden],
+        pair.x,
+        1,
+        rows,
+        hidden,
+    );
+    check_close(&format!("{what} gate/up"), pair.gu, &want_gu, 5e-3, 1e-2);
+    let a: Vec<f32> = (0..inter)
+        .map(|i| {
+            let g = pair.gu[i].to_f64();
+            let u = pair.gu[inter + i].to_f64();
+            bf16::from_f64(silu(g) * u).to_f32()
+        })
+        .collect();
+    let w_dn = &dnf[e * hidden * inter..(e + 1) * hidden * inter];
+    let want_y = matmul_ref(w_dn, &a, 1, hidden, inter);
+    check_close(&format!("{what} down"), pair.y, &want_y, 5e-3, 1e-2);
+}
+
 /// The one-token BF16 expert kernels (gate/up, then down with SwiGLU on its input) against an
 /// f64 reference, on shapes with several rows per block and k off the 256-element chunk; a pair
 /// with an out-of-range expert id keeps its poisoned output rows; bad shapes refused.
@@ -658,21 +699,12 @@ fn moe_bf16_pairs_matches_cpu_reference() {
                 );
                 continue;
             }
-            let e = e as usize;
-            let w_gu = &guf[e * rows * hidden..(e + 1) * rows * hidden];
-            let want_gu = matmul_ref(w_gu, &xf, 1, rows, hidden);
-            check_close(&format!("{what} gate/up"), got_gu, &want_gu, 5e-3, 1e-2);
-            // SwiGLU of the device's bf16 gate/up outputs, rounded to bf16 as the kernel does.
-            let a: Vec<f32> = (0..inter)
-                .map(|i| {
-                    let g = got_gu[i].to_f64();
-                    let u = got_gu[inter + i].to_f64();
-                    bf16::from_f64(silu(g) * u).to_f32()
-                })
-                .collect();
-            let w_dn = &dnf[e * hidden * inter..(e + 1) * hidden * inter];
-            let want_y = matmul_ref(w_dn, &a, 1, hidden, inter);
-            check_close(&format!("{what} down"), got_y, &want_y, 5e-3, 1e-2);
+            let pair = BF16Pair {
+                gu: got_gu,
+                y: got_y,
+                x: &xf,
+            };
+            check_bf16_pair(&what, pair, &guf, &dnf, e as usize, (hidden, inter));
         }
     }
     // Refused: k not a multiple of 8, a SwiGLU row over the staged limit, x too short.
@@ -868,26 +900,13 @@ fn moe_bf16_grouped_matches_cpu_reference() {
                 );
                 continue;
             }
-            let e = e as usize;
             let t = p / top_k;
-            let want_gu = matmul_ref(
-                &guf[e * rows * hidden..(e + 1) * rows * hidden],
-                &xf[t * hidden..(t + 1) * hidden],
-                1,
-                rows,
-                hidden,
-            );
-            check_close(&format!("{what} gate/up"), got_gu, &want_gu, 5e-3, 1e-2);
-            let a: Vec<f32> = (0..inter)
-                .map(|i| {
-                    let g = got_gu[i].to_f64();
-                    let u = got_gu[inter + i].to_f64();
-                    bf16::from_f64(silu(g) * u).to_f32()
-                })
-                .collect();
-            let w_dn = &dnf[e * hidden * inter..(e + 1) * hidden * inter];
-            let want_y = matmul_ref(w_dn, &a, 1, hidden, inter);
-            check_close(&format!("{what} down"), got_y, &want_y, 5e-3, 1e-2);
+            let pair = BF16Pair {
+                gu: got_gu,
+                y: got_y,
+                x: &xf[t * hidden..(t + 1) * hidden],
+            };
+            check_bf16_pair(&what, pair, &guf, &dnf, e as usize, (hidden, inter));
         }
     }
     // Refused: k not a multiple of 8, no experts, x too short.

@@ -16,6 +16,22 @@ use super::moe::MOE_MAX_EXPERTS;
 /// weight rows.
 const GROUPED_STAGE_K: usize = 2048;
 
+/// The buffer lengths both launchers need (`names` and `lens`: w, x, y, ids): `w` exactly the
+/// `[experts, n, k]` stack; at least the input rows of every pair (`[gate | up]` rows of `2k`
+/// with `swiglu_in`), `pairs` output rows and `pairs` ids.
+fn check_buffers(
+    names: [&'static str; 4],
+    lens: [usize; 4],
+    (n, k, pairs, experts, in_div, swiglu_in): (usize, usize, usize, usize, usize, bool),
+) -> Result<(), CudaError> {
+    let in_w = if swiglu_in { 2 * k } else { k };
+    let x_need = pairs.div_ceil(in_div) * in_w;
+    check_len(names[0], lens[0], experts * n * k)?;
+    check_len(names[1], lens[1].min(x_need), x_need)?;
+    check_len(names[2], lens[2].min(pairs * n), pairs * n)?;
+    check_len(names[3], lens[3].min(pairs), pairs)
+}
+
 /// Grouped BF16 expert GEMV: `y[p] = w[ids[p]] · x[p / in_div]` for every pair `p < pairs`, with
 /// `w` the experts' stacked `[experts, n, k]` BF16 weights and f32 accumulation; with
 /// `swiglu_in` each input row is a `[gate | up]` row of `2k` and `silu(gate) * up` (rounded to
@@ -58,16 +74,16 @@ pub fn moe_bf16_grouped(
             ),
         });
     }
-    let in_w = if swiglu_in { 2 * k } else { k };
-    let in_rows = pairs.div_ceil(in_div);
-    check_len("moe_bf16_grouped: w", w.len(), experts * n * k)?;
-    check_len(
-        "moe_bf16_grouped: x",
-        x.len().min(in_rows * in_w),
-        in_rows * in_w,
+    check_buffers(
+        [
+            "moe_bf16_grouped: w",
+            "moe_bf16_grouped: x",
+            "moe_bf16_grouped: y",
+            "moe_bf16_grouped: ids",
+        ],
+        [w.len(), x.len(), y.len(), ids.len()],
+        (n, k, pairs, experts, in_div, swiglu_in),
     )?;
-    check_len("moe_bf16_grouped: y", y.len().min(pairs * n), pairs * n)?;
-    check_len("moe_bf16_grouped: ids", ids.len().min(pairs), pairs)?;
     // The SwiGLU rows of a group of 8 pairs staged in shared memory where they fit.
     let stage = swiglu_in && k <= GROUPED_STAGE_K;
     let (n_i, k_i, p_i, e_i, d_i, s_i, st_i) = (
@@ -158,16 +174,16 @@ pub fn moe_bf16_pairs(
             ),
         });
     }
-    let in_w = if swiglu_in { 2 * k } else { k };
-    let in_rows = pairs.div_ceil(in_div);
-    check_len("moe_bf16_pairs: w", w.len(), experts * n * k)?;
-    check_len(
-        "moe_bf16_pairs: x",
-        x.len().min(in_rows * in_w),
-        in_rows * in_w,
+    check_buffers(
+        [
+            "moe_bf16_pairs: w",
+            "moe_bf16_pairs: x",
+            "moe_bf16_pairs: y",
+            "moe_bf16_pairs: ids",
+        ],
+        [w.len(), x.len(), y.len(), ids.len()],
+        (n, k, pairs, experts, in_div, swiglu_in),
     )?;
-    check_len("moe_bf16_pairs: y", y.len().min(pairs * n), pairs * n)?;
-    check_len("moe_bf16_pairs: ids", ids.len().min(pairs), pairs)?;
     // About four 8-warp blocks per SM over all pairs, in one wave.
     let target = (4 * gpu.sm_count() as usize / pairs).max(1);
     let rb = n.div_ceil(target).clamp(1, PAIRS_MAX_ROWS);
