@@ -20,7 +20,7 @@ use cudarc::driver::{sys, CudaEvent, CudaSlice};
 use half::bf16;
 use mimo_kernels::cuda::{
     moe_bf16_grouped, moe_bf16_pairs, moe_bf16_pairs_supported, moe_layer, GpuFp4Weight,
-    MoeWeights, MoeWorkspace, PdlGraph,
+    MoeWeights, MoeWorkspace, NormOut, PdlGraph,
 };
 use mimo_kernels::Fp4Matrix;
 
@@ -39,7 +39,6 @@ use crate::generate::nucleus;
 use crate::linear::{Linear, Weight};
 use crate::model::{ForwardError, Site};
 use crate::weights::Loader;
-use mimo_kernels::cuda::NormOut;
 
 mod fold;
 mod walk;
