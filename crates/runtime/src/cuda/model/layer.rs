@@ -1,0 +1,457 @@
+//! One decoder layer queued on the device (`layer_pass`): q/k/v, attention over the KV cache,
+//! the output projection, then the dense MLP or the MoE block (router and top-k, grouped or
+//! one-token experts, shared expert), with the residual adds and RMSNorms in between
+//! (`add_norm`, or folded into the products at batch 1: fold.rs).
+
+use cudarc::driver::CudaSlice;
+use half::bf16;
+use mimo_kernels::cuda::{
+    moe_bf16_grouped, moe_bf16_pairs, moe_bf16_pairs_supported, moe_layer, NormOut,
+};
+
+use super::{walk, Experts, Ffn, GateUp, GpuModel, Pend, Qkv, QkvBufs, Stage, Ws};
+use crate::cuda::error::GpuError;
+use crate::cuda::ops::{AttnArgs, RouterIn, Rows, MAX_FUSED_ROUTER_HIDDEN, SPLIT_LEN};
+use crate::model::Site;
+
+impl GpuModel {
+    /// Queues decoder layer `li` over the rows of `ws`, whose normalized input is in `ws.h`
+    /// (the residual stream in `ws.x`); returns what the residual stream still has to add.
+    /// `tap` (calibration, never inside a graph) sees every Linear's input: read back for a host
+    /// observer, or summed on the device.
+    pub(super) fn layer_pass(
+        &self,
+        ws: &mut Ws,
+        li: usize,
+        decode: bool,
+        mut tap: Option<&mut walk::Tap<'_>>,
+    ) -> Result<Pend, GpuError> {
+        let c = &self.config;
+        let gpu = &*self.gpu;
+        let g = &gpu.ctx;
+        let ops = &gpu.ops;
+        let cache = self
+            .cache
+            .as_ref()
+            .ok_or_else(|| GpuError::Unsupported("no KV cache allocated".into()))?;
+        let (hd, d, nh, nkv) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads);
+        let m = ws.m;
+        let eps = c.rms_norm_eps as f32;
+        let splits = cache.capacity.div_ceil(SPLIT_LEN);
+        let layer = &self.layers[li];
+        if let Some(t) = tap.as_deref_mut() {
+            t.site(self, Site::Qkv(li), &ws.h, m, hd)?;
+        }
+        // Attention. Folded norms: after the first layer the input is the previous down
+        // projection's unnormalised row, scaled here.
+        let fold = tap.is_none() && self.folds(m);
+        let fold_in = match li.checked_sub(1).map(|p| &self.layers[p].ffn) {
+            Some(Ffn::Dense(prev)) if fold => Some(self.fold_input(&ws.fold_parts, &prev.down)?),
+            _ => None,
+        };
+        match (&layer.qkv, &mut ws.qkv, fold_in) {
+            _ if !self.runs(Stage::Qkv) => {}
+            (Qkv::Fused(l), QkvBufs::Fused(buf), Some(input)) => {
+                l.forward_norm_in(gpu, &ws.h, input, buf)?
+            }
+            (Qkv::Split(lq, lk, lv), QkvBufs::Split(bq, bk, bv), Some(input)) => {
+                lq.forward_norm_in(gpu, &ws.h, input, bq)?;
+                lk.forward_norm_in(gpu, &ws.h, input, bk)?;
+                lv.forward_norm_in(gpu, &ws.h, input, bv)?;
+            }
+            (Qkv::Fused(l), QkvBufs::Fused(buf), None) => l.forward(gpu, &ws.h, m, buf)?,
+            (Qkv::Split(lq, lk, lv), QkvBufs::Split(bq, bk, bv), None) => {
+                lq.forward(gpu, &ws.h, m, bq)?;
+                lk.forward(gpu, &ws.h, m, bk)?;
+                lv.forward(gpu, &ws.h, m, bv)?;
+            }
+            _ => {
+                return Err(GpuError::Unsupported(
+                    "mixed fused/split q,k,v layers".into(),
+                ))
+            }
+        }
+        let a = AttnArgs {
+            n_heads: nh as i32,
+            n_kv: nkv as i32,
+            d: d as i32,
+            rot_dim: self.rot_dim as i32,
+            capacity: cache.capacity as i32,
+            layers: self.layers.len() as i32,
+            layer: li as i32,
+            window: layer.window as i32,
+            split_len: SPLIT_LEN as i32,
+            max_splits: splits as i32,
+            fused_new: i32::from(decode),
+            eps,
+            attn_factor: self.attn_factor,
+            scale: 1.0 / (d as f32).sqrt(),
+        };
+        self.mark("qkv")?;
+        let w = ((nh + 2 * nkv) * d) as i32;
+        let (q, k, v) = match &ws.qkv {
+            QkvBufs::Fused(b) => (
+                Rows {
+                    buf: b,
+                    off: 0,
+                    stride: w,
+                },
+                Rows {
+                    buf: b,
+                    off: (nh * d) as i32,
+                    stride: w,
+                },
+                Rows {
+                    buf: b,
+                    off: ((nh + nkv) * d) as i32,
+                    stride: w,
+                },
+            ),
+            QkvBufs::Split(bq, bk, bv) => (
+                Rows {
+                    buf: bq,
+                    off: 0,
+                    stride: (nh * d) as i32,
+                },
+                Rows {
+                    buf: bk,
+                    off: 0,
+                    stride: (nkv * d) as i32,
+                },
+                Rows {
+                    buf: bv,
+                    off: 0,
+                    stride: (nkv * d) as i32,
+                },
+            ),
+        };
+        let [qb, kb, vb] = &layer.biases;
+        if !decode {
+            ops.kv_write(
+                g,
+                &k,
+                &v,
+                kb.as_ref(),
+                vb.as_ref(),
+                layer.k_norm.as_ref(),
+                &self.inv_freq,
+                &ws.pos,
+                &ws.seq,
+                &cache.k,
+                &cache.v,
+                a,
+                m,
+            )?;
+            self.mark("kv_write")?;
+        }
+        if self.runs(Stage::Attention) {
+            ops.attention(
+                g,
+                &q,
+                &k,
+                &v,
+                [qb.as_ref(), kb.as_ref(), vb.as_ref()],
+                layer.q_norm.as_ref(),
+                layer.k_norm.as_ref(),
+                &self.inv_freq,
+                &ws.pos,
+                &ws.seq,
+                &cache.k,
+                &cache.v,
+                &mut ws.part_ml,
+                &mut ws.part_o,
+                &mut ws.attn_cnt,
+                &mut ws.attn,
+                a,
+                m,
+            )?;
+        }
+        self.mark("attention")?;
+        if let Some(t) = tap.as_deref_mut() {
+            t.site(self, Site::O(li), &ws.attn, m, nh * d)?;
+        }
+        // MoE layers without a shared expert: the post-attention add + RMSNorm runs inside
+        // the router kernel, and the attention output waits in attn_delta for the next norm.
+        let fuse = tap.is_none()
+            && gpu.ctx.tuning().norm_router
+            && hd <= MAX_FUSED_ROUTER_HIDDEN
+            && matches!(&layer.ffn, Ffn::Moe(moe) if moe.shared.is_none());
+        if self.runs(Stage::OProj) {
+            if fold {
+                let out = NormOut {
+                    resid: &mut ws.x,
+                    weight: &layer.post_norm,
+                    h: &mut ws.h,
+                    parts: &mut ws.fold_parts,
+                };
+                layer.o.forward_norm_out(gpu, &ws.attn, out)?;
+            } else {
+                let o_out = if fuse {
+                    &mut ws.attn_delta
+                } else {
+                    &mut ws.delta
+                };
+                layer.o.forward(gpu, &ws.attn, m, o_out)?;
+            }
+        }
+        self.mark("o_proj")?;
+        if !fuse && !fold {
+            if self.runs(Stage::PostNorm) {
+                self.add_norm(
+                    ws,
+                    Pend {
+                        delta: true,
+                        ..Pend::default()
+                    },
+                    &layer.post_norm,
+                    false,
+                )?;
+            }
+            self.mark("norm")?;
+        }
+        // Feed-forward.
+        let pend = match &layer.ffn {
+            _ if !self.runs(Stage::Ffn) => Pend::default(),
+            Ffn::Dense(mlp) if fold => {
+                let bufs = ws
+                    .dense
+                    .as_mut()
+                    .ok_or_else(|| GpuError::Unsupported("dense buffers".into()))?;
+                let GateUp::Fused(gu) = &mlp.gate_up else {
+                    return Err(GpuError::Unsupported("folded norm: split gate/up".into()));
+                };
+                let input = self.fold_input(&ws.fold_parts, &layer.o)?;
+                gu.forward_swiglu_norm_in(gpu, &ws.h, input, &mut bufs.act)?;
+                self.mark("mlp")?;
+                // The down projection folds the next layer's input norm; the last layer's
+                // output goes to the final norm as usual.
+                match self.layers.get(li + 1) {
+                    Some(next) => {
+                        let out = NormOut {
+                            resid: &mut ws.x,
+                            weight: &next.in_norm,
+                            h: &mut ws.h,
+                            parts: &mut ws.fold_parts,
+                        };
+                        mlp.down.forward_norm_out(gpu, &bufs.act, out)?;
+                        Pend::default()
+                    }
+                    None => {
+                        mlp.down.forward(gpu, &bufs.act, m, &mut ws.delta)?;
+                        Pend {
+                            delta: true,
+                            ..Pend::default()
+                        }
+                    }
+                }
+            }
+            Ffn::Dense(mlp) => {
+                let bufs = ws
+                    .dense
+                    .as_mut()
+                    .ok_or_else(|| GpuError::Unsupported("dense buffers".into()))?;
+                mlp.forward(gpu, &ws.h, m, bufs, &mut ws.delta)?;
+                self.mark("mlp")?;
+                if let Some(t) = tap.as_deref_mut() {
+                    t.site(self, Site::GateUp(li), &ws.h, m, hd)?;
+                    t.site(self, Site::Down(li), &bufs.act, m, mlp.inter)?;
+                }
+                Pend {
+                    delta: true,
+                    ..Pend::default()
+                }
+            }
+            Ffn::Moe(moe) => {
+                let mb = ws
+                    .moe
+                    .as_mut()
+                    .ok_or_else(|| GpuError::Unsupported("MoE buffers".into()))?;
+                let input = if fuse {
+                    RouterIn::Fused {
+                        x: &ws.x,
+                        d1: Some(&ws.attn_delta),
+                        norm: &layer.post_norm,
+                        eps,
+                        h: &mut ws.h,
+                    }
+                } else {
+                    RouterIn::Rows(&ws.h)
+                };
+                if self.runs(Stage::Router) {
+                    ops.router_topk(
+                        g,
+                        input,
+                        &moe.router,
+                        &mut mb.logits,
+                        &mut mb.counters,
+                        &mut mb.ids,
+                        &mut mb.weights,
+                        m,
+                        hd,
+                        moe.n_experts,
+                        moe.top_k,
+                        moe.renorm,
+                    )?;
+                }
+                self.mark("router")?;
+                if let Some(t) = tap.as_deref_mut() {
+                    t.site(self, Site::MoeInput(li), &ws.h, m, hd)?;
+                }
+                let p = m * moe.top_k;
+                let mut out = Pend {
+                    attn: fuse,
+                    ..Pend::default()
+                };
+                match (&moe.experts, &mut mb.fp4, &mut mb.pair_gu, &mut mb.pair_dn) {
+                    (Experts::Fp4(w), Some(fws), _, _) => {
+                        if tap.is_some() {
+                            return Err(GpuError::Unsupported(
+                                "observing FP4 experts (calibration needs a BF16 model)".into(),
+                            ));
+                        }
+                        moe_layer(
+                            g,
+                            w,
+                            &ws.h,
+                            &mb.ids,
+                            &mb.weights,
+                            m,
+                            moe.top_k,
+                            fws,
+                            &mut ws.delta,
+                        )?;
+                        self.mark("experts")?;
+                        out.delta = true;
+                    }
+                    (Experts::Bf16 { gate_up, down }, _, Some(pgu), Some(pdn)) => {
+                        // One token: every pair has its own expert, so one pass per pair
+                        // (moe_bf16_pairs); else the grouped kernel, which reads each expert
+                        // once for all its pairs.
+                        let direct = m == 1
+                            && g.tuning().moe_direct
+                            && moe_bf16_pairs_supported(2 * moe.inter, hd, false)
+                            && moe_bf16_pairs_supported(hd, moe.inter, true);
+                        let ids = &mb.ids;
+                        let experts = |w: &CudaSlice<bf16>,
+                                       x: &CudaSlice<bf16>,
+                                       y: &mut CudaSlice<bf16>,
+                                       (n, k, in_div, swiglu): (usize, usize, usize, bool)|
+                         -> Result<(), GpuError> {
+                            if direct {
+                                moe_bf16_pairs(
+                                    g,
+                                    w,
+                                    x,
+                                    y,
+                                    n,
+                                    k,
+                                    ids,
+                                    p,
+                                    moe.n_experts,
+                                    in_div,
+                                    swiglu,
+                                )?;
+                                Ok(())
+                            } else {
+                                moe_bf16_grouped(
+                                    g,
+                                    w,
+                                    x,
+                                    y,
+                                    n,
+                                    k,
+                                    ids,
+                                    p,
+                                    moe.n_experts,
+                                    in_div,
+                                    swiglu,
+                                )?;
+                                Ok(())
+                            }
+                        };
+                        experts(gate_up, &ws.h, pgu, (2 * moe.inter, hd, moe.top_k, false))?;
+                        self.mark("experts")?;
+                        experts(down, pgu, pdn, (hd, moe.inter, 1, true))?;
+                        self.mark("experts")?;
+                        out.pairs = true;
+                        if let Some(t) = tap.as_deref_mut() {
+                            t.experts(self, li, moe, &ws.h, &mb.ids, pgu, m)?;
+                        }
+                    }
+                    _ => return Err(GpuError::Unsupported("MoE buffers".into())),
+                }
+                if let (Some((mlp, gate)), Some((sb, sout, sgate))) = (&moe.shared, &mut mb.shared)
+                {
+                    mlp.forward(gpu, &ws.h, m, sb, sout)?;
+                    self.mark("shared_expert")?;
+                    if let Some(t) = tap {
+                        t.site(self, Site::SharedGateUp(li), &ws.h, m, hd)?;
+                        t.site(self, Site::SharedDown(li), &sb.act, m, mlp.inter)?;
+                    }
+                    gate.forward(gpu, &ws.h, m, sgate)?;
+                    self.mark("shared_expert")?;
+                    out.shared = true;
+                }
+                out
+            }
+        };
+        Ok(pend)
+    }
+
+    /// Adds what is pending to the residual stream and normalises it into `ws.h` (or, for the
+    /// final norm, the last `rows_out` rows into `ws.head_in`).
+    pub(super) fn add_norm(
+        &self,
+        ws: &mut Ws,
+        pend: Pend,
+        w: &CudaSlice<f32>,
+        last: bool,
+    ) -> Result<(), GpuError> {
+        let c = &self.config;
+        let gpu = &*self.gpu;
+        let m = ws.m;
+        let moe = ws.moe.as_ref();
+        let top_k_e = self.layers.iter().find_map(|l| match &l.ffn {
+            Ffn::Moe(moe) => Some((moe.top_k, moe.n_experts)),
+            Ffn::Dense(_) => None,
+        });
+        let pairs = match (pend.pairs, moe, top_k_e) {
+            (true, Some(mb), Some((k, e))) => mb
+                .pair_dn
+                .as_ref()
+                .map(|pdn| (pdn, &mb.weights, &mb.ids, k, e)),
+            _ => None,
+        };
+        let (d2, g2) = match (pend.shared, moe.and_then(|mb| mb.shared.as_ref())) {
+            (true, Some((_, sout, sgate))) => (Some(sout), Some(sgate)),
+            _ => (None, None),
+        };
+        // A fused norm + router layer (never one with a shared expert) leaves its attention
+        // output pending: it goes first (d1), the FFN output second (d2, gate 1), the order in
+        // which the unfused path adds them.
+        let (d1, d2, g2) = if pend.attn {
+            (Some(&ws.attn_delta), pend.delta.then_some(&ws.delta), None)
+        } else {
+            (pend.delta.then_some(&ws.delta), d2, g2)
+        };
+        let (out, row_begin) = if last {
+            (&mut ws.head_in, m - ws.rows_out)
+        } else {
+            (&mut ws.h, 0)
+        };
+        gpu.ops.add_rmsnorm(
+            &gpu.ctx,
+            &mut ws.x,
+            d1,
+            pairs,
+            d2,
+            g2,
+            w,
+            out,
+            m,
+            c.hidden_size,
+            c.rms_norm_eps as f32,
+            row_begin,
+        )
+    }
+}
