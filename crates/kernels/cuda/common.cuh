@@ -1,5 +1,5 @@
-// Definitions shared by every NVRTC source of mimo-quant (fp4_gemm.cu, moe.cu, bf16_gemv.cu and
-// the runtime's ops.cu): `compile_source` (crates/kernels/src/cuda/context.rs) puts this text in front of each
+// Definitions shared by every NVRTC source of mimo-quant (fp4_gemm.cu, moe.cu and the runtime's
+// ops.cu): `compile_source` (crates/kernels/src/cuda/context.rs) puts this text in front of each
 // source before compiling it, so each concept is written once.
 //
 // No CUDA headers are included: bf16 values travel as raw 16-bit patterns and the few
@@ -69,6 +69,11 @@ __device__ __forceinline__ u32 swiglu2(u32 g, u32 u) {
     const float u0 = __uint_as_float(u << 16), u1 = __uint_as_float(u & 0xFFFF0000u);
     return (u32)f32_to_bf16(g0 / (1.f + expf(-g0)) * u0) |
            ((u32)f32_to_bf16(g1 / (1.f + expf(-g1)) * u1) << 16);
+}
+
+// swiglu2 over 8 bf16 pairs: a 16-byte piece of gate values and the matching piece of up values.
+__device__ __forceinline__ uint4 swiglu8(uint4 g, uint4 u) {
+    return make_uint4(swiglu2(g.x, u.x), swiglu2(g.y, u.y), swiglu2(g.z, u.z), swiglu2(g.w, u.w));
 }
 
 // Dot product of 8 bf16 pairs (16 bytes each) in f32, element order.

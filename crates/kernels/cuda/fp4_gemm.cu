@@ -776,15 +776,7 @@ __device__ __forceinline__ void fp4_moe_down_t1_body(
         const u8* wp, const u8* ws, const float* gs, const u16* lut, const u16* x, u16* y, int m, \
         int n, int k, float post, int flags, const float* in_parts, int in_n, int in_len,        \
         float in_eps, float* resid, const float* out_w, u16* out_h, float* out_parts) {          \
-        Fold fo;                                                                                 \
-        fo.in_parts = in_parts;                                                                  \
-        fo.in_n = in_n;                                                                          \
-        fo.in_len = in_len;                                                                      \
-        fo.in_eps = in_eps;                                                                      \
-        fo.resid = resid;                                                                        \
-        fo.out_w = out_w;                                                                        \
-        fo.out_h = out_h;                                                                        \
-        fo.out_parts = out_parts;                                                                \
+        const Fold fo{in_parts, in_n, in_len, in_eps, resid, out_w, out_h, out_parts};           \
         fp4_dense_body<FMT, MT, 1, G, EPI, false, true>(wp, ws, gs, lut, x, y, m, n, k, post,    \
                                                         flags, fo);                              \
     }

@@ -3,7 +3,7 @@
 // the router's top-k output on the device, without a host round trip. Also the BF16 expert
 // kernels of the BF16 baseline: grouped (moe_bf16) and one-token (moe_bf16_pairs*).
 
-// Compiled after common.cuh (typedefs, bf16 conversions, pdl_enter, ldg_stream, dot8, swiglu2).
+// Compiled after common.cuh (typedefs, bf16 conversions, pdl_enter, ldg_stream, dot8, swiglu8).
 
 // out[t][h] = sum_{j < top_k} w[t][j] * yd[t*top_k + j][h], summed in j order in f32.
 // Pairs whose expert id was invalid contribute nothing.
@@ -30,7 +30,7 @@ extern "C" __global__ void moe_combine(const u16* __restrict__ yd, const float* 
 // serves the slot-th expert present in ids; 8 warps x 2 rows = 16 output rows per block
 // (blockIdx.x); the expert's pairs are taken 8 at a time in pair order. Input row of pair q is
 // q / in_div; with swiglu the input row is [2k] (gate, up) and silu(gate) * up is formed while
-// loading (rounded to bf16 as if stored; swiglu2, common.cuh): with `stage` (dynamic shared
+// loading (rounded to bf16 as if stored; swiglu8, common.cuh): with `stage` (dynamic shared
 // memory of 8 * k bf16) once per group of pairs into shared memory, else per pair of weight rows.
 // k must be a multiple of 8. y: [P][n]. One-token layers take moe_bf16_pairs below instead
 // (Tuning::moe_direct).
@@ -64,8 +64,7 @@ moe_bf16(const u16* __restrict__ w, const u16* __restrict__ x, u16* __restrict__
                 const int q = i / k, c = i - q * k;
                 const u16* xr = x + (size_t)in_row[q] * 2 * k;
                 const uint4 g = *(const uint4*)(xr + c), u = *(const uint4*)(xr + k + c);
-                *(uint4*)(acts + i) = make_uint4(swiglu2(g.x, u.x), swiglu2(g.y, u.y),
-                                                 swiglu2(g.z, u.z), swiglu2(g.w, u.w));
+                *(uint4*)(acts + i) = swiglu8(g, u);
             }
             __syncthreads();
         }
@@ -87,8 +86,7 @@ moe_bf16(const u16* __restrict__ w, const u16* __restrict__ x, u16* __restrict__
                     } else if (swiglu_in) {
                         const u16* xr = x + (size_t)in_row[q] * 2 * k;
                         const uint4 g = *(const uint4*)(xr + c), u = *(const uint4*)(xr + k + c);
-                        xv = make_uint4(swiglu2(g.x, u.x), swiglu2(g.y, u.y), swiglu2(g.z, u.z),
-                                        swiglu2(g.w, u.w));
+                        xv = swiglu8(g, u);
                     } else {
                         xv = *(const uint4*)(x + (size_t)in_row[q] * k + c);
                     }
@@ -162,8 +160,7 @@ __device__ __forceinline__ void moe_bf16_pairs_body(const u16* __restrict__ w,
     if (SW) {
         for (int c = threadIdx.x * 8; c < k; c += blockDim.x * 8) {
             const uint4 g = *(const uint4*)(xr + c), u = *(const uint4*)(xr + k + c);
-            *(uint4*)(act + c) = make_uint4(swiglu2(g.x, u.x), swiglu2(g.y, u.y),
-                                            swiglu2(g.z, u.z), swiglu2(g.w, u.w));
+            *(uint4*)(act + c) = swiglu8(g, u);
         }
         xr = act;
     }

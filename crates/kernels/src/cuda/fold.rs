@@ -16,9 +16,7 @@ use super::context::GpuContext;
 use super::error::CudaError;
 use super::gemm::{check_len, dense_product, swiglu_product, Fp4GemmConfig};
 use super::weights::GpuFp4Weight;
-
-/// A null device pointer argument.
-pub(crate) static NULL_PTR: u64 = 0;
+use super::NULL_PTR;
 
 /// The input side of a folded norm: the product's input rows hold `bf16(w ⊙ v)` of a residual
 /// row `v` that is not normalised yet, and `parts` the partial sums of `v²` a [`NormOut`]
@@ -88,7 +86,7 @@ impl<'a> Fold<'a> {
         }
     }
 
-    /// Pushes the kernel's trailing arguments (DENSE_KERNEL_EPI_LB) in order.
+    /// Pushes the kernel's trailing arguments (fp4_gemm.cu DENSE_FOLD_KERNEL) in order.
     pub(crate) fn push_args(&'a self, b: &mut LaunchArgs<'a>) {
         match &self.input {
             Some(i) => b.arg(i.parts),

@@ -6,8 +6,9 @@ use half::bf16;
 
 use super::context::GpuContext;
 use super::error::{drv, CudaError};
-use super::fold::{Fold, NULL_PTR};
+use super::fold::Fold;
 use super::weights::GpuFp4Weight;
+use super::NULL_PTR;
 use crate::fp4::Fp4Format;
 
 /// Elements of K one warp handles per step (64 bytes of each weight row).

@@ -47,6 +47,9 @@ pub use moe_bf16::{
 };
 pub use weights::GpuFp4Weight;
 
+/// A null device pointer as a kernel argument (an optional buffer left out).
+pub(crate) static NULL_PTR: u64 = 0;
+
 /// The embedded kernel sources, (file name, text), for tools that compile them ahead.
 pub fn kernel_sources() -> [(&'static str, &'static str); 2] {
     [context::FP4_GEMM_SRC, context::MOE_SRC]

@@ -8,6 +8,7 @@ use super::context::GpuContext;
 use super::error::{drv, CudaError};
 use super::gemm::{check_len, reduction_smem, Fp4GemmConfig, K_CHUNK};
 use super::weights::GpuFp4Weight;
+use super::NULL_PTR;
 use crate::fp4::Fp4Format;
 
 /// FP4 experts of one MoE layer: `gate_up` is `[2 * inter, hidden]` per expert (gate rows
@@ -473,8 +474,6 @@ fn launch_moe_kernel(
     what: &'static str,
 ) -> Result<(), CudaError> {
     let (n_i, k_i) = (w.n as i32, w.k as i32);
-    // A null pointer tells the kernel not to count invalid ids.
-    let null: u64 = 0;
     let mut b = gpu.stream().launch_builder(f);
     b.arg(&w.packed)
         .arg(&w.scales)
@@ -490,7 +489,8 @@ fn launch_moe_kernel(
         .arg(&in_div);
     match bad {
         Some(bad) => b.arg(bad),
-        None => b.arg(&null),
+        // A null pointer tells the kernel not to count invalid ids.
+        None => b.arg(&NULL_PTR),
     };
     b.arg(&w.post);
     // SAFETY: argument types and order match fp4_moe_* (grouped and *_t1); the buffer sizes

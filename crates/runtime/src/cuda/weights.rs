@@ -335,17 +335,19 @@ impl GpuLinear {
 
     /// One token through a bias-free FP4 Linear with the output side of a folded norm
     /// (`Tuning::norm_fold`): the residual row, the next product's input and its partial sums
-    /// are written instead of an output row. Returns the number of partial sums.
+    /// are written instead of an output row (the reader derives their count from this weight:
+    /// `fold_parts`).
     pub fn forward_norm_out(
         &self,
         gpu: &Gpu,
         x: &CudaSlice<bf16>,
         out: NormOut<'_>,
-    ) -> Result<usize, GpuError> {
+    ) -> Result<(), GpuError> {
         let w = self.fp4_plain().ok_or_else(|| {
             GpuError::Unsupported("a folded norm needs a bias-free FP4 product before it".into())
         })?;
-        Ok(fp4_gemm_norm_out(&gpu.ctx, w, x, out)?)
+        fp4_gemm_norm_out(&gpu.ctx, w, x, out)?;
+        Ok(())
     }
 
     /// One token through an FP4 Linear whose input is the output side of a folded norm (the
