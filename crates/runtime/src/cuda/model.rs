@@ -263,6 +263,16 @@ struct Pend {
     attn: bool,
 }
 
+impl Pend {
+    /// Only `delta` (a dense FFN's or an unfused attention output's product) is pending.
+    const DELTA: Pend = Pend {
+        delta: true,
+        pairs: false,
+        shared: false,
+        attn: false,
+    };
+}
+
 fn zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
     gpu: &Gpu,
     len: usize,

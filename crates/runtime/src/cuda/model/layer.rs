@@ -197,68 +197,51 @@ impl GpuModel {
         self.mark("o_proj")?;
         if !fuse && !fold {
             if self.runs(Stage::PostNorm) {
-                self.add_norm(
-                    ws,
-                    Pend {
-                        delta: true,
-                        ..Pend::default()
-                    },
-                    &layer.post_norm,
-                    false,
-                )?;
+                self.add_norm(ws, Pend::DELTA, &layer.post_norm, false)?;
             }
             self.mark("norm")?;
         }
         // Feed-forward.
         let pend = match &layer.ffn {
             _ if !self.runs(Stage::Ffn) => Pend::default(),
-            Ffn::Dense(mlp) if fold => {
-                let bufs = ws
-                    .dense
-                    .as_mut()
-                    .ok_or_else(|| GpuError::Unsupported("dense buffers".into()))?;
-                let GateUp::Fused(gu) = &mlp.gate_up else {
-                    return Err(GpuError::Unsupported("folded norm: split gate/up".into()));
-                };
-                let input = self.fold_input(&ws.fold_parts, &layer.o)?;
-                gu.forward_swiglu_norm_in(gpu, &ws.h, input, &mut bufs.act)?;
-                self.mark("mlp")?;
-                // The down projection folds the next layer's input norm; the last layer's
-                // output goes to the final norm as usual.
-                match self.layers.get(li + 1) {
-                    Some(next) => {
-                        let out = NormOut {
-                            resid: &mut ws.x,
-                            weight: &next.in_norm,
-                            h: &mut ws.h,
-                            parts: &mut ws.fold_parts,
-                        };
-                        mlp.down.forward_norm_out(gpu, &bufs.act, out)?;
-                        Pend::default()
-                    }
-                    None => {
-                        mlp.down.forward(gpu, &bufs.act, m, &mut ws.delta)?;
-                        Pend {
-                            delta: true,
-                            ..Pend::default()
-                        }
-                    }
-                }
-            }
             Ffn::Dense(mlp) => {
                 let bufs = ws
                     .dense
                     .as_mut()
                     .ok_or_else(|| GpuError::Unsupported("dense buffers".into()))?;
-                mlp.forward(gpu, &ws.h, m, bufs, &mut ws.delta)?;
-                self.mark("mlp")?;
-                if let Some(t) = tap.as_deref_mut() {
-                    t.site(self, Site::GateUp(li), &ws.h, m, hd)?;
-                    t.site(self, Site::Down(li), &bufs.act, m, mlp.inter)?;
-                }
-                Pend {
-                    delta: true,
-                    ..Pend::default()
+                if fold {
+                    let GateUp::Fused(gu) = &mlp.gate_up else {
+                        return Err(GpuError::Unsupported("folded norm: split gate/up".into()));
+                    };
+                    let input = self.fold_input(&ws.fold_parts, &layer.o)?;
+                    gu.forward_swiglu_norm_in(gpu, &ws.h, input, &mut bufs.act)?;
+                    self.mark("mlp")?;
+                    // The down projection folds the next layer's input norm; the last layer's
+                    // output goes to the final norm as usual.
+                    match self.layers.get(li + 1) {
+                        Some(next) => {
+                            let out = NormOut {
+                                resid: &mut ws.x,
+                                weight: &next.in_norm,
+                                h: &mut ws.h,
+                                parts: &mut ws.fold_parts,
+                            };
+                            mlp.down.forward_norm_out(gpu, &bufs.act, out)?;
+                            Pend::default()
+                        }
+                        None => {
+                            mlp.down.forward(gpu, &bufs.act, m, &mut ws.delta)?;
+                            Pend::DELTA
+                        }
+                    }
+                } else {
+                    mlp.forward(gpu, &ws.h, m, bufs, &mut ws.delta)?;
+                    self.mark("mlp")?;
+                    if let Some(t) = tap.as_deref_mut() {
+                        t.site(self, Site::GateUp(li), &ws.h, m, hd)?;
+                        t.site(self, Site::Down(li), &bufs.act, m, mlp.inter)?;
+                    }
+                    Pend::DELTA
                 }
             }
             Ffn::Moe(moe) => {
