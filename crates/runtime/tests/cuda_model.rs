@@ -665,6 +665,57 @@ fn prefill_attention_kernels_agree() {
     }
 }
 
+/// The two decode attention kernels (warp, thread-per-key) on the same random model after a
+/// 300-token prompt (5 splits of 64 keys): logits of 4 decode steps, for head_dim 32, 96 and
+/// 128, with full attention and a 77-token sliding window (its start then falls inside a split,
+/// and the first splits hold no key at all). The thread-per-key kernel is the one checked
+/// against the CPU elsewhere. Both round their output to bf16, so the logits agree to a few
+/// flipped roundings at most; a wrong key range or combine would move them far more.
+#[test]
+fn decode_attention_kernels_agree() {
+    let Some(gpu) = gpu() else { return };
+    let mut c = tiny_moe_config();
+    c.max_position_embeddings = 512;
+    let base = gpu.ctx.tuning();
+    for (hd, window) in [
+        (32usize, None),
+        (96, Some(77usize)),
+        (128, None),
+        (128, Some(77)),
+    ] {
+        c.head_dim = hd;
+        c.sliding_window = vec![window; c.num_layers];
+        let mut g = GpuModel::random(gpu.clone(), c.clone(), WeightKind::Bf16, false, 5).unwrap();
+        let vocab = c.vocab_size as u32;
+        let prompt: Vec<u32> = (0..300u32).map(|i| (i * 13 + 1) % vocab).collect();
+        let mut runs = Vec::new();
+        for warp in [false, true] {
+            gpu.ctx.set_tuning(Tuning {
+                warp_attention: warp,
+                ..base
+            });
+            g.alloc_cache(1, 320).unwrap();
+            g.forward(&prompt, 0, 0, false).unwrap();
+            g.decode_start(&[7], &[prompt.len()], true).unwrap();
+            let mut logits = Vec::new();
+            for _ in 0..4 {
+                g.decode_steps(1, 1).unwrap();
+                logits.extend(g.decode_logits(1).unwrap());
+            }
+            runs.push(logits);
+        }
+        gpu.ctx.set_tuning(base);
+        let (rel, elem) = errors(&runs[1], &runs[0]);
+        eprintln!(
+            "decode attention head_dim {hd} window {window:?}: warp vs thread-per-key relative {rel:.2e}, worst element {elem:.2e}"
+        );
+        assert!(
+            rel < 1e-2,
+            "head_dim {hd} window {window:?}: relative error {rel:.3e}"
+        );
+    }
+}
+
 /// Resident E4M3 weights (`Tuning::fp8_resident`) give bit-identical prefill logits: the same
 /// conversion kernel once instead of per call, the same GEMM.
 #[test]

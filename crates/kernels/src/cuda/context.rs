@@ -96,6 +96,9 @@ pub struct Tuning {
     /// large layers, which stream at full bandwidth anyway; the small ones of a MoE model's
     /// attention then load while the latency-bound kernel before them finishes).
     pub l2_prefetch_small: bool,
+    /// The largest weight, in MiB (packed + scales), that `l2_prefetch_small` prefetches;
+    /// [`L2_PREFETCH_SMALL_BYTES`] by default (`MIMO_L2_PREFETCH_SMALL_MIB`).
+    pub l2_prefetch_small_mib: u32,
     /// One-token MoE layers take the direct path: gate/up per pair without the routing scan,
     /// then down with the weighted combine fused (two launches instead of three); BF16 experts
     /// go through [`super::moe_bf16_pairs`] (one block row per pair, SwiGLU formed once per
@@ -146,6 +149,7 @@ impl Default for Tuning {
             pdl: true,
             l2_prefetch: false,
             l2_prefetch_small: true,
+            l2_prefetch_small_mib: (L2_PREFETCH_SMALL_BYTES >> 20) as u32,
             moe_direct: true,
             norm_router: true,
             dense_swiglu: true,
@@ -174,6 +178,10 @@ impl Tuning {
             pdl: flag("MIMO_PDL", d.pdl),
             l2_prefetch: flag("MIMO_L2_PREFETCH", d.l2_prefetch),
             l2_prefetch_small: flag("MIMO_L2_PREFETCH_SMALL", d.l2_prefetch_small),
+            l2_prefetch_small_mib: std::env::var("MIMO_L2_PREFETCH_SMALL_MIB")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(d.l2_prefetch_small_mib),
             moe_direct: flag("MIMO_MOE_DIRECT", d.moe_direct),
             norm_router: flag("MIMO_NORM_ROUTER", d.norm_router),
             dense_swiglu: flag("MIMO_DENSE_SWIGLU", d.dense_swiglu),

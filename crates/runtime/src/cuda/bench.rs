@@ -519,6 +519,7 @@ fn tuning_ablation(
                 pdl: false,
                 l2_prefetch: false,
                 l2_prefetch_small: false,
+                l2_prefetch_small_mib: base.l2_prefetch_small_mib,
                 moe_direct: false,
                 norm_router: false,
                 dense_swiglu: false,
