@@ -68,15 +68,18 @@ fn compile_log(e: &cudarc::nvrtc::CompileError) -> String {
     }
 }
 
-/// Largest dense FP4 weight (packed + scales) that `Tuning::l2_prefetch_small` prefetches:
-/// well under the H100's 50 MB of L2, above the attention projections of MoE models
-/// (Qwen3-30B-A3B: 5.9 and 4.7 MB), below the dense 7B model's (9.4 MB and up).
+/// Largest dense FP4 weight (packed + scales) that `Tuning::l2_prefetch_small` prefetches by
+/// default (`Tuning::l2_prefetch_small_mib`): well under the H100's 50 MB of L2, above the
+/// attention projections of MoE models (Qwen3-30B-A3B: 5.9 and 4.7 MB), below the dense 7B
+/// model's (9.4 MB and up).
 pub const L2_PREFETCH_SMALL_BYTES: usize = 8 << 20;
 
 /// Latency features of the decode path, switchable for A/B measurements through the
 /// environment at context creation (`MIMO_PDL`, `MIMO_L2_PREFETCH`, `MIMO_L2_PREFETCH_SMALL`,
-/// `MIMO_MOE_DIRECT`,
-/// `MIMO_NORM_ROUTER`, `MIMO_WARP_ATTENTION`, `MIMO_FP8_PREFILL`, `MIMO_PREFILL_ATTENTION_MMA`, `MIMO_FP8_RESIDENT`: `1` on, `0` off) or later through [`GpuContext::set_tuning`]. The defaults
+/// `MIMO_MOE_DIRECT`, `MIMO_NORM_ROUTER`, `MIMO_DENSE_SWIGLU`, `MIMO_NORM_FOLD`,
+/// `MIMO_X_STAGE`, `MIMO_WARP_ATTENTION`, `MIMO_FP8_PREFILL`, `MIMO_PREFILL_ATTENTION_MMA`,
+/// `MIMO_FP8_RESIDENT`: `1` on, `0` off; `MIMO_L2_PREFETCH_SMALL_MIB`: a size) or later
+/// through [`GpuContext::set_tuning`]. The defaults
 /// follow the H100 ablations of docs/kernels-notes.md (rounds 3-5): the ones that did not pay
 /// there are off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,7 +100,9 @@ pub struct Tuning {
     /// attention then load while the latency-bound kernel before them finishes).
     pub l2_prefetch_small: bool,
     /// The largest weight, in MiB (packed + scales), that `l2_prefetch_small` prefetches;
-    /// [`L2_PREFETCH_SMALL_BYTES`] by default (`MIMO_L2_PREFETCH_SMALL_MIB`).
+    /// [`L2_PREFETCH_SMALL_BYTES`] by default (`MIMO_L2_PREFETCH_SMALL_MIB`, a whole number;
+    /// another value keeps the default). Raising it to MiMo-7B's o_proj (9 MiB) and beyond
+    /// measured no gain or a loss (docs/kernels-notes.md round 10).
     pub l2_prefetch_small_mib: u32,
     /// One-token MoE layers take the direct path: gate/up per pair without the routing scan,
     /// then down with the weighted combine fused (two launches instead of three); BF16 experts
