@@ -613,6 +613,27 @@ fn bf16_pair(v: &[f32]) -> (Vec<bf16>, Vec<f32>) {
     (b, f)
 }
 
+/// The experts of a BF16 expert launch: `w` with `(n, k, experts)`.
+fn bf16_experts(
+    w: &CudaSlice<bf16>,
+    (n, k, experts): (usize, usize, usize),
+) -> cuda::Bf16Experts<'_> {
+    cuda::Bf16Experts { w, n, k, experts }
+}
+
+/// The pairs of a BF16 expert launch: `ids` with `(pairs, in_div, swiglu_in)`.
+fn bf16_pairs(
+    ids: &CudaSlice<i32>,
+    (pairs, in_div, swiglu_in): (usize, usize, bool),
+) -> cuda::Bf16Pairs<'_> {
+    cuda::Bf16Pairs {
+        ids,
+        pairs,
+        in_div,
+        swiglu_in,
+    }
+}
+
 /// One (token, expert) pair of the BF16 expert kernels: its gate/up and down output rows and
 /// its input row.
 #[derive(Clone, Copy)]
@@ -678,12 +699,20 @@ fn moe_bf16_pairs_matches_cpu_reference() {
         let ids_d = gpu.stream().clone_htod(&ids).unwrap();
         let mut act = poisoned(&gpu, top_k * rows);
         cuda::moe_bf16_pairs(
-            &gpu, &gu, &x, &mut act, rows, hidden, &ids_d, top_k, experts, top_k, false,
+            &gpu,
+            bf16_experts(&gu, (rows, hidden, experts)),
+            bf16_pairs(&ids_d, (top_k, top_k, false)),
+            &x,
+            &mut act,
         )
         .unwrap();
         let mut y = poisoned(&gpu, top_k * hidden);
         cuda::moe_bf16_pairs(
-            &gpu, &dn, &act, &mut y, hidden, inter, &ids_d, top_k, experts, 1, true,
+            &gpu,
+            bf16_experts(&dn, (hidden, inter, experts)),
+            bf16_pairs(&ids_d, (top_k, 1, true)),
+            &act,
+            &mut y,
         )
         .unwrap();
         let act_h = gpu.stream().clone_dtoh(&act).unwrap();
@@ -713,11 +742,16 @@ fn moe_bf16_pairs_matches_cpu_reference() {
     let ids = gpu.stream().clone_htod(&[0i32]).unwrap();
     let mut y = poisoned(&gpu, 8);
     let big = cuda::MOE_BF16_PAIRS_MAX_SWIGLU_K + 8;
-    assert!(cuda::moe_bf16_pairs(&gpu, &w, &x, &mut y, 1, 12, &ids, 1, 1, 1, false).is_err());
-    assert!(cuda::moe_bf16_pairs(&gpu, &w, &x, &mut y, 1, big, &ids, 1, 1, 1, true).is_err());
-    assert!(cuda::moe_bf16_pairs(&gpu, &w, &x, &mut y, 2, 8200, &ids, 1, 1, 1, false).is_ok());
+    // Whether a launch of one pair over `w` with experts of `shape` is taken.
+    let mut takes = |shape, swiglu_in, x: &CudaSlice<bf16>| {
+        let p = bf16_pairs(&ids, (1, 1, swiglu_in));
+        cuda::moe_bf16_pairs(&gpu, bf16_experts(&w, shape), p, x, &mut y).is_ok()
+    };
+    assert!(!takes((1, 12, 1), false, &x));
+    assert!(!takes((1, big, 1), true, &x));
+    assert!(takes((2, 8200, 1), false, &x));
     let short = gpu.stream().clone_htod(&vec![bf16::ONE; 100]).unwrap();
-    assert!(cuda::moe_bf16_pairs(&gpu, &w, &short, &mut y, 2, 8200, &ids, 1, 1, 1, false).is_err());
+    assert!(!takes((2, 8200, 1), false, &short));
 }
 
 /// The folded norm (fold.rs): a one-token producer adds its product to the residual row and
@@ -879,12 +913,20 @@ fn moe_bf16_grouped_matches_cpu_reference() {
         );
         let mut act = poisoned(&gpu, pairs * rows);
         cuda::moe_bf16_grouped(
-            &gpu, &gu, &x, &mut act, rows, hidden, &ids_d, pairs, experts, top_k, false,
+            &gpu,
+            bf16_experts(&gu, (rows, hidden, experts)),
+            bf16_pairs(&ids_d, (pairs, top_k, false)),
+            &x,
+            &mut act,
         )
         .unwrap();
         let mut y = poisoned(&gpu, pairs * hidden);
         cuda::moe_bf16_grouped(
-            &gpu, &dn, &act, &mut y, hidden, inter, &ids_d, pairs, experts, 1, true,
+            &gpu,
+            bf16_experts(&dn, (hidden, inter, experts)),
+            bf16_pairs(&ids_d, (pairs, 1, true)),
+            &act,
+            &mut y,
         )
         .unwrap();
         let act_h = s.clone_dtoh(&act).unwrap();
@@ -914,8 +956,13 @@ fn moe_bf16_grouped_matches_cpu_reference() {
     let x = gpu.stream().clone_htod(&vec![bf16::ONE; 16]).unwrap();
     let ids = gpu.stream().clone_htod(&[0i32]).unwrap();
     let mut y = poisoned(&gpu, 8);
-    assert!(cuda::moe_bf16_grouped(&gpu, &w, &x, &mut y, 1, 12, &ids, 1, 1, 1, false).is_err());
-    assert!(cuda::moe_bf16_grouped(&gpu, &w, &x, &mut y, 1, 8, &ids, 1, 0, 1, false).is_err());
-    assert!(cuda::moe_bf16_grouped(&gpu, &w, &x, &mut y, 4, 16, &ids, 1, 1, 1, false).is_ok());
-    assert!(cuda::moe_bf16_grouped(&gpu, &w, &x, &mut y, 2, 32, &ids, 1, 1, 1, false).is_err());
+    // Whether a launch of one pair over `w` with experts of `shape` is taken.
+    let mut takes = |shape| {
+        let p = bf16_pairs(&ids, (1, 1, false));
+        cuda::moe_bf16_grouped(&gpu, bf16_experts(&w, shape), p, &x, &mut y).is_ok()
+    };
+    assert!(!takes((1, 12, 1)));
+    assert!(!takes((1, 8, 0)));
+    assert!(takes((4, 16, 1)));
+    assert!(!takes((2, 32, 1)));
 }

@@ -43,7 +43,8 @@ pub use gemm::{
 pub use graph::PdlGraph;
 pub use moe::{moe_layer, moe_layer_with, MoeConfig, MoeWeights, MoeWorkspace, MOE_MAX_EXPERTS};
 pub use moe_bf16::{
-    moe_bf16_grouped, moe_bf16_pairs, moe_bf16_pairs_supported, MOE_BF16_PAIRS_MAX_SWIGLU_K,
+    moe_bf16_grouped, moe_bf16_pairs, moe_bf16_pairs_supported, Bf16Experts, Bf16Pairs,
+    MOE_BF16_PAIRS_MAX_SWIGLU_K,
 };
 pub use weights::GpuFp4Weight;
 

@@ -16,42 +16,71 @@ use super::moe::MOE_MAX_EXPERTS;
 /// weight rows.
 const GROUPED_STAGE_K: usize = 2048;
 
-/// The buffer lengths both launchers need (`names` and `lens`: w, x, y, ids): `w` exactly the
+/// The experts of one BF16 expert launch: their stacked weights and shape.
+#[derive(Clone, Copy)]
+pub struct Bf16Experts<'a> {
+    /// `[experts, n, k]` BF16 weights, row-major.
+    pub w: &'a CudaSlice<bf16>,
+    /// Output features of one expert.
+    pub n: usize,
+    /// Input features of one expert.
+    pub k: usize,
+    /// Experts in `w`.
+    pub experts: usize,
+}
+
+/// The (token, expert) pairs of one BF16 expert launch and where their inputs come from.
+#[derive(Clone, Copy)]
+pub struct Bf16Pairs<'a> {
+    /// The router's expert id of each pair (ids outside `[0, experts)` leave their output row
+    /// unwritten).
+    pub ids: &'a CudaSlice<i32>,
+    /// Number of pairs.
+    pub pairs: usize,
+    /// Pair `p` reads input row `p / in_div` (the router's top-k for gate/up, 1 for down).
+    pub in_div: usize,
+    /// Each input row is a `[gate | up]` row of `2k` and `silu(gate) * up` (rounded to bf16) is
+    /// the pair's input.
+    pub swiglu_in: bool,
+}
+
+/// The buffer lengths both launchers need (`names`: w, x, y, ids): `w` exactly the
 /// `[experts, n, k]` stack; at least the input rows of every pair (`[gate | up]` rows of `2k`
 /// with `swiglu_in`), `pairs` output rows and `pairs` ids.
 fn check_buffers(
     names: [&'static str; 4],
-    lens: [usize; 4],
-    (n, k, pairs, experts, in_div, swiglu_in): (usize, usize, usize, usize, usize, bool),
+    e: Bf16Experts<'_>,
+    p: Bf16Pairs<'_>,
+    x_len: usize,
+    y_len: usize,
 ) -> Result<(), CudaError> {
-    let in_w = if swiglu_in { 2 * k } else { k };
-    let x_need = pairs.div_ceil(in_div) * in_w;
-    check_len(names[0], lens[0], experts * n * k)?;
-    check_len(names[1], lens[1].min(x_need), x_need)?;
-    check_len(names[2], lens[2].min(pairs * n), pairs * n)?;
-    check_len(names[3], lens[3].min(pairs), pairs)
+    let in_w = if p.swiglu_in { 2 * e.k } else { e.k };
+    let x_need = p.pairs.div_ceil(p.in_div) * in_w;
+    let y_need = p.pairs * e.n;
+    check_len(names[0], e.w.len(), e.experts * e.n * e.k)?;
+    check_len(names[1], x_len.min(x_need), x_need)?;
+    check_len(names[2], y_len.min(y_need), y_need)?;
+    check_len(names[3], p.ids.len().min(p.pairs), p.pairs)
 }
 
-/// Grouped BF16 expert GEMV: `y[p] = w[ids[p]] · x[p / in_div]` for every pair `p < pairs`, with
-/// `w` the experts' stacked `[experts, n, k]` BF16 weights and f32 accumulation; with
-/// `swiglu_in` each input row is a `[gate | up]` row of `2k` and `silu(gate) * up` (rounded to
-/// bf16) is its input. One block row per present expert takes that expert's pairs 8 at a time,
-/// so each expert is read once for all of them (batches, prefill). A pair whose id is outside
-/// `[0, experts)` leaves its output row unwritten.
-#[allow(clippy::too_many_arguments)]
+/// Grouped BF16 expert GEMV: `y[p] = w[ids[p]] · x[p / in_div]` for every pair `p < pairs`
+/// ([`Bf16Experts`], [`Bf16Pairs`]), f32 accumulation. One block row per present expert takes
+/// that expert's pairs 8 at a time, so each expert is read once for all of them (batches,
+/// prefill).
 pub fn moe_bf16_grouped(
     gpu: &GpuContext,
-    w: &CudaSlice<bf16>,
+    e: Bf16Experts<'_>,
+    p: Bf16Pairs<'_>,
     x: &CudaSlice<bf16>,
     y: &mut CudaSlice<bf16>,
-    n: usize,
-    k: usize,
-    ids: &CudaSlice<i32>,
-    pairs: usize,
-    experts: usize,
-    in_div: usize,
-    swiglu_in: bool,
 ) -> Result<(), CudaError> {
+    let Bf16Experts { w, n, k, experts } = e;
+    let Bf16Pairs {
+        ids,
+        pairs,
+        in_div,
+        swiglu_in,
+    } = p;
     if n == 0
         || k == 0
         || k % 8 != 0
@@ -81,8 +110,10 @@ pub fn moe_bf16_grouped(
             "moe_bf16_grouped: y",
             "moe_bf16_grouped: ids",
         ],
-        [w.len(), x.len(), y.len(), ids.len()],
-        (n, k, pairs, experts, in_div, swiglu_in),
+        e,
+        p,
+        x.len(),
+        y.len(),
     )?;
     // The SwiGLU rows of a group of 8 pairs staged in shared memory where they fit.
     let stage = swiglu_in && k <= GROUPED_STAGE_K;
@@ -135,26 +166,24 @@ pub fn moe_bf16_pairs_supported(n: usize, k: usize, swiglu_in: bool) -> bool {
         && n.checked_mul(k).is_some_and(|v| v <= i32::MAX as usize)
 }
 
-/// One-token BF16 experts: `y[p] = w[ids[p]] · x[p / in_div]` for every pair `p < pairs`, with
-/// `w` the experts' stacked `[experts, n, k]` BF16 weights, f32 accumulation; with `swiglu_in`
-/// each input row is a `[gate | up]` row of `2k` and `silu(gate) * up` (rounded to bf16) is
-/// formed once per block. A pair whose id is outside `[0, experts)` leaves its output row
-/// unwritten. One pass over each pair's expert, so meant for one token, where every pair has an
-/// expert of its own (batches take the grouped kernel that reads each expert once).
-#[allow(clippy::too_many_arguments)]
+/// One-token BF16 experts: `y[p] = w[ids[p]] · x[p / in_div]` for every pair `p < pairs`
+/// ([`Bf16Experts`], [`Bf16Pairs`]), f32 accumulation, the SwiGLU input formed once per block.
+/// One pass over each pair's expert, so meant for one token, where every pair has an expert of
+/// its own (batches take the grouped kernel that reads each expert once).
 pub fn moe_bf16_pairs(
     gpu: &GpuContext,
-    w: &CudaSlice<bf16>,
+    e: Bf16Experts<'_>,
+    p: Bf16Pairs<'_>,
     x: &CudaSlice<bf16>,
     y: &mut CudaSlice<bf16>,
-    n: usize,
-    k: usize,
-    ids: &CudaSlice<i32>,
-    pairs: usize,
-    experts: usize,
-    in_div: usize,
-    swiglu_in: bool,
 ) -> Result<(), CudaError> {
+    let Bf16Experts { w, n, k, experts } = e;
+    let Bf16Pairs {
+        ids,
+        pairs,
+        in_div,
+        swiglu_in,
+    } = p;
     if !moe_bf16_pairs_supported(n, k, swiglu_in)
         || in_div == 0
         || pairs == 0
@@ -181,8 +210,10 @@ pub fn moe_bf16_pairs(
             "moe_bf16_pairs: y",
             "moe_bf16_pairs: ids",
         ],
-        [w.len(), x.len(), y.len(), ids.len()],
-        (n, k, pairs, experts, in_div, swiglu_in),
+        e,
+        p,
+        x.len(),
+        y.len(),
     )?;
     // About four 8-warp blocks per SM over all pairs, in one wave.
     let target = (4 * gpu.sm_count() as usize / pairs).max(1);

@@ -6,7 +6,8 @@
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use mimo_kernels::cuda::{
-    moe_bf16_grouped, moe_bf16_pairs, moe_bf16_pairs_supported, moe_layer, NormOut,
+    moe_bf16_grouped, moe_bf16_pairs, moe_bf16_pairs_supported, moe_layer, Bf16Experts, Bf16Pairs,
+    NormOut,
 };
 
 use super::{walk, Experts, Ffn, GateUp, GpuModel, Pend, Qkv, QkvBufs, Stage, Ws};
@@ -318,39 +319,26 @@ impl GpuModel {
                         let experts = |w: &CudaSlice<bf16>,
                                        x: &CudaSlice<bf16>,
                                        y: &mut CudaSlice<bf16>,
-                                       (n, k, in_div, swiglu): (usize, usize, usize, bool)|
+                                       (n, k, in_div, swiglu_in): (usize, usize, usize, bool)|
                          -> Result<(), GpuError> {
+                            let e = Bf16Experts {
+                                w,
+                                n,
+                                k,
+                                experts: moe.n_experts,
+                            };
+                            let pairs = Bf16Pairs {
+                                ids,
+                                pairs: p,
+                                in_div,
+                                swiglu_in,
+                            };
                             if direct {
-                                moe_bf16_pairs(
-                                    g,
-                                    w,
-                                    x,
-                                    y,
-                                    n,
-                                    k,
-                                    ids,
-                                    p,
-                                    moe.n_experts,
-                                    in_div,
-                                    swiglu,
-                                )?;
-                                Ok(())
+                                moe_bf16_pairs(g, e, pairs, x, y)?;
                             } else {
-                                moe_bf16_grouped(
-                                    g,
-                                    w,
-                                    x,
-                                    y,
-                                    n,
-                                    k,
-                                    ids,
-                                    p,
-                                    moe.n_experts,
-                                    in_div,
-                                    swiglu,
-                                )?;
-                                Ok(())
+                                moe_bf16_grouped(g, e, pairs, x, y)?;
                             }
+                            Ok(())
                         };
                         experts(gate_up, &ws.h, pgu, (2 * moe.inter, hd, moe.top_k, false))?;
                         self.mark("experts")?;
