@@ -719,11 +719,12 @@ struct OneToken {
     __device__ __forceinline__ int out_row(int i) const { return in_row(i); }
 };
 
-template <int FMT, int G>
+template <int FMT, int G, bool FOLD = false>
 __device__ __forceinline__ void fp4_moe_down_t1_body(
     const u8* __restrict__ wp, const u8* __restrict__ ws, const float* __restrict__ gscale,
     const u16* __restrict__ lut, const u16* __restrict__ act, const float* __restrict__ topw,
-    const int* __restrict__ ids, u16* __restrict__ out, int n, int k, int P, int E, float post) {
+    const int* __restrict__ ids, u16* __restrict__ out, int n, int k, int P, int E, float post,
+    const u16* __restrict__ pending = 0, const Fold& fo = Fold()) {
     extern __shared__ float red[];  // [S][16]
     // No pdl_enter here: fp4_accumulate waits after its first weight loads. The ids come from
     // the router, the kernel before the previous one (the gate/up projection), which has
@@ -752,6 +753,28 @@ __device__ __forceinline__ void fp4_moe_down_t1_body(
         red[warp * 16 + g + 8] = tot_hi;
     }
     __syncthreads();
+    if (FOLD) {
+        // Output side of a folded norm (fold.rs): v = resid + pending + bf16(sum), the order in
+        // which add_rmsnorm adds a pending attention output and then this delta; the residual,
+        // bf16(w * v) and the block's sum of v^2 (rows in order) instead of out.
+        if (warp != 0) return;
+        const int row = row0 + lane;
+        float sq = 0.f;
+        if (lane < 16 && row < n) {
+            float sum = 0.f;
+            for (int s = 0; s < S; s++) sum += red[s * 16 + lane];
+            float v = fo.resid[row];
+            if (pending != 0) v += bf16_to_f32(pending[row]);
+            v += bf16_to_f32(f32_to_bf16(sum));
+            fo.resid[row] = v;
+            fo.out_h[row] = f32_to_bf16(fo.out_w[row] * v);
+            sq = v * v;
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, o);
+        if (lane == 0) fo.out_parts[blockIdx.x] = sq;
+        return;
+    }
     if (threadIdx.x < 16 && row0 + (int)threadIdx.x < n) {
         float sum = 0.f;
         for (int s = 0; s < S; s++) sum += red[s * 16 + threadIdx.x];
@@ -883,6 +906,24 @@ MOE_KERNEL(fp4_moe_nv_g1_swiglu_t1, FMT_NVFP4, 2, 1, EPI_SWIGLU, true)
 MOE_KERNEL(fp4_moe_mx_g1_swiglu_t1, FMT_MXFP4, 2, 1, EPI_SWIGLU, true)
 MOE_DOWN_T1_KERNEL(fp4_moe_down_t1_nv, FMT_NVFP4, 2)
 MOE_DOWN_T1_KERNEL(fp4_moe_down_t1_mx, FMT_MXFP4, 2)
+// The same with the next norm folded into its output (moe.rs `moe_down_norm_out`), compiled
+// apart so that the kernels above keep their code: pending (or null), then the Fold's output
+// fields.
+#define MOE_DOWN_T1_FOLD_KERNEL(NAME, FMT, G)                                                   \
+    extern "C" __global__ void __launch_bounds__(512) NAME(                                    \
+        const u8* wp, const u8* ws, const float* gs, const u16* lut, const u16* act,            \
+        const float* topw, const int* ids, int n, int k, int P, int E, float post,              \
+        const u16* pending, float* resid, const float* out_w, u16* out_h, float* out_parts) {   \
+        Fold fo;                                                                                \
+        fo.resid = resid;                                                                       \
+        fo.out_w = out_w;                                                                       \
+        fo.out_h = out_h;                                                                       \
+        fo.out_parts = out_parts;                                                               \
+        fp4_moe_down_t1_body<FMT, G, true>(wp, ws, gs, lut, act, topw, ids, 0, n, k, P, E, post, \
+                                           pending, fo);                                        \
+    }
+MOE_DOWN_T1_FOLD_KERNEL(fp4_moe_down_t1_nv_fold, FMT_NVFP4, 2)
+MOE_DOWN_T1_FOLD_KERNEL(fp4_moe_down_t1_mx_fold, FMT_MXFP4, 2)
 
 // ---------------------------------------------------------------------------------------------
 // One 16-byte piece (32 elements) of a weight row, for the dequantization and E4M3 conversion

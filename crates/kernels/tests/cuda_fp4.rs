@@ -565,6 +565,7 @@ fn moe_layer_matches_cpu_reference() {
                     2e-2,
                     6e-2,
                 );
+                check_moe_norm_out(&gpu, &mut rng, &w, &mut ws, (&x, &idd, &wd), top_k, format);
             }
         }
         // An out-of-range router id is counted and its pair left out.
@@ -673,6 +674,74 @@ fn check_bf16_pair(
     let w_dn = &dnf[e * hidden * inter..(e + 1) * hidden * inter];
     let want_y = matmul_ref(w_dn, &a, 1, hidden, inter);
     check_close(&format!("{what} down"), pair.y, &want_y, 5e-3, 1e-2);
+}
+
+/// The folded-norm output side of the one-token MoE layer (`moe_down_norm_out`) against the
+/// direct path's stored output `d` on random residual, pending and norm rows: the residual
+/// becomes `resid + bf16(pending) + d` (that order; `d` may differ from the stored one by one
+/// bf16 rounding, the two kernels being compiled apart), the next input is exactly
+/// `bf16(w * resid')`, and each of the 16-row partial sums is the sum of `resid'^2`.
+fn check_moe_norm_out(
+    gpu: &GpuContext,
+    rng: &mut ChaCha8Rng,
+    w: &MoeWeights,
+    ws: &mut MoeWorkspace,
+    (x, ids, wts): (&CudaSlice<bf16>, &CudaSlice<i32>, &CudaSlice<f32>),
+    top_k: usize,
+    format: Fp4Format,
+) {
+    let s = gpu.stream();
+    let hidden = x.len();
+    let mut out = poisoned(gpu, hidden);
+    moe_layer(gpu, w, x, ids, wts, 1, top_k, ws, &mut out).unwrap();
+    let d = s.clone_dtoh(&out).unwrap();
+    let resid0 = random_matrix(rng, hidden, 1.0);
+    let pend = to_bf16(&random_matrix(rng, hidden, 0.5));
+    let normw = random_matrix(rng, hidden, 1.0);
+    let mut resid = s.clone_htod(&resid0).unwrap();
+    let (pend_d, normw_d) = (s.clone_htod(&pend).unwrap(), s.clone_htod(&normw).unwrap());
+    let mut h = poisoned(gpu, hidden);
+    let nparts = cuda::moe_fold_parts(hidden);
+    let mut parts = s.clone_htod(&vec![f32::NAN; nparts]).unwrap();
+    cuda::moe_one_token_gate_up(gpu, w, x, ids, wts, top_k, ws).unwrap();
+    let norm_out = cuda::NormOut {
+        resid: &mut resid,
+        weight: &normw_d,
+        h: &mut h,
+        parts: &mut parts,
+    };
+    let got_n =
+        cuda::moe_down_norm_out(gpu, w, ids, wts, top_k, ws, Some(&pend_d), norm_out).unwrap();
+    assert_eq!(got_n, nparts);
+    let (r, hh, pp) = (
+        s.clone_dtoh(&resid).unwrap(),
+        s.clone_dtoh(&h).unwrap(),
+        s.clone_dtoh(&parts).unwrap(),
+    );
+    for i in 0..hidden {
+        let want = resid0[i] + pend[i].to_f32() + d[i].to_f32();
+        let tol = d[i].to_f32().abs() / 128.0 + 1e-6 * want.abs();
+        assert!(
+            (r[i] - want).abs() <= tol,
+            "moe {format} norm out: resid[{i}] {} vs {want}",
+            r[i]
+        );
+        assert_eq!(
+            hh[i].to_bits(),
+            bf16::from_f32(normw[i] * r[i]).to_bits(),
+            "moe {format} norm out: h[{i}]"
+        );
+    }
+    for (b, &got) in pp.iter().enumerate() {
+        let want: f64 = r[b * 16..((b + 1) * 16).min(hidden)]
+            .iter()
+            .map(|&v| v as f64 * v as f64)
+            .sum();
+        assert!(
+            (got as f64 - want).abs() <= 1e-5 * want.max(1e-12),
+            "moe {format} norm out: part {b} {got} vs {want}"
+        );
+    }
 }
 
 /// The one-token BF16 expert kernels (gate/up, then down with SwiGLU on its input) against an

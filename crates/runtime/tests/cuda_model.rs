@@ -337,7 +337,9 @@ fn dense_swiglu_epilogue_gives_identical_logits() {
 }
 
 /// Folded norms (`Tuning::norm_fold`): a one-sequence decode step of dense FP4 fixtures (q/k/v
-/// bias, q/k norms, both formats) gives the unfolded step's logits within bf16 rounding, with
+/// bias, q/k norms, both formats) and of MoE fixtures without a shared expert (the one-token
+/// down + combine kernel as the producer, with the fused router's pending attention output)
+/// gives the unfolded step's logits within bf16 rounding, with
 /// fewer kernels in the decode graph (the fold ran); batches of 3 are not folded and stay
 /// bit-identical. `compare_model` holds the folded steps against the CPU.
 #[test]
@@ -348,6 +350,8 @@ fn folded_norms_match_unfolded_decode() {
         (Arch::Qwen2, Layout::CtMxfp4),
         (Arch::Qwen3, Layout::CtNvfp4),
         (Arch::Mimo, Layout::CtNvfp4),
+        (Arch::Qwen3Moe, Layout::CtNvfp4),
+        (Arch::Mixtral, Layout::CtMxfp4),
     ] {
         let d = tempfile::tempdir().unwrap();
         fixtures::write_fixture(d.path(), arch, 14).unwrap();

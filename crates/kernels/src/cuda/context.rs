@@ -121,7 +121,9 @@ pub struct Tuning {
     /// Batch-1 decode steps of dense FP4 layers fold their RMSNorms into the products around
     /// them ([`super::fp4_gemm_norm_out`] / [`super::fp4_gemm_norm_in`]): the attention output
     /// and down projections update the residual and write the next norm's unnormalised input,
-    /// q/k/v and gate/up scale by `1 / rms`; two `add_rmsnorm` launches per layer fewer.
+    /// q/k/v and gate/up scale by `1 / rms`; two `add_rmsnorm` launches per layer fewer. FP4 MoE
+    /// layers without a shared expert fold their next input norm into the one-token down +
+    /// combine kernel ([`super::moe_down_norm_out`], with `moe_direct`): one launch fewer.
     pub norm_fold: bool,
     /// FP4 GEMVs of 9 to 32 tokens stage their activations in shared memory (each warp its own
     /// next chunks, by cp.async, one iteration ahead) instead of reading fragments through L1

@@ -6,6 +6,7 @@ use half::bf16;
 
 use super::context::GpuContext;
 use super::error::{drv, CudaError};
+use super::fold::NormOut;
 use super::gemm::{check_len, reduction_smem, Fp4GemmConfig, K_CHUNK};
 use super::weights::GpuFp4Weight;
 use super::NULL_PTR;
@@ -303,14 +304,132 @@ fn moe_layer_one_token(
     out: &mut CudaSlice<bf16>,
     cfg: MoeConfig,
 ) -> Result<(), CudaError> {
-    let (experts, hidden, inter) = w.dims()?;
+    one_token_gate_up(gpu, w, x, topk_ids, top_k, ws, cfg)?;
+    one_token_down(
+        gpu,
+        w,
+        topk_ids,
+        topk_weights,
+        top_k,
+        ws,
+        DownTarget::Store(out),
+    )
+}
+
+/// Partial sums of squares [`moe_down_norm_out`] writes: one per block of 16 hidden rows.
+pub fn moe_fold_parts(hidden: usize) -> usize {
+    hidden.div_ceil(16)
+}
+
+/// One token through a MoE layer whose output feeds a folded norm (fold.rs, batch-1 decode
+/// with `Tuning::moe_direct`), in two calls so that the caller may pass the layer's input row
+/// as the norm's output row: first [`moe_one_token_gate_up`] (the pairs' SwiGLU rows into the
+/// workspace), then this: the down projection and weighted combine of every pair, added to the
+/// residual row with `pending` (an output not added yet, such as an attention output a fused
+/// router left pending) first, `bf16(weight ⊙ v)` and [`moe_fold_parts`] partial sums of `v²`
+/// written instead of an output row. Returns the number of partial sums.
+#[allow(clippy::too_many_arguments)]
+pub fn moe_down_norm_out(
+    gpu: &GpuContext,
+    w: &MoeWeights,
+    topk_ids: &CudaSlice<i32>,
+    topk_weights: &CudaSlice<f32>,
+    top_k: usize,
+    ws: &mut MoeWorkspace,
+    pending: Option<&CudaSlice<bf16>>,
+    out: NormOut<'_>,
+) -> Result<usize, CudaError> {
+    let (_, hidden, _) = w.dims()?;
+    check_one_token(w, topk_ids, topk_weights, top_k, ws)?;
+    let parts = moe_fold_parts(hidden);
+    check_len("moe_down_norm_out: resid", out.resid.len(), hidden)?;
+    check_len("moe_down_norm_out: weight", out.weight.len(), hidden)?;
+    check_len("moe_down_norm_out: h", out.h.len(), hidden)?;
+    check_len(
+        "moe_down_norm_out: parts",
+        out.parts.len().min(parts),
+        parts,
+    )?;
+    if let Some(p) = pending {
+        check_len("moe_down_norm_out: pending", p.len(), hidden)?;
+    }
+    one_token_down(
+        gpu,
+        w,
+        topk_ids,
+        topk_weights,
+        top_k,
+        ws,
+        DownTarget::Fold { pending, out },
+    )?;
+    Ok(parts)
+}
+
+/// The first launch of the one-token MoE layer ([`moe_down_norm_out`]): gate/up + SwiGLU of
+/// the `top_k` pairs of the one token `x` into the workspace.
+pub fn moe_one_token_gate_up(
+    gpu: &GpuContext,
+    w: &MoeWeights,
+    x: &CudaSlice<bf16>,
+    topk_ids: &CudaSlice<i32>,
+    topk_weights: &CudaSlice<f32>,
+    top_k: usize,
+    ws: &mut MoeWorkspace,
+) -> Result<(), CudaError> {
+    let (_, hidden, inter) = w.dims()?;
+    check_one_token(w, topk_ids, topk_weights, top_k, ws)?;
+    check_len("moe_one_token_gate_up: x", x.len(), hidden)?;
+    one_token_gate_up(
+        gpu,
+        w,
+        x,
+        topk_ids,
+        top_k,
+        ws,
+        MoeConfig::auto(hidden, inter, 1),
+    )
+}
+
+/// The checks of [`moe_layer_with`] for one token, for the split one-token calls.
+fn check_one_token(
+    w: &MoeWeights,
+    topk_ids: &CudaSlice<i32>,
+    topk_weights: &CudaSlice<f32>,
+    top_k: usize,
+    ws: &MoeWorkspace,
+) -> Result<(), CudaError> {
+    let (experts, _, _) = w.dims()?;
+    if top_k == 0 || top_k > 16 || top_k > ws.max_pairs || experts > MOE_MAX_EXPERTS {
+        return Err(CudaError::Shape {
+            what: "moe one token".into(),
+            reason: format!(
+                "top_k {top_k} (1..=16, workspace {} pairs), {experts} experts (at most \
+                 {MOE_MAX_EXPERTS})",
+                ws.max_pairs
+            ),
+        });
+    }
+    check_len("moe one token: topk_ids", topk_ids.len(), top_k)?;
+    check_len("moe one token: topk_weights", topk_weights.len(), top_k)
+}
+
+/// gate/up + SwiGLU: grid.y = pairs, one token slot per block.
+fn one_token_gate_up(
+    gpu: &GpuContext,
+    w: &MoeWeights,
+    x: &CudaSlice<bf16>,
+    topk_ids: &CudaSlice<i32>,
+    top_k: usize,
+    ws: &mut MoeWorkspace,
+    cfg: MoeConfig,
+) -> Result<(), CudaError> {
+    let (experts, _, inter) = w.dims()?;
     if top_k > 16 {
         return Err(CudaError::Shape {
             what: "moe_layer".into(),
             reason: format!("top_k {top_k}: the one-token kernel takes at most 16"),
         });
     }
-    // 1. gate/up + SwiGLU: grid.y = pairs, one token slot per block.
     let gu = &w.gate_up;
     let chunks = gu.k.div_ceil(K_CHUNK) as u32;
     let gcfg = Fp4GemmConfig {
@@ -336,7 +455,7 @@ fn moe_layer_one_token(
         slots: top_k as u32,
     };
     // SAFETY (of the call): x holds one row of `hidden`, act top_k rows of `inter` (the
-    // workspace holds at least top_k pairs, checked by the caller), ids top_k entries.
+    // workspace holds at least top_k pairs, checked by the callers), ids top_k entries.
     launch_moe_kernel(
         gpu,
         &f,
@@ -348,12 +467,38 @@ fn moe_layer_one_token(
         p_i,
         Some(&mut ws.bad),
         "launch one-token gate/up",
-    )?;
-    // 2. down + combine: one warp per pair, 16 output rows per block.
+    )
+}
+
+/// Where the one-token down projection's combined row goes.
+enum DownTarget<'a, 'b> {
+    /// Stored as the layer's output row.
+    Store(&'b mut CudaSlice<bf16>),
+    /// Added to a residual row as the output side of a folded norm.
+    Fold {
+        pending: Option<&'a CudaSlice<bf16>>,
+        out: NormOut<'a>,
+    },
+}
+
+/// down + combine: one warp per pair, 16 output rows per block.
+fn one_token_down(
+    gpu: &GpuContext,
+    w: &MoeWeights,
+    topk_ids: &CudaSlice<i32>,
+    topk_weights: &CudaSlice<f32>,
+    top_k: usize,
+    ws: &mut MoeWorkspace,
+    target: DownTarget<'_, '_>,
+) -> Result<(), CudaError> {
+    let (experts, hidden, _) = w.dims()?;
     let d = &w.down;
-    let name = match d.format {
-        Fp4Format::Nvfp4 => "fp4_moe_down_t1_nv",
-        Fp4Format::Mxfp4 => "fp4_moe_down_t1_mx",
+    let fold = matches!(target, DownTarget::Fold { .. });
+    let name = match (d.format, fold) {
+        (Fp4Format::Nvfp4, false) => "fp4_moe_down_t1_nv",
+        (Fp4Format::Mxfp4, false) => "fp4_moe_down_t1_mx",
+        (Fp4Format::Nvfp4, true) => "fp4_moe_down_t1_nv_fold",
+        (Fp4Format::Mxfp4, true) => "fp4_moe_down_t1_mx_fold",
     };
     let f = gpu.function(name)?;
     let warps = top_k.max(1) as u32;
@@ -362,7 +507,7 @@ fn moe_layer_one_token(
         block_dim: (32 * warps, 1, 1),
         shared_mem_bytes: warps * 16 * 4,
     };
-    let (n_i, k_i) = (d.n as i32, d.k as i32);
+    let (n_i, k_i, p_i, e_i) = (d.n as i32, d.k as i32, top_k as i32, experts as i32);
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(&d.packed)
         .arg(&d.scales)
@@ -370,16 +515,34 @@ fn moe_layer_one_token(
         .arg(&d.mult_lut)
         .arg(&ws.act)
         .arg(topk_weights)
-        .arg(topk_ids)
-        .arg(out)
-        .arg(&n_i)
-        .arg(&k_i)
-        .arg(&p_i)
-        .arg(&e_i)
-        .arg(&d.post);
-    // SAFETY: matches fp4_moe_down_t1_*; act holds top_k rows of `inter`, weights and ids
-    // top_k entries, out `hidden` elements (checked by the caller).
-    unsafe { b.launch(launch) }.map_err(drv("launch one-token down + combine"))?;
+        .arg(topk_ids);
+    match target {
+        DownTarget::Store(out) => {
+            b.arg(out)
+                .arg(&n_i)
+                .arg(&k_i)
+                .arg(&p_i)
+                .arg(&e_i)
+                .arg(&d.post);
+            // SAFETY: matches fp4_moe_down_t1_*; act holds top_k rows of `inter`, weights and
+            // ids top_k entries, out `hidden` elements (checked by the caller).
+            unsafe { b.launch(launch) }.map_err(drv("launch one-token down + combine"))?;
+        }
+        DownTarget::Fold { pending, out } => {
+            b.arg(&n_i).arg(&k_i).arg(&p_i).arg(&e_i).arg(&d.post);
+            match pending {
+                Some(p) => b.arg(p),
+                None => b.arg(&NULL_PTR),
+            };
+            b.arg(&*out.resid)
+                .arg(out.weight)
+                .arg(&*out.h)
+                .arg(&*out.parts);
+            // SAFETY: matches MOE_DOWN_T1_FOLD_KERNEL; as above, and resid, weight, h and
+            // pending hold `hidden` elements, parts one per block (moe_down_norm_out checks).
+            unsafe { b.launch(launch) }.map_err(drv("launch one-token down + folded norm"))?;
+        }
+    }
     Ok(())
 }
 

@@ -3,18 +3,21 @@
 //! projection add their row to the residual stream themselves and write the next norm's
 //! unnormalised input with one partial sum of squares per block; q/k/v and gate/up scale by
 //! `1 / rms`. A one-token step then runs no `add_rmsnorm` but the first layer's and the final
-//! one.
+//! one. In a MoE decoder (FP4 experts, no shared expert) the one-token down + combine kernel
+//! is the producer of the next layer's input norm, and q/k/v the consumer.
 
 use cudarc::driver::CudaSlice;
 use mimo_kernels::cuda::{fold_parts, fp4_gemm_swiglu_supported, NormIn};
 
-use super::{Ffn, GateUp, GpuModel, Layer, Qkv};
+use super::{Experts, Ffn, GateUp, GpuModel, Layer, Qkv};
 use crate::cuda::error::GpuError;
 use crate::cuda::weights::GpuLinear;
 
-/// Whether every layer can fold its norms: dense FFN, bias-free FP4 output and down projections
-/// (the producers), FP4 q/k/v and a fused bias-free FP4 gate/up with a one-token SwiGLU kernel
-/// (the consumers).
+/// Whether every layer can fold its norms. Dense layers: bias-free FP4 output and down
+/// projections (the producers), FP4 q/k/v and a fused bias-free FP4 gate/up with a one-token
+/// SwiGLU kernel (the consumers). MoE layers without a shared expert: FP4 experts, whose
+/// one-token down kernel produces the next layer's input norm (moe_down_norm_out), and FP4
+/// q/k/v; their post-attention norm stays where it is (in the router with `norm_router`).
 pub(super) fn fold_capable(layers: &[Layer], sm_count: u32) -> bool {
     let fp4 = |l: &GpuLinear| matches!(l, GpuLinear::Fp4 { .. });
     !layers.is_empty()
@@ -23,8 +26,11 @@ pub(super) fn fold_capable(layers: &[Layer], sm_count: u32) -> bool {
                 Qkv::Fused(q) => fp4(q),
                 Qkv::Split(q, k, v) => fp4(q) && fp4(k) && fp4(v),
             };
-            let Ffn::Dense(mlp) = &l.ffn else {
-                return false;
+            let mlp = match &l.ffn {
+                Ffn::Dense(mlp) => mlp,
+                Ffn::Moe(moe) => {
+                    return qkv && moe.shared.is_none() && matches!(moe.experts, Experts::Fp4(_))
+                }
             };
             let GateUp::Fused(gu) = &mlp.gate_up else {
                 return false;
@@ -38,9 +44,12 @@ pub(super) fn fold_capable(layers: &[Layer], sm_count: u32) -> bool {
 }
 
 impl GpuModel {
-    /// Whether a pass over `m` token rows (no observer) folds its norms.
+    /// Whether a pass over `m` token rows (no observer) folds its norms (MoE layers only on
+    /// their one-token direct path, `Tuning::moe_direct`).
     pub(super) fn folds(&self, m: usize) -> bool {
-        self.fold && m == 1 && self.gpu.ctx.tuning().norm_fold
+        let t = self.gpu.ctx.tuning();
+        let moe = self.layers.iter().any(|l| matches!(l.ffn, Ffn::Moe(_)));
+        self.fold && m == 1 && t.norm_fold && (t.moe_direct || !moe)
     }
 
     /// The input side of a fold whose output side was `producer` (its partial sums in `parts`).

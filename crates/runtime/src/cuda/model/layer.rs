@@ -6,8 +6,8 @@
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use mimo_kernels::cuda::{
-    moe_bf16_grouped, moe_bf16_pairs, moe_bf16_pairs_supported, moe_layer, Bf16Experts, Bf16Pairs,
-    NormOut,
+    moe_bf16_grouped, moe_bf16_pairs, moe_bf16_pairs_supported, moe_down_norm_out, moe_fold_parts,
+    moe_layer, moe_one_token_gate_up, Bf16Experts, Bf16Pairs, NormIn, NormOut,
 };
 
 use super::{walk, Experts, Ffn, GateUp, GpuModel, Pend, Qkv, QkvBufs, Stage, Ws};
@@ -48,8 +48,16 @@ impl GpuModel {
         let fold = tap.is_none() && self.folds(m);
         let fold_in = match li.checked_sub(1).map(|p| &self.layers[p].ffn) {
             Some(Ffn::Dense(prev)) if fold => Some(self.fold_input(&ws.fold_parts, &prev.down)?),
+            Some(Ffn::Moe(_)) if fold => Some(NormIn {
+                parts: &ws.fold_parts,
+                nparts: moe_fold_parts(hd),
+                len: hd,
+                eps,
+            }),
             _ => None,
         };
+        // Dense layers also fold their post-attention norm (o_proj producer, gate/up consumer).
+        let dense_fold = fold && matches!(layer.ffn, Ffn::Dense(_));
         match (&layer.qkv, &mut ws.qkv, fold_in) {
             _ if !self.runs(Stage::Qkv) => {}
             (Qkv::Fused(l), QkvBufs::Fused(buf), Some(input)) => {
@@ -178,7 +186,7 @@ impl GpuModel {
             && hd <= MAX_FUSED_ROUTER_HIDDEN
             && matches!(&layer.ffn, Ffn::Moe(moe) if moe.shared.is_none());
         if self.runs(Stage::OProj) {
-            if fold {
+            if dense_fold {
                 let out = NormOut {
                     resid: &mut ws.x,
                     weight: &layer.post_norm,
@@ -196,7 +204,7 @@ impl GpuModel {
             }
         }
         self.mark("o_proj")?;
-        if !fuse && !fold {
+        if !fuse && !dense_fold {
             if self.runs(Stage::PostNorm) {
                 self.add_norm(ws, Pend::DELTA, &layer.post_norm, false)?;
             }
@@ -287,6 +295,31 @@ impl GpuModel {
                     ..Pend::default()
                 };
                 match (&moe.experts, &mut mb.fp4, &mut mb.pair_gu, &mut mb.pair_dn) {
+                    (Experts::Fp4(w), Some(fws), _, _) if fold && li + 1 < self.layers.len() => {
+                        // The next layer's input norm folded into the down + combine kernel,
+                        // which also adds a pending attention output (fused router) first.
+                        moe_one_token_gate_up(g, w, &ws.h, &mb.ids, &mb.weights, moe.top_k, fws)?;
+                        self.mark("experts")?;
+                        let out_norm = NormOut {
+                            resid: &mut ws.x,
+                            weight: &self.layers[li + 1].in_norm,
+                            h: &mut ws.h,
+                            parts: &mut ws.fold_parts,
+                        };
+                        let pending = fuse.then_some(&ws.attn_delta);
+                        moe_down_norm_out(
+                            g,
+                            w,
+                            &mb.ids,
+                            &mb.weights,
+                            moe.top_k,
+                            fws,
+                            pending,
+                            out_norm,
+                        )?;
+                        self.mark("experts")?;
+                        out = Pend::default();
+                    }
                     (Experts::Fp4(w), Some(fws), _, _) => {
                         if tap.is_some() {
                             return Err(GpuError::Unsupported(
