@@ -10,8 +10,11 @@
 //! - [`fp4_gemm_dequant_cublas`]: FP4 -> bf16 then cuBLAS (large M).
 //! - [`fp4_gemm_fp8`]: FP4 weights and bf16 activations -> E4M3 rows, then cuBLASLt's FP8
 //!   GEMM with per-row scales (large M on sm_89+).
-//! - [`moe_layer`]: grouped MoE layer from the router's device output.
-//! - [`moe_bf16_pairs`]: one-token BF16 experts (the BF16 baseline's direct MoE path).
+//! - [`moe_layer`]: grouped MoE layer from the router's device output; for one token with a
+//!   folded norm after it, [`moe_one_token_gate_up`] then [`moe_down_norm_out`].
+//! - [`fp4_gemm_norm_out`] / [`fp4_gemm_norm_in`]: one-token products with an RMSNorm folded
+//!   into them (fold.rs).
+//! - [`moe_bf16_grouped`] / [`moe_bf16_pairs`]: BF16 experts (the BF16 baseline's MoE paths).
 
 mod blas;
 mod context;
