@@ -703,7 +703,7 @@ fn check_moe_norm_out(
     let mut h = poisoned(gpu, hidden);
     let nparts = cuda::moe_fold_parts(hidden);
     let mut parts = s.clone_htod(&vec![f32::NAN; nparts]).unwrap();
-    cuda::moe_one_token_gate_up(gpu, w, x, ids, wts, top_k, ws).unwrap();
+    cuda::moe_one_token_gate_up(gpu, w, x, ids, top_k, ws).unwrap();
     let norm_out = cuda::NormOut {
         resid: &mut resid,
         weight: &normw_d,

@@ -304,6 +304,12 @@ fn moe_layer_one_token(
     out: &mut CudaSlice<bf16>,
     cfg: MoeConfig,
 ) -> Result<(), CudaError> {
+    if top_k > 16 {
+        return Err(CudaError::Shape {
+            what: "moe_layer".into(),
+            reason: format!("top_k {top_k}: the one-token kernel takes at most 16"),
+        });
+    }
     one_token_gate_up(gpu, w, x, topk_ids, top_k, ws, cfg)?;
     one_token_down(
         gpu,
@@ -340,7 +346,8 @@ pub fn moe_down_norm_out(
     out: NormOut<'_>,
 ) -> Result<usize, CudaError> {
     let (_, hidden, _) = w.dims()?;
-    check_one_token(w, topk_ids, topk_weights, top_k, ws)?;
+    check_one_token(w, topk_ids, top_k, ws)?;
+    check_len("moe_down_norm_out: topk_weights", topk_weights.len(), top_k)?;
     let parts = moe_fold_parts(hidden);
     check_len("moe_down_norm_out: resid", out.resid.len(), hidden)?;
     check_len("moe_down_norm_out: weight", out.weight.len(), hidden)?;
@@ -372,12 +379,11 @@ pub fn moe_one_token_gate_up(
     w: &MoeWeights,
     x: &CudaSlice<bf16>,
     topk_ids: &CudaSlice<i32>,
-    topk_weights: &CudaSlice<f32>,
     top_k: usize,
     ws: &mut MoeWorkspace,
 ) -> Result<(), CudaError> {
     let (_, hidden, inter) = w.dims()?;
-    check_one_token(w, topk_ids, topk_weights, top_k, ws)?;
+    check_one_token(w, topk_ids, top_k, ws)?;
     check_len("moe_one_token_gate_up: x", x.len(), hidden)?;
     one_token_gate_up(
         gpu,
@@ -394,7 +400,6 @@ pub fn moe_one_token_gate_up(
 fn check_one_token(
     w: &MoeWeights,
     topk_ids: &CudaSlice<i32>,
-    topk_weights: &CudaSlice<f32>,
     top_k: usize,
     ws: &MoeWorkspace,
 ) -> Result<(), CudaError> {
@@ -409,8 +414,7 @@ fn check_one_token(
             ),
         });
     }
-    check_len("moe one token: topk_ids", topk_ids.len(), top_k)?;
-    check_len("moe one token: topk_weights", topk_weights.len(), top_k)
+    check_len("moe one token: topk_ids", topk_ids.len(), top_k)
 }
 
 /// gate/up + SwiGLU: grid.y = pairs, one token slot per block.
@@ -424,12 +428,6 @@ fn one_token_gate_up(
     cfg: MoeConfig,
 ) -> Result<(), CudaError> {
     let (experts, _, inter) = w.dims()?;
-    if top_k > 16 {
-        return Err(CudaError::Shape {
-            what: "moe_layer".into(),
-            reason: format!("top_k {top_k}: the one-token kernel takes at most 16"),
-        });
-    }
     let gu = &w.gate_up;
     let chunks = gu.k.div_ceil(K_CHUNK) as u32;
     let gcfg = Fp4GemmConfig {

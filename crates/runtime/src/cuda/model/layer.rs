@@ -298,7 +298,7 @@ impl GpuModel {
                     (Experts::Fp4(w), Some(fws), _, _) if fold && li + 1 < self.layers.len() => {
                         // The next layer's input norm folded into the down + combine kernel,
                         // which also adds a pending attention output (fused router) first.
-                        moe_one_token_gate_up(g, w, &ws.h, &mb.ids, &mb.weights, moe.top_k, fws)?;
+                        moe_one_token_gate_up(g, w, &ws.h, &mb.ids, moe.top_k, fws)?;
                         self.mark("experts")?;
                         let out_norm = NormOut {
                             resid: &mut ws.x,
