@@ -46,6 +46,13 @@ VARIANTS=(
   "nvfp4-gptq-ao-asym-gpu|nvfp4|--method gptq --act-order --damp 0.1 --asymmetric --calib-device cuda"
   "nvfp4-gptq-ao-wl-gpu|nvfp4|--method gptq --act-order --damp 0.1 --within-layer --calib-device cuda"
   "mxfp4-gptq-ao-gpu|mxfp4|--method gptq --act-order --damp 0.1 --calib-device cuda"
+  # Converted from the Hadamard-rotated copy (`mimo-quant rotate`, seed 0, residual stream and
+  # head values), compared with the original BF16 model; rot-bf16 is the rotated copy itself.
+  "rot-bf16|bf16|"
+  "rot-nvfp4-rtn|nvfp4|--method rtn"
+  "rot-mxfp4-rtn|mxfp4|--method rtn"
+  "rot-nvfp4-gptq-ao|nvfp4|--method gptq --act-order --damp 0.1"
+  "rot-mxfp4-gptq-ao|mxfp4|--method gptq --act-order --damp 0.1"
 )
 # ONLY=regex (e.g. ONLY='nvfp4-gptq-ao-wl|mxfp4-gptq-ao-wl') reruns some variants and replaces
 # their rows in the existing bench/results/quality.json.
@@ -55,11 +62,23 @@ fi
 ROWS=()
 for v in "${VARIANTS[@]}"; do
   IFS='|' read -r name fmt args <<< "$v"
-  case "$args" in *--calib-device*) ;; *) args="$args --calib-device cpu" ;; esac
+  src=$M
+  case "$name" in rot-*)
+    src=$WORK/rotated
+    [ -d "$src" ] || "$Q" rotate "$M" -o "$src" --seed 0 > /dev/null ;;
+  esac
   out=$WORK/$name
+  if [ "$fmt" = bf16 ]; then
+    # The source itself (no conversion): what the rotation alone costs.
+    out=$src
+    echo '{}' > "$WORK/$name.convert.json"
+    printf 'Maximum resident set size (kbytes): 0\nElapsed (wall clock) time (h:mm:ss or m:ss): 0:00.00\n' > "$WORK/$name.time"
+  else
+  case "$args" in *--calib-device*) ;; *) args="$args --calib-device cpu" ;; esac
   # shellcheck disable=SC2086
-  /usr/bin/time -v "$Q" convert "$M" -o "$out" --format "$fmt" $args --force -q --json \
+  /usr/bin/time -v "$Q" convert "$src" -o "$out" --format "$fmt" $args --force -q --json \
     > "$WORK/$name.convert.json" 2> "$WORK/$name.time"
+  fi
   rss_kb=$(awk -F: '/Maximum resident set size/ {gsub(/ /,"",$2); print $2}' "$WORK/$name.time")
   wall=$(awk '/Elapsed \(wall clock\)/ {print $NF}' "$WORK/$name.time")
   for s in 1 2; do

@@ -60,6 +60,27 @@ pub enum Command {
         #[arg(long)]
         max_shard_size: Option<String>,
     },
+    /// Write a Hadamard-rotated copy of a BF16/F16 checkpoint: the same architecture and names,
+    /// with the rotation folded into the weights so that FP4 blocks see fewer outliers.
+    Rotate {
+        /// Source checkpoint folder.
+        src: PathBuf,
+        /// Output folder.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Seed of the random signs.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Rotate only the residual stream, not each attention head's values.
+        #[arg(long)]
+        no_heads: bool,
+        /// Replace an existing output folder.
+        #[arg(long)]
+        force: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check hashes, shapes, dtypes and scales; with --source, the error against the original.
     Verify {
         /// Converted checkpoint folder.
@@ -290,6 +311,38 @@ pub fn run(cli: Cli) -> Result<i32> {
                 spec.tensors.len(),
                 spec.total_bytes()
             );
+            Ok(0)
+        }
+        Command::Rotate {
+            src,
+            output,
+            seed,
+            no_heads,
+            force,
+            json,
+        } => {
+            let opts = crate::rotate::RotateOptions {
+                seed,
+                heads: !no_heads,
+                force,
+            };
+            let s = crate::rotate::rotate(&src, &output, &opts)?;
+            if json {
+                mimo_runtime::outln!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                mimo_runtime::outln!(
+                    "{} -> {}: {} tensors rotated, {} copied (hidden {} in Hadamard blocks of {}{})",
+                    s.source.display(),
+                    s.output.display(),
+                    s.rotated,
+                    s.copied,
+                    s.hidden,
+                    s.block,
+                    s.head_block
+                        .map(|(d, b)| format!(", heads of {d} in blocks of {b}"))
+                        .unwrap_or_default()
+                );
+            }
             Ok(0)
         }
         Command::Verify { dir, source, json } => {

@@ -12,5 +12,6 @@ pub mod methods;
 pub mod plan;
 pub mod quantizer;
 pub mod report;
+pub mod rotate;
 pub mod verify;
 pub mod writer;
