@@ -1035,3 +1035,170 @@ fn moe_bf16_grouped_matches_cpu_reference() {
     assert!(takes((4, 16, 1)));
     assert!(!takes((2, 32, 1)));
 }
+
+/// The reference router of `fp4_gemm_norm_out_router`: softmax of `logits`, the top-k by
+/// probability (ties to the lower index), optionally renormalised. Returns (ids, weights).
+fn topk_ref(logits: &[f64], top_k: usize, renorm: bool) -> (Vec<usize>, Vec<f64>) {
+    let mx = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let ex: Vec<f64> = logits.iter().map(|l| (l - mx).exp()).collect();
+    let sum: f64 = ex.iter().sum();
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    let ids: Vec<usize> = order[..top_k].to_vec();
+    let mut w: Vec<f64> = ids.iter().map(|&i| ex[i] / sum).collect();
+    if renorm {
+        let s: f64 = w.iter().sum();
+        w.iter_mut().for_each(|x| *x /= s);
+    }
+    (ids, w)
+}
+
+/// The MoE router folded into the attention output product (fold_router.rs) against an f64
+/// reference: the residual row, the router's ids (in rank order) and weights, and the experts'
+/// input h; expert counts off the 32-lane groups, one and two row tiles, both formats. A second
+/// launch on the same input (its arrival counter reset by the first) gives the same bits.
+#[test]
+fn folded_router_matches_cpu_reference() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = rng("folded_router");
+    let eps = 1e-6f32;
+    // (hidden, K, experts, top_k, renorm)
+    for &(hd, ko, ne, top_k, renorm) in &[
+        (416, 544, 60, 4, false),
+        (2048, 1024, 128, 8, true),
+        (4096, 256, 8, 2, true),
+    ] {
+        for format in FORMATS {
+            let what = format!("{format} hidden {hd}, {ne} experts");
+            let wo = quantize(format, &random_matrix(&mut rng, hd * ko, 0.02), hd, ko);
+            let xb = to_bf16(&random_matrix(&mut rng, ko, 1.0));
+            let xf: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
+            let v0 = random_matrix(&mut rng, hd, 4.0);
+            let nw: Vec<f32> = (0..hd).map(|_| 0.5 + rng.random::<f32>()).collect();
+            let wr = to_bf16(&random_matrix(&mut rng, ne * hd, 0.1));
+            // The reference.
+            let yo = matmul_ref(&dequantize(&wo).unwrap(), &xf, 1, hd, ko);
+            let v: Vec<f32> = v0
+                .iter()
+                .zip(&yo)
+                .map(|(a, y)| a + bf16::from_f64(*y).to_f32())
+                .collect();
+            // The GPU, twice.
+            let s = gpu.stream();
+            let gwo = GpuFp4Weight::upload(&gpu, "wo", &wo).unwrap();
+            let x = s.clone_htod(&xb).unwrap();
+            let normw = s.clone_htod(&nw).unwrap();
+            let gwr = s.clone_htod(&wr).unwrap();
+            let parts_n = cuda::fold_parts(&gpu, &gwo);
+            let mut part = s
+                .clone_htod(&vec![f32::NAN; cuda::router_fold_parts(&gpu, &gwo, ne)])
+                .unwrap();
+            let mut counter = s.alloc_zeros::<i32>(1).unwrap();
+            let mut runs = Vec::new();
+            for _ in 0..2 {
+                let mut resid = s.clone_htod(&v0).unwrap();
+                let mut hout = poisoned(&gpu, hd);
+                let mut parts = s.clone_htod(&vec![f32::NAN; parts_n]).unwrap();
+                let mut ids = s.clone_htod(&vec![-1i32; top_k]).unwrap();
+                let mut weights = s.clone_htod(&vec![f32::NAN; top_k]).unwrap();
+                let mut h = poisoned(&gpu, hd);
+                cuda::fp4_gemm_norm_out_router(
+                    &gpu,
+                    &gwo,
+                    &x,
+                    cuda::NormOut {
+                        resid: &mut resid,
+                        weight: &normw,
+                        h: &mut hout,
+                        parts: &mut parts,
+                    },
+                    cuda::RouterOut {
+                        weight: &gwr,
+                        experts: ne,
+                        top_k,
+                        renorm,
+                        eps,
+                        part: &mut part,
+                        counter: &mut counter,
+                        ids: &mut ids,
+                        weights: &mut weights,
+                        h: &mut h,
+                    },
+                )
+                .unwrap();
+                runs.push((
+                    s.clone_dtoh(&resid).unwrap(),
+                    s.clone_dtoh(&ids).unwrap(),
+                    s.clone_dtoh(&weights).unwrap(),
+                    s.clone_dtoh(&h).unwrap(),
+                ));
+            }
+            let (got_v, got_ids, got_w, got_h) = &runs[0];
+            assert_eq!(runs[0].1, runs[1].1, "{what}: ids differ between launches");
+            assert_eq!(
+                runs[0].2, runs[1].2,
+                "{what}: weights differ between launches"
+            );
+            assert_eq!(runs[0].3, runs[1].3, "{what}: h differs between launches");
+            for i in 0..hd {
+                let tol = (yo[i].abs() as f32) * 2f32.powi(-7) + 1e-6;
+                assert!(
+                    (got_v[i] - v[i]).abs() <= tol,
+                    "{what}: residual {i} = {}, want {}",
+                    got_v[i],
+                    v[i]
+                );
+            }
+            // The router's reference from the GPU's own residual row (whose bf16 product may
+            // round to the neighbouring value: checked above), so that it tests the router.
+            let v: Vec<f32> = got_v.clone();
+            let ms = v.iter().map(|&a| a as f64 * a as f64).sum::<f64>() / hd as f64;
+            let inv = 1.0 / (ms + eps as f64).sqrt();
+            let hw: Vec<f64> = v
+                .iter()
+                .zip(&nw)
+                .map(|(&a, &w)| bf16::from_f32(w * a).to_f64())
+                .collect();
+            let logits: Vec<f64> = (0..ne)
+                .map(|e| {
+                    (0..hd)
+                        .map(|c| hw[c] * wr[e * hd + c].to_f64())
+                        .sum::<f64>()
+                        * inv
+                })
+                .collect();
+            let (want_ids, want_w) = topk_ref(&logits, top_k, renorm);
+            let want_h: Vec<f64> = v
+                .iter()
+                .zip(&nw)
+                .map(|(&a, &w)| w as f64 * a as f64 * inv)
+                .collect();
+            // Ranks whose reference logits are within 1e-4 of a neighbour may swap (the GPU's
+            // f32 sums); every other rank must match.
+            let mut sorted = logits.clone();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            for j in 0..top_k {
+                let near = |a: usize, b: usize| (sorted[a] - sorted[b]).abs() < 1e-4;
+                if (j > 0 && near(j - 1, j)) || near(j, j + 1) {
+                    eprintln!("{what}: rank {j} is a near tie, not compared");
+                    continue;
+                }
+                assert_eq!(got_ids[j] as usize, want_ids[j], "{what}: rank {j}");
+                let d = (got_w[j] as f64 - want_w[j]).abs();
+                assert!(
+                    d <= 1e-4 * want_w[j] + 1e-6,
+                    "{what}: weight of rank {j} = {}, want {}",
+                    got_w[j],
+                    want_w[j]
+                );
+            }
+            check_close(
+                &format!("{what}: experts' input"),
+                got_h,
+                &want_h,
+                8e-3,
+                2e-2,
+            );
+        }
+    }
+}
