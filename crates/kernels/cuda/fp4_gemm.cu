@@ -138,23 +138,6 @@ struct Fold {
     float* out_parts = 0;
 };
 
-// A MoE router folded into the NormOut product before it (fold.rs `fp4_gemm_norm_out_router`;
-// one token). The router reads RMSNorm(v) of the residual row v the product completes, so:
-// logits[e] = (bf16(w . v) . W_r[e]) / rms(v), as the folded q/k/v products compute theirs. Each
-// block adds its columns' share of every logit into part[e][block]; the last block to finish
-// (last_block) sums the shares in block order, takes the softmax and top-k (router_select, as
-// the runtime's router_topk), and writes the experts' input h = bf16(w * (v / rms)).
-struct Router {
-    const u16* w = 0;      // [E][n] router weights (bf16)
-    float* part = 0;       // [E][gridDim.x] shares of the logits
-    int* counter = 0;      // arrivals (zero between launches: the last block resets it)
-    int* ids = 0;          // [top_k] chosen experts
-    float* weights = 0;    // [top_k] their weights
-    u16* h = 0;            // [n] the experts' input
-    float eps = 0.f;
-    int E = 0, top_k = 0, renorm = 0;
-};
-
 // Weight registers of one iteration of a warp: G chunks x MT row tiles x rows (g, g+8).
 template <int MT, int G>
 struct WeightRegs {
@@ -627,94 +610,6 @@ __device__ __forceinline__ void fp4_dense_body(const u8* __restrict__ wp, const 
                                                           row0, tstride, lim, tok, red, fo);
 }
 
-// The router tail of a fp4_gemm_*_router kernel (whole block, after the NormOut epilogue of
-// fp4_tile wrote this block's columns of fo.resid and fo.out_h and its fo.out_parts entry).
-template <int MT>
-__device__ __forceinline__ void router_tail(const Fold& fo, const Router& ro, int n, int row0) {
-    __shared__ float prob[MOE_ROUTER_MAX_EXPERTS];
-    __shared__ float sel_p[MOE_ROUTER_MAX_TOPK];
-    __shared__ int sel_id[MOE_ROUTER_MAX_TOPK];
-    __shared__ float s_inv;
-    __shared__ int flag;
-    const int S = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int nb = gridDim.x;
-    __syncthreads();  // warp 0's out_h stores before every warp reads them
-    // This block's shares: lane l holds column row0 + l (16 * MT <= 32 columns).
-    const int col = row0 + lane;
-    const bool live = lane < 16 * MT && col < n;
-    const float hv = live ? bf16_to_f32(fo.out_h[col]) : 0.f;
-    for (int e0 = warp * 4; e0 < ro.E; e0 += 4 * S) {
-        float wv[4];
-#pragma unroll
-        for (int q = 0; q < 4; q++)
-            wv[q] = live && e0 + q < ro.E ? bf16_to_f32(ro.w[(size_t)(e0 + q) * n + col]) : 0.f;
-#pragma unroll
-        for (int q = 0; q < 4; q++) {
-            float p = hv * wv[q];
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) p += __shfl_xor_sync(0xffffffffu, p, o);
-            if (lane == 0 && e0 + q < ro.E) ro.part[(size_t)(e0 + q) * nb + blockIdx.x] = p;
-        }
-    }
-    if (!last_block(ro.counter, nb, &flag)) return;
-    // 1 / rms from the blocks' sums of squares (block order per lane, then a fixed tree).
-    if (warp == 0) {
-        float sq = 0.f;
-        for (int b = lane; b < nb; b += 32) sq += __ldcg(fo.out_parts + b);
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, o);
-        if (lane == 0) s_inv = 1.0f / sqrtf(sq / (float)n + ro.eps);
-    }
-    // Logits: four experts per warp at a time, their shares in block order per lane.
-    for (int e0 = warp * 4; e0 < ro.E; e0 += 4 * S) {
-        float acc[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll 4
-        for (int b = lane; b < nb; b += 32) {
-#pragma unroll
-            for (int q = 0; q < 4; q++)
-                if (e0 + q < ro.E) acc[q] += __ldcg(ro.part + (size_t)(e0 + q) * nb + b);
-        }
-#pragma unroll
-        for (int q = 0; q < 4; q++) {
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) acc[q] += __shfl_xor_sync(0xffffffffu, acc[q], o);
-            if (lane == 0 && e0 + q < ro.E) prob[e0 + q] = acc[q];
-        }
-    }
-    __syncthreads();
-    const float inv = s_inv;
-    for (int e = threadIdx.x; e < ro.E; e += blockDim.x) prob[e] *= inv;
-    __syncthreads();
-    router_select(prob, sel_p, sel_id, ro.ids, ro.weights, 0, ro.E, ro.top_k, ro.renorm);
-    // The experts' input, as add_rmsnorm forms it: bf16(w * (v * (1 / rms))).
-    for (int i = threadIdx.x; i < n; i += blockDim.x)
-        ro.h[i] = f32_to_bf16(fo.out_w[i] * (__ldcg(fo.resid + i) * inv));
-}
-
-// One token through a dense FP4 weight with the NormOut epilogue and the router tail.
-template <int FMT, int MT, int G>
-__device__ __forceinline__ void fp4_router_body(const u8* __restrict__ wp, const u8* __restrict__ ws,
-                                                const float* __restrict__ gscale,
-                                                const u16* __restrict__ lut,
-                                                const u16* __restrict__ x, int n, int k,
-                                                float post, int flags, const Fold& fo,
-                                                const Router& ro) {
-    extern __shared__ float red[];
-    const DenseTokens tok{0, 1};
-    int row0, tstride, lim;
-    dense_rows<MT, EPI_STORE>(n, row0, tstride, lim);
-    if ((flags & FLAG_PREFETCH) && threadIdx.x == 0)
-        dense_prefetch<FMT, MT, EPI_STORE>(wp, ws, n, k, row0, tstride, lim);
-    // The router weights of this block's columns (one 32- or 64-byte piece per expert) are
-    // never written by another kernel: ask L2 for them before the main loop.
-    for (int e = threadIdx.x; e < ro.E; e += blockDim.x)
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(ro.w + (size_t)e * n + row0));
-    fp4_tile<FMT, MT, 1, G, EPI_STORE, DenseTokens, false, true>(wp, ws, gscale[0], post, lut, x,
-                                                                0, n, k, row0, tstride, lim, tok,
-                                                                red, fo);
-    router_tail<MT>(fo, ro, n, row0);
-}
-
 // Grouped MoE variant: one launch covers every (token, expert) pair of a layer, straight from
 // the router's top-k ids on the device. blockIdx.y = slot: the block serves the slot-th expert
 // (in increasing id order) that has at least one pair, found by the block itself; blocks whose
@@ -972,41 +867,6 @@ GATED_VARIANTS(mx, FMT_MXFP4)
 
 FOLD_VARIANTS(nv, FMT_NVFP4)
 FOLD_VARIANTS(mx, FMT_MXFP4)
-
-// fp4_gemm_{nv,mx}_m{MT}_t1_g{G}_router: the NormOut kernels with the router tail (fold.rs
-// `fp4_gemm_norm_out_router`): the Fold's output fields, then the Router's.
-#define ROUTER_KERNEL(NAME, FMT, MT, G)                                                          \
-    extern "C" __global__ void __launch_bounds__(512) NAME(                                     \
-        const u8* wp, const u8* ws, const float* gs, const u16* lut, const u16* x, int n, int k, \
-        float post, int flags, float* resid, const float* out_w, u16* out_h, float* out_parts,   \
-        const u16* rw, float* rpart, int* rcounter, int* rids, float* rweights, u16* rh,         \
-        float reps, int rE, int rtop_k, int rrenorm) {                                           \
-        Fold fo;                                                                                 \
-        fo.resid = resid;                                                                        \
-        fo.out_w = out_w;                                                                        \
-        fo.out_h = out_h;                                                                        \
-        fo.out_parts = out_parts;                                                                \
-        Router ro;                                                                               \
-        ro.w = rw;                                                                               \
-        ro.part = rpart;                                                                         \
-        ro.counter = rcounter;                                                                   \
-        ro.ids = rids;                                                                           \
-        ro.weights = rweights;                                                                   \
-        ro.h = rh;                                                                               \
-        ro.eps = reps;                                                                           \
-        ro.E = rE;                                                                               \
-        ro.top_k = rtop_k;                                                                       \
-        ro.renorm = rrenorm;                                                                     \
-        fp4_router_body<FMT, MT, G>(wp, ws, gs, lut, x, n, k, post, flags, fo, ro);              \
-    }
-ROUTER_KERNEL(fp4_gemm_nv_m1_t1_g1_router, FMT_NVFP4, 1, 1)
-ROUTER_KERNEL(fp4_gemm_nv_m1_t1_g2_router, FMT_NVFP4, 1, 2)
-ROUTER_KERNEL(fp4_gemm_nv_m2_t1_g1_router, FMT_NVFP4, 2, 1)
-ROUTER_KERNEL(fp4_gemm_nv_m2_t1_g2_router, FMT_NVFP4, 2, 2)
-ROUTER_KERNEL(fp4_gemm_mx_m1_t1_g1_router, FMT_MXFP4, 1, 1)
-ROUTER_KERNEL(fp4_gemm_mx_m1_t1_g2_router, FMT_MXFP4, 1, 2)
-ROUTER_KERNEL(fp4_gemm_mx_m2_t1_g1_router, FMT_MXFP4, 2, 1)
-ROUTER_KERNEL(fp4_gemm_mx_m2_t1_g2_router, FMT_MXFP4, 2, 2)
 
 // fp4_gemm_sw_{nv,mx}_t2_g1_xs: the gated 16-token variant with staged activations (the
 // automatic shape never stages 32 tokens).

@@ -78,6 +78,28 @@ __device__ void block_argmax(float& v, int& i, float* shv, int* shi) {
     for (int w = 1; w < nw; w++) argmax_merge(v, i, shv[w], shi[w]);
 }
 
+// Returns true in every thread of the block that arrives last at `counter` (expected arrivals:
+// `total`); that block resets the counter. Partial results must be written before the call.
+// Ordering (CUTLASS's semaphore pattern): the barrier orders every thread's partial writes
+// before thread 0's acq_rel atomic at gpu scope, whose release half publishes them (release is
+// cumulative) and whose acquire half, in the last block, makes every other block's published
+// writes visible to the reads after the second barrier (which bypass L1: __ldcg). One atomic
+// instead of a gpu-scope fence in every thread before it and another after it.
+__device__ bool last_block(int* counter, int total, int* flag) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int prev;
+        asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;"
+                     : "=r"(prev)
+                     : "l"(counter)
+                     : "memory");
+        *flag = prev == total - 1;
+        if (*flag) *counter = 0;
+    }
+    __syncthreads();
+    return *flag != 0;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Embedding gather: x[t] = E[tok[t]] (f32). Ids outside the vocabulary give a zero row and are
 // counted in bad[0].
@@ -1077,6 +1099,63 @@ __device__ __forceinline__ float router_expert_dot(const u16* __restrict__ wr,
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
     return acc;
+}
+
+// Whole block, with token t's logits in prob[0..E) (written by warp 0 before this call's
+// barrier): softmax by warp 0, then top-k by rank, then ids/weights of token t.
+__device__ void router_select(float* prob, float* sel_p, int* sel_id, int* __restrict__ ids,
+                              float* __restrict__ weights, int t, int n_experts, int top_k,
+                              int renorm) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (warp == 0) {
+        // Max and sum are warp reductions in a fixed order.
+        float mx = NEG_INF;
+        for (int i = lane; i < n_experts; i += 32) mx = fmaxf(mx, prob[i]);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        float sum = 0.f;
+        for (int i = lane; i < n_experts; i += 32) {
+            const float v = expf(prob[i] - mx);
+            prob[i] = v;
+            sum += v;
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+        for (int i = lane; i < n_experts; i += 32) prob[i] = prob[i] / sum;
+        // Slots no expert fills (NaN probabilities are never chosen) keep an invalid id.
+        for (int j = lane; j < top_k; j += 32) {
+            sel_id[j] = 0x7fffffff;
+            sel_p[j] = -1.f;
+        }
+    }
+    __syncthreads();
+    // Top-k by rank: expert i is the r-th choice where r experts come before it (a larger
+    // probability, or an equal one at a lower index): the order of k rounds of argmax with ties
+    // to the lower index, computed by every thread at once instead of round after round.
+    for (int i = threadIdx.x; i < n_experts; i += blockDim.x) {
+        const float pi = prob[i];
+        if (pi != pi) continue;
+        int rank = 0;
+        for (int j = 0; j < n_experts; j++) {
+            const float pj = prob[j];
+            rank += (pj > pi) || (pj == pi && j < i);
+        }
+        if (rank < top_k) {
+            sel_id[rank] = i;
+            sel_p[rank] = pi;
+        }
+    }
+    __syncthreads();
+    for (int j = threadIdx.x; j < top_k; j += blockDim.x) {
+        float w = sel_p[j];
+        if (renorm) {
+            float sel_sum = 0.f;  // in rank order
+            for (int q = 0; q < top_k; q++) sel_sum += sel_p[q];
+            w /= sel_sum;
+        }
+        ids[(size_t)t * top_k + j] = sel_id[j];
+        weights[(size_t)t * top_k + j] = w;
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(256)

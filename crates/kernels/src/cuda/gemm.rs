@@ -383,7 +383,7 @@ unsafe fn launch_dense(
 }
 
 /// `FLAG_PREFETCH` of fp4_gemm.cu for a launch over `w`.
-pub(crate) fn prefetch_flags(gpu: &GpuContext, w: &GpuFp4Weight) -> i32 {
+fn prefetch_flags(gpu: &GpuContext, w: &GpuFp4Weight) -> i32 {
     let t = gpu.tuning();
     let small = w.bytes_per_matrix() <= (t.l2_prefetch_small_mib as usize) << 20;
     i32::from(t.l2_prefetch || (t.l2_prefetch_small && small))

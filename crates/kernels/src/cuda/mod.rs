@@ -13,15 +13,13 @@
 //! - [`moe_layer`]: grouped MoE layer from the router's device output; for one token with a
 //!   folded norm after it, [`moe_one_token_gate_up`] then [`moe_down_norm_out`].
 //! - [`fp4_gemm_norm_out`] / [`fp4_gemm_norm_in`]: one-token products with an RMSNorm folded
-//!   into them (fold.rs); [`fp4_gemm_norm_out_router`]: the producer with a MoE router folded
-//!   in (fold_router.rs).
+//!   into them (fold.rs).
 //! - [`moe_bf16_grouped`] / [`moe_bf16_pairs`]: BF16 experts (the BF16 baseline's MoE paths).
 
 mod blas;
 mod context;
 mod error;
 mod fold;
-mod fold_router;
 mod fp8;
 mod gemm;
 mod graph;
@@ -37,10 +35,6 @@ pub use context::{
 pub use error::CudaError;
 pub use fold::{
     fold_parts, fp4_gemm_norm_in, fp4_gemm_norm_out, fp4_gemm_swiglu_norm_in, NormIn, NormOut,
-};
-pub use fold_router::{
-    fp4_gemm_norm_out_router, router_fold_parts, RouterOut, ROUTER_FOLD_MAX_EXPERTS,
-    ROUTER_FOLD_MAX_TOP_K,
 };
 pub use fp8::{
     bf16_to_e4m3_rows, fp4_gemm_fp8, fp4_to_e4m3_rows, fp8_shape_ok, E4m3Rows, Fp8Gemm, Fp8Scratch,

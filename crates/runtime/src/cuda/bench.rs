@@ -512,7 +512,6 @@ fn tuning_ablation(
         flip(|t| &mut t.norm_router, "norm_router"),
         flip(|t| &mut t.dense_swiglu, "dense_swiglu"),
         flip(|t| &mut t.norm_fold, "norm_fold"),
-        flip(|t| &mut t.router_fold, "router_fold"),
         flip(|t| &mut t.warp_attention, "warp_attention"),
         (
             "all_off".to_string(),
@@ -525,7 +524,6 @@ fn tuning_ablation(
                 norm_router: false,
                 dense_swiglu: false,
                 norm_fold: false,
-                router_fold: false,
                 x_stage: base.x_stage,
                 warp_attention: false,
                 fp8_prefill: base.fp8_prefill,

@@ -198,9 +198,6 @@ enum QkvBufs {
 
 struct MoeBufs {
     logits: CudaSlice<f32>,
-    /// The folded router's shares of the logits (`Tuning::router_fold`): one per expert and
-    /// output-projection block, and blocks hold at least 16 rows.
-    router_part: CudaSlice<f32>,
     counters: CudaSlice<i32>,
     ids: CudaSlice<i32>,
     weights: CudaSlice<f32>,
@@ -577,7 +574,6 @@ impl GpuModel {
                 };
                 Some(MoeBufs {
                     logits: zeros(g, m * moe.n_experts)?,
-                    router_part: zeros(g, moe.n_experts * hd.div_ceil(16))?,
                     counters: zeros(g, m)?,
                     ids: zeros(g, p)?,
                     weights: zeros(g, p)?,

@@ -6,9 +6,8 @@
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use mimo_kernels::cuda::{
-    fp4_gemm_norm_out_router, moe_bf16_grouped, moe_bf16_pairs, moe_bf16_pairs_supported,
-    moe_down_norm_out, moe_fold_parts, moe_layer, moe_one_token_gate_up, Bf16Experts, Bf16Pairs,
-    NormIn, NormOut, RouterOut, ROUTER_FOLD_MAX_EXPERTS, ROUTER_FOLD_MAX_TOP_K,
+    moe_bf16_grouped, moe_bf16_pairs, moe_bf16_pairs_supported, moe_down_norm_out, moe_fold_parts,
+    moe_layer, moe_one_token_gate_up, Bf16Experts, Bf16Pairs, NormIn, NormOut,
 };
 
 use super::{walk, Experts, Ffn, GateUp, GpuModel, Pend, Qkv, QkvBufs, Stage, Ws};
@@ -180,49 +179,14 @@ impl GpuModel {
         if let Some(t) = tap.as_deref_mut() {
             t.site(self, Site::O(li), &ws.attn, m, nh * d)?;
         }
-        // MoE layers without a shared expert, folded (batch 1): the output projection adds its
-        // row to the residual and runs the router in its last block (fold_router.rs).
-        let router_fold = fold
-            && g.tuning().router_fold
-            && layer.o.fp4_plain().is_some()
-            && matches!(&layer.ffn, Ffn::Moe(moe) if moe.shared.is_none()
-                && moe.n_experts <= ROUTER_FOLD_MAX_EXPERTS
-                && moe.top_k <= ROUTER_FOLD_MAX_TOP_K);
-        // Else the post-attention add + RMSNorm runs inside the router kernel, and the
-        // attention output waits in attn_delta for the next norm.
+        // MoE layers without a shared expert: the post-attention add + RMSNorm runs inside
+        // the router kernel, and the attention output waits in attn_delta for the next norm.
         let fuse = tap.is_none()
-            && !router_fold
             && gpu.ctx.tuning().norm_router
             && hd <= MAX_FUSED_ROUTER_HIDDEN
             && matches!(&layer.ffn, Ffn::Moe(moe) if moe.shared.is_none());
         if self.runs(Stage::OProj) {
-            if let (true, Ffn::Moe(moe), Some(w)) = (router_fold, &layer.ffn, layer.o.fp4_plain()) {
-                let mb = ws
-                    .moe
-                    .as_mut()
-                    .ok_or_else(|| GpuError::Unsupported("MoE buffers".into()))?;
-                // attn_delta is free in this mode: it takes bf16(w * v), read only by the
-                // kernel itself.
-                let out = NormOut {
-                    resid: &mut ws.x,
-                    weight: &layer.post_norm,
-                    h: &mut ws.attn_delta,
-                    parts: &mut ws.fold_parts,
-                };
-                let router = RouterOut {
-                    weight: &moe.router,
-                    experts: moe.n_experts,
-                    top_k: moe.top_k,
-                    renorm: moe.renorm,
-                    eps,
-                    part: &mut mb.router_part,
-                    counter: &mut mb.counters,
-                    ids: &mut mb.ids,
-                    weights: &mut mb.weights,
-                    h: &mut ws.h,
-                };
-                fp4_gemm_norm_out_router(g, w, &ws.attn, out, router)?;
-            } else if dense_fold {
+            if dense_fold {
                 let out = NormOut {
                     resid: &mut ws.x,
                     weight: &layer.post_norm,
@@ -240,7 +204,7 @@ impl GpuModel {
             }
         }
         self.mark("o_proj")?;
-        if !fuse && !dense_fold && !router_fold {
+        if !fuse && !dense_fold {
             if self.runs(Stage::PostNorm) {
                 self.add_norm(ws, Pend::DELTA, &layer.post_norm, false)?;
             }
@@ -305,7 +269,7 @@ impl GpuModel {
                 } else {
                     RouterIn::Rows(&ws.h)
                 };
-                if self.runs(Stage::Router) && !router_fold {
+                if self.runs(Stage::Router) {
                     ops.router_topk(
                         g,
                         input,
