@@ -643,13 +643,19 @@ __device__ __forceinline__ void fp4_moe_body(const u8* __restrict__ wp, const u8
                                              const u16* __restrict__ lut,
                                              const u16* __restrict__ x, u16* __restrict__ y, int n,
                                              int k, const int* __restrict__ ids, int P, int E,
-                                             int in_div, int* __restrict__ bad, float post) {
+                                             int in_div, int* __restrict__ bad, float post,
+                                             const float* __restrict__ logits = 0) {
     extern __shared__ float red[];
     __shared__ TokenMap tm;
     __shared__ unsigned char present[DIRECT ? 1 : MOE_MAX_EXPERTS];
     __shared__ int s_expert, s_fill;
+    // DIRECT with logits (one token): the block takes the router's top-k itself.
+    __shared__ __align__(16) float r_prob[DIRECT ? MOE_ROUTER_MAX_EXPERTS : 4];
+    __shared__ float r_selp[DIRECT ? 16 : 1];
+    __shared__ int r_selid[DIRECT ? 16 : 1];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     pdl_enter();
+    if (DIRECT && logits != 0) moe_topk_from_logits(logits, E, P, r_prob, r_selp, r_selid);
     const size_t wbytes = (size_t)n * (k >> 1);
     const size_t sbytes = (size_t)n * (FMT == FMT_NVFP4 ? (k >> 4) : (k >> 5));
     const int inter = n / 2;
@@ -669,12 +675,13 @@ __device__ __forceinline__ void fp4_moe_body(const u8* __restrict__ wp, const u8
             __syncwarp();
             if (lane == 0) {
                 const int p = blockIdx.y;
-                const int e = ids[p];
+                const int e = logits != 0 ? r_selid[p] : ids[p];
                 s_expert = e >= 0 && e < E ? e : -1;
                 tm.in_row[0] = p / in_div;
                 tm.out_row[0] = p;
             }
-            if (bad != 0 && blockIdx.x == 0 && blockIdx.y == 0) count_bad_ids(ids, P, E, bad);
+            if (bad != 0 && logits == 0 && blockIdx.x == 0 && blockIdx.y == 0)
+                count_bad_ids(ids, P, E, bad);
         }
         __syncthreads();
         const int e = s_expert;
@@ -724,8 +731,12 @@ __device__ __forceinline__ void fp4_moe_down_t1_body(
     const u8* __restrict__ wp, const u8* __restrict__ ws, const float* __restrict__ gscale,
     const u16* __restrict__ lut, const u16* __restrict__ act, const float* __restrict__ topw,
     const int* __restrict__ ids, u16* __restrict__ out, int n, int k, int P, int E, float post,
-    const u16* __restrict__ pending = 0, const Fold& fo = Fold()) {
+    const u16* __restrict__ pending = 0, const Fold& fo = Fold(),
+    const float* __restrict__ logits = 0, int renorm = 0) {
     extern __shared__ float red[];  // [S][16]
+    __shared__ __align__(16) float r_prob[MOE_ROUTER_MAX_EXPERTS];
+    __shared__ float r_selp[16];
+    __shared__ int r_selid[16];
     // No pdl_enter here: fp4_accumulate waits after its first weight loads. The ids come from
     // the router, the kernel before the previous one (the gate/up projection), which has
     // finished before this grid can start; they are read through L2 (__ldcg). The activations
@@ -736,14 +747,18 @@ __device__ __forceinline__ void fp4_moe_down_t1_body(
     const size_t wbytes = (size_t)n * (k >> 1);
     const size_t sbytes = (size_t)n * (FMT == FMT_NVFP4 ? (k >> 4) : (k >> 5));
     float tot_lo = 0.f, tot_hi = 0.f;  // rows g and g + 8 of token column 0 (lanes t == 0)
+    // With logits (one token), the router's top-k is taken here, before the wait: the router
+    // is the kernel before the previous one, as for the ids.
+    if (logits != 0) moe_topk_from_logits(logits, E, P, r_prob, r_selp, r_selid);
     for (int p = warp; p < P; p += S) {
-        const int e = __ldcg(ids + p);
+        const int e = logits != 0 ? r_selid[p] : __ldcg(ids + p);
         if (e < 0 || e >= E) continue;
         float acc[1][1][4] = {{{0.f, 0.f, 0.f, 0.f}}};
         const OneToken tok{p};
         fp4_accumulate<FMT, 1, 1, G>(wp + (size_t)e * wbytes, ws + (size_t)e * sbytes, lut, act, n,
                                      k, row0, 16, n, tok, 0, G, acc);
-        const float f = topw[p] * ((1.0f / gscale[e]) * post);
+        const float tw = logits != 0 ? router_weight(r_selp, p, P, renorm) : topw[p];
+        const float f = tw * ((1.0f / gscale[e]) * post);
         tot_lo += f * acc[0][0][0];
         tot_hi += f * acc[0][0][2];
     }
@@ -820,11 +835,22 @@ __device__ __forceinline__ void fp4_moe_down_t1_body(
 #define MOE_KERNEL(NAME, FMT, MT, G, EPI, DIRECT) \
     MOE_KERNEL_TN(NAME, FMT, MT, DIRECT ? 1 : 2, G, EPI, DIRECT)
 
+// The one-token kernels take the router's logits last (null: its top-k ids and weights).
 #define MOE_DOWN_T1_KERNEL(NAME, FMT, G)                                                        \
     extern "C" __global__ void __launch_bounds__(512) NAME(                                     \
         const u8* wp, const u8* ws, const float* gs, const u16* lut, const u16* act,             \
-        const float* topw, const int* ids, u16* out, int n, int k, int P, int E, float post) {   \
-        fp4_moe_down_t1_body<FMT, G>(wp, ws, gs, lut, act, topw, ids, out, n, k, P, E, post);     \
+        const float* topw, const int* ids, u16* out, int n, int k, int P, int E, float post,     \
+        const float* logits, int renorm) {                                                       \
+        fp4_moe_down_t1_body<FMT, G>(wp, ws, gs, lut, act, topw, ids, out, n, k, P, E, post, 0,   \
+                                     Fold(), logits, renorm);                                     \
+    }
+#define MOE_T1_KERNEL(NAME, FMT)                                                                 \
+    extern "C" __global__ void __launch_bounds__(512) NAME(                                     \
+        const u8* wp, const u8* ws, const float* gs, const u16* lut, const u16* x, u16* y, int n, \
+        int k, const int* ids, int P, int E, int in_div, int* bad, float post,                   \
+        const float* logits) {                                                                   \
+        fp4_moe_body<FMT, 2, 1, 1, EPI_SWIGLU, true>(wp, ws, gs, lut, x, y, n, k, ids, P, E,   \
+                                                     in_div, bad, post, logits);                 \
     }
 
 // Variants: fp4_gemm_{nv,mx}_m{MT}_t{TN}_g{G} (see gemm.rs for the dispatcher).
@@ -902,8 +928,8 @@ MOE_KERNEL_TN(fp4_moe_mx_g1_p8, FMT_MXFP4, 1, 1, 1, EPI_STORE, false)
 MOE_KERNEL_TN(fp4_moe_mx_g2_p8, FMT_MXFP4, 1, 1, 2, EPI_STORE, false)
 MOE_KERNEL_TN(fp4_moe_mx_g1_swiglu_p8, FMT_MXFP4, 2, 1, 1, EPI_SWIGLU, false)
 // One token (moe.rs): direct gate/up + SwiGLU per pair, then down with the combine fused.
-MOE_KERNEL(fp4_moe_nv_g1_swiglu_t1, FMT_NVFP4, 2, 1, EPI_SWIGLU, true)
-MOE_KERNEL(fp4_moe_mx_g1_swiglu_t1, FMT_MXFP4, 2, 1, EPI_SWIGLU, true)
+MOE_T1_KERNEL(fp4_moe_nv_g1_swiglu_t1, FMT_NVFP4)
+MOE_T1_KERNEL(fp4_moe_mx_g1_swiglu_t1, FMT_MXFP4)
 MOE_DOWN_T1_KERNEL(fp4_moe_down_t1_nv, FMT_NVFP4, 2)
 MOE_DOWN_T1_KERNEL(fp4_moe_down_t1_mx, FMT_MXFP4, 2)
 // The same with the next norm folded into its output (moe.rs `moe_down_norm_out`), compiled
@@ -913,14 +939,15 @@ MOE_DOWN_T1_KERNEL(fp4_moe_down_t1_mx, FMT_MXFP4, 2)
     extern "C" __global__ void __launch_bounds__(512) NAME(                                    \
         const u8* wp, const u8* ws, const float* gs, const u16* lut, const u16* act,            \
         const float* topw, const int* ids, int n, int k, int P, int E, float post,              \
-        const u16* pending, float* resid, const float* out_w, u16* out_h, float* out_parts) {   \
+        const u16* pending, float* resid, const float* out_w, u16* out_h, float* out_parts,     \
+        const float* logits, int renorm) {                                                       \
         Fold fo;                                                                                \
         fo.resid = resid;                                                                       \
         fo.out_w = out_w;                                                                       \
         fo.out_h = out_h;                                                                       \
         fo.out_parts = out_parts;                                                               \
         fp4_moe_down_t1_body<FMT, G, true>(wp, ws, gs, lut, act, topw, ids, 0, n, k, P, E, post, \
-                                           pending, fo);                                        \
+                                           pending, fo, logits, renorm);                        \
     }
 MOE_DOWN_T1_FOLD_KERNEL(fp4_moe_down_t1_nv_fold, FMT_NVFP4, 2)
 MOE_DOWN_T1_FOLD_KERNEL(fp4_moe_down_t1_mx_fold, FMT_MXFP4, 2)

@@ -703,15 +703,15 @@ fn check_moe_norm_out(
     let mut h = poisoned(gpu, hidden);
     let nparts = cuda::moe_fold_parts(hidden);
     let mut parts = s.clone_htod(&vec![f32::NAN; nparts]).unwrap();
-    cuda::moe_one_token_gate_up(gpu, w, x, ids, top_k, ws).unwrap();
+    let route = cuda::OneTokenRoute::TopK { ids, weights: wts };
+    cuda::moe_one_token_gate_up(gpu, w, x, route, top_k, ws).unwrap();
     let norm_out = cuda::NormOut {
         resid: &mut resid,
         weight: &normw_d,
         h: &mut h,
         parts: &mut parts,
     };
-    let got_n =
-        cuda::moe_down_norm_out(gpu, w, ids, wts, top_k, ws, Some(&pend_d), norm_out).unwrap();
+    let got_n = cuda::moe_down_norm_out(gpu, w, route, top_k, ws, Some(&pend_d), norm_out).unwrap();
     assert_eq!(got_n, nparts);
     let (r, hh, pp) = (
         s.clone_dtoh(&resid).unwrap(),
@@ -742,6 +742,105 @@ fn check_moe_norm_out(
             "moe {format} norm out: part {b} {got} vs {want}"
         );
     }
+    check_logits_route(gpu, rng, w, ws, x, top_k, format, (&resid0, &normw_d));
+}
+
+/// The one-token MoE layer routed from the router's logits (`OneTokenRoute::Logits`: each
+/// kernel takes the softmax and top-k itself) against the same layer given the reference
+/// top-k ids and weights of those logits (f64 softmax, ties to the lower index), with and
+/// without renormalisation: the residual within one bf16 rounding of the combined row.
+#[allow(clippy::too_many_arguments)]
+fn check_logits_route(
+    gpu: &GpuContext,
+    rng: &mut ChaCha8Rng,
+    w: &MoeWeights,
+    ws: &mut MoeWorkspace,
+    x: &CudaSlice<bf16>,
+    top_k: usize,
+    format: Fp4Format,
+    (resid0, normw_d): (&[f32], &CudaSlice<f32>),
+) {
+    let s = gpu.stream();
+    let (experts, hidden, _) = w.dims().unwrap();
+    for renorm in [true, false] {
+        // Random logits whose top-k + 1 are clear of ties.
+        let logits: Vec<f32> = (0..experts)
+            .map(|_| rng.random::<f32>() * 6.0 - 3.0)
+            .collect();
+        let lf: Vec<f64> = logits.iter().map(|&v| v as f64).collect();
+        let (want_ids, want_w) = topk_ref(&lf, top_k, renorm);
+        let mut sorted = lf.clone();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        if (0..top_k.min(experts - 1)).any(|j| sorted[j] - sorted[j + 1] < 1e-4) {
+            eprintln!("moe {format} logits route: near tie, skipped");
+            continue;
+        }
+        let ids_d = s
+            .clone_htod(&want_ids.iter().map(|&i| i as i32).collect::<Vec<_>>())
+            .unwrap();
+        let wts_d = s
+            .clone_htod(&want_w.iter().map(|&v| v as f32).collect::<Vec<_>>())
+            .unwrap();
+        let logits_d = s.clone_htod(&logits).unwrap();
+        let mut results = Vec::new();
+        for route in [
+            cuda::OneTokenRoute::TopK {
+                ids: &ids_d,
+                weights: &wts_d,
+            },
+            cuda::OneTokenRoute::Logits {
+                logits: &logits_d,
+                renorm,
+            },
+        ] {
+            let mut resid = s.clone_htod(resid0).unwrap();
+            let mut h = poisoned(gpu, hidden);
+            let mut parts = s
+                .clone_htod(&vec![f32::NAN; cuda::moe_fold_parts(hidden)])
+                .unwrap();
+            cuda::moe_one_token_gate_up(gpu, w, x, route, top_k, ws).unwrap();
+            let out = cuda::NormOut {
+                resid: &mut resid,
+                weight: normw_d,
+                h: &mut h,
+                parts: &mut parts,
+            };
+            cuda::moe_down_norm_out(gpu, w, route, top_k, ws, None, out).unwrap();
+            results.push(s.clone_dtoh(&resid).unwrap());
+        }
+        let (a, b) = (&results[0], &results[1]);
+        let mut differ = 0;
+        for i in 0..hidden {
+            let d = (a[i] - resid0[i]).abs();
+            assert!(
+                (a[i] - b[i]).abs() <= d / 128.0 + 1e-6 * a[i].abs().max(1e-30),
+                "moe {format} logits route (renorm {renorm}): resid[{i}] {} vs {}",
+                b[i],
+                a[i]
+            );
+            differ += usize::from(a[i] != b[i]);
+        }
+        eprintln!(
+            "moe {format} logits route (renorm {renorm}): {differ} of {hidden} rows differ by a rounding"
+        );
+    }
+}
+
+/// The reference router: softmax of `logits`, the top-k by probability (ties to the lower
+/// index), optionally renormalised. Returns (ids, weights).
+fn topk_ref(logits: &[f64], top_k: usize, renorm: bool) -> (Vec<usize>, Vec<f64>) {
+    let mx = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let ex: Vec<f64> = logits.iter().map(|l| (l - mx).exp()).collect();
+    let sum: f64 = ex.iter().sum();
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    let ids: Vec<usize> = order[..top_k].to_vec();
+    let mut w: Vec<f64> = ids.iter().map(|&i| ex[i] / sum).collect();
+    if renorm {
+        let s: f64 = w.iter().sum();
+        w.iter_mut().for_each(|x| *x /= s);
+    }
+    (ids, w)
 }
 
 /// The one-token BF16 expert kernels (gate/up, then down with SwiGLU on its input) against an

@@ -1101,71 +1101,14 @@ __device__ __forceinline__ float router_expert_dot(const u16* __restrict__ wr,
     return acc;
 }
 
-// Whole block, with token t's logits in prob[0..E) (written by warp 0 before this call's
-// barrier): softmax by warp 0, then top-k by rank, then ids/weights of token t.
-__device__ void router_select(float* prob, float* sel_p, int* sel_id, int* __restrict__ ids,
-                              float* __restrict__ weights, int t, int n_experts, int top_k,
-                              int renorm) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (warp == 0) {
-        // Max and sum are warp reductions in a fixed order.
-        float mx = NEG_INF;
-        for (int i = lane; i < n_experts; i += 32) mx = fmaxf(mx, prob[i]);
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-        float sum = 0.f;
-        for (int i = lane; i < n_experts; i += 32) {
-            const float v = expf(prob[i] - mx);
-            prob[i] = v;
-            sum += v;
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-        for (int i = lane; i < n_experts; i += 32) prob[i] = prob[i] / sum;
-        // Slots no expert fills (NaN probabilities are never chosen) keep an invalid id.
-        for (int j = lane; j < top_k; j += 32) {
-            sel_id[j] = 0x7fffffff;
-            sel_p[j] = -1.f;
-        }
-    }
-    __syncthreads();
-    // Top-k by rank: expert i is the r-th choice where r experts come before it (a larger
-    // probability, or an equal one at a lower index): the order of k rounds of argmax with ties
-    // to the lower index, computed by every thread at once instead of round after round.
-    for (int i = threadIdx.x; i < n_experts; i += blockDim.x) {
-        const float pi = prob[i];
-        if (pi != pi) continue;
-        int rank = 0;
-        for (int j = 0; j < n_experts; j++) {
-            const float pj = prob[j];
-            rank += (pj > pi) || (pj == pi && j < i);
-        }
-        if (rank < top_k) {
-            sel_id[rank] = i;
-            sel_p[rank] = pi;
-        }
-    }
-    __syncthreads();
-    for (int j = threadIdx.x; j < top_k; j += blockDim.x) {
-        float w = sel_p[j];
-        if (renorm) {
-            float sel_sum = 0.f;  // in rank order
-            for (int q = 0; q < top_k; q++) sel_sum += sel_p[q];
-            w /= sel_sum;
-        }
-        ids[(size_t)t * top_k + j] = sel_id[j];
-        weights[(size_t)t * top_k + j] = w;
-    }
-}
-
 extern "C" __global__ void __launch_bounds__(256)
 router_topk(const u16* __restrict__ x, const u16* __restrict__ w, float* __restrict__ logits,
             int* __restrict__ counters, int* __restrict__ ids, float* __restrict__ weights,
             int hidden, int n_experts, int top_k, int renorm, const float* __restrict__ xres,
             const u16* __restrict__ d1, const float* __restrict__ normw, float eps,
-            u16* __restrict__ h_out) {
+            u16* __restrict__ h_out, int select) {
     extern __shared__ float hs[];
-    __shared__ float prob[1024];
+    __shared__ __align__(16) float prob[MOE_ROUTER_MAX_EXPERTS];
     __shared__ float shv[32];
     __shared__ float sel_p[256];  // top_k <= 256 (checked at load)
     __shared__ int sel_id[256];
@@ -1187,6 +1130,9 @@ router_topk(const u16* __restrict__ x, const u16* __restrict__ w, float* __restr
             router_expert_dot(wr, wpre, vec, fused, hs, x + (size_t)t * hidden, hidden);
         if (lane == 0) logits[(size_t)t * n_experts + e] = acc;
     }
+    // select == 0: the logits are the output; the one-token expert kernels take the top-k
+    // themselves (moe_topk_from_logits), so no launch waits for this block's last step.
+    if (!select) return;
     if (!last_block(counters + t, gridDim.x, &flag)) return;
     // The logits loaded all at once (the first 256 in registers).
     if (warp == 0) {

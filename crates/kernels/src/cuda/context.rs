@@ -76,7 +76,7 @@ pub const L2_PREFETCH_SMALL_BYTES: usize = 8 << 20;
 
 /// Latency features of the decode path, switchable for A/B measurements through the
 /// environment at context creation (`MIMO_PDL`, `MIMO_L2_PREFETCH`, `MIMO_L2_PREFETCH_SMALL`,
-/// `MIMO_MOE_DIRECT`, `MIMO_NORM_ROUTER`, `MIMO_DENSE_SWIGLU`, `MIMO_NORM_FOLD`,
+/// `MIMO_MOE_DIRECT`, `MIMO_NORM_ROUTER`, `MIMO_DENSE_SWIGLU`, `MIMO_NORM_FOLD`, `MIMO_EXPERT_TOPK`,
 /// `MIMO_X_STAGE`, `MIMO_WARP_ATTENTION`, `MIMO_FP8_PREFILL`, `MIMO_PREFILL_ATTENTION_MMA`,
 /// `MIMO_FP8_RESIDENT`: `1` on, `0` off; `MIMO_L2_PREFETCH_SMALL_MIB`: a size) or later
 /// through [`GpuContext::set_tuning`]. The defaults
@@ -125,6 +125,13 @@ pub struct Tuning {
     /// layers without a shared expert fold their next input norm into the one-token down +
     /// combine kernel ([`super::moe_down_norm_out`], with `moe_direct`): one launch fewer.
     pub norm_fold: bool,
+    /// With `norm_fold`, the one-token FP4 expert kernels of a folded MoE layer take the
+    /// softmax and top-k from the router's logits themselves ([`super::OneTokenRoute::Logits`]),
+    /// so the router ends once its logits are written: no last block gathering them, and
+    /// no launch waiting for it. On by default (H100, Qwen3-30B-A3B NVFP4 batch 1, with the
+    /// top-k's rank pass reading four probabilities per load: 454 vs 439 tokens/s off; before
+    /// that change of the rank pass, 442 either way).
+    pub expert_topk: bool,
     /// FP4 GEMVs of 9 to 32 tokens stage their activations in shared memory (each warp its own
     /// next chunks, by cp.async, one iteration ahead) instead of reading fragments through L1
     /// (fp4_gemm.cu `stage_x`), where the buffers fit the default 48 KiB of a block; the dense
@@ -161,6 +168,7 @@ impl Default for Tuning {
             norm_router: true,
             dense_swiglu: true,
             norm_fold: true,
+            expert_topk: true,
             x_stage: true,
             warp_attention: true,
             fp8_prefill: true,
@@ -193,6 +201,7 @@ impl Tuning {
             norm_router: flag("MIMO_NORM_ROUTER", d.norm_router),
             dense_swiglu: flag("MIMO_DENSE_SWIGLU", d.dense_swiglu),
             norm_fold: flag("MIMO_NORM_FOLD", d.norm_fold),
+            expert_topk: flag("MIMO_EXPERT_TOPK", d.expert_topk),
             x_stage: flag("MIMO_X_STAGE", d.x_stage),
             warp_attention: flag("MIMO_WARP_ATTENTION", d.warp_attention),
             fp8_prefill: flag("MIMO_FP8_PREFILL", d.fp8_prefill),

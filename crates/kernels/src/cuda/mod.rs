@@ -46,7 +46,7 @@ pub use gemm::{
 pub use graph::PdlGraph;
 pub use moe::{
     moe_down_norm_out, moe_fold_parts, moe_layer, moe_layer_with, moe_one_token_gate_up, MoeConfig,
-    MoeWeights, MoeWorkspace, MOE_MAX_EXPERTS,
+    MoeWeights, MoeWorkspace, OneTokenRoute, MOE_MAX_EXPERTS,
 };
 pub use moe_bf16::{
     moe_bf16_grouped, moe_bf16_pairs, moe_bf16_pairs_supported, Bf16Experts, Bf16Pairs,

@@ -230,7 +230,7 @@ pub fn moe_layer_with(
         return moe_layer_one_token(gpu, w, x, topk_ids, topk_weights, top_k, ws, out, cfg);
     }
     let route = Route {
-        ids: topk_ids,
+        ids: Some(topk_ids),
         pairs: p as i32,
         experts: experts as i32,
         slots: experts.min(p) as u32,
@@ -310,16 +310,52 @@ fn moe_layer_one_token(
             reason: format!("top_k {top_k}: the one-token kernel takes at most 16"),
         });
     }
-    one_token_gate_up(gpu, w, x, topk_ids, top_k, ws, cfg)?;
-    one_token_down(
-        gpu,
-        w,
-        topk_ids,
-        topk_weights,
-        top_k,
-        ws,
-        DownTarget::Store(out),
-    )
+    let route = OneTokenRoute::TopK {
+        ids: topk_ids,
+        weights: topk_weights,
+    };
+    one_token_gate_up(gpu, w, x, route, top_k, ws, cfg)?;
+    one_token_down(gpu, w, route, top_k, ws, DownTarget::Store(out))
+}
+
+/// Where the one-token MoE calls ([`moe_one_token_gate_up`], [`moe_down_norm_out`]) take their
+/// experts from.
+#[derive(Clone, Copy)]
+pub enum OneTokenRoute<'a> {
+    /// The router's top-k ids and routing weights, `top_k` of each.
+    TopK {
+        /// Expert ids in rank order.
+        ids: &'a CudaSlice<i32>,
+        /// Their routing weights.
+        weights: &'a CudaSlice<f32>,
+    },
+    /// The router's logits (one per expert): each kernel takes the softmax and top-k itself,
+    /// as the runtime's router picks them (ties to the lower index; `renorm`: the weights
+    /// renormalised over the top-k), so that no launch waits for a separate top-k step. In a
+    /// graph with programmatic edges the down projection reads them before its wait, so they
+    /// must come from an earlier kernel than the gate/up call (as the router's do).
+    Logits {
+        /// `[experts]` logits of the token.
+        logits: &'a CudaSlice<f32>,
+        /// Renormalise the chosen weights (`norm_topk_prob`).
+        renorm: bool,
+    },
+}
+
+impl OneTokenRoute<'_> {
+    /// The ids and weights buffers a kernel takes (the logits' route passes its logits in both
+    /// places: the kernels then read neither).
+    fn check(&self, experts: usize, top_k: usize) -> Result<(), CudaError> {
+        match self {
+            OneTokenRoute::TopK { ids, weights } => {
+                check_len("moe one token: topk_ids", ids.len(), top_k)?;
+                check_len("moe one token: topk_weights", weights.len(), top_k)
+            }
+            OneTokenRoute::Logits { logits, .. } => {
+                check_len("moe one token: logits", logits.len(), experts)
+            }
+        }
+    }
 }
 
 /// Partial sums of squares [`moe_down_norm_out`] writes: one per block of 16 hidden rows.
@@ -338,16 +374,14 @@ pub fn moe_fold_parts(hidden: usize) -> usize {
 pub fn moe_down_norm_out(
     gpu: &GpuContext,
     w: &MoeWeights,
-    topk_ids: &CudaSlice<i32>,
-    topk_weights: &CudaSlice<f32>,
+    route: OneTokenRoute<'_>,
     top_k: usize,
     ws: &mut MoeWorkspace,
     pending: Option<&CudaSlice<bf16>>,
     out: NormOut<'_>,
 ) -> Result<usize, CudaError> {
     let (_, hidden, _) = w.dims()?;
-    check_one_token(w, topk_ids, top_k, ws)?;
-    check_len("moe_down_norm_out: topk_weights", topk_weights.len(), top_k)?;
+    check_one_token(w, route, top_k, ws)?;
     let parts = moe_fold_parts(hidden);
     check_len("moe_down_norm_out: resid", out.resid.len(), hidden)?;
     check_len("moe_down_norm_out: weight", out.weight.len(), hidden)?;
@@ -360,15 +394,7 @@ pub fn moe_down_norm_out(
     if let Some(p) = pending {
         check_len("moe_down_norm_out: pending", p.len(), hidden)?;
     }
-    one_token_down(
-        gpu,
-        w,
-        topk_ids,
-        topk_weights,
-        top_k,
-        ws,
-        DownTarget::Fold { pending, out },
-    )?;
+    one_token_down(gpu, w, route, top_k, ws, DownTarget::Fold { pending, out })?;
     Ok(parts)
 }
 
@@ -378,18 +404,18 @@ pub fn moe_one_token_gate_up(
     gpu: &GpuContext,
     w: &MoeWeights,
     x: &CudaSlice<bf16>,
-    topk_ids: &CudaSlice<i32>,
+    route: OneTokenRoute<'_>,
     top_k: usize,
     ws: &mut MoeWorkspace,
 ) -> Result<(), CudaError> {
     let (_, hidden, inter) = w.dims()?;
-    check_one_token(w, topk_ids, top_k, ws)?;
+    check_one_token(w, route, top_k, ws)?;
     check_len("moe_one_token_gate_up: x", x.len(), hidden)?;
     one_token_gate_up(
         gpu,
         w,
         x,
-        topk_ids,
+        route,
         top_k,
         ws,
         MoeConfig::auto(hidden, inter, 1),
@@ -399,7 +425,7 @@ pub fn moe_one_token_gate_up(
 /// The checks of [`moe_layer_with`] for one token, for the split one-token calls.
 fn check_one_token(
     w: &MoeWeights,
-    topk_ids: &CudaSlice<i32>,
+    route: OneTokenRoute<'_>,
     top_k: usize,
     ws: &MoeWorkspace,
 ) -> Result<(), CudaError> {
@@ -414,7 +440,7 @@ fn check_one_token(
             ),
         });
     }
-    check_len("moe one token: topk_ids", topk_ids.len(), top_k)
+    route.check(experts, top_k)
 }
 
 /// gate/up + SwiGLU: grid.y = pairs, one token slot per block.
@@ -422,7 +448,7 @@ fn one_token_gate_up(
     gpu: &GpuContext,
     w: &MoeWeights,
     x: &CudaSlice<bf16>,
-    topk_ids: &CudaSlice<i32>,
+    route: OneTokenRoute<'_>,
     top_k: usize,
     ws: &mut MoeWorkspace,
     cfg: MoeConfig,
@@ -446,14 +472,16 @@ fn one_token_gate_up(
         shared_mem_bytes: reduction_smem(gcfg, 1),
     };
     let (p_i, e_i) = (top_k as i32, experts as i32);
+    let (ids, logits) = route_args(route);
     let r = Route {
-        ids: topk_ids,
+        ids,
         pairs: p_i,
         experts: e_i,
         slots: top_k as u32,
     };
     // SAFETY (of the call): x holds one row of `hidden`, act top_k rows of `inter` (the
-    // workspace holds at least top_k pairs, checked by the callers), ids top_k entries.
+    // workspace holds at least top_k pairs, checked by the callers), ids top_k entries or the
+    // logits one per expert (OneTokenRoute::check).
     launch_moe_kernel(
         gpu,
         &f,
@@ -464,8 +492,20 @@ fn one_token_gate_up(
         &r,
         p_i,
         Some(&mut ws.bad),
+        Some(logits),
         "launch one-token gate/up",
     )
+}
+
+/// A route's kernel arguments: the ids (none with logits: the kernels then read none) and the
+/// logits (none for top-k ids: a null pointer).
+fn route_args<'a>(
+    route: OneTokenRoute<'a>,
+) -> (Option<&'a CudaSlice<i32>>, Option<&'a CudaSlice<f32>>) {
+    match route {
+        OneTokenRoute::TopK { ids, .. } => (Some(ids), None),
+        OneTokenRoute::Logits { logits, .. } => (None, Some(logits)),
+    }
 }
 
 /// Where the one-token down projection's combined row goes.
@@ -483,8 +523,7 @@ enum DownTarget<'a, 'b> {
 fn one_token_down(
     gpu: &GpuContext,
     w: &MoeWeights,
-    topk_ids: &CudaSlice<i32>,
-    topk_weights: &CudaSlice<f32>,
+    route: OneTokenRoute<'_>,
     top_k: usize,
     ws: &mut MoeWorkspace,
     target: DownTarget<'_, '_>,
@@ -506,14 +545,19 @@ fn one_token_down(
         shared_mem_bytes: warps * 16 * 4,
     };
     let (n_i, k_i, p_i, e_i) = (d.n as i32, d.k as i32, top_k as i32, experts as i32);
+    let renorm = i32::from(matches!(route, OneTokenRoute::Logits { renorm: true, .. }));
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(&d.packed)
         .arg(&d.scales)
         .arg(&d.global_scales)
         .arg(&d.mult_lut)
-        .arg(&ws.act)
-        .arg(topk_weights)
-        .arg(topk_ids);
+        .arg(&ws.act);
+    // With logits the kernel reads neither ids nor weights (null pointers).
+    match route {
+        OneTokenRoute::TopK { ids, weights } => b.arg(weights).arg(ids),
+        OneTokenRoute::Logits { .. } => b.arg(&NULL_PTR).arg(&NULL_PTR),
+    };
+    let logits = route_args(route).1;
     match target {
         DownTarget::Store(out) => {
             b.arg(out)
@@ -522,6 +566,11 @@ fn one_token_down(
                 .arg(&p_i)
                 .arg(&e_i)
                 .arg(&d.post);
+            match logits {
+                Some(l) => b.arg(l),
+                None => b.arg(&NULL_PTR),
+            };
+            b.arg(&renorm);
             // SAFETY: matches fp4_moe_down_t1_*; act holds top_k rows of `inter`, weights and
             // ids top_k entries, out `hidden` elements (checked by the caller).
             unsafe { b.launch(launch) }.map_err(drv("launch one-token down + combine"))?;
@@ -536,6 +585,11 @@ fn one_token_down(
                 .arg(out.weight)
                 .arg(&*out.h)
                 .arg(&*out.parts);
+            match logits {
+                Some(l) => b.arg(l),
+                None => b.arg(&NULL_PTR),
+            };
+            b.arg(&renorm);
             // SAFETY: matches MOE_DOWN_T1_FOLD_KERNEL; as above, and resid, weight, h and
             // pending hold `hidden` elements, parts one per block (moe_down_norm_out checks).
             unsafe { b.launch(launch) }.map_err(drv("launch one-token down + folded norm"))?;
@@ -545,7 +599,8 @@ fn one_token_down(
 }
 
 struct Route<'a> {
-    ids: &'a CudaSlice<i32>,
+    /// None: the kernel takes the top-k from logits instead (one-token kernels only).
+    ids: Option<&'a CudaSlice<i32>>,
     pairs: i32,
     experts: i32,
     slots: u32,
@@ -615,12 +670,13 @@ fn grouped(
         r,
         in_div,
         bad,
+        None,
         "launch grouped FP4 GEMM",
     )
 }
 
-/// Launches one of fp4_gemm.cu's `fp4_moe_*` kernels (grouped or one-token direct: the same
-/// arguments). The caller guarantees the buffer sizes its comment states.
+/// Launches one of fp4_gemm.cu's `fp4_moe_*` kernels (grouped, or one-token direct with the
+/// logits argument after the others). The caller guarantees the buffer sizes its comment states.
 #[allow(clippy::too_many_arguments)]
 fn launch_moe_kernel(
     gpu: &GpuContext,
@@ -632,6 +688,7 @@ fn launch_moe_kernel(
     r: &Route,
     in_div: i32,
     bad: Option<&mut CudaSlice<i32>>,
+    logits: Option<Option<&CudaSlice<f32>>>,
     what: &'static str,
 ) -> Result<(), CudaError> {
     let (n_i, k_i) = (w.n as i32, w.k as i32);
@@ -643,17 +700,29 @@ fn launch_moe_kernel(
         .arg(x)
         .arg(y)
         .arg(&n_i)
-        .arg(&k_i)
-        .arg(r.ids)
-        .arg(&r.pairs)
-        .arg(&r.experts)
-        .arg(&in_div);
+        .arg(&k_i);
+    match r.ids {
+        Some(ids) => b.arg(ids),
+        None => b.arg(&NULL_PTR),
+    };
+    b.arg(&r.pairs).arg(&r.experts).arg(&in_div);
     match bad {
         Some(bad) => b.arg(bad),
         // A null pointer tells the kernel not to count invalid ids.
         None => b.arg(&NULL_PTR),
     };
     b.arg(&w.post);
+    // The one-token kernels (MOE_T1_KERNEL) take the router's logits last (`Some`); the
+    // grouped ones have no such argument (`None`).
+    match logits {
+        Some(Some(l)) => {
+            b.arg(l);
+        }
+        Some(None) => {
+            b.arg(&NULL_PTR);
+        }
+        None => {}
+    }
     // SAFETY: argument types and order match fp4_moe_* (grouped and *_t1); the buffer sizes
     // are the caller's guarantee.
     unsafe { b.launch(launch) }.map_err(drv(what))?;

@@ -512,6 +512,7 @@ fn tuning_ablation(
         flip(|t| &mut t.norm_router, "norm_router"),
         flip(|t| &mut t.dense_swiglu, "dense_swiglu"),
         flip(|t| &mut t.norm_fold, "norm_fold"),
+        flip(|t| &mut t.expert_topk, "expert_topk"),
         flip(|t| &mut t.warp_attention, "warp_attention"),
         (
             "all_off".to_string(),
@@ -524,6 +525,7 @@ fn tuning_ablation(
                 norm_router: false,
                 dense_swiglu: false,
                 norm_fold: false,
+                expert_topk: false,
                 x_stage: base.x_stage,
                 warp_attention: false,
                 fp8_prefill: base.fp8_prefill,

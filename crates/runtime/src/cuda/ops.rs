@@ -582,7 +582,9 @@ impl Ops {
         Ok(())
     }
 
-    /// Router logits (f32), softmax, top-k and optional renormalisation for `m` tokens.
+    /// Router logits (f32), softmax, top-k and optional renormalisation for `m` tokens; with
+    /// `select` false only the logits (the one-token expert kernels then take the top-k from
+    /// them: mimo_kernels' `OneTokenRoute::Logits`), and `ids` / `weights` are left as they are.
     #[allow(clippy::too_many_arguments)]
     pub fn router_topk(
         &self,
@@ -598,12 +600,14 @@ impl Ops {
         n_experts: usize,
         top_k: usize,
         renorm: bool,
+        select: bool,
     ) -> Result<(), GpuError> {
-        let (h, e, k, r) = (
+        let (h, e, k, r, sel) = (
             hidden as i32,
             n_experts as i32,
             top_k as i32,
             i32::from(renorm),
+            i32::from(select),
         );
         let mut smem = 0u32;
         let mut b = gpu.stream().launch_builder(&self.router_topk);
@@ -649,6 +653,7 @@ impl Ops {
                 b.arg(&NULL).arg(&NULL).arg(&NULL).arg(&zero).arg(&NULL);
             }
         }
+        b.arg(&sel);
         let cfg = LaunchConfig {
             grid_dim: (n_experts.div_ceil(8) as u32, m as u32, 1),
             block_dim: (256, 1, 1),

@@ -7,7 +7,7 @@ use cudarc::driver::CudaSlice;
 use half::bf16;
 use mimo_kernels::cuda::{
     moe_bf16_grouped, moe_bf16_pairs, moe_bf16_pairs_supported, moe_down_norm_out, moe_fold_parts,
-    moe_layer, moe_one_token_gate_up, Bf16Experts, Bf16Pairs, NormIn, NormOut,
+    moe_layer, moe_one_token_gate_up, Bf16Experts, Bf16Pairs, NormIn, NormOut, OneTokenRoute,
 };
 
 use super::{walk, Experts, Ffn, GateUp, GpuModel, Pend, Qkv, QkvBufs, Stage, Ws};
@@ -269,6 +269,13 @@ impl GpuModel {
                 } else {
                     RouterIn::Rows(&ws.h)
                 };
+                // The folded one-token path (FP4 experts, not the last layer) may take the
+                // top-k inside the expert kernels (Tuning::expert_topk).
+                let folded = fold
+                    && li + 1 < self.layers.len()
+                    && matches!(moe.experts, Experts::Fp4(_))
+                    && mb.fp4.is_some();
+                let expert_topk = folded && g.tuning().expert_topk;
                 if self.runs(Stage::Router) {
                     ops.router_topk(
                         g,
@@ -283,6 +290,7 @@ impl GpuModel {
                         moe.n_experts,
                         moe.top_k,
                         moe.renorm,
+                        !expert_topk,
                     )?;
                 }
                 self.mark("router")?;
@@ -295,10 +303,21 @@ impl GpuModel {
                     ..Pend::default()
                 };
                 match (&moe.experts, &mut mb.fp4, &mut mb.pair_gu, &mut mb.pair_dn) {
-                    (Experts::Fp4(w), Some(fws), _, _) if fold && li + 1 < self.layers.len() => {
+                    (Experts::Fp4(w), Some(fws), _, _) if folded => {
                         // The next layer's input norm folded into the down + combine kernel,
                         // which also adds a pending attention output (fused router) first.
-                        moe_one_token_gate_up(g, w, &ws.h, &mb.ids, moe.top_k, fws)?;
+                        let route = if expert_topk {
+                            OneTokenRoute::Logits {
+                                logits: &mb.logits,
+                                renorm: moe.renorm,
+                            }
+                        } else {
+                            OneTokenRoute::TopK {
+                                ids: &mb.ids,
+                                weights: &mb.weights,
+                            }
+                        };
+                        moe_one_token_gate_up(g, w, &ws.h, route, moe.top_k, fws)?;
                         self.mark("experts")?;
                         let out_norm = NormOut {
                             resid: &mut ws.x,
@@ -307,16 +326,7 @@ impl GpuModel {
                             parts: &mut ws.fold_parts,
                         };
                         let pending = fuse.then_some(&ws.attn_delta);
-                        moe_down_norm_out(
-                            g,
-                            w,
-                            &mb.ids,
-                            &mb.weights,
-                            moe.top_k,
-                            fws,
-                            pending,
-                            out_norm,
-                        )?;
+                        moe_down_norm_out(g, w, route, moe.top_k, fws, pending, out_norm)?;
                         self.mark("experts")?;
                         out = Pend::default();
                     }
