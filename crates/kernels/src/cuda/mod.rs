@@ -11,7 +11,8 @@
 //! - [`fp4_gemm_fp8`]: FP4 weights and bf16 activations -> E4M3 rows, then cuBLASLt's FP8
 //!   GEMM with per-row scales (large M on sm_89+).
 //! - [`moe_layer`]: grouped MoE layer from the router's device output; for one token with a
-//!   folded norm after it, [`moe_one_token_gate_up`] then [`moe_down_norm_out`].
+//!   folded norm after it, [`moe_one_token_gate_up`] then [`moe_down_norm_out`], routed by the
+//!   router's top-k or, taking the top-k themselves, by its logits ([`OneTokenRoute`]).
 //! - [`fp4_gemm_norm_out`] / [`fp4_gemm_norm_in`]: one-token products with an RMSNorm folded
 //!   into them (fold.rs).
 //! - [`moe_bf16_grouped`] / [`moe_bf16_pairs`]: BF16 experts (the BF16 baseline's MoE paths).
