@@ -16,7 +16,7 @@ use super::context::GpuContext;
 use super::error::CudaError;
 use super::gemm::{check_len, dense_product, swiglu_product, Fp4GemmConfig};
 use super::weights::GpuFp4Weight;
-use super::NULL_PTR;
+use super::{arg_or_null, NULL_PTR};
 
 /// The input side of a folded norm: the product's input rows hold `bf16(w ⊙ v)` of a residual
 /// row `v` that is not normalised yet, and `parts` the partial sums of `v²` a [`NormOut`]
@@ -88,10 +88,7 @@ impl<'a> Fold<'a> {
 
     /// Pushes the kernel's trailing arguments (fp4_gemm.cu DENSE_FOLD_KERNEL) in order.
     pub(crate) fn push_args(&'a self, b: &mut LaunchArgs<'a>) {
-        match &self.input {
-            Some(i) => b.arg(i.parts),
-            None => b.arg(&NULL_PTR),
-        };
+        arg_or_null(b, self.input.map(|i| i.parts));
         b.arg(&self.in_n).arg(&self.in_len).arg(&self.in_eps);
         match &self.output {
             Some(o) => b.arg(&*o.resid).arg(o.weight).arg(&*o.h).arg(&*o.parts),

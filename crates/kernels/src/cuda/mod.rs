@@ -17,6 +17,8 @@
 //!   into them (fold.rs).
 //! - [`moe_bf16_grouped`] / [`moe_bf16_pairs`]: BF16 experts (the BF16 baseline's MoE paths).
 
+use cudarc::driver::{CudaSlice, LaunchArgs, PushKernelArg};
+
 mod blas;
 mod context;
 mod error;
@@ -56,7 +58,15 @@ pub use moe_bf16::{
 pub use weights::GpuFp4Weight;
 
 /// A null device pointer as a kernel argument (an optional buffer left out).
-pub(crate) static NULL_PTR: u64 = 0;
+pub static NULL_PTR: u64 = 0;
+
+/// Pushes `s` as the next kernel argument, or [`NULL_PTR`] where it is absent.
+pub fn arg_or_null<'a, T>(b: &mut LaunchArgs<'a>, s: Option<&'a CudaSlice<T>>) {
+    match s {
+        Some(s) => b.arg(s),
+        None => b.arg(&NULL_PTR),
+    };
+}
 
 /// The embedded kernel sources, (file name, text), for tools that compile them ahead.
 pub fn kernel_sources() -> [(&'static str, &'static str); 2] {

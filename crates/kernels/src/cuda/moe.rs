@@ -9,7 +9,7 @@ use super::error::{drv, CudaError};
 use super::fold::NormOut;
 use super::gemm::{check_len, reduction_smem, Fp4GemmConfig, K_CHUNK};
 use super::weights::GpuFp4Weight;
-use super::NULL_PTR;
+use super::{arg_or_null, NULL_PTR};
 use crate::fp4::Fp4Format;
 
 /// FP4 experts of one MoE layer: `gate_up` is `[2 * inter, hidden]` per expert (gate rows
@@ -342,9 +342,9 @@ pub enum OneTokenRoute<'a> {
     },
 }
 
-impl OneTokenRoute<'_> {
-    /// The ids and weights buffers a kernel takes (the logits' route passes its logits in both
-    /// places: the kernels then read neither).
+impl<'a> OneTokenRoute<'a> {
+    /// Checks the route's buffers against the layer: `top_k` ids and weights, or one logit per
+    /// expert.
     fn check(&self, experts: usize, top_k: usize) -> Result<(), CudaError> {
         match self {
             OneTokenRoute::TopK { ids, weights } => {
@@ -355,6 +355,35 @@ impl OneTokenRoute<'_> {
                 check_len("moe one token: logits", logits.len(), experts)
             }
         }
+    }
+
+    /// The top-k ids, if this route has them (with logits the kernels read none).
+    fn ids(self) -> Option<&'a CudaSlice<i32>> {
+        match self {
+            OneTokenRoute::TopK { ids, .. } => Some(ids),
+            OneTokenRoute::Logits { .. } => None,
+        }
+    }
+
+    /// The routing weights, if this route has them.
+    fn weights(self) -> Option<&'a CudaSlice<f32>> {
+        match self {
+            OneTokenRoute::TopK { weights, .. } => Some(weights),
+            OneTokenRoute::Logits { .. } => None,
+        }
+    }
+
+    /// The logits, if this route has them (a null pointer for the kernels otherwise).
+    fn logits(self) -> Option<&'a CudaSlice<f32>> {
+        match self {
+            OneTokenRoute::TopK { .. } => None,
+            OneTokenRoute::Logits { logits, .. } => Some(logits),
+        }
+    }
+
+    /// The kernels' `renorm` argument (only read with logits).
+    fn renorm(self) -> i32 {
+        i32::from(matches!(self, OneTokenRoute::Logits { renorm: true, .. }))
     }
 }
 
@@ -472,9 +501,8 @@ fn one_token_gate_up(
         shared_mem_bytes: reduction_smem(gcfg, 1),
     };
     let (p_i, e_i) = (top_k as i32, experts as i32);
-    let (ids, logits) = route_args(route);
     let r = Route {
-        ids,
+        ids: route.ids(),
         pairs: p_i,
         experts: e_i,
         slots: top_k as u32,
@@ -492,20 +520,9 @@ fn one_token_gate_up(
         &r,
         p_i,
         Some(&mut ws.bad),
-        Some(logits),
+        MoeTail::OneToken(route.logits()),
         "launch one-token gate/up",
     )
-}
-
-/// A route's kernel arguments: the ids (none with logits: the kernels then read none) and the
-/// logits (none for top-k ids: a null pointer).
-fn route_args<'a>(
-    route: OneTokenRoute<'a>,
-) -> (Option<&'a CudaSlice<i32>>, Option<&'a CudaSlice<f32>>) {
-    match route {
-        OneTokenRoute::TopK { ids, .. } => (Some(ids), None),
-        OneTokenRoute::Logits { logits, .. } => (None, Some(logits)),
-    }
 }
 
 /// Where the one-token down projection's combined row goes.
@@ -526,7 +543,7 @@ fn one_token_down(
     route: OneTokenRoute<'_>,
     top_k: usize,
     ws: &mut MoeWorkspace,
-    target: DownTarget<'_, '_>,
+    mut target: DownTarget<'_, '_>,
 ) -> Result<(), CudaError> {
     let (experts, hidden, _) = w.dims()?;
     let d = &w.down;
@@ -545,56 +562,44 @@ fn one_token_down(
         shared_mem_bytes: warps * 16 * 4,
     };
     let (n_i, k_i, p_i, e_i) = (d.n as i32, d.k as i32, top_k as i32, experts as i32);
-    let renorm = i32::from(matches!(route, OneTokenRoute::Logits { renorm: true, .. }));
+    let renorm = route.renorm();
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(&d.packed)
         .arg(&d.scales)
         .arg(&d.global_scales)
         .arg(&d.mult_lut)
         .arg(&ws.act);
-    // With logits the kernel reads neither ids nor weights (null pointers).
-    match route {
-        OneTokenRoute::TopK { ids, weights } => b.arg(weights).arg(ids),
-        OneTokenRoute::Logits { .. } => b.arg(&NULL_PTR).arg(&NULL_PTR),
-    };
-    let logits = route_args(route).1;
-    match target {
+    // With logits the kernel reads neither weights nor ids (null pointers).
+    arg_or_null(&mut b, route.weights());
+    arg_or_null(&mut b, route.ids());
+    let what = match &mut target {
         DownTarget::Store(out) => {
-            b.arg(out)
+            b.arg(&mut **out)
                 .arg(&n_i)
                 .arg(&k_i)
                 .arg(&p_i)
                 .arg(&e_i)
                 .arg(&d.post);
-            match logits {
-                Some(l) => b.arg(l),
-                None => b.arg(&NULL_PTR),
-            };
-            b.arg(&renorm);
-            // SAFETY: matches fp4_moe_down_t1_*; act holds top_k rows of `inter`, weights and
-            // ids top_k entries, out `hidden` elements (checked by the caller).
-            unsafe { b.launch(launch) }.map_err(drv("launch one-token down + combine"))?;
+            "launch one-token down + combine"
         }
         DownTarget::Fold { pending, out } => {
             b.arg(&n_i).arg(&k_i).arg(&p_i).arg(&e_i).arg(&d.post);
-            match pending {
-                Some(p) => b.arg(p),
-                None => b.arg(&NULL_PTR),
-            };
+            arg_or_null(&mut b, *pending);
             b.arg(&*out.resid)
                 .arg(out.weight)
                 .arg(&*out.h)
                 .arg(&*out.parts);
-            match logits {
-                Some(l) => b.arg(l),
-                None => b.arg(&NULL_PTR),
-            };
-            b.arg(&renorm);
-            // SAFETY: matches MOE_DOWN_T1_FOLD_KERNEL; as above, and resid, weight, h and
-            // pending hold `hidden` elements, parts one per block (moe_down_norm_out checks).
-            unsafe { b.launch(launch) }.map_err(drv("launch one-token down + folded norm"))?;
+            "launch one-token down + folded norm"
         }
-    }
+    };
+    // Both kernels take the router's logits (or null) and renorm last.
+    arg_or_null(&mut b, route.logits());
+    b.arg(&renorm);
+    // SAFETY: matches MOE_DOWN_T1_KERNEL / MOE_DOWN_T1_FOLD_KERNEL; act holds top_k rows of
+    // `inter`, weights and ids top_k entries or the logits one per expert (OneTokenRoute::check),
+    // out `hidden` elements; with a fold, resid, weight, h and pending hold `hidden` elements and
+    // parts one per block (moe_down_norm_out checks).
+    unsafe { b.launch(launch) }.map_err(drv(what))?;
     Ok(())
 }
 
@@ -670,9 +675,17 @@ fn grouped(
         r,
         in_div,
         bad,
-        None,
+        MoeTail::Grouped,
         "launch grouped FP4 GEMM",
     )
+}
+
+/// The arguments a `fp4_moe_*` kernel takes after the common ones.
+enum MoeTail<'a> {
+    /// Grouped kernels: none.
+    Grouped,
+    /// One-token kernels (MOE_T1_KERNEL): the router's logits, or null with top-k ids.
+    OneToken(Option<&'a CudaSlice<f32>>),
 }
 
 /// Launches one of fp4_gemm.cu's `fp4_moe_*` kernels (grouped, or one-token direct with the
@@ -688,7 +701,7 @@ fn launch_moe_kernel(
     r: &Route,
     in_div: i32,
     bad: Option<&mut CudaSlice<i32>>,
-    logits: Option<Option<&CudaSlice<f32>>>,
+    tail: MoeTail<'_>,
     what: &'static str,
 ) -> Result<(), CudaError> {
     let (n_i, k_i) = (w.n as i32, w.k as i32);
@@ -701,10 +714,7 @@ fn launch_moe_kernel(
         .arg(y)
         .arg(&n_i)
         .arg(&k_i);
-    match r.ids {
-        Some(ids) => b.arg(ids),
-        None => b.arg(&NULL_PTR),
-    };
+    arg_or_null(&mut b, r.ids);
     b.arg(&r.pairs).arg(&r.experts).arg(&in_div);
     match bad {
         Some(bad) => b.arg(bad),
@@ -712,16 +722,8 @@ fn launch_moe_kernel(
         None => b.arg(&NULL_PTR),
     };
     b.arg(&w.post);
-    // The one-token kernels (MOE_T1_KERNEL) take the router's logits last (`Some`); the
-    // grouped ones have no such argument (`None`).
-    match logits {
-        Some(Some(l)) => {
-            b.arg(l);
-        }
-        Some(None) => {
-            b.arg(&NULL_PTR);
-        }
-        None => {}
+    if let MoeTail::OneToken(logits) = tail {
+        arg_or_null(&mut b, logits);
     }
     // SAFETY: argument types and order match fp4_moe_* (grouped and *_t1); the buffer sizes
     // are the caller's guarantee.

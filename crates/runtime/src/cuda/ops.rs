@@ -6,12 +6,11 @@
 use std::sync::Arc;
 
 use cudarc::driver::{
-    CudaFunction, CudaModule, CudaSlice, CudaView, DeviceRepr, LaunchArgs, LaunchConfig,
-    PushKernelArg,
+    CudaFunction, CudaModule, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::Ptx;
 use half::bf16;
-use mimo_kernels::cuda::{compile_source, GpuContext};
+use mimo_kernels::cuda::{arg_or_null, compile_source, GpuContext, NULL_PTR};
 
 use super::error::{drv, GpuError};
 use crate::generate::nucleus::{KEYS, MAX_VOCAB};
@@ -193,20 +192,6 @@ impl TopPBufs {
     }
 }
 
-/// A null device pointer for optional kernel arguments.
-static NULL: u64 = 0;
-
-fn opt<'a, T>(b: &mut LaunchArgs<'a>, s: Option<&'a CudaSlice<T>>) {
-    match s {
-        Some(s) => {
-            b.arg(s);
-        }
-        None => {
-            b.arg(&NULL);
-        }
-    }
-}
-
 fn grid1(blocks: u32, threads: u32, smem: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (blocks.max(1), 1, 1),
@@ -316,13 +301,13 @@ impl Ops {
         let (h, rb) = (hidden as i32, row_begin as i32);
         let mut b = gpu.stream().launch_builder(&self.add_rmsnorm);
         b.arg(x);
-        opt(&mut b, d1);
-        opt(&mut b, pairs.map(|p| p.0));
-        opt(&mut b, pairs.map(|p| p.1));
-        opt(&mut b, pairs.map(|p| p.2));
+        arg_or_null(&mut b, d1);
+        arg_or_null(&mut b, pairs.map(|p| p.0));
+        arg_or_null(&mut b, pairs.map(|p| p.1));
+        arg_or_null(&mut b, pairs.map(|p| p.2));
         b.arg(&top_k).arg(&n_exp);
-        opt(&mut b, d2);
-        opt(&mut b, g2);
+        arg_or_null(&mut b, d2);
+        arg_or_null(&mut b, g2);
         b.arg(w).arg(out).arg(&h).arg(&eps).arg(&rb);
         // One block per row: few rows (decode) get wide blocks so that each thread has only a
         // few elements (the row is latency-bound, not bandwidth-bound).
@@ -354,9 +339,9 @@ impl Ops {
         let mut b = gpu.stream().launch_builder(&self.kv_write);
         b.arg(k.buf).arg(&k.off).arg(&k.stride);
         b.arg(v.buf).arg(&v.off).arg(&v.stride);
-        opt(&mut b, k_bias);
-        opt(&mut b, v_bias);
-        opt(&mut b, k_norm);
+        arg_or_null(&mut b, k_bias);
+        arg_or_null(&mut b, v_bias);
+        arg_or_null(&mut b, k_norm);
         b.arg(inv_freq).arg(pos).arg(seq).arg(kc).arg(vc).arg(&a);
         let cfg = LaunchConfig {
             grid_dim: (m as u32, a.n_kv as u32, 1),
@@ -410,8 +395,8 @@ impl Ops {
             let m_i = m as i32;
             let mut b = gpu.stream().launch_builder(f);
             b.arg(q.buf).arg(&q.off).arg(&q.stride);
-            opt(&mut b, biases[0]);
-            opt(&mut b, q_norm);
+            arg_or_null(&mut b, biases[0]);
+            arg_or_null(&mut b, q_norm);
             b.arg(inv_freq)
                 .arg(pos)
                 .arg(seq)
@@ -446,10 +431,10 @@ impl Ops {
         b.arg(k.buf).arg(&k.off).arg(&k.stride);
         b.arg(v.buf).arg(&v.off).arg(&v.stride);
         for bias in biases {
-            opt(&mut b, bias);
+            arg_or_null(&mut b, bias);
         }
-        opt(&mut b, q_norm);
-        opt(&mut b, k_norm);
+        arg_or_null(&mut b, q_norm);
+        arg_or_null(&mut b, k_norm);
         b.arg(inv_freq)
             .arg(pos)
             .arg(seq)
@@ -629,7 +614,7 @@ impl Ops {
                     )));
                 }
                 smem = (hidden * 4) as u32;
-                b.arg(&NULL);
+                b.arg(&NULL_PTR);
                 Some((x, d1, norm, eps, h))
             }
         };
@@ -646,11 +631,15 @@ impl Ops {
         match &tail {
             Some((x, d1, norm, eps, hout)) => {
                 b.arg(*x);
-                opt(&mut b, *d1);
+                arg_or_null(&mut b, *d1);
                 b.arg(*norm).arg(eps).arg(&**hout);
             }
             None => {
-                b.arg(&NULL).arg(&NULL).arg(&NULL).arg(&zero).arg(&NULL);
+                b.arg(&NULL_PTR)
+                    .arg(&NULL_PTR)
+                    .arg(&NULL_PTR)
+                    .arg(&zero)
+                    .arg(&NULL_PTR);
             }
         }
         b.arg(&sel);
@@ -774,7 +763,7 @@ impl Ops {
                 b.arg(&n.thr).arg(&mut n.hist);
             }
             None => {
-                b.arg(&NULL).arg(&NULL);
+                b.arg(&NULL_PTR).arg(&NULL_PTR);
             }
         }
         let cfg = LaunchConfig {
