@@ -158,8 +158,9 @@ __device__ __forceinline__ int moe_collect_pairs(const int* __restrict__ ids, in
 }
 
 // ---------------------------------------------------------------------------------------------
-// MoE top-k selection, shared by the runtime's router (ops.cu router_topk) and the one-token
-// expert kernels that take it from the router's logits (fp4_gemm.cu, moe.rs OneTokenRoute).
+// MoE top-k selection, shared by the runtime's router (ops.cu router_topk's last block) and the
+// one-token expert kernels that take it from the router's logits (fp4_gemm.cu, moe.rs
+// OneTokenRoute).
 // ---------------------------------------------------------------------------------------------
 #define MOE_ROUTER_MAX_EXPERTS 1024
 #define MOE_ROUTER_MAX_TOPK 256
@@ -235,20 +236,9 @@ __device__ __forceinline__ float router_weight(const float* sel_p, int j, int to
     return w;
 }
 
-// Whole block, with token t's logits in prob[0..E) (written by warp 0 before this call's
-// barrier): softmax, top-k by rank, then ids/weights of token t.
-__device__ void router_select(float* prob, float* sel_p, int* sel_id, int* __restrict__ ids,
-                              float* __restrict__ weights, int t, int n_experts, int top_k,
-                              int renorm) {
-    router_rank(prob, sel_p, sel_id, n_experts, top_k);
-    for (int j = threadIdx.x; j < top_k; j += blockDim.x) {
-        ids[(size_t)t * top_k + j] = sel_id[j];
-        weights[(size_t)t * top_k + j] = router_weight(sel_p, j, top_k, renorm);
-    }
-}
-
 // Whole block: the top-k of one token from its logits in global memory (the router's, written
-// by an earlier kernel: read through L2), as router_select picks them, into sel_id / sel_p.
+// by an earlier kernel or, in the router's last block, by the other blocks: read through L2)
+// into sel_id / sel_p; router_weight gives the weights.
 // prob: MOE_ROUTER_MAX_EXPERTS floats of shared memory. Ends with a barrier.
 __device__ void moe_topk_from_logits(const float* __restrict__ logits, int n_experts, int top_k,
                                      float* prob, float* sel_p, int* sel_id) {

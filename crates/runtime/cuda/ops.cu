@@ -1110,8 +1110,8 @@ router_topk(const u16* __restrict__ x, const u16* __restrict__ w, float* __restr
     extern __shared__ float hs[];
     __shared__ __align__(16) float prob[MOE_ROUTER_MAX_EXPERTS];
     __shared__ float shv[32];
-    __shared__ float sel_p[256];  // top_k <= 256 (checked at load)
-    __shared__ int sel_id[256];
+    __shared__ float sel_p[MOE_ROUTER_MAX_TOPK];  // checked at load
+    __shared__ int sel_id[MOE_ROUTER_MAX_TOPK];
     __shared__ int flag;
     const int t = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int e = blockIdx.x * 8 + warp;
@@ -1131,27 +1131,15 @@ router_topk(const u16* __restrict__ x, const u16* __restrict__ w, float* __restr
         if (lane == 0) logits[(size_t)t * n_experts + e] = acc;
     }
     // select == 0: the logits are the output; the one-token expert kernels take the top-k
-    // themselves (moe_topk_from_logits), so no launch waits for this block's last step.
+    // themselves (moe_topk_from_logits, as below), so no launch waits for this block's last
+    // step.
     if (!select) return;
     if (!last_block(counters + t, gridDim.x, &flag)) return;
-    // The logits loaded all at once (the first 256 in registers).
-    if (warp == 0) {
-        const float* lg = logits + (size_t)t * n_experts;
-        float lv[8];
-#pragma unroll
-        for (int r = 0; r < 8; r++) {
-            const int i = lane + 32 * r;
-            lv[r] = i < n_experts ? __ldcg(lg + i) : NEG_INF;
-        }
-#pragma unroll
-        for (int r = 0; r < 8; r++) {
-            const int i = lane + 32 * r;
-            if (i < n_experts) prob[i] = lv[r];
-        }
-        for (int i = lane + 256; i < n_experts; i += 32) prob[i] = __ldcg(lg + i);
-        __syncwarp();
+    moe_topk_from_logits(logits + (size_t)t * n_experts, n_experts, top_k, prob, sel_p, sel_id);
+    for (int j = threadIdx.x; j < top_k; j += blockDim.x) {
+        ids[(size_t)t * top_k + j] = sel_id[j];
+        weights[(size_t)t * top_k + j] = router_weight(sel_p, j, top_k, renorm);
     }
-    router_select(prob, sel_p, sel_id, ids, weights, t, n_experts, top_k, renorm);
 }
 
 // 32-bit hash of a 64-bit counter (murmur3 finaliser): device random numbers that depend only
