@@ -108,3 +108,58 @@ pub fn convert_to_vec(dtype: SrcDType, bytes: &[u8]) -> Result<Vec<f32>, DTypeEr
     convert_row(dtype, bytes, &mut out)?;
     Ok(out)
 }
+
+/// Little-endian raw bytes of `vals` in `dtype`, each value rounded to it (round to nearest
+/// even): the inverse of [`convert_to_vec`] up to that rounding.
+pub fn encode_vec(dtype: SrcDType, vals: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(vals.len() * dtype.size());
+    for &v in vals {
+        match dtype {
+            SrcDType::F32 => out.extend_from_slice(&v.to_le_bytes()),
+            SrcDType::F16 => out.extend_from_slice(&f16::from_f32(v).to_le_bytes()),
+            SrcDType::BF16 => out.extend_from_slice(&bf16::from_f32(v).to_le_bytes()),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encode_is_the_rounded_inverse_of_convert() {
+        // Known bytes: 1.0 and -2.5 in each dtype.
+        assert_eq!(
+            encode_vec(SrcDType::BF16, &[1.0, -2.5]),
+            [0x80, 0x3F, 0x20, 0xC0]
+        );
+        assert_eq!(
+            encode_vec(SrcDType::F16, &[1.0, -2.5]),
+            [0x00, 0x3C, 0x00, 0xC1]
+        );
+        assert_eq!(
+            encode_vec(SrcDType::F32, &[1.0]),
+            1.0f32.to_le_bytes().to_vec()
+        );
+        // Random values over many binades, and the round-to-nearest-even tie of bf16.
+        let mut state = 0x9E37_79B9u32;
+        let vals: Vec<f32> = (0..4096)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                f32::from_bits(state & 0xBFFF_FFFF) // |exponent| bounded: finite values
+            })
+            .chain([f32::from_bits(0x3F80_8000), f32::from_bits(0x3F81_8000)])
+            .collect();
+        for dtype in [SrcDType::F32, SrcDType::F16, SrcDType::BF16] {
+            let bytes = encode_vec(dtype, &vals);
+            assert_eq!(bytes.len(), vals.len() * dtype.size());
+            let back = convert_to_vec(dtype, &bytes).unwrap();
+            for (v, b) in vals.iter().zip(&back) {
+                assert_eq!(dtype.round(*v).to_bits(), b.to_bits(), "{dtype:?} {v}");
+            }
+        }
+    }
+}

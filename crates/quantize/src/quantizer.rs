@@ -505,16 +505,6 @@ mod tests {
         Ok(m)
     }
 
-    fn encode(dt: SrcDType, vals: &[f32]) -> Vec<u8> {
-        vals.iter()
-            .flat_map(|&v| match dt {
-                SrcDType::BF16 => bf16::from_f32(v).to_le_bytes().to_vec(),
-                SrcDType::F16 => half::f16::from_f32(v).to_le_bytes().to_vec(),
-                SrcDType::F32 => v.to_le_bytes().to_vec(),
-            })
-            .collect()
-    }
-
     /// Random data fed in pieces of every awkward size gives the reference's amax and the first
     /// non-finite element's index, for every dtype (the AVX2 and portable paths both run: the
     /// remainder of each piece takes the scalar tail).
@@ -533,7 +523,7 @@ mod tests {
                     if let Some(b) = bad {
                         vals[n * 2 / 3] = b;
                     }
-                    let bytes = encode(dt, &vals);
+                    let bytes = mimo_kernels::dtype::encode_vec(dt, &vals);
                     let want = reference(dt, &bytes);
                     for piece in [1usize, 3, 16, 17, 64, 100_000] {
                         let mut acc = AmaxAcc::new(dt);
@@ -571,7 +561,7 @@ mod tests {
     fn bf16_bit_max_paths_agree() {
         let mut st = 99u64;
         let vals: Vec<f32> = (0..4099).map(|_| lcg(&mut st)).collect();
-        let bytes = encode(SrcDType::BF16, &vals);
+        let bytes = mimo_kernels::dtype::encode_vec(SrcDType::BF16, &vals);
         let want = vals
             .iter()
             .map(|&v| bf16::from_f32(v).to_bits() & 0x7FFF)

@@ -23,12 +23,15 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use half::{bf16, f16};
-use mimo_runtime::checkpoint::{Checkpoint, CheckpointError, DType, HeaderEntry, INDEX_FILE};
+use mimo_kernels::dtype::{convert_to_vec, encode_vec, DTypeError, SrcDType};
+use mimo_runtime::checkpoint::{
+    Checkpoint, CheckpointError, DType, HeaderEntry, TensorView, INDEX_FILE,
+};
 use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::arch::{family, Family};
+use crate::quantizer::src_dtype;
 use crate::writer::{
     copy_side_files, write_index, write_json, ShardWriter, TempOutput, WriteError,
 };
@@ -60,6 +63,13 @@ pub enum RotateError {
         file: PathBuf,
         tensor: String,
         dtype: DType,
+    },
+    /// A tensor's bytes are not a whole number of its elements.
+    #[error("{file}: tensor '{tensor}'")]
+    Bytes {
+        file: PathBuf,
+        tensor: String,
+        source: DTypeError,
     },
     /// A tensor whose shape does not match its role.
     #[error("{file}: tensor '{tensor}' has shape {shape:?}, expected {expected}")]
@@ -311,35 +321,19 @@ fn role(name: &str, heads: bool) -> Option<Role> {
     })
 }
 
-fn to_f32(dtype: DType, data: &[u8]) -> Vec<f32> {
-    match dtype {
-        DType::BF16 => data
-            .chunks_exact(2)
-            .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        DType::F16 => data
-            .chunks_exact(2)
-            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        _ => data
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-    }
-}
-
-fn from_f32(dtype: DType, v: &[f32]) -> Vec<u8> {
-    match dtype {
-        DType::BF16 => v
-            .iter()
-            .flat_map(|&x| bf16::from_f32(x).to_le_bytes())
-            .collect(),
-        DType::F16 => v
-            .iter()
-            .flat_map(|&x| f16::from_f32(x).to_le_bytes())
-            .collect(),
-        _ => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-    }
+/// The values of a tensor that is rotated (BF16, F16 or F32) and its kernels dtype.
+fn values(t: &TensorView<'_>) -> Result<(SrcDType, Vec<f32>), RotateError> {
+    let dtype = src_dtype(t).map_err(|_| RotateError::Dtype {
+        file: t.file.to_path_buf(),
+        tensor: t.name.to_string(),
+        dtype: t.dtype,
+    })?;
+    let v = convert_to_vec(dtype, t.data).map_err(|source| RotateError::Bytes {
+        file: t.file.to_path_buf(),
+        tensor: t.name.to_string(),
+        source,
+    })?;
+    Ok((dtype, v))
 }
 
 fn config_usize(config: &serde_json::Value, key: &str) -> Option<usize> {
@@ -465,7 +459,7 @@ pub fn rotate(src: &Path, dst: &Path, opts: &RotateOptions) -> Result<RotateSumm
                 shape: t.shape.to_vec(),
                 expected,
             };
-            let mut v = to_f32(t.dtype, t.data);
+            let (dtype, mut v) = values(&t)?;
             if r != &Role::Ones && !v.iter().all(|x| x.is_finite()) {
                 return Err(RotateError::NonFinite {
                     file: file.clone(),
@@ -495,7 +489,7 @@ pub fn rotate(src: &Path, dst: &Path, opts: &RotateOptions) -> Result<RotateSumm
                                     expected: format!("[{hidden}] of BF16, F16 or F32"),
                                 });
                             }
-                            Some(to_f32(nt.dtype, nt.data))
+                            Some(values(&nt)?.1)
                         }
                         None => None,
                     };
@@ -545,7 +539,7 @@ pub fn rotate(src: &Path, dst: &Path, opts: &RotateOptions) -> Result<RotateSumm
                     }
                 }
             }
-            w.write_tensor(name, &from_f32(t.dtype, &v))?;
+            w.write_tensor(name, &encode_vec(dtype, &v))?;
             ck.release(src_name);
             rotated += 1;
         }

@@ -6,6 +6,7 @@
 
 use std::sync::atomic::AtomicBool;
 
+use mimo_kernels::dtype::{convert_to_vec, SrcDType};
 use mimo_quant::convert::convert;
 use mimo_quant::rotate::{rotate, RotateError, RotateOptions};
 use mimo_runtime::checkpoint::Checkpoint;
@@ -30,10 +31,7 @@ fn rel_diff(a: &[f32], b: &[f32]) -> f64 {
 
 fn tensor_f32(ck: &Checkpoint, name: &str) -> Vec<f32> {
     let t = ck.tensor(name).expect(name);
-    t.data
-        .chunks_exact(2)
-        .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-        .collect()
+    convert_to_vec(SrcDType::BF16, t.data).expect(name)
 }
 
 #[test]
