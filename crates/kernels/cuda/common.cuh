@@ -46,10 +46,62 @@ __device__ __forceinline__ void mma_bf16_16816(float (&c)[4], u32 a0, u32 a1, u3
 // calls pdl_enter before its first read of data another kernel wrote and before its first
 // global write; `launch_dependents` (after the wait: at most one grid runs ahead) lets the next
 // kernel's blocks be scheduled. Outside such a graph both are no-ops.
-__device__ __forceinline__ void pdl_enter() {
+#ifdef MIMO_TRACE
+// Decode timeline (`MIMO_TRACE=1`; crates/kernels/src/cuda/trace.rs): compiled in only then, so
+// the kernels of a normal run are unchanged. The host points `mimo_trace` of every module at one
+// device buffer: word 1 holds the records per SM, words 4..260 count each SM's records, and each
+// SM has its own region of records after them (a counter per SM: one shared counter made every
+// block of a launch queue on one atomic). Thread 0 of each block appends, per pdl_enter call,
+// the launch's %gridid, %globaltimer before and after the wait, and (block index << 32 | source
+// line << 16 | MIMO_TRACE_FILE << 8 | SM id); trace_mark records a point (both times equal,
+// bit 15 of the line set).
+__device__ u64* mimo_trace;
+__device__ __forceinline__ u64 trace_now() {
+    u64 t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+__device__ __forceinline__ void trace_record(u64 t0, u64 t1, int line) {
+    u64* buf = mimo_trace;
+    if (buf == 0) return;
+    u64 grid;
+    u32 sm;
+    asm volatile("mov.u64 %0, %%gridid;" : "=l"(grid));
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+    sm &= 0xFF;
+    const u64 per_sm = buf[1];
+    const u64 i = atomicAdd((unsigned long long*)(buf + 4 + sm), 1ull);
+    if (i >= per_sm) return;
+    const u64 blk = blockIdx.x + (u64)gridDim.x * (blockIdx.y + (u64)gridDim.y * blockIdx.z);
+    u64* r = buf + 4 + 256 + 4 * (sm * per_sm + i);
+    r[0] = grid;
+    r[1] = t0;
+    r[2] = t1;
+    r[3] = (blk << 32) | ((u64)(line & 0xFFFF) << 16) | ((u64)MIMO_TRACE_FILE << 8) | sm;
+}
+__device__ __forceinline__ bool trace_thread() { return (threadIdx.x | threadIdx.y | threadIdx.z) == 0; }
+__device__ __forceinline__ void trace_mark_at(int line) {
+    if (trace_thread()) {
+        const u64 t = trace_now();
+        trace_record(t, t, line | 0x8000);  // bit 15: a mark, not a wait
+    }
+}
+#define pdl_enter() pdl_enter_at(__LINE__)
+#define trace_mark() trace_mark_at(__LINE__)
+#else
+#define pdl_enter() pdl_enter_at(0)
+#define trace_mark() ((void)0)
+#endif
+__device__ __forceinline__ void pdl_enter_at(int line) {
+#ifdef MIMO_TRACE
+    const u64 t0 = trace_thread() ? trace_now() : 0;
+#endif
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+#ifdef MIMO_TRACE
+    if (trace_thread()) trace_record(t0, trace_now(), line);
 #endif
 }
 

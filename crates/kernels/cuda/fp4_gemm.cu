@@ -235,6 +235,11 @@ __device__ __forceinline__ void stage_x(u16* buf, const u16* __restrict__ x, con
 }
 
 // One iteration's arithmetic: G chunks starting at element kpiece0 - 32t of every row.
+// Activations loaded up front while TN * MT is below this (an A/B knob through
+// MIMO_NVRTC_FLAGS, context.rs).
+#ifndef MIMO_X_UPFRONT_MAX_TM
+#define MIMO_X_UPFRONT_MAX_TM 4
+#endif
 template <int FMT, int MT, int TN, int G, bool XST = false>
 __device__ __forceinline__ void compute_chunks(const WeightRegs<MT, G>& r,
                                                const u16* const (&xptr)[TN], int kpiece, int k,
@@ -246,7 +251,7 @@ __device__ __forceinline__ void compute_chunks(const WeightRegs<MT, G>& r,
     // Groups of more than two chunks load them per word step too (registers).
     // Staged activations (XST: xs is this warp's buffer) are read per word step from shared
     // memory.
-    constexpr bool X_UPFRONT = !XST && TN * MT < 4 && G <= 2;
+    constexpr bool X_UPFRONT = !XST && TN * MT < MIMO_X_UPFRONT_MAX_TM && G <= 2;
     constexpr int XG = X_UPFRONT ? G : 1;
     uint4 xv[XG][TN][4];
     if (X_UPFRONT) {
@@ -551,6 +556,7 @@ __device__ __forceinline__ void fp4_tile(const u8* __restrict__ wp, const u8* __
             }
         }
     }
+    trace_mark();
 }
 
 // FLAG_PREFETCH: have L2 fetch weight rows [row0, row0 + rows) and their scale bytes (one
@@ -655,7 +661,10 @@ __device__ __forceinline__ void fp4_moe_body(const u8* __restrict__ wp, const u8
     __shared__ int r_selid[DIRECT ? 16 : 1];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     pdl_enter();
-    if (DIRECT && logits != 0) moe_topk_from_logits(logits, E, P, r_prob, r_selp, r_selid);
+    if (DIRECT && logits != 0) {
+        moe_topk_from_logits(logits, E, P, r_prob, r_selp, r_selid);
+        trace_mark();
+    }
     const size_t wbytes = (size_t)n * (k >> 1);
     const size_t sbytes = (size_t)n * (FMT == FMT_NVFP4 ? (k >> 4) : (k >> 5));
     const int inter = n / 2;
@@ -750,6 +759,7 @@ __device__ __forceinline__ void fp4_moe_down_t1_body(
     // With logits (one token), the router's top-k is taken here, before the wait: the router
     // is the kernel before the previous one, as for the ids.
     if (logits != 0) moe_topk_from_logits(logits, E, P, r_prob, r_selp, r_selid);
+    trace_mark();
     for (int p = warp; p < P; p += S) {
         const int e = logits != 0 ? r_selid[p] : __ldcg(ids + p);
         if (e < 0 || e >= E) continue;
@@ -788,6 +798,7 @@ __device__ __forceinline__ void fp4_moe_down_t1_body(
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, o);
         if (lane == 0) fo.out_parts[blockIdx.x] = sq;
+        trace_mark();
         return;
     }
     if (threadIdx.x < 16 && row0 + (int)threadIdx.x < n) {
@@ -795,6 +806,7 @@ __device__ __forceinline__ void fp4_moe_down_t1_body(
         for (int s = 0; s < S; s++) sum += red[s * 16 + threadIdx.x];
         out[row0 + threadIdx.x] = f32_to_bf16(sum);
     }
+    trace_mark();
 }
 
 // XST: activations staged in shared memory (see stage_x; gemm.rs: Tuning::x_stage).

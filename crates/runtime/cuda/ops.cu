@@ -930,6 +930,7 @@ attention_w(const u16* __restrict__ q_src, int q_off, int q_stride, const u16* _
             po[i] = o;
         }
     }
+    trace_mark();  // the split's own work done
     if (nsplit == 1) return;
     if (threadIdx.x == 0) {
         part_ml[(row * a.max_splits + z) * 2] = m_all;
@@ -937,6 +938,7 @@ attention_w(const u16* __restrict__ q_src, int q_off, int q_stride, const u16* _
     }
     // wo becomes the combine's scratch: last_block's barrier orders it after the reads above.
     combine_splits(part_ml, part_o, counters, out, row, nsplit, a.max_splits, d, wo, sh, &flag);
+    trace_mark();
 }
 
 // ---------------------------------------------------------------------------------------------

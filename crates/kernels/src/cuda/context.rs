@@ -8,6 +8,7 @@ use cudarc::nvrtc::{CompileOptions, Ptx};
 use half::bf16;
 
 use super::error::{drv, CudaError};
+use super::trace::{trace_defines, TraceBuffer, TraceRecord};
 use crate::fp4::Fp4Format;
 
 /// Kernel sources embedded in the binary: (file name, text).
@@ -43,8 +44,11 @@ pub fn compile_source(file: &'static str, src: &str, arch: &str) -> Result<Strin
             "the NVRTC library (libnvrtc) was not found".into(),
         ));
     }
+    let mut options = vec![format!("--gpu-architecture={arch}"), "-std=c++17".into()];
+    options.extend(trace_defines(file));
+    options.extend(extra_nvrtc_flags());
     let opts = CompileOptions {
-        options: vec![format!("--gpu-architecture={arch}"), "-std=c++17".into()],
+        options,
         name: Some(file.to_string()),
         ..Default::default()
     };
@@ -59,6 +63,20 @@ pub fn compile_source(file: &'static str, src: &str, arch: &str) -> Result<Strin
         c.insert(key, text.clone());
     }
     Ok(text)
+}
+
+/// Extra NVRTC options from `MIMO_NVRTC_FLAGS` (whitespace-separated, e.g.
+/// `-DMIMO_X_UPFRONT_MAX_TM=2`): kernel variants for A/B measurements from one binary. Read once
+/// per process, like the PTX cache it feeds.
+fn extra_nvrtc_flags() -> Vec<String> {
+    static FLAGS: OnceLock<Vec<String>> = OnceLock::new();
+    FLAGS
+        .get_or_init(|| {
+            std::env::var("MIMO_NVRTC_FLAGS")
+                .map(|v| v.split_whitespace().map(str::to_string).collect())
+                .unwrap_or_default()
+        })
+        .clone()
 }
 
 fn compile_log(e: &cudarc::nvrtc::CompileError) -> String {
@@ -225,6 +243,8 @@ pub struct GpuContext {
     mxfp4_lut: CudaSlice<u16>,
     /// Copied out at each launch or capture that depends on it; set through `set_tuning`.
     tuning: Mutex<Tuning>,
+    /// The decode timeline's buffer, with `MIMO_TRACE=1` only (trace.rs).
+    trace: Option<Mutex<TraceBuffer>>,
 }
 
 impl GpuContext {
@@ -269,6 +289,11 @@ impl GpuContext {
         };
         let gemm = load(FP4_GEMM_SRC)?;
         let moe = load(MOE_SRC)?;
+        let trace = TraceBuffer::new(&stream)?;
+        if let Some(t) = &trace {
+            t.attach(&gemm, &stream)?;
+            t.attach(&moe, &stream)?;
+        }
         let sm_count = ctx
             .attribute(
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
@@ -293,6 +318,7 @@ impl GpuContext {
             nvfp4_lut,
             mxfp4_lut,
             tuning: Mutex::new(tuning),
+            trace: trace.map(Mutex::new),
         })
     }
 
@@ -334,6 +360,47 @@ impl GpuContext {
     /// Device name as the driver reports it.
     pub fn device_name(&self) -> &str {
         &self.name
+    }
+
+    /// Whether this context records the decode timeline (`MIMO_TRACE=1`, trace.rs).
+    pub fn tracing(&self) -> bool {
+        self.trace.is_some()
+    }
+
+    /// Points a module compiled by [`compile_source`] outside this crate (the runtime's) at the
+    /// timeline buffer; nothing without `MIMO_TRACE=1`.
+    pub fn attach_trace(&self, module: &Arc<CudaModule>) -> Result<(), CudaError> {
+        match &self.trace {
+            Some(t) => t
+                .lock()
+                .map_err(|_| CudaError::NoDevice("trace lock poisoned".into()))?
+                .attach(module, &self.stream),
+            None => Ok(()),
+        }
+    }
+
+    /// Empties the timeline buffer (queued on the stream); nothing without tracing.
+    pub fn trace_reset(&self) -> Result<(), CudaError> {
+        match &self.trace {
+            Some(t) => t
+                .lock()
+                .map_err(|_| CudaError::NoDevice("trace lock poisoned".into()))?
+                .reset(&self.stream),
+            None => Ok(()),
+        }
+    }
+
+    /// The timeline records since the last reset and how many were dropped (full buffer);
+    /// `None` without tracing. Waits for the stream.
+    pub fn trace_read(&self) -> Result<Option<(Vec<TraceRecord>, u64)>, CudaError> {
+        match &self.trace {
+            Some(t) => t
+                .lock()
+                .map_err(|_| CudaError::NoDevice("trace lock poisoned".into()))?
+                .read(&self.stream)
+                .map(Some),
+            None => Ok(None),
+        }
     }
 
     /// Waits for all work queued on the stream.

@@ -28,6 +28,7 @@ mod gemm;
 mod graph;
 mod moe;
 mod moe_bf16;
+mod trace;
 mod weights;
 
 pub use blas::{bf16_gemm, bf16_gram_accumulate, cublas, fp4_gemm_dequant_cublas};
@@ -55,6 +56,7 @@ pub use moe_bf16::{
     moe_bf16_grouped, moe_bf16_pairs, moe_bf16_pairs_supported, Bf16Experts, Bf16Pairs,
     MOE_BF16_PAIRS_MAX_SWIGLU_K,
 };
+pub use trace::{trace_file_name, TraceRecord};
 pub use weights::GpuFp4Weight;
 
 /// A null device pointer as a kernel argument (an optional buffer left out).

@@ -12,6 +12,7 @@ use serde::Serialize;
 use super::error::{drv, GpuError};
 use super::model::{GpuModel, Stage};
 use super::random::{random_head, WeightKind};
+use super::timeline::{grid_spans, GridSpan};
 use super::weights::Gpu;
 use crate::config::ModelConfig;
 
@@ -91,6 +92,11 @@ pub struct DecodeResult {
     pub sampling: Option<Vec<(String, f64)>>,
     /// Batch 1 with `--stage-costs`: what each layer stage adds to the step, same process.
     pub stage_costs: Option<Vec<StageCost>>,
+    /// Batch 1 in a process started with `MIMO_TRACE=1`: one graph-replayed step's kernel
+    /// launches as the kernels recorded them (timeline.rs). The tracing kernels are compiled
+    /// differently (one atomic and two timer reads per block), so every number of such a run
+    /// is a diagnostic, not a measurement to report.
+    pub timeline: Option<Vec<GridSpan>>,
 }
 
 /// One weight format.
@@ -353,6 +359,12 @@ fn time_decode(
     // prompt; the others' cache rows are zeros: attention reads them all the same).
     let positions = vec![opts.prompt; batch];
     let (graph, dt) = timed_steps(model, &tokens, &positions, opts)?;
+    // Right after the timed steps, while their decode session is live.
+    let timeline = if batch == 1 && model.gpu().ctx.tracing() {
+        Some(traced_step(model)?)
+    } else {
+        None
+    };
     // The profile is a diagnostic: its failure does not void the measurement.
     let profile = if batch == 1 {
         match model.profile_decode_step(batch) {
@@ -410,7 +422,23 @@ fn time_decode(
         tuning_ablation: ablation,
         sampling,
         stage_costs,
+        timeline,
     })
+}
+
+/// One more decode step (after the timed ones) with the timeline buffer emptied before it.
+fn traced_step(model: &mut GpuModel) -> Result<Vec<GridSpan>, GpuError> {
+    model.synchronize()?;
+    model.gpu().ctx.trace_reset()?;
+    model.decode_steps(1, 1)?;
+    model.synchronize()?;
+    let Some((records, dropped)) = model.gpu().ctx.trace_read()? else {
+        return Ok(Vec::new());
+    };
+    if dropped != 0 {
+        eprintln!("    (timeline: {dropped} records did not fit the trace buffer)");
+    }
+    Ok(grid_spans(&records))
 }
 
 /// Decodes `tokens` (one per sequence) from `positions`: starts (capturing the step's graph on

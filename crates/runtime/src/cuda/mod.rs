@@ -19,6 +19,7 @@ mod estimate;
 mod model;
 mod ops;
 mod random;
+mod timeline;
 mod weights;
 
 pub use bench::{bench_random_weights, BenchOptions, BenchReport, BenchRun, DecodeResult};
@@ -27,6 +28,7 @@ pub use estimate::weight_bytes as estimate_weight_bytes;
 pub use model::{GpuKvCache, GpuModel, Stage};
 pub use ops::{sampling_words, ARGMAX_CHUNK, OPS_SRC};
 pub use random::WeightKind;
+pub use timeline::{grid_spans, GridSpan};
 pub use weights::{Gpu, GpuLinear};
 
 /// Opens GPU 0 for a test, or explains why not: `Ok(None)` (after printing the reason) where

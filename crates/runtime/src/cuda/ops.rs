@@ -209,6 +209,7 @@ impl Ops {
             .context()
             .load_module(Ptx::from_src(ptx))
             .map_err(drv("load ops module"))?;
+        gpu.attach_trace(&module)?;
         let f = |name: &str| module.load_function(name).map_err(drv("load ops function"));
         Ok(Ops {
             embed_gather: f("embed_gather")?,
