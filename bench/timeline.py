@@ -3,16 +3,44 @@
 `timeline` of each batch-1 run): every span of launches FIRST..LAST, and each launch's time
 on the critical path (from its wait's first return to the next launch's).
 
-usage: bench/timeline.py FILE [FIRST LAST]   (launch numbers; default: a middle layer's worth)
+usage: bench/timeline.py FILE [FIRST LAST]   (launch numbers; default: a middle layer's worth;
+FILE: a `mimo-run bench` JSON or bench/results/e2e-h100-timeline.json)
+
+After the spans, the median critical time of each launch of the repeating layer pattern over all
+its repetitions (the pattern found from the launches' sites and block counts).
 """
 import json
+import statistics
 import sys
+
+
+def layer_medians(order, crit):
+    """order: (site, blocks) per launch; crit: critical us per launch. Returns (period, rows)."""
+    n = len(order)
+    for p in range(2, 16):
+        mid = range(n // 4, 3 * n // 4 - p)
+        if mid and all(order[i] == order[i + p] for i in mid):
+            break
+    else:
+        return None, []
+    # Align on a repetition in the middle, then walk back to the first one.
+    start = n // 4
+    while start - p >= 0 and all(order[start - p + j] == order[start + j] for j in range(p)):
+        start -= p
+    rows = []
+    for j in range(p):
+        vals = [crit[i] for i in range(start + j, n - 1, p)
+                if i + p < n and order[i] == order[start + j] and crit.get(i) is not None]
+        rows.append((order[start + j], statistics.median(vals) if vals else float("nan"), len(vals)))
+    return p, rows
 
 
 def main():
     path = sys.argv[1]
     d = json.load(open(path))
-    for run in d["runs"]:
+    # A bench JSON, or a record holding several under `traced_runs` (e2e-h100-timeline.json).
+    reports = list(d["traced_runs"].values()) if "traced_runs" in d else [d]
+    for run in (r for rep in reports for r in rep["runs"]):
         for dec in run["decode"]:
             tl = dec.get("timeline")
             if not tl:
@@ -45,6 +73,19 @@ def main():
                 print(f"| {L} | {site} | {s['blocks']} | {s['sms']} | "
                       f"{s['first_begin_us']:.2f}-{s['last_begin_us']:.2f} | "
                       f"{s['first_end_us']:.2f}-{s['last_end_us']:.2f} | {crit} |")
+            waits = {}
+            for s in tl:
+                if not is_mark(s) and s["launch"] not in waits:
+                    waits[s["launch"]] = (s["site"], s["blocks"])
+            order = [waits.get(i) for i in range(launches)]
+            crit_all = {L: release[L + 1] - release[L] for L in release if L + 1 in release}
+            p, rows = layer_medians(order, crit_all)
+            if p:
+                print(f"\nlayer pattern of {p} launches, median critical us over its repetitions:")
+                for (site, blocks), med, count in rows:
+                    print(f"  {site:18s} {blocks:5d} blocks  {med:6.2f} us  ({count} layers)")
+                print(f"  layer: {sum(m for _, m, _ in rows):.2f} us")
+            print()
 
 
 if __name__ == "__main__":
