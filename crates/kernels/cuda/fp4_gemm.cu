@@ -234,12 +234,13 @@ __device__ __forceinline__ void stage_x(u16* buf, const u16* __restrict__ x, con
     }
 }
 
-// One iteration's arithmetic: G chunks starting at element kpiece0 - 32t of every row.
 // Activations loaded up front while TN * MT is below this (an A/B knob through
-// MIMO_NVRTC_FLAGS, context.rs).
+// MIMO_NVRTC_FLAGS, context.rs; 2 measured slower on the H100: kernels-notes round 12).
 #ifndef MIMO_X_UPFRONT_MAX_TM
 #define MIMO_X_UPFRONT_MAX_TM 4
 #endif
+
+// One iteration's arithmetic: G chunks starting at element kpiece0 - 32t of every row.
 template <int FMT, int MT, int TN, int G, bool XST = false>
 __device__ __forceinline__ void compute_chunks(const WeightRegs<MT, G>& r,
                                                const u16* const (&xptr)[TN], int kpiece, int k,
