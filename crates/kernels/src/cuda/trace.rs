@@ -1,8 +1,9 @@
 //! Decode timeline: with `MIMO_TRACE=1` in the environment, every kernel source is compiled
 //! with `MIMO_TRACE` defined and thread 0 of every block appends one record per `pdl_enter`
-//! call (common.cuh) to one device buffer: which launch (%gridid), %globaltimer before and after
-//! the programmatic-dependency wait, the block, its SM and the source line of the call. Without
-//! the variable the kernels are compiled exactly as before and nothing here allocates.
+//! call and `trace_mark()` point (common.cuh) to one device buffer (a region and a counter per
+//! SM): which launch (%gridid), %globaltimer before and after the programmatic-dependency wait
+//! (a mark: the same time twice), the block, its SM and the source line. Without the variable
+//! the kernels are compiled exactly as before and nothing here allocates.
 //!
 //! This is how the time between kernels of a PDL chain can be seen on a machine without a
 //! system profiler: when each launch's blocks were scheduled, and when each one's wait on the
@@ -58,7 +59,7 @@ pub fn trace_file_name(id: u8) -> &'static str {
     }
 }
 
-/// One `pdl_enter` call of one block.
+/// One `pdl_enter` call or `trace_mark` point of one block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TraceRecord {
     /// The launch (%gridid): the same for every block of one kernel launch.
