@@ -129,6 +129,37 @@ fn kernels_compile_with_nvrtc() {
     assert!(!ampere.contains("e4m3x2"));
 }
 
+/// The sources as `MIMO_TRACE=1` compiles them (decode timeline, trace.rs): they still compile,
+/// with the timer reads and the records' symbol in. (`compile_source` reads the variable once
+/// per process, so the options are given here directly.)
+#[test]
+fn traced_kernels_compile_with_nvrtc() {
+    if !cuda::nvrtc_available() {
+        if std::env::var("MIMO_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+            panic!("MIMO_REQUIRE_GPU=1 but libnvrtc was not found");
+        }
+        eprintln!("skipping NVRTC compile test: libnvrtc not found");
+        return;
+    }
+    for (i, (file, src)) in cuda::kernel_sources().into_iter().enumerate() {
+        let opts = cudarc::nvrtc::CompileOptions {
+            options: vec![
+                "--gpu-architecture=sm_90a".into(),
+                "-std=c++17".into(),
+                "-DMIMO_TRACE".into(),
+                format!("-DMIMO_TRACE_FILE={}", i + 1),
+            ],
+            ..Default::default()
+        };
+        let full = format!("{}\n{src}", cuda::COMMON_HEADER);
+        let ptx = cudarc::nvrtc::compile_ptx_with_opts(full, opts)
+            .unwrap_or_else(|e| panic!("{file} with MIMO_TRACE: {e:?}"))
+            .to_src();
+        assert!(ptx.contains("%globaltimer"), "{file}: no timer read");
+        assert!(ptx.contains("mimo_trace"), "{file}: no trace symbol");
+    }
+}
+
 /// The FP8 prefill path: conversions bit-exact against `fp8_rows`, the cuBLASLt GEMM against
 /// an f64 product of the same E4M3 operands, and the whole path against the FP4 reference.
 #[test]

@@ -59,6 +59,33 @@ fn ops_compile_with_nvrtc() {
     }
 }
 
+/// ops.cu as `MIMO_TRACE=1` compiles it (decode timeline): it still compiles, with the timer
+/// reads, the records' symbol and the mark points in.
+#[test]
+fn traced_ops_compile_with_nvrtc() {
+    if !mimo_kernels::cuda::nvrtc_available() {
+        if std::env::var("MIMO_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+            panic!("MIMO_REQUIRE_GPU=1 but libnvrtc was not found");
+        }
+        eprintln!("skipping NVRTC compile test: libnvrtc not found");
+        return;
+    }
+    let opts = cudarc::nvrtc::CompileOptions {
+        options: vec![
+            "--gpu-architecture=sm_90a".into(),
+            "-std=c++17".into(),
+            "-DMIMO_TRACE".into(),
+            "-DMIMO_TRACE_FILE=3".into(),
+        ],
+        ..Default::default()
+    };
+    let full = format!("{}\n{}", mimo_kernels::cuda::COMMON_HEADER, cuda::OPS_SRC.1);
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(full, opts)
+        .unwrap_or_else(|e| panic!("ops.cu with MIMO_TRACE: {e:?}"))
+        .to_src();
+    assert!(ptx.contains("%globaltimer") && ptx.contains("mimo_trace"));
+}
+
 /// Norm-wise relative error and largest element error over the largest reference magnitude.
 fn errors(got: &[f32], want: &[f32]) -> (f64, f64) {
     assert_eq!(got.len(), want.len());
