@@ -108,13 +108,22 @@ fn check_close(what: &str, got: &[bf16], want: &[f64], rel: f64, elem: f64) {
 
 const FORMATS: [Fp4Format; 2] = [Fp4Format::Nvfp4, Fp4Format::Mxfp4];
 
+/// Whether NVRTC is there for a compile test; without it the test is skipped with a message
+/// (a failure with `MIMO_REQUIRE_GPU=1`).
+fn nvrtc_or_skip() -> bool {
+    if cuda::nvrtc_available() {
+        return true;
+    }
+    if std::env::var("MIMO_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+        panic!("MIMO_REQUIRE_GPU=1 but libnvrtc was not found");
+    }
+    eprintln!("skipping NVRTC compile test: libnvrtc not found");
+    false
+}
+
 #[test]
 fn kernels_compile_with_nvrtc() {
-    if !cuda::nvrtc_available() {
-        if std::env::var("MIMO_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-            panic!("MIMO_REQUIRE_GPU=1 but libnvrtc was not found");
-        }
-        eprintln!("skipping NVRTC compile test: libnvrtc not found");
+    if !nvrtc_or_skip() {
         return;
     }
     for (file, src) in cuda::kernel_sources() {
@@ -134,11 +143,7 @@ fn kernels_compile_with_nvrtc() {
 /// per process, so the options are given here directly.)
 #[test]
 fn traced_kernels_compile_with_nvrtc() {
-    if !cuda::nvrtc_available() {
-        if std::env::var("MIMO_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-            panic!("MIMO_REQUIRE_GPU=1 but libnvrtc was not found");
-        }
-        eprintln!("skipping NVRTC compile test: libnvrtc not found");
+    if !nvrtc_or_skip() {
         return;
     }
     for (i, (file, src)) in cuda::kernel_sources().into_iter().enumerate() {

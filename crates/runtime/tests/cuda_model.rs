@@ -31,13 +31,22 @@ fn gpu() -> Option<Arc<Gpu>> {
     }
 }
 
+/// Whether NVRTC is there for a compile test; without it the test is skipped with a message
+/// (a failure with `MIMO_REQUIRE_GPU=1`).
+fn nvrtc_or_skip() -> bool {
+    if mimo_kernels::cuda::nvrtc_available() {
+        return true;
+    }
+    if std::env::var("MIMO_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+        panic!("MIMO_REQUIRE_GPU=1 but libnvrtc was not found");
+    }
+    eprintln!("skipping NVRTC compile test: libnvrtc not found");
+    false
+}
+
 #[test]
 fn ops_compile_with_nvrtc() {
-    if !mimo_kernels::cuda::nvrtc_available() {
-        if std::env::var("MIMO_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-            panic!("MIMO_REQUIRE_GPU=1 but libnvrtc was not found");
-        }
-        eprintln!("skipping NVRTC compile test: libnvrtc not found");
+    if !nvrtc_or_skip() {
         return;
     }
     let (file, src) = cuda::OPS_SRC;
@@ -63,11 +72,7 @@ fn ops_compile_with_nvrtc() {
 /// reads, the records' symbol and the mark points in.
 #[test]
 fn traced_ops_compile_with_nvrtc() {
-    if !mimo_kernels::cuda::nvrtc_available() {
-        if std::env::var("MIMO_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-            panic!("MIMO_REQUIRE_GPU=1 but libnvrtc was not found");
-        }
-        eprintln!("skipping NVRTC compile test: libnvrtc not found");
+    if !nvrtc_or_skip() {
         return;
     }
     let opts = cudarc::nvrtc::CompileOptions {
