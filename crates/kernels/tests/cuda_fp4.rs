@@ -139,27 +139,15 @@ fn kernels_compile_with_nvrtc() {
 }
 
 /// The sources as `MIMO_TRACE=1` compiles them (decode timeline, trace.rs): they still compile,
-/// with the timer reads and the records' symbol in. (`compile_source` reads the variable once
-/// per process, so the options are given here directly.)
+/// with the timer reads and the records' symbol in.
 #[test]
 fn traced_kernels_compile_with_nvrtc() {
     if !nvrtc_or_skip() {
         return;
     }
-    for (i, (file, src)) in cuda::kernel_sources().into_iter().enumerate() {
-        let opts = cudarc::nvrtc::CompileOptions {
-            options: vec![
-                "--gpu-architecture=sm_90a".into(),
-                "-std=c++17".into(),
-                "-DMIMO_TRACE".into(),
-                format!("-DMIMO_TRACE_FILE={}", i + 1),
-            ],
-            ..Default::default()
-        };
-        let full = format!("{}\n{src}", cuda::COMMON_HEADER);
-        let ptx = cudarc::nvrtc::compile_ptx_with_opts(full, opts)
-            .unwrap_or_else(|e| panic!("{file} with MIMO_TRACE: {e:?}"))
-            .to_src();
+    for (file, src) in cuda::kernel_sources() {
+        let ptx = cuda::compile_source_traced(file, src, "sm_90a")
+            .unwrap_or_else(|e| panic!("{file} with MIMO_TRACE: {e}"));
         assert!(ptx.contains("%globaltimer"), "{file}: no timer read");
         assert!(ptx.contains("mimo_trace"), "{file}: no trace symbol");
     }

@@ -75,19 +75,9 @@ fn traced_ops_compile_with_nvrtc() {
     if !nvrtc_or_skip() {
         return;
     }
-    let opts = cudarc::nvrtc::CompileOptions {
-        options: vec![
-            "--gpu-architecture=sm_90a".into(),
-            "-std=c++17".into(),
-            "-DMIMO_TRACE".into(),
-            "-DMIMO_TRACE_FILE=3".into(),
-        ],
-        ..Default::default()
-    };
-    let full = format!("{}\n{}", mimo_kernels::cuda::COMMON_HEADER, cuda::OPS_SRC.1);
-    let ptx = cudarc::nvrtc::compile_ptx_with_opts(full, opts)
-        .unwrap_or_else(|e| panic!("ops.cu with MIMO_TRACE: {e:?}"))
-        .to_src();
+    let (file, src) = cuda::OPS_SRC;
+    let ptx = mimo_kernels::cuda::compile_source_traced(file, src, "sm_90a")
+        .unwrap_or_else(|e| panic!("ops.cu with MIMO_TRACE: {e}"));
     assert!(ptx.contains("%globaltimer") && ptx.contains("mimo_trace"));
 }
 

@@ -8,7 +8,7 @@ use cudarc::nvrtc::{CompileOptions, Ptx};
 use half::bf16;
 
 use super::error::{drv, CudaError};
-use super::trace::{trace_defines, TraceBuffer, TraceRecord};
+use super::trace::{trace_defines, trace_requested, TraceBuffer, TraceRecord};
 use crate::fp4::Fp4Format;
 
 /// Kernel sources embedded in the binary: (file name, text).
@@ -33,19 +33,46 @@ pub fn nvrtc_available() -> bool {
 }
 
 /// Compiles one embedded source for `arch` (e.g. "sm_90a") with NVRTC, [`COMMON_HEADER`] in
-/// front of it, or returns the PTX compiled earlier in this process.
+/// front of it, or returns the PTX compiled earlier in this process. Traced (decode timeline,
+/// trace.rs) where the process started with `MIMO_TRACE=1`.
 pub fn compile_source(file: &'static str, src: &str, arch: &str) -> Result<String, CudaError> {
     let key = (file, arch.to_string());
     if let Some(p) = ptx_cache().lock().ok().and_then(|c| c.get(&key).cloned()) {
         return Ok(p);
     }
+    let text = compile_with(file, src, arch, trace_requested())?;
+    if let Ok(mut c) = ptx_cache().lock() {
+        c.insert(key, text.clone());
+    }
+    Ok(text)
+}
+
+/// [`compile_source`] as `MIMO_TRACE=1` compiles it, whatever this process's environment, and
+/// not cached (the compile tests of the traced kernels).
+pub fn compile_source_traced(
+    file: &'static str,
+    src: &str,
+    arch: &str,
+) -> Result<String, CudaError> {
+    compile_with(file, src, arch, true)
+}
+
+/// One NVRTC compilation of `file` (tracing defines with `traced`, then `MIMO_NVRTC_FLAGS`).
+fn compile_with(
+    file: &'static str,
+    src: &str,
+    arch: &str,
+    traced: bool,
+) -> Result<String, CudaError> {
     if !nvrtc_available() {
         return Err(CudaError::NoDevice(
             "the NVRTC library (libnvrtc) was not found".into(),
         ));
     }
     let mut options = vec![format!("--gpu-architecture={arch}"), "-std=c++17".into()];
-    options.extend(trace_defines(file));
+    if traced {
+        options.extend(trace_defines(file));
+    }
     options.extend(extra_nvrtc_flags());
     let opts = CompileOptions {
         options,
@@ -58,11 +85,7 @@ pub fn compile_source(file: &'static str, src: &str, arch: &str) -> Result<Strin
         file,
         log: compile_log(&e),
     })?;
-    let text = ptx.to_src();
-    if let Ok(mut c) = ptx_cache().lock() {
-        c.insert(key, text.clone());
-    }
-    Ok(text)
+    Ok(ptx.to_src())
 }
 
 /// Extra NVRTC options from `MIMO_NVRTC_FLAGS` (whitespace-separated, e.g.
@@ -367,40 +390,35 @@ impl GpuContext {
         self.trace.is_some()
     }
 
+    /// Runs `f` on the timeline buffer and the stream; `None` without tracing.
+    fn with_trace<R>(
+        &self,
+        f: impl FnOnce(&mut TraceBuffer, &Arc<CudaStream>) -> Result<R, CudaError>,
+    ) -> Result<Option<R>, CudaError> {
+        let Some(t) = &self.trace else {
+            return Ok(None);
+        };
+        let mut t = t
+            .lock()
+            .map_err(|_| CudaError::NoDevice("trace lock poisoned".into()))?;
+        f(&mut t, &self.stream).map(Some)
+    }
+
     /// Points a module compiled by [`compile_source`] outside this crate (the runtime's) at the
     /// timeline buffer; nothing without `MIMO_TRACE=1`.
     pub fn attach_trace(&self, module: &Arc<CudaModule>) -> Result<(), CudaError> {
-        match &self.trace {
-            Some(t) => t
-                .lock()
-                .map_err(|_| CudaError::NoDevice("trace lock poisoned".into()))?
-                .attach(module, &self.stream),
-            None => Ok(()),
-        }
+        self.with_trace(|t, s| t.attach(module, s)).map(|_| ())
     }
 
     /// Empties the timeline buffer (queued on the stream); nothing without tracing.
     pub fn trace_reset(&self) -> Result<(), CudaError> {
-        match &self.trace {
-            Some(t) => t
-                .lock()
-                .map_err(|_| CudaError::NoDevice("trace lock poisoned".into()))?
-                .reset(&self.stream),
-            None => Ok(()),
-        }
+        self.with_trace(|t, s| t.reset(s)).map(|_| ())
     }
 
     /// The timeline records since the last reset and how many were dropped (full buffer);
     /// `None` without tracing. Waits for the stream.
     pub fn trace_read(&self) -> Result<Option<(Vec<TraceRecord>, u64)>, CudaError> {
-        match &self.trace {
-            Some(t) => t
-                .lock()
-                .map_err(|_| CudaError::NoDevice("trace lock poisoned".into()))?
-                .read(&self.stream)
-                .map(Some),
-            None => Ok(None),
-        }
+        self.with_trace(|t, s| t.read(s))
     }
 
     /// Waits for all work queued on the stream.

@@ -33,8 +33,8 @@ mod weights;
 
 pub use blas::{bf16_gemm, bf16_gram_accumulate, cublas, fp4_gemm_dequant_cublas};
 pub use context::{
-    compile_source, nvrtc_available, scale_lut, GpuContext, Tuning, COMMON_HEADER,
-    L2_PREFETCH_SMALL_BYTES,
+    compile_source, compile_source_traced, nvrtc_available, scale_lut, GpuContext, Tuning,
+    COMMON_HEADER, L2_PREFETCH_SMALL_BYTES,
 };
 pub use error::CudaError;
 pub use fold::{

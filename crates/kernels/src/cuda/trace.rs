@@ -28,11 +28,8 @@ pub(crate) fn trace_requested() -> bool {
     *ON.get_or_init(|| std::env::var("MIMO_TRACE").is_ok_and(|v| v == "1"))
 }
 
-/// Extra NVRTC options for `file` when tracing: the define and the file's number in records.
+/// The NVRTC options of a traced `file`: the define and the file's number in records.
 pub(crate) fn trace_defines(file: &str) -> Vec<String> {
-    if !trace_requested() {
-        return Vec::new();
-    }
     vec![
         "-DMIMO_TRACE".into(),
         format!("-DMIMO_TRACE_FILE={}", trace_file_id(file)),

@@ -428,7 +428,7 @@ fn time_decode(
 
 /// One more decode step (after the timed ones) with the timeline buffer emptied before it.
 fn traced_step(model: &mut GpuModel) -> Result<Vec<GridSpan>, GpuError> {
-    model.synchronize()?;
+    // The reset is queued on the stream behind the timed steps.
     model.gpu().ctx.trace_reset()?;
     model.decode_steps(1, 1)?;
     model.synchronize()?;
