@@ -180,6 +180,12 @@ pub struct Tuning {
     /// default (H100, 16 tokens: 4096 x 14336 22.5 -> 20.9 us, 2048 x 151936 113.6 -> 94.4 us;
     /// end to end neutral).
     pub x_stage: bool,
+    /// One-token dense FP4 products pad their dynamic shared memory so that an SM holds at
+    /// most `ceil(blocks / SMs)` of their blocks, and every kernel loaded while it is on asks
+    /// for the 100 KiB shared-memory carveout ([`super::spread_launch`], placement.rs), so that
+    /// the first SMs to drain do not take all of a launch. On by default (H100, MiMo-7B NVFP4
+    /// batch 1: 443 vs 435 tokens/s; Qwen3-30B-A3B, whose experts it leaves alone, unchanged).
+    pub spread: bool,
     /// One-sequence decode steps' attention through the runtime's warp kernel (`attention_w`:
     /// 4 warps x 16 keys, head_dim 32..=128 in steps of 32) instead of the thread-per-key one.
     pub warp_attention: bool,
@@ -211,6 +217,7 @@ impl Default for Tuning {
             norm_fold: true,
             expert_topk: true,
             x_stage: true,
+            spread: true,
             warp_attention: true,
             fp8_prefill: true,
             prefill_attention_mma: true,
@@ -244,6 +251,7 @@ impl Tuning {
             norm_fold: flag("MIMO_NORM_FOLD", d.norm_fold),
             expert_topk: flag("MIMO_EXPERT_TOPK", d.expert_topk),
             x_stage: flag("MIMO_X_STAGE", d.x_stage),
+            spread: flag("MIMO_SPREAD", d.spread),
             warp_attention: flag("MIMO_WARP_ATTENTION", d.warp_attention),
             fp8_prefill: flag("MIMO_FP8_PREFILL", d.fp8_prefill),
             prefill_attention_mma: flag("MIMO_PREFILL_ATTENTION_MMA", d.prefill_attention_mma),
@@ -261,6 +269,7 @@ pub struct GpuContext {
     moe: Arc<CudaModule>,
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
     sm_count: u32,
+    sm_shared: u32,
     name: String,
     nvfp4_lut: CudaSlice<u16>,
     mxfp4_lut: CudaSlice<u16>,
@@ -322,6 +331,11 @@ impl GpuContext {
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
             )
             .map_err(drv("multiprocessor count"))? as u32;
+        let sm_shared = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR,
+            )
+            .map_err(drv("shared memory per multiprocessor"))? as u32;
         let name = ctx.name().map_err(drv("device name"))?;
         let tuning = Tuning::from_env();
         let nvfp4_lut = stream
@@ -337,6 +351,7 @@ impl GpuContext {
             moe,
             functions: Mutex::new(HashMap::new()),
             sm_count,
+            sm_shared,
             name,
             nvfp4_lut,
             mxfp4_lut,
@@ -378,6 +393,11 @@ impl GpuContext {
     /// Number of streaming multiprocessors.
     pub fn sm_count(&self) -> u32 {
         self.sm_count
+    }
+
+    /// The most shared memory one SM can have, in bytes (228 KiB on Hopper).
+    pub fn sm_shared_bytes(&self) -> u32 {
+        self.sm_shared
     }
 
     /// Device name as the driver reports it.
@@ -449,6 +469,7 @@ impl GpuContext {
             &self.gemm
         };
         let f = module.load_function(name).map_err(drv("load function"))?;
+        super::placement::on_load(self.tuning(), name, &f)?;
         map.insert(name, f.clone());
         Ok(f)
     }

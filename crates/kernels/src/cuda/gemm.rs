@@ -7,6 +7,7 @@ use half::bf16;
 use super::context::GpuContext;
 use super::error::{drv, CudaError};
 use super::fold::Fold;
+use super::placement::spread_launch;
 use super::weights::GpuFp4Weight;
 use super::NULL_PTR;
 use crate::fp4::Fp4Format;
@@ -377,6 +378,11 @@ unsafe fn launch_dense(
     if fold.active() {
         fold.push_args(&mut b);
     }
+    let launch = if m == 1 {
+        spread_launch(gpu, f, launch)?
+    } else {
+        launch
+    };
     // SAFETY: argument types and order match DENSE_KERNEL_EPI; sizes are the caller's promise.
     unsafe { b.launch(launch) }.map_err(drv(what))?;
     Ok(())

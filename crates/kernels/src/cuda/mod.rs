@@ -28,6 +28,7 @@ mod gemm;
 mod graph;
 mod moe;
 mod moe_bf16;
+mod placement;
 mod trace;
 mod weights;
 
@@ -56,6 +57,7 @@ pub use moe_bf16::{
     moe_bf16_grouped, moe_bf16_pairs, moe_bf16_pairs_supported, Bf16Experts, Bf16Pairs,
     MOE_BF16_PAIRS_MAX_SWIGLU_K,
 };
+pub use placement::{on_load, spread_launch, spread_smem, SPREAD_CARVEOUT_PERCENT};
 pub use trace::{trace_file_name, TraceRecord};
 pub use weights::GpuFp4Weight;
 

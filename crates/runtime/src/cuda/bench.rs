@@ -542,6 +542,7 @@ fn tuning_ablation(
         flip(|t| &mut t.norm_fold, "norm_fold"),
         flip(|t| &mut t.expert_topk, "expert_topk"),
         flip(|t| &mut t.warp_attention, "warp_attention"),
+        flip(|t| &mut t.spread, "spread"),
         (
             "all_off".to_string(),
             Tuning {
@@ -555,6 +556,7 @@ fn tuning_ablation(
                 norm_fold: false,
                 expert_topk: false,
                 x_stage: base.x_stage,
+                spread: false,
                 warp_attention: false,
                 fp8_prefill: base.fp8_prefill,
                 prefill_attention_mma: base.prefill_attention_mma,

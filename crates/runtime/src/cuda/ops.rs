@@ -10,7 +10,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::Ptx;
 use half::bf16;
-use mimo_kernels::cuda::{arg_or_null, compile_source, GpuContext, NULL_PTR};
+use mimo_kernels::cuda::{arg_or_null, compile_source, on_load, GpuContext, NULL_PTR};
 
 use super::error::{drv, GpuError};
 use crate::generate::nucleus::{KEYS, MAX_VOCAB};
@@ -210,7 +210,14 @@ impl Ops {
             .load_module(Ptx::from_src(ptx))
             .map_err(drv("load ops module"))?;
         gpu.attach_trace(&module)?;
-        let f = |name: &str| module.load_function(name).map_err(drv("load ops function"));
+        let tuning = gpu.tuning();
+        let f = |name: &str| -> Result<CudaFunction, GpuError> {
+            let f = module
+                .load_function(name)
+                .map_err(drv("load ops function"))?;
+            on_load(tuning, name, &f)?;
+            Ok(f)
+        };
         Ok(Ops {
             embed_gather: f("embed_gather")?,
             add_rmsnorm: f("add_rmsnorm")?,
