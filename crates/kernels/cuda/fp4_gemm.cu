@@ -907,6 +907,12 @@ GATED_VARIANTS(mx, FMT_MXFP4)
 FOLD_VARIANTS(nv, FMT_NVFP4)
 FOLD_VARIANTS(mx, FMT_MXFP4)
 
+// The one-token shape of products too wide for the placement padding (the lm_head: more than
+// 16 blocks per SM), compiled apart so that it keeps the driver's shared-memory carveout while
+// the other kernels ask for placement.rs's (gemm.rs: dense_product).
+DENSE_KERNEL(fp4_gemm_nv_m2_t1_g2_wide, FMT_NVFP4, 2, 1, 2)
+DENSE_KERNEL(fp4_gemm_mx_m2_t1_g2_wide, FMT_MXFP4, 2, 1, 2)
+
 // fp4_gemm_sw_{nv,mx}_t2_g1_xs: the gated 16-token variant with staged activations (the
 // automatic shape never stages 32 tokens).
 DENSE_KERNEL_EPI(fp4_gemm_sw_nv_t2_g1_xs, FMT_NVFP4, 2, 2, 1, EPI_SWIGLU_BF16, true)

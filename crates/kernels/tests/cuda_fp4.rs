@@ -345,6 +345,56 @@ fn fp4_gemm_matches_cpu_reference() {
     }
 }
 
+/// A one-token product wider than the placement padding caps (more than 16 two-tile blocks per
+/// SM, as an lm_head) runs the `_wide` copy of its kernel under `Tuning::spread`: checked
+/// against the CPU and bit for bit against the ordinary kernel (spread off), both formats.
+#[test]
+fn wide_one_token_product_matches_reference() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = rng("wide");
+    // Two-tile blocks of 32 rows: 16 per SM and one more, plus a partial tile.
+    let (n, k) = (32 * (16 * gpu.sm_count() as usize + 1) + 7, 1024);
+    for format in FORMATS {
+        let wf = random_matrix(&mut rng, n * k, 0.02);
+        let q = quantize(format, &wf, n, k);
+        let wd = dequantize(&q).unwrap();
+        let xb = to_bf16(&random_matrix(&mut rng, k, 1.0));
+        let xf: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
+        let want = matmul_ref(&wd, &xf, 1, n, k);
+        let w = GpuFp4Weight::upload(&gpu, "w", &q).unwrap();
+        let x = gpu.stream().clone_htod(&xb).unwrap();
+        assert_eq!(
+            Fp4GemmConfig::auto(1, n, k, gpu.sm_count()),
+            Fp4GemmConfig {
+                m_tiles: 2,
+                warps: 4,
+                group: 2
+            },
+            "the shape the _wide kernels exist for"
+        );
+        let base = gpu.tuning();
+        let mut outs = Vec::new();
+        for spread in [true, false] {
+            gpu.set_tuning(Tuning { spread, ..base });
+            let mut y = poisoned(&gpu, n);
+            fp4_gemm(&gpu, &w, &x, 1, &mut y).unwrap();
+            gpu.set_tuning(base);
+            let got = gpu.stream().clone_dtoh(&y).unwrap();
+            check_close(
+                &format!("{format} n={n} spread {spread}"),
+                &got,
+                &want,
+                8e-3,
+                2e-2,
+            );
+            outs.push(got);
+        }
+        for (i, (a, b)) in outs[0].iter().zip(&outs[1]).enumerate() {
+            assert_eq!(a.to_bits(), b.to_bits(), "{format}: element {i}");
+        }
+    }
+}
+
 /// The dense SwiGLU epilogue against fp4_gemm's [gate | up] output and silu on the CPU (the
 /// runtime test compares it bit for bit with the SwiGLU kernel): at most one bf16 step apart.
 #[test]

@@ -54,6 +54,11 @@ pub fn spread_smem(
     (pad > dynamic).then_some(pad)
 }
 
+/// Whether a launch of `blocks` has more per SM than [`spread_smem`] pads for.
+pub fn beyond_spread_cap(blocks: u32, sms: u32) -> bool {
+    blocks.div_ceil(sms.max(1)) > MAX_CAP
+}
+
 /// `launch` with its dynamic shared memory padded by [`spread_smem`] where `Tuning::spread` is
 /// on (the kernel's maximum dynamic shared memory raised past 48 KiB where needed).
 pub fn spread_launch(
@@ -91,7 +96,7 @@ pub fn spread_launch(
 
 /// Prepares a kernel just loaded (named `name`): the carveout of [`SPREAD_CARVEOUT_PERCENT`]
 /// where `tuning.spread` is on (at load time: later switches keep it; the prefill attention
-/// kernels keep the driver's choice), and with
+/// kernels and the `_wide` one-token kernels keep the driver's choice), and with
 /// `MIMO_KERNEL_ATTRS=1` a line on stderr with its registers, local (spill) memory and static
 /// shared memory as the driver compiled it.
 pub fn on_load(tuning: Tuning, name: &str, f: &CudaFunction) -> Result<(), CudaError> {
@@ -105,8 +110,9 @@ pub fn on_load(tuning: Tuning, name: &str, f: &CudaFunction) -> Result<(), CudaE
         );
     }
     // Prefill attention holds 19-37 KiB of static shared memory per block and runs in no
-    // one-token chain: the driver's own carveout gives it more blocks per SM.
-    if tuning.spread && !name.starts_with("attention_prefill") {
+    // one-token chain: the driver's own carveout gives it more blocks per SM. The `_wide`
+    // kernels run the products too wide to pad, which only lose L1 to the carveout.
+    if tuning.spread && !name.starts_with("attention_prefill") && !name.ends_with("_wide") {
         f.set_attribute(
             Attr::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
             SPREAD_CARVEOUT_PERCENT as i32,
@@ -171,6 +177,14 @@ mod tests {
         assert_eq!(without - with, 4096);
         // The lm_head's 4,748 blocks: 36 per SM is past the cap the rounding can hold.
         assert_eq!(spread_smem(4748, 132, BUDGET, 0, 0), None);
+        // The `_wide` kernels (gemm.rs) take exactly the launches left unpadded for their cap.
+        for blocks in 1..=20 * 132 {
+            assert_eq!(
+                beyond_spread_cap(blocks, 132),
+                spread_smem(blocks, 132, BUDGET, 0, 0).is_none(),
+                "{blocks} blocks"
+            );
+        }
         // No SM count reads as one SM rather than dividing by zero.
         assert_eq!(
             spread_smem(2, 0, BUDGET, 0, 0),
