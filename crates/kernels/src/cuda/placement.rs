@@ -9,9 +9,10 @@
 //! per-kernel choice, decides and no SM has to change its split between kernels.
 //!
 //! The carveout is a trade: shared memory taken from L1 is L1 the streams no longer have. On
-//! the H100 (docs/kernels-notes.md round 13) the 100 KiB configuration costs nothing measurable
-//! on its own and the padding then gains ~2 % (MiMo-7B NVFP4 batch 1); 228 KiB (28 KiB of L1)
-//! costs 22 %.
+//! the H100 (docs/kernels-notes.md round 13) the 100 KiB configuration costs ~0.5 % on its own
+//! and the padding then gains ~2 % (MiMo-7B NVFP4 batch 1); 228 KiB (28 KiB of L1) costs 22 %.
+//! Products with more blocks per SM than the padding can cap (the lm_head) run `_wide` copies
+//! of their kernel that keep the driver's carveout (gemm.rs).
 
 use cudarc::driver::sys::CUfunction_attribute as Attr;
 use cudarc::driver::{CudaFunction, LaunchConfig};
