@@ -56,10 +56,12 @@ def main():
                 if "mark" in s:
                     return s["mark"]
                 return s["first_begin_us"] == s["first_end_us"] and s["last_begin_us"] == s["last_end_us"]
-            release = {}
+            # Each launch's first wait span: its release time, site and blocks.
+            first_wait = {}
             for s in tl:
-                if not is_mark(s) and s["launch"] not in release:
-                    release[s["launch"]] = s["first_end_us"]
+                if not is_mark(s):
+                    first_wait.setdefault(s["launch"], s)
+            release = {L: s["first_end_us"] for L, s in first_wait.items()}
             print("| launch | site | blocks | SMs | arrive first-last us | wait returns first-last us | critical us |")
             print("|---|---|---|---|---|---|---|")
             for s in tl:
@@ -73,11 +75,8 @@ def main():
                 print(f"| {L} | {site} | {s['blocks']} | {s['sms']} | "
                       f"{s['first_begin_us']:.2f}-{s['last_begin_us']:.2f} | "
                       f"{s['first_end_us']:.2f}-{s['last_end_us']:.2f} | {crit} |")
-            waits = {}
-            for s in tl:
-                if not is_mark(s) and s["launch"] not in waits:
-                    waits[s["launch"]] = (s["site"], s["blocks"])
-            order = [waits.get(i) for i in range(launches)]
+            order = [(first_wait[i]["site"], first_wait[i]["blocks"]) if i in first_wait else None
+                     for i in range(launches)]
             crit_all = {L: release[L + 1] - release[L] for L in release if L + 1 in release}
             p, rows = layer_medians(order, crit_all)
             if p:

@@ -140,11 +140,11 @@ fn wide_kernel_name(
     m: usize,
     cfg: Fp4GemmConfig,
     tn: u32,
+    blocks: u32,
 ) -> Option<&'static str> {
     if m != 1 || !gpu.tuning().spread {
         return None;
     }
-    let blocks = w.n.div_ceil(16 * cfg.m_tiles as usize) as u32;
     if !beyond_spread_cap(blocks, gpu.sm_count()) {
         return None;
     }
@@ -254,21 +254,18 @@ pub(crate) fn dense_product(
     }
     let m_i = tokens_i32(m, "fp4_gemm: x")?;
     let flags = prefetch_flags(gpu, w);
+    let row_blocks = w.n.div_ceil(16 * cfg.m_tiles as usize) as u32;
     let (f, smem) = if fold.active() {
         fold_kernel(gpu, w.format, cfg, tn, fold, false)?
     } else {
-        let plain = match wide_kernel_name(gpu, w, m, cfg, tn) {
+        let plain = match wide_kernel_name(gpu, w, m, cfg, tn, row_blocks) {
             Some(name) => name,
             None => gemm_kernel_name(w.format, cfg, tn)?,
         };
         staged_or_plain(gpu, xs_kernel_name(w.format, cfg, tn), plain, cfg, tn)?
     };
     let launch = LaunchConfig {
-        grid_dim: (
-            w.n.div_ceil(16 * cfg.m_tiles as usize) as u32,
-            1,
-            m.div_ceil(8 * tn as usize) as u32,
-        ),
+        grid_dim: (row_blocks, 1, m.div_ceil(8 * tn as usize) as u32),
         block_dim: (32 * cfg.warps, 1, 1),
         shared_mem_bytes: smem,
     };

@@ -36,24 +36,24 @@ pub(crate) fn trace_defines(file: &str) -> Vec<String> {
     ]
 }
 
+/// The kernel sources records can name: file number `i + 1` is `TRACED_FILES[i]`.
+const TRACED_FILES: [&str; 3] = ["fp4_gemm.cu", "moe.cu", "ops.cu"];
+
 /// The number records carry for a kernel source file (0: unknown).
 fn trace_file_id(file: &str) -> u8 {
-    match file {
-        "fp4_gemm.cu" => 1,
-        "moe.cu" => 2,
-        "ops.cu" => 3,
-        _ => 0,
-    }
+    TRACED_FILES
+        .iter()
+        .position(|f| *f == file)
+        .map_or(0, |i| i as u8 + 1)
 }
 
 /// Source file of a record's `pdl_enter` call, by the number [`trace_defines`] gave it.
 pub fn trace_file_name(id: u8) -> &'static str {
-    match id {
-        1 => "fp4_gemm.cu",
-        2 => "moe.cu",
-        3 => "ops.cu",
-        _ => "?",
-    }
+    (id as usize)
+        .checked_sub(1)
+        .and_then(|i| TRACED_FILES.get(i))
+        .copied()
+        .unwrap_or("?")
 }
 
 /// One `pdl_enter` call or `trace_mark` point of one block.
