@@ -105,6 +105,42 @@ __device__ __forceinline__ void pdl_enter_at(int line) {
 #endif
 }
 
+// Asks L2 to fetch the 16-byte-aligned part of [p, p + bytes) in pieces of at most 64 KiB
+// (never past the range, so never outside the allocation).
+__device__ __forceinline__ void prefetch_l2_range(const u8* p, size_t bytes) {
+    size_t a = ((size_t)p + 15) & ~(size_t)15;
+    const size_t end = ((size_t)p + bytes) & ~(size_t)15;
+    while (a < end) {
+        const u32 len = (u32)min(end - a, (size_t)65536);
+#if __CUDA_ARCH__ >= 900
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(a), "r"(len) : "memory");
+#endif
+        a += len;
+    }
+}
+
+// Device ranges a kernel asks L2 to fetch for the kernel after it (crates/kernels/src/cuda/l2.rs
+// `L2Ranges`, the same layout): ranges with 0 bytes are skipped.
+#define L2_RANGES 8
+struct L2Ranges {
+    u64 ptr[L2_RANGES];
+    u64 bytes[L2_RANGES];
+};
+
+// Block b's share of every range, of nb blocks asking (one thread): the ranges are cut into nb
+// pieces, each a multiple of 128 bytes, so the nb blocks together ask for all of them once.
+__device__ __forceinline__ void prefetch_l2_share(const L2Ranges& r, u64 b, u64 nb) {
+#pragma unroll
+    for (int i = 0; i < L2_RANGES; i++) {
+        if (r.bytes[i] == 0) continue;
+        const u64 piece = ((r.bytes[i] + nb - 1) / nb + 127) & ~(u64)127;
+        const u64 lo = b * piece;
+        if (lo >= r.bytes[i]) continue;
+        const u64 len = min(piece, r.bytes[i] - lo);
+        prefetch_l2_range((const u8*)(r.ptr[i] + lo), (size_t)len);
+    }
+}
+
 // Streaming 16-byte load for data read exactly once (weights): kept out of L1.
 __device__ __forceinline__ uint4 ldg_stream(const void* p) {
     uint4 v;

@@ -51,23 +51,6 @@ __device__ __forceinline__ void e2m1x8_to_bf16(u32 q, u32& p0, u32& p1, u32& p2,
     p3 = ((q >> 4) & MAG_MASK) | ((q << 1) & SIGN_MASK);
 }
 
-
-
-// Asks L2 to fetch the 16-byte-aligned part of [p, p + bytes) in pieces of at most 64 KiB
-// (never past the range, so never outside the allocation).
-__device__ __forceinline__ void prefetch_l2_range(const u8* p, size_t bytes) {
-    size_t a = ((size_t)p + 15) & ~(size_t)15;
-    const size_t end = ((size_t)p + bytes) & ~(size_t)15;
-    while (a < end) {
-        const u32 len = (u32)min(end - a, (size_t)65536);
-#if __CUDA_ARCH__ >= 900
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(a), "r"(len) : "memory");
-#endif
-        a += len;
-    }
-}
-
-
 // ---------------------------------------------------------------------------------------------
 // Decode / small-M kernel: tensor-core FP4 dequant-GEMM.
 //

@@ -779,7 +779,7 @@ attention_w(const u16* __restrict__ q_src, int q_off, int q_stride, const u16* _
             const float* __restrict__ k_norm, const float* __restrict__ inv_freq,
             const int* __restrict__ pos, const int* __restrict__ seq, u16* __restrict__ kc,
             u16* __restrict__ vc, float* __restrict__ part_ml, float* __restrict__ part_o,
-            int* __restrict__ counters, u16* __restrict__ out, AttnArgs a) {
+            int* __restrict__ counters, u16* __restrict__ out, AttnArgs a, L2Ranges l2) {
     // With the new token's K/V prepared here (fused_new), nothing this block reads before the
     // second pdl_enter below was written by the previous kernel: positions and cached keys and
     // values of earlier tokens come from earlier steps. So in a PDL chain those loads (through
@@ -865,6 +865,13 @@ attention_w(const u16* __restrict__ q_src, int q_off, int q_stride, const u16* _
         acc += __shfl_xor_sync(0xffffffffu, acc, 2);
         score[ps] = valid[ps] ? acc * a.scale : NEG_INF;
     }
+    // The next products' weights (`l2`: the output projection's, a dense FFN's first rows):
+    // the rest of this kernel is a dependent chain that leaves DRAM nearly idle, so each block
+    // with keys asks L2 for its share of them here, once its own keys and values have arrived
+    // (asked at the start, they queued ahead of those loads: H100, MiMo-7B 433-437 vs 442
+    // tokens/s).
+    if (threadIdx.x == 0)
+        prefetch_l2_share(l2, (u64)h * nsplit + z, (u64)a.n_heads * nsplit);  // m == 1
     // The warp's softmax over its 16 keys.
     float mw = fmaxf(score[0], score[1]);
 #pragma unroll

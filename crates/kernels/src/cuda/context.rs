@@ -115,11 +115,18 @@ fn compile_log(e: &cudarc::nvrtc::CompileError) -> String {
 /// model's (9.4 MB and up).
 pub const L2_PREFETCH_SMALL_BYTES: usize = 8 << 20;
 
+/// [`Tuning::attn_prefetch_mib`]'s default: the best of 0-64 MiB on the H100 (MiMo-7B NVFP4
+/// batch 1, FP4 head: 440 tokens/s at 0, 443 at 9 (the output projection alone), 447 at 16,
+/// 450 at 24, 453 at 32, 451 at 40, 444 at 48, 434 at 64: past ~32 MiB the head of the gate/up
+/// no longer stays in L2 until it is read, and the prefetch only adds traffic).
+pub const ATTN_PREFETCH_MIB: u32 = 32;
+
 /// Latency features of the decode path, switchable for A/B measurements through the
 /// environment at context creation (`MIMO_PDL`, `MIMO_L2_PREFETCH`, `MIMO_L2_PREFETCH_SMALL`,
 /// `MIMO_MOE_DIRECT`, `MIMO_NORM_ROUTER`, `MIMO_DENSE_SWIGLU`, `MIMO_NORM_FOLD`, `MIMO_EXPERT_TOPK`,
 /// `MIMO_X_STAGE`, `MIMO_WARP_ATTENTION`, `MIMO_FP8_PREFILL`, `MIMO_PREFILL_ATTENTION_MMA`,
-/// `MIMO_FP8_RESIDENT`: `1` on, `0` off; `MIMO_L2_PREFETCH_SMALL_MIB`: a size) or later
+/// `MIMO_FP8_RESIDENT`: `1` on, `0` off; `MIMO_L2_PREFETCH_SMALL_MIB`,
+/// `MIMO_ATTN_PREFETCH_MIB`: a size) or later
 /// through [`GpuContext::set_tuning`]. The defaults
 /// follow the H100 ablations of docs/kernels-notes.md (rounds 3-5): the ones that did not pay
 /// there are off.
@@ -186,6 +193,16 @@ pub struct Tuning {
     /// the first SMs to drain do not take all of a launch. On by default (H100, MiMo-7B NVFP4
     /// batch 1: 443 vs 435 tokens/s; Qwen3-30B-A3B, whose experts it leaves alone, unchanged).
     pub spread: bool,
+    /// One-token decode attention (the runtime's warp kernel) asks L2 for the weights of the
+    /// products after it, up to this many MiB (`MIMO_ATTN_PREFETCH_MIB`; 0: none): the output
+    /// projection's whole weight (unless its own launches prefetch it, `l2_prefetch_small`),
+    /// then the first rows of a dense FFN's fused FP4 gate/up (gate and up halves alike). Each
+    /// block asks for its share once its own keys have arrived: attention's dependent chain
+    /// then leaves DRAM nearly idle for several microseconds, and the products after it stream
+    /// their first bytes from L2. H100, batch 1 (`bench/results/e2e-h100-attn-prefetch.json`):
+    /// MiMo-7B NVFP4 440 -> 453 tokens/s (FP4 head), BF16 159 -> 162; Qwen3-30B-A3B BF16 248
+    /// -> 252, NVFP4 unchanged (its output projection prefetches itself).
+    pub attn_prefetch_mib: u32,
     /// One-sequence decode steps' attention through the runtime's warp kernel (`attention_w`:
     /// 4 warps x 16 keys, head_dim 32..=128 in steps of 32) instead of the thread-per-key one.
     pub warp_attention: bool,
@@ -218,6 +235,7 @@ impl Default for Tuning {
             expert_topk: true,
             x_stage: true,
             spread: true,
+            attn_prefetch_mib: ATTN_PREFETCH_MIB,
             warp_attention: true,
             fp8_prefill: true,
             prefill_attention_mma: true,
@@ -252,6 +270,10 @@ impl Tuning {
             expert_topk: flag("MIMO_EXPERT_TOPK", d.expert_topk),
             x_stage: flag("MIMO_X_STAGE", d.x_stage),
             spread: flag("MIMO_SPREAD", d.spread),
+            attn_prefetch_mib: std::env::var("MIMO_ATTN_PREFETCH_MIB")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(d.attn_prefetch_mib),
             warp_attention: flag("MIMO_WARP_ATTENTION", d.warp_attention),
             fp8_prefill: flag("MIMO_FP8_PREFILL", d.fp8_prefill),
             prefill_attention_mma: flag("MIMO_PREFILL_ATTENTION_MMA", d.prefill_attention_mma),

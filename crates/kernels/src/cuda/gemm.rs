@@ -409,6 +409,13 @@ unsafe fn launch_dense(
     Ok(())
 }
 
+/// Whether dense launches over `w` ask L2 for their own rows before their PDL wait
+/// (`Tuning::l2_prefetch`, or `l2_prefetch_small` for a weight up to its size): another
+/// kernel asking for the same bytes only adds traffic.
+pub fn prefetches_itself(gpu: &GpuContext, w: &GpuFp4Weight) -> bool {
+    prefetch_flags(gpu, w) != 0
+}
+
 /// `FLAG_PREFETCH` of fp4_gemm.cu for a launch over `w`.
 fn prefetch_flags(gpu: &GpuContext, w: &GpuFp4Weight) -> i32 {
     let t = gpu.tuning();

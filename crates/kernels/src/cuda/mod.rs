@@ -26,6 +26,7 @@ mod fold;
 mod fp8;
 mod gemm;
 mod graph;
+mod l2;
 mod moe;
 mod moe_bf16;
 mod placement;
@@ -35,7 +36,7 @@ mod weights;
 pub use blas::{bf16_gemm, bf16_gram_accumulate, cublas, fp4_gemm_dequant_cublas};
 pub use context::{
     compile_source, compile_source_traced, nvrtc_available, scale_lut, GpuContext, Tuning,
-    COMMON_HEADER, L2_PREFETCH_SMALL_BYTES,
+    ATTN_PREFETCH_MIB, COMMON_HEADER, L2_PREFETCH_SMALL_BYTES,
 };
 pub use error::CudaError;
 pub use fold::{
@@ -46,9 +47,10 @@ pub use fp8::{
 };
 pub use gemm::{
     device_copy, fp4_dequantize, fp4_gemm, fp4_gemm_swiglu, fp4_gemm_swiglu_supported,
-    fp4_gemm_with, token_tiles, variant_exists, Fp4GemmConfig, K_CHUNK,
+    fp4_gemm_with, prefetches_itself, token_tiles, variant_exists, Fp4GemmConfig, K_CHUNK,
 };
 pub use graph::PdlGraph;
+pub use l2::{l2_share, L2Ranges, L2_RANGES};
 pub use moe::{
     moe_down_norm_out, moe_fold_parts, moe_layer, moe_layer_with, moe_one_token_gate_up, MoeConfig,
     MoeWeights, MoeWorkspace, OneTokenRoute, MOE_MAX_EXPERTS,

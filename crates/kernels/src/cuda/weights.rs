@@ -1,9 +1,10 @@
 //! FP4 weights on the GPU: one Linear layer or a stack of experts of one shape.
 
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, CudaStream};
 
 use super::context::GpuContext;
 use super::error::{drv, CudaError};
+use super::l2::L2Ranges;
 use crate::fp4::{Fp4Format, Fp4Matrix};
 
 /// Packed FP4 weights on the device, in the `Fp4Matrix` layout, for `experts` matrices of
@@ -211,6 +212,34 @@ impl GpuFp4Weight {
     /// Bytes of one expert's packed weights plus block scales (what a GEMV must read).
     pub fn bytes_per_matrix(&self) -> usize {
         self.n * self.k / 2 + self.n * (self.k / self.format.block_size())
+    }
+
+    /// Bytes of one row's packed weights plus block scales.
+    pub fn bytes_per_row(&self) -> usize {
+        self.k / 2 + self.k / self.format.block_size()
+    }
+
+    /// Adds rows `[row0, row0 + rows)` of the first matrix (clamped to `n`), packed weights and
+    /// scales, to `r` for an L2 prefetch. Returns the bytes added (0 where `r` had too few
+    /// free slots: nothing is added then).
+    pub fn push_l2_rows(
+        &self,
+        stream: &CudaStream,
+        r: &mut L2Ranges,
+        row0: usize,
+        rows: usize,
+    ) -> usize {
+        let rows = rows.min(self.n.saturating_sub(row0));
+        let (wb, sb) = (self.k / 2, self.k / self.format.block_size());
+        let mut tried = *r;
+        if rows == 0
+            || !tried.push(stream, &self.packed, row0 * wb, rows * wb)
+            || !tried.push(stream, &self.scales, row0 * sb, rows * sb)
+        {
+            return 0;
+        }
+        *r = tried;
+        rows * (wb + sb)
     }
 }
 

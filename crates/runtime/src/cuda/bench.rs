@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use mimo_kernels::cuda::Tuning;
+use mimo_kernels::cuda::{Tuning, ATTN_PREFETCH_MIB};
 
 use mimo_kernels::Fp4Format;
 use serde::Serialize;
@@ -543,6 +543,15 @@ fn tuning_ablation(
         flip(|t| &mut t.expert_topk, "expert_topk"),
         flip(|t| &mut t.warp_attention, "warp_attention"),
         flip(|t| &mut t.spread, "spread"),
+        {
+            let mut t = base;
+            t.attn_prefetch_mib = if base.attn_prefetch_mib == 0 {
+                ATTN_PREFETCH_MIB
+            } else {
+                0
+            };
+            (format!("attn_prefetch_mib={}", t.attn_prefetch_mib), t)
+        },
         (
             "all_off".to_string(),
             Tuning {
@@ -557,6 +566,7 @@ fn tuning_ablation(
                 expert_topk: false,
                 x_stage: base.x_stage,
                 spread: false,
+                attn_prefetch_mib: 0,
                 warp_attention: false,
                 fp8_prefill: base.fp8_prefill,
                 prefill_attention_mma: base.prefill_attention_mma,

@@ -10,7 +10,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::Ptx;
 use half::bf16;
-use mimo_kernels::cuda::{arg_or_null, compile_source, on_load, GpuContext, NULL_PTR};
+use mimo_kernels::cuda::{arg_or_null, compile_source, on_load, GpuContext, L2Ranges, NULL_PTR};
 
 use super::error::{drv, GpuError};
 use crate::generate::nucleus::{KEYS, MAX_VOCAB};
@@ -383,6 +383,7 @@ impl Ops {
         counters: &mut CudaSlice<i32>,
         out: &mut CudaSlice<bf16>,
         a: AttnArgs,
+        l2: &L2Ranges,
         m: usize,
     ) -> Result<(), GpuError> {
         // The warp kernel for one-sequence decode steps where the head fits its lane layout
@@ -453,6 +454,9 @@ impl Ops {
             .arg(counters)
             .arg(out)
             .arg(&a);
+        if warp_kernel {
+            b.arg(l2);
+        }
         let cfg = if warp_kernel {
             // 4 warps x 16 keys; shared memory is static.
             LaunchConfig {

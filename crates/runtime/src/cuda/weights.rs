@@ -12,8 +12,8 @@ use half::bf16;
 use mimo_kernels::cuda::{
     bf16_gemm, bf16_to_e4m3_rows, fp4_gemm, fp4_gemm_dequant_cublas, fp4_gemm_fp8,
     fp4_gemm_norm_in, fp4_gemm_norm_out, fp4_gemm_swiglu, fp4_gemm_swiglu_norm_in,
-    fp4_gemm_swiglu_supported, fp4_to_e4m3_rows, fp8_shape_ok, E4m3Rows, Fp8Gemm, Fp8Scratch,
-    GpuContext, GpuFp4Weight, NormIn, NormOut,
+    fp4_gemm_swiglu_supported, fp4_to_e4m3_rows, fp8_shape_ok, prefetches_itself, E4m3Rows,
+    Fp8Gemm, Fp8Scratch, GpuContext, GpuFp4Weight, L2Ranges, NormIn, NormOut,
 };
 use mimo_kernels::Fp4Matrix;
 
@@ -270,6 +270,46 @@ impl GpuLinear {
             GpuLinear::Bf16 { n, k, .. } => n * k * 2,
             GpuLinear::Fp4 { w, .. } => w.bytes_per_matrix() * w.experts,
         }
+    }
+
+    /// Adds the whole weight to `r` for an L2 prefetch where it takes at most `budget` bytes
+    /// (and `r` has the slots), unless its own launches prefetch it. Returns the bytes added.
+    pub fn push_l2(&self, gpu: &Gpu, r: &mut L2Ranges, budget: usize) -> usize {
+        let own = matches!(self, GpuLinear::Fp4 { w, .. } if prefetches_itself(&gpu.ctx, w));
+        if own || self.bytes() > budget {
+            return 0;
+        }
+        let stream = gpu.ctx.stream();
+        match self {
+            GpuLinear::Bf16 { w, .. } => {
+                if r.push(stream, w, 0, self.bytes()) {
+                    self.bytes()
+                } else {
+                    0
+                }
+            }
+            GpuLinear::Fp4 { w, .. } => w.push_l2_rows(stream, r, 0, w.n),
+        }
+    }
+
+    /// For a fused FP4 [gate; up] weight (`2 * inter` rows): adds the first rows of both
+    /// halves, as many as `budget` bytes hold, to `r` (the one-token SwiGLU blocks take gate
+    /// row i with up row inter + i, first blocks first). Returns the bytes added.
+    pub fn push_l2_gated_head(&self, gpu: &Gpu, r: &mut L2Ranges, budget: usize) -> usize {
+        let GpuLinear::Fp4 { w, .. } = self else {
+            return 0;
+        };
+        let inter = w.n / 2;
+        let rows = (budget / (2 * w.bytes_per_row())).min(inter);
+        let stream = gpu.ctx.stream();
+        let mut tried = *r;
+        let gate = w.push_l2_rows(stream, &mut tried, 0, rows);
+        let up = w.push_l2_rows(stream, &mut tried, inter, rows);
+        if gate == 0 || up == 0 {
+            return 0;
+        }
+        *r = tried;
+        gate + up
     }
 
     /// `y[m, n] = x[m, k] · W^T (+ bias)`; queues the launches.

@@ -7,13 +7,32 @@ use cudarc::driver::CudaSlice;
 use half::bf16;
 use mimo_kernels::cuda::{
     moe_bf16_grouped, moe_bf16_pairs, moe_bf16_pairs_supported, moe_down_norm_out, moe_fold_parts,
-    moe_layer, moe_one_token_gate_up, Bf16Experts, Bf16Pairs, NormIn, NormOut, OneTokenRoute,
+    moe_layer, moe_one_token_gate_up, Bf16Experts, Bf16Pairs, L2Ranges, NormIn, NormOut,
+    OneTokenRoute,
 };
 
 use super::{walk, Experts, Ffn, GateUp, GpuModel, Pend, Qkv, QkvBufs, Stage, Ws};
 use crate::cuda::error::GpuError;
 use crate::cuda::ops::{AttnArgs, RouterIn, Rows, MAX_FUSED_ROUTER_HIDDEN, SPLIT_LEN};
+use crate::cuda::weights::Gpu;
 use crate::model::Site;
+
+/// What one-token decode attention asks L2 to fetch (`Tuning::attn_prefetch_mib`, `budget`
+/// bytes): the output projection's weight where it fits whole, then, with what is left, the
+/// first rows of a dense FFN's fused FP4 gate/up.
+fn attention_prefetch(gpu: &Gpu, layer: &super::Layer, budget: usize) -> L2Ranges {
+    let mut r = L2Ranges::none();
+    if budget == 0 {
+        return r;
+    }
+    let used = layer.o.push_l2(gpu, &mut r, budget);
+    if let Ffn::Dense(mlp) = &layer.ffn {
+        if let GateUp::Fused(gu) = &mlp.gate_up {
+            gu.push_l2_gated_head(gpu, &mut r, budget - used);
+        }
+    }
+    r
+}
 
 impl GpuModel {
     /// Queues decoder layer `li` over the rows of `ws`, whose normalized input is in `ws.h`
@@ -154,6 +173,11 @@ impl GpuModel {
             self.mark("kv_write")?;
         }
         if self.runs(Stage::Attention) {
+            let l2 = if decode && m == 1 {
+                attention_prefetch(gpu, layer, (g.tuning().attn_prefetch_mib as usize) << 20)
+            } else {
+                L2Ranges::none()
+            };
             ops.attention(
                 g,
                 &q,
@@ -172,6 +196,7 @@ impl GpuModel {
                 &mut ws.attn_cnt,
                 &mut ws.attn,
                 a,
+                &l2,
                 m,
             )?;
         }
