@@ -634,7 +634,9 @@ __device__ __forceinline__ void fp4_moe_body(const u8* __restrict__ wp, const u8
                                              const u16* __restrict__ x, u16* __restrict__ y, int n,
                                              int k, const int* __restrict__ ids, int P, int E,
                                              int in_div, int* __restrict__ bad, float post,
-                                             const float* __restrict__ logits = 0) {
+                                             const float* __restrict__ logits = 0,
+                                             const u8* __restrict__ next_wp = 0,
+                                             const u8* __restrict__ next_ws = 0) {
     extern __shared__ float red[];
     __shared__ TokenMap tm;
     __shared__ unsigned char present[DIRECT ? 1 : MOE_MAX_EXPERTS];
@@ -681,6 +683,21 @@ __device__ __forceinline__ void fp4_moe_body(const u8* __restrict__ wp, const u8
         if (e < 0) return;
         fp4_tile<FMT, MT, TN, G, EPI>(wp + (size_t)e * wbytes, ws + (size_t)e * sbytes, gscale[e],
                                       post, lut, x, y, n, k, row0, tstride, lim, tok, red);
+        // The down projection's weights of this block's expert (`next_wp`: [E][k][n / 4] bytes,
+        // `next_ws` its scales; the SwiGLU gate/up's n = 2 * inter, k = hidden): each of the
+        // expert's row-tile blocks asks L2 for its share once its own loads are done, so the
+        // down kernel after it reads them from L2 (asked at a block's start, such prefetches
+        // queue ahead of the block's own loads).
+        if (EPI == EPI_SWIGLU && next_wp != 0 && threadIdx.x == 0) {
+            const size_t dw = (size_t)k * (n >> 2);
+            const size_t ds = (size_t)k * (FMT == FMT_NVFP4 ? (n >> 5) : (n >> 6));
+            L2Ranges r = {};
+            r.ptr[0] = (u64)(next_wp + (size_t)e * dw);
+            r.bytes[0] = dw;
+            r.ptr[1] = (u64)(next_ws + (size_t)e * ds);
+            r.bytes[1] = ds;
+            prefetch_l2_share(r, blockIdx.x, gridDim.x);
+        }
         return;
     }
     const int e = moe_slot_expert(ids, P, E, blockIdx.y, present, &s_expert);
@@ -844,9 +861,10 @@ __device__ __forceinline__ void fp4_moe_down_t1_body(
     extern "C" __global__ void __launch_bounds__(512) NAME(                                     \
         const u8* wp, const u8* ws, const float* gs, const u16* lut, const u16* x, u16* y, int n, \
         int k, const int* ids, int P, int E, int in_div, int* bad, float post,                   \
-        const float* logits) {                                                                   \
+        const float* logits, const u8* next_wp, const u8* next_ws) {                            \
         fp4_moe_body<FMT, 2, 1, 1, EPI_SWIGLU, true>(wp, ws, gs, lut, x, y, n, k, ids, P, E,   \
-                                                     in_div, bad, post, logits);                 \
+                                                     in_div, bad, post, logits, next_wp,         \
+                                                     next_ws);                                   \
     }
 
 // Variants: fp4_gemm_{nv,mx}_m{MT}_t{TN}_g{G} (see gemm.rs for the dispatcher).

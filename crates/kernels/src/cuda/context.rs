@@ -123,13 +123,12 @@ pub const ATTN_PREFETCH_MIB: u32 = 32;
 
 /// Latency features of the decode path, switchable for A/B measurements through the
 /// environment at context creation (`MIMO_PDL`, `MIMO_L2_PREFETCH`, `MIMO_L2_PREFETCH_SMALL`,
-/// `MIMO_MOE_DIRECT`, `MIMO_NORM_ROUTER`, `MIMO_DENSE_SWIGLU`, `MIMO_NORM_FOLD`, `MIMO_EXPERT_TOPK`,
-/// `MIMO_X_STAGE`, `MIMO_WARP_ATTENTION`, `MIMO_FP8_PREFILL`, `MIMO_PREFILL_ATTENTION_MMA`,
-/// `MIMO_FP8_RESIDENT`: `1` on, `0` off; `MIMO_L2_PREFETCH_SMALL_MIB`,
-/// `MIMO_ATTN_PREFETCH_MIB`: a size) or later
-/// through [`GpuContext::set_tuning`]. The defaults
-/// follow the H100 ablations of docs/kernels-notes.md (rounds 3-5): the ones that did not pay
-/// there are off.
+/// `MIMO_MOE_DIRECT`, `MIMO_NORM_ROUTER`, `MIMO_DENSE_SWIGLU`, `MIMO_NORM_FOLD`,
+/// `MIMO_EXPERT_TOPK`, `MIMO_X_STAGE`, `MIMO_SPREAD`, `MIMO_MOE_DOWN_PREFETCH`,
+/// `MIMO_WARP_ATTENTION`, `MIMO_FP8_PREFILL`, `MIMO_PREFILL_ATTENTION_MMA`, `MIMO_FP8_RESIDENT`:
+/// `1` on, `0` off; `MIMO_L2_PREFETCH_SMALL_MIB`, `MIMO_ATTN_PREFETCH_MIB`: a size) or later
+/// through [`GpuContext::set_tuning`]. The defaults follow the H100 ablations of
+/// docs/kernels-notes.md: the ones that did not pay there are off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tuning {
     /// Programmatic dependent launch: captured decode graphs get programmatic edges between
@@ -203,6 +202,12 @@ pub struct Tuning {
     /// MiMo-7B NVFP4 440 -> 453 tokens/s (FP4 head), BF16 159 -> 162; Qwen3-30B-A3B BF16 248
     /// -> 252, NVFP4 unchanged (its output projection prefetches itself).
     pub attn_prefetch_mib: u32,
+    /// The one-token FP4 expert gate/up blocks ask L2 for their expert's down-projection
+    /// weights (each block its share) once their own loads are done, so that the down kernel
+    /// after them reads those from L2 (`MIMO_MOE_DOWN_PREFETCH`). On by default (H100,
+    /// Qwen3-30B-A3B NVFP4 batch 1: 462 vs 456 tokens/s with the FP4 head, 430 vs 425 with the
+    /// BF16 head; the MoE layer alone in a PDL chain 16.4 -> 15.7 us).
+    pub moe_down_prefetch: bool,
     /// One-sequence decode steps' attention through the runtime's warp kernel (`attention_w`:
     /// 4 warps x 16 keys, head_dim 32..=128 in steps of 32) instead of the thread-per-key one.
     pub warp_attention: bool,
@@ -236,6 +241,7 @@ impl Default for Tuning {
             x_stage: true,
             spread: true,
             attn_prefetch_mib: ATTN_PREFETCH_MIB,
+            moe_down_prefetch: true,
             warp_attention: true,
             fp8_prefill: true,
             prefill_attention_mma: true,
@@ -274,6 +280,7 @@ impl Tuning {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(d.attn_prefetch_mib),
+            moe_down_prefetch: flag("MIMO_MOE_DOWN_PREFETCH", d.moe_down_prefetch),
             warp_attention: flag("MIMO_WARP_ATTENTION", d.warp_attention),
             fp8_prefill: flag("MIMO_FP8_PREFILL", d.fp8_prefill),
             prefill_attention_mma: flag("MIMO_PREFILL_ATTENTION_MMA", d.prefill_attention_mma),

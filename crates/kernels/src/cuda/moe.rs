@@ -520,9 +520,17 @@ fn one_token_gate_up(
         &r,
         p_i,
         Some(&mut ws.bad),
-        MoeTail::OneToken(route.logits()),
+        MoeTail::OneToken(route.logits(), down_prefetch(gpu, w)),
         "launch one-token gate/up",
     )
+}
+
+/// The down projection the one-token gate/up blocks prefetch (`Tuning::moe_down_prefetch`):
+/// `w.down` where it is laid out as the kernel assumes (same format, `[E][hidden][inter]`).
+fn down_prefetch<'a>(gpu: &GpuContext, w: &'a MoeWeights) -> Option<&'a GpuFp4Weight> {
+    let (gu, d) = (&w.gate_up, &w.down);
+    let fits = d.format == gu.format && d.experts == gu.experts && d.n == gu.k && 2 * d.k == gu.n;
+    (gpu.tuning().moe_down_prefetch && fits).then_some(d)
 }
 
 /// Where the one-token down projection's combined row goes.
@@ -684,8 +692,10 @@ fn grouped(
 enum MoeTail<'a> {
     /// Grouped kernels: none.
     Grouped,
-    /// One-token kernels (MOE_T1_KERNEL): the router's logits, or null with top-k ids.
-    OneToken(Option<&'a CudaSlice<f32>>),
+    /// One-token kernels (MOE_T1_KERNEL): the router's logits, or null with top-k ids; and
+    /// the down projection whose chosen experts' weights each block asks L2 for once done
+    /// (`Tuning::moe_down_prefetch`), or none.
+    OneToken(Option<&'a CudaSlice<f32>>, Option<&'a GpuFp4Weight>),
 }
 
 /// Launches one of fp4_gemm.cu's `fp4_moe_*` kernels (grouped, or one-token direct with the
@@ -722,8 +732,10 @@ fn launch_moe_kernel(
         None => b.arg(&NULL_PTR),
     };
     b.arg(&w.post);
-    if let MoeTail::OneToken(logits) = tail {
+    if let MoeTail::OneToken(logits, next) = tail {
         arg_or_null(&mut b, logits);
+        arg_or_null(&mut b, next.map(|d| &d.packed));
+        arg_or_null(&mut b, next.map(|d| &d.scales));
     }
     // SAFETY: argument types and order match fp4_moe_* (grouped and *_t1); the buffer sizes
     // are the caller's guarantee.

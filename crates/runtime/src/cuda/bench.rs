@@ -543,6 +543,7 @@ fn tuning_ablation(
         flip(|t| &mut t.expert_topk, "expert_topk"),
         flip(|t| &mut t.warp_attention, "warp_attention"),
         flip(|t| &mut t.spread, "spread"),
+        flip(|t| &mut t.moe_down_prefetch, "moe_down_prefetch"),
         {
             let mut t = base;
             t.attn_prefetch_mib = if base.attn_prefetch_mib == 0 {
@@ -567,6 +568,7 @@ fn tuning_ablation(
                 x_stage: base.x_stage,
                 spread: false,
                 attn_prefetch_mib: 0,
+                moe_down_prefetch: false,
                 warp_attention: false,
                 fp8_prefill: base.fp8_prefill,
                 prefill_attention_mma: base.prefill_attention_mma,
