@@ -127,11 +127,17 @@ def e2e(path):
             print(f"| {name} | {label} | {per:.1f} | " + " | ".join(
                 f"{c['us_per_layer']:.1f}" for c in x["stage_costs"]) + " |")
         print()
-    names = [n for n, _ in abl[0][3]] if abl else []
+    # Every variant any run flipped, in first-seen order; "-" where a run (an older record's
+    # shape) did not have it.
+    names = []
+    for _, _, _, rows in abl:
+        names += [n for n, _ in rows if n not in names]
     print("| shape | weights (lm_head) | defaults tok/s | " + " | ".join(names) + " |")
     print("|---|---|---|" + "---|" * len(names))
     for name, label, base, rows in abl:
-        print(f"| {name} | {label} | {base:.0f} | " + " | ".join(f"{v:.0f}" for _, v in rows) + " |")
+        vals = dict(rows)
+        cells = [f"{vals[n]:.0f}" if n in vals else "-" for n in names]
+        print(f"| {name} | {label} | {base:.0f} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
