@@ -39,6 +39,9 @@ VARIANTS=(
   "nvfp4-gptq-ao-ss|nvfp4|--method gptq --act-order --damp 0.1 --mse-scale-search"
   "nvfp4-gptq-ao-wl-ss|nvfp4|--method gptq --act-order --damp 0.1 --within-layer --mse-scale-search"
   "nvfp4-gptq-ao-asym-wl|nvfp4|--method gptq --act-order --damp 0.1 --asymmetric --within-layer"
+  # Routed experts' statistics weighted by their routing weights (MoEQuant's affinity-guided GPTQ).
+  "nvfp4-gptq-ao-rw|nvfp4|--method gptq --act-order --damp 0.1 --route-weighted"
+  "mxfp4-gptq-ao-rw|mxfp4|--method gptq --act-order --damp 0.1 --route-weighted"
   # Calibrated on the GPU (the CUDA runtime walks the layers; quantizers on the CPU as above).
   "nvfp4-mse-gpu|nvfp4|--method mse --calib-device cuda"
   "nvfp4-gptq-gpu|nvfp4|--method gptq --calib-device cuda"

@@ -11,6 +11,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use mimo_quant::calib::run::{calibrate_and_quantize, CalibDevice};
+use mimo_quant::calib::stats::CollectOptions;
 use mimo_quant::convert::convert;
 use mimo_quant::methods::gptq::GptqOptions;
 use mimo_quant::methods::Method;
@@ -56,7 +57,7 @@ impl LinearObserver for Moments {
     fn all_token_experts(&self) -> bool {
         true
     }
-    fn routed(&mut self, layer: usize, expert: usize, tokens: &[usize]) {
+    fn routed(&mut self, layer: usize, expert: usize, tokens: &[usize], _: Option<&[f32]>) {
         *self.routed.entry((layer, expert)).or_default() += tokens.len();
     }
 }
@@ -389,7 +390,7 @@ fn gptq_on(dir: &Path, device: CalibDevice) -> mimo_quant::calib::CalibRun {
             },
             Method::Gptq,
             &GptqOptions::default(),
-            64,
+            CollectOptions::default(),
             None,
             false,
             device,

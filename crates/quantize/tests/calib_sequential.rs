@@ -41,6 +41,7 @@ fn bf16_layer_at_a_time_equals_the_whole_model_pass() {
     let opts = CollectOptions {
         hessian: true,
         min_expert_tokens: 12,
+        route_weighted: false,
     };
     let whole = collect(&model, &data, opts, &|_, _| {}).unwrap();
     // A quantizer that only records what it is shown (no replacement): BF16 propagation.
@@ -94,6 +95,7 @@ fn each_layer_is_calibrated_on_the_quantized_layers_before_it() {
     let opts = CollectOptions {
         hessian: true,
         min_expert_tokens: 4,
+        route_weighted: false,
     };
     let mut seen: Vec<Recorded> = Vec::new();
     let mut layer0: Vec<(String, Fp4Matrix)> = Vec::new();
@@ -176,7 +178,10 @@ fn convert_sequential(
             &data,
             method,
             &gptq,
-            8,
+            CollectOptions {
+                min_expert_tokens: 8,
+                ..CollectOptions::default()
+            },
             asymmetric,
             within_layer,
             &|_, _| {},
@@ -363,6 +368,7 @@ fn asymmetric_calibration_pairs_the_streams_and_keeps_the_plain_statistics() {
     let opts = CollectOptions {
         hessian: true,
         min_expert_tokens: 4,
+        route_weighted: false,
     };
     let run = |asymmetric: bool| -> Vec<Recorded> {
         let mut model = Model::load(dir.path()).unwrap();
@@ -496,6 +502,7 @@ fn within_layer_each_stage_sees_the_quantized_stages_before_it() {
     let opts = CollectOptions {
         hessian: true,
         min_expert_tokens: 4,
+        route_weighted: false,
     };
     let mut model = Model::load(dir.path()).unwrap();
     let data = calib_data(&model, 2, 24, 300);

@@ -189,6 +189,7 @@ fn statistics_are_consistent_and_coverage_adds_up() {
     let opts = CollectOptions {
         hessian: true,
         min_expert_tokens: 12,
+        route_weighted: false,
     };
     let st = collect(&model, &data, opts, &|_, _| {}).unwrap();
     assert_eq!(st.tokens, 60);
@@ -254,6 +255,7 @@ fn convert_method(
         CollectOptions {
             hessian: method == Method::Gptq,
             min_expert_tokens: 8,
+            route_weighted: false,
         },
         &|_, _| {},
     )

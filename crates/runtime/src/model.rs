@@ -108,8 +108,17 @@ pub trait LinearObserver {
         false
     }
     /// Called before expert `expert` of MoE layer `layer` runs, with the rows (token indices
-    /// into the MoE input) the router sent to it, in the order its inputs are observed.
-    fn routed(&mut self, _layer: usize, _expert: usize, _tokens: &[usize]) {}
+    /// into the MoE input) the router sent to it, in the order its inputs are observed, and
+    /// each row's routing weight (what the expert's output is multiplied by) where the backend
+    /// has them on the host (the CPU; the GPU passes None).
+    fn routed(
+        &mut self,
+        _layer: usize,
+        _expert: usize,
+        _tokens: &[usize],
+        _weights: Option<&[f32]>,
+    ) {
+    }
 }
 
 /// The rows of a layer-at-a-time call's hidden states (`len` values for `layer`), or why they
@@ -238,7 +247,8 @@ impl Moe {
                 xe.extend_from_slice(&x[t * hidden..(t + 1) * hidden]);
             }
             let rows: Vec<usize> = toks.iter().map(|&(t, _)| t).collect();
-            obs.routed(layer, ei, &rows);
+            let weights: Vec<f32> = toks.iter().map(|&(_, w)| w).collect();
+            obs.routed(layer, ei, &rows, Some(&weights));
             let sites = [Site::ExpertGateUp(layer, ei), Site::ExpertDown(layer, ei)];
             let ye = self.experts[ei].forward(&xe, toks.len(), obs, sites);
             for (r, &(t, w)) in toks.iter().enumerate() {

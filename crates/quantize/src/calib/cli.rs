@@ -61,6 +61,12 @@ pub struct CalibArgs {
     /// layer's MoE input (measurement only).
     #[arg(long, default_value_t = 64)]
     pub min_expert_tokens: u64,
+    /// Weight each routed expert's calibration tokens by their routing weight (the factor the
+    /// expert's output is multiplied by), so that its error is measured as it reaches the
+    /// layer's output (MoEQuant's affinity-guided GPTQ). Calibrates on the CPU (the GPU does
+    /// not report the weights).
+    #[arg(long)]
+    pub route_weighted: bool,
     /// Where calibration runs the model: auto (the GPU where one is usable, else the CPU), cpu,
     /// cuda. The two backends give slightly different statistics (the GPU's activations are
     /// BF16), so use cpu for output that is byte-identical on every machine.
@@ -103,6 +109,9 @@ pub struct CalibrateArgs {
     /// Expert coverage threshold (see convert --min-expert-tokens).
     #[arg(long, default_value_t = 64)]
     pub min_expert_tokens: u64,
+    /// Route-weighted expert statistics (see convert --route-weighted).
+    #[arg(long)]
+    pub route_weighted: bool,
     /// Where the model runs: auto (the GPU where one is usable, else the CPU), cpu, cuda.
     #[arg(long, value_enum, default_value_t = CalibDevice::Auto)]
     pub device: CalibDevice,
@@ -112,6 +121,18 @@ pub struct CalibrateArgs {
     /// No progress on stderr.
     #[arg(long, short)]
     pub quiet: bool,
+}
+
+/// Where route-weighted statistics can be gathered: the CPU runtime reports each routed row's
+/// weight, the GPU's does not, so `auto` becomes `cpu` and `cuda` is refused.
+fn stats_device(route_weighted: bool, device: CalibDevice) -> Result<CalibDevice> {
+    match (route_weighted, device) {
+        (false, d) => Ok(d),
+        (true, CalibDevice::Cuda) => {
+            bail!("--route-weighted needs the routing weights on the host: use --calib-device cpu")
+        }
+        (true, _) => Ok(CalibDevice::Cpu),
+    }
 }
 
 /// Progress on stderr: decoder layers done.
@@ -175,6 +196,12 @@ pub fn quant_options(
     if !a.asymmetric_alpha.is_finite() {
         bail!("--asymmetric-alpha {} must be finite", a.asymmetric_alpha);
     }
+    let device = stats_device(a.route_weighted, a.calib_device)?;
+    let stats = CollectOptions {
+        hessian: false,
+        min_expert_tokens: a.min_expert_tokens,
+        route_weighted: a.route_weighted,
+    };
     let spec = match (&a.calib, a.method) {
         (Some(s), _) => Some(s.clone()),
         (None, Method::Rtn) => None,
@@ -191,11 +218,7 @@ pub fn quant_options(
     };
     if let Some(spec) = spec {
         let r = if a.method == Method::Rtn {
-            let opts = CollectOptions {
-                hessian: false,
-                min_expert_tokens: a.min_expert_tokens,
-            };
-            run(source, &spec, opts, a.calib_device, quiet)?
+            run(source, &spec, stats, device, quiet)?
         } else {
             let (r, weights) = calibrate_and_quantize(
                 source,
@@ -203,10 +226,10 @@ pub fn quant_options(
                 plan,
                 a.method,
                 &q.gptq(),
-                a.min_expert_tokens,
+                stats,
                 a.asymmetric.then_some(a.asymmetric_alpha),
                 a.within_layer,
-                a.calib_device,
+                device,
                 &progress(quiet),
             )?;
             q.precomputed = Some(Arc::new(weights.weights));
@@ -221,6 +244,9 @@ pub fn quant_options(
         if a.method != Method::Rtn {
             info["asymmetric"] = serde_json::json!(a.asymmetric.then_some(a.asymmetric_alpha));
             info["within_layer"] = serde_json::json!(a.within_layer);
+            if a.route_weighted {
+                info["route_weighted"] = serde_json::json!(true);
+            }
             if a.mse_scale_search {
                 info["mse_scale_search"] = serde_json::json!(true);
             }
@@ -247,8 +273,10 @@ pub fn run_calibrate(a: CalibrateArgs) -> Result<i32> {
     let opts = CollectOptions {
         hessian: a.hessian,
         min_expert_tokens: a.min_expert_tokens,
+        route_weighted: a.route_weighted,
     };
-    let r = run(&a.source, &a.calib, opts, a.device, a.quiet || a.json)?;
+    let device = stats_device(a.route_weighted, a.device)?;
+    let r = run(&a.source, &a.calib, opts, device, a.quiet || a.json)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r.summary_json())?);
     } else {

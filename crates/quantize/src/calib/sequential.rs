@@ -96,7 +96,8 @@ pub type LayerQuantizer<'a> = dyn FnMut(
 #[derive(Default)]
 struct Capture {
     sites: Vec<(Site, Vec<f32>, usize)>,
-    routed: BTreeMap<usize, Vec<usize>>,
+    /// Expert -> its rows and their routing weights (where the backend gives them).
+    routed: BTreeMap<usize, (Vec<usize>, Option<Vec<f32>>)>,
 }
 
 impl LinearObserver for Capture {
@@ -106,8 +107,9 @@ impl LinearObserver for Capture {
     fn all_token_experts(&self) -> bool {
         true
     }
-    fn routed(&mut self, _layer: usize, expert: usize, tokens: &[usize]) {
-        self.routed.insert(expert, tokens.to_vec());
+    fn routed(&mut self, _layer: usize, expert: usize, tokens: &[usize], weights: Option<&[f32]>) {
+        self.routed
+            .insert(expert, (tokens.to_vec(), weights.map(<[f32]>::to_vec)));
     }
 }
 
@@ -131,12 +133,18 @@ fn add_pair(col: &mut Collector, q: &Capture, f: &Capture) {
     let wants_all = col.all_token_experts();
     let rows_of = |site: Site, e: usize| -> Option<Vec<f32>> {
         let (x, mm) = fsite.get(&site).copied()?;
-        let rows = q.routed.get(&e)?;
+        let (rows, _) = q.routed.get(&e)?;
         gather(x, x.len() / mm.max(1), rows)
     };
     for (site, xq, m) in &q.sites {
         if matches!(site, Site::ExpertDownAllTokens(..)) && !wants_all {
             continue;
+        }
+        // The expert's routing (for route-weighted statistics), as the plain walk reports it.
+        if let Site::ExpertGateUp(l, e) = *site {
+            if let Some((rows, w)) = q.routed.get(&e) {
+                col.routed(l, e, rows, w.as_deref());
+            }
         }
         col.observe(*site, xq, *m);
         let xf: Option<Vec<f32>> = match *site {
@@ -244,6 +252,7 @@ pub fn run_sequential_with(
             // The GPU sums the statistics itself (asymmetric calibration pairs two streams'
             // rows on the host instead).
             let device_sums = !asymmetric
+                && !opts.route_weighted
                 && model
                     .begin_device_sums(col.all_token_experts(), opts.hessian)
                     .map_err(|source| SequentialError::Walk { layer: l, source })?;

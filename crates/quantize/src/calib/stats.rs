@@ -57,6 +57,11 @@ pub struct CollectOptions {
     pub hessian: bool,
     /// Experts with fewer routed tokens use statistics over all tokens of their MoE input.
     pub min_expert_tokens: u64,
+    /// Routed experts' statistics weight each token's input by its routing weight (the factor
+    /// the expert's output is multiplied by): `sum_t w_t^2 x_t x_t^T` and `sum_t w_t^2 x_t^2`,
+    /// so each expert's quantization error is measured as it reaches the layer's output
+    /// (MoEQuant's affinity-guided GPTQ). Needs a backend that reports the weights (the CPU).
+    pub route_weighted: bool,
 }
 
 impl Default for CollectOptions {
@@ -64,6 +69,7 @@ impl Default for CollectOptions {
         CollectOptions {
             hessian: false,
             min_expert_tokens: 64,
+            route_weighted: false,
         }
     }
 }
@@ -184,6 +190,9 @@ pub(crate) struct Collector {
     hessian: bool,
     all_tokens: bool,
     sites: BTreeMap<Site, SiteAcc>,
+    /// With [`CollectOptions::route_weighted`]: each expert's routing weights of the rows it
+    /// was last routed (`routed`), applied to its next inputs; None where weighting is off.
+    route_weights: Option<BTreeMap<(usize, usize), Vec<f32>>>,
 }
 
 impl Collector {
@@ -193,7 +202,29 @@ impl Collector {
             hessian: opts.hessian,
             all_tokens: config.moe.is_some() && opts.min_expert_tokens > 0,
             sites: BTreeMap::new(),
+            route_weights: opts.route_weighted.then(BTreeMap::new),
         }
+    }
+
+    /// `x` with each row scaled by its routing weight where `site` is a routed expert's input
+    /// and weighting is on (the weights of the expert's last `routed` call; a count that does
+    /// not match leaves `x` as it is), else None.
+    fn route_scaled(&self, site: Site, x: &[f32], m: usize) -> Option<Vec<f32>> {
+        let key = match site {
+            Site::ExpertGateUp(l, e) | Site::ExpertDown(l, e) => (l, e),
+            _ => return None,
+        };
+        let w = self.route_weights.as_ref()?.get(&key)?;
+        if w.len() != m || m == 0 {
+            return None;
+        }
+        let k = x.len() / m;
+        Some(
+            x.chunks_exact(k)
+                .zip(w)
+                .flat_map(|(row, &wt)| row.iter().map(move |&v| v * wt))
+                .collect(),
+        )
     }
 
     /// Bytes of statistics held.
@@ -250,6 +281,14 @@ impl Collector {
         if m == 0 || x.is_empty() || x.len() != xf.len() {
             return;
         }
+        // Route weighting: w^2 (xf - x) x^T, both rows scaled by w.
+        if let (Some(xs), Some(xfs)) = (
+            self.route_scaled(site, x, m),
+            self.route_scaled(site, xf, m),
+        ) {
+            self.site_acc(site, x.len() / m).add_cross(&xs, &xfs, m);
+            return;
+        }
         self.site_acc(site, x.len() / m).add_cross(x, xf, m);
     }
 
@@ -291,11 +330,26 @@ impl LinearObserver for Collector {
         if m == 0 || x.is_empty() {
             return;
         }
-        self.site_acc(site, x.len() / m).add(x, m);
+        match self.route_scaled(site, x, m) {
+            Some(xs) => {
+                // The sums take the weighted rows; amax stays that of the input itself.
+                let acc = self.site_acc(site, x.len() / m);
+                let amax = acc.amax;
+                acc.add(&xs, m);
+                acc.amax = x.iter().fold(amax, |a, &v| a.max(v.abs()));
+            }
+            None => self.site_acc(site, x.len() / m).add(x, m),
+        }
     }
 
     fn all_token_experts(&self) -> bool {
         self.all_tokens
+    }
+
+    fn routed(&mut self, layer: usize, expert: usize, _tokens: &[usize], weights: Option<&[f32]>) {
+        if let (Some(map), Some(w)) = (self.route_weights.as_mut(), weights) {
+            map.insert((layer, expert), w.to_vec());
+        }
     }
 }
 
@@ -525,5 +579,48 @@ mod tests {
             }
         }
         assert_eq!(s.tokens, m as u64);
+    }
+
+    /// Route weighting scales a routed expert's rows by their weights in the Hessian and the
+    /// second moments (not in amax, not other sites, not when the counts disagree).
+    #[test]
+    fn route_weighting_scales_expert_rows() {
+        let (m, k) = (6, 5);
+        let x = rows(m, k);
+        let w: Vec<f32> = (0..m).map(|t| 0.15 + 0.13 * t as f32).collect();
+        let mut col = Collector {
+            hessian: true,
+            all_tokens: false,
+            sites: BTreeMap::new(),
+            route_weights: Some(BTreeMap::new()),
+        };
+        let tokens: Vec<usize> = (0..m).collect();
+        col.routed(2, 3, &tokens, Some(&w));
+        col.observe(Site::ExpertGateUp(2, 3), &x, m);
+        col.observe(Site::Qkv(2), &x, m);
+        // Expert 4 was routed fewer rows than it shows: left unweighted.
+        col.routed(2, 4, &tokens[..2], Some(&w[..2]));
+        col.observe(Site::ExpertDown(2, 4), &x, m);
+        let scaled: Vec<f32> = x
+            .chunks_exact(k)
+            .zip(&w)
+            .flat_map(|(r, &wt)| r.iter().map(move |&v| v * wt))
+            .collect();
+        let amax = x.iter().fold(0f32, |a, &v| a.max(v.abs()));
+        for (site, want_rows) in [
+            (Site::ExpertGateUp(2, 3), &scaled),
+            (Site::Qkv(2), &x),
+            (Site::ExpertDown(2, 4), &x),
+        ] {
+            let mut plain = SiteAcc::new(k, true);
+            plain.add(want_rows, m);
+            let want = plain.finish("want".into(), 0);
+            let got = col.sites[&site].finish("got".into(), 0);
+            assert_eq!(got.hessian, want.hessian, "{site:?}");
+            assert_eq!(got.second_moment, want.second_moment, "{site:?}");
+            assert_eq!(got.amax, amax, "{site:?}");
+            assert_eq!(got.tokens, m as u64);
+        }
+        assert_ne!(scaled, x);
     }
 }

@@ -234,7 +234,7 @@ pub fn quantize_sequential(
     data: &CalibData,
     method: Method,
     gptq: &GptqOptions,
-    min_expert_tokens: u64,
+    stats: CollectOptions,
     asymmetric: Option<f64>,
     within_layer: bool,
     progress: &dyn Fn(usize, usize),
@@ -246,7 +246,7 @@ pub fn quantize_sequential(
     let opts = CollectOptions {
         // The asymmetric target needs H for every method.
         hessian: method == Method::Gptq || asymmetric.is_some(),
-        min_expert_tokens,
+        ..stats
     };
     let mut per_layer = |_l: usize,
                          stats: &BTreeMap<String, Arc<LinearStats>>|

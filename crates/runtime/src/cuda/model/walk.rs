@@ -346,7 +346,7 @@ impl Tap<'_> {
                 xe.extend_from_slice(&x[t * hd..(t + 1) * hd]);
                 swiglu_row(&pairs[p * 2 * inter..(p + 1) * 2 * inter], inter, &mut act);
             }
-            obs.routed(li, e, &toks);
+            obs.routed(li, e, &toks, None);
             obs.observe(Site::ExpertGateUp(li, e), &xe, toks.len());
             obs.observe(Site::ExpertDown(li, e), &act, toks.len());
         }
