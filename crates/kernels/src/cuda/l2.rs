@@ -28,16 +28,6 @@ impl L2Ranges {
         Self::default()
     }
 
-    /// Whether no range has been added.
-    pub fn is_empty(&self) -> bool {
-        self.bytes.iter().all(|&b| b == 0)
-    }
-
-    /// Bytes of all ranges together.
-    pub fn total_bytes(&self) -> u64 {
-        self.bytes.iter().sum()
-    }
-
     /// Adds bytes `[off, off + bytes)` of `s` (clamped to its length). Returns false, adding
     /// nothing, where every slot is taken or nothing would be added.
     pub fn push<T>(
