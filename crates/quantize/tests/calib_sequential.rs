@@ -542,3 +542,57 @@ fn within_layer_each_stage_sees_the_quantized_stages_before_it() {
     assert_eq!(calls[1].1[o].as_ref(), whole.get(o).unwrap());
     assert_ne!(calls[1].1[o].as_ref(), bf16.get(o).unwrap());
 }
+
+/// Route-weighted statistics: on a MoE fixture the routed experts' Hessians change and stay
+/// symmetric positive on the diagonal, every other site's are identical to the unweighted
+/// run's, and token counts and amax do not change.
+#[test]
+fn route_weighting_changes_only_routed_expert_statistics() {
+    let dir = tempfile::tempdir().unwrap();
+    write_fixture(dir.path(), Arch::Qwen3Moe, 17).unwrap();
+    let mut model = Model::load(dir.path()).unwrap();
+    let data = calib_data(&model, 3, 20, 300);
+    let mut runs = Vec::new();
+    for route_weighted in [false, true] {
+        let opts = CollectOptions {
+            hessian: true,
+            min_expert_tokens: 0,
+            route_weighted,
+        };
+        let mut seen: Recorded = BTreeMap::new();
+        let mut rec = |_l: usize, s: &Recorded| -> Result<Vec<(String, Weight)>, SequentialError> {
+            seen.extend(s.iter().map(|(k, v)| (k.clone(), v.clone())));
+            Ok(Vec::new())
+        };
+        run_sequential(&mut model, &data, opts, Some(&mut rec), &|_, _| {}).unwrap();
+        runs.push(seen);
+    }
+    let (plain, weighted) = (&runs[0], &runs[1]);
+    assert_eq!(
+        plain.keys().collect::<Vec<_>>(),
+        weighted.keys().collect::<Vec<_>>()
+    );
+    let mut experts = 0;
+    for (name, p) in plain {
+        let w = &weighted[name];
+        assert_eq!(p.tokens, w.tokens, "{name}");
+        assert_eq!(p.amax, w.amax, "{name}");
+        if name.contains(".experts.") {
+            experts += 1;
+            assert_ne!(p.hessian, w.hessian, "{name}");
+            let (hp, hw) = (p.hessian.as_ref().unwrap(), w.hessian.as_ref().unwrap());
+            let k = p.second_moment.len();
+            for i in 0..k {
+                // Routing weights are at most 1: each diagonal term can only shrink.
+                assert!(hw[i * k + i] <= hp[i * k + i] + 1e-9, "{name} ({i}, {i})");
+                assert!(hw[i * k + i] >= 0.0);
+                for j in 0..i {
+                    assert_eq!(hw[i * k + j], hw[j * k + i]);
+                }
+            }
+        } else {
+            assert_eq!(p.as_ref(), w.as_ref(), "{name}");
+        }
+    }
+    assert!(experts > 0, "the fixture has routed experts");
+}

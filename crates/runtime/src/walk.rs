@@ -43,6 +43,11 @@ pub trait LayerWalk {
     fn device_memory_used(&self) -> Option<u64> {
         None
     }
+    /// Whether [`LinearObserver::routed`] calls carry the routing weights (the CPU's do; the
+    /// GPU does not read them back).
+    fn reports_route_weights(&self) -> bool {
+        false
+    }
     /// Hidden states `[m, hidden]` (f32) entering layer 0 for `tokens`.
     fn embed_tokens(&mut self, tokens: &[u32]) -> Result<Vec<f32>, WalkError>;
     /// Runs decoder layer `layer` in place on `x` (`[m, hidden]`, one sequence at positions
@@ -101,6 +106,9 @@ impl LayerWalk for Model {
     }
     fn device_name(&self) -> String {
         "cpu".into()
+    }
+    fn reports_route_weights(&self) -> bool {
+        true
     }
     fn embed_tokens(&mut self, tokens: &[u32]) -> Result<Vec<f32>, WalkError> {
         Ok(Model::embed_tokens(self, tokens)?)

@@ -66,6 +66,12 @@ pub enum SequentialError {
         /// the runtime's error
         source: WalkError,
     },
+    /// Route-weighted statistics were asked of a backend that does not report routing weights.
+    #[error("route-weighted statistics need the routing weights, which the {backend} backend does not report: calibrate on the CPU")]
+    RouteWeights {
+        /// the backend ("cuda")
+        backend: &'static str,
+    },
 }
 
 /// What a sequential run measured (the statistics themselves are gone layer by layer).
@@ -213,6 +219,11 @@ pub fn run_sequential_with(
     };
     if data.sequences.is_empty() {
         return Err(StatsError::Empty.into());
+    }
+    if opts.route_weighted && !model.reports_route_weights() {
+        return Err(SequentialError::RouteWeights {
+            backend: model.backend(),
+        });
     }
     let cap = model.config().max_position_embeddings.max(1);
     // Hidden states per piece (a sequence longer than the context runs as independent pieces,
