@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use mimo_kernels::fp4::{Fp4Format, Fp4Matrix};
 use mimo_quant::calib::{
-    collect, run_sequential, run_sequential_with, CollectOptions, LinearStats, SequentialError,
-    SequentialModes,
+    collect, run_sequential, run_sequential_with, CalibData, CollectOptions, LinearStats,
+    SequentialError, SequentialModes,
 };
 use mimo_quant::convert::{convert_with, ConvertConfig, ConvertError, DEFAULT_MAX_SHARD};
 use mimo_quant::methods::apply::read_weight;
@@ -32,12 +32,18 @@ use common::{calib_data, convert_config, read_tree};
 
 type Recorded = BTreeMap<String, Arc<LinearStats>>;
 
+/// A Qwen3-MoE fixture of `seed` (its folder with it) and 3 calibration sequences of 20 tokens.
+fn moe_fixture(seed: u64) -> (tempfile::TempDir, Model, CalibData) {
+    let dir = tempfile::tempdir().unwrap();
+    write_fixture(dir.path(), Arch::Qwen3Moe, seed).unwrap();
+    let model = Model::load(dir.path()).unwrap();
+    let data = calib_data(&model, 3, 20, 300);
+    (dir, model, data)
+}
+
 #[test]
 fn bf16_layer_at_a_time_equals_the_whole_model_pass() {
-    let dir = tempfile::tempdir().unwrap();
-    write_fixture(dir.path(), Arch::Qwen3Moe, 11).unwrap();
-    let mut model = Model::load(dir.path()).unwrap();
-    let data = calib_data(&model, 3, 20, 300);
+    let (dir, mut model, data) = moe_fixture(11);
     let opts = CollectOptions {
         hessian: true,
         min_expert_tokens: 12,
@@ -548,10 +554,7 @@ fn within_layer_each_stage_sees_the_quantized_stages_before_it() {
 /// run's, and token counts and amax do not change.
 #[test]
 fn route_weighting_changes_only_routed_expert_statistics() {
-    let dir = tempfile::tempdir().unwrap();
-    write_fixture(dir.path(), Arch::Qwen3Moe, 17).unwrap();
-    let mut model = Model::load(dir.path()).unwrap();
-    let data = calib_data(&model, 3, 20, 300);
+    let (_dir, mut model, data) = moe_fixture(17);
     let mut runs = Vec::new();
     for route_weighted in [false, true] {
         let opts = CollectOptions {
