@@ -261,14 +261,18 @@ impl Tuning {
     pub fn from_env() -> Self {
         let d = Tuning::default();
         let flag = |k: &str, dflt: bool| Tuning::env_flag(k).unwrap_or(dflt);
+        // A size in MiB: a whole number, else the default.
+        let mib = |k: &str, dflt: u32| {
+            std::env::var(k)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(dflt)
+        };
         Tuning {
             pdl: flag("MIMO_PDL", d.pdl),
             l2_prefetch: flag("MIMO_L2_PREFETCH", d.l2_prefetch),
             l2_prefetch_small: flag("MIMO_L2_PREFETCH_SMALL", d.l2_prefetch_small),
-            l2_prefetch_small_mib: std::env::var("MIMO_L2_PREFETCH_SMALL_MIB")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(d.l2_prefetch_small_mib),
+            l2_prefetch_small_mib: mib("MIMO_L2_PREFETCH_SMALL_MIB", d.l2_prefetch_small_mib),
             moe_direct: flag("MIMO_MOE_DIRECT", d.moe_direct),
             norm_router: flag("MIMO_NORM_ROUTER", d.norm_router),
             dense_swiglu: flag("MIMO_DENSE_SWIGLU", d.dense_swiglu),
@@ -276,10 +280,7 @@ impl Tuning {
             expert_topk: flag("MIMO_EXPERT_TOPK", d.expert_topk),
             x_stage: flag("MIMO_X_STAGE", d.x_stage),
             spread: flag("MIMO_SPREAD", d.spread),
-            attn_prefetch_mib: std::env::var("MIMO_ATTN_PREFETCH_MIB")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(d.attn_prefetch_mib),
+            attn_prefetch_mib: mib("MIMO_ATTN_PREFETCH_MIB", d.attn_prefetch_mib),
             moe_down_prefetch: flag("MIMO_MOE_DOWN_PREFETCH", d.moe_down_prefetch),
             warp_attention: flag("MIMO_WARP_ATTENTION", d.warp_attention),
             fp8_prefill: flag("MIMO_FP8_PREFILL", d.fp8_prefill),

@@ -53,21 +53,20 @@ impl L2Ranges {
     }
 }
 
-/// The piece of a range of `bytes` bytes that block `b` of `blocks` asks for, as
-/// `prefetch_l2_share` cuts it: (offset, length), or None where the block has none. Every
-/// piece but the last is a multiple of 128 bytes, and the pieces cover the range once.
-pub fn l2_share(bytes: u64, blocks: u64, b: u64) -> Option<(u64, u64)> {
-    if bytes == 0 || blocks == 0 {
-        return None;
-    }
-    let piece = (bytes.div_ceil(blocks) + 127) & !127;
-    let lo = b * piece;
-    (lo < bytes).then(|| (lo, piece.min(bytes - lo)))
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+
+    /// The piece of a range of `bytes` bytes that block `b` of `blocks` asks for, as
+    /// `prefetch_l2_share` cuts it: (offset, length), or None where the block has none. Every
+    /// piece but the last is a multiple of 128 bytes, and the pieces cover the range once.
+    fn l2_share(bytes: u64, blocks: u64, b: u64) -> Option<(u64, u64)> {
+        if bytes == 0 || blocks == 0 {
+            return None;
+        }
+        let piece = (bytes.div_ceil(blocks) + 127) & !127;
+        let lo = b * piece;
+        (lo < bytes).then(|| (lo, piece.min(bytes - lo)))
+    }
 
     #[test]
     fn shares_cover_each_range_once() {

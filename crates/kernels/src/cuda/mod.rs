@@ -50,7 +50,7 @@ pub use gemm::{
     fp4_gemm_with, prefetches_itself, token_tiles, variant_exists, Fp4GemmConfig, K_CHUNK,
 };
 pub use graph::PdlGraph;
-pub use l2::{l2_share, L2Ranges, L2_RANGES};
+pub use l2::L2Ranges;
 pub use moe::{
     moe_down_norm_out, moe_fold_parts, moe_layer, moe_layer_with, moe_one_token_gate_up, MoeConfig,
     MoeWeights, MoeWorkspace, OneTokenRoute, MOE_MAX_EXPERTS,
