@@ -327,11 +327,23 @@ extern "C" __global__ void kv_write(const u16* __restrict__ k_src, int k_off, in
 // results must be written before the call. `red` holds at least nsplit floats (the host checks
 // nsplit against the kernels' scratch), `sh` 32.
 #define COMBINE_REG 16
+__device__ void combine_row(const float* __restrict__ part_ml, const float* __restrict__ part_o,
+                            u16* __restrict__ out, size_t row, int nsplit, int max_splits, int d,
+                            float* red, float* sh);
+
 __device__ void combine_splits(const float* __restrict__ part_ml, const float* __restrict__ part_o,
                                int* __restrict__ counters, u16* __restrict__ out, size_t row,
                                int nsplit, int max_splits, int d, float* red, float* sh,
                                int* flag) {
     if (!last_block(counters + row, nsplit, flag)) return;
+    combine_row(part_ml, part_o, out, row, nsplit, max_splits, d, red, sh);
+}
+
+// The merge of combine_splits for one row, by the whole block (after the last block's check).
+// A caller merging several rows in turn puts a barrier between them (`red` is reused).
+__device__ void combine_row(const float* __restrict__ part_ml, const float* __restrict__ part_o,
+                            u16* __restrict__ out, size_t row, int nsplit, int max_splits, int d,
+                            float* red, float* sh) {
     // Every load goes out before the first reduction (serial L2 round trips dominated this
     // step): this thread's split (m, l) and, for its first element, the first COMBINE_REG
     // splits' partial outputs; further splits and elements are read where they are used.
@@ -529,16 +541,25 @@ __device__ __forceinline__ void load_head_consts(const float* __restrict__ bias,
     }
 }
 
-// warp_head_prep with the constants already loaded (head_dim <= 128).
-__device__ void warp_head_prep_c(const u16* __restrict__ src, const HeadConsts& c, float eps,
-                                 float attn_factor, int rot_dim, int pos, int d, float* out) {
+// One lane's elements lane + 32 j of a head (head_dim <= 128; 0 past d), as warp_head_finish
+// takes them: a caller preparing several heads loads them all first.
+__device__ __forceinline__ void warp_head_load(const u16* __restrict__ src, int d, float (&raw)[4]) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int j = 0; j < 4; j++) raw[j] = lane + 32 * j < d ? bf(src[lane + 32 * j]) : 0.f;
+}
+
+// warp_head_prep_c from the lane's loaded elements (warp_head_load).
+__device__ __forceinline__ void warp_head_finish(const float (&raw)[4], const HeadConsts& c,
+                                                 float eps, float attn_factor, int rot_dim, int pos,
+                                                 int d, float* out) {
     const int lane = threadIdx.x & 31;
     float ss = 0.f;
 #pragma unroll
     for (int j = 0; j < 4; j++) {
         const int i = lane + 32 * j;
         if (i < d) {
-            float v = bf(src[i]);
+            float v = raw[j];
             if (c.has_bias) v += c.bias[j];
             out[i] = v;
             ss += v * v;
@@ -570,6 +591,14 @@ __device__ void warp_head_prep_c(const u16* __restrict__ src, const HeadConsts& 
         }
     }
     __syncwarp();
+}
+
+// warp_head_prep with the constants already loaded (head_dim <= 128).
+__device__ void warp_head_prep_c(const u16* __restrict__ src, const HeadConsts& c, float eps,
+                                 float attn_factor, int rot_dim, int pos, int d, float* out) {
+    float raw[4];
+    warp_head_load(src, d, raw);
+    warp_head_finish(raw, c, eps, attn_factor, rot_dim, pos, d, out);
 }
 
 // Warp-level head preparation (the attention_w and prefill kernels): src (+ bias), optional
@@ -947,6 +976,362 @@ attention_w(const u16* __restrict__ q_src, int q_off, int q_stride, const u16* _
     combine_splits(part_ml, part_o, counters, out, row, nsplit, a.max_splits, d, wo, sh, &flag);
     trace_mark();
 }
+
+// ---------------------------------------------------------------------------------------------
+// Batched decode attention on the tensor cores, one block per (token, KV head, split): the
+// query heads of a KV group share every key and value the block loads (the per-head kernels
+// above read them once per query head: 8 times over for Qwen3-30B-A3B's 32 / 4 heads).
+// grid (m tokens, n_kv, max_splits), 4 warps; split z covers keys [z*L, z*L + L) of [lo, pos]
+// (L = split_len, a multiple of 64), taken 64 at a time, 16 per warp. The group's q rows
+// (G <= 16, padded to the 16 rows of an m16n8k16 tile) are prepared in f32 (bias, norm, RoPE:
+// warp_head_prep) and rounded to bf16 as mma A fragments; S = Q K^T and O += P V are mma with
+// f32 accumulators and an online softmax per warp (P rounded to bf16, its row sums taken over
+// the rounded values, as attention_prefill). Lane (g = lane / 4, t = lane % 4) loads 16-byte
+// pieces only: K rows g and 8 + g at elements [t D/4, (t + 1) D/4) (the k slots of each mma
+// step mapped onto 4 consecutive elements of the lane's piece, the same map for Q), V rows 2t,
+// 2t + 1, 2t + 8, 2t + 9 at elements [g D/8, (g + 1) D/8) (output column g of n-tile j is
+// element g D/8 + j). The 4 warps' (max, sum, out) are merged in warp order; with several
+// splits the last block of the (token, KV head) combines each head's splits in split order.
+// The new token's key and value are prepared and written to the cache by the block holding
+// `pos` (fused_new: decode steps only).
+// ---------------------------------------------------------------------------------------------
+#define AG_WARPS 4
+#define AG_MAX_GROUP 16
+template <int D, bool WIDE>
+__device__ __forceinline__ void attention_gqa_body(
+    const u16* __restrict__ q_src, int q_off, int q_stride, const u16* __restrict__ k_src,
+    int k_off, int k_stride, const u16* __restrict__ v_src, int v_off, int v_stride,
+    const float* __restrict__ q_bias, const float* __restrict__ k_bias,
+    const float* __restrict__ v_bias, const float* __restrict__ q_norm,
+    const float* __restrict__ k_norm, const float* __restrict__ inv_freq,
+    const int* __restrict__ pos, const int* __restrict__ seq, u16* __restrict__ kc,
+    u16* __restrict__ vc, float* __restrict__ part_ml, float* __restrict__ part_o,
+    int* __restrict__ counters, u16* __restrict__ out, const AttnArgs& a) {
+    constexpr int KU = D / 32;  // 16-byte K pieces per lane and key
+    constexpr int VU = D / 64;  // 16-byte V pieces per lane and key
+    constexpr int KS = D / 16;  // k steps of Q K^T
+    constexpr int NT = D / 8;   // n tiles of P V
+    constexpr int ROWS = WIDE ? 16 : 8;
+    __shared__ __align__(16) float qf[ROWS * D];
+    __shared__ __align__(16) float wo[AG_WARPS * ROWS * D];  // also the combine's scratch
+    __shared__ __align__(16) float kn[D], vn[D];
+    __shared__ float wm[AG_WARPS * ROWS], wl[AG_WARPS * ROWS];
+    __shared__ float sh[32];
+    __shared__ int flag;
+    const int t = blockIdx.x, kvh = blockIdx.y, z = blockIdx.z;
+    const int group = a.n_heads / a.n_kv, h0 = kvh * group;
+    const int p = __ldcg(pos + t), s = __ldcg(seq + t);
+    if (p < 0 || p >= a.capacity) return;  // the host refuses such steps; never write outside
+    const int nsplit = p / a.split_len + 1;
+    if (z >= nsplit) return;
+    const int lo = window_lo(p, a.window);
+    const int k_first = z * a.split_len;
+    const int j0 = max(lo, k_first), j1 = min(p, k_first + a.split_len - 1);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    const size_t cbase = (((size_t)s * a.layers + a.layer) * a.n_kv + kvh) * a.capacity;
+    const bool has_new = a.fused_new && j0 <= p && p <= j1;
+    uint4 kr[2][KU], vr[4][VU];
+    // The loads of the warp's 16 keys from `kb` (keys outside [j0, j1] and the new one: zeros),
+    // keys and values apart: the next chunk's keys are loaded once this chunk's scores are
+    // taken, its values once P V is done, so that they arrive while this chunk is computed.
+    auto load_k = [&](int kb) {
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            const int key = kb + 8 * j + g;
+            const bool ok = key >= j0 && key <= j1 && !(has_new && key == p);
+            const uint4* src = (const uint4*)(kc + (cbase + (ok ? key : 0)) * D + tq * (D / 4));
+#pragma unroll
+            for (int c = 0; c < KU; c++) kr[j][c] = ok ? __ldcg(src + c) : make_uint4(0, 0, 0, 0);
+        }
+    };
+    auto load_v = [&](int kb) {
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int key = kb + (j & 1) + 2 * tq + 8 * (j >> 1);
+            const bool ok = key >= j0 && key <= j1 && !(has_new && key == p);
+            const uint4* src = (const uint4*)(vc + (cbase + (ok ? key : 0)) * D + g * (D / 8));
+#pragma unroll
+            for (int c = 0; c < VU; c++) vr[j][c] = ok ? __ldcg(src + c) : make_uint4(0, 0, 0, 0);
+        }
+    };
+    // Cached keys and values of earlier tokens were written by earlier steps: the first loads go
+    // out before the wait.
+    load_k(k_first + warp * 16);
+    load_v(k_first + warp * 16);
+    pdl_enter();
+    // The warp's query heads (r = warp, warp + 4, ...): every load first, then the norms and
+    // rotations (one L2 round trip per warp, not one per head).
+    {
+        constexpr int PER = AG_MAX_GROUP / AG_WARPS;
+        float raw[PER][4];
+#pragma unroll
+        for (int rr = 0; rr < PER; rr++) {
+            const int r = warp + AG_WARPS * rr;
+            if (r < group) warp_head_load(q_src + (size_t)t * q_stride + q_off + (h0 + r) * D, D, raw[rr]);
+        }
+#pragma unroll
+        for (int rr = 0; rr < PER; rr++) {
+            const int r = warp + AG_WARPS * rr;
+            if (r < group) {
+                HeadConsts hc;
+                load_head_consts(q_bias ? q_bias + (h0 + r) * D : 0, q_norm, inv_freq, a.rot_dim,
+                                 D, hc);
+                warp_head_finish(raw[rr], hc, a.eps, a.attn_factor, a.rot_dim, p, D, qf + r * D);
+            }
+        }
+    }
+    if (has_new && warp == AG_WARPS - 1) {
+        warp_head_prep(k_src + (size_t)t * k_stride + k_off + kvh * D,
+                       k_bias ? k_bias + kvh * D : 0, k_norm, a.eps, inv_freq, a.attn_factor,
+                       a.rot_dim, p, D, kn);
+        new_kv(v_src + (size_t)t * v_stride + v_off + kvh * D, v_bias ? v_bias + kvh * D : 0, kn,
+               vn, kc + (cbase + p) * D, vc + (cbase + p) * D, true, D, lane, 32);
+    }
+    __syncthreads();
+    // Q fragments: rows g and 8 + g (zero past the group), k step st at the lane's elements
+    // t D/4 + 4 st + {0, 1} (slots 2t, 2t + 1) and + {2, 3} (slots 2t + 8, 2t + 9).
+    u32 qa[KS][2], qb[KS][2];
+#pragma unroll
+    for (int st = 0; st < KS; st++) {
+        const int e = tq * (D / 4) + 4 * st;
+        const bool r0 = g < group, r1 = WIDE && g + 8 < group;
+        qa[st][0] = r0 ? f32x2_to_bf16x2(qf[g * D + e], qf[g * D + e + 1]) : 0u;
+        qa[st][1] = r0 ? f32x2_to_bf16x2(qf[g * D + e + 2], qf[g * D + e + 3]) : 0u;
+        qb[st][0] = r1 ? f32x2_to_bf16x2(qf[(g + 8) * D + e], qf[(g + 8) * D + e + 1]) : 0u;
+        qb[st][1] = r1 ? f32x2_to_bf16x2(qf[(g + 8) * D + e + 2], qf[(g + 8) * D + e + 3]) : 0u;
+    }
+    const float sl2 = a.scale * 1.4426950408889634f;  // scores in log2 units: exp2f below
+    float o[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
+    const int k_end = min(j1 + 1, k_first + a.split_len);
+    for (int cb = k_first; cb < k_end; cb += 64) {
+        const int kb = cb + warp * 16;
+        const bool more = cb + 64 < k_end;
+        if (has_new) {  // the new token's key from shared memory (bf16-exact)
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+                if (kb + 8 * j + g == p) {
+#pragma unroll
+                    for (int c = 0; c < KU; c++) {
+                        const float* f = kn + tq * (D / 4) + 8 * c;
+                        kr[j][c] = make_uint4(f32x2_to_bf16x2(f[0], f[1]), f32x2_to_bf16x2(f[2], f[3]),
+                                              f32x2_to_bf16x2(f[4], f[5]), f32x2_to_bf16x2(f[6], f[7]));
+                    }
+                }
+            }
+        }
+        // S = Q K^T for the warp's two tiles of 8 keys.
+        float sc[2][4];
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
+#pragma unroll
+            for (int st = 0; st < KS; st++) {
+                const uint4 k4 = kr[j][st >> 1];
+                const u32 b0 = (st & 1) ? k4.z : k4.x, b1 = (st & 1) ? k4.w : k4.y;
+                mma_bf16_16816(sc[j], qa[st][0], qb[st][0], qa[st][1], qb[st][1], b0, b1);
+            }
+        }
+        if (more) load_k(kb + 64);
+        // Online softmax: this lane holds keys kb + 8j + 2t + {0, 1} of rows g and 8 + g.
+        float mx0 = NEG_INF, mx1 = NEG_INF;
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+#pragma unroll
+            for (int i = 0; i < 2; i++) {
+                const int key = kb + 8 * j + 2 * tq + i;
+                const bool ok = key >= j0 && key <= j1;
+                sc[j][i] = ok ? sc[j][i] * sl2 : NEG_INF;
+                sc[j][2 + i] = ok ? sc[j][2 + i] * sl2 : NEG_INF;
+                mx0 = fmaxf(mx0, sc[j][i]);
+                mx1 = fmaxf(mx1, sc[j][2 + i]);
+            }
+        }
+#pragma unroll
+        for (int sft = 1; sft < 4; sft <<= 1) {
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, sft));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, sft));
+        }
+        const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
+        const float c0 = n0 == NEG_INF ? 1.f : exp2f(m0 - n0);
+        const float c1 = n1 == NEG_INF ? 1.f : exp2f(m1 - n1);
+        m0 = n0;
+        m1 = n1;
+        u32 pa[2][2];
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            const float p0 = n0 == NEG_INF ? 0.f : exp2f(sc[j][0] - n0);
+            const float p1 = n0 == NEG_INF ? 0.f : exp2f(sc[j][1] - n0);
+            const float p2 = n1 == NEG_INF ? 0.f : exp2f(sc[j][2] - n1);
+            const float p3 = n1 == NEG_INF ? 0.f : exp2f(sc[j][3] - n1);
+            pa[j][0] = f32x2_to_bf16x2(p0, p1);
+            pa[j][1] = f32x2_to_bf16x2(p2, p3);
+        }
+        l0 = l0 * c0 + bf_lo(pa[0][0]) + bf_hi(pa[0][0]) + bf_lo(pa[1][0]) + bf_hi(pa[1][0]);
+        l1 = l1 * c1 + bf_lo(pa[0][1]) + bf_hi(pa[0][1]) + bf_lo(pa[1][1]) + bf_hi(pa[1][1]);
+        if (has_new) {  // and value
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                if (kb + (j & 1) + 2 * tq + 8 * (j >> 1) == p) {
+#pragma unroll
+                    for (int c = 0; c < VU; c++) {
+                        const float* f = vn + g * (D / 8) + 8 * c;
+                        vr[j][c] = make_uint4(f32x2_to_bf16x2(f[0], f[1]), f32x2_to_bf16x2(f[2], f[3]),
+                                              f32x2_to_bf16x2(f[4], f[5]), f32x2_to_bf16x2(f[6], f[7]));
+                    }
+                }
+            }
+        }
+        // O = O * c + P V: P's k slots 2t, 2t + 1, 2t + 8, 2t + 9 are this lane's keys of
+        // tiles 0 and 1, i.e. V rows vr[0..4); column g of n tile jn is element g D/8 + jn.
+#pragma unroll
+        for (int jn = 0; jn < NT; jn++) {
+            o[jn][0] *= c0;
+            o[jn][1] *= c0;
+            o[jn][2] *= c1;
+            o[jn][3] *= c1;
+            const int c = jn >> 3, w = (jn & 7) >> 1;
+            const u32 sel = (jn & 1) ? 0x7632u : 0x5410u;
+            const u32 v0 = w == 0 ? vr[0][c].x : w == 1 ? vr[0][c].y : w == 2 ? vr[0][c].z : vr[0][c].w;
+            const u32 v1 = w == 0 ? vr[1][c].x : w == 1 ? vr[1][c].y : w == 2 ? vr[1][c].z : vr[1][c].w;
+            const u32 v2 = w == 0 ? vr[2][c].x : w == 1 ? vr[2][c].y : w == 2 ? vr[2][c].z : vr[2][c].w;
+            const u32 v3 = w == 0 ? vr[3][c].x : w == 1 ? vr[3][c].y : w == 2 ? vr[3][c].z : vr[3][c].w;
+            mma_bf16_16816(o[jn], pa[0][0], pa[0][1], pa[1][0], pa[1][1], __byte_perm(v0, v1, sel),
+                           __byte_perm(v2, v3, sel));
+        }
+        if (more) load_v(kb + 64);
+    }
+#pragma unroll
+    for (int sft = 1; sft < 4; sft <<= 1) {
+        l0 += __shfl_xor_sync(0xffffffffu, l0, sft);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, sft);
+    }
+    // Each warp's rows to shared memory: lane columns 2t, 2t + 1 of n tile jn are elements
+    // (2t) D/8 + jn and (2t + 1) D/8 + jn.
+    if (tq == 0) {
+        wm[warp * ROWS + g] = m0;
+        wl[warp * ROWS + g] = l0;
+        if (WIDE) {
+            wm[warp * ROWS + g + 8] = m1;
+            wl[warp * ROWS + g + 8] = l1;
+        }
+    }
+#pragma unroll
+    for (int jn = 0; jn < NT; jn++) {
+        float* r0 = wo + (warp * ROWS + g) * D;
+        r0[(2 * tq) * (D / 8) + jn] = o[jn][0];
+        r0[(2 * tq + 1) * (D / 8) + jn] = o[jn][1];
+        if (WIDE) {
+            float* r1 = wo + (warp * ROWS + g + 8) * D;
+            r1[(2 * tq) * (D / 8) + jn] = o[jn][2];
+            r1[(2 * tq + 1) * (D / 8) + jn] = o[jn][3];
+        }
+    }
+    __syncthreads();
+    // Merge the warps in order; the split's (max, sum) in natural-log units as the combine
+    // expects (m * ln 2).
+    for (int idx = threadIdx.x; idx < group * D; idx += blockDim.x) {
+        const int r = idx / D, i = idx - r * D;
+        float m_all = NEG_INF;
+#pragma unroll
+        for (int w = 0; w < AG_WARPS; w++) m_all = fmaxf(m_all, wm[w * ROWS + r]);
+        float l = 0.f, acc = 0.f;
+#pragma unroll
+        for (int w = 0; w < AG_WARPS; w++) {
+            const float mw = wm[w * ROWS + r];
+            const float f = mw == NEG_INF ? 0.f : exp2f(mw - m_all);
+            l += f * wl[w * ROWS + r];
+            acc += f * wo[(w * ROWS + r) * D + i];
+        }
+        const size_t row = (size_t)t * a.n_heads + h0 + r;
+        if (nsplit == 1) {
+            out[row * D + i] = to_bf(acc / l);
+        } else {
+            part_o[(row * a.max_splits + z) * D + i] = acc;
+            if (i == 0) {
+                part_ml[(row * a.max_splits + z) * 2] =
+                    m_all == NEG_INF ? NEG_INF : m_all * 0.6931471805599453f;
+                part_ml[(row * a.max_splits + z) * 2 + 1] = l;
+            }
+        }
+    }
+    trace_mark();
+    if (nsplit == 1) return;
+    // wo becomes the combine's scratch: last_block's barrier orders it after the reads above.
+    if (!last_block(counters + (size_t)t * a.n_heads + h0, nsplit, &flag)) return;
+    const size_t row0 = (size_t)t * a.n_heads + h0;
+    if (group * (nsplit + 1) > AG_WARPS * ROWS * D) {
+        // More splits than the scratch holds for all rows at once (very long contexts): the
+        // rows one after the other.
+        for (int r = 0; r < group; r++) {
+            if (r > 0) __syncthreads();
+            combine_row(part_ml, part_o, out, row0 + r, nsplit, a.max_splits, D, wo, sh);
+        }
+    } else {
+        // All rows at once: each warp takes rows warp, warp + 4, ... and writes their split
+        // factors exp(m_z - M) (wo[r * nsplit + z]) and sums (wo[group * nsplit + r]); then
+        // every thread forms its outputs from them, splits in order (deterministic).
+        float* fz = wo;
+        float* lsum = wo + group * nsplit;
+        for (int r = warp; r < group; r += AG_WARPS) {
+            const float* pm = part_ml + (row0 + r) * a.max_splits * 2;
+            float mx = NEG_INF;
+            for (int zz = lane; zz < nsplit; zz += 32) mx = fmaxf(mx, __ldcg(pm + 2 * zz));
+#pragma unroll
+            for (int sft = 16; sft > 0; sft >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, sft));
+            float ls = 0.f;
+            for (int zz = lane; zz < nsplit; zz += 32) {
+                const float mz = __ldcg(pm + 2 * zz);
+                const float f = mz == NEG_INF ? 0.f : expf(mz - mx);
+                fz[r * nsplit + zz] = f;
+                ls += f * __ldcg(pm + 2 * zz + 1);
+            }
+#pragma unroll
+            for (int sft = 16; sft > 0; sft >>= 1) ls += __shfl_xor_sync(0xffffffffu, ls, sft);
+            if (lane == 0) lsum[r] = ls;
+        }
+        __syncthreads();
+        for (int idx = threadIdx.x; idx < group * D; idx += blockDim.x) {
+            const int r = idx / D, i = idx - r * D;
+            const float* po = part_o + (row0 + r) * a.max_splits * D + i;
+            const float* f = fz + r * nsplit;
+            float acc = 0.f;
+            int zz = 0;
+            for (; zz + 4 <= nsplit; zz += 4) {
+                const float p0 = __ldcg(po + (size_t)zz * D), p1 = __ldcg(po + (size_t)(zz + 1) * D);
+                const float p2 = __ldcg(po + (size_t)(zz + 2) * D), p3 = __ldcg(po + (size_t)(zz + 3) * D);
+                acc += f[zz] * p0;
+                acc += f[zz + 1] * p1;
+                acc += f[zz + 2] * p2;
+                acc += f[zz + 3] * p3;
+            }
+            for (; zz < nsplit; zz++) acc += f[zz] * __ldcg(po + (size_t)zz * D);
+            out[(row0 + r) * D + i] = to_bf(acc / lsum[r]);
+        }
+    }
+    trace_mark();
+}
+
+#define ATTENTION_GQA(name, D, WIDE)                                                              \
+    extern "C" __global__ void __launch_bounds__(AG_WARPS * 32) name(                            \
+        const u16* __restrict__ q_src, int q_off, int q_stride, const u16* __restrict__ k_src,   \
+        int k_off, int k_stride, const u16* __restrict__ v_src, int v_off, int v_stride,         \
+        const float* __restrict__ q_bias, const float* __restrict__ k_bias,                      \
+        const float* __restrict__ v_bias, const float* __restrict__ q_norm,                      \
+        const float* __restrict__ k_norm, const float* __restrict__ inv_freq,                    \
+        const int* __restrict__ pos, const int* __restrict__ seq, u16* __restrict__ kc,          \
+        u16* __restrict__ vc, float* __restrict__ part_ml, float* __restrict__ part_o,           \
+        int* __restrict__ counters, u16* __restrict__ out, AttnArgs a) {                         \
+        attention_gqa_body<D, WIDE>(q_src, q_off, q_stride, k_src, k_off, k_stride, v_src, v_off, \
+                                    v_stride, q_bias, k_bias, v_bias, q_norm, k_norm, inv_freq,  \
+                                    pos, seq, kc, vc, part_ml, part_o, counters, out, a);        \
+    }
+ATTENTION_GQA(attention_gqa_d64, 64, false)
+ATTENTION_GQA(attention_gqa_d64_wide, 64, true)
+ATTENTION_GQA(attention_gqa_d128, 128, false)
+ATTENTION_GQA(attention_gqa_d128_wide, 128, true)
 
 // ---------------------------------------------------------------------------------------------
 // SwiGLU: out[t][i] = silu(g[t][i]) * u[t][i], rows of g and u `stride` elements apart (a fused

@@ -742,6 +742,79 @@ fn decode_attention_kernels_agree() {
     }
 }
 
+/// The grouped tensor-core decode attention (`Tuning::gqa_attention`, batches of several
+/// tokens) against the per-head thread-per-key kernel (checked against the CPU elsewhere): 16
+/// sequences at different positions (1 to 300 cached tokens; 16 (token, KV head) pairs or more,
+/// so the grouped kernel runs) decode four steps on random BF16 models with head_dim 64 and
+/// 128, 1 to 16 query heads per KV head (the 16-row "wide" kernels included), full attention
+/// and a 77-token sliding window, with the automatic split and with 256-key splits (several
+/// 64-key chunks per block, a window start inside one).
+/// The grouped kernel rounds q and the softmax weights to bf16 for the tensor cores, so the
+/// logits agree to bf16 rounding; a wrong key, head or combine would move them far more.
+#[test]
+fn grouped_decode_attention_matches_per_head_kernel() {
+    let Some(gpu) = gpu() else { return };
+    let mut c = tiny_moe_config();
+    c.max_position_embeddings = 512;
+    let base = gpu.ctx.tuning();
+    let lens: Vec<usize> = (0..16)
+        .map(|i| [300, 171, 40, 2, 255, 64, 129, 200][i % 8] - i / 8)
+        .collect();
+    for (hd, nh, nkv, window) in [
+        (64usize, 4usize, 2usize, None),
+        (64, 12, 4, Some(77usize)),
+        (128, 8, 1, None),
+        (128, 8, 2, Some(77)),
+        (128, 16, 1, None),
+        (64, 16, 2, Some(77)),
+    ] {
+        c.head_dim = hd;
+        c.num_heads = nh;
+        c.num_kv_heads = nkv;
+        c.sliding_window = vec![window; c.num_layers];
+        let mut g = GpuModel::random(gpu.clone(), c.clone(), WeightKind::Bf16, false, 9).unwrap();
+        let vocab = c.vocab_size as u32;
+        let mut runs = Vec::new();
+        for (gqa, split) in [(false, 0u32), (true, 0), (true, 256)] {
+            gpu.ctx.set_tuning(Tuning {
+                gqa_attention: gqa,
+                gqa_split: split,
+                ..base
+            });
+            g.reset_decode_sessions();
+            g.alloc_cache(lens.len(), 320).unwrap();
+            let mut firsts = Vec::new();
+            for (s, &len) in lens.iter().enumerate() {
+                let prompt: Vec<u32> = (0..len as u32)
+                    .map(|i| (i * 13 + 1 + 7 * s as u32) % vocab)
+                    .collect();
+                firsts.push(argmax(&g.forward(&prompt, s, 0, false).unwrap()) as u32);
+            }
+            assert!(g.decode_start(&firsts, &lens, true).unwrap());
+            let mut logits = Vec::new();
+            for _ in 0..4 {
+                g.decode_steps(lens.len(), 1).unwrap();
+                logits.extend(g.decode_logits(lens.len()).unwrap());
+            }
+            runs.push(logits);
+        }
+        gpu.ctx.set_tuning(base);
+        g.reset_decode_sessions();
+        for (i, split) in [(1, "auto"), (2, "256")] {
+            let (rel, elem) = errors(&runs[i], &runs[0]);
+            eprintln!(
+                "grouped decode attention head_dim {hd}, {nh} / {nkv} heads, window {window:?}, split {split}: relative {rel:.2e}, worst element {elem:.2e}"
+            );
+            assert!(
+                rel < 1e-2,
+                "head_dim {hd}, {nh} / {nkv} heads, window {window:?}, split {split}: relative error {rel:.3e}"
+            );
+            // Its bf16 rounding of q and P always shows: equal logits mean it did not run.
+            assert!(rel > 0.0, "the grouped kernel did not run");
+        }
+    }
+}
+
 /// Resident E4M3 weights (`Tuning::fp8_resident`) give bit-identical prefill logits: the same
 /// conversion kernel once instead of per call, the same GEMM.
 #[test]

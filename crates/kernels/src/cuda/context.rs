@@ -211,6 +211,14 @@ pub struct Tuning {
     /// One-sequence decode steps' attention through the runtime's warp kernel (`attention_w`:
     /// 4 warps x 16 keys, head_dim 32..=128 in steps of 32) instead of the thread-per-key one.
     pub warp_attention: bool,
+    /// Decode steps of several tokens run the runtime's grouped tensor-core attention
+    /// (`attention_gqa_*`: one block per token, KV head and split, every query head of the
+    /// group sharing each key and value it loads) instead of the per-head thread-per-key
+    /// kernel, where head_dim is 64 or 128 (`MIMO_GQA_ATTENTION`).
+    pub gqa_attention: bool,
+    /// Keys per split of the grouped decode attention (`MIMO_GQA_SPLIT`, rounded up to a
+    /// multiple of 64); 0: chosen from the batch (the runtime's `decode_split_len`).
+    pub gqa_split: u32,
     /// Prefill GEMMs of FP4 weights (M >= the runtime's dequantization threshold) run on the
     /// FP8 tensor cores ([`super::fp4_gemm_fp8`]: weights and activations as E4M3 rows with
     /// per-row scales) instead of dequantizing to bf16 for cuBLAS. Where the GPU has no FP8
@@ -243,6 +251,8 @@ impl Default for Tuning {
             attn_prefetch_mib: ATTN_PREFETCH_MIB,
             moe_down_prefetch: true,
             warp_attention: true,
+            gqa_attention: true,
+            gqa_split: 0,
             fp8_prefill: true,
             prefill_attention_mma: true,
             fp8_resident: false,
@@ -261,7 +271,7 @@ impl Tuning {
     pub fn from_env() -> Self {
         let d = Tuning::default();
         let flag = |k: &str, dflt: bool| Tuning::env_flag(k).unwrap_or(dflt);
-        // A size in MiB: a whole number, else the default.
+        // A size (MiB, keys): a whole number, else the default.
         let mib = |k: &str, dflt: u32| {
             std::env::var(k)
                 .ok()
@@ -283,6 +293,8 @@ impl Tuning {
             attn_prefetch_mib: mib("MIMO_ATTN_PREFETCH_MIB", d.attn_prefetch_mib),
             moe_down_prefetch: flag("MIMO_MOE_DOWN_PREFETCH", d.moe_down_prefetch),
             warp_attention: flag("MIMO_WARP_ATTENTION", d.warp_attention),
+            gqa_attention: flag("MIMO_GQA_ATTENTION", d.gqa_attention),
+            gqa_split: mib("MIMO_GQA_SPLIT", d.gqa_split),
             fp8_prefill: flag("MIMO_FP8_PREFILL", d.fp8_prefill),
             prefill_attention_mma: flag("MIMO_PREFILL_ATTENTION_MMA", d.prefill_attention_mma),
             fp8_resident: flag("MIMO_FP8_RESIDENT", d.fp8_resident),

@@ -365,17 +365,14 @@ fn time_decode(
     } else {
         None
     };
-    // The profile is a diagnostic: its failure does not void the measurement.
-    let profile = if batch == 1 {
-        match model.profile_decode_step(batch) {
-            Ok(p) => Some(p),
-            Err(e) => {
-                eprintln!("    (no step profile: {e})");
-                None
-            }
+    // The profile is a diagnostic: its failure does not void the measurement. Every batch size
+    // gets one, so that the larger batches show where their step goes too.
+    let profile = match model.profile_decode_step(batch) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            eprintln!("    (no step profile: {e})");
+            None
         }
-    } else {
-        None
     };
     let edges = model.decode_graph_edges(batch);
     let tuning = model.gpu().ctx.tuning();
@@ -570,6 +567,8 @@ fn tuning_ablation(
                 attn_prefetch_mib: 0,
                 moe_down_prefetch: false,
                 warp_attention: false,
+                gqa_attention: false,
+                gqa_split: base.gqa_split,
                 fp8_prefill: base.fp8_prefill,
                 prefill_attention_mma: base.prefill_attention_mma,
                 fp8_resident: base.fp8_resident,

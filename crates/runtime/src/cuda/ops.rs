@@ -10,7 +10,9 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::Ptx;
 use half::bf16;
-use mimo_kernels::cuda::{arg_or_null, compile_source, on_load, GpuContext, L2Ranges, NULL_PTR};
+use mimo_kernels::cuda::{
+    arg_or_null, compile_source, on_load, GpuContext, L2Ranges, Tuning, NULL_PTR,
+};
 
 use super::error::{drv, GpuError};
 use crate::generate::nucleus::{KEYS, MAX_VOCAB};
@@ -33,6 +35,46 @@ pub const MAX_EXPERTS: usize = 1024;
 pub const ARGMAX_CHUNK: usize = 4096;
 /// Keys per `topp_threshold` block (`TOPP_SPAN` in ops.cu).
 const TOPP_SPAN: usize = 1024;
+
+/// Whether a decode step of `m` tokens runs the grouped tensor-core attention kernel
+/// (`attention_gqa_*` in ops.cu): several tokens with at least [`GQA_MIN_PAIRS`] (token, KV
+/// head) pairs (one token keeps the latency-tuned warp kernel, a few the per-head kernel with
+/// its many more blocks), head_dim 64 or 128, at most 16 query heads per KV head.
+pub fn gqa_applies(t: Tuning, m: usize, n_kv: usize, d: usize, group: usize) -> bool {
+    t.gqa_attention
+        && m >= 2
+        && m * n_kv >= GQA_MIN_PAIRS
+        && (d == 64 || d == 128)
+        && (1..=16).contains(&group)
+}
+
+/// Fewest (token, KV head) pairs of a decode step for the grouped attention kernel. H100,
+/// Qwen3-30B-A3B NVFP4 (4 KV heads) after a 512-token prompt: batch 2 (8 pairs) 498 vs 526
+/// tokens/s with the per-head kernel, batch 4 (16 pairs) 803 vs 779.
+pub const GQA_MIN_PAIRS: usize = 16;
+
+/// Keys per split of a decode step's attention. The grouped kernel takes longer splits as the
+/// batch's (token, KV head) pairs fill the GPU by themselves (fewer partial results to
+/// combine, fewer blocks in the chain): 64 keys below 32 pairs, 128 below 64, 256 below 128,
+/// else 512 (`Tuning::gqa_split` overrides); the other kernels take [`SPLIT_LEN`]. H100,
+/// NVFP4, after a 512-token prompt (tokens/s at 64 / 128 / 256 / 512 keys; 64 and 128 before
+/// the next chunk's loads overlapped the current one's products): Qwen3-30B-A3B (4 KV heads)
+/// batch 8 1,156 / 1,252 / 1,231 / 1,187, batch 32 2,368 / 2,568 / 2,678 / 2,769; MiMo-7B
+/// (8 KV heads) batch 8 2,110 / 2,245 / 2,442 / 2,313, batch 32 3,470 / 3,892 / 4,094 / 4,188.
+pub fn decode_split_len(t: Tuning, m: usize, n_kv: usize, d: usize, group: usize) -> usize {
+    if !gqa_applies(t, m, n_kv, d, group) {
+        return SPLIT_LEN;
+    }
+    if t.gqa_split != 0 {
+        return (t.gqa_split as usize).next_multiple_of(64);
+    }
+    match m * n_kv {
+        0..=31 => 64,
+        32..=63 => 128,
+        64..=127 => 256,
+        _ => 512,
+    }
+}
 
 /// Scalar arguments of the attention kernels (mirrors `AttnArgs` in ops.cu).
 #[repr(C)]
@@ -110,6 +152,9 @@ pub struct Ops {
     kv_write: CudaFunction,
     attention: CudaFunction,
     attention_w: CudaFunction,
+    /// Tensor-core batched decode attention, one block per KV group: head_dim 64 and 128, up
+    /// to 8 query heads per KV head, then the same for up to 16.
+    attention_gqa: [CudaFunction; 4],
     /// Tensor-core prefill attention for head_dim 64 and 128.
     attention_prefill: [CudaFunction; 2],
     swiglu: CudaFunction,
@@ -224,6 +269,12 @@ impl Ops {
             kv_write: f("kv_write")?,
             attention: f("attention")?,
             attention_w: f("attention_w")?,
+            attention_gqa: [
+                f("attention_gqa_d64")?,
+                f("attention_gqa_d128")?,
+                f("attention_gqa_d64_wide")?,
+                f("attention_gqa_d128_wide")?,
+            ],
             attention_prefill: [f("attention_prefill_d64")?, f("attention_prefill_d128")?],
             swiglu: f("swiglu")?,
             add_bias: f("add_bias")?,
@@ -249,6 +300,10 @@ impl Ops {
             &self.kv_write,
             &self.attention,
             &self.attention_w,
+            &self.attention_gqa[0],
+            &self.attention_gqa[1],
+            &self.attention_gqa[2],
+            &self.attention_gqa[3],
             &self.attention_prefill[0],
             &self.attention_prefill[1],
             &self.swiglu,
@@ -424,6 +479,37 @@ impl Ops {
             unsafe { b.launch(cfg) }.map_err(drv("launch attention_prefill"))?;
             return Ok(());
         }
+        if let Some(f) = self.gqa_kernel(gpu.tuning(), m, a) {
+            let mut b = gpu.stream().launch_builder(f);
+            b.arg(q.buf).arg(&q.off).arg(&q.stride);
+            b.arg(k.buf).arg(&k.off).arg(&k.stride);
+            b.arg(v.buf).arg(&v.off).arg(&v.stride);
+            for bias in biases {
+                arg_or_null(&mut b, bias);
+            }
+            arg_or_null(&mut b, q_norm);
+            arg_or_null(&mut b, k_norm);
+            b.arg(inv_freq)
+                .arg(pos)
+                .arg(seq)
+                .arg(kc)
+                .arg(vc)
+                .arg(part_ml)
+                .arg(part_o)
+                .arg(counters)
+                .arg(out)
+                .arg(&a);
+            let cfg = LaunchConfig {
+                grid_dim: (m as u32, a.n_kv as u32, a.max_splits as u32),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: as kv_write; part_ml/part_o hold m * heads * max_splits entries and
+            // counters m * heads (one per (token, KV head) used); shared memory is static
+            // (< 48 KiB for d <= 128 and up to 16 heads per KV head).
+            unsafe { b.launch(cfg) }.map_err(drv("launch attention_gqa"))?;
+            return Ok(());
+        }
         let warp_kernel = gpu.tuning().warp_attention
             && a.fused_new != 0
             && m == 1
@@ -474,6 +560,19 @@ impl Ops {
         // SAFETY: as kv_write; part_ml/part_o/counters hold m * heads * max_splits entries.
         unsafe { b.launch(cfg) }.map_err(drv("launch attention"))?;
         Ok(())
+    }
+
+    /// The grouped decode kernel for this launch, where it applies: decode steps of several
+    /// tokens (`Tuning::gqa_attention`), head_dim 64 or 128, at most 16 query heads per KV
+    /// head, splits a multiple of 64 keys ([`decode_split_len`]).
+    fn gqa_kernel(&self, t: Tuning, m: usize, a: AttnArgs) -> Option<&CudaFunction> {
+        let (n_kv, d) = (a.n_kv.max(1) as usize, a.d as usize);
+        let group = a.n_heads as usize / n_kv;
+        if !gqa_applies(t, m, n_kv, d, group) || a.fused_new == 0 || a.split_len % 64 != 0 {
+            return None;
+        }
+        let wide = usize::from(group > 8) * 2;
+        Some(&self.attention_gqa[wide + usize::from(a.d == 128)])
     }
 
     /// `out = silu(g) * u` over `m` rows of `inter`, input rows `stride` apart.
@@ -840,5 +939,38 @@ impl Ops {
         unsafe { b.launch(grid1((n as u32).div_ceil(256), 256, 0)) }
             .map_err(drv("launch fill_i32"))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_split_len_follows_the_batch_and_the_kernel() {
+        let on = Tuning::default();
+        let off = Tuning {
+            gqa_attention: false,
+            ..on
+        };
+        // One token, few pairs, or a head the grouped kernel does not take: the per-head
+        // kernels' 64.
+        assert_eq!(decode_split_len(on, 1, 16, 128, 8), SPLIT_LEN);
+        assert_eq!(decode_split_len(on, 2, 4, 128, 8), SPLIT_LEN);
+        assert_eq!(decode_split_len(on, 8, 4, 96, 8), SPLIT_LEN);
+        assert_eq!(decode_split_len(on, 32, 1, 128, 32), SPLIT_LEN);
+        assert_eq!(decode_split_len(off, 32, 4, 128, 8), SPLIT_LEN);
+        // Longer splits as the (token, KV head) pairs grow.
+        assert_eq!(decode_split_len(on, 4, 4, 128, 8), 64);
+        assert_eq!(decode_split_len(on, 8, 4, 128, 8), 128);
+        assert_eq!(decode_split_len(on, 8, 8, 128, 4), 256);
+        assert_eq!(decode_split_len(on, 32, 4, 64, 2), 512);
+        // The override, rounded up to whole 64-key chunks.
+        let fixed = Tuning {
+            gqa_split: 100,
+            ..on
+        };
+        assert_eq!(decode_split_len(fixed, 4, 4, 128, 8), 128);
+        assert!(gqa_applies(on, 16, 1, 64, 16) && !gqa_applies(on, 16, 1, 64, 17));
     }
 }

@@ -13,7 +13,9 @@ use mimo_kernels::cuda::{
 
 use super::{walk, Experts, Ffn, GateUp, GpuModel, Pend, Qkv, QkvBufs, Stage, Ws};
 use crate::cuda::error::GpuError;
-use crate::cuda::ops::{AttnArgs, RouterIn, Rows, MAX_FUSED_ROUTER_HIDDEN, SPLIT_LEN};
+use crate::cuda::ops::{
+    decode_split_len, AttnArgs, RouterIn, Rows, MAX_FUSED_ROUTER_HIDDEN, SPLIT_LEN,
+};
 use crate::cuda::weights::Gpu;
 use crate::model::Site;
 
@@ -57,7 +59,12 @@ impl GpuModel {
         let (hd, d, nh, nkv) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads);
         let m = ws.m;
         let eps = c.rms_norm_eps as f32;
-        let splits = cache.capacity.div_ceil(SPLIT_LEN);
+        let split_len = if decode {
+            decode_split_len(g.tuning(), m, nkv, d, nh / nkv.max(1))
+        } else {
+            SPLIT_LEN
+        };
+        let splits = cache.capacity.div_ceil(split_len);
         let layer = &self.layers[li];
         if let Some(t) = tap.as_deref_mut() {
             t.site(self, Site::Qkv(li), &ws.h, m, hd)?;
@@ -108,7 +115,7 @@ impl GpuModel {
             layers: self.layers.len() as i32,
             layer: li as i32,
             window: layer.window as i32,
-            split_len: SPLIT_LEN as i32,
+            split_len: split_len as i32,
             max_splits: splits as i32,
             fused_new: i32::from(decode),
             eps,
