@@ -21,7 +21,9 @@ use mimo_kernels::cuda::{MoeWeights, MoeWorkspace, PdlGraph};
 
 use super::error::{drv, GpuError};
 use super::ops::TopPBufs;
-use super::ops::{ARGMAX_CHUNK, MAX_CONTEXT, MAX_EXPERTS, MAX_HEAD_DIM, SPLIT_LEN};
+use super::ops::{
+    prefill_attention_on_mma, ARGMAX_CHUNK, MAX_CONTEXT, MAX_EXPERTS, MAX_HEAD_DIM, SPLIT_LEN,
+};
 use super::weights::{Gpu, GpuLinear};
 use crate::config::ModelConfig;
 use crate::cpu::Rope;
@@ -531,8 +533,18 @@ impl GpuModel {
         let c = &self.config;
         let g = &*self.gpu;
         let (hd, d, h, kv) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads);
-        let cap = self.cache.as_ref().map_or(1, |k| k.capacity);
-        let splits = cap.div_ceil(SPLIT_LEN);
+        let (seqs, cap) = self.cache.as_ref().map_or((1, 1), |k| (k.seqs, k.capacity));
+        // Split partials (max, sum, out per token, head and split of 64 keys) serve the decode
+        // kernels and the per-head prefill kernel. A workspace of more rows than sequences never
+        // decodes, and where prefill attention runs on the tensor cores it needs none: a long
+        // prompt would otherwise hold m * heads * capacity / 64 * head_dim floats (68 GB for a
+        // 16k-token prompt of 32 heads of 128). layer_pass grows them if the per-head prefill
+        // kernel runs after all (a tuning change).
+        let parts = if m <= seqs || !prefill_attention_on_mma(g.ctx.tuning(), d) {
+            m * h * cap.div_ceil(SPLIT_LEN)
+        } else {
+            0
+        };
         let qkv = match self.layers.first().map(|l| &l.qkv) {
             Some(Qkv::Split(..)) => QkvBufs::Split(
                 zeros(g, m * h * d)?,
@@ -602,8 +614,8 @@ impl GpuModel {
             attn_delta: zeros(g, m * hd)?,
             // A producer's blocks hold 16 or 32 of its hidden-size outputs.
             fold_parts: zeros(g, hd.div_ceil(16))?,
-            part_ml: zeros(g, m * h * splits * 2)?,
-            part_o: zeros(g, m * h * splits * d)?,
+            part_ml: zeros(g, parts * 2)?,
+            part_o: zeros(g, parts * d)?,
             attn_cnt: zeros(g, m * h)?,
             dense,
             moe,

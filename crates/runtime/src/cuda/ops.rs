@@ -36,6 +36,12 @@ pub const ARGMAX_CHUNK: usize = 4096;
 /// Keys per `topp_threshold` block (`TOPP_SPAN` in ops.cu).
 const TOPP_SPAN: usize = 1024;
 
+/// Whether prefill attention runs on the tensor-core kernel (`attention_prefill_d64/_d128`),
+/// which needs no split partials: head_dim 64 or 128 with `Tuning::prefill_attention_mma`.
+pub fn prefill_attention_on_mma(t: Tuning, d: usize) -> bool {
+    t.prefill_attention_mma && (d == 64 || d == 128)
+}
+
 /// Whether a decode step of `m` tokens runs the grouped tensor-core attention kernel
 /// (`attention_gqa_*` in ops.cu): several tokens with at least [`GQA_MIN_PAIRS`] (token, KV
 /// head) pairs (one token keeps the latency-tuned warp kernel, a few the per-head kernel with
@@ -454,7 +460,7 @@ impl Ops {
             128 => Some(&self.attention_prefill[1]),
             _ => None,
         }
-        .filter(|_| a.fused_new == 0 && gpu.tuning().prefill_attention_mma);
+        .filter(|_| a.fused_new == 0 && prefill_attention_on_mma(gpu.tuning(), a.d as usize));
         if let Some(f) = prefill_kernel {
             let m_i = m as i32;
             let mut b = gpu.stream().launch_builder(f);

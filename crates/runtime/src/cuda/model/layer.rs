@@ -11,10 +11,11 @@ use mimo_kernels::cuda::{
     OneTokenRoute,
 };
 
-use super::{walk, Experts, Ffn, GateUp, GpuModel, Pend, Qkv, QkvBufs, Stage, Ws};
+use super::{walk, zeros, Experts, Ffn, GateUp, GpuModel, Pend, Qkv, QkvBufs, Stage, Ws};
 use crate::cuda::error::GpuError;
 use crate::cuda::ops::{
-    decode_split_len, AttnArgs, RouterIn, Rows, MAX_FUSED_ROUTER_HIDDEN, SPLIT_LEN,
+    decode_split_len, prefill_attention_on_mma, AttnArgs, RouterIn, Rows, MAX_FUSED_ROUTER_HIDDEN,
+    SPLIT_LEN,
 };
 use crate::cuda::weights::Gpu;
 use crate::model::Site;
@@ -185,6 +186,15 @@ impl GpuModel {
             } else {
                 L2Ranges::none()
             };
+            if !decode && !prefill_attention_on_mma(g.tuning(), d) {
+                // The per-head prefill kernel's split partials (new_ws leaves them out of
+                // workspaces that cannot need them under the tuning they were made with).
+                let parts = m * nh * cache.capacity.div_ceil(SPLIT_LEN);
+                if ws.part_o.len() < parts * d {
+                    ws.part_ml = zeros(gpu, parts * 2)?;
+                    ws.part_o = zeros(gpu, parts * d)?;
+                }
+            }
             ops.attention(
                 g,
                 &q,
