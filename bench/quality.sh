@@ -18,6 +18,13 @@ SLICE_BYTES=${SLICE_BYTES:-20480}
 WORK=${WORK:-$(mktemp -d)}
 head -c "$SLICE_BYTES" calibration/heldout/valid.txt > "$WORK/slice1.txt"
 head -c $((40960 + SLICE_BYTES)) calibration/heldout/valid.txt | tail -c "$SLICE_BYTES" > "$WORK/slice2.txt"
+# In-domain calibration text for the `*-indomain` rows (`@indomain` in their arguments): the
+# rest of valid.txt after slice 2 (bytes 61441 to the end), disjoint from both reported slices
+# and from the tuning slice (bytes 20481-40960). It measures what the calibration text's domain
+# is worth; the other rows calibrate on our own set.
+tail -c +$((40960 + SLICE_BYTES + 1)) calibration/heldout/valid.txt > "$WORK/indomain.txt"
+# Its first half (`@indomain_half`): about as many tokens as the default recipe's 24,832.
+head -c 80000 "$WORK/indomain.txt" > "$WORK/indomain_half.txt"
 # name | format | convert arguments
 VARIANTS=(
   "nvfp4-rtn|nvfp4|--method rtn"
@@ -42,6 +49,11 @@ VARIANTS=(
   # Routed experts' statistics weighted by their routing weights (MoEQuant's affinity-guided GPTQ).
   "nvfp4-gptq-ao-rw|nvfp4|--method gptq --act-order --damp 0.1 --route-weighted"
   "mxfp4-gptq-ao-rw|mxfp4|--method gptq --act-order --damp 0.1 --route-weighted"
+  # Calibrated on in-domain text (the end of valid.txt, disjoint from the slices; see above).
+  "nvfp4-gptq-ao-indomain|nvfp4|--method gptq --act-order --damp 0.1 --calib @indomain"
+  "nvfp4-gptq-ao-r5-indomain|nvfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --calib @indomain"
+  "mxfp4-gptq-ao-indomain|mxfp4|--method gptq --act-order --damp 0.1 --calib @indomain"
+  "nvfp4-gptq-ao-indomain-half|nvfp4|--method gptq --act-order --damp 0.1 --calib @indomain_half"
   # Calibrated on the GPU (the CUDA runtime walks the layers; quantizers on the CPU as above).
   "nvfp4-mse-gpu|nvfp4|--method mse --calib-device cuda"
   "nvfp4-gptq-gpu|nvfp4|--method gptq --calib-device cuda"
@@ -78,8 +90,10 @@ for v in "${VARIANTS[@]}"; do
     printf 'Maximum resident set size (kbytes): 0\nElapsed (wall clock) time (h:mm:ss or m:ss): 0:00.00\n' > "$WORK/$name.time"
   else
   case "$args" in *--calib-device*) ;; *) args="$args --calib-device cpu" ;; esac
+  cargs=${args//@indomain_half/$WORK/indomain_half.txt}
+  cargs=${cargs//@indomain/$WORK/indomain.txt}
   # shellcheck disable=SC2086
-  /usr/bin/time -v "$Q" convert "$src" -o "$out" --format "$fmt" $args --force -q --json \
+  /usr/bin/time -v "$Q" convert "$src" -o "$out" --format "$fmt" $cargs --force -q --json \
     > "$WORK/$name.convert.json" 2> "$WORK/$name.time"
   fi
   rss_kb=$(awk -F: '/Maximum resident set size/ {gsub(/ /,"",$2); print $2}' "$WORK/$name.time")

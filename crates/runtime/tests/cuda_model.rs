@@ -742,6 +742,32 @@ fn decode_attention_kernels_agree() {
     }
 }
 
+/// One prompt per sequence (`lens[s]` tokens, token `i` of sequence `s` = `token(s, i)`)
+/// prefilled into a fresh cache of `capacity` positions, then `steps` graph-replayed greedy
+/// decode steps of all sequences at once: their logits, step after step.
+fn decode_after_prompts(
+    g: &mut GpuModel,
+    lens: &[usize],
+    capacity: usize,
+    steps: usize,
+    token: impl Fn(usize, u32) -> u32,
+) -> Vec<f32> {
+    g.reset_decode_sessions();
+    g.alloc_cache(lens.len(), capacity).unwrap();
+    let mut firsts = Vec::new();
+    for (s, &len) in lens.iter().enumerate() {
+        let prompt: Vec<u32> = (0..len as u32).map(|i| token(s, i)).collect();
+        firsts.push(argmax(&g.forward(&prompt, s, 0, false).unwrap()) as u32);
+    }
+    assert!(g.decode_start(&firsts, lens, true).unwrap());
+    let mut logits = Vec::new();
+    for _ in 0..steps {
+        g.decode_steps(lens.len(), 1).unwrap();
+        logits.extend(g.decode_logits(lens.len()).unwrap());
+    }
+    logits
+}
+
 /// The grouped tensor-core decode attention (`Tuning::gqa_attention`, batches of several
 /// tokens) against the per-head thread-per-key kernel (checked against the CPU elsewhere): 16
 /// sequences at different positions (1 to 300 cached tokens; 16 (token, KV head) pairs or more,
@@ -781,22 +807,9 @@ fn grouped_decode_attention_matches_per_head_kernel() {
                 gqa_split: split,
                 ..base
             });
-            g.reset_decode_sessions();
-            g.alloc_cache(lens.len(), 320).unwrap();
-            let mut firsts = Vec::new();
-            for (s, &len) in lens.iter().enumerate() {
-                let prompt: Vec<u32> = (0..len as u32)
-                    .map(|i| (i * 13 + 1 + 7 * s as u32) % vocab)
-                    .collect();
-                firsts.push(argmax(&g.forward(&prompt, s, 0, false).unwrap()) as u32);
-            }
-            assert!(g.decode_start(&firsts, &lens, true).unwrap());
-            let mut logits = Vec::new();
-            for _ in 0..4 {
-                g.decode_steps(lens.len(), 1).unwrap();
-                logits.extend(g.decode_logits(lens.len()).unwrap());
-            }
-            runs.push(logits);
+            runs.push(decode_after_prompts(&mut g, &lens, 320, 4, |s, i| {
+                (i * 13 + 1 + 7 * s as u32) % vocab
+            }));
         }
         gpu.ctx.set_tuning(base);
         g.reset_decode_sessions();
@@ -864,18 +877,9 @@ fn grouped_decode_attention_long_context_matches_per_head_kernel() {
             gqa_attention: gqa,
             ..base
         });
-        g.reset_decode_sessions();
-        g.alloc_cache(lens.len(), 16_512).unwrap();
-        let mut firsts = Vec::new();
-        for (s, &len) in lens.iter().enumerate() {
-            let prompt: Vec<u32> = (0..len as u32)
-                .map(|i| (i * 7 + 3 + 11 * s as u32) % vocab)
-                .collect();
-            firsts.push(argmax(&g.forward(&prompt, s, 0, false).unwrap()) as u32);
-        }
-        assert!(g.decode_start(&firsts, &lens, true).unwrap());
-        g.decode_steps(lens.len(), 1).unwrap();
-        runs.push(g.decode_logits(lens.len()).unwrap());
+        runs.push(decode_after_prompts(&mut g, &lens, 16_512, 1, |s, i| {
+            (i * 7 + 3 + 11 * s as u32) % vocab
+        }));
     }
     gpu.ctx.set_tuning(base);
     g.reset_decode_sessions();

@@ -447,12 +447,13 @@ impl Ops {
         l2: &L2Ranges,
         m: usize,
     ) -> Result<(), GpuError> {
-        // The warp kernel for one-sequence decode steps where the head fits its lane layout
-        // (d / 4 elements per lane in 16-byte pieces, at most 128) and splits are its 64 keys.
-        // Prefill and batched decode keep the thread-per-key kernel: with many blocks in flight
-        // its lighter blocks win (H100: batch 8 / 32 decode 7 % / 13 % slower with the warp
-        // kernel, batch 1 5 % faster). The combine scratch (1024 floats) bounds the splits:
-        // checked by alloc_cache against MAX_CONTEXT (at most 1024 splits).
+        // Decode kernels: the grouped tensor-core one for steps of many (token, KV head) pairs
+        // (gqa_applies); the warp kernel for one-sequence steps where the head fits its lane
+        // layout (d / 4 elements per lane in 16-byte pieces, at most 128) and splits are its
+        // 64 keys; else the thread-per-key kernel, whose lighter blocks win over the warp
+        // kernel's with many in flight (H100: batch 8 / 32 decode 7 % / 13 %). The combine
+        // scratch (1024 floats) bounds the splits: checked by alloc_cache against MAX_CONTEXT
+        // (at most 1024 splits).
         // Prefill (keys and values already in the cache, one sequence at increasing positions:
         // GpuModel::forward) on the tensor cores where the head size has a kernel.
         let prefill_kernel = match a.d {
@@ -485,47 +486,18 @@ impl Ops {
             unsafe { b.launch(cfg) }.map_err(drv("launch attention_prefill"))?;
             return Ok(());
         }
-        if let Some(f) = self.gqa_kernel(gpu.tuning(), m, a) {
-            let mut b = gpu.stream().launch_builder(f);
-            b.arg(q.buf).arg(&q.off).arg(&q.stride);
-            b.arg(k.buf).arg(&k.off).arg(&k.stride);
-            b.arg(v.buf).arg(&v.off).arg(&v.stride);
-            for bias in biases {
-                arg_or_null(&mut b, bias);
-            }
-            arg_or_null(&mut b, q_norm);
-            arg_or_null(&mut b, k_norm);
-            b.arg(inv_freq)
-                .arg(pos)
-                .arg(seq)
-                .arg(kc)
-                .arg(vc)
-                .arg(part_ml)
-                .arg(part_o)
-                .arg(counters)
-                .arg(out)
-                .arg(&a);
-            let cfg = LaunchConfig {
-                grid_dim: (m as u32, a.n_kv as u32, a.max_splits as u32),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: as kv_write; part_ml/part_o hold m * heads * max_splits entries and
-            // counters m * heads (one per (token, KV head) used); shared memory is static
-            // (< 48 KiB for d <= 128 and up to 16 heads per KV head).
-            unsafe { b.launch(cfg) }.map_err(drv("launch attention_gqa"))?;
-            return Ok(());
-        }
-        let warp_kernel = gpu.tuning().warp_attention
+        let gqa = self.gqa_kernel(gpu.tuning(), m, a);
+        let warp_kernel = gqa.is_none()
+            && gpu.tuning().warp_attention
             && a.fused_new != 0
             && m == 1
             && a.d % 32 == 0
             && a.d <= 128
             && a.split_len == 64;
-        let f = if warp_kernel {
-            &self.attention_w
-        } else {
-            &self.attention
+        let f = match gqa {
+            Some(f) => f,
+            None if warp_kernel => &self.attention_w,
+            None => &self.attention,
         };
         let mut b = gpu.stream().launch_builder(f);
         b.arg(q.buf).arg(&q.off).arg(&q.stride);
@@ -549,7 +521,15 @@ impl Ops {
         if warp_kernel {
             b.arg(l2);
         }
-        let cfg = if warp_kernel {
+        let cfg = if gqa.is_some() {
+            // One block per (token, KV head, split); shared memory is static (< 48 KiB for
+            // d <= 128 and up to 16 heads per KV head).
+            LaunchConfig {
+                grid_dim: (m as u32, a.n_kv as u32, a.max_splits as u32),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            }
+        } else if warp_kernel {
             // 4 warps x 16 keys; shared memory is static.
             LaunchConfig {
                 grid_dim: (m as u32, a.n_heads as u32, a.max_splits as u32),
@@ -563,7 +543,8 @@ impl Ops {
                 shared_mem_bytes: (3 * a.d as u32 + a.split_len as u32 + 8 * ATTN_THREADS) * 4,
             }
         };
-        // SAFETY: as kv_write; part_ml/part_o/counters hold m * heads * max_splits entries.
+        // SAFETY: as kv_write; part_ml/part_o hold m * heads * max_splits entries, counters
+        // m * heads (the grouped kernel uses one per (token, KV head)).
         unsafe { b.launch(cfg) }.map_err(drv("launch attention"))?;
         Ok(())
     }
