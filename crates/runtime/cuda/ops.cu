@@ -387,6 +387,18 @@ __device__ void combine_row(const float* __restrict__ part_ml, const float* __re
     }
 }
 
+// The arguments of the decode attention kernels (attention, attention_w, attention_gqa_*), in
+// the order ops.rs pushes them.
+#define ATTN_PARAMS                                                                               \
+    const u16 *__restrict__ q_src, int q_off, int q_stride, const u16 *__restrict__ k_src,       \
+        int k_off, int k_stride, const u16 *__restrict__ v_src, int v_off, int v_stride,         \
+        const float *__restrict__ q_bias, const float *__restrict__ k_bias,                      \
+        const float *__restrict__ v_bias, const float *__restrict__ q_norm,                      \
+        const float *__restrict__ k_norm, const float *__restrict__ inv_freq,                    \
+        const int *__restrict__ pos, const int *__restrict__ seq, u16 *__restrict__ kc,          \
+        u16 *__restrict__ vc, float *__restrict__ part_ml, float *__restrict__ part_o,           \
+        int *__restrict__ counters, u16 *__restrict__ out, AttnArgs a
+
 // Causal GQA attention, flash-decoding style. grid (m tokens, n_heads, max_splits), 128 threads.
 // Split z covers key positions [z*L, z*L+L) of [lo, pos]; the last split block to finish
 // combines the partial (max, sum, out) of all splits in split order. With fused_new, the new
@@ -395,14 +407,7 @@ __device__ void combine_row(const float* __restrict__ part_ml, const float* __re
 // Shared memory: d (q) + d (k new) + d (v new) + split_len (scores) + 8 * blockDim (P.V
 // partial sums) floats. head_dim must be a multiple of 8.
 extern "C" __global__ void __launch_bounds__(128)
-attention(const u16* __restrict__ q_src, int q_off, int q_stride, const u16* __restrict__ k_src,
-          int k_off, int k_stride, const u16* __restrict__ v_src, int v_off, int v_stride,
-          const float* __restrict__ q_bias, const float* __restrict__ k_bias,
-          const float* __restrict__ v_bias, const float* __restrict__ q_norm,
-          const float* __restrict__ k_norm, const float* __restrict__ inv_freq,
-          const int* __restrict__ pos, const int* __restrict__ seq, u16* __restrict__ kc,
-          u16* __restrict__ vc, float* __restrict__ part_ml, float* __restrict__ part_o,
-          int* __restrict__ counters, u16* __restrict__ out, AttnArgs a) {
+attention(ATTN_PARAMS) {
     pdl_enter();
     extern __shared__ float smem[];
     __shared__ float sh[32];
@@ -801,14 +806,7 @@ ATTENTION_PREFILL(attention_prefill_d128, 128)
 // steps), and the 4 warps' (max, sum, out) are merged in warp order.
 #define AW_WARPS 4
 extern "C" __global__ void __launch_bounds__(128)
-attention_w(const u16* __restrict__ q_src, int q_off, int q_stride, const u16* __restrict__ k_src,
-            int k_off, int k_stride, const u16* __restrict__ v_src, int v_off, int v_stride,
-            const float* __restrict__ q_bias, const float* __restrict__ k_bias,
-            const float* __restrict__ v_bias, const float* __restrict__ q_norm,
-            const float* __restrict__ k_norm, const float* __restrict__ inv_freq,
-            const int* __restrict__ pos, const int* __restrict__ seq, u16* __restrict__ kc,
-            u16* __restrict__ vc, float* __restrict__ part_ml, float* __restrict__ part_o,
-            int* __restrict__ counters, u16* __restrict__ out, AttnArgs a, L2Ranges l2) {
+attention_w(ATTN_PARAMS, L2Ranges l2) {
     // With the new token's K/V prepared here (fused_new), nothing this block reads before the
     // second pdl_enter below was written by the previous kernel: positions and cached keys and
     // values of earlier tokens come from earlier steps. So in a PDL chain those loads (through
@@ -1315,15 +1313,7 @@ __device__ __forceinline__ void attention_gqa_body(
 }
 
 #define ATTENTION_GQA(name, D, WIDE)                                                              \
-    extern "C" __global__ void __launch_bounds__(AG_WARPS * 32) name(                            \
-        const u16* __restrict__ q_src, int q_off, int q_stride, const u16* __restrict__ k_src,   \
-        int k_off, int k_stride, const u16* __restrict__ v_src, int v_off, int v_stride,         \
-        const float* __restrict__ q_bias, const float* __restrict__ k_bias,                      \
-        const float* __restrict__ v_bias, const float* __restrict__ q_norm,                      \
-        const float* __restrict__ k_norm, const float* __restrict__ inv_freq,                    \
-        const int* __restrict__ pos, const int* __restrict__ seq, u16* __restrict__ kc,          \
-        u16* __restrict__ vc, float* __restrict__ part_ml, float* __restrict__ part_o,           \
-        int* __restrict__ counters, u16* __restrict__ out, AttnArgs a) {                         \
+    extern "C" __global__ void __launch_bounds__(AG_WARPS * 32) name(ATTN_PARAMS) {              \
         attention_gqa_body<D, WIDE>(q_src, q_off, q_stride, k_src, k_off, k_stride, v_src, v_off, \
                                     v_stride, q_bias, k_bias, v_bias, q_norm, k_norm, inv_freq,  \
                                     pos, seq, kc, vc, part_ml, part_o, counters, out, a);        \
