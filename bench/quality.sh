@@ -54,6 +54,8 @@ VARIANTS=(
   "nvfp4-gptq-ao-r5-indomain|nvfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --calib @indomain"
   "mxfp4-gptq-ao-indomain|mxfp4|--method gptq --act-order --damp 0.1 --calib @indomain"
   "nvfp4-gptq-ao-indomain-half|nvfp4|--method gptq --act-order --damp 0.1 --calib @indomain_half"
+  "nvfp4-gptq-ao-r5-indomain-half|nvfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --calib @indomain_half"
+  "nvfp4-gptq-ao-asym-indomain-half|nvfp4|--method gptq --act-order --damp 0.1 --asymmetric --calib @indomain_half"
   # Calibrated on the GPU (the CUDA runtime walks the layers; quantizers on the CPU as above).
   "nvfp4-mse-gpu|nvfp4|--method mse --calib-device cuda"
   "nvfp4-gptq-gpu|nvfp4|--method gptq --calib-device cuda"
