@@ -56,6 +56,11 @@ VARIANTS=(
   "nvfp4-gptq-ao-indomain-half|nvfp4|--method gptq --act-order --damp 0.1 --calib @indomain_half"
   "nvfp4-gptq-ao-r5-indomain-half|nvfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --calib @indomain_half"
   "nvfp4-gptq-ao-asym-indomain-half|nvfp4|--method gptq --act-order --damp 0.1 --asymmetric --calib @indomain_half"
+  "nvfp4-gptq-ao-asym-r5-indomain-half|nvfp4|--method gptq --act-order --damp 0.1 --asymmetric --gptq-refine 5 --calib @indomain_half"
+  "nvfp4-gptq-ao-wl-r5-indomain-half|nvfp4|--method gptq --act-order --damp 0.1 --within-layer --gptq-refine 5 --calib @indomain_half"
+  "nvfp4-gptq-ao-ss-r5-indomain-half|nvfp4|--method gptq --act-order --damp 0.1 --mse-scale-search --gptq-refine 5 --calib @indomain_half"
+  "nvfp4-gptq-ao-asym-ss-r5-indomain-half|nvfp4|--method gptq --act-order --damp 0.1 --asymmetric --mse-scale-search --gptq-refine 5 --calib @indomain_half"
+  "nvfp4-gptq-ao-asym-wl-r5-indomain-half|nvfp4|--method gptq --act-order --damp 0.1 --asymmetric --within-layer --gptq-refine 5 --calib @indomain_half"
   # Calibrated on the GPU (the CUDA runtime walks the layers; quantizers on the CPU as above).
   "nvfp4-mse-gpu|nvfp4|--method mse --calib-device cuda"
   "nvfp4-gptq-gpu|nvfp4|--method gptq --calib-device cuda"
