@@ -275,6 +275,13 @@ impl Pend {
     };
 }
 
+/// (token, head, split) slots of the split partials the per-head attention kernels of `m`
+/// tokens use over a cache of `capacity` positions (splits of [`SPLIT_LEN`] keys, the most any
+/// kernel takes): `part_ml` holds 2 floats per slot, `part_o` head_dim.
+fn split_partials(m: usize, heads: usize, capacity: usize) -> usize {
+    m * heads * capacity.div_ceil(SPLIT_LEN)
+}
+
 fn zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
     gpu: &Gpu,
     len: usize,
@@ -541,7 +548,7 @@ impl GpuModel {
         // 16k-token prompt of 32 heads of 128). layer_pass grows them if the per-head prefill
         // kernel runs after all (a tuning change).
         let parts = if m <= seqs || !prefill_attention_on_mma(g.ctx.tuning(), d) {
-            m * h * cap.div_ceil(SPLIT_LEN)
+            split_partials(m, h, cap)
         } else {
             0
         };

@@ -11,7 +11,9 @@ use mimo_kernels::cuda::{
     OneTokenRoute,
 };
 
-use super::{walk, zeros, Experts, Ffn, GateUp, GpuModel, Pend, Qkv, QkvBufs, Stage, Ws};
+use super::{
+    split_partials, walk, zeros, Experts, Ffn, GateUp, GpuModel, Pend, Qkv, QkvBufs, Stage, Ws,
+};
 use crate::cuda::error::GpuError;
 use crate::cuda::ops::{
     decode_split_len, prefill_attention_on_mma, AttnArgs, RouterIn, Rows, MAX_FUSED_ROUTER_HIDDEN,
@@ -189,7 +191,7 @@ impl GpuModel {
             if !decode && !prefill_attention_on_mma(g.tuning(), d) {
                 // The per-head prefill kernel's split partials (new_ws leaves them out of
                 // workspaces that cannot need them under the tuning they were made with).
-                let parts = m * nh * cache.capacity.div_ceil(SPLIT_LEN);
+                let parts = split_partials(m, nh, cache.capacity);
                 if ws.part_o.len() < parts * d {
                     ws.part_ml = zeros(gpu, parts * 2)?;
                     ws.part_o = zeros(gpu, parts * d)?;
