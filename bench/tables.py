@@ -8,7 +8,7 @@ import json
 import sys
 
 PATHS = {"fp4_fused": "fused", "fp4_fused_tuned": "fused, tuned", "fp4_dequant_cublas": "dequant+cuBLAS",
-         "fp4_fp8_cublaslt": "FP8 cuBLASLt"}
+         "fp4_fp8_cublaslt": "FP8 cuBLASLt", "fp4_tiled": "tiled"}
 
 
 def kernels(path):

@@ -7,9 +7,9 @@ use cudarc::driver::CudaSlice;
 use half::bf16;
 use mimo_kernels::cuda::{
     self, bf16_to_e4m3_rows, fp4_dequantize, fp4_gemm, fp4_gemm_fp8, fp4_gemm_swiglu,
-    fp4_gemm_swiglu_supported, fp4_gemm_with, fp4_to_e4m3_rows, moe_layer, moe_layer_with,
-    variant_exists, E4m3Rows, Fp4GemmConfig, Fp8Gemm, Fp8Scratch, GpuContext, GpuFp4Weight,
-    MoeConfig, MoeWeights, MoeWorkspace, Tuning,
+    fp4_gemm_swiglu_supported, fp4_gemm_swiglu_tiled, fp4_gemm_tiled, fp4_gemm_with,
+    fp4_to_e4m3_rows, moe_layer, moe_layer_with, variant_exists, E4m3Rows, Fp4GemmConfig, Fp8Gemm,
+    Fp8Scratch, GpuContext, GpuFp4Weight, MoeConfig, MoeWeights, MoeWorkspace, Tuning,
 };
 use mimo_kernels::fp4::{amax, dequantize, nvfp4_global_scale, quantize_mxfp4, quantize_nvfp4};
 use mimo_kernels::fp8_rows;
@@ -314,9 +314,11 @@ fn fp4_gemm_matches_cpu_reference() {
                 let mut plain: Option<Vec<bf16>> = None;
                 for (pf, xs) in modes {
                     let base = gpu.tuning();
+                    // The decode kernels under test, not the tiled ones (their own test).
                     gpu.set_tuning(Tuning {
                         l2_prefetch: pf,
                         x_stage: xs,
+                        tiled_gemm: false,
                         ..base
                     });
                     let mut y = poisoned(&gpu, m * n);
@@ -423,29 +425,116 @@ fn fp4_gemm_swiglu_matches_gemm_then_silu() {
             );
             let xb = to_bf16(&random_matrix(&mut rng, m * k, 1.0));
             let x = gpu.stream().clone_htod(&xb).unwrap();
-            let mut full = poisoned(&gpu, m * n);
-            fp4_gemm(&gpu, &w, &x, m, &mut full).unwrap();
-            let mut y = poisoned(&gpu, m * n / 2);
-            fp4_gemm_swiglu(&gpu, &w, &x, m, &mut y).unwrap();
-            let full = gpu.stream().clone_dtoh(&full).unwrap();
-            let got = gpu.stream().clone_dtoh(&y).unwrap();
-            let inter = n / 2;
+            // Both with the tiled kernels (where they take the shape) and the decode kernels.
+            for tiled in [false, true] {
+                let base = gpu.tuning();
+                gpu.set_tuning(Tuning {
+                    tiled_gemm: tiled,
+                    ..base
+                });
+                let mut full = poisoned(&gpu, m * n);
+                fp4_gemm(&gpu, &w, &x, m, &mut full).unwrap();
+                let mut y = poisoned(&gpu, m * n / 2);
+                fp4_gemm_swiglu(&gpu, &w, &x, m, &mut y).unwrap();
+                gpu.set_tuning(base);
+                let full = gpu.stream().clone_dtoh(&full).unwrap();
+                let got = gpu.stream().clone_dtoh(&y).unwrap();
+                let inter = n / 2;
+                for t in 0..m {
+                    for i in 0..inter {
+                        let g = full[t * n + i].to_f32();
+                        let u = full[t * n + inter + i].to_f32();
+                        let want = bf16::from_f32(g / (1.0 + (-g).exp()) * u);
+                        let got = got[t * inter + i];
+                        let step = (got.to_bits() as i32 - want.to_bits() as i32).abs();
+                        assert!(
+                            got.is_finite()
+                                && (step <= 1 || (got.to_f32() - want.to_f32()).abs() < 1e-30),
+                            "{format} m={m} [{n}, {k}] tiled {tiled} ({t}, {i}): {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The tiled kernels (9 to 256 tokens) against the CPU reference: N off the 256-row blocks,
+/// token counts off the 16/32-token blocks, K from one chunk to enough for eight K splits
+/// (few row blocks), both formats, both epilogues. Each product runs twice: the split
+/// products' last-block reduction must give the same bits whichever block finished last, and
+/// must leave its tickets ready for the next launch (an unreset ticket leaves NaN behind).
+#[test]
+fn tiled_gemm_matches_cpu_reference() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = rng("fp4_gemm_tiled");
+    let shapes = [
+        (9, 333, 1024),
+        (16, 4352, 256),
+        (17, 200, 4096),
+        (32, 1000, 512),
+        (33, 77, 128),
+        (64, 300, 2048),
+        (100, 600, 384),
+        (256, 130, 1280),
+    ];
+    for format in FORMATS {
+        for &(m, n, k) in &shapes {
+            let wf = random_matrix(&mut rng, n * k, 0.02);
+            let q = quantize(format, &wf, n, k);
+            let wd = dequantize(&q).unwrap();
+            let xb = to_bf16(&random_matrix(&mut rng, m * k, 1.0));
+            let xf: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
+            let want = matmul_ref(&wd, &xf, m, n, k);
+            let w = GpuFp4Weight::upload(&gpu, "w", &q).unwrap();
+            let x = gpu.stream().clone_htod(&xb).unwrap();
+            let mut runs = Vec::new();
+            for _ in 0..2 {
+                let mut y = poisoned(&gpu, m * n);
+                fp4_gemm_tiled(&gpu, &w, &x, m, &mut y).unwrap();
+                runs.push(gpu.stream().clone_dtoh(&y).unwrap());
+            }
+            let what = format!("tiled {format} m={m} n={n} k={k}");
+            check_close(&what, &runs[0], &want, 8e-3, 2e-2);
+            for (i, (a, b)) in runs[0].iter().zip(&runs[1]).enumerate() {
+                assert_eq!(a.to_bits(), b.to_bits(), "{what}: run 2, element {i}");
+            }
+            // The gated form on the same weight read as [gate | up] (n even): SwiGLU of the
+            // plain product's two halves, at most one bf16 step apart.
+            if n % 2 == 1 {
+                continue;
+            }
+            let mut act = poisoned(&gpu, m * n / 2);
+            fp4_gemm_swiglu_tiled(&gpu, &w, &x, m, &mut act).unwrap();
+            let act = gpu.stream().clone_dtoh(&act).unwrap();
+            let (full, inter) = (&runs[0], n / 2);
             for t in 0..m {
                 for i in 0..inter {
                     let g = full[t * n + i].to_f32();
                     let u = full[t * n + inter + i].to_f32();
                     let want = bf16::from_f32(g / (1.0 + (-g).exp()) * u);
-                    let got = got[t * inter + i];
+                    let got = act[t * inter + i];
                     let step = (got.to_bits() as i32 - want.to_bits() as i32).abs();
                     assert!(
                         got.is_finite()
                             && (step <= 1 || (got.to_f32() - want.to_f32()).abs() < 1e-30),
-                        "{format} m={m} [{n}, {k}] ({t}, {i}): {got} vs {want}"
+                        "{what} swiglu ({t}, {i}): {got} vs {want}"
                     );
                 }
             }
         }
     }
+    // Shapes it does not take are refused, not computed wrongly.
+    let q = quantize(
+        Fp4Format::Nvfp4,
+        &random_matrix(&mut rng, 64 * 96, 0.1),
+        64,
+        96,
+    );
+    let w = GpuFp4Weight::upload(&gpu, "k96", &q).unwrap();
+    let x = gpu.stream().clone_htod(&vec![bf16::ONE; 16 * 96]).unwrap();
+    let mut y = poisoned(&gpu, 16 * 64);
+    assert!(fp4_gemm_tiled(&gpu, &w, &x, 16, &mut y).is_err(), "K = 96");
 }
 
 #[test]

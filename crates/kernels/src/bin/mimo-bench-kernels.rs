@@ -20,9 +20,9 @@ use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
 use mimo_kernels::cuda::{
     bf16_gemm, bf16_to_e4m3_rows, cublas, device_copy, fp4_gemm, fp4_gemm_dequant_cublas,
-    fp4_gemm_fp8, fp4_gemm_with, fp4_to_e4m3_rows, fp8_shape_ok, moe_layer_with, variant_exists,
-    CudaError, E4m3Rows, Fp4GemmConfig, Fp8Gemm, Fp8Scratch, GpuContext, GpuFp4Weight, MoeConfig,
-    MoeWeights, MoeWorkspace, PdlGraph,
+    fp4_gemm_fp8, fp4_gemm_tiled, fp4_gemm_with, fp4_to_e4m3_rows, fp8_shape_ok, moe_layer_with,
+    tiled_supported, variant_exists, CudaError, E4m3Rows, Fp4GemmConfig, Fp8Gemm, Fp8Scratch,
+    GpuContext, GpuFp4Weight, MoeConfig, MoeWeights, MoeWorkspace, PdlGraph, Tuning,
 };
 use mimo_kernels::Fp4Format;
 
@@ -423,6 +423,31 @@ fn dense_shape(
                     note,
                 });
             };
+            if tiled_supported(&ws[0], m, false) {
+                let mut ys = s.alloc_zeros::<bf16>(m * n)?;
+                let t = time_op(gpu, reps, samples, &mut |i| {
+                    fp4_gemm_tiled(gpu, &ws[i % copies], &xo, m, &mut ys)
+                })?;
+                eprintln!("  tiled {fname} k={k} n={n} m={m}: {:.2} us", t.us);
+                push(
+                    rows,
+                    "fp4_tiled".into(),
+                    t,
+                    format!("{copies} weight copies"),
+                );
+                if m <= 64 {
+                    let t = time_op_graph(gpu, reps, samples, true, &mut |i| {
+                        fp4_gemm_tiled(gpu, &ws[i % copies], &xo, m, &mut ys)
+                    })?;
+                    eprintln!("  tiled+PDL {fname} k={k} n={n} m={m}: {:.2} us", t.us);
+                    push(
+                        rows,
+                        "fp4_tiled_pdl".into(),
+                        t,
+                        format!("{copies} weight copies; launches chained by PDL"),
+                    );
+                }
+            }
             if m <= 256 {
                 let cfg = Fp4GemmConfig::auto(m, n, k, gpu.sm_count());
                 let mut ys = s.alloc_zeros::<bf16>(m * n)?;
@@ -875,6 +900,11 @@ fn main() {
 fn run() -> Res<()> {
     let args = parse_args()?;
     let gpu = GpuContext::new(0)?;
+    // "fp4_fused" rows time the decode kernels; the tiled ones have rows of their own.
+    gpu.set_tuning(Tuning {
+        tiled_gemm: false,
+        ..gpu.tuning()
+    });
     let blas = cublas(&gpu)?;
     // FP8 prefill path, with cuBLASLt's default (accurate) and fast FP8 accumulation.
     let mut fp8 = Vec::new();

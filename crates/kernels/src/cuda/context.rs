@@ -11,9 +11,16 @@ use super::error::{drv, CudaError};
 use super::trace::{trace_defines, trace_requested, TraceBuffer, TraceRecord};
 use crate::fp4::Fp4Format;
 
-/// Kernel sources embedded in the binary: (file name, text).
-pub(crate) const FP4_GEMM_SRC: (&str, &str) =
-    ("fp4_gemm.cu", include_str!("../../cuda/fp4_gemm.cu"));
+/// Kernel sources embedded in the binary: (file name, text). The tiled kernels
+/// (fp4_tiled.cu) are one compilation unit with fp4_gemm.cu, whose decode they use.
+pub(crate) const FP4_GEMM_SRC: (&str, &str) = (
+    "fp4_gemm.cu",
+    concat!(
+        include_str!("../../cuda/fp4_gemm.cu"),
+        "\n#line 1 \"fp4_tiled.cu\"\n",
+        include_str!("../../cuda/fp4_tiled.cu")
+    ),
+);
 /// Definitions every source shares (typedefs, bf16 conversions, mma, pdl_enter): put in front
 /// of each source by [`compile_source`].
 pub const COMMON_HEADER: &str = include_str!("../../cuda/common.cuh");
@@ -125,8 +132,10 @@ pub const ATTN_PREFETCH_MIB: u32 = 32;
 /// environment at context creation (`MIMO_PDL`, `MIMO_L2_PREFETCH`, `MIMO_L2_PREFETCH_SMALL`,
 /// `MIMO_MOE_DIRECT`, `MIMO_NORM_ROUTER`, `MIMO_DENSE_SWIGLU`, `MIMO_NORM_FOLD`,
 /// `MIMO_EXPERT_TOPK`, `MIMO_X_STAGE`, `MIMO_SPREAD`, `MIMO_MOE_DOWN_PREFETCH`,
-/// `MIMO_WARP_ATTENTION`, `MIMO_FP8_PREFILL`, `MIMO_PREFILL_ATTENTION_MMA`, `MIMO_FP8_RESIDENT`:
-/// `1` on, `0` off; `MIMO_L2_PREFETCH_SMALL_MIB`, `MIMO_ATTN_PREFETCH_MIB`: a size) or later
+/// `MIMO_WARP_ATTENTION`, `MIMO_FP8_PREFILL`, `MIMO_PREFILL_ATTENTION_MMA`, `MIMO_TILED_GEMM`,
+/// `MIMO_FP8_RESIDENT`:
+/// `1` on, `0` off; `MIMO_L2_PREFETCH_SMALL_MIB`, `MIMO_ATTN_PREFETCH_MIB`,
+/// `MIMO_GQA_SPLIT`, `MIMO_TILED_MIN_WORK`: a number) or later
 /// through [`GpuContext::set_tuning`]. The defaults follow the H100 ablations of
 /// docs/kernels-notes.md: the ones that did not pay there are off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -229,6 +238,15 @@ pub struct Tuning {
     /// (`attention_prefill_*`: 64 queries per block, 64-key tiles in shared memory, mma for
     /// Q K^T and P V) instead of the thread-per-key kernel, which re-reads every key per query.
     pub prefill_attention_mma: bool,
+    /// Dense FP4 products of 17 to 63 tokens (the decode batches below the prefill paths)
+    /// with enough work ([`super::tiled_preferred`]) through the tiled kernels
+    /// ([`super::fp4_gemm_tiled`], [`super::fp4_gemm_swiglu_tiled`]: 256 weight rows per block
+    /// sharing each chunk's activations in shared memory) instead of the decode kernels
+    /// (`MIMO_TILED_GEMM`).
+    pub tiled_gemm: bool,
+    /// Row blocks x token blocks x K chunks from which `tiled_gemm` takes a product
+    /// ([`super::TILED_MIN_WORK`] by default; `MIMO_TILED_MIN_WORK`).
+    pub tiled_min_work: u32,
     /// With `fp8_prefill`: each dense FP4 weight keeps its E4M3 rows after its first prefill
     /// (one byte per weight more device memory, still under BF16's two), so later prefill
     /// GEMMs skip the per-call weight conversion. Off by default (memory).
@@ -256,6 +274,8 @@ impl Default for Tuning {
             gqa_split: 0,
             fp8_prefill: true,
             prefill_attention_mma: true,
+            tiled_gemm: true,
+            tiled_min_work: super::tiled::TILED_MIN_WORK as u32,
             fp8_resident: false,
         }
     }
@@ -298,6 +318,8 @@ impl Tuning {
             gqa_split: mib("MIMO_GQA_SPLIT", d.gqa_split),
             fp8_prefill: flag("MIMO_FP8_PREFILL", d.fp8_prefill),
             prefill_attention_mma: flag("MIMO_PREFILL_ATTENTION_MMA", d.prefill_attention_mma),
+            tiled_gemm: flag("MIMO_TILED_GEMM", d.tiled_gemm),
+            tiled_min_work: mib("MIMO_TILED_MIN_WORK", d.tiled_min_work),
             fp8_resident: flag("MIMO_FP8_RESIDENT", d.fp8_resident),
         }
     }
@@ -320,6 +342,10 @@ pub struct GpuContext {
     tuning: Mutex<Tuning>,
     /// The decode timeline's buffer, with `MIMO_TRACE=1` only (trace.rs).
     trace: Option<Mutex<TraceBuffer>>,
+    /// Partial sums and tickets of the tiled kernels' K splits (tiled.rs): allocated once, so
+    /// that captured graphs keep valid pointers; launches on the one stream take turns.
+    split_parts: CudaSlice<f32>,
+    split_tickets: CudaSlice<u32>,
 }
 
 impl GpuContext {
@@ -387,6 +413,12 @@ impl GpuContext {
         let mxfp4_lut = stream
             .clone_htod(&scale_lut(Fp4Format::Mxfp4))
             .map_err(drv("upload scale table"))?;
+        let split_parts = stream
+            .alloc_zeros::<f32>(super::tiled::PARTS_CAPACITY)
+            .map_err(drv("split-K scratch"))?;
+        let split_tickets = stream
+            .alloc_zeros::<u32>(super::tiled::TICKETS_CAPACITY)
+            .map_err(drv("split-K tickets"))?;
         Ok(GpuContext {
             ctx,
             stream,
@@ -400,6 +432,8 @@ impl GpuContext {
             mxfp4_lut,
             tuning: Mutex::new(tuning),
             trace: trace.map(Mutex::new),
+            split_parts,
+            split_tickets,
         })
     }
 
@@ -487,6 +521,11 @@ impl GpuContext {
     /// Waits for all work queued on the stream.
     pub fn synchronize(&self) -> Result<(), CudaError> {
         self.stream.synchronize().map_err(drv("synchronize"))
+    }
+
+    /// The tiled kernels' split-K partial sums and tickets (zero between launches).
+    pub(crate) fn split_scratch(&self) -> (&CudaSlice<f32>, &CudaSlice<u32>) {
+        (&self.split_parts, &self.split_tickets)
     }
 
     /// Device table mapping a scale byte to its value as bf16 bits.

@@ -8,6 +8,7 @@ use super::context::GpuContext;
 use super::error::{drv, CudaError};
 use super::fold::Fold;
 use super::placement::{beyond_spread_cap, spread_launch};
+use super::tiled::{fp4_gemm_swiglu_tiled, fp4_gemm_tiled, tiled_preferred, tiled_supported};
 use super::weights::GpuFp4Weight;
 use super::NULL_PTR;
 use crate::fp4::Fp4Format;
@@ -216,6 +217,9 @@ pub fn fp4_gemm(
     m: usize,
     y: &mut CudaSlice<bf16>,
 ) -> Result<(), CudaError> {
+    if tiled_preferred(&gpu.tuning(), w, m, false) {
+        return fp4_gemm_tiled(gpu, w, x, m, y);
+    }
     let cfg = Fp4GemmConfig::auto(m, w.n, w.k, gpu.sm_count());
     fp4_gemm_with(gpu, w, x, m, y, cfg)
 }
@@ -493,7 +497,7 @@ fn swiglu_variant(
 
 /// Whether [`fp4_gemm_swiglu`] has a kernel for `w` at `m` tokens.
 pub fn fp4_gemm_swiglu_supported(w: &GpuFp4Weight, m: usize, sm_count: u32) -> bool {
-    swiglu_variant(w, m, sm_count).is_ok()
+    tiled_supported(w, m, true) || swiglu_variant(w, m, sm_count).is_ok()
 }
 
 /// `y[m, n/2] = silu(x·G^T) * (x·U^T)` for an FP4 `[gate | up]` weight (`G` its first `n/2`
@@ -506,6 +510,11 @@ pub fn fp4_gemm_swiglu(
     m: usize,
     y: &mut CudaSlice<bf16>,
 ) -> Result<(), CudaError> {
+    let tiled = tiled_supported(w, m, true);
+    let old = swiglu_variant(w, m, gpu.sm_count()).is_ok();
+    if tiled && (!old || tiled_preferred(&gpu.tuning(), w, m, true)) {
+        return fp4_gemm_swiglu_tiled(gpu, w, x, m, y);
+    }
     swiglu_product(gpu, w, x, m, y, &Fold::default())
 }
 

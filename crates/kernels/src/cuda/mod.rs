@@ -7,6 +7,8 @@
 //! Paths:
 //! - [`fp4_gemm`]: FP4 weights dequantized in registers and fed to bf16 `mma.sync`
 //!   (decode and small M, up to 32 tokens per pass over the weights).
+//! - [`fp4_gemm_tiled`]: 9 to 256 tokens, 256 weight rows per block sharing each K chunk's
+//!   activations in shared memory (a cp.async pipeline), K split over blocks where needed.
 //! - [`fp4_gemm_dequant_cublas`]: FP4 -> bf16 then cuBLAS (large M).
 //! - [`fp4_gemm_fp8`]: FP4 weights and bf16 activations -> E4M3 rows, then cuBLASLt's FP8
 //!   GEMM with per-row scales (large M on sm_89+).
@@ -30,6 +32,7 @@ mod l2;
 mod moe;
 mod moe_bf16;
 mod placement;
+mod tiled;
 mod trace;
 mod weights;
 
@@ -60,6 +63,10 @@ pub use moe_bf16::{
     MOE_BF16_PAIRS_MAX_SWIGLU_K,
 };
 pub use placement::{on_load, spread_launch, spread_smem, SPREAD_CARVEOUT_PERCENT};
+pub use tiled::{
+    fp4_gemm_swiglu_tiled, fp4_gemm_tiled, tiled_preferred, tiled_supported, TILED_MAX_TOKENS,
+    TILED_MIN_TOKENS, TILED_MIN_WORK,
+};
 pub use trace::{trace_file_name, TraceRecord};
 pub use weights::GpuFp4Weight;
 

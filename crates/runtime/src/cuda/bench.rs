@@ -571,6 +571,8 @@ fn tuning_ablation(
                 gqa_split: base.gqa_split,
                 fp8_prefill: base.fp8_prefill,
                 prefill_attention_mma: base.prefill_attention_mma,
+                tiled_gemm: base.tiled_gemm,
+                tiled_min_work: base.tiled_min_work,
                 fp8_resident: base.fp8_resident,
             },
         ),

@@ -1,0 +1,267 @@
+// Tiled FP4 GEMM for 9 to 64 tokens (gemm.rs `fp4_gemm_tiled`, `Tuning::tiled_gemm`).
+//
+// Compiled in the same unit as fp4_gemm.cu, after it (context.rs), so it uses that file's
+// weight decode (`compute_chunks` on a `WeightRegs` set), activation swizzle (`xstage_off`)
+// and epilogue conventions; only the work split differs.
+//
+// Why: the decode kernels (fp4_tile) give each block 16 or 32 weight rows and split K between
+// its warps, so every warp reads all of its tokens' activations for its own chunks: at 32
+// tokens that is 8 bytes of activations through L1 per weight byte, and the 32-token products
+// ran no faster than cuBLAS BF16 (MiMo-7B batch-32 decode). Here one block owns 256 weight rows
+// (8 warps x 32 rows; the gated form 128 gate rows and their 128 up rows) and 8*TN tokens; the
+// whole block shares one copy of each K chunk's activations in shared memory (half a byte of
+// activations per weight byte at 32 tokens), and the weights, their scale bytes and the
+// activations of the next two chunks stream in by cp.async while this one is computed
+// (three stages, 78 KiB at 32 tokens: under the 100 KiB carveout the other kernels use, so
+// neighbours of a PDL chain can share the SM).
+//
+// Grid: x = row blocks, y = K splits, z = token blocks of 8*TN. A product with few row blocks
+// splits K over blockIdx.y (gemm.rs `tiled_splits`): each split writes its f32 partial tile to
+// `parts`, and the last split to arrive (a ticket per row and token block, reset by that block)
+// adds the partials in split order, so the result does not depend on which block finishes
+// first. Requires K % 128 == 0 (whole chunks: every cp.async source is aligned).
+
+#define MM_WARPS 8
+#define MM_STAGES 3
+#define MM_ROWS (MM_WARPS * 32)
+#define MM_MAX_SPLITS 8  // tiled.rs MAX_SPLITS
+
+// Bytes of one pipeline stage: weights (warp, tile, row half, lane) x 16 bytes, then the scale
+// bytes of every row (8 per row and chunk; MXFP4 uses 4), then the activations (8*TN slots of
+// 128 elements, swizzled as xstage_off).
+#define MM_W_BYTES (MM_ROWS * 64)
+#define MM_S_BYTES (MM_ROWS * 8)
+#define MM_X_BYTES(TN) (8 * (TN) * 128 * 2)
+#define MM_STAGE_BYTES(TN) (MM_W_BYTES + MM_S_BYTES + MM_X_BYTES(TN))
+
+// cp.async of `bytes` (4, 8 or 16) global -> shared, zero-filled where !valid.
+template <int BYTES>
+__device__ __forceinline__ void mm_cp_async(void* dst, const void* src, bool valid) {
+    if (BYTES == 16) {
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)),
+                     "l"(src), "r"(valid ? 16 : 0)
+                     : "memory");
+    } else {
+        asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" ::"r"(smem_addr(dst)),
+                     "l"(src), "n"(BYTES), "r"(valid ? BYTES : 0)
+                     : "memory");
+    }
+}
+__device__ __forceinline__ void mm_cp_wait0() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
+
+// Weight row of local row `lr` (0..MM_ROWS) of a block starting at row0, and whether it exists.
+// EPI_STORE: rows row0 + lr. Gated: local row wn*32 + i*16 + r is gate row row0 + wn*16 + r
+// (i = 0) or the matching up row + inter (i = 1); row0 counts gate rows.
+template <int EPI>
+__device__ __forceinline__ int mm_row(int lr, int row0, int n, bool& valid) {
+    if (EPI == EPI_STORE) {
+        const int r = row0 + lr;
+        valid = r < n;
+        return r;
+    }
+    const int inter = n >> 1;
+    const int wn = lr >> 5, i = (lr >> 4) & 1, r = lr & 15;
+    const int gr = row0 + wn * 16 + r;
+    valid = gr < inter;
+    return gr + i * inter;
+}
+
+template <int FMT, int TN, int EPI>
+__device__ __forceinline__ void fp4_mm_body(const u8* __restrict__ wp, const u8* __restrict__ ws,
+                                            const float* __restrict__ gscale,
+                                            const u16* __restrict__ lut,
+                                            const u16* __restrict__ x, u16* __restrict__ y, int m,
+                                            int n, int k, float post, float* __restrict__ parts,
+                                            unsigned int* __restrict__ tickets) {
+    extern __shared__ __align__(16) u8 mm_smem[];
+    constexpr int BM = 8 * TN;
+    constexpr int STAGE = MM_STAGE_BYTES(TN);
+    constexpr int SB = FMT == FMT_NVFP4 ? 8 : 4;  // scale bytes per row and chunk
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int kb = k >> 1;
+    const int bpr = FMT == FMT_NVFP4 ? (k >> 4) : (k >> 5);
+    const int nch = k >> 7;
+    const int S = gridDim.y, split = blockIdx.y;
+    const int cbeg = (int)((long long)split * nch / S);
+    const int iters = (int)((long long)(split + 1) * nch / S) - cbeg;
+    const int tok0 = blockIdx.z * BM;
+    const int row0 = blockIdx.x * (EPI == EPI_STORE ? MM_ROWS : MM_ROWS / 2);
+
+    // This thread's copies per stage. Weights: pieces tid + 256j (j < 4) of the stage's 1024,
+    // piece p = (local row group p >> 5: warp, tile, half) x lane (g, t): 16 bytes at t*16 of
+    // local row 8 * (p >> 5) + g. Scales: local row tid (8 rows per warp-sized group). Every
+    // source pointer is fixed but for the chunk offset.
+    const u8* wsrc[4];
+    bool wval[4];
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const int p = tid + 256 * j;
+        const int lr = 8 * (p >> 5) + ((p & 31) >> 2);
+        const int r = mm_row<EPI>(lr, row0, n, wval[j]);
+        wsrc[j] = wp + (size_t)(wval[j] ? r : 0) * kb + (p & 3) * 16;
+    }
+    bool sval;
+    const int srow = mm_row<EPI>(tid, row0, n, sval);
+    const u8* ssrc = ws + (size_t)(sval ? srow : 0) * bpr;
+
+    const auto issue_w = [&](int it) {
+        if (it >= iters) return;  // past the split: an empty group keeps the count
+        u8* st = mm_smem + (it % MM_STAGES) * STAGE;
+        const int c = cbeg + it;
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+            mm_cp_async<16>(st + (tid + 256 * j) * 16, wsrc[j] + c * 64, wval[j]);
+        mm_cp_async<SB>(st + MM_W_BYTES + tid * 8, ssrc + c * SB, sval);
+    };
+    const auto issue_x = [&](int it) {
+        if (it >= iters) return;
+        u16* xs = (u16*)(mm_smem + (it % MM_STAGES) * STAGE + MM_W_BYTES + MM_S_BYTES);
+        const int c = cbeg + it;
+#pragma unroll
+        for (int j = 0; j < BM * 16 / 256; j++) {
+            const int q = tid + 256 * j;
+            const int slot = q >> 4, piece = q & 15;
+            const int tk = tok0 + slot;
+            const bool v = tk < m;
+            mm_cp_async<16>(xs + xstage_off(slot, piece),
+                            x + (size_t)(v ? tk : 0) * k + c * 128 + piece * 8, v);
+        }
+    };
+
+    // Weights never depend on the kernel before this one: the first two stages' weights go out
+    // before the PDL wait, the activations after it.
+    issue_w(0);
+    cp_async_commit();
+    issue_w(1);
+    cp_async_commit();
+    pdl_enter();
+    issue_x(0);
+    cp_async_commit();
+    issue_x(1);
+    cp_async_commit();
+
+    float acc[2][TN][4];
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < TN; j++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) acc[i][j][c] = 0.f;
+    const int g = lane >> 2, t = lane & 3;
+    const u16* dummy[TN];  // compute_chunks reads staged activations only (XST)
+#pragma unroll
+    for (int j = 0; j < TN; j++) dummy[j] = x;
+    for (int it = 0; it < iters; it++) {
+        // Stage `it` is complete once at most the newest group (stage it + 1) is in flight; the
+        // barrier also tells every warp that stage it - 1's buffer, refilled next, is free.
+        cp_async_wait1();
+        __syncthreads();
+        issue_w(it + 2);
+        issue_x(it + 2);
+        cp_async_commit();
+        const u8* st = mm_smem + (it % MM_STAGES) * STAGE;
+        WeightRegs<2, 1> r;
+#pragma unroll
+        for (int i = 0; i < 2; i++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int grp = (warp * 2 + i) * 2 + h;  // local rows 8 * grp .. + 8
+                r.w[0][i][h] = *(const uint4*)(st + (grp * 32 + lane) * 16);
+                const u8* sp = st + MM_W_BYTES + (grp * 8 + g) * 8;
+                r.sc[0][i][h] = FMT == FMT_NVFP4 ? (u32) * (const u16*)(sp + 2 * t) : (u32)sp[t];
+            }
+        compute_chunks<FMT, 2, TN, 1, true>(r, dummy, 0, k, lut, acc,
+                                            (const u16*)(st + MM_W_BYTES + MM_S_BYTES));
+    }
+    mm_cp_wait0();
+    __syncthreads();  // every warp is done with the stage buffers: they become the tile
+
+    // The block's sums, tile[local row][token], f32.
+    float* tile = (float*)mm_smem;
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < TN; j++) {
+            const int lr = warp * 32 + i * 16 + g;
+            const int c = j * 8 + 2 * t;
+            tile[lr * BM + c] = acc[i][j][0];
+            tile[lr * BM + c + 1] = acc[i][j][1];
+            tile[(lr + 8) * BM + c] = acc[i][j][2];
+            tile[(lr + 8) * BM + c + 1] = acc[i][j][3];
+        }
+    __syncthreads();
+    constexpr int TILE = MM_ROWS * BM;
+    if (S > 1) {
+        const size_t cell = (size_t)blockIdx.z * gridDim.x + blockIdx.x;
+        const size_t cells = (size_t)gridDim.z * gridDim.x;
+        float4* mine = (float4*)(parts + ((size_t)split * cells + cell) * TILE);
+        for (int e = tid; e < TILE / 4; e += blockDim.x) __stcg(mine + e, ((const float4*)tile)[e]);
+        __threadfence();
+        __syncthreads();
+        __shared__ int mm_last;
+        if (tid == 0) mm_last = atomicAdd(tickets + cell, 1u) == (unsigned int)(S - 1);
+        __syncthreads();
+        if (!mm_last) return;
+        __threadfence();
+        // Splits added in index order: the same sums whichever block came last. Each thread
+        // requests all splits of four elements before adding (one L2 round trip per pass, not
+        // one per split and element).
+        for (int e = tid; e < TILE / 4; e += blockDim.x) {
+            float4 p[MM_MAX_SPLITS];
+#pragma unroll
+            for (int s = 0; s < MM_MAX_SPLITS; s++)
+                if (s < S) p[s] = __ldcg((const float4*)(parts + ((size_t)s * cells + cell) * TILE) + e);
+            float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+            for (int s = 0; s < MM_MAX_SPLITS; s++)
+                if (s < S) {
+                    v.x += p[s].x;
+                    v.y += p[s].y;
+                    v.z += p[s].z;
+                    v.w += p[s].w;
+                }
+            ((float4*)tile)[e] = v;
+        }
+        if (tid == 0) tickets[cell] = 0;  // ready for the next launch (graph replays)
+        __syncthreads();
+    }
+    // post = 2^A undoes the 2^-A left in the scale multipliers (weights.rs): exact.
+    const float inv_scale = (1.0f / gscale[0]) * post;
+    if (EPI == EPI_STORE) {
+        for (int e = tid; e < TILE; e += blockDim.x) {
+            const int tk = e / MM_ROWS, lr = e - tk * MM_ROWS;
+            const int col = row0 + lr;
+            if (tok0 + tk >= m || col >= n) continue;
+            y[(size_t)(tok0 + tk) * n + col] = f32_to_bf16(tile[lr * BM + tk] * inv_scale);
+        }
+    } else {
+        const int inter = n >> 1;
+        for (int e = tid; e < TILE / 2; e += blockDim.x) {
+            const int tk = e / (MM_ROWS / 2), l = e - tk * (MM_ROWS / 2);
+            const int col = row0 + l;
+            if (tok0 + tk >= m || col >= inter) continue;
+            const int lr = (l >> 4) * 32 + (l & 15);
+            // As EPI_SWIGLU_BF16 of fp4_tile: gate and up rounded to bf16, silu with expf.
+            const float gate = bf16_to_f32(f32_to_bf16(tile[lr * BM + tk] * inv_scale));
+            const float up = bf16_to_f32(f32_to_bf16(tile[(lr + 16) * BM + tk] * inv_scale));
+            y[(size_t)(tok0 + tk) * inter + col] = f32_to_bf16(gate / (1.0f + expf(-gate)) * up);
+        }
+    }
+}
+
+#define MM_KERNEL(NAME, FMT, TN, EPI)                                                           \
+    extern "C" __global__ void __launch_bounds__(256, 1) NAME(                                 \
+        const u8* wp, const u8* ws, const float* gs, const u16* lut, const u16* x, u16* y, int m, \
+        int n, int k, float post, float* parts, unsigned int* tickets) {                         \
+        fp4_mm_body<FMT, TN, EPI>(wp, ws, gs, lut, x, y, m, n, k, post, parts, tickets);        \
+    }
+
+// fp4_mm_{nv,mx}_t{TN} (y = x W^T) and fp4_mm_sw_{nv,mx}_t{TN} ([gate | up] with SwiGLU).
+MM_KERNEL(fp4_mm_nv_t2, FMT_NVFP4, 2, EPI_STORE)
+MM_KERNEL(fp4_mm_nv_t4, FMT_NVFP4, 4, EPI_STORE)
+MM_KERNEL(fp4_mm_mx_t2, FMT_MXFP4, 2, EPI_STORE)
+MM_KERNEL(fp4_mm_mx_t4, FMT_MXFP4, 4, EPI_STORE)
+MM_KERNEL(fp4_mm_sw_nv_t2, FMT_NVFP4, 2, EPI_SWIGLU_BF16)
+MM_KERNEL(fp4_mm_sw_nv_t4, FMT_NVFP4, 4, EPI_SWIGLU_BF16)
+MM_KERNEL(fp4_mm_sw_mx_t2, FMT_MXFP4, 2, EPI_SWIGLU_BF16)
+MM_KERNEL(fp4_mm_sw_mx_t4, FMT_MXFP4, 4, EPI_SWIGLU_BF16)
