@@ -15,6 +15,8 @@ use crate::fp4::Fp4Format;
 
 /// Weight rows of one block (8 warps x 32 rows; the gated form: 128 gate and 128 up rows).
 const ROWS: usize = 256;
+/// Threads of a block: 16 warps of 16 weight rows each.
+const THREADS: u32 = 512;
 /// Pipeline stages of the kernel (`MM_STAGES`).
 const STAGES: u32 = 3;
 /// K elements per chunk (one pipeline stage).
@@ -198,7 +200,7 @@ fn tiled_product(
     .map_err(drv("tiled kernel dynamic shared memory limit"))?;
     let launch = LaunchConfig {
         grid_dim: (row_blocks as u32, splits, token_blocks as u32),
-        block_dim: (256, 1, 1),
+        block_dim: (THREADS, 1, 1),
         shared_mem_bytes: smem,
     };
     let (m_i, n_i, k_i) = (m as i32, w.n as i32, w.k as i32);
