@@ -1,4 +1,5 @@
-// Tiled FP4 GEMM for 9 to 64 tokens (gemm.rs `fp4_gemm_tiled`, `Tuning::tiled_gemm`).
+// Tiled FP4 GEMM for 9 to 256 tokens (tiled.rs `fp4_gemm_tiled`; the runtime takes it from 17
+// tokens, `Tuning::tiled_gemm`).
 //
 // Compiled in the same unit as fp4_gemm.cu, after it (context.rs), so it uses that file's
 // weight decode (`compute_chunks` on a `WeightRegs` set), activation swizzle (`xstage_off`)
@@ -8,15 +9,17 @@
 // its warps, so every warp reads all of its tokens' activations for its own chunks: at 32
 // tokens that is 8 bytes of activations through L1 per weight byte, and the 32-token products
 // ran no faster than cuBLAS BF16 (MiMo-7B batch-32 decode). Here one block owns 256 weight rows
-// (8 warps x 32 rows; the gated form 128 gate rows and their 128 up rows) and 8*TN tokens; the
+// (16 warps x 16 rows; the gated form 128 gate rows and their 128 up rows) and 8*TN tokens; the
 // whole block shares one copy of each K chunk's activations in shared memory (half a byte of
 // activations per weight byte at 32 tokens), and the weights, their scale bytes and the
 // activations of the next two chunks stream in by cp.async while this one is computed
 // (three stages, 78 KiB at 32 tokens: under the 100 KiB carveout the other kernels use, so
-// neighbours of a PDL chain can share the SM).
+// neighbours of a PDL chain can share the SM). H100 (bench/README.md, docs/kernels-notes.md round
+// 16): 1.07-1.29x cuBLAS BF16 at 32 tokens on the large shapes, but the loop streams only
+// 0.6-1.0 TB/s: issue-latency bound (ncu), and neither more stages nor more warps moved it.
 //
 // Grid: x = row blocks, y = K splits, z = token blocks of 8*TN. A product with few row blocks
-// splits K over blockIdx.y (gemm.rs `tiled_splits`): each split writes its f32 partial tile to
+// splits K over blockIdx.y (tiled.rs `tiled_splits`): each split writes its f32 partial tile to
 // `parts`, and the last split to arrive (a ticket per row and token block, reset by that block)
 // adds the partials in split order, so the result does not depend on which block finishes
 // first. Requires K % 128 == 0 (whole chunks: every cp.async source is aligned).

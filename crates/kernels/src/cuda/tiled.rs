@@ -1,7 +1,7 @@
 //! The tiled FP4 GEMM for 9 to [`TILED_MAX_TOKENS`] tokens (fp4_tiled.cu): one block per 256
 //! weight rows and 16 or 32 tokens, the K chunks' weights, scale bytes and activations
 //! streamed into shared memory by a three-stage cp.async pipeline and shared by the block's
-//! eight warps; K split over blocks (with a deterministic last-block reduction) where the
+//! sixteen warps; K split over blocks (with a deterministic last-block reduction) where the
 //! products have too few row blocks to fill the GPU.
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
@@ -13,7 +13,7 @@ use super::gemm::check_len;
 use super::weights::GpuFp4Weight;
 use crate::fp4::Fp4Format;
 
-/// Weight rows of one block (8 warps x 32 rows; the gated form: 128 gate and 128 up rows).
+/// Weight rows of one block (16 warps x 16 rows; the gated form: 128 gate and 128 up rows).
 const ROWS: usize = 256;
 /// Threads of a block: 16 warps of 16 weight rows each.
 const THREADS: u32 = 512;
