@@ -397,6 +397,25 @@ fn wide_one_token_product_matches_reference() {
     }
 }
 
+/// `got[m, n/2]` against `silu(gate) * up` of `full[m, n]` ([gate | up] rows) on the CPU: at
+/// most one bf16 step apart (or both below 1e-30), every element finite.
+fn check_swiglu_of(full: &[bf16], got: &[bf16], m: usize, n: usize, what: &str) {
+    let inter = n / 2;
+    for t in 0..m {
+        for i in 0..inter {
+            let g = full[t * n + i].to_f32();
+            let u = full[t * n + inter + i].to_f32();
+            let want = bf16::from_f32(g / (1.0 + (-g).exp()) * u);
+            let got = got[t * inter + i];
+            let step = (got.to_bits() as i32 - want.to_bits() as i32).abs();
+            assert!(
+                got.is_finite() && (step <= 1 || (got.to_f32() - want.to_f32()).abs() < 1e-30),
+                "{what} ({t}, {i}): {got} vs {want}"
+            );
+        }
+    }
+}
+
 /// The dense SwiGLU epilogue against fp4_gemm's [gate | up] output and silu on the CPU (the
 /// runtime test compares it bit for bit with the SwiGLU kernel): at most one bf16 step apart.
 #[test]
@@ -439,21 +458,13 @@ fn fp4_gemm_swiglu_matches_gemm_then_silu() {
                 gpu.set_tuning(base);
                 let full = gpu.stream().clone_dtoh(&full).unwrap();
                 let got = gpu.stream().clone_dtoh(&y).unwrap();
-                let inter = n / 2;
-                for t in 0..m {
-                    for i in 0..inter {
-                        let g = full[t * n + i].to_f32();
-                        let u = full[t * n + inter + i].to_f32();
-                        let want = bf16::from_f32(g / (1.0 + (-g).exp()) * u);
-                        let got = got[t * inter + i];
-                        let step = (got.to_bits() as i32 - want.to_bits() as i32).abs();
-                        assert!(
-                            got.is_finite()
-                                && (step <= 1 || (got.to_f32() - want.to_f32()).abs() < 1e-30),
-                            "{format} m={m} [{n}, {k}] tiled {tiled} ({t}, {i}): {got} vs {want}"
-                        );
-                    }
-                }
+                check_swiglu_of(
+                    &full,
+                    &got,
+                    m,
+                    n,
+                    &format!("{format} m={m} [{n}, {k}] tiled {tiled}"),
+                );
             }
         }
     }
@@ -507,21 +518,7 @@ fn tiled_gemm_matches_cpu_reference() {
             let mut act = poisoned(&gpu, m * n / 2);
             fp4_gemm_swiglu_tiled(&gpu, &w, &x, m, &mut act).unwrap();
             let act = gpu.stream().clone_dtoh(&act).unwrap();
-            let (full, inter) = (&runs[0], n / 2);
-            for t in 0..m {
-                for i in 0..inter {
-                    let g = full[t * n + i].to_f32();
-                    let u = full[t * n + inter + i].to_f32();
-                    let want = bf16::from_f32(g / (1.0 + (-g).exp()) * u);
-                    let got = act[t * inter + i];
-                    let step = (got.to_bits() as i32 - want.to_bits() as i32).abs();
-                    assert!(
-                        got.is_finite()
-                            && (step <= 1 || (got.to_f32() - want.to_f32()).abs() < 1e-30),
-                        "{what} swiglu ({t}, {i}): {got} vs {want}"
-                    );
-                }
-            }
+            check_swiglu_of(&runs[0], &act, m, n, &format!("{what} swiglu"));
         }
     }
     // Shapes it does not take are refused, not computed wrongly.
