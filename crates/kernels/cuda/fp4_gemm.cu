@@ -96,6 +96,14 @@ struct SharedTokens {
 #define EPI_SWIGLU 1
 #define EPI_SWIGLU_BF16 2
 
+// EPI_SWIGLU_BF16 of one output (also the tiled kernels', fp4_tiled.cu): gate and up rounded
+// to bf16 as stored by EPI_STORE and read back by the runtime's swiglu kernel, silu with expf.
+__device__ __forceinline__ u16 swiglu_bf16(float gate, float up) {
+    gate = bf16_to_f32(f32_to_bf16(gate));
+    up = bf16_to_f32(f32_to_bf16(up));
+    return f32_to_bf16(gate / (1.0f + expf(-gate)) * up);
+}
+
 // Dense kernel flags (gemm.rs): bit 0 = prefetch the block's weights into L2 before pdl_enter.
 #define FLAG_PREFETCH 1
 
@@ -188,8 +196,9 @@ __device__ __forceinline__ void cp_async16(u16* dst, const u16* src, bool valid)
                  : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-// Waits until at most one committed group of this thread is still in flight.
-__device__ __forceinline__ void cp_async_wait1() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
+// Waits until at most N committed groups of this thread are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
 
 // Element offset of piece c (8 elements) of slot s inside a staged chunk.
 __device__ __forceinline__ int xstage_off(int s, int c) {
@@ -412,7 +421,7 @@ __device__ __forceinline__ void fp4_accumulate(const u8* __restrict__ wp,
             if (kp + kstep - (t << 5) < kend)
                 stage_x<TN, G>(xnext, x, tok, kp + kstep - (t << 5), k);
             cp_async_commit();
-            cp_async_wait1();
+            cp_async_wait<1>();
             __syncwarp();
         }
         compute_chunks<FMT, MT, TN, G, XST>(cur, xptr, kp, k, lut, acc, xcur);
@@ -531,10 +540,7 @@ __device__ __forceinline__ void fp4_tile(const u8* __restrict__ wp, const u8* __
             gate *= inv_scale;
             up *= inv_scale;
             if (EPI == EPI_SWIGLU_BF16) {
-                // As stored by EPI_STORE and read back by the runtime's swiglu kernel.
-                gate = bf16_to_f32(f32_to_bf16(gate));
-                up = bf16_to_f32(f32_to_bf16(up));
-                y[(size_t)orow * lim + col] = f32_to_bf16(gate / (1.0f + expf(-gate)) * up);
+                y[(size_t)orow * lim + col] = swiglu_bf16(gate, up);
             } else {
                 y[(size_t)orow * lim + col] = f32_to_bf16(gate / (1.0f + __expf(-gate)) * up);
             }

@@ -64,6 +64,27 @@ fn to_bf16(v: &[f32]) -> Vec<bf16> {
     v.iter().map(|&x| bf16::from_f32(x)).collect()
 }
 
+/// A random `[n, k]` weight of magnitude `mag` quantized to `format` and uploaded, `m` random
+/// bf16 activation rows on the device, and their product on the CPU (the dequantized weight
+/// times the bf16 activations, f64): `(m, n, k)`.
+fn random_product(
+    gpu: &GpuContext,
+    rng: &mut ChaCha8Rng,
+    format: Fp4Format,
+    (m, n, k): (usize, usize, usize),
+    mag: f32,
+) -> (GpuFp4Weight, CudaSlice<bf16>, Vec<f64>) {
+    let wf = random_matrix(rng, n * k, mag);
+    let q = quantize(format, &wf, n, k);
+    let wd = dequantize(&q).unwrap();
+    let xb = to_bf16(&random_matrix(rng, m * k, 1.0));
+    let xf: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
+    let want = matmul_ref(&wd, &xf, m, n, k);
+    let w = GpuFp4Weight::upload(gpu, "w", &q).unwrap();
+    let x = gpu.stream().clone_htod(&xb).unwrap();
+    (w, x, want)
+}
+
 fn poisoned(gpu: &GpuContext, len: usize) -> CudaSlice<bf16> {
     gpu.stream().clone_htod(&vec![bf16::NAN; len]).unwrap()
 }
@@ -274,14 +295,7 @@ fn fp4_gemm_matches_cpu_reference() {
     let magnitudes = [0.02f32, 3e4, 0.02, 1e-3, 0.02, 0.02, 0.02, 0.02];
     for format in FORMATS {
         for (&(m, n, k), &mag) in shapes.iter().zip(&magnitudes) {
-            let wf = random_matrix(&mut rng, n * k, mag);
-            let q = quantize(format, &wf, n, k);
-            let wd = dequantize(&q).unwrap();
-            let xb = to_bf16(&random_matrix(&mut rng, m * k, 1.0));
-            let xf: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
-            let want = matmul_ref(&wd, &xf, m, n, k);
-            let w = GpuFp4Weight::upload(&gpu, "w", &q).unwrap();
-            let x = gpu.stream().clone_htod(&xb).unwrap();
+            let (w, x, want) = random_product(&gpu, &mut rng, format, (m, n, k), mag);
             let mut configs = vec![None];
             for m_tiles in [1, 2] {
                 for group in [1, 2, 4] {
@@ -357,14 +371,7 @@ fn wide_one_token_product_matches_reference() {
     // Two-tile blocks of 32 rows: 16 per SM and one more, plus a partial tile.
     let (n, k) = (32 * (16 * gpu.sm_count() as usize + 1) + 7, 1024);
     for format in FORMATS {
-        let wf = random_matrix(&mut rng, n * k, 0.02);
-        let q = quantize(format, &wf, n, k);
-        let wd = dequantize(&q).unwrap();
-        let xb = to_bf16(&random_matrix(&mut rng, k, 1.0));
-        let xf: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
-        let want = matmul_ref(&wd, &xf, 1, n, k);
-        let w = GpuFp4Weight::upload(&gpu, "w", &q).unwrap();
-        let x = gpu.stream().clone_htod(&xb).unwrap();
+        let (w, x, want) = random_product(&gpu, &mut rng, format, (1, n, k), 0.02);
         assert_eq!(
             Fp4GemmConfig::auto(1, n, k, gpu.sm_count()),
             Fp4GemmConfig {
@@ -491,14 +498,7 @@ fn tiled_gemm_matches_cpu_reference() {
     ];
     for format in FORMATS {
         for &(m, n, k) in &shapes {
-            let wf = random_matrix(&mut rng, n * k, 0.02);
-            let q = quantize(format, &wf, n, k);
-            let wd = dequantize(&q).unwrap();
-            let xb = to_bf16(&random_matrix(&mut rng, m * k, 1.0));
-            let xf: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
-            let want = matmul_ref(&wd, &xf, m, n, k);
-            let w = GpuFp4Weight::upload(&gpu, "w", &q).unwrap();
-            let x = gpu.stream().clone_htod(&xb).unwrap();
+            let (w, x, want) = random_product(&gpu, &mut rng, format, (m, n, k), 0.02);
             let mut runs = Vec::new();
             for _ in 0..2 {
                 let mut y = poisoned(&gpu, m * n);

@@ -161,10 +161,14 @@ fn tiled_product(
     y: &mut CudaSlice<bf16>,
     gated: bool,
 ) -> Result<(), CudaError> {
-    let what = if gated {
-        "fp4_gemm_swiglu_tiled"
+    let (what, what_x, what_y) = if gated {
+        (
+            "fp4_gemm_swiglu_tiled",
+            "fp4_gemm_swiglu_tiled: x",
+            "fp4_gemm_swiglu_tiled: y",
+        )
     } else {
-        "fp4_gemm_tiled"
+        ("fp4_gemm_tiled", "fp4_gemm_tiled: x", "fp4_gemm_tiled: y")
     };
     if !tiled_supported(w, m, gated) {
         return Err(CudaError::Shape {
@@ -180,11 +184,6 @@ fn tiled_product(
         });
     }
     let out_cols = if gated { w.n / 2 } else { w.n };
-    let (what_x, what_y) = if gated {
-        ("fp4_gemm_swiglu_tiled: x", "fp4_gemm_swiglu_tiled: y")
-    } else {
-        ("fp4_gemm_tiled: x", "fp4_gemm_tiled: y")
-    };
     check_len(what_x, x.len(), m * w.k)?;
     check_len(what_y, y.len(), m * out_cols)?;
     let bm = block_tokens(m);
