@@ -189,11 +189,15 @@ __device__ __forceinline__ u32 smem_addr(const void* p) {
     return (u32)a;
 }
 
-// 16 bytes global -> shared, zero-filled where !valid (src-size 0: nothing is read).
-__device__ __forceinline__ void cp_async16(u16* dst, const u16* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src),
+// 16 bytes global -> shared (dst: a shared-window address), zero-filled where !valid (src-size
+// 0: nothing is read).
+__device__ __forceinline__ void cp_async16_to(u32 dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src),
                  "r"(valid ? 16 : 0)
                  : "memory");
+}
+__device__ __forceinline__ void cp_async16(u16* dst, const u16* src, bool valid) {
+    cp_async16_to(smem_addr(dst), src, valid);
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 // Waits until at most N committed groups of this thread are still in flight.

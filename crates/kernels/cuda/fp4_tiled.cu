@@ -14,9 +14,9 @@
 // activations per weight byte at 32 tokens), and the weights, their scale bytes and the
 // activations of the next two chunks stream in by cp.async while this one is computed
 // (three stages, 78 KiB at 32 tokens: under the 100 KiB carveout the other kernels use, so
-// neighbours of a PDL chain can share the SM). H100 (bench/README.md, docs/kernels-notes.md round
-// 16): 1.07-1.29x cuBLAS BF16 at 32 tokens on the large shapes, but the loop streams only
-// 0.6-1.0 TB/s: issue-latency bound (ncu), and neither more stages nor more warps moved it.
+// neighbours of a PDL chain can share the SM). H100 (bench/README.md, docs/kernels-notes.md rounds
+// 16-17): 1.29-1.58x cuBLAS BF16 at 32 tokens on the large shapes; the loop is issue-bound
+// (ncu), so each thread's copy addresses are planned once and only advanced in the loop.
 //
 // Grid: x = row blocks, y = K splits, z = token blocks of 8*TN. A product with few row blocks
 // splits K over blockIdx.y (tiled.rs `tiled_splits`): each split writes its f32 partial tile to
@@ -37,13 +37,20 @@
 #define MM_S_BYTES (MM_ROWS * 8)
 #define MM_X_BYTES(TN) (8 * (TN) * 128 * 2)
 #define MM_STAGE_BYTES(TN) (MM_W_BYTES + MM_S_BYTES + MM_X_BYTES(TN))
+// Floats between the token rows of the epilogue's tile (tiled.rs TILE_STRIDE).
+#define MM_TILE_STRIDE (MM_ROWS + 4)
 
-// cp.async of BYTES (4 or 8: a row's scale bytes of one chunk) global -> shared through L1,
-// zero-filled where !valid; the 16-byte copies are fp4_gemm.cu's cp_async16 (its u16 pointers
-// kept: a void* signature changed the code of the staged decode kernels).
+// Float offset in the padded tile of float4 e of a dense [token][MM_ROWS] tile.
+__device__ __forceinline__ int mm_tile_off(int e) {
+    return (e / (MM_ROWS / 4)) * MM_TILE_STRIDE + (e % (MM_ROWS / 4)) * 4;
+}
+
+// cp.async of BYTES (4 or 8: a row's scale bytes of one chunk) global -> shared (dst: a
+// shared-window address) through L1, zero-filled where !valid; the 16-byte copies are
+// fp4_gemm.cu's cp_async16_to.
 template <int BYTES>
-__device__ __forceinline__ void cp_async_small(void* dst, const void* src, bool valid) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" ::"r"(smem_addr(dst)), "l"(src),
+__device__ __forceinline__ void cp_async_small(u32 dst, const void* src, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" ::"r"(dst), "l"(src),
                  "n"(BYTES), "r"(valid ? BYTES : 0)
                  : "memory");
 }
@@ -90,10 +97,14 @@ __device__ __forceinline__ void fp4_mm_body(const u8* __restrict__ wp, const u8*
     constexpr int NT = 2 * MM_ROWS;              // threads
     constexpr int WP = MM_ROWS * 4 / NT;           // weight pieces per thread and stage
 
-    // This thread's copies per stage. Weights: pieces tid + NT j (j < WP) of the stage's 1024,
-    // piece p = (local row group p >> 5: warp, tile, half) x lane (g, t): 16 bytes at t*16 of
-    // local row 8 * (p >> 5) + g. Scales: local row tid (8 rows per warp-sized group). Every
-    // source pointer is fixed but for the chunk offset.
+    // This thread's copies per stage, planned once: shared-window destinations within a stage
+    // and global sources that advance by one chunk per issue (loop-carried, so the compiler
+    // does not recompute row x k products in the loop: that address arithmetic was as many
+    // instructions as the chunk's decode and mma). Weights: pieces tid + NT j (j < WP) of the
+    // stage's 1024, piece p = (local row group p >> 5: warp, tile, half) x lane (g, t): 16 bytes
+    // at t*16 of local row 8 * (p >> 5) + g. Scales: local row tid (threads < MM_ROWS).
+    // Activations: piece q = tid (threads < 16 * BM), slot q >> 4, 16 bytes at piece q & 15.
+    const u32 sbase = smem_addr(mm_smem);
     const u8* wsrc[WP];
     bool wval[WP];
 #pragma unroll
@@ -101,47 +112,47 @@ __device__ __forceinline__ void fp4_mm_body(const u8* __restrict__ wp, const u8*
         const int p = tid + NT * j;
         const int lr = 8 * (p >> 5) + ((p & 31) >> 2);
         const int r = mm_row<EPI>(lr, row0, n, wval[j]);
-        wsrc[j] = wp + (size_t)(wval[j] ? r : 0) * kb + (p & 3) * 16;
+        wsrc[j] = wp + (size_t)(wval[j] ? r : 0) * kb + (p & 3) * 16 + (size_t)cbeg * 64;
     }
     bool sval;
     const int srow = mm_row<EPI>(tid, row0, n, sval);
     sval = sval && tid < MM_ROWS;
-    const u8* ssrc = ws + (size_t)(sval ? srow : 0) * bpr;
+    const u8* ssrc = ws + (size_t)(sval ? srow : 0) * bpr + (size_t)cbeg * SB;
+    const bool xon = tid < BM * 16;
+    const int xslot = tid >> 4, xpiece = tid & 15;
+    const bool xval = xon && tok0 + xslot < m;
+    const u16* xsrc = x + (size_t)(xval ? tok0 + xslot : 0) * k + (size_t)cbeg * 128 + xpiece * 8;
+    const u32 xdst = MM_W_BYTES + MM_S_BYTES + 2 * xstage_off(xslot, xpiece);
 
-    const auto issue_w = [&](int it) {
-        if (it >= iters) return;  // past the split: an empty group keeps the count
-        u8* st = mm_smem + (it % MM_STAGES) * STAGE;
-        const int c = cbeg + it;
-#pragma unroll
-        for (int j = 0; j < WP; j++)
-            cp_async16((u16*)(st + (tid + NT * j) * 16), (const u16*)(wsrc[j] + c * 64), wval[j]);
-        if (tid < MM_ROWS) cp_async_small<SB>(st + MM_W_BYTES + tid * 8, ssrc + c * SB, sval);
-    };
-    const auto issue_x = [&](int it) {
+    // Issues chunk `it`'s weights (and scale bytes) / activations into the stage at byte offset
+    // `so`; past the split they issue nothing (an empty group keeps the count).
+    const auto issue_w = [&](int it, u32 so) {
         if (it >= iters) return;
-        u16* xs = (u16*)(mm_smem + (it % MM_STAGES) * STAGE + MM_W_BYTES + MM_S_BYTES);
-        const int c = cbeg + it;
 #pragma unroll
-        for (int q = tid; q < BM * 16; q += NT) {
-            const int slot = q >> 4, piece = q & 15;
-            const int tk = tok0 + slot;
-            const bool v = tk < m;
-            cp_async16(xs + xstage_off(slot, piece),
-                            x + (size_t)(v ? tk : 0) * k + c * 128 + piece * 8, v);
+        for (int j = 0; j < WP; j++) {
+            cp_async16_to(sbase + so + (tid + NT * j) * 16, wsrc[j], wval[j]);
+            wsrc[j] += 64;
         }
+        if (tid < MM_ROWS) cp_async_small<SB>(sbase + so + MM_W_BYTES + tid * 8, ssrc, sval);
+        ssrc += SB;
+    };
+    const auto issue_x = [&](int it, u32 so) {
+        if (it >= iters) return;
+        if (xon) cp_async16_to(sbase + so + xdst, xsrc, xval);
+        xsrc += 128;
     };
 
     // Weights never depend on the kernel before this one: the first two stages' weights go out
     // before the PDL wait, the activations after it.
 #pragma unroll
     for (int s = 0; s < MM_STAGES - 1; s++) {
-        issue_w(s);
+        issue_w(s, s * STAGE);
         cp_async_commit();
     }
     pdl_enter();
 #pragma unroll
     for (int s = 0; s < MM_STAGES - 1; s++) {
-        issue_x(s);
+        issue_x(s, s * STAGE);
         cp_async_commit();
     }
 
@@ -154,16 +165,18 @@ __device__ __forceinline__ void fp4_mm_body(const u8* __restrict__ wp, const u8*
     const u16* dummy[TN];  // compute_chunks reads staged activations only (XST)
 #pragma unroll
     for (int j = 0; j < TN; j++) dummy[j] = x;
+    // Byte offsets of the stage read now and of the stage refilled now (it + MM_STAGES - 1).
+    u32 rd = 0, wr = (MM_STAGES - 1) * STAGE;
     for (int it = 0; it < iters; it++) {
         // Stage `it` is complete once at most the newest MM_STAGES - 2 groups (stages it + 1
         // on) are in flight; the barrier also tells every warp that stage it - 1's buffer,
         // refilled next, is free.
         cp_async_wait<MM_STAGES - 2>();
         __syncthreads();
-        issue_w(it + MM_STAGES - 1);
-        issue_x(it + MM_STAGES - 1);
+        issue_w(it + MM_STAGES - 1, wr);
+        issue_x(it + MM_STAGES - 1, wr);
         cp_async_commit();
-        const u8* st = mm_smem + (it % MM_STAGES) * STAGE;
+        const u8* st = mm_smem + rd;
         WeightRegs<1, 1> r;
 #pragma unroll
         for (int h = 0; h < 2; h++) {
@@ -174,28 +187,34 @@ __device__ __forceinline__ void fp4_mm_body(const u8* __restrict__ wp, const u8*
         }
         compute_chunks<FMT, 1, TN, 1, true>(r, dummy, 0, k, lut, acc,
                                             (const u16*)(st + MM_W_BYTES + MM_S_BYTES));
+        rd = rd == (MM_STAGES - 1) * STAGE ? 0 : rd + STAGE;
+        wr = wr == (MM_STAGES - 1) * STAGE ? 0 : wr + STAGE;
     }
     cp_async_wait<0>();
     __syncthreads();  // every warp is done with the stage buffers: they become the tile
 
-    // The block's sums, tile[local row][token], f32.
+    // The block's sums, tile[token][local row] with rows MM_TILE_STRIDE floats apart (the pad
+    // makes both the lanes' stores, (8t + g) mod 32, and the epilogue's row-contiguous reads
+    // conflict-free; [row][token] had 8-way conflicts on the stores and 32-way on the reads).
     float* tile = (float*)mm_smem;
 #pragma unroll
     for (int j = 0; j < TN; j++) {
         const int lr = warp * 16 + g;
         const int c = j * 8 + 2 * t;
-        tile[lr * BM + c] = acc[0][j][0];
-        tile[lr * BM + c + 1] = acc[0][j][1];
-        tile[(lr + 8) * BM + c] = acc[0][j][2];
-        tile[(lr + 8) * BM + c + 1] = acc[0][j][3];
+        tile[c * MM_TILE_STRIDE + lr] = acc[0][j][0];
+        tile[(c + 1) * MM_TILE_STRIDE + lr] = acc[0][j][1];
+        tile[c * MM_TILE_STRIDE + lr + 8] = acc[0][j][2];
+        tile[(c + 1) * MM_TILE_STRIDE + lr + 8] = acc[0][j][3];
     }
     __syncthreads();
     constexpr int TILE = MM_ROWS * BM;
     if (S > 1) {
+        // Partial tiles in global memory are dense, [token][local row].
         const size_t cell = (size_t)blockIdx.z * gridDim.x + blockIdx.x;
         const size_t cells = (size_t)gridDim.z * gridDim.x;
         float4* mine = (float4*)(parts + ((size_t)split * cells + cell) * TILE);
-        for (int e = tid; e < TILE / 4; e += blockDim.x) __stcg(mine + e, ((const float4*)tile)[e]);
+        for (int e = tid; e < TILE / 4; e += blockDim.x)
+            __stcg(mine + e, *(const float4*)(tile + mm_tile_off(e)));
         __threadfence();
         __syncthreads();
         __shared__ int mm_last;
@@ -220,7 +239,7 @@ __device__ __forceinline__ void fp4_mm_body(const u8* __restrict__ wp, const u8*
                     v.z += p[s].z;
                     v.w += p[s].w;
                 }
-            ((float4*)tile)[e] = v;
+            *(float4*)(tile + mm_tile_off(e)) = v;
         }
         if (tid == 0) tickets[cell] = 0;  // ready for the next launch (graph replays)
         __syncthreads();
@@ -232,7 +251,7 @@ __device__ __forceinline__ void fp4_mm_body(const u8* __restrict__ wp, const u8*
             const int tk = e / MM_ROWS, lr = e - tk * MM_ROWS;
             const int col = row0 + lr;
             if (tok0 + tk >= m || col >= n) continue;
-            y[(size_t)(tok0 + tk) * n + col] = f32_to_bf16(tile[lr * BM + tk] * inv_scale);
+            y[(size_t)(tok0 + tk) * n + col] = f32_to_bf16(tile[tk * MM_TILE_STRIDE + lr] * inv_scale);
         }
     } else {
         const int inter = n >> 1;
@@ -242,7 +261,8 @@ __device__ __forceinline__ void fp4_mm_body(const u8* __restrict__ wp, const u8*
             if (tok0 + tk >= m || col >= inter) continue;
             const int lr = (l >> 4) * 32 + (l & 15);
             y[(size_t)(tok0 + tk) * inter + col] =
-                swiglu_bf16(tile[lr * BM + tk] * inv_scale, tile[(lr + 16) * BM + tk] * inv_scale);
+                swiglu_bf16(tile[tk * MM_TILE_STRIDE + lr] * inv_scale,
+                            tile[tk * MM_TILE_STRIDE + lr + 16] * inv_scale);
         }
     }
 }

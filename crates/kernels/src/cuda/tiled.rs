@@ -21,6 +21,9 @@ const THREADS: u32 = 512;
 const STAGES: u32 = 3;
 /// K elements per chunk (one pipeline stage).
 const CHUNK: usize = 128;
+/// Floats between the token rows of the kernel's f32 output tile in shared memory
+/// (`MM_TILE_STRIDE`: 4 floats of padding keep its stores and reads free of bank conflicts).
+const TILE_STRIDE: usize = ROWS + 4;
 /// The most K splits of one product.
 const MAX_SPLITS: u32 = 8;
 /// Fewest chunks a split may have: each split pays the pipeline's fill (two stages) again.
@@ -44,10 +47,12 @@ fn block_tokens(m: usize) -> usize {
     }
 }
 
-/// Dynamic shared memory of a block (`MM_STAGES` x `MM_STAGE_BYTES(TN)` of fp4_tiled.cu).
+/// Dynamic shared memory of a block: `MM_STAGES` x `MM_STAGE_BYTES(TN)` of fp4_tiled.cu, which
+/// the epilogue reuses for its padded f32 tile (never larger: tested).
 fn smem_bytes(bm: usize) -> u32 {
     let stage = ROWS * 64 + ROWS * 8 + bm * CHUNK * 2;
-    STAGES * stage as u32
+    let tile = bm * TILE_STRIDE * 4;
+    (STAGES as usize * stage).max(tile) as u32
 }
 
 /// Whether the tiled kernels take `w` at `m` tokens (`gated`: the SwiGLU form): one matrix,
@@ -257,5 +262,15 @@ mod tests {
         // Under placement.rs's 100 KiB configuration (one block per SM, 1 KiB reserved).
         assert!(smem_bytes(32) + 1024 + 16 <= 100 * 1024);
         assert_eq!(smem_bytes(32), 3 * (16384 + 2048 + 8192));
+    }
+
+    #[test]
+    fn the_output_tile_fits_in_the_stage_buffers() {
+        // The epilogue reuses the pipeline's buffers for the padded f32 tile.
+        for bm in [16, 32] {
+            let stages = STAGES as usize * (ROWS * 72 + bm * CHUNK * 2);
+            assert!(bm * TILE_STRIDE * 4 <= stages, "bm {bm}");
+            assert_eq!(smem_bytes(bm) as usize, stages);
+        }
     }
 }
