@@ -82,9 +82,11 @@ def kernels(path):
 
 def e2e(path):
     d = json.load(open(path))
+    # Batch 16 gets a column only where a record has it (records before 2026-11-26 23:56Z do not).
+    b16 = any(x["batch"] == 16 for s in d["shapes"].values() for run in s["runs"] for x in run["decode"])
     print("| shape | weights (lm_head) | GiB | prefill tok/s | decode b1 tok/s | ms/step "
-          "| share of b1 bandwidth limit | b8 tok/s | b32 tok/s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| share of b1 bandwidth limit | b8 tok/s |" + (" b16 tok/s |" if b16 else "") + " b32 tok/s |")
+    print("|---|---|---|---|---|---|---|---|" + ("---|" if b16 else "") + "---|")
     abl = []
     for name, s in d["shapes"].items():
         for run in s["runs"]:
@@ -98,8 +100,10 @@ def e2e(path):
                 cells = [name, label, f"{run['weight_gib']:.1f}", pre,
                          f"{b1['tokens_per_s']:,.0f}" if b1 else "-", f"{b1['ms_per_step']:.2f}" if b1 else "-",
                          share,
-                         f"{dec[8]['tokens_per_s']:,.0f}" if 8 in dec else "-",
-                         f"{dec[32]['tokens_per_s']:,.0f}" if 32 in dec else "-"]
+                         f"{dec[8]['tokens_per_s']:,.0f}" if 8 in dec else "-"]
+                if b16:
+                    cells.append(f"{dec[16]['tokens_per_s']:,.0f}" if 16 in dec else "-")
+                cells.append(f"{dec[32]['tokens_per_s']:,.0f}" if 32 in dec else "-")
                 print("| " + " | ".join(cells) + " |")
                 if b1 and b1.get("tuning_ablation"):
                     abl.append((name, label, b1["tokens_per_s"], b1["tuning_ablation"]))

@@ -197,8 +197,9 @@ pub struct Tuning {
     pub x_stage: bool,
     /// One-token dense FP4 products pad their dynamic shared memory so that an SM holds at
     /// most `ceil(blocks / SMs)` of their blocks, and every kernel loaded while it is on asks
-    /// for the 100 KiB shared-memory carveout ([`super::spread_launch`], placement.rs), so that
-    /// the first SMs to drain do not take all of a launch. On by default (H100, MiMo-7B NVFP4
+    /// for the 100 KiB shared-memory carveout ([`super::spread_launch`], placement.rs; the
+    /// staged 16-token kernels 132 KiB), so that the first SMs to drain do not take all of a
+    /// launch. On by default (H100, MiMo-7B NVFP4
     /// batch 1: 443 vs 435 tokens/s; Qwen3-30B-A3B, whose experts it leaves alone, unchanged).
     pub spread: bool,
     /// One-token decode attention (the runtime's warp kernel) asks L2 for the weights of the

@@ -24,6 +24,13 @@ use super::error::{drv, CudaError};
 /// shared memory an SM can have: 43 % of Hopper's 228 KiB is its 100 KiB configuration.
 pub const SPREAD_CARVEOUT_PERCENT: u32 = 43;
 
+/// The carveout of the staged 16-token kernels (`_xs`, `Tuning::x_stage`) with `spread`: 57 %
+/// of Hopper's 228 KiB is its 132 KiB configuration, three of their ~41 KiB blocks per SM where
+/// the 100 KiB one holds two. H100 (bench/results/kernels-h100-tiled-r17.json, call 4): MiMo-7B
+/// NVFP4 batch 16 3,682 / 3,680 -> 3,875 / 3,869 tok/s (FP4 head), 4096 x 22016 at 16 tokens
+/// 35.9 -> 30.0 us; the driver's own choice gave 3,818 / 3,823, 196 KiB (86 %) 3,571 / 3,567.
+pub const STAGED_CARVEOUT_PERCENT: u32 = 57;
+
 /// Shared memory the system reserves per resident block (sm_80 and later).
 const RESERVED_PER_BLOCK: u32 = 1024;
 
@@ -95,9 +102,25 @@ pub fn spread_launch(
     Ok(launch)
 }
 
-/// Prepares a kernel just loaded (named `name`): the carveout of [`SPREAD_CARVEOUT_PERCENT`]
-/// where `tuning.spread` is on (at load time: later switches keep it; the prefill attention
-/// kernels and the `_wide` one-token kernels keep the driver's choice), and with
+/// The carveout kernel `name` asks for under `spread`, or None for the driver's choice.
+///
+/// Prefill attention holds 19-37 KiB of static shared memory per block and runs in no one-token
+/// chain: the driver's own carveout gives it more blocks per SM. The `_wide` kernels run the
+/// products too wide to pad, which only lose L1 to the carveout. The staged kernels (`_xs`) run
+/// batches of 9-16 tokens, not the one-token chains whose neighbours the uniform carveout lets
+/// share SMs, and their ~41 KiB blocks want a third block per SM ([`STAGED_CARVEOUT_PERCENT`]).
+pub fn carveout_percent(name: &str) -> Option<u32> {
+    if name.starts_with("attention_prefill") || name.ends_with("_wide") {
+        None
+    } else if name.ends_with("_xs") {
+        Some(STAGED_CARVEOUT_PERCENT)
+    } else {
+        Some(SPREAD_CARVEOUT_PERCENT)
+    }
+}
+
+/// Prepares a kernel just loaded (named `name`): the carveout of [`carveout_percent`] where
+/// `tuning.spread` is on (at load time: later switches keep it), and with
 /// `MIMO_KERNEL_ATTRS=1` a line on stderr with its registers, local (spill) memory and static
 /// shared memory as the driver compiled it.
 pub fn on_load(tuning: Tuning, name: &str, f: &CudaFunction) -> Result<(), CudaError> {
@@ -110,15 +133,14 @@ pub fn on_load(tuning: Tuning, name: &str, f: &CudaFunction) -> Result<(), CudaE
             get(Attr::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES),
         );
     }
-    // Prefill attention holds 19-37 KiB of static shared memory per block and runs in no
-    // one-token chain: the driver's own carveout gives it more blocks per SM. The `_wide`
-    // kernels run the products too wide to pad, which only lose L1 to the carveout.
-    if tuning.spread && !name.starts_with("attention_prefill") && !name.ends_with("_wide") {
-        f.set_attribute(
-            Attr::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
-            SPREAD_CARVEOUT_PERCENT as i32,
-        )
-        .map_err(drv("kernel shared memory carveout"))?;
+    if tuning.spread {
+        if let Some(pct) = carveout_percent(name) {
+            f.set_attribute(
+                Attr::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+                pct as i32,
+            )
+            .map_err(drv("kernel shared memory carveout"))?;
+        }
     }
     Ok(())
 }
@@ -135,6 +157,16 @@ mod tests {
     fn fit(bytes: u32, pad: u32, static_smem: u32) -> u32 {
         let per = (pad + static_smem + RESERVED_PER_BLOCK).div_ceil(128) * 128;
         bytes / per
+    }
+
+    #[test]
+    fn carveouts_by_kernel_name() {
+        assert_eq!(carveout_percent("attention_prefill_d128"), None);
+        assert_eq!(carveout_percent("fp4_gemm_nv_m2_t1_g2_wide"), None);
+        assert_eq!(carveout_percent("fp4_gemm_nv_m2_t2_g1_xs"), Some(57));
+        assert_eq!(carveout_percent("fp4_gemm_sw_nv_t2_g1_xs"), Some(57));
+        assert_eq!(carveout_percent("fp4_gemm_nv_m2_t1_g2"), Some(43));
+        assert_eq!(carveout_percent("fp4_mm_nv_t4"), Some(43));
     }
 
     #[test]
