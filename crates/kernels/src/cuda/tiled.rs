@@ -67,12 +67,12 @@ pub fn tiled_supported(w: &GpuFp4Weight, m: usize, gated: bool) -> bool {
 }
 
 /// Row blocks x token blocks x K chunks from which [`tiled_preferred`] takes the tiled
-/// kernels. H100 (`bench/results/kernels-h100-tiled.json`, NVFP4, tiled vs decode kernels): at
-/// 32 tokens 4096 x 22016 (86 x 1 x 32 = 2,752) 56 vs 93 us, 4096 x 14336 (1,792) 40 vs 63,
-/// 11008 x 4096 (1,376) 32.6 vs 34.4, the 2048 x 151936 head 162 vs 260, but 4096 x 4096 (512)
-/// 21.7 vs 16.0; at 64 tokens 4096 x 4096 (1,024) 27.2 vs 26.8. With few blocks the split
-/// reduction and the pipeline's fill cost more than the shared activations save; at 16 tokens
-/// the decode kernels won on every shape.
+/// kernels. H100 (`bench/results/kernels-h100-tiled-r17.json`, call 2, NVFP4, tiled vs decode
+/// kernels): at 32 tokens 4096 x 22016 (86 x 1 x 32 = 2,752) 48.9 vs 92.9 us, 4096 x 14336
+/// (1,792) 34.0 vs 62.9, 11008 x 4096 (1,376) 27.1 vs 33.8, the 2048 x 151936 head 142 vs 269,
+/// but 4096 x 4096 (512) 16.5 vs 15.9; at 64 tokens 4096 x 4096 (1,024) 21.7 vs 26.8. With few
+/// blocks the split reduction and the pipeline's fill cost more than the shared activations
+/// save; at 16 tokens the decode kernels won on every shape but the head (118 vs 120).
 pub const TILED_MIN_WORK: usize = 1024;
 
 /// (row blocks, token blocks, K chunks) of a tiled product.
