@@ -15,8 +15,9 @@
 // activations of the next two chunks stream in by cp.async while this one is computed
 // (three stages, 78 KiB at 32 tokens: under the 100 KiB carveout the other kernels use, so
 // neighbours of a PDL chain can share the SM). H100 (bench/README.md, docs/kernels-notes.md rounds
-// 16-17): 1.29-1.58x cuBLAS BF16 at 32 tokens on the large shapes; the loop is issue-bound
-// (ncu), so each thread's copy addresses are planned once and only advanced in the loop.
+// 16-17): 1.29-1.58x cuBLAS BF16 at 32 tokens on the large shapes. Each thread's copy
+// addresses are planned once and only advanced in the loop (recomputed, they doubled its
+// instructions); its warps now wait mostly on their copies (ncu), one block per SM.
 //
 // Grid: x = row blocks, y = K splits, z = token blocks of 8*TN. A product with few row blocks
 // splits K over blockIdx.y (tiled.rs `tiled_splits`): each split writes its f32 partial tile to

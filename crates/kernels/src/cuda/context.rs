@@ -199,8 +199,8 @@ pub struct Tuning {
     /// most `ceil(blocks / SMs)` of their blocks, and every kernel loaded while it is on asks
     /// for the 100 KiB shared-memory carveout ([`super::spread_launch`], placement.rs; the
     /// staged 16-token kernels 132 KiB), so that the first SMs to drain do not take all of a
-    /// launch. On by default (H100, MiMo-7B NVFP4
-    /// batch 1: 443 vs 435 tokens/s; Qwen3-30B-A3B, whose experts it leaves alone, unchanged).
+    /// launch. On by default (H100, MiMo-7B NVFP4 batch 1: 443 vs 435 tokens/s; Qwen3-30B-A3B,
+    /// whose experts it leaves alone, unchanged).
     pub spread: bool,
     /// One-token decode attention (the runtime's warp kernel) asks L2 for the weights of the
     /// products after it, up to this many MiB (`MIMO_ATTN_PREFETCH_MIB`; 0: none): the output

@@ -62,10 +62,7 @@ pub use moe_bf16::{
     moe_bf16_grouped, moe_bf16_pairs, moe_bf16_pairs_supported, Bf16Experts, Bf16Pairs,
     MOE_BF16_PAIRS_MAX_SWIGLU_K,
 };
-pub use placement::{
-    carveout_percent, on_load, spread_launch, spread_smem, SPREAD_CARVEOUT_PERCENT,
-    STAGED_CARVEOUT_PERCENT,
-};
+pub use placement::{on_load, spread_launch, spread_smem, SPREAD_CARVEOUT_PERCENT};
 pub use tiled::{
     fp4_gemm_swiglu_tiled, fp4_gemm_tiled, tiled_preferred, tiled_supported, TILED_MAX_TOKENS,
     TILED_MIN_TOKENS, TILED_MIN_WORK,

@@ -29,7 +29,7 @@ pub const SPREAD_CARVEOUT_PERCENT: u32 = 43;
 /// the 100 KiB one holds two. H100 (bench/results/kernels-h100-tiled-r17.json, call 4): MiMo-7B
 /// NVFP4 batch 16 3,682 / 3,680 -> 3,875 / 3,869 tok/s (FP4 head), 4096 x 22016 at 16 tokens
 /// 35.9 -> 30.0 us; the driver's own choice gave 3,818 / 3,823, 196 KiB (86 %) 3,571 / 3,567.
-pub const STAGED_CARVEOUT_PERCENT: u32 = 57;
+pub(crate) const STAGED_CARVEOUT_PERCENT: u32 = 57;
 
 /// Shared memory the system reserves per resident block (sm_80 and later).
 const RESERVED_PER_BLOCK: u32 = 1024;
@@ -109,7 +109,7 @@ pub fn spread_launch(
 /// products too wide to pad, which only lose L1 to the carveout. The staged kernels (`_xs`) run
 /// batches of 9-16 tokens, not the one-token chains whose neighbours the uniform carveout lets
 /// share SMs, and their ~41 KiB blocks want a third block per SM ([`STAGED_CARVEOUT_PERCENT`]).
-pub fn carveout_percent(name: &str) -> Option<u32> {
+pub(crate) fn carveout_percent(name: &str) -> Option<u32> {
     if name.starts_with("attention_prefill") || name.ends_with("_wide") {
         None
     } else if name.ends_with("_xs") {

@@ -265,6 +265,29 @@ mod tests {
     }
 
     #[test]
+    fn the_output_tile_is_free_of_bank_conflicts() {
+        // fp4_tiled.cu's epilogue: lane (g = lane / 4, t = lane % 4) of warp w stores its
+        // accumulator element for token 8j + 2t (+1) and row 16w + g (+8) at
+        // token * TILE_STRIDE + row; the 32 lanes of each store must hit 32 distinct banks.
+        for j in 0..4 {
+            for (dt, dr) in [(0, 0), (1, 0), (0, 8), (1, 8)] {
+                let mut banks: Vec<usize> = (0..32)
+                    .map(|lane| {
+                        let (g, t) = (lane / 4, lane % 4);
+                        ((8 * j + 2 * t + dt) * TILE_STRIDE + 16 + g + dr) % 32
+                    })
+                    .collect();
+                banks.sort_unstable();
+                banks.dedup();
+                assert_eq!(banks.len(), 32, "store j={j} dt={dt} dr={dr}");
+            }
+        }
+        // The reads take 32 consecutive rows of one token (and whole float4s of a row for the
+        // split partials): contiguous, so conflict-free, as long as rows start 16-byte aligned.
+        assert_eq!(TILE_STRIDE * 4 % 16, 0);
+    }
+
+    #[test]
     fn the_output_tile_fits_in_the_stage_buffers() {
         // The epilogue reuses the pipeline's buffers for the padded f32 tile.
         for bm in [16, 32] {
