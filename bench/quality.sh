@@ -25,6 +25,15 @@ head -c $((40960 + SLICE_BYTES)) calibration/heldout/valid.txt | tail -c "$SLICE
 tail -c +$((40960 + SLICE_BYTES + 1)) calibration/heldout/valid.txt > "$WORK/indomain.txt"
 # Its first half (`@indomain_half`): about as many tokens as the default recipe's 24,832.
 head -c 80000 "$WORK/indomain.txt" > "$WORK/indomain_half.txt"
+# The default recipe with 512-token sequences (`@seq512`): the same samples and tokens in half as
+# many sequences, as long as the comparisons' 512-token windows.
+python3 - "$WORK/seq512.json" "$PWD/calibration" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[2] + "/default.json"))
+r["data"] = sys.argv[2] + "/" + r["data"]
+r["seq_len"] = 512
+json.dump(r, open(sys.argv[1], "w"))
+PY
 # name | format | convert arguments
 VARIANTS=(
   "nvfp4-rtn|nvfp4|--method rtn"
@@ -61,6 +70,8 @@ VARIANTS=(
   "nvfp4-gptq-ao-ss-r5-indomain-half|nvfp4|--method gptq --act-order --damp 0.1 --mse-scale-search --gptq-refine 5 --calib @indomain_half"
   "nvfp4-gptq-ao-asym-ss-r5-indomain-half|nvfp4|--method gptq --act-order --damp 0.1 --asymmetric --mse-scale-search --gptq-refine 5 --calib @indomain_half"
   "nvfp4-gptq-ao-asym-wl-r5-indomain-half|nvfp4|--method gptq --act-order --damp 0.1 --asymmetric --within-layer --gptq-refine 5 --calib @indomain_half"
+  # The default recipe cut into 512-token sequences instead of 256 (`@seq512`, see above).
+  "nvfp4-gptq-ao-seq512|nvfp4|--method gptq --act-order --damp 0.1 --calib @seq512"
   # Calibrated on the GPU (the CUDA runtime walks the layers; quantizers on the CPU as above).
   "nvfp4-mse-gpu|nvfp4|--method mse --calib-device cuda"
   "nvfp4-gptq-gpu|nvfp4|--method gptq --calib-device cuda"
@@ -99,6 +110,7 @@ for v in "${VARIANTS[@]}"; do
   case "$args" in *--calib-device*) ;; *) args="$args --calib-device cpu" ;; esac
   cargs=${args//@indomain_half/$WORK/indomain_half.txt}
   cargs=${cargs//@indomain/$WORK/indomain.txt}
+  cargs=${cargs//@seq512/$WORK/seq512.json}
   # shellcheck disable=SC2086
   /usr/bin/time -v "$Q" convert "$src" -o "$out" --format "$fmt" $cargs --force -q --json \
     > "$WORK/$name.convert.json" 2> "$WORK/$name.time"
