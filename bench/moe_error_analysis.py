@@ -12,10 +12,12 @@ slice, the mean KL to the BF16 model and the top-1 agreement of:
   - with --correct: the quantized model with its BF16 routers and lm_head refitted by least
     squares on the default calibration set (each kept layer's inputs in the quantized model
     mapped to its BF16 outputs in the BF16 model), a candidate calibration step.
-It also prints the share of (token, layer) pairs whose expert set differs from BF16's.
+It also prints the share of (token, layer) pairs whose expert set differs from BF16's. With
+--per-layer it prints instead, on slice 1, the KL and top-1 of the BF16 model with only one
+layer's attention or only one layer's experts taken from the quantized checkpoint.
 
-Usage: python3 bench/moe_error_analysis.py CONVERTED_DIR [--correct] (needs numpy and
-tokenizers). The forward reproduces `mimo-run compare` within the windowing difference (NVFP4
+Usage: python3 bench/moe_error_analysis.py CONVERTED_DIR [--correct | --per-layer] (needs
+numpy and tokenizers). The forward reproduces `mimo-run compare` within the windowing difference (NVFP4
 GPTQ --act-order --damp 0.1, slice 1: KL 0.0101 / top-1 93.51 % here, 0.0102 / 93.64 % there).
 """
 import json
@@ -175,8 +177,31 @@ def corrected(wb, wq):
     return out
 
 
+def per_layer(wb, wq):
+    raw = open(os.path.join(ROOT, "calibration", "heldout", "valid.txt"), "rb").read()
+    wins = windows(raw[:20480].decode("utf-8", "ignore"))
+    refs = [log_softmax(forward(wb, ids)[0]) for ids in wins]
+    for part in ("self_attn", "experts"):
+        for l in range(L):
+            w = dict(wb)
+            for name in wq:
+                if name.startswith(f"model.layers.{l}.") and f".{part}." in name:
+                    w[name] = wq[name]
+            kl = top1 = n = 0
+            for ids, a in zip(wins, refs):
+                lq = forward(w, ids)[0]
+                b = log_softmax(lq)
+                kl += (np.exp(a) * (a - b)).sum()
+                top1 += (a.argmax(-1) == lq.argmax(-1)).sum()
+                n += len(ids)
+            print(f"slice 1: only layer {l}'s {part} quantized: KL {kl / n:.4f}, top-1 {100 * top1 / n:.2f} %")
+
+
 def main():
     wb, wq = weights(None), weights(sys.argv[1])
+    if "--per-layer" in sys.argv:
+        per_layer(wb, wq)
+        return
     variants = [("quantized", wq, False), ("quantized, oracle routing", wq, True)]
     if "--correct" in sys.argv:
         variants.append(("quantized, routers + lm_head refitted", corrected(wb, wq), False))
