@@ -388,11 +388,7 @@ unsafe fn launch_dense(
 ) -> Result<(), CudaError> {
     let (n_i, k_i) = (w.n as i32, w.k as i32);
     let mut b = gpu.stream().launch_builder(f);
-    b.arg(&w.packed)
-        .arg(&w.scales)
-        .arg(&w.global_scales)
-        .arg(&w.mult_lut)
-        .arg(x);
+    w.push_args(&mut b).arg(x);
     match y {
         Some(y) => b.arg(y),
         None => b.arg(&NULL_PTR),
@@ -510,9 +506,12 @@ pub fn fp4_gemm_swiglu(
     m: usize,
     y: &mut CudaSlice<bf16>,
 ) -> Result<(), CudaError> {
-    let tiled = tiled_supported(w, m, true);
-    let old = swiglu_variant(w, m, gpu.sm_count()).is_ok();
-    if tiled && (!old || tiled_preferred(&gpu.tuning(), w, m, true)) {
+    // The tiled kernel where it is preferred, or where no decode variant takes the shape (the
+    // decode variant is only looked up when the tiled one is not preferred).
+    if tiled_supported(w, m, true)
+        && (tiled_preferred(&gpu.tuning(), w, m, true)
+            || swiglu_variant(w, m, gpu.sm_count()).is_err())
+    {
         return fp4_gemm_swiglu_tiled(gpu, w, x, m, y);
     }
     swiglu_product(gpu, w, x, m, y, &Fold::default())

@@ -572,11 +572,7 @@ fn one_token_down(
     let (n_i, k_i, p_i, e_i) = (d.n as i32, d.k as i32, top_k as i32, experts as i32);
     let renorm = route.renorm();
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(&d.packed)
-        .arg(&d.scales)
-        .arg(&d.global_scales)
-        .arg(&d.mult_lut)
-        .arg(&ws.act);
+    d.push_args(&mut b).arg(&ws.act);
     // With logits the kernel reads neither weights nor ids (null pointers).
     arg_or_null(&mut b, route.weights());
     arg_or_null(&mut b, route.ids());
@@ -716,14 +712,7 @@ fn launch_moe_kernel(
 ) -> Result<(), CudaError> {
     let (n_i, k_i) = (w.n as i32, w.k as i32);
     let mut b = gpu.stream().launch_builder(f);
-    b.arg(&w.packed)
-        .arg(&w.scales)
-        .arg(&w.global_scales)
-        .arg(&w.mult_lut)
-        .arg(x)
-        .arg(y)
-        .arg(&n_i)
-        .arg(&k_i);
+    w.push_args(&mut b).arg(x).arg(y).arg(&n_i).arg(&k_i);
     arg_or_null(&mut b, r.ids);
     b.arg(&r.pairs).arg(&r.experts).arg(&in_div);
     match bad {

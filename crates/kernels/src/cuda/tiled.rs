@@ -210,10 +210,7 @@ fn tiled_product(
     let (m_i, n_i, k_i) = (m as i32, w.n as i32, w.k as i32);
     let (parts, tickets) = gpu.split_scratch();
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(&w.packed)
-        .arg(&w.scales)
-        .arg(&w.global_scales)
-        .arg(&w.mult_lut)
+    w.push_args(&mut b)
         .arg(x)
         .arg(y)
         .arg(&m_i)

@@ -1,6 +1,6 @@
 //! FP4 weights on the GPU: one Linear layer or a stack of experts of one shape.
 
-use cudarc::driver::{CudaSlice, CudaStream};
+use cudarc::driver::{CudaSlice, CudaStream, LaunchArgs, PushKernelArg};
 
 use super::context::GpuContext;
 use super::error::{drv, CudaError};
@@ -104,6 +104,16 @@ pub(crate) fn mult_lut(format: Fp4Format, shift: i32) -> Vec<u16> {
 }
 
 impl GpuFp4Weight {
+    /// Pushes the weight's four kernel arguments in the order the FP4 GEMM and MoE kernels take
+    /// them (`wp, ws, gs, lut`: packed weights, scale bytes, global scales, scale multipliers).
+    /// The dequantization and FP8 conversion kernels take the plain scale table instead.
+    pub(crate) fn push_args<'a, 'b>(&'a self, b: &'b mut LaunchArgs<'a>) -> &'b mut LaunchArgs<'a> {
+        b.arg(&self.packed)
+            .arg(&self.scales)
+            .arg(&self.global_scales)
+            .arg(&self.mult_lut)
+    }
+
     /// Uploads one matrix. `name` is used in errors.
     pub fn upload(gpu: &GpuContext, name: &str, m: &Fp4Matrix) -> Result<Self, CudaError> {
         Self::upload_experts(gpu, name, std::slice::from_ref(m))
