@@ -237,12 +237,18 @@ __device__ __forceinline__ void stage_x(u16* buf, const u16* __restrict__ x, con
 #endif
 
 // One iteration's arithmetic: G chunks starting at element kpiece0 - 32t of every row.
-template <int FMT, int MT, int TN, int G, bool XST = false>
+// XL: the layout of staged activations (XST). 0: the _xs kernels' and the tiled kernel's
+// (`xstage_off`, 8*TN slots of 128 elements per chunk); 1: the bulk kernel's (fp4_bulk.cu),
+// one chunk of 128 elements as the bulk tensor copy writes it with the 128-byte swizzle: token
+// r's two 64-element halves are 128-byte rows 2r and 2r + 1, 16-byte unit u of row R stored at
+// unit u ^ (R & 7). G must be 1 there.
+template <int FMT, int MT, int TN, int G, bool XST = false, int XL = 0>
 __device__ __forceinline__ void compute_chunks(const WeightRegs<MT, G>& r,
                                                const u16* const (&xptr)[TN], int kpiece, int k,
                                                const u16* __restrict__ lut,
                                                float (&acc)[MT][TN][4],
-                                               const u16* xs = 0) {
+                                               const u16* xs = 0, const int* xo = 0) {
+    static_assert(XL == 0 || (XST && G == 1), "the bulk layout holds one chunk");
     // Activations: loaded for the whole iteration up front where registers allow; the wide
     // variants (TN * MT >= 4) load them per word step instead (they spilled otherwise).
     // Groups of more than two chunks load them per word step too (registers).
@@ -251,6 +257,23 @@ __device__ __forceinline__ void compute_chunks(const WeightRegs<MT, G>& r,
     constexpr bool X_UPFRONT = !XST && TN * MT < MIMO_X_UPFRONT_MAX_TM && G <= 2;
     constexpr int XG = X_UPFRONT ? G : 1;
     uint4 xv[XG][TN][4];
+    // The bulk layout's fragments (xo: this lane's element offsets of token tile j, step q at
+    // xo[4j + q], see fp4_bulk.cu), all requested before the first use by volatile loads, which
+    // the compiler keeps ahead of the (volatile) mma: read one step at a time, each read's
+    // latency stood in the mma chain.
+    uint4 xb[XL == 1 ? TN : 1][4];
+    if (XL == 1) {
+        const u32 base = smem_addr(xs);
+#pragma unroll
+        for (int j = 0; j < TN; j++)
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+                uint4& v = xb[XL == 1 ? j : 0][q];
+                asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                             : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                             : "r"(base + 2 * xo[4 * j + q]));
+            }
+    }
     if (X_UPFRONT) {
 #pragma unroll
         for (int u = 0; u < XG; u++) {
@@ -268,19 +291,22 @@ __device__ __forceinline__ void compute_chunks(const WeightRegs<MT, G>& r,
 #pragma unroll
     for (int u = 0; u < G; u++) {
         // Block scale multipliers as bf16x2 (both lanes equal); NVFP4 pieces hold two
-        // 16-element blocks. The 512-byte table is read through L1.
+        // 16-element blocks. The 512-byte table is read through L1 (XL = 1: shared memory).
         u32 s2[MT][2][2];
 #pragma unroll
         for (int i = 0; i < MT; i++)
 #pragma unroll
             for (int h = 0; h < 2; h++) {
+                // The bulk kernel (XL = 1) keeps the table in shared memory: read through L1 the
+                // lookup's latency stood in every chunk's chain (ncu: long-scoreboard stalls).
                 if (FMT == FMT_NVFP4) {
-                    const u32 a = __ldg(lut + (r.sc[u][i][h] & 0xFF));
-                    const u32 b = __ldg(lut + ((r.sc[u][i][h] >> 8) & 0xFF));
+                    const u32 a = XL == 1 ? lut[r.sc[u][i][h] & 0xFF] : __ldg(lut + (r.sc[u][i][h] & 0xFF));
+                    const u32 b = XL == 1 ? lut[(r.sc[u][i][h] >> 8) & 0xFF]
+                                          : __ldg(lut + ((r.sc[u][i][h] >> 8) & 0xFF));
                     s2[i][h][0] = a | (a << 16);
                     s2[i][h][1] = b | (b << 16);
                 } else {
-                    const u32 a = __ldg(lut + (r.sc[u][i][h] & 0xFF));
+                    const u32 a = XL == 1 ? lut[r.sc[u][i][h] & 0xFF] : __ldg(lut + (r.sc[u][i][h] & 0xFF));
                     s2[i][h][0] = a | (a << 16);
                     s2[i][h][1] = s2[i][h][0];
                 }
@@ -300,7 +326,9 @@ __device__ __forceinline__ void compute_chunks(const WeightRegs<MT, G>& r,
             uint4 xj[TN];
 #pragma unroll
             for (int j = 0; j < TN; j++) {
-                if (XST) {
+                if (XST && XL == 1) {
+                    xj[j] = xb[XL == 1 ? j : 0][q];
+                } else if (XST) {
                     const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
                     xj[j] = *(const uint4*)(xs + (u * TN + j) * (8 * 128) + xstage_off(g, 4 * t + q));
                 } else if (X_UPFRONT) {

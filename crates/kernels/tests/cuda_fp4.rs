@@ -6,10 +6,12 @@
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use mimo_kernels::cuda::{
-    self, bf16_to_e4m3_rows, fp4_dequantize, fp4_gemm, fp4_gemm_fp8, fp4_gemm_swiglu,
+    self, bf16_to_e4m3_rows, bulk_supported, fp4_dequantize, fp4_gemm, fp4_gemm_bulk,
+    fp4_gemm_bulk_with, fp4_gemm_fp8, fp4_gemm_swiglu, fp4_gemm_swiglu_bulk,
     fp4_gemm_swiglu_supported, fp4_gemm_swiglu_tiled, fp4_gemm_tiled, fp4_gemm_with,
-    fp4_to_e4m3_rows, moe_layer, moe_layer_with, variant_exists, E4m3Rows, Fp4GemmConfig, Fp8Gemm,
-    Fp8Scratch, GpuContext, GpuFp4Weight, MoeConfig, MoeWeights, MoeWorkspace, Tuning,
+    fp4_to_e4m3_rows, moe_layer, moe_layer_with, variant_exists, BulkConfig, E4m3Rows,
+    Fp4GemmConfig, Fp8Gemm, Fp8Scratch, GpuContext, GpuFp4Weight, MoeConfig, MoeWeights,
+    MoeWorkspace, Tuning,
 };
 use mimo_kernels::fp4::{amax, dequantize, nvfp4_global_scale, quantize_mxfp4, quantize_nvfp4};
 use mimo_kernels::fp8_rows;
@@ -328,11 +330,12 @@ fn fp4_gemm_matches_cpu_reference() {
                 let mut plain: Option<Vec<bf16>> = None;
                 for (pf, xs) in modes {
                     let base = gpu.tuning();
-                    // The decode kernels under test, not the tiled ones (their own test).
+                    // The decode kernels under test, not the tiled or bulk ones (their own tests).
                     gpu.set_tuning(Tuning {
                         l2_prefetch: pf,
                         x_stage: xs,
                         tiled_gemm: false,
+                        bulk_gemm: false,
                         ..base
                     });
                     let mut y = poisoned(&gpu, m * n);
@@ -451,11 +454,14 @@ fn fp4_gemm_swiglu_matches_gemm_then_silu() {
             );
             let xb = to_bf16(&random_matrix(&mut rng, m * k, 1.0));
             let x = gpu.stream().clone_htod(&xb).unwrap();
-            // Both with the tiled kernels (where they take the shape) and the decode kernels.
-            for tiled in [false, true] {
+            // With the decode kernels, the tiled kernels and the bulk kernels (each where it
+            // takes the shape; the bulk ones at any size here).
+            for (tiled, bulk) in [(false, false), (true, false), (false, true)] {
                 let base = gpu.tuning();
                 gpu.set_tuning(Tuning {
                     tiled_gemm: tiled,
+                    bulk_gemm: bulk,
+                    bulk_min_mi: 0,
                     ..base
                 });
                 let mut full = poisoned(&gpu, m * n);
@@ -470,7 +476,7 @@ fn fp4_gemm_swiglu_matches_gemm_then_silu() {
                     &got,
                     m,
                     n,
-                    &format!("{format} m={m} [{n}, {k}] tiled {tiled}"),
+                    &format!("{format} m={m} [{n}, {k}] tiled {tiled} bulk {bulk}"),
                 );
             }
         }
@@ -532,6 +538,137 @@ fn tiled_gemm_matches_cpu_reference() {
     let x = gpu.stream().clone_htod(&vec![bf16::ONE; 16 * 96]).unwrap();
     let mut y = poisoned(&gpu, 16 * 64);
     assert!(fp4_gemm_tiled(&gpu, &w, &x, 16, &mut y).is_err(), "K = 96");
+}
+
+/// The bulk-copy kernels (1 to 16 tokens, Hopper) against the CPU reference: N off the 16-row
+/// tiles and the row blocks, K with a last half-filled stage (NVFP4: K % 512 = 256), token
+/// counts off the 8-token boxes, both formats; the automatic shape and forced ones that take
+/// every path (one to sixteen row tiles, K warps that alternate between stages, K splits with
+/// the last-block reduction, two to eight stages). Each product runs twice: same bits.
+#[test]
+fn bulk_gemm_matches_cpu_reference() {
+    let Some(gpu) = gpu() else { return };
+    if gpu.compute_capability().0 < 9 {
+        eprintln!("SKIP bulk kernels: compute capability below 9.0");
+        return;
+    }
+    let mut rng = rng("fp4_gemm_bulk");
+    let forced = [
+        (1, 1, 16, 1, 2),
+        (2, 1, 3, 3, 8),
+        (7, 1, 2, 2, 3),
+        (16, 1, 1, 1, 2),
+        (2, 2, 16, 1, 2),
+        (6, 2, 5, 2, 3),
+        (16, 2, 2, 1, 2),
+        (1, 1, 31, 2, 2),
+    ]
+    .map(
+        |(row_tiles, warp_tiles, k_warps, splits, stages)| BulkConfig {
+            row_tiles,
+            warp_tiles,
+            k_warps,
+            splits,
+            stages,
+        },
+    );
+    let shapes = [
+        (1, 333, 1024),
+        (3, 77, 512),
+        (8, 1000, 2048),
+        (9, 200, 4096),
+        (16, 4352, 1536),
+        (1, 130, 2560),
+        (16, 64, 7168),
+        (5, 100, 768),
+        (16, 300, 1280),
+    ];
+    for format in FORMATS {
+        for &(m, n, k) in &shapes {
+            let (w, x, want) = random_product(&gpu, &mut rng, format, (m, n, k), 0.02);
+            if format == Fp4Format::Mxfp4 && k % 512 != 0 {
+                assert!(!bulk_supported(&gpu, &w, m, false), "MXFP4 k={k}");
+                continue;
+            }
+            assert!(bulk_supported(&gpu, &w, m, false), "{format} {m} {n} {k}");
+            let sms = gpu.sm_count() as usize;
+            let autos = [(1, 16), (2, 16), (1, 31), (2, 31)]
+                .map(|(mt, wp)| BulkConfig::auto_with(format, m, n, k, sms, mt, wp));
+            for cfg in autos.into_iter().chain(forced) {
+                if cfg.splits > k.div_ceil(512) {
+                    continue;
+                }
+                let mut runs = Vec::new();
+                for _ in 0..2 {
+                    let mut y = poisoned(&gpu, m * n);
+                    fp4_gemm_bulk_with(&gpu, &w, &x, m, &mut y, &cfg, false).unwrap();
+                    runs.push(gpu.stream().clone_dtoh(&y).unwrap());
+                }
+                let what = format!("bulk {format} m={m} n={n} k={k} {cfg:?}");
+                check_close(&what, &runs[0], &want, 8e-3, 2e-2);
+                for (i, (a, b)) in runs[0].iter().zip(&runs[1]).enumerate() {
+                    assert_eq!(a.to_bits(), b.to_bits(), "{what}: run 2, element {i}");
+                }
+            }
+            let mut y = poisoned(&gpu, m * n);
+            fp4_gemm_bulk(&gpu, &w, &x, m, &mut y).unwrap();
+            // The gated form on the same weight read as [gate | up] (n even): SwiGLU of the
+            // plain product's two halves, computed with the same K splits and K warps (so the
+            // same sums), at most one bf16 step apart; automatic and forced shapes (split K,
+            // the most row tiles, gate rows past the end of the gate half).
+            if n % 2 == 1 {
+                continue;
+            }
+            let gated = [
+                BulkConfig::auto_with(format, m, n, k, sms, 0, 16),
+                BulkConfig {
+                    row_tiles: 2,
+                    warp_tiles: 1,
+                    k_warps: 4,
+                    splits: 2,
+                    stages: 3,
+                },
+                BulkConfig {
+                    row_tiles: 16,
+                    warp_tiles: 1,
+                    k_warps: 1,
+                    splits: 1,
+                    stages: 2,
+                },
+            ];
+            for cfg in gated {
+                if cfg.splits > k.div_ceil(512) {
+                    continue;
+                }
+                let mut full = poisoned(&gpu, m * n);
+                fp4_gemm_bulk_with(&gpu, &w, &x, m, &mut full, &cfg, false).unwrap();
+                let full = gpu.stream().clone_dtoh(&full).unwrap();
+                let mut act = poisoned(&gpu, m * n / 2);
+                fp4_gemm_bulk_with(&gpu, &w, &x, m, &mut act, &cfg, true).unwrap();
+                let act = gpu.stream().clone_dtoh(&act).unwrap();
+                let what = format!("bulk swiglu {format} m={m} n={n} k={k} {cfg:?}");
+                check_swiglu_of(&full, &act, m, n, &what);
+            }
+            let mut act = poisoned(&gpu, m * n / 2);
+            fp4_gemm_swiglu_bulk(&gpu, &w, &x, m, &mut act).unwrap();
+        }
+    }
+    // Shapes it does not take are refused, not computed wrongly.
+    for (format, k, m) in [
+        (Fp4Format::Nvfp4, 128, 1),
+        (Fp4Format::Mxfp4, 768, 1),
+        (Fp4Format::Nvfp4, 256, 17),
+    ] {
+        let q = quantize(format, &random_matrix(&mut rng, 64 * k, 0.1), 64, k);
+        let w = GpuFp4Weight::upload(&gpu, "refused", &q).unwrap();
+        let x = gpu.stream().clone_htod(&vec![bf16::ONE; m * k]).unwrap();
+        let mut y = poisoned(&gpu, m * 64);
+        assert!(!bulk_supported(&gpu, &w, m, false));
+        assert!(
+            fp4_gemm_bulk(&gpu, &w, &x, m, &mut y).is_err(),
+            "{format} k={k} m={m}"
+        );
+    }
 }
 
 #[test]

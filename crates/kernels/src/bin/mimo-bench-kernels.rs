@@ -19,10 +19,11 @@ use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptu
 use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
 use mimo_kernels::cuda::{
-    bf16_gemm, bf16_to_e4m3_rows, cublas, device_copy, fp4_gemm, fp4_gemm_dequant_cublas,
-    fp4_gemm_fp8, fp4_gemm_tiled, fp4_gemm_with, fp4_to_e4m3_rows, fp8_shape_ok, moe_layer_with,
-    tiled_supported, variant_exists, CudaError, E4m3Rows, Fp4GemmConfig, Fp8Gemm, Fp8Scratch,
-    GpuContext, GpuFp4Weight, MoeConfig, MoeWeights, MoeWorkspace, PdlGraph, Tuning,
+    bf16_gemm, bf16_to_e4m3_rows, bulk_supported, cublas, device_copy, fp4_gemm, fp4_gemm_bulk,
+    fp4_gemm_dequant_cublas, fp4_gemm_fp8, fp4_gemm_tiled, fp4_gemm_with, fp4_to_e4m3_rows,
+    fp8_shape_ok, moe_layer_with, tiled_supported, variant_exists, BulkConfig, CudaError, E4m3Rows,
+    Fp4GemmConfig, Fp8Gemm, Fp8Scratch, GpuContext, GpuFp4Weight, MoeConfig, MoeWeights,
+    MoeWorkspace, PdlGraph, Tuning,
 };
 use mimo_kernels::Fp4Format;
 
@@ -447,6 +448,30 @@ fn dense_shape(
                         format!("{copies} weight copies; launches chained by PDL"),
                     );
                 }
+            }
+            if bulk_supported(gpu, &ws[0], m, false) {
+                let cfg = BulkConfig::auto(format, m, n, k, gpu.sm_count() as usize, false);
+                let mut ys = s.alloc_zeros::<bf16>(m * n)?;
+                let t = time_op(gpu, reps, samples, &mut |i| {
+                    fp4_gemm_bulk(gpu, &ws[i % copies], &xo, m, &mut ys)
+                })?;
+                eprintln!("  bulk {fname} k={k} n={n} m={m} {cfg:?}: {:.2} us", t.us);
+                push(
+                    rows,
+                    "fp4_bulk".into(),
+                    t,
+                    format!("{cfg:?}; {copies} weight copies"),
+                );
+                let t = time_op_graph(gpu, reps, samples, true, &mut |i| {
+                    fp4_gemm_bulk(gpu, &ws[i % copies], &xo, m, &mut ys)
+                })?;
+                eprintln!("  bulk+PDL {fname} k={k} n={n} m={m}: {:.2} us", t.us);
+                push(
+                    rows,
+                    "fp4_bulk_pdl".into(),
+                    t,
+                    format!("{cfg:?}; {copies} weight copies; launches chained by PDL"),
+                );
             }
             if m <= 256 {
                 let cfg = Fp4GemmConfig::auto(m, n, k, gpu.sm_count());
@@ -900,9 +925,10 @@ fn main() {
 fn run() -> Res<()> {
     let args = parse_args()?;
     let gpu = GpuContext::new(0)?;
-    // "fp4_fused" rows time the decode kernels; the tiled ones have rows of their own.
+    // "fp4_fused" rows time the decode kernels; the tiled and bulk ones have rows of their own.
     gpu.set_tuning(Tuning {
         tiled_gemm: false,
+        bulk_gemm: false,
         ..gpu.tuning()
     });
     let blas = cublas(&gpu)?;

@@ -12,13 +12,16 @@ use super::trace::{trace_defines, trace_requested, TraceBuffer, TraceRecord};
 use crate::fp4::Fp4Format;
 
 /// Kernel sources embedded in the binary: (file name, text). The tiled kernels
-/// (fp4_tiled.cu) are one compilation unit with fp4_gemm.cu, whose decode they use.
+/// (fp4_tiled.cu) and the bulk-copy kernels (fp4_bulk.cu) are one compilation unit with
+/// fp4_gemm.cu, whose decode they use.
 pub(crate) const FP4_GEMM_SRC: (&str, &str) = (
     "fp4_gemm.cu",
     concat!(
         include_str!("../../cuda/fp4_gemm.cu"),
         "\n#line 1 \"fp4_tiled.cu\"\n",
-        include_str!("../../cuda/fp4_tiled.cu")
+        include_str!("../../cuda/fp4_tiled.cu"),
+        "\n#line 1 \"fp4_bulk.cu\"\n",
+        include_str!("../../cuda/fp4_bulk.cu")
     ),
 );
 /// Definitions every source shares (typedefs, bf16 conversions, mma, pdl_enter): put in front
@@ -133,9 +136,9 @@ pub const ATTN_PREFETCH_MIB: u32 = 32;
 /// `MIMO_MOE_DIRECT`, `MIMO_NORM_ROUTER`, `MIMO_DENSE_SWIGLU`, `MIMO_NORM_FOLD`,
 /// `MIMO_EXPERT_TOPK`, `MIMO_X_STAGE`, `MIMO_SPREAD`, `MIMO_MOE_DOWN_PREFETCH`,
 /// `MIMO_WARP_ATTENTION`, `MIMO_FP8_PREFILL`, `MIMO_PREFILL_ATTENTION_MMA`, `MIMO_TILED_GEMM`,
-/// `MIMO_FP8_RESIDENT`:
+/// `MIMO_FP8_RESIDENT`, `MIMO_BULK_GEMM`:
 /// `1` on, `0` off; `MIMO_L2_PREFETCH_SMALL_MIB`, `MIMO_ATTN_PREFETCH_MIB`,
-/// `MIMO_GQA_SPLIT`, `MIMO_TILED_MIN_WORK`: a number) or later
+/// `MIMO_GQA_SPLIT`, `MIMO_TILED_MIN_WORK`, `MIMO_BULK_MIN_MI`: a number) or later
 /// through [`GpuContext::set_tuning`]. The defaults follow the H100 ablations of
 /// docs/kernels-notes.md: the ones that did not pay there are off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -252,6 +255,15 @@ pub struct Tuning {
     /// (one byte per weight more device memory, still under BF16's two), so later prefill
     /// GEMMs skip the per-call weight conversion. Off by default (memory).
     pub fp8_resident: bool,
+    /// Dense FP4 products of 9 to 16 tokens with at least `bulk_min_mi` Mi weights (and, unless
+    /// that is 0, [`super::BULK_MIN_ROWS`] rows) through
+    /// the bulk-copy kernels ([`super::fp4_gemm_bulk`], [`super::fp4_gemm_swiglu_bulk`]:
+    /// weights streamed by the copy engine into a shared-memory ring) instead of the decode
+    /// kernels, on GPUs that have them (`MIMO_BULK_GEMM`).
+    pub bulk_gemm: bool,
+    /// Weights (in Mi elements, N x K) from which `bulk_gemm` takes a product
+    /// ([`super::BULK_MIN_MI`] by default; `MIMO_BULK_MIN_MI`).
+    pub bulk_min_mi: u32,
 }
 
 impl Default for Tuning {
@@ -278,6 +290,8 @@ impl Default for Tuning {
             tiled_gemm: true,
             tiled_min_work: super::tiled::TILED_MIN_WORK as u32,
             fp8_resident: false,
+            bulk_gemm: true,
+            bulk_min_mi: super::bulk::BULK_MIN_MI as u32,
         }
     }
 }
@@ -322,6 +336,8 @@ impl Tuning {
             tiled_gemm: flag("MIMO_TILED_GEMM", d.tiled_gemm),
             tiled_min_work: mib("MIMO_TILED_MIN_WORK", d.tiled_min_work),
             fp8_resident: flag("MIMO_FP8_RESIDENT", d.fp8_resident),
+            bulk_gemm: flag("MIMO_BULK_GEMM", d.bulk_gemm),
+            bulk_min_mi: mib("MIMO_BULK_MIN_MI", d.bulk_min_mi),
         }
     }
 }
@@ -336,6 +352,8 @@ pub struct GpuContext {
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
     sm_count: u32,
     sm_shared: u32,
+    /// Compute capability (major, minor).
+    capability: (i32, i32),
     name: String,
     nvfp4_lut: CudaSlice<u16>,
     mxfp4_lut: CudaSlice<u16>,
@@ -428,6 +446,7 @@ impl GpuContext {
             functions: Mutex::new(HashMap::new()),
             sm_count,
             sm_shared,
+            capability: (major, minor),
             name,
             nvfp4_lut,
             mxfp4_lut,
@@ -476,6 +495,11 @@ impl GpuContext {
     /// The most shared memory one SM can have, in bytes (228 KiB on Hopper).
     pub fn sm_shared_bytes(&self) -> u32 {
         self.sm_shared
+    }
+
+    /// The device's compute capability (major, minor).
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.capability
     }
 
     /// Device name as the driver reports it.

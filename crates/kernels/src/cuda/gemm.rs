@@ -4,6 +4,7 @@
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
 
+use super::bulk::{bulk_preferred, fp4_gemm_bulk, fp4_gemm_swiglu_bulk};
 use super::context::GpuContext;
 use super::error::{drv, CudaError};
 use super::fold::Fold;
@@ -217,8 +218,12 @@ pub fn fp4_gemm(
     m: usize,
     y: &mut CudaSlice<bf16>,
 ) -> Result<(), CudaError> {
-    if tiled_preferred(&gpu.tuning(), w, m, false) {
+    let tuning = gpu.tuning();
+    if tiled_preferred(&tuning, w, m, false) {
         return fp4_gemm_tiled(gpu, w, x, m, y);
+    }
+    if bulk_preferred(&tuning, gpu, w, m, false) {
+        return fp4_gemm_bulk(gpu, w, x, m, y);
     }
     let cfg = Fp4GemmConfig::auto(m, w.n, w.k, gpu.sm_count());
     fp4_gemm_with(gpu, w, x, m, y, cfg)
@@ -507,12 +512,16 @@ pub fn fp4_gemm_swiglu(
     y: &mut CudaSlice<bf16>,
 ) -> Result<(), CudaError> {
     // The tiled kernel where it is preferred, or where no decode variant takes the shape (the
-    // decode variant is only looked up when the tiled one is not preferred).
+    // decode variant is only looked up when the tiled one is not preferred); the bulk kernel
+    // where it is preferred.
+    let tuning = gpu.tuning();
     if tiled_supported(w, m, true)
-        && (tiled_preferred(&gpu.tuning(), w, m, true)
-            || swiglu_variant(w, m, gpu.sm_count()).is_err())
+        && (tiled_preferred(&tuning, w, m, true) || swiglu_variant(w, m, gpu.sm_count()).is_err())
     {
         return fp4_gemm_swiglu_tiled(gpu, w, x, m, y);
+    }
+    if bulk_preferred(&tuning, gpu, w, m, true) {
+        return fp4_gemm_swiglu_bulk(gpu, w, x, m, y);
     }
     swiglu_product(gpu, w, x, m, y, &Fold::default())
 }

@@ -22,6 +22,7 @@
 use cudarc::driver::{CudaSlice, LaunchArgs, PushKernelArg};
 
 mod blas;
+mod bulk;
 mod context;
 mod error;
 mod fold;
@@ -37,6 +38,10 @@ mod trace;
 mod weights;
 
 pub use blas::{bf16_gemm, bf16_gram_accumulate, cublas, fp4_gemm_dequant_cublas};
+pub use bulk::{
+    bulk_preferred, bulk_supported, fp4_gemm_bulk, fp4_gemm_bulk_with, fp4_gemm_swiglu_bulk,
+    BulkConfig, BULK_MAX_TOKENS, BULK_MIN_MI, BULK_MIN_ROWS,
+};
 pub use context::{
     compile_source, compile_source_traced, nvrtc_available, scale_lut, GpuContext, Tuning,
     ATTN_PREFETCH_MIB, COMMON_HEADER, L2_PREFETCH_SMALL_BYTES,

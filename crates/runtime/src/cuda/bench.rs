@@ -574,6 +574,8 @@ fn tuning_ablation(
                 tiled_gemm: base.tiled_gemm,
                 tiled_min_work: base.tiled_min_work,
                 fp8_resident: base.fp8_resident,
+                bulk_gemm: base.bulk_gemm,
+                bulk_min_mi: base.bulk_min_mi,
             },
         ),
     ];
