@@ -305,35 +305,11 @@ __device__ __forceinline__ void fp4_bulk_body(const TensorMap* tw, const TensorM
     }
     __syncthreads();
     if (S > 1) {
-        // Partial tiles in global memory are dense, [token][local row].
-        const size_t cell = blockIdx.x, cells = gridDim.x;
-        float* mine = parts + ((size_t)split * cells + cell) * TILE;
-        for (int e = tid; e < TILE; e += blockDim.x) {
-            const int tk = e / R, lr = e - tk * R;
-            __stcg(mine + e, tile[tk * TS + lr]);
-        }
-        __threadfence();
-        __syncthreads();
-        __shared__ int bk_last;
-        if (tid == 0) bk_last = atomicAdd(tickets + cell, 1u) == (unsigned int)(S - 1);
-        __syncthreads();
-        if (!bk_last) return;
-        __threadfence();
-        // Splits added in index order: the same sums whichever block came last.
-        for (int e = tid; e < TILE; e += blockDim.x) {
-            float p[BK_MAX_SPLITS];
-#pragma unroll
-            for (int s = 0; s < BK_MAX_SPLITS; s++)
-                if (s < S) p[s] = __ldcg(parts + ((size_t)s * cells + cell) * TILE + e);
-            float v = 0.f;
-#pragma unroll
-            for (int s = 0; s < BK_MAX_SPLITS; s++)
-                if (s < S) v += p[s];
-            const int tk = e / R, lr = e - tk * R;
-            tile[tk * TS + lr] = v;
-        }
-        if (tid == 0) tickets[cell] = 0;  // ready for the next launch (graph replays)
-        __syncthreads();
+        // Partial tiles in global memory are dense, [token][local row] (fp4_tiled.cu).
+        const auto at = [&](int e) -> float& { return tile[(e / R) * TS + e % R]; };
+        if (!split_combine<float, BK_MAX_SPLITS>(parts, tickets, S, split, blockIdx.x, gridDim.x,
+                                                 TILE, at))
+            return;
     }
     // post = 2^A undoes the 2^-A left in the scale multipliers (weights.rs): exact.
     const float inv_scale = (1.0f / gscale[0]) * post;

@@ -73,6 +73,51 @@ __device__ __forceinline__ int mm_row(int lr, int row0, int n, bool& valid) {
     return gr + i * inter;
 }
 
+// Element-wise sum of two partial-sum vectors (split_combine's float4 or float).
+__device__ __forceinline__ float4 split_add(float4 a, float4 b) {
+    return make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
+}
+__device__ __forceinline__ float split_add(float a, float b) { return a + b; }
+
+// The K-split combine of the tiled and bulk kernels (S > 1 splits, this block's `split`): each
+// split's block stores its f32 tile of TILE floats, read as vectors T through tile_at(e), dense
+// to `parts` and takes the cell's ticket; the last block to arrive adds the splits in index
+// order (the same sums whichever block finished first), writes them back through tile_at and
+// resets the ticket for the next launch (graph replays). Each thread requests all splits of its
+// vector before adding (one L2 round trip per pass, not one per split and element). Returns
+// false in the blocks that were not last: they are done.
+template <class T, int MAXS, class At>
+__device__ __forceinline__ bool split_combine(float* __restrict__ parts,
+                                              unsigned int* __restrict__ tickets, int S,
+                                              int split, size_t cell, size_t cells, int TILE,
+                                              At tile_at) {
+    constexpr int W = sizeof(T) / sizeof(float);
+    const int tid = threadIdx.x;
+    T* mine = (T*)(parts + ((size_t)split * cells + cell) * TILE);
+    for (int e = tid; e < TILE / W; e += blockDim.x) __stcg(mine + e, (T)tile_at(e));
+    __threadfence();
+    __syncthreads();
+    __shared__ int split_last;
+    if (tid == 0) split_last = atomicAdd(tickets + cell, 1u) == (unsigned int)(S - 1);
+    __syncthreads();
+    if (!split_last) return false;
+    __threadfence();
+    for (int e = tid; e < TILE / W; e += blockDim.x) {
+        T p[MAXS];
+#pragma unroll
+        for (int s = 0; s < MAXS; s++)
+            if (s < S) p[s] = __ldcg((const T*)(parts + ((size_t)s * cells + cell) * TILE) + e);
+        T v{};
+#pragma unroll
+        for (int s = 0; s < MAXS; s++)
+            if (s < S) v = split_add(v, p[s]);
+        tile_at(e) = v;
+    }
+    if (tid == 0) tickets[cell] = 0;
+    __syncthreads();
+    return true;
+}
+
 // The block: MM_ROWS / 16 = 16 warps of one 16-row tile each (8 warps of two measured 1-3 %
 // slower on the H100).
 template <int FMT, int TN, int EPI>
@@ -213,37 +258,9 @@ __device__ __forceinline__ void fp4_mm_body(const u8* __restrict__ wp, const u8*
         // Partial tiles in global memory are dense, [token][local row].
         const size_t cell = (size_t)blockIdx.z * gridDim.x + blockIdx.x;
         const size_t cells = (size_t)gridDim.z * gridDim.x;
-        float4* mine = (float4*)(parts + ((size_t)split * cells + cell) * TILE);
-        for (int e = tid; e < TILE / 4; e += blockDim.x)
-            __stcg(mine + e, *(const float4*)(tile + mm_tile_off(e)));
-        __threadfence();
-        __syncthreads();
-        __shared__ int mm_last;
-        if (tid == 0) mm_last = atomicAdd(tickets + cell, 1u) == (unsigned int)(S - 1);
-        __syncthreads();
-        if (!mm_last) return;
-        __threadfence();
-        // Splits added in index order: the same sums whichever block came last. Each thread
-        // requests all splits of four elements before adding (one L2 round trip per pass, not
-        // one per split and element).
-        for (int e = tid; e < TILE / 4; e += blockDim.x) {
-            float4 p[MM_MAX_SPLITS];
-#pragma unroll
-            for (int s = 0; s < MM_MAX_SPLITS; s++)
-                if (s < S) p[s] = __ldcg((const float4*)(parts + ((size_t)s * cells + cell) * TILE) + e);
-            float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-            for (int s = 0; s < MM_MAX_SPLITS; s++)
-                if (s < S) {
-                    v.x += p[s].x;
-                    v.y += p[s].y;
-                    v.z += p[s].z;
-                    v.w += p[s].w;
-                }
-            *(float4*)(tile + mm_tile_off(e)) = v;
-        }
-        if (tid == 0) tickets[cell] = 0;  // ready for the next launch (graph replays)
-        __syncthreads();
+        const auto at = [&](int e) -> float4& { return *(float4*)(tile + mm_tile_off(e)); };
+        if (!split_combine<float4, MM_MAX_SPLITS>(parts, tickets, S, split, cell, cells, TILE, at))
+            return;
     }
     // post = 2^A undoes the 2^-A left in the scale multipliers (weights.rs): exact.
     const float inv_scale = (1.0f / gscale[0]) * post;
