@@ -307,7 +307,7 @@ pub fn fp4_gemm_bulk(
     y: &mut CudaSlice<bf16>,
 ) -> Result<(), CudaError> {
     let cfg = BulkConfig::auto(w.format, m, w.n, w.k, gpu.sm_count() as usize, false);
-    bulk_product(gpu, w, x, m, y, &cfg, false)
+    fp4_gemm_bulk_with(gpu, w, x, m, y, &cfg, false)
 }
 
 /// `y[m, n/2] = silu(x·G^T) * (x·U^T)` through the bulk kernel with the automatic shape; the
@@ -320,24 +320,12 @@ pub fn fp4_gemm_swiglu_bulk(
     y: &mut CudaSlice<bf16>,
 ) -> Result<(), CudaError> {
     let cfg = BulkConfig::auto(w.format, m, w.n, w.k, gpu.sm_count() as usize, true);
-    bulk_product(gpu, w, x, m, y, &cfg, true)
+    fp4_gemm_bulk_with(gpu, w, x, m, y, &cfg, true)
 }
 
 /// [`fp4_gemm_bulk`] (`gated` false) or [`fp4_gemm_swiglu_bulk`] with an explicit launch shape
 /// (tests, sweeps; the gated form takes one tile per warp and an even number of row tiles).
 pub fn fp4_gemm_bulk_with(
-    gpu: &GpuContext,
-    w: &GpuFp4Weight,
-    x: &CudaSlice<bf16>,
-    m: usize,
-    y: &mut CudaSlice<bf16>,
-    cfg: &BulkConfig,
-    gated: bool,
-) -> Result<(), CudaError> {
-    bulk_product(gpu, w, x, m, y, cfg, gated)
-}
-
-fn bulk_product(
     gpu: &GpuContext,
     w: &GpuFp4Weight,
     x: &CudaSlice<bf16>,
