@@ -161,7 +161,8 @@ __device__ __forceinline__ void fp4_bulk_body(const TensorMap* tw, const TensorM
                 tma_load_2d(so + WOFF, tw, c * (BK_CHUNK / 2), row0, bar);
                 tma_load_2d(so + SOFF, ts, c * SB, row0, bar);
                 if (EPI != EPI_STORE) {
-                    tma_load_2d(so + WOFF + (R / 2) * 256, tw, c * (BK_CHUNK / 2), inter + row0, bar);
+                    tma_load_2d(so + WOFF + (R / 2) * 256, tw, c * (BK_CHUNK / 2), inter + row0,
+                                bar);
                     tma_load_2d(so + SOFF + (R / 2) * SB, ts, c * SB, inter + row0, bar);
                 }
             };
@@ -334,14 +335,14 @@ __device__ __forceinline__ void fp4_bulk_body(const TensorMap* tw, const TensorM
 #endif
 }
 
-#define BK_KERNEL(NAME, FMT, TN, MT, EPI)                                                               \
-    extern "C" __global__ void __launch_bounds__(1024, 1)                                         \
-        NAME(const __grid_constant__ TensorMap tw, const __grid_constant__ TensorMap ts,         \
-             const __grid_constant__ TensorMap tx, const float* gs, const u16* lut, u16* y,      \
-             int m, int n, int k, float post, int rb, int stages, int xrows, float* parts,       \
-             unsigned int* tickets) {                                                             \
-        fp4_bulk_body<FMT, TN, MT, EPI>(&tw, &ts, &tx, gs, lut, y, m, n, k, post, rb, stages, xrows,       \
-                               parts, tickets);                                                   \
+#define BK_KERNEL(NAME, FMT, TN, MT, EPI)                                                     \
+    extern "C" __global__ void __launch_bounds__(1024, 1)                                     \
+        NAME(const __grid_constant__ TensorMap tw, const __grid_constant__ TensorMap ts,      \
+             const __grid_constant__ TensorMap tx, const float* gs, const u16* lut, u16* y,   \
+             int m, int n, int k, float post, int rb, int stages, int xrows, float* parts,    \
+             unsigned int* tickets) {                                                         \
+        fp4_bulk_body<FMT, TN, MT, EPI>(&tw, &ts, &tx, gs, lut, y, m, n, k, post, rb, stages, \
+                                        xrows, parts, tickets);                               \
     }
 
 // fp4_bulk_{nv,mx}_t{TN}_m{MT}: y = x W^T for up to 8 * TN tokens, MT row tiles per warp;

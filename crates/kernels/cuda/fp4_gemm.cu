@@ -297,16 +297,18 @@ __device__ __forceinline__ void compute_chunks(const WeightRegs<MT, G>& r,
         for (int i = 0; i < MT; i++)
 #pragma unroll
             for (int h = 0; h < 2; h++) {
-                // The bulk kernel (XL = 1) keeps the table in shared memory: read through L1 the
-                // lookup's latency stood in every chunk's chain (ncu: long-scoreboard stalls).
+                // The bulk kernel (XL = 1) passes its shared-memory copy of the table (a shorter
+                // lookup in each chunk's chain: 18.7 -> 18.1 us at one token, H100 round 18).
                 if (FMT == FMT_NVFP4) {
-                    const u32 a = XL == 1 ? lut[r.sc[u][i][h] & 0xFF] : __ldg(lut + (r.sc[u][i][h] & 0xFF));
+                    const u32 a = XL == 1 ? lut[r.sc[u][i][h] & 0xFF]
+                                          : __ldg(lut + (r.sc[u][i][h] & 0xFF));
                     const u32 b = XL == 1 ? lut[(r.sc[u][i][h] >> 8) & 0xFF]
                                           : __ldg(lut + ((r.sc[u][i][h] >> 8) & 0xFF));
                     s2[i][h][0] = a | (a << 16);
                     s2[i][h][1] = b | (b << 16);
                 } else {
-                    const u32 a = XL == 1 ? lut[r.sc[u][i][h] & 0xFF] : __ldg(lut + (r.sc[u][i][h] & 0xFF));
+                    const u32 a = XL == 1 ? lut[r.sc[u][i][h] & 0xFF]
+                                          : __ldg(lut + (r.sc[u][i][h] & 0xFF));
                     s2[i][h][0] = a | (a << 16);
                     s2[i][h][1] = s2[i][h][0];
                 }

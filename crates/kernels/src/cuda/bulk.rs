@@ -47,10 +47,10 @@ const MIN_RING_STAGES: usize = 3;
 /// 111.5 in three-stage blocks of 144).
 const LONG_BLOCK_CHUNKS: usize = 8;
 /// Weights (Mi elements, N x K) from which [`bulk_preferred`] takes a product. H100
-/// (bench/results/kernels-h100-bulk.json, NVFP4, 16 tokens, PDL chains, bulk vs decode
-/// kernels): 4096 x 22016 (86 Mi) 25.0 vs 29.9 us, 4096 x 14336 (56 Mi) 19.4 vs 24.3,
-/// 14336 x 4096 22.1 vs 22.6; but 4096 x 4096 (16 Mi) 11.2 vs 9.8 and the small products
-/// two to three times slower.
+/// (bench/results/kernels-h100-bulk.json calls 7-8, NVFP4, 16 tokens, PDL chains, bulk vs
+/// decode kernels): 4096 x 22016 (86 Mi) 25.3 vs 30.0 us, 4096 x 14336 (56 Mi) 19.4 vs 24.2,
+/// 2048 x 151936 94.9 vs 97.8; but 4096 x 4096 (16 Mi) 11.2 vs 9.8 and the small products two
+/// to three times slower.
 pub const BULK_MIN_MI: usize = 48;
 /// Output rows (the gated form: gate and up rows together) from which [`bulk_preferred`] takes
 /// a product: fewer rows need K splits to fill the GPU, and 14336 x 4096 at 16 tokens (56 Mi
