@@ -1,4 +1,4 @@
-// Bulk-copy FP4 GEMV/GEMM for 1 to 16 tokens on Hopper (bulk.rs `fp4_gemm_bulk`).
+// Bulk-copy FP4 GEMV/GEMM for 1 to 32 tokens on Hopper (bulk.rs `fp4_gemm_bulk`).
 //
 // Compiled in the same unit as fp4_gemm.cu, after it (context.rs), so it uses that file's
 // weight decode and mma (`compute_chunks` on a `WeightRegs` set; activations in the bulk
@@ -335,8 +335,8 @@ __device__ __forceinline__ void fp4_bulk_body(const TensorMap* tw, const TensorM
 #endif
 }
 
-#define BK_KERNEL(NAME, FMT, TN, MT, EPI)                                                     \
-    extern "C" __global__ void __launch_bounds__(1024, 1)                                     \
+#define BK_KERNEL(NAME, FMT, TN, MT, EPI, LB)                                                 \
+    extern "C" __global__ void __launch_bounds__(LB, 1)                                       \
         NAME(const __grid_constant__ TensorMap tw, const __grid_constant__ TensorMap ts,      \
              const __grid_constant__ TensorMap tx, const float* gs, const u16* lut, u16* y,   \
              int m, int n, int k, float post, int rb, int stages, int xrows, float* parts,    \
@@ -347,15 +347,21 @@ __device__ __forceinline__ void fp4_bulk_body(const TensorMap* tw, const TensorM
 
 // fp4_bulk_{nv,mx}_t{TN}_m{MT}: y = x W^T for up to 8 * TN tokens, MT row tiles per warp;
 // fp4_bulk_sw_*: [gate | up] with the SwiGLU epilogue of the decode kernels (EPI_SWIGLU_BF16).
-BK_KERNEL(fp4_bulk_nv_t1_m1, FMT_NVFP4, 1, 1, EPI_STORE)
-BK_KERNEL(fp4_bulk_nv_t2_m1, FMT_NVFP4, 2, 1, EPI_STORE)
-BK_KERNEL(fp4_bulk_mx_t1_m1, FMT_MXFP4, 1, 1, EPI_STORE)
-BK_KERNEL(fp4_bulk_mx_t2_m1, FMT_MXFP4, 2, 1, EPI_STORE)
-BK_KERNEL(fp4_bulk_nv_t1_m2, FMT_NVFP4, 1, 2, EPI_STORE)
-BK_KERNEL(fp4_bulk_nv_t2_m2, FMT_NVFP4, 2, 2, EPI_STORE)
-BK_KERNEL(fp4_bulk_mx_t1_m2, FMT_MXFP4, 1, 2, EPI_STORE)
-BK_KERNEL(fp4_bulk_mx_t2_m2, FMT_MXFP4, 2, 2, EPI_STORE)
-BK_KERNEL(fp4_bulk_sw_nv_t1_m1, FMT_NVFP4, 1, 1, EPI_SWIGLU_BF16)
-BK_KERNEL(fp4_bulk_sw_nv_t2_m1, FMT_NVFP4, 2, 1, EPI_SWIGLU_BF16)
-BK_KERNEL(fp4_bulk_sw_mx_t1_m1, FMT_MXFP4, 1, 1, EPI_SWIGLU_BF16)
-BK_KERNEL(fp4_bulk_sw_mx_t2_m1, FMT_MXFP4, 2, 1, EPI_SWIGLU_BF16)
+BK_KERNEL(fp4_bulk_nv_t1_m1, FMT_NVFP4, 1, 1, EPI_STORE, 1024)
+BK_KERNEL(fp4_bulk_nv_t2_m1, FMT_NVFP4, 2, 1, EPI_STORE, 1024)
+BK_KERNEL(fp4_bulk_mx_t1_m1, FMT_MXFP4, 1, 1, EPI_STORE, 1024)
+BK_KERNEL(fp4_bulk_mx_t2_m1, FMT_MXFP4, 2, 1, EPI_STORE, 1024)
+BK_KERNEL(fp4_bulk_nv_t1_m2, FMT_NVFP4, 1, 2, EPI_STORE, 1024)
+BK_KERNEL(fp4_bulk_nv_t2_m2, FMT_NVFP4, 2, 2, EPI_STORE, 1024)
+BK_KERNEL(fp4_bulk_mx_t1_m2, FMT_MXFP4, 1, 2, EPI_STORE, 1024)
+BK_KERNEL(fp4_bulk_mx_t2_m2, FMT_MXFP4, 2, 2, EPI_STORE, 1024)
+BK_KERNEL(fp4_bulk_sw_nv_t1_m1, FMT_NVFP4, 1, 1, EPI_SWIGLU_BF16, 1024)
+BK_KERNEL(fp4_bulk_sw_nv_t2_m1, FMT_NVFP4, 2, 1, EPI_SWIGLU_BF16, 1024)
+BK_KERNEL(fp4_bulk_sw_mx_t1_m1, FMT_MXFP4, 1, 1, EPI_SWIGLU_BF16, 1024)
+BK_KERNEL(fp4_bulk_sw_mx_t2_m1, FMT_MXFP4, 2, 1, EPI_SWIGLU_BF16, 1024)
+// 32 tokens: at most 16 consumer warps (544 threads: the activation fragments of four token
+// tiles need more than the 64 registers of a 1,024-thread block).
+BK_KERNEL(fp4_bulk_nv_t4_m1, FMT_NVFP4, 4, 1, EPI_STORE, 544)
+BK_KERNEL(fp4_bulk_mx_t4_m1, FMT_MXFP4, 4, 1, EPI_STORE, 544)
+BK_KERNEL(fp4_bulk_sw_nv_t4_m1, FMT_NVFP4, 4, 1, EPI_SWIGLU_BF16, 544)
+BK_KERNEL(fp4_bulk_sw_mx_t4_m1, FMT_MXFP4, 4, 1, EPI_SWIGLU_BF16, 544)

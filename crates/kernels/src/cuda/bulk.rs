@@ -21,8 +21,11 @@ use crate::fp4::Fp4Format;
 
 /// K elements per pipeline stage (`BK_CHUNK`).
 const CHUNK: usize = 512;
-/// The most tokens of one launch (two token tiles of 8).
-pub const BULK_MAX_TOKENS: usize = 16;
+/// The most tokens of one launch (four token tiles of 8).
+pub const BULK_MAX_TOKENS: usize = 32;
+/// The most consumer warps of a 32-token block (544 threads: `__launch_bounds__(544, 1)`, the
+/// registers its activation fragments need).
+const MAX_CONSUMERS_T4: usize = 16;
 /// The most consumer warps of a block (plus the producer warp: 1,024 threads,
 /// `__launch_bounds__(1024, 1)`).
 const MAX_CONSUMERS: usize = 31;
@@ -38,14 +41,13 @@ const RING_BYTES: usize = 216 * 1024;
 const DEFAULT_CONSUMERS: usize = 16;
 /// The most pipeline stages.
 const MAX_STAGES: usize = 8;
-/// The fewest stages the automatic shape gives the blocks of a product of at least
-/// [`LONG_BLOCK_CHUNKS`] chunks of K.
-const MIN_RING_STAGES: usize = 3;
-/// Chunks of K from which [`MIN_RING_STAGES`] applies: shorter products are dominated by
-/// their blocks' pipeline fill, and more, smaller blocks cost them waves (H100: the 2048 x 151936
-/// head at 16 tokens, four chunks a block, 86.9 us in two-stage blocks of 192 rows against
-/// 111.5 in three-stage blocks of 144).
-const LONG_BLOCK_CHUNKS: usize = 8;
+/// Stages of pipeline fill (and epilogue) the automatic shape's estimate charges each block.
+/// With one, K splits that leave a block four chunks looked as cheap as unsplit blocks of half
+/// the rows; H100 (bench/results/kernels-h100-bulk.json calls 7 and 13): 4096 x 14336 at 16
+/// tokens 27.0 us in two-way split blocks of 224 rows against 19.4 unsplit with 112; 4096 x
+/// 22016 at 32 tokens 29.7 in one wave of unsplit 176-row blocks against 41.9-59.8 in two or
+/// three waves of smaller ones.
+const FILL_STAGES: usize = 3;
 /// Weights (Mi elements, N x K) from which [`bulk_preferred`] takes a product. H100
 /// (bench/results/kernels-h100-bulk.json calls 7-8, NVFP4, 16 tokens, PDL chains, bulk vs
 /// decode kernels): 4096 x 22016 (86 Mi) 25.3 vs 30.0 us, 4096 x 14336 (56 Mi) 19.4 vs 24.2,
@@ -89,12 +91,21 @@ fn scale_bytes(format: Fp4Format) -> usize {
     }
 }
 
-/// Tokens a block holds (8 or 16): the activation boxes' rows.
+/// Tokens a block holds (8, 16 or 32): the activation boxes' rows.
 fn block_tokens(m: usize) -> usize {
-    if m <= 8 {
-        8
+    match m {
+        0..=8 => 8,
+        9..=16 => 16,
+        _ => 32,
+    }
+}
+
+/// The most consumer warps of a block holding `tok` tokens.
+fn max_consumers(tok: usize) -> usize {
+    if tok > 16 {
+        MAX_CONSUMERS_T4
     } else {
-        16
+        MAX_CONSUMERS
     }
 }
 
@@ -135,9 +146,9 @@ pub fn bulk_supported(gpu: &GpuContext, w: &GpuFp4Weight, m: usize, gated: bool)
 }
 
 /// Whether the automatic launchers ([`super::fp4_gemm`], [`super::fp4_gemm_swiglu`]) take the
-/// bulk kernels under `tuning`: `bulk_gemm` on, supported, 9 to 16 tokens (the staged decode
-/// kernels' range; at one to eight tokens the decode kernels won on every shape but one), at
-/// least `bulk_min_mi` Mi weights and [`BULK_MIN_ROWS`] rows.
+/// bulk kernels under `tuning`: `bulk_gemm` on, supported, 9 to `bulk_max_tokens` tokens (at
+/// one to eight tokens the decode kernels won on every shape but one), at least `bulk_min_mi`
+/// Mi weights and [`BULK_MIN_ROWS`] rows.
 pub fn bulk_preferred(
     tuning: &Tuning,
     gpu: &GpuContext,
@@ -146,7 +157,7 @@ pub fn bulk_preferred(
     gated: bool,
 ) -> bool {
     tuning.bulk_gemm
-        && (9..=BULK_MAX_TOKENS).contains(&m)
+        && (9..=tuning.bulk_max_tokens as usize).contains(&m)
         && w.n * w.k >= (tuning.bulk_min_mi as usize) << 20
         && (w.n >= BULK_MIN_ROWS || tuning.bulk_min_mi == 0)
         && bulk_supported(gpu, w, m, gated)
@@ -154,7 +165,7 @@ pub fn bulk_preferred(
 
 impl BulkConfig {
     /// The shape with the least estimated time for `[n, k]` at `m` tokens on `sms` SMs: waves
-    /// (one block per SM) x stages per block (plus one of pipeline fill) x the bytes a stage
+    /// (one block per SM) x stages per block (plus [`FILL_STAGES`]) x the bytes a stage
     /// brings (weights, scale bytes, half the activations' bytes: they come from L2); fewer
     /// waves, then fewer splits on ties.
     pub fn auto(format: Fp4Format, m: usize, n: usize, k: usize, sms: usize, gated: bool) -> Self {
@@ -195,9 +206,14 @@ impl BulkConfig {
         warps: usize,
     ) -> Self {
         let gated = warp_tiles == 0;
-        let mt = warp_tiles.clamp(1, 2);
+        // 32-token blocks take one tile per warp (registers).
+        let mt = if block_tokens(m) > 16 {
+            1
+        } else {
+            warp_tiles.clamp(1, 2)
+        };
         let step = if gated { 2 } else { mt };
-        let warps = warps.clamp(1, MAX_CONSUMERS);
+        let warps = warps.clamp(1, max_consumers(block_tokens(m)));
         let sb = scale_bytes(format);
         let tiles = n.div_ceil(16).max(1);
         let chunks = k.div_ceil(CHUNK).max(1);
@@ -205,17 +221,10 @@ impl BulkConfig {
         let mut best: Option<((usize, usize, usize), BulkConfig)> = None;
         for rt in (step..=MAX_ROW_TILES.min(tiles.max(step))).step_by(step) {
             for s in 1..=MAX_SPLITS.min(chunks) {
-                // A ring of fewer than three stages leaves the copies no time to overlap the
-                // compute (H100: 4096 x 14336 at 16 tokens in two 79 KiB stages ran no faster
-                // than the decode kernels).
-                let ring = RING_BYTES / stage_bytes(16 * rt, block_tokens(m), sb);
-                if chunks >= LONG_BLOCK_CHUNKS && ring < MIN_RING_STAGES {
-                    continue;
-                }
                 let blocks = tiles.div_ceil(rt) * s;
                 let waves = blocks.div_ceil(sms);
                 let per_stage = rt * 16 * (256 + sb) + m * CHUNK;
-                let cost = waves * (chunks.div_ceil(s) + 1) * per_stage;
+                let cost = waves * (chunks.div_ceil(s) + FILL_STAGES) * per_stage;
                 let key = (cost, waves, s);
                 if best.as_ref().is_none_or(|(b, _)| key < *b) {
                     let k_warps = (warps * mt / rt).max(1);
@@ -385,10 +394,12 @@ pub fn fp4_gemm_bulk_with(
         || cfg.row_tiles % cfg.warp_tiles != 0
         || (gated && (cfg.warp_tiles != 1 || cfg.row_tiles % 2 != 0))
         || consumers == 0
-        || consumers > MAX_CONSUMERS
+        || consumers > max_consumers(tok)
+        || (tok > 16 && cfg.warp_tiles != 1)
     {
         return bad(format!(
-            "1..={MAX_ROW_TILES} row tiles in groups of 1 or 2 and 1..={MAX_CONSUMERS} warps"
+            "1..={MAX_ROW_TILES} row tiles in groups of 1 or 2 (1 at 32 tokens) and 1..={} warps",
+            max_consumers(tok)
         ));
     }
     if !(1..=MAX_SPLITS).contains(&cfg.splits) || cfg.splits > chunks {
@@ -457,6 +468,10 @@ pub fn fp4_gemm_bulk_with(
         )
     };
     let name = match (w.format, tok, cfg.warp_tiles) {
+        (Fp4Format::Nvfp4, 32, _) if gated => "fp4_bulk_sw_nv_t4_m1",
+        (Fp4Format::Mxfp4, 32, _) if gated => "fp4_bulk_sw_mx_t4_m1",
+        (Fp4Format::Nvfp4, 32, _) => "fp4_bulk_nv_t4_m1",
+        (Fp4Format::Mxfp4, 32, _) => "fp4_bulk_mx_t4_m1",
         (Fp4Format::Nvfp4, 8, _) if gated => "fp4_bulk_sw_nv_t1_m1",
         (Fp4Format::Nvfp4, _, _) if gated => "fp4_bulk_sw_nv_t2_m1",
         (Fp4Format::Mxfp4, 8, _) if gated => "fp4_bulk_sw_mx_t1_m1",
@@ -520,12 +535,12 @@ mod tests {
         // 14336 x 4096 at one token: 256 tiles, two per block (128 blocks), no split.
         let c = BulkConfig::auto_with(Fp4Format::Nvfp4, 1, 4096, 14336, 132, 1, 16);
         assert_eq!((c.row_tiles, c.splits), (2, 1), "{c:?}");
-        // At 16 tokens the activations weigh: larger row blocks, K split four ways.
-        let c = BulkConfig::auto_with(Fp4Format::Nvfp4, 16, 4096, 14336, 132, 1, 16);
-        assert_eq!((c.row_tiles, c.splits), (8, 4), "{c:?}");
-        // ... but never fewer than three stages in the ring.
+        // At 16 tokens the measured best of 4096 x 14336: 112-row blocks, no split.
         let c = BulkConfig::auto_with(Fp4Format::Nvfp4, 16, 14336, 4096, 132, 1, 16);
-        assert!(c.stages >= MIN_RING_STAGES, "{c:?}");
+        assert_eq!((c.row_tiles, c.splits), (7, 1), "{c:?}");
+        // And of 4096 x 22016 at 32 tokens: one wave of 176-row blocks.
+        let c = BulkConfig::auto_with(Fp4Format::Nvfp4, 32, 22016, 4096, 132, 1, 16);
+        assert_eq!((c.row_tiles, c.splits), (11, 1), "{c:?}");
         // Two tiles per warp: even row tiles only.
         let c = BulkConfig::auto_with(Fp4Format::Nvfp4, 1, 14336, 4096, 132, 2, 16);
         assert_eq!(c.row_tiles % 2, 0, "{c:?}");
@@ -534,6 +549,8 @@ mod tests {
             (16, 1536, 2048),
             (3, 77, 256),
             (16, 4096, 4096),
+            (32, 22016, 4096),
+            (20, 4096, 11008),
         ] {
             for (format, mt) in [
                 (Fp4Format::Nvfp4, 1),
@@ -543,7 +560,7 @@ mod tests {
                 let c = BulkConfig::auto_with(format, m, n, k, 132, mt, MAX_CONSUMERS);
                 let (tok, sb) = (block_tokens(m), scale_bytes(format));
                 assert!(
-                    c.row_tiles / c.warp_tiles * c.k_warps <= MAX_CONSUMERS,
+                    c.row_tiles / c.warp_tiles * c.k_warps <= max_consumers(tok),
                     "{c:?}"
                 );
                 assert_eq!(c.row_tiles % c.warp_tiles, 0, "{c:?}");

@@ -138,7 +138,8 @@ pub const ATTN_PREFETCH_MIB: u32 = 32;
 /// `MIMO_WARP_ATTENTION`, `MIMO_FP8_PREFILL`, `MIMO_PREFILL_ATTENTION_MMA`, `MIMO_TILED_GEMM`,
 /// `MIMO_FP8_RESIDENT`, `MIMO_BULK_GEMM`:
 /// `1` on, `0` off; `MIMO_L2_PREFETCH_SMALL_MIB`, `MIMO_ATTN_PREFETCH_MIB`,
-/// `MIMO_GQA_SPLIT`, `MIMO_TILED_MIN_WORK`, `MIMO_BULK_MIN_MI`: a number) or later
+/// `MIMO_GQA_SPLIT`, `MIMO_TILED_MIN_WORK`, `MIMO_BULK_MIN_MI`, `MIMO_BULK_MAX_TOKENS`: a
+/// number) or later
 /// through [`GpuContext::set_tuning`]. The defaults follow the H100 ablations of
 /// docs/kernels-notes.md: the ones that did not pay there are off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -255,15 +256,19 @@ pub struct Tuning {
     /// (one byte per weight more device memory, still under BF16's two), so later prefill
     /// GEMMs skip the per-call weight conversion. Off by default (memory).
     pub fp8_resident: bool,
-    /// Dense FP4 products of 9 to 16 tokens with at least `bulk_min_mi` Mi weights (and, unless
-    /// that is 0, [`super::BULK_MIN_ROWS`] rows) through
-    /// the bulk-copy kernels ([`super::fp4_gemm_bulk`], [`super::fp4_gemm_swiglu_bulk`]:
-    /// weights streamed by the copy engine into a shared-memory ring) instead of the decode
-    /// kernels, on GPUs that have them (`MIMO_BULK_GEMM`).
+    /// Dense FP4 products of 9 to `bulk_max_tokens` tokens with at least `bulk_min_mi` Mi
+    /// weights (and, unless that is 0, [`super::BULK_MIN_ROWS`] rows) through the bulk-copy
+    /// kernels ([`super::fp4_gemm_bulk`], [`super::fp4_gemm_swiglu_bulk`]: weights streamed by
+    /// the copy engine into a shared-memory ring) instead of the decode or tiled kernels, on
+    /// GPUs that have them (`MIMO_BULK_GEMM`).
     pub bulk_gemm: bool,
     /// Weights (in Mi elements, N x K) from which `bulk_gemm` takes a product
     /// ([`super::BULK_MIN_MI`] by default; `MIMO_BULK_MIN_MI`).
     pub bulk_min_mi: u32,
+    /// The most tokens `bulk_gemm` takes (up to [`super::BULK_MAX_TOKENS`], the default;
+    /// `MIMO_BULK_MAX_TOKENS`): from 17 tokens the products it leaves go through the tiled
+    /// kernels.
+    pub bulk_max_tokens: u32,
 }
 
 impl Default for Tuning {
@@ -292,6 +297,7 @@ impl Default for Tuning {
             fp8_resident: false,
             bulk_gemm: true,
             bulk_min_mi: super::bulk::BULK_MIN_MI as u32,
+            bulk_max_tokens: super::bulk::BULK_MAX_TOKENS as u32,
         }
     }
 }
@@ -338,6 +344,7 @@ impl Tuning {
             fp8_resident: flag("MIMO_FP8_RESIDENT", d.fp8_resident),
             bulk_gemm: flag("MIMO_BULK_GEMM", d.bulk_gemm),
             bulk_min_mi: mib("MIMO_BULK_MIN_MI", d.bulk_min_mi),
+            bulk_max_tokens: mib("MIMO_BULK_MAX_TOKENS", d.bulk_max_tokens),
         }
     }
 }

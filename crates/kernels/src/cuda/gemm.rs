@@ -219,11 +219,11 @@ pub fn fp4_gemm(
     y: &mut CudaSlice<bf16>,
 ) -> Result<(), CudaError> {
     let tuning = gpu.tuning();
-    if tiled_preferred(&tuning, w, m, false) {
-        return fp4_gemm_tiled(gpu, w, x, m, y);
-    }
     if bulk_preferred(&tuning, gpu, w, m, false) {
         return fp4_gemm_bulk(gpu, w, x, m, y);
+    }
+    if tiled_preferred(&tuning, w, m, false) {
+        return fp4_gemm_tiled(gpu, w, x, m, y);
     }
     let cfg = Fp4GemmConfig::auto(m, w.n, w.k, gpu.sm_count());
     fp4_gemm_with(gpu, w, x, m, y, cfg)
@@ -511,17 +511,17 @@ pub fn fp4_gemm_swiglu(
     m: usize,
     y: &mut CudaSlice<bf16>,
 ) -> Result<(), CudaError> {
-    // The tiled kernel where it is preferred, or where no decode variant takes the shape (the
-    // decode variant is only looked up when the tiled one is not preferred); the bulk kernel
-    // where it is preferred.
+    // The bulk kernel where it is preferred; else the tiled kernel where it is preferred, or
+    // where no decode variant takes the shape (the decode variant is only looked up when the
+    // tiled one is not preferred).
     let tuning = gpu.tuning();
+    if bulk_preferred(&tuning, gpu, w, m, true) {
+        return fp4_gemm_swiglu_bulk(gpu, w, x, m, y);
+    }
     if tiled_supported(w, m, true)
         && (tiled_preferred(&tuning, w, m, true) || swiglu_variant(w, m, gpu.sm_count()).is_err())
     {
         return fp4_gemm_swiglu_tiled(gpu, w, x, m, y);
-    }
-    if bulk_preferred(&tuning, gpu, w, m, true) {
-        return fp4_gemm_swiglu_bulk(gpu, w, x, m, y);
     }
     swiglu_product(gpu, w, x, m, y, &Fold::default())
 }

@@ -576,6 +576,7 @@ fn tuning_ablation(
                 fp8_resident: base.fp8_resident,
                 bulk_gemm: base.bulk_gemm,
                 bulk_min_mi: base.bulk_min_mi,
+                bulk_max_tokens: base.bulk_max_tokens,
             },
         ),
     ];
