@@ -19,8 +19,9 @@
 // skip the arithmetic, -DMIMO_BK_NO_COMPUTE, wrong results) moves 4096 x 14336 at one token in
 // 12.2 us, at copy bandwidth; with the decode and mma it takes 18 us, against 14 us for the
 // decode kernels, whose loop issues ~25 % fewer instructions per weight byte. At 16 tokens,
-// where the decode kernels re-read the activations, it is 16-20 % faster on the large products
-// (bulk.rs BULK_MIN_MI; the runtime takes it there, Tuning::bulk_gemm).
+// where the decode kernels re-read the activations, it is 16-20 % faster on the large products,
+// and at 32 tokens 20-37 % faster than the tiled kernel (bulk.rs BULK_MIN_MI, BULK_MIN_ROWS;
+// the runtime takes it there, Tuning::bulk_gemm).
 //
 // Block: RB row tiles of 16 rows (R = 16 RB weight rows) in groups of MT (one warp's tiles)
 // and KW consumer warps per group (warp w: group w % (RB / MT), K share w / (RB / MT): the
