@@ -424,54 +424,62 @@ fn dense_shape(
                     note,
                 });
             };
-            if tiled_supported(&ws[0], m, false) {
-                let mut ys = s.alloc_zeros::<bf16>(m * n)?;
-                let t = time_op(gpu, reps, samples, &mut |i| {
-                    fp4_gemm_tiled(gpu, &ws[i % copies], &xo, m, &mut ys)
-                })?;
-                eprintln!("  tiled {fname} k={k} n={n} m={m}: {:.2} us", t.us);
+            // A launcher's plain row and, with `pdl`, its PDL-chained row (`kernel` + "_pdl");
+            // `shape`: its launch shape for the log line and the note ("" for none).
+            let timed = |rows: &mut Vec<Row>,
+                         label: &str,
+                         kernel: &str,
+                         shape: String,
+                         pdl: bool,
+                         op: &mut dyn FnMut(usize) -> Result<(), CudaError>|
+             -> Res<()> {
+                let (sp, np) = if shape.is_empty() {
+                    (String::new(), String::new())
+                } else {
+                    (format!(" {shape}"), format!("{shape}; "))
+                };
+                let t = time_op(gpu, reps, samples, op)?;
+                eprintln!("  {label} {fname} k={k} n={n} m={m}{sp}: {:.2} us", t.us);
                 push(
                     rows,
-                    "fp4_tiled".into(),
+                    kernel.into(),
                     t,
-                    format!("{copies} weight copies"),
+                    format!("{np}{copies} weight copies"),
                 );
-                if m <= 64 {
-                    let t = time_op_graph(gpu, reps, samples, true, &mut |i| {
-                        fp4_gemm_tiled(gpu, &ws[i % copies], &xo, m, &mut ys)
-                    })?;
-                    eprintln!("  tiled+PDL {fname} k={k} n={n} m={m}: {:.2} us", t.us);
+                if pdl {
+                    let t = time_op_graph(gpu, reps, samples, true, op)?;
+                    eprintln!("  {label}+PDL {fname} k={k} n={n} m={m}: {:.2} us", t.us);
                     push(
                         rows,
-                        "fp4_tiled_pdl".into(),
+                        format!("{kernel}_pdl"),
                         t,
-                        format!("{copies} weight copies; launches chained by PDL"),
+                        format!("{np}{copies} weight copies; launches chained by PDL"),
                     );
                 }
+                Ok(())
+            };
+            if tiled_supported(&ws[0], m, false) {
+                let mut ys = s.alloc_zeros::<bf16>(m * n)?;
+                timed(
+                    rows,
+                    "tiled",
+                    "fp4_tiled",
+                    String::new(),
+                    m <= 64,
+                    &mut |i| fp4_gemm_tiled(gpu, &ws[i % copies], &xo, m, &mut ys),
+                )?;
             }
             if bulk_supported(gpu, &ws[0], m, false) {
                 let cfg = BulkConfig::auto(format, m, n, k, gpu.sm_count() as usize, false);
                 let mut ys = s.alloc_zeros::<bf16>(m * n)?;
-                let t = time_op(gpu, reps, samples, &mut |i| {
-                    fp4_gemm_bulk(gpu, &ws[i % copies], &xo, m, &mut ys)
-                })?;
-                eprintln!("  bulk {fname} k={k} n={n} m={m} {cfg:?}: {:.2} us", t.us);
-                push(
+                timed(
                     rows,
-                    "fp4_bulk".into(),
-                    t,
-                    format!("{cfg:?}; {copies} weight copies"),
-                );
-                let t = time_op_graph(gpu, reps, samples, true, &mut |i| {
-                    fp4_gemm_bulk(gpu, &ws[i % copies], &xo, m, &mut ys)
-                })?;
-                eprintln!("  bulk+PDL {fname} k={k} n={n} m={m}: {:.2} us", t.us);
-                push(
-                    rows,
-                    "fp4_bulk_pdl".into(),
-                    t,
-                    format!("{cfg:?}; {copies} weight copies; launches chained by PDL"),
-                );
+                    "bulk",
+                    "fp4_bulk",
+                    format!("{cfg:?}"),
+                    true,
+                    &mut |i| fp4_gemm_bulk(gpu, &ws[i % copies], &xo, m, &mut ys),
+                )?;
             }
             if m <= 256 {
                 let cfg = Fp4GemmConfig::auto(m, n, k, gpu.sm_count());

@@ -7,6 +7,7 @@
 //! where the products have too few rows to fill the GPU.
 
 use std::ffi::c_void;
+use std::sync::OnceLock;
 
 use cudarc::driver::sys;
 use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
@@ -91,6 +92,57 @@ fn scale_bytes(format: Fp4Format) -> usize {
     }
 }
 
+/// What K must be a multiple of: the copy engine takes row strides of whole 16-byte units, and
+/// a row of scale bytes is `K x scale_bytes / CHUNK` bytes (NVFP4 256, MXFP4 512).
+fn k_align(format: Fp4Format) -> usize {
+    16 * CHUNK / scale_bytes(format)
+}
+
+/// The bulk kernels' A/B and sweep knobs (`MIMO_BULK_MT`, `MIMO_BULK_WARPS`, `MIMO_BULK_CFG`,
+/// `MIMO_BULK_XFULL`), read from the environment once per process rather than at every launch.
+struct Knobs {
+    /// Row tiles per warp of the automatic shape (1, or 2 with `MIMO_BULK_MT=2`).
+    warp_tiles: usize,
+    /// The most consumer warps of the automatic shape.
+    warps: usize,
+    /// `MIMO_BULK_CFG=row_tiles,warp_tiles,k_warps,splits,stages`: this shape for every launch.
+    cfg: Option<BulkConfig>,
+    /// `MIMO_BULK_XFULL=1`: activation boxes of 8, 16 or 32 tokens whatever M is.
+    full_x_boxes: bool,
+}
+
+fn knobs() -> &'static Knobs {
+    static KNOBS: OnceLock<Knobs> = OnceLock::new();
+    KNOBS.get_or_init(|| {
+        let var = |k: &str| std::env::var(k).ok();
+        let cfg = var("MIMO_BULK_CFG").and_then(|v| {
+            let f: Vec<usize> = v.split(',').filter_map(|x| x.trim().parse().ok()).collect();
+            match f[..] {
+                [row_tiles, warp_tiles, k_warps, splits, stages] => Some(BulkConfig {
+                    row_tiles,
+                    warp_tiles,
+                    k_warps,
+                    splits,
+                    stages,
+                }),
+                _ => None,
+            }
+        });
+        Knobs {
+            warp_tiles: if var("MIMO_BULK_MT").as_deref() == Some("2") {
+                2
+            } else {
+                1
+            },
+            warps: var("MIMO_BULK_WARPS")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(DEFAULT_CONSUMERS),
+            cfg,
+            full_x_boxes: var("MIMO_BULK_XFULL").as_deref() == Some("1"),
+        }
+    })
+}
+
 /// Tokens a block holds (8, 16 or 32): the activation boxes' rows.
 fn block_tokens(m: usize) -> usize {
     match m {
@@ -132,15 +184,11 @@ fn tiles_fit(cfg: &BulkConfig, tok: usize, sb: usize) -> bool {
 /// rows of scale bytes whose stride the copy engine accepts (a multiple of 16 bytes: K a
 /// multiple of 256 for NVFP4, 512 for MXFP4).
 pub fn bulk_supported(gpu: &GpuContext, w: &GpuFp4Weight, m: usize, gated: bool) -> bool {
-    let align = match w.format {
-        Fp4Format::Nvfp4 => 256,
-        Fp4Format::Mxfp4 => 512,
-    };
     gpu.compute_capability().0 >= 9
         && w.experts == 1
         && w.n > 0
         && w.k > 0
-        && w.k % align == 0
+        && w.k % k_align(w.format) == 0
         && (1..=BULK_MAX_TOKENS).contains(&m)
         && (!gated || w.n % 2 == 0)
 }
@@ -169,28 +217,12 @@ impl BulkConfig {
     /// brings (weights, scale bytes, half the activations' bytes: they come from L2); fewer
     /// waves, then fewer splits on ties.
     pub fn auto(format: Fp4Format, m: usize, n: usize, k: usize, sms: usize, gated: bool) -> Self {
-        let mt = match std::env::var("MIMO_BULK_MT").as_deref() {
-            Ok("2") => 2,
-            _ => 1,
-        };
-        let warps = std::env::var("MIMO_BULK_WARPS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(DEFAULT_CONSUMERS);
-        // A sweep knob: `MIMO_BULK_CFG=row_tiles,warp_tiles,k_warps,splits,stages`.
-        if let Ok(v) = std::env::var("MIMO_BULK_CFG") {
-            let f: Vec<usize> = v.split(',').filter_map(|x| x.trim().parse().ok()).collect();
-            if let [row_tiles, warp_tiles, k_warps, splits, stages] = f[..] {
-                return BulkConfig {
-                    row_tiles,
-                    warp_tiles,
-                    k_warps,
-                    splits,
-                    stages,
-                };
-            }
+        let kn = knobs();
+        if let Some(cfg) = kn.cfg {
+            return cfg;
         }
-        Self::auto_with(format, m, n, k, sms, if gated { 0 } else { mt }, warps)
+        let mt = if gated { 0 } else { kn.warp_tiles };
+        Self::auto_with(format, m, n, k, sms, mt, kn.warps)
     }
 
     /// [`BulkConfig::auto`] for warps of `warp_tiles` row tiles each and at most `warps`
@@ -357,11 +389,7 @@ pub fn fp4_gemm_bulk_with(
                 w.experts,
                 w.n,
                 w.k,
-                if w.format == Fp4Format::Nvfp4 {
-                    256
-                } else {
-                    512
-                },
+                k_align(w.format),
                 if gated { ", an even N" } else { "" }
             ),
         });
@@ -418,14 +446,9 @@ pub fn fp4_gemm_bulk_with(
     {
         return bad("the split partial sums do not fit the scratch".into());
     }
-    // Activation boxes of exactly the M tokens: boxes reaching past the tensor's end are
-    // zero-filled by the copy engine, which is slow (`MIMO_BULK_XFULL=1` asks for the full 8- or
-    // 16-token boxes anyway, an A/B knob).
-    let xrows = if std::env::var("MIMO_BULK_XFULL").as_deref() == Ok("1") {
-        tok
-    } else {
-        m
-    };
+    // Activation boxes of exactly the M tokens, which the copy engine fills without zero fill
+    // (`MIMO_BULK_XFULL=1` asks for the full boxes anyway, an A/B knob: no difference measured).
+    let xrows = if knobs().full_x_boxes { tok } else { m };
     let stream = gpu.stream();
     let (wp, _gw) = w.packed.device_ptr(stream);
     let (sp, _gs) = w.scales.device_ptr(stream);
