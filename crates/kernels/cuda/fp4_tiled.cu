@@ -120,13 +120,20 @@ __device__ __forceinline__ bool split_combine(float* __restrict__ parts,
 
 // The block: MM_ROWS / 16 = 16 warps of one 16-row tile each (8 warps of two measured 1-3 %
 // slower on the H100).
-template <int FMT, int TN, int EPI>
+// MOE (the grouped form, fp4_mm_moe_*): blockIdx.z is a tile of `route` (moe_route_tiles,
+// moe.cu): up to 8*TN pairs of one expert, whose weights, scales and global scale this block
+// uses; slot i reads activation row moe_in[i] and writes output row moe_out[i] (-1: empty slot),
+// both in the caller's shared memory. No K split there (gridDim.y is 1).
+template <int FMT, int TN, int EPI, bool MOE = false>
 __device__ __forceinline__ void fp4_mm_body(const u8* __restrict__ wp, const u8* __restrict__ ws,
                                             const float* __restrict__ gscale,
                                             const u16* __restrict__ lut,
                                             const u16* __restrict__ x, u16* __restrict__ y, int m,
                                             int n, int k, float post, float* __restrict__ parts,
-                                            unsigned int* __restrict__ tickets) {
+                                            unsigned int* __restrict__ tickets,
+                                            const int* __restrict__ sorted = 0,
+                                            const int* __restrict__ route = 0, int in_div = 1,
+                                            int* moe_in = 0, int* moe_out = 0) {
     extern __shared__ __align__(16) u8 mm_smem[];
     constexpr int BM = 8 * TN;
     constexpr int STAGE = MM_STAGE_BYTES(TN);
@@ -138,7 +145,25 @@ __device__ __forceinline__ void fp4_mm_body(const u8* __restrict__ wp, const u8*
     const int S = gridDim.y, split = blockIdx.y;
     const int cbeg = (int)((long long)split * nch / S);
     const int iters = (int)((long long)(split + 1) * nch / S) - cbeg;
-    const int tok0 = blockIdx.z * BM;
+    const int tok0 = MOE ? 0 : blockIdx.z * BM;
+    int expert = 0;
+    if (MOE) {
+        // The tile table comes from the launch before: nothing is read before the wait.
+        pdl_enter();
+        const int tile = blockIdx.z;
+        if (tile >= __ldcg(route)) return;  // past the tiles this routing made (whole block)
+        const int* ti = route + 1 + 3 * tile;
+        expert = __ldcg(ti);
+        const int start = __ldcg(ti + 1), cnt = __ldcg(ti + 2);
+        if (tid < BM) {
+            const int q = tid < cnt ? __ldcg(sorted + start + tid) : -1;
+            moe_out[tid] = q;
+            moe_in[tid] = q < 0 ? -1 : q / in_div;
+        }
+        __syncthreads();
+        wp += (size_t)expert * n * kb;
+        ws += (size_t)expert * n * bpr;
+    }
     const int row0 = blockIdx.x * (EPI == EPI_STORE ? MM_ROWS : MM_ROWS / 2);
     constexpr int NT = 2 * MM_ROWS;              // threads
     constexpr int WP = MM_ROWS * 4 / NT;           // weight pieces per thread and stage
@@ -166,8 +191,9 @@ __device__ __forceinline__ void fp4_mm_body(const u8* __restrict__ wp, const u8*
     const u8* ssrc = ws + (size_t)(sval ? srow : 0) * bpr + (size_t)cbeg * SB;
     const bool xon = tid < BM * 16;
     const int xslot = tid >> 4, xpiece = tid & 15;
-    const bool xval = xon && tok0 + xslot < m;
-    const u16* xsrc = x + (size_t)(xval ? tok0 + xslot : 0) * k + (size_t)cbeg * 128 + xpiece * 8;
+    const int xrow = MOE ? (xon ? moe_in[xslot] : -1) : tok0 + xslot;
+    const bool xval = MOE ? xrow >= 0 : xon && tok0 + xslot < m;
+    const u16* xsrc = x + (size_t)(xval ? xrow : 0) * k + (size_t)cbeg * 128 + xpiece * 8;
     const u32 xdst = MM_W_BYTES + MM_S_BYTES + 2 * xstage_off(xslot, xpiece);
 
     // Issues chunk `it`'s weights (and scale bytes) / activations into the stage at byte offset
@@ -190,14 +216,19 @@ __device__ __forceinline__ void fp4_mm_body(const u8* __restrict__ wp, const u8*
 
     // Weights never depend on the kernel before this one: the first two stages' weights go out
     // before the PDL wait, the activations after it.
+    // (The grouped form learns its expert after the wait: weights and activations go out
+    // together.)
+    if (!MOE) {
 #pragma unroll
-    for (int s = 0; s < MM_STAGES - 1; s++) {
-        issue_w(s, s * STAGE);
-        cp_async_commit();
+        for (int s = 0; s < MM_STAGES - 1; s++) {
+            issue_w(s, s * STAGE);
+            cp_async_commit();
+        }
+        pdl_enter();
     }
-    pdl_enter();
 #pragma unroll
     for (int s = 0; s < MM_STAGES - 1; s++) {
+        if (MOE) issue_w(s, s * STAGE);
         issue_x(s, s * STAGE);
         cp_async_commit();
     }
@@ -254,7 +285,7 @@ __device__ __forceinline__ void fp4_mm_body(const u8* __restrict__ wp, const u8*
     }
     __syncthreads();
     constexpr int TILE = MM_ROWS * BM;
-    if (S > 1) {
+    if (!MOE && S > 1) {
         // Partial tiles in global memory are dense, [token][local row].
         const size_t cell = (size_t)blockIdx.z * gridDim.x + blockIdx.x;
         const size_t cells = (size_t)gridDim.z * gridDim.x;
@@ -263,22 +294,24 @@ __device__ __forceinline__ void fp4_mm_body(const u8* __restrict__ wp, const u8*
             return;
     }
     // post = 2^A undoes the 2^-A left in the scale multipliers (weights.rs): exact.
-    const float inv_scale = (1.0f / gscale[0]) * post;
+    const float inv_scale = (1.0f / gscale[expert]) * post;
     if (EPI == EPI_STORE) {
         for (int e = tid; e < TILE; e += blockDim.x) {
             const int tk = e / MM_ROWS, lr = e - tk * MM_ROWS;
             const int col = row0 + lr;
-            if (tok0 + tk >= m || col >= n) continue;
-            y[(size_t)(tok0 + tk) * n + col] = f32_to_bf16(tile[tk * MM_TILE_STRIDE + lr] * inv_scale);
+            const int orow = MOE ? moe_out[tk] : tok0 + tk;
+            if ((MOE ? orow < 0 : orow >= m) || col >= n) continue;
+            y[(size_t)orow * n + col] = f32_to_bf16(tile[tk * MM_TILE_STRIDE + lr] * inv_scale);
         }
     } else {
         const int inter = n >> 1;
         for (int e = tid; e < TILE / 2; e += blockDim.x) {
             const int tk = e / (MM_ROWS / 2), l = e - tk * (MM_ROWS / 2);
             const int col = row0 + l;
-            if (tok0 + tk >= m || col >= inter) continue;
+            const int orow = MOE ? moe_out[tk] : tok0 + tk;
+            if ((MOE ? orow < 0 : orow >= m) || col >= inter) continue;
             const int lr = (l >> 4) * 32 + (l & 15);
-            y[(size_t)(tok0 + tk) * inter + col] =
+            y[(size_t)orow * inter + col] =
                 swiglu_bf16(tile[tk * MM_TILE_STRIDE + lr] * inv_scale,
                             tile[tk * MM_TILE_STRIDE + lr + 16] * inv_scale);
         }
@@ -301,3 +334,21 @@ MM_KERNEL(fp4_mm_sw_nv_t2, FMT_NVFP4, 2, EPI_SWIGLU_BF16)
 MM_KERNEL(fp4_mm_sw_nv_t4, FMT_NVFP4, 4, EPI_SWIGLU_BF16)
 MM_KERNEL(fp4_mm_sw_mx_t2, FMT_MXFP4, 2, EPI_SWIGLU_BF16)
 MM_KERNEL(fp4_mm_sw_mx_t4, FMT_MXFP4, 4, EPI_SWIGLU_BF16)
+
+// The grouped (MoE) form: grid (row blocks of one expert, 1, moe_route_tiles' tile bound);
+// pair q's activation row is q / in_div (gate/up: its token; down: the pair itself), its
+// output row q. tiled.rs `moe_tiled_product`.
+#define MM_MOE_KERNEL(NAME, FMT, TN, EPI)                                                       \
+    extern "C" __global__ void __launch_bounds__(2 * MM_ROWS, 1) NAME(                         \
+        const u8* wp, const u8* ws, const float* gs, const u16* lut, const u16* x, u16* y,     \
+        int n, int k, float post, const int* sorted, const int* route, int in_div) {           \
+        __shared__ int moe_in[8 * (TN)], moe_out[8 * (TN)];                                     \
+        fp4_mm_body<FMT, TN, EPI, true>(wp, ws, gs, lut, x, y, 0, n, k, post, 0, 0, sorted,   \
+                                        route, in_div, moe_in, moe_out);                       \
+    }
+
+// fp4_mm_moe_{nv,mx}_t4 (down projections) and fp4_mm_moe_sw_{nv,mx}_t4 (gate/up + SwiGLU).
+MM_MOE_KERNEL(fp4_mm_moe_nv_t4, FMT_NVFP4, 4, EPI_STORE)
+MM_MOE_KERNEL(fp4_mm_moe_mx_t4, FMT_MXFP4, 4, EPI_STORE)
+MM_MOE_KERNEL(fp4_mm_moe_sw_nv_t4, FMT_NVFP4, 4, EPI_SWIGLU_BF16)
+MM_MOE_KERNEL(fp4_mm_moe_sw_mx_t4, FMT_MXFP4, 4, EPI_SWIGLU_BF16)

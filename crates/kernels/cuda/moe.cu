@@ -220,3 +220,106 @@ moe_bf16_pairs_sw(const u16* __restrict__ w, const u16* __restrict__ x, u16* __r
                   int n, int k, int rb, const int* __restrict__ ids, int E, int in_div) {
     moe_bf16_pairs_body<true>(w, x, y, n, k, rb, ids, E, in_div);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Tile table of the tiled grouped MoE kernels (fp4_mm_moe_*, fp4_tiled.cu; moe.rs
+// `moe_layer_tiled`). One block of 1024 threads:
+//   sorted[] : the pairs with a valid id, grouped by expert in expert order and, inside an
+//              expert, in pair order (a stable counting sort: the same table whatever the
+//              scheduling, so the layer's output is deterministic);
+//   route[0] : the number of tiles; route[1 + 3t ..] = (expert, first index into sorted, pairs)
+//              of tile t: each expert's pairs cut into tiles of `bm`, experts in order;
+//   bad[0]   : ids outside [0, E) (those pairs are left out, as in the grouped kernels).
+// Dynamic shared memory: 2 * E ints + 32 * E u16 (moe.rs `route_smem`).
+// ---------------------------------------------------------------------------------------------
+extern "C" __global__ void __launch_bounds__(1024)
+moe_route_tiles(const int* __restrict__ ids, int P, int E, int bm, int* __restrict__ sorted,
+                int* __restrict__ route, int* __restrict__ bad) {
+    pdl_enter();
+    extern __shared__ int rs[];
+    int* cnt = rs;                               // [E] pairs per expert
+    int* next = rs + E;                          // [E] next free index of each expert in sorted
+    unsigned short* wc = (unsigned short*)(rs + 2 * E);  // [32][E] a chunk's pairs per warp
+    __shared__ int nbad_w[32];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nt = blockDim.x;
+    const int nwarps = nt >> 5;
+    for (int i = tid; i < E; i += nt) cnt[i] = 0;
+    for (int i = tid; i < 32 * E; i += nt) wc[i] = 0;
+    __syncthreads();
+    int nb = 0;
+    for (int p = tid; p < P; p += nt) {
+        const int e = ids[p];
+        if (e >= 0 && e < E) {
+            atomicAdd(cnt + e, 1);  // integer counts: the same whatever the order
+        } else {
+            nb++;
+        }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) nb += __shfl_xor_sync(0xffffffffu, nb, o);
+    if (lane == 0) nbad_w[warp] = nb;
+    __syncthreads();
+    // Warp 0: offsets (exclusive scan of the counts) and the tile table, 32 experts at a time.
+    if (warp == 0) {
+        int run = 0, trun = 0;
+        for (int e0 = 0; e0 < E; e0 += 32) {
+            const int e = e0 + lane;
+            const int c = e < E ? cnt[e] : 0;
+            const int tiles = (c + bm - 1) / bm;
+            int sc = c, st = tiles;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const int a = __shfl_up_sync(0xffffffffu, sc, o);
+                const int b = __shfl_up_sync(0xffffffffu, st, o);
+                if (lane >= o) {
+                    sc += a;
+                    st += b;
+                }
+            }
+            if (e < E) {
+                const int first = run + sc - c, t0 = trun + st - tiles;
+                next[e] = first;
+                for (int i = 0; i < tiles; i++) {
+                    int* r = route + 1 + 3 * (t0 + i);
+                    r[0] = e;
+                    r[1] = first + i * bm;
+                    r[2] = min(bm, c - i * bm);
+                }
+            }
+            run += __shfl_sync(0xffffffffu, sc, 31);
+            trun += __shfl_sync(0xffffffffu, st, 31);
+        }
+        if (lane == 0) {
+            route[0] = trun;
+            int b = 0;
+            for (int w = 0; w < nwarps; w++) b += nbad_w[w];
+            if (bad != 0) bad[0] = b;
+        }
+    }
+    __syncthreads();
+    // Stable placement, blockDim pairs at a time in pair order: a pair's index is its expert's
+    // next free index + the pairs of that expert in earlier warps of the chunk + those in
+    // earlier lanes of its own warp.
+    const unsigned lt = (1u << lane) - 1u;
+    for (int p0 = 0; p0 < P; p0 += nt) {
+        const int p = p0 + tid;
+        const int e0 = p < P ? ids[p] : -1;
+        const bool ok = e0 >= 0 && e0 < E;
+        const int e = ok ? e0 : -1;
+        const unsigned peers = __match_any_sync(0xffffffffu, e);
+        const int rank = __popc(peers & lt);
+        if (ok && rank == 0) wc[warp * E + e] = (unsigned short)__popc(peers);
+        __syncthreads();
+        if (ok) {
+            int at = next[e] + rank;
+            for (int w = 0; w < warp; w++) at += wc[w * E + e];
+            sorted[at] = p;
+        }
+        __syncthreads();
+        if (ok && rank == 0) {
+            atomicAdd(next + e, __popc(peers));
+            wc[warp * E + e] = 0;
+        }
+        __syncthreads();
+    }
+}

@@ -9,9 +9,9 @@ use mimo_kernels::cuda::{
     self, bf16_to_e4m3_rows, bulk_supported, fp4_dequantize, fp4_gemm, fp4_gemm_bulk,
     fp4_gemm_bulk_with, fp4_gemm_fp8, fp4_gemm_swiglu, fp4_gemm_swiglu_bulk,
     fp4_gemm_swiglu_supported, fp4_gemm_swiglu_tiled, fp4_gemm_tiled, fp4_gemm_with,
-    fp4_to_e4m3_rows, moe_layer, moe_layer_with, variant_exists, BulkConfig, E4m3Rows,
-    Fp4GemmConfig, Fp8Gemm, Fp8Scratch, GpuContext, GpuFp4Weight, MoeConfig, MoeWeights,
-    MoeWorkspace, Tuning,
+    fp4_to_e4m3_rows, moe_layer, moe_layer_tiled, moe_layer_with, moe_tiled_preferred,
+    moe_tiled_supported, variant_exists, BulkConfig, E4m3Rows, Fp4GemmConfig, Fp8Gemm, Fp8Scratch,
+    GpuContext, GpuFp4Weight, MoeConfig, MoeWeights, MoeWorkspace, Tuning, MOE_TILED_MIN_PAIRS,
 };
 use mimo_kernels::fp4::{amax, dequantize, nvfp4_global_scale, quantize_mxfp4, quantize_nvfp4};
 use mimo_kernels::fp8_rows;
@@ -733,6 +733,126 @@ fn silu(v: f64) -> f64 {
     v / (1.0 + (-v).exp())
 }
 
+/// The MoE layer in f64 from dequantized experts (`[2 inter, hidden]` gate/up and `[hidden,
+/// inter]` down per expert) and bf16 inputs `xf` (`[tokens, hidden]`): pairs with an id outside
+/// the experts contribute nothing.
+fn moe_reference(
+    (gu_f, d_f): (&[Vec<f32>], &[Vec<f32>]),
+    xf: &[f64],
+    (ids, wts): (&[i32], &[f32]),
+    top_k: usize,
+    (hidden, inter): (usize, usize),
+) -> Vec<f64> {
+    let tokens = xf.len() / hidden;
+    let mut want = vec![0.0f64; tokens * hidden];
+    for t in 0..tokens {
+        for j in 0..top_k {
+            let Some(e) = usize::try_from(ids[t * top_k + j])
+                .ok()
+                .filter(|&e| e < gu_f.len())
+            else {
+                continue;
+            };
+            let x = &xf[t * hidden..(t + 1) * hidden];
+            let gu: Vec<f64> = (0..2 * inter)
+                .map(|r| {
+                    (0..hidden)
+                        .map(|i| gu_f[e][r * hidden + i] as f64 * x[i])
+                        .sum()
+                })
+                .collect();
+            let act: Vec<f64> = (0..inter).map(|i| silu(gu[i]) * gu[inter + i]).collect();
+            for h in 0..hidden {
+                let y: f64 = (0..inter)
+                    .map(|i| d_f[e][h * inter + i] as f64 * act[i])
+                    .sum();
+                want[t * hidden + h] += wts[t * top_k + j] as f64 * y;
+            }
+        }
+    }
+    want
+}
+
+#[test]
+fn moe_layer_tiled_matches_cpu_reference() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = rng("moe tiled");
+    // hidden 384: the down projection's 384 rows end half way through a 256-row block.
+    let (experts, hidden, inter, top_k) = (12usize, 384usize, 256usize, 3usize);
+    let max_tokens = 150usize;
+    for format in FORMATS {
+        let mut gu_q = Vec::new();
+        let mut d_q = Vec::new();
+        for _ in 0..experts {
+            let gu = random_matrix(&mut rng, 2 * inter * hidden, 0.1);
+            gu_q.push(quantize(format, &gu, 2 * inter, hidden));
+            let d = random_matrix(&mut rng, hidden * inter, 0.1);
+            d_q.push(quantize(format, &d, hidden, inter));
+        }
+        let gu_f: Vec<Vec<f32>> = gu_q.iter().map(|q| dequantize(q).unwrap()).collect();
+        let d_f: Vec<Vec<f32>> = d_q.iter().map(|q| dequantize(q).unwrap()).collect();
+        let w = MoeWeights {
+            gate_up: GpuFp4Weight::upload_experts(&gpu, "gate_up", &gu_q).unwrap(),
+            down: GpuFp4Weight::upload_experts(&gpu, "down", &d_q).unwrap(),
+        };
+        assert!(moe_tiled_supported(&w));
+        let mut ws = MoeWorkspace::new(&gpu, &w, max_tokens, top_k).unwrap();
+        // 150 tokens: the low experts get 100+ pairs (several tiles of 32, the last partly
+        // filled); the last expert is never chosen (no tile); one pair has an invalid id.
+        for tokens in [2usize, 40, max_tokens] {
+            let xb = to_bf16(&random_matrix(&mut rng, tokens * hidden, 1.0));
+            let xf: Vec<f64> = xb.iter().map(|v| v.to_f64()).collect();
+            let mut ids = Vec::new();
+            let mut wts = Vec::new();
+            for _ in 0..tokens {
+                let mut chosen: Vec<i32> = Vec::new();
+                while chosen.len() < top_k {
+                    let e = (rng.random::<f32>().powi(2) * (experts - 1) as f32) as i32;
+                    if !chosen.contains(&e) {
+                        chosen.push(e);
+                    }
+                }
+                ids.extend(&chosen);
+                wts.extend((0..top_k).map(|_| rng.random::<f32>()));
+            }
+            ids[top_k + 1] = experts as i32 + 3;
+            let want = moe_reference((&gu_f, &d_f), &xf, (&ids, &wts), top_k, (hidden, inter));
+            let s = gpu.stream();
+            let x = s.clone_htod(&xb).unwrap();
+            let idd = s.clone_htod(&ids).unwrap();
+            let wd = s.clone_htod(&wts).unwrap();
+            let mut runs = Vec::new();
+            for _ in 0..2 {
+                let mut out = poisoned(&gpu, tokens * hidden);
+                moe_layer_tiled(&gpu, &w, &x, &idd, &wd, tokens, top_k, &mut ws, &mut out).unwrap();
+                runs.push(s.clone_dtoh(&out).unwrap());
+                assert_eq!(ws.invalid_ids(&gpu).unwrap(), 1);
+            }
+            let what = format!("moe tiled {format} tokens={tokens}");
+            check_close(&what, &runs[0], &want, 2e-2, 6e-2);
+            let bits = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&runs[0]), bits(&runs[1]), "{what}: two runs differ");
+            // The automatic launcher takes the tiled path from MOE_TILED_MIN_PAIRS pairs per
+            // expert on average: the same bits then.
+            let tiled = moe_tiled_preferred(&gpu.tuning(), &w, tokens, top_k);
+            assert_eq!(tiled, tokens * top_k >= MOE_TILED_MIN_PAIRS * experts);
+            let mut out = poisoned(&gpu, tokens * hidden);
+            moe_layer(&gpu, &w, &x, &idd, &wd, tokens, top_k, &mut ws, &mut out).unwrap();
+            let got = s.clone_dtoh(&out).unwrap();
+            check_close(&format!("{what} auto"), &got, &want, 2e-2, 6e-2);
+            if tiled {
+                assert_eq!(bits(&got), bits(&runs[0]), "{what}: auto path differs");
+            }
+        }
+        // Shapes the tiled kernels cannot take are refused, not run.
+        let odd = MoeWeights {
+            gate_up: GpuFp4Weight::upload_experts(&gpu, "gate_up", &gu_q[..1]).unwrap(),
+            down: GpuFp4Weight::upload_experts(&gpu, "down", &d_q[..2]).unwrap(),
+        };
+        assert!(!moe_tiled_supported(&odd));
+    }
+}
+
 #[test]
 fn moe_layer_matches_cpu_reference() {
     let Some(gpu) = gpu() else { return };
@@ -780,28 +900,7 @@ fn moe_layer_matches_cpu_reference() {
                 ids.extend(&chosen);
                 wts.extend((0..top_k).map(|_| rng.random::<f32>()));
             }
-            // reference
-            let mut want = vec![0.0f64; tokens * hidden];
-            for t in 0..tokens {
-                for j in 0..top_k {
-                    let e = ids[t * top_k + j] as usize;
-                    let x = &xf[t * hidden..(t + 1) * hidden];
-                    let gu: Vec<f64> = (0..2 * inter)
-                        .map(|r| {
-                            (0..hidden)
-                                .map(|i| gu_f[e][r * hidden + i] as f64 * x[i])
-                                .sum()
-                        })
-                        .collect();
-                    let act: Vec<f64> = (0..inter).map(|i| silu(gu[i]) * gu[inter + i]).collect();
-                    for h in 0..hidden {
-                        let y: f64 = (0..inter)
-                            .map(|i| d_f[e][h * inter + i] as f64 * act[i])
-                            .sum();
-                        want[t * hidden + h] += wts[t * top_k + j] as f64 * y;
-                    }
-                }
-            }
+            let want = moe_reference((&gu_f, &d_f), &xf, (&ids, &wts), top_k, (hidden, inter));
             let s = gpu.stream();
             let x = s.clone_htod(&xb).unwrap();
             let idd = s.clone_htod(&ids).unwrap();

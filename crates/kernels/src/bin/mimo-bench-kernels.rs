@@ -21,9 +21,9 @@ use half::bf16;
 use mimo_kernels::cuda::{
     bf16_gemm, bf16_to_e4m3_rows, bulk_supported, cublas, device_copy, fp4_gemm, fp4_gemm_bulk,
     fp4_gemm_dequant_cublas, fp4_gemm_fp8, fp4_gemm_tiled, fp4_gemm_with, fp4_to_e4m3_rows,
-    fp8_shape_ok, moe_layer_with, tiled_supported, variant_exists, BulkConfig, CudaError, E4m3Rows,
-    Fp4GemmConfig, Fp8Gemm, Fp8Scratch, GpuContext, GpuFp4Weight, MoeConfig, MoeWeights,
-    MoeWorkspace, PdlGraph, Tuning,
+    fp8_shape_ok, moe_layer_tiled, moe_layer_with, moe_tiled_preferred, moe_tiled_supported,
+    tiled_supported, variant_exists, BulkConfig, CudaError, E4m3Rows, Fp4GemmConfig, Fp8Gemm,
+    Fp8Scratch, GpuContext, GpuFp4Weight, MoeConfig, MoeWeights, MoeWorkspace, PdlGraph, Tuning,
 };
 use mimo_kernels::Fp4Format;
 
@@ -878,6 +878,42 @@ fn moe_bench(
                 };
                 push(kernel, note, t);
             }
+        }
+        // The tiled grouped path (prefill-sized batches; `moe_layer` takes it from
+        // Tuning::moe_tiled_min_pairs pairs per expert).
+        if tokens > 1 && moe_tiled_supported(&w) {
+            let t = time_op_graph(gpu, nr, samples, false, &mut |i| {
+                moe_layer_tiled(
+                    gpu,
+                    &w,
+                    &x,
+                    &ids_d[i % nr],
+                    &w_d[i % nr],
+                    tokens,
+                    top_k,
+                    &mut ws,
+                    &mut out,
+                )
+            })?;
+            let auto = moe_tiled_preferred(&gpu.tuning(), &w, tokens, top_k);
+            eprintln!(
+                "  moe {} tokens={tokens} tiled{}: {:.2} us",
+                format.name(),
+                if auto { " (auto)" } else { "" },
+                t.us
+            );
+            push(
+                "fp4_moe_layer_tiled".to_string(),
+                format!(
+                    "tiled grouped kernels (moe_layer_tiled){}; ",
+                    if auto {
+                        ", the automatic path here"
+                    } else {
+                        ""
+                    }
+                ),
+                t,
+            );
         }
     }
     Ok(())

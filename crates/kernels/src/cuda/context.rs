@@ -269,6 +269,15 @@ pub struct Tuning {
     /// `MIMO_BULK_MAX_TOKENS`): from 17 tokens the products it leaves go through the tiled
     /// kernels.
     pub bulk_max_tokens: u32,
+    /// FP4 MoE layers whose experts see at least `moe_tiled_min_pairs` (token, expert) pairs
+    /// each on average (prefill) through the tiled grouped kernels ([`super::moe_layer_tiled`]:
+    /// each expert's pairs sorted into tiles of 32, 256 weight rows per block sharing each
+    /// chunk's activations in shared memory) instead of the grouped decode kernels
+    /// (`MIMO_MOE_TILED`).
+    pub moe_tiled: bool,
+    /// Average pairs per expert from which `moe_tiled` takes a layer
+    /// ([`super::MOE_TILED_MIN_PAIRS`] by default; `MIMO_MOE_TILED_MIN_PAIRS`).
+    pub moe_tiled_min_pairs: u32,
 }
 
 impl Default for Tuning {
@@ -298,6 +307,8 @@ impl Default for Tuning {
             bulk_gemm: true,
             bulk_min_mi: super::bulk::BULK_MIN_MI as u32,
             bulk_max_tokens: super::bulk::BULK_MAX_TOKENS as u32,
+            moe_tiled: true,
+            moe_tiled_min_pairs: super::moe::MOE_TILED_MIN_PAIRS as u32,
         }
     }
 }
@@ -345,6 +356,8 @@ impl Tuning {
             bulk_gemm: flag("MIMO_BULK_GEMM", d.bulk_gemm),
             bulk_min_mi: mib("MIMO_BULK_MIN_MI", d.bulk_min_mi),
             bulk_max_tokens: mib("MIMO_BULK_MAX_TOKENS", d.bulk_max_tokens),
+            moe_tiled: flag("MIMO_MOE_TILED", d.moe_tiled),
+            moe_tiled_min_pairs: mib("MIMO_MOE_TILED_MIN_PAIRS", d.moe_tiled_min_pairs),
         }
     }
 }

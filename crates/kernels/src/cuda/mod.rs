@@ -60,8 +60,9 @@ pub use gemm::{
 pub use graph::PdlGraph;
 pub use l2::L2Ranges;
 pub use moe::{
-    moe_down_norm_out, moe_fold_parts, moe_layer, moe_layer_with, moe_one_token_gate_up, MoeConfig,
-    MoeWeights, MoeWorkspace, OneTokenRoute, MOE_MAX_EXPERTS,
+    moe_down_norm_out, moe_fold_parts, moe_layer, moe_layer_tiled, moe_layer_with,
+    moe_one_token_gate_up, moe_tiled_preferred, moe_tiled_supported, MoeConfig, MoeWeights,
+    MoeWorkspace, OneTokenRoute, MOE_MAX_EXPERTS, MOE_TILED_MIN_PAIRS, MOE_TILE_PAIRS,
 };
 pub use moe_bf16::{
     moe_bf16_grouped, moe_bf16_pairs, moe_bf16_pairs_supported, Bf16Experts, Bf16Pairs,

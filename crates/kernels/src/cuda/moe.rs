@@ -4,10 +4,11 @@
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
 
-use super::context::GpuContext;
+use super::context::{GpuContext, Tuning};
 use super::error::{drv, CudaError};
 use super::fold::NormOut;
 use super::gemm::{check_len, reduction_smem, Fp4GemmConfig, K_CHUNK};
+use super::tiled::moe_tiled_product;
 use super::weights::GpuFp4Weight;
 use super::{arg_or_null, NULL_PTR};
 use crate::fp4::Fp4Format;
@@ -44,6 +45,10 @@ pub struct MoeWorkspace {
     bad: CudaSlice<i32>,
     act: CudaSlice<bf16>,
     down_out: CudaSlice<bf16>,
+    /// The tiled path's pairs sorted by expert (`moe_route_tiles`).
+    sorted: CudaSlice<i32>,
+    /// The tiled path's tile table: count, then (expert, first, pairs) per tile.
+    route: CudaSlice<i32>,
 }
 
 /// Most experts the grouped kernel handles (its shared-memory presence table).
@@ -64,11 +69,18 @@ impl MoeWorkspace {
             s.alloc_zeros::<bf16>(len.max(1))
                 .map_err(drv("alloc MoE scratch"))
         };
+        let (experts, _, _) = w.dims()?;
+        let zi = |len: usize| {
+            s.alloc_zeros::<i32>(len.max(1))
+                .map_err(drv("alloc MoE route"))
+        };
         Ok(MoeWorkspace {
             max_pairs: p,
             bad: s.alloc_zeros::<i32>(1).map_err(drv("alloc MoE status"))?,
             act: zb(p * inter)?,
             down_out: zb(p * hidden)?,
+            sorted: zi(p)?,
+            route: zi(1 + 3 * max_tiles(p, experts))?,
         })
     }
 
@@ -158,7 +170,8 @@ impl MoeConfig {
 /// orders, no float atomics). In a graph with programmatic edges ([`super::PdlGraph`]) the
 /// one-token down projection reads `topk_ids` and its first weights before waiting on the
 /// gate/up kernel before it, so the weights and ids must come from earlier kernels than this
-/// call's own (as the runtime's router does) or from the host.
+/// call's own (as the runtime's router does) or from the host. Prefill-sized batches (at least
+/// `Tuning::moe_tiled_min_pairs` pairs per expert on average) take [`moe_layer_tiled`].
 #[allow(clippy::too_many_arguments)]
 pub fn moe_layer(
     gpu: &GpuContext,
@@ -171,6 +184,9 @@ pub fn moe_layer(
     ws: &mut MoeWorkspace,
     out: &mut CudaSlice<bf16>,
 ) -> Result<(), CudaError> {
+    if moe_tiled_preferred(&gpu.tuning(), w, tokens, top_k) {
+        return moe_layer_tiled(gpu, w, x, topk_ids, topk_weights, tokens, top_k, ws, out);
+    }
     let (_, hidden, inter) = w.dims()?;
     let cfg = MoeConfig::auto(hidden, inter, tokens);
     moe_layer_with(
@@ -201,31 +217,11 @@ pub fn moe_layer_with(
     out: &mut CudaSlice<bf16>,
     cfg: MoeConfig,
 ) -> Result<(), CudaError> {
-    let (experts, hidden, _inter) = w.dims()?;
     cfg.check()?;
-    let p = tokens * top_k;
-    if p > ws.max_pairs {
-        return Err(CudaError::Mismatch {
-            what: "moe_layer",
-            reason: format!(
-                "{tokens} tokens x top {top_k} exceed the workspace ({} pairs)",
-                ws.max_pairs
-            ),
-        });
-    }
-    if experts > MOE_MAX_EXPERTS || p > i32::MAX as usize {
-        return Err(CudaError::Shape {
-            what: "moe_layer".into(),
-            reason: format!("{experts} experts (at most {MOE_MAX_EXPERTS}), {p} pairs"),
-        });
-    }
-    check_len("moe_layer: x", x.len(), tokens * hidden)?;
-    check_len("moe_layer: topk_ids", topk_ids.len(), p)?;
-    check_len("moe_layer: topk_weights", topk_weights.len(), p)?;
-    check_len("moe_layer: out", out.len(), tokens * hidden)?;
-    if p == 0 {
+    let Some(p) = check_layer(w, x, topk_ids, topk_weights, tokens, top_k, ws, out)? else {
         return Ok(());
-    }
+    };
+    let (experts, hidden, _) = w.dims()?;
     if tokens == 1 && gpu.tuning().moe_direct {
         return moe_layer_one_token(gpu, w, x, topk_ids, topk_weights, top_k, ws, out, cfg);
     }
@@ -271,6 +267,64 @@ pub fn moe_layer_with(
         None,
     )?;
     // 3. weighted combine
+    combine(
+        gpu,
+        ws,
+        topk_ids,
+        topk_weights,
+        (tokens, top_k, hidden, experts),
+        out,
+    )
+}
+
+/// The checks every MoE layer call makes: the workspace holds the pairs, the experts fit the
+/// kernels' tables, the buffers have their lengths. Returns the pair count, or None where
+/// there are none (nothing to do).
+#[allow(clippy::too_many_arguments)]
+fn check_layer(
+    w: &MoeWeights,
+    x: &CudaSlice<bf16>,
+    topk_ids: &CudaSlice<i32>,
+    topk_weights: &CudaSlice<f32>,
+    tokens: usize,
+    top_k: usize,
+    ws: &MoeWorkspace,
+    out: &CudaSlice<bf16>,
+) -> Result<Option<usize>, CudaError> {
+    let (experts, hidden, _inter) = w.dims()?;
+    let p = tokens * top_k;
+    if p > ws.max_pairs {
+        return Err(CudaError::Mismatch {
+            what: "moe_layer",
+            reason: format!(
+                "{tokens} tokens x top {top_k} exceed the workspace ({} pairs)",
+                ws.max_pairs
+            ),
+        });
+    }
+    if experts > MOE_MAX_EXPERTS || p > i32::MAX as usize {
+        return Err(CudaError::Shape {
+            what: "moe_layer".into(),
+            reason: format!("{experts} experts (at most {MOE_MAX_EXPERTS}), {p} pairs"),
+        });
+    }
+    check_len("moe_layer: x", x.len(), tokens * hidden)?;
+    check_len("moe_layer: topk_ids", topk_ids.len(), p)?;
+    check_len("moe_layer: topk_weights", topk_weights.len(), p)?;
+    check_len("moe_layer: out", out.len(), tokens * hidden)?;
+    Ok((p > 0).then_some(p))
+}
+
+/// `out[t] = sum_j w[t, j] * down_out[t * top_k + j]` over the pairs with a valid id, in j
+/// order (`moe_combine`).
+fn combine(
+    gpu: &GpuContext,
+    ws: &MoeWorkspace,
+    topk_ids: &CudaSlice<i32>,
+    topk_weights: &CudaSlice<f32>,
+    (tokens, top_k, hidden, experts): (usize, usize, usize, usize),
+    out: &mut CudaSlice<bf16>,
+) -> Result<(), CudaError> {
     let f = gpu.function("moe_combine")?;
     let (t_i, k_i, h_i, e_i) = (tokens as i32, top_k as i32, hidden as i32, experts as i32);
     let mut b = gpu.stream().launch_builder(&f);
@@ -282,10 +336,156 @@ pub fn moe_layer_with(
         .arg(&k_i)
         .arg(&h_i)
         .arg(&e_i);
-    // SAFETY: down_out holds p*hidden, out tokens*hidden elements.
+    // SAFETY: down_out holds p*hidden, out tokens*hidden elements (check_layer).
     unsafe { b.launch(LaunchConfig::for_num_elems((tokens * hidden) as u32)) }
         .map_err(drv("launch moe_combine"))?;
     Ok(())
+}
+
+/// Pairs per tile of the tiled grouped kernels (`fp4_mm_moe_*_t4`: four 8-token mma tiles).
+pub const MOE_TILE_PAIRS: usize = 32;
+
+/// Average (token, expert) pairs per expert from which [`moe_layer`] takes the tiled path
+/// (`Tuning::moe_tiled_min_pairs`).
+pub const MOE_TILED_MIN_PAIRS: usize = 8;
+
+/// Most tiles `pairs` pairs over `experts` experts can make: each expert's pairs fill whole
+/// tiles but its last.
+fn max_tiles(pairs: usize, experts: usize) -> usize {
+    pairs.div_ceil(MOE_TILE_PAIRS) + experts.min(pairs)
+}
+
+/// Dynamic shared memory of `moe_route_tiles` for `experts` experts: two ints and 32 u16
+/// per expert.
+fn route_smem(experts: usize) -> u32 {
+    (experts * (2 * 4 + 32 * 2)) as u32
+}
+
+/// Whether the tiled grouped kernels take these experts: K of both products a multiple of
+/// the 128-element chunk (hidden and inter), at most [`MOE_MAX_EXPERTS`] experts.
+pub fn moe_tiled_supported(w: &MoeWeights) -> bool {
+    match w.dims() {
+        Ok((experts, hidden, inter)) => {
+            hidden % K_CHUNK == 0
+                && inter % K_CHUNK == 0
+                && hidden > 0
+                && inter > 0
+                && experts <= MOE_MAX_EXPERTS
+                && w.gate_up.format == w.down.format
+        }
+        Err(_) => false,
+    }
+}
+
+/// Whether [`moe_layer`] takes the tiled path under `tuning`: `moe_tiled` on, supported, and
+/// at least `moe_tiled_min_pairs` pairs per expert on average.
+pub fn moe_tiled_preferred(tuning: &Tuning, w: &MoeWeights, tokens: usize, top_k: usize) -> bool {
+    let experts = w.gate_up.experts;
+    let pairs = tokens * top_k;
+    tuning.moe_tiled
+        && tokens > 1
+        && moe_tiled_supported(w)
+        && pairs >= tuning.moe_tiled_min_pairs as usize * experts
+        && max_tiles(pairs, experts) <= MAX_GRID_Z
+}
+
+/// The largest grid.z of a launch (the tiled kernels' tiles).
+const MAX_GRID_Z: usize = 65_535;
+
+/// [`moe_layer`] through the tiled grouped kernels (prefill-sized batches): one launch sorts
+/// the pairs by expert into tiles of [`MOE_TILE_PAIRS`] (`moe_route_tiles`, a stable counting
+/// sort on the device), then gate/up + SwiGLU and down each run one block per (256 weight
+/// rows, tile) that streams the expert's K chunks through shared memory once for all the
+/// tile's pairs (fp4_tiled.cu), then the weighted combine. Four launches, no host
+/// synchronization, deterministic. Needs [`moe_tiled_supported`].
+#[allow(clippy::too_many_arguments)]
+pub fn moe_layer_tiled(
+    gpu: &GpuContext,
+    w: &MoeWeights,
+    x: &CudaSlice<bf16>,
+    topk_ids: &CudaSlice<i32>,
+    topk_weights: &CudaSlice<f32>,
+    tokens: usize,
+    top_k: usize,
+    ws: &mut MoeWorkspace,
+    out: &mut CudaSlice<bf16>,
+) -> Result<(), CudaError> {
+    if !moe_tiled_supported(w) {
+        return Err(CudaError::Shape {
+            what: "moe_layer_tiled".into(),
+            reason: format!(
+                "gate_up [{}, {}], down [{}, {}] x {} experts: needs hidden and inter \
+                 multiples of {K_CHUNK}, one format, at most {MOE_MAX_EXPERTS} experts",
+                w.gate_up.n, w.gate_up.k, w.down.n, w.down.k, w.gate_up.experts
+            ),
+        });
+    }
+    let Some(p) = check_layer(w, x, topk_ids, topk_weights, tokens, top_k, ws, out)? else {
+        return Ok(());
+    };
+    let (experts, hidden, _) = w.dims()?;
+    let tiles = max_tiles(p, experts);
+    if tiles > MAX_GRID_Z {
+        return Err(CudaError::Shape {
+            what: "moe_layer_tiled".into(),
+            reason: format!("{p} pairs make up to {tiles} tiles (at most {MAX_GRID_Z})"),
+        });
+    }
+    // 1. the tile table (and the count of invalid ids)
+    let f = gpu.function("moe_route_tiles")?;
+    let smem = route_smem(experts);
+    f.set_attribute(
+        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        smem as i32,
+    )
+    .map_err(drv("moe_route_tiles dynamic shared memory limit"))?;
+    let (p_i, e_i, bm_i) = (p as i32, experts as i32, MOE_TILE_PAIRS as i32);
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(topk_ids)
+        .arg(&p_i)
+        .arg(&e_i)
+        .arg(&bm_i)
+        .arg(&mut ws.sorted)
+        .arg(&mut ws.route)
+        .arg(&mut ws.bad);
+    let launch = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (1024, 1, 1),
+        shared_mem_bytes: smem,
+    };
+    // SAFETY: ids holds p entries (check_layer), sorted p and route 1 + 3 * max_tiles(p, E)
+    // (the workspace holds at least p pairs), bad one; the shared memory is route_smem(E).
+    unsafe { b.launch(launch) }.map_err(drv("launch moe_route_tiles"))?;
+    // 2. gate/up + SwiGLU: pair q reads token q / top_k, writes act row q
+    let (sorted, route) = (&ws.sorted, &ws.route);
+    moe_tiled_product(
+        gpu,
+        &w.gate_up,
+        x,
+        &mut ws.act,
+        (sorted, route, tiles),
+        top_k,
+        true,
+    )?;
+    // 3. down: pair q reads act row q, writes down_out row q
+    moe_tiled_product(
+        gpu,
+        &w.down,
+        &ws.act,
+        &mut ws.down_out,
+        (sorted, route, tiles),
+        1,
+        false,
+    )?;
+    // 4. weighted combine
+    combine(
+        gpu,
+        ws,
+        topk_ids,
+        topk_weights,
+        (tokens, top_k, hidden, experts),
+        out,
+    )
 }
 
 /// The one-token path of [`moe_layer_with`] (two launches): gate/up + SwiGLU with one block
@@ -769,5 +969,39 @@ mod tests {
                 assert_eq!(c.down_row_tiles > 1, few, "{tokens} tokens: {c:?}");
             }
         }
+    }
+
+    #[test]
+    fn tile_bound_covers_every_routing() {
+        // moe_route_tiles writes one table entry per tile of 32 pairs of an expert; the
+        // workspace and the grid are sized by max_tiles, so no routing may make more.
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for experts in [1usize, 3, 8, 128, 1024] {
+            for pairs in [1usize, 31, 32, 33, 500, 4096, 16384] {
+                for skew in 0..4u32 {
+                    let mut counts = vec![0usize; experts];
+                    for _ in 0..pairs {
+                        // skew 0: uniform; higher: most pairs on the first experts
+                        let r = (next() % 1_000_000) as f64 / 1e6;
+                        let e = (r.powi(1 + 2 * skew as i32) * experts as f64) as usize;
+                        counts[e.min(experts - 1)] += 1;
+                    }
+                    let tiles: usize = counts.iter().map(|c| c.div_ceil(MOE_TILE_PAIRS)).sum();
+                    assert!(
+                        tiles <= max_tiles(pairs, experts),
+                        "{experts} experts, {pairs} pairs: {tiles} tiles"
+                    );
+                }
+            }
+        }
+        // Every pair alone on its own expert: one tile each, the bound is tight there.
+        assert_eq!(max_tiles(8, 128), 1 + 8);
+        assert_eq!(route_smem(128), 128 * 72);
     }
 }

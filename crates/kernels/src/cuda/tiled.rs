@@ -145,6 +145,15 @@ pub fn fp4_gemm_swiglu_tiled(
     tiled_product(gpu, w, x, m, y, true)
 }
 
+/// Sets a tiled kernel's dynamic shared memory limit to `smem` bytes (over the default 48 KiB).
+fn allow_smem(f: &cudarc::driver::CudaFunction, smem: u32) -> Result<(), CudaError> {
+    f.set_attribute(
+        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        smem as i32,
+    )
+    .map_err(drv("tiled kernel dynamic shared memory limit"))
+}
+
 fn kernel_name(format: Fp4Format, bm: usize, gated: bool) -> &'static str {
     match (format, bm == 16, gated) {
         (Fp4Format::Nvfp4, true, false) => "fp4_mm_nv_t2",
@@ -197,11 +206,7 @@ fn tiled_product(
     let splits = tiled_splits(cells, chunks, gpu.sm_count() as usize, ROWS * bm);
     let f = gpu.function(kernel_name(w.format, bm, gated))?;
     let smem = smem_bytes(bm);
-    f.set_attribute(
-        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        smem as i32,
-    )
-    .map_err(drv("tiled kernel dynamic shared memory limit"))?;
+    allow_smem(&f, smem)?;
     let launch = LaunchConfig {
         grid_dim: (row_blocks as u32, splits, token_blocks as u32),
         block_dim: (THREADS, 1, 1),
@@ -224,6 +229,58 @@ fn tiled_product(
     // and cells tickets (tiled_splits keeps one split where they would not fit), and every
     // launch on this stream uses it only after its PDL wait, so launches never overlap on it.
     unsafe { b.launch(launch) }.map_err(drv("launch fp4_gemm_tiled"))?;
+    Ok(())
+}
+
+/// One grouped product of the tiled MoE path (moe.rs `moe_layer_tiled`): `w` holds every
+/// expert; tile t of `route` (`moe_route_tiles`: count, then (expert, first, pairs) per tile)
+/// multiplies its expert's rows with activation rows `sorted[first + i] / in_div` into output
+/// rows `sorted[first + i]` (`gated`: `[gate | up]` rows, SwiGLU into `n / 2` columns). `tiles`
+/// bounds the tile count (the grid; blocks past the table's count return at once). K must be
+/// a multiple of 128 (moe.rs `moe_tiled_supported`); the caller sized x, y and the route
+/// buffers for the layer's pairs.
+pub(crate) fn moe_tiled_product(
+    gpu: &GpuContext,
+    w: &GpuFp4Weight,
+    x: &CudaSlice<bf16>,
+    y: &mut CudaSlice<bf16>,
+    (sorted, route, tiles): (&CudaSlice<i32>, &CudaSlice<i32>, usize),
+    in_div: usize,
+    gated: bool,
+) -> Result<(), CudaError> {
+    let name = match (w.format, gated) {
+        (Fp4Format::Nvfp4, false) => "fp4_mm_moe_nv_t4",
+        (Fp4Format::Mxfp4, false) => "fp4_mm_moe_mx_t4",
+        (Fp4Format::Nvfp4, true) => "fp4_mm_moe_sw_nv_t4",
+        (Fp4Format::Mxfp4, true) => "fp4_mm_moe_sw_mx_t4",
+    };
+    let f = gpu.function(name)?;
+    let smem = smem_bytes(32);
+    allow_smem(&f, smem)?;
+    let row_blocks = if gated {
+        (w.n / 2).div_ceil(ROWS / 2)
+    } else {
+        w.n.div_ceil(ROWS)
+    };
+    let launch = LaunchConfig {
+        grid_dim: (row_blocks as u32, 1, tiles as u32),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: smem,
+    };
+    let (n_i, k_i, div_i) = (w.n as i32, w.k as i32, in_div as i32);
+    let mut b = gpu.stream().launch_builder(&f);
+    w.push_args(&mut b)
+        .arg(x)
+        .arg(y)
+        .arg(&n_i)
+        .arg(&k_i)
+        .arg(&w.post)
+        .arg(sorted)
+        .arg(route)
+        .arg(&div_i);
+    // SAFETY: argument types and order match MM_MOE_KERNEL; the route table has at most
+    // `tiles` tiles whose pairs index x (through in_div) and y within the caller's sizes.
+    unsafe { b.launch(launch) }.map_err(drv("launch tiled grouped FP4 GEMM"))?;
     Ok(())
 }
 

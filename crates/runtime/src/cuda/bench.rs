@@ -247,6 +247,15 @@ pub fn bench_random_weights(gpu: Arc<Gpu>, opts: &BenchOptions) -> Result<BenchR
                     ..base
                 },
             ));
+            if c.moe.is_some() {
+                flips.push((
+                    "moe_tiled",
+                    Tuning {
+                        moe_tiled: !base.moe_tiled,
+                        ..base
+                    },
+                ));
+            }
             // Last: turning it on leaves the E4M3 copies allocated.
             flips.push((
                 "fp8_resident",
@@ -265,6 +274,7 @@ pub fn bench_random_weights(gpu: Arc<Gpu>, opts: &BenchOptions) -> Result<BenchR
             let on = match name {
                 "fp8_prefill" => t.fp8_prefill,
                 "fp8_resident" => t.fp8_resident,
+                "moe_tiled" => t.moe_tiled,
                 _ => t.prefill_attention_mma,
             };
             let label = format!("{name}={}", if on { "on" } else { "off" });
@@ -577,6 +587,8 @@ fn tuning_ablation(
                 bulk_gemm: base.bulk_gemm,
                 bulk_min_mi: base.bulk_min_mi,
                 bulk_max_tokens: base.bulk_max_tokens,
+                moe_tiled: base.moe_tiled,
+                moe_tiled_min_pairs: base.moe_tiled_min_pairs,
             },
         ),
     ];
