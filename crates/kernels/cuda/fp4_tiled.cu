@@ -120,6 +120,77 @@ __device__ __forceinline__ bool split_combine(float* __restrict__ parts,
 
 // The block: MM_ROWS / 16 = 16 warps of one 16-row tile each (8 warps of two measured 1-3 %
 // slower on the H100).
+// The block's sums into tile[token][local row], rows MM_TILE_STRIDE floats apart (the pad
+// makes both the lanes' stores, (8t + g) mod 32, and the epilogue's row-contiguous reads
+// conflict-free; [row][token] had 8-way conflicts on the stores and 32-way on the reads): warp
+// w's accumulators hold local rows 16w + g (+ 8) and tokens 8j + 2t (+ 1) (mma C fragments).
+template <int TN>
+__device__ __forceinline__ void mm_tile_from_acc(float* tile, const float (&acc)[1][TN][4]) {
+    const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+#pragma unroll
+    for (int j = 0; j < TN; j++) {
+        const int lr = warp * 16 + g;
+        const int c = j * 8 + 2 * t;
+        tile[c * MM_TILE_STRIDE + lr] = acc[0][j][0];
+        tile[(c + 1) * MM_TILE_STRIDE + lr] = acc[0][j][1];
+        tile[c * MM_TILE_STRIDE + lr + 8] = acc[0][j][2];
+        tile[(c + 1) * MM_TILE_STRIDE + lr + 8] = acc[0][j][3];
+    }
+}
+
+// The epilogue's stores: tile (mm_tile_from_acc) times `scale` into bf16 output rows, slot tk to
+// row out_row(tk) (< 0: none). EPI_STORE: columns row0 + local row (< n); gated: silu(gate) * up
+// into n / 2 columns (local rows 32 i + r and 32 i + 16 + r hold gate and up column row0 + 16 i + r).
+template <int BM, int EPI, class OutRow>
+__device__ __forceinline__ void mm_store_tile(const float* tile, float scale, u16* __restrict__ y,
+                                              int n, int row0, OutRow out_row) {
+    constexpr int TILE = MM_ROWS * BM;
+    if (EPI == EPI_STORE) {
+        for (int e = threadIdx.x; e < TILE; e += blockDim.x) {
+            const int tk = e / MM_ROWS, lr = e - tk * MM_ROWS;
+            const int col = row0 + lr;
+            const int orow = out_row(tk);
+            if (orow < 0 || col >= n) continue;
+            y[(size_t)orow * n + col] = f32_to_bf16(tile[tk * MM_TILE_STRIDE + lr] * scale);
+        }
+    } else {
+        const int inter = n >> 1;
+        for (int e = threadIdx.x; e < TILE / 2; e += blockDim.x) {
+            const int tk = e / (MM_ROWS / 2), l = e - tk * (MM_ROWS / 2);
+            const int col = row0 + l;
+            const int orow = out_row(tk);
+            if (orow < 0 || col >= inter) continue;
+            const int lr = (l >> 4) * 32 + (l & 15);
+            y[(size_t)orow * inter + col] = swiglu_bf16(tile[tk * MM_TILE_STRIDE + lr] * scale,
+                                                        tile[tk * MM_TILE_STRIDE + lr + 16] * scale);
+        }
+    }
+}
+
+// The grouped (MoE) block's tile (moe_route_tiles' table, moe.cu): after the PDL wait, returns the
+// expert of tile blockIdx.z with slot i's activation row in moe_in[i] (pair / in_div) and output
+// row in moe_out[i] (the pair; -1: empty slot), or -1 past the table's tiles (the whole block
+// returns). Ends with a barrier.
+template <int BM>
+__device__ __forceinline__ int mm_moe_tile(const int* __restrict__ sorted,
+                                           const int* __restrict__ route, int in_div, int* moe_in,
+                                           int* moe_out) {
+    pdl_enter();
+    const int tile = blockIdx.z;
+    if (tile >= __ldcg(route)) return -1;
+    const int* ti = route + 1 + 3 * tile;
+    const int expert = __ldcg(ti);
+    const int start = __ldcg(ti + 1), cnt = __ldcg(ti + 2);
+    const int tid = threadIdx.x;
+    if (tid < BM) {
+        const int q = tid < cnt ? __ldcg(sorted + start + tid) : -1;
+        moe_out[tid] = q;
+        moe_in[tid] = q < 0 ? -1 : q / in_div;
+    }
+    __syncthreads();
+    return expert;
+}
+
 // MOE (the grouped form, fp4_mm_moe_*): blockIdx.z is a tile of `route` (moe_route_tiles,
 // moe.cu): up to 8*TN pairs of one expert, whose weights, scales and global scale this block
 // uses; slot i reads activation row moe_in[i] and writes output row moe_out[i] (-1: empty slot),
@@ -149,18 +220,8 @@ __device__ __forceinline__ void fp4_mm_body(const u8* __restrict__ wp, const u8*
     int expert = 0;
     if (MOE) {
         // The tile table comes from the launch before: nothing is read before the wait.
-        pdl_enter();
-        const int tile = blockIdx.z;
-        if (tile >= __ldcg(route)) return;  // past the tiles this routing made (whole block)
-        const int* ti = route + 1 + 3 * tile;
-        expert = __ldcg(ti);
-        const int start = __ldcg(ti + 1), cnt = __ldcg(ti + 2);
-        if (tid < BM) {
-            const int q = tid < cnt ? __ldcg(sorted + start + tid) : -1;
-            moe_out[tid] = q;
-            moe_in[tid] = q < 0 ? -1 : q / in_div;
-        }
-        __syncthreads();
+        expert = mm_moe_tile<BM>(sorted, route, in_div, moe_in, moe_out);
+        if (expert < 0) return;  // past the tiles this routing made (whole block)
         wp += (size_t)expert * n * kb;
         ws += (size_t)expert * n * bpr;
     }
@@ -270,19 +331,8 @@ __device__ __forceinline__ void fp4_mm_body(const u8* __restrict__ wp, const u8*
     cp_async_wait<0>();
     __syncthreads();  // every warp is done with the stage buffers: they become the tile
 
-    // The block's sums, tile[token][local row] with rows MM_TILE_STRIDE floats apart (the pad
-    // makes both the lanes' stores, (8t + g) mod 32, and the epilogue's row-contiguous reads
-    // conflict-free; [row][token] had 8-way conflicts on the stores and 32-way on the reads).
     float* tile = (float*)mm_smem;
-#pragma unroll
-    for (int j = 0; j < TN; j++) {
-        const int lr = warp * 16 + g;
-        const int c = j * 8 + 2 * t;
-        tile[c * MM_TILE_STRIDE + lr] = acc[0][j][0];
-        tile[(c + 1) * MM_TILE_STRIDE + lr] = acc[0][j][1];
-        tile[c * MM_TILE_STRIDE + lr + 8] = acc[0][j][2];
-        tile[(c + 1) * MM_TILE_STRIDE + lr + 8] = acc[0][j][3];
-    }
+    mm_tile_from_acc<TN>(tile, acc);
     __syncthreads();
     constexpr int TILE = MM_ROWS * BM;
     if (!MOE && S > 1) {
@@ -295,27 +345,9 @@ __device__ __forceinline__ void fp4_mm_body(const u8* __restrict__ wp, const u8*
     }
     // post = 2^A undoes the 2^-A left in the scale multipliers (weights.rs): exact.
     const float inv_scale = (1.0f / gscale[expert]) * post;
-    if (EPI == EPI_STORE) {
-        for (int e = tid; e < TILE; e += blockDim.x) {
-            const int tk = e / MM_ROWS, lr = e - tk * MM_ROWS;
-            const int col = row0 + lr;
-            const int orow = MOE ? moe_out[tk] : tok0 + tk;
-            if ((MOE ? orow < 0 : orow >= m) || col >= n) continue;
-            y[(size_t)orow * n + col] = f32_to_bf16(tile[tk * MM_TILE_STRIDE + lr] * inv_scale);
-        }
-    } else {
-        const int inter = n >> 1;
-        for (int e = tid; e < TILE / 2; e += blockDim.x) {
-            const int tk = e / (MM_ROWS / 2), l = e - tk * (MM_ROWS / 2);
-            const int col = row0 + l;
-            const int orow = MOE ? moe_out[tk] : tok0 + tk;
-            if ((MOE ? orow < 0 : orow >= m) || col >= inter) continue;
-            const int lr = (l >> 4) * 32 + (l & 15);
-            y[(size_t)orow * inter + col] =
-                swiglu_bf16(tile[tk * MM_TILE_STRIDE + lr] * inv_scale,
-                            tile[tk * MM_TILE_STRIDE + lr + 16] * inv_scale);
-        }
-    }
+    mm_store_tile<BM, EPI>(tile, inv_scale, y, n, row0, [&](int tk) {
+        return MOE ? moe_out[tk] : (tok0 + tk < m ? tok0 + tk : -1);
+    });
 }
 
 #define MM_KERNEL(NAME, FMT, TN, EPI)                                                           \
@@ -352,3 +384,133 @@ MM_MOE_KERNEL(fp4_mm_moe_nv_t4, FMT_NVFP4, 4, EPI_STORE)
 MM_MOE_KERNEL(fp4_mm_moe_mx_t4, FMT_MXFP4, 4, EPI_STORE)
 MM_MOE_KERNEL(fp4_mm_moe_sw_nv_t4, FMT_NVFP4, 4, EPI_SWIGLU_BF16)
 MM_MOE_KERNEL(fp4_mm_moe_sw_mx_t4, FMT_MXFP4, 4, EPI_SWIGLU_BF16)
+
+// ---------------------------------------------------------------------------------------------
+// The BF16 experts' tiled grouped product (moe_bf16.rs `moe_bf16_tiled`, prefill-sized batches
+// of the BF16 model): the FP4 kernel's blocks (256 weight rows, a tile of 32 pairs, three-stage
+// cp.async pipeline, same epilogue), with 64-element K chunks of bf16 weights (32 KiB a stage)
+// that need no decode: A and B fragments come straight from shared memory by ldmatrix. Every
+// 128-byte row (a weight row's chunk, a slot's activations) stores its 16-byte unit u at
+// u ^ (row & 7), so the eight row addresses of one ldmatrix hit eight bank groups.
+// Requires K % 64 == 0.
+// ---------------------------------------------------------------------------------------------
+#define BM_CH 64
+#define BM_W_BYTES (MM_ROWS * 128)
+#define BM_X_BYTES(TN) (8 * (TN) * 128)
+#define BM_STAGE_BYTES(TN) (BM_W_BYTES + BM_X_BYTES(TN))
+
+// Byte offset of 16-byte unit u of 128-byte row r (swizzled).
+__device__ __forceinline__ u32 sw128(int r, int u) { return (u32)(r * 128 + ((u ^ (r & 7)) << 4)); }
+
+// Four 8x8 bf16 matrices from shared memory: lanes 8i..8i+7 give the row addresses of matrix i,
+// whose fragment (row lane / 4, elements 2 (lane % 4) and + 1) lands in r[i].
+__device__ __forceinline__ void ldmatrix_x4(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr));
+}
+
+template <int TN, int EPI>
+__device__ __forceinline__ void bf16_mm_moe_body(const u16* __restrict__ w,
+                                                 const u16* __restrict__ x, u16* __restrict__ y,
+                                                 int n, int k, const int* __restrict__ sorted,
+                                                 const int* __restrict__ route, int in_div,
+                                                 int* moe_in, int* moe_out) {
+    static_assert(TN % 2 == 0, "token tiles go in pairs (one ldmatrix.x4)");
+    extern __shared__ __align__(16) u8 mm_smem[];
+    constexpr int BM = 8 * TN;
+    constexpr int STAGE = BM_STAGE_BYTES(TN);
+    constexpr int NT = 2 * MM_ROWS;      // threads
+    constexpr int WP = MM_ROWS * 8 / NT;  // 16-byte weight pieces per thread and stage
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int nch = k / BM_CH;
+    const int expert = mm_moe_tile<BM>(sorted, route, in_div, moe_in, moe_out);
+    if (expert < 0) return;
+    w += (size_t)expert * n * k;
+    const int row0 = blockIdx.x * (EPI == EPI_STORE ? MM_ROWS : MM_ROWS / 2);
+    const u32 sbase = smem_addr(mm_smem);
+    // Copies per stage, planned once: weight piece p = tid + NT j is unit p & 7 of local row
+    // p >> 3; activation piece tid (< 8 BM) is unit tid & 7 of slot tid >> 3.
+    const u16* wsrc[WP];
+    bool wval[WP];
+    u32 wdst[WP];
+#pragma unroll
+    for (int j = 0; j < WP; j++) {
+        const int p = tid + NT * j, lr = p >> 3, u = p & 7;
+        const int r = mm_row<EPI>(lr, row0, n, wval[j]);
+        wsrc[j] = w + (size_t)(wval[j] ? r : 0) * k + u * 8;
+        wdst[j] = sw128(lr, u);
+    }
+    const bool xon = tid < BM * 8;
+    const int xslot = tid >> 3, xu = tid & 7;
+    const int xrow = xon ? moe_in[xslot] : -1;
+    const bool xval = xrow >= 0;
+    const u16* xsrc = x + (size_t)(xval ? xrow : 0) * k + xu * 8;
+    const u32 xdst = BM_W_BYTES + sw128(xslot, xu);
+    const auto issue = [&](int it, u32 so) {
+        if (it >= nch) return;
+#pragma unroll
+        for (int j = 0; j < WP; j++) {
+            cp_async16_to(sbase + so + wdst[j], wsrc[j], wval[j]);
+            wsrc[j] += BM_CH;
+        }
+        if (xon) cp_async16_to(sbase + so + xdst, xsrc, xval);
+        xsrc += BM_CH;
+    };
+#pragma unroll
+    for (int s = 0; s < MM_STAGES - 1; s++) {
+        issue(s, s * STAGE);
+        cp_async_commit();
+    }
+    float acc[1][TN][4];
+#pragma unroll
+    for (int j = 0; j < TN; j++)
+#pragma unroll
+        for (int c = 0; c < 4; c++) acc[0][j][c] = 0.f;
+    // ldmatrix rows of this lane: A (the warp's 16 weight rows) matrix lane >> 3 = rows 0-7 /
+    // 8-15 at k 0-7, then the same at k 8-15; B (token tiles 2jj, 2jj + 1) matrix lane >> 3 =
+    // tile 2jj at k 0-7 / 8-15, then tile 2jj + 1.
+    const int ar = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, au = lane >> 4;
+    const int bu = (lane >> 3) & 1;
+    u32 rd = 0, wr = (MM_STAGES - 1) * STAGE;
+    for (int it = 0; it < nch; it++) {
+        cp_async_wait<MM_STAGES - 2>();
+        __syncthreads();
+        issue(it + MM_STAGES - 1, wr);
+        cp_async_commit();
+        const u32 st = sbase + rd;
+#pragma unroll
+        for (int ks = 0; ks < BM_CH / 16; ks++) {
+            u32 a0, a1, a2, a3;
+            ldmatrix_x4(st + sw128(ar, 2 * ks + au), a0, a1, a2, a3);
+#pragma unroll
+            for (int jj = 0; jj < TN / 2; jj++) {
+                const int bs = 8 * (2 * jj + (lane >> 4)) + (lane & 7);
+                u32 b0, b1, b2, b3;
+                ldmatrix_x4(st + BM_W_BYTES + sw128(bs, 2 * ks + bu), b0, b1, b2, b3);
+                mma_bf16_16816(acc[0][2 * jj], a0, a1, a2, a3, b0, b1);
+                mma_bf16_16816(acc[0][2 * jj + 1], a0, a1, a2, a3, b2, b3);
+            }
+        }
+        rd = rd == (MM_STAGES - 1) * STAGE ? 0 : rd + STAGE;
+        wr = wr == (MM_STAGES - 1) * STAGE ? 0 : wr + STAGE;
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // the stage buffers become the tile
+    float* tile = (float*)mm_smem;
+    mm_tile_from_acc<TN>(tile, acc);
+    __syncthreads();
+    mm_store_tile<BM, EPI>(tile, 1.f, y, n, row0, [&](int tk) { return moe_out[tk]; });
+}
+
+#define BM_MOE_KERNEL(NAME, TN, EPI)                                                            \
+    extern "C" __global__ void __launch_bounds__(2 * MM_ROWS, 1)                                \
+        NAME(const u16* w, const u16* x, u16* y, int n, int k, const int* sorted,              \
+             const int* route, int in_div) {                                                     \
+        __shared__ int moe_in[8 * (TN)], moe_out[8 * (TN)];                                     \
+        bf16_mm_moe_body<TN, EPI>(w, x, y, n, k, sorted, route, in_div, moe_in, moe_out);      \
+    }
+
+// bf16_mm_moe_t4 (y = x W^T per pair) and bf16_mm_moe_sw_t4 ([gate | up] with SwiGLU).
+BM_MOE_KERNEL(bf16_mm_moe_t4, 4, EPI_STORE)
+BM_MOE_KERNEL(bf16_mm_moe_sw_t4, 4, EPI_SWIGLU_BF16)

@@ -1451,6 +1451,105 @@ fn folded_norm_matches_cpu_reference() {
 /// pairs), an out-of-range id whose rows stay poisoned, SwiGLU inputs staged in shared memory
 /// (width <= 2048) and formed per weight row (wider); bad shapes refused.
 #[test]
+fn moe_bf16_tiled_matches_cpu_reference() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = rng("moe bf16 tiled");
+    // hidden 320 and inter 192: the down rows end a quarter into a 256-row block and the gate
+    // rows half way through a 128-row one.
+    let (experts, hidden, inter, tokens, top_k) = (5usize, 320usize, 192usize, 100usize, 2usize);
+    let rows = 2 * inter;
+    let pairs = tokens * top_k;
+    let (gub, guf) = bf16_pair(&random_matrix(&mut rng, experts * rows * hidden, 0.1));
+    let (dnb, dnf) = bf16_pair(&random_matrix(&mut rng, experts * hidden * inter, 0.1));
+    let (xb, xf) = bf16_pair(&random_matrix(&mut rng, tokens * hidden, 1.0));
+    // Expert 0 in every token's first slot (100 pairs: four tiles, the last partly filled),
+    // experts 1-3 at random, expert 4 never (no tile), one id out of range.
+    let mut ids: Vec<i32> = (0..pairs)
+        .map(|p| {
+            if p % top_k == 0 {
+                0
+            } else {
+                rng.random_range(1..experts as i32 - 1)
+            }
+        })
+        .collect();
+    ids[pairs - 1] = experts as i32 + 2;
+    let s = gpu.stream();
+    let (gu, dn, x, ids_d) = (
+        s.clone_htod(&gub).unwrap(),
+        s.clone_htod(&dnb).unwrap(),
+        s.clone_htod(&xb).unwrap(),
+        s.clone_htod(&ids).unwrap(),
+    );
+    assert!(cuda::moe_bf16_tiled_supported(rows, hidden, true));
+    assert!(!cuda::moe_bf16_tiled_supported(rows, hidden + 8, true));
+    let mut route = cuda::MoeRoute::new(&gpu, pairs, experts).unwrap();
+    let mut bad = s.clone_htod(&[0i32]).unwrap();
+    route.build(&gpu, &ids_d, pairs, Some(&mut bad)).unwrap();
+    assert_eq!(s.clone_dtoh(&bad).unwrap(), vec![1]);
+    let run = |w: &CudaSlice<bf16>, shape, in_div, gated, x: &CudaSlice<bf16>, out_len| {
+        let mut y = poisoned(&gpu, out_len);
+        cuda::moe_bf16_tiled(
+            &gpu,
+            bf16_experts(w, shape),
+            &route,
+            pairs,
+            in_div,
+            gated,
+            x,
+            &mut y,
+        )
+        .unwrap();
+        s.clone_dtoh(&y).unwrap()
+    };
+    let gu_h = run(&gu, (rows, hidden, experts), top_k, false, &x, pairs * rows);
+    let act_h = run(&gu, (rows, hidden, experts), top_k, true, &x, pairs * inter);
+    let act2 = run(&gu, (rows, hidden, experts), top_k, true, &x, pairs * inter);
+    let bits = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&act_h), bits(&act2), "two runs differ");
+    let act_d = s.clone_htod(&act_h).unwrap();
+    let y_h = run(
+        &dn,
+        (hidden, inter, experts),
+        1,
+        false,
+        &act_d,
+        pairs * hidden,
+    );
+    for (p, &e) in ids.iter().enumerate() {
+        let got_gu = &gu_h[p * rows..(p + 1) * rows];
+        let got_act = &act_h[p * inter..(p + 1) * inter];
+        let got_y = &y_h[p * hidden..(p + 1) * hidden];
+        let what = format!("tiled pair {p} (expert {e})");
+        if e as usize >= experts {
+            let all = got_gu.iter().chain(got_act).chain(got_y);
+            assert!(all.copied().all(|v| v.is_nan()), "{what}: written");
+            continue;
+        }
+        let e = e as usize;
+        let t = p / top_k;
+        let xr = &xf[t * hidden..(t + 1) * hidden];
+        let w_gu = &guf[e * rows * hidden..(e + 1) * rows * hidden];
+        let want_gu = matmul_ref(w_gu, xr, 1, rows, hidden);
+        check_close(&format!("{what} gate/up"), got_gu, &want_gu, 5e-3, 1e-2);
+        let want_act: Vec<f64> = (0..inter)
+            .map(|i| silu(want_gu[i]) * want_gu[inter + i])
+            .collect();
+        check_close(&format!("{what} swiglu"), got_act, &want_act, 1e-2, 2e-2);
+        // down from the device's own bf16 activations
+        let a: Vec<f32> = got_act.iter().map(|v| v.to_f32()).collect();
+        let w_dn = &dnf[e * hidden * inter..(e + 1) * hidden * inter];
+        let want_y = matmul_ref(w_dn, &a, 1, hidden, inter);
+        check_close(&format!("{what} down"), got_y, &want_y, 5e-3, 1e-2);
+    }
+    // A table built for other experts is refused.
+    let other = cuda::MoeRoute::new(&gpu, pairs, experts + 1).unwrap();
+    let mut y = poisoned(&gpu, pairs * rows);
+    let e = bf16_experts(&gu, (rows, hidden, experts));
+    assert!(cuda::moe_bf16_tiled(&gpu, e, &other, pairs, top_k, false, &x, &mut y).is_err());
+}
+
+#[test]
 fn moe_bf16_grouped_matches_cpu_reference() {
     let Some(gpu) = gpu() else { return };
     let mut rng = rng("moe bf16 grouped");

@@ -45,10 +45,8 @@ pub struct MoeWorkspace {
     bad: CudaSlice<i32>,
     act: CudaSlice<bf16>,
     down_out: CudaSlice<bf16>,
-    /// The tiled path's pairs sorted by expert (`moe_route_tiles`).
-    sorted: CudaSlice<i32>,
-    /// The tiled path's tile table: count, then (expert, first, pairs) per tile.
-    route: CudaSlice<i32>,
+    /// The tiled path's tile table.
+    route: MoeRoute,
 }
 
 /// Most experts the grouped kernel handles (its shared-memory presence table).
@@ -70,17 +68,12 @@ impl MoeWorkspace {
                 .map_err(drv("alloc MoE scratch"))
         };
         let (experts, _, _) = w.dims()?;
-        let zi = |len: usize| {
-            s.alloc_zeros::<i32>(len.max(1))
-                .map_err(drv("alloc MoE route"))
-        };
         Ok(MoeWorkspace {
             max_pairs: p,
             bad: s.alloc_zeros::<i32>(1).map_err(drv("alloc MoE status"))?,
             act: zb(p * inter)?,
             down_out: zb(p * hidden)?,
-            sorted: zi(p)?,
-            route: zi(1 + 3 * max_tiles(p, experts))?,
+            route: MoeRoute::new(gpu, p, experts)?,
         })
     }
 
@@ -380,13 +373,118 @@ pub fn moe_tiled_supported(w: &MoeWeights) -> bool {
 /// Whether [`moe_layer`] takes the tiled path under `tuning`: `moe_tiled` on, supported, and
 /// at least `moe_tiled_min_pairs` pairs per expert on average.
 pub fn moe_tiled_preferred(tuning: &Tuning, w: &MoeWeights, tokens: usize, top_k: usize) -> bool {
-    let experts = w.gate_up.experts;
+    moe_tiled_batch(tuning, tokens, top_k, w.gate_up.experts) && moe_tiled_supported(w)
+}
+
+/// Whether a batch of `tokens` tokens over `experts` experts (top `top_k`) is one for the tiled
+/// grouped kernels under `tuning` (FP4 [`moe_layer_tiled`] and BF16
+/// [`super::moe_bf16_tiled`]): `moe_tiled` on, more than one token, at least
+/// `moe_tiled_min_pairs` pairs per expert on average, and few enough tiles for one launch.
+pub fn moe_tiled_batch(tuning: &Tuning, tokens: usize, top_k: usize, experts: usize) -> bool {
     let pairs = tokens * top_k;
     tuning.moe_tiled
         && tokens > 1
-        && moe_tiled_supported(w)
+        && experts > 0
         && pairs >= tuning.moe_tiled_min_pairs as usize * experts
         && max_tiles(pairs, experts) <= MAX_GRID_Z
+}
+
+/// The tile table of the tiled grouped kernels for up to `max_pairs` pairs over `experts`
+/// experts, on the device: the pairs sorted by expert and cut into tiles of
+/// [`MOE_TILE_PAIRS`] (`moe_route_tiles`, [`MoeRoute::build`]).
+pub struct MoeRoute {
+    max_pairs: usize,
+    experts: usize,
+    /// Pair indices, grouped by expert (experts in order, pairs in order inside each).
+    sorted: CudaSlice<i32>,
+    /// The tile count, then (expert, first index into `sorted`, pairs) per tile.
+    route: CudaSlice<i32>,
+}
+
+impl MoeRoute {
+    /// Allocates a table for `max_pairs` pairs over `experts` (at most [`MOE_MAX_EXPERTS`]).
+    pub fn new(gpu: &GpuContext, max_pairs: usize, experts: usize) -> Result<Self, CudaError> {
+        if experts == 0 || experts > MOE_MAX_EXPERTS {
+            return Err(CudaError::Shape {
+                what: "MoeRoute".into(),
+                reason: format!("{experts} experts (1..={MOE_MAX_EXPERTS})"),
+            });
+        }
+        let s = gpu.stream();
+        let zi = |len: usize| {
+            s.alloc_zeros::<i32>(len.max(1))
+                .map_err(drv("alloc MoE route"))
+        };
+        Ok(MoeRoute {
+            max_pairs,
+            experts,
+            sorted: zi(max_pairs)?,
+            route: zi(1 + 3 * max_tiles(max_pairs, experts))?,
+        })
+    }
+
+    /// Experts of the table.
+    pub fn experts(&self) -> usize {
+        self.experts
+    }
+
+    /// Queues the table of the first `pairs` router ids (`ids[q]`: pair q's expert; ids
+    /// outside `[0, experts)` are left out, and counted into `bad[0]` where given). Returns the
+    /// launches' tile bound.
+    pub fn build(
+        &mut self,
+        gpu: &GpuContext,
+        ids: &CudaSlice<i32>,
+        pairs: usize,
+        bad: Option<&mut CudaSlice<i32>>,
+    ) -> Result<usize, CudaError> {
+        let tiles = max_tiles(pairs, self.experts);
+        if pairs == 0 || pairs > self.max_pairs || tiles > MAX_GRID_Z || pairs > i32::MAX as usize {
+            return Err(CudaError::Shape {
+                what: "MoeRoute::build".into(),
+                reason: format!(
+                    "{pairs} pairs (1..={} for this table, at most {MAX_GRID_Z} tiles of \
+                     {MOE_TILE_PAIRS})",
+                    self.max_pairs
+                ),
+            });
+        }
+        check_len("MoeRoute::build: ids", ids.len(), pairs)?;
+        if let Some(b) = &bad {
+            check_len("MoeRoute::build: bad", b.len(), 1)?;
+        }
+        let f = gpu.function("moe_route_tiles")?;
+        let smem = route_smem(self.experts);
+        f.set_attribute(
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .map_err(drv("moe_route_tiles dynamic shared memory limit"))?;
+        let (p_i, e_i, bm_i) = (pairs as i32, self.experts as i32, MOE_TILE_PAIRS as i32);
+        let mut b = gpu.stream().launch_builder(&f);
+        b.arg(ids)
+            .arg(&p_i)
+            .arg(&e_i)
+            .arg(&bm_i)
+            .arg(&mut self.sorted)
+            .arg(&mut self.route);
+        arg_or_null(&mut b, bad.map(|b| &*b));
+        let launch = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: smem,
+        };
+        // SAFETY: ids holds `pairs` entries, sorted max_pairs >= pairs and route
+        // 1 + 3 * max_tiles(max_pairs, E) >= 1 + 3 * (the tiles any routing of `pairs` makes);
+        // bad one entry or null; the shared memory is route_smem(E).
+        unsafe { b.launch(launch) }.map_err(drv("launch moe_route_tiles"))?;
+        Ok(tiles)
+    }
+
+    /// The sorted pairs, the table and the tile bound for `pairs` pairs (the tiled launches).
+    pub(crate) fn tables(&self, pairs: usize) -> (&CudaSlice<i32>, &CudaSlice<i32>, usize) {
+        (&self.sorted, &self.route, max_tiles(pairs, self.experts))
+    }
 }
 
 /// The largest grid.z of a launch (the tiled kernels' tiles).
@@ -424,59 +522,13 @@ pub fn moe_layer_tiled(
         return Ok(());
     };
     let (experts, hidden, _) = w.dims()?;
-    let tiles = max_tiles(p, experts);
-    if tiles > MAX_GRID_Z {
-        return Err(CudaError::Shape {
-            what: "moe_layer_tiled".into(),
-            reason: format!("{p} pairs make up to {tiles} tiles (at most {MAX_GRID_Z})"),
-        });
-    }
     // 1. the tile table (and the count of invalid ids)
-    let f = gpu.function("moe_route_tiles")?;
-    let smem = route_smem(experts);
-    f.set_attribute(
-        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        smem as i32,
-    )
-    .map_err(drv("moe_route_tiles dynamic shared memory limit"))?;
-    let (p_i, e_i, bm_i) = (p as i32, experts as i32, MOE_TILE_PAIRS as i32);
-    let mut b = gpu.stream().launch_builder(&f);
-    b.arg(topk_ids)
-        .arg(&p_i)
-        .arg(&e_i)
-        .arg(&bm_i)
-        .arg(&mut ws.sorted)
-        .arg(&mut ws.route)
-        .arg(&mut ws.bad);
-    let launch = LaunchConfig {
-        grid_dim: (1, 1, 1),
-        block_dim: (1024, 1, 1),
-        shared_mem_bytes: smem,
-    };
-    // SAFETY: ids holds p entries (check_layer), sorted p and route 1 + 3 * max_tiles(p, E)
-    // (the workspace holds at least p pairs), bad one; the shared memory is route_smem(E).
-    unsafe { b.launch(launch) }.map_err(drv("launch moe_route_tiles"))?;
+    ws.route.build(gpu, topk_ids, p, Some(&mut ws.bad))?;
     // 2. gate/up + SwiGLU: pair q reads token q / top_k, writes act row q
-    let (sorted, route) = (&ws.sorted, &ws.route);
-    moe_tiled_product(
-        gpu,
-        &w.gate_up,
-        x,
-        &mut ws.act,
-        (sorted, route, tiles),
-        top_k,
-        true,
-    )?;
+    let rt = &ws.route;
+    moe_tiled_product(gpu, &w.gate_up, x, &mut ws.act, (rt, p), top_k, true)?;
     // 3. down: pair q reads act row q, writes down_out row q
-    moe_tiled_product(
-        gpu,
-        &w.down,
-        &ws.act,
-        &mut ws.down_out,
-        (sorted, route, tiles),
-        1,
-        false,
-    )?;
+    moe_tiled_product(gpu, &w.down, &ws.act, &mut ws.down_out, (rt, p), 1, false)?;
     // 4. weighted combine
     combine(
         gpu,

@@ -1,7 +1,8 @@
 //! The BF16 expert kernels of the MoE baseline (moe.cu): the grouped GEMV, which reads each
 //! present expert once for all its (token, expert) pairs, and the one-token kernel, where every
 //! pair has an expert of its own. Both route themselves from the router's top-k ids on the
-//! device.
+//! device. Prefill-sized batches take the tiled tensor-core kernel instead (`moe_bf16_tiled`,
+//! over a [`MoeRoute`] table).
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
@@ -9,7 +10,8 @@ use half::bf16;
 use super::context::GpuContext;
 use super::error::{drv, CudaError};
 use super::gemm::check_len;
-use super::moe::MOE_MAX_EXPERTS;
+use super::moe::{MoeRoute, MOE_MAX_EXPERTS};
+use super::tiled::{moe_tiled_launch, BF16_MOE_SMEM};
 
 /// Largest expert width whose SwiGLU rows [`moe_bf16_grouped`] stages in shared memory (8 rows
 /// of bf16: 32 KiB at 2048, within the default 48 KiB); wider experts form SwiGLU per pair of
@@ -243,5 +245,80 @@ pub fn moe_bf16_pairs(
     // (checked above); k is a multiple of 8 (and within the staged SwiGLU row); the kernel reads
     // ids within [0, pairs) and skips ids outside [0, experts).
     unsafe { b.launch(cfg) }.map_err(drv("launch moe_bf16_pairs"))?;
+    Ok(())
+}
+
+/// K elements per pipeline stage of the tiled BF16 grouped kernels (`BM_CH`, fp4_tiled.cu).
+const TILED_CHUNK: usize = 64;
+
+/// Whether [`moe_bf16_tiled`] takes experts of `[n, k]` (`gated`: the `[gate | up]` form, so
+/// `n` even): K a multiple of 64 (whole chunks, aligned copies).
+pub fn moe_bf16_tiled_supported(n: usize, k: usize, gated: bool) -> bool {
+    n > 0 && k > 0 && k % TILED_CHUNK == 0 && (!gated || n % 2 == 0)
+}
+
+/// Tiled grouped BF16 expert product on the tensor cores (prefill-sized batches; the runtime
+/// takes it where [`super::moe_tiled_batch`] holds): for the `pairs` pairs of a route table
+/// ([`MoeRoute::build`] over the same ids), `y[q] = w[e_q] · x[q / in_div]`, or with `gated`
+/// (`w` holds `[gate | up]` rows, `n = 2 * inter`) `y[q] = silu(gate) * up` of `n / 2`
+/// columns, each product rounded to bf16 first. f32 accumulation over K in order; one block per
+/// (256 weight rows, tile of 32 pairs of one expert), each K chunk of the expert's rows read
+/// once for the tile (fp4_tiled.cu `bf16_mm_moe_*`). Pairs with an invalid id are in no tile:
+/// their rows of `y` are left as they were. Deterministic.
+#[allow(clippy::too_many_arguments)]
+pub fn moe_bf16_tiled(
+    gpu: &GpuContext,
+    e: Bf16Experts<'_>,
+    route: &MoeRoute,
+    pairs: usize,
+    in_div: usize,
+    gated: bool,
+    x: &CudaSlice<bf16>,
+    y: &mut CudaSlice<bf16>,
+) -> Result<(), CudaError> {
+    let Bf16Experts { w, n, k, experts } = e;
+    if !moe_bf16_tiled_supported(n, k, gated)
+        || in_div == 0
+        || pairs == 0
+        || experts != route.experts()
+        || pairs > i32::MAX as usize
+    {
+        return Err(CudaError::Shape {
+            what: "moe_bf16_tiled".into(),
+            reason: format!(
+                "{pairs} pairs of {experts} [{n}, {k}] experts{} (input row p / {in_div}; k a \
+                 multiple of {TILED_CHUNK}; the route table has {} experts)",
+                if gated { ", gated" } else { "" },
+                route.experts()
+            ),
+        });
+    }
+    let out_cols = if gated { n / 2 } else { n };
+    check_len("moe_bf16_tiled: w", w.len(), experts * n * k)?;
+    let x_need = pairs.div_ceil(in_div) * k;
+    check_len("moe_bf16_tiled: x", x.len().min(x_need), x_need)?;
+    let y_need = pairs * out_cols;
+    check_len("moe_bf16_tiled: y", y.len().min(y_need), y_need)?;
+    let (sorted, table, tiles) = route.tables(pairs);
+    let name = if gated {
+        "bf16_mm_moe_sw_t4"
+    } else {
+        "bf16_mm_moe_t4"
+    };
+    let (f, launch) = moe_tiled_launch(gpu, name, BF16_MOE_SMEM, n, gated, tiles)?;
+    let (n_i, k_i, div_i) = (n as i32, k as i32, in_div as i32);
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(w)
+        .arg(x)
+        .arg(y)
+        .arg(&n_i)
+        .arg(&k_i)
+        .arg(sorted)
+        .arg(table)
+        .arg(&div_i);
+    // SAFETY: matches BM_MOE_KERNEL; w is the whole stack, x holds the input rows of every pair
+    // and y `pairs` rows of the output width (checked above); the table was built for at most
+    // `pairs` pairs over these experts (its tiles index only those rows).
+    unsafe { b.launch(launch) }.map_err(drv("launch moe_bf16_tiled"))?;
     Ok(())
 }

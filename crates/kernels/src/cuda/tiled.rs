@@ -10,6 +10,7 @@ use half::bf16;
 use super::context::{GpuContext, Tuning};
 use super::error::{drv, CudaError};
 use super::gemm::check_len;
+use super::moe::MoeRoute;
 use super::weights::GpuFp4Weight;
 use crate::fp4::Fp4Format;
 
@@ -233,18 +234,16 @@ fn tiled_product(
 }
 
 /// One grouped product of the tiled MoE path (moe.rs `moe_layer_tiled`): `w` holds every
-/// expert; tile t of `route` (`moe_route_tiles`: count, then (expert, first, pairs) per tile)
-/// multiplies its expert's rows with activation rows `sorted[first + i] / in_div` into output
-/// rows `sorted[first + i]` (`gated`: `[gate | up]` rows, SwiGLU into `n / 2` columns). `tiles`
-/// bounds the tile count (the grid; blocks past the table's count return at once). K must be
-/// a multiple of 128 (moe.rs `moe_tiled_supported`); the caller sized x, y and the route
-/// buffers for the layer's pairs.
+/// expert; tile t of the route table ([`super::MoeRoute`], built for `pairs` pairs) multiplies
+/// its expert's rows with activation rows `sorted[first + i] / in_div` into output rows
+/// `sorted[first + i]` (`gated`: `[gate | up]` rows, SwiGLU into `n / 2` columns). K must be
+/// a multiple of 128 (moe.rs `moe_tiled_supported`); the caller sized x and y for the pairs.
 pub(crate) fn moe_tiled_product(
     gpu: &GpuContext,
     w: &GpuFp4Weight,
     x: &CudaSlice<bf16>,
     y: &mut CudaSlice<bf16>,
-    (sorted, route, tiles): (&CudaSlice<i32>, &CudaSlice<i32>, usize),
+    (route, pairs): (&MoeRoute, usize),
     in_div: usize,
     gated: bool,
 ) -> Result<(), CudaError> {
@@ -254,19 +253,8 @@ pub(crate) fn moe_tiled_product(
         (Fp4Format::Nvfp4, true) => "fp4_mm_moe_sw_nv_t4",
         (Fp4Format::Mxfp4, true) => "fp4_mm_moe_sw_mx_t4",
     };
-    let f = gpu.function(name)?;
-    let smem = smem_bytes(32);
-    allow_smem(&f, smem)?;
-    let row_blocks = if gated {
-        (w.n / 2).div_ceil(ROWS / 2)
-    } else {
-        w.n.div_ceil(ROWS)
-    };
-    let launch = LaunchConfig {
-        grid_dim: (row_blocks as u32, 1, tiles as u32),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: smem,
-    };
+    let (sorted, table, tiles) = route.tables(pairs);
+    let (f, launch) = moe_tiled_launch(gpu, name, smem_bytes(32), w.n, gated, tiles)?;
     let (n_i, k_i, div_i) = (w.n as i32, w.k as i32, in_div as i32);
     let mut b = gpu.stream().launch_builder(&f);
     w.push_args(&mut b)
@@ -276,7 +264,7 @@ pub(crate) fn moe_tiled_product(
         .arg(&k_i)
         .arg(&w.post)
         .arg(sorted)
-        .arg(route)
+        .arg(table)
         .arg(&div_i);
     // SAFETY: argument types and order match MM_MOE_KERNEL; the route table has at most
     // `tiles` tiles whose pairs index x (through in_div) and y within the caller's sizes.
@@ -284,9 +272,50 @@ pub(crate) fn moe_tiled_product(
     Ok(())
 }
 
+/// Bytes of shared memory of the BF16 tiled grouped kernels (`bf16_mm_moe_*`, fp4_tiled.cu):
+/// three stages of 256 rows x 64 bf16 weights and 32 slots x 64 bf16 activations (more than
+/// the epilogue's tile of 32 x `TILE_STRIDE` floats: tested).
+pub(crate) const BF16_MOE_SMEM: u32 = (STAGES as usize * (ROWS * 128 + 32 * 128)) as u32;
+
+/// The function and launch shape of a tiled grouped kernel `name` over `n` weight rows
+/// (`gated`: 128 gate rows and their up rows per block, else 256 rows) and `tiles` tiles, its
+/// dynamic shared memory limit raised to `smem`.
+pub(crate) fn moe_tiled_launch(
+    gpu: &GpuContext,
+    name: &'static str,
+    smem: u32,
+    n: usize,
+    gated: bool,
+    tiles: usize,
+) -> Result<(cudarc::driver::CudaFunction, LaunchConfig), CudaError> {
+    let f = gpu.function(name)?;
+    allow_smem(&f, smem)?;
+    let row_blocks = if gated {
+        (n / 2).div_ceil(ROWS / 2)
+    } else {
+        n.div_ceil(ROWS)
+    };
+    let launch = LaunchConfig {
+        grid_dim: (row_blocks as u32, 1, tiles as u32),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: smem,
+    };
+    Ok((f, launch))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shared_memory_holds_the_epilogue_tile() {
+        for bm in [16, 32] {
+            assert!(smem_bytes(bm) as usize >= bm * TILE_STRIDE * 4);
+        }
+        assert!(BF16_MOE_SMEM as usize >= 32 * TILE_STRIDE * 4);
+        // Under the 227 KiB an H100 block may have.
+        assert!(BF16_MOE_SMEM <= 227 * 1024 && smem_bytes(32) <= 227 * 1024);
+    }
 
     #[test]
     fn splits_fill_the_gpu_without_tiny_splits() {

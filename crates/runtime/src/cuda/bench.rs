@@ -228,8 +228,8 @@ pub fn bench_random_weights(gpu: Arc<Gpu>, opts: &BenchOptions) -> Result<BenchR
             "  prefill {} tokens: {prefill:.0} tokens/s ({fp8_gemms} FP8 GEMMs)",
             opts.prompt
         );
-        // Prefill switches flipped one at a time, same process: FP8 GEMMs (FP4 weights only)
-        // and the tensor-core attention.
+        // Prefill switches flipped one at a time, same process: the tensor-core attention, the
+        // tiled MoE kernels (MoE models) and the FP8 GEMMs (FP4 weights only).
         let mut prefill_ablation = Vec::new();
         let base = gpu.ctx.tuning();
         let mut flips: Vec<(&str, Tuning)> = vec![(
@@ -239,6 +239,16 @@ pub fn bench_random_weights(gpu: Arc<Gpu>, opts: &BenchOptions) -> Result<BenchR
                 ..base
             },
         )];
+        // The tiled grouped MoE kernels (FP4 and BF16 experts).
+        if c.moe.is_some() {
+            flips.push((
+                "moe_tiled",
+                Tuning {
+                    moe_tiled: !base.moe_tiled,
+                    ..base
+                },
+            ));
+        }
         if matches!(kind, WeightKind::Fp4(_)) {
             flips.push((
                 "fp8_prefill",
@@ -247,15 +257,6 @@ pub fn bench_random_weights(gpu: Arc<Gpu>, opts: &BenchOptions) -> Result<BenchR
                     ..base
                 },
             ));
-            if c.moe.is_some() {
-                flips.push((
-                    "moe_tiled",
-                    Tuning {
-                        moe_tiled: !base.moe_tiled,
-                        ..base
-                    },
-                ));
-            }
             // Last: turning it on leaves the E4M3 copies allocated.
             flips.push((
                 "fp8_resident",

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{sys, CudaEvent, CudaSlice};
 use half::bf16;
-use mimo_kernels::cuda::{MoeWeights, MoeWorkspace, PdlGraph};
+use mimo_kernels::cuda::{MoeRoute, MoeWeights, MoeWorkspace, PdlGraph};
 
 use super::error::{drv, GpuError};
 use super::ops::TopPBufs;
@@ -206,6 +206,8 @@ struct MoeBufs {
     fp4: Option<MoeWorkspace>,
     pair_gu: Option<CudaSlice<bf16>>,
     pair_dn: Option<CudaSlice<bf16>>,
+    /// BF16 experts: the tiled kernels' table (prefill-sized batches, `moe_tiled_batch`).
+    route: Option<MoeRoute>,
     shared: Option<(MlpBufs, CudaSlice<bf16>, CudaSlice<bf16>)>,
 }
 
@@ -573,9 +575,10 @@ impl GpuModel {
         }) {
             Some(moe) => {
                 let p = m * moe.top_k;
-                let (fp4, pair_gu, pair_dn) = match &moe.experts {
+                let (fp4, pair_gu, pair_dn, route) = match &moe.experts {
                     Experts::Fp4(w) => (
                         Some(MoeWorkspace::new(&g.ctx, w, m, moe.top_k)?),
+                        None,
                         None,
                         None,
                     ),
@@ -583,6 +586,11 @@ impl GpuModel {
                         None,
                         Some(zeros(g, p * 2 * moe.inter)?),
                         Some(zeros(g, p * hd)?),
+                        if m > 1 {
+                            Some(MoeRoute::new(&g.ctx, p, moe.n_experts)?)
+                        } else {
+                            None
+                        },
                     ),
                 };
                 let shared = match &moe.shared {
@@ -599,6 +607,7 @@ impl GpuModel {
                     fp4,
                     pair_gu,
                     pair_dn,
+                    route,
                     shared,
                 })
             }

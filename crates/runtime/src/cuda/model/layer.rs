@@ -6,9 +6,9 @@
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use mimo_kernels::cuda::{
-    moe_bf16_grouped, moe_bf16_pairs, moe_bf16_pairs_supported, moe_down_norm_out, moe_fold_parts,
-    moe_layer, moe_one_token_gate_up, Bf16Experts, Bf16Pairs, L2Ranges, NormIn, NormOut,
-    OneTokenRoute,
+    moe_bf16_grouped, moe_bf16_pairs, moe_bf16_pairs_supported, moe_bf16_tiled,
+    moe_bf16_tiled_supported, moe_down_norm_out, moe_fold_parts, moe_layer, moe_one_token_gate_up,
+    moe_tiled_batch, Bf16Experts, Bf16Pairs, L2Ranges, NormIn, NormOut, OneTokenRoute,
 };
 
 use super::{
@@ -347,6 +347,35 @@ impl GpuModel {
                     ..Pend::default()
                 };
                 match (&moe.experts, &mut mb.fp4, &mut mb.pair_gu, &mut mb.pair_dn) {
+                    (Experts::Bf16 { gate_up, down }, _, Some(pgu), Some(pdn))
+                        if tap.is_none()
+                            && mb.route.is_some()
+                            && moe_tiled_batch(&g.tuning(), m, moe.top_k, moe.n_experts)
+                            && moe_bf16_tiled_supported(2 * moe.inter, hd, true)
+                            && moe_bf16_tiled_supported(hd, moe.inter, false) =>
+                    {
+                        // Prefill-sized batches: the pairs sorted into tiles of one expert,
+                        // each expert's rows read once per tile on the tensor cores; gate/up
+                        // forms SwiGLU in its epilogue (pgu then holds [pairs][inter]).
+                        let route = mb
+                            .route
+                            .as_mut()
+                            .ok_or_else(|| GpuError::Unsupported("MoE route table".into()))?;
+                        route.build(g, &mb.ids, p, None)?;
+                        let experts = |w, n, k| Bf16Experts {
+                            w,
+                            n,
+                            k,
+                            experts: moe.n_experts,
+                        };
+                        let gu = experts(gate_up, 2 * moe.inter, hd);
+                        moe_bf16_tiled(g, gu, route, p, moe.top_k, true, &ws.h, pgu)?;
+                        self.mark("experts")?;
+                        let dn = experts(down, hd, moe.inter);
+                        moe_bf16_tiled(g, dn, route, p, 1, false, pgu, pdn)?;
+                        self.mark("experts")?;
+                        out.pairs = true;
+                    }
                     (Experts::Fp4(w), Some(fws), _, _) if folded => {
                         // The next layer's input norm folded into the down + combine kernel,
                         // which also adds a pending attention output (fused router) first.
