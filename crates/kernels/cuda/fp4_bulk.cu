@@ -23,8 +23,9 @@
 // and at 32 tokens 20-37 % faster than the tiled kernel (bulk.rs BULK_MIN_MI, BULK_MIN_ROWS;
 // the runtime takes it there, Tuning::bulk_gemm).
 //
-// Block: RB row tiles of 16 rows (R = 16 RB weight rows) in groups of MT (one warp's tiles)
-// and KW consumer warps per group (warp w: group w % (RB / MT), K share w / (RB / MT): the
+// Block: RB row tiles of 16 rows (R = 16 RB weight rows) in groups of MT (one warp's tiles;
+// the kernels below take MT = 1: two tiles per warp measured slower everywhere and were
+// removed, docs/kernels-notes.md round 18) and KW consumer warps per group (warp w: group w % (RB / MT), K share w / (RB / MT): the
 // stage's four 128-element chunks dealt round-robin over the KW warps, continuing across
 // stages), then the producer warp. Grid: x = row blocks, y = K splits (the tiled kernel's
 // deterministic last-block reduction, in split order). The gated form (EPI_SWIGLU_BF16) loads
@@ -346,16 +347,12 @@ __device__ __forceinline__ void fp4_bulk_body(const TensorMap* tw, const TensorM
                                         xrows, parts, tickets);                               \
     }
 
-// fp4_bulk_{nv,mx}_t{TN}_m{MT}: y = x W^T for up to 8 * TN tokens, MT row tiles per warp;
+// fp4_bulk_{nv,mx}_t{TN}_m1: y = x W^T for up to 8 * TN tokens, one row tile per warp;
 // fp4_bulk_sw_*: [gate | up] with the SwiGLU epilogue of the decode kernels (EPI_SWIGLU_BF16).
 BK_KERNEL(fp4_bulk_nv_t1_m1, FMT_NVFP4, 1, 1, EPI_STORE, 1024)
 BK_KERNEL(fp4_bulk_nv_t2_m1, FMT_NVFP4, 2, 1, EPI_STORE, 1024)
 BK_KERNEL(fp4_bulk_mx_t1_m1, FMT_MXFP4, 1, 1, EPI_STORE, 1024)
 BK_KERNEL(fp4_bulk_mx_t2_m1, FMT_MXFP4, 2, 1, EPI_STORE, 1024)
-BK_KERNEL(fp4_bulk_nv_t1_m2, FMT_NVFP4, 1, 2, EPI_STORE, 1024)
-BK_KERNEL(fp4_bulk_nv_t2_m2, FMT_NVFP4, 2, 2, EPI_STORE, 1024)
-BK_KERNEL(fp4_bulk_mx_t1_m2, FMT_MXFP4, 1, 2, EPI_STORE, 1024)
-BK_KERNEL(fp4_bulk_mx_t2_m2, FMT_MXFP4, 2, 2, EPI_STORE, 1024)
 BK_KERNEL(fp4_bulk_sw_nv_t1_m1, FMT_NVFP4, 1, 1, EPI_SWIGLU_BF16, 1024)
 BK_KERNEL(fp4_bulk_sw_nv_t2_m1, FMT_NVFP4, 2, 1, EPI_SWIGLU_BF16, 1024)
 BK_KERNEL(fp4_bulk_sw_mx_t1_m1, FMT_MXFP4, 1, 1, EPI_SWIGLU_BF16, 1024)

@@ -554,24 +554,21 @@ fn bulk_gemm_matches_cpu_reference() {
     }
     let mut rng = rng("fp4_gemm_bulk");
     let forced = [
-        (1, 1, 16, 1, 2),
-        (2, 1, 3, 3, 8),
-        (7, 1, 2, 2, 3),
-        (16, 1, 1, 1, 2),
-        (2, 2, 16, 1, 2),
-        (6, 2, 5, 2, 3),
-        (16, 2, 2, 1, 2),
-        (1, 1, 31, 2, 2),
+        (1, 16, 1, 2),
+        (2, 3, 3, 8),
+        (7, 2, 2, 3),
+        (16, 1, 1, 2),
+        (2, 8, 1, 2),
+        (6, 2, 2, 3),
+        (8, 2, 1, 2),
+        (1, 31, 2, 2),
     ]
-    .map(
-        |(row_tiles, warp_tiles, k_warps, splits, stages)| BulkConfig {
-            row_tiles,
-            warp_tiles,
-            k_warps,
-            splits,
-            stages,
-        },
-    );
+    .map(|(row_tiles, k_warps, splits, stages)| BulkConfig {
+        row_tiles,
+        k_warps,
+        splits,
+        stages,
+    });
     let shapes = [
         (1, 333, 1024),
         (3, 77, 512),
@@ -595,13 +592,11 @@ fn bulk_gemm_matches_cpu_reference() {
             }
             assert!(bulk_supported(&gpu, &w, m, false), "{format} {m} {n} {k}");
             let sms = gpu.sm_count() as usize;
-            let autos = [(1, 16), (2, 16), (1, 31), (2, 31)]
-                .map(|(mt, wp)| BulkConfig::auto_with(format, m, n, k, sms, mt, wp));
+            let autos = [16, 31].map(|wp| BulkConfig::auto_with(format, m, n, k, sms, false, wp));
             for cfg in autos.into_iter().chain(forced) {
-                // 32-token blocks: one tile per warp, at most 16 consumer warps, and the
-                // eight-stage forced shape does not fit.
-                let big = m > 16
-                    && (cfg.warp_tiles != 1 || cfg.row_tiles * cfg.k_warps > 16 || cfg.stages > 4);
+                // 32-token blocks: at most 16 consumer warps, and the eight-stage forced shape
+                // does not fit.
+                let big = m > 16 && (cfg.row_tiles * cfg.k_warps > 16 || cfg.stages > 4);
                 if cfg.splits > k.div_ceil(512) || big {
                     continue;
                 }
@@ -627,17 +622,15 @@ fn bulk_gemm_matches_cpu_reference() {
                 continue;
             }
             let gated = [
-                BulkConfig::auto_with(format, m, n, k, sms, 0, 16),
+                BulkConfig::auto_with(format, m, n, k, sms, true, 16),
                 BulkConfig {
                     row_tiles: 2,
-                    warp_tiles: 1,
                     k_warps: 4,
                     splits: 2,
                     stages: 3,
                 },
                 BulkConfig {
                     row_tiles: 16,
-                    warp_tiles: 1,
                     k_warps: 1,
                     splits: 1,
                     stages: 2,

@@ -71,12 +71,9 @@ unsafe impl DeviceRepr for TensorMap {}
 /// The launch shape of a bulk product.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BulkConfig {
-    /// Row tiles of 16 weight rows per block.
+    /// Row tiles of 16 weight rows per block (one per consumer warp of a K share).
     pub row_tiles: usize,
-    /// Row tiles per consumer warp (1 or 2; divides `row_tiles`).
-    pub warp_tiles: usize,
-    /// Consumer warps per group of `warp_tiles` row tiles (they share its K chunks
-    /// round-robin).
+    /// Consumer warps per row tile (they share its K chunks round-robin).
     pub k_warps: usize,
     /// K splits over blocks.
     pub splits: usize,
@@ -98,14 +95,12 @@ fn k_align(format: Fp4Format) -> usize {
     16 * CHUNK / scale_bytes(format)
 }
 
-/// The bulk kernels' A/B and sweep knobs (`MIMO_BULK_MT`, `MIMO_BULK_WARPS`, `MIMO_BULK_CFG`,
+/// The bulk kernels' A/B and sweep knobs (`MIMO_BULK_WARPS`, `MIMO_BULK_CFG`,
 /// `MIMO_BULK_XFULL`), read from the environment once per process rather than at every launch.
 struct Knobs {
-    /// Row tiles per warp of the automatic shape (1, or 2 with `MIMO_BULK_MT=2`).
-    warp_tiles: usize,
     /// The most consumer warps of the automatic shape.
     warps: usize,
-    /// `MIMO_BULK_CFG=row_tiles,warp_tiles,k_warps,splits,stages`: this shape for every launch.
+    /// `MIMO_BULK_CFG=row_tiles,k_warps,splits,stages`: this shape for every launch.
     cfg: Option<BulkConfig>,
     /// `MIMO_BULK_XFULL=1`: activation boxes of 8, 16 or 32 tokens whatever M is.
     full_x_boxes: bool,
@@ -118,9 +113,8 @@ fn knobs() -> &'static Knobs {
         let cfg = var("MIMO_BULK_CFG").and_then(|v| {
             let f: Vec<usize> = v.split(',').filter_map(|x| x.trim().parse().ok()).collect();
             match f[..] {
-                [row_tiles, warp_tiles, k_warps, splits, stages] => Some(BulkConfig {
+                [row_tiles, k_warps, splits, stages] => Some(BulkConfig {
                     row_tiles,
-                    warp_tiles,
                     k_warps,
                     splits,
                     stages,
@@ -129,11 +123,6 @@ fn knobs() -> &'static Knobs {
             }
         });
         Knobs {
-            warp_tiles: if var("MIMO_BULK_MT").as_deref() == Some("2") {
-                2
-            } else {
-                1
-            },
             warps: var("MIMO_BULK_WARPS")
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(DEFAULT_CONSUMERS),
@@ -221,30 +210,21 @@ impl BulkConfig {
         if let Some(cfg) = kn.cfg {
             return cfg;
         }
-        let mt = if gated { 0 } else { kn.warp_tiles };
-        Self::auto_with(format, m, n, k, sms, mt, kn.warps)
+        Self::auto_with(format, m, n, k, sms, gated, kn.warps)
     }
 
-    /// [`BulkConfig::auto`] for warps of `warp_tiles` row tiles each and at most `warps`
-    /// consumer warps per block; `warp_tiles` 0: the gated form (one tile per warp, an even
-    /// number of row tiles per block: half gate rows, half up rows).
+    /// [`BulkConfig::auto`] with at most `warps` consumer warps per block (`gated`: an even
+    /// number of row tiles per block, half gate rows and half up rows).
     pub fn auto_with(
         format: Fp4Format,
         m: usize,
         n: usize,
         k: usize,
         sms: usize,
-        warp_tiles: usize,
+        gated: bool,
         warps: usize,
     ) -> Self {
-        let gated = warp_tiles == 0;
-        // 32-token blocks take one tile per warp (registers).
-        let mt = if block_tokens(m) > 16 {
-            1
-        } else {
-            warp_tiles.clamp(1, 2)
-        };
-        let step = if gated { 2 } else { mt };
+        let step = if gated { 2 } else { 1 };
         let warps = warps.clamp(1, max_consumers(block_tokens(m)));
         let sb = scale_bytes(format);
         let tiles = n.div_ceil(16).max(1);
@@ -259,12 +239,11 @@ impl BulkConfig {
                 let cost = waves * (chunks.div_ceil(s) + FILL_STAGES) * per_stage;
                 let key = (cost, waves, s);
                 if best.as_ref().is_none_or(|(b, _)| key < *b) {
-                    let k_warps = (warps * mt / rt).max(1);
+                    let k_warps = (warps / rt).max(1);
                     best = Some((
                         key,
                         BulkConfig {
                             row_tiles: rt,
-                            warp_tiles: mt,
                             k_warps,
                             splits: s,
                             stages: 2,
@@ -275,7 +254,6 @@ impl BulkConfig {
         }
         let mut cfg = best.map(|(_, c)| c).unwrap_or(BulkConfig {
             row_tiles: step,
-            warp_tiles: mt,
             k_warps: 1,
             splits: 1,
             stages: 2,
@@ -409,7 +387,7 @@ pub fn fp4_gemm_bulk_with(
     // Gated: half the block's rows are gate rows, half the matching up rows (two boxes each).
     let box_rows = if gated { rows / 2 } else { rows };
     let row_blocks = out_cols.div_ceil(box_rows);
-    let consumers = cfg.row_tiles / cfg.warp_tiles.max(1) * cfg.k_warps;
+    let consumers = cfg.row_tiles * cfg.k_warps;
     let smem = smem_bytes(cfg, tok, sb);
     let bad = |reason: String| {
         Err(CudaError::Shape {
@@ -418,15 +396,12 @@ pub fn fp4_gemm_bulk_with(
         })
     };
     if !(1..=MAX_ROW_TILES).contains(&cfg.row_tiles)
-        || !(1..=2).contains(&cfg.warp_tiles)
-        || cfg.row_tiles % cfg.warp_tiles != 0
-        || (gated && (cfg.warp_tiles != 1 || cfg.row_tiles % 2 != 0))
+        || (gated && cfg.row_tiles % 2 != 0)
         || consumers == 0
         || consumers > max_consumers(tok)
-        || (tok > 16 && cfg.warp_tiles != 1)
     {
         return bad(format!(
-            "1..={MAX_ROW_TILES} row tiles in groups of 1 or 2 (1 at 32 tokens) and 1..={} warps",
+            "1..={MAX_ROW_TILES} row tiles (even when gated) and 1..={} warps",
             max_consumers(tok)
         ));
     }
@@ -490,23 +465,19 @@ pub fn fp4_gemm_bulk_with(
             )?,
         )
     };
-    let name = match (w.format, tok, cfg.warp_tiles) {
-        (Fp4Format::Nvfp4, 32, _) if gated => "fp4_bulk_sw_nv_t4_m1",
-        (Fp4Format::Mxfp4, 32, _) if gated => "fp4_bulk_sw_mx_t4_m1",
-        (Fp4Format::Nvfp4, 32, _) => "fp4_bulk_nv_t4_m1",
-        (Fp4Format::Mxfp4, 32, _) => "fp4_bulk_mx_t4_m1",
-        (Fp4Format::Nvfp4, 8, _) if gated => "fp4_bulk_sw_nv_t1_m1",
-        (Fp4Format::Nvfp4, _, _) if gated => "fp4_bulk_sw_nv_t2_m1",
-        (Fp4Format::Mxfp4, 8, _) if gated => "fp4_bulk_sw_mx_t1_m1",
-        (Fp4Format::Mxfp4, _, _) if gated => "fp4_bulk_sw_mx_t2_m1",
-        (Fp4Format::Nvfp4, 8, 1) => "fp4_bulk_nv_t1_m1",
-        (Fp4Format::Nvfp4, _, 1) => "fp4_bulk_nv_t2_m1",
-        (Fp4Format::Mxfp4, 8, 1) => "fp4_bulk_mx_t1_m1",
-        (Fp4Format::Mxfp4, _, 1) => "fp4_bulk_mx_t2_m1",
-        (Fp4Format::Nvfp4, 8, _) => "fp4_bulk_nv_t1_m2",
-        (Fp4Format::Nvfp4, _, _) => "fp4_bulk_nv_t2_m2",
-        (Fp4Format::Mxfp4, 8, _) => "fp4_bulk_mx_t1_m2",
-        (Fp4Format::Mxfp4, _, _) => "fp4_bulk_mx_t2_m2",
+    let name = match (w.format, tok, gated) {
+        (Fp4Format::Nvfp4, 32, true) => "fp4_bulk_sw_nv_t4_m1",
+        (Fp4Format::Mxfp4, 32, true) => "fp4_bulk_sw_mx_t4_m1",
+        (Fp4Format::Nvfp4, 32, false) => "fp4_bulk_nv_t4_m1",
+        (Fp4Format::Mxfp4, 32, false) => "fp4_bulk_mx_t4_m1",
+        (Fp4Format::Nvfp4, 8, true) => "fp4_bulk_sw_nv_t1_m1",
+        (Fp4Format::Nvfp4, _, true) => "fp4_bulk_sw_nv_t2_m1",
+        (Fp4Format::Mxfp4, 8, true) => "fp4_bulk_sw_mx_t1_m1",
+        (Fp4Format::Mxfp4, _, true) => "fp4_bulk_sw_mx_t2_m1",
+        (Fp4Format::Nvfp4, 8, false) => "fp4_bulk_nv_t1_m1",
+        (Fp4Format::Nvfp4, _, false) => "fp4_bulk_nv_t2_m1",
+        (Fp4Format::Mxfp4, 8, false) => "fp4_bulk_mx_t1_m1",
+        (Fp4Format::Mxfp4, _, false) => "fp4_bulk_mx_t2_m1",
     };
     let f = gpu.function(name)?;
     f.set_attribute(
@@ -553,19 +524,19 @@ mod tests {
     #[test]
     fn auto_fills_the_gpu_in_one_wave() {
         // 4096 x 14336 at one token: 896 tiles, 7 per block: 128 blocks of 14 warps.
-        let c = BulkConfig::auto_with(Fp4Format::Nvfp4, 1, 14336, 4096, 132, 1, 16);
+        let c = BulkConfig::auto_with(Fp4Format::Nvfp4, 1, 14336, 4096, 132, false, 16);
         assert_eq!((c.row_tiles, c.k_warps, c.splits), (7, 2, 1), "{c:?}");
         // 14336 x 4096 at one token: 256 tiles, two per block (128 blocks), no split.
-        let c = BulkConfig::auto_with(Fp4Format::Nvfp4, 1, 4096, 14336, 132, 1, 16);
+        let c = BulkConfig::auto_with(Fp4Format::Nvfp4, 1, 4096, 14336, 132, false, 16);
         assert_eq!((c.row_tiles, c.splits), (2, 1), "{c:?}");
         // At 16 tokens the measured best of 4096 x 14336: 112-row blocks, no split.
-        let c = BulkConfig::auto_with(Fp4Format::Nvfp4, 16, 14336, 4096, 132, 1, 16);
+        let c = BulkConfig::auto_with(Fp4Format::Nvfp4, 16, 14336, 4096, 132, false, 16);
         assert_eq!((c.row_tiles, c.splits), (7, 1), "{c:?}");
         // And of 4096 x 22016 at 32 tokens: one wave of 176-row blocks.
-        let c = BulkConfig::auto_with(Fp4Format::Nvfp4, 32, 22016, 4096, 132, 1, 16);
+        let c = BulkConfig::auto_with(Fp4Format::Nvfp4, 32, 22016, 4096, 132, false, 16);
         assert_eq!((c.row_tiles, c.splits), (11, 1), "{c:?}");
-        // Two tiles per warp: even row tiles only.
-        let c = BulkConfig::auto_with(Fp4Format::Nvfp4, 1, 14336, 4096, 132, 2, 16);
+        // The gated form: even row tiles only.
+        let c = BulkConfig::auto_with(Fp4Format::Nvfp4, 16, 28672, 4096, 132, true, 16);
         assert_eq!(c.row_tiles % 2, 0, "{c:?}");
         for (m, n, k) in [
             (1, 151936, 2048),
@@ -575,18 +546,15 @@ mod tests {
             (32, 22016, 4096),
             (20, 4096, 11008),
         ] {
-            for (format, mt) in [
-                (Fp4Format::Nvfp4, 1),
-                (Fp4Format::Mxfp4, 1),
-                (Fp4Format::Nvfp4, 2),
+            for (format, gated) in [
+                (Fp4Format::Nvfp4, false),
+                (Fp4Format::Mxfp4, false),
+                (Fp4Format::Nvfp4, true),
             ] {
-                let c = BulkConfig::auto_with(format, m, n, k, 132, mt, MAX_CONSUMERS);
+                let c = BulkConfig::auto_with(format, m, n, k, 132, gated, MAX_CONSUMERS);
                 let (tok, sb) = (block_tokens(m), scale_bytes(format));
-                assert!(
-                    c.row_tiles / c.warp_tiles * c.k_warps <= max_consumers(tok),
-                    "{c:?}"
-                );
-                assert_eq!(c.row_tiles % c.warp_tiles, 0, "{c:?}");
+                assert!(c.row_tiles * c.k_warps <= max_consumers(tok), "{c:?}");
+                assert!(!gated || c.row_tiles % 2 == 0, "{c:?}");
                 assert!(tiles_fit(&c, tok, sb), "{c:?}");
                 assert!(smem_bytes(&c, tok, sb) + 2048 <= 228 * 1024, "{c:?}");
                 assert!(c.stages >= 2, "{c:?}");
