@@ -250,12 +250,21 @@ __device__ __forceinline__ void fp4_mm_body(const u8* __restrict__ wp, const u8*
     const int srow = mm_row<EPI>(tid, row0, n, sval);
     sval = sval && tid < MM_ROWS;
     const u8* ssrc = ws + (size_t)(sval ? srow : 0) * bpr + (size_t)cbeg * SB;
-    const bool xon = tid < BM * 16;
-    const int xslot = tid >> 4, xpiece = tid & 15;
-    const int xrow = MOE ? (xon ? moe_in[xslot] : -1) : tok0 + xslot;
-    const bool xval = MOE ? xrow >= 0 : xon && tok0 + xslot < m;
-    const u16* xsrc = x + (size_t)(xval ? xrow : 0) * k + (size_t)cbeg * 128 + xpiece * 8;
-    const u32 xdst = MM_W_BYTES + MM_S_BYTES + 2 * xstage_off(xslot, xpiece);
+    // Activation pieces tid + NT i (i < XP; 64-token tiles take two per thread).
+    constexpr int XP = (BM * 16 + NT - 1) / NT;
+    bool xon[XP], xval[XP];
+    const u16* xsrc[XP];
+    u32 xdst[XP];
+#pragma unroll
+    for (int i = 0; i < XP; i++) {
+        const int q = tid + NT * i;
+        xon[i] = q < BM * 16;
+        const int xslot = q >> 4, xpiece = q & 15;
+        const int xrow = MOE ? (xon[i] ? moe_in[xslot] : -1) : tok0 + xslot;
+        xval[i] = MOE ? xrow >= 0 : xon[i] && tok0 + xslot < m;
+        xsrc[i] = x + (size_t)(xval[i] ? xrow : 0) * k + (size_t)cbeg * 128 + xpiece * 8;
+        xdst[i] = MM_W_BYTES + MM_S_BYTES + 2 * xstage_off(xslot, xpiece);
+    }
 
     // Issues chunk `it`'s weights (and scale bytes) / activations into the stage at byte offset
     // `so`; past the split they issue nothing (an empty group keeps the count).
@@ -271,8 +280,11 @@ __device__ __forceinline__ void fp4_mm_body(const u8* __restrict__ wp, const u8*
     };
     const auto issue_x = [&](int it, u32 so) {
         if (it >= iters) return;
-        if (xon) cp_async16_to(sbase + so + xdst, xsrc, xval);
-        xsrc += 128;
+#pragma unroll
+        for (int i = 0; i < XP; i++) {
+            if (xon[i]) cp_async16_to(sbase + so + xdst[i], xsrc[i], xval[i]);
+            xsrc[i] += 128;
+        }
     };
 
     // Weights never depend on the kernel before this one: the first two stages' weights go out
@@ -379,11 +391,16 @@ MM_KERNEL(fp4_mm_sw_mx_t4, FMT_MXFP4, 4, EPI_SWIGLU_BF16)
                                         route, in_div, moe_in, moe_out);                       \
     }
 
-// fp4_mm_moe_{nv,mx}_t4 (down projections) and fp4_mm_moe_sw_{nv,mx}_t4 (gate/up + SwiGLU).
+// fp4_mm_moe_{nv,mx}_t{4,8} (down projections) and fp4_mm_moe_sw_{nv,mx}_t{4,8} (gate/up +
+// SwiGLU): tiles of 32 or 64 pairs.
 MM_MOE_KERNEL(fp4_mm_moe_nv_t4, FMT_NVFP4, 4, EPI_STORE)
 MM_MOE_KERNEL(fp4_mm_moe_mx_t4, FMT_MXFP4, 4, EPI_STORE)
 MM_MOE_KERNEL(fp4_mm_moe_sw_nv_t4, FMT_NVFP4, 4, EPI_SWIGLU_BF16)
 MM_MOE_KERNEL(fp4_mm_moe_sw_mx_t4, FMT_MXFP4, 4, EPI_SWIGLU_BF16)
+MM_MOE_KERNEL(fp4_mm_moe_nv_t8, FMT_NVFP4, 8, EPI_STORE)
+MM_MOE_KERNEL(fp4_mm_moe_mx_t8, FMT_MXFP4, 8, EPI_STORE)
+MM_MOE_KERNEL(fp4_mm_moe_sw_nv_t8, FMT_NVFP4, 8, EPI_SWIGLU_BF16)
+MM_MOE_KERNEL(fp4_mm_moe_sw_mx_t8, FMT_MXFP4, 8, EPI_SWIGLU_BF16)
 
 // ---------------------------------------------------------------------------------------------
 // The BF16 experts' tiled grouped product (moe_bf16.rs `moe_bf16_tiled`, prefill-sized batches
@@ -511,6 +528,9 @@ __device__ __forceinline__ void bf16_mm_moe_body(const u16* __restrict__ w,
         bf16_mm_moe_body<TN, EPI>(w, x, y, n, k, sorted, route, in_div, moe_in, moe_out);      \
     }
 
-// bf16_mm_moe_t4 (y = x W^T per pair) and bf16_mm_moe_sw_t4 ([gate | up] with SwiGLU).
+// bf16_mm_moe_t{4,8} (y = x W^T per pair) and bf16_mm_moe_sw_t{4,8} ([gate | up] with SwiGLU):
+// tiles of 32 or 64 pairs.
 BM_MOE_KERNEL(bf16_mm_moe_t4, 4, EPI_STORE)
 BM_MOE_KERNEL(bf16_mm_moe_sw_t4, 4, EPI_SWIGLU_BF16)
+BM_MOE_KERNEL(bf16_mm_moe_t8, 8, EPI_STORE)
+BM_MOE_KERNEL(bf16_mm_moe_sw_t8, 8, EPI_SWIGLU_BF16)

@@ -9,9 +9,10 @@ use mimo_kernels::cuda::{
     self, bf16_to_e4m3_rows, bulk_supported, fp4_dequantize, fp4_gemm, fp4_gemm_bulk,
     fp4_gemm_bulk_with, fp4_gemm_fp8, fp4_gemm_swiglu, fp4_gemm_swiglu_bulk,
     fp4_gemm_swiglu_supported, fp4_gemm_swiglu_tiled, fp4_gemm_tiled, fp4_gemm_with,
-    fp4_to_e4m3_rows, moe_layer, moe_layer_tiled, moe_layer_with, moe_tiled_preferred,
-    moe_tiled_supported, variant_exists, BulkConfig, E4m3Rows, Fp4GemmConfig, Fp8Gemm, Fp8Scratch,
-    GpuContext, GpuFp4Weight, MoeConfig, MoeWeights, MoeWorkspace, Tuning, MOE_TILED_MIN_PAIRS,
+    fp4_to_e4m3_rows, moe_layer, moe_layer_tiled, moe_layer_tiled_with, moe_layer_with,
+    moe_tiled_preferred, moe_tiled_supported, variant_exists, BulkConfig, E4m3Rows, Fp4GemmConfig,
+    Fp8Gemm, Fp8Scratch, GpuContext, GpuFp4Weight, MoeConfig, MoeWeights, MoeWorkspace, Tuning,
+    MOE_TILED_MIN_PAIRS,
 };
 use mimo_kernels::fp4::{amax, dequantize, nvfp4_global_scale, quantize_mxfp4, quantize_nvfp4};
 use mimo_kernels::fp8_rows;
@@ -814,17 +815,34 @@ fn moe_layer_tiled_matches_cpu_reference() {
             let x = s.clone_htod(&xb).unwrap();
             let idd = s.clone_htod(&ids).unwrap();
             let wd = s.clone_htod(&wts).unwrap();
+            let bits = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            // Tiles of 32 and of 64 pairs, each twice: the same bits both times.
             let mut runs = Vec::new();
-            for _ in 0..2 {
-                let mut out = poisoned(&gpu, tokens * hidden);
-                moe_layer_tiled(&gpu, &w, &x, &idd, &wd, tokens, top_k, &mut ws, &mut out).unwrap();
-                runs.push(s.clone_dtoh(&out).unwrap());
-                assert_eq!(ws.invalid_ids(&gpu).unwrap(), 1);
+            for tile in [32usize, 64] {
+                let what = format!("moe tiled {format} tokens={tokens} tile {tile}");
+                let mut twice = Vec::new();
+                for _ in 0..2 {
+                    let mut out = poisoned(&gpu, tokens * hidden);
+                    let io = (&x, &idd, &wd);
+                    moe_layer_tiled_with(&gpu, &w, io, (tokens, top_k), &mut ws, &mut out, tile)
+                        .unwrap();
+                    twice.push(s.clone_dtoh(&out).unwrap());
+                    assert_eq!(ws.invalid_ids(&gpu).unwrap(), 1);
+                }
+                check_close(&what, &twice[0], &want, 2e-2, 6e-2);
+                assert_eq!(bits(&twice[0]), bits(&twice[1]), "{what}: two runs differ");
+                runs.push(twice.swap_remove(0));
             }
             let what = format!("moe tiled {format} tokens={tokens}");
-            check_close(&what, &runs[0], &want, 2e-2, 6e-2);
-            let bits = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&runs[0]), bits(&runs[1]), "{what}: two runs differ");
+            let mut out = poisoned(&gpu, tokens * hidden);
+            moe_layer_tiled(&gpu, &w, &x, &idd, &wd, tokens, top_k, &mut ws, &mut out).unwrap();
+            let auto = s.clone_dtoh(&out).unwrap();
+            let tile = cuda::moe_tile_pairs(tokens * top_k, experts);
+            assert_eq!(
+                bits(&auto),
+                bits(&runs[tile / 32 - 1]),
+                "{what}: auto tile {tile}"
+            );
             // The automatic launcher takes the tiled path from MOE_TILED_MIN_PAIRS pairs per
             // expert on average: the same bits then.
             let tiled = moe_tiled_preferred(&gpu.tuning(), &w, tokens, top_k);
@@ -1476,67 +1494,74 @@ fn moe_bf16_tiled_matches_cpu_reference() {
     );
     assert!(cuda::moe_bf16_tiled_supported(rows, hidden, true));
     assert!(!cuda::moe_bf16_tiled_supported(rows, hidden + 8, true));
-    let mut route = cuda::MoeRoute::new(&gpu, pairs, experts).unwrap();
-    let mut bad = s.clone_htod(&[0i32]).unwrap();
-    route.build(&gpu, &ids_d, pairs, Some(&mut bad)).unwrap();
-    assert_eq!(s.clone_dtoh(&bad).unwrap(), vec![1]);
-    let run = |w: &CudaSlice<bf16>, shape, in_div, gated, x: &CudaSlice<bf16>, out_len| {
-        let mut y = poisoned(&gpu, out_len);
-        cuda::moe_bf16_tiled(
-            &gpu,
-            bf16_experts(w, shape),
-            &route,
-            pairs,
-            in_div,
-            gated,
-            x,
-            &mut y,
-        )
-        .unwrap();
-        s.clone_dtoh(&y).unwrap()
-    };
-    let gu_h = run(&gu, (rows, hidden, experts), top_k, false, &x, pairs * rows);
-    let act_h = run(&gu, (rows, hidden, experts), top_k, true, &x, pairs * inter);
-    let act2 = run(&gu, (rows, hidden, experts), top_k, true, &x, pairs * inter);
-    let bits = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    assert_eq!(bits(&act_h), bits(&act2), "two runs differ");
-    let act_d = s.clone_htod(&act_h).unwrap();
-    let y_h = run(
-        &dn,
-        (hidden, inter, experts),
-        1,
-        false,
-        &act_d,
-        pairs * hidden,
-    );
-    for (p, &e) in ids.iter().enumerate() {
-        let got_gu = &gu_h[p * rows..(p + 1) * rows];
-        let got_act = &act_h[p * inter..(p + 1) * inter];
-        let got_y = &y_h[p * hidden..(p + 1) * hidden];
-        let what = format!("tiled pair {p} (expert {e})");
-        if e as usize >= experts {
-            let all = got_gu.iter().chain(got_act).chain(got_y);
-            assert!(all.copied().all(|v| v.is_nan()), "{what}: written");
-            continue;
+    for tile in [32usize, 64] {
+        let mut route = cuda::MoeRoute::new(&gpu, pairs, experts).unwrap();
+        let mut bad = s.clone_htod(&[0i32]).unwrap();
+        route
+            .build(&gpu, &ids_d, (pairs, tile), Some(&mut bad))
+            .unwrap();
+        assert_eq!(s.clone_dtoh(&bad).unwrap(), vec![1]);
+        assert_eq!(route.tile_pairs(), tile);
+        let run = |w: &CudaSlice<bf16>, shape, in_div, gated, x: &CudaSlice<bf16>, out_len| {
+            let mut y = poisoned(&gpu, out_len);
+            cuda::moe_bf16_tiled(
+                &gpu,
+                bf16_experts(w, shape),
+                &route,
+                pairs,
+                in_div,
+                gated,
+                x,
+                &mut y,
+            )
+            .unwrap();
+            s.clone_dtoh(&y).unwrap()
+        };
+        let gu_h = run(&gu, (rows, hidden, experts), top_k, false, &x, pairs * rows);
+        let act_h = run(&gu, (rows, hidden, experts), top_k, true, &x, pairs * inter);
+        let act2 = run(&gu, (rows, hidden, experts), top_k, true, &x, pairs * inter);
+        let bits = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&act_h), bits(&act2), "two runs differ");
+        let act_d = s.clone_htod(&act_h).unwrap();
+        let y_h = run(
+            &dn,
+            (hidden, inter, experts),
+            1,
+            false,
+            &act_d,
+            pairs * hidden,
+        );
+        for (p, &e) in ids.iter().enumerate() {
+            let got_gu = &gu_h[p * rows..(p + 1) * rows];
+            let got_act = &act_h[p * inter..(p + 1) * inter];
+            let got_y = &y_h[p * hidden..(p + 1) * hidden];
+            let what = format!("tiled {tile} pair {p} (expert {e})");
+            if e as usize >= experts {
+                let all = got_gu.iter().chain(got_act).chain(got_y);
+                assert!(all.copied().all(|v| v.is_nan()), "{what}: written");
+                continue;
+            }
+            let e = e as usize;
+            let t = p / top_k;
+            let xr = &xf[t * hidden..(t + 1) * hidden];
+            let w_gu = &guf[e * rows * hidden..(e + 1) * rows * hidden];
+            let want_gu = matmul_ref(w_gu, xr, 1, rows, hidden);
+            check_close(&format!("{what} gate/up"), got_gu, &want_gu, 5e-3, 1e-2);
+            let want_act: Vec<f64> = (0..inter)
+                .map(|i| silu(want_gu[i]) * want_gu[inter + i])
+                .collect();
+            check_close(&format!("{what} swiglu"), got_act, &want_act, 1e-2, 2e-2);
+            // down from the device's own bf16 activations
+            let a: Vec<f32> = got_act.iter().map(|v| v.to_f32()).collect();
+            let w_dn = &dnf[e * hidden * inter..(e + 1) * hidden * inter];
+            let want_y = matmul_ref(w_dn, &a, 1, hidden, inter);
+            check_close(&format!("{what} down"), got_y, &want_y, 5e-3, 1e-2);
         }
-        let e = e as usize;
-        let t = p / top_k;
-        let xr = &xf[t * hidden..(t + 1) * hidden];
-        let w_gu = &guf[e * rows * hidden..(e + 1) * rows * hidden];
-        let want_gu = matmul_ref(w_gu, xr, 1, rows, hidden);
-        check_close(&format!("{what} gate/up"), got_gu, &want_gu, 5e-3, 1e-2);
-        let want_act: Vec<f64> = (0..inter)
-            .map(|i| silu(want_gu[i]) * want_gu[inter + i])
-            .collect();
-        check_close(&format!("{what} swiglu"), got_act, &want_act, 1e-2, 2e-2);
-        // down from the device's own bf16 activations
-        let a: Vec<f32> = got_act.iter().map(|v| v.to_f32()).collect();
-        let w_dn = &dnf[e * hidden * inter..(e + 1) * hidden * inter];
-        let want_y = matmul_ref(w_dn, &a, 1, hidden, inter);
-        check_close(&format!("{what} down"), got_y, &want_y, 5e-3, 1e-2);
     }
     // A table built for other experts is refused.
     let other = cuda::MoeRoute::new(&gpu, pairs, experts + 1).unwrap();
+    let mut route = cuda::MoeRoute::new(&gpu, pairs, experts).unwrap();
+    assert!(route.build(&gpu, &ids_d, (pairs, 48), None).is_err());
     let mut y = poisoned(&gpu, pairs * rows);
     let e = bf16_experts(&gu, (rows, hidden, experts));
     assert!(cuda::moe_bf16_tiled(&gpu, e, &other, pairs, top_k, false, &x, &mut y).is_err());

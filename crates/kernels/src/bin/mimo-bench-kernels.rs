@@ -21,9 +21,10 @@ use half::bf16;
 use mimo_kernels::cuda::{
     bf16_gemm, bf16_to_e4m3_rows, bulk_supported, cublas, device_copy, fp4_gemm, fp4_gemm_bulk,
     fp4_gemm_dequant_cublas, fp4_gemm_fp8, fp4_gemm_tiled, fp4_gemm_with, fp4_to_e4m3_rows,
-    fp8_shape_ok, moe_layer_tiled, moe_layer_with, moe_tiled_preferred, moe_tiled_supported,
-    tiled_supported, variant_exists, BulkConfig, CudaError, E4m3Rows, Fp4GemmConfig, Fp8Gemm,
-    Fp8Scratch, GpuContext, GpuFp4Weight, MoeConfig, MoeWeights, MoeWorkspace, PdlGraph, Tuning,
+    fp8_shape_ok, moe_layer_tiled_with, moe_layer_with, moe_tile_pairs, moe_tiled_preferred,
+    moe_tiled_supported, tiled_supported, variant_exists, BulkConfig, CudaError, E4m3Rows,
+    Fp4GemmConfig, Fp8Gemm, Fp8Scratch, GpuContext, GpuFp4Weight, MoeConfig, MoeWeights,
+    MoeWorkspace, PdlGraph, Tuning,
 };
 use mimo_kernels::Fp4Format;
 
@@ -880,32 +881,34 @@ fn moe_bench(
             }
         }
         // The tiled grouped path (prefill-sized batches; `moe_layer` takes it from
-        // Tuning::moe_tiled_min_pairs pairs per expert).
-        if tokens > 1 && moe_tiled_supported(&w) {
+        // Tuning::moe_tiled_min_pairs pairs per expert): tiles of 32 pairs, and of 64 from 64
+        // tokens.
+        let tiles: &[usize] = if tokens >= 64 { &[32, 64] } else { &[32] };
+        for &tile in tiles {
+            if tokens < 2 || !moe_tiled_supported(&w) {
+                break;
+            }
             let t = time_op_graph(gpu, nr, samples, false, &mut |i| {
-                moe_layer_tiled(
-                    gpu,
-                    &w,
-                    &x,
-                    &ids_d[i % nr],
-                    &w_d[i % nr],
-                    tokens,
-                    top_k,
-                    &mut ws,
-                    &mut out,
-                )
+                let io = (&x, &ids_d[i % nr], &w_d[i % nr]);
+                moe_layer_tiled_with(gpu, &w, io, (tokens, top_k), &mut ws, &mut out, tile)
             })?;
-            let auto = moe_tiled_preferred(&gpu.tuning(), &w, tokens, top_k);
+            let auto = moe_tiled_preferred(&gpu.tuning(), &w, tokens, top_k)
+                && moe_tile_pairs(tokens * top_k, experts) == tile;
             eprintln!(
-                "  moe {} tokens={tokens} tiled{}: {:.2} us",
+                "  moe {} tokens={tokens} tiled {tile}{}: {:.2} us",
                 format.name(),
                 if auto { " (auto)" } else { "" },
                 t.us
             );
+            let kernel = if tile == 32 {
+                "fp4_moe_layer_tiled".to_string()
+            } else {
+                format!("fp4_moe_layer_tiled{tile}")
+            };
             push(
-                "fp4_moe_layer_tiled".to_string(),
+                kernel,
                 format!(
-                    "tiled grouped kernels (moe_layer_tiled){}; ",
+                    "tiled grouped kernels (moe_layer_tiled_with), tiles of {tile} pairs{}; ",
                     if auto {
                         ", the automatic path here"
                     } else {

@@ -335,8 +335,23 @@ fn combine(
     Ok(())
 }
 
-/// Pairs per tile of the tiled grouped kernels (`fp4_mm_moe_*_t4`: four 8-token mma tiles).
+/// Pairs per tile of the tiled grouped kernels (`*_mm_moe_*_t4`: four 8-token mma tiles); the
+/// largest batches take tiles of twice as many ([`moe_tile_pairs`]).
 pub const MOE_TILE_PAIRS: usize = 32;
+
+/// Average pairs per expert from which the tiled path takes tiles of `2 * MOE_TILE_PAIRS`
+/// (`*_t8` kernels: each decoded weight feeds twice as many mma).
+pub const MOE_TILE64_MIN_PAIRS: usize = 64;
+
+/// Pairs per tile for `pairs` pairs over `experts` experts: [`MOE_TILE_PAIRS`], or twice that
+/// from [`MOE_TILE64_MIN_PAIRS`] pairs per expert on average.
+pub fn moe_tile_pairs(pairs: usize, experts: usize) -> usize {
+    if pairs >= MOE_TILE64_MIN_PAIRS * experts.max(1) {
+        2 * MOE_TILE_PAIRS
+    } else {
+        MOE_TILE_PAIRS
+    }
+}
 
 /// Average (token, expert) pairs per expert from which [`moe_layer`] takes the tiled path
 /// (`Tuning::moe_tiled_min_pairs`).
@@ -395,6 +410,8 @@ pub fn moe_tiled_batch(tuning: &Tuning, tokens: usize, top_k: usize, experts: us
 pub struct MoeRoute {
     max_pairs: usize,
     experts: usize,
+    /// Pairs per tile of the last build (32 or 64).
+    tile_pairs: usize,
     /// Pair indices, grouped by expert (experts in order, pairs in order inside each).
     sorted: CudaSlice<i32>,
     /// The tile count, then (expert, first index into `sorted`, pairs) per tile.
@@ -418,6 +435,7 @@ impl MoeRoute {
         Ok(MoeRoute {
             max_pairs,
             experts,
+            tile_pairs: MOE_TILE_PAIRS,
             sorted: zi(max_pairs)?,
             route: zi(1 + 3 * max_tiles(max_pairs, experts))?,
         })
@@ -428,23 +446,33 @@ impl MoeRoute {
         self.experts
     }
 
+    /// Pairs per tile of the last build.
+    pub fn tile_pairs(&self) -> usize {
+        self.tile_pairs
+    }
+
     /// Queues the table of the first `pairs` router ids (`ids[q]`: pair q's expert; ids
-    /// outside `[0, experts)` are left out, and counted into `bad[0]` where given). Returns the
-    /// launches' tile bound.
+    /// outside `[0, experts)` are left out, and counted into `bad[0]` where given) in tiles of
+    /// `tile_pairs` (32 or 64, [`moe_tile_pairs`]). Returns the launches' tile bound.
     pub fn build(
         &mut self,
         gpu: &GpuContext,
         ids: &CudaSlice<i32>,
-        pairs: usize,
+        (pairs, tile_pairs): (usize, usize),
         bad: Option<&mut CudaSlice<i32>>,
     ) -> Result<usize, CudaError> {
         let tiles = max_tiles(pairs, self.experts);
-        if pairs == 0 || pairs > self.max_pairs || tiles > MAX_GRID_Z || pairs > i32::MAX as usize {
+        if pairs == 0
+            || pairs > self.max_pairs
+            || tiles > MAX_GRID_Z
+            || pairs > i32::MAX as usize
+            || !matches!(tile_pairs, 32 | 64)
+        {
             return Err(CudaError::Shape {
                 what: "MoeRoute::build".into(),
                 reason: format!(
-                    "{pairs} pairs (1..={} for this table, at most {MAX_GRID_Z} tiles of \
-                     {MOE_TILE_PAIRS})",
+                    "{pairs} pairs in tiles of {tile_pairs} (1..={} pairs for this table, at \
+                     most {MAX_GRID_Z} tiles of {MOE_TILE_PAIRS}; tiles of 32 or 64)",
                     self.max_pairs
                 ),
             });
@@ -460,7 +488,7 @@ impl MoeRoute {
             smem as i32,
         )
         .map_err(drv("moe_route_tiles dynamic shared memory limit"))?;
-        let (p_i, e_i, bm_i) = (pairs as i32, self.experts as i32, MOE_TILE_PAIRS as i32);
+        let (p_i, e_i, bm_i) = (pairs as i32, self.experts as i32, tile_pairs as i32);
         let mut b = gpu.stream().launch_builder(&f);
         b.arg(ids)
             .arg(&p_i)
@@ -478,6 +506,7 @@ impl MoeRoute {
         // 1 + 3 * max_tiles(max_pairs, E) >= 1 + 3 * (the tiles any routing of `pairs` makes);
         // bad one entry or null; the shared memory is route_smem(E).
         unsafe { b.launch(launch) }.map_err(drv("launch moe_route_tiles"))?;
+        self.tile_pairs = tile_pairs;
         Ok(tiles)
     }
 
@@ -491,7 +520,7 @@ impl MoeRoute {
 const MAX_GRID_Z: usize = 65_535;
 
 /// [`moe_layer`] through the tiled grouped kernels (prefill-sized batches): one launch sorts
-/// the pairs by expert into tiles of [`MOE_TILE_PAIRS`] (`moe_route_tiles`, a stable counting
+/// the pairs by expert into tiles of 32 or 64 ([`moe_tile_pairs`]; `moe_route_tiles`, a stable counting
 /// sort on the device), then gate/up + SwiGLU and down each run one block per (256 weight
 /// rows, tile) that streams the expert's K chunks through shared memory once for all the
 /// tile's pairs (fp4_tiled.cu), then the weighted combine. Four launches, no host
@@ -508,6 +537,22 @@ pub fn moe_layer_tiled(
     ws: &mut MoeWorkspace,
     out: &mut CudaSlice<bf16>,
 ) -> Result<(), CudaError> {
+    let tile_pairs = moe_tile_pairs(tokens * top_k, w.gate_up.experts);
+    let io = (x, topk_ids, topk_weights);
+    moe_layer_tiled_with(gpu, w, io, (tokens, top_k), ws, out, tile_pairs)
+}
+
+/// [`moe_layer_tiled`] with tiles of `tile_pairs` (32 or 64) pairs; `(x, topk_ids,
+/// topk_weights)` and `(tokens, top_k)` as there.
+pub fn moe_layer_tiled_with(
+    gpu: &GpuContext,
+    w: &MoeWeights,
+    (x, topk_ids, topk_weights): (&CudaSlice<bf16>, &CudaSlice<i32>, &CudaSlice<f32>),
+    (tokens, top_k): (usize, usize),
+    ws: &mut MoeWorkspace,
+    out: &mut CudaSlice<bf16>,
+    tile_pairs: usize,
+) -> Result<(), CudaError> {
     if !moe_tiled_supported(w) {
         return Err(CudaError::Shape {
             what: "moe_layer_tiled".into(),
@@ -523,7 +568,8 @@ pub fn moe_layer_tiled(
     };
     let (experts, hidden, _) = w.dims()?;
     // 1. the tile table (and the count of invalid ids)
-    ws.route.build(gpu, topk_ids, p, Some(&mut ws.bad))?;
+    ws.route
+        .build(gpu, topk_ids, (p, tile_pairs), Some(&mut ws.bad))?;
     // 2. gate/up + SwiGLU: pair q reads token q / top_k, writes act row q
     let rt = &ws.route;
     moe_tiled_product(gpu, &w.gate_up, x, &mut ws.act, (rt, p), top_k, true)?;

@@ -11,7 +11,7 @@ use super::context::GpuContext;
 use super::error::{drv, CudaError};
 use super::gemm::check_len;
 use super::moe::{MoeRoute, MOE_MAX_EXPERTS};
-use super::tiled::{moe_tiled_launch, BF16_MOE_SMEM};
+use super::tiled::{bf16_moe_smem, moe_tiled_launch};
 
 /// Largest expert width whose SwiGLU rows [`moe_bf16_grouped`] stages in shared memory (8 rows
 /// of bf16: 32 KiB at 2048, within the default 48 KiB); wider experts form SwiGLU per pair of
@@ -262,7 +262,7 @@ pub fn moe_bf16_tiled_supported(n: usize, k: usize, gated: bool) -> bool {
 /// ([`MoeRoute::build`] over the same ids), `y[q] = w[e_q] · x[q / in_div]`, or with `gated`
 /// (`w` holds `[gate | up]` rows, `n = 2 * inter`) `y[q] = silu(gate) * up` of `n / 2`
 /// columns, each product rounded to bf16 first. f32 accumulation over K in order; one block per
-/// (256 weight rows, tile of 32 pairs of one expert), each K chunk of the expert's rows read
+/// (256 weight rows, tile of 32 or 64 pairs of one expert: the table's), each K chunk of the expert's rows read
 /// once for the tile (fp4_tiled.cu `bf16_mm_moe_*`). Pairs with an invalid id are in no tile:
 /// their rows of `y` are left as they were. Deterministic.
 #[allow(clippy::too_many_arguments)]
@@ -300,12 +300,14 @@ pub fn moe_bf16_tiled(
     let y_need = pairs * out_cols;
     check_len("moe_bf16_tiled: y", y.len().min(y_need), y_need)?;
     let (sorted, table, tiles) = route.tables(pairs);
-    let name = if gated {
-        "bf16_mm_moe_sw_t4"
-    } else {
-        "bf16_mm_moe_t4"
+    let bm = route.tile_pairs();
+    let name = match (gated, bm) {
+        (true, 32) => "bf16_mm_moe_sw_t4",
+        (false, 32) => "bf16_mm_moe_t4",
+        (true, _) => "bf16_mm_moe_sw_t8",
+        (false, _) => "bf16_mm_moe_t8",
     };
-    let (f, launch) = moe_tiled_launch(gpu, name, BF16_MOE_SMEM, n, gated, tiles)?;
+    let (f, launch) = moe_tiled_launch(gpu, name, bf16_moe_smem(bm), n, gated, tiles)?;
     let (n_i, k_i, div_i) = (n as i32, k as i32, in_div as i32);
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(w)

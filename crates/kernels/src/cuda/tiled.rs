@@ -247,14 +247,19 @@ pub(crate) fn moe_tiled_product(
     in_div: usize,
     gated: bool,
 ) -> Result<(), CudaError> {
-    let name = match (w.format, gated) {
-        (Fp4Format::Nvfp4, false) => "fp4_mm_moe_nv_t4",
-        (Fp4Format::Mxfp4, false) => "fp4_mm_moe_mx_t4",
-        (Fp4Format::Nvfp4, true) => "fp4_mm_moe_sw_nv_t4",
-        (Fp4Format::Mxfp4, true) => "fp4_mm_moe_sw_mx_t4",
+    let bm = route.tile_pairs();
+    let name = match (w.format, gated, bm) {
+        (Fp4Format::Nvfp4, false, 32) => "fp4_mm_moe_nv_t4",
+        (Fp4Format::Mxfp4, false, 32) => "fp4_mm_moe_mx_t4",
+        (Fp4Format::Nvfp4, true, 32) => "fp4_mm_moe_sw_nv_t4",
+        (Fp4Format::Mxfp4, true, 32) => "fp4_mm_moe_sw_mx_t4",
+        (Fp4Format::Nvfp4, false, _) => "fp4_mm_moe_nv_t8",
+        (Fp4Format::Mxfp4, false, _) => "fp4_mm_moe_mx_t8",
+        (Fp4Format::Nvfp4, true, _) => "fp4_mm_moe_sw_nv_t8",
+        (Fp4Format::Mxfp4, true, _) => "fp4_mm_moe_sw_mx_t8",
     };
     let (sorted, table, tiles) = route.tables(pairs);
-    let (f, launch) = moe_tiled_launch(gpu, name, smem_bytes(32), w.n, gated, tiles)?;
+    let (f, launch) = moe_tiled_launch(gpu, name, smem_bytes(bm), w.n, gated, tiles)?;
     let (n_i, k_i, div_i) = (w.n as i32, w.k as i32, in_div as i32);
     let mut b = gpu.stream().launch_builder(&f);
     w.push_args(&mut b)
@@ -272,10 +277,12 @@ pub(crate) fn moe_tiled_product(
     Ok(())
 }
 
-/// Bytes of shared memory of the BF16 tiled grouped kernels (`bf16_mm_moe_*`, fp4_tiled.cu):
-/// three stages of 256 rows x 64 bf16 weights and 32 slots x 64 bf16 activations (more than
-/// the epilogue's tile of 32 x `TILE_STRIDE` floats: tested).
-pub(crate) const BF16_MOE_SMEM: u32 = (STAGES as usize * (ROWS * 128 + 32 * 128)) as u32;
+/// Bytes of shared memory of the BF16 tiled grouped kernels (`bf16_mm_moe_*`, fp4_tiled.cu)
+/// with tiles of `bm` pairs: three stages of 256 rows x 64 bf16 weights and `bm` slots x 64
+/// bf16 activations (more than the epilogue's tile of `bm` x `TILE_STRIDE` floats: tested).
+pub(crate) fn bf16_moe_smem(bm: usize) -> u32 {
+    (STAGES as usize * (ROWS * 128 + bm * 128)) as u32
+}
 
 /// The function and launch shape of a tiled grouped kernel `name` over `n` weight rows
 /// (`gated`: 128 gate rows and their up rows per block, else 256 rows) and `tiles` tiles, its
@@ -309,12 +316,15 @@ mod tests {
 
     #[test]
     fn shared_memory_holds_the_epilogue_tile() {
-        for bm in [16, 32] {
+        for bm in [16, 32, 64] {
             assert!(smem_bytes(bm) as usize >= bm * TILE_STRIDE * 4);
+            // Under the 227 KiB an H100 block may have.
+            assert!(smem_bytes(bm) <= 227 * 1024);
         }
-        assert!(BF16_MOE_SMEM as usize >= 32 * TILE_STRIDE * 4);
-        // Under the 227 KiB an H100 block may have.
-        assert!(BF16_MOE_SMEM <= 227 * 1024 && smem_bytes(32) <= 227 * 1024);
+        for bm in [32, 64] {
+            assert!(bf16_moe_smem(bm) as usize >= bm * TILE_STRIDE * 4);
+            assert!(bf16_moe_smem(bm) <= 227 * 1024);
+        }
     }
 
     #[test]

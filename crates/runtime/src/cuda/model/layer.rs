@@ -8,7 +8,8 @@ use half::bf16;
 use mimo_kernels::cuda::{
     moe_bf16_grouped, moe_bf16_pairs, moe_bf16_pairs_supported, moe_bf16_tiled,
     moe_bf16_tiled_supported, moe_down_norm_out, moe_fold_parts, moe_layer, moe_one_token_gate_up,
-    moe_tiled_batch, Bf16Experts, Bf16Pairs, L2Ranges, NormIn, NormOut, OneTokenRoute,
+    moe_tile_pairs, moe_tiled_batch, Bf16Experts, Bf16Pairs, L2Ranges, NormIn, NormOut,
+    OneTokenRoute,
 };
 
 use super::{
@@ -361,7 +362,8 @@ impl GpuModel {
                             .route
                             .as_mut()
                             .ok_or_else(|| GpuError::Unsupported("MoE route table".into()))?;
-                        route.build(g, &mb.ids, p, None)?;
+                        let tile = moe_tile_pairs(p, moe.n_experts);
+                        route.build(g, &mb.ids, (p, tile), None)?;
                         let experts = |w, n, k| Bf16Experts {
                             w,
                             n,
