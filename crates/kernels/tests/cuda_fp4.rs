@@ -1461,6 +1461,48 @@ fn folded_norm_matches_cpu_reference() {
 /// reference: several tokens whose pairs share experts (one expert with more than one group of 8
 /// pairs), an out-of-range id whose rows stay poisoned, SwiGLU inputs staged in shared memory
 /// (width <= 2048) and formed per weight row (wider); bad shapes refused.
+/// A random BF16 MoE case on the device: `[experts, 2 inter, hidden]` gate/up and `[experts,
+/// hidden, inter]` down stacks, `tokens` input rows, and router ids with expert 0 in every
+/// token's first slot, the other slots drawn from `others`, and the last pair's id out of range
+/// (`experts + 2`). Returns the device buffers (gate/up, down, x, ids) and the host copies
+/// (gate/up, down, x as f32; ids).
+#[allow(clippy::type_complexity)]
+fn bf16_moe_case(
+    gpu: &GpuContext,
+    rng: &mut ChaCha8Rng,
+    (experts, hidden, inter, tokens, top_k): (usize, usize, usize, usize, usize),
+    others: std::ops::Range<i32>,
+) -> (
+    [CudaSlice<bf16>; 3],
+    CudaSlice<i32>,
+    [Vec<f32>; 3],
+    Vec<i32>,
+) {
+    let rows = 2 * inter;
+    let pairs = tokens * top_k;
+    let (gub, guf) = bf16_pair(&random_matrix(rng, experts * rows * hidden, 0.1));
+    let (dnb, dnf) = bf16_pair(&random_matrix(rng, experts * hidden * inter, 0.1));
+    let (xb, xf) = bf16_pair(&random_matrix(rng, tokens * hidden, 1.0));
+    let mut ids: Vec<i32> = (0..pairs)
+        .map(|p| {
+            if p % top_k == 0 {
+                0
+            } else {
+                rng.random_range(others.clone())
+            }
+        })
+        .collect();
+    ids[pairs - 1] = experts as i32 + 2;
+    let s = gpu.stream();
+    let dev = [
+        s.clone_htod(&gub).unwrap(),
+        s.clone_htod(&dnb).unwrap(),
+        s.clone_htod(&xb).unwrap(),
+    ];
+    let ids_d = s.clone_htod(&ids).unwrap();
+    (dev, ids_d, [guf, dnf, xf], ids)
+}
+
 #[test]
 fn moe_bf16_tiled_matches_cpu_reference() {
     let Some(gpu) = gpu() else { return };
@@ -1470,28 +1512,12 @@ fn moe_bf16_tiled_matches_cpu_reference() {
     let (experts, hidden, inter, tokens, top_k) = (5usize, 320usize, 192usize, 100usize, 2usize);
     let rows = 2 * inter;
     let pairs = tokens * top_k;
-    let (gub, guf) = bf16_pair(&random_matrix(&mut rng, experts * rows * hidden, 0.1));
-    let (dnb, dnf) = bf16_pair(&random_matrix(&mut rng, experts * hidden * inter, 0.1));
-    let (xb, xf) = bf16_pair(&random_matrix(&mut rng, tokens * hidden, 1.0));
     // Expert 0 in every token's first slot (100 pairs: four tiles, the last partly filled),
     // experts 1-3 at random, expert 4 never (no tile), one id out of range.
-    let mut ids: Vec<i32> = (0..pairs)
-        .map(|p| {
-            if p % top_k == 0 {
-                0
-            } else {
-                rng.random_range(1..experts as i32 - 1)
-            }
-        })
-        .collect();
-    ids[pairs - 1] = experts as i32 + 2;
+    let shape = (experts, hidden, inter, tokens, top_k);
+    let ([gu, dn, x], ids_d, [guf, dnf, xf], ids) =
+        bf16_moe_case(&gpu, &mut rng, shape, 1..experts as i32 - 1);
     let s = gpu.stream();
-    let (gu, dn, x, ids_d) = (
-        s.clone_htod(&gub).unwrap(),
-        s.clone_htod(&dnb).unwrap(),
-        s.clone_htod(&xb).unwrap(),
-        s.clone_htod(&ids).unwrap(),
-    );
     assert!(cuda::moe_bf16_tiled_supported(rows, hidden, true));
     assert!(!cuda::moe_bf16_tiled_supported(rows, hidden + 8, true));
     for tile in [32usize, 64] {
@@ -1577,28 +1603,12 @@ fn moe_bf16_grouped_matches_cpu_reference() {
     ] {
         let rows = 2 * inter;
         let pairs = tokens * top_k;
-        let (gub, guf) = bf16_pair(&random_matrix(&mut rng, experts * rows * hidden, 0.1));
-        let (dnb, dnf) = bf16_pair(&random_matrix(&mut rng, experts * hidden * inter, 0.1));
-        let (xb, xf) = bf16_pair(&random_matrix(&mut rng, tokens * hidden, 1.0));
         // Expert 0 in every token's first slot (more than 8 pairs in the first case), the rest
         // at random, and one id out of range.
-        let mut ids: Vec<i32> = (0..pairs)
-            .map(|p| {
-                if p % top_k == 0 {
-                    0
-                } else {
-                    rng.random_range(0..experts as i32)
-                }
-            })
-            .collect();
-        ids[pairs - 1] = experts as i32;
+        let shape = (experts, hidden, inter, tokens, top_k);
+        let ([gu, dn, x], ids_d, [guf, dnf, xf], ids) =
+            bf16_moe_case(&gpu, &mut rng, shape, 0..experts as i32);
         let s = gpu.stream();
-        let (gu, dn, x, ids_d) = (
-            s.clone_htod(&gub).unwrap(),
-            s.clone_htod(&dnb).unwrap(),
-            s.clone_htod(&xb).unwrap(),
-            s.clone_htod(&ids).unwrap(),
-        );
         let mut act = poisoned(&gpu, pairs * rows);
         cuda::moe_bf16_grouped(
             &gpu,
