@@ -25,7 +25,8 @@
 //
 // Block: RB row tiles of 16 rows (R = 16 RB weight rows) in groups of MT (one warp's tiles;
 // the kernels below take MT = 1: two tiles per warp measured slower everywhere and were
-// removed, docs/kernels-notes.md round 18) and KW consumer warps per group (warp w: group w % (RB / MT), K share w / (RB / MT): the
+// removed, docs/kernels-notes.md round 18) and KW consumer warps per group (warp w: group
+// w % (RB / MT), K share w / (RB / MT): the
 // stage's four 128-element chunks dealt round-robin over the KW warps, continuing across
 // stages), then the producer warp. Grid: x = row blocks, y = K splits (the tiled kernel's
 // deterministic last-block reduction, in split order). The gated form (EPI_SWIGLU_BF16) loads

@@ -1588,6 +1588,12 @@ fn moe_bf16_tiled_matches_cpu_reference() {
     let other = cuda::MoeRoute::new(&gpu, pairs, experts + 1).unwrap();
     let mut route = cuda::MoeRoute::new(&gpu, pairs, experts).unwrap();
     assert!(route.build(&gpu, &ids_d, (pairs, 48), None).is_err());
+    // A launch over fewer pairs than the table was built for (its entries index rows past
+    // them) is refused.
+    route.build(&gpu, &ids_d, (pairs, 32), None).unwrap();
+    let mut y = poisoned(&gpu, (pairs - 1) * rows);
+    let e = bf16_experts(&gu, (rows, hidden, experts));
+    assert!(cuda::moe_bf16_tiled(&gpu, e, &route, pairs - 1, top_k, false, &x, &mut y).is_err());
     let mut y = poisoned(&gpu, pairs * rows);
     let e = bf16_experts(&gu, (rows, hidden, experts));
     assert!(cuda::moe_bf16_tiled(&gpu, e, &other, pairs, top_k, false, &x, &mut y).is_err());

@@ -405,13 +405,16 @@ pub fn moe_tiled_batch(tuning: &Tuning, tokens: usize, top_k: usize, experts: us
 }
 
 /// The tile table of the tiled grouped kernels for up to `max_pairs` pairs over `experts`
-/// experts, on the device: the pairs sorted by expert and cut into tiles of
-/// [`MOE_TILE_PAIRS`] (`moe_route_tiles`, [`MoeRoute::build`]).
+/// experts, on the device: the pairs sorted by expert and cut into tiles of 32 or 64
+/// (`moe_route_tiles`, [`MoeRoute::build`]).
 pub struct MoeRoute {
     max_pairs: usize,
     experts: usize,
     /// Pairs per tile of the last build (32 or 64).
     tile_pairs: usize,
+    /// Pairs of the last build (0: none yet): the launches over the table must take exactly
+    /// these, since its entries index their rows.
+    built: usize,
     /// Pair indices, grouped by expert (experts in order, pairs in order inside each).
     sorted: CudaSlice<i32>,
     /// The tile count, then (expert, first index into `sorted`, pairs) per tile.
@@ -436,6 +439,7 @@ impl MoeRoute {
             max_pairs,
             experts,
             tile_pairs: MOE_TILE_PAIRS,
+            built: 0,
             sorted: zi(max_pairs)?,
             route: zi(1 + 3 * max_tiles(max_pairs, experts))?,
         })
@@ -507,12 +511,28 @@ impl MoeRoute {
         // bad one entry or null; the shared memory is route_smem(E).
         unsafe { b.launch(launch) }.map_err(drv("launch moe_route_tiles"))?;
         self.tile_pairs = tile_pairs;
+        self.built = pairs;
         Ok(tiles)
     }
 
-    /// The sorted pairs, the table and the tile bound for `pairs` pairs (the tiled launches).
-    pub(crate) fn tables(&self, pairs: usize) -> (&CudaSlice<i32>, &CudaSlice<i32>, usize) {
-        (&self.sorted, &self.route, max_tiles(pairs, self.experts))
+    /// The sorted pairs, the table and the tile bound for a launch over `pairs` pairs (the
+    /// tiled launches), or an error naming `what` unless the last build was of exactly
+    /// `pairs` pairs (the table's entries index rows of the launch's buffers).
+    pub(crate) fn tables(
+        &self,
+        what: &'static str,
+        pairs: usize,
+    ) -> Result<(&CudaSlice<i32>, &CudaSlice<i32>, usize), CudaError> {
+        if self.built != pairs {
+            return Err(CudaError::Mismatch {
+                what,
+                reason: format!(
+                    "{pairs} pairs, but the route table was built for {}",
+                    self.built
+                ),
+            });
+        }
+        Ok((&self.sorted, &self.route, max_tiles(pairs, self.experts)))
     }
 }
 
@@ -520,10 +540,10 @@ impl MoeRoute {
 const MAX_GRID_Z: usize = 65_535;
 
 /// [`moe_layer`] through the tiled grouped kernels (prefill-sized batches): one launch sorts
-/// the pairs by expert into tiles of 32 or 64 ([`moe_tile_pairs`]; `moe_route_tiles`, a stable counting
-/// sort on the device), then gate/up + SwiGLU and down each run one block per (256 weight
-/// rows, tile) that streams the expert's K chunks through shared memory once for all the
-/// tile's pairs (fp4_tiled.cu), then the weighted combine. Four launches, no host
+/// the pairs by expert into tiles of 32 or 64 ([`moe_tile_pairs`]; `moe_route_tiles`, a
+/// stable counting sort on the device), then gate/up + SwiGLU and down each run one block per
+/// (256 weight rows, tile) that streams the expert's K chunks through shared memory once for
+/// all the tile's pairs (fp4_tiled.cu), then the weighted combine. Four launches, no host
 /// synchronization, deterministic. Needs [`moe_tiled_supported`].
 #[allow(clippy::too_many_arguments)]
 pub fn moe_layer_tiled(

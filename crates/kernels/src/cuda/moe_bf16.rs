@@ -262,9 +262,10 @@ pub fn moe_bf16_tiled_supported(n: usize, k: usize, gated: bool) -> bool {
 /// ([`MoeRoute::build`] over the same ids), `y[q] = w[e_q] · x[q / in_div]`, or with `gated`
 /// (`w` holds `[gate | up]` rows, `n = 2 * inter`) `y[q] = silu(gate) * up` of `n / 2`
 /// columns, each product rounded to bf16 first. f32 accumulation over K in order; one block per
-/// (256 weight rows, tile of 32 or 64 pairs of one expert: the table's), each K chunk of the expert's rows read
-/// once for the tile (fp4_tiled.cu `bf16_mm_moe_*`). Pairs with an invalid id are in no tile:
-/// their rows of `y` are left as they were. Deterministic.
+/// (256 weight rows, tile of 32 or 64 pairs of one expert: the table's), each K chunk of the
+/// expert's rows read once for the tile (fp4_tiled.cu `bf16_mm_moe_*`). Pairs with an invalid
+/// id are in no tile: their rows of `y` are left as they were. The table must have been built
+/// for exactly `pairs` pairs. Deterministic.
 #[allow(clippy::too_many_arguments)]
 pub fn moe_bf16_tiled(
     gpu: &GpuContext,
@@ -299,7 +300,7 @@ pub fn moe_bf16_tiled(
     check_len("moe_bf16_tiled: x", x.len().min(x_need), x_need)?;
     let y_need = pairs * out_cols;
     check_len("moe_bf16_tiled: y", y.len().min(y_need), y_need)?;
-    let (sorted, table, tiles) = route.tables(pairs);
+    let (sorted, table, tiles) = route.tables("moe_bf16_tiled", pairs)?;
     let bm = route.tile_pairs();
     let name = match (gated, bm) {
         (true, 32) => "bf16_mm_moe_sw_t4",

@@ -258,7 +258,7 @@ pub(crate) fn moe_tiled_product(
         (Fp4Format::Nvfp4, true, _) => "fp4_mm_moe_sw_nv_t8",
         (Fp4Format::Mxfp4, true, _) => "fp4_mm_moe_sw_mx_t8",
     };
-    let (sorted, table, tiles) = route.tables(pairs);
+    let (sorted, table, tiles) = route.tables("moe_tiled_product", pairs)?;
     let (f, launch) = moe_tiled_launch(gpu, name, smem_bytes(bm), w.n, gated, tiles)?;
     let (n_i, k_i, div_i) = (w.n as i32, w.k as i32, in_div as i32);
     let mut b = gpu.stream().launch_builder(&f);
