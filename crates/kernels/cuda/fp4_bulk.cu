@@ -143,12 +143,7 @@ __device__ __forceinline__ void fp4_bulk_body(const TensorMap* tw, const TensorM
 
     const int g = lane >> 2, t = lane & 3;
     float acc[MT][TN][4];
-#pragma unroll
-    for (int i = 0; i < MT; i++)
-#pragma unroll
-        for (int j = 0; j < TN; j++)
-#pragma unroll
-            for (int c = 0; c < 4; c++) acc[i][j][c] = 0.f;
+    zero_acc(acc);
 
     if (warp == C) {
         // Producer: one thread issues every copy. Weights and scale bytes never depend on the

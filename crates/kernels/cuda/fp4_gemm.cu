@@ -27,6 +27,17 @@ __device__ __forceinline__ u32 bf16x2_mul(u32 a, u32 b) {
     return d;
 }
 
+// Zeroes the mma accumulators of MT row tiles x TN token tiles (every FP4 kernel's start).
+template <int MT, int TN>
+__device__ __forceinline__ void zero_acc(float (&acc)[MT][TN][4]) {
+#pragma unroll
+    for (int i = 0; i < MT; i++)
+#pragma unroll
+        for (int j = 0; j < TN; j++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) acc[i][j][c] = 0.f;
+}
+
 // E2M1 decode on the upload layout (GpuFp4Weight::from_parts re-packs the bits of every 32-bit
 // word of 8 elements e0..e7, see `repack_word` in weights.rs). Pair p = (e[2p], e[2p+1]) becomes
 // one bf16x2 word; e[2p] sits in bits 0..15 and e[2p+1] in the same bits + 16, so one shift and
@@ -484,12 +495,7 @@ __device__ __forceinline__ void fp4_tile(const u8* __restrict__ wp, const u8* __
     const int g = lane >> 2;
     const int t = lane & 3;
     float acc[MT][TN][4];
-#pragma unroll
-    for (int i = 0; i < MT; i++)
-#pragma unroll
-        for (int j = 0; j < TN; j++)
-#pragma unroll
-            for (int c = 0; c < 4; c++) acc[i][j][c] = 0.f;
+    zero_acc(acc);
     // XST: this warp's two staging buffers follow the split-K partials in dynamic shared memory.
     u16* xsw = XST ? (u16*)(red + S * 16 * MT * 8 * TN) + warp * (2 * G * 8 * TN * 128) : 0;
     fp4_accumulate<FMT, MT, TN, G, Tokens, XST>(wp, ws, lut, x, n, k, row0, tstride, lim, tok,

@@ -191,6 +191,29 @@ __device__ __forceinline__ int mm_moe_tile(const int* __restrict__ sorted,
     return expert;
 }
 
+// The K loop of the tiled kernels' MM_STAGES-stage cp.async ring of STAGE-byte stages, whose
+// first MM_STAGES - 1 stages the caller has issued and committed: for each of `iters` chunks,
+// wait until the chunk's stage is complete (at most the newest MM_STAGES - 2 groups, stages
+// it + 1 on, in flight; the barrier also tells every warp that the previous stage's buffer,
+// refilled next, is free), issue(chunk, byte offset) the chunk MM_STAGES - 1 ahead into that
+// buffer, then compute(byte offset of this chunk's stage). Ends with every copy landed and a
+// barrier: the stage buffers are free for the epilogue.
+template <int STAGE, class Issue, class Compute>
+__device__ __forceinline__ void mm_ring(int iters, Issue issue, Compute compute) {
+    u32 rd = 0, wr = (MM_STAGES - 1) * STAGE;
+    for (int it = 0; it < iters; it++) {
+        cp_async_wait<MM_STAGES - 2>();
+        __syncthreads();
+        issue(it + MM_STAGES - 1, wr);
+        cp_async_commit();
+        compute(rd);
+        rd = rd == (MM_STAGES - 1) * STAGE ? 0 : rd + STAGE;
+        wr = wr == (MM_STAGES - 1) * STAGE ? 0 : wr + STAGE;
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+}
+
 // MOE (the grouped form, fp4_mm_moe_*): blockIdx.z is a tile of `route` (moe_route_tiles,
 // moe.cu): up to 8*TN pairs of one expert, whose weights, scales and global scale this block
 // uses; slot i reads activation row moe_in[i] and writes output row moe_out[i] (-1: empty slot),
@@ -307,25 +330,16 @@ __device__ __forceinline__ void fp4_mm_body(const u8* __restrict__ wp, const u8*
     }
 
     float acc[1][TN][4];
-#pragma unroll
-    for (int j = 0; j < TN; j++)
-#pragma unroll
-        for (int c = 0; c < 4; c++) acc[0][j][c] = 0.f;
+    zero_acc(acc);
     const int g = lane >> 2, t = lane & 3;
     const u16* dummy[TN];  // compute_chunks reads staged activations only (XST)
 #pragma unroll
     for (int j = 0; j < TN; j++) dummy[j] = x;
-    // Byte offsets of the stage read now and of the stage refilled now (it + MM_STAGES - 1).
-    u32 rd = 0, wr = (MM_STAGES - 1) * STAGE;
-    for (int it = 0; it < iters; it++) {
-        // Stage `it` is complete once at most the newest MM_STAGES - 2 groups (stages it + 1
-        // on) are in flight; the barrier also tells every warp that stage it - 1's buffer,
-        // refilled next, is free.
-        cp_async_wait<MM_STAGES - 2>();
-        __syncthreads();
-        issue_w(it + MM_STAGES - 1, wr);
-        issue_x(it + MM_STAGES - 1, wr);
-        cp_async_commit();
+    const auto issue = [&](int it, u32 so) {
+        issue_w(it, so);
+        issue_x(it, so);
+    };
+    mm_ring<STAGE>(iters, issue, [&](u32 rd) {
         const u8* st = mm_smem + rd;
         WeightRegs<1, 1> r;
 #pragma unroll
@@ -337,11 +351,8 @@ __device__ __forceinline__ void fp4_mm_body(const u8* __restrict__ wp, const u8*
         }
         compute_chunks<FMT, 1, TN, 1, true>(r, dummy, 0, k, lut, acc,
                                             (const u16*)(st + MM_W_BYTES + MM_S_BYTES));
-        rd = rd == (MM_STAGES - 1) * STAGE ? 0 : rd + STAGE;
-        wr = wr == (MM_STAGES - 1) * STAGE ? 0 : wr + STAGE;
-    }
-    cp_async_wait<0>();
-    __syncthreads();  // every warp is done with the stage buffers: they become the tile
+    });
+    // Every warp is done with the stage buffers: they become the tile.
 
     float* tile = (float*)mm_smem;
     mm_tile_from_acc<TN>(tile, acc);
@@ -480,21 +491,13 @@ __device__ __forceinline__ void bf16_mm_moe_body(const u16* __restrict__ w,
         cp_async_commit();
     }
     float acc[1][TN][4];
-#pragma unroll
-    for (int j = 0; j < TN; j++)
-#pragma unroll
-        for (int c = 0; c < 4; c++) acc[0][j][c] = 0.f;
+    zero_acc(acc);
     // ldmatrix rows of this lane: A (the warp's 16 weight rows) matrix lane >> 3 = rows 0-7 /
     // 8-15 at k 0-7, then the same at k 8-15; B (token tiles 2jj, 2jj + 1) matrix lane >> 3 =
     // tile 2jj at k 0-7 / 8-15, then tile 2jj + 1.
     const int ar = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, au = lane >> 4;
     const int bu = (lane >> 3) & 1;
-    u32 rd = 0, wr = (MM_STAGES - 1) * STAGE;
-    for (int it = 0; it < nch; it++) {
-        cp_async_wait<MM_STAGES - 2>();
-        __syncthreads();
-        issue(it + MM_STAGES - 1, wr);
-        cp_async_commit();
+    mm_ring<STAGE>(nch, issue, [&](u32 rd) {
         const u32 st = sbase + rd;
 #pragma unroll
         for (int ks = 0; ks < BM_CH / 16; ks++) {
@@ -509,11 +512,7 @@ __device__ __forceinline__ void bf16_mm_moe_body(const u16* __restrict__ w,
                 mma_bf16_16816(acc[0][2 * jj + 1], a0, a1, a2, a3, b2, b3);
             }
         }
-        rd = rd == (MM_STAGES - 1) * STAGE ? 0 : rd + STAGE;
-        wr = wr == (MM_STAGES - 1) * STAGE ? 0 : wr + STAGE;
-    }
-    cp_async_wait<0>();
-    __syncthreads();  // the stage buffers become the tile
+    });
     float* tile = (float*)mm_smem;
     mm_tile_from_acc<TN>(tile, acc);
     __syncthreads();
