@@ -283,6 +283,7 @@ __device__ void router_rank(float* prob, float* sel_p, int* sel_id, int n_expert
         }
     }
     __syncthreads();
+    trace_mark();  // softmax done
     // Top-k by rank: expert i is the r-th choice where r experts come before it (a larger
     // probability, or an equal one at a lower index): the order of k rounds of argmax with ties
     // to the lower index, computed by every thread at once instead of round after round. The
@@ -310,6 +311,7 @@ __device__ void router_rank(float* prob, float* sel_p, int* sel_id, int n_expert
         }
     }
     __syncthreads();
+    trace_mark();  // ranks done
 }
 
 // The routing weight of rank j (after router_rank): its probability, renormalised over the
@@ -332,5 +334,6 @@ __device__ void moe_topk_from_logits(const float* __restrict__ logits, int n_exp
                                      float* prob, float* sel_p, int* sel_id) {
     for (int i = threadIdx.x; i < n_experts; i += blockDim.x) prob[i] = __ldcg(logits + i);
     __syncthreads();
+    trace_mark();  // logits loaded
     router_rank(prob, sel_p, sel_id, n_experts, top_k);
 }

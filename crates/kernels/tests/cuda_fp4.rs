@@ -1107,7 +1107,15 @@ fn check_moe_norm_out(
     let s = gpu.stream();
     let hidden = x.len();
     let mut out = poisoned(gpu, hidden);
+    // The reference row from the same two-launch kernels (the fused launch sums in another
+    // order: fused_moe_layer_matches_reference_and_two_launch_path compares the two).
+    let on = gpu.tuning();
+    gpu.set_tuning(Tuning {
+        moe_fused: false,
+        ..on
+    });
     moe_layer(gpu, w, x, ids, wts, 1, top_k, ws, &mut out).unwrap();
+    gpu.set_tuning(on);
     let d = s.clone_dtoh(&out).unwrap();
     let resid0 = random_matrix(rng, hidden, 1.0);
     let pend = to_bf16(&random_matrix(rng, hidden, 0.5));
@@ -1237,6 +1245,235 @@ fn check_logits_route(
         eprintln!(
             "moe {format} logits route (renorm {renorm}): {differ} of {hidden} rows differ by a rounding"
         );
+    }
+}
+
+/// The one-launch MoE layer at one token (`Tuning::moe_fused`, fp4_moe_fused.cu) on a shape
+/// where every warp holds three gate/up items and three down items, as on Qwen3-30B-A3B:
+/// against the f64 reference, bit-identical on a second launch (the grid barrier's counters
+/// reset themselves), against the two-launch path; its folded-norm form against the two-launch
+/// folded form, routed by ids and by logits; an invalid id counted and left out.
+#[test]
+fn fused_moe_layer_matches_reference_and_two_launch_path() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = rng("moe_fused");
+    // 16 blocks (hidden / 16) over 8 x 48 gate/up tiles of 2 chunks: 48 items per block.
+    let (experts, hidden, inter, top_k) = (16usize, 256usize, 768usize, 8usize);
+    let s = gpu.stream();
+    for format in FORMATS {
+        let mut gu_q = Vec::new();
+        let mut d_q = Vec::new();
+        for _ in 0..experts {
+            let gu = random_matrix(&mut rng, 2 * inter * hidden, 0.1);
+            gu_q.push(quantize(format, &gu, 2 * inter, hidden));
+            let d = random_matrix(&mut rng, hidden * inter, 0.1);
+            d_q.push(quantize(format, &d, hidden, inter));
+        }
+        let gu_f: Vec<Vec<f32>> = gu_q.iter().map(|q| dequantize(q).unwrap()).collect();
+        let d_f: Vec<Vec<f32>> = d_q.iter().map(|q| dequantize(q).unwrap()).collect();
+        let w = MoeWeights {
+            gate_up: GpuFp4Weight::upload_experts(&gpu, "gate_up", &gu_q).unwrap(),
+            down: GpuFp4Weight::upload_experts(&gpu, "down", &d_q).unwrap(),
+        };
+        gpu.set_tuning(Tuning {
+            moe_fused: true,
+            ..Tuning::default()
+        });
+        if !cuda::moe_fused_supported(&gpu, &w, top_k).unwrap() {
+            eprintln!("moe fused {format}: not taken on this GPU, skipped");
+            return;
+        }
+        let mut ws = MoeWorkspace::new(&gpu, &w, 1, top_k).unwrap();
+        let xb = to_bf16(&random_matrix(&mut rng, hidden, 1.0));
+        let xf: Vec<f64> = xb.iter().map(|v| v.to_f64()).collect();
+        let mut ids: Vec<i32> = Vec::new();
+        while ids.len() < top_k {
+            let e = (rng.random::<u32>() % experts as u32) as i32;
+            if !ids.contains(&e) {
+                ids.push(e);
+            }
+        }
+        let wts: Vec<f32> = (0..top_k).map(|_| rng.random::<f32>()).collect();
+        let want = moe_reference((&gu_f, &d_f), &xf, (&ids, &wts), top_k, (hidden, inter));
+        let (x, idd, wd) = (
+            s.clone_htod(&xb).unwrap(),
+            s.clone_htod(&ids).unwrap(),
+            s.clone_htod(&wts).unwrap(),
+        );
+        let run = |ws: &mut MoeWorkspace, ids: &CudaSlice<i32>| {
+            let mut out = poisoned(&gpu, hidden);
+            moe_layer(&gpu, &w, &x, ids, &wd, 1, top_k, ws, &mut out).unwrap();
+            s.clone_dtoh(&out).unwrap()
+        };
+        // Both block shapes: 16 warps (one round of loads), 8 (two rounds).
+        let base = gpu.tuning();
+        for nw in [16u32, 8] {
+            gpu.set_tuning(Tuning {
+                moe_fused_warps: nw,
+                ..base
+            });
+            let fused = run(&mut ws, &idd);
+            check_close(
+                &format!("moe fused {format} {nw} warps"),
+                &fused,
+                &want,
+                2e-2,
+                6e-2,
+            );
+            assert_eq!(ws.invalid_ids(&gpu).unwrap(), 0);
+            let again = run(&mut ws, &idd);
+            assert!(
+                fused
+                    .iter()
+                    .zip(&again)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "moe fused {format} {nw} warps: a second launch gave other bits"
+            );
+            let on = gpu.tuning();
+            gpu.set_tuning(Tuning {
+                moe_fused: false,
+                ..on
+            });
+            let two = run(&mut ws, &idd);
+            gpu.set_tuning(on);
+            check_close(
+                &format!("moe two launches {format}"),
+                &two,
+                &want,
+                2e-2,
+                6e-2,
+            );
+
+            // Folded norm output: fused (input in h) against the two launches (input x).
+            let resid0 = random_matrix(&mut rng, hidden, 1.0);
+            let pend = to_bf16(&random_matrix(&mut rng, hidden, 0.5));
+            let normw = random_matrix(&mut rng, hidden, 1.0);
+            let (pend_d, normw_d) = (s.clone_htod(&pend).unwrap(), s.clone_htod(&normw).unwrap());
+            let nparts = cuda::moe_fold_parts(hidden);
+            let logits: Vec<f32> = (0..experts)
+                .map(|_| rng.random::<f32>() * 6.0 - 3.0)
+                .collect();
+            let logits_d = s.clone_htod(&logits).unwrap();
+            let lf: Vec<f64> = logits.iter().map(|&v| v as f64).collect();
+            let (lids, lw) = topk_ref(&lf, top_k, true);
+            let lids_d = s
+                .clone_htod(&lids.iter().map(|&i| i as i32).collect::<Vec<_>>())
+                .unwrap();
+            let lw_d = s
+                .clone_htod(&lw.iter().map(|&v| v as f32).collect::<Vec<_>>())
+                .unwrap();
+            let routes = [
+                (
+                    cuda::OneTokenRoute::TopK {
+                        ids: &idd,
+                        weights: &wd,
+                    },
+                    "ids",
+                ),
+                (
+                    cuda::OneTokenRoute::TopK {
+                        ids: &lids_d,
+                        weights: &lw_d,
+                    },
+                    "reference top-k of the logits",
+                ),
+                (
+                    cuda::OneTokenRoute::Logits {
+                        logits: &logits_d,
+                        renorm: true,
+                    },
+                    "logits",
+                ),
+            ];
+            let mut folded = Vec::new();
+            for (fused_path, (route, rname)) in [
+                (false, routes[0]),
+                (true, routes[0]),
+                (true, routes[1]),
+                (true, routes[2]),
+            ] {
+                let mut resid = s.clone_htod(&resid0).unwrap();
+                let mut h = poisoned(&gpu, hidden);
+                let mut parts = s.clone_htod(&vec![f32::NAN; nparts]).unwrap();
+                if fused_path {
+                    s.memcpy_dtod(&x, &mut h).unwrap();
+                } else {
+                    cuda::moe_one_token_gate_up(&gpu, &w, &x, route, top_k, &mut ws).unwrap();
+                }
+                let out = cuda::NormOut {
+                    resid: &mut resid,
+                    weight: &normw_d,
+                    h: &mut h,
+                    parts: &mut parts,
+                };
+                let n = if fused_path {
+                    cuda::moe_fused_norm_out(&gpu, &w, route, top_k, &mut ws, Some(&pend_d), out)
+                } else {
+                    cuda::moe_down_norm_out(&gpu, &w, route, top_k, &mut ws, Some(&pend_d), out)
+                }
+                .unwrap();
+                assert_eq!(n, nparts);
+                let (r, hh, pp) = (
+                    s.clone_dtoh(&resid).unwrap(),
+                    s.clone_dtoh(&h).unwrap(),
+                    s.clone_dtoh(&parts).unwrap(),
+                );
+                for i in 0..hidden {
+                    assert_eq!(
+                        hh[i].to_bits(),
+                        bf16::from_f32(normw[i] * r[i]).to_bits(),
+                        "moe fused {format} {rname}: h[{i}]"
+                    );
+                }
+                for (b, &got) in pp.iter().enumerate() {
+                    let want: f64 = r[b * 16..(b + 1) * 16]
+                        .iter()
+                        .map(|&v| v as f64 * v as f64)
+                        .sum();
+                    assert!(
+                        (got as f64 - want).abs() <= 1e-5 * want.max(1e-12),
+                        "moe fused {format} {rname}: part {b} {got} vs {want}"
+                    );
+                }
+                folded.push((r, rname));
+            }
+            // The residual: resid0 + pending + the layer's row. The fused and two-launch rows sum
+            // in other orders (and may round a SwiGLU value the other way): within 2 % of the
+            // reference layer's scale; the same expert choice by ids or logits within one bf16
+            // rounding of the row.
+            let before: Vec<f32> = (0..hidden).map(|i| resid0[i] + pend[i].to_f32()).collect();
+            let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            for (i, &r0) in before.iter().enumerate() {
+                let (a, b) = (folded[0].0[i], folded[1].0[i]);
+                assert!(
+                    ((a - r0) as f64 - (b - r0) as f64).abs() <= 2e-2 * scale,
+                    "moe fused {format}: folded resid[{i}] {b} vs two launches {a}"
+                );
+                let (c, d) = (folded[2].0[i], folded[3].0[i]);
+                let row = (c - r0).abs();
+                assert!(
+                    (c - d).abs() <= row / 128.0 + 1e-6 * c.abs().max(1e-30),
+                    "moe fused {format}: logits route resid[{i}] {d} vs top-k {c}"
+                );
+            }
+
+            // An out-of-range id: counted, its pair left out.
+            let mut bad_ids = ids.clone();
+            bad_ids[3] = experts as i32 + 5;
+            let want_bad =
+                moe_reference((&gu_f, &d_f), &xf, (&bad_ids, &wts), top_k, (hidden, inter));
+            let bad_d = s.clone_htod(&bad_ids).unwrap();
+            let got = run(&mut ws, &bad_d);
+            assert_eq!(ws.invalid_ids(&gpu).unwrap(), 1);
+            check_close(
+                &format!("moe fused {format} invalid id"),
+                &got,
+                &want_bad,
+                2e-2,
+                6e-2,
+            );
+        }
+        gpu.set_tuning(base);
     }
 }
 

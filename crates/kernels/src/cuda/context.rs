@@ -12,8 +12,8 @@ use super::trace::{trace_defines, trace_requested, TraceBuffer, TraceRecord};
 use crate::fp4::Fp4Format;
 
 /// Kernel sources embedded in the binary: (file name, text). The tiled kernels
-/// (fp4_tiled.cu) and the bulk-copy kernels (fp4_bulk.cu) are one compilation unit with
-/// fp4_gemm.cu, whose decode they use.
+/// (fp4_tiled.cu), the bulk-copy kernels (fp4_bulk.cu) and the fused one-token MoE kernels
+/// (fp4_moe_fused.cu) are one compilation unit with fp4_gemm.cu, whose decode they use.
 pub(crate) const FP4_GEMM_SRC: (&str, &str) = (
     "fp4_gemm.cu",
     concat!(
@@ -21,7 +21,9 @@ pub(crate) const FP4_GEMM_SRC: (&str, &str) = (
         "\n#line 1 \"fp4_tiled.cu\"\n",
         include_str!("../../cuda/fp4_tiled.cu"),
         "\n#line 1 \"fp4_bulk.cu\"\n",
-        include_str!("../../cuda/fp4_bulk.cu")
+        include_str!("../../cuda/fp4_bulk.cu"),
+        "\n#line 1 \"fp4_moe_fused.cu\"\n",
+        include_str!("../../cuda/fp4_moe_fused.cu")
     ),
 );
 /// Definitions every source shares (typedefs, bf16 conversions, mma, pdl_enter): put in front
@@ -50,7 +52,18 @@ pub fn compile_source(file: &'static str, src: &str, arch: &str) -> Result<Strin
     if let Some(p) = ptx_cache().lock().ok().and_then(|c| c.get(&key).cloned()) {
         return Ok(p);
     }
-    let text = compile_with(file, src, arch, trace_requested())?;
+    let traced = trace_requested();
+    let text = match disk_cache_path(file, src, arch, traced) {
+        Some(path) => match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(_) => {
+                let text = compile_with(file, src, arch, traced)?;
+                store_ptx(&path, &text);
+                text
+            }
+        },
+        None => compile_with(file, src, arch, traced)?,
+    };
     if let Ok(mut c) = ptx_cache().lock() {
         c.insert(key, text.clone());
     }
@@ -67,6 +80,53 @@ pub fn compile_source_traced(
     compile_with(file, src, arch, true)
 }
 
+/// Where `MIMO_PTX_CACHE` (a directory) keeps the PTX of one compilation across processes, or
+/// None where it is unset or NVRTC is missing. The name holds a hash of everything the PTX
+/// depends on: NVRTC's version, the options, the common header and the source. Compiling the
+/// kernels takes a minute or more per process; the device-call scripts run several processes
+/// on one fresh machine, and only the first needs to compile.
+fn disk_cache_path(file: &str, src: &str, arch: &str, traced: bool) -> Option<std::path::PathBuf> {
+    use std::hash::{Hash, Hasher};
+    let dir = std::env::var_os("MIMO_PTX_CACHE")?;
+    if !nvrtc_available() {
+        return None;
+    }
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: the library is present (checked above); the call writes two ints.
+    unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (major, minor).hash(&mut h);
+    nvrtc_options(file, arch, traced).hash(&mut h);
+    COMMON_HEADER.hash(&mut h);
+    src.hash(&mut h);
+    Some(std::path::Path::new(&dir).join(format!("{file}-{arch}-{:016x}.ptx", h.finish())))
+}
+
+/// Writes a cache entry through a temporary name and a rename, so that a reader never sees a
+/// part of one; a cache that cannot be written is only a slower next start.
+fn store_ptx(path: &std::path::Path, text: &str) {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let ok = path
+        .parent()
+        .is_some_and(|d| std::fs::create_dir_all(d).is_ok())
+        && std::fs::write(&tmp, text).is_ok()
+        && std::fs::rename(&tmp, path).is_ok();
+    if !ok {
+        let _ = std::fs::remove_file(&tmp);
+    }
+}
+
+/// NVRTC's options for `file`: the architecture, C++17, tracing defines with `traced`, then
+/// `MIMO_NVRTC_FLAGS`.
+fn nvrtc_options(file: &str, arch: &str, traced: bool) -> Vec<String> {
+    let mut options = vec![format!("--gpu-architecture={arch}"), "-std=c++17".into()];
+    if traced {
+        options.extend(trace_defines(file));
+    }
+    options.extend(extra_nvrtc_flags());
+    options
+}
+
 /// One NVRTC compilation of `file` (tracing defines with `traced`, then `MIMO_NVRTC_FLAGS`).
 fn compile_with(
     file: &'static str,
@@ -79,11 +139,7 @@ fn compile_with(
             "the NVRTC library (libnvrtc) was not found".into(),
         ));
     }
-    let mut options = vec![format!("--gpu-architecture={arch}"), "-std=c++17".into()];
-    if traced {
-        options.extend(trace_defines(file));
-    }
-    options.extend(extra_nvrtc_flags());
+    let options = nvrtc_options(file, arch, traced);
     let opts = CompileOptions {
         options,
         name: Some(file.to_string()),
@@ -278,6 +334,17 @@ pub struct Tuning {
     /// Average pairs per expert from which `moe_tiled` takes a layer
     /// ([`super::MOE_TILED_MIN_PAIRS`] by default; `MIMO_MOE_TILED_MIN_PAIRS`).
     pub moe_tiled_min_pairs: u32,
+    /// One-token FP4 MoE layers (with `moe_direct`) run as one launch
+    /// ([`super::moe_fused_supported`]: gate/up, a grid-wide barrier, then down and the
+    /// combine, each block's down rows copied to shared memory under the gate/up stream)
+    /// instead of two, where the layer's shape suits it and every block fits on the GPU at
+    /// once (`MIMO_MOE_FUSED`). Off by default: slower on the H100 (Qwen3-30B-A3B NVFP4 batch
+    /// 1: 397 vs 433 tokens/s; docs/kernels-notes.md round 20).
+    pub moe_fused: bool,
+    /// Warps per block of the fused one-token MoE launch: 16 (one round of gate/up loads per
+    /// warp, the whole SM's registers) or 8 (two rounds, half of them, so that the next
+    /// kernel's blocks fit beside it under PDL); `MIMO_MOE_FUSED_WARPS`.
+    pub moe_fused_warps: u32,
 }
 
 impl Default for Tuning {
@@ -309,6 +376,8 @@ impl Default for Tuning {
             bulk_max_tokens: super::bulk::BULK_MAX_TOKENS as u32,
             moe_tiled: true,
             moe_tiled_min_pairs: super::moe::MOE_TILED_MIN_PAIRS as u32,
+            moe_fused: false,
+            moe_fused_warps: 16,
         }
     }
 }
@@ -358,6 +427,8 @@ impl Tuning {
             bulk_max_tokens: mib("MIMO_BULK_MAX_TOKENS", d.bulk_max_tokens),
             moe_tiled: flag("MIMO_MOE_TILED", d.moe_tiled),
             moe_tiled_min_pairs: mib("MIMO_MOE_TILED_MIN_PAIRS", d.moe_tiled_min_pairs),
+            moe_fused: flag("MIMO_MOE_FUSED", d.moe_fused),
+            moe_fused_warps: mib("MIMO_MOE_FUSED_WARPS", d.moe_fused_warps),
         }
     }
 }
