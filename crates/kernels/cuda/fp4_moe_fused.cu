@@ -7,9 +7,9 @@
 // blocks drain, and its ~7 MB (Qwen3-30B-A3B) stream starts after the gate/up's has ended
 // (docs/kernels-notes.md rounds 6 and 12: 15.7 us for 21 MB, 48 % of copy bandwidth). Here each
 // block owns one 16-row tile of the down projection from the start: right after the routing it
-// issues its gate/up weights into registers and copies its down rows of every chosen expert
-// into shared memory (cp.async), so both streams are in flight together and the phase after
-// the barrier reads no weight from DRAM.
+// has the copy engine bring its down rows of every chosen expert into shared memory (two bulk
+// copies per pair) and issues its gate/up weights into registers, so both streams are in
+// flight together and the phase after the barrier reads no weight from DRAM.
 //
 // Grid: exactly hidden / 16 blocks of W = 16 or 8 warps, all resident at once (moe.rs checks the
 // occupancy before choosing this kernel; a block that is not resident would never let the
@@ -62,6 +62,17 @@ __device__ __forceinline__ void fused_grid_barrier(unsigned long long* bar) {
 // ([hidden] bf16), the two scale multiplier tables (256 bf16 each, gate/up then down), act
 // ([P][inter] bf16), phase A's item partials ([FUSED_MAX_BLOCK_ITEMS][32] floats), phase B's
 // warp sums ([W][16] floats). moe.rs `fused_smem` computes the same size.
+// `bytes` (a multiple of 16) from global to shared memory by the copy engine, completing on the
+// mbarrier `bar` (fp4_bulk.cu's helpers): one instruction for a whole block of rows, where 16-byte
+// cp.async pieces would queue behind the weight loads in every thread.
+__device__ __forceinline__ void bulk_load_1d(u32 dst, const void* src, u32 bytes, u32 bar) {
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::
+            "r"(dst),
+        "l"(src), "r"(bytes), "r"(bar)
+        : "memory");
+}
+
 template <int FMT, bool FOLD, int W>
 __device__ __forceinline__ void fp4_moe_fused_body(
     const u8* __restrict__ gwp, const u8* __restrict__ gws, const float* __restrict__ ggs,
@@ -78,25 +89,83 @@ __device__ __forceinline__ void fp4_moe_fused_body(
     __shared__ int s_e[FUSED_MAX_PAIRS];
     __shared__ float s_gs[FUSED_MAX_PAIRS];  // gate/up: post / global scale
     __shared__ float s_w[FUSED_MAX_PAIRS];   // down: routing weight * post / global scale
+    __shared__ __align__(8) u64 s_down_bar;  // the down rows' copies
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
     const int B = gridDim.x, b = blockIdx.x;
 
+    // Shared memory: the layout above.
+    const int kbd = inter >> 1;
+    const int bpd = FMT == FMT_NVFP4 ? (inter >> 4) : (inter >> 5);
+    const auto up16 = [](size_t v) { return (v + 15) & ~(size_t)15; };
+    u8* wsm = fsm;
+    u8* ssm = wsm + (size_t)P * 16 * kbd;
+    u16* xsm = (u16*)(ssm + up16((size_t)P * 16 * bpd));
+    u16* glut_sm = xsm + ((hidden + 7) & ~7);
+    u16* dlut_sm = glut_sm + 256;
+    u16* asm_ = dlut_sm + 256;
+    float* red_a = (float*)((u8*)asm_ + up16((size_t)P * inter * 2));
+    float* red_b = red_a + FUSED_MAX_BLOCK_ITEMS * 32;
+
+    const u32 down_bar = smem_addr(&s_down_bar);
+    if (threadIdx.x == 0) {
+        mbar_init(down_bar, 1);
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
     // Routing (after the wait: the ids, weights or logits come from the kernel before).
     pdl_enter();
+    // Group 0, before the routing (x comes from the kernel before, so after the wait): the
+    // input row and the two multiplier tables, which every product needs first; behind the
+    // weight loads they would arrive last.
+    for (int q = threadIdx.x; q < hidden / 8 + 64; q += blockDim.x) {
+        const int l = q - hidden / 8;  // piece of the two tables
+        if (l < 0) {
+            cp_async16_to(smem_addr(xsm + 8 * q), x + 8 * q, true);
+        } else if (l < 32) {
+            cp_async16_to(smem_addr(glut_sm + 8 * l), glut + 8 * l, true);
+        } else {
+            cp_async16_to(smem_addr(dlut_sm + 8 * (l - 32)), dlut + 8 * (l - 32), true);
+        }
+    }
+    cp_async_commit();
     if (logits != 0) moe_topk_from_logits(logits, E, P, r_prob, r_selp, r_selid);
+    // Thread p < P: its pair's expert, and the scales its products need after phase A (loaded
+    // now, stored to shared memory once phase A is computed: no wait on them before).
+    float p_w = 0.f, p_gs = 1.f, p_ds = 1.f;
+    bool p_ok = false;
     if (threadIdx.x < P) {
         const int p = threadIdx.x;
         const int e = logits != 0 ? r_selid[p] : ids[p];
-        const bool ok = e >= 0 && e < E;
-        s_e[p] = ok ? e : -1;
-        const float w = logits != 0 ? router_weight(r_selp, p, P, renorm) : topw[p];
-        s_gs[p] = ok ? (1.0f / ggs[e]) * gpost : 0.f;
-        s_w[p] = ok ? w * ((1.0f / dgs[e]) * dpost) : 0.f;
+        p_ok = e >= 0 && e < E;
+        s_e[p] = p_ok ? e : -1;
+        p_w = logits != 0 ? router_weight(r_selp, p, P, renorm) : topw[p];
+        if (p_ok) {
+            p_gs = ggs[e];
+            p_ds = dgs[e];
+        }
     }
     if (bad != 0 && logits == 0 && b == 0 && warp == 0) count_bad_ids(ids, P, E, bad);
+    cp_async_wait<0>();  // the input row and tables (asked for before the routing)
     __syncthreads();
     trace_mark();
+    // The down rows [16b, 16b + 16) of every pair's expert (contiguous: 16 rows of weights, 16
+    // of scale bytes), copied by the copy engine under phase A; phase B waits on the mbarrier.
+    if (threadIdx.x == 0) {
+        const u32 wbytes = 16u * (u32)(inter >> 1);
+        const u32 sbytes = 16u * (u32)(FMT == FMT_NVFP4 ? (inter >> 4) : (inter >> 5));
+        u32 total = 0;
+        for (int p = 0; p < P; p++) total += s_e[p] >= 0 ? wbytes + sbytes : 0;
+        mbar_expect_tx(down_bar, total);
+        for (int p = 0; p < P; p++) {
+            const int e = s_e[p];
+            if (e < 0) continue;
+            const size_t row = (size_t)e * hidden + 16 * b;
+            bulk_load_1d(smem_addr(fsm + (size_t)p * wbytes), dwp + row * (wbytes / 16), wbytes,
+                         down_bar);
+            bulk_load_1d(smem_addr(fsm + (size_t)P * wbytes + (size_t)p * sbytes),
+                         dws + row * (sbytes / 16), sbytes, down_bar);
+        }
+    }
 
     // Phase A: this warp's items, every weight load issued before the first is used.
     const int kb = hidden >> 1;
@@ -137,53 +206,6 @@ __device__ __forceinline__ void fp4_moe_fused_body(
     for (int j = 0; j < FUSED_ROUND; j++)
         if (warp + W * j < items) load_item(warp + W * j, wr[j]);
     trace_mark();  // phase A's weight loads issued
-    // Shared memory: the layout above.
-    const int kbd = inter >> 1;
-    const int bpd = FMT == FMT_NVFP4 ? (inter >> 4) : (inter >> 5);
-    const auto up16 = [](size_t v) { return (v + 15) & ~(size_t)15; };
-    u8* wsm = fsm;
-    u8* ssm = wsm + (size_t)P * 16 * kbd;
-    u16* xsm = (u16*)(ssm + up16((size_t)P * 16 * bpd));
-    u16* glut_sm = xsm + ((hidden + 7) & ~7);
-    u16* dlut_sm = glut_sm + 256;
-    u16* asm_ = dlut_sm + 256;
-    float* red_a = (float*)((u8*)asm_ + up16((size_t)P * inter * 2));
-    float* red_b = red_a + FUSED_MAX_BLOCK_ITEMS * 32;
-    // Group 0: the input row and the gate/up multiplier table; group 1: the down rows of every
-    // pair's expert and the down table, under phase A.
-    for (int q = threadIdx.x; q < hidden / 8 + 32; q += blockDim.x) {
-        if (q < hidden / 8) {
-            cp_async16_to(smem_addr(xsm + 8 * q), x + 8 * q, true);
-        } else {
-            cp_async16_to(smem_addr(glut_sm + 8 * (q - hidden / 8)), glut + 8 * (q - hidden / 8),
-                          true);
-        }
-    }
-    cp_async_commit();
-    {
-        const int wpieces = kbd, spieces = bpd;  // 16 rows of each, in 16-byte pieces
-        for (int p = 0; p < P; p++) {
-            const int e = s_e[p];
-            if (e < 0) continue;
-            const u8* wsrc = dwp + ((size_t)e * hidden + 16 * b) * kbd;
-            const u8* ssrc = dws + ((size_t)e * hidden + 16 * b) * bpd;
-            for (int q = threadIdx.x; q < wpieces + spieces; q += blockDim.x) {
-                if (q < wpieces) {
-                    cp_async16_to(smem_addr(wsm + ((size_t)p * 16 * kbd) + 16 * q), wsrc + 16 * q,
-                                  true);
-                } else {
-                    const int s = q - wpieces;
-                    cp_async16_to(smem_addr(ssm + ((size_t)p * 16 * bpd) + 16 * s), ssrc + 16 * s,
-                                  true);
-                }
-            }
-        }
-        if (threadIdx.x < 32) cp_async16_to(smem_addr(dlut_sm + 8 * threadIdx.x), dlut + 8 * threadIdx.x, true);
-        cp_async_commit();
-    }
-    cp_async_wait<1>();
-    __syncthreads();
-    trace_mark();
 
     // Phase A products: each item's 16 gate and 16 up rows (token column 0, lanes t == 0), the
     // activation fragments and multipliers from shared memory (compute_chunks' XL = 1 form);
@@ -218,6 +240,10 @@ __device__ __forceinline__ void fp4_moe_fused_body(
             if (nxt < items) load_item(nxt, wr[j]);
         }
     }
+    if (threadIdx.x < P) {
+        s_gs[threadIdx.x] = p_ok ? (1.0f / p_gs) * gpost : 0.f;
+        s_w[threadIdx.x] = p_ok ? p_w * ((1.0f / p_ds) * dpost) : 0.f;
+    }
     __syncthreads();
     trace_mark();
     // SwiGLU rows of this block's tiles: the items' partials summed in chunk order.
@@ -246,7 +272,6 @@ __device__ __forceinline__ void fp4_moe_fused_body(
         if (pending != 0) f_pend = bf16_to_f32(pending[row0 + lane]);
         f_w = fo.out_w[row0 + lane];
     }
-    cp_async_wait<0>();
     trace_mark();
     fused_grid_barrier(bar);
     trace_mark();
@@ -257,6 +282,7 @@ __device__ __forceinline__ void fp4_moe_fused_body(
         cp_async16_to(smem_addr(asm_ + 8 * q), act + 8 * q, s_e[(8 * q) / inter] >= 0);
     cp_async_commit();
     cp_async_wait<0>();
+    mbar_wait(down_bar, 0);
     __syncthreads();
     trace_mark();
     const int Cd = (inter + 127) >> 7;
