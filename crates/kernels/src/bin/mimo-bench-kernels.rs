@@ -21,10 +21,10 @@ use half::bf16;
 use mimo_kernels::cuda::{
     bf16_gemm, bf16_to_e4m3_rows, bulk_supported, cublas, device_copy, fp4_gemm, fp4_gemm_bulk,
     fp4_gemm_dequant_cublas, fp4_gemm_fp8, fp4_gemm_tiled, fp4_gemm_with, fp4_to_e4m3_rows,
-    fp8_shape_ok, moe_fused_supported, moe_layer_tiled_with, moe_layer_with, moe_tile_pairs,
-    moe_tiled_preferred, moe_tiled_supported, tiled_supported, variant_exists, BulkConfig,
-    CudaError, E4m3Rows, Fp4GemmConfig, Fp8Gemm, Fp8Scratch, GpuContext, GpuFp4Weight, MoeConfig,
-    MoeWeights, MoeWorkspace, PdlGraph, Tuning,
+    fp8_shape_ok, moe_layer_tiled_with, moe_layer_with, moe_tile_pairs, moe_tiled_preferred,
+    moe_tiled_supported, tiled_supported, variant_exists, BulkConfig, CudaError, E4m3Rows,
+    Fp4GemmConfig, Fp8Gemm, Fp8Scratch, GpuContext, GpuFp4Weight, MoeConfig, MoeWeights,
+    MoeWorkspace, PdlGraph, Tuning,
 };
 use mimo_kernels::Fp4Format;
 
@@ -879,78 +879,6 @@ fn moe_bench(
                 };
                 push(kernel, note, t);
             }
-        }
-        // One token: the fused launch (`Tuning::moe_fused`, off by default) with 16 and 8 warps
-        // per block against the two-launch rows above, chained by PDL and plain, in the same
-        // process.
-        let on = gpu.tuning();
-        gpu.set_tuning(Tuning {
-            moe_fused: true,
-            ..on
-        });
-        let fused_ok = tokens == 1 && moe_fused_supported(gpu, &w, top_k).unwrap_or(false);
-        gpu.set_tuning(on);
-        if fused_ok {
-            let auto = MoeConfig::auto(hidden, inter, tokens);
-            let variants = [
-                (
-                    true,
-                    16,
-                    "fused",
-                    "the fused launch with 16 warps per block (one round)",
-                ),
-                (
-                    true,
-                    8,
-                    "fused_w8",
-                    "the fused launch with 8 warps per block (two rounds)",
-                ),
-            ];
-            for ((fused, nw, label, what), pdl) in
-                variants.iter().flat_map(|v| [(*v, false), (*v, true)])
-            {
-                gpu.set_tuning(Tuning {
-                    moe_fused: fused,
-                    moe_fused_warps: nw,
-                    ..on
-                });
-                let t = time_op_graph(gpu, nr, samples, pdl, &mut |i| {
-                    moe_layer_with(
-                        gpu,
-                        &w,
-                        &x,
-                        &ids_d[i % nr],
-                        &w_d[i % nr],
-                        tokens,
-                        top_k,
-                        &mut ws,
-                        &mut out,
-                        auto,
-                    )
-                });
-                let t = match t {
-                    Ok(t) => t,
-                    Err(e) => {
-                        gpu.set_tuning(on);
-                        return Err(e);
-                    }
-                };
-                eprintln!(
-                    "  moe {} tokens=1 {label}{}: {:.2} us",
-                    format.name(),
-                    if pdl { " PDL chain" } else { "" },
-                    t.us
-                );
-                push(
-                    format!("fp4_moe_layer_{label}{}", if pdl { "_pdl" } else { "" }),
-                    format!(
-                        "{what}{}; ",
-                        if pdl { ", launches chained by PDL" } else { "" }
-                    ),
-                    t,
-                );
-            }
-            gpu.set_tuning(on);
         }
         // The tiled grouped path (prefill-sized batches; `moe_layer` takes it from
         // Tuning::moe_tiled_min_pairs pairs per expert): tiles of 32 pairs, and of 64 from 64

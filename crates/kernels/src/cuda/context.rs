@@ -12,8 +12,8 @@ use super::trace::{trace_defines, trace_requested, TraceBuffer, TraceRecord};
 use crate::fp4::Fp4Format;
 
 /// Kernel sources embedded in the binary: (file name, text). The tiled kernels
-/// (fp4_tiled.cu), the bulk-copy kernels (fp4_bulk.cu) and the fused one-token MoE kernels
-/// (fp4_moe_fused.cu) are one compilation unit with fp4_gemm.cu, whose decode they use.
+/// (fp4_tiled.cu) and the bulk-copy kernels (fp4_bulk.cu) are one compilation unit with
+/// fp4_gemm.cu, whose decode they use.
 pub(crate) const FP4_GEMM_SRC: (&str, &str) = (
     "fp4_gemm.cu",
     concat!(
@@ -21,9 +21,7 @@ pub(crate) const FP4_GEMM_SRC: (&str, &str) = (
         "\n#line 1 \"fp4_tiled.cu\"\n",
         include_str!("../../cuda/fp4_tiled.cu"),
         "\n#line 1 \"fp4_bulk.cu\"\n",
-        include_str!("../../cuda/fp4_bulk.cu"),
-        "\n#line 1 \"fp4_moe_fused.cu\"\n",
-        include_str!("../../cuda/fp4_moe_fused.cu")
+        include_str!("../../cuda/fp4_bulk.cu")
     ),
 );
 /// Definitions every source shares (typedefs, bf16 conversions, mma, pdl_enter): put in front
@@ -81,25 +79,40 @@ pub fn compile_source_traced(
 }
 
 /// Where `MIMO_PTX_CACHE` (a directory) keeps the PTX of one compilation across processes, or
-/// None where it is unset or NVRTC is missing. The name holds a hash of everything the PTX
-/// depends on: NVRTC's version, the options, the common header and the source. Compiling the
-/// kernels takes a minute or more per process; the device-call scripts run several processes
-/// on one fresh machine, and only the first needs to compile.
+/// None where it is unset or NVRTC is missing. Compiling the kernels takes a minute or more per
+/// process; the device-call scripts run several processes on one fresh machine, and only the
+/// first needs to compile.
 fn disk_cache_path(file: &str, src: &str, arch: &str, traced: bool) -> Option<std::path::PathBuf> {
-    use std::hash::{Hash, Hasher};
     let dir = std::env::var_os("MIMO_PTX_CACHE")?;
     if !nvrtc_available() {
         return None;
     }
     let (mut major, mut minor) = (0, 0);
-    // SAFETY: the library is present (checked above); the call writes two ints.
-    unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    // SAFETY: the library is present (checked above); the call writes two ints. A failed call
+    // leaves (0, 0), which only names other entries.
+    let _ = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    let options = nvrtc_options(file, arch, traced);
+    Some(std::path::Path::new(&dir).join(ptx_cache_name(file, arch, (major, minor), &options, src)))
+}
+
+/// A PTX cache entry's file name: the file and architecture, then a hash of everything the PTX
+/// depends on (NVRTC's version, the options, the common header and the source), so that a
+/// changed kernel or flag never reads a stale entry. The hash is std's SipHash with fixed keys:
+/// the same in every process of one build.
+fn ptx_cache_name(
+    file: &str,
+    arch: &str,
+    nvrtc: (i32, i32),
+    options: &[String],
+    src: &str,
+) -> String {
+    use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    (major, minor).hash(&mut h);
-    nvrtc_options(file, arch, traced).hash(&mut h);
+    nvrtc.hash(&mut h);
+    options.hash(&mut h);
     COMMON_HEADER.hash(&mut h);
     src.hash(&mut h);
-    Some(std::path::Path::new(&dir).join(format!("{file}-{arch}-{:016x}.ptx", h.finish())))
+    format!("{file}-{arch}-{:016x}.ptx", h.finish())
 }
 
 /// Writes a cache entry through a temporary name and a rename, so that a reader never sees a
@@ -334,17 +347,6 @@ pub struct Tuning {
     /// Average pairs per expert from which `moe_tiled` takes a layer
     /// ([`super::MOE_TILED_MIN_PAIRS`] by default; `MIMO_MOE_TILED_MIN_PAIRS`).
     pub moe_tiled_min_pairs: u32,
-    /// One-token FP4 MoE layers (with `moe_direct`) run as one launch
-    /// ([`super::moe_fused_supported`]: gate/up, a grid-wide barrier, then down and the
-    /// combine, each block's down rows copied to shared memory under the gate/up stream)
-    /// instead of two, where the layer's shape suits it and every block fits on the GPU at
-    /// once (`MIMO_MOE_FUSED`). Off by default: slower on the H100 (Qwen3-30B-A3B NVFP4 batch
-    /// 1: 397 vs 433 tokens/s; docs/kernels-notes.md round 20).
-    pub moe_fused: bool,
-    /// Warps per block of the fused one-token MoE launch: 16 (one round of gate/up loads per
-    /// warp, the whole SM's registers) or 8 (two rounds, half of them, so that the next
-    /// kernel's blocks fit beside it under PDL); `MIMO_MOE_FUSED_WARPS`.
-    pub moe_fused_warps: u32,
 }
 
 impl Default for Tuning {
@@ -376,8 +378,6 @@ impl Default for Tuning {
             bulk_max_tokens: super::bulk::BULK_MAX_TOKENS as u32,
             moe_tiled: true,
             moe_tiled_min_pairs: super::moe::MOE_TILED_MIN_PAIRS as u32,
-            moe_fused: false,
-            moe_fused_warps: 16,
         }
     }
 }
@@ -427,8 +427,6 @@ impl Tuning {
             bulk_max_tokens: mib("MIMO_BULK_MAX_TOKENS", d.bulk_max_tokens),
             moe_tiled: flag("MIMO_MOE_TILED", d.moe_tiled),
             moe_tiled_min_pairs: mib("MIMO_MOE_TILED_MIN_PAIRS", d.moe_tiled_min_pairs),
-            moe_fused: flag("MIMO_MOE_FUSED", d.moe_fused),
-            moe_fused_warps: mib("MIMO_MOE_FUSED_WARPS", d.moe_fused_warps),
         }
     }
 }
@@ -679,4 +677,41 @@ pub fn scale_lut(format: Fp4Format) -> Vec<u16> {
     (0..=255u8)
         .map(|c| bf16::from_f32(format.decode_scale(c)).to_bits())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The PTX cache names an entry by everything the PTX depends on: another source, option or
+    /// NVRTC version gives another name; the same inputs the same name.
+    #[test]
+    fn ptx_cache_names_follow_their_inputs() {
+        let opts = vec!["--gpu-architecture=sm_90a".to_string()];
+        let name = |v, o: &[String], src| ptx_cache_name("fp4_gemm.cu", "sm_90a", v, o, src);
+        let base = name((13, 0), &opts, "kernel a");
+        assert_eq!(base, name((13, 0), &opts, "kernel a"));
+        assert!(base.starts_with("fp4_gemm.cu-sm_90a-") && base.ends_with(".ptx"));
+        assert_ne!(base, name((13, 0), &opts, "kernel b"));
+        assert_ne!(base, name((13, 5), &opts, "kernel a"));
+        let more = vec![opts[0].clone(), "-DMIMO_TRACE".to_string()];
+        assert_ne!(base, name((13, 0), &more, "kernel a"));
+    }
+
+    /// An entry is written whole under its name (through a temporary file), and a directory
+    /// that cannot be made leaves nothing behind.
+    #[test]
+    fn ptx_cache_entries_are_written_whole() {
+        let dir = std::env::temp_dir().join(format!("mimo-ptx-cache-test-{}", std::process::id()));
+        let path = dir.join("x.ptx");
+        store_ptx(&path, "// ptx");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "// ptx");
+        let leftovers: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+        assert_eq!(leftovers.len(), 1, "only the entry itself");
+        // A file where the directory should be: nothing written, no error.
+        let blocked = dir.join("x.ptx").join("y.ptx");
+        store_ptx(&blocked, "// ptx");
+        assert!(!blocked.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

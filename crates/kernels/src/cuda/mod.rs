@@ -14,8 +14,7 @@
 //!   GEMM with per-row scales (large M on sm_89+).
 //! - [`moe_layer`]: grouped MoE layer from the router's device output; for one token with a
 //!   folded norm after it, [`moe_one_token_gate_up`] then [`moe_down_norm_out`], routed by the
-//!   router's top-k or, taking the top-k themselves, by its logits ([`OneTokenRoute`]); both as
-//!   one launch with a grid-wide barrier where [`moe_fused_supported`] ([`moe_fused_norm_out`]).
+//!   router's top-k or, taking the top-k themselves, by its logits ([`OneTokenRoute`]).
 //! - [`fp4_gemm_norm_out`] / [`fp4_gemm_norm_in`]: one-token products with an RMSNorm folded
 //!   into them (fold.rs).
 //! - [`moe_bf16_grouped`] / [`moe_bf16_pairs`]: BF16 experts (the BF16 baseline's MoE paths).
@@ -33,7 +32,6 @@ mod graph;
 mod l2;
 mod moe;
 mod moe_bf16;
-mod moe_fused;
 mod placement;
 mod tiled;
 mod trace;
@@ -71,7 +69,6 @@ pub use moe_bf16::{
     moe_bf16_grouped, moe_bf16_pairs, moe_bf16_pairs_supported, moe_bf16_tiled,
     moe_bf16_tiled_supported, Bf16Experts, Bf16Pairs, MOE_BF16_PAIRS_MAX_SWIGLU_K,
 };
-pub use moe_fused::{moe_fused_norm_out, moe_fused_supported};
 pub use placement::{on_load, spread_launch, spread_smem, SPREAD_CARVEOUT_PERCENT};
 pub use tiled::{
     fp4_gemm_swiglu_tiled, fp4_gemm_tiled, tiled_preferred, tiled_supported, TILED_MAX_TOKENS,

@@ -8,7 +8,6 @@ use super::context::{GpuContext, Tuning};
 use super::error::{drv, CudaError};
 use super::fold::NormOut;
 use super::gemm::{check_len, reduction_smem, Fp4GemmConfig, K_CHUNK};
-use super::moe_fused::{moe_fused, moe_fused_supported};
 use super::tiled::moe_tiled_product;
 use super::weights::GpuFp4Weight;
 use super::{arg_or_null, NULL_PTR};
@@ -42,18 +41,12 @@ impl MoeWeights {
 
 /// Device scratch of one MoE layer call for up to `max_tokens` tokens.
 pub struct MoeWorkspace {
-    pub(super) max_pairs: usize,
-    pub(super) bad: CudaSlice<i32>,
-    pub(super) act: CudaSlice<bf16>,
+    max_pairs: usize,
+    bad: CudaSlice<i32>,
+    act: CudaSlice<bf16>,
     down_out: CudaSlice<bf16>,
     /// The tiled path's tile table.
     route: MoeRoute,
-    /// The fused one-token kernel's grid barrier: a count of block arrivals that only grows
-    /// (moe_fused.rs), zero before the first launch.
-    pub(super) barrier: CudaSlice<u64>,
-    /// The block count of the fused launches the barrier has counted (0: none yet); a launch
-    /// of another count zeroes it first, so that the count stays a multiple of it.
-    pub(super) barrier_blocks: usize,
 }
 
 /// Most experts the grouped kernel handles (its shared-memory presence table).
@@ -81,8 +74,6 @@ impl MoeWorkspace {
             act: zb(p * inter)?,
             down_out: zb(p * hidden)?,
             route: MoeRoute::new(gpu, p, experts)?,
-            barrier: s.alloc_zeros::<u64>(1).map_err(drv("alloc MoE barrier"))?,
-            barrier_blocks: 0,
         })
     }
 
@@ -641,9 +632,6 @@ fn moe_layer_one_token(
         ids: topk_ids,
         weights: topk_weights,
     };
-    if moe_fused_supported(gpu, w, top_k)? {
-        return moe_fused(gpu, w, Some(x), route, top_k, ws, DownTarget::Store(out));
-    }
     one_token_gate_up(gpu, w, x, route, top_k, ws, cfg)?;
     one_token_down(gpu, w, route, top_k, ws, DownTarget::Store(out))
 }
@@ -675,7 +663,7 @@ pub enum OneTokenRoute<'a> {
 impl<'a> OneTokenRoute<'a> {
     /// Checks the route's buffers against the layer: `top_k` ids and weights, or one logit per
     /// expert.
-    pub(super) fn check(&self, experts: usize, top_k: usize) -> Result<(), CudaError> {
+    fn check(&self, experts: usize, top_k: usize) -> Result<(), CudaError> {
         match self {
             OneTokenRoute::TopK { ids, weights } => {
                 check_len("moe one token: topk_ids", ids.len(), top_k)?;
@@ -688,7 +676,7 @@ impl<'a> OneTokenRoute<'a> {
     }
 
     /// The top-k ids, if this route has them (with logits the kernels read none).
-    pub(super) fn ids(self) -> Option<&'a CudaSlice<i32>> {
+    fn ids(self) -> Option<&'a CudaSlice<i32>> {
         match self {
             OneTokenRoute::TopK { ids, .. } => Some(ids),
             OneTokenRoute::Logits { .. } => None,
@@ -696,7 +684,7 @@ impl<'a> OneTokenRoute<'a> {
     }
 
     /// The routing weights, if this route has them.
-    pub(super) fn weights(self) -> Option<&'a CudaSlice<f32>> {
+    fn weights(self) -> Option<&'a CudaSlice<f32>> {
         match self {
             OneTokenRoute::TopK { weights, .. } => Some(weights),
             OneTokenRoute::Logits { .. } => None,
@@ -704,7 +692,7 @@ impl<'a> OneTokenRoute<'a> {
     }
 
     /// The logits, if this route has them (a null pointer for the kernels otherwise).
-    pub(super) fn logits(self) -> Option<&'a CudaSlice<f32>> {
+    fn logits(self) -> Option<&'a CudaSlice<f32>> {
         match self {
             OneTokenRoute::TopK { .. } => None,
             OneTokenRoute::Logits { logits, .. } => Some(logits),
@@ -712,7 +700,7 @@ impl<'a> OneTokenRoute<'a> {
     }
 
     /// The kernels' `renorm` argument (only read with logits).
-    pub(super) fn renorm(self) -> i32 {
+    fn renorm(self) -> i32 {
         i32::from(matches!(self, OneTokenRoute::Logits { renorm: true, .. }))
     }
 }
@@ -782,7 +770,7 @@ pub fn moe_one_token_gate_up(
 }
 
 /// The checks of [`moe_layer_with`] for one token, for the split one-token calls.
-pub(super) fn check_one_token(
+fn check_one_token(
     w: &MoeWeights,
     route: OneTokenRoute<'_>,
     top_k: usize,
@@ -864,7 +852,7 @@ fn down_prefetch<'a>(gpu: &GpuContext, w: &'a MoeWeights) -> Option<&'a GpuFp4We
 }
 
 /// Where the one-token down projection's combined row goes.
-pub(super) enum DownTarget<'a, 'b> {
+enum DownTarget<'a, 'b> {
     /// Stored as the layer's output row.
     Store(&'b mut CudaSlice<bf16>),
     /// Added to a residual row as the output side of a folded norm.

@@ -552,7 +552,6 @@ fn tuning_ablation(
         flip(|t| &mut t.warp_attention, "warp_attention"),
         flip(|t| &mut t.spread, "spread"),
         flip(|t| &mut t.moe_down_prefetch, "moe_down_prefetch"),
-        flip(|t| &mut t.moe_fused, "moe_fused"),
         {
             let mut t = base;
             t.attn_prefetch_mib = if base.attn_prefetch_mib == 0 {
@@ -591,8 +590,6 @@ fn tuning_ablation(
                 bulk_max_tokens: base.bulk_max_tokens,
                 moe_tiled: base.moe_tiled,
                 moe_tiled_min_pairs: base.moe_tiled_min_pairs,
-                moe_fused: false,
-                moe_fused_warps: base.moe_fused_warps,
             },
         ),
     ];

@@ -7,9 +7,9 @@ use cudarc::driver::CudaSlice;
 use half::bf16;
 use mimo_kernels::cuda::{
     moe_bf16_grouped, moe_bf16_pairs, moe_bf16_pairs_supported, moe_bf16_tiled,
-    moe_bf16_tiled_supported, moe_down_norm_out, moe_fold_parts, moe_fused_norm_out,
-    moe_fused_supported, moe_layer, moe_one_token_gate_up, moe_tile_pairs, moe_tiled_batch,
-    Bf16Experts, Bf16Pairs, L2Ranges, NormIn, NormOut, OneTokenRoute,
+    moe_bf16_tiled_supported, moe_down_norm_out, moe_fold_parts, moe_layer, moe_one_token_gate_up,
+    moe_tile_pairs, moe_tiled_batch, Bf16Experts, Bf16Pairs, L2Ranges, NormIn, NormOut,
+    OneTokenRoute,
 };
 
 use super::{
@@ -392,13 +392,8 @@ impl GpuModel {
                                 weights: &mb.weights,
                             }
                         };
-                        // One launch where the GPU holds the whole grid at once (the MoE
-                        // input ws.h is read before it is replaced), else two.
-                        let fused = moe_fused_supported(g, w, moe.top_k)?;
-                        if !fused {
-                            moe_one_token_gate_up(g, w, &ws.h, route, moe.top_k, fws)?;
-                            self.mark("experts")?;
-                        }
+                        moe_one_token_gate_up(g, w, &ws.h, route, moe.top_k, fws)?;
+                        self.mark("experts")?;
                         let out_norm = NormOut {
                             resid: &mut ws.x,
                             weight: &self.layers[li + 1].in_norm,
@@ -406,11 +401,7 @@ impl GpuModel {
                             parts: &mut ws.fold_parts,
                         };
                         let pending = fuse.then_some(&ws.attn_delta);
-                        if fused {
-                            moe_fused_norm_out(g, w, route, moe.top_k, fws, pending, out_norm)?;
-                        } else {
-                            moe_down_norm_out(g, w, route, moe.top_k, fws, pending, out_norm)?;
-                        }
+                        moe_down_norm_out(g, w, route, moe.top_k, fws, pending, out_norm)?;
                         self.mark("experts")?;
                         out = Pend::default();
                     }
