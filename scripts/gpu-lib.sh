@@ -7,6 +7,11 @@
 set -uo pipefail
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
 export MIMO_REQUIRE_GPU=1 MIMO_REQUIRE_FP8=${MIMO_REQUIRE_FP8:-1} PATH=$PATH:/usr/local/cuda/bin
+# NVRTC's PTX kept across the processes of one call (docs/cuda-backend-notes.md): only the first
+# process compiles the kernels (a minute or more each time otherwise). Entries carried in .ptxc/
+# (an ignored folder: `carry` it) are used too; `pack` returns the cache as ptxc.tgz.
+export MIMO_PTX_CACHE=${MIMO_PTX_CACHE:-/tmp/mimo-ptx-cache}
+mkdir -p "$MIMO_PTX_CACHE" && cp .ptxc/*.ptx "$MIMO_PTX_CACHE"/ 2>/dev/null
 KT=${KT:-target/release/deps/cuda_fp4-8cc1857849cbce18}
 RT=${RT:-target/release/deps/cuda_model-9475c9e045f5deaa}
 
@@ -49,10 +54,12 @@ gpu_e2e() {
   done
 }
 
-# Copies the JSON reports under $OUT to $RES and packs every log of $OUT into $RES/logs.tgz
-# (what comes back from the device: a few files, not every log).
+# Copies the JSON reports under $OUT to $RES and packs every log of $OUT into $RES/logs.tgz and
+# the PTX cache into $RES/ptxc.tgz (what comes back from the device: a few files, not every log;
+# unpack ptxc.tgz into .ptxc/ to carry it to the next call).
 pack() {
   mkdir -p "$RES"; cp "$OUT"/*.json "$RES"/ 2>/dev/null; tar czf "$RES/logs.tgz" -C "$OUT" .
+  tar czf "$RES/ptxc.tgz" -C "$MIMO_PTX_CACHE" . 2>/dev/null
 }
 
 # Batch-1 NVFP4 decode of shape $1 (bench/configs/$1.json), BF16 and FP4 heads, with the tuning
