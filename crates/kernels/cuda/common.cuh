@@ -334,6 +334,8 @@ __device__ void moe_topk_from_logits(const float* __restrict__ logits, int n_exp
                                      float* prob, float* sel_p, int* sel_id) {
     for (int i = threadIdx.x; i < n_experts; i += blockDim.x) prob[i] = __ldcg(logits + i);
     __syncthreads();
+    // The top-k's three marks (traced builds only; docs/kernels-notes.md round 20): a timeline
+    // names them by the source that includes this header, with this header's line numbers.
     trace_mark();  // logits loaded
     router_rank(prob, sel_p, sel_id, n_experts, top_k);
 }
