@@ -34,6 +34,17 @@ r["data"] = sys.argv[2] + "/" + r["data"]
 r["seq_len"] = 512
 json.dump(r, open(sys.argv[1], "w"))
 PY
+# The default recipe with other seeds (`@seed7`, `@seed42`): the same 315 samples in another
+# order, so other sequence boundaries and contexts: how much a result moves with the draw alone.
+for seed in 7 42; do
+python3 - "$WORK/seed$seed.json" "$PWD/calibration" "$seed" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[2] + "/default.json"))
+r["data"] = sys.argv[2] + "/" + r["data"]
+r["seed"] = int(sys.argv[3])
+json.dump(r, open(sys.argv[1], "w"))
+PY
+done
 # name | format | convert arguments
 VARIANTS=(
   "nvfp4-rtn|nvfp4|--method rtn"
@@ -72,6 +83,9 @@ VARIANTS=(
   "nvfp4-gptq-ao-asym-wl-r5-indomain-half|nvfp4|--method gptq --act-order --damp 0.1 --asymmetric --within-layer --gptq-refine 5 --calib @indomain_half"
   # The default recipe cut into 512-token sequences instead of 256 (`@seq512`, see above).
   "nvfp4-gptq-ao-seq512|nvfp4|--method gptq --act-order --damp 0.1 --calib @seq512"
+  # The default recipe with other seeds (`@seed7`, `@seed42`): the calibration draw's spread.
+  "nvfp4-gptq-ao-seed7|nvfp4|--method gptq --act-order --damp 0.1 --calib @seed7"
+  "nvfp4-gptq-ao-seed42|nvfp4|--method gptq --act-order --damp 0.1 --calib @seed42"
   # Calibrated on the GPU (the CUDA runtime walks the layers; quantizers on the CPU as above).
   "nvfp4-mse-gpu|nvfp4|--method mse --calib-device cuda"
   "nvfp4-gptq-gpu|nvfp4|--method gptq --calib-device cuda"
@@ -111,6 +125,8 @@ for v in "${VARIANTS[@]}"; do
   cargs=${args//@indomain_half/$WORK/indomain_half.txt}
   cargs=${cargs//@indomain/$WORK/indomain.txt}
   cargs=${cargs//@seq512/$WORK/seq512.json}
+  cargs=${cargs//@seed7/$WORK/seed7.json}
+  cargs=${cargs//@seed42/$WORK/seed42.json}
   # shellcheck disable=SC2086
   /usr/bin/time -v "$Q" convert "$src" -o "$out" --format "$fmt" $cargs --force -q --json \
     > "$WORK/$name.convert.json" 2> "$WORK/$name.time"
