@@ -1,192 +1,15 @@
 //! The GPU context: device, one capture-safe stream, and the kernel modules compiled by NVRTC.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream};
-use cudarc::nvrtc::{CompileOptions, Ptx};
 use half::bf16;
 
+use super::compile::{load_source, FP4_GEMM_SRC, MOE_SRC};
 use super::error::{drv, CudaError};
-use super::trace::{trace_defines, trace_requested, TraceBuffer, TraceRecord};
+use super::trace::{TraceBuffer, TraceRecord};
 use crate::fp4::Fp4Format;
-
-/// Kernel sources embedded in the binary: (file name, text). The tiled kernels
-/// (fp4_tiled.cu) and the bulk-copy kernels (fp4_bulk.cu) are one compilation unit with
-/// fp4_gemm.cu, whose decode they use.
-pub(crate) const FP4_GEMM_SRC: (&str, &str) = (
-    "fp4_gemm.cu",
-    concat!(
-        include_str!("../../cuda/fp4_gemm.cu"),
-        "\n#line 1 \"fp4_tiled.cu\"\n",
-        include_str!("../../cuda/fp4_tiled.cu"),
-        "\n#line 1 \"fp4_bulk.cu\"\n",
-        include_str!("../../cuda/fp4_bulk.cu")
-    ),
-);
-/// Definitions every source shares (typedefs, bf16 conversions, mma, pdl_enter): put in front
-/// of each source by [`compile_source`].
-pub const COMMON_HEADER: &str = include_str!("../../cuda/common.cuh");
-/// MoE routing / activation / combine kernels.
-pub(crate) const MOE_SRC: (&str, &str) = ("moe.cu", include_str!("../../cuda/moe.cu"));
-
-/// PTX per (file, architecture), compiled once per process.
-fn ptx_cache() -> &'static Mutex<HashMap<(&'static str, String), String>> {
-    static CACHE: OnceLock<Mutex<HashMap<(&'static str, String), String>>> = OnceLock::new();
-    CACHE.get_or_init(|| Mutex::new(HashMap::new()))
-}
-
-/// Whether the NVRTC library can be loaded (it is looked up at run time).
-pub fn nvrtc_available() -> bool {
-    // SAFETY: only tries to dlopen the library; no symbol is called.
-    unsafe { cudarc::nvrtc::sys::is_culib_present() }
-}
-
-/// Compiles one embedded source for `arch` (e.g. "sm_90a") with NVRTC, [`COMMON_HEADER`] in
-/// front of it, or returns the PTX compiled earlier in this process. Traced (decode timeline,
-/// trace.rs) where the process started with `MIMO_TRACE=1`.
-pub fn compile_source(file: &'static str, src: &str, arch: &str) -> Result<String, CudaError> {
-    let key = (file, arch.to_string());
-    if let Some(p) = ptx_cache().lock().ok().and_then(|c| c.get(&key).cloned()) {
-        return Ok(p);
-    }
-    let traced = trace_requested();
-    let text = match disk_cache_path(file, src, arch, traced) {
-        Some(path) => match std::fs::read_to_string(&path) {
-            Ok(text) => text,
-            Err(_) => {
-                let text = compile_with(file, src, arch, traced)?;
-                store_ptx(&path, &text);
-                text
-            }
-        },
-        None => compile_with(file, src, arch, traced)?,
-    };
-    if let Ok(mut c) = ptx_cache().lock() {
-        c.insert(key, text.clone());
-    }
-    Ok(text)
-}
-
-/// [`compile_source`] as `MIMO_TRACE=1` compiles it, whatever this process's environment, and
-/// not cached (the compile tests of the traced kernels).
-pub fn compile_source_traced(
-    file: &'static str,
-    src: &str,
-    arch: &str,
-) -> Result<String, CudaError> {
-    compile_with(file, src, arch, true)
-}
-
-/// Where `MIMO_PTX_CACHE` (a directory) keeps the PTX of one compilation across processes, or
-/// None where it is unset or NVRTC is missing. Compiling the kernels takes a minute or more per
-/// process; the device-call scripts run several processes on one fresh machine, and only the
-/// first needs to compile.
-fn disk_cache_path(file: &str, src: &str, arch: &str, traced: bool) -> Option<std::path::PathBuf> {
-    let dir = std::env::var_os("MIMO_PTX_CACHE")?;
-    if !nvrtc_available() {
-        return None;
-    }
-    let (mut major, mut minor) = (0, 0);
-    // SAFETY: the library is present (checked above); the call writes two ints. A failed call
-    // leaves (0, 0), which only names other entries.
-    let _ = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
-    let options = nvrtc_options(file, arch, traced);
-    Some(std::path::Path::new(&dir).join(ptx_cache_name(file, arch, (major, minor), &options, src)))
-}
-
-/// A PTX cache entry's file name: the file and architecture, then a hash of everything the PTX
-/// depends on (NVRTC's version, the options, the common header and the source), so that a
-/// changed kernel or flag never reads a stale entry. The hash is std's SipHash with fixed keys:
-/// the same in every process of one build.
-fn ptx_cache_name(
-    file: &str,
-    arch: &str,
-    nvrtc: (i32, i32),
-    options: &[String],
-    src: &str,
-) -> String {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    nvrtc.hash(&mut h);
-    options.hash(&mut h);
-    COMMON_HEADER.hash(&mut h);
-    src.hash(&mut h);
-    format!("{file}-{arch}-{:016x}.ptx", h.finish())
-}
-
-/// Writes a cache entry through a temporary name and a rename, so that a reader never sees a
-/// part of one; a cache that cannot be written is only a slower next start.
-fn store_ptx(path: &std::path::Path, text: &str) {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let ok = path
-        .parent()
-        .is_some_and(|d| std::fs::create_dir_all(d).is_ok())
-        && std::fs::write(&tmp, text).is_ok()
-        && std::fs::rename(&tmp, path).is_ok();
-    if !ok {
-        let _ = std::fs::remove_file(&tmp);
-    }
-}
-
-/// NVRTC's options for `file`: the architecture, C++17, tracing defines with `traced`, then
-/// `MIMO_NVRTC_FLAGS`.
-fn nvrtc_options(file: &str, arch: &str, traced: bool) -> Vec<String> {
-    let mut options = vec![format!("--gpu-architecture={arch}"), "-std=c++17".into()];
-    if traced {
-        options.extend(trace_defines(file));
-    }
-    options.extend(extra_nvrtc_flags());
-    options
-}
-
-/// One NVRTC compilation of `file` (tracing defines with `traced`, then `MIMO_NVRTC_FLAGS`).
-fn compile_with(
-    file: &'static str,
-    src: &str,
-    arch: &str,
-    traced: bool,
-) -> Result<String, CudaError> {
-    if !nvrtc_available() {
-        return Err(CudaError::NoDevice(
-            "the NVRTC library (libnvrtc) was not found".into(),
-        ));
-    }
-    let options = nvrtc_options(file, arch, traced);
-    let opts = CompileOptions {
-        options,
-        name: Some(file.to_string()),
-        ..Default::default()
-    };
-    // `#line` keeps the compiler's messages pointing at the source file's own lines.
-    let full = format!("{COMMON_HEADER}\n#line 1 \"{file}\"\n{src}");
-    let ptx = cudarc::nvrtc::compile_ptx_with_opts(full, opts).map_err(|e| CudaError::Compile {
-        file,
-        log: compile_log(&e),
-    })?;
-    Ok(ptx.to_src())
-}
-
-/// Extra NVRTC options from `MIMO_NVRTC_FLAGS` (whitespace-separated, e.g.
-/// `-DMIMO_X_UPFRONT_MAX_TM=2`): kernel variants for A/B measurements from one binary. Read once
-/// per process, like the PTX cache it feeds.
-fn extra_nvrtc_flags() -> Vec<String> {
-    static FLAGS: OnceLock<Vec<String>> = OnceLock::new();
-    FLAGS
-        .get_or_init(|| {
-            std::env::var("MIMO_NVRTC_FLAGS")
-                .map(|v| v.split_whitespace().map(str::to_string).collect())
-                .unwrap_or_default()
-        })
-        .clone()
-}
-
-fn compile_log(e: &cudarc::nvrtc::CompileError) -> String {
-    match e {
-        cudarc::nvrtc::CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
-        other => format!("{other:?}"),
-    }
-}
 
 /// Largest dense FP4 weight (packed + scales) that `Tuning::l2_prefetch_small` prefetches by
 /// default (`Tuning::l2_prefetch_small_mib`): well under the H100's 50 MB of L2, above the
@@ -492,9 +315,7 @@ impl GpuContext {
             format!("sm_{major}{minor}")
         };
         let load = |(file, src): (&'static str, &str)| -> Result<Arc<CudaModule>, CudaError> {
-            let ptx = compile_source(file, src, &arch)?;
-            ctx.load_module(Ptx::from_src(ptx))
-                .map_err(drv("load module"))
+            load_source(&ctx, file, src, &arch)
         };
         let gemm = load(FP4_GEMM_SRC)?;
         let moe = load(MOE_SRC)?;
@@ -677,41 +498,4 @@ pub fn scale_lut(format: Fp4Format) -> Vec<u16> {
     (0..=255u8)
         .map(|c| bf16::from_f32(format.decode_scale(c)).to_bits())
         .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The PTX cache names an entry by everything the PTX depends on: another source, option or
-    /// NVRTC version gives another name; the same inputs the same name.
-    #[test]
-    fn ptx_cache_names_follow_their_inputs() {
-        let opts = vec!["--gpu-architecture=sm_90a".to_string()];
-        let name = |v, o: &[String], src| ptx_cache_name("fp4_gemm.cu", "sm_90a", v, o, src);
-        let base = name((13, 0), &opts, "kernel a");
-        assert_eq!(base, name((13, 0), &opts, "kernel a"));
-        assert!(base.starts_with("fp4_gemm.cu-sm_90a-") && base.ends_with(".ptx"));
-        assert_ne!(base, name((13, 0), &opts, "kernel b"));
-        assert_ne!(base, name((13, 5), &opts, "kernel a"));
-        let more = vec![opts[0].clone(), "-DMIMO_TRACE".to_string()];
-        assert_ne!(base, name((13, 0), &more, "kernel a"));
-    }
-
-    /// An entry is written whole under its name (through a temporary file), and a directory
-    /// that cannot be made leaves nothing behind.
-    #[test]
-    fn ptx_cache_entries_are_written_whole() {
-        let dir = std::env::temp_dir().join(format!("mimo-ptx-cache-test-{}", std::process::id()));
-        let path = dir.join("x.ptx");
-        store_ptx(&path, "// ptx");
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), "// ptx");
-        let leftovers: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
-        assert_eq!(leftovers.len(), 1, "only the entry itself");
-        // A file where the directory should be: nothing written, no error.
-        let blocked = dir.join("x.ptx").join("y.ptx");
-        store_ptx(&blocked, "// ptx");
-        assert!(!blocked.exists());
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
 }

@@ -664,7 +664,7 @@ mod tests {
     /// token pasting), so that a missing one fails here and not at launch on a GPU.
     #[test]
     fn fold_kernels_cover_the_one_token_shapes() {
-        let src = super::super::context::FP4_GEMM_SRC.1;
+        let src = super::super::compile::FP4_GEMM_SRC.1;
         for n in [64usize, 300, 2048, 4096, 5120, 14336, 22016, 151936] {
             for k in [256usize, 2048, 4096, 11008] {
                 for format in [Fp4Format::Nvfp4, Fp4Format::Mxfp4] {

@@ -23,6 +23,7 @@ use cudarc::driver::{CudaSlice, LaunchArgs, PushKernelArg};
 
 mod blas;
 mod bulk;
+mod compile;
 mod context;
 mod error;
 mod fold;
@@ -42,10 +43,11 @@ pub use bulk::{
     bulk_preferred, bulk_supported, fp4_gemm_bulk, fp4_gemm_bulk_with, fp4_gemm_swiglu_bulk,
     BulkConfig, BULK_MAX_TOKENS, BULK_MIN_MI, BULK_MIN_ROWS,
 };
-pub use context::{
-    compile_source, compile_source_traced, nvrtc_available, scale_lut, GpuContext, Tuning,
-    ATTN_PREFETCH_MIB, COMMON_HEADER, L2_PREFETCH_SMALL_BYTES,
+pub use compile::{
+    compile_source, compile_source_traced, load_source, nvrtc_available, ptx_cache_dir,
+    COMMON_HEADER,
 };
+pub use context::{scale_lut, GpuContext, Tuning, ATTN_PREFETCH_MIB, L2_PREFETCH_SMALL_BYTES};
 pub use error::CudaError;
 pub use fold::{
     fold_parts, fp4_gemm_norm_in, fp4_gemm_norm_out, fp4_gemm_swiglu_norm_in, NormIn, NormOut,
@@ -90,7 +92,7 @@ pub fn arg_or_null<'a, T>(b: &mut LaunchArgs<'a>, s: Option<&'a CudaSlice<T>>) {
 
 /// The embedded kernel sources, (file name, text), for tools that compile them ahead.
 pub fn kernel_sources() -> [(&'static str, &'static str); 2] {
-    [context::FP4_GEMM_SRC, context::MOE_SRC]
+    [compile::FP4_GEMM_SRC, compile::MOE_SRC]
 }
 
 /// Opens GPU 0 for a test, or explains why not. With `MIMO_REQUIRE_GPU=1` a missing GPU is an

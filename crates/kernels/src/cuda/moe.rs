@@ -1058,7 +1058,7 @@ mod tests {
     /// not would only fail at launch, on a GPU).
     #[test]
     fn grouped_kernel_names_are_instantiated() {
-        let src = super::super::context::FP4_GEMM_SRC.1;
+        let src = super::super::compile::FP4_GEMM_SRC.1;
         for format in [Fp4Format::Nvfp4, Fp4Format::Mxfp4] {
             for swiglu in [false, true] {
                 for group in [1, 2] {

@@ -8,10 +8,9 @@ use std::sync::Arc;
 use cudarc::driver::{
     CudaFunction, CudaModule, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
-use cudarc::nvrtc::Ptx;
 use half::bf16;
 use mimo_kernels::cuda::{
-    arg_or_null, compile_source, on_load, GpuContext, L2Ranges, Tuning, NULL_PTR,
+    arg_or_null, load_source, on_load, GpuContext, L2Ranges, Tuning, NULL_PTR,
 };
 
 use super::error::{drv, GpuError};
@@ -255,11 +254,7 @@ impl Ops {
     /// Compiles (once per process) and loads ops.cu.
     pub fn load(gpu: &GpuContext) -> Result<Ops, GpuError> {
         let arch = arch_of(gpu)?;
-        let ptx = compile_source(OPS_SRC.0, OPS_SRC.1, &arch)?;
-        let module = gpu
-            .context()
-            .load_module(Ptx::from_src(ptx))
-            .map_err(drv("load ops module"))?;
+        let module = load_source(gpu.context(), OPS_SRC.0, OPS_SRC.1, &arch)?;
         gpu.attach_trace(&module)?;
         let tuning = gpu.tuning();
         let f = |name: &str| -> Result<CudaFunction, GpuError> {
