@@ -25,26 +25,21 @@ head -c $((40960 + SLICE_BYTES)) calibration/heldout/valid.txt | tail -c "$SLICE
 tail -c +$((40960 + SLICE_BYTES + 1)) calibration/heldout/valid.txt > "$WORK/indomain.txt"
 # Its first half (`@indomain_half`): about as many tokens as the default recipe's 24,832.
 head -c 80000 "$WORK/indomain.txt" > "$WORK/indomain_half.txt"
-# The default recipe with 512-token sequences (`@seq512`): the same samples and tokens in half as
-# many sequences, as long as the comparisons' 512-token windows.
-python3 - "$WORK/seq512.json" "$PWD/calibration" <<'PY'
+# Variants of the default recipe, each `@NAME` in a row's arguments standing for $WORK/NAME.json:
+# `@seq512`: 512-token sequences (the same samples and tokens in half as many sequences, as long
+# as the comparisons' 512-token windows); `@seed7`, `@seed42`: other seeds (the same 315 samples
+# in another order, so other sequence boundaries and contexts: how much a result moves with the
+# draw alone).
+RECIPES=(seq512 seed7 seed42)
+python3 - "$WORK" "$PWD/calibration" <<'PY'
 import json, sys
-r = json.load(open(sys.argv[2] + "/default.json"))
-r["data"] = sys.argv[2] + "/" + r["data"]
-r["seq_len"] = 512
-json.dump(r, open(sys.argv[1], "w"))
+work, cal = sys.argv[1], sys.argv[2]
+for name, change in [("seq512", {"seq_len": 512}), ("seed7", {"seed": 7}), ("seed42", {"seed": 42})]:
+    r = json.load(open(cal + "/default.json"))
+    r["data"] = cal + "/" + r["data"]
+    r.update(change)
+    json.dump(r, open(f"{work}/{name}.json", "w"))
 PY
-# The default recipe with other seeds (`@seed7`, `@seed42`): the same 315 samples in another
-# order, so other sequence boundaries and contexts: how much a result moves with the draw alone.
-for seed in 7 42; do
-python3 - "$WORK/seed$seed.json" "$PWD/calibration" "$seed" <<'PY'
-import json, sys
-r = json.load(open(sys.argv[2] + "/default.json"))
-r["data"] = sys.argv[2] + "/" + r["data"]
-r["seed"] = int(sys.argv[3])
-json.dump(r, open(sys.argv[1], "w"))
-PY
-done
 # name | format | convert arguments
 VARIANTS=(
   "nvfp4-rtn|nvfp4|--method rtn"
@@ -124,9 +119,7 @@ for v in "${VARIANTS[@]}"; do
   case "$args" in *--calib-device*) ;; *) args="$args --calib-device cpu" ;; esac
   cargs=${args//@indomain_half/$WORK/indomain_half.txt}
   cargs=${cargs//@indomain/$WORK/indomain.txt}
-  cargs=${cargs//@seq512/$WORK/seq512.json}
-  cargs=${cargs//@seed7/$WORK/seed7.json}
-  cargs=${cargs//@seed42/$WORK/seed42.json}
+  for r in "${RECIPES[@]}"; do cargs=${cargs//@$r/$WORK/$r.json}; done
   # shellcheck disable=SC2086
   /usr/bin/time -v "$Q" convert "$src" -o "$out" --format "$fmt" $cargs --force -q --json \
     > "$WORK/$name.convert.json" 2> "$WORK/$name.time"

@@ -65,21 +65,33 @@ fn compile_source_from(
     }
     let traced = trace_requested();
     let path = disk_cache_path(file, src, arch, traced);
-    let read = path.as_ref().and_then(|p| std::fs::read_to_string(p).ok());
-    let (text, from) = match (read, path) {
-        (Some(text), path) => (text, path),
-        (None, path) => {
-            let text = compile_with(file, src, arch, traced)?;
-            if let Some(p) = &path {
-                store_ptx(p, &text);
-            }
-            (text, None)
+    if let Some(text) = path.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
+        if let Ok(mut c) = ptx_cache().lock() {
+            c.insert(key, text.clone());
         }
-    };
-    if let Ok(mut c) = ptx_cache().lock() {
-        c.insert(key, text.clone());
+        return Ok((text, path));
     }
-    Ok((text, from))
+    let text = compile_and_keep(file, src, arch, traced, path.as_deref())?;
+    Ok((text, None))
+}
+
+/// Compiles `file` and keeps its PTX for later: in this process's memory, and at `path` (a
+/// disk cache entry) where given.
+fn compile_and_keep(
+    file: &'static str,
+    src: &str,
+    arch: &str,
+    traced: bool,
+    path: Option<&Path>,
+) -> Result<String, CudaError> {
+    let text = compile_with(file, src, arch, traced)?;
+    if let Some(p) = path {
+        store_ptx(p, &entry_prefix(file, arch), &text);
+    }
+    if let Ok(mut c) = ptx_cache().lock() {
+        c.insert((file, arch.to_string()), text.clone());
+    }
+    Ok(text)
 }
 
 /// Compiles (or finds, as [`compile_source`]) and loads one source into `ctx`. PTX read from
@@ -99,15 +111,9 @@ pub fn load_source(
                 return Err(drv("load module")(e));
             };
             let _ = std::fs::remove_file(&path);
-            let text = compile_with(file, src, arch, trace_requested())?;
-            let module = ctx
-                .load_module(Ptx::from_src(text.clone()))
-                .map_err(drv("load module"))?;
-            store_ptx(&path, &text);
-            if let Ok(mut c) = ptx_cache().lock() {
-                c.insert((file, arch.to_string()), text);
-            }
-            Ok(module)
+            let text = compile_and_keep(file, src, arch, trace_requested(), Some(&path))?;
+            ctx.load_module(Ptx::from_src(text))
+                .map_err(drv("load module"))
         }
     }
 }
@@ -182,9 +188,10 @@ fn entry_prefix(file: &str, arch: &str) -> String {
 const KEEP_PER_FILE: usize = 4;
 
 /// Writes a cache entry through a temporary name and a rename, so that a reader never sees a
-/// part of one, then leaves only the [`KEEP_PER_FILE`] newest entries of its file and
-/// architecture. A cache that cannot be written is only a slower next start.
-fn store_ptx(path: &Path, text: &str) {
+/// part of one, then leaves only the [`KEEP_PER_FILE`] newest entries named `prefix...` (its
+/// file and architecture, [`entry_prefix`]). A cache that cannot be written is only a slower
+/// next start.
+fn store_ptx(path: &Path, prefix: &str, text: &str) {
     // A name of this call's own (threads of one process may store the same entry at once).
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -198,13 +205,8 @@ fn store_ptx(path: &Path, text: &str) {
         let _ = std::fs::remove_file(&tmp);
         return;
     }
-    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
-        return;
-    };
-    // The prefix is the name up to its hash (file and architecture contain no further '-'
-    // followed by 16 hex digits and ".ptx").
-    if let Some(cut) = name.len().checked_sub(16 + ".ptx".len()) {
-        prune(dir, &name[..cut], KEEP_PER_FILE);
+    if let Some(dir) = path.parent() {
+        prune(dir, prefix, KEEP_PER_FILE);
     }
 }
 
@@ -324,13 +326,13 @@ mod tests {
     fn ptx_cache_entries_are_written_whole() {
         let dir = std::env::temp_dir().join(format!("mimo-ptx-store-test-{}", std::process::id()));
         let path = dir.join("x.ptx");
-        store_ptx(&path, "// ptx");
+        store_ptx(&path, "x-", "// ptx");
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "// ptx");
         let leftovers: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
         assert_eq!(leftovers.len(), 1, "only the entry itself");
         // A file where the directory should be: nothing written, no error.
         let blocked = dir.join("x.ptx").join("y.ptx");
-        store_ptx(&blocked, "// ptx");
+        store_ptx(&blocked, "y-", "// ptx");
         assert!(!blocked.exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -376,7 +378,7 @@ mod tests {
                     .unwrap();
             }
         }
-        store_ptx(&entry("a.cu", 99), "new");
+        store_ptx(&entry("a.cu", 99), &entry_prefix("a.cu", "sm_90a"), "new");
         let names = |file: &str| -> Vec<String> {
             let mut v: Vec<String> = std::fs::read_dir(&dir)
                 .unwrap()
