@@ -773,16 +773,22 @@ __device__ __forceinline__ void fp4_moe_body(const u8* __restrict__ wp, const u8
 
 // One token's down projection with the weighted top-k combine fused in (moe.rs, tokens == 1):
 //   out[r] = bf16( sum_j w[j] * (W[ids[j]] row r . act[j]) * post / gscale[ids[j]] ), j in order
-// (pairs with an invalid id contribute nothing). Block = S warps and 16 output rows; warp s
-// walks the whole K of pairs s, s + S, ... so each pair's own scale multiplies its own
-// accumulator; the warps' sums are added in warp order: deterministic, no atomics.
+// (pairs with an invalid id contribute nothing). Block = S warps and 16 output rows, SPLIT
+// warps per pair (S a multiple of it): warp s takes pairs s / SPLIT, s / SPLIT + S / SPLIT, ...
+// and of each the K chunks of its share (groups s % SPLIT, s % SPLIT + SPLIT, ...), so each
+// pair's own scale multiplies its own accumulators; the warps' sums are added in warp order:
+// deterministic for a given SPLIT, no atomics. A split shortens each warp's chain of dependent
+// load rounds (768 of K, six chunks: three two-chunk rounds with one warp per pair; with two,
+// chunks 0-1 and 4-5 for one warp, 2-3 for the other). SPLIT is a template argument: as a kernel
+// argument it cost the one-warp kernel ~3.5 % of a Qwen3-30B-A3B decode step
+// (docs/kernels-notes.md round 21).
 struct OneToken {
     int row;
     __device__ __forceinline__ int in_row(int i) const { return i == 0 ? row : -1; }
     __device__ __forceinline__ int out_row(int i) const { return in_row(i); }
 };
 
-template <int FMT, int G, bool FOLD = false>
+template <int FMT, int G, bool FOLD = false, int SPLIT = 1>
 __device__ __forceinline__ void fp4_moe_down_t1_body(
     const u8* __restrict__ wp, const u8* __restrict__ ws, const float* __restrict__ gscale,
     const u16* __restrict__ lut, const u16* __restrict__ act, const float* __restrict__ topw,
@@ -807,13 +813,14 @@ __device__ __forceinline__ void fp4_moe_down_t1_body(
     // is the kernel before the previous one, as for the ids.
     if (logits != 0) moe_topk_from_logits(logits, E, P, r_prob, r_selp, r_selid);
     trace_mark();
-    for (int p = warp; p < P; p += S) {
+    const int sub = warp % SPLIT;
+    for (int p = warp / SPLIT; p < P; p += S / SPLIT) {
         const int e = logits != 0 ? r_selid[p] : __ldcg(ids + p);
         if (e < 0 || e >= E) continue;
         float acc[1][1][4] = {{{0.f, 0.f, 0.f, 0.f}}};
         const OneToken tok{p};
         fp4_accumulate<FMT, 1, 1, G>(wp + (size_t)e * wbytes, ws + (size_t)e * sbytes, lut, act, n,
-                                     k, row0, 16, n, tok, 0, G, acc);
+                                     k, row0, 16, n, tok, sub * G, SPLIT * G, acc);
         const float tw = logits != 0 ? router_weight(r_selp, p, P, renorm) : topw[p];
         const float f = tw * ((1.0f / gscale[e]) * post);
         tot_lo += f * acc[0][0][0];
@@ -895,13 +902,14 @@ __device__ __forceinline__ void fp4_moe_down_t1_body(
     MOE_KERNEL_TN(NAME, FMT, MT, DIRECT ? 1 : 2, G, EPI, DIRECT)
 
 // The one-token kernels take the router's logits last (null: its top-k ids and weights).
-#define MOE_DOWN_T1_KERNEL(NAME, FMT, G)                                                        \
+// SPLIT: warps per pair (top_k x SPLIT warps per block, at most 16).
+#define MOE_DOWN_T1_KERNEL(NAME, FMT, G, SPLIT)                                                 \
     extern "C" __global__ void __launch_bounds__(512) NAME(                                     \
         const u8* wp, const u8* ws, const float* gs, const u16* lut, const u16* act,             \
         const float* topw, const int* ids, u16* out, int n, int k, int P, int E, float post,     \
         const float* logits, int renorm) {                                                       \
-        fp4_moe_down_t1_body<FMT, G>(wp, ws, gs, lut, act, topw, ids, out, n, k, P, E, post, 0,   \
-                                     Fold(), logits, renorm);                                     \
+        fp4_moe_down_t1_body<FMT, G, false, SPLIT>(wp, ws, gs, lut, act, topw, ids, out, n, k, P, \
+                                                   E, post, 0, Fold(), logits, renorm);          \
     }
 #define MOE_T1_KERNEL(NAME, FMT)                                                                 \
     extern "C" __global__ void __launch_bounds__(512) NAME(                                     \
@@ -996,12 +1004,14 @@ MOE_KERNEL_TN(fp4_moe_mx_g1_swiglu_p8, FMT_MXFP4, 2, 1, 1, EPI_SWIGLU, false)
 // One token (moe.rs): direct gate/up + SwiGLU per pair, then down with the combine fused.
 MOE_T1_KERNEL(fp4_moe_nv_g1_swiglu_t1, FMT_NVFP4)
 MOE_T1_KERNEL(fp4_moe_mx_g1_swiglu_t1, FMT_MXFP4)
-MOE_DOWN_T1_KERNEL(fp4_moe_down_t1_nv, FMT_NVFP4, 2)
-MOE_DOWN_T1_KERNEL(fp4_moe_down_t1_mx, FMT_MXFP4, 2)
+MOE_DOWN_T1_KERNEL(fp4_moe_down_t1_nv, FMT_NVFP4, 2, 1)
+MOE_DOWN_T1_KERNEL(fp4_moe_down_t1_mx, FMT_MXFP4, 2, 1)
+MOE_DOWN_T1_KERNEL(fp4_moe_down_t1_nv_s2, FMT_NVFP4, 2, 2)
+MOE_DOWN_T1_KERNEL(fp4_moe_down_t1_mx_s2, FMT_MXFP4, 2, 2)
 // The same with the next norm folded into its output (moe.rs `moe_down_norm_out`), compiled
 // apart so that the kernels above keep their code: pending (or null), then the Fold's output
 // fields.
-#define MOE_DOWN_T1_FOLD_KERNEL(NAME, FMT, G)                                                   \
+#define MOE_DOWN_T1_FOLD_KERNEL(NAME, FMT, G, SPLIT)                                            \
     extern "C" __global__ void __launch_bounds__(512) NAME(                                    \
         const u8* wp, const u8* ws, const float* gs, const u16* lut, const u16* act,            \
         const float* topw, const int* ids, int n, int k, int P, int E, float post,              \
@@ -1012,11 +1022,13 @@ MOE_DOWN_T1_KERNEL(fp4_moe_down_t1_mx, FMT_MXFP4, 2)
         fo.out_w = out_w;                                                                       \
         fo.out_h = out_h;                                                                       \
         fo.out_parts = out_parts;                                                               \
-        fp4_moe_down_t1_body<FMT, G, true>(wp, ws, gs, lut, act, topw, ids, 0, n, k, P, E, post, \
-                                           pending, fo, logits, renorm);                        \
+        fp4_moe_down_t1_body<FMT, G, true, SPLIT>(wp, ws, gs, lut, act, topw, ids, 0, n, k, P, E, \
+                                                  post, pending, fo, logits, renorm);           \
     }
-MOE_DOWN_T1_FOLD_KERNEL(fp4_moe_down_t1_nv_fold, FMT_NVFP4, 2)
-MOE_DOWN_T1_FOLD_KERNEL(fp4_moe_down_t1_mx_fold, FMT_MXFP4, 2)
+MOE_DOWN_T1_FOLD_KERNEL(fp4_moe_down_t1_nv_fold, FMT_NVFP4, 2, 1)
+MOE_DOWN_T1_FOLD_KERNEL(fp4_moe_down_t1_mx_fold, FMT_MXFP4, 2, 1)
+MOE_DOWN_T1_FOLD_KERNEL(fp4_moe_down_t1_nv_fold_s2, FMT_NVFP4, 2, 2)
+MOE_DOWN_T1_FOLD_KERNEL(fp4_moe_down_t1_mx_fold_s2, FMT_MXFP4, 2, 2)
 
 // ---------------------------------------------------------------------------------------------
 // One 16-byte piece (32 elements) of a weight row, for the dequantization and E4M3 conversion

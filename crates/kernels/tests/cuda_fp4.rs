@@ -980,6 +980,27 @@ fn moe_layer_matches_cpu_reference() {
                     6e-2,
                 );
                 check_moe_norm_out(&gpu, &mut rng, &w, &mut ws, (&x, &idd, &wd), top_k, format);
+                // The down launch with one warp per pair and with each pair's K split over
+                // two warps (K = 288: three chunks, the first two to one warp, the partial
+                // third to the other) gives the same layer.
+                for split in [1u32, 2] {
+                    gpu.set_tuning(Tuning {
+                        moe_down_split: split,
+                        ..on
+                    });
+                    let mut out = poisoned(&gpu, tokens * hidden);
+                    moe_layer(&gpu, &w, &x, &idd, &wd, tokens, top_k, &mut ws, &mut out).unwrap();
+                    let got = s.clone_dtoh(&out).unwrap();
+                    check_close(
+                        &format!("moe {format} tokens=1 down split {split}"),
+                        &got,
+                        &want,
+                        2e-2,
+                        6e-2,
+                    );
+                    check_moe_norm_out(&gpu, &mut rng, &w, &mut ws, (&x, &idd, &wd), top_k, format);
+                    gpu.set_tuning(on);
+                }
             }
         }
         // An out-of-range router id is counted and its pair left out.

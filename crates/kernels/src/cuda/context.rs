@@ -114,6 +114,13 @@ pub struct Tuning {
     /// Qwen3-30B-A3B NVFP4 batch 1: 462 vs 456 tokens/s with the FP4 head, 430 vs 425 with the
     /// BF16 head; the MoE layer alone in a PDL chain 16.4 -> 15.7 us).
     pub moe_down_prefetch: bool,
+    /// Warps per (token, expert) pair in the one-token FP4 down + combine kernel, 1 or 2, each
+    /// taking a share of the pair's K (`MIMO_MOE_DOWN_SPLIT`; 2 is lowered to 1 where `top_k`
+    /// pairs of two warps exceed [`super::MOE_DOWN_T1_MAX_WARPS`]). 1: one warp walks a pair's
+    /// whole K in dependent load rounds. 2 by default (Qwen3-30B-A3B NVFP4 batch 1, same
+    /// process: H100 430 -> 439 tokens/s with the BF16 head, 460 -> 473 with the FP4 head;
+    /// H200 448 -> 454 and 468 -> 475; docs/kernels-notes.md round 21).
+    pub moe_down_split: u32,
     /// One-sequence decode steps' attention through the runtime's warp kernel (`attention_w`:
     /// 4 warps x 16 keys, head_dim 32..=128 in steps of 32) instead of the thread-per-key one.
     pub warp_attention: bool,
@@ -188,6 +195,7 @@ impl Default for Tuning {
             spread: true,
             attn_prefetch_mib: ATTN_PREFETCH_MIB,
             moe_down_prefetch: true,
+            moe_down_split: 2,
             warp_attention: true,
             gqa_attention: true,
             gqa_split: 0,
@@ -237,6 +245,7 @@ impl Tuning {
             spread: flag("MIMO_SPREAD", d.spread),
             attn_prefetch_mib: mib("MIMO_ATTN_PREFETCH_MIB", d.attn_prefetch_mib),
             moe_down_prefetch: flag("MIMO_MOE_DOWN_PREFETCH", d.moe_down_prefetch),
+            moe_down_split: mib("MIMO_MOE_DOWN_SPLIT", d.moe_down_split).clamp(1, 2),
             warp_attention: flag("MIMO_WARP_ATTENTION", d.warp_attention),
             gqa_attention: flag("MIMO_GQA_ATTENTION", d.gqa_attention),
             gqa_split: mib("MIMO_GQA_SPLIT", d.gqa_split),

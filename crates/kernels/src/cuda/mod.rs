@@ -65,7 +65,8 @@ pub use moe::{
     moe_down_norm_out, moe_fold_parts, moe_layer, moe_layer_tiled, moe_layer_tiled_with,
     moe_layer_with, moe_one_token_gate_up, moe_tile_pairs, moe_tiled_batch, moe_tiled_preferred,
     moe_tiled_supported, MoeConfig, MoeRoute, MoeWeights, MoeWorkspace, OneTokenRoute,
-    MOE_MAX_EXPERTS, MOE_TILE64_MIN_PAIRS, MOE_TILED_MIN_PAIRS, MOE_TILE_PAIRS,
+    MOE_DOWN_T1_MAX_WARPS, MOE_MAX_EXPERTS, MOE_TILE64_MIN_PAIRS, MOE_TILED_MIN_PAIRS,
+    MOE_TILE_PAIRS,
 };
 pub use moe_bf16::{
     moe_bf16_grouped, moe_bf16_pairs, moe_bf16_pairs_supported, moe_bf16_tiled,

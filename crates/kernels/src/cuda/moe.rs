@@ -609,7 +609,8 @@ pub fn moe_layer_tiled_with(
 /// The one-token path of [`moe_layer_with`] (two launches): gate/up + SwiGLU with one block
 /// row per pair and no routing scan (a token's top-k experts are distinct, so the grouped
 /// kernel's gathering would share nothing), then the down projection of all pairs with the
-/// weighted combine fused (`fp4_moe_down_t1_*`: one warp per pair, warps summed in pair order).
+/// weighted combine fused (`fp4_moe_down_t1_*`: one or two warps per pair
+/// (`Tuning::moe_down_split`), warps summed in warp order).
 #[allow(clippy::too_many_arguments)]
 fn moe_layer_one_token(
     gpu: &GpuContext,
@@ -862,7 +863,36 @@ enum DownTarget<'a, 'b> {
     },
 }
 
-/// down + combine: one warp per pair, 16 output rows per block.
+/// The most warps a one-token down + combine block takes (the kernels' launch bound of 512
+/// threads, over 32).
+pub const MOE_DOWN_T1_MAX_WARPS: usize = 16;
+
+/// Warps per pair of the one-token down kernel: the tuning's split, 1 or 2 (the kernels
+/// compiled), lowered to 1 where `top_k` pairs of 2 would not fit [`MOE_DOWN_T1_MAX_WARPS`].
+fn down_split(wanted: u32, top_k: usize) -> u32 {
+    if wanted >= 2 && 2 * top_k.max(1) <= MOE_DOWN_T1_MAX_WARPS {
+        2
+    } else {
+        1
+    }
+}
+
+/// The one-token down + combine kernel of fp4_gemm.cu for a format, with or without a folded
+/// norm, with 1 or 2 warps per pair (`split`, from [`down_split`]).
+fn down_kernel_name(format: Fp4Format, fold: bool, split: u32) -> &'static str {
+    match (format, fold, split) {
+        (Fp4Format::Nvfp4, false, 1) => "fp4_moe_down_t1_nv",
+        (Fp4Format::Mxfp4, false, 1) => "fp4_moe_down_t1_mx",
+        (Fp4Format::Nvfp4, true, 1) => "fp4_moe_down_t1_nv_fold",
+        (Fp4Format::Mxfp4, true, 1) => "fp4_moe_down_t1_mx_fold",
+        (Fp4Format::Nvfp4, false, _) => "fp4_moe_down_t1_nv_s2",
+        (Fp4Format::Mxfp4, false, _) => "fp4_moe_down_t1_mx_s2",
+        (Fp4Format::Nvfp4, true, _) => "fp4_moe_down_t1_nv_fold_s2",
+        (Fp4Format::Mxfp4, true, _) => "fp4_moe_down_t1_mx_fold_s2",
+    }
+}
+
+/// down + combine: `split` warps per pair (each a share of K), 16 output rows per block.
 fn one_token_down(
     gpu: &GpuContext,
     w: &MoeWeights,
@@ -874,14 +904,9 @@ fn one_token_down(
     let (experts, hidden, _) = w.dims()?;
     let d = &w.down;
     let fold = matches!(target, DownTarget::Fold { .. });
-    let name = match (d.format, fold) {
-        (Fp4Format::Nvfp4, false) => "fp4_moe_down_t1_nv",
-        (Fp4Format::Mxfp4, false) => "fp4_moe_down_t1_mx",
-        (Fp4Format::Nvfp4, true) => "fp4_moe_down_t1_nv_fold",
-        (Fp4Format::Mxfp4, true) => "fp4_moe_down_t1_mx_fold",
-    };
-    let f = gpu.function(name)?;
-    let warps = top_k.max(1) as u32;
+    let split = down_split(gpu.tuning().moe_down_split, top_k);
+    let f = gpu.function(down_kernel_name(d.format, fold, split))?;
+    let warps = top_k.max(1) as u32 * split;
     let launch = LaunchConfig {
         grid_dim: (hidden.div_ceil(16) as u32, 1, 1),
         block_dim: (32 * warps, 1, 1),
@@ -1072,6 +1097,41 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Every one-token down kernel the launcher can name is instantiated with the split its
+    /// name says (the SPLIT template argument, last in the instantiation).
+    #[test]
+    fn down_kernel_names_are_instantiated() {
+        let src = super::super::compile::FP4_GEMM_SRC.1;
+        for format in [Fp4Format::Nvfp4, Fp4Format::Mxfp4] {
+            for fold in [false, true] {
+                for split in [1, 2] {
+                    let name = down_kernel_name(format, fold, split);
+                    let line = src
+                        .lines()
+                        .find(|l| l.contains(&format!("({name}, ")))
+                        .unwrap_or_else(|| panic!("{name} is not instantiated"));
+                    assert!(
+                        line.trim_end().ends_with(&format!(", {split})")),
+                        "{name}: {line}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Two warps per pair where the tuning asks for them and top_k pairs of two fit a block;
+    /// one otherwise.
+    #[test]
+    fn down_split_fits_the_block() {
+        assert_eq!(down_split(2, 8), 2);
+        assert_eq!(down_split(2, MOE_DOWN_T1_MAX_WARPS / 2), 2);
+        assert_eq!(down_split(2, MOE_DOWN_T1_MAX_WARPS / 2 + 1), 1);
+        assert_eq!(down_split(2, 16), 1);
+        assert_eq!(down_split(1, 8), 1);
+        assert_eq!(down_split(0, 1), 1);
+        assert_eq!(down_split(7, 2), 2);
     }
 
     /// The automatic shape: 8 pairs per pass and several row tiles only from 8 to 32 tokens,

@@ -554,6 +554,11 @@ fn tuning_ablation(
         flip(|t| &mut t.moe_down_prefetch, "moe_down_prefetch"),
         {
             let mut t = base;
+            t.moe_down_split = if base.moe_down_split == 1 { 2 } else { 1 };
+            (format!("moe_down_split={}", t.moe_down_split), t)
+        },
+        {
+            let mut t = base;
             t.attn_prefetch_mib = if base.attn_prefetch_mib == 0 {
                 ATTN_PREFETCH_MIB
             } else {
@@ -577,6 +582,7 @@ fn tuning_ablation(
                 spread: false,
                 attn_prefetch_mib: 0,
                 moe_down_prefetch: false,
+                moe_down_split: 1,
                 warp_attention: false,
                 gqa_attention: false,
                 gqa_split: base.gqa_split,
