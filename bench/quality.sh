@@ -81,6 +81,15 @@ VARIANTS=(
   # The default recipe with other seeds (`@seed7`, `@seed42`): the calibration draw's spread.
   "nvfp4-gptq-ao-seed7|nvfp4|--method gptq --act-order --damp 0.1 --calib @seed7"
   "nvfp4-gptq-ao-seed42|nvfp4|--method gptq --act-order --damp 0.1 --calib @seed42"
+  # Attention kept BF16, every expert NVFP4 (the layout gpt-oss ships its MXFP4 experts in), and
+  # only layer 0's attention kept BF16 (the largest single KL contribution in
+  # bench/moe_error_analysis.py --per-layer). The globs reach the converter unexpanded (no file
+  # of the repository root matches them).
+  "nvfp4-gptq-ao-experts|nvfp4|--method gptq --act-order --damp 0.1 --ignore *self_attn*"
+  "nvfp4-gptq-ao-l0attn|nvfp4|--method gptq --act-order --damp 0.1 --ignore model.layers.0.self_attn*"
+  "nvfp4-gptq-ao-r5-experts|nvfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --ignore *self_attn*"
+  "nvfp4-gptq-ao-asym-r5-experts|nvfp4|--method gptq --act-order --damp 0.1 --asymmetric --gptq-refine 5 --ignore *self_attn*"
+  "nvfp4-gptq-ao-r5-experts-indomain-half|nvfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --ignore *self_attn* --calib @indomain_half"
   # Calibrated on the GPU (the CUDA runtime walks the layers; quantizers on the CPU as above).
   "nvfp4-mse-gpu|nvfp4|--method mse --calib-device cuda"
   "nvfp4-gptq-gpu|nvfp4|--method gptq --calib-device cuda"
