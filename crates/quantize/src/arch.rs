@@ -139,6 +139,13 @@ pub fn classify(fam: Family, name: &str) -> Verdict {
     }
 }
 
+/// Whether a Linear module belongs to a routed expert (`...experts.N.gate_proj`, Mixtral's
+/// `block_sparse_moe.experts.N.w1`): a path component `experts`, which shared experts
+/// (`shared_expert`, `shared_experts`) do not have.
+pub fn is_routed_expert(module: &str) -> bool {
+    module.split('.').any(|c| c == "experts")
+}
+
 /// The fused set a Linear belongs to (engines run them as one GEMM with one global scale):
 /// q/k/v of an attention block, gate/up of an MLP (dense, each expert, shared experts),
 /// Mixtral's w1/w3 per expert, and DeepSeek MLA's q_a_proj + kv_a_proj_with_mqa (vLLM's
@@ -159,6 +166,28 @@ pub fn fused_group(module: &str) -> Option<String> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn routed_experts() {
+        for m in [
+            "model.layers.3.mlp.experts.17.gate_proj",
+            "model.layers.0.block_sparse_moe.experts.2.w1",
+            "experts.0.down_proj",
+        ] {
+            assert!(is_routed_expert(m), "{m}");
+        }
+        for m in [
+            "model.layers.3.mlp.shared_expert.gate_proj",
+            "model.layers.3.mlp.shared_experts.down_proj",
+            "model.layers.3.self_attn.q_proj",
+            "model.layers.3.mlp.gate_proj",
+            "model.layers.3.mlp.gate",
+            "lm_head",
+            "model.layers.1.mlp.experts_bias",
+        ] {
+            assert!(!is_routed_expert(m), "{m}");
+        }
+    }
 
     #[test]
     fn families() {

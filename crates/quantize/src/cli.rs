@@ -129,6 +129,10 @@ pub struct PlanArgs {
     /// Quantize lm_head too.
     #[arg(long)]
     pub quantize_lm_head: bool,
+    /// Quantize only the routed experts of a MoE model; attention, dense MLPs and shared
+    /// experts stay dense (gpt-oss's layout: better quality, more bytes per decoded token).
+    #[arg(long)]
+    pub experts_only: bool,
     /// Hub revision (with a repo id).
     #[arg(long)]
     pub revision: Option<String>,
@@ -229,6 +233,7 @@ fn plan_options(a: &PlanArgs) -> Result<PlanOptions> {
         layout: layout_of(a)?,
         ignore: a.ignore.clone(),
         quantize_lm_head: a.quantize_lm_head,
+        experts_only: a.experts_only,
     })
 }
 

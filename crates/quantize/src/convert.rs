@@ -204,6 +204,7 @@ pub fn convert_resumable(
         method: quant.method.name().into(),
         ignore: cfg.plan.ignore.clone(),
         quantize_lm_head: cfg.plan.quantize_lm_head,
+        experts_only: cfg.plan.experts_only,
         max_shard_size: cfg.max_shard_size,
     };
     let shard_plan = ShardPlan::new(&plan, cfg.max_shard_size);
@@ -657,6 +658,7 @@ mod tests {
                 layout: mimo_runtime::format::Layout::CtNvfp4,
                 ignore: Vec::new(),
                 quantize_lm_head: false,
+                experts_only: false,
             },
             max_shard_size: DEFAULT_MAX_SHARD,
             force: false,

@@ -51,6 +51,9 @@ pub struct OptionsInfo {
     pub ignore: Vec<String>,
     /// --quantize-lm-head.
     pub quantize_lm_head: bool,
+    /// --experts-only (written only when set, so other manifests read as before).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub experts_only: bool,
     /// --max-shard-size in bytes.
     pub max_shard_size: u64,
 }

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use mimo_runtime::checkpoint::{Checkpoint, DType, HeaderEntry};
 use mimo_runtime::format::{detect, Detected, Layout};
 
-use crate::arch::{classify, default_keep_reason, family, fused_group, Family, Verdict};
+use crate::arch::{
+    classify, default_keep_reason, family, fused_group, is_routed_expert, Family, Verdict,
+};
 
 /// Options that change the plan.
 #[derive(Debug, Clone)]
@@ -18,6 +20,10 @@ pub struct PlanOptions {
     pub ignore: Vec<String>,
     /// Quantize lm_head too.
     pub quantize_lm_head: bool,
+    /// Quantize only the routed experts' Linear layers (and lm_head with `quantize_lm_head`);
+    /// attention, dense MLPs and shared experts stay dense: the layout gpt-oss ships its MXFP4
+    /// experts in.
+    pub experts_only: bool,
 }
 
 /// Why a plan cannot be made.
@@ -39,6 +45,11 @@ pub enum PlanError {
     /// The checkpoint holds no tensor at all: there is nothing to convert.
     #[error("{dir}: the checkpoint holds no tensors")]
     NoTensors { dir: PathBuf },
+    /// `--experts-only` on a checkpoint without routed experts (nothing would be quantized).
+    #[error(
+        "{dir}: --experts-only, but the checkpoint ({arch}) has no routed expert Linear layers"
+    )]
+    NoExperts { dir: PathBuf, arch: String },
 }
 
 /// What happens to one tensor.
@@ -188,7 +199,9 @@ impl Plan {
                             });
                         }
                         let (n, k) = (t.shape[0], t.shape[1]);
-                        if k % block != 0 || n == 0 {
+                        if opts.experts_only && !lm_head && !is_routed_expert(&module) {
+                            keep("--experts-only".into())
+                        } else if k % block != 0 || n == 0 {
                             warnings.push(format!(
                                 "{name}: in-features {k} not divisible by the {} block size {block}, kept {}",
                                 opts.layout.format(),
@@ -211,6 +224,16 @@ impl Plan {
                 dtype: t.dtype,
                 shape: t.shape.to_vec(),
                 action,
+            });
+        }
+        if opts.experts_only
+            && !entries.iter().any(|e| {
+                matches!(&e.action, Action::Quantize { module, .. } if is_routed_expert(module))
+            })
+        {
+            return Err(PlanError::NoExperts {
+                dir: ck.root().into(),
+                arch,
             });
         }
         // A fused set only matters when two or more members are quantized.

@@ -387,6 +387,7 @@ fn gptq_on(dir: &Path, device: CalibDevice) -> mimo_quant::calib::CalibRun {
                 layout: Layout::CtNvfp4,
                 ignore: vec![],
                 quantize_lm_head: false,
+                experts_only: false,
             },
             Method::Gptq,
             &GptqOptions::default(),

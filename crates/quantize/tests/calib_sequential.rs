@@ -173,6 +173,7 @@ fn convert_sequential(
             layout,
             ignore: vec![],
             quantize_lm_head: false,
+            experts_only: false,
         };
         let plan = Plan::build(&ck, &popts).unwrap();
         let mut model = Model::load(src).unwrap();
@@ -270,6 +271,7 @@ fn sequential_conversions_are_identical_on_one_and_two_threads() {
                 layout,
                 ignore: vec![],
                 quantize_lm_head: false,
+                experts_only: false,
             },
         )
         .unwrap();

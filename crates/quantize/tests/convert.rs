@@ -10,6 +10,7 @@ use std::sync::atomic::AtomicBool;
 use half::bf16;
 use mimo_kernels::dtype::{convert_to_vec, SrcDType};
 use mimo_kernels::fp4::dequantize;
+use mimo_quant::arch::is_routed_expert;
 use mimo_quant::convert::{convert, ConvertConfig, ConvertError, ConvertSummary};
 use mimo_quant::manifest::Manifest;
 use mimo_quant::plan::PlanError;
@@ -677,6 +678,44 @@ fn ignore_patterns_and_lm_head() {
         run(&bad),
         Err(ConvertError::Plan(PlanError::BadIgnore { .. }))
     ));
+}
+
+/// `--experts-only`: the routed experts are quantized and nothing else (attention, the dense
+/// MLPs of DeepSeek's first layers and its shared experts stay as they were); a model without
+/// routed experts is refused before anything is written.
+#[test]
+fn experts_only_quantizes_the_routed_experts_alone() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src");
+    write_fixture(&src, Arch::DeepseekV3, 9).unwrap();
+    let out = d.path().join("out");
+    let mut c = cfg(&src, &out, Layout::CtNvfp4);
+    c.plan.experts_only = true;
+    run(&c).unwrap();
+    let ck = Checkpoint::open(&out).unwrap();
+    let packed: Vec<&str> = ck
+        .tensor_names()
+        .filter_map(|n| n.strip_suffix(".weight_packed"))
+        .collect();
+    assert!(!packed.is_empty());
+    for m in &packed {
+        assert!(is_routed_expert(m), "{m} quantized");
+    }
+    let dense = |part: &str| {
+        ck.tensor_names()
+            .any(|n| n.contains(part) && n.ends_with("_proj.weight"))
+    };
+    assert!(dense(".self_attn."), "attention kept dense");
+    assert!(dense(".shared_experts."), "shared experts kept dense");
+    assert!(Manifest::read(&out).unwrap().options.experts_only);
+    let llama = fixture(d.path());
+    let mut c = cfg(&llama, &d.path().join("x"), Layout::CtNvfp4);
+    c.plan.experts_only = true;
+    assert!(matches!(
+        run(&c),
+        Err(ConvertError::Plan(PlanError::NoExperts { .. }))
+    ));
+    assert!(!d.path().join("x").exists());
 }
 
 #[test]

@@ -353,6 +353,7 @@ mod tests {
             method: "rtn".into(),
             ignore: vec![],
             quantize_lm_head: false,
+            experts_only: false,
             max_shard_size: 1000,
         }
     }

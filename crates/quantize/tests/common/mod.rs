@@ -105,6 +105,7 @@ pub fn convert_config(src: &Path, out: &Path, layout: Layout) -> ConvertConfig {
             layout,
             ignore: vec![],
             quantize_lm_head: false,
+            experts_only: false,
         },
         max_shard_size: DEFAULT_MAX_SHARD,
         force: false,
