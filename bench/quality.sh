@@ -91,6 +91,7 @@ VARIANTS=(
   "nvfp4-gptq-ao-asym-r5-experts|nvfp4|--method gptq --act-order --damp 0.1 --asymmetric --gptq-refine 5 --ignore *self_attn*"
   "nvfp4-gptq-ao-r5-experts-seed7|nvfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --experts-only --calib @seed7"
   "nvfp4-gptq-ao-r5-experts-seed42|nvfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --experts-only --calib @seed42"
+  "nvfp4-gptq-ao-r5-experts-rw|nvfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --experts-only --route-weighted"
   "mxfp4-gptq-ao-r5-experts|mxfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --experts-only"
   "nvfp4-gptq-ao-r5-experts-indomain-half|nvfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --ignore *self_attn* --calib @indomain_half"
   # Calibrated on the GPU (the CUDA runtime walks the layers; quantizers on the CPU as above).
