@@ -33,6 +33,7 @@ mod graph;
 mod l2;
 mod moe;
 mod moe_bf16;
+mod moe_one_token;
 mod placement;
 mod tiled;
 mod trace;
@@ -62,15 +63,16 @@ pub use gemm::{
 pub use graph::PdlGraph;
 pub use l2::L2Ranges;
 pub use moe::{
-    moe_down_norm_out, moe_fold_parts, moe_layer, moe_layer_tiled, moe_layer_tiled_with,
-    moe_layer_with, moe_one_token_gate_up, moe_tile_pairs, moe_tiled_batch, moe_tiled_preferred,
-    moe_tiled_supported, MoeConfig, MoeRoute, MoeWeights, MoeWorkspace, OneTokenRoute,
-    MOE_DOWN_T1_MAX_WARPS, MOE_MAX_EXPERTS, MOE_TILE64_MIN_PAIRS, MOE_TILED_MIN_PAIRS,
-    MOE_TILE_PAIRS,
+    moe_layer, moe_layer_tiled, moe_layer_tiled_with, moe_layer_with, moe_tile_pairs,
+    moe_tiled_batch, moe_tiled_preferred, moe_tiled_supported, MoeConfig, MoeRoute, MoeWeights,
+    MoeWorkspace, MOE_MAX_EXPERTS, MOE_TILE64_MIN_PAIRS, MOE_TILED_MIN_PAIRS, MOE_TILE_PAIRS,
 };
 pub use moe_bf16::{
     moe_bf16_grouped, moe_bf16_pairs, moe_bf16_pairs_supported, moe_bf16_tiled,
     moe_bf16_tiled_supported, Bf16Experts, Bf16Pairs, MOE_BF16_PAIRS_MAX_SWIGLU_K,
+};
+pub use moe_one_token::{
+    moe_down_norm_out, moe_fold_parts, moe_one_token_gate_up, OneTokenRoute, MOE_DOWN_T1_MAX_WARPS,
 };
 pub use placement::{on_load, spread_launch, spread_smem, SPREAD_CARVEOUT_PERCENT};
 pub use tiled::{
