@@ -190,6 +190,13 @@ impl Plan {
                         }
                         keep(r)
                     }
+                    // Kept dense like an --ignore match: before the dtype check, which only
+                    // the tensors to quantize need.
+                    Verdict::Linear
+                        if opts.experts_only && !lm_head && !is_routed_expert(&module) =>
+                    {
+                        keep("--experts-only".into())
+                    }
                     Verdict::Linear => {
                         if !t.dtype.is_dense_float() {
                             return Err(PlanError::UnsupportedDType {
@@ -199,9 +206,7 @@ impl Plan {
                             });
                         }
                         let (n, k) = (t.shape[0], t.shape[1]);
-                        if opts.experts_only && !lm_head && !is_routed_expert(&module) {
-                            keep("--experts-only".into())
-                        } else if k % block != 0 || n == 0 {
+                        if k % block != 0 || n == 0 {
                             warnings.push(format!(
                                 "{name}: in-features {k} not divisible by the {} block size {block}, kept {}",
                                 opts.layout.format(),
