@@ -718,6 +718,47 @@ fn experts_only_quantizes_the_routed_experts_alone() {
     assert!(!d.path().join("x").exists());
 }
 
+/// The runtime's load-time memory check reads back which parts a conversion left dense: all
+/// FP4 (lm_head BF16, as written by default), `--experts-only`, and k/v ignored.
+#[test]
+fn runtime_reads_back_which_parts_are_fp4() {
+    use mimo_kernels::Fp4Format::Nvfp4;
+    use mimo_runtime::cuda::{checkpoint_formats, Formats};
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src");
+    write_fixture(&src, Arch::Qwen3Moe, 4).unwrap();
+    let formats = |name: &str, f: &dyn Fn(&mut ConvertConfig)| {
+        let out = d.path().join(name);
+        let mut c = cfg(&src, &out, Layout::CtNvfp4);
+        f(&mut c);
+        run(&c).unwrap();
+        checkpoint_formats(&Checkpoint::open(&out).unwrap()).unwrap()
+    };
+    let nv = Some(Nvfp4);
+    // The fixture has no dense MLP or shared expert: `mlp` has nothing to read and stays None.
+    let all = Formats {
+        mlp: None,
+        ..Formats::uniform(nv, false)
+    };
+    assert_eq!(formats("all", &|_| {}), all);
+    assert_eq!(
+        formats("experts", &|c| c.plan.experts_only = true),
+        Formats {
+            experts: nv,
+            ..Formats::default()
+        }
+    );
+    assert_eq!(
+        formats("kv", &|c| c.plan.ignore =
+            vec!["*k_proj*".into(), "*v_proj*".into()]),
+        Formats { kv: None, ..all }
+    );
+    assert_eq!(
+        checkpoint_formats(&Checkpoint::open(&src).unwrap()).unwrap(),
+        Formats::default()
+    );
+}
+
 #[test]
 fn unknown_architecture_uses_the_generic_rule() {
     let d = tempfile::tempdir().unwrap();

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use mimo_kernels::SrcDType;
+use mimo_kernels::{Fp4Format, SrcDType};
 
 use crate::checkpoint::{Checkpoint, CheckpointError, DType, TensorView};
 use crate::config::ConfigError;
@@ -160,6 +160,18 @@ impl<'a> Loader<'a> {
         })
     }
 
+    /// The FP4 format the Linear layer `base` is stored in, or `None` where it is dense (or
+    /// absent): a quantized checkpoint keeps the Linear layers its converter ignored dense.
+    pub fn fp4_format(&self, base: &str) -> Option<Fp4Format> {
+        let layout = self.layout?;
+        let names = layout.tensor_names(base);
+        let quantized = match layout {
+            Layout::CtNvfp4 | Layout::CtMxfp4 => self.ck.contains(&names.packed),
+            Layout::ModelOptNvfp4 => names.global.as_deref().is_some_and(|g| self.ck.contains(g)),
+        };
+        quantized.then(|| layout.format())
+    }
+
     /// The Linear layer `base` (`<base>.weight` and optionally `<base>.bias`) of shape `[n, k]`,
     /// dense or packed FP4 in the checkpoint's layout.
     pub fn linear(&self, base: &str, n: usize, k: usize, bias: bool) -> Result<Linear, LoadError> {
@@ -170,13 +182,7 @@ impl<'a> Loader<'a> {
         };
         if let Some(layout) = self.layout {
             let names = layout.tensor_names(base);
-            let quantized = match layout {
-                Layout::CtNvfp4 | Layout::CtMxfp4 => self.ck.contains(&names.packed),
-                Layout::ModelOptNvfp4 => {
-                    names.global.as_deref().is_some_and(|g| self.ck.contains(g))
-                }
-            };
-            if quantized {
+            if self.fp4_format(base).is_some() {
                 let m = crate::format::load_linear(self.ck, layout, base)?;
                 if (m.n, m.k) != (n, k) {
                     let t = self.ck.tensor(&names.packed)?;

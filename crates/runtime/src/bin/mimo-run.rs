@@ -142,7 +142,9 @@ enum Cmd {
         /// Random weights: decode batch sizes, comma separated.
         #[arg(long, default_value = "1,8,32")]
         batches: String,
-        /// Random weights: weight formats, comma separated (bf16, nvfp4, mxfp4).
+        /// Random weights: weight formats, comma separated: bf16, nvfp4, mxfp4; nvfp4-experts /
+        /// mxfp4-experts (FP4 routed experts, other Linear layers BF16: `convert
+        /// --experts-only`); nvfp4-kv16 / mxfp4-kv16 (FP4 but k_proj and v_proj BF16).
         #[arg(long, default_value = "bf16,nvfp4")]
         formats: String,
         /// Random weights: also time FP4 runs with an FP4 lm_head.
@@ -714,10 +716,9 @@ mod gpu {
 
     use anyhow::{bail, Context, Result};
     use mimo_kernels::cuda::CudaError;
-    use mimo_kernels::Fp4Format;
     use mimo_runtime::config::ModelConfig;
     use mimo_runtime::cuda::{
-        bench_random_weights, BenchOptions, BenchReport, Gpu, GpuError, GpuModel, WeightKind,
+        bench_random_weights, kind_from_name, BenchOptions, BenchReport, Gpu, GpuError, GpuModel,
     };
     use mimo_runtime::generate::{GenerateError, GenerationStats, Sampler, SamplingParams};
 
@@ -995,11 +996,14 @@ mod gpu {
         let kinds = a
             .formats
             .split(',')
-            .map(|s| match s.trim() {
-                "bf16" => Ok(WeightKind::Bf16),
-                "nvfp4" => Ok(WeightKind::Fp4(Fp4Format::Nvfp4)),
-                "mxfp4" => Ok(WeightKind::Fp4(Fp4Format::Mxfp4)),
-                other => bail!("--formats: unknown format '{other}' (bf16, nvfp4, mxfp4)"),
+            .map(|s| {
+                kind_from_name(s.trim()).with_context(|| {
+                    format!(
+                        "--formats: unknown format '{}' (bf16, nvfp4, mxfp4, nvfp4-experts, \
+                         mxfp4-experts, nvfp4-kv16, mxfp4-kv16)",
+                        s.trim()
+                    )
+                })
             })
             .collect::<Result<Vec<_>>>()?;
         let gpu = Gpu::new(0).map_err(|e| {

@@ -146,12 +146,33 @@ pub struct BenchReport {
     pub fp4_over_bf16_batch1: Option<f64>,
 }
 
-fn kind_name(k: WeightKind) -> String {
+/// The name `--formats` takes for `k`.
+pub fn kind_name(k: WeightKind) -> String {
+    let f = |f: Fp4Format| match f {
+        Fp4Format::Nvfp4 => "nvfp4",
+        Fp4Format::Mxfp4 => "mxfp4",
+    };
     match k {
         WeightKind::Bf16 => "bf16".into(),
-        WeightKind::Fp4(Fp4Format::Nvfp4) => "nvfp4".into(),
-        WeightKind::Fp4(Fp4Format::Mxfp4) => "mxfp4".into(),
+        WeightKind::Fp4(x) => f(x).into(),
+        WeightKind::Fp4Experts(x) => format!("{}-experts", f(x)),
+        WeightKind::Fp4DenseKv(x) => format!("{}-kv16", f(x)),
     }
+}
+
+/// The weight kind `--formats` names `name` (the inverse of [`kind_name`]).
+pub fn kind_from_name(name: &str) -> Option<WeightKind> {
+    [
+        WeightKind::Bf16,
+        WeightKind::Fp4(Fp4Format::Nvfp4),
+        WeightKind::Fp4(Fp4Format::Mxfp4),
+        WeightKind::Fp4Experts(Fp4Format::Nvfp4),
+        WeightKind::Fp4Experts(Fp4Format::Mxfp4),
+        WeightKind::Fp4DenseKv(Fp4Format::Nvfp4),
+        WeightKind::Fp4DenseKv(Fp4Format::Mxfp4),
+    ]
+    .into_iter()
+    .find(|&k| kind_name(k) == name)
 }
 
 /// Device copy bandwidth in TB/s (read + write), 1 GiB buffers, median of 10.
@@ -249,7 +270,8 @@ pub fn bench_random_weights(gpu: Arc<Gpu>, opts: &BenchOptions) -> Result<BenchR
                 },
             ));
         }
-        if matches!(kind, WeightKind::Fp4(_)) {
+        // Only where some dense Linear is FP4 (routed experts take their own kernels).
+        if kind.formats(false).dense_fp4() {
             flips.push((
                 "fp8_prefill",
                 Tuning {
@@ -292,7 +314,7 @@ pub fn bench_random_weights(gpu: Arc<Gpu>, opts: &BenchOptions) -> Result<BenchR
         };
         for (head_name, fp4_head) in heads {
             if fp4_head {
-                let h = random_head(&gpu, &c, kind, opts.seed ^ 0x5EED)?;
+                let h = random_head(&gpu, &c, kind.fp4(), opts.seed ^ 0x5EED)?;
                 model.set_lm_head(Some(h));
             }
             for &b in &opts.batches {
@@ -336,7 +358,13 @@ pub fn bench_random_weights(gpu: Arc<Gpu>, opts: &BenchOptions) -> Result<BenchR
             .map(|d| d.tokens_per_s)
     };
     let bf = runs.iter().find(|r| r.weights == "bf16").and_then(b1);
-    let fp = runs.iter().find(|r| r.weights != "bf16").and_then(b1);
+    // The first all-FP4 run (mixed layouts are reported beside it, not in the ratio).
+    let fp = opts
+        .kinds
+        .iter()
+        .zip(&runs)
+        .find(|(k, _)| matches!(k, WeightKind::Fp4(_)))
+        .and_then(|(_, r)| b1(r));
     Ok(BenchReport {
         mode: "random weights".into(),
         device: gpu.ctx.device_name().to_string(),
@@ -617,4 +645,45 @@ fn tuning_ablation(
     model.gpu().ctx.set_tuning(base);
     model.reset_decode_sessions();
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn format_names_round_trip_and_mixed_layouts_keep_their_parts() {
+        for name in [
+            "bf16",
+            "nvfp4",
+            "mxfp4",
+            "nvfp4-experts",
+            "mxfp4-experts",
+            "nvfp4-kv16",
+            "mxfp4-kv16",
+        ] {
+            let k = kind_from_name(name).unwrap();
+            assert_eq!(kind_name(k), name);
+        }
+        assert_eq!(kind_from_name("fp4"), None);
+        let nv = Some(Fp4Format::Nvfp4);
+        let e = WeightKind::Fp4Experts(Fp4Format::Nvfp4).formats(true);
+        assert_eq!(
+            (e.experts, e.q_o, e.kv, e.mlp, e.head),
+            (nv, None, None, None, nv)
+        );
+        assert!(e.dense_fp4());
+        assert!(!WeightKind::Fp4Experts(Fp4Format::Nvfp4)
+            .formats(false)
+            .dense_fp4());
+        let kv = WeightKind::Fp4DenseKv(Fp4Format::Nvfp4).formats(false);
+        assert_eq!(
+            (kv.experts, kv.q_o, kv.kv, kv.mlp, kv.head),
+            (nv, nv, None, nv, None)
+        );
+        assert_eq!(
+            WeightKind::Fp4(Fp4Format::Mxfp4).formats(false),
+            crate::cuda::Formats::uniform(Some(Fp4Format::Mxfp4), false)
+        );
+    }
 }

@@ -22,9 +22,12 @@ mod random;
 mod timeline;
 mod weights;
 
-pub use bench::{bench_random_weights, BenchOptions, BenchReport, BenchRun, DecodeResult};
+pub use bench::{
+    bench_random_weights, kind_from_name, kind_name, BenchOptions, BenchReport, BenchRun,
+    DecodeResult,
+};
 pub use error::GpuError;
-pub use estimate::weight_bytes as estimate_weight_bytes;
+pub use estimate::{checkpoint_formats, weight_bytes as estimate_weight_bytes, Formats};
 pub use model::{GpuKvCache, GpuModel, Stage};
 pub use ops::{sampling_words, ARGMAX_CHUNK, OPS_SRC};
 pub use random::WeightKind;

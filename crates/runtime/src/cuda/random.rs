@@ -14,7 +14,7 @@ use mimo_kernels::cuda::{GpuFp4Weight, MoeWeights};
 use mimo_kernels::Fp4Format;
 
 use super::error::{drv, GpuError};
-use super::estimate;
+use super::estimate::{self, Formats};
 use super::model::{check_config, Experts, Ffn, GateUp, GpuModel, Layer, Mlp, Moe, Qkv};
 use super::weights::{Gpu, GpuLinear};
 use crate::config::ModelConfig;
@@ -26,6 +26,40 @@ pub enum WeightKind {
     Bf16,
     /// FP4 Linear layers (attention, MLP, experts); embedding and routers BF16.
     Fp4(Fp4Format),
+    /// FP4 routed experts, every other Linear BF16: the layout of `mimo-quant convert
+    /// --experts-only` (MoE models; a dense model is all BF16 in it).
+    Fp4Experts(Fp4Format),
+    /// FP4 everywhere but k_proj and v_proj, kept BF16: `--ignore '*k_proj*' --ignore
+    /// '*v_proj*'`.
+    Fp4DenseKv(Fp4Format),
+}
+
+impl WeightKind {
+    /// The FP4 format of its FP4 parts (`None` for BF16).
+    pub fn fp4(self) -> Option<Fp4Format> {
+        match self {
+            WeightKind::Bf16 => None,
+            WeightKind::Fp4(f) | WeightKind::Fp4Experts(f) | WeightKind::Fp4DenseKv(f) => Some(f),
+        }
+    }
+
+    /// Each part's storage; the lm_head takes the FP4 format only with `fp4_head`.
+    pub fn formats(self, fp4_head: bool) -> Formats {
+        let f = self.fp4();
+        let head = if fp4_head { f } else { None };
+        match self {
+            WeightKind::Bf16 | WeightKind::Fp4(_) => Formats::uniform(f, fp4_head),
+            WeightKind::Fp4Experts(_) => Formats {
+                experts: f,
+                head,
+                ..Formats::default()
+            },
+            WeightKind::Fp4DenseKv(_) => Formats {
+                kv: None,
+                ..Formats::uniform(f, fp4_head)
+            },
+        }
+    }
 }
 
 /// Root-mean-square of a uniformly random E2M1 code (values 0, .5, 1, 1.5, 2, 3, 4, 6 and signs).
@@ -132,15 +166,21 @@ impl Builder<'_> {
         )?)
     }
 
-    fn linear(&mut self, kind: WeightKind, n: usize, k: usize) -> Result<GpuLinear, GpuError> {
-        Ok(match kind {
-            WeightKind::Bf16 => GpuLinear::Bf16 {
+    /// A `[n, k]` Linear in `fp4`, or BF16 for `None`.
+    fn linear(
+        &mut self,
+        fp4: Option<Fp4Format>,
+        n: usize,
+        k: usize,
+    ) -> Result<GpuLinear, GpuError> {
+        Ok(match fp4 {
+            None => GpuLinear::Bf16 {
                 w: self.bf16(n * k, (3.0 / k as f32).sqrt())?,
                 n,
                 k,
                 bias: None,
             },
-            WeightKind::Fp4(f) => GpuLinear::Fp4 {
+            Some(f) => GpuLinear::Fp4 {
                 w: self.fp4(f, n, k, 1)?,
                 bias: None,
                 fp8: Mutex::new(None),
@@ -163,11 +203,11 @@ impl Builder<'_> {
     }
 }
 
-/// A random lm_head of `kind` for the model's shape.
+/// A random lm_head for the model's shape, in `fp4` (BF16 for `None`).
 pub(crate) fn random_head(
     gpu: &Arc<Gpu>,
     c: &ModelConfig,
-    kind: WeightKind,
+    fp4: Option<Fp4Format>,
     seed: u64,
 ) -> Result<GpuLinear, GpuError> {
     let mut b = Builder {
@@ -175,7 +215,7 @@ pub(crate) fn random_head(
         seed,
         pool: Vec::new(),
     };
-    b.linear(kind, c.vocab_size, c.hidden_size)
+    b.linear(fp4, c.vocab_size, c.hidden_size)
 }
 
 impl GpuModel {
@@ -191,20 +231,11 @@ impl GpuModel {
     ) -> Result<GpuModel, GpuError> {
         let c = config;
         check_config(&c)?;
-        let fp4 = match kind {
-            WeightKind::Fp4(f) => Some(f),
-            WeightKind::Bf16 => None,
-        };
+        let f = kind.formats(fp4_head);
         estimate::check_fits(
             &gpu,
             &format!("random {} model ({kind:?})", c.arch.model_type()),
-            estimate::weight_bytes(&c, fp4, fp4_head)
-                + estimate::prefill_scratch_bytes(&c, fp4, fp4_head, gpu.has_fp8())
-                + if gpu.has_fp8() && gpu.ctx.tuning().fp8_resident {
-                    estimate::resident_fp8_bytes(&c, fp4, fp4_head)
-                } else {
-                    0
-                },
+            estimate::model_bytes(&gpu, &c, &f),
         )?;
         let mut b = Builder {
             gpu: &gpu,
@@ -213,17 +244,25 @@ impl GpuModel {
         };
         let (h, d) = (c.hidden_size, c.head_dim);
         let embed = b.bf16(c.vocab_size * h, 1.0)?;
-        let head_kind = if fp4_head { kind } else { WeightKind::Bf16 };
         let lm_head = if c.tie_word_embeddings {
             None
         } else {
-            Some(b.linear(head_kind, c.vocab_size, h)?)
+            Some(b.linear(f.head, c.vocab_size, h)?)
         };
         let final_norm = b.norm(h)?;
         let mut layers = Vec::with_capacity(c.num_layers);
         for l in 0..c.num_layers {
             let (qn, kvn) = (c.num_heads * d, c.num_kv_heads * d);
-            let qkv = Qkv::Fused(b.linear(kind, qn + 2 * kvn, h)?);
+            // One fused q/k/v matrix where the three share a format, as the loader fuses them.
+            let qkv = if f.q_o == f.kv {
+                Qkv::Fused(b.linear(f.q_o, qn + 2 * kvn, h)?)
+            } else {
+                Qkv::Split(
+                    b.linear(f.q_o, qn, h)?,
+                    b.linear(f.kv, kvn, h)?,
+                    b.linear(f.kv, kvn, h)?,
+                )
+            };
             let biases = if c.qkv_bias {
                 [Some(b.bias(qn)?), Some(b.bias(kvn)?), Some(b.bias(kvn)?)]
             } else {
@@ -234,29 +273,29 @@ impl GpuModel {
             } else {
                 (None, None)
             };
-            let o = b.linear(kind, h, qn)?;
+            let o = b.linear(f.q_o, h, qn)?;
             let mlp = |b: &mut Builder, inter: usize| -> Result<Mlp, GpuError> {
                 Ok(Mlp {
-                    gate_up: GateUp::Fused(b.linear(kind, 2 * inter, h)?),
-                    down: b.linear(kind, h, inter)?,
+                    gate_up: GateUp::Fused(b.linear(f.mlp, 2 * inter, h)?),
+                    down: b.linear(f.mlp, h, inter)?,
                     inter,
                 })
             };
             let ffn = match (&c.moe, c.moe_layers[l]) {
                 (Some(mc), true) => {
                     let (e, ei) = (mc.num_experts, mc.expert_intermediate_size);
-                    let experts = match kind {
-                        WeightKind::Bf16 => Experts::Bf16 {
+                    let experts = match f.experts {
+                        None => Experts::Bf16 {
                             gate_up: b.bf16(e * 2 * ei * h, (3.0 / h as f32).sqrt())?,
                             down: b.bf16(e * h * ei, (3.0 / ei as f32).sqrt())?,
                         },
-                        WeightKind::Fp4(f) => Experts::Fp4(MoeWeights {
-                            gate_up: b.fp4(f, 2 * ei, h, e)?,
-                            down: b.fp4(f, h, ei, e)?,
+                        Some(ef) => Experts::Fp4(MoeWeights {
+                            gate_up: b.fp4(ef, 2 * ei, h, e)?,
+                            down: b.fp4(ef, h, ei, e)?,
                         }),
                     };
                     let shared = match mc.shared_expert_intermediate_size {
-                        Some(si) => Some((mlp(&mut b, si)?, b.linear(WeightKind::Bf16, 1, h)?)),
+                        Some(si) => Some((mlp(&mut b, si)?, b.linear(None, 1, h)?)),
                         None => None,
                     };
                     Ffn::Moe(Moe {

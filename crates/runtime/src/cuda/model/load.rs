@@ -15,6 +15,7 @@ use crate::arch::Names;
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::cuda::error::GpuError;
+use crate::cuda::estimate;
 use crate::cuda::weights::{linear_to_bf16, Gpu, GpuLinear};
 use crate::linear::{Linear, Weight};
 use crate::weights::Loader;
@@ -33,15 +34,8 @@ impl GpuModel {
         check_config(&c)?;
         let names = Names::new(c.arch);
         let ld = Loader::new(ck)?;
-        let fp4 = ld.layout.map(|l| l.format());
-        let need = crate::cuda::estimate::weight_bytes(&c, fp4, fp4.is_some())
-            + crate::cuda::estimate::prefill_scratch_bytes(&c, fp4, fp4.is_some(), gpu.has_fp8())
-            + if gpu.has_fp8() && gpu.ctx.tuning().fp8_resident {
-                crate::cuda::estimate::resident_fp8_bytes(&c, fp4, fp4.is_some())
-            } else {
-                0
-            };
-        crate::cuda::estimate::check_fits(&gpu, &format!("{}", ck.root().display()), need)?;
+        let need = estimate::model_bytes(&gpu, &c, &estimate::stored_formats(&c, &names, &ld));
+        estimate::check_fits(&gpu, &format!("{}", ck.root().display()), need)?;
         let (hd, d) = (c.hidden_size, c.head_dim);
         let embed_l = ld.linear(&names.embed(), c.vocab_size, hd, false)?;
         let embed = gpu.upload(&linear_to_bf16(&embed_l), "upload embedding")?;
