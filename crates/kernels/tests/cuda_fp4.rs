@@ -1440,6 +1440,15 @@ fn folded_norm_matches_cpu_reference() {
             cuda::fp4_gemm_norm_in(&gpu, &gwc, &hout, input, &mut yc).unwrap();
             let mut act = poisoned(&gpu, inter);
             cuda::fp4_gemm_swiglu_norm_in(&gpu, &gwgu, &hout, input, &mut act).unwrap();
+            // A BF16 consumer (a Linear a mixed checkpoint keeps dense), rows off the 8-row
+            // blocks.
+            let nb = nc + 3;
+            let wb = to_bf16(&random_matrix(&mut rng, nb * hd, 0.02));
+            let wbf: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
+            let want_b = matmul_ref(&wbf, &h, 1, nb, hd);
+            let gwb = s.clone_htod(&wb).unwrap();
+            let mut yb = poisoned(&gpu, nb);
+            cuda::bf16_gemv_norm_in(&gpu, &gwb, nb, hd, &hout, input, &mut yb).unwrap();
             // The residual row: v, up to the bf16 rounding of the product (its f32 sum may
             // round to the neighbouring bf16 value).
             let got_v = s.clone_dtoh(&resid).unwrap();
@@ -1474,7 +1483,29 @@ fn folded_norm_matches_cpu_reference() {
                 1.5e-2,
                 3e-2,
             );
+            check_close(
+                &format!("{what}: BF16 consumer"),
+                &s.clone_dtoh(&yb).unwrap(),
+                &want_b,
+                8e-3,
+                2e-2,
+            );
         }
+    }
+    // The BF16 consumer refuses a K it cannot hold or split into 16-byte pieces.
+    let s = gpu.stream();
+    let parts = s.clone_htod(&[1.0f32; 4]).unwrap();
+    for k in [4104, 36] {
+        let w = s.clone_htod(&vec![bf16::ONE; 8 * k]).unwrap();
+        let x = s.clone_htod(&vec![bf16::ONE; k]).unwrap();
+        let mut y = poisoned(&gpu, 8);
+        let input = cuda::NormIn {
+            parts: &parts,
+            nparts: 4,
+            len: k,
+            eps,
+        };
+        assert!(cuda::bf16_gemv_norm_in(&gpu, &w, 8, k, &x, input, &mut y).is_err());
     }
 }
 

@@ -142,12 +142,19 @@ fn check_close(what: &str, got: &[f32], want: &[f32]) {
 /// fuses them); without, one per tensor (the GPU keeps q/k/v and gate/up apart and falls back
 /// to BF16 experts).
 fn quantize_checkpoint(src: &Path, dst: &Path, layout: Layout, tie: bool) {
+    quantize_checkpoint_except(src, dst, layout, tie, &[]);
+}
+
+/// [`quantize_checkpoint`] keeping the Linear layers whose names contain one of `keep` dense
+/// (as `mimo-quant convert --ignore` does).
+fn quantize_checkpoint_except(src: &Path, dst: &Path, layout: Layout, tie: bool, keep: &[&str]) {
     let ck = Checkpoint::open(src).unwrap();
     let is_proj = |n: &str| {
-        n.ends_with("_proj.weight")
+        (n.ends_with("_proj.weight")
             || n.ends_with(".w1.weight")
             || n.ends_with(".w2.weight")
-            || n.ends_with(".w3.weight")
+            || n.ends_with(".w3.weight"))
+            && !keep.iter().any(|k| n.contains(k))
     };
     let names: Vec<String> = ck.tensor_names().map(str::to_string).collect();
     let mut global_amax = 0.0f32;
@@ -367,18 +374,23 @@ fn dense_swiglu_epilogue_gives_identical_logits() {
 #[test]
 fn folded_norms_match_unfolded_decode() {
     let Some(gpu) = gpu() else { return };
-    for (arch, layout) in [
-        (Arch::Llama, Layout::CtNvfp4),
-        (Arch::Qwen2, Layout::CtMxfp4),
-        (Arch::Qwen3, Layout::CtNvfp4),
-        (Arch::Mimo, Layout::CtNvfp4),
-        (Arch::Qwen3Moe, Layout::CtNvfp4),
-        (Arch::Mixtral, Layout::CtMxfp4),
+    // Mixed checkpoints last: k/v kept BF16, and the whole attention (`--experts-only`),
+    // whose BF16 q/k/v take the folded input through bf16_gemv_norm_in.
+    let kv: &[&str] = &[".k_proj", ".v_proj"];
+    for (arch, layout, keep) in [
+        (Arch::Llama, Layout::CtNvfp4, &[][..]),
+        (Arch::Qwen2, Layout::CtMxfp4, &[]),
+        (Arch::Qwen3, Layout::CtNvfp4, &[]),
+        (Arch::Mimo, Layout::CtNvfp4, &[]),
+        (Arch::Qwen3Moe, Layout::CtNvfp4, &[]),
+        (Arch::Mixtral, Layout::CtMxfp4, &[]),
+        (Arch::Qwen3Moe, Layout::CtNvfp4, kv),
+        (Arch::Qwen3Moe, Layout::CtMxfp4, &[".self_attn."]),
     ] {
         let d = tempfile::tempdir().unwrap();
         fixtures::write_fixture(d.path(), arch, 14).unwrap();
         let q = d.path().join("fp4");
-        quantize_checkpoint(d.path(), &q, layout, true);
+        quantize_checkpoint_except(d.path(), &q, layout, true, keep);
         let mut g = GpuModel::load(gpu.clone(), &q).unwrap();
         let base = g.gpu().ctx.tuning();
         let prompt: Vec<u32> = (0..9u32).map(|i| i * 31 + 7).collect();
@@ -411,7 +423,7 @@ fn folded_norms_match_unfolded_decode() {
         }
         g.gpu().ctx.set_tuning(base);
         g.reset_decode_sessions();
-        let what = format!("{arch:?} {layout}");
+        let what = format!("{arch:?} {layout} (dense: {keep:?})");
         // The first step only: later ones may take another token where the two are near a tie
         // (compare_model feeds the GPU's own tokens to the CPU instead).
         let v = g.config.vocab_size;

@@ -15,7 +15,7 @@ use super::trace::{trace_defines, trace_requested};
 
 /// Kernel sources embedded in the binary: (file name, text). The tiled kernels
 /// (fp4_tiled.cu) and the bulk-copy kernels (fp4_bulk.cu) are one compilation unit with
-/// fp4_gemm.cu, whose decode they use.
+/// fp4_gemm.cu, whose decode they use; so is the folded-norm BF16 product (bf16_gemv.cu).
 pub(crate) const FP4_GEMM_SRC: (&str, &str) = (
     "fp4_gemm.cu",
     concat!(
@@ -23,7 +23,9 @@ pub(crate) const FP4_GEMM_SRC: (&str, &str) = (
         "\n#line 1 \"fp4_tiled.cu\"\n",
         include_str!("../../cuda/fp4_tiled.cu"),
         "\n#line 1 \"fp4_bulk.cu\"\n",
-        include_str!("../../cuda/fp4_bulk.cu")
+        include_str!("../../cuda/fp4_bulk.cu"),
+        "\n#line 1 \"bf16_gemv.cu\"\n",
+        include_str!("../../cuda/bf16_gemv.cu")
     ),
 );
 /// Definitions every source shares (typedefs, bf16 conversions, mma, pdl_enter): put in front

@@ -121,6 +121,11 @@ pub struct Tuning {
     /// process: H100 430 -> 439 tokens/s with the BF16 head, 460 -> 473 with the FP4 head;
     /// H200 448 -> 454 and 468 -> 475; docs/kernels-notes.md round 21).
     pub moe_down_split: u32,
+    /// Batch-1 decode folds the input norm into BF16 q/k/v products too (`MIMO_BF16_FOLD`): the
+    /// Linear layers a mixed checkpoint keeps dense (`mimo-quant convert --experts-only`,
+    /// `--ignore`) run the programmatic `bf16_gemv_norm_in` instead of a norm launch and
+    /// cuBLAS, so the rest of the model keeps its folded, programmatic chain.
+    pub bf16_fold: bool,
     /// One-sequence decode steps' attention through the runtime's warp kernel (`attention_w`:
     /// 4 warps x 16 keys, head_dim 32..=128 in steps of 32) instead of the thread-per-key one.
     pub warp_attention: bool,
@@ -196,6 +201,7 @@ impl Default for Tuning {
             attn_prefetch_mib: ATTN_PREFETCH_MIB,
             moe_down_prefetch: true,
             moe_down_split: 2,
+            bf16_fold: true,
             warp_attention: true,
             gqa_attention: true,
             gqa_split: 0,
@@ -246,6 +252,7 @@ impl Tuning {
             attn_prefetch_mib: mib("MIMO_ATTN_PREFETCH_MIB", d.attn_prefetch_mib),
             moe_down_prefetch: flag("MIMO_MOE_DOWN_PREFETCH", d.moe_down_prefetch),
             moe_down_split: mib("MIMO_MOE_DOWN_SPLIT", d.moe_down_split).clamp(1, 2),
+            bf16_fold: flag("MIMO_BF16_FOLD", d.bf16_fold),
             warp_attention: flag("MIMO_WARP_ATTENTION", d.warp_attention),
             gqa_attention: flag("MIMO_GQA_ATTENTION", d.gqa_attention),
             gqa_split: mib("MIMO_GQA_SPLIT", d.gqa_split),

@@ -9,11 +9,11 @@
 //! `add_rmsnorm` launch goes away. Numerically the folded input rounds `w ⊙ v` to bf16 where
 //! the unfolded one rounds `w ⊙ v / rms(v)`: the same relative rounding, not the same bits.
 
-use cudarc::driver::{CudaSlice, LaunchArgs, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use super::context::GpuContext;
-use super::error::CudaError;
+use super::error::{drv, CudaError};
 use super::gemm::{check_len, dense_product, swiglu_product, Fp4GemmConfig};
 use super::weights::GpuFp4Weight;
 use super::{arg_or_null, NULL_PTR};
@@ -184,4 +184,62 @@ pub fn fp4_gemm_swiglu_norm_in(
 ) -> Result<(), CudaError> {
     check_input("fp4_gemm_swiglu_norm_in", &input, w.k)?;
     swiglu_product(gpu, w, x, 1, act, &Fold::new(Some(input), None))
+}
+
+/// Widest input [`bf16_gemv_norm_in`] takes (each lane of a row's warp holds 16 pieces of 8).
+pub const BF16_NORM_IN_MAX_K: usize = 4096;
+
+/// [`fp4_gemm_norm_in`] for a BF16 weight: one token through `w` (`[n, k]` row-major, `k` a
+/// multiple of 8 up to [`BF16_NORM_IN_MAX_K`]) whose input is the output side of a folded
+/// norm, `y = bf16((x · W^T) / rms)`. For the Linear layers a mixed checkpoint keeps BF16
+/// inside a folded decode chain (a programmatic launch, where cuBLAS's is not).
+pub fn bf16_gemv_norm_in(
+    gpu: &GpuContext,
+    w: &CudaSlice<bf16>,
+    n: usize,
+    k: usize,
+    x: &CudaSlice<bf16>,
+    input: NormIn<'_>,
+    y: &mut CudaSlice<bf16>,
+) -> Result<(), CudaError> {
+    const WHAT: &str = "bf16_gemv_norm_in";
+    if n == 0 || k == 0 || k % 8 != 0 || k > BF16_NORM_IN_MAX_K {
+        return Err(CudaError::Shape {
+            what: WHAT.into(),
+            reason: format!(
+                "[{n}, {k}]: K must be a positive multiple of 8 up to {BF16_NORM_IN_MAX_K}"
+            ),
+        });
+    }
+    check_input(WHAT, &input, k)?;
+    if w.len() != n * k {
+        return Err(CudaError::Shape {
+            what: WHAT.into(),
+            reason: format!("weight of {} elements for [{n}, {k}]", w.len()),
+        });
+    }
+    check_len("bf16_gemv_norm_in: x", x.len(), k)?;
+    check_len("bf16_gemv_norm_in: y", y.len(), n)?;
+    let (n_i, k_i, p_i, l_i) = (n as i32, k as i32, input.nparts as i32, input.len as i32);
+    let f = gpu.function("bf16_gemv_norm_in")?;
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(w)
+        .arg(x)
+        .arg(y)
+        .arg(&n_i)
+        .arg(&k_i)
+        .arg(input.parts)
+        .arg(&p_i)
+        .arg(&l_i)
+        .arg(&input.eps);
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(8) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: w holds n * k elements, x at least k, y at least n, parts at least nparts
+    // (checked above); k is a multiple of 8 up to 4096, so every lane's pieces lie in its row
+    // (rows past n read row n - 1 and store nothing).
+    unsafe { b.launch(cfg) }.map_err(drv("launch bf16_gemv_norm_in"))?;
+    Ok(())
 }

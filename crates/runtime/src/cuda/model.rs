@@ -303,8 +303,9 @@ pub struct GpuModel {
     pub(crate) lm_head: Option<GpuLinear>,
     pub(crate) final_norm: CudaSlice<f32>,
     pub(crate) layers: Vec<Layer>,
-    /// Whether the layers can fold their norms at batch 1 (fold.rs).
-    fold: bool,
+    /// Whether the layers can fold their norms at batch 1 (fold.rs) with FP4 consumers only,
+    /// and with BF16 q/k/v consumers allowed (`Tuning::bf16_fold`).
+    fold: [bool; 2],
     pub(crate) inv_freq: CudaSlice<f32>,
     pub(crate) attn_factor: f32,
     pub(crate) rot_dim: usize,
@@ -416,7 +417,11 @@ impl GpuModel {
         let rope = Rope::new(&config.rope);
         let inv_freq = gpu.upload(&rope.inv_freq, "upload rope frequencies")?;
         let samp = gpu.upload(&[0u32; 4], "upload sampling parameters")?;
-        let fold = fold::fold_capable(&layers, gpu.ctx.sm_count());
+        let sm = gpu.ctx.sm_count();
+        let fold = [
+            fold::fold_capable(&layers, sm, false),
+            fold::fold_capable(&layers, sm, true),
+        ];
         Ok(GpuModel {
             fold,
             rot_dim: rope.rotary_dim,

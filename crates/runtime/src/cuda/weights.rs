@@ -10,8 +10,8 @@ use cudarc::cublas::CudaBlas;
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use mimo_kernels::cuda::{
-    bf16_gemm, bf16_to_e4m3_rows, fp4_gemm, fp4_gemm_dequant_cublas, fp4_gemm_fp8,
-    fp4_gemm_norm_in, fp4_gemm_norm_out, fp4_gemm_swiglu, fp4_gemm_swiglu_norm_in,
+    bf16_gemm, bf16_gemv_norm_in, bf16_to_e4m3_rows, fp4_gemm, fp4_gemm_dequant_cublas,
+    fp4_gemm_fp8, fp4_gemm_norm_in, fp4_gemm_norm_out, fp4_gemm_swiglu, fp4_gemm_swiglu_norm_in,
     fp4_gemm_swiglu_supported, fp4_to_e4m3_rows, fp8_shape_ok, prefetches_itself, E4m3Rows,
     Fp8Gemm, Fp8Scratch, GpuContext, GpuFp4Weight, L2Ranges, NormIn, NormOut,
 };
@@ -390,8 +390,8 @@ impl GpuLinear {
         Ok(())
     }
 
-    /// One token through an FP4 Linear whose input is the output side of a folded norm (the
-    /// bias, if any, added after the scaling).
+    /// One token through a Linear (FP4, or BF16 with K up to `BF16_NORM_IN_MAX_K`) whose input
+    /// is the output side of a folded norm (the bias, if any, added after the scaling).
     pub fn forward_norm_in(
         &self,
         gpu: &Gpu,
@@ -399,12 +399,16 @@ impl GpuLinear {
         input: NormIn<'_>,
         y: &mut CudaSlice<bf16>,
     ) -> Result<(), GpuError> {
-        let GpuLinear::Fp4 { w, bias, .. } = self else {
-            return Err(GpuError::Unsupported(
-                "a folded norm needs an FP4 product after it".into(),
-            ));
+        let bias = match self {
+            GpuLinear::Fp4 { w, bias, .. } => {
+                fp4_gemm_norm_in(&gpu.ctx, w, x, input, y)?;
+                bias
+            }
+            GpuLinear::Bf16 { w, n, k, bias } => {
+                bf16_gemv_norm_in(&gpu.ctx, w, *n, *k, x, input, y)?;
+                bias
+            }
         };
-        fp4_gemm_norm_in(&gpu.ctx, w, x, input, y)?;
         if let Some(b) = bias {
             gpu.ops.add_bias(&gpu.ctx, y, b, 1, self.n())?;
         }

@@ -7,7 +7,7 @@
 //! is the producer of the next layer's input norm, and q/k/v the consumer.
 
 use cudarc::driver::CudaSlice;
-use mimo_kernels::cuda::{fold_parts, fp4_gemm_swiglu_supported, NormIn};
+use mimo_kernels::cuda::{fold_parts, fp4_gemm_swiglu_supported, NormIn, BF16_NORM_IN_MAX_K};
 
 use super::{Experts, Ffn, GateUp, GpuModel, Layer, Qkv};
 use crate::cuda::error::GpuError;
@@ -18,13 +18,18 @@ use crate::cuda::weights::GpuLinear;
 /// SwiGLU kernel (the consumers). MoE layers without a shared expert: FP4 experts, whose
 /// one-token down kernel produces the next layer's input norm (moe_down_norm_out), and FP4
 /// q/k/v; their post-attention norm stays where it is (in the router with `norm_router`).
-pub(super) fn fold_capable(layers: &[Layer], sm_count: u32) -> bool {
-    let fp4 = |l: &GpuLinear| matches!(l, GpuLinear::Fp4 { .. });
+/// With `bf16_qkv`, q/k/v may also be BF16 (the dense parts of a mixed checkpoint: the
+/// kernels crate's `bf16_gemv_norm_in`, K up to `BF16_NORM_IN_MAX_K`).
+pub(super) fn fold_capable(layers: &[Layer], sm_count: u32, bf16_qkv: bool) -> bool {
+    let consumer = |l: &GpuLinear| match l {
+        GpuLinear::Fp4 { .. } => true,
+        GpuLinear::Bf16 { k, .. } => bf16_qkv && *k <= BF16_NORM_IN_MAX_K,
+    };
     !layers.is_empty()
         && layers.iter().all(|l| {
             let qkv = match &l.qkv {
-                Qkv::Fused(q) => fp4(q),
-                Qkv::Split(q, k, v) => fp4(q) && fp4(k) && fp4(v),
+                Qkv::Fused(q) => consumer(q),
+                Qkv::Split(q, k, v) => consumer(q) && consumer(k) && consumer(v),
             };
             let mlp = match &l.ffn {
                 Ffn::Dense(mlp) => mlp,
@@ -49,7 +54,7 @@ impl GpuModel {
     pub(super) fn folds(&self, m: usize) -> bool {
         let t = self.gpu.ctx.tuning();
         let moe = self.layers.iter().any(|l| matches!(l.ffn, Ffn::Moe(_)));
-        self.fold && m == 1 && t.norm_fold && (t.moe_direct || !moe)
+        self.fold[usize::from(t.bf16_fold)] && m == 1 && t.norm_fold && (t.moe_direct || !moe)
     }
 
     /// The input side of a fold whose output side was `producer` (its partial sums in `parts`).
