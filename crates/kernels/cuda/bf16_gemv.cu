@@ -8,29 +8,36 @@
 //
 // Compiled after fp4_gemm.cu (common.cuh: pdl_enter, ldg_stream, dot8, f32_to_bf16).
 //
-// grid ceil(n / 8), 8 warps; warp w of block b takes row 8b + w whole: lane l holds the row's
-// 16-byte pieces l, l + 32, ... (k <= 32 * 8 * BGN_PIECES), all requested before the PDL wait
-// (weights are never written by another kernel); the input pieces and the partial sums after
-// it. The sum over the row is each lane's pieces in order, then the warp's butterfly: the same
-// order for every row and launch (deterministic).
+// grid ceil(n / (8 RW)), 8 warps; warp w of block b takes rows (8b + w) RW .. + RW whole: lane l
+// holds each row's 16-byte pieces l, l + 32, ... (k <= 32 * 8 * BGN_PIECES / RW), all requested
+// before the PDL wait (weights are never written by another kernel); the input pieces and the
+// partial sums after it. RW = 2 halves the blocks, so that a larger product still runs as one
+// wave with every load in flight at once. The sum over a row is each lane's pieces in order,
+// then the warp's butterfly: the same order for every row, RW and launch (deterministic).
 #define BGN_WARPS 8
 #define BGN_PIECES 16
 
-extern "C" __global__ void __launch_bounds__(BGN_WARPS * 32)
-bf16_gemv_norm_in(const u16* __restrict__ w, const u16* __restrict__ x, u16* __restrict__ y,
-                  int n, int k, const float* __restrict__ parts, int nparts, int len,
-                  float eps) {
+template <int RW>
+__device__ __forceinline__ void bf16_gemv_norm_in_body(const u16* __restrict__ w,
+                                                       const u16* __restrict__ x,
+                                                       u16* __restrict__ y, int n, int k,
+                                                       const float* __restrict__ parts,
+                                                       int nparts, int len, float eps) {
+    constexpr int P = BGN_PIECES / RW;
     __shared__ float inv_rms;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int row = blockIdx.x * BGN_WARPS + warp;
+    const int row0 = (blockIdx.x * BGN_WARPS + warp) * RW;
     const int pieces = k >> 3;
-    // Rows past n load row n - 1 (in bounds) and store nothing.
-    const u16* wr = w + (size_t)min(row, n - 1) * k;
-    uint4 wv[BGN_PIECES];
+    uint4 wv[RW][P];
 #pragma unroll
-    for (int i = 0; i < BGN_PIECES; i++) {
-        const int p = lane + 32 * i;
-        wv[i] = p < pieces ? ldg_stream(wr + 8 * p) : make_uint4(0, 0, 0, 0);
+    for (int r = 0; r < RW; r++) {
+        // Rows past n load row n - 1 (in bounds) and store nothing.
+        const u16* wr = w + (size_t)min(row0 + r, n - 1) * k;
+#pragma unroll
+        for (int i = 0; i < P; i++) {
+            const int p = lane + 32 * i;
+            wv[r][i] = p < pieces ? ldg_stream(wr + 8 * p) : make_uint4(0, 0, 0, 0);
+        }
     }
     pdl_enter();
     if (warp == 0) {
@@ -40,14 +47,33 @@ bf16_gemv_norm_in(const u16* __restrict__ w, const u16* __restrict__ x, u16* __r
         for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
         if (lane == 0) inv_rms = 1.0f / sqrtf(s / (float)len + eps);
     }
-    float acc = 0.f;
+    float acc[RW];
 #pragma unroll
-    for (int i = 0; i < BGN_PIECES; i++) {
+    for (int r = 0; r < RW; r++) acc[r] = 0.f;
+#pragma unroll
+    for (int i = 0; i < P; i++) {
         const int p = lane + 32 * i;
-        if (p < pieces) acc += dot8(wv[i], __ldcg((const uint4*)(x + 8 * p)));
+        if (p < pieces) {
+            const uint4 xv = __ldcg((const uint4*)(x + 8 * p));
+#pragma unroll
+            for (int r = 0; r < RW; r++) acc[r] += dot8(wv[r][i], xv);
+        }
     }
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    for (int r = 0; r < RW; r++)
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
     __syncthreads();
-    if (lane == 0 && row < n) y[row] = f32_to_bf16(acc * inv_rms);
+#pragma unroll
+    for (int r = 0; r < RW; r++)
+        if (lane == 0 && row0 + r < n) y[row0 + r] = f32_to_bf16(acc[r] * inv_rms);
 }
+
+#define BF16_GEMV_NORM_IN(NAME, RW)                                                             \
+    extern "C" __global__ void __launch_bounds__(BGN_WARPS * 32)                                \
+        NAME(const u16* w, const u16* x, u16* y, int n, int k, const float* parts, int nparts, \
+             int len, float eps) {                                                              \
+        bf16_gemv_norm_in_body<RW>(w, x, y, n, k, parts, nparts, len, eps);                     \
+    }
+BF16_GEMV_NORM_IN(bf16_gemv_norm_in, 1)
+BF16_GEMV_NORM_IN(bf16_gemv_norm_in_r2, 2)

@@ -1449,6 +1449,21 @@ fn folded_norm_matches_cpu_reference() {
             let gwb = s.clone_htod(&wb).unwrap();
             let mut yb = poisoned(&gpu, nb);
             cuda::bf16_gemv_norm_in(&gpu, &gwb, nb, hd, &hout, input, &mut yb).unwrap();
+            let yb = s.clone_dtoh(&yb).unwrap();
+            // Both row counts per warp (two where a lane holds two rows' pieces), bit-equal.
+            for rw in [1, 2]
+                .into_iter()
+                .filter(|&rw| hd * rw <= cuda::BF16_NORM_IN_MAX_K)
+            {
+                let mut yr = poisoned(&gpu, nb);
+                cuda::bf16_gemv_norm_in_rows(&gpu, rw, &gwb, nb, hd, &hout, input, &mut yr)
+                    .unwrap();
+                let yr = s.clone_dtoh(&yr).unwrap();
+                assert!(
+                    yr.iter().zip(&yb).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{what}: BF16 consumer, {rw} rows per warp"
+                );
+            }
             // The residual row: v, up to the bf16 rounding of the product (its f32 sum may
             // round to the neighbouring bf16 value).
             let got_v = s.clone_dtoh(&resid).unwrap();
@@ -1483,13 +1498,7 @@ fn folded_norm_matches_cpu_reference() {
                 1.5e-2,
                 3e-2,
             );
-            check_close(
-                &format!("{what}: BF16 consumer"),
-                &s.clone_dtoh(&yb).unwrap(),
-                &want_b,
-                8e-3,
-                2e-2,
-            );
+            check_close(&format!("{what}: BF16 consumer"), &yb, &want_b, 8e-3, 2e-2);
         }
     }
     // The BF16 consumer refuses a K it cannot hold or split into 16-byte pieces.
@@ -1506,6 +1515,19 @@ fn folded_norm_matches_cpu_reference() {
             eps,
         };
         assert!(cuda::bf16_gemv_norm_in(&gpu, &w, 8, k, &x, input, &mut y).is_err());
+    }
+    // Two rows per warp hold half as much of each row; three is not a kernel.
+    for (rw, k) in [(2, 4096), (3, 64)] {
+        let w = s.clone_htod(&vec![bf16::ONE; 8 * k]).unwrap();
+        let x = s.clone_htod(&vec![bf16::ONE; k]).unwrap();
+        let mut y = poisoned(&gpu, 8);
+        let input = cuda::NormIn {
+            parts: &parts,
+            nparts: 4,
+            len: k,
+            eps,
+        };
+        assert!(cuda::bf16_gemv_norm_in_rows(&gpu, rw, &w, 8, k, &x, input, &mut y).is_err());
     }
 }
 

@@ -189,10 +189,33 @@ pub fn fp4_gemm_swiglu_norm_in(
 /// Widest input [`bf16_gemv_norm_in`] takes (each lane of a row's warp holds 16 pieces of 8).
 pub const BF16_NORM_IN_MAX_K: usize = 4096;
 
+/// Blocks of [`bf16_gemv_norm_in`] one SM holds at once (8 warps at ~80 registers each).
+const BF16_NORM_IN_BLOCKS_PER_SM: usize = 3;
+
+/// Rows each warp of [`bf16_gemv_norm_in`] takes for `[n, k]`: 1, or 2 where one row per warp
+/// would take more than one wave of blocks and two rows' pieces fit a lane (`k <= 2048`).
+/// `None` where even that takes more than one wave: the product is better left to cuBLAS then
+/// (Qwen3-30B-A3B's all-BF16 q/k/v at one row per warp, 1.6 waves: 328 tokens/s folded against
+/// 343 unfolded, H100).
+pub fn bf16_norm_in_rows_per_warp(gpu: &GpuContext, n: usize, k: usize) -> Option<usize> {
+    if k == 0 || k % 8 != 0 || k > BF16_NORM_IN_MAX_K {
+        return None;
+    }
+    let wave = |rw: usize| 8 * rw * BF16_NORM_IN_BLOCKS_PER_SM * gpu.sm_count() as usize;
+    if n <= wave(1) {
+        Some(1)
+    } else if 2 * k <= BF16_NORM_IN_MAX_K && n <= wave(2) {
+        Some(2)
+    } else {
+        None
+    }
+}
+
 /// [`fp4_gemm_norm_in`] for a BF16 weight: one token through `w` (`[n, k]` row-major, `k` a
 /// multiple of 8 up to [`BF16_NORM_IN_MAX_K`]) whose input is the output side of a folded
 /// norm, `y = bf16((x · W^T) / rms)`. For the Linear layers a mixed checkpoint keeps BF16
-/// inside a folded decode chain (a programmatic launch, where cuBLAS's is not).
+/// inside a folded decode chain (a programmatic launch, where cuBLAS's is not). Rows per warp
+/// from [`bf16_norm_in_rows_per_warp`] (1 where it has none).
 pub fn bf16_gemv_norm_in(
     gpu: &GpuContext,
     w: &CudaSlice<bf16>,
@@ -202,12 +225,30 @@ pub fn bf16_gemv_norm_in(
     input: NormIn<'_>,
     y: &mut CudaSlice<bf16>,
 ) -> Result<(), CudaError> {
+    let rw = bf16_norm_in_rows_per_warp(gpu, n, k).unwrap_or(1);
+    bf16_gemv_norm_in_rows(gpu, rw, w, n, k, x, input, y)
+}
+
+/// [`bf16_gemv_norm_in`] with `rows_per_warp` (1, or 2 where `k <= 2048`) chosen by the caller.
+#[allow(clippy::too_many_arguments)]
+pub fn bf16_gemv_norm_in_rows(
+    gpu: &GpuContext,
+    rows_per_warp: usize,
+    w: &CudaSlice<bf16>,
+    n: usize,
+    k: usize,
+    x: &CudaSlice<bf16>,
+    input: NormIn<'_>,
+    y: &mut CudaSlice<bf16>,
+) -> Result<(), CudaError> {
     const WHAT: &str = "bf16_gemv_norm_in";
-    if n == 0 || k == 0 || k % 8 != 0 || k > BF16_NORM_IN_MAX_K {
+    let max_k = BF16_NORM_IN_MAX_K / rows_per_warp.max(1);
+    if n == 0 || k == 0 || k % 8 != 0 || k > max_k || !matches!(rows_per_warp, 1 | 2) {
         return Err(CudaError::Shape {
             what: WHAT.into(),
             reason: format!(
-                "[{n}, {k}]: K must be a positive multiple of 8 up to {BF16_NORM_IN_MAX_K}"
+                "[{n}, {k}] at {rows_per_warp} rows per warp: K must be a positive multiple of \
+                 8 up to {max_k}, 1 or 2 rows per warp"
             ),
         });
     }
@@ -221,7 +262,11 @@ pub fn bf16_gemv_norm_in(
     check_len("bf16_gemv_norm_in: x", x.len(), k)?;
     check_len("bf16_gemv_norm_in: y", y.len(), n)?;
     let (n_i, k_i, p_i, l_i) = (n as i32, k as i32, input.nparts as i32, input.len as i32);
-    let f = gpu.function("bf16_gemv_norm_in")?;
+    let f = gpu.function(if rows_per_warp == 2 {
+        "bf16_gemv_norm_in_r2"
+    } else {
+        "bf16_gemv_norm_in"
+    })?;
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(w)
         .arg(x)
@@ -233,13 +278,13 @@ pub fn bf16_gemv_norm_in(
         .arg(&l_i)
         .arg(&input.eps);
     let cfg = LaunchConfig {
-        grid_dim: (n.div_ceil(8) as u32, 1, 1),
+        grid_dim: (n.div_ceil(8 * rows_per_warp) as u32, 1, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
     // SAFETY: w holds n * k elements, x at least k, y at least n, parts at least nparts
-    // (checked above); k is a multiple of 8 up to 4096, so every lane's pieces lie in its row
-    // (rows past n read row n - 1 and store nothing).
+    // (checked above); k is a multiple of 8 up to 4096 / rows_per_warp, so every lane's pieces
+    // lie in their row (rows past n read row n - 1 and store nothing).
     unsafe { b.launch(cfg) }.map_err(drv("launch bf16_gemv_norm_in"))?;
     Ok(())
 }

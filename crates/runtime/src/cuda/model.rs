@@ -417,10 +417,9 @@ impl GpuModel {
         let rope = Rope::new(&config.rope);
         let inv_freq = gpu.upload(&rope.inv_freq, "upload rope frequencies")?;
         let samp = gpu.upload(&[0u32; 4], "upload sampling parameters")?;
-        let sm = gpu.ctx.sm_count();
         let fold = [
-            fold::fold_capable(&layers, sm, false),
-            fold::fold_capable(&layers, sm, true),
+            fold::fold_capable(&layers, &gpu.ctx, false),
+            fold::fold_capable(&layers, &gpu.ctx, true),
         ];
         Ok(GpuModel {
             fold,

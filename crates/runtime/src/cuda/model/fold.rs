@@ -7,7 +7,9 @@
 //! is the producer of the next layer's input norm, and q/k/v the consumer.
 
 use cudarc::driver::CudaSlice;
-use mimo_kernels::cuda::{fold_parts, fp4_gemm_swiglu_supported, NormIn, BF16_NORM_IN_MAX_K};
+use mimo_kernels::cuda::{
+    bf16_norm_in_rows_per_warp, fold_parts, fp4_gemm_swiglu_supported, GpuContext, NormIn,
+};
 
 use super::{Experts, Ffn, GateUp, GpuModel, Layer, Qkv};
 use crate::cuda::error::GpuError;
@@ -19,15 +21,15 @@ use crate::cuda::weights::GpuLinear;
 /// one-token down kernel produces the next layer's input norm (moe_down_norm_out), and FP4
 /// q/k/v; their post-attention norm stays where it is (in the router with `norm_router`).
 /// With `bf16_qkv`, q/k/v may also be BF16 (the dense parts of a mixed checkpoint: the
-/// kernels crate's `bf16_gemv_norm_in`, K up to `BF16_NORM_IN_MAX_K`, rows up to one wave).
-pub(super) fn fold_capable(layers: &[Layer], sm_count: u32, bf16_qkv: bool) -> bool {
-    // A BF16 consumer's rows must fit one wave of the kernel's 8-row blocks (three per SM at
-    // its 80 registers): Qwen3-30B-A3B's all-BF16 q/k/v (5,120 rows, 1.6 waves) ran at 328
-    // tokens/s folded against 343 with cuBLAS (H100), its k/v alone (512 rows each) 368 vs 349.
-    let one_wave = 8 * 3 * sm_count as usize;
+/// kernels crate's `bf16_gemv_norm_in`, where `bf16_norm_in_rows_per_warp` has a shape for
+/// it: one wave of blocks, else cuBLAS after a norm launch does better).
+pub(super) fn fold_capable(layers: &[Layer], ctx: &GpuContext, bf16_qkv: bool) -> bool {
+    let sm_count = ctx.sm_count();
     let consumer = |l: &GpuLinear| match l {
         GpuLinear::Fp4 { .. } => true,
-        GpuLinear::Bf16 { n, k, .. } => bf16_qkv && *k <= BF16_NORM_IN_MAX_K && *n <= one_wave,
+        GpuLinear::Bf16 { n, k, .. } => {
+            bf16_qkv && bf16_norm_in_rows_per_warp(ctx, *n, *k).is_some()
+        }
     };
     !layers.is_empty()
         && layers.iter().all(|l| {
