@@ -92,8 +92,19 @@ VARIANTS=(
   "nvfp4-gptq-ao-r5-experts-seed7|nvfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --experts-only --calib @seed7"
   "nvfp4-gptq-ao-r5-experts-seed42|nvfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --experts-only --calib @seed42"
   "nvfp4-gptq-ao-r5-experts-rw|nvfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --experts-only --route-weighted"
+  "nvfp4-gptq-ao-ss-r5-experts|nvfp4|--method gptq --act-order --damp 0.1 --mse-scale-search --gptq-refine 5 --experts-only"
+  "nvfp4-gptq-ao-wl-r5-experts|nvfp4|--method gptq --act-order --damp 0.1 --within-layer --gptq-refine 5 --experts-only"
   "mxfp4-gptq-ao-r5-experts|mxfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --experts-only"
   "nvfp4-gptq-ao-r5-experts-indomain-half|nvfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --ignore *self_attn* --calib @indomain_half"
+  # Only the attention's small projections kept BF16: k/v (a ninth of a Qwen3-30B-A3B layer's
+  # attention bytes), and k/v/o. Which part of attention's loss is worth its bytes.
+  "nvfp4-gptq-ao-r5-kv|nvfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --ignore *k_proj* --ignore *v_proj*"
+  "nvfp4-gptq-ao-r5-kv-seed7|nvfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --ignore *k_proj* --ignore *v_proj* --calib @seed7"
+  "nvfp4-gptq-ao-r5-kv-seed42|nvfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --ignore *k_proj* --ignore *v_proj* --calib @seed42"
+  "nvfp4-gptq-ao-r5-kv-indomain-half|nvfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --ignore *k_proj* --ignore *v_proj* --calib @indomain_half"
+  "mxfp4-gptq-ao-r5-kv|mxfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --ignore *k_proj* --ignore *v_proj*"
+  "nvfp4-gptq-ao-r5-q|nvfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --ignore *q_proj*"
+  "nvfp4-gptq-ao-r5-o|nvfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --ignore *o_proj*"
   # Calibrated on the GPU (the CUDA runtime walks the layers; quantizers on the CPU as above).
   "nvfp4-mse-gpu|nvfp4|--method mse --calib-device cuda"
   "nvfp4-gptq-gpu|nvfp4|--method gptq --calib-device cuda"
