@@ -305,6 +305,21 @@ fn gpu_logits_match_cpu_on_fp4_fixtures() {
             compare_model(&gpu, &q, &format!("{arch:?} {layout} tied {tie}"));
         }
     }
+    // Mixed checkpoints, each q/k/v form against the CPU: k and v kept BF16 (q apart, k/v one
+    // matrix), k alone (three matrices), one layer's attention (fused BF16 beside fused FP4).
+    for keep in [
+        &[".k_proj", ".v_proj"][..],
+        &[".k_proj"],
+        &["layers.0.self_attn."],
+    ] {
+        for arch in [Arch::Qwen3Moe, Arch::Llama] {
+            let d = tempfile::tempdir().unwrap();
+            fixtures::write_fixture(d.path(), arch, 12).unwrap();
+            let q = d.path().join("fp4");
+            quantize_checkpoint_except(d.path(), &q, Layout::CtNvfp4, true, keep);
+            compare_model(&gpu, &q, &format!("{arch:?} nvfp4, dense {keep:?}"));
+        }
+    }
 }
 
 /// The dense SwiGLU epilogue (`Tuning::dense_swiglu`) leaves every logit bit-identical: a

@@ -156,8 +156,14 @@ pub(crate) enum Ffn {
     Moe(Moe),
 }
 
+/// The q/k/v projections of a layer.
 pub(crate) enum Qkv {
+    /// One `[q + 2 kv, hidden]` matrix (the three share a format).
     Fused(GpuLinear),
+    /// q apart and k, v in one `[2 kv, hidden]` matrix: a mixed checkpoint whose k/v are kept
+    /// in another format than q (one launch fewer than `Split`).
+    QKv(GpuLinear, GpuLinear),
+    /// Three matrices.
     Split(GpuLinear, GpuLinear, GpuLinear),
 }
 
@@ -193,9 +199,18 @@ impl GpuKvCache {
     }
 }
 
-enum QkvBufs {
-    Fused(CudaSlice<bf16>),
-    Split(CudaSlice<bf16>, CudaSlice<bf16>, CudaSlice<bf16>),
+/// q/k/v output rows of one pass, for each form of [`Qkv`] the layers use.
+#[derive(Default)]
+struct QkvBufs {
+    /// `[m, q + 2 kv]` (`Qkv::Fused`).
+    fused: Option<CudaSlice<bf16>>,
+    /// `[m, q]` (`Qkv::QKv`, `Qkv::Split`).
+    q: Option<CudaSlice<bf16>>,
+    /// `[m, 2 kv]` (`Qkv::QKv`).
+    kv: Option<CudaSlice<bf16>>,
+    /// `[m, kv]` each (`Qkv::Split`).
+    k: Option<CudaSlice<bf16>>,
+    v: Option<CudaSlice<bf16>>,
 }
 
 struct MoeBufs {
@@ -475,6 +490,7 @@ impl GpuModel {
         l.o.bytes()
             + match &l.qkv {
                 Qkv::Fused(f) => f.bytes(),
+                Qkv::QKv(a, b) => a.bytes() + b.bytes(),
                 Qkv::Split(a, b, c) => a.bytes() + b.bytes() + c.bytes(),
             }
     }
@@ -558,14 +574,24 @@ impl GpuModel {
         } else {
             0
         };
-        let qkv = match self.layers.first().map(|l| &l.qkv) {
-            Some(Qkv::Split(..)) => QkvBufs::Split(
-                zeros(g, m * h * d)?,
-                zeros(g, m * kv * d)?,
-                zeros(g, m * kv * d)?,
-            ),
-            _ => QkvBufs::Fused(zeros(g, m * (h + 2 * kv) * d)?),
-        };
+        // Buffers for every q/k/v form present (layers may differ: `--ignore` of one layer).
+        let mut qkv = QkvBufs::default();
+        for l in &self.layers {
+            match &l.qkv {
+                Qkv::Fused(_) if qkv.fused.is_none() => {
+                    qkv.fused = Some(zeros(g, m * (h + 2 * kv) * d)?)
+                }
+                Qkv::QKv(..) if qkv.kv.is_none() => qkv.kv = Some(zeros(g, m * 2 * kv * d)?),
+                Qkv::Split(..) if qkv.k.is_none() => {
+                    qkv.k = Some(zeros(g, m * kv * d)?);
+                    qkv.v = Some(zeros(g, m * kv * d)?);
+                }
+                _ => {}
+            }
+            if !matches!(l.qkv, Qkv::Fused(_)) && qkv.q.is_none() {
+                qkv.q = Some(zeros(g, m * h * d)?);
+            }
+        }
         let dense = match self.layers.iter().find_map(|l| match &l.ffn {
             Ffn::Dense(mlp) => Some(mlp),
             Ffn::Moe(_) => None,

@@ -253,15 +253,12 @@ impl GpuModel {
         let mut layers = Vec::with_capacity(c.num_layers);
         for l in 0..c.num_layers {
             let (qn, kvn) = (c.num_heads * d, c.num_kv_heads * d);
-            // One fused q/k/v matrix where the three share a format, as the loader fuses them.
+            // One fused q/k/v matrix where the three share a format, else q apart and k/v in
+            // one, as the loader fuses them.
             let qkv = if f.q_o == f.kv {
                 Qkv::Fused(b.linear(f.q_o, qn + 2 * kvn, h)?)
             } else {
-                Qkv::Split(
-                    b.linear(f.q_o, qn, h)?,
-                    b.linear(f.kv, kvn, h)?,
-                    b.linear(f.kv, kvn, h)?,
-                )
+                Qkv::QKv(b.linear(f.q_o, qn, h)?, b.linear(f.kv, 2 * kvn, h)?)
             };
             let biases = if c.qkv_bias {
                 [Some(b.bias(qn)?), Some(b.bias(kvn)?), Some(b.bias(kvn)?)]

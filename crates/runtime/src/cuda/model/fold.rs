@@ -35,6 +35,7 @@ pub(super) fn fold_capable(layers: &[Layer], ctx: &GpuContext, bf16_qkv: bool) -
         && layers.iter().all(|l| {
             let qkv = match &l.qkv {
                 Qkv::Fused(q) => consumer(q),
+                Qkv::QKv(q, kv) => consumer(q) && consumer(kv),
                 Qkv::Split(q, k, v) => consumer(q) && consumer(k) && consumer(v),
             };
             let mlp = match &l.ffn {

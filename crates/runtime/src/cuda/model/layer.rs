@@ -12,15 +12,13 @@ use mimo_kernels::cuda::{
     OneTokenRoute,
 };
 
-use super::{
-    split_partials, walk, zeros, Experts, Ffn, GateUp, GpuModel, Pend, Qkv, QkvBufs, Stage, Ws,
-};
+use super::{split_partials, walk, zeros, Experts, Ffn, GateUp, GpuModel, Pend, Qkv, Stage, Ws};
 use crate::cuda::error::GpuError;
 use crate::cuda::ops::{
     decode_split_len, prefill_attention_on_mma, AttnArgs, RouterIn, Rows, MAX_FUSED_ROUTER_HIDDEN,
     SPLIT_LEN,
 };
-use crate::cuda::weights::Gpu;
+use crate::cuda::weights::{Gpu, GpuLinear};
 use crate::model::Site;
 
 /// What one-token decode attention asks L2 to fetch (`Tuning::attn_prefetch_mib`, `budget`
@@ -88,26 +86,24 @@ impl GpuModel {
         };
         // Dense layers also fold their post-attention norm (o_proj producer, gate/up consumer).
         let dense_fold = fold && matches!(layer.ffn, Ffn::Dense(_));
-        match (&layer.qkv, &mut ws.qkv, fold_in) {
-            _ if !self.runs(Stage::Qkv) => {}
-            (Qkv::Fused(l), QkvBufs::Fused(buf), Some(input)) => {
-                l.forward_norm_in(gpu, &ws.h, input, buf)?
-            }
-            (Qkv::Split(lq, lk, lv), QkvBufs::Split(bq, bk, bv), Some(input)) => {
-                lq.forward_norm_in(gpu, &ws.h, input, bq)?;
-                lk.forward_norm_in(gpu, &ws.h, input, bk)?;
-                lv.forward_norm_in(gpu, &ws.h, input, bv)?;
-            }
-            (Qkv::Fused(l), QkvBufs::Fused(buf), None) => l.forward(gpu, &ws.h, m, buf)?,
-            (Qkv::Split(lq, lk, lv), QkvBufs::Split(bq, bk, bv), None) => {
-                lq.forward(gpu, &ws.h, m, bq)?;
-                lk.forward(gpu, &ws.h, m, bk)?;
-                lv.forward(gpu, &ws.h, m, bv)?;
-            }
-            _ => {
-                return Err(GpuError::Unsupported(
-                    "mixed fused/split q,k,v layers".into(),
-                ))
+        if self.runs(Stage::Qkv) {
+            // One product into `buf`, with the folded input norm where there is one.
+            let product = |l: &GpuLinear, buf: &mut CudaSlice<bf16>| match fold_in {
+                Some(input) => l.forward_norm_in(gpu, &ws.h, input, buf),
+                None => l.forward(gpu, &ws.h, m, buf),
+            };
+            let b = &mut ws.qkv;
+            match &layer.qkv {
+                Qkv::Fused(l) => product(l, qkv_buf(&mut b.fused)?)?,
+                Qkv::QKv(lq, lkv) => {
+                    product(lq, qkv_buf(&mut b.q)?)?;
+                    product(lkv, qkv_buf(&mut b.kv)?)?;
+                }
+                Qkv::Split(lq, lk, lv) => {
+                    product(lq, qkv_buf(&mut b.q)?)?;
+                    product(lk, qkv_buf(&mut b.k)?)?;
+                    product(lv, qkv_buf(&mut b.v)?)?;
+                }
             }
         }
         let a = AttnArgs {
@@ -127,42 +123,20 @@ impl GpuModel {
             scale: 1.0 / (d as f32).sqrt(),
         };
         self.mark("qkv")?;
-        let w = ((nh + 2 * nkv) * d) as i32;
-        let (q, k, v) = match &ws.qkv {
-            QkvBufs::Fused(b) => (
-                Rows {
-                    buf: b,
-                    off: 0,
-                    stride: w,
-                },
-                Rows {
-                    buf: b,
-                    off: (nh * d) as i32,
-                    stride: w,
-                },
-                Rows {
-                    buf: b,
-                    off: ((nh + nkv) * d) as i32,
-                    stride: w,
-                },
+        let rows = |buf, off, stride| qkv_rows(buf, off * d, stride * d);
+        let b = &ws.qkv;
+        let (q, k, v) = match &layer.qkv {
+            Qkv::Fused(_) => (
+                rows(&b.fused, 0, nh + 2 * nkv)?,
+                rows(&b.fused, nh, nh + 2 * nkv)?,
+                rows(&b.fused, nh + nkv, nh + 2 * nkv)?,
             ),
-            QkvBufs::Split(bq, bk, bv) => (
-                Rows {
-                    buf: bq,
-                    off: 0,
-                    stride: (nh * d) as i32,
-                },
-                Rows {
-                    buf: bk,
-                    off: 0,
-                    stride: (nkv * d) as i32,
-                },
-                Rows {
-                    buf: bv,
-                    off: 0,
-                    stride: (nkv * d) as i32,
-                },
+            Qkv::QKv(..) => (
+                rows(&b.q, 0, nh)?,
+                rows(&b.kv, 0, 2 * nkv)?,
+                rows(&b.kv, nkv, 2 * nkv)?,
             ),
+            Qkv::Split(..) => (rows(&b.q, 0, nh)?, rows(&b.k, 0, nkv)?, rows(&b.v, 0, nkv)?),
         };
         let [qb, kb, vb] = &layer.biases;
         if !decode {
@@ -543,4 +517,22 @@ impl GpuModel {
             row_begin,
         )
     }
+}
+
+fn missing_qkv_buf() -> GpuError {
+    GpuError::Unsupported("no q/k/v buffer for this layer's form".into())
+}
+
+/// Rows of one of q, k, v in a workspace buffer: element `off` of each `stride`-long row.
+fn qkv_rows(b: &Option<CudaSlice<bf16>>, off: usize, stride: usize) -> Result<Rows<'_>, GpuError> {
+    Ok(Rows {
+        buf: b.as_ref().ok_or_else(missing_qkv_buf)?,
+        off: off as i32,
+        stride: stride as i32,
+    })
+}
+
+/// The workspace's q/k/v buffer a layer's form writes (allocated for every form present).
+fn qkv_buf(b: &mut Option<CudaSlice<bf16>>) -> Result<&mut CudaSlice<bf16>, GpuError> {
+    b.as_mut().ok_or_else(missing_qkv_buf)
 }

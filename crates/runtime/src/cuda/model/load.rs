@@ -55,13 +55,18 @@ impl GpuModel {
             let k = ld.linear(&att("k_proj"), kvn, hd, c.qkv_bias)?;
             let v = ld.linear(&att("v_proj"), kvn, hd, c.qkv_bias)?;
             let o = ld.linear(&att("o_proj"), hd, qn, c.o_bias)?;
+            // One matrix where the three share a format; else k and v in one where they do
+            // (a mixed checkpoint's k/v kept dense beside an FP4 q), else three.
             let qkv = match GpuLinear::fuse(&gpu, &att("qkv"), &[&q, &k, &v], false)? {
                 Some(f) => Qkv::Fused(f),
-                None => Qkv::Split(
-                    single(&gpu, &att("q_proj"), &q, false)?,
-                    single(&gpu, &att("k_proj"), &k, false)?,
-                    single(&gpu, &att("v_proj"), &v, false)?,
-                ),
+                None => match GpuLinear::fuse(&gpu, &att("kv"), &[&k, &v], false)? {
+                    Some(kv) => Qkv::QKv(single(&gpu, &att("q_proj"), &q, false)?, kv),
+                    None => Qkv::Split(
+                        single(&gpu, &att("q_proj"), &q, false)?,
+                        single(&gpu, &att("k_proj"), &k, false)?,
+                        single(&gpu, &att("v_proj"), &v, false)?,
+                    ),
+                },
             };
             let up_bias = |lin: &Linear| -> Result<Option<CudaSlice<f32>>, GpuError> {
                 lin.bias

@@ -569,6 +569,10 @@ impl GpuModel {
                 };
                 match &mut layer.qkv {
                     Qkv::Fused(l) => (bf16_of(l, module)?, row0, n, hd),
+                    Qkv::QKv(q, kv) => match slot {
+                        Slot::Q => (bf16_of(q, module)?, 0, n, hd),
+                        _ => (bf16_of(kv, module)?, row0 - qn, n, hd),
+                    },
                     Qkv::Split(q, kk, v) => {
                         let l = match slot {
                             Slot::Q => q,
