@@ -1501,10 +1501,11 @@ fn folded_norm_matches_cpu_reference() {
             check_close(&format!("{what}: BF16 consumer"), &yb, &want_b, 8e-3, 2e-2);
         }
     }
-    // The BF16 consumer refuses a K it cannot hold or split into 16-byte pieces.
+    // The BF16 consumer refuses a K it cannot hold or split into 16-byte pieces (rows per warp
+    // chosen by the launcher: None), a K two rows per warp cannot hold, and three rows per warp.
     let s = gpu.stream();
     let parts = s.clone_htod(&[1.0f32; 4]).unwrap();
-    for k in [4104, 36] {
+    for (rw, k) in [(None, 4104), (None, 36), (Some(2), 4096), (Some(3), 64)] {
         let w = s.clone_htod(&vec![bf16::ONE; 8 * k]).unwrap();
         let x = s.clone_htod(&vec![bf16::ONE; k]).unwrap();
         let mut y = poisoned(&gpu, 8);
@@ -1514,20 +1515,11 @@ fn folded_norm_matches_cpu_reference() {
             len: k,
             eps,
         };
-        assert!(cuda::bf16_gemv_norm_in(&gpu, &w, 8, k, &x, input, &mut y).is_err());
-    }
-    // Two rows per warp hold half as much of each row; three is not a kernel.
-    for (rw, k) in [(2, 4096), (3, 64)] {
-        let w = s.clone_htod(&vec![bf16::ONE; 8 * k]).unwrap();
-        let x = s.clone_htod(&vec![bf16::ONE; k]).unwrap();
-        let mut y = poisoned(&gpu, 8);
-        let input = cuda::NormIn {
-            parts: &parts,
-            nparts: 4,
-            len: k,
-            eps,
+        let r = match rw {
+            None => cuda::bf16_gemv_norm_in(&gpu, &w, 8, k, &x, input, &mut y),
+            Some(rw) => cuda::bf16_gemv_norm_in_rows(&gpu, rw, &w, 8, k, &x, input, &mut y),
         };
-        assert!(cuda::bf16_gemv_norm_in_rows(&gpu, rw, &w, 8, k, &x, input, &mut y).is_err());
+        assert!(r.is_err(), "K {k}, {rw:?} rows per warp accepted");
     }
 }
 
