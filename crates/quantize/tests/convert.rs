@@ -753,6 +753,11 @@ fn runtime_reads_back_which_parts_are_fp4() {
             vec!["*k_proj*".into(), "*v_proj*".into()]),
         Formats { kv: None, ..all }
     );
+    // Only v kept dense: the k/v pair counts as dense (an estimate errs on the safe side).
+    assert_eq!(
+        formats("v", &|c| c.plan.ignore = vec!["*v_proj*".into()]),
+        Formats { kv: None, ..all }
+    );
     assert_eq!(
         checkpoint_formats(&Checkpoint::open(&src).unwrap()).unwrap(),
         Formats::default()

@@ -168,7 +168,9 @@ pub fn model_bytes(gpu: &Gpu, c: &ModelConfig, f: &Formats) -> usize {
 
 /// How the checkpoint stores each part of its Linear layers, read from the first layer that
 /// has the part: a converted checkpoint may keep some of them dense (`--experts-only`,
-/// `--ignore`), and those take BF16's bytes on the device.
+/// `--ignore`), and those take BF16's bytes on the device. Where the layers differ (a
+/// per-layer `--ignore`) the first one's storage is counted for all: too much where it is the
+/// dense one.
 pub(crate) fn stored_formats(c: &ModelConfig, names: &Names, ld: &Loader<'_>) -> Formats {
     let moe = |l: &usize| c.moe.is_some() && c.moe_layers.get(*l).copied().unwrap_or(false);
     let moe_layer = (0..c.num_layers).find(moe);
@@ -183,9 +185,15 @@ pub(crate) fn stored_formats(c: &ModelConfig, names: &Names, ld: &Loader<'_>) ->
         (None, Some(l)) => names.shared_expert(l),
         (None, None) => [String::new(), String::new(), String::new()],
     };
+    // A pair stored in two ways (`--ignore '*v_proj*'` alone) counts as dense: the estimate
+    // may only err on the safe side.
+    let pair = |a: &str, b: &str| {
+        ld.fp4_format(&names.attn(0, a))
+            .and(ld.fp4_format(&names.attn(0, b)))
+    };
     Formats {
-        q_o: ld.fp4_format(&names.attn(0, "q_proj")),
-        kv: ld.fp4_format(&names.attn(0, "k_proj")),
+        q_o: pair("q_proj", "o_proj"),
+        kv: pair("k_proj", "v_proj"),
         mlp: ld.fp4_format(&mlp_gate),
         experts: moe_layer.and_then(|l| ld.fp4_format(&names.expert(l, 0)[0])),
         head: if c.tie_word_embeddings {
