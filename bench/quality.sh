@@ -103,6 +103,8 @@ VARIANTS=(
   "nvfp4-gptq-ao-r5-kv-seed42|nvfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --ignore *k_proj* --ignore *v_proj* --calib @seed42"
   "nvfp4-gptq-ao-r5-kv-indomain-half|nvfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --ignore *k_proj* --ignore *v_proj* --calib @indomain_half"
   "mxfp4-gptq-ao-r5-kv|mxfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --ignore *k_proj* --ignore *v_proj*"
+  "nvfp4-gptq-ao-ss-r5-kv-indomain-half|nvfp4|--method gptq --act-order --damp 0.1 --mse-scale-search --gptq-refine 5 --ignore *k_proj* --ignore *v_proj* --calib @indomain_half"
+  "nvfp4-gptq-ao-ss-r5-experts-indomain-half|nvfp4|--method gptq --act-order --damp 0.1 --mse-scale-search --gptq-refine 5 --experts-only --calib @indomain_half"
   "nvfp4-gptq-ao-r5-q|nvfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --ignore *q_proj*"
   "nvfp4-gptq-ao-r5-o|nvfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --ignore *o_proj*"
   # Calibrated on the GPU (the CUDA runtime walks the layers; quantizers on the CPU as above).
