@@ -105,6 +105,11 @@ pub struct Plan {
     pub entries: Vec<PlanEntry>,
     /// Warnings to show the user.
     pub warnings: Vec<String>,
+    /// Share of the routed experts one token uses (`top_k / experts` from config.json), for
+    /// MoE models.
+    pub routed_share: Option<f64>,
+    /// Whether the lm_head is the embedding (`tie_word_embeddings`): then a token reads all of it.
+    pub tied_embeddings: bool,
 }
 
 impl Plan {
@@ -258,12 +263,24 @@ impl Plan {
                 }
             }
         }
+        let cfg = ck.config();
+        let count = |keys: &[&str]| keys.iter().find_map(|k| cfg.get(*k)?.as_u64());
+        let experts = count(&["num_experts", "num_local_experts", "n_routed_experts"]);
+        let top_k = count(&["num_experts_per_tok"]);
         Ok(Plan {
             arch,
             family: fam,
             layout: opts.layout,
             entries,
             warnings,
+            routed_share: match (top_k, experts) {
+                (Some(k), Some(e)) if e > 0 && k <= e => Some(k as f64 / e as f64),
+                _ => None,
+            },
+            tied_embeddings: cfg
+                .get("tie_word_embeddings")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false),
         })
     }
 
@@ -302,10 +319,14 @@ impl Plan {
     /// Totals: (tensors quantized, tensors kept, bytes in, bytes out, quantized elements).
     pub fn totals(&self) -> PlanTotals {
         let mut t = PlanTotals::default();
+        let (mut dec_in, mut dec_out) = (0.0f64, 0.0f64);
         for (i, e) in self.entries.iter().enumerate() {
             t.bytes_in += e.bytes_in();
             t.bytes_out += self.bytes_out(i);
             t.params += e.numel();
+            let read = self.decode_share(e);
+            dec_in += read * e.bytes_in() as f64;
+            dec_out += read * self.bytes_out(i) as f64;
             match e.action {
                 Action::Quantize { .. } => {
                     t.quantized += 1;
@@ -314,7 +335,28 @@ impl Plan {
                 Action::Keep { .. } => t.kept += 1,
             }
         }
+        t.decode_bytes_in = dec_in.round() as u64;
+        t.decode_bytes_out = dec_out.round() as u64;
         t
+    }
+
+    /// The share of a tensor one batch-1 decode token reads: `top_k / experts` of a routed
+    /// expert, one row of an untied embedding, none of MiMo's MTP layers (decoding does not run
+    /// them), all of anything else.
+    fn decode_share(&self, e: &PlanEntry) -> f64 {
+        let module = e.name.strip_suffix(".weight").unwrap_or(&e.name);
+        if e.name.contains(".mtp_layers.") {
+            0.0
+        } else if is_routed_expert(module) {
+            self.routed_share.unwrap_or(1.0)
+        } else if e.name == "model.embed_tokens.weight"
+            && !self.tied_embeddings
+            && e.shape.len() == 2
+        {
+            1.0 / e.shape[0].max(1) as f64
+        } else {
+            1.0
+        }
     }
 
     /// A human-readable table of the plan.
@@ -353,6 +395,17 @@ impl Plan {
             t.bytes_in as f64 / t.bytes_out.max(1) as f64,
             t.bits_per_weight()
         );
+        let _ = writeln!(
+            s,
+            "a batch-1 decode token reads {} -> {} bytes of weights ({:.2}x fewer{})",
+            t.decode_bytes_in,
+            t.decode_bytes_out,
+            t.decode_bytes_in as f64 / t.decode_bytes_out.max(1) as f64,
+            match self.routed_share {
+                Some(r) => format!("; routed experts counted at {r:.4} of their bytes"),
+                None => String::new(),
+            }
+        );
         s
     }
 }
@@ -376,6 +429,11 @@ pub struct PlanTotals {
     pub params: u64,
     /// Elements quantized.
     pub quantized_params: u64,
+    /// Source bytes of weights one batch-1 decode token reads (routed experts at `top_k /
+    /// experts`, one embedding row, no MTP layers): what bounds decode speed by bandwidth.
+    pub decode_bytes_in: u64,
+    /// The same for the output.
+    pub decode_bytes_out: u64,
 }
 
 impl PlanTotals {

@@ -764,6 +764,56 @@ fn runtime_reads_back_which_parts_are_fp4() {
     );
 }
 
+/// The plan's batch-1 decode bytes: every tensor, the routed experts at `top_k / experts` of
+/// their bytes, one row of the untied embedding; counted by hand from the source tensors.
+#[test]
+fn plan_counts_the_bytes_a_decode_token_reads() {
+    use mimo_quant::plan::{Plan, PlanOptions};
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src");
+    write_fixture(&src, Arch::Qwen3Moe, 3).unwrap();
+    let ck = Checkpoint::open(&src).unwrap();
+    let cfg = ck.config().clone();
+    let (k, e) = (
+        cfg["num_experts_per_tok"].as_u64().unwrap() as f64,
+        cfg["num_experts"].as_u64().unwrap() as f64,
+    );
+    assert!(k < e && !cfg["tie_word_embeddings"].as_bool().unwrap_or(false));
+    let plan = |experts_only| {
+        Plan::build(
+            &ck,
+            &PlanOptions {
+                layout: Layout::CtNvfp4,
+                ignore: vec![],
+                quantize_lm_head: false,
+                experts_only,
+            },
+        )
+        .unwrap()
+    };
+    let p = plan(false);
+    let (mut want_in, mut want_out) = (0.0, 0.0);
+    for (i, en) in p.entries.iter().enumerate() {
+        let share = if en.name.contains(".experts.") {
+            k / e
+        } else if en.name == "model.embed_tokens.weight" {
+            1.0 / en.shape[0] as f64
+        } else {
+            1.0
+        };
+        want_in += share * en.bytes_in() as f64;
+        want_out += share * p.bytes_out(i) as f64;
+    }
+    let t = p.totals();
+    assert_eq!(t.decode_bytes_in, want_in.round() as u64);
+    assert_eq!(t.decode_bytes_out, want_out.round() as u64);
+    assert!(t.decode_bytes_in < t.bytes_in && t.decode_bytes_out < t.decode_bytes_in);
+    // Keeping attention dense reads more per token, from the same source bytes.
+    let x = plan(true).totals();
+    assert_eq!(x.decode_bytes_in, t.decode_bytes_in);
+    assert!(x.decode_bytes_out > t.decode_bytes_out);
+}
+
 #[test]
 fn unknown_architecture_uses_the_generic_rule() {
     let d = tempfile::tempdir().unwrap();
