@@ -768,28 +768,21 @@ fn runtime_reads_back_which_parts_are_fp4() {
 /// their bytes, one row of the untied embedding; counted by hand from the source tensors.
 #[test]
 fn plan_counts_the_bytes_a_decode_token_reads() {
-    use mimo_quant::plan::{Plan, PlanOptions};
+    use mimo_quant::plan::Plan;
     let d = tempfile::tempdir().unwrap();
     let src = d.path().join("src");
     write_fixture(&src, Arch::Qwen3Moe, 3).unwrap();
     let ck = Checkpoint::open(&src).unwrap();
-    let cfg = ck.config().clone();
+    let config = ck.config().clone();
     let (k, e) = (
-        cfg["num_experts_per_tok"].as_u64().unwrap() as f64,
-        cfg["num_experts"].as_u64().unwrap() as f64,
+        config["num_experts_per_tok"].as_u64().unwrap() as f64,
+        config["num_experts"].as_u64().unwrap() as f64,
     );
-    assert!(k < e && !cfg["tie_word_embeddings"].as_bool().unwrap_or(false));
+    assert!(k < e && !config["tie_word_embeddings"].as_bool().unwrap_or(false));
     let plan = |experts_only| {
-        Plan::build(
-            &ck,
-            &PlanOptions {
-                layout: Layout::CtNvfp4,
-                ignore: vec![],
-                quantize_lm_head: false,
-                experts_only,
-            },
-        )
-        .unwrap()
+        let mut o = cfg(&src, &d.path().join("out"), Layout::CtNvfp4).plan;
+        o.experts_only = experts_only;
+        Plan::build(&ck, &o).unwrap()
     };
     let p = plan(false);
     let (mut want_in, mut want_out) = (0.0, 0.0);

@@ -189,6 +189,10 @@ pub fn fp4_gemm_swiglu_norm_in(
 /// Widest input [`bf16_gemv_norm_in`] takes (each lane of a row's warp holds 16 pieces of 8).
 pub const BF16_NORM_IN_MAX_K: usize = 4096;
 
+/// Warps per block of [`bf16_gemv_norm_in`] (bf16_gemv.cu `BGN_WARPS`), each taking one or
+/// two rows.
+const BF16_NORM_IN_WARPS: usize = 8;
+
 /// Blocks of [`bf16_gemv_norm_in`] one SM holds at once (8 warps at ~80 registers each).
 const BF16_NORM_IN_BLOCKS_PER_SM: usize = 3;
 
@@ -201,7 +205,8 @@ pub fn bf16_norm_in_rows_per_warp(gpu: &GpuContext, n: usize, k: usize) -> Optio
     if k == 0 || k % 8 != 0 || k > BF16_NORM_IN_MAX_K {
         return None;
     }
-    let wave = |rw: usize| 8 * rw * BF16_NORM_IN_BLOCKS_PER_SM * gpu.sm_count() as usize;
+    let wave =
+        |rw: usize| BF16_NORM_IN_WARPS * rw * BF16_NORM_IN_BLOCKS_PER_SM * gpu.sm_count() as usize;
     if n <= wave(1) {
         Some(1)
     } else if 2 * k <= BF16_NORM_IN_MAX_K && n <= wave(2) {
@@ -278,8 +283,8 @@ pub fn bf16_gemv_norm_in_rows(
         .arg(&l_i)
         .arg(&input.eps);
     let cfg = LaunchConfig {
-        grid_dim: (n.div_ceil(8 * rows_per_warp) as u32, 1, 1),
-        block_dim: (256, 1, 1),
+        grid_dim: (n.div_ceil(BF16_NORM_IN_WARPS * rows_per_warp) as u32, 1, 1),
+        block_dim: (32 * BF16_NORM_IN_WARPS as u32, 1, 1),
         shared_mem_bytes: 0,
     };
     // SAFETY: w holds n * k elements, x at least k, y at least n, parts at least nparts

@@ -172,9 +172,8 @@ pub fn model_bytes(gpu: &Gpu, c: &ModelConfig, f: &Formats) -> usize {
 /// per-layer `--ignore`) the first one's storage is counted for all: too much where it is the
 /// dense one.
 pub(crate) fn stored_formats(c: &ModelConfig, names: &Names, ld: &Loader<'_>) -> Formats {
-    let moe = |l: &usize| c.moe.is_some() && c.moe_layers.get(*l).copied().unwrap_or(false);
-    let moe_layer = (0..c.num_layers).find(moe);
-    let dense_layer = (0..c.num_layers).find(|l| !moe(l));
+    let moe_layer = (0..c.num_layers).find(|&l| is_moe_layer(c, l));
+    let dense_layer = (0..c.num_layers).find(|&l| !is_moe_layer(c, l));
     let shared = c
         .moe
         .as_ref()
