@@ -1464,6 +1464,33 @@ fn folded_norm_matches_cpu_reference() {
                     "{what}: BF16 consumer, {rw} rows per warp"
                 );
             }
+            // The FP4 and the BF16 consumer in one launch: both outputs bit-equal to their
+            // own launches'.
+            let (mut y1, mut y2) = (poisoned(&gpu, nc), poisoned(&gpu, nb));
+            cuda::fp4_bf16_gemv_norm_in(&gpu, &gwc, &gwb, nb, &hout, input, &mut y1, &mut y2)
+                .unwrap();
+            let yc_h = s.clone_dtoh(&yc).unwrap();
+            for (got, want, part) in [(&y1, &yc_h, "FP4"), (&y2, &yb, "BF16")] {
+                let got = s.clone_dtoh(got).unwrap();
+                assert!(
+                    got.iter()
+                        .zip(want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{what}: one launch, {part} part"
+                );
+            }
+            // ... and refused with a BF16 weight of another shape.
+            assert!(cuda::fp4_bf16_gemv_norm_in(
+                &gpu,
+                &gwc,
+                &gwb,
+                nb - 1,
+                &hout,
+                input,
+                &mut y1,
+                &mut y2
+            )
+            .is_err());
             // The residual row: v, up to the bf16 rounding of the product (its f32 sum may
             // round to the neighbouring bf16 value).
             let got_v = s.clone_dtoh(&resid).unwrap();

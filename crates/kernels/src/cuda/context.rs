@@ -126,6 +126,10 @@ pub struct Tuning {
     /// `--ignore`) run the programmatic `bf16_gemv_norm_in` instead of a norm launch and
     /// cuBLAS, so the rest of the model keeps its folded, programmatic chain.
     pub bf16_fold: bool,
+    /// With `bf16_fold`, an FP4 q_proj and a BF16 k|v (`--ignore '*k_proj*' --ignore
+    /// '*v_proj*'` output) run as one launch (`fp4_bf16_gemv_norm_in`) instead of two
+    /// (`MIMO_BF16_TAIL`).
+    pub bf16_tail: bool,
     /// One-sequence decode steps' attention through the runtime's warp kernel (`attention_w`:
     /// 4 warps x 16 keys, head_dim 32..=128 in steps of 32) instead of the thread-per-key one.
     pub warp_attention: bool,
@@ -202,6 +206,7 @@ impl Default for Tuning {
             moe_down_prefetch: true,
             moe_down_split: 2,
             bf16_fold: true,
+            bf16_tail: true,
             warp_attention: true,
             gqa_attention: true,
             gqa_split: 0,
@@ -253,6 +258,7 @@ impl Tuning {
             moe_down_prefetch: flag("MIMO_MOE_DOWN_PREFETCH", d.moe_down_prefetch),
             moe_down_split: mib("MIMO_MOE_DOWN_SPLIT", d.moe_down_split).clamp(1, 2),
             bf16_fold: flag("MIMO_BF16_FOLD", d.bf16_fold),
+            bf16_tail: flag("MIMO_BF16_TAIL", d.bf16_tail),
             warp_attention: flag("MIMO_WARP_ATTENTION", d.warp_attention),
             gqa_attention: flag("MIMO_GQA_ATTENTION", d.gqa_attention),
             gqa_split: mib("MIMO_GQA_SPLIT", d.gqa_split),

@@ -14,7 +14,7 @@ use half::bf16;
 
 use super::context::GpuContext;
 use super::error::{drv, CudaError};
-use super::gemm::{check_len, dense_product, swiglu_product, Fp4GemmConfig};
+use super::gemm::{check_len, dense_fold_bf16, dense_product, swiglu_product, Fp4GemmConfig};
 use super::weights::GpuFp4Weight;
 use super::{arg_or_null, NULL_PTR};
 
@@ -59,7 +59,7 @@ pub(crate) struct Fold<'a> {
 }
 
 impl<'a> Fold<'a> {
-    fn new(input: Option<NormIn<'a>>, output: Option<NormOut<'a>>) -> Self {
+    pub(crate) fn new(input: Option<NormIn<'a>>, output: Option<NormOut<'a>>) -> Self {
         let (in_n, in_len, in_eps) =
             input.map_or((0, 0, 0.0), |i| (i.nparts as i32, i.len as i32, i.eps));
         Fold {
@@ -232,6 +232,43 @@ pub fn bf16_gemv_norm_in(
 ) -> Result<(), CudaError> {
     let rw = bf16_norm_in_rows_per_warp(gpu, n, k).unwrap_or(1);
     bf16_gemv_norm_in_rows(gpu, rw, w, n, k, x, input, y)
+}
+
+/// [`fp4_gemm_norm_in`] over `w` and [`bf16_gemv_norm_in`] over the BF16 weight `bw` (`[bn,
+/// w.k]`, row-major) of the same input in one launch: the FP4 blocks, then one BF16 row per warp
+/// (a mixed checkpoint's FP4 q_proj and BF16 k|v: one launch instead of two). `y` and `by` get
+/// what the two launches would write, bit for bit (each row's sum has one order in every form).
+#[allow(clippy::too_many_arguments)]
+pub fn fp4_bf16_gemv_norm_in(
+    gpu: &GpuContext,
+    w: &GpuFp4Weight,
+    bw: &CudaSlice<bf16>,
+    bn: usize,
+    x: &CudaSlice<bf16>,
+    input: NormIn<'_>,
+    y: &mut CudaSlice<bf16>,
+    by: &mut CudaSlice<bf16>,
+) -> Result<(), CudaError> {
+    const WHAT: &str = "fp4_bf16_gemv_norm_in";
+    let k = w.k;
+    if bn == 0 || k % 8 != 0 || k > BF16_NORM_IN_MAX_K {
+        return Err(CudaError::Shape {
+            what: WHAT.into(),
+            reason: format!(
+                "BF16 part [{bn}, {k}]: K must be a multiple of 8 up to {BF16_NORM_IN_MAX_K}, \
+                 at least one row"
+            ),
+        });
+    }
+    check_input(WHAT, &input, k)?;
+    if bw.len() != bn * k {
+        return Err(CudaError::Shape {
+            what: WHAT.into(),
+            reason: format!("BF16 weight of {} elements for [{bn}, {k}]", bw.len()),
+        });
+    }
+    check_len("fp4_bf16_gemv_norm_in: BF16 y", by.len(), bn)?;
+    dense_fold_bf16(gpu, w, x, y, &input, bw, bn, by)
 }
 
 /// [`bf16_gemv_norm_in`] with `rows_per_warp` (1, or 2 where `k <= 2048`) chosen by the caller.

@@ -7,7 +7,7 @@ use half::bf16;
 use super::bulk::{bulk_preferred, fp4_gemm_bulk, fp4_gemm_swiglu_bulk};
 use super::context::GpuContext;
 use super::error::{drv, CudaError};
-use super::fold::Fold;
+use super::fold::{Fold, NormIn};
 use super::placement::{beyond_spread_cap, spread_launch};
 use super::tiled::{fp4_gemm_swiglu_tiled, fp4_gemm_tiled, tiled_preferred, tiled_supported};
 use super::weights::GpuFp4Weight;
@@ -294,6 +294,87 @@ pub(crate) fn dense_product(
             "launch fp4_gemm",
         )
     }
+}
+
+/// One token through the FP4 `w` and the BF16 `bw` (`[bn, w.k]`, row-major) in one launch
+/// (bf16_gemv.cu `FP4_BF16_NORM_IN`), both consumers of the folded norm `input`: the FP4
+/// kernel's blocks first, then `bn` BF16 rows, one per warp of blocks of
+/// the FP4 launch's shape. `y` gets `w.n` values, `by` `bn`.
+///
+/// The caller checks `input`, `bw`'s length, `by`'s and `k` (a multiple of 8 up to
+/// [`super::BF16_NORM_IN_MAX_K`]).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn dense_fold_bf16(
+    gpu: &GpuContext,
+    w: &GpuFp4Weight,
+    x: &CudaSlice<bf16>,
+    y: &mut CudaSlice<bf16>,
+    input: &NormIn<'_>,
+    bw: &CudaSlice<bf16>,
+    bn: usize,
+    by: &mut CudaSlice<bf16>,
+) -> Result<(), CudaError> {
+    const WHAT: &str = "fp4_bf16_gemv_norm_in";
+    dense_only(w, WHAT)?;
+    check_len("fp4_bf16_gemv_norm_in: x", x.len(), w.k)?;
+    check_len("fp4_bf16_gemv_norm_in: y", y.len(), w.n)?;
+    let cfg = Fp4GemmConfig::auto(1, w.n, w.k, gpu.sm_count());
+    cfg.check(1)?;
+    let name = fold_bf16_kernel_name(w.format, cfg).ok_or(CudaError::NoVariant {
+        format: w.format,
+        m_tiles: cfg.m_tiles,
+        token_tiles: 1,
+        group: cfg.group,
+    })?;
+    let f = gpu.function(name)?;
+    let fp4_blocks = w.n.div_ceil(16 * cfg.m_tiles as usize);
+    let bf16_blocks = bn.div_ceil(cfg.warps as usize);
+    let shape = |v: usize| {
+        i32::try_from(v).map_err(|_| CudaError::Shape {
+            what: WHAT.into(),
+            reason: format!("{v} is too large"),
+        })
+    };
+    let (n_i, k_i, bn_i, fb_i) = (shape(w.n)?, shape(w.k)?, shape(bn)?, shape(fp4_blocks)?);
+    let blocks = u32::try_from(fp4_blocks + bf16_blocks).map_err(|_| CudaError::Shape {
+        what: WHAT.into(),
+        reason: format!("{fp4_blocks} + {bf16_blocks} blocks"),
+    })?;
+    let (m_i, flags) = (1i32, prefetch_flags(gpu, w));
+    let mut b = gpu.stream().launch_builder(&f);
+    w.push_args(&mut b).arg(x).arg(&mut *y);
+    b.arg(&m_i).arg(&n_i).arg(&k_i).arg(&w.post).arg(&flags);
+    let (np_i, len_i) = (shape(input.nparts)?, shape(input.len)?);
+    b.arg(input.parts).arg(&np_i).arg(&len_i).arg(&input.eps);
+    b.arg(bw).arg(&mut *by).arg(&bn_i).arg(&fb_i);
+    let launch = LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (32 * cfg.warps, 1, 1),
+        shared_mem_bytes: reduction_smem(cfg, 1) + Fold::new(Some(*input), None).smem(),
+    };
+    let launch = spread_launch(gpu, &f, launch)?;
+    // SAFETY: argument types and order match FP4_BF16_NORM_IN; x holds k values, y n (checked
+    // above); the caller checked the fold's partial sums, bw (bn * k values), by (bn) and that
+    // k is a multiple of 8 up to BF16_NORM_IN_MAX_K, so every lane's BF16 pieces lie in their
+    // row (rows past bn read row bn - 1 and store nothing).
+    unsafe { b.launch(launch) }.map_err(drv("launch fp4_bf16_gemv_norm_in"))?;
+    Ok(())
+}
+
+/// The combined FP4 + BF16 folded-norm kernel of a one-token block shape.
+pub(crate) fn fold_bf16_kernel_name(format: Fp4Format, cfg: Fp4GemmConfig) -> Option<&'static str> {
+    let nv = format == Fp4Format::Nvfp4;
+    Some(match (cfg.m_tiles, cfg.group, nv) {
+        (1, 1, true) => "fp4_gemm_nv_m1_t1_g1_fold_bf16",
+        (1, 2, true) => "fp4_gemm_nv_m1_t1_g2_fold_bf16",
+        (2, 1, true) => "fp4_gemm_nv_m2_t1_g1_fold_bf16",
+        (2, 2, true) => "fp4_gemm_nv_m2_t1_g2_fold_bf16",
+        (1, 1, false) => "fp4_gemm_mx_m1_t1_g1_fold_bf16",
+        (1, 2, false) => "fp4_gemm_mx_m1_t1_g2_fold_bf16",
+        (2, 1, false) => "fp4_gemm_mx_m2_t1_g1_fold_bf16",
+        (2, 2, false) => "fp4_gemm_mx_m2_t1_g2_fold_bf16",
+        _ => return None,
+    })
 }
 
 /// `m` as the kernels' `int` token count.

@@ -600,6 +600,7 @@ fn tuning_ablation(
         flip(|t| &mut t.spread, "spread"),
         flip(|t| &mut t.moe_down_prefetch, "moe_down_prefetch"),
         flip(|t| &mut t.bf16_fold, "bf16_fold"),
+        flip(|t| &mut t.bf16_tail, "bf16_tail"),
         {
             let mut t = base;
             t.moe_down_split = if base.moe_down_split == 1 { 2 } else { 1 };
@@ -632,6 +633,7 @@ fn tuning_ablation(
                 moe_down_prefetch: false,
                 moe_down_split: 1,
                 bf16_fold: false,
+                bf16_tail: false,
                 warp_attention: false,
                 gqa_attention: false,
                 gqa_split: base.gqa_split,

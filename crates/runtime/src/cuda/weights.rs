@@ -10,10 +10,11 @@ use cudarc::cublas::CudaBlas;
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use mimo_kernels::cuda::{
-    bf16_gemm, bf16_gemv_norm_in, bf16_to_e4m3_rows, fp4_gemm, fp4_gemm_dequant_cublas,
-    fp4_gemm_fp8, fp4_gemm_norm_in, fp4_gemm_norm_out, fp4_gemm_swiglu, fp4_gemm_swiglu_norm_in,
-    fp4_gemm_swiglu_supported, fp4_to_e4m3_rows, fp8_shape_ok, prefetches_itself, E4m3Rows,
-    Fp8Gemm, Fp8Scratch, GpuContext, GpuFp4Weight, L2Ranges, NormIn, NormOut,
+    bf16_gemm, bf16_gemv_norm_in, bf16_to_e4m3_rows, fp4_bf16_gemv_norm_in, fp4_gemm,
+    fp4_gemm_dequant_cublas, fp4_gemm_fp8, fp4_gemm_norm_in, fp4_gemm_norm_out, fp4_gemm_swiglu,
+    fp4_gemm_swiglu_norm_in, fp4_gemm_swiglu_supported, fp4_to_e4m3_rows, fp8_shape_ok,
+    prefetches_itself, E4m3Rows, Fp8Gemm, Fp8Scratch, GpuContext, GpuFp4Weight, L2Ranges, NormIn,
+    NormOut, BF16_NORM_IN_MAX_K,
 };
 use mimo_kernels::Fp4Matrix;
 
@@ -413,6 +414,38 @@ impl GpuLinear {
             gpu.ops.add_bias(&gpu.ctx, y, b, 1, self.n())?;
         }
         Ok(())
+    }
+
+    /// [`GpuLinear::forward_norm_in`] of `self` into `y` and `other` into `y2`, the same input,
+    /// in one launch where `self` is a bias-free FP4 Linear and `other` a bias-free BF16 one
+    /// with K up to [`BF16_NORM_IN_MAX_K`] (a mixed checkpoint's q_proj and k|v); returns false
+    /// (nothing queued) otherwise. The outputs are those of the two launches, bit for bit.
+    pub fn forward_norm_in_with(
+        &self,
+        other: &GpuLinear,
+        gpu: &Gpu,
+        x: &CudaSlice<bf16>,
+        input: NormIn<'_>,
+        y: &mut CudaSlice<bf16>,
+        y2: &mut CudaSlice<bf16>,
+    ) -> Result<bool, GpuError> {
+        let (
+            Some(w),
+            GpuLinear::Bf16 {
+                w: bw,
+                n,
+                k,
+                bias: None,
+            },
+        ) = (self.fp4_plain(), other)
+        else {
+            return Ok(false);
+        };
+        if *k != w.k || *k % 8 != 0 || *k > BF16_NORM_IN_MAX_K {
+            return Ok(false);
+        }
+        fp4_bf16_gemv_norm_in(&gpu.ctx, w, bw, *n, x, input, y, y2)?;
+        Ok(true)
     }
 
     /// [`GpuLinear::forward_swiglu`] of one token whose input is the output side of a folded

@@ -96,8 +96,18 @@ impl GpuModel {
             match &layer.qkv {
                 Qkv::Fused(l) => product(l, qkv_buf(&mut b.fused)?)?,
                 Qkv::QKv(lq, lkv) => {
-                    product(lq, qkv_buf(&mut b.q)?)?;
-                    product(lkv, qkv_buf(&mut b.kv)?)?;
+                    // FP4 q and BF16 k|v: one launch (Tuning::bf16_tail) where it applies.
+                    let one = match fold_in {
+                        Some(input) if g.tuning().bf16_tail => {
+                            let (q, kv) = (qkv_buf(&mut b.q)?, qkv_buf(&mut b.kv)?);
+                            lq.forward_norm_in_with(lkv, gpu, &ws.h, input, q, kv)?
+                        }
+                        _ => false,
+                    };
+                    if !one {
+                        product(lq, qkv_buf(&mut b.q)?)?;
+                        product(lkv, qkv_buf(&mut b.kv)?)?;
+                    }
                 }
                 Qkv::Split(lq, lk, lv) => {
                     product(lq, qkv_buf(&mut b.q)?)?;
