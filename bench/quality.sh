@@ -107,6 +107,9 @@ VARIANTS=(
   "nvfp4-gptq-ao-ss-r5-experts-indomain-half|nvfp4|--method gptq --act-order --damp 0.1 --mse-scale-search --gptq-refine 5 --experts-only --calib @indomain_half"
   "nvfp4-gptq-ao-r5-q|nvfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --ignore *q_proj*"
   "nvfp4-gptq-ao-r5-o|nvfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --ignore *o_proj*"
+  # lm_head NVFP4 too (`--quantize-lm-head`: the FP4 head of the batch-1 speed tables).
+  "nvfp4-gptq-ao-r5-head|nvfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --quantize-lm-head"
+  "nvfp4-rtn-head|nvfp4|--method rtn --quantize-lm-head"
   # Calibrated on the GPU (the CUDA runtime walks the layers; quantizers on the CPU as above).
   "nvfp4-mse-gpu|nvfp4|--method mse --calib-device cuda"
   "nvfp4-gptq-gpu|nvfp4|--method gptq --calib-device cuda"

@@ -431,3 +431,27 @@ fn gptq_calibration_on_the_gpu_is_deterministic_and_covers_every_expert() {
         assert_eq!(pairs, (run.stats.tokens * top_k) as u64, "layer {l}");
     }
 }
+
+/// The lm_head's calibration input: the GPU walk's final norm (host formula, the device's norm
+/// weight) equals the CPU's bit for bit on the same rows; a buffer that is not `[m, hidden]` is
+/// refused by both.
+#[test]
+fn final_norm_of_the_gpu_walk_equals_the_cpus() {
+    let Some(g) = gpu() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    write_fixture(dir.path(), Arch::Qwen3Moe, 5).unwrap();
+    let mut cpu = Model::load(dir.path()).unwrap();
+    let mut gpu = GpuModel::load(g.clone(), dir.path()).unwrap();
+    let hd = cpu.config.hidden_size;
+    let x: Vec<f32> = (0..3 * hd)
+        .map(|i| ((i * 7919) % 1000) as f32 / 250.0 - 2.0)
+        .collect();
+    let (mut a, mut b) = (x.clone(), x.clone());
+    LayerWalk::final_norm(&mut cpu, &mut a).unwrap();
+    LayerWalk::final_norm(&mut gpu, &mut b).unwrap();
+    assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()));
+    assert_ne!(a, x);
+    let mut bad = vec![1.0f32; hd + 1];
+    assert!(LayerWalk::final_norm(&mut cpu, &mut bad).is_err());
+    assert!(LayerWalk::final_norm(&mut gpu, &mut bad).is_err());
+}

@@ -397,6 +397,7 @@ fn asymmetric_calibration_pairs_the_streams_and_keeps_the_plain_statistics() {
             SequentialModes {
                 asymmetric,
                 within_layer: false,
+                head: false,
             },
             Some(&mut quant),
             &|_, _| {},
@@ -525,6 +526,7 @@ fn within_layer_each_stage_sees_the_quantized_stages_before_it() {
     let modes = SequentialModes {
         asymmetric: false,
         within_layer: true,
+        head: false,
     };
     let run =
         run_sequential_with(&mut model, &data, opts, modes, Some(&mut quant), &|_, _| {}).unwrap();
@@ -600,4 +602,138 @@ fn route_weighting_changes_only_routed_expert_statistics() {
         }
     }
     assert!(experts > 0, "the fixture has routed experts");
+}
+
+/// Hidden states leaving the last layer of the BF16 model, through the final norm: the
+/// lm_head's inputs, sequence by sequence.
+fn head_inputs(model: &mut Model, data: &CalibData) -> Vec<Vec<f32>> {
+    use mimo_runtime::walk::LayerWalk;
+    struct Quiet;
+    impl mimo_runtime::model::LinearObserver for Quiet {
+        fn observe(&mut self, _: mimo_runtime::model::Site, _: &[f32], _: usize) {}
+    }
+    data.sequences
+        .iter()
+        .map(|seq| {
+            let mut x = LayerWalk::embed_tokens(model, seq).unwrap();
+            for l in 0..model.config.num_layers {
+                model.forward_layer_observed(l, &mut x, &mut Quiet).unwrap();
+            }
+            model.final_norm_rows(&mut x).unwrap();
+            x
+        })
+        .collect()
+}
+
+/// The lm_head's statistics (`SequentialModes::head`): handed to the quantizer once, after the
+/// last layer, as layer `num_layers` under "lm_head": the second moment and `sum x x^T` of the
+/// final norm's output, as summed here directly from the BF16 model's rows.
+#[test]
+fn the_lm_head_gets_the_final_norm_outputs_statistics() {
+    let (_dir, mut model, data) = moe_fixture(13);
+    let want_x = head_inputs(&mut model, &data);
+    let layers = model.config.num_layers;
+    let k = model.config.hidden_size;
+    let mut calls = Vec::new();
+    let mut rec = |l: usize, s: &Recorded| -> Result<Vec<(String, Weight)>, SequentialError> {
+        if l == layers {
+            calls.push(s.clone());
+        }
+        Ok(Vec::new())
+    };
+    let opts = CollectOptions {
+        hessian: true,
+        ..CollectOptions::default()
+    };
+    let modes = SequentialModes {
+        head: true,
+        ..SequentialModes::default()
+    };
+    run_sequential_with(&mut model, &data, opts, modes, Some(&mut rec), &|_, _| {}).unwrap();
+    assert_eq!(calls.len(), 1, "one head call after the last layer");
+    let s = calls[0].get("lm_head").expect("statistics under lm_head");
+    assert_eq!(calls[0].len(), 1);
+    let rows: Vec<&[f32]> = want_x.iter().flat_map(|x| x.chunks_exact(k)).collect();
+    assert_eq!(s.tokens, rows.len() as u64);
+    let h = s.hessian.as_ref().expect("a Hessian");
+    let mut worst = 0f64;
+    for i in 0..k {
+        let mut m2 = 0f64;
+        for r in &rows {
+            m2 += (r[i] as f64).powi(2);
+        }
+        let m2 = m2 / rows.len() as f64;
+        worst = worst.max((s.second_moment[i] - m2).abs() / m2);
+        for j in [0, i / 2, k - 1] {
+            let want: f64 = rows.iter().map(|r| r[i] as f64 * r[j] as f64).sum();
+            let scale = (h[i * k + i] * h[j * k + j]).sqrt();
+            assert!(
+                (h[i * k + j] - want).abs() <= 1e-9 * scale,
+                "H[{i}, {j}] = {}, want {want}",
+                h[i * k + j]
+            );
+        }
+    }
+    assert!(worst < 1e-9, "second moment off by {worst:e}");
+    // Without `head` the quantizer is never asked about layer `num_layers`.
+    calls.clear();
+    let mut rec = |l: usize, _: &Recorded| -> Result<Vec<(String, Weight)>, SequentialError> {
+        assert!(l < layers);
+        Ok(Vec::new())
+    };
+    run_sequential(&mut model, &data, opts, Some(&mut rec), &|_, _| {}).unwrap();
+}
+
+/// GPTQ with `--quantize-lm-head`: the sequential run quantizes the lm_head too (before, the
+/// conversion failed after the whole calibration for want of the head's Hessian), and its output
+/// error on the calibration rows is below RTN's.
+#[test]
+fn gptq_quantizes_the_lm_head_from_its_statistics() {
+    let (dir, mut model, data) = moe_fixture(17);
+    let ck = Checkpoint::open(dir.path()).unwrap();
+    let plan = Plan::build(
+        &ck,
+        &PlanOptions {
+            layout: Layout::CtNvfp4,
+            ignore: vec![],
+            quantize_lm_head: true,
+            experts_only: false,
+        },
+    )
+    .unwrap();
+    let x = head_inputs(&mut model, &data);
+    let (_, weights) = quantize_sequential(
+        &ck,
+        &plan,
+        &mut model,
+        &data,
+        Method::Gptq,
+        &GptqOptions::default(),
+        CollectOptions::default(),
+        None,
+        false,
+        &|_, _| {},
+    )
+    .unwrap();
+    let q = weights.weights.get("lm_head").expect("lm_head quantized");
+    let t = ck.tensor("lm_head.weight").unwrap();
+    let w = read_weight(&t).unwrap();
+    let (n, k) = (t.shape[0], t.shape[1]);
+    let rtn = mimo_kernels::fp4::quantize_nvfp4(&w, n, k, q.global_scale).unwrap();
+    let err = |m: &Fp4Matrix| -> f64 {
+        let d = mimo_kernels::fp4::dequantize(m).unwrap();
+        let mut e = 0f64;
+        for row in x.iter().flat_map(|s| s.chunks_exact(k)) {
+            for r in 0..n {
+                let s: f64 = (0..k)
+                    .map(|j| row[j] as f64 * (w[r * k + j] - d[r * k + j]) as f64)
+                    .sum();
+                e += s * s;
+            }
+        }
+        e
+    };
+    let (eg, er) = (err(q), err(&rtn));
+    eprintln!("lm_head output error: gptq {eg:.4e}, rtn {er:.4e}");
+    assert!(eg < 0.9 * er, "gptq {eg} not below rtn {er}");
 }

@@ -575,6 +575,15 @@ impl Model {
         Ok(())
     }
 
+    /// The final RMSNorm, in place, on hidden states `x` (`[m, hidden]`) leaving the last
+    /// decoder layer: the lm_head's input (its calibration statistics).
+    pub fn final_norm_rows(&self, x: &mut [f32]) -> Result<(), ForwardError> {
+        let last = self.config.num_layers.saturating_sub(1);
+        layer_input_rows(&self.config, last, x.len())?;
+        rms_norm(x, &self.norm, self.config.rms_norm_eps);
+        Ok(())
+    }
+
     /// Replaces the weight of Linear `module` (checkpoint module name, e.g.
     /// `model.layers.3.mlp.experts.5.down_proj`) of a decoder layer with `weight` (same shape),
     /// e.g. its quantized version, so that later layers see the quantized layer's outputs

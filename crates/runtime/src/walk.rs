@@ -61,6 +61,10 @@ pub trait LayerWalk {
     /// Replaces the weight of the decoder-layer Linear `module` (checkpoint module name) with
     /// `weight` of the same shape (its quantized version), keeping the bias.
     fn replace_linear_weight(&mut self, module: &str, weight: Weight) -> Result<(), WalkError>;
+    /// The final RMSNorm, in place, on hidden states `x` (`[m, hidden]`, f32) leaving the last
+    /// decoder layer: the lm_head's input. Computed on the host in f32 by both backends (the
+    /// CPU runtime's formula), for calibration statistics.
+    fn final_norm(&mut self, x: &mut [f32]) -> Result<(), WalkError>;
     /// Asks the backend to sum every site's statistics itself (on the device) during the
     /// following [`LayerWalk::forward_layer_observed`] calls instead of showing each input to
     /// the observer; `all_token_experts` as [`LinearObserver::all_token_experts`], `hessian`:
@@ -124,6 +128,9 @@ impl LayerWalk for Model {
     fn replace_linear_weight(&mut self, module: &str, weight: Weight) -> Result<(), WalkError> {
         Ok(Model::replace_linear_weight(self, module, weight)?)
     }
+    fn final_norm(&mut self, x: &mut [f32]) -> Result<(), WalkError> {
+        Ok(Model::final_norm_rows(self, x)?)
+    }
 }
 
 impl LayerWalk for GpuModel {
@@ -153,6 +160,9 @@ impl LayerWalk for GpuModel {
     }
     fn replace_linear_weight(&mut self, module: &str, weight: Weight) -> Result<(), WalkError> {
         GpuModel::replace_linear_weight(self, module, weight)
+    }
+    fn final_norm(&mut self, x: &mut [f32]) -> Result<(), WalkError> {
+        Ok(GpuModel::final_norm_rows(self, x)?)
     }
     fn begin_device_sums(
         &mut self,

@@ -29,13 +29,14 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use mimo_runtime::arch::Names;
 use mimo_runtime::linear::Weight;
 use mimo_runtime::model::{LinearObserver, Site};
 use mimo_runtime::walk::{LayerWalk, WalkError};
 
 use super::coverage::Coverage;
 use super::data::CalibData;
-use super::stats::{assign, CollectOptions, Collector, LinearStats, StatsError};
+use super::stats::{assign, CollectOptions, Collector, HeadAcc, LinearStats, StatsError};
 use crate::methods::ApplyError;
 
 /// Errors of a sequential calibration.
@@ -167,6 +168,36 @@ fn add_pair(col: &mut Collector, q: &Capture, f: &Capture) {
     }
 }
 
+/// The lm_head's input statistics over the hidden states `hidden` leaving the last layer (and
+/// the unquantized stream's `hidden_f` for the cross term), pieces in order.
+fn head_stats(
+    model: &mut dyn LayerWalk,
+    hidden: &[(usize, Vec<f32>)],
+    hidden_f: Option<&Vec<Vec<f32>>>,
+    opts: CollectOptions,
+) -> Result<LinearStats, SequentialError> {
+    let k = model.config().hidden_size;
+    let mut acc = HeadAcc::new(k, opts.hessian);
+    for (p, (index, x)) in hidden.iter().enumerate() {
+        let fwd = |source| StatsError::Forward {
+            index: *index,
+            source,
+        };
+        let mut xn = x.clone();
+        model.final_norm(&mut xn).map_err(fwd)?;
+        let xf = match hidden_f.and_then(|f| f.get(p)) {
+            Some(f) => {
+                let mut f = f.clone();
+                model.final_norm(&mut f).map_err(fwd)?;
+                Some(f)
+            }
+            None => None,
+        };
+        acc.add(&xn, xf.as_deref(), xn.len() / k.max(1));
+    }
+    Ok(acc.finish())
+}
+
 /// Sees nothing (the propagation pass).
 struct Quiet;
 
@@ -199,6 +230,11 @@ pub struct SequentialModes {
     /// calibrated on the outputs of the quantized Linears before it in the layer (GPTQ's
     /// "true sequential"); costs four calibration passes per layer instead of one.
     pub within_layer: bool,
+    /// After the last layer, the lm_head's input statistics too (the final norm's output of
+    /// the quantized stream, with the cross term under `asymmetric`): handed to the quantizer
+    /// as layer `num_layers` under the lm_head's module name. Its result replaces nothing
+    /// (no layer runs after the head).
+    pub head: bool,
 }
 
 /// [`run_sequential`] with [`SequentialModes`] (meaningful with a quantizer).
@@ -353,6 +389,14 @@ pub fn run_sequential_with(
             }
         }
         progress(l + 1, layers);
+    }
+    if modes.head {
+        if let Some(q) = quantize.as_mut() {
+            let stats = head_stats(model, &hidden, asymmetric.then_some(&hidden_f), opts)?;
+            let name = Names::new(model.config().arch).lm_head();
+            let by_module = BTreeMap::from([(name, Arc::new(stats))]);
+            q(layers, &by_module)?;
+        }
     }
     Ok(SequentialRun {
         coverage,

@@ -80,7 +80,7 @@ pub struct LinearStats {
     /// Where they were measured (e.g. "Qkv(3)", "MoeInput(2) [all-token fallback]").
     pub site: String,
     /// Position of the site in its layer: 0 q/k/v, 1 o, 2 MLP/expert gate/up (and the router
-    /// input), 3 MLP/expert down ([`stage_of`]).
+    /// input), 3 MLP/expert down ([`stage_of`]); [`HEAD_STAGE`] for the lm_head.
     pub stage: u8,
     /// Tokens seen.
     pub tokens: u64,
@@ -184,6 +184,38 @@ impl SiteAcc {
         }
     }
 }
+
+/// The lm_head's input statistics (the final norm's output after the last decoder layer), summed
+/// sequence by sequence in order like any site's: the lm_head is no decoder-layer site, so the
+/// sequential walk feeds it itself ([`super::sequential`]).
+pub(crate) struct HeadAcc(SiteAcc);
+
+impl HeadAcc {
+    /// An empty accumulator for inputs of `k` features (with `sum x x^T` where `hessian`).
+    pub(crate) fn new(k: usize, hessian: bool) -> HeadAcc {
+        HeadAcc(SiteAcc::new(k, hessian))
+    }
+
+    /// Adds `m` rows `x`; with `xf` (asymmetric calibration: the same rows of the unquantized
+    /// model), also their cross term.
+    pub(crate) fn add(&mut self, x: &[f32], xf: Option<&[f32]>, m: usize) {
+        if m == 0 || x.is_empty() {
+            return;
+        }
+        self.0.add(x, m);
+        if let Some(xf) = xf.filter(|xf| xf.len() == x.len()) {
+            self.0.add_cross(x, xf, m);
+        }
+    }
+
+    /// The statistics (stage [`HEAD_STAGE`]).
+    pub(crate) fn finish(&self) -> LinearStats {
+        self.0.finish("Head".into(), HEAD_STAGE)
+    }
+}
+
+/// [`LinearStats::stage`] of the lm_head's input: after every decoder layer.
+pub const HEAD_STAGE: u8 = 4;
 
 /// Accumulates the statistics of every site it is shown.
 pub(crate) struct Collector {

@@ -16,6 +16,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use mimo_kernels::fp4::{Fp4Format, Fp4Matrix};
+use mimo_runtime::arch::Names;
 use mimo_runtime::checkpoint::{Checkpoint, TensorView};
 use mimo_runtime::linear::Weight;
 use mimo_runtime::walk::LayerWalk;
@@ -323,6 +324,8 @@ pub fn quantize_sequential(
         }
         Ok(new)
     };
+    // The lm_head too where the plan quantizes it (`--quantize-lm-head`).
+    let head = targets.contains_key(&Names::new(model.config().arch).lm_head());
     let run = run_sequential_with(
         model,
         data,
@@ -330,6 +333,7 @@ pub fn quantize_sequential(
         SequentialModes {
             asymmetric: asymmetric.is_some(),
             within_layer,
+            head,
         },
         Some(&mut per_layer),
         progress,

@@ -430,6 +430,22 @@ impl GpuModel {
         Ok(())
     }
 
+    /// The final RMSNorm, in place, on hidden states `x` (`[m, hidden]`) leaving the last
+    /// decoder layer: the lm_head's input, computed on the host (the CPU runtime's formula)
+    /// with the device's norm weight.
+    pub fn final_norm_rows(&self, x: &mut [f32]) -> Result<(), GpuError> {
+        let last = self.config.num_layers.saturating_sub(1);
+        crate::model::layer_input_rows(&self.config, last, x.len())?;
+        let w = self
+            .gpu
+            .ctx
+            .stream()
+            .clone_dtoh(&self.final_norm)
+            .map_err(drv("download the final norm weight"))?;
+        crate::cpu::rms_norm(x, &w, self.config.rms_norm_eps);
+        Ok(())
+    }
+
     /// The hidden states `[m, hidden]` entering layer 0 for `tokens` (the device's BF16
     /// embedding rows as f32).
     pub fn embed_rows(&mut self, tokens: &[u32]) -> Result<Vec<f32>, GpuError> {
