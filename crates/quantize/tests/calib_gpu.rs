@@ -434,7 +434,7 @@ fn gptq_calibration_on_the_gpu_is_deterministic_and_covers_every_expert() {
 
 /// The lm_head's calibration input: the GPU walk's final norm (host formula, the device's norm
 /// weight) equals the CPU's bit for bit on the same rows; a buffer that is not `[m, hidden]` is
-/// refused by both.
+/// refused by both; a GPTQ conversion calibrated on the GPU quantizes the lm_head.
 #[test]
 fn final_norm_of_the_gpu_walk_equals_the_cpus() {
     let Some(g) = gpu() else { return };
@@ -454,4 +454,25 @@ fn final_norm_of_the_gpu_walk_equals_the_cpus() {
     let mut bad = vec![1.0f32; hd + 1];
     assert!(LayerWalk::final_norm(&mut cpu, &mut bad).is_err());
     assert!(LayerWalk::final_norm(&mut gpu, &mut bad).is_err());
+    // GPTQ calibrated on the GPU with --quantize-lm-head quantizes the head from those rows.
+    let (run, weights) = calibrate_and_quantize(
+        &embedded_model(),
+        "default",
+        &PlanOptions {
+            layout: Layout::CtNvfp4,
+            ignore: vec![],
+            quantize_lm_head: true,
+            experts_only: false,
+        },
+        Method::Gptq,
+        &GptqOptions::default(),
+        CollectOptions::default(),
+        None,
+        false,
+        CalibDevice::Cuda,
+        &|_, _| {},
+    )
+    .unwrap();
+    assert_eq!(run.backend, "cuda");
+    assert!(weights.weights.contains_key("lm_head"));
 }
