@@ -378,27 +378,37 @@ fn gpu_weight_replacement_matches_the_cpu() {
     }
 }
 
+/// NVFP4 GPTQ of the model in `dir` calibrated on `device` with the default recipe.
+fn gptq_run(
+    dir: &Path,
+    device: CalibDevice,
+    quantize_lm_head: bool,
+) -> (
+    mimo_quant::calib::CalibRun,
+    mimo_quant::methods::sequential::Precomputed,
+) {
+    calibrate_and_quantize(
+        dir,
+        "default",
+        &PlanOptions {
+            layout: Layout::CtNvfp4,
+            ignore: vec![],
+            quantize_lm_head,
+            experts_only: false,
+        },
+        Method::Gptq,
+        &GptqOptions::default(),
+        CollectOptions::default(),
+        None,
+        false,
+        device,
+        &|_, _| {},
+    )
+    .unwrap()
+}
+
 fn gptq_on(dir: &Path, device: CalibDevice) -> mimo_quant::calib::CalibRun {
-    let run = || {
-        calibrate_and_quantize(
-            dir,
-            "default",
-            &PlanOptions {
-                layout: Layout::CtNvfp4,
-                ignore: vec![],
-                quantize_lm_head: false,
-                experts_only: false,
-            },
-            Method::Gptq,
-            &GptqOptions::default(),
-            CollectOptions::default(),
-            None,
-            false,
-            device,
-            &|_, _| {},
-        )
-        .unwrap()
-    };
+    let run = || gptq_run(dir, device, false);
     let (first, weights) = run();
     assert!(!weights.weights.is_empty());
     let again = run().1;
@@ -455,24 +465,7 @@ fn final_norm_of_the_gpu_walk_equals_the_cpus() {
     assert!(LayerWalk::final_norm(&mut cpu, &mut bad).is_err());
     assert!(LayerWalk::final_norm(&mut gpu, &mut bad).is_err());
     // GPTQ calibrated on the GPU with --quantize-lm-head quantizes the head from those rows.
-    let (run, weights) = calibrate_and_quantize(
-        &embedded_model(),
-        "default",
-        &PlanOptions {
-            layout: Layout::CtNvfp4,
-            ignore: vec![],
-            quantize_lm_head: true,
-            experts_only: false,
-        },
-        Method::Gptq,
-        &GptqOptions::default(),
-        CollectOptions::default(),
-        None,
-        false,
-        CalibDevice::Cuda,
-        &|_, _| {},
-    )
-    .unwrap();
+    let (run, weights) = gptq_run(&embedded_model(), CalibDevice::Cuda, true);
     assert_eq!(run.backend, "cuda");
     assert!(weights.weights.contains_key("lm_head"));
 }

@@ -114,6 +114,17 @@ pub fn fold_parts(gpu: &GpuContext, w: &GpuFp4Weight) -> usize {
     w.n.div_ceil(16 * cfg.m_tiles as usize)
 }
 
+/// Refuses a BF16 weight buffer of `len` elements that is not `[n, k]`.
+fn check_bf16_weight(what: &'static str, len: usize, n: usize, k: usize) -> Result<(), CudaError> {
+    if len != n * k {
+        return Err(CudaError::Shape {
+            what: what.into(),
+            reason: format!("BF16 weight of {len} elements for [{n}, {k}]"),
+        });
+    }
+    Ok(())
+}
+
 fn check_input(what: &'static str, input: &NormIn<'_>, k: usize) -> Result<(), CudaError> {
     let bad = |reason: String| CudaError::Shape {
         what: what.into(),
@@ -261,12 +272,7 @@ pub fn fp4_bf16_gemv_norm_in(
         });
     }
     check_input(WHAT, &input, k)?;
-    if bw.len() != bn * k {
-        return Err(CudaError::Shape {
-            what: WHAT.into(),
-            reason: format!("BF16 weight of {} elements for [{bn}, {k}]", bw.len()),
-        });
-    }
+    check_bf16_weight(WHAT, bw.len(), bn, k)?;
     check_len("fp4_bf16_gemv_norm_in: BF16 y", by.len(), bn)?;
     dense_fold_bf16(gpu, w, x, y, &input, bw, bn, by)
 }
@@ -295,12 +301,7 @@ pub fn bf16_gemv_norm_in_rows(
         });
     }
     check_input(WHAT, &input, k)?;
-    if w.len() != n * k {
-        return Err(CudaError::Shape {
-            what: WHAT.into(),
-            reason: format!("weight of {} elements for [{n}, {k}]", w.len()),
-        });
-    }
+    check_bf16_weight(WHAT, w.len(), n, k)?;
     check_len("bf16_gemv_norm_in: x", x.len(), k)?;
     check_len("bf16_gemv_norm_in: y", y.len(), n)?;
     let (n_i, k_i, p_i, l_i) = (n as i32, k as i32, input.nparts as i32, input.len as i32);
