@@ -126,7 +126,8 @@ pub struct PlanArgs {
     /// Keep tensors matching this glob (tensor or module name) dense; repeatable.
     #[arg(long = "ignore", value_name = "PATTERN")]
     pub ignore: Vec<String>,
-    /// Quantize lm_head too.
+    /// Quantize lm_head too (with --method mse|gptq calibrated on the final norm's output;
+    /// costs quality: bench/README.md, "lm_head NVFP4 too").
     #[arg(long)]
     pub quantize_lm_head: bool,
     /// Quantize only the routed experts of a MoE model; attention, dense MLPs and shared
