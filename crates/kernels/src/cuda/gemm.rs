@@ -737,12 +737,13 @@ pub(crate) fn check_len(what: &'static str, got: usize, want: usize) -> Result<(
 
 #[cfg(test)]
 mod tests {
-    use super::{fold_kernel_name, gated_config, Fp4GemmConfig};
+    use super::{fold_bf16_kernel_name, fold_kernel_name, gated_config, Fp4GemmConfig};
     use crate::fp4::Fp4Format;
 
     /// Every one-token shape the automatic rule picks has a folded-norm kernel, plain and
     /// SwiGLU, and each name is instantiated in fp4_gemm.cu (FOLD_VARIANTS, names formed by
-    /// token pasting), so that a missing one fails here and not at launch on a GPU.
+    /// token pasting), so that a missing one fails here and not at launch on a GPU; so has the
+    /// FP4 + BF16 one-launch kernel (bf16_gemv.cu).
     #[test]
     fn fold_kernels_cover_the_one_token_shapes() {
         let src = super::super::compile::FP4_GEMM_SRC.1;
@@ -762,6 +763,14 @@ mod tests {
                         );
                         assert!(src.contains(&pasted), "{name} is not instantiated");
                     }
+                    // The FP4 + BF16 one-launch kernel (bf16_gemv.cu, names written out).
+                    let cfg = Fp4GemmConfig::auto(1, n, k, 132);
+                    let name = fold_bf16_kernel_name(format, cfg)
+                        .unwrap_or_else(|| panic!("no FP4 + BF16 kernel for {cfg:?}"));
+                    assert!(
+                        src.contains(&format!("({name},")),
+                        "{name} is not instantiated"
+                    );
                 }
             }
         }
