@@ -160,6 +160,7 @@ pub fn kind_name(k: WeightKind) -> String {
         WeightKind::Fp4(x) => f(x).into(),
         WeightKind::Fp4Experts(x) => format!("{}-experts", f(x)),
         WeightKind::Fp4DenseKv(x) => format!("{}-kv16", f(x)),
+        WeightKind::Fp4DenseKvO(x) => format!("{}-kvo16", f(x)),
     }
 }
 
@@ -173,6 +174,8 @@ pub fn kind_from_name(name: &str) -> Option<WeightKind> {
         WeightKind::Fp4Experts(Fp4Format::Mxfp4),
         WeightKind::Fp4DenseKv(Fp4Format::Nvfp4),
         WeightKind::Fp4DenseKv(Fp4Format::Mxfp4),
+        WeightKind::Fp4DenseKvO(Fp4Format::Nvfp4),
+        WeightKind::Fp4DenseKvO(Fp4Format::Mxfp4),
     ]
     .into_iter()
     .find(|&k| kind_name(k) == name)
@@ -684,6 +687,8 @@ mod tests {
             "mxfp4-experts",
             "nvfp4-kv16",
             "mxfp4-kv16",
+            "nvfp4-kvo16",
+            "mxfp4-kvo16",
         ] {
             let k = kind_from_name(name).unwrap();
             assert_eq!(kind_name(k), name);
@@ -692,8 +697,8 @@ mod tests {
         let nv = Some(Fp4Format::Nvfp4);
         let e = WeightKind::Fp4Experts(Fp4Format::Nvfp4).formats(true);
         assert_eq!(
-            (e.experts, e.q_o, e.kv, e.mlp, e.head),
-            (nv, None, None, None, nv)
+            (e.experts, e.q, e.kv, e.o, e.mlp, e.head),
+            (nv, None, None, None, None, nv)
         );
         assert!(e.dense_fp4());
         assert!(!WeightKind::Fp4Experts(Fp4Format::Nvfp4)
@@ -701,8 +706,13 @@ mod tests {
             .dense_fp4());
         let kv = WeightKind::Fp4DenseKv(Fp4Format::Nvfp4).formats(false);
         assert_eq!(
-            (kv.experts, kv.q_o, kv.kv, kv.mlp, kv.head),
-            (nv, nv, None, nv, None)
+            (kv.experts, kv.q, kv.kv, kv.o, kv.mlp, kv.head),
+            (nv, nv, None, nv, nv, None)
+        );
+        let kvo = WeightKind::Fp4DenseKvO(Fp4Format::Nvfp4).formats(false);
+        assert_eq!(
+            (kvo.experts, kvo.q, kvo.kv, kvo.o, kvo.mlp, kvo.head),
+            (nv, nv, None, None, nv, None)
         );
         assert_eq!(
             WeightKind::Fp4(Fp4Format::Mxfp4).formats(false),

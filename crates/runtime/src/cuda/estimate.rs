@@ -21,10 +21,12 @@ fn matrix(n: usize, k: usize, fp4: Option<Fp4Format>) -> usize {
 /// (`None`). Mixed layouts are what `mimo-quant convert --experts-only` and `--ignore` write.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Formats {
-    /// q_proj and o_proj.
-    pub q_o: Option<Fp4Format>,
+    /// q_proj.
+    pub q: Option<Fp4Format>,
     /// k_proj and v_proj.
     pub kv: Option<Fp4Format>,
+    /// o_proj.
+    pub o: Option<Fp4Format>,
     /// Dense MLPs and shared experts.
     pub mlp: Option<Fp4Format>,
     /// Routed experts.
@@ -37,8 +39,9 @@ impl Formats {
     /// Every Linear in `fp4` (BF16 for `None`), the lm_head too with `fp4_head`.
     pub fn uniform(fp4: Option<Fp4Format>, fp4_head: bool) -> Formats {
         Formats {
-            q_o: fp4,
+            q: fp4,
             kv: fp4,
+            o: fp4,
             mlp: fp4,
             experts: fp4,
             head: if fp4_head { fp4 } else { None },
@@ -48,7 +51,11 @@ impl Formats {
     /// Whether any Linear outside the routed experts is FP4 (what the FP8 prefill paths
     /// convert).
     pub fn dense_fp4(&self) -> bool {
-        self.q_o.is_some() || self.kv.is_some() || self.mlp.is_some() || self.head.is_some()
+        self.q.is_some()
+            || self.kv.is_some()
+            || self.o.is_some()
+            || self.mlp.is_some()
+            || self.head.is_some()
     }
 
     /// The dense (non-expert) FP4 weights of one layer, as `[n, k]` shapes with multiplicity:
@@ -58,10 +65,10 @@ impl Formats {
         let (h, d) = (c.hidden_size, c.head_dim);
         let (qn, kvn) = (c.num_heads * d, c.num_kv_heads * d);
         let mut v = Vec::new();
-        match (self.q_o, self.kv) {
-            (Some(_), Some(_)) if self.q_o == self.kv => v.push((qn + 2 * kvn, h)),
+        match (self.q, self.kv) {
+            (Some(_), Some(_)) if self.q == self.kv => v.push((qn + 2 * kvn, h)),
             _ => {
-                if self.q_o.is_some() {
+                if self.q.is_some() {
                     v.push((qn, h));
                 }
                 if self.kv.is_some() {
@@ -69,7 +76,7 @@ impl Formats {
                 }
             }
         }
-        if self.q_o.is_some() {
+        if self.o.is_some() {
             v.push((h, qn));
         }
         if self.mlp.is_some() {
@@ -98,7 +105,7 @@ fn is_moe_layer(c: &ModelConfig, l: usize) -> bool {
 pub fn weight_bytes(c: &ModelConfig, f: &Formats) -> usize {
     let (h, d) = (c.hidden_size, c.head_dim);
     let (qn, kvn) = (c.num_heads * d, c.num_kv_heads * d);
-    let attn = matrix(qn, h, f.q_o) + 2 * matrix(kvn, h, f.kv) + matrix(h, qn, f.q_o);
+    let attn = matrix(qn, h, f.q) + 2 * matrix(kvn, h, f.kv) + matrix(h, qn, f.o);
     let mut total = c.vocab_size * h * 2;
     if !c.tie_word_embeddings {
         total += matrix(c.vocab_size, h, f.head);
@@ -184,15 +191,16 @@ pub(crate) fn stored_formats(c: &ModelConfig, names: &Names, ld: &Loader<'_>) ->
         (None, Some(l)) => names.shared_expert(l),
         (None, None) => [String::new(), String::new(), String::new()],
     };
-    // A pair stored in two ways (`--ignore '*v_proj*'` alone) counts as dense: the estimate
+    // k and v stored in two ways (`--ignore '*v_proj*'` alone) count as dense: the estimate
     // may only err on the safe side.
     let pair = |a: &str, b: &str| {
         ld.fp4_format(&names.attn(0, a))
             .and(ld.fp4_format(&names.attn(0, b)))
     };
     Formats {
-        q_o: pair("q_proj", "o_proj"),
+        q: ld.fp4_format(&names.attn(0, "q_proj")),
         kv: pair("k_proj", "v_proj"),
+        o: ld.fp4_format(&names.attn(0, "o_proj")),
         mlp: ld.fp4_format(&mlp_gate),
         experts: moe_layer.and_then(|l| ld.fp4_format(&names.expert(l, 0)[0])),
         head: if c.tie_word_embeddings {
@@ -341,6 +349,18 @@ mod tests {
             (qn * h).max(h * qn)
         );
         assert_eq!(resident_fp8_bytes(&c, &kv_bf16), c.num_layers * 2 * qn * h);
+        // k/v and o kept BF16: q the only FP4 attention matrix.
+        let kvo_bf16 = Formats {
+            kv: None,
+            o: None,
+            ..Formats::uniform(nv, false)
+        };
+        let attn = fp4(qn, h) + 2 * bf(kvn, h) + bf(h, qn);
+        assert_eq!(
+            weight_bytes(&c, &kvo_bf16),
+            fixed + bf(c.vocab_size, h) + c.num_layers * (attn + experts)
+        );
+        assert_eq!(resident_fp8_bytes(&c, &kvo_bf16), c.num_layers * qn * h);
         // Uniform FP4 counts the same bytes as the three parts added up.
         let uni = Formats::uniform(nv, true);
         let attn4 = fp4(qn + 2 * kvn, h) + fp4(h, qn);

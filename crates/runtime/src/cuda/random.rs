@@ -32,6 +32,9 @@ pub enum WeightKind {
     /// FP4 everywhere but k_proj and v_proj, kept BF16: `--ignore '*k_proj*' --ignore
     /// '*v_proj*'`.
     Fp4DenseKv(Fp4Format),
+    /// FP4 everywhere but k_proj, v_proj and o_proj, kept BF16 (q_proj the only FP4 attention
+    /// Linear): `--ignore '*k_proj*' --ignore '*v_proj*' --ignore '*o_proj*'`.
+    Fp4DenseKvO(Fp4Format),
 }
 
 impl WeightKind {
@@ -39,7 +42,10 @@ impl WeightKind {
     pub fn fp4(self) -> Option<Fp4Format> {
         match self {
             WeightKind::Bf16 => None,
-            WeightKind::Fp4(f) | WeightKind::Fp4Experts(f) | WeightKind::Fp4DenseKv(f) => Some(f),
+            WeightKind::Fp4(f)
+            | WeightKind::Fp4Experts(f)
+            | WeightKind::Fp4DenseKv(f)
+            | WeightKind::Fp4DenseKvO(f) => Some(f),
         }
     }
 
@@ -56,6 +62,11 @@ impl WeightKind {
             },
             WeightKind::Fp4DenseKv(_) => Formats {
                 kv: None,
+                ..Formats::uniform(f, fp4_head)
+            },
+            WeightKind::Fp4DenseKvO(_) => Formats {
+                kv: None,
+                o: None,
                 ..Formats::uniform(f, fp4_head)
             },
         }
@@ -255,10 +266,10 @@ impl GpuModel {
             let (qn, kvn) = (c.num_heads * d, c.num_kv_heads * d);
             // One fused q/k/v matrix where the three share a format, else q apart and k/v in
             // one, as the loader fuses them.
-            let qkv = if f.q_o == f.kv {
-                Qkv::Fused(b.linear(f.q_o, qn + 2 * kvn, h)?)
+            let qkv = if f.q == f.kv {
+                Qkv::Fused(b.linear(f.q, qn + 2 * kvn, h)?)
             } else {
-                Qkv::QKv(b.linear(f.q_o, qn, h)?, b.linear(f.kv, 2 * kvn, h)?)
+                Qkv::QKv(b.linear(f.q, qn, h)?, b.linear(f.kv, 2 * kvn, h)?)
             };
             let biases = if c.qkv_bias {
                 [Some(b.bias(qn)?), Some(b.bias(kvn)?), Some(b.bias(kvn)?)]
@@ -270,7 +281,7 @@ impl GpuModel {
             } else {
                 (None, None)
             };
-            let o = b.linear(f.q_o, h, qn)?;
+            let o = b.linear(f.o, h, qn)?;
             let mlp = |b: &mut Builder, inter: usize| -> Result<Mlp, GpuError> {
                 Ok(Mlp {
                     gate_up: GateUp::Fused(b.linear(f.mlp, 2 * inter, h)?),
