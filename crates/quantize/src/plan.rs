@@ -112,6 +112,44 @@ pub struct Plan {
     pub tied_embeddings: bool,
 }
 
+/// The warning for fused sets (q/k/v, gate/up, an expert's w1/w3) whose members the plan splits
+/// between FP4 and dense (an `--ignore` that names some of them), or None. vLLM and SGLang run
+/// each set as one fused layer and refuse to load one whose members differ in precision
+/// (vLLM's compressed-tensors `should_ignore_layer`: "Detected some but not all shards of ...
+/// are quantized"); transformers and mimo-run load such a checkpoint.
+fn partly_quantized_fused_sets(entries: &[PlanEntry]) -> Option<String> {
+    let mut sets: BTreeMap<String, (Vec<String>, Vec<String>)> = BTreeMap::new();
+    for e in entries {
+        let (module, quantized) = match &e.action {
+            Action::Quantize { module, .. } => (module.clone(), true),
+            _ => match e.name.strip_suffix(".weight") {
+                Some(m) => (m.to_string(), false),
+                None => continue,
+            },
+        };
+        let (Some(set), Some((_, leaf))) = (fused_group(&module), module.rsplit_once('.')) else {
+            continue;
+        };
+        let (q, kept) = sets.entry(set).or_default();
+        if quantized { q } else { kept }.push(leaf.to_string());
+    }
+    let split: Vec<_> = sets
+        .iter()
+        .filter(|(_, (q, kept))| !q.is_empty() && !kept.is_empty())
+        .collect();
+    let (set, (q, kept)) = split.first()?;
+    Some(format!(
+        "{} fused set(s) are partly quantized (e.g. {set}: {} FP4, {} kept dense): vLLM and \
+         SGLang run each set as one layer and refuse to load a set whose members differ in \
+         precision (\"Detected some but not all shards ... are quantized\"); transformers and \
+         mimo-run load it. For those engines quantize or keep whole sets (e.g. --ignore \
+         '*self_attn*', or --experts-only)",
+        split.len(),
+        q.join("/"),
+        kept.join("/")
+    ))
+}
+
 impl Plan {
     /// Decides every tensor of `ck`.
     pub fn build(ck: &Checkpoint, opts: &PlanOptions) -> Result<Plan, PlanError> {
@@ -262,6 +300,9 @@ impl Plan {
                     *group = None;
                 }
             }
+        }
+        if let Some(w) = partly_quantized_fused_sets(&entries) {
+            warnings.push(w);
         }
         let cfg = ck.config();
         let count = |keys: &[&str]| keys.iter().find_map(|k| cfg.get(*k)?.as_u64());

@@ -926,3 +926,57 @@ fn cli_output_into_a_closed_pipe_is_not_a_panic() {
         assert!(out.status.success(), "{args:?}: {:?} {err}", out.status);
     }
 }
+
+/// A fused set (q/k/v, gate/up) split between FP4 and dense by `--ignore` is warned about once,
+/// naming a set and its members (vLLM and SGLang refuse such a set); whole sets kept dense
+/// (`--ignore '*self_attn*'`, `--experts-only`) or an unfused Linear alone (`*o_proj*`) are not.
+#[test]
+fn partly_quantized_fused_sets_are_warned_about() {
+    use mimo_quant::plan::{Plan, PlanOptions};
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src");
+    write_fixture(&src, Arch::Qwen3Moe, 3).unwrap();
+    let ck = Checkpoint::open(&src).unwrap();
+    let warning = |ignore: &[&str], experts_only: bool| -> Vec<String> {
+        let plan = Plan::build(
+            &ck,
+            &PlanOptions {
+                layout: Layout::CtNvfp4,
+                ignore: ignore.iter().map(|s| s.to_string()).collect(),
+                quantize_lm_head: false,
+                experts_only,
+            },
+        )
+        .unwrap();
+        plan.warnings
+            .into_iter()
+            .filter(|w| w.contains("partly quantized"))
+            .collect()
+    };
+    let kv = warning(&["*k_proj*", "*v_proj*"], false);
+    assert_eq!(kv.len(), 1, "{kv:?}");
+    assert!(
+        kv[0].contains("self_attn.qkv: q_proj FP4, k_proj/v_proj kept dense"),
+        "{}",
+        kv[0]
+    );
+    assert!(kv[0].contains("vLLM and SGLang"), "{}", kv[0]);
+    let gate = warning(&["*experts.0.gate_proj"], false);
+    assert_eq!(gate.len(), 1, "{gate:?}");
+    assert!(
+        gate[0].contains("up_proj FP4, gate_proj kept dense"),
+        "{}",
+        gate[0]
+    );
+    for (ignore, experts_only) in [
+        (&[][..], false),
+        (&["*self_attn*"][..], false),
+        (&["*o_proj*"][..], false),
+        (&[][..], true),
+    ] {
+        assert!(
+            warning(ignore, experts_only).is_empty(),
+            "{ignore:?} {experts_only}"
+        );
+    }
+}
