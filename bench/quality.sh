@@ -110,6 +110,9 @@ VARIANTS=(
   # k/v and o kept BF16 (q_proj the only NVFP4 attention Linear).
   "nvfp4-gptq-ao-r5-kvo|nvfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --ignore *k_proj* --ignore *v_proj* --ignore *o_proj*"
   "nvfp4-gptq-ao-r5-kvo-indomain-half|nvfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --ignore *k_proj* --ignore *v_proj* --ignore *o_proj* --calib @indomain_half"
+  # q/k/v kept BF16 (one whole fused set: loads in vLLM and SGLang), o_proj NVFP4.
+  "nvfp4-gptq-ao-r5-qkv|nvfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --ignore *q_proj* --ignore *k_proj* --ignore *v_proj*"
+  "nvfp4-gptq-ao-r5-qkv-indomain-half|nvfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --ignore *q_proj* --ignore *k_proj* --ignore *v_proj* --calib @indomain_half"
   "nvfp4-gptq-ao-ss-r5-kvo|nvfp4|--method gptq --act-order --damp 0.1 --mse-scale-search --gptq-refine 5 --ignore *k_proj* --ignore *v_proj* --ignore *o_proj*"
   "nvfp4-gptq-ao-ss-r5-kvo-indomain-half|nvfp4|--method gptq --act-order --damp 0.1 --mse-scale-search --gptq-refine 5 --ignore *k_proj* --ignore *v_proj* --ignore *o_proj* --calib @indomain_half"
   # lm_head NVFP4 too (`--quantize-lm-head`: the FP4 head of the batch-1 speed tables).

@@ -145,7 +145,8 @@ enum Cmd {
         /// Random weights: weight formats, comma separated: bf16, nvfp4, mxfp4; nvfp4-experts /
         /// mxfp4-experts (FP4 routed experts, other Linear layers BF16: `convert
         /// --experts-only`); nvfp4-kv16 / mxfp4-kv16 (FP4 but k_proj and v_proj BF16);
-        /// nvfp4-kvo16 / mxfp4-kvo16 (FP4 but k_proj, v_proj and o_proj BF16).
+        /// nvfp4-kvo16 / mxfp4-kvo16 (FP4 but k_proj, v_proj and o_proj BF16); nvfp4-qkv16 /
+        /// mxfp4-qkv16 (FP4 but q_proj, k_proj and v_proj BF16).
         #[arg(long, default_value = "bf16,nvfp4")]
         formats: String,
         /// Random weights: also time FP4 runs with an FP4 lm_head.
@@ -1001,7 +1002,8 @@ mod gpu {
                 kind_from_name(s.trim()).with_context(|| {
                     format!(
                         "--formats: unknown format '{}' (bf16, nvfp4, mxfp4, nvfp4-experts, \
-                         mxfp4-experts, nvfp4-kv16, mxfp4-kv16, nvfp4-kvo16, mxfp4-kvo16)",
+                         mxfp4-experts, nvfp4-kv16, mxfp4-kv16, nvfp4-kvo16, mxfp4-kvo16, \
+                         nvfp4-qkv16, mxfp4-qkv16)",
                         s.trim()
                     )
                 })

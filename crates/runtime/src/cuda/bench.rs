@@ -161,6 +161,7 @@ pub fn kind_name(k: WeightKind) -> String {
         WeightKind::Fp4Experts(x) => format!("{}-experts", f(x)),
         WeightKind::Fp4DenseKv(x) => format!("{}-kv16", f(x)),
         WeightKind::Fp4DenseKvO(x) => format!("{}-kvo16", f(x)),
+        WeightKind::Fp4DenseQkv(x) => format!("{}-qkv16", f(x)),
     }
 }
 
@@ -176,6 +177,8 @@ pub fn kind_from_name(name: &str) -> Option<WeightKind> {
         WeightKind::Fp4DenseKv(Fp4Format::Mxfp4),
         WeightKind::Fp4DenseKvO(Fp4Format::Nvfp4),
         WeightKind::Fp4DenseKvO(Fp4Format::Mxfp4),
+        WeightKind::Fp4DenseQkv(Fp4Format::Nvfp4),
+        WeightKind::Fp4DenseQkv(Fp4Format::Mxfp4),
     ]
     .into_iter()
     .find(|&k| kind_name(k) == name)
@@ -689,6 +692,8 @@ mod tests {
             "mxfp4-kv16",
             "nvfp4-kvo16",
             "mxfp4-kvo16",
+            "nvfp4-qkv16",
+            "mxfp4-qkv16",
         ] {
             let k = kind_from_name(name).unwrap();
             assert_eq!(kind_name(k), name);
@@ -713,6 +718,11 @@ mod tests {
         assert_eq!(
             (kvo.experts, kvo.q, kvo.kv, kvo.o, kvo.mlp, kvo.head),
             (nv, nv, None, None, nv, None)
+        );
+        let qkv = WeightKind::Fp4DenseQkv(Fp4Format::Nvfp4).formats(false);
+        assert_eq!(
+            (qkv.experts, qkv.q, qkv.kv, qkv.o, qkv.mlp, qkv.head),
+            (nv, None, None, nv, nv, None)
         );
         assert_eq!(
             WeightKind::Fp4(Fp4Format::Mxfp4).formats(false),

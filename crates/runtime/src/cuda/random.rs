@@ -35,6 +35,9 @@ pub enum WeightKind {
     /// FP4 everywhere but k_proj, v_proj and o_proj, kept BF16 (q_proj the only FP4 attention
     /// Linear): `--ignore '*k_proj*' --ignore '*v_proj*' --ignore '*o_proj*'`.
     Fp4DenseKvO(Fp4Format),
+    /// FP4 everywhere but q_proj, k_proj and v_proj, kept BF16 (one whole fused set, so
+    /// vLLM and SGLang load it): `--ignore '*q_proj*' --ignore '*k_proj*' --ignore '*v_proj*'`.
+    Fp4DenseQkv(Fp4Format),
 }
 
 impl WeightKind {
@@ -45,7 +48,8 @@ impl WeightKind {
             WeightKind::Fp4(f)
             | WeightKind::Fp4Experts(f)
             | WeightKind::Fp4DenseKv(f)
-            | WeightKind::Fp4DenseKvO(f) => Some(f),
+            | WeightKind::Fp4DenseKvO(f)
+            | WeightKind::Fp4DenseQkv(f) => Some(f),
         }
     }
 
@@ -67,6 +71,11 @@ impl WeightKind {
             WeightKind::Fp4DenseKvO(_) => Formats {
                 kv: None,
                 o: None,
+                ..Formats::uniform(f, fp4_head)
+            },
+            WeightKind::Fp4DenseQkv(_) => Formats {
+                q: None,
+                kv: None,
                 ..Formats::uniform(f, fp4_head)
             },
         }
