@@ -35,8 +35,8 @@ pub enum WeightKind {
     /// FP4 everywhere but k_proj, v_proj and o_proj, kept BF16 (q_proj the only FP4 attention
     /// Linear): `--ignore '*k_proj*' --ignore '*v_proj*' --ignore '*o_proj*'`.
     Fp4DenseKvO(Fp4Format),
-    /// FP4 everywhere but q_proj, k_proj and v_proj, kept BF16 (one whole fused set, so
-    /// vLLM and SGLang load it): `--ignore '*q_proj*' --ignore '*k_proj*' --ignore '*v_proj*'`.
+    /// FP4 everywhere but q_proj, k_proj and v_proj, kept BF16 (one whole fused set, as vLLM
+    /// and SGLang require): `--ignore '*q_proj*' --ignore '*k_proj*' --ignore '*v_proj*'`.
     Fp4DenseQkv(Fp4Format),
 }
 
