@@ -937,17 +937,14 @@ fn partly_quantized_fused_sets_are_warned_about() {
     let src = d.path().join("src");
     write_fixture(&src, Arch::Qwen3Moe, 3).unwrap();
     let ck = Checkpoint::open(&src).unwrap();
+    let base = cfg(&src, &d.path().join("out"), Layout::CtNvfp4).plan;
     let warning = |ignore: &[&str], experts_only: bool| -> Vec<String> {
-        let plan = Plan::build(
-            &ck,
-            &PlanOptions {
-                layout: Layout::CtNvfp4,
-                ignore: ignore.iter().map(|s| s.to_string()).collect(),
-                quantize_lm_head: false,
-                experts_only,
-            },
-        )
-        .unwrap();
+        let opts = PlanOptions {
+            ignore: ignore.iter().map(|s| s.to_string()).collect(),
+            experts_only,
+            ..base.clone()
+        };
+        let plan = Plan::build(&ck, &opts).unwrap();
         plan.warnings
             .into_iter()
             .filter(|w| w.contains("partly quantized"))
