@@ -207,20 +207,27 @@ const BF16_NORM_IN_WARPS: usize = 8;
 /// Blocks of [`bf16_gemv_norm_in`] one SM holds at once (8 warps at ~80 registers each).
 const BF16_NORM_IN_BLOCKS_PER_SM: usize = 3;
 
+/// Whether the BF16 folded-norm consumers take input width `k` at `rows_per_warp` rows per warp:
+/// a positive multiple of 8 (16-byte pieces) whose pieces for that many rows fit a lane
+/// (`k <= BF16_NORM_IN_MAX_K / rows_per_warp`).
+pub fn bf16_norm_in_takes_k(k: usize, rows_per_warp: usize) -> bool {
+    k > 0 && k % 8 == 0 && k <= BF16_NORM_IN_MAX_K / rows_per_warp.max(1)
+}
+
 /// Rows each warp of [`bf16_gemv_norm_in`] takes for `[n, k]`: 1, or 2 where one row per warp
 /// would take more than one wave of blocks and two rows' pieces fit a lane (`k <= 2048`).
 /// `None` where even that takes more than one wave: the product is better left to cuBLAS then
 /// (Qwen3-30B-A3B's all-BF16 q/k/v at one row per warp, 1.6 waves: 328 tokens/s folded against
 /// 343 unfolded, H100).
 pub fn bf16_norm_in_rows_per_warp(gpu: &GpuContext, n: usize, k: usize) -> Option<usize> {
-    if k == 0 || k % 8 != 0 || k > BF16_NORM_IN_MAX_K {
+    if !bf16_norm_in_takes_k(k, 1) {
         return None;
     }
     let wave =
         |rw: usize| BF16_NORM_IN_WARPS * rw * BF16_NORM_IN_BLOCKS_PER_SM * gpu.sm_count() as usize;
     if n <= wave(1) {
         Some(1)
-    } else if 2 * k <= BF16_NORM_IN_MAX_K && n <= wave(2) {
+    } else if bf16_norm_in_takes_k(k, 2) && n <= wave(2) {
         Some(2)
     } else {
         None
@@ -262,7 +269,7 @@ pub fn fp4_bf16_gemv_norm_in(
 ) -> Result<(), CudaError> {
     const WHAT: &str = "fp4_bf16_gemv_norm_in";
     let k = w.k;
-    if bn == 0 || k % 8 != 0 || k > BF16_NORM_IN_MAX_K {
+    if bn == 0 || !bf16_norm_in_takes_k(k, 1) {
         return Err(CudaError::Shape {
             what: WHAT.into(),
             reason: format!(
@@ -274,7 +281,9 @@ pub fn fp4_bf16_gemv_norm_in(
     check_input(WHAT, &input, k)?;
     check_bf16_weight(WHAT, bw.len(), bn, k)?;
     check_len("fp4_bf16_gemv_norm_in: BF16 y", by.len(), bn)?;
-    dense_fold_bf16(gpu, w, x, y, &input, bw, bn, by)
+    // The FP4 part runs fp4_gemm_norm_in's shape, so that its rows come out bit for bit.
+    let cfg = one_token_config(gpu, w);
+    dense_fold_bf16(gpu, w, cfg, x, y, &input, bw, bn, by)
 }
 
 /// [`bf16_gemv_norm_in`] with `rows_per_warp` (1, or 2 where `k <= 2048`) chosen by the caller.
@@ -291,7 +300,7 @@ pub fn bf16_gemv_norm_in_rows(
 ) -> Result<(), CudaError> {
     const WHAT: &str = "bf16_gemv_norm_in";
     let max_k = BF16_NORM_IN_MAX_K / rows_per_warp.max(1);
-    if n == 0 || k == 0 || k % 8 != 0 || k > max_k || !matches!(rows_per_warp, 1 | 2) {
+    if n == 0 || !matches!(rows_per_warp, 1 | 2) || !bf16_norm_in_takes_k(k, rows_per_warp) {
         return Err(CudaError::Shape {
             what: WHAT.into(),
             reason: format!(

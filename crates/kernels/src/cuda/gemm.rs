@@ -298,8 +298,8 @@ pub(crate) fn dense_product(
 
 /// One token through the FP4 `w` and the BF16 `bw` (`[bn, w.k]`, row-major) in one launch
 /// (bf16_gemv.cu `FP4_BF16_NORM_IN`), both consumers of the folded norm `input`: the FP4
-/// kernel's blocks first, then `bn` BF16 rows, one per warp of blocks of
-/// the FP4 launch's shape. `y` gets `w.n` values, `by` `bn`.
+/// kernel's blocks of shape `cfg` first, then `bn` BF16 rows, one per warp of blocks of that
+/// shape. `y` gets `w.n` values, `by` `bn`.
 ///
 /// The caller checks `input`, `bw`'s length, `by`'s and `k` (a multiple of 8 up to
 /// [`super::BF16_NORM_IN_MAX_K`]).
@@ -307,6 +307,7 @@ pub(crate) fn dense_product(
 pub(crate) fn dense_fold_bf16(
     gpu: &GpuContext,
     w: &GpuFp4Weight,
+    cfg: Fp4GemmConfig,
     x: &CudaSlice<bf16>,
     y: &mut CudaSlice<bf16>,
     input: &NormIn<'_>,
@@ -318,7 +319,6 @@ pub(crate) fn dense_fold_bf16(
     dense_only(w, WHAT)?;
     check_len("fp4_bf16_gemv_norm_in: x", x.len(), w.k)?;
     check_len("fp4_bf16_gemv_norm_in: y", y.len(), w.n)?;
-    let cfg = Fp4GemmConfig::auto(1, w.n, w.k, gpu.sm_count());
     cfg.check(1)?;
     let name = fold_bf16_kernel_name(w.format, cfg).ok_or(CudaError::NoVariant {
         format: w.format,

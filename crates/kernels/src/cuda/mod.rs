@@ -51,9 +51,9 @@ pub use compile::{
 pub use context::{scale_lut, GpuContext, Tuning, ATTN_PREFETCH_MIB, L2_PREFETCH_SMALL_BYTES};
 pub use error::CudaError;
 pub use fold::{
-    bf16_gemv_norm_in, bf16_gemv_norm_in_rows, bf16_norm_in_rows_per_warp, fold_parts,
-    fp4_bf16_gemv_norm_in, fp4_gemm_norm_in, fp4_gemm_norm_out, fp4_gemm_swiglu_norm_in, NormIn,
-    NormOut, BF16_NORM_IN_MAX_K,
+    bf16_gemv_norm_in, bf16_gemv_norm_in_rows, bf16_norm_in_rows_per_warp, bf16_norm_in_takes_k,
+    fold_parts, fp4_bf16_gemv_norm_in, fp4_gemm_norm_in, fp4_gemm_norm_out,
+    fp4_gemm_swiglu_norm_in, NormIn, NormOut, BF16_NORM_IN_MAX_K,
 };
 pub use fp8::{
     bf16_to_e4m3_rows, fp4_gemm_fp8, fp4_to_e4m3_rows, fp8_shape_ok, E4m3Rows, Fp8Gemm, Fp8Scratch,

@@ -10,11 +10,11 @@ use cudarc::cublas::CudaBlas;
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use mimo_kernels::cuda::{
-    bf16_gemm, bf16_gemv_norm_in, bf16_to_e4m3_rows, fp4_bf16_gemv_norm_in, fp4_gemm,
-    fp4_gemm_dequant_cublas, fp4_gemm_fp8, fp4_gemm_norm_in, fp4_gemm_norm_out, fp4_gemm_swiglu,
-    fp4_gemm_swiglu_norm_in, fp4_gemm_swiglu_supported, fp4_to_e4m3_rows, fp8_shape_ok,
-    prefetches_itself, E4m3Rows, Fp8Gemm, Fp8Scratch, GpuContext, GpuFp4Weight, L2Ranges, NormIn,
-    NormOut, BF16_NORM_IN_MAX_K,
+    bf16_gemm, bf16_gemv_norm_in, bf16_norm_in_takes_k, bf16_to_e4m3_rows, fp4_bf16_gemv_norm_in,
+    fp4_gemm, fp4_gemm_dequant_cublas, fp4_gemm_fp8, fp4_gemm_norm_in, fp4_gemm_norm_out,
+    fp4_gemm_swiglu, fp4_gemm_swiglu_norm_in, fp4_gemm_swiglu_supported, fp4_to_e4m3_rows,
+    fp8_shape_ok, prefetches_itself, E4m3Rows, Fp8Gemm, Fp8Scratch, GpuContext, GpuFp4Weight,
+    L2Ranges, NormIn, NormOut,
 };
 use mimo_kernels::Fp4Matrix;
 
@@ -418,7 +418,7 @@ impl GpuLinear {
 
     /// [`GpuLinear::forward_norm_in`] of `self` into `y` and `other` into `y2`, the same input,
     /// in one launch where `self` is a bias-free FP4 Linear and `other` a bias-free BF16 one
-    /// with K up to [`BF16_NORM_IN_MAX_K`] (a mixed checkpoint's q_proj and k|v); returns false
+    /// with K up to [`mimo_kernels::cuda::BF16_NORM_IN_MAX_K`] (a mixed checkpoint's q_proj and k|v); returns false
     /// (nothing queued) otherwise. The outputs are those of the two launches, bit for bit.
     pub fn forward_norm_in_with(
         &self,
@@ -441,7 +441,7 @@ impl GpuLinear {
         else {
             return Ok(false);
         };
-        if *k != w.k || *k % 8 != 0 || *k > BF16_NORM_IN_MAX_K {
+        if *k != w.k || !bf16_norm_in_takes_k(*k, 1) {
             return Ok(false);
         }
         fp4_bf16_gemv_norm_in(&gpu.ctx, w, bw, *n, x, input, y, y2)?;
