@@ -198,6 +198,8 @@ def per_layer(wb, wq):
 
 
 def main():
+    if len(sys.argv) < 2:
+        sys.exit("usage: moe_error_analysis.py CONVERTED_DIR [--correct | --per-layer]")
     wb, wq = weights(None), weights(sys.argv[1])
     if "--per-layer" in sys.argv:
         per_layer(wb, wq)
@@ -222,4 +224,5 @@ def main():
                   f"expert sets differing from BF16's {100 * flips / (n * L):.2f} % of (token, layer)")
 
 
-main()
+if __name__ == "__main__":
+    main()

@@ -8,7 +8,9 @@ import json
 import sys
 
 PATHS = {"fp4_fused": "fused", "fp4_fused_tuned": "fused, tuned", "fp4_dequant_cublas": "dequant+cuBLAS",
-         "fp4_fp8_cublaslt": "FP8 cuBLASLt", "fp4_tiled": "tiled"}
+         "fp4_fp8_cublaslt": "FP8 cuBLASLt", "fp4_tiled": "tiled", "fp4_bulk": "bulk"}
+# The launches a decode graph chains by programmatic dependent launch, by path.
+PDL_PATHS = {"fp4_fused_pdl": "fused", "fp4_bulk_pdl": "bulk", "fp4_tiled_pdl": "tiled"}
 
 
 def kernels(path):
@@ -41,16 +43,21 @@ def kernels(path):
                 cells += [f"{b['us']:.1f}", PATHS[b["kernel"]], f"{100 * b['copy_share']:.0f}%", x]
         print("| " + " | ".join(cells) + " |")
     print()
-    pdl = [r for r in dense if r["kernel"] == "fp4_fused_pdl"]
+    pdl = [r for r in dense if r["kernel"] in PDL_PATHS]
     if pdl:
-        print("| K x N | M | format | fused us (% copy, x cuBLAS) | fused, PDL chain us (% copy, x cuBLAS) |")
-        print("|---|---|---|---|---|")
-        for r in pdl:
-            f = [q for q in dense if q["kernel"] == "fp4_fused" and
-                 (q["k"], q["n"], q["m"], q["format"]) == (r["k"], r["n"], r["m"], r["format"])]
-            c = lambda q: (f"{q['us']:.1f} ({100 * q['copy_share']:.0f}%, {q['speedup_vs_cublas']:.2f}x)"
-                           if q.get("speedup_vs_cublas") else f"{q['us']:.1f}")
-            print(f"| {r['k']} x {r['n']} | {r['m']} | {r['format']} | {c(f[0]) if f else '-'} | {c(r)} |")
+        print("| K x N | M | format | fused us (% copy, x cuBLAS) | best PDL chain us (% copy, x cuBLAS) | path |")
+        print("|---|---|---|---|---|---|")
+        c = lambda q: (f"{q['us']:.1f} ({100 * q['copy_share']:.0f}%, {q['speedup_vs_cublas']:.2f}x)"
+                       if q.get("speedup_vs_cublas") else f"{q['us']:.1f}")
+        for k, n, m in keys:
+            for fmt in ("nvfp4", "mxfp4"):
+                key = (k, n, m, fmt)
+                chained = [r for r in pdl if (r["k"], r["n"], r["m"], r["format"]) == key]
+                if not chained:
+                    continue
+                b = min(chained, key=lambda r: r["us"])
+                f = [q for q in dense if q["kernel"] == "fp4_fused" and (q["k"], q["n"], q["m"], q["format"]) == key]
+                print(f"| {k} x {n} | {m} | {fmt} | {c(f[0]) if f else '-'} | {c(b)} | {PDL_PATHS[b['kernel']]} |")
         print()
     fp8 = [r for r in dense if r["kernel"] in ("fp4_dequant_cublas", "fp4_fp8_cublaslt", "fp4_fp8_cublaslt_fastacc",
                                                "fp8_cublaslt_gemm_only") and r["m"] >= 64]
