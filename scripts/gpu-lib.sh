@@ -17,7 +17,7 @@ RT=${RT:-target/release/deps/cuda_model-9475c9e045f5deaa}
 
 # Kernel GPU tests.
 gpu_ktests() {
-  echo "== kernel tests"; timeout 150 "$KT" --test-threads=1 > "$OUT/ktests.log" 2>&1; echo "rc $?"
+  echo "== kernel tests"; timeout ${KTESTS_TIMEOUT:-300} "$KT" --test-threads=1 > "$OUT/ktests.log" 2>&1; echo "rc $?"
   grep -E "test result|FAILED|panicked" "$OUT/ktests.log"
 }
 
