@@ -2,6 +2,7 @@
 
 pub mod arch;
 pub mod checkpoint;
+pub mod cli;
 pub mod config;
 pub mod cpu;
 pub mod cuda;
