@@ -1,8 +1,9 @@
 //! Writes the PTX of every kernel source, as NVRTC compiles it at run time, into a folder, for
 //! register, shared-memory and spill checks with `ptxas -v` without a GPU:
 //! `cargo run --release -p mimo-kernels --example ptxdump -- DIR [ARCH [FILE.cu ...]]` (ARCH:
-//! sm_90a; further .cu files, such as the runtime's ops.cu, are compiled the same way, after
-//! common.cuh).
+//! sm_90a; further .cu files are compiled the same way, after common.cuh: the runtime's program
+//! is ops.cu followed by attention.cu, so give their concatenation, e.g.
+//! `cat crates/runtime/cuda/ops.cu crates/runtime/cuda/attention.cu > /tmp/ops.cu`).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);

@@ -11,7 +11,8 @@
 //! - `bench_random_weights` builds a model of a real architecture's shape with random weights
 //!   on the GPU and measures decode and prefill throughput ("random weights").
 //!
-//! The non-GEMM kernels are in crates/runtime/cuda/ops.cu, compiled by NVRTC on first use.
+//! The non-GEMM kernels are in crates/runtime/cuda/ops.cu and attention.cu, compiled by NVRTC
+//! (as one program) on first use.
 
 mod bench;
 mod error;

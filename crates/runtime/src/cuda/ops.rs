@@ -1,7 +1,6 @@
-//! The runtime's own kernels (crates/runtime/cuda/ops.cu: embedding, residual + RMSNorm,
-//! attention, SwiGLU, router top-k, BF16 grouped experts, sampling (greedy, temperature, nucleus),
-//! random fills) and
-//! their launchers. Every launcher only queues work on the context's stream.
+//! The runtime's own kernels (crates/runtime/cuda/ops.cu: embedding, residual + RMSNorm, SwiGLU,
+//! router top-k, calibration sums, sampling (greedy, temperature, nucleus), random fills;
+//! crates/runtime/cuda/attention.cu: decode and prefill attention) and their launchers. Every launcher only queues work on the context's stream.
 
 use std::sync::Arc;
 
@@ -16,8 +15,16 @@ use mimo_kernels::cuda::{
 use super::error::{drv, GpuError};
 use crate::generate::nucleus::{KEYS, MAX_VOCAB};
 
-/// The embedded kernel source.
-pub const OPS_SRC: (&str, &str) = ("ops.cu", include_str!("../../cuda/ops.cu"));
+/// The embedded kernel source: ops.cu, then attention.cu (one NVRTC program; the attention
+/// kernels use ops.cu's reductions and short names).
+pub const OPS_SRC: (&str, &str) = (
+    "ops.cu",
+    concat!(
+        include_str!("../../cuda/ops.cu"),
+        "\n",
+        include_str!("../../cuda/attention.cu")
+    ),
+);
 
 /// Keys per attention split (flash-decoding): a block scores at most this many keys.
 pub const SPLIT_LEN: usize = 64;
@@ -42,7 +49,7 @@ pub fn prefill_attention_on_mma(t: Tuning, d: usize) -> bool {
 }
 
 /// Whether a decode step of `m` tokens runs the grouped tensor-core attention kernel
-/// (`attention_gqa_*` in ops.cu): several tokens with at least [`GQA_MIN_PAIRS`] (token, KV
+/// (`attention_gqa_*` in attention.cu): several tokens with at least [`GQA_MIN_PAIRS`] (token, KV
 /// head) pairs (one token keeps the latency-tuned warp kernel, a few the per-head kernel with
 /// its many more blocks), head_dim 64 or 128, at most 16 query heads per KV head.
 pub fn gqa_applies(t: Tuning, m: usize, n_kv: usize, d: usize, group: usize) -> bool {
@@ -81,7 +88,7 @@ pub fn decode_split_len(t: Tuning, m: usize, n_kv: usize, d: usize, group: usize
     }
 }
 
-/// Scalar arguments of the attention kernels (mirrors `AttnArgs` in ops.cu).
+/// Scalar arguments of the attention kernels (mirrors `AttnArgs` in attention.cu).
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct AttnArgs {
@@ -251,7 +258,7 @@ fn grid1(blocks: u32, threads: u32, smem: u32) -> LaunchConfig {
 }
 
 impl Ops {
-    /// Compiles (once per process) and loads ops.cu.
+    /// Compiles (once per process) and loads ops.cu with attention.cu.
     pub fn load(gpu: &GpuContext) -> Result<Ops, GpuError> {
         let arch = arch_of(gpu)?;
         let module = load_source(gpu.context(), OPS_SRC.0, OPS_SRC.1, &arch)?;
@@ -418,7 +425,7 @@ impl Ops {
         Ok(())
     }
 
-    /// Causal attention of `m` tokens; see ops.cu `attention`.
+    /// Causal attention of `m` tokens; see attention.cu `attention`.
     #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &self,
