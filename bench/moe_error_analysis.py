@@ -99,8 +99,11 @@ def rope(x, pos):
     return x * c[:, None, :] + rot * s[:, None, :]
 
 
-def forward(w, ids, route=None):
-    """Logits, the kept layers' inputs (each router's, then the lm_head's) and the experts chosen."""
+def forward(w, ids, route=None, hook=None):
+    """Logits, the kept layers' inputs (each router's, then the lm_head's) and the experts chosen.
+    `hook(kind, layer, ...)`, where given, sees ("attn", l, x, probs, o): the attention input, each
+    head's probabilities [H][T][T] and output [T][H*D]; and ("expert", l, e, x, h): an expert's
+    routed inputs and SwiGLU output."""
     T = len(ids)
     h = w["model.embed_tokens.weight"][ids].astype(np.float64)
     pos, mask = np.arange(T), np.triu(np.full((T, T), -np.inf), 1)
@@ -112,12 +115,15 @@ def forward(w, ids, route=None):
         k = rms((x @ w[p + "self_attn.k_proj.weight"].T).reshape(T, KV, D), w[p + "self_attn.k_norm.weight"])
         v = (x @ w[p + "self_attn.v_proj.weight"].T).reshape(T, KV, D)
         q, k = rope(q, pos), rope(k, pos)
-        o = np.empty((T, H, D))
+        o, probs = np.empty((T, H, D)), []
         for hh in range(H):
             kh = hh // (H // KV)
             s = q[:, hh] @ k[:, kh].T / np.sqrt(D) + mask
             s = np.exp(s - s.max(-1, keepdims=True))
-            o[:, hh] = (s / s.sum(-1, keepdims=True)) @ v[:, kh]
+            probs.append(s / s.sum(-1, keepdims=True))
+            o[:, hh] = probs[-1] @ v[:, kh]
+        if hook:
+            hook("attn", l, x, probs, o.reshape(T, H * D))
         h = h + o.reshape(T, H * D) @ w[p + "self_attn.o_proj.weight"].T
         x = rms(h, w[p + "post_attention_layernorm.weight"])
         kept_in.append(x)
@@ -135,6 +141,8 @@ def forward(w, ids, route=None):
                 continue
             pe = f"{p}mlp.experts.{e}."
             g, u = x[sel] @ w[pe + "gate_proj.weight"].T, x[sel] @ w[pe + "up_proj.weight"].T
+            if hook:
+                hook("expert", l, e, x[sel], g / (1 + np.exp(-g)) * u)
             y = (g / (1 + np.exp(-g)) * u) @ w[pe + "down_proj.weight"].T
             out[sel] += ((wt[sel] * (top[sel] == e)).sum(-1))[:, None] * y
         h = h + out

@@ -26,8 +26,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from moe_error_analysis import (D, E, H, KV, L, ROOT, TOPK, forward, log_softmax, rms,  # noqa: E402
-                                rope, weights, windows)
+from moe_error_analysis import D, E, H, KV, L, ROOT, forward, log_softmax, weights, windows  # noqa: E402
 
 _b = np.arange(0x7F, dtype=np.int64)
 E4M3 = np.where(_b >> 3 == 0, (_b & 7) / 8 * 2.0 ** -6, (1 + (_b & 7) / 8) * 2.0 ** ((_b >> 3) - 7))
@@ -83,47 +82,22 @@ def collect(wb):
     calib = "".join(json.loads(l)["text"] for l in open(os.path.join(ROOT, "calibration", "mimo-calib.jsonl")))
     st = [dict(hx=0, ho=0, hv=[0] * KV, x={e: [] for e in range(E)}, hd={e: 0 for e in range(E)})
           for _ in range(L)]
-    for ids in windows(calib, 256):
-        T = len(ids)
-        h = wb["model.embed_tokens.weight"][ids]
-        pos, mask = np.arange(T), np.triu(np.full((T, T), -np.inf), 1)
-        for l in range(L):
-            p, S = f"model.layers.{l}.", st[l]
-            x = rms(h, wb[p + "input_layernorm.weight"])
-            q = rms((x @ wb[p + "self_attn.q_proj.weight"].T).reshape(T, H, D), wb[p + "self_attn.q_norm.weight"])
-            k = rms((x @ wb[p + "self_attn.k_proj.weight"].T).reshape(T, KV, D), wb[p + "self_attn.k_norm.weight"])
-            v = (x @ wb[p + "self_attn.v_proj.weight"].T).reshape(T, KV, D)
-            q, k = rope(q, pos), rope(k, pos)
-            o = np.empty((T, H, D))
+
+    def hook(kind, l, *a):
+        S = st[l]
+        if kind == "attn":
+            x, probs, o = a
             S["hx"] = S["hx"] + x.T @ x
-            for hh in range(H):
-                s = q[:, hh] @ k[:, hh // G].T / np.sqrt(D) + mask
-                s = np.exp(s - s.max(-1, keepdims=True))
-                pm = s / s.sum(-1, keepdims=True)
-                o[:, hh] = pm @ v[:, hh // G]
+            S["ho"] = S["ho"] + o.T @ o
+            for hh, pm in enumerate(probs):
                 xm = pm @ x
                 S["hv"][hh // G] = S["hv"][hh // G] + xm.T @ xm
-            o = o.reshape(T, H * D)
-            S["ho"] = S["ho"] + o.T @ o
-            h = h + o @ wb[p + "self_attn.o_proj.weight"].T
-            x = rms(h, wb[p + "post_attention_layernorm.weight"])
-            pr = x @ wb[p + "mlp.gate.weight"].T
-            pr = np.exp(pr - pr.max(-1, keepdims=True))
-            pr /= pr.sum(-1, keepdims=True)
-            top = np.argsort(-pr, -1, kind="stable")[:, :TOPK]
-            wt = np.take_along_axis(pr, top, -1)
-            wt /= wt.sum(-1, keepdims=True)
-            out = np.zeros_like(h)
-            for e in range(E):
-                sel = np.nonzero((top == e).any(-1))[0]
-                if len(sel) == 0:
-                    continue
-                pe = f"{p}mlp.experts.{e}."
-                S["x"][e].append(x[sel])
-                hid = silu(x[sel] @ wb[pe + "gate_proj.weight"].T) * (x[sel] @ wb[pe + "up_proj.weight"].T)
-                S["hd"][e] = S["hd"][e] + hid.T @ hid
-                out[sel] += (wt[sel] * (top[sel] == e)).sum(-1)[:, None] * (hid @ wb[pe + "down_proj.weight"].T)
-            h = h + out
+        else:
+            e, x, hid = a
+            S["x"][e].append(x)
+            S["hd"][e] = S["hd"][e] + hid.T @ hid
+    for ids in windows(calib, 256):
+        forward(wb, ids, hook=hook)
     return st
 
 
