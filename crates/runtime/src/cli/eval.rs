@@ -7,20 +7,18 @@ use anyhow::Result;
 use serde_json::json;
 
 use super::gpu;
-use super::{load_model, load_tokenizer, read_tokens};
+use super::{load_model, load_tokenizer, read_tokens, EvalText};
 use crate::eval;
 
 pub(super) fn run_ppl(
     backend: &gpu::Backend,
     dir: &Path,
-    file: &Path,
-    ctx: usize,
-    stride: usize,
-    max_tokens: usize,
+    text: &EvalText,
     json_out: bool,
 ) -> Result<()> {
+    let (file, ctx, stride) = (&text.file, text.ctx, text.stride);
     let tok = load_tokenizer(dir)?;
-    let ids = read_tokens(&tok, file, max_tokens)?;
+    let ids = read_tokens(&tok, file, text.max_tokens)?;
     let t0 = Instant::now();
     let p = match backend {
         gpu::Backend::Cpu => eval::perplexity(&load_model(dir)?, &ids, ctx, stride)?,
@@ -48,20 +46,17 @@ pub(super) fn run_ppl(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
 pub(super) fn run_compare(
     backend: &gpu::Backend,
     reference: &Path,
     candidate: &Path,
-    file: &Path,
-    ctx: usize,
-    stride: usize,
-    max_tokens: usize,
+    text: &EvalText,
     worst: usize,
     json_out: bool,
 ) -> Result<()> {
+    let (file, ctx, stride) = (&text.file, text.ctx, text.stride);
     let tok = load_tokenizer(reference)?;
-    let ids = read_tokens(&tok, file, max_tokens)?;
+    let ids = read_tokens(&tok, file, text.max_tokens)?;
     let cmp = match backend {
         gpu::Backend::Cpu => {
             let (r, c) = (load_model(reference)?, load_model(candidate)?);

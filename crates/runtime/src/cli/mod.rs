@@ -85,20 +85,9 @@ enum Cmd {
         /// Checkpoint folder.
         #[arg(long, short)]
         model: PathBuf,
-        /// UTF-8 text file.
-        file: PathBuf,
-        /// Tokens per window.
-        #[arg(long, default_value_t = 512)]
-        ctx: usize,
-        /// Window step (<= ctx); each token is scored once.
-        #[arg(long, default_value_t = 256)]
-        stride: usize,
-        /// Score at most this many tokens of the file (0 = all).
-        #[arg(long, default_value_t = 0)]
-        max_tokens: usize,
-        // --fp8-prefill
+        // FILE, --ctx, --stride, --max-tokens, --fp8-prefill
         #[command(flatten)]
-        prefill: EvalPrefill,
+        text: EvalText,
     },
     /// Compare a candidate checkpoint with a reference on a text file.
     Compare {
@@ -108,23 +97,12 @@ enum Cmd {
         /// Candidate checkpoint folder (e.g. NVFP4).
         #[arg(long)]
         candidate: PathBuf,
-        /// UTF-8 text file.
-        file: PathBuf,
-        /// Tokens per window.
-        #[arg(long, default_value_t = 512)]
-        ctx: usize,
-        /// Window step (<= ctx).
-        #[arg(long, default_value_t = 256)]
-        stride: usize,
-        /// Use at most this many tokens of the file (0 = all).
-        #[arg(long, default_value_t = 0)]
-        max_tokens: usize,
+        // FILE, --ctx, --stride, --max-tokens, --fp8-prefill
+        #[command(flatten)]
+        text: EvalText,
         /// How many worst positions to list.
         #[arg(long, default_value_t = 10)]
         worst: usize,
-        // --fp8-prefill
-        #[command(flatten)]
-        prefill: EvalPrefill,
     },
     /// Prefill and decode speed on synthetic tokens: of a checkpoint (`--model`), or of a
     /// config's shape with random weights built on the GPU (`--config FILE --random-weights`).
@@ -185,6 +163,25 @@ enum Cmd {
     },
 }
 
+/// The text and windows of the evaluation commands (ppl, compare).
+#[derive(clap::Args, Debug)]
+struct EvalText {
+    /// UTF-8 text file.
+    file: PathBuf,
+    /// Tokens per window.
+    #[arg(long, default_value_t = 512)]
+    ctx: usize,
+    /// Window step (<= ctx); each token is scored once.
+    #[arg(long, default_value_t = 256)]
+    stride: usize,
+    /// Use at most this many tokens of the file (0 = all).
+    #[arg(long, default_value_t = 0)]
+    max_tokens: usize,
+    // --fp8-prefill
+    #[command(flatten)]
+    prefill: EvalPrefill,
+}
+
 /// The prefill option of the evaluation commands (ppl, compare).
 #[derive(clap::Args, Debug)]
 struct EvalPrefill {
@@ -237,31 +234,18 @@ pub fn run(cli: Cli) -> Result<()> {
                 &backend, &model, &prompt, max_tokens, params, chat, system, ctx, cli.json,
             )
         }
-        Cmd::Ppl {
-            model,
-            file,
-            ctx,
-            stride,
-            max_tokens,
-            prefill,
-        } => {
-            let backend = prefill.backend(cli.device);
-            run_ppl(&backend, &model, &file, ctx, stride, max_tokens, cli.json)
+        Cmd::Ppl { model, text } => {
+            let backend = text.prefill.backend(cli.device);
+            run_ppl(&backend, &model, &text, cli.json)
         }
         Cmd::Compare {
             reference,
             candidate,
-            file,
-            ctx,
-            stride,
-            max_tokens,
+            text,
             worst,
-            prefill,
         } => {
-            let backend = prefill.backend(cli.device);
-            run_compare(
-                &backend, &reference, &candidate, &file, ctx, stride, max_tokens, worst, cli.json,
-            )
+            let backend = text.prefill.backend(cli.device);
+            run_compare(&backend, &reference, &candidate, &text, worst, cli.json)
         }
         Cmd::Bench {
             model,
