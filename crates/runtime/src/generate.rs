@@ -194,6 +194,33 @@ pub struct GenerationStats {
     pub stopped_at_eos: bool,
 }
 
+impl GenerationStats {
+    /// The stats of `generated` tokens after `prompt` ones: the first generated token comes with
+    /// the prefill, so decode speed counts the `generated - 1` steps after it.
+    pub fn new(
+        prompt: usize,
+        generated: usize,
+        prefill_s: f64,
+        decode_s: f64,
+        stopped_at_eos: bool,
+    ) -> GenerationStats {
+        let steps = generated.saturating_sub(1);
+        GenerationStats {
+            prompt_tokens: prompt,
+            generated_tokens: generated,
+            prefill_s,
+            decode_s,
+            prefill_tok_s: prompt as f64 / prefill_s.max(1e-9),
+            decode_tok_s: if steps > 0 {
+                steps as f64 / decode_s.max(1e-9)
+            } else {
+                0.0
+            },
+            stopped_at_eos,
+        }
+    }
+}
+
 /// Generates up to `max_tokens` after `prompt` within a context of `ctx` positions, calling
 /// `on_token` with each new token as it is produced. Stops at any of `eos`.
 pub fn generate(
@@ -237,20 +264,7 @@ pub fn generate(
         logits = model.forward(&[next], &mut cache, Logits::Last)?;
     }
     let decode_s = t1.elapsed().as_secs_f64();
-    let steps = out.len().saturating_sub(1);
-    let stats = GenerationStats {
-        prompt_tokens: prompt.len(),
-        generated_tokens: out.len(),
-        prefill_s,
-        decode_s,
-        prefill_tok_s: prompt.len() as f64 / prefill_s.max(1e-9),
-        decode_tok_s: if steps > 0 {
-            steps as f64 / decode_s.max(1e-9)
-        } else {
-            0.0
-        },
-        stopped_at_eos,
-    };
+    let stats = GenerationStats::new(prompt.len(), out.len(), prefill_s, decode_s, stopped_at_eos);
     Ok((out, stats))
 }
 

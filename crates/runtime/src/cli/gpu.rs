@@ -85,7 +85,6 @@ impl Backend {
     }
 }
 
-/// Loads a checkpoint onto the GPU (refused before any upload if it does not fit).
 /// `bench -m DIR` on the GPU: prefill of a fixed pseudo-random prompt (after one warm-up
 /// pass), then greedy decode of `decode_tokens` as replays of the captured decode graph;
 /// best of `runs`.
@@ -145,6 +144,7 @@ pub fn run_checkpoint_bench(
     Ok(())
 }
 
+/// Loads a checkpoint onto the GPU (refused before any upload if it does not fit).
 pub fn load_model(gpu: &Arc<Gpu>, dir: &Path) -> Result<GpuModel> {
     GpuModel::load(gpu.clone(), dir)
         .with_context(|| format!("loading the model from {} onto the GPU", dir.display()))
@@ -227,20 +227,7 @@ pub fn generate(
         bail!("the GPU saw {bad} token ids outside the vocabulary");
     }
     let decode_s = t1.elapsed().as_secs_f64();
-    let steps = out.len().saturating_sub(1);
-    let stats = GenerationStats {
-        prompt_tokens: p,
-        generated_tokens: out.len(),
-        prefill_s,
-        decode_s,
-        prefill_tok_s: p as f64 / prefill_s.max(1e-9),
-        decode_tok_s: if steps > 0 {
-            steps as f64 / decode_s.max(1e-9)
-        } else {
-            0.0
-        },
-        stopped_at_eos,
-    };
+    let stats = GenerationStats::new(p, out.len(), prefill_s, decode_s, stopped_at_eos);
     Ok((out, stats))
 }
 
