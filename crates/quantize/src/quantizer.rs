@@ -173,7 +173,7 @@ fn take_buffer(len: usize) -> Vec<u8> {
     }
 }
 
-/// Gives an output buffer back for reuse by later tensors (see [`POOL`]).
+/// Gives an output buffer back for reuse by later tensors (see `POOL`).
 pub fn recycle(buf: Vec<u8>) {
     if buf.capacity() < 4096 {
         return;

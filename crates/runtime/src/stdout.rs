@@ -12,7 +12,7 @@ pub fn line(args: std::fmt::Arguments<'_>) {
     finish(out.write_fmt(args).and_then(|()| out.write_all(b"\n")));
 }
 
-/// [`line`] without the newline, flushed (streamed text).
+/// [`line()`] without the newline, flushed (streamed text).
 pub fn text(args: std::fmt::Arguments<'_>) {
     let mut out = std::io::stdout().lock();
     finish(out.write_fmt(args).and_then(|()| out.flush()));
@@ -36,7 +36,7 @@ macro_rules! out {
     };
 }
 
-/// `println!` for the tools' standard output: see [`line`].
+/// `println!` for the tools' standard output: see [`line()`].
 #[macro_export]
 macro_rules! outln {
     () => {

@@ -202,7 +202,7 @@ pub fn bulk_preferred(
 
 impl BulkConfig {
     /// The shape with the least estimated time for `[n, k]` at `m` tokens on `sms` SMs: waves
-    /// (one block per SM) x stages per block (plus [`FILL_STAGES`]) x the bytes a stage
+    /// (one block per SM) x stages per block (plus `FILL_STAGES`) x the bytes a stage
     /// brings (weights, scale bytes, half the activations' bytes: they come from L2); fewer
     /// waves, then fewer splits on ties.
     pub fn auto(format: Fp4Format, m: usize, n: usize, k: usize, sms: usize, gated: bool) -> Self {

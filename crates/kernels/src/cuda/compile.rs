@@ -124,7 +124,7 @@ pub fn load_source(
 /// or `0`: none), else `mimo-quant/ptx` under `XDG_CACHE_HOME` or `~/.cache`. Compiling the
 /// kernels takes a minute or more (the driver then caches its own translation of the same PTX),
 /// so every `mimo-run` after the first starts in moments; entries are named by everything the
-/// PTX depends on ([`ptx_cache_name`]), so a changed kernel or flag never reads a stale one.
+/// PTX depends on (`ptx_cache_name`), so a changed kernel or flag never reads a stale one.
 pub fn ptx_cache_dir() -> Option<PathBuf> {
     cache_dir_from(
         std::env::var_os("MIMO_PTX_CACHE"),

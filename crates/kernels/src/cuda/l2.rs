@@ -7,7 +7,7 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr};
 /// Ranges per launch (common.cuh `L2_RANGES`).
 pub const L2_RANGES: usize = 8;
 
-/// Up to [`L2_RANGES`] device ranges, as the kernels take them by value; empty slots have 0
+/// Up to `L2_RANGES` device ranges, as the kernels take them by value; empty slots have 0
 /// bytes. Only addresses are held: the caller keeps the buffers alive until the launch (or the
 /// graph it is captured in) is done.
 #[repr(C)]

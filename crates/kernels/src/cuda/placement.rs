@@ -40,12 +40,12 @@ const MAX_CAP: u32 = 16;
 
 /// Dynamic shared memory a padded launch asks for so that at most `cap = ceil(blocks / sms)`
 /// of its blocks fit in `budget` bytes of an SM's shared memory, or None where the launch needs
-/// no padding (its own shared memory already caps it that low, or cap > [`MAX_CAP`]).
+/// no padding (its own shared memory already caps it that low, or cap > `MAX_CAP`).
 ///
 /// The budget is the carveout's share of the SM's shared memory; the driver rounds it up to a
 /// supported configuration (98 KiB asked on Hopper, 100 KiB configured). Each block's share is
 /// rounded down to the 128-byte allocation unit, so `cap` blocks fit the budget and `cap + 1`
-/// do not fit the configuration for every cap up to [`MAX_CAP`] (the tests check both).
+/// do not fit the configuration for every cap up to `MAX_CAP` (the tests check both).
 pub fn spread_smem(
     blocks: u32,
     sms: u32,
@@ -119,7 +119,7 @@ pub(crate) fn carveout_percent(name: &str) -> Option<u32> {
     }
 }
 
-/// Prepares a kernel just loaded (named `name`): the carveout of [`carveout_percent`] where
+/// Prepares a kernel just loaded (named `name`): the carveout of `carveout_percent` where
 /// `tuning.spread` is on (at load time: later switches keep it), and with
 /// `MIMO_KERNEL_ATTRS=1` a line on stderr with its registers, local (spill) memory and static
 /// shared memory as the driver compiled it.

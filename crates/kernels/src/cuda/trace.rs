@@ -47,7 +47,7 @@ fn trace_file_id(file: &str) -> u8 {
         .map_or(0, |i| i as u8 + 1)
 }
 
-/// Source file of a record's `pdl_enter` call, by the number [`trace_defines`] gave it.
+/// Source file of a record's `pdl_enter` call, by the number `trace_defines` gave it.
 pub fn trace_file_name(id: u8) -> &'static str {
     (id as usize)
         .checked_sub(1)

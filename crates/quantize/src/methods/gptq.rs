@@ -169,7 +169,7 @@ pub struct GptqOptions {
     pub act_order: bool,
     /// Scale choice per block.
     pub block_scale: BlockScale,
-    /// Passes of coordinate-descent refinement after GPTQ ([`super::refine`]); 0 = none.
+    /// Passes of coordinate-descent refinement after GPTQ (`methods::refine`); 0 = none.
     pub refine: usize,
     /// NVFP4 with sequential calibration, `mse` or `gptq`: search each fused set's tensor scale
     /// ([`super::mse::search_global_scale`]); gptq then quantizes with the chosen scale.

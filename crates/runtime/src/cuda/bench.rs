@@ -65,7 +65,7 @@ pub struct DecodeResult {
     /// Generated tokens per second, all sequences together.
     pub tokens_per_s: f64,
     /// Milliseconds per decode step (one token of every sequence): the median of
-    /// [`DECODE_TIMINGS`] timed runs of `steps` steps.
+    /// `DECODE_TIMINGS` timed runs of `steps` steps.
     pub ms_per_step: f64,
     /// Milliseconds per step of each timed run, in the order they ran.
     pub ms_per_step_runs: Vec<f64>,

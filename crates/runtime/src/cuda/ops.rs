@@ -197,7 +197,7 @@ pub fn arch_of(gpu: &GpuContext) -> Result<String, GpuError> {
 
 /// The four words of the device sampling buffer read by `argmax_next` and `topp_threshold`:
 /// the bits of `1 / T` (0: greedy), the seed's low and high halves, and the bits of top_p
-/// (used only where the nucleus kernels run, see [`Ops::top_p_threshold`]).
+/// (used only where the nucleus kernels run, see `Ops::top_p_threshold`).
 pub fn sampling_words(temperature: f32, top_p: f32, seed: u64) -> [u32; 4] {
     let inv_t = crate::generate::nucleus::inverse_temperature(temperature);
     [

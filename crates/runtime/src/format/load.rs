@@ -38,7 +38,7 @@ fn wrong_shape(t: &TensorView<'_>, expected: String) -> FormatError {
 
 /// The stored per-tensor scale of `module` as written on disk (compressed-tensors
 /// `weight_global_scale`, a divisor, or ModelOpt `weight_scale_2`, a multiplier); `None` for
-/// MXFP4. Accepts shapes [] and [1].
+/// MXFP4. Accepts shapes `[]` and `[1]`.
 pub fn read_global_scale(
     ck: &Checkpoint,
     layout: Layout,

@@ -5,7 +5,7 @@
 //!   compressors/quantized_compressors/fp4_quantized.py, `NVFP4PackedCompressor`): per Linear `X`,
 //!   `X.weight_packed` U8 [N, K/2] (element 2i in the low nibble, `pack_fp4_to_uint8`),
 //!   `X.weight_scale` F8_E4M3 [N, K/16] (`compress_scale`: `scale.to(scale_dtype)`, the preset's
-//!   scale_dtype is float8_e4m3fn) and `X.weight_global_scale` F32 [1]; dequantization is
+//!   scale_dtype is float8_e4m3fn) and `X.weight_global_scale` F32 `[1]`; dequantization is
 //!   `fp4 * scale / global_scale`. We write weight-only (W4A16), so no `input_global_scale`.
 //! - compressed-tensors `mxfp4-pack-quantized` (`MXFP4PackedCompressor`, same file): the same
 //!   `weight_packed`, and `weight_scale` U8 [N, K/32] holding the E8M0 exponent byte; the MXFP4
