@@ -35,8 +35,16 @@ const MAX_ROW_TILES: usize = 16;
 /// The most K splits (`BK_MAX_SPLITS`).
 const MAX_SPLITS: usize = 8;
 /// Shared memory the stage ring may take per block (one block per SM; Hopper allows 227 KiB,
-/// less the kernel's 1 KiB of static shared memory, the ring's alignment and its barriers).
-const RING_BYTES: usize = 216 * 1024;
+/// less the kernel's 1 KiB of static shared memory, the ring's alignment and its barriers): the
+/// most the epilogue's tiles may ask for.
+const MAX_RING_BYTES: usize = 216 * 1024;
+/// The ring the automatic shape fills with stages (`MIMO_BULK_RING_KIB` for A/B runs). H100,
+/// NVFP4, PDL chains (bench/results/kernels-h100-bulk-ring.json): 2-3 stages within 128 KiB
+/// against the 3-5 the whole 216 KiB held: 16 tokens 4096 x 14336 19.34 -> 18.51 us, 2048 x
+/// 151936 94.18 -> 86.92, 4096 x 22016 25.28 -> 25.01; 32 tokens within 1-3 %. Three stages
+/// keep the weight stream at its pace (the stream alone, `-DMIMO_BK_NO_COMPUTE`: 13.28 vs 13.11
+/// us at 16 tokens), and the smaller block leaves the SM more L1.
+const RING_BYTES: usize = 128 * 1024;
 /// Consumer warps per block of the automatic shape (`MIMO_BULK_WARPS`): 31 measured no faster
 /// on the H100 (bench/results/kernels-h100-bulk.json).
 const DEFAULT_CONSUMERS: usize = 16;
@@ -96,7 +104,8 @@ fn k_align(format: Fp4Format) -> usize {
 }
 
 /// The bulk kernels' A/B and sweep knobs (`MIMO_BULK_WARPS`, `MIMO_BULK_CFG`,
-/// `MIMO_BULK_XFULL`), read from the environment once per process rather than at every launch.
+/// `MIMO_BULK_RING_KIB`, `MIMO_BULK_XFULL`), read from the environment once per process rather
+/// than at every launch.
 struct Knobs {
     /// The most consumer warps of the automatic shape.
     warps: usize,
@@ -104,6 +113,9 @@ struct Knobs {
     cfg: Option<BulkConfig>,
     /// `MIMO_BULK_XFULL=1`: activation boxes of 8, 16 or 32 tokens whatever M is.
     full_x_boxes: bool,
+    /// `MIMO_BULK_RING_KIB`: the ring budget of the automatic shape's stages (KiB; default
+    /// `RING_BYTES`, at most `MAX_RING_BYTES`).
+    ring_bytes: usize,
 }
 
 fn knobs() -> &'static Knobs {
@@ -128,6 +140,9 @@ fn knobs() -> &'static Knobs {
                 .unwrap_or(DEFAULT_CONSUMERS),
             cfg,
             full_x_boxes: var("MIMO_BULK_XFULL").as_deref() == Some("1"),
+            ring_bytes: var("MIMO_BULK_RING_KIB")
+                .and_then(|v| v.parse::<usize>().ok())
+                .map_or(RING_BYTES, |k| (k * 1024).min(MAX_RING_BYTES)),
         }
     })
 }
@@ -260,14 +275,13 @@ impl BulkConfig {
         });
         let per_block = chunks.div_ceil(cfg.splits);
         let stage = stage_bytes(16 * cfg.row_tiles, block_tokens(m), sb);
-        cfg.stages = (RING_BYTES / stage)
-            .clamp(2, MAX_STAGES)
-            .min(per_block.max(2));
+        let ring = knobs().ring_bytes;
+        cfg.stages = (ring / stage).clamp(2, MAX_STAGES).min(per_block.max(2));
         // The epilogue's tiles (one per K share) live in the ring: more stages, or fewer K
         // warps where even the whole ring is too small.
         let tok = block_tokens(m);
         while !tiles_fit(&cfg, tok, sb) {
-            if (cfg.stages + 1) * stage <= RING_BYTES {
+            if (cfg.stages + 1) * stage <= MAX_RING_BYTES {
                 cfg.stages += 1;
             } else if cfg.k_warps > 1 {
                 cfg.k_warps -= 1;
