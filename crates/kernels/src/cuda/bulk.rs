@@ -42,8 +42,10 @@ const MAX_RING_BYTES: usize = 216 * 1024;
 /// NVFP4, PDL chains (bench/results/kernels-h100-bulk-ring.json): 2-3 stages within 128 KiB
 /// against the 3-5 the whole 216 KiB held: 16 tokens 4096 x 14336 19.34 -> 18.51 us, 2048 x
 /// 151936 94.18 -> 86.92, 4096 x 22016 25.28 -> 25.01; 32 tokens within 1-3 %. Three stages
-/// keep the weight stream at its pace (the stream alone, `-DMIMO_BK_NO_COMPUTE`: 13.28 vs 13.11
-/// us at 16 tokens), and the smaller block leaves the SM more L1.
+/// kept the weight stream alone at its pace (`-DMIMO_BK_NO_COMPUTE`: 13.28 vs 13.11 us at 16
+/// tokens; two were not timed alone, with the arithmetic they matched three: 18.51 vs 18.50).
+/// Why fewer stages speed the arithmetic up was not measured (more L1 beside a smaller block is
+/// the likely reason: plain launches gained too).
 const RING_BYTES: usize = 128 * 1024;
 /// Consumer warps per block of the automatic shape (`MIMO_BULK_WARPS`): 31 measured no faster
 /// on the H100 (bench/results/kernels-h100-bulk.json).
