@@ -1,28 +1,22 @@
 //! `mimo-run generate`: streaming generation on either backend.
 
 use std::io::Write;
-use std::path::Path;
 
 use anyhow::{bail, Result};
 use serde_json::json;
 
 use super::gpu;
-use super::{load_model, load_tokenizer};
-use crate::generate::{generate, GenerationStats, SamplingParams};
+use super::{load_model, load_tokenizer, GenerateArgs};
+use crate::generate::{generate, GenerationStats};
 use crate::tokenizer::Message;
 
-#[allow(clippy::too_many_arguments)]
 pub(super) fn run_generate(
     backend: &gpu::Backend,
-    dir: &Path,
-    prompt: &str,
-    max_tokens: usize,
-    params: SamplingParams,
-    chat: bool,
-    system: Option<String>,
-    ctx: usize,
+    args: &GenerateArgs,
     json_out: bool,
 ) -> Result<()> {
+    let (dir, prompt, chat) = (args.model.as_path(), args.prompt.as_str(), args.chat);
+    let (max_tokens, ctx, params) = (args.max_tokens, args.ctx, args.sampling());
     let tok = load_tokenizer(dir)?;
     // Loaded only on the CPU path; the GPU path reads the checkpoint straight to the device.
     let (cpu_model, mut gpu_model) = match backend {
@@ -37,10 +31,10 @@ pub(super) fn run_generate(
     .clone();
     let ids = if chat {
         let mut msgs = Vec::new();
-        if let Some(s) = system {
+        if let Some(s) = &args.system {
             msgs.push(Message {
                 role: "system".into(),
-                content: s,
+                content: s.clone(),
             });
         }
         msgs.push(Message {

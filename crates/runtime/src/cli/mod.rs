@@ -52,34 +52,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Generate text from a prompt, streaming tokens as they come.
-    Generate {
-        /// Checkpoint folder.
-        #[arg(long, short)]
-        model: PathBuf,
-        /// The prompt.
-        prompt: String,
-        /// Maximum number of new tokens.
-        #[arg(long, default_value_t = 128)]
-        max_tokens: usize,
-        /// Sampling temperature; 0 = greedy.
-        #[arg(long, default_value_t = 0.0)]
-        temperature: f32,
-        /// Nucleus sampling threshold.
-        #[arg(long, default_value_t = 1.0)]
-        top_p: f32,
-        /// Seed of the sampler.
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Wrap the prompt as a user message with the checkpoint's chat template.
-        #[arg(long)]
-        chat: bool,
-        /// System message (with --chat).
-        #[arg(long)]
-        system: Option<String>,
-        /// Context length (prompt + generated tokens).
-        #[arg(long, default_value_t = 4096)]
-        ctx: usize,
-    },
+    Generate(GenerateArgs),
     /// Perplexity of a text file.
     Ppl {
         /// Checkpoint folder.
@@ -163,6 +136,48 @@ enum Cmd {
     },
 }
 
+/// The arguments of `generate`.
+#[derive(clap::Args, Debug)]
+struct GenerateArgs {
+    /// Checkpoint folder.
+    #[arg(long, short)]
+    model: PathBuf,
+    /// The prompt.
+    prompt: String,
+    /// Maximum number of new tokens.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling threshold.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Wrap the prompt as a user message with the checkpoint's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// System message (with --chat).
+    #[arg(long)]
+    system: Option<String>,
+    /// Context length (prompt + generated tokens).
+    #[arg(long, default_value_t = 4096)]
+    ctx: usize,
+}
+
+impl GenerateArgs {
+    /// The sampler's parameters.
+    fn sampling(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            seed: self.seed,
+        }
+    }
+}
+
 /// The text and windows of the evaluation commands (ppl, compare).
 #[derive(clap::Args, Debug)]
 struct EvalText {
@@ -212,27 +227,10 @@ pub fn run(cli: Cli) -> Result<()> {
             .context("setting up the thread pool")?;
     }
     match cli.cmd {
-        Cmd::Generate {
-            model,
-            prompt,
-            max_tokens,
-            temperature,
-            top_p,
-            seed,
-            chat,
-            system,
-            ctx,
-        } => {
-            let params = SamplingParams {
-                temperature,
-                top_p,
-                seed,
-            };
+        Cmd::Generate(args) => {
             // Generation is the one command whose default is the GPU where one is found.
             let backend = gpu::Backend::resolve(cli.device, true);
-            run_generate(
-                &backend, &model, &prompt, max_tokens, params, chat, system, ctx, cli.json,
-            )
+            run_generate(&backend, &args, cli.json)
         }
         Cmd::Ppl { model, text } => {
             let backend = text.prefill.backend(cli.device);
