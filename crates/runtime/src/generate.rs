@@ -273,6 +273,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn generation_stats_count_decode_steps_after_the_first_token() {
+        // 10 generated tokens: the first comes with the prefill, 9 decode steps in 0.5 s.
+        let s = GenerationStats::new(40, 10, 0.25, 0.5, true);
+        assert_eq!((s.prompt_tokens, s.generated_tokens), (40, 10));
+        assert!(
+            (s.prefill_tok_s - 160.0).abs() < 1e-9,
+            "{}",
+            s.prefill_tok_s
+        );
+        assert!((s.decode_tok_s - 18.0).abs() < 1e-9, "{}", s.decode_tok_s);
+        assert!(s.stopped_at_eos);
+        // One token or none: no decode step, so no decode speed (not an infinity).
+        for generated in [0, 1] {
+            let s = GenerationStats::new(3, generated, 0.0, 0.0, false);
+            assert_eq!(s.decode_tok_s, 0.0);
+            assert!(s.prefill_tok_s.is_finite());
+        }
+    }
+
+    #[test]
     fn greedy_is_argmax() {
         let mut s = Sampler::new(SamplingParams::default()).unwrap();
         assert_eq!(s.sample(&[0.1, 3.0, -1.0, 3.0]), 1);
