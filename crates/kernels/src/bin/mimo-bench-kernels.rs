@@ -7,13 +7,16 @@
 //! row says so).
 //!
 //! Usage: mimo-bench-kernels [--out FILE.json] [--quick] [--no-sweep] [--moe-only]
-//! [--shapes K:N,...] [--ms M,...] (`--shapes`: only those dense shapes, no MoE layer; `--ms`:
-//! only those token counts)
+//! [--shapes K:N,...] [--ms M,...] [--moe-tokens T,...] [--moe-sweep] (`--help` says what each
+//! does).
 
 use std::collections::HashSet;
 use std::error::Error;
-use std::fmt::Write as _;
+use std::path::PathBuf;
 use std::sync::Arc;
+
+use clap::Parser;
+use serde_json::{json, Value};
 
 use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaSlice, CudaStream};
@@ -33,76 +36,45 @@ type Res<T> = Result<T, Box<dyn Error>>;
 /// Weight bytes that must stream through the rotation before a copy comes back (> 2x L2).
 const ROTATE_BYTES: usize = 256 << 20;
 
+/// Times the FP4 CUDA kernels and cuBLAS BF16 on the same shapes and writes a JSON report.
+#[derive(Parser, Debug)]
+#[command(name = "mimo-bench-kernels", version)]
 struct Args {
-    out: Option<String>,
+    /// Also write the JSON report to this file.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Fewer shapes, token counts and replays.
+    #[arg(long)]
     quick: bool,
-    sweep: bool,
+    /// No block-shape sweep (the automatic shapes only).
+    #[arg(long)]
+    no_sweep: bool,
+    /// Only the MoE layer.
+    #[arg(long)]
     moe_only: bool,
-    /// Dense (K, N) shapes instead of the issue's list (`--shapes K:N,K:N`).
+    /// Dense (K, N) shapes instead of the issue's list (no MoE layer), e.g. 4096:14336,2048:1536.
+    #[arg(long, value_delimiter = ',', value_parser = parse_shape)]
     shapes: Option<Vec<(usize, usize)>>,
-    /// Token counts instead of the default list (`--ms 16,32`).
+    /// Token counts instead of the default list, e.g. 16,32.
+    #[arg(long, value_delimiter = ',')]
     ms: Option<Vec<usize>>,
-    /// MoE token counts instead of 1, 8, 16 and 32 (1 and 16 with `--quick`; `--moe-tokens 8,16`).
+    /// MoE token counts instead of 1, 8, 16 and 32 (1 and 16 with --quick).
+    #[arg(long, value_delimiter = ',')]
     moe_tokens: Option<Vec<usize>>,
     /// The MoE block-shape sweep from 8 tokens (row tiles, down load groups) even with
-    /// `--no-sweep` (`--moe-sweep`).
+    /// --no-sweep.
+    #[arg(long)]
     moe_sweep: bool,
 }
 
-/// A comma-separated list of counts given to `flag`.
-fn counts(flag: &str, v: Option<String>) -> Res<Vec<usize>> {
-    let v = v.ok_or(format!("{flag} needs N[,N...]"))?;
-    Ok(v.split(',')
-        .map(|p| {
-            p.parse::<usize>()
-                .map_err(|_| format!("{flag}: '{p}' is not a count"))
-        })
-        .collect::<Result<Vec<_>, _>>()?)
-}
-
-fn parse_args() -> Res<Args> {
-    let mut a = Args {
-        out: None,
-        quick: false,
-        sweep: true,
-        moe_only: false,
-        shapes: None,
-        ms: None,
-        moe_tokens: None,
-        moe_sweep: false,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(s) = it.next() {
-        match s.as_str() {
-            "--out" => a.out = Some(it.next().ok_or("--out needs a file name")?),
-            "--quick" => a.quick = true,
-            "--ms" => a.ms = Some(counts("--ms", it.next())?),
-            "--moe-tokens" => a.moe_tokens = Some(counts("--moe-tokens", it.next())?),
-            "--moe-sweep" => a.moe_sweep = true,
-            "--no-sweep" => a.sweep = false,
-            "--moe-only" => a.moe_only = true,
-            "--shapes" => {
-                let v = it.next().ok_or("--shapes needs K:N[,K:N...]")?;
-                let parse = |p: &str| -> Option<(usize, usize)> {
-                    let (k, n) = p.split_once(':')?;
-                    Some((k.trim().parse().ok()?, n.trim().parse().ok()?))
-                };
-                let list = v
-                    .split(',')
-                    .map(|p| parse(p).ok_or(format!("--shapes: '{p}' is not K:N")))
-                    .collect::<Result<Vec<_>, _>>()?;
-                a.shapes = Some(list);
-            }
-            "-h" | "--help" => {
-                println!(
-                    "mimo-bench-kernels [--out FILE.json] [--quick] [--no-sweep] [--moe-only] [--shapes K:N,...] [--ms M,...] [--moe-tokens T,...] [--moe-sweep]"
-                );
-                std::process::exit(0);
-            }
-            other => return Err(format!("unknown argument {other}").into()),
-        }
-    }
-    Ok(a)
+/// A dense shape `K:N`.
+fn parse_shape(p: &str) -> Result<(usize, usize), String> {
+    let bad = || format!("'{p}' is not K:N");
+    let (k, n) = p.split_once(':').ok_or_else(bad)?;
+    Ok((
+        k.trim().parse().map_err(|_| bad())?,
+        n.trim().parse().map_err(|_| bad())?,
+    ))
 }
 
 /// splitmix64: benchmark data only needs to be varied, not reproducible across tools.
@@ -332,7 +304,7 @@ fn dense_shape(
     sweep: bool,
     samples: usize,
     rows: &mut Vec<Row>,
-    checks: &mut Vec<String>,
+    checks: &mut Vec<Value>,
 ) -> Res<()> {
     let s = gpu.stream().clone();
     let mmax = *ms.iter().max().unwrap_or(&1);
@@ -398,9 +370,10 @@ fn dense_shape(
             fp4_gemm(gpu, &ws[0], &xs, m, &mut y1)?;
             fp4_gemm_dequant_cublas(gpu, blas, &ws[0], &xs, m, &mut scratch, &mut y2)?;
             let (rel, bad) = rel_err(&s.clone_dtoh(&y1)?, &s.clone_dtoh(&y2)?);
-            checks.push(format!(
-                "{{\"format\": \"{fname}\", \"k\": {k}, \"n\": {n}, \"m\": 1, \"rel_err_fused_vs_dequant_cublas\": {rel:.3e}, \"non_finite\": {bad}}}"
-            ));
+            checks.push(json!({
+                "format": fname, "k": k, "n": n, "m": 1,
+                "rel_err_fused_vs_dequant_cublas": sig4(rel), "non_finite": bad,
+            }));
             eprintln!("  check {fname} k={k} n={n}: rel err {rel:.2e}, non-finite {bad}");
         }
         for (mi, &m) in ms.iter().enumerate() {
@@ -657,9 +630,10 @@ fn dense_shape(
                                 &mut y2,
                             )?;
                             let (rel, bad) = rel_err(&s.clone_dtoh(&y1)?, &s.clone_dtoh(&y2)?);
-                            checks.push(format!(
-                                "{{\"format\": \"{fname}\", \"k\": {k}, \"n\": {n}, \"m\": {m}, \"rel_err_fp8_vs_dequant_cublas\": {rel:.3e}, \"non_finite\": {bad}}}"
-                            ));
+                            checks.push(json!({
+                                "format": fname, "k": k, "n": n, "m": m,
+                                "rel_err_fp8_vs_dequant_cublas": sig4(rel), "non_finite": bad,
+                            }));
                             eprintln!("  check fp8 {fname} k={k} n={n} m={m}: rel err {rel:.2e}, non-finite {bad}");
                         }
                     }
@@ -946,20 +920,57 @@ fn utc_now() -> String {
     )
 }
 
-fn json_str(s: &str) -> String {
-    let mut o = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => o.push_str("\\\""),
-            '\\' => o.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(o, "\\u{:04x}", c as u32);
-            }
-            c => o.push(c),
-        }
-    }
-    o.push('"');
-    o
+/// `x` to four significant digits (the report's relative errors).
+fn sig4(x: f64) -> f64 {
+    format!("{x:.3e}").parse().unwrap_or(x)
+}
+
+/// `x` to `d` decimals (the report's times and rates).
+fn dec(x: f64, d: i32) -> f64 {
+    let f = 10f64.powi(d);
+    (x * f).round() / f
+}
+
+/// The report: machine, date, commit, command, method, the accuracy checks and one object per
+/// timed row (microseconds, weight TB/s, share of the copy bandwidth, TFLOP/s, speedup over
+/// cuBLAS BF16 where there is one; what bench/tables.py reads).
+#[allow(clippy::too_many_arguments)]
+fn report(
+    device: &str,
+    sms: u32,
+    copy_tbps: f64,
+    date: String,
+    commit: &str,
+    command: &str,
+    samples: usize,
+    checks: Vec<Value>,
+    rows: &[Row],
+) -> Value {
+    let rows: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            let tbps = r.weight_bytes as f64 / (r.us * 1e-6) / 1e12;
+            json!({
+                "group": r.group, "kernel": r.kernel, "format": r.format,
+                "k": r.k, "n": r.n, "m": r.m,
+                "us": dec(r.us, 3), "spread": dec(r.spread, 3), "graph": r.graph,
+                "weight_bytes": r.weight_bytes,
+                "weight_tbps": dec(tbps, 4), "copy_share": dec(tbps / copy_tbps, 4),
+                "tflops": dec(r.flops / (r.us * 1e-6) / 1e12, 2),
+                "speedup_vs_cublas": r.speedup.map(|x| dec(x, 3)),
+                "note": r.note,
+            })
+        })
+        .collect();
+    json!({
+        "machine": {"device": device, "sms": sms, "copy_tbps": dec(copy_tbps, 4)},
+        "date": date,
+        "commit": commit,
+        "command": command,
+        "method": format!("CUDA events around CUDA-graph replays; median of {samples} replays; warm-up first; weights rotated through copies totalling >= 256 MB"),
+        "checks": checks,
+        "rows": rows,
+    })
 }
 
 fn main() {
@@ -970,7 +981,7 @@ fn main() {
 }
 
 fn run() -> Res<()> {
-    let args = parse_args()?;
+    let args = Args::parse();
     let gpu = GpuContext::new(0)?;
     // "fp4_fused" rows time the decode kernels; the tiled and bulk ones have rows of their own.
     gpu.set_tuning(Tuning {
@@ -1032,7 +1043,7 @@ fn run() -> Res<()> {
             k,
             n,
             ms,
-            args.sweep,
+            !args.no_sweep,
             samples,
             &mut rows,
             &mut checks,
@@ -1055,7 +1066,7 @@ fn run() -> Res<()> {
                 &[1, 8, 16, 32]
             }),
             samples,
-            (args.sweep, args.moe_sweep),
+            (!args.no_sweep, args.moe_sweep),
             &mut rows,
         )?;
     }
@@ -1063,46 +1074,20 @@ fn run() -> Res<()> {
     // report
     let commit = std::env::var("MIMO_COMMIT").unwrap_or_else(|_| "unknown".into());
     let cmd: Vec<String> = std::env::args().collect();
-    let mut j = String::new();
-    let _ = writeln!(j, "{{");
-    let _ = writeln!(
-        j,
-        "  \"machine\": {{\"device\": {}, \"sms\": {}, \"copy_tbps\": {copy_tbps:.4}}},",
-        json_str(gpu.device_name()),
-        gpu.sm_count()
+    let j = report(
+        gpu.device_name(),
+        gpu.sm_count(),
+        copy_tbps,
+        utc_now(),
+        &commit,
+        &cmd.join(" "),
+        samples,
+        checks,
+        &rows,
     );
-    let _ = writeln!(j, "  \"date\": {},", json_str(&utc_now()));
-    let _ = writeln!(j, "  \"commit\": {},", json_str(&commit));
-    let _ = writeln!(j, "  \"command\": {},", json_str(&cmd.join(" ")));
-    let _ = writeln!(j, "  \"method\": \"CUDA events around CUDA-graph replays; median of {samples} replays; warm-up first; weights rotated through copies totalling >= 256 MB\",");
-    let _ = writeln!(j, "  \"checks\": [{}],", checks.join(", "));
-    let _ = writeln!(j, "  \"rows\": [");
-    for (i, r) in rows.iter().enumerate() {
-        let tbps = r.weight_bytes as f64 / (r.us * 1e-6) / 1e12;
-        let _ = write!(
-            j,
-            "    {{\"group\": \"{}\", \"kernel\": {}, \"format\": \"{}\", \"k\": {}, \"n\": {}, \"m\": {}, \"us\": {:.3}, \"spread\": {:.3}, \"graph\": {}, \"weight_bytes\": {}, \"weight_tbps\": {:.4}, \"copy_share\": {:.4}, \"tflops\": {:.2}, \"speedup_vs_cublas\": {}, \"note\": {}}}",
-            r.group,
-            json_str(&r.kernel),
-            r.format,
-            r.k,
-            r.n,
-            r.m,
-            r.us,
-            r.spread,
-            r.graph,
-            r.weight_bytes,
-            tbps,
-            tbps / copy_tbps,
-            r.flops / (r.us * 1e-6) / 1e12,
-            r.speedup.map(|s| format!("{s:.3}")).unwrap_or_else(|| "null".into()),
-            json_str(&r.note)
-        );
-        let _ = writeln!(j, "{}", if i + 1 < rows.len() { "," } else { "" });
-    }
-    let _ = writeln!(j, "  ]\n}}");
     if let Some(p) = &args.out {
-        std::fs::write(p, &j).map_err(|e| format!("writing {p}: {e}"))?;
+        let text = serde_json::to_string_pretty(&j)?;
+        std::fs::write(p, text + "\n").map_err(|e| format!("writing {}: {e}", p.display()))?;
     }
     // table
     println!("| kernel | fmt | K | N | M | us | weight TB/s | % copy | TFLOP/s | x cuBLAS |");
@@ -1126,4 +1111,80 @@ fn run() -> Res<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arguments_parse_and_bad_shapes_are_refused() {
+        let a = Args::try_parse_from([
+            "mimo-bench-kernels",
+            "--no-sweep",
+            "--shapes",
+            "4096:14336,2048:151936",
+            "--ms",
+            "1,16",
+            "--out",
+            "k.json",
+        ])
+        .unwrap();
+        assert!(a.no_sweep && !a.quick && !a.moe_only && !a.moe_sweep);
+        assert_eq!(a.shapes, Some(vec![(4096, 14336), (2048, 151936)]));
+        assert_eq!(a.ms, Some(vec![1, 16]));
+        assert_eq!(a.out, Some(PathBuf::from("k.json")));
+        let e = Args::try_parse_from(["mimo-bench-kernels", "--shapes", "4096x14336"]).unwrap_err();
+        assert!(e.to_string().contains("'4096x14336' is not K:N"), "{e}");
+        assert!(Args::try_parse_from(["mimo-bench-kernels", "--ms", "1,x"]).is_err());
+        assert!(Args::try_parse_from(["mimo-bench-kernels", "--unknown"]).is_err());
+    }
+
+    #[test]
+    fn the_report_holds_what_the_tables_read() {
+        let row = Row {
+            group: "dense",
+            kernel: "fp4_fused".into(),
+            format: "nvfp4",
+            k: 4096,
+            n: 14336,
+            m: 1,
+            us: 14.0,
+            spread: 0.01,
+            graph: true,
+            weight_bytes: 33_030_144,
+            flops: 2.0 * 4096.0 * 14336.0,
+            speedup: Some(2.9512),
+            note: "a \"quoted\" note".into(),
+        };
+        let checks =
+            vec![json!({"format": "nvfp4", "rel_err_fused_vs_dequant_cublas": sig4(0.0026984)})];
+        let j = report(
+            "H100",
+            132,
+            2.83,
+            "2026-11-27T00:00:00Z".into(),
+            "abc",
+            "cmd --x",
+            15,
+            checks,
+            &[row],
+        );
+        // Round trip through the text a file holds.
+        let j: Value = serde_json::from_str(&serde_json::to_string_pretty(&j).unwrap()).unwrap();
+        assert_eq!(j["machine"]["sms"], 132);
+        assert_eq!(j["checks"][0]["rel_err_fused_vs_dequant_cublas"], 0.002698);
+        let r = &j["rows"][0];
+        assert_eq!(r["kernel"], "fp4_fused");
+        assert_eq!(r["note"], "a \"quoted\" note");
+        assert_eq!(r["us"], 14.0);
+        // 33,030,144 bytes in 14 us: 2.3593 TB/s, 83.37 % of 2.83.
+        assert_eq!(r["weight_tbps"], 2.3593);
+        assert_eq!(r["copy_share"], 0.8337);
+        assert_eq!(r["speedup_vs_cublas"], 2.951);
+        assert!(j["method"]
+            .as_str()
+            .unwrap()
+            .contains("median of 15 replays"));
+    }
 }
