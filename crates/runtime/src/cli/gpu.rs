@@ -1,7 +1,7 @@
 //! The CUDA backend of the commands: choosing the device, GPU generation and the random-weight
 //! benchmark.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -14,7 +14,7 @@ use crate::cuda::{
 };
 use crate::generate::{GenerateError, GenerationStats, Sampler, SamplingParams};
 
-use super::Device;
+use super::{BenchArgs, Device};
 
 /// Where a command runs.
 pub enum Backend {
@@ -231,34 +231,23 @@ pub fn generate(
     Ok((out, stats))
 }
 
-/// Arguments of `bench --config FILE --random-weights`.
-pub struct RandomBenchArgs {
-    pub config: PathBuf,
-    pub layers: Option<usize>,
-    pub prompt: usize,
-    pub steps: usize,
-    pub batches: String,
-    pub formats: String,
-    pub fp4_head: bool,
-    pub graphs: bool,
-    pub out: Option<PathBuf>,
-    pub seed: u64,
-    pub stage_costs: bool,
-}
-
 /// `bench --config FILE --random-weights`: builds the config's shape with random weights
 /// on the GPU and prints the throughput report (text, or the JSON with `--json`).
-pub fn run_random_bench(device: Option<Device>, a: &RandomBenchArgs, json_out: bool) -> Result<()> {
+pub fn run_random_bench(device: Option<Device>, a: &BenchArgs, json_out: bool) -> Result<()> {
     if device == Some(Device::Cpu) {
         bail!(
             "--random-weights builds the model on the GPU and has no CPU mode; drop --device cpu"
         );
     }
-    let text = std::fs::read_to_string(&a.config)
-        .with_context(|| format!("reading {}", a.config.display()))?;
-    let json: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", a.config.display()))?;
-    let config = ModelConfig::from_json(&json, &a.config)?;
+    let config_path = a
+        .config
+        .as_deref()
+        .context("--random-weights needs --config FILE")?;
+    let text = std::fs::read_to_string(config_path)
+        .with_context(|| format!("reading {}", config_path.display()))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("parsing {}", config_path.display()))?;
+    let config = ModelConfig::from_json(&json, config_path)?;
     let batches = a
         .batches
         .split(',')
@@ -288,8 +277,7 @@ pub fn run_random_bench(device: Option<Device>, a: &RandomBenchArgs, json_out: b
     let gpu = Gpu::new(0).map_err(|e| {
         anyhow::anyhow!("--random-weights builds the model on the GPU and has no CPU mode: {e}")
     })?;
-    let name = a
-        .config
+    let name = config_path
         .file_stem()
         .map_or("model".into(), |s| s.to_string_lossy().into_owned());
     let opts = BenchOptions {
@@ -301,7 +289,7 @@ pub fn run_random_bench(device: Option<Device>, a: &RandomBenchArgs, json_out: b
         batches,
         kinds,
         fp4_head_too: a.fp4_head,
-        graphs: a.graphs,
+        graphs: !a.no_graph,
         seed: a.seed,
         stage_costs: a.stage_costs,
     };

@@ -79,61 +79,65 @@ enum Cmd {
     },
     /// Prefill and decode speed on synthetic tokens: of a checkpoint (`--model`), or of a
     /// config's shape with random weights built on the GPU (`--config FILE --random-weights`).
-    Bench {
-        /// Checkpoint folder.
-        #[arg(long, short, required_unless_present = "random_weights")]
-        model: Option<PathBuf>,
-        /// config.json of the architecture (HF format), with --random-weights.
-        #[arg(long, requires = "random_weights", conflicts_with = "model")]
-        config: Option<PathBuf>,
-        /// Build random weights on the GPU (GPU only; throughput numbers only, never quality).
-        #[arg(long, requires = "config")]
-        random_weights: bool,
-        /// Random weights: keep only the first N layers.
-        #[arg(long, requires = "random_weights")]
-        layers: Option<usize>,
-        /// Random weights: prompt tokens before decoding.
-        #[arg(long, default_value_t = 512)]
-        prompt: usize,
-        /// Random weights: timed decode steps per batch size.
-        #[arg(long, default_value_t = 128)]
-        steps: usize,
-        /// Random weights: decode batch sizes, comma separated.
-        #[arg(long, default_value = "1,8,32")]
-        batches: String,
-        /// Random weights: weight formats, comma separated: bf16, nvfp4, mxfp4; nvfp4-experts /
-        /// mxfp4-experts (FP4 routed experts, other Linear layers BF16: `convert
-        /// --experts-only`); nvfp4-kv16 / mxfp4-kv16 (FP4 but k_proj and v_proj BF16);
-        /// nvfp4-kvo16 / mxfp4-kvo16 (FP4 but k_proj, v_proj and o_proj BF16); nvfp4-qkv16 /
-        /// mxfp4-qkv16 (FP4 but q_proj, k_proj and v_proj BF16).
-        #[arg(long, default_value = "bf16,nvfp4")]
-        formats: String,
-        /// Random weights: also time FP4 runs with an FP4 lm_head.
-        #[arg(long)]
-        fp4_head: bool,
-        /// Random weights: decode without CUDA graphs (eager launches).
-        #[arg(long)]
-        no_graph: bool,
-        /// Random weights: also write the JSON report to this file.
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// Random weights: seed of the weights and prompt.
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// Random weights: also time batch-1 decode with each layer stage left out in turn
-        /// (what each stage adds to the graph-replayed step; timings only).
-        #[arg(long)]
-        stage_costs: bool,
-        /// Checkpoint: prompt length for the prefill measurement.
-        #[arg(long, default_value_t = 128)]
-        prompt_tokens: usize,
-        /// Tokens decoded one at a time after the prompt.
-        #[arg(long, default_value_t = 64)]
-        decode_tokens: usize,
-        /// Repetitions; the best run is reported.
-        #[arg(long, default_value_t = 3)]
-        runs: usize,
-    },
+    Bench(BenchArgs),
+}
+
+/// The arguments of `bench`.
+#[derive(clap::Args, Debug)]
+struct BenchArgs {
+    /// Checkpoint folder.
+    #[arg(long, short, required_unless_present = "random_weights")]
+    model: Option<PathBuf>,
+    /// config.json of the architecture (HF format), with --random-weights.
+    #[arg(long, requires = "random_weights", conflicts_with = "model")]
+    config: Option<PathBuf>,
+    /// Build random weights on the GPU (GPU only; throughput numbers only, never quality).
+    #[arg(long, requires = "config")]
+    random_weights: bool,
+    /// Random weights: keep only the first N layers.
+    #[arg(long, requires = "random_weights")]
+    layers: Option<usize>,
+    /// Random weights: prompt tokens before decoding.
+    #[arg(long, default_value_t = 512)]
+    prompt: usize,
+    /// Random weights: timed decode steps per batch size.
+    #[arg(long, default_value_t = 128)]
+    steps: usize,
+    /// Random weights: decode batch sizes, comma separated.
+    #[arg(long, default_value = "1,8,32")]
+    batches: String,
+    /// Random weights: weight formats, comma separated: bf16, nvfp4, mxfp4; nvfp4-experts /
+    /// mxfp4-experts (FP4 routed experts, other Linear layers BF16: `convert
+    /// --experts-only`); nvfp4-kv16 / mxfp4-kv16 (FP4 but k_proj and v_proj BF16);
+    /// nvfp4-kvo16 / mxfp4-kvo16 (FP4 but k_proj, v_proj and o_proj BF16); nvfp4-qkv16 /
+    /// mxfp4-qkv16 (FP4 but q_proj, k_proj and v_proj BF16).
+    #[arg(long, default_value = "bf16,nvfp4")]
+    formats: String,
+    /// Random weights: also time FP4 runs with an FP4 lm_head.
+    #[arg(long)]
+    fp4_head: bool,
+    /// Random weights: decode without CUDA graphs (eager launches).
+    #[arg(long)]
+    no_graph: bool,
+    /// Random weights: also write the JSON report to this file.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Random weights: seed of the weights and prompt.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Random weights: also time batch-1 decode with each layer stage left out in turn
+    /// (what each stage adds to the graph-replayed step; timings only).
+    #[arg(long)]
+    stage_costs: bool,
+    /// Checkpoint: prompt length for the prefill measurement.
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    /// Tokens decoded one at a time after the prompt.
+    #[arg(long, default_value_t = 64)]
+    decode_tokens: usize,
+    /// Repetitions; the best run is reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
 }
 
 /// The arguments of `generate`.
@@ -245,50 +249,21 @@ pub fn run(cli: Cli) -> Result<()> {
             let backend = text.prefill.backend(cli.device);
             run_compare(&backend, &reference, &candidate, &text, worst, cli.json)
         }
-        Cmd::Bench {
-            model,
-            config,
-            random_weights,
-            layers,
-            prompt,
-            steps,
-            batches,
-            formats,
-            fp4_head,
-            no_graph,
-            out,
-            seed,
-            stage_costs,
-            prompt_tokens,
-            decode_tokens,
-            runs,
-        } => {
-            if random_weights {
-                let config = config.context("--random-weights needs --config FILE")?;
-                let args = gpu::RandomBenchArgs {
-                    config,
-                    layers,
-                    prompt,
-                    steps,
-                    batches,
-                    formats,
-                    fp4_head,
-                    graphs: !no_graph,
-                    out,
-                    seed,
-                    stage_costs,
-                };
+        Cmd::Bench(args) => {
+            if args.random_weights {
                 return gpu::run_random_bench(cli.device, &args, cli.json);
             }
-            let model =
-                model.context("bench needs --model DIR (or --config FILE --random-weights)")?;
+            let model = args
+                .model
+                .as_deref()
+                .context("bench needs --model DIR (or --config FILE --random-weights)")?;
+            let (prompt_tokens, decode_tokens, runs) =
+                (args.prompt_tokens, args.decode_tokens, args.runs);
             match gpu::Backend::resolve(cli.device, true) {
-                gpu::Backend::Cpu => {
-                    run_bench(&model, prompt_tokens, decode_tokens, runs, cli.json)
-                }
+                gpu::Backend::Cpu => run_bench(model, prompt_tokens, decode_tokens, runs, cli.json),
                 gpu::Backend::Cuda(g) => gpu::run_checkpoint_bench(
                     &g,
-                    &model,
+                    model,
                     prompt_tokens,
                     decode_tokens,
                     runs,
