@@ -458,8 +458,8 @@ impl GpuContext {
         f(&mut t, &self.stream).map(Some)
     }
 
-    /// Points a module compiled by [`crate::cuda::compile_source`] outside this crate (the runtime's) at the
-    /// timeline buffer; nothing without `MIMO_TRACE=1`.
+    /// Points a module compiled by [`crate::cuda::compile_source`] outside this crate (the
+    /// runtime's) at the timeline buffer; nothing without `MIMO_TRACE=1`.
     pub fn attach_trace(&self, module: &Arc<CudaModule>) -> Result<(), CudaError> {
         self.with_trace(|t, s| t.attach(module, s)).map(|_| ())
     }

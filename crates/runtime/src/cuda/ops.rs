@@ -1,6 +1,7 @@
 //! The runtime's own kernels (crates/runtime/cuda/ops.cu: embedding, residual + RMSNorm, SwiGLU,
 //! router top-k, calibration sums, sampling (greedy, temperature, nucleus), random fills;
-//! crates/runtime/cuda/attention.cu: decode and prefill attention) and their launchers. Every launcher only queues work on the context's stream.
+//! crates/runtime/cuda/attention.cu: decode and prefill attention) and their launchers. Every
+//! launcher only queues work on the context's stream.
 
 use std::sync::Arc;
 

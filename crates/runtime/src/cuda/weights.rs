@@ -418,8 +418,8 @@ impl GpuLinear {
 
     /// [`GpuLinear::forward_norm_in`] of `self` into `y` and `other` into `y2`, the same input,
     /// in one launch where `self` is a bias-free FP4 Linear and `other` a bias-free BF16 one
-    /// with K up to [`mimo_kernels::cuda::BF16_NORM_IN_MAX_K`] (a mixed checkpoint's q_proj and k|v); returns false
-    /// (nothing queued) otherwise. The outputs are those of the two launches, bit for bit.
+    /// with K up to [`mimo_kernels::cuda::BF16_NORM_IN_MAX_K`] (a mixed checkpoint's q_proj
+    /// and k|v); returns false (nothing queued) otherwise. The outputs are those of the two launches, bit for bit.
     pub fn forward_norm_in_with(
         &self,
         other: &GpuLinear,
