@@ -12,8 +12,8 @@ export MIMO_REQUIRE_GPU=1 MIMO_REQUIRE_FP8=${MIMO_REQUIRE_FP8:-1} PATH=$PATH:/us
 # (an ignored folder: `carry` it) are used too; `pack` returns the cache as ptxc.tgz.
 export MIMO_PTX_CACHE=${MIMO_PTX_CACHE:-/tmp/mimo-ptx-cache}
 mkdir -p "$MIMO_PTX_CACHE" && cp .ptxc/*.ptx "$MIMO_PTX_CACHE"/ 2>/dev/null
-KT=${KT:-target/release/deps/cuda_fp4-8cc1857849cbce18}
-RT=${RT:-target/release/deps/cuda_model-9475c9e045f5deaa}
+KT=${KT:-target/release/deps/cuda_fp4-6770ebd525ef6e39}
+RT=${RT:-target/release/deps/cuda_model-d54b45c8f52ca578}
 
 # Kernel GPU tests.
 gpu_ktests() {

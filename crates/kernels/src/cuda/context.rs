@@ -80,7 +80,8 @@ pub struct Tuning {
     /// With `norm_fold`, the one-token FP4 expert kernels of a folded MoE layer take the
     /// softmax and top-k from the router's logits themselves ([`super::OneTokenRoute::Logits`]),
     /// so the router ends once its logits are written: no last block gathering them, and
-    /// no launch waiting for it. On by default (H100, Qwen3-30B-A3B NVFP4 batch 1, with the
+    /// no launch waiting for it; so does the one-token BF16 gate/up
+    /// ([`super::moe_bf16_pairs_from_logits`], with `moe_direct`). On by default (H100, Qwen3-30B-A3B NVFP4 batch 1, with the
     /// top-k's rank pass reading four probabilities per load: 454 vs 439 tokens/s off; before
     /// that change of the rank pass, 442 either way).
     pub expert_topk: bool,

@@ -7,10 +7,13 @@
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
 
+use super::arg_or_null;
 use super::context::GpuContext;
 use super::error::{drv, CudaError};
+use super::fold::NormOut;
 use super::gemm::check_len;
 use super::moe::{MoeRoute, MOE_MAX_EXPERTS};
+use super::moe_one_token::OneTokenRoute;
 use super::tiled::{bf16_moe_smem, moe_tiled_launch};
 
 /// Largest expert width whose SwiGLU rows [`moe_bf16_grouped`] stages in shared memory (8 rows
@@ -179,32 +182,12 @@ pub fn moe_bf16_pairs(
     x: &CudaSlice<bf16>,
     y: &mut CudaSlice<bf16>,
 ) -> Result<(), CudaError> {
-    let Bf16Experts { w, n, k, experts } = e;
-    let Bf16Pairs {
-        ids,
-        pairs,
-        in_div,
-        swiglu_in,
-    } = p;
-    if !moe_bf16_pairs_supported(n, k, swiglu_in)
-        || in_div == 0
-        || pairs == 0
-        || pairs > 65_535
-        || experts > i32::MAX as usize
-    {
-        return Err(CudaError::Shape {
-            what: "moe_bf16_pairs".into(),
-            reason: format!(
-                "{pairs} pairs of {experts} [{n}, {k}] experts (input row p / {in_div}; k a \
-                 multiple of 8{})",
-                if swiglu_in {
-                    format!(", at most {MOE_BF16_PAIRS_MAX_SWIGLU_K} with SwiGLU")
-                } else {
-                    String::new()
-                }
-            ),
-        });
-    }
+    let shape = PairsShape {
+        pairs: p.pairs,
+        in_div: p.in_div,
+        swiglu_in: p.swiglu_in,
+    };
+    check_pairs(e, shape)?;
     check_buffers(
         [
             "moe_bf16_pairs: w",
@@ -217,28 +200,21 @@ pub fn moe_bf16_pairs(
         x.len(),
         y.len(),
     )?;
-    // About four 8-warp blocks per SM over all pairs, in one wave.
-    let target = (4 * gpu.sm_count() as usize / pairs).max(1);
-    let rb = n.div_ceil(target).clamp(1, PAIRS_MAX_ROWS);
-    let f = gpu.function(if swiglu_in {
+    let name = if p.swiglu_in {
         "moe_bf16_pairs_sw"
     } else {
         "moe_bf16_pairs"
-    })?;
-    let (n_i, k_i, rb_i, e_i, d_i) = (n as i32, k as i32, rb as i32, experts as i32, in_div as i32);
-    let cfg = LaunchConfig {
-        grid_dim: (n.div_ceil(rb) as u32, pairs as u32, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
     };
+    let f = gpu.function(name)?;
+    let (cfg, [n_i, k_i, rb_i, e_i, d_i]) = pairs_launch(gpu, e, shape);
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(w)
+    b.arg(e.w)
         .arg(x)
         .arg(y)
         .arg(&n_i)
         .arg(&k_i)
         .arg(&rb_i)
-        .arg(ids)
+        .arg(p.ids)
         .arg(&e_i)
         .arg(&d_i);
     // SAFETY: w holds experts * n * k, x the input rows of every pair, y pairs * n, ids pairs
@@ -246,6 +222,337 @@ pub fn moe_bf16_pairs(
     // ids within [0, pairs) and skips ids outside [0, experts).
     unsafe { b.launch(cfg) }.map_err(drv("launch moe_bf16_pairs"))?;
     Ok(())
+}
+
+/// Most pairs (the router's top-k) [`moe_bf16_pairs_from_logits`] takes: the kernel's
+/// shared-memory selection slots.
+pub const MOE_BF16_LOGITS_MAX_TOPK: usize = 16;
+/// Most experts [`moe_bf16_pairs_from_logits`] ranks (the kernels' `MOE_ROUTER_MAX_EXPERTS`).
+pub const MOE_BF16_LOGITS_MAX_EXPERTS: usize = 1024;
+
+/// The router's output for [`moe_bf16_pairs_from_logits`]: its logits in, the top-k ids and
+/// routing weights out.
+pub struct Bf16LogitsRoute<'a> {
+    /// `[experts]` logits of the token.
+    pub logits: &'a CudaSlice<f32>,
+    /// Renormalise the chosen weights over the top-k (`norm_topk_prob`).
+    pub renorm: bool,
+    /// Receives the `top_k` expert ids in rank order (ties to the lower index).
+    pub ids: &'a mut CudaSlice<i32>,
+    /// Receives their routing weights.
+    pub weights: &'a mut CudaSlice<f32>,
+}
+
+/// One token's BF16 gate/up experts routed from the router's logits: every block takes the
+/// softmax and top-k itself (the router's own selection code, so the same ids and weights bit
+/// for bit), computes `y[p] = w[id_p] · x` for its pair `p < top_k`, and one block writes the
+/// ids and weights to `route` for the down projection and the combine after it. The router
+/// then ends with its logits: no last block gathering them and no launch waiting for that
+/// (`Tuning::expert_topk`, as the FP4 experts do).
+pub fn moe_bf16_pairs_from_logits(
+    gpu: &GpuContext,
+    e: Bf16Experts<'_>,
+    route: Bf16LogitsRoute<'_>,
+    top_k: usize,
+    x: &CudaSlice<bf16>,
+    y: &mut CudaSlice<bf16>,
+) -> Result<(), CudaError> {
+    let shape = PairsShape {
+        pairs: top_k,
+        in_div: top_k,
+        swiglu_in: false,
+    };
+    check_pairs(e, shape)?;
+    check_logits_route("moe_bf16_pairs_from_logits", e.experts, top_k)?;
+    check_len(
+        "moe_bf16_pairs_from_logits: w",
+        e.w.len(),
+        e.experts * e.n * e.k,
+    )?;
+    check_len("moe_bf16_pairs_from_logits: x", x.len().min(e.k), e.k)?;
+    check_len(
+        "moe_bf16_pairs_from_logits: y",
+        y.len().min(top_k * e.n),
+        top_k * e.n,
+    )?;
+    check_len(
+        "moe_bf16_pairs_from_logits: logits",
+        route.logits.len(),
+        e.experts,
+    )?;
+    check_len(
+        "moe_bf16_pairs_from_logits: ids",
+        route.ids.len().min(top_k),
+        top_k,
+    )?;
+    check_len(
+        "moe_bf16_pairs_from_logits: weights",
+        route.weights.len().min(top_k),
+        top_k,
+    )?;
+    let f = gpu.function("moe_bf16_pairs_topk")?;
+    let (cfg, [n_i, k_i, rb_i, e_i, d_i]) = pairs_launch(gpu, e, shape);
+    let renorm = i32::from(route.renorm);
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(e.w)
+        .arg(x)
+        .arg(y)
+        .arg(&n_i)
+        .arg(&k_i)
+        .arg(&rb_i)
+        .arg(&e_i)
+        .arg(&d_i)
+        .arg(route.logits)
+        .arg(&renorm)
+        .arg(route.ids)
+        .arg(route.weights);
+    // SAFETY: w holds experts * n * k, x one row of k, y top_k * n, logits one per expert (at
+    // most MOE_ROUTER_MAX_EXPERTS, the kernel's shared table), ids and weights top_k (<= 16, its
+    // selection slots) entries (checked above); k is a multiple of 8; chosen ids outside
+    // [0, experts) (none for finite logits) leave their rows unwritten.
+    unsafe { b.launch(cfg) }.map_err(drv("launch moe_bf16_pairs_topk"))?;
+    Ok(())
+}
+
+/// One token's BF16 down projection routed from the router's logits, the partner of
+/// [`moe_bf16_pairs_from_logits`]: `y[p] = w[id_p] · silu(gate_p) * up_p` for the `[gate | up]`
+/// rows `act[p]` of each pair `p < top_k`, the top-k taken again from the logits by every block.
+/// In a graph with programmatic edges the router is two launches back, so each block ranks the
+/// logits and requests its first weights before its wait, under the gate/up launch's tail; the
+/// logits must therefore come from an earlier launch than the gate/up one (as the router's do).
+pub fn moe_bf16_down_from_logits(
+    gpu: &GpuContext,
+    e: Bf16Experts<'_>,
+    logits: &CudaSlice<f32>,
+    top_k: usize,
+    act: &CudaSlice<bf16>,
+    y: &mut CudaSlice<bf16>,
+) -> Result<(), CudaError> {
+    let shape = PairsShape {
+        pairs: top_k,
+        in_div: 1,
+        swiglu_in: true,
+    };
+    check_pairs(e, shape)?;
+    check_logits_route("moe_bf16_down_from_logits", e.experts, top_k)?;
+    check_len(
+        "moe_bf16_down_from_logits: w",
+        e.w.len(),
+        e.experts * e.n * e.k,
+    )?;
+    let act_need = top_k * 2 * e.k;
+    check_len(
+        "moe_bf16_down_from_logits: act",
+        act.len().min(act_need),
+        act_need,
+    )?;
+    check_len(
+        "moe_bf16_down_from_logits: y",
+        y.len().min(top_k * e.n),
+        top_k * e.n,
+    )?;
+    check_len("moe_bf16_down_from_logits: logits", logits.len(), e.experts)?;
+    let f = gpu.function("moe_bf16_pairs_sw_topk")?;
+    let (cfg, [n_i, k_i, rb_i, e_i, d_i]) = pairs_launch(gpu, e, shape);
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(e.w)
+        .arg(act)
+        .arg(y)
+        .arg(&n_i)
+        .arg(&k_i)
+        .arg(&rb_i)
+        .arg(&e_i)
+        .arg(&d_i)
+        .arg(logits);
+    // SAFETY: w holds experts * n * k, act top_k [gate | up] rows of 2k (k within the staged
+    // SwiGLU row, a multiple of 8), y top_k * n, logits one per expert (at most the kernel's
+    // shared table) for top_k <= 16 selection slots (checked above).
+    unsafe { b.launch(cfg) }.map_err(drv("launch moe_bf16_pairs_sw_topk"))?;
+    Ok(())
+}
+
+/// Output rows per block of [`moe_bf16_down_norm_out`] (the kernel's `MF_ROWS`): one partial
+/// sum each.
+const DOWN_FOLD_ROWS: usize = 8;
+/// Warps per block of [`moe_bf16_down_norm_out`] (the kernel's `MF_WARPS`): with 8 rows per
+/// block, top-8 pairs and K = 768 (Qwen3-30B-A3B), three load rounds per warp, as the unfolded
+/// down launch has; 8 warps (six rounds) ran the MoE stage 10 us per layer slower (H100).
+const DOWN_FOLD_WARPS: u32 = 16;
+/// Most `top_k * k` SwiGLU elements [`moe_bf16_down_norm_out`] stages (32 KiB of dynamic shared
+/// memory beside the kernel's ~12 KiB of tables, within the default 48 KiB).
+const DOWN_FOLD_MAX_STAGED: usize = 16_384;
+/// Most K chunks of 256 per row (the kernel's `MF_MAX_CPR`).
+const DOWN_FOLD_MAX_K: usize = 4096;
+
+/// Partial sums [`moe_bf16_down_norm_out`] writes for a `hidden`-wide residual row: one per 8
+/// rows (the next product's `NormIn::nparts`).
+pub fn moe_bf16_fold_parts(hidden: usize) -> usize {
+    hidden.div_ceil(DOWN_FOLD_ROWS)
+}
+
+/// Whether [`moe_bf16_down_norm_out`] takes `experts` down projections of `[n, k]` under a
+/// top-`top_k` router.
+pub fn moe_bf16_down_fold_supported(n: usize, k: usize, top_k: usize, experts: usize) -> bool {
+    n > 0
+        && k > 0
+        && k % 8 == 0
+        && k <= DOWN_FOLD_MAX_K
+        && (1..=MOE_BF16_LOGITS_MAX_TOPK).contains(&top_k)
+        && top_k * k <= DOWN_FOLD_MAX_STAGED
+        && (1..=MOE_BF16_LOGITS_MAX_EXPERTS).contains(&experts)
+        && experts
+            .checked_mul(n)
+            .and_then(|v| v.checked_mul(k))
+            .is_some_and(|v| v <= i32::MAX as usize)
+}
+
+/// One token's BF16 down projection of every pair, combined with the routing weights and added
+/// to a residual row as the output side of a folded norm (the BF16 partner of
+/// [`super::moe_down_norm_out`]): `v = resid + pending + sum_j w_j * bf16(W[e_j] · silu(gate_j)
+/// * up_j)` (pairs in rank order, the roundings of the unfolded combine), then `resid = v`,
+/// `out.h = bf16(out.weight ⊙ v)` and [`moe_bf16_fold_parts`] partial sums of `v²`. `act` holds
+/// the `top_k` `[gate | up]` rows of `2k`. The experts come from the route's logits (the top-k
+/// taken again by every block) or its ids and weights, read before the launch's PDL wait: they
+/// must come from an earlier launch than the one writing `act` (the router's do). Returns the
+/// number of partial sums.
+pub fn moe_bf16_down_norm_out(
+    gpu: &GpuContext,
+    e: Bf16Experts<'_>,
+    route: OneTokenRoute<'_>,
+    top_k: usize,
+    act: &CudaSlice<bf16>,
+    pending: Option<&CudaSlice<bf16>>,
+    out: NormOut<'_>,
+) -> Result<usize, CudaError> {
+    let Bf16Experts { w, n, k, experts } = e;
+    if !moe_bf16_down_fold_supported(n, k, top_k, experts) {
+        return Err(CudaError::Shape {
+            what: "moe_bf16_down_norm_out".into(),
+            reason: format!(
+                "top-{top_k} of {experts} [{n}, {k}] experts: k a multiple of 8 up to \
+                 {DOWN_FOLD_MAX_K}, top_k * k <= {DOWN_FOLD_MAX_STAGED}, at most \
+                 top-{MOE_BF16_LOGITS_MAX_TOPK} of {MOE_BF16_LOGITS_MAX_EXPERTS}"
+            ),
+        });
+    }
+    route.check(experts, top_k)?;
+    let parts = moe_bf16_fold_parts(n);
+    check_len("moe_bf16_down_norm_out: w", w.len(), experts * n * k)?;
+    let act_need = top_k * 2 * k;
+    check_len(
+        "moe_bf16_down_norm_out: act",
+        act.len().min(act_need),
+        act_need,
+    )?;
+    check_len("moe_bf16_down_norm_out: resid", out.resid.len(), n)?;
+    check_len("moe_bf16_down_norm_out: weight", out.weight.len(), n)?;
+    check_len("moe_bf16_down_norm_out: h", out.h.len(), n)?;
+    check_len(
+        "moe_bf16_down_norm_out: parts",
+        out.parts.len().min(parts),
+        parts,
+    )?;
+    if let Some(p) = pending {
+        check_len("moe_bf16_down_norm_out: pending", p.len(), n)?;
+    }
+    let f = gpu.function("moe_bf16_down_fold")?;
+    let cfg = LaunchConfig {
+        grid_dim: (parts as u32, 1, 1),
+        block_dim: (32 * DOWN_FOLD_WARPS, 1, 1),
+        shared_mem_bytes: (top_k * k * 2) as u32,
+    };
+    let (n_i, k_i, e_i, p_i, renorm) = (
+        n as i32,
+        k as i32,
+        experts as i32,
+        top_k as i32,
+        route.renorm(),
+    );
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(w).arg(act).arg(&n_i).arg(&k_i).arg(&e_i).arg(&p_i);
+    arg_or_null(&mut b, route.logits());
+    b.arg(&renorm);
+    arg_or_null(&mut b, route.ids());
+    arg_or_null(&mut b, route.weights());
+    arg_or_null(&mut b, pending);
+    b.arg(out.resid).arg(out.weight).arg(out.h).arg(out.parts);
+    // SAFETY: w holds experts * n * k, act top_k rows of 2k (k a multiple of 8, top_k * k
+    // within the dynamic shared memory asked for), the route top_k ids and weights or one logit
+    // per expert (top_k <= 16 and experts <= 1024: the kernel's tables), resid / weight / h /
+    // pending n entries and parts one per block (checked above). Chosen ids outside
+    // [0, experts) contribute nothing.
+    unsafe { b.launch(cfg) }.map_err(drv("launch moe_bf16_down_fold"))?;
+    Ok(parts)
+}
+
+/// Refuses a top-k the logits-routed kernels cannot take (their shared selection slots and
+/// probability table).
+fn check_logits_route(what: &str, experts: usize, top_k: usize) -> Result<(), CudaError> {
+    if top_k > MOE_BF16_LOGITS_MAX_TOPK || experts > MOE_BF16_LOGITS_MAX_EXPERTS {
+        return Err(CudaError::Shape {
+            what: what.into(),
+            reason: format!(
+                "top-{top_k} of {experts} experts: at most top-{MOE_BF16_LOGITS_MAX_TOPK} of \
+                 {MOE_BF16_LOGITS_MAX_EXPERTS}"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The pair layout of one `moe_bf16_pairs*` launch.
+#[derive(Clone, Copy)]
+struct PairsShape {
+    pairs: usize,
+    in_div: usize,
+    swiglu_in: bool,
+}
+
+/// Refuses what the one-token kernels cannot take (see [`moe_bf16_pairs_supported`]).
+fn check_pairs(e: Bf16Experts<'_>, s: PairsShape) -> Result<(), CudaError> {
+    let (n, k) = (e.n, e.k);
+    if !moe_bf16_pairs_supported(n, k, s.swiglu_in)
+        || s.in_div == 0
+        || s.pairs == 0
+        || s.pairs > 65_535
+        || e.experts > i32::MAX as usize
+    {
+        return Err(CudaError::Shape {
+            what: "moe_bf16_pairs".into(),
+            reason: format!(
+                "{} pairs of {} [{n}, {k}] experts (input row p / {}; k a multiple of 8{})",
+                s.pairs,
+                e.experts,
+                s.in_div,
+                if s.swiglu_in {
+                    format!(", at most {MOE_BF16_PAIRS_MAX_SWIGLU_K} with SwiGLU")
+                } else {
+                    String::new()
+                }
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Grid of a one-token launch (about four 8-warp blocks per SM over all pairs, in one wave) and
+/// its integer arguments n, k, rows per block, experts, in_div.
+fn pairs_launch(gpu: &GpuContext, e: Bf16Experts<'_>, s: PairsShape) -> (LaunchConfig, [i32; 5]) {
+    let target = (4 * gpu.sm_count() as usize / s.pairs).max(1);
+    let rb = e.n.div_ceil(target).clamp(1, PAIRS_MAX_ROWS);
+    let cfg = LaunchConfig {
+        grid_dim: (e.n.div_ceil(rb) as u32, s.pairs as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let ints = [
+        e.n as i32,
+        e.k as i32,
+        rb as i32,
+        e.experts as i32,
+        s.in_div as i32,
+    ];
+    (cfg, ints)
 }
 
 /// K elements per pipeline stage of the tiled BF16 grouped kernels (`BM_CH`, fp4_tiled.cu).

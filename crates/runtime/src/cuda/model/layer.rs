@@ -6,12 +6,14 @@
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use mimo_kernels::cuda::{
-    moe_bf16_grouped, moe_bf16_pairs, moe_bf16_pairs_supported, moe_bf16_tiled,
-    moe_bf16_tiled_supported, moe_down_norm_out, moe_fold_parts, moe_layer, moe_one_token_gate_up,
-    moe_tile_pairs, moe_tiled_batch, Bf16Experts, Bf16Pairs, L2Ranges, NormIn, NormOut,
-    OneTokenRoute,
+    moe_bf16_down_from_logits, moe_bf16_down_norm_out, moe_bf16_grouped, moe_bf16_pairs,
+    moe_bf16_pairs_from_logits, moe_bf16_pairs_supported, moe_bf16_tiled, moe_bf16_tiled_supported,
+    moe_down_norm_out, moe_layer, moe_one_token_gate_up, moe_tile_pairs, moe_tiled_batch,
+    Bf16Experts, Bf16LogitsRoute, Bf16Pairs, L2Ranges, NormIn, NormOut, OneTokenRoute,
+    MOE_BF16_LOGITS_MAX_EXPERTS, MOE_BF16_LOGITS_MAX_TOPK,
 };
 
+use super::fold::moe_fold_nparts;
 use super::{split_partials, walk, zeros, Experts, Ffn, GateUp, GpuModel, Pend, Qkv, Stage, Ws};
 use crate::cuda::error::GpuError;
 use crate::cuda::ops::{
@@ -76,9 +78,9 @@ impl GpuModel {
         let fold = tap.is_none() && self.folds(m);
         let fold_in = match li.checked_sub(1).map(|p| &self.layers[p].ffn) {
             Some(Ffn::Dense(prev)) if fold => Some(self.fold_input(&ws.fold_parts, &prev.down)?),
-            Some(Ffn::Moe(_)) if fold => Some(NormIn {
+            Some(Ffn::Moe(prev)) if fold => Some(NormIn {
                 parts: &ws.fold_parts,
-                nparts: moe_fold_parts(hd),
+                nparts: moe_fold_nparts(prev, hd),
                 len: hd,
                 eps,
             }),
@@ -298,13 +300,35 @@ impl GpuModel {
                 } else {
                     RouterIn::Rows(&ws.h)
                 };
-                // The folded one-token path (FP4 experts, not the last layer) may take the
-                // top-k inside the expert kernels (Tuning::expert_topk).
+                // The folded one-token path (FP4 experts, not the last layer) and the one-token
+                // BF16 experts may take the top-k inside the expert kernels
+                // (Tuning::expert_topk).
                 let folded = fold
                     && li + 1 < self.layers.len()
                     && matches!(moe.experts, Experts::Fp4(_))
                     && mb.fp4.is_some();
-                let expert_topk = folded && g.tuning().expert_topk;
+                let bf16 = matches!(moe.experts, Experts::Bf16 { .. })
+                    && mb.pair_gu.is_some()
+                    && mb.pair_dn.is_some();
+                let tiled = bf16
+                    && tap.is_none()
+                    && mb.route.is_some()
+                    && moe_tiled_batch(&g.tuning(), m, moe.top_k, moe.n_experts)
+                    && moe_bf16_tiled_supported(2 * moe.inter, hd, true)
+                    && moe_bf16_tiled_supported(hd, moe.inter, false);
+                // One token: every pair has its own expert, so one pass per pair
+                // (moe_bf16_pairs); else the grouped kernel, which reads each expert once for
+                // all its pairs.
+                let direct = bf16
+                    && !tiled
+                    && m == 1
+                    && g.tuning().moe_direct
+                    && moe_bf16_pairs_supported(2 * moe.inter, hd, false)
+                    && moe_bf16_pairs_supported(hd, moe.inter, true);
+                let direct_topk = direct
+                    && moe.top_k <= MOE_BF16_LOGITS_MAX_TOPK
+                    && moe.n_experts <= MOE_BF16_LOGITS_MAX_EXPERTS;
+                let expert_topk = (folded || direct_topk) && g.tuning().expert_topk;
                 if self.runs(Stage::Router) {
                     ops.router_topk(
                         g,
@@ -332,13 +356,7 @@ impl GpuModel {
                     ..Pend::default()
                 };
                 match (&moe.experts, &mut mb.fp4, &mut mb.pair_gu, &mut mb.pair_dn) {
-                    (Experts::Bf16 { gate_up, down }, _, Some(pgu), Some(pdn))
-                        if tap.is_none()
-                            && mb.route.is_some()
-                            && moe_tiled_batch(&g.tuning(), m, moe.top_k, moe.n_experts)
-                            && moe_bf16_tiled_supported(2 * moe.inter, hd, true)
-                            && moe_bf16_tiled_supported(hd, moe.inter, false) =>
-                    {
+                    (Experts::Bf16 { gate_up, down }, _, Some(pgu), Some(pdn)) if tiled => {
                         // Prefill-sized batches: the pairs sorted into tiles of one expert,
                         // each expert's rows read once per tile on the tensor cores; gate/up
                         // forms SwiGLU in its epilogue (pgu then holds [pairs][inter]).
@@ -410,13 +428,27 @@ impl GpuModel {
                         out.delta = true;
                     }
                     (Experts::Bf16 { gate_up, down }, _, Some(pgu), Some(pdn)) => {
-                        // One token: every pair has its own expert, so one pass per pair
-                        // (moe_bf16_pairs); else the grouped kernel, which reads each expert
-                        // once for all its pairs.
-                        let direct = m == 1
-                            && g.tuning().moe_direct
-                            && moe_bf16_pairs_supported(2 * moe.inter, hd, false)
-                            && moe_bf16_pairs_supported(hd, moe.inter, true);
+                        if expert_topk {
+                            // The router wrote only its logits: this launch takes the top-k
+                            // and writes the ids and weights the down launch and the
+                            // combine read.
+                            let gu_experts = Bf16Experts {
+                                w: gate_up,
+                                n: 2 * moe.inter,
+                                k: hd,
+                                experts: moe.n_experts,
+                            };
+                            let route = Bf16LogitsRoute {
+                                logits: &mb.logits,
+                                renorm: moe.renorm,
+                                ids: &mut mb.ids,
+                                weights: &mut mb.weights,
+                            };
+                            moe_bf16_pairs_from_logits(
+                                g, gu_experts, route, moe.top_k, &ws.h, pgu,
+                            )?;
+                            self.mark("experts")?;
+                        }
                         let ids = &mb.ids;
                         let experts = |w: &CudaSlice<bf16>,
                                        x: &CudaSlice<bf16>,
@@ -442,9 +474,49 @@ impl GpuModel {
                             }
                             Ok(())
                         };
-                        experts(gate_up, &ws.h, pgu, (2 * moe.inter, hd, moe.top_k, false))?;
-                        self.mark("experts")?;
-                        experts(down, pgu, pdn, (hd, moe.inter, 1, true))?;
+                        if !expert_topk {
+                            experts(gate_up, &ws.h, pgu, (2 * moe.inter, hd, moe.top_k, false))?;
+                            self.mark("experts")?;
+                        }
+                        let dn = Bf16Experts {
+                            w: down,
+                            n: hd,
+                            k: moe.inter,
+                            experts: moe.n_experts,
+                        };
+                        if direct && fold && li + 1 < self.layers.len() {
+                            // The down + combine kernel adds the layer's output (and a pending
+                            // attention output) to the residual and folds the next layer's
+                            // input norm (fold_capable checked that it takes this shape).
+                            let route = if expert_topk {
+                                OneTokenRoute::Logits {
+                                    logits: &mb.logits,
+                                    renorm: moe.renorm,
+                                }
+                            } else {
+                                OneTokenRoute::TopK {
+                                    ids,
+                                    weights: &mb.weights,
+                                }
+                            };
+                            let out_norm = NormOut {
+                                resid: &mut ws.x,
+                                weight: &self.layers[li + 1].in_norm,
+                                h: &mut ws.h,
+                                parts: &mut ws.fold_parts,
+                            };
+                            let pending = fuse.then_some(&ws.attn_delta);
+                            moe_bf16_down_norm_out(
+                                g, dn, route, moe.top_k, pgu, pending, out_norm,
+                            )?;
+                            self.mark("experts")?;
+                            return Ok(Pend::default());
+                        }
+                        if expert_topk {
+                            moe_bf16_down_from_logits(g, dn, &mb.logits, moe.top_k, pgu, pdn)?;
+                        } else {
+                            experts(down, pgu, pdn, (hd, moe.inter, 1, true))?;
+                        }
                         self.mark("experts")?;
                         out.pairs = true;
                         if let Some(t) = tap.as_deref_mut() {
