@@ -138,12 +138,10 @@ __device__ __forceinline__ uint4 mp_load(const u16* __restrict__ wb, int k, int 
     return ch < total && c < k ? ldg_stream(wb + (size_t)row * k + c) : make_uint4(0, 0, 0, 0);
 }
 
-// TOPK (one token, grid.y = top_k pairs): no ids in; each block takes the router's softmax and
-// top-k from its logits (moe_topk_from_logits, as the router's last block would). Gate/up (!SW):
-// after the PDL wait (the router is the previous launch), and block (0, 0) writes the ids and
-// routing weights for the launches after it (the down projection's combine), so the router
-// ends with its logits. Down (SW): the router is two launches back, so the top-k and the
-// block's first weight loads go out before the wait, under the gate/up launch's tail.
+// TOPK (one token, gate/up: grid.y = top_k pairs): no ids in; each block takes the router's
+// softmax and top-k from its logits (moe_topk_from_logits, as the router's last block would)
+// and block (0, 0) writes the ids and routing weights for the launches after it (the down
+// projection and the combine), so the router ends with its logits.
 template <bool SW, bool TOPK = false>
 __device__ __forceinline__ void moe_bf16_pairs_body(const u16* __restrict__ w,
                                                     const u16* __restrict__ x,
@@ -158,15 +156,14 @@ __device__ __forceinline__ void moe_bf16_pairs_body(const u16* __restrict__ w,
     __shared__ __align__(16) float r_prob[TOPK ? MOE_ROUTER_MAX_EXPERTS : 4];
     __shared__ float r_selp[TOPK ? 16 : 1];
     __shared__ int r_selid[TOPK ? 16 : 1];
-    constexpr bool EARLY = TOPK && SW;  // weights requested before the PDL wait
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    if (!EARLY) pdl_enter();
+    pdl_enter();
     const int p = blockIdx.y;
     int e;
     if (TOPK) {
         const int top_k = gridDim.y;  // at most 16 (moe_bf16.rs)
         moe_topk_from_logits(logits, E, top_k, r_prob, r_selp, r_selid);
-        if (!SW && blockIdx.x == 0 && blockIdx.y == 0) {
+        if (blockIdx.x == 0 && blockIdx.y == 0) {
             for (int j = threadIdx.x; j < top_k; j += blockDim.x) {
                 ids_out[j] = r_selid[j];
                 w_out[j] = router_weight(r_selp, j, top_k, renorm);
@@ -176,14 +173,13 @@ __device__ __forceinline__ void moe_bf16_pairs_body(const u16* __restrict__ w,
     } else {
         e = ids[p];
     }
-    if (e < 0 || e >= E) return;  // the whole block, which writes nothing
+    if (e < 0 || e >= E) return;  // the whole block
     const int row0 = blockIdx.x * rb, rows = min(rb, n - row0);
     const int cpr = (k + 255) >> 8, total = rows * cpr;
     const u16* wb = w + ((size_t)e * n + row0) * k;
     uint4 wv[MP_PPT];
 #pragma unroll
     for (int i = 0; i < MP_PPT; i++) wv[i] = mp_load(wb, k, cpr, total, warp + i * MP_WARPS);
-    if (EARLY) pdl_enter();  // the input rows are the previous launch's output
     const u16* xr = x + (size_t)(p / in_div) * (SW ? 2 : 1) * k;
     if (SW) {
         for (int c = threadIdx.x * 8; c < k; c += blockDim.x * 8) {
@@ -253,137 +249,10 @@ moe_bf16_pairs_topk(const u16* __restrict__ w, const u16* __restrict__ x, u16* _
                                      w_out);
 }
 
-// One token's down projection routed from the router's logits (TOPK above, SW).
-extern "C" __global__ void __launch_bounds__(256)
-moe_bf16_pairs_sw_topk(const u16* __restrict__ w, const u16* __restrict__ x,
-                       u16* __restrict__ y, int n, int k, int rb, int E, int in_div,
-                       const float* __restrict__ logits) {
-    moe_bf16_pairs_body<true, true>(w, x, y, n, k, rb, 0, E, in_div, logits);
-}
-
 extern "C" __global__ void __launch_bounds__(256)
 moe_bf16_pairs_sw(const u16* __restrict__ w, const u16* __restrict__ x, u16* __restrict__ y,
                   int n, int k, int rb, const int* __restrict__ ids, int E, int in_div) {
     moe_bf16_pairs_body<true>(w, x, y, n, k, rb, ids, E, in_div);
-}
-
-// ---------------------------------------------------------------------------------------------
-// One token's BF16 down projection of every pair with the weighted combine and the output side
-// of a folded norm (the BF16 partner of fp4_moe_down_t1_*_fold; moe_bf16.rs
-// moe_bf16_down_norm_out): a block owns MF_ROWS output rows for all P pairs, so the combine and
-// the residual add need no other launch:
-//   v[r] = resid[r] + bf16(pending[r]) + sum_j w_j * bf16(W[e_j] row r . silu(gate_j) * up_j),
-// pairs in rank order (the order and roundings of add_rmsnorm's combine), then resid = v,
-// out_h = bf16(out_w * v) and one partial sum of v^2 per block (rows in order) in out_parts.
-// The experts and weights come from the router's logits (top-k taken here) or its ids and
-// weights; either way the router is two launches back in the PDL chain (the gate/up launch is
-// between), so the routing and the first weight loads go out before the wait. Work items are
-// (pair, row, 256-element chunk) in that order; warp w takes items w, w + MF_WARPS, ... in groups
-// of MP_PPT, the next group requested before the current one is used; each item's dot product
-// is reduced over its warp into shared memory and the rows add their items in order
-// (deterministic). Dynamic shared memory: the P SwiGLU rows (P * k bf16).
-// ---------------------------------------------------------------------------------------------
-#define MF_ROWS 8
-#define MF_WARPS 16
-#define MF_MAX_PAIRS 16
-#define MF_MAX_CPR 16  // k <= 4096
-
-__device__ __forceinline__ uint4 mf_load(const u16* __restrict__ w, const int* se, int E, int n,
-                                         int k, int row0, int rows, int cpr, int total, int i) {
-    if (i >= total) return make_uint4(0, 0, 0, 0);
-    const int per_pair = rows * cpr;
-    const int pr = i / per_pair, rem = i - pr * per_pair;
-    const int row = rem / cpr, c = (rem - row * cpr) * 256 + (threadIdx.x & 31) * 8;
-    const int e = se[pr];
-    if (e < 0 || e >= E || c >= k) return make_uint4(0, 0, 0, 0);
-    return ldg_stream(w + ((size_t)e * n + row0 + row) * k + c);
-}
-
-extern "C" __global__ void __launch_bounds__(MF_WARPS * 32, 2)
-moe_bf16_down_fold(const u16* __restrict__ w, const u16* __restrict__ x, int n, int k, int E,
-                   int P, const float* __restrict__ logits, int renorm,
-                   const int* __restrict__ ids, const float* __restrict__ topw,
-                   const u16* __restrict__ pending, float* __restrict__ resid,
-                   const float* __restrict__ out_w, u16* __restrict__ out_h,
-                   float* __restrict__ out_parts) {
-    extern __shared__ __align__(16) u16 act[];  // [P][k]
-    __shared__ __align__(16) float r_prob[MOE_ROUTER_MAX_EXPERTS];
-    __shared__ float r_selp[MF_MAX_PAIRS];
-    __shared__ int r_selid[MF_MAX_PAIRS];
-    __shared__ int se[MF_MAX_PAIRS];
-    __shared__ float sw[MF_MAX_PAIRS];
-    __shared__ float red[MF_MAX_PAIRS * MF_ROWS * MF_MAX_CPR];
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int row0 = blockIdx.x * MF_ROWS, rows = min(MF_ROWS, n - row0);
-    const int cpr = (k + 255) >> 8, total = P * rows * cpr;
-    if (logits != 0) {
-        moe_topk_from_logits(logits, E, P, r_prob, r_selp, r_selid);
-        for (int j = threadIdx.x; j < P; j += blockDim.x) {
-            se[j] = r_selid[j];
-            sw[j] = router_weight(r_selp, j, P, renorm);
-        }
-    } else {
-        for (int j = threadIdx.x; j < P; j += blockDim.x) {
-            se[j] = __ldcg(ids + j);
-            sw[j] = __ldcg(topw + j);
-        }
-    }
-    __syncthreads();
-    uint4 wv[MP_PPT];
-#pragma unroll
-    for (int i = 0; i < MP_PPT; i++)
-        wv[i] = mf_load(w, se, E, n, k, row0, rows, cpr, total, warp + i * MF_WARPS);
-    pdl_enter();  // the SwiGLU rows are the previous launch's output
-    for (int c = threadIdx.x * 8; c < P * k; c += blockDim.x * 8) {
-        const int pr = c / k, cc = c - pr * k;  // k is a multiple of 8: a piece lies in one row
-        const u16* xr = x + (size_t)pr * 2 * k;
-        *(uint4*)(act + c) = swiglu8(*(const uint4*)(xr + cc), *(const uint4*)(xr + k + cc));
-    }
-    __syncthreads();
-    for (int j0 = warp; j0 < total; j0 += MF_WARPS * MP_PPT) {
-        uint4 nx[MP_PPT];
-#pragma unroll
-        for (int i = 0; i < MP_PPT; i++)
-            nx[i] = mf_load(w, se, E, n, k, row0, rows, cpr, total, j0 + (MP_PPT + i) * MF_WARPS);
-#pragma unroll
-        for (int i = 0; i < MP_PPT; i++) {
-            const int it = j0 + i * MF_WARPS;
-            if (it < total) {
-                const int per_pair = rows * cpr;
-                const int pr = it / per_pair, rem = it - pr * per_pair;
-                const int c = (rem % cpr) * 256 + lane * 8;
-                float v = c < k ? dot8(wv[i], *(const uint4*)(act + (size_t)pr * k + c)) : 0.f;
-#pragma unroll
-                for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-                if (lane == 0) red[it] = v;
-            }
-        }
-#pragma unroll
-        for (int i = 0; i < MP_PPT; i++) wv[i] = nx[i];
-    }
-    __syncthreads();
-    if (warp != 0) return;
-    float sq = 0.f;
-    if (lane < rows) {
-        const int row = row0 + lane;
-        float v = resid[row];
-        if (pending != 0) v += bf16_to_f32(pending[row]);
-        float s = 0.f;
-        for (int j = 0; j < P; j++) {
-            const int e = se[j];
-            if (e < 0 || e >= E) continue;
-            float y = 0.f;
-            for (int c = 0; c < cpr; c++) y += red[(j * rows + lane) * cpr + c];
-            s += sw[j] * bf16_to_f32(f32_to_bf16(y));
-        }
-        v += s;
-        resid[row] = v;
-        out_h[row] = f32_to_bf16(out_w[row] * v);
-        sq = v * v;
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, o);
-    if (lane == 0) out_parts[blockIdx.x] = sq;
 }
 
 // ---------------------------------------------------------------------------------------------

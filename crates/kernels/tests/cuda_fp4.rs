@@ -1357,11 +1357,11 @@ fn moe_bf16_pairs_matches_cpu_reference() {
     assert!(!takes((2, 8200, 1), false, &short));
 }
 
-/// The one-token BF16 gate/up and down routed from the router's logits: the ids and weights
-/// the gate/up writes are the reference top-k (f64 softmax, ties to the lower index; with and
-/// without renormalisation, weights within f32 rounding), and the rows of both equal the same
-/// kernels given those ids, bit for bit (the same dot products in the same order). Too many
-/// pairs or logits of the wrong length are refused.
+/// The one-token BF16 gate/up routed from the router's logits: the ids and weights it writes
+/// are the reference top-k (f64 softmax, ties to the lower index; with and without
+/// renormalisation, weights within f32 rounding), and its rows equal the same kernel given those
+/// ids, bit for bit (the same dot products in the same order). Too many pairs or logits of the
+/// wrong length are refused.
 #[test]
 fn moe_bf16_pairs_from_logits_matches_ids_route() {
     let Some(gpu) = gpu() else { return };
@@ -1371,10 +1371,8 @@ fn moe_bf16_pairs_from_logits_matches_ids_route() {
     {
         let rows = 2 * inter;
         let (gub, _) = bf16_pair(&random_matrix(&mut rng, experts * rows * hidden, 0.1));
-        let (dnb, _) = bf16_pair(&random_matrix(&mut rng, experts * hidden * inter, 0.1));
         let (xb, _) = bf16_pair(&random_matrix(&mut rng, hidden, 1.0));
         let gu = s.clone_htod(&gub).unwrap();
-        let dn = s.clone_htod(&dnb).unwrap();
         let x = s.clone_htod(&xb).unwrap();
         for renorm in [true, false] {
             let logits: Vec<f32> = (0..experts)
@@ -1425,23 +1423,6 @@ fn moe_bf16_pairs_from_logits_matches_ids_route() {
                 a.iter().zip(&b).all(|(u, v)| u.to_bits() == v.to_bits()),
                 "{what}: rows differ from the ids route"
             );
-            // The down projection of those rows, routed from the logits and from the ids.
-            let dn_e = bf16_experts(&dn, (hidden, inter, experts));
-            let mut z = poisoned(&gpu, top_k * hidden);
-            cuda::moe_bf16_down_from_logits(&gpu, dn_e, &logits_d, top_k, &y, &mut z).unwrap();
-            let mut z_ids = poisoned(&gpu, top_k * hidden);
-            let p = bf16_pairs(&ids_d, (top_k, 1, true));
-            cuda::moe_bf16_pairs(&gpu, dn_e, p, &y, &mut z_ids).unwrap();
-            let a = s.clone_dtoh(&z).unwrap();
-            let b = s.clone_dtoh(&z_ids).unwrap();
-            assert!(
-                a.iter().all(|v| v.is_finite()),
-                "{what}: a down row left unwritten"
-            );
-            assert!(
-                a.iter().zip(&b).all(|(u, v)| u.to_bits() == v.to_bits()),
-                "{what}: down rows differ from the ids route"
-            );
         }
     }
     // Refused: more pairs than selection slots, logits of the wrong length.
@@ -1462,131 +1443,6 @@ fn moe_bf16_pairs_from_logits_matches_ids_route() {
         };
         assert!(cuda::moe_bf16_pairs_from_logits(&gpu, e, route, top_k, &x, &mut y).is_err());
     }
-    let act = s.clone_htod(&vec![bf16::ONE; 17 * 2 * 64]).unwrap();
-    let dn_e = bf16_experts(&w, (16, 64, 20));
-    let too_many = cuda::MOE_BF16_LOGITS_MAX_TOPK + 1;
-    assert!(cuda::moe_bf16_down_from_logits(&gpu, dn_e, &logits, too_many, &act, &mut y).is_err());
-    assert!(cuda::moe_bf16_down_from_logits(&gpu, dn_e, &short, 4, &act, &mut y).is_err());
-}
-
-/// The BF16 experts' one-token down + combine as a folded norm's producer
-/// (`moe_bf16_down_norm_out`), routed by ids and weights and by logits: the residual row equals
-/// `resid + pending + sum_j w_j * y_j` over the pairs' down rows `y_j` of `moe_bf16_pairs`
-/// (within one bf16 rounding of each `y_j`: the kernels add a row's pieces in other orders), an
-/// out-of-range id contributes nothing, `h = bf16(weight * resid)` exactly, and each partial sum
-/// is its 8 rows' sum of squares; hidden sizes off the 8-row block.
-#[test]
-fn moe_bf16_down_norm_out_matches_pairs_and_combine() {
-    let Some(gpu) = gpu() else { return };
-    let mut rng = rng("moe bf16 down fold");
-    let s = gpu.stream();
-    for (experts, hidden, inter, top_k) in [(16usize, 2048usize, 768usize, 8usize), (9, 100, 40, 3)]
-    {
-        let (dnb, _) = bf16_pair(&random_matrix(&mut rng, experts * hidden * inter, 0.1));
-        let (actb, _) = bf16_pair(&random_matrix(&mut rng, top_k * 2 * inter, 1.0));
-        let resid0 = random_matrix(&mut rng, hidden, 1.0);
-        let (pendb, pendf) = bf16_pair(&random_matrix(&mut rng, hidden, 0.5));
-        let normw: Vec<f32> = (0..hidden).map(|_| 0.5 + rng.random::<f32>()).collect();
-        let dn = s.clone_htod(&dnb).unwrap();
-        let act = s.clone_htod(&actb).unwrap();
-        let pend = s.clone_htod(&pendb).unwrap();
-        let normw_d = s.clone_htod(&normw).unwrap();
-        let e = bf16_experts(&dn, (hidden, inter, experts));
-        assert!(cuda::moe_bf16_down_fold_supported(
-            hidden, inter, top_k, experts
-        ));
-        // By ids (the last one out of range) and weights, then by logits.
-        let mut ids: Vec<i32> = (0..top_k).map(|j| ((j * 5 + 2) % experts) as i32).collect();
-        ids[top_k - 1] = -1;
-        let wts: Vec<f32> = (0..top_k).map(|_| rng.random::<f32>()).collect();
-        let logits: Vec<f32> = (0..experts)
-            .map(|_| rng.random::<f32>() * 6.0 - 3.0)
-            .collect();
-        let lf: Vec<f64> = logits.iter().map(|&v| v as f64).collect();
-        let (lids, lw) = topk_ref(&lf, top_k, true);
-        let ids_d = s.clone_htod(&ids).unwrap();
-        let wts_d = s.clone_htod(&wts).unwrap();
-        let logits_d = s.clone_htod(&logits).unwrap();
-        let lids_i: Vec<i32> = lids.iter().map(|&i| i as i32).collect();
-        let lids_d = s.clone_htod(&lids_i).unwrap();
-        let lw_f: Vec<f32> = lw.iter().map(|&v| v as f32).collect();
-        let cases = [
-            (
-                "ids",
-                cuda::OneTokenRoute::TopK {
-                    ids: &ids_d,
-                    weights: &wts_d,
-                },
-                &ids_d,
-                &wts,
-            ),
-            (
-                "logits",
-                cuda::OneTokenRoute::Logits {
-                    logits: &logits_d,
-                    renorm: true,
-                },
-                &lids_d,
-                &lw_f,
-            ),
-        ];
-        for (name, route, ref_ids, ref_w) in cases {
-            let what = format!("{experts}x[{hidden}, {inter}] top-{top_k} by {name}");
-            // The pairs' down rows by the unfolded kernel.
-            let mut y = poisoned(&gpu, top_k * hidden);
-            let p = bf16_pairs(ref_ids, (top_k, 1, true));
-            cuda::moe_bf16_pairs(&gpu, e, p, &act, &mut y).unwrap();
-            let yh = s.clone_dtoh(&y).unwrap();
-            let idh = s.clone_dtoh(ref_ids).unwrap();
-            let mut resid = s.clone_htod(&resid0).unwrap();
-            let mut h = poisoned(&gpu, hidden);
-            let nparts = cuda::moe_bf16_fold_parts(hidden);
-            let mut parts = s.clone_htod(&vec![f32::NAN; nparts]).unwrap();
-            let out = cuda::NormOut {
-                resid: &mut resid,
-                weight: &normw_d,
-                h: &mut h,
-                parts: &mut parts,
-            };
-            let got_n = cuda::moe_bf16_down_norm_out(&gpu, e, route, top_k, &act, Some(&pend), out)
-                .unwrap();
-            assert_eq!(got_n, nparts, "{what}: parts");
-            let rv = s.clone_dtoh(&resid).unwrap();
-            let hv = s.clone_dtoh(&h).unwrap();
-            let pv = s.clone_dtoh(&parts).unwrap();
-            for i in 0..hidden {
-                let (mut want, mut slack) = (resid0[i] + pendf[i], 0f32);
-                for j in 0..top_k {
-                    if idh[j] < 0 || idh[j] as usize >= experts {
-                        continue;
-                    }
-                    let yj = yh[j * hidden + i].to_f32();
-                    want += ref_w[j] * yj;
-                    slack += ref_w[j] * yj.abs() / 128.0;
-                }
-                assert!(
-                    (rv[i] - want).abs() <= slack + 1e-5 * want.abs() + 1e-6,
-                    "{what}: resid[{i}] {} vs {want}",
-                    rv[i]
-                );
-                assert_eq!(hv[i], bf16::from_f32(normw[i] * rv[i]), "{what}: h[{i}]");
-            }
-            for (b, &got) in pv.iter().enumerate() {
-                let want: f64 = rv[b * 8..((b + 1) * 8).min(hidden)]
-                    .iter()
-                    .map(|&v| (v as f64) * (v as f64))
-                    .sum();
-                assert!(
-                    (got as f64 - want).abs() <= 1e-5 * want + 1e-9,
-                    "{what}: part {b} {got} vs {want}"
-                );
-            }
-        }
-    }
-    // Refused: more pairs than the kernel's slots, K past its staged rows.
-    assert!(!cuda::moe_bf16_down_fold_supported(64, 64, 17, 8));
-    assert!(!cuda::moe_bf16_down_fold_supported(64, 4104, 2, 8));
-    assert!(!cuda::moe_bf16_down_fold_supported(64, 60, 2, 8));
 }
 
 /// The folded norm (fold.rs): a one-token producer adds its product to the residual row and

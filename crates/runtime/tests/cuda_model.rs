@@ -392,30 +392,21 @@ fn folded_norms_match_unfolded_decode() {
     // Mixed checkpoints last: k/v kept BF16, and the whole attention (`--experts-only`),
     // whose BF16 q/k/v take the folded input through bf16_gemv_norm_in.
     let kv: &[&str] = &[".k_proj", ".v_proj"];
-    // Last, a BF16 MoE model (no layout): the BF16 experts' down + combine kernel produces the
-    // norm and BF16 q/k/v consume it.
     for (arch, layout, keep) in [
-        (Arch::Llama, Some(Layout::CtNvfp4), &[][..]),
-        (Arch::Qwen2, Some(Layout::CtMxfp4), &[]),
-        (Arch::Qwen3, Some(Layout::CtNvfp4), &[]),
-        (Arch::Mimo, Some(Layout::CtNvfp4), &[]),
-        (Arch::Qwen3Moe, Some(Layout::CtNvfp4), &[]),
-        (Arch::Mixtral, Some(Layout::CtMxfp4), &[]),
-        (Arch::Qwen3Moe, Some(Layout::CtNvfp4), kv),
-        (Arch::Qwen3Moe, Some(Layout::CtMxfp4), &[".self_attn."]),
-        (Arch::Qwen3Moe, None, &[]),
+        (Arch::Llama, Layout::CtNvfp4, &[][..]),
+        (Arch::Qwen2, Layout::CtMxfp4, &[]),
+        (Arch::Qwen3, Layout::CtNvfp4, &[]),
+        (Arch::Mimo, Layout::CtNvfp4, &[]),
+        (Arch::Qwen3Moe, Layout::CtNvfp4, &[]),
+        (Arch::Mixtral, Layout::CtMxfp4, &[]),
+        (Arch::Qwen3Moe, Layout::CtNvfp4, kv),
+        (Arch::Qwen3Moe, Layout::CtMxfp4, &[".self_attn."]),
     ] {
         let d = tempfile::tempdir().unwrap();
         fixtures::write_fixture(d.path(), arch, 14).unwrap();
         let q = d.path().join("fp4");
-        let dir = match layout {
-            Some(layout) => {
-                quantize_checkpoint_except(d.path(), &q, layout, true, keep);
-                q.as_path()
-            }
-            None => d.path(),
-        };
-        let mut g = GpuModel::load(gpu.clone(), dir).unwrap();
+        quantize_checkpoint_except(d.path(), &q, layout, true, keep);
+        let mut g = GpuModel::load(gpu.clone(), &q).unwrap();
         let base = g.gpu().ctx.tuning();
         let prompt: Vec<u32> = (0..9u32).map(|i| i * 31 + 7).collect();
         let mut runs = Vec::new();
@@ -447,10 +438,7 @@ fn folded_norms_match_unfolded_decode() {
         }
         g.gpu().ctx.set_tuning(base);
         g.reset_decode_sessions();
-        let what = match layout {
-            Some(layout) => format!("{arch:?} {layout} (dense: {keep:?})"),
-            None => format!("{arch:?} bf16"),
-        };
+        let what = format!("{arch:?} {layout} (dense: {keep:?})");
         // The first step only: later ones may take another token where the two are near a tie
         // (compare_model feeds the GPU's own tokens to the CPU instead).
         let v = g.config.vocab_size;

@@ -75,7 +75,7 @@ pub enum OneTokenRoute<'a> {
 impl<'a> OneTokenRoute<'a> {
     /// Checks the route's buffers against the layer: `top_k` ids and weights, or one logit per
     /// expert.
-    pub(super) fn check(&self, experts: usize, top_k: usize) -> Result<(), CudaError> {
+    fn check(&self, experts: usize, top_k: usize) -> Result<(), CudaError> {
         match self {
             OneTokenRoute::TopK { ids, weights } => {
                 check_len("moe one token: topk_ids", ids.len(), top_k)?;
@@ -88,7 +88,7 @@ impl<'a> OneTokenRoute<'a> {
     }
 
     /// The top-k ids, if this route has them (with logits the kernels read none).
-    pub(super) fn ids(self) -> Option<&'a CudaSlice<i32>> {
+    fn ids(self) -> Option<&'a CudaSlice<i32>> {
         match self {
             OneTokenRoute::TopK { ids, .. } => Some(ids),
             OneTokenRoute::Logits { .. } => None,
@@ -96,7 +96,7 @@ impl<'a> OneTokenRoute<'a> {
     }
 
     /// The routing weights, if this route has them.
-    pub(super) fn weights(self) -> Option<&'a CudaSlice<f32>> {
+    fn weights(self) -> Option<&'a CudaSlice<f32>> {
         match self {
             OneTokenRoute::TopK { weights, .. } => Some(weights),
             OneTokenRoute::Logits { .. } => None,
@@ -104,7 +104,7 @@ impl<'a> OneTokenRoute<'a> {
     }
 
     /// The logits, if this route has them (a null pointer for the kernels otherwise).
-    pub(super) fn logits(self) -> Option<&'a CudaSlice<f32>> {
+    fn logits(self) -> Option<&'a CudaSlice<f32>> {
         match self {
             OneTokenRoute::TopK { .. } => None,
             OneTokenRoute::Logits { logits, .. } => Some(logits),
@@ -112,7 +112,7 @@ impl<'a> OneTokenRoute<'a> {
     }
 
     /// The kernels' `renorm` argument (only read with logits).
-    pub(super) fn renorm(self) -> i32 {
+    fn renorm(self) -> i32 {
         i32::from(matches!(self, OneTokenRoute::Logits { renorm: true, .. }))
     }
 }

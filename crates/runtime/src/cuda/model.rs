@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{sys, CudaEvent, CudaSlice};
 use half::bf16;
-use mimo_kernels::cuda::{moe_bf16_fold_parts, MoeRoute, MoeWeights, MoeWorkspace, PdlGraph};
+use mimo_kernels::cuda::{MoeRoute, MoeWeights, MoeWorkspace, PdlGraph};
 
 use super::error::{drv, GpuError};
 use super::ops::TopPBufs;
@@ -658,9 +658,8 @@ impl GpuModel {
             attn: zeros(g, m * h * d)?,
             delta: zeros(g, m * hd)?,
             attn_delta: zeros(g, m * hd)?,
-            // A producer's blocks hold 8 (the BF16 experts' down + combine), 16 or 32 of its
-            // hidden-size outputs.
-            fold_parts: zeros(g, moe_bf16_fold_parts(hd).max(hd.div_ceil(16)))?,
+            // A producer's blocks hold 16 or 32 of its hidden-size outputs.
+            fold_parts: zeros(g, hd.div_ceil(16))?,
             part_ml: zeros(g, parts * 2)?,
             part_o: zeros(g, parts * d)?,
             attn_cnt: zeros(g, m * h)?,

@@ -3,25 +3,23 @@
 //! projection add their row to the residual stream themselves and write the next norm's
 //! unnormalised input with one partial sum of squares per block; q/k/v and gate/up scale by
 //! `1 / rms`. A one-token step then runs no `add_rmsnorm` but the first layer's and the final
-//! one. In a MoE decoder (no shared expert) the one-token down + combine kernel (FP4 or BF16
-//! experts) is the producer of the next layer's input norm, and q/k/v the consumer.
+//! one. In a MoE decoder (FP4 experts, no shared expert) the one-token down + combine kernel
+//! is the producer of the next layer's input norm, and q/k/v the consumer.
 
 use cudarc::driver::CudaSlice;
 use mimo_kernels::cuda::{
-    bf16_norm_in_rows_per_warp, fold_parts, fp4_gemm_swiglu_supported,
-    moe_bf16_down_fold_supported, moe_bf16_fold_parts, moe_bf16_pairs_supported, moe_fold_parts,
-    GpuContext, NormIn,
+    bf16_norm_in_rows_per_warp, fold_parts, fp4_gemm_swiglu_supported, GpuContext, NormIn,
 };
 
-use super::{Experts, Ffn, GateUp, GpuModel, Layer, Moe, Qkv};
+use super::{Experts, Ffn, GateUp, GpuModel, Layer, Qkv};
 use crate::cuda::error::GpuError;
 use crate::cuda::weights::GpuLinear;
 
 /// Whether every layer can fold its norms. Dense layers: bias-free FP4 output and down
 /// projections (the producers), FP4 q/k/v and a fused bias-free FP4 gate/up with a one-token
-/// SwiGLU kernel (the consumers). MoE layers without a shared expert: experts whose one-token
-/// down kernel produces the next layer's input norm ([`moe_producer`]), and FP4 q/k/v; their
-/// post-attention norm stays where it is (in the router with `norm_router`).
+/// SwiGLU kernel (the consumers). MoE layers without a shared expert: FP4 experts, whose
+/// one-token down kernel produces the next layer's input norm (moe_down_norm_out), and FP4
+/// q/k/v; their post-attention norm stays where it is (in the router with `norm_router`).
 /// With `bf16_qkv`, q/k/v may also be BF16 (the dense parts of a mixed checkpoint: the
 /// kernels crate's `bf16_gemv_norm_in`, where `bf16_norm_in_rows_per_warp` has a shape for
 /// it: one wave of blocks, else cuBLAS after a norm launch does better).
@@ -43,9 +41,7 @@ pub(super) fn fold_capable(layers: &[Layer], ctx: &GpuContext, bf16_qkv: bool) -
             let mlp = match &l.ffn {
                 Ffn::Dense(mlp) => mlp,
                 Ffn::Moe(moe) => {
-                    return qkv
-                        && moe.shared.is_none()
-                        && moe_producer(moe, ctx.tuning().moe_direct)
+                    return qkv && moe.shared.is_none() && matches!(moe.experts, Experts::Fp4(_))
                 }
             };
             let GateUp::Fused(gu) = &mlp.gate_up else {
@@ -57,31 +53,6 @@ pub(super) fn fold_capable(layers: &[Layer], ctx: &GpuContext, bf16_qkv: bool) -
                     .fp4_plain()
                     .is_some_and(|w| fp4_gemm_swiglu_supported(w, 1, sm_count))
         })
-}
-
-/// Whether a MoE layer's one-token experts can produce the next layer's input norm: FP4
-/// experts (moe_down_norm_out), or BF16 ones on the one-token path (`moe_direct`) whose down
-/// projection the BF16 down + combine kernel takes (moe_bf16_down_norm_out).
-fn moe_producer(moe: &Moe, direct: bool) -> bool {
-    match &moe.experts {
-        Experts::Fp4(_) => true,
-        Experts::Bf16 { down, .. } => {
-            // down: [experts, hidden, inter]
-            let hd = down.len() / (moe.n_experts * moe.inter).max(1);
-            direct
-                && moe_bf16_pairs_supported(2 * moe.inter, hd, false)
-                && moe_bf16_down_fold_supported(hd, moe.inter, moe.top_k, moe.n_experts)
-        }
-    }
-}
-
-/// The partial sums a MoE layer's folded down projection writes for the next layer's input
-/// norm (one per block of 16 rows for FP4 experts, 8 for BF16 ones).
-pub(super) fn moe_fold_nparts(moe: &Moe, hidden: usize) -> usize {
-    match moe.experts {
-        Experts::Fp4(_) => moe_fold_parts(hidden),
-        Experts::Bf16 { .. } => moe_bf16_fold_parts(hidden),
-    }
 }
 
 impl GpuModel {

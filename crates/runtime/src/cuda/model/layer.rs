@@ -6,14 +6,13 @@
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use mimo_kernels::cuda::{
-    moe_bf16_down_from_logits, moe_bf16_down_norm_out, moe_bf16_grouped, moe_bf16_pairs,
-    moe_bf16_pairs_from_logits, moe_bf16_pairs_supported, moe_bf16_tiled, moe_bf16_tiled_supported,
-    moe_down_norm_out, moe_layer, moe_one_token_gate_up, moe_tile_pairs, moe_tiled_batch,
-    Bf16Experts, Bf16LogitsRoute, Bf16Pairs, L2Ranges, NormIn, NormOut, OneTokenRoute,
-    MOE_BF16_LOGITS_MAX_EXPERTS, MOE_BF16_LOGITS_MAX_TOPK,
+    moe_bf16_grouped, moe_bf16_pairs, moe_bf16_pairs_from_logits, moe_bf16_pairs_supported,
+    moe_bf16_tiled, moe_bf16_tiled_supported, moe_down_norm_out, moe_fold_parts, moe_layer,
+    moe_one_token_gate_up, moe_tile_pairs, moe_tiled_batch, Bf16Experts, Bf16LogitsRoute,
+    Bf16Pairs, L2Ranges, NormIn, NormOut, OneTokenRoute, MOE_BF16_LOGITS_MAX_EXPERTS,
+    MOE_BF16_LOGITS_MAX_TOPK,
 };
 
-use super::fold::moe_fold_nparts;
 use super::{split_partials, walk, zeros, Experts, Ffn, GateUp, GpuModel, Pend, Qkv, Stage, Ws};
 use crate::cuda::error::GpuError;
 use crate::cuda::ops::{
@@ -78,9 +77,9 @@ impl GpuModel {
         let fold = tap.is_none() && self.folds(m);
         let fold_in = match li.checked_sub(1).map(|p| &self.layers[p].ffn) {
             Some(Ffn::Dense(prev)) if fold => Some(self.fold_input(&ws.fold_parts, &prev.down)?),
-            Some(Ffn::Moe(prev)) if fold => Some(NormIn {
+            Some(Ffn::Moe(_)) if fold => Some(NormIn {
                 parts: &ws.fold_parts,
-                nparts: moe_fold_nparts(prev, hd),
+                nparts: moe_fold_parts(hd),
                 len: hd,
                 eps,
             }),
@@ -478,45 +477,7 @@ impl GpuModel {
                             experts(gate_up, &ws.h, pgu, (2 * moe.inter, hd, moe.top_k, false))?;
                             self.mark("experts")?;
                         }
-                        let dn = Bf16Experts {
-                            w: down,
-                            n: hd,
-                            k: moe.inter,
-                            experts: moe.n_experts,
-                        };
-                        if direct && fold && li + 1 < self.layers.len() {
-                            // The down + combine kernel adds the layer's output (and a pending
-                            // attention output) to the residual and folds the next layer's
-                            // input norm (fold_capable checked that it takes this shape).
-                            let route = if expert_topk {
-                                OneTokenRoute::Logits {
-                                    logits: &mb.logits,
-                                    renorm: moe.renorm,
-                                }
-                            } else {
-                                OneTokenRoute::TopK {
-                                    ids,
-                                    weights: &mb.weights,
-                                }
-                            };
-                            let out_norm = NormOut {
-                                resid: &mut ws.x,
-                                weight: &self.layers[li + 1].in_norm,
-                                h: &mut ws.h,
-                                parts: &mut ws.fold_parts,
-                            };
-                            let pending = fuse.then_some(&ws.attn_delta);
-                            moe_bf16_down_norm_out(
-                                g, dn, route, moe.top_k, pgu, pending, out_norm,
-                            )?;
-                            self.mark("experts")?;
-                            return Ok(Pend::default());
-                        }
-                        if expert_topk {
-                            moe_bf16_down_from_logits(g, dn, &mb.logits, moe.top_k, pgu, pdn)?;
-                        } else {
-                            experts(down, pgu, pdn, (hd, moe.inter, 1, true))?;
-                        }
+                        experts(down, pgu, pdn, (hd, moe.inter, 1, true))?;
                         self.mark("experts")?;
                         out.pairs = true;
                         if let Some(t) = tap.as_deref_mut() {
