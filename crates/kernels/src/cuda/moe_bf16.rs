@@ -4,9 +4,10 @@
 //! device. Prefill-sized batches take the tiled tensor-core kernel instead (`moe_bf16_tiled`,
 //! over a [`MoeRoute`] table).
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
 use half::bf16;
 
+use super::arg_or_null;
 use super::context::GpuContext;
 use super::error::{drv, CudaError};
 use super::gemm::check_len;
@@ -203,17 +204,10 @@ pub fn moe_bf16_pairs(
         "moe_bf16_pairs"
     };
     let f = gpu.function(name)?;
-    let (cfg, [n_i, k_i, rb_i, e_i, d_i]) = pairs_launch(gpu, e, shape);
+    let (cfg, ints) = pairs_launch(gpu, e, shape);
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(e.w)
-        .arg(x)
-        .arg(y)
-        .arg(&n_i)
-        .arg(&k_i)
-        .arg(&rb_i)
-        .arg(p.ids)
-        .arg(&e_i)
-        .arg(&d_i);
+    push_pairs_head(&mut b, e, x, y, &ints);
+    b.arg(p.ids).arg(&ints[3]).arg(&ints[4]);
     // SAFETY: w holds experts * n * k, x the input rows of every pair, y pairs * n, ids pairs
     // (checked above); k is a multiple of 8 (and within the staged SwiGLU row); the kernel reads
     // ids within [0, pairs) and skips ids outside [0, experts).
@@ -245,7 +239,9 @@ pub struct Bf16LogitsRoute<'a> {
 /// for bit), computes `y[p] = w[id_p] · x` for its pair `p < top_k`, and one block writes the
 /// ids and weights to `route` for the down projection and the combine after it. The router
 /// then ends with its logits: no last block gathering them and no launch waiting for that
-/// (`Tuning::expert_topk`, as the FP4 experts do).
+/// (`Tuning::expert_topk`, as the FP4 experts do). With `prefetch_down` (the experts' down
+/// projections, `[experts, k, n / 2]`), each block asks L2 for its share of its expert's down
+/// rows once its own loads are done (`Tuning::moe_down_prefetch`, as the FP4 experts do).
 pub fn moe_bf16_pairs_from_logits(
     gpu: &GpuContext,
     e: Bf16Experts<'_>,
@@ -253,6 +249,7 @@ pub fn moe_bf16_pairs_from_logits(
     top_k: usize,
     x: &CudaSlice<bf16>,
     y: &mut CudaSlice<bf16>,
+    prefetch_down: Option<&CudaSlice<bf16>>,
 ) -> Result<(), CudaError> {
     let shape = PairsShape {
         pairs: top_k,
@@ -287,26 +284,27 @@ pub fn moe_bf16_pairs_from_logits(
         route.weights.len().min(top_k),
         top_k,
     )?;
+    if let Some(d) = prefetch_down {
+        let want = e.experts * e.k * (e.n / 2);
+        check_len("moe_bf16_pairs_from_logits: prefetch_down", d.len(), want)?;
+    }
     let f = gpu.function("moe_bf16_pairs_topk")?;
-    let (cfg, [n_i, k_i, rb_i, e_i, d_i]) = pairs_launch(gpu, e, shape);
+    let (cfg, ints) = pairs_launch(gpu, e, shape);
     let renorm = i32::from(route.renorm);
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(e.w)
-        .arg(x)
-        .arg(y)
-        .arg(&n_i)
-        .arg(&k_i)
-        .arg(&rb_i)
-        .arg(&e_i)
-        .arg(&d_i)
+    push_pairs_head(&mut b, e, x, y, &ints);
+    b.arg(&ints[3])
+        .arg(&ints[4])
         .arg(route.logits)
         .arg(&renorm)
         .arg(route.ids)
         .arg(route.weights);
+    arg_or_null(&mut b, prefetch_down);
     // SAFETY: w holds experts * n * k, x one row of k, y top_k * n, logits one per expert (at
     // most MOE_ROUTER_MAX_EXPERTS, the kernel's shared table), ids and weights top_k (<= 16, its
-    // selection slots) entries (checked above); k is a multiple of 8; chosen ids outside
-    // [0, experts) (none for finite logits) leave their rows unwritten.
+    // selection slots) entries, prefetch_down experts * k * n / 2 (checked above); k is a
+    // multiple of 8; chosen ids outside [0, experts) (none for finite logits) leave their rows
+    // unwritten (and prefetch nothing).
     unsafe { b.launch(cfg) }.map_err(drv("launch moe_bf16_pairs_topk"))?;
     Ok(())
 }
@@ -359,6 +357,23 @@ fn check_pairs(e: Bf16Experts<'_>, s: PairsShape) -> Result<(), CudaError> {
         });
     }
     Ok(())
+}
+
+/// The arguments every `moe_bf16_pairs*` kernel takes first: w, x, y, n, k, rows per block
+/// (`ints` from [`pairs_launch`]).
+fn push_pairs_head<'a>(
+    b: &mut LaunchArgs<'a>,
+    e: Bf16Experts<'a>,
+    x: &'a CudaSlice<bf16>,
+    y: &'a mut CudaSlice<bf16>,
+    ints: &'a [i32; 5],
+) {
+    b.arg(e.w)
+        .arg(x)
+        .arg(y)
+        .arg(&ints[0])
+        .arg(&ints[1])
+        .arg(&ints[2]);
 }
 
 /// Grid of a one-token launch (about four 8-warp blocks per SM over all pairs, in one wave) and
