@@ -150,8 +150,7 @@ __device__ __forceinline__ void moe_bf16_pairs_body(const u16* __restrict__ w,
                                                     int in_div,
                                                     const float* __restrict__ logits = 0,
                                                     int renorm = 0, int* __restrict__ ids_out = 0,
-                                                    float* __restrict__ w_out = 0,
-                                                    const u16* __restrict__ next_w = 0) {
+                                                    float* __restrict__ w_out = 0) {
     __shared__ float red[MP_MAX_RB * MP_WARPS];
     __shared__ __align__(16) u16 act[SW ? MP_MAX_SW_K : 8];
     __shared__ __align__(16) float r_prob[TOPK ? MOE_ROUTER_MAX_EXPERTS : 4];
@@ -232,17 +231,6 @@ __device__ __forceinline__ void moe_bf16_pairs_body(const u16* __restrict__ w,
         for (int q = 0; q < MP_WARPS; q++) s += red[r * MP_WARPS + q];
         y[(size_t)p * n + row0 + r] = f32_to_bf16(s);
     }
-    // The down projection of this block's expert (`next_w`: [E][k][n / 2], the gate/up's k being
-    // the hidden size and n / 2 the expert width): each of the pair's blocks asks L2 for its
-    // share once its own loads are done, so the down launch after it reads them from L2 (asked
-    // at a block's start, such prefetches queue ahead of the block's own loads).
-    if (TOPK && next_w != 0 && threadIdx.x == 0) {
-        const size_t slab = (size_t)k * (n >> 1);
-        L2Ranges r = {};
-        r.ptr[0] = (u64)(next_w + (size_t)e * slab);
-        r.bytes[0] = slab * sizeof(u16);
-        prefetch_l2_share(r, blockIdx.x, gridDim.x);
-    }
 }
 
 extern "C" __global__ void __launch_bounds__(256)
@@ -252,14 +240,13 @@ moe_bf16_pairs(const u16* __restrict__ w, const u16* __restrict__ x, u16* __rest
 }
 
 // One token's gate/up routed from the router's logits (TOPK above): ids_out / w_out receive
-// the top-k ids and routing weights; next_w (or null) is the down projection to ask L2 for.
+// the top-k ids and routing weights.
 extern "C" __global__ void __launch_bounds__(256)
 moe_bf16_pairs_topk(const u16* __restrict__ w, const u16* __restrict__ x, u16* __restrict__ y,
                     int n, int k, int rb, int E, int in_div, const float* __restrict__ logits,
-                    int renorm, int* __restrict__ ids_out, float* __restrict__ w_out,
-                    const u16* __restrict__ next_w) {
+                    int renorm, int* __restrict__ ids_out, float* __restrict__ w_out) {
     moe_bf16_pairs_body<false, true>(w, x, y, n, k, rb, 0, E, in_div, logits, renorm, ids_out,
-                                     w_out, next_w);
+                                     w_out);
 }
 
 extern "C" __global__ void __launch_bounds__(256)

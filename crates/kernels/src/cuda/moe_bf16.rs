@@ -7,7 +7,6 @@
 use cudarc::driver::{CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
 use half::bf16;
 
-use super::arg_or_null;
 use super::context::GpuContext;
 use super::error::{drv, CudaError};
 use super::gemm::check_len;
@@ -239,9 +238,7 @@ pub struct Bf16LogitsRoute<'a> {
 /// for bit), computes `y[p] = w[id_p] · x` for its pair `p < top_k`, and one block writes the
 /// ids and weights to `route` for the down projection and the combine after it. The router
 /// then ends with its logits: no last block gathering them and no launch waiting for that
-/// (`Tuning::expert_topk`, as the FP4 experts do). With `prefetch_down` (the experts' down
-/// projections, `[experts, k, n / 2]`), each block asks L2 for its share of its expert's down
-/// rows once its own loads are done (`Tuning::moe_down_prefetch`, as the FP4 experts do).
+/// (`Tuning::expert_topk`, as the FP4 experts do).
 pub fn moe_bf16_pairs_from_logits(
     gpu: &GpuContext,
     e: Bf16Experts<'_>,
@@ -249,7 +246,6 @@ pub fn moe_bf16_pairs_from_logits(
     top_k: usize,
     x: &CudaSlice<bf16>,
     y: &mut CudaSlice<bf16>,
-    prefetch_down: Option<&CudaSlice<bf16>>,
 ) -> Result<(), CudaError> {
     let shape = PairsShape {
         pairs: top_k,
@@ -284,10 +280,6 @@ pub fn moe_bf16_pairs_from_logits(
         route.weights.len().min(top_k),
         top_k,
     )?;
-    if let Some(d) = prefetch_down {
-        let want = e.experts * e.k * (e.n / 2);
-        check_len("moe_bf16_pairs_from_logits: prefetch_down", d.len(), want)?;
-    }
     let f = gpu.function("moe_bf16_pairs_topk")?;
     let (cfg, ints) = pairs_launch(gpu, e, shape);
     let renorm = i32::from(route.renorm);
@@ -299,12 +291,10 @@ pub fn moe_bf16_pairs_from_logits(
         .arg(&renorm)
         .arg(route.ids)
         .arg(route.weights);
-    arg_or_null(&mut b, prefetch_down);
     // SAFETY: w holds experts * n * k, x one row of k, y top_k * n, logits one per expert (at
     // most MOE_ROUTER_MAX_EXPERTS, the kernel's shared table), ids and weights top_k (<= 16, its
-    // selection slots) entries, prefetch_down experts * k * n / 2 (checked above); k is a
-    // multiple of 8; chosen ids outside [0, experts) (none for finite logits) leave their rows
-    // unwritten (and prefetch nothing).
+    // selection slots) entries (checked above); k is a multiple of 8; chosen ids outside
+    // [0, experts) (none for finite logits) leave their rows unwritten.
     unsafe { b.launch(cfg) }.map_err(drv("launch moe_bf16_pairs_topk"))?;
     Ok(())
 }

@@ -443,11 +443,8 @@ impl GpuModel {
                                 ids: &mut mb.ids,
                                 weights: &mut mb.weights,
                             };
-                            // The down weights asked from L2 by the gate/up blocks
-                            // (Tuning::moe_down_prefetch).
-                            let next = g.tuning().moe_down_prefetch.then_some(down);
                             moe_bf16_pairs_from_logits(
-                                g, gu_experts, route, moe.top_k, &ws.h, pgu, next,
+                                g, gu_experts, route, moe.top_k, &ws.h, pgu,
                             )?;
                             self.mark("experts")?;
                         }
