@@ -385,7 +385,7 @@ __device__ __forceinline__ void compute_chunks(const WeightRegs<MT, G>& r,
 // row0 + l < lim and the row is < n. Dense: tstride 16, lim n. Gated: tstride = lim = inter.
 // The main loop: adds to acc the products of this warp's K chunks (c_first, then every
 // `stride` chunks, G at a time) of rows [row0, ...) (see fp4_tile) with the tokens' activations.
-template <int FMT, int MT, int TN, int G, class Tokens, bool XST = false, bool ONCE = false>
+template <int FMT, int MT, int TN, int G, class Tokens, bool XST = false>
 __device__ __forceinline__ void fp4_accumulate(const u8* __restrict__ wp,
                                                const u8* __restrict__ ws,
                                                const u16* __restrict__ lut,
@@ -432,31 +432,6 @@ __device__ __forceinline__ void fp4_accumulate(const u8* __restrict__ wp,
     const int sstep = stride * (FMT == FMT_NVFP4 ? 8 : 4);
     const int kstep = stride * 128;
 
-    // ONCE: one register set, every load of a group requested at once, computed, then the next
-    // group (a warp whose K share is one group makes one load round; the one-token gate/up
-    // kernels with MIMO_T1_ONCE).
-    if (ONCE) {
-        WeightRegs<MT, G> r1;
-        const int kend1 = nchunks << 7;
-        int kp1 = c_first * 128 + (t << 5);
-        bool waited = false;
-        while (kp1 - (t << 5) < kend1) {
-            load_weights<FMT, MT, G>(wptr, sptr, kp1, k, r1);
-            if (!waited) pdl_enter();
-            waited = true;
-            compute_chunks<FMT, MT, TN, G>(r1, xptr, kp1, k, lut, acc);
-#pragma unroll
-            for (int i = 0; i < MT; i++)
-#pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    wptr[i][h] += stride * 64;
-                    sptr[i][h] += stride * (FMT == FMT_NVFP4 ? 8 : 4);
-                }
-            kp1 += stride * 128;
-        }
-        if (!waited) pdl_enter();
-        return;
-    }
     // Register double buffering, unrolled by two (no register moves): the weights of the next
     // iteration are requested before the current one is computed.
     WeightRegs<MT, G> ra, rb;
@@ -506,7 +481,7 @@ __device__ __forceinline__ void fp4_accumulate(const u8* __restrict__ wp,
 }
 
 template <int FMT, int MT, int TN, int G, int EPI, class Tokens, bool XST = false,
-          bool FOLD = false, bool ONCE = false>
+          bool FOLD = false>
 __device__ __forceinline__ void fp4_tile(const u8* __restrict__ wp, const u8* __restrict__ ws,
                                          float gscale, float post,
                                          const u16* __restrict__ lut,
@@ -523,8 +498,8 @@ __device__ __forceinline__ void fp4_tile(const u8* __restrict__ wp, const u8* __
     zero_acc(acc);
     // XST: this warp's two staging buffers follow the split-K partials in dynamic shared memory.
     u16* xsw = XST ? (u16*)(red + S * 16 * MT * 8 * TN) + warp * (2 * G * 8 * TN * 128) : 0;
-    fp4_accumulate<FMT, MT, TN, G, Tokens, XST, ONCE>(wp, ws, lut, x, n, k, row0, tstride, lim,
-                                                      tok, warp * G, S * G, acc, xsw);
+    fp4_accumulate<FMT, MT, TN, G, Tokens, XST>(wp, ws, lut, x, n, k, row0, tstride, lim, tok,
+                                                warp * G, S * G, acc, xsw);
     const int ROWS = 16 * MT, TOK = 8 * TN;
     // Fold consumer: warp 0 sums the partial sums in index order (lane 0's result is used)
     // and leaves 1 / rms in shared memory for after the barrier below. They are read here, after
@@ -698,7 +673,7 @@ __device__ __forceinline__ void count_bad_ids(const int* __restrict__ ids, int P
 // DIRECT (one token, moe.rs): blockIdx.y is a pair, not an expert slot; the block computes that
 // pair alone, with no routing scan (a token's top-k experts are distinct, so no weight read is
 // shared anyway).
-template <int FMT, int MT, int TN, int G, int EPI, bool DIRECT, bool ONCE = false>
+template <int FMT, int MT, int TN, int G, int EPI, bool DIRECT>
 __device__ __forceinline__ void fp4_moe_body(const u8* __restrict__ wp, const u8* __restrict__ ws,
                                              const float* __restrict__ gscale,
                                              const u16* __restrict__ lut,
@@ -752,8 +727,7 @@ __device__ __forceinline__ void fp4_moe_body(const u8* __restrict__ wp, const u8
         __syncthreads();
         const int e = s_expert;
         if (e < 0) return;
-        fp4_tile<FMT, MT, TN, G, EPI, SharedTokens, false, false, ONCE>(
-                                      wp + (size_t)e * wbytes, ws + (size_t)e * sbytes, gscale[e],
+        fp4_tile<FMT, MT, TN, G, EPI>(wp + (size_t)e * wbytes, ws + (size_t)e * sbytes, gscale[e],
                                       post, lut, x, y, n, k, row0, tstride, lim, tok, red);
         // The down projection's weights of this block's expert (`next_wp`: [E][k][n / 4] bytes,
         // `next_ws` its scales; the SwiGLU gate/up's n = 2 * inter, k = hidden): each of the
@@ -937,21 +911,14 @@ __device__ __forceinline__ void fp4_moe_down_t1_body(
         fp4_moe_down_t1_body<FMT, G, false, SPLIT>(wp, ws, gs, lut, act, topw, ids, out, n, k, P, \
                                                    E, post, 0, Fold(), logits, renorm);          \
     }
-// A/B knobs of the one-token gate/up kernels (MIMO_NVRTC_FLAGS): K chunks per load group and one
-// register set instead of two (docs/kernels-notes.md round 25).
-#ifndef MIMO_T1_G
-#define MIMO_T1_G 1
-#endif
-#ifndef MIMO_T1_ONCE
-#define MIMO_T1_ONCE false
-#endif
 #define MOE_T1_KERNEL(NAME, FMT)                                                                 \
     extern "C" __global__ void __launch_bounds__(512) NAME(                                     \
         const u8* wp, const u8* ws, const float* gs, const u16* lut, const u16* x, u16* y, int n, \
         int k, const int* ids, int P, int E, int in_div, int* bad, float post,                   \
         const float* logits, const u8* next_wp, const u8* next_ws) {                            \
-        fp4_moe_body<FMT, 2, 1, MIMO_T1_G, EPI_SWIGLU, true, MIMO_T1_ONCE>(                      \
-            wp, ws, gs, lut, x, y, n, k, ids, P, E, in_div, bad, post, logits, next_wp, next_ws); \
+        fp4_moe_body<FMT, 2, 1, 1, EPI_SWIGLU, true>(wp, ws, gs, lut, x, y, n, k, ids, P, E,   \
+                                                     in_div, bad, post, logits, next_wp,         \
+                                                     next_ws);                                   \
     }
 
 // Variants: fp4_gemm_{nv,mx}_m{MT}_t{TN}_g{G} (see gemm.rs for the dispatcher).
