@@ -93,7 +93,9 @@ pub struct Tuning {
     /// end to end neutral).
     pub x_stage: bool,
     /// One-token dense FP4 products pad their dynamic shared memory so that an SM holds at
-    /// most `ceil(blocks / SMs)` of their blocks, and every kernel loaded while it is on asks
+    /// most `ceil(blocks / SMs)` of their blocks (unless their registers already cap it there:
+    /// then the padding only kept the next kernel's early blocks off the SM; Qwen3-30B-A3B
+    /// NVFP4 batch 1 lost 0.8-0.9 % to it, 0-0.4 % since), and every kernel loaded while it is on asks
     /// for the 100 KiB shared-memory carveout ([`super::spread_launch`], placement.rs; the
     /// staged 16-token kernels 132 KiB), so that the first SMs to drain do not take all of a
     /// launch. On by default (H100, MiMo-7B NVFP4 batch 1: 443 vs 435 tokens/s; Qwen3-30B-A3B,

@@ -4,7 +4,8 @@
 //! SMs to free up take as many blocks as their registers allow: MiMo-7B's 688 two-warp gate/up
 //! blocks ran on 95-114 of the H100's 132 SMs, each of those doing up to 8 blocks' share of the
 //! stream. With `spread`, one-token dense FP4 products pad their dynamic shared memory so that
-//! an SM holds at most `ceil(blocks / SMs)` of their blocks, and every kernel asks for the same
+//! an SM holds at most `ceil(blocks / SMs)` of their blocks (unless their registers already
+//! cap it there: [`resident_blocks`]), and every kernel asks for the same
 //! shared-memory carveout ([`SPREAD_CARVEOUT_PERCENT`]), so that the padding, not the driver's
 //! per-kernel choice, decides and no SM has to change its split between kernels.
 //!
@@ -62,6 +63,14 @@ pub fn spread_smem(
     (pad > dynamic).then_some(pad)
 }
 
+/// Blocks of `threads` threads at `regs` registers each that one SM can hold, shared memory
+/// aside (sm_90: 64 K registers allocated per warp in units of 256, 64 warps, 32 blocks).
+pub fn resident_blocks(regs: u32, threads: u32) -> u32 {
+    let warps = threads.div_ceil(32).max(1);
+    let per_warp = (regs.max(1) * 32).div_ceil(256) * 256;
+    (65_536 / (per_warp * warps)).min(64 / warps).min(32)
+}
+
 /// Whether a launch of `blocks` has more per SM than [`spread_smem`] pads for.
 pub fn beyond_spread_cap(blocks: u32, sms: u32) -> bool {
     blocks.div_ceil(sms.max(1)) > MAX_CAP
@@ -78,6 +87,16 @@ pub fn spread_launch(
         return Ok(launch);
     }
     let (x, y, z) = launch.grid_dim;
+    // Registers that already hold an SM to `ceil(blocks / SMs)` of these blocks leave the padding
+    // nothing to spread; it would only keep the next kernel's early blocks off the SM.
+    let (bx, by, bz) = launch.block_dim;
+    let regs = f
+        .get_attribute(Attr::CU_FUNC_ATTRIBUTE_NUM_REGS)
+        .map_err(drv("kernel registers"))?;
+    let cap = (x * y * z).div_ceil(gpu.sm_count().max(1));
+    if resident_blocks(u32::try_from(regs).unwrap_or(255), bx * by * bz) <= cap {
+        return Ok(launch);
+    }
     let budget = gpu.sm_shared_bytes() / 100 * SPREAD_CARVEOUT_PERCENT;
     let stat = f
         .get_attribute(Attr::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
@@ -157,6 +176,18 @@ mod tests {
     fn fit(bytes: u32, pad: u32, static_smem: u32) -> u32 {
         let per = (pad + static_smem + RESERVED_PER_BLOCK).div_ceil(128) * 128;
         bytes / per
+    }
+
+    #[test]
+    fn resident_blocks_by_registers() {
+        // 16 warps at 128 registers fill the 64 K registers; 2-warp blocks at 128 fit 8.
+        assert_eq!(resident_blocks(128, 512), 1);
+        assert_eq!(resident_blocks(128, 64), 8);
+        // 88 registers: 2,816 per warp, 4-warp blocks 11,264: 5 per SM.
+        assert_eq!(resident_blocks(88, 128), 5);
+        // Few registers: the warp (64) and block (32) limits.
+        assert_eq!(resident_blocks(16, 32), 32);
+        assert_eq!(resident_blocks(16, 1024), 2);
     }
 
     #[test]
