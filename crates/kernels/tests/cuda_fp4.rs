@@ -1434,7 +1434,7 @@ fn moe_bf16_pairs_from_logits_matches_ids_route() {
     let mut wts = s.clone_htod(&vec![0f32; 17]).unwrap();
     let mut y = poisoned(&gpu, 17 * 16);
     let e = bf16_experts(&w, (16, 64, 20));
-    for (lg, top_k) in [(&logits, cuda::MOE_BF16_LOGITS_MAX_TOPK + 1), (&short, 4)] {
+    for (lg, top_k) in [(&logits, cuda::MOE_ONE_TOKEN_MAX_TOPK + 1), (&short, 4)] {
         let route = cuda::Bf16LogitsRoute {
             logits: lg,
             renorm: true,

@@ -72,10 +72,11 @@ pub use moe::{
 pub use moe_bf16::{
     moe_bf16_grouped, moe_bf16_pairs, moe_bf16_pairs_from_logits, moe_bf16_pairs_supported,
     moe_bf16_tiled, moe_bf16_tiled_supported, Bf16Experts, Bf16LogitsRoute, Bf16Pairs,
-    MOE_BF16_LOGITS_MAX_EXPERTS, MOE_BF16_LOGITS_MAX_TOPK, MOE_BF16_PAIRS_MAX_SWIGLU_K,
+    MOE_BF16_PAIRS_MAX_SWIGLU_K,
 };
 pub use moe_one_token::{
     moe_down_norm_out, moe_fold_parts, moe_one_token_gate_up, OneTokenRoute, MOE_DOWN_T1_MAX_WARPS,
+    MOE_ONE_TOKEN_MAX_TOPK,
 };
 pub use placement::{on_load, spread_launch, spread_smem, SPREAD_CARVEOUT_PERCENT};
 pub use tiled::{

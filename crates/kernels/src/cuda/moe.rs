@@ -52,7 +52,8 @@ pub struct MoeWorkspace {
     route: MoeRoute,
 }
 
-/// Most experts the grouped kernel handles (its shared-memory presence table).
+/// Most experts the grouped kernel handles (its shared-memory presence table), and the most the
+/// one-token kernels rank from the router's logits (the kernels' `MOE_ROUTER_MAX_EXPERTS`).
 pub const MOE_MAX_EXPERTS: usize = 1024;
 
 impl MoeWorkspace {

@@ -11,6 +11,7 @@ use super::context::GpuContext;
 use super::error::{drv, CudaError};
 use super::gemm::check_len;
 use super::moe::{MoeRoute, MOE_MAX_EXPERTS};
+use super::moe_one_token::MOE_ONE_TOKEN_MAX_TOPK;
 use super::tiled::{bf16_moe_smem, moe_tiled_launch};
 
 /// Largest expert width whose SwiGLU rows [`moe_bf16_grouped`] stages in shared memory (8 rows
@@ -214,12 +215,6 @@ pub fn moe_bf16_pairs(
     Ok(())
 }
 
-/// Most pairs (the router's top-k) [`moe_bf16_pairs_from_logits`] takes: the kernel's
-/// shared-memory selection slots.
-pub const MOE_BF16_LOGITS_MAX_TOPK: usize = 16;
-/// Most experts [`moe_bf16_pairs_from_logits`] ranks (the kernels' `MOE_ROUTER_MAX_EXPERTS`).
-pub const MOE_BF16_LOGITS_MAX_EXPERTS: usize = 1024;
-
 /// The router's output for [`moe_bf16_pairs_from_logits`]: its logits in, the top-k ids and
 /// routing weights out.
 pub struct Bf16LogitsRoute<'a> {
@@ -299,15 +294,15 @@ pub fn moe_bf16_pairs_from_logits(
     Ok(())
 }
 
-/// Refuses a top-k the logits-routed kernels cannot take (their shared selection slots and
-/// probability table).
+/// Refuses a top-k the logits-routed kernel cannot take (its shared selection slots and
+/// probability table: [`MOE_ONE_TOKEN_MAX_TOPK`], [`MOE_MAX_EXPERTS`]).
 fn check_logits_route(what: &str, experts: usize, top_k: usize) -> Result<(), CudaError> {
-    if top_k > MOE_BF16_LOGITS_MAX_TOPK || experts > MOE_BF16_LOGITS_MAX_EXPERTS {
+    if top_k > MOE_ONE_TOKEN_MAX_TOPK || experts > MOE_MAX_EXPERTS {
         return Err(CudaError::Shape {
             what: what.into(),
             reason: format!(
-                "top-{top_k} of {experts} experts: at most top-{MOE_BF16_LOGITS_MAX_TOPK} of \
-                 {MOE_BF16_LOGITS_MAX_EXPERTS}"
+                "top-{top_k} of {experts} experts: at most top-{MOE_ONE_TOKEN_MAX_TOPK} of \
+                 {MOE_MAX_EXPERTS}"
             ),
         });
     }

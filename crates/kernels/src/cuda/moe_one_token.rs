@@ -34,10 +34,12 @@ pub(super) fn moe_layer_one_token(
     out: &mut CudaSlice<bf16>,
     cfg: MoeConfig,
 ) -> Result<(), CudaError> {
-    if top_k > 16 {
+    if top_k > MOE_ONE_TOKEN_MAX_TOPK {
         return Err(CudaError::Shape {
             what: "moe_layer".into(),
-            reason: format!("top_k {top_k}: the one-token kernel takes at most 16"),
+            reason: format!(
+                "top_k {top_k}: the one-token kernel takes at most {MOE_ONE_TOKEN_MAX_TOPK}"
+            ),
         });
     }
     let route = OneTokenRoute::TopK {
@@ -117,6 +119,10 @@ impl<'a> OneTokenRoute<'a> {
     }
 }
 
+/// Most pairs (the router's top-k) of one token the one-token expert kernels take, FP4 and BF16
+/// alike (their shared-memory selection slots when they rank the router's logits themselves).
+pub const MOE_ONE_TOKEN_MAX_TOPK: usize = 16;
+
 /// Partial sums of squares [`moe_down_norm_out`] writes: one per block of 16 hidden rows.
 pub fn moe_fold_parts(hidden: usize) -> usize {
     hidden.div_ceil(16)
@@ -189,12 +195,16 @@ fn check_one_token(
     ws: &MoeWorkspace,
 ) -> Result<(), CudaError> {
     let (experts, _, _) = w.dims()?;
-    if top_k == 0 || top_k > 16 || top_k > ws.max_pairs || experts > MOE_MAX_EXPERTS {
+    if top_k == 0
+        || top_k > MOE_ONE_TOKEN_MAX_TOPK
+        || top_k > ws.max_pairs
+        || experts > MOE_MAX_EXPERTS
+    {
         return Err(CudaError::Shape {
             what: "moe one token".into(),
             reason: format!(
-                "top_k {top_k} (1..=16, workspace {} pairs), {experts} experts (at most \
-                 {MOE_MAX_EXPERTS})",
+                "top_k {top_k} (1..={MOE_ONE_TOKEN_MAX_TOPK}, workspace {} pairs), {experts} \
+                 experts (at most {MOE_MAX_EXPERTS})",
                 ws.max_pairs
             ),
         });
