@@ -221,6 +221,26 @@ impl GenerationStats {
     }
 }
 
+/// The context a generation runs in: `ctx` within the model's `max_positions`, refusing an
+/// empty prompt or one that leaves no position for a new token (both backends' rule).
+pub(crate) fn generation_context(
+    prompt_len: usize,
+    ctx: usize,
+    max_positions: usize,
+) -> Result<usize, GenerateError> {
+    let context = ctx.min(max_positions);
+    if prompt_len == 0 {
+        return Err(GenerateError::EmptyPrompt);
+    }
+    if prompt_len >= context {
+        return Err(GenerateError::PromptTooLong {
+            prompt: prompt_len,
+            context,
+        });
+    }
+    Ok(context)
+}
+
 /// Generates up to `max_tokens` after `prompt` within a context of `ctx` positions, calling
 /// `on_token` with each new token as it is produced. Stops at any of `eos`.
 pub fn generate(
@@ -232,16 +252,7 @@ pub fn generate(
     eos: &[u32],
     mut on_token: impl FnMut(u32),
 ) -> Result<(Vec<u32>, GenerationStats), GenerateError> {
-    let context = ctx.min(model.config.max_position_embeddings);
-    if prompt.is_empty() {
-        return Err(GenerateError::EmptyPrompt);
-    }
-    if prompt.len() >= context {
-        return Err(GenerateError::PromptTooLong {
-            prompt: prompt.len(),
-            context,
-        });
-    }
+    let context = generation_context(prompt.len(), ctx, model.config.max_position_embeddings)?;
     let mut sampler = Sampler::new(params)?;
     let mut cache = model.new_cache(context);
     let t0 = std::time::Instant::now();

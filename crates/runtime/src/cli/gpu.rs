@@ -12,7 +12,7 @@ use crate::config::ModelConfig;
 use crate::cuda::{
     bench_random_weights, kind_from_name, BenchOptions, BenchReport, Gpu, GpuError, GpuModel,
 };
-use crate::generate::{GenerateError, GenerationStats, Sampler, SamplingParams};
+use crate::generate::{generation_context, GenerationStats, Sampler, SamplingParams};
 
 use super::{BenchArgs, Device};
 
@@ -166,17 +166,7 @@ pub fn generate(
     eos: &[u32],
     mut on_token: impl FnMut(u32),
 ) -> Result<(Vec<u32>, GenerationStats)> {
-    let context = ctx.min(model.config.max_position_embeddings);
-    if prompt.is_empty() {
-        return Err(GenerateError::EmptyPrompt.into());
-    }
-    if prompt.len() >= context {
-        return Err(GenerateError::PromptTooLong {
-            prompt: prompt.len(),
-            context,
-        }
-        .into());
-    }
+    let context = generation_context(prompt.len(), ctx, model.config.max_position_embeddings)?;
     // Greedy, temperature and nucleus sampling all run inside the decode graph: the next
     // token is picked on the device, with no per-token read-back.
     let mut sampler = Sampler::new(params)?;
