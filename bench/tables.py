@@ -8,9 +8,11 @@ import json
 import sys
 
 PATHS = {"fp4_fused": "fused", "fp4_fused_tuned": "fused, tuned", "fp4_dequant_cublas": "dequant+cuBLAS",
-         "fp4_fp8_cublaslt": "FP8 cuBLASLt", "fp4_tiled": "tiled", "fp4_bulk": "bulk"}
+         "fp4_fp8_cublaslt": "FP8 cuBLASLt", "fp4_tiled": "tiled", "fp4_bulk": "bulk",
+         "fp4_wgmma": "wgmma"}
 # The launches a decode graph chains by programmatic dependent launch, by path.
-PDL_PATHS = {"fp4_fused_pdl": "fused", "fp4_bulk_pdl": "bulk", "fp4_tiled_pdl": "tiled"}
+PDL_PATHS = {"fp4_fused_pdl": "fused", "fp4_bulk_pdl": "bulk", "fp4_tiled_pdl": "tiled",
+             "fp4_wgmma_pdl": "wgmma"}
 
 
 def kernels(path):

@@ -8,11 +8,12 @@ use half::bf16;
 use mimo_kernels::cuda::{
     self, bf16_to_e4m3_rows, bulk_supported, fp4_dequantize, fp4_gemm, fp4_gemm_bulk,
     fp4_gemm_bulk_with, fp4_gemm_fp8, fp4_gemm_swiglu, fp4_gemm_swiglu_bulk,
-    fp4_gemm_swiglu_supported, fp4_gemm_swiglu_tiled, fp4_gemm_tiled, fp4_gemm_with,
-    fp4_to_e4m3_rows, moe_layer, moe_layer_tiled, moe_layer_tiled_with, moe_layer_with,
-    moe_tiled_preferred, moe_tiled_supported, variant_exists, BulkConfig, E4m3Rows, Fp4GemmConfig,
-    Fp8Gemm, Fp8Scratch, GpuContext, GpuFp4Weight, MoeConfig, MoeWeights, MoeWorkspace, Tuning,
-    MOE_TILED_MIN_PAIRS,
+    fp4_gemm_swiglu_supported, fp4_gemm_swiglu_tiled, fp4_gemm_tiled, fp4_gemm_wgmma,
+    fp4_gemm_wgmma_with, fp4_gemm_with, fp4_to_e4m3_rows, moe_layer, moe_layer_tiled,
+    moe_layer_tiled_with, moe_layer_with, moe_tiled_preferred, moe_tiled_supported, variant_exists,
+    wgmma_supported, BulkConfig, E4m3Rows, Fp4GemmConfig, Fp8Gemm, Fp8Scratch, GpuContext,
+    GpuFp4Weight, MoeConfig, MoeWeights, MoeWorkspace, Tuning, WgmmaConfig, MOE_TILED_MIN_PAIRS,
+    WGMMA_CONFIGS,
 };
 use mimo_kernels::fp4::{amax, dequantize, nvfp4_global_scale, quantize_mxfp4, quantize_nvfp4};
 use mimo_kernels::fp8_rows;
@@ -539,6 +540,101 @@ fn tiled_gemm_matches_cpu_reference() {
     let x = gpu.stream().clone_htod(&vec![bf16::ONE; 16 * 96]).unwrap();
     let mut y = poisoned(&gpu, 16 * 64);
     assert!(fp4_gemm_tiled(&gpu, &w, &x, 16, &mut y).is_err(), "K = 96");
+}
+
+/// The warpgroup kernels (Hopper `wgmma`) against the CPU reference: N off the 128-row blocks,
+/// token counts off every token tile (one token to a block of 256 and past it), K from one
+/// chunk to enough for eight K splits, both formats, every shape of `WGMMA_CONFIGS` on one
+/// product. Each
+/// product runs twice: bit-equal (the split reduction's order is fixed). Skipped with a message
+/// off sm_90 (a failure with `MIMO_REQUIRE_GPU=1`).
+#[test]
+fn wgmma_gemm_matches_cpu_reference() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = rng("fp4_gemm_wgmma");
+    let probe = GpuFp4Weight::upload(
+        &gpu,
+        "probe",
+        &quantize(
+            Fp4Format::Nvfp4,
+            &random_matrix(&mut rng, 16 * 128, 0.1),
+            16,
+            128,
+        ),
+    )
+    .unwrap();
+    if !wgmma_supported(&gpu, &probe, 1) {
+        let cc = gpu.compute_capability();
+        assert!(
+            std::env::var("MIMO_REQUIRE_GPU").as_deref() != Ok("1"),
+            "MIMO_REQUIRE_GPU=1 but compute capability {cc:?} has no wgmma"
+        );
+        eprintln!("skipped: the warpgroup kernels need an sm_90 GPU (this one is {cc:?})");
+        return;
+    }
+    let shapes = [
+        (1, 130, 256),
+        (16, 333, 1024),
+        (17, 200, 4096),
+        (40, 77, 128),
+        (64, 300, 2048),
+        (100, 600, 384),
+        (256, 130, 1280),
+        (300, 257, 512),
+        (600, 129, 256),
+    ];
+    for format in FORMATS {
+        for &(m, n, k) in &shapes {
+            let (w, x, want) = random_product(&gpu, &mut rng, format, (m, n, k), 0.02);
+            let mut runs = Vec::new();
+            for _ in 0..2 {
+                let mut y = poisoned(&gpu, m * n);
+                fp4_gemm_wgmma(&gpu, &w, &x, m, &mut y).unwrap();
+                runs.push(gpu.stream().clone_dtoh(&y).unwrap());
+            }
+            let what = format!("wgmma {format} m={m} n={n} k={k}");
+            check_close(&what, &runs[0], &want, 8e-3, 2e-2);
+            for (i, (a, b)) in runs[0].iter().zip(&runs[1]).enumerate() {
+                assert_eq!(a.to_bits(), b.to_bits(), "{what}: run 2, element {i}");
+            }
+        }
+        // Every shape on one product (tiles larger than the tokens leave slots empty).
+        let (m, n, k) = (70, 260, 640);
+        let (w, x, want) = random_product(&gpu, &mut rng, format, (m, n, k), 0.02);
+        for cfg in WGMMA_CONFIGS {
+            let mut y = poisoned(&gpu, m * n);
+            fp4_gemm_wgmma_with(&gpu, &w, &x, m, &mut y, cfg).unwrap();
+            let got = gpu.stream().clone_dtoh(&y).unwrap();
+            check_close(
+                &format!("wgmma {format} m={m} {cfg:?}"),
+                &got,
+                &want,
+                8e-3,
+                2e-2,
+            );
+        }
+    }
+    // Shapes and tiles it does not take are refused, not computed wrongly.
+    let x = gpu.stream().clone_htod(&vec![bf16::ONE; 16 * 128]).unwrap();
+    let mut y = poisoned(&gpu, 16 * 16);
+    let odd = WgmmaConfig {
+        tokens: 48,
+        stages: 4,
+    };
+    assert!(
+        fp4_gemm_wgmma_with(&gpu, &probe, &x, 16, &mut y, odd).is_err(),
+        "48 tokens"
+    );
+    let q = quantize(
+        Fp4Format::Nvfp4,
+        &random_matrix(&mut rng, 64 * 96, 0.1),
+        64,
+        96,
+    );
+    let w = GpuFp4Weight::upload(&gpu, "k96", &q).unwrap();
+    let x = gpu.stream().clone_htod(&vec![bf16::ONE; 16 * 96]).unwrap();
+    let mut y = poisoned(&gpu, 16 * 64);
+    assert!(fp4_gemm_wgmma(&gpu, &w, &x, 16, &mut y).is_err(), "K = 96");
 }
 
 /// The bulk-copy kernels (1 to 16 tokens, Hopper) against the CPU reference: N off the 16-row

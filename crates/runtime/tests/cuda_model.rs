@@ -215,21 +215,23 @@ fn compare_model(gpu: &Arc<Gpu>, dir: &Path, what: &str) {
     g.alloc_cache(1, 128).unwrap();
     let got = g.forward(&prompt, 0, 0, false).unwrap();
     check_close(&format!("{what} prefill"), &got, &want);
-    // All rows of a prompt long enough for the prefill GEMM path (FP4: dequantize + cuBLAS).
+    // All rows of a prompt long enough for the prefill GEMM paths (FP4: dequantize + cuBLAS,
+    // the warpgroup kernels on Hopper, the FP8 tensor cores).
     let prompt: Vec<u32> = (0..70u32).map(|i| (i * 53 + 2) % vocab).collect();
     let mut cache_all = cpu.new_cache(128);
     let want_all = cpu.forward(&prompt, &mut cache_all, Logits::All).unwrap();
     let base = g.gpu().ctx.tuning();
-    for fp8 in [false, true] {
+    for (fp8, wgmma) in [(false, false), (false, true), (true, false)] {
         g.gpu().ctx.set_tuning(Tuning {
             fp8_prefill: fp8,
+            wgmma_gemm: wgmma,
             ..base
         });
         let before = g.gpu().fp8_calls();
         let got_all = g.forward(&prompt, 0, 0, true).unwrap();
         if !fp8 {
             check_close(
-                &format!("{what} prefill of 70, every row"),
+                &format!("{what} prefill of 70, every row (wgmma_gemm {wgmma})"),
                 &got_all,
                 &want_all,
             );
@@ -626,10 +628,16 @@ fn gpu_perplexity_and_compare_match_cpu() {
             < 1e-2 * want.candidate.mean_nll.abs().max(1.0)
     );
     // The same with the FP8 prefill path (FP4 attention projections of 128-row windows on the
-    // FP8 tensor cores): what it costs in agreement with BF16, printed and bounded.
+    // FP8 tensor cores, not the warpgroup kernels that take them by default on Hopper): what
+    // it costs in agreement with BF16, printed and bounded.
+    gpu.ctx.set_tuning(Tuning {
+        wgmma_gemm: false,
+        ..base
+    });
     let before = gpu.fp8_calls();
     let fp8 = compare_on(&mut g_r, &mut g_c, &tokens, ctx, stride, 3).unwrap();
     let calls = gpu.fp8_calls() - before;
+    gpu.ctx.set_tuning(base);
     eprintln!(
         "compare gpu with fp8_prefill ({calls} FP8 GEMMs): KL {:.5} top-1 {:.4} ppl {:.4} (bf16 prefill: KL {:.5} top-1 {:.4} ppl {:.4})",
         fp8.mean_kl, fp8.top1_agreement, fp8.candidate.ppl, got.mean_kl, got.top1_agreement, got.candidate.ppl

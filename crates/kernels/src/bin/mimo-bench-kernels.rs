@@ -23,11 +23,12 @@ use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
 use mimo_kernels::cuda::{
     bf16_gemm, bf16_to_e4m3_rows, bulk_supported, cublas, device_copy, fp4_gemm, fp4_gemm_bulk,
-    fp4_gemm_dequant_cublas, fp4_gemm_fp8, fp4_gemm_tiled, fp4_gemm_with, fp4_to_e4m3_rows,
-    fp8_shape_ok, moe_layer_tiled_with, moe_layer_with, moe_tile_pairs, moe_tiled_preferred,
-    moe_tiled_supported, tiled_supported, variant_exists, BulkConfig, CudaError, E4m3Rows,
-    Fp4GemmConfig, Fp8Gemm, Fp8Scratch, GpuContext, GpuFp4Weight, MoeConfig, MoeWeights,
-    MoeWorkspace, PdlGraph, Tuning,
+    fp4_gemm_dequant_cublas, fp4_gemm_fp8, fp4_gemm_tiled, fp4_gemm_wgmma, fp4_gemm_wgmma_with,
+    fp4_gemm_with, fp4_to_e4m3_rows, fp8_shape_ok, moe_layer_tiled_with, moe_layer_with,
+    moe_tile_pairs, moe_tiled_preferred, moe_tiled_supported, tiled_supported, variant_exists,
+    wgmma_supported, BulkConfig, CudaError, E4m3Rows, Fp4GemmConfig, Fp8Gemm, Fp8Scratch,
+    GpuContext, GpuFp4Weight, MoeConfig, MoeWeights, MoeWorkspace, PdlGraph, Tuning, WgmmaConfig,
+    WGMMA_CONFIGS,
 };
 use mimo_kernels::Fp4Format;
 
@@ -454,6 +455,35 @@ fn dense_shape(
                     true,
                     &mut |i| fp4_gemm_bulk(gpu, &ws[i % copies], &xo, m, &mut ys),
                 )?;
+            }
+            if m >= 16 && wgmma_supported(gpu, &ws[0], m) {
+                let auto = WgmmaConfig::auto(m, n.div_ceil(128), k / 128, gpu.sm_count() as usize);
+                let mut ys = s.alloc_zeros::<bf16>(m * n)?;
+                timed(
+                    rows,
+                    "wgmma",
+                    "fp4_wgmma",
+                    format!("{auto:?}"),
+                    m <= 256,
+                    &mut |i| fp4_gemm_wgmma(gpu, &ws[i % copies], &xo, m, &mut ys),
+                )?;
+                // The other shapes of the automatic token tile and of its neighbours (half and
+                // twice as many tokens), so that each run shows whether the rule picked the
+                // fastest.
+                for cfg in WGMMA_CONFIGS {
+                    let near = [auto.tokens / 2, auto.tokens, auto.tokens * 2];
+                    if cfg == auto || !near.contains(&cfg.tokens) {
+                        continue;
+                    }
+                    timed(
+                        rows,
+                        "wgmma",
+                        &format!("fp4_wgmma_n{}_s{}", cfg.tokens, cfg.stages),
+                        format!("{cfg:?}"),
+                        false,
+                        &mut |i| fp4_gemm_wgmma_with(gpu, &ws[i % copies], &xo, m, &mut ys, cfg),
+                    )?;
+                }
             }
             if m <= 256 {
                 let cfg = Fp4GemmConfig::auto(m, n, k, gpu.sm_count());

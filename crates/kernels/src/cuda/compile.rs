@@ -14,8 +14,9 @@ use super::error::{drv, CudaError};
 use super::trace::{trace_defines, trace_requested};
 
 /// Kernel sources embedded in the binary: (file name, text). The tiled kernels
-/// (fp4_tiled.cu) and the bulk-copy kernels (fp4_bulk.cu) are one compilation unit with
-/// fp4_gemm.cu, whose decode they use; so is the folded-norm BF16 product (bf16_gemv.cu).
+/// (fp4_tiled.cu), the bulk-copy kernels (fp4_bulk.cu) and the warpgroup kernels
+/// (fp4_wgmma.cu) are one compilation unit with fp4_gemm.cu, whose decode they use; so is the
+/// folded-norm BF16 product (bf16_gemv.cu).
 pub(crate) const FP4_GEMM_SRC: (&str, &str) = (
     "fp4_gemm.cu",
     concat!(
@@ -25,7 +26,9 @@ pub(crate) const FP4_GEMM_SRC: (&str, &str) = (
         "\n#line 1 \"fp4_bulk.cu\"\n",
         include_str!("../../cuda/fp4_bulk.cu"),
         "\n#line 1 \"bf16_gemv.cu\"\n",
-        include_str!("../../cuda/bf16_gemv.cu")
+        include_str!("../../cuda/bf16_gemv.cu"),
+        "\n#line 1 \"fp4_wgmma.cu\"\n",
+        include_str!("../../cuda/fp4_wgmma.cu")
     ),
 );
 /// Definitions every source shares (typedefs, bf16 conversions, mma, pdl_enter): put in front

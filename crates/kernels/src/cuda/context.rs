@@ -189,6 +189,15 @@ pub struct Tuning {
     /// Average pairs per expert from which `moe_tiled` takes a layer
     /// ([`super::MOE_TILED_MIN_PAIRS`] by default; `MIMO_MOE_TILED_MIN_PAIRS`).
     pub moe_tiled_min_pairs: u32,
+    /// Dense FP4 products of the runtime's prefill-sized batches (from 64 tokens) up to
+    /// `wgmma_max_tokens` tokens through the warpgroup kernels ([`super::fp4_gemm_wgmma`]:
+    /// weights decoded in registers as the A operand of Hopper's `wgmma`) instead of the FP8
+    /// tensor cores, which convert the weight and the activations on every call
+    /// (`MIMO_WGMMA_GEMM`; sm_90 only).
+    pub wgmma_gemm: bool,
+    /// The most tokens `wgmma_gemm` takes ([`super::WGMMA_MAX_TOKENS`] by default;
+    /// `MIMO_WGMMA_MAX_TOKENS`).
+    pub wgmma_max_tokens: u32,
 }
 
 impl Default for Tuning {
@@ -223,6 +232,8 @@ impl Default for Tuning {
             bulk_max_tokens: super::bulk::BULK_MAX_TOKENS as u32,
             moe_tiled: true,
             moe_tiled_min_pairs: super::moe::MOE_TILED_MIN_PAIRS as u32,
+            wgmma_gemm: true,
+            wgmma_max_tokens: super::wgmma::WGMMA_MAX_TOKENS as u32,
         }
     }
 }
@@ -275,6 +286,8 @@ impl Tuning {
             bulk_max_tokens: mib("MIMO_BULK_MAX_TOKENS", d.bulk_max_tokens),
             moe_tiled: flag("MIMO_MOE_TILED", d.moe_tiled),
             moe_tiled_min_pairs: mib("MIMO_MOE_TILED_MIN_PAIRS", d.moe_tiled_min_pairs),
+            wgmma_gemm: flag("MIMO_WGMMA_GEMM", d.wgmma_gemm),
+            wgmma_max_tokens: mib("MIMO_WGMMA_MAX_TOKENS", d.wgmma_max_tokens),
         }
     }
 }

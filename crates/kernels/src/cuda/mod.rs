@@ -38,6 +38,7 @@ mod placement;
 mod tiled;
 mod trace;
 mod weights;
+mod wgmma;
 
 pub use blas::{bf16_gemm, bf16_gram_accumulate, cublas, fp4_gemm_dequant_cublas};
 pub use bulk::{
@@ -85,6 +86,10 @@ pub use tiled::{
 };
 pub use trace::{trace_file_name, TraceRecord};
 pub use weights::GpuFp4Weight;
+pub use wgmma::{
+    fp4_gemm_wgmma, fp4_gemm_wgmma_with, wgmma_preferred, wgmma_supported, WgmmaConfig,
+    WGMMA_CONFIGS, WGMMA_MAX_TOKENS,
+};
 
 /// A null device pointer as a kernel argument (an optional buffer left out).
 pub static NULL_PTR: u64 = 0;

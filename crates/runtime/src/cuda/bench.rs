@@ -288,6 +288,14 @@ pub fn bench_random_weights(gpu: Arc<Gpu>, opts: &BenchOptions) -> Result<BenchR
                     ..base
                 },
             ));
+            // Prompts of 64 to `wgmma_max_tokens` tokens (Hopper): the warpgroup kernels.
+            flips.push((
+                "wgmma_gemm",
+                Tuning {
+                    wgmma_gemm: !base.wgmma_gemm,
+                    ..base
+                },
+            ));
             // Last: turning it on leaves the E4M3 copies allocated.
             flips.push((
                 "fp8_resident",
@@ -307,6 +315,7 @@ pub fn bench_random_weights(gpu: Arc<Gpu>, opts: &BenchOptions) -> Result<BenchR
                 "fp8_prefill" => t.fp8_prefill,
                 "fp8_resident" => t.fp8_resident,
                 "moe_tiled" => t.moe_tiled,
+                "wgmma_gemm" => t.wgmma_gemm,
                 _ => t.prefill_attention_mma,
             };
             let label = format!("{name}={}", if on { "on" } else { "off" });
@@ -653,6 +662,8 @@ fn tuning_ablation(
                 bulk_max_tokens: base.bulk_max_tokens,
                 moe_tiled: base.moe_tiled,
                 moe_tiled_min_pairs: base.moe_tiled_min_pairs,
+                wgmma_gemm: base.wgmma_gemm,
+                wgmma_max_tokens: base.wgmma_max_tokens,
             },
         ),
     ];

@@ -12,9 +12,9 @@ use half::bf16;
 use mimo_kernels::cuda::{
     bf16_gemm, bf16_gemv_norm_in, bf16_norm_in_takes_k, bf16_to_e4m3_rows, fp4_bf16_gemv_norm_in,
     fp4_gemm, fp4_gemm_dequant_cublas, fp4_gemm_fp8, fp4_gemm_norm_in, fp4_gemm_norm_out,
-    fp4_gemm_swiglu, fp4_gemm_swiglu_norm_in, fp4_gemm_swiglu_supported, fp4_to_e4m3_rows,
-    fp8_shape_ok, prefetches_itself, E4m3Rows, Fp8Gemm, Fp8Scratch, GpuContext, GpuFp4Weight,
-    L2Ranges, NormIn, NormOut,
+    fp4_gemm_swiglu, fp4_gemm_swiglu_norm_in, fp4_gemm_swiglu_supported, fp4_gemm_wgmma,
+    fp4_to_e4m3_rows, fp8_shape_ok, prefetches_itself, wgmma_preferred, E4m3Rows, Fp8Gemm,
+    Fp8Scratch, GpuContext, GpuFp4Weight, L2Ranges, NormIn, NormOut,
 };
 use mimo_kernels::Fp4Matrix;
 
@@ -23,9 +23,11 @@ use super::ops::Ops;
 use crate::linear::{DenseMatrix, Linear, Weight};
 
 /// How an FP4 GEMM runs ([`Gpu::fp4_path`]): the fused dequant-GEMV kernels below
-/// [`PREFILL_DEQUANT_ROWS`] rows, else the FP8 tensor cores or dequantization + cuBLAS.
+/// [`PREFILL_DEQUANT_ROWS`] rows, else (Hopper, up to `Tuning::wgmma_max_tokens` rows) the
+/// warpgroup kernels, else the FP8 tensor cores or dequantization + cuBLAS.
 enum Fp4Path<'a> {
     Gemv,
+    Wgmma,
     Fp8(&'a Fp8Gemm),
     Dequant,
 }
@@ -130,7 +132,11 @@ impl Gpu {
         if m < PREFILL_DEQUANT_ROWS {
             return Fp4Path::Gemv;
         }
-        let fp8 = w.experts == 1 && fp8_shape_ok(w.n, w.k) && self.ctx.tuning().fp8_prefill;
+        let tuning = self.ctx.tuning();
+        if wgmma_preferred(&tuning, &self.ctx, w, m) {
+            return Fp4Path::Wgmma;
+        }
+        let fp8 = w.experts == 1 && fp8_shape_ok(w.n, w.k) && tuning.fp8_prefill;
         match self.fp8.as_ref().filter(|_| fp8) {
             Some(lt) => Fp4Path::Fp8(lt),
             None => Fp4Path::Dequant,
@@ -331,6 +337,7 @@ impl GpuLinear {
                     Fp4Path::Fp8(lt) => fp8_prefill(gpu, lt, w, fp8, x, m, y)?,
                     Fp4Path::Dequant => dequant_prefill(gpu, w, x, m, y)?,
                     Fp4Path::Gemv => fp4_gemm(&gpu.ctx, w, x, m, y)?,
+                    Fp4Path::Wgmma => fp4_gemm_wgmma(&gpu.ctx, w, x, m, y)?,
                 }
                 bias
             }
