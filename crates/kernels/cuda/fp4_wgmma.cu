@@ -10,13 +10,12 @@
 // warpgroup instruction does 64 rows x N tokens at once, asynchronously, while the warps decode
 // the next weights.
 //
-// Block: NWG warpgroups (2 or 4; 128 NWG threads), 64 NWG weight rows (warpgroup wg: rows
-// 64 wg ..), BN tokens (blockIdx.z), K in chunks of 128 through an S_-stage cp.async ring. A
-// stage holds
+// Block: two warpgroups (256 threads), 128 weight rows (warpgroup wg: rows 64 wg ..), BN tokens
+// (blockIdx.z), K in chunks of 128 through an S_-stage cp.async ring. A stage holds
 //   - the activations: two slabs (K 0-63, 64-127 of the chunk) of BN rows x 128 bytes in the
 //     canonical 128-byte-swizzled K-major layout of a wgmma operand (unit u of row r at
 //     u ^ (r & 7); 8-row groups 1024 bytes apart), so the B descriptors point straight at them;
-//   - the packed weights: 64 bytes per row, 16-byte unit u of row r at u ^ ((r >> 1) & 3)
+//   - the packed weights: 128 rows x 64 bytes, 16-byte unit u of row r at u ^ ((r >> 1) & 3)
 //     (the 8 rows a warp's quads read at once fall in 8 distinct bank groups);
 //   - the scale bytes: 8 per row (MXFP4: the first 4).
 // The A fragment of a k16 step s (elements 16 s .. 16 s + 15 of the chunk, natural order:
@@ -26,13 +25,16 @@
 // amounts), so every weight is decoded exactly once per block.
 // Requires K % 128 == 0. Grid: x = row blocks, y = K splits, z = token blocks.
 
-#define WG_MAX_SPLITS 8  // == MM_MAX_SPLITS: split_combine's bound (tiled.rs MAX_SPLITS)
+#define WG_ROWS 128
+#define WG_THREADS 256
+#define WG_MAX_SPLITS 8  // wgmma.rs MAX_SPLITS (== MM_MAX_SPLITS: split_combine's bound)
+#define WG_TILE_STRIDE (WG_ROWS + 4)
+#define WG_W_BYTES (WG_ROWS * 64)
+#define WG_S_BYTES (WG_ROWS * 8)
 
-// Bytes of one stage (wgmma.rs `WgmmaConfig::stage_bytes`): BN activation rows of 256 bytes,
-// then 64 bytes of packed weights and 8 scale bytes per weight row.
-template <int BN, int ROWS>
+template <int BN>
 __host__ __device__ constexpr int wg_stage_bytes() {
-    return BN * 256 + ROWS * 72;
+    return BN * 256 + WG_W_BYTES + WG_S_BYTES;
 }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -164,7 +166,7 @@ __device__ __forceinline__ u32 e2m1_pair(u32 q, u32 ra, u32 rb) {
 }
 #endif
 
-template <int FMT, int BN, int S_, int NWG>
+template <int FMT, int BN, int S_>
 __device__ __forceinline__ void fp4_wg_body(const u8* __restrict__ wp, const u8* __restrict__ ws,
                                             const float* __restrict__ gscale,
                                             const u16* __restrict__ lut,
@@ -175,9 +177,8 @@ __device__ __forceinline__ void fp4_wg_body(const u8* __restrict__ wp, const u8*
     extern __shared__ __align__(1024) u8 wg_smem_raw[];
     __shared__ u16 slut[256];
     static_assert(S_ >= 3, "the ring keeps one chunk in flight beside the one computed");
-    constexpr int ROWS = 64 * NWG, THREADS = 128 * NWG, TSTRIDE = ROWS + 4;
-    constexpr int STAGE = wg_stage_bytes<BN, ROWS>();
-    constexpr int XOFF = 0, WOFF = BN * 256, SOFF = WOFF + ROWS * 64;
+    constexpr int STAGE = wg_stage_bytes<BN>();
+    constexpr int XOFF = 0, WOFF = BN * 256, SOFF = WOFF + WG_W_BYTES;
     constexpr int SB = FMT == FMT_NVFP4 ? 8 : 4;  // scale bytes per row and chunk
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
@@ -187,7 +188,7 @@ __device__ __forceinline__ void fp4_wg_body(const u8* __restrict__ wp, const u8*
     const int S = gridDim.y, split = blockIdx.y;
     const int cbeg = (int)((long long)split * nch / S);
     const int iters = (int)((long long)(split + 1) * nch / S) - cbeg;
-    const int row0 = blockIdx.x * ROWS, tok0 = blockIdx.z * BN;
+    const int row0 = blockIdx.x * WG_ROWS, tok0 = blockIdx.z * BN;
 
     // The dynamic shared memory's start rounded up to 1024 bytes (the swizzle's period;
     // wgmma.rs asks for 1 KiB more than the stages need).
@@ -196,32 +197,31 @@ __device__ __forceinline__ void fp4_wg_body(const u8* __restrict__ wp, const u8*
     u8* const smem = wg_smem_raw + (base - raw);
 
     // This thread's copies per stage, planned once (sources advance by one chunk per issue).
-    // Activations: piece q = tid + THREADS i of BN x 16 (slot q >> 4, 16-byte piece q & 15).
-    constexpr int XP = (BN * 16 + THREADS - 1) / THREADS;
+    // Activations: piece q = tid + 256 i of BN x 16 (slot q >> 4, 16-byte piece q & 15).
+    constexpr int XP = BN * 16 / WG_THREADS;
     const u16* xsrc[XP];
     u32 xdst[XP];
-    bool xval[XP], xon[XP];
+    bool xval[XP];
 #pragma unroll
     for (int i = 0; i < XP; i++) {
-        const int q = tid + THREADS * i, slot = q >> 4, c = q & 15;
-        xon[i] = q < BN * 16;
-        xval[i] = xon[i] && tok0 + slot < m;
+        const int q = tid + WG_THREADS * i, slot = q >> 4, c = q & 15;
+        xval[i] = tok0 + slot < m;
         xsrc[i] = x + (size_t)(xval[i] ? tok0 + slot : 0) * k + (size_t)cbeg * 128 + c * 8;
         xdst[i] = XOFF + (c >> 3) * (BN * 128) + slot * 128 + (((c & 7) ^ (slot & 7)) << 4);
     }
-    // Weights: pieces tid and tid + THREADS of 2 THREADS (row p >> 2, unit p & 3).
+    // Weights: pieces tid and tid + 256 of 512 (row p >> 2, unit p & 3).
     const u8* wsrc[2];
     u32 wdst[2];
     bool wval[2];
 #pragma unroll
     for (int j = 0; j < 2; j++) {
-        const int p = tid + THREADS * j, lr = p >> 2, u = p & 3;
+        const int p = tid + WG_THREADS * j, lr = p >> 2, u = p & 3;
         wval[j] = row0 + lr < n;
         wsrc[j] = wp + (size_t)(wval[j] ? row0 + lr : 0) * kb + (size_t)cbeg * 64 + u * 16;
         wdst[j] = WOFF + lr * 64 + ((u ^ ((lr >> 1) & 3)) << 4);
     }
     // Scale bytes: row tid (threads < 128).
-    const bool sval = tid < ROWS && row0 + tid < n;
+    const bool sval = tid < WG_ROWS && row0 + tid < n;
     const u8* ssrc = ws + (size_t)(sval ? row0 + tid : 0) * bpr + (size_t)cbeg * SB;
 
     const auto issue_w = [&](int it, u32 so) {
@@ -231,21 +231,21 @@ __device__ __forceinline__ void fp4_wg_body(const u8* __restrict__ wp, const u8*
             cp_async16_to(base + so + wdst[j], wsrc[j], wval[j]);
             wsrc[j] += 64;
         }
-        if (tid < ROWS) cp_async_small<SB>(base + so + SOFF + tid * 8, ssrc, sval);
+        if (tid < WG_ROWS) cp_async_small<SB>(base + so + SOFF + tid * 8, ssrc, sval);
         ssrc += SB;
     };
     const auto issue_x = [&](int it, u32 so) {
         if (it >= iters) return;
 #pragma unroll
         for (int i = 0; i < XP; i++) {
-            if (xon[i]) cp_async16_to(base + so + xdst[i], xsrc[i], xval[i]);
+            cp_async16_to(base + so + xdst[i], xsrc[i], xval[i]);
             xsrc[i] += 128;
         }
     };
 
     // Weights never depend on the kernel before this one: the first stages' weights go out
     // before the PDL wait, the activations after it.
-    if (tid < 256) slut[tid] = lut[tid];
+    slut[tid] = lut[tid];  // 256 threads, 256 entries
 #pragma unroll
     for (int s = 0; s < S_ - 1; s++) {
         issue_w(s, s * STAGE);
@@ -364,65 +364,58 @@ __device__ __forceinline__ void fp4_wg_body(const u8* __restrict__ wp, const u8*
 #pragma unroll
     for (int j = 0; j < BN / 8; j++) {
         const int c = 8 * j + 2 * t;
-        tile[c * TSTRIDE + lr0] = acc[4 * j];
-        tile[(c + 1) * TSTRIDE + lr0] = acc[4 * j + 1];
-        tile[c * TSTRIDE + lr0 + 8] = acc[4 * j + 2];
-        tile[(c + 1) * TSTRIDE + lr0 + 8] = acc[4 * j + 3];
+        tile[c * WG_TILE_STRIDE + lr0] = acc[4 * j];
+        tile[(c + 1) * WG_TILE_STRIDE + lr0] = acc[4 * j + 1];
+        tile[c * WG_TILE_STRIDE + lr0 + 8] = acc[4 * j + 2];
+        tile[(c + 1) * WG_TILE_STRIDE + lr0 + 8] = acc[4 * j + 3];
     }
     __syncthreads();
-    constexpr int TILE = ROWS * BN;
+    constexpr int TILE = WG_ROWS * BN;
     if (S > 1) {
         const size_t cell = (size_t)blockIdx.z * gridDim.x + blockIdx.x;
         const size_t cells = (size_t)gridDim.z * gridDim.x;
         const auto at = [&](int e) -> float4& {
-            return *(float4*)(tile + (e / (ROWS / 4)) * TSTRIDE + (e % (ROWS / 4)) * 4);
+            return *(float4*)(tile + (e / (WG_ROWS / 4)) * WG_TILE_STRIDE + (e % (WG_ROWS / 4)) * 4);
         };
         if (!split_combine<float4, WG_MAX_SPLITS>(parts, tickets, S, split, cell, cells, TILE, at))
             return;
     }
     // post = 2^A undoes the 2^-A left in the scale multipliers (weights.rs): exact.
     const float inv_scale = (1.0f / gscale[0]) * post;
-    for (int e = tid; e < TILE; e += THREADS) {
-        const int tk = e / ROWS, lr = e - tk * ROWS;
+    for (int e = tid; e < TILE; e += WG_THREADS) {
+        const int tk = e / WG_ROWS, lr = e - tk * WG_ROWS;
         if (tok0 + tk >= m || row0 + lr >= n) continue;
         y[(size_t)(tok0 + tk) * n + row0 + lr] =
-            f32_to_bf16(tile[tk * TSTRIDE + lr] * inv_scale);
+            f32_to_bf16(tile[tk * WG_TILE_STRIDE + lr] * inv_scale);
     }
 #endif
 }
 
-#define WG_KERNEL(NAME, FMT, BN, ST, NWG)                                                       \
-    extern "C" __global__ void __launch_bounds__(128 * NWG, 1) NAME(                           \
+#define WG_KERNEL(NAME, FMT, BN, ST)                                                            \
+    extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) NAME(                          \
         const u8* wp, const u8* ws, const float* gs, const u16* lut, const u16* x, u16* y, int m, \
         int n, int k, float post, float* parts, unsigned int* tickets) {                         \
-        fp4_wg_body<FMT, BN, ST, NWG>(wp, ws, gs, lut, x, y, m, n, k, post, parts, tickets);    \
+        fp4_wg_body<FMT, BN, ST>(wp, ws, gs, lut, x, y, m, n, k, post, parts, tickets);         \
     }
 
-// fp4_wg{NWG}_{nv,mx}_n{BN}_s{ST}: y = x W^T with NWG warpgroups (64 NWG weight rows) and BN
-// tokens per block and an ST-stage ring (wgmma.rs WGMMA_CONFIGS: the deeper rings hold more
-// weight bytes in flight, the shallower ones let two blocks share an SM; four warpgroups read
-// each activation chunk for twice the rows, with twice the warps per SM).
-WG_KERNEL(fp4_wg2_nv_n16_s8, FMT_NVFP4, 16, 8, 2)
-WG_KERNEL(fp4_wg2_mx_n16_s8, FMT_MXFP4, 16, 8, 2)
-WG_KERNEL(fp4_wg2_nv_n16_s4, FMT_NVFP4, 16, 4, 2)
-WG_KERNEL(fp4_wg2_mx_n16_s4, FMT_MXFP4, 16, 4, 2)
-WG_KERNEL(fp4_wg2_nv_n32_s8, FMT_NVFP4, 32, 8, 2)
-WG_KERNEL(fp4_wg2_mx_n32_s8, FMT_MXFP4, 32, 8, 2)
-WG_KERNEL(fp4_wg2_nv_n32_s4, FMT_NVFP4, 32, 4, 2)
-WG_KERNEL(fp4_wg2_mx_n32_s4, FMT_MXFP4, 32, 4, 2)
-WG_KERNEL(fp4_wg2_nv_n64_s6, FMT_NVFP4, 64, 6, 2)
-WG_KERNEL(fp4_wg2_mx_n64_s6, FMT_MXFP4, 64, 6, 2)
-WG_KERNEL(fp4_wg2_nv_n64_s4, FMT_NVFP4, 64, 4, 2)
-WG_KERNEL(fp4_wg2_mx_n64_s4, FMT_MXFP4, 64, 4, 2)
-WG_KERNEL(fp4_wg2_nv_n128_s4, FMT_NVFP4, 128, 4, 2)
-WG_KERNEL(fp4_wg2_mx_n128_s4, FMT_MXFP4, 128, 4, 2)
-WG_KERNEL(fp4_wg2_nv_n128_s3, FMT_NVFP4, 128, 3, 2)
-WG_KERNEL(fp4_wg2_mx_n128_s3, FMT_MXFP4, 128, 3, 2)
-WG_KERNEL(fp4_wg2_nv_n256_s3, FMT_NVFP4, 256, 3, 2)
-WG_KERNEL(fp4_wg2_mx_n256_s3, FMT_MXFP4, 256, 3, 2)
-WG_KERNEL(fp4_wg4_nv_n32_s6, FMT_NVFP4, 32, 6, 4)
-WG_KERNEL(fp4_wg4_mx_n32_s6, FMT_MXFP4, 32, 6, 4)
-WG_KERNEL(fp4_wg4_nv_n64_s5, FMT_NVFP4, 64, 5, 4)
-WG_KERNEL(fp4_wg4_mx_n64_s5, FMT_MXFP4, 64, 5, 4)
-WG_KERNEL(fp4_wg4_nv_n64_s3, FMT_NVFP4, 64, 3, 4)
-WG_KERNEL(fp4_wg4_mx_n64_s3, FMT_MXFP4, 64, 3, 4)
+// fp4_wg_{nv,mx}_n{BN}_s{ST}: y = x W^T with BN tokens per block and an ST-stage ring (wgmma.rs
+// WGMMA_CONFIGS: the deeper rings hold more weight bytes in flight, the shallower ones let two
+// blocks share an SM).
+WG_KERNEL(fp4_wg_nv_n16_s8, FMT_NVFP4, 16, 8)
+WG_KERNEL(fp4_wg_mx_n16_s8, FMT_MXFP4, 16, 8)
+WG_KERNEL(fp4_wg_nv_n16_s4, FMT_NVFP4, 16, 4)
+WG_KERNEL(fp4_wg_mx_n16_s4, FMT_MXFP4, 16, 4)
+WG_KERNEL(fp4_wg_nv_n32_s8, FMT_NVFP4, 32, 8)
+WG_KERNEL(fp4_wg_mx_n32_s8, FMT_MXFP4, 32, 8)
+WG_KERNEL(fp4_wg_nv_n32_s4, FMT_NVFP4, 32, 4)
+WG_KERNEL(fp4_wg_mx_n32_s4, FMT_MXFP4, 32, 4)
+WG_KERNEL(fp4_wg_nv_n64_s6, FMT_NVFP4, 64, 6)
+WG_KERNEL(fp4_wg_mx_n64_s6, FMT_MXFP4, 64, 6)
+WG_KERNEL(fp4_wg_nv_n64_s4, FMT_NVFP4, 64, 4)
+WG_KERNEL(fp4_wg_mx_n64_s4, FMT_MXFP4, 64, 4)
+WG_KERNEL(fp4_wg_nv_n128_s4, FMT_NVFP4, 128, 4)
+WG_KERNEL(fp4_wg_mx_n128_s4, FMT_MXFP4, 128, 4)
+WG_KERNEL(fp4_wg_nv_n128_s3, FMT_NVFP4, 128, 3)
+WG_KERNEL(fp4_wg_mx_n128_s3, FMT_MXFP4, 128, 3)
+WG_KERNEL(fp4_wg_nv_n256_s3, FMT_NVFP4, 256, 3)
+WG_KERNEL(fp4_wg_mx_n256_s3, FMT_MXFP4, 256, 3)

@@ -620,7 +620,6 @@ fn wgmma_gemm_matches_cpu_reference() {
     let odd = WgmmaConfig {
         tokens: 48,
         stages: 4,
-        warpgroups: 2,
     };
     assert!(
         fp4_gemm_wgmma_with(&gpu, &probe, &x, 16, &mut y, odd).is_err(),

@@ -15,10 +15,14 @@ use super::tiled::tiled_splits;
 use super::weights::GpuFp4Weight;
 use crate::fp4::Fp4Format;
 
-/// Weight rows of a block of the automatic shapes (two warpgroups of 64).
+/// Weight rows of one block (`WG_ROWS`: two warpgroups of 64).
 const ROWS: usize = 128;
+/// Threads of a block (two warpgroups).
+const THREADS: u32 = 256;
 /// K elements per pipeline stage.
 const CHUNK: usize = 128;
+/// Floats between the token rows of the epilogue's f32 tile (`WG_TILE_STRIDE`).
+const TILE_STRIDE: usize = ROWS + 4;
 /// The most tokens the runtime sends through the warpgroup kernels by default
 /// (`Tuning::wgmma_max_tokens`). H100 (`bench/results/kernels-h100-wgmma.json`): at 64 tokens
 /// they beat the FP8 path (which converts the weight and the activations on every call) on
@@ -40,75 +44,47 @@ pub struct WgmmaConfig {
     pub tokens: usize,
     /// Stages of the cp.async ring (at least 3).
     pub stages: usize,
-    /// Warpgroups per block (2 or 4), each 64 weight rows.
-    pub warpgroups: usize,
 }
 
-/// The shapes the kernels exist for (`fp4_wg{warpgroups}_*_n{tokens}_s{stages}`): per token
-/// tile a deep ring, which holds more weight bytes in flight per SM, and a shallow one, under
-/// which two blocks share an SM (the largest tile has room for three stages only); and four
-/// warpgroups (256 weight rows: each activation chunk read for twice the rows, twice the warps
-/// per SM) for the tiles of 32 and 64 tokens.
-pub const WGMMA_CONFIGS: [WgmmaConfig; 12] = [
+/// The shapes the kernels exist for (`fp4_wg_*_n{tokens}_s{stages}`): per token tile a deep
+/// ring, which holds more weight bytes in flight per SM, and a shallow one, under which two
+/// blocks share an SM (the largest tile has room for three stages only).
+pub const WGMMA_CONFIGS: [WgmmaConfig; 9] = [
     WgmmaConfig {
         tokens: 16,
         stages: 8,
-        warpgroups: 2,
     },
     WgmmaConfig {
         tokens: 16,
         stages: 4,
-        warpgroups: 2,
     },
     WgmmaConfig {
         tokens: 32,
         stages: 8,
-        warpgroups: 2,
     },
     WgmmaConfig {
         tokens: 32,
         stages: 4,
-        warpgroups: 2,
     },
     WgmmaConfig {
         tokens: 64,
         stages: 6,
-        warpgroups: 2,
     },
     WgmmaConfig {
         tokens: 64,
         stages: 4,
-        warpgroups: 2,
     },
     WgmmaConfig {
         tokens: 128,
         stages: 4,
-        warpgroups: 2,
     },
     WgmmaConfig {
         tokens: 128,
         stages: 3,
-        warpgroups: 2,
     },
     WgmmaConfig {
         tokens: 256,
         stages: 3,
-        warpgroups: 2,
-    },
-    WgmmaConfig {
-        tokens: 32,
-        stages: 6,
-        warpgroups: 4,
-    },
-    WgmmaConfig {
-        tokens: 64,
-        stages: 5,
-        warpgroups: 4,
-    },
-    WgmmaConfig {
-        tokens: 64,
-        stages: 3,
-        warpgroups: 4,
     },
 ];
 
@@ -143,58 +119,43 @@ impl WgmmaConfig {
             128 => 4,
             _ => 3,
         };
-        WgmmaConfig {
-            tokens,
-            stages,
-            warpgroups: 2,
-        }
+        WgmmaConfig { tokens, stages }
     }
 
     /// Bytes of one stage: two 64-element slabs of `tokens` activation rows, the packed weights
     /// and the scale bytes of 128 rows (`wg_stage_bytes`).
     fn stage_bytes(self) -> usize {
-        self.tokens * 256 + self.rows() * 72
-    }
-
-    /// Weight rows of a block (64 per warpgroup).
-    fn rows(self) -> usize {
-        64 * self.warpgroups
+        self.tokens * 256 + ROWS * 64 + ROWS * 8
     }
 
     /// Dynamic shared memory of a block: the stages (which the epilogue reuses for its padded
     /// f32 tile) and 1 KiB to align them to the swizzle's 1024-byte period.
     fn smem_bytes(self) -> u32 {
-        let tile = self.tokens * (self.rows() + 4) * 4;
+        let tile = self.tokens * TILE_STRIDE * 4;
         ((self.stages * self.stage_bytes()).max(tile) + 1024) as u32
     }
 
     /// The kernel of this shape for `format` (None: not one of [`WGMMA_CONFIGS`]).
     fn kernel_name(self, format: Fp4Format) -> Option<&'static str> {
-        Some(match (format, self.tokens, self.stages, self.warpgroups) {
-            (Fp4Format::Nvfp4, 16, 8, 2) => "fp4_wg2_nv_n16_s8",
-            (Fp4Format::Mxfp4, 16, 8, 2) => "fp4_wg2_mx_n16_s8",
-            (Fp4Format::Nvfp4, 16, 4, 2) => "fp4_wg2_nv_n16_s4",
-            (Fp4Format::Mxfp4, 16, 4, 2) => "fp4_wg2_mx_n16_s4",
-            (Fp4Format::Nvfp4, 32, 8, 2) => "fp4_wg2_nv_n32_s8",
-            (Fp4Format::Mxfp4, 32, 8, 2) => "fp4_wg2_mx_n32_s8",
-            (Fp4Format::Nvfp4, 32, 4, 2) => "fp4_wg2_nv_n32_s4",
-            (Fp4Format::Mxfp4, 32, 4, 2) => "fp4_wg2_mx_n32_s4",
-            (Fp4Format::Nvfp4, 64, 6, 2) => "fp4_wg2_nv_n64_s6",
-            (Fp4Format::Mxfp4, 64, 6, 2) => "fp4_wg2_mx_n64_s6",
-            (Fp4Format::Nvfp4, 64, 4, 2) => "fp4_wg2_nv_n64_s4",
-            (Fp4Format::Mxfp4, 64, 4, 2) => "fp4_wg2_mx_n64_s4",
-            (Fp4Format::Nvfp4, 128, 4, 2) => "fp4_wg2_nv_n128_s4",
-            (Fp4Format::Mxfp4, 128, 4, 2) => "fp4_wg2_mx_n128_s4",
-            (Fp4Format::Nvfp4, 128, 3, 2) => "fp4_wg2_nv_n128_s3",
-            (Fp4Format::Mxfp4, 128, 3, 2) => "fp4_wg2_mx_n128_s3",
-            (Fp4Format::Nvfp4, 256, 3, 2) => "fp4_wg2_nv_n256_s3",
-            (Fp4Format::Mxfp4, 256, 3, 2) => "fp4_wg2_mx_n256_s3",
-            (Fp4Format::Nvfp4, 32, 6, 4) => "fp4_wg4_nv_n32_s6",
-            (Fp4Format::Mxfp4, 32, 6, 4) => "fp4_wg4_mx_n32_s6",
-            (Fp4Format::Nvfp4, 64, 5, 4) => "fp4_wg4_nv_n64_s5",
-            (Fp4Format::Mxfp4, 64, 5, 4) => "fp4_wg4_mx_n64_s5",
-            (Fp4Format::Nvfp4, 64, 3, 4) => "fp4_wg4_nv_n64_s3",
-            (Fp4Format::Mxfp4, 64, 3, 4) => "fp4_wg4_mx_n64_s3",
+        Some(match (format, self.tokens, self.stages) {
+            (Fp4Format::Nvfp4, 16, 8) => "fp4_wg_nv_n16_s8",
+            (Fp4Format::Mxfp4, 16, 8) => "fp4_wg_mx_n16_s8",
+            (Fp4Format::Nvfp4, 16, 4) => "fp4_wg_nv_n16_s4",
+            (Fp4Format::Mxfp4, 16, 4) => "fp4_wg_mx_n16_s4",
+            (Fp4Format::Nvfp4, 32, 8) => "fp4_wg_nv_n32_s8",
+            (Fp4Format::Mxfp4, 32, 8) => "fp4_wg_mx_n32_s8",
+            (Fp4Format::Nvfp4, 32, 4) => "fp4_wg_nv_n32_s4",
+            (Fp4Format::Mxfp4, 32, 4) => "fp4_wg_mx_n32_s4",
+            (Fp4Format::Nvfp4, 64, 6) => "fp4_wg_nv_n64_s6",
+            (Fp4Format::Mxfp4, 64, 6) => "fp4_wg_mx_n64_s6",
+            (Fp4Format::Nvfp4, 64, 4) => "fp4_wg_nv_n64_s4",
+            (Fp4Format::Mxfp4, 64, 4) => "fp4_wg_mx_n64_s4",
+            (Fp4Format::Nvfp4, 128, 4) => "fp4_wg_nv_n128_s4",
+            (Fp4Format::Mxfp4, 128, 4) => "fp4_wg_mx_n128_s4",
+            (Fp4Format::Nvfp4, 128, 3) => "fp4_wg_nv_n128_s3",
+            (Fp4Format::Mxfp4, 128, 3) => "fp4_wg_mx_n128_s3",
+            (Fp4Format::Nvfp4, 256, 3) => "fp4_wg_nv_n256_s3",
+            (Fp4Format::Mxfp4, 256, 3) => "fp4_wg_mx_n256_s3",
             _ => return None,
         })
     }
@@ -244,14 +205,14 @@ pub fn fp4_gemm_wgmma_with(
     };
     check_len("fp4_gemm_wgmma: x", x.len(), m * w.k)?;
     check_len("fp4_gemm_wgmma: y", y.len(), m * w.n)?;
-    let row_blocks = w.n.div_ceil(cfg.rows());
+    let row_blocks = w.n.div_ceil(ROWS);
     let token_blocks = m.div_ceil(cfg.tokens);
     let cells = row_blocks * token_blocks;
     let splits = tiled_splits(
         cells,
         w.k / CHUNK,
         gpu.sm_count() as usize,
-        cfg.rows() * cfg.tokens,
+        ROWS * cfg.tokens,
     );
     let f = gpu.function(name)?;
     let smem = cfg.smem_bytes();
@@ -262,7 +223,7 @@ pub fn fp4_gemm_wgmma_with(
     .map_err(drv("wgmma kernel dynamic shared memory limit"))?;
     let launch = LaunchConfig {
         grid_dim: (row_blocks as u32, splits, token_blocks as u32),
-        block_dim: (128 * cfg.warpgroups as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
         shared_mem_bytes: smem,
     };
     let (m_i, n_i, k_i) = (m as i32, w.n as i32, w.k as i32);
@@ -295,7 +256,7 @@ mod tests {
             // 227 KiB per block, less the 512-byte scale table the kernel declares statically.
             assert!(cfg.smem_bytes() as usize + 512 <= 227 * 1024, "{cfg:?}");
             assert!(
-                cfg.stages * cfg.stage_bytes() >= cfg.tokens * (cfg.rows() + 4) * 4,
+                cfg.stages * cfg.stage_bytes() >= cfg.tokens * TILE_STRIDE * 4,
                 "{cfg:?}"
             );
             assert!(cfg.stages >= 3, "{cfg:?}");
@@ -306,7 +267,6 @@ mod tests {
         let odd = WgmmaConfig {
             tokens: 48,
             stages: 4,
-            warpgroups: 2,
         };
         assert!(odd.kernel_name(Fp4Format::Nvfp4).is_none());
         // The shallow rings let two blocks share an SM (228 KiB, 1 KiB reserved per block).
@@ -350,16 +310,14 @@ mod tests {
     #[test]
     fn the_output_tile_is_free_of_bank_conflicts() {
         // fp4_wgmma.cu's epilogue: lane (g, t) of warp w stores token 8j + 2t (+1), local row
-        // 64 (w / 4) + 16 (w % 4) + g (+8) at token * (rows + 4) + row, for blocks of two and
-        // four warpgroups.
-        for (warps, stride) in [(8, 128 + 4), (16, 256 + 4)] {
-            for (w, dt, dr) in (0..warps).flat_map(|w| [(w, 0, 0), (w, 1, 0), (w, 0, 8), (w, 1, 8)])
-            {
+        // 64 (w / 4) + 16 (w % 4) + g (+8) at token * TILE_STRIDE + row.
+        for w in 0..8 {
+            for (dt, dr) in [(0, 0), (1, 0), (0, 8), (1, 8)] {
                 let mut banks: Vec<usize> = (0..32)
                     .map(|lane| {
                         let (g, t) = (lane / 4, lane % 4);
                         let row = 64 * (w / 4) + 16 * (w % 4) + g + dr;
-                        ((2 * t + dt) * stride + row) % 32
+                        ((2 * t + dt) * TILE_STRIDE + row) % 32
                     })
                     .collect();
                 banks.sort_unstable();
