@@ -176,6 +176,10 @@ __device__ __forceinline__ void fp4_wg_body(const u8* __restrict__ wp, const u8*
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     extern __shared__ __align__(1024) u8 wg_smem_raw[];
     __shared__ u16 slut[256];
+    // Per warp, the bf16x2 scale multipliers of its 16 rows' 8 k16 steps for the chunk being
+    // decoded (row r: steps 0-3 in [r][0], 4-7 in [r][1]; a third slot of padding keeps the 8
+    // rows a warp's quads read at once on distinct banks).
+    __shared__ uint4 wscale[WG_THREADS / 32][16][3];
     static_assert(S_ >= 3, "the ring keeps one chunk in flight beside the one computed");
     constexpr int STAGE = wg_stage_bytes<BN>();
     constexpr int XOFF = 0, WOFF = BN * 256, SOFF = WOFF + WG_W_BYTES;
@@ -282,9 +286,25 @@ __device__ __forceinline__ void fp4_wg_body(const u8* __restrict__ wp, const u8*
             for (int r = 0; r < 4; r++) a[s][r] = 0x3F803F80u ^ (u32)(s + r) ^ so;
         return;
 #endif
-        // Scale multipliers of the chunk's 8 k16 steps for both rows, as bf16x2.
-        const uint2 sc0 = *(const uint2*)(st + SOFF + lr0 * 8);
-        const uint2 sc1 = *(const uint2*)(st + SOFF + (lr0 + 8) * 8);
+        // The warp's scale multipliers, each looked up once: lane L takes row L / 2 of the
+        // warp's 16, steps 4 (L % 2) .. + 3 (the four lanes of a quad would otherwise each look
+        // up the same 16).
+        {
+            const int r = lane >> 1, hh = lane & 1;
+            const u8* sp = st + SOFF + ((warp >> 2) * 64 + (warp & 3) * 16 + r) * 8;
+            const u32 sb = FMT == FMT_NVFP4 ? *(const u32*)(sp + 4 * hh)
+                                            : (u32) * (const u16*)(sp + 2 * hh);
+            u32 mv[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const u32 m = slut[(sb >> (8 * (FMT == FMT_NVFP4 ? i : i >> 1))) & 0xFF];
+                mv[i] = m | (m << 16);
+            }
+            wscale[warp][r][hh] = make_uint4(mv[0], mv[1], mv[2], mv[3]);
+        }
+        __syncwarp();
+        const uint4 sg[2] = {wscale[warp][g][0], wscale[warp][g][1]};
+        const uint4 sh8[2] = {wscale[warp][g + 8][0], wscale[warp][g + 8][1]};
 #pragma unroll
         for (int u = 0; u < 4; u++) {
             // Unit u of both rows: words 4u .. 4u + 3 = k16 steps 2u and 2u + 1.
@@ -293,11 +313,10 @@ __device__ __forceinline__ void fp4_wg_body(const u8* __restrict__ wp, const u8*
 #pragma unroll
             for (int h = 0; h < 2; h++) {
                 const int s = 2 * u + h;
-                const int sb = FMT == FMT_NVFP4 ? s : s >> 1;  // scale byte of the step
-                const u32 b0 = ((sb < 4 ? sc0.x : sc0.y) >> (8 * (sb & 3))) & 0xFF;
-                const u32 b1 = ((sb < 4 ? sc1.x : sc1.y) >> (8 * (sb & 3))) & 0xFF;
-                const u32 m0 = slut[b0], m1 = slut[b1];
-                const u32 s0 = m0 | (m0 << 16), s1 = m1 | (m1 << 16);
+                const uint4 v0 = sg[s >> 2], v1 = sh8[s >> 2];
+                const int c = s & 3;
+                const u32 s0 = c == 0 ? v0.x : c == 1 ? v0.y : c == 2 ? v0.z : v0.w;
+                const u32 s1 = c == 0 ? v1.x : c == 1 ? v1.y : c == 2 ? v1.z : v1.w;
                 const u32 lo0 = h == 0 ? q0.x : q0.z, hi0 = h == 0 ? q0.y : q0.w;
                 const u32 lo1 = h == 0 ? q1.x : q1.z, hi1 = h == 0 ? q1.y : q1.w;
                 a[s][0] = bf16x2_mul(e2m1_pair(lo0, ra, rb), s0);

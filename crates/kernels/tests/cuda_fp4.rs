@@ -133,6 +133,29 @@ fn check_close(what: &str, got: &[bf16], want: &[f64], rel: f64, elem: f64) {
 
 const FORMATS: [Fp4Format; 2] = [Fp4Format::Nvfp4, Fp4Format::Mxfp4];
 
+/// Runs a dense product twice into fresh poisoned outputs of `m * n` elements: the first run
+/// against the reference `want` ([`check_close`] with the FP4 kernels' tolerances), the second
+/// bit-equal to the first (fixed summation order, split tickets left ready). Returns the first.
+fn twice_checked(
+    gpu: &GpuContext,
+    what: &str,
+    want: &[f64],
+    (m, n): (usize, usize),
+    mut run: impl FnMut(&mut CudaSlice<bf16>),
+) -> Vec<bf16> {
+    let mut runs = Vec::new();
+    for _ in 0..2 {
+        let mut y = poisoned(gpu, m * n);
+        run(&mut y);
+        runs.push(gpu.stream().clone_dtoh(&y).unwrap());
+    }
+    check_close(what, &runs[0], want, 8e-3, 2e-2);
+    for (i, (a, b)) in runs[0].iter().zip(&runs[1]).enumerate() {
+        assert_eq!(a.to_bits(), b.to_bits(), "{what}: run 2, element {i}");
+    }
+    runs.swap_remove(0)
+}
+
 /// Whether NVRTC is there for a compile test; without it the test is skipped with a message
 /// (a failure with `MIMO_REQUIRE_GPU=1`).
 fn nvrtc_or_skip() -> bool {
@@ -507,17 +530,10 @@ fn tiled_gemm_matches_cpu_reference() {
     for format in FORMATS {
         for &(m, n, k) in &shapes {
             let (w, x, want) = random_product(&gpu, &mut rng, format, (m, n, k), 0.02);
-            let mut runs = Vec::new();
-            for _ in 0..2 {
-                let mut y = poisoned(&gpu, m * n);
-                fp4_gemm_tiled(&gpu, &w, &x, m, &mut y).unwrap();
-                runs.push(gpu.stream().clone_dtoh(&y).unwrap());
-            }
             let what = format!("tiled {format} m={m} n={n} k={k}");
-            check_close(&what, &runs[0], &want, 8e-3, 2e-2);
-            for (i, (a, b)) in runs[0].iter().zip(&runs[1]).enumerate() {
-                assert_eq!(a.to_bits(), b.to_bits(), "{what}: run 2, element {i}");
-            }
+            let first = twice_checked(&gpu, &what, &want, (m, n), |y| {
+                fp4_gemm_tiled(&gpu, &w, &x, m, y).unwrap()
+            });
             // The gated form on the same weight read as [gate | up] (n even): SwiGLU of the
             // plain product's two halves, at most one bf16 step apart.
             if n % 2 == 1 {
@@ -526,7 +542,7 @@ fn tiled_gemm_matches_cpu_reference() {
             let mut act = poisoned(&gpu, m * n / 2);
             fp4_gemm_swiglu_tiled(&gpu, &w, &x, m, &mut act).unwrap();
             let act = gpu.stream().clone_dtoh(&act).unwrap();
-            check_swiglu_of(&runs[0], &act, m, n, &format!("{what} swiglu"));
+            check_swiglu_of(&first, &act, m, n, &format!("{what} swiglu"));
         }
     }
     // Shapes it does not take are refused, not computed wrongly.
@@ -586,17 +602,10 @@ fn wgmma_gemm_matches_cpu_reference() {
     for format in FORMATS {
         for &(m, n, k) in &shapes {
             let (w, x, want) = random_product(&gpu, &mut rng, format, (m, n, k), 0.02);
-            let mut runs = Vec::new();
-            for _ in 0..2 {
-                let mut y = poisoned(&gpu, m * n);
-                fp4_gemm_wgmma(&gpu, &w, &x, m, &mut y).unwrap();
-                runs.push(gpu.stream().clone_dtoh(&y).unwrap());
-            }
             let what = format!("wgmma {format} m={m} n={n} k={k}");
-            check_close(&what, &runs[0], &want, 8e-3, 2e-2);
-            for (i, (a, b)) in runs[0].iter().zip(&runs[1]).enumerate() {
-                assert_eq!(a.to_bits(), b.to_bits(), "{what}: run 2, element {i}");
-            }
+            twice_checked(&gpu, &what, &want, (m, n), |y| {
+                fp4_gemm_wgmma(&gpu, &w, &x, m, y).unwrap()
+            });
         }
         // Every shape on one product (tiles larger than the tokens leave slots empty).
         let (m, n, k) = (70, 260, 640);
@@ -697,17 +706,10 @@ fn bulk_gemm_matches_cpu_reference() {
                 if cfg.splits > k.div_ceil(512) || big {
                     continue;
                 }
-                let mut runs = Vec::new();
-                for _ in 0..2 {
-                    let mut y = poisoned(&gpu, m * n);
-                    fp4_gemm_bulk_with(&gpu, &w, &x, m, &mut y, &cfg, false).unwrap();
-                    runs.push(gpu.stream().clone_dtoh(&y).unwrap());
-                }
                 let what = format!("bulk {format} m={m} n={n} k={k} {cfg:?}");
-                check_close(&what, &runs[0], &want, 8e-3, 2e-2);
-                for (i, (a, b)) in runs[0].iter().zip(&runs[1]).enumerate() {
-                    assert_eq!(a.to_bits(), b.to_bits(), "{what}: run 2, element {i}");
-                }
+                twice_checked(&gpu, &what, &want, (m, n), |y| {
+                    fp4_gemm_bulk_with(&gpu, &w, &x, m, y, &cfg, false).unwrap()
+                });
             }
             let mut y = poisoned(&gpu, m * n);
             fp4_gemm_bulk(&gpu, &w, &x, m, &mut y).unwrap();

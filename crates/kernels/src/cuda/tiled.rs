@@ -205,17 +205,32 @@ fn tiled_product(
     let (row_blocks, token_blocks, chunks) = grid_cells(w, m, gated);
     let cells = row_blocks * token_blocks;
     let splits = tiled_splits(cells, chunks, gpu.sm_count() as usize, ROWS * bm);
-    let f = gpu.function(kernel_name(w.format, bm, gated))?;
-    let smem = smem_bytes(bm);
-    allow_smem(&f, smem)?;
     let launch = LaunchConfig {
         grid_dim: (row_blocks as u32, splits, token_blocks as u32),
         block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: smem,
+        shared_mem_bytes: smem_bytes(bm),
     };
+    let f = gpu.function(kernel_name(w.format, bm, gated))?;
+    launch_split_product(gpu, &f, launch, w, (x, m, y), "launch fp4_gemm_tiled")
+}
+
+/// Launches a split FP4 product kernel `f` of the tiled or warpgroup family (`MM_KERNEL`,
+/// `WG_KERNEL`: the same arguments) over `x` (`m` rows of K) into `y`, its dynamic shared
+/// memory limit raised to the launch's. The caller checked the lengths and kept the launch's
+/// K splits x cells x tile floats and cells tickets within the split scratch
+/// ([`tiled_splits`]).
+pub(crate) fn launch_split_product(
+    gpu: &GpuContext,
+    f: &cudarc::driver::CudaFunction,
+    launch: LaunchConfig,
+    w: &GpuFp4Weight,
+    (x, m, y): (&CudaSlice<bf16>, usize, &mut CudaSlice<bf16>),
+    what: &'static str,
+) -> Result<(), CudaError> {
+    allow_smem(f, launch.shared_mem_bytes)?;
     let (m_i, n_i, k_i) = (m as i32, w.n as i32, w.k as i32);
     let (parts, tickets) = gpu.split_scratch();
-    let mut b = gpu.stream().launch_builder(&f);
+    let mut b = gpu.stream().launch_builder(f);
     w.push_args(&mut b)
         .arg(x)
         .arg(y)
@@ -225,11 +240,12 @@ fn tiled_product(
         .arg(&w.post)
         .arg(parts)
         .arg(tickets);
-    // SAFETY: argument types and order match MM_KERNEL; x holds m rows of k and y m rows of
-    // the output width (checked above); the split scratch holds splits x cells x tile floats
-    // and cells tickets (tiled_splits keeps one split where they would not fit), and every
-    // launch on this stream uses it only after its PDL wait, so launches never overlap on it.
-    unsafe { b.launch(launch) }.map_err(drv("launch fp4_gemm_tiled"))?;
+    // SAFETY: argument types and order match MM_KERNEL and WG_KERNEL; x holds m rows of k and
+    // y m rows of the output width (the callers check); the split scratch holds the launch's
+    // splits x cells x tile floats and cells tickets (tiled_splits keeps one split where they
+    // would not fit), and every launch on this stream uses it only after its PDL wait, so
+    // launches never overlap on it.
+    unsafe { b.launch(launch) }.map_err(drv(what))?;
     Ok(())
 }
 
