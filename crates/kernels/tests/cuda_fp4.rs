@@ -10,10 +10,10 @@ use mimo_kernels::cuda::{
     fp4_gemm_bulk_with, fp4_gemm_fp8, fp4_gemm_swiglu, fp4_gemm_swiglu_bulk,
     fp4_gemm_swiglu_supported, fp4_gemm_swiglu_tiled, fp4_gemm_tiled, fp4_gemm_wgmma,
     fp4_gemm_wgmma_with, fp4_gemm_with, fp4_to_e4m3_rows, moe_layer, moe_layer_tiled,
-    moe_layer_tiled_with, moe_layer_with, moe_tiled_preferred, moe_tiled_supported, variant_exists,
-    wgmma_supported, BulkConfig, E4m3Rows, Fp4GemmConfig, Fp8Gemm, Fp8Scratch, GpuContext,
-    GpuFp4Weight, MoeConfig, MoeWeights, MoeWorkspace, Tuning, WgmmaConfig, MOE_TILED_MIN_PAIRS,
-    WGMMA_CONFIGS,
+    moe_layer_tiled_with, moe_layer_with, moe_tiled_preferred, moe_tiled_supported,
+    tiled_preferred, variant_exists, wgmma_preferred, wgmma_supported, BulkConfig, E4m3Rows,
+    Fp4GemmConfig, Fp8Gemm, Fp8Scratch, GpuContext, GpuFp4Weight, MoeConfig, MoeWeights,
+    MoeWorkspace, Tuning, WgmmaConfig, MOE_TILED_MIN_PAIRS, WGMMA_CONFIGS,
 };
 use mimo_kernels::fp4::{amax, dequantize, nvfp4_global_scale, quantize_mxfp4, quantize_nvfp4};
 use mimo_kernels::fp8_rows;
@@ -623,6 +623,35 @@ fn wgmma_gemm_matches_cpu_reference() {
             );
         }
     }
+    // The automatic launcher takes it where it would have taken the tiled kernels from 33
+    // tokens (a product with enough work for them): the same bits as the direct launch.
+    let (m, n, k) = (48, 4096, 4096);
+    let q = quantize(
+        Fp4Format::Nvfp4,
+        &random_matrix(&mut rng, n * k, 0.02),
+        n,
+        k,
+    );
+    let w = GpuFp4Weight::upload(&gpu, "auto", &q).unwrap();
+    assert!(tiled_preferred(&gpu.tuning(), &w, m, false));
+    assert!(wgmma_preferred(&gpu.tuning(), &gpu, &w, m));
+    let x = gpu
+        .stream()
+        .clone_htod(&to_bf16(&random_matrix(&mut rng, m * k, 1.0)))
+        .unwrap();
+    let (mut auto, mut direct) = (poisoned(&gpu, m * n), poisoned(&gpu, m * n));
+    fp4_gemm(&gpu, &w, &x, m, &mut auto).unwrap();
+    fp4_gemm_wgmma(&gpu, &w, &x, m, &mut direct).unwrap();
+    let (auto, direct) = (
+        gpu.stream().clone_dtoh(&auto).unwrap(),
+        gpu.stream().clone_dtoh(&direct).unwrap(),
+    );
+    assert!(
+        auto.iter()
+            .zip(&direct)
+            .all(|(a, b)| a.to_bits() == b.to_bits()),
+        "fp4_gemm at {m} tokens is not the warpgroup product"
+    );
     // Shapes and tiles it does not take are refused, not computed wrongly.
     let x = gpu.stream().clone_htod(&vec![bf16::ONE; 16 * 128]).unwrap();
     let mut y = poisoned(&gpu, 16 * 16);

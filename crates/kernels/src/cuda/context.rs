@@ -189,11 +189,11 @@ pub struct Tuning {
     /// Average pairs per expert from which `moe_tiled` takes a layer
     /// ([`super::MOE_TILED_MIN_PAIRS`] by default; `MIMO_MOE_TILED_MIN_PAIRS`).
     pub moe_tiled_min_pairs: u32,
-    /// Dense FP4 products of the runtime's prefill-sized batches (from 64 tokens) up to
-    /// `wgmma_max_tokens` tokens through the warpgroup kernels ([`super::fp4_gemm_wgmma`]:
-    /// weights decoded in registers as the A operand of Hopper's `wgmma`) instead of the FP8
-    /// tensor cores, which convert the weight and the activations on every call
-    /// (`MIMO_WGMMA_GEMM`; sm_90 only).
+    /// Dense FP4 products of [`super::WGMMA_MIN_TOKENS`] to `wgmma_max_tokens` tokens through
+    /// the warpgroup kernels ([`super::fp4_gemm_wgmma`]: weights decoded in registers as the A
+    /// operand of Hopper's `wgmma`) instead of the tiled kernels (below 64 tokens, where those
+    /// would take them) and of the runtime's FP8 prefill path, which converts the weight and
+    /// the activations on every call (`MIMO_WGMMA_GEMM`; sm_90 only).
     pub wgmma_gemm: bool,
     /// The most tokens `wgmma_gemm` takes ([`super::WGMMA_MAX_TOKENS`] by default;
     /// `MIMO_WGMMA_MAX_TOKENS`).

@@ -88,7 +88,7 @@ pub use trace::{trace_file_name, TraceRecord};
 pub use weights::GpuFp4Weight;
 pub use wgmma::{
     fp4_gemm_wgmma, fp4_gemm_wgmma_with, wgmma_preferred, wgmma_supported, WgmmaConfig,
-    WGMMA_CONFIGS, WGMMA_MAX_TOKENS,
+    WGMMA_CONFIGS, WGMMA_MAX_TOKENS, WGMMA_MIN_TOKENS,
 };
 
 /// A null device pointer as a kernel argument (an optional buffer left out).

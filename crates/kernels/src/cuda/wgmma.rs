@@ -31,10 +31,20 @@ const TILE_STRIDE: usize = ROWS + 4;
 /// win by 2x.
 pub const WGMMA_MAX_TOKENS: usize = 128;
 
-/// Whether the runtime's prefill-sized products (`m` tokens) go through the warpgroup kernels
-/// under `tuning`: `wgmma_gemm` on, supported, at most `wgmma_max_tokens` tokens.
+/// The fewest tokens the warpgroup kernels take in place of the tiled ones. H100
+/// (`bench/results/kernels-h100-wgmma.json`, call 9): at 33 and 48 tokens they beat the tiled
+/// kernels on every measured shape, 4096 x 14336 32.7 / 32.6 vs 53.2 / 51.4 us chained; at 32
+/// tokens and fewer the bulk and decode kernels stay faster (16 tokens: 27.9 vs 18.6).
+pub const WGMMA_MIN_TOKENS: usize = 33;
+
+/// Whether a product of `m` tokens goes through the warpgroup kernels under `tuning`:
+/// `wgmma_gemm` on, supported, [`WGMMA_MIN_TOKENS`] to `wgmma_max_tokens` tokens. The
+/// automatic launcher ([`super::fp4_gemm`]) asks where it would take the tiled kernels, the
+/// runtime for its prefill-sized products (from 64 tokens).
 pub fn wgmma_preferred(tuning: &Tuning, gpu: &GpuContext, w: &GpuFp4Weight, m: usize) -> bool {
-    tuning.wgmma_gemm && m <= tuning.wgmma_max_tokens as usize && wgmma_supported(gpu, w, m)
+    tuning.wgmma_gemm
+        && (WGMMA_MIN_TOKENS..=tuning.wgmma_max_tokens as usize).contains(&m)
+        && wgmma_supported(gpu, w, m)
 }
 
 /// A launch shape of the warpgroup kernels: tokens per block and pipeline stages.
