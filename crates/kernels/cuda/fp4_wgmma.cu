@@ -6,9 +6,11 @@
 // the cp.async helpers) and fp4_tiled.cu (`split_combine`, `cp_async_small`).
 //
 // Why: the tiled kernel (fp4_tiled.cu) issues one `mma.sync` per 16 rows x 8 tokens x 16 K
-// and its products ran at 0.5-0.9x cuBLAS BF16 from 64 tokens on (bench/README.md); a
+// and its products ran at 0.82-1.00x cuBLAS BF16 at 64 tokens and far below from 256; a
 // warpgroup instruction does 64 rows x N tokens at once, asynchronously, while the warps decode
-// the next weights.
+// the next chunk's weights into the other of two register sets. H100 (docs/kernels-notes.md
+// round 26): 4096 x 14336 at 64 tokens 33.8 us chained, 1.29x cuBLAS BF16 (tiled kernel 52,
+// FP8 path 65); the runtime takes it for 33-128 tokens.
 //
 // Block: two warpgroups (256 threads), 128 weight rows (warpgroup wg: rows 64 wg ..), BN tokens
 // (blockIdx.z), K in chunks of 128 through an S_-stage cp.async ring. A stage holds
@@ -27,7 +29,7 @@
 
 #define WG_ROWS 128
 #define WG_THREADS 256
-#define WG_MAX_SPLITS 8  // wgmma.rs MAX_SPLITS (== MM_MAX_SPLITS: split_combine's bound)
+#define WG_MAX_SPLITS 8  // tiled.rs MAX_SPLITS: tiled_splits' bound, as MM_MAX_SPLITS
 #define WG_TILE_STRIDE (WG_ROWS + 4)
 #define WG_W_BYTES (WG_ROWS * 64)
 #define WG_S_BYTES (WG_ROWS * 8)
