@@ -5,7 +5,7 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use super::bulk::{bulk_preferred, fp4_gemm_bulk, fp4_gemm_swiglu_bulk};
-use super::context::GpuContext;
+use super::context::{GpuContext, Tuning};
 use super::error::{drv, CudaError};
 use super::fold::{Fold, NormIn};
 use super::placement::{beyond_spread_cap, spread_launch};
@@ -223,16 +223,21 @@ pub fn fp4_gemm(
     if bulk_preferred(&tuning, gpu, w, m, false) {
         return fp4_gemm_bulk(gpu, w, x, m, y);
     }
+    if fp4_gemm_takes_wgmma(&tuning, gpu, w, m) {
+        return fp4_gemm_wgmma(gpu, w, x, m, y);
+    }
     if tiled_preferred(&tuning, w, m, false) {
-        // From 33 tokens the warpgroup kernels beat the tiled ones on Hopper (round 26:
-        // 4096 x 14336 at 48 tokens 32.6 vs 51.4 us).
-        if wgmma_preferred(&tuning, gpu, w, m) {
-            return fp4_gemm_wgmma(gpu, w, x, m, y);
-        }
         return fp4_gemm_tiled(gpu, w, x, m, y);
     }
     let cfg = Fp4GemmConfig::auto(m, w.n, w.k, gpu.sm_count());
     fp4_gemm_with(gpu, w, x, m, y, cfg)
+}
+
+/// Whether [`fp4_gemm`] takes the warpgroup kernels for `m` tokens under `tuning`: where it
+/// would take the tiled ones and [`super::wgmma_preferred`] (from 33 tokens on Hopper, round 26:
+/// 4096 x 14336 at 48 tokens 32.6 vs 51.4 us); the bulk kernels, which it asks first, stop at 32.
+pub fn fp4_gemm_takes_wgmma(tuning: &Tuning, gpu: &GpuContext, w: &GpuFp4Weight, m: usize) -> bool {
+    tiled_preferred(tuning, w, m, false) && wgmma_preferred(tuning, gpu, w, m)
 }
 
 /// [`fp4_gemm`] with an explicit block shape.

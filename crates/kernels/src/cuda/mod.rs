@@ -61,7 +61,8 @@ pub use fp8::{
 };
 pub use gemm::{
     device_copy, fp4_dequantize, fp4_gemm, fp4_gemm_swiglu, fp4_gemm_swiglu_supported,
-    fp4_gemm_with, prefetches_itself, token_tiles, variant_exists, Fp4GemmConfig, K_CHUNK,
+    fp4_gemm_takes_wgmma, fp4_gemm_with, prefetches_itself, token_tiles, variant_exists,
+    Fp4GemmConfig, K_CHUNK,
 };
 pub use graph::PdlGraph;
 pub use l2::L2Ranges;

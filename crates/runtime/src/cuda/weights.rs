@@ -12,9 +12,9 @@ use half::bf16;
 use mimo_kernels::cuda::{
     bf16_gemm, bf16_gemv_norm_in, bf16_norm_in_takes_k, bf16_to_e4m3_rows, fp4_bf16_gemv_norm_in,
     fp4_gemm, fp4_gemm_dequant_cublas, fp4_gemm_fp8, fp4_gemm_norm_in, fp4_gemm_norm_out,
-    fp4_gemm_swiglu, fp4_gemm_swiglu_norm_in, fp4_gemm_swiglu_supported, fp4_gemm_wgmma,
-    fp4_to_e4m3_rows, fp8_shape_ok, prefetches_itself, wgmma_preferred, E4m3Rows, Fp8Gemm,
-    Fp8Scratch, GpuContext, GpuFp4Weight, L2Ranges, NormIn, NormOut,
+    fp4_gemm_swiglu, fp4_gemm_swiglu_norm_in, fp4_gemm_swiglu_supported, fp4_gemm_takes_wgmma,
+    fp4_gemm_wgmma, fp4_to_e4m3_rows, fp8_shape_ok, prefetches_itself, wgmma_preferred, E4m3Rows,
+    Fp8Gemm, Fp8Scratch, GpuContext, GpuFp4Weight, L2Ranges, NormIn, NormOut,
 };
 use mimo_kernels::Fp4Matrix;
 
@@ -360,7 +360,9 @@ impl GpuLinear {
     /// `act[m, n/2] = silu(x·G^T) * (x·U^T)` of a `[gate | up]` FP4 Linear in one launch,
     /// bit-identical to [`GpuLinear::forward`] followed by the SwiGLU kernel, where
     /// `Tuning::dense_swiglu` is on and `m` takes the GEMV path; returns false (nothing queued)
-    /// otherwise.
+    /// otherwise, and where the plain product takes the warpgroup kernels (33 tokens on,
+    /// Hopper): they have no SwiGLU epilogue, and the product through them and the SwiGLU
+    /// kernel beat the tiled kernels' fused form.
     pub fn forward_swiglu(
         &self,
         gpu: &Gpu,
@@ -371,9 +373,11 @@ impl GpuLinear {
         let Some(w) = self.fp4_plain() else {
             return Ok(false);
         };
-        if !(gpu.ctx.tuning().dense_swiglu
+        let tuning = gpu.ctx.tuning();
+        if !(tuning.dense_swiglu
             && matches!(gpu.fp4_path(w, m), Fp4Path::Gemv)
             && fp4_gemm_swiglu_supported(w, m, gpu.ctx.sm_count()))
+            || fp4_gemm_takes_wgmma(&tuning, &gpu.ctx, w, m)
         {
             return Ok(false);
         }
