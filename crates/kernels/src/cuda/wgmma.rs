@@ -57,8 +57,9 @@ pub struct WgmmaConfig {
 }
 
 /// The shapes the kernels exist for (`fp4_wg_*_n{tokens}_s{stages}`): per token tile a deep
-/// ring, which holds more weight bytes in flight per SM, and a shallow one, under which two
-/// blocks share an SM (the largest tile has room for three stages only).
+/// ring, which holds more weight bytes in flight per SM, and a shallow one, whose shared memory
+/// lets two blocks share an SM where their registers do too (the 16- and 32-token tiles, under
+/// 128 registers; the largest tile has room for three stages only).
 pub const WGMMA_CONFIGS: [WgmmaConfig; 9] = [
     WgmmaConfig {
         tokens: 16,
@@ -264,7 +265,8 @@ mod tests {
             stages: 4,
         };
         assert!(odd.kernel_name(Fp4Format::Nvfp4).is_none());
-        // The shallow rings let two blocks share an SM (228 KiB, 1 KiB reserved per block).
+        // The shallow rings' shared memory lets two blocks share an SM (228 KiB, 1 KiB reserved
+        // per block).
         for cfg in WGMMA_CONFIGS
             .iter()
             .filter(|c| c.stages == 4 && c.tokens <= 64)
