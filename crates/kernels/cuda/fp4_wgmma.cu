@@ -412,31 +412,31 @@ __device__ __forceinline__ void fp4_wg_body(const u8* __restrict__ wp, const u8*
 #endif
 }
 
-#define WG_KERNEL(NAME, FMT, BN, ST, MINB)                                                      \
-    extern "C" __global__ void __launch_bounds__(WG_THREADS, MINB) NAME(                       \
+#define WG_KERNEL(NAME, FMT, BN, ST)                                                            \
+    extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) NAME(                          \
         const u8* wp, const u8* ws, const float* gs, const u16* lut, const u16* x, u16* y, int m, \
         int n, int k, float post, float* parts, unsigned int* tickets) {                         \
         fp4_wg_body<FMT, BN, ST>(wp, ws, gs, lut, x, y, m, n, k, post, parts, tickets);         \
     }
 
 // fp4_wg_{nv,mx}_n{BN}_s{ST}: y = x W^T with BN tokens per block and an ST-stage ring (wgmma.rs
-// WGMMA_CONFIGS: the deeper rings hold more weight bytes in flight; the four-stage rings of up
-// to 64 tokens are compiled for two blocks per SM, at most 128 registers).
-WG_KERNEL(fp4_wg_nv_n16_s8, FMT_NVFP4, 16, 8, 1)
-WG_KERNEL(fp4_wg_mx_n16_s8, FMT_MXFP4, 16, 8, 1)
-WG_KERNEL(fp4_wg_nv_n16_s4, FMT_NVFP4, 16, 4, 2)
-WG_KERNEL(fp4_wg_mx_n16_s4, FMT_MXFP4, 16, 4, 2)
-WG_KERNEL(fp4_wg_nv_n32_s8, FMT_NVFP4, 32, 8, 1)
-WG_KERNEL(fp4_wg_mx_n32_s8, FMT_MXFP4, 32, 8, 1)
-WG_KERNEL(fp4_wg_nv_n32_s4, FMT_NVFP4, 32, 4, 2)
-WG_KERNEL(fp4_wg_mx_n32_s4, FMT_MXFP4, 32, 4, 2)
-WG_KERNEL(fp4_wg_nv_n64_s6, FMT_NVFP4, 64, 6, 1)
-WG_KERNEL(fp4_wg_mx_n64_s6, FMT_MXFP4, 64, 6, 1)
-WG_KERNEL(fp4_wg_nv_n64_s4, FMT_NVFP4, 64, 4, 2)
-WG_KERNEL(fp4_wg_mx_n64_s4, FMT_MXFP4, 64, 4, 2)
-WG_KERNEL(fp4_wg_nv_n128_s4, FMT_NVFP4, 128, 4, 1)
-WG_KERNEL(fp4_wg_mx_n128_s4, FMT_MXFP4, 128, 4, 1)
-WG_KERNEL(fp4_wg_nv_n128_s3, FMT_NVFP4, 128, 3, 1)
-WG_KERNEL(fp4_wg_mx_n128_s3, FMT_MXFP4, 128, 3, 1)
-WG_KERNEL(fp4_wg_nv_n256_s3, FMT_NVFP4, 256, 3, 1)
-WG_KERNEL(fp4_wg_mx_n256_s3, FMT_MXFP4, 256, 3, 1)
+// WGMMA_CONFIGS: the deeper rings hold more weight bytes in flight, the shallower ones let two
+// blocks share an SM).
+WG_KERNEL(fp4_wg_nv_n16_s8, FMT_NVFP4, 16, 8)
+WG_KERNEL(fp4_wg_mx_n16_s8, FMT_MXFP4, 16, 8)
+WG_KERNEL(fp4_wg_nv_n16_s4, FMT_NVFP4, 16, 4)
+WG_KERNEL(fp4_wg_mx_n16_s4, FMT_MXFP4, 16, 4)
+WG_KERNEL(fp4_wg_nv_n32_s8, FMT_NVFP4, 32, 8)
+WG_KERNEL(fp4_wg_mx_n32_s8, FMT_MXFP4, 32, 8)
+WG_KERNEL(fp4_wg_nv_n32_s4, FMT_NVFP4, 32, 4)
+WG_KERNEL(fp4_wg_mx_n32_s4, FMT_MXFP4, 32, 4)
+WG_KERNEL(fp4_wg_nv_n64_s6, FMT_NVFP4, 64, 6)
+WG_KERNEL(fp4_wg_mx_n64_s6, FMT_MXFP4, 64, 6)
+WG_KERNEL(fp4_wg_nv_n64_s4, FMT_NVFP4, 64, 4)
+WG_KERNEL(fp4_wg_mx_n64_s4, FMT_MXFP4, 64, 4)
+WG_KERNEL(fp4_wg_nv_n128_s4, FMT_NVFP4, 128, 4)
+WG_KERNEL(fp4_wg_mx_n128_s4, FMT_MXFP4, 128, 4)
+WG_KERNEL(fp4_wg_nv_n128_s3, FMT_NVFP4, 128, 3)
+WG_KERNEL(fp4_wg_mx_n128_s3, FMT_MXFP4, 128, 3)
+WG_KERNEL(fp4_wg_nv_n256_s3, FMT_NVFP4, 256, 3)
+WG_KERNEL(fp4_wg_mx_n256_s3, FMT_MXFP4, 256, 3)

@@ -133,16 +133,6 @@ impl WgmmaConfig {
         WgmmaConfig { tokens, stages }
     }
 
-    /// Blocks one SM holds: two for the four-stage rings of up to 64 tokens (compiled for two
-    /// blocks per SM: at most 128 registers, and their shared memory fits twice), else one.
-    fn blocks_per_sm(self) -> usize {
-        if self.stages == 4 && self.tokens <= 64 {
-            2
-        } else {
-            1
-        }
-    }
-
     /// Bytes of one stage: two 64-element slabs of `tokens` activation rows, the packed weights
     /// and the scale bytes of 128 rows (`wg_stage_bytes`).
     fn stage_bytes(self) -> usize {
@@ -232,7 +222,7 @@ pub fn fp4_gemm_wgmma_with(
     let splits = tiled_splits(
         cells,
         w.k / CHUNK,
-        gpu.sm_count() as usize * cfg.blocks_per_sm(),
+        gpu.sm_count() as usize,
         ROWS * cfg.tokens,
     );
     let launch = LaunchConfig {
