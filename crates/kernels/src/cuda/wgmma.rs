@@ -115,22 +115,39 @@ impl WgmmaConfig {
             _ if row_blocks * m.div_ceil(256) >= sms => 256,
             _ => 128,
         };
-        let blocks = |tokens: usize| {
-            let cells = row_blocks * m.div_ceil(tokens);
-            (cells * tiled_splits(cells, chunks, sms, ROWS * tokens) as usize).min(sms)
+        // The deep ring of a token tile: its shape in WGMMA_CONFIGS with the most stages.
+        let deep = |tokens: usize| {
+            let stages = WGMMA_CONFIGS
+                .iter()
+                .filter(|c| c.tokens == tokens)
+                .map(|c| c.stages)
+                .max()
+                .unwrap_or(3);
+            WgmmaConfig { tokens, stages }
         };
-        let tokens = if fit >= 64 && 2 * blocks(fit / 2) >= 3 * blocks(fit) {
-            fit / 2
-        } else {
-            fit
+        let blocks = |c: WgmmaConfig| {
+            let (token_blocks, splits) = c.grid(row_blocks, m, chunks, sms);
+            (row_blocks * token_blocks * splits as usize).min(sms)
         };
-        let stages = match tokens {
-            16 | 32 => 8,
-            64 => 6,
-            128 => 4,
-            _ => 3,
-        };
-        WgmmaConfig { tokens, stages }
+        let whole = deep(fit);
+        if fit >= 64 {
+            let half = deep(fit / 2);
+            if 2 * blocks(half) >= 3 * blocks(whole) {
+                return half;
+            }
+        }
+        whole
+    }
+
+    /// Token blocks and K splits of a launch over `m` tokens, `row_blocks` row blocks and
+    /// `chunks` K chunks on `sms` SMs ([`tiled_splits`]).
+    fn grid(self, row_blocks: usize, m: usize, chunks: usize, sms: usize) -> (usize, u32) {
+        let token_blocks = m.div_ceil(self.tokens);
+        let cells = row_blocks * token_blocks;
+        (
+            token_blocks,
+            tiled_splits(cells, chunks, sms, ROWS * self.tokens),
+        )
     }
 
     /// Bytes of one stage: two 64-element slabs of `tokens` activation rows, the packed weights
@@ -217,14 +234,7 @@ pub fn fp4_gemm_wgmma_with(
     check_len("fp4_gemm_wgmma: x", x.len(), m * w.k)?;
     check_len("fp4_gemm_wgmma: y", y.len(), m * w.n)?;
     let row_blocks = w.n.div_ceil(ROWS);
-    let token_blocks = m.div_ceil(cfg.tokens);
-    let cells = row_blocks * token_blocks;
-    let splits = tiled_splits(
-        cells,
-        w.k / CHUNK,
-        gpu.sm_count() as usize,
-        ROWS * cfg.tokens,
-    );
+    let (token_blocks, splits) = cfg.grid(row_blocks, m, w.k / CHUNK, gpu.sm_count() as usize);
     let launch = LaunchConfig {
         grid_dim: (row_blocks as u32, splits, token_blocks as u32),
         block_dim: (THREADS, 1, 1),
