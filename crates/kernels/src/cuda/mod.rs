@@ -72,9 +72,9 @@ pub use moe::{
     MoeWorkspace, MOE_MAX_EXPERTS, MOE_TILE64_MIN_PAIRS, MOE_TILED_MIN_PAIRS, MOE_TILE_PAIRS,
 };
 pub use moe_bf16::{
-    moe_bf16_grouped, moe_bf16_pairs, moe_bf16_pairs_from_logits, moe_bf16_pairs_supported,
-    moe_bf16_tiled, moe_bf16_tiled_supported, Bf16Experts, Bf16LogitsRoute, Bf16Pairs,
-    MOE_BF16_PAIRS_MAX_SWIGLU_K,
+    moe_bf16_grouped, moe_bf16_logits_route_supported, moe_bf16_pairs, moe_bf16_pairs_from_logits,
+    moe_bf16_pairs_supported, moe_bf16_tiled, moe_bf16_tiled_supported, Bf16Experts,
+    Bf16LogitsRoute, Bf16Pairs, MOE_BF16_PAIRS_MAX_SWIGLU_K,
 };
 pub use moe_one_token::{
     moe_down_norm_out, moe_fold_parts, moe_one_token_gate_up, OneTokenRoute, MOE_DOWN_T1_MAX_WARPS,

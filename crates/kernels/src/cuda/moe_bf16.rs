@@ -47,7 +47,7 @@ pub struct Bf16Pairs<'a> {
     pub swiglu_in: bool,
 }
 
-/// The buffer lengths both launchers need (`names`: w, x, y, ids): `w` exactly the
+/// The buffer lengths every pairs launcher needs (`names`: w, x, y, ids): `w` exactly the
 /// `[experts, n, k]` stack; at least the input rows of every pair (`[gate | up]` rows of `2k`
 /// with `swiglu_in`), `pairs` output rows and `pairs` ids.
 fn check_buffers(
@@ -180,12 +180,7 @@ pub fn moe_bf16_pairs(
     x: &CudaSlice<bf16>,
     y: &mut CudaSlice<bf16>,
 ) -> Result<(), CudaError> {
-    let shape = PairsShape {
-        pairs: p.pairs,
-        in_div: p.in_div,
-        swiglu_in: p.swiglu_in,
-    };
-    check_pairs(e, shape)?;
+    check_pairs(e, p)?;
     check_buffers(
         [
             "moe_bf16_pairs: w",
@@ -204,7 +199,7 @@ pub fn moe_bf16_pairs(
         "moe_bf16_pairs"
     };
     let f = gpu.function(name)?;
-    let (cfg, ints) = pairs_launch(gpu, e, shape);
+    let (cfg, ints) = pairs_launch(gpu, e, p);
     let mut b = gpu.stream().launch_builder(&f);
     push_pairs_head(&mut b, e, x, y, &ints);
     b.arg(p.ids).arg(&ints[3]).arg(&ints[4]);
@@ -242,33 +237,41 @@ pub fn moe_bf16_pairs_from_logits(
     x: &CudaSlice<bf16>,
     y: &mut CudaSlice<bf16>,
 ) -> Result<(), CudaError> {
-    let shape = PairsShape {
+    // The pairs as the ids route would give them: one token, top_k pairs reading its row, the
+    // ids buffer (written here) as long as theirs.
+    let shape = Bf16Pairs {
+        ids: &*route.ids,
         pairs: top_k,
         in_div: top_k,
         swiglu_in: false,
     };
     check_pairs(e, shape)?;
-    check_logits_route("moe_bf16_pairs_from_logits", e.experts, top_k)?;
-    check_len(
-        "moe_bf16_pairs_from_logits: w",
-        e.w.len(),
-        e.experts * e.n * e.k,
-    )?;
-    check_len("moe_bf16_pairs_from_logits: x", x.len().min(e.k), e.k)?;
-    check_len(
-        "moe_bf16_pairs_from_logits: y",
-        y.len().min(top_k * e.n),
-        top_k * e.n,
+    if !moe_bf16_logits_route_supported(e.experts, top_k) {
+        return Err(CudaError::Shape {
+            what: "moe_bf16_pairs_from_logits".into(),
+            reason: format!(
+                "top-{top_k} of {} experts: at most top-{MOE_ONE_TOKEN_MAX_TOPK} of \
+                 {MOE_MAX_EXPERTS}",
+                e.experts
+            ),
+        });
+    }
+    check_buffers(
+        [
+            "moe_bf16_pairs_from_logits: w",
+            "moe_bf16_pairs_from_logits: x",
+            "moe_bf16_pairs_from_logits: y",
+            "moe_bf16_pairs_from_logits: ids",
+        ],
+        e,
+        shape,
+        x.len(),
+        y.len(),
     )?;
     check_len(
         "moe_bf16_pairs_from_logits: logits",
         route.logits.len(),
         e.experts,
-    )?;
-    check_len(
-        "moe_bf16_pairs_from_logits: ids",
-        route.ids.len().min(top_k),
-        top_k,
     )?;
     check_len(
         "moe_bf16_pairs_from_logits: weights",
@@ -294,31 +297,15 @@ pub fn moe_bf16_pairs_from_logits(
     Ok(())
 }
 
-/// Refuses a top-k the logits-routed kernel cannot take (its shared selection slots and
-/// probability table: [`MOE_ONE_TOKEN_MAX_TOPK`], [`MOE_MAX_EXPERTS`]).
-fn check_logits_route(what: &str, experts: usize, top_k: usize) -> Result<(), CudaError> {
-    if top_k > MOE_ONE_TOKEN_MAX_TOPK || experts > MOE_MAX_EXPERTS {
-        return Err(CudaError::Shape {
-            what: what.into(),
-            reason: format!(
-                "top-{top_k} of {experts} experts: at most top-{MOE_ONE_TOKEN_MAX_TOPK} of \
-                 {MOE_MAX_EXPERTS}"
-            ),
-        });
-    }
-    Ok(())
-}
-
-/// The pair layout of one `moe_bf16_pairs*` launch.
-#[derive(Clone, Copy)]
-struct PairsShape {
-    pairs: usize,
-    in_div: usize,
-    swiglu_in: bool,
+/// Whether [`moe_bf16_pairs_from_logits`] takes a router of `experts` logits and its top-`top_k`
+/// (the kernel's shared selection slots and probability table: [`MOE_ONE_TOKEN_MAX_TOPK`],
+/// [`MOE_MAX_EXPERTS`]).
+pub fn moe_bf16_logits_route_supported(experts: usize, top_k: usize) -> bool {
+    top_k <= MOE_ONE_TOKEN_MAX_TOPK && experts <= MOE_MAX_EXPERTS
 }
 
 /// Refuses what the one-token kernels cannot take (see [`moe_bf16_pairs_supported`]).
-fn check_pairs(e: Bf16Experts<'_>, s: PairsShape) -> Result<(), CudaError> {
+fn check_pairs(e: Bf16Experts<'_>, s: Bf16Pairs<'_>) -> Result<(), CudaError> {
     let (n, k) = (e.n, e.k);
     if !moe_bf16_pairs_supported(n, k, s.swiglu_in)
         || s.in_div == 0
@@ -363,7 +350,11 @@ fn push_pairs_head<'a>(
 
 /// Grid of a one-token launch (about four 8-warp blocks per SM over all pairs, in one wave) and
 /// its integer arguments n, k, rows per block, experts, in_div.
-fn pairs_launch(gpu: &GpuContext, e: Bf16Experts<'_>, s: PairsShape) -> (LaunchConfig, [i32; 5]) {
+fn pairs_launch(
+    gpu: &GpuContext,
+    e: Bf16Experts<'_>,
+    s: Bf16Pairs<'_>,
+) -> (LaunchConfig, [i32; 5]) {
     let target = (4 * gpu.sm_count() as usize / s.pairs).max(1);
     let rb = e.n.div_ceil(target).clamp(1, PAIRS_MAX_ROWS);
     let cfg = LaunchConfig {

@@ -6,10 +6,10 @@
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use mimo_kernels::cuda::{
-    moe_bf16_grouped, moe_bf16_pairs, moe_bf16_pairs_from_logits, moe_bf16_pairs_supported,
-    moe_bf16_tiled, moe_bf16_tiled_supported, moe_down_norm_out, moe_fold_parts, moe_layer,
-    moe_one_token_gate_up, moe_tile_pairs, moe_tiled_batch, Bf16Experts, Bf16LogitsRoute,
-    Bf16Pairs, L2Ranges, NormIn, NormOut, OneTokenRoute, MOE_MAX_EXPERTS, MOE_ONE_TOKEN_MAX_TOPK,
+    moe_bf16_grouped, moe_bf16_logits_route_supported, moe_bf16_pairs, moe_bf16_pairs_from_logits,
+    moe_bf16_pairs_supported, moe_bf16_tiled, moe_bf16_tiled_supported, moe_down_norm_out,
+    moe_fold_parts, moe_layer, moe_one_token_gate_up, moe_tile_pairs, moe_tiled_batch, Bf16Experts,
+    Bf16LogitsRoute, Bf16Pairs, L2Ranges, NormIn, NormOut, OneTokenRoute,
 };
 
 use super::{split_partials, walk, zeros, Experts, Ffn, GateUp, GpuModel, Pend, Qkv, Stage, Ws};
@@ -323,9 +323,8 @@ impl GpuModel {
                     && g.tuning().moe_direct
                     && moe_bf16_pairs_supported(2 * moe.inter, hd, false)
                     && moe_bf16_pairs_supported(hd, moe.inter, true);
-                let direct_topk = direct
-                    && moe.top_k <= MOE_ONE_TOKEN_MAX_TOPK
-                    && moe.n_experts <= MOE_MAX_EXPERTS;
+                let direct_topk =
+                    direct && moe_bf16_logits_route_supported(moe.n_experts, moe.top_k);
                 let expert_topk = (folded || direct_topk) && g.tuning().expert_topk;
                 if self.runs(Stage::Router) {
                     ops.router_topk(
