@@ -54,7 +54,7 @@ pub fn spread_smem(
     static_smem: u32,
     dynamic: u32,
 ) -> Option<u32> {
-    let cap = blocks.div_ceil(sms.max(1)).max(1);
+    let cap = per_sm(blocks, sms).max(1);
     if cap > MAX_CAP {
         return None;
     }
@@ -73,7 +73,12 @@ pub fn resident_blocks(regs: u32, threads: u32) -> u32 {
 
 /// Whether a launch of `blocks` has more per SM than [`spread_smem`] pads for.
 pub fn beyond_spread_cap(blocks: u32, sms: u32) -> bool {
-    blocks.div_ceil(sms.max(1)) > MAX_CAP
+    per_sm(blocks, sms) > MAX_CAP
+}
+
+/// `ceil(blocks / sms)`: the most blocks of a launch one SM takes when they are spread evenly.
+fn per_sm(blocks: u32, sms: u32) -> u32 {
+    blocks.div_ceil(sms.max(1))
 }
 
 /// `launch` with its dynamic shared memory padded by [`spread_smem`] where `Tuning::spread` is
@@ -87,14 +92,16 @@ pub fn spread_launch(
         return Ok(launch);
     }
     let (x, y, z) = launch.grid_dim;
+    let blocks = x * y * z;
     // Registers that already hold an SM to `ceil(blocks / SMs)` of these blocks leave the padding
     // nothing to spread; it would only keep the next kernel's early blocks off the SM.
     let (bx, by, bz) = launch.block_dim;
     let regs = f
         .get_attribute(Attr::CU_FUNC_ATTRIBUTE_NUM_REGS)
         .map_err(drv("kernel registers"))?;
-    let cap = (x * y * z).div_ceil(gpu.sm_count().max(1));
-    if resident_blocks(u32::try_from(regs).unwrap_or(255), bx * by * bz) <= cap {
+    if resident_blocks(u32::try_from(regs).unwrap_or(255), bx * by * bz)
+        <= per_sm(blocks, gpu.sm_count())
+    {
         return Ok(launch);
     }
     let budget = gpu.sm_shared_bytes() / 100 * SPREAD_CARVEOUT_PERCENT;
@@ -102,7 +109,7 @@ pub fn spread_launch(
         .get_attribute(Attr::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
         .map_err(drv("kernel shared memory"))?;
     let Some(smem) = spread_smem(
-        x * y * z,
+        blocks,
         gpu.sm_count(),
         budget,
         u32::try_from(stat).unwrap_or(0),
