@@ -656,8 +656,6 @@ __device__ __forceinline__ void fp4_dense_body(const u8* __restrict__ wp, const 
 // EPI_SWIGLU: the weight is [2*inter, k] (gate rows, then up rows); tile 0 takes gate rows
 // [16x, 16x+16), tile 1 the matching up rows, and y gets silu(gate) * up, [P][inter].
 #define MOE_MAX_EXPERTS 1024
-// `opts` bits of the one-token gate/up kernels (moe_one_token.rs).
-#define MOE_T1_SELF_PREFETCH 1
 
 // Warp-wide: bad[0] = number of ids outside [0, E) (called by one warp of one block).
 __device__ __forceinline__ void count_bad_ids(const int* __restrict__ ids, int P, int E,
@@ -684,8 +682,7 @@ __device__ __forceinline__ void fp4_moe_body(const u8* __restrict__ wp, const u8
                                              int in_div, int* __restrict__ bad, float post,
                                              const float* __restrict__ logits = 0,
                                              const u8* __restrict__ next_wp = 0,
-                                             const u8* __restrict__ next_ws = 0,
-                                             int* __restrict__ sel_out = 0, int opts = 0) {
+                                             const u8* __restrict__ next_ws = 0) {
     extern __shared__ float red[];
     __shared__ TokenMap tm;
     __shared__ unsigned char present[DIRECT ? 1 : MOE_MAX_EXPERTS];
@@ -699,12 +696,6 @@ __device__ __forceinline__ void fp4_moe_body(const u8* __restrict__ wp, const u8
     if (DIRECT && logits != 0) {
         moe_topk_from_logits(logits, E, P, r_prob, r_selp, r_selid);
         trace_mark();
-        // The selection for the down launch after this one (`sel_out`: ids, then the
-        // probabilities' bits; MOE_T1_SEL_OUT), so that it need not rank the logits again.
-        if (sel_out != 0 && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x < P) {
-            sel_out[threadIdx.x] = r_selid[threadIdx.x];
-            sel_out[P + threadIdx.x] = __float_as_int(r_selp[threadIdx.x]);
-        }
     }
     const size_t wbytes = (size_t)n * (k >> 1);
     const size_t sbytes = (size_t)n * (FMT == FMT_NVFP4 ? (k >> 4) : (k >> 5));
@@ -736,15 +727,6 @@ __device__ __forceinline__ void fp4_moe_body(const u8* __restrict__ wp, const u8
         __syncthreads();
         const int e = s_expert;
         if (e < 0) return;
-        // MOE_T1_SELF_PREFETCH: one bulk request per range asks L2 for the block's own gate
-        // and up rows (and their scale bytes) before its warps' loads, so DRAM streams the
-        // whole tile while the warps keep only a chunk each in flight.
-        if (EPI == EPI_SWIGLU && (opts & MOE_T1_SELF_PREFETCH) && threadIdx.x == 0) {
-            const int rows = min(16, lim - row0);
-            prefetch_rows<FMT>(wp + (size_t)e * wbytes, ws + (size_t)e * sbytes, row0, rows, k);
-            prefetch_rows<FMT>(wp + (size_t)e * wbytes, ws + (size_t)e * sbytes, row0 + tstride,
-                               rows, k);
-        }
         fp4_tile<FMT, MT, TN, G, EPI>(wp + (size_t)e * wbytes, ws + (size_t)e * sbytes, gscale[e],
                                       post, lut, x, y, n, k, row0, tstride, lim, tok, red);
         // The down projection's weights of this block's expert (`next_wp`: [E][k][n / 4] bytes,
@@ -812,7 +794,7 @@ __device__ __forceinline__ void fp4_moe_down_t1_body(
     const u16* __restrict__ lut, const u16* __restrict__ act, const float* __restrict__ topw,
     const int* __restrict__ ids, u16* __restrict__ out, int n, int k, int P, int E, float post,
     const u16* __restrict__ pending = 0, const Fold& fo = Fold(),
-    const float* __restrict__ logits = 0, int renorm = 0, const int* __restrict__ sel = 0) {
+    const float* __restrict__ logits = 0, int renorm = 0) {
     extern __shared__ float red[];  // [S][16]
     __shared__ __align__(16) float r_prob[MOE_ROUTER_MAX_EXPERTS];
     __shared__ float r_selp[16];
@@ -829,29 +811,17 @@ __device__ __forceinline__ void fp4_moe_down_t1_body(
     float tot_lo = 0.f, tot_hi = 0.f;  // rows g and g + 8 of token column 0 (lanes t == 0)
     // With logits (one token), the router's top-k is taken here, before the wait: the router
     // is the kernel before the previous one, as for the ids.
-    // With `sel` (the gate/up launch's selection, MOE_T1_SEL_OUT) the ranks come from the
-    // previous kernel instead: read after the wait, so the first weight loads wait for them.
-    const bool ranked = logits != 0 || sel != 0;
-    if (sel != 0) {
-        pdl_enter();
-        if ((int)threadIdx.x < P) {
-            r_selid[threadIdx.x] = __ldcg(sel + threadIdx.x);
-            r_selp[threadIdx.x] = __int_as_float(__ldcg(sel + P + threadIdx.x));
-        }
-        __syncthreads();
-    } else if (logits != 0) {
-        moe_topk_from_logits(logits, E, P, r_prob, r_selp, r_selid);
-    }
+    if (logits != 0) moe_topk_from_logits(logits, E, P, r_prob, r_selp, r_selid);
     trace_mark();
     const int sub = warp % SPLIT;
     for (int p = warp / SPLIT; p < P; p += S / SPLIT) {
-        const int e = ranked ? r_selid[p] : __ldcg(ids + p);
+        const int e = logits != 0 ? r_selid[p] : __ldcg(ids + p);
         if (e < 0 || e >= E) continue;
         float acc[1][1][4] = {{{0.f, 0.f, 0.f, 0.f}}};
         const OneToken tok{p};
         fp4_accumulate<FMT, 1, 1, G>(wp + (size_t)e * wbytes, ws + (size_t)e * sbytes, lut, act, n,
                                      k, row0, 16, n, tok, sub * G, SPLIT * G, acc);
-        const float tw = ranked ? router_weight(r_selp, p, P, renorm) : topw[p];
+        const float tw = logits != 0 ? router_weight(r_selp, p, P, renorm) : topw[p];
         const float f = tw * ((1.0f / gscale[e]) * post);
         tot_lo += f * acc[0][0][0];
         tot_hi += f * acc[0][0][2];
@@ -937,18 +907,18 @@ __device__ __forceinline__ void fp4_moe_down_t1_body(
     extern "C" __global__ void __launch_bounds__(512) NAME(                                     \
         const u8* wp, const u8* ws, const float* gs, const u16* lut, const u16* act,             \
         const float* topw, const int* ids, u16* out, int n, int k, int P, int E, float post,     \
-        const float* logits, int renorm, const int* sel) {                                       \
+        const float* logits, int renorm) {                                                       \
         fp4_moe_down_t1_body<FMT, G, false, SPLIT>(wp, ws, gs, lut, act, topw, ids, out, n, k, P, \
-                                                   E, post, 0, Fold(), logits, renorm, sel);     \
+                                                   E, post, 0, Fold(), logits, renorm);          \
     }
 #define MOE_T1_KERNEL(NAME, FMT)                                                                 \
     extern "C" __global__ void __launch_bounds__(512) NAME(                                     \
         const u8* wp, const u8* ws, const float* gs, const u16* lut, const u16* x, u16* y, int n, \
         int k, const int* ids, int P, int E, int in_div, int* bad, float post,                   \
-        const float* logits, const u8* next_wp, const u8* next_ws, int* sel_out, int opts) {    \
+        const float* logits, const u8* next_wp, const u8* next_ws) {                            \
         fp4_moe_body<FMT, 2, 1, 1, EPI_SWIGLU, true>(wp, ws, gs, lut, x, y, n, k, ids, P, E,   \
                                                      in_div, bad, post, logits, next_wp,         \
-                                                     next_ws, sel_out, opts);                    \
+                                                     next_ws);                                   \
     }
 
 // Variants: fp4_gemm_{nv,mx}_m{MT}_t{TN}_g{G} (see gemm.rs for the dispatcher).
@@ -1046,14 +1016,14 @@ MOE_DOWN_T1_KERNEL(fp4_moe_down_t1_mx_s2, FMT_MXFP4, 2, 2)
         const u8* wp, const u8* ws, const float* gs, const u16* lut, const u16* act,            \
         const float* topw, const int* ids, int n, int k, int P, int E, float post,              \
         const u16* pending, float* resid, const float* out_w, u16* out_h, float* out_parts,     \
-        const float* logits, int renorm, const int* sel) {                                       \
+        const float* logits, int renorm) {                                                       \
         Fold fo;                                                                                \
         fo.resid = resid;                                                                       \
         fo.out_w = out_w;                                                                       \
         fo.out_h = out_h;                                                                       \
         fo.out_parts = out_parts;                                                               \
         fp4_moe_down_t1_body<FMT, G, true, SPLIT>(wp, ws, gs, lut, act, topw, ids, 0, n, k, P, E, \
-                                                  post, pending, fo, logits, renorm, sel);      \
+                                                  post, pending, fo, logits, renorm);           \
     }
 MOE_DOWN_T1_FOLD_KERNEL(fp4_moe_down_t1_nv_fold, FMT_NVFP4, 2, 1)
 MOE_DOWN_T1_FOLD_KERNEL(fp4_moe_down_t1_mx_fold, FMT_MXFP4, 2, 1)

@@ -117,14 +117,6 @@ pub struct Tuning {
     /// Qwen3-30B-A3B NVFP4 batch 1: 462 vs 456 tokens/s with the FP4 head, 430 vs 425 with the
     /// BF16 head; the MoE layer alone in a PDL chain 16.4 -> 15.7 us).
     pub moe_down_prefetch: bool,
-    /// The one-token FP4 expert gate/up blocks ask L2 for their own gate and up rows with one
-    /// bulk request per range once their expert is known, ahead of their warps' loads
-    /// (`MIMO_MOE_SELF_PREFETCH`).
-    pub moe_self_prefetch: bool,
-    /// With the router's logits, the one-token FP4 down + combine kernel reads the top-k the
-    /// gate/up launch before it took (ids and probabilities, after its wait) instead of
-    /// ranking the logits itself before its wait (`MIMO_MOE_DOWN_ROUTE`).
-    pub moe_down_route: bool,
     /// Warps per (token, expert) pair in the one-token FP4 down + combine kernel, 1 or 2, each
     /// taking a share of the pair's K (`MIMO_MOE_DOWN_SPLIT`; 2 is lowered to 1 where `top_k`
     /// pairs of two warps exceed [`super::MOE_DOWN_T1_MAX_WARPS`]). 1: one warp walks a pair's
@@ -224,8 +216,6 @@ impl Default for Tuning {
             spread: true,
             attn_prefetch_mib: ATTN_PREFETCH_MIB,
             moe_down_prefetch: true,
-            moe_self_prefetch: false,
-            moe_down_route: false,
             moe_down_split: 2,
             bf16_fold: true,
             bf16_tail: true,
@@ -280,8 +270,6 @@ impl Tuning {
             spread: flag("MIMO_SPREAD", d.spread),
             attn_prefetch_mib: mib("MIMO_ATTN_PREFETCH_MIB", d.attn_prefetch_mib),
             moe_down_prefetch: flag("MIMO_MOE_DOWN_PREFETCH", d.moe_down_prefetch),
-            moe_self_prefetch: flag("MIMO_MOE_SELF_PREFETCH", d.moe_self_prefetch),
-            moe_down_route: flag("MIMO_MOE_DOWN_ROUTE", d.moe_down_route),
             moe_down_split: mib("MIMO_MOE_DOWN_SPLIT", d.moe_down_split).clamp(1, 2),
             bf16_fold: flag("MIMO_BF16_FOLD", d.bf16_fold),
             bf16_tail: flag("MIMO_BF16_TAIL", d.bf16_tail),

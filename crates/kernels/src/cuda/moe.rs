@@ -7,7 +7,7 @@ use half::bf16;
 use super::context::{GpuContext, Tuning};
 use super::error::{drv, CudaError};
 use super::gemm::{check_len, reduction_smem, Fp4GemmConfig, K_CHUNK};
-use super::moe_one_token::{moe_layer_one_token, MOE_ONE_TOKEN_MAX_TOPK};
+use super::moe_one_token::moe_layer_one_token;
 use super::tiled::moe_tiled_product;
 use super::weights::GpuFp4Weight;
 use super::{arg_or_null, NULL_PTR};
@@ -47,10 +47,6 @@ pub struct MoeWorkspace {
     pub(super) bad: CudaSlice<i32>,
     /// The pairs' SwiGLU rows (the down projection's input).
     pub(super) act: CudaSlice<bf16>,
-    /// The one-token gate/up launch's top-k from the router's logits, for the down launch
-    /// (`Tuning::moe_down_route`): [`MOE_ONE_TOKEN_MAX_TOPK`] ids, then as many probabilities'
-    /// bits.
-    pub(super) sel: CudaSlice<i32>,
     down_out: CudaSlice<bf16>,
     /// The tiled path's tile table.
     route: MoeRoute,
@@ -80,9 +76,6 @@ impl MoeWorkspace {
             max_pairs: p,
             bad: s.alloc_zeros::<i32>(1).map_err(drv("alloc MoE status"))?,
             act: zb(p * inter)?,
-            sel: s
-                .alloc_zeros::<i32>(2 * MOE_ONE_TOKEN_MAX_TOPK)
-                .map_err(drv("alloc MoE selection"))?,
             down_out: zb(p * hidden)?,
             route: MoeRoute::new(gpu, p, experts)?,
         })
@@ -698,16 +691,10 @@ fn grouped(
 pub(super) enum MoeTail<'a> {
     /// Grouped kernels: none.
     Grouped,
-    /// One-token kernels (MOE_T1_KERNEL): the router's logits, or null with top-k ids; the
-    /// down projection whose chosen experts' weights each block asks L2 for once done
-    /// (`Tuning::moe_down_prefetch`), or none; where the logits' top-k goes for the down
-    /// launch (`Tuning::moe_down_route`), or none; and the `opts` bits (MOE_T1_SELF_PREFETCH).
-    OneToken {
-        logits: Option<&'a CudaSlice<f32>>,
-        next: Option<&'a GpuFp4Weight>,
-        sel_out: Option<&'a mut CudaSlice<i32>>,
-        opts: i32,
-    },
+    /// One-token kernels (MOE_T1_KERNEL): the router's logits, or null with top-k ids; and
+    /// the down projection whose chosen experts' weights each block asks L2 for once done
+    /// (`Tuning::moe_down_prefetch`), or none.
+    OneToken(Option<&'a CudaSlice<f32>>, Option<&'a GpuFp4Weight>),
 }
 
 /// Launches one of fp4_gemm.cu's `fp4_moe_*` kernels (grouped, or one-token direct with the
@@ -737,26 +724,10 @@ pub(super) fn launch_moe_kernel(
         None => b.arg(&NULL_PTR),
     };
     b.arg(&w.post);
-    // Kept alive until the launch (the builder holds references to its arguments).
-    let opts = match &tail {
-        MoeTail::OneToken { opts, .. } => *opts,
-        MoeTail::Grouped => 0,
-    };
-    if let MoeTail::OneToken {
-        logits,
-        next,
-        sel_out,
-        ..
-    } = tail
-    {
+    if let MoeTail::OneToken(logits, next) = tail {
         arg_or_null(&mut b, logits);
         arg_or_null(&mut b, next.map(|d| &d.packed));
         arg_or_null(&mut b, next.map(|d| &d.scales));
-        match sel_out {
-            Some(sel) => b.arg(sel),
-            None => b.arg(&NULL_PTR),
-        };
-        b.arg(&opts);
     }
     // SAFETY: argument types and order match fp4_moe_* (grouped and *_t1); the buffer sizes
     // are the caller's guarantee.

@@ -247,18 +247,9 @@ fn one_token_gate_up(
         experts: e_i,
         slots: top_k as u32,
     };
-    let tuning = gpu.tuning();
-    let opts = if tuning.moe_self_prefetch {
-        MOE_T1_SELF_PREFETCH
-    } else {
-        0
-    };
-    // The selection goes out only where the down launch will read it (down_route).
-    let sel_out = down_route(gpu, route).then_some(&mut ws.sel);
     // SAFETY (of the call): x holds one row of `hidden`, act top_k rows of `inter` (the
     // workspace holds at least top_k pairs, checked by the callers), ids top_k entries or the
-    // logits one per expert (OneTokenRoute::check), sel 2 * MOE_ONE_TOKEN_MAX_TOPK >= 2 * top_k
-    // entries.
+    // logits one per expert (OneTokenRoute::check).
     launch_moe_kernel(
         gpu,
         &f,
@@ -269,26 +260,9 @@ fn one_token_gate_up(
         &r,
         p_i,
         Some(&mut ws.bad),
-        MoeTail::OneToken {
-            logits: route.logits(),
-            next: down_prefetch(gpu, w),
-            sel_out,
-            opts,
-        },
+        MoeTail::OneToken(route.logits(), down_prefetch(gpu, w)),
         "launch one-token gate/up",
     )
-}
-
-/// The kernels' `MOE_T1_SELF_PREFETCH` bit of `opts` (`Tuning::moe_self_prefetch`).
-const MOE_T1_SELF_PREFETCH: i32 = 1;
-
-/// Whether the one-token down launch reads the gate/up launch's top-k (`Tuning::moe_down_route`)
-/// instead of ranking the router's logits itself: only with logits, and decided by the tuning
-/// in force, which the two launches of a layer share (a tuning changed between them would
-/// leave the down launch an older selection: the runtime changes it only between graph
-/// captures).
-fn down_route(gpu: &GpuContext, route: OneTokenRoute<'_>) -> bool {
-    gpu.tuning().moe_down_route && route.logits().is_some()
 }
 
 /// The down projection the one-token gate/up blocks prefetch (`Tuning::moe_down_prefetch`):
@@ -386,15 +360,11 @@ fn one_token_down(
             "launch one-token down + folded norm"
         }
     };
-    // Both kernels take the router's logits (or null), renorm and the gate/up launch's
-    // selection (or null) last.
+    // Both kernels take the router's logits (or null) and renorm last.
     arg_or_null(&mut b, route.logits());
     b.arg(&renorm);
-    let sel = down_route(gpu, route).then_some(&ws.sel);
-    arg_or_null(&mut b, sel);
     // SAFETY: matches MOE_DOWN_T1_KERNEL / MOE_DOWN_T1_FOLD_KERNEL; act holds top_k rows of
     // `inter`, weights and ids top_k entries or the logits one per expert (OneTokenRoute::check),
-    // sel 2 * MOE_ONE_TOKEN_MAX_TOPK entries,
     // out `hidden` elements; with a fold, resid, weight, h and pending hold `hidden` elements and
     // parts one per block (moe_down_norm_out checks).
     unsafe { b.launch(launch) }.map_err(drv(what))?;

@@ -614,8 +614,6 @@ fn tuning_ablation(
         flip(|t| &mut t.warp_attention, "warp_attention"),
         flip(|t| &mut t.spread, "spread"),
         flip(|t| &mut t.moe_down_prefetch, "moe_down_prefetch"),
-        flip(|t| &mut t.moe_self_prefetch, "moe_self_prefetch"),
-        flip(|t| &mut t.moe_down_route, "moe_down_route"),
         flip(|t| &mut t.bf16_fold, "bf16_fold"),
         flip(|t| &mut t.bf16_tail, "bf16_tail"),
         {
@@ -648,8 +646,6 @@ fn tuning_ablation(
                 spread: false,
                 attn_prefetch_mib: 0,
                 moe_down_prefetch: false,
-                moe_self_prefetch: false,
-                moe_down_route: false,
                 moe_down_split: 1,
                 bf16_fold: false,
                 bf16_tail: false,
