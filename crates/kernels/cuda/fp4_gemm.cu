@@ -1141,16 +1141,16 @@ __device__ __forceinline__ int e4m3_row_shift(float smax) {
     return (6.f * f * 128.f <= 448.f) ? e - 7 : e - 6;
 }
 
+// Weight rows of block `wblock` (8 warps, one row each) to E4M3 rows with per-row scales.
 template <int FMT>
 __device__ __forceinline__ void fp4_to_e4m3_body(const u8* __restrict__ wp,
                                                  const u8* __restrict__ ws,
                                                  const float* __restrict__ gscale,
                                                  const u16* __restrict__ scale_lut,
                                                  u8* __restrict__ out, float* __restrict__ row_scale,
-                                                 int n, int k) {
-    pdl_enter();
+                                                 int n, int k, int wblock) {
     const int lane = threadIdx.x & 31;
-    const size_t row = (size_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const size_t row = (size_t)wblock * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= (size_t)n) return;
     const int bs = FMT == FMT_NVFP4 ? 16 : 32;
     const int blocks = k / bs;
@@ -1186,20 +1186,21 @@ __device__ __forceinline__ void fp4_to_e4m3_body(const u8* __restrict__ wp,
 extern "C" __global__ void fp4_to_e4m3_rows_nv(const u8* wp, const u8* ws, const float* gs,
                                                const u16* lut, u8* out, float* row_scale, int n,
                                                int k) {
-    fp4_to_e4m3_body<FMT_NVFP4>(wp, ws, gs, lut, out, row_scale, n, k);
+    pdl_enter();
+    fp4_to_e4m3_body<FMT_NVFP4>(wp, ws, gs, lut, out, row_scale, n, k, blockIdx.x);
 }
 extern "C" __global__ void fp4_to_e4m3_rows_mx(const u8* wp, const u8* ws, const float* gs,
                                                const u16* lut, u8* out, float* row_scale, int n,
                                                int k) {
-    fp4_to_e4m3_body<FMT_MXFP4>(wp, ws, gs, lut, out, row_scale, n, k);
+    pdl_enter();
+    fp4_to_e4m3_body<FMT_MXFP4>(wp, ws, gs, lut, out, row_scale, n, k, blockIdx.x);
 }
 
-// One block of 256 threads per token row; k a multiple of 16 (16-byte rows of E4M3).
-extern "C" __global__ void bf16_rows_to_e4m3(const u16* __restrict__ x, u8* __restrict__ q,
-                                             float* __restrict__ row_scale, int k) {
-    pdl_enter();
+// Token row `row` of x (k a multiple of 16: 16-byte rows of E4M3) by one block of 256 threads.
+__device__ __forceinline__ void bf16_row_to_e4m3(const u16* __restrict__ x, u8* __restrict__ q,
+                                                 float* __restrict__ row_scale, int k,
+                                                 size_t row) {
     __shared__ float red[8];
-    const size_t row = blockIdx.x;
     const uint4* xr = (const uint4*)(x + row * (size_t)k);
     const int chunks = k >> 3; // 8 bf16 per 16-byte load
     float amax = 0.f;
@@ -1231,6 +1232,38 @@ extern "C" __global__ void bf16_rows_to_e4m3(const u16* __restrict__ x, u8* __re
                                    __uint_as_float(wv[j] & 0xFFFF0000u) * inv);
         qr[c] = make_uint2(h[0] | (h[1] << 16), h[2] | (h[3] << 16));
     }
+}
+
+extern "C" __global__ void bf16_rows_to_e4m3(const u16* __restrict__ x, u8* __restrict__ q,
+                                             float* __restrict__ row_scale, int k) {
+    pdl_enter();
+    bf16_row_to_e4m3(x, q, row_scale, k, blockIdx.x);
+}
+
+// Both operands of an FP8 product in one launch (fp8.rs `convert_operands`): blocks
+// [0, wblocks) convert the weight's rows as fp4_to_e4m3_rows_*, the next m blocks the
+// activation rows as bf16_rows_to_e4m3, the same bytes as the two launches for one launch
+// boundary less.
+template <int FMT>
+__device__ __forceinline__ void fp8_operands_body(const u8* wp, const u8* ws, const float* gs,
+                                                  const u16* lut, u8* wq, float* wscale, int n,
+                                                  int k, const u16* x, u8* xq, float* xscale) {
+    pdl_enter();
+    const int wblocks = (n + (blockDim.x >> 5) - 1) / (blockDim.x >> 5);
+    if ((int)blockIdx.x < wblocks)
+        fp4_to_e4m3_body<FMT>(wp, ws, gs, lut, wq, wscale, n, k, blockIdx.x);
+    else
+        bf16_row_to_e4m3(x, xq, xscale, k, blockIdx.x - wblocks);
+}
+extern "C" __global__ void fp8_operands_nv(const u8* wp, const u8* ws, const float* gs,
+                                           const u16* lut, u8* wq, float* wscale, int n, int k,
+                                           const u16* x, u8* xq, float* xscale) {
+    fp8_operands_body<FMT_NVFP4>(wp, ws, gs, lut, wq, wscale, n, k, x, xq, xscale);
+}
+extern "C" __global__ void fp8_operands_mx(const u8* wp, const u8* ws, const float* gs,
+                                           const u16* lut, u8* wq, float* wscale, int n, int k,
+                                           const u16* x, u8* xq, float* xscale) {
+    fp8_operands_body<FMT_MXFP4>(wp, ws, gs, lut, wq, wscale, n, k, x, xq, xscale);
 }
 
 // Plain 16-byte-per-thread grid-stride copy: measures the copy bandwidth the kernels are held to.

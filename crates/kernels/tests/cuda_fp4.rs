@@ -9,7 +9,7 @@ use mimo_kernels::cuda::{
     self, bf16_to_e4m3_rows, bulk_supported, fp4_dequantize, fp4_gemm, fp4_gemm_bulk,
     fp4_gemm_bulk_with, fp4_gemm_fp8, fp4_gemm_swiglu, fp4_gemm_swiglu_bulk,
     fp4_gemm_swiglu_supported, fp4_gemm_swiglu_tiled, fp4_gemm_tiled, fp4_gemm_wgmma,
-    fp4_gemm_wgmma_with, fp4_gemm_with, fp4_to_e4m3_rows, moe_layer, moe_layer_tiled,
+    fp4_gemm_wgmma_with, fp4_gemm_with, fp4_to_e4m3_rows, fp8_operands, moe_layer, moe_layer_tiled,
     moe_layer_tiled_with, moe_layer_with, moe_tiled_preferred, moe_tiled_supported,
     tiled_preferred, variant_exists, wgmma_preferred, wgmma_supported, BulkConfig, E4m3Rows,
     Fp4GemmConfig, Fp8Gemm, Fp8Scratch, GpuContext, GpuFp4Weight, MoeConfig, MoeWeights,
@@ -235,42 +235,40 @@ fn fp8_prefill_matches_cpu_reference() {
                 q: s.clone_htod(&vec![0x7Fu8; len]).unwrap(),
                 scale: s.clone_htod(&vec![f32::NAN; rows]).unwrap(),
             };
+            // Codes and row scales of a device conversion equal to the CPU reference's bits.
+            let check_rows = |part: &str, got: &E4m3Rows, want_q: &[u8], want_s: &[f32]| {
+                let got_q = s.clone_dtoh(&got.q).unwrap();
+                let got_s = s.clone_dtoh(&got.scale).unwrap();
+                if let Some(i) = (0..want_q.len()).find(|&i| got_q[i] != want_q[i]) {
+                    panic!(
+                        "{what}: {part} code {i}: got {:#04x}, want {:#04x}",
+                        got_q[i], want_q[i]
+                    );
+                }
+                for (r, want) in want_s.iter().enumerate() {
+                    assert_eq!(
+                        got_s[r].to_bits(),
+                        want.to_bits(),
+                        "{what}: {part} row scale {r}"
+                    );
+                }
+            };
             let (wq, ws) = fp8_rows::fp4_to_e4m3_rows(&q);
             let mut wr = poison(n, n * k);
             fp4_to_e4m3_rows(&gpu, &w, &mut wr).unwrap();
-            let got_q = s.clone_dtoh(&wr.q).unwrap();
-            let got_s = s.clone_dtoh(&wr.scale).unwrap();
-            if let Some(i) = (0..n * k).find(|&i| got_q[i] != wq[i]) {
-                panic!(
-                    "{what}: weight code {i}: got {:#04x}, want {:#04x}",
-                    got_q[i], wq[i]
-                );
-            }
-            for r in 0..n {
-                assert_eq!(
-                    got_s[r].to_bits(),
-                    ws[r].to_bits(),
-                    "{what}: weight row scale {r}"
-                );
-            }
+            check_rows("weight", &wr, &wq, &ws);
             let (xq, xs) = fp8_rows::bf16_rows_to_e4m3(&xb, m, k);
             let mut xr = poison(m, m * k);
             bf16_to_e4m3_rows(&gpu, &x, m, k, &mut xr).unwrap();
-            let got_q = s.clone_dtoh(&xr.q).unwrap();
-            let got_s = s.clone_dtoh(&xr.scale).unwrap();
-            if let Some(i) = (0..m * k).find(|&i| got_q[i] != xq[i]) {
-                panic!(
-                    "{what}: activation code {i}: got {:#04x}, want {:#04x}",
-                    got_q[i], xq[i]
-                );
-            }
-            for r in 0..m {
-                assert_eq!(
-                    got_s[r].to_bits(),
-                    xs[r].to_bits(),
-                    "{what}: activation row scale {r}"
-                );
-            }
+            check_rows("activation", &xr, &xq, &xs);
+            // Both operands in one launch (the path's own conversion): the same bits.
+            let mut both = Fp8Scratch {
+                w: poison(n, n * k),
+                x: poison(m, m * k),
+            };
+            fp8_operands(&gpu, &w, &x, m, &mut both).unwrap();
+            check_rows("one-launch weight", &both.w, &wq, &ws);
+            check_rows("one-launch activation", &both.x, &xq, &xs);
             // The GEMM alone: the same E4M3 operands multiplied in f64.
             let want = fp8_rows::e4m3_gemm_reference(&xq, &xs, &wq, &ws, m, n, k);
             let mut y = poisoned(&gpu, m * n);

@@ -78,18 +78,49 @@ pub fn fp8_shape_ok(n: usize, k: usize) -> bool {
     n % 16 == 0 && k % 16 == 0 && n > 0 && k > 0
 }
 
+/// The weight an FP8 conversion takes: one dense matrix, not a stack of experts.
+fn check_dense(w: &GpuFp4Weight, what: &'static str) -> Result<(), CudaError> {
+    if w.experts != 1 {
+        return Err(CudaError::Mismatch {
+            what,
+            reason: format!("weight holds {} experts", w.experts),
+        });
+    }
+    Ok(())
+}
+
+/// The activations an FP8 conversion takes: `m > 0` rows of `k` (a multiple of 16) in `x`.
+fn check_rows(
+    x: &CudaSlice<bf16>,
+    m: usize,
+    k: usize,
+    what: &'static str,
+) -> Result<(), CudaError> {
+    if k % 16 != 0 || m == 0 {
+        return Err(CudaError::Shape {
+            what: what.into(),
+            reason: format!("[{m}, {k}]: k must be a multiple of 16 and m positive"),
+        });
+    }
+    if x.len() < m * k {
+        return Err(CudaError::Mismatch {
+            what,
+            reason: format!("x holds {} values, [{m}, {k}] needs {}", x.len(), m * k),
+        });
+    }
+    Ok(())
+}
+
+/// Weight rows per block of the conversion kernels (one warp each).
+const ROWS_PER_BLOCK: usize = 8;
+
 /// Converts a dense FP4 weight to E4M3 rows (`w.n` rows of `w.k`).
 pub fn fp4_to_e4m3_rows(
     gpu: &GpuContext,
     w: &GpuFp4Weight,
     out: &mut E4m3Rows,
 ) -> Result<(), CudaError> {
-    if w.experts != 1 {
-        return Err(CudaError::Mismatch {
-            what: "fp4_to_e4m3_rows",
-            reason: format!("weight holds {} experts", w.experts),
-        });
-    }
+    check_dense(w, "fp4_to_e4m3_rows")?;
     out.ensure(gpu, w.n, w.k)?;
     let name = match w.format {
         Fp4Format::Nvfp4 => "fp4_to_e4m3_rows_nv",
@@ -97,8 +128,8 @@ pub fn fp4_to_e4m3_rows(
     };
     let f = gpu.function(name)?;
     let cfg = LaunchConfig {
-        grid_dim: (w.n.div_ceil(8) as u32, 1, 1),
-        block_dim: (256, 1, 1),
+        grid_dim: (w.n.div_ceil(ROWS_PER_BLOCK) as u32, 1, 1),
+        block_dim: (32 * ROWS_PER_BLOCK as u32, 1, 1),
         shared_mem_bytes: 0,
     };
     let (n_i, k_i) = (w.n as i32, w.k as i32);
@@ -125,18 +156,7 @@ pub fn bf16_to_e4m3_rows(
     k: usize,
     out: &mut E4m3Rows,
 ) -> Result<(), CudaError> {
-    if k % 16 != 0 || m == 0 {
-        return Err(CudaError::Shape {
-            what: "bf16_to_e4m3_rows".into(),
-            reason: format!("[{m}, {k}]: k must be a multiple of 16 and m positive"),
-        });
-    }
-    if x.len() < m * k {
-        return Err(CudaError::Mismatch {
-            what: "bf16_to_e4m3_rows",
-            reason: format!("x holds {} values, [{m}, {k}] needs {}", x.len(), m * k),
-        });
-    }
+    check_rows(x, m, k, "bf16_to_e4m3_rows")?;
     out.ensure(gpu, m, k)?;
     let f = gpu.function("bf16_rows_to_e4m3")?;
     let cfg = LaunchConfig {
@@ -149,6 +169,50 @@ pub fn bf16_to_e4m3_rows(
     b.arg(x).arg(&mut out.q).arg(&mut out.scale).arg(&k_i);
     // SAFETY: types match; x holds m*k bf16, out m*k codes and m scales; one block per row.
     unsafe { b.launch(cfg) }.map_err(drv("launch bf16_rows_to_e4m3"))?;
+    Ok(())
+}
+
+/// Both operands of [`fp4_gemm_fp8`] in one launch: `w` as [`fp4_to_e4m3_rows`] and the `m`
+/// rows of `x` as [`bf16_to_e4m3_rows`], the same bytes, one launch boundary less per product.
+pub fn fp8_operands(
+    gpu: &GpuContext,
+    w: &GpuFp4Weight,
+    x: &CudaSlice<bf16>,
+    m: usize,
+    scratch: &mut Fp8Scratch,
+) -> Result<(), CudaError> {
+    check_dense(w, "fp8_operands")?;
+    check_rows(x, m, w.k, "fp8_operands")?;
+    scratch.w.ensure(gpu, w.n, w.k)?;
+    scratch.x.ensure(gpu, m, w.k)?;
+    let name = match w.format {
+        Fp4Format::Nvfp4 => "fp8_operands_nv",
+        Fp4Format::Mxfp4 => "fp8_operands_mx",
+    };
+    let f = gpu.function(name)?;
+    let cfg = LaunchConfig {
+        grid_dim: ((w.n.div_ceil(ROWS_PER_BLOCK) + m) as u32, 1, 1),
+        block_dim: (32 * ROWS_PER_BLOCK as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (n_i, k_i) = (w.n as i32, w.k as i32);
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(&w.packed)
+        .arg(&w.scales)
+        .arg(&w.global_scales)
+        .arg(gpu.scale_lut(w.format))
+        .arg(&mut scratch.w.q)
+        .arg(&mut scratch.w.scale)
+        .arg(&n_i)
+        .arg(&k_i)
+        .arg(x)
+        .arg(&mut scratch.x.q)
+        .arg(&mut scratch.x.scale);
+    // SAFETY: argument types match fp8_operands_*; scratch.w holds n*k codes and n scales,
+    // scratch.x m*k codes and m scales (ensured above), x m*k values (checked); the first
+    // ceil(n / 8) blocks take one weight row per warp (rows >= n return), the next m blocks one
+    // activation row each.
+    unsafe { b.launch(cfg) }.map_err(drv("launch fp8_operands"))?;
     Ok(())
 }
 
@@ -397,7 +461,8 @@ impl Fp8Gemm {
     }
 }
 
-/// Prefill path on the FP8 tensor cores: converts `w` and `x` into `scratch`, then
+/// Prefill path on the FP8 tensor cores: converts `w` and `x` into `scratch` (one launch,
+/// [`fp8_operands`]), then
 /// [`Fp8Gemm::gemm`]. `y` is `[m, w.n]`.
 pub fn fp4_gemm_fp8(
     gpu: &GpuContext,
@@ -408,7 +473,6 @@ pub fn fp4_gemm_fp8(
     scratch: &mut Fp8Scratch,
     y: &mut CudaSlice<bf16>,
 ) -> Result<(), CudaError> {
-    fp4_to_e4m3_rows(gpu, w, &mut scratch.w)?;
-    bf16_to_e4m3_rows(gpu, x, m, w.k, &mut scratch.x)?;
+    fp8_operands(gpu, w, x, m, scratch)?;
     lt.gemm(gpu, &scratch.w, &scratch.x, m, w.n, w.k, y)
 }

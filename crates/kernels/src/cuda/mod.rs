@@ -57,7 +57,8 @@ pub use fold::{
     fp4_gemm_swiglu_norm_in, NormIn, NormOut, BF16_NORM_IN_MAX_K,
 };
 pub use fp8::{
-    bf16_to_e4m3_rows, fp4_gemm_fp8, fp4_to_e4m3_rows, fp8_shape_ok, E4m3Rows, Fp8Gemm, Fp8Scratch,
+    bf16_to_e4m3_rows, fp4_gemm_fp8, fp4_to_e4m3_rows, fp8_operands, fp8_shape_ok, E4m3Rows,
+    Fp8Gemm, Fp8Scratch,
 };
 pub use gemm::{
     device_copy, fp4_dequantize, fp4_gemm, fp4_gemm_swiglu, fp4_gemm_swiglu_supported,
