@@ -1240,30 +1240,73 @@ extern "C" __global__ void bf16_rows_to_e4m3(const u16* __restrict__ x, u8* __re
     bf16_row_to_e4m3(x, q, row_scale, k, blockIdx.x);
 }
 
-// Both operands of an FP8 product in one launch (fp8.rs `convert_operands`): blocks
-// [0, wblocks) convert the weight's rows as fp4_to_e4m3_rows_*, the next m blocks the
-// activation rows as bf16_rows_to_e4m3, the same bytes as the two launches for one launch
-// boundary less.
+// Token row `row` of x by one warp (the same bytes as bf16_row_to_e4m3): for short rows, where
+// a 256-thread block would leave most of its threads idle (k = 768: 96 pieces of 8 values).
+__device__ __forceinline__ void bf16_row_to_e4m3_warp(const u16* __restrict__ x,
+                                                      u8* __restrict__ q,
+                                                      float* __restrict__ row_scale, int k,
+                                                      size_t row) {
+    const int lane = threadIdx.x & 31;
+    const uint4* xr = (const uint4*)(x + row * (size_t)k);
+    const int chunks = k >> 3;
+    float amax = 0.f;
+    for (int c = lane; c < chunks; c += 32) {
+        const uint4 v = xr[c];
+        const u32 wv[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            amax = fmaxf(amax, fabsf(__uint_as_float(wv[j] << 16)));
+            amax = fmaxf(amax, fabsf(__uint_as_float(wv[j] & 0xFFFF0000u)));
+        }
+    }
+#pragma unroll
+    for (int o = 16; o; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    const float inv = amax > 0.f ? 448.f / amax : 1.f;
+    if (lane == 0) row_scale[row] = amax > 0.f ? amax / 448.f : 1.f;
+    uint2* qr = (uint2*)(q + row * (size_t)k);
+    for (int c = lane; c < chunks; c += 32) {
+        const uint4 v = xr[c];
+        const u32 wv[4] = {v.x, v.y, v.z, v.w};
+        u32 h[4];
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+            h[j] = f32x2_to_e4m3x2(__uint_as_float(wv[j] << 16) * inv,
+                                   __uint_as_float(wv[j] & 0xFFFF0000u) * inv);
+        qr[c] = make_uint2(h[0] | (h[1] << 16), h[2] | (h[3] << 16));
+    }
+}
+
+// Both operands of an FP8 product in one launch (fp8.rs `fp8_operands`): blocks [0, wblocks)
+// convert the weight's rows as fp4_to_e4m3_rows_*, the blocks after them the m activation rows,
+// `xrows` per block (1: a block per row, as bf16_rows_to_e4m3; 8: a warp per row), the same
+// bytes as the two launches for one launch boundary less.
 template <int FMT>
 __device__ __forceinline__ void fp8_operands_body(const u8* wp, const u8* ws, const float* gs,
                                                   const u16* lut, u8* wq, float* wscale, int n,
-                                                  int k, const u16* x, u8* xq, float* xscale) {
+                                                  int k, const u16* x, u8* xq, float* xscale,
+                                                  int m, int xrows) {
     pdl_enter();
     const int wblocks = (n + (blockDim.x >> 5) - 1) / (blockDim.x >> 5);
-    if ((int)blockIdx.x < wblocks)
+    if ((int)blockIdx.x < wblocks) {
         fp4_to_e4m3_body<FMT>(wp, ws, gs, lut, wq, wscale, n, k, blockIdx.x);
-    else
+    } else if (xrows == 1) {
         bf16_row_to_e4m3(x, xq, xscale, k, blockIdx.x - wblocks);
+    } else {
+        const size_t row = (size_t)(blockIdx.x - wblocks) * xrows + (threadIdx.x >> 5);
+        if (row < (size_t)m) bf16_row_to_e4m3_warp(x, xq, xscale, k, row);
+    }
 }
 extern "C" __global__ void fp8_operands_nv(const u8* wp, const u8* ws, const float* gs,
                                            const u16* lut, u8* wq, float* wscale, int n, int k,
-                                           const u16* x, u8* xq, float* xscale) {
-    fp8_operands_body<FMT_NVFP4>(wp, ws, gs, lut, wq, wscale, n, k, x, xq, xscale);
+                                           const u16* x, u8* xq, float* xscale, int m,
+                                           int xrows) {
+    fp8_operands_body<FMT_NVFP4>(wp, ws, gs, lut, wq, wscale, n, k, x, xq, xscale, m, xrows);
 }
 extern "C" __global__ void fp8_operands_mx(const u8* wp, const u8* ws, const float* gs,
                                            const u16* lut, u8* wq, float* wscale, int n, int k,
-                                           const u16* x, u8* xq, float* xscale) {
-    fp8_operands_body<FMT_MXFP4>(wp, ws, gs, lut, wq, wscale, n, k, x, xq, xscale);
+                                           const u16* x, u8* xq, float* xscale, int m,
+                                           int xrows) {
+    fp8_operands_body<FMT_MXFP4>(wp, ws, gs, lut, wq, wscale, n, k, x, xq, xscale, m, xrows);
 }
 
 // Plain 16-byte-per-thread grid-stride copy: measures the copy bandwidth the kernels are held to.

@@ -224,6 +224,8 @@ fn fp8_prefill_matches_cpu_reference() {
             (208usize, 320usize, 70usize),
             (64, 2048, 5),
             (1040, 544, 129),
+            // k <= 1024: a warp per activation row in fp8_operands; longer rows a block each.
+            (48, 4160, 3),
         ] {
             let what = format!("{format} [{m}, {k}] x [{n}, {k}]");
             let wf = random_matrix(&mut rng, n * k, 0.05);

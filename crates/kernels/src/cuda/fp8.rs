@@ -172,6 +172,21 @@ pub fn bf16_to_e4m3_rows(
     Ok(())
 }
 
+/// Activation rows per block of [`fp8_operands`]: one warp per row (8 per block) for rows of at
+/// most this many values, where a block per row would leave most of its 256 threads idle; one
+/// block per row beyond. H100, 2048 rows (`bench/results/kernels-h100-fp8-operands.json`, call
+/// 4): k = 768 12.4 us with a warp per row against 14.1 with a block; k = 2048 and 4096 slower
+/// with a warp (20.9 vs 20.6 us, 83.2 vs 79.0 us).
+const WARP_ROW_MAX_K: usize = 1024;
+
+fn activation_rows_per_block(k: usize) -> usize {
+    if k <= WARP_ROW_MAX_K {
+        ROWS_PER_BLOCK
+    } else {
+        1
+    }
+}
+
 /// Both operands of [`fp4_gemm_fp8`] in one launch: `w` as [`fp4_to_e4m3_rows`] and the `m`
 /// rows of `x` as [`bf16_to_e4m3_rows`], the same bytes, one launch boundary less per product.
 pub fn fp8_operands(
@@ -190,12 +205,17 @@ pub fn fp8_operands(
         Fp4Format::Mxfp4 => "fp8_operands_mx",
     };
     let f = gpu.function(name)?;
+    let xrows = activation_rows_per_block(w.k);
     let cfg = LaunchConfig {
-        grid_dim: ((w.n.div_ceil(ROWS_PER_BLOCK) + m) as u32, 1, 1),
+        grid_dim: (
+            (w.n.div_ceil(ROWS_PER_BLOCK) + m.div_ceil(xrows)) as u32,
+            1,
+            1,
+        ),
         block_dim: (32 * ROWS_PER_BLOCK as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    let (n_i, k_i) = (w.n as i32, w.k as i32);
+    let (n_i, k_i, m_i, xr_i) = (w.n as i32, w.k as i32, m as i32, xrows as i32);
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(&w.packed)
         .arg(&w.scales)
@@ -207,11 +227,13 @@ pub fn fp8_operands(
         .arg(&k_i)
         .arg(x)
         .arg(&mut scratch.x.q)
-        .arg(&mut scratch.x.scale);
+        .arg(&mut scratch.x.scale)
+        .arg(&m_i)
+        .arg(&xr_i);
     // SAFETY: argument types match fp8_operands_*; scratch.w holds n*k codes and n scales,
     // scratch.x m*k codes and m scales (ensured above), x m*k values (checked); the first
-    // ceil(n / 8) blocks take one weight row per warp (rows >= n return), the next m blocks one
-    // activation row each.
+    // ceil(n / 8) blocks take one weight row per warp (rows >= n return), the next
+    // ceil(m / xrows) blocks xrows activation rows each (rows >= m return).
     unsafe { b.launch(cfg) }.map_err(drv("launch fp8_operands"))?;
     Ok(())
 }
