@@ -1196,6 +1196,28 @@ extern "C" __global__ void fp4_to_e4m3_rows_mx(const u8* wp, const u8* ws, const
     fp4_to_e4m3_body<FMT_MXFP4>(wp, ws, gs, lut, out, row_scale, n, k, blockIdx.x);
 }
 
+// The largest |value| of a 16-byte piece of 8 bf16 values and `amax`.
+__device__ __forceinline__ float piece_amax(uint4 v, float amax) {
+    const u32 wv[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        amax = fmaxf(amax, fabsf(__uint_as_float(wv[j] << 16)));
+        amax = fmaxf(amax, fabsf(__uint_as_float(wv[j] & 0xFFFF0000u)));
+    }
+    return amax;
+}
+
+// A 16-byte piece of 8 bf16 values times `inv` as 8 E4M3 codes.
+__device__ __forceinline__ uint2 piece_to_e4m3(uint4 v, float inv) {
+    const u32 wv[4] = {v.x, v.y, v.z, v.w};
+    u32 h[4];
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+        h[j] = f32x2_to_e4m3x2(__uint_as_float(wv[j] << 16) * inv,
+                               __uint_as_float(wv[j] & 0xFFFF0000u) * inv);
+    return make_uint2(h[0] | (h[1] << 16), h[2] | (h[3] << 16));
+}
+
 // Token row `row` of x (k a multiple of 16: 16-byte rows of E4M3) by one block of 256 threads.
 __device__ __forceinline__ void bf16_row_to_e4m3(const u16* __restrict__ x, u8* __restrict__ q,
                                                  float* __restrict__ row_scale, int k,
@@ -1205,13 +1227,7 @@ __device__ __forceinline__ void bf16_row_to_e4m3(const u16* __restrict__ x, u8* 
     const int chunks = k >> 3; // 8 bf16 per 16-byte load
     float amax = 0.f;
     for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
-        const uint4 v = xr[c];
-        const u32 wv[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            amax = fmaxf(amax, fabsf(__uint_as_float(wv[j] << 16)));
-            amax = fmaxf(amax, fabsf(__uint_as_float(wv[j] & 0xFFFF0000u)));
-        }
+        amax = piece_amax(xr[c], amax);
     }
 #pragma unroll
     for (int o = 16; o; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
@@ -1223,14 +1239,7 @@ __device__ __forceinline__ void bf16_row_to_e4m3(const u16* __restrict__ x, u8* 
     if (threadIdx.x == 0) row_scale[row] = amax > 0.f ? amax / 448.f : 1.f;
     uint2* qr = (uint2*)(q + row * (size_t)k);
     for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
-        const uint4 v = xr[c];
-        const u32 wv[4] = {v.x, v.y, v.z, v.w};
-        u32 h[4];
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-            h[j] = f32x2_to_e4m3x2(__uint_as_float(wv[j] << 16) * inv,
-                                   __uint_as_float(wv[j] & 0xFFFF0000u) * inv);
-        qr[c] = make_uint2(h[0] | (h[1] << 16), h[2] | (h[3] << 16));
+        qr[c] = piece_to_e4m3(xr[c], inv);
     }
 }
 
@@ -1251,13 +1260,7 @@ __device__ __forceinline__ void bf16_row_to_e4m3_warp(const u16* __restrict__ x,
     const int chunks = k >> 3;
     float amax = 0.f;
     for (int c = lane; c < chunks; c += 32) {
-        const uint4 v = xr[c];
-        const u32 wv[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            amax = fmaxf(amax, fabsf(__uint_as_float(wv[j] << 16)));
-            amax = fmaxf(amax, fabsf(__uint_as_float(wv[j] & 0xFFFF0000u)));
-        }
+        amax = piece_amax(xr[c], amax);
     }
 #pragma unroll
     for (int o = 16; o; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
@@ -1265,14 +1268,7 @@ __device__ __forceinline__ void bf16_row_to_e4m3_warp(const u16* __restrict__ x,
     if (lane == 0) row_scale[row] = amax > 0.f ? amax / 448.f : 1.f;
     uint2* qr = (uint2*)(q + row * (size_t)k);
     for (int c = lane; c < chunks; c += 32) {
-        const uint4 v = xr[c];
-        const u32 wv[4] = {v.x, v.y, v.z, v.w};
-        u32 h[4];
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-            h[j] = f32x2_to_e4m3x2(__uint_as_float(wv[j] << 16) * inv,
-                                   __uint_as_float(wv[j] & 0xFFFF0000u) * inv);
-        qr[c] = make_uint2(h[0] | (h[1] << 16), h[2] | (h[3] << 16));
+        qr[c] = piece_to_e4m3(xr[c], inv);
     }
 }
 
