@@ -12,7 +12,7 @@ use std::sync::Mutex;
 
 use cudarc::cublaslt::result as lt;
 use cudarc::cublaslt::sys;
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchArgs, LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use super::context::GpuContext;
@@ -114,6 +114,26 @@ fn check_rows(
 /// Weight rows per block of the conversion kernels (one warp each).
 const ROWS_PER_BLOCK: usize = 8;
 
+/// The arguments every weight-row conversion kernel takes first (`fp4_to_e4m3_rows_*` and
+/// `fp8_operands_*`, in this order): the packed weight, its block and global scales, the scale
+/// table, the output rows and their scales, then `n` and `k`.
+fn push_weight_rows<'a, 'b>(
+    b: &'b mut LaunchArgs<'a>,
+    gpu: &'a GpuContext,
+    w: &'a GpuFp4Weight,
+    out: &'a mut E4m3Rows,
+    (n, k): (&'a i32, &'a i32),
+) -> &'b mut LaunchArgs<'a> {
+    b.arg(&w.packed)
+        .arg(&w.scales)
+        .arg(&w.global_scales)
+        .arg(gpu.scale_lut(w.format))
+        .arg(&mut out.q)
+        .arg(&mut out.scale)
+        .arg(n)
+        .arg(k)
+}
+
 /// Converts a dense FP4 weight to E4M3 rows (`w.n` rows of `w.k`).
 pub fn fp4_to_e4m3_rows(
     gpu: &GpuContext,
@@ -134,14 +154,7 @@ pub fn fp4_to_e4m3_rows(
     };
     let (n_i, k_i) = (w.n as i32, w.k as i32);
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(&w.packed)
-        .arg(&w.scales)
-        .arg(&w.global_scales)
-        .arg(gpu.scale_lut(w.format))
-        .arg(&mut out.q)
-        .arg(&mut out.scale)
-        .arg(&n_i)
-        .arg(&k_i);
+    push_weight_rows(&mut b, gpu, w, out, (&n_i, &k_i));
     // SAFETY: argument types match the kernel; out holds n*k codes and n scales (ensured
     // above); one warp per row, rows >= n return.
     unsafe { b.launch(cfg) }.map_err(drv("launch fp4_to_e4m3_rows"))?;
@@ -217,14 +230,7 @@ pub fn fp8_operands(
     };
     let (n_i, k_i, m_i, xr_i) = (w.n as i32, w.k as i32, m as i32, xrows as i32);
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(&w.packed)
-        .arg(&w.scales)
-        .arg(&w.global_scales)
-        .arg(gpu.scale_lut(w.format))
-        .arg(&mut scratch.w.q)
-        .arg(&mut scratch.w.scale)
-        .arg(&n_i)
-        .arg(&k_i)
+    push_weight_rows(&mut b, gpu, w, &mut scratch.w, (&n_i, &k_i))
         .arg(x)
         .arg(&mut scratch.x.q)
         .arg(&mut scratch.x.scale)
