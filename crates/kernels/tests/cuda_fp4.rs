@@ -13,7 +13,8 @@ use mimo_kernels::cuda::{
     moe_layer_tiled_with, moe_layer_with, moe_tiled_preferred, moe_tiled_supported,
     tiled_preferred, variant_exists, wgmma_preferred, wgmma_supported, BulkConfig, E4m3Rows,
     Fp4GemmConfig, Fp8Gemm, Fp8Scratch, GpuContext, GpuFp4Weight, MoeConfig, MoeWeights,
-    MoeWorkspace, Tuning, WgmmaConfig, MOE_TILED_MIN_PAIRS, WGMMA_CONFIGS,
+    MoeWorkspace, ProbeMode, ProbeStage, StageChain, Tuning, WgmmaConfig, MOE_TILED_MIN_PAIRS,
+    WGMMA_CONFIGS,
 };
 use mimo_kernels::fp4::{amax, dequantize, nvfp4_global_scale, quantize_mxfp4, quantize_nvfp4};
 use mimo_kernels::fp8_rows;
@@ -1977,4 +1978,93 @@ fn moe_bf16_grouped_matches_cpu_reference() {
     assert!(!takes((1, 8, 0)));
     assert!(takes((4, 16, 1)));
     assert!(!takes((2, 32, 1)));
+}
+
+/// The stage-chain probe (stage_probe.cu): every stage's output against the CPU product of the
+/// GPU's previous output, on a chain with 2-3 tiles per block, a late gated stage of 4 tiles
+/// per block, blocks without tiles, and two launches (the grid barrier's arrival count goes on
+/// across launches). A launch with every stage copied late gives the same bits; the timing
+/// modes run to the end; the stamps show no block starting a stage before every block stored
+/// the previous one.
+#[test]
+fn stage_probe_matches_cpu_reference() {
+    let Some(gpu) = gpu() else { return };
+    if gpu.compute_capability().0 < 9 {
+        eprintln!("skipping stage probe: needs compute capability 9.0");
+        return;
+    }
+    let mut rng = rng("stage_probe");
+    let sms = gpu.sm_count() as usize;
+    let st = |n, k, gated, late| ProbeStage { n, k, gated, late };
+    let gated_k = 1024;
+    let stages = [
+        st(16 * (2 * sms + 7), 256, false, false),
+        st(32 * 2 * sms, gated_k, true, true),
+        st(16 * sms + 32, (32 * sms / 128) * 128, false, false),
+        st(16 * 40, 512, false, false),
+    ];
+    let mats: Vec<Fp4Matrix> = stages
+        .iter()
+        .map(|s| {
+            let w = random_matrix(&mut rng, s.n * s.k, 1.7 / (s.k as f32).sqrt());
+            quantize(Fp4Format::Nvfp4, &w, s.n, s.k)
+        })
+        .collect();
+    let pairs: Vec<(ProbeStage, &Fp4Matrix)> = stages.iter().copied().zip(&mats).collect();
+    let mut chain = StageChain::new(&gpu, &pairs).unwrap();
+    let x0: Vec<u16> = (0..stages[0].k)
+        .map(|_| bf16::from_f32(rng.random::<f32>() * 2.0 - 1.0).to_bits())
+        .collect();
+    let x0_dev = gpu.stream().clone_htod(&x0).unwrap();
+    let mut first: Vec<Vec<u16>> = Vec::new();
+    for launch in 0..2 {
+        chain.fill_outputs(&gpu, 0x7FC0).unwrap();
+        chain.launch(&gpu, &x0_dev, ProbeMode::Full).unwrap();
+        let outs: Vec<Vec<u16>> = (0..stages.len())
+            .map(|i| chain.output(&gpu, i).unwrap())
+            .collect();
+        if launch == 0 {
+            for (i, (s, m)) in pairs.iter().enumerate() {
+                let input: Vec<bf16> = if i == 0 { &x0 } else { &outs[i - 1] }
+                    .iter()
+                    .map(|&b| bf16::from_bits(b))
+                    .collect();
+                let want = cuda::stage_reference(s, m, &input).unwrap();
+                let got: Vec<bf16> = outs[i].iter().map(|&b| bf16::from_bits(b)).collect();
+                check_close(&format!("probe stage {i}"), &got, &want, 8e-3, 2e-2);
+            }
+            first = outs;
+        } else {
+            assert_eq!(first, outs, "second launch");
+        }
+    }
+    let stamps = chain.stamps(&gpu).unwrap();
+    let g = chain.grid();
+    for s in 1..stages.len() {
+        let done_prev = (0..g).map(|b| stamps[((s - 1) * g + b) * 4 + 3]).max();
+        let in_next = (0..g).map(|b| stamps[(s * g + b) * 4 + 1]).min();
+        assert!(
+            in_next >= done_prev,
+            "stage {s}: {in_next:?} < {done_prev:?}"
+        );
+    }
+    chain.fill_outputs(&gpu, 0x7FC0).unwrap();
+    chain.launch(&gpu, &x0_dev, ProbeMode::AllLate).unwrap();
+    for (i, want) in first.iter().enumerate() {
+        assert_eq!(&chain.output(&gpu, i).unwrap(), want, "all late, stage {i}");
+    }
+    for mode in [ProbeMode::NoCompute, ProbeMode::NoCopy] {
+        chain.launch(&gpu, &x0_dev, mode).unwrap();
+        gpu.synchronize().unwrap();
+    }
+    // A chain that does not fit one block per SM is refused before anything is uploaded.
+    let wide = st(16 * 9 * sms, 256, false, false);
+    let m = quantize(
+        Fp4Format::Nvfp4,
+        &vec![0.5; wide.n * wide.k],
+        wide.n,
+        wide.k,
+    );
+    let e = StageChain::new(&gpu, &[(wide, &m)]).err().unwrap();
+    assert!(e.to_string().contains("9 tiles per block"), "{e}");
 }

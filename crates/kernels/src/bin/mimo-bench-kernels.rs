@@ -7,8 +7,8 @@
 //! row says so).
 //!
 //! Usage: mimo-bench-kernels [--out FILE.json] [--quick] [--no-sweep] [--moe-only]
-//! [--shapes K:N,...] [--ms M,...] [--moe-tokens T,...] [--moe-sweep] (`--help` says what each
-//! does).
+//! [--shapes K:N,...] [--ms M,...] [--moe-tokens T,...] [--moe-sweep] [--layer-probe LAYERS]
+//! (`--help` says what each does).
 
 use std::collections::HashSet;
 use std::error::Error;
@@ -25,12 +25,12 @@ use mimo_kernels::cuda::{
     bf16_gemm, bf16_to_e4m3_rows, bulk_supported, cublas, device_copy, fp4_gemm, fp4_gemm_bulk,
     fp4_gemm_dequant_cublas, fp4_gemm_fp8, fp4_gemm_tiled, fp4_gemm_wgmma, fp4_gemm_wgmma_with,
     fp4_gemm_with, fp4_to_e4m3_rows, fp8_shape_ok, moe_layer_tiled_with, moe_layer_with,
-    moe_tile_pairs, moe_tiled_preferred, moe_tiled_supported, tiled_supported, variant_exists,
-    wgmma_supported, BulkConfig, CudaError, E4m3Rows, Fp4GemmConfig, Fp8Gemm, Fp8Scratch,
-    GpuContext, GpuFp4Weight, MoeConfig, MoeWeights, MoeWorkspace, PdlGraph, Tuning, WgmmaConfig,
-    WGMMA_CONFIGS,
+    moe_tile_pairs, moe_tiled_preferred, moe_tiled_supported, qwen3_moe_layer, stage_timings,
+    tiled_supported, variant_exists, wgmma_supported, BulkConfig, CudaError, E4m3Rows,
+    Fp4GemmConfig, Fp8Gemm, Fp8Scratch, GpuContext, GpuFp4Weight, MoeConfig, MoeWeights,
+    MoeWorkspace, PdlGraph, ProbeMode, StageChain, StageTiming, Tuning, WgmmaConfig, WGMMA_CONFIGS,
 };
-use mimo_kernels::Fp4Format;
+use mimo_kernels::{Fp4Format, Fp4Matrix};
 
 type Res<T> = Result<T, Box<dyn Error>>;
 
@@ -66,6 +66,10 @@ struct Args {
     /// --no-sweep.
     #[arg(long)]
     moe_sweep: bool,
+    /// Only the persistent stage-chain probe (probe.rs) over this many Qwen3-30B-A3B layers'
+    /// products; its report replaces the kernel rows.
+    #[arg(long)]
+    layer_probe: Option<usize>,
 }
 
 /// A dense shape `K:N`.
@@ -1003,6 +1007,102 @@ fn report(
     })
 }
 
+/// The persistent stage-chain probe over `layers` Qwen3-30B-A3B layers' products (probe.rs):
+/// per mode, the launch's median time, per layer and as weight TB/s; per stage of a layer
+/// (layers after the first, averaged), where the time went.
+fn layer_probe(gpu: &GpuContext, rng: &mut Rng, layers: usize, samples: usize) -> Res<Value> {
+    let stages: Vec<_> = (0..layers).flat_map(|_| qwen3_moe_layer()).collect();
+    let mats: Vec<Fp4Matrix> = stages
+        .iter()
+        .map(|st| {
+            let (packed, scales, gs) = fp4_parts(rng, Fp4Format::Nvfp4, st.n, st.k, 1);
+            Fp4Matrix {
+                format: Fp4Format::Nvfp4,
+                n: st.n,
+                k: st.k,
+                packed,
+                scales,
+                global_scale: gs[0],
+            }
+        })
+        .collect();
+    let layer_bytes: usize = stages[..4].iter().map(|st| st.n * st.k * 9 / 16).sum();
+    let pairs: Vec<_> = stages.iter().copied().zip(&mats).collect();
+    let mut chain = StageChain::new(gpu, &pairs)?;
+    let x0: Vec<u16> = rng
+        .bf16s(stages[0].k, 1.0)
+        .iter()
+        .map(|v| v.to_bits())
+        .collect();
+    let x0 = gpu.stream().clone_htod(&x0)?;
+    eprintln!(
+        "layer probe: {layers} layers, {} stages, {} blocks, {} bytes of shared memory, {:.1} MB per layer",
+        stages.len(),
+        chain.grid(),
+        chain.smem_bytes(),
+        layer_bytes as f64 / 1e6
+    );
+    let reps = 10;
+    let mut modes = Vec::new();
+    for (name, mode) in [
+        ("full", ProbeMode::Full),
+        ("experts_not_late", ProbeMode::NoLate),
+        ("no_prefetch", ProbeMode::AllLate),
+        ("no_compute", ProbeMode::NoCompute),
+        ("no_copy", ProbeMode::NoCopy),
+    ] {
+        let t = sample_runs(gpu, reps, samples, false, &mut || {
+            for _ in 0..reps {
+                chain.launch(gpu, &x0, mode)?;
+            }
+            Ok(())
+        })?;
+        let stamps = chain.stamps(gpu)?;
+        let st = stage_timings(&stamps, chain.grid(), stages.len());
+        // Per stage of a layer, averaged over the layers after the first.
+        const STAGE_NAMES: [&str; 4] = ["qkv", "o_proj", "experts_gate_up", "experts_down"];
+        let per_stage: Vec<Value> = (0..4)
+            .map(|i| {
+                let of = |f: &dyn Fn(&StageTiming) -> f64| -> f64 {
+                    let v: Vec<f64> = (1..layers).map(|l| f(&st[4 * l + i])).collect();
+                    dec(v.iter().sum::<f64>() / v.len().max(1) as f64, 2)
+                };
+                json!({
+                    "stage": STAGE_NAMES[i],
+                    "n": stages[i].n, "k": stages[i].k,
+                    "span_us": of(&|t| t.span_us),
+                    "input_us": of(&|t| t.input_us),
+                    "weights_wait_us": of(&|t| t.weights_wait_us),
+                    "compute_us": of(&|t| t.compute_us),
+                })
+            })
+            .collect();
+        let per_layer = t.us / layers as f64;
+        eprintln!(
+            "  {name}: {:.1} us per launch, {per_layer:.2} us per layer, {:.2} TB/s",
+            t.us,
+            layer_bytes as f64 / (per_layer * 1e-6) / 1e12
+        );
+        modes.push(json!({
+            "mode": name,
+            "us_per_launch": dec(t.us, 2),
+            "spread": dec(t.spread, 3),
+            "us_per_layer": dec(per_layer, 2),
+            "weight_tbps": dec(layer_bytes as f64 / (per_layer * 1e-6) / 1e12, 3),
+            "stages_of_a_layer": per_stage,
+        }));
+    }
+    Ok(json!({
+        "layers": layers,
+        "layer_bytes": layer_bytes,
+        "blocks": chain.grid(),
+        "smem_bytes": chain.smem_bytes(),
+        "launches_per_sample": reps,
+        "samples": samples,
+        "modes": modes,
+    }))
+}
+
 fn main() {
     if let Err(e) = run() {
         eprintln!("error: {e}");
@@ -1038,6 +1138,28 @@ fn run() -> Res<()> {
     let copy_tbps = memcpy_tbps.max(kernel_tbps);
     eprintln!("device copy: memcpy {memcpy_tbps:.3} TB/s, copy kernel {kernel_tbps:.3} TB/s (read + write)");
     let mut rng = Rng(0x5EED_0FF4_u64);
+    if let Some(layers) = args.layer_probe {
+        let probe = layer_probe(&gpu, &mut rng, layers.max(2), samples)?;
+        let commit = std::env::var("MIMO_COMMIT").unwrap_or_else(|_| "unknown".into());
+        let cmd: Vec<String> = std::env::args().collect();
+        let j = json!({
+            "device": gpu.device_name(),
+            "sms": gpu.sm_count(),
+            "date": utc_now(),
+            "commit": commit,
+            "command": cmd.join(" "),
+            "copy_tbps": sig4(copy_tbps),
+            "method": "CUDA events around eager launches of the whole chain (medians); stage times from %globaltimer stamps of the last launch of each mode",
+            "layer_probe": probe,
+        });
+        let text = serde_json::to_string_pretty(&j)?;
+        if let Some(p) = &args.out {
+            std::fs::write(p, text.clone() + "\n")
+                .map_err(|e| format!("writing {}: {e}", p.display()))?;
+        }
+        println!("{text}");
+        return Ok(());
+    }
     let shapes: &[(usize, usize)] = if args.moe_only {
         &[]
     } else if let Some(list) = &args.shapes {

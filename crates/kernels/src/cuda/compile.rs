@@ -15,8 +15,8 @@ use super::trace::{trace_defines, trace_requested};
 
 /// Kernel sources embedded in the binary: (file name, text). The tiled kernels
 /// (fp4_tiled.cu), the bulk-copy kernels (fp4_bulk.cu) and the warpgroup kernels
-/// (fp4_wgmma.cu) are one compilation unit with fp4_gemm.cu, whose decode they use; so is the
-/// folded-norm BF16 product (bf16_gemv.cu).
+/// (fp4_wgmma.cu) are one compilation unit with fp4_gemm.cu, whose decode they use; so are the
+/// folded-norm BF16 product (bf16_gemv.cu) and the stage-chain probe (stage_probe.cu).
 pub(crate) const FP4_GEMM_SRC: (&str, &str) = (
     "fp4_gemm.cu",
     concat!(
@@ -28,7 +28,9 @@ pub(crate) const FP4_GEMM_SRC: (&str, &str) = (
         "\n#line 1 \"bf16_gemv.cu\"\n",
         include_str!("../../cuda/bf16_gemv.cu"),
         "\n#line 1 \"fp4_wgmma.cu\"\n",
-        include_str!("../../cuda/fp4_wgmma.cu")
+        include_str!("../../cuda/fp4_wgmma.cu"),
+        "\n#line 1 \"stage_probe.cu\"\n",
+        include_str!("../../cuda/stage_probe.cu")
     ),
 );
 /// Definitions every source shares (typedefs, bf16 conversions, mma, pdl_enter): put in front

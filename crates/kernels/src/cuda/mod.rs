@@ -35,6 +35,7 @@ mod moe;
 mod moe_bf16;
 mod moe_one_token;
 mod placement;
+mod probe;
 mod tiled;
 mod trace;
 mod weights;
@@ -82,6 +83,10 @@ pub use moe_one_token::{
     MOE_ONE_TOKEN_MAX_TOPK,
 };
 pub use placement::{on_load, spread_launch, spread_smem, SPREAD_CARVEOUT_PERCENT};
+pub use probe::{
+    chain_reference, qwen3_moe_layer, stage_reference, stage_timings, ProbeMode, ProbeStage,
+    StageChain, StageTiming, PROBE_MAX_TILES,
+};
 pub use tiled::{
     fp4_gemm_swiglu_tiled, fp4_gemm_tiled, tiled_preferred, tiled_supported, TILED_MAX_TOKENS,
     TILED_MIN_TOKENS, TILED_MIN_WORK,

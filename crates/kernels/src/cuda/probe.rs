@@ -1,0 +1,581 @@
+//! The persistent stage-chain probe (stage_probe.cu): a chain of one-token NVFP4 products run
+//! by one block per SM, each block's weights of the next stage streamed into shared memory by
+//! bulk copies while the current stage waits at a grid barrier and computes. It measures the
+//! plan of docs/cuda-backend-notes.md ("What 1,000 tokens/s on Qwen3-30B-A3B would take") on
+//! the products alone, before any of it is built into the runtime; `mimo-bench-kernels
+//! --layer-probe` times it and the GPU tests check its outputs against [`chain_reference`].
+
+use cudarc::driver::sys;
+use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+use half::bf16;
+
+use super::context::GpuContext;
+use super::error::{drv, CudaError};
+use super::weights::{mult_lut, repack_word, scale_shift};
+use crate::fp4::{dequantize_row, Fp4Format, Fp4Matrix};
+
+/// Warps per block (`SP_WARPS`).
+const WARPS: usize = 8;
+/// Most 16-row tiles one block may own in a stage (`SP_MAX_TILES`).
+pub const PROBE_MAX_TILES: usize = 8;
+/// Start of the input row in shared memory (`SP_X_OFF`).
+const X_OFF: usize = 128 + WARPS * PROBE_MAX_TILES * 16 * 4;
+/// Bytes per 16-row tile and 128-element chunk: packed words and scale bytes.
+const TILE_CHUNK_W: usize = 1024;
+const TILE_CHUNK_S: usize = 128;
+
+/// One product of the chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProbeStage {
+    /// Output rows, a multiple of 16 (of 32 when gated).
+    pub n: usize,
+    /// Input elements, a multiple of 128; stage s > 0 reads the first `k` of stage s - 1's
+    /// output.
+    pub k: usize,
+    /// Tiles (2j, 2j + 1) are the gate and up rows of outputs 16j .. 16j + 16, stored as
+    /// silu(gate) * up: the output has n / 2 elements.
+    pub gated: bool,
+    /// The stage's weights are asked for only after its input is ready (an MoE expert stage,
+    /// whose rows depend on the router), not during the previous stage.
+    pub late: bool,
+}
+
+impl ProbeStage {
+    /// Elements of the stage's output.
+    pub fn out_len(&self) -> usize {
+        if self.gated {
+            self.n / 2
+        } else {
+            self.n
+        }
+    }
+}
+
+/// What a probe launch leaves out (A/B of its parts; only [`ProbeMode::Full`] gives results).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProbeMode {
+    /// Everything: copies, barriers, products.
+    Full,
+    /// No products: the weight streams and the barriers alone.
+    NoCompute,
+    /// No weight copies: the barriers and the products on whatever shared memory holds.
+    NoCopy,
+    /// Every stage after the first is copied only once its own input is ready (no prefetch).
+    AllLate,
+    /// The late flags ignored: every stage is copied while the previous one runs.
+    NoLate,
+}
+
+impl ProbeMode {
+    fn flags(self) -> i32 {
+        match self {
+            ProbeMode::Full => 0,
+            ProbeMode::NoCompute => 1,
+            ProbeMode::NoCopy => 2,
+            ProbeMode::AllLate => 4,
+            ProbeMode::NoLate => 8,
+        }
+    }
+}
+
+/// A chain of products on the device, ready to launch.
+pub struct StageChain {
+    stages: Vec<ProbeStage>,
+    // Kept alive: the stage table points into them.
+    _packed: Vec<CudaSlice<u8>>,
+    _scales: Vec<CudaSlice<u8>>,
+    outs: Vec<CudaSlice<u16>>,
+    table: CudaSlice<u64>,
+    lut: CudaSlice<u16>,
+    counter: CudaSlice<u64>,
+    stamps: CudaSlice<u64>,
+    arrivals: u64,
+    grid: usize,
+    smem: usize,
+}
+
+/// The probe's tile-major layout of one matrix (see stage_probe.cu): for tile T and chunk c,
+/// 1024 bytes of re-packed words (row r of the tile at r * 64) and 128 scale bytes (row r at
+/// r * 8).
+fn tile_major(m: &Fp4Matrix) -> (Vec<u8>, Vec<u8>) {
+    let (rows_b, srow_b) = (m.k / 2, m.k / 16);
+    let (tiles, chunks) = (m.n / 16, m.k / 128);
+    let mut w = vec![0u8; m.n * rows_b];
+    let mut s = vec![0u8; m.n * srow_b];
+    for t in 0..tiles {
+        for c in 0..chunks {
+            let tc = t * chunks + c;
+            for r in 0..16 {
+                let row = 16 * t + r;
+                let src = &m.packed[row * rows_b + c * 64..row * rows_b + c * 64 + 64];
+                let dst = &mut w[tc * TILE_CHUNK_W + r * 64..tc * TILE_CHUNK_W + r * 64 + 64];
+                for (d, q) in dst.chunks_exact_mut(4).zip(src.chunks_exact(4)) {
+                    let word = repack_word(u32::from_le_bytes([q[0], q[1], q[2], q[3]]));
+                    d.copy_from_slice(&word.to_le_bytes());
+                }
+                let ss = &m.scales[row * srow_b + c * 8..row * srow_b + c * 8 + 8];
+                s[tc * TILE_CHUNK_S + r * 8..tc * TILE_CHUNK_S + r * 8 + 8].copy_from_slice(ss);
+            }
+        }
+    }
+    (w, s)
+}
+
+/// Tiles `[t0, t1)` of block `b` of `grid` (the kernel's `sp_tiles`).
+fn block_tiles(st: &ProbeStage, b: usize, grid: usize) -> (usize, usize) {
+    let tpu = if st.gated { 2 } else { 1 };
+    let units = st.n / 16 / tpu;
+    (b * units / grid * tpu, (b + 1) * units / grid * tpu)
+}
+
+/// Largest number of tiles any block owns in a stage.
+fn max_tiles(st: &ProbeStage, grid: usize) -> usize {
+    (0..grid)
+        .map(|b| {
+            let (t0, t1) = block_tiles(st, b, grid);
+            t1 - t0
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// Shared-memory placement of every stage's weights: stage s and s + 1 are in shared memory at
+/// once (s + 1 streams while s computes), so each starts where the previous one ends, or at
+/// the ring's start when it would run past `limit`. Returns (weight offset, scale offset) per
+/// stage and the bytes used, or why the chain does not fit.
+fn place_stages(
+    stages: &[ProbeStage],
+    grid: usize,
+    ring0: usize,
+    limit: usize,
+) -> Result<(Vec<(usize, usize)>, usize), String> {
+    let mut out = Vec::with_capacity(stages.len());
+    let mut prev: Option<(usize, usize)> = None; // previous stage's [start, end)
+    let mut used = ring0;
+    for (i, st) in stages.iter().enumerate() {
+        let tiles = max_tiles(st, grid);
+        let chunks = st.k / 128;
+        let wb = tiles * chunks * TILE_CHUNK_W;
+        let bytes = wb + tiles * chunks * TILE_CHUNK_S;
+        let mut start = prev.map_or(ring0, |p| p.1.next_multiple_of(128));
+        if start + bytes > limit {
+            start = ring0;
+        }
+        let end = start + bytes;
+        if end > limit || prev.is_some_and(|p| start < p.1 && p.0 < end) {
+            return Err(format!(
+                "stages {} and {i} need {} + {bytes} bytes of shared memory per block; {} are \
+                 free",
+                i.saturating_sub(1),
+                prev.map_or(0, |p| p.1 - p.0),
+                limit - ring0
+            ));
+        }
+        out.push((start, start + wb));
+        used = used.max(end);
+        prev = Some((start, end));
+    }
+    Ok((out, used))
+}
+
+/// Checks a chain's shapes (what the kernel assumes).
+fn check_stages(stages: &[ProbeStage], grid: usize) -> Result<(), String> {
+    if stages.is_empty() {
+        return Err("no stages".into());
+    }
+    for (i, st) in stages.iter().enumerate() {
+        let rows = if st.gated { 32 } else { 16 };
+        if st.n == 0 || st.n % rows != 0 || st.k == 0 || st.k % 128 != 0 {
+            return Err(format!(
+                "stage {i}: [{}, {}] needs n a multiple of {rows} and k of 128",
+                st.n, st.k
+            ));
+        }
+        if max_tiles(st, grid) > PROBE_MAX_TILES {
+            return Err(format!(
+                "stage {i}: {} tiles per block over {grid} blocks (at most {PROBE_MAX_TILES})",
+                max_tiles(st, grid)
+            ));
+        }
+        if i > 0 && stages[i - 1].out_len() < st.k {
+            return Err(format!(
+                "stage {i} reads {} elements; stage {} writes {}",
+                st.k,
+                i - 1,
+                stages[i - 1].out_len()
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl StageChain {
+    /// Uploads a chain: `stages[i]` with its NVFP4 matrix `[n, k]` (gated: the rows of tile
+    /// pairs as [`ProbeStage::gated`] says). One block per SM.
+    pub fn new(gpu: &GpuContext, stages: &[(ProbeStage, &Fp4Matrix)]) -> Result<Self, CudaError> {
+        let grid = gpu.sm_count() as usize;
+        let shape = |reason: String| CudaError::Shape {
+            what: "stage probe".into(),
+            reason,
+        };
+        let list: Vec<ProbeStage> = stages.iter().map(|s| s.0).collect();
+        check_stages(&list, grid).map_err(shape)?;
+        for (i, (st, m)) in stages.iter().enumerate() {
+            if m.format != Fp4Format::Nvfp4 || (m.n, m.k) != (st.n, st.k) {
+                return Err(shape(format!(
+                    "stage {i}: a {} matrix [{}, {}] for an NVFP4 stage [{}, {}]",
+                    m.format.name(),
+                    m.n,
+                    m.k,
+                    st.n,
+                    st.k
+                )));
+            }
+            m.validate_shape().map_err(|source| CudaError::Fp4 {
+                name: format!("stage {i}"),
+                source,
+            })?;
+        }
+        let max_k = list.iter().map(|s| s.k).max().unwrap_or(0);
+        let ring0 = (X_OFF + 2 * max_k + 16).next_multiple_of(128);
+        // An SM's shared memory less the 1 KiB reserved per block and the kernel's static table.
+        let limit = (gpu.sm_shared_bytes() as usize).saturating_sub(2048);
+        let (offsets, smem) = place_stages(&list, grid, ring0, limit).map_err(shape)?;
+        let stream = gpu.stream();
+        let up = |what: &'static str, v: &[u8]| stream.clone_htod(v).map_err(drv(what));
+        let mut packed = Vec::new();
+        let mut scales = Vec::new();
+        let mut outs = Vec::new();
+        let mut table = Vec::with_capacity(8 * list.len());
+        let shift = scale_shift(Fp4Format::Nvfp4, &[]);
+        for ((st, m), &(woff, soff)) in stages.iter().zip(&offsets) {
+            let (w, s) = tile_major(m);
+            let pw = up("probe weights", &w)?;
+            let ps = up("probe scales", &s)?;
+            let out = stream
+                .alloc_zeros::<u16>(st.out_len())
+                .map_err(drv("probe output"))?;
+            let post = 2f32.powi(shift) / m.global_scale;
+            {
+                let (wp, _a) = pw.device_ptr(stream);
+                let (sp, _b) = ps.device_ptr(stream);
+                let (op, _c) = out.device_ptr(stream);
+                table.extend_from_slice(&[
+                    wp,
+                    sp,
+                    op,
+                    st.n as u64 | (st.k as u64) << 32,
+                    st.gated as u64 | (st.late as u64) << 1,
+                    post.to_bits() as u64,
+                    woff as u64 | (soff as u64) << 32,
+                    0,
+                ]);
+            }
+            packed.push(pw);
+            scales.push(ps);
+            outs.push(out);
+        }
+        Ok(StageChain {
+            table: stream
+                .clone_htod(&table)
+                .map_err(drv("probe stage table"))?,
+            lut: stream
+                .clone_htod(&mult_lut(Fp4Format::Nvfp4, shift))
+                .map_err(drv("probe scale table"))?,
+            counter: stream.alloc_zeros::<u64>(1).map_err(drv("probe counter"))?,
+            stamps: stream
+                .alloc_zeros::<u64>(4 * grid * list.len())
+                .map_err(drv("probe stamps"))?,
+            stages: list,
+            _packed: packed,
+            _scales: scales,
+            outs,
+            arrivals: 0,
+            grid,
+            smem,
+        })
+    }
+
+    /// The stages.
+    pub fn stages(&self) -> &[ProbeStage] {
+        &self.stages
+    }
+
+    /// Blocks of a launch (one per SM).
+    pub fn grid(&self) -> usize {
+        self.grid
+    }
+
+    /// Dynamic shared memory of a launch, bytes.
+    pub fn smem_bytes(&self) -> usize {
+        self.smem
+    }
+
+    /// Launches the chain once on the context's stream; `x0` is stage 0's input (`k0`
+    /// elements, bf16 bits).
+    pub fn launch(
+        &mut self,
+        gpu: &GpuContext,
+        x0: &CudaSlice<u16>,
+        mode: ProbeMode,
+    ) -> Result<(), CudaError> {
+        if x0.len() < self.stages[0].k {
+            return Err(CudaError::Mismatch {
+                what: "stage probe",
+                reason: format!("x0 holds {}, stage 0 reads {}", x0.len(), self.stages[0].k),
+            });
+        }
+        let f = gpu.function("stage_probe")?;
+        f.set_attribute(
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            self.smem as i32,
+        )
+        .map_err(drv("stage probe dynamic shared memory limit"))?;
+        let cfg = LaunchConfig {
+            grid_dim: (self.grid as u32, 1, 1),
+            block_dim: (32 * WARPS as u32, 1, 1),
+            shared_mem_bytes: self.smem as u32,
+        };
+        let s = self.stages.len() as i32;
+        let base = self.arrivals;
+        let flags = mode.flags();
+        let mut b = gpu.stream().launch_builder(&f);
+        b.arg(&self.table)
+            .arg(&s)
+            .arg(x0)
+            .arg(&self.lut)
+            .arg(&mut self.counter)
+            .arg(&base)
+            .arg(&flags)
+            .arg(&mut self.stamps);
+        // SAFETY: arguments match `stage_probe`; the table points at this chain's buffers
+        // (shapes checked in `new`, the input row's length above); the shared memory holds the
+        // placement of `place_stages`; one block per SM (the shared memory asks for more than
+        // half an SM), all resident at once, so the grid barrier cannot wait on an unplaced
+        // block.
+        unsafe { b.launch(cfg) }.map_err(drv("launch stage_probe"))?;
+        self.arrivals += (self.stages.len() as u64 - 1) * self.grid as u64;
+        Ok(())
+    }
+
+    /// Sets every element of every stage's output to `bits` (tests poison them with NaN).
+    pub fn fill_outputs(&mut self, gpu: &GpuContext, bits: u16) -> Result<(), CudaError> {
+        for o in &mut self.outs {
+            let v = vec![bits; o.len()];
+            gpu.stream()
+                .memcpy_htod(&v, o)
+                .map_err(drv("probe output fill"))?;
+        }
+        Ok(())
+    }
+
+    /// Stage `i`'s output (bf16 bits) after a launch.
+    pub fn output(&self, gpu: &GpuContext, i: usize) -> Result<Vec<u16>, CudaError> {
+        let o = self.outs.get(i).ok_or_else(|| CudaError::Mismatch {
+            what: "stage probe",
+            reason: format!("no stage {i}"),
+        })?;
+        gpu.stream().clone_dtoh(o).map_err(drv("probe output"))
+    }
+
+    /// The last launch's %globaltimer stamps: `[stage][block][4]` (top, input ready, weights
+    /// ready, stored), nanoseconds.
+    pub fn stamps(&self, gpu: &GpuContext) -> Result<Vec<u64>, CudaError> {
+        gpu.stream()
+            .clone_dtoh(&self.stamps)
+            .map_err(drv("probe stamps"))
+    }
+}
+
+/// Where one stage's time went, from a launch's stamps (microseconds; medians over the blocks).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StageTiming {
+    /// From the previous stage's last store (stage 0: the first block's start) to this
+    /// stage's last store.
+    pub span_us: f64,
+    /// From the previous stage's last store to this block's input row in shared memory: the
+    /// grid barrier and the input's load.
+    pub input_us: f64,
+    /// From the input row in shared memory to the weights in shared memory (0 when they were
+    /// there first).
+    pub weights_wait_us: f64,
+    /// From both in shared memory to the block's outputs stored.
+    pub compute_us: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Splits a launch's stamps ([`StageChain::stamps`]: `[stage][block][top, input, weights,
+/// stored]`, nanoseconds) into [`StageTiming`]s.
+pub fn stage_timings(stamps: &[u64], grid: usize, stages: usize) -> Vec<StageTiming> {
+    let at = |s: usize, b: usize, i: usize| stamps[(s * grid + b) * 4 + i] as f64 * 1e-3;
+    let mut prev_end = (0..grid).map(|b| at(0, b, 0)).fold(f64::INFINITY, f64::min);
+    let mut out = Vec::with_capacity(stages);
+    for s in 0..stages {
+        let end = (0..grid).map(|b| at(s, b, 3)).fold(0.0, f64::max);
+        out.push(StageTiming {
+            span_us: end - prev_end,
+            input_us: median((0..grid).map(|b| at(s, b, 1) - prev_end).collect()),
+            weights_wait_us: median((0..grid).map(|b| at(s, b, 2) - at(s, b, 1)).collect()),
+            compute_us: median((0..grid).map(|b| at(s, b, 3) - at(s, b, 2)).collect()),
+        });
+        prev_end = end;
+    }
+    out
+}
+
+/// One stage on the CPU from its bf16 input: the f64 sums of the dequantized weights times the
+/// input, or for a gated stage silu(gate) * up of the sums rounded to bf16 (`swiglu_bf16`); the
+/// kernel stores these rounded to bf16.
+pub fn stage_reference(
+    st: &ProbeStage,
+    m: &Fp4Matrix,
+    input: &[bf16],
+) -> Result<Vec<f64>, CudaError> {
+    if input.len() < st.k || (m.n, m.k) != (st.n, st.k) {
+        return Err(CudaError::Mismatch {
+            what: "stage_reference",
+            reason: format!(
+                "[{}, {}] matrix, input of {}, for a stage [{}, {}]",
+                m.n,
+                m.k,
+                input.len(),
+                st.n,
+                st.k
+            ),
+        });
+    }
+    let x: Vec<f64> = input[..st.k].iter().map(|v| v.to_f64()).collect();
+    let mut row = vec![0f32; st.k];
+    let mut y = vec![0f64; st.n];
+    for (r, yr) in y.iter_mut().enumerate() {
+        dequantize_row(m, r, &mut row).map_err(|source| CudaError::Fp4 {
+            name: "stage_reference".into(),
+            source,
+        })?;
+        *yr = row.iter().zip(&x).map(|(w, x)| *w as f64 * x).sum();
+    }
+    if !st.gated {
+        return Ok(y);
+    }
+    Ok((0..st.n / 2)
+        .map(|o| {
+            let (j, rr) = (o / 16, o % 16);
+            let gate = bf16::from_f64(y[32 * j + rr]).to_f32();
+            let up = bf16::from_f64(y[32 * j + 16 + rr]).to_f32();
+            (gate / (1.0 + (-gate).exp()) * up) as f64
+        })
+        .collect())
+}
+
+/// The whole chain on the CPU from `x0`: every stage's output rounded to bf16, as the kernel
+/// stores it and the next stage reads it.
+pub fn chain_reference(
+    stages: &[(ProbeStage, &Fp4Matrix)],
+    x0: &[bf16],
+) -> Result<Vec<Vec<bf16>>, CudaError> {
+    let mut outs: Vec<Vec<bf16>> = Vec::with_capacity(stages.len());
+    for (i, (st, m)) in stages.iter().enumerate() {
+        let input: &[bf16] = if i == 0 { x0 } else { &outs[i - 1] };
+        let y = stage_reference(st, m, input)?;
+        outs.push(y.iter().map(|&v| bf16::from_f64(v)).collect());
+    }
+    Ok(outs)
+}
+
+/// The products of one Qwen3-30B-A3B decoder layer at one token as a probe chain: q/k/v
+/// [2048 -> 5120], o_proj [4096 -> 2048], the eight chosen experts' gate/up as one gated
+/// [2048 -> 2 x 6144] (late: its rows are known only after the router) and their down as one
+/// [6144 -> 2048] (the eight experts' sums added, as the combine does). The attention, the
+/// router and the top-k are left out.
+pub fn qwen3_moe_layer() -> Vec<ProbeStage> {
+    let st = |n, k, gated, late| ProbeStage { n, k, gated, late };
+    vec![
+        st(5120, 2048, false, false),
+        st(2048, 4096, false, false),
+        st(12288, 2048, true, true),
+        st(2048, 6144, false, false),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_qwen3_layer_fits_one_block_per_sm() {
+        let layer: Vec<ProbeStage> = (0..4).flat_map(|_| qwen3_moe_layer()).collect();
+        check_stages(&layer, 132).unwrap();
+        let ring0 = (X_OFF + 2 * 6144 + 16).next_multiple_of(128);
+        let (offs, used) = place_stages(&layer, 132, ring0, 233_472 - 2048).unwrap();
+        assert!(used <= 233_472 - 2048, "{used}");
+        // Consecutive stages never overlap; gate/up (3 tile pairs per block at most) is 110,592
+        // bytes of weights and scales.
+        assert_eq!(max_tiles(&layer[2], 132), 6);
+        for w in offs.windows(2) {
+            assert_ne!(w[0].0, w[1].0);
+        }
+    }
+
+    #[test]
+    fn bad_chains_are_refused_with_the_stage() {
+        let st = |n, k| ProbeStage {
+            n,
+            k,
+            gated: false,
+            late: false,
+        };
+        assert!(check_stages(&[st(100, 256)], 132)
+            .unwrap_err()
+            .contains("stage 0"));
+        let e = check_stages(&[st(256, 256), st(64, 512)], 132).unwrap_err();
+        assert!(e.contains("stage 1 reads 512"), "{e}");
+        let e = check_stages(&[st(16 * 9 * 2, 256)], 2).unwrap_err();
+        assert!(e.contains("9 tiles per block"), "{e}");
+        let big = ProbeStage {
+            n: 16 * 8 * 132,
+            k: 8192,
+            gated: false,
+            late: false,
+        };
+        assert!(place_stages(&[big], 132, 0, 200_000).is_err());
+    }
+
+    #[test]
+    fn stage_timings_split_the_stamps() {
+        // Two blocks, two stages (ns): block 0 starts at 1000, block 1 at 1500.
+        let stamps = [
+            1000, 2000, 2500, 4000, // stage 0, block 0
+            1500, 2100, 2100, 5000, // stage 0, block 1
+            4100, 6000, 6000, 9000, // stage 1, block 0
+            5100, 7000, 8000, 8500, // stage 1, block 1
+        ];
+        let t = stage_timings(&stamps, 2, 2);
+        assert_eq!(t.len(), 2);
+        assert!((t[0].span_us - 4.0).abs() < 1e-9, "{t:?}");
+        // medians of two blocks take the upper one
+        assert!((t[0].input_us - 1.1).abs() < 1e-9, "{t:?}");
+        assert!((t[0].weights_wait_us - 0.5).abs() < 1e-9, "{t:?}");
+        assert!((t[0].compute_us - 2.9).abs() < 1e-9, "{t:?}");
+        assert!((t[1].span_us - 4.0).abs() < 1e-9, "{t:?}");
+        assert!((t[1].input_us - 2.0).abs() < 1e-9, "{t:?}");
+        assert!((t[1].weights_wait_us - 1.0).abs() < 1e-9, "{t:?}");
+        assert!((t[1].compute_us - 3.0).abs() < 1e-9, "{t:?}");
+    }
+
+    #[test]
+    fn tiles_cover_every_row_once() {
+        for st in qwen3_moe_layer() {
+            let mut next = 0;
+            for b in 0..132 {
+                let (t0, t1) = block_tiles(&st, b, 132);
+                assert_eq!(t0, next);
+                next = t1;
+            }
+            assert_eq!(next * 16, st.n);
+        }
+    }
+}
