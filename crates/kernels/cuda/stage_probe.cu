@@ -12,9 +12,13 @@
 // memory, store), and whether the streams keep DRAM busy across the barriers.
 //
 // The kernel runs S one-token NVFP4 products in a chain: stage s reads the first k_s elements
-// of stage s-1's bf16 output (stage 0 reads x0), so every stage waits for the whole previous
-// stage (a grid-wide barrier on a monotone arrival count). A gated stage stores silu(gate) * up
-// (swiglu_bf16) of its tile pairs. Block b owns a contiguous run of 16-row tiles of every stage
+// of stage s-1's output (stage 0 reads the bf16 row x0), so every stage waits for the whole
+// previous stage. A gated stage stores silu(gate) * up (swiglu_bf16) of its tile pairs. Outputs
+// are 32-bit words, the bf16 value in the low half and a tag in the high half, unique to the
+// (launch, stage) pair. Two ways to wait (A/B): a grid-wide barrier on a monotone arrival count,
+// then one load of the input; or, with SP_FLAGGED, no barrier: each thread loads its share of
+// the input until every word carries the stage's tag (data and flag in one word, as NCCL's LL
+// protocol does), one L2 round trip instead of two. Block b owns a contiguous run of 16-row tiles of every stage
 // (pairs of tiles for a gated stage). The weights are in the probe's tile-major layout: for
 // tile T and 128-element chunk c, 1024 bytes of packed words (row r of the tile at r * 64) then,
 // in a separate array, 128 scale bytes (row r at r * 8), so a block's tiles are one contiguous
@@ -23,7 +27,7 @@
 // at the top of the stage before (prefetch), or, for a `late` stage (an MoE expert stage, whose
 // rows are known only once its input is), right after that stage's own barrier.
 //
-// Stage table: 8 u64 per stage: packed, scales, out, n | k << 32, gated | late << 1,
+// Stage table: 8 u64 per stage: packed, scales, out (u32 words), n | k << 32, gated | late << 1,
 // f32 bits of post (2^A / global scale), weight smem offset | scale smem offset << 32, 0.
 // Shared memory: two mbarriers at 0, the cross-warp sums at SP_RED_OFF, the input row at
 // SP_X_OFF (then 8 zero elements: the mma operand of the 7 empty token slots), then the stages'
@@ -40,11 +44,12 @@
 #define SP_SKIP_COPY 2     // no weight copies (the chains alone; results are garbage)
 #define SP_ALL_LATE 4      // every stage after the first copied only after its own barrier
 #define SP_NO_LATE 8       // the late flags ignored: every stage copied during the previous one
+#define SP_FLAGGED 16      // no grid barrier: inputs polled until their words carry the tag
 
 struct SpStage {
     const u8* w;
     const u8* s;
-    u16* out;
+    u32* out;
     int n, k, gated, late;
     float post;
     u32 woff, soff;
@@ -55,7 +60,7 @@ __device__ __forceinline__ SpStage sp_stage(const u64* __restrict__ tab, int s) 
     SpStage st;
     st.w = (const u8*)d[0];
     st.s = (const u8*)d[1];
-    st.out = (u16*)d[2];
+    st.out = (u32*)d[2];
     st.n = (int)(d[3] & 0xffffffffu);
     st.k = (int)(d[3] >> 32);
     st.gated = (int)(d[4] & 1);
@@ -124,26 +129,78 @@ __device__ __forceinline__ void sp_chunk(const u8* W, const u8* Sc, int C, int c
     compute_chunks<FMT_NVFP4, MT, 1, 1, true, 1>(r, xptr, 0, C * 128, lut, acc, xs, xo);
 }
 
-// The warp's chunks (warp, warp + SP_WARPS, ...) of MT tiles, two accumulator sets so that
-// consecutive chunks' mma chains are independent; the token-0 sums go to red[warp][row].
+// Two chunks c0, c1 of a one-tile block in one compute_chunks call: the chunks as two "tiles"
+// and their input pieces as two token slots (slots 0 and 1; the rest read zeros), so that each
+// step issues four independent mma (compute_chunks issues its mma in program order, and the
+// decode kernels' asm is volatile: two calls in a row would chain). acc[0][0] gets chunk c0,
+// acc[1][1] chunk c1; the cross products land in acc[0][1] and acc[1][0], never read. c1 < 0:
+// no second chunk (its weights read as zeros).
+__device__ __forceinline__ void sp_chunk_pair(const u8* W, const u8* Sc, int C, int c0, int c1,
+                                              const u16* xs, const u16* lut,
+                                              float (&acc)[2][2][4]) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    WeightRegs<2, 1> r;
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        const int c = i == 0 ? c0 : c1;
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            if (c >= 0) {
+                r.w[0][i][h] = *(const uint4*)(W + (size_t)c * 1024 + (g + 8 * h) * 64 + 16 * t);
+                r.sc[0][i][h] = *(const u16*)(Sc + (size_t)c * 128 + (g + 8 * h) * 8 + 2 * t);
+            } else {
+                r.w[0][i][h] = make_uint4(0, 0, 0, 0);
+                r.sc[0][i][h] = 0;
+            }
+        }
+    }
+    int xo[8];
+#pragma unroll
+    for (int q = 0; q < 4; q++) {
+        xo[q] = g == 0 ? c0 * 128 + 32 * t + 8 * q : C * 128;
+        xo[4 + q] = g == 0 && c1 >= 0 ? c1 * 128 + 32 * t + 8 * q : C * 128;
+    }
+    const u16* const xptr[2] = {xs, xs};
+    compute_chunks<FMT_NVFP4, 2, 2, 1, true, 1>(r, xptr, 0, C * 128, lut, acc, xs, xo);
+}
+
+// The warp's chunks (warp, warp + SP_WARPS, ...) of MT tiles; the token-0 sums go to
+// red[warp][row]. With MT >= 2 each step's mma are already MT independent chains; one tile
+// takes its chunks in pairs (sp_chunk_pair).
 template <int MT>
 __device__ __forceinline__ void sp_compute(const u8* W, const u8* Sc, int C, const u16* xs,
                                            const u16* lut, float* red) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    float a0[MT][1][4], a1[MT][1][4];
-    zero_acc<MT, 1>(a0);
-    zero_acc<MT, 1>(a1);
-    for (int c = warp; c < C; c += 2 * SP_WARPS) {
-        sp_chunk<MT>(W, Sc, C, c, xs, lut, a0);
-        if (c + SP_WARPS < C) sp_chunk<MT>(W, Sc, C, c + SP_WARPS, xs, lut, a1);
+    float s0[MT], s8[MT];
+    if (MT == 1) {
+        float acc[2][2][4];
+        zero_acc<2, 2>(acc);
+        for (int c = warp; c < C; c += 2 * SP_WARPS)
+            sp_chunk_pair(W, Sc, C, c, c + SP_WARPS < C ? c + SP_WARPS : -1, xs, lut, acc);
+        s0[0] = acc[0][0][0] + acc[1][1][0];
+        s8[0] = acc[0][0][2] + acc[1][1][2];
+    } else {
+        float acc[MT][1][4];
+        zero_acc<MT, 1>(acc);
+        for (int c = warp; c < C; c += SP_WARPS) sp_chunk<MT>(W, Sc, C, c, xs, lut, acc);
+#pragma unroll
+        for (int i = 0; i < MT; i++) {
+            s0[i] = acc[i][0][0];
+            s8[i] = acc[i][0][2];
+        }
     }
     if (t == 0) {
 #pragma unroll
         for (int i = 0; i < MT; i++) {
-            red[(warp * SP_MAX_TILES + i) * 16 + g] = a0[i][0][0] + a1[i][0][0];
-            red[(warp * SP_MAX_TILES + i) * 16 + g + 8] = a0[i][0][2] + a1[i][0][2];
+            red[(warp * SP_MAX_TILES + i) * 16 + g] = s0[i];
+            red[(warp * SP_MAX_TILES + i) * 16 + g + 8] = s8[i];
         }
     }
+}
+
+// Stage s's tag in launch `epoch` (never 0, the tag of a zeroed buffer).
+__device__ __forceinline__ u32 sp_tag(u32 epoch, int S, int s) {
+    return (u32)(((u64)epoch * S + s) % 65535u) + 1u;
 }
 
 // Sum of row r (local, tile r / 16) over the warps, in warp order, times post.
@@ -157,7 +214,7 @@ __device__ __forceinline__ float sp_row(const float* red, int r, float post) {
 extern "C" __global__ void __launch_bounds__(SP_WARPS * 32, 1)
     stage_probe(const u64* __restrict__ tab, int S, const u16* __restrict__ x0,
                 const u16* __restrict__ lut, unsigned long long* bar_count,
-                unsigned long long base, int flags, u64* __restrict__ stamps) {
+                unsigned long long base, u32 epoch, int flags, u64* __restrict__ stamps) {
 #if __CUDA_ARCH__ >= 900
     extern __shared__ __align__(1024) u8 sp_smem[];
     __shared__ u16 slut[256];
@@ -166,6 +223,7 @@ extern "C" __global__ void __launch_bounds__(SP_WARPS * 32, 1)
     u16* xs = (u16*)(sp_smem + SP_X_OFF);
     const int tid = threadIdx.x, b = blockIdx.x, G = gridDim.x;
     const bool copy = !(flags & SP_SKIP_COPY), compute = !(flags & SP_SKIP_COMPUTE);
+    const bool flagged = flags & SP_FLAGGED;
     for (int i = tid; i < 256; i += blockDim.x) slut[i] = lut[i];
     if (tid == 0) {
         mbar_init(sbase, 1);
@@ -188,7 +246,7 @@ extern "C" __global__ void __launch_bounds__(SP_WARPS * 32, 1)
         }
         const u32 bar = sbase + 8 * (s & 1), nbar = sbase + 8 * ((s + 1) & 1);
         if (tid == 0 && copy && next && !late && !next_late) sp_issue(nx, sbase, nbar, b, G);
-        if (s > 0) {
+        if (s > 0 && !flagged) {
             if (tid == 0) {
                 const unsigned long long want = base + (unsigned long long)s * G;
                 unsigned long long seen;
@@ -200,15 +258,30 @@ extern "C" __global__ void __launch_bounds__(SP_WARPS * 32, 1)
                 } while (seen < want);
             }
             __syncthreads();
-            if (tid == 0 && copy && late) {
-                sp_issue(st, sbase, bar, b, G);
-                if (next && !next_late) sp_issue(nx, sbase, nbar, b, G);
+        }
+        // A late stage's weights are asked for once its input is ready: after the barrier, or
+        // (flagged) after the first thread's share of the input carried the tag.
+        const u32 want = sp_tag(epoch, S, s - 1);
+        if (s == 0) {
+            for (int i = tid; i < st.k / 8; i += blockDim.x)
+                *(uint4*)(xs + 8 * i) = __ldg((const uint4*)(x0 + 8 * i));
+        } else {
+            // The input row (another block's stores: read through L2), 4 words per load.
+            const u32* src = sp_stage(tab, s - 1).out;
+            for (int i = tid; i < st.k / 4; i += blockDim.x) {
+                uint4 v;
+                do {
+                    v = __ldcg((const uint4*)(src + 4 * i));
+                } while (flagged && ((v.x >> 16) != want || (v.y >> 16) != want ||
+                                     (v.z >> 16) != want || (v.w >> 16) != want));
+                *(uint2*)(xs + 4 * i) = make_uint2((v.x & 0xFFFFu) | (v.y << 16),
+                                                   (v.z & 0xFFFFu) | (v.w << 16));
+                if (i == tid && tid == 0 && copy && late) {
+                    sp_issue(st, sbase, bar, b, G);
+                    if (next && !next_late) sp_issue(nx, sbase, nbar, b, G);
+                }
             }
         }
-        // The input row (another block's stores: read through L2), then 8 zeros.
-        const u16* src = s == 0 ? x0 : sp_stage(tab, s - 1).out;
-        for (int i = tid; i < st.k / 8; i += blockDim.x)
-            *(uint4*)(xs + 8 * i) = __ldcg((const uint4*)(src + 8 * i));
         if (tid == 0) *(uint4*)(xs + st.k) = make_uint4(0, 0, 0, 0);
         __syncthreads();
         const u64 t_in = sp_now();
@@ -217,6 +290,12 @@ extern "C" __global__ void __launch_bounds__(SP_WARPS * 32, 1)
         int t0, t1;
         sp_tiles(st, b, G, t0, t1);
         const int nt = t1 - t0, C = st.k >> 7;
+        const u32 tag = sp_tag(epoch, S, s) << 16;
+        if (!compute && nt > 0) {
+            // Zeros with the tag, so that flagged waits end.
+            const int outs = st.gated ? nt * 8 : nt * 16;
+            if (tid < outs) st.out[(st.gated ? t0 * 8 : t0 * 16) + tid] = tag;
+        }
         if (compute && nt > 0) {
             const u8* W = sp_smem + st.woff;
             const u8* Sc = sp_smem + st.soff;
@@ -236,10 +315,10 @@ extern "C" __global__ void __launch_bounds__(SP_WARPS * 32, 1)
                     const int j = tid >> 4, rr = tid & 15;
                     const float gate = sp_row(red, 32 * j + rr, st.post);
                     const float up = sp_row(red, 32 * j + 16 + rr, st.post);
-                    st.out[(t0 / 2 + j) * 16 + rr] = swiglu_bf16(gate, up);
+                    st.out[(t0 / 2 + j) * 16 + rr] = tag | swiglu_bf16(gate, up);
                 }
             } else if (tid < nt * 16) {
-                st.out[t0 * 16 + tid] = f32_to_bf16(sp_row(red, tid, st.post));
+                st.out[t0 * 16 + tid] = tag | f32_to_bf16(sp_row(red, tid, st.post));
             }
         }
         // Every thread is done with this stage's shared memory and has stored its outputs.
@@ -249,7 +328,7 @@ extern "C" __global__ void __launch_bounds__(SP_WARPS * 32, 1)
             stamps[((size_t)s * G + b) * 4 + 1] = t_in;
             stamps[((size_t)s * G + b) * 4 + 2] = t_w;
             stamps[((size_t)s * G + b) * 4 + 3] = sp_now();
-            if (s + 1 < S) {
+            if (s + 1 < S && !flagged) {
                 __threadfence();
                 asm volatile("red.release.gpu.global.add.u64 [%0], 1;" ::"l"(bar_count) : "memory");
             }

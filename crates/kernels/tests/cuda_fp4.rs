@@ -1983,9 +1983,9 @@ fn moe_bf16_grouped_matches_cpu_reference() {
 /// The stage-chain probe (stage_probe.cu): every stage's output against the CPU product of the
 /// GPU's previous output, on a chain with 2-3 tiles per block, a late gated stage of 4 tiles
 /// per block, blocks without tiles, and two launches (the grid barrier's arrival count goes on
-/// across launches). A launch with every stage copied late gives the same bits; the timing
-/// modes run to the end; the stamps show no block starting a stage before every block stored
-/// the previous one.
+/// across launches); every word carries its launch's tag. Launches with flagged waits (no
+/// barrier) and with every stage copied late give the same bits; the timing modes run to the
+/// end; the stamps show no block starting a stage before every block stored the previous one.
 #[test]
 fn stage_probe_matches_cpu_reference() {
     let Some(gpu) = gpu() else { return };
@@ -1996,10 +1996,9 @@ fn stage_probe_matches_cpu_reference() {
     let mut rng = rng("stage_probe");
     let sms = gpu.sm_count() as usize;
     let st = |n, k, gated, late| ProbeStage { n, k, gated, late };
-    let gated_k = 1024;
     let stages = [
         st(16 * (2 * sms + 7), 256, false, false),
-        st(32 * 2 * sms, gated_k, true, true),
+        st(32 * 2 * sms, 1024, true, true),
         st(16 * sms + 32, (32 * sms / 128) * 128, false, false),
         st(16 * 40, 512, false, false),
     ];
@@ -2016,27 +2015,31 @@ fn stage_probe_matches_cpu_reference() {
         .map(|_| bf16::from_f32(rng.random::<f32>() * 2.0 - 1.0).to_bits())
         .collect();
     let x0_dev = gpu.stream().clone_htod(&x0).unwrap();
-    let mut first: Vec<Vec<u16>> = Vec::new();
-    for launch in 0..2 {
+    let full = ProbeMode::default();
+    let run = |chain: &mut StageChain, mode: ProbeMode| -> Vec<Vec<u16>> {
         chain.fill_outputs(&gpu, 0x7FC0).unwrap();
-        chain.launch(&gpu, &x0_dev, ProbeMode::Full).unwrap();
-        let outs: Vec<Vec<u16>> = (0..stages.len())
-            .map(|i| chain.output(&gpu, i).unwrap())
+        let epoch = chain.launches();
+        chain.launch(&gpu, &x0_dev, mode).unwrap();
+        (0..stages.len())
+            .map(|i| {
+                let words = chain.output_words(&gpu, i).unwrap();
+                let tag = cuda::probe_tag(epoch, stages.len(), i);
+                for (e, w) in words.iter().enumerate() {
+                    assert_eq!(w >> 16, tag, "{mode:?}: stage {i}, element {e}");
+                }
+                words.iter().map(|w| (w & 0xFFFF) as u16).collect()
+            })
+            .collect()
+    };
+    let first = run(&mut chain, full);
+    for (i, (s, m)) in pairs.iter().enumerate() {
+        let input: Vec<bf16> = if i == 0 { &x0 } else { &first[i - 1] }
+            .iter()
+            .map(|&b| bf16::from_bits(b))
             .collect();
-        if launch == 0 {
-            for (i, (s, m)) in pairs.iter().enumerate() {
-                let input: Vec<bf16> = if i == 0 { &x0 } else { &outs[i - 1] }
-                    .iter()
-                    .map(|&b| bf16::from_bits(b))
-                    .collect();
-                let want = cuda::stage_reference(s, m, &input).unwrap();
-                let got: Vec<bf16> = outs[i].iter().map(|&b| bf16::from_bits(b)).collect();
-                check_close(&format!("probe stage {i}"), &got, &want, 8e-3, 2e-2);
-            }
-            first = outs;
-        } else {
-            assert_eq!(first, outs, "second launch");
-        }
+        let want = cuda::stage_reference(s, m, &input).unwrap();
+        let got: Vec<bf16> = first[i].iter().map(|&b| bf16::from_bits(b)).collect();
+        check_close(&format!("probe stage {i}"), &got, &want, 8e-3, 2e-2);
     }
     let stamps = chain.stamps(&gpu).unwrap();
     let g = chain.grid();
@@ -2048,14 +2051,36 @@ fn stage_probe_matches_cpu_reference() {
             "stage {s}: {in_next:?} < {done_prev:?}"
         );
     }
-    chain.fill_outputs(&gpu, 0x7FC0).unwrap();
-    chain.launch(&gpu, &x0_dev, ProbeMode::AllLate).unwrap();
-    for (i, want) in first.iter().enumerate() {
-        assert_eq!(&chain.output(&gpu, i).unwrap(), want, "all late, stage {i}");
+    for mode in [
+        full,
+        ProbeMode {
+            flagged: true,
+            ..full
+        },
+        ProbeMode {
+            all_late: true,
+            ..full
+        },
+        ProbeMode {
+            flagged: true,
+            no_late: true,
+            ..full
+        },
+    ] {
+        assert_eq!(run(&mut chain, mode), first, "{mode:?}");
     }
-    for mode in [ProbeMode::NoCompute, ProbeMode::NoCopy] {
-        chain.launch(&gpu, &x0_dev, mode).unwrap();
-        gpu.synchronize().unwrap();
+    for mode in [
+        ProbeMode {
+            skip_compute: true,
+            flagged: true,
+            ..full
+        },
+        ProbeMode {
+            skip_copy: true,
+            ..full
+        },
+    ] {
+        run(&mut chain, mode);
     }
     // A chain that does not fit one block per SM is refused before anything is uploaded.
     let wide = st(16 * 9 * sms, 256, false, false);

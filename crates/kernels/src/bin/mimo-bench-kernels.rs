@@ -1044,12 +1044,55 @@ fn layer_probe(gpu: &GpuContext, rng: &mut Rng, layers: usize, samples: usize) -
     );
     let reps = 10;
     let mut modes = Vec::new();
+    let m = ProbeMode::default();
+    let flagged = ProbeMode { flagged: true, ..m };
     for (name, mode) in [
-        ("full", ProbeMode::Full),
-        ("experts_not_late", ProbeMode::NoLate),
-        ("no_prefetch", ProbeMode::AllLate),
-        ("no_compute", ProbeMode::NoCompute),
-        ("no_copy", ProbeMode::NoCopy),
+        ("barrier", m),
+        ("flagged", flagged),
+        (
+            "flagged_experts_not_late",
+            ProbeMode {
+                no_late: true,
+                ..flagged
+            },
+        ),
+        (
+            "flagged_no_prefetch",
+            ProbeMode {
+                all_late: true,
+                ..flagged
+            },
+        ),
+        (
+            "flagged_no_compute",
+            ProbeMode {
+                skip_compute: true,
+                ..flagged
+            },
+        ),
+        (
+            "flagged_no_copy",
+            ProbeMode {
+                skip_copy: true,
+                ..flagged
+            },
+        ),
+        (
+            "barrier_no_compute",
+            ProbeMode {
+                skip_compute: true,
+                ..m
+            },
+        ),
+        (
+            "barrier_no_copy",
+            ProbeMode {
+                skip_copy: true,
+                ..m
+            },
+        ),
+        ("barrier_again", m),
+        ("flagged_again", flagged),
     ] {
         let t = sample_runs(gpu, reps, samples, false, &mut || {
             for _ in 0..reps {

@@ -51,31 +51,36 @@ impl ProbeStage {
     }
 }
 
-/// What a probe launch leaves out (A/B of its parts; only [`ProbeMode::Full`] gives results).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ProbeMode {
-    /// Everything: copies, barriers, products.
-    Full,
-    /// No products: the weight streams and the barriers alone.
-    NoCompute,
-    /// No weight copies: the barriers and the products on whatever shared memory holds.
-    NoCopy,
+/// How a probe launch runs (A/B of its parts; results are right only without `skip_copy`, and
+/// `skip_compute` stores zeros).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProbeMode {
+    /// No decode and mma: the weight streams and the waits alone.
+    pub skip_compute: bool,
+    /// No weight copies: the waits and the products on whatever shared memory holds.
+    pub skip_copy: bool,
     /// Every stage after the first is copied only once its own input is ready (no prefetch).
-    AllLate,
+    pub all_late: bool,
     /// The late flags ignored: every stage is copied while the previous one runs.
-    NoLate,
+    pub no_late: bool,
+    /// No grid barrier: each block polls its input until every word carries the stage's tag.
+    pub flagged: bool,
 }
 
 impl ProbeMode {
     fn flags(self) -> i32 {
-        match self {
-            ProbeMode::Full => 0,
-            ProbeMode::NoCompute => 1,
-            ProbeMode::NoCopy => 2,
-            ProbeMode::AllLate => 4,
-            ProbeMode::NoLate => 8,
-        }
+        self.skip_compute as i32
+            | (self.skip_copy as i32) << 1
+            | (self.all_late as i32) << 2
+            | (self.no_late as i32) << 3
+            | (self.flagged as i32) << 4
     }
+}
+
+/// The tag in the high half of stage `s`'s output words after launch `epoch` of a chain of
+/// `stages` (`sp_tag`: unique per launch and stage modulo 65,535, never 0).
+pub fn probe_tag(epoch: u32, stages: usize, s: usize) -> u32 {
+    ((epoch as u64 * stages as u64 + s as u64) % 65535) as u32 + 1
 }
 
 /// A chain of products on the device, ready to launch.
@@ -84,12 +89,13 @@ pub struct StageChain {
     // Kept alive: the stage table points into them.
     _packed: Vec<CudaSlice<u8>>,
     _scales: Vec<CudaSlice<u8>>,
-    outs: Vec<CudaSlice<u16>>,
+    outs: Vec<CudaSlice<u32>>,
     table: CudaSlice<u64>,
     lut: CudaSlice<u16>,
     counter: CudaSlice<u64>,
     stamps: CudaSlice<u64>,
     arrivals: u64,
+    launches: u32,
     grid: usize,
     smem: usize,
 }
@@ -253,7 +259,7 @@ impl StageChain {
             let pw = up("probe weights", &w)?;
             let ps = up("probe scales", &s)?;
             let out = stream
-                .alloc_zeros::<u16>(st.out_len())
+                .alloc_zeros::<u32>(st.out_len())
                 .map_err(drv("probe output"))?;
             let post = 2f32.powi(shift) / m.global_scale;
             {
@@ -291,6 +297,7 @@ impl StageChain {
             _scales: scales,
             outs,
             arrivals: 0,
+            launches: 0,
             grid,
             smem,
         })
@@ -338,6 +345,7 @@ impl StageChain {
         };
         let s = self.stages.len() as i32;
         let base = self.arrivals;
+        let epoch = self.launches;
         let flags = mode.flags();
         let mut b = gpu.stream().launch_builder(&f);
         b.arg(&self.table)
@@ -346,6 +354,7 @@ impl StageChain {
             .arg(&self.lut)
             .arg(&mut self.counter)
             .arg(&base)
+            .arg(&epoch)
             .arg(&flags)
             .arg(&mut self.stamps);
         // SAFETY: arguments match `stage_probe`; the table points at this chain's buffers
@@ -354,14 +363,18 @@ impl StageChain {
         // half an SM), all resident at once, so the grid barrier cannot wait on an unplaced
         // block.
         unsafe { b.launch(cfg) }.map_err(drv("launch stage_probe"))?;
-        self.arrivals += (self.stages.len() as u64 - 1) * self.grid as u64;
+        if !mode.flagged {
+            self.arrivals += (self.stages.len() as u64 - 1) * self.grid as u64;
+        }
+        self.launches = self.launches.wrapping_add(1);
         Ok(())
     }
 
-    /// Sets every element of every stage's output to `bits` (tests poison them with NaN).
+    /// Sets every word of every stage's output to `bits` with tag 0 (tests poison them with
+    /// NaN).
     pub fn fill_outputs(&mut self, gpu: &GpuContext, bits: u16) -> Result<(), CudaError> {
         for o in &mut self.outs {
-            let v = vec![bits; o.len()];
+            let v = vec![bits as u32; o.len()];
             gpu.stream()
                 .memcpy_htod(&v, o)
                 .map_err(drv("probe output fill"))?;
@@ -369,13 +382,19 @@ impl StageChain {
         Ok(())
     }
 
-    /// Stage `i`'s output (bf16 bits) after a launch.
-    pub fn output(&self, gpu: &GpuContext, i: usize) -> Result<Vec<u16>, CudaError> {
+    /// Stage `i`'s output words after a launch: bf16 bits in the low half, the [`probe_tag`]
+    /// of the launch that wrote them in the high half.
+    pub fn output_words(&self, gpu: &GpuContext, i: usize) -> Result<Vec<u32>, CudaError> {
         let o = self.outs.get(i).ok_or_else(|| CudaError::Mismatch {
             what: "stage probe",
             reason: format!("no stage {i}"),
         })?;
         gpu.stream().clone_dtoh(o).map_err(drv("probe output"))
+    }
+
+    /// Launches so far (the next launch's epoch).
+    pub fn launches(&self) -> u32 {
+        self.launches
     }
 
     /// The last launch's %globaltimer stamps: `[stage][block][4]` (top, input ready, weights
