@@ -99,6 +99,18 @@ __device__ __forceinline__ void sp_issue(const SpStage& st, u32 sbase, u32 bar, 
     }
 }
 
+// Four words of another block's stores, read at L2 on every call. The polling loop needs an
+// asm the compiler keeps: __ldcg's asm is not volatile, so a loop around it may be hoisted, or
+// removed as a loop without side effects, leaving one (stale) read.
+__device__ __forceinline__ uint4 sp_load_relaxed(const u32* p) {
+    uint4 v;
+    asm volatile("ld.relaxed.gpu.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p)
+                 : "memory");
+    return v;
+}
+
 __device__ __forceinline__ u64 sp_now() {
     u64 t;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
@@ -271,7 +283,7 @@ extern "C" __global__ void __launch_bounds__(SP_WARPS * 32, 1)
             for (int i = tid; i < st.k / 4; i += blockDim.x) {
                 uint4 v;
                 do {
-                    v = __ldcg((const uint4*)(src + 4 * i));
+                    v = sp_load_relaxed(src + 4 * i);
                 } while (flagged && ((v.x >> 16) != want || (v.y >> 16) != want ||
                                      (v.z >> 16) != want || (v.w >> 16) != want));
                 *(uint2*)(xs + 4 * i) = make_uint2((v.x & 0xFFFFu) | (v.y << 16),
