@@ -35,10 +35,10 @@
 // stamps[((s * G) + b) * 4 + i]: %globaltimer at the stage's top, input in shared memory,
 // weights in shared memory, output stored (thread 0 of each block).
 
-#define SP_WARPS 8
+#define SP_MAX_WARPS 16  // stage_probe: 8 warps; stage_probe_w16: 16 (at most 128 registers)
 #define SP_MAX_TILES 8
 #define SP_RED_OFF 128
-#define SP_X_OFF (SP_RED_OFF + SP_WARPS * SP_MAX_TILES * 16 * 4)
+#define SP_X_OFF (SP_RED_OFF + SP_MAX_WARPS * SP_MAX_TILES * 16 * 4)
 
 #define SP_SKIP_COMPUTE 1  // no decode / mma / store (the streams and barriers alone)
 #define SP_SKIP_COPY 2     // no weight copies (the chains alone; results are garbage)
@@ -176,10 +176,10 @@ __device__ __forceinline__ void sp_chunk_pair(const u8* W, const u8* Sc, int C, 
     compute_chunks<FMT_NVFP4, 2, 2, 1, true, 1>(r, xptr, 0, C * 128, lut, acc, xs, xo);
 }
 
-// The warp's chunks (warp, warp + SP_WARPS, ...) of MT tiles; the token-0 sums go to
+// The warp's chunks (warp, warp + NW, ...) of MT tiles (NW warps); the token-0 sums go to
 // red[warp][row]. With MT >= 2 each step's mma are already MT independent chains; one tile
 // takes its chunks in pairs (sp_chunk_pair).
-template <int MT>
+template <int NW, int MT>
 __device__ __forceinline__ void sp_compute(const u8* W, const u8* Sc, int C, const u16* xs,
                                            const u16* lut, float* red) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -187,14 +187,14 @@ __device__ __forceinline__ void sp_compute(const u8* W, const u8* Sc, int C, con
     if (MT == 1) {
         float acc[2][2][4];
         zero_acc<2, 2>(acc);
-        for (int c = warp; c < C; c += 2 * SP_WARPS)
-            sp_chunk_pair(W, Sc, C, c, c + SP_WARPS < C ? c + SP_WARPS : -1, xs, lut, acc);
+        for (int c = warp; c < C; c += 2 * NW)
+            sp_chunk_pair(W, Sc, C, c, c + NW < C ? c + NW : -1, xs, lut, acc);
         s0[0] = acc[0][0][0] + acc[1][1][0];
         s8[0] = acc[0][0][2] + acc[1][1][2];
     } else {
         float acc[MT][1][4];
         zero_acc<MT, 1>(acc);
-        for (int c = warp; c < C; c += SP_WARPS) sp_chunk<MT>(W, Sc, C, c, xs, lut, acc);
+        for (int c = warp; c < C; c += NW) sp_chunk<MT>(W, Sc, C, c, xs, lut, acc);
 #pragma unroll
         for (int i = 0; i < MT; i++) {
             s0[i] = acc[i][0][0];
@@ -215,18 +215,22 @@ __device__ __forceinline__ u32 sp_tag(u32 epoch, int S, int s) {
     return (u32)(((u64)epoch * S + s) % 65535u) + 1u;
 }
 
-// Sum of row r (local, tile r / 16) over the warps, in warp order, times post.
+// Sum of row r (local, tile r / 16) over the NW warps, in warp order, times post.
+template <int NW>
 __device__ __forceinline__ float sp_row(const float* red, int r, float post) {
     float v = 0.f;
 #pragma unroll
-    for (int w = 0; w < SP_WARPS; w++) v += red[w * SP_MAX_TILES * 16 + r];
+    for (int w = 0; w < NW; w++) v += red[w * SP_MAX_TILES * 16 + r];
     return v * post;
 }
 
-extern "C" __global__ void __launch_bounds__(SP_WARPS * 32, 1)
-    stage_probe(const u64* __restrict__ tab, int S, const u16* __restrict__ x0,
-                const u16* __restrict__ lut, unsigned long long* bar_count,
-                unsigned long long base, u32 epoch, int flags, u64* __restrict__ stamps) {
+template <int NW>
+__device__ __forceinline__ void stage_probe_body(const u64* __restrict__ tab, int S,
+                                                 const u16* __restrict__ x0,
+                                                 const u16* __restrict__ lut,
+                                                 unsigned long long* bar_count,
+                                                 unsigned long long base, u32 epoch, int flags,
+                                                 u64* __restrict__ stamps) {
 #if __CUDA_ARCH__ >= 900
     extern __shared__ __align__(1024) u8 sp_smem[];
     __shared__ u16 slut[256];
@@ -312,25 +316,25 @@ extern "C" __global__ void __launch_bounds__(SP_WARPS * 32, 1)
             const u8* W = sp_smem + st.woff;
             const u8* Sc = sp_smem + st.soff;
             switch (nt) {
-                case 1: sp_compute<1>(W, Sc, C, xs, slut, red); break;
-                case 2: sp_compute<2>(W, Sc, C, xs, slut, red); break;
-                case 3: sp_compute<3>(W, Sc, C, xs, slut, red); break;
-                case 4: sp_compute<4>(W, Sc, C, xs, slut, red); break;
-                case 5: sp_compute<5>(W, Sc, C, xs, slut, red); break;
-                case 6: sp_compute<6>(W, Sc, C, xs, slut, red); break;
-                case 7: sp_compute<7>(W, Sc, C, xs, slut, red); break;
-                default: sp_compute<8>(W, Sc, C, xs, slut, red); break;
+                case 1: sp_compute<NW, 1>(W, Sc, C, xs, slut, red); break;
+                case 2: sp_compute<NW, 2>(W, Sc, C, xs, slut, red); break;
+                case 3: sp_compute<NW, 3>(W, Sc, C, xs, slut, red); break;
+                case 4: sp_compute<NW, 4>(W, Sc, C, xs, slut, red); break;
+                case 5: sp_compute<NW, 5>(W, Sc, C, xs, slut, red); break;
+                case 6: sp_compute<NW, 6>(W, Sc, C, xs, slut, red); break;
+                case 7: sp_compute<NW, 7>(W, Sc, C, xs, slut, red); break;
+                default: sp_compute<NW, 8>(W, Sc, C, xs, slut, red); break;
             }
             __syncthreads();
             if (st.gated) {
                 if (tid < nt * 8) {
                     const int j = tid >> 4, rr = tid & 15;
-                    const float gate = sp_row(red, 32 * j + rr, st.post);
-                    const float up = sp_row(red, 32 * j + 16 + rr, st.post);
+                    const float gate = sp_row<NW>(red, 32 * j + rr, st.post);
+                    const float up = sp_row<NW>(red, 32 * j + 16 + rr, st.post);
                     st.out[(t0 / 2 + j) * 16 + rr] = tag | swiglu_bf16(gate, up);
                 }
             } else if (tid < nt * 16) {
-                st.out[t0 * 16 + tid] = tag | f32_to_bf16(sp_row(red, tid, st.post));
+                st.out[t0 * 16 + tid] = tag | f32_to_bf16(sp_row<NW>(red, tid, st.post));
             }
         }
         // Every thread is done with this stage's shared memory and has stored its outputs.
@@ -348,3 +352,13 @@ extern "C" __global__ void __launch_bounds__(SP_WARPS * 32, 1)
     }
 #endif
 }
+
+#define SP_KERNEL(NAME, NW)                                                                       \
+    extern "C" __global__ void __launch_bounds__(NW * 32, 1)                                      \
+        NAME(const u64* __restrict__ tab, int S, const u16* __restrict__ x0,                      \
+             const u16* __restrict__ lut, unsigned long long* bar_count, unsigned long long base, \
+             u32 epoch, int flags, u64* __restrict__ stamps) {                                    \
+        stage_probe_body<NW>(tab, S, x0, lut, bar_count, base, epoch, flags, stamps);             \
+    }
+SP_KERNEL(stage_probe, 8)
+SP_KERNEL(stage_probe_w16, 16)

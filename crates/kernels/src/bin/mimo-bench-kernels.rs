@@ -1078,6 +1078,21 @@ fn layer_probe(gpu: &GpuContext, rng: &mut Rng, layers: usize, samples: usize) -
             },
         ),
         (
+            "flagged_16_warps",
+            ProbeMode {
+                wide: true,
+                ..flagged
+            },
+        ),
+        (
+            "flagged_16_warps_no_copy",
+            ProbeMode {
+                wide: true,
+                skip_copy: true,
+                ..flagged
+            },
+        ),
+        (
             "barrier_no_compute",
             ProbeMode {
                 skip_compute: true,

@@ -14,12 +14,14 @@ use super::error::{drv, CudaError};
 use super::weights::{mult_lut, repack_word, scale_shift};
 use crate::fp4::{dequantize_row, Fp4Format, Fp4Matrix};
 
-/// Warps per block (`SP_WARPS`).
+/// Warps per block of `stage_probe` and `stage_probe_w16`; the cross-warp sums are sized for
+/// the larger (`SP_MAX_WARPS`).
 const WARPS: usize = 8;
+const WIDE_WARPS: usize = 16;
 /// Most 16-row tiles one block may own in a stage (`SP_MAX_TILES`).
 pub const PROBE_MAX_TILES: usize = 8;
 /// Start of the input row in shared memory (`SP_X_OFF`).
-const X_OFF: usize = 128 + WARPS * PROBE_MAX_TILES * 16 * 4;
+const X_OFF: usize = 128 + WIDE_WARPS * PROBE_MAX_TILES * 16 * 4;
 /// Bytes per 16-row tile and 128-element chunk: packed words and scale bytes.
 const TILE_CHUNK_W: usize = 1024;
 const TILE_CHUNK_S: usize = 128;
@@ -65,6 +67,8 @@ pub struct ProbeMode {
     pub no_late: bool,
     /// No grid barrier: each block polls its input until every word carries the stage's tag.
     pub flagged: bool,
+    /// 16 warps per block instead of 8 (at most 128 registers a thread).
+    pub wide: bool,
 }
 
 impl ProbeMode {
@@ -332,7 +336,12 @@ impl StageChain {
                 reason: format!("x0 holds {}, stage 0 reads {}", x0.len(), self.stages[0].k),
             });
         }
-        let f = gpu.function("stage_probe")?;
+        let (name, warps) = if mode.wide {
+            ("stage_probe_w16", WIDE_WARPS)
+        } else {
+            ("stage_probe", WARPS)
+        };
+        let f = gpu.function(name)?;
         f.set_attribute(
             sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             self.smem as i32,
@@ -340,7 +349,7 @@ impl StageChain {
         .map_err(drv("stage probe dynamic shared memory limit"))?;
         let cfg = LaunchConfig {
             grid_dim: (self.grid as u32, 1, 1),
-            block_dim: (32 * WARPS as u32, 1, 1),
+            block_dim: (32 * warps as u32, 1, 1),
             shared_mem_bytes: self.smem as u32,
         };
         let s = self.stages.len() as i32;
