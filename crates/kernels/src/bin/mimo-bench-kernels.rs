@@ -70,6 +70,9 @@ struct Args {
     /// products; its report replaces the kernel rows.
     #[arg(long)]
     layer_probe: Option<usize>,
+    /// With --layer-probe: only these modes (e.g. flagged_no_copy, for a profiler).
+    #[arg(long, value_delimiter = ',')]
+    probe_modes: Option<Vec<String>>,
 }
 
 /// A dense shape `K:N`.
@@ -1010,7 +1013,13 @@ fn report(
 /// The persistent stage-chain probe over `layers` Qwen3-30B-A3B layers' products (probe.rs):
 /// per mode, the launch's median time, per layer and as weight TB/s; per stage of a layer
 /// (layers after the first, averaged), where the time went.
-fn layer_probe(gpu: &GpuContext, rng: &mut Rng, layers: usize, samples: usize) -> Res<Value> {
+fn layer_probe(
+    gpu: &GpuContext,
+    rng: &mut Rng,
+    layers: usize,
+    only: Option<&[String]>,
+    samples: usize,
+) -> Res<Value> {
     let stages: Vec<_> = (0..layers).flat_map(|_| qwen3_moe_layer()).collect();
     let mats: Vec<Fp4Matrix> = stages
         .iter()
@@ -1109,6 +1118,9 @@ fn layer_probe(gpu: &GpuContext, rng: &mut Rng, layers: usize, samples: usize) -
         ("barrier_again", m),
         ("flagged_again", flagged),
     ] {
+        if only.is_some_and(|o| !o.iter().any(|m| m == name)) {
+            continue;
+        }
         let t = sample_runs(gpu, reps, samples, false, &mut || {
             for _ in 0..reps {
                 chain.launch(gpu, &x0, mode)?;
@@ -1197,7 +1209,8 @@ fn run() -> Res<()> {
     eprintln!("device copy: memcpy {memcpy_tbps:.3} TB/s, copy kernel {kernel_tbps:.3} TB/s (read + write)");
     let mut rng = Rng(0x5EED_0FF4_u64);
     if let Some(layers) = args.layer_probe {
-        let probe = layer_probe(&gpu, &mut rng, layers.max(2), samples)?;
+        let only = args.probe_modes.as_deref();
+        let probe = layer_probe(&gpu, &mut rng, layers.max(2), only, samples)?;
         let commit = std::env::var("MIMO_COMMIT").unwrap_or_else(|_| "unknown".into());
         let cmd: Vec<String> = std::env::args().collect();
         let j = json!({
