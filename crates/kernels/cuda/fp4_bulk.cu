@@ -334,6 +334,7 @@ __device__ __forceinline__ void fp4_bulk_body(const TensorMap* tw, const TensorM
 #endif
 }
 
+#ifndef MIMO_HELPERS_ONLY  // (see fp4_gemm.cu)
 #define BK_KERNEL(NAME, FMT, TN, MT, EPI, LB)                                                 \
     extern "C" __global__ void __launch_bounds__(LB, 1)                                       \
         NAME(const __grid_constant__ TensorMap tw, const __grid_constant__ TensorMap ts,      \
@@ -360,3 +361,4 @@ BK_KERNEL(fp4_bulk_nv_t4_m1, FMT_NVFP4, 4, 1, EPI_STORE, 544)
 BK_KERNEL(fp4_bulk_mx_t4_m1, FMT_MXFP4, 4, 1, EPI_STORE, 544)
 BK_KERNEL(fp4_bulk_sw_nv_t4_m1, FMT_NVFP4, 4, 1, EPI_SWIGLU_BF16, 544)
 BK_KERNEL(fp4_bulk_sw_mx_t4_m1, FMT_MXFP4, 4, 1, EPI_SWIGLU_BF16, 544)
+#endif  // MIMO_HELPERS_ONLY

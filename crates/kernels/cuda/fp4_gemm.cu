@@ -863,6 +863,10 @@ __device__ __forceinline__ void fp4_moe_down_t1_body(
     trace_mark();
 }
 
+// The kernels of this file (the variants below). A unit that only needs the device functions
+// above (the stage-chain probe, compile.rs STAGE_PROBE_SRC) defines MIMO_HELPERS_ONLY and
+// skips their instantiation, most of this file's compile time.
+#ifndef MIMO_HELPERS_ONLY
 // XST: activations staged in shared memory (see stage_x; gemm.rs: Tuning::x_stage).
 // LB: the most threads a block of the kernel may have (512; 64 for the staged 32-token kernels,
 // which only fit the default shared memory with at most two warps, so they may hold more
@@ -1029,6 +1033,7 @@ MOE_DOWN_T1_FOLD_KERNEL(fp4_moe_down_t1_nv_fold, FMT_NVFP4, 2, 1)
 MOE_DOWN_T1_FOLD_KERNEL(fp4_moe_down_t1_mx_fold, FMT_MXFP4, 2, 1)
 MOE_DOWN_T1_FOLD_KERNEL(fp4_moe_down_t1_nv_fold_s2, FMT_NVFP4, 2, 2)
 MOE_DOWN_T1_FOLD_KERNEL(fp4_moe_down_t1_mx_fold_s2, FMT_MXFP4, 2, 2)
+#endif  // MIMO_HELPERS_ONLY
 
 // ---------------------------------------------------------------------------------------------
 // One 16-byte piece (32 elements) of a weight row, for the dequantization and E4M3 conversion

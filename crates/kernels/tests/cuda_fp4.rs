@@ -181,6 +181,12 @@ fn kernels_compile_with_nvrtc() {
     }
     let gemm = cuda::compile_source("fp4_gemm.cu", cuda::kernel_sources()[0].1, "sm_90a").unwrap();
     assert!(gemm.contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"));
+    assert!(!gemm.contains(".entry stage_probe"));
+    // The probe's own program has its kernels and none of the GEMM file's variants.
+    let probe =
+        cuda::compile_source("stage_probe.cu", cuda::kernel_sources()[2].1, "sm_90a").unwrap();
+    assert!(probe.contains(".entry stage_probe_w16"));
+    assert!(!probe.contains(".entry fp4_gemm_nv") && !probe.contains(".entry fp4_bulk_nv"));
     assert!(gemm.contains("cvt.rn.satfinite.e4m3x2.f32"));
     // Ampere has no E4M3 conversion: the FP8 kernels compile to a trap there (never selected).
     let ampere = cuda::compile_source("fp4_gemm.cu", cuda::kernel_sources()[0].1, "sm_80").unwrap();

@@ -16,7 +16,7 @@ use super::trace::{trace_defines, trace_requested};
 /// Kernel sources embedded in the binary: (file name, text). The tiled kernels
 /// (fp4_tiled.cu), the bulk-copy kernels (fp4_bulk.cu) and the warpgroup kernels
 /// (fp4_wgmma.cu) are one compilation unit with fp4_gemm.cu, whose decode they use; so are the
-/// folded-norm BF16 product (bf16_gemv.cu) and the stage-chain probe (stage_probe.cu).
+/// folded-norm BF16 product (bf16_gemv.cu).
 pub(crate) const FP4_GEMM_SRC: (&str, &str) = (
     "fp4_gemm.cu",
     concat!(
@@ -28,7 +28,19 @@ pub(crate) const FP4_GEMM_SRC: (&str, &str) = (
         "\n#line 1 \"bf16_gemv.cu\"\n",
         include_str!("../../cuda/bf16_gemv.cu"),
         "\n#line 1 \"fp4_wgmma.cu\"\n",
-        include_str!("../../cuda/fp4_wgmma.cu"),
+        include_str!("../../cuda/fp4_wgmma.cu")
+    ),
+);
+/// The stage-chain probe (probe.rs): fp4_gemm.cu's and fp4_bulk.cu's device functions without
+/// their kernels (`MIMO_HELPERS_ONLY`), then stage_probe.cu. A program of its own, compiled on
+/// the probe's first use, so that the kernels every process compiles do not grow with it.
+pub(crate) const STAGE_PROBE_SRC: (&str, &str) = (
+    "stage_probe.cu",
+    concat!(
+        "#define MIMO_HELPERS_ONLY\n#line 1 \"fp4_gemm.cu\"\n",
+        include_str!("../../cuda/fp4_gemm.cu"),
+        "\n#line 1 \"fp4_bulk.cu\"\n",
+        include_str!("../../cuda/fp4_bulk.cu"),
         "\n#line 1 \"stage_probe.cu\"\n",
         include_str!("../../cuda/stage_probe.cu")
     ),

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream};
 use half::bf16;
 
-use super::compile::{load_source, FP4_GEMM_SRC, MOE_SRC};
+use super::compile::{load_source, FP4_GEMM_SRC, MOE_SRC, STAGE_PROBE_SRC};
 use super::error::{drv, CudaError};
 use super::trace::{TraceBuffer, TraceRecord};
 use crate::fp4::Fp4Format;
@@ -299,6 +299,8 @@ pub struct GpuContext {
     stream: Arc<CudaStream>,
     gemm: Arc<CudaModule>,
     moe: Arc<CudaModule>,
+    /// The stage-chain probe's program (compile.rs STAGE_PROBE_SRC), loaded on its first use.
+    probe: Mutex<Option<Arc<CudaModule>>>,
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
     sm_count: u32,
     sm_shared: u32,
@@ -347,11 +349,7 @@ impl GpuContext {
         // SAFETY: every buffer of this context is used on `stream` only.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(drv("new stream"))?;
-        let arch = if major == 9 && minor == 0 {
-            "sm_90a".to_string()
-        } else {
-            format!("sm_{major}{minor}")
-        };
+        let arch = nvrtc_arch(major, minor);
         let load = |(file, src): (&'static str, &str)| -> Result<Arc<CudaModule>, CudaError> {
             load_source(&ctx, file, src, &arch)
         };
@@ -391,6 +389,7 @@ impl GpuContext {
             stream,
             gemm,
             moe,
+            probe: Mutex::new(None),
             functions: Mutex::new(HashMap::new()),
             sm_count,
             sm_shared,
@@ -501,6 +500,22 @@ impl GpuContext {
         (&self.split_parts, &self.split_tickets)
     }
 
+    /// The stage-chain probe's module, compiled and loaded on first use.
+    fn probe_module(&self) -> Result<Arc<CudaModule>, CudaError> {
+        let mut slot = self
+            .probe
+            .lock()
+            .map_err(|_| CudaError::NoDevice("probe module lock poisoned".into()))?;
+        if let Some(m) = slot.as_ref() {
+            return Ok(m.clone());
+        }
+        let (file, src) = STAGE_PROBE_SRC;
+        let arch = nvrtc_arch(self.capability.0, self.capability.1);
+        let m = load_source(&self.ctx, file, src, &arch)?;
+        *slot = Some(m.clone());
+        Ok(m)
+    }
+
     /// Device table mapping a scale byte to its value as bf16 bits.
     pub(crate) fn scale_lut(&self, format: Fp4Format) -> &CudaSlice<u16> {
         match format {
@@ -518,15 +533,27 @@ impl GpuContext {
         if let Some(f) = map.get(name) {
             return Ok(f.clone());
         }
-        let module = if name.starts_with("moe_") {
-            &self.moe
+        let f = if name.starts_with("stage_probe") {
+            self.probe_module()?.load_function(name)
+        } else if name.starts_with("moe_") {
+            self.moe.load_function(name)
         } else {
-            &self.gemm
-        };
-        let f = module.load_function(name).map_err(drv("load function"))?;
+            self.gemm.load_function(name)
+        }
+        .map_err(drv("load function"))?;
         super::placement::on_load(self.tuning(), name, &f)?;
         map.insert(name, f.clone());
         Ok(f)
+    }
+}
+
+/// NVRTC's architecture for a compute capability: `sm_90a` on Hopper (the `a` features: wgmma,
+/// setmaxnreg), `sm_XY` elsewhere.
+fn nvrtc_arch(major: i32, minor: i32) -> String {
+    if major == 9 && minor == 0 {
+        "sm_90a".to_string()
+    } else {
+        format!("sm_{major}{minor}")
     }
 }
 

@@ -110,8 +110,12 @@ pub fn arg_or_null<'a, T>(b: &mut LaunchArgs<'a>, s: Option<&'a CudaSlice<T>>) {
 }
 
 /// The embedded kernel sources, (file name, text), for tools that compile them ahead.
-pub fn kernel_sources() -> [(&'static str, &'static str); 2] {
-    [compile::FP4_GEMM_SRC, compile::MOE_SRC]
+pub fn kernel_sources() -> [(&'static str, &'static str); 3] {
+    [
+        compile::FP4_GEMM_SRC,
+        compile::MOE_SRC,
+        compile::STAGE_PROBE_SRC,
+    ]
 }
 
 /// Opens GPU 0 for a test, or explains why not. With `MIMO_REQUIRE_GPU=1` a missing GPU is an
