@@ -29,6 +29,17 @@ fn gpu() -> Option<GpuContext> {
     }
 }
 
+/// [`gpu`] where it is a Hopper (compute capability 9.0: bulk copies, mbarriers); elsewhere the
+/// test named `what` is skipped with a message.
+fn hopper_gpu(what: &str) -> Option<GpuContext> {
+    let gpu = gpu()?;
+    if gpu.compute_capability().0 < 9 {
+        eprintln!("SKIP {what}: compute capability below 9.0");
+        return None;
+    }
+    Some(gpu)
+}
+
 /// A fresh seed per run (printed so that a failure can be replayed with MIMO_TEST_SEED).
 fn rng(tag: &str) -> ChaCha8Rng {
     let seed = std::env::var("MIMO_TEST_SEED")
@@ -689,11 +700,9 @@ fn wgmma_gemm_matches_cpu_reference() {
 /// the last-block reduction, two to eight stages). Each product runs twice: same bits.
 #[test]
 fn bulk_gemm_matches_cpu_reference() {
-    let Some(gpu) = gpu() else { return };
-    if gpu.compute_capability().0 < 9 {
-        eprintln!("SKIP bulk kernels: compute capability below 9.0");
+    let Some(gpu) = hopper_gpu("bulk kernels") else {
         return;
-    }
+    };
     let mut rng = rng("fp4_gemm_bulk");
     let forced = [
         (1, 16, 1, 2),
@@ -1994,11 +2003,9 @@ fn moe_bf16_grouped_matches_cpu_reference() {
 /// end; the stamps show no block starting a stage before every block stored the previous one.
 #[test]
 fn stage_probe_matches_cpu_reference() {
-    let Some(gpu) = gpu() else { return };
-    if gpu.compute_capability().0 < 9 {
-        eprintln!("skipping stage probe: needs compute capability 9.0");
+    let Some(gpu) = hopper_gpu("stage probe") else {
         return;
-    }
+    };
     let mut rng = rng("stage_probe");
     let sms = gpu.sm_count() as usize;
     let st = |n, k, gated, late| ProbeStage { n, k, gated, late };
