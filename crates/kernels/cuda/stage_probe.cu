@@ -45,6 +45,7 @@
 #define SP_ALL_LATE 4      // every stage after the first copied only after its own barrier
 #define SP_NO_LATE 8       // the late flags ignored: every stage copied during the previous one
 #define SP_FLAGGED 16      // no grid barrier: inputs polled until their words carry the tag
+#define SP_ROLLED 32       // the tiles one after another (sp_compute_rolled), a small loop body
 
 struct SpStage {
     const u8* w;
@@ -210,6 +211,30 @@ __device__ __forceinline__ void sp_compute(const u8* W, const u8* Sc, int C, con
     }
 }
 
+// sp_compute with the block's nt tiles taken one after another in a loop that is not unrolled,
+// each tile's chunks in pairs (sp_chunk_pair): a loop body of one tile-chunk pair instead of
+// MT unrolled tiles (six in gate/up: ~660 instructions per chunk), for the instruction fetch
+// (ncu: "no instruction" stalls). Sums per tile in another order than sp_compute's.
+template <int NW>
+__device__ __forceinline__ void sp_compute_rolled(const u8* W, const u8* Sc, int C, int nt,
+                                                  const u16* xs, const u16* lut, float* red) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll 1
+    for (int i = 0; i < nt; i++) {
+        float acc[2][2][4];
+        zero_acc<2, 2>(acc);
+        const u8* Wi = W + (size_t)i * C * 1024;
+        const u8* Si = Sc + (size_t)i * C * 128;
+#pragma unroll 1
+        for (int c = warp; c < C; c += 2 * NW)
+            sp_chunk_pair(Wi, Si, C, c, c + NW < C ? c + NW : -1, xs, lut, acc);
+        if (t == 0) {
+            red[(warp * SP_MAX_TILES + i) * 16 + g] = acc[0][0][0] + acc[1][1][0];
+            red[(warp * SP_MAX_TILES + i) * 16 + g + 8] = acc[0][0][2] + acc[1][1][2];
+        }
+    }
+}
+
 // Stage s's tag in launch `epoch` (never 0, the tag of a zeroed buffer).
 __device__ __forceinline__ u32 sp_tag(u32 epoch, int S, int s) {
     return (u32)(((u64)epoch * S + s) % 65535u) + 1u;
@@ -315,15 +340,19 @@ __device__ __forceinline__ void stage_probe_body(const u64* __restrict__ tab, in
         if (compute && nt > 0) {
             const u8* W = sp_smem + st.woff;
             const u8* Sc = sp_smem + st.soff;
-            switch (nt) {
-                case 1: sp_compute<NW, 1>(W, Sc, C, xs, slut, red); break;
-                case 2: sp_compute<NW, 2>(W, Sc, C, xs, slut, red); break;
-                case 3: sp_compute<NW, 3>(W, Sc, C, xs, slut, red); break;
-                case 4: sp_compute<NW, 4>(W, Sc, C, xs, slut, red); break;
-                case 5: sp_compute<NW, 5>(W, Sc, C, xs, slut, red); break;
-                case 6: sp_compute<NW, 6>(W, Sc, C, xs, slut, red); break;
-                case 7: sp_compute<NW, 7>(W, Sc, C, xs, slut, red); break;
-                default: sp_compute<NW, 8>(W, Sc, C, xs, slut, red); break;
+            if (flags & SP_ROLLED) {
+                sp_compute_rolled<NW>(W, Sc, C, nt, xs, slut, red);
+            } else {
+                switch (nt) {
+                    case 1: sp_compute<NW, 1>(W, Sc, C, xs, slut, red); break;
+                    case 2: sp_compute<NW, 2>(W, Sc, C, xs, slut, red); break;
+                    case 3: sp_compute<NW, 3>(W, Sc, C, xs, slut, red); break;
+                    case 4: sp_compute<NW, 4>(W, Sc, C, xs, slut, red); break;
+                    case 5: sp_compute<NW, 5>(W, Sc, C, xs, slut, red); break;
+                    case 6: sp_compute<NW, 6>(W, Sc, C, xs, slut, red); break;
+                    case 7: sp_compute<NW, 7>(W, Sc, C, xs, slut, red); break;
+                    default: sp_compute<NW, 8>(W, Sc, C, xs, slut, red); break;
+                }
             }
             __syncthreads();
             if (st.gated) {

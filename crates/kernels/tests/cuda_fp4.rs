@@ -2065,6 +2065,15 @@ fn stage_probe_matches_cpu_reference() {
         },
     );
     check(&wide, "16 warps");
+    let rolled = run(
+        &mut chain,
+        ProbeMode {
+            rolled: true,
+            flagged: true,
+            ..full
+        },
+    );
+    check(&rolled, "rolled tiles");
     let first = run(&mut chain, full);
     check(&first, "8 warps");
     let stamps = chain.stamps(&gpu).unwrap();

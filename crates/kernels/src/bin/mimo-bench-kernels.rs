@@ -1102,6 +1102,30 @@ fn layer_probe(
             },
         ),
         (
+            "flagged_rolled",
+            ProbeMode {
+                rolled: true,
+                ..flagged
+            },
+        ),
+        (
+            "flagged_rolled_no_copy",
+            ProbeMode {
+                rolled: true,
+                skip_copy: true,
+                ..flagged
+            },
+        ),
+        (
+            "flagged_rolled_16_warps_no_copy",
+            ProbeMode {
+                rolled: true,
+                wide: true,
+                skip_copy: true,
+                ..flagged
+            },
+        ),
+        (
             "barrier_no_compute",
             ProbeMode {
                 skip_compute: true,

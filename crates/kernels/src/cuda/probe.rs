@@ -69,6 +69,9 @@ pub struct ProbeMode {
     pub flagged: bool,
     /// 16 warps per block instead of 8 (at most 128 registers a thread).
     pub wide: bool,
+    /// A block's tiles one after another in a loop body of one tile (`sp_compute_rolled`)
+    /// instead of all of them unrolled: a small instruction footprint.
+    pub rolled: bool,
 }
 
 impl ProbeMode {
@@ -78,6 +81,7 @@ impl ProbeMode {
             | (self.all_late as i32) << 2
             | (self.no_late as i32) << 3
             | (self.flagged as i32) << 4
+            | (self.rolled as i32) << 5
     }
 }
 
