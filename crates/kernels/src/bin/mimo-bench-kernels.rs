@@ -1383,6 +1383,20 @@ mod tests {
         assert_eq!(a.out, Some(PathBuf::from("k.json")));
         let e = Args::try_parse_from(["mimo-bench-kernels", "--shapes", "4096x14336"]).unwrap_err();
         assert!(e.to_string().contains("'4096x14336' is not K:N"), "{e}");
+        let p = Args::try_parse_from([
+            "mimo-bench-kernels",
+            "--layer-probe",
+            "8",
+            "--probe-modes",
+            "flagged,barrier_no_copy",
+        ])
+        .unwrap();
+        assert_eq!(p.layer_probe, Some(8));
+        assert_eq!(
+            p.probe_modes,
+            Some(vec!["flagged".to_string(), "barrier_no_copy".to_string()])
+        );
+        assert!(Args::try_parse_from(["mimo-bench-kernels", "--layer-probe", "x"]).is_err());
         assert!(Args::try_parse_from(["mimo-bench-kernels", "--ms", "1,x"]).is_err());
         assert!(Args::try_parse_from(["mimo-bench-kernels", "--unknown"]).is_err());
     }
