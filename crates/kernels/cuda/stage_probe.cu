@@ -27,8 +27,17 @@
 // at the top of the stage before (prefetch), or, for a `late` stage (an MoE expert stage, whose
 // rows are known only once its input is), right after that stage's own barrier.
 //
-// Stage table: 8 u64 per stage: packed, scales, out (u32 words), n | k << 32, gated | late << 1,
-// f32 bits of post (2^A / global scale), weight smem offset | scale smem offset << 32, 0.
+// Stage table: 8 u64 per stage: packed, scales, out (u32 words), n | k << 32, gated | late << 1
+// | kind << 2, f32 bits of post (2^A / global scale), weight smem offset | scale smem offset << 32,
+// context | kv heads << 32 (attention kinds).
+//
+// Attention (decode, one token, head_dim 128, keys in splits of 64) as two more stage kinds:
+// SP_ATT_SPLITS reads q (n = heads * 128 elements of the previous output) and, per unit (split z,
+// head h; unit z * heads + h), the split's 64 keys and values of h's KV head, copied into shared
+// memory like weights (packed = K cache, scales = V cache, [kv heads][context][128] bf16: known
+// before q is, so never late); it stores (max, sum, out[128]) of its scores as 130 tagged 64-bit
+// words (tag << 32 | f32 bits). SP_ATT_COMBINE (packed = those partials) merges the splits of
+// each 32-element slice of a head, one warp per slice, into the bf16 attention output (n words).
 // Shared memory: two mbarriers at 0, the cross-warp sums at SP_RED_OFF, the input row at
 // SP_X_OFF (then 8 zero elements: the mma operand of the 7 empty token slots), then the stages'
 // weights at the host's offsets (probe.rs: stage s and s + 1 never overlap).
@@ -47,11 +56,18 @@
 #define SP_FLAGGED 16      // no grid barrier: inputs polled until their words carry the tag
 #define SP_ROLLED 32       // the tiles one after another (sp_compute_rolled), a small loop body
 
+#define SP_PRODUCT 0
+#define SP_ATT_SPLITS 1
+#define SP_ATT_COMBINE 2
+#define SP_HEAD 128   // head_dim of the attention kinds
+#define SP_SPLIT 64   // keys per split
+#define SP_PART 130   // words of one split's partial: max, sum, out[128]
+
 struct SpStage {
     const u8* w;
     const u8* s;
     u32* out;
-    int n, k, gated, late;
+    int n, k, gated, late, kind, ctx, kvh;
     float post;
     u32 woff, soff;
 };
@@ -66,6 +82,9 @@ __device__ __forceinline__ SpStage sp_stage(const u64* __restrict__ tab, int s) 
     st.k = (int)(d[3] >> 32);
     st.gated = (int)(d[4] & 1);
     st.late = (int)((d[4] >> 1) & 1);
+    st.kind = (int)((d[4] >> 2) & 3);
+    st.ctx = (int)(d[7] & 0xffffffffu);
+    st.kvh = (int)(d[7] >> 32);
     st.post = __uint_as_float((u32)d[5]);
     st.woff = (u32)(d[6] & 0xffffffffu);
     st.soff = (u32)(d[6] >> 32);
@@ -87,8 +106,33 @@ __device__ __forceinline__ void sp_bulk(u32 dst, const void* src, u32 bytes, u32
         : "memory");
 }
 
-// Thread 0: block b's tiles of stage st into shared memory, completing on `bar`.
+// Units [u0, u1) of block b of G for the attention kinds (splits: split-major (z, head);
+// combine: 32-element slices of the heads).
+__device__ __forceinline__ void sp_units(const SpStage& st, int b, int G, int& u0, int& u1) {
+    const int heads = st.n / SP_HEAD;
+    const int units = st.kind == SP_ATT_SPLITS ? heads * (st.ctx / SP_SPLIT) : heads * 4;
+    u0 = (int)((long long)b * units / G);
+    u1 = (int)((long long)(b + 1) * units / G);
+}
+
+// Thread 0: block b's tiles of stage st (or its units' keys and values) into shared memory,
+// completing on `bar`.
 __device__ __forceinline__ void sp_issue(const SpStage& st, u32 sbase, u32 bar, int b, int G) {
+    if (st.kind != SP_PRODUCT) {
+        int u0, u1;
+        sp_units(st, b, G, u0, u1);
+        const int n = st.kind == SP_ATT_SPLITS ? u1 - u0 : 0;
+        const u32 rows = SP_SPLIT * SP_HEAD * 2;  // bytes of one split's keys (or values)
+        mbar_expect_tx(bar, 2u * rows * (u32)n);
+        const int heads = st.n / SP_HEAD;
+        for (int j = 0; j < n; j++) {
+            const int u = u0 + j, z = u / heads, h = u % heads, kv = h / (heads / st.kvh);
+            const size_t off = ((size_t)kv * st.ctx + (size_t)z * SP_SPLIT) * SP_HEAD * 2;
+            sp_bulk(sbase + st.woff + 2u * rows * j, st.w + off, rows, bar);
+            sp_bulk(sbase + st.woff + 2u * rows * j + rows, st.s + off, rows, bar);
+        }
+        return;
+    }
     int t0, t1;
     sp_tiles(st, b, G, t0, t1);
     const u32 C = (u32)st.k >> 7;
@@ -235,6 +279,120 @@ __device__ __forceinline__ void sp_compute_rolled(const u8* W, const u8* Sc, int
     }
 }
 
+// A 64-bit word of another block's stores, read at L2 on every call (see sp_load_relaxed).
+__device__ __forceinline__ u64 sp_load_relaxed64(const u64* p) {
+    u64 v;
+    asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    return v;
+}
+
+// A polled 64-bit partial word: its f32 once the tag is `want` (or at once without flags).
+__device__ __forceinline__ float sp_poll_f32(const u64* p, u32 want, bool flagged) {
+    u64 v;
+    do {
+        v = sp_load_relaxed64(p);
+    } while (flagged && (u32)(v >> 32) != want);
+    return __uint_as_float((u32)v);
+}
+
+__device__ __forceinline__ u64 sp_tagged(u32 tag, float v) {
+    return ((u64)tag << 32) | __float_as_uint(v);
+}
+
+// SP_ATT_SPLITS: the block's units, one after another; q (bf16) in xs, keys and values of unit j
+// at woff + j * 32 KiB. Scores by warps (a key per warp at a time, 4 elements per lane), the
+// softmax's max and sum by warp 0, P V by threads 0..127 (one output element each).
+template <int NW>
+__device__ __forceinline__ void sp_attn_splits(const SpStage& st, const u8* smem, int b, int G,
+                                               const u16* xs, float* sc, u32 tag) {
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int heads = st.n / SP_HEAD;
+    int u0, u1;
+    sp_units(st, b, G, u0, u1);
+    u64* part = (u64*)st.out;
+    const float scale = rsqrtf((float)SP_HEAD);
+    for (int j = 0; j < u1 - u0; j++) {
+        const int u = u0 + j, h = u % heads;
+        const u16* K = (const u16*)(smem + st.woff + 2 * SP_SPLIT * SP_HEAD * 2 * j);
+        const u16* V = K + SP_SPLIT * SP_HEAD;
+        const uint2 qv = *(const uint2*)(xs + h * SP_HEAD + 4 * lane);
+        for (int key = warp; key < SP_SPLIT; key += NW) {
+            const uint2 kv = *(const uint2*)(K + key * SP_HEAD + 4 * lane);
+            float d = bf16_to_f32(qv.x & 0xFFFF) * bf16_to_f32(kv.x & 0xFFFF);
+            d = fmaf(bf16_to_f32(qv.x >> 16), bf16_to_f32(kv.x >> 16), d);
+            d = fmaf(bf16_to_f32(qv.y & 0xFFFF), bf16_to_f32(kv.y & 0xFFFF), d);
+            d = fmaf(bf16_to_f32(qv.y >> 16), bf16_to_f32(kv.y >> 16), d);
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+            if (lane == 0) sc[key] = d * scale;
+        }
+        __syncthreads();
+        if (warp == 0) {
+            const float a = sc[lane], c = sc[lane + 32];
+            float m = fmaxf(a, c);
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+            const float pa = expf(a - m), pc = expf(c - m);
+            sc[lane] = pa;
+            sc[lane + 32] = pc;
+            float l = pa + pc;
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
+            if (lane == 0) {
+                sc[SP_SPLIT] = m;
+                sc[SP_SPLIT + 1] = l;
+            }
+        }
+        __syncthreads();
+        if (tid < SP_HEAD) {
+            float o = 0.f;
+            for (int key = 0; key < SP_SPLIT; key++)
+                o = fmaf(sc[key], bf16_to_f32(V[key * SP_HEAD + tid]), o);
+            part[(size_t)u * SP_PART + 2 + tid] = sp_tagged(tag, o);
+        }
+        if (tid == 0) {
+            part[(size_t)u * SP_PART] = sp_tagged(tag, sc[SP_SPLIT]);
+            part[(size_t)u * SP_PART + 1] = sp_tagged(tag, sc[SP_SPLIT + 1]);
+        }
+        __syncthreads();
+    }
+}
+
+// SP_ATT_COMBINE: one warp per 32-element slice of a head: the splits' max and sum (lane z),
+// then out = sum_z e^(m_z - M) o_z / sum_z e^(m_z - M) l_z in split order.
+template <int NW>
+__device__ __forceinline__ void sp_attn_combine(const SpStage& st, int b, int G, u32 want,
+                                                bool flagged, u32 tag16) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int heads = st.n / SP_HEAD, ns = st.ctx / SP_SPLIT;
+    const u64* part = (const u64*)st.w;
+    int s0, s1;
+    sp_units(st, b, G, s0, s1);
+    for (int sl = s0 + warp; sl < s1; sl += NW) {
+        const int h = sl >> 2, d = (sl & 3) * 32 + lane;
+        float mz = NEG_INF, lz = 0.f;
+        if (lane < ns) {
+            const u64* p = part + (size_t)(lane * heads + h) * SP_PART;
+            mz = sp_poll_f32(p, want, flagged);
+            lz = sp_poll_f32(p + 1, want, flagged);
+        }
+        float M = mz;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+        const float wz = lane < ns ? expf(mz - M) : 0.f;
+        float den = wz * lz;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) den += __shfl_xor_sync(0xffffffffu, den, o);
+        float acc = 0.f;
+        for (int z = 0; z < ns; z++) {
+            const float w = __shfl_sync(0xffffffffu, wz, z);
+            const u64* p = part + (size_t)(z * heads + h) * SP_PART + 2 + d;
+            acc = fmaf(w, sp_poll_f32(p, want, flagged), acc);
+        }
+        st.out[h * SP_HEAD + d] = tag16 | f32_to_bf16(acc / den);
+    }
+}
+
 // Stage s's tag in launch `epoch` (never 0, the tag of a zeroed buffer).
 __device__ __forceinline__ u32 sp_tag(u32 epoch, int S, int s) {
     return (u32)(((u64)epoch * S + s) % 65535u) + 1u;
@@ -330,8 +488,26 @@ __device__ __forceinline__ void stage_probe_body(const u64* __restrict__ tab, in
         const u64 t_w = sp_now();
         int t0, t1;
         sp_tiles(st, b, G, t0, t1);
-        const int nt = t1 - t0, C = st.k >> 7;
+        const int nt = st.kind == SP_PRODUCT ? t1 - t0 : 0, C = st.k >> 7;
         const u32 tag = sp_tag(epoch, S, s) << 16;
+        if (st.kind == SP_ATT_SPLITS) {
+            if (compute) {
+                sp_attn_splits<NW>(st, sp_smem, b, G, xs, red, tag >> 16);
+            } else {
+                int u0, u1;
+                sp_units(st, b, G, u0, u1);
+                for (int i = tid; i < (u1 - u0) * SP_PART; i += blockDim.x)
+                    ((u64*)st.out)[(size_t)u0 * SP_PART + i] = sp_tagged(tag >> 16, 0.f);
+            }
+        } else if (st.kind == SP_ATT_COMBINE) {
+            if (compute) {
+                sp_attn_combine<NW>(st, b, G, want, flagged, tag);
+            } else {
+                int u0, u1;
+                sp_units(st, b, G, u0, u1);
+                for (int i = tid; i < (u1 - u0) * 32; i += blockDim.x) st.out[u0 * 32 + i] = tag;
+            }
+        }
         if (!compute && nt > 0) {
             // Zeros with the tag, so that flagged waits end.
             const int outs = st.gated ? nt * 8 : nt * 16;

@@ -13,8 +13,8 @@ use mimo_kernels::cuda::{
     moe_layer_tiled_with, moe_layer_with, moe_tiled_preferred, moe_tiled_supported,
     tiled_preferred, variant_exists, wgmma_preferred, wgmma_supported, BulkConfig, E4m3Rows,
     Fp4GemmConfig, Fp8Gemm, Fp8Scratch, GpuContext, GpuFp4Weight, MoeConfig, MoeWeights,
-    MoeWorkspace, ProbeMode, ProbeStage, StageChain, Tuning, WgmmaConfig, MOE_TILED_MIN_PAIRS,
-    WGMMA_CONFIGS,
+    MoeWorkspace, ProbeData, ProbeKind, ProbeMode, ProbeStage, StageChain, Tuning, WgmmaConfig,
+    MOE_TILED_MIN_PAIRS, WGMMA_CONFIGS,
 };
 use mimo_kernels::fp4::{amax, dequantize, nvfp4_global_scale, quantize_mxfp4, quantize_nvfp4};
 use mimo_kernels::fp8_rows;
@@ -1997,8 +1997,9 @@ fn moe_bf16_grouped_matches_cpu_reference() {
 
 /// The stage-chain probe (stage_probe.cu): every stage's output against the CPU product of the
 /// GPU's previous output, on a chain with 2-3 tiles per block, a late gated stage of 4 tiles
-/// per block, blocks without tiles, and two launches (the grid barrier's arrival count goes on
-/// across launches); every word carries its launch's tag. Launches with flagged waits (no
+/// per block, blocks without tiles, decode attention (32 heads over 4 KV heads and 384 keys: one
+/// or two split units per block, their combine against an f64 softmax), and two launches (the
+/// grid barrier's arrival count goes on across launches); every word carries its launch's tag. Launches with flagged waits (no
 /// barrier) and with every stage copied late give the same bits; the timing modes run to the
 /// end; the stamps show no block starting a stage before every block stored the previous one.
 #[test]
@@ -2008,21 +2009,46 @@ fn stage_probe_matches_cpu_reference() {
     };
     let mut rng = rng("stage_probe");
     let sms = gpu.sm_count() as usize;
-    let st = |n, k, gated, late| ProbeStage { n, k, gated, late };
+    let st = ProbeStage::product;
+    let (heads, kv_heads, context) = (32, 4, 384);
+    let [splits, combine] = ProbeStage::attention(heads, kv_heads, context);
     let stages = [
         st(16 * (2 * sms + 7), 256, false, false),
+        splits,
+        combine,
         st(32 * 2 * sms, 1024, true, true),
         st(16 * sms + 32, (32 * sms / 128) * 128, false, false),
         st(16 * 40, 512, false, false),
     ];
-    let mats: Vec<Fp4Matrix> = stages
+    let (is_splits, is_combine) = (|i: usize| i == 1, |i: usize| i == 2);
+    let mats: Vec<Option<Fp4Matrix>> = stages
         .iter()
         .map(|s| {
-            let w = random_matrix(&mut rng, s.n * s.k, 1.7 / (s.k as f32).sqrt());
-            quantize(Fp4Format::Nvfp4, &w, s.n, s.k)
+            (s.kind == ProbeKind::Product).then(|| {
+                let w = random_matrix(&mut rng, s.n * s.k, 1.7 / (s.k as f32).sqrt());
+                quantize(Fp4Format::Nvfp4, &w, s.n, s.k)
+            })
         })
         .collect();
-    let pairs: Vec<(ProbeStage, &Fp4Matrix)> = stages.iter().copied().zip(&mats).collect();
+    let cache = |rng: &mut ChaCha8Rng| -> Vec<bf16> {
+        (0..kv_heads * context * 128)
+            .map(|_| bf16::from_f32(rng.random::<f32>() * 2.0 - 1.0))
+            .collect()
+    };
+    let (kc, vc) = (cache(&mut rng), cache(&mut rng));
+    let pairs: Vec<(ProbeStage, ProbeData)> = stages
+        .iter()
+        .zip(&mats)
+        .enumerate()
+        .map(|(i, (s, m))| {
+            let data = match m {
+                Some(m) => ProbeData::Weights(m),
+                None if is_splits(i) => ProbeData::KvCache { k: &kc, v: &vc },
+                None => ProbeData::None,
+            };
+            (*s, data)
+        })
+        .collect();
     let mut chain = StageChain::new(&gpu, &pairs).unwrap();
     let x0: Vec<u16> = (0..stages[0].k)
         .map(|_| bf16::from_f32(rng.random::<f32>() * 2.0 - 1.0).to_bits())
@@ -2037,6 +2063,17 @@ fn stage_probe_matches_cpu_reference() {
             .map(|i| {
                 let words = chain.output_words(&gpu, i).unwrap();
                 let tag = cuda::probe_tag(epoch, stages.len(), i);
+                if is_splits(i) {
+                    // 64-bit words: f32 bits, then the tag. Returned as the f32's top halves.
+                    for (e, w) in words.chunks_exact(2).enumerate() {
+                        assert_eq!(w[1], tag, "{mode:?}: splits, word {e}");
+                        assert!(
+                            mode.skip_copy || f32::from_bits(w[0]).is_finite(),
+                            "{mode:?}: splits, word {e}"
+                        );
+                    }
+                    return words.chunks_exact(2).map(|w| (w[0] >> 16) as u16).collect();
+                }
                 for (e, w) in words.iter().enumerate() {
                     assert_eq!(w >> 16, tag, "{mode:?}: stage {i}, element {e}");
                 }
@@ -2044,15 +2081,26 @@ fn stage_probe_matches_cpu_reference() {
             })
             .collect()
     };
+    let bf = |v: &[u16]| -> Vec<bf16> { v.iter().map(|&b| bf16::from_bits(b)).collect() };
     let check = |outs: &[Vec<u16>], what: &str| {
-        for (i, (s, m)) in pairs.iter().enumerate() {
-            let input: Vec<bf16> = if i == 0 { &x0 } else { &outs[i - 1] }
-                .iter()
-                .map(|&b| bf16::from_bits(b))
-                .collect();
-            let want = cuda::stage_reference(s, m, &input).unwrap();
-            let got: Vec<bf16> = outs[i].iter().map(|&b| bf16::from_bits(b)).collect();
-            check_close(&format!("probe {what} stage {i}"), &got, &want, 8e-3, 2e-2);
+        for (i, (s, m)) in stages.iter().zip(&mats).enumerate() {
+            // A product reads the previous output; after the combine, the combine's.
+            let input = bf(if i == 0 { &x0 } else { &outs[i - 1] });
+            let want = if is_combine(i) {
+                let q = bf(&outs[0][..heads * 128]);
+                cuda::attention_reference(&q, &kc, &vc, heads, kv_heads, context)
+            } else if let Some(m) = m {
+                cuda::stage_reference(s, m, &input).unwrap()
+            } else {
+                continue;
+            };
+            check_close(
+                &format!("probe {what} stage {i}"),
+                &bf(&outs[i]),
+                &want,
+                8e-3,
+                2e-2,
+            );
         }
     };
     // 16 warps sum in another order: checked against the reference, not bit for bit.
@@ -2125,6 +2173,8 @@ fn stage_probe_matches_cpu_reference() {
         wide.n,
         wide.k,
     );
-    let e = StageChain::new(&gpu, &[(wide, &m)]).err().unwrap();
+    let e = StageChain::new(&gpu, &[(wide, ProbeData::Weights(&m))])
+        .err()
+        .unwrap();
     assert!(e.to_string().contains("9 tiles per block"), "{e}");
 }

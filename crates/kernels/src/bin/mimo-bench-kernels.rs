@@ -28,7 +28,8 @@ use mimo_kernels::cuda::{
     moe_tile_pairs, moe_tiled_preferred, moe_tiled_supported, qwen3_moe_layer, stage_timings,
     tiled_supported, variant_exists, wgmma_supported, BulkConfig, CudaError, E4m3Rows,
     Fp4GemmConfig, Fp8Gemm, Fp8Scratch, GpuContext, GpuFp4Weight, MoeConfig, MoeWeights,
-    MoeWorkspace, PdlGraph, ProbeMode, StageChain, StageTiming, Tuning, WgmmaConfig, WGMMA_CONFIGS,
+    MoeWorkspace, PdlGraph, ProbeData, ProbeKind, ProbeMode, ProbeStage, StageChain, StageTiming,
+    Tuning, WgmmaConfig, WGMMA_CONFIGS,
 };
 use mimo_kernels::{Fp4Format, Fp4Matrix};
 
@@ -70,6 +71,10 @@ struct Args {
     /// products; its report replaces the kernel rows.
     #[arg(long)]
     layer_probe: Option<usize>,
+    /// With --layer-probe: decode attention over this many keys in each layer (a multiple of
+    /// 64, at most 2048), between q/k/v and o_proj.
+    #[arg(long)]
+    probe_attention: Option<usize>,
     /// With --layer-probe: only these modes (e.g. flagged_no_copy, for a profiler).
     #[arg(long, value_delimiter = ',')]
     probe_modes: Option<Vec<String>>,
@@ -1017,26 +1022,65 @@ fn layer_probe(
     gpu: &GpuContext,
     rng: &mut Rng,
     layers: usize,
+    context: Option<usize>,
     only: Option<&[String]>,
     samples: usize,
 ) -> Res<Value> {
-    let stages: Vec<_> = (0..layers).flat_map(|_| qwen3_moe_layer()).collect();
-    let mats: Vec<Fp4Matrix> = stages
+    let layer = qwen3_moe_layer(context);
+    let per = layer.len();
+    let stages: Vec<_> = (0..layers).flat_map(|_| layer.clone()).collect();
+    // Each stage's matrix, or its keys and values (4 KV heads x context x 128, random bf16).
+    let mats: Vec<Option<Fp4Matrix>> = stages
         .iter()
         .map(|st| {
-            let (packed, scales, gs) = fp4_parts(rng, Fp4Format::Nvfp4, st.n, st.k, 1);
-            Fp4Matrix {
-                format: Fp4Format::Nvfp4,
-                n: st.n,
-                k: st.k,
-                packed,
-                scales,
-                global_scale: gs[0],
-            }
+            (st.kind == ProbeKind::Product).then(|| {
+                let (packed, scales, gs) = fp4_parts(rng, Fp4Format::Nvfp4, st.n, st.k, 1);
+                Fp4Matrix {
+                    format: Fp4Format::Nvfp4,
+                    n: st.n,
+                    k: st.k,
+                    packed,
+                    scales,
+                    global_scale: gs[0],
+                }
+            })
         })
         .collect();
-    let layer_bytes: usize = stages[..4].iter().map(|st| st.n * st.k * 9 / 16).sum();
-    let pairs: Vec<_> = stages.iter().copied().zip(&mats).collect();
+    let kv: Vec<Option<(Vec<bf16>, Vec<bf16>)>> = stages
+        .iter()
+        .map(|st| match st.kind {
+            ProbeKind::AttentionSplits {
+                kv_heads, context, ..
+            } => Some((
+                rng.bf16s(kv_heads * context * 128, 1.0),
+                rng.bf16s(kv_heads * context * 128, 1.0),
+            )),
+            _ => None,
+        })
+        .collect();
+    let pairs: Vec<(ProbeStage, ProbeData)> = stages
+        .iter()
+        .zip(mats.iter().zip(&kv))
+        .map(|(st, (m, kv))| {
+            let data = match (m, kv) {
+                (Some(m), _) => ProbeData::Weights(m),
+                (_, Some((k, v))) => ProbeData::KvCache { k, v },
+                _ => ProbeData::None,
+            };
+            (*st, data)
+        })
+        .collect();
+    // Bytes a layer must read: the products' weights and scales, the keys and values.
+    let layer_bytes: usize = layer
+        .iter()
+        .map(|st| match st.kind {
+            ProbeKind::Product => st.n * st.k * 9 / 16,
+            ProbeKind::AttentionSplits {
+                kv_heads, context, ..
+            } => 2 * kv_heads * context * 128 * 2,
+            ProbeKind::AttentionCombine => 0,
+        })
+        .sum();
     let mut chain = StageChain::new(gpu, &pairs)?;
     let x0: Vec<u16> = rng
         .bf16s(stages[0].k, 1.0)
@@ -1154,15 +1198,26 @@ fn layer_probe(
         let stamps = chain.stamps(gpu)?;
         let st = stage_timings(&stamps, chain.grid(), stages.len());
         // Per stage of a layer, averaged over the layers after the first.
-        const STAGE_NAMES: [&str; 4] = ["qkv", "o_proj", "experts_gate_up", "experts_down"];
-        let per_stage: Vec<Value> = (0..4)
+        let names: &[&str] = if context.is_some() {
+            &[
+                "qkv",
+                "attention_splits",
+                "attention_combine",
+                "o_proj",
+                "experts_gate_up",
+                "experts_down",
+            ]
+        } else {
+            &["qkv", "o_proj", "experts_gate_up", "experts_down"]
+        };
+        let per_stage: Vec<Value> = (0..per)
             .map(|i| {
                 let of = |f: &dyn Fn(&StageTiming) -> f64| -> f64 {
-                    let v: Vec<f64> = (1..layers).map(|l| f(&st[4 * l + i])).collect();
+                    let v: Vec<f64> = (1..layers).map(|l| f(&st[per * l + i])).collect();
                     dec(v.iter().sum::<f64>() / v.len().max(1) as f64, 2)
                 };
                 json!({
-                    "stage": STAGE_NAMES[i],
+                    "stage": names[i],
                     "n": stages[i].n, "k": stages[i].k,
                     "span_us": of(&|t| t.span_us),
                     "input_us": of(&|t| t.input_us),
@@ -1188,6 +1243,7 @@ fn layer_probe(
     }
     Ok(json!({
         "layers": layers,
+        "attention_context": context,
         "layer_bytes": layer_bytes,
         "blocks": chain.grid(),
         "smem_bytes": chain.smem_bytes(),
@@ -1234,7 +1290,14 @@ fn run() -> Res<()> {
     let mut rng = Rng(0x5EED_0FF4_u64);
     if let Some(layers) = args.layer_probe {
         let only = args.probe_modes.as_deref();
-        let probe = layer_probe(&gpu, &mut rng, layers.max(2), only, samples)?;
+        let probe = layer_probe(
+            &gpu,
+            &mut rng,
+            layers.max(2),
+            args.probe_attention,
+            only,
+            samples,
+        )?;
         let commit = std::env::var("MIMO_COMMIT").unwrap_or_else(|_| "unknown".into());
         let cmd: Vec<String> = std::env::args().collect();
         let j = json!({

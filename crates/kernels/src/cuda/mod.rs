@@ -84,8 +84,8 @@ pub use moe_one_token::{
 };
 pub use placement::{on_load, spread_launch, spread_smem, SPREAD_CARVEOUT_PERCENT};
 pub use probe::{
-    chain_reference, probe_tag, qwen3_moe_layer, stage_reference, stage_timings, ProbeMode,
-    ProbeStage, StageChain, StageTiming, PROBE_MAX_TILES,
+    attention_reference, probe_tag, qwen3_moe_layer, stage_reference, stage_timings, ProbeData,
+    ProbeKind, ProbeMode, ProbeStage, StageChain, StageTiming, PROBE_MAX_TILES,
 };
 pub use tiled::{
     fp4_gemm_swiglu_tiled, fp4_gemm_tiled, tiled_preferred, tiled_supported, TILED_MAX_TOKENS,

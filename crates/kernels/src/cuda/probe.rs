@@ -3,7 +3,8 @@
 //! bulk copies while the current stage waits at a grid barrier and computes. It measures the
 //! plan of docs/cuda-backend-notes.md ("What 1,000 tokens/s on Qwen3-30B-A3B would take") on
 //! the products alone, before any of it is built into the runtime; `mimo-bench-kernels
-//! --layer-probe` times it and the GPU tests check its outputs against [`chain_reference`].
+//! --layer-probe` times it and the GPU tests check its outputs against [`stage_reference`] and
+//! [`attention_reference`].
 
 use cudarc::driver::sys;
 use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
@@ -26,7 +27,35 @@ const X_OFF: usize = 128 + WIDE_WARPS * PROBE_MAX_TILES * 16 * 4;
 const TILE_CHUNK_W: usize = 1024;
 const TILE_CHUNK_S: usize = 128;
 
-/// One product of the chain.
+/// What a stage computes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ProbeKind {
+    /// A one-token NVFP4 product (`n`, `k`, `gated`, `late`).
+    #[default]
+    Product,
+    /// Decode attention's first half: q is the first `heads * 128` elements of the previous
+    /// output; per split of 64 keys and per head, the scores' max and sum and the weighted
+    /// values (head_dim 128), the split's keys and values of a `[kv_heads][context][128]` cache
+    /// streamed into shared memory like weights.
+    AttentionSplits {
+        /// Query heads.
+        heads: usize,
+        /// Key/value heads (a divisor of `heads`).
+        kv_heads: usize,
+        /// Keys attended to, a multiple of 64, at most 2,048.
+        context: usize,
+    },
+    /// Decode attention's second half: the splits of the previous stage merged into the
+    /// `heads * 128` bf16 attention output.
+    AttentionCombine,
+}
+
+/// Bytes of one attention split's keys (or values) in shared memory.
+const SPLIT_BYTES: usize = 64 * 128 * 2;
+/// Words of one split's partial (`SP_PART`): max, sum, 128 weighted values.
+const PART_WORDS: usize = 130;
+
+/// One stage of the chain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ProbeStage {
     /// Output rows, a multiple of 16 (of 32 when gated).
@@ -40,17 +69,93 @@ pub struct ProbeStage {
     /// The stage's weights are asked for only after its input is ready (an MoE expert stage,
     /// whose rows depend on the router), not during the previous stage.
     pub late: bool,
+    /// What it computes.
+    pub kind: ProbeKind,
 }
 
 impl ProbeStage {
-    /// Elements of the stage's output.
-    pub fn out_len(&self) -> usize {
-        if self.gated {
-            self.n / 2
-        } else {
-            self.n
+    /// A one-token product `[n, k]`.
+    pub fn product(n: usize, k: usize, gated: bool, late: bool) -> Self {
+        ProbeStage {
+            n,
+            k,
+            gated,
+            late,
+            kind: ProbeKind::Product,
         }
     }
+
+    /// Decode attention of `heads` query heads over `context` keys, as two stages: the splits,
+    /// then their combine (whose output, `heads * 128` elements, the next stage reads).
+    pub fn attention(heads: usize, kv_heads: usize, context: usize) -> [Self; 2] {
+        let n = heads * 128;
+        [
+            ProbeStage {
+                n,
+                k: n,
+                gated: false,
+                late: false,
+                kind: ProbeKind::AttentionSplits {
+                    heads,
+                    kv_heads,
+                    context,
+                },
+            },
+            ProbeStage {
+                n,
+                k: 0,
+                gated: false,
+                late: false,
+                kind: ProbeKind::AttentionCombine,
+            },
+        ]
+    }
+
+    /// Elements of the stage's output that the next stage may read (the splits' partials are
+    /// for the combine only).
+    pub fn out_len(&self) -> usize {
+        match self.kind {
+            ProbeKind::AttentionSplits { .. } => 0,
+            _ if self.gated => self.n / 2,
+            _ => self.n,
+        }
+    }
+
+    /// 32-bit words of the stage's output buffer.
+    fn out_words(&self) -> usize {
+        match self.kind {
+            ProbeKind::AttentionSplits { heads, context, .. } => {
+                2 * PART_WORDS * heads * (context / 64)
+            }
+            _ => self.out_len(),
+        }
+    }
+
+    /// Units the blocks share: splits (split, head), combine slices of 32 elements.
+    fn units(&self) -> usize {
+        match self.kind {
+            ProbeKind::AttentionSplits { heads, context, .. } => heads * (context / 64),
+            ProbeKind::AttentionCombine => self.n / 32,
+            ProbeKind::Product => 0,
+        }
+    }
+}
+
+/// What a stage reads besides its input: a product's matrix, the splits' key/value cache
+/// (`[kv_heads][context][128]` bf16 each), nothing for the combine.
+#[derive(Clone, Copy, Debug)]
+pub enum ProbeData<'a> {
+    /// A product's NVFP4 matrix `[n, k]`.
+    Weights(&'a Fp4Matrix),
+    /// The attention splits' keys and values.
+    KvCache {
+        /// Keys.
+        k: &'a [bf16],
+        /// Values.
+        v: &'a [bf16],
+    },
+    /// Nothing (the combine).
+    None,
 }
 
 /// How a probe launch runs (A/B of its parts; results are right only without `skip_copy`, and
@@ -142,8 +247,11 @@ fn block_tiles(st: &ProbeStage, b: usize, grid: usize) -> (usize, usize) {
     (b * units / grid * tpu, (b + 1) * units / grid * tpu)
 }
 
-/// Largest number of tiles any block owns in a stage.
+/// Largest number of tiles (attention: units) any block owns in a stage.
 fn max_tiles(st: &ProbeStage, grid: usize) -> usize {
+    if st.kind != ProbeKind::Product {
+        return st.units().div_ceil(grid);
+    }
     (0..grid)
         .map(|b| {
             let (t0, t1) = block_tiles(st, b, grid);
@@ -169,8 +277,14 @@ fn place_stages(
     for (i, st) in stages.iter().enumerate() {
         let tiles = max_tiles(st, grid);
         let chunks = st.k / 128;
-        let wb = tiles * chunks * TILE_CHUNK_W;
-        let bytes = wb + tiles * chunks * TILE_CHUNK_S;
+        let (wb, bytes) = match st.kind {
+            ProbeKind::Product => (
+                tiles * chunks * TILE_CHUNK_W,
+                tiles * chunks * (TILE_CHUNK_W + TILE_CHUNK_S),
+            ),
+            ProbeKind::AttentionSplits { .. } => (0, tiles * 2 * SPLIT_BYTES),
+            ProbeKind::AttentionCombine => (0, 0),
+        };
         let mut start = prev.map_or(ring0, |p| p.1.next_multiple_of(128));
         if start + bytes > limit {
             start = ring0;
@@ -198,8 +312,53 @@ fn check_stages(stages: &[ProbeStage], grid: usize) -> Result<(), String> {
         return Err("no stages".into());
     }
     for (i, st) in stages.iter().enumerate() {
+        match st.kind {
+            ProbeKind::AttentionSplits {
+                heads,
+                kv_heads,
+                context,
+            } => {
+                if heads == 0
+                    || kv_heads == 0
+                    || heads % kv_heads != 0
+                    || context == 0
+                    || context % 64 != 0
+                    || context > 2048
+                    || st.n != heads * 128
+                    || st.k != st.n
+                {
+                    return Err(format!(
+                        "stage {i}: attention of {heads} heads over {kv_heads} KV heads and \
+                         {context} keys (a multiple of 64, at most 2048)"
+                    ));
+                }
+                if stages.get(i + 1).map(|n| (n.kind, n.n))
+                    != Some((ProbeKind::AttentionCombine, st.n))
+                {
+                    return Err(format!("stage {i}: attention splits without their combine"));
+                }
+                if max_tiles(st, grid) > PROBE_MAX_TILES / 2 {
+                    return Err(format!(
+                        "stage {i}: {} attention units per block over {grid} blocks (at most {})",
+                        max_tiles(st, grid),
+                        PROBE_MAX_TILES / 2
+                    ));
+                }
+            }
+            ProbeKind::AttentionCombine => {
+                if i == 0 || !matches!(stages[i - 1].kind, ProbeKind::AttentionSplits { .. }) {
+                    return Err(format!(
+                        "stage {i}: a combine without attention splits before it"
+                    ));
+                }
+                continue;
+            }
+            ProbeKind::Product => {}
+        }
         let rows = if st.gated { 32 } else { 16 };
-        if st.n == 0 || st.n % rows != 0 || st.k == 0 || st.k % 128 != 0 {
+        if st.kind == ProbeKind::Product
+            && (st.n == 0 || st.n % rows != 0 || st.k == 0 || st.k % 128 != 0)
+        {
             return Err(format!(
                 "stage {i}: [{}, {}] needs n a multiple of {rows} and k of 128",
                 st.n, st.k
@@ -226,7 +385,7 @@ fn check_stages(stages: &[ProbeStage], grid: usize) -> Result<(), String> {
 impl StageChain {
     /// Uploads a chain: `stages[i]` with its NVFP4 matrix `[n, k]` (gated: the rows of tile
     /// pairs as [`ProbeStage::gated`] says). One block per SM.
-    pub fn new(gpu: &GpuContext, stages: &[(ProbeStage, &Fp4Matrix)]) -> Result<Self, CudaError> {
+    pub fn new(gpu: &GpuContext, stages: &[(ProbeStage, ProbeData)]) -> Result<Self, CudaError> {
         let grid = gpu.sm_count() as usize;
         let shape = |reason: String| CudaError::Shape {
             what: "stage probe".into(),
@@ -234,7 +393,23 @@ impl StageChain {
         };
         let list: Vec<ProbeStage> = stages.iter().map(|s| s.0).collect();
         check_stages(&list, grid).map_err(shape)?;
-        for (i, (st, m)) in stages.iter().enumerate() {
+        for (i, (st, data)) in stages.iter().enumerate() {
+            let m = match (st.kind, data) {
+                (ProbeKind::Product, ProbeData::Weights(m)) => m,
+                (
+                    ProbeKind::AttentionSplits {
+                        kv_heads, context, ..
+                    },
+                    ProbeData::KvCache { k, v },
+                ) if k.len() == kv_heads * context * 128 && v.len() == k.len() => continue,
+                (ProbeKind::AttentionCombine, ProbeData::None) => continue,
+                _ => {
+                    return Err(shape(format!(
+                        "stage {i}: {:?} given for a {:?} stage",
+                        data, st.kind
+                    )))
+                }
+            };
             if m.format != Fp4Format::Nvfp4 || (m.n, m.k) != (st.n, st.k) {
                 return Err(shape(format!(
                     "stage {i}: a {} matrix [{}, {}] for an NVFP4 stage [{}, {}]",
@@ -262,27 +437,51 @@ impl StageChain {
         let mut outs = Vec::new();
         let mut table = Vec::with_capacity(8 * list.len());
         let shift = scale_shift(Fp4Format::Nvfp4, &[]);
-        for ((st, m), &(woff, soff)) in stages.iter().zip(&offsets) {
-            let (w, s) = tile_major(m);
+        let bits = |v: &[bf16]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+        for ((st, data), &(woff, soff)) in stages.iter().zip(&offsets) {
+            let (w, s, post) = match data {
+                ProbeData::Weights(m) => {
+                    let (w, s) = tile_major(m);
+                    (w, s, 2f32.powi(shift) / m.global_scale)
+                }
+                ProbeData::KvCache { k, v } => (bits(k), bits(v), 1.0),
+                ProbeData::None => (vec![0u8; 16], vec![0u8; 16], 1.0),
+            };
             let pw = up("probe weights", &w)?;
             let ps = up("probe scales", &s)?;
             let out = stream
-                .alloc_zeros::<u32>(st.out_len())
+                .alloc_zeros::<u32>(st.out_words())
                 .map_err(drv("probe output"))?;
-            let post = 2f32.powi(shift) / m.global_scale;
+            let (kind, ctx, kvh) = match st.kind {
+                ProbeKind::Product => (0u64, 0u64, 0u64),
+                ProbeKind::AttentionSplits {
+                    kv_heads, context, ..
+                } => (1, context as u64, kv_heads as u64),
+                ProbeKind::AttentionCombine => {
+                    match table.len().checked_sub(8).map(|i| table[i + 7]) {
+                        Some(prev) => (2, prev & 0xffff_ffff, prev >> 32),
+                        None => (2, 0, 0),
+                    }
+                }
+            };
             {
-                let (wp, _a) = pw.device_ptr(stream);
-                let (sp, _b) = ps.device_ptr(stream);
                 let (op, _c) = out.device_ptr(stream);
+                // The combine reads the splits' partials: the previous stage's output.
+                let (wp, sp) = if st.kind == ProbeKind::AttentionCombine {
+                    let prev = table.len() - 8;
+                    (table[prev + 2], 0)
+                } else {
+                    (pw.device_ptr(stream).0, ps.device_ptr(stream).0)
+                };
                 table.extend_from_slice(&[
                     wp,
                     sp,
                     op,
                     st.n as u64 | (st.k as u64) << 32,
-                    st.gated as u64 | (st.late as u64) << 1,
+                    st.gated as u64 | (st.late as u64) << 1 | kind << 2,
                     post.to_bits() as u64,
                     woff as u64 | (soff as u64) << 32,
-                    0,
+                    ctx | kvh << 32,
                 ]);
             }
             packed.push(pw);
@@ -467,7 +666,7 @@ pub fn stage_reference(
     m: &Fp4Matrix,
     input: &[bf16],
 ) -> Result<Vec<f64>, CudaError> {
-    if input.len() < st.k || (m.n, m.k) != (st.n, st.k) {
+    if st.kind != ProbeKind::Product || input.len() < st.k || (m.n, m.k) != (st.n, st.k) {
         return Err(CudaError::Mismatch {
             what: "stage_reference",
             reason: format!(
@@ -503,34 +702,66 @@ pub fn stage_reference(
         .collect())
 }
 
-/// The whole chain on the CPU from `x0`: every stage's output rounded to bf16, as the kernel
-/// stores it and the next stage reads it.
-pub fn chain_reference(
-    stages: &[(ProbeStage, &Fp4Matrix)],
-    x0: &[bf16],
-) -> Result<Vec<Vec<bf16>>, CudaError> {
-    let mut outs: Vec<Vec<bf16>> = Vec::with_capacity(stages.len());
-    for (i, (st, m)) in stages.iter().enumerate() {
-        let input: &[bf16] = if i == 0 { x0 } else { &outs[i - 1] };
-        let y = stage_reference(st, m, input)?;
-        outs.push(y.iter().map(|&v| bf16::from_f64(v)).collect());
+/// Decode attention on the CPU: for each head, softmax(q k^T / sqrt(128)) v over the
+/// `context` keys of its KV head (`[kv_heads][context][128]` caches), in f64 from the bf16
+/// inputs; `heads * 128` values.
+pub fn attention_reference(
+    q: &[bf16],
+    k: &[bf16],
+    v: &[bf16],
+    heads: usize,
+    kv_heads: usize,
+    context: usize,
+) -> Vec<f64> {
+    let f = |x: &bf16| x.to_f64();
+    let mut out = vec![0f64; heads * 128];
+    for h in 0..heads {
+        let kv = h / (heads / kv_heads);
+        let qh: Vec<f64> = q[h * 128..h * 128 + 128].iter().map(f).collect();
+        let row = |p: usize| (kv * context + p) * 128;
+        let scores: Vec<f64> = (0..context)
+            .map(|p| {
+                let r = row(p);
+                k[r..r + 128]
+                    .iter()
+                    .zip(&qh)
+                    .map(|(a, b)| f(a) * b)
+                    .sum::<f64>()
+                    / 128f64.sqrt()
+            })
+            .collect();
+        let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+        let sum: f64 = w.iter().sum();
+        for (p, wp) in w.iter().enumerate() {
+            let r = row(p);
+            for d in 0..128 {
+                out[h * 128 + d] += wp * f(&v[r + d]) / sum;
+            }
+        }
     }
-    Ok(outs)
+    out
 }
 
 /// The products of one Qwen3-30B-A3B decoder layer at one token as a probe chain: q/k/v
 /// [2048 -> 5120], o_proj [4096 -> 2048], the eight chosen experts' gate/up as one gated
 /// [2048 -> 2 x 6144] (late: its rows are known only after the router) and their down as one
-/// [6144 -> 2048] (the eight experts' sums added, as the combine does). The attention, the
-/// router and the top-k are left out.
-pub fn qwen3_moe_layer() -> Vec<ProbeStage> {
-    let st = |n, k, gated, late| ProbeStage { n, k, gated, late };
-    vec![
-        st(5120, 2048, false, false),
+/// [6144 -> 2048] (the eight experts' sums added, as the combine does). With `context`, the
+/// decode attention of its 32 query and 4 KV heads over that many keys between q/k/v and
+/// o_proj (q/k norms, RoPE and the cache write left out); without, no attention. The router and
+/// the top-k are left out.
+pub fn qwen3_moe_layer(context: Option<usize>) -> Vec<ProbeStage> {
+    let st = ProbeStage::product;
+    let mut v = vec![st(5120, 2048, false, false)];
+    if let Some(c) = context {
+        v.extend(ProbeStage::attention(32, 4, c));
+    }
+    v.extend([
         st(2048, 4096, false, false),
         st(12288, 2048, true, true),
         st(2048, 6144, false, false),
-    ]
+    ]);
+    v
 }
 
 #[cfg(test)]
@@ -539,8 +770,15 @@ mod tests {
 
     #[test]
     fn the_qwen3_layer_fits_one_block_per_sm() {
-        let layer: Vec<ProbeStage> = (0..4).flat_map(|_| qwen3_moe_layer()).collect();
+        let layer: Vec<ProbeStage> = (0..4).flat_map(|_| qwen3_moe_layer(None)).collect();
         check_stages(&layer, 132).unwrap();
+        // With attention over 512 keys: 256 split units, two per block (64 KiB of keys and
+        // values), beside q/k/v's 55 KiB.
+        let att: Vec<ProbeStage> = (0..4).flat_map(|_| qwen3_moe_layer(Some(512))).collect();
+        check_stages(&att, 132).unwrap();
+        assert_eq!(max_tiles(&att[1], 132), 2);
+        let ring1 = (X_OFF + 2 * 6144 + 16).next_multiple_of(128);
+        place_stages(&att, 132, ring1, 233_472 - 2048).unwrap();
         let ring0 = (X_OFF + 2 * 6144 + 16).next_multiple_of(128);
         let (offs, used) = place_stages(&layer, 132, ring0, 233_472 - 2048).unwrap();
         assert!(used <= 233_472 - 2048, "{used}");
@@ -554,12 +792,7 @@ mod tests {
 
     #[test]
     fn bad_chains_are_refused_with_the_stage() {
-        let st = |n, k| ProbeStage {
-            n,
-            k,
-            gated: false,
-            late: false,
-        };
+        let st = |n, k| ProbeStage::product(n, k, false, false);
         assert!(check_stages(&[st(100, 256)], 132)
             .unwrap_err()
             .contains("stage 0"));
@@ -567,13 +800,18 @@ mod tests {
         assert!(e.contains("stage 1 reads 512"), "{e}");
         let e = check_stages(&[st(16 * 9 * 2, 256)], 2).unwrap_err();
         assert!(e.contains("9 tiles per block"), "{e}");
-        let big = ProbeStage {
-            n: 16 * 8 * 132,
-            k: 8192,
-            gated: false,
-            late: false,
-        };
+        let big = st(16 * 8 * 132, 8192);
         assert!(place_stages(&[big], 132, 0, 200_000).is_err());
+        // Attention halves only as a pair, within the kernel's limits.
+        let [splits, combine] = ProbeStage::attention(32, 4, 512);
+        let e = check_stages(&[st(5120, 256), splits, st(2048, 4096)], 132).unwrap_err();
+        assert!(e.contains("without their combine"), "{e}");
+        let e = check_stages(&[st(5120, 256), combine], 132).unwrap_err();
+        assert!(e.contains("without attention splits"), "{e}");
+        let [long, _] = ProbeStage::attention(32, 4, 4096);
+        let e = check_stages(&[st(5120, 256), long, combine], 132).unwrap_err();
+        assert!(e.contains("at most 2048"), "{e}");
+        check_stages(&[st(5120, 256), splits, combine, st(2048, 4096)], 132).unwrap();
     }
 
     #[test]
@@ -600,7 +838,7 @@ mod tests {
 
     #[test]
     fn tiles_cover_every_row_once() {
-        for st in qwen3_moe_layer() {
+        for st in qwen3_moe_layer(None) {
             let mut next = 0;
             for b in 0..132 {
                 let (t0, t1) = block_tiles(&st, b, 132);
