@@ -344,12 +344,19 @@ __device__ __forceinline__ void sp_attn_splits(const SpStage& st, const u8* smem
             }
         }
         __syncthreads();
-        if (tid < SP_HEAD) {
-            float o = 0.f;
-            for (int key = 0; key < SP_SPLIT; key++)
-                o = fmaf(sc[key], bf16_to_f32(V[key * SP_HEAD + tid]), o);
-            part[(size_t)u * SP_PART + 2 + tid] = sp_tagged(tag, o);
+        // P V: keys 0..31 by threads 0..127, keys 32..63 by threads 128..255 (half the chain),
+        // the second half's sums added through shared memory.
+        float o = 0.f;
+        if (tid < 2 * SP_HEAD) {
+            const int k0 = (tid / SP_HEAD) * (SP_SPLIT / 2), dd = tid % SP_HEAD;
+#pragma unroll 8
+            for (int key = k0; key < k0 + SP_SPLIT / 2; key++)
+                o = fmaf(sc[key], bf16_to_f32(V[key * SP_HEAD + dd]), o);
+            if (tid >= SP_HEAD) sc[SP_SPLIT + 2 + dd] = o;
         }
+        __syncthreads();
+        if (tid < SP_HEAD)
+            part[(size_t)u * SP_PART + 2 + tid] = sp_tagged(tag, o + sc[SP_SPLIT + 2 + tid]);
         if (tid == 0) {
             part[(size_t)u * SP_PART] = sp_tagged(tag, sc[SP_SPLIT]);
             part[(size_t)u * SP_PART + 1] = sp_tagged(tag, sc[SP_SPLIT + 1]);
@@ -383,12 +390,21 @@ __device__ __forceinline__ void sp_attn_combine(const SpStage& st, int b, int G,
         float den = wz * lz;
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) den += __shfl_xor_sync(0xffffffffu, den, o);
+        // Every split's element d at once (one L2 round trip, not ns in a row), again while a
+        // tag is missing.
+        u64 o[32];
+        bool ready;
+        do {
+            ready = true;
+#pragma unroll 8
+            for (int z = 0; z < ns; z++) {
+                o[z] = sp_load_relaxed64(part + (size_t)(z * heads + h) * SP_PART + 2 + d);
+            }
+            for (int z = 0; z < ns; z++) ready = ready && (u32)(o[z] >> 32) == want;
+        } while (flagged && !ready);
         float acc = 0.f;
-        for (int z = 0; z < ns; z++) {
-            const float w = __shfl_sync(0xffffffffu, wz, z);
-            const u64* p = part + (size_t)(z * heads + h) * SP_PART + 2 + d;
-            acc = fmaf(w, sp_poll_f32(p, want, flagged), acc);
-        }
+        for (int z = 0; z < ns; z++)
+            acc = fmaf(__shfl_sync(0xffffffffu, wz, z), __uint_as_float((u32)o[z]), acc);
         st.out[h * SP_HEAD + d] = tag16 | f32_to_bf16(acc / den);
     }
 }
@@ -479,6 +495,12 @@ __device__ __forceinline__ void stage_probe_body(const u64* __restrict__ tab, in
                     sp_issue(st, sbase, bar, b, G);
                     if (next && !next_late) sp_issue(nx, sbase, nbar, b, G);
                 }
+            }
+            // A stage without an input row (the attention combine polls its own): its late
+            // copies (none of its own, the next stage's) once its turn comes.
+            if (st.k == 0 && tid == 0 && copy && late) {
+                sp_issue(st, sbase, bar, b, G);
+                if (next && !next_late) sp_issue(nx, sbase, nbar, b, G);
             }
         }
         if (tid == 0) *(uint4*)(xs + st.k) = make_uint4(0, 0, 0, 0);
