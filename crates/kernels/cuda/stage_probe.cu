@@ -1,4 +1,5 @@
-// Persistent stage-chain probe (probe.rs `StageChain`; `mimo-bench-kernels --layer-probe`).
+// Persistent stage-chain probe (crates/kernels/src/cuda/probe/, `StageChain`;
+// `mimo-bench-kernels --layer-probe`).
 //
 // Compiled in the same unit as fp4_gemm.cu and fp4_bulk.cu, after them: it uses their decode
 // and mma (`compute_chunks` on a `WeightRegs` set, activations read from shared memory) and
@@ -40,7 +41,7 @@
 // each 32-element slice of a head, one warp per slice, into the bf16 attention output (n words).
 // Shared memory: two mbarriers at 0, the cross-warp sums at SP_RED_OFF, the input row at
 // SP_X_OFF (then 8 zero elements: the mma operand of the 7 empty token slots), then the stages'
-// weights at the host's offsets (probe.rs: stage s and s + 1 never overlap).
+// weights at the host's offsets (probe/stages.rs `place_stages`: stage s and s + 1 never overlap).
 // stamps[((s * G) + b) * 4 + i]: %globaltimer at the stage's top, input in shared memory,
 // weights in shared memory, output stored (thread 0 of each block).
 

@@ -67,7 +67,7 @@ struct Args {
     /// --no-sweep.
     #[arg(long)]
     moe_sweep: bool,
-    /// Only the persistent stage-chain probe (probe.rs) over this many Qwen3-30B-A3B layers'
+    /// Only the persistent stage-chain probe (cuda/probe/) over this many Qwen3-30B-A3B layers'
     /// products; its report replaces the kernel rows.
     #[arg(long)]
     layer_probe: Option<usize>,
@@ -1015,7 +1015,7 @@ fn report(
     })
 }
 
-/// The persistent stage-chain probe over `layers` Qwen3-30B-A3B layers' products (probe.rs):
+/// The persistent stage-chain probe over `layers` Qwen3-30B-A3B layers (cuda/probe/):
 /// per mode, the launch's median time, per layer and as weight TB/s; per stage of a layer
 /// (layers after the first, averaged), where the time went.
 fn layer_probe(

@@ -31,7 +31,7 @@ pub(crate) const FP4_GEMM_SRC: (&str, &str) = (
         include_str!("../../cuda/fp4_wgmma.cu")
     ),
 );
-/// The stage-chain probe (probe.rs): fp4_gemm.cu's and fp4_bulk.cu's device functions without
+/// The stage-chain probe (cuda/probe/): fp4_gemm.cu's and fp4_bulk.cu's device functions without
 /// their kernels (`MIMO_HELPERS_ONLY`), then stage_probe.cu. A program of its own, compiled on
 /// the probe's first use, so that the kernels every process compiles do not grow with it.
 pub(crate) const STAGE_PROBE_SRC: (&str, &str) = (
