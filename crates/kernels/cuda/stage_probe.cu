@@ -19,14 +19,16 @@
 // (launch, stage) pair. Two ways to wait (A/B): a grid-wide barrier on a monotone arrival count,
 // then one load of the input; or, with SP_FLAGGED, no barrier: each thread loads its share of
 // the input until every word carries the stage's tag (data and flag in one word, as NCCL's LL
-// protocol does), one L2 round trip instead of two. Block b owns a contiguous run of 16-row
-// tiles of every product stage (pairs of tiles for a gated stage). The weights are in the probe's tile-major layout: for
-// tile T and 128-element chunk c, 1024 bytes of packed words (row r of the tile at r * 64) then,
-// in a separate array, 128 scale bytes (row r at r * 8), so a block's tiles are one contiguous
-// range and lane (g, t)'s 16-byte pieces of rows g and g + 8 are conflict-free in shared memory.
-// Thread 0 copies them with two bulk copies completing on the stage's mbarrier (stage parity),
-// at the top of the stage before (prefetch), or, for a `late` stage (an MoE expert stage, whose
-// rows are known only once its input is), right after that stage's own barrier.
+// protocol does), one L2 round trip instead of two.
+//
+// Block b owns a contiguous run of 16-row tiles of every product stage (pairs of tiles for a
+// gated stage). The weights are in the probe's tile-major layout: for tile T and 128-element
+// chunk c, 1024 bytes of packed words (row r of the tile at r * 64) then, in a separate array,
+// 128 scale bytes (row r at r * 8), so a block's tiles are one contiguous range and lane
+// (g, t)'s 16-byte pieces of rows g and g + 8 are conflict-free in shared memory. Thread 0
+// copies them with two bulk copies completing on the stage's mbarrier (stage parity), at the
+// top of the stage before (prefetch), or, for a `late` stage (an MoE expert stage, whose rows
+// are known only once its input is), once its own input starts to arrive.
 //
 // Stage table: 8 u64 per stage: packed, scales, out (u32 words), n | k << 32, gated | late << 1
 // | kind << 2, f32 bits of post (2^A / global scale), weight smem offset | scale smem offset << 32,
