@@ -64,10 +64,12 @@ impl ProbeMode {
     }
 }
 
-/// The tag in the high half of stage `s`'s output words after launch `epoch` of a chain of
-/// `stages` (`sp_tag`: unique per launch and stage modulo 65,535, never 0).
-pub fn probe_tag(epoch: u32, stages: usize, s: usize) -> u32 {
-    ((epoch as u64 * stages as u64 + s as u64) % 65535) as u32 + 1
+/// The tag in the high half of stage `s`'s output words after launch `launch` of a chain of
+/// `stages` (`sp_tag` of the epoch `launch % 65535` the kernel is given): never 0, and unlike
+/// the previous launch's tag for the same stage (the stage count is below 65,535), so a
+/// consumer never takes a word the previous launch left.
+pub fn probe_tag(launch: u64, stages: usize, s: usize) -> u32 {
+    ((launch % 65535 * stages as u64 + s as u64) % 65535) as u32 + 1
 }
 
 /// A chain of products on the device, ready to launch.
@@ -82,7 +84,7 @@ pub struct StageChain {
     counter: CudaSlice<u64>,
     stamps: CudaSlice<u64>,
     arrivals: u64,
-    launches: u32,
+    launches: u64,
     grid: usize,
     smem: usize,
 }
@@ -289,7 +291,8 @@ impl StageChain {
         };
         let s = self.stages.len() as i32;
         let base = self.arrivals;
-        let epoch = self.launches;
+        // The kernel's tags depend on the launch modulo 65,535 only (probe_tag).
+        let epoch = (self.launches % 65535) as u32;
         let flags = mode.flags();
         let mut b = gpu.stream().launch_builder(&f);
         b.arg(&self.table)
@@ -310,7 +313,7 @@ impl StageChain {
         if !mode.flagged {
             self.arrivals += (self.stages.len() as u64 - 1) * self.grid as u64;
         }
-        self.launches = self.launches.wrapping_add(1);
+        self.launches += 1;
         Ok(())
     }
 
@@ -336,8 +339,8 @@ impl StageChain {
         gpu.stream().clone_dtoh(o).map_err(drv("probe output"))
     }
 
-    /// Launches so far (the next launch's epoch).
-    pub fn launches(&self) -> u32 {
+    /// Launches so far (the next launch's number, for [`probe_tag`]).
+    pub fn launches(&self) -> u64 {
         self.launches
     }
 
@@ -347,5 +350,25 @@ impl StageChain {
         gpu.stream()
             .clone_dtoh(&self.stamps)
             .map_err(drv("probe stamps"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_tags_are_never_zero_and_differ_between_neighbouring_launches() {
+        let stages = 48;
+        for epoch in [0u64, 1, 1364, 1365, 65534, u32::MAX as u64, u64::MAX - 1] {
+            for s in 0..stages {
+                let t = probe_tag(epoch, stages, s);
+                assert!((1..=65535).contains(&t), "{epoch} {s}: {t}");
+                assert_ne!(t, probe_tag(epoch + 1, stages, s), "{epoch} {s}");
+                if s + 1 < stages {
+                    assert_ne!(t, probe_tag(epoch, stages, s + 1), "{epoch} {s}");
+                }
+            }
+        }
     }
 }

@@ -157,4 +157,34 @@ mod tests {
         assert!((t[1].weights_wait_us - 1.0).abs() < 1e-9, "{t:?}");
         assert!((t[1].compute_us - 3.0).abs() < 1e-9, "{t:?}");
     }
+
+    #[test]
+    fn attention_reference_weights_values_by_their_scores() {
+        // Two query heads on one KV head, two keys. Head 0's q is zero: equal scores, the mean
+        // of the values. Head 1's q favours key 1 by a score gap of ln(3) (q . k1 = ln(3) *
+        // sqrt(128) through one element): weights 1/4 and 3/4.
+        let (heads, kv_heads, context) = (2, 1, 2);
+        let gap = 3f64.ln() * 128f64.sqrt();
+        let mut q = vec![bf16::ZERO; heads * 128];
+        q[128] = bf16::from_f64(gap);
+        let mut k = vec![bf16::ZERO; context * 128];
+        k[128] = bf16::ONE; // key 1, element 0
+        let v: Vec<bf16> = (0..context * 128)
+            .map(|i| bf16::from_f32(if i < 128 { 1.0 } else { 5.0 }))
+            .collect();
+        let out = attention_reference(&q, &k, &v, heads, kv_heads, context);
+        // The score gap as bf16 rounds it.
+        let g = bf16::from_f64(gap).to_f64() / 128f64.sqrt();
+        let w1 = g.exp() / (1.0 + g.exp());
+        for d in 0..128 {
+            assert!(
+                (out[d] - 3.0).abs() < 1e-12,
+                "head 0, element {d}: {}",
+                out[d]
+            );
+            let want = (1.0 - w1) + 5.0 * w1;
+            assert!((out[128 + d] - want).abs() < 1e-12, "head 1, element {d}");
+        }
+        assert!((w1 - 0.75).abs() < 0.01);
+    }
 }

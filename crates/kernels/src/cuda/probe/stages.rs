@@ -210,8 +210,11 @@ pub(super) fn place_stages(
 
 /// Checks a chain's shapes (what the kernel assumes).
 pub(super) fn check_stages(stages: &[ProbeStage], grid: usize) -> Result<(), String> {
-    if stages.is_empty() {
-        return Err("no stages".into());
+    if stages.is_empty() || stages.len() >= 65535 {
+        return Err(format!(
+            "{} stages (1 to 65,534: the output tags count them)",
+            stages.len()
+        ));
     }
     for (i, st) in stages.iter().enumerate() {
         match st.kind {
