@@ -477,8 +477,15 @@ __device__ __forceinline__ void stage_probe_body(const u64* __restrict__ tab, in
             }
             __syncthreads();
         }
-        // A late stage's weights are asked for once its input is ready: after the barrier, or
-        // (flagged) after the first thread's share of the input carried the tag.
+        // A late stage's weights (and then its successor's) are asked for by thread 0 once its
+        // first piece of the input has arrived (after the barrier, or carrying the tag), or at
+        // once by a stage without an input row (the attention combine polls its own).
+        bool late_pending = tid == 0 && copy && late;
+        auto issue_late = [&]() {
+            sp_issue(st, sbase, bar, b, G);
+            if (next && !next_late) sp_issue(nx, sbase, nbar, b, G);
+            late_pending = false;
+        };
         const u32 want = sp_tag(epoch, S, s - 1);
         if (s == 0) {
             for (int i = tid; i < st.k / 8; i += blockDim.x)
@@ -494,17 +501,9 @@ __device__ __forceinline__ void stage_probe_body(const u64* __restrict__ tab, in
                                      (v.z >> 16) != want || (v.w >> 16) != want));
                 *(uint2*)(xs + 4 * i) = make_uint2((v.x & 0xFFFFu) | (v.y << 16),
                                                    (v.z & 0xFFFFu) | (v.w << 16));
-                if (i == tid && tid == 0 && copy && late) {
-                    sp_issue(st, sbase, bar, b, G);
-                    if (next && !next_late) sp_issue(nx, sbase, nbar, b, G);
-                }
+                if (late_pending) issue_late();
             }
-            // A stage without an input row (the attention combine polls its own): its late
-            // copies (none of its own, the next stage's) once its turn comes.
-            if (st.k == 0 && tid == 0 && copy && late) {
-                sp_issue(st, sbase, bar, b, G);
-                if (next && !next_late) sp_issue(nx, sbase, nbar, b, G);
-            }
+            if (late_pending) issue_late();
         }
         if (tid == 0) *(uint4*)(xs + st.k) = make_uint4(0, 0, 0, 0);
         __syncthreads();

@@ -1078,7 +1078,7 @@ fn layer_probe(
             ProbeKind::AttentionSplits {
                 kv_heads, context, ..
             } => 2 * kv_heads * context * 128 * 2,
-            ProbeKind::AttentionCombine => 0,
+            ProbeKind::AttentionCombine { .. } => 0,
         })
         .sum();
     let mut chain = StageChain::new(gpu, &pairs)?;

@@ -136,7 +136,7 @@ impl StageChain {
                     },
                     ProbeData::KvCache { k, v },
                 ) if k.len() == kv_heads * context * 128 && v.len() == k.len() => continue,
-                (ProbeKind::AttentionCombine, ProbeData::None) => continue,
+                (ProbeKind::AttentionCombine { .. }, ProbeData::None) => continue,
                 _ => {
                     return Err(shape(format!(
                         "stage {i}: {:?} given for a {:?} stage",
@@ -168,7 +168,7 @@ impl StageChain {
         let up = |what: &'static str, v: &[u8]| stream.clone_htod(v).map_err(drv(what));
         let mut packed = Vec::new();
         let mut scales = Vec::new();
-        let mut outs = Vec::new();
+        let mut outs: Vec<CudaSlice<u32>> = Vec::new();
         let mut table = Vec::with_capacity(8 * list.len());
         let shift = scale_shift(Fp4Format::Nvfp4, &[]);
         let bits = |v: &[bf16]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
@@ -191,21 +191,19 @@ impl StageChain {
                 ProbeKind::AttentionSplits {
                     kv_heads, context, ..
                 } => (1, context as u64, kv_heads as u64),
-                ProbeKind::AttentionCombine => {
-                    match table.len().checked_sub(8).map(|i| table[i + 7]) {
-                        Some(prev) => (2, prev & 0xffff_ffff, prev >> 32),
-                        None => (2, 0, 0),
-                    }
-                }
+                ProbeKind::AttentionCombine {
+                    kv_heads, context, ..
+                } => (2, context as u64, kv_heads as u64),
             };
             {
                 let (op, _c) = out.device_ptr(stream);
-                // The combine reads the splits' partials: the previous stage's output.
-                let (wp, sp) = if st.kind == ProbeKind::AttentionCombine {
-                    let prev = table.len() - 8;
-                    (table[prev + 2], 0)
-                } else {
-                    (pw.device_ptr(stream).0, ps.device_ptr(stream).0)
+                // The combine reads the splits' partials: the previous stage's output
+                // (check_stages puts the splits right before it).
+                let (wp, sp) = match (st.kind, outs.last()) {
+                    (ProbeKind::AttentionCombine { .. }, Some(partials)) => {
+                        (partials.device_ptr(stream).0, 0)
+                    }
+                    _ => (pw.device_ptr(stream).0, ps.device_ptr(stream).0),
                 };
                 table.extend_from_slice(&[
                     wp,

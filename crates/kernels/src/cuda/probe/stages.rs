@@ -29,9 +29,16 @@ pub enum ProbeKind {
         /// Keys attended to, a multiple of 64, at most 2,048.
         context: usize,
     },
-    /// Decode attention's second half: the splits of the previous stage merged into the
-    /// `heads * 128` bf16 attention output.
-    AttentionCombine,
+    /// Decode attention's second half: the splits of the previous stage (the same shape)
+    /// merged into the `heads * 128` bf16 attention output.
+    AttentionCombine {
+        /// Query heads.
+        heads: usize,
+        /// Key/value heads.
+        kv_heads: usize,
+        /// Keys attended to.
+        context: usize,
+    },
 }
 
 /// Bytes of one attention split's keys (or values) in shared memory.
@@ -90,7 +97,11 @@ impl ProbeStage {
                 k: 0,
                 gated: false,
                 late: false,
-                kind: ProbeKind::AttentionCombine,
+                kind: ProbeKind::AttentionCombine {
+                    heads,
+                    kv_heads,
+                    context,
+                },
             },
         ]
     }
@@ -119,7 +130,7 @@ impl ProbeStage {
     fn units(&self) -> usize {
         match self.kind {
             ProbeKind::AttentionSplits { heads, context, .. } => heads * (context / 64),
-            ProbeKind::AttentionCombine => self.n / 32,
+            ProbeKind::AttentionCombine { .. } => self.n / 32,
             ProbeKind::Product => 0,
         }
     }
@@ -185,7 +196,7 @@ pub(super) fn place_stages(
                 tiles * chunks * (TILE_CHUNK_W + TILE_CHUNK_S),
             ),
             ProbeKind::AttentionSplits { .. } => (0, tiles * 2 * SPLIT_BYTES),
-            ProbeKind::AttentionCombine => (0, 0),
+            ProbeKind::AttentionCombine { .. } => (0, 0),
         };
         let mut start = prev.map_or(ring0, |p| p.1.next_multiple_of(128));
         if start + bytes > limit {
@@ -237,9 +248,12 @@ pub(super) fn check_stages(stages: &[ProbeStage], grid: usize) -> Result<(), Str
                          {context} keys (a multiple of 64, at most 2048)"
                     ));
                 }
-                if stages.get(i + 1).map(|n| (n.kind, n.n))
-                    != Some((ProbeKind::AttentionCombine, st.n))
-                {
+                let combine = ProbeKind::AttentionCombine {
+                    heads,
+                    kv_heads,
+                    context,
+                };
+                if stages.get(i + 1).map(|n| (n.kind, n.n)) != Some((combine, st.n)) {
                     return Err(format!("stage {i}: attention splits without their combine"));
                 }
                 if max_tiles(st, grid) > PROBE_MAX_TILES / 2 {
@@ -250,7 +264,7 @@ pub(super) fn check_stages(stages: &[ProbeStage], grid: usize) -> Result<(), Str
                     ));
                 }
             }
-            ProbeKind::AttentionCombine => {
+            ProbeKind::AttentionCombine { .. } => {
                 if i == 0 || !matches!(stages[i - 1].kind, ProbeKind::AttentionSplits { .. }) {
                     return Err(format!(
                         "stage {i}: a combine without attention splits before it"
