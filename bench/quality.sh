@@ -30,12 +30,16 @@ head -c 80000 "$WORK/indomain.txt" > "$WORK/indomain_half.txt"
 # as the comparisons' 512-token windows); `@seed7`, `@seed42`: other seeds (the same 315 samples
 # in another order, so other sequence boundaries and contexts: how much a result moves with the
 # draw alone).
-RECIPES=(seq512 seed7 seed42)
+# `@self7`, `@self42`: the embedded self-generated recipe (`--calib self`, calibration/self.json)
+# with other seeds (other draws of the openings and other sampled continuations).
+RECIPES=(seq512 seed7 seed42 self7 self42)
 python3 - "$WORK" "$PWD/calibration" <<'PY'
 import json, sys
 work, cal = sys.argv[1], sys.argv[2]
-for name, change in [("seq512", {"seq_len": 512}), ("seed7", {"seed": 7}), ("seed42", {"seed": 42})]:
-    r = json.load(open(cal + "/default.json"))
+for name, base, change in [("seq512", "default", {"seq_len": 512}), ("seed7", "default", {"seed": 7}),
+                           ("seed42", "default", {"seed": 42}), ("self7", "self", {"seed": 7}),
+                           ("self42", "self", {"seed": 42})]:
+    r = json.load(open(f"{cal}/{base}.json"))
     r["data"] = cal + "/" + r["data"]
     r.update(change)
     json.dump(r, open(f"{work}/{name}.json", "w"))
@@ -115,6 +119,21 @@ VARIANTS=(
   "nvfp4-gptq-ao-r5-qkv-indomain-half|nvfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --ignore *q_proj* --ignore *k_proj* --ignore *v_proj* --calib @indomain_half"
   "nvfp4-gptq-ao-ss-r5-kvo|nvfp4|--method gptq --act-order --damp 0.1 --mse-scale-search --gptq-refine 5 --ignore *k_proj* --ignore *v_proj* --ignore *o_proj*"
   "nvfp4-gptq-ao-ss-r5-kvo-indomain-half|nvfp4|--method gptq --act-order --damp 0.1 --mse-scale-search --gptq-refine 5 --ignore *k_proj* --ignore *v_proj* --ignore *o_proj* --calib @indomain_half"
+  # Calibrated on the model's own text (`--calib self`: continuations of the embedded set's
+  # openings sampled from the BF16 model, calibration/self.json), and its seed spread.
+  "nvfp4-mse-self|nvfp4|--method mse --calib self"
+  "nvfp4-gptq-ao-self|nvfp4|--method gptq --act-order --damp 0.1 --calib self"
+  "nvfp4-gptq-ao-self7|nvfp4|--method gptq --act-order --damp 0.1 --calib @self7"
+  "nvfp4-gptq-ao-self42|nvfp4|--method gptq --act-order --damp 0.1 --calib @self42"
+  "nvfp4-gptq-ao-r5-self|nvfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --calib self"
+  "nvfp4-gptq-ao-asym-r5-self|nvfp4|--method gptq --act-order --damp 0.1 --asymmetric --gptq-refine 5 --calib self"
+  "mxfp4-gptq-ao-self|mxfp4|--method gptq --act-order --damp 0.1 --calib self"
+  "mxfp4-gptq-ao-r5-self|mxfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --calib self"
+  "nvfp4-gptq-ao-r5-experts-self|nvfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --experts-only --calib self"
+  "nvfp4-gptq-ao-r5-experts-self7|nvfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --experts-only --calib @self7"
+  "nvfp4-gptq-ao-r5-experts-self42|nvfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --experts-only --calib @self42"
+  "nvfp4-gptq-ao-self-gpu|nvfp4|--method gptq --act-order --damp 0.1 --calib self --calib-device cuda"
+  "nvfp4-gptq-ao-r5-kvo-self|nvfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --ignore *k_proj* --ignore *v_proj* --ignore *o_proj* --calib self"
   # lm_head NVFP4 too (`--quantize-lm-head`: the FP4 head of the batch-1 speed tables).
   "nvfp4-gptq-ao-r5-head|nvfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --quantize-lm-head"
   "nvfp4-rtn-head|nvfp4|--method rtn --quantize-lm-head"

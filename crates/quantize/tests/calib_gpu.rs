@@ -10,7 +10,9 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use mimo_quant::calib::run::{calibrate_and_quantize, CalibDevice};
+use mimo_quant::calib::data::Sample;
+use mimo_quant::calib::run::{calibrate_and_quantize, CalibDevice, Progress};
+use mimo_quant::calib::selfgen::{prompt_of, Continuer, GpuContinuer, SelfGenerate};
 use mimo_quant::calib::stats::CollectOptions;
 use mimo_quant::convert::convert;
 use mimo_quant::methods::gptq::GptqOptions;
@@ -220,7 +222,7 @@ fn gpu_layer_walk_matches_the_cpu_walk_on_the_embedded_model() {
     let Some(g) = gpu() else { return };
     let dir = embedded_model();
     let tok = mimo_runtime::tokenizer::TextTokenizer::from_dir(&dir).unwrap();
-    let data = mimo_quant::calib::load_sequences("default", &tok).unwrap();
+    let data = mimo_quant::calib::load_sequences("default", &tok, None).unwrap();
     walk_both(&g, &dir, &data.sequences[..6], "mimo-tiny-moe");
 }
 
@@ -402,7 +404,7 @@ fn gptq_run(
         None,
         false,
         device,
-        &|_, _| {},
+        &Progress::NONE,
     )
     .unwrap()
 }
@@ -468,4 +470,72 @@ fn final_norm_of_the_gpu_walk_equals_the_cpus() {
     let (run, weights) = gptq_run(&embedded_model(), CalibDevice::Cuda, true);
     assert_eq!(run.backend, "cuda");
     assert!(weights.weights.contains_key("lm_head"));
+}
+
+/// Self-generated calibration text on the GPU: the device's continuations start with their
+/// prompts, repeat for a seed and differ for another; a whole calibration run with a generating
+/// recipe (text written by the walk's own model on the device, then the walk) covers every
+/// expert and repeats.
+#[test]
+fn self_generated_calibration_on_the_gpu() {
+    let Some(g) = gpu() else { return };
+    let dir = embedded_model();
+    let tok = mimo_runtime::tokenizer::TextTokenizer::from_dir(&dir).unwrap();
+    let mut model = GpuModel::load(g, &dir).unwrap();
+    let samples: Vec<Sample> = ["The old library kept its maps", "def parse(line): return x"]
+        .iter()
+        .map(|t| Sample {
+            set: "user".into(),
+            text: t.to_string(),
+        })
+        .collect();
+    let gen = SelfGenerate {
+        prompt_words: 3,
+        new_tokens: 24,
+        ..SelfGenerate::default()
+    };
+    let mut c = GpuContinuer {
+        model: &mut model,
+        progress: &|_, _| {},
+    };
+    let a = c.continue_samples(&tok, &samples, &gen, 5).unwrap();
+    let b = c.continue_samples(&tok, &samples, &gen, 5).unwrap();
+    let other = c.continue_samples(&tok, &samples, &gen, 6).unwrap();
+    assert_eq!(a, b, "the same seed gave other text on the GPU");
+    assert_ne!(a, other, "another seed gave the same text");
+    for (o, s) in a.iter().zip(&samples) {
+        let p = prompt_of(&s.text, 3);
+        assert!(
+            o.text.starts_with(p) && o.text.len() > p.len(),
+            "{:?}",
+            o.text
+        );
+    }
+    drop(model);
+    let recipe = tempfile::tempdir().unwrap();
+    let spec = recipe.path().join("self.json");
+    let r = serde_json::json!({"data": "mimo-calib.jsonl", "samples": 12, "seq_len": 64,
+        "seed": 2, "generate": {"new_tokens": 32}});
+    std::fs::write(&spec, r.to_string()).unwrap();
+    let run = |device| {
+        mimo_quant::calib::calibrate(
+            &dir,
+            spec.to_str().unwrap(),
+            CollectOptions::default(),
+            device,
+            &Progress::NONE,
+        )
+        .unwrap()
+    };
+    let first = run(CalibDevice::Cuda);
+    assert_eq!(first.backend, "cuda");
+    assert!(first.stats.tokens > 12 * 8, "{} tokens", first.stats.tokens);
+    assert_eq!(first.data.recipe.generate.map(|g| g.new_tokens), Some(32));
+    let cov = &first.stats.coverage;
+    assert_eq!(cov.tokens_per_layer, first.stats.tokens as u64);
+    let again = run(CalibDevice::Cuda);
+    assert_eq!(
+        first.data.sequences, again.data.sequences,
+        "GPU text changed"
+    );
 }

@@ -7,6 +7,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use mimo_quant::calib::data::{parse_jsonl, parse_recipe, select, Sample, EMBEDDED_SET};
+use mimo_quant::calib::selfgen::{prompt_of, Continuer, CpuContinuer, SelfGenerate};
 use mimo_quant::calib::{collect, CollectOptions, DataError, Recipe};
 use mimo_quant::convert::{convert_with, ConvertConfig};
 use mimo_quant::methods::{Method, QuantOptions};
@@ -77,15 +78,15 @@ fn heldout_text_is_refused() {
     std::fs::write(&f, "some evaluation text").unwrap();
     let tok_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/mimo-tiny-moe");
     let tok = mimo_runtime::tokenizer::TextTokenizer::from_dir(&tok_dir).unwrap();
-    let e = mimo_quant::calib::load_sequences(f.to_str().unwrap(), &tok).unwrap_err();
+    let e = mimo_quant::calib::load_sequences(f.to_str().unwrap(), &tok, None).unwrap_err();
     assert!(matches!(e, DataError::HeldOut { .. }), "{e}");
     // A .txt elsewhere is accepted and cut into sequences.
     let ok = dir.path().join("mine.txt");
     std::fs::write(&ok, "hello world, this is calibration text. ".repeat(100)).unwrap();
-    let d = mimo_quant::calib::load_sequences(ok.to_str().unwrap(), &tok).unwrap();
+    let d = mimo_quant::calib::load_sequences(ok.to_str().unwrap(), &tok, None).unwrap();
     assert!(d.tokens > 256 && d.sequences.iter().all(|s| s.len() <= 256));
     // The default recipe draws from every set.
-    let d = mimo_quant::calib::load_sequences("default", &tok).unwrap();
+    let d = mimo_quant::calib::load_sequences("default", &tok, None).unwrap();
     assert_eq!(d.samples_per_set.len(), 6);
     assert!(d.samples_per_set.values().sum::<usize>() >= 300);
 }
@@ -104,6 +105,7 @@ fn selection_is_seeded_and_round_robin() {
         samples: 6,
         seq_len: 64,
         seed: 5,
+        generate: None,
     };
     let s1 = select(samples.clone(), &r);
     assert_eq!(s1, select(samples.clone(), &r));
@@ -121,6 +123,161 @@ impl LinearObserver for Logged {
     }
     fn all_token_experts(&self) -> bool {
         true
+    }
+}
+
+/// The embedded model (real weights and tokenizer).
+fn tiny_moe() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/mimo-tiny-moe")
+}
+
+#[test]
+fn self_generated_text_is_seeded_and_independent_of_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = |seed: u64| {
+        let p = dir.path().join(format!("self{seed}.json"));
+        let r = serde_json::json!({"data": "mimo-calib.jsonl", "samples": 6, "seq_len": 64,
+            "seed": seed, "generate": {"prompt_words": 4, "new_tokens": 12}});
+        std::fs::write(&p, r.to_string()).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let tok = mimo_runtime::tokenizer::TextTokenizer::from_dir(&tiny_moe()).unwrap();
+    let model = Model::load(&tiny_moe()).unwrap();
+    let spec = recipe(3);
+    // Without a model the recipe cannot be served.
+    let e = mimo_quant::calib::load_sequences(&spec, &tok, None).unwrap_err();
+    assert!(matches!(e, DataError::NeedsModel { .. }), "{e}");
+    assert!(e.to_string().contains("self3.json"), "{e}");
+    let calls = std::sync::atomic::AtomicUsize::new(0);
+    let count = |_: usize, _: usize| {
+        calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    };
+    let mut gen = CpuContinuer {
+        model: &model,
+        progress: &count,
+    };
+    let pool = |n: usize| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build()
+            .unwrap()
+    };
+    let one = pool(1).install(|| mimo_quant::calib::load_sequences(&spec, &tok, Some(&mut gen)));
+    let two = pool(2).install(|| mimo_quant::calib::load_sequences(&spec, &tok, Some(&mut gen)));
+    let (one, two) = (one.unwrap(), two.unwrap());
+    assert_eq!(calls.load(std::sync::atomic::Ordering::Relaxed), 12);
+    assert_eq!(
+        one.sequences, two.sequences,
+        "the thread count changed the text"
+    );
+    assert_eq!(one.samples_per_set.values().sum::<usize>(), 6);
+    assert_eq!(one.recipe.generate.map(|g| g.new_tokens), Some(12));
+    // The recipe (with its generate object) is what the manifest records.
+    let json = serde_json::to_value(&one.recipe).unwrap();
+    assert_eq!(json["generate"]["prompt_words"], 4);
+    // Another seed samples other text from the same prompts.
+    let other = mimo_quant::calib::load_sequences(&recipe(4), &tok, Some(&mut gen)).unwrap();
+    assert_ne!(one.sequences, other.sequences);
+    // The embedded `self` recipe generates too: the default recipe's draw with a generate object.
+    let e = mimo_quant::calib::load_sequences("self", &tok, None).unwrap_err();
+    assert!(matches!(e, DataError::NeedsModel { .. }), "{e}");
+    let embedded =
+        parse_recipe(mimo_quant::calib::data::SELF_RECIPE, Path::new("self.json")).unwrap();
+    let default = parse_recipe(
+        mimo_quant::calib::data::DEFAULT_RECIPE,
+        Path::new("default.json"),
+    )
+    .unwrap();
+    assert_eq!(embedded.generate, Some(SelfGenerate::default()));
+    assert_eq!(
+        Recipe {
+            generate: None,
+            ..embedded
+        },
+        default
+    );
+    // Plain recipes do not record a generate object at all (their manifests are unchanged).
+    let plain = mimo_quant::calib::load_sequences("default", &tok, None).unwrap();
+    assert!(serde_json::to_value(&plain.recipe)
+        .unwrap()
+        .get("generate")
+        .is_none());
+}
+
+#[test]
+fn self_generated_samples_continue_their_prompts() {
+    let tok = mimo_runtime::tokenizer::TextTokenizer::from_dir(&tiny_moe()).unwrap();
+    let model = Model::load(&tiny_moe()).unwrap();
+    let samples = vec![
+        Sample {
+            set: "prose".into(),
+            text: "The old library kept its maps in a cold room upstairs".into(),
+        },
+        Sample {
+            set: "code".into(),
+            text: "def parse(line):\n    return line.split()".into(),
+        },
+    ];
+    let g = SelfGenerate {
+        prompt_words: 3,
+        new_tokens: 16,
+        ..SelfGenerate::default()
+    };
+    let mut gen = CpuContinuer {
+        model: &model,
+        progress: &|_, _| {},
+    };
+    let out = gen.continue_samples(&tok, &samples, &g, 9).unwrap();
+    assert_eq!(out.len(), 2);
+    for (o, s) in out.iter().zip(&samples) {
+        assert_eq!(o.set, s.set);
+        let prompt = prompt_of(&s.text, 3);
+        assert!(
+            o.text.starts_with(prompt),
+            "{:?} does not start with {prompt:?}",
+            o.text
+        );
+        assert!(
+            o.text.len() > prompt.len(),
+            "nothing generated after {prompt:?}"
+        );
+        assert_ne!(o.text, s.text);
+    }
+    // The same seed gives the same text, another seed other text.
+    assert_eq!(out, gen.continue_samples(&tok, &samples, &g, 9).unwrap());
+    assert_ne!(out, gen.continue_samples(&tok, &samples, &g, 10).unwrap());
+    // An empty sample has nothing to continue and stays empty.
+    let empty = vec![Sample {
+        set: "user".into(),
+        text: "   ".into(),
+    }];
+    assert_eq!(gen.continue_samples(&tok, &empty, &g, 9).unwrap(), empty);
+    // A prompt longer than the model's positions is refused, naming the sample.
+    let long = vec![Sample {
+        set: "prose".into(),
+        text: "word ".repeat(3000),
+    }];
+    let g_long = SelfGenerate {
+        prompt_words: 3000,
+        ..g
+    };
+    let e = gen.continue_samples(&tok, &long, &g_long, 9).unwrap_err();
+    assert!(e.to_string().contains("calibration sample 0"), "{e}");
+}
+
+#[test]
+fn bad_generate_settings_are_refused_with_the_recipe_named() {
+    for (g, want) in [
+        (serde_json::json!({"temperature": 0.0}), "temperature"),
+        (serde_json::json!({"new_tokens": 0}), "new_tokens"),
+        (serde_json::json!({"top_p": 2.0}), "top_p"),
+        (serde_json::json!({"prompt_words": 0}), "prompt_words"),
+        (serde_json::json!({"tokens": 5}), "unknown field"),
+    ] {
+        let r = serde_json::json!({"data": "x.jsonl", "samples": 3, "seq_len": 64, "generate": g});
+        let e = parse_recipe(&r.to_string(), Path::new("r.json")).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("r.json") && msg.contains(want), "{msg}");
     }
 }
 

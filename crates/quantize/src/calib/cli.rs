@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{bail, Result};
 use clap::Args;
 
-use super::run::{calibrate, calibrate_and_quantize, CalibDevice, CalibRun};
+use super::run::{calibrate, calibrate_and_quantize, CalibDevice, CalibRun, Progress};
 use super::stats::CollectOptions;
 use crate::methods::gptq::{BlockScale, DEFAULT_DAMP};
 use crate::methods::{Method, QuantOptions};
@@ -21,9 +21,10 @@ pub struct CalibArgs {
     /// second moment), gptq (error feedback through the Hessian).
     #[arg(long, default_value = "rtn")]
     pub method: Method,
-    /// Calibration data: "default" (the embedded set and recipe), a recipe .json, or a .txt /
-    /// .jsonl file. mse and gptq use "default" when not given; rtn ignores it unless given.
-    #[arg(long, value_name = "FILE|default")]
+    /// Calibration data: "default" (the embedded set and recipe), "self" (the model's own
+    /// continuations of the embedded set's openings, sampled on the CPU), a recipe .json, or a
+    /// .txt / .jsonl file. mse and gptq use "default" when not given; rtn ignores it unless given.
+    #[arg(long, value_name = "FILE|default|self")]
     pub calib: Option<String>,
     /// GPTQ damping, as a fraction of the mean Hessian diagonal.
     #[arg(long, default_value_t = DEFAULT_DAMP)]
@@ -100,7 +101,7 @@ impl clap::ValueEnum for Method {
 pub struct CalibrateArgs {
     /// BF16 model folder.
     pub source: PathBuf,
-    /// Calibration data: "default", a recipe .json, or a .txt / .jsonl file.
+    /// Calibration data: "default", "self", a recipe .json, or a .txt / .jsonl file.
     #[arg(long, default_value = "default")]
     pub calib: String,
     /// Also accumulate the Hessians X^T X (what gptq needs), to measure their cost.
@@ -135,16 +136,26 @@ fn stats_device(route_weighted: bool, device: CalibDevice) -> Result<CalibDevice
     }
 }
 
-/// Progress on stderr: decoder layers done.
-fn progress(quiet: bool) -> impl Fn(usize, usize) {
+/// Progress on stderr: `what` done of total (a line rewritten in place).
+fn progress_line(what: &'static str, quiet: bool) -> impl Fn(usize, usize) + Sync {
     move |done: usize, total: usize| {
         if !quiet {
-            eprint!("\rcalibrating: layer {done}/{total}");
+            eprint!("\r{what} {done}/{total}");
             if done == total {
                 eprintln!();
             }
         }
     }
+}
+
+/// Runs `f` with the terminal's progress callbacks (none when `quiet`).
+fn with_progress<T>(quiet: bool, f: impl FnOnce(&Progress) -> T) -> T {
+    let layers = progress_line("calibrating: layer", quiet);
+    let samples = progress_line("writing calibration text with the model: sample", quiet);
+    f(&Progress {
+        layers: &layers,
+        samples: &samples,
+    })
 }
 
 fn run(
@@ -154,7 +165,9 @@ fn run(
     device: CalibDevice,
     quiet: bool,
 ) -> Result<CalibRun> {
-    Ok(calibrate(source, spec, opts, device, &progress(quiet))?)
+    Ok(with_progress(quiet, |p| {
+        calibrate(source, spec, opts, device, p)
+    })?)
 }
 
 fn print_summary(r: &CalibRun) {
@@ -220,18 +233,20 @@ pub fn quant_options(
         let r = if a.method == Method::Rtn {
             run(source, &spec, stats, device, quiet)?
         } else {
-            let (r, weights) = calibrate_and_quantize(
-                source,
-                &spec,
-                plan,
-                a.method,
-                &q.gptq(),
-                stats,
-                a.asymmetric.then_some(a.asymmetric_alpha),
-                a.within_layer,
-                device,
-                &progress(quiet),
-            )?;
+            let (r, weights) = with_progress(quiet, |p| {
+                calibrate_and_quantize(
+                    source,
+                    &spec,
+                    plan,
+                    a.method,
+                    &q.gptq(),
+                    stats,
+                    a.asymmetric.then_some(a.asymmetric_alpha),
+                    a.within_layer,
+                    device,
+                    p,
+                )
+            })?;
             q.precomputed = Some(Arc::new(weights.weights));
             q.precomputed_scales = Some(Arc::new(weights.scales));
             r

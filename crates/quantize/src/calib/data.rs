@@ -2,16 +2,22 @@
 //! recipes (JSON: which sets, how many samples, sequence length, seed), and user files given by
 //! `--calib FILE` (.txt: the whole text; .jsonl: one object per line with a "text" field, and an
 //! optional "set"; .json: a recipe). Text is tokenized sample by sample, concatenated with a
-//! blank line between samples, and cut into sequences of `seq_len` tokens.
+//! blank line between samples, and cut into sequences of `seq_len` tokens. A recipe with a
+//! `generate` object (the embedded `self` recipe) replaces each sample by the model's own
+//! continuation of its first words ([`super::selfgen`]).
 
 use std::path::{Path, PathBuf};
 
 use mimo_runtime::tokenizer::{TextTokenizer, TokenizerError};
 
+use super::selfgen::{Continuer, SelfGenError, SelfGenerate};
+
 /// The embedded calibration set (jsonl).
 pub const EMBEDDED_SET: &str = include_str!("../../../../calibration/mimo-calib.jsonl");
 /// The embedded default recipe (JSON).
 pub const DEFAULT_RECIPE: &str = include_str!("../../../../calibration/default.json");
+/// The embedded self-generated recipe (JSON): `--calib self`.
+pub const SELF_RECIPE: &str = include_str!("../../../../calibration/self.json");
 /// Name of the embedded set in recipes.
 pub const EMBEDDED_SET_NAME: &str = "mimo-calib.jsonl";
 
@@ -67,6 +73,15 @@ pub enum DataError {
     /// Tokenization failed.
     #[error("tokenizing calibration text: {0}")]
     Tokenizer(#[from] TokenizerError),
+    /// The recipe asks for self-generated text but no model was given to generate it.
+    #[error("{path}: the recipe generates text with the model, and no model was given")]
+    NeedsModel {
+        /// the recipe
+        path: PathBuf,
+    },
+    /// Generating the model's own calibration text failed.
+    #[error(transparent)]
+    Generate(#[from] SelfGenError),
 }
 
 /// One calibration sample.
@@ -91,9 +106,12 @@ pub struct Recipe {
     pub samples: usize,
     /// Tokens per sequence.
     pub seq_len: usize,
-    /// Shuffle seed.
+    /// Shuffle seed (and the seed of the generated text's sampler).
     #[serde(default)]
     pub seed: u64,
+    /// Replace each sample by the model's own continuation of its first words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generate: Option<SelfGenerate>,
 }
 
 /// Tokenized calibration sequences and where they came from.
@@ -184,6 +202,9 @@ pub fn parse_recipe(text: &str, path: &Path) -> Result<Recipe, DataError> {
             r.seq_len
         )));
     }
+    if let Some(g) = &r.generate {
+        g.check().map_err(bad)?;
+    }
     Ok(r)
 }
 
@@ -232,9 +253,14 @@ pub fn select(samples: Vec<Sample>, recipe: &Recipe) -> Vec<Sample> {
     out
 }
 
-/// Resolves `spec` ("default", a recipe .json, or a .txt/.jsonl file with `default_recipe`'s
-/// count, length and seed) and tokenizes it into sequences.
-pub fn load_sequences(spec: &str, tok: &TextTokenizer) -> Result<CalibData, DataError> {
+/// Resolves `spec` ("default", "self", a recipe .json, or a .txt/.jsonl file with
+/// `default_recipe`'s count, length and seed) and tokenizes it into sequences. A recipe that
+/// generates its text (`self`, or a `generate` object) needs `continuer`, the model's writer.
+pub fn load_sequences(
+    spec: &str,
+    tok: &TextTokenizer,
+    continuer: Option<&mut dyn Continuer>,
+) -> Result<CalibData, DataError> {
     let embedded = Path::new(EMBEDDED_SET_NAME);
     let default_recipe = parse_recipe(DEFAULT_RECIPE, Path::new("<embedded default.json>"))?;
     let (recipe, samples, origin) = if spec == "default" {
@@ -244,6 +270,10 @@ pub fn load_sequences(spec: &str, tok: &TextTokenizer) -> Result<CalibData, Data
             s,
             PathBuf::from("<embedded default recipe>"),
         )
+    } else if spec == "self" {
+        let r = parse_recipe(SELF_RECIPE, Path::new("<embedded self.json>"))?;
+        let s = parse_jsonl(EMBEDDED_SET, embedded)?;
+        (r, s, PathBuf::from("<embedded self recipe>"))
     } else {
         let path = Path::new(spec);
         if path.extension().and_then(|e| e.to_str()) == Some("json") {
@@ -267,12 +297,19 @@ pub fn load_sequences(spec: &str, tok: &TextTokenizer) -> Result<CalibData, Data
                 data: spec.to_string(),
                 sets: Vec::new(),
                 samples: s.len().max(1),
+                generate: None,
                 ..default_recipe
             };
             (r, s, path.to_path_buf())
         }
     };
-    let chosen = select(samples, &recipe);
+    let mut chosen = select(samples, &recipe);
+    if let Some(g) = &recipe.generate {
+        let c = continuer.ok_or_else(|| DataError::NeedsModel {
+            path: origin.clone(),
+        })?;
+        chosen = c.continue_samples(tok, &chosen, g, recipe.seed)?;
+    }
     let mut samples_per_set = std::collections::BTreeMap::new();
     let mut ids: Vec<u32> = Vec::new();
     for s in &chosen {

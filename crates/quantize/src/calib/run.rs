@@ -15,6 +15,7 @@ use mimo_runtime::walk::LayerWalk;
 use mimo_runtime::weights::LoadError;
 
 use super::data::{load_sequences, CalibData, DataError};
+use super::selfgen::{CpuContinuer, GpuContinuer};
 use super::sequential::{run_sequential, SequentialError, SequentialRun};
 use super::stats::{CalibStats, CollectOptions, StatsError};
 use crate::methods::gptq::GptqOptions;
@@ -90,6 +91,25 @@ pub struct CalibRun {
     pub fallback: Option<String>,
 }
 
+/// Progress of a calibration run, for the terminal.
+#[derive(Clone, Copy)]
+pub struct Progress<'a> {
+    /// Decoder layers done: `(done, total)`.
+    pub layers: &'a dyn Fn(usize, usize),
+    /// Self-generated samples done: `(done, total)`, called from worker threads.
+    pub samples: &'a (dyn Fn(usize, usize) + Sync),
+}
+
+fn nothing(_: usize, _: usize) {}
+
+impl Progress<'static> {
+    /// No progress reports.
+    pub const NONE: Progress<'static> = Progress {
+        layers: &nothing,
+        samples: &nothing,
+    };
+}
+
 /// Where calibration runs the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum CalibDevice {
@@ -141,18 +161,31 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// The model of a calibration run, and why `auto` fell back to the CPU where a GPU seemed
-/// present but could not be used.
-type Opened = (Box<dyn LayerWalk>, Option<String>);
+/// The model of a calibration run on one backend (boxed: the two differ in size, and one lives
+/// for the whole run).
+enum Opened {
+    Cpu(Box<Model>),
+    Gpu(Box<GpuModel>),
+}
 
-/// The model of a calibration run on `device`.
-fn open_model(dir: &Path, device: CalibDevice) -> Result<Opened, CalibError> {
-    let cpu = || -> Result<Box<dyn LayerWalk>, CalibError> {
+impl Opened {
+    fn walk(&mut self) -> &mut dyn LayerWalk {
+        match self {
+            Opened::Cpu(m) => m.as_mut(),
+            Opened::Gpu(m) => m.as_mut(),
+        }
+    }
+}
+
+/// The model of a calibration run on `device`, and why `auto` fell back to the CPU where a GPU
+/// seemed present but could not be used.
+fn open_model(dir: &Path, device: CalibDevice) -> Result<(Opened, Option<String>), CalibError> {
+    let cpu = || -> Result<Opened, CalibError> {
         let model = Model::load(dir).map_err(|source| CalibError::Load {
             dir: dir.to_path_buf(),
             source: Box::new(source),
         })?;
-        Ok(Box::new(model))
+        Ok(Opened::Cpu(Box::new(model)))
     };
     let gpu_err = |source: GpuError| CalibError::GpuLoad {
         dir: dir.to_path_buf(),
@@ -174,7 +207,7 @@ fn open_model(dir: &Path, device: CalibDevice) -> Result<Opened, CalibError> {
         }
     };
     match GpuModel::load(gpu, dir) {
-        Ok(model) => Ok((Box::new(model), None)),
+        Ok(model) => Ok((Opened::Gpu(Box::new(model)), None)),
         Err(e) if device == CalibDevice::Cuda => Err(gpu_err(e)),
         // `auto`: a model the GPU backend cannot take (its shapes, its size) runs on the CPU.
         Err(e) => Ok((
@@ -184,14 +217,36 @@ fn open_model(dir: &Path, device: CalibDevice) -> Result<Opened, CalibError> {
     }
 }
 
-/// Tokenizer, data and model of a calibration run.
-fn load(dir: &Path, spec: &str, device: CalibDevice) -> Result<(CalibData, Opened), CalibError> {
+/// Tokenizer, model and data of a calibration run. A self-generated recipe's text is written
+/// by the same model, on the same backend, before the walk.
+fn load(
+    dir: &Path,
+    spec: &str,
+    device: CalibDevice,
+    progress: &Progress,
+) -> Result<(CalibData, Opened, Option<String>), CalibError> {
     let tok = TextTokenizer::from_dir(dir).map_err(|source| CalibError::Tokenizer {
         dir: dir.to_path_buf(),
         source,
     })?;
-    let data = load_sequences(spec, &tok)?;
-    Ok((data, open_model(dir, device)?))
+    let (mut model, fallback) = open_model(dir, device)?;
+    let data = match &mut model {
+        Opened::Cpu(m) => {
+            let mut c = CpuContinuer {
+                model: m,
+                progress: progress.samples,
+            };
+            load_sequences(spec, &tok, Some(&mut c))?
+        }
+        Opened::Gpu(m) => {
+            let mut c = GpuContinuer {
+                model: m,
+                progress: progress.samples,
+            };
+            load_sequences(spec, &tok, Some(&mut c))?
+        }
+    };
+    Ok((data, model, fallback))
 }
 
 fn finish(
@@ -222,18 +277,17 @@ fn finish(
 
 /// Calibrates the BF16 model in `dir` on `spec` (see [`load_sequences`]) one layer at a time,
 /// without quantizing: coverage and the cost of the statistics, on `device`.
-/// `progress(layer, layers)`.
 pub fn calibrate(
     dir: &Path,
     spec: &str,
     opts: CollectOptions,
     device: CalibDevice,
-    progress: &dyn Fn(usize, usize),
+    progress: &Progress,
 ) -> Result<CalibRun, CalibError> {
     let start = Instant::now();
-    let (data, (mut model, fallback)) = load(dir, spec, device)?;
-    let run = run_sequential(model.as_mut(), &data, opts, None, progress)?;
-    Ok(finish(data, run, start, model.as_ref(), fallback))
+    let (data, mut model, fallback) = load(dir, spec, device, progress)?;
+    let run = run_sequential(model.walk(), &data, opts, None, progress.layers)?;
+    Ok(finish(data, run, start, model.walk(), fallback))
 }
 
 /// Calibrates the model in `dir` one layer at a time with `method` (mse or gptq) in the loop:
@@ -252,23 +306,23 @@ pub fn calibrate_and_quantize(
     asymmetric: Option<f64>,
     within_layer: bool,
     device: CalibDevice,
-    progress: &dyn Fn(usize, usize),
+    progress: &Progress,
 ) -> Result<(CalibRun, crate::methods::sequential::Precomputed), CalibError> {
     let start = Instant::now();
-    let (data, (mut model, fallback)) = load(dir, spec, device)?;
+    let (data, mut model, fallback) = load(dir, spec, device, progress)?;
     let ck = Checkpoint::open(dir)?;
     let plan = Plan::build(&ck, plan)?;
     let (run, weights) = crate::methods::sequential::quantize_sequential(
         &ck,
         &plan,
-        model.as_mut(),
+        model.walk(),
         &data,
         method,
         gptq,
         stats,
         asymmetric,
         within_layer,
-        progress,
+        progress.layers,
     )?;
-    Ok((finish(data, run, start, model.as_ref(), fallback), weights))
+    Ok((finish(data, run, start, model.walk(), fallback), weights))
 }

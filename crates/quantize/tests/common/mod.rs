@@ -87,6 +87,7 @@ pub fn calib_data(model: &Model, seqs: usize, len: usize, seed: u64) -> CalibDat
             samples: seqs,
             seq_len: len,
             seed: 0,
+            generate: None,
         },
         samples_per_set: Default::default(),
         tokens: seqs * len,

@@ -76,7 +76,7 @@ pub(super) fn run_generate(
     };
     let (out, stats): (Vec<u32>, GenerationStats) = match (&cpu_model, &mut gpu_model) {
         (Some(m), _) => generate(m, &ids, max_tokens, ctx, params, &eos, on_token)?,
-        (_, Some(m)) => gpu::generate(m, &ids, max_tokens, ctx, params, &eos, on_token)?,
+        (_, Some(m)) => crate::cuda::generate(m, &ids, max_tokens, ctx, params, &eos, on_token)?,
         _ => bail!("no model loaded"),
     };
     let text = tok.decode(&out)?;

@@ -36,6 +36,9 @@ pub enum GpuError {
     /// Bad input to a forward pass (empty, token out of range, context overflow).
     #[error(transparent)]
     Forward(#[from] ForwardError),
+    /// Bad input to generation (empty or too long prompt, sampling parameters).
+    #[error(transparent)]
+    Generate(#[from] crate::generate::GenerateError),
     /// The model and its buffers do not fit in the GPU's free memory (refused before loading).
     #[error("{what} needs {need_gib:.2} GiB of GPU memory; {free_gib:.2} GiB of {total_gib:.2} GiB is free on {device}")]
     OutOfMemory {

@@ -17,6 +17,7 @@
 mod bench;
 mod error;
 mod estimate;
+mod generate;
 mod model;
 mod ops;
 mod random;
@@ -29,6 +30,7 @@ pub use bench::{
 };
 pub use error::GpuError;
 pub use estimate::{checkpoint_formats, weight_bytes as estimate_weight_bytes, Formats};
+pub use generate::generate;
 pub use model::{GpuKvCache, GpuModel, Stage};
 pub use ops::{sampling_words, ARGMAX_CHUNK, OPS_SRC};
 pub use random::WeightKind;
