@@ -12,8 +12,8 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use mimo_runtime::cuda::{generate as gpu_generate, GpuError, GpuModel};
-use mimo_runtime::generate::{check_sampling, generate, GenerateError, SamplingParams};
+use mimo_runtime::cuda::{GpuError, GpuModel};
+use mimo_runtime::generate::{check_sampling, generate, GenerateError, Sampler, SamplingParams};
 use mimo_runtime::model::Model;
 use mimo_runtime::tokenizer::{TextTokenizer, TokenizerError};
 use rayon::prelude::*;
@@ -258,13 +258,91 @@ impl Continuer for CpuContinuer<'_> {
     }
 }
 
-/// Continuations from the GPU, one sample at a time (device sampling: another random stream
-/// than the CPU's, so other text than [`CpuContinuer`]'s for the same seed).
+/// Sequences the GPU decodes together.
+pub const GPU_BATCH: usize = 32;
+
+/// Continuations from the GPU, [`GPU_BATCH`] samples at a time: each prompt's prefill, its first
+/// token drawn by the CPU sampler from the prefill's logits (seed [`sample_seed`]`(seed, i)`),
+/// then one batched decode with the device sampler (seeded per batch; its noise is hashed from
+/// the seed, the sequence's row and its position). Other text than [`CpuContinuer`]'s for the
+/// same recipe, the same text on every run of one machine.
 pub struct GpuContinuer<'a> {
     /// The BF16 model on the GPU.
     pub model: &'a mut GpuModel,
-    /// `progress(done, total)` after each sample.
+    /// `progress(done, total)` after each batch.
     pub progress: &'a dyn Fn(usize, usize),
+}
+
+/// A sequence's new tokens from a batched decode: `first` (drawn from the prefill), then the
+/// `n - 1` tokens the decode wrote after position `p` (the prompt's length), out of `row`, the
+/// sequence's tokens at positions `lo..`; cut after the first end-of-text token.
+fn batch_continuation(
+    first: u32,
+    row: &[u32],
+    lo: usize,
+    p: usize,
+    n: usize,
+    eos: &[u32],
+) -> Vec<u32> {
+    let from = (p + 1).saturating_sub(lo).min(row.len());
+    let to = (from + n.saturating_sub(1)).min(row.len());
+    let mut out: Vec<u32> = std::iter::once(first)
+        .chain(row[from..to].iter().copied())
+        .collect();
+    if let Some(e) = out.iter().position(|t| eos.contains(t)) {
+        out.truncate(e + 1);
+    }
+    out
+}
+
+impl GpuContinuer<'_> {
+    /// The new tokens of the samples `batch` (indices into `ids`, non-empty prompts, at most
+    /// [`GPU_BATCH`]), in order.
+    fn decode_batch(
+        &mut self,
+        ids: &[Vec<u32>],
+        batch: &[usize],
+        g: &SelfGenerate,
+        seed: u64,
+        eos: &[u32],
+    ) -> Result<Vec<Vec<u32>>, SelfGenError> {
+        let gpu = |sample: usize| {
+            move |source: GpuError| SelfGenError::Gpu {
+                sample,
+                source: Box::new(source),
+            }
+        };
+        let model = &mut *self.model;
+        let mut firsts = Vec::with_capacity(batch.len());
+        for (row, &i) in batch.iter().enumerate() {
+            let logits = model.forward(&ids[i], row, 0, false).map_err(gpu(i))?;
+            let mut sampler = Sampler::new(params(g, seed, i))
+                .map_err(|source| SelfGenError::Generate { sample: i, source })?;
+            firsts.push(sampler.sample(&logits));
+        }
+        let positions: Vec<usize> = batch.iter().map(|&i| ids[i].len()).collect();
+        let lo = positions.iter().min().map_or(0, |p| p + 1);
+        let hi = positions.iter().max().map_or(0, |p| p + g.new_tokens);
+        let rows = if g.new_tokens > 1 {
+            model
+                .decode_start(&firsts, &positions, true)
+                .map_err(gpu(batch[0]))?;
+            model
+                .decode_steps(batch.len(), g.new_tokens - 1)
+                .map_err(gpu(batch[0]))?;
+            model
+                .decode_tokens(batch.len(), lo, hi)
+                .map_err(gpu(batch[0]))?
+        } else {
+            vec![Vec::new(); batch.len()]
+        };
+        Ok(firsts
+            .iter()
+            .zip(&rows)
+            .zip(&positions)
+            .map(|((&f, row), &p)| batch_continuation(f, row, lo, p, g.new_tokens, eos))
+            .collect())
+    }
 }
 
 impl Continuer for GpuContinuer<'_> {
@@ -277,31 +355,47 @@ impl Continuer for GpuContinuer<'_> {
     ) -> Result<Vec<Sample>, SelfGenError> {
         let (ids, ctx) = prompts(tok, samples, g)?;
         let eos = eos_ids(&self.model.config.eos_token_ids, tok);
-        let mut out = Vec::with_capacity(samples.len());
-        for (i, (s, prompt)) in samples.iter().zip(&ids).enumerate() {
-            if prompt.is_empty() {
-                // Nothing to continue (an empty text): the sample stays as it is.
-                out.push(s.clone());
-                (self.progress)(i + 1, samples.len());
-                continue;
-            }
-            let (cont, _) = gpu_generate(
-                self.model,
-                prompt,
-                g.new_tokens,
-                ctx,
-                params(g, seed, i),
-                &eos,
-                |_| {},
-            )
-            .map_err(|source| SelfGenError::Gpu {
-                sample: i,
+        // Samples with nothing to continue (an empty text) stay as they are.
+        let live: Vec<usize> = (0..samples.len()).filter(|&i| !ids[i].is_empty()).collect();
+        let mut conts: Vec<Option<Vec<u32>>> = vec![None; samples.len()];
+        if let Some(&first) = live.first() {
+            let gpu = |source: GpuError| SelfGenError::Gpu {
+                sample: first,
                 source: Box::new(source),
-            })?;
-            out.push(with_continuation(tok, s, i, g, &cont, &eos)?);
-            (self.progress)(i + 1, samples.len());
+            };
+            self.model
+                .alloc_cache(live.len().min(GPU_BATCH), ctx)
+                .map_err(gpu)?;
+            for (c, batch) in live.chunks(GPU_BATCH).enumerate() {
+                self.model
+                    .set_sampling(g.temperature, g.top_p, sample_seed(seed ^ 0x5EED, c))
+                    .map_err(gpu)?;
+                for (&i, cont) in batch
+                    .iter()
+                    .zip(self.decode_batch(&ids, batch, g, seed, &eos)?)
+                {
+                    conts[i] = Some(cont);
+                }
+                (self.progress)((c * GPU_BATCH + batch.len()).min(live.len()), live.len());
+            }
+            // Later decode steps of this model are greedy again.
+            self.model.set_sampling(0.0, 1.0, 0).map_err(gpu)?;
+            let bad = self.model.bad_token_count().map_err(gpu)?;
+            if bad != 0 {
+                return Err(gpu(GpuError::DeviceCheck(format!(
+                    "the GPU saw {bad} token ids outside the vocabulary"
+                ))));
+            }
         }
-        Ok(out)
+        samples
+            .iter()
+            .zip(conts)
+            .enumerate()
+            .map(|(i, (s, cont))| match cont {
+                Some(cont) => with_continuation(tok, s, i, g, &cont, &eos),
+                None => Ok(s.clone()),
+            })
+            .collect()
     }
 }
 
@@ -329,6 +423,30 @@ mod tests {
         assert_eq!(d.len(), a.len());
         assert_ne!(sample_seed(1, 0), sample_seed(2, 0));
         assert_eq!(sample_seed(7, 3), sample_seed(7, 3));
+    }
+
+    #[test]
+    fn a_batched_decode_row_gives_each_sequence_its_own_tokens() {
+        // Rows hold positions lo = 4.. ; a prompt of 5 tokens has its new tokens from position 6.
+        let row = [40, 41, 42, 43, 44, 45, 46];
+        assert_eq!(
+            batch_continuation(9, &row, 4, 5, 4, &[0]),
+            vec![9, 42, 43, 44]
+        );
+        // The shortest prompt (p = 3, lo = 4) starts at the row's first entry.
+        assert_eq!(batch_continuation(9, &row, 4, 3, 3, &[0]), vec![9, 40, 41]);
+        // Cut after the first end-of-text token, the first token included.
+        assert_eq!(
+            batch_continuation(9, &[40, 0, 41], 4, 3, 4, &[0]),
+            vec![9, 40, 0]
+        );
+        assert_eq!(batch_continuation(0, &row, 4, 3, 4, &[0]), vec![0]);
+        // One new token: the prefill's alone; a short row is not overrun.
+        assert_eq!(batch_continuation(9, &[], 4, 3, 1, &[0]), vec![9]);
+        assert_eq!(
+            batch_continuation(9, &row[..2], 4, 3, 8, &[0]),
+            vec![9, 40, 41]
+        );
     }
 
     #[test]
