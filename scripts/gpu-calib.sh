@@ -17,22 +17,13 @@ echo "== calibration GPU tests"
 timeout 240 "$CT" --test-threads=1 > "$OUT/ctests.log" 2>&1; echo "rc $?"
 grep -E "test result|FAILED|panicked|differ|went to" "$OUT/ctests.log" | head -30
 for dev in cuda cpu; do
-  echo "== calibrate --hessian on $dev"
-  /usr/bin/time -v timeout 120 "$Q" calibrate "$M" --hessian --device "$dev" --json \
-    > "$OUT/calibrate-$dev.json" 2> "$OUT/calibrate-$dev.time"; echo "rc $?"
-  grep -E '"(backend|device|seconds|peak_rss_bytes|gpu_memory_bytes|tokens)"' "$OUT/calibrate-$dev.json"
-  grep -E "Elapsed|Maximum resident" "$OUT/calibrate-$dev.time"
+  gpu_calibrate "calibrate-$dev" 120 "$M" --hessian --device "$dev"
 done
 echo "== synthetic Llama-shaped checkpoint of about 2 GB (random weights): bench/calib-small.json"
 S=${SYNTH:-/tmp/synth-2gb}
 "$Q" fixture --synthetic-gb 2 "$S" > /dev/null && cp "$M"/tokenizer.json "$M"/tokenizer_config.json "$S"/
 for dev in cuda cpu; do
-  echo "== synthetic: calibrate --hessian on $dev"
-  /usr/bin/time -v timeout 150 "$Q" calibrate "$S" --calib bench/calib-small.json --hessian \
-    --device "$dev" --json > "$OUT/synth-calibrate-$dev.json" 2> "$OUT/synth-calibrate-$dev.time"
-  echo "rc $?"
-  grep -E '"(backend|seconds|peak_rss_bytes|gpu_memory_bytes|tokens|sequences)"' "$OUT/synth-calibrate-$dev.json" | head -8
-  grep -E "Elapsed|Maximum resident" "$OUT/synth-calibrate-$dev.time"
+  gpu_calibrate "synth-calibrate-$dev" 150 "$S" --calib bench/calib-small.json --hessian --device "$dev"
 done
 echo "== synthetic: convert --method gptq, calibration on cuda"
 /usr/bin/time -v timeout 200 "$Q" convert "$S" -o /tmp/synth-gptq --method gptq --calib bench/calib-small.json \

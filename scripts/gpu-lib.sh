@@ -54,6 +54,19 @@ gpu_e2e() {
   done
 }
 
+# One timed `mimo-quant calibrate` (Q, the binary; default target/release/mimo-quant): $1 names
+# the report ($OUT/$1.json, its /usr/bin/time -v in $OUT/$1.time), $2 is the time limit in
+# seconds, the rest goes to `calibrate` (`--json` added). Prints its exit status, the summary's
+# top-level fields and the wall time and peak RSS.
+gpu_calibrate() {
+  local name=$1 limit=$2; shift 2
+  echo "== calibrate $*"
+  /usr/bin/time -v timeout "$limit" "${Q:-target/release/mimo-quant}" calibrate "$@" --json \
+    > "$OUT/$name.json" 2> "$OUT/$name.time"; echo "rc $?"
+  grep -E '^  "(backend|device|seconds|peak_rss_bytes|gpu_memory_bytes|tokens|sequences)"' "$OUT/$name.json"
+  grep -E "Elapsed|Maximum resident" "$OUT/$name.time"
+}
+
 # Copies the JSON reports under $OUT to $RES and packs every log of $OUT into $RES/logs.tgz and
 # the PTX cache into $RES/ptxc.tgz (what comes back from the device: a few files, not every log;
 # unpack ptxc.tgz into .ptxc/ to carry it to the next call).

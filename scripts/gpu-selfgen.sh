@@ -26,21 +26,13 @@ if [ "${STEP:-tests}" = tests ]; then
   grep -E "test result|FAILED|panicked" "$OUT/ctests.log" | head -20
 else
   for dev in cuda cpu; do
-    echo "== calibrate --calib self on $dev"
-    /usr/bin/time -v timeout 120 "$Q" calibrate "$M" --calib self --device "$dev" --json \
-      > "$OUT/calibrate-self-$dev.json" 2> "$OUT/calibrate-self-$dev.time"; echo "rc $?"
-    grep -E '"(backend|device|seconds|peak_rss_bytes|gpu_memory_bytes|tokens)"' "$OUT/calibrate-self-$dev.json"
-    grep -E "Elapsed|Maximum resident" "$OUT/calibrate-self-$dev.time"
+    gpu_calibrate "calibrate-self-$dev" 120 "$M" --calib self --device "$dev"
   done
   echo "== synthetic Llama-shaped checkpoint of about 2 GB (random weights)"
   S=${SYNTH:-/tmp/synth-2gb}
   "$Q" fixture --synthetic-gb 2 "$S" > /dev/null && cp "$M"/tokenizer.json "$M"/tokenizer_config.json "$S"/
   for spec in default self; do
-    echo "== synthetic: calibrate --calib $spec on cuda"
-    /usr/bin/time -v timeout 150 "$Q" calibrate "$S" --calib $spec --device cuda --json \
-      > "$OUT/synth-calibrate-$spec.json" 2> "$OUT/synth-calibrate-$spec.time"; echo "rc $?"
-    grep -E '"(backend|seconds|peak_rss_bytes|gpu_memory_bytes|tokens|sequences)"' "$OUT/synth-calibrate-$spec.json" | head -8
-    grep -E "Elapsed|Maximum resident" "$OUT/synth-calibrate-$spec.time"
+    gpu_calibrate "synth-calibrate-$spec" 150 "$S" --calib $spec --device cuda
   done
   echo "== quality row (text written and calibration walked on the GPU)"
   cp bench/results/quality.json "$OUT/quality.json"

@@ -146,15 +146,43 @@ pub fn sample_seed(seed: u64, index: usize) -> u64 {
 
 /// Writes the model's own continuations for a self-generated recipe.
 pub trait Continuer {
-    /// Each sample replaced by its prompt ([`prompt_of`]) and the model's continuation, sampled
-    /// with seed [`sample_seed`]`(seed, i)`; same order and sets.
+    /// The model's end-of-text token ids (the config's).
+    fn eos_token_ids(&self) -> Vec<u32>;
+
+    /// The new tokens of every non-empty prompt of `ids` (None for an empty one), at most
+    /// `g.new_tokens` each, ending at the first of `eos`, within a context of `ctx` positions;
+    /// prompt `i` sampled with seed [`sample_seed`]`(seed, i)`.
+    fn continue_prompts(
+        &mut self,
+        ids: &[Vec<u32>],
+        ctx: usize,
+        g: &SelfGenerate,
+        seed: u64,
+        eos: &[u32],
+    ) -> Result<Vec<Option<Vec<u32>>>, SelfGenError>;
+
+    /// Each sample replaced by its prompt ([`prompt_of`]) and the model's continuation; same
+    /// order and sets. A sample with nothing to continue (an empty text) stays as it is.
     fn continue_samples(
         &mut self,
         tok: &TextTokenizer,
         samples: &[Sample],
         g: &SelfGenerate,
         seed: u64,
-    ) -> Result<Vec<Sample>, SelfGenError>;
+    ) -> Result<Vec<Sample>, SelfGenError> {
+        let (ids, ctx) = prompts(tok, samples, g)?;
+        let eos = eos_ids(&self.eos_token_ids(), tok);
+        let conts = self.continue_prompts(&ids, ctx, g, seed, &eos)?;
+        samples
+            .iter()
+            .zip(conts)
+            .enumerate()
+            .map(|(i, (s, cont))| match cont {
+                Some(cont) => with_continuation(tok, s, i, g, &cont, &eos),
+                None => Ok(s.clone()),
+            })
+            .collect()
+    }
 }
 
 /// The prompts' token ids, and the context every generation runs in (the longest prompt plus
@@ -220,39 +248,33 @@ pub struct CpuContinuer<'a> {
 }
 
 impl Continuer for CpuContinuer<'_> {
-    fn continue_samples(
+    fn eos_token_ids(&self) -> Vec<u32> {
+        self.model.config.eos_token_ids.clone()
+    }
+
+    fn continue_prompts(
         &mut self,
-        tok: &TextTokenizer,
-        samples: &[Sample],
+        ids: &[Vec<u32>],
+        ctx: usize,
         g: &SelfGenerate,
         seed: u64,
-    ) -> Result<Vec<Sample>, SelfGenError> {
-        let (ids, ctx) = prompts(tok, samples, g)?;
-        let eos = eos_ids(&self.model.config.eos_token_ids, tok);
+        eos: &[u32],
+    ) -> Result<Vec<Option<Vec<u32>>>, SelfGenError> {
         let done = AtomicUsize::new(0);
         let (model, progress) = (self.model, self.progress);
-        samples
-            .par_iter()
-            .zip(&ids)
+        ids.par_iter()
             .enumerate()
-            .map(|(i, (s, prompt))| {
-                if prompt.is_empty() {
-                    // Nothing to continue (an empty text): the sample stays as it is.
-                    progress(done.fetch_add(1, Ordering::Relaxed) + 1, samples.len());
-                    return Ok(s.clone());
-                }
-                let (out, _) = generate(
-                    model,
-                    prompt,
-                    g.new_tokens,
-                    ctx,
-                    params(g, seed, i),
-                    &eos,
-                    |_| {},
-                )
-                .map_err(|source| SelfGenError::Generate { sample: i, source })?;
-                progress(done.fetch_add(1, Ordering::Relaxed) + 1, samples.len());
-                with_continuation(tok, s, i, g, &out, &eos)
+            .map(|(i, prompt)| {
+                let out = if prompt.is_empty() {
+                    None
+                } else {
+                    let params = params(g, seed, i);
+                    let (out, _) = generate(model, prompt, g.new_tokens, ctx, params, eos, |_| {})
+                        .map_err(|source| SelfGenError::Generate { sample: i, source })?;
+                    Some(out)
+                };
+                progress(done.fetch_add(1, Ordering::Relaxed) + 1, ids.len());
+                Ok(out)
             })
             .collect()
     }
@@ -346,56 +368,51 @@ impl GpuContinuer<'_> {
 }
 
 impl Continuer for GpuContinuer<'_> {
-    fn continue_samples(
+    fn eos_token_ids(&self) -> Vec<u32> {
+        self.model.config.eos_token_ids.clone()
+    }
+
+    fn continue_prompts(
         &mut self,
-        tok: &TextTokenizer,
-        samples: &[Sample],
+        ids: &[Vec<u32>],
+        ctx: usize,
         g: &SelfGenerate,
         seed: u64,
-    ) -> Result<Vec<Sample>, SelfGenError> {
-        let (ids, ctx) = prompts(tok, samples, g)?;
-        let eos = eos_ids(&self.model.config.eos_token_ids, tok);
-        // Samples with nothing to continue (an empty text) stay as they are.
-        let live: Vec<usize> = (0..samples.len()).filter(|&i| !ids[i].is_empty()).collect();
-        let mut conts: Vec<Option<Vec<u32>>> = vec![None; samples.len()];
-        if let Some(&first) = live.first() {
-            let gpu = |source: GpuError| SelfGenError::Gpu {
-                sample: first,
-                source: Box::new(source),
-            };
+        eos: &[u32],
+    ) -> Result<Vec<Option<Vec<u32>>>, SelfGenError> {
+        let live: Vec<usize> = (0..ids.len()).filter(|&i| !ids[i].is_empty()).collect();
+        let mut conts: Vec<Option<Vec<u32>>> = vec![None; ids.len()];
+        let Some(&first) = live.first() else {
+            return Ok(conts);
+        };
+        let gpu = |source: GpuError| SelfGenError::Gpu {
+            sample: first,
+            source: Box::new(source),
+        };
+        self.model
+            .alloc_cache(live.len().min(GPU_BATCH), ctx)
+            .map_err(gpu)?;
+        for (c, batch) in live.chunks(GPU_BATCH).enumerate() {
             self.model
-                .alloc_cache(live.len().min(GPU_BATCH), ctx)
+                .set_sampling(g.temperature, g.top_p, sample_seed(seed ^ 0x5EED, c))
                 .map_err(gpu)?;
-            for (c, batch) in live.chunks(GPU_BATCH).enumerate() {
-                self.model
-                    .set_sampling(g.temperature, g.top_p, sample_seed(seed ^ 0x5EED, c))
-                    .map_err(gpu)?;
-                for (&i, cont) in batch
-                    .iter()
-                    .zip(self.decode_batch(&ids, batch, g, seed, &eos)?)
-                {
-                    conts[i] = Some(cont);
-                }
-                (self.progress)((c * GPU_BATCH + batch.len()).min(live.len()), live.len());
+            for (&i, cont) in batch
+                .iter()
+                .zip(self.decode_batch(ids, batch, g, seed, eos)?)
+            {
+                conts[i] = Some(cont);
             }
-            // Later decode steps of this model are greedy again.
-            self.model.set_sampling(0.0, 1.0, 0).map_err(gpu)?;
-            let bad = self.model.bad_token_count().map_err(gpu)?;
-            if bad != 0 {
-                return Err(gpu(GpuError::DeviceCheck(format!(
-                    "the GPU saw {bad} token ids outside the vocabulary"
-                ))));
-            }
+            (self.progress)(c * GPU_BATCH + batch.len(), live.len());
         }
-        samples
-            .iter()
-            .zip(conts)
-            .enumerate()
-            .map(|(i, (s, cont))| match cont {
-                Some(cont) => with_continuation(tok, s, i, g, &cont, &eos),
-                None => Ok(s.clone()),
-            })
-            .collect()
+        // Later decode steps of this model are greedy again.
+        self.model.set_sampling(0.0, 1.0, 0).map_err(gpu)?;
+        let bad = self.model.bad_token_count().map_err(gpu)?;
+        if bad != 0 {
+            return Err(gpu(GpuError::DeviceCheck(format!(
+                "the GPU saw {bad} token ids outside the vocabulary"
+            ))));
+        }
+        Ok(conts)
     }
 }
 
