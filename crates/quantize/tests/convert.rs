@@ -977,3 +977,56 @@ fn partly_quantized_fused_sets_are_warned_about() {
         );
     }
 }
+
+/// `convert --calib RECIPE` with a `generate` object (the model writes its own calibration
+/// text): the manifest records the recipe with it, and 1 and 2 threads give byte-identical
+/// files (the CPU's text does not depend on the thread count).
+#[test]
+fn cli_self_generated_calibration_is_recorded_and_thread_independent() {
+    let d = tempfile::tempdir().unwrap();
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/mimo-tiny-moe");
+    let recipe = d.path().join("self.json");
+    let r = serde_json::json!({"data": "mimo-calib.jsonl", "samples": 8, "seq_len": 64,
+        "seed": 11, "generate": {"prompt_words": 4, "new_tokens": 16}});
+    std::fs::write(&recipe, r.to_string()).unwrap();
+    let run = |threads: &str| {
+        let out = d.path().join(format!("out{threads}"));
+        let o = bin()
+            .arg("convert")
+            .arg(&model)
+            .arg("-o")
+            .arg(&out)
+            .args([
+                "--method",
+                "gptq",
+                "--calib-device",
+                "cpu",
+                "--quiet",
+                "--threads",
+                threads,
+            ])
+            .arg("--calib")
+            .arg(&recipe)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        out
+    };
+    let (one, two) = (run("1"), run("2"));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(one.join("mimo-quant.json")).unwrap()).unwrap();
+    let cal = &manifest["calibration"];
+    assert_eq!(cal["recipe"]["generate"]["new_tokens"], 16, "{cal}");
+    let mut names: Vec<_> = std::fs::read_dir(&one)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    names.sort();
+    for n in names {
+        let (a, b) = (
+            std::fs::read(one.join(&n)).unwrap(),
+            std::fs::read(two.join(&n)).unwrap(),
+        );
+        assert!(a == b, "{n:?} differs between 1 and 2 threads");
+    }
+}
