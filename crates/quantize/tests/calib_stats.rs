@@ -266,6 +266,27 @@ fn self_generated_samples_continue_their_prompts() {
 }
 
 #[test]
+fn samples_written_as_jsonl_read_back_unchanged() {
+    let samples = vec![
+        Sample {
+            set: "code".into(),
+            text: "print(\"a\")\n\tx = {'k': [1, 2]}\\n".into(),
+        },
+        Sample {
+            set: "multilingual".into(),
+            text: "größe — 测试 ✓ \u{1F600}".into(),
+        },
+        Sample {
+            set: "user".into(),
+            text: String::new(),
+        },
+    ];
+    let text = mimo_quant::calib::data::samples_jsonl(&samples);
+    assert_eq!(text.lines().count(), 3);
+    assert_eq!(parse_jsonl(&text, Path::new("x.jsonl")).unwrap(), samples);
+}
+
+#[test]
 fn bad_generate_settings_are_refused_with_the_recipe_named() {
     for (g, want) in [
         (serde_json::json!({"temperature": 0.0}), "temperature"),

@@ -1030,3 +1030,64 @@ fn cli_self_generated_calibration_is_recorded_and_thread_independent() {
         assert!(a == b, "{n:?} differs between 1 and 2 threads");
     }
 }
+
+/// `calibrate --save-text FILE` writes the samples (here the model's own text) as jsonl that
+/// `--calib FILE` reads back, and never overwrites an existing file.
+#[test]
+fn cli_calibrate_saves_the_generated_text() {
+    let d = tempfile::tempdir().unwrap();
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/mimo-tiny-moe");
+    let recipe = d.path().join("self.json");
+    let r = serde_json::json!({"data": "mimo-calib.jsonl", "samples": 5, "seq_len": 64,
+        "seed": 3, "generate": {"prompt_words": 3, "new_tokens": 12}});
+    std::fs::write(&recipe, r.to_string()).unwrap();
+    let text = d.path().join("text.jsonl");
+    let calibrate = |calib: &Path| {
+        bin()
+            .arg("calibrate")
+            .arg(&model)
+            .args(["--device", "cpu", "--quiet", "--json", "--save-text"])
+            .arg(&text)
+            .arg("--calib")
+            .arg(calib)
+            .output()
+            .unwrap()
+    };
+    let o = calibrate(&recipe);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let saved = std::fs::read_to_string(&text).unwrap();
+    let samples = mimo_quant::calib::data::parse_jsonl(&saved, &text).unwrap();
+    assert_eq!(samples.len(), 5);
+    let set = mimo_quant::calib::data::parse_jsonl(
+        mimo_quant::calib::data::EMBEDDED_SET,
+        Path::new("embedded"),
+    )
+    .unwrap();
+    for s in &samples {
+        // Each is an opening of the embedded set, continued by the model.
+        let opening = set
+            .iter()
+            .map(|e| mimo_quant::calib::selfgen::prompt_of(&e.text, 3))
+            .find(|p| s.text.starts_with(p));
+        assert!(
+            opening.is_some_and(|p| s.text.len() > p.len()),
+            "{:?}",
+            s.text
+        );
+    }
+    // The file is not overwritten; the saved text calibrates as a file of its own.
+    let again = calibrate(&recipe);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+    assert_eq!(std::fs::read_to_string(&text).unwrap(), saved);
+    let o = bin()
+        .arg("calibrate")
+        .arg(&model)
+        .args(["--device", "cpu", "--quiet", "--json", "--calib"])
+        .arg(&text)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["tokens"].as_u64().unwrap() > 5 * 12, "{v}");
+}

@@ -116,6 +116,10 @@ pub struct CalibrateArgs {
     /// Where the model runs: auto (the GPU where one is usable, else the CPU), cpu, cuda.
     #[arg(long, value_enum, default_value_t = CalibDevice::Auto)]
     pub device: CalibDevice,
+    /// Also write the calibration samples as jsonl to FILE (for `--calib self`: the text the
+    /// model wrote; usable as `--calib FILE` later). An existing FILE is not overwritten.
+    #[arg(long, value_name = "FILE")]
+    pub save_text: Option<PathBuf>,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -283,6 +287,22 @@ pub fn quant_options(
     Ok(q)
 }
 
+/// Writes `samples` as jsonl to `path` through a temporary file beside it (never half-written).
+fn save_text(path: &Path, samples: &[super::data::Sample]) -> Result<()> {
+    let name = path.file_name().map_or_else(
+        || "calibration-text".into(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let written = std::fs::write(&tmp, super::data::samples_jsonl(samples))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(anyhow::Error::new(e).context(format!("writing {}", path.display())));
+    }
+    Ok(())
+}
+
 /// Runs `mimo-quant calibrate`.
 pub fn run_calibrate(a: CalibrateArgs) -> Result<i32> {
     let opts = CollectOptions {
@@ -291,7 +311,18 @@ pub fn run_calibrate(a: CalibrateArgs) -> Result<i32> {
         route_weighted: a.route_weighted,
     };
     let device = stats_device(a.route_weighted, a.device)?;
+    if let Some(f) = &a.save_text {
+        if f.exists() {
+            bail!(
+                "{}: already exists; remove it or name another file",
+                f.display()
+            );
+        }
+    }
     let r = run(&a.source, &a.calib, opts, device, a.quiet || a.json)?;
+    if let Some(f) = &a.save_text {
+        save_text(f, &r.data.samples)?;
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r.summary_json())?);
     } else {

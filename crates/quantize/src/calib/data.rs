@@ -128,11 +128,23 @@ pub struct CalibData {
     /// The sequences.
     #[serde(skip)]
     pub sequences: Vec<Vec<u32>>,
+    /// The samples the sequences were cut from, in order (the model's own text for a
+    /// generating recipe).
+    #[serde(skip)]
+    pub samples: Vec<Sample>,
 }
 
 fn is_heldout(path: &Path) -> bool {
     let p = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     p.components().any(|c| c.as_os_str() == "heldout")
+}
+
+/// Writes samples as jsonl (`{"set": ..., "text": ...}` per line: what [`parse_jsonl`] reads).
+pub fn samples_jsonl(samples: &[Sample]) -> String {
+    samples
+        .iter()
+        .map(|s| serde_json::json!({"set": s.set, "text": s.text}).to_string() + "\n")
+        .collect()
 }
 
 /// Parses jsonl samples (`{"text": ..., "set": ...}` per line; blank lines skipped).
@@ -341,5 +353,6 @@ pub fn load_sequences(
         samples_per_set,
         tokens,
         sequences,
+        samples: chosen,
     })
 }

@@ -92,6 +92,7 @@ pub fn calib_data(model: &Model, seqs: usize, len: usize, seed: u64) -> CalibDat
         samples_per_set: Default::default(),
         tokens: seqs * len,
         sequences,
+        samples: vec![],
     }
 }
 
