@@ -978,17 +978,30 @@ fn partly_quantized_fused_sets_are_warned_about() {
     }
 }
 
+/// The embedded model, and a recipe in `dir` that draws `samples` of the embedded set (seed
+/// `seed`) and has the model continue their first `words` words by `new_tokens` tokens.
+fn generating_recipe(
+    dir: &Path,
+    samples: usize,
+    seed: u64,
+    words: usize,
+    new_tokens: usize,
+) -> (PathBuf, PathBuf) {
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/mimo-tiny-moe");
+    let recipe = dir.join("self.json");
+    let r = serde_json::json!({"data": "mimo-calib.jsonl", "samples": samples, "seq_len": 64,
+        "seed": seed, "generate": {"prompt_words": words, "new_tokens": new_tokens}});
+    std::fs::write(&recipe, r.to_string()).unwrap();
+    (model, recipe)
+}
+
 /// `convert --calib RECIPE` with a `generate` object (the model writes its own calibration
 /// text): the manifest records the recipe with it, and 1 and 2 threads give byte-identical
 /// files (the CPU's text does not depend on the thread count).
 #[test]
 fn cli_self_generated_calibration_is_recorded_and_thread_independent() {
     let d = tempfile::tempdir().unwrap();
-    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/mimo-tiny-moe");
-    let recipe = d.path().join("self.json");
-    let r = serde_json::json!({"data": "mimo-calib.jsonl", "samples": 8, "seq_len": 64,
-        "seed": 11, "generate": {"prompt_words": 4, "new_tokens": 16}});
-    std::fs::write(&recipe, r.to_string()).unwrap();
+    let (model, recipe) = generating_recipe(d.path(), 8, 11, 4, 16);
     let run = |threads: &str| {
         let out = d.path().join(format!("out{threads}"));
         let o = bin()
@@ -1036,11 +1049,7 @@ fn cli_self_generated_calibration_is_recorded_and_thread_independent() {
 #[test]
 fn cli_calibrate_saves_the_generated_text() {
     let d = tempfile::tempdir().unwrap();
-    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/mimo-tiny-moe");
-    let recipe = d.path().join("self.json");
-    let r = serde_json::json!({"data": "mimo-calib.jsonl", "samples": 5, "seq_len": 64,
-        "seed": 3, "generate": {"prompt_words": 3, "new_tokens": 12}});
-    std::fs::write(&recipe, r.to_string()).unwrap();
+    let (model, recipe) = generating_recipe(d.path(), 5, 3, 3, 12);
     let text = d.path().join("text.jsonl");
     let calibrate = |calib: &Path| {
         bin()
