@@ -220,8 +220,9 @@ pub fn parse_recipe(text: &str, path: &Path) -> Result<Recipe, DataError> {
     Ok(r)
 }
 
-/// splitmix64: a fixed, dependency-free generator for the seeded shuffle.
-fn splitmix(state: &mut u64) -> u64 {
+/// splitmix64: a fixed, dependency-free generator for the seeded shuffle (and the generated
+/// text's per-sample seeds).
+pub(crate) fn splitmix(state: &mut u64) -> u64 {
     *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
     let mut z = *state;
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);

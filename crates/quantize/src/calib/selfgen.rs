@@ -18,7 +18,7 @@ use mimo_runtime::model::Model;
 use mimo_runtime::tokenizer::{TextTokenizer, TokenizerError};
 use rayon::prelude::*;
 
-use super::data::Sample;
+use super::data::{splitmix, Sample};
 
 /// How a recipe's samples become the model's own text (the recipe's `generate` object).
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -136,12 +136,8 @@ pub fn prompt_of(text: &str, words: usize) -> &str {
 /// The sampler's seed of sample `index` of a recipe seeded `seed` (splitmix64 of both, so that
 /// neighbouring samples get unrelated streams).
 pub fn sample_seed(seed: u64, index: usize) -> u64 {
-    let mut z = seed
-        .wrapping_add((index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
-        .wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+    let mut state = seed.wrapping_add((index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    splitmix(&mut state)
 }
 
 /// Writes the model's own continuations for a self-generated recipe.
@@ -440,6 +436,8 @@ mod tests {
         assert_eq!(d.len(), a.len());
         assert_ne!(sample_seed(1, 0), sample_seed(2, 0));
         assert_eq!(sample_seed(7, 3), sample_seed(7, 3));
+        // Pinned: the seeds decide the generated text, so the calibration of every `self` run.
+        assert_eq!(sample_seed(0, 0), 0xE220_A839_7B1D_CDAF);
     }
 
     #[test]
