@@ -133,6 +133,8 @@ VARIANTS=(
   "nvfp4-gptq-ao-r5-experts-self7|nvfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --experts-only --calib @self7"
   "nvfp4-gptq-ao-r5-experts-self42|nvfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --experts-only --calib @self42"
   "nvfp4-gptq-ao-self-gpu|nvfp4|--method gptq --act-order --damp 0.1 --calib self --calib-device cuda"
+  "nvfp4-gptq-ao-r5-kv-self|nvfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --ignore *k_proj* --ignore *v_proj* --calib self"
+  "mxfp4-gptq-ao-r5-experts-self|mxfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --experts-only --calib self"
   "nvfp4-gptq-ao-r5-kvo-self|nvfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --ignore *k_proj* --ignore *v_proj* --ignore *o_proj* --calib self"
   # lm_head NVFP4 too (`--quantize-lm-head`: the FP4 head of the batch-1 speed tables).
   "nvfp4-gptq-ao-r5-head|nvfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --quantize-lm-head"
