@@ -511,6 +511,26 @@ fn self_generated_calibration_on_the_gpu() {
             o.text
         );
     }
+    // More new tokens than the model has positions (1,024): the decode stops where the cache
+    // ends, as on the CPU; a prompt that fills the context is refused, naming its sample.
+    let long = SelfGenerate {
+        new_tokens: 1500,
+        ..gen
+    };
+    let l = c.continue_samples(&tok, &samples, &long, 5).unwrap();
+    for (o, s) in l.iter().zip(&samples) {
+        assert!(o.text.starts_with(prompt_of(&s.text, 3)), "{:?}", o.text);
+    }
+    let huge = vec![Sample {
+        set: "user".into(),
+        text: "word ".repeat(3000),
+    }];
+    let all_words = SelfGenerate {
+        prompt_words: 3000,
+        ..gen
+    };
+    let e = c.continue_samples(&tok, &huge, &all_words, 5).unwrap_err();
+    assert!(e.to_string().contains("calibration sample 0"), "{e}");
     drop(model);
     let recipe = tempfile::tempdir().unwrap();
     let spec = recipe.path().join("self.json");

@@ -313,6 +313,15 @@ fn batch_continuation(
     out
 }
 
+/// Decode steps after the prefill's token for a batch whose longest prompt has `longest`
+/// tokens: `new_tokens - 1`, fewer where the cache of `cap` positions ends first (the step at
+/// position q needs q < cap; the CPU stops at the same place).
+fn decode_steps_within(cap: usize, longest: usize, new_tokens: usize) -> usize {
+    new_tokens
+        .saturating_sub(1)
+        .min(cap.saturating_sub(longest))
+}
+
 impl GpuContinuer<'_> {
     /// The new tokens of the samples `batch` (indices into `ids`, non-empty prompts, at most
     /// [`GPU_BATCH`]), in order.
@@ -331,6 +340,16 @@ impl GpuContinuer<'_> {
             }
         };
         let model = &mut *self.model;
+        // The cache holds positions < cap (the context, within the model's positions): a prompt
+        // must leave room for a new token, as on the CPU.
+        let cap = model.cache().map_or(0, |c| c.capacity());
+        if let Some(&i) = batch.iter().find(|&&i| ids[i].len() >= cap) {
+            let source = GenerateError::PromptTooLong {
+                prompt: ids[i].len(),
+                context: cap,
+            };
+            return Err(SelfGenError::Generate { sample: i, source });
+        }
         let mut firsts = Vec::with_capacity(batch.len());
         for (row, &i) in batch.iter().enumerate() {
             let logits = model.forward(&ids[i], row, 0, false).map_err(gpu(i))?;
@@ -339,14 +358,16 @@ impl GpuContinuer<'_> {
             firsts.push(sampler.sample(&logits));
         }
         let positions: Vec<usize> = batch.iter().map(|&i| ids[i].len()).collect();
+        let longest = positions.iter().copied().max().unwrap_or(0);
+        let steps = decode_steps_within(cap, longest, g.new_tokens);
         let lo = positions.iter().min().map_or(0, |p| p + 1);
-        let hi = positions.iter().max().map_or(0, |p| p + g.new_tokens);
-        let rows = if g.new_tokens > 1 {
+        let hi = longest + 1 + steps;
+        let rows = if steps > 0 {
             model
                 .decode_start(&firsts, &positions, true)
                 .map_err(gpu(batch[0]))?;
             model
-                .decode_steps(batch.len(), g.new_tokens - 1)
+                .decode_steps(batch.len(), steps)
                 .map_err(gpu(batch[0]))?;
             model
                 .decode_tokens(batch.len(), lo, hi)
@@ -358,7 +379,7 @@ impl GpuContinuer<'_> {
             .iter()
             .zip(&rows)
             .zip(&positions)
-            .map(|((&f, row), &p)| batch_continuation(f, row, lo, p, g.new_tokens, eos))
+            .map(|((&f, row), &p)| batch_continuation(f, row, lo, p, steps + 1, eos))
             .collect())
     }
 }
@@ -462,6 +483,17 @@ mod tests {
             batch_continuation(9, &row[..2], 4, 3, 8, &[0]),
             vec![9, 40, 41]
         );
+    }
+
+    #[test]
+    fn decode_steps_stop_where_the_cache_ends() {
+        // Room for all: 95 steps after the first token.
+        assert_eq!(decode_steps_within(128, 10, 96), 95);
+        // The cache ends first: the last step runs position cap - 1.
+        assert_eq!(decode_steps_within(64, 10, 96), 54);
+        // One new token: the prefill's alone; a full cache: none.
+        assert_eq!(decode_steps_within(128, 10, 1), 0);
+        assert_eq!(decode_steps_within(10, 10, 96), 0);
     }
 
     #[test]
