@@ -22,8 +22,9 @@ pub struct CalibArgs {
     #[arg(long, default_value = "rtn")]
     pub method: Method,
     /// Calibration data: "default" (the embedded set and recipe), "self" (the model's own
-    /// continuations of the embedded set's openings, sampled on the CPU), a recipe .json, or a
-    /// .txt / .jsonl file. mse and gptq use "default" when not given; rtn ignores it unless given.
+    /// continuations of the embedded set's openings, written where the calibration runs), a
+    /// recipe .json, or a .txt / .jsonl file. mse and gptq use "default" when not given; rtn
+    /// ignores it unless given.
     #[arg(long, value_name = "FILE|default|self")]
     pub calib: Option<String>,
     /// GPTQ damping, as a fraction of the mean Hessian diagonal.

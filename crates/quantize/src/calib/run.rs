@@ -229,16 +229,24 @@ fn load(
         dir: dir.to_path_buf(),
         source,
     })?;
+    // The data first (without a model), so that a bad calibration file is reported before a
+    // long model load; a generating recipe asks for the model and is read again once it is open.
+    let ready = match load_sequences(spec, &tok, None) {
+        Ok(data) => Some(data),
+        Err(DataError::NeedsModel { .. }) => None,
+        Err(e) => return Err(e.into()),
+    };
     let (mut model, fallback) = open_model(dir, device)?;
-    let data = match &mut model {
-        Opened::Cpu(m) => {
+    let data = match (ready, &mut model) {
+        (Some(data), _) => data,
+        (None, Opened::Cpu(m)) => {
             let mut c = CpuContinuer {
                 model: m,
                 progress: progress.samples,
             };
             load_sequences(spec, &tok, Some(&mut c))?
         }
-        Opened::Gpu(m) => {
+        (None, Opened::Gpu(m)) => {
             let mut c = GpuContinuer {
                 model: m,
                 progress: progress.samples,
