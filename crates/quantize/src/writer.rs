@@ -48,6 +48,23 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> WriteError + '_ {
     }
 }
 
+/// Writes `bytes` to `path` through a temporary sibling (`path` with `.tmp` appended), fsynced
+/// and then renamed, so that a reader never sees a half-written file; the temporary file is
+/// removed when a step fails.
+pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".tmp");
+    let tmp = PathBuf::from(name);
+    let written = File::create(&tmp)
+        .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
+        .map_err(io(&tmp))
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(io(path)));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
 /// A temporary sibling of the final output folder, removed on drop unless committed.
 #[derive(Debug)]
 pub struct TempOutput {
@@ -554,6 +571,27 @@ fn in_hub_blobs(src: &Path, target: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn write_synced_leaves_the_file_and_no_temporary() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("a.jsonl");
+        write_synced(&p, b"one\n").unwrap();
+        write_synced(&p, b"two\n").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"two\n");
+        let names: Vec<_> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("a.jsonl")]);
+        // A folder in the way of the rename: the error names the target, nothing is left behind.
+        let dir = d.path().join("sub");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("x"), b"").unwrap();
+        let e = write_synced(&dir, b"z").unwrap_err();
+        assert!(e.to_string().contains("sub"), "{e}");
+        assert!(!d.path().join("sub.tmp").exists());
+    }
 
     #[test]
     fn shards_split_in_order() {

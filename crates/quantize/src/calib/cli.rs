@@ -13,6 +13,7 @@ use super::stats::CollectOptions;
 use crate::methods::gptq::{BlockScale, DEFAULT_DAMP};
 use crate::methods::{Method, QuantOptions};
 use crate::plan::PlanOptions;
+use crate::writer::write_synced;
 
 /// Quantization method and calibration options (flattened into `convert`).
 #[derive(Debug, Clone, Args)]
@@ -288,22 +289,6 @@ pub fn quant_options(
     Ok(q)
 }
 
-/// Writes `samples` as jsonl to `path` through a temporary file beside it (never half-written).
-fn save_text(path: &Path, samples: &[super::data::Sample]) -> Result<()> {
-    let name = path.file_name().map_or_else(
-        || "calibration-text".into(),
-        |n| n.to_string_lossy().into_owned(),
-    );
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    let written = std::fs::write(&tmp, super::data::samples_jsonl(samples))
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(anyhow::Error::new(e).context(format!("writing {}", path.display())));
-    }
-    Ok(())
-}
-
 /// Runs `mimo-quant calibrate`.
 pub fn run_calibrate(a: CalibrateArgs) -> Result<i32> {
     let opts = CollectOptions {
@@ -322,7 +307,8 @@ pub fn run_calibrate(a: CalibrateArgs) -> Result<i32> {
     }
     let r = run(&a.source, &a.calib, opts, device, a.quiet || a.json)?;
     if let Some(f) = &a.save_text {
-        save_text(f, &r.data.samples)?;
+        // Through a temporary file beside it: never half-written.
+        write_synced(f, super::data::samples_jsonl(&r.data.samples).as_bytes())?;
     }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r.summary_json())?);

@@ -11,7 +11,6 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -19,7 +18,7 @@ use sha2::{Digest, Sha256};
 
 use crate::manifest::{sha256_file, FileHash, OptionsInfo, TensorRecord};
 use crate::methods::QuantOptions;
-use crate::writer::WriteError;
+use crate::writer::{write_synced, WriteError};
 
 /// Folder of completion records inside the temporary output (removed before the commit).
 pub const RESUME_DIR: &str = ".mimo-quant-resume";
@@ -200,16 +199,6 @@ pub fn fingerprint(
     hash_stats(&mut h, quant);
     hash_precomputed(&mut h, quant);
     hex::encode(h.finalize())
-}
-
-/// Writes `bytes` to `path` through a temporary sibling, fsync and rename.
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {
-    let tmp = path.with_extension("json.tmp");
-    let mut f = File::create(&tmp).map_err(io(&tmp))?;
-    f.write_all(bytes).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))?;
-    Ok(())
 }
 
 /// Syncs a folder, so that the renames inside it survive a power loss.
