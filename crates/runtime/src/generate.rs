@@ -223,7 +223,7 @@ impl GenerationStats {
 
 /// The context a generation runs in: `ctx` within the model's `max_positions`, refusing an
 /// empty prompt or one that leaves no position for a new token (both backends' rule).
-pub(crate) fn generation_context(
+pub fn generation_context(
     prompt_len: usize,
     ctx: usize,
     max_positions: usize,

@@ -153,6 +153,14 @@ impl TextTokenizer {
             .and_then(|t| self.tok.token_to_id(t))
     }
 
+    /// The ids that end generated text: the config's `eos_token_id`s, then the tokenizer's
+    /// `eos_token` (what both `mimo-run generate` and self-generated calibration stop at).
+    pub fn end_ids(&self, config_eos: &[u32]) -> Vec<u32> {
+        let mut eos = config_eos.to_vec();
+        eos.extend(self.eos_id());
+        eos
+    }
+
     /// Id of a token string.
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.tok.token_to_id(token)
@@ -232,6 +240,8 @@ mod tests {
         assert_eq!(t.encode("hello world hello", false).unwrap(), vec![1, 2, 1]);
         assert_eq!(t.decode(&[2, 1]).unwrap(), "world hello");
         assert_eq!(t.eos_id(), Some(0));
+        // The config's end ids first, then the tokenizer's.
+        assert_eq!(t.end_ids(&[7, 9]), vec![7, 9, 0]);
         assert!(matches!(
             t.apply_chat_template(&[]),
             Err(TokenizerError::NoChatTemplate { .. })

@@ -13,7 +13,9 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use mimo_runtime::cuda::{GpuError, GpuModel};
-use mimo_runtime::generate::{check_sampling, generate, GenerateError, Sampler, SamplingParams};
+use mimo_runtime::generate::{
+    check_sampling, generate, generation_context, GenerateError, Sampler, SamplingParams,
+};
 use mimo_runtime::model::Model;
 use mimo_runtime::tokenizer::{TextTokenizer, TokenizerError};
 use rayon::prelude::*;
@@ -167,7 +169,7 @@ pub trait Continuer {
         seed: u64,
     ) -> Result<Vec<Sample>, SelfGenError> {
         let (ids, ctx) = prompts(tok, samples, g)?;
-        let eos = eos_ids(&self.eos_token_ids(), tok);
+        let eos = tok.end_ids(&self.eos_token_ids());
         let conts = self.continue_prompts(&ids, ctx, g, seed, &eos)?;
         samples
             .iter()
@@ -226,12 +228,6 @@ fn params(g: &SelfGenerate, seed: u64, i: usize) -> SamplingParams {
         top_p: g.top_p,
         seed: sample_seed(seed, i),
     }
-}
-
-fn eos_ids(config_eos: &[u32], tok: &TextTokenizer) -> Vec<u32> {
-    let mut eos = config_eos.to_vec();
-    eos.extend(tok.eos_id());
-    eos
 }
 
 /// Continuations from the CPU runtime, samples in parallel: the text does not depend on the
@@ -340,15 +336,12 @@ impl GpuContinuer<'_> {
             }
         };
         let model = &mut *self.model;
-        // The cache holds positions < cap (the context, within the model's positions): a prompt
-        // must leave room for a new token, as on the CPU.
+        // The cache holds positions < cap: each prompt must leave room for a new token (the
+        // CPU's rule, `generation_context`).
         let cap = model.cache().map_or(0, |c| c.capacity());
-        if let Some(&i) = batch.iter().find(|&&i| ids[i].len() >= cap) {
-            let source = GenerateError::PromptTooLong {
-                prompt: ids[i].len(),
-                context: cap,
-            };
-            return Err(SelfGenError::Generate { sample: i, source });
+        for &i in batch {
+            generation_context(ids[i].len(), cap, model.config.max_position_embeddings)
+                .map_err(|source| SelfGenError::Generate { sample: i, source })?;
         }
         let mut firsts = Vec::with_capacity(batch.len());
         for (row, &i) in batch.iter().enumerate() {

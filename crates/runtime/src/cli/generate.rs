@@ -47,8 +47,7 @@ pub(super) fn run_generate(
     } else {
         tok.encode(prompt, true)?
     };
-    let mut eos: Vec<u32> = config.eos_token_ids.clone();
-    eos.extend(tok.eos_id());
+    let mut eos = tok.end_ids(&config.eos_token_ids);
     if chat {
         // Chat models end a turn with these even when eos_token says otherwise.
         for t in ["<|im_end|>", "<|eot_id|>", "<|end|>"] {
