@@ -276,17 +276,16 @@ pub fn load_sequences(
 ) -> Result<CalibData, DataError> {
     let embedded = Path::new(EMBEDDED_SET_NAME);
     let default_recipe = parse_recipe(DEFAULT_RECIPE, Path::new("<embedded default.json>"))?;
-    let (recipe, samples, origin) = if spec == "default" {
+    // The embedded recipes, both over the embedded set.
+    let builtin = match spec {
+        "default" => Some(("default", DEFAULT_RECIPE)),
+        "self" => Some(("self", SELF_RECIPE)),
+        _ => None,
+    };
+    let (recipe, samples, origin) = if let Some((name, text)) = builtin {
+        let r = parse_recipe(text, Path::new(&format!("<embedded {name}.json>")))?;
         let s = parse_jsonl(EMBEDDED_SET, embedded)?;
-        (
-            default_recipe,
-            s,
-            PathBuf::from("<embedded default recipe>"),
-        )
-    } else if spec == "self" {
-        let r = parse_recipe(SELF_RECIPE, Path::new("<embedded self.json>"))?;
-        let s = parse_jsonl(EMBEDDED_SET, embedded)?;
-        (r, s, PathBuf::from("<embedded self recipe>"))
+        (r, s, PathBuf::from(format!("<embedded {name} recipe>")))
     } else {
         let path = Path::new(spec);
         if path.extension().and_then(|e| e.to_str()) == Some("json") {
