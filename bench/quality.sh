@@ -139,6 +139,10 @@ VARIANTS=(
   # lm_head NVFP4 too (`--quantize-lm-head`: the FP4 head of the batch-1 speed tables).
   "nvfp4-gptq-ao-r5-head|nvfp4|--method gptq --act-order --damp 0.1 --gptq-refine 5 --quantize-lm-head"
   "nvfp4-rtn-head|nvfp4|--method rtn --quantize-lm-head"
+  # Round-to-nearest in the experts-only layout: the like-for-like baseline of the experts-only
+  # rows' perplexity rise (their layout's own RTN, not the all-Linear RTN).
+  "nvfp4-rtn-experts|nvfp4|--method rtn --experts-only"
+  "mxfp4-rtn-experts|mxfp4|--method rtn --experts-only"
   # Calibrated on the GPU (the CUDA runtime walks the layers; quantizers on the CPU as above).
   "nvfp4-mse-gpu|nvfp4|--method mse --calib-device cuda"
   "nvfp4-gptq-gpu|nvfp4|--method gptq --calib-device cuda"
