@@ -19,7 +19,8 @@ non-overlapping 512-token windows, as bench/moe_error_analysis.py), the KL to th
 the top-1 agreement before and after.
 
 Usage: python3 bench/distill_estimate.py CONVERTED_DIR [--mode scales|weights] [--epochs N]
-       [--lr X] [--norms] [--threads N]   (needs torch, numpy and tokenizers)
+       [--lr X] [--norms] [--threads N] [--indomain | --calib-jsonl FILE]
+       (needs torch, numpy and tokenizers)
 """
 import argparse
 import json
@@ -203,6 +204,9 @@ def main():
     ap.add_argument("--norms", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--calib-jsonl", default=None,
+                    help="train on the texts of this jsonl file (e.g. the model's own text from "
+                    "`mimo-quant calibrate --calib self --save-text FILE`) instead of the calibration set")
     ap.add_argument("--indomain", action="store_true",
                     help="train on bytes 61,441-143,360 of valid.txt (after both slices; the "
                     "quality table's in-domain first 80 KB) instead of the calibration set")
@@ -224,7 +228,9 @@ def main():
     before = evaluate(wb, frozen, slices)
     print(f"before: slice 1 KL {before[0][0]:.4f} top-1 {before[0][1]:.2f} %, "
           f"slice 2 KL {before[1][0]:.4f} top-1 {before[1][1]:.2f} % ({time.time() - t0:.0f} s)", flush=True)
-    if a.indomain:
+    if a.calib_jsonl:
+        calib = "".join(json.loads(l)["text"] + "\n" for l in open(a.calib_jsonl))
+    elif a.indomain:
         calib = raw[61440:61440 + 81920].decode("utf-8", "ignore")
     else:
         calib = "".join(json.loads(l)["text"] + "\n"

@@ -41,7 +41,8 @@ pub enum WriteError {
     },
 }
 
-fn io(path: &Path) -> impl Fn(std::io::Error) -> WriteError + '_ {
+/// Maps an I/O error on `path` to [`WriteError::Io`] naming it (for `map_err`).
+pub(crate) fn io(path: &Path) -> impl Fn(std::io::Error) -> WriteError + '_ {
     move |source| WriteError::Io {
         path: path.to_path_buf(),
         source,

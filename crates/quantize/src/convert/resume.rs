@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 
 use crate::manifest::{sha256_file, FileHash, OptionsInfo, TensorRecord};
 use crate::methods::QuantOptions;
-use crate::writer::{write_synced, WriteError};
+use crate::writer::{io, write_synced, WriteError};
 
 /// Folder of completion records inside the temporary output (removed before the commit).
 pub const RESUME_DIR: &str = ".mimo-quant-resume";
@@ -81,13 +81,6 @@ pub struct PlannedShard<'a> {
     pub name: &'a str,
     /// Source tensor names.
     pub tensors: Vec<&'a str>,
-}
-
-fn io(path: &Path) -> impl Fn(std::io::Error) -> WriteError + '_ {
-    move |source| WriteError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 /// Identity of the running executable (size and modification time), so that a rebuilt tool
