@@ -138,33 +138,40 @@ def forward(w, ids):
     h = w("model.embed_tokens.weight")[ids]
     mask = torch.triu(torch.full((T, T), float("-inf")), 1)
     for l in range(L):
-        p = f"model.layers.{l}."
-        x = rms(h, w(p + "input_layernorm.weight"))
-        q = rms((x @ w(p + "self_attn.q_proj.weight").T).view(B, T, H, D), w(p + "self_attn.q_norm.weight"))
-        k = rms((x @ w(p + "self_attn.k_proj.weight").T).view(B, T, KV, D), w(p + "self_attn.k_norm.weight"))
-        v = (x @ w(p + "self_attn.v_proj.weight").T).view(B, T, KV, D)
-        q, k = rope(q, T), rope(k, T)
-        k = k.repeat_interleave(H // KV, 2)
-        v = v.repeat_interleave(H // KV, 2)
-        s = torch.einsum("bqhd,bkhd->bhqk", q, k) / D ** 0.5 + mask
-        o = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, -1), v).reshape(B, T, H * D)
-        h = h + o @ w(p + "self_attn.o_proj.weight").T
-        x = rms(h, w(p + "post_attention_layernorm.weight")).reshape(B * T, -1)
-        pr = torch.softmax(x @ w(p + "mlp.gate.weight").T, -1)
-        wt, top = torch.topk(pr, TOPK, -1)
-        wt = wt / wt.sum(-1, keepdim=True)
-        out = torch.zeros_like(x)
-        for e in range(E):
-            rows, slot = torch.nonzero(top == e, as_tuple=True)
-            if len(rows) == 0:
-                continue
-            pe = f"{p}mlp.experts.{e}."
-            xe = x[rows]
-            g, u = xe @ w(pe + "gate_proj.weight").T, xe @ w(pe + "up_proj.weight").T
-            y = (torch.nn.functional.silu(g) * u) @ w(pe + "down_proj.weight").T
-            out = out.index_add(0, rows, wt[rows, slot][:, None] * y)
-        h = h + out.view(B, T, -1)
+        h = layer(w, h, l, mask)
     return rms(h, w("model.norm.weight")) @ w("lm_head.weight").T
+
+
+def layer(w, h, l, mask):
+    """Decoder layer l on the residual stream h [B][T][hidden]."""
+    B, T = h.shape[:2]
+    p = f"model.layers.{l}."
+    x = rms(h, w(p + "input_layernorm.weight"))
+    q = rms((x @ w(p + "self_attn.q_proj.weight").T).view(B, T, H, D), w(p + "self_attn.q_norm.weight"))
+    k = rms((x @ w(p + "self_attn.k_proj.weight").T).view(B, T, KV, D), w(p + "self_attn.k_norm.weight"))
+    v = (x @ w(p + "self_attn.v_proj.weight").T).view(B, T, KV, D)
+    q, k = rope(q, T), rope(k, T)
+    k = k.repeat_interleave(H // KV, 2)
+    v = v.repeat_interleave(H // KV, 2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) / D ** 0.5 + mask
+    o = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, -1), v).reshape(B, T, H * D)
+    h = h + o @ w(p + "self_attn.o_proj.weight").T
+    x = rms(h, w(p + "post_attention_layernorm.weight")).reshape(B * T, -1)
+    pr = torch.softmax(x @ w(p + "mlp.gate.weight").T, -1)
+    wt, top = torch.topk(pr, TOPK, -1)
+    wt = wt / wt.sum(-1, keepdim=True)
+    out = torch.zeros_like(x)
+    for e in range(E):
+        rows, slot = torch.nonzero(top == e, as_tuple=True)
+        if len(rows) == 0:
+            continue
+        pe = f"{p}mlp.experts.{e}."
+        xe = x[rows]
+        g, u = xe @ w(pe + "gate_proj.weight").T, xe @ w(pe + "up_proj.weight").T
+        y = (torch.nn.functional.silu(g) * u) @ w(pe + "down_proj.weight").T
+        out = out.index_add(0, rows, wt[rows, slot][:, None] * y)
+    h = h + out.view(B, T, -1)
+    return h
 
 
 def windows(text, n):
@@ -204,6 +211,11 @@ def main():
     ap.add_argument("--norms", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--blockwise", action="store_true",
+                    help="instead of the end-to-end KL, train each decoder layer in turn (layer 0 "
+                    "first) to reproduce the BF16 layer's output on the BF16 stream from the "
+                    "quantized stream (mean squared error of the residual stream after it), "
+                    "--epochs passes per layer: the layer-at-a-time shape a converter could run")
     ap.add_argument("--calib-jsonl", default=None,
                     help="train on the texts of this jsonl file (e.g. the model's own text from "
                     "`mimo-quant calibrate --calib self --save-text FILE`) instead of the calibration set")
@@ -236,6 +248,8 @@ def main():
         calib = "".join(json.loads(l)["text"] + "\n"
                         for l in open(os.path.join(ROOT, "calibration", "mimo-calib.jsonl")))
     wins = windows(calib, a.seq)
+    if a.blockwise:
+        return blockwise(a, wb, wq, frozen, quant, wins, slices, t0)
     with torch.no_grad():
         teacher = [torch.log_softmax(forward(wb, w[None]), -1)[0] for w in wins]
     print(f"{len(wins)} calibration windows of {a.seq} tokens", flush=True)
@@ -266,6 +280,52 @@ def main():
         print(f"epoch {ep + 1}: calibration KL {tot / len(wins):.4f}; held out, rounded: slice 1 KL "
               f"{r[0][0]:.4f} top-1 {r[0][1]:.2f} %, slice 2 KL {r[1][0]:.4f} top-1 {r[1][1]:.2f} % "
               f"({time.time() - t0:.0f} s)", flush=True)
+
+
+def blockwise(a, wb, wq, frozen, quant, wins, slices, t0):
+    """Layer-at-a-time reconstruction: layer l's quantized Linear parameters (codes and block
+    scales, as --mode) are trained to map the quantized model's stream entering layer l to the
+    BF16 model's stream leaving it (BF16 inputs through BF16 layer l), the later layers' inputs
+    then computed through the trained (rounded) layers."""
+    T = a.seq
+    mask = torch.triu(torch.full((T, T), float("-inf")), 1)
+    ids = torch.stack(wins)
+    with torch.no_grad():
+        hb = wb("model.embed_tokens.weight")[ids]
+        hq = hb.clone()
+    g = torch.Generator().manual_seed(a.seed)
+    for l in range(L):
+        p = f"model.layers.{l}."
+        with torch.no_grad():
+            target = torch.cat([layer(wb, hb[i:i + a.batch], l, mask) for i in range(0, len(wins), a.batch)])
+        mine = [m for n, m in quant.items() if n.startswith(p)]
+        codes = [m.delta for m in mine if a.mode == "weights"]
+        groups = [{"params": [m.log_s for m in mine], "lr": a.lr}]
+        if codes:
+            groups.append({"params": codes, "lr": a.code_lr})
+        opt = torch.optim.Adam(groups)
+        steps = a.epochs * ((len(wins) + a.batch - 1) // a.batch)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+        for ep in range(a.epochs):
+            order = torch.randperm(len(wins), generator=g)
+            tot = 0.0
+            for b0 in range(0, len(wins), a.batch):
+                idx = order[b0:b0 + a.batch]
+                loss = ((layer(wq, hq[idx], l, mask) - target[idx]) ** 2).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                tot += loss.item() * len(idx)
+        with torch.no_grad():
+            hq = torch.cat([layer(frozen, hq[i:i + a.batch], l, mask) for i in range(0, len(wins), a.batch)])
+            hb = target
+            err = ((hq - hb) ** 2).mean().item()
+        print(f"layer {l}: last epoch's loss {tot / len(wins):.5f}, rounded stream error {err:.5f} "
+              f"({time.time() - t0:.0f} s)", flush=True)
+    r = evaluate(wb, frozen, slices)
+    print(f"blockwise: held out, rounded: slice 1 KL {r[0][0]:.4f} top-1 {r[0][1]:.2f} %, slice 2 KL "
+          f"{r[1][0]:.4f} top-1 {r[1][1]:.2f} % ({time.time() - t0:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":
