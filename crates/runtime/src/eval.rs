@@ -241,6 +241,15 @@ fn top2_margin(lp: &[f32]) -> f64 {
     }
 }
 
+/// Entropy (nats) of the distribution whose log-probabilities are `lp`; entries of probability
+/// zero (log-probability -inf) add nothing.
+fn entropy(lp: &[f32]) -> f64 {
+    -lp.iter()
+        .filter(|v| v.is_finite())
+        .map(|&v| (v as f64).exp() * v as f64)
+        .sum::<f64>()
+}
+
 /// Result of comparing a candidate model with a reference.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Comparison {
@@ -252,6 +261,12 @@ pub struct Comparison {
     pub mean_kl: f64,
     /// Fraction of positions where both models' argmax agree.
     pub top1_agreement: f64,
+    /// Mean entropy of the reference's next-token distributions (nats).
+    pub reference_entropy: f64,
+    /// Mean entropy of the candidate's (nats). Below the reference's: the candidate is the
+    /// more confident of the two, which raises its perplexity on text where the reference is
+    /// already over-confident even at equal KL.
+    pub candidate_entropy: f64,
     /// Top-1 agreement by the reference's own margin between its first and second choice
     /// ([`MARGIN_EDGES`]): shows whether the candidate's different choices are near-ties of the
     /// reference or confident predictions it overturned.
@@ -296,6 +311,7 @@ pub fn compare_on(
     let (ctx, stride) = cap_window(ctx, stride, max_ctx);
     let ws = windows(tokens.len(), ctx, stride)?;
     let (mut nll_r, mut nll_c, mut kl_sum) = (0.0f64, 0.0f64, 0.0f64);
+    let (mut ent_r, mut ent_c) = (0.0f64, 0.0f64);
     let (mut n, mut agree) = (0usize, 0usize);
     let mut all: Vec<Divergence> = Vec::new();
     let mut bins: Vec<MarginBin> = (0..=MARGIN_EDGES.len())
@@ -324,6 +340,8 @@ pub fn compare_on(
                 .sum();
             let kl = kl.max(0.0);
             kl_sum += kl;
+            ent_r += entropy(lr);
+            ent_c += entropy(lc);
             let (tr, tc) = (argmax(lr) as u32, argmax(lc) as u32);
             agree += usize::from(tr == tc);
             let bin = &mut bins[margin_bin(top2_margin(lr))];
@@ -353,6 +371,8 @@ pub fn compare_on(
         candidate: mk(nll_c),
         mean_kl: kl_sum / n as f64,
         top1_agreement: agree as f64 / n as f64,
+        reference_entropy: ent_r / n as f64,
+        candidate_entropy: ent_c / n as f64,
         top1_by_margin: bins,
         worst: all,
     })
@@ -361,6 +381,17 @@ pub fn compare_on(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn entropy_of_known_distributions() {
+        // Uniform over 8: ln 8; one certain outcome: 0; two outcomes 1/4, 3/4.
+        let u = vec![-(8f32.ln()); 8];
+        assert!((entropy(&u) - 8f64.ln()).abs() < 1e-6);
+        assert_eq!(entropy(&[0.0, f32::NEG_INFINITY, f32::NEG_INFINITY]), 0.0);
+        let (a, b) = (0.25f64, 0.75f64);
+        let want = -(a * a.ln() + b * b.ln());
+        assert!((entropy(&[a.ln() as f32, b.ln() as f32]) - want).abs() < 1e-6);
+    }
 
     #[test]
     fn margins_and_bins() {

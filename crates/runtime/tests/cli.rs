@@ -209,6 +209,13 @@ fn ppl_and_compare() {
     let r = &c["result"];
     assert!(r["mean_kl"].as_f64().unwrap().abs() < 1e-9);
     assert_eq!(r["top1_agreement"], json!(1.0));
+    // Equal entropies, near ln 256 for these near-uniform random weights.
+    let (er, ec) = (
+        r["reference_entropy"].as_f64().unwrap(),
+        r["candidate_entropy"].as_f64().unwrap(),
+    );
+    assert_eq!(er, ec);
+    assert!(er > 4.0 && er <= 256f64.ln() + 1e-6, "entropy {er}");
     assert!((r["reference"]["ppl"].as_f64().unwrap() - ppl).abs() < 1e-9);
 
     // A different model (other seed): positive KL, worst positions listed largest first.
@@ -231,6 +238,7 @@ fn ppl_and_compare() {
     ]);
     let r = &c["result"];
     assert!(r["mean_kl"].as_f64().unwrap() > 1e-4);
+    assert_ne!(r["reference_entropy"], r["candidate_entropy"]);
     // The margin bins partition the scored positions and their agreements.
     let bins = r["top1_by_margin"].as_array().unwrap();
     let sum = |k: &str| bins.iter().map(|b| b[k].as_u64().unwrap()).sum::<u64>();

@@ -83,6 +83,12 @@ pub(super) fn run_compare(
         100.0 * (cmp.candidate.ppl / cmp.reference.ppl - 1.0)
     );
     crate::outln!("mean KL(ref||cand) {:.6} nats", cmp.mean_kl);
+    crate::outln!(
+        "mean entropy       reference {:.4}, candidate {:.4} nats ({:+.2}%)",
+        cmp.reference_entropy,
+        cmp.candidate_entropy,
+        100.0 * (cmp.candidate_entropy / cmp.reference_entropy - 1.0)
+    );
     crate::outln!("top-1 agreement    {:.2}%", 100.0 * cmp.top1_agreement);
     crate::outln!("  by the reference's margin between its first and second choice:");
     for b in &cmp.top1_by_margin {
