@@ -258,28 +258,39 @@ def main():
     groups = [{"params": rest, "lr": a.lr}]
     if codes and a.mode == "weights":
         groups.append({"params": codes, "lr": a.code_lr})
-    opt = torch.optim.Adam(groups)
-    steps = a.epochs * ((len(wins) + a.batch - 1) // a.batch)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     g = torch.Generator().manual_seed(a.seed)
-    for ep in range(a.epochs):
-        order = torch.randperm(len(wins), generator=g)
+
+    def kl_loss(idx):
+        ids = torch.stack([wins[i] for i in idx])
+        tgt = torch.stack([teacher[i] for i in idx])
+        logp = torch.log_softmax(forward(wq, ids), -1)
+        return (tgt.exp() * (tgt - logp)).sum(-1).mean()
+
+    for ep, kl in enumerate(train(groups, len(wins), a, g, kl_loss)):
+        r = evaluate(wb, frozen, slices)
+        print(f"epoch {ep + 1}: calibration KL {kl:.4f}; held out, rounded: slice 1 KL "
+              f"{r[0][0]:.4f} top-1 {r[0][1]:.2f} %, slice 2 KL {r[1][0]:.4f} top-1 {r[1][1]:.2f} % "
+              f"({time.time() - t0:.0f} s)", flush=True)
+
+
+def train(groups, n, a, g, loss_of):
+    """Adam over the parameter groups with a cosine schedule, a.epochs passes over n items in
+    shuffled batches of a.batch (order drawn from the generator g); loss_of(indices) gives a
+    batch's loss. Yields each epoch's mean loss."""
+    opt = torch.optim.Adam(groups)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, a.epochs * ((n + a.batch - 1) // a.batch))
+    for _ in range(a.epochs):
+        order = torch.randperm(n, generator=g)
         tot = 0.0
-        for b0 in range(0, len(wins), a.batch):
+        for b0 in range(0, n, a.batch):
             idx = order[b0:b0 + a.batch]
-            ids = torch.stack([wins[i] for i in idx])
-            tgt = torch.stack([teacher[i] for i in idx])
-            logp = torch.log_softmax(forward(wq, ids), -1)
-            loss = (tgt.exp() * (tgt - logp)).sum(-1).mean()
+            loss = loss_of(idx)
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
             tot += loss.item() * len(idx)
-        r = evaluate(wb, frozen, slices)
-        print(f"epoch {ep + 1}: calibration KL {tot / len(wins):.4f}; held out, rounded: slice 1 KL "
-              f"{r[0][0]:.4f} top-1 {r[0][1]:.2f} %, slice 2 KL {r[1][0]:.4f} top-1 {r[1][1]:.2f} % "
-              f"({time.time() - t0:.0f} s)", flush=True)
+        yield tot / n
 
 
 def blockwise(a, wb, wq, frozen, quant, wins, slices, t0):
@@ -303,25 +314,14 @@ def blockwise(a, wb, wq, frozen, quant, wins, slices, t0):
         groups = [{"params": [m.log_s for m in mine], "lr": a.lr}]
         if codes:
             groups.append({"params": codes, "lr": a.code_lr})
-        opt = torch.optim.Adam(groups)
-        steps = a.epochs * ((len(wins) + a.batch - 1) // a.batch)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-        for ep in range(a.epochs):
-            order = torch.randperm(len(wins), generator=g)
-            tot = 0.0
-            for b0 in range(0, len(wins), a.batch):
-                idx = order[b0:b0 + a.batch]
-                loss = ((layer(wq, hq[idx], l, mask) - target[idx]) ** 2).mean()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                sched.step()
-                tot += loss.item() * len(idx)
+        for tot in train(groups, len(wins), a, g,
+                         lambda idx: ((layer(wq, hq[idx], l, mask) - target[idx]) ** 2).mean()):
+            pass  # the last epoch's mean loss stays in tot
         with torch.no_grad():
             hq = torch.cat([layer(frozen, hq[i:i + a.batch], l, mask) for i in range(0, len(wins), a.batch)])
             hb = target
             err = ((hq - hb) ** 2).mean().item()
-        print(f"layer {l}: last epoch's loss {tot / len(wins):.5f}, rounded stream error {err:.5f} "
+        print(f"layer {l}: last epoch's loss {tot:.5f}, rounded stream error {err:.5f} "
               f"({time.time() - t0:.0f} s)", flush=True)
     r = evaluate(wb, frozen, slices)
     print(f"blockwise: held out, rounded: slice 1 KL {r[0][0]:.4f} top-1 {r[0][1]:.2f} %, slice 2 KL "
